@@ -1,0 +1,77 @@
+"""`qcompile inspect`: describe an engine file (from its manifest) or an ONNX model."""
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from qcompile.errors import QCompileError
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """A dict with `kind`, `header` rows, `io` rows and `layers` rows for `path`."""
+    path = Path(path)
+    if not path.is_file():
+        raise QCompileError(f"{path} does not exist; give an engine file or an .onnx file")
+    if zipfile.is_zipfile(path):
+        return _describe_engine(path)
+    return _describe_onnx(path)
+
+
+def _describe_engine(path: Path) -> dict[str, Any]:
+    from qcompile.engine import read_manifest
+
+    m = read_manifest(path).to_dict()
+    recipe = m.get("recipe") or {}
+    calib = m.get("calibration") or {}
+    header = [
+        ("format version", m.get("format_version")),
+        ("qcompile", m.get("qcompile_version")),
+        ("torch", m.get("torch_version")),
+        ("device", f"{m.get('device')} {m.get('device_name', '')} {m.get('compute_capability') or ''}".strip()),
+        ("recipe", recipe.get("name")),
+        ("compute dtype", m.get("compute_dtype")),
+        ("calibration", calib.get("data", "not needed")),
+        ("content hash", (m.get("content_hash") or "")[:16]),
+    ]
+    validation = m.get("validation")
+    if validation:
+        header.append(("last validation", validation.get("verdict")))
+    io = [_io_row(t, "input") for t in m.get("inputs", [])] + [_io_row(t, "output") for t in m.get("outputs", [])]
+    return {"kind": "engine", "header": header, "io": io, "layers": m.get("layers", []), "manifest": m}
+
+
+def _io_row(t: dict, io: str) -> dict:
+    ranges = ", ".join(f"{k} {v[0]}..{v[1]}" for k, v in (t.get("dim_ranges") or {}).items())
+    return {"name": t["name"], "io": io, "dtype": t["dtype"], "shape": _shape(t["shape"]), "ranges": ranges}
+
+
+def _describe_onnx(path: Path) -> dict[str, Any]:
+    import onnx
+
+    from qcompile.layers import initializer_bytes, layer_table
+    from qcompile.report import human_bytes
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and friends
+        raise QCompileError(f"{path} is neither an engine file nor a readable ONNX model: {exc}") from None
+
+    def value_row(v, io):
+        t = v.type.tensor_type
+        dims = [d.dim_param or d.dim_value for d in t.shape.dim]
+        return {"name": v.name, "io": io,
+                "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type else "?",
+                "shape": _shape(dims), "ranges": ""}
+
+    init_names = {i.name for i in model.graph.initializer}
+    io = [value_row(v, "input") for v in model.graph.input if v.name not in init_names]
+    io += [value_row(v, "output") for v in model.graph.output]
+    opsets = ", ".join(f"{o.domain or 'ai.onnx'}:{o.version}" for o in model.opset_import)
+    header = [("opsets", opsets), ("nodes", len(model.graph.node)),
+              ("initializers", human_bytes(initializer_bytes(model)))]
+    return {"kind": "onnx", "header": header, "io": io, "layers": [r.to_dict() for r in layer_table(model)]}
+
+
+def _shape(dims) -> str:
+    return "[" + ", ".join(str(d) for d in dims) + "]"

@@ -1,0 +1,177 @@
+"""The build pipeline: source -> FP ONNX -> calibrate -> Q/DQ ONNX -> plugin ONNX -> engine.
+
+Each stage is a call into its own package; this module only wires them together, times them
+and assembles the manifest and the build report.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from qcompile.errors import EngineError, QCompileError
+from qcompile.layers import LayerRow, initializer_bytes, layer_table
+from qcompile.progress import Progress
+from qcompile.recipes import Recipe, load_recipe
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("export", "calibrate", "quantize", "lower", "compile")
+
+
+@dataclass
+class BuildResult:
+    """What `build` produced: the engine file, the graphs on the way, and the numbers."""
+
+    engine_path: Path
+    recipe: Recipe
+    qdq_model: onnx.ModelProto
+    plugin_model: onnx.ModelProto
+    layers: list[LayerRow]
+    stage_seconds: dict[str, float]
+    bytes_before: int
+    bytes_after: int
+    calibration: dict[str, Any] | None
+    pass_stats: dict[str, int] = field(default_factory=dict)
+    report_path: Path | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "engine": str(self.engine_path),
+            "recipe": self.recipe.name,
+            "layers_quantized": len(self.layers),
+            "plugin_layers": sum(r.plugin.startswith("qcompile::") for r in self.layers),
+            "weights_bytes_before": self.bytes_before,
+            "weights_bytes_after": self.bytes_after,
+            "stage_seconds": self.stage_seconds,
+            "calibration": self.calibration,
+            "pass_stats": self.pass_stats,
+            "layers": [r.to_dict() for r in self.layers],
+        }
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Fail early (before any expensive stage) when `path` cannot be written."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise EngineError(f"{what} path {path} is a directory; give a file name, e.g. {path / 'model.engine'}")
+    if not parent.is_dir():
+        raise EngineError(f"cannot write {what} {path}: directory {parent} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+    except OSError as exc:
+        raise EngineError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def build(
+    source: str,
+    recipe: str | Path | Recipe,
+    *,
+    output: str | Path,
+    calib: str | None = None,
+    emit_onnx: str | Path | None = None,
+    device: str | None = None,
+    progress_stream=sys.stderr,
+) -> BuildResult:
+    """Build an engine from `source` with `recipe`; see the README for the source forms.
+
+    Raises:
+        QCompileError (a subclass) for any user or input error, before any file is written.
+    """
+    recipe = load_recipe(recipe)
+    output = Path(output)
+    check_writable(output, "engine")
+    if emit_onnx is not None:
+        emit_onnx = Path(emit_onnx)
+        check_writable(emit_onnx, "ONNX")
+    import torch
+
+    from qcompile.calibration import calibrate, load_calibration_data
+    from qcompile.engine import build_engine
+    from qcompile.frontend import load_source
+    from qcompile.lowering import lower_onnx
+    from qcompile.passes import activation_tensors, fuse_plugins, plan_quantization, quantize_model
+
+    device = device or default_device()
+    if device not in ("cpu", "cuda"):
+        raise QCompileError(f"unknown device {device!r}; use 'cpu' or 'cuda'")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise QCompileError("--device cuda was asked for, but torch sees no CUDA GPU on this machine; use --device cpu")
+
+    progress = Progress(len(STAGES), progress_stream)
+    with progress.stage("export", source):
+        src = load_source(source, opset=recipe.opset)
+
+    calibration, amax = None, {}
+    with progress.stage("calibrate", recipe.calibration.method if recipe.needs_calibration else "(not needed)") as tick:
+        import onnx_graphsurgeon as gs
+
+        targets = plan_quantization(gs.import_onnx(src.model), recipe)
+        tensors = activation_tensors(targets)
+        data_hash = ""
+        if recipe.needs_calibration and tensors:
+            data = load_calibration_data(calib, src.inputs, source=src)
+            result = calibrate(src.model, tensors, data, recipe.calibration, device=device, progress=tick)
+            amax = result.amax
+            data_hash = data.content_hash()
+            calibration = {"data": data.description, "random": data.is_random, "samples": result.num_samples,
+                           "method": recipe.calibration.method, "tensors": len(amax)}
+            if data.is_random:
+                logger.warning("calibrated on random data: scales are not representative of real inputs")
+
+    with progress.stage("quantize", f"{len(targets)} layers selected"):
+        qdq_model, qdq_result = quantize_model(src.model, recipe, amax)
+        if emit_onnx is not None:
+            _save_onnx_atomic(qdq_model, emit_onnx)
+        plugin_model, fuse_result = fuse_plugins(qdq_model)
+
+    compute_dtype = torch.float16 if device == "cuda" else None
+    with progress.stage("lower", f"{device}, {'fp16' if compute_dtype else 'fp32'} compute"):
+        program = lower_onnx(plugin_model, compute_dtype=compute_dtype).to(device)
+        example = tuple(torch.from_numpy(src.example_inputs[n]).to(device) for n in program.input_names)
+
+    layers = layer_table(plugin_model)
+    content_hash = hashlib.sha256(
+        (src.content_hash() + recipe.content_hash() + data_hash).encode()).hexdigest()
+    manifest = {
+        "source": {"name": src.name, "kind": src.kind},
+        "recipe": recipe.to_dict(),
+        "layers": [r.to_dict() for r in layers],
+        "content_hash": content_hash,
+        "calibration": calibration,
+        "compute_dtype": "float16" if compute_dtype else "float32",
+    }
+    with progress.stage("compile", "AOTInductor"):
+        build_engine(program, inputs=src.inputs, outputs=src.outputs, example_inputs=example,
+                     manifest=manifest, output_path=output, device=device)
+
+    stats = {f"{k}": v for k, v in {**qdq_result.stats, **fuse_result.stats}.items()}
+    result = BuildResult(output, recipe, qdq_model, plugin_model, layers, dict(progress.times),
+                         initializer_bytes(src.model), initializer_bytes(plugin_model), calibration, stats)
+    return result
+
+
+def _save_onnx_atomic(model: onnx.ModelProto, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
