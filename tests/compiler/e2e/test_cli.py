@@ -1,0 +1,130 @@
+"""The CLI: build/run/inspect/recipes work, and every bad input ends in one line and exit 2."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import qcompile
+from qcompile.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_recipes_lists_builtins(capsys):
+    code, out, _ = run_cli(capsys, "recipes")
+    assert code == 0
+    for name in ("fp16", "int8", "fp8"):
+        assert name in out
+
+
+def test_build_run_inspect_with_random_calibration(tmp_path, capsys):
+    engine = tmp_path / "tl.engine"
+    code, out, err = run_cli(capsys, "build", "tiny-llama", "--recipe", "int8", "--calib", "random", "-o", engine)
+    assert code == 0, err
+    assert engine.is_file()
+    assert "Build summary" in out and "layers quantized" in out and "15" in out
+    assert "RANDOM" in out  # the report says the calibration data was random
+    report = json.loads((tmp_path / "tl.engine.build.json").read_text())
+    assert report["calibration"]["random"] is True and report["layers_quantized"] == 15
+    for stage in ("export", "calibrate", "quantize", "lower", "compile"):
+        assert stage in err  # progress lines on stderr
+
+    inputs, outputs = tmp_path / "in.npz", tmp_path / "out.npz"
+    assert run_cli(capsys, "sample-inputs", "tiny-llama", "-o", inputs, "--dim", "batch=2", "--dim", "seq=20")[0] == 0
+    code, out, err = run_cli(capsys, "run", engine, "--inputs", inputs, "--save-outputs", outputs)
+    assert code == 0, err
+    assert "logits" in out
+    saved = np.load(outputs)["logits"]
+    direct = qcompile.load(engine).run(dict(np.load(inputs)))["logits"]
+    assert saved.shape == (2, 20, 512)
+    np.testing.assert_array_equal(saved, direct)
+
+    code, out, err = run_cli(capsys, "inspect", engine)
+    assert code == 0, err
+    assert "input_ids" in out and "logits" in out and "int8" in out
+    assert "layers.0.attn.q_proj" in out and "qcompile::ScaledGemm" in out
+
+
+def _assert_one_line_error(code, err, *needles):
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.startswith("qcompile: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_corrupt_onnx(tmp_path, capsys):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"this is not a protobuf \x00\x01\x02" * 10)
+    code, _, err = run_cli(capsys, "build", bad, "--recipe", "fp16", "-o", tmp_path / "e.engine")
+    _assert_one_line_error(code, err, "bad.onnx")
+    assert list(tmp_path.iterdir()) == [bad]
+
+
+def test_unknown_recipe(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "build", "tiny-llama", "--recipe", "int3", "-o", tmp_path / "e.engine")
+    _assert_one_line_error(code, err, "int3")
+    assert not list(tmp_path.iterdir())
+
+
+def test_bad_recipe_key(tmp_path, capsys):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('name = "r"\nsmoothing = 3\n')
+    code, _, err = run_cli(capsys, "build", "tiny-llama", "--recipe", recipe, "-o", tmp_path / "e.engine")
+    _assert_one_line_error(code, err, "smoothing")
+    assert not (tmp_path / "e.engine").exists()
+
+
+def test_nan_calibration_data(tmp_path, capsys):
+    calib = tmp_path / "calib.npz"
+    image = np.random.default_rng(0).standard_normal((2, 1, 3, 32, 32)).astype(np.float32)
+    image[1, 0, 0, 0, 0] = np.nan
+    np.savez(calib, image=image)
+    code, _, err = run_cli(capsys, "build", "small-cnn", "--recipe", "int8", "--calib", calib,
+                           "-o", tmp_path / "e.engine")
+    _assert_one_line_error(code, err, "image", "NaN")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz"]
+
+
+def test_missing_calibration_data(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "build", "small-cnn", "--recipe", "int8", "-o", tmp_path / "e.engine")
+    _assert_one_line_error(code, err, "--calib")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("where", ["missing-dir", "is-a-dir"])
+def test_unwritable_output(tmp_path, capsys, where):
+    out = tmp_path / "no" / "such" / "e.engine" if where == "missing-dir" else tmp_path
+    code, _, err = run_cli(capsys, "build", "tiny-llama", "--recipe", "fp16", "-o", out)
+    _assert_one_line_error(code, err, str(out))
+
+
+def test_wrong_input_shape_at_run_time(llama_builds, tmp_path, capsys):
+    engine = llama_builds["fp8"].engine_path
+    wrong_rank = tmp_path / "rank.npz"
+    np.savez(wrong_rank, input_ids=np.zeros((2, 3, 4), np.int64))
+    code, _, err = run_cli(capsys, "run", engine, "--inputs", wrong_rank)
+    _assert_one_line_error(code, err, "input_ids")
+    wrong_name = tmp_path / "name.npz"
+    np.savez(wrong_name, tokens=np.zeros((2, 3), np.int64))
+    code, _, err = run_cli(capsys, "run", engine, "--inputs", wrong_name)
+    _assert_one_line_error(code, err, "input_ids")
+
+
+def test_console_script_prints_one_line(tmp_path):
+    exe = shutil.which("qcompile") or None
+    cmd = [exe] if exe else [sys.executable, "-m", "qcompile.cli"]
+    proc = subprocess.run([*cmd, "build", str(tmp_path / "missing.onnx"), "--recipe", "fp16",
+                           "-o", str(tmp_path / "e.engine")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "missing.onnx" in proc.stderr
