@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Everything qcompile checks and measures on the GPU machine, in one call of the device tool.
+# Needs .whl/ with the onnx-graphsurgeon and polygraphy wheels (../shared/device/fetch-wheels) and
+# qcompile's own wheel (python3 -m build --wheel --outdir .whl). Results go to $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/qcompile-out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD/tests PYTHONUNBUFFERED=1
+PRELOAD=$(g++ -print-file-name=libstdc++.so.6)
+py() { LD_PRELOAD=$PRELOAD python3 "$@"; }
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/device.txt"
+py -c "import torch, triton, onnx, onnxruntime; print(torch.__version__, triton.__version__, onnx.__version__, onnxruntime.__version__)" | tee -a "$OUT/device.txt"
+
+step() { echo "=== $*"; }
+for s in ${STEPS:-tests kernels engines}; do
+  case $s in
+    tests)   step "pytest -m gpu"
+             py -m pytest -m gpu -q -p no:cacheprovider --rootdir=. -c pyproject.toml tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -25 ;;
+    kernels) step "scaled_gemm benchmark"
+             py tools/bench_scaled_gemm.py --out "$OUT/scaled_gemm.json" 2>&1 | tee "$OUT/scaled_gemm.log" | tail -40 ;;
+    engines) step "engine benchmark"
+             py tools/bench_engines.py mlp-large --recipes fp16 fp8 int8 --dim batch=4 --dim seq=512 \
+                 --out "$OUT/engines-mlp-large.json" 2>&1 | tee "$OUT/engines-mlp-large.log" | grep -v "^\[" | tail -15
+             py tools/bench_engines.py tiny-llama --recipes fp16 int8 fp8 --dim batch=8 --dim seq=128 \
+                 --out "$OUT/engines-tiny-llama.json" 2>&1 | tee "$OUT/engines-tiny-llama.log" | grep -v "^\[" | tail -15 ;;
+  esac
+done
