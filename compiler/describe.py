@@ -22,6 +22,7 @@ def _describe_engine(path: Path) -> dict[str, Any]:
     from qcompile.engine import read_manifest
 
     m = read_manifest(path).to_dict()
+    m.update(m.pop("extra", None) or {})
     recipe = m.get("recipe") or {}
     calib = m.get("calibration") or {}
     header = [

@@ -81,10 +81,9 @@ def main(argv=None) -> int:
         built = qcompile.build(args.source, recipe, output=work / f"{recipe}.engine", calib=str(calib), device="cuda")
         build_s = time.perf_counter() - t0
         engine = qcompile.load(built.engine_path)
-        ordered = [feeds[n] for n in engine.input_names]
-        ms = time_cuda(lambda: engine.run_torch(*ordered), args.iters)
-        outs = engine.run_torch(*ordered)
-        cos = min(cosine(o, want[n]) for o, n in zip(outs, engine.output_names))
+        ms = time_cuda(lambda: engine.run_torch(feeds), args.iters)
+        outs = engine.run_torch(feeds)
+        cos = min(cosine(outs[n], want[n]) for n in engine.output_names)
         results.append({"recipe": recipe, "ms": ms, "cosine_vs_fp32": cos, "build_s": build_s,
                         "layers_quantized": len(built.layers), "weights_bytes": built.bytes_after})
         del engine

@@ -1,0 +1,166 @@
+"""`build_engine`: torch program -> torch.export (named dynamic dims) -> AOTInductor -> one engine file.
+
+The engine file is a zip (stored, not deflated) holding `manifest.json` and `model.pt2`, written
+atomically: a temp file in the destination folder, then `os.replace`; any failure (including
+KeyboardInterrupt) removes the temp file and leaves the destination untouched.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import torch
+
+import qcompile
+from qcompile.engine import device as devinfo
+from qcompile.engine.manifest import (
+    FORMAT_VERSION, MANIFEST_NAME, PACKAGE_NAME, IOSpec, Manifest, dtype_name, merge_dim_ranges,
+)
+from qcompile.errors import EngineError
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "qcmodel"  # stable generated file names inside the package
+
+
+def build_engine(
+    program: torch.nn.Module,
+    *,
+    inputs: list[IOSpec],
+    outputs: list[IOSpec],
+    example_inputs: tuple[torch.Tensor, ...],
+    manifest: dict | None,
+    output_path: str | os.PathLike,
+    device: str,
+    inductor_configs: dict | None = None,
+) -> Manifest:
+    """Export `program`, compile it with AOTInductor and write the engine file at `output_path`.
+
+    Args:
+        program: the module to compile; `program(*example_inputs)` must run. Positional inputs follow `inputs`.
+        inputs / outputs: I/O specs in call / return order; string dims are named dynamic dims.
+        example_inputs: one tensor per input, on `device`, within the dim ranges (dynamic dims >= 2).
+        manifest: caller fields: recipe, layers (rows node/op/format/granularity/bytes_before/bytes_after/
+            plugin), content_hash, calibration, timings; other keys are kept under `extra`.
+        output_path: the engine file to write (its folder must exist and be writable).
+        device: "cpu" or "cuda[:index]", the device the engine is built for.
+        inductor_configs: extra Inductor configs (e.g. {"max_autotune": True}).
+
+    Returns:
+        The manifest written into the engine.
+
+    Raises:
+        EngineError: unwritable output path (checked before compiling), inconsistent specs or example
+            inputs, or a failed export / compile (the message says which stage).
+    """
+    output_path = Path(output_path)
+    check_writable(output_path)
+    dev = devinfo.parse_device(device)
+    dim_ranges = merge_dim_ranges(inputs + outputs)
+    _check_examples(inputs, example_inputs, dim_ranges, dev)
+    info = devinfo.describe(dev)
+    man = Manifest(
+        qcompile_version=qcompile.__version__, inputs=list(inputs), outputs=list(outputs),
+        dim_ranges=dim_ranges, **info,
+    ).with_caller_fields(manifest or {})
+
+    t0 = time.perf_counter()
+    ep = _export(program, inputs, example_inputs, dim_ranges)
+    n_out = len(ep.graph_signature.user_outputs)
+    if n_out != len(outputs):
+        raise EngineError(f"the program returns {n_out} outputs but {len(outputs)} output specs were given")
+    t1 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="qcompile-build-") as tmp:
+        package = _compile(ep, Path(tmp) / PACKAGE_NAME, man, inductor_configs)
+        t2 = time.perf_counter()
+        man.timings = {**man.timings, "export_s": round(t1 - t0, 3), "compile_s": round(t2 - t1, 3)}
+        write_engine_file(output_path, man, package)
+    logger.info("wrote engine %s (export %.1fs, compile %.1fs)", output_path, t1 - t0, t2 - t1)
+    return man
+
+
+def check_writable(path: Path) -> None:
+    """Fail early (before any compile) when `path` cannot be written."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise EngineError(f"engine output path {str(path)!r} is a directory; give a file name")
+    if not parent.is_dir():
+        raise EngineError(f"cannot write engine {str(path)!r}: folder {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise EngineError(f"cannot write engine {str(path)!r}: no write permission")
+
+
+def _check_examples(inputs, examples, dim_ranges, dev) -> None:
+    if len(examples) != len(inputs):
+        raise EngineError(f"{len(examples)} example inputs given for {len(inputs)} input specs")
+    for spec, t in zip(inputs, examples):
+        if not isinstance(t, torch.Tensor):
+            raise EngineError(f"example input {spec.name!r} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != spec.torch_dtype:
+            raise EngineError(f"example input {spec.name!r}: dtype {dtype_name(t.dtype)}, spec says {spec.dtype}")
+        if t.device.type != dev.type:
+            raise EngineError(f"example input {spec.name!r} is on {t.device}, engine device is {dev}")
+        if t.dim() != len(spec.shape):
+            raise EngineError(f"example input {spec.name!r}: rank {t.dim()}, spec shape {spec.shape}")
+        for axis, (dim, size) in enumerate(zip(spec.shape, t.shape)):
+            if isinstance(dim, int) and dim != size:
+                raise EngineError(f"example input {spec.name!r}: dim {axis} is {size}, spec says {dim}")
+            if isinstance(dim, str):
+                lo, hi = dim_ranges[dim]
+                if not (max(lo, 2) <= size <= hi):
+                    raise EngineError(
+                        f"example input {spec.name!r}: dynamic dim {dim!r} (axis {axis}) is {size}; it must lie in "
+                        f"[{max(lo, 2)}, {hi}] (torch.export specializes sizes 0 and 1)")
+
+
+def _export(program, inputs, examples, dim_ranges) -> torch.export.ExportedProgram:
+    dims = {name: torch.export.Dim(name, min=lo, max=hi) for name, (lo, hi) in dim_ranges.items()}
+    dynamic_shapes = tuple(
+        {axis: dims[d] for axis, d in enumerate(spec.shape) if isinstance(d, str)} or None for spec in inputs
+    )
+    try:
+        return torch.export.export(program, tuple(examples), dynamic_shapes=dynamic_shapes)
+    except Exception as exc:
+        raise EngineError(f"torch.export failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _compile(ep, package_path: Path, man: Manifest, inductor_configs: dict | None) -> Path:
+    metadata = {
+        "qcompile.format_version": str(FORMAT_VERSION),
+        "qcompile.version": man.qcompile_version,
+        "qcompile.content_hash": str(man.content_hash or ""),
+        "qcompile.recipe": str((man.recipe or {}).get("name", "")),
+    }
+    configs = {
+        "aot_inductor.metadata": metadata,
+        "aot_inductor.model_name_for_generated_files": MODEL_NAME,
+        **(inductor_configs or {}),
+    }
+    try:
+        out = torch._inductor.aoti_compile_and_package(ep, package_path=str(package_path), inductor_configs=configs)
+    except Exception as exc:
+        raise EngineError(f"AOTInductor compile failed: {type(exc).__name__}: {exc}") from exc
+    return Path(out)
+
+
+def write_engine_file(path: Path, man: Manifest, package: Path) -> None:
+    """Atomically write the engine zip (`manifest.json` + `model.pt2`, ZIP_STORED) at `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as z:
+                z.writestr(MANIFEST_NAME, man.to_json())
+                z.write(package, PACKAGE_NAME)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise

@@ -1,0 +1,173 @@
+"""The engine manifest: what an engine file says about itself (versions, device, I/O, recipe, layers).
+
+Stored as `manifest.json` beside `model.pt2` in the engine zip. `to_json`/`from_json` round-trip;
+keys a newer writer adds that this reader does not know are kept in `extra`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import keyword
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from qcompile.errors import EngineError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+PACKAGE_NAME = "model.pt2"
+
+# numpy dtype name -> torch dtype (bfloat16 / float8 come from ml_dtypes on the numpy side)
+TORCH_DTYPES = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+    "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8,
+    "uint8": torch.uint8, "bool": torch.bool, "float8_e4m3fn": torch.float8_e4m3fn,
+}
+DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+# Keys the caller's `manifest` dict may set as first-class fields (anything else lands in `extra`).
+CALLER_FIELDS = ("recipe", "layers", "content_hash", "calibration", "timings")
+LAYER_KEYS = ("node", "op", "format", "granularity", "bytes_before", "bytes_after", "plugin")
+
+
+@dataclass
+class IOSpec:
+    """One engine input or output.
+
+    Args:
+        name: the I/O name (feeds and results are keyed by it).
+        dtype: numpy dtype name ("float32", "float16", "bfloat16", "int64", ...).
+        shape: ints for static dims, strings for named dynamic dims ("batch").
+        dim_ranges: inclusive (min, max) per dynamic dim name; a name shared by several inputs
+            is one dim (one `torch.export.Dim`) and must have the same range everywhere it is given.
+    """
+
+    name: str
+    dtype: str
+    shape: list[int | str]
+    dim_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.dtype not in TORCH_DTYPES:
+            raise EngineError(f"{self.name!r}: dtype {self.dtype!r} is not one of {sorted(TORCH_DTYPES)}")
+        self.shape = [d if isinstance(d, str) else int(d) for d in self.shape]
+        self.dim_ranges = {k: (int(v[0]), int(v[1])) for k, v in self.dim_ranges.items()}
+        for dim in self.shape:
+            if isinstance(dim, str) and (not dim.isidentifier() or keyword.iskeyword(dim)):
+                raise EngineError(f"{self.name!r}: dynamic dim name {dim!r} must be a Python identifier")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return TORCH_DTYPES[self.dtype]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
+                "dim_ranges": {k: list(v) for k, v in self.dim_ranges.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> IOSpec:
+        return cls(d["name"], d["dtype"], list(d["shape"]), {k: tuple(v) for k, v in d.get("dim_ranges", {}).items()})
+
+
+def merge_dim_ranges(specs: list[IOSpec]) -> dict[str, tuple[int, int]]:
+    """One (min, max) per dynamic dim name across `specs`; every dynamic dim needs a range somewhere."""
+    ranges: dict[str, tuple[int, int]] = {}
+    for spec in specs:
+        for name, rng in spec.dim_ranges.items():
+            lo, hi = rng
+            if not 0 <= lo <= hi:
+                raise EngineError(f"{spec.name!r}: dim {name!r} range {rng} must satisfy 0 <= min <= max")
+            if name in ranges and ranges[name] != rng:
+                raise EngineError(f"dim {name!r} has range {ranges[name]} on one input and {rng} on {spec.name!r}")
+            ranges[name] = rng
+    for spec in specs:
+        for dim in spec.shape:
+            if isinstance(dim, str) and dim not in ranges:
+                raise EngineError(f"{spec.name!r}: dynamic dim {dim!r} has no (min, max) in dim_ranges")
+    return ranges
+
+
+def dtype_name(dtype: torch.dtype | np.dtype | str) -> str:
+    """The numpy-style name of a torch or numpy dtype."""
+    if isinstance(dtype, torch.dtype):
+        return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    return np.dtype(dtype).name
+
+
+@dataclass
+class Manifest:
+    """Everything an engine file records about how and where it was built."""
+
+    qcompile_version: str
+    torch_version: str
+    cuda_version: str | None
+    device: str  # "cpu" | "cuda"
+    device_name: str
+    compute_capability: str | None  # "9.0" on an H200; None on CPU
+    cpu_isa: str | None
+    inputs: list[IOSpec]
+    outputs: list[IOSpec]
+    dim_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
+    recipe: dict | None = None
+    layers: list[dict] = field(default_factory=list)
+    content_hash: str | None = None
+    calibration: Any = None
+    timings: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def input_names(self) -> list[str]:
+        return [s.name for s in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [s.name for s in self.outputs]
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["inputs"] = [s.to_dict() for s in self.inputs]
+        d["outputs"] = [s.to_dict() for s in self.outputs]
+        d["dim_ranges"] = {k: list(v) for k, v in self.dim_ranges.items()}
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False, default=_json_default)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Manifest:
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        extra = dict(kwargs.pop("extra", {}) or {})
+        extra.update({k: v for k, v in d.items() if k not in known})
+        kwargs["inputs"] = [IOSpec.from_dict(s) for s in d["inputs"]]
+        kwargs["outputs"] = [IOSpec.from_dict(s) for s in d["outputs"]]
+        kwargs["dim_ranges"] = {k: tuple(v) for k, v in d.get("dim_ranges", {}).items()}
+        return cls(**kwargs, extra=extra)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Manifest:
+        return cls.from_dict(json.loads(text))
+
+    def with_caller_fields(self, caller: dict) -> Manifest:
+        """A copy holding the caller's recipe/layers/hash/calibration/timings (others go to `extra`)."""
+        caller = dict(caller or {})
+        layers = caller.get("layers", [])
+        for i, row in enumerate(layers):
+            missing = [k for k in LAYER_KEYS if k not in row]
+            if missing:
+                raise EngineError(f"manifest layers[{i}] ({row.get('node', '?')!r}) lacks keys {missing}")
+        known = {k: caller.pop(k) for k in CALLER_FIELDS if k in caller}
+        return dataclasses.replace(self, **known, extra={**self.extra, **caller})
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if isinstance(obj, (tuple, set)):
+        return list(obj)
+    if isinstance(obj, torch.dtype):
+        return dtype_name(obj)
+    raise TypeError(f"manifest value of type {type(obj).__name__} is not JSON-serializable: {obj!r}")

@@ -1,0 +1,121 @@
+"""`torch.ops.qcompile.scaled_gemm`: the W8A8 (int8 / fp8 e4m3fn) scaled GEMM as a `triton_op`.
+
+The body branches on `x.device.type` (the verified pattern for AOTInductor packages; never use
+`register_kernel` for the CPU path, AOTI would still decompose the body):
+
+- CPU (and any non-CUDA device): the plain-torch reference (`reference.py`), lowered to aten.
+- CUDA, int8: one Triton kernel quantizes x (rows padded to M > 16 for `_int_mm`),
+  `torch._int_mm` (cuBLASLt int8, int32 accumulate), one Triton epilogue applies
+  `x_scale * w_scale[n]`, the bias and the output cast.
+- CUDA, fp8 (sm89+): one Triton kernel quantizes x, then `torch._scaled_mm`:
+  per-tensor weight scale -> tensorwise scales, bias fused in cuBLASLt (fp16/bf16 outputs);
+  per-channel + bf16 output -> rowwise scales (`scale_a [M,1]`, `scale_b [1,N]`), bias fused;
+  per-channel + fp16/fp32 output -> tensorwise fp32 GEMM + the Triton epilogue.
+- `x_scale is None` (weight-only, reserved): dequantize the weight, float GEMM.
+
+The body is traceable with fake tensors: it branches only on device, dtypes and static shapes.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
+
+from qcompile.plugins.scaled_gemm.reference import check_args, scaled_gemm_reference
+
+logger = logging.getLogger(__name__)
+
+INT_MM_MIN_ROWS = 17  # torch._int_mm on CUDA needs M > 16
+
+
+@torch.library.triton_op("qcompile::scaled_gemm", mutates_args={})
+def scaled_gemm(
+    x: Tensor,
+    w_q: Tensor,
+    w_scale: Tensor,
+    x_scale: Optional[Tensor],
+    bias: Optional[Tensor],
+) -> Tensor:
+    """`y[..., N] = (Q(x) @ w_q.T) * (x_scale * w_scale) + bias`, in x.dtype (see the plugin contract)."""
+    if x.device.type != "cuda":
+        return scaled_gemm_reference(x, w_q, w_scale, x_scale, bias)
+    return _scaled_gemm_cuda(x, w_q, w_scale, x_scale, bias)
+
+
+def _scaled_gemm_cuda(x, w_q, w_scale, x_scale, bias) -> Tensor:
+    check_args(x, w_q, w_scale, x_scale, bias)
+    n, k = w_q.shape
+    if w_q.stride(1) != 1:
+        w_q = w_q.contiguous()
+    if x_scale is None:
+        return _weight_only(x, w_q, w_scale, bias)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, k).contiguous()
+    x_scale = _kernel_scalar(x_scale)
+    w_scale = _kernel_scalar(w_scale) if w_scale.dim() == 0 else w_scale.to(torch.float32)
+    if w_q.dtype == torch.int8:
+        y = _int8_gemm(x2d, w_q, w_scale, x_scale, bias, x.dtype)
+    else:
+        y = _fp8_gemm(x2d, w_q, w_scale, x_scale, bias, x.dtype)
+    return y.reshape(*lead, n)
+
+
+def _int8_gemm(x2d, w_q, w_scale, x_scale, bias, out_dtype) -> Tensor:
+    from qcompile.plugins.scaled_gemm import kernel  # lazy: needs triton
+
+    n, k = w_q.shape
+    if k % 8 or n % 8:
+        raise ValueError(f"scaled_gemm int8 on CUDA needs K and N multiples of 8 (torch._int_mm), got K={k}, N={n}")
+    m = x2d.shape[0]
+    xq = kernel.launch_quantize(x2d, x_scale, torch.int8, torch.sym_max(m, INT_MM_MIN_ROWS))
+    acc = torch._int_mm(xq, w_q.t())  # [max(M,17), N] int32
+    return kernel.launch_epilogue(acc, x_scale, w_scale, bias, m, out_dtype)
+
+
+def _fp8_gemm(x2d, w_q, w_scale, x_scale, bias, out_dtype) -> Tensor:
+    from qcompile.plugins.scaled_gemm import kernel  # lazy: needs triton
+
+    n, k = w_q.shape
+    if torch.cuda.get_device_capability(x2d.device) < (8, 9):
+        raise ValueError("scaled_gemm fp8 needs a GPU with compute capability >= 8.9 (torch._scaled_mm)")
+    if k % 16 or n % 16:
+        raise ValueError(f"scaled_gemm fp8 on CUDA needs K and N multiples of 16 (torch._scaled_mm), got K={k}, N={n}")
+    m = x2d.shape[0]
+    xq = kernel.launch_quantize(x2d, x_scale, torch.float8_e4m3fn, m)
+    wt = w_q.t()  # [K, N] column-major, as cuBLASLt wants
+    if w_scale.numel() == 1:  # tensorwise
+        fuse_bias = bias is not None and out_dtype != torch.float32  # cuBLASLt: no bias with fp32 out
+        y = torch._scaled_mm(
+            xq, wt, x_scale, w_scale,
+            bias=bias.to(out_dtype) if fuse_bias else None, out_dtype=out_dtype,
+        )
+        return y + bias.to(out_dtype) if bias is not None and not fuse_bias else y
+    if out_dtype == torch.bfloat16:  # rowwise scaling (bf16 output is the form every torch version takes)
+        scale_a = x_scale.reshape(1, 1).expand(m, 1).contiguous()
+        return torch._scaled_mm(
+            xq, wt, scale_a, w_scale.reshape(1, n),
+            bias=bias.to(torch.bfloat16) if bias is not None else None, out_dtype=torch.bfloat16,
+        )
+    one = torch.ones((), dtype=torch.float32, device=x2d.device)
+    acc = torch._scaled_mm(xq, wt, one, one, out_dtype=torch.float32)
+    return kernel.launch_epilogue(acc, x_scale, w_scale, bias, m, out_dtype)
+
+
+def _kernel_scalar(t: Tensor) -> Tensor:
+    """A 0-d float32 scale as a [1] tensor that a Triton kernel can take as a pointer.
+
+    Inductor inlines 0-d graph constants as scalars (`ir.Constant`), which cannot be Triton kernel
+    arguments ("failed to specialize argument of type: Constant"); while tracing, a copy turns the
+    scalar into a real buffer. Eager calls stay copy-free (a view).
+    """
+    t = t.to(torch.float32).reshape(1)
+    return t.clone() if is_fake(t) else t
+
+
+def _weight_only(x, w_q, w_scale, bias) -> Tensor:
+    w = w_q.to(x.dtype) * w_scale.to(x.dtype).reshape(-1, 1)
+    y = x @ w.t()
+    return y + bias.to(x.dtype) if bias is not None else y

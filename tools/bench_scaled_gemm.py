@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""GPU benchmark of `qcompile::scaled_gemm` (int8 / fp8 W8A8) against cuBLAS and the raw low-precision GEMMs.
+
+For each (K x N, M) of reference/kernel-targets.md it times, with `triton.testing.do_bench` (median):
+  bf16        cuBLAS bf16 `x @ w.T`
+  int_mm      raw `torch._int_mm` on pre-quantized int8 (no quantize, no epilogue)
+  int8_op     our op, int8, per-channel weight scale, bias, bf16 in/out (quantize + _int_mm + epilogue)
+  fp8_tw      raw `torch._scaled_mm` tensorwise, bf16 out
+  fp8_rw      raw `torch._scaled_mm` rowwise, bf16 out
+  fp8_op_tw   our op, fp8, per-tensor weight scale, bias
+  fp8_op_ch   our op, fp8, per-channel weight scale, bias (rowwise path for bf16)
+Weights are rotated over several copies so small-M runs read HBM, not L2. Prints a table, writes JSON to --out.
+Eager timings of our op include Python/launch overhead (three launches); --cuda-graph times GPU work only,
+which is what an AOTInductor engine replayed in CUDA graphs sees.
+
+    LD_PRELOAD=$(g++ -print-file-name=libstdc++.so.6) python3 tools/bench_scaled_gemm.py --out bench.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+
+import torch
+import triton.testing
+
+from qcompile.plugins.scaled_gemm import register
+
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
+MS = [1, 16, 64, 256, 1024, 4096]
+
+
+def rotating(make, n_bytes_each: int, budget: int = 512 << 20):
+    """A callable cycling over copies of `make()` so weights do not stay in L2."""
+    copies = [make() for _ in range(max(2, min(8, budget // max(n_bytes_each, 1))))]
+    state = {"i": 0}
+
+    def nxt():
+        state["i"] = (state["i"] + 1) % len(copies)
+        return copies[state["i"]]
+    return nxt
+
+
+MODE = {"graph": False}
+
+
+def bench(fn, copies: int = 8) -> float:
+    """Median us per call. Eager: Python launch overhead included. Graph mode (--cuda-graph): `copies`
+    calls (rotating weights) captured in one CUDA graph, replay time / copies -- what an engine replaying
+    CUDA graphs pays, launch overhead excluded."""
+    if not MODE["graph"]:
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1000.0
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(copies):
+            fn()
+    return triton.testing.do_bench(g.replay, warmup=10, rep=100, return_mode="median") * 1000.0 / copies
+
+
+def run_shape(k: int, n: int, m: int) -> dict:
+    dev = "cuda"
+    op = torch.ops.qcompile.scaled_gemm
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    xs = torch.tensor(x.abs().max().item() / 127.0, device=dev)
+    xs8 = torch.tensor(x.abs().max().item() / 448.0, device=dev)
+    bias = torch.randn(n, device=dev)
+    ws_ch = torch.rand(n, device=dev) * 0.01 + 1e-3
+    ws_t = torch.tensor(0.005, device=dev)
+    w16 = rotating(lambda: torch.randn(n, k, device=dev, dtype=torch.bfloat16), n * k * 2)
+    wi8 = rotating(lambda: torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8), n * k)
+    wf8 = rotating(lambda: torch.randn(n, k, device=dev).to(torch.float8_e4m3fn), n * k)
+    xi8 = torch.randint(-127, 128, (max(m, 17), k), device=dev, dtype=torch.int8)
+    xf8 = x.float().to(torch.float8_e4m3fn)
+    one = torch.ones((), device=dev)
+    sa = torch.ones(m, 1, device=dev)
+    sb = torch.ones(1, n, device=dev)
+    r = {"K": k, "N": n, "M": m}
+    r["bf16"] = bench(lambda: x @ w16().t())
+    r["int_mm"] = bench(lambda: torch._int_mm(xi8, wi8().t()))
+    r["int8_op"] = bench(lambda: op(x, wi8(), ws_ch, xs, bias))
+    r["fp8_tw"] = bench(lambda: torch._scaled_mm(xf8, wf8().t(), one, one, out_dtype=torch.bfloat16))
+    try:
+        r["fp8_rw"] = bench(lambda: torch._scaled_mm(xf8, wf8().t(), sa, sb, out_dtype=torch.bfloat16))
+    except RuntimeError as exc:  # rowwise needs sm90 on some versions
+        r["fp8_rw"] = None
+        r["fp8_rw_error"] = str(exc).splitlines()[0]
+    r["fp8_op_tw"] = bench(lambda: op(x, wf8(), ws_t, xs8, bias))
+    r["fp8_op_ch"] = bench(lambda: op(x, wf8(), ws_ch, xs8, bias))
+    r["int8_op/int_mm"] = r["int8_op"] / r["int_mm"]
+    r["fp8_op_tw/fp8_tw"] = r["fp8_op_tw"] / r["fp8_tw"]
+    r["fp8_op_ch/fp8_rw"] = r["fp8_op_ch"] / r["fp8_rw"] if r["fp8_rw"] else None
+    r["bf16/int8_op"] = r["bf16"] / r["int8_op"]
+    r["bf16/fp8_op_tw"] = r["bf16"] / r["fp8_op_tw"]
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="JSON results path")
+    ap.add_argument("--ms", type=int, nargs="*", default=MS)
+    ap.add_argument("--cuda-graph", action="store_true", help="time calls replayed from a CUDA graph")
+    ap.add_argument("--shapes", nargs="*", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN")
+    args = ap.parse_args()
+    register()
+    MODE["graph"] = args.cuda_graph
+    rows = []
+    cols = ["bf16", "int_mm", "int8_op", "fp8_tw", "fp8_rw", "fp8_op_tw", "fp8_op_ch",
+            "int8_op/int_mm", "fp8_op_tw/fp8_tw", "fp8_op_ch/fp8_rw", "bf16/fp8_op_tw"]
+    print(f"{'KxN':>12} {'M':>5} " + " ".join(f"{c:>16}" for c in cols))
+    for shape in args.shapes:
+        k, n = map(int, shape.split("x"))
+        for m in args.ms:
+            r = run_shape(k, n, m)
+            rows.append(r)
+            cells = [f"{r[c]:16.2f}" if isinstance(r.get(c), float) else f"{'-':>16}" for c in cols]
+            print(f"{shape:>12} {m:>5} " + " ".join(cells), flush=True)
+            torch.cuda.empty_cache()
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version(), "unit": "us (median, triton.testing.do_bench)",
+            "mode": "cuda_graph" if args.cuda_graph else "eager"}
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
