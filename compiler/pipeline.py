@@ -119,9 +119,7 @@ def build(
 
     calibration, amax = None, {}
     with progress.stage("calibrate", recipe.calibration.method if recipe.needs_calibration else "(not needed)") as tick:
-        import onnx_graphsurgeon as gs
-
-        targets = plan_quantization(gs.import_onnx(src.model), recipe)
+        targets = plan_quantization(src.model, recipe)
         tensors = activation_tensors(targets)
         data_hash = ""
         if recipe.needs_calibration and tensors:

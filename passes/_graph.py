@@ -1,0 +1,219 @@
+"""Small graph-surgeon helpers shared by the passes (private: not re-exported).
+
+Constants, producers/consumers, Q/DQ node builders, copy ops and how they move a tensor axis.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from qcompile.plugins import formats
+
+MODULE_KEY = "qcompile.module"  # node metadata: fully qualified torch module name (set by the frontend)
+RULE_KEY = "qcompile.rule"  # node metadata: the rewrite rule that created the node
+
+# Ops that only move or copy elements (ModelOpt's "copy ops" that DQ commutes with), the subset we can remap.
+COPY_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+
+# ---- node metadata (graph-surgeon drops NodeProto.metadata_props, so we carry it on the graph object) ----
+
+def node_metadata(graph: gs.Graph) -> dict[str, dict[str, str]]:
+    """The node-name -> metadata_props map carried by `graph` (created empty if absent)."""
+    meta = graph.__dict__.get("_qc_node_metadata")
+    if meta is None:
+        meta = graph.__dict__["_qc_node_metadata"] = {}
+    return meta
+
+
+def module_of(graph: gs.Graph, node: gs.Node) -> str | None:
+    return node_metadata(graph).get(node.name, {}).get(MODULE_KEY)
+
+
+def import_model(model: onnx.ModelProto) -> gs.Graph:
+    """`gs.import_onnx(model)` that keeps node metadata_props (module names) on the graph."""
+    graph = gs.import_onnx(model)
+    meta = node_metadata(graph)
+    for node in model.graph.node:
+        if node.name and len(node.metadata_props):
+            meta[node.name] = {p.key: p.value for p in node.metadata_props}
+    return graph
+
+
+# ---- tensors ----
+
+def const_values(tensor) -> np.ndarray | None:
+    """The value of a gs.Constant as numpy (ml_dtypes for fp8/int4), or None for a non-constant."""
+    if not isinstance(tensor, gs.Constant):
+        return None
+    if isinstance(tensor._values, LazyValues):
+        return numpy_helper.to_array(tensor._values.tensor)
+    return np.asarray(tensor.values)
+
+
+def make_constant(name: str, array: np.ndarray) -> gs.Constant:
+    """A gs.Constant that exports every dtype correctly (gs cannot export int4 from numpy itself)."""
+    return gs.Constant(name, LazyValues(numpy_helper.from_array(np.ascontiguousarray(array), name)))
+
+
+def onnx_dtype(tensor) -> int | None:
+    """The ONNX TensorProto dtype of a gs tensor, or None when unknown."""
+    dtype = tensor.dtype
+    if dtype is None:
+        return None
+    if isinstance(dtype, int):
+        return dtype
+    try:
+        from onnx_graphsurgeon.exporters.onnx_exporter import dtype_to_onnx
+
+        return dtype_to_onnx(np.dtype(dtype))
+    except Exception:  # noqa: BLE001 - unknown dtype objects
+        return None
+
+
+def producer(tensor) -> gs.Node | None:
+    return tensor.inputs[0] if len(tensor.inputs) == 1 else None
+
+
+def unique_name(graph: gs.Graph, base: str) -> str:
+    """A tensor name not yet used in `graph`."""
+    names = graph.__dict__.setdefault("_qc_names", set())
+    if not names:
+        names.update(graph.tensors().keys())
+    name, i = base, 1
+    while name in names:
+        name, i = f"{base}_{i}", i + 1
+    names.add(name)
+    return name
+
+
+def drop_node(node: gs.Node) -> None:
+    """Disconnect `node` so graph.cleanup() removes it."""
+    node.inputs.clear()
+    node.outputs.clear()
+
+
+def static_shape(tensor) -> tuple[int, ...] | None:
+    shape = tensor.shape
+    if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
+        return None
+    return tuple(shape)
+
+
+def is_graph_output(graph: gs.Graph, tensor) -> bool:
+    return any(t is tensor for t in graph.outputs)
+
+
+# ---- Q/DQ ----
+
+def qdq_axis(node: gs.Node, rank: int | None) -> int | None:
+    """The normalized per-axis `axis` of a Q/DQ node whose scale is 1-D, else None (per-tensor)."""
+    scale = node.inputs[1]
+    shape = scale.shape
+    if shape is None or len(shape) == 0 or node.attrs.get("block_size", 0):
+        return None
+    axis = int(node.attrs.get("axis", 1))
+    return axis % rank if rank else axis
+
+
+def quantized_format(node: gs.Node) -> tuple[int | None, str | None]:
+    """(ONNX dtype, qcompile format name or None) that a Q produces / a DQ consumes."""
+    if node.op == "DequantizeLinear":
+        dtype = onnx_dtype(node.inputs[0])
+    elif len(node.inputs) > 2 and not node.inputs[2].is_empty():
+        dtype = onnx_dtype(node.inputs[2])
+    else:
+        dtype = node.attrs.get("output_dtype") or onnx.TensorProto.UINT8
+    return dtype, (formats.format_of_onnx_dtype(dtype) if dtype is not None else None)
+
+
+def zero_point(fmt: str, shape: tuple[int, ...] = ()) -> np.ndarray:
+    return np.zeros(shape, dtype=formats.numpy_dtype(fmt))
+
+
+def make_qdq(graph: gs.Graph, x, scale: np.ndarray, fmt: str, axis: int | None,
+             tag: str) -> tuple[gs.Node, gs.Node, gs.Variable]:
+    """Q -> DQ nodes on tensor `x` (not yet added to the graph); returns (q, dq, dq_output)."""
+    s = make_constant(unique_name(graph, f"{tag}_scale"), np.asarray(scale))
+    zp = make_constant(unique_name(graph, f"{tag}_zero_point"), zero_point(fmt, np.shape(scale)))
+    attrs = {} if axis is None else {"axis": int(axis)}
+    q_out = gs.Variable(unique_name(graph, f"{tag}_quantized"), dtype=formats.numpy_dtype(fmt), shape=x.shape)
+    dq_out = gs.Variable(unique_name(graph, f"{tag}_dequantized"), dtype=x.dtype, shape=x.shape)
+    q = gs.Node("QuantizeLinear", name=unique_name(graph, f"{tag}/QuantizeLinear"), attrs=dict(attrs),
+                inputs=[x, s, zp], outputs=[q_out])
+    dq = gs.Node("DequantizeLinear", name=unique_name(graph, f"{tag}/DequantizeLinear"), attrs=dict(attrs),
+                 inputs=[q_out, s, zp], outputs=[dq_out])
+    return q, dq, dq_out
+
+
+# ---- copy ops ----
+
+def copy_op_consts(node: gs.Node) -> dict | None:
+    """The constant parameters of a copy op (perm/shape/axes), or None if one is not constant."""
+    params = {}
+    for i, t in enumerate(node.inputs[1:], start=1):
+        if t.is_empty():
+            continue
+        v = const_values(t)
+        if v is None:
+            return None
+        params[i] = v
+    return params
+
+
+def apply_copy_op(node: gs.Node, array: np.ndarray) -> np.ndarray | None:
+    """Apply the copy op `node` to a numpy array (None: unsupported or non-constant parameters)."""
+    params = copy_op_consts(node)
+    if params is None:
+        return None
+    if node.op == "Transpose":
+        perm = node.attrs.get("perm")
+        return np.transpose(array, None if perm is None else list(perm))
+    if node.op == "Reshape":
+        shape = [int(d) for d in params[1]]
+        if node.attrs.get("allowzero", 0) == 0:
+            shape = [array.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+        return array.reshape(shape)
+    if node.op == "Flatten":
+        axis = int(node.attrs.get("axis", 1)) % (array.ndim + 1) if array.ndim else 0
+        return array.reshape(math.prod(array.shape[:axis]), math.prod(array.shape[axis:]))
+    if node.op in ("Squeeze", "Unsqueeze"):
+        axes = params.get(1)
+        axes = [int(a) for a in (axes if axes is not None else node.attrs.get("axes", []))]
+        if node.op == "Squeeze":
+            axes = [a % array.ndim for a in axes] if axes else [i for i, d in enumerate(array.shape) if d == 1]
+            return np.squeeze(array, axis=tuple(axes))
+        return np.expand_dims(array, axis=tuple(a % (array.ndim + len(axes)) for a in axes))
+    return None
+
+
+def map_axis(node: gs.Node, in_shape: tuple[int, ...], out_shape: tuple[int, ...], axis: int) -> int | None:
+    """The output axis that input `axis` becomes through copy op `node` (None: merged or split)."""
+    if node.op == "Transpose":
+        perm = node.attrs.get("perm") or list(reversed(range(len(in_shape))))
+        return list(perm).index(axis)
+    return _kept_axis(in_shape, out_shape, axis)
+
+
+def map_axis_back(node: gs.Node, in_shape: tuple[int, ...], out_shape: tuple[int, ...], axis: int) -> int | None:
+    """The input axis that becomes output `axis` through copy op `node` (None: merged or split)."""
+    if node.op == "Transpose":
+        perm = node.attrs.get("perm") or list(reversed(range(len(in_shape))))
+        return int(perm[axis])
+    return _kept_axis(out_shape, in_shape, axis)
+
+
+def _kept_axis(src: tuple[int, ...], dst: tuple[int, ...], axis: int) -> int | None:
+    # A reshape keeps axis `axis` of `src` whole iff some dst axis has the same size and the same
+    # number of elements before it (row-major order is unchanged by a reshape).
+    before = math.prod(src[:axis])
+    for j, d in enumerate(dst):
+        if d == src[axis] and math.prod(dst[:j]) == before:
+            return j
+    return None

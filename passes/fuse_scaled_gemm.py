@@ -1,0 +1,184 @@
+"""Fuse quantized GEMMs into `qcompile::ScaledGemm` plugin nodes.
+
+Does the following transformation:
+- MatMul(DQ(Q(x, sx)), DQ(W_q[K,N], sw, axis=1)) (+ Add(·, b[N]))  ->  ScaledGemm(x, sx, zp, W_q.T[N,K], sw, b)
+- Gemm(DQ(Q(x)), DQ(W_q), C, alpha, beta, transB)  ->  ScaledGemm(x, sx, zp, W_q as [N,K], alpha*sw, beta*C)
+- no bias  ->  a zero bias [N]
+
+The activation Q/DQ pair stays when another consumer still reads the DQ output. The plugin contract is
+`qcompile.plugins.scaled_gemm.onnx_schema`; `pipeline.fuse_plugins` adds its function body to the model.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from qcompile.passes import _graph as G
+from qcompile.passes.rewrite import MatchResult, RewritePass, RewriteRule
+from qcompile.plugins import formats
+from qcompile.plugins.scaled_gemm import onnx_schema
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FuseScaledGemmPass"]
+
+_FORMATS = ("int8", "fp8")
+
+
+class ScaledGemmRule(RewriteRule):
+    """DQ-fed MatMul/Gemm with a constant quantized weight -> ScaledGemm."""
+
+    pattern = ("MatMul", "Gemm")
+
+    def match(self, graph, node):
+        if len(node.inputs) < 2:
+            return None
+        w_dq = G.producer(node.inputs[1])
+        if w_dq is None or w_dq.op != "DequantizeLinear":
+            return None  # not a quantized GEMM at all
+        x_dq = G.producer(node.inputs[0])
+        x_q = G.producer(x_dq.inputs[0]) if x_dq is not None and x_dq.op == "DequantizeLinear" else None
+        bias_add = None
+        if node.op == "MatMul":
+            y = node.outputs[0]
+            if len(y.outputs) == 1 and y.outputs[0].op == "Add" and not G.is_graph_output(graph, y):
+                bias_add = y.outputs[0]
+        return {"node": node, "w_dq": w_dq, "x_dq": x_dq, "x_q": x_q, "bias_add": bias_add}
+
+    def check(self, graph, node, w_dq, x_dq, x_q, bias_add):
+        wq = G.const_values(w_dq.inputs[0])
+        if wq is None:
+            return MatchResult.fail("weight is not constant")
+        if G.const_values(w_dq.inputs[1]) is None:
+            return MatchResult.fail("weight scale is not constant")
+        w_fmt = formats.format_of_onnx_dtype(G.onnx_dtype(w_dq.inputs[0]))
+        if w_fmt not in _FORMATS:
+            found = w_fmt or onnx.helper.tensor_dtype_to_string(G.onnx_dtype(w_dq.inputs[0]))
+            return MatchResult.fail(f"weight format {found} is not int8 or fp8")
+        if wq.ndim != 2:
+            return MatchResult.fail(f"{node.op} weight rank is {wq.ndim}, expected 2")
+        if node.op == "Gemm" and int(node.attrs.get("transA", 0)):
+            return MatchResult.fail("Gemm transA=1 is not fused")
+        n_axis = 0 if node.op == "Gemm" and int(node.attrs.get("transB", 0)) else 1
+        scale_shape = tuple(w_dq.inputs[1].shape)
+        per_tensor = scale_shape in ((), (1,))
+        if w_dq.attrs.get("block_size", 0) or not (per_tensor or (
+                len(scale_shape) == 1 and G.qdq_axis(w_dq, 2) == n_axis and scale_shape[0] == wq.shape[n_axis])):
+            return MatchResult.fail(f"weight scale {list(scale_shape)} is not per-tensor or per-channel along N "
+                                    f"(axis={n_axis})")
+        if _nonzero_zero_point(w_dq):
+            return MatchResult.fail("weight zero point is not zero")
+        if x_dq is None or x_dq.op != "DequantizeLinear":
+            return MatchResult.fail("activation is not quantized (weight-only GEMM)")
+        if x_q is None or x_q.op != "QuantizeLinear":
+            return MatchResult.fail("activation DequantizeLinear is not fed by a QuantizeLinear")
+        sx, sx_dq = G.const_values(x_q.inputs[1]), G.const_values(x_dq.inputs[1])
+        if sx is None or sx_dq is None:
+            return MatchResult.fail("activation scale is not constant (static quantization only)")
+        if sx.size != 1 or sx_dq.size != 1:
+            return MatchResult.fail("activation scale is not per-tensor")
+        if float(sx.reshape(())) != float(sx_dq.reshape(())):
+            return MatchResult.fail("activation Q and DQ scales differ")
+        if _nonzero_zero_point(x_q) or _nonzero_zero_point(x_dq):
+            return MatchResult.fail("activation zero point is not zero")
+        _, x_fmt = G.quantized_format(x_q)
+        if x_fmt != w_fmt:
+            return MatchResult.fail(f"activation format {x_fmt} and weight format {w_fmt} differ")
+        if node.op == "Gemm" and float(node.attrs.get("alpha", 1.0)) <= 0:
+            return MatchResult.fail("Gemm alpha <= 0 cannot be folded into the weight scale")
+        if node.op == "Gemm" and len(node.inputs) > 2 and not node.inputs[2].is_empty():
+            if _bias_vector(node.inputs[2], wq.shape[n_axis]) is None:
+                return MatchResult.fail("Gemm C is not a constant bias broadcastable to [N]")
+        return MatchResult.ok()
+
+    def rewrite(self, graph, node, w_dq, x_dq, x_q, bias_add):
+        wq = G.const_values(w_dq.inputs[0])
+        trans_b = node.op == "Gemm" and int(node.attrs.get("transB", 0))
+        w_nk = wq if trans_b else np.ascontiguousarray(wq.T)
+        n = w_nk.shape[0]
+        w_scale = G.const_values(w_dq.inputs[1]).astype(np.float32).reshape(-1)
+        w_scale = w_scale.reshape(()) if w_scale.size == 1 and tuple(w_dq.inputs[1].shape) in ((), (1,)) else w_scale
+        bias = np.zeros(n, np.float32)
+        y = node.outputs[0]
+        if node.op == "Gemm":
+            w_scale = w_scale * np.float32(node.attrs.get("alpha", 1.0))
+            if len(node.inputs) > 2 and not node.inputs[2].is_empty():
+                bias = _bias_vector(node.inputs[2], n) * np.float32(node.attrs.get("beta", 1.0))
+        elif bias_add is not None:
+            other = next(x for x in bias_add.inputs if x is not y)
+            b = _bias_vector(other, n, strict=True)
+            if b is not None and sum(x is y for x in bias_add.inputs) == 1:
+                bias, y = b, bias_add.outputs[0]
+                G.drop_node(bias_add)
+        fmt = formats.format_of_onnx_dtype(G.onnx_dtype(w_dq.inputs[0]))
+        x = x_q.inputs[0]
+        sx = G.const_values(x_q.inputs[1]).astype(np.float32).reshape(())
+        base = node.name or G.unique_name(graph, "ScaledGemm")
+        inputs = [
+            x,
+            G.make_constant(G.unique_name(graph, f"{base}/x_scale"), sx),
+            G.make_constant(G.unique_name(graph, f"{base}/x_zero_point"), G.zero_point(fmt)),
+            G.make_constant(G.unique_name(graph, f"{base}/w_q"), w_nk),
+            G.make_constant(G.unique_name(graph, f"{base}/w_scale"), w_scale.astype(np.float32)),
+            G.make_constant(G.unique_name(graph, f"{base}/bias"), bias.astype(np.float32)),
+        ]
+        fused = gs.Node(onnx_schema.OP_TYPE, name=base, domain=onnx_schema.DOMAIN, attrs=onnx_schema.attributes(),
+                        inputs=inputs, outputs=[y])
+        meta = G.node_metadata(graph)
+        if node.name in meta:
+            meta[base] = dict(meta[node.name])
+        x_dq_out = x_dq.outputs[0]
+        G.drop_node(node)
+        if not x_dq_out.outputs and not G.is_graph_output(graph, x_dq_out):
+            G.drop_node(x_dq)  # its Q goes with it in cleanup when nothing else reads it
+        graph.nodes.append(fused)
+        return [fused]
+
+
+def _nonzero_zero_point(node: gs.Node) -> bool:
+    if len(node.inputs) < 3 or node.inputs[2].is_empty():
+        return False
+    zp = G.const_values(node.inputs[2])
+    return zp is None or bool(np.any(zp.astype(np.float32) != 0))
+
+
+def _bias_vector(tensor, n: int, strict: bool = False) -> np.ndarray | None:
+    """A constant bias as float32 [N], or None. strict: only shape [N] (it must not broadcast the output up)."""
+    b = G.const_values(tensor)
+    if b is None or b.dtype.kind != "f":
+        return None
+    if strict:
+        return b.astype(np.float32) if b.shape == (n,) else None
+    if b.size not in (1, n) or (b.ndim and b.shape[-1] not in (1, n)) or b.ndim > 2 or b.size != max(b.shape or (1,)):
+        return None
+    return np.broadcast_to(b.astype(np.float32).reshape(-1), (n,)).copy()
+
+
+def ensure_function(graph: gs.Graph) -> None:
+    """Put the ScaledGemm function body into the graph (so dumps and exports can be run by ORT)."""
+    if any(f.domain == onnx_schema.DOMAIN and f.name == onnx_schema.OP_TYPE for f in graph.functions):
+        return
+    from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
+
+    domains = [onnx.helper.make_opsetid("", max(graph.opset, onnx_schema.FUNCTION_OPSET))]
+    graph.functions.append(OnnxImporter.import_function(onnx_schema.function_proto(), model_opset=graph.opset,
+                                                        model_import_domains=domains))
+    graph.import_domains = [d for d in (graph.import_domains or [onnx.helper.make_opsetid("", graph.opset)])
+                            if d.domain != onnx_schema.DOMAIN] + [
+        onnx.helper.make_opsetid(onnx_schema.DOMAIN, onnx_schema.VERSION)]
+
+
+class FuseScaledGemmPass(RewritePass):
+    """Runs `ScaledGemmRule`; declines say why a quantized GEMM was not fused."""
+
+    def __init__(self):
+        super().__init__([ScaledGemmRule()], name="FuseScaledGemmPass")
+
+    def call(self, graph):
+        result = super().call(graph)
+        if result.modified:
+            ensure_function(graph)
+        return result

@@ -1,0 +1,99 @@
+"""The pass order as data, and the two ONNX -> ONNX stages the driver calls.
+
+- `quantize_model`: FP ONNX -> portable Q/DQ ONNX (TensorRT explicit quantization; runs in ORT).
+- `fuse_plugins`: Q/DQ ONNX -> plugin ONNX (`qcompile::ScaledGemm` nodes with ONNX function bodies).
+"""
+from __future__ import annotations
+
+import logging
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from qcompile.passes import _graph as G
+from qcompile.passes.cleanup import CleanupPass
+from qcompile.passes.fold_weight_qdq import FoldWeightQDQPass
+from qcompile.passes.fuse_scaled_gemm import FuseScaledGemmPass
+from qcompile.passes.infra import PassBase, PassManager, PassResult
+from qcompile.passes.insert_qdq import InsertQDQPass
+from qcompile.passes.lint_qdq import LintQDQPass
+from qcompile.passes.sink_dequantize import SinkDequantizePass
+from qcompile.plugins.scaled_gemm import onnx_schema
+from qcompile.recipes.schema import Recipe
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["qdq_passes", "plugin_passes", "quantize_model", "fuse_plugins", "export_model", "import_model"]
+
+IR_VERSION = 10
+MIN_OPSET = 21
+
+import_model = G.import_model
+
+
+def qdq_passes(recipe: Recipe, activation_amax: dict[str, float]) -> list[PassBase]:
+    """FP graph -> Q/DQ graph with folded, sunk weights."""
+    return [InsertQDQPass(recipe, activation_amax), FoldWeightQDQPass(), SinkDequantizePass(), CleanupPass(),
+            LintQDQPass()]
+
+
+def plugin_passes() -> list[PassBase]:
+    """Q/DQ graph -> plugin graph."""
+    return [FuseScaledGemmPass(), CleanupPass(), LintQDQPass()]
+
+
+def quantize_model(model: onnx.ModelProto, recipe: Recipe, activation_amax: dict[str, float]
+                   ) -> tuple[onnx.ModelProto, PassResult]:
+    """The portable Q/DQ ONNX for `model` (opset >= recipe.opset, IR 10) and the pass results.
+
+    Raises:
+        PassError: a pass failed (e.g. a needed activation has no amax). LintError: invalid Q/DQ.
+    """
+    opset = max(recipe.opset, MIN_OPSET)
+    graph = import_model(model)
+    graph.opset = max(graph.opset, opset)
+    result = PassManager(qdq_passes(recipe, activation_amax)).run(graph)
+    return export_model(result.graph, like=model, opset=opset), result
+
+
+def fuse_plugins(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassResult]:
+    """Fuse quantized GEMMs of a Q/DQ model into plugin nodes (with their function bodies)."""
+    graph = import_model(model)
+    result = PassManager(plugin_passes()).run(graph)
+    return export_model(result.graph, like=model), result
+
+
+def export_model(graph: gs.Graph, like: onnx.ModelProto, opset: int | None = None) -> onnx.ModelProto:
+    """Export `graph` keeping what graph-surgeon drops: opsets, IR version, functions, metadata.
+
+    Args:
+        graph (gs.Graph): the graph to export.
+        like (onnx.ModelProto): the model it came from (opset imports, functions, producer, metadata).
+        opset (int): raise the default-domain opset to at least this. Defaults to keeping it.
+    """
+    model = gs.export_onnx(graph, do_type_check=False)
+    versions = {op.domain: op.version for op in like.opset_import}
+    for op in model.opset_import:
+        versions[op.domain] = max(versions.get(op.domain, 0), op.version)
+    versions[""] = max(versions.get("", 0), graph.opset or 0, opset or 0)
+    used = {n.domain for n in model.graph.node} | {f.domain for f in model.functions}
+    if onnx_schema.DOMAIN in used:
+        versions.setdefault(onnx_schema.DOMAIN, onnx_schema.VERSION)
+    del model.opset_import[:]
+    model.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in sorted(versions.items()))
+    have = {(f.domain, f.name) for f in model.functions}
+    model.functions.extend(f for f in like.functions if (f.domain, f.name) not in have)
+    if any(n.domain == onnx_schema.DOMAIN and n.op_type == onnx_schema.OP_TYPE for n in model.graph.node):
+        onnx_schema.add_to_model(model)
+    model.ir_version = max(IR_VERSION, onnx.helper.find_min_ir_version_for(list(model.opset_import), True))
+    model.producer_name = like.producer_name or "qcompile"
+    model.producer_version = like.producer_version
+    model.doc_string = like.doc_string
+    model.graph.doc_string = like.graph.doc_string
+    del model.metadata_props[:]
+    model.metadata_props.extend(like.metadata_props)
+    meta = G.node_metadata(graph)
+    for node in model.graph.node:
+        for key, value in meta.get(node.name, {}).items():
+            node.metadata_props.add(key=key, value=value)
+    return model
