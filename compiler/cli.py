@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="qcompile: %(levelname)s: %(message)s")
-    if not args.verbose:
+    if not args.verbose and args.command in ("build", "sample-inputs", "run"):
         _quiet_third_party()
     try:
         return args.func(args)
@@ -94,7 +94,7 @@ def _cmd_build(args) -> int:
         *[(f"time: {k}", f"{v:.1f} s") for k, v in result.stage_seconds.items()],
         ("engine", str(result.engine_path)),
     ]
-    print(format_table(["", ""], summary_rows, title="Build summary"))
+    print(format_table(["item", "value"], summary_rows, title="Build summary"))
     report = Path(str(result.engine_path) + ".build.json")
     write_json_atomic(report, result.summary())
     print(f"\nbuild report: {report}")
@@ -139,7 +139,7 @@ def _cmd_inspect(args) -> int:
         return EXIT_OK
     from qcompile.report import format_table, human_bytes
 
-    print(format_table(["", ""], info["header"], title=f"{info['kind']}: {args.path}"))
+    print(format_table(["item", "value"], info["header"], title=f"{info['kind']}: {args.path}"))
     print()
     print(format_table(["name", "io", "dtype", "shape", "dim ranges"],
                        [(t["name"], t["io"], t["dtype"], t["shape"], t.get("ranges", "")) for t in info["io"]],
@@ -193,6 +193,11 @@ def _cmd_sample_inputs(args) -> int:
 
 
 def _quiet_third_party() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    import torch  # noqa: F401  (torch configures its loggers on import; quiet them afterwards)
     for name in ("torch", "onnxscript", "onnx_ir", "torch.onnx", "torch._inductor", "torch._export"):
         logging.getLogger(name).setLevel(logging.ERROR)
 

@@ -132,7 +132,7 @@ def build(
             if data.is_random:
                 logger.warning("calibrated on random data: scales are not representative of real inputs")
 
-    with progress.stage("quantize", f"{len(targets)} layers selected"):
+    with progress.stage("quantize", f"{sum(t.quantized for t in targets)} layers selected"):
         qdq_model, qdq_result = quantize_model(src.model, recipe, amax)
         if emit_onnx is not None:
             _save_onnx_atomic(qdq_model, emit_onnx)

@@ -5,6 +5,7 @@ atomically: a temp file in the destination folder, then `os.replace`; any failur
 KeyboardInterrupt) removes the temp file and leaves the destination untouched.
 """
 from __future__ import annotations
+import inspect
 
 import logging
 import os
@@ -122,6 +123,9 @@ def _export(program, inputs, examples, dim_ranges) -> torch.export.ExportedProgr
     dynamic_shapes = tuple(
         {axis: dims[d] for axis, d in enumerate(spec.shape) if isinstance(d, str)} or None for spec in inputs
     )
+    params = list(inspect.signature(program.forward).parameters.values())
+    if len(params) == 1 and params[0].kind is inspect.Parameter.VAR_POSITIONAL:
+        dynamic_shapes = (dynamic_shapes,)  # forward(*inputs): the specs form one tuple argument
     try:
         return torch.export.export(program, tuple(examples), dynamic_shapes=dynamic_shapes)
     except Exception as exc:

@@ -1,0 +1,2 @@
+"""Converters, one module per op family; importing this package registers them all."""
+from qcompile.lowering.ops import elementwise, nn, plugin, quant, reduce, shape  # noqa: F401

@@ -1,0 +1,233 @@
+"""Elementwise converters: arithmetic, comparisons, activations, Cast, Where.
+
+Binary arithmetic on two `IntList`s (shape math) stays in Python; anything else is torch.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+
+from qcompile.lowering.registry import register_converter as reg
+from qcompile.lowering.values import IntList, as_tensor
+from qcompile.lowering.ops.dtypes import onnx_to_torch_dtype
+
+
+def _python_binary(a: IntList, b: IntList, fn) -> IntList:
+    av, bv = list(a.values), list(b.values)
+    if len(av) == 1 and len(bv) != 1:
+        av = av * len(bv)
+    if len(bv) == 1 and len(av) != 1:
+        bv = bv * len(av)
+    values = tuple(fn(x, y) for x, y in zip(av, bv))
+    dtype = torch.bool if fn in (operator.eq, operator.lt, operator.gt, operator.le, operator.ge) else a.dtype
+    return IntList(values, a.scalar and b.scalar, dtype)
+
+
+def _binary(torch_fn, py_fn=None):
+    def convert(ctx, a, b):
+        if py_fn is not None and isinstance(a, IntList) and isinstance(b, IntList):
+            return _python_binary(a, b, py_fn)
+        a, b = _promote(as_tensor(a), as_tensor(b))
+        return torch_fn(a, b)
+    return convert
+
+
+def _promote(a: torch.Tensor, b: torch.Tensor):
+    """ONNX requires equal input types; mixed float precisions come from our compute dtype."""
+    if a.dtype != b.dtype:
+        if a.dtype.is_floating_point and b.dtype.is_floating_point:
+            wide = a.dtype if a.dtype.itemsize >= b.dtype.itemsize else b.dtype
+            return a.to(wide), b.to(wide)
+        if a.dtype.is_floating_point:
+            return a, b.to(a.dtype)
+        if b.dtype.is_floating_point:
+            return a.to(b.dtype), b
+    return a, b
+
+
+def _int_div(a, b):
+    q = a // b
+    return q + 1 if (q < 0 and q * b != a) else q  # ONNX Div truncates toward zero
+
+
+def _div(a, b):
+    if a.dtype.is_floating_point:
+        return a / b
+    return torch.div(a, b, rounding_mode="trunc")
+
+
+for _name, _fn, _py in [("Add", torch.add, operator.add), ("Sub", torch.sub, operator.sub),
+                        ("Mul", torch.mul, operator.mul), ("Div", _div, _int_div),
+                        ("Equal", torch.eq, operator.eq), ("Less", torch.lt, operator.lt),
+                        ("Greater", torch.gt, operator.gt), ("LessOrEqual", torch.le, operator.le),
+                        ("GreaterOrEqual", torch.ge, operator.ge), ("And", torch.logical_and, None),
+                        ("Or", torch.logical_or, None), ("Xor", torch.logical_xor, None),
+                        ("BitwiseAnd", torch.bitwise_and, None), ("BitwiseOr", torch.bitwise_or, None)]:
+    reg(_name)(_binary(_fn, _py))
+
+
+@reg("Pow")
+def pow_(ctx, a, b):
+    a = as_tensor(a)
+    b = as_tensor(b)
+    if b.ndim == 0 and not b.requires_grad and b.dtype.is_floating_point:
+        return torch.pow(a, b.to(a.dtype))
+    return torch.pow(a, b.to(a.dtype) if a.dtype.is_floating_point else b)
+
+
+@reg("Mod")
+def mod(ctx, a, b):
+    a, b = as_tensor(a), as_tensor(b)
+    return torch.fmod(a, b) if ctx.attr("fmod", 0) else torch.remainder(a, b)
+
+
+def _variadic(fn):
+    def convert(ctx, *xs):
+        xs = [as_tensor(x) for x in xs]
+        out = xs[0]
+        for x in xs[1:]:
+            out, x = _promote(out, x)
+            out = fn(out, x)
+        return out
+    return convert
+
+
+reg("Max")(_variadic(torch.maximum))
+reg("Min")(_variadic(torch.minimum))
+reg("Sum")(_variadic(torch.add))
+
+
+@reg("Mean")
+def mean(ctx, *xs):
+    return _variadic(torch.add)(ctx, *xs) / len(xs)
+
+
+def _unary(fn):
+    return lambda ctx, x: fn(as_tensor(x))
+
+
+for _name, _fn in [("Neg", torch.neg), ("Abs", torch.abs), ("Sqrt", torch.sqrt), ("Exp", torch.exp),
+                   ("Log", torch.log), ("Erf", torch.erf), ("Tanh", torch.tanh), ("Sigmoid", torch.sigmoid),
+                   ("Relu", torch.relu), ("Sin", torch.sin), ("Cos", torch.cos), ("Floor", torch.floor),
+                   ("Ceil", torch.ceil), ("Round", torch.round), ("Sign", torch.sign), ("Not", torch.logical_not),
+                   ("IsNaN", torch.isnan), ("Reciprocal", torch.reciprocal), ("Softplus", F.softplus),
+                   ("Softsign", F.softsign), ("Atan", torch.atan), ("Tan", torch.tan), ("Asin", torch.asin),
+                   ("Acos", torch.acos), ("Sinh", torch.sinh), ("Cosh", torch.cosh), ("Mish", F.mish)]:
+    reg(_name)(_unary(_fn))
+
+
+@reg("Identity")
+def identity(ctx, x):
+    return x
+
+
+@reg("Dropout")
+def dropout(ctx, x, *rest):
+    x = as_tensor(x)
+    return (x, torch.ones_like(x, dtype=torch.bool)) if ctx.num_outputs > 1 else x
+
+
+@reg("IsInf")
+def isinf(ctx, x):
+    x = as_tensor(x)
+    pos, neg = ctx.attr("detect_positive", 1), ctx.attr("detect_negative", 1)
+    return (torch.isposinf(x) if pos else torch.zeros_like(x, dtype=torch.bool)) | (
+        torch.isneginf(x) if neg else torch.zeros_like(x, dtype=torch.bool))
+
+
+@reg("LeakyRelu")
+def leaky_relu(ctx, x):
+    return F.leaky_relu(as_tensor(x), ctx.attr("alpha", 0.01))
+
+
+@reg("Elu")
+def elu(ctx, x):
+    return F.elu(as_tensor(x), ctx.attr("alpha", 1.0))
+
+
+@reg("Selu")
+def selu(ctx, x):
+    x = as_tensor(x)
+    alpha, gamma = ctx.attr("alpha", 1.67326319217681884765625), ctx.attr("gamma", 1.05070102214813232421875)
+    return gamma * torch.where(x > 0, x, alpha * (torch.exp(x) - 1))
+
+
+@reg("Gelu", since=20)
+def gelu(ctx, x):
+    return F.gelu(as_tensor(x), approximate=ctx.attr("approximate", "none"))
+
+
+@reg("HardSigmoid")
+def hard_sigmoid(ctx, x):
+    x = as_tensor(x)
+    return torch.clamp(ctx.attr("alpha", 0.2) * x + ctx.attr("beta", 0.5), 0, 1)
+
+
+@reg("HardSwish")
+def hard_swish(ctx, x):
+    return F.hardswish(as_tensor(x))
+
+
+@reg("PRelu")
+def prelu(ctx, x, slope):
+    x, slope = _promote(as_tensor(x), as_tensor(slope))
+    return torch.where(x < 0, x * slope, x)
+
+
+@reg("Clip", since=11)
+def clip(ctx, x, lo=None, hi=None):
+    x = as_tensor(x)
+    if lo is not None:
+        x = torch.maximum(x, as_tensor(lo).to(x.dtype))
+    if hi is not None:
+        x = torch.minimum(x, as_tensor(hi).to(x.dtype))
+    return x
+
+
+@reg("Where")
+def where(ctx, cond, a, b):
+    if all(isinstance(v, IntList) for v in (cond, a, b)):
+        n = max(len(cond.values), len(a.values), len(b.values))
+        pick = [(cond.values * n)[i] if len(cond.values) == 1 else cond.values[i] for i in range(n)]
+        av = a.values * n if len(a.values) == 1 else a.values
+        bv = b.values * n if len(b.values) == 1 else b.values
+        return IntList(tuple(x if c else y for c, x, y in zip(pick, av, bv)), cond.scalar and a.scalar, a.dtype)
+    a, b = _promote(as_tensor(a), as_tensor(b))
+    return torch.where(as_tensor(cond), a, b)
+
+
+@reg("Cast")
+def cast(ctx, x):
+    dtype = ctx.float_dtype(onnx_to_torch_dtype(ctx.attr("to")))
+    if isinstance(x, IntList) and not dtype.is_floating_point:
+        return IntList(tuple(bool(v) if dtype == torch.bool else v for v in x.values), x.scalar, dtype)
+    x = as_tensor(x)
+    if dtype == torch.float8_e4m3fn and ctx.attr("saturate", 1):
+        x = torch.clamp(x.float(), -448.0, 448.0)
+    return x.to(dtype)
+
+
+@reg("CastLike")
+def cast_like(ctx, x, like):
+    return as_tensor(x).to(as_tensor(like).dtype)
+
+
+@reg("Softmax", since=13)
+def softmax(ctx, x):
+    return torch.softmax(as_tensor(x), dim=ctx.attr("axis", -1))
+
+
+@reg("LogSoftmax", since=13)
+def log_softmax(ctx, x):
+    return torch.log_softmax(as_tensor(x), dim=ctx.attr("axis", -1))
+
+
+@reg("Trilu")
+def trilu(ctx, x, k=None):
+    k = 0 if k is None else int(as_tensor(k).reshape(-1)[0]) if not isinstance(k, IntList) else k.item()
+    x = as_tensor(x)
+    return torch.triu(x, k) if ctx.attr("upper", 1) else torch.tril(x, k)
+
+

@@ -1,0 +1,161 @@
+"""Neural-network converters: MatMul/Gemm, convolutions, pooling, normalizations, Einsum."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from qcompile.lowering.ops.elementwise import _promote
+from qcompile.lowering.registry import register_converter as reg
+from qcompile.lowering.values import as_tensor
+
+
+@reg("MatMul")
+def matmul(ctx, a, b):
+    a, b = _promote(as_tensor(a), as_tensor(b))
+    return torch.matmul(a, b)
+
+
+@reg("Gemm")
+def gemm(ctx, a, b, c=None):
+    a, b = _promote(as_tensor(a), as_tensor(b))
+    if ctx.attr("transA", 0):
+        a = a.t()
+    if ctx.attr("transB", 0):
+        b = b.t()
+    y = a @ b
+    alpha, beta = ctx.attr("alpha", 1.0), ctx.attr("beta", 1.0)
+    if alpha != 1.0:
+        y = y * alpha
+    if c is not None:
+        c = as_tensor(c).to(y.dtype)
+        y = y + (c * beta if beta != 1.0 else c)
+    return y
+
+
+def _conv_padding(ctx, spatial, kernel):
+    pads = ctx.attr("pads")
+    auto_pad = ctx.attr("auto_pad", "NOTSET")
+    if auto_pad not in ("NOTSET", "VALID") and auto_pad:
+        if any(s != 1 for s in ctx.attr("strides", [1] * spatial)):
+            raise ctx.fail(f"auto_pad={auto_pad} with strides is not supported; export with explicit pads")
+        return "same"
+    if not pads:
+        return [0] * spatial
+    begin, end = pads[:spatial], pads[spatial:]
+    if begin != end:
+        raise ctx.fail(f"asymmetric pads {pads} are not supported")
+    return begin
+
+
+@reg("Conv")
+def conv(ctx, x, w, b=None):
+    x, w = _promote(as_tensor(x), as_tensor(w))
+    spatial = w.ndim - 2
+    fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
+    return fn(x, w, None if b is None else as_tensor(b).to(x.dtype), stride=ctx.attr("strides", [1] * spatial),
+              padding=_conv_padding(ctx, spatial, w.shape[2:]), dilation=ctx.attr("dilations", [1] * spatial),
+              groups=ctx.attr("group", 1))
+
+
+@reg("ConvTranspose")
+def conv_transpose(ctx, x, w, b=None):
+    x, w = _promote(as_tensor(x), as_tensor(w))
+    spatial = w.ndim - 2
+    fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[spatial]
+    pads = ctx.attr("pads") or [0] * (2 * spatial)
+    if pads[:spatial] != pads[spatial:]:
+        raise ctx.fail(f"asymmetric pads {pads} are not supported")
+    return fn(x, w, None if b is None else as_tensor(b).to(x.dtype), stride=ctx.attr("strides", [1] * spatial),
+              padding=pads[:spatial], output_padding=ctx.attr("output_padding", [0] * spatial),
+              groups=ctx.attr("group", 1), dilation=ctx.attr("dilations", [1] * spatial))
+
+
+def _pool_pads(ctx, spatial):
+    pads = ctx.attr("pads") or [0] * (2 * spatial)
+    if pads[:spatial] != pads[spatial:]:
+        raise ctx.fail(f"asymmetric pads {pads} are not supported")
+    return pads[:spatial]
+
+
+@reg("MaxPool")
+def max_pool(ctx, x):
+    x = as_tensor(x)
+    k = ctx.attr("kernel_shape")
+    spatial = len(k)
+    if ctx.num_outputs > 1:
+        raise ctx.fail("MaxPool with an Indices output is not supported")
+    fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[spatial]
+    return fn(x, k, stride=ctx.attr("strides", [1] * spatial), padding=_pool_pads(ctx, spatial),
+              dilation=ctx.attr("dilations", [1] * spatial), ceil_mode=bool(ctx.attr("ceil_mode", 0)))
+
+
+@reg("AveragePool")
+def avg_pool(ctx, x):
+    x = as_tensor(x)
+    k = ctx.attr("kernel_shape")
+    spatial = len(k)
+    fn = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[spatial]
+    return fn(x, k, stride=ctx.attr("strides", [1] * spatial), padding=_pool_pads(ctx, spatial),
+              ceil_mode=bool(ctx.attr("ceil_mode", 0)), count_include_pad=bool(ctx.attr("count_include_pad", 0)))
+
+
+@reg("GlobalAveragePool")
+def global_avg_pool(ctx, x):
+    x = as_tensor(x)
+    return x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)
+
+
+@reg("GlobalMaxPool")
+def global_max_pool(ctx, x):
+    x = as_tensor(x)
+    return x.amax(dim=tuple(range(2, x.ndim)), keepdim=True)
+
+
+@reg("BatchNormalization", since=9)
+def batch_norm(ctx, x, scale, bias, mean, var):
+    x = as_tensor(x)
+    shape = [1, -1] + [1] * (x.ndim - 2)
+    inv = torch.rsqrt(as_tensor(var).to(x.dtype) + ctx.attr("epsilon", 1e-5))
+    return (x - as_tensor(mean).to(x.dtype).reshape(shape)) * (inv * as_tensor(scale).to(x.dtype)).reshape(shape) \
+        + as_tensor(bias).to(x.dtype).reshape(shape)
+
+
+@reg("InstanceNormalization")
+def instance_norm(ctx, x, scale, bias):
+    x = as_tensor(x)
+    return F.instance_norm(x, weight=as_tensor(scale).to(x.dtype), bias=as_tensor(bias).to(x.dtype),
+                           eps=ctx.attr("epsilon", 1e-5))
+
+
+def _normalized_dims(ctx, x):
+    axis = ctx.attr("axis", -1) % x.ndim
+    return list(range(axis, x.ndim))
+
+
+@reg("LayerNormalization", since=17)
+def layer_norm(ctx, x, scale, bias=None):
+    x = as_tensor(x)
+    dims = _normalized_dims(ctx, x)
+    xf = x.float()
+    mean = xf.mean(dim=dims, keepdim=True)
+    var = ((xf - mean) ** 2).mean(dim=dims, keepdim=True)
+    y = (xf - mean) * torch.rsqrt(var + ctx.attr("epsilon", 1e-5)) * as_tensor(scale).float()
+    if bias is not None:
+        y = y + as_tensor(bias).float()
+    return y.to(x.dtype)
+
+
+@reg("RMSNormalization", since=23)
+def rms_norm(ctx, x, scale):
+    x = as_tensor(x)
+    dims = _normalized_dims(ctx, x)
+    xf = x.float()
+    y = xf * torch.rsqrt((xf * xf).mean(dim=dims, keepdim=True) + ctx.attr("epsilon", 1e-5))
+    return (y * as_tensor(scale).float()).to(x.dtype)
+
+
+@reg("Einsum")
+def einsum(ctx, *xs):
+    tensors = [as_tensor(x) for x in xs]
+    dtype = max((t.dtype for t in tensors), key=lambda d: d.itemsize)
+    return torch.einsum(ctx.attr("equation"), *[t.to(dtype) for t in tensors])

@@ -1,0 +1,73 @@
+"""Converter registry: (domain, op_type, since_version) -> a function that lowers one ONNX node.
+
+A converter is `fn(ctx: NodeContext, *inputs) -> output | tuple[output, ...]`. Inputs are
+`torch.Tensor`s, `IntList`s (small int64 data kept as Python values: shapes, axes, indices) or
+None for absent optional inputs. For a model at opset `v`, the converter with the largest
+`since <= v` is used.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from qcompile.errors import LoweringError
+
+Converter = Callable[..., Any]
+_REGISTRY: dict[tuple[str, str], dict[int, Converter]] = {}
+
+
+def register_converter(op_type: str, since: int = 1, domain: str = "") -> Callable[[Converter], Converter]:
+    """Decorator registering `fn` for `domain::op_type` from opset `since` on."""
+
+    def wrap(fn: Converter) -> Converter:
+        _REGISTRY.setdefault((domain, op_type), {})[since] = fn
+        return fn
+
+    return wrap
+
+
+def get_converter(domain: str, op_type: str, opset: int, node_name: str = "?") -> Converter:
+    """The converter for `domain::op_type` at `opset`; LoweringError names the node when there is none."""
+    domain = "" if domain == "ai.onnx" else domain
+    versions = _REGISTRY.get((domain, op_type), {})
+    eligible = [v for v in versions if v <= opset]
+    if not eligible:
+        known = f" (converters exist from opset {min(versions)})" if versions else ""
+        raise LoweringError(
+            f"cannot lower node {node_name!r}: op {op_type!r} of domain {domain or 'ai.onnx'!r} at opset {opset} "
+            f"is not supported{known}; rewrite the model without it or add a converter with "
+            f"qcompile.lowering.register_converter"
+        )
+    return versions[max(eligible)]
+
+
+def supported_ops() -> list[tuple[str, str]]:
+    return sorted(_REGISTRY)
+
+
+@dataclass
+class NodeContext:
+    """What a converter may know about the node it lowers."""
+
+    name: str
+    op_type: str
+    attrs: dict[str, Any]
+    num_outputs: int
+    opset: int
+    compute_dtype: torch.dtype | None = None
+    extra: dict = field(default_factory=dict)
+
+    def attr(self, key: str, default: Any = None) -> Any:
+        return self.attrs.get(key, default)
+
+    def float_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """`dtype`, or the compute dtype when one is set and `dtype` is floating point."""
+        if self.compute_dtype is not None and dtype.is_floating_point and dtype.itemsize >= 2 \
+                and dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+            return self.compute_dtype
+        return dtype
+
+    def fail(self, what: str) -> LoweringError:
+        return LoweringError(f"cannot lower node {self.name!r} ({self.op_type}, opset {self.opset}): {what}")
