@@ -127,7 +127,8 @@ def _export(program, inputs, examples, dim_ranges) -> torch.export.ExportedProgr
     if len(params) == 1 and params[0].kind is inspect.Parameter.VAR_POSITIONAL:
         dynamic_shapes = (dynamic_shapes,)  # forward(*inputs): the specs form one tuple argument
     try:
-        return torch.export.export(program, tuple(examples), dynamic_shapes=dynamic_shapes)
+        with torch.fx.traceback.preserve_node_meta():  # keeps per-node provenance (onnx_node annotations)
+            return torch.export.export(program, tuple(examples), dynamic_shapes=dynamic_shapes)
     except Exception as exc:
         raise EngineError(f"torch.export failed: {type(exc).__name__}: {exc}") from exc
 

@@ -84,6 +84,8 @@ class OnnxProgram(torch.nn.Module):
             self._add_constant(tensor.name, tensor_from_onnx(tensor, base_dir))
         self._nodes = []
         inits = {t.name: t for t in graph.initializer}
+        elem_types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info]}
+        elem_types.update({t.name: t.data_type for t in graph.initializer})
         for index, node in enumerate(graph.node):
             domain = node.domain if node.domain != "ai.onnx" else ""
             opset = self.opsets.get(domain, 1)
@@ -92,6 +94,7 @@ class OnnxProgram(torch.nn.Module):
             ctx = NodeContext(name, node.op_type, {a.name: _attr_value(a) for a in node.attribute},
                               len(node.output), opset, compute_dtype)
             ctx.extra["initializers"] = {i: inits[n] for i, n in enumerate(node.input) if n in inits}
+            ctx.extra["input_types"] = [elem_types.get(n) for n in node.input]
             self._nodes.append((ctx, converter, list(node.input), list(node.output)))
         self._known = init_names | set(self.input_names) | {o for n in graph.node for o in n.output}
 

@@ -44,6 +44,9 @@ def get_converter(domain: str, op_type: str, opset: int, node_name: str = "?") -
 
 
 def supported_ops() -> list[tuple[str, str]]:
+    """(domain, op_type) of every op with a converter."""
+    import qcompile.lowering.ops  # noqa: F401  (registers the converters)
+
     return sorted(_REGISTRY)
 
 

@@ -139,10 +139,11 @@ def layer_norm(ctx, x, scale, bias=None):
     xf = x.float()
     mean = xf.mean(dim=dims, keepdim=True)
     var = ((xf - mean) ** 2).mean(dim=dims, keepdim=True)
-    y = (xf - mean) * torch.rsqrt(var + ctx.attr("epsilon", 1e-5)) * as_tensor(scale).float()
+    inv_std = torch.rsqrt(var + ctx.attr("epsilon", 1e-5))
+    y = (xf - mean) * inv_std * as_tensor(scale).float()
     if bias is not None:
         y = y + as_tensor(bias).float()
-    return y.to(x.dtype)
+    return (y.to(x.dtype), mean, inv_std)[:ctx.num_outputs] if ctx.num_outputs > 1 else y.to(x.dtype)
 
 
 @reg("RMSNormalization", since=23)

@@ -17,7 +17,10 @@ def scaled_gemm(ctx, x, x_scale, x_zero_point, w_q, w_scale, bias):
     x = as_tensor(x)
     if bias is not None and _is_zero_constant(ctx.extra.get("initializers", {}).get(5)):
         bias = None
-    return torch.ops.qcompile.scaled_gemm(x, as_tensor(w_q), as_tensor(w_scale).float(),
+    w_scale = as_tensor(w_scale).float()
+    if w_scale.numel() == 1:
+        w_scale = w_scale.reshape(())  # per-tensor
+    return torch.ops.qcompile.scaled_gemm(x, as_tensor(w_q), w_scale,
                                           as_tensor(x_scale).float(), None if bias is None else as_tensor(bias))
 
 

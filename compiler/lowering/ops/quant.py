@@ -35,8 +35,8 @@ def _expand_scale(ctx, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def _target(ctx, y_zero_point) -> tuple[str, torch.dtype]:
     """The quantized type: from the zero point's dtype, else `output_dtype`, else uint8."""
-    zp_proto = ctx.extra.get("initializers", {}).get(2)
-    code = zp_proto.data_type if zp_proto is not None else None
+    types = ctx.extra.get("input_types", [])
+    code = types[2] if len(types) > 2 else None
     if y_zero_point is not None:
         dtype = y_zero_point.dtype
     elif ctx.attr("output_dtype"):

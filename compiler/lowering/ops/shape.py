@@ -69,7 +69,8 @@ def reshape(ctx, x, shape_):
 @reg("Flatten")
 def flatten(ctx, x):
     x = as_tensor(x)
-    axis = ctx.attr("axis", 1) % (x.ndim + 1) if x.ndim else 0
+    axis = ctx.attr("axis", 1)
+    axis = axis + x.ndim if axis < 0 else axis
     return x.reshape(_prod(x.shape[:axis]), _prod(x.shape[axis:]))
 
 
