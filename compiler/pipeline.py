@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ import onnx
 
 from qcompile.errors import EngineError, QCompileError
 from qcompile.layers import LayerRow, initializer_bytes, layer_table
-from qcompile.progress import Progress
+from qcompile.progress import STDERR, Progress
 from qcompile.recipes import Recipe, load_recipe
 
 logger = logging.getLogger(__name__)
@@ -86,7 +85,7 @@ def build(
     calib: str | None = None,
     emit_onnx: str | Path | None = None,
     device: str | None = None,
-    progress_stream=sys.stderr,
+    progress_stream=STDERR,
 ) -> BuildResult:
     """Build an engine from `source` with `recipe`; see the README for the source forms.
 

@@ -10,12 +10,15 @@ from typing import Callable, Iterator
 logger = logging.getLogger(__name__)
 
 
+STDERR = object()  # resolve sys.stderr when writing, so redirection after import is honoured
+
+
 class Progress:
     """Reports stages ("[2/5] calibrate ...") and counters; silent when `stream` is None."""
 
-    def __init__(self, total_stages: int, stream=sys.stderr):
+    def __init__(self, total_stages: int, stream=STDERR):
         self.total = total_stages
-        self.stream = stream
+        self._stream = stream
         self.index = 0
         self.times: dict[str, float] = {}
 
@@ -28,17 +31,41 @@ class Progress:
         start = time.perf_counter()
 
         def tick(done: int, total: int | None = None) -> None:
-            self._write(f"\r    {done}/{total if total is not None else '?'}", end="")
+            if self._interactive() or _is_milestone(done, total):
+                self._write(f"\r    {done}/{total if total is not None else '?'}", end="")
 
         try:
             yield tick
-        finally:
-            elapsed = time.perf_counter() - start
-            self.times[name] = elapsed
-            self._write(f"\r    {name} done in {elapsed:.1f} s", end="\n")
-            logger.debug("stage %s took %.2f s", name, elapsed)
+        except BaseException:
+            if self._interactive():
+                self._write("", end="\n")  # end a half-written counter line before the error
+            raise
+        elapsed = time.perf_counter() - start
+        self.times[name] = elapsed
+        self._write(f"\r    {name} done in {elapsed:.1f} s", end="\n")
+        logger.debug("stage %s took %.2f s", name, elapsed)
+
+    @property
+    def stream(self):
+        return sys.stderr if self._stream is STDERR else self._stream
+
+    def _interactive(self) -> bool:
+        isatty = getattr(self.stream, "isatty", None)
+        return bool(isatty and isatty())
 
     def _write(self, text: str, end: str) -> None:
-        if self.stream is not None:
-            self.stream.write(text + end)
-            self.stream.flush()
+        stream = self.stream
+        if stream is None:
+            return
+        if not self._interactive():
+            text = text.replace("\r", "")
+            end = end or "\n"
+        stream.write(text + end)
+        stream.flush()
+
+
+def _is_milestone(done: int, total: int | None) -> bool:
+    """Non-interactive streams get about ten counter lines per stage, not one per step."""
+    if not total:
+        return done % 100 == 0
+    return done == total or done % max(1, total // 10) == 0

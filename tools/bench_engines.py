@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 import qcompile
@@ -61,6 +62,12 @@ def main(argv=None) -> int:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     src = load_source(args.source)
+    # export once; every recipe then builds from the same ONNX file (external data for big models)
+    onnx_path = work / "model.onnx"
+    on_disk = onnx.ModelProto()
+    on_disk.CopyFrom(src.model)  # save_as_external_data rewrites the proto it is given
+    onnx.save(on_disk, str(onnx_path), save_as_external_data=True, location="model.onnx.data")
+    del on_disk
     sizes = parse_dim_sizes(args.dim)
     feeds_np = src.random_inputs(np.random.default_rng(0), sizes)
     calib = work / "calib.npz"
@@ -78,7 +85,7 @@ def main(argv=None) -> int:
     rows, results = [], []
     for recipe in args.recipes:
         t0 = time.perf_counter()
-        built = qcompile.build(args.source, recipe, output=work / f"{recipe}.engine", calib=str(calib), device="cuda")
+        built = qcompile.build(str(onnx_path), recipe, output=work / f"{recipe}.engine", calib=str(calib), device="cuda")
         build_s = time.perf_counter() - t0
         engine = qcompile.load(built.engine_path)
         ms = time_cuda(lambda: engine.run_torch(feeds), args.iters)

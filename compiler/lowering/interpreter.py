@@ -6,6 +6,7 @@ node name (`meta["custom"]["onnx_node"]`) so per-layer tools can map aten nodes 
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
 import re
 from pathlib import Path
@@ -17,13 +18,16 @@ import torch
 from onnx import helper, numpy_helper
 
 from qcompile.errors import LoweringError
-from qcompile.lowering.registry import NodeContext, get_converter
+from qcompile.lowering.ops.dtypes import onnx_to_torch_dtype
+from qcompile.lowering.registry import NodeContext, get_converter, has_converter
 from qcompile.lowering.values import IntList, as_tensor, is_static_int
 
 logger = logging.getLogger(__name__)
 
-# Model-local functions lowered as one node (a converter exists), never inlined.
-KEEP_FUNCTION_DOMAINS = ("qcompile",)
+# Inputs that hold quantization scales: kept in float32 under a compute dtype (fp16 would round
+# them and flush tiny ones to zero). (domain, op_type) -> input indices.
+SCALE_INPUTS = {("", "QuantizeLinear"): (1,), ("", "DequantizeLinear"): (1,), ("qcompile", "ScaledGemm"): (1, 4)}
+_COMPUTE_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def tensor_from_onnx(tensor: onnx.TensorProto, base_dir: str | None = None) -> torch.Tensor:
@@ -70,33 +74,52 @@ class OnnxProgram(torch.nn.Module):
 
         model = _inline_functions(model)
         graph = model.graph
-        self.opsets = {o.domain or "": o.version for o in model.opset_import}
+        nodes = _toposort(graph)
+        self.opsets = {(o.domain if o.domain != "ai.onnx" else ""): o.version for o in model.opset_import}
         self.compute_dtype = compute_dtype
         init_names = {t.name for t in graph.initializer}
         self.input_names = [v.name for v in graph.input if v.name not in init_names]
         self.output_names = [v.name for v in graph.output]
         self._output_dtypes = {v.name: _torch_dtype(v.type.tensor_type.elem_type) for v in graph.output}
-        self._input_dtypes = {v.name: _torch_dtype(v.type.tensor_type.elem_type) for v in graph.input}
+        self._keep_fp32 = {n.input[i] for n in nodes for i in SCALE_INPUTS.get((_domain(n), n.op_type), ())
+                           if i < len(n.input) and n.input[i]}
 
         self._static: dict[str, Any] = {}
         self._buffer_of: dict[str, str] = {}
         for tensor in graph.initializer:
-            self._add_constant(tensor.name, tensor_from_onnx(tensor, base_dir))
+            value = tensor_from_onnx(tensor, base_dir)
+            if tensor.name not in self._keep_fp32:
+                value = self._to_compute(value)
+            self._add_constant(tensor.name, value)
         self._nodes = []
         inits = {t.name: t for t in graph.initializer}
-        elem_types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info]}
+        elem_types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info, *graph.output]}
         elem_types.update({t.name: t.data_type for t in graph.initializer})
-        for index, node in enumerate(graph.node):
-            domain = node.domain if node.domain != "ai.onnx" else ""
+        for index, node in enumerate(nodes):
+            domain = _domain(node)
             opset = self.opsets.get(domain, 1)
             name = node.name or f"{node.op_type}_{index}"
             converter = get_converter(domain, node.op_type, opset, name)
             ctx = NodeContext(name, node.op_type, {a.name: _attr_value(a) for a in node.attribute},
-                              len(node.output), opset, compute_dtype)
+                              len(node.output), opset, compute_dtype, domain=domain)
             ctx.extra["initializers"] = {i: inits[n] for i, n in enumerate(node.input) if n in inits}
             ctx.extra["input_types"] = [elem_types.get(n) for n in node.input]
+            if node.op_type == "ConstantOfShape" and isinstance(ctx.attr("value"), torch.Tensor):
+                ctx.extra["fill"] = ctx.attr("value").reshape(-1)[0].item()  # read now: no data access in forward
+            if node.op_type == "Constant" and not domain:  # evaluated once here, outside any tracing
+                self._add_value(node.output[0], converter(ctx))
+                continue
             self._nodes.append((ctx, converter, list(node.input), list(node.output)))
-        self._known = init_names | set(self.input_names) | {o for n in graph.node for o in n.output}
+        self._known = init_names | set(self.input_names) | {o for n in nodes for o in n.output if o}
+        logger.debug("lowered %d nodes, %d buffers, %d static constants", len(self._nodes), len(self._buffer_of),
+                     len(self._static))
+
+    def _add_value(self, name: str, value: Any) -> None:
+        """A Constant node's value: a static IntList, or a buffer like an initializer."""
+        if isinstance(value, IntList):
+            self._static[name] = value
+        else:
+            self._add_constant(name, value if name in self._keep_fp32 else self._to_compute(value))
 
     def _add_constant(self, name: str, value: torch.Tensor) -> None:
         if is_static_int(value.numpy() if value.dtype in (torch.int64, torch.int32, torch.bool) else np.zeros((2, 2))):
@@ -145,7 +168,7 @@ class OnnxProgram(torch.nn.Module):
             results = result if isinstance(result, (tuple, list)) else (result,)
             for name, value in zip(output_names, results):
                 if name:
-                    env[name] = self._to_compute(value)
+                    env[name] = value if name in self._keep_fp32 else self._to_compute(value)
                     if name in wanted:
                         captured[name] = env[name]
         outputs = {}
@@ -159,31 +182,61 @@ class OnnxProgram(torch.nn.Module):
         return outputs, captured
 
     def _to_compute(self, value: Any) -> Any:
-        if (self.compute_dtype is not None and isinstance(value, torch.Tensor) and value.dtype.is_floating_point
-                and value.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)):
+        if self.compute_dtype is not None and getattr(value, "dtype", None) in _COMPUTE_FLOATS:
+            if isinstance(value, IntList):
+                return IntList(value.values, value.scalar, self.compute_dtype)
             return value.to(self.compute_dtype)
         return value
+
+
+def _domain(node: onnx.NodeProto) -> str:
+    return "" if node.domain == "ai.onnx" else node.domain
 
 
 def _torch_dtype(elem_type: int) -> torch.dtype | None:
     if not elem_type:
         return None
-    if elem_type == onnx.TensorProto.BFLOAT16:
-        return torch.bfloat16
-    if elem_type == onnx.TensorProto.FLOAT8E4M3FN:
-        return torch.float8_e4m3fn
     try:
-        return torch.from_numpy(np.zeros(0, helper.tensor_dtype_to_np_dtype(elem_type))).dtype
-    except (TypeError, KeyError, ValueError):
+        return onnx_to_torch_dtype(elem_type)
+    except ValueError:
         return None
 
 
+def _toposort(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The graph's nodes in a topological order (stable: already sorted graphs keep their order)."""
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    users: dict[int, list[int]] = {}
+    pending = []
+    for i, node in enumerate(graph.node):
+        deps = {producer[x] for x in node.input if x in producer and producer[x] != i}
+        pending.append(len(deps))
+        for d in deps:
+            users.setdefault(d, []).append(i)
+    ready = [i for i, count in enumerate(pending) if count == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(graph.node[i])
+        for u in users.get(i, ()):
+            pending[u] -= 1
+            if pending[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(graph.node):
+        stuck = next(n for i, n in enumerate(graph.node) if pending[i] > 0)
+        raise LoweringError(f"the graph has a cycle (or a node reading its own output) at node {stuck.name!r} "
+                            f"({stuck.op_type}); fix the model")
+    return order
+
+
 def _inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
-    others = [(f.domain, f.name) for f in model.functions if f.domain not in KEEP_FUNCTION_DOMAINS]
+    """Inline the model-local functions that have no converter (those with one are lowered as one node)."""
+    others = [(f.domain, f.name) for f in model.functions if not has_converter(f.domain, f.name)]
     if not others:
         return model
     import onnx.inliner
 
+    logger.debug("inlining model-local functions %s", others)
     return onnx.inliner.inline_selected_functions(model, others)
 
 

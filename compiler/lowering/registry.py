@@ -2,17 +2,23 @@
 
 A converter is `fn(ctx: NodeContext, *inputs) -> output | tuple[output, ...]`. Inputs are
 `torch.Tensor`s, `IntList`s (small int64 data kept as Python values: shapes, axes, indices) or
-None for absent optional inputs. For a model at opset `v`, the converter with the largest
-`since <= v` is used.
+None for absent optional inputs. For a node at opset `v`, the op's since-version `s` is resolved
+with `onnx.defs.get_schema(op, max_inclusive_version=v, domain=...)` (custom domains: `s = v`) and
+the converter with the largest `since <= s` is used: a converter registered `since=13` covers the
+op's versions from 13 until the next registered one.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import onnx.defs
 import torch
 
 from qcompile.errors import LoweringError
+
+logger = logging.getLogger(__name__)
 
 Converter = Callable[..., Any]
 _REGISTRY: dict[tuple[str, str], dict[int, Converter]] = {}
@@ -28,19 +34,37 @@ def register_converter(op_type: str, since: int = 1, domain: str = "") -> Callab
     return wrap
 
 
+def schema_since(domain: str, op_type: str, opset: int) -> int:
+    """The since-version of `domain::op_type` at `opset` (the opset itself for ops without a schema)."""
+    try:
+        return onnx.defs.get_schema(op_type, max_inclusive_version=opset, domain=domain).since_version
+    except onnx.defs.SchemaError:
+        return opset
+
+
 def get_converter(domain: str, op_type: str, opset: int, node_name: str = "?") -> Converter:
     """The converter for `domain::op_type` at `opset`; LoweringError names the node when there is none."""
+    import qcompile.lowering.ops  # noqa: F401  (registers the converters)
+
     domain = "" if domain == "ai.onnx" else domain
     versions = _REGISTRY.get((domain, op_type), {})
-    eligible = [v for v in versions if v <= opset]
+    since = schema_since(domain, op_type, opset)
+    eligible = [v for v in versions if v <= since]
     if not eligible:
         known = f" (converters exist from opset {min(versions)})" if versions else ""
         raise LoweringError(
             f"cannot lower node {node_name!r}: op {op_type!r} of domain {domain or 'ai.onnx'!r} at opset {opset} "
-            f"is not supported{known}; rewrite the model without it or add a converter with "
-            f"qcompile.lowering.register_converter"
+            f"is not supported{known}; rewrite the model without it (or export it at a supported opset), or add a "
+            f"converter with qcompile.lowering.register_converter({op_type!r}, since={since}, domain={domain!r})"
         )
     return versions[max(eligible)]
+
+
+def has_converter(domain: str, op_type: str) -> bool:
+    """Whether any converter exists for `domain::op_type` (of any version)."""
+    import qcompile.lowering.ops  # noqa: F401
+
+    return bool(_REGISTRY.get(("" if domain == "ai.onnx" else domain, op_type)))
 
 
 def supported_ops() -> list[tuple[str, str]]:
@@ -61,6 +85,7 @@ class NodeContext:
     opset: int
     compute_dtype: torch.dtype | None = None
     extra: dict = field(default_factory=dict)
+    domain: str = ""
 
     def attr(self, key: str, default: Any = None) -> Any:
         return self.attrs.get(key, default)
@@ -73,4 +98,5 @@ class NodeContext:
         return dtype
 
     def fail(self, what: str) -> LoweringError:
-        return LoweringError(f"cannot lower node {self.name!r} ({self.op_type}, opset {self.opset}): {what}")
+        return LoweringError(f"cannot lower node {self.name!r} (op {self.op_type!r}, domain "
+                             f"{self.domain or 'ai.onnx'!r}, opset {self.opset}): {what}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import operator
 
+import onnx
 import torch
 import torch.nn.functional as F
 
@@ -27,7 +28,8 @@ def _python_binary(a: IntList, b: IntList, fn) -> IntList:
 
 def _binary(torch_fn, py_fn=None):
     def convert(ctx, a, b):
-        if py_fn is not None and isinstance(a, IntList) and isinstance(b, IntList):
+        if py_fn is not None and isinstance(a, IntList) and isinstance(b, IntList) \
+                and not (a.dtype.is_floating_point or b.dtype.is_floating_point):
             return _python_binary(a, b, py_fn)
         a, b = _promote(as_tensor(a), as_tensor(b))
         return torch_fn(a, b)
@@ -198,20 +200,47 @@ def where(ctx, cond, a, b):
     return torch.where(as_tensor(cond), a, b)
 
 
+_FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+_FP8_NAN_ABOVE = {torch.float8_e4m3fn: 464.0}  # halfway to the NaN code: larger values round to NaN
+_INT4_CODES = {onnx.TensorProto.INT4: (-8, 16), onnx.TensorProto.UINT4: (0, 16)}
+
+
+def _cast(x, code: int, dtype: torch.dtype, saturate: bool):
+    """ONNX Cast of a tensor: float8 saturates (or overflows to NaN/inf), 4-bit integers wrap around."""
+    if dtype in _FP8_MAX:
+        xf = x.float()
+        if saturate:
+            return torch.clamp(xf, -_FP8_MAX[dtype], _FP8_MAX[dtype]).to(dtype)
+        if dtype in _FP8_NAN_ABOVE:  # e4m3fn has no inf: overflow and inf become NaN
+            xf = torch.where(xf.abs() > _FP8_NAN_ABOVE[dtype], torch.full_like(xf, float("nan")), xf)
+        return xf.to(dtype)
+    if code in _INT4_CODES:
+        lo, span = _INT4_CODES[code]
+        v = torch.trunc(x.float()).to(torch.int64) if x.dtype.is_floating_point else x.to(torch.int64)
+        return (torch.remainder(v - lo, span) + lo).to(dtype)
+    return x.to(dtype)
+
+
 @reg("Cast")
 def cast(ctx, x):
-    dtype = ctx.float_dtype(onnx_to_torch_dtype(ctx.attr("to")))
-    if isinstance(x, IntList) and not dtype.is_floating_point:
-        return IntList(tuple(bool(v) if dtype == torch.bool else v for v in x.values), x.scalar, dtype)
-    x = as_tensor(x)
-    if dtype == torch.float8_e4m3fn and ctx.attr("saturate", 1):
-        x = torch.clamp(x.float(), -448.0, 448.0)
-    return x.to(dtype)
+    code = ctx.attr("to")
+    dtype = ctx.float_dtype(onnx_to_torch_dtype(code))
+    if isinstance(x, IntList) and code not in _INT4_CODES and dtype not in _FP8_MAX:  # stays a Python value
+        if dtype == torch.bool:
+            values = tuple(bool(v) for v in x.values)
+        elif not dtype.is_floating_point:
+            values = tuple(int(v) if isinstance(v, float) else v for v in x.values)  # truncates, as ONNX
+        else:
+            values = x.values  # float-typed; SymInts stay symbolic (e.g. a sequence length for Range)
+        return IntList(values, x.scalar, dtype)
+    return _cast(as_tensor(x), code, dtype, bool(ctx.attr("saturate", 1)))
 
 
 @reg("CastLike")
 def cast_like(ctx, x, like):
-    return as_tensor(x).to(as_tensor(like).dtype)
+    types = ctx.extra.get("input_types", [])
+    code = types[1] if len(types) > 1 else None
+    return _cast(as_tensor(x), code, as_tensor(like).dtype, bool(ctx.attr("saturate", 1)))
 
 
 @reg("Softmax", since=13)

@@ -32,19 +32,36 @@ def gemm(ctx, a, b, c=None):
     return y
 
 
-def _conv_padding(ctx, spatial, kernel):
-    pads = ctx.attr("pads")
-    auto_pad = ctx.attr("auto_pad", "NOTSET")
-    if auto_pad not in ("NOTSET", "VALID") and auto_pad:
-        if any(s != 1 for s in ctx.attr("strides", [1] * spatial)):
-            raise ctx.fail(f"auto_pad={auto_pad} with strides is not supported; export with explicit pads")
-        return "same"
-    if not pads:
-        return [0] * spatial
-    begin, end = pads[:spatial], pads[spatial:]
-    if begin != end:
-        raise ctx.fail(f"asymmetric pads {pads} are not supported")
-    return begin
+def _explicit_pads(ctx, x, kernel, strides, dilations) -> list:
+    """ONNX pads [begin..., end...] for `x`'s spatial dims, resolving auto_pad SAME_UPPER/SAME_LOWER/VALID."""
+    spatial = len(kernel)
+    auto_pad = ctx.attr("auto_pad", "NOTSET") or "NOTSET"
+    if auto_pad == "VALID":
+        return [0] * (2 * spatial)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for size, k, s, d in zip(x.shape[2:], kernel, strides, dilations):
+            total = torch.sym_max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            small = total // 2
+            begin.append(total - small if auto_pad == "SAME_LOWER" else small)
+            end.append(small if auto_pad == "SAME_LOWER" else total - small)
+        return begin + end
+    return list(ctx.attr("pads") or [0] * (2 * spatial))
+
+
+def _torch_pad_list(pads: list) -> list:
+    """ONNX [b0, b1, ..., e0, e1, ...] -> F.pad's [b_last, e_last, ..., b0, e0]."""
+    n = len(pads) // 2
+    out = []
+    for i in reversed(range(n)):
+        out += [pads[i], pads[i + n]]
+    return out
+
+
+def _symmetric(pads: list, limit: list | None = None) -> bool:
+    n = len(pads) // 2
+    ok = all(isinstance(p, int) for p in pads) and pads[:n] == pads[n:]
+    return ok and (limit is None or all(p <= lim for p, lim in zip(pads[:n], limit)))
 
 
 @reg("Conv")
@@ -52,9 +69,14 @@ def conv(ctx, x, w, b=None):
     x, w = _promote(as_tensor(x), as_tensor(w))
     spatial = w.ndim - 2
     fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
-    return fn(x, w, None if b is None else as_tensor(b).to(x.dtype), stride=ctx.attr("strides", [1] * spatial),
-              padding=_conv_padding(ctx, spatial, w.shape[2:]), dilation=ctx.attr("dilations", [1] * spatial),
-              groups=ctx.attr("group", 1))
+    strides, dilations = ctx.attr("strides", [1] * spatial), ctx.attr("dilations", [1] * spatial)
+    pads = _explicit_pads(ctx, x, list(w.shape[2:]), strides, dilations)
+    if _symmetric(pads):
+        padding = pads[:spatial]
+    else:  # asymmetric (or symbolic SAME) padding: pad explicitly with zeros first
+        x, padding = F.pad(x, _torch_pad_list(pads)), [0] * spatial
+    return fn(x, w, None if b is None else as_tensor(b).to(x.dtype), stride=strides, padding=padding,
+              dilation=dilations, groups=ctx.attr("group", 1))
 
 
 @reg("ConvTranspose")
@@ -70,13 +92,6 @@ def conv_transpose(ctx, x, w, b=None):
               groups=ctx.attr("group", 1), dilation=ctx.attr("dilations", [1] * spatial))
 
 
-def _pool_pads(ctx, spatial):
-    pads = ctx.attr("pads") or [0] * (2 * spatial)
-    if pads[:spatial] != pads[spatial:]:
-        raise ctx.fail(f"asymmetric pads {pads} are not supported")
-    return pads[:spatial]
-
-
 @reg("MaxPool")
 def max_pool(ctx, x):
     x = as_tensor(x)
@@ -85,8 +100,13 @@ def max_pool(ctx, x):
     if ctx.num_outputs > 1:
         raise ctx.fail("MaxPool with an Indices output is not supported")
     fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[spatial]
-    return fn(x, k, stride=ctx.attr("strides", [1] * spatial), padding=_pool_pads(ctx, spatial),
-              dilation=ctx.attr("dilations", [1] * spatial), ceil_mode=bool(ctx.attr("ceil_mode", 0)))
+    strides, dilations = ctx.attr("strides", [1] * spatial), ctx.attr("dilations", [1] * spatial)
+    pads = _explicit_pads(ctx, x, k, strides, dilations)
+    if _symmetric(pads, [kk // 2 for kk in k]):
+        padding = pads[:spatial]
+    else:  # torch pools take symmetric pads of at most half the kernel: pad with -inf first
+        x, padding = F.pad(x, _torch_pad_list(pads), value=float("-inf")), [0] * spatial
+    return fn(x, k, stride=strides, padding=padding, dilation=dilations, ceil_mode=bool(ctx.attr("ceil_mode", 0)))
 
 
 @reg("AveragePool")
@@ -95,8 +115,20 @@ def avg_pool(ctx, x):
     k = ctx.attr("kernel_shape")
     spatial = len(k)
     fn = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[spatial]
-    return fn(x, k, stride=ctx.attr("strides", [1] * spatial), padding=_pool_pads(ctx, spatial),
-              ceil_mode=bool(ctx.attr("ceil_mode", 0)), count_include_pad=bool(ctx.attr("count_include_pad", 0)))
+    strides = ctx.attr("strides", [1] * spatial)
+    if any(d != 1 for d in ctx.attr("dilations", [1] * spatial)):
+        raise ctx.fail("AveragePool with dilations is not supported")
+    pads = _explicit_pads(ctx, x, k, strides, [1] * spatial)
+    ceil, include = bool(ctx.attr("ceil_mode", 0)), bool(ctx.attr("count_include_pad", 0))
+    if _symmetric(pads, [kk // 2 for kk in k]):
+        return fn(x, k, stride=strides, padding=pads[:spatial], ceil_mode=ceil, count_include_pad=include)
+    # Asymmetric or large pads: pad with zeros; without count_include_pad divide by the padded mask's mean.
+    torch_pads = _torch_pad_list(pads)
+    y = fn(F.pad(x, torch_pads), k, stride=strides, ceil_mode=ceil)
+    if include:
+        return y
+    mask = F.pad(torch.ones_like(x[:, :1]), torch_pads)
+    return y / fn(mask, k, stride=strides, ceil_mode=ceil)
 
 
 @reg("GlobalAveragePool")

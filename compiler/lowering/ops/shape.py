@@ -1,8 +1,11 @@
 """Shape and data-movement converters. Shapes flow as `IntList`s so dynamic dims stay SymInts."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
+from onnx import numpy_helper
 
 from qcompile.lowering.ops.dtypes import onnx_to_torch_dtype
 from qcompile.lowering.registry import register_converter as reg
@@ -52,8 +55,8 @@ def constant_of_shape(ctx, shape_):
     dtype = ctx.float_dtype(value.dtype)
     if not dtype.is_floating_point and len(dims) <= 1 and all(isinstance(d, int) for d in dims) \
             and (not dims or dims[0] <= 64):
-        return IntList(tuple([int(value.reshape(-1)[0])] * (dims[0] if dims else 1)), scalar=not dims, dtype=dtype)
-    return torch.full(dims, value.reshape(-1)[0].item(), dtype=dtype)
+        return IntList(tuple([ctx.extra["fill"]] * (dims[0] if dims else 1)), scalar=not dims, dtype=dtype)
+    return torch.full(dims, ctx.extra["fill"], dtype=dtype)
 
 
 @reg("Reshape", since=5)
@@ -154,28 +157,41 @@ def slice_(ctx, x, starts, ends, axes=None, steps=None):
         a = a % x.ndim
         if st > 0:
             index[a] = _clip_slice(s, e, st, x.shape[a])
-        else:  # negative steps: flip, then slice forward
-            dim = x.shape[a]
-            sl = _clip_slice(s, e, st, dim)
-            start, stop, _ = sl.indices(dim) if all(isinstance(v, int) for v in (dim,)) else (sl.start, sl.stop, st)
-            index[a] = slice(dim - 1 - start, dim - 1 - stop if stop >= 0 else None, -st)
+        else:  # negative step: flip the axis, then slice forward
+            index[a] = _flipped_slice(s, e, st, x.shape[a])
             flips.append(a)
     if flips:
         x = torch.flip(x, flips)
     return x[tuple(index)]
 
 
+_BIG = 2 ** 62
+
+
 def _clip_slice(start, end, step, dim):
-    big = 2 ** 62
-    if isinstance(end, int) and end >= big:
-        end = None
-    if isinstance(end, int) and end <= -big:
-        end = None
-    if isinstance(start, int) and start <= -big:
-        start = None
-    if isinstance(start, int) and start >= big:
-        start = dim
+    """A positive-step Python slice for ONNX starts/ends (INT64_MAX/MIN mean 'to the end')."""
+    if isinstance(end, int) and abs(end) >= _BIG:
+        end = None if end > 0 else 0
+    if isinstance(start, int) and abs(start) >= _BIG:
+        start = None if start < 0 else dim
     return slice(start, end, step)
+
+
+def _flipped_slice(start, end, step, dim):
+    """The forward slice over flip(x) that equals ONNX's x[start:end:step] for step < 0."""
+    # Normalize as ONNX does for negative steps: start in [-1, dim-1], end in [-1, dim-1].
+    if isinstance(start, int) and start >= _BIG:
+        start = dim - 1
+    elif isinstance(start, int) and start < 0:
+        start = start + dim
+    if isinstance(end, int) and end <= -_BIG:
+        end = -1
+    elif isinstance(end, int) and end < 0:
+        end = end + dim
+    start = torch.sym_max(torch.sym_min(start, dim - 1), -1)
+    end = torch.sym_max(torch.sym_min(end, dim - 1), -1)
+    # element i of x is element dim-1-i of flip(x)
+    return slice(dim - 1 - start, torch.sym_max(dim - 1 - end, dim - 1 - start), -step)
 
 
 @reg("Gather")
@@ -207,23 +223,43 @@ def gather_elements(ctx, x, indices):
 def gather_nd(ctx, x, indices):
     x, idx = as_tensor(x), as_tensor(indices)
     b = ctx.attr("batch_dims", 0)
-    if b != 0:
-        raise ctx.fail("GatherND with batch_dims != 0 is not supported")
     k = idx.shape[-1]
-    flat = idx.reshape(-1, k)
-    out = x[tuple(flat[:, i] for i in range(k))]
-    return out.reshape(*idx.shape[:-1], *x.shape[k:])
+    batch = _prod(x.shape[:b])
+    xf = x.reshape(batch, *x.shape[b:])
+    flat = idx.reshape(batch, -1, k)
+    coords = [torch.arange(batch, device=x.device).unsqueeze(1).expand(batch, flat.shape[1])]
+    coords += [flat[..., i] for i in range(k)]
+    out = xf[tuple(coords)]
+    return out.reshape(*idx.shape[:-1], *x.shape[b + k:])
+
+
+_SCATTER_REDUCE = {"mul": "prod", "max": "amax", "min": "amin"}
 
 
 @reg("ScatterND")
 def scatter_nd(ctx, x, indices, updates):
-    x, idx, upd = as_tensor(x).clone(), as_tensor(indices), as_tensor(updates)
-    if ctx.attr("reduction", "none") != "none":
-        raise ctx.fail("ScatterND reductions are not supported")
+    """Linearizes the index tuples over the leading k dims, then one index_{copy,add,reduce}."""
+    x, idx, upd = as_tensor(x), as_tensor(indices), as_tensor(updates)
     k = idx.shape[-1]
-    flat = idx.reshape(-1, k)
-    x[tuple(flat[:, i] for i in range(k))] = upd.reshape(-1, *x.shape[k:]).to(x.dtype)
-    return x
+    lead, rest = x.shape[:k], x.shape[k:]
+    linear = torch.zeros(idx.shape[:-1], dtype=torch.int64, device=x.device)
+    for i in range(k):
+        j = idx[..., i].to(torch.int64)
+        linear = linear * lead[i] + torch.where(j < 0, j + lead[i], j)
+    xf = x.reshape(_prod(lead), *rest)
+    linear, upd = linear.reshape(-1), upd.reshape(-1, *rest).to(x.dtype)
+    reduction = ctx.attr("reduction", "none")
+    if reduction == "none":
+        out = xf.index_copy(0, linear, upd)
+    elif reduction == "add":
+        out = xf.index_add(0, linear, upd)
+    elif reduction in _SCATTER_REDUCE:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "index_reduce() is in beta"
+            out = xf.index_reduce(0, linear, upd, _SCATTER_REDUCE[reduction], include_self=True)
+    else:
+        raise ctx.fail(f"unknown reduction {reduction!r}")
+    return out.reshape(x.shape)
 
 
 @reg("Expand")
@@ -242,13 +278,25 @@ def tile(ctx, x, repeats):
     return as_tensor(x).repeat(as_ints(repeats))
 
 
+def _scalar(ctx, index: int, value):
+    """A Python scalar for a Range operand: IntList values, constant initializers, else `.item()`."""
+    if isinstance(value, IntList):
+        return value.item()
+    proto = ctx.extra.get("initializers", {}).get(index)
+    if proto is not None:
+        return numpy_helper.to_array(proto).reshape(-1)[0].item()
+    return as_tensor(value).item()  # data-dependent: works eagerly, not under torch.export
+
+
 @reg("Range")
 def range_(ctx, start, limit, delta):
-    if all(isinstance(v, IntList) for v in (start, limit, delta)):
-        return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)
-    s, l, d = (as_tensor(v) for v in (start, limit, delta))
-    dtype = s.dtype
-    return torch.arange(s.item(), l.item(), d.item(), dtype=dtype)
+    dtype = next(v.dtype for v in (start, limit, delta) if isinstance(v, (IntList, torch.Tensor)))
+    s, l, d = (_scalar(ctx, i, v) for i, v in enumerate((start, limit, delta)))
+    if all(isinstance(v, int) or (isinstance(v, float) and v.is_integer()) or isinstance(v, torch.SymInt)
+           for v in (s, l, d)):  # integral bounds: an integer arange keeps SymInt lengths exact
+        s, l, d = (int(v) if isinstance(v, float) else v for v in (s, l, d))
+        return torch.arange(s, l, d, dtype=torch.int64).to(ctx.float_dtype(dtype))
+    return torch.arange(s, l, d, dtype=ctx.float_dtype(dtype))
 
 
 @reg("Pad", since=11)
@@ -257,14 +305,13 @@ def pad(ctx, x, pads, value=None, axes=None):
     pads = as_ints(pads)
     axes = as_ints(axes) if axes is not None else list(range(x.ndim))
     n = len(axes)
-    torch_pads = []
-    for i in reversed(range(n)):
-        torch_pads += [pads[i], pads[i + n]]
     axes = [a % x.ndim for a in axes]
     full = [0, 0] * x.ndim
     for j, a in enumerate(axes):
         full[2 * (x.ndim - 1 - a)] = pads[j]
         full[2 * (x.ndim - 1 - a) + 1] = pads[j + n]
+    while len(full) > 2 and full[-2:] == [0, 0]:  # torch's non-constant modes pad only trailing dims
+        full = full[:-2]
     mode = ctx.attr("mode", "constant")
     if mode == "constant":
         fill = 0.0 if value is None else as_tensor(value).reshape(-1)[0].item()
@@ -274,21 +321,26 @@ def pad(ctx, x, pads, value=None, axes=None):
 
 @reg("TopK", since=10)
 def topk(ctx, x, k):
+    """Stable sort + narrow: among equal values ONNX returns the lower index first (torch.topk may not)."""
     x = as_tensor(x)
-    values, indices = torch.topk(x, as_ints(k)[0], dim=ctx.attr("axis", -1), largest=bool(ctx.attr("largest", 1)),
-                                 sorted=bool(ctx.attr("sorted", 1)))
-    return values, indices.to(torch.int64)
+    axis = ctx.attr("axis", -1) % x.ndim
+    largest = bool(ctx.attr("largest", 1))
+    values, indices = torch.sort(x, dim=axis, descending=largest, stable=True)
+    k = as_ints(k)[0]
+    return values.narrow(axis, 0, k), indices.narrow(axis, 0, k).to(torch.int64)
 
 
 @reg("OneHot")
 def one_hot(ctx, indices, depth, values):
     idx, vals = as_tensor(indices), as_tensor(values)
     n = as_ints(depth)[0]
-    idx = torch.where(idx < 0, idx + n, idx).to(torch.int64)
-    hot = F.one_hot(idx, n).to(torch.bool)
+    n = int(n) if isinstance(n, float) else n
+    idx = idx.to(torch.int64)
+    idx = torch.where(idx < 0, idx + n, idx)
+    hot = idx.unsqueeze(-1) == torch.arange(n, device=idx.device)
     out = torch.where(hot, vals[1], vals[0])
     axis = ctx.attr("axis", -1)
-    return out if axis == -1 else torch.movedim(out, -1, axis)
+    return out if axis == -1 else torch.movedim(out, -1, axis % out.ndim)
 
 
 @reg("EyeLike")
