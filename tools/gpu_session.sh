@@ -12,8 +12,8 @@ py() { LD_PRELOAD=$PRELOAD python3 "$@"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/device.txt"
 py -c "import torch, triton, onnx, onnxruntime; print(torch.__version__, triton.__version__, onnx.__version__, onnxruntime.__version__)" | tee -a "$OUT/device.txt"
 
-step() { echo "=== $*"; }
-for s in ${STEPS:-tests kernels engines}; do
+step() { echo "=== $* (t=${SECONDS}s)"; }
+for s in ${STEPS:-engines kernels tests}; do
   case $s in
     tests)   step "pytest -m gpu"
              py -m pytest -m gpu -q -p no:cacheprovider --rootdir=. -c pyproject.toml tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -25 ;;
