@@ -1,12 +1,13 @@
 """Build engines of one model with several recipes and time them side by side (GPU).
 
 Example (on the GPU machine):
-    python tools/bench_engines.py mlp-large --recipes fp16 fp8 int8 --dim batch=4 --dim seq=512 \
-        --out benchmarks/engines-mlp-large.json
+    python tools/bench_engines.py mlp-large --recipes fp16 fp8 int8 --size batch=4,seq=512 \
+        --size batch=8,seq=512 --out benchmarks/engines-mlp-large.json
 
-Each engine is timed on the same device-resident inputs with CUDA events (median of --iters
-runs after warm-up); ratios are relative to the first recipe. Also checks each engine's
-outputs against the FP32 graph (cosine similarity, computed by our lowering in float64).
+Engines are built once (dynamic dims) and timed at every --size on the same device-resident inputs
+with CUDA events (median of --iters runs after warm-up); ratios are relative to the first recipe.
+Also checks each engine's outputs against the FP32 graph (cosine similarity, computed by our lowering
+in float64).
 """
 from __future__ import annotations
 
@@ -44,6 +45,19 @@ def time_cuda(fn, iters: int, warmup: int = 10) -> float:
     return statistics.median(times)
 
 
+def kernel_profile(engine, feeds, runs: int = 5) -> str:
+    """The engine's top GPU kernels by total time over `runs` runs (torch.profiler table)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.run_torch(feeds)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            engine.run_torch(feeds)
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=70)
+
+
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double().flatten(), b.double().flatten()
     return float(a @ b / (a.norm() * b.norm()))
@@ -53,10 +67,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source")
     p.add_argument("--recipes", nargs="+", default=["fp16", "fp8", "int8"])
-    p.add_argument("--dim", action="append", default=[], help="NAME=SIZE of a dynamic dim for the timed input")
+    p.add_argument("--size", action="append", default=[],
+                   help="dynamic dim sizes of one timed input, e.g. batch=4,seq=512 (repeat for more)")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--workdir", default="/tmp/qcompile-bench")
     p.add_argument("--out", help="write the JSON results here")
+    p.add_argument("--profile", action="store_true", help="add each engine's top GPU kernels (first --size)")
     args = p.parse_args(argv)
 
     work = Path(args.workdir)
@@ -68,41 +84,49 @@ def main(argv=None) -> int:
     on_disk.CopyFrom(src.model)  # save_as_external_data rewrites the proto it is given
     onnx.save(on_disk, str(onnx_path), save_as_external_data=True, location="model.onnx.data")
     del on_disk
-    sizes = parse_dim_sizes(args.dim)
-    feeds_np = src.random_inputs(np.random.default_rng(0), sizes)
+    size_sets = [parse_dim_sizes(item.split(",")) for item in args.size] or [{}]
     calib = work / "calib.npz"
-    samples = [src.random_inputs(np.random.default_rng(i + 1), {k: min(v, 256) for k, v in sizes.items()})
+    samples = [src.random_inputs(np.random.default_rng(i + 1), {k: min(v, 256) for k, v in size_sets[0].items()})
                for i in range(8)]
     np.savez(calib, **{k: np.stack([s[k] for s in samples]) for k in samples[0]})
 
     reference = lower_onnx(src.model, compute_dtype=torch.float64).to("cuda")
-    feeds = {k: torch.from_numpy(v).cuda() for k, v in feeds_np.items()}
-    with torch.no_grad():
-        want = reference.run(feeds)[0]
+    cases = []  # (sizes, feeds, FP32-graph outputs)
+    for sizes in size_sets:
+        feeds = {k: torch.from_numpy(v).cuda() for k, v in src.random_inputs(np.random.default_rng(0), sizes).items()}
+        with torch.no_grad():
+            cases.append((sizes, feeds, reference.run(feeds)[0]))
     del reference
     torch.cuda.empty_cache()
 
-    rows, results = [], []
+    results = []
     for recipe in args.recipes:
         t0 = time.perf_counter()
         built = qcompile.build(str(onnx_path), recipe, output=work / f"{recipe}.engine", calib=str(calib), device="cuda")
         build_s = time.perf_counter() - t0
         engine = qcompile.load(built.engine_path)
-        ms = time_cuda(lambda: engine.run_torch(feeds), args.iters)
-        outs = engine.run_torch(feeds)
-        cos = min(cosine(outs[n], want[n]) for n in engine.output_names)
-        results.append({"recipe": recipe, "ms": ms, "cosine_vs_fp32": cos, "build_s": build_s,
-                        "layers_quantized": len(built.layers), "weights_bytes": built.bytes_after})
+        if args.profile:
+            print(f"--- {recipe}: GPU kernels at {cases[0][0]}\n{kernel_profile(engine, cases[0][1])}")
+        for sizes, feeds, want in cases:
+            ms = time_cuda(lambda: engine.run_torch(feeds), args.iters)
+            outs = engine.run_torch(feeds)
+            cos = min(cosine(outs[n], want[n]) for n in engine.output_names)
+            results.append({"recipe": recipe, "dims": sizes, "ms": ms, "cosine_vs_fp32": cos, "build_s": build_s,
+                            "layers_quantized": len(built.layers), "weights_bytes": built.bytes_after})
         del engine
         torch.cuda.empty_cache()
-    base = results[0]["ms"]
+    rows = []
+    base_recipe = args.recipes[0]
+    base = {str(r["dims"]): r["ms"] for r in results if r["recipe"] == base_recipe}
     for r in results:
-        r["speedup_vs_" + results[0]["recipe"]] = base / r["ms"]
-        rows.append((r["recipe"], r["ms"], f"{base / r['ms']:.2f}x", r["cosine_vs_fp32"], r["layers_quantized"]))
-    meta = {"source": args.source, "dims": sizes, "device": torch.cuda.get_device_name(),
+        speedup = base[str(r["dims"])] / r["ms"]
+        r["speedup_vs_" + base_recipe] = speedup
+        dims = ",".join(f"{k}={v}" for k, v in r["dims"].items())
+        rows.append((r["recipe"], dims, r["ms"], f"{speedup:.2f}x", r["cosine_vs_fp32"], r["layers_quantized"]))
+    meta = {"source": args.source, "sizes": size_sets, "device": torch.cuda.get_device_name(),
             "torch": torch.__version__, "iters": args.iters, "command": " ".join(sys.argv)}
-    print(format_table(["recipe", "ms (median)", f"vs {results[0]['recipe']}", "cosine vs fp32", "layers"], rows,
-                       title=f"{args.source} {sizes} on {meta['device']}"))
+    print(format_table(["recipe", "dims", "ms (median)", f"vs {base_recipe}", "cosine vs fp32", "layers"], rows,
+                       title=f"{args.source} on {meta['device']}"))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))

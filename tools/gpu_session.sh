@@ -20,9 +20,10 @@ for s in ${STEPS:-engines kernels tests}; do
     kernels) step "scaled_gemm benchmark"
              py tools/bench_scaled_gemm.py --out "$OUT/scaled_gemm.json" 2>&1 | tee "$OUT/scaled_gemm.log" | tail -40 ;;
     engines) step "engine benchmark"
-             py tools/bench_engines.py mlp-large --recipes fp16 fp8 int8 --dim batch=4 --dim seq=512 \
+             py tools/bench_engines.py mlp-large --recipes fp16 fp8 int8 --profile \
+                 --size batch=2,seq=512 --size batch=4,seq=512 --size batch=8,seq=512 \
                  --out "$OUT/engines-mlp-large.json" 2>&1 | tee "$OUT/engines-mlp-large.log" | grep -v "^\[" | tail -15
-             py tools/bench_engines.py tiny-llama --recipes fp16 int8 fp8 --dim batch=8 --dim seq=128 \
+             py tools/bench_engines.py tiny-llama --recipes fp16 int8 fp8 --size batch=8,seq=128 \
                  --out "$OUT/engines-tiny-llama.json" 2>&1 | tee "$OUT/engines-tiny-llama.log" | grep -v "^\[" | tail -15 ;;
   esac
 done

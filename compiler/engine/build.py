@@ -141,6 +141,7 @@ def _compile(ep, package_path: Path, man: Manifest, inductor_configs: dict | Non
         "qcompile.recipe": str((man.recipe or {}).get("name", "")),
     }
     configs = {
+        **exact_numerics_configs(),
         "aot_inductor.metadata": metadata,
         "aot_inductor.model_name_for_generated_files": MODEL_NAME,
         **(inductor_configs or {}),
@@ -150,6 +151,19 @@ def _compile(ep, package_path: Path, man: Manifest, inductor_configs: dict | Non
     except Exception as exc:
         raise EngineError(f"AOTInductor compile failed: {type(exc).__name__}: {exc}") from exc
     return Path(out)
+
+
+def exact_numerics_configs() -> dict:
+    """Inductor configs that keep eager numerics where quantization depends on them (where this torch has them).
+
+    Triton lowers float32 `x / y` to an approximate division (`div.full`, 2 ulp); QuantizeLinear's
+    `x / scale` must round exactly like ONNX Runtime and eager torch, or values near a rounding
+    boundary land on the neighbouring integer / fp8 code.
+    """
+    import torch._inductor.config as inductor_config
+
+    numerics = getattr(inductor_config, "eager_numerics", None)
+    return {"eager_numerics.division_rounding": True} if hasattr(numerics, "division_rounding") else {}
 
 
 def write_engine_file(path: Path, man: Manifest, package: Path) -> None:

@@ -149,6 +149,20 @@ class OnnxProgram(torch.nn.Module):
         return self._execute(feeds, capture)
 
     def _execute(self, feeds: dict, capture: Iterable[str]) -> tuple[dict, dict]:
+        device = self._device_of(feeds)
+        # tensors that converters create (shape data made tensors, Range, ConstantOfShape, ...) go to the
+        # device the graph runs on; CPU needs no mode (it is torch's default)
+        with torch.device(device) if device.type != "cpu" else contextlib.nullcontext():
+            return self._execute_nodes(feeds, capture)
+
+    def _device_of(self, feeds: dict) -> torch.device:
+        """The device of the first tensor input (else of the constants, else CPU)."""
+        for value in [*feeds.values(), *self.buffers()]:
+            if isinstance(value, torch.Tensor):
+                return value.device
+        return torch.device("cpu")
+
+    def _execute_nodes(self, feeds: dict, capture: Iterable[str]) -> tuple[dict, dict]:
         env: dict[str, Any] = dict(self._static)
         for name, buffer in self._buffer_of.items():
             env[name] = getattr(self, buffer)

@@ -15,7 +15,7 @@ Plugin contract (format):
   `y = acc * (x_scale * w_scale[n]) + bias[n]`, returned in x.dtype (fp32 / fp16 / bf16) with shape [..., N].
 
 Faces: `onnx_schema` (the ONNX node, with a DQ+MatMul function body), `reference` (plain torch: CPU path and
-oracle), `kernel` (Triton, CUDA only, imported lazily), `op` (`torch.ops.qcompile.scaled_gemm`, a
+oracle), `op` (`torch.ops.qcompile.scaled_gemm`, a
 `triton_op`; importing it registers the op).
 """
 from __future__ import annotations

@@ -4,29 +4,30 @@ The body branches on `x.device.type` (the verified pattern for AOTInductor packa
 `register_kernel` for the CPU path, AOTI would still decompose the body):
 
 - CPU (and any non-CUDA device): the plain-torch reference (`reference.py`), lowered to aten.
-- CUDA, int8: one Triton kernel quantizes x (rows padded to M > 16 for `_int_mm`),
-  `torch._int_mm` (cuBLASLt int8, int32 accumulate), one Triton epilogue applies
-  `x_scale * w_scale[n]`, the bias and the output cast.
-- CUDA, fp8 (sm89+): one Triton kernel quantizes x, then `torch._scaled_mm`:
+- CUDA, int8: quantize x (rows padded to M > 16 for `_int_mm`), `torch._int_mm` (cuBLASLt int8,
+  int32 accumulate), then `acc * (x_scale * w_scale[n]) + bias` cast to the output dtype.
+- CUDA, fp8 (sm89+): quantize x, then `torch._scaled_mm` (cuBLASLt fp8):
   per-tensor weight scale -> tensorwise scales, bias fused in cuBLASLt (fp16/bf16 outputs);
   per-channel + bf16 output -> rowwise scales (`scale_a [M,1]`, `scale_b [1,N]`), bias fused;
-  per-channel + fp16/fp32 output -> tensorwise fp32 GEMM + the Triton epilogue.
+  per-channel + fp16/fp32 output -> tensorwise fp32 GEMM + the scale epilogue.
 - `x_scale is None` (weight-only, reserved): dequantize the weight, float GEMM.
+
+The activation quantization and the scale epilogue are plain aten ops on purpose: AOTInductor inlines
+the body of a `triton_op`, so it fuses the quantization into the kernel that produces x (RMSNorm,
+SiLU*mul, ...) and the epilogue into the kernel that consumes y. x then crosses memory once, in
+8 bits; a standalone quantize kernel would read and write it once more (measured in BENCHMARKS.md).
 
 The body is traceable with fake tensors: it branches only on device, dtypes and static shapes.
 """
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-from qcompile.plugins.scaled_gemm.reference import check_args, scaled_gemm_reference
-
-logger = logging.getLogger(__name__)
+from qcompile.plugins.scaled_gemm.reference import check_args, quantize_activation, scaled_gemm_reference
 
 INT_MM_MIN_ROWS = 17  # torch._int_mm on CUDA needs M > 16
 
@@ -53,9 +54,9 @@ def _scaled_gemm_cuda(x, w_q, w_scale, x_scale, bias) -> Tensor:
     if x_scale is None:
         return _weight_only(x, w_q, w_scale, bias)
     lead = x.shape[:-1]
-    x2d = x.reshape(-1, k).contiguous()
-    x_scale = _kernel_scalar(x_scale)
-    w_scale = _kernel_scalar(w_scale) if w_scale.dim() == 0 else w_scale.to(torch.float32)
+    x2d = x.reshape(-1, k)
+    x_scale = x_scale.to(torch.float32).reshape(())
+    w_scale = w_scale.to(torch.float32)
     if w_q.dtype == torch.int8:
         y = _int8_gemm(x2d, w_q, w_scale, x_scale, bias, x.dtype)
     else:
@@ -64,32 +65,29 @@ def _scaled_gemm_cuda(x, w_q, w_scale, x_scale, bias) -> Tensor:
 
 
 def _int8_gemm(x2d, w_q, w_scale, x_scale, bias, out_dtype) -> Tensor:
-    from qcompile.plugins.scaled_gemm import kernel  # lazy: needs triton
-
     n, k = w_q.shape
     if k % 8 or n % 8:
         raise ValueError(f"scaled_gemm int8 on CUDA needs K and N multiples of 8 (torch._int_mm), got K={k}, N={n}")
     m = x2d.shape[0]
-    xq = kernel.launch_quantize(x2d, x_scale, torch.int8, torch.sym_max(m, INT_MM_MIN_ROWS))
-    acc = torch._int_mm(xq, w_q.t())  # [max(M,17), N] int32
-    return kernel.launch_epilogue(acc, x_scale, w_scale, bias, m, out_dtype)
+    # zero rows quantize to 0; padding by max(17 - M, 0) (not to max(M, 17) rows) lets export prove acc[:M] in range
+    padded = torch.nn.functional.pad(x2d, (0, 0, 0, torch.sym_max(INT_MM_MIN_ROWS - m, 0)))
+    acc = torch._int_mm(quantize_activation(padded, x_scale, torch.int8), w_q.t())  # [max(M,17), N] int32
+    return _apply_scales(acc[:m], x_scale, w_scale, bias, out_dtype)
 
 
 def _fp8_gemm(x2d, w_q, w_scale, x_scale, bias, out_dtype) -> Tensor:
-    from qcompile.plugins.scaled_gemm import kernel  # lazy: needs triton
-
     n, k = w_q.shape
     if torch.cuda.get_device_capability(x2d.device) < (8, 9):
         raise ValueError("scaled_gemm fp8 needs a GPU with compute capability >= 8.9 (torch._scaled_mm)")
     if k % 16 or n % 16:
         raise ValueError(f"scaled_gemm fp8 on CUDA needs K and N multiples of 16 (torch._scaled_mm), got K={k}, N={n}")
     m = x2d.shape[0]
-    xq = kernel.launch_quantize(x2d, x_scale, torch.float8_e4m3fn, m)
+    xq = quantize_activation(x2d, x_scale, torch.float8_e4m3fn)
     wt = w_q.t()  # [K, N] column-major, as cuBLASLt wants
     if w_scale.numel() == 1:  # tensorwise
         fuse_bias = bias is not None and out_dtype != torch.float32  # cuBLASLt: no bias with fp32 out
         y = torch._scaled_mm(
-            xq, wt, x_scale, w_scale,
+            xq, wt, _scale_buffer(x_scale), _scale_buffer(w_scale),
             bias=bias.to(out_dtype) if fuse_bias else None, out_dtype=out_dtype,
         )
         return y + bias.to(out_dtype) if bias is not None and not fuse_bias else y
@@ -99,19 +97,27 @@ def _fp8_gemm(x2d, w_q, w_scale, x_scale, bias, out_dtype) -> Tensor:
             xq, wt, scale_a, w_scale.reshape(1, n),
             bias=bias.to(torch.bfloat16) if bias is not None else None, out_dtype=torch.bfloat16,
         )
-    one = torch.ones((), dtype=torch.float32, device=x2d.device)
+    one = torch.ones(1, dtype=torch.float32, device=x2d.device)
     acc = torch._scaled_mm(xq, wt, one, one, out_dtype=torch.float32)
-    return kernel.launch_epilogue(acc, x_scale, w_scale, bias, m, out_dtype)
+    return _apply_scales(acc, x_scale, w_scale, bias, out_dtype)
 
 
-def _kernel_scalar(t: Tensor) -> Tensor:
-    """A 0-d float32 scale as a [1] tensor that a Triton kernel can take as a pointer.
+def _apply_scales(acc, x_scale, w_scale, bias, out_dtype) -> Tensor:
+    """`acc * (x_scale * w_scale) + bias` in float32, cast to `out_dtype` (pointwise: fuses with the consumer)."""
+    y = acc.to(torch.float32) * (x_scale * w_scale)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(out_dtype)
 
-    Inductor inlines 0-d graph constants as scalars (`ir.Constant`), which cannot be Triton kernel
-    arguments ("failed to specialize argument of type: Constant"); while tracing, a copy turns the
-    scalar into a real buffer. Eager calls stay copy-free (a view).
+
+def _scale_buffer(t: Tensor) -> Tensor:
+    """A 1-element float32 scale as a [1] tensor for `torch._scaled_mm`.
+
+    Inductor inlines 0-d graph constants as scalars (`ir.Constant`), which an extern kernel cannot take
+    as a tensor argument; while tracing, a copy turns the scalar into a real buffer. Eager calls stay
+    copy-free (a view).
     """
-    t = t.to(torch.float32).reshape(1)
+    t = t.reshape(1)
     return t.clone() if is_fake(t) else t
 
 

@@ -1,6 +1,7 @@
 """Tests of the scaled-GEMM plugin: reference vs numpy float64, op vs ONNX Runtime, export, AOTI, CUDA."""
 from __future__ import annotations
 
+import re
 import zipfile
 
 import ml_dtypes
@@ -201,18 +202,38 @@ def test_aoti_cpu_package_runs_and_matches(tmp_path):
 
 # ---------------------------------------------------------------- CUDA (real int8 / fp8 GEMMs)
 
+class Quantize(torch.nn.Module):
+    def __init__(self, scale, dtype):
+        super().__init__()
+        self.register_buffer("scale", scale)
+        self.dtype = dtype
+
+    def forward(self, x):
+        from qcompile.plugins.scaled_gemm import quantize_activation
+
+        return quantize_activation(x * 1.0, self.scale, self.dtype).view(torch.uint8)
+
+
 @pytest.mark.gpu
+@pytest.mark.slow
 @cuda
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_cuda_quantize_kernel_is_exact(fmt):
-    from qcompile.plugins.scaled_gemm import kernel, quantize_activation
+def test_engine_activation_quantization_is_exact(fmt, tmp_path):
+    """Compiled as the engine compiles it (fused by Inductor), the activation quantization rounds exactly
+    like the float64-free CPU reference: `x / scale` must be IEEE division, not Triton's approximate one."""
+    from qcompile.engine.build import exact_numerics_configs
+    from qcompile.plugins.scaled_gemm import quantize_activation
 
-    x = torch.randn(37, 256, device="cuda") * 3
-    x_scale = torch.tensor(0.011, device="cuda")
-    q = kernel.launch_quantize(x, x_scale, FORMATS[fmt], 40)
-    ref = quantize_activation(x.cpu(), x_scale.cpu(), FORMATS[fmt])
-    assert torch.equal(q[:37].cpu().view(torch.uint8), ref.view(torch.uint8))
-    assert not q[37:].view(torch.uint8).any()
+    scale = torch.tensor(0.0109, device="cuda")
+    mod = Quantize(scale, FORMATS[fmt])
+    x = torch.randn(4096, 256, device="cuda") * 3
+    ep = torch.export.export(mod, (x,))
+    path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "q.pt2"),
+                                                    inductor_configs=exact_numerics_configs())
+    got = torch._inductor.aoti_load_package(path)(x)
+    ref = quantize_activation(x.cpu(), scale.cpu(), FORMATS[fmt]).view(torch.uint8)
+    mismatches = (got.cpu() != ref).sum().item()
+    assert mismatches == 0, f"{mismatches} of {ref.numel()} quantized values differ from the reference"
 
 
 @pytest.mark.gpu
@@ -256,9 +277,29 @@ def test_cuda_aoti_package_uses_real_low_precision_gemms(tmp_path):
     path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "sg.pt2"))
     with zipfile.ZipFile(path) as z:
         code = "".join(z.read(n).decode(errors="ignore") for n in z.namelist() if n.endswith("wrapper.cpp"))
-    assert "_int_mm" in code and "_scaled_mm" in code
-    assert "quantize_kernel" in code and "epilogue_kernel" in code
+    assert "_int_mm" in code and "_scaled_mm" in code  # real int8 / fp8 GEMMs, no dequantize-then-float GEMM
+    gemms = set(re.findall(r"\b\w*(?:addmm|bmm|_mm)(?:_out)?\b", code))
+    float_gemms = {g for g in gemms if "int_mm" not in g and "scaled_mm" not in g}
+    assert not float_gemms, f"float GEMMs in the engine: {float_gemms}"
     compiled = torch._inductor.aoti_load_package(path)
     for m in (3, 300):
         xi = torch.randn(m, 64, device="cuda")
         torch.testing.assert_close(compiled(xi), mod(xi), rtol=1e-4, atol=1e-4)
+
+
+def test_int8_gpu_path_exports_with_dynamic_rows():
+    """The CUDA int8 body (pad rows to M > 16, `_int_mm`, scale epilogue) traces with a dynamic M and matches
+    the reference; `torch._int_mm` also runs on CPU, so the body is checked here without a GPU."""
+    from qcompile.plugins.scaled_gemm import op as op_module
+
+    x, w_q, w_scale, x_scale, bias = make_case("int8", n=64, k=32, x_shape=(5, 32), seed=4)
+
+    class Int8Body(torch.nn.Module):
+        def forward(self, x):
+            return op_module._int8_gemm(x, w_q, w_scale, x_scale, bias, x.dtype)
+
+    rows = torch.export.Dim("rows", min=2, max=2048)
+    ep = torch.export.export(Int8Body(), (x,), dynamic_shapes=({0: rows},))
+    for m in (3, 16, 17, 40):
+        xm = torch.randn(m, 32, generator=torch.Generator().manual_seed(m))
+        assert_close_to(ep.module()(xm), numpy_oracle(xm, w_q, w_scale, x_scale, bias), rel=1e-6)

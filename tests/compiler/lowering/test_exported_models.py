@@ -215,3 +215,26 @@ def test_aoti_package_runs(tmp_path):
     x = rng.standard_normal((7, 4, 4)).astype(np.float32)
     got = compiled(torch.from_numpy(x))[0]
     np.testing.assert_allclose(got.numpy(), ort_session(model).run(None, {"x": x})[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fixture", ["transformer", "cnn"])
+def test_runs_on_the_device_of_its_inputs(fixture, request):
+    """Tensors the converters create (Range of a shape, masks, shape data) land on the inputs' device: on
+    the meta device any CPU tensor mixed into the computation raises, as it would on CUDA."""
+    module, model = request.getfixturevalue(fixture)
+    x = torch.randint(0, 64, (3, 9)) if fixture == "transformer" else torch.randn(3, 3, 16, 16)
+    got = lower_onnx(model).to("meta")(x.to("meta"))[0]
+    with torch.no_grad():
+        want = module(x)
+    assert got.device.type == "meta" and got.shape == want.shape and got.dtype == want.dtype
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_transformer_on_cuda_matches_cpu(transformer):
+    module, model = transformer
+    ids = torch.randint(0, 64, (3, 11), generator=torch.Generator().manual_seed(9))
+    want = lower_onnx(model, compute_dtype=torch.float64)(ids)[0]
+    got = lower_onnx(model, compute_dtype=torch.float64).to("cuda")(ids.cuda())[0]
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-9, atol=1e-9)
