@@ -109,9 +109,9 @@ def main() -> None:
     ap.add_argument("--eager", action="store_true", help="time the eager op (default: torch.compile'd)")
     ap.add_argument("--shapes", nargs="*", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN")
     args = ap.parse_args()
-    op = register()
+    op = eager_op = register()
     if not args.eager:
-        op = torch.compile(lambda *a: register()(*a), dynamic=True, fullgraph=True)
+        op = torch.compile(lambda *a: eager_op(*a), dynamic=True, fullgraph=True)
     MODE["graph"] = args.cuda_graph
     rows = []
     cols = ["bf16", "int_mm", "int8_op", "fp8_tw", "fp8_rw", "fp8_op_tw", "fp8_op_ch",
