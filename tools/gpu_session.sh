@@ -18,7 +18,7 @@ for s in ${STEPS:-engines kernels tests}; do
     tests)   step "pytest -m gpu"
              py -m pytest -m gpu -q -p no:cacheprovider --rootdir=. -c pyproject.toml tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -25 ;;
     kernels) step "scaled_gemm benchmark"
-             py tools/bench_scaled_gemm.py --out "$OUT/scaled_gemm.json" 2>&1 | tee "$OUT/scaled_gemm.log" | tail -40 ;;
+             py tools/bench_scaled_gemm.py --cuda-graph --out "$OUT/scaled_gemm.json" 2>&1 | tee "$OUT/scaled_gemm.log" | tail -40 ;;
     engines) step "engine benchmark"
              py tools/bench_engines.py mlp-large --recipes fp16 fp8 int8 --profile \
                  --size batch=2,seq=512 --size batch=4,seq=512 --size batch=8,seq=512 \
