@@ -9,16 +9,10 @@ import onnx
 import pytest
 
 import qcompile
-from qcompile.frontend import load_source
 
 from qc_testutil import cosine, ort_session
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return load_source("tiny-llama")
 
 
 @pytest.fixture(scope="module")

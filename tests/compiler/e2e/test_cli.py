@@ -10,6 +10,8 @@ import pytest
 import qcompile
 from qcompile.cli import main
 
+from qc_testutil import cosine, ort_session
+
 pytestmark = pytest.mark.slow
 
 
@@ -26,7 +28,7 @@ def test_recipes_lists_builtins(capsys):
         assert name in out
 
 
-def test_build_run_inspect_with_random_calibration(tmp_path, capsys):
+def test_build_run_inspect_with_random_calibration(tmp_path, capsys, llama):
     engine = tmp_path / "tl.engine"
     code, out, err = run_cli(capsys, "build", "tiny-llama", "--recipe", "int8", "--calib", "random", "-o", engine)
     assert code == 0, err
@@ -47,6 +49,9 @@ def test_build_run_inspect_with_random_calibration(tmp_path, capsys):
     direct = qcompile.load(engine).run(dict(np.load(inputs)))["logits"]
     assert saved.shape == (2, 20, 512)
     np.testing.assert_array_equal(saved, direct)
+    # the saved outputs agree with the FP32 graph (ONNX Runtime, optimizations off)
+    fp32 = ort_session(llama.model).run(["logits"], dict(np.load(inputs)))[0]
+    assert cosine(saved, fp32) >= 0.99
 
     code, out, err = run_cli(capsys, "inspect", engine)
     assert code == 0, err
