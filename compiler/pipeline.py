@@ -101,7 +101,7 @@ def build(
     import torch
 
     from qcompile.calibration import calibrate, load_calibration_data
-    from qcompile.engine import IOSpec, build_engine
+    from qcompile.engine import build_engine
     from qcompile.frontend import load_source
     from qcompile.lowering import lower_onnx
     from qcompile.passes import activation_tensors, fuse_plugins, plan_quantization, quantize_model
@@ -155,8 +155,7 @@ def build(
         "timings": dict(progress.times),
     }
     with progress.stage("compile", "AOTInductor"):
-        io = [[IOSpec(s.name, s.dtype, s.shape, s.dim_ranges) for s in specs] for specs in (src.inputs, src.outputs)]
-        build_engine(program, inputs=io[0], outputs=io[1], example_inputs=example,
+        build_engine(program, inputs=src.inputs, outputs=src.outputs, example_inputs=example,
                      manifest=manifest, output_path=output, device=device)
 
     stats = {f"{k}": v for k, v in {**qdq_result.stats, **fuse_result.stats}.items()}

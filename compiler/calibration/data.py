@@ -44,6 +44,19 @@ HOW_TO_PASS = ("pass real inputs with --calib data.npz (write a template with `q
 # --------------------------------------------------------------------------- sample checks
 
 
+def check_input_names(present, specs: list, where: str, has: str = "") -> None:
+    """Every model input is among `present` (array names) and nothing else is; errors name the array."""
+    names = [s.name for s in specs]
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise CalibrationError(f"input {missing[0]!r} is missing from {where}; {has}the model's inputs are "
+                               f"{', '.join(names)}")
+    extra = sorted(set(present) - set(names))
+    if extra:
+        raise CalibrationError(f"{where} has an array {extra[0]!r} that is not a model input; the model's inputs "
+                               f"are {', '.join(names)}")
+
+
 def check_sample(sample: dict[str, Any], specs: list, where: str) -> dict[str, np.ndarray]:
     """Check one sample against the input specs; returns it converted to the input dtypes.
 
@@ -51,15 +64,7 @@ def check_sample(sample: dict[str, Any], specs: list, where: str) -> dict[str, n
     """
     if not isinstance(sample, dict):
         raise CalibrationError(f"{where} is a {type(sample).__name__}; expected a dict input name -> array")
-    names = [s.name for s in specs]
-    missing = [n for n in names if n not in sample]
-    if missing:
-        raise CalibrationError(f"input {missing[0]!r} is missing from {where}; the model's inputs are "
-                               f"{', '.join(names)}")
-    extra = sorted(set(sample) - set(names))
-    if extra:
-        raise CalibrationError(f"{where} has an array {extra[0]!r} that is not a model input; the model's inputs "
-                               f"are {', '.join(names)}")
+    check_input_names(sample, specs, where)
     out: dict[str, np.ndarray] = {}
     dims: dict[str, tuple[int, str]] = {}
     for spec in specs:
@@ -160,15 +165,8 @@ class _NpzFile:
     @classmethod
     def open(cls, path: Path, specs: list, label: str) -> "_NpzFile":
         headers = _npz_headers(path)
-        names = [s.name for s in specs]
-        missing = [n for n in names if n not in headers]
-        if missing:
-            raise CalibrationError(f"input {missing[0]!r} is missing from calibration file {label}; it has "
-                                   f"{', '.join(headers) or 'no arrays'}, the model's inputs are {', '.join(names)}")
-        extra = sorted(set(headers) - set(names))
-        if extra:
-            raise CalibrationError(f"calibration file {label} has an array {extra[0]!r} that is not a model input; "
-                                   f"the model's inputs are {', '.join(names)}")
+        check_input_names(headers, specs, f"calibration file {label}",
+                          has=f"it has {', '.join(headers) or 'no arrays'}, ")
         stacked, counts = {}, {}
         for spec in specs:
             shape, dtype = headers[spec.name]

@@ -19,7 +19,7 @@ import torch
 import qcompile
 from qcompile.engine import device as devinfo
 from qcompile.engine.manifest import (
-    FORMAT_VERSION, MANIFEST_NAME, PACKAGE_NAME, IOSpec, Manifest, dtype_name, merge_dim_ranges,
+    FORMAT_VERSION, MANIFEST_NAME, PACKAGE_NAME, IOSpec, Manifest, check_specs, dtype_name, merge_dim_ranges,
 )
 from qcompile.errors import EngineError
 
@@ -61,6 +61,7 @@ def build_engine(
     output_path = Path(output_path)
     check_writable(output_path)
     dev = devinfo.parse_device(device)
+    check_specs(inputs + outputs)
     dim_ranges = merge_dim_ranges(inputs + outputs)
     _check_examples(inputs, example_inputs, dim_ranges, dev)
     info = devinfo.describe(dev)

@@ -202,7 +202,7 @@ def _to_torch(value) -> torch.Tensor:
         return value
     name = dtype_name(value.dtype)
     if name in ("bfloat16", "float8_e4m3fn"):
-        from qcompile.engine.manifest import TORCH_DTYPES
+        from qcompile.iospec import TORCH_DTYPES
 
         np_view, _ = _VIEW_AS[TORCH_DTYPES[name]]
         return torch.from_numpy(np.ascontiguousarray(value).view(np_view)).view(TORCH_DTYPES[name])

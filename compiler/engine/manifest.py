@@ -15,60 +15,26 @@ import numpy as np
 import torch
 
 from qcompile.errors import EngineError
+from qcompile.iospec import TORCH_DTYPES, HasIO, IOSpec
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 PACKAGE_NAME = "model.pt2"
 
-# numpy dtype name -> torch dtype (bfloat16 / float8 come from ml_dtypes on the numpy side)
-TORCH_DTYPES = {
-    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
-    "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8,
-    "uint8": torch.uint8, "bool": torch.bool, "float8_e4m3fn": torch.float8_e4m3fn,
-}
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 # Keys the caller's `manifest` dict may set as first-class fields (anything else lands in `extra`).
 CALLER_FIELDS = ("recipe", "layers", "content_hash", "calibration", "timings")
 LAYER_KEYS = ("node", "op", "format", "granularity", "bytes_before", "bytes_after", "plugin")
 
 
-@dataclass
-class IOSpec:
-    """One engine input or output.
-
-    Args:
-        name: the I/O name (feeds and results are keyed by it).
-        dtype: numpy dtype name ("float32", "float16", "bfloat16", "int64", ...).
-        shape: ints for static dims, strings for named dynamic dims ("batch").
-        dim_ranges: inclusive (min, max) per dynamic dim name; a name shared by several inputs
-            is one dim (one `torch.export.Dim`) and must have the same range everywhere it is given.
-    """
-
-    name: str
-    dtype: str
-    shape: list[int | str]
-    dim_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
-
-    def __post_init__(self):
-        if self.dtype not in TORCH_DTYPES:
-            raise EngineError(f"{self.name!r}: dtype {self.dtype!r} is not one of {sorted(TORCH_DTYPES)}")
-        self.shape = [d if isinstance(d, str) else int(d) for d in self.shape]
-        self.dim_ranges = {k: (int(v[0]), int(v[1])) for k, v in self.dim_ranges.items()}
-        for dim in self.shape:
-            if isinstance(dim, str) and (not dim.isidentifier() or keyword.iskeyword(dim)):
-                raise EngineError(f"{self.name!r}: dynamic dim name {dim!r} must be a Python identifier")
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return TORCH_DTYPES[self.dtype]
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
-                "dim_ranges": {k: list(v) for k, v in self.dim_ranges.items()}}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> IOSpec:
-        return cls(d["name"], d["dtype"], list(d["shape"]), {k: tuple(v) for k, v in d.get("dim_ranges", {}).items()})
+def check_specs(specs: list[IOSpec]) -> None:
+    """What an engine needs of its I/O specs: known dtypes, dynamic dim names that are Python identifiers."""
+    for spec in specs:
+        if spec.dtype not in TORCH_DTYPES:
+            raise EngineError(f"{spec.name!r}: dtype {spec.dtype!r} is not one of {sorted(TORCH_DTYPES)}")
+        for dim in spec.dynamic_dims.values():
+            if not dim.isidentifier() or keyword.iskeyword(dim):
+                raise EngineError(f"{spec.name!r}: dynamic dim name {dim!r} must be a Python identifier")
 
 
 def merge_dim_ranges(specs: list[IOSpec]) -> dict[str, tuple[int, int]]:
@@ -97,7 +63,7 @@ def dtype_name(dtype: torch.dtype | np.dtype | str) -> str:
 
 
 @dataclass
-class Manifest:
+class Manifest(HasIO):
     """Everything an engine file records about how and where it was built."""
 
     qcompile_version: str
@@ -118,14 +84,6 @@ class Manifest:
     extra: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
-    @property
-    def input_names(self) -> list[str]:
-        return [s.name for s in self.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        return [s.name for s in self.outputs]
-
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["inputs"] = [s.to_dict() for s in self.inputs]
@@ -144,6 +102,7 @@ class Manifest:
         extra.update({k: v for k, v in d.items() if k not in known})
         kwargs["inputs"] = [IOSpec.from_dict(s) for s in d["inputs"]]
         kwargs["outputs"] = [IOSpec.from_dict(s) for s in d["outputs"]]
+        check_specs(kwargs["inputs"] + kwargs["outputs"])
         kwargs["dim_ranges"] = {k: tuple(v) for k, v in d.get("dim_ranges", {}).items()}
         return cls(**kwargs, extra=extra)
 

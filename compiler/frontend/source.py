@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 
 from qcompile.errors import SourceError
+from qcompile.iospec import HasIO, IOSpec
 
 logger = logging.getLogger(__name__)
 
@@ -64,40 +65,7 @@ def default_dim_size(dim: str, rng: tuple[int, int]) -> int:
 
 
 @dataclass
-class IOSpec:
-    """One graph input or output.
-
-    Attributes:
-        name: the ONNX value name.
-        dtype: numpy dtype name ("float32", "int64", ...).
-        shape: one entry per axis: an int (static) or a str (named dynamic dim).
-        dim_ranges: inclusive (min, max) for each named dim of `shape` whose range is known.
-        value_range: for integer inputs, the valid values [low, high) (e.g. token ids
-            (0, vocab)); None when any value of the dtype goes (floats: standard normal).
-    """
-
-    name: str
-    dtype: str
-    shape: list[int | str]
-    dim_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
-    value_range: tuple[float, float] | None = None
-
-    @property
-    def rank(self) -> int:
-        return len(self.shape)
-
-    @property
-    def dynamic_dims(self) -> dict[int, str]:
-        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
-                "dim_ranges": {k: list(v) for k, v in self.dim_ranges.items()},
-                "value_range": None if self.value_range is None else list(self.value_range)}
-
-
-@dataclass
-class SourceModel:
+class SourceModel(HasIO):
     """A model ready for the compiler: FP32 ONNX plus the description of its I/O.
 
     Attributes:
@@ -118,14 +86,6 @@ class SourceModel:
     example_inputs: dict[str, np.ndarray]
     path: Path | None = None
     torch_module: Any = field(default=None, repr=False, compare=False)
-
-    @property
-    def input_names(self) -> list[str]:
-        return [s.name for s in self.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        return [s.name for s in self.outputs]
 
     def content_hash(self) -> str:
         """sha256 (hex) of the serialized model (initializer by initializer past 2 GB)."""

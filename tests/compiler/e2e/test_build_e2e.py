@@ -9,6 +9,7 @@ import onnx
 import pytest
 
 import qcompile
+from qcompile.frontend import load_source
 
 from qc_testutil import cosine, ort_session
 

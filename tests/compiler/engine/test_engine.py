@@ -260,6 +260,9 @@ def test_read_only_folder_fails_before_compile(tmp_path, monkeypatch):
     (lambda: _examples(), [INPUTS[0], IOSpec("y", "float32", ["batch", 8], {"batch": (1, 8)})],
      "dim 'batch' has range"),
     (lambda: _examples(), [INPUTS[0], IOSpec("y", "float32", ["rows", 8])], "dynamic dim 'rows' has no"),
+    (lambda: _examples(), [INPUTS[0], IOSpec("y", "complex64", ["batch", 8])], "'y': dtype 'complex64' is not one"),
+    (lambda: _examples(), [INPUTS[0], IOSpec("y", "float32", ["class", 8], {"class": (1, 64)})],
+     "'y': dynamic dim name 'class' must be a Python identifier"),
 ])
 def test_bad_specs_fail_before_compile(tmp_path, monkeypatch, examples, specs, message):
     _no_compile(monkeypatch)
