@@ -1,6 +1,7 @@
-"""The `qcompile` command line: build, run, inspect, recipes, sample-inputs.
+"""The `qcompile` command line: build, validate, run, inspect, recipes, sample-inputs.
 
-User and input errors (`QCompileError`) end in one line on stderr and exit code 2.
+User and input errors (`QCompileError`) end in one line on stderr and exit code 2; a validation that does
+not meet its thresholds exits 1 (the engine and the report are kept).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="qcompile: %(levelname)s: %(message)s")
-    if not args.verbose and args.command in ("build", "sample-inputs", "run"):
+    if not args.verbose and args.command in ("build", "validate", "sample-inputs", "run"):
         _quiet_third_party()
     try:
         return args.func(args)
@@ -43,7 +44,22 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("-o", "--output", required=True, help="engine file to write")
     b.add_argument("--emit-onnx", metavar="PATH", help="also write the portable Q/DQ ONNX (TensorRT conventions)")
     b.add_argument("--device", choices=("cpu", "cuda"), help="device the engine runs on (default: cuda if available)")
+    b.add_argument("--no-validate", action="store_true", help="skip the validation against the FP16 graph")
+    b.add_argument("--holdout", type=float, default=0.2, metavar="FRACTION",
+                   help="fraction of the calibration samples kept for validation when no --val-data (default 0.2)")
+    _add_validation_args(b, data_flag="--val-data")
     b.set_defaults(func=_cmd_build)
+
+    v = sub.add_parser("validate", help="compare an engine with its FP16 reference graph (Polygraphy)")
+    v.add_argument("engine")
+    v.add_argument("--reference", metavar="MODEL",
+                   help="the FP model the engine was built from: an .onnx file, file.py:factory or a built-in "
+                        "(default: the source recorded in the engine)")
+    v.add_argument("--per-layer", action="store_true",
+                   help="rank the quantized layers by their contribution to the error (local error, clip rate)")
+    v.add_argument("--top", type=int, default=10, help="layers shown by --per-layer (default 10)")
+    _add_validation_args(v, data_flag="--data")
+    v.set_defaults(func=_cmd_validate)
 
     r = sub.add_parser("run", help="run an engine on inputs from a .npz file")
     r.add_argument("engine")
@@ -71,12 +87,24 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_validation_args(p: argparse.ArgumentParser, data_flag: str) -> None:
+    p.add_argument(data_flag, dest="val_data", metavar="DATA",
+                   help="validation inputs: a .npz file (first axis = samples), a directory of them or file.py:fn "
+                        "(default: held-out calibration samples, else seeded random data)")
+    p.add_argument("--reference-precision", choices=("fp16", "fp32"), default="fp16",
+                   help="run the reference graph in FP16 (default) or FP32")
+    p.add_argument("--min-cosine", type=float, help="override the recipe's cosine threshold")
+    p.add_argument("--min-sqnr-db", type=float, help="override the recipe's SQNR threshold (dB)")
+    p.add_argument("--min-top1", type=float, help="override the recipe's top-1 agreement threshold (logits)")
+
+
 def _cmd_build(args) -> int:
     from qcompile.pipeline import build
     from qcompile.report import format_table, human_bytes, write_json_atomic
 
     result = build(args.source, args.recipe, output=args.output, calib=args.calib,
-                   emit_onnx=args.emit_onnx, device=args.device)
+                   emit_onnx=args.emit_onnx, device=args.device,
+                   holdout=0.0 if args.no_validate or args.val_data else args.holdout)
     if result.layers:
         print(format_table(
             ["layer", "module", "format w/a", "granularity", "before", "after", "kernel"],
@@ -100,7 +128,53 @@ def _cmd_build(args) -> int:
     print(f"\nbuild report: {report}")
     if result.calibration and result.calibration.get("random"):
         print("note: calibrated on RANDOM data (--calib random): scales are not representative of real inputs")
-    return EXIT_OK
+    if args.no_validate:
+        return EXIT_OK
+    print()
+    report = _validate(args, result.engine_path, result.source_model, args.source, held_out=result.validation_data)
+    return EXIT_OK if report.passed else EXIT_FAILED
+
+
+def _cmd_validate(args) -> int:
+    from qcompile.engine import read_manifest
+    from qcompile.frontend import load_source
+
+    spec = args.reference or ((read_manifest(args.engine).extra.get("source") or {}).get("spec"))
+    if not spec:
+        raise QCompileError(f"{args.engine} does not record the model it was built from; "
+                            "give it with --reference MODEL.onnx")
+    reference = load_source(spec)
+    report = _validate(args, args.engine, reference.model, spec, per_layer=args.per_layer, top=args.top)
+    return EXIT_OK if report.passed else EXIT_FAILED
+
+
+def _validate(args, engine_path, reference_model, reference_name, *, held_out=None, per_layer=False, top=10):
+    """Run the validation the CLI options ask for; print the tables; return the report."""
+    from qcompile.calibration import load_calibration_data
+    from qcompile.engine import read_manifest
+    from qcompile.validation.report import format_report, report_path_for
+    from qcompile.validation.validate import recipe_thresholds, validate_engine
+
+    manifest = read_manifest(engine_path)
+    data, description = None, None
+    if args.val_data:
+        data = load_calibration_data(args.val_data, manifest.inputs)
+        description = f"{data.description} (validation data)"
+    elif held_out is not None:
+        data, description = held_out, held_out.description
+    thresholds = recipe_thresholds(manifest).override(min_cosine=args.min_cosine, min_sqnr_db=args.min_sqnr_db,
+                                                      min_top1=args.min_top1)
+    report = validate_engine(engine_path, reference_model, reference_name=str(reference_name), data=data,
+                             data_description=description, thresholds=thresholds,
+                             precision=args.reference_precision, per_layer=per_layer)
+    print(format_report(report))
+    if report.layers is not None:
+        from qcompile.validation.localize import format_layer_table
+
+        print()
+        print(format_layer_table(report.layers, top=top))
+    print(f"validation report: {report_path_for(engine_path)}")
+    return report
 
 
 def _cmd_run(args) -> int:

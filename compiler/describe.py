@@ -37,7 +37,13 @@ def _describe_engine(path: Path) -> dict[str, Any]:
     ]
     validation = m.get("validation")
     if validation:
-        header.append(("last validation", validation.get("verdict")))
+        verdict = "PASSED" if validation.get("passed") else "FAILED"
+        cosine = validation.get("min_cosine")
+        header.append(("last validation", f"{verdict} vs {validation.get('reference')} graph"
+                       f"{'' if cosine is None else f', min cosine {cosine:.5f}'}, {validation.get('created')} "
+                       f"({validation.get('report')})"))
+    else:
+        header.append(("last validation", "never (run `qcompile validate`)"))
     io = [_io_row(t, "input") for t in m.get("inputs", [])] + [_io_row(t, "output") for t in m.get("outputs", [])]
     return {"kind": "engine", "header": header, "io": io, "layers": m.get("layers", []), "manifest": m}
 

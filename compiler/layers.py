@@ -38,7 +38,7 @@ def layer_table(model: onnx.ModelProto) -> list[LayerRow]:
     producers = {o: n for n in model.graph.node for o in n.output}
     rows = []
     for node in model.graph.node:
-        module = _module_of(node)
+        module = module_of(node)
         if node.domain == onnx_schema.DOMAIN and node.op_type == onnx_schema.OP_TYPE:
             x_zp, w_q, w_scale = (inits.get(node.input[i]) for i in (2, 3, 4))
             if w_q is None or w_scale is None:
@@ -75,7 +75,7 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
     return sum(_nbytes(t) for t in model.graph.initializer)
 
 
-def _module_of(node: onnx.NodeProto) -> str:
+def module_of(node: onnx.NodeProto) -> str:
     return next((p.value for p in node.metadata_props if p.key == "qcompile.module"), "")
 
 

@@ -40,6 +40,8 @@ class BuildResult:
     calibration: dict[str, Any] | None
     pass_stats: dict[str, int] = field(default_factory=dict)
     report_path: Path | None = None
+    source_model: onnx.ModelProto | None = None  # the FP32 ONNX graph it was built from (validation reference)
+    validation_data: Any = None  # the held-out calibration samples (`holdout`), else None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -85,9 +87,13 @@ def build(
     calib: str | None = None,
     emit_onnx: str | Path | None = None,
     device: str | None = None,
+    holdout: float = 0.0,
     progress_stream=STDERR,
 ) -> BuildResult:
     """Build an engine from `source` with `recipe`; see the README for the source forms.
+
+    `holdout`: the fraction of the calibration samples kept out of calibration for validation (real data
+    only; `BuildResult.validation_data`). Too few samples to split: nothing is held out.
 
     Raises:
         QCompileError (a subclass) for any user or input error, before any file is written.
@@ -116,16 +122,17 @@ def build(
     with progress.stage("export", source):
         src = load_source(source, opset=recipe.opset)
 
-    calibration, amax = None, {}
+    calibration, amax, held_out = None, {}, None
     with progress.stage("calibrate", recipe.calibration.method if recipe.needs_calibration else "(not needed)") as tick:
         targets = plan_quantization(src.model, recipe)
         tensors = activation_tensors(targets)
         data_hash = ""
         if recipe.needs_calibration and tensors:
             data = load_calibration_data(calib, src.inputs, source=src)
+            data_hash = data.content_hash()
+            data, held_out = _split_holdout(data, holdout)
             result = calibrate(src.model, tensors, data, recipe.calibration, device=device, progress=tick)
             amax = result.amax
-            data_hash = data.content_hash()
             calibration = {"data": data.description, "random": data.is_random, "samples": result.num_samples,
                            "method": recipe.calibration.method, "tensors": len(amax)}
             if data.is_random:
@@ -144,9 +151,10 @@ def build(
 
     layers = layer_table(plugin_model)
     content_hash = hashlib.sha256(
-        (src.content_hash() + recipe.content_hash() + data_hash).encode()).hexdigest()
+        (src.content_hash() + recipe.content_hash() + data_hash
+         + (f"holdout={holdout}" if held_out is not None else "")).encode()).hexdigest()
     manifest = {
-        "source": {"name": src.name, "kind": src.kind},
+        "source": {"name": src.name, "kind": src.kind, "spec": source},
         "recipe": recipe.to_dict(),
         "layers": [r.to_dict() for r in layers],
         "content_hash": content_hash,
@@ -156,12 +164,34 @@ def build(
     }
     with progress.stage("compile", "AOTInductor"):
         build_engine(program, inputs=src.inputs, outputs=src.outputs, example_inputs=example,
-                     manifest=manifest, output_path=output, device=device)
+                     manifest=manifest, output_path=output, device=device, extra_files=_quantized_graph(plugin_model))
 
     stats = {f"{k}": v for k, v in {**qdq_result.stats, **fuse_result.stats}.items()}
     result = BuildResult(output, recipe, qdq_model, plugin_model, layers, dict(progress.times),
-                         initializer_bytes(src.model), initializer_bytes(plugin_model), calibration, stats)
+                         initializer_bytes(src.model), initializer_bytes(plugin_model), calibration, stats,
+                         source_model=src.model, validation_data=held_out)
     return result
+
+
+def _split_holdout(data, fraction: float):
+    """(calibration part, held-out part or None): real data only, and only when there are enough samples."""
+    if fraction <= 0.0 or data.is_random:
+        return data, None
+    try:
+        return data.split(fraction)
+    except QCompileError as exc:
+        logger.info("nothing held out for validation: %s", exc)
+        return data, None
+
+
+def _quantized_graph(plugin_model: onnx.ModelProto) -> dict[str, bytes]:
+    """The quantized plugin graph as an engine member (per-layer validation), when it has quantized layers
+    and fits in one protobuf (< 2 GB)."""
+    from qcompile.engine import QUANTIZED_ONNX_NAME
+
+    if not any(n.domain == "qcompile" for n in plugin_model.graph.node) or plugin_model.ByteSize() >= 2**31 - 1:
+        return {}
+    return {QUANTIZED_ONNX_NAME: plugin_model.SerializeToString()}
 
 
 def _save_onnx_atomic(model: onnx.ModelProto, path: Path) -> None:

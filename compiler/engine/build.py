@@ -9,6 +9,7 @@ import inspect
 
 import logging
 import os
+import shutil
 import tempfile
 import time
 import zipfile
@@ -38,6 +39,7 @@ def build_engine(
     output_path: str | os.PathLike,
     device: str,
     inductor_configs: dict | None = None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> Manifest:
     """Export `program`, compile it with AOTInductor and write the engine file at `output_path`.
 
@@ -50,6 +52,7 @@ def build_engine(
         output_path: the engine file to write (its folder must exist and be writable).
         device: "cpu" or "cuda[:index]", the device the engine is built for.
         inductor_configs: extra Inductor configs (e.g. {"max_autotune": True}).
+        extra_files: more members of the engine zip, name -> bytes (e.g. the quantized ONNX graph).
 
     Returns:
         The manifest written into the engine.
@@ -80,7 +83,7 @@ def build_engine(
         package = _compile(ep, Path(tmp) / PACKAGE_NAME, man, inductor_configs)
         t2 = time.perf_counter()
         man.timings = {**man.timings, "export_s": round(t1 - t0, 3), "compile_s": round(t2 - t1, 3)}
-        write_engine_file(output_path, man, package)
+        write_engine_file(output_path, man, package, extra_files)
     logger.info("wrote engine %s (export %.1fs, compile %.1fs)", output_path, t1 - t0, t2 - t1)
     return man
 
@@ -143,6 +146,10 @@ def _compile(ep, package_path: Path, man: Manifest, inductor_configs: dict | Non
     }
     configs = {
         **exact_numerics_configs(),
+        # Inductor's FX graph cache keys on the graph, not on the constant values AOTInductor bakes into the
+        # package: a second build of the same architecture with other weights or scales got the first build's
+        # constants back (found by validation: a sabotaged scale did not reach the engine)
+        "force_disable_caches": True,
         "aot_inductor.metadata": metadata,
         "aot_inductor.model_name_for_generated_files": MODEL_NAME,
         **(inductor_configs or {}),
@@ -167,14 +174,42 @@ def exact_numerics_configs() -> dict:
     return {"eager_numerics.division_rounding": True} if hasattr(numerics, "division_rounding") else {}
 
 
-def write_engine_file(path: Path, man: Manifest, package: Path) -> None:
-    """Atomically write the engine zip (`manifest.json` + `model.pt2`, ZIP_STORED) at `path`."""
+def write_engine_file(path: Path, man: Manifest, package: Path, extra_files: dict[str, bytes] | None = None) -> None:
+    """Atomically write the engine zip (`manifest.json`, `model.pt2`, extra files; ZIP_STORED) at `path`."""
+    def fill(z: zipfile.ZipFile) -> None:
+        z.writestr(MANIFEST_NAME, man.to_json())
+        z.write(package, PACKAGE_NAME)
+        for name, data in (extra_files or {}).items():
+            z.writestr(name, data)
+
+    _write_zip_atomic(path, fill)
+
+
+def update_manifest(path: str | os.PathLike, changes: dict) -> Manifest:
+    """Rewrite the engine file at `path` (atomically) with `changes` merged into its manifest."""
+    from qcompile.engine.load import read_manifest
+
+    path = Path(path)
+    man = Manifest.from_dict({**read_manifest(path).to_dict(), **changes})
+
+    def fill(z: zipfile.ZipFile) -> None:
+        z.writestr(MANIFEST_NAME, man.to_json())
+        with zipfile.ZipFile(path) as old:
+            for info in old.infolist():
+                if info.filename != MANIFEST_NAME:
+                    with old.open(info) as src, z.open(info.filename, "w", force_zip64=True) as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+
+    _write_zip_atomic(path, fill)
+    return man
+
+
+def _write_zip_atomic(path: Path, fill) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as z:
-                z.writestr(MANIFEST_NAME, man.to_json())
-                z.write(package, PACKAGE_NAME)
+                fill(z)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -44,6 +44,13 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
         raise EngineError(f"{str(path)!r}: invalid manifest ({type(exc).__name__}: {exc})") from exc
 
 
+def read_member(path: str | os.PathLike, name: str) -> bytes | None:
+    """The bytes of member `name` of the engine file at `path` (e.g. `QUANTIZED_ONNX_NAME`), None if absent."""
+    read_manifest(path)  # a readable engine first (clear errors otherwise)
+    with zipfile.ZipFile(path) as z:
+        return z.read(name) if name in z.namelist() else None
+
+
 def check_compatible(manifest: Manifest, device: str | torch.device | None = None) -> torch.device:
     """The device to run on; raises EngineError listing every way this machine does not match the engine."""
     dev = devinfo.parse_device(device or manifest.device)
@@ -162,7 +169,7 @@ class Engine:
                 raise EngineError(f"input {spec.name!r}: dim {axis} ({dim!r}) is {size}, but input {seen[dim][1]!r} "
                                   f"has {dim!r} = {seen[dim][0]}")
             seen.setdefault(dim, (size, spec.name))
-        return _to_torch(value).to(self.device).contiguous()
+        return to_torch(value).to(self.device).contiguous()
 
     def run_torch(self, feeds: dict) -> dict[str, torch.Tensor]:
         """Run on checked feeds; results are torch tensors on the engine device."""
@@ -175,7 +182,7 @@ class Engine:
 
     def run(self, feeds: dict) -> dict[str, np.ndarray]:
         """Run on checked feeds (numpy arrays or torch tensors); results are numpy arrays."""
-        return {name: _to_numpy(t) for name, t in self.run_torch(feeds).items()}
+        return {name: to_numpy(t) for name, t in self.run_torch(feeds).items()}
 
     __call__ = run
 
@@ -197,7 +204,8 @@ class Engine:
 _VIEW_AS = {torch.bfloat16: (np.int16, torch.int16), torch.float8_e4m3fn: (np.uint8, torch.uint8)}
 
 
-def _to_torch(value) -> torch.Tensor:
+def to_torch(value) -> torch.Tensor:
+    """A torch tensor for a numpy array or tensor (bfloat16 / float8 numpy arrays via ml_dtypes views)."""
     if isinstance(value, torch.Tensor):
         return value
     name = dtype_name(value.dtype)
@@ -209,7 +217,8 @@ def _to_torch(value) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(value))
 
 
-def _to_numpy(t: torch.Tensor) -> np.ndarray:
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A numpy array for a tensor on any device (bfloat16 / float8 as ml_dtypes arrays)."""
     t = t.detach().cpu()
     if t.dtype in _VIEW_AS:
         import ml_dtypes

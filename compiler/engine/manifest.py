@@ -20,6 +20,7 @@ from qcompile.iospec import TORCH_DTYPES, HasIO, IOSpec
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 PACKAGE_NAME = "model.pt2"
+QUANTIZED_ONNX_NAME = "quantized.onnx"  # the quantized plugin graph (per-layer validation reads it)
 
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 # Keys the caller's `manifest` dict may set as first-class fields (anything else lands in `extra`).

@@ -259,19 +259,36 @@ class CalibrationOptions:
 
 @dataclass(frozen=True)
 class ValidationThresholds:
-    """Default pass/fail thresholds when comparing the engine against the FP graph."""
+    """Pass/fail limits when comparing the engine with its FP reference graph, per output.
+
+    Attributes:
+        min_cosine: cosine similarity of each output with the reference's.
+        min_sqnr_db: signal-to-quantization-noise ratio in dB (None: not checked).
+        min_top1: for logits outputs, the fraction of positions whose arg-max agrees (None: not checked).
+    """
 
     min_cosine: float = 0.99
     min_sqnr_db: float | None = None
+    min_top1: float | None = None
 
     @classmethod
     def from_table(cls, table: Any, where: str = "validation") -> "ValidationThresholds":
         if not isinstance(table, dict):
             raise RecipeError(f"bad value {where}; expected a table")
-        _check_keys(table, {"min_cosine", "min_sqnr_db"}, where)
+        _check_keys(table, {"min_cosine", "min_sqnr_db", "min_top1"}, where)
         cos = float(_typed(table, "min_cosine", (int, float), where, 0.99))
+        if not -1.0 <= cos <= 1.0:
+            raise RecipeError(f"bad value {where}.min_cosine = {cos!r}; expected a number in [-1, 1]")
         sqnr = _typed(table, "min_sqnr_db", (int, float), where)
-        return cls(cos, None if sqnr is None else float(sqnr))
+        top1 = _typed(table, "min_top1", (int, float), where)
+        if top1 is not None and not 0.0 <= top1 <= 1.0:
+            raise RecipeError(f"bad value {where}.min_top1 = {top1!r}; expected a fraction in [0, 1]")
+        return cls(cos, None if sqnr is None else float(sqnr), None if top1 is None else float(top1))
+
+    def override(self, **limits: float | None) -> "ValidationThresholds":
+        """A copy with the limits given (not None) replaced, checked like the recipe's."""
+        table = {k: v for k, v in {**dataclasses.asdict(self), **limits}.items() if v is not None}
+        return ValidationThresholds.from_table(table, "threshold")
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,28 @@ def engine(built):
     return load(built[1])
 
 
+@pytest.mark.slow
+def test_same_architecture_other_constants_gets_its_own_constants(built, engine, tmp_path):
+    """A second build of the same graph with other weights and scales must not reuse the first build's
+    compiled constants (Inductor's caches key on the graph, not on constant values)."""
+    net, _, _ = built
+    other = TinyNet().eval()
+    other.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        other.fc1.weight.mul_(-2.0)
+        other.x_scale.mul_(7.0)
+    path = tmp_path / "other.qengine"
+    build_engine(other, inputs=INPUTS, outputs=OUTPUTS, example_inputs=_examples(), manifest={},
+                 output_path=path, device="cpu")
+    x, y = _examples(batch=5)
+    with torch.no_grad():
+        want_other, want_first = other(x, y), net(x, y)
+    got_other = load(path).run_torch({"x": x, "y": y})["out"]
+    assert not torch.allclose(want_other, want_first, atol=1e-3)
+    torch.testing.assert_close(got_other, want_other, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(engine.run_torch({"x": x, "y": y})["out"], want_first, rtol=1e-4, atol=1e-4)
+
+
 def _rewrite(src, dst, **changes):
     """Copy engine `src` to `dst` with manifest fields changed."""
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:

@@ -1,0 +1,1 @@
+"""Validation of engines against their FP reference graph (Polygraphy harness)."""
