@@ -1,7 +1,7 @@
 """The per-layer table: which layers were quantized, how, and what it saved.
 
 Read off the final (plugin) ONNX model, so it describes what the engine really runs:
-`qcompile::ScaledGemm` plugin nodes and GEMM/Conv nodes whose weight is still a
+`qcompile::ScaledGemm` / `qcompile::Int4GroupwiseGemm` plugin nodes and GEMM/Conv nodes whose weight is still a
 DequantizeLinear of a quantized initializer (simulated Q/DQ).
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from qcompile.plugins.formats import format_of_onnx_dtype
+from qcompile.plugins.int4_gemm import onnx_schema as int4_schema
 from qcompile.plugins.scaled_gemm import onnx_schema
 
 WEIGHTED_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
@@ -49,6 +50,16 @@ def layer_table(model: onnx.ModelProto) -> list[LayerRow]:
                                  f"{_granularity(w_scale)}/tensor", _numel(w_q) * 4,
                                  _nbytes(w_q) + _nbytes(w_scale),
                                  f"{onnx_schema.DOMAIN}::{onnx_schema.OP_TYPE}"))
+        elif node.domain == int4_schema.DOMAIN and node.op_type == int4_schema.OP_TYPE:
+            w_q, w_scale = inits.get(node.input[1]), inits.get(node.input[2])
+            if w_q is None or w_scale is None:
+                continue
+            w_zero = inits.get(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+            block = next((a.i for a in node.attribute if a.name == "block_size"), 0)
+            rows.append(LayerRow(node.name, int4_schema.OP_TYPE, module, f"{'int4' if w_zero is None else 'uint4'}/fp16",
+                                 f"group{block}/-", _numel(w_q) * 4,
+                                 _nbytes(w_q) + _nbytes(w_scale) + (_nbytes(w_zero) if w_zero is not None else 0),
+                                 f"{int4_schema.DOMAIN}::{int4_schema.OP_TYPE}"))
         elif node.op_type in WEIGHTED_OPS and len(node.input) > 1:
             w_dq = producers.get(node.input[1])
             if w_dq is None or w_dq.op_type != "DequantizeLinear" or w_dq.input[0] not in inits:

@@ -106,6 +106,7 @@ def build(
         check_writable(emit_onnx, "ONNX")
     import torch
 
+    from qcompile.algorithms.plan import observers_for, plan_int4_jobs, run_jobs
     from qcompile.calibration import calibrate, load_calibration_data
     from qcompile.engine import build_engine
     from qcompile.frontend import load_source
@@ -123,23 +124,28 @@ def build(
         src = load_source(source, opset=recipe.opset)
 
     calibration, amax, held_out = None, {}, None
+    int4_weights, int4_input_scales = {}, {}
     with progress.stage("calibrate", recipe.calibration.method if recipe.needs_calibration else "(not needed)") as tick:
         targets = plan_quantization(src.model, recipe)
         tensors = activation_tensors(targets)
+        jobs = plan_int4_jobs(src.model, recipe)
+        watch = observers_for(jobs)
         data_hash = ""
-        if recipe.needs_calibration and tensors:
+        if recipe.needs_calibration and (tensors or jobs):
             data = load_calibration_data(calib, src.inputs, source=src)
             data_hash = data.content_hash()
             data, held_out = _split_holdout(data, holdout)
-            result = calibrate(src.model, tensors, data, recipe.calibration, device=device, progress=tick)
+            result = calibrate(src.model, tensors, data, recipe.calibration, device=device, progress=tick,
+                               extra_observers=watch)
             amax = result.amax
+            int4_weights, int4_input_scales = run_jobs(jobs, watch, device=device)
             calibration = {"data": data.description, "random": data.is_random, "samples": result.num_samples,
                            "method": recipe.calibration.method, "tensors": len(amax)}
             if data.is_random:
                 logger.warning("calibrated on random data: scales are not representative of real inputs")
 
     with progress.stage("quantize", f"{sum(t.quantized for t in targets)} layers selected"):
-        qdq_model, qdq_result = quantize_model(src.model, recipe, amax)
+        qdq_model, qdq_result = quantize_model(src.model, recipe, amax, int4_weights, int4_input_scales)
         if emit_onnx is not None:
             _save_onnx_atomic(qdq_model, emit_onnx)
         plugin_model, fuse_result = fuse_plugins(qdq_model)

@@ -57,6 +57,18 @@ def const_values(tensor) -> np.ndarray | None:
     return np.asarray(tensor.values)
 
 
+def bias_vector(tensor, n: int, strict: bool = False) -> np.ndarray | None:
+    """A constant bias as float32 [N], or None. strict: only shape [N] (it must not broadcast the output up)."""
+    b = const_values(tensor)
+    if b is None or b.dtype.kind != "f":
+        return None
+    if strict:
+        return b.astype(np.float32) if b.shape == (n,) else None
+    if b.size not in (1, n) or (b.ndim and b.shape[-1] not in (1, n)) or b.ndim > 2 or b.size != max(b.shape or (1,)):
+        return None
+    return np.broadcast_to(b.astype(np.float32).reshape(-1), (n,)).copy()
+
+
 def make_constant(name: str, array: np.ndarray) -> gs.Constant:
     """A gs.Constant that exports every dtype correctly (gs cannot export int4 from numpy itself)."""
     return gs.Constant(name, LazyValues(numpy_helper.from_array(np.ascontiguousarray(array), name)))

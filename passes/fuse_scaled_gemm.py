@@ -90,7 +90,7 @@ class ScaledGemmRule(RewriteRule):
         if node.op == "Gemm" and float(node.attrs.get("alpha", 1.0)) <= 0:
             return MatchResult.fail("Gemm alpha <= 0 cannot be folded into the weight scale")
         if node.op == "Gemm" and len(node.inputs) > 2 and not node.inputs[2].is_empty():
-            if _bias_vector(node.inputs[2], wq.shape[n_axis]) is None:
+            if G.bias_vector(node.inputs[2], wq.shape[n_axis]) is None:
                 return MatchResult.fail("Gemm C is not a constant bias broadcastable to [N]")
         return MatchResult.ok()
 
@@ -106,10 +106,10 @@ class ScaledGemmRule(RewriteRule):
         if node.op == "Gemm":
             w_scale = w_scale * np.float32(node.attrs.get("alpha", 1.0))
             if len(node.inputs) > 2 and not node.inputs[2].is_empty():
-                bias = _bias_vector(node.inputs[2], n) * np.float32(node.attrs.get("beta", 1.0))
+                bias = G.bias_vector(node.inputs[2], n) * np.float32(node.attrs.get("beta", 1.0))
         elif bias_add is not None:
             other = next(x for x in bias_add.inputs if x is not y)
-            b = _bias_vector(other, n, strict=True)
+            b = G.bias_vector(other, n, strict=True)
             if b is not None and sum(x is y for x in bias_add.inputs) == 1:
                 bias, y = b, bias_add.outputs[0]
                 G.drop_node(bias_add)
@@ -143,18 +143,6 @@ def _nonzero_zero_point(node: gs.Node) -> bool:
         return False
     zp = G.const_values(node.inputs[2])
     return zp is None or bool(np.any(zp.astype(np.float32) != 0))
-
-
-def _bias_vector(tensor, n: int, strict: bool = False) -> np.ndarray | None:
-    """A constant bias as float32 [N], or None. strict: only shape [N] (it must not broadcast the output up)."""
-    b = G.const_values(tensor)
-    if b is None or b.dtype.kind != "f":
-        return None
-    if strict:
-        return b.astype(np.float32) if b.shape == (n,) else None
-    if b.size not in (1, n) or (b.ndim and b.shape[-1] not in (1, n)) or b.ndim > 2 or b.size != max(b.shape or (1,)):
-        return None
-    return np.broadcast_to(b.astype(np.float32).reshape(-1), (n,)).copy()
 
 
 def ensure_function(graph: gs.Graph) -> None:

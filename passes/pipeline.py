@@ -13,11 +13,14 @@ import onnx_graphsurgeon as gs
 from qcompile.passes import _graph as G
 from qcompile.passes.cleanup import CleanupPass
 from qcompile.passes.fold_weight_qdq import FoldWeightQDQPass
+from qcompile.passes.fuse_int4_gemm import FuseInt4GemmPass
 from qcompile.passes.fuse_scaled_gemm import FuseScaledGemmPass
 from qcompile.passes.infra import PassBase, PassManager, PassResult
 from qcompile.passes.insert_qdq import InsertQDQPass
 from qcompile.passes.lint_qdq import LintQDQPass
+from qcompile.passes.quantize_weights_int4 import QuantizeWeightsInt4Pass
 from qcompile.passes.sink_dequantize import SinkDequantizePass
+from qcompile.plugins.int4_gemm import onnx_schema as int4_schema
 from qcompile.plugins.scaled_gemm import onnx_schema
 from qcompile.recipes.schema import Recipe
 
@@ -31,20 +34,24 @@ MIN_OPSET = 21
 import_model = G.import_model
 
 
-def qdq_passes(recipe: Recipe, activation_amax: dict[str, float]) -> list[PassBase]:
-    """FP graph -> Q/DQ graph with folded, sunk weights."""
-    return [InsertQDQPass(recipe, activation_amax), FoldWeightQDQPass(), SinkDequantizePass(), CleanupPass(),
-            LintQDQPass()]
+def qdq_passes(recipe: Recipe, activation_amax: dict[str, float], int4_weights=None, int4_input_scales=None
+               ) -> list[PassBase]:
+    """FP graph -> Q/DQ graph with folded, sunk weights (`int4_*`: AWQ/GPTQ results by node name)."""
+    return [InsertQDQPass(recipe, activation_amax), QuantizeWeightsInt4Pass(recipe, int4_weights, int4_input_scales),
+            FoldWeightQDQPass(),
+            SinkDequantizePass(), CleanupPass(), LintQDQPass()]
 
 
 def plugin_passes() -> list[PassBase]:
     """Q/DQ graph -> plugin graph."""
-    return [FuseScaledGemmPass(), CleanupPass(), LintQDQPass()]
+    return [FuseScaledGemmPass(), FuseInt4GemmPass(), CleanupPass(), LintQDQPass()]
 
 
-def quantize_model(model: onnx.ModelProto, recipe: Recipe, activation_amax: dict[str, float]
-                   ) -> tuple[onnx.ModelProto, PassResult]:
+def quantize_model(model: onnx.ModelProto, recipe: Recipe, activation_amax: dict[str, float],
+                   int4_weights=None, int4_input_scales=None) -> tuple[onnx.ModelProto, PassResult]:
     """The portable Q/DQ ONNX for `model` (opset >= recipe.opset, IR 10) and the pass results.
+
+    `int4_weights` / `int4_input_scales`: AWQ/GPTQ results by node name (`qcompile.algorithms.plan.run_jobs`).
 
     Raises:
         PassError: a pass failed (e.g. a needed activation has no amax). LintError: invalid Q/DQ.
@@ -52,7 +59,7 @@ def quantize_model(model: onnx.ModelProto, recipe: Recipe, activation_amax: dict
     opset = max(recipe.opset, MIN_OPSET)
     graph = import_model(model)
     graph.opset = max(graph.opset, opset)
-    result = PassManager(qdq_passes(recipe, activation_amax)).run(graph)
+    result = PassManager(qdq_passes(recipe, activation_amax, int4_weights, int4_input_scales)).run(graph)
     return export_model(result.graph, like=model, opset=opset), result
 
 
@@ -77,14 +84,15 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto, opset: int | None = Non
         versions[op.domain] = max(versions.get(op.domain, 0), op.version)
     versions[""] = max(versions.get("", 0), graph.opset or 0, opset or 0)
     used = {n.domain for n in model.graph.node} | {f.domain for f in model.functions}
-    if onnx_schema.DOMAIN in used:
+    if onnx_schema.DOMAIN in used:  # one "qcompile" domain for every plugin
         versions.setdefault(onnx_schema.DOMAIN, onnx_schema.VERSION)
     del model.opset_import[:]
     model.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in sorted(versions.items()))
     have = {(f.domain, f.name) for f in model.functions}
     model.functions.extend(f for f in like.functions if (f.domain, f.name) not in have)
-    if any(n.domain == onnx_schema.DOMAIN and n.op_type == onnx_schema.OP_TYPE for n in model.graph.node):
-        onnx_schema.add_to_model(model)
+    for schema in (onnx_schema, int4_schema):
+        if any(n.domain == schema.DOMAIN and n.op_type == schema.OP_TYPE for n in model.graph.node):
+            schema.add_to_model(model)
     model.ir_version = max(IR_VERSION, onnx.helper.find_min_ir_version_for(list(model.opset_import), True))
     model.producer_name = like.producer_name or "qcompile"
     model.producer_version = like.producer_version

@@ -6,7 +6,8 @@ Does the following transformation (TensorRT's and ModelOpt's INT4 form, opset 21
 
 Selected: MatMul nodes whose recipe rule has an `int4` weight and no activation quantization. The
 quantized weights come from `qcompile.algorithms` (round to nearest here; AWQ/GPTQ results can be handed
-in precomputed by node name). Declined, with a reason: a non-constant or non-2-D weight (reached through
+in precomputed by node name). AWQ's per-input-channel scales s come with them: the layer's input is
+divided by s (`Mul(x, 1/s)` in front of the MatMul) and the weight was quantized as W * s. Declined, with a reason: a non-constant or non-2-D weight (reached through
 copy ops), K not a multiple of the group size, K < min_k or N < min_n.
 """
 from __future__ import annotations
@@ -48,11 +49,14 @@ class QuantizeWeightsInt4Pass(InPlacePass):
     Args:
         recipe: selects the layers (rules with `weight.format = "int4"`) and the group size.
         quantized: precomputed results (AWQ, GPTQ) by node name; other layers are rounded to nearest.
+        input_scales: AWQ scales s [K] by node name (the node's input is divided by them).
     """
 
-    def __init__(self, recipe: Recipe, quantized: dict[str, QuantizedWeight] | None = None):
+    def __init__(self, recipe: Recipe, quantized: dict[str, QuantizedWeight] | None = None,
+                 input_scales: dict[str, np.ndarray] | None = None):
         self.recipe = recipe
         self.quantized = quantized or {}
+        self.input_scales = input_scales or {}
 
     def call(self, graph: gs.Graph) -> PassResult:
         stats: collections.Counter = collections.Counter()
@@ -67,6 +71,9 @@ class QuantizeWeightsInt4Pass(InPlacePass):
             qw = self.quantized.get(node.name) or quantize_rtn(torch.from_numpy(w.astype(np.float32)),
                                                                 spec.group_size, symmetric=spec.symmetric)
             node.inputs[1] = self._dequantize(graph, node, qw)
+            if node.name in self.input_scales:
+                node.inputs[0] = self._divide_input(graph, node, self.input_scales[node.name])
+                stats["input_scaled"] += 1
             stats["quantized"] += 1
             stats["bytes_saved"] += int(w.nbytes - qw.q.numel() // 2 - qw.scale.numel() * 4)
         if stats["quantized"]:
@@ -88,6 +95,17 @@ class QuantizeWeightsInt4Pass(InPlacePass):
         if n < opts.min_n:
             return f"N={n} < min_n={opts.min_n}"
         return None
+
+    @staticmethod
+    def _divide_input(graph: gs.Graph, node: gs.Node, scales: np.ndarray) -> gs.Variable:
+        """x / s as Mul(x, 1/s) in front of `node` (AWQ); returns the scaled input."""
+        x = node.inputs[0]
+        inv = G.make_constant(G.unique_name(graph, f"{node.name}/awq_inv_scale"),
+                              (1.0 / scales.astype(np.float64)).astype(np.float32))
+        out = gs.Variable(G.unique_name(graph, f"{x.name}_awq"), dtype=x.dtype, shape=x.shape)
+        graph.nodes.append(gs.Node("Mul", name=G.unique_name(graph, f"{node.name}/awq_scale"),
+                                   inputs=[x, inv], outputs=[out]))
+        return out
 
     @staticmethod
     def _dequantize(graph: gs.Graph, node: gs.Node, qw: QuantizedWeight) -> gs.Variable:

@@ -55,8 +55,12 @@ def _lower(model: onnx.ModelProto, device: str):
 
 
 def calibrate(model: onnx.ModelProto, tensors: list[str], data: CalibrationData, options, *,
-              device: str = "cpu", progress: Callable[[int, int | None], None] | None = None) -> CalibrationResult:
+              device: str = "cpu", progress: Callable[[int, int | None], None] | None = None,
+              extra_observers: dict[str, list] | None = None) -> CalibrationResult:
     """Measure the range of each tensor in `tensors` over `data` (see `CalibrationOptions`).
+
+    `extra_observers`: tensor name -> more observers (anything with `update(tensor)`, e.g. the AWQ / GPTQ
+    statistics of `qcompile.algorithms.plan`) fed in the same streaming pass.
 
     Raises:
         CalibrationError: a tensor is not in the graph, the data holds no samples, or a tensor
@@ -64,15 +68,19 @@ def calibrate(model: onnx.ModelProto, tensors: list[str], data: CalibrationData,
     """
     import torch
 
+    extra_observers = extra_observers or {}
     tensors = list(dict.fromkeys(tensors))
+    watched = list(dict.fromkeys([*tensors, *extra_observers]))
     graph_inputs = {v.name for v in model.graph.input} - {t.name for t in model.graph.initializer}
     produced = {o for n in model.graph.node for o in n.output} | graph_inputs
-    unknown = [t for t in tensors if t not in produced]
+    unknown = [t for t in watched if t not in produced]
     if unknown:
         raise CalibrationError(f"cannot calibrate tensor {unknown[0]!r}: no node of the graph produces it")
-    from_feeds = [t for t in tensors if t in graph_inputs]
-    to_capture = [t for t in tensors if t not in graph_inputs]
-    observers = {t: make_observer(options) for t in tensors}
+    from_feeds = [t for t in watched if t in graph_inputs]
+    to_capture = [t for t in watched if t not in graph_inputs]
+    observers = {t: [make_observer(options)] if t in tensors else [] for t in watched}
+    for name, extra in extra_observers.items():
+        observers[name] = observers[name] + list(extra)
     total = data.num_samples
     if options.max_samples is not None:
         total = options.max_samples if total is None else min(total, options.max_samples)
@@ -88,9 +96,11 @@ def calibrate(model: onnx.ModelProto, tensors: list[str], data: CalibrationData,
             for name in to_capture:
                 if name not in captured:
                     raise CalibrationError(f"the lowered program did not capture tensor {name!r}")
-                observers[name].update(captured[name])
+                for obs in observers[name]:
+                    obs.update(captured[name])
             for name in from_feeds:
-                observers[name].update(feeds[name])
+                for obs in observers[name]:
+                    obs.update(feeds[name])
             del captured, feeds
             count += 1
             if progress is not None:
@@ -99,7 +109,8 @@ def calibrate(model: onnx.ModelProto, tensors: list[str], data: CalibrationData,
         raise CalibrationError(f"calibration data {data.description} yielded no samples")
 
     amax, stats = {}, {}
-    for name, obs in observers.items():
+    for name in tensors:
+        obs = observers[name][0]
         value = obs.amax()
         if not math.isfinite(value) or not math.isfinite(obs.true_max()):
             raise CalibrationError(f"tensor {name!r} took NaN or Inf values during calibration on "

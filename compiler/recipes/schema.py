@@ -287,7 +287,8 @@ class ValidationThresholds:
 
     def override(self, **limits: float | None) -> "ValidationThresholds":
         """A copy with the limits given (not None) replaced, checked like the recipe's."""
-        table = {k: v for k, v in {**dataclasses.asdict(self), **limits}.items() if v is not None}
+        given = {k: v for k, v in limits.items() if v is not None}
+        table = {k: v for k, v in {**dataclasses.asdict(self), **given}.items() if v is not None}
         return ValidationThresholds.from_table(table, "threshold")
 
 
@@ -310,7 +311,9 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return any(r.activation is not None and r.activation.mode == "static" for r in self.rules)
+        """Static activation scales, or weight algorithms that read activation statistics (AWQ, GPTQ)."""
+        return any((r.activation is not None and r.activation.mode == "static") or r.algorithm in ("awq", "gptq")
+                   for r in self.rules)
 
     def rule_for(self, op_type: str, node_name: str, module_name: str | None = None) -> Rule | None:
         """The first rule that matches the node, or None (the node stays in high precision)."""

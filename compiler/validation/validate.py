@@ -8,6 +8,7 @@ matched by exact name. The report is printed, saved next to the engine and summa
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 from pathlib import Path
@@ -69,7 +70,9 @@ def validate_engine(
         ref_runner, reference = _reference_runner(reference_model, precision, reference_name)
         _check_io(manifest, reference_model)
         if data is None:
-            feeds, data_info = _random_feeds(manifest), {
+            with _polygraphy_quiet():
+                feeds = _random_feeds(manifest)
+            data_info = {
                 "description": f"Polygraphy seeded data loader (seed {RANDOM_SEED}, dims and ranges from the "
                                "engine manifest) — random, not representative data", "random": True}
         else:
@@ -79,7 +82,7 @@ def validate_engine(
             raise ValidationError(f"no validation inputs in {data_info['description']}")
         data_info["iterations"] = len(feeds)
 
-    with progress.stage("compare", f"{len(feeds)} inputs"):
+    with progress.stage("compare", f"{len(feeds)} inputs"), _polygraphy_quiet():
         results = Comparator.run([ref_runner, QcompileRunner(str(engine_path), name="qcompile-engine")],
                                  data_loader=feeds)
         ref_iters, eng_iters = (results[name] for name in (ref_runner.name, "qcompile-engine"))
@@ -100,6 +103,15 @@ def validate_engine(
         path = report.save(report_path_for(engine_path))
         update_manifest(engine_path, {"validation": report.manifest_entry(path)})
     return report
+
+
+def _polygraphy_quiet():
+    """Polygraphy logs each runner's steps at INFO; keep its warnings and errors only (unless -v / DEBUG)."""
+    from polygraphy.logger import G_LOGGER
+
+    if logger.isEnabledFor(logging.DEBUG):
+        return contextlib.nullcontext()
+    return G_LOGGER.verbosity(G_LOGGER.ERROR)
 
 
 def recipe_thresholds(manifest) -> ValidationThresholds:

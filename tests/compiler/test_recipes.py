@@ -93,3 +93,15 @@ def test_unknown_recipe_name_lists_builtins():
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(RecipeError, match="does not exist"):
         load_recipe(tmp_path / "nope.toml")
+
+
+def test_threshold_override_keeps_the_recipe_limits_it_does_not_name():
+    from qcompile.recipes.schema import ValidationThresholds
+
+    base = load_recipe("w4a16_awq").validation
+    assert base.min_cosine == 0.98
+    same = base.override(min_cosine=None, min_sqnr_db=None, min_top1=None)
+    assert same == base
+    assert base.override(min_top1=0.5) == ValidationThresholds(0.98, None, 0.5)
+    with pytest.raises(RecipeError, match="min_cosine"):
+        base.override(min_cosine=1.5)

@@ -1,0 +1,352 @@
+"""Tests of the groupwise INT4 GEMM plugin: formats, reference vs float64 numpy, op, ONNX/ORT, export, kernels."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import ml_dtypes
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from qc_testutil import ort_session
+
+from qcompile.algorithms.int4 import quantize_rtn
+from qcompile.plugins.int4_gemm import int4_gemm_reference, onnx_schema, register
+from qcompile.plugins.int4_gemm.format import (
+    from_engine, onnx_bytes_to_engine, onnx_to_engine, pack_int4, to_engine, unpack_int4,
+)
+
+register()
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+triton_interp = pytest.mark.skipif(not (HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"),
+                                   reason="needs triton and TRITON_INTERPRET=1 (CPU interpreter)")
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+GROUPS = [32, 64, 128, "channel"]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+REL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def make_case(k=256, n=48, group=32, zero=False, bias=True, seed=0):
+    """Fresh random int4 weights: (q int8 [K,N] signed values, scale, zp int8 or None, bias, group) + engine args.
+
+    With `zero`, the weights are asymmetric uint4 (q, zp in [0, 15]) shifted to the engine's signed form."""
+    g = k if group == "channel" else group
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(k, n, generator=gen)
+    qw = quantize_rtn(w, g, symmetric=not zero)
+    q, s, z = qw.q, qw.scale, qw.zero
+    s = s * (1 + torch.rand(s.shape, generator=gen))  # scales not tied to the data: any positive value
+    b = torch.randn(n, generator=gen) if bias else None
+    wq_eng, z_eng = onnx_to_engine(q, z, signed=not zero)
+    return {"q": q, "scale": s, "zero": z, "bias": b, "g": g, "w_packed": wq_eng, "w_zero": z_eng}
+
+
+def oracle(x, case) -> np.ndarray:
+    """Independent float64 numpy computation of the contract from the ONNX-form values."""
+    q = case["q"].numpy().astype(np.float64)
+    g = case["g"]
+    zp = 0.0 if case["zero"] is None else np.repeat(case["zero"].numpy().astype(np.float64), g, axis=0)
+    s = np.repeat(case["scale"].numpy().astype(np.float64), g, axis=0)
+    y = x.float().numpy().astype(np.float64) @ ((q - zp) * s)
+    if case["bias"] is not None:
+        y = y + case["bias"].numpy().astype(np.float64)
+    return y
+
+
+def assert_close_to(y: torch.Tensor, ref: np.ndarray, rel: float):
+    got = y.float().cpu().numpy().astype(np.float64)
+    assert got.shape == ref.shape
+    scale = max(np.abs(ref).max(), 1e-6)
+    np.testing.assert_allclose(got, ref, rtol=rel, atol=rel * scale)
+
+
+def op_args(case, x):
+    return x, case["w_packed"], case["scale"], case["w_zero"], case["bias"], case["g"]
+
+
+# ---------------------------------------------------------------- formats
+
+@pytest.mark.parametrize("shape", [(8, 4), (5, 7), (1,), (3, 1, 5)])
+@pytest.mark.parametrize("signed", [True, False])
+def test_onnx_packing_matches_onnx_and_round_trips(shape, signed):
+    rng = np.random.default_rng(sum(shape))
+    lo, hi = (-8, 8) if signed else (0, 16)
+    v = rng.integers(lo, hi, size=shape).astype(np.int8)
+    v.reshape(-1)[:2] = [lo, hi - 1][: v.size] if v.size >= 2 else v.reshape(-1)[:2]  # both extremes
+    dt = TensorProto.INT4 if signed else TensorProto.UINT4
+    proto = helper.make_tensor("w", dt, list(shape), v.reshape(-1).tolist())
+    # onnx stores 4-bit data packed in int32_data (one byte per element) unless raw; compare with raw_data
+    ml = ml_dtypes.int4 if signed else ml_dtypes.uint4
+    raw = numpy_helper.from_array(v.astype(ml), "w").raw_data
+    assert pack_int4(v).tobytes() == raw
+    np.testing.assert_array_equal(unpack_int4(np.frombuffer(raw, np.uint8), shape, signed), v)
+    np.testing.assert_array_equal(numpy_helper.to_array(proto).astype(np.int8), v)
+    # first element in the low nibble
+    assert pack_int4(np.array([1, 2], np.int8))[0] == 0x21 and pack_int4(np.array([-1, 0], np.int8))[0] == 0x0F
+
+
+def test_pack_rejects_out_of_range():
+    with pytest.raises(ValueError, match="int4 values"):
+        pack_int4(np.array([16]))
+
+
+def test_engine_layout_is_bit_exact():
+    # a column q[0..7] = 0..7 packs to 0x76543210; all -1 packs to 0xFFFFFFFF (-1 as int32)
+    q = torch.tensor([[j, -1, -8 if j == 7 else 0] for j in range(8)], dtype=torch.int8)
+    words = to_engine(q)
+    assert words.dtype == torch.int32 and words.shape == (1, 3)
+    assert words[0, 0].item() == 0x76543210 and words[0, 1].item() == -1
+    assert words[0, 2].item() == np.int32(np.uint32(0x80000000)).item()
+    rng = np.random.default_rng(0)
+    k, n = 64, 24
+    v = rng.integers(-8, 8, size=(k, n)).astype(np.int8)
+    expect = np.zeros((k // 8, n), np.uint64)
+    for kk in range(k):
+        expect[kk // 8] |= (v[kk].astype(np.int64) & 0xF).astype(np.uint64) << np.uint64(4 * (kk % 8))
+    got = to_engine(torch.from_numpy(v))
+    np.testing.assert_array_equal(got.numpy().view(np.uint32), expect.astype(np.uint32))
+    np.testing.assert_array_equal(from_engine(got).numpy(), v)
+    assert torch.equal(onnx_bytes_to_engine(pack_int4(v), k, n, signed=True), got)
+    u = (v.astype(np.int16) + 8).astype(np.int8)  # uint4 values: stored as u - 8
+    assert torch.equal(onnx_bytes_to_engine(pack_int4(u), k, n, signed=False), got)
+
+
+# ---------------------------------------------------------------- reference vs float64 oracle
+
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("zero", [False, True], ids=["sym", "zp"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=list(DTYPES))
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_reference_matches_oracle(group, zero, dtype, m):
+    case = make_case(group=group, zero=zero, seed=m)
+    x = torch.randn(m, 256, generator=torch.Generator().manual_seed(100 + m)).to(DTYPES[dtype])
+    y = int4_gemm_reference(*op_args(case, x))
+    assert y.dtype == DTYPES[dtype] and y.shape == (m, 48)
+    assert_close_to(y, oracle(x, case), REL[DTYPES[dtype]])
+
+
+def test_reference_zero_point_matters():
+    case = make_case(zero=True)
+    x = torch.randn(3, 256)
+    y0 = int4_gemm_reference(x, case["w_packed"], case["scale"], None, None, 32)
+    assert not torch.allclose(y0, int4_gemm_reference(x, case["w_packed"], case["scale"], case["w_zero"], None, 32))
+
+
+def test_op_on_cpu_3d_input_and_errors():
+    case = make_case(group=64, zero=True)
+    x = torch.randn(2, 5, 256)
+    y = torch.ops.qcompile.int4_groupwise_gemm(*op_args(case, x))
+    assert y.shape == (2, 5, 48)
+    assert_close_to(y, oracle(x, case), 1e-5)
+    with pytest.raises(Exception, match="group_size"):
+        torch.ops.qcompile.int4_groupwise_gemm(x, case["w_packed"], case["scale"], None, None, 48)
+    with pytest.raises(Exception, match="w_packed"):
+        torch.ops.qcompile.int4_groupwise_gemm(x, case["w_packed"].to(torch.int64), case["scale"], None, None, 64)
+
+
+# ---------------------------------------------------------------- ONNX node: ORT (function body) vs our lowering
+
+def _onnx_model(case, signed: bool, with_zero: bool, with_bias: bool, k: int, n: int):
+    dt = TensorProto.INT4 if signed else TensorProto.UINT4
+    q = case["q"].numpy().reshape(-1).tolist()
+    inits = [helper.make_tensor("w_q", dt, [k, n], q), numpy_helper.from_array(case["scale"].numpy(), "w_scale")]
+    inputs = ["x", "w_q", "w_scale", "", ""]
+    if with_zero:
+        inits.append(helper.make_tensor("w_zp", dt, list(case["zero"].shape), case["zero"].numpy().reshape(-1).tolist()))
+        inputs[3] = "w_zp"
+    if with_bias:
+        inits.append(numpy_helper.from_array(case["bias"].numpy(), "bias"))
+        inputs[4] = "bias"
+    node = onnx_schema.make_node("int4_gemm", inputs, ["h"], block_size=case["g"])
+    relu = helper.make_node("Relu", ["h"], ["y"])
+    graph = helper.make_graph(
+        [node, relu], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", onnx_schema.FUNCTION_OPSET)], ir_version=10)
+    onnx_schema.add_to_model(model)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["int4", "int4+zp", "uint4", "uint4+zp"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("group", [32, "channel"])
+def test_lowering_matches_onnx_runtime(kind, with_bias, group):
+    from qcompile.lowering import lower_onnx
+
+    signed, with_zero = kind.startswith("int4"), kind.endswith("zp")
+    k, n = 128, 40
+    case = make_case(k=k, n=n, group=group, zero=not signed, seed=7)
+    if signed and with_zero:  # signed zero points: any int4 value
+        case["zero"] = torch.randint(-8, 8, case["scale"].shape, generator=torch.Generator().manual_seed(1),
+                                     dtype=torch.int8)
+    if not with_zero:
+        case["zero"] = None
+    model = _onnx_model(case, signed, with_zero, with_bias, k, n)
+    prog = lower_onnx(model)
+    sess = ort_session(model)
+    for shape in [(1, 1), (2, 7)]:
+        x = np.random.default_rng(sum(shape)).standard_normal((*shape, k)).astype(np.float32)
+        (want,) = sess.run(None, {"x": x})
+        (got,) = prog(torch.from_numpy(x))
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+        if not with_bias:
+            case["bias"] = None
+        np.testing.assert_allclose(got.numpy(), np.maximum(oracle(torch.from_numpy(x), case), 0), rtol=1e-4,
+                                   atol=1e-4 * np.abs(want).max())
+
+
+def test_node_helpers_validate():
+    with pytest.raises(ValueError):
+        onnx_schema.make_node("n", ["x", "w"], ["y"], block_size=32)
+    node = onnx_schema.make_node("n", ["x", "w", "s"], ["y"], block_size=64)
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs == {"block_size": 64, "plugin_version": b"1", "plugin_namespace": b"qcompile"}
+    assert node.domain == "qcompile" and node.op_type == "Int4GroupwiseGemm"
+
+
+# ---------------------------------------------------------------- export
+
+class Int4Linear(torch.nn.Module):
+    def __init__(self, device="cpu", k=256, n=48, group=64, zero=True, seed=3):
+        super().__init__()
+        self.case = make_case(k=k, n=n, group=group, zero=zero, seed=seed)
+        for name in ("w_packed", "scale", "w_zero", "bias"):
+            self.register_buffer(name, None if self.case[name] is None else self.case[name].to(device))
+        self.g = self.case["g"]
+
+    def forward(self, x):
+        return torch.ops.qcompile.int4_groupwise_gemm(x, self.w_packed, self.scale, self.w_zero, self.bias, self.g)
+
+
+def _export(mod, x):
+    rows = torch.export.Dim("rows", min=1, max=4096)
+    return torch.export.export(mod, (x,), dynamic_shapes={"x": {0: rows}})
+
+
+def test_export_with_dynamic_rows_keeps_the_op():
+    mod = Int4Linear()
+    ep = _export(mod, torch.randn(5, 256))
+    calls = [n.target for n in ep.graph.nodes if n.op == "call_function"]
+    assert calls == [torch.ops.qcompile.int4_groupwise_gemm.default]
+    for m in (1, 3, 17, 40):
+        x = torch.randn(m, 256)
+        assert_close_to(ep.module()(x), oracle(x, mod.case), 1e-5)
+
+
+@needs_triton
+def test_gpu_body_dispatch_traces_with_dynamic_rows(monkeypatch):
+    """The CUDA body's M dispatch (torch.cond on a symbolic M, no guard) exported with a dynamic M,
+    the kernel launches replaced by torch stand-ins, so it runs on CPU."""
+    from qcompile.plugins.int4_gemm import kernel
+    from qcompile.plugins.int4_gemm.reference import dequantize_weight
+
+    def small(x2d, w_packed, w_scale, w_zero, g, m_rows, **_):
+        return x2d.narrow(0, 0, m_rows).float() @ dequantize_weight(w_packed, w_scale, w_zero, g)
+
+    def dequant(w_packed, w_scale, w_zero, g, dtype, **_):
+        return dequantize_weight(w_packed, w_scale, w_zero, g, dtype)
+
+    monkeypatch.setattr(kernel, "launch_small_m", small)
+    monkeypatch.setattr(kernel, "launch_dequant", dequant)
+    mod = Int4Linear()
+
+    class Body(torch.nn.Module):
+        def forward(self, x):
+            return kernel.int4_gemm_triton(x, mod.w_packed, mod.scale, mod.w_zero, mod.bias, mod.g)
+
+    rows = torch.export.Dim("rows", min=1, max=4096)
+    ep = torch.export.export(Body(), (torch.randn(5, 256),), dynamic_shapes=({0: rows},))
+    for m in (1, 16, 17, 40):
+        x = torch.randn(m, 256)
+        assert_close_to(ep.module()(x), oracle(x, mod.case), 1e-5)
+
+
+@pytest.mark.slow
+def test_aoti_cpu_package_runs(tmp_path):
+    mod = Int4Linear()
+    ep = _export(mod, torch.randn(4, 256))
+    path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "i4.pt2"))
+    compiled = torch._inductor.aoti_load_package(path)
+    for m in (1, 33):
+        x = torch.randn(m, 256)
+        assert_close_to(compiled(x), oracle(x, mod.case), 1e-5)
+
+
+# ---------------------------------------------------------------- Triton kernels under the CPU interpreter
+
+INTERP_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}  # the interpreter's bf16 tl.dot is broken
+
+
+@triton_interp
+@pytest.mark.parametrize("group", [32, 128, "channel"])
+@pytest.mark.parametrize("zero", [False, True], ids=["sym", "zp"])
+@pytest.mark.parametrize("dtype", INTERP_DTYPES)
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_small_m_kernel_interpreter(group, zero, dtype, m):
+    from qcompile.plugins.int4_gemm import kernel
+
+    k, n = 384, 80  # 3 K steps (split-K with a partial last split at small SM counts), a partial N tile
+    case = make_case(k=k, n=n, group=group, zero=zero, seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(INTERP_DTYPES[dtype])
+    for sms in (1, 132):  # split_k = 1 (plain store) and > 1 (atomics)
+        acc = kernel.launch_small_m(x, case["w_packed"], case["scale"], case["w_zero"], case["g"], m, num_sms=sms)
+        assert acc.dtype == torch.float32 and acc.shape == (m, n)
+        ref = oracle(x, {**case, "bias": None})
+        assert_close_to(acc, ref, 1e-5 if dtype == "fp32" else 2e-3)
+
+
+@triton_interp
+@pytest.mark.parametrize("zero", [False, True], ids=["sym", "zp"])
+def test_dequant_kernel_interpreter_is_exact(zero):
+    from qcompile.plugins.int4_gemm import kernel
+    from qcompile.plugins.int4_gemm.reference import dequantize_weight
+
+    case = make_case(k=128, n=200, group=32, zero=zero)
+    got = kernel.launch_dequant(case["w_packed"], case["scale"], case["w_zero"], 32, torch.float32)
+    assert torch.equal(got, dequantize_weight(case["w_packed"], case["scale"], case["w_zero"], 32))
+
+
+@triton_interp
+@pytest.mark.parametrize("m", [1, 17])
+def test_triton_path_interpreter(m):
+    from qcompile.plugins.int4_gemm import kernel
+
+    case = make_case(k=256, n=48, group=64, zero=True, seed=m)
+    x = torch.randn(2, m, 256, dtype=torch.float16)
+    y = kernel.int4_gemm_triton(*op_args(case, x))
+    assert y.dtype == torch.float16 and y.shape == (2, m, 48)
+    assert_close_to(y, oracle(x, case), 3e-3)
+
+
+# ---------------------------------------------------------------- CUDA
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("zero", [False, True], ids=["sym", "zp"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 64, 300])
+def test_cuda_matches_reference(group, zero, dtype, m):
+    case = make_case(k=512, n=320, group=group, zero=zero, seed=m)
+    x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m)).to(DTYPES[dtype])
+    args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in op_args(case, x)]
+    y = torch.ops.qcompile.int4_groupwise_gemm(*args)
+    assert y.dtype == DTYPES[dtype] and y.device.type == "cuda"
+    assert_close_to(y, oracle(x, case), {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}[DTYPES[dtype]])
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@cuda
+def test_cuda_aoti_package_dynamic_rows(tmp_path):
+    mod = Int4Linear(device="cuda", k=512, n=256, group=128).cuda()
+    ep = _export(mod, torch.randn(4, 512, device="cuda", dtype=torch.float16).float())
+    path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "i4.pt2"))
+    compiled = torch._inductor.aoti_load_package(path)
+    for m in (1, 7, 16, 17, 300):
+        x = torch.randn(m, 512, device="cuda")
+        assert_close_to(compiled(x), oracle(x.cpu(), mod.case), 1e-4)
