@@ -13,10 +13,12 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 py -c "import torch, triton, onnx, onnxruntime; print(torch.__version__, triton.__version__, onnx.__version__, onnxruntime.__version__)" | tee -a "$OUT/device.txt"
 
 step() { echo "=== $* (t=${SECONDS}s)"; }
-for s in ${STEPS:-engines kernels tests}; do
+for s in ${STEPS:-engines kernels int4 tests}; do
   case $s in
     tests)   step "pytest -m gpu"
              py -m pytest -m gpu -q -p no:cacheprovider --rootdir=. -c pyproject.toml tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -25 ;;
+    int4)    step "int4 GEMM benchmark"
+             py tools/bench_gemm.py --eager --cuda-graph --out "$OUT/int4_gemm.json" 2>&1 | tee "$OUT/int4_gemm.log" | tail -30 ;;
     kernels) step "scaled_gemm benchmark"
              py tools/bench_scaled_gemm.py --cuda-graph --out "$OUT/scaled_gemm.json" 2>&1 | tee "$OUT/scaled_gemm.log" | tail -40 ;;
     engines) step "engine benchmark"
