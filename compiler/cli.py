@@ -30,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qcompile: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `qcompile inspect e.engine | head`: the reader left, nothing to report
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        return EXIT_OK
 
 
 def _parser() -> argparse.ArgumentParser:

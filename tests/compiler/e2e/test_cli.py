@@ -133,3 +133,17 @@ def test_console_script_prints_one_line(tmp_path):
                            "-o", str(tmp_path / "e.engine")], capture_output=True, text=True)
     _assert_one_line_error(proc.returncode, proc.stderr, "missing.onnx")
     assert "done" not in proc.stderr  # a failed stage is not reported as done
+
+
+def test_output_closed_early_is_not_an_error():
+    """`qcompile recipes | head -1`: the reader closes the pipe; no traceback, exit 0."""
+    script = ("from qcompile.cli import main; import sys\n"
+              "for _ in range(400):\n"  # more output than a pipe buffer holds
+              "    code = main(['recipes'])\n"
+              "sys.exit(code)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    proc.stdout.read(1)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err
