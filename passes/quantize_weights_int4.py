@@ -17,7 +17,6 @@ import logging
 
 import ml_dtypes
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 import torch
 
@@ -28,7 +27,7 @@ from qcompile.recipes.schema import Recipe
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["QuantizeWeightsInt4Pass", "int4_targets"]
+__all__ = ["QuantizeWeightsInt4Pass", "int4_targets", "decline_reason"]
 
 
 def int4_targets(graph: gs.Graph, recipe: Recipe) -> list[tuple[gs.Node, object]]:
@@ -41,6 +40,24 @@ def int4_targets(graph: gs.Graph, recipe: Recipe) -> list[tuple[gs.Node, object]
         if rule is not None and rule.weight is not None and rule.weight.format == "int4" and rule.activation is None:
             found.append((node, rule))
     return found
+
+
+def decline_reason(node: gs.Node, w: np.ndarray | None, rule, recipe: Recipe) -> str | None:
+    """Why the MatMul `node` with weight values `w` cannot take an INT4 weight (None: it can)."""
+    if w is None:
+        return f"weight '{node.inputs[1].name}' is not a constant initializer (int4 needs a constant [K, N])"
+    if w.ndim != 2 or not np.issubdtype(w.dtype, np.floating):
+        return f"weight '{node.inputs[1].name}' is not a 2-D float matrix (shape {w.shape}, {w.dtype})"
+    k, n = w.shape
+    opts = recipe.placement.for_op(node.op)
+    g = rule.weight.group_size or k
+    if k % g:
+        return f"K={k} is not a multiple of the group size {g}"
+    if k < opts.min_k:
+        return f"K={k} < min_k={opts.min_k}"
+    if n < opts.min_n:
+        return f"N={n} < min_n={opts.min_n}"
+    return None
 
 
 class QuantizeWeightsInt4Pass(InPlacePass):
@@ -63,7 +80,7 @@ class QuantizeWeightsInt4Pass(InPlacePass):
         declined: list[tuple[str, str]] = []
         for node, rule in int4_targets(graph, self.recipe):
             w = G.const_values(node.inputs[1])
-            reason = self._check(node, w, rule)
+            reason = decline_reason(node, w, rule, self.recipe)
             if reason:
                 declined.append((node.name, reason))
                 continue
@@ -79,22 +96,6 @@ class QuantizeWeightsInt4Pass(InPlacePass):
         if stats["quantized"]:
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return PassResult(graph, bool(stats["quantized"]), stats, declined)
-
-    def _check(self, node: gs.Node, w: np.ndarray | None, rule) -> str | None:
-        if w is None:
-            return f"weight '{node.inputs[1].name}' is not a constant initializer (int4 needs a constant [K, N])"
-        if w.ndim != 2 or not np.issubdtype(w.dtype, np.floating):
-            return f"weight '{node.inputs[1].name}' is not a 2-D float matrix (shape {w.shape}, {w.dtype})"
-        k, n = w.shape
-        opts = self.recipe.placement.for_op(node.op)
-        g = rule.weight.group_size or k
-        if k % g:
-            return f"K={k} is not a multiple of the group size {g}"
-        if k < opts.min_k:
-            return f"K={k} < min_k={opts.min_k}"
-        if n < opts.min_n:
-            return f"N={n} < min_n={opts.min_n}"
-        return None
 
     @staticmethod
     def _divide_input(graph: gs.Graph, node: gs.Node, scales: np.ndarray) -> gs.Variable:

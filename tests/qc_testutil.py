@@ -14,3 +14,11 @@ def ort_session(model):
 def cosine(a, b) -> float:
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def save_samples(path, source, count: int, sizes: dict, seed: int):
+    """`count` random inputs of `source` (a SourceModel) stacked into an .npz (the calibration data format)."""
+    rng = np.random.default_rng(seed)
+    samples = [source.random_inputs(rng, sizes) for _ in range(count)]
+    np.savez(path, **{k: np.stack([s[k] for s in samples]) for k in samples[0]})
+    return path

@@ -14,20 +14,13 @@ calls replayed from a CUDA graph (GPU time only), --eager the eager op.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-
 import torch
-import triton.testing
 
-from gpu_timing import MODE, bench, rotating
+from gpu_timing import bench, bench_parser, rotating, sweep, write_results
 
 from qcompile.plugins.int4_gemm import register
 from qcompile.plugins.int4_gemm.format import to_engine
 
-SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
-MS = [1, 16, 64, 256, 1024, 4096]
 GROUP = 128
 
 
@@ -92,13 +85,7 @@ def check_correct(op) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="JSON results path")
-    ap.add_argument("--ms", type=int, nargs="*", default=MS)
-    ap.add_argument("--cuda-graph", action="store_true", help="time calls replayed from a CUDA graph")
-    ap.add_argument("--eager", action="store_true", help="time the eager op (default: torch.compile'd)")
-    ap.add_argument("--shapes", nargs="*", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN")
-    args = ap.parse_args()
+    args = bench_parser(__doc__.splitlines()[0]).parse_args()
     eager_op = register()
     compiled = {}
 
@@ -112,28 +99,11 @@ def main() -> None:
             compiled[key] = torch.compile(lambda *a: eager_op(*a), dynamic=False, fullgraph=True)
         return compiled[key](x, w_packed, scale, zp, bias, group)
     torch._dynamo.config.recompile_limit = 64
-    MODE["graph"] = args.cuda_graph
     rel_err = check_correct(op)
     print(f"max relative L2 error vs float64 (M = 1, 16, 300): {rel_err:.2e}")
-    rows = []
     cols = ["bf16", "tinygemm", "int4_op", "int4_zp", "bf16/int4_op", "bf16/int4_zp", "tinygemm/int4_op"]
-    print(f"{'KxN':>12} {'M':>5} " + " ".join(f"{c:>16}" for c in cols))
-    for shape in args.shapes:
-        k, n = map(int, shape.split("x"))
-        for m in args.ms:
-            r = run_shape(k, n, m, op)
-            rows.append(r)
-            cells = [f"{r[c]:16.2f}" if isinstance(r.get(c), float) else f"{'-':>16}" for c in cols]
-            print(f"{shape:>12} {m:>5} " + " ".join(cells), flush=True)
-            torch.cuda.empty_cache()
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(), "unit": "us (median, triton.testing.do_bench)", "group": GROUP,
-            "rel_l2_error": rel_err,
-            "mode": ("cuda_graph" if args.cuda_graph else "launch") + (", eager op" if args.eager else ", compiled op")}
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2)
-    print(f"wrote {args.out}")
-
+    rows = sweep(args, cols, lambda k, n, m: run_shape(k, n, m, op))
+    write_results(args, rows, group=GROUP, rel_l2_error=rel_err)
 
 if __name__ == "__main__":
     main()

@@ -19,19 +19,12 @@ GEMM (in an engine they fuse further into the neighbouring layers). --eager time
 """
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-
 import torch
-import triton.testing
 
-from gpu_timing import MODE, bench, rotating
+from gpu_timing import bench, bench_parser, rotating, sweep, write_results
 
 from qcompile.plugins.scaled_gemm import register
 
-SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
-MS = [1, 16, 64, 256, 1024, 4096]
 
 
 def run_shape(k: int, n: int, m: int, op) -> dict:
@@ -71,13 +64,7 @@ def run_shape(k: int, n: int, m: int, op) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="JSON results path")
-    ap.add_argument("--ms", type=int, nargs="*", default=MS)
-    ap.add_argument("--cuda-graph", action="store_true", help="time calls replayed from a CUDA graph")
-    ap.add_argument("--eager", action="store_true", help="time the eager op (default: torch.compile'd)")
-    ap.add_argument("--shapes", nargs="*", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN")
-    args = ap.parse_args()
+    args = bench_parser(__doc__.splitlines()[0]).parse_args()
     eager_op = register()
     compiled = {}  # one compiled function per variant (format, scale granularity): no recompile churn
 
@@ -89,26 +76,9 @@ def main() -> None:
             compiled[key] = torch.compile(lambda *a: eager_op(*a), dynamic=True, fullgraph=True)
         return compiled[key](x, w_q, w_scale, x_scale, bias)
     torch._dynamo.config.recompile_limit = 64  # M = 1 and shape specializations per variant
-    MODE["graph"] = args.cuda_graph
-    rows = []
     cols = ["bf16", "int_mm", "int8_op", "fp8_tw", "fp8_rw", "fp8_op_tw", "fp8_op_ch",
             "int8_op/int_mm", "fp8_op_tw/fp8_tw", "fp8_op_ch/fp8_rw", "bf16/fp8_op_tw"]
-    print(f"{'KxN':>12} {'M':>5} " + " ".join(f"{c:>16}" for c in cols))
-    for shape in args.shapes:
-        k, n = map(int, shape.split("x"))
-        for m in args.ms:
-            r = run_shape(k, n, m, op)
-            rows.append(r)
-            cells = [f"{r[c]:16.2f}" if isinstance(r.get(c), float) else f"{'-':>16}" for c in cols]
-            print(f"{shape:>12} {m:>5} " + " ".join(cells), flush=True)
-            torch.cuda.empty_cache()
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(), "unit": "us (median, triton.testing.do_bench)",
-            "mode": ("cuda_graph" if args.cuda_graph else "launch") + (", eager op" if args.eager else ", compiled op")}
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2)
-    print(f"wrote {args.out}")
-
+    write_results(args, sweep(args, cols, lambda k, n, m: run_shape(k, n, m, op)))
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,13 @@
-"""Timing helpers shared by the GPU benchmarks (tools/bench_*.py): rotating weights, median µs per call."""
+"""Shared by the GPU kernel benchmarks (tools/bench_*.py): rotating weights, median µs per call, the shape x M
+sweep with its table, the command-line options and the JSON results."""
 from __future__ import annotations
 
+import argparse
+import json
+import platform
+
 import torch
+import triton
 import triton.testing
 
 MODE = {"graph": False}  # set MODE["graph"] = True (--cuda-graph) to time calls replayed from a CUDA graph
@@ -34,3 +40,45 @@ def bench(fn, copies: int = 8) -> float:
         for _ in range(copies):
             fn()
     return triton.testing.do_bench(g.replay, warmup=10, rep=100, return_mode="median") * 1000.0 / copies
+
+
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]  # K x N of reference/kernel-targets.md
+MS = [1, 16, 64, 256, 1024, 4096]
+
+
+def bench_parser(description: str) -> argparse.ArgumentParser:
+    """The options every kernel benchmark takes: --out, --ms, --shapes, --cuda-graph, --eager."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--out", required=True, help="JSON results path")
+    ap.add_argument("--ms", type=int, nargs="*", default=MS)
+    ap.add_argument("--cuda-graph", action="store_true", help="time calls replayed from a CUDA graph")
+    ap.add_argument("--eager", action="store_true", help="time the eager op (default: torch.compile'd)")
+    ap.add_argument("--shapes", nargs="*", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN")
+    return ap
+
+
+def sweep(args, cols: list[str], run_shape) -> list[dict]:
+    """`run_shape(k, n, m)` for every --shapes x --ms, printing one table row per call; returns the rows."""
+    MODE["graph"] = args.cuda_graph
+    rows = []
+    print(f"{'KxN':>12} {'M':>5} " + " ".join(f"{c:>16}" for c in cols))
+    for shape in args.shapes:
+        k, n = map(int, shape.split("x"))
+        for m in args.ms:
+            r = run_shape(k, n, m)
+            rows.append(r)
+            cells = [f"{r[c]:16.2f}" if isinstance(r.get(c), float) else f"{'-':>16}" for c in cols]
+            print(f"{shape:>12} {m:>5} " + " ".join(cells), flush=True)
+            torch.cuda.empty_cache()
+    return rows
+
+
+def write_results(args, rows: list[dict], **meta) -> None:
+    """The rows and the run's metadata (device, versions, timing mode, `meta`) as JSON at --out."""
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version(), "unit": "us (median, triton.testing.do_bench)",
+            "mode": ("cuda_graph" if args.cuda_graph else "launch") + (", eager op" if args.eager else ", compiled op"),
+            **meta}
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    print(f"wrote {args.out}")

@@ -37,15 +37,17 @@ class Int4Job:
 def plan_int4_jobs(model: onnx.ModelProto, recipe) -> list[Int4Job]:
     """The AWQ/GPTQ layers of `model` (weight-only INT4 MatMuls with a constant 2-D weight)."""
     from qcompile.passes import _graph as G
-    from qcompile.passes.quantize_weights_int4 import int4_targets
+    from qcompile.passes.quantize_weights_int4 import decline_reason, int4_targets
 
+    if not any(r.algorithm in ("awq", "gptq") and r.weight is not None and r.weight.format == "int4"
+               for r in recipe.rules):
+        return []  # most recipes: no graph import (a full copy of the weights) on the build path
     graph = G.import_model(model)
     jobs = []
     for node, rule in int4_targets(graph, recipe):
         w = G.const_values(node.inputs[1])
-        if rule.algorithm not in ("awq", "gptq") or w is None or w.ndim != 2 or w.shape[0] % (rule.weight.group_size
-                                                                                            or w.shape[0]):
-            continue  # QuantizeWeightsInt4Pass declines it, with the reason
+        if rule.algorithm not in ("awq", "gptq") or decline_reason(node, w, rule, recipe):
+            continue  # RTN, or QuantizeWeightsInt4Pass declines it (with the reason)
         jobs.append(Int4Job(node.name, rule.algorithm, node.inputs[0].name, np.asarray(w, np.float32),
                             rule.weight.group_size, rule.weight.symmetric))
     return jobs

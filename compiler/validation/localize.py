@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 import torch
 
+from qcompile.engine.load import to_numpy, to_torch
 from qcompile.errors import ValidationError
 from qcompile.layers import module_of
 from qcompile.lowering import lower_onnx
@@ -209,7 +210,7 @@ def localize_layers(reference_model: onnx.ModelProto, quantized_model: onnx.Mode
     Returns:
         One `LayerError` per ScaledGemm node, biggest contribution first (rank 1); not revertible last.
     """
-    feeds = [{k: _to_torch(v, device) for k, v in f.items()} for f in feeds_list]
+    feeds = [{k: to_torch(v).to(device) for k, v in f.items()} for f in feeds_list]
     if not feeds:
         raise ValidationError("per-layer localization needs at least one input feed")
     plugins = _plugins(quantized_model, device)
@@ -231,7 +232,7 @@ def localize_layers(reference_model: onnx.ModelProto, quantized_model: onnx.Mode
                     continue
                 x = captured[p.x]
                 y_q = scaled_gemm_reference(x, p.w_q, p.w_scale, p.x_scale, p.bias)
-                local[p.node.name].append(compare_arrays(_np(captured[p.y]), _np(y_q)))
+                local[p.node.name].append(compare_arrays(to_numpy(captured[p.y]), to_numpy(y_q)))
                 clipped[p.node.name] += int((torch.abs(x.float() / p.x_scale) > formats.qmax(p.fmt)).sum())
                 counted[p.node.name] += x.numel()
             del captured
@@ -337,17 +338,8 @@ def _difference(a: float | None, b: float | None) -> float | None:
     return 0.0 if a == b else a - b  # equal (also inf, inf): reverting the layer changed nothing
 
 
-def _to_torch(value: Any, device: str) -> torch.Tensor:
-    tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
-    return tensor.to(device)
-
-
-def _np(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().cpu().numpy()
-
-
 def _numpy(outputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {k: _np(v) for k, v in outputs.items()}
+    return {k: to_numpy(v) for k, v in outputs.items()}
 
 
 def _fmt(value: float | None, spec: str) -> str | None:

@@ -69,15 +69,22 @@ class QcompileRunner(BaseRunner):
 def onnxrt_reference(model: onnx.ModelProto, name: str = "onnxrt-reference") -> BaseRunner:
     """Polygraphy's ONNX Runtime runner for `model` on CPU, graph optimizations off.
 
-    Models over the 2 GB protobuf limit are saved to a temp dir with external data (removed with the runner).
+    The session is created here, so a graph ONNX Runtime cannot run fails now, with ONNX Runtime's own
+    exception (callers fall back to another reference). Models over the 2 GB protobuf limit are saved
+    to a temp dir with external data (removed with the runner).
     """
     import onnxruntime as ort
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
     model_or_path, folder = _model_bytes_or_path(model)
-    runner = OnnxrtRunner(SessionFromOnnx(model_or_path, providers=["CPUExecutionProvider"],
-                                          graph_optimization_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
-                          name=name)
+    try:
+        session = SessionFromOnnx(model_or_path, providers=["CPUExecutionProvider"],
+                                  graph_optimization_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)()
+    except BaseException:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    runner = OnnxrtRunner(session, name=name)
     if folder is not None:
         weakref.finalize(runner, shutil.rmtree, folder, True)
     return runner

@@ -1,5 +1,4 @@
 """QuantizeWeightsInt4Pass: FP MatMul weights -> pre-quantized INT4 + block DequantizeLinear (opset 21)."""
-import ml_dtypes
 import numpy as np
 import onnx
 import pytest

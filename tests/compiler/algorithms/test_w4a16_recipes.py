@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from qc_testutil import ort_session
+from qc_testutil import ort_session, save_samples
 from qcompile.algorithms.plan import observers_for, plan_int4_jobs, run_jobs
 from qcompile.calibration import calibrate, load_calibration_data
 from qcompile.cli import main
-from qcompile.frontend import load_source
 from qcompile.layers import layer_table
 from qcompile.lowering import lower_onnx
 from qcompile.passes import fuse_plugins, quantize_model
@@ -21,17 +20,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def llama():
-    return load_source("tiny-llama")
-
-
-@pytest.fixture(scope="module")
 def calib(tmp_path_factory, llama):
-    path = tmp_path_factory.mktemp("w4") / "calib.npz"
-    rng = np.random.default_rng(5)
-    samples = [llama.random_inputs(rng, {"batch": 1, "seq": 64}) for _ in range(32)]
-    np.savez(path, **{k: np.stack([s[k] for s in samples]) for k in samples[0]})
-    return path
+    return save_samples(tmp_path_factory.mktemp("w4") / "calib.npz", llama, 32, {"batch": 1, "seq": 64}, seed=5)
 
 
 def _quantize(llama, calib, name):

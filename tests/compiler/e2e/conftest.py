@@ -3,18 +3,11 @@ import pytest
 
 import qcompile
 from qcompile.cli import main as cli_main
-from qcompile.frontend import load_source
 
 
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("e2e")
-
-
-@pytest.fixture(scope="session")
-def llama():
-    """The tiny-llama source: its FP32 ONNX graph and input sampler."""
-    return load_source("tiny-llama")
 
 
 @pytest.fixture(scope="session")

@@ -16,11 +16,6 @@ LLAMA_GEMMS = {f"layers.{i}.{m}" for i in range(2)
 
 
 @pytest.fixture(scope="module")
-def llama():
-    return load_source("tiny-llama")
-
-
-@pytest.fixture(scope="module")
 def cnn():
     return load_source("small-cnn")
 

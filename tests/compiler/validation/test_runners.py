@@ -23,7 +23,6 @@ from polygraphy.exception import PolygraphyException
 from qc_testutil import ort_session
 
 import qcompile
-from qcompile.frontend import load_source
 from qcompile.validation import runners
 from qcompile.validation.runners import LoweringRunner, QcompileRunner, exact_output_match, onnxrt_reference
 
@@ -31,11 +30,6 @@ POLYGRAPHY = Path(sys.executable).parent / "polygraphy"
 SHAPE = {"batch": 2, "seq": 16}  # inside the engines' dim ranges (batch [1, 64], seq [1, 2048])
 # tiny-llama's vocab is 512; Polygraphy's integer --val-range is inclusive at both ends
 CLI_DATA = ["--input-shapes", "input_ids:[2,16]", "--val-range", "input_ids:[0,511]"]
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return load_source("tiny-llama")
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +48,6 @@ def ort_logits(llama, feeds):
 def onnx_path(tmp_path_factory, llama):
     path = tmp_path_factory.mktemp("onnx") / "tiny_llama.onnx"
     onnx.save(llama.model, str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def fp16_engine(tmp_path_factory):
-    path = tmp_path_factory.mktemp("fp16") / "tl.engine"
-    qcompile.build("tiny-llama", "fp16", output=path, device="cpu", progress_stream=None)
     return path
 
 

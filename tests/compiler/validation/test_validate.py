@@ -11,9 +11,9 @@ import pytest
 
 import qcompile
 import qcompile.passes
+from qc_testutil import save_samples
 from qcompile.cli import main
 from qcompile.engine import read_manifest
-from qcompile.frontend import load_source
 from qcompile.validation.report import report_path_for
 from qcompile.validation.validate import validate_engine
 
@@ -29,24 +29,8 @@ def run_cli(capsys, *argv):
 
 
 @pytest.fixture(scope="module")
-def llama():
-    return load_source("tiny-llama")
-
-
-@pytest.fixture(scope="module")
 def calib(tmp_path_factory, llama):
-    path = tmp_path_factory.mktemp("data") / "calib.npz"
-    rng = np.random.default_rng(11)
-    samples = [llama.random_inputs(rng, {"batch": 1, "seq": 24}) for _ in range(10)]
-    np.savez(path, **{k: np.stack([s[k] for s in samples]) for k in samples[0]})
-    return path
-
-
-@pytest.fixture(scope="module")
-def fp16_engine(tmp_path_factory):
-    path = tmp_path_factory.mktemp("fp16") / "tl16.engine"
-    qcompile.build("tiny-llama", "fp16", output=path, device="cpu", progress_stream=None)
-    return path
+    return save_samples(tmp_path_factory.mktemp("data") / "calib.npz", llama, 10, {"batch": 1, "seq": 24}, seed=11)
 
 
 def _sabotage(model: onnx.ModelProto, module: str, factor: float) -> str:
@@ -189,9 +173,12 @@ def test_report_round_trip(fp16_engine, llama):
 
 
 def test_lowering_reference_when_onnx_runtime_cannot_run_the_graph(fp16_engine, llama, monkeypatch):
-    import qcompile.validation.validate as v
+    from qcompile.validation import runners
 
-    monkeypatch.setattr(v, "_ort_problem", lambda model: "NOT_IMPLEMENTED: DequantizeLinear(23)")
+    def ort_cannot(model, name=None):
+        raise RuntimeError("NOT_IMPLEMENTED: DequantizeLinear(23)")
+
+    monkeypatch.setattr(runners, "onnxrt_reference", ort_cannot)
     feeds = [llama.random_inputs(np.random.default_rng(8), {"batch": 2, "seq": 9})]
     report = validate_engine(fp16_engine, llama.model, data=feeds, save=False, progress_stream=None)
     assert report.reference["runtime"] == "qcompile lowering, float64"
