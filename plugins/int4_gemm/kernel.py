@@ -172,9 +172,19 @@ def _epilogue(acc, bias, dtype):
     return y.to(dtype)
 
 
-def int4_gemm_triton(x, w_packed, w_scale, w_zero, bias, group_size: int, *, wrap=_identity,
-                     num_sms: int = DEFAULT_SMS) -> torch.Tensor:
-    """The op's GPU path: split-K kernel for M <= 16, dequant + matmul above (see the module docstring)."""
+def int4_gemm_triton(x, w_packed, w_scale, w_zero, bias, group_size: int, *, x_row_scale=None, out_dtype=None,
+                     wrap=_identity, num_sms: int = DEFAULT_SMS) -> torch.Tensor:
+    """The op's GPU path: split-K kernel for M <= 16, dequant + matmul above (see the module docstring).
+
+    W4A8: x is float8_e4m3fn [..., K] with `x_row_scale` float32 [M] (one scale per row of x) and
+    `out_dtype` the activations' float type. The FP8 values are dequantized (x * row scale, rounded to
+    out_dtype) and run through the W4A16 kernels: the W4A8 numerics on bf16/fp16 tensor cores. A kernel that
+    feeds FP8 straight into FP8 MMAs is work in progress (not measured on the GPU yet)."""
+    if x_row_scale is not None:
+        if x.dtype != torch.float8_e4m3fn or out_dtype is None:
+            raise ValueError("int4_gemm_triton: W4A8 needs x as float8_e4m3fn and out_dtype")
+        rows = x.reshape(-1, x.shape[-1]).to(torch.float32) * x_row_scale.reshape(-1, 1).to(torch.float32)
+        x = rows.to(out_dtype).reshape(x.shape)
     check_args(x, w_packed, w_scale, w_zero, bias, group_size)
     # K and N are weight dims, static in an engine; int() specializes them (a guard) when a compiler
     # made them symbolic (torch.compile(dynamic=True)): the launch configuration needs Python ints
