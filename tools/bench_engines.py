@@ -4,8 +4,13 @@ Example (on the GPU machine):
     python tools/bench_engines.py mlp-large --recipes fp16 fp8 int8 --size batch=4,seq=512 \
         --size batch=8,seq=512 --out benchmarks/engines-mlp-large.json
 
+Decode speed of weight-only recipes (M = 1 rows per GEMM; a KV-cache-free decoder step of one token):
+    python tools/bench_engines.py llama3-8b-layers --recipes fp16 w4a16_awq --size batch=1,seq=1 \
+        --calib-size batch=1,seq=128 --out benchmarks/decode-llama3-8b-layers.json
+
 Engines are built once (dynamic dims) and timed at every --size on the same device-resident inputs
-with CUDA events (median of --iters runs after warm-up); ratios are relative to the first recipe.
+with CUDA events (median of --iters runs after warm-up); ratios are relative to the first recipe;
+tokens/s counts batch x seq tokens per run.
 Also checks each engine's outputs against the FP32 graph (cosine similarity, computed by our lowering
 in float64).
 """
@@ -69,6 +74,8 @@ def main(argv=None) -> int:
     p.add_argument("--recipes", nargs="+", default=["fp16", "fp8", "int8"])
     p.add_argument("--size", action="append", default=[],
                    help="dynamic dim sizes of one timed input, e.g. batch=4,seq=512 (repeat for more)")
+    p.add_argument("--calib-size", help="dim sizes of the calibration samples (default: the first --size, "
+                   "each dim capped at 256)")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--workdir", default="/tmp/qcompile-bench")
     p.add_argument("--out", help="write the JSON results here")
@@ -86,8 +93,9 @@ def main(argv=None) -> int:
     del on_disk
     size_sets = [parse_dim_sizes(item.split(",")) for item in args.size] or [{}]
     calib = work / "calib.npz"
-    samples = [src.random_inputs(np.random.default_rng(i + 1), {k: min(v, 256) for k, v in size_sets[0].items()})
-               for i in range(8)]
+    calib_sizes = (parse_dim_sizes(args.calib_size.split(",")) if args.calib_size
+                   else {k: min(v, 256) for k, v in size_sets[0].items()})
+    samples = [src.random_inputs(np.random.default_rng(i + 1), calib_sizes) for i in range(8)]
     np.savez(calib, **{k: np.stack([s[k] for s in samples]) for k in samples[0]})
 
     reference = lower_onnx(src.model, compute_dtype=torch.float64).to("cuda")
@@ -111,7 +119,9 @@ def main(argv=None) -> int:
             ms = time_cuda(lambda: engine.run_torch(feeds), args.iters)
             outs = engine.run_torch(feeds)
             cos = min(cosine(outs[n], want[n]) for n in engine.output_names)
-            results.append({"recipe": recipe, "dims": sizes, "ms": ms, "cosine_vs_fp32": cos, "build_s": build_s,
+            tokens = sizes.get("batch", 1) * sizes.get("seq", 1)
+            results.append({"recipe": recipe, "dims": sizes, "ms": ms, "tokens_per_s": tokens * 1000.0 / ms,
+                            "cosine_vs_fp32": cos, "build_s": build_s,
                             "layers_quantized": len(built.layers), "weights_bytes": built.bytes_after})
         del engine
         torch.cuda.empty_cache()
@@ -122,10 +132,12 @@ def main(argv=None) -> int:
         speedup = base[str(r["dims"])] / r["ms"]
         r["speedup_vs_" + base_recipe] = speedup
         dims = ",".join(f"{k}={v}" for k, v in r["dims"].items())
-        rows.append((r["recipe"], dims, r["ms"], f"{speedup:.2f}x", r["cosine_vs_fp32"], r["layers_quantized"]))
+        rows.append((r["recipe"], dims, r["ms"], f"{r['tokens_per_s']:.0f}", f"{speedup:.2f}x", r["cosine_vs_fp32"],
+                     r["layers_quantized"]))
     meta = {"source": args.source, "sizes": size_sets, "device": torch.cuda.get_device_name(),
             "torch": torch.__version__, "iters": args.iters, "command": " ".join(sys.argv)}
-    print(format_table(["recipe", "dims", "ms (median)", f"vs {base_recipe}", "cosine vs fp32", "layers"], rows,
+    headers = ["recipe", "dims", "ms (median)", "tokens/s", f"vs {base_recipe}", "cosine vs fp32", "layers"]
+    print(format_table(headers, rows,
                        title=f"{args.source} on {meta['device']}"))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -13,10 +13,14 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 py -c "import torch, triton, onnx, onnxruntime; print(torch.__version__, triton.__version__, onnx.__version__, onnxruntime.__version__)" | tee -a "$OUT/device.txt"
 
 step() { echo "=== $* (t=${SECONDS}s)"; }
-for s in ${STEPS:-engines kernels int4 tests}; do
+for s in ${STEPS:-engines kernels int4 decode tests}; do
   case $s in
     tests)   step "pytest -m gpu"
              py -m pytest -m gpu -q -p no:cacheprovider --rootdir=. -c pyproject.toml tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -25 ;;
+    decode)  step "decode benchmark: Llama-3-8B-sized layers, w4a16_awq vs fp16 at M = 1"
+             py tools/bench_engines.py llama3-8b-layers --recipes fp16 w4a16_awq --size batch=1,seq=1 \
+                 --size batch=16,seq=1 --calib-size batch=1,seq=128 --iters 100 \
+                 --out "$OUT/decode-llama3-8b-layers.json" 2>&1 | tee "$OUT/decode-llama3-8b-layers.log" | grep -v "^\[" | tail -12 ;;
     int4)    step "int4 GEMM benchmark"
              py tools/bench_gemm.py --eager --cuda-graph --out "$OUT/int4_gemm.json" 2>&1 | tee "$OUT/int4_gemm.log" | tail -30 ;;
     kernels) step "scaled_gemm benchmark"

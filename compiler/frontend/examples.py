@@ -4,6 +4,8 @@
   MatMul/Softmax, SwiGLU MLP), vocab 512, hidden 256, 2 layers, 4 heads, ffn 688.
 - ``small-cnn``: Conv-BN-ReLU stem, two residual blocks, MaxPool, global average pool, Linear.
 - ``mlp-large``: 4 blocks of RMSNorm + SwiGLU MLP (2048 -> 5632 -> 2048) with residuals.
+- ``llama3-8b-layers``: tiny-llama's architecture at Llama-3-8B's layer size (hidden 4096, grouped-query
+  attention 32/8 heads, SwiGLU 14336), 2 layers, vocab 1024: the decode-speed benchmark of weight-only recipes.
 
 Each factory returns the dict form of a model factory (see `qcompile.frontend.source`).
 Weights are drawn with std ``fan_in ** -0.5`` (0.02-0.06 at these sizes), so activations and
@@ -69,18 +71,30 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, hidden: int, heads: int):
+    """Causal self-attention; `kv_heads < heads` is grouped-query attention (each K/V head serves
+    heads / kv_heads query heads)."""
+
+    def __init__(self, hidden: int, heads: int, kv_heads: int | None = None):
         super().__init__()
         self.heads, self.head_dim = heads, hidden // heads
+        self.kv_heads = kv_heads or heads
         self.q_proj = nn.Linear(hidden, hidden, bias=False)
-        self.k_proj = nn.Linear(hidden, hidden, bias=False)
-        self.v_proj = nn.Linear(hidden, hidden, bias=False)
+        self.k_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(hidden, hidden, bias=False)
+
+    def _kv(self, proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        t = proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.kv_heads == self.heads:
+            return t
+        rep = self.heads // self.kv_heads
+        return t[:, :, None].expand(b, self.kv_heads, rep, s, self.head_dim).reshape(b, self.heads, s, self.head_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
-        q, k, v = (p(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        q = self.q_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self._kv(self.k_proj, x), self._kv(self.v_proj, x)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(self.head_dim))
@@ -102,10 +116,10 @@ class SwiGLU(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, hidden: int, heads: int, ffn: int):
+    def __init__(self, hidden: int, heads: int, ffn: int, kv_heads: int | None = None):
         super().__init__()
         self.attn_norm = RMSNorm(hidden)
-        self.attn = Attention(hidden, heads)
+        self.attn = Attention(hidden, heads, kv_heads)
         self.mlp_norm = RMSNorm(hidden)
         self.mlp = SwiGLU(hidden, ffn)
 
@@ -118,11 +132,11 @@ class TinyLlama(nn.Module):
     """Decoder-only transformer: input_ids [batch, seq] -> logits [batch, seq, vocab]."""
 
     def __init__(self, vocab: int = 512, hidden: int = 256, layers: int = 2, heads: int = 4, ffn: int = 688,
-                 max_seq: int = 2048, rope_theta: float = 10000.0):
+                 max_seq: int = 2048, rope_theta: float = 10000.0, kv_heads: int | None = None):
         super().__init__()
         self.vocab, self.max_seq = vocab, max_seq
         self.embed_tokens = nn.Embedding(vocab, hidden)
-        self.layers = nn.ModuleList(DecoderBlock(hidden, heads, ffn) for _ in range(layers))
+        self.layers = nn.ModuleList(DecoderBlock(hidden, heads, ffn, kv_heads) for _ in range(layers))
         self.norm = RMSNorm(hidden)
         self.lm_head = nn.Linear(hidden, vocab, bias=False)
         head_dim = hidden // heads
@@ -144,13 +158,23 @@ class TinyLlama(nn.Module):
         return self.lm_head(self.norm(x))
 
 
-def tiny_llama(batch: int = 2, seq: int = 16) -> dict[str, Any]:
-    model = _init_(TinyLlama(), SEED)
+def tiny_llama(batch: int = 2, seq: int = 16, **sizes) -> dict[str, Any]:
+    model = _init_(TinyLlama(**sizes), SEED)
     ids = torch.randint(0, model.vocab, (batch, seq), generator=torch.Generator().manual_seed(SEED + 1))
     return {"module": model, "inputs": (ids,), "input_names": ["input_ids"], "output_names": ["logits"],
             "dynamic_dims": {"input_ids": {0: "batch", 1: "seq"}},
             "dim_ranges": {"batch": (1, 64), "seq": (1, model.max_seq)},
             "value_ranges": {"input_ids": (0, model.vocab)}}
+
+
+# Llama-3-8B's decoder layer (hidden 4096, 32 query / 8 KV heads, SwiGLU 14336, RoPE theta 5e5); vocab kept
+# small so the (unquantized) embedding and LM head do not dominate a decode-speed comparison of the layers
+LLAMA3_8B_LAYERS = dict(vocab=1024, hidden=4096, layers=2, heads=32, kv_heads=8, ffn=14336, max_seq=2048,
+                        rope_theta=500000.0)
+
+
+def llama3_8b_layers(batch: int = 1, seq: int = 16) -> dict[str, Any]:
+    return tiny_llama(batch, seq, **LLAMA3_8B_LAYERS)
 
 
 # --------------------------------------------------------------------------- small-cnn
@@ -236,6 +260,8 @@ EXAMPLES: dict[str, Example] = {e.name: e for e in (
     Example("small-cnn", "Conv-BN-ReLU stem, 2 residual blocks, pool, classifier; image [batch, 3, 32, 32]",
             small_cnn),
     Example("mlp-large", "4 x (RMSNorm + SwiGLU 2048->5632->2048), GEMM-heavy GPU benchmark", mlp_large),
+    Example("llama3-8b-layers", "2 decoder layers of Llama-3-8B's size (hidden 4096, 32/8 heads, SwiGLU 14336), "
+            "vocab 1024, random weights; decode (M = 1) GPU benchmark", llama3_8b_layers),
 )}
 
 

@@ -6,7 +6,8 @@ import torch
 
 from qcompile.errors import SourceError
 from qcompile.frontend import EXAMPLES, list_examples, load_source
-from qcompile.frontend.examples import mlp_large, tiny_llama
+from qcompile.frontend.examples import LLAMA3_8B_LAYERS, Attention, mlp_large, tiny_llama
+from qcompile.frontend.source import source_from_factory_result
 
 from qc_testutil import ort_session
 
@@ -111,7 +112,7 @@ def test_weights_are_deterministic():
 
 def test_list_examples():
     names = [n for n, _ in list_examples()]
-    assert names == list(EXAMPLES) == ["tiny-llama", "small-cnn", "mlp-large"]
+    assert names == list(EXAMPLES) == ["tiny-llama", "small-cnn", "mlp-large", "llama3-8b-layers"]
     assert all(desc for _, desc in list_examples())
 
 
@@ -124,3 +125,32 @@ def test_mlp_large_eager():
     assert y.shape == x.shape and torch.isfinite(y).all()
     assert 0.1 < (y - x).std() < 10  # the blocks really do something
     assert spec["module"].blocks[3].mlp.up_proj.weight.shape == (5632, 2048)
+
+
+def test_grouped_query_attention_equals_attention_with_repeated_kv_heads():
+    """kv_heads < heads is the same function as full attention whose K/V weights repeat per head group."""
+    torch.manual_seed(0)
+    gqa, full = Attention(64, 8, kv_heads=2).eval(), Attention(64, 8).eval()
+    with torch.no_grad():
+        full.q_proj.weight.copy_(gqa.q_proj.weight)
+        full.o_proj.weight.copy_(gqa.o_proj.weight)
+        for name in ("k_proj", "v_proj"):
+            w = getattr(gqa, name).weight.view(2, 8, 64)  # [kv_heads, head_dim, hidden]
+            getattr(full, name).weight.copy_(w.repeat_interleave(4, dim=0).reshape(64, 64))
+        x, cos, sin = torch.randn(2, 5, 64), torch.randn(5, 8), torch.randn(5, 8)
+        mask = torch.triu(torch.full((5, 5), -1e4), 1)
+        torch.testing.assert_close(gqa(x, cos, sin, mask), full(x, cos, sin, mask), rtol=1e-6, atol=1e-6)
+
+
+def test_llama3_8b_layers_is_llama_3_8b_sized_and_its_gqa_graph_exports():
+    """The decode benchmark example's layer sizes, and the same architecture (scaled down) through the
+    ONNX export, run by ONNX Runtime against torch."""
+    cfg = LLAMA3_8B_LAYERS
+    assert (cfg["hidden"], cfg["heads"], cfg["kv_heads"], cfg["ffn"]) == (4096, 32, 8, 14336)
+    small = dict(cfg, hidden=128, heads=8, kv_heads=2, ffn=256, vocab=64, max_seq=64)
+    src = source_from_factory_result(tiny_llama(2, 7, **small), name="gqa", kind="builtin", where="test", opset=21,
+                                     work_dir=None)
+    assert src.torch_module.layers[0].attn.k_proj.weight.shape == (32, 128)  # 2 KV heads x head_dim 16
+    feeds = src.random_inputs(np.random.default_rng(3), {"batch": 2, "seq": 9})
+    got = ort_session(src.model).run(["logits"], feeds)[0]
+    np.testing.assert_allclose(got, _torch_out(src, feeds), atol=1e-4, rtol=1e-4)
