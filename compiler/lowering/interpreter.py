@@ -19,7 +19,7 @@ from onnx import helper, numpy_helper
 
 from qcompile.errors import LoweringError
 from qcompile.lowering.ops.dtypes import onnx_to_torch_dtype
-from qcompile.lowering.registry import NodeContext, get_converter, has_converter
+from qcompile.lowering.registry import NodeContext, get_converter, has_converter, prepare_hook
 from qcompile.lowering.values import IntList, as_tensor, is_static_int
 
 logger = logging.getLogger(__name__)
@@ -86,15 +86,12 @@ class OnnxProgram(torch.nn.Module):
 
         self._static: dict[str, Any] = {}
         self._buffer_of: dict[str, str] = {}
-        for tensor in graph.initializer:
-            value = tensor_from_onnx(tensor, base_dir)
-            if tensor.name not in self._keep_fp32:
-                value = self._to_compute(value)
-            self._add_constant(tensor.name, value)
+        constants = {t.name: self._compute_value(t.name, tensor_from_onnx(t, base_dir)) for t in graph.initializer}
         self._nodes = []
         inits = {t.name: t for t in graph.initializer}
         elem_types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info, *graph.output]}
         elem_types.update({t.name: t.data_type for t in graph.initializer})
+        replaced: set[str] = set()
         for index, node in enumerate(nodes):
             domain = _domain(node)
             opset = self.opsets.get(domain, 1)
@@ -104,32 +101,65 @@ class OnnxProgram(torch.nn.Module):
                               len(node.output), opset, compute_dtype, domain=domain)
             ctx.extra["initializers"] = {i: inits[n] for i, n in enumerate(node.input) if n in inits}
             ctx.extra["input_types"] = [elem_types.get(n) for n in node.input]
+            ctx.extra["input_names"] = list(node.input)
             if node.op_type == "ConstantOfShape" and isinstance(ctx.attr("value"), torch.Tensor):
                 ctx.extra["fill"] = ctx.attr("value").reshape(-1)[0].item()  # read now: no data access in forward
             if node.op_type == "Constant" and not domain:  # evaluated once here, outside any tracing
-                self._add_value(node.output[0], converter(ctx))
+                constants[node.output[0]] = self._compute_value(node.output[0], converter(ctx))
                 continue
-            self._nodes.append((ctx, converter, list(node.input), list(node.output)))
-        self._known = init_names | set(self.input_names) | {o for n in nodes for o in n.output if o}
+            inputs, prepared = self._prepare(ctx, converter, list(node.input), constants)
+            replaced |= set(node.input) - set(inputs)
+            self._nodes.append((ctx, converter, inputs, list(node.output), prepared))
+        # constants only a prepare hook read (e.g. an ONNX int4 weight, replaced by its engine layout) are dropped
+        read = {n for _, _, inputs, _, _ in self._nodes for n in inputs} | set(self.output_names)
+        for name, value in constants.items():
+            if name in read or name not in replaced:
+                self._add_constant(name, value)
+        self._known = (init_names | set(self.input_names) | {o for n in nodes for o in n.output if o}) - \
+            (replaced - read)
         logger.debug("lowered %d nodes, %d buffers, %d static constants", len(self._nodes), len(self._buffer_of),
                      len(self._static))
 
-    def _add_value(self, name: str, value: Any) -> None:
-        """A Constant node's value: a static IntList, or a buffer like an initializer."""
+    def _compute_value(self, name: str, value: Any) -> Any:
+        """A constant as the program holds it: float data in the compute dtype unless it is a scale."""
+        return value if name in self._keep_fp32 else self._to_compute(value)
+
+    def _prepare(self, ctx: NodeContext, converter, inputs: list[str], constants: dict) -> tuple[list[str], Any]:
+        """Run the converter's prepare hook (if any) on the node's constant inputs: (the inputs the converter
+        still reads, "" for replaced ones; {key: buffer name} of the prepared constants, or None)."""
+        hook = prepare_hook(converter)
+        if hook is None:
+            return inputs, None
+        given = {i: constants[n] for i, n in enumerate(inputs)
+                 if n in constants and isinstance(constants[n], torch.Tensor)}
+        try:
+            prepared = hook(ctx, given)
+        except LoweringError:
+            raise
+        except Exception as exc:
+            raise ctx.fail(f"preparing its constants failed: {type(exc).__name__}: {exc}") from exc
+        if prepared is None:
+            return inputs, None
+        buffers = {key: self._register(f"{ctx.name}/{key}", value)
+                   for key, value in prepared.constants.items() if value is not None}
+        return ["" if i in prepared.replaces else n for i, n in enumerate(inputs)], buffers
+
+    def _add_constant(self, name: str, value: Any) -> None:
+        """A constant the nodes read: small int data as a static IntList, anything else as a buffer."""
         if isinstance(value, IntList):
             self._static[name] = value
-        else:
-            self._add_constant(name, value if name in self._keep_fp32 else self._to_compute(value))
-
-    def _add_constant(self, name: str, value: torch.Tensor) -> None:
-        if is_static_int(value.numpy() if value.dtype in (torch.int64, torch.int32, torch.bool) else np.zeros((2, 2))):
+        elif is_static_int(value.numpy() if value.dtype in (torch.int64, torch.int32, torch.bool) else np.zeros((2, 2))):
             self._static[name] = IntList.from_numpy(value.numpy())
-            return
+        else:
+            self._buffer_of[name] = self._register(name, value)
+
+    def _register(self, name: str, value: torch.Tensor) -> str:
+        """Register `value` as a persistent buffer named after `name`; returns the buffer's attribute name."""
         buffer = "c_" + re.sub(r"\W", "_", name)
         while hasattr(self, buffer):
             buffer += "_"
         self.register_buffer(buffer, value, persistent=True)
-        self._buffer_of[name] = buffer
+        return buffer
 
     def forward(self, *inputs: torch.Tensor) -> tuple:
         if len(inputs) != len(self.input_names):
@@ -170,11 +200,12 @@ class OnnxProgram(torch.nn.Module):
             env[name] = self._to_compute(feeds[name])
         wanted = set(capture)
         captured = {n: env[n] for n in wanted if n in env}
-        for ctx, converter, input_names, output_names in self._nodes:
+        for ctx, converter, input_names, output_names, prepared in self._nodes:
             args = [env[i] if i else None for i in input_names]
+            kwargs = {} if prepared is None else {"prepared": {k: getattr(self, b) for k, b in prepared.items()}}
             with _annotate(ctx.name):
                 try:
-                    result = converter(ctx, *args)
+                    result = converter(ctx, *args, **kwargs)
                 except LoweringError:
                     raise
                 except Exception as exc:

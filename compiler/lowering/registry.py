@@ -6,6 +6,14 @@ None for absent optional inputs. For a node at opset `v`, the op's since-version
 with `onnx.defs.get_schema(op, max_inclusive_version=v, domain=...)` (custom domains: `s = v`) and
 the converter with the largest `since <= s` is used: a converter registered `since=13` covers the
 op's versions from 13 until the next registered one.
+
+A converter may come with a `prepare` hook, called once per node when the graph is lowered (not in
+`forward`) with the node's constant inputs (initializers and Constant outputs, by input index). It returns
+a `Prepared`: constants derived from them (e.g. a weight in a kernel's layout), which the interpreter holds
+as buffers and hands to the converter as `prepared={name: tensor}`, and the input indices the converter then
+no longer reads (passed as None; their initializers are dropped when no other node reads them). It returns
+None when it cannot prepare (e.g. the weight is computed in the graph): the converter then gets its inputs as
+usual and `prepared=None`. Work done in a hook is not traced, so it is not repeated by exported programs.
 """
 from __future__ import annotations
 
@@ -24,14 +32,36 @@ Converter = Callable[..., Any]
 _REGISTRY: dict[tuple[str, str], dict[int, Converter]] = {}
 
 
-def register_converter(op_type: str, since: int = 1, domain: str = "") -> Callable[[Converter], Converter]:
-    """Decorator registering `fn` for `domain::op_type` from opset `since` on."""
+@dataclass(frozen=True)
+class Prepared:
+    """What a `prepare` hook derived once: `constants` (None values are left out of `prepared=`) and the
+    input indices the converter no longer reads (`replaces`)."""
+
+    constants: dict[str, torch.Tensor | None]
+    replaces: tuple[int, ...] = ()
+
+
+Prepare = Callable[["NodeContext", dict[int, torch.Tensor]], "Prepared | None"]
+_PREPARE: dict[Converter, Prepare] = {}
+
+
+def register_converter(op_type: str, since: int = 1, domain: str = "",
+                       prepare: Prepare | None = None) -> Callable[[Converter], Converter]:
+    """Decorator registering `fn` for `domain::op_type` from opset `since` on (with an optional
+    `prepare` hook, see the module docstring; the converter then takes a `prepared=` keyword)."""
 
     def wrap(fn: Converter) -> Converter:
         _REGISTRY.setdefault((domain, op_type), {})[since] = fn
+        if prepare is not None:
+            _PREPARE[fn] = prepare
         return fn
 
     return wrap
+
+
+def prepare_hook(converter: Converter) -> Prepare | None:
+    """The `prepare` hook registered with `converter`, if any."""
+    return _PREPARE.get(converter)
 
 
 def schema_since(domain: str, op_type: str, opset: int) -> int:
