@@ -1,0 +1,173 @@
+"""FP4 number formats of the FP4 GEMM plugin: E2M1 values, E4M3 / E8M0 block scales, packing, layouts.
+
+E2M1 (ONNX FLOAT4E2M1, OCP MX FP4): 1 sign, 2 exponent (bias 1), 1 mantissa bit; magnitudes
+{0, 0.5, 1, 1.5, 2, 3, 4, 6}; no Inf/NaN. A code is 4 bits `s e1 e0 m`. Encoding rounds to nearest, ties to
+the even code (mantissa bit 0), and saturates at ±6 (a cast, as ONNX and TensorRT define it).
+
+Scales:
+- NVFP4: one E4M3 (FLOAT8E4M3FN, positive) scale per 16 consecutive elements along K and one FP32 global
+  scale per tensor in decode form (`amax / (6 * 448)`): `x = e2m1 * fp32(scale_e4m3) * global`.
+- MXFP4: one E8M0 scale (an unsigned biased exponent: `2 ** (bits - 127)`, bits 255 = NaN) per 32 elements
+  along K, no global scale. The shared exponent follows the OCP MX spec (v1.0, §6.3):
+  `floor(log2(amax)) - emax_elem` with emax_elem = 2 for E2M1; elements are then cast (saturating) to E2M1.
+
+Packing (ONNX, TensorRT): two codes per byte, the first (even flat index) in the low nibble.
+
+Engine layout (what `qcompile::fp4_gemm` takes; torch's FP4 dtype cannot be an AOTInductor constant):
+  `w_packed` uint8 [N, K/2] (the weight [N, K] = [out, in], K-major, packed along K exactly as ONNX packs
+  a row-major [N, K] FLOAT4E2M1 tensor: the engine bytes are the ONNX raw bytes), `w_scale` [N, K/B]:
+  torch.float8_e4m3fn (NVFP4, B = 16) or uint8 E8M0 bits (MXFP4, B = 32), `w_global` float32 scalar
+  (NVFP4) or None (MXFP4). K must be a multiple of B.
+
+Everything here is plain torch (traceable; float32 math) except the numpy packing helpers.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+E2M1_EMAX = 2  # exponent of E2M1's largest normal (6 = 1.5 * 2**2)
+NVFP4_BLOCK = 16
+MXFP4_BLOCK = 32
+E8M0_BIAS = 127
+E8M0_NAN = 255
+# magnitudes of codes 0..7
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+# midpoints between neighbouring magnitudes; at a tie the even code wins: `>` below an even code, `>=` below an odd one
+_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+
+
+# ------------------------------------------------------------------ E2M1 codes (torch)
+
+def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
+    """E2M1 codes (uint8, 0..15) of `x`: round to nearest even, saturate at ±6 (NaN encodes as +6)."""
+    a = x.to(torch.float32)
+    mag = a.abs()
+    mag = torch.where(torch.isnan(mag), torch.full_like(mag, E2M1_MAX), mag)
+    code = torch.zeros(a.shape, dtype=torch.int32, device=a.device)
+    for i, mid in enumerate(_MIDPOINTS):
+        code = code + ((mag >= mid) if i % 2 else (mag > mid)).to(torch.int32)
+    sign = torch.signbit(a) & ~torch.isnan(a)
+    return (code + sign.to(torch.int32) * 8).to(torch.uint8)
+
+
+def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
+    """Float32 values of E2M1 codes (any integer dtype, 0..15)."""
+    c = codes.to(torch.int32)
+    mag_code = c & 7
+    e = mag_code >> 1
+    m = (mag_code & 1).to(torch.float32)
+    # e = 0: m * 0.5 (subnormal); e >= 1: (2 + m) * 2**(e - 2)
+    mag = torch.where(e == 0, m * 0.5, (2.0 + m) * torch.exp2((e - 2).to(torch.float32)))
+    return torch.where((c & 8) != 0, -mag, mag)
+
+
+def e2m1_round(x: torch.Tensor) -> torch.Tensor:
+    """`x` cast to E2M1 and back (float32)."""
+    return e2m1_decode(e2m1_encode(x))
+
+
+# ------------------------------------------------------------------ E4M3 and E8M0 scales (torch)
+
+def e4m3_encode(x: torch.Tensor) -> torch.Tensor:
+    """`x` as torch.float8_e4m3fn: saturate at ±448, round to nearest even."""
+    return torch.clamp(x.to(torch.float32), -E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def e8m0_decode(bits: torch.Tensor) -> torch.Tensor:
+    """Float32 `2 ** (bits - 127)` of E8M0 bits (uint8); 255 is NaN."""
+    b = bits.to(torch.int32)
+    v = torch.exp2((b - E8M0_BIAS).to(torch.float32))
+    return torch.where(b == E8M0_NAN, torch.full_like(v, float("nan")), v)
+
+
+def e8m0_from_amax(amax: torch.Tensor, emax_elem: int = E2M1_EMAX) -> torch.Tensor:
+    """OCP MX shared scale bits (uint8) for blocks of absolute max `amax`: `floor(log2(amax)) - emax_elem`,
+    biased by 127 and clamped to [0, 254]; an all-zero block gets the smallest scale (bits 0)."""
+    a = amax.to(torch.float32)
+    exp = torch.floor(torch.log2(torch.where(a > 0, a, torch.ones_like(a)))) - emax_elem
+    exp = torch.where(a > 0, exp, torch.full_like(exp, -E8M0_BIAS))
+    return torch.clamp(exp + E8M0_BIAS, 0, 254).to(torch.uint8)
+
+
+def decode_scales(w_scale: torch.Tensor) -> torch.Tensor:
+    """Float32 block scales of an engine `w_scale` (float8_e4m3fn: NVFP4, uint8: MXFP4 E8M0)."""
+    if w_scale.dtype == torch.uint8:
+        return e8m0_decode(w_scale)
+    return w_scale.to(torch.float32)
+
+
+# ------------------------------------------------------------------ block quantization (torch)
+
+def blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """`x [..., K]` viewed as `[..., K/block, block]` (K a multiple of block)."""
+    if x.shape[-1] % block:
+        raise ValueError(f"the last dim ({x.shape[-1]}) must be a multiple of the block size {block}")
+    return x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
+
+
+def quantize_blocks(x: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
+    """E2M1 codes of `x [..., K] / scale [..., K/block]` (float32 division; a zero scale gives code 0)."""
+    xb = blocks(x.to(torch.float32), block)
+    s = scale.to(torch.float32).unsqueeze(-1)
+    y = torch.where(s > 0, xb / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(xb))
+    return e2m1_encode(y).reshape(x.shape)
+
+
+def dequantize_blocks(codes: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
+    """Float32 `e2m1(codes) [..., K] * scale [..., K/block]` (broadcast along each block)."""
+    v = blocks(e2m1_decode(codes), block)
+    return (v * scale.to(torch.float32).unsqueeze(-1)).reshape(codes.shape)
+
+
+def nvfp4_dynamic_quantize(x: torch.Tensor, global_scale: torch.Tensor, block: int = NVFP4_BLOCK):
+    """NVFP4 dynamic quantization of activations (TensorRT's TRT_FP4DynamicQuantize, Blackwell's recipe).
+
+    Per block of `block` elements along the last axis: `sx = e4m3(amax(block) / 6 / global)`,
+    `codes = e2m1(x / (fp32(sx) * global))`. `global_scale` is the decode-form FP32 scalar (`amax / (6*448)`).
+    Returns (codes uint8 [..., K], sx float8_e4m3fn [..., K/block])."""
+    g = global_scale.to(torch.float32)
+    amax = blocks(x.to(torch.float32), block).abs().amax(dim=-1)
+    sx = e4m3_encode(amax / E2M1_MAX / g)
+    return quantize_blocks(x, sx.to(torch.float32) * g, block), sx
+
+
+def nvfp4_fake_quantize(x: torch.Tensor, global_scale: torch.Tensor, block: int = NVFP4_BLOCK) -> torch.Tensor:
+    """`x` through NVFP4 dynamic quantization and back (float32): what a Blackwell FP4 GEMM multiplies."""
+    codes, sx = nvfp4_dynamic_quantize(x, global_scale, block)
+    return dequantize_blocks(codes, sx.to(torch.float32) * global_scale.to(torch.float32), block)
+
+
+# ------------------------------------------------------------------ packing
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """Codes [..., K] (K even) -> uint8 [..., K/2], element 2j in the low nibble of byte j."""
+    c = codes.to(torch.uint8)
+    if c.shape[-1] % 2:
+        raise ValueError(f"fp4 packing needs an even last dim, got {tuple(c.shape)}")
+    return c[..., 0::2] | (c[..., 1::2] << 4)
+
+
+def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_codes`: uint8 [..., K/2] -> codes uint8 [..., K]."""
+    p = packed.to(torch.uint8)
+    return torch.stack([p & 0xF, p >> 4], dim=-1).reshape(*p.shape[:-1], p.shape[-1] * 2)
+
+
+def codes_to_float4(codes: np.ndarray) -> np.ndarray:
+    """Codes (uint8 numpy) -> an `ml_dtypes.float4_e2m1fn` array of the same shape (for ONNX initializers)."""
+    import ml_dtypes
+
+    return np.asarray(codes, dtype=np.uint8).view(ml_dtypes.float4_e2m1fn)
+
+
+def float4_to_codes(values: np.ndarray) -> np.ndarray:
+    """An `ml_dtypes.float4_e2m1fn` (or float values on the E2M1 grid) array -> codes uint8."""
+    import ml_dtypes
+
+    arr = np.asarray(values)
+    if arr.dtype != ml_dtypes.float4_e2m1fn:
+        arr = arr.astype(np.float32).astype(ml_dtypes.float4_e2m1fn)
+    return arr.view(np.uint8) & 0xF
