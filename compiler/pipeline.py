@@ -107,6 +107,7 @@ def build(
     import torch
 
     from qcompile.algorithms.plan import observers_for, plan_int4_jobs, run_jobs
+    from qcompile.algorithms.smoothquant import plan_smoothing, smooth_model
     from qcompile.calibration import calibrate, load_calibration_data
     from qcompile.engine import build_engine
     from qcompile.frontend import load_source
@@ -130,22 +131,30 @@ def build(
         tensors = activation_tensors(targets)
         jobs = plan_int4_jobs(src.model, recipe)
         watch = observers_for(jobs)
+        smooth_jobs, smoothing, model = plan_smoothing(src.model, recipe), None, src.model
         data_hash = ""
-        if recipe.needs_calibration and (tensors or jobs):
+        if recipe.needs_calibration and (tensors or jobs or smooth_jobs):
             data = load_calibration_data(calib, src.inputs, source=src)
             data_hash = data.content_hash()
             data, held_out = _split_holdout(data, holdout)
-            result = calibrate(src.model, tensors, data, recipe.calibration, device=device, progress=tick,
+            if smooth_jobs:  # SmoothQuant: smooth the FP model, then calibrate the smoothed one
+                model, smoothing = smooth_model(src.model, recipe, data, recipe.calibration, device=device,
+                                                progress=tick, jobs=smooth_jobs)
+                targets = plan_quantization(model, recipe)
+                tensors = activation_tensors(targets)
+            result = calibrate(model, tensors, data, recipe.calibration, device=device, progress=tick,
                                extra_observers=watch)
             amax = result.amax
             int4_weights, int4_input_scales = run_jobs(jobs, watch, device=device)
             calibration = {"data": data.description, "random": data.is_random, "samples": result.num_samples,
                            "method": recipe.calibration.method, "tensors": len(amax)}
+            if smoothing is not None:
+                calibration["smoothquant"] = smoothing
             if data.is_random:
                 logger.warning("calibrated on random data: scales are not representative of real inputs")
 
     with progress.stage("quantize", f"{sum(t.quantized for t in targets)} layers selected"):
-        qdq_model, qdq_result = quantize_model(src.model, recipe, amax, int4_weights, int4_input_scales)
+        qdq_model, qdq_result = quantize_model(model, recipe, amax, int4_weights, int4_input_scales)
         if emit_onnx is not None:
             _save_onnx_atomic(qdq_model, emit_onnx)
         plugin_model, fuse_result = fuse_plugins(qdq_model)

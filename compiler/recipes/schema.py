@@ -135,7 +135,7 @@ class Rule:
     modules: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     algorithm: str = "rtn"
-    alpha: float | None = None
+    alpha: float | str | None = None  # a number in [0, 1], or "auto" (SmoothQuant: searched per layer)
 
     def matches(self, op_type: str, node_name: str, module_name: str | None = None) -> bool:
         if op_type not in self.ops:
@@ -161,14 +161,16 @@ class Rule:
         if weight is None and activation is None:
             raise RecipeError(f"{where} quantizes nothing; give it a weight and/or activation table")
         algorithm = _choice(table, "algorithm", ALGORITHMS, where, "rtn")
-        alpha = _typed(table, "alpha", (int, float), where)
+        alpha = table.get("alpha")
+        if alpha != "auto":  # "auto": SmoothQuant searches alpha per layer
+            alpha = _typed(table, "alpha", (int, float), where)
         if algorithm == "smoothquant" and alpha is None:
             alpha = 0.5
-        if alpha is not None and not 0.0 <= alpha <= 1.0:
-            raise RecipeError(f"bad value {where}.alpha = {alpha!r}; expected a number in [0, 1]")
+        if alpha not in (None, "auto") and not 0.0 <= alpha <= 1.0:
+            raise RecipeError(f"bad value {where}.alpha = {alpha!r}; expected a number in [0, 1] or \"auto\"")
         return cls(ops, weight, activation, _globs(table, "names", where, ("*",)),
                    _globs(table, "modules", where, ("*",)), _globs(table, "exclude", where), algorithm,
-                   None if alpha is None else float(alpha))
+                   alpha if alpha in (None, "auto") else float(alpha))
 
 
 @dataclass(frozen=True)
@@ -311,8 +313,9 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        """Static activation scales, or weight algorithms that read activation statistics (AWQ, GPTQ)."""
-        return any((r.activation is not None and r.activation.mode == "static") or r.algorithm in ("awq", "gptq")
+        """Static activation scales, or algorithms that read activation statistics (SmoothQuant, AWQ, GPTQ)."""
+        return any((r.activation is not None and r.activation.mode == "static")
+                   or r.algorithm in ("smoothquant", "awq", "gptq")
                    for r in self.rules)
 
     def rule_for(self, op_type: str, node_name: str, module_name: str | None = None) -> Rule | None:
