@@ -113,6 +113,7 @@ def build(
     from qcompile.frontend import load_source
     from qcompile.lowering import lower_onnx
     from qcompile.passes import activation_tensors, fuse_plugins, plan_quantization, quantize_model
+    from qcompile.passes.quantize_weights_fp4 import fp4_activation_tensors
 
     device = device or default_device()
     if device not in ("cpu", "cuda"):
@@ -128,7 +129,7 @@ def build(
     int4_weights, int4_input_scales = {}, {}
     with progress.stage("calibrate", recipe.calibration.method if recipe.needs_calibration else "(not needed)") as tick:
         targets = plan_quantization(src.model, recipe)
-        tensors = activation_tensors(targets)
+        tensors = activation_tensors(targets) + fp4_activation_tensors(src.model, recipe)
         jobs = plan_int4_jobs(src.model, recipe)
         watch = observers_for(jobs)
         smooth_jobs, smoothing, model = plan_smoothing(src.model, recipe), None, src.model
@@ -141,7 +142,7 @@ def build(
                 model, smoothing = smooth_model(src.model, recipe, data, recipe.calibration, device=device,
                                                 progress=tick, jobs=smooth_jobs)
                 targets = plan_quantization(model, recipe)
-                tensors = activation_tensors(targets)
+                tensors = activation_tensors(targets) + fp4_activation_tensors(model, recipe)
             result = calibrate(model, tensors, data, recipe.calibration, device=device, progress=tick,
                                extra_observers=watch)
             amax = result.amax

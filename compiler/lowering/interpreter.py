@@ -26,12 +26,13 @@ logger = logging.getLogger(__name__)
 
 # Inputs that hold quantization scales: kept in float32 under a compute dtype (fp16 would round
 # them and flush tiny ones to zero). (domain, op_type) -> input indices.
-SCALE_INPUTS = {("", "QuantizeLinear"): (1,), ("", "DequantizeLinear"): (1,), ("qcompile", "ScaledGemm"): (1, 4)}
+SCALE_INPUTS = {("", "QuantizeLinear"): (1,), ("", "DequantizeLinear"): (1,), ("qcompile", "ScaledGemm"): (1, 4),
+                ("qcompile", "Fp4Gemm"): (2, 3), ("qcompile", "Fp4GemmW4A4"): (2, 3, 4)}
 _COMPUTE_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def tensor_from_onnx(tensor: onnx.TensorProto, base_dir: str | None = None) -> torch.Tensor:
-    """An initializer as a torch tensor: fp8 as float8_e4m3fn, int4/uint4 as int8/uint8 values."""
+    """An initializer as a torch tensor: fp8 as float8_e4m3fn, int4/uint4 as int8/uint8 values, fp4 as float32."""
     if tensor.data_location == onnx.TensorProto.EXTERNAL and base_dir:
         onnx.external_data_helper.load_external_data_for_tensor(tensor, base_dir)
     array = numpy_helper.to_array(tensor)
@@ -39,6 +40,8 @@ def tensor_from_onnx(tensor: onnx.TensorProto, base_dir: str | None = None) -> t
         return torch.from_numpy(np.ascontiguousarray(array).view(np.uint8)).view(torch.float8_e4m3fn)
     if tensor.data_type == onnx.TensorProto.FLOAT8E5M2:
         return torch.from_numpy(np.ascontiguousarray(array).view(np.uint8)).view(torch.float8_e5m2)
+    if tensor.data_type == onnx.TensorProto.FLOAT4E2M1:  # held as its float values (exact)
+        return torch.from_numpy(array.astype(np.float32))
     if tensor.data_type in (onnx.TensorProto.INT4,):
         return torch.from_numpy(array.astype(np.int8))
     if tensor.data_type in (onnx.TensorProto.UINT4,):

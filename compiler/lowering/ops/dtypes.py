@@ -11,6 +11,7 @@ _MAP = {
     onnx.TensorProto.INT8: torch.int8, onnx.TensorProto.UINT8: torch.uint8, onnx.TensorProto.BOOL: torch.bool,
     onnx.TensorProto.FLOAT8E4M3FN: torch.float8_e4m3fn, onnx.TensorProto.FLOAT8E5M2: torch.float8_e5m2,
     onnx.TensorProto.INT4: torch.int8, onnx.TensorProto.UINT4: torch.uint8,
+    onnx.TensorProto.FLOAT4E2M1: torch.float32,  # the lowering holds FP4 as its (exact) float values
     onnx.TensorProto.UINT16: torch.int32, onnx.TensorProto.UINT32: torch.int64,
 }
 

@@ -1,0 +1,180 @@
+"""FP4 weights (NVFP4, MXFP4) and NVFP4 activations in TensorRT's portable ONNX form (opset 23).
+
+Does the following transformation on each MatMul whose rule has an `nvfp4` / `mxfp4` weight:
+- NVFP4 weight:  MatMul(x, W[K,N] const)  ->  MatMul(x, Transpose(DQ(W_f4[N,K] FLOAT4E2M1,
+  DQ(S_f8[N,K/16] FLOAT8E4M3FN, g_w FLOAT), axis=-1, block_size=16)))
+- MXFP4 weight:  ->  MatMul(x, Transpose(DQ(W_f4[N,K], S[N,K/32] FLOAT (E8M0 powers of two), axis=-1,
+  block_size=32)))   (opset 23 has no E8M0 scale type and TensorRT's parser maps none)
+- NVFP4 activation (`activation.format = "nvfp4"`, W4A4): x  ->  DQ(x_f4, DQ(sx_f8, g_x), axis=-1,
+  block_size=16) with `x_f4, sx_f8 = trt::TRT_FP4DynamicQuantize(x, g_x, axis=-1, block_size=16,
+  scale_type=FLOAT8E4M3FN)`, `g_x = amax(x) / (6*448)` from calibration; one chain per tensor, shared by
+  the MatMuls that read it.
+
+The weights come from `qcompile.algorithms.fp4` (two-level NVFP4 scales, optional MSE search of the global
+scale; OCP MX E8M0 scales). Declined, with a reason: what `decline_reason` of the INT4 pass declines
+(non-constant or non-2-D weight, K not a multiple of the block, K < min_k, N < min_n) and activation
+formats other than nvfp4. Never emits ModelOpt's `TRT_FP4QDQ` placeholder.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import torch
+
+from qcompile.algorithms.fp4 import FORMATS, Fp4Weight, activation_global_scale, quantize_fp4
+from qcompile.errors import PassError
+from qcompile.passes import _graph as G
+from qcompile.passes.infra import InPlacePass, PassResult
+from qcompile.passes.quantize_weights_int4 import decline_reason
+from qcompile.plugins.fp4_gemm import format as F
+from qcompile.plugins.fp4_gemm import onnx_schema
+from qcompile.recipes.schema import Recipe
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["QuantizeWeightsFp4Pass", "fp4_targets", "fp4_activation_tensors", "OPSET"]
+
+OPSET = 23  # FLOAT4E2M1 in DequantizeLinear
+T = onnx.TensorProto
+
+
+def fp4_targets(graph: gs.Graph, recipe: Recipe) -> list[tuple[gs.Node, object]]:
+    """(MatMul node, rule) pairs whose rule asks for an FP4 weight."""
+    found = []
+    for node in graph.nodes:
+        if node.op == "MatMul":
+            rule = recipe.rule_for(node.op, node.name, G.module_of(graph, node))
+            if rule is not None and rule.weight is not None and rule.weight.format in FORMATS:
+                found.append((node, rule))
+    return found
+
+
+def fp4_activation_tensors(model: onnx.ModelProto | gs.Graph, recipe: Recipe) -> list[str]:
+    """The activations whose amax calibration must measure (NVFP4 W4A4 layers' inputs), in order."""
+    if not any(r.activation is not None and r.activation.format == "nvfp4" for r in recipe.rules):
+        return []
+    graph = G.import_model(model) if isinstance(model, onnx.ModelProto) else model
+    names: dict[str, None] = {}
+    for node, rule in fp4_targets(graph, recipe):
+        if _reason(node, rule, recipe) is None and rule.activation is not None:
+            names[node.inputs[0].name] = None
+    return list(names)
+
+
+def _reason(node: gs.Node, rule, recipe: Recipe) -> str | None:
+    act = rule.activation
+    if act is not None and act.format != "nvfp4":
+        return f"activation format {act.format} with an FP4 weight is not supported (nvfp4 or none)"
+    if act is not None and rule.weight.format != "nvfp4":
+        return "NVFP4 activations go with NVFP4 weights (W4A4)"
+    return decline_reason(node, G.const_values(node.inputs[1]), rule, recipe)
+
+
+class QuantizeWeightsFp4Pass(InPlacePass):
+    """Quantizes the recipe's FP4 MatMuls to TensorRT's NVFP4 / MXFP4 ONNX form (see the module docstring).
+
+    Args:
+        recipe: selects the layers (rules with `weight.format` nvfp4 / mxfp4, optional nvfp4 activation).
+        activation_amax: calibrated amax by tensor name (the W4A4 layers' inputs).
+        mse_search: search the NVFP4 weight global scale for the least squared error.
+    """
+
+    def __init__(self, recipe: Recipe, activation_amax: dict[str, float] | None = None, mse_search: bool = False):
+        self.recipe = recipe
+        self.activation_amax = dict(activation_amax or {})
+        self.mse_search = mse_search
+
+    def call(self, graph: gs.Graph) -> PassResult:
+        stats: collections.Counter = collections.Counter()
+        declined: list[tuple[str, str]] = []
+        shared: dict[str, gs.Variable] = {}
+        for node, rule in fp4_targets(graph, self.recipe):
+            reason = _reason(node, rule, self.recipe)
+            if reason:
+                declined.append((node.name, reason))
+                continue
+            w = G.const_values(node.inputs[1])
+            qw = quantize_fp4(torch.from_numpy(w.astype(np.float32)), rule.weight.format, self.mse_search)
+            node.inputs[1] = self._weight(graph, node, qw, w.dtype)
+            if rule.activation is not None:
+                x = node.inputs[0]
+                if x.name not in shared:
+                    shared[x.name] = self._activation(graph, node, x)
+                    stats["activations_quantized"] += 1
+                node.inputs[0] = shared[x.name]
+            stats[f"{rule.weight.format}_weights"] += 1
+            stats["bytes_saved"] += int(w.nbytes - qw.codes.numel() // 2 - qw.scale.numel())
+        if sum(stats.values()):
+            graph.opset = max(graph.opset or 0, OPSET)
+            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        return PassResult(graph, bool(sum(stats.values())), stats, declined)
+
+    @staticmethod
+    def _weight(graph: gs.Graph, node: gs.Node, qw: Fp4Weight, dtype) -> gs.Variable:
+        """Transpose(DQ(W_f4 [N, K], block scales, axis=-1, block_size)) in front of `node`; returns [K, N]."""
+        base = node.inputs[1].name
+        n, k = qw.codes.shape
+        w_f4 = G.make_constant(G.unique_name(graph, f"{base}_fp4"), F.codes_to_float4(qw.codes.cpu().numpy()))
+        new_nodes = []
+        if qw.fmt == "nvfp4":
+            s_f8 = G.make_constant(G.unique_name(graph, f"{base}_block_scale"), qw.scale.cpu().view(torch.uint8)
+                                   .numpy().view(__import__("ml_dtypes").float8_e4m3fn))
+            g = G.make_constant(G.unique_name(graph, f"{base}_global_scale"),
+                                np.asarray(qw.global_scale.item(), np.float32))
+            scale = gs.Variable(G.unique_name(graph, f"{base}_block_scale_dq"), dtype=np.float32,
+                                shape=list(qw.scale.shape))
+            new_nodes.append(gs.Node("DequantizeLinear", name=G.unique_name(graph, f"{node.name}/weight_scale_dq"),
+                                     inputs=[s_f8, g], outputs=[scale]))
+        else:
+            scale = G.make_constant(G.unique_name(graph, f"{base}_block_scale"),
+                                    F.e8m0_decode(qw.scale).cpu().numpy().astype(np.float32))
+        attrs = {"axis": -1, "block_size": qw.block_size}
+        if np.dtype(dtype) != np.float32:
+            attrs["output_dtype"] = G.onnx_dtype(node.inputs[1])
+        w_dq = gs.Variable(G.unique_name(graph, f"{base}_dq"), dtype=np.dtype(dtype), shape=[n, k])
+        w_t = gs.Variable(G.unique_name(graph, f"{base}_dq_t"), dtype=np.dtype(dtype), shape=[k, n])
+        new_nodes += [
+            gs.Node("DequantizeLinear", name=G.unique_name(graph, f"{node.name}/weight_dq"), inputs=[w_f4, scale],
+                    outputs=[w_dq], attrs=attrs),
+            gs.Node("Transpose", name=G.unique_name(graph, f"{node.name}/weight_t"), inputs=[w_dq], outputs=[w_t],
+                    attrs={"perm": [1, 0]}),
+        ]
+        graph.nodes.extend(new_nodes)
+        return w_t
+
+    def _activation(self, graph: gs.Graph, node: gs.Node, x: gs.Variable) -> gs.Variable:
+        """TensorRT's NVFP4 dynamic activation quantization of `x`; returns the dequantized tensor."""
+        amax = self.activation_amax.get(x.name)
+        if amax is None:
+            raise PassError(f"no amax for activation tensor '{x.name}' (needed for the NVFP4 global scale of node "
+                            f"'{node.name}'); calibrate the tensors listed by fp4_activation_tensors(model, recipe)")
+        g = G.make_constant(G.unique_name(graph, f"{x.name}_fp4_global_scale"),
+                            np.asarray(activation_global_scale(amax), np.float32))
+        block_shape = None if x.shape is None else [*x.shape[:-1], _div(x.shape[-1], F.NVFP4_BLOCK)]
+        x_f4 = gs.Variable(G.unique_name(graph, f"{x.name}_fp4"), dtype=T.FLOAT4E2M1, shape=x.shape)
+        sx_f8 = gs.Variable(G.unique_name(graph, f"{x.name}_fp4_scale"), dtype=T.FLOAT8E4M3FN, shape=block_shape)
+        sx = gs.Variable(G.unique_name(graph, f"{x.name}_fp4_scale_dq"), dtype=np.float32, shape=block_shape)
+        out = gs.Variable(G.unique_name(graph, f"{x.name}_fp4_dq"), dtype=x.dtype, shape=x.shape)
+        dq_attrs = {"axis": -1, "block_size": F.NVFP4_BLOCK}
+        if x.dtype is not None and np.dtype(x.dtype) != np.float32:
+            dq_attrs["output_dtype"] = G.onnx_dtype(x)
+        base = f"{x.name}/fp4"
+        graph.nodes.extend([
+            gs.Node(onnx_schema.TRT_DYNAMIC_QUANTIZE, name=G.unique_name(graph, f"{base}_dynamic_quantize"),
+                    domain=onnx_schema.TRT_DOMAIN, inputs=[x, g], outputs=[x_f4, sx_f8],
+                    attrs=onnx_schema.dynamic_quantize_attributes()),
+            gs.Node("DequantizeLinear", name=G.unique_name(graph, f"{base}_scale_dq"), inputs=[sx_f8, g],
+                    outputs=[sx]),
+            gs.Node("DequantizeLinear", name=G.unique_name(graph, f"{base}_dq"), inputs=[x_f4, sx], outputs=[out],
+                    attrs=dq_attrs),
+        ])
+        return out
+
+
+def _div(dim, block: int):
+    return dim // block if isinstance(dim, int) else None
+

@@ -1,0 +1,64 @@
+"""Plain-torch reference of `qcompile::fp4_gemm`: the CPU path of the op and the test oracle.
+
+    W[n, k] = e2m1(w[n, k]) * scale[n, k // B] * (w_global or 1)        (scale: E4M3 or E8M0, decoded)
+    x_hat   = nvfp4_fake_quantize(x, x_global) if x_global is given else x
+    y       = x_hat @ W.T + bias                                          (float32, cast to x.dtype)
+"""
+from __future__ import annotations
+
+import torch
+
+from qcompile.plugins.fp4_gemm import format as F
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_args(x, w_packed, w_scale, w_global, x_global, bias, block_size: int) -> None:
+    """Shape/dtype checks shared by every path (static properties only: safe under tracing)."""
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"fp4_gemm: x must be float32/float16/bfloat16, got {x.dtype}")
+    if w_packed.dtype != torch.uint8 or w_packed.dim() != 2:
+        raise ValueError(f"fp4_gemm: w_packed must be uint8 [N, K/2] (engine layout), got {w_packed.dtype} "
+                         f"{tuple(w_packed.shape)}")
+    n, k = w_packed.shape[0], w_packed.shape[1] * 2
+    if x.shape[-1] != k:
+        raise ValueError(f"fp4_gemm: x has K={x.shape[-1]} but w_packed {tuple(w_packed.shape)} holds K={k}")
+    nvfp4 = w_scale.dtype == torch.float8_e4m3fn
+    if not nvfp4 and w_scale.dtype != torch.uint8:
+        raise ValueError(f"fp4_gemm: w_scale must be float8_e4m3fn (NVFP4) or uint8 E8M0 (MXFP4), got {w_scale.dtype}")
+    want_block = F.NVFP4_BLOCK if nvfp4 else F.MXFP4_BLOCK
+    if block_size != want_block or k % block_size:
+        raise ValueError(f"fp4_gemm: block_size {block_size} must be {want_block} for "
+                         f"{'NVFP4' if nvfp4 else 'MXFP4'} and divide K={k}")
+    if tuple(w_scale.shape) != (n, k // block_size):
+        raise ValueError(f"fp4_gemm: w_scale must be [{n}, {k // block_size}], got {tuple(w_scale.shape)}")
+    if nvfp4 != (w_global is not None):
+        raise ValueError("fp4_gemm: w_global (float32 scalar) goes with NVFP4 (E4M3 scales) and only with it")
+    for name, s in (("w_global", w_global), ("x_global", x_global)):
+        if s is not None and (s.dtype != torch.float32 or s.numel() != 1):
+            raise ValueError(f"fp4_gemm: {name} must be a float32 scalar, got {s.dtype} {tuple(s.shape)}")
+    if x_global is not None and k % F.NVFP4_BLOCK:
+        raise ValueError(f"fp4_gemm: NVFP4 activation quantization needs K={k} to be a multiple of 16")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"fp4_gemm: bias must be [{n}], got {tuple(bias.shape)}")
+
+
+def dequantize_weight(w_packed, w_scale, w_global, block_size: int, dtype=torch.float32) -> torch.Tensor:
+    """`W [N, K]` as `dtype` (computed in float32)."""
+    scale = F.decode_scales(w_scale)
+    if w_global is not None:
+        scale = scale * w_global.to(torch.float32).reshape(())
+    return F.dequantize_blocks(F.unpack_codes(w_packed), scale, block_size).to(dtype)
+
+
+def fp4_gemm_reference(x, w_packed, w_scale, w_global, x_global, bias, block_size: int) -> torch.Tensor:
+    """`y[..., N] = x_hat @ W.T + bias` computed in float32, returned in x.dtype."""
+    check_args(x, w_packed, w_scale, w_global, x_global, bias, block_size)
+    w = dequantize_weight(w_packed, w_scale, w_global, block_size)
+    xf = x.to(torch.float32)
+    if x_global is not None:
+        xf = F.nvfp4_fake_quantize(xf, x_global.reshape(()))
+    y = xf @ w.t()
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype)
