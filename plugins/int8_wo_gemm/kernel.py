@@ -1,0 +1,144 @@
+"""Triton kernel of `qcompile::int8_weight_only_gemm` (CUDA only; imported lazily: CPU machines have no Triton).
+
+Two paths, chosen per call from M (the row count of x, dynamic), as in the INT4 plugin:
+
+- small M (M <= SMALL_M_MAX): `_int8_wo_splitk_kernel`, a split-K weight-streaming GEMM. Each program owns
+  BLOCK_N output columns and one K slice; it streams its int8 [BLOCK_K, BLOCK_N] weight tiles once
+  (`evict_first`), converts them to x.dtype in registers (exact: |q| <= 127) and multiplies with `tl.dot`
+  (BLOCK_M = 16 rows, float32 accumulate; float32 x uses an IEEE dot). Split-K partial sums are added with
+  float32 atomics into a zeroed [M, N] buffer (a plain store when there is one split). The per-channel scale
+  factors out of the K sum, so it is applied once, with the bias, in the epilogue `acc * w_scale + bias`
+  (aten ops: Inductor fuses them into one pointwise kernel, or into the consumer).
+- large M: `dequant(W)` in x.dtype (one pointwise kernel) then `torch.matmul` (cuBLAS).
+
+Dispatch on M: a Python branch when M is a concrete int (eager); with a symbolic M (torch.export,
+AOTInductor with a dynamic row count) `torch.cond(M <= 16, small, large)`, so both paths are compiled and
+the choice is made at run time.
+
+`launch_small_m` and `int8_wo_gemm_triton` take `wrap` (identity for raw Triton: tests run them under
+TRITON_INTERPRET=1 on CPU tensors; `torch.library.wrap_triton` from the op, so AOTInductor compiles the
+kernel into the package).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qcompile.plugins.int8_wo_gemm.reference import check_args, dequantize_weight
+
+SMALL_M_MAX = 16
+BLOCK_M = 16
+BLOCK_K = 128
+DEFAULT_SMS = 132
+
+
+@triton.jit
+def _int8_wo_splitk_kernel(
+    x_ptr, w_ptr, y_ptr, M, N, K, stride_xm,
+    K_STEPS: tl.constexpr, ATOMIC: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_lo = pid_k * (K_STEPS * BLOCK_K)  # this program's K slice: K_STEPS steps of BLOCK_K
+    for step in range(0, K_STEPS):
+        kk = k_lo + step * BLOCK_K + offs_k
+        mask_k = kk < K
+        w = tl.load(w_ptr + kk.to(tl.int64)[:, None] * N + offs_n[None, :],
+                    mask=mask_k[:, None] & mask_n[None, :], other=0, eviction_policy="evict_first")
+        xk = tl.load(x_rows + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if FP32_DOT:
+            acc = tl.dot(xk.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xk, w.to(xk.dtype), acc)
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    ymask = mask_m[:, None] & mask_n[None, :]
+    if ATOMIC:
+        tl.atomic_add(y_ptrs, acc, mask=ymask)
+    else:
+        tl.store(y_ptrs, acc, mask=ymask)
+
+
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def _identity(kernel):
+    return kernel
+
+
+def small_m_config(k: int, n: int, num_sms: int = DEFAULT_SMS) -> dict:
+    """Static launch configuration of the split-K kernel for a K x N weight (does not depend on M): 128-byte
+    weight rows per tile, and K split until there are about 4 programs per SM."""
+    block_n = 128 if n >= 128 else max(16, triton.next_power_of_2(n))
+    n_tiles = _cdiv(n, block_n)
+    k_steps = _cdiv(k, BLOCK_K)
+    split = 1
+    while split * 2 <= k_steps and n_tiles * split * 2 <= 4 * num_sms and split < 32:
+        split *= 2
+    k_per_split = _cdiv(k_steps, split) * BLOCK_K
+    return {"BLOCK_N": block_n, "split_k": _cdiv(k, k_per_split), "k_per_split": k_per_split, "n_tiles": n_tiles}
+
+
+def launch_small_m(x2d, w_q, *, wrap=_identity, num_sms: int = DEFAULT_SMS) -> torch.Tensor:
+    """float32 `x2d @ w_q` ([M, N], unscaled, no bias) with the split-K kernel (M may be 0)."""
+    m, k = x2d.shape
+    n = w_q.shape[1]
+    cfg = small_m_config(k, n, num_sms)
+    atomic = cfg["split_k"] > 1
+    y = (torch.zeros if atomic else torch.empty)((m, n), dtype=torch.float32, device=x2d.device)
+    grid = (cfg["n_tiles"], cfg["split_k"], _cdiv(m, BLOCK_M))
+    wrap(_int8_wo_splitk_kernel)[grid](
+        x2d, w_q, y, m, n, k, x2d.stride(0),
+        K_STEPS=cfg["k_per_split"] // BLOCK_K, ATOMIC=atomic, FP32_DOT=x2d.dtype == torch.float32,
+        BLOCK_M=BLOCK_M, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=BLOCK_K, num_warps=4, num_stages=3,
+    )
+    return y
+
+
+def _epilogue(acc, w_scale, bias, dtype):
+    """`acc * w_scale + bias` in float32 (w_scale None: already applied), cast to `dtype`."""
+    y = acc.to(torch.float32)
+    if w_scale is not None:
+        y = y * w_scale.to(torch.float32)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(dtype)
+
+
+def int8_wo_gemm_triton(x, w_q, w_scale, bias, *, wrap=_identity, num_sms: int = DEFAULT_SMS) -> torch.Tensor:
+    """The op's GPU path: split-K kernel for M <= 16, dequantize + matmul above (see the module docstring)."""
+    check_args(x, w_q, w_scale, bias)
+    # K and N are weight dims, static in an engine; int() specializes them when a compiler made them symbolic
+    k, n = int(w_q.shape[0]), int(w_q.shape[1])
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, k)
+    if x2d.stride(1) != 1:
+        x2d = x2d.contiguous()
+    w_q = w_q if w_q.stride(1) == 1 else w_q.contiguous()
+    m = x2d.shape[0]
+    has_bias = bias is not None
+
+    def small(x2d, w_q, w_scale, *rest):
+        acc = launch_small_m(x2d, w_q, wrap=wrap, num_sms=num_sms)
+        return _epilogue(acc, w_scale, rest[0] if has_bias else None, x2d.dtype)
+
+    def large(x2d, w_q, w_scale, *rest):
+        y = x2d @ dequantize_weight(w_q, w_scale, x2d.dtype)
+        return _epilogue(y, None, rest[0] if has_bias else None, x2d.dtype)
+
+    operands = (x2d, w_q, w_scale) + ((bias,) if has_bias else ())
+    if isinstance(m, int):  # concrete M (eager, static shapes): a Python branch
+        y = small(*operands) if m <= SMALL_M_MAX else large(*operands)
+    else:  # symbolic M (export / AOTInductor): both paths in the graph, chosen at run time
+        y = torch.cond(m <= SMALL_M_MAX, small, large, operands)
+    return y.reshape(*lead, n)

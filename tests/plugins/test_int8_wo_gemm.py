@@ -1,0 +1,125 @@
+"""Tests of the INT8 weight-only GEMM plugin (W8A16): reference and op vs float64 numpy, the ONNX node in ONNX
+Runtime, the Triton kernel under the CPU interpreter, and the CUDA path (gpu)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from qc_testutil import ort_session
+from qcompile.plugins.int8_wo_gemm import int8_wo_gemm_reference, onnx_schema, register
+
+op = register()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+triton_interp = pytest.mark.skipif(not (HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"),
+                                   reason="needs triton and TRITON_INTERPRET=1 (CPU interpreter)")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+REL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def make_case(k=256, n=96, bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w_q = torch.randint(-127, 128, (k, n), generator=gen, dtype=torch.int8)
+    w_scale = torch.rand(n, generator=gen) * 0.02 + 1e-3
+    b = torch.randn(n, generator=gen) if bias else None
+    return w_q, w_scale, b
+
+
+def oracle(x, w_q, w_scale, bias) -> np.ndarray:
+    """float64 numpy: x @ (q * s) + b."""
+    y = x.float().numpy().astype(np.float64) @ (w_q.numpy().astype(np.float64) * w_scale.numpy().astype(np.float64))
+    return y + bias.numpy().astype(np.float64) if bias is not None else y
+
+
+def assert_close_to(y, ref, rel):
+    got = y.float().cpu().numpy().astype(np.float64)
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, rtol=rel, atol=rel * max(np.abs(ref).max(), 1e-6))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_reference_and_op_match_float64(dtype, bias):
+    w_q, w_scale, b = make_case(bias=bias)
+    x = torch.randn(2, 5, 256).to(DTYPES[dtype])
+    ref = oracle(x, w_q, w_scale, b)
+    assert_close_to(int8_wo_gemm_reference(x, w_q, w_scale, b), ref, REL[DTYPES[dtype]])
+    y = op(x, w_q, w_scale, b)
+    assert y.dtype == x.dtype and y.shape == (2, 5, 96)
+    assert_close_to(y, ref, REL[DTYPES[dtype]])
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(w_q=torch.zeros(256, 96, dtype=torch.int16)), "w_q must be int8"),
+    (dict(w_scale=torch.ones(95)), "w_scale must be float"),
+    (dict(x=torch.zeros(3, 128)), "x has K=128"),
+    (dict(bias=torch.zeros(7)), "bias must be"),
+])
+def test_bad_arguments_name_the_tensor(bad, message):
+    w_q, w_scale, b = make_case()
+    args = dict(x=torch.zeros(3, 256), w_q=w_q, w_scale=w_scale, bias=b) | bad
+    with pytest.raises(ValueError, match=message):
+        int8_wo_gemm_reference(**args)
+
+
+def test_onnx_node_runs_in_ort_like_the_contract():
+    w_q, w_scale, b = make_case(k=64, n=32)
+    node = onnx_schema.make_node("gemm", ["x", "w_q", "w_scale", "bias"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", 32])],
+                              [numpy_helper.from_array(w_q.numpy(), "w_q"),
+                               numpy_helper.from_array(w_scale.numpy(), "w_scale"),
+                               numpy_helper.from_array(b.numpy(), "bias")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    onnx_schema.add_to_model(model)
+    x = torch.randn(7, 64)
+    got = ort_session(model).run(None, {"x": x.numpy()})[0]
+    assert_close_to(torch.from_numpy(got), oracle(x, w_q, w_scale, b), 1e-5)
+
+
+@triton_interp
+@pytest.mark.parametrize("m", [1, 5, 16, 17, 40])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])  # the interpreter's bf16 tl.dot is broken
+def test_triton_kernel_under_interpreter(m, dtype):
+    """Both paths of the CUDA code (split-K for M <= 16, dequantize + matmul above), run on CPU tensors."""
+    from qcompile.plugins.int8_wo_gemm.kernel import int8_wo_gemm_triton, small_m_config
+
+    w_q, w_scale, b = make_case(k=384, n=80, seed=m)
+    assert small_m_config(384, 80, num_sms=2)["split_k"] > 1  # atomics across K splits are exercised
+    x = torch.randn(m, 384).to(DTYPES[dtype])
+    y = int8_wo_gemm_triton(x, w_q, w_scale, b, num_sms=2)
+    assert_close_to(y, oracle(x, w_q, w_scale, b), REL[DTYPES[dtype]])
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("m", [1, 16, 300])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_cuda_op_matches_float64(m, dtype):
+    w_q, w_scale, b = make_case(k=4096, n=1024, seed=m)
+    x = torch.randn(m, 4096).to(DTYPES[dtype])
+    y = op(x.cuda(), w_q.cuda(), w_scale.cuda(), b.cuda())
+    assert_close_to(y, oracle(x, w_q, w_scale, b), REL[DTYPES[dtype]])
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_op_compiles_with_a_dynamic_row_count():
+    """torch.export with a dynamic M (both M paths in a torch.cond) and AOTInductor, as an engine runs it."""
+    w_q, w_scale, b = (t.cuda() for t in make_case(k=1024, n=512))
+
+    class Layer(torch.nn.Module):
+        def forward(self, x):
+            return op(x, w_q, w_scale, b)
+
+    x = torch.randn(4, 1024, device="cuda", dtype=torch.bfloat16)
+    ep = torch.export.export(Layer(), (x,), dynamic_shapes={"x": {0: torch.export.Dim("m", min=1, max=4096)}})
+    run = torch._inductor.aoti_load_package(torch._inductor.aoti_compile_and_package(ep))
+    for m in (1, 16, 17, 600):
+        x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+        assert_close_to(run(x), oracle(x.cpu(), w_q.cpu(), w_scale.cpu(), b.cpu()), REL[torch.bfloat16])
