@@ -1,0 +1,61 @@
+"""`torch.ops.qcompile.fp8_block_gemm`: the FP8 block-scaled GEMM (1x128 activations, 128x128 weights) as a
+`triton_op`.
+
+The body branches on `x.device.type`: CPU (any non-CUDA device) -> the plain-torch reference; CUDA -> x is
+block-quantized with aten ops (`format.quantize_activation_blocks`: AOTInductor fuses it into the kernel that
+produces x), then
+- sm90: `torch.nn.functional.scaled_mm(xq, w_q.t(), sx, BlockWise1x128, sw, BlockWise128x128)`, bf16 out
+  (cuBLASLt, torch's DeepSeek recipe; sm90 only). Scale layouts (kernel-anchors.md §3.2): `sx` (M, K/128)
+  outer-dim-major (strides (1, M)); `sw` (round_up(K/128, 4), N/128) with strides (1, round_up(K/128, 4)),
+  i.e. the transpose of w_scale [N/128, K/128] zero-padded along K/128. x is padded to a multiple of 4 rows;
+  fast accumulation is off (torch rejects it for block scaling).
+- other CUDA GPUs: the Triton kernel of `kernel.py`.
+The bias is added in float32 after the GEMM and the result cast to x.dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from qcompile.plugins.fp8_block_gemm.format import BLOCK, quantize_activation_blocks
+from qcompile.plugins.fp8_block_gemm.reference import check_args, fp8_block_gemm_reference
+
+ROW_ALIGN = 4  # rows of x padded to a multiple of 4 for the sm90 block-scaled cuBLASLt GEMM
+
+
+@torch.library.triton_op("qcompile::fp8_block_gemm", mutates_args={})
+def fp8_block_gemm(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """`y[..., N]` of the plugin contract (1x128 dynamic FP8 activations, 128x128 FP8 weights), in x.dtype."""
+    if x.device.type != "cuda":
+        return fp8_block_gemm_reference(x, w_q, w_scale, bias)
+    check_args(x, w_q, w_scale, bias)
+    n, k = w_q.shape
+    x2d = x.reshape(-1, k)
+    if torch.cuda.get_device_capability(x.device)[0] == 9:
+        y = scaled_mm_blockwise(x2d, w_q, w_scale)
+    else:
+        from qcompile.plugins.fp8_block_gemm.kernel import fp8_block_gemm_triton
+
+        xq, sx = quantize_activation_blocks(x2d)
+        y = fp8_block_gemm_triton(xq, sx, w_q, w_scale, wrap=torch.library.wrap_triton)
+    y = y.to(torch.float32)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def scaled_mm_blockwise(x2d: Tensor, w_q: Tensor, w_scale: Tensor) -> Tensor:
+    """bf16 [M, N] via `F.scaled_mm` block-wise scaling (sm90, cuBLASLt >= 12.9); see the module docstring."""
+    from torch.nn.functional import ScalingType, SwizzleType, scaled_mm
+
+    m = x2d.shape[0]
+    pad = (ROW_ALIGN - m % ROW_ALIGN) % ROW_ALIGN
+    xq, sx = quantize_activation_blocks(torch.nn.functional.pad(x2d, (0, 0, 0, pad)))  # zero rows: scale = tiny
+    kb = w_scale.shape[1]
+    kb4 = (kb + 3) // 4 * 4
+    sw = torch.nn.functional.pad(w_scale, (0, kb4 - kb)).t()  # (kb4, N/128), strides (1, kb4)
+    y = scaled_mm(xq, w_q.t(), sx.t().contiguous().t(), ScalingType.BlockWise1x128, sw, ScalingType.BlockWise128x128,
+                  swizzle_a=SwizzleType.NO_SWIZZLE, swizzle_b=SwizzleType.NO_SWIZZLE, output_dtype=torch.bfloat16)
+    return y[:m]

@@ -1,0 +1,159 @@
+"""Tests of the FP8 block-scaled GEMM plugin: block quantizers and the GEMM vs float64 numpy, the ONNX node in
+ONNX Runtime, the Triton kernel under the CPU interpreter, and the CUDA paths (gpu)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from qc_testutil import ort_session
+from qcompile.plugins.fp8_block_gemm import (fp8_block_gemm_reference, onnx_schema, quantize_activation_blocks,
+                                             quantize_weight_blocks, register)
+
+op = register()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+triton_interp = pytest.mark.skipif(not (HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"),
+                                   reason="needs triton and TRITON_INTERPRET=1 (CPU interpreter)")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+TINY = np.finfo(np.float32).tiny
+
+
+def np_blocks(a: np.ndarray, rows: int):
+    """Independent float64 quantizer: (q as float64 fp8 values, scales float32) for `rows` x 128 blocks."""
+    r, c = a.shape
+    b = a.astype(np.float64).reshape(r // rows, rows, c // 128, 128)
+    s = np.maximum(np.abs(b).max(axis=(1, 3)) / 448.0, TINY).astype(np.float32)
+    y = (b.astype(np.float32) / s[:, None, :, None]).astype(np.float32)  # ONNX: float32 division
+    q = np.clip(y, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+    return q.reshape(r, c), s
+
+
+def oracle(x2d: np.ndarray, wq, ws, bias) -> np.ndarray:
+    """float64 y = sum_kb sx * sw * (xq . wq) + b from the numpy-quantized x and the given weight."""
+    xq, sx = np_blocks(x2d, 1)
+    wd = wq.float().numpy().astype(np.float64) * np.repeat(np.repeat(ws.numpy().astype(np.float64), 128, 0), 128, 1)
+    y = (xq * np.repeat(sx.astype(np.float64), 128, 1)) @ wd.T
+    return y + bias.numpy().astype(np.float64) if bias is not None else y
+
+
+def make_weight(n=256, k=384, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * torch.logspace(-3, 1, k // 128).repeat_interleave(128)  # block ranges differ
+    return w, torch.randn(n, generator=gen)
+
+
+def test_weight_quantizer_matches_float64():
+    w, _ = make_weight()
+    w[:128, :128] = 0.0  # an all-zero block: scale floored at the float32 tiny, values 0
+    q, s = quantize_weight_blocks(w)
+    q_ref, s_ref = np_blocks(w.numpy(), 128)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (2, 3) and s[0, 0] == TINY
+    np.testing.assert_array_equal(s.numpy(), s_ref)
+    np.testing.assert_array_equal(q.float().numpy(), q_ref)
+
+
+def test_activation_quantizer_matches_float64():
+    x = torch.randn(5, 384) * torch.tensor([1e-4, 1.0, 300.0]).repeat_interleave(128)
+    q, s = quantize_activation_blocks(x)
+    q_ref, s_ref = np_blocks(x.numpy(), 1)
+    assert s.shape == (5, 3)
+    np.testing.assert_array_equal(s.numpy(), s_ref)
+    np.testing.assert_array_equal(q.float().numpy(), q_ref)
+    assert q.float().abs().amax(dim=1).max() == 448.0  # each block's amax maps to the FP8 max
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_reference_and_op_match_float64(dtype, bias):
+    w, b = make_weight()
+    wq, ws = quantize_weight_blocks(w)
+    b = b if bias else None
+    x = torch.randn(2, 3, 384).to(dtype)
+    ref = oracle(x.float().reshape(-1, 384).numpy(), wq, ws, b).reshape(2, 3, 256)
+    rel = 1e-5 if dtype == torch.float32 else 2e-2
+    for y in (fp8_block_gemm_reference(x, wq, ws, b), op(x, wq, ws, b)):
+        assert y.dtype == dtype and y.shape == (2, 3, 256)
+        np.testing.assert_allclose(y.float().numpy(), ref, rtol=rel, atol=rel * np.abs(ref).max())
+    # the block-scaled FP8 GEMM is a close approximation of the float GEMM (about 3-4% relative L2)
+    exact = x.float() @ w.t() + (b if bias else 0)
+    assert (op(x.float(), wq, ws, b) - exact).norm() / exact.norm() < 0.06
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(w_q=torch.zeros(256, 384)), "w_q must be float8_e4m3fn"),
+    (dict(w_scale=torch.ones(2, 2)), "w_scale must be float32"),
+    (dict(x=torch.zeros(3, 256)), "x has K=256"),
+])
+def test_bad_arguments_name_the_tensor(bad, message):
+    wq, ws = quantize_weight_blocks(make_weight()[0])
+    with pytest.raises(ValueError, match=message):
+        fp8_block_gemm_reference(**(dict(x=torch.zeros(3, 384), w_q=wq, w_scale=ws, bias=None) | bad))
+
+
+def test_onnx_node_runs_in_ort_like_the_contract():
+    w, b = make_weight()
+    wq, ws = quantize_weight_blocks(w)
+    inits = [numpy_helper.from_array(wq.view(torch.uint8).numpy().view(ml_dtypes.float8_e4m3fn), "w_q"),
+             numpy_helper.from_array(ws.numpy(), "w_scale"), numpy_helper.from_array(b.numpy(), "bias")]
+    node = onnx_schema.make_node("gemm", ["x", "w_q", "w_scale", "bias"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 384])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", 256])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    onnx_schema.add_to_model(model)
+    x = torch.randn(2, 4, 384) * 3
+    got = ort_session(model).run(None, {"x": x.numpy()})[0]
+    ref = oracle(x.reshape(-1, 384).numpy(), wq, ws, b).reshape(2, 4, 256)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+@triton_interp
+@pytest.mark.parametrize("m", [1, 70])
+def test_triton_kernel_under_interpreter(m):
+    from qcompile.plugins.fp8_block_gemm.kernel import fp8_block_gemm_triton
+
+    w, _ = make_weight(seed=m)
+    wq, ws = quantize_weight_blocks(w)
+    x = torch.randn(m, 384)
+    xq, sx = quantize_activation_blocks(x)
+    y = fp8_block_gemm_triton(xq, sx, wq, ws, fp32_dot=True)
+    ref = oracle(x.numpy(), wq, ws, None)
+    np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def _cuda_case(m):
+    w, b = make_weight(n=1024, k=2048, seed=m)
+    wq, ws = quantize_weight_blocks(w)
+    x = torch.randn(m, 2048)
+    return x, wq, ws, b, oracle(x.numpy(), wq, ws, b)
+
+
+def _rel_l2(y, ref):
+    return float(np.linalg.norm(y.float().cpu().numpy() - ref) / np.linalg.norm(ref))
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("m", [1, 5, 1024])
+def test_cuda_op_matches_float64(m):
+    """sm90: F.scaled_mm block-wise (cuBLASLt); other GPUs: the Triton kernel. bf16 output rounding only."""
+    x, wq, ws, b, ref = _cuda_case(m)
+    y = op(x.cuda().to(torch.bfloat16), wq.cuda(), ws.cuda(), b.cuda())
+    ref_bf16_x = oracle(x.to(torch.bfloat16).float().numpy(), wq, ws, b)
+    assert _rel_l2(y, ref_bf16_x) < 1e-2
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_triton_kernel_matches_float64():
+    """The Triton path on any GPU (native FP8 dots), against the same oracle."""
+    from qcompile.plugins.fp8_block_gemm.kernel import fp8_block_gemm_triton
+
+    x, wq, ws, b, _ = _cuda_case(300)
+    xq, sx = quantize_activation_blocks(x.cuda())
+    y = fp8_block_gemm_triton(xq, sx, wq.cuda(), ws.cuda())
+    assert _rel_l2(y, oracle(x.numpy(), wq, ws, None)) < 1e-3
