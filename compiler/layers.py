@@ -12,10 +12,15 @@ import numpy as np
 import onnx
 
 from qcompile.plugins.formats import format_of_onnx_dtype
+from qcompile.plugins.fp8_block_gemm import onnx_schema as fp8_block_schema
 from qcompile.plugins.int4_gemm import onnx_schema as int4_schema
+from qcompile.plugins.int8_wo_gemm import onnx_schema as int8_wo_schema
 from qcompile.plugins.scaled_gemm import onnx_schema
 
 WEIGHTED_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+# plugin nodes with inputs (x, w_q, w_scale, ...): op type -> (format, granularity) of their rows
+_WEIGHT_SCALE_PLUGINS = {int8_wo_schema.OP_TYPE: ("int8/fp16", "channel/-"),
+                         fp8_block_schema.OP_TYPE: ("fp8/fp8", "block128x128/block1x128")}
 
 
 @dataclass
@@ -60,6 +65,13 @@ def layer_table(model: onnx.ModelProto) -> list[LayerRow]:
                                  f"group{block}/-", _numel(w_q) * 4,
                                  _nbytes(w_q) + _nbytes(w_scale) + (_nbytes(w_zero) if w_zero is not None else 0),
                                  f"{int4_schema.DOMAIN}::{int4_schema.OP_TYPE}"))
+        elif node.domain == onnx_schema.DOMAIN and node.op_type in _WEIGHT_SCALE_PLUGINS:
+            w_q, w_scale = inits.get(node.input[1]), inits.get(node.input[2])
+            if w_q is None or w_scale is None:
+                continue
+            fmt, gran = _WEIGHT_SCALE_PLUGINS[node.op_type]
+            rows.append(LayerRow(node.name, node.op_type, module, fmt, gran, _numel(w_q) * 4,
+                                 _nbytes(w_q) + _nbytes(w_scale), f"{onnx_schema.DOMAIN}::{node.op_type}"))
         elif node.op_type in WEIGHTED_OPS and len(node.input) > 1:
             w_dq = producers.get(node.input[1])
             if w_dq is None or w_dq.op_type != "DequantizeLinear" or w_dq.input[0] not in inits:

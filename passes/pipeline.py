@@ -14,16 +14,21 @@ from qcompile.passes import _graph as G
 from qcompile.passes.cleanup import CleanupPass
 from qcompile.passes.fold_weight_qdq import FoldWeightQDQPass
 from qcompile.passes.fuse_fp4_gemm import FuseFp4GemmPass
+from qcompile.passes.fuse_fp8_block_gemm import FuseFp8BlockGemmPass
 from qcompile.passes.fuse_int4_gemm import FuseInt4GemmPass
+from qcompile.passes.fuse_int8_wo_gemm import FuseInt8WoGemmPass
 from qcompile.passes.fuse_scaled_gemm import FuseScaledGemmPass
 from qcompile.passes.infra import PassBase, PassManager, PassResult
 from qcompile.passes.insert_qdq import InsertQDQPass
 from qcompile.passes.lint_qdq import LintQDQPass
+from qcompile.passes.quantize_fp8_block import QuantizeFp8BlockPass
 from qcompile.passes.quantize_weights_fp4 import QuantizeWeightsFp4Pass
 from qcompile.passes.quantize_weights_int4 import QuantizeWeightsInt4Pass
 from qcompile.passes.sink_dequantize import SinkDequantizePass
 from qcompile.plugins.fp4_gemm import onnx_schema as fp4_schema
+from qcompile.plugins.fp8_block_gemm import onnx_schema as fp8_block_schema
 from qcompile.plugins.int4_gemm import onnx_schema as int4_schema
+from qcompile.plugins.int8_wo_gemm import onnx_schema as int8_wo_schema
 from qcompile.plugins.scaled_gemm import onnx_schema
 from qcompile.recipes.schema import Recipe
 
@@ -42,13 +47,14 @@ def qdq_passes(recipe: Recipe, activation_amax: dict[str, float], int4_weights=N
     """FP graph -> Q/DQ graph with folded, sunk weights (`int4_*`: AWQ/GPTQ results by node name)."""
     return [InsertQDQPass(recipe, activation_amax), QuantizeWeightsInt4Pass(recipe, int4_weights, int4_input_scales),
             QuantizeWeightsFp4Pass(recipe, activation_amax),
-            FoldWeightQDQPass(),
+            QuantizeFp8BlockPass(recipe), FoldWeightQDQPass(),
             SinkDequantizePass(), CleanupPass(), LintQDQPass()]
 
 
 def plugin_passes() -> list[PassBase]:
     """Q/DQ graph -> plugin graph."""
-    return [FuseScaledGemmPass(), FuseInt4GemmPass(), FuseFp4GemmPass(), CleanupPass(), LintQDQPass()]
+    return [FuseScaledGemmPass(), FuseInt4GemmPass(), FuseInt8WoGemmPass(), FuseFp8BlockGemmPass(),
+            FuseFp4GemmPass(), CleanupPass(), LintQDQPass()]
 
 
 def quantize_model(model: onnx.ModelProto, recipe: Recipe, activation_amax: dict[str, float],
@@ -94,7 +100,7 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto, opset: int | None = Non
     model.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in sorted(versions.items()))
     have = {(f.domain, f.name) for f in model.functions}
     model.functions.extend(f for f in like.functions if (f.domain, f.name) not in have)
-    for schema in (onnx_schema, int4_schema):
+    for schema in (onnx_schema, int4_schema, int8_wo_schema, fp8_block_schema):
         if any(n.domain == schema.DOMAIN and n.op_type == schema.OP_TYPE for n in model.graph.node):
             schema.add_to_model(model)
     if any(n.domain == fp4_schema.DOMAIN and n.op_type in fp4_schema.OP_TYPES for n in model.graph.node):
