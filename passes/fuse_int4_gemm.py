@@ -1,11 +1,17 @@
-"""Fuse weight-only INT4 GEMMs into `qcompile::Int4GroupwiseGemm` plugin nodes.
+"""Fuse INT4-weight GEMMs (W4A16, and W4A8 with FP8 activations) into `qcompile::Int4GroupwiseGemm` plugin nodes.
 
 Does the following transformation:
 - MatMul(x, DQ(W_q int4/uint4 [K,N], scale [K/g,N], zp?, axis=0, block_size=g)) (+ Add(., b[N]))
   ->  Int4GroupwiseGemm(x, W_q, scale, zp, b; block_size=g)
+- MatMul(DQ(Q(x, s, zero fp8e4m3fn)), DQ(W_q ...)) (+ Add)   [W4A8, static per tensor, s a constant scalar]
+  ->  Int4GroupwiseGemm(x, W_q, scale, zp, b, s; act_quant="fp8_static")
+- MatMul(DQ(Q(x, s(x), axis=-1, block_size=K, fp8)), DQ(W_q ...)) (+ Add)   [W4A8, dynamic per token: the
+  in-graph row scale s(x) of `_graph.make_dynamic_row_qdq`, which `InsertQDQPass` emits]
+  ->  Int4GroupwiseGemm(x, W_q, scale, zp, b; act_quant="fp8_dynamic")
 
-The node keeps the MatMul's name and output tensor; the plugin contract is
-`qcompile.plugins.int4_gemm.onnx_schema` (its function body is added to the model on export).
+An activation Q/DQ of another form stays in front of a weight-only node. The node keeps the MatMul's name and
+output tensor; shared activation Q/DQ pairs are left to the cleanup; the plugin contract is
+`qcompile.plugins.int4_gemm.onnx_schema` (its function bodies are added to the model on export).
 """
 from __future__ import annotations
 
@@ -21,21 +27,52 @@ from qcompile.plugins.int4_gemm import onnx_schema
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FuseInt4GemmPass"]
+__all__ = ["FuseInt4GemmPass", "int4_weight_dq"]
 
 _INT4_TYPES = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
 
 
+def int4_weight_dq(tensor) -> gs.Node | None:
+    """The DequantizeLinear of a 4-bit weight that produces `tensor`, else None."""
+    dq = G.producer(tensor)
+    return dq if dq is not None and dq.op == "DequantizeLinear" and G.onnx_dtype(dq.inputs[0]) in _INT4_TYPES else None
+
+
+def _fp8_activation(x) -> tuple[str, gs.Node | None, object]:
+    """(act_quant, the activation QuantizeLinear, the float input it quantizes) of the MatMul input `x`;
+    ("none", None, x) when x is not FP8 Q/DQ of a form the plugin takes."""
+    x_dq = G.producer(x)
+    x_q = G.producer(x_dq.inputs[0]) if x_dq is not None and x_dq.op == "DequantizeLinear" else None
+    if x_q is None or x_q.op != "QuantizeLinear" or G.quantized_format(x_q)[1] != "fp8":
+        return "none", None, x
+    scale, raw = x_q.inputs[1], x_q.inputs[0]
+    if x_dq.inputs[1] is not scale or any(_nonzero(n) for n in (x_q, x_dq)):
+        return "none", None, x
+    if not x_q.attrs.get("block_size", 0):
+        s = G.const_values(scale)
+        return ("fp8_static", x_q, raw) if s is not None and s.size == 1 and float(s.reshape(-1)[0]) > 0 \
+            else ("none", None, x)
+    found = G.dynamic_row_scale_input(x_q)
+    return ("fp8_dynamic", x_q, raw) if found is not None and found[0] is raw and found[1] == "fp8" \
+        else ("none", None, x)
+
+
+def _nonzero(node: gs.Node) -> bool:
+    zp = G.const_values(node.inputs[2]) if len(node.inputs) > 2 and not node.inputs[2].is_empty() else None
+    return zp is not None and bool(np.any(zp.astype(np.float32)))
+
+
 class Int4GemmRule(RewriteRule):
-    """MatMul fed by a block-DequantizeLinear of a constant 4-bit weight -> Int4GroupwiseGemm."""
+    """MatMul fed by a block-DequantizeLinear of a constant 4-bit weight (and optionally an FP8 activation
+    Q/DQ) -> Int4GroupwiseGemm."""
 
     pattern = ("MatMul",)
 
     def match(self, graph, node):
         if len(node.inputs) < 2:
             return None
-        w_dq = G.producer(node.inputs[1])
-        if w_dq is None or w_dq.op != "DequantizeLinear" or G.onnx_dtype(w_dq.inputs[0]) not in _INT4_TYPES:
+        w_dq = int4_weight_dq(node.inputs[1])
+        if w_dq is None:
             return None
         y = node.outputs[0]
         bias_add = None
@@ -67,18 +104,23 @@ class Int4GemmRule(RewriteRule):
                 bias, y = b, bias_add.outputs[0]
                 G.drop_node(bias_add)
         base = node.name or G.unique_name(graph, onnx_schema.OP_TYPE)
+        act_quant, x_q, x = _fp8_activation(node.inputs[0])
         zero = w_dq.inputs[2] if len(w_dq.inputs) > 2 and not w_dq.inputs[2].is_empty() else gs.Variable.empty()
-        inputs = [node.inputs[0], w_dq.inputs[0], w_dq.inputs[1], zero]
-        if bias is not None:
-            inputs.append(G.make_constant(G.unique_name(graph, f"{base}/bias"), bias.astype(np.float32)))
+        inputs = [x, w_dq.inputs[0], w_dq.inputs[1], zero]
+        if bias is not None or act_quant == "fp8_static":
+            inputs.append(G.make_constant(G.unique_name(graph, f"{base}/bias"), bias.astype(np.float32))
+                          if bias is not None else gs.Variable.empty())
+        if act_quant == "fp8_static":
+            inputs.append(x_q.inputs[1])
         fused = gs.Node(onnx_schema.OP_TYPE, name=base, domain=onnx_schema.DOMAIN,
-                        attrs=onnx_schema.attributes(int(w_dq.attrs["block_size"])), inputs=inputs, outputs=[y])
+                        attrs=onnx_schema.attributes(int(w_dq.attrs["block_size"]), act_quant),
+                        inputs=inputs, outputs=[y])
         meta = G.node_metadata(graph)
         if node.name in meta:
             meta[base] = dict(meta[node.name])
         G.drop_node(node)
         G.drop_node(w_dq)
-        graph.nodes.append(fused)
+        graph.nodes.append(fused)  # the activation Q/DQ (maybe shared) goes with the cleanup once unread
         return [fused]
 
 

@@ -1,8 +1,12 @@
-"""Quantized number formats shared by passes and plugins: ranges, scales and numpy quantizers.
+"""Quantized number formats shared by passes and plugins: ranges, scales, numpy and torch quantizers.
 
 Semantics follow ONNX QuantizeLinear (and TensorRT's IQuantizeLayer): symmetric,
 `q = saturate(round_half_even(x / scale))` for integers, `q = cast_fp8(clamp(x / scale, ±448))`
 for FP8 E4M3FN. Scales are float32 and strictly positive.
+
+The torch quantizers (`quantize_activation`, `dynamic_row_scales`) are what the plugin ops run on their
+activations: plain aten ops, so AOTInductor fuses them into the kernel that produces x (torch is
+imported lazily: passes use only the numpy side).
 """
 from __future__ import annotations
 
@@ -78,3 +82,32 @@ def quantize(x: np.ndarray, scale: np.ndarray, fmt: str, axis: int | None = None
 def dequantize(q: np.ndarray, scale: np.ndarray, axis: int | None = None) -> np.ndarray:
     """Dequantize to float32 (`q * scale`), the inverse of `quantize` up to rounding."""
     return q.astype(np.float32) * broadcast_scale(scale, q.ndim, axis)
+
+
+# ------------------------------------------------------------------ torch: the plugins' activation quantizers
+
+def quantize_activation(x, x_scale, dtype):
+    """ONNX QuantizeLinear (zero point 0) of torch tensor `x` to torch.int8 or torch.float8_e4m3fn, in float32.
+
+    `x_scale` broadcasts against x (a scalar: per tensor; [M, 1] for x [M, K]: per row).
+    int8: round half to even, saturate to [-128, 127]. fp8: saturate to ±448, cast (round to nearest even).
+    """
+    import torch
+
+    y = x.to(torch.float32) / x_scale.to(torch.float32)
+    if dtype == torch.int8:
+        # rint and an integer clamp commute, so clamping first is exact and keeps the cast in range.
+        return torch.round(torch.clamp(y, -qmax("int8") - 1, qmax("int8"))).to(torch.int8)
+    if dtype == torch.float8_e4m3fn:
+        return torch.clamp(y, -qmax("fp8"), qmax("fp8")).to(torch.float8_e4m3fn)
+    raise ValueError(f"quantize_activation: dtype must be torch.int8 or torch.float8_e4m3fn, got {dtype}")
+
+
+def dynamic_row_scales(x2d, fmt: str = "fp8"):
+    """Per-row (per-token) dynamic scales of x [M, K]: `max(amax(|x[m, :]|) / qmax, MIN_SCALE)`, float32 [M].
+
+    The floor keeps all-zero rows valid (they quantize to 0)."""
+    import torch
+
+    amax = x2d.abs().amax(dim=-1).to(torch.float32)
+    return torch.clamp(amax / qmax(fmt), min=MIN_SCALE)

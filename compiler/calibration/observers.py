@@ -1,6 +1,8 @@
 """Streaming per-tensor range statistics.
 
 - `MaxObserver`: the running max of |x| over every sample (exact).
+- `ChannelMaxObserver`: the running max of |x| per channel (last axis), e.g. for the amax of a tensor
+  that a per-channel scale is applied to later (AWQ's x / s in W4A8).
 - `PercentileObserver`: for each sample (one ``update``), the ``p``-th percentile of |x| with
   linear interpolation (``torch.quantile``, the same definition as ``numpy.percentile``'s
   default); the amax is the mean of those per-sample values. Tensors with more than
@@ -44,6 +46,26 @@ class MaxObserver:
 
     def stats(self) -> dict[str, Any]:
         return {"amax": self.amax(), "max": self.true_max(), "samples": self.samples}
+
+
+class ChannelMaxObserver:
+    """Running absolute max per channel of the last axis; `value()` is float32 [C] on the tensor's device."""
+
+    def __init__(self) -> None:
+        self._max: torch.Tensor | None = None
+        self.samples = 0
+
+    def update(self, tensor: torch.Tensor) -> None:
+        self.samples += 1
+        if tensor.numel() == 0:
+            return
+        m = tensor.detach().abs().reshape(-1, tensor.shape[-1]).amax(dim=0).float()
+        self._max = m if self._max is None else torch.maximum(self._max, m)
+
+    def value(self) -> torch.Tensor:
+        if self._max is None:
+            raise ValueError("ChannelMaxObserver saw no values")
+        return self._max
 
 
 class PercentileObserver:

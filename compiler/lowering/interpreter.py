@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 # Inputs that hold quantization scales: kept in float32 under a compute dtype (fp16 would round
 # them and flush tiny ones to zero). (domain, op_type) -> input indices.
 SCALE_INPUTS = {("", "QuantizeLinear"): (1,), ("", "DequantizeLinear"): (1,), ("qcompile", "ScaledGemm"): (1, 4),
+                ("qcompile", "Int4GroupwiseGemm"): (5,),
                 ("qcompile", "Fp4Gemm"): (2, 3), ("qcompile", "Fp4GemmW4A4"): (2, 3, 4)}
 SCALE_INPUTS.update({("qcompile", "Int8WeightOnlyGemm"): (2,), ("qcompile", "Fp8BlockGemm"): (2,)})
 _COMPUTE_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)

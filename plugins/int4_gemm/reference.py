@@ -2,11 +2,16 @@
 
     dequant(W)[k, n] = (q[k, n] - zp[k // g, n]) * scale[k // g, n]      (zp = 0 when absent)
     y = x @ dequant(W) + bias                                            (float32, cast to x.dtype)
+
+W4A8 (FP8 E4M3 activations): `quantize_activation_fp8` gives xq [M, K] and one float32 scale per row
+(the static per-tensor scale repeated, or the dynamic per-token scale), and
+    y = (xq * x_row_scale[:, None]) @ dequant(W) + bias                  (float32, cast to x.dtype)
 """
 from __future__ import annotations
 
 import torch
 
+from qcompile.plugins.formats import dynamic_row_scales, quantize_activation
 from qcompile.plugins.int4_gemm.format import PACK, from_engine
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -35,6 +40,27 @@ def check_args(x, w_packed, w_scale, w_zero, bias, group_size: int) -> None:
         raise ValueError(f"int4_groupwise_gemm: bias must be [{n}], got {tuple(bias.shape)}")
 
 
+def check_activation_args(x_scale, x_dynamic: bool) -> None:
+    """The W4A8 arguments: a static scalar `x_scale`, or `x_dynamic` without one."""
+    if x_dynamic and x_scale is not None:
+        raise ValueError("int4_groupwise_gemm: x_dynamic computes per-row scales; x_scale must then be None")
+    if x_scale is not None and (x_scale.numel() != 1 or not x_scale.dtype.is_floating_point):
+        raise ValueError(f"int4_groupwise_gemm: x_scale must be a float scalar, got {x_scale.dtype} "
+                         f"{tuple(x_scale.shape)}")
+
+
+def quantize_activation_fp8(x, x_scale, x_dynamic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (xq float8_e4m3fn [M, K], x_row_scale float32 [M]): ONNX QuantizeLinear with the static
+    scalar `x_scale`, or per row with `dynamic_row_scales` (amax / 448, floored) when `x_dynamic`."""
+    x2d = x.reshape(-1, x.shape[-1])
+    if x_dynamic:
+        row_scale = dynamic_row_scales(x2d)
+        return quantize_activation(x2d, row_scale[:, None], torch.float8_e4m3fn), row_scale
+    scale = x_scale.to(torch.float32).reshape(())
+    row_scale = scale.reshape(1).expand(x2d.shape[0]).contiguous()
+    return quantize_activation(x2d, scale, torch.float8_e4m3fn), row_scale
+
+
 def dequantize_weight(w_packed, w_scale, w_zero, group_size: int, dtype=torch.float32) -> torch.Tensor:
     """`(q - zp) * scale` as `dtype` [K, N] (computed in float32)."""
     q = from_engine(w_packed).to(torch.float32)
@@ -51,3 +77,13 @@ def int4_gemm_reference(x, w_packed, w_scale, w_zero, bias, group_size: int) -> 
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.to(x.dtype)
+
+
+def int4_gemm_w4a8_reference(xq, x_row_scale, w_packed, w_scale, w_zero, bias, group_size: int,
+                             out_dtype: torch.dtype) -> torch.Tensor:
+    """W4A8: `y[M, N] = (xq * x_row_scale[:, None]) @ dequant(W) + bias` in float32, returned in out_dtype."""
+    w = dequantize_weight(w_packed, w_scale, w_zero, group_size)
+    y = (xq.to(torch.float32) * x_row_scale.to(torch.float32)[:, None]) @ w
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(out_dtype)

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import importlib
 
-from qcompile.plugins.scaled_gemm.reference import quantize_activation, scaled_gemm_reference
+from qcompile.plugins.formats import quantize_activation  # re-exported: the activation quantizer it runs
+from qcompile.plugins.scaled_gemm.reference import scaled_gemm_reference
 
 __all__ = ["scaled_gemm_reference", "quantize_activation", "op", "scaled_gemm", "register"]
 

@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-from qcompile.plugins.scaled_gemm.reference import check_args, quantize_activation, scaled_gemm_reference
+from qcompile.plugins.formats import quantize_activation
+from qcompile.plugins.scaled_gemm.reference import check_args, scaled_gemm_reference
 
 INT_MM_MIN_ROWS = 17  # torch._int_mm on CUDA needs M > 16
 

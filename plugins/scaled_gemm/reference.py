@@ -8,23 +8,9 @@ from __future__ import annotations
 
 import torch
 
-INT8_MIN, INT8_MAX = -128.0, 127.0
-FP8_MAX = 448.0
+from qcompile.plugins.formats import quantize_activation
+
 LOW_PRECISION_DTYPES = (torch.int8, torch.float8_e4m3fn)
-
-
-def quantize_activation(x: torch.Tensor, x_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """ONNX QuantizeLinear (zero point 0) of `x` to int8 or float8_e4m3fn, computed in float32.
-
-    int8: round half to even, saturate to [-128, 127]. fp8: saturate to ±448, cast (round to nearest even).
-    """
-    y = x.to(torch.float32) / x_scale.to(torch.float32)
-    if dtype == torch.int8:
-        # rint and an integer clamp commute, so clamping first is exact and keeps the cast in range.
-        return torch.round(torch.clamp(y, INT8_MIN, INT8_MAX)).to(torch.int8)
-    if dtype == torch.float8_e4m3fn:
-        return torch.clamp(y, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    raise ValueError(f"scaled_gemm: weight dtype must be int8 or float8_e4m3fn, got {dtype}")
 
 
 def check_args(x, w_q, w_scale, x_scale, bias) -> None:

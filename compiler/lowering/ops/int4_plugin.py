@@ -1,6 +1,8 @@
 """`qcompile::Int4GroupwiseGemm` -> `torch.ops.qcompile.int4_groupwise_gemm`.
 
-Inputs follow `qcompile.plugins.int4_gemm.onnx_schema` (x, w_q, w_scale, w_zero_point?, bias?); the ONNX
+Inputs follow `qcompile.plugins.int4_gemm.onnx_schema` (x, w_q, w_scale, w_zero_point?, bias?, x_scale?);
+the node's `act_quant` maps to the op's W4A8 arguments: "fp8_static" -> `x_scale` (float32 scalar),
+"fp8_dynamic" -> `x_dynamic=True`, "none" (or absent) -> W4A16. The ONNX
 INT4/UINT4 weight (held by the lowering as int8/uint8 values [K, N]) and its zero points are converted to
 the engine layout by `format.onnx_to_engine` (int32 words [K/8, N], int8 zero points; UINT4 shifted by -8).
 For initializer weights (the normal case) the `prepare` hook does that once, when the graph is lowered:
@@ -53,8 +55,15 @@ def _prepare(ctx, constants: dict[int, torch.Tensor]) -> Prepared | None:
 
 
 @reg(onnx_schema.OP_TYPE, since=onnx_schema.VERSION, domain=onnx_schema.DOMAIN, prepare=_prepare)
-def int4_groupwise_gemm(ctx, x, w_q, w_scale, w_zero_point=None, bias=None, *, prepared=None):
+def int4_groupwise_gemm(ctx, x, w_q, w_scale, w_zero_point=None, bias=None, x_scale=None, *, prepared=None):
     import qcompile.plugins.int4_gemm.op  # noqa: F401  (registers torch.ops.qcompile.int4_groupwise_gemm)
+
+    act_quant = onnx_schema.act_quant_of(ctx.attrs)
+    if act_quant not in onnx_schema.ACT_QUANT:
+        raise ctx.fail(f"act_quant {act_quant!r} is not one of {', '.join(onnx_schema.ACT_QUANT)}")
+    if (x_scale is not None) != (act_quant == "fp8_static"):
+        raise ctx.fail(f"act_quant {act_quant!r} " + ("needs the x_scale input (5)" if x_scale is None
+                                                      else "takes no x_scale input (5)"))
 
     if prepared is not None:
         w_packed, w_zero = prepared["w_packed"], prepared.get("w_zero")
@@ -63,7 +72,9 @@ def int4_groupwise_gemm(ctx, x, w_q, w_scale, w_zero_point=None, bias=None, *, p
         w_packed, w_zero = _engine_weight(ctx, as_tensor(w_q), zero)
     bias = None if bias is None else as_tensor(bias)
     group = int(ctx.attr("block_size"))
-    return torch.ops.qcompile.int4_groupwise_gemm(as_tensor(x), w_packed, as_tensor(w_scale), w_zero, bias, group)
+    x_scale = None if x_scale is None else as_tensor(x_scale).to(torch.float32).reshape(())
+    return torch.ops.qcompile.int4_groupwise_gemm(as_tensor(x), w_packed, as_tensor(w_scale), w_zero, bias, group,
+                                                  x_scale, act_quant == "fp8_dynamic")
 
 
 def _is_zero_constant(proto) -> bool:
