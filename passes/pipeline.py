@@ -12,6 +12,7 @@ import onnx_graphsurgeon as gs
 
 from qcompile.passes import _graph as G
 from qcompile.passes.cleanup import CleanupPass
+from qcompile.passes.fold_awq_scales import FoldAwqScalesPass
 from qcompile.passes.fold_weight_qdq import FoldWeightQDQPass
 from qcompile.passes.fuse_fp4_gemm import FuseFp4GemmPass
 from qcompile.passes.fuse_fp8_block_gemm import FuseFp8BlockGemmPass
@@ -46,6 +47,7 @@ def qdq_passes(recipe: Recipe, activation_amax: dict[str, float], int4_weights=N
                ) -> list[PassBase]:
     """FP graph -> Q/DQ graph with folded, sunk weights (`int4_*`: AWQ/GPTQ results by node name)."""
     return [InsertQDQPass(recipe, activation_amax), QuantizeWeightsInt4Pass(recipe, int4_weights, int4_input_scales),
+            FoldAwqScalesPass(),
             QuantizeWeightsFp4Pass(recipe, activation_amax),
             QuantizeFp8BlockPass(recipe), FoldWeightQDQPass(),
             SinkDequantizePass(), CleanupPass(), LintQDQPass()]

@@ -27,7 +27,9 @@ from qcompile.recipes.schema import Recipe
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["QuantizeWeightsInt4Pass", "int4_targets", "decline_reason"]
+__all__ = ["QuantizeWeightsInt4Pass", "int4_targets", "decline_reason", "AWQ_SCALE_RULE"]
+
+AWQ_SCALE_RULE = "awq_input_scale"  # the qcompile.rule metadata of AWQ's Mul(x, 1/s) (FoldAwqScalesPass folds it)
 
 
 def int4_targets(graph: gs.Graph, recipe: Recipe) -> list[tuple[gs.Node, object]]:
@@ -104,8 +106,9 @@ class QuantizeWeightsInt4Pass(InPlacePass):
         inv = G.make_constant(G.unique_name(graph, f"{node.name}/awq_inv_scale"),
                               (1.0 / scales.astype(np.float64)).astype(np.float32))
         out = gs.Variable(G.unique_name(graph, f"{x.name}_awq"), dtype=x.dtype, shape=x.shape)
-        graph.nodes.append(gs.Node("Mul", name=G.unique_name(graph, f"{node.name}/awq_scale"),
-                                   inputs=[x, inv], outputs=[out]))
+        mul = gs.Node("Mul", name=G.unique_name(graph, f"{node.name}/awq_scale"), inputs=[x, inv], outputs=[out])
+        G.node_metadata(graph)[mul.name] = {G.RULE_KEY: AWQ_SCALE_RULE}
+        graph.nodes.append(mul)
         return out
 
     @staticmethod

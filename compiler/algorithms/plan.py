@@ -2,11 +2,14 @@
 
 1. `plan_int4_jobs(model, recipe)`: the weight-only INT4 MatMuls whose rule names `awq` or `gptq`, with
    their FP weight and input tensor.
-2. `observers_for(jobs)`: the streamed statistics each job needs, keyed by the tensor to watch (hand them
-   to `calibrate(..., extra_observers=...)`): AWQ per-channel mean |x| and an activation sample, GPTQ the
-   Hessian 2/n Σ xᵀx. No activations are stored beyond AWQ's bounded sample.
+2. `observers_for(jobs)`: the streamed statistics the jobs need, one set per watched tensor (shared by the
+   layers that read it; hand them to `calibrate(..., extra_observers=...)`): AWQ per-channel mean |x| and an
+   activation sample, GPTQ the Hessian 2/n Σ xᵀx. No activations are stored beyond AWQ's bounded sample.
 3. `run_jobs(jobs, observers)`: the quantized weights by node name, and for AWQ the per-input-channel
-   scales s (the graph divides the layer's input by s) — what `QuantizeWeightsInt4Pass` consumes.
+   scales s (the graph divides the layer's input by s) — what `QuantizeWeightsInt4Pass` consumes. AWQ
+   layers that read the same tensor (q/k/v after one norm, gate/up) get ONE scale search on their
+   concatenated weights, as AWQ does, so that one s can be folded into the tensor's producer
+   (`FoldAwqScalesPass`).
 """
 from __future__ import annotations
 
@@ -54,35 +57,61 @@ def plan_int4_jobs(model: onnx.ModelProto, recipe) -> list[Int4Job]:
 
 
 def observers_for(jobs: list[Int4Job]) -> dict[str, list]:
-    """Tensor name -> the observers to update with it (one set per job, in job order)."""
+    """Tensor name -> the observers to update with it (one of each kind the jobs reading it need)."""
     watch: dict[str, list] = {}
     for job in jobs:
-        if job.algorithm == "awq":
-            watch.setdefault(job.x, []).extend([ActAbsMeanObserver(), ActivationSampleObserver()])
-        else:
-            watch.setdefault(job.x, []).append(HessianObserver())
+        kinds = (ActAbsMeanObserver, ActivationSampleObserver) if job.algorithm == "awq" else (HessianObserver,)
+        have = watch.setdefault(job.x, [])
+        have.extend(kind() for kind in kinds if not any(isinstance(o, kind) for o in have))
     return watch
+
+
+def awq_groups(jobs: list[Int4Job]) -> list[list[Int4Job]]:
+    """The AWQ jobs grouped by shared input tensor (and group size, symmetry): one scale search each."""
+    groups: dict[tuple, list[Int4Job]] = {}
+    for job in jobs:
+        if job.algorithm == "awq":
+            groups.setdefault((job.x, job.group_size, job.symmetric), []).append(job)
+    return list(groups.values())
 
 
 def run_jobs(jobs: list[Int4Job], watch: dict[str, list], device: str = "cpu"
              ) -> tuple[dict[str, QuantizedWeight], dict[str, np.ndarray]]:
-    """(quantized weights by node, AWQ input scales by node) from the filled observers of `observers_for`."""
-    taken: dict[str, int] = {}
+    """(quantized weights by node, AWQ input scales by node) from the filled observers of `observers_for`.
+
+    Each AWQ group (`awq_groups`) is searched on its weights concatenated along N: one s for all its layers
+    (the loss is the error of all their outputs), then split back per layer (clipping is per column anyway).
+    """
     quantized, input_scales = {}, {}
+    for group in awq_groups(jobs):
+        job = group[0]
+        w = torch.from_numpy(np.concatenate([j.weight for j in group], axis=1)).to(device)
+        result = awq_search(w, _observer(watch, job.x, ActivationSampleObserver).value(),
+                            _observer(watch, job.x, ActAbsMeanObserver).value(), job.group_size,
+                            symmetric=job.symmetric)
+        scales = result.scales.cpu().numpy().astype(np.float32)
+        for j, qweight in zip(group, _split_columns(result.qweight.to("cpu"), [j.weight.shape[1] for j in group])):
+            quantized[j.node], input_scales[j.node] = qweight, scales
+        logger.info("AWQ %s: alpha %.2f, loss %.3g -> %.3g", ", ".join(j.node for j in group), result.alpha,
+                    result.losses.get("rtn", float("nan")), result.losses.get("final", float("nan")))
     for job in jobs:
-        start = taken.get(job.x, 0)
-        w = torch.from_numpy(job.weight).to(device)
-        if job.algorithm == "awq":
-            mean, sample = watch[job.x][start:start + 2]
-            taken[job.x] = start + 2
-            result = awq_search(w, sample.value(), mean.value(), job.group_size, symmetric=job.symmetric)
-            quantized[job.node] = result.qweight.to("cpu")
-            input_scales[job.node] = result.scales.cpu().numpy().astype(np.float32)
-            logger.info("AWQ %s: alpha %.2f, loss %.3g -> %.3g", job.node, result.alpha,
-                        result.losses.get("rtn", float("nan")), result.losses.get("final", float("nan")))
-        else:
-            hessian = watch[job.x][start]
-            taken[job.x] = start + 1
-            quantized[job.node] = gptq_quantize(w, hessian.value().to(device), job.group_size,
+        if job.algorithm == "gptq":
+            hessian = _observer(watch, job.x, HessianObserver).value().to(device)
+            quantized[job.node] = gptq_quantize(torch.from_numpy(job.weight).to(device), hessian, job.group_size,
                                                 symmetric=job.symmetric).to("cpu")
     return quantized, input_scales
+
+
+def _observer(watch: dict[str, list], x: str, kind: type):
+    return next(o for o in watch[x] if isinstance(o, kind))
+
+
+def _split_columns(qw: QuantizedWeight, widths: list[int]) -> list[QuantizedWeight]:
+    """`qw` [K, sum(widths)] cut along N into [K, width] pieces."""
+    bounds = np.cumsum([0, *widths])
+
+    def cut(t):
+        return None if t is None else [t[:, a:b].contiguous() for a, b in zip(bounds[:-1], bounds[1:])]
+
+    zeros = cut(qw.zero) or [None] * len(widths)
+    return [QuantizedWeight(q, s, z, qw.group_size) for q, s, z in zip(cut(qw.q), cut(qw.scale), zeros)]
