@@ -15,7 +15,7 @@ from qcompile.plugins.formats import format_of_onnx_dtype
 from qcompile.plugins.fp8_block_gemm import onnx_schema as fp8_block_schema
 from qcompile.plugins.int4_gemm import onnx_schema as int4_schema
 from qcompile.plugins.int8_wo_gemm import onnx_schema as int8_wo_schema
-from qcompile.plugins.scaled_gemm import onnx_schema
+from qcompile.plugins.scaled_gemm import dynamic_schema, onnx_schema
 
 WEIGHTED_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 # plugin nodes with inputs (x, w_q, w_scale, ...): op type -> (format, granularity) of their rows
@@ -55,6 +55,15 @@ def layer_table(model: onnx.ModelProto) -> list[LayerRow]:
                                  f"{_granularity(w_scale)}/tensor", _numel(w_q) * 4,
                                  _nbytes(w_q) + _nbytes(w_scale),
                                  f"{onnx_schema.DOMAIN}::{onnx_schema.OP_TYPE}"))
+        elif node.domain == dynamic_schema.DOMAIN and node.op_type == dynamic_schema.OP_TYPE:
+            x_zp, w_q, w_scale = (inits.get(node.input[i]) for i in (1, 2, 3))
+            if w_q is None or w_scale is None:
+                continue
+            w_fmt = format_of_onnx_dtype(w_q.data_type) or "?"
+            rows.append(LayerRow(node.name, dynamic_schema.OP_TYPE, module,
+                                 f"{w_fmt}/{format_of_onnx_dtype(x_zp.data_type) if x_zp is not None else '?'}",
+                                 f"{_granularity(w_scale)}/token", _numel(w_q) * 4, _nbytes(w_q) + _nbytes(w_scale),
+                                 f"{dynamic_schema.DOMAIN}::{dynamic_schema.OP_TYPE}"))
         elif node.domain == int4_schema.DOMAIN and node.op_type == int4_schema.OP_TYPE:
             w_q, w_scale = inits.get(node.input[1]), inits.get(node.input[2])
             if w_q is None or w_scale is None:

@@ -106,7 +106,7 @@ def build(
         check_writable(emit_onnx, "ONNX")
     import torch
 
-    from qcompile.algorithms.plan import observers_for, plan_int4_jobs, run_jobs
+    from qcompile.algorithms.plan import awq_input_amax, observers_for, plan_int4_jobs, run_jobs
     from qcompile.algorithms.smoothquant import plan_smoothing, smooth_model
     from qcompile.calibration import calibrate, load_calibration_data
     from qcompile.engine import build_engine
@@ -126,7 +126,7 @@ def build(
         src = load_source(source, opset=recipe.opset)
 
     calibration, amax, held_out = None, {}, None
-    int4_weights, int4_input_scales = {}, {}
+    int4_weights, int4_input_scales, int4_input_amax = {}, {}, {}
     with progress.stage("calibrate", recipe.calibration.method if recipe.needs_calibration else "(not needed)") as tick:
         targets = plan_quantization(src.model, recipe)
         tensors = activation_tensors(targets) + fp4_activation_tensors(src.model, recipe)
@@ -147,6 +147,7 @@ def build(
                                extra_observers=watch)
             amax = result.amax
             int4_weights, int4_input_scales = run_jobs(jobs, watch, device=device)
+            int4_input_amax = awq_input_amax(jobs, watch, int4_input_scales)
             calibration = {"data": data.description, "random": data.is_random, "samples": result.num_samples,
                            "method": recipe.calibration.method, "tensors": len(amax)}
             if smoothing is not None:
@@ -155,7 +156,8 @@ def build(
                 logger.warning("calibrated on random data: scales are not representative of real inputs")
 
     with progress.stage("quantize", f"{sum(t.quantized for t in targets)} layers selected"):
-        qdq_model, qdq_result = quantize_model(model, recipe, amax, int4_weights, int4_input_scales)
+        qdq_model, qdq_result = quantize_model(model, recipe, amax, int4_weights, int4_input_scales,
+                                               int4_input_amax)
         if emit_onnx is not None:
             _save_onnx_atomic(qdq_model, emit_onnx)
         plugin_model, fuse_result = fuse_plugins(qdq_model)

@@ -164,6 +164,61 @@ def make_qdq(graph: gs.Graph, x, scale: np.ndarray, fmt: str, axis: int | None,
     return q, dq, dq_out
 
 
+def make_dynamic_row_qdq(graph: gs.Graph, x, fmt: str, k: int,
+                         tag: str) -> tuple[list[gs.Node], gs.Variable]:
+    """Per-token (per-row) dynamic Q -> DQ on activation `x` [..., K] (nodes not yet added; returns (nodes, out)).
+
+    `s = Max(Div(ReduceMax(Abs(x), axes=[-1], keepdims=1), qmax), MIN_SCALE)` [..., 1], then
+    `QuantizeLinear(x, s, axis=-1, block_size=K, output_dtype=fmt)` -> `DequantizeLinear(·, s, axis=-1,
+    block_size=K)` (opset 21 blocked quantization, one block per row; no zero point: its shape would be dynamic).
+    `dynamic_row_scale_input` recognizes exactly this form.
+    """
+    def var(name, dtype=np.float32):
+        return gs.Variable(unique_name(graph, f"{tag}_{name}"), dtype=dtype)
+
+    axes = make_constant(unique_name(graph, f"{tag}_axes"), np.array([-1], np.int64))
+    qmax = make_constant(unique_name(graph, f"{tag}_qmax"), np.array(formats.qmax(fmt), np.float32))
+    tiny = make_constant(unique_name(graph, f"{tag}_min_scale"), np.array(formats.MIN_SCALE, np.float32))
+    a, amax, s0, s = var("abs"), var("amax"), var("scale_unclamped"), var("row_scale")
+    q_out = gs.Variable(unique_name(graph, f"{tag}_quantized"), dtype=formats.numpy_dtype(fmt), shape=x.shape)
+    out = gs.Variable(unique_name(graph, f"{tag}_dequantized"), dtype=x.dtype, shape=x.shape)
+    blocked = {"axis": -1, "block_size": int(k)}
+    name = lambda op: unique_name(graph, f"{tag}/{op}")  # noqa: E731
+    nodes = [
+        gs.Node("Abs", name=name("Abs"), inputs=[x], outputs=[a]),
+        gs.Node("ReduceMax", name=name("ReduceMax"), attrs={"keepdims": 1}, inputs=[a, axes], outputs=[amax]),
+        gs.Node("Div", name=name("Div"), inputs=[amax, qmax], outputs=[s0]),
+        gs.Node("Max", name=name("Max"), inputs=[s0, tiny], outputs=[s]),
+        gs.Node("QuantizeLinear", name=name("QuantizeLinear"), inputs=[x, s], outputs=[q_out],
+                attrs={**blocked, "output_dtype": formats.onnx_dtype(fmt)}),
+        gs.Node("DequantizeLinear", name=name("DequantizeLinear"), inputs=[q_out, s], outputs=[out], attrs=blocked),
+    ]
+    return nodes, out
+
+
+def dynamic_row_scale_input(q: gs.Node) -> tuple[object, str] | None:
+    """(x, format) when QuantizeLinear `q` quantizes x with the per-row dynamic scale of `make_dynamic_row_qdq`."""
+    x, scale = q.inputs[0], q.inputs[1]
+    chain = []
+    for op in ("Max", "Div", "ReduceMax", "Abs"):
+        node = producer(scale)
+        if node is None or node.op != op:
+            return None
+        chain.append(node)
+        scale = node.inputs[0]
+    mx, div, rmax, ab = chain
+    fmt = formats.format_of_onnx_dtype(q.attrs.get("output_dtype") or -1)
+    axes, qmax, tiny = (const_values(t) for t in (rmax.inputs[1], div.inputs[1], mx.inputs[1]))
+    if fmt not in ("int8", "fp8") or ab.inputs[0] is not x or axes is None or qmax is None or tiny is None:
+        return None
+    rank = len(x.shape) if x.shape is not None else None
+    if [int(a) for a in axes.reshape(-1)] not in ([-1], [rank - 1] if rank else [-1]) \
+            or not int(rmax.attrs.get("keepdims", 1)) or float(qmax.reshape(-1)[0]) != formats.qmax(fmt) \
+            or float(tiny.reshape(-1)[0]) != formats.MIN_SCALE:
+        return None
+    return x, fmt
+
+
 # ---- copy ops ----
 
 def copy_op_consts(node: gs.Node) -> dict | None:

@@ -4,6 +4,8 @@ Does the following transformation:
 - MatMul(DQ(Q(x, sx)), DQ(W_q[K,N], sw, axis=1)) (+ Add(·, b[N]))  ->  ScaledGemm(x, sx, zp, W_q.T[N,K], sw, b)
 - Gemm(DQ(Q(x)), DQ(W_q), C, alpha, beta, transB)  ->  ScaledGemm(x, sx, zp, W_q as [N,K], alpha*sw, beta*C)
 - no bias  ->  a zero bias [N]
+- MatMul/Gemm(DQ(Q(x, s_row(x), axis=-1, block_size=K)), DQ(W_q)) with the per-token dynamic scale subgraph
+  s_row(x) = Max(Div(ReduceMax(Abs(x)), qmax), MIN_SCALE)  ->  DynamicScaledGemm(x, zp, W_q.T[N,K], sw, b)
 
 The activation Q/DQ pair stays when another consumer still reads the DQ output. The plugin contract is
 `qcompile.plugins.scaled_gemm.onnx_schema`; `pipeline.fuse_plugins` adds its function body to the model.
@@ -19,7 +21,7 @@ import onnx_graphsurgeon as gs
 from qcompile.passes import _graph as G
 from qcompile.passes.rewrite import MatchResult, RewritePass, RewriteRule
 from qcompile.plugins import formats
-from qcompile.plugins.scaled_gemm import onnx_schema
+from qcompile.plugins.scaled_gemm import dynamic_schema, onnx_schema
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,29 @@ class ScaledGemmRule(RewriteRule):
         return {"node": node, "w_dq": w_dq, "x_dq": x_dq, "x_q": x_q, "bias_add": bias_add}
 
     def check(self, graph, node, w_dq, x_dq, x_q, bias_add):
+        w_fmt = self.check_weight(graph, node, w_dq)
+        if isinstance(w_fmt, MatchResult):
+            return w_fmt
+        if x_dq is None or x_dq.op != "DequantizeLinear":
+            return MatchResult.fail("activation is not quantized (weight-only GEMM)")
+        if x_q is None or x_q.op != "QuantizeLinear":
+            return MatchResult.fail("activation DequantizeLinear is not fed by a QuantizeLinear")
+        sx, sx_dq = G.const_values(x_q.inputs[1]), G.const_values(x_dq.inputs[1])
+        if sx is None or sx_dq is None:
+            return MatchResult.fail("activation scale is not constant (static quantization only)")
+        if sx.size != 1 or sx_dq.size != 1:
+            return MatchResult.fail("activation scale is not per-tensor")
+        if float(sx.reshape(())) != float(sx_dq.reshape(())):
+            return MatchResult.fail("activation Q and DQ scales differ")
+        if _nonzero_zero_point(x_q) or _nonzero_zero_point(x_dq):
+            return MatchResult.fail("activation zero point is not zero")
+        _, x_fmt = G.quantized_format(x_q)
+        if x_fmt != w_fmt:
+            return MatchResult.fail(f"activation format {x_fmt} and weight format {w_fmt} differ")
+        return MatchResult.ok()
+
+    def check_weight(self, graph, node, w_dq) -> str | MatchResult:
+        """The weight format ("int8" / "fp8") when the weight side (and Gemm attributes) can be fused, else a fail."""
         wq = G.const_values(w_dq.inputs[0])
         if wq is None:
             return MatchResult.fail("weight is not constant")
@@ -71,30 +96,28 @@ class ScaledGemmRule(RewriteRule):
                                     f"(axis={n_axis})")
         if _nonzero_zero_point(w_dq):
             return MatchResult.fail("weight zero point is not zero")
-        if x_dq is None or x_dq.op != "DequantizeLinear":
-            return MatchResult.fail("activation is not quantized (weight-only GEMM)")
-        if x_q is None or x_q.op != "QuantizeLinear":
-            return MatchResult.fail("activation DequantizeLinear is not fed by a QuantizeLinear")
-        sx, sx_dq = G.const_values(x_q.inputs[1]), G.const_values(x_dq.inputs[1])
-        if sx is None or sx_dq is None:
-            return MatchResult.fail("activation scale is not constant (static quantization only)")
-        if sx.size != 1 or sx_dq.size != 1:
-            return MatchResult.fail("activation scale is not per-tensor")
-        if float(sx.reshape(())) != float(sx_dq.reshape(())):
-            return MatchResult.fail("activation Q and DQ scales differ")
-        if _nonzero_zero_point(x_q) or _nonzero_zero_point(x_dq):
-            return MatchResult.fail("activation zero point is not zero")
-        _, x_fmt = G.quantized_format(x_q)
-        if x_fmt != w_fmt:
-            return MatchResult.fail(f"activation format {x_fmt} and weight format {w_fmt} differ")
         if node.op == "Gemm" and float(node.attrs.get("alpha", 1.0)) <= 0:
             return MatchResult.fail("Gemm alpha <= 0 cannot be folded into the weight scale")
         if node.op == "Gemm" and len(node.inputs) > 2 and not node.inputs[2].is_empty():
             if G.bias_vector(node.inputs[2], wq.shape[n_axis]) is None:
                 return MatchResult.fail("Gemm C is not a constant bias broadcastable to [N]")
-        return MatchResult.ok()
+        return w_fmt
 
     def rewrite(self, graph, node, w_dq, x_dq, x_q, bias_add):
+        w_nk, w_scale, bias, y, fmt = self.weight_and_bias(node, w_dq, bias_add)
+        base = node.name or G.unique_name(graph, "ScaledGemm")
+        sx = G.const_values(x_q.inputs[1]).astype(np.float32).reshape(())
+        inputs = [
+            x_q.inputs[0],
+            G.make_constant(G.unique_name(graph, f"{base}/x_scale"), sx),
+            G.make_constant(G.unique_name(graph, f"{base}/x_zero_point"), G.zero_point(fmt)),
+            *self.weight_constants(graph, base, w_nk, w_scale, bias),
+        ]
+        return [self.replace(graph, node, x_dq, base, onnx_schema, inputs, y)]
+
+    @staticmethod
+    def weight_and_bias(node, w_dq, bias_add):
+        """(w_q [N, K], w_scale [N] or [], bias [N], the output to produce, format); drops a fused bias Add."""
         wq = G.const_values(w_dq.inputs[0])
         trans_b = node.op == "Gemm" and int(node.attrs.get("transB", 0))
         w_nk = wq if trans_b else np.ascontiguousarray(wq.T)
@@ -113,19 +136,19 @@ class ScaledGemmRule(RewriteRule):
             if b is not None and sum(x is y for x in bias_add.inputs) == 1:
                 bias, y = b, bias_add.outputs[0]
                 G.drop_node(bias_add)
-        fmt = formats.format_of_onnx_dtype(G.onnx_dtype(w_dq.inputs[0]))
-        x = x_q.inputs[0]
-        sx = G.const_values(x_q.inputs[1]).astype(np.float32).reshape(())
-        base = node.name or G.unique_name(graph, "ScaledGemm")
-        inputs = [
-            x,
-            G.make_constant(G.unique_name(graph, f"{base}/x_scale"), sx),
-            G.make_constant(G.unique_name(graph, f"{base}/x_zero_point"), G.zero_point(fmt)),
-            G.make_constant(G.unique_name(graph, f"{base}/w_q"), w_nk),
-            G.make_constant(G.unique_name(graph, f"{base}/w_scale"), w_scale.astype(np.float32)),
-            G.make_constant(G.unique_name(graph, f"{base}/bias"), bias.astype(np.float32)),
-        ]
-        fused = gs.Node(onnx_schema.OP_TYPE, name=base, domain=onnx_schema.DOMAIN, attrs=onnx_schema.attributes(),
+        return w_nk, w_scale, bias, y, formats.format_of_onnx_dtype(G.onnx_dtype(w_dq.inputs[0]))
+
+    @staticmethod
+    def weight_constants(graph, base, w_nk, w_scale, bias) -> list:
+        """The w_q, w_scale and bias inputs of a fused node."""
+        return [G.make_constant(G.unique_name(graph, f"{base}/w_q"), w_nk),
+                G.make_constant(G.unique_name(graph, f"{base}/w_scale"), w_scale.astype(np.float32)),
+                G.make_constant(G.unique_name(graph, f"{base}/bias"), bias.astype(np.float32))]
+
+    @staticmethod
+    def replace(graph, node, x_dq, base, schema, inputs, y) -> gs.Node:
+        """Put the plugin node `schema.OP_TYPE` in place of `node` (and of the activation DQ if nothing else reads it)."""
+        fused = gs.Node(schema.OP_TYPE, name=base, domain=schema.DOMAIN, attrs=schema.attributes(),
                         inputs=inputs, outputs=[y])
         meta = G.node_metadata(graph)
         if node.name in meta:
@@ -135,7 +158,41 @@ class ScaledGemmRule(RewriteRule):
         if not x_dq_out.outputs and not G.is_graph_output(graph, x_dq_out):
             G.drop_node(x_dq)  # its Q goes with it in cleanup when nothing else reads it
         graph.nodes.append(fused)
-        return [fused]
+        return fused
+
+
+class DynamicScaledGemmRule(ScaledGemmRule):
+    """DQ-fed MatMul/Gemm whose activation Q uses the per-token dynamic scale subgraph -> DynamicScaledGemm.
+
+    Matches only that form (`_graph.dynamic_row_scale_input`); static Q/DQ is left to `ScaledGemmRule`."""
+
+    def match(self, graph, node):
+        bound = super().match(graph, node)
+        if bound is None or bound["x_q"] is None or bound["x_q"].op != "QuantizeLinear":
+            return None
+        return bound if G.dynamic_row_scale_input(bound["x_q"]) is not None else None
+
+    def check(self, graph, node, w_dq, x_dq, x_q, bias_add):
+        w_fmt = self.check_weight(graph, node, w_dq)
+        if isinstance(w_fmt, MatchResult):
+            return w_fmt
+        x, x_fmt = G.dynamic_row_scale_input(x_q)
+        k = G.const_values(w_dq.inputs[0]).shape[1 if node.op == "Gemm" and int(node.attrs.get("transB", 0)) else 0]
+        if x_dq.inputs[1] is not x_q.inputs[1] or int(x_dq.attrs.get("block_size", 0)) != k \
+                or int(x_q.attrs.get("block_size", 0)) != k or int(x_q.attrs.get("axis", 1)) not in (-1, len(x.shape or ()) - 1):
+            return MatchResult.fail(f"dynamic activation Q/DQ is not one block of K={k} per row with a shared scale")
+        if len(x_q.inputs) > 2 or len(x_dq.inputs) > 2:
+            return MatchResult.fail("dynamic activation Q/DQ has a zero point (the form has none)")
+        if x_fmt != w_fmt:
+            return MatchResult.fail(f"activation format {x_fmt} and weight format {w_fmt} differ")
+        return MatchResult.ok()
+
+    def rewrite(self, graph, node, w_dq, x_dq, x_q, bias_add):
+        w_nk, w_scale, bias, y, fmt = self.weight_and_bias(node, w_dq, bias_add)
+        base = node.name or G.unique_name(graph, "DynamicScaledGemm")
+        inputs = [x_q.inputs[0], G.make_constant(G.unique_name(graph, f"{base}/x_zero_point"), G.zero_point(fmt)),
+                  *self.weight_constants(graph, base, w_nk, w_scale, bias)]
+        return [self.replace(graph, node, x_dq, base, dynamic_schema, inputs, y)]
 
 
 def _nonzero_zero_point(node: gs.Node) -> bool:
@@ -145,14 +202,14 @@ def _nonzero_zero_point(node: gs.Node) -> bool:
     return zp is None or bool(np.any(zp.astype(np.float32) != 0))
 
 
-def ensure_function(graph: gs.Graph) -> None:
-    """Put the ScaledGemm function body into the graph (so dumps and exports can be run by ORT)."""
-    if any(f.domain == onnx_schema.DOMAIN and f.name == onnx_schema.OP_TYPE for f in graph.functions):
+def ensure_function(graph: gs.Graph, schema=onnx_schema) -> None:
+    """Put the plugin's (ScaledGemm's) function body into the graph (so dumps and exports can be run by ORT)."""
+    if any(f.domain == schema.DOMAIN and f.name == schema.OP_TYPE for f in graph.functions):
         return
     from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
 
-    domains = [onnx.helper.make_opsetid("", max(graph.opset, onnx_schema.FUNCTION_OPSET))]
-    graph.functions.append(OnnxImporter.import_function(onnx_schema.function_proto(), model_opset=graph.opset,
+    domains = [onnx.helper.make_opsetid("", max(graph.opset, schema.FUNCTION_OPSET))]
+    graph.functions.append(OnnxImporter.import_function(schema.function_proto(), model_opset=graph.opset,
                                                         model_import_domains=domains))
     graph.import_domains = [d for d in (graph.import_domains or [onnx.helper.make_opsetid("", graph.opset)])
                             if d.domain != onnx_schema.DOMAIN] + [
@@ -163,10 +220,11 @@ class FuseScaledGemmPass(RewritePass):
     """Runs `ScaledGemmRule`; declines say why a quantized GEMM was not fused."""
 
     def __init__(self):
-        super().__init__([ScaledGemmRule()], name="FuseScaledGemmPass")
+        super().__init__([DynamicScaledGemmRule(), ScaledGemmRule()], name="FuseScaledGemmPass")
 
     def call(self, graph):
         result = super().call(graph)
-        if result.modified:
-            ensure_function(graph)
+        for schema in (onnx_schema, dynamic_schema):
+            if any(n.op == schema.OP_TYPE and n.domain == schema.DOMAIN for n in graph.nodes):
+                ensure_function(graph, schema)
         return result

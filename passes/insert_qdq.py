@@ -4,12 +4,17 @@ Does the following transformation:
 - MatMul(x, W) -> MatMul(DQ(Q(x)), DQ(Q(W)))  (same for Gemm and Conv; W stays float here, folded later)
 - W -> Transpose -> MatMul  ->  DQ(Q(W)) -> Transpose -> MatMul  (weight Q/DQ goes on the constant)
 - x -> {MatMul_a, MatMul_b}  ->  one shared Q/DQ pair on x feeding both (same format)
+- dynamic per-token activations (MatMul/Gemm):  x -> DQ(Q(x, s, axis=-1, block_size=K)) with
+  s = max(ReduceMax(Abs(x), axes=[-1]) / qmax, MIN_SCALE) computed in the graph (`_graph.make_dynamic_row_qdq`)
 - residual_add="quantize": Add(conv_branch, skip) -> Add(conv_branch, DQ(Q(skip)))  (TensorRT CNN rule)
 - quantize_output=True: MatMul -> y  ->  MatMul -> DQ(Q(y))
+- W4A8 (a rule with an `int4` weight and an fp8 activation): MatMul(x, DQ(W_int4)) -> MatMul(DQ(Q(x)), DQ(W_int4))
+  with only the activation Q/DQ (static per tensor, or dynamic per token as above) placed here; INT4 weights are
+  `QuantizeWeightsInt4Pass`'s, which runs first, so AWQ's `x / s` is what gets quantized
 
 Not quantized (declined, with a reason): GEMV, K < min_k, N < min_n, non-constant weights, formats or
 granularities this pass does not emit yet. Residual Adds and normalization inputs stay high precision
-unless residual_add="quantize".
+unless residual_add="quantize". Weight-only INT4 rules are not targets here (QuantizeWeightsInt4Pass's).
 """
 from __future__ import annotations
 
@@ -24,7 +29,9 @@ import onnx_graphsurgeon as gs
 
 from qcompile.errors import PassError
 from qcompile.passes import _graph as G
+from qcompile.passes.fuse_int4_gemm import int4_weight_dq
 from qcompile.passes.infra import InPlacePass, PassResult
+from qcompile.passes.quantize_weights_int4 import decline_reason as int4_decline_reason
 from qcompile.plugins import formats
 from qcompile.recipes.schema import Recipe, Rule
 
@@ -83,7 +90,7 @@ def plan_quantization(graph: gs.Graph | onnx.ModelProto, recipe: Recipe) -> list
     targets = []
     for node in graph.nodes:
         rule = recipe.rule_for(node.op, node.name, G.module_of(graph, node))
-        if rule is not None:
+        if rule is not None and not (_int4_weight(rule) and rule.activation is None):
             targets.append(_plan_node(graph, node, rule, recipe))
     if recipe.placement.for_op("Add").residual_add == "quantize":
         targets += _plan_residuals(graph, [t for t in targets if t.quantized and t.op_type == "Conv"])
@@ -101,11 +108,18 @@ def activation_tensors(targets: list[QuantTarget]) -> list[str]:
     return list(names)
 
 
+def _int4_weight(rule: Rule) -> bool:
+    """INT4 weights are QuantizeWeightsInt4Pass's; this pass quantizes only their activations (W4A8)."""
+    return rule.weight is not None and rule.weight.format == "int4"
+
+
 def _plan_node(graph: gs.Graph, node: gs.Node, rule: Rule, recipe: Recipe) -> QuantTarget:
     t = QuantTarget(node.name, node.op, G.module_of(graph, node), rule)
     if node.op not in GEMM_OPS:
         t.declined.append(f"op type {node.op} is not a GEMM/Conv; InsertQDQPass quantizes {', '.join(GEMM_OPS)}")
         return t
+    if _int4_weight(rule):
+        return _plan_w4a8(graph, node, rule, recipe, t)
     opts = recipe.placement.for_op(node.op)
     act, wt = node.inputs[0], node.inputs[1]
     t.activation = act.name
@@ -156,11 +170,40 @@ def _plan_node(graph: gs.Graph, node: gs.Node, rule: Rule, recipe: Recipe) -> Qu
                               "before the GEMM")
     if rule.activation is not None:
         spec = rule.activation
-        if spec.mode != "static" or spec.granularity != "tensor":
+        dynamic_token = spec.mode == "dynamic" and spec.granularity == "token"
+        if not (spec.mode == "static" and spec.granularity == "tensor" or dynamic_token):
             t.declined.append(f"{spec.mode} {spec.granularity} activation quantization is not emitted by "
-                              "InsertQDQPass yet (static per-tensor only)")
+                              "InsertQDQPass yet (static per-tensor and dynamic per-token only)")
+        if dynamic_token and (node.op == "Conv" or node.op == "Gemm" and int(node.attrs.get("transA", 0))):
+            t.declined.append(f"dynamic per-token activations are emitted for MatMul/Gemm (K last), not {node.op}")
         if spec.format not in ("int8", "fp8"):
             t.declined.append(f"activation format {spec.format} is not emitted by InsertQDQPass yet")
+    return t
+
+
+def _plan_w4a8(graph: gs.Graph, node: gs.Node, rule: Rule, recipe: Recipe, t: QuantTarget) -> QuantTarget:
+    """The activation of an INT4-weight MatMul: planned alike on the FP graph (calibration) and after
+    QuantizeWeightsInt4Pass (whose INT4 DequantizeLinear then feeds the weight input)."""
+    x, spec = node.inputs[0], rule.activation
+    t.activation = x.name
+    w_dq = int4_weight_dq(node.inputs[1]) if len(node.inputs) > 1 else None
+    w = G.const_values(w_dq.inputs[0] if w_dq is not None else node.inputs[1])
+    if w_dq is None:  # the FP weight: QuantizeWeightsInt4Pass's verdict on it
+        reason = int4_decline_reason(node, w, rule, recipe) if node.op == "MatMul" else \
+            f"INT4 weights are for MatMul, not {node.op}"
+        if reason:
+            t.declined.append(f"the INT4 weight is declined ({reason}), so the activation stays FP too")
+            return t
+    t.k, t.n = w.shape
+    if G.producer(x) is not None and G.producer(x).op == "DequantizeLinear":
+        t.declined.append("already quantized (the activation is fed by DequantizeLinear)")
+    if spec.format != "fp8":
+        t.declined.append(f"activation format {spec.format} with INT4 weights: W4A8 takes fp8 (E4M3) activations")
+    if (spec.mode, spec.granularity) not in (("static", "tensor"), ("dynamic", "token")):
+        t.declined.append(f"{spec.mode} {spec.granularity} activations with INT4 weights: W4A8 takes static "
+                          "per-tensor or dynamic per-token")
+    elif spec.mode == "dynamic" and G.onnx_dtype(x) not in (None, onnx.TensorProto.FLOAT):
+        t.declined.append("per-token dynamic FP8 is emitted for float32 activations only")
     return t
 
 
@@ -262,14 +305,18 @@ class InsertQDQPass(InPlacePass):
     Args:
         recipe (Recipe): the rules and placement options.
         activation_amax (dict[str, float]): calibrated absolute max per activation tensor.
+        input_amax (dict[str, float]): by node name, the amax of the node's input where it is not the
+            calibrated tensor's (AWQ divides a W4A8 layer's input by s: the amax of x / s).
 
     Raises:
         PassError: an activation that must be quantized has no amax.
     """
 
-    def __init__(self, recipe: Recipe, activation_amax: dict[str, float]):
+    def __init__(self, recipe: Recipe, activation_amax: dict[str, float],
+                 input_amax: dict[str, float] | None = None):
         self.recipe = recipe
         self.activation_amax = dict(activation_amax)
+        self.input_amax = dict(input_amax or {})
 
     def call(self, graph: gs.Graph) -> PassResult:
         for i, node in enumerate(graph.nodes):
@@ -289,7 +336,7 @@ class InsertQDQPass(InPlacePass):
                 stats["residual_qdq" if t.kind == "residual" else "quantized_nodes"] += 1
             elif t.kind == "gemm":
                 stats["quantized_nodes"] += 1
-            if t.rule.weight is not None and t.weight:
+            if t.rule.weight is not None and t.weight and not _int4_weight(t.rule):
                 self._weight_qdq(graph, node, t, new_nodes)
                 stats["weight_qdq"] += 1
             if t.output and t.rule.activation is not None:
@@ -300,7 +347,8 @@ class InsertQDQPass(InPlacePass):
         return PassResult(graph, bool(new_nodes), stats, declined)
 
     def _scale(self, tensor_name: str, t: QuantTarget, dtype) -> np.ndarray:
-        amax = self.activation_amax.get(tensor_name)
+        amax = self.input_amax.get(t.node) if t.kind == "gemm" and tensor_name == t.activation else None
+        amax = self.activation_amax.get(tensor_name) if amax is None else amax
         if amax is None:
             raise PassError(
                 f"no amax for activation tensor '{tensor_name}' (needed to quantize node '{t.node}'); "
@@ -308,14 +356,19 @@ class InsertQDQPass(InPlacePass):
         return formats.scale_from_amax(float(amax), t.rule.activation.format).astype(_float_np(dtype))
 
     def _activation_qdq(self, graph, x, t, shared, new_nodes, stats) -> gs.Variable:
-        fmt = t.rule.activation.format
-        if (x.name, fmt) in shared:
+        fmt, mode = t.rule.activation.format, t.rule.activation.mode
+        if (x.name, fmt, mode) in shared:
             stats["shared_activation_qdq"] += 1
-            return shared[(x.name, fmt)]
-        q, dq, out = G.make_qdq(graph, x, self._scale(x.name, t, x.dtype), fmt, None, x.name)
-        new_nodes += [q, dq]
-        stats["activation_qdq"] += 1
-        shared[(x.name, fmt)] = out
+            return shared[(x.name, fmt, mode)]
+        if mode == "dynamic":
+            nodes, out = G.make_dynamic_row_qdq(graph, x, fmt, t.k, x.name)
+            new_nodes += nodes
+            stats["dynamic_activation_qdq"] += 1
+        else:
+            q, dq, out = G.make_qdq(graph, x, self._scale(x.name, t, x.dtype), fmt, None, x.name)
+            new_nodes += [q, dq]
+            stats["activation_qdq"] += 1
+        shared[(x.name, fmt, mode)] = out
         return out
 
     def _weight_qdq(self, graph, node, t, new_nodes) -> None:

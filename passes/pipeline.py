@@ -30,7 +30,7 @@ from qcompile.plugins.fp4_gemm import onnx_schema as fp4_schema
 from qcompile.plugins.fp8_block_gemm import onnx_schema as fp8_block_schema
 from qcompile.plugins.int4_gemm import onnx_schema as int4_schema
 from qcompile.plugins.int8_wo_gemm import onnx_schema as int8_wo_schema
-from qcompile.plugins.scaled_gemm import onnx_schema
+from qcompile.plugins.scaled_gemm import dynamic_schema, onnx_schema
 from qcompile.recipes.schema import Recipe
 
 logger = logging.getLogger(__name__)
@@ -43,11 +43,14 @@ MIN_OPSET = 21
 import_model = G.import_model
 
 
-def qdq_passes(recipe: Recipe, activation_amax: dict[str, float], int4_weights=None, int4_input_scales=None
-               ) -> list[PassBase]:
-    """FP graph -> Q/DQ graph with folded, sunk weights (`int4_*`: AWQ/GPTQ results by node name)."""
-    return [InsertQDQPass(recipe, activation_amax), QuantizeWeightsInt4Pass(recipe, int4_weights, int4_input_scales),
-            FoldAwqScalesPass(),
+def qdq_passes(recipe: Recipe, activation_amax: dict[str, float], int4_weights=None, int4_input_scales=None,
+               int4_input_amax=None) -> list[PassBase]:
+    """FP graph -> Q/DQ graph with folded, sunk weights (`int4_*`: AWQ/GPTQ results by node name).
+
+    INT4 weights first: W4A8 activations are quantized after AWQ's input scaling (`int4_input_amax`: the amax
+    of each AWQ layer's scaled input)."""
+    return [QuantizeWeightsInt4Pass(recipe, int4_weights, int4_input_scales), FoldAwqScalesPass(),
+            InsertQDQPass(recipe, activation_amax, int4_input_amax),
             QuantizeWeightsFp4Pass(recipe, activation_amax),
             QuantizeFp8BlockPass(recipe), FoldWeightQDQPass(),
             SinkDequantizePass(), CleanupPass(), LintQDQPass()]
@@ -60,10 +63,12 @@ def plugin_passes() -> list[PassBase]:
 
 
 def quantize_model(model: onnx.ModelProto, recipe: Recipe, activation_amax: dict[str, float],
-                   int4_weights=None, int4_input_scales=None) -> tuple[onnx.ModelProto, PassResult]:
+                   int4_weights=None, int4_input_scales=None, int4_input_amax=None
+                   ) -> tuple[onnx.ModelProto, PassResult]:
     """The portable Q/DQ ONNX for `model` (opset >= recipe.opset, IR 10) and the pass results.
 
-    `int4_weights` / `int4_input_scales`: AWQ/GPTQ results by node name (`qcompile.algorithms.plan.run_jobs`).
+    `int4_weights` / `int4_input_scales`: AWQ/GPTQ results by node name (`qcompile.algorithms.plan.run_jobs`);
+    `int4_input_amax`: W4A8 AWQ layers' scaled-input amax by node name (`plan.awq_input_amax`).
 
     Raises:
         PassError: a pass failed (e.g. a needed activation has no amax). LintError: invalid Q/DQ.
@@ -71,7 +76,8 @@ def quantize_model(model: onnx.ModelProto, recipe: Recipe, activation_amax: dict
     opset = max(recipe.opset, MIN_OPSET)
     graph = import_model(model)
     graph.opset = max(graph.opset, opset)
-    result = PassManager(qdq_passes(recipe, activation_amax, int4_weights, int4_input_scales)).run(graph)
+    result = PassManager(qdq_passes(recipe, activation_amax, int4_weights, int4_input_scales,
+                                    int4_input_amax)).run(graph)
     return export_model(result.graph, like=model, opset=opset), result
 
 
@@ -102,7 +108,7 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto, opset: int | None = Non
     model.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in sorted(versions.items()))
     have = {(f.domain, f.name) for f in model.functions}
     model.functions.extend(f for f in like.functions if (f.domain, f.name) not in have)
-    for schema in (onnx_schema, int4_schema, int8_wo_schema, fp8_block_schema):
+    for schema in (onnx_schema, dynamic_schema, int4_schema, int8_wo_schema, fp8_block_schema):
         if any(n.domain == schema.DOMAIN and n.op_type == schema.OP_TYPE for n in model.graph.node):
             schema.add_to_model(model)
     if any(n.domain == fp4_schema.DOMAIN and n.op_type in fp4_schema.OP_TYPES for n in model.graph.node):

@@ -4,7 +4,8 @@ Does the following transformation (TensorRT's and ModelOpt's INT4 form, opset 21
 - MatMul(x, W[K,N] float const)  ->  MatMul(x, DequantizeLinear(W_q int4[K,N], scale[K/g,N], axis=0,
   block_size=g))   (asymmetric: plus a uint4 zero point [K/g,N])
 
-Selected: MatMul nodes whose recipe rule has an `int4` weight and no activation quantization. The
+Selected: MatMul nodes whose recipe rule has an `int4` weight (W4A16; and W4A8, whose activation Q/DQ
+`InsertQDQPass` places after this pass, in front of the MatMul). The
 quantized weights come from `qcompile.algorithms` (round to nearest here; AWQ/GPTQ results can be handed
 in precomputed by node name). AWQ's per-input-channel scales s come with them: the layer's input is
 divided by s (`Mul(x, 1/s)` in front of the MatMul) and the weight was quantized as W * s. Declined, with a reason: a non-constant or non-2-D weight (reached through
@@ -33,13 +34,13 @@ AWQ_SCALE_RULE = "awq_input_scale"  # the qcompile.rule metadata of AWQ's Mul(x,
 
 
 def int4_targets(graph: gs.Graph, recipe: Recipe) -> list[tuple[gs.Node, object]]:
-    """(MatMul node, rule) pairs whose rule asks for weight-only INT4."""
+    """(MatMul node, rule) pairs whose rule asks for INT4 weights."""
     found = []
     for node in graph.nodes:
         if node.op != "MatMul":
             continue
         rule = recipe.rule_for(node.op, node.name, G.module_of(graph, node))
-        if rule is not None and rule.weight is not None and rule.weight.format == "int4" and rule.activation is None:
+        if rule is not None and rule.weight is not None and rule.weight.format == "int4":
             found.append((node, rule))
     return found
 

@@ -10,6 +10,9 @@
    layers that read the same tensor (q/k/v after one norm, gate/up) get ONE scale search on their
    concatenated weights, as AWQ does, so that one s can be folded into the tensor's producer
    (`FoldAwqScalesPass`).
+4. `awq_input_amax(jobs, observers, scales)`: for W4A8 AWQ layers (static FP8 activations), the amax of the
+   scaled input x / s that their activation quantizer sees, max_c(max|x_c| / s_c), from per-channel maxima
+   observed in the same pass (exact whatever the calibration method) — what `InsertQDQPass` consumes.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import torch
 from qcompile.algorithms.awq import ActAbsMeanObserver, ActivationSampleObserver, awq_search
 from qcompile.algorithms.gptq import HessianObserver, gptq_quantize
 from qcompile.algorithms.int4 import QuantizedWeight
+from qcompile.calibration.observers import ChannelMaxObserver
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +39,7 @@ class Int4Job:
     weight: np.ndarray  # FP [K, N]
     group_size: int | None
     symmetric: bool
+    static_activation: bool = False  # W4A8: the rule also quantizes the (scaled) input with a static scale
 
 
 def plan_int4_jobs(model: onnx.ModelProto, recipe) -> list[Int4Job]:
@@ -51,8 +56,9 @@ def plan_int4_jobs(model: onnx.ModelProto, recipe) -> list[Int4Job]:
         w = G.const_values(node.inputs[1])
         if rule.algorithm not in ("awq", "gptq") or decline_reason(node, w, rule, recipe):
             continue  # RTN, or QuantizeWeightsInt4Pass declines it (with the reason)
+        static = rule.activation is not None and rule.activation.mode == "static"
         jobs.append(Int4Job(node.name, rule.algorithm, node.inputs[0].name, np.asarray(w, np.float32),
-                            rule.weight.group_size, rule.weight.symmetric))
+                            rule.weight.group_size, rule.weight.symmetric, static))
     return jobs
 
 
@@ -63,6 +69,8 @@ def observers_for(jobs: list[Int4Job]) -> dict[str, list]:
         kinds = (ActAbsMeanObserver, ActivationSampleObserver) if job.algorithm == "awq" else (HessianObserver,)
         have = watch.setdefault(job.x, [])
         have.extend(kind() for kind in kinds if not any(isinstance(o, kind) for o in have))
+    for x in dict.fromkeys(j.x for j in jobs if j.algorithm == "awq" and j.static_activation):
+        watch[x].append(ChannelMaxObserver())
     return watch
 
 
@@ -115,3 +123,15 @@ def _split_columns(qw: QuantizedWeight, widths: list[int]) -> list[QuantizedWeig
 
     zeros = cut(qw.zero) or [None] * len(widths)
     return [QuantizedWeight(q, s, z, qw.group_size) for q, s, z in zip(cut(qw.q), cut(qw.scale), zeros)]
+
+
+def awq_input_amax(jobs: list[Int4Job], watch: dict[str, list], input_scales: dict[str, np.ndarray]
+                   ) -> dict[str, float]:
+    """W4A8 AWQ layers: node -> amax of the scaled input x / s, max_c(max|x_c| / s_c) (see the module doc)."""
+    amax = {}
+    for job in jobs:
+        if job.algorithm == "awq" and job.static_activation and job.node in input_scales:
+            channel_max = next(o for o in watch[job.x] if isinstance(o, ChannelMaxObserver)).value()
+            scaled = channel_max.double().cpu().numpy() / input_scales[job.node].astype(np.float64)
+            amax[job.node] = float(scaled.max())
+    return amax

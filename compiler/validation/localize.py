@@ -1,18 +1,24 @@
 """Per-layer error localization: which quantized layers of a plugin graph lose the accuracy.
 
-For each `qcompile::ScaledGemm` node of the quantized (plugin) graph:
+For each quantized GEMM plugin node of the quantized (plugin) graph (`PLUGINS`: `qcompile::ScaledGemm`,
+`qcompile::Int4GroupwiseGemm`):
 
 - *local error*: the layer alone, fed the FP input x it sees in the FP reference graph, against the FP
   output y (error not inherited from upstream layers); with its clip rate (fraction of x beyond the
-  format's range at its scale) and scales;
+  format's range at its scale; statically quantized activations only) and scales;
 - *contribution*: the gain in model-output SQNR (worst output, vs the FP reference) when only this layer
   runs in FP: the plugin node is replaced by the FP graph's nodes computing y from x (`revert_layer`).
+
+The layer is its plugin node plus the AWQ input scaling in front of it (the tagged `Mul(x, 1/s)`, or the
+ops `FoldAwqScalesPass` folded s into): x is where that starts, a tensor the FP graph has too; the local
+error runs those ops and the plugin node (lowered, as in the engine) on the FP x.
 
 Layers are ranked by contribution, worst offender first. Graphs run through `qcompile.lowering` (float32;
 on CPU the plugin op is its exact torch reference); metrics are `compare_arrays`, worst over the feeds.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -27,8 +33,12 @@ from qcompile.errors import ValidationError
 from qcompile.layers import module_of
 from qcompile.lowering import lower_onnx
 from qcompile.lowering.interpreter import tensor_from_onnx
+from qcompile.passes._graph import RULE_KEY
+from qcompile.passes.fold_awq_scales import FOLD_RULE
+from qcompile.passes.quantize_weights_int4 import AWQ_SCALE_RULE
 from qcompile.plugins import formats
-from qcompile.plugins.scaled_gemm import onnx_schema, scaled_gemm_reference
+from qcompile.plugins.int4_gemm import onnx_schema as int4_schema
+from qcompile.plugins.scaled_gemm import onnx_schema
 from qcompile.report import format_table
 from qcompile.validation.metrics import compare_arrays, merge_iterations
 
@@ -47,12 +57,12 @@ class LayerError:
 
     node: str
     module: str
-    format: str                        # "int8" or "fp8"
+    format: str                        # "int8", "fp8", "int4" (weight-only) or "int4/fp8" (W4A8)
     local_cosine: float | None         # layer fed the FP x, vs the FP y (None: x or y not in the FP graph)
     local_sqnr_db: float | None
     local_max_abs: float | None
-    clip_rate: float | None            # fraction of x with |x / x_scale| > the format's max
-    x_scale: float
+    clip_rate: float | None            # fraction of x with |x / x_scale| > the format's max (None: no static x_scale)
+    x_scale: float | None
     w_scale_min: float
     w_scale_max: float
     reverted_cosine: float | None      # model outputs with only this layer in FP, vs the FP reference
@@ -68,18 +78,15 @@ class LayerError:
 
 @dataclass
 class _Plugin:
-    """A ScaledGemm node with its constant operands as torch tensors (the reference op's arguments)."""
+    """A plugin node, the ops in front of it that belong to the layer (AWQ scaling) and its scales."""
 
     node: onnx.NodeProto
+    region: list[onnx.NodeProto]       # the AWQ scaling ops, then the plugin node: y computed from x
+    x: str                             # the region's input, a tensor of the FP graph
     fmt: str
-    w_q: torch.Tensor
+    act_fmt: str | None                # the statically quantized activation's format (clip rate), else None
+    x_scale: torch.Tensor | None
     w_scale: torch.Tensor
-    x_scale: torch.Tensor
-    bias: torch.Tensor | None
-
-    @property
-    def x(self) -> str:
-        return self.node.input[0]
 
     @property
     def y(self) -> str:
@@ -124,14 +131,14 @@ class _FPGraph:
 
 def revert_layer(quantized_model: onnx.ModelProto, reference_model: onnx.ModelProto,
                  node_name: str) -> onnx.ModelProto:
-    """A copy of `quantized_model` with ScaledGemm node `node_name` replaced by the FP nodes computing it.
+    """A copy of `quantized_model` with plugin node `node_name` replaced by the FP nodes computing it.
 
     The FP nodes (and the initializers they read, renamed where a name is taken by a different tensor) are
-    inserted at the plugin node's position; its now unused constants are dropped.
+    inserted at the plugin node's position; its now unused constants and AWQ scaling ops are dropped.
 
     Raises:
         NotRevertibleError: the node's output is not produced in the FP graph, or it depends on more than x.
-        ValidationError: no ScaledGemm node of that name.
+        ValidationError: no plugin node of that name.
     """
     return _revert(quantized_model, _FPGraph(reference_model), node_name)
 
@@ -143,13 +150,20 @@ def _revert(quantized_model: onnx.ModelProto, fp: _FPGraph, node_name: str) -> o
     nodes = list(graph.node)
     index = next((i for i, n in enumerate(nodes) if n.name == node_name and _is_plugin(n)), None)
     if index is None:
-        raise ValidationError(f"the quantized graph has no {onnx_schema.OP_TYPE} node named {node_name!r}")
-    plugin = nodes.pop(index)
-    x, y = plugin.input[0], plugin.output[0]
+        raise ValidationError(f"the quantized graph has no plugin node ({', '.join(t for _, t in PLUGINS)}) "
+                              f"named {node_name!r}")
+    region, x = _region(nodes[index], _producers(nodes), _constant_names(quantized_model))
+    y = region[-1].output[0]
     fp_nodes, fp_inits = fp.subgraph(x, y)
+    nodes.pop(index)
+    for node in reversed(region[:-1]):  # AWQ scaling ops that fed only this layer
+        if not {i for n in nodes for i in n.input} & set(node.output):
+            nodes.remove(node)
+            index -= 1
+    dropped = {i for n in region for i in n.input[1:]}
 
     used = {i for n in nodes for i in n.input} | {o.name for o in graph.output}
-    kept = [t for t in graph.initializer if t.name in used or t.name not in plugin.input[1:]]
+    kept = [t for t in graph.initializer if t.name in used or t.name not in dropped]
     existing = {t.name: t for t in kept}
     taken = (set(existing) | {v.name for v in [*graph.input, *graph.output, *graph.value_info]}
              | {o for n in nodes for o in n.output} | {n.name for n in nodes})
@@ -200,7 +214,7 @@ def _revert(quantized_model: onnx.ModelProto, fp: _FPGraph, node_name: str) -> o
 def localize_layers(reference_model: onnx.ModelProto, quantized_model: onnx.ModelProto,
                     feeds_list: Iterable[dict[str, Any]], *, device: str = "cpu",
                     progress: Callable[[int, int], None] | None = None) -> list[LayerError]:
-    """Rank the ScaledGemm layers of `quantized_model` by their contribution to the output error.
+    """Rank the plugin layers (`PLUGINS`) of `quantized_model` by their contribution to the output error.
 
     Args:
         reference_model: the FP32 ONNX graph the quantized graph was built from (same tensor names).
@@ -208,7 +222,7 @@ def localize_layers(reference_model: onnx.ModelProto, quantized_model: onnx.Mode
         feeds_list: input feeds (name -> array), one per iteration; metrics are the worst over them.
         progress: called as progress(done, total) once per layer.
     Returns:
-        One `LayerError` per ScaledGemm node, biggest contribution first (rank 1); not revertible last.
+        One `LayerError` per plugin node, biggest contribution first (rank 1); not revertible last.
     """
     feeds = [{k: to_torch(v).to(device) for k, v in f.items()} for f in feeds_list]
     if not feeds:
@@ -223,19 +237,23 @@ def localize_layers(reference_model: onnx.ModelProto, quantized_model: onnx.Mode
     counted = dict.fromkeys(local, 0)
     reference_outputs = []
     with torch.no_grad():
+        layers = {p.node.name: _layer_program(quantized_model, p).to(device) for p in plugins
+                  if p.x in known and p.y in known}
         program = lower_onnx(reference_model).to(device)
         for feed in feeds:
             outputs, captured = program.run(feed, capture=capture)
             reference_outputs.append(_numpy(outputs))
             for p in plugins:
-                if p.x not in captured or p.y not in captured:
+                if p.node.name not in layers:
                     continue
-                x = captured[p.x]
-                y_q = scaled_gemm_reference(x, p.w_q, p.w_scale, p.x_scale, p.bias)
-                local[p.node.name].append(compare_arrays(to_numpy(captured[p.y]), to_numpy(y_q)))
-                clipped[p.node.name] += int((torch.abs(x.float() / p.x_scale) > formats.qmax(p.fmt)).sum())
-                counted[p.node.name] += x.numel()
+                out, seen = layers[p.node.name].run({p.x: captured[p.x]}, capture=[p.node.input[0]])
+                local[p.node.name].append(compare_arrays(to_numpy(captured[p.y]), to_numpy(out[p.y])))
+                if p.act_fmt is not None:
+                    x = seen[p.node.input[0]].float()
+                    clipped[p.node.name] += int((torch.abs(x / p.x_scale) > formats.qmax(p.act_fmt)).sum())
+                    counted[p.node.name] += x.numel()
             del captured
+        del layers
         del program
         base = _output_error(reference_outputs, _run(quantized_model, feeds, device))
 
@@ -246,7 +264,8 @@ def localize_layers(reference_model: onnx.ModelProto, quantized_model: onnx.Mode
             w_scale = p.w_scale.double()
             row = LayerError(name, module_of(p.node), p.fmt, metrics.get("cosine"), metrics.get("sqnr_db"),
                              metrics.get("max_abs"), clipped[name] / counted[name] if counted[name] else None,
-                             float(p.x_scale), float(w_scale.min()), float(w_scale.max()), None, None, None)
+                             None if p.x_scale is None else float(p.x_scale), float(w_scale.min()),
+                             float(w_scale.max()), None, None, None)
             if not local[name]:
                 row.note = f"{p.x!r} or {p.y!r} is not a tensor of the FP graph"
             try:
@@ -287,36 +306,121 @@ def format_layer_table(rows: Iterable[LayerError | dict[str, Any]], top: int = 1
 # --------------------------------------------------------------------------- helpers
 
 
+def _scaled_gemm(node: onnx.NodeProto, const: "_Constants") -> tuple:
+    """ScaledGemm (x, x_scale, x_zero, w_q, w_scale, bias): INT8/FP8 weight and static activation."""
+    x_scale, _, w_q, w_scale, bias = (list(node.input[1:]) + [""] * 5)[:5]
+    if not (x_scale and w_q and w_scale):
+        raise ValidationError(f"{node.op_type} node {node.name!r} lacks x_scale, w_q or w_scale")
+    if bias:
+        const.onnx_type(bias)  # must be a constant too
+    fmt = formats.format_of_onnx_dtype(const.onnx_type(w_q))
+    if fmt not in ("int8", "fp8"):
+        raise ValidationError(f"{node.op_type} node {node.name!r}: weight format {fmt} is not int8 or fp8")
+    return fmt, fmt, const(x_scale).reshape(()), const(w_scale)
+
+
+def _int4_gemm(node: onnx.NodeProto, const: "_Constants") -> tuple:
+    """Int4GroupwiseGemm (x, w_q, w_scale, w_zero_point, bias, x_scale): INT4 weight, FP or FP8 activation."""
+    const.onnx_type(node.input[1])  # the weight must be a constant
+    act_quant = next((a.s.decode() for a in node.attribute if a.name == "act_quant"), "none")  # none: W4A16
+    static = act_quant == "fp8_static" and len(node.input) > 5 and node.input[5]
+    return ("int4" if act_quant == "none" else "int4/fp8", "fp8" if static else None,
+            const(node.input[5]).reshape(()) if static else None, const(node.input[2]))
+
+
+# (domain, op type) -> fn(node, const) -> (format, static activation format or None, x_scale or None, w_scale)
+PLUGINS: dict[tuple[str, str], Callable] = {(onnx_schema.DOMAIN, onnx_schema.OP_TYPE): _scaled_gemm,
+                                            (int4_schema.DOMAIN, int4_schema.OP_TYPE): _int4_gemm}
+AWQ_RULES = (AWQ_SCALE_RULE, FOLD_RULE)  # the ops that scale a layer's input by 1/s (`_region`)
+
+
 def _is_plugin(node: onnx.NodeProto) -> bool:
-    return node.domain == onnx_schema.DOMAIN and node.op_type == onnx_schema.OP_TYPE
+    return (node.domain, node.op_type) in PLUGINS
+
+
+class _Constants:
+    """The model's constants (initializers, Constant nodes) by name, as float32 torch tensors on request;
+    `bind(node)` names the node whose operands are asked for in the error when one is not a constant."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.node = None
+        self.protos = {t.name: t for t in model.graph.initializer}
+        self.protos.update({n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant" and not n.domain
+                            for a in n.attribute if a.name == "value"})
+
+    def bind(self, node: onnx.NodeProto) -> "_Constants":
+        bound = copy.copy(self)
+        bound.node = node
+        return bound
+
+    def onnx_type(self, name: str) -> int:
+        return self._proto(name).data_type
+
+    def __call__(self, name: str) -> torch.Tensor:
+        return tensor_from_onnx(self._proto(name)).float()
+
+    def _proto(self, name: str) -> onnx.TensorProto:
+        if name not in self.protos:
+            raise ValidationError(f"{self.node.op_type} node {self.node.name!r}: operand {name!r} is not a constant "
+                                  "(its weights, scales and bias must be initializers)")
+        return self.protos[name]
 
 
 def _plugins(model: onnx.ModelProto, device: str) -> list[_Plugin]:
-    """The ScaledGemm nodes of `model` with their constant operands on `device`."""
-    consts = {t.name: t for t in model.graph.initializer}
-    consts.update({n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant" and not n.domain
-                   for a in n.attribute if a.name == "value"})
+    """The plugin nodes of `model` with their layer regions and scales (on `device`)."""
+    producer, constants, values = _producers(model.graph.node), _constant_names(model), _Constants(model)
     plugins = []
     for node in model.graph.node:
         if not _is_plugin(node):
             continue
-        x_scale, _, w_q, w_scale, bias = (list(node.input[1:]) + [""] * 5)[:5]
-        missing = next((n for n in (x_scale, w_q, w_scale, bias) if n and n not in consts), None)
-        if missing is not None or not (x_scale and w_q and w_scale):
-            raise ValidationError(f"{onnx_schema.OP_TYPE} node {node.name!r}: operand {missing!r} is not a "
-                                  "constant (x_scale, w_q, w_scale and bias must be initializers)")
-        fmt = formats.format_of_onnx_dtype(consts[w_q].data_type)
-        if fmt not in ("int8", "fp8"):
-            raise ValidationError(f"{onnx_schema.OP_TYPE} node {node.name!r}: weight format {fmt} is not int8 or fp8")
-        ws = tensor_from_onnx(consts[w_scale]).float()
-        plugins.append(_Plugin(
-            node, fmt, tensor_from_onnx(consts[w_q]).to(device),
-            (ws.reshape(()) if ws.numel() == 1 else ws).to(device),
-            tensor_from_onnx(consts[x_scale]).float().reshape(()).to(device),
-            tensor_from_onnx(consts[bias]).float().to(device) if bias else None))
+        fmt, act_fmt, x_scale, w_scale = PLUGINS[(node.domain, node.op_type)](node, values.bind(node))
+        region, x = _region(node, producer, constants)
+        plugins.append(_Plugin(node, region, x, fmt, act_fmt, None if x_scale is None else x_scale.to(device),
+                               (w_scale.reshape(()) if w_scale.numel() == 1 else w_scale).to(device)))
     if not plugins:
-        raise ValidationError(f"the quantized graph has no {onnx_schema.OP_TYPE} nodes to localize")
+        raise ValidationError(f"the quantized graph has no plugin nodes ({', '.join(t for _, t in PLUGINS)}) "
+                              "to localize")
     return plugins
+
+
+def _producers(nodes: Iterable[onnx.NodeProto]) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in nodes for o in n.output if o}
+
+
+def _constant_names(model: onnx.ModelProto) -> set[str]:
+    return ({t.name for t in model.graph.initializer}
+            | {n.output[0] for n in model.graph.node if n.op_type == "Constant" and not n.domain})
+
+
+def _region(node: onnx.NodeProto, producer: dict[str, onnx.NodeProto], constants: set[str]
+            ) -> tuple[list[onnx.NodeProto], str]:
+    """(the AWQ scaling ops in front of plugin `node`, then `node`; the tensor they start from)."""
+    region, x = [node], node.input[0]
+    while x in producer and _rule(producer[x]) in AWQ_RULES:
+        inputs = [i for i in producer[x].input if i and i not in constants]
+        if len(inputs) != 1:
+            break
+        region.insert(0, producer[x])
+        x = inputs[0]
+    return region, x
+
+
+def _rule(node: onnx.NodeProto) -> str | None:
+    return next((p.value for p in node.metadata_props if p.key == RULE_KEY), None)
+
+
+def _layer_program(model: onnx.ModelProto, p: _Plugin):
+    """The layer's region (AWQ scaling + plugin node) alone as a lowered program: x in, y out."""
+    names = {i for n in p.region for i in n.input}
+    constants = [n for n in model.graph.node if n.op_type == "Constant" and not n.domain and n.output[0] in names]
+    graph = onnx.helper.make_graph(
+        constants + p.region, f"layer_{p.node.name}",
+        [onnx.helper.make_tensor_value_info(p.x, onnx.TensorProto.FLOAT, None)],
+        [onnx.helper.make_tensor_value_info(p.y, onnx.TensorProto.FLOAT, None)],
+        [t for t in model.graph.initializer if t.name in names])
+    layer = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    layer.functions.extend(model.functions)
+    return lower_onnx(layer)
 
 
 def _run(model: onnx.ModelProto, feeds: list[dict[str, torch.Tensor]], device: str) -> list[dict[str, np.ndarray]]:

@@ -12,6 +12,11 @@ The body branches on `x.device.type` (the verified pattern for AOTInductor packa
   per-channel + fp16/fp32 output -> tensorwise fp32 GEMM + the scale epilogue.
 - `x_scale is None` (weight-only, reserved): dequantize the weight, float GEMM.
 
+`torch.ops.qcompile.scaled_gemm_dynamic(x, w_q, w_scale, bias)` (per-token dynamic activations) computes
+the row scales `s [M, 1] = dynamic_row_scales(x)` inside the op and runs the same GEMMs with them: int8
+`_int_mm` with `s * w_scale` in the epilogue; fp8 `_scaled_mm` rowwise (`scale_a = s [M, 1]`,
+`scale_b = w_scale [1, N]`) for bf16 outputs, else the fp32 GEMM + epilogue.
+
 The activation quantization and the scale epilogue are plain aten ops on purpose: AOTInductor inlines
 the body of a `triton_op`, so it fuses the quantization into the kernel that produces x (RMSNorm,
 SiLU*mul, ...) and the epilogue into the kernel that consumes y. x then crosses memory once, in
@@ -27,8 +32,9 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-from qcompile.plugins.formats import quantize_activation
-from qcompile.plugins.scaled_gemm.reference import check_args, scaled_gemm_reference
+from qcompile.plugins.formats import dynamic_row_scales, quantize_activation
+from qcompile.plugins.scaled_gemm.reference import (FORMAT_OF, check_args, scaled_gemm_dynamic_reference,
+                                                    scaled_gemm_reference)
 
 INT_MM_MIN_ROWS = 17  # torch._int_mm on CUDA needs M > 16
 
@@ -45,6 +51,20 @@ def scaled_gemm(
     if x.device.type != "cuda":
         return scaled_gemm_reference(x, w_q, w_scale, x_scale, bias)
     return _scaled_gemm_cuda(x, w_q, w_scale, x_scale, bias)
+
+
+@torch.library.triton_op("qcompile::scaled_gemm_dynamic", mutates_args={})
+def scaled_gemm_dynamic(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """`y[..., N] = (Q(x, s) @ w_q.T) * (s * w_scale) + bias` with per-row dynamic scales s (see the module)."""
+    if x.device.type != "cuda":
+        return scaled_gemm_dynamic_reference(x, w_q, w_scale, bias)
+    check_args(x, w_q, w_scale, None, bias)
+    n, k = w_q.shape
+    w_q = w_q if w_q.stride(1) == 1 else w_q.contiguous()
+    x2d = x.reshape(-1, k)
+    x_scale = dynamic_row_scales(x2d, FORMAT_OF[w_q.dtype]).reshape(-1, 1)
+    gemm = _int8_gemm if w_q.dtype == torch.int8 else _fp8_gemm
+    return gemm(x2d, w_q, w_scale.to(torch.float32), x_scale, bias, x.dtype).reshape(*x.shape[:-1], n)
 
 
 def _scaled_gemm_cuda(x, w_q, w_scale, x_scale, bias) -> Tensor:
@@ -71,8 +91,10 @@ def _int8_gemm(x2d, w_q, w_scale, x_scale, bias, out_dtype) -> Tensor:
         raise ValueError(f"scaled_gemm int8 on CUDA needs K and N multiples of 8 (torch._int_mm), got K={k}, N={n}")
     m = x2d.shape[0]
     # zero rows quantize to 0; padding by max(17 - M, 0) (not to max(M, 17) rows) lets export prove acc[:M] in range
-    padded = torch.nn.functional.pad(x2d, (0, 0, 0, torch.sym_max(INT_MM_MIN_ROWS - m, 0)))
-    acc = torch._int_mm(quantize_activation(padded, x_scale, torch.int8), w_q.t())  # [max(M,17), N] int32
+    pad = (0, 0, 0, torch.sym_max(INT_MM_MIN_ROWS - m, 0))
+    padded = torch.nn.functional.pad(x2d, pad)
+    pad_scale = torch.nn.functional.pad(x_scale, pad, value=1.0) if x_scale.dim() else x_scale  # per-row scales
+    acc = torch._int_mm(quantize_activation(padded, pad_scale, torch.int8), w_q.t())  # [max(M,17), N] int32
     return _apply_scales(acc[:m], x_scale, w_scale, bias, out_dtype)
 
 
@@ -85,7 +107,7 @@ def _fp8_gemm(x2d, w_q, w_scale, x_scale, bias, out_dtype) -> Tensor:
     m = x2d.shape[0]
     xq = quantize_activation(x2d, x_scale, torch.float8_e4m3fn)
     wt = w_q.t()  # [K, N] column-major, as cuBLASLt wants
-    if w_scale.numel() == 1:  # tensorwise
+    if w_scale.numel() == 1 and x_scale.dim() == 0:  # tensorwise
         fuse_bias = bias is not None and out_dtype != torch.float32  # cuBLASLt: no bias with fp32 out
         y = torch._scaled_mm(
             xq, wt, _scale_buffer(x_scale), _scale_buffer(w_scale),
@@ -93,9 +115,9 @@ def _fp8_gemm(x2d, w_q, w_scale, x_scale, bias, out_dtype) -> Tensor:
         )
         return y + bias.to(out_dtype) if bias is not None and not fuse_bias else y
     if out_dtype == torch.bfloat16:  # rowwise scaling (bf16 output is the form every torch version takes)
-        scale_a = x_scale.reshape(1, 1).expand(m, 1).contiguous()
+        scale_a = x_scale.reshape(-1, 1).expand(m, 1).contiguous()  # static scalar or per-row dynamic [M, 1]
         return torch._scaled_mm(
-            xq, wt, scale_a, w_scale.reshape(1, n),
+            xq, wt, scale_a, w_scale.reshape(1, -1).expand(1, n).contiguous(),
             bias=bias.to(torch.bfloat16) if bias is not None else None, out_dtype=torch.bfloat16,
         )
     one = torch.ones(1, dtype=torch.float32, device=x2d.device)

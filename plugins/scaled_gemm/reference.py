@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from qcompile.plugins.formats import quantize_activation
+from qcompile.plugins.formats import dynamic_row_scales, quantize_activation
 
 LOW_PRECISION_DTYPES = (torch.int8, torch.float8_e4m3fn)
+FORMAT_OF = {torch.int8: "int8", torch.float8_e4m3fn: "fp8"}  # weight dtype -> format name (qcompile.plugins.formats)
 
 
 def check_args(x, w_q, w_scale, x_scale, bias) -> None:
@@ -53,3 +54,21 @@ def scaled_gemm_reference(
     if bias is not None:
         y = y + bias.to(torch.float64)
     return y.to(x.dtype)
+
+
+def scaled_gemm_dynamic_reference(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Per-token dynamic activations: `s = dynamic_row_scales(x)`, `y = (Q(x, s) @ w_q.T) * (s * w_scale) + bias`."""
+    check_args(x, w_q, w_scale, None, bias)
+    n, k = w_q.shape
+    x2d = x.reshape(-1, k)
+    s = dynamic_row_scales(x2d, FORMAT_OF[w_q.dtype]).reshape(-1, 1)  # float32 [M, 1]
+    acc = quantize_activation(x2d, s, w_q.dtype).to(torch.float64) @ w_q.to(torch.float64).t()  # exact
+    y = acc * (s.to(torch.float64) * w_scale.to(torch.float64).reshape(-1))
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)

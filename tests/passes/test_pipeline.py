@@ -44,7 +44,7 @@ def test_mlp_residual_end_to_end(name):
 def test_pass_order_is_data():
     recipe = load_recipe("int8")
     assert [p.name for p in qdq_passes(recipe, {})] == [
-        "InsertQDQPass", "QuantizeWeightsInt4Pass", "FoldAwqScalesPass", "QuantizeWeightsFp4Pass", "QuantizeFp8BlockPass", "FoldWeightQDQPass",
+        "QuantizeWeightsInt4Pass", "FoldAwqScalesPass", "InsertQDQPass", "QuantizeWeightsFp4Pass", "QuantizeFp8BlockPass", "FoldWeightQDQPass",
         "SinkDequantizePass", "CleanupPass",
         "LintQDQPass"]
     assert [p.name for p in plugin_passes()] == ["FuseScaledGemmPass", "FuseInt4GemmPass", "FuseInt8WoGemmPass", "FuseFp8BlockGemmPass",

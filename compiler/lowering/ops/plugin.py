@@ -1,4 +1,5 @@
-"""The qcompile plugin nodes: `qcompile::ScaledGemm` -> `torch.ops.qcompile.scaled_gemm`.
+"""The qcompile plugin nodes: `qcompile::ScaledGemm` -> `torch.ops.qcompile.scaled_gemm`,
+`qcompile::DynamicScaledGemm` (x, x_zero_point, w_q, w_scale, bias) -> `torch.ops.qcompile.scaled_gemm_dynamic`.
 
 Inputs follow `qcompile.plugins.scaled_gemm.onnx_schema` (x, x_scale, x_zero_point, w_q, w_scale,
 bias); the op takes `(x, w_q, w_scale, x_scale, bias)`: scales as float32 (`w_scale` [N] or [],
@@ -12,7 +13,7 @@ from onnx import numpy_helper
 
 from qcompile.lowering.registry import register_converter as reg
 from qcompile.lowering.values import as_tensor
-from qcompile.plugins.scaled_gemm import onnx_schema
+from qcompile.plugins.scaled_gemm import dynamic_schema, onnx_schema
 
 
 @reg(onnx_schema.OP_TYPE, since=onnx_schema.VERSION, domain=onnx_schema.DOMAIN)
@@ -30,6 +31,21 @@ def scaled_gemm(ctx, x, x_scale, x_zero_point, w_q, w_scale, bias=None):
         w_scale = w_scale.reshape(())  # per-tensor
     x_scale = None if x_scale is None else as_tensor(x_scale).float().reshape(())
     return torch.ops.qcompile.scaled_gemm(x, w_q, w_scale, x_scale, None if bias is None else as_tensor(bias))
+
+
+@reg(dynamic_schema.OP_TYPE, since=dynamic_schema.VERSION, domain=dynamic_schema.DOMAIN)
+def dynamic_scaled_gemm(ctx, x, x_zero_point, w_q, w_scale, bias=None):
+    import qcompile.plugins.scaled_gemm.op  # noqa: F401  (registers torch.ops.qcompile.scaled_gemm_dynamic)
+
+    x, w_q = as_tensor(x), as_tensor(w_q)
+    if as_tensor(x_zero_point).dtype != w_q.dtype:
+        raise ctx.fail(f"activation format {as_tensor(x_zero_point).dtype} (x_zero_point) differs from the "
+                       f"weight format {w_q.dtype}; the plugin runs both in one format")
+    if bias is not None and _is_zero_constant(ctx.extra.get("initializers", {}).get(4)):
+        bias = None
+    w_scale = as_tensor(w_scale).float()
+    w_scale = w_scale.reshape(()) if w_scale.numel() == 1 else w_scale
+    return torch.ops.qcompile.scaled_gemm_dynamic(x, w_q, w_scale, None if bias is None else as_tensor(bias))
 
 
 def _is_zero_constant(proto) -> bool:
