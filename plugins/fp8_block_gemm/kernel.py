@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from qcompile.plugins.fp8_block_gemm.format import BLOCK
+from qcompile.plugins.gemm_dispatch import identity
 
 BLOCK_M = 64
 
@@ -49,11 +50,7 @@ def _fp8_block_kernel(
     tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _identity(kernel):
-    return kernel
-
-
-def fp8_block_gemm_triton(xq, x_scale, w_q, w_scale, *, wrap=_identity, fp32_dot: bool = False) -> torch.Tensor:
+def fp8_block_gemm_triton(xq, x_scale, w_q, w_scale, *, wrap=identity, fp32_dot: bool = False) -> torch.Tensor:
     """float32 [M, N] `sum_kb x_scale * w_scale * (xq . w_q)` of the contract (no bias), from quantized x."""
     m, k = xq.shape
     n = w_q.shape[0]

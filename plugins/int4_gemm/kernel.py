@@ -2,7 +2,7 @@
 
 Two paths, chosen per call from M (the row count of x, dynamic) without a Python branch on M:
 
-- small M (M <= SMALL_M_MAX): `_int4_splitk_kernel`, a split-K weight-streaming GEMM. Each program owns
+- small M (M <= gemm_dispatch.SMALL_M_MAX = 16): `_int4_splitk_kernel`, a split-K weight-streaming GEMM. Each program owns
   BLOCK_N output columns and one K slice; it streams the packed int32 words of its slice once
   (`evict_first`), sign-extends each nibble with two shifts, applies `(q - zp) * scale` in float32
   registers, and multiplies with `tl.dot` (BLOCK_M = 16 rows; fp32 accumulate; fp32 x uses IEEE dot).
@@ -25,10 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
+from qcompile.plugins.gemm_dispatch import cdiv, identity, run_by_rows, split_k_config
 from qcompile.plugins.int4_gemm.format import PACK
 from qcompile.plugins.int4_gemm.reference import check_args
 
-SMALL_M_MAX = 16
 BLOCK_M = 16
 BLOCK_KW = 16  # int32 words per K step: BLOCK_K = 128 values
 BLOCK_K = BLOCK_KW * PACK
@@ -113,27 +113,12 @@ def _int4_dequant_kernel(
                  mask=mask)
 
 
-def _cdiv(a, b):
-    return (a + b - 1) // b
-
-
-def _identity(kernel):
-    return kernel
-
-
 def small_m_config(k: int, n: int, num_sms: int = DEFAULT_SMS) -> dict:
     """Static launch configuration of the split-K kernel for a K x N weight (does not depend on M)."""
-    block_n = 64 if n >= 64 else max(16, triton.next_power_of_2(n))
-    n_tiles = _cdiv(n, block_n)
-    k_steps = _cdiv(k, BLOCK_K)
-    split = 1
-    while split * 2 <= k_steps and n_tiles * split * 2 <= 4 * num_sms and split < 32:
-        split *= 2
-    k_per_split = _cdiv(k_steps, split) * BLOCK_K
-    return {"BLOCK_N": block_n, "split_k": _cdiv(k, k_per_split), "k_per_split": k_per_split, "n_tiles": n_tiles}
+    return split_k_config(k, n, BLOCK_K, 64, num_sms)
 
 
-def launch_small_m(x2d, w_packed, w_scale, w_zero, group_size: int, m_rows, *, wrap=_identity,
+def launch_small_m(x2d, w_packed, w_scale, w_zero, group_size: int, m_rows, *, wrap=identity,
                    num_sms: int = DEFAULT_SMS) -> torch.Tensor:
     """fp32 `x2d[:m_rows] @ dequant(W)` ([m_rows, N], no bias) with the split-K kernel (m_rows may be 0)."""
     k = x2d.shape[1]
@@ -141,7 +126,7 @@ def launch_small_m(x2d, w_packed, w_scale, w_zero, group_size: int, m_rows, *, w
     cfg = small_m_config(k, n, num_sms)
     atomic = cfg["split_k"] > 1
     y = (torch.zeros if atomic else torch.empty)((m_rows, n), dtype=torch.float32, device=x2d.device)
-    grid = (cfg["n_tiles"], cfg["split_k"], _cdiv(m_rows, BLOCK_M))
+    grid = (cfg["n_tiles"], cfg["split_k"], cdiv(m_rows, BLOCK_M))
     wrap(_int4_splitk_kernel)[grid](
         x2d, w_packed, w_scale, w_zero if w_zero is not None else w_scale, y,
         m_rows, n, k, x2d.stride(0), group_size,
@@ -152,12 +137,12 @@ def launch_small_m(x2d, w_packed, w_scale, w_zero, group_size: int, m_rows, *, w
     return y
 
 
-def launch_dequant(w_packed, w_scale, w_zero, group_size: int, dtype, *, wrap=_identity) -> torch.Tensor:
+def launch_dequant(w_packed, w_scale, w_zero, group_size: int, dtype, *, wrap=identity) -> torch.Tensor:
     """`dequant(W)` as `dtype` [K, N] (for the dequantize-then-cuBLAS path of large M)."""
     kw, n = w_packed.shape
     out = torch.empty((kw * PACK, n), dtype=dtype, device=w_packed.device)
     block_kw, block_n = 8, 128
-    grid = (_cdiv(kw, block_kw), _cdiv(n, block_n), 1)
+    grid = (cdiv(kw, block_kw), cdiv(n, block_n), 1)
     wrap(_int4_dequant_kernel)[grid](
         w_packed, w_scale, w_zero if w_zero is not None else w_scale, out, n, kw * PACK, group_size,
         HAS_ZERO=w_zero is not None, BLOCK_KW=block_kw, BLOCK_N=block_n, num_warps=4,
@@ -173,7 +158,7 @@ def _epilogue(acc, bias, dtype):
 
 
 def int4_gemm_triton(x, w_packed, w_scale, w_zero, bias, group_size: int, *, x_row_scale=None, out_dtype=None,
-                     wrap=_identity, num_sms: int = DEFAULT_SMS) -> torch.Tensor:
+                     wrap=identity, num_sms: int = DEFAULT_SMS) -> torch.Tensor:
     """The op's GPU path: split-K kernel for M <= 16, dequant + matmul above (see the module docstring).
 
     W4A8: x is float8_e4m3fn [..., K] with `x_row_scale` float32 [M] (one scale per row of x) and
@@ -190,11 +175,6 @@ def int4_gemm_triton(x, w_packed, w_scale, w_zero, bias, group_size: int, *, x_r
     # made them symbolic (torch.compile(dynamic=True)): the launch configuration needs Python ints
     k = int(x.shape[-1])
     n = int(w_packed.shape[1])
-    lead = x.shape[:-1]
-    x2d = x.reshape(-1, k)
-    if x2d.stride(1) != 1:
-        x2d = x2d.contiguous()
-    m = x2d.shape[0]
 
     def small(x2d, w_packed, w_scale, *rest):
         w_zero, bias = _unpack_optional(rest, has_zero, has_bias)
@@ -207,12 +187,8 @@ def int4_gemm_triton(x, w_packed, w_scale, w_zero, bias, group_size: int, *, x_r
         return _epilogue(x2d @ wd, bias, x2d.dtype)
 
     has_zero, has_bias = w_zero is not None, bias is not None
-    operands = (x2d, w_packed, w_scale) + tuple(t for t in (w_zero, bias) if t is not None)
-    if isinstance(m, int):  # concrete M (eager, static shapes): a Python branch
-        y = small(*operands) if m <= SMALL_M_MAX else large(*operands)
-    else:  # symbolic M (export / AOTInductor): both paths in the graph, chosen at run time
-        y = torch.cond(m <= SMALL_M_MAX, small, large, operands)
-    return y.reshape(*lead, n)
+    weights = (w_packed, w_scale) + tuple(t for t in (w_zero, bias) if t is not None)
+    return run_by_rows(x, k, n, small, large, weights)
 
 
 def _unpack_optional(rest, has_zero: bool, has_bias: bool):

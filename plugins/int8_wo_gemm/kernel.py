@@ -2,7 +2,7 @@
 
 Two paths, chosen per call from M (the row count of x, dynamic), as in the INT4 plugin:
 
-- small M (M <= SMALL_M_MAX): `_int8_wo_splitk_kernel`, a split-K weight-streaming GEMM. Each program owns
+- small M (M <= gemm_dispatch.SMALL_M_MAX = 16): `_int8_wo_splitk_kernel`, a split-K weight-streaming GEMM. Each program owns
   BLOCK_N output columns and one K slice; it streams its int8 [BLOCK_K, BLOCK_N] weight tiles once
   (`evict_first`), converts them to x.dtype in registers (exact: |q| <= 127) and multiplies with `tl.dot`
   (BLOCK_M = 16 rows, float32 accumulate; float32 x uses an IEEE dot). Split-K partial sums are added with
@@ -25,9 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
+from qcompile.plugins.gemm_dispatch import cdiv, identity, run_by_rows, split_k_config
 from qcompile.plugins.int8_wo_gemm.reference import check_args, dequantize_weight
 
-SMALL_M_MAX = 16
 BLOCK_M = 16
 BLOCK_K = 128
 DEFAULT_SMS = 132
@@ -68,35 +68,20 @@ def _int8_wo_splitk_kernel(
         tl.store(y_ptrs, acc, mask=ymask)
 
 
-def _cdiv(a, b):
-    return (a + b - 1) // b
-
-
-def _identity(kernel):
-    return kernel
-
-
 def small_m_config(k: int, n: int, num_sms: int = DEFAULT_SMS) -> dict:
     """Static launch configuration of the split-K kernel for a K x N weight (does not depend on M): 128-byte
     weight rows per tile, and K split until there are about 4 programs per SM."""
-    block_n = 128 if n >= 128 else max(16, triton.next_power_of_2(n))
-    n_tiles = _cdiv(n, block_n)
-    k_steps = _cdiv(k, BLOCK_K)
-    split = 1
-    while split * 2 <= k_steps and n_tiles * split * 2 <= 4 * num_sms and split < 32:
-        split *= 2
-    k_per_split = _cdiv(k_steps, split) * BLOCK_K
-    return {"BLOCK_N": block_n, "split_k": _cdiv(k, k_per_split), "k_per_split": k_per_split, "n_tiles": n_tiles}
+    return split_k_config(k, n, BLOCK_K, 128, num_sms)
 
 
-def launch_small_m(x2d, w_q, *, wrap=_identity, num_sms: int = DEFAULT_SMS) -> torch.Tensor:
+def launch_small_m(x2d, w_q, *, wrap=identity, num_sms: int = DEFAULT_SMS) -> torch.Tensor:
     """float32 `x2d @ w_q` ([M, N], unscaled, no bias) with the split-K kernel (M may be 0)."""
     m, k = x2d.shape
     n = w_q.shape[1]
     cfg = small_m_config(k, n, num_sms)
     atomic = cfg["split_k"] > 1
     y = (torch.zeros if atomic else torch.empty)((m, n), dtype=torch.float32, device=x2d.device)
-    grid = (cfg["n_tiles"], cfg["split_k"], _cdiv(m, BLOCK_M))
+    grid = (cfg["n_tiles"], cfg["split_k"], cdiv(m, BLOCK_M))
     wrap(_int8_wo_splitk_kernel)[grid](
         x2d, w_q, y, m, n, k, x2d.stride(0),
         K_STEPS=cfg["k_per_split"] // BLOCK_K, ATOMIC=atomic, FP32_DOT=x2d.dtype == torch.float32,
@@ -115,17 +100,12 @@ def _epilogue(acc, w_scale, bias, dtype):
     return y.to(dtype)
 
 
-def int8_wo_gemm_triton(x, w_q, w_scale, bias, *, wrap=_identity, num_sms: int = DEFAULT_SMS) -> torch.Tensor:
+def int8_wo_gemm_triton(x, w_q, w_scale, bias, *, wrap=identity, num_sms: int = DEFAULT_SMS) -> torch.Tensor:
     """The op's GPU path: split-K kernel for M <= 16, dequantize + matmul above (see the module docstring)."""
     check_args(x, w_q, w_scale, bias)
     # K and N are weight dims, static in an engine; int() specializes them when a compiler made them symbolic
     k, n = int(w_q.shape[0]), int(w_q.shape[1])
-    lead = x.shape[:-1]
-    x2d = x.reshape(-1, k)
-    if x2d.stride(1) != 1:
-        x2d = x2d.contiguous()
     w_q = w_q if w_q.stride(1) == 1 else w_q.contiguous()
-    m = x2d.shape[0]
     has_bias = bias is not None
 
     def small(x2d, w_q, w_scale, *rest):
@@ -136,9 +116,4 @@ def int8_wo_gemm_triton(x, w_q, w_scale, bias, *, wrap=_identity, num_sms: int =
         y = x2d @ dequantize_weight(w_q, w_scale, x2d.dtype)
         return _epilogue(y, None, rest[0] if has_bias else None, x2d.dtype)
 
-    operands = (x2d, w_q, w_scale) + ((bias,) if has_bias else ())
-    if isinstance(m, int):  # concrete M (eager, static shapes): a Python branch
-        y = small(*operands) if m <= SMALL_M_MAX else large(*operands)
-    else:  # symbolic M (export / AOTInductor): both paths in the graph, chosen at run time
-        y = torch.cond(m <= SMALL_M_MAX, small, large, operands)
-    return y.reshape(*lead, n)
+    return run_by_rows(x, k, n, small, large, (w_q, w_scale) + ((bias,) if has_bias else ()))

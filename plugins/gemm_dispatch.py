@@ -1,0 +1,51 @@
+"""Launch plumbing shared by the weight-streaming GEMM plugins' GPU paths (INT4, W8A16): the split-K launch
+configuration of their small-M kernels and the run-time choice between the small-M and large-M paths.
+
+Plain Python and torch (no Triton), so it imports anywhere.
+"""
+from __future__ import annotations
+
+import torch
+
+SMALL_M_MAX = 16  # rows up to which the split-K weight-streaming kernel runs; dequantize + cuBLAS above
+
+
+def cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def identity(kernel):
+    """The `wrap` of raw Triton launches (the ops pass `torch.library.wrap_triton`)."""
+    return kernel
+
+
+def split_k_config(k: int, n: int, block_k: int, max_block_n: int, num_sms: int) -> dict:
+    """Static launch configuration of a split-K kernel for a K x N weight (does not depend on M): N tiles
+    of up to `max_block_n` columns, K split until there are about 4 programs per SM (at most 32 splits)."""
+    block_n = max_block_n if n >= max_block_n else max(16, 1 << max(n - 1, 0).bit_length())
+    n_tiles = cdiv(n, block_n)
+    k_steps = cdiv(k, block_k)
+    split = 1
+    while split * 2 <= k_steps and n_tiles * split * 2 <= 4 * num_sms and split < 32:
+        split *= 2
+    k_per_split = cdiv(k_steps, split) * block_k
+    return {"BLOCK_N": block_n, "split_k": cdiv(k, k_per_split), "k_per_split": k_per_split, "n_tiles": n_tiles}
+
+
+def run_by_rows(x, k: int, n: int, small, large, weights: tuple) -> torch.Tensor:
+    """`small` or `large` on x as contiguous rows [M, k], chosen by M, reshaped back to [..., n].
+
+    Both take `(x2d, *weights)` (weights: tensors only; absent optionals left out by the caller). A
+    concrete M is a Python branch; a symbolic M (torch.export, AOTInductor with a dynamic row count) is
+    `torch.cond(M <= SMALL_M_MAX, ...)`, so both paths are compiled and chosen at run time (no guard on M)."""
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, k)
+    if x2d.stride(1) != 1:
+        x2d = x2d.contiguous()
+    m = x2d.shape[0]
+    operands = (x2d, *weights)
+    if isinstance(m, int):
+        y = small(*operands) if m <= SMALL_M_MAX else large(*operands)
+    else:
+        y = torch.cond(m <= SMALL_M_MAX, small, large, operands)
+    return y.reshape(*lead, n)
