@@ -27,6 +27,8 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
+from qcompile.plugins.onnx_functions import declare_domain
+
 DOMAIN = "qcompile"
 OP_TYPE = "Fp4Gemm"
 OP_TYPE_W4A4 = "Fp4GemmW4A4"
@@ -127,8 +129,3 @@ def add_to_model(model: onnx.ModelProto) -> None:
         if op_type in wanted and (DOMAIN, op_type) not in have:
             model.functions.append(make())
 
-
-def declare_domain(model: onnx.ModelProto, domain: str, version: int) -> None:
-    """Add `domain` to the model's opset imports if it is missing."""
-    if not any(op.domain == domain for op in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(domain, version))

@@ -32,6 +32,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from qcompile.plugins.formats import MIN_SCALE, qmax
+from qcompile.plugins.onnx_functions import declare_domain
 
 DOMAIN = "qcompile"
 OP_TYPE = "Int4GroupwiseGemm"
@@ -142,8 +143,7 @@ def function_proto(act_quant: str = "none") -> onnx.FunctionProto:
 def add_to_model(model: onnx.ModelProto) -> None:
     """Declare the qcompile domain in `model`, point each node at the overload of its act_quant and add the
     function bodies its nodes use (idempotent)."""
-    if not any(op.domain == DOMAIN for op in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(DOMAIN, VERSION))
+    declare_domain(model, DOMAIN, VERSION)
     used = {}
     for node in model.graph.node:
         if node.domain == DOMAIN and node.op_type == OP_TYPE:

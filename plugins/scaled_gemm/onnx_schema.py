@@ -22,6 +22,8 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
+from qcompile.plugins.onnx_functions import add_function, declare_domain
+
 DOMAIN = "qcompile"
 OP_TYPE = "ScaledGemm"
 VERSION = 1
@@ -61,7 +63,5 @@ def function_proto() -> onnx.FunctionProto:
 
 def add_to_model(model: onnx.ModelProto) -> None:
     """Declare the qcompile domain and the function body in `model` (idempotent)."""
-    if not any(op.domain == DOMAIN for op in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(DOMAIN, VERSION))
-    if not any(f.domain == DOMAIN and f.name == OP_TYPE for f in model.functions):
-        model.functions.append(function_proto())
+    declare_domain(model, DOMAIN, VERSION)
+    add_function(model, DOMAIN, OP_TYPE, function_proto)
