@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from qcompile.plugins.fp8_block_gemm.format import BLOCK, quantize_activation_blocks
+from qcompile.plugins.fp8_block_gemm.format import quantize_activation_blocks
 from qcompile.plugins.fp8_block_gemm.reference import check_args, fp8_block_gemm_reference
 
 ROW_ALIGN = 4  # rows of x padded to a multiple of 4 for the sm90 block-scaled cuBLASLt GEMM
