@@ -1,5 +1,5 @@
 """Launch plumbing shared by the weight-streaming GEMM plugins' GPU paths (INT4, W8A16): the split-K launch
-configuration of their small-M kernels and the run-time choice between the small-M and large-M paths.
+configuration of their small-M kernels and the run-time choice of a path by the row count M.
 
 Plain Python and torch (no Triton), so it imports anywhere.
 """
@@ -33,11 +33,17 @@ def split_k_config(k: int, n: int, block_k: int, max_block_n: int, num_sms: int)
 
 
 def run_by_rows(x, k: int, n: int, small, large, weights: tuple) -> torch.Tensor:
-    """`small` or `large` on x as contiguous rows [M, k], chosen by M, reshaped back to [..., n].
+    """`small` (M <= SMALL_M_MAX) or `large` on x as contiguous rows [M, k], reshaped back to [..., n]."""
+    return run_by_buckets(x, k, n, [(SMALL_M_MAX, small), (None, large)], weights)
 
-    Both take `(x2d, *weights)` (weights: tensors only; absent optionals left out by the caller). A
-    concrete M is a Python branch; a symbolic M (torch.export, AOTInductor with a dynamic row count) is
-    `torch.cond(M <= SMALL_M_MAX, ...)`, so both paths are compiled and chosen at run time (no guard on M)."""
+
+def run_by_buckets(x, k: int, n: int, buckets: list, weights: tuple) -> torch.Tensor:
+    """The first bucket `(limit, fn)` with M <= limit (limit None: any M) run on x as contiguous rows [M, k],
+    reshaped back to [..., n].
+
+    Each `fn` takes `(x2d, *weights)` (weights: tensors only; absent optionals left out by the caller). A
+    concrete M is a Python branch; a symbolic M (torch.export, AOTInductor with a dynamic row count) is a
+    chain of `torch.cond(M <= limit, ...)`, so every bucket is compiled and chosen at run time (no guard on M)."""
     lead = x.shape[:-1]
     x2d = x.reshape(-1, k)
     if x2d.stride(1) != 1:
@@ -45,7 +51,20 @@ def run_by_rows(x, k: int, n: int, small, large, weights: tuple) -> torch.Tensor
     m = x2d.shape[0]
     operands = (x2d, *weights)
     if isinstance(m, int):
-        y = small(*operands) if m <= SMALL_M_MAX else large(*operands)
+        y = next(fn for limit, fn in buckets if limit is None or m <= limit)(*operands)
     else:
-        y = torch.cond(m <= SMALL_M_MAX, small, large, operands)
+        y = _cond_chain(m, buckets, operands)
     return y.reshape(*lead, n)
+
+
+def _cond_chain(m, buckets, operands):
+    (limit, fn), rest = buckets[0], buckets[1:]
+    if limit is None or not rest:
+        return fn(*operands)
+    return torch.cond(m <= limit, fn, lambda *ops: _cond_chain(m, rest, ops), operands)
+
+
+def unpack_optional(rest, *present: bool) -> list:
+    """The optional tensors a bucket function received after its required ones, None where absent."""
+    rest = list(rest)
+    return [rest.pop(0) if p else None for p in present]

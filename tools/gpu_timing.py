@@ -24,11 +24,11 @@ def rotating(make, n_bytes_each: int, budget: int = 512 << 20):
     return nxt
 
 
-def bench(fn, copies: int = 8) -> float:
+def bench(fn, copies: int = 8, rep: int = 100) -> float:
     """Median us per call. Eager: Python launch overhead included. Graph mode: `copies` calls (rotating
     weights) captured in one CUDA graph, replay time / copies -- what an engine replaying CUDA graphs pays."""
     if not MODE["graph"]:
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1000.0
+        return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median") * 1000.0
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -39,7 +39,7 @@ def bench(fn, copies: int = 8) -> float:
     with torch.cuda.graph(g):
         for _ in range(copies):
             fn()
-    return triton.testing.do_bench(g.replay, warmup=10, rep=100, return_mode="median") * 1000.0 / copies
+    return triton.testing.do_bench(g.replay, warmup=10, rep=rep, return_mode="median") * 1000.0 / copies
 
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]  # K x N of reference/kernel-targets.md

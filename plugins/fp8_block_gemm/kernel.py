@@ -1,11 +1,12 @@
 """Triton kernel of `qcompile::fp8_block_gemm` for CUDA GPUs other than sm90 (imported lazily: CPU machines
 have no Triton). On sm90 the op uses `torch.nn.functional.scaled_mm`'s block-wise scaling instead (`op.py`).
 
-`_fp8_block_kernel`: one program per [BLOCK_M, 128] output tile (one weight-scale row block); for each
+`_fp8_block_kernel`: one program per [BLOCK_M, 128] output tile (one weight-scale row block; grouped tile
+order for L2 reuse); for each
 128-wide K block it computes the FP8 x FP8 dot into a fresh float32 partial sum and adds it to the float32
 accumulator scaled by `x_scale[m, kb] * w_scale[n // 128, kb]` (DeepSeek's per-block promotion: the tensor
-core's reduced-precision FP8 accumulation never spans more than 128 products). The result is float32 [M, N],
-unbiased; the op casts and adds the bias. `FP32_DOT` upcasts the operands and uses an IEEE float32 dot
+core's reduced-precision FP8 accumulation never spans more than 128 products). The bias is added in float32
+and the result stored in the requested dtype. `FP32_DOT` upcasts the operands and uses an IEEE float32 dot
 (the Triton CPU interpreter, which has no FP8 dot). The K-block count is a compile-time constant (K is a
 weight dimension, static per layer).
 """
@@ -18,16 +19,24 @@ import triton.language as tl
 from qcompile.plugins.fp8_block_gemm.format import BLOCK
 from qcompile.plugins.gemm_dispatch import identity
 
-BLOCK_M = 64
+# Launch configuration (BLOCK_N is the weight block, 128): chosen from tools/tune_fp8_block_gemm.py on the H200.
+CONFIG = dict(BLOCK_M=64, GROUP_M=8, num_warps=4, num_stages=3)
 
 
 @triton.jit
 def _fp8_block_kernel(
-    xq_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, K,
-    KB: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K,
+    KB: tl.constexpr, FP32_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = N // BLOCK_N
+    in_group = GROUP_M * num_pid_n  # grouped order: GROUP_M row tiles share each weight tile in L2
+    first_m = (pid // in_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_rows
+    pid_n = (pid % in_group) // group_rows
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -47,17 +56,23 @@ def _fp8_block_kernel(
         sa = tl.load(xs_ptr + offs_m.to(tl.int64) * KB + kb, mask=mask_m, other=0.0)
         sb = tl.load(ws_ptr + pid_n * KB + kb)
         acc += part * (sa[:, None] * sb)
-    tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
 
 
-def fp8_block_gemm_triton(xq, x_scale, w_q, w_scale, *, wrap=identity, fp32_dot: bool = False) -> torch.Tensor:
-    """float32 [M, N] `sum_kb x_scale * w_scale * (xq . w_q)` of the contract (no bias), from quantized x."""
+def fp8_block_gemm_triton(xq, x_scale, w_q, w_scale, bias=None, *, out_dtype=torch.float32, wrap=identity,
+                          fp32_dot: bool = False, config: dict | None = None) -> torch.Tensor:
+    """`sum_kb x_scale * w_scale * (xq . w_q) (+ bias)` of the contract [M, N] in `out_dtype`, from quantized x."""
+    cfg = config or CONFIG
     m, k = xq.shape
     n = w_q.shape[0]
-    y = torch.empty((m, n), dtype=torch.float32, device=xq.device)
-    grid = ((m + BLOCK_M - 1) // BLOCK_M, n // BLOCK, 1)
+    y = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * (n // BLOCK), 1, 1)
     wrap(_fp8_block_kernel)[grid](
-        xq, x_scale, w_q, w_scale, y, m, n, k,
-        KB=k // BLOCK, FP32_DOT=fp32_dot, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK, BLOCK_K=BLOCK, num_warps=4, num_stages=3,
+        xq, x_scale, w_q, w_scale, bias if bias is not None else w_scale, y, m, n, k,
+        KB=k // BLOCK, FP32_DOT=fp32_dot, HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=BLOCK,
+        BLOCK_K=BLOCK, GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return y

@@ -23,6 +23,7 @@ from qcompile.plugins.fp8_block_gemm.format import quantize_activation_blocks
 from qcompile.plugins.fp8_block_gemm.reference import check_args, fp8_block_gemm_reference
 
 ROW_ALIGN = 4  # rows of x padded to a multiple of 4 for the sm90 block-scaled cuBLASLt GEMM
+USE_SCALED_MM = True  # sm90: cuBLASLt block-wise scaling (True) or the Triton kernel (False)
 
 
 @torch.library.triton_op("qcompile::fp8_block_gemm", mutates_args={})
@@ -33,17 +34,17 @@ def fp8_block_gemm(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tenso
     check_args(x, w_q, w_scale, bias)
     n, k = w_q.shape
     x2d = x.reshape(-1, k)
-    if torch.cuda.get_device_capability(x.device)[0] == 9:
-        y = scaled_mm_blockwise(x2d, w_q, w_scale)
+    if USE_SCALED_MM and torch.cuda.get_device_capability(x.device)[0] == 9:
+        y = scaled_mm_blockwise(x2d, w_q, w_scale).to(torch.float32)
+        if bias is not None:
+            y = y + bias.to(torch.float32)
+        y = y.to(x.dtype)
     else:
         from qcompile.plugins.fp8_block_gemm.kernel import fp8_block_gemm_triton
 
         xq, sx = quantize_activation_blocks(x2d)
-        y = fp8_block_gemm_triton(xq, sx, w_q, w_scale, wrap=torch.library.wrap_triton)
-    y = y.to(torch.float32)
-    if bias is not None:
-        y = y + bias.to(torch.float32)
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+        y = fp8_block_gemm_triton(xq, sx, w_q, w_scale, bias, out_dtype=x.dtype, wrap=torch.library.wrap_triton)
+    return y.reshape(*x.shape[:-1], n)
 
 
 def scaled_mm_blockwise(x2d: Tensor, w_q: Tensor, w_scale: Tensor) -> Tensor:

@@ -1,23 +1,44 @@
 """Triton kernels of `qcompile::int4_groupwise_gemm` (CUDA only; imported lazily: CPU machines have no Triton).
 
-Two paths, chosen per call from M (the row count of x, dynamic) without a Python branch on M:
+Kernels (all read the engine layout of `format.py`: int32 words [K/8, N], N contiguous):
 
-- small M (M <= gemm_dispatch.SMALL_M_MAX = 16): `_int4_splitk_kernel`, a split-K weight-streaming GEMM. Each program owns
-  BLOCK_N output columns and one K slice; it streams the packed int32 words of its slice once
-  (`evict_first`), sign-extends each nibble with two shifts, applies `(q - zp) * scale` in float32
-  registers, and multiplies with `tl.dot` (BLOCK_M = 16 rows; fp32 accumulate; fp32 x uses IEEE dot).
-  One word row (8 K values) is split into 8 K-strided sub-tiles `j`, so no in-register reshape is
-  needed: sub-tile j pairs word bits 4j..4j+3 with x columns 8*i + j. Split-K partial sums are added
-  with fp32 atomics into a zeroed [M, N] buffer (a plain store when there is one split).
-- large M: `_int4_dequant_kernel` writes `dequant(W)` in x.dtype [K, N], then `torch.matmul` (cuBLAS).
+- `_int4_gemv_kernel` (one row of x per program; M = 1): streams one word row (8 K values x BLOCK_N
+  columns) at a time, dequantizes in fp32 registers and accumulates `x * w` in-thread (no tensor cores: at
+  M = 1 the job is moving weight bytes). K is split until about `waves` waves of programs stream the weight;
+  partial sums meet in fp32 atomics.
+- `_int4_mm_t_kernel` (swapped operands, small M): `y^T = dequant(W)^T @ x^T`, so the dequantized weight
+  tile is the MMA's first operand and the few rows of x its narrow side; nibbles unpacked in registers with
+  `tl.interleave`. Split-K like the GEMV.
+- `_int4_mm_kernel` (tiles of BLOCK_M rows, any M, grouped tile order): the plain orientation, with
+  in-register (`UNPACK`) or duplicate-address nibble loads; kept for tuning (it lost to mm_t and to
+  dequantize + cuBLAS on the H200).
+- `_int4_dequant_kernel`: `dequant(W)` in x.dtype, for the dequantize-then-cuBLAS path of large M.
 
-Dispatch on M: a Python branch when M is a concrete int (eager); with a symbolic M (torch.export,
-AOTInductor with a dynamic row count) `torch.cond(M <= 16, small, large)`, so both paths are compiled and
-the choice is made at run time (no guard on M).
+Dequantization tricks (what makes a weight cost a few integer/float ops, never an int->float conversion):
+- "magic number" conversion: a signed nibble u (two's complement, value q) XOR 8 is q + 8 in [0, 15]; OR-ed
+  into the mantissa of a float whose exponent makes the mantissa ulp 1, it becomes that float + q + 8
+  (fp32: 2^23, bits 0x4B000000; bf16: 128, bits 0x4300; fp16: 1024, bits 0x6400). One XOR with the
+  constant does both, then one subtraction of (magic + 8 + zero point) gives q - zp exactly;
+- group scales are applied to each K step's partial product (`SCALE_ACC`) when the step lies inside one
+  group: the dot then sees exact small integers, and the scale costs one multiply per output per step
+  instead of one per weight; otherwise the weight tile is scaled before the dot.
+- weights are loaded `evict_first` (streamed once), so L2 keeps the activations.
 
-`launch_small_m`, `launch_dequant` and `int4_gemm_triton` take `wrap` (identity for raw Triton: tests run
-them under TRITON_INTERPRET=1 on CPU tensors; `torch.library.wrap_triton` from the op, so AOTInductor
-compiles the kernels into the package).
+W4A8: x is float8_e4m3fn with a per-row scale `x_row_scale` (per-tensor static scales are broadcast by
+the op). By default its values are converted exactly to the activations' float type and run through the
+W4A16 kernels, the row scale applied in the epilogue: FP8 numerics on bf16/fp16 tensor cores. The tile
+kernels can instead feed FP8 tiles and the weight integers q - zp ([-15, 15], exact in E4M3) to FP8 dots
+(`fp8_dot` in a configuration); on the H200 that measured slower (benchmarks/int4_tune_v2b.json), so no
+default bucket uses it.
+
+Dispatch on M (`int4_gemm_triton`): configurations per M bucket (`CONFIGS`, tuned on the H200 with
+tools/tune_int4_gemm.py). A Python branch when M is a concrete int (eager); with a symbolic M (torch.export,
+AOTInductor with a dynamic row count) a chain of `torch.cond(M <= limit, ...)`, so every bucket's kernel is
+compiled and the choice is made at run time (no guard on M).
+
+`launch_*` and `int4_gemm_triton` take `wrap` (identity for raw Triton: tests run them under
+TRITON_INTERPRET=1 on CPU tensors; `torch.library.wrap_triton` from the op, so AOTInductor compiles the
+kernels into the package).
 """
 from __future__ import annotations
 
@@ -25,70 +46,228 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.plugins.gemm_dispatch import cdiv, identity, run_by_rows, split_k_config
+from qcompile.plugins.gemm_dispatch import cdiv, identity, run_by_buckets, unpack_optional
 from qcompile.plugins.int4_gemm.format import PACK
 from qcompile.plugins.int4_gemm.reference import check_args
 
-BLOCK_M = 16
-BLOCK_KW = 16  # int32 words per K step: BLOCK_K = 128 values
-BLOCK_K = BLOCK_KW * PACK
 DEFAULT_SMS = 132
+FP32_MAGIC = 8388616.0  # 2^23 + 8: the fp32 whose mantissa bits 0..3 hold q + 8
+MAGIC16 = {torch.bfloat16: (0x4308, 136.0), torch.float16: (0x6408, 1032.0)}  # (bits XOR-ed in, value - q)
+
+# M buckets -> launch configuration (kernel "gemv" | "mm_t" | "mm" | "dequant" (dequantize + cuBLAS); tile
+# sizes; split-K target waves; fp8_dot: W4A8 on FP8 dots instead of exact conversion to the float type).
+# The last bucket has limit None (every larger M). Chosen from tools/tune_int4_gemm.py runs on the H200
+# (benchmarks/int4_tune_v2b.json).
+CONFIGS = [
+    (1, dict(kernel="gemv", BLOCK_N=1024, BLOCK_K=64, num_warps=4, num_stages=3, waves=8)),
+    (16, dict(kernel="mm_t", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, waves=4,
+              SCALE_ACC=False)),
+    (128, dict(kernel="mm_t", BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, waves=2,
+               SCALE_ACC=False)),
+    (None, dict(kernel="dequant")),
+]
 
 
 @triton.jit
-def _int4_splitk_kernel(
+def _nibbles(w_ptr, offs_k, offs_n, mask, N):
+    """[BLOCK_K, BLOCK_N] int32: nibble of q[k, n] in bits 0..3 (row k reads word k // 8)."""
+    words = tl.load(w_ptr + (offs_k // 8).to(tl.int64)[:, None] * N + offs_n[None, :], mask=mask, other=0,
+                    eviction_policy="evict_first")
+    return (words >> ((offs_k % 8) * 4)[:, None]) & 0xF
+
+
+@triton.jit
+def _int4_gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
-    M, N, K, stride_xm, group_size,
-    K_STEPS: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP_ALIGNED: tl.constexpr, ATOMIC: tl.constexpr, FP32_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+    N, K, stride_xm, group_size, k_per_split,
+    K_STEPS: tl.constexpr, HAS_ZERO: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    row = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    x_row = x_ptr + row * stride_xm
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    k_lo = pid_k * k_per_split
+    for step in range(0, K_STEPS):  # BLOCK_K divides the group: one scale row per step; steps past K masked
+        k0 = k_lo + step * BLOCK_K
+        g = k0 // group_size
+        smask = mask_n & (k0 < K)
+        s = tl.load(s_ptr + g * N + offs_n, mask=smask, other=0.0).to(tl.float32)
+        c = tl.full((BLOCK_N,), 8388616.0, tl.float32)
+        if HAS_ZERO:
+            c += tl.load(z_ptr + g * N + offs_n, mask=smask, other=0).to(tl.float32)
+        part = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for i in tl.static_range(BLOCK_K // 8):  # one word row (8 K values) at a time: all in-thread
+            kw = k0 // 8 + i
+            ok = kw < K // 8
+            word = tl.load(w_ptr + kw * N + offs_n, mask=mask_n & ok, other=0, eviction_policy="evict_first")
+            for j in tl.static_range(8):
+                xs = tl.load(x_row + kw * 8 + j, mask=ok, other=0.0).to(tl.float32)
+                part += xs * ((((word >> (4 * j)) & 0xF) ^ 0x4B000008).to(tl.float32, bitcast=True) - c)
+        acc += part * s
+    y_ptrs = y_ptr + row * N + offs_n
+    if ATOMIC:
+        tl.atomic_add(y_ptrs, acc, mask=mask_n, sem="relaxed")
+    else:
+        tl.store(y_ptrs, acc, mask=mask_n)
+
+
+@triton.jit
+def _unpack_k_rows(words, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Words [BLOCK_K/8, BLOCK_N] -> nibbles [BLOCK_K, BLOCK_N] (row 8w + j = nibble j of word row w)."""
+    n0, n1, n2, n3 = words & 0xF, (words >> 4) & 0xF, (words >> 8) & 0xF, (words >> 12) & 0xF
+    n4, n5, n6, n7 = (words >> 16) & 0xF, (words >> 20) & 0xF, (words >> 24) & 0xF, (words >> 28) & 0xF
+    a = tl.join(tl.join(tl.join(n0, n4), tl.join(n2, n6)), tl.join(tl.join(n1, n5), tl.join(n3, n7)))
+    return tl.reshape(tl.permute(a, (0, 2, 3, 4, 1)), (BLOCK_K, BLOCK_N))  # j = 4*t0 + 2*t1 + t2
+
+
+@triton.jit
+def _unpack_k_cols(words):
+    """Words [BLOCK_N, BLOCK_K/8] (K last) -> nibbles [BLOCK_N, BLOCK_K] (column 8w + j = nibble j of word w)."""
+    n0, n1, n2, n3 = words & 0xF, (words >> 4) & 0xF, (words >> 8) & 0xF, (words >> 12) & 0xF
+    n4, n5, n6, n7 = (words >> 16) & 0xF, (words >> 20) & 0xF, (words >> 24) & 0xF, (words >> 28) & 0xF
+    return tl.interleave(tl.interleave(tl.interleave(n0, n4), tl.interleave(n2, n6)),
+                         tl.interleave(tl.interleave(n1, n5), tl.interleave(n3, n7)))
+
+
+@triton.jit
+def _int4_mm_t_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, y_ptr,
+    M, N, K, stride_xm, group_size, k_per_split,
+    K_STEPS: tl.constexpr, HAS_ZERO: tl.constexpr, ROW_SCALE: tl.constexpr, ATOMIC: tl.constexpr,
+    SCALE_ACC: tl.constexpr, MAGIC_BITS: tl.constexpr, MAGIC_VALUE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Swapped operands: y^T [BLOCK_N, BLOCK_M] = dequant(W)^T @ x^T, so the dequantized weight tile is the
+    MMA's first (register) operand and a small M is the MMA's narrow side. Steps lie in one group."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_w = tl.arange(0, BLOCK_KW)
+    offs_w = tl.arange(0, BLOCK_K // 8)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    n_words = K // 8
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_lo = pid_k * (K_STEPS * BLOCK_KW * 8)  # this program's K slice: K_STEPS steps of BLOCK_KW words
+    dot_dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    k_lo = pid_k * k_per_split
     for step in range(0, K_STEPS):
-        k0 = k_lo + step * (BLOCK_KW * 8)
-        wi = k0 // 8 + offs_w
-        mask_w = wi < n_words
-        wmask = mask_w[:, None] & mask_n[None, :]
-        words = tl.load(w_ptr + wi.to(tl.int64)[:, None] * N + offs_n[None, :], mask=wmask, other=0,
-                        eviction_policy="evict_first")
-        if GROUP_ALIGNED:  # the whole K step lies in one group: one scale row
-            g = k0 // group_size
-            smask = mask_n & (k0 < K)  # a step past K (last split) must not read a scale row past the end
-            s = tl.load(s_ptr + g * N + offs_n, mask=smask, other=0.0).to(tl.float32)[None, :]
-            if HAS_ZERO:
-                z = tl.load(z_ptr + g * N + offs_n, mask=smask, other=0).to(tl.float32)[None, :]
-        for j in tl.static_range(8):
-            kk = wi * 8 + j
-            q = ((words << (28 - 4 * j)) >> 28).to(tl.float32)  # sign-extended nibble j
-            if not GROUP_ALIGNED:
-                gp = (kk // group_size).to(tl.int64)[:, None] * N + offs_n[None, :]
-                s = tl.load(s_ptr + gp, mask=wmask, other=0.0).to(tl.float32)
-                if HAS_ZERO:
-                    z = tl.load(z_ptr + gp, mask=wmask, other=0).to(tl.float32)
-            if HAS_ZERO:
-                q = q - z
-            w = q * s
-            xj = tl.load(x_rows + kk[None, :], mask=mask_m[:, None] & mask_w[None, :], other=0.0)
-            if FP32_DOT:
-                acc = tl.dot(xj.to(tl.float32), w, acc, input_precision="ieee")
+        k0 = k_lo + step * BLOCK_K
+        kw = k0 // 8 + offs_w
+        words = tl.load(w_ptr + kw.to(tl.int64)[None, :] * N + offs_n[:, None],
+                        mask=mask_n[:, None] & (kw < K // 8)[None, :], other=0, eviction_policy="evict_first")
+        nib = _unpack_k_cols(words)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        xt = tl.load(x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + offs_k[:, None],
+                     mask=mask_m[None, :] & (offs_k < K)[:, None], other=0.0)
+        g = k0 // group_size
+        smask = mask_n & (k0 < K)
+        s = tl.load(s_ptr + g * N + offs_n, mask=smask, other=0.0).to(tl.float32)[:, None]
+        c = tl.full((BLOCK_N, 1), MAGIC_VALUE, tl.float32)
+        if HAS_ZERO:
+            c += tl.load(z_ptr + g * N + offs_n, mask=smask, other=0).to(tl.float32)[:, None]
+        if MAGIC_BITS == 0x4B000008:
+            w = (nib ^ MAGIC_BITS).to(tl.float32, bitcast=True) - c
+        else:
+            w = (nib ^ MAGIC_BITS).to(tl.int16).to(dot_dtype, bitcast=True) - c.to(dot_dtype)
+        if SCALE_ACC:
+            if dot_dtype == tl.float32:
+                acc += tl.dot(w, xt, input_precision="ieee") * s
             else:
-                acc = tl.dot(xj, w.to(xj.dtype), acc)
+                acc += tl.dot(w.to(dot_dtype), xt) * s
+        else:
+            if dot_dtype == tl.float32:
+                acc = tl.dot(w * s, xt, acc, input_precision="ieee")
+            else:
+                acc = tl.dot((w * s.to(w.dtype)).to(dot_dtype), xt, acc)
+    if ROW_SCALE:
+        acc = acc * tl.load(rs_ptr + offs_m, mask=mask_m, other=0.0)[None, :]
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
+    ymask = mask_m[None, :] & mask_n[:, None]
+    if ATOMIC:
+        tl.atomic_add(y_ptrs, acc, mask=ymask, sem="relaxed")
+    else:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+
+
+@triton.jit
+def _int4_mm_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, y_ptr,
+    M, N, K, stride_xm, group_size, k_per_split,
+    K_STEPS: tl.constexpr, HAS_ZERO: tl.constexpr, ROW_SCALE: tl.constexpr, ATOMIC: tl.constexpr, GROUP_ALIGNED: tl.constexpr,
+    SCALE_ACC: tl.constexpr, MAGIC_BITS: tl.constexpr, MAGIC_VALUE: tl.constexpr, UNPACK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_pid_n  # grouped order: GROUP_M row tiles share each weight tile in L2
+    first_m = (pid // in_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_rows
+    pid_n = (pid % in_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    dot_dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_lo = pid_k * k_per_split
+    for step in range(0, K_STEPS):  # steps past K (last split) are masked
+        k0 = k_lo + step * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        xt = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        wmask = mask_k[:, None] & mask_n[None, :]
+        if UNPACK:  # load each word once, unpack in registers
+            kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            words = tl.load(w_ptr + kw.to(tl.int64)[:, None] * N + offs_n[None, :],
+                            mask=(kw < K // 8)[:, None] & mask_n[None, :], other=0, eviction_policy="evict_first")
+            nib = _unpack_k_rows(words, BLOCK_K, BLOCK_N)
+        else:  # row k loads word k // 8 (duplicate addresses)
+            nib = _nibbles(w_ptr, offs_k, offs_n, wmask, N)
+        if GROUP_ALIGNED:  # the step lies in one group: one scale (and zero point) row
+            g = k0 // group_size
+            smask = mask_n & (k0 < K)
+            s = tl.load(s_ptr + g * N + offs_n, mask=smask, other=0.0).to(tl.float32)[None, :]
+            c = tl.full((1, BLOCK_N), MAGIC_VALUE, tl.float32)
+            if HAS_ZERO:
+                c += tl.load(z_ptr + g * N + offs_n, mask=smask, other=0).to(tl.float32)[None, :]
+        else:  # per-row scale rows (a group smaller than the step, or not a divisor of it)
+            gp = (offs_k // group_size).to(tl.int64)[:, None] * N + offs_n[None, :]
+            s = tl.load(s_ptr + gp, mask=wmask, other=0.0).to(tl.float32)
+            c = tl.full((BLOCK_K, BLOCK_N), MAGIC_VALUE, tl.float32)
+            if HAS_ZERO:
+                c += tl.load(z_ptr + gp, mask=wmask, other=0).to(tl.float32)
+        if MAGIC_BITS == 0x4B000008:  # fp32 magic (fp32 and fp8 dots)
+            w = (nib ^ MAGIC_BITS).to(tl.float32, bitcast=True) - c
+        else:  # 16-bit magic: the tile never leaves 16 bits
+            w = (nib ^ MAGIC_BITS).to(tl.int16).to(dot_dtype, bitcast=True) - c.to(dot_dtype)
+        if SCALE_ACC:  # exact integers q - zp in the dot, group scale on the partial product
+            if dot_dtype == tl.float32:
+                part = tl.dot(xt, w.to(dot_dtype), input_precision="ieee")
+            else:
+                part = tl.dot(xt, w.to(dot_dtype))
+            acc += part * s
+        else:
+            if dot_dtype == tl.float32:
+                acc = tl.dot(xt, w * s, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xt, (w * s.to(w.dtype)).to(dot_dtype), acc)
+    if ROW_SCALE:
+        acc = acc * tl.load(rs_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     ymask = mask_m[:, None] & mask_n[None, :]
     if ATOMIC:
-        tl.atomic_add(y_ptrs, acc, mask=ymask)
+        tl.atomic_add(y_ptrs, acc, mask=ymask, sem="relaxed")
     else:
-        tl.store(y_ptrs, acc, mask=ymask)
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
 
 
 @triton.jit
@@ -96,103 +275,166 @@ def _int4_dequant_kernel(
     w_ptr, s_ptr, z_ptr, out_ptr, N, K, group_size,
     HAS_ZERO: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_k = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    wi = pid_k * BLOCK_KW + tl.arange(0, BLOCK_KW)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (wi < K // 8)[:, None] & (offs_n < N)[None, :]
-    words = tl.load(w_ptr + wi.to(tl.int64)[:, None] * N + offs_n[None, :], mask=mask, other=0)
-    for j in tl.static_range(8):
-        kk = wi * 8 + j
-        q = ((words << (28 - 4 * j)) >> 28).to(tl.float32)
+    kw = tl.program_id(0) * BLOCK_KW + tl.arange(0, BLOCK_KW)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (kw < K // 8)[:, None] & (offs_n < N)[None, :]
+    words = tl.load(w_ptr + kw.to(tl.int64)[:, None] * N + offs_n[None, :], mask=mask, other=0,
+                    eviction_policy="evict_first")
+    for j in tl.static_range(8):  # nibble j of word row w is K row 8w + j
+        kk = kw * 8 + j
         gp = (kk // group_size).to(tl.int64)[:, None] * N + offs_n[None, :]
-        s = tl.load(s_ptr + gp, mask=mask, other=0.0).to(tl.float32)
+        c = tl.full((BLOCK_KW, BLOCK_N), 8388616.0, tl.float32)
         if HAS_ZERO:
-            q = q - tl.load(z_ptr + gp, mask=mask, other=0).to(tl.float32)
-        tl.store(out_ptr + kk.to(tl.int64)[:, None] * N + offs_n[None, :], (q * s).to(out_ptr.dtype.element_ty),
-                 mask=mask)
+            c += tl.load(z_ptr + gp, mask=mask, other=0).to(tl.float32)
+        q = ((((words >> (4 * j)) & 0xF) ^ 0x4B000008).to(tl.float32, bitcast=True) - c)
+        w = q * tl.load(s_ptr + gp, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + kk.to(tl.int64)[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def small_m_config(k: int, n: int, num_sms: int = DEFAULT_SMS) -> dict:
-    """Static launch configuration of the split-K kernel for a K x N weight (does not depend on M)."""
-    return split_k_config(k, n, BLOCK_K, 64, num_sms)
+def _block_k(cfg_k: int, k: int, group_size: int) -> tuple[int, bool]:
+    """(BLOCK_K, whether every step lies in one group). A group that is a multiple of the step keeps
+    it (one scale row per step); a single group (per channel) allows any step."""
+    block_k = min(cfg_k, max(16, triton.next_power_of_2(k)))
+    while block_k > 16 and group_size % block_k and group_size != k:
+        block_k //= 2
+    return block_k, group_size % block_k == 0 or group_size == k
 
 
-def launch_small_m(x2d, w_packed, w_scale, w_zero, group_size: int, m_rows, *, wrap=identity,
-                   num_sms: int = DEFAULT_SMS) -> torch.Tensor:
-    """fp32 `x2d[:m_rows] @ dequant(W)` ([m_rows, N], no bias) with the split-K kernel (m_rows may be 0)."""
-    k = x2d.shape[1]
+def split_k(k: int, tiles: int, block_k: int, waves: float, num_sms: int) -> tuple[int, int]:
+    """(number of K splits, K per split): enough programs for `waves` waves of SMs, each split at
+    least 2 steps long (waves = 0: no split)."""
+    steps = cdiv(k, block_k)
+    split = 1
+    while waves and tiles * split * 2 <= waves * num_sms and split * 4 <= steps:
+        split *= 2
+    per = cdiv(steps, split) * block_k
+    return cdiv(k, per), per
+
+
+def launch_gemv(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, wrap=identity,
+                num_sms: int = DEFAULT_SMS) -> torch.Tensor:
+    """fp32 `x2d @ dequant(W)` [M, N] with the GEMV kernel (one program column per row of x)."""
+    m, k = x2d.shape
     n = w_packed.shape[1]
-    cfg = small_m_config(k, n, num_sms)
-    atomic = cfg["split_k"] > 1
-    y = (torch.zeros if atomic else torch.empty)((m_rows, n), dtype=torch.float32, device=x2d.device)
-    grid = (cfg["n_tiles"], cfg["split_k"], cdiv(m_rows, BLOCK_M))
-    wrap(_int4_splitk_kernel)[grid](
+    block_k, aligned = _block_k(cfg["BLOCK_K"], k, group_size)
+    if not aligned:
+        raise ValueError(f"GEMV kernel: group size {group_size} must be a multiple of 16")
+    block_n = cfg["BLOCK_N"]
+    while block_n > 64 and n < 16 * block_n:  # keep at least 16 N tiles (H200 tuning: narrower N, narrower tiles)
+        block_n //= 2
+    tiles = cdiv(n, block_n)
+    splits, per = split_k(k, tiles, block_k, cfg["waves"], num_sms)
+    y = (torch.zeros if splits > 1 else torch.empty)((m, n), dtype=torch.float32, device=x2d.device)
+    wrap(_int4_gemv_kernel)[(tiles, splits, m)](
         x2d, w_packed, w_scale, w_zero if w_zero is not None else w_scale, y,
-        m_rows, n, k, x2d.stride(0), group_size,
-        K_STEPS=cfg["k_per_split"] // BLOCK_K, HAS_ZERO=w_zero is not None, GROUP_ALIGNED=group_size % BLOCK_K == 0, ATOMIC=atomic,
-        FP32_DOT=x2d.dtype == torch.float32, BLOCK_M=BLOCK_M, BLOCK_N=cfg["BLOCK_N"], BLOCK_KW=BLOCK_KW,
-        num_warps=4, num_stages=3,
+        n, k, x2d.stride(0), group_size, per, K_STEPS=per // block_k,
+        HAS_ZERO=w_zero is not None, ATOMIC=splits > 1, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return y
 
 
+def launch_mm(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, x_row_scale=None,
+              out_dtype=torch.float32, wrap=identity, num_sms: int = DEFAULT_SMS) -> torch.Tensor:
+    """`x2d @ dequant(W)` [M, N] (times x_row_scale per row) with the tiled kernel: fp32 when split-K
+    (atomics), else `out_dtype`."""
+    m, k = x2d.shape
+    n = w_packed.shape[1]
+    fp8 = x2d.dtype == torch.float8_e4m3fn
+    block_k, aligned = _block_k(cfg["BLOCK_K"], k, group_size)
+    if fp8 and not aligned:
+        raise ValueError(f"W4A8 kernel: group size {group_size} must be a multiple of 16")
+    magic_bits, magic_value = MAGIC16.get(x2d.dtype, (0x4B000008, FP32_MAGIC))
+    tiles_n = cdiv(n, cfg["BLOCK_N"])
+    splits, per = split_k(k, tiles_n * cdiv(max(int(m) if isinstance(m, int) else 1, 1), cfg["BLOCK_M"]),
+                          block_k, cfg["waves"], num_sms)
+    y = (torch.zeros((m, n), dtype=torch.float32, device=x2d.device) if splits > 1
+         else torch.empty((m, n), dtype=out_dtype, device=x2d.device))
+    common = dict(K_STEPS=per // block_k, HAS_ZERO=w_zero is not None, ROW_SCALE=x_row_scale is not None,
+                  ATOMIC=splits > 1, SCALE_ACC=(cfg["SCALE_ACC"] or fp8) and aligned,
+                  MAGIC_BITS=magic_bits, MAGIC_VALUE=magic_value,
+                  BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    args = (x2d, w_packed, w_scale, w_zero if w_zero is not None else w_scale,
+            x_row_scale if x_row_scale is not None else w_scale, y, m, n, k, x2d.stride(0), group_size, per)
+    if cfg["kernel"] == "mm_t" and aligned:
+        wrap(_int4_mm_t_kernel)[(tiles_n, splits, cdiv(m, cfg["BLOCK_M"]))](*args, **common)
+    else:
+        grid = (cdiv(m, cfg["BLOCK_M"]) * tiles_n, splits)
+        wrap(_int4_mm_kernel)[grid](*args, GROUP_ALIGNED=aligned, UNPACK=cfg.get("UNPACK", False),
+                                    GROUP_M=cfg.get("GROUP_M", 1), **common)
+    return y
+
+
 def launch_dequant(w_packed, w_scale, w_zero, group_size: int, dtype, *, wrap=identity) -> torch.Tensor:
-    """`dequant(W)` as `dtype` [K, N] (for the dequantize-then-cuBLAS path of large M)."""
+    """`dequant(W)` as `dtype` [K, N] (for a dequantize-then-cuBLAS path)."""
     kw, n = w_packed.shape
     out = torch.empty((kw * PACK, n), dtype=dtype, device=w_packed.device)
-    block_kw, block_n = 8, 128
-    grid = (cdiv(kw, block_kw), cdiv(n, block_n), 1)
-    wrap(_int4_dequant_kernel)[grid](
+    block_kw, block_n = 8, 256
+    wrap(_int4_dequant_kernel)[(cdiv(kw, block_kw), cdiv(n, block_n), 1)](
         w_packed, w_scale, w_zero if w_zero is not None else w_scale, out, n, kw * PACK, group_size,
         HAS_ZERO=w_zero is not None, BLOCK_KW=block_kw, BLOCK_N=block_n, num_warps=4,
     )
     return out
 
 
-def _epilogue(acc, bias, dtype):
+def _epilogue(acc, bias, dtype, row_scale=None):
+    """`acc (* row_scale per row) + bias` in float32, cast to `dtype` (aten ops: Inductor fuses them)."""
+    if acc.dtype == dtype and bias is None and row_scale is None:
+        return acc
     y = acc.to(torch.float32)
+    if row_scale is not None:
+        y = y * row_scale.reshape(-1, 1).to(torch.float32)
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.to(dtype)
 
 
-def int4_gemm_triton(x, w_packed, w_scale, w_zero, bias, group_size: int, *, x_row_scale=None, out_dtype=None,
-                     wrap=identity, num_sms: int = DEFAULT_SMS) -> torch.Tensor:
-    """The op's GPU path: split-K kernel for M <= 16, dequant + matmul above (see the module docstring).
+def run_bucket(cfg: dict, x2d, w_packed, w_scale, w_zero, bias, group_size: int, *, x_row_scale=None,
+               out_dtype=None, wrap=identity, num_sms: int = DEFAULT_SMS) -> torch.Tensor:
+    """One M bucket's path: `x2d @ dequant(W) (* x_row_scale) + bias` [M, N] in out_dtype.
 
-    W4A8: x is float8_e4m3fn [..., K] with `x_row_scale` float32 [M] (one scale per row of x) and
-    `out_dtype` the activations' float type. The FP8 values are dequantized (x * row scale, rounded to
-    out_dtype) and run through the W4A16 kernels: the W4A8 numerics on bf16/fp16 tensor cores. A kernel that
-    feeds FP8 straight into FP8 MMAs is work in progress (not measured on the GPU yet)."""
-    if x_row_scale is not None:
-        if x.dtype != torch.float8_e4m3fn or out_dtype is None:
-            raise ValueError("int4_gemm_triton: W4A8 needs x as float8_e4m3fn and out_dtype")
-        rows = x.reshape(-1, x.shape[-1]).to(torch.float32) * x_row_scale.reshape(-1, 1).to(torch.float32)
-        x = rows.to(out_dtype).reshape(x.shape)
-    check_args(x, w_packed, w_scale, w_zero, bias, group_size)
+    FP8 x (W4A8) is converted to out_dtype exactly (E4M3 values are bf16/fp16 values) and its row scale
+    applied in the epilogue, unless the configuration asks for FP8 dots (`fp8_dot`, "mm"/"mm_t" only)."""
+    out_dtype = out_dtype or x2d.dtype
+    kind = cfg["kernel"]
+    if x2d.dtype == torch.float8_e4m3fn and not (kind in ("mm", "mm_t") and cfg.get("fp8_dot")):
+        return _epilogue(run_bucket(cfg, x2d.to(out_dtype), w_packed, w_scale, w_zero, None, group_size,
+                                    out_dtype=torch.float32, wrap=wrap, num_sms=num_sms),
+                         bias, out_dtype, x_row_scale)
+    if kind == "gemv":
+        acc = launch_gemv(x2d, w_packed, w_scale, w_zero, group_size, cfg, wrap=wrap, num_sms=num_sms)
+    elif kind == "dequant":
+        acc = x2d @ launch_dequant(w_packed, w_scale, w_zero, group_size, x2d.dtype, wrap=wrap)
+    else:
+        acc = launch_mm(x2d, w_packed, w_scale, w_zero, group_size, cfg, x_row_scale=x_row_scale,
+                        out_dtype=out_dtype, wrap=wrap, num_sms=num_sms)
+    return _epilogue(acc, bias, out_dtype)
+
+
+def int4_gemm_triton(x, w_packed, w_scale, w_zero, bias, group_size: int, *, x_row_scale=None, out_dtype=None,
+                     wrap=identity, num_sms: int = DEFAULT_SMS, configs=None) -> torch.Tensor:
+    """The op's GPU path: `x @ dequant(W) + bias` in out_dtype (default x.dtype), dispatched on M
+    (`configs`, default `CONFIGS`).
+
+    W4A8: x is float8_e4m3fn [..., K] with `x_row_scale` float32 [M] (one scale per row of x), and
+    `out_dtype` the activations' float type."""
+    if x_row_scale is None:
+        check_args(x, w_packed, w_scale, w_zero, bias, group_size)
+    elif x.dtype != torch.float8_e4m3fn or out_dtype is None:
+        raise ValueError("int4_gemm_triton: W4A8 needs x as float8_e4m3fn and out_dtype")
     # K and N are weight dims, static in an engine; int() specializes them (a guard) when a compiler
     # made them symbolic (torch.compile(dynamic=True)): the launch configuration needs Python ints
     k = int(x.shape[-1])
     n = int(w_packed.shape[1])
+    has_zero, has_bias, has_rs = w_zero is not None, bias is not None, x_row_scale is not None
 
-    def small(x2d, w_packed, w_scale, *rest):
-        w_zero, bias = _unpack_optional(rest, has_zero, has_bias)
-        acc = launch_small_m(x2d, w_packed, w_scale, w_zero, group_size, x2d.shape[0], wrap=wrap, num_sms=num_sms)
-        return _epilogue(acc, bias, x2d.dtype)
+    def bucket(cfg):
+        def run(x2d, w_packed, w_scale, *rest):
+            w_zero, bias, row_scale = unpack_optional(rest, has_zero, has_bias, has_rs)
+            return run_bucket(cfg, x2d, w_packed, w_scale, w_zero, bias, group_size, x_row_scale=row_scale,
+                              out_dtype=out_dtype, wrap=wrap, num_sms=num_sms)
+        return run
 
-    def large(x2d, w_packed, w_scale, *rest):
-        w_zero, bias = _unpack_optional(rest, has_zero, has_bias)
-        wd = launch_dequant(w_packed, w_scale, w_zero, group_size, x2d.dtype, wrap=wrap)
-        return _epilogue(x2d @ wd, bias, x2d.dtype)
-
-    has_zero, has_bias = w_zero is not None, bias is not None
-    weights = (w_packed, w_scale) + tuple(t for t in (w_zero, bias) if t is not None)
-    return run_by_rows(x, k, n, small, large, weights)
-
-
-def _unpack_optional(rest, has_zero: bool, has_bias: bool):
-    rest = list(rest)
-    w_zero = rest.pop(0) if has_zero else None
-    bias = rest.pop(0) if has_bias else None
-    return w_zero, bias
+    weights = (w_packed, w_scale) + tuple(t for t in (w_zero, bias, x_row_scale) if t is not None)
+    return run_by_buckets(x, k, n, [(limit, bucket(c)) for limit, c in configs or CONFIGS], weights)

@@ -9,7 +9,8 @@ Two paths, chosen per call from M (the row count of x, dynamic), as in the INT4 
   float32 atomics into a zeroed [M, N] buffer (a plain store when there is one split). The per-channel scale
   factors out of the K sum, so it is applied once, with the bias, in the epilogue `acc * w_scale + bias`
   (aten ops: Inductor fuses them into one pointwise kernel, or into the consumer).
-- large M: `dequant(W)` in x.dtype (one pointwise kernel) then `torch.matmul` (cuBLAS).
+- large M: `LARGE_M`: `dequant(W)` in x.dtype (one pointwise kernel) then `torch.matmul` (cuBLAS), or the
+  same kernel as a plain tiled GEMM (`launch_tiles`, no K split).
 
 Dispatch on M: a Python branch when M is a concrete int (eager); with a symbolic M (torch.export,
 AOTInductor with a dynamic row count) `torch.cond(M <= 16, small, large)`, so both paths are compiled and
@@ -90,6 +91,26 @@ def launch_small_m(x2d, w_q, *, wrap=identity, num_sms: int = DEFAULT_SMS) -> to
     return y
 
 
+def launch_tiles(x2d, w_q, cfg: dict, *, wrap=identity) -> torch.Tensor:
+    """float32 `x2d @ w_q` ([M, N], unscaled) with the same kernel as a plain tiled GEMM (no K split)."""
+    m, k = x2d.shape
+    n = w_q.shape[1]
+    y = torch.empty((m, n), dtype=torch.float32, device=x2d.device)
+    grid = (cdiv(n, cfg["BLOCK_N"]), 1, cdiv(m, cfg["BLOCK_M"]))
+    wrap(_int8_wo_splitk_kernel)[grid](
+        x2d, w_q, y, m, n, k, x2d.stride(0),
+        K_STEPS=cdiv(k, cfg["BLOCK_K"]), ATOMIC=False, FP32_DOT=x2d.dtype == torch.float32,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
+    return y
+
+
+# Path above SMALL_M_MAX rows: "dequant" (dequantize + cuBLAS) or a tile configuration of the kernel; chosen
+# from tools/tune_fp8_block_w8a16.py on the H200.
+LARGE_M = dict(kernel="dequant")
+
+
 def _epilogue(acc, w_scale, bias, dtype):
     """`acc * w_scale + bias` in float32 (w_scale None: already applied), cast to `dtype`."""
     y = acc.to(torch.float32)
@@ -100,20 +121,25 @@ def _epilogue(acc, w_scale, bias, dtype):
     return y.to(dtype)
 
 
-def int8_wo_gemm_triton(x, w_q, w_scale, bias, *, wrap=identity, num_sms: int = DEFAULT_SMS) -> torch.Tensor:
-    """The op's GPU path: split-K kernel for M <= 16, dequantize + matmul above (see the module docstring)."""
+def int8_wo_gemm_triton(x, w_q, w_scale, bias, *, wrap=identity, num_sms: int = DEFAULT_SMS,
+                        large_m: dict | None = None) -> torch.Tensor:
+    """The op's GPU path: split-K kernel for M <= 16, the `large_m` path above (default `LARGE_M`)."""
     check_args(x, w_q, w_scale, bias)
     # K and N are weight dims, static in an engine; int() specializes them when a compiler made them symbolic
     k, n = int(w_q.shape[0]), int(w_q.shape[1])
     w_q = w_q if w_q.stride(1) == 1 else w_q.contiguous()
     has_bias = bias is not None
+    large_cfg = large_m or LARGE_M
 
     def small(x2d, w_q, w_scale, *rest):
         acc = launch_small_m(x2d, w_q, wrap=wrap, num_sms=num_sms)
         return _epilogue(acc, w_scale, rest[0] if has_bias else None, x2d.dtype)
 
     def large(x2d, w_q, w_scale, *rest):
-        y = x2d @ dequantize_weight(w_q, w_scale, x2d.dtype)
-        return _epilogue(y, None, rest[0] if has_bias else None, x2d.dtype)
+        if large_cfg["kernel"] == "dequant":
+            return _epilogue(x2d @ dequantize_weight(w_q, w_scale, x2d.dtype), None, rest[0] if has_bias else None,
+                             x2d.dtype)
+        return _epilogue(launch_tiles(x2d, w_q, large_cfg, wrap=wrap), w_scale, rest[0] if has_bias else None,
+                         x2d.dtype)
 
     return run_by_rows(x, k, n, small, large, (w_q, w_scale) + ((bias,) if has_bias else ()))

@@ -123,6 +123,13 @@ def test_triton_kernel_under_interpreter(m):
     y = fp8_block_gemm_triton(xq, sx, wq, ws, fp32_dot=True)
     ref = oracle(x.numpy(), wq, ws, None)
     np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    bias = torch.randn(wq.shape[0])
+    for cfg in (dict(BLOCK_M=16, GROUP_M=1, num_warps=4, num_stages=2), dict(BLOCK_M=32, GROUP_M=2, num_warps=4,
+                                                                          num_stages=2)):
+        y = fp8_block_gemm_triton(xq, sx, wq, ws, bias, out_dtype=torch.float16, fp32_dot=True, config=cfg)
+        ref = oracle(x.numpy(), wq, ws, bias)
+        assert y.dtype == torch.float16  # bias and cast in the kernel's epilogue
+        np.testing.assert_allclose(y.float().numpy(), ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
 
 
 def _cuda_case(m):

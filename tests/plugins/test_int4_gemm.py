@@ -239,18 +239,22 @@ def test_export_with_dynamic_rows_keeps_the_op():
 
 @needs_triton
 def test_gpu_body_dispatch_traces_with_dynamic_rows(monkeypatch):
-    """The CUDA body's M dispatch (torch.cond on a symbolic M, no guard) exported with a dynamic M,
-    the kernel launches replaced by torch stand-ins, so it runs on CPU."""
+    """The CUDA body's M dispatch (a chain of torch.cond on a symbolic M, no guard) exported with a dynamic
+    M, the kernel launches replaced by torch stand-ins that record their bucket, so it runs on CPU."""
     from qcompile.plugins.int4_gemm import kernel
     from qcompile.plugins.int4_gemm.reference import dequantize_weight
 
-    def small(x2d, w_packed, w_scale, w_zero, g, m_rows, **_):
-        return x2d.narrow(0, 0, m_rows).float() @ dequantize_weight(w_packed, w_scale, w_zero, g)
+    def gemv(x2d, w_packed, w_scale, w_zero, g, cfg, **_):
+        return x2d.float() @ dequantize_weight(w_packed, w_scale, w_zero, g) + 1000.0  # marks the GEMV bucket
 
-    def dequant(w_packed, w_scale, w_zero, g, dtype, **_):
+    def mm(x2d, w_packed, w_scale, w_zero, g, cfg, out_dtype=torch.float32, **_):
+        return (x2d.float() @ dequantize_weight(w_packed, w_scale, w_zero, g) + cfg["BLOCK_M"]).to(out_dtype)
+
+    def dequant(w_packed, w_scale, w_zero, g, dtype, **_):  # dequantize + matmul: no marker
         return dequantize_weight(w_packed, w_scale, w_zero, g, dtype)
 
-    monkeypatch.setattr(kernel, "launch_small_m", small)
+    monkeypatch.setattr(kernel, "launch_gemv", gemv)
+    monkeypatch.setattr(kernel, "launch_mm", mm)
     monkeypatch.setattr(kernel, "launch_dequant", dequant)
     mod = Int4Linear()
 
@@ -260,9 +264,14 @@ def test_gpu_body_dispatch_traces_with_dynamic_rows(monkeypatch):
 
     rows = torch.export.Dim("rows", min=1, max=4096)
     ep = torch.export.export(Body(), (torch.randn(5, 256),), dynamic_shapes=({0: rows},))
-    for m in (1, 16, 17, 40):
+    markers = set()
+    for m in (1, 2, 16, 17, 64, 128, 129, 300):
         x = torch.randn(m, 256)
-        assert_close_to(ep.module()(x), oracle(x, mod.case), 1e-5)
+        cfg = next(c for limit, c in kernel.CONFIGS if limit is None or m <= limit)
+        marker = {"gemv": 1000.0, "dequant": 0.0}.get(cfg["kernel"], cfg.get("BLOCK_M"))
+        markers.add(marker)
+        assert_close_to(ep.module()(x) - marker, oracle(x, mod.case), 1e-5)
+    assert len(markers) == len(kernel.CONFIGS)  # every bucket was reached
 
 
 @pytest.mark.slow
@@ -281,22 +290,45 @@ def test_aoti_cpu_package_runs(tmp_path):
 INTERP_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}  # the interpreter's bf16 tl.dot is broken
 
 
+SMALL = {"kernel": "mm", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 2,
+         "GROUP_M": 1}
+
+
 @triton_interp
 @pytest.mark.parametrize("group", [32, 128, "channel"])
 @pytest.mark.parametrize("zero", [False, True], ids=["sym", "zp"])
 @pytest.mark.parametrize("dtype", INTERP_DTYPES)
 @pytest.mark.parametrize("m", [1, 3, 16])
-def test_small_m_kernel_interpreter(group, zero, dtype, m):
+def test_tile_kernel_interpreter(group, zero, dtype, m):
+    """The tiled kernel, split-K (atomics) and not, scale on the partial products and on the weights."""
     from qcompile.plugins.int4_gemm import kernel
 
-    k, n = 384, 80  # 3 K steps (split-K with a partial last split at small SM counts), a partial N tile
+    k, n = 384, 80  # 3 K steps (a partial last split), a partial N tile
     case = make_case(k=k, n=n, group=group, zero=zero, seed=m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(INTERP_DTYPES[dtype])
-    for sms in (1, 132):  # split_k = 1 (plain store) and > 1 (atomics)
-        acc = kernel.launch_small_m(x, case["w_packed"], case["scale"], case["w_zero"], case["g"], m, num_sms=sms)
-        assert acc.dtype == torch.float32 and acc.shape == (m, n)
-        ref = oracle(x, {**case, "bias": None})
-        assert_close_to(acc, ref, 1e-5 if dtype == "fp32" else 2e-3)
+    ref = oracle(x, {**case, "bias": None})
+    for kind, unpack, waves, scale_acc in (("mm", False, 0, True), ("mm", False, 4, False), ("mm", True, 4, True),
+                                           ("mm_t", False, 0, True), ("mm_t", False, 4, False)):
+        cfg = {**SMALL, "kernel": kind, "UNPACK": unpack, "waves": waves, "SCALE_ACC": scale_acc}
+        acc = kernel.launch_mm(x, case["w_packed"], case["scale"], case["w_zero"], case["g"], cfg, num_sms=1)
+        assert acc.shape == (m, n)
+        assert_close_to(acc.float(), ref, 1e-5 if dtype == "fp32" else 2e-3)
+
+
+@triton_interp
+@pytest.mark.parametrize("group", [32, 128, "channel"])
+@pytest.mark.parametrize("zero", [False, True], ids=["sym", "zp"])
+def test_gemv_kernel_interpreter(group, zero):
+    from qcompile.plugins.int4_gemm import kernel
+
+    k, n = 384, 80
+    case = make_case(k=k, n=n, group=group, zero=zero, seed=5)
+    x = torch.randn(2, k, generator=torch.Generator().manual_seed(5))
+    for waves in (0, 8):
+        cfg = {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2, "waves": waves}
+        acc = kernel.launch_gemv(x, case["w_packed"], case["scale"], case["w_zero"], case["g"], cfg, num_sms=1)
+        assert acc.dtype == torch.float32 and acc.shape == (2, n)
+        assert_close_to(acc, oracle(x, {**case, "bias": None}), 1e-5)
 
 
 @triton_interp

@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""Choose the launch paths of the FP8 block and W8A16 ops on the GPU (`fp8_block_gemm.kernel.CONFIG`,
+`op.USE_SCALED_MM`, `int8_wo_gemm.kernel.LARGE_M`).
+
+For every (K x N, M) it times side by side: cuBLAS bf16; the FP8 block op through cuBLASLt block-wise
+`scaled_mm` (sm90) and through our Triton kernel in several configurations (x quantized in 1x128 blocks by
+the same aten ops in both); the W8A16 large-M path as dequantize + cuBLAS and as our tiled kernel in several
+configurations. Each candidate is checked against a float32 reference first (relative L2 error). Writes
+every measurement as JSON and prints the best of each per cell.
+
+    python3 tools/tune_fp8_block_w8a16.py --cuda-graph --out tune.json [--shapes 8192x28672] [--ms 64 1024]
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from gpu_timing import MODE, bench, bench_parser, rotating
+
+from qcompile.plugins.fp8_block_gemm import op as fp8_op
+from qcompile.plugins.fp8_block_gemm import quantize_weight_blocks
+from qcompile.plugins.fp8_block_gemm.format import quantize_activation_blocks
+from qcompile.plugins.fp8_block_gemm.kernel import fp8_block_gemm_triton
+from qcompile.plugins.int8_wo_gemm import kernel as w8_kernel
+
+FP8_CONFIGS = [dict(BLOCK_M=bm, GROUP_M=8, num_warps=w, num_stages=st)
+               for bm, w, st in ((64, 4, 3), (64, 4, 4), (64, 8, 4), (128, 4, 3), (128, 8, 3), (128, 8, 4))]
+W8_CONFIGS = [dict(kernel="tiles", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=8, num_stages=st)
+              for bm, bn, bk, st in ((64, 128, 64, 3), (128, 128, 64, 3), (128, 256, 64, 3), (128, 128, 128, 3),
+                                     (64, 128, 128, 4), (128, 256, 64, 4))]
+
+
+def fp8_candidates(x, weights):
+    """weights() -> (wq, ws) of the next rotating copy."""
+    def triton_path(cfg):
+        def run():
+            wq, ws = weights()
+            xq, sx = quantize_activation_blocks(x)
+            return fp8_block_gemm_triton(xq, sx, wq, ws, out_dtype=x.dtype, config=cfg)
+        return run
+    out = {"scaled_mm": lambda: fp8_op.scaled_mm_blockwise(x, *weights())}
+    out.update({"triton " + json.dumps(c): triton_path(c) for c in FP8_CONFIGS})
+    return out
+
+
+def w8_candidates(x, weights):
+    """weights() -> (w_q, w_scale) of the next rotating copy."""
+    def path(cfg):
+        return lambda: w8_kernel.int8_wo_gemm_triton(x, *weights(), None, large_m=cfg)
+    out = {"dequant": path({"kernel": "dequant"})}
+    out.update({"tiles " + json.dumps(c): path(c) for c in W8_CONFIGS})
+    return out
+
+
+def time_candidates(cands: dict, ref: torch.Tensor) -> dict:
+    """{name: {"us": .., "rel_err": ..}} (no "us" for a failing or wrong candidate)."""
+    res = {}
+    for name, fn in cands.items():
+        try:
+            y = fn().float()
+            err = ((y - ref).norm() / ref.norm()).item()
+            res[name] = {"rel_err": err}
+            if err < 2e-2:
+                res[name]["us"] = bench(fn, copies=4)
+        except Exception as exc:  # a configuration Triton cannot compile, or no sm90 scaled_mm
+            res[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
+    return res
+
+
+def best(res: dict) -> tuple[str, float]:
+    ok = [(v["us"], k) for k, v in res.items() if "us" in v]
+    if not ok:
+        return "-", float("nan")
+    us, name = min(ok)
+    return name, us
+
+
+def main() -> None:
+    ap = bench_parser(__doc__.splitlines()[0])
+    ap.set_defaults(ms=[16, 64, 256, 1024, 4096])
+    args = ap.parse_args()
+    MODE["graph"] = args.cuda_graph
+    rows = []
+    for shape in args.shapes:
+        k, n = (int(v) for v in shape.split("x"))
+        w = torch.randn(n, k, device="cuda")
+        wq, ws = quantize_weight_blocks(w)
+        w8, s8 = torch.randint(-127, 128, (k, n), device="cuda", dtype=torch.int8), torch.rand(n, device="cuda") * 0.01
+        base = (w.t().contiguous().to(torch.bfloat16), (wq, ws), (w8, s8 + 1e-3))
+        del w
+        # equal copies at different addresses, rotated so small M reads HBM, not L2
+        copies = rotating(lambda: (base[0].clone(), tuple(t.clone() for t in base[1]),
+                                   tuple(t.clone() for t in base[2])), k * n * 4)
+        w16, (wq, ws), (w8, s8) = base
+        ref8_w = wq.float() * ws.repeat_interleave(128, 0).repeat_interleave(128, 1)
+        for m in args.ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            row = {"K": k, "N": n, "M": m, "bf16": bench(lambda: x @ copies()[0], copies=4)}
+            xq, sx = quantize_activation_blocks(x)
+            ref8 = (xq.float() * sx.repeat_interleave(128, 1)) @ ref8_w.t()
+            row["fp8_block"] = time_candidates(fp8_candidates(x, lambda: copies()[1]), ref8)
+            ref16 = x.float() @ (w8.float() * s8)
+            row["w8a16"] = time_candidates(w8_candidates(x, lambda: copies()[2]), ref16) if m > 16 else {}
+            rows.append(row)
+            line = f"{k}x{n} M={m}: bf16 {row['bf16']:.1f}"
+            for op in ("fp8_block", "w8a16"):
+                if row[op]:
+                    name, us = best(row[op])
+                    line += f" | {op} {us:.1f} ({row['bf16'] / us:.2f}x) {name}"
+                    if op == "fp8_block" and "us" in row[op].get("scaled_mm", {}):
+                        line += f" [scaled_mm {row[op]['scaled_mm']['us']:.1f}]"
+            print(line, flush=True)
+            with open(args.out, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f,
+                          indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""Tune the INT4 GEMM kernels' launch configurations (`kernel.CONFIGS`) on the GPU.
+
+For every (K x N, M) of reference/kernel-targets.md it tries candidate configurations of our kernels
+(GEMV, tiled split-K, tiled GEMM, dequantize + cuBLAS; W4A16 bf16 and W4A8 FP8 activations), checks each
+against a float32 reference (relative L2 error) and times the correct ones side by side with cuBLAS bf16,
+torch's tinygemm and FP8 `_scaled_mm` tensorwise (CUDA graphs, weights rotated). Compilation runs first in
+a process pool (the Triton disk cache then serves the timing process). Writes every measurement as JSON
+and prints the best configuration per cell and per M bucket.
+
+    python3 tools/tune_int4_gemm.py --out tune.json [--shapes 8192x28672] [--ms 1 16]
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import multiprocessing as mp
+
+import torch
+
+from gpu_timing import MODE, bench, bench_parser, rotating
+
+GROUP = 128
+
+
+def candidates(m: int) -> list[dict]:
+    """Candidate launch configurations (W4A16, and W4A8 on FP8 dots) for a row count m: the neighbourhood
+    of the winners of the first sweep (benchmarks/int4_tune_v2b.json), plus dequantize + cuBLAS."""
+    out = []
+    if m == 1:
+        for bn, bk, w, waves in itertools.product((512, 1024, 2048), (32, 64), (4, 8), (8, 16)):
+            out.append(dict(kernel="gemv", BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=3, waves=waves))
+    if m <= 16:
+        for bn, bk, w, st, waves in itertools.product((32, 64), (64, 128), (2, 4), (3, 4, 5), (4, 8)):
+            out.append(dict(kernel="mm_t", BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st,
+                            waves=waves, SCALE_ACC=False))
+    if 16 < m <= 256:
+        for bm, bn, w, st, waves in itertools.product((32, 64), (64, 128), (4, 8), (3, 4), (1, 2)):
+            out.append(dict(kernel="mm_t", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, num_warps=w, num_stages=st,
+                            waves=waves, SCALE_ACC=False))
+    if m >= 256:
+        for bm, bn, st in itertools.product((64, 128), (128, 256), (3, 4)):
+            out.append(dict(kernel="mm_t", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, num_warps=8, num_stages=st,
+                            waves=0, SCALE_ACC=False))
+    if m >= 64:
+        out.append(dict(kernel="dequant"))
+    w4a8 = [dict(c, fp8_dot=True) for c in out if c["kernel"] == "mm_t" and c["BLOCK_K"] == 128
+            and c["num_stages"] == 3][:6] if m >= 16 else []
+    return out + w4a8
+
+
+def make_weights(k: int, n: int, seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    from qcompile.plugins.int4_gemm.format import to_engine
+    q = torch.randint(-8, 8, (k, n), device="cuda", dtype=torch.int8, generator=g)
+    scale = (torch.rand(k // GROUP, n, device="cuda", generator=g) * 0.01 + 1e-3).to(torch.bfloat16)
+    return to_engine(q), scale
+
+
+def quantize_fp8(x):
+    """(fp8 x, per-row scales [M]) with one per-tensor scale."""
+    s = x.float().abs().amax().clamp(min=1e-12) / 448.0
+    return (x.float() / s).to(torch.float8_e4m3fn), s.expand(x.shape[0]).contiguous()
+
+
+def call(cfg: dict, x, x8, w_packed, scale):
+    """One candidate: x bf16 (W4A16) or x8 = (fp8 x, per-row scales) (W4A8, quantized beforehand as an
+    engine does in the previous kernel)."""
+    from qcompile.plugins.int4_gemm import kernel
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if cfg.get("fp8_dot"):
+        return kernel.run_bucket(cfg, x8[0], w_packed, scale, None, None, GROUP, x_row_scale=x8[1],
+                                 out_dtype=x.dtype, num_sms=sms)
+    return kernel.run_bucket(cfg, x, w_packed, scale, None, None, GROUP, num_sms=sms)
+
+
+def compile_cell(task):
+    """Worker: compile and check every candidate of one (K, N, M) cell; returns [(index, error or message)]."""
+    k, n, m, cfgs = task
+    from qcompile.plugins.int4_gemm.reference import dequantize_weight
+    w_packed, scale = make_weights(k, n)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    ref = x.float() @ dequantize_weight(w_packed, scale, None, GROUP)
+    x8 = quantize_fp8(x)
+    ref8 = (x8[0].float() * x8[1][:, None]) @ dequantize_weight(w_packed, scale, None, GROUP)
+    out = []
+    for i, cfg in enumerate(cfgs):
+        try:
+            y = call(cfg, x, x8, w_packed, scale).float()
+            r = ref8 if cfg.get("fp8_dot") else ref
+            out.append((i, ((y - r).norm() / r.norm()).item()))
+        except Exception as exc:  # a configuration Triton cannot compile (e.g. out of shared memory)
+            out.append((i, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
+    torch.cuda.synchronize()
+    return out
+
+
+def baselines(k: int, n: int, m: int, x) -> dict:
+    r = {}
+    w16 = rotating(lambda: torch.randn(k, n, device="cuda", dtype=torch.bfloat16), k * n * 2)
+    r["bf16"] = bench(lambda: x @ w16())
+    w8 = rotating(lambda: torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn), k * n)
+    one = torch.ones((), device="cuda")
+    xq = x.to(torch.float8_e4m3fn)
+    r["fp8_tensorwise"] = bench(lambda: torch._scaled_mm(xq, w8().t(), one, one, out_dtype=torch.bfloat16))
+    try:
+        def make_tg():
+            w = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.int32)
+            return (torch._convert_weight_to_int4pack((w[:, ::2] << 4 | w[:, 1::2]).to(torch.uint8), 8),
+                    torch.rand(k // GROUP, n, 2, device="cuda", dtype=torch.bfloat16))
+        tg = rotating(make_tg, k * n // 2)
+
+        def tiny():
+            packed, sz = tg()
+            return torch._weight_int4pack_mm(x, packed, GROUP, sz)
+        r["tinygemm"] = bench(tiny) if m <= 256 else None
+    except (RuntimeError, TypeError) as exc:
+        r["tinygemm"] = None
+        r["tinygemm_error"] = str(exc).splitlines()[0]
+    return r
+
+
+def main() -> None:
+    ap = bench_parser(__doc__.splitlines()[0])
+    ap.add_argument("--workers", type=int, default=12)
+    args = ap.parse_args()
+    MODE["graph"] = True
+    cells = [(int(s.split("x")[0]), int(s.split("x")[1]), m) for s in args.shapes for m in args.ms]
+    tasks = [(k, n, m, candidates(m)) for k, n, m in cells]
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(args.workers) as pool:
+        checked = pool.map(compile_cell, tasks, chunksize=1)
+    print("compiled and checked", sum(len(t[3]) for t in tasks), "configurations", flush=True)
+    results = []
+    for (k, n, m, cfgs), errs in zip(tasks, checked):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        x8 = quantize_fp8(x)
+        row = {"K": k, "N": n, "M": m, **baselines(k, n, m, x), "configs": []}
+        ws = rotating(lambda: make_weights(k, n), k * n // 2)
+        for i, err in errs:
+            cfg = cfgs[i]
+            entry = {"cfg": cfg, "rel_err": err if isinstance(err, float) else None}
+            if isinstance(err, float) and err < (3e-2 if cfg.get("fp8_dot") else 1e-2):
+                def fn(cfg=cfg):
+                    w_packed, scale = ws()
+                    return call(cfg, x, x8, w_packed, scale)
+                entry["us"] = bench(fn, rep=40)
+            else:
+                entry["error"] = err
+            row["configs"].append(entry)
+        results.append(row)
+        best = {}
+        for e in row["configs"]:
+            kind = "w4a8" if e["cfg"].get("fp8_dot") else "w4a16"
+            if "us" in e and (kind not in best or e["us"] < best[kind]["us"]):
+                best[kind] = e
+        line = f"{k}x{n} M={m}: bf16 {row['bf16']:.1f} fp8 {row['fp8_tensorwise']:.1f} tinygemm {row['tinygemm']}"
+        for kind, e in best.items():
+            base = row["bf16"] if kind == "w4a16" else row["fp8_tensorwise"]
+            line += f" | {kind} {e['us']:.1f} ({base / e['us']:.2f}x) {e['cfg']}"
+        print(line, flush=True)
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "rows": results}, f, indent=1)
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
