@@ -1,0 +1,263 @@
+"""Triton kernels of `qcompile::fp4_gemm` (CUDA only; imported lazily: CPU machines have no Triton).
+
+They read the engine layout of `format.py` as it is (no conversion at lowering): `w_packed` uint8 [N, K/2]
+is read as uint32 words [N, K/8] (nibble j of word w is k = 8w + j, little-endian), the block scales as their
+bits (E4M3 or E8M0), the NVFP4 global scale from its float32 tensor.
+
+Paths, chosen from M (the row count of x, dynamic) by `gemm_dispatch.run_by_rows` (a Python branch for a
+concrete M, `torch.cond` for a symbolic one):
+
+- M <= SMALL_M_MAX (16): `_fp4_gemm_kernel` split-K (BLOCK_M = 16): each program streams one K slice of
+  BLOCK_N weight rows once (`evict_first`); partial sums are added with fp32 atomics (a plain store in
+  x.dtype when there is one split).
+- 16 < M < LARGE_M_MIN: the same kernel as a tiled GEMM (BLOCK_M = 64, BLOCK_N = 128), split-K only while
+  the N tiles alone do not fill the GPU.
+- M >= LARGE_M_MIN: `_fp4_dequant_kernel` writes W [N, K] in x.dtype, then cuBLAS (`x @ W.T`).
+
+The GEMM kernel swaps operands: acc^T [BLOCK_N, BLOCK_M] = W_tile [BLOCK_N, BLOCK_K] @ x^T, so the weight
+tile decoded in registers is the MMA's first operand and a small M is the MMA's narrow side. Decoding:
+
+- E2M1 -> float by bit placement (`_e2m1_tile`): the sign to the float's sign bit and the 3 magnitude bits
+  `e1 e0 m` to the lowest exponent bits and the top mantissa bit. The float is then `value * 2**-TINY`
+  exactly, subnormal code 1 (0.5) included (TINY = 126 for bf16 and fp32, 14 for fp16). For 16-bit
+  types two codes (nibbles j and j + 4) are placed with one mask per 32-bit word.
+- The block scale and 2**TINY are folded into one multiplier per (row, block), `scale * 2**(TINY - X)`
+  (`_scale_multiplier`, from the scale bits, in fp32, cast to the MMA type), so a weight costs one multiply.
+  The remaining 2**X and the NVFP4 global scale multiply the fp32 accumulator once. X keeps the
+  multiplier in range: the weight tile `e2m1 * scale * 2**-X` is then exact in the MMA type (`ACC_SHIFT`).
+- The NVFP4 global scale is applied to the fp32 accumulator, so NVFP4 weight tiles are exact in bf16 and
+  fp16 for every E4M3 scale; MXFP4 tiles are exact for block scales in [2**-117, 2**17] (bf16, fp32) and
+  [2**-19, 2**5] (fp16; outside, the fp16 tile rounds, as ONNX's CastLike of the scale to fp16 would).
+
+`launch_*` and `fp4_gemm_triton` take `wrap` (identity for raw Triton: tests run them under
+TRITON_INTERPRET=1 on CPU tensors; `torch.library.wrap_triton` from the op, so AOTInductor compiles the
+kernels into the package).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qcompile.plugins.fp4_gemm.reference import check_args
+from qcompile.plugins.gemm_dispatch import SMALL_M_MAX, cdiv, identity, run_by_rows, split_k_config
+
+DEFAULT_SMS = 132
+LARGE_M_MIN = 1024  # rows from which the dequantize + cuBLAS path runs
+BLOCK_K = 128
+# launch configurations (tile sizes, warps, pipeline stages; the split-K target in SMs per N tile)
+SMALL = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3, sms_per_tile=1)
+MID = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, sms_per_tile=4)
+TINY = {torch.float32: 126, torch.bfloat16: 126, torch.float16: 14}  # decoded bits = value * 2**-TINY
+ACC_SHIFT = {(False, torch.float16): 9, (True, torch.float16): 4}  # X per (MXFP4?, dtype); else below
+ACC_SHIFT_DEFAULT = {False: 9, True: 16}  # NVFP4: E4M3 <= 448 < 2**9; MXFP4: scales up to 2**17
+
+
+def acc_shift(mx: bool, dtype) -> int:
+    """X: the tile holds `weight * 2**-X`, the accumulator is multiplied by 2**X (see the module docstring)."""
+    return ACC_SHIFT.get((mx, dtype), ACC_SHIFT_DEFAULT[mx])
+
+
+@triton.jit
+def _scale_multiplier(bits, MX: tl.constexpr, SHIFT: tl.constexpr, POW_SHIFT: tl.constexpr):
+    """fp32 `scale * 2**SHIFT` from the scale bits (uint8): E8M0 `2**(b - 127)` (255 = NaN), or positive
+    E4M3 (its bits placed as fp32 are `scale * 2**-120`). POW_SHIFT = 2.0 ** SHIFT."""
+    b = bits.to(tl.int32)
+    if MX:
+        m = (tl.minimum(b + SHIFT, 255) << 23).to(tl.float32, bitcast=True)  # exponent field b + SHIFT
+        m = tl.where(b == 255, float("nan"), m)
+    else:
+        m = (b << 20).to(tl.float32, bitcast=True) * 1.329227995784916e36 * POW_SHIFT  # 2**120
+    return m
+
+
+@triton.jit
+def _pair16(words, j: tl.constexpr, EM_SHIFT: tl.constexpr, DT: tl.constexpr):
+    """Nibbles j and j + 4 of uint32 words as 16-bit floats `e2m1 * 2**-TINY` (bf16: EM_SHIFT 6, fp16: 9)."""
+    t = words >> (4 * j)
+    p = ((t << 12) & 0x80008000) | ((t << EM_SHIFT) & (0x70007 << EM_SHIFT))
+    return p.to(tl.uint16).to(DT, bitcast=True), (p >> 16).to(tl.uint16).to(DT, bitcast=True)
+
+
+@triton.jit
+def _nibble32(words, j: tl.constexpr):
+    """Nibble j of uint32 words as fp32 `e2m1 * 2**-126`."""
+    t = words >> (4 * j)
+    return (((t << 28) & 0x80000000) | ((t << 22) & 0x01C00000)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e2m1_tile(words, mult):
+    """uint32 words [..., W] -> [..., 8W] in mult's dtype: element 8w + j = e2m1(nibble j) * 2**-TINY * mult
+    (mult [..., 1])."""
+    DT: tl.constexpr = mult.dtype
+    if DT == tl.float32:
+        n0, n1, n2, n3 = _nibble32(words, 0), _nibble32(words, 1), _nibble32(words, 2), _nibble32(words, 3)
+        n4, n5, n6, n7 = _nibble32(words, 4), _nibble32(words, 5), _nibble32(words, 6), _nibble32(words, 7)
+    else:
+        EM_SHIFT: tl.constexpr = 6 if DT == tl.bfloat16 else 9
+        n0, n4 = _pair16(words, 0, EM_SHIFT, DT)
+        n1, n5 = _pair16(words, 1, EM_SHIFT, DT)
+        n2, n6 = _pair16(words, 2, EM_SHIFT, DT)
+        n3, n7 = _pair16(words, 3, EM_SHIFT, DT)
+    tile = tl.interleave(tl.interleave(tl.interleave(n0, n4), tl.interleave(n2, n6)),
+                         tl.interleave(tl.interleave(n1, n5), tl.interleave(n3, n7)))
+    return tile * mult
+
+
+@triton.jit
+def _weight_tile(w_ptr, s_ptr, offs_n, k0, N, K, DT: tl.constexpr, MX: tl.constexpr, B: tl.constexpr,
+                 SHIFT: tl.constexpr, POW_SHIFT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Weight rows offs_n, columns k0 .. k0 + BLOCK_K as DT [BLOCK_N, BLOCK_K], times 2**-X (zeros past N, K)."""
+    KB: tl.constexpr = BLOCK_K // B  # scale blocks per tile row
+    wp = w_ptr.to(tl.pointer_type(tl.uint32))
+    sp = s_ptr.to(tl.pointer_type(tl.uint8))
+    rows = offs_n.to(tl.int64)[:, None]
+    offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    offs_s = k0 // B + tl.arange(0, KB)
+    mask_n = (offs_n < N)[:, None]
+    words = tl.load(wp + rows * (K // 8) + offs_w[None, :], mask=mask_n & (offs_w < K // 8)[None, :], other=0,
+                    eviction_policy="evict_first")
+    bits = tl.load(sp + rows * (K // B) + offs_s[None, :], mask=mask_n & (offs_s < K // B)[None, :], other=0,
+                   eviction_policy="evict_first")
+    mult = _scale_multiplier(bits, MX, SHIFT, POW_SHIFT).to(DT)
+    tile = _e2m1_tile(tl.reshape(words, (BLOCK_N, KB, B // 8)), tl.reshape(mult, (BLOCK_N, KB, 1)))
+    return tl.reshape(tile, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _fp4_gemm_kernel(
+    x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr,
+    M, N, K, stride_xm,
+    K_STEPS: tl.constexpr, MX: tl.constexpr, B: tl.constexpr, SHIFT: tl.constexpr, POW_SHIFT: tl.constexpr,
+    POW_ACC: tl.constexpr, HAS_GLOBAL: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """y[M, N] (+)= x @ W.T over K slice program_id(1); swapped operands: acc is [BLOCK_N, BLOCK_M]."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for step in range(0, K_STEPS):  # steps past K (last split) load nothing
+        k0 = (pid_k * K_STEPS + step) * BLOCK_K
+        w = _weight_tile(w_ptr, s_ptr, offs_n, k0, N, K, DT, MX, B, SHIFT, POW_SHIFT, BLOCK_N, BLOCK_K)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        xt = tl.load(x_cols + offs_k[:, None], mask=(offs_k < K)[:, None] & mask_m[None, :], other=0.0)
+        if DT == tl.float32:
+            acc = tl.dot(w, xt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w, xt, acc)
+    acc = acc * POW_ACC
+    if HAS_GLOBAL:
+        acc = acc * tl.load(g_ptr)
+    if HAS_BIAS:  # added once: by the first K split
+        acc += tl.load(b_ptr + offs_n, mask=mask_n & (pid_k == 0), other=0.0).to(tl.float32)[:, None]
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
+    ymask = mask_n[:, None] & mask_m[None, :]
+    if ATOMIC:
+        tl.atomic_add(y_ptrs, acc, mask=ymask, sem="relaxed")
+    else:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+
+
+@triton.jit
+def _fp4_dequant_kernel(
+    w_ptr, s_ptr, g_ptr, out_ptr, N, K,
+    MX: tl.constexpr, B: tl.constexpr, SHIFT: tl.constexpr, POW_SHIFT: tl.constexpr, POW_ACC: tl.constexpr,
+    HAS_GLOBAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out [N, K] = W (decoded in fp32, cast to out's dtype)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    w = _weight_tile(w_ptr, s_ptr, offs_n, k0, N, K, tl.float32, MX, B, SHIFT, POW_SHIFT, BLOCK_N, BLOCK_K)
+    w = w * POW_ACC
+    if HAS_GLOBAL:
+        w = w * tl.load(g_ptr)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=(offs_n < N)[:, None] & (offs_k < K)[None, :])
+
+
+def _format_args(w_scale, w_global, block_size: int, dtype) -> dict:
+    """The constexprs of the format (NVFP4 / MXFP4) and the tile dtype."""
+    mx = w_scale.dtype == torch.uint8
+    x = acc_shift(mx, dtype)
+    shift = TINY[dtype] - x
+    return dict(MX=mx, B=block_size, SHIFT=shift, POW_SHIFT=2.0 ** shift, POW_ACC=2.0 ** x,
+                HAS_GLOBAL=w_global is not None)
+
+
+def gemm_config(k: int, n: int, cfg: dict, num_sms: int = DEFAULT_SMS) -> dict:
+    """Static launch configuration (independent of M) of the GEMM kernel for a K x N weight."""
+    return split_k_config(k, n, BLOCK_K, cfg["BLOCK_N"], max(1, num_sms // cfg["sms_per_tile"]))
+
+
+def launch_gemm(x2d, w_packed, w_scale, w_global, bias, block_size: int, cfg: dict = SMALL, *, wrap=identity,
+                num_sms: int = DEFAULT_SMS) -> torch.Tensor:
+    """`x2d @ W.T + bias` [M, N] with `_fp4_gemm_kernel` in configuration `cfg`: float32 when split-K
+    (atomics into zeros), else x2d.dtype."""
+    m, k = x2d.shape
+    n = w_packed.shape[0]
+    split = gemm_config(k, n, cfg, num_sms)
+    atomic = split["split_k"] > 1
+    y = torch.zeros((m, n), dtype=torch.float32, device=x2d.device) if atomic else \
+        torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
+    grid = (split["n_tiles"], split["split_k"], cdiv(m, cfg["BLOCK_M"]))
+    wrap(_fp4_gemm_kernel)[grid](
+        x2d, w_packed, w_scale, w_global if w_global is not None else w_packed, bias if bias is not None else x2d,
+        y, m, n, k, x2d.stride(0),
+        K_STEPS=split["k_per_split"] // BLOCK_K, HAS_BIAS=bias is not None, ATOMIC=atomic,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=split["BLOCK_N"], BLOCK_K=BLOCK_K,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **_format_args(w_scale, w_global, block_size, x2d.dtype),
+    )
+    return y
+
+
+def launch_dequant(w_packed, w_scale, w_global, block_size: int, dtype, *, wrap=identity) -> torch.Tensor:
+    """W [N, K] as `dtype` (decoded in float32), for the dequantize + cuBLAS path."""
+    n, k = w_packed.shape[0], w_packed.shape[1] * 2
+    out = torch.empty((n, k), dtype=dtype, device=w_packed.device)
+    block_n = 64
+    wrap(_fp4_dequant_kernel)[(cdiv(n, block_n), cdiv(k, BLOCK_K), 1)](
+        w_packed, w_scale, w_global if w_global is not None else w_packed, out, n, k,
+        BLOCK_N=block_n, BLOCK_K=BLOCK_K, num_warps=4, **_format_args(w_scale, w_global, block_size, torch.float32),
+    )
+    return out
+
+
+def fp4_gemm_triton(x, w_packed, w_scale, w_global, bias, block_size: int, *, wrap=identity,
+                    num_sms: int = DEFAULT_SMS) -> torch.Tensor:
+    """The op's GPU path (weight-only: x is the already fake-quantized activation for W4A4): `x @ W.T + bias`
+    in x.dtype, [..., N]; the path is chosen from M (see the module docstring)."""
+    check_args(x, w_packed, w_scale, w_global, None, bias, block_size)
+    # K and N are weight dims, static in an engine; int() specializes them when a compiler made them symbolic
+    k, n = int(x.shape[-1]), int(w_packed.shape[0])
+    present = (w_global is not None, bias is not None)
+
+    def unpack(rest):
+        rest = list(rest)
+        return [rest.pop(0) if p else None for p in present]
+
+    def tiled(cfg):
+        def run(x2d, w_packed, w_scale, *rest):
+            y = launch_gemm(x2d, w_packed, w_scale, *unpack(rest), block_size, cfg, wrap=wrap, num_sms=num_sms)
+            return y.to(x2d.dtype)
+        return run
+
+    def large(x2d, w_packed, w_scale, *rest):
+        w_global, bias = unpack(rest)
+        y = x2d @ launch_dequant(w_packed, w_scale, w_global, block_size, x2d.dtype, wrap=wrap).t()
+        return y if bias is None else (y.to(torch.float32) + bias.to(torch.float32)).to(x2d.dtype)
+
+    def above_small(x2d, *weights):
+        return run_by_rows(x2d, k, n, tiled(MID), large, weights, m_max=LARGE_M_MIN - 1)
+
+    weights = (w_packed, w_scale) + tuple(t for t in (w_global, bias) if t is not None)
+    return run_by_rows(x, k, n, tiled(SMALL), above_small, weights, m_max=SMALL_M_MAX)
