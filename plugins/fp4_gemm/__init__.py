@@ -17,8 +17,9 @@ Plugin contract (`format.py` has the number formats and layouts in full):
 - semantics: `W[n, k] = e2m1(w[n, k]) * scale[n, k // B] * (w_global or 1)`, `y = x_hat @ W.T + bias`,
   accumulated in float32, returned in x.dtype, shape `[..., N]`.
 
-Faces: `format`, `reference` (plain torch: the oracle, and for now the path on every device), `op` (the
-`triton_op`), `onnx_schema` (the ONNX nodes). Missing: `kernel` (Triton, weights decompressed in registers).
+Faces: `format`, `reference` (plain torch: the oracle and the CPU path), `kernel` (Triton, CUDA only, imported
+lazily: weights decompressed in registers; split-K / tiled / dequantize + cuBLAS by M), `op` (the `triton_op`),
+`onnx_schema` (the ONNX nodes).
 """
 from __future__ import annotations
 

@@ -18,6 +18,8 @@ Engine layout (what `qcompile::fp4_gemm` takes; torch's FP4 dtype cannot be an A
   a row-major [N, K] FLOAT4E2M1 tensor: the engine bytes are the ONNX raw bytes), `w_scale` [N, K/B]:
   torch.float8_e4m3fn (NVFP4, B = 16) or uint8 E8M0 bits (MXFP4, B = 32), `w_global` float32 scalar
   (NVFP4) or None (MXFP4). K must be a multiple of B.
+  The Triton kernel (`kernel.py`) reads this layout as it is, with no conversion at lowering: `w_packed` as
+  uint32 words [N, K/8] (little-endian: nibble j of word w is k = 8w + j), the scales as their uint8 bits.
 
 Everything here is plain torch (traceable; float32 math) except the numpy packing helpers.
 """

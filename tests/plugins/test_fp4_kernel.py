@@ -181,13 +181,13 @@ INTERP_DTYPES = [torch.float32, torch.float16]
 def test_gemm_kernel_paths_interpreter(fmt, dtype, path, m):
     from qcompile.plugins.fp4_gemm import kernel
 
-    case = make_case(fmt, k=384, n=80, seed=m)  # 3 K steps (a partial last split), a partial N tile
+    case = make_case(fmt, k=384, n=72, seed=m)  # 3 K steps (a partial last split), a partial N tile
     x = torch.randn(m, 384, generator=torch.Generator().manual_seed(m)).to(dtype)
-    bias = torch.randn(80) if m % 2 else None
+    bias = torch.randn(72) if m % 2 else None
     cfg = kernel.SMALL if path == "small" else kernel.MID
-    for sms in (1, 132):  # split_k = 1 (store in x.dtype) and > 1 (fp32 atomics)
+    for sms in (1, 132) if dtype == torch.float16 else (132,):  # split_k = 1 (store in x.dtype), > 1 (atomics)
         y = kernel.launch_gemm(x, *args(case), bias, case["block"], cfg, num_sms=sms)
-        assert y.shape == (m, 80) and y.dtype in (torch.float32, dtype)
+        assert y.shape == (m, 72) and y.dtype in (torch.float32, dtype)
         assert_rel_l2(y.to(dtype), oracle(x, case, bias), dtype)
 
 
