@@ -4,8 +4,8 @@ They read the engine layout of `format.py` as it is (no conversion at lowering):
 is read as uint32 words [N, K/8] (nibble j of word w is k = 8w + j, little-endian), the block scales as their
 bits (E4M3 or E8M0), the NVFP4 global scale from its float32 tensor.
 
-Paths, chosen from M (the row count of x, dynamic) by `gemm_dispatch.run_by_rows` (a Python branch for a
-concrete M, `torch.cond` for a symbolic one):
+Paths, chosen from M (the row count of x, dynamic) by `gemm_dispatch.run_by_buckets` (a Python branch for a
+concrete M, a `torch.cond` chain for a symbolic one):
 
 - M <= SMALL_M_MAX (16): `_fp4_gemm_kernel` split-K (BLOCK_M = 16): each program streams one K slice of
   BLOCK_N weight rows once (`evict_first`); partial sums are added with fp32 atomics (a plain store in
@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from qcompile.plugins.fp4_gemm.reference import check_args
-from qcompile.plugins.gemm_dispatch import SMALL_M_MAX, cdiv, identity, run_by_rows, split_k_config
+from qcompile.plugins.gemm_dispatch import SMALL_M_MAX, cdiv, identity, run_by_buckets, split_k_config, unpack_optional
 
 DEFAULT_SMS = 132
 LARGE_M_MIN = 1024  # rows from which the dequantize + cuBLAS path runs
@@ -241,23 +241,18 @@ def fp4_gemm_triton(x, w_packed, w_scale, w_global, bias, block_size: int, *, wr
     k, n = int(x.shape[-1]), int(w_packed.shape[0])
     present = (w_global is not None, bias is not None)
 
-    def unpack(rest):
-        rest = list(rest)
-        return [rest.pop(0) if p else None for p in present]
-
     def tiled(cfg):
         def run(x2d, w_packed, w_scale, *rest):
-            y = launch_gemm(x2d, w_packed, w_scale, *unpack(rest), block_size, cfg, wrap=wrap, num_sms=num_sms)
+            w_global, bias = unpack_optional(rest, *present)
+            y = launch_gemm(x2d, w_packed, w_scale, w_global, bias, block_size, cfg, wrap=wrap, num_sms=num_sms)
             return y.to(x2d.dtype)
         return run
 
     def large(x2d, w_packed, w_scale, *rest):
-        w_global, bias = unpack(rest)
+        w_global, bias = unpack_optional(rest, *present)
         y = x2d @ launch_dequant(w_packed, w_scale, w_global, block_size, x2d.dtype, wrap=wrap).t()
         return y if bias is None else (y.to(torch.float32) + bias.to(torch.float32)).to(x2d.dtype)
 
-    def above_small(x2d, *weights):
-        return run_by_rows(x2d, k, n, tiled(MID), large, weights, m_max=LARGE_M_MIN - 1)
-
     weights = (w_packed, w_scale) + tuple(t for t in (w_global, bias) if t is not None)
-    return run_by_rows(x, k, n, tiled(SMALL), above_small, weights, m_max=SMALL_M_MAX)
+    buckets = [(SMALL_M_MAX, tiled(SMALL)), (LARGE_M_MIN - 1, tiled(MID)), (None, large)]
+    return run_by_buckets(x, k, n, buckets, weights)

@@ -4,7 +4,7 @@ The body branches on `x.device.type` (as the INT4 op): CPU (any non-CUDA device)
 reference; CUDA -> the Triton path of `kernel.py` (imported lazily; FP4 weights decoded in registers into
 bf16/fp16 MMAs, split-K for M <= 16, a tiled kernel below 1024 rows, dequantize + cuBLAS above), launched
 through `torch.library.wrap_triton` so AOTInductor compiles the kernels into the package. The body branches
-only on device, dtypes, static shapes and static arguments (M is dispatched by `gemm_dispatch.run_by_rows`),
+only on device, dtypes, static shapes and static arguments (M is dispatched by `gemm_dispatch.run_by_buckets`),
 so it traces with fake tensors and a dynamic M.
 
 Changed (issue 5, item 3): CUDA runs the Triton kernels instead of the reference. W4A4 (`x_global` given):
