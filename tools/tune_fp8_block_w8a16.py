@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Choose the launch paths of the FP8 block and W8A16 ops on the GPU (`fp8_block_gemm.kernel.CONFIG`,
-`op.USE_SCALED_MM`, `int8_wo_gemm.kernel.LARGE_M`).
+"""Choose the launch paths of the FP8 block and W8A16 ops on the GPU (`fp8_block_gemm.kernel.CONFIG`, `op.TRITON_M_MAX`,
+`int8_wo_gemm.kernel.LARGE_M`).
 
 For every (K x N, M) it times side by side: cuBLAS bf16; the FP8 block op through cuBLASLt block-wise
 `scaled_mm` (sm90) and through our Triton kernel in several configurations (x quantized in 1x128 blocks by
@@ -18,7 +18,7 @@ import torch
 
 from gpu_timing import MODE, bench, bench_parser, rotating
 
-from qcompile.plugins.fp8_block_gemm import op as fp8_op
+from qcompile.plugins.fp8_block_gemm.op import scaled_mm_blockwise
 from qcompile.plugins.fp8_block_gemm import quantize_weight_blocks
 from qcompile.plugins.fp8_block_gemm.format import quantize_activation_blocks
 from qcompile.plugins.fp8_block_gemm.kernel import fp8_block_gemm_triton
@@ -39,7 +39,7 @@ def fp8_candidates(x, weights):
             xq, sx = quantize_activation_blocks(x)
             return fp8_block_gemm_triton(xq, sx, wq, ws, out_dtype=x.dtype, config=cfg)
         return run
-    out = {"scaled_mm": lambda: fp8_op.scaled_mm_blockwise(x, *weights())}
+    out = {"scaled_mm": lambda: scaled_mm_blockwise(x, *weights())}
     out.update({"triton " + json.dumps(c): triton_path(c) for c in FP8_CONFIGS})
     return out
 

@@ -131,10 +131,63 @@ def _export(program, inputs, examples, dim_ranges) -> torch.export.ExportedProgr
     if len(params) == 1 and params[0].kind is inspect.Parameter.VAR_POSITIONAL:
         dynamic_shapes = (dynamic_shapes,)  # forward(*inputs): the specs form one tuple argument
     try:
-        with torch.fx.traceback.preserve_node_meta():  # keeps per-node provenance (onnx_node annotations)
-            return torch.export.export(program, tuple(examples), dynamic_shapes=dynamic_shapes)
+        try:
+            return _export_once(program, examples, dynamic_shapes)
+        except Exception as exc:
+            if "Constraints violated" not in str(exc):
+                raise
+            ep = _export_with_hints(program, inputs, examples, dynamic_shapes, dim_ranges)
+            if ep is None:
+                raise
+            logger.info("torch.export: %s; exported with dynamic-dim hints instead (the guards hold on every "
+                        "requested size)", str(exc).splitlines()[0])
+            return ep
     except Exception as exc:
         raise EngineError(f"torch.export failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _export_once(program, examples, dynamic_shapes) -> torch.export.ExportedProgram:
+    with torch.fx.traceback.preserve_node_meta():  # keeps per-node provenance (onnx_node annotations)
+        return torch.export.export(program, tuple(examples), dynamic_shapes=dynamic_shapes)
+
+
+def _export_with_hints(program, inputs, examples, dynamic_shapes, dim_ranges):
+    """Export with `Dim.DYNAMIC(min, max)` hints instead of named dims, or None if that narrows a range.
+
+    Named dims make torch.export reject a guard it cannot prove over the whole range, even a true one
+    (torch 2.11 on a reshape of grouped-query attention's expanded K/V: `min(128*seq, 512*seq) == 128*seq`
+    with seq >= 2). With hints the guards are kept; the program is used only if every dim still covers its
+    requested range (a guard that really narrows it, e.g. `seq > 5`, keeps the original error)."""
+    def hint(dim):
+        return torch.export.Dim.DYNAMIC(min=dim.min, max=dim.max)
+
+    def to_hints(spec):
+        if isinstance(spec, dict):
+            return {axis: hint(d) for axis, d in spec.items()}
+        if isinstance(spec, tuple):
+            return tuple(to_hints(s) for s in spec)
+        return spec
+
+    try:
+        ep = _export_once(program, examples, to_hints(dynamic_shapes))
+    except Exception:  # noqa: BLE001 - the caller re-raises the first error
+        return None
+    user_inputs = set(ep.graph_signature.user_inputs)
+    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
+    for node, spec in zip(placeholders, inputs):
+        for axis, dim in enumerate(spec.shape):
+            if not isinstance(dim, str):
+                continue
+            size = node.meta["val"].shape[axis]
+            lo, hi = dim_ranges[dim]
+            if not isinstance(size, torch.SymInt):
+                if lo != hi:
+                    return None
+                continue
+            vr = ep.range_constraints.get(size.node.expr)
+            if vr is None or int(vr.lower) > max(lo, 2) or int(vr.upper) < hi:  # export's ranges start at 2
+                return None
+    return ep
 
 
 def _compile(ep, package_path: Path, man: Manifest, inductor_configs: dict | None) -> Path:

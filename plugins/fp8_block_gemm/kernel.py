@@ -20,7 +20,7 @@ from qcompile.plugins.fp8_block_gemm.format import BLOCK
 from qcompile.plugins.gemm_dispatch import identity
 
 # Launch configuration (BLOCK_N is the weight block, 128): chosen from tools/tune_fp8_block_gemm.py on the H200.
-CONFIG = dict(BLOCK_M=64, GROUP_M=8, num_warps=4, num_stages=3)
+CONFIG = dict(BLOCK_M=64, GROUP_M=8, num_warps=8, num_stages=4)
 
 
 @triton.jit

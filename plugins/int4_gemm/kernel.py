@@ -57,12 +57,12 @@ MAGIC16 = {torch.bfloat16: (0x4308, 136.0), torch.float16: (0x6408, 1032.0)}  # 
 # M buckets -> launch configuration (kernel "gemv" | "mm_t" | "mm" | "dequant" (dequantize + cuBLAS); tile
 # sizes; split-K target waves; fp8_dot: W4A8 on FP8 dots instead of exact conversion to the float type).
 # The last bucket has limit None (every larger M). Chosen from tools/tune_int4_gemm.py runs on the H200
-# (benchmarks/int4_tune_v2b.json).
+# (benchmarks/int4_tune_v2b.json, then int4_tune_v2c.json around its winners).
 CONFIGS = [
-    (1, dict(kernel="gemv", BLOCK_N=1024, BLOCK_K=64, num_warps=4, num_stages=3, waves=8)),
-    (16, dict(kernel="mm_t", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, waves=4,
+    (1, dict(kernel="gemv", BLOCK_N=1024, BLOCK_K=32, num_warps=4, num_stages=3, waves=16)),
+    (16, dict(kernel="mm_t", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, waves=8,
               SCALE_ACC=False)),
-    (128, dict(kernel="mm_t", BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, waves=2,
+    (128, dict(kernel="mm_t", BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4, waves=2,
                SCALE_ACC=False)),
     (None, dict(kernel="dequant")),
 ]

@@ -9,12 +9,12 @@ Two paths, chosen per call from M (the row count of x, dynamic), as in the INT4 
   float32 atomics into a zeroed [M, N] buffer (a plain store when there is one split). The per-channel scale
   factors out of the K sum, so it is applied once, with the bias, in the epilogue `acc * w_scale + bias`
   (aten ops: Inductor fuses them into one pointwise kernel, or into the consumer).
-- large M: `LARGE_M`: `dequant(W)` in x.dtype (one pointwise kernel) then `torch.matmul` (cuBLAS), or the
-  same kernel as a plain tiled GEMM (`launch_tiles`, no K split).
+- larger M: the buckets of `LARGE_M`: the same kernel as a plain tiled GEMM (`launch_tiles`, no K split), or
+  `dequant(W)` in x.dtype (one pointwise kernel) then `torch.matmul` (cuBLAS).
 
 Dispatch on M: a Python branch when M is a concrete int (eager); with a symbolic M (torch.export,
-AOTInductor with a dynamic row count) `torch.cond(M <= 16, small, large)`, so both paths are compiled and
-the choice is made at run time.
+AOTInductor with a dynamic row count) a chain of `torch.cond(M <= limit, ...)` (`gemm_dispatch.run_by_buckets`),
+so every path is compiled and the choice is made at run time.
 
 `launch_small_m` and `int8_wo_gemm_triton` take `wrap` (identity for raw Triton: tests run them under
 TRITON_INTERPRET=1 on CPU tensors; `torch.library.wrap_triton` from the op, so AOTInductor compiles the
@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.plugins.gemm_dispatch import cdiv, identity, run_by_rows, split_k_config
+from qcompile.plugins.gemm_dispatch import SMALL_M_MAX, cdiv, identity, run_by_buckets, split_k_config
 from qcompile.plugins.int8_wo_gemm.reference import check_args, dequantize_weight
 
 BLOCK_M = 16
@@ -106,9 +106,13 @@ def launch_tiles(x2d, w_q, cfg: dict, *, wrap=identity) -> torch.Tensor:
     return y
 
 
-# Path above SMALL_M_MAX rows: "dequant" (dequantize + cuBLAS) or a tile configuration of the kernel; chosen
-# from tools/tune_fp8_block_w8a16.py on the H200.
-LARGE_M = dict(kernel="dequant")
+# Paths above SMALL_M_MAX rows by M bucket: a tile configuration of the kernel, or "dequant" (dequantize +
+# cuBLAS); chosen from tools/tune_fp8_block_w8a16.py on the H200 (benchmarks/tune_fp8_block_w8a16.json: the
+# tiled kernel wins from M = 64 to 1024, dequantize + cuBLAS at 4096).
+LARGE_M = [
+    (2048, dict(kernel="tiles", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)),
+    (None, dict(kernel="dequant")),
+]
 
 
 def _epilogue(acc, w_scale, bias, dtype):
@@ -123,23 +127,24 @@ def _epilogue(acc, w_scale, bias, dtype):
 
 def int8_wo_gemm_triton(x, w_q, w_scale, bias, *, wrap=identity, num_sms: int = DEFAULT_SMS,
                         large_m: dict | None = None) -> torch.Tensor:
-    """The op's GPU path: split-K kernel for M <= 16, the `large_m` path above (default `LARGE_M`)."""
+    """The op's GPU path: split-K kernel for M <= 16, the `LARGE_M` buckets above (or the one path `large_m`)."""
     check_args(x, w_q, w_scale, bias)
     # K and N are weight dims, static in an engine; int() specializes them when a compiler made them symbolic
     k, n = int(w_q.shape[0]), int(w_q.shape[1])
     w_q = w_q if w_q.stride(1) == 1 else w_q.contiguous()
     has_bias = bias is not None
-    large_cfg = large_m or LARGE_M
 
     def small(x2d, w_q, w_scale, *rest):
         acc = launch_small_m(x2d, w_q, wrap=wrap, num_sms=num_sms)
         return _epilogue(acc, w_scale, rest[0] if has_bias else None, x2d.dtype)
 
-    def large(x2d, w_q, w_scale, *rest):
-        if large_cfg["kernel"] == "dequant":
-            return _epilogue(x2d @ dequantize_weight(w_q, w_scale, x2d.dtype), None, rest[0] if has_bias else None,
-                             x2d.dtype)
-        return _epilogue(launch_tiles(x2d, w_q, large_cfg, wrap=wrap), w_scale, rest[0] if has_bias else None,
-                         x2d.dtype)
+    def large(cfg):
+        def run(x2d, w_q, w_scale, *rest):
+            bias = rest[0] if has_bias else None
+            if cfg["kernel"] == "dequant":
+                return _epilogue(x2d @ dequantize_weight(w_q, w_scale, x2d.dtype), None, bias, x2d.dtype)
+            return _epilogue(launch_tiles(x2d, w_q, cfg, wrap=wrap), w_scale, bias, x2d.dtype)
+        return run
 
-    return run_by_rows(x, k, n, small, large, (w_q, w_scale) + ((bias,) if has_bias else ()))
+    buckets = [(SMALL_M_MAX, small)] + [(limit, large(c)) for limit, c in ([(None, large_m)] if large_m else LARGE_M)]
+    return run_by_buckets(x, k, n, buckets, (w_q, w_scale) + ((bias,) if has_bias else ()))

@@ -349,3 +349,42 @@ def test_cuda_engine_round_trip(tmp_path):
                                net(x, y).detach().cpu().numpy(), rtol=1e-4, atol=1e-4)
     with pytest.raises(EngineError, match="compute capability: engine built for 1.0"):
         load(_rewrite(path, tmp_path / "cc.qengine", compute_capability="1.0"))
+
+
+class _Spec:
+    def __init__(self, *shape):
+        self.shape = shape
+
+
+def test_export_falls_back_to_dim_hints_only_when_ranges_hold(monkeypatch):
+    """A constraint violation on a guard that holds over the requested ranges is retried with Dim.DYNAMIC
+    hints (torch 2.11 rejects such a guard from grouped-query attention); a guard that narrows a range keeps
+    the error."""
+    from qcompile.engine import build as engine_build
+
+    class Narrowing(torch.nn.Module):
+        def forward(self, x):
+            return x * 2 if x.shape[0] > 5 else x
+
+    with pytest.raises(EngineError, match="Constraints violated"):
+        engine_build._export(Narrowing(), [_Spec("batch", 3)], (torch.randn(8, 3),), {"batch": (1, 64)})
+
+    real = engine_build._export_once
+    calls = []
+
+    def first_call_rejects(program, examples, dynamic_shapes):
+        calls.append(dynamic_shapes)
+        if len(calls) == 1:
+            raise RuntimeError("Constraints violated (batch)! (a guard the solver cannot prove)")
+        return real(program, examples, dynamic_shapes)
+
+    class Double(torch.nn.Module):
+        def forward(self, x):
+            return x.reshape(-1, 3) * 2
+
+    monkeypatch.setattr(engine_build, "_export_once", first_call_rejects)
+    ep = engine_build._export(Double(), [_Spec("batch", 3)], (torch.randn(8, 3),), {"batch": (1, 64)})
+    assert len(calls) == 2
+    for rows in (2, 64):
+        x = torch.randn(rows, 3)
+        torch.testing.assert_close(ep.module()(x), x * 2)
