@@ -10,8 +10,8 @@ Does the following transformation on each MatMul whose rule has an `nvfp4` / `mx
   scale_type=FLOAT8E4M3FN)`, `g_x = amax(x) / (6*448)` from calibration; one chain per tensor, shared by
   the MatMuls that read it.
 
-The weights come from `qcompile.algorithms.fp4` (two-level NVFP4 scales, optional MSE search of the global
-scale; OCP MX E8M0 scales). Declined, with a reason: what `decline_reason` of the INT4 pass declines
+The weights come from `qcompile.algorithms.fp4` (two-level NVFP4 scales; OCP MX E8M0 scales). A rule's
+`weight.scale_search = "mse"` (nvfp4) searches the NVFP4 global and block scales for the least squared error. Declined, with a reason: what `decline_reason` of the INT4 pass declines
 (non-constant or non-2-D weight, K not a multiple of the block, K < min_k, N < min_n) and activation
 formats other than nvfp4. Never emits ModelOpt's `TRT_FP4QDQ` placeholder.
 """
@@ -80,7 +80,8 @@ class QuantizeWeightsFp4Pass(InPlacePass):
     Args:
         recipe: selects the layers (rules with `weight.format` nvfp4 / mxfp4, optional nvfp4 activation).
         activation_amax: calibrated amax by tensor name (the W4A4 layers' inputs).
-        mse_search: search the NVFP4 weight global scale for the least squared error.
+        mse_search: search the NVFP4 weight scales for the least squared error in every layer (otherwise only
+            in the layers whose rule says `weight.scale_search = "mse"`).
     """
 
     def __init__(self, recipe: Recipe, activation_amax: dict[str, float] | None = None, mse_search: bool = False):
@@ -98,7 +99,10 @@ class QuantizeWeightsFp4Pass(InPlacePass):
                 declined.append((node.name, reason))
                 continue
             w = G.const_values(node.inputs[1])
-            qw = quantize_fp4(torch.from_numpy(w.astype(np.float32)), rule.weight.format, self.mse_search)
+            mse = rule.weight.format == "nvfp4" and (self.mse_search or rule.weight.scale_search == "mse")
+            qw = quantize_fp4(torch.from_numpy(w.astype(np.float32)), rule.weight.format, mse)
+            if mse:
+                stats["nvfp4_mse_searched"] += 1
             node.inputs[1] = self._weight(graph, node, qw, w.dtype)
             if rule.activation is not None:
                 x = node.inputs[0]

@@ -3,9 +3,14 @@
 Convention: the weight is given as ONNX MatMul's `W [K, N]` and quantized as `Wt = W.T [N, K]` (TensorRT's
 and ModelOpt's NVFP4 layout: blocks of 16/32 consecutive elements along K, the last axis).
 
-- NVFP4: `global = amax(W) / (6 * 448)` (decode form, float32), optionally searched
-  (`mse_search=True`: global scales `amax * r / (6*448)` for r on a grid, the one with the least squared
-  error wins); `block_scale = e4m3(amax(block) / 6 / global)`; `codes = e2m1(Wt / (fp32(block_scale) * global))`.
+- NVFP4: `global = amax(W) / (6 * 448)` (decode form, float32); `block_scale = e4m3(amax(block) / 6 / global)`;
+  `codes = e2m1(Wt / (fp32(block_scale) * global))`.
+  `mse_search=True` (recipe: `weight = { format = "nvfp4", scale_search = "mse" }`) searches both levels for
+  the least squared weight error: first the global scale (`amax * r / (6*448)`, r on a grid in [0.6, 1]), then,
+  at that global, each block's E4M3 scale among the E4M3 values from about half the amax scale up to the next
+  value above it (a smaller block scale clips the block's largest elements to 6 * scale and rounds the others
+  more finely). Each candidate set holds the amax choice, so the error is never higher than amax's. The result
+  is an ordinary NVFP4 weight (same decode); only the chosen scale values differ.
 - MXFP4: `scale = E8M0(floor(log2(amax(block))) - 2)` (OCP MX), `codes = e2m1(Wt / scale)` (saturating).
 - Activations (W4A4): `activation_global_scale(amax) = amax / (6 * 448)` from the calibrated amax
   (1.0 when it is zero or unknown, as ModelOpt does).
@@ -23,6 +28,9 @@ from qcompile.plugins.fp4_gemm import format as F
 FORMATS = ("nvfp4", "mxfp4")
 BLOCK = {"nvfp4": F.NVFP4_BLOCK, "mxfp4": F.MXFP4_BLOCK}
 _MSE_RATIOS = tuple(1.0 - 0.05 * i for i in range(9))  # 1.0 .. 0.6
+# block-scale candidates, in E4M3 codes relative to the amax scale: 8 codes = one octave down, 1 = next value up
+_MSE_BLOCK_STEPS = range(-8, 2)
+_E4M3_MAX_CODE = 126  # 0x7E = 448; 0x7F is NaN
 
 
 @dataclass
@@ -74,19 +82,60 @@ def _nvfp4_with_global(wt: torch.Tensor, global_scale: torch.Tensor) -> Fp4Weigh
     return Fp4Weight("nvfp4", codes, scale, global_scale)
 
 
+def _e2m1_round_fast(x: torch.Tensor) -> torch.Tensor:
+    """`x` rounded to the E2M1 grid, saturating; a tie may go either way (the squared error is the same)."""
+    values = torch.tensor(F.E2M1_VALUES, dtype=torch.float32, device=x.device)
+    mids = torch.tensor(F._MIDPOINTS, dtype=torch.float32, device=x.device)
+    return values[torch.bucketize(x.abs(), mids)].copysign(x)
+
+
+def _block_errors(xb: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Squared error per block of `xb [..., nb, B]` quantized with effective float32 scales `[..., nb]`."""
+    s = scale.unsqueeze(-1)
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    return ((_e2m1_round_fast(xb / safe) * s - xb) ** 2).sum(-1)
+
+
+def _amax_block_codes(xb: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """E4M3 codes (int32) of the amax block scales `e4m3(amax(block) / 6 / g)`."""
+    return F.e4m3_encode(xb.abs().amax(dim=-1) / F.E2M1_MAX / g).view(torch.uint8).to(torch.int32)
+
+
+def _code_scales(code: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    return code.to(torch.uint8).view(torch.float8_e4m3fn).to(torch.float32) * g
+
+
+def _mse_nvfp4(wt: torch.Tensor) -> Fp4Weight:
+    """NVFP4 of `Wt [N, K]` with the global scale, then each block's E4M3 scale, searched for the least squared
+    error (see the module docstring); both candidate sets start with the amax choice, which a candidate must
+    beat strictly."""
+    xb = F.blocks(wt, F.NVFP4_BLOCK)
+    amax = wt.abs().amax()
+    g, best_err = None, None
+    for r in _MSE_RATIOS:
+        cand = nvfp4_global_scale(amax * r)
+        err = float(_block_errors(xb, _code_scales(_amax_block_codes(xb, cand), cand)).sum())
+        if best_err is None or err < best_err:
+            g, best_err = cand, err
+    code0 = _amax_block_codes(xb, g)
+    best_code, best_err = code0, _block_errors(xb, _code_scales(code0, g))
+    for step in _MSE_BLOCK_STEPS:
+        if step == 0:
+            continue
+        code = torch.where(code0 > 0, (code0 + step).clamp(1, _E4M3_MAX_CODE), code0)
+        err = _block_errors(xb, _code_scales(code, g))
+        better = err < best_err
+        best_code, best_err = torch.where(better, code, best_code), torch.where(better, err, best_err)
+    scale = best_code.to(torch.uint8).view(torch.float8_e4m3fn)
+    return Fp4Weight("nvfp4", F.quantize_blocks(wt, scale.to(torch.float32) * g, F.NVFP4_BLOCK), scale, g)
+
+
 def quantize_nvfp4(w: torch.Tensor, mse_search: bool = False) -> Fp4Weight:
     """NVFP4 weight quantization of `W [K, N]` (see the module docstring)."""
     wt = w.to(torch.float32).t().contiguous()
-    best = _nvfp4_with_global(wt, nvfp4_global_scale(wt.abs().amax()))
-    if not mse_search:
-        return best
-    best_err = float(((best.dequantize() - wt) ** 2).sum())
-    for r in _MSE_RATIOS[1:]:
-        cand = _nvfp4_with_global(wt, nvfp4_global_scale(wt.abs().amax() * r))
-        err = float(((cand.dequantize() - wt) ** 2).sum())
-        if err < best_err:
-            best, best_err = cand, err
-    return best
+    if mse_search:
+        return _mse_nvfp4(wt)
+    return _nvfp4_with_global(wt, nvfp4_global_scale(wt.abs().amax()))
 
 
 def quantize_mxfp4(w: torch.Tensor) -> Fp4Weight:

@@ -23,6 +23,8 @@ ACTIVATION_MODES = ("static", "dynamic")
 ALGORITHMS = ("rtn", "smoothquant", "awq", "gptq")
 CALIBRATION_METHODS = ("max", "percentile")
 RESIDUAL_ADD_POLICIES = ("keep", "quantize")
+SCALE_SEARCHES = ("amax", "mse")  # weights: how the NVFP4 scales are chosen (amax, or least squared error)
+FP4_BLOCKS = {"nvfp4": 16, "mxfp4": 32}  # elements per block scale along K, fixed by the format
 
 
 def _check_keys(table: dict, allowed: set[str], where: str) -> None:
@@ -76,6 +78,8 @@ class QuantSpec:
         block: (rows, cols) block shape (granularity "block").
         symmetric: symmetric quantization (zero point 0); TensorRT accepts only symmetric.
         mode: activations only: "static" (calibrated scale) or "dynamic" (computed at run time).
+        scale_search: weights only: "amax" (scales from the absolute max) or "mse" (NVFP4: the per-tensor
+            global scale and each block's E4M3 scale searched for the least squared weight error; slower).
     """
 
     format: str
@@ -84,12 +88,14 @@ class QuantSpec:
     block: tuple[int, int] | None = None
     symmetric: bool = True
     mode: str = "static"
+    scale_search: str = "amax"
 
     @classmethod
     def from_table(cls, table: Any, where: str, *, activation: bool) -> "QuantSpec":
         if not isinstance(table, dict):
             raise RecipeError(f"bad value {where} = {table!r}; expected a table such as {{ format = \"int8\" }}")
-        allowed = {"format", "granularity", "group_size", "block", "symmetric"} | ({"mode"} if activation else set())
+        allowed = {"format", "granularity", "group_size", "block", "symmetric"} | (
+            {"mode"} if activation else {"scale_search"})
         _check_keys(table, allowed, where)
         formats = ACTIVATION_FORMATS if activation else WEIGHT_FORMATS
         fmt = _choice(table, "format", formats, where)
@@ -116,7 +122,14 @@ class QuantSpec:
         mode = _choice(table, "mode", ACTIVATION_MODES, where, "static") if activation else "static"
         if activation and gran == "token" and mode != "dynamic":
             raise RecipeError(f"{where}: granularity = \"token\" needs mode = \"dynamic\"")
-        return cls(fmt, gran, group_size, block, symmetric, mode)
+        if fmt in FP4_BLOCKS and group_size is not None and group_size != FP4_BLOCKS[fmt]:
+            raise RecipeError(f"bad value {where}.group_size = {group_size}; {fmt} blocks are "
+                              f"{FP4_BLOCKS[fmt]} elements along K (use group_size = {FP4_BLOCKS[fmt]})")
+        search = "amax" if activation else _choice(table, "scale_search", SCALE_SEARCHES, where, "amax")
+        if search != "amax" and fmt != "nvfp4":
+            raise RecipeError(f"bad value {where}.scale_search = {search!r} with format = {fmt!r}; the scale search "
+                              "is for nvfp4 weights (their FP32 global and E4M3 block scales); use \"amax\"")
+        return cls(fmt, gran, group_size, block, symmetric, mode, search)
 
 
 @dataclass(frozen=True)
