@@ -11,7 +11,10 @@ and ModelOpt's NVFP4 layout: blocks of 16/32 consecutive elements along K, the l
   value above it (a smaller block scale clips the block's largest elements to 6 * scale and rounds the others
   more finely). Each candidate set holds the amax choice, so the error is never higher than amax's. The result
   is an ordinary NVFP4 weight (same decode); only the chosen scale values differ.
-- MXFP4: `scale = E8M0(floor(log2(amax(block))) - 2)` (OCP MX), `codes = e2m1(Wt / scale)` (saturating).
+- MXFP4: shared exponent `floor(log2(amax(block))) - 2` (OCP MX v1.0 §6.3, emax_elem = 2 for E2M1), clamped
+  to E8M0's [-127, 127]; an all-zero block gets the smallest scale; `codes = e2m1(Wt / 2**exp)` (saturating
+  at ±6, as the spec's clamping of normal values). The exponent is read exactly from the float32 bits
+  (`frexp`), not from a float32 `log2`, which rounds up for an amax just below a power of two.
 - Activations (W4A4): `activation_global_scale(amax) = amax / (6 * 448)` from the calibrated amax
   (1.0 when it is zero or unknown, as ModelOpt does).
 
@@ -138,10 +141,21 @@ def quantize_nvfp4(w: torch.Tensor, mse_search: bool = False) -> Fp4Weight:
     return _nvfp4_with_global(wt, nvfp4_global_scale(wt.abs().amax()))
 
 
+def mx_shared_exponent(amax: torch.Tensor, emax_elem: int = F.E2M1_EMAX) -> torch.Tensor:
+    """OCP MX v1.0 shared exponent bits (E8M0, uint8) of blocks with absolute max `amax` (float32):
+    `floor(log2(amax)) - emax_elem + 127`, clamped to [0, 254] (254 = 2**127; 255 is NaN); 0 for an all-zero
+    block. `floor(log2(a))` is `frexp(a).exponent - 1`, exact for every positive float32, subnormals included."""
+    a = amax.to(torch.float32)
+    _, exp = torch.frexp(torch.where(a > 0, a, torch.ones_like(a)))
+    shared = exp.to(torch.int32) - 1 - emax_elem
+    shared = torch.where(a > 0, shared, torch.full_like(shared, -F.E8M0_BIAS))
+    return torch.clamp(shared + F.E8M0_BIAS, 0, 254).to(torch.uint8)
+
+
 def quantize_mxfp4(w: torch.Tensor) -> Fp4Weight:
     """MXFP4 weight quantization of `W [K, N]` (OCP MX shared exponent, see the module docstring)."""
     wt = w.to(torch.float32).t().contiguous()
-    bits = F.e8m0_from_amax(F.blocks(wt, F.MXFP4_BLOCK).abs().amax(dim=-1))
+    bits = mx_shared_exponent(F.blocks(wt, F.MXFP4_BLOCK).abs().amax(dim=-1))
     codes = F.quantize_blocks(wt, F.e8m0_decode(bits), F.MXFP4_BLOCK)
     return Fp4Weight("mxfp4", codes, bits, None)
 
