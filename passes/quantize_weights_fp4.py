@@ -9,11 +9,14 @@ Does the following transformation on each MatMul whose rule has an `nvfp4` / `mx
   block_size=16) with `x_f4, sx_f8 = trt::TRT_FP4DynamicQuantize(x, g_x, axis=-1, block_size=16,
   scale_type=FLOAT8E4M3FN)`, `g_x = amax(x) / (6*448)` from calibration; one chain per tensor, shared by
   the MatMuls that read it.
+- K not a multiple of the block B (16 / 32): K is padded to Kp = ceil(K/B)*B: the weight with zero rows
+  (`W_f4 [N, Kp]`, its last block scaled by its real elements only) and the input with a constant-zero Pad
+  on its last axis, `x -> Pad(x, pads=[0,..,0, 0,..,Kp-K])` (one per tensor and Kp, before any activation
+  chain; `Pad(x, [0, Kp-K], axes=[-1])` when x's rank is unknown), so `Pad(x) @ [W; 0] = x @ W` exactly and TensorRT's block DQ / dynamic quantize see K % B == 0.
 
 The weights come from `qcompile.algorithms.fp4` (two-level NVFP4 scales; OCP MX E8M0 scales). A rule's
-`weight.scale_search = "mse"` (nvfp4) searches the NVFP4 global and block scales for the least squared error. Declined, with a reason: what `decline_reason` of the INT4 pass declines
-(non-constant or non-2-D weight, K not a multiple of the block, K < min_k, N < min_n) and activation
-formats other than nvfp4. Never emits ModelOpt's `TRT_FP4QDQ` placeholder.
+`weight.scale_search = "mse"` (nvfp4) searches the NVFP4 global and block scales for the least squared error. Declined, with a reason: a non-constant or non-2-D weight, K < min_k,
+N < min_n, and activation formats other than nvfp4. Never emits ModelOpt's `TRT_FP4QDQ` placeholder.
 """
 from __future__ import annotations
 
@@ -25,18 +28,17 @@ import onnx
 import onnx_graphsurgeon as gs
 import torch
 
-from qcompile.algorithms.fp4 import FORMATS, Fp4Weight, activation_global_scale, quantize_fp4
+from qcompile.algorithms.fp4 import BLOCK, FORMATS, Fp4Weight, activation_global_scale, quantize_fp4
 from qcompile.errors import PassError
 from qcompile.passes import _graph as G
 from qcompile.passes.infra import InPlacePass, PassResult
-from qcompile.passes.quantize_weights_int4 import decline_reason
 from qcompile.plugins.fp4_gemm import format as F
 from qcompile.plugins.fp4_gemm import onnx_schema
 from qcompile.recipes.schema import Recipe
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["QuantizeWeightsFp4Pass", "fp4_targets", "fp4_activation_tensors", "OPSET"]
+__all__ = ["QuantizeWeightsFp4Pass", "fp4_targets", "fp4_activation_tensors", "padded_k", "OPSET"]
 
 OPSET = 23  # FLOAT4E2M1 in DequantizeLinear
 T = onnx.TensorProto
@@ -71,7 +73,23 @@ def _reason(node: gs.Node, rule, recipe: Recipe) -> str | None:
         return f"activation format {act.format} with an FP4 weight is not supported (nvfp4 or none)"
     if act is not None and rule.weight.format != "nvfp4":
         return "NVFP4 activations go with NVFP4 weights (W4A4)"
-    return decline_reason(node, G.const_values(node.inputs[1]), rule, recipe)
+    w = G.const_values(node.inputs[1])
+    if w is None:
+        return f"weight '{node.inputs[1].name}' is not a constant initializer (FP4 needs a constant [K, N])"
+    if w.ndim != 2 or not np.issubdtype(w.dtype, np.floating):
+        return f"weight '{node.inputs[1].name}' is not a 2-D float matrix (shape {w.shape}, {w.dtype})"
+    k, n = w.shape
+    opts = recipe.placement.for_op(node.op)
+    if k < opts.min_k:
+        return f"K={k} < min_k={opts.min_k}"
+    if n < opts.min_n:
+        return f"N={n} < min_n={opts.min_n}"
+    return None
+
+
+def padded_k(k: int, fmt: str) -> int:
+    """K rounded up to the format's block (16 nvfp4, 32 mxfp4)."""
+    return -(-k // BLOCK[fmt]) * BLOCK[fmt]
 
 
 class QuantizeWeightsFp4Pass(InPlacePass):
@@ -93,21 +111,35 @@ class QuantizeWeightsFp4Pass(InPlacePass):
         stats: collections.Counter = collections.Counter()
         declined: list[tuple[str, str]] = []
         shared: dict[str, gs.Variable] = {}
+        pads: dict[tuple[str, int], gs.Variable] = {}
         for node, rule in fp4_targets(graph, self.recipe):
             reason = _reason(node, rule, self.recipe)
             if reason:
                 declined.append((node.name, reason))
                 continue
             w = G.const_values(node.inputs[1])
+            source = node.inputs[0].name  # the calibrated tensor (the amax of its padded copy is the same)
+            k, kp = w.shape[0], padded_k(w.shape[0], rule.weight.format)
+            w32 = w.astype(np.float32)
+            if kp != k:  # zero rows: the last block's scale comes from its real elements only
+                w32 = np.concatenate([w32, np.zeros((kp - k, w.shape[1]), np.float32)])
+                key = (node.inputs[0].name, kp)
+                if key not in pads:
+                    pads[key] = self._pad(graph, node.inputs[0], kp - k)
+                    stats["inputs_padded"] += 1
+                node.inputs[0] = pads[key]
+                stats["layers_padded_k"] += 1
+                logger.info("%s: K=%d is not a multiple of the %s block %d; padded to K=%d with zeros",
+                            node.name, k, rule.weight.format, BLOCK[rule.weight.format], kp)
             mse = rule.weight.format == "nvfp4" and (self.mse_search or rule.weight.scale_search == "mse")
-            qw = quantize_fp4(torch.from_numpy(w.astype(np.float32)), rule.weight.format, mse)
+            qw = quantize_fp4(torch.from_numpy(w32), rule.weight.format, mse)
             if mse:
                 stats["nvfp4_mse_searched"] += 1
             node.inputs[1] = self._weight(graph, node, qw, w.dtype)
             if rule.activation is not None:
                 x = node.inputs[0]
                 if x.name not in shared:
-                    shared[x.name] = self._activation(graph, node, x)
+                    shared[x.name] = self._activation(graph, node, x, source)
                     stats["activations_quantized"] += 1
                 node.inputs[0] = shared[x.name]
             stats[f"{rule.weight.format}_weights"] += 1
@@ -116,6 +148,28 @@ class QuantizeWeightsFp4Pass(InPlacePass):
             graph.opset = max(graph.opset or 0, OPSET)
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return PassResult(graph, bool(sum(stats.values())), stats, declined)
+
+    @staticmethod
+    def _pad(graph: gs.Graph, x: gs.Variable, extra: int) -> gs.Variable:
+        """`Pad(x)` with `extra` zeros at the end of the last axis (constant mode, value 0). With a known rank the
+        pads cover every axis (what every TensorRT parser reads); otherwise they name the last axis through
+        Pad's `axes` input (opset >= 18)."""
+        inputs = [x]
+        if x.shape is not None:
+            rank = len(x.shape)
+            inputs.append(G.make_constant(G.unique_name(graph, f"{x.name}_pad_k"),
+                                          np.asarray([0] * (2 * rank - 1) + [extra], np.int64)))
+            last = x.shape[-1]
+            shape = [*x.shape[:-1], last + extra if isinstance(last, int) else None]
+        else:
+            inputs += [G.make_constant(G.unique_name(graph, f"{x.name}_pad_k"), np.asarray([0, extra], np.int64)),
+                       gs.Variable.empty(),
+                       G.make_constant(G.unique_name(graph, f"{x.name}_pad_axes"), np.asarray([-1], np.int64))]
+            shape = None
+        out = gs.Variable(G.unique_name(graph, f"{x.name}_padded"), dtype=x.dtype, shape=shape)
+        graph.nodes.append(gs.Node("Pad", name=G.unique_name(graph, f"{x.name}/pad_k"), inputs=inputs,
+                                   outputs=[out], attrs={"mode": "constant"}))
+        return out
 
     @staticmethod
     def _weight(graph: gs.Graph, node: gs.Node, qw: Fp4Weight, dtype) -> gs.Variable:
@@ -150,11 +204,12 @@ class QuantizeWeightsFp4Pass(InPlacePass):
         graph.nodes.extend(new_nodes)
         return w_t
 
-    def _activation(self, graph: gs.Graph, node: gs.Node, x: gs.Variable) -> gs.Variable:
-        """TensorRT's NVFP4 dynamic activation quantization of `x`; returns the dequantized tensor."""
-        amax = self.activation_amax.get(x.name)
+    def _activation(self, graph: gs.Graph, node: gs.Node, x: gs.Variable, source: str) -> gs.Variable:
+        """TensorRT's NVFP4 dynamic activation quantization of `x` (`source` padded, or `source` itself);
+        returns the dequantized tensor."""
+        amax = self.activation_amax.get(source)
         if amax is None:
-            raise PassError(f"no amax for activation tensor '{x.name}' (needed for the NVFP4 global scale of node "
+            raise PassError(f"no amax for activation tensor '{source}' (needed for the NVFP4 global scale of node "
                             f"'{node.name}'); calibrate the tensors listed by fp4_activation_tensors(model, recipe)")
         g = G.make_constant(G.unique_name(graph, f"{x.name}_fp4_global_scale"),
                             np.asarray(activation_global_scale(amax), np.float32))
