@@ -181,8 +181,7 @@ class QuantizeWeightsFp4Pass(InPlacePass):
         if qw.fmt == "nvfp4":
             s_f8 = G.make_constant(G.unique_name(graph, f"{base}_block_scale"), qw.scale.cpu().view(torch.uint8)
                                    .numpy().view(__import__("ml_dtypes").float8_e4m3fn))
-            g = G.make_constant(G.unique_name(graph, f"{base}_global_scale"),
-                                np.asarray(qw.global_scale.item(), np.float32))
+            g = _scalar(G.unique_name(graph, f"{base}_global_scale"), qw.global_scale.item())
             scale = gs.Variable(G.unique_name(graph, f"{base}_block_scale_dq"), dtype=np.float32,
                                 shape=list(qw.scale.shape))
             new_nodes.append(gs.Node("DequantizeLinear", name=G.unique_name(graph, f"{node.name}/weight_scale_dq"),
@@ -211,8 +210,7 @@ class QuantizeWeightsFp4Pass(InPlacePass):
         if amax is None:
             raise PassError(f"no amax for activation tensor '{source}' (needed for the NVFP4 global scale of node "
                             f"'{node.name}'); calibrate the tensors listed by fp4_activation_tensors(model, recipe)")
-        g = G.make_constant(G.unique_name(graph, f"{x.name}_fp4_global_scale"),
-                            np.asarray(activation_global_scale(amax), np.float32))
+        g = _scalar(G.unique_name(graph, f"{x.name}_fp4_global_scale"), activation_global_scale(amax))
         block_shape = None if x.shape is None else [*x.shape[:-1], _div(x.shape[-1], F.NVFP4_BLOCK)]
         x_f4 = gs.Variable(G.unique_name(graph, f"{x.name}_fp4"), dtype=T.FLOAT4E2M1, shape=x.shape)
         sx_f8 = gs.Variable(G.unique_name(graph, f"{x.name}_fp4_scale"), dtype=T.FLOAT8E4M3FN, shape=block_shape)
@@ -232,6 +230,12 @@ class QuantizeWeightsFp4Pass(InPlacePass):
                     attrs=dq_attrs),
         ])
         return out
+
+
+def _scalar(name: str, value: float) -> gs.Constant:
+    """A float32 scalar (shape []) constant: TensorRT reads a 0-D scale as per-tensor and wants the
+    TRT_FP4DynamicQuantize global scale a scalar (`G.make_constant` would store it as [1])."""
+    return gs.Constant(name, np.asarray(value, np.float32).reshape(()))
 
 
 def _div(dim, block: int):

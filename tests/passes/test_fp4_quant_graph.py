@@ -190,3 +190,38 @@ def test_input_of_unknown_rank_is_padded_through_the_axes_input():
     x = np.random.default_rng(2).standard_normal((3, 48)).astype(np.float32)
     want = np.maximum(x.astype(np.float64), 0) @ _mxfp4_weight_ref(w)
     np.testing.assert_allclose(_run(q, x), want, rtol=1e-6, atol=1e-7)  # h is float32 in the graph
+
+
+# ---------------------------------------------------------------- W4A4 activation global scale from calibration
+
+def test_w4a4_activation_global_scale_is_calibrated_amax_over_6x448(tmp_path):
+    """What `qcompile.build` does for nvfp4 (fp4_activation_tensors -> calibrate -> quantize_model) gives
+    `g_x = max |h| / (6 * 448)` over every calibration sample, h = relu(x) (an intermediate tensor)."""
+    from qcompile.calibration import calibrate, load_calibration_data
+    from qcompile.frontend import load_source
+    from qcompile.passes.quantize_weights_fp4 import fp4_activation_tensors
+
+    model, _ = _linear_model(64, 32, seed=11)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    src = load_source(str(path))
+    rng = np.random.default_rng(12)
+    samples = rng.standard_normal((5, 2, 3, 64)).astype(np.float32) * np.array([1, 3, 0.5, 2, 1.5])[:, None, None, None]
+    np.savez(tmp_path / "calib.npz", x=samples.astype(np.float32))
+    recipe = _recipe("nvfp4", act=True)
+    tensors = fp4_activation_tensors(src.model, recipe)
+    assert tensors == ["h"]
+    data = load_calibration_data(str(tmp_path / "calib.npz"), src.inputs)
+    amax = calibrate(src.model, tensors, data, recipe.calibration).amax
+    want_amax = np.maximum(samples.astype(np.float64), 0.0).max()  # float64, over all samples
+    assert amax["h"] == pytest.approx(want_amax, rel=1e-7)
+    q, _ = quantize_model(src.model, recipe, amax)
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    quant = next(n for n in q.graph.node if n.op_type == "TRT_FP4DynamicQuantize")
+    g = inits[quant.input[1]]
+    assert g.dtype == np.float32 and g.shape == ()
+    assert float(g) == pytest.approx(want_amax / (6 * 448), rel=1e-7)
+    scale_dq = next(n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == quant.output[1])
+    assert scale_dq.input[1] == quant.input[1]  # the block scales decode with the same global scale
+    w_scale_dq = next(n for n in q.graph.node if n.name == "mm/weight_scale_dq")
+    assert inits[w_scale_dq.input[1]].shape == ()  # the weight's global scale is a scalar too (per-tensor in TRT)
