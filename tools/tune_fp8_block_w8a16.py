@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Choose the launch paths of the FP8 block and W8A16 ops on the GPU (`fp8_block_gemm.kernel.CONFIG`, `op.TRITON_M_MAX`,
+"""Choose the launch paths of the FP8 block and W8A16 ops on the GPU (`fp8_block_gemm.kernel.CONFIG`,
 `int8_wo_gemm.kernel.LARGE_M`).
 
 For every (K x N, M) it times side by side: cuBLAS bf16; the FP8 block op through cuBLASLt block-wise

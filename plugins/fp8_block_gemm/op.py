@@ -4,14 +4,14 @@
 The body branches on `x.device.type`: CPU (any non-CUDA device) -> the plain-torch reference; CUDA -> x is
 block-quantized with aten ops (`format.quantize_activation_blocks`: AOTInductor fuses it into the kernel that
 produces x), then
-- sm90, M > TRITON_M_MAX (64): `torch.nn.functional.scaled_mm(xq, w_q.t(), sx, BlockWise1x128, sw,
+- sm90: `torch.nn.functional.scaled_mm(xq, w_q.t(), sx, BlockWise1x128, sw,
   BlockWise128x128)`, bf16 out (cuBLASLt, torch's DeepSeek recipe; sm90 only). Scale layouts (kernel-anchors.md §3.2): `sx` (M, K/128)
   outer-dim-major (strides (1, M)); `sw` (round_up(K/128, 4), N/128) with strides (1, round_up(K/128, 4)),
   i.e. the transpose of w_scale [N/128, K/128] zero-padded along K/128. x is padded to a multiple of 4 rows;
   fast accumulation is off (torch rejects it for block scaling).
-- other CUDA GPUs, and sm90 up to 64 rows (where it measured faster on the H200): the Triton kernel of
-  `kernel.py` (bias and cast in its epilogue).
-The path is chosen from M by `gemm_dispatch.run_by_buckets` (torch.cond for a symbolic M).
+- other CUDA GPUs: the Triton kernel of `kernel.py` (bias and cast in its epilogue). On the H200 it was
+  faster than cuBLASLt up to 64 rows on the largest shape (benchmarks/tune_fp8_block_w8a16.json), but a
+  `torch.cond` with `scaled_mm` in a branch does not export in torch 2.11 (measured), so sm90 keeps one path.
 The bias is added in float32 after the GEMM and the result cast to x.dtype.
 """
 from __future__ import annotations
@@ -26,7 +26,6 @@ from qcompile.plugins.gemm_dispatch import run_by_buckets
 from qcompile.plugins.fp8_block_gemm.reference import check_args, fp8_block_gemm_reference
 
 ROW_ALIGN = 4  # rows of x padded to a multiple of 4 for the sm90 block-scaled cuBLASLt GEMM
-TRITON_M_MAX = 64  # sm90: the Triton kernel up to 64 rows, cuBLASLt block-wise scaling above (H200 tuning)
 
 
 @torch.library.triton_op("qcompile::fp8_block_gemm", mutates_args={})
@@ -51,10 +50,8 @@ def fp8_block_gemm(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tenso
             y = y + rest[0].to(torch.float32)
         return y.to(x2d.dtype)
 
-    buckets = [(None, triton_path)]
-    if torch.cuda.get_device_capability(x.device)[0] == 9:
-        buckets = [(TRITON_M_MAX, triton_path), (None, cublas_path)]
-    return run_by_buckets(x, k, n, buckets, (w_q, w_scale) + ((bias,) if has_bias else ()))
+    path = cublas_path if torch.cuda.get_device_capability(x.device)[0] == 9 else triton_path
+    return run_by_buckets(x, k, n, [(None, path)], (w_q, w_scale) + ((bias,) if has_bias else ()))
 
 
 def scaled_mm_blockwise(x2d: Tensor, w_q: Tensor, w_scale: Tensor) -> Tensor:
