@@ -5,6 +5,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/qcompile-out}
 mkdir -p "$OUT"
+rm -rf /tmp/site  # pip --target keeps an existing package: a warm machine would run the previous wheel
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/tests PYTHONUNBUFFERED=1
 PRELOAD=$(g++ -print-file-name=libstdc++.so.6)
