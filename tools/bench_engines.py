@@ -28,6 +28,7 @@ import onnx
 import torch
 
 import qcompile
+from qcompile.engine import GraphReplay
 from qcompile.frontend import load_source
 from qcompile.inputs import parse_dim_sizes
 from qcompile.lowering import lower_onnx
@@ -80,6 +81,8 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="/tmp/qcompile-bench")
     p.add_argument("--out", help="write the JSON results here")
     p.add_argument("--profile", action="store_true", help="add each engine's top GPU kernels (first --size)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="also time each engine replayed from a CUDA graph (qcompile.engine.GraphReplay)")
     args = p.parse_args(argv)
 
     work = Path(args.workdir)
@@ -108,9 +111,16 @@ def main(argv=None) -> int:
     torch.cuda.empty_cache()
 
     results = []
+    failed = {}
     for recipe in args.recipes:
         t0 = time.perf_counter()
-        built = qcompile.build(str(onnx_path), recipe, output=work / f"{recipe}.engine", calib=str(calib), device="cuda")
+        try:
+            built = qcompile.build(str(onnx_path), recipe, output=work / f"{recipe}.engine", calib=str(calib),
+                                   device="cuda")
+        except Exception as exc:  # noqa: BLE001 - one recipe's failure must not lose the others' timings
+            failed[recipe] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+            print(f"--- {recipe}: build failed: {failed[recipe]}", flush=True)
+            continue
         build_s = time.perf_counter() - t0
         engine = qcompile.load(built.engine_path)
         if args.profile:
@@ -120,29 +130,50 @@ def main(argv=None) -> int:
             outs = engine.run_torch(feeds)
             cos = min(cosine(outs[n], want[n]) for n in engine.output_names)
             tokens = sizes.get("batch", 1) * sizes.get("seq", 1)
-            results.append({"recipe": recipe, "dims": sizes, "ms": ms, "tokens_per_s": tokens * 1000.0 / ms,
-                            "cosine_vs_fp32": cos, "build_s": build_s,
-                            "layers_quantized": len(built.layers), "weights_bytes": built.bytes_after})
+            row = {"recipe": recipe, "dims": sizes, "ms": ms, "tokens_per_s": tokens * 1000.0 / ms,
+                   "cosine_vs_fp32": cos, "build_s": build_s,
+                   "layers_quantized": len(built.layers), "weights_bytes": built.bytes_after}
+            if args.cuda_graph:  # the same run replayed from a CUDA graph: one launch instead of one per kernel
+                try:
+                    replay = GraphReplay(engine, feeds)
+                    row["ms_graph"] = time_cuda(replay.replay, args.iters)
+                    row["tokens_per_s_graph"] = tokens * 1000.0 / row["ms_graph"]
+                    got = replay.run(feeds)
+                    row["graph_matches_run"] = min(cosine(got[n], outs[n]) for n in engine.output_names)
+                    del replay
+                except qcompile.EngineError as exc:
+                    row["graph_error"] = str(exc)
+            results.append(row)
         del engine
         torch.cuda.empty_cache()
     rows = []
     base_recipe = args.recipes[0]
-    base = {str(r["dims"]): r["ms"] for r in results if r["recipe"] == base_recipe}
+    base = {str(r["dims"]): r for r in results if r["recipe"] == base_recipe}
     for r in results:
-        speedup = base[str(r["dims"])] / r["ms"]
+        b = base.get(str(r["dims"]))
+        speedup = b["ms"] / r["ms"] if b else float("nan")
         r["speedup_vs_" + base_recipe] = speedup
         dims = ",".join(f"{k}={v}" for k, v in r["dims"].items())
-        rows.append((r["recipe"], dims, r["ms"], f"{r['tokens_per_s']:.0f}", f"{speedup:.2f}x", r["cosine_vs_fp32"],
-                     r["layers_quantized"]))
+        row = [r["recipe"], dims, r["ms"], f"{r['tokens_per_s']:.0f}", f"{speedup:.2f}x", r["cosine_vs_fp32"],
+               r["layers_quantized"]]
+        if args.cuda_graph:
+            graph_speedup = b["ms_graph"] / r["ms_graph"] if b and "ms_graph" in b and "ms_graph" in r else float("nan")
+            r["graph_speedup_vs_" + base_recipe] = graph_speedup
+            row += [r.get("ms_graph", r.get("graph_error", "-")[:30]), f"{graph_speedup:.2f}x"]
+        rows.append(tuple(row))
     meta = {"source": args.source, "sizes": size_sets, "device": torch.cuda.get_device_name(),
-            "torch": torch.__version__, "iters": args.iters, "command": " ".join(sys.argv)}
+            "torch": torch.__version__, "iters": args.iters, "command": " ".join(sys.argv), "failed": failed}
     headers = ["recipe", "dims", "ms (median)", "tokens/s", f"vs {base_recipe}", "cosine vs fp32", "layers"]
+    if args.cuda_graph:
+        headers += ["ms (CUDA graph)", f"graph vs {base_recipe}"]
     print(format_table(headers, rows,
                        title=f"{args.source} on {meta['device']}"))
+    for recipe, error in failed.items():
+        print(f"{recipe}: build failed: {error}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

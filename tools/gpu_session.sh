@@ -19,8 +19,8 @@ for s in ${STEPS:-engines kernels int4 decode tests}; do
     tests)   step "pytest -m gpu"
              py -m pytest -m gpu -q -p no:cacheprovider --rootdir=. -c pyproject.toml tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -25 ;;
     decode)  step "decode benchmark: Llama-3-8B-sized layers, w4a16_awq vs fp16 at M = 1"
-             py tools/bench_engines.py llama3-8b-layers --recipes fp16 w4a16_awq --size batch=1,seq=1 \
-                 --size batch=16,seq=1 --calib-size batch=1,seq=128 --iters 100 \
+             py tools/bench_engines.py llama3-8b-layers --recipes fp16 w4a16_awq --cuda-graph --size batch=1,seq=1 \
+                 --size batch=16,seq=1 --calib-size batch=2,seq=64 --iters 100 \
                  --out "$OUT/decode-llama3-8b-layers.json" 2>&1 | tee "$OUT/decode-llama3-8b-layers.log" | grep -v "^\[" | tail -12 ;;
     w8fp8)   step "w8a16 and fp8_block GEMM benchmark"
              py tools/bench_w8a16_fp8_block.py --cuda-graph --out "$OUT/w8a16_fp8_block.json" 2>&1 | tee "$OUT/w8a16_fp8_block.log" | tail -30 ;;

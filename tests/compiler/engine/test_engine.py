@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import qcompile
-from qcompile.engine import IOSpec, Manifest, build_engine, load, read_manifest
+from qcompile.engine import GraphReplay, IOSpec, Manifest, build_engine, load, read_manifest
 from qcompile.engine import build as build_mod
 from qcompile.errors import EngineError
 from qcompile.plugins.scaled_gemm import register
@@ -349,6 +349,20 @@ def test_cuda_engine_round_trip(tmp_path):
                                net(x, y).detach().cpu().numpy(), rtol=1e-4, atol=1e-4)
     with pytest.raises(EngineError, match="compute capability: engine built for 1.0"):
         load(_rewrite(path, tmp_path / "cc.qengine", compute_capability="1.0"))
+    # the same engine replayed from a CUDA graph: new feeds of the captured shape give the eager results
+    replay = GraphReplay(eng, {"x": x, "y": y})
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        x2, y2 = torch.randn_like(x), torch.randn_like(y)
+        torch.testing.assert_close(replay.run({"x": x2, "y": y2})["out"], net(x2, y2), rtol=1e-4, atol=1e-4)
+    with pytest.raises(EngineError, match="captured with shape"):
+        replay.run({"x": x[:2], "y": y[:2]})
+
+
+def test_graph_replay_needs_a_cuda_engine(engine):
+    x, y = _examples()
+    with pytest.raises(EngineError, match="needs a CUDA engine"):
+        GraphReplay(engine, {"x": x, "y": y})
 
 
 class _Spec:
