@@ -7,7 +7,12 @@ bits (E4M3 or E8M0), the NVFP4 global scale from its float32 tensor.
 Paths, chosen from M (the row count of x, dynamic) by `gemm_dispatch.run_by_buckets` (a Python branch for a
 concrete M, a `torch.cond` chain for a symbolic one):
 
-- M <= SMALL_M_MAX (16): `_fp4_gemm_kernel` split-K (BLOCK_M = 16): each program streams one K slice of
+- M = 1: `_fp4_gemv_kernel` (no tensor cores: at M = 1 the job is moving weight bytes), one program per
+  (N tile, K split, row of x): each step loads BLOCK_N weight rows x BLOCK_K (the rows are K-contiguous, so
+  BLOCK_K / 2 contiguous bytes per row), decodes them in fp32 registers with the GEMM's helpers, multiplies
+  by x and reduces along K (`tl.sum`); partial sums over K splits meet in fp32 atomics. Works for any M
+  (one program column per row); the bias is added by aten ops after it.
+- 1 < M <= SMALL_M_MAX (16): `_fp4_gemm_kernel` split-K (BLOCK_M = 16): each program streams one K slice of
   BLOCK_N weight rows once (`evict_first`); partial sums are added with fp32 atomics (a plain store in
   x.dtype when there is one split).
 - 16 < M < LARGE_M_MIN: the same kernel as a tiled GEMM (BLOCK_M = 64, BLOCK_N = 128), split-K only while
@@ -48,6 +53,8 @@ BLOCK_K = 128
 # launch configurations (tile sizes, warps, pipeline stages; the split-K target in SMs per N tile)
 SMALL = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3, sms_per_tile=1)
 MID = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, sms_per_tile=4)
+# the GEMV's (M = 1) first guess, not tuned on a GPU yet; BLOCK_K: a multiple of both blocks (16, 32)
+GEMV = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=3, sms_per_tile=1)
 TINY = {torch.float32: 126, torch.bfloat16: 126, torch.float16: 14}  # decoded bits = value * 2**-TINY
 ACC_SHIFT = {(False, torch.float16): 9, (True, torch.float16): 4}  # X per (MXFP4?, dtype); else below
 ACC_SHIFT_DEFAULT = {False: 9, True: 16}  # NVFP4: E4M3 <= 448 < 2**9; MXFP4: scales up to 2**17
@@ -167,6 +174,39 @@ def _fp4_gemm_kernel(
 
 
 @triton.jit
+def _fp4_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, g_ptr, y_ptr,
+    N, K, stride_xm,
+    K_STEPS: tl.constexpr, MX: tl.constexpr, B: tl.constexpr, SHIFT: tl.constexpr, POW_SHIFT: tl.constexpr,
+    POW_ACC: tl.constexpr, HAS_GLOBAL: tl.constexpr, ATOMIC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """fp32 y[row, N tile] (+)= x[row] @ W.T over K slice program_id(1): the weight tile decoded in fp32
+    (`_weight_tile`), x * w reduced along K in registers (no dot)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    row = tl.program_id(2).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    x_row = x_ptr + row * stride_xm
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for step in range(0, K_STEPS):  # steps past K (last split) load nothing
+        k0 = (pid_k * K_STEPS + step) * BLOCK_K
+        w = _weight_tile(w_ptr, s_ptr, offs_n, k0, N, K, tl.float32, MX, B, SHIFT, POW_SHIFT, BLOCK_N, BLOCK_K)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        xs = tl.load(x_row + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        acc += tl.sum(w * xs[None, :], axis=1)
+    acc = acc * POW_ACC
+    if HAS_GLOBAL:
+        acc = acc * tl.load(g_ptr)
+    y_ptrs = y_ptr + row * N + offs_n
+    if ATOMIC:
+        tl.atomic_add(y_ptrs, acc, mask=mask_n, sem="relaxed")
+    else:
+        tl.store(y_ptrs, acc, mask=mask_n)
+
+
+@triton.jit
 def _fp4_dequant_kernel(
     w_ptr, s_ptr, g_ptr, out_ptr, N, K,
     MX: tl.constexpr, B: tl.constexpr, SHIFT: tl.constexpr, POW_SHIFT: tl.constexpr, POW_ACC: tl.constexpr,
@@ -194,8 +234,28 @@ def _format_args(w_scale, w_global, block_size: int, dtype) -> dict:
 
 
 def gemm_config(k: int, n: int, cfg: dict, num_sms: int = DEFAULT_SMS) -> dict:
-    """Static launch configuration (independent of M) of the GEMM kernel for a K x N weight."""
-    return split_k_config(k, n, BLOCK_K, cfg["BLOCK_N"], max(1, num_sms // cfg["sms_per_tile"]))
+    """Static launch configuration (independent of M) of the GEMM or GEMV kernel for a K x N weight."""
+    return split_k_config(k, n, cfg.get("BLOCK_K", BLOCK_K), cfg["BLOCK_N"], max(1, num_sms // cfg["sms_per_tile"]))
+
+
+def launch_gemv(x2d, w_packed, w_scale, w_global, block_size: int, cfg: dict = GEMV, *, wrap=identity,
+                num_sms: int = DEFAULT_SMS) -> torch.Tensor:
+    """float32 `x2d @ W.T` [M, N] (no bias) with `_fp4_gemv_kernel`, one program column per row of x."""
+    m, k = x2d.shape
+    n = w_packed.shape[0]
+    block_k = cfg["BLOCK_K"]
+    if block_k % block_size:
+        raise ValueError(f"FP4 GEMV: BLOCK_K {block_k} must be a multiple of the block size {block_size}")
+    split = gemm_config(k, n, cfg, num_sms)
+    atomic = split["split_k"] > 1
+    y = (torch.zeros if atomic else torch.empty)((m, n), dtype=torch.float32, device=x2d.device)
+    wrap(_fp4_gemv_kernel)[(split["n_tiles"], split["split_k"], m)](
+        x2d, w_packed, w_scale, w_global if w_global is not None else w_packed, y, n, k, x2d.stride(0),
+        K_STEPS=split["k_per_split"] // block_k, ATOMIC=atomic, BLOCK_N=split["BLOCK_N"], BLOCK_K=block_k,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **_format_args(w_scale, w_global, block_size, torch.float32),
+    )
+    return y
 
 
 def launch_gemm(x2d, w_packed, w_scale, w_global, bias, block_size: int, cfg: dict = SMALL, *, wrap=identity,
@@ -232,6 +292,11 @@ def launch_dequant(w_packed, w_scale, w_global, block_size: int, dtype, *, wrap=
     return out
 
 
+def _add_bias(y, bias, dtype):
+    """`y + bias` in float32, cast to `dtype` (aten ops: Inductor fuses them)."""
+    return y.to(dtype) if bias is None else (y.to(torch.float32) + bias.to(torch.float32)).to(dtype)
+
+
 def fp4_gemm_triton(x, w_packed, w_scale, w_global, bias, block_size: int, *, wrap=identity,
                     num_sms: int = DEFAULT_SMS) -> torch.Tensor:
     """The op's GPU path (weight-only: x is the already fake-quantized activation for W4A4): `x @ W.T + bias`
@@ -248,11 +313,16 @@ def fp4_gemm_triton(x, w_packed, w_scale, w_global, bias, block_size: int, *, wr
             return y.to(x2d.dtype)
         return run
 
+    def gemv(x2d, w_packed, w_scale, *rest):
+        w_global, bias = unpack_optional(rest, *present)
+        y = launch_gemv(x2d, w_packed, w_scale, w_global, block_size, GEMV, wrap=wrap, num_sms=num_sms)
+        return _add_bias(y, bias, x2d.dtype)
+
     def large(x2d, w_packed, w_scale, *rest):
         w_global, bias = unpack_optional(rest, *present)
         y = x2d @ launch_dequant(w_packed, w_scale, w_global, block_size, x2d.dtype, wrap=wrap).t()
-        return y if bias is None else (y.to(torch.float32) + bias.to(torch.float32)).to(x2d.dtype)
+        return _add_bias(y, bias, x2d.dtype)
 
     weights = (w_packed, w_scale) + tuple(t for t in (w_global, bias) if t is not None)
-    buckets = [(SMALL_M_MAX, tiled(SMALL)), (LARGE_M_MIN - 1, tiled(MID)), (None, large)]
+    buckets = [(1, gemv), (SMALL_M_MAX, tiled(SMALL)), (LARGE_M_MIN - 1, tiled(MID)), (None, large)]
     return run_by_buckets(x, k, n, buckets, weights)
