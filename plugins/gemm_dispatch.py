@@ -32,6 +32,17 @@ def split_k_config(k: int, n: int, block_k: int, max_block_n: int, num_sms: int)
     return {"BLOCK_N": block_n, "split_k": cdiv(k, k_per_split), "k_per_split": k_per_split, "n_tiles": n_tiles}
 
 
+def split_for_waves(k: int, tiles: int, block_k: int, waves: float, num_sms: int) -> tuple[int, int]:
+    """(number of K splits, K per split): enough programs for `waves` waves of SMs, each split at
+    least 2 steps long (waves = 0: no split)."""
+    steps = cdiv(k, block_k)
+    split = 1
+    while waves and tiles * split * 2 <= waves * num_sms and split * 4 <= steps:
+        split *= 2
+    per = cdiv(steps, split) * block_k
+    return cdiv(k, per), per
+
+
 def run_by_rows(x, k: int, n: int, small, large, weights: tuple) -> torch.Tensor:
     """`small` (M <= SMALL_M_MAX) or `large` on x as contiguous rows [M, k], reshaped back to [..., n]."""
     return run_by_buckets(x, k, n, [(SMALL_M_MAX, small), (None, large)], weights)

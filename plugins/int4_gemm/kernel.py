@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.plugins.gemm_dispatch import cdiv, identity, run_by_buckets, unpack_optional
+from qcompile.plugins.gemm_dispatch import cdiv, identity, run_by_buckets, split_for_waves, unpack_optional
 from qcompile.plugins.int4_gemm.format import PACK
 from qcompile.plugins.int4_gemm.reference import check_args
 
@@ -62,7 +62,7 @@ CONFIGS = [
     (1, dict(kernel="gemv", BLOCK_N=1024, BLOCK_K=32, num_warps=4, num_stages=3, waves=16)),
     (16, dict(kernel="mm_t", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, waves=8,
               SCALE_ACC=False)),
-    (128, dict(kernel="mm_t", BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4, waves=2,
+    (128, dict(kernel="mm_t", BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, waves=2,
                SCALE_ACC=False)),
     (None, dict(kernel="dequant")),
 ]
@@ -300,17 +300,6 @@ def _block_k(cfg_k: int, k: int, group_size: int) -> tuple[int, bool]:
     return block_k, group_size % block_k == 0 or group_size == k
 
 
-def split_k(k: int, tiles: int, block_k: int, waves: float, num_sms: int) -> tuple[int, int]:
-    """(number of K splits, K per split): enough programs for `waves` waves of SMs, each split at
-    least 2 steps long (waves = 0: no split)."""
-    steps = cdiv(k, block_k)
-    split = 1
-    while waves and tiles * split * 2 <= waves * num_sms and split * 4 <= steps:
-        split *= 2
-    per = cdiv(steps, split) * block_k
-    return cdiv(k, per), per
-
-
 def launch_gemv(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, wrap=identity,
                 num_sms: int = DEFAULT_SMS) -> torch.Tensor:
     """fp32 `x2d @ dequant(W)` [M, N] with the GEMV kernel (one program column per row of x)."""
@@ -323,7 +312,7 @@ def launch_gemv(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, w
     while block_n > 64 and n < 16 * block_n:  # keep at least 16 N tiles (H200 tuning: narrower N, narrower tiles)
         block_n //= 2
     tiles = cdiv(n, block_n)
-    splits, per = split_k(k, tiles, block_k, cfg["waves"], num_sms)
+    splits, per = split_for_waves(k, tiles, block_k, cfg["waves"], num_sms)
     y = (torch.zeros if splits > 1 else torch.empty)((m, n), dtype=torch.float32, device=x2d.device)
     wrap(_int4_gemv_kernel)[(tiles, splits, m)](
         x2d, w_packed, w_scale, w_zero if w_zero is not None else w_scale, y,
@@ -346,7 +335,7 @@ def launch_mm(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, x_r
         raise ValueError(f"W4A8 kernel: group size {group_size} must be a multiple of 16")
     magic_bits, magic_value = MAGIC16.get(x2d.dtype, (0x4B000008, FP32_MAGIC))
     tiles_n = cdiv(n, cfg["BLOCK_N"])
-    splits, per = split_k(k, tiles_n * cdiv(max(int(m) if isinstance(m, int) else 1, 1), cfg["BLOCK_M"]),
+    splits, per = split_for_waves(k, tiles_n * cdiv(max(int(m) if isinstance(m, int) else 1, 1), cfg["BLOCK_M"]),
                           block_k, cfg["waves"], num_sms)
     y = (torch.zeros((m, n), dtype=torch.float32, device=x2d.device) if splits > 1
          else torch.empty((m, n), dtype=out_dtype, device=x2d.device))

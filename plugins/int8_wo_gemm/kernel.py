@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.plugins.gemm_dispatch import SMALL_M_MAX, cdiv, identity, run_by_buckets, split_k_config
+from qcompile.plugins.gemm_dispatch import SMALL_M_MAX, cdiv, identity, run_by_buckets, split_for_waves, split_k_config
 from qcompile.plugins.int8_wo_gemm.reference import check_args, dequantize_weight
 
 BLOCK_M = 16
@@ -91,15 +91,18 @@ def launch_small_m(x2d, w_q, *, wrap=identity, num_sms: int = DEFAULT_SMS) -> to
     return y
 
 
-def launch_tiles(x2d, w_q, cfg: dict, *, wrap=identity) -> torch.Tensor:
-    """float32 `x2d @ w_q` ([M, N], unscaled) with the same kernel as a plain tiled GEMM (no K split)."""
+def launch_tiles(x2d, w_q, cfg: dict, *, wrap=identity, num_sms: int = DEFAULT_SMS) -> torch.Tensor:
+    """float32 `x2d @ w_q` ([M, N], unscaled) with the same kernel as a tiled GEMM, K split only while the
+    tiles are fewer than `cfg["waves"]` waves of SMs (a narrow N at moderate M)."""
     m, k = x2d.shape
     n = w_q.shape[1]
-    y = torch.empty((m, n), dtype=torch.float32, device=x2d.device)
-    grid = (cdiv(n, cfg["BLOCK_N"]), 1, cdiv(m, cfg["BLOCK_M"]))
+    tiles = cdiv(n, cfg["BLOCK_N"]) * cdiv(m if isinstance(m, int) else 1, cfg["BLOCK_M"])
+    splits, per = split_for_waves(k, tiles, cfg["BLOCK_K"], cfg.get("waves", 0), num_sms)
+    y = (torch.zeros if splits > 1 else torch.empty)((m, n), dtype=torch.float32, device=x2d.device)
+    grid = (cdiv(n, cfg["BLOCK_N"]), splits, cdiv(m, cfg["BLOCK_M"]))
     wrap(_int8_wo_splitk_kernel)[grid](
         x2d, w_q, y, m, n, k, x2d.stride(0),
-        K_STEPS=cdiv(k, cfg["BLOCK_K"]), ATOMIC=False, FP32_DOT=x2d.dtype == torch.float32,
+        K_STEPS=per // cfg["BLOCK_K"], ATOMIC=splits > 1, FP32_DOT=x2d.dtype == torch.float32,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
@@ -108,9 +111,10 @@ def launch_tiles(x2d, w_q, cfg: dict, *, wrap=identity) -> torch.Tensor:
 
 # Paths above SMALL_M_MAX rows by M bucket: a tile configuration of the kernel, or "dequant" (dequantize +
 # cuBLAS); chosen from tools/tune_fp8_block_w8a16.py on the H200 (benchmarks/tune_fp8_block_w8a16.json: the
-# tiled kernel wins from M = 64 to 1024, dequantize + cuBLAS at 4096).
+# tiled kernel wins from M = 64 to 1024, dequantize + cuBLAS at 4096). `waves` splits K when the tiles are fewer
+# than one wave (14336 x 4096 at M = 64 had 32 programs, 0.18x bf16): not yet measured.
 LARGE_M = [
-    (2048, dict(kernel="tiles", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)),
+    (2048, dict(kernel="tiles", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, waves=1)),
     (None, dict(kernel="dequant")),
 ]
 
@@ -143,7 +147,7 @@ def int8_wo_gemm_triton(x, w_q, w_scale, bias, *, wrap=identity, num_sms: int = 
             bias = rest[0] if has_bias else None
             if cfg["kernel"] == "dequant":
                 return _epilogue(x2d @ dequantize_weight(w_q, w_scale, x2d.dtype), None, bias, x2d.dtype)
-            return _epilogue(launch_tiles(x2d, w_q, cfg, wrap=wrap), w_scale, bias, x2d.dtype)
+            return _epilogue(launch_tiles(x2d, w_q, cfg, wrap=wrap, num_sms=num_sms), w_scale, bias, x2d.dtype)
         return run
 
     buckets = [(SMALL_M_MAX, small)] + [(limit, large(c)) for limit, c in ([(None, large_m)] if large_m else LARGE_M)]

@@ -94,9 +94,10 @@ def test_triton_kernel_under_interpreter(m, dtype):
     x = torch.randn(m, 384).to(DTYPES[dtype])
     y = int8_wo_gemm_triton(x, w_q, w_scale, b, num_sms=2)
     assert_close_to(y, oracle(x, w_q, w_scale, b), REL[DTYPES[dtype]])
-    tiles = dict(kernel="tiles", BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2)
-    y = int8_wo_gemm_triton(x, w_q, w_scale, b, num_sms=2, large_m=tiles)  # the tiled large-M path
-    assert_close_to(y, oracle(x, w_q, w_scale, b), REL[DTYPES[dtype]])
+    for waves in (0, 4):  # the tiled large-M path, without and with a K split (fp32 atomics)
+        tiles = dict(kernel="tiles", BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2, waves=waves)
+        y = int8_wo_gemm_triton(x, w_q, w_scale, b, num_sms=2, large_m=tiles)
+        assert_close_to(y, oracle(x, w_q, w_scale, b), REL[DTYPES[dtype]])
 
 
 @pytest.mark.gpu
