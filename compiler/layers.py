@@ -21,6 +21,8 @@ WEIGHTED_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 # plugin nodes with inputs (x, w_q, w_scale, ...): op type -> (format, granularity) of their rows
 _WEIGHT_SCALE_PLUGINS = {int8_wo_schema.OP_TYPE: ("int8/fp16", "channel/-"),
                          fp8_block_schema.OP_TYPE: ("fp8/fp8", "block128x128/block1x128")}
+# Int4GroupwiseGemm's act_quant -> (activation format, activation granularity) of its rows (W4A16 / W4A8)
+_INT4_ACTIVATIONS = {"none": ("fp16", "-"), "fp8_static": ("fp8", "tensor"), "fp8_dynamic": ("fp8", "token")}
 
 
 @dataclass
@@ -70,8 +72,11 @@ def layer_table(model: onnx.ModelProto) -> list[LayerRow]:
                 continue
             w_zero = inits.get(node.input[3]) if len(node.input) > 3 and node.input[3] else None
             block = next((a.i for a in node.attribute if a.name == "block_size"), 0)
-            rows.append(LayerRow(node.name, int4_schema.OP_TYPE, module, f"{'int4' if w_zero is None else 'uint4'}/fp16",
-                                 f"group{block}/-", _numel(w_q) * 4,
+            a_fmt, a_gran = _INT4_ACTIVATIONS[int4_schema.act_quant_of(
+                {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute})]
+            rows.append(LayerRow(node.name, int4_schema.OP_TYPE, module,
+                                 f"{'int4' if w_zero is None else 'uint4'}/{a_fmt}", f"group{block}/{a_gran}",
+                                 _numel(w_q) * 4,
                                  _nbytes(w_q) + _nbytes(w_scale) + (_nbytes(w_zero) if w_zero is not None else 0),
                                  f"{int4_schema.DOMAIN}::{int4_schema.OP_TYPE}"))
         elif node.domain == onnx_schema.DOMAIN and node.op_type in _WEIGHT_SCALE_PLUGINS:

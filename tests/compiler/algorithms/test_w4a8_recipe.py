@@ -13,6 +13,7 @@ from qc_testutil import cosine, ort_session, save_samples
 from qcompile.algorithms.plan import awq_input_amax, observers_for, plan_int4_jobs, run_jobs
 from qcompile.calibration import calibrate, load_calibration_data
 from qcompile.cli import main
+from qcompile.layers import layer_table
 from qcompile.lowering import lower_onnx
 from qcompile.passes import activation_tensors, fuse_plugins, plan_quantization, quantize_model
 from qcompile.recipes import Recipe, load_recipe
@@ -69,6 +70,9 @@ def _plugins(model, act_quant):
     assert nodes and all(n.op_type == "Int4GroupwiseGemm" for n in nodes)
     assert all({a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}["act_quant"] == act_quant.encode()
                for n in nodes)
+    # the layer table shows the FP8 activations (per tensor when static, per token when dynamic)
+    granularity = {"fp8_static": "tensor", "fp8_dynamic": "token"}[act_quant]
+    assert {(r.format, r.granularity) for r in layer_table(model)} == {("int4/fp8", f"group128/{granularity}")}
     return nodes
 
 
@@ -157,7 +161,7 @@ def test_cli_build_validates_and_runs(tmp_path, calib, capsys):
                  "--device", "cpu"])
     out, err = capsys.readouterr()
     assert code == 0, out + err
-    assert "validation PASSED" in out and "Int4GroupwiseGemm" in out
+    assert "validation PASSED" in out and "Int4GroupwiseGemm" in out and "int4/fp8" in out
     report = json.loads((tmp_path / "w4a8.engine.validation.json").read_text())
     assert report["outputs"]["logits"]["cosine"] >= 0.98
     inputs = tmp_path / "in.npz"
