@@ -15,7 +15,7 @@ from typing import Any
 
 import onnx
 
-from qcompile.errors import EngineError, QCompileError
+from qcompile.errors import QCompileError
 from qcompile.layers import LayerRow, initializer_bytes, layer_table
 from qcompile.progress import STDERR, Progress
 from qcompile.recipes import Recipe, load_recipe
@@ -64,21 +64,6 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def check_writable(path: Path, what: str) -> None:
-    """Fail early (before any expensive stage) when `path` cannot be written."""
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise EngineError(f"{what} path {path} is a directory; give a file name, e.g. {path / 'model.engine'}")
-    if not parent.is_dir():
-        raise EngineError(f"cannot write {what} {path}: directory {parent} does not exist")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
-    except OSError as exc:
-        raise EngineError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
-    os.close(fd)
-    os.unlink(probe)
-
-
 def build(
     source: str,
     recipe: str | Path | Recipe,
@@ -98,6 +83,8 @@ def build(
     Raises:
         QCompileError (a subclass) for any user or input error, before any file is written.
     """
+    from qcompile.engine.build import check_writable
+
     recipe = load_recipe(recipe)
     output = Path(output)
     check_writable(output, "engine")

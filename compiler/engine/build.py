@@ -88,15 +88,26 @@ def build_engine(
     return man
 
 
-def check_writable(path: Path) -> None:
-    """Fail early (before any compile) when `path` cannot be written."""
+def check_writable(path: Path, what: str = "engine") -> None:
+    """Fail early (before any expensive stage) when `path` (the `what` file, e.g. "engine") cannot be written.
+
+    Checks that the path is not a folder, that its folder exists and is writable (permissions, then a probe
+    file, which also catches read-only file systems and root on them)."""
+    path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
-        raise EngineError(f"engine output path {str(path)!r} is a directory; give a file name")
+        raise EngineError(f"{what} output path {str(path)!r} is a directory; give a file name, "
+                          f"e.g. {str(path / 'model.engine')!r}")
     if not parent.is_dir():
-        raise EngineError(f"cannot write engine {str(path)!r}: folder {str(parent)!r} does not exist")
+        raise EngineError(f"cannot write {what} {str(path)!r}: folder {str(parent)!r} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise EngineError(f"cannot write engine {str(path)!r}: no write permission")
+        raise EngineError(f"cannot write {what} {str(path)!r}: no write permission")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+    except OSError as exc:
+        raise EngineError(f"cannot write {what} {str(path)!r}: {exc.strerror or exc}") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _check_examples(inputs, examples, dim_ranges, dev) -> None:

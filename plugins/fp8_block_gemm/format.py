@@ -4,13 +4,14 @@ Weights: 128x128 blocks of `W[N, K]`, one float32 scale each, `s = max(amax(bloc
 `fp8(clamp(W / s, ±448))` -> (w_q float8_e4m3fn [N, K], w_scale float32 [N/128, K/128]).
 Activations: 1x128 blocks of `x[M, K]` (per row, per 128 columns), computed at run time the same way ->
 (xq float8_e4m3fn [M, K], x_scale float32 [M, K/128]). The quantization itself is ONNX QuantizeLinear's
-(`to_fp8`): float32 division, saturation to ±448, round to nearest even.
+(`formats.quantize_activation`, shared with every plugin): float32 division, saturation to ±448, round to nearest
+even.
 """
 from __future__ import annotations
 
 import torch
 
-from qcompile.plugins.formats import MIN_SCALE, qmax
+from qcompile.plugins.formats import MIN_SCALE, qmax, quantize_activation
 
 BLOCK = 128
 FP8 = torch.float8_e4m3fn
@@ -20,12 +21,6 @@ def _check(t: torch.Tensor, what: str, rows_blocked: bool) -> None:
     if t.dim() != 2 or t.shape[1] % BLOCK or (rows_blocked and t.shape[0] % BLOCK):
         dims = "both dims" if rows_blocked else "the last dim"
         raise ValueError(f"{what} must be 2-D with {dims} a multiple of {BLOCK}, got {tuple(t.shape)}")
-
-
-def to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """ONNX QuantizeLinear to FLOAT8E4M3FN (saturate=1): float32 `x / scale` clamped to ±448, rounded to E4M3."""
-    y = x.to(torch.float32) / scale.to(torch.float32)
-    return torch.clamp(y, -qmax("fp8"), qmax("fp8")).to(FP8)
 
 
 def block_scales(amax: torch.Tensor) -> torch.Tensor:
@@ -39,7 +34,7 @@ def quantize_weight_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     n, k = w.shape
     blocks = w.to(torch.float32).reshape(n // BLOCK, BLOCK, k // BLOCK, BLOCK)
     scale = block_scales(blocks.abs().amax(dim=(1, 3)))
-    q = to_fp8(blocks, scale[:, None, :, None])
+    q = quantize_activation(blocks, scale[:, None, :, None], FP8)
     return q.reshape(n, k), scale
 
 
@@ -49,7 +44,7 @@ def quantize_activation_blocks(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.T
     m, k = x2d.shape
     blocks = x2d.reshape(m, k // BLOCK, BLOCK)
     scale = block_scales(blocks.abs().amax(dim=-1))
-    return to_fp8(blocks, scale[..., None]).reshape(m, k), scale
+    return quantize_activation(blocks, scale[..., None], FP8).reshape(m, k), scale
 
 
 def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor, row_block: int) -> torch.Tensor:

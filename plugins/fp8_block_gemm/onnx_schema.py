@@ -24,7 +24,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from qcompile.plugins.formats import MIN_SCALE, qmax
-from qcompile.plugins.onnx_functions import add_function, declare_domain
+from qcompile.plugins.onnx_functions import (add_plugin_function, make_plugin_function, make_plugin_node,
+                                             plugin_attributes)
 
 DOMAIN = "qcompile"
 OP_TYPE = "Fp8BlockGemm"
@@ -37,14 +38,12 @@ BLOCK = 128
 
 def attributes() -> dict:
     """The attributes every Fp8BlockGemm node carries."""
-    return {"plugin_version": "1", "plugin_namespace": DOMAIN}
+    return plugin_attributes(1, DOMAIN)
 
 
 def make_node(name: str, inputs: list[str], outputs: list[str]) -> onnx.NodeProto:
     """An Fp8BlockGemm NodeProto (inputs in the order of `INPUTS`)."""
-    if len(inputs) != len(INPUTS) or len(outputs) != 1:
-        raise ValueError(f"Fp8BlockGemm takes inputs {INPUTS} and one output")
-    return helper.make_node(OP_TYPE, inputs, outputs, name=name, domain=DOMAIN, **attributes())
+    return make_plugin_node(DOMAIN, OP_TYPE, INPUTS, name, inputs, outputs, attributes())
 
 
 def _const(name: str, value) -> onnx.NodeProto:
@@ -89,12 +88,9 @@ def function_proto() -> onnx.FunctionProto:
         helper.make_node("Add", ["mm", "bias"], ["yf"]),
         helper.make_node("CastLike", ["yf", "x"], ["y"]),
     ]
-    return helper.make_function(DOMAIN, OP_TYPE, list(INPUTS), list(OUTPUTS), nodes,
-                                opset_imports=[helper.make_opsetid("", FUNCTION_OPSET)],
-                                attributes=["plugin_version", "plugin_namespace"])
+    return make_plugin_function(DOMAIN, OP_TYPE, INPUTS, OUTPUTS, nodes, FUNCTION_OPSET)
 
 
 def add_to_model(model: onnx.ModelProto) -> None:
     """Declare the qcompile domain and the function body in `model` (idempotent)."""
-    declare_domain(model, DOMAIN, VERSION)
-    add_function(model, DOMAIN, OP_TYPE, function_proto)
+    add_plugin_function(model, DOMAIN, VERSION, OP_TYPE, function_proto)

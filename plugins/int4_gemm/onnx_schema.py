@@ -32,7 +32,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from qcompile.plugins.formats import MIN_SCALE, qmax
-from qcompile.plugins.onnx_functions import declare_domain
+from qcompile.plugins.onnx_functions import (PLUGIN_ATTRIBUTES, declare_domain, make_plugin_function, make_plugin_node,
+                                             plugin_attributes)
 
 DOMAIN = "qcompile"
 OP_TYPE = "Int4GroupwiseGemm"
@@ -48,10 +49,9 @@ def attributes(block_size: int, act_quant: str = "none") -> dict:
     """The attributes of an Int4GroupwiseGemm node (W4A16 nodes stay plugin_version 1, without act_quant)."""
     if act_quant not in ACT_QUANT:
         raise ValueError(f"Int4GroupwiseGemm act_quant must be one of {ACT_QUANT}, got {act_quant!r}")
-    attrs = {"block_size": int(block_size), "plugin_version": "1", "plugin_namespace": DOMAIN}
-    if act_quant != "none":
-        attrs.update(plugin_version=str(PLUGIN_VERSION), act_quant=act_quant)
-    return attrs
+    if act_quant == "none":
+        return {"block_size": int(block_size), **plugin_attributes(1, DOMAIN)}
+    return {"block_size": int(block_size), **plugin_attributes(PLUGIN_VERSION, DOMAIN), "act_quant": act_quant}
 
 
 def act_quant_of(attrs: dict) -> str:
@@ -63,13 +63,11 @@ def act_quant_of(attrs: dict) -> str:
 def make_node(name: str, inputs: list[str], outputs: list[str], block_size: int,
               act_quant: str = "none") -> onnx.NodeProto:
     """An Int4GroupwiseGemm NodeProto. `inputs`: x, w_q, w_scale[, w_zero_point[, bias[, x_scale]]] ("" = absent)."""
-    if not 3 <= len(inputs) <= len(INPUTS) or len(outputs) != 1 or not all(inputs[:3]):
-        raise ValueError(f"Int4GroupwiseGemm takes inputs {INPUTS} (the first three required) and one output")
     has_scale = len(inputs) > 5 and bool(inputs[5])
     if has_scale != (act_quant == "fp8_static"):
         raise ValueError("Int4GroupwiseGemm takes x_scale (input 5) with act_quant='fp8_static' and only then")
-    node = helper.make_node(OP_TYPE, list(inputs), outputs, name=name, domain=DOMAIN,
-                            **attributes(block_size, act_quant))
+    node = make_plugin_node(DOMAIN, OP_TYPE, INPUTS, name, inputs, outputs, attributes(block_size, act_quant),
+                            required=3)
     node.overload = _overload(act_quant)
     return node
 
@@ -130,12 +128,9 @@ def function_proto(act_quant: str = "none") -> onnx.FunctionProto:
         helper.make_node("Concat", ["lead", "n"], ["y_shape"], axis=0),
         helper.make_node("Reshape", ["y2", "y_shape"], ["y"]),
     ]
-    function = helper.make_function(
-        DOMAIN, OP_TYPE, list(INPUTS), list(OUTPUTS), nodes,
-        opset_imports=[helper.make_opsetid("", FUNCTION_OPSET)],
-        attributes=["plugin_version", "plugin_namespace", "act_quant"],
-        attribute_protos=[helper.make_attribute("block_size", 0)],
-    )
+    function = make_plugin_function(DOMAIN, OP_TYPE, INPUTS, OUTPUTS, nodes, FUNCTION_OPSET,
+                                    attributes=(*PLUGIN_ATTRIBUTES, "act_quant"),
+                                    attribute_protos=[helper.make_attribute("block_size", 0)])
     function.overload = _overload(act_quant)
     return function
 

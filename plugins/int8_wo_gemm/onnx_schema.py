@@ -20,7 +20,8 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from qcompile.plugins.onnx_functions import add_function, declare_domain
+from qcompile.plugins.onnx_functions import (add_plugin_function, make_plugin_function, make_plugin_node,
+                                             plugin_attributes)
 
 DOMAIN = "qcompile"
 OP_TYPE = "Int8WeightOnlyGemm"
@@ -32,14 +33,12 @@ FUNCTION_OPSET = 21
 
 def attributes() -> dict:
     """The attributes every Int8WeightOnlyGemm node carries."""
-    return {"plugin_version": "1", "plugin_namespace": DOMAIN}
+    return plugin_attributes(1, DOMAIN)
 
 
 def make_node(name: str, inputs: list[str], outputs: list[str]) -> onnx.NodeProto:
     """An Int8WeightOnlyGemm NodeProto (inputs in the order of `INPUTS`)."""
-    if len(inputs) != len(INPUTS) or len(outputs) != 1:
-        raise ValueError(f"Int8WeightOnlyGemm takes inputs {INPUTS} and one output")
-    return helper.make_node(OP_TYPE, inputs, outputs, name=name, domain=DOMAIN, **attributes())
+    return make_plugin_node(DOMAIN, OP_TYPE, INPUTS, name, inputs, outputs, attributes())
 
 
 def function_proto() -> onnx.FunctionProto:
@@ -51,12 +50,9 @@ def function_proto() -> onnx.FunctionProto:
         helper.make_node("MatMul", ["x", "wx"], ["mm"]),
         helper.make_node("Add", ["mm", "bx"], ["y"]),
     ]
-    return helper.make_function(DOMAIN, OP_TYPE, list(INPUTS), list(OUTPUTS), nodes,
-                                opset_imports=[helper.make_opsetid("", FUNCTION_OPSET)],
-                                attributes=["plugin_version", "plugin_namespace"])
+    return make_plugin_function(DOMAIN, OP_TYPE, INPUTS, OUTPUTS, nodes, FUNCTION_OPSET)
 
 
 def add_to_model(model: onnx.ModelProto) -> None:
     """Declare the qcompile domain and the function body in `model` (idempotent)."""
-    declare_domain(model, DOMAIN, VERSION)
-    add_function(model, DOMAIN, OP_TYPE, function_proto)
+    add_plugin_function(model, DOMAIN, VERSION, OP_TYPE, function_proto)
