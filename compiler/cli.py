@@ -105,29 +105,12 @@ def _add_validation_args(p: argparse.ArgumentParser, data_flag: str) -> None:
 
 def _cmd_build(args) -> int:
     from qcompile.pipeline import build
-    from qcompile.report import format_table, human_bytes, write_json_atomic
+    from qcompile.report import write_json_atomic
 
     result = build(args.source, args.recipe, output=args.output, calib=args.calib,
                    emit_onnx=args.emit_onnx, device=args.device,
                    holdout=0.0 if args.no_validate or args.val_data else args.holdout)
-    if result.layers:
-        print(format_table(
-            ["layer", "module", "format w/a", "granularity", "before", "after", "kernel"],
-            [(r.node, r.module or "-", r.format, r.granularity, human_bytes(r.bytes_before),
-              human_bytes(r.bytes_after), r.plugin) for r in result.layers],
-            title="Quantized layers"))
-        print()
-    ratio = result.bytes_before / max(result.bytes_after, 1)
-    summary_rows = [
-        ("recipe", result.recipe.name),
-        ("layers quantized", len(result.layers)),
-        ("weights before", human_bytes(result.bytes_before)),
-        ("weights after", f"{human_bytes(result.bytes_after)} ({ratio:.2f}x smaller)"),
-        ("calibration", result.calibration["data"] if result.calibration else "not needed"),
-        *[(f"time: {k}", f"{v:.1f} s") for k, v in result.stage_seconds.items()],
-        ("engine", str(result.engine_path)),
-    ]
-    print(format_table(["item", "value"], summary_rows, title="Build summary"))
+    print(format_build_summary(result))
     report = Path(str(result.engine_path) + ".build.json")
     write_json_atomic(report, result.summary())
     print(f"\nbuild report: {report}")
@@ -138,6 +121,33 @@ def _cmd_build(args) -> int:
     print()
     report = _validate(args, result.engine_path, result.source_model, args.source, held_out=result.validation_data)
     return EXIT_OK if report.passed else EXIT_FAILED
+
+
+def format_build_summary(result) -> str:
+    """The terminal summary of a build: the quantized-layer table, then the summary table (pass notes included)."""
+    from qcompile.report import format_table, human_bytes
+
+    parts = []
+    if result.layers:
+        parts.append(format_table(
+            ["layer", "module", "format w/a", "granularity", "before", "after", "kernel"],
+            [(r.node, r.module or "-", r.format, r.granularity, human_bytes(r.bytes_before),
+              human_bytes(r.bytes_after), r.plugin) for r in result.layers],
+            title="Quantized layers"))
+        parts.append("")
+    ratio = result.bytes_before / max(result.bytes_after, 1)
+    summary_rows = [
+        ("recipe", result.recipe.name),
+        ("layers quantized", len(result.layers)),
+        ("weights before", human_bytes(result.bytes_before)),
+        ("weights after", f"{human_bytes(result.bytes_after)} ({ratio:.2f}x smaller)"),
+        ("calibration", result.calibration["data"] if result.calibration else "not needed"),
+        *[("pass note", note) for note in result.pass_notes],  # e.g. where AWQ / SmoothQuant scales went
+        *[(f"time: {k}", f"{v:.1f} s") for k, v in result.stage_seconds.items()],
+        ("engine", str(result.engine_path) if result.engine_path is not None else "(not built)"),
+    ]
+    parts.append(format_table(["item", "value"], summary_rows, title="Build summary"))
+    return "\n".join(parts)
 
 
 def _cmd_validate(args) -> int:

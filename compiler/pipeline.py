@@ -23,13 +23,17 @@ from qcompile.recipes import Recipe, load_recipe
 logger = logging.getLogger(__name__)
 
 STAGES = ("export", "calibrate", "quantize", "lower", "compile")
+GRAPH_STAGES = STAGES[:3]  # `build(..., output=None)`: the quantized graphs, no engine
 
 
 @dataclass
 class BuildResult:
-    """What `build` produced: the engine file, the graphs on the way, and the numbers."""
+    """What `build` produced: the engine file (None for a graph-only build), the graphs on the way, the numbers.
 
-    engine_path: Path
+    `pass_notes`: the passes' one-line summaries ("FoldAwqScalesPass: AWQ scales: 10 folded ..."), shown in the
+    build summary."""
+
+    engine_path: Path | None
     recipe: Recipe
     qdq_model: onnx.ModelProto
     plugin_model: onnx.ModelProto
@@ -42,10 +46,11 @@ class BuildResult:
     report_path: Path | None = None
     source_model: onnx.ModelProto | None = None  # the FP32 ONNX graph it was built from (validation reference)
     validation_data: Any = None  # the held-out calibration samples (`holdout`), else None
+    pass_notes: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         return {
-            "engine": str(self.engine_path),
+            "engine": str(self.engine_path) if self.engine_path is not None else None,
             "recipe": self.recipe.name,
             "layers_quantized": len(self.layers),
             "plugin_layers": sum(r.plugin.startswith("qcompile::") for r in self.layers),
@@ -54,6 +59,7 @@ class BuildResult:
             "stage_seconds": self.stage_seconds,
             "calibration": self.calibration,
             "pass_stats": self.pass_stats,
+            "pass_notes": self.pass_notes,
             "layers": [r.to_dict() for r in self.layers],
         }
 
@@ -68,7 +74,7 @@ def build(
     source: str,
     recipe: str | Path | Recipe,
     *,
-    output: str | Path,
+    output: str | Path | None,
     calib: str | None = None,
     emit_onnx: str | Path | None = None,
     device: str | None = None,
@@ -77,6 +83,8 @@ def build(
 ) -> BuildResult:
     """Build an engine from `source` with `recipe`; see the README for the source forms.
 
+    `output`: the engine file; None stops after the quantized plugin graph (export, calibrate, quantize: no
+    lowering, no compile, no engine; `BuildResult.engine_path` is None).
     `holdout`: the fraction of the calibration samples kept out of calibration for validation (real data
     only; `BuildResult.validation_data`). Too few samples to split: nothing is held out.
 
@@ -86,8 +94,9 @@ def build(
     from qcompile.engine.build import check_writable
 
     recipe = load_recipe(recipe)
-    output = Path(output)
-    check_writable(output, "engine")
+    output = Path(output) if output is not None else None
+    if output is not None:
+        check_writable(output, "engine")
     if emit_onnx is not None:
         emit_onnx = Path(emit_onnx)
         check_writable(emit_onnx, "ONNX")
@@ -108,11 +117,11 @@ def build(
     if device == "cuda" and not torch.cuda.is_available():
         raise QCompileError("--device cuda was asked for, but torch sees no CUDA GPU on this machine; use --device cpu")
 
-    progress = Progress(len(STAGES), progress_stream)
+    progress = Progress(len(STAGES if output is not None else GRAPH_STAGES), progress_stream)
     with progress.stage("export", source):
         src = load_source(source, opset=recipe.opset)
 
-    calibration, amax, held_out = None, {}, None
+    calibration, amax, held_out, notes = None, {}, None, []
     int4_weights, int4_input_scales, int4_input_amax = {}, {}, {}
     with progress.stage("calibrate", recipe.calibration.method if recipe.needs_calibration else "(not needed)") as tick:
         targets = plan_quantization(src.model, recipe)
@@ -126,8 +135,8 @@ def build(
             data_hash = data.content_hash()
             data, held_out = _split_holdout(data, holdout)
             if smooth_jobs:  # SmoothQuant: smooth the FP model, then calibrate the smoothed one
-                model, smoothing = smooth_model(src.model, recipe, data, recipe.calibration, device=device,
-                                                progress=tick, jobs=smooth_jobs)
+                model, smoothing, notes = smooth_model(src.model, recipe, data, recipe.calibration, device=device,
+                                                       progress=tick, jobs=smooth_jobs)
                 targets = plan_quantization(model, recipe)
                 tensors = activation_tensors(targets) + fp4_activation_tensors(model, recipe)
             result = calibrate(model, tensors, data, recipe.calibration, device=device, progress=tick,
@@ -149,12 +158,20 @@ def build(
             _save_onnx_atomic(qdq_model, emit_onnx)
         plugin_model, fuse_result = fuse_plugins(qdq_model)
 
+    layers = layer_table(plugin_model)
+    stats = {**qdq_result.stats, **fuse_result.stats}
+    result = BuildResult(output, recipe, qdq_model, plugin_model, layers, dict(progress.times),
+                         initializer_bytes(src.model), initializer_bytes(plugin_model), calibration, stats,
+                         source_model=src.model, validation_data=held_out,
+                         pass_notes=notes + qdq_result.notes + fuse_result.notes)
+    if output is None:
+        return result
+
     compute_dtype = torch.float16 if device == "cuda" else None
     with progress.stage("lower", f"{device}, {'fp16' if compute_dtype else 'fp32'} compute"):
         program = lower_onnx(plugin_model, compute_dtype=compute_dtype).to(device)
         example = tuple(torch.from_numpy(src.example_inputs[n]).to(device) for n in program.input_names)
 
-    layers = layer_table(plugin_model)
     content_hash = hashlib.sha256(
         (src.content_hash() + recipe.content_hash() + data_hash
          + (f"holdout={holdout}" if held_out is not None else "")).encode()).hexdigest()
@@ -170,11 +187,7 @@ def build(
     with progress.stage("compile", "AOTInductor"):
         build_engine(program, inputs=src.inputs, outputs=src.outputs, example_inputs=example,
                      manifest=manifest, output_path=output, device=device, extra_files=_quantized_graph(plugin_model))
-
-    stats = {f"{k}": v for k, v in {**qdq_result.stats, **fuse_result.stats}.items()}
-    result = BuildResult(output, recipe, qdq_model, plugin_model, layers, dict(progress.times),
-                         initializer_bytes(src.model), initializer_bytes(plugin_model), calibration, stats,
-                         source_model=src.model, validation_data=held_out)
+    result.stage_seconds = dict(progress.times)
     return result
 
 

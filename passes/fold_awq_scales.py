@@ -14,7 +14,7 @@ values changed, so it must not be matched by name with the FP graph's tensor (pe
 
 Kept as a Mul (declined with the reason, per Mul): x is also read by another op or is a graph output, the
 layers reading x have different scales, or its producer is none of the above or has a non-constant operand.
-Stats: "folded" (Muls removed), "kept_as_mul"; logged at INFO as
+Stats: "folded" (Muls removed), "kept_as_mul"; the note (build summary) and the INFO log line:
 "AWQ scales: N folded into previous ops, M kept as Mul (layers)".
 """
 from __future__ import annotations
@@ -61,10 +61,12 @@ class FoldAwqScalesPass(InPlacePass):
             stats["folded"] += len(muls)
         if stats["folded"]:
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        notes = []
         if by_input:
-            logger.info("AWQ scales: %d folded into previous ops, %d kept as Mul%s", stats["folded"],
-                        stats["kept_as_mul"], f" ({', '.join(kept)})" if kept else "")
-        return PassResult(graph, bool(stats["folded"]), stats, declined)
+            notes.append(f"AWQ scales: {stats['folded']} folded into previous ops, {stats['kept_as_mul']} kept as Mul"
+                         + (f" ({', '.join(kept)})" if kept else ""))
+            logger.info("%s", notes[0])
+        return PassResult(graph, bool(stats["folded"]), stats, declined, notes)
 
 
 def _plan(graph: gs.Graph, muls: list[gs.Node]) -> list[Edit] | str:

@@ -34,12 +34,15 @@ class PassResult:
         modified: whether the pass changed the graph.
         stats: named counters (what the pass did, e.g. {"fused": 3}).
         declined: (node name, reason) for every candidate the pass looked at and left alone.
+        notes: one-line summaries for the user of what the pass did that changes the model beyond its counters
+            (e.g. "AWQ scales: 10 folded into previous ops, 2 kept as Mul (...)"); the build summary shows them.
     """
 
     graph: gs.Graph
     modified: bool
     stats: collections.Counter = field(default_factory=collections.Counter)
     declined: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 class PassBase(abc.ABC):
@@ -92,7 +95,7 @@ class PassManager:
         self.passes = list(passes)
 
     def run(self, graph: gs.Graph) -> PassResult:
-        """Run every pass; stats are keyed "<pass>.<counter>", declines prefixed with the pass name.
+        """Run every pass; stats are keyed "<pass>.<counter>", declines and notes prefixed with the pass name.
 
         Raises:
             PassError: a pass failed (message: "pass 'X' failed after [A, B]: <cause>").
@@ -100,6 +103,7 @@ class PassManager:
         """
         stats: collections.Counter = collections.Counter()
         declined: list[tuple[str, str]] = []
+        notes: list[str] = []
         modified = False
         done: list[str] = []
         dump_dir = os.environ.get(DUMP_ENV)
@@ -119,8 +123,9 @@ class PassManager:
             for key, value in result.stats.items():
                 stats[f"{pass_.name}.{key}"] += value
             declined.extend((node, f"{pass_.name}: {reason}") for node, reason in result.declined)
+            notes.extend(f"{pass_.name}: {note}" for note in result.notes)
             done.append(pass_.name)
-        return PassResult(graph, modified, stats, declined)
+        return PassResult(graph, modified, stats, declined, notes)
 
     __call__ = run
 

@@ -8,6 +8,8 @@ Does the following transformation (x [..., K] feeds the MatMuls of one group; W'
 - Mul(a, b) -> x, a from a previous linear layer    ->  a / s through that layer (SwiGLU's up_proj)
 - anything else (or x read by other nodes too)     ->  MatMul(Mul(x, 1/s), W_i')   (explicit Mul; declined entry
                                                        "no fold: ..." says why, for the build report)
+The note (build summary): "SmoothQuant: G groups (L layers), 1/s folded into the producer for F, an explicit Mul
+kept for M (layers)".
 
 Groups (`smoothing_groups`): the MatMuls with a constant 2-D weight whose recipe rule is `algorithm =
 "smoothquant"` and that `plan_quantization` quantizes, grouped by their input x: they share one s (q/k/v).
@@ -74,6 +76,7 @@ class SmoothQuantPass(InPlacePass):
     def call(self, graph: gs.Graph) -> PassResult:
         stats: collections.Counter = collections.Counter()
         declined: list[tuple[str, str]] = []
+        kept: list[str] = []
         tensors = graph.tensors()
         nodes = {n.name: n for n in graph.nodes}
         for group in smoothing_groups(graph, self.recipe):
@@ -93,6 +96,7 @@ class SmoothQuantPass(InPlacePass):
                                    "cannot absorb 1/s"
                 _insert_mul(graph, x, members, s)
                 declined.append((members[0].name, f"no fold: {reason}; an explicit Mul(x, 1/s) stays"))
+                kept.append(G.module_of(graph, members[0]) or members[0].name)
                 stats["explicit_mul"] += 1
             else:
                 for node, index, value in edits:
@@ -101,9 +105,13 @@ class SmoothQuantPass(InPlacePass):
                 stats[f"folded_into_{edits[0][0].op}"] += 1
             stats["groups"] += 1
             stats["layers"] += len(members)
+        notes = []
         if stats["groups"]:
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        return PassResult(graph, bool(stats["groups"]), stats, declined)
+            notes.append(f"SmoothQuant: {stats['groups']} groups ({stats['layers']} layers), 1/s folded into the "
+                         f"producer for {stats['groups'] - stats['explicit_mul']}, an explicit Mul kept for "
+                         f"{stats['explicit_mul']}" + (f" ({', '.join(kept)})" if kept else ""))
+        return PassResult(graph, bool(stats["groups"]), stats, declined, notes)
 
 
 def _fold_reason(graph: gs.Graph, x, members: list[gs.Node]) -> str | None:

@@ -141,18 +141,19 @@ def run_smoothing(jobs: list[SmoothJob], watch: dict[str, list]) -> dict[str, Sm
 
 
 def smooth_model(model: onnx.ModelProto, recipe, data, options, *, device: str = "cpu", progress=None,
-                 jobs: list[SmoothJob] | None = None) -> tuple[onnx.ModelProto, list[dict]]:
-    """(the smoothed FP model, one report entry per group) after streaming `data` through `model` once.
+                 jobs: list[SmoothJob] | None = None) -> tuple[onnx.ModelProto, list[dict], list[str]]:
+    """(the smoothed FP model, one report entry per group, the pass notes) after streaming `data` through
+    `model` once.
 
     The report says per group: input tensor, layers, alpha, and where 1/s went ("folded" or the reason an
-    explicit Mul stays)."""
+    explicit Mul stays); the notes are SmoothQuantPass's summary lines for the build summary."""
     from qcompile.calibration import calibrate
     from qcompile.passes import PassManager, export_model, import_model
     from qcompile.passes.smooth_quant import SmoothQuantPass
 
     jobs = plan_smoothing(model, recipe) if jobs is None else jobs
     if not jobs:
-        return model, []
+        return model, [], []
     watch = observers_for(jobs)
     calibrate(model, [], data, options, device=device, progress=progress, extra_observers=watch)
     results = run_smoothing(jobs, watch)
@@ -166,4 +167,4 @@ def smooth_model(model: onnx.ModelProto, recipe, data, options, *, device: str =
                        "inverse_scale": reason.split(": ", 1)[1] if reason else "folded into the producer"})
         if reason:
             logger.warning("SmoothQuant %s: %s", ", ".join(job.nodes), reason)
-    return export_model(result.graph, like=model), report
+    return export_model(result.graph, like=model), report, result.notes

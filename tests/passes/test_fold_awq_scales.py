@@ -158,6 +158,7 @@ def test_unfoldable_muls_are_kept_and_reported(case, caplog):
     assert all(reason in r for _, r in result.declined), result.declined
     assert before.SerializeToString() == after.SerializeToString()
     assert "AWQ scales: 0 folded into previous ops, 2 kept as Mul (layers.0.fc1, layers.0.fc2)" in caplog.text
+    assert result.notes == ["AWQ scales: 0 folded into previous ops, 2 kept as Mul (layers.0.fc1, layers.0.fc2)"]
 
 
 def test_partial_fold_counts_both(caplog):
@@ -172,6 +173,7 @@ def test_partial_fold_counts_both(caplog):
     assert dict(result.stats) == {"folded": 2, "kept_as_mul": 1}
     assert [m.name for m in _awq_muls(after)] == ["fc3/awq_scale"]
     assert "AWQ scales: 2 folded into previous ops, 1 kept as Mul (fc3)" in caplog.text
+    assert result.notes == ["AWQ scales: 2 folded into previous ops, 1 kept as Mul (fc3)"]  # the build summary's line
     _same_function(before, after)
 
 

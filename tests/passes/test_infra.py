@@ -40,6 +40,16 @@ def test_manager_aggregates_stats_and_declines(caplog):
     assert "CountPass declined n0: because" in caplog.text
 
 
+class NotePass(InPlacePass):
+    def call(self, graph):
+        return PassResult(graph, False, notes=["3 things folded, 1 kept"])
+
+
+def test_manager_collects_notes_prefixed_with_the_pass_name():
+    result = PassManager([NotePass(), CountPass(), NotePass()]).run(tiny())
+    assert result.notes == ["NotePass: 3 things folded, 1 kept"] * 2
+
+
 def test_errors_name_the_pass_and_the_passes_before():
     with pytest.raises(PassError, match=r"pass 'BoomPass' failed after \[CountPass\]: bad thing"):
         PassManager([CountPass(), BoomPass(ValueError("bad thing"))]).run(tiny())

@@ -91,6 +91,9 @@ def test_where_the_inverse_scale_goes():
     reasons = dict(result.declined)
     assert "producer Relu of 'r' cannot absorb 1/s" in reasons["mm_z"]
     assert "explicit Mul" in reasons["mm_g"]
+    (note,) = result.notes  # the build summary's line
+    assert note.startswith("SmoothQuantPass: SmoothQuant: 6 groups (9 layers), 1/s folded into the producer for 4, "
+                           "an explicit Mul kept for 2 (") and "mm_z" in note
     ops = [n.op_type for n in smoothed.graph.node]
     assert ops.count("Mul") == 4 + 2  # x2, norm, silu, swiglu + the two explicit Muls
 

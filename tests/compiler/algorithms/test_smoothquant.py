@@ -65,7 +65,7 @@ def _recipe(alpha):
 
 def _quantized_sqnr(src, data, recipe) -> float:
     """The pipeline's calibrate + quantize stages (smoothing first when the recipe asks), SQNR vs FP in ORT."""
-    model, _ = smooth_model(src.model, recipe, data, recipe.calibration)
+    model, _, _ = smooth_model(src.model, recipe, data, recipe.calibration)
     amax = calibrate(model, activation_tensors(plan_quantization(model, recipe)), data, recipe.calibration).amax
     plugin, _ = fuse_plugins(quantize_model(model, recipe, amax)[0])
     x = {"x": np.random.default_rng(99).standard_normal((2, 24, K)).astype(np.float32)}  # fresh inputs

@@ -81,6 +81,9 @@ def test_cli_build_validates_and_runs(tmp_path, calib, capsys):
     out, err = capsys.readouterr()
     assert code == 0, out + err
     assert "validation PASSED" in out and "Int4GroupwiseGemm" in out
+    assert any(line.startswith("pass note") and line.endswith(  # FoldAwqScalesPass's summary, in the terminal
+        "FoldAwqScalesPass: AWQ scales: 10 folded into previous ops, 2 kept as Mul (layers.0.attn.o_proj, "
+        "layers.1.attn.o_proj)") for line in out.splitlines()), out
     report = json.loads((tmp_path / "w4.engine.validation.json").read_text())
     assert report["outputs"]["logits"]["cosine"] >= 0.98
     inputs = tmp_path / "in.npz"

@@ -63,8 +63,14 @@ def test_cli_build_validates_and_runs(tmp_path, llama, capsys, recipe, kernel):
         assert len(groups) == 9 and sum(g["inverse_scale"] == "folded into the producer" for g in groups) == 7
         assert all("Reshape" in g["inverse_scale"] for g in groups if "o_proj" in str(g) or "linear_3" in str(g)
                    or "linear_10" in str(g))
+        # SmoothQuant's fold summary: a pass note in the terminal summary and the report
+        note = ("SmoothQuantPass: SmoothQuant: 9 groups (15 layers), 1/s folded into the producer for 7, an explicit "
+                "Mul kept for 2 (layers.0.attn.o_proj, layers.1.attn.o_proj)")
+        assert build["pass_notes"] == [note]
+        assert any(line.startswith("pass note") and line.endswith(note) for line in out.splitlines())
     else:
         assert build["calibration"] is None  # dynamic activations: nothing to calibrate
+        assert build["pass_notes"] == [] and "pass note" not in out
     inputs = tmp_path / "in.npz"
     assert main(["sample-inputs", "tiny-llama", "-o", str(inputs), "--dim", "batch=2", "--dim", "seq=8"]) == 0
     assert main(["run", str(engine), "--inputs", str(inputs)]) == 0
