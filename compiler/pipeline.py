@@ -31,7 +31,7 @@ class BuildResult:
     """What `build` produced: the engine file (None for a graph-only build), the graphs on the way, the numbers.
 
     `pass_notes`: the passes' one-line summaries ("FoldAwqScalesPass: AWQ scales: 10 folded ..."), shown in the
-    build summary."""
+    build summary; `declined`: (node, "Pass: reason") for the layers a pass of the recipe left alone."""
 
     engine_path: Path | None
     recipe: Recipe
@@ -47,6 +47,7 @@ class BuildResult:
     source_model: onnx.ModelProto | None = None  # the FP32 ONNX graph it was built from (validation reference)
     validation_data: Any = None  # the held-out calibration samples (`holdout`), else None
     pass_notes: list[str] = field(default_factory=list)
+    declined: list[tuple[str, str]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -60,6 +61,7 @@ class BuildResult:
             "calibration": self.calibration,
             "pass_stats": self.pass_stats,
             "pass_notes": self.pass_notes,
+            "declined": [{"node": node, "reason": reason} for node, reason in self.declined],
             "layers": [r.to_dict() for r in self.layers],
         }
 
@@ -156,14 +158,15 @@ def build(
                                                int4_input_amax)
         if emit_onnx is not None:
             _save_onnx_atomic(qdq_model, emit_onnx)
-        plugin_model, fuse_result = fuse_plugins(qdq_model)
+        plugin_model, fuse_result = fuse_plugins(qdq_model, recipe=recipe)
 
     layers = layer_table(plugin_model)
     stats = {**qdq_result.stats, **fuse_result.stats}
     result = BuildResult(output, recipe, qdq_model, plugin_model, layers, dict(progress.times),
                          initializer_bytes(src.model), initializer_bytes(plugin_model), calibration, stats,
                          source_model=src.model, validation_data=held_out,
-                         pass_notes=notes + qdq_result.notes + fuse_result.notes)
+                         pass_notes=notes + qdq_result.notes + fuse_result.notes,
+                         declined=qdq_result.declined + fuse_result.declined)
     if output is None:
         return result
 

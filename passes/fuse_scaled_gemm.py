@@ -7,7 +7,9 @@ Does the following transformation:
 - MatMul/Gemm(DQ(Q(x, s_row(x), axis=-1, block_size=K)), DQ(W_q)) with the per-token dynamic scale subgraph
   s_row(x) = Max(Div(ReduceMax(Abs(x)), qmax), MIN_SCALE)  ->  DynamicScaledGemm(x, zp, W_q.T[N,K], sw, b)
 
-The activation Q/DQ pair stays when another consumer still reads the DQ output. The plugin contract is
+Given the recipe, GEMMs whose rule hands them to another fusion (weight-only INT8, FP8 block, INT4, FP4:
+`_forms.rule_form`) are left to it, not declined. The activation Q/DQ pair stays when another consumer still reads
+the DQ output. The plugin contract is
 `qcompile.plugins.scaled_gemm.onnx_schema`; `pipeline.fuse_plugins` adds its function body to the model.
 """
 from __future__ import annotations
@@ -19,9 +21,11 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qcompile.passes import _graph as G
+from qcompile.passes._forms import QDQ, rule_form
 from qcompile.passes.rewrite import MatchResult, RewritePass, RewriteRule
 from qcompile.plugins import formats
 from qcompile.plugins.scaled_gemm import dynamic_schema, onnx_schema
+from qcompile.recipes.schema import Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -217,10 +221,20 @@ def ensure_function(graph: gs.Graph, schema=onnx_schema) -> None:
 
 
 class FuseScaledGemmPass(RewritePass):
-    """Runs `ScaledGemmRule`; declines say why a quantized GEMM was not fused."""
+    """Runs `ScaledGemmRule`; declines say why a quantized GEMM was not fused.
 
-    def __init__(self):
+    Args:
+        recipe: the recipe the graph was quantized with (optional): its layers of another fusion's form are
+            skipped, not declined. Without it every DQ-fed GEMM is a candidate.
+    """
+
+    def __init__(self, recipe: Recipe | None = None):
         super().__init__([DynamicScaledGemmRule(), ScaledGemmRule()], name="FuseScaledGemmPass")
+        self.recipe = recipe
+
+    def skips(self, graph, node):
+        rule = self.recipe.rule_for(node.op, node.name, G.module_of(graph, node)) if self.recipe else None
+        return rule is not None and rule_form(rule) != QDQ
 
     def call(self, graph):
         result = super().call(graph)

@@ -14,7 +14,9 @@ Does the following transformation:
 
 Not quantized (declined, with a reason): GEMV, K < min_k, N < min_n, non-constant weights, formats or
 granularities this pass does not emit yet. Residual Adds and normalization inputs stay high precision
-unless residual_add="quantize". Weight-only INT4 rules are not targets here (QuantizeWeightsInt4Pass's).
+unless residual_add="quantize". Layers of another pass's form are not targets here, neither quantized nor declined
+(`_forms.rule_form`): weight-only INT4 (QuantizeWeightsInt4Pass's), FP4 (QuantizeWeightsFp4Pass's) and FP8 block
+(QuantizeFp8BlockPass's).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import onnx_graphsurgeon as gs
 
 from qcompile.errors import PassError
 from qcompile.passes import _graph as G
+from qcompile.passes._forms import INT4, INT8_WEIGHT_ONLY, QDQ, rule_form
 from qcompile.passes.fuse_int4_gemm import int4_weight_dq
 from qcompile.passes.infra import InPlacePass, PassResult
 from qcompile.passes.quantize_weights_int4 import decline_reason as int4_decline_reason
@@ -90,7 +93,7 @@ def plan_quantization(graph: gs.Graph | onnx.ModelProto, recipe: Recipe) -> list
     targets = []
     for node in graph.nodes:
         rule = recipe.rule_for(node.op, node.name, G.module_of(graph, node))
-        if rule is not None and not (_int4_weight(rule) and rule.activation is None):
+        if rule is not None and _is_target(rule):
             targets.append(_plan_node(graph, node, rule, recipe))
     if recipe.placement.for_op("Add").residual_add == "quantize":
         targets += _plan_residuals(graph, [t for t in targets if t.quantized and t.op_type == "Conv"])
@@ -108,9 +111,16 @@ def activation_tensors(targets: list[QuantTarget]) -> list[str]:
     return list(names)
 
 
+def _is_target(rule: Rule) -> bool:
+    """Whether this pass places Q/DQ for the rule's layers: its own forms, and W4A8's activations (the INT4
+    weights are QuantizeWeightsInt4Pass's); FP4 and FP8 block layers are other passes', not declines here."""
+    form = rule_form(rule)
+    return form in (QDQ, INT8_WEIGHT_ONLY) or form == INT4 and rule.activation is not None
+
+
 def _int4_weight(rule: Rule) -> bool:
     """INT4 weights are QuantizeWeightsInt4Pass's; this pass quantizes only their activations (W4A8)."""
-    return rule.weight is not None and rule.weight.format == "int4"
+    return rule_form(rule) == INT4
 
 
 def _plan_node(graph: gs.Graph, node: gs.Node, rule: Rule, recipe: Recipe) -> QuantTarget:

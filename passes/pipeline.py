@@ -53,12 +53,13 @@ def qdq_passes(recipe: Recipe, activation_amax: dict[str, float], int4_weights=N
             InsertQDQPass(recipe, activation_amax, int4_input_amax),
             QuantizeWeightsFp4Pass(recipe, activation_amax),
             QuantizeFp8BlockPass(recipe), FoldWeightQDQPass(),
-            SinkDequantizePass(), CleanupPass(), LintQDQPass()]
+            SinkDequantizePass(recipe), CleanupPass(), LintQDQPass()]
 
 
-def plugin_passes() -> list[PassBase]:
-    """Q/DQ graph -> plugin graph."""
-    return [FuseScaledGemmPass(), FuseInt4GemmPass(), FuseInt8WoGemmPass(), FuseFp8BlockGemmPass(),
+def plugin_passes(recipe: Recipe | None = None) -> list[PassBase]:
+    """Q/DQ graph -> plugin graph (`recipe`: the one the graph was quantized with, so that each fusion keeps to
+    its own layers; None: every fusion tries every quantized GEMM)."""
+    return [FuseScaledGemmPass(recipe), FuseInt4GemmPass(), FuseInt8WoGemmPass(), FuseFp8BlockGemmPass(),
             FuseFp4GemmPass(), CleanupPass(), LintQDQPass()]
 
 
@@ -81,10 +82,11 @@ def quantize_model(model: onnx.ModelProto, recipe: Recipe, activation_amax: dict
     return export_model(result.graph, like=model, opset=opset), result
 
 
-def fuse_plugins(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassResult]:
-    """Fuse quantized GEMMs of a Q/DQ model into plugin nodes (with their function bodies)."""
+def fuse_plugins(model: onnx.ModelProto, recipe: Recipe | None = None) -> tuple[onnx.ModelProto, PassResult]:
+    """Fuse quantized GEMMs of a Q/DQ model into plugin nodes (with their function bodies); `recipe`: the one
+    `model` was quantized with (its layers of another fusion's form are not declined by FuseScaledGemmPass)."""
     graph = import_model(model)
-    result = PassManager(plugin_passes()).run(graph)
+    result = PassManager(plugin_passes(recipe)).run(graph)
     return export_model(result.graph, like=model), result
 
 

@@ -83,12 +83,18 @@ class RewritePass(InPlacePass):
     def name(self) -> str:
         return self._name or type(self).__name__
 
+    def skips(self, graph: gs.Graph, node: gs.Node) -> bool:
+        """Whether `node` is another pass's to handle: no rule is tried on it and nothing is declined."""
+        return False
+
     def call(self, graph: gs.Graph) -> PassResult:
         stats: collections.Counter = collections.Counter()
         declined: list[tuple[str, str]] = []
         meta = node_metadata(graph)
         for node in list(graph.nodes):
             if not node.outputs:  # removed by an earlier rewrite
+                continue
+            if any(node.op in rule.pattern for rule in self.rules) and self.skips(graph, node):
                 continue
             for rule in self.rules:
                 if node.op not in rule.pattern:

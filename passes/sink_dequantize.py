@@ -6,7 +6,9 @@ Does the following transformation:
   (repeated until the DQ reaches a non-copy op)
 
 Declines (with a reason) when the per-channel axis is merged or split by a reshape, the DQ output has
-several consumers, the copy op's parameters are not constant, or the DQ is blocked.
+several consumers, the copy op's parameters are not constant, or the DQ is blocked. Given the recipe, the FP4
+form's DQ -> Transpose -> MatMul (QuantizeWeightsFp4Pass's, fused as it is by FuseFp4GemmPass) is left alone,
+not declined.
 """
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ import logging
 import onnx_graphsurgeon as gs
 
 from qcompile.passes import _graph as G
+from qcompile.passes._forms import FP4, rule_form
 from qcompile.passes.infra import InPlacePass, PassResult
+from qcompile.recipes.schema import Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +28,15 @@ __all__ = ["SinkDequantizePass"]
 
 
 class SinkDequantizePass(InPlacePass):
-    """Applies copy ops to quantized constants (and remaps the per-channel axis) until DQ meets its consumer."""
+    """Applies copy ops to quantized constants (and remaps the per-channel axis) until DQ meets its consumer.
+
+    Args:
+        recipe: the recipe being applied (optional): copy ops that are part of another pass's form (FP4's weight
+            Transpose) are kept without a decline. Without it every weight DQ in front of a copy op is tried.
+    """
+
+    def __init__(self, recipe: Recipe | None = None):
+        self.recipe = recipe
 
     def call(self, graph: gs.Graph) -> PassResult:
         stats: collections.Counter = collections.Counter()
@@ -39,7 +51,7 @@ class SinkDequantizePass(InPlacePass):
                         declined[dq.name] = "the DQ output has several consumers"
                     continue
                 op = dq.outputs[0].outputs[0]
-                if op.op not in G.COPY_OPS or op.inputs[0] is not dq.outputs[0]:
+                if op.op not in G.COPY_OPS or op.inputs[0] is not dq.outputs[0] or self._form_keeps(graph, op):
                     continue
                 reason = self._sink(graph, dq, op)
                 if reason:
@@ -52,6 +64,13 @@ class SinkDequantizePass(InPlacePass):
         if modified:
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return PassResult(graph, modified, stats, list(declined.items()))
+
+    def _form_keeps(self, graph: gs.Graph, op: gs.Node) -> bool:
+        """Whether copy op `op` feeds a layer of the FP4 form, whose DQ -> Transpose -> MatMul stays as written."""
+        if self.recipe is None:
+            return False
+        rules = (self.recipe.rule_for(c.op, c.name, G.module_of(graph, c)) for c in op.outputs[0].outputs)
+        return any(rule is not None and rule_form(rule) == FP4 for rule in rules)
 
     @staticmethod
     def _sink(graph: gs.Graph, dq: gs.Node, op: gs.Node) -> str | None:

@@ -46,3 +46,35 @@ def test_awq_fold_note_reaches_the_report_and_the_terminal_summary(graph_builds,
     notes = [line for line in table if line.startswith("pass note")]
     assert len(notes) == 1 and notes[0].endswith(AWQ_NOTE)
 
+
+# ---------------------------------------------------------------- declines: only the pass that owns a layer declines it
+
+# the passes of each recipe that may decline its layers: those that quantize or fuse them (passes/_forms.py)
+OWNERS = {"w8a16": {"InsertQDQPass"},  # attention's Q @ K^T and P @ V: no constant weight
+          "fp8_block": {"QuantizeFp8BlockPass"},  # those, and gate / up / down (688 is not a multiple of 128)
+          "nvfp4": {"QuantizeWeightsFp4Pass"}}
+
+
+@pytest.mark.parametrize("name", list(OWNERS))
+def test_layers_another_pass_handles_are_not_declined(graph_builds, name):
+    """InsertQDQPass leaves FP4 and FP8-block layers to their passes, SinkDequantizePass leaves FP4's weight
+    Transpose, FuseScaledGemmPass leaves weight-only INT8 and FP8-block GEMMs to their fusions: none of them
+    declines those layers. Every declined layer really stays unquantized (no plugin node has its name)."""
+    result = graph_builds(name)
+    report = result.summary()["declined"]
+    assert report and {d["reason"].split(":")[0] for d in report} == OWNERS[name], report
+    fused = {n.name for n in result.plugin_model.graph.node if n.domain == "qcompile"}
+    assert fused and not fused & {d["node"] for d in report}
+
+
+def test_the_recipe_is_what_keeps_the_scaled_gemm_fusion_off_other_fusions_layers(graph_builds):
+    """Without the recipe, FuseScaledGemmPass tries every DQ-fed GEMM (a Q/DQ model from elsewhere) and says why
+    it did not fuse the weight-only ones; with it, it leaves them to FuseInt8WoGemmPass. Same plugin graph."""
+    from qcompile.passes import fuse_plugins
+
+    result = graph_builds("w8a16")
+    bare, without = fuse_plugins(result.qdq_model)
+    keyed, with_recipe = fuse_plugins(result.qdq_model, recipe=result.recipe)
+    assert sum(r.startswith("FuseScaledGemmPass") for _, r in without.declined) == 14
+    assert not with_recipe.declined
+    assert bare.SerializeToString() == keyed.SerializeToString()

@@ -48,8 +48,8 @@ def test_validate_per_layer_ranks_a_sabotaged_int4_layer_first(tmp_path, monkeyp
     sabotaged = []
     real_fuse = qcompile.passes.fuse_plugins
 
-    def fuse_and_sabotage(model):
-        fused, result = real_fuse(model)
+    def fuse_and_sabotage(model, **kwargs):
+        fused, result = real_fuse(model, **kwargs)
         sabotaged.append(_sabotage(fused))
         return fused, result
 

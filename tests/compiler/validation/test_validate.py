@@ -54,8 +54,8 @@ def sabotaged_engine(tmp_path_factory, calib):
     real = qcompile.passes.fuse_plugins
     names = []
 
-    def fuse_and_break(model):
-        plugin_model, result = real(model)
+    def fuse_and_break(model, **kwargs):
+        plugin_model, result = real(model, **kwargs)
         names.append(_sabotage(plugin_model, SABOTAGED_MODULE, 40.0))
         return plugin_model, result
 
