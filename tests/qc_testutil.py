@@ -1,4 +1,8 @@
 """Helpers shared by the tests (importable because pytest's `pythonpath` includes tests/)."""
+import contextlib
+import io
+from dataclasses import dataclass
+
 import numpy as np
 import onnxruntime as ort
 
@@ -22,3 +26,35 @@ def save_samples(path, source, count: int, sizes: dict, seed: int):
     samples = [source.random_inputs(rng, sizes) for _ in range(count)]
     np.savez(path, **{k: np.stack([s[k] for s in samples]) for k in samples[0]})
     return path
+
+
+@dataclass
+class CliRun:
+    """One in-process `qcompile` command: exit code, stdout, stderr, and for `build` the BuildResult."""
+
+    code: int
+    out: str
+    err: str
+    result: object = None
+
+
+def run_cli(*argv) -> CliRun:
+    """Run `qcompile ARGV` in-process with stdout and stderr captured (usable where capsys is not: session
+    fixtures); a `build` also hands back the `BuildResult` that `qcompile.pipeline.build` returned."""
+    import pytest
+
+    import qcompile.pipeline
+    from qcompile.cli import main
+
+    results = []
+    real = qcompile.pipeline.build
+
+    def build(*args, **kwargs):
+        results.append(real(*args, **kwargs))
+        return results[-1]
+
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        mp.setattr(qcompile.pipeline, "build", build)
+        code = main([str(a) for a in argv])
+    return CliRun(code, out.getvalue(), err.getvalue(), results[0] if results else None)

@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-import qcompile
 from qcompile.cli import format_build_summary
 from qcompile.report import write_json_atomic
 
@@ -12,19 +11,6 @@ pytestmark = pytest.mark.slow
 
 AWQ_NOTE = ("FoldAwqScalesPass: AWQ scales: 10 folded into previous ops, 2 kept as Mul "
             "(layers.0.attn.o_proj, layers.1.attn.o_proj)")
-
-
-@pytest.fixture(scope="module")
-def graph_builds():
-    """`qcompile.build(..., output=None)` of tiny-llama by recipe (calibrated on seeded random data), once each."""
-    cache = {}
-
-    def get(recipe):
-        if recipe not in cache:
-            cache[recipe] = qcompile.build("tiny-llama", recipe, output=None, calib="random", device="cpu",
-                                           progress_stream=None)
-        return cache[recipe]
-    return get
 
 
 def test_a_graph_level_build_stops_before_the_engine(graph_builds):

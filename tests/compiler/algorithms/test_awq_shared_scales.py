@@ -9,14 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from qc_testutil import ort_session, save_samples
+from qc_testutil import ort_session
 from qcompile.algorithms.awq import awq_search
 from qcompile.algorithms.int4 import quantize_rtn
-from qcompile.algorithms.plan import Int4Job, awq_groups, observers_for, plan_int4_jobs, run_jobs
-from qcompile.calibration import calibrate, load_calibration_data
+from qcompile.algorithms.plan import Int4Job, awq_groups, observers_for, run_jobs
 from qcompile.passes import PassManager, export_model, import_model, qdq_passes, quantize_model
 from qcompile.passes.fold_awq_scales import FoldAwqScalesPass
-from qcompile.recipes import load_recipe
 
 
 def _outlier_activations(rng, tokens=256, k=128):
@@ -58,16 +56,9 @@ def test_layers_sharing_an_input_get_one_search_on_their_concatenated_weights():
 
 
 @pytest.fixture(scope="module")
-def awq_llama(llama, tmp_path_factory):
-    """tiny-llama's w4a16_awq results: (recipe, AWQ weights, AWQ scales, jobs)."""
-    calib = save_samples(tmp_path_factory.mktemp("awq") / "calib.npz", llama, 16, {"batch": 1, "seq": 64}, seed=5)
-    recipe = load_recipe("w4a16_awq")
-    jobs = plan_int4_jobs(llama.model, recipe)
-    watch = observers_for(jobs)
-    calibrate(llama.model, [], load_calibration_data(str(calib), llama.inputs), recipe.calibration,
-              extra_observers=watch)
-    weights, scales = run_jobs(jobs, watch)
-    return recipe, weights, scales, jobs
+def awq_llama(w4a16_awq):
+    """tiny-llama's w4a16_awq results: (recipe, AWQ weights, AWQ scales, jobs) (the shared AWQ calibration)."""
+    return w4a16_awq["recipe"], w4a16_awq["weights"], w4a16_awq["scales"], w4a16_awq["jobs"]
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from qc_testutil import ort_session, save_samples
+from qc_testutil import ort_session
 from qcompile.algorithms.plan import observers_for, plan_int4_jobs, run_jobs
 from qcompile.calibration import calibrate, load_calibration_data
 from qcompile.cli import main
@@ -17,11 +17,6 @@ from qcompile.recipes import load_recipe
 from qcompile.validation.metrics import compare_arrays
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory, llama):
-    return save_samples(tmp_path_factory.mktemp("w4") / "calib.npz", llama, 32, {"batch": 1, "seq": 64}, seed=5)
 
 
 def _quantize(llama, calib, name):
@@ -37,8 +32,11 @@ def _quantize(llama, calib, name):
 
 
 @pytest.fixture(scope="module")
-def quantized(llama, calib):
-    return {name: _quantize(llama, calib, name) for name in ("w4a16_rtn", "w4a16_awq", "w4a16_gptq")}
+def quantized(llama, w4_calib, w4a16_awq):
+    awq = w4a16_awq  # the shared w4a16_awq quantization (same data, same steps as `_quantize`)
+    return {"w4a16_rtn": _quantize(llama, w4_calib, "w4a16_rtn"),
+            "w4a16_awq": (awq["qdq"], awq["plugin"], awq["result"], awq["jobs"]),
+            "w4a16_gptq": _quantize(llama, w4_calib, "w4a16_gptq")}
 
 
 def _sqnr(llama, model, feeds):
@@ -74,9 +72,9 @@ def test_portable_int4_qdq_runs_in_ort_and_agrees_with_the_plugin_graph(llama, q
     np.testing.assert_allclose(ours, ort_out, rtol=1e-3, atol=1e-3)
 
 
-def test_cli_build_validates_and_runs(tmp_path, calib, capsys):
+def test_cli_build_validates_and_runs(tmp_path, w4_calib, capsys):
     engine = tmp_path / "w4.engine"
-    code = main(["build", "tiny-llama", "--recipe", "w4a16_awq", "--calib", str(calib), "-o", str(engine),
+    code = main(["build", "tiny-llama", "--recipe", "w4a16_awq", "--calib", str(w4_calib), "-o", str(engine),
                  "--device", "cpu"])
     out, err = capsys.readouterr()
     assert code == 0, out + err

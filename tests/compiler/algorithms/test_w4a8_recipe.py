@@ -9,9 +9,10 @@ import onnx
 import pytest
 import torch
 
-from qc_testutil import cosine, ort_session, save_samples
-from qcompile.algorithms.plan import awq_input_amax, observers_for, plan_int4_jobs, run_jobs
+from qc_testutil import cosine, ort_session
+from qcompile.algorithms.plan import awq_input_amax, observers_for, plan_int4_jobs
 from qcompile.calibration import calibrate, load_calibration_data
+from qcompile.calibration.observers import ChannelMaxObserver
 from qcompile.cli import main
 from qcompile.layers import layer_table
 from qcompile.lowering import lower_onnx
@@ -24,24 +25,28 @@ pytestmark = pytest.mark.slow
 DYNAMIC = QuantSpec("fp8", "token", mode="dynamic")
 
 
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory, llama):
-    return save_samples(tmp_path_factory.mktemp("w4a8") / "calib.npz", llama, 32, {"batch": 1, "seq": 64}, seed=5)
-
-
 def _with_activation(recipe: Recipe, spec: QuantSpec) -> Recipe:
     import dataclasses
 
     return dataclasses.replace(recipe, rules=tuple(dataclasses.replace(r, activation=spec) for r in recipe.rules))
 
 
-def _quantize(llama, calib, recipe):
+def _quantize(llama, calib, recipe, awq):
+    """The pipeline's calibrate + quantize stages for a w4a8 recipe. The AWQ weights and scales are `awq`'s, the
+    shared w4a16_awq search: the same layers, data, group size and symmetry (checked), so the same search; only
+    the activations (the FP8 tensors, and AWQ layers' per-channel maxima of x) are calibrated here."""
     tensors = activation_tensors(plan_quantization(llama.model, recipe))
     jobs = plan_int4_jobs(llama.model, recipe)
-    watch = observers_for(jobs)
-    data = load_calibration_data(str(calib), llama.inputs)
-    amax = calibrate(llama.model, tensors, data, recipe.calibration, extra_observers=watch).amax
-    weights, scales = run_jobs(jobs, watch)
+    same = lambda js: [(j.node, j.algorithm, j.x, j.group_size, j.symmetric) for j in js]  # noqa: E731
+    assert same(jobs) == same(awq["jobs"])
+    watch = {x: [o for o in observers if isinstance(o, ChannelMaxObserver)]
+             for x, observers in observers_for(jobs).items()}
+    watch = {x: observers for x, observers in watch.items() if observers}
+    amax = {}
+    if tensors or watch:
+        data = load_calibration_data(str(calib), llama.inputs)
+        amax = calibrate(llama.model, tensors, data, recipe.calibration, extra_observers=watch).amax
+    weights, scales = awq["weights"], awq["scales"]
     input_amax = awq_input_amax(jobs, watch, scales)
     qdq, result = quantize_model(llama.model, recipe, amax, weights, scales, input_amax)
     return {"qdq": qdq, "plugin": fuse_plugins(qdq)[0], "result": result, "tensors": tensors,
@@ -49,11 +54,16 @@ def _quantize(llama, calib, recipe):
 
 
 @pytest.fixture(scope="module")
-def quantized(llama, calib):
+def calib(w4_calib):
+    return w4_calib  # the shared INT4 calibration data (32 samples, batch 1, seq 64)
+
+
+@pytest.fixture(scope="module")
+def quantized(llama, calib, w4a16_awq):
     w4a8 = load_recipe("w4a8_awq")
-    return {"w4a8_awq": _quantize(llama, calib, w4a8),
-            "w4a8_awq_dynamic": _quantize(llama, calib, _with_activation(w4a8, DYNAMIC)),
-            "w4a16_awq": _quantize(llama, calib, load_recipe("w4a16_awq"))}
+    return {"w4a8_awq": _quantize(llama, calib, w4a8, w4a16_awq),
+            "w4a8_awq_dynamic": _quantize(llama, calib, _with_activation(w4a8, DYNAMIC), w4a16_awq),
+            "w4a16_awq": {"plugin": w4a16_awq["plugin"]}}  # the shared w4a16_awq quantization, same data
 
 
 @pytest.fixture(scope="module")

@@ -28,14 +28,14 @@ def test_recipes_lists_builtins(capsys):
         assert name in out
 
 
-def test_build_run_inspect_with_random_calibration(tmp_path, capsys, llama):
-    engine = tmp_path / "tl.engine"
-    code, out, err = run_cli(capsys, "build", "tiny-llama", "--recipe", "int8", "--calib", "random", "-o", engine)
+def test_build_run_inspect_with_random_calibration(tmp_path, capsys, llama, int8_random_cli):
+    build, engine = int8_random_cli  # `qcompile build tiny-llama --recipe int8 --calib random -o ENGINE` (shared)
+    code, out, err = build.code, build.out, build.err
     assert code == 0, err
     assert engine.is_file()
     assert "Build summary" in out and "layers quantized" in out and "15" in out
     assert "RANDOM" in out  # the report says the calibration data was random
-    report = json.loads((tmp_path / "tl.engine.build.json").read_text())
+    report = json.loads((engine.parent / "tl.engine.build.json").read_text())
     assert report["calibration"]["random"] is True and report["layers_quantized"] == 15
     for stage in ("export", "calibrate", "quantize", "lower", "compile"):
         assert stage in err  # progress lines on stderr

@@ -15,7 +15,6 @@ from onnx import TensorProto, helper, numpy_helper
 from qc_testutil import cosine
 
 from qcompile.calibration import calibrate, load_calibration_data
-from qcompile.frontend import load_source
 from qcompile.lowering import lower_onnx
 from qcompile.passes import activation_tensors, fuse_plugins, plan_quantization, quantize_model
 from qcompile.recipes import load_recipe
@@ -48,10 +47,10 @@ def run_outputs(model, feed):
 
 
 @pytest.fixture(scope="module")
-def llama():
+def llama(export_builtins_once):
     """(FP32 model, int8 plugin model, 2 feeds) for tiny-llama, calibrated on seeded random data."""
     recipe = load_recipe("int8")
-    src = load_source("tiny-llama", opset=recipe.opset)
+    src = export_builtins_once("tiny-llama", opset=recipe.opset)
     tensors = activation_tensors(plan_quantization(src.model, recipe))
     data = load_calibration_data("random", src.inputs, source=src)
     amax = calibrate(src.model, tensors, data, recipe.calibration).amax

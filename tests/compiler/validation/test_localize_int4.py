@@ -15,12 +15,8 @@ from onnx import numpy_helper
 
 import qcompile
 import qcompile.passes
-from qcompile.algorithms.plan import observers_for, plan_int4_jobs, run_jobs
-from qcompile.calibration import calibrate, load_calibration_data
 from qcompile.cli import main
 from qcompile.lowering import lower_onnx
-from qcompile.passes import fuse_plugins, quantize_model
-from qcompile.recipes import load_recipe
 from qcompile.validation.localize import localize_layers, revert_layer
 
 pytestmark = pytest.mark.slow
@@ -73,14 +69,10 @@ def test_validate_per_layer_ranks_a_sabotaged_int4_layer_first(tmp_path, monkeyp
 
 
 @pytest.fixture(scope="module")
-def awq(llama):
-    """(FP model, w4a16_awq plugin model, 2 feeds), AWQ calibrated on seeded random data."""
-    recipe = load_recipe("w4a16_awq")
-    jobs = plan_int4_jobs(llama.model, recipe)
-    watch = observers_for(jobs)
-    calibrate(llama.model, [], load_calibration_data("random", llama.inputs, source=llama), recipe.calibration,
-              extra_observers=watch)
-    plugin = fuse_plugins(quantize_model(llama.model, recipe, {}, *run_jobs(jobs, watch))[0])[0]
+def awq(llama, graph_builds):
+    """(FP model, w4a16_awq plugin model, 2 feeds), AWQ calibrated on seeded random data (the shared graph-level
+    build: export, calibrate, quantize_model, fuse_plugins; no engine)."""
+    plugin = graph_builds("w4a16_awq").plugin_model
     rng = np.random.default_rng(9)
     return llama.model, plugin, [llama.random_inputs(rng, {"batch": 2, "seq": 16}) for _ in range(2)]
 

@@ -7,7 +7,6 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qc_testutil import cosine, ort_session
-from qcompile.frontend import load_source
 from qcompile.validation.fp16 import to_float16
 from qcompile.validation.metrics import compare_arrays, is_logits_like, merge_iterations
 
@@ -58,8 +57,8 @@ def test_logits_like():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny-llama", "small-cnn"])
-def test_fp16_graph_runs_in_ort_and_tracks_fp32(name):
-    src = load_source(name)
+def test_fp16_graph_runs_in_ort_and_tracks_fp32(name, export_builtins_once):
+    src = export_builtins_once(name)
     m16 = to_float16(src.model)
     onnx.checker.check_model(m16, full_check=True)
     # same signature as the FP32 graph; everything inside is FP16

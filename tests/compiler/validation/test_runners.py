@@ -22,7 +22,6 @@ from polygraphy.datatype import DataType
 from polygraphy.exception import PolygraphyException
 from qc_testutil import ort_session
 
-import qcompile
 from qcompile.validation import runners
 from qcompile.validation.runners import LoweringRunner, QcompileRunner, exact_output_match, onnxrt_reference
 
@@ -52,9 +51,10 @@ def onnx_path(tmp_path_factory, llama):
 
 
 @pytest.fixture(scope="module")
-def int8_engine(tmp_path_factory):
-    path = tmp_path_factory.mktemp("int8") / "tl8.engine"
-    qcompile.build("tiny-llama", "int8", output=path, calib="random", device="cpu", progress_stream=None)
+def int8_engine(int8_random_cli):
+    """An int8 tiny-llama engine (calibrated on random data): the one `test_cli` builds through the CLI."""
+    run, path = int8_random_cli
+    assert run.code == 0, run.out + run.err
     return path
 
 

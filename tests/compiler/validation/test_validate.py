@@ -11,7 +11,6 @@ import pytest
 
 import qcompile
 import qcompile.passes
-from qc_testutil import save_samples
 from qcompile.cli import main
 from qcompile.engine import read_manifest
 from qcompile.validation.report import report_path_for
@@ -26,11 +25,6 @@ def run_cli(capsys, *argv):
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory, llama):
-    return save_samples(tmp_path_factory.mktemp("data") / "calib.npz", llama, 10, {"batch": 1, "seq": 24}, seed=11)
 
 
 def _sabotage(model: onnx.ModelProto, module: str, factor: float) -> str:
@@ -49,7 +43,7 @@ def _sabotage(model: onnx.ModelProto, module: str, factor: float) -> str:
 
 
 @pytest.fixture(scope="module")
-def sabotaged_engine(tmp_path_factory, calib):
+def sabotaged_engine(tmp_path_factory, llama_calib):
     path = tmp_path_factory.mktemp("bad") / "bad.engine"
     real = qcompile.passes.fuse_plugins
     names = []
@@ -61,7 +55,7 @@ def sabotaged_engine(tmp_path_factory, calib):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(qcompile.passes, "fuse_plugins", fuse_and_break)
-        qcompile.build("tiny-llama", "int8", output=path, calib=str(calib), device="cpu", progress_stream=None)
+        qcompile.build("tiny-llama", "int8", output=path, calib=str(llama_calib), device="cpu", progress_stream=None)
     return path, names[0]
 
 
@@ -126,16 +120,17 @@ def test_mismatched_output_names_are_caught(fp16_engine, llama, capsys, tmp_path
     assert "Traceback" not in err
 
 
-def test_build_validates_on_held_out_data_and_inspect_shows_it(tmp_path, calib, capsys):
-    engine = tmp_path / "tl8.engine"
-    code, out, err = run_cli(capsys, "build", "tiny-llama", "--recipe", "int8", "--calib", calib, "-o", engine,
-                             "--device", "cpu")
+def test_build_validates_on_held_out_data_and_inspect_shows_it(llama_builds, capsys):
+    # the shared int8 engine: `qcompile build tiny-llama --recipe int8 --calib CALIB (10 samples) --device cpu`
+    engine = llama_builds["int8"].engine_path
+    build = llama_builds.cli_runs["int8"]
+    code, out, err = build.code, build.out, build.err
     assert code == 0, out + err
     assert "Validation vs the fp16 graph" in out and "validation PASSED" in out
     assert "held-out part (2 of 10)" in out  # 20% of the calibration samples, kept out of calibration
     report = json.loads(report_path_for(engine).read_text())
     assert report["passed"] and report["data"]["iterations"] == 2 and report["outputs"]["logits"]["cosine"] >= 0.99
-    build = json.loads((tmp_path / "tl8.engine.build.json").read_text())
+    build = json.loads((engine.parent / f"{engine.name}.build.json").read_text())
     assert build["calibration"]["samples"] == 8
     code, out, _ = run_cli(capsys, "inspect", engine)
     assert code == 0 and "last validation" in out and "PASSED vs fp16 graph" in out
@@ -188,9 +183,9 @@ def test_lowering_reference_when_onnx_runtime_cannot_run_the_graph(fp16_engine, 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
-def test_cuda_fp8_engine_validates(tmp_path, calib, capsys):
+def test_cuda_fp8_engine_validates(tmp_path, llama_calib, capsys):
     engine = tmp_path / "tl-fp8.engine"
-    code, out, err = run_cli(capsys, "build", "tiny-llama", "--recipe", "fp8", "--calib", calib, "-o", engine,
+    code, out, err = run_cli(capsys, "build", "tiny-llama", "--recipe", "fp8", "--calib", llama_calib, "-o", engine,
                              "--device", "cuda")
     assert code == 0, out + err
     report = json.loads(report_path_for(engine).read_text())
