@@ -46,6 +46,7 @@ import triton.language as tl
 
 from qcompile.plugins.fp4_gemm.reference import check_args
 from qcompile.plugins.gemm_dispatch import SMALL_M_MAX, cdiv, identity, run_by_buckets, split_k_config, unpack_optional
+from qcompile.plugins.triton_tiles import store_tile
 
 DEFAULT_SMS = 132
 LARGE_M_MIN = 1024  # rows from which the dequantize + cuBLAS path runs
@@ -167,10 +168,7 @@ def _fp4_gemm_kernel(
         acc += tl.load(b_ptr + offs_n, mask=mask_n & (pid_k == 0), other=0.0).to(tl.float32)[:, None]
     y_ptrs = y_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
     ymask = mask_n[:, None] & mask_m[None, :]
-    if ATOMIC:
-        tl.atomic_add(y_ptrs, acc, mask=ymask, sem="relaxed")
-    else:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+    store_tile(y_ptrs, acc, ymask, ATOMIC)
 
 
 @triton.jit
@@ -200,10 +198,7 @@ def _fp4_gemv_kernel(
     if HAS_GLOBAL:
         acc = acc * tl.load(g_ptr)
     y_ptrs = y_ptr + row * N + offs_n
-    if ATOMIC:
-        tl.atomic_add(y_ptrs, acc, mask=mask_n, sem="relaxed")
-    else:
-        tl.store(y_ptrs, acc, mask=mask_n)
+    store_tile(y_ptrs, acc, mask_n, ATOMIC)
 
 
 @triton.jit

@@ -18,6 +18,7 @@ import triton.language as tl
 
 from qcompile.plugins.fp8_block_gemm.format import BLOCK
 from qcompile.plugins.gemm_dispatch import identity
+from qcompile.plugins.triton_tiles import grouped_tile
 
 # Launch configuration (BLOCK_N is the weight block, 128): chosen from tools/tune_fp8_block_gemm.py on the H200.
 CONFIG = dict(BLOCK_M=64, GROUP_M=8, num_warps=8, num_stages=4)
@@ -30,13 +31,7 @@ def _fp8_block_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = N // BLOCK_N
-    in_group = GROUP_M * num_pid_n  # grouped order: GROUP_M row tiles share each weight tile in L2
-    first_m = (pid // in_group) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_rows
-    pid_n = (pid % in_group) // group_rows
+    pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BLOCK_M), N // BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)

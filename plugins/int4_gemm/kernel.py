@@ -49,6 +49,7 @@ import triton.language as tl
 from qcompile.plugins.gemm_dispatch import cdiv, identity, run_by_buckets, split_for_waves, unpack_optional
 from qcompile.plugins.int4_gemm.format import PACK
 from qcompile.plugins.int4_gemm.reference import check_args
+from qcompile.plugins.triton_tiles import grouped_tile, store_tile
 
 DEFAULT_SMS = 132
 FP32_MAGIC = 8388616.0  # 2^23 + 8: the fp32 whose mantissa bits 0..3 hold q + 8
@@ -109,10 +110,7 @@ def _int4_gemv_kernel(
                 part += xs * ((((word >> (4 * j)) & 0xF) ^ 0x4B000008).to(tl.float32, bitcast=True) - c)
         acc += part * s
     y_ptrs = y_ptr + row * N + offs_n
-    if ATOMIC:
-        tl.atomic_add(y_ptrs, acc, mask=mask_n, sem="relaxed")
-    else:
-        tl.store(y_ptrs, acc, mask=mask_n)
+    store_tile(y_ptrs, acc, mask_n, ATOMIC)
 
 
 @triton.jit
@@ -187,10 +185,7 @@ def _int4_mm_t_kernel(
         acc = acc * tl.load(rs_ptr + offs_m, mask=mask_m, other=0.0)[None, :]
     y_ptrs = y_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
     ymask = mask_m[None, :] & mask_n[:, None]
-    if ATOMIC:
-        tl.atomic_add(y_ptrs, acc, mask=ymask, sem="relaxed")
-    else:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+    store_tile(y_ptrs, acc, ymask, ATOMIC)
 
 
 @triton.jit
@@ -203,13 +198,7 @@ def _int4_mm_kernel(
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP_M * num_pid_n  # grouped order: GROUP_M row tiles share each weight tile in L2
-    first_m = (pid // in_group) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_rows
-    pid_n = (pid % in_group) // group_rows
+    pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -264,10 +253,7 @@ def _int4_mm_kernel(
         acc = acc * tl.load(rs_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     ymask = mask_m[:, None] & mask_n[None, :]
-    if ATOMIC:
-        tl.atomic_add(y_ptrs, acc, mask=ymask, sem="relaxed")
-    else:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+    store_tile(y_ptrs, acc, ymask, ATOMIC)
 
 
 @triton.jit

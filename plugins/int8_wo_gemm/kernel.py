@@ -28,6 +28,7 @@ import triton.language as tl
 
 from qcompile.plugins.gemm_dispatch import SMALL_M_MAX, cdiv, identity, run_by_buckets, split_for_waves, split_k_config
 from qcompile.plugins.int8_wo_gemm.reference import check_args, dequantize_weight
+from qcompile.plugins.triton_tiles import store_tile
 
 BLOCK_M = 16
 BLOCK_K = 128
@@ -63,10 +64,7 @@ def _int8_wo_splitk_kernel(
             acc = tl.dot(xk, w.to(xk.dtype), acc)
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     ymask = mask_m[:, None] & mask_n[None, :]
-    if ATOMIC:
-        tl.atomic_add(y_ptrs, acc, mask=ymask)
-    else:
-        tl.store(y_ptrs, acc, mask=ymask)
+    store_tile(y_ptrs, acc, ymask, ATOMIC)
 
 
 def small_m_config(k: int, n: int, num_sms: int = DEFAULT_SMS) -> dict:
