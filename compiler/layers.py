@@ -1,7 +1,8 @@
 """The per-layer table: which layers were quantized, how, and what it saved.
 
 Read off the final (plugin) ONNX model, so it describes what the engine really runs:
-`qcompile::ScaledGemm` / `qcompile::Int4GroupwiseGemm` plugin nodes and GEMM/Conv nodes whose weight is still a
+the qcompile plugin nodes (ScaledGemm, DynamicScaledGemm, Int4GroupwiseGemm, Fp4Gemm(W4A4), Int8WeightOnlyGemm,
+Fp8BlockGemm) and GEMM/Conv nodes whose weight is still a
 DequantizeLinear of a quantized initializer (simulated Q/DQ).
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numpy as np
 import onnx
 
 from qcompile.plugins.formats import format_of_onnx_dtype
+from qcompile.plugins.fp4_gemm import onnx_schema as fp4_schema
 from qcompile.plugins.fp8_block_gemm import onnx_schema as fp8_block_schema
 from qcompile.plugins.int4_gemm import onnx_schema as int4_schema
 from qcompile.plugins.int8_wo_gemm import onnx_schema as int8_wo_schema
@@ -79,6 +81,16 @@ def layer_table(model: onnx.ModelProto) -> list[LayerRow]:
                                  _numel(w_q) * 4,
                                  _nbytes(w_q) + _nbytes(w_scale) + (_nbytes(w_zero) if w_zero is not None else 0),
                                  f"{int4_schema.DOMAIN}::{int4_schema.OP_TYPE}"))
+        elif node.domain == fp4_schema.DOMAIN and node.op_type in fp4_schema.OP_TYPES:
+            w_q, w_scale = inits.get(node.input[1]), inits.get(node.input[2])
+            if w_q is None or w_scale is None:
+                continue
+            block = next((a.i for a in node.attribute if a.name == "block_size"), 0)
+            w_fmt = "nvfp4" if w_scale.data_type == onnx.TensorProto.FLOAT8E4M3FN else "mxfp4"
+            w4a4 = node.op_type == fp4_schema.OP_TYPE_W4A4
+            rows.append(LayerRow(node.name, node.op_type, module, f"{w_fmt}/{'nvfp4' if w4a4 else 'fp16'}",
+                                 f"block{block}/{'block16' if w4a4 else '-'}", _numel(w_q) * 4,
+                                 _nbytes(w_q) + _nbytes(w_scale), f"{fp4_schema.DOMAIN}::{node.op_type}"))
         elif node.domain == onnx_schema.DOMAIN and node.op_type in _WEIGHT_SCALE_PLUGINS:
             w_q, w_scale = inits.get(node.input[1]), inits.get(node.input[2])
             if w_q is None or w_scale is None:
