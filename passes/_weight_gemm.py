@@ -1,4 +1,4 @@
-"""Shared by the weight-DQ GEMM fusions (`fuse_int8_wo_gemm`, `fuse_fp8_block_gemm`): binding a MatMul fed by a
+"""Shared by the weight-DQ GEMM fusions (`fuse_int8_wo_gemm`, `fuse_fp8_block_gemm`, `fuse_int4_gemm`): binding a MatMul fed by a
 weight DequantizeLinear, absorbing its bias Add, and putting a plugin node in its place."""
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ def bind(graph: gs.Graph, node: gs.Node, weight_dq) -> dict | None:
     return {"node": node, "w_dq": w_dq, "bias_add": bias_add}
 
 
-def take_bias(node: gs.Node, bias_add: gs.Node | None, n: int) -> tuple[np.ndarray, object]:
-    """(bias float32 [N], the tensor the plugin node produces): a constant [N] bias Add after `node` is
-    dropped and absorbed; otherwise zeros and the MatMul's own output."""
+def absorb_bias(node: gs.Node, bias_add: gs.Node | None, n: int) -> tuple[np.ndarray | None, object]:
+    """(bias float32 [N] or None, the tensor the plugin node produces): a constant [N] bias Add after `node`
+    is dropped and absorbed; otherwise None and the MatMul's own output."""
     y = node.outputs[0]
     if bias_add is not None and sum(x is y for x in bias_add.inputs) == 1:
         other = next(x for x in bias_add.inputs if x is not y)
@@ -33,7 +33,13 @@ def take_bias(node: gs.Node, bias_add: gs.Node | None, n: int) -> tuple[np.ndarr
             out = bias_add.outputs[0]
             G.drop_node(bias_add)
             return b.astype(np.float32), out
-    return np.zeros(n, np.float32), y
+    return None, y
+
+
+def take_bias(node: gs.Node, bias_add: gs.Node | None, n: int) -> tuple[np.ndarray, object]:
+    """`absorb_bias`, with zeros [N] when there is no bias to absorb."""
+    b, y = absorb_bias(node, bias_add, n)
+    return (np.zeros(n, np.float32) if b is None else b), y
 
 
 def replace(graph: gs.Graph, node: gs.Node, schema, inputs: list, y, attrs: dict) -> gs.Node:

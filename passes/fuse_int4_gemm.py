@@ -22,6 +22,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qcompile.passes import _graph as G
+from qcompile.passes import _weight_gemm
 from qcompile.passes.rewrite import MatchResult, RewritePass, RewriteRule
 from qcompile.plugins.int4_gemm import onnx_schema
 
@@ -69,16 +70,7 @@ class Int4GemmRule(RewriteRule):
     pattern = ("MatMul",)
 
     def match(self, graph, node):
-        if len(node.inputs) < 2:
-            return None
-        w_dq = int4_weight_dq(node.inputs[1])
-        if w_dq is None:
-            return None
-        y = node.outputs[0]
-        bias_add = None
-        if len(y.outputs) == 1 and y.outputs[0].op == "Add" and not G.is_graph_output(graph, y):
-            bias_add = y.outputs[0]
-        return {"node": node, "w_dq": w_dq, "bias_add": bias_add}
+        return _weight_gemm.bind(graph, node, lambda dq: G.onnx_dtype(dq.inputs[0]) in _INT4_TYPES)
 
     def check(self, graph, node, w_dq, bias_add):
         w = G.const_values(w_dq.inputs[0])
@@ -94,15 +86,7 @@ class Int4GemmRule(RewriteRule):
         return MatchResult.ok()
 
     def rewrite(self, graph, node, w_dq, bias_add):
-        y = node.outputs[0]
-        n = G.const_values(w_dq.inputs[0]).shape[1]
-        bias = None
-        if bias_add is not None and sum(x is y for x in bias_add.inputs) == 1:
-            other = next(x for x in bias_add.inputs if x is not y)
-            b = G.bias_vector(other, n, strict=True)
-            if b is not None:
-                bias, y = b, bias_add.outputs[0]
-                G.drop_node(bias_add)
+        bias, y = _weight_gemm.absorb_bias(node, bias_add, G.const_values(w_dq.inputs[0]).shape[1])
         base = node.name or G.unique_name(graph, onnx_schema.OP_TYPE)
         act_quant, x_q, x = _fp8_activation(node.inputs[0])
         zero = w_dq.inputs[2] if len(w_dq.inputs) > 2 and not w_dq.inputs[2].is_empty() else gs.Variable.empty()
@@ -112,15 +96,9 @@ class Int4GemmRule(RewriteRule):
                           if bias is not None else gs.Variable.empty())
         if act_quant == "fp8_static":
             inputs.append(x_q.inputs[1])
-        fused = gs.Node(onnx_schema.OP_TYPE, name=base, domain=onnx_schema.DOMAIN,
-                        attrs=onnx_schema.attributes(int(w_dq.attrs["block_size"]), act_quant),
-                        inputs=inputs, outputs=[y])
-        meta = G.node_metadata(graph)
-        if node.name in meta:
-            meta[base] = dict(meta[node.name])
-        G.drop_node(node)
-        G.drop_node(w_dq)
-        graph.nodes.append(fused)  # the activation Q/DQ (maybe shared) goes with the cleanup once unread
+        fused = _weight_gemm.replace(graph, node, onnx_schema, inputs, y,
+                                     onnx_schema.attributes(int(w_dq.attrs["block_size"]), act_quant))
+        G.drop_node(w_dq)  # the activation Q/DQ (maybe shared) goes with the cleanup once unread
         return [fused]
 
 
