@@ -22,21 +22,29 @@ import torch
 MAX_QUANTILE_ELEMENTS = 1 << 20
 
 
-class MaxObserver:
-    """Running absolute max."""
-
-    method = "max"
+class _RunningAbsMax:
+    """Running absolute max of `_reduce(|tensor|)` over the updates (empty tensors are counted, not reduced)."""
 
     def __init__(self) -> None:
         self._max: torch.Tensor | None = None
         self.samples = 0
 
+    @staticmethod
+    def _reduce(abs_tensor: torch.Tensor) -> torch.Tensor:
+        return abs_tensor.amax()
+
     def update(self, tensor: torch.Tensor) -> None:
         self.samples += 1
         if tensor.numel() == 0:
             return
-        m = tensor.detach().abs().amax().float()
+        m = self._reduce(tensor.detach().abs()).float()
         self._max = m if self._max is None else torch.maximum(self._max, m)
+
+
+class MaxObserver(_RunningAbsMax):
+    """Running absolute max."""
+
+    method = "max"
 
     def true_max(self) -> float:
         return 0.0 if self._max is None else float(self._max)
@@ -48,19 +56,12 @@ class MaxObserver:
         return {"amax": self.amax(), "max": self.true_max(), "samples": self.samples}
 
 
-class ChannelMaxObserver:
+class ChannelMaxObserver(_RunningAbsMax):
     """Running absolute max per channel of the last axis; `value()` is float32 [C] on the tensor's device."""
 
-    def __init__(self) -> None:
-        self._max: torch.Tensor | None = None
-        self.samples = 0
-
-    def update(self, tensor: torch.Tensor) -> None:
-        self.samples += 1
-        if tensor.numel() == 0:
-            return
-        m = tensor.detach().abs().reshape(-1, tensor.shape[-1]).amax(dim=0).float()
-        self._max = m if self._max is None else torch.maximum(self._max, m)
+    @staticmethod
+    def _reduce(abs_tensor: torch.Tensor) -> torch.Tensor:
+        return abs_tensor.reshape(-1, abs_tensor.shape[-1]).amax(dim=0)
 
     def value(self) -> torch.Tensor:
         if self._max is None:
