@@ -10,8 +10,8 @@ Kernels (all read the engine layout of `format.py`: int32 words [K/8, N], N cont
   tile is the MMA's first operand and the few rows of x its narrow side; nibbles unpacked in registers with
   `tl.interleave`. Split-K like the GEMV.
 - `_int4_mm_kernel` (tiles of BLOCK_M rows, any M, grouped tile order): the plain orientation, with
-  in-register (`UNPACK`) or duplicate-address nibble loads; kept for tuning (it lost to mm_t and to
-  dequantize + cuBLAS on the H200).
+  in-register (`UNPACK`) or duplicate-address nibble loads. It lost to mm_t and to dequantize + cuBLAS on
+  the H200; it runs for groups that are not whole steps of >= 16 (e.g. 8), which mm_t and the GEMV cannot take.
 - `_int4_dequant_kernel`: `dequant(W)` in x.dtype, for the dequantize-then-cuBLAS path of large M.
 
 Dequantization tricks (what makes a weight cost a few integer/float ops, never an int->float conversion):
@@ -372,6 +372,8 @@ def run_bucket(cfg: dict, x2d, w_packed, w_scale, w_zero, bias, group_size: int,
     FP8 x (W4A8) is converted to out_dtype exactly (E4M3 values are bf16/fp16 values) and its row scale
     applied in the epilogue, unless the configuration asks for FP8 dots (`fp8_dot`, "mm"/"mm_t" only)."""
     out_dtype = out_dtype or x2d.dtype
+    if cfg["kernel"] == "gemv" and not _block_k(cfg["BLOCK_K"], int(x2d.shape[1]), group_size)[1]:
+        cfg = CONFIGS[1][1]  # the GEMV needs groups in whole steps of >= 16; the tile kernels take any group
     kind = cfg["kernel"]
     if x2d.dtype == torch.float8_e4m3fn and not (kind in ("mm", "mm_t") and cfg.get("fp8_dot")):
         return _epilogue(run_bucket(cfg, x2d.to(out_dtype), w_packed, w_scale, w_zero, None, group_size,
