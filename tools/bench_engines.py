@@ -122,7 +122,7 @@ def main(argv=None) -> int:
             print(f"--- {recipe}: build failed: {failed[recipe]}", flush=True)
             continue
         build_s = time.perf_counter() - t0
-        engine = qcompile.load(built.engine_path)
+        engine = qcompile.load(built.engine_path, run_single_threaded=args.cuda_graph)
         if args.profile:
             print(f"--- {recipe}: GPU kernels at {cases[0][0]}\n{kernel_profile(engine, cases[0][1])}")
         for sizes, feeds, want in cases:

@@ -5,9 +5,10 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/qcompile-out}
 mkdir -p "$OUT"
-rm -rf /tmp/site  # pip --target keeps an existing package: a warm machine would run the previous wheel
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD/tests PYTHONUNBUFFERED=1
+SITE=${SITE:-/tmp/site}  # a SITE each lets two sessions run side by side (e.g. STEPS=tests and STEPS=cli)
+rm -rf "$SITE"  # pip --target keeps an existing package: a warm machine would run the previous wheel
+python3 -m pip install -q --no-index --no-deps --target "$SITE" .whl/*.whl || exit 1
+export PYTHONPATH=$SITE:$PWD/tests PYTHONUNBUFFERED=1
 PRELOAD=$(g++ -print-file-name=libstdc++.so.6)
 py() { LD_PRELOAD=$PRELOAD python3 "$@"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/device.txt"
@@ -17,9 +18,10 @@ step() { echo "=== $* (t=${SECONDS}s)"; }
 for s in ${STEPS:-engines kernels int4 decode tests}; do
   case $s in
     tests)   step "pytest -m gpu"
-             py -m pytest -m gpu -q -p no:cacheprovider --rootdir=. -c pyproject.toml tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -25 ;;
+             py -m pytest -m gpu -q -p no:cacheprovider --rootdir=. -c pyproject.toml ${TESTS:-tests} 2>&1 \
+                 | tee "$OUT/gpu-tests${TESTS_TAG:-}.log" | tail -25 ;;
     decode)  step "decode benchmark: Llama-3-8B-sized layers, w4a16_awq vs fp16 at M = 1"
-             py tools/bench_engines.py llama3-8b-layers --recipes fp16 w4a16_awq --cuda-graph --size batch=1,seq=1 \
+             py tools/bench_engines.py llama3-8b-layers --recipes fp16 w4a16_awq --cuda-graph --profile --size batch=1,seq=1 \
                  --size batch=16,seq=1 --calib-size batch=2,seq=64 --iters 100 \
                  --out "$OUT/decode-llama3-8b-layers.json" 2>&1 | tee "$OUT/decode-llama3-8b-layers.log" | grep -v "^\[" | tail -12 ;;
     w8fp8)   step "w8a16 and fp8_block GEMM benchmark"
@@ -28,6 +30,19 @@ for s in ${STEPS:-engines kernels int4 decode tests}; do
              py tools/bench_engines.py mlp-large --recipes ${RECIPES:-fp16 int8 int8_sq w8a16 fp8 fp8_rowwise fp8_block w4a16_awq w4a8_awq nvfp4 w4a16_nvfp4 mxfp4} \
                  --size batch=1,seq=1 --size batch=8,seq=512 --calib-size batch=2,seq=128 \
                  --out "$OUT/engines-recipes-mlp-large.json" 2>&1 | tee "$OUT/engines-recipes-mlp-large.log" | grep -v "^\[" | tail -30 ;;
+    cli)     step "qcompile build / run tiny-llama --device cuda with every recipe"
+             qc() { LD_PRELOAD=$PRELOAD python3 -m qcompile.cli "$@"; }
+             qc sample-inputs tiny-llama -o "$OUT/tl-inputs.npz" --dim batch=2 --dim seq=16 > /dev/null
+             for r in ${CLI_RECIPES:-fp16 int8 int8_sq w8a16 fp8 fp8_rowwise fp8_block w4a16_rtn w4a16_awq w4a16_gptq w4a8_awq nvfp4 w4a16_nvfp4 mxfp4}; do
+               qc build tiny-llama --recipe "$r" --calib random --device cuda -o "$OUT/tl-$r.engine" > "$OUT/cli-tiny-llama-$r.log" 2>&1
+               b=$?
+               qc run "$OUT/tl-$r.engine" --inputs "$OUT/tl-inputs.npz" >> "$OUT/cli-tiny-llama-$r.log" 2>&1
+               echo "$r build rc=$b run rc=$? | $(grep -m1 -E '^logits' "$OUT/cli-tiny-llama-$r.log") | $(grep -m1 -E 'validation (PASSED|FAILED)' "$OUT/cli-tiny-llama-$r.log")" | tee -a "$OUT/cli-tiny-llama.txt"
+               rm -f "$OUT/tl-$r.engine"
+             done ;;
+    tune1)   step "INT4 GEMV tuning (M = 1, decode shapes)"
+             py tools/tune_int4_gemm.py --ms 1 --kinds gemv --shapes 4096x1024 4096x4096 4096x14336 14336x4096 8192x28672 \
+                 --out "$OUT/int4_tune_gemv.json" 2>&1 | tee "$OUT/int4_tune_gemv.log" | tail -8 ;;
     int4)    step "int4 GEMM benchmark"
              py tools/bench_gemm.py --eager --cuda-graph --out "$OUT/int4_gemm.json" 2>&1 | tee "$OUT/int4_gemm.log" | tail -30 ;;
     kernels) step "scaled_gemm benchmark"

@@ -8,7 +8,7 @@ torch's tinygemm and FP8 `_scaled_mm` tensorwise (CUDA graphs, weights rotated).
 a process pool (the Triton disk cache then serves the timing process). Writes every measurement as JSON
 and prints the best configuration per cell and per M bucket.
 
-    python3 tools/tune_int4_gemm.py --out tune.json [--shapes 8192x28672] [--ms 1 16]
+    python3 tools/tune_int4_gemm.py --out tune.json [--shapes 8192x28672] [--ms 1 16] [--kinds gemv]
 """
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ def candidates(m: int) -> list[dict]:
     if m == 1:
         for bn, bk, w, waves in itertools.product((512, 1024, 2048), (32, 64), (4, 8), (8, 16)):
             out.append(dict(kernel="gemv", BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=3, waves=waves))
+        for bn, bk, w, waves in itertools.product((64, 128, 256, 512), (32, 64, 128), (2, 4, 8), (4, 8, 16, 32)):
+            out.append(dict(kernel="gemv", tile=True, BLOCK_N=bn, MIN_TILES=1, BLOCK_K=bk, num_warps=w,
+                            num_stages=3, waves=waves))
     if m <= 16:
         for bn, bk, w, st, waves in itertools.product((32, 64), (64, 128), (2, 4), (3, 4, 5), (4, 8)):
             out.append(dict(kernel="mm_t", BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st,
@@ -123,10 +126,12 @@ def baselines(k: int, n: int, m: int, x) -> dict:
 def main() -> None:
     ap = bench_parser(__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=12)
+    ap.add_argument("--kinds", nargs="*", help="only these kernels (gemv, mm_t, dequant)")
     args = ap.parse_args()
     MODE["graph"] = True
     cells = [(int(s.split("x")[0]), int(s.split("x")[1]), m) for s in args.shapes for m in args.ms]
-    tasks = [(k, n, m, candidates(m)) for k, n, m in cells]
+    tasks = [(k, n, m, [c for c in candidates(m) if not args.kinds or c["kernel"] in args.kinds])
+             for k, n, m in cells]
     ctx = mp.get_context("spawn")
     with ctx.Pool(args.workers) as pool:
         checked = pool.map(compile_cell, tasks, chunksize=1)

@@ -6,6 +6,7 @@ takes 0.44 ms where its weights stream in 0.20 ms (BENCHMARKS.md). Replaying a c
 run as one launch. The graph is fixed to the shapes it was captured with. New feeds are copied into its
 static input buffers, and the outputs are its static output tensors, which the next replay overwrites.
 
+    engine = qcompile.load(path, run_single_threaded=True)  # the runner that capture needs
     replay = GraphReplay(engine, feeds)      # checks the feeds, warms up, captures
     outs = replay.run(new_feeds)             # same shapes; returns the static outputs
 """
@@ -22,6 +23,9 @@ class GraphReplay:
     def __init__(self, engine, feeds: dict, warmup: int = 3):
         if engine.device.type != "cuda":
             raise EngineError(f"CUDA graph replay needs a CUDA engine; {engine.path} runs on {engine.device}")
+        if not engine.single_threaded:  # AOTInductor's default runner fails in capture ("operation not permitted")
+            raise EngineError(f"CUDA graph replay needs the engine loaded with "
+                              f"qcompile.load({str(engine.path)!r}, run_single_threaded=True)")
         self.engine = engine
         self._inputs = [t.clone() for t in engine.check_inputs(feeds)]
         self.shapes = {n: tuple(t.shape) for n, t in zip(engine.input_names, self._inputs)}

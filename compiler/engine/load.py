@@ -104,7 +104,7 @@ def load(path: str | os.PathLike, *, device: str | None = None, run_single_threa
             raise EngineError(f"cannot load engine {str(path)!r}: {type(exc).__name__}: {exc}") from exc
         raise
     logger.info("loaded engine %s on %s", path, dev)
-    return Engine(path, manifest, runner, dev, tmp)
+    return Engine(path, manifest, runner, dev, tmp, single_threaded=run_single_threaded)
 
 
 def _warn_preload(dev: torch.device) -> None:
@@ -118,10 +118,12 @@ def _warn_preload(dev: torch.device) -> None:
 class Engine:
     """A loaded engine: checks feeds against the manifest, then runs the AOTInductor package."""
 
-    def __init__(self, path: Path, manifest: Manifest, runner, device: torch.device, tmpdir: str):
+    def __init__(self, path: Path, manifest: Manifest, runner, device: torch.device, tmpdir: str,
+                 single_threaded: bool = False):
         self.path = path
         self.manifest = manifest
         self.device = device
+        self.single_threaded = single_threaded  # loaded with the runner that CUDA graph capture needs
         self._runner = runner
         self._cleanup = weakref.finalize(self, shutil.rmtree, tmpdir, True)
 

@@ -6,6 +6,8 @@ Kernels (all read the engine layout of `format.py`: int32 words [K/8, N], N cont
   columns) at a time, dequantizes in fp32 registers and accumulates `x * w` in-thread (no tensor cores: at
   M = 1 the job is moving weight bytes). K is split until about `waves` waves of programs stream the weight;
   partial sums meet in fp32 atomics.
+- `_int4_gemv_tile_kernel` (`tile` in a GEMV configuration): the same job on [BLOCK_K/8, BLOCK_N] word tiles
+  with a cheaper dequantization (136 + q from one shift and one AND/XOR, the offset taken off per word row).
 - `_int4_mm_t_kernel` (swapped operands, small M): `y^T = dequant(W)^T @ x^T`, so the dequantized weight
   tile is the MMA's first operand and the few rows of x its narrow side; nibbles unpacked in registers with
   `tl.interleave`. Split-K like the GEMV.
@@ -58,9 +60,11 @@ MAGIC16 = {torch.bfloat16: (0x4308, 136.0), torch.float16: (0x6408, 1032.0)}  # 
 # M buckets -> launch configuration (kernel "gemv" | "mm_t" | "mm" | "dequant" (dequantize + cuBLAS); tile
 # sizes; split-K target waves; fp8_dot: W4A8 on FP8 dots instead of exact conversion to the float type).
 # The last bucket has limit None (every larger M). Chosen from tools/tune_int4_gemm.py runs on the H200
-# (benchmarks/int4_tune_v2b.json, then int4_tune_v2c.json around its winners).
+# (benchmarks/int4_tune_v2b.json, then int4_tune_v2c.json around its winners; the M = 1 tile GEMV from
+# benchmarks/int4_tune_gemv.json: within 7% of each decode shape's best but 4096x1024, 1.12x there).
 CONFIGS = [
-    (1, dict(kernel="gemv", BLOCK_N=1024, BLOCK_K=32, num_warps=4, num_stages=3, waves=16)),
+    (1, dict(kernel="gemv", tile=True, BLOCK_N=512, MIN_TILES=8, BLOCK_K=32, num_warps=2, num_stages=3,
+             waves=32)),
     (16, dict(kernel="mm_t", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, waves=8,
               SCALE_ACC=False)),
     (128, dict(kernel="mm_t", BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, waves=2,
@@ -111,6 +115,53 @@ def _int4_gemv_kernel(
         acc += part * s
     y_ptrs = y_ptr + row * N + offs_n
     store_tile(y_ptrs, acc, mask_n, ATOMIC)
+
+
+@triton.jit
+def _int4_gemv_tile_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
+    N, K, stride_xm, group_size, k_per_split,
+    K_STEPS: tl.constexpr, HAS_ZERO: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """GEMV over [BLOCK_K/8 word rows, BLOCK_N] tiles: the nibble of position j is moved to bits 16..19 and
+    OR-ed into the bits of 128.0 (one shift and one AND/XOR per weight, no subtraction): the float is
+    136 + q exactly and `x * (136 + q)` is exact in fp32 for bf16/fp16 x. The 136 + zero point is taken off
+    once per word row and column (`sum_j x_j * c`), then the step's group scale: 3 ops per weight."""
+    BLOCK_KW: tl.constexpr = BLOCK_K // 8
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    row = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    x_row = x_ptr + row * stride_xm
+    acc = tl.zeros((BLOCK_KW, BLOCK_N), dtype=tl.float32)
+    for step in range(0, K_STEPS):  # BLOCK_K divides the group: one scale row per step; steps past K masked
+        k0 = pid_k * k_per_split + step * BLOCK_K
+        kw = k0 // 8 + tl.arange(0, BLOCK_KW)
+        ok = kw < K // 8
+        words = tl.load(w_ptr + kw.to(tl.int64)[:, None] * N + offs_n[None, :], mask=ok[:, None] & mask_n[None, :],
+                        other=0, eviction_policy="evict_first")
+        g = k0 // group_size
+        smask = mask_n & (k0 < K)
+        s = tl.load(s_ptr + g * N + offs_n, mask=smask, other=0.0).to(tl.float32)
+        c = tl.full((BLOCK_N,), 136.0, tl.float32)
+        if HAS_ZERO:
+            c += tl.load(z_ptr + g * N + offs_n, mask=smask, other=0).to(tl.float32)
+        part = tl.zeros((BLOCK_KW, BLOCK_N), dtype=tl.float32)
+        xsum = tl.zeros((BLOCK_KW,), dtype=tl.float32)
+        for j in tl.static_range(8):
+            xj = tl.load(x_row + kw * 8 + j, mask=ok, other=0.0).to(tl.float32)
+            if j < 4:
+                t = words << (16 - 4 * j)
+            elif j == 4:
+                t = words
+            else:
+                t = words >> (4 * j - 16)
+            part += xj[:, None] * ((t & 0x000F0000) ^ 0x43080000).to(tl.float32, bitcast=True)
+            xsum += xj
+        acc += (part - xsum[:, None] * c[None, :]) * s[None, :]
+    store_tile(y_ptr + row * N + offs_n, tl.sum(acc, axis=0), mask_n, ATOMIC)
 
 
 @triton.jit
@@ -295,12 +346,13 @@ def launch_gemv(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, w
     if not aligned:
         raise ValueError(f"GEMV kernel: group size {group_size} must be a multiple of 16")
     block_n = cfg["BLOCK_N"]
-    while block_n > 64 and n < 16 * block_n:  # keep at least 16 N tiles (H200 tuning: narrower N, narrower tiles)
+    while block_n > 64 and n < cfg.get("MIN_TILES", 16) * block_n:  # narrower N, narrower tiles (H200 tuning)
         block_n //= 2
     tiles = cdiv(n, block_n)
     splits, per = split_for_waves(k, tiles, block_k, cfg["waves"], num_sms)
     y = (torch.zeros if splits > 1 else torch.empty)((m, n), dtype=torch.float32, device=x2d.device)
-    wrap(_int4_gemv_kernel)[(tiles, splits, m)](
+    kern = _int4_gemv_tile_kernel if cfg.get("tile") else _int4_gemv_kernel
+    wrap(kern)[(tiles, splits, m)](
         x2d, w_packed, w_scale, w_zero if w_zero is not None else w_scale, y,
         n, k, x2d.stride(0), group_size, per, K_STEPS=per // block_k,
         HAS_ZERO=w_zero is not None, ATOMIC=splits > 1, BLOCK_N=block_n, BLOCK_K=block_k,

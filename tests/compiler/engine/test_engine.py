@@ -349,8 +349,10 @@ def test_cuda_engine_round_trip(tmp_path):
                                net(x, y).detach().cpu().numpy(), rtol=1e-4, atol=1e-4)
     with pytest.raises(EngineError, match="compute capability: engine built for 1.0"):
         load(_rewrite(path, tmp_path / "cc.qengine", compute_capability="1.0"))
-    # the same engine replayed from a CUDA graph: new feeds of the captured shape give the eager results
-    replay = GraphReplay(eng, {"x": x, "y": y})
+    # replayed from a CUDA graph: new feeds of the captured shape give the eager results
+    with pytest.raises(EngineError, match="run_single_threaded=True"):
+        GraphReplay(eng, {"x": x, "y": y})
+    replay = GraphReplay(load(path, run_single_threaded=True), {"x": x, "y": y})
     for seed in (1, 2):
         torch.manual_seed(seed)
         x2, y2 = torch.randn_like(x), torch.randn_like(y)
