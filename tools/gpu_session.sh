@@ -28,7 +28,7 @@ for s in ${STEPS:-engines kernels int4 decode tests}; do
              py tools/bench_w8a16_fp8_block.py --cuda-graph --out "$OUT/w8a16_fp8_block.json" 2>&1 | tee "$OUT/w8a16_fp8_block.log" | tail -30 ;;
     recipes) step "engine benchmark: every recipe on mlp-large"
              py tools/bench_engines.py mlp-large --recipes ${RECIPES:-fp16 int8 int8_sq w8a16 fp8 fp8_rowwise fp8_block w4a16_awq w4a8_awq nvfp4 w4a16_nvfp4 mxfp4} \
-                 --size batch=1,seq=1 --size batch=8,seq=512 --calib-size batch=2,seq=128 \
+                 --cuda-graph --size batch=1,seq=1 --size batch=8,seq=512 --calib-size batch=2,seq=128 \
                  --out "$OUT/engines-recipes-mlp-large.json" 2>&1 | tee "$OUT/engines-recipes-mlp-large.log" | grep -v "^\[" | tail -30 ;;
     cli)     step "qcompile build / run tiny-llama --device cuda with every recipe"
              qc() { LD_PRELOAD=$PRELOAD python3 -m qcompile.cli "$@"; }

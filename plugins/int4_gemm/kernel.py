@@ -373,8 +373,8 @@ def launch_mm(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, x_r
         raise ValueError(f"W4A8 kernel: group size {group_size} must be a multiple of 16")
     magic_bits, magic_value = MAGIC16.get(x2d.dtype, (0x4B000008, FP32_MAGIC))
     tiles_n = cdiv(n, cfg["BLOCK_N"])
-    splits, per = split_for_waves(k, tiles_n * cdiv(max(int(m) if isinstance(m, int) else 1, 1), cfg["BLOCK_M"]),
-                          block_k, cfg["waves"], num_sms)
+    # the split is chosen from the N tiles alone (M is symbolic in an engine; see int8_wo_gemm.launch_tiles)
+    splits, per = split_for_waves(k, tiles_n, block_k, cfg["waves"], num_sms)
     y = (torch.zeros((m, n), dtype=torch.float32, device=x2d.device) if splits > 1
          else torch.empty((m, n), dtype=out_dtype, device=x2d.device))
     common = dict(K_STEPS=per // block_k, HAS_ZERO=w_zero is not None, ROW_SCALE=x_row_scale is not None,

@@ -91,11 +91,12 @@ def launch_small_m(x2d, w_q, *, wrap=identity, num_sms: int = DEFAULT_SMS) -> to
 
 def launch_tiles(x2d, w_q, cfg: dict, *, wrap=identity, num_sms: int = DEFAULT_SMS) -> torch.Tensor:
     """float32 `x2d @ w_q` ([M, N], unscaled) with the same kernel as a tiled GEMM, K split only while the
-    tiles are fewer than `cfg["waves"]` waves of SMs (a narrow N at moderate M)."""
+    N tiles are fewer than `cfg["waves"]` waves of SMs (a narrow N)."""
     m, k = x2d.shape
     n = w_q.shape[1]
-    tiles = cdiv(n, cfg["BLOCK_N"]) * cdiv(m if isinstance(m, int) else 1, cfg["BLOCK_M"])
-    splits, per = split_for_waves(k, tiles, cfg["BLOCK_K"], cfg.get("waves", 0), num_sms)
+    # the split is chosen from the N tiles alone: M is symbolic in an engine, and inside torch.cond's branches
+    # (traced by Dynamo) `isinstance(m, int)` holds for it, so counting its tiles puts a guard on M
+    splits, per = split_for_waves(k, cdiv(n, cfg["BLOCK_N"]), cfg["BLOCK_K"], cfg.get("waves", 0), num_sms)
     y = (torch.zeros if splits > 1 else torch.empty)((m, n), dtype=torch.float32, device=x2d.device)
     grid = (cdiv(n, cfg["BLOCK_N"]), splits, cdiv(m, cfg["BLOCK_M"]))
     wrap(_int8_wo_splitk_kernel)[grid](
