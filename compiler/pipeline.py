@@ -104,7 +104,7 @@ def build(
         check_writable(emit_onnx, "ONNX")
     import torch
 
-    from qcompile.algorithms.plan import awq_input_amax, observers_for, plan_int4_jobs, run_jobs
+    from qcompile.algorithms.plan import awq_input_amax, gptq_data_notes, observers_for, plan_int4_jobs, run_jobs
     from qcompile.algorithms.smoothquant import plan_smoothing, smooth_model
     from qcompile.calibration import calibrate, load_calibration_data
     from qcompile.engine import build_engine
@@ -145,6 +145,7 @@ def build(
                                extra_observers=watch)
             amax = result.amax
             int4_weights, int4_input_scales = run_jobs(jobs, watch, device=device)
+            notes = notes + gptq_data_notes(jobs, watch)
             int4_input_amax = awq_input_amax(jobs, watch, int4_input_scales)
             calibration = {"data": data.description, "random": data.is_random, "samples": result.num_samples,
                            "method": recipe.calibration.method, "tensors": len(amax)}

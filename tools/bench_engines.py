@@ -122,30 +122,46 @@ def main(argv=None) -> int:
             print(f"--- {recipe}: build failed: {failed[recipe]}", flush=True)
             continue
         build_s = time.perf_counter() - t0
-        engine = qcompile.load(built.engine_path, run_single_threaded=args.cuda_graph)
-        if args.profile:
-            print(f"--- {recipe}: GPU kernels at {cases[0][0]}\n{kernel_profile(engine, cases[0][1])}")
-        for sizes, feeds, want in cases:
-            ms = time_cuda(lambda: engine.run_torch(feeds), args.iters)
-            outs = engine.run_torch(feeds)
-            cos = min(cosine(outs[n], want[n]) for n in engine.output_names)
-            tokens = sizes.get("batch", 1) * sizes.get("seq", 1)
-            row = {"recipe": recipe, "dims": sizes, "ms": ms, "tokens_per_s": tokens * 1000.0 / ms,
-                   "cosine_vs_fp32": cos, "build_s": build_s,
-                   "layers_quantized": len(built.layers), "weights_bytes": built.bytes_after}
-            if args.cuda_graph:  # the same run replayed from a CUDA graph: one launch instead of one per kernel
-                try:
-                    replay = GraphReplay(engine, feeds)
-                    row["ms_graph"] = time_cuda(replay.replay, args.iters)
-                    row["tokens_per_s_graph"] = tokens * 1000.0 / row["ms_graph"]
-                    got = replay.run(feeds)
-                    row["graph_matches_run"] = min(cosine(got[n], outs[n]) for n in engine.output_names)
-                    del replay
-                except qcompile.EngineError as exc:
-                    row["graph_error"] = str(exc)
-            results.append(row)
-        del engine
+        try:
+            results += measure(recipe, built, build_s, cases, args)
+        except Exception as exc:  # noqa: BLE001 - an engine that fails to run must not lose the others' timings
+            failed[recipe] = f"run: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+            print(f"--- {recipe}: engine run failed: {failed[recipe]}", flush=True)
         torch.cuda.empty_cache()
+    report(results, failed, size_sets, args)
+    return 1 if failed else 0
+
+
+def measure(recipe, built, build_s, cases, args) -> list[dict]:
+    """Time one recipe's engine at every size (eager, and replayed from a CUDA graph with --cuda-graph)."""
+    results = []
+    engine = qcompile.load(built.engine_path, run_single_threaded=args.cuda_graph)
+    if args.profile:
+        print(f"--- {recipe}: GPU kernels at {cases[0][0]}\n{kernel_profile(engine, cases[0][1])}")
+    for sizes, feeds, want in cases:
+        ms = time_cuda(lambda: engine.run_torch(feeds), args.iters)
+        outs = engine.run_torch(feeds)
+        cos = min(cosine(outs[n], want[n]) for n in engine.output_names)
+        tokens = sizes.get("batch", 1) * sizes.get("seq", 1)
+        row = {"recipe": recipe, "dims": sizes, "ms": ms, "tokens_per_s": tokens * 1000.0 / ms,
+               "cosine_vs_fp32": cos, "build_s": build_s,
+               "layers_quantized": len(built.layers), "weights_bytes": built.bytes_after}
+        if args.cuda_graph:  # the same run replayed from a CUDA graph: one launch instead of one per kernel
+            try:
+                replay = GraphReplay(engine, feeds)
+                row["ms_graph"] = time_cuda(replay.replay, args.iters)
+                row["tokens_per_s_graph"] = tokens * 1000.0 / row["ms_graph"]
+                got = replay.run(feeds)
+                row["graph_matches_run"] = min(cosine(got[n], outs[n]) for n in engine.output_names)
+                del replay
+            except qcompile.EngineError as exc:
+                row["graph_error"] = str(exc)
+        results.append(row)
+    return results
+
+
+def report(results, failed, size_sets, args) -> None:
+    """Print the table (speed vs the first recipe) and write the JSON."""
     rows = []
     base_recipe = args.recipes[0]
     base = {str(r["dims"]): r for r in results if r["recipe"] == base_recipe}
@@ -169,11 +185,10 @@ def main(argv=None) -> int:
     print(format_table(headers, rows,
                        title=f"{args.source} on {meta['device']}"))
     for recipe, error in failed.items():
-        print(f"{recipe}: build failed: {error}")
+        print(f"{recipe}: failed: {error}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    return 1 if failed else 0
 
 
 if __name__ == "__main__":

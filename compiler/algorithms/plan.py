@@ -105,9 +105,29 @@ def run_jobs(jobs: list[Int4Job], watch: dict[str, list], device: str = "cpu"
     for job in jobs:
         if job.algorithm == "gptq":
             hessian = _observer(watch, job.x, HessianObserver).value().to(device)
-            quantized[job.node] = gptq_quantize(torch.from_numpy(job.weight).to(device), hessian, job.group_size,
+            quantized[job.node] = gptq_quantize(torch.tensor(job.weight, device=device), hessian, job.group_size,
                                                 symmetric=job.symmetric).to("cpu")
     return quantized, input_scales
+
+
+def gptq_data_notes(jobs: list[Int4Job], watch: dict[str, list]) -> list[str]:
+    """A note when GPTQ layers saw fewer calibration tokens than input channels: their Hessian is then
+    rank-deficient, and GPTQ can end up worse than round-to-nearest (seen on tiny-llama with `--calib random`)."""
+    short = {}
+    for job in jobs:
+        if job.algorithm == "gptq":
+            tokens = _observer(watch, job.x, HessianObserver).tokens
+            if tokens < job.weight.shape[0]:
+                short[job.node] = (tokens, job.weight.shape[0])
+    if not short:
+        return []
+    tokens = min(t for t, _ in short.values())
+    k = max(k for _, k in short.values())
+    note = (f"GPTQ: {len(short)} layer{'s' * (len(short) != 1)} saw fewer calibration tokens than input channels (as few as {tokens} "
+            f"tokens for K up to {k}): their Hessians are rank-deficient and GPTQ may do worse than round to "
+            f"nearest; calibrate on more data (at least {k} tokens, e.g. more samples or longer sequences)")
+    logger.warning(note)
+    return [note]
 
 
 def _observer(watch: dict[str, list], x: str, kind: type):

@@ -4,14 +4,17 @@
 The body branches on `x.device.type`: CPU (any non-CUDA device) -> the plain-torch reference; CUDA -> x is
 block-quantized with aten ops (`format.quantize_activation_blocks`: AOTInductor fuses it into the kernel that
 produces x), then
-- sm90: `torch.nn.functional.scaled_mm(xq, w_q.t(), sx, BlockWise1x128, sw,
+- sm90, eager calls: `torch.nn.functional.scaled_mm(xq, w_q.t(), sx, BlockWise1x128, sw,
   BlockWise128x128)`, bf16 out (cuBLASLt, torch's DeepSeek recipe; sm90 only). Scale layouts (kernel-anchors.md §3.2): `sx` (M, K/128)
   outer-dim-major (strides (1, M)); `sw` (round_up(K/128, 4), N/128) with strides (1, round_up(K/128, 4)),
   i.e. the transpose of w_scale [N/128, K/128] zero-padded along K/128. x is padded to a multiple of 4 rows;
   fast accumulation is off (torch rejects it for block scaling).
-- other CUDA GPUs: the Triton kernel of `kernel.py` (bias and cast in its epilogue). On the H200 it was
-  faster than cuBLASLt up to 64 rows on the largest shape (benchmarks/tune_fp8_block_w8a16.json), but a
-  `torch.cond` with `scaled_mm` in a branch does not export in torch 2.11 (measured), so sm90 keeps one path.
+- compiled (engines) and other CUDA GPUs: the Triton kernel of `kernel.py` (bias and cast in its epilogue).
+  On the H200 it was faster than cuBLASLt up to 64 rows on the largest shape, slower above
+  (benchmarks/tune_fp8_block_w8a16.json). torch 2.11 does not export a `torch.cond` with `scaled_mm` in a
+  branch, and an engine with `scaled_mm` alone fails when it runs (both measured on the H200; see
+  tools/diag/scaled_mm_aoti.py for the open question whether an explicit `contraction_dim` avoids the
+  second), so engines use this kernel at every M.
 The bias is added in float32 after the GEMM and the result cast to x.dtype.
 """
 from __future__ import annotations
@@ -50,7 +53,11 @@ def fp8_block_gemm(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tenso
             y = y + rest[0].to(torch.float32)
         return y.to(x2d.dtype)
 
-    path = cublas_path if torch.cuda.get_device_capability(x.device)[0] == 9 else triton_path
+    # cuBLASLt only in eager calls: an AOTInductor package of torch 2.11 runs `scaled_mm` through its proxy
+    # executor, which fails at run time on the H200 ("Expected IntList but got None"), so engines get the
+    # Triton kernel (torch.compiler.is_compiling() holds while torch.export traces the op)
+    eager_sm90 = torch.cuda.get_device_capability(x.device)[0] == 9 and not torch.compiler.is_compiling()
+    path = cublas_path if eager_sm90 else triton_path
     return run_by_buckets(x, k, n, [(None, path)], (w_q, w_scale) + ((bias,) if has_bias else ()))
 
 

@@ -164,3 +164,24 @@ def test_cuda_triton_kernel_matches_float64():
     xq, sx = quantize_activation_blocks(x.cuda())
     y = fp8_block_gemm_triton(xq, sx, wq.cuda(), ws.cuda())
     assert _rel_l2(y, oracle(x.numpy(), wq, ws, None)) < 1e-3
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_op_compiles_with_a_dynamic_row_count():
+    """torch.export with a dynamic M and AOTInductor, as an engine runs the op: the package must run (on the
+    H200 an engine calling `scaled_mm` failed in AOTInductor's proxy executor) and match float64."""
+    x, wq, ws, b, _ = _cuda_case(8)
+    wq, ws, b = wq.cuda(), ws.cuda(), b.cuda()
+
+    class Layer(torch.nn.Module):
+        def forward(self, x):
+            return op(x, wq, ws, b)
+
+    ep = torch.export.export(Layer(), (x.cuda().to(torch.bfloat16),),
+                             dynamic_shapes={"x": {0: torch.export.Dim("m", min=1, max=4096)}})
+    run = torch._inductor.aoti_load_package(torch._inductor.aoti_compile_and_package(ep))
+    for m in (1, 5, 300):
+        xm, *_ = _cuda_case(m)
+        y = run(xm.cuda().to(torch.bfloat16))
+        assert _rel_l2(y, oracle(xm.to(torch.bfloat16).float().numpy(), wq.cpu(), ws.cpu(), b.cpu())) < 1e-2

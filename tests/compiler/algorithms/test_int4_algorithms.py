@@ -330,3 +330,22 @@ def test_algorithms_run_on_cuda_and_match_cpu(layer):
         q_cpu = gptq_quantize(w, hess_c, 128, act_order=act_order).q
         assert (qw.q.cpu() == q_cpu).float().mean() > 0.99  # TF32/accumulation order may flip near-ties
         assert output_error(xt, w, xt, qw.dequantize().cpu()) < 0.75 * _rtn_error(w, xt, 128)
+
+
+def test_gptq_notes_layers_with_fewer_tokens_than_input_channels():
+    """Fewer calibration tokens than K leave the Hessian rank-deficient: the build says so (a pass note)."""
+    from qcompile.algorithms.plan import Int4Job, gptq_data_notes, observers_for
+
+    jobs = [Int4Job("wide", "gptq", "x", np.zeros((64, 8), np.float32), 32, True),
+            Int4Job("narrow", "gptq", "y", np.zeros((16, 8), np.float32), 16, True),
+            Int4Job("awq", "awq", "z", np.zeros((64, 8), np.float32), 32, True)]
+    watch = observers_for(jobs)
+    rng = torch.Generator().manual_seed(0)
+    for name, tokens in (("x", 40), ("y", 40), ("z", 1)):
+        for obs in watch[name]:
+            obs.update(torch.randn(tokens, 64 if name != "y" else 16, generator=rng))
+    notes = gptq_data_notes(jobs, watch)
+    assert len(notes) == 1 and "GPTQ: 1 layer saw" in notes[0] and "40 tokens for K up to 64" in notes[0]
+    for obs in watch["x"]:
+        obs.update(torch.randn(30, 64, generator=rng))  # 70 tokens >= K = 64
+    assert gptq_data_notes(jobs, watch) == []
