@@ -28,11 +28,9 @@ def candidates(m: int) -> list[dict]:
     of the winners of the first sweep (benchmarks/int4_tune_v2b.json), plus dequantize + cuBLAS."""
     out = []
     if m == 1:
-        for bn, bk, w, waves in itertools.product((512, 1024, 2048), (32, 64), (4, 8), (8, 16)):
-            out.append(dict(kernel="gemv", BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=3, waves=waves))
         for bn, bk, w, waves in itertools.product((64, 128, 256, 512), (32, 64, 128), (2, 4, 8), (4, 8, 16, 32)):
-            out.append(dict(kernel="gemv", tile=True, BLOCK_N=bn, MIN_TILES=1, BLOCK_K=bk, num_warps=w,
-                            num_stages=3, waves=waves))
+            out.append(dict(kernel="gemv", BLOCK_N=bn, MIN_TILES=1, BLOCK_K=bk, num_warps=w, num_stages=3,
+                            waves=waves))
     if m <= 16:
         for bn, bk, w, st, waves in itertools.product((32, 64), (64, 128), (2, 4), (3, 4, 5), (4, 8)):
             out.append(dict(kernel="mm_t", BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st,

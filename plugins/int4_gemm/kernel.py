@@ -2,12 +2,13 @@
 
 Kernels (all read the engine layout of `format.py`: int32 words [K/8, N], N contiguous):
 
-- `_int4_gemv_kernel` (one row of x per program; M = 1): streams one word row (8 K values x BLOCK_N
-  columns) at a time, dequantizes in fp32 registers and accumulates `x * w` in-thread (no tensor cores: at
-  M = 1 the job is moving weight bytes). K is split until about `waves` waves of programs stream the weight;
-  partial sums meet in fp32 atomics.
-- `_int4_gemv_tile_kernel` (`tile` in a GEMV configuration): the same job on [BLOCK_K/8, BLOCK_N] word tiles
-  with a cheaper dequantization (136 + q from one shift and one AND/XOR, the offset taken off per word row).
+- `_int4_gemv_kernel` (one row of x per program; M = 1): streams [BLOCK_K/8 word rows, BLOCK_N] weight tiles
+  and multiplies in fp32 registers without tensor cores (at M = 1 the job is moving weight bytes). Each
+  nibble is moved to bits 16..19 and OR-ed into the bits of 128.0, so the float is 136 + q (one shift and
+  one AND/XOR per weight); the 136 (+ zero point) comes off once per word row. K is split until about
+  `waves` waves of programs stream the weight; partial sums meet in fp32 atomics. It replaced a row-wise
+  GEMV (one word row at a time, fp32 magic-number dequantization) that lost on every decode shape
+  (benchmarks/int4_tune_gemv.json).
 - `_int4_mm_t_kernel` (swapped operands, small M): `y^T = dequant(W)^T @ x^T`, so the dequantized weight
   tile is the MMA's first operand and the few rows of x its narrow side; nibbles unpacked in registers with
   `tl.interleave`. Split-K like the GEMV.
@@ -63,7 +64,7 @@ MAGIC16 = {torch.bfloat16: (0x4308, 136.0), torch.float16: (0x6408, 1032.0)}  # 
 # (benchmarks/int4_tune_v2b.json, then int4_tune_v2c.json around its winners; the M = 1 tile GEMV from
 # benchmarks/int4_tune_gemv.json: within 7% of each decode shape's best but 4096x1024, 1.12x there).
 CONFIGS = [
-    (1, dict(kernel="gemv", tile=True, BLOCK_N=512, MIN_TILES=8, BLOCK_K=32, num_warps=2, num_stages=3,
+    (1, dict(kernel="gemv", BLOCK_N=512, MIN_TILES=8, BLOCK_K=32, num_warps=2, num_stages=3,
              waves=32)),
     (16, dict(kernel="mm_t", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, waves=8,
               SCALE_ACC=False)),
@@ -83,42 +84,6 @@ def _nibbles(w_ptr, offs_k, offs_n, mask, N):
 
 @triton.jit
 def _int4_gemv_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
-    N, K, stride_xm, group_size, k_per_split,
-    K_STEPS: tl.constexpr, HAS_ZERO: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    row = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    x_row = x_ptr + row * stride_xm
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    k_lo = pid_k * k_per_split
-    for step in range(0, K_STEPS):  # BLOCK_K divides the group: one scale row per step; steps past K masked
-        k0 = k_lo + step * BLOCK_K
-        g = k0 // group_size
-        smask = mask_n & (k0 < K)
-        s = tl.load(s_ptr + g * N + offs_n, mask=smask, other=0.0).to(tl.float32)
-        c = tl.full((BLOCK_N,), 8388616.0, tl.float32)
-        if HAS_ZERO:
-            c += tl.load(z_ptr + g * N + offs_n, mask=smask, other=0).to(tl.float32)
-        part = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for i in tl.static_range(BLOCK_K // 8):  # one word row (8 K values) at a time: all in-thread
-            kw = k0 // 8 + i
-            ok = kw < K // 8
-            word = tl.load(w_ptr + kw * N + offs_n, mask=mask_n & ok, other=0, eviction_policy="evict_first")
-            for j in tl.static_range(8):
-                xs = tl.load(x_row + kw * 8 + j, mask=ok, other=0.0).to(tl.float32)
-                part += xs * ((((word >> (4 * j)) & 0xF) ^ 0x4B000008).to(tl.float32, bitcast=True) - c)
-        acc += part * s
-    y_ptrs = y_ptr + row * N + offs_n
-    store_tile(y_ptrs, acc, mask_n, ATOMIC)
-
-
-@triton.jit
-def _int4_gemv_tile_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
     N, K, stride_xm, group_size, k_per_split,
     K_STEPS: tl.constexpr, HAS_ZERO: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -351,8 +316,7 @@ def launch_gemv(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, w
     tiles = cdiv(n, block_n)
     splits, per = split_for_waves(k, tiles, block_k, cfg["waves"], num_sms)
     y = (torch.zeros if splits > 1 else torch.empty)((m, n), dtype=torch.float32, device=x2d.device)
-    kern = _int4_gemv_tile_kernel if cfg.get("tile") else _int4_gemv_kernel
-    wrap(kern)[(tiles, splits, m)](
+    wrap(_int4_gemv_kernel)[(tiles, splits, m)](
         x2d, w_packed, w_scale, w_zero if w_zero is not None else w_scale, y,
         n, k, x2d.stride(0), group_size, per, K_STEPS=per // block_k,
         HAS_ZERO=w_zero is not None, ATOMIC=splits > 1, BLOCK_N=block_n, BLOCK_K=block_k,

@@ -318,17 +318,16 @@ def test_tile_kernel_interpreter(group, zero, dtype, m):
 @triton_interp
 @pytest.mark.parametrize("group", [32, 128, "channel"])
 @pytest.mark.parametrize("zero", [False, True], ids=["sym", "zp"])
-@pytest.mark.parametrize("tile", [False, True], ids=["rows", "tile"])
-def test_gemv_kernel_interpreter(group, zero, tile):
-    """Both GEMV kernels, split-K and not. x holds bf16 values (what engines feed): the tile kernel's
-    x * (136 + q) products are then exact."""
+def test_gemv_kernel_interpreter(group, zero):
+    """The GEMV, split-K and not. x holds bf16 values (what engines feed): its x * (136 + q) products are
+    then exact."""
     from qcompile.plugins.int4_gemm import kernel
 
     k, n = 384, 80
     case = make_case(k=k, n=n, group=group, zero=zero, seed=5)
     x = torch.randn(2, k, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16).float()
     for waves in (0, 8):
-        cfg = {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2, "waves": waves, "tile": tile}
+        cfg = {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2, "waves": waves}
         acc = kernel.launch_gemv(x, case["w_packed"], case["scale"], case["w_zero"], case["g"], cfg, num_sms=1)
         assert acc.dtype == torch.float32 and acc.shape == (2, n)
         assert_close_to(acc, oracle(x, {**case, "bias": None}), 1e-5)
