@@ -43,11 +43,6 @@ def split_for_waves(k: int, tiles: int, block_k: int, waves: float, num_sms: int
     return cdiv(k, per), per
 
 
-def run_by_rows(x, k: int, n: int, small, large, weights: tuple) -> torch.Tensor:
-    """`small` (M <= SMALL_M_MAX) or `large` on x as contiguous rows [M, k], reshaped back to [..., n]."""
-    return run_by_buckets(x, k, n, [(SMALL_M_MAX, small), (None, large)], weights)
-
-
 def run_by_buckets(x, k: int, n: int, buckets: list, weights: tuple) -> torch.Tensor:
     """The first bucket `(limit, fn)` with M <= limit (limit None: any M) run on x as contiguous rows [M, k],
     reshaped back to [..., n].

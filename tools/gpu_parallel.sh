@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Several gpu_session.sh runs side by side on the GPU machine (one SITE and OUT folder each), e.g.
-#   STREAMS="tests|TESTS=tests/plugins cli|CLI_RECIPES='fp8 w8a16'" OUT=/tmp/out bash tools/gpu_parallel.sh
-# Each stream is "STEPS|ENV ASSIGNMENTS"; its output goes to $OUT/sN/. Waits for all of them.
+#   STREAMS="tests|TESTS=tests/plugins;cli|CLI_RECIPES='fp8 w8a16'" OUT=/tmp/out bash tools/gpu_parallel.sh
+# Streams are separated by ';', each "STEPS|ENV ASSIGNMENTS"; its output goes to $OUT/sN/. Waits for all.
 set -uo pipefail
 OUT=${OUT:-/tmp/qcompile-out}
 i=0

@@ -33,7 +33,8 @@ for s in ${STEPS:-engines kernels int4 decode tests}; do
     cli)     step "qcompile build / run tiny-llama --device cuda with every recipe"
              qc() { LD_PRELOAD=$PRELOAD python3 -m qcompile.cli "$@"; }
              qc sample-inputs tiny-llama -o "$OUT/tl-inputs.npz" --dim batch=2 --dim seq=16 > /dev/null
-             for r in ${CLI_RECIPES:-fp16 int8 int8_sq w8a16 fp8 fp8_rowwise fp8_block w4a16_rtn w4a16_awq w4a16_gptq w4a8_awq nvfp4 w4a16_nvfp4 mxfp4}; do
+             all=$(py -c "from qcompile.recipes import list_recipes; print(' '.join(r.name for r in list_recipes()))")
+             for r in ${CLI_RECIPES:-$all}; do
                qc build tiny-llama --recipe "$r" --calib random --device cuda -o "$OUT/tl-$r.engine" > "$OUT/cli-tiny-llama-$r.log" 2>&1
                b=$?
                qc run "$OUT/tl-$r.engine" --inputs "$OUT/tl-inputs.npz" >> "$OUT/cli-tiny-llama-$r.log" 2>&1

@@ -123,9 +123,10 @@ def gptq_data_notes(jobs: list[Int4Job], watch: dict[str, list]) -> list[str]:
         return []
     tokens = min(t for t, _ in short.values())
     k = max(k for _, k in short.values())
-    note = (f"GPTQ: {len(short)} layer{'s' * (len(short) != 1)} saw fewer calibration tokens than input channels (as few as {tokens} "
-            f"tokens for K up to {k}): their Hessians are rank-deficient and GPTQ may do worse than round to "
-            f"nearest; calibrate on more data (at least {k} tokens, e.g. more samples or longer sequences)")
+    layers = f"{len(short)} layer{'s' * (len(short) != 1)}"
+    note = (f"GPTQ: {layers} saw fewer calibration tokens than input channels (as few as {tokens} tokens for K "
+            f"up to {k}): their Hessians are rank-deficient and GPTQ may do worse than round to nearest; "
+            f"calibrate on more data (at least {k} tokens, e.g. more samples or longer sequences)")
     logger.warning(note)
     return [note]
 
