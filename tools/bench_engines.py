@@ -17,7 +17,9 @@ in float64).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import statistics
 import sys
 import time
@@ -83,6 +85,9 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true", help="add each engine's top GPU kernels (first --size)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="also time each engine replayed from a CUDA graph (qcompile.engine.GraphReplay)")
+    p.add_argument("--build-jobs", type=int, default=1,
+                   help="build this many engines at once in worker processes (compiling is CPU-bound); "
+                   "all builds finish before any timing starts")
     args = p.parse_args(argv)
 
     work = Path(args.workdir)
@@ -110,20 +115,14 @@ def main(argv=None) -> int:
     del reference
     torch.cuda.empty_cache()
 
-    results = []
     failed = {}
+    built = build_all(args.recipes, onnx_path, calib, work, args.build_jobs, failed)
+    results = []
     for recipe in args.recipes:
-        t0 = time.perf_counter()
-        try:
-            built = qcompile.build(str(onnx_path), recipe, output=work / f"{recipe}.engine", calib=str(calib),
-                                   device="cuda")
-        except Exception as exc:  # noqa: BLE001 - one recipe's failure must not lose the others' timings
-            failed[recipe] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
-            print(f"--- {recipe}: build failed: {failed[recipe]}", flush=True)
+        if recipe not in built:
             continue
-        build_s = time.perf_counter() - t0
         try:
-            results += measure(recipe, built, build_s, cases, args)
+            results += measure(recipe, built[recipe], cases, args)
         except Exception as exc:  # noqa: BLE001 - an engine that fails to run must not lose the others' timings
             failed[recipe] = f"run: {type(exc).__name__}: {str(exc).splitlines()[0]}"
             print(f"--- {recipe}: engine run failed: {failed[recipe]}", flush=True)
@@ -132,10 +131,45 @@ def main(argv=None) -> int:
     return 1 if failed else 0
 
 
-def measure(recipe, built, build_s, cases, args) -> list[dict]:
+def build_one(recipe: str, onnx_path: Path, calib: Path, work: Path) -> dict:
+    """Build one recipe's engine; what `measure` needs of it (plain values: it may cross processes)."""
+    t0 = time.perf_counter()
+    built = qcompile.build(str(onnx_path), recipe, output=work / f"{recipe}.engine", calib=str(calib), device="cuda")
+    return {"engine_path": str(built.engine_path), "build_s": time.perf_counter() - t0,
+            "layers_quantized": len(built.layers), "weights_bytes": built.bytes_after}
+
+
+def build_all(recipes, onnx_path, calib, work, jobs: int, failed: dict) -> dict:
+    """recipe -> `build_one` result, `jobs` builds at a time; a failure goes to `failed` and the rest go on."""
+    def record_failure(recipe, exc):
+        failed[recipe] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        print(f"--- {recipe}: build failed: {failed[recipe]}", flush=True)
+
+    built = {}
+    if jobs <= 1:
+        for recipe in recipes:
+            try:
+                built[recipe] = build_one(recipe, onnx_path, calib, work)
+            except Exception as exc:  # noqa: BLE001 - one recipe's failure must not lose the others' timings
+                record_failure(recipe, exc)
+        return built
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked children
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        futures = {pool.submit(build_one, recipe, onnx_path, calib, work): recipe for recipe in recipes}
+        for future in concurrent.futures.as_completed(futures):
+            recipe = futures[future]
+            try:
+                built[recipe] = future.result()
+                print(f"--- {recipe}: built in {built[recipe]['build_s']:.0f} s", flush=True)
+            except Exception as exc:  # noqa: BLE001
+                record_failure(recipe, exc)
+    return built
+
+
+def measure(recipe, built: dict, cases, args) -> list[dict]:
     """Time one recipe's engine at every size (eager, and replayed from a CUDA graph with --cuda-graph)."""
     results = []
-    engine = qcompile.load(built.engine_path, run_single_threaded=args.cuda_graph)
+    engine = qcompile.load(built["engine_path"], run_single_threaded=args.cuda_graph)
     if args.profile:
         print(f"--- {recipe}: GPU kernels at {cases[0][0]}\n{kernel_profile(engine, cases[0][1])}")
     for sizes, feeds, want in cases:
@@ -144,8 +178,8 @@ def measure(recipe, built, build_s, cases, args) -> list[dict]:
         cos = min(cosine(outs[n], want[n]) for n in engine.output_names)
         tokens = sizes.get("batch", 1) * sizes.get("seq", 1)
         row = {"recipe": recipe, "dims": sizes, "ms": ms, "tokens_per_s": tokens * 1000.0 / ms,
-               "cosine_vs_fp32": cos, "build_s": build_s,
-               "layers_quantized": len(built.layers), "weights_bytes": built.bytes_after}
+               "cosine_vs_fp32": cos, "build_s": built["build_s"],
+               "layers_quantized": built["layers_quantized"], "weights_bytes": built["weights_bytes"]}
         if args.cuda_graph:  # the same run replayed from a CUDA graph: one launch instead of one per kernel
             try:
                 replay = GraphReplay(engine, feeds)

@@ -22,13 +22,13 @@ for s in ${STEPS:-engines kernels int4 decode tests}; do
                  | tee "$OUT/gpu-tests${TESTS_TAG:-}.log" | tail -25 ;;
     decode)  step "decode benchmark: Llama-3-8B-sized layers, w4a16_awq vs fp16 at M = 1"
              py tools/bench_engines.py llama3-8b-layers --recipes fp16 w4a16_awq --cuda-graph --profile --size batch=1,seq=1 \
-                 --size batch=16,seq=1 --calib-size batch=2,seq=64 --iters 100 \
+                 --size batch=16,seq=1 --calib-size batch=2,seq=64 --iters 100 --build-jobs 2 \
                  --out "$OUT/decode-llama3-8b-layers.json" 2>&1 | tee "$OUT/decode-llama3-8b-layers.log" | grep -v "^\[" | tail -12 ;;
     w8fp8)   step "w8a16 and fp8_block GEMM benchmark"
              py tools/bench_w8a16_fp8_block.py --cuda-graph --out "$OUT/w8a16_fp8_block.json" 2>&1 | tee "$OUT/w8a16_fp8_block.log" | tail -30 ;;
     recipes) step "engine benchmark: every recipe on mlp-large"
              py tools/bench_engines.py mlp-large --recipes ${RECIPES:-fp16 int8 int8_sq w8a16 fp8 fp8_rowwise fp8_block w4a16_awq w4a8_awq nvfp4 w4a16_nvfp4 mxfp4} \
-                 --cuda-graph --size batch=1,seq=1 --size batch=8,seq=512 --calib-size batch=2,seq=128 \
+                 --cuda-graph --build-jobs ${BUILD_JOBS:-4} --size batch=1,seq=1 --size batch=8,seq=512 --calib-size batch=2,seq=128 \
                  --out "$OUT/engines-recipes-mlp-large.json" 2>&1 | tee "$OUT/engines-recipes-mlp-large.log" | grep -v "^\[" | tail -30 ;;
     cli)     step "qcompile build / run tiny-llama --device cuda with every recipe"
              qc() { LD_PRELOAD=$PRELOAD python3 -m qcompile.cli "$@"; }
@@ -38,9 +38,15 @@ for s in ${STEPS:-engines kernels int4 decode tests}; do
                qc build tiny-llama --recipe "$r" --calib random --device cuda -o "$OUT/tl-$r.engine" > "$OUT/cli-tiny-llama-$r.log" 2>&1
                b=$?
                qc run "$OUT/tl-$r.engine" --inputs "$OUT/tl-inputs.npz" >> "$OUT/cli-tiny-llama-$r.log" 2>&1
-               echo "$r build rc=$b run rc=$? | $(grep -m1 -E '^logits' "$OUT/cli-tiny-llama-$r.log") | $(grep -m1 -E 'validation (PASSED|FAILED)' "$OUT/cli-tiny-llama-$r.log")" | tee -a "$OUT/cli-tiny-llama.txt"
+               rr=$?
+               echo "$r build rc=$b run rc=$rr | $(grep -m1 -E '^logits' "$OUT/cli-tiny-llama-$r.log") | $(grep -m1 -E 'validation (PASSED|FAILED)' "$OUT/cli-tiny-llama-$r.log")" | tee -a "$OUT/cli-tiny-llama.txt"
+               [ $b -ne 0 ] || [ $rr -ne 0 ] && grep -v "^\[" "$OUT/cli-tiny-llama-$r.log" | tail -15
                rm -f "$OUT/tl-$r.engine"
              done ;;
+    fp4)     step "FP4 (NVFP4, MXFP4) vs INT4 vs bf16 GEMM benchmark"
+             py tools/bench_fp4_gemm.py --eager --cuda-graph ${FP4_ARGS:-} --out "$OUT/fp4_int4_gemm.json" 2>&1 | tee "$OUT/fp4_int4_gemm.log" | tail -30 ;;
+    diag)    step "diagnostics: ${DIAG:-tools/diag/scaled_mm_aoti.py 1,0 none}"
+             py ${DIAG:-tools/diag/scaled_mm_aoti.py 1,0 none} 2>&1 | tail -20 ;;
     tune1)   step "INT4 GEMV tuning (M = 1, decode shapes)"
              py tools/tune_int4_gemm.py --ms 1 --kinds gemv --shapes 4096x1024 4096x4096 4096x14336 14336x4096 8192x28672 \
                  --out "$OUT/int4_tune_gemv.json" 2>&1 | tee "$OUT/int4_tune_gemv.log" | tail -8 ;;

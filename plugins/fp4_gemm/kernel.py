@@ -8,10 +8,11 @@ Paths, chosen from M (the row count of x, dynamic) by `gemm_dispatch.run_by_buck
 concrete M, a `torch.cond` chain for a symbolic one):
 
 - M = 1: `_fp4_gemv_kernel` (no tensor cores: at M = 1 the job is moving weight bytes), one program per
-  (N tile, K split, row of x): each step loads BLOCK_N weight rows x BLOCK_K (the rows are K-contiguous, so
-  BLOCK_K / 2 contiguous bytes per row), decodes them in fp32 registers with the GEMM's helpers, multiplies
-  by x and reduces along K (`tl.sum`); partial sums over K splits meet in fp32 atomics. Works for any M
-  (one program column per row); the bias is added by aten ops after it.
+  (N tile, K split, row of x): each step loads BLOCK_N weight rows x BLOCK_K / 8 words (the rows are
+  K-contiguous), decodes each nibble to fp32 with 4 integer ops and FMAs it with its x into the word's
+  partial sum; the block scale multiplies each word's sum once (not each weight). Partial sums over K
+  splits meet in fp32 atomics. Works for any M (one program column per row); the bias is added by aten
+  ops after it.
 - 1 < M <= SMALL_M_MAX (16): `_fp4_gemm_kernel` split-K (BLOCK_M = 16): each program streams one K slice of
   BLOCK_N weight rows once (`evict_first`); partial sums are added with fp32 atomics (a plain store in
   x.dtype when there is one split).
@@ -54,8 +55,9 @@ BLOCK_K = 128
 # launch configurations (tile sizes, warps, pipeline stages; the split-K target in SMs per N tile)
 SMALL = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3, sms_per_tile=1)
 MID = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, sms_per_tile=4)
-# the GEMV's (M = 1) first guess, not tuned on a GPU yet; BLOCK_K: a multiple of both blocks (16, 32)
-GEMV = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=3, sms_per_tile=1)
+# the GEMV (M = 1): the fastest of 16 configurations on the H200 decode shapes for both formats
+# (tools/bench_fp4_gemm.py --gemv-sweep, benchmarks/fp4_int4_gemm.json); BLOCK_K: a multiple of both blocks
+GEMV = dict(BLOCK_N=16, BLOCK_K=512, num_warps=2, num_stages=3, sms_per_tile=1)
 TINY = {torch.float32: 126, torch.bfloat16: 126, torch.float16: 14}  # decoded bits = value * 2**-TINY
 ACC_SHIFT = {(False, torch.float16): 9, (True, torch.float16): 4}  # X per (MXFP4?, dtype); else below
 ACC_SHIFT_DEFAULT = {False: 9, True: 16}  # NVFP4: E4M3 <= 448 < 2**9; MXFP4: scales up to 2**17
@@ -88,10 +90,18 @@ def _pair16(words, j: tl.constexpr, EM_SHIFT: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
-def _nibble32(words, j: tl.constexpr):
-    """Nibble j of uint32 words as fp32 `e2m1 * 2**-126`."""
-    t = words >> (4 * j)
-    return (((t << 28) & 0x80000000) | ((t << 22) & 0x01C00000)).to(tl.float32, bitcast=True)
+def _e2m1_bits32(words, j: tl.constexpr):
+    """Nibble j of uint32 words as fp32 `e2m1 * 2**-126`: its sign and its `e1 e0 m` bits each moved into
+    place with one shift and one mask (the OR folds into the second mask: 4 integer ops per weight)."""
+    if j < 6:
+        mag = (words << (22 - 4 * j)) & 0x01C00000
+    else:
+        mag = (words >> (4 * j - 22)) & 0x01C00000
+    if j < 7:
+        sign = (words << (28 - 4 * j)) & 0x80000000
+    else:
+        sign = words & 0x80000000
+    return (mag | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -100,8 +110,10 @@ def _e2m1_tile(words, mult):
     (mult [..., 1])."""
     DT: tl.constexpr = mult.dtype
     if DT == tl.float32:
-        n0, n1, n2, n3 = _nibble32(words, 0), _nibble32(words, 1), _nibble32(words, 2), _nibble32(words, 3)
-        n4, n5, n6, n7 = _nibble32(words, 4), _nibble32(words, 5), _nibble32(words, 6), _nibble32(words, 7)
+        n0, n1, n2, n3 = (_e2m1_bits32(words, 0), _e2m1_bits32(words, 1), _e2m1_bits32(words, 2),
+                          _e2m1_bits32(words, 3))
+        n4, n5, n6, n7 = (_e2m1_bits32(words, 4), _e2m1_bits32(words, 5), _e2m1_bits32(words, 6),
+                          _e2m1_bits32(words, 7))
     else:
         EM_SHIFT: tl.constexpr = 6 if DT == tl.bfloat16 else 9
         n0, n4 = _pair16(words, 0, EM_SHIFT, DT)
@@ -176,29 +188,42 @@ def _fp4_gemv_kernel(
     x_ptr, w_ptr, s_ptr, g_ptr, y_ptr,
     N, K, stride_xm,
     K_STEPS: tl.constexpr, MX: tl.constexpr, B: tl.constexpr, SHIFT: tl.constexpr, POW_SHIFT: tl.constexpr,
-    POW_ACC: tl.constexpr, HAS_GLOBAL: tl.constexpr, ATOMIC: tl.constexpr,
+    POW_ACC: tl.constexpr, X_SCALE: tl.constexpr, HAS_GLOBAL: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """fp32 y[row, N tile] (+)= x[row] @ W.T over K slice program_id(1): the weight tile decoded in fp32
-    (`_weight_tile`), x * w reduced along K in registers (no dot)."""
+    """fp32 y[row, N tile] (+)= x[row] @ W.T over K slice program_id(1), on [BLOCK_N, BLOCK_K/8] word tiles
+    without tensor cores: nibble j of every word is decoded to fp32 (`_e2m1_bits32`) and multiplied into
+    the word's partial sum with x[8w + j] (one FMA); each word's sum is scaled once by its block's
+    multiplier. x is pre-multiplied by X_SCALE (2**64, exact) so the products of the `2**-126` codes stay
+    normal floats; SHIFT takes it back out of the block multiplier."""
+    KW: tl.constexpr = BLOCK_K // 8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     row = tl.program_id(2).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    rows = offs_n.to(tl.int64)[:, None]
+    wp = w_ptr.to(tl.pointer_type(tl.uint32))
+    sp = s_ptr.to(tl.pointer_type(tl.uint8))
     x_row = x_ptr + row * stride_xm
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, KW), dtype=tl.float32)
     for step in range(0, K_STEPS):  # steps past K (last split) load nothing
         k0 = (pid_k * K_STEPS + step) * BLOCK_K
-        w = _weight_tile(w_ptr, s_ptr, offs_n, k0, N, K, tl.float32, MX, B, SHIFT, POW_SHIFT, BLOCK_N, BLOCK_K)
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        xs = tl.load(x_row + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-        acc += tl.sum(w * xs[None, :], axis=1)
-    acc = acc * POW_ACC
+        offs_w = k0 // 8 + tl.arange(0, KW)
+        ok = offs_w < K // 8
+        words = tl.load(wp + rows * (K // 8) + offs_w[None, :], mask=mask_n[:, None] & ok[None, :], other=0,
+                        eviction_policy="evict_first")
+        bits = tl.load(sp + rows * (K // B) + (offs_w * 8 // B)[None, :], mask=mask_n[:, None] & ok[None, :],
+                       other=0, eviction_policy="evict_first")
+        part = tl.zeros((BLOCK_N, KW), dtype=tl.float32)
+        for j in tl.static_range(8):
+            xj = tl.load(x_row + offs_w * 8 + j, mask=ok, other=0.0).to(tl.float32) * X_SCALE
+            part += _e2m1_bits32(words, j) * xj[None, :]
+        acc += part * _scale_multiplier(bits, MX, SHIFT, POW_SHIFT)
+    y = tl.sum(acc, axis=1) * POW_ACC
     if HAS_GLOBAL:
-        acc = acc * tl.load(g_ptr)
-    y_ptrs = y_ptr + row * N + offs_n
-    store_tile(y_ptrs, acc, mask_n, ATOMIC)
+        y = y * tl.load(g_ptr)
+    store_tile(y_ptr + row * N + offs_n, y, mask_n, ATOMIC)
 
 
 @triton.jit
@@ -228,9 +253,19 @@ def _format_args(w_scale, w_global, block_size: int, dtype) -> dict:
                 HAS_GLOBAL=w_global is not None)
 
 
+GEMV_X_LOG2 = 64  # the GEMV multiplies x by 2**64 (see _fp4_gemv_kernel)
+
+
+def _gemv_format_args(w_scale, w_global, block_size: int) -> dict:
+    """`_format_args` for the GEMV: its block multiplier is `scale * 2**(126 - 64 - X)`."""
+    fmt = _format_args(w_scale, w_global, block_size, torch.float32)
+    shift = fmt["SHIFT"] - GEMV_X_LOG2
+    return {**fmt, "SHIFT": shift, "POW_SHIFT": 2.0 ** shift, "X_SCALE": 2.0 ** GEMV_X_LOG2}
+
+
 def gemm_config(k: int, n: int, cfg: dict, num_sms: int = DEFAULT_SMS) -> dict:
     """Static launch configuration (independent of M) of the GEMM or GEMV kernel for a K x N weight."""
-    return split_k_config(k, n, cfg.get("BLOCK_K", BLOCK_K), cfg["BLOCK_N"], max(1, num_sms // cfg["sms_per_tile"]))
+    return split_k_config(k, n, cfg.get("BLOCK_K", BLOCK_K), cfg["BLOCK_N"], max(1, int(num_sms / cfg["sms_per_tile"])))
 
 
 def launch_gemv(x2d, w_packed, w_scale, w_global, block_size: int, cfg: dict = GEMV, *, wrap=identity,
@@ -247,8 +282,7 @@ def launch_gemv(x2d, w_packed, w_scale, w_global, block_size: int, cfg: dict = G
     wrap(_fp4_gemv_kernel)[(split["n_tiles"], split["split_k"], m)](
         x2d, w_packed, w_scale, w_global if w_global is not None else w_packed, y, n, k, x2d.stride(0),
         K_STEPS=split["k_per_split"] // block_k, ATOMIC=atomic, BLOCK_N=split["BLOCK_N"], BLOCK_K=block_k,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **_format_args(w_scale, w_global, block_size, torch.float32),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_gemv_format_args(w_scale, w_global, block_size),
     )
     return y
 

@@ -193,22 +193,37 @@ def test_gemm_kernel_paths_interpreter(fmt, dtype, path, m):
 
 @triton_interp
 @pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("magnitude", [1e-12, 1e12])
+def test_gemv_keeps_precision_for_tiny_and_huge_activations(fmt, magnitude):
+    """The GEMV scales x by 2**64 so products with the `2**-126` codes stay normal floats: fp32 x of
+    magnitude 1e-12 (products would be subnormal without it) and 1e12 keep float32 accuracy."""
+    from qcompile.plugins.fp4_gemm import kernel
+
+    k, n = 512, 40
+    case = make_case(fmt, k=k, n=n, seed=3)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(3)) * magnitude
+    y = kernel.launch_gemv(x, *args(case), case["block"], num_sms=1)
+    assert_rel_l2(y, oracle(x, case), torch.float32)
+
+
+@triton_interp
+@pytest.mark.parametrize("fmt", FMTS)
 @pytest.mark.parametrize("dtype", INTERP_DTYPES)
 @pytest.mark.parametrize("has_bias", [False, True], ids=["nobias", "bias"])
 def test_gemv_kernel_interpreter(fmt, dtype, has_bias):
     """The GEMV: M = 1 with one K split (plain store), M = 3 (one program column per row) with two (atomics,
     the last split partly past K), and `fp4_gemm_triton` at M = 1 (two splits); N = 72 is not a multiple of
-    BLOCK_N (32)."""
+    BLOCK_N (16)."""
     from qcompile.plugins.fp4_gemm import kernel
 
-    k, n = 768, 72  # 3 steps of BLOCK_K = 256
+    k, n = 768, 72  # 2 steps of BLOCK_K = 512, the second partly past K
     case = make_case(fmt, k=k, n=n, seed=7)
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(3, k, generator=gen).to(dtype)
     bias = torch.randn(n, generator=gen) if has_bias else None
     for sms, m, splits in ((1, 1, 1), (132, 3, 2)):
         cfg = kernel.gemm_config(k, n, kernel.GEMV, sms)
-        assert (cfg["split_k"], cfg["BLOCK_N"], cfg["n_tiles"]) == (splits, 32, 3)
+        assert (cfg["split_k"], cfg["BLOCK_N"], cfg["n_tiles"]) == (splits, 16, 5)
         y = kernel.launch_gemv(x[:m], *args(case), case["block"], num_sms=sms)
         assert y.dtype == torch.float32 and y.shape == (m, n)
         assert_rel_l2(kernel._add_bias(y, bias, dtype), oracle(x[:m], case, bias), dtype)
@@ -340,7 +355,7 @@ def test_cuda_each_kernel_path(fmt, dtype, path, m):
 def test_cuda_gemv_kernel(fmt, dtype, m, sms):
     from qcompile.plugins.fp4_gemm import kernel
 
-    k, n = 4096, 3000  # N not a multiple of BLOCK_N (32)
+    k, n = 4096, 3000  # N not a multiple of BLOCK_N (16)
     case = make_case(fmt, k=k, n=n, seed=m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
     bias = torch.randn(n) if m % 2 else None
