@@ -10,9 +10,8 @@ For each (K x N, M) of reference/kernel-targets.md it times, with `triton.testin
 all with bias, bf16 in/out. Each output is checked against a float32 reference of the same weights
 (`rel%_*`: relative L2 error in percent, on one weight copy). Weights are rotated over several copies so small-M
 runs read HBM, not L2. Ops are compiled (torch.compile, static shapes, one compile per M) or eager with
---eager; --cuda-graph times GPU work only. --gemv-sweep also times the FP4 GEMV kernel alone at M = 1 in
-each configuration of GEMV_SWEEP (columns `*_gemv_best`, the fastest, and `*_gemv_default`, the shipped one).
-Prints the table with the ratios int4/fp4 (>= 0.9: FP4 within 10% of INT4) and bf16/fp4 (> 1: FP4 faster than bf16), writes JSON to --out.
+--eager; --cuda-graph times GPU work only. Prints the table with the ratios int4/fp4 (>= 0.9: FP4 within 10%
+of INT4) and bf16/fp4 (> 1: FP4 faster than bf16), writes JSON to --out.
 
     LD_PRELOAD=$(g++ -print-file-name=libstdc++.so.6) python3 tools/bench_fp4_gemm.py --eager --cuda-graph --out b.json
 """
@@ -78,31 +77,6 @@ def run_shape(k: int, n: int, m: int, ops) -> dict:
     return r
 
 
-# FP4 GEMV configurations tried by --gemv-sweep (sms_per_tile < 1: more K splits)
-GEMV_SWEEP = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=3, sms_per_tile=spt)
-              for bn, bk, w in ((16, 512, 2), (32, 256, 2), (32, 256, 4), (32, 512, 4), (64, 256, 4), (64, 256, 8),
-                                (64, 512, 8), (128, 256, 8))
-              for spt in (1, 0.25)]
-
-
-def gemv_sweep(k: int, n: int) -> dict:
-    """At M = 1: the FP4 GEMV kernel alone (no bias) in each GEMV_SWEEP configuration, per format."""
-    from qcompile.plugins.fp4_gemm import kernel
-
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    r = {}
-    for fmt, block in FP4.items():
-        wf = rotating(lambda: make_fp4(fmt, k, n), k * n // 2)
-        times = []
-        for cfg in GEMV_SWEEP:
-            times.append(bench(lambda: kernel.launch_gemv(x, *wf(), block, cfg)))
-        best = min(range(len(times)), key=times.__getitem__)
-        r[f"{fmt}_gemv_best"], r[f"{fmt}_gemv_best_cfg"] = times[best], GEMV_SWEEP[best]
-        r[f"{fmt}_gemv_default"] = bench(lambda: kernel.launch_gemv(x, *wf(), block))
-        r[f"{fmt}_gemv_all"] = times
-    return r
-
-
 def compiled_ops(eager: dict, use_eager: bool) -> dict:
     """The ops as timed: eager, or torch.compile'd with static shapes (one compile per M)."""
     if use_eager:
@@ -113,24 +87,14 @@ def compiled_ops(eager: dict, use_eager: bool) -> dict:
 
 
 def main() -> None:
-    parser = bench_parser(__doc__.splitlines()[0])
-    parser.add_argument("--gemv-sweep", action="store_true", help="also time GEMV_SWEEP's FP4 GEMV configurations at M = 1")
-    args = parser.parse_args()
+    args = bench_parser(__doc__.splitlines()[0]).parse_args()
     ops = compiled_ops({"int4": register_int4(), "fp4": register_fp4()}, args.eager)
     cols = ["bf16", "int4_op", "nvfp4_op", "mxfp4_op", "int4/nvfp4", "int4/mxfp4", "bf16/nvfp4", "bf16/mxfp4",
             "rel%_int4", "rel%_nvfp4", "rel%_mxfp4"]
-    if args.gemv_sweep:
-        cols += ["nvfp4_gemv_default", "nvfp4_gemv_best", "mxfp4_gemv_default", "mxfp4_gemv_best"]
-
-    def run(k, n, m):
-        r = run_shape(k, n, m, ops)
-        return {**r, **gemv_sweep(k, n)} if args.gemv_sweep and m == 1 else r
-
-    rows = sweep(args, cols, run)
+    rows = sweep(args, cols, lambda k, n, m: run_shape(k, n, m, ops))
     errs = {c: max(r[c] for r in rows) for c in ("rel%_int4", "rel%_nvfp4", "rel%_mxfp4")}
     print(f"max relative L2 error vs float32 (%): {errs}")
-    write_results(args, rows, int4_group=GROUP, fp4_blocks=FP4, max_rel_l2_error_pct=errs,
-                  gemv_sweep=GEMV_SWEEP if args.gemv_sweep else None)
+    write_results(args, rows, int4_group=GROUP, fp4_blocks=FP4, max_rel_l2_error_pct=errs)
 
 
 if __name__ == "__main__":

@@ -7,13 +7,7 @@ bits (E4M3 or E8M0), the NVFP4 global scale from its float32 tensor.
 Paths, chosen from M (the row count of x, dynamic) by `gemm_dispatch.run_by_buckets` (a Python branch for a
 concrete M, a `torch.cond` chain for a symbolic one):
 
-- M = 1: `_fp4_gemv_kernel` (no tensor cores: at M = 1 the job is moving weight bytes), one program per
-  (N tile, K split, row of x): each step loads BLOCK_N weight rows x BLOCK_K / 8 words (the rows are
-  K-contiguous), decodes each nibble to fp32 with 4 integer ops and FMAs it with its x into the word's
-  partial sum; the block scale multiplies each word's sum once (not each weight). Partial sums over K
-  splits meet in fp32 atomics. Works for any M (one program column per row); the bias is added by aten
-  ops after it.
-- 1 < M <= SMALL_M_MAX (16): `_fp4_gemm_kernel` split-K (BLOCK_M = 16): each program streams one K slice of
+- M <= SMALL_M_MAX (16): `_fp4_gemm_kernel` split-K (BLOCK_M = 16): each program streams one K slice of
   BLOCK_N weight rows once (`evict_first`); partial sums are added with fp32 atomics (a plain store in
   x.dtype when there is one split).
 - 16 < M < LARGE_M_MIN: the same kernel as a tiled GEMM (BLOCK_M = 64, BLOCK_N = 128), split-K only while
@@ -35,6 +29,11 @@ tile decoded in registers is the MMA's first operand and a small M is the MMA's 
   fp16 for every E4M3 scale; MXFP4 tiles are exact for block scales in [2**-117, 2**17] (bf16, fp32) and
   [2**-19, 2**5] (fp16; outside, the fp16 tile rounds, as ONNX's CastLike of the scale to fp16 would).
 
+M = 1 has no GEMV of its own: a GEMV on word tiles without tensor cores (one FMA per weight, block scale per
+word, 16 configurations swept) was 20-30% slower than the split-K tile kernel on every H200 decode shape
+(benchmarks/fp4_int4_gemm.json, fp4_gemv_m1.json), so it was removed. The K-contiguous rows mean each
+thread needs 8 x values per word it decodes, where INT4's N-contiguous layout shares them across columns.
+
 `launch_*` and `fp4_gemm_triton` take `wrap` (identity for raw Triton: tests run them under
 TRITON_INTERPRET=1 on CPU tensors; `torch.library.wrap_triton` from the op, so AOTInductor compiles the
 kernels into the package).
@@ -55,9 +54,6 @@ BLOCK_K = 128
 # launch configurations (tile sizes, warps, pipeline stages; the split-K target in SMs per N tile)
 SMALL = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3, sms_per_tile=1)
 MID = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, sms_per_tile=4)
-# the GEMV (M = 1): the fastest of 16 configurations on the H200 decode shapes for both formats
-# (tools/bench_fp4_gemm.py --gemv-sweep, benchmarks/fp4_int4_gemm.json); BLOCK_K: a multiple of both blocks
-GEMV = dict(BLOCK_N=16, BLOCK_K=512, num_warps=2, num_stages=3, sms_per_tile=1)
 TINY = {torch.float32: 126, torch.bfloat16: 126, torch.float16: 14}  # decoded bits = value * 2**-TINY
 ACC_SHIFT = {(False, torch.float16): 9, (True, torch.float16): 4}  # X per (MXFP4?, dtype); else below
 ACC_SHIFT_DEFAULT = {False: 9, True: 16}  # NVFP4: E4M3 <= 448 < 2**9; MXFP4: scales up to 2**17
@@ -184,49 +180,6 @@ def _fp4_gemm_kernel(
 
 
 @triton.jit
-def _fp4_gemv_kernel(
-    x_ptr, w_ptr, s_ptr, g_ptr, y_ptr,
-    N, K, stride_xm,
-    K_STEPS: tl.constexpr, MX: tl.constexpr, B: tl.constexpr, SHIFT: tl.constexpr, POW_SHIFT: tl.constexpr,
-    POW_ACC: tl.constexpr, X_SCALE: tl.constexpr, HAS_GLOBAL: tl.constexpr, ATOMIC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """fp32 y[row, N tile] (+)= x[row] @ W.T over K slice program_id(1), on [BLOCK_N, BLOCK_K/8] word tiles
-    without tensor cores: nibble j of every word is decoded to fp32 (`_e2m1_bits32`) and multiplied into
-    the word's partial sum with x[8w + j] (one FMA); each word's sum is scaled once by its block's
-    multiplier. x is pre-multiplied by X_SCALE (2**64, exact) so the products of the `2**-126` codes stay
-    normal floats; SHIFT takes it back out of the block multiplier."""
-    KW: tl.constexpr = BLOCK_K // 8
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    row = tl.program_id(2).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    rows = offs_n.to(tl.int64)[:, None]
-    wp = w_ptr.to(tl.pointer_type(tl.uint32))
-    sp = s_ptr.to(tl.pointer_type(tl.uint8))
-    x_row = x_ptr + row * stride_xm
-    acc = tl.zeros((BLOCK_N, KW), dtype=tl.float32)
-    for step in range(0, K_STEPS):  # steps past K (last split) load nothing
-        k0 = (pid_k * K_STEPS + step) * BLOCK_K
-        offs_w = k0 // 8 + tl.arange(0, KW)
-        ok = offs_w < K // 8
-        words = tl.load(wp + rows * (K // 8) + offs_w[None, :], mask=mask_n[:, None] & ok[None, :], other=0,
-                        eviction_policy="evict_first")
-        bits = tl.load(sp + rows * (K // B) + (offs_w * 8 // B)[None, :], mask=mask_n[:, None] & ok[None, :],
-                       other=0, eviction_policy="evict_first")
-        part = tl.zeros((BLOCK_N, KW), dtype=tl.float32)
-        for j in tl.static_range(8):
-            xj = tl.load(x_row + offs_w * 8 + j, mask=ok, other=0.0).to(tl.float32) * X_SCALE
-            part += _e2m1_bits32(words, j) * xj[None, :]
-        acc += part * _scale_multiplier(bits, MX, SHIFT, POW_SHIFT)
-    y = tl.sum(acc, axis=1) * POW_ACC
-    if HAS_GLOBAL:
-        y = y * tl.load(g_ptr)
-    store_tile(y_ptr + row * N + offs_n, y, mask_n, ATOMIC)
-
-
-@triton.jit
 def _fp4_dequant_kernel(
     w_ptr, s_ptr, g_ptr, out_ptr, N, K,
     MX: tl.constexpr, B: tl.constexpr, SHIFT: tl.constexpr, POW_SHIFT: tl.constexpr, POW_ACC: tl.constexpr,
@@ -253,38 +206,9 @@ def _format_args(w_scale, w_global, block_size: int, dtype) -> dict:
                 HAS_GLOBAL=w_global is not None)
 
 
-GEMV_X_LOG2 = 64  # the GEMV multiplies x by 2**64 (see _fp4_gemv_kernel)
-
-
-def _gemv_format_args(w_scale, w_global, block_size: int) -> dict:
-    """`_format_args` for the GEMV: its block multiplier is `scale * 2**(126 - 64 - X)`."""
-    fmt = _format_args(w_scale, w_global, block_size, torch.float32)
-    shift = fmt["SHIFT"] - GEMV_X_LOG2
-    return {**fmt, "SHIFT": shift, "POW_SHIFT": 2.0 ** shift, "X_SCALE": 2.0 ** GEMV_X_LOG2}
-
-
 def gemm_config(k: int, n: int, cfg: dict, num_sms: int = DEFAULT_SMS) -> dict:
-    """Static launch configuration (independent of M) of the GEMM or GEMV kernel for a K x N weight."""
-    return split_k_config(k, n, cfg.get("BLOCK_K", BLOCK_K), cfg["BLOCK_N"], max(1, int(num_sms / cfg["sms_per_tile"])))
-
-
-def launch_gemv(x2d, w_packed, w_scale, w_global, block_size: int, cfg: dict = GEMV, *, wrap=identity,
-                num_sms: int = DEFAULT_SMS) -> torch.Tensor:
-    """float32 `x2d @ W.T` [M, N] (no bias) with `_fp4_gemv_kernel`, one program column per row of x."""
-    m, k = x2d.shape
-    n = w_packed.shape[0]
-    block_k = cfg["BLOCK_K"]
-    if block_k % block_size:
-        raise ValueError(f"FP4 GEMV: BLOCK_K {block_k} must be a multiple of the block size {block_size}")
-    split = gemm_config(k, n, cfg, num_sms)
-    atomic = split["split_k"] > 1
-    y = (torch.zeros if atomic else torch.empty)((m, n), dtype=torch.float32, device=x2d.device)
-    wrap(_fp4_gemv_kernel)[(split["n_tiles"], split["split_k"], m)](
-        x2d, w_packed, w_scale, w_global if w_global is not None else w_packed, y, n, k, x2d.stride(0),
-        K_STEPS=split["k_per_split"] // block_k, ATOMIC=atomic, BLOCK_N=split["BLOCK_N"], BLOCK_K=block_k,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_gemv_format_args(w_scale, w_global, block_size),
-    )
-    return y
+    """Static launch configuration (independent of M) of the GEMM kernel for a K x N weight."""
+    return split_k_config(k, n, cfg.get("BLOCK_K", BLOCK_K), cfg["BLOCK_N"], max(1, num_sms // cfg["sms_per_tile"]))
 
 
 def launch_gemm(x2d, w_packed, w_scale, w_global, bias, block_size: int, cfg: dict = SMALL, *, wrap=identity,
@@ -342,16 +266,11 @@ def fp4_gemm_triton(x, w_packed, w_scale, w_global, bias, block_size: int, *, wr
             return y.to(x2d.dtype)
         return run
 
-    def gemv(x2d, w_packed, w_scale, *rest):
-        w_global, bias = unpack_optional(rest, *present)
-        y = launch_gemv(x2d, w_packed, w_scale, w_global, block_size, GEMV, wrap=wrap, num_sms=num_sms)
-        return _add_bias(y, bias, x2d.dtype)
-
     def large(x2d, w_packed, w_scale, *rest):
         w_global, bias = unpack_optional(rest, *present)
         y = x2d @ launch_dequant(w_packed, w_scale, w_global, block_size, x2d.dtype, wrap=wrap).t()
         return _add_bias(y, bias, x2d.dtype)
 
     weights = (w_packed, w_scale) + tuple(t for t in (w_global, bias) if t is not None)
-    buckets = [(1, gemv), (SMALL_M_MAX, tiled(SMALL)), (LARGE_M_MIN - 1, tiled(MID)), (None, large)]
+    buckets = [(SMALL_M_MAX, tiled(SMALL)), (LARGE_M_MIN - 1, tiled(MID)), (None, large)]
     return run_by_buckets(x, k, n, buckets, weights)
