@@ -106,7 +106,7 @@ def build(
 
     from qcompile.algorithms.plan import awq_input_amax, gptq_data_notes, observers_for, plan_int4_jobs, run_jobs
     from qcompile.algorithms.smoothquant import plan_smoothing, smooth_model
-    from qcompile.calibration import calibrate, load_calibration_data
+    from qcompile.calibration import RANDOM_SAMPLES, calibrate, load_calibration_data
     from qcompile.engine import build_engine
     from qcompile.frontend import load_source
     from qcompile.lowering import lower_onnx
@@ -133,7 +133,9 @@ def build(
         smooth_jobs, smoothing, model = plan_smoothing(src.model, recipe), None, src.model
         data_hash = ""
         if recipe.needs_calibration and (tensors or jobs or smooth_jobs):
-            data = load_calibration_data(calib, src.inputs, source=src)
+            # random data: as many samples as the recipe reads (GPTQ's Hessian needs several times K tokens)
+            data = load_calibration_data(calib, src.inputs, source=src,
+                                         random_samples=recipe.calibration.max_samples or RANDOM_SAMPLES)
             data_hash = data.content_hash()
             data, held_out = _split_holdout(data, holdout)
             if smooth_jobs:  # SmoothQuant: smooth the FP model, then calibrate the smoothed one

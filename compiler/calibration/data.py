@@ -296,7 +296,10 @@ class CalibrationData:
 # --------------------------------------------------------------------------- loaders
 
 
-def load_calibration_data(spec: str | None, inputs: list, *, source=None, random_samples: int = 16,
+RANDOM_SAMPLES = 16  # samples `random` makes unless the caller asks for another count
+
+
+def load_calibration_data(spec: str | None, inputs: list, *, source=None, random_samples: int = RANDOM_SAMPLES,
                           seed: int = 0) -> CalibrationData:
     """Load calibration data for a model with `inputs` (a list of IOSpec); see the module docstring.
 

@@ -332,20 +332,23 @@ def test_algorithms_run_on_cuda_and_match_cpu(layer):
         assert output_error(xt, w, xt, qw.dequantize().cpu()) < 0.75 * _rtn_error(w, xt, 128)
 
 
-def test_gptq_notes_layers_with_fewer_tokens_than_input_channels():
-    """Fewer calibration tokens than K leave the Hessian rank-deficient: the build says so (a pass note)."""
-    from qcompile.algorithms.plan import Int4Job, gptq_data_notes, observers_for
+def test_gptq_notes_layers_with_too_few_tokens_per_input_channel():
+    """Fewer than GPTQ_TOKENS_PER_CHANNEL x K calibration tokens leave the Hessian estimate noisy (GPTQ then
+    fits the calibration tokens): the build says so (a pass note), naming the fewest tokens and the K."""
+    from qcompile.algorithms.plan import GPTQ_TOKENS_PER_CHANNEL, Int4Job, gptq_data_notes, observers_for
 
     jobs = [Int4Job("wide", "gptq", "x", np.zeros((64, 8), np.float32), 32, True),
             Int4Job("narrow", "gptq", "y", np.zeros((16, 8), np.float32), 16, True),
             Int4Job("awq", "awq", "z", np.zeros((64, 8), np.float32), 32, True)]
     watch = observers_for(jobs)
     rng = torch.Generator().manual_seed(0)
-    for name, tokens in (("x", 40), ("y", 40), ("z", 1)):
+    need_wide, need_narrow = GPTQ_TOKENS_PER_CHANNEL * 64, GPTQ_TOKENS_PER_CHANNEL * 16
+    for name, tokens in (("x", need_wide - 1), ("y", need_narrow), ("z", 1)):
         for obs in watch[name]:
             obs.update(torch.randn(tokens, 64 if name != "y" else 16, generator=rng))
     notes = gptq_data_notes(jobs, watch)
-    assert len(notes) == 1 and "GPTQ: 1 layer saw" in notes[0] and "40 tokens for K up to 64" in notes[0]
+    assert len(notes) == 1 and "GPTQ: 1 layer saw" in notes[0]
+    assert f"{need_wide - 1} tokens for K up to 64" in notes[0] and f"at least {need_wide} tokens" in notes[0]
     for obs in watch["x"]:
-        obs.update(torch.randn(30, 64, generator=rng))  # 70 tokens >= K = 64
+        obs.update(torch.randn(1, 64, generator=rng))  # now GPTQ_TOKENS_PER_CHANNEL x K
     assert gptq_data_notes(jobs, watch) == []

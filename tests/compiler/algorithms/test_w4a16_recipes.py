@@ -53,6 +53,20 @@ def test_awq_and_gptq_beat_rtn(llama, quantized):
     assert len(quantized["w4a16_awq"][3]) == 12 and len(quantized["w4a16_rtn"][3]) == 0  # jobs: awq layers only
 
 
+def test_gptq_with_random_calibration_reads_the_recipes_samples_and_beats_rtn(llama):
+    """`--calib random` makes as many samples as the recipe reads (w4a16_gptq: max_samples 64, 2048 tokens for
+    K = 256). With the default 16 (512 tokens) GPTQ fitted its noisy Hessians and lost to RTN, failing
+    validation."""
+    import qcompile
+
+    gptq = qcompile.build("tiny-llama", "w4a16_gptq", output=None, calib="random")
+    rtn = qcompile.build("tiny-llama", "w4a16_rtn", output=None)
+    assert gptq.calibration["random"] and gptq.calibration["samples"] == load_recipe("w4a16_gptq").calibration.max_samples
+    assert not any(note.startswith("GPTQ") for note in gptq.pass_notes)
+    feeds = llama.random_inputs(np.random.default_rng(78), {"batch": 4, "seq": 32})
+    assert _sqnr(llama, gptq.plugin_model, feeds) > _sqnr(llama, rtn.plugin_model, feeds) + 0.3
+
+
 def test_layers_and_declines(quantized):
     _, plugin, result, _ = quantized["w4a16_awq"]
     rows = layer_table(plugin)
