@@ -1,5 +1,6 @@
-"""Shared by the weight-DQ GEMM fusions (`fuse_int8_wo_gemm`, `fuse_fp8_block_gemm`, `fuse_int4_gemm`): binding a MatMul fed by a
-weight DequantizeLinear, absorbing its bias Add, and putting a plugin node in its place."""
+"""Shared by the weight-DQ GEMM fusions (`fuse_int8_wo_gemm`, `fuse_fp8_block_gemm`, `fuse_int4_gemm`):
+binding a MatMul fed by a weight DequantizeLinear, absorbing its bias Add, and putting a plugin node in its
+place."""
 from __future__ import annotations
 
 import numpy as np

@@ -124,7 +124,7 @@ def main(argv=None) -> int:
         try:
             results += measure(recipe, built[recipe], cases, args)
         except Exception as exc:  # noqa: BLE001 - an engine that fails to run must not lose the others' timings
-            failed[recipe] = f"run: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+            failed[recipe] = f"run: {first_line(exc)}"
             print(f"--- {recipe}: engine run failed: {failed[recipe]}", flush=True)
         torch.cuda.empty_cache()
     report(results, failed, size_sets, args)
@@ -141,29 +141,32 @@ def build_one(recipe: str, onnx_path: Path, calib: Path, work: Path) -> dict:
 
 def build_all(recipes, onnx_path, calib, work, jobs: int, failed: dict) -> dict:
     """recipe -> `build_one` result, `jobs` builds at a time; a failure goes to `failed` and the rest go on."""
-    def record_failure(recipe, exc):
-        failed[recipe] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        print(f"--- {recipe}: build failed: {failed[recipe]}", flush=True)
-
     built = {}
+
+    def settle(recipe, result):
+        try:
+            built[recipe] = result()
+            print(f"--- {recipe}: built in {built[recipe]['build_s']:.0f} s", flush=True)
+        except Exception as exc:  # noqa: BLE001 - one recipe's failure must not lose the others' timings
+            failed[recipe] = first_line(exc)
+            print(f"--- {recipe}: build failed: {failed[recipe]}", flush=True)
+
     if jobs <= 1:
         for recipe in recipes:
-            try:
-                built[recipe] = build_one(recipe, onnx_path, calib, work)
-            except Exception as exc:  # noqa: BLE001 - one recipe's failure must not lose the others' timings
-                record_failure(recipe, exc)
+            settle(recipe, lambda: build_one(recipe, onnx_path, calib, work))
         return built
     context = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked children
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
         futures = {pool.submit(build_one, recipe, onnx_path, calib, work): recipe for recipe in recipes}
         for future in concurrent.futures.as_completed(futures):
-            recipe = futures[future]
-            try:
-                built[recipe] = future.result()
-                print(f"--- {recipe}: built in {built[recipe]['build_s']:.0f} s", flush=True)
-            except Exception as exc:  # noqa: BLE001
-                record_failure(recipe, exc)
+            settle(futures[future], future.result)
     return built
+
+
+def first_line(exc: Exception) -> str:
+    """`Type: first line of the message`, for the failure table."""
+    lines = str(exc).splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
 def measure(recipe, built: dict, cases, args) -> list[dict]:

@@ -9,5 +9,5 @@ from qcompile.calibration.calibrate import CalibrationResult, calibrate
 from qcompile.calibration.data import RANDOM_SAMPLES, CalibrationData, check_sample, load_calibration_data
 from qcompile.calibration.observers import MaxObserver, PercentileObserver, make_observer
 
-__all__ = ["load_calibration_data", "RANDOM_SAMPLES", "CalibrationData", "check_sample", "calibrate", "CalibrationResult",
-           "MaxObserver", "PercentileObserver", "make_observer"]
+__all__ = ["load_calibration_data", "RANDOM_SAMPLES", "CalibrationData", "check_sample", "calibrate",
+           "CalibrationResult", "MaxObserver", "PercentileObserver", "make_observer"]

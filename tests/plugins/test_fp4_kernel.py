@@ -1,6 +1,6 @@
 """The FP4 GEMM Triton kernels (`plugins/fp4_gemm/kernel.py`): exhaustive decode checks, every kernel path
-vs a float64 oracle (NVFP4 / MXFP4, fp32 / fp16 / bf16, odd M, bias or not), the M dispatch traced with a dynamic M,
-and the op on CUDA. Interpreter tests run with TRITON_INTERPRET=1 on CPU (skipped without triton: CI); the
+vs a float64 oracle (NVFP4 / MXFP4, fp32 / fp16 / bf16, odd M, bias or not), the M dispatch traced with a
+dynamic M, and the op on CUDA. Interpreter tests run with TRITON_INTERPRET=1 on CPU (skipped without triton: CI); the
 interpreter's bf16 `tl.dot` is broken, so bf16 GEMMs run on the GPU only (bf16 decoding is checked here)."""
 from __future__ import annotations
 

@@ -61,7 +61,8 @@ def test_gptq_with_random_calibration_reads_the_recipes_samples_and_beats_rtn(ll
 
     gptq = qcompile.build("tiny-llama", "w4a16_gptq", output=None, calib="random")
     rtn = qcompile.build("tiny-llama", "w4a16_rtn", output=None)
-    assert gptq.calibration["random"] and gptq.calibration["samples"] == load_recipe("w4a16_gptq").calibration.max_samples
+    assert gptq.calibration["random"]
+    assert gptq.calibration["samples"] == load_recipe("w4a16_gptq").calibration.max_samples
     assert not any(note.startswith("GPTQ") for note in gptq.pass_notes)
     feeds = llama.random_inputs(np.random.default_rng(78), {"batch": 4, "seq": 32})
     assert _sqnr(llama, gptq.plugin_model, feeds) > _sqnr(llama, rtn.plugin_model, feeds) + 0.3
