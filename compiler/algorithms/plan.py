@@ -116,8 +116,8 @@ GPTQ_TOKENS_PER_CHANNEL = 4  # calibration tokens per input channel below which 
 def gptq_data_notes(jobs: list[Int4Job], watch: dict[str, list]) -> list[str]:
     """A note when GPTQ layers saw fewer than GPTQ_TOKENS_PER_CHANNEL x K calibration tokens: their Hessian
     estimate is then too noisy and GPTQ fits the calibration tokens instead of the layer (on tiny-llama,
-    K = 256: 512 tokens gave 0.4 dB less output SQNR than round to nearest, 1024 tokens 0.3 dB more, 2048
-    tokens 0.8 dB more)."""
+    K = 256: 512 tokens gave 0.4 dB less output SQNR than round to nearest, 1024 tokens 0.4 dB more, 2048
+    tokens 0.9 dB more; tools/diag/gptq_calib_tokens.py)."""
     short = {}
     for job in jobs:
         if job.algorithm == "gptq":
