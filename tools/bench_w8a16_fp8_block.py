@@ -5,8 +5,8 @@ M >= 1024).
 
 For each (K x N, M) of reference/kernel-targets.md it times, with `triton.testing.do_bench` (median):
   bf16        cuBLAS bf16 `x @ w` (w [K, N])
-  w8a16_op    our W8A16 op: int8 [K, N] per-channel weights, bias, bf16 in/out (split-K Triton for M <= 16,
-              dequantize + cuBLAS above)
+  w8a16_op    our W8A16 op: int8 [K, N] per-channel weights, bias, bf16 in/out (Triton GEMV at M = 1, split-K
+              up to 16, the tiled kernel / dequantize + cuBLAS above)
   fp8blk_raw  eager `F.scaled_mm` block-wise (BlockWise1x128 x BlockWise128x128, sm90 only), x quantized by
               eager aten ops, bf16 out, no bias
   fp8blk_op   our FP8 block op: x quantized in 1x128 blocks inside the op + the GEMM + bias

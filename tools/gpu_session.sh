@@ -25,7 +25,7 @@ for s in ${STEPS:-engines kernels int4 decode tests}; do
                  --size batch=16,seq=1 --calib-size batch=2,seq=64 --iters 100 --build-jobs 2 \
                  --out "$OUT/decode-llama3-8b-layers.json" 2>&1 | tee "$OUT/decode-llama3-8b-layers.log" | grep -v "^\[" | tail -12 ;;
     w8fp8)   step "w8a16 and fp8_block GEMM benchmark"
-             py tools/bench_w8a16_fp8_block.py --cuda-graph --out "$OUT/w8a16_fp8_block.json" 2>&1 | tee "$OUT/w8a16_fp8_block.log" | tail -30 ;;
+             py tools/bench_w8a16_fp8_block.py --eager --cuda-graph --out "$OUT/w8a16_fp8_block.json" 2>&1 | tee "$OUT/w8a16_fp8_block.log" | tail -30 ;;
     recipes) step "engine benchmark: every recipe on mlp-large"
              py tools/bench_engines.py mlp-large --recipes ${RECIPES:-fp16 int8 int8_sq w8a16 fp8 fp8_rowwise fp8_block w4a16_awq w4a8_awq nvfp4 w4a16_nvfp4 mxfp4} \
                  --cuda-graph --build-jobs ${BUILD_JOBS:-4} --size batch=1,seq=1 --size batch=8,seq=512 --calib-size batch=2,seq=128 \

@@ -1,7 +1,10 @@
 """Triton kernel of `qcompile::int8_weight_only_gemm` (CUDA only; imported lazily: CPU machines have no Triton).
 
-Two paths, chosen per call from M (the row count of x, dynamic), as in the INT4 plugin:
+Paths, chosen per call from M (the row count of x, dynamic), as in the INT4 plugin:
 
+- M = 1 (N a multiple of 4): `_int8_wo_gemv_kernel`, a GEMV on the CUDA cores that reads the weight as int32
+  words and turns bytes into floats with bit operations (see its docstring); each program loads its next
+  step's words before this step's arithmetic. Split-K partial sums meet in fp32 atomics.
 - small M (M <= gemm_dispatch.SMALL_M_MAX = 16): `_int8_wo_splitk_kernel`, a split-K weight-streaming GEMM. Each program owns
   BLOCK_N output columns and one K slice; it streams its int8 [BLOCK_K, BLOCK_N] weight tiles once
   (`evict_first`), converts them to x.dtype in registers (exact: |q| <= 127) and multiplies with `tl.dot`
@@ -33,6 +36,63 @@ from qcompile.plugins.triton_tiles import store_tile
 BLOCK_M = 16
 BLOCK_K = 128
 DEFAULT_SMS = 132
+# M = 1 path: the GEMV kernel (N a multiple of 4), 4 warps from WIDE_N columns. Chosen with
+# tools/tune_w8a16_small_m.py on the H200 (benchmarks/tune_w8a16_small_m.json: within 2% of each shape's best).
+GEMV = dict(BLOCK_K=32, BLOCK_NW=32, num_warps=1, WIDE_N=8192, wide_num_warps=4, waves=8, PREFETCH=True)
+
+
+@triton.jit
+def _weight_rows(w_ptr, rows, offs_n, mask_n, N, K, wanted):
+    """Rows `rows` [BLOCK_K, BLOCK_N] of a [K, N] weight (0 past K or where not `wanted`)."""
+    return tl.load(w_ptr + rows.to(tl.int64)[:, None] * N + offs_n[None, :],
+                   mask=((rows < K) & wanted)[:, None] & mask_n[None, :], other=0, eviction_policy="evict_first")
+
+
+@triton.jit
+def _int8_wo_gemv_kernel(
+    x_ptr, words_ptr, y_ptr, N, K, stride_xm, k_per_split,
+    K_STEPS: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_NW: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    """One row of x per program (M = 1): the int8 [K, N] weight read as int32 words [K, N/4], four adjacent
+    columns per word, multiplied in fp32 registers without tensor cores (at M = 1 the job is streaming the
+    weight). Byte i becomes a float with one AND/XOR: bytes 0 and 2 (after a shift by 16) XOR 0x80 in the
+    mantissa of 2^23 (ulp 1), bytes 1 and 3 in the mantissa of 2^15 (ulp 1 at bit 8); one exact subtraction
+    of the magic + 128 gives q. So a weight costs about 1.25 integer ops, a subtraction and an FMA, where
+    `int8 -> float` conversions would cost four integer-op slots. Split-K partial sums meet in fp32 atomics."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    row = tl.program_id(2)
+    n_words = N // 4
+    offs_w = pid_n * BLOCK_NW + tl.arange(0, BLOCK_NW)
+    mask_w = offs_w < n_words
+    x_row = x_ptr + row * stride_xm
+    acc0 = tl.zeros((BLOCK_K, BLOCK_NW), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_K, BLOCK_NW), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_K, BLOCK_NW), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_K, BLOCK_NW), dtype=tl.float32)
+    if PREFETCH:  # the next step's words are loaded before this step's arithmetic (hand-pipelined)
+        upcoming = _weight_rows(words_ptr, pid_k * k_per_split + tl.arange(0, BLOCK_K), offs_w, mask_w, n_words,
+                                K, True)
+    for step in range(0, K_STEPS):  # steps past K (last split) are masked
+        kk = pid_k * k_per_split + step * BLOCK_K + tl.arange(0, BLOCK_K)
+        ok = kk < K
+        if PREFETCH:
+            words = upcoming
+            upcoming = _weight_rows(words_ptr, kk + BLOCK_K, offs_w, mask_w, n_words, K, step + 1 < K_STEPS)
+        else:
+            words = _weight_rows(words_ptr, kk, offs_w, mask_w, n_words, K, True)
+        xk = tl.load(x_row + kk, mask=ok, other=0.0).to(tl.float32)[:, None]
+        high = words >> 16
+        acc0 += xk * (((words & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0)
+        acc1 += xk * (((words & 0xFF00) ^ 0x47008000).to(tl.float32, bitcast=True) - 32896.0)
+        acc2 += xk * (((high & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0)
+        acc3 += xk * (((high & 0xFF00) ^ 0x47008000).to(tl.float32, bitcast=True) - 32896.0)
+    y_cols = y_ptr + row * N + 4 * offs_w
+    store_tile(y_cols, tl.sum(acc0, axis=0), mask_w, ATOMIC)
+    store_tile(y_cols + 1, tl.sum(acc1, axis=0), mask_w, ATOMIC)
+    store_tile(y_cols + 2, tl.sum(acc2, axis=0), mask_w, ATOMIC)
+    store_tile(y_cols + 3, tl.sum(acc3, axis=0), mask_w, ATOMIC)
 
 
 @triton.jit
@@ -71,6 +131,23 @@ def small_m_config(k: int, n: int, num_sms: int = DEFAULT_SMS) -> dict:
     """Static launch configuration of the split-K kernel for a K x N weight (does not depend on M): 128-byte
     weight rows per tile, and K split until there are about 4 programs per SM."""
     return split_k_config(k, n, BLOCK_K, 128, num_sms)
+
+
+def launch_gemv(x2d, w_q, cfg: dict | None = None, *, wrap=identity, num_sms: int = DEFAULT_SMS) -> torch.Tensor:
+    """float32 `x2d @ w_q` ([M, N], unscaled, no bias) with the GEMV kernel: one program column per row of x,
+    N a multiple of 4 (the weight is read as int32 words)."""
+    cfg = cfg or GEMV
+    m, k = x2d.shape
+    n = w_q.shape[1]
+    tiles = cdiv(n // 4, cfg["BLOCK_NW"])
+    splits, per = split_for_waves(k, tiles, cfg["BLOCK_K"], cfg["waves"], num_sms)
+    y = (torch.zeros if splits > 1 else torch.empty)((m, n), dtype=torch.float32, device=x2d.device)
+    wrap(_int8_wo_gemv_kernel)[(tiles, splits, m)](
+        x2d, w_q.view(torch.int32), y, n, k, x2d.stride(0), per, K_STEPS=per // cfg["BLOCK_K"],
+        ATOMIC=splits > 1, BLOCK_K=cfg["BLOCK_K"], BLOCK_NW=cfg["BLOCK_NW"], PREFETCH=cfg.get("PREFETCH", False),
+        num_warps=cfg["wide_num_warps"] if n >= cfg.get("WIDE_N", n + 1) else cfg["num_warps"], num_stages=1,
+    )
+    return y
 
 
 def launch_small_m(x2d, w_q, *, wrap=identity, num_sms: int = DEFAULT_SMS) -> torch.Tensor:
@@ -137,9 +214,11 @@ def int8_wo_gemm_triton(x, w_q, w_scale, bias, *, wrap=identity, num_sms: int = 
     w_q = w_q if w_q.stride(1) == 1 else w_q.contiguous()
     has_bias = bias is not None
 
-    def small(x2d, w_q, w_scale, *rest):
-        acc = launch_small_m(x2d, w_q, wrap=wrap, num_sms=num_sms)
-        return _epilogue(acc, w_scale, rest[0] if has_bias else None, x2d.dtype)
+    def small(launch):
+        def run(x2d, w_q, w_scale, *rest):
+            acc = launch(x2d, w_q, wrap=wrap, num_sms=num_sms)
+            return _epilogue(acc, w_scale, rest[0] if has_bias else None, x2d.dtype)
+        return run
 
     def large(cfg):
         def run(x2d, w_q, w_scale, *rest):
@@ -149,5 +228,6 @@ def int8_wo_gemm_triton(x, w_q, w_scale, bias, *, wrap=identity, num_sms: int = 
             return _epilogue(launch_tiles(x2d, w_q, cfg, wrap=wrap, num_sms=num_sms), w_scale, bias, x2d.dtype)
         return run
 
-    buckets = [(SMALL_M_MAX, small)] + [(limit, large(c)) for limit, c in ([(None, large_m)] if large_m else LARGE_M)]
+    gemv = [(1, small(launch_gemv))] if n % 4 == 0 else []
+    buckets = gemv + [(SMALL_M_MAX, small(launch_small_m))] + [(limit, large(c)) for limit, c in ([(None, large_m)] if large_m else LARGE_M)]
     return run_by_buckets(x, k, n, buckets, (w_q, w_scale) + ((bias,) if has_bias else ()))

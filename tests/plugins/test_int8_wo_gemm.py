@@ -86,18 +86,38 @@ def test_onnx_node_runs_in_ort_like_the_contract():
 @pytest.mark.parametrize("m", [1, 5, 16, 17, 40])
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])  # the interpreter's bf16 tl.dot is broken
 def test_triton_kernel_under_interpreter(m, dtype):
-    """Both paths of the CUDA code (split-K for M <= 16, dequantize + matmul above), run on CPU tensors."""
-    from qcompile.plugins.int8_wo_gemm.kernel import int8_wo_gemm_triton, small_m_config
+    """The paths of the CUDA code (GEMV at M = 1, split-K up to 16, tiles / dequantize + matmul above), run on
+    CPU tensors."""
+    from qcompile.plugins.int8_wo_gemm.kernel import _epilogue, int8_wo_gemm_triton, launch_small_m, small_m_config
 
     w_q, w_scale, b = make_case(k=384, n=80, seed=m)
     assert small_m_config(384, 80, num_sms=2)["split_k"] > 1  # atomics across K splits are exercised
     x = torch.randn(m, 384).to(DTYPES[dtype])
     y = int8_wo_gemm_triton(x, w_q, w_scale, b, num_sms=2)
     assert_close_to(y, oracle(x, w_q, w_scale, b), REL[DTYPES[dtype]])
+    y = _epilogue(launch_small_m(x, w_q, num_sms=2), w_scale, b, x.dtype)  # split-K also at M = 1
+    assert_close_to(y, oracle(x, w_q, w_scale, b), REL[DTYPES[dtype]])
     for waves in (0, 4):  # the tiled large-M path, without and with a K split (fp32 atomics)
         tiles = dict(kernel="tiles", BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2, waves=waves)
         y = int8_wo_gemm_triton(x, w_q, w_scale, b, num_sms=2, large_m=tiles)
         assert_close_to(y, oracle(x, w_q, w_scale, b), REL[DTYPES[dtype]])
+
+
+@triton_interp
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("n, waves, prefetch", [(80, 0, False), (80, 4, False), (336, 4, True), (80, 0, True)])
+def test_gemv_kernel_under_interpreter(dtype, n, waves, prefetch):
+    """The M = 1 GEMV (int8 weight read as int32 words, byte-wise magic-number dequantization), without and
+    with a K split, loading each step's words during the previous step or not; every int8 value appears in
+    the weight."""
+    from qcompile.plugins.int8_wo_gemm.kernel import _epilogue, launch_gemv
+
+    w_q, w_scale, b = make_case(k=384, n=n, seed=n + waves)
+    w_q.view(-1)[:256] = torch.arange(-128, 128, dtype=torch.int16).to(torch.int8)
+    x = torch.randn(1, 384).to(DTYPES[dtype])
+    cfg = dict(BLOCK_K=16, BLOCK_NW=8, num_warps=2, waves=waves, PREFETCH=prefetch)
+    y = _epilogue(launch_gemv(x, w_q, cfg, num_sms=2), w_scale, b, x.dtype)
+    assert_close_to(y, oracle(x, w_q, w_scale, b), REL[DTYPES[dtype]] if dtype != "fp32" else 1e-5)
 
 
 @pytest.mark.gpu
