@@ -27,8 +27,12 @@ def candidates(m: int) -> list[dict]:
     """Candidate launch configurations (W4A16, and W4A8 on FP8 dots) for a row count m: the neighbourhood
     of the winners of the first sweep (benchmarks/int4_tune_v2b.json), plus dequantize + cuBLAS."""
     out = []
-    if m == 1:
-        for bn, bk, w, waves in itertools.product((64, 128, 256, 512), (32, 64, 128), (2, 4, 8), (4, 8, 16, 32)):
+    if m == 1:  # the winners of benchmarks/int4_tune_gemv.json, and narrow deep tiles on 1-2 warps (the shape
+        # that won the W8A16 GEMV sweep, benchmarks/tune_w8a16_small_m.json)
+        for bn, bk, w, waves in [(512, 32, 2, 32), (512, 64, 4, 16), (512, 64, 4, 32), (256, 32, 4, 16)]:
+            out.append(dict(kernel="gemv", BLOCK_N=bn, MIN_TILES=1, BLOCK_K=bk, num_warps=w, num_stages=3,
+                            waves=waves))
+        for bn, bk, w, waves in itertools.product((32, 64, 128), (64, 128), (1, 2), (4, 8, 16)):
             out.append(dict(kernel="gemv", BLOCK_N=bn, MIN_TILES=1, BLOCK_K=bk, num_warps=w, num_stages=3,
                             waves=waves))
     if m <= 16:
