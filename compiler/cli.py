@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--emit-onnx", metavar="PATH", help="also write the portable Q/DQ ONNX (TensorRT conventions)")
     b.add_argument("--device", choices=("cpu", "cuda"), help="device the engine runs on (default: cuda if available)")
     b.add_argument("--no-validate", action="store_true", help="skip the validation against the FP16 graph")
+    b.add_argument("--no-sibling-fusion", action="store_true",
+                   help="keep GEMMs that share an input (Q/K/V, gate/up) as separate kernels in the engine")
     b.add_argument("--holdout", type=float, default=0.2, metavar="FRACTION",
                    help="fraction of the calibration samples kept for validation when no --val-data (default 0.2)")
     _add_validation_args(b, data_flag="--val-data")
@@ -109,7 +111,8 @@ def _cmd_build(args) -> int:
 
     result = build(args.source, args.recipe, output=args.output, calib=args.calib,
                    emit_onnx=args.emit_onnx, device=args.device,
-                   holdout=0.0 if args.no_validate or args.val_data else args.holdout)
+                   holdout=0.0 if args.no_validate or args.val_data else args.holdout,
+                   fuse_siblings=not args.no_sibling_fusion)
     print(format_build_summary(result))
     report = Path(str(result.engine_path) + ".build.json")
     write_json_atomic(report, result.summary())

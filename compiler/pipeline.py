@@ -81,6 +81,7 @@ def build(
     emit_onnx: str | Path | None = None,
     device: str | None = None,
     holdout: float = 0.0,
+    fuse_siblings: bool = True,
     progress_stream=STDERR,
 ) -> BuildResult:
     """Build an engine from `source` with `recipe`; see the README for the source forms.
@@ -89,6 +90,8 @@ def build(
     lowering, no compile, no engine; `BuildResult.engine_path` is None).
     `holdout`: the fraction of the calibration samples kept out of calibration for validation (real data
     only; `BuildResult.validation_data`). Too few samples to split: nothing is held out.
+    `fuse_siblings`: lower GEMMs that share their input as one wider GEMM in the engine
+    (`passes.fuse_sibling_gemms`; the plugin graph and the layer table keep one node per layer).
 
     Raises:
         QCompileError (a subclass) for any user or input error, before any file is written.
@@ -110,7 +113,7 @@ def build(
     from qcompile.engine import build_engine
     from qcompile.frontend import load_source
     from qcompile.lowering import lower_onnx
-    from qcompile.passes import activation_tensors, fuse_plugins, plan_quantization, quantize_model
+    from qcompile.passes import activation_tensors, fuse_plugins, plan_quantization, prepare_for_engine, quantize_model
     from qcompile.passes.quantize_weights_fp4 import fp4_activation_tensors
 
     device = device or default_device()
@@ -175,7 +178,12 @@ def build(
 
     compute_dtype = torch.float16 if device == "cuda" else None
     with progress.stage("lower", f"{device}, {'fp16' if compute_dtype else 'fp32'} compute"):
-        program = lower_onnx(plugin_model, compute_dtype=compute_dtype).to(device)
+        engine_model = plugin_model
+        if fuse_siblings:
+            engine_model, engine_result = prepare_for_engine(plugin_model)
+            result.pass_notes += engine_result.notes
+            result.pass_stats.update(engine_result.stats)
+        program = lower_onnx(engine_model, compute_dtype=compute_dtype).to(device)
         example = tuple(torch.from_numpy(src.example_inputs[n]).to(device) for n in program.input_names)
 
     content_hash = hashlib.sha256(

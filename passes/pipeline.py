@@ -2,6 +2,7 @@
 
 - `quantize_model`: FP ONNX -> portable Q/DQ ONNX (TensorRT explicit quantization; runs in ORT).
 - `fuse_plugins`: Q/DQ ONNX -> plugin ONNX (`qcompile::ScaledGemm` nodes with ONNX function bodies).
+- `prepare_for_engine`: plugin ONNX -> the graph the engine is lowered from (sibling GEMMs fused).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from qcompile.passes.fuse_fp8_block_gemm import FuseFp8BlockGemmPass
 from qcompile.passes.fuse_int4_gemm import FuseInt4GemmPass
 from qcompile.passes.fuse_int8_wo_gemm import FuseInt8WoGemmPass
 from qcompile.passes.fuse_scaled_gemm import FuseScaledGemmPass
+from qcompile.passes.fuse_sibling_gemms import FuseSiblingGemmsPass
 from qcompile.passes.infra import PassBase, PassManager, PassResult
 from qcompile.passes.insert_qdq import InsertQDQPass
 from qcompile.passes.lint_qdq import LintQDQPass
@@ -35,7 +37,8 @@ from qcompile.recipes.schema import Recipe
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["qdq_passes", "plugin_passes", "quantize_model", "fuse_plugins", "export_model", "import_model"]
+__all__ = ["qdq_passes", "plugin_passes", "engine_passes", "quantize_model", "fuse_plugins", "prepare_for_engine",
+           "export_model", "import_model"]
 
 IR_VERSION = 10
 MIN_OPSET = 21
@@ -63,6 +66,12 @@ def plugin_passes(recipe: Recipe | None = None) -> list[PassBase]:
             FuseFp4GemmPass(), CleanupPass(), LintQDQPass()]
 
 
+def engine_passes() -> list[PassBase]:
+    """Plugin graph -> the graph the engine is lowered from (rewrites that only serve speed; the plugin graph
+    stays the one reports and per-layer validation read)."""
+    return [FuseSiblingGemmsPass()]
+
+
 def quantize_model(model: onnx.ModelProto, recipe: Recipe, activation_amax: dict[str, float],
                    int4_weights=None, int4_input_scales=None, int4_input_amax=None
                    ) -> tuple[onnx.ModelProto, PassResult]:
@@ -87,6 +96,12 @@ def fuse_plugins(model: onnx.ModelProto, recipe: Recipe | None = None) -> tuple[
     `model` was quantized with (its layers of another fusion's form are not declined by FuseScaledGemmPass)."""
     graph = import_model(model)
     result = PassManager(plugin_passes(recipe)).run(graph)
+    return export_model(result.graph, like=model), result
+
+
+def prepare_for_engine(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassResult]:
+    """The graph the engine is built from: `engine_passes` on the plugin graph `model`."""
+    result = PassManager(engine_passes()).run(import_model(model))
     return export_model(result.graph, like=model), result
 
 
