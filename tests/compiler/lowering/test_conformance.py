@@ -24,6 +24,9 @@ KNOWN_GAPS = (
     "_empty_set",                                      # reductions over empty axes
     "e5m2",                                            # Q/DQ to float8e5m2 (not a qcompile format)
     "bfloat16", "bf16",                                # ml_dtypes inputs the reference cannot give torch
+    # float -> 4-bit integer Cast out of range is undefined in the spec; we wrap around (onnx <= 1.23.1's test
+    # data did too), onnx 1.23.2's test data writes 0 there
+    "FLOAT_to_INT4", "FLOAT16_to_INT4", "FLOAT_to_UINT4", "FLOAT16_to_UINT4",
 )
 # Q/DQ cases for the formats qcompile produces: every one must pass.
 QDQ_FORMATS_EXCLUDED = ("e5m2", "int16", "uint16", "int2", "uint2", "float4", "fnuz", "e8m0")
