@@ -5,8 +5,8 @@ that reports list and that per-layer validation reads keeps one node per layer):
 - MatMul(x, W_1 [K, N_1]), ..., MatMul(x, W_n [K, N_n])   (constant weights of one dtype)
   -> Split(MatMul(x, Concat(W_1, ..., W_n) [K, N_1 + ... + N_n]), [N_1, ..., N_n], axis=-1)
 - the same for weight-only plugin nodes of one op type with equal attributes and the same optional inputs:
-  Int4GroupwiseGemm without activation quantization, Int8WeightOnlyGemm; each constant input is
-  concatenated along its N axis (`N_AXES`).
+  Int4GroupwiseGemm without activation quantization, Int8WeightOnlyGemm, Fp4Gemm (when the per-tensor global
+  scales are equal: always for MXFP4); each constant input is concatenated along its N axis (`N_AXES`).
 
 Why: at decode (one row of x) each GEMM is a weight-streaming kernel whose launch, split-K zero fill and
 tail cost several µs; attention's Q/K/V projections (and the MLP's gate/up) share their input, so one launch
@@ -22,19 +22,25 @@ import onnx_graphsurgeon as gs
 
 from qcompile.passes import _graph as G
 from qcompile.passes.infra import InPlacePass, PassResult
+from qcompile.plugins.fp4_gemm import onnx_schema as fp4_schema
 from qcompile.plugins.int4_gemm import onnx_schema as int4_schema
 from qcompile.plugins.int8_wo_gemm import onnx_schema as int8_wo_schema
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FuseSiblingGemmsPass", "N_AXES"]
+__all__ = ["FuseSiblingGemmsPass", "N_AXES", "SAME"]
 
-# (domain, op type) -> {input index: the axis of that constant input that runs along N}. Input 0 is the
-# shared activation; an input not listed here must be absent (e.g. Int4GroupwiseGemm's FP8 x_scale).
+# (domain, op type) -> {input index: the axis of that constant input that runs along N, or SAME: a constant
+# every sibling must hold with equal values (it is not concatenated)}. Input 0 is the shared activation; an
+# input not listed here must be absent (e.g. Int4GroupwiseGemm's FP8 x_scale).
+SAME = "same"
 N_AXES = {
     ("", "MatMul"): {1: 1},
     (int4_schema.DOMAIN, int4_schema.OP_TYPE): {1: 1, 2: 1, 3: 1, 4: 0},
     (int8_wo_schema.DOMAIN, int8_wo_schema.OP_TYPE): {1: 1, 2: 0, 3: 0},
+    # weight-only FP4 ([N, K] weights): MXFP4's global scale is 1.0 everywhere; NVFP4 siblings fuse only when
+    # their per-tensor global scales happen to be equal
+    (fp4_schema.DOMAIN, fp4_schema.OP_TYPE): {1: 0, 2: 0, 3: SAME, 4: 0},
 }
 
 
@@ -57,15 +63,19 @@ def _signature(node: gs.Node) -> tuple | None:
             continue
         values = G.const_values(tensor)
         axis = axes.get(index)
-        if axis is None or values is None or values.ndim != axis + 1:
+        if axis is None or values is None:
             return None
-        parts.append((index, str(values.dtype), values.shape[0] if axis == 1 else None))
+        if axis == SAME:
+            parts.append((index, str(values.dtype), values.shape, values.tobytes()))
+        else:  # every extent but N's must agree
+            parts.append((index, str(values.dtype), values.shape[:axis] + values.shape[axis + 1:], axis))
     return (node.domain or "", node.op, repr(sorted(node.attrs.items())), tuple(parts))
 
 
 def _n(node: gs.Node) -> int:
-    """The node's output width N (from its first weight input)."""
-    return int(G.const_values(node.inputs[1]).shape[-1])
+    """The node's output width N (from its weight input)."""
+    axis = N_AXES[(node.domain or "", node.op)][1]
+    return int(G.const_values(node.inputs[1]).shape[axis])
 
 
 def sibling_groups(graph: gs.Graph) -> list[list[gs.Node]]:
@@ -106,7 +116,7 @@ class FuseSiblingGemmsPass(InPlacePass):
         name = G.unique_name(graph, "+".join(n.name for n in group))
         inputs = [first.inputs[0]]
         for index in range(1, len(first.inputs)):
-            if not _present(first.inputs[index]):
+            if not _present(first.inputs[index]) or axes[index] == SAME:
                 inputs.append(first.inputs[index])
                 continue
             values = np.concatenate([G.const_values(n.inputs[index]) for n in group], axis=axes[index])

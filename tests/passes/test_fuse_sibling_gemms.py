@@ -21,7 +21,7 @@ K = 128
 WIDTHS = {"q_proj": 64, "k_proj": 32, "v_proj": 32}
 
 
-def _siblings_model(seed=0, bias=False, other_input=True):
+def _siblings_model(seed=0, bias=False, other_input=True, opset=21):
     """x -> three MatMuls (q/k/v, constant weights, optional bias Adds); and a fourth MatMul on Relu(x), which
     shares no input with them."""
     rng = np.random.default_rng(seed)
@@ -40,7 +40,7 @@ def _siblings_model(seed=0, bias=False, other_input=True):
         outs.append(helper.make_tensor_value_info("o", TensorProto.FLOAT, ["b", "s", 16]))
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", K])],
                               outs, inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
 
 
 def _x(seed=1):
@@ -133,3 +133,39 @@ def test_siblings_of_different_forms_stay_apart():
     fused, result = prepare_for_engine(plugin)
     assert result.stats["FuseSiblingGemmsPass.groups"] == 0
     assert "Split" not in [n.op_type for n in fused.graph.node]
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_fp4_siblings_fuse_when_their_global_scales_agree(fmt):
+    """MXFP4 nodes (global scale 1.0) fuse, and the fused graph lowered in float64 matches ONNX's reference
+    evaluator on the portable Q/DQ graph; NVFP4 nodes of different weights have different per-tensor global
+    scales and stay apart."""
+    from onnx.reference import ReferenceEvaluator
+
+    from qcompile.lowering import lower_onnx
+    from qcompile.passes.fuse_fp4_gemm import FuseFp4GemmPass
+    from qcompile.passes.quantize_weights_fp4 import QuantizeWeightsFp4Pass
+
+    model = _siblings_model(bias=True, other_input=False, opset=23)
+    recipe = Recipe.from_dict({"name": "t", "opset": 23, "rules": [{"ops": ["MatMul"], "weight": {
+        "format": fmt, "granularity": "group", "group_size": 16 if fmt == "nvfp4" else 32}}],
+        "placement": {"min_k": 16, "min_n": 16, "skip_gemv": False}})
+    graph = G.import_model(model)
+    QuantizeWeightsFp4Pass(recipe, {}).call(graph)
+    qdq = export_model(graph, like=model, opset=23)
+    graph = G.import_model(qdq)
+    FuseFp4GemmPass().call(graph)
+    graph.cleanup()
+    plugin = export_model(graph, like=qdq)
+    assert [n.op_type for n in plugin.graph.node].count("Fp4Gemm") == 3
+    fused, result = prepare_for_engine(plugin)
+    ops = [n.op_type for n in fused.graph.node]
+    if fmt == "nvfp4":
+        assert ops.count("Fp4Gemm") == 3 and "Split" not in ops
+        return
+    assert ops.count("Fp4Gemm") == 1 and ops.count("Split") == 1, ops
+    x = _x(3)
+    want = ReferenceEvaluator(qdq).run(None, {"x": x})
+    got = lower_onnx(fused, compute_dtype=torch.float64)(torch.from_numpy(x).double())
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(g.numpy(), w, rtol=1e-5, atol=1e-5)
