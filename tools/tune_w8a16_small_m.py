@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Choose the small-M paths of the W8A16 op on the GPU (`int8_wo_gemm.kernel.GEMV` and the split-K tiles).
 
-For every (K x N, M) it times side by side, as an engine calls them (CUDA graphs with --cuda-graph; the
-split-K zero fill and the scale/bias/cast epilogue included): cuBLAS bf16; the shipped split-K kernel; the
-split-K kernel in other tile configurations; at M = 1 the GEMV kernel in several configurations. Each candidate is checked against a
-float32 reference first (relative L2 error). Writes every measurement as JSON and prints the best per cell.
+For every (K x N, M) it times side by side, as an engine calls them (CUDA graphs with --cuda-graph; the split-K
+zero fill and the scale/bias/cast epilogue included): cuBLAS bf16; the shipped split-K kernel; the split-K kernel
+in other tile configurations; at M = 1 the GEMV kernel in several configurations. Each candidate is checked against
+a float32 reference first (relative L2 error). Writes every measurement as JSON and prints the best per cell.
 
     python3 tools/tune_w8a16_small_m.py --cuda-graph --out tune.json [--shapes 8192x28672] [--ms 1 16]
 """

@@ -5,8 +5,8 @@ Paths, chosen per call from M (the row count of x, dynamic), as in the INT4 plug
 - M = 1 (N a multiple of 4): `_int8_wo_gemv_kernel`, a GEMV on the CUDA cores that reads the weight as int32
   words and turns bytes into floats with bit operations (see its docstring); each program loads its next
   step's words before this step's arithmetic. Split-K partial sums meet in fp32 atomics.
-- small M (M <= gemm_dispatch.SMALL_M_MAX = 16): `_int8_wo_splitk_kernel`, a split-K weight-streaming GEMM. Each program owns
-  BLOCK_N output columns and one K slice; it streams its int8 [BLOCK_K, BLOCK_N] weight tiles once
+- small M (M <= gemm_dispatch.SMALL_M_MAX = 16): `_int8_wo_splitk_kernel`, a split-K weight-streaming GEMM.
+  Each program owns BLOCK_N output columns and one K slice; it streams its int8 [BLOCK_K, BLOCK_N] weight tiles once
   (`evict_first`), converts them to x.dtype in registers (exact: |q| <= 127) and multiplies with `tl.dot`
   (BLOCK_M = 16 rows, float32 accumulate; float32 x uses an IEEE dot). Split-K partial sums are added with
   float32 atomics into a zeroed [M, N] buffer (a plain store when there is one split). The per-channel scale
@@ -228,6 +228,7 @@ def int8_wo_gemm_triton(x, w_q, w_scale, bias, *, wrap=identity, num_sms: int = 
             return _epilogue(launch_tiles(x2d, w_q, cfg, wrap=wrap, num_sms=num_sms), w_scale, bias, x2d.dtype)
         return run
 
-    gemv = [(1, small(launch_gemv))] if n % 4 == 0 else []
-    buckets = gemv + [(SMALL_M_MAX, small(launch_small_m))] + [(limit, large(c)) for limit, c in ([(None, large_m)] if large_m else LARGE_M)]
+    gemv = [(1, small(launch_gemv))] if n % 4 == 0 else []  # the GEMV reads 4-column int32 words
+    above = [(None, large_m)] if large_m else LARGE_M
+    buckets = gemv + [(SMALL_M_MAX, small(launch_small_m))] + [(limit, large(c)) for limit, c in above]
     return run_by_buckets(x, k, n, buckets, (w_q, w_scale) + ((bias,) if has_bias else ()))

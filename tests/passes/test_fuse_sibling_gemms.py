@@ -27,7 +27,8 @@ def _siblings_model(seed=0, bias=False, other_input=True, opset=21):
     rng = np.random.default_rng(seed)
     nodes, inits, outs = [], [], []
     for name, n in WIDTHS.items():
-        inits.append(numpy_helper.from_array((rng.standard_normal((K, n)) / np.sqrt(K)).astype(np.float32), f"{name}_w"))
+        w = (rng.standard_normal((K, n)) / np.sqrt(K)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"{name}_w"))
         nodes.append(helper.make_node("MatMul", ["x", f"{name}_w"], [f"{name}_h" if bias else name], name=name))
         if bias:
             inits.append(numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), f"{name}_b"))

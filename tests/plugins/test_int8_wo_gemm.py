@@ -120,6 +120,19 @@ def test_gemv_kernel_under_interpreter(dtype, n, waves, prefetch):
     assert_close_to(y, oracle(x, w_q, w_scale, b), REL[DTYPES[dtype]] if dtype != "fp32" else 1e-5)
 
 
+@triton_interp
+def test_one_row_with_n_not_a_multiple_of_4_takes_the_split_k_kernel(monkeypatch):
+    from qcompile.plugins.int8_wo_gemm import kernel
+
+    def no_gemv(*args, **kwargs):
+        raise AssertionError("the GEMV reads 4-column words: N = 82 must not reach it")
+
+    monkeypatch.setattr(kernel, "launch_gemv", no_gemv)
+    w_q, w_scale, b = make_case(k=256, n=82)
+    x = torch.randn(1, 256)
+    assert_close_to(kernel.int8_wo_gemm_triton(x, w_q, w_scale, b, num_sms=2), oracle(x, w_q, w_scale, b), 1e-5)
+
+
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("m", [1, 16, 300])
