@@ -50,6 +50,9 @@ for s in ${STEPS:-engines kernels int4 decode tests}; do
     tune1)   step "INT4 GEMV tuning (M = 1, decode shapes)"
              py tools/tune_int4_gemm.py --ms 1 --kinds gemv --shapes 4096x1024 4096x4096 4096x14336 14336x4096 8192x28672 \
                  --out "$OUT/int4_tune_gemv.json" 2>&1 | tee "$OUT/int4_tune_gemv.log" | tail -8 ;;
+    tune8)   step "W8A16 small-M tuning (GEMV at M = 1, split-K tiles at 16)"
+             (cd tools && py tune_w8a16_small_m.py --cuda-graph --out "$OUT/tune_w8a16_small_m.json" 2>&1 \
+                 | tee "$OUT/tune_w8a16_small_m.log" | tail -10) ;;
     int4)    step "int4 GEMM benchmark"
              py tools/bench_gemm.py --eager --cuda-graph --out "$OUT/int4_gemm.json" 2>&1 | tee "$OUT/int4_gemm.log" | tail -30 ;;
     kernels) step "scaled_gemm benchmark"
