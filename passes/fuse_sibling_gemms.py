@@ -44,10 +44,6 @@ N_AXES = {
 }
 
 
-def _present(tensor) -> bool:
-    return tensor is not None and not (isinstance(tensor, gs.Variable) and not tensor.name)
-
-
 def _signature(node: gs.Node) -> tuple | None:
     """What siblings must share to fuse (op, attributes, each constant input's dtype and K extent), or None
     when the node cannot take part: an op not in `N_AXES`, a non-constant weight input, an unlisted input."""
@@ -58,24 +54,18 @@ def _signature(node: gs.Node) -> tuple | None:
         return None
     parts = []
     for index, tensor in enumerate(node.inputs[1:], start=1):
-        if not _present(tensor):
+        if tensor.is_empty():
             parts.append((index, None))
             continue
-        values = G.const_values(tensor)
         axis = axes.get(index)
-        if axis is None or values is None:
+        if axis is None or not isinstance(tensor, gs.Constant):
             return None
+        shape = tuple(tensor.shape)  # dtype and shape from the initializer, without decoding its values
         if axis == SAME:
-            parts.append((index, str(values.dtype), values.shape, values.tobytes()))
+            parts.append((index, str(tensor.dtype), shape, G.const_values(tensor).tobytes()))
         else:  # every extent but N's must agree
-            parts.append((index, str(values.dtype), values.shape[:axis] + values.shape[axis + 1:], axis))
+            parts.append((index, str(tensor.dtype), shape[:axis] + shape[axis + 1:], axis))
     return (node.domain or "", node.op, repr(sorted(node.attrs.items())), tuple(parts))
-
-
-def _n(node: gs.Node) -> int:
-    """The node's output width N (from its weight input)."""
-    axis = N_AXES[(node.domain or "", node.op)][1]
-    return int(G.const_values(node.inputs[1]).shape[axis])
 
 
 def sibling_groups(graph: gs.Graph) -> list[list[gs.Node]]:
@@ -116,7 +106,7 @@ class FuseSiblingGemmsPass(InPlacePass):
         name = G.unique_name(graph, "+".join(n.name for n in group))
         inputs = [first.inputs[0]]
         for index in range(1, len(first.inputs)):
-            if not _present(first.inputs[index]) or axes[index] == SAME:
+            if first.inputs[index].is_empty() or axes[index] == SAME:
                 inputs.append(first.inputs[index])
                 continue
             values = np.concatenate([G.const_values(n.inputs[index]) for n in group], axis=axes[index])
@@ -124,7 +114,8 @@ class FuseSiblingGemmsPass(InPlacePass):
         wide = gs.Variable(G.unique_name(graph, f"{name}/wide"), dtype=first.outputs[0].dtype)
         fused = gs.Node(first.op, name=name, attrs=dict(first.attrs), inputs=inputs, outputs=[wide],
                         domain=first.domain)
-        sizes = G.make_constant(G.unique_name(graph, f"{name}/sizes"), np.array([_n(n) for n in group], np.int64))
+        widths = [int(n.inputs[1].shape[axes[1]]) for n in group]  # N of each sibling, from its weight
+        sizes = G.make_constant(G.unique_name(graph, f"{name}/sizes"), np.array(widths, np.int64))
         outputs = [n.outputs[0] for n in group]
         for node in group:
             node.outputs.clear()

@@ -115,8 +115,7 @@ def _int8_wo_splitk_kernel(
     for step in range(0, K_STEPS):
         kk = k_lo + step * BLOCK_K + offs_k
         mask_k = kk < K
-        w = tl.load(w_ptr + kk.to(tl.int64)[:, None] * N + offs_n[None, :],
-                    mask=mask_k[:, None] & mask_n[None, :], other=0, eviction_policy="evict_first")
+        w = _weight_rows(w_ptr, kk, offs_n, mask_n, N, K, True)
         xk = tl.load(x_rows + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if FP32_DOT:
             acc = tl.dot(xk.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
