@@ -50,7 +50,7 @@ def _weight_rows(w_ptr, rows, offs_n, mask_n, N, K, wanted):
 
 @triton.jit
 def _int8_wo_gemv_kernel(
-    x_ptr, words_ptr, y_ptr, N, K, stride_xm, k_per_split,
+    x_ptr, w_ptr, y_ptr, N, K, stride_xm, k_per_split,
     K_STEPS: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_NW: tl.constexpr,
     PREFETCH: tl.constexpr,
 ):
@@ -59,7 +59,10 @@ def _int8_wo_gemv_kernel(
     weight). Byte i becomes a float with one AND/XOR: bytes 0 and 2 (after a shift by 16) XOR 0x80 in the
     mantissa of 2^23 (ulp 1), bytes 1 and 3 in the mantissa of 2^15 (ulp 1 at bit 8); one exact subtraction
     of the magic + 128 gives q. So a weight costs about 1.25 integer ops, a subtraction and an FMA, where
-    `int8 -> float` conversions would cost four integer-op slots. Split-K partial sums meet in fp32 atomics."""
+    `int8 -> float` conversions would cost four integer-op slots. Split-K partial sums meet in fp32 atomics.
+    The int8 pointer is reinterpreted here (a `view(torch.int32)` of the weight in the graph broke AOTInductor's
+    lowering of the torch.cond around this path on the H200)."""
+    words_ptr = w_ptr.to(tl.pointer_type(tl.int32))
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     row = tl.program_id(2)
@@ -142,7 +145,7 @@ def launch_gemv(x2d, w_q, cfg: dict | None = None, *, wrap=identity, num_sms: in
     splits, per = split_for_waves(k, tiles, cfg["BLOCK_K"], cfg["waves"], num_sms)
     y = (torch.zeros if splits > 1 else torch.empty)((m, n), dtype=torch.float32, device=x2d.device)
     wrap(_int8_wo_gemv_kernel)[(tiles, splits, m)](
-        x2d, w_q.view(torch.int32), y, n, k, x2d.stride(0), per, K_STEPS=per // cfg["BLOCK_K"],
+        x2d, w_q, y, n, k, x2d.stride(0), per, K_STEPS=per // cfg["BLOCK_K"],
         ATOMIC=splits > 1, BLOCK_K=cfg["BLOCK_K"], BLOCK_NW=cfg["BLOCK_NW"], PREFETCH=cfg.get("PREFETCH", False),
         num_warps=cfg["wide_num_warps"] if n >= cfg.get("WIDE_N", n + 1) else cfg["num_warps"], num_stages=1,
     )
