@@ -45,7 +45,8 @@ import triton
 import triton.language as tl
 
 from qcompile.plugins.fp4_gemm.reference import check_args
-from qcompile.plugins.gemm_dispatch import SMALL_M_MAX, cdiv, identity, run_by_buckets, split_k_config, unpack_optional
+from qcompile.plugins.gemm_dispatch import (SMALL_M_MAX, add_bias, cdiv, identity, run_by_buckets, split_k_config,
+                                             unpack_optional)
 from qcompile.plugins.triton_tiles import store_tile
 
 DEFAULT_SMS = 132
@@ -54,6 +55,7 @@ BLOCK_K = 128
 # launch configurations (tile sizes, warps, pipeline stages; the split-K target in SMs per N tile)
 SMALL = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3, sms_per_tile=1)
 MID = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, sms_per_tile=4)
+DEQUANT = dict(BLOCK_N=16, BLOCK_K=512, num_warps=4)  # tile of `_fp4_dequant_kernel`: best of 6 (benchmarks/dequant.json)
 TINY = {torch.float32: 126, torch.bfloat16: 126, torch.float16: 14}  # decoded bits = value * 2**-TINY
 ACC_SHIFT = {(False, torch.float16): 9, (True, torch.float16): 4}  # X per (MXFP4?, dtype); else below
 ACC_SHIFT_DEFAULT = {False: 9, True: 16}  # NVFP4: E4M3 <= 448 < 2**9; MXFP4: scales up to 2**17
@@ -233,21 +235,19 @@ def launch_gemm(x2d, w_packed, w_scale, w_global, bias, block_size: int, cfg: di
     return y
 
 
-def launch_dequant(w_packed, w_scale, w_global, block_size: int, dtype, *, wrap=identity) -> torch.Tensor:
-    """W [N, K] as `dtype` (decoded in float32), for the dequantize + cuBLAS path."""
+def launch_dequant(w_packed, w_scale, w_global, block_size: int, dtype, *, wrap=identity,
+                   cfg: dict | None = None) -> torch.Tensor:
+    """W [N, K] as `dtype` (decoded in float32), for the dequantize + cuBLAS path; `cfg` (default `DEQUANT`):
+    the tile (BLOCK_K a multiple of 32)."""
+    cfg = cfg or DEQUANT
     n, k = w_packed.shape[0], w_packed.shape[1] * 2
     out = torch.empty((n, k), dtype=dtype, device=w_packed.device)
-    block_n = 64
-    wrap(_fp4_dequant_kernel)[(cdiv(n, block_n), cdiv(k, BLOCK_K), 1)](
+    wrap(_fp4_dequant_kernel)[(cdiv(n, cfg["BLOCK_N"]), cdiv(k, cfg["BLOCK_K"]), 1)](
         w_packed, w_scale, w_global if w_global is not None else w_packed, out, n, k,
-        BLOCK_N=block_n, BLOCK_K=BLOCK_K, num_warps=4, **_format_args(w_scale, w_global, block_size, torch.float32),
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+        **_format_args(w_scale, w_global, block_size, torch.float32),
     )
     return out
-
-
-def _add_bias(y, bias, dtype):
-    """`y + bias` in float32, cast to `dtype` (aten ops: Inductor fuses them)."""
-    return y.to(dtype) if bias is None else (y.to(torch.float32) + bias.to(torch.float32)).to(dtype)
 
 
 def fp4_gemm_triton(x, w_packed, w_scale, w_global, bias, block_size: int, *, wrap=identity,
@@ -269,7 +269,7 @@ def fp4_gemm_triton(x, w_packed, w_scale, w_global, bias, block_size: int, *, wr
     def large(x2d, w_packed, w_scale, *rest):
         w_global, bias = unpack_optional(rest, *present)
         y = x2d @ launch_dequant(w_packed, w_scale, w_global, block_size, x2d.dtype, wrap=wrap).t()
-        return _add_bias(y, bias, x2d.dtype)
+        return add_bias(y, bias, x2d.dtype)
 
     weights = (w_packed, w_scale) + tuple(t for t in (w_global, bias) if t is not None)
     buckets = [(SMALL_M_MAX, tiled(SMALL)), (LARGE_M_MIN - 1, tiled(MID)), (None, large)]

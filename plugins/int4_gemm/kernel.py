@@ -49,7 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.plugins.gemm_dispatch import cdiv, identity, run_by_buckets, split_for_waves, unpack_optional
+from qcompile.plugins.gemm_dispatch import (add_bias, cdiv, identity, run_by_buckets, split_for_waves,
+                                             unpack_optional)
 from qcompile.plugins.int4_gemm.format import PACK
 from qcompile.plugins.int4_gemm.reference import check_args
 from qcompile.plugins.triton_tiles import grouped_tile, store_tile
@@ -72,6 +73,7 @@ CONFIGS = [
                SCALE_ACC=False)),
     (None, dict(kernel="dequant")),
 ]
+DEQUANT = dict(BLOCK_KW=8, BLOCK_N=256, num_warps=4)  # tile of `_int4_dequant_kernel`: 7 within 3% (benchmarks/dequant.json)
 
 
 @triton.jit
@@ -80,6 +82,19 @@ def _nibbles(w_ptr, offs_k, offs_n, mask, N):
     words = tl.load(w_ptr + (offs_k // 8).to(tl.int64)[:, None] * N + offs_n[None, :], mask=mask, other=0,
                     eviction_policy="evict_first")
     return (words >> ((offs_k % 8) * 4)[:, None]) & 0xF
+
+
+@triton.jit
+def _nibble_plus_136(words, j: tl.constexpr):
+    """fp32 `136 + q` of nibble j of int32 words: the nibble moved to bits 16..19 and OR-ed into the bits of 128.0
+    with its sign bit flipped (one shift and one AND/XOR: q + 8 in the mantissa, exact)."""
+    if j < 4:
+        t = words << (16 - 4 * j)
+    elif j == 4:
+        t = words
+    else:
+        t = words >> (4 * j - 16)
+    return ((t & 0x000F0000) ^ 0x43080000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -117,13 +132,7 @@ def _int4_gemv_kernel(
         xsum = tl.zeros((BLOCK_KW,), dtype=tl.float32)
         for j in tl.static_range(8):
             xj = tl.load(x_row + kw * 8 + j, mask=ok, other=0.0).to(tl.float32)
-            if j < 4:
-                t = words << (16 - 4 * j)
-            elif j == 4:
-                t = words
-            else:
-                t = words >> (4 * j - 16)
-            part += xj[:, None] * ((t & 0x000F0000) ^ 0x43080000).to(tl.float32, bitcast=True)
+            part += xj[:, None] * _nibble_plus_136(words, j)
             xsum += xj
         acc += (part - xsum[:, None] * c[None, :]) * s[None, :]
     store_tile(y_ptr + row * N + offs_n, tl.sum(acc, axis=0), mask_n, ATOMIC)
@@ -275,21 +284,33 @@ def _int4_mm_kernel(
 @triton.jit
 def _int4_dequant_kernel(
     w_ptr, s_ptr, z_ptr, out_ptr, N, K, group_size,
-    HAS_ZERO: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_ZERO: tl.constexpr, GROUP_ALIGNED: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """dequant(W) [K, N] in out's dtype from [BLOCK_KW word rows, BLOCK_N] tiles: nibble j of word row w is
+    K row 8w + j, placed in bits 16..19 of 128.0 (136 + q, as in the GEMV), `((136 + q) - (136 + zp)) * s` in
+    fp32 (exact, then one rounding to out's dtype, as the reference). When the tile's 8 * BLOCK_KW rows lie in
+    one group (`GROUP_ALIGNED`) its scale and zero-point row is loaded once, not once per row."""
     kw = tl.program_id(0) * BLOCK_KW + tl.arange(0, BLOCK_KW)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (kw < K // 8)[:, None] & (offs_n < N)[None, :]
+    mask_n = offs_n < N
+    mask = (kw < K // 8)[:, None] & mask_n[None, :]
     words = tl.load(w_ptr + kw.to(tl.int64)[:, None] * N + offs_n[None, :], mask=mask, other=0,
                     eviction_policy="evict_first")
-    for j in tl.static_range(8):  # nibble j of word row w is K row 8w + j
-        kk = kw * 8 + j
-        gp = (kk // group_size).to(tl.int64)[:, None] * N + offs_n[None, :]
-        c = tl.full((BLOCK_KW, BLOCK_N), 8388616.0, tl.float32)
+    if GROUP_ALIGNED:
+        g = (tl.program_id(0) * BLOCK_KW * 8) // group_size
+        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        c = tl.full((1, BLOCK_N), 136.0, tl.float32)
         if HAS_ZERO:
-            c += tl.load(z_ptr + gp, mask=mask, other=0).to(tl.float32)
-        q = ((((words >> (4 * j)) & 0xF) ^ 0x4B000008).to(tl.float32, bitcast=True) - c)
-        w = q * tl.load(s_ptr + gp, mask=mask, other=0.0).to(tl.float32)
+            c += tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
+    for j in tl.static_range(8):
+        kk = kw * 8 + j
+        if not GROUP_ALIGNED:
+            gp = (kk // group_size).to(tl.int64)[:, None] * N + offs_n[None, :]
+            s = tl.load(s_ptr + gp, mask=mask, other=0.0).to(tl.float32)
+            c = tl.full((BLOCK_KW, BLOCK_N), 136.0, tl.float32)
+            if HAS_ZERO:
+                c += tl.load(z_ptr + gp, mask=mask, other=0).to(tl.float32)
+        w = (_nibble_plus_136(words, j) - c) * s
         tl.store(out_ptr + kk.to(tl.int64)[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -357,28 +378,27 @@ def launch_mm(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, x_r
     return y
 
 
-def launch_dequant(w_packed, w_scale, w_zero, group_size: int, dtype, *, wrap=identity) -> torch.Tensor:
-    """`dequant(W)` as `dtype` [K, N] (for a dequantize-then-cuBLAS path)."""
+def launch_dequant(w_packed, w_scale, w_zero, group_size: int, dtype, *, wrap=identity,
+                   cfg: dict | None = None) -> torch.Tensor:
+    """`dequant(W)` as `dtype` [K, N] (for a dequantize-then-cuBLAS path); `cfg` (default `DEQUANT`): tile."""
+    cfg = cfg or DEQUANT
     kw, n = w_packed.shape
     out = torch.empty((kw * PACK, n), dtype=dtype, device=w_packed.device)
-    block_kw, block_n = 8, 256
-    wrap(_int4_dequant_kernel)[(cdiv(kw, block_kw), cdiv(n, block_n), 1)](
+    rows = cfg["BLOCK_KW"] * PACK
+    aligned = group_size % rows == 0 or group_size == kw * PACK
+    wrap(_int4_dequant_kernel)[(cdiv(kw, cfg["BLOCK_KW"]), cdiv(n, cfg["BLOCK_N"]), 1)](
         w_packed, w_scale, w_zero if w_zero is not None else w_scale, out, n, kw * PACK, group_size,
-        HAS_ZERO=w_zero is not None, BLOCK_KW=block_kw, BLOCK_N=block_n, num_warps=4,
+        HAS_ZERO=w_zero is not None, GROUP_ALIGNED=aligned, BLOCK_KW=cfg["BLOCK_KW"], BLOCK_N=cfg["BLOCK_N"],
+        num_warps=cfg["num_warps"],
     )
     return out
 
 
 def _epilogue(acc, bias, dtype, row_scale=None):
     """`acc (* row_scale per row) + bias` in float32, cast to `dtype` (aten ops: Inductor fuses them)."""
-    if acc.dtype == dtype and bias is None and row_scale is None:
-        return acc
-    y = acc.to(torch.float32)
-    if row_scale is not None:
-        y = y * row_scale.reshape(-1, 1).to(torch.float32)
-    if bias is not None:
-        y = y + bias.to(torch.float32)
-    return y.to(dtype)
+    if row_scale is None:
+        return add_bias(acc, bias, dtype)
+    return add_bias(acc.to(torch.float32) * row_scale.reshape(-1, 1).to(torch.float32), bias, dtype)
 
 
 def run_bucket(cfg: dict, x2d, w_packed, w_scale, w_zero, bias, group_size: int, *, x_row_scale=None,
@@ -398,7 +418,8 @@ def run_bucket(cfg: dict, x2d, w_packed, w_scale, w_zero, bias, group_size: int,
     if kind == "gemv":
         acc = launch_gemv(x2d, w_packed, w_scale, w_zero, group_size, cfg, wrap=wrap, num_sms=num_sms)
     elif kind == "dequant":
-        acc = x2d @ launch_dequant(w_packed, w_scale, w_zero, group_size, x2d.dtype, wrap=wrap)
+        acc = x2d @ launch_dequant(w_packed, w_scale, w_zero, group_size, x2d.dtype, wrap=wrap,
+                                   cfg=cfg.get("tile"))
     else:
         acc = launch_mm(x2d, w_packed, w_scale, w_zero, group_size, cfg, x_row_scale=x_row_scale,
                         out_dtype=out_dtype, wrap=wrap, num_sms=num_sms)

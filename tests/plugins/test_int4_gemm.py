@@ -333,15 +333,31 @@ def test_gemv_kernel_interpreter(group, zero):
         assert_close_to(acc, oracle(x, {**case, "bias": None}), 1e-5)
 
 
-@triton_interp
-@pytest.mark.parametrize("zero", [False, True], ids=["sym", "zp"])
-def test_dequant_kernel_interpreter_is_exact(zero):
+DEQUANT_CASES = pytest.mark.parametrize(
+    "group, tile", [(32, None), (128, None), (128, dict(BLOCK_KW=16, BLOCK_N=64, num_warps=4)),
+                    (256, dict(BLOCK_KW=4, BLOCK_N=128, num_warps=2))],
+    ids=["g32-rows", "g128-aligned", "g128-aligned-tall", "perchannel-aligned"])
+
+
+def check_dequant_exact(zero, group, tile, dtypes, device="cpu"):
+    """Every tile shape, group-aligned (one scale row per tile) or not (a scale row per K row): bit-exact vs
+    the reference's float32 dequantization rounded to each dtype."""
     from qcompile.plugins.int4_gemm import kernel
     from qcompile.plugins.int4_gemm.reference import dequantize_weight
 
-    case = make_case(k=128, n=200, group=32, zero=zero)
-    got = kernel.launch_dequant(case["w_packed"], case["scale"], case["w_zero"], 32, torch.float32)
-    assert torch.equal(got, dequantize_weight(case["w_packed"], case["scale"], case["w_zero"], 32))
+    case = make_case(k=256, n=200, group=group, zero=zero)
+    want32 = dequantize_weight(case["w_packed"], case["scale"], case["w_zero"], group)
+    args = [t.to(device) if t is not None else None for t in (case["w_packed"], case["scale"], case["w_zero"])]
+    for dtype in dtypes:
+        got = kernel.launch_dequant(*args, group, dtype, cfg=tile)
+        assert got.dtype == dtype and torch.equal(got.cpu(), want32.to(dtype))
+
+
+@triton_interp
+@pytest.mark.parametrize("zero", [False, True], ids=["sym", "zp"])
+@DEQUANT_CASES
+def test_dequant_kernel_interpreter_is_exact(zero, group, tile):
+    check_dequant_exact(zero, group, tile, [torch.float32])  # the interpreter truncates float32 -> bf16
 
 
 @triton_interp
@@ -372,6 +388,14 @@ def test_cuda_matches_reference(group, zero, dtype, m):
     y = torch.ops.qcompile.int4_groupwise_gemm(*args)
     assert y.dtype == DTYPES[dtype] and y.device.type == "cuda"
     assert_close_to(y, oracle(x, case), {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}[DTYPES[dtype]])
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("zero", [False, True], ids=["sym", "zp"])
+@DEQUANT_CASES
+def test_cuda_dequant_kernel_is_exact(zero, group, tile):
+    check_dequant_exact(zero, group, tile, [torch.float32, torch.bfloat16, torch.float16], "cuda")
 
 
 @pytest.mark.gpu
