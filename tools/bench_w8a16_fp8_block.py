@@ -7,8 +7,8 @@ For each (K x N, M) of reference/kernel-targets.md it times, with `triton.testin
   bf16        cuBLAS bf16 `x @ w` (w [K, N])
   w8a16_op    our W8A16 op: int8 [K, N] per-channel weights, bias, bf16 in/out (Triton GEMV at M = 1, split-K
               up to 16, the tiled kernel / dequantize + cuBLAS above)
-  fp8blk_raw  eager `F.scaled_mm` block-wise (BlockWise1x128 x BlockWise128x128, sm90 only), x quantized by
-              eager aten ops, bf16 out, no bias
+  fp8blk_raw  the op's sm90 path above 16 rows without the bias: x quantized by our Triton kernel, then
+              `torch._scaled_mm` block-wise (1x128 x 128x128, cuBLASLt), bf16 out
   fp8blk_op   our FP8 block op: x quantized in 1x128 blocks inside the op + the GEMM + bias
 Weights are rotated over several copies so small-M runs read HBM, not L2. Ops are compiled (torch.compile,
 static shapes, one compile per M) as an engine runs them, or eager with --eager; --cuda-graph times GPU work only.

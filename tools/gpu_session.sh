@@ -53,6 +53,12 @@ for s in ${STEPS:-engines kernels int4 decode tests}; do
     tune8)   step "W8A16 small-M tuning (GEMV at M = 1, split-K tiles at 16)"
              (cd tools && py tune_w8a16_small_m.py --cuda-graph --out "$OUT/tune_w8a16_small_m.json" 2>&1 \
                  | tee "$OUT/tune_w8a16_small_m.log" | tail -10) ;;
+    tunefp8) step "FP8 block GEMM tuning (Triton tiles, cuBLASLt _scaled_mm block-wise)"
+             (cd tools && py tune_fp8_block_w8a16.py --cuda-graph --ops fp8_block ${TUNEFP8_ARGS:-} --out "$OUT/tune_fp8_block.json" 2>&1 \
+                 | tee "$OUT/tune_fp8_block.log" | grep -v "^\[" | tail -24) ;;
+    dequant) step "dequantization kernels (INT4, NVFP4, MXFP4) and dequantize + cuBLAS at large M"
+             (cd tools && py bench_dequant.py --cuda-graph ${DEQUANT_ARGS:-} --out "$OUT/dequant.json" 2>&1 \
+                 | tee "$OUT/dequant.log" | tail -24) ;;
     int4)    step "int4 GEMM benchmark"
              py tools/bench_gemm.py --eager --cuda-graph --out "$OUT/int4_gemm.json" 2>&1 | tee "$OUT/int4_gemm.log" | tail -30 ;;
     kernels) step "scaled_gemm benchmark"

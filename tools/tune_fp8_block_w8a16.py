@@ -2,13 +2,15 @@
 """Choose the launch paths of the FP8 block and W8A16 ops on the GPU (`fp8_block_gemm.kernel.CONFIG`,
 `int8_wo_gemm.kernel.LARGE_M`).
 
-For every (K x N, M) it times side by side: cuBLAS bf16; the FP8 block op through cuBLASLt block-wise
-`scaled_mm` (sm90) and through our Triton kernel in several configurations (x quantized in 1x128 blocks by
-the same aten ops in both); the W8A16 large-M path as dequantize + cuBLAS and as our tiled kernel in several
+For every (K x N, M) it times side by side: cuBLAS bf16; the FP8 block GEMM alone (x quantized beforehand)
+through cuBLASLt block-wise `torch._scaled_mm` (sm90) and through our Triton kernel in several configurations,
+plus the 1x128 quantization of x as Inductor compiles the aten ops (row-major scales)
+and as our Triton kernel does it (K-block-major scales, the cuBLASLt path); the W8A16 large-M path as dequantize + cuBLAS and as our tiled kernel in several
 configurations. Each candidate is checked against a float32 reference first (relative L2 error). Writes
 every measurement as JSON and prints the best of each per cell.
 
     python3 tools/tune_fp8_block_w8a16.py --cuda-graph --out tune.json [--shapes 8192x28672] [--ms 64 1024]
+        [--ops fp8_block w8a16]
 """
 from __future__ import annotations
 
@@ -18,9 +20,9 @@ import torch
 
 from gpu_timing import MODE, bench, bench_parser, rotating
 
-from qcompile.plugins.fp8_block_gemm.op import scaled_mm_blockwise
 from qcompile.plugins.fp8_block_gemm import quantize_weight_blocks
 from qcompile.plugins.fp8_block_gemm.format import quantize_activation_blocks
+from qcompile.plugins.fp8_block_gemm.kernel import quantize_blocks_triton
 from qcompile.plugins.fp8_block_gemm.kernel import fp8_block_gemm_triton
 from qcompile.plugins.int8_wo_gemm import kernel as w8_kernel
 
@@ -32,15 +34,18 @@ W8_CONFIGS = [dict(kernel="tiles", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps
 
 
 def fp8_candidates(x, weights):
-    """weights() -> (wq, ws) of the next rotating copy."""
-    def triton_path(cfg):
-        def run():
-            wq, ws = weights()
-            xq, sx = quantize_activation_blocks(x)
-            return fp8_block_gemm_triton(xq, sx, wq, ws, out_dtype=x.dtype, config=cfg)
-        return run
-    out = {"scaled_mm": lambda: scaled_mm_blockwise(x, *weights())}
-    out.update({"triton " + json.dumps(c): triton_path(c) for c in FP8_CONFIGS})
+    """The GEMM alone on x quantized beforehand; weights() -> (wq, ws) of the next rotating copy."""
+    xq, sx_rows = quantize_activation_blocks(x)  # scales [M, K/128] row-major, as the op's Triton path has them
+    xq4, sx = quantize_blocks_triton(x, 4)  # scales K-block-major (strides (1, M)), as its cuBLASLt path has them
+
+    def cublas():
+        wq, ws = weights()
+        return torch._scaled_mm(xq4, wq.t(), sx, ws.t(), out_dtype=torch.bfloat16)[:x.shape[0]]
+
+    def triton_path(cfg, scales):
+        return lambda: fp8_block_gemm_triton(xq, scales, *weights(), out_dtype=x.dtype, config=cfg)
+    out = {"scaled_mm": cublas}
+    out.update({"triton " + json.dumps(c): triton_path(c, sx_rows) for c in FP8_CONFIGS})
     return out
 
 
@@ -79,7 +84,9 @@ def best(res: dict) -> tuple[str, float]:
 def main() -> None:
     ap = bench_parser(__doc__.splitlines()[0])
     ap.set_defaults(ms=[16, 64, 256, 1024, 4096])
+    ap.add_argument("--ops", nargs="*", default=["fp8_block", "w8a16"])
     args = ap.parse_args()
+    quant = torch.compile(quantize_activation_blocks)
     MODE["graph"] = args.cuda_graph
     rows = []
     for shape in args.shapes:
@@ -97,19 +104,28 @@ def main() -> None:
         for m in args.ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             row = {"K": k, "N": n, "M": m, "bf16": bench(lambda: x @ copies()[0], copies=4)}
-            xq, sx = quantize_activation_blocks(x)
-            ref8 = (xq.float() * sx.repeat_interleave(128, 1)) @ ref8_w.t()
-            row["fp8_block"] = time_candidates(fp8_candidates(x, lambda: copies()[1]), ref8)
-            ref16 = x.float() @ (w8.float() * s8)
-            row["w8a16"] = time_candidates(w8_candidates(x, lambda: copies()[2]), ref16) if m > 16 else {}
+            row["fp8_block"], row["w8a16"] = {}, {}
+            if "fp8_block" in args.ops:
+                xq, sx = quantize_activation_blocks(x)
+                ref8 = (xq.float() * sx.repeat_interleave(128, 1)) @ ref8_w.t()
+                row["fp8_block"] = time_candidates(fp8_candidates(x, lambda: copies()[1]), ref8)
+                row["fp8_quant_compiled_us"] = bench(lambda: quant(x), copies=4)
+                row["fp8_quant_triton_us"] = bench(lambda: quantize_blocks_triton(x, 4), copies=4)
+            if "w8a16" in args.ops and m > 16:
+                ref16 = x.float() @ (w8.float() * s8)
+                row["w8a16"] = time_candidates(w8_candidates(x, lambda: copies()[2]), ref16)
             rows.append(row)
             line = f"{k}x{n} M={m}: bf16 {row['bf16']:.1f}"
             for op in ("fp8_block", "w8a16"):
                 if row[op]:
                     name, us = best(row[op])
                     line += f" | {op} {us:.1f} ({row['bf16'] / us:.2f}x) {name}"
+                    if op == "fp8_block":
+                        tname, tus = best({c: v for c, v in row[op].items() if c.startswith("triton")})
+                        line += f" [best triton {tus:.1f} {tname}]"
                     if op == "fp8_block" and "us" in row[op].get("scaled_mm", {}):
-                        line += f" [scaled_mm {row[op]['scaled_mm']['us']:.1f}]"
+                        line += (f" [scaled_mm {row[op]['scaled_mm']['us']:.1f}, quant: compiled aten "
+                                 f"{row['fp8_quant_compiled_us']:.1f}, triton {row['fp8_quant_triton_us']:.1f}]")
             print(line, flush=True)
             with open(args.out, "w") as f:
                 json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f,

@@ -1,14 +1,18 @@
-"""Triton kernel of `qcompile::fp8_block_gemm` for CUDA GPUs other than sm90 (imported lazily: CPU machines
-have no Triton). On sm90 the op uses `torch.nn.functional.scaled_mm`'s block-wise scaling instead (`op.py`).
+"""Triton kernels of `qcompile::fp8_block_gemm` (imported lazily: CPU machines have no Triton).
 
-`_fp8_block_kernel`: one program per [BLOCK_M, 128] output tile (one weight-scale row block; grouped tile
-order for L2 reuse); for each
+`_fp8_block_kernel` (engines and eager calls up to `op.TRITON_MAX_M` rows on sm90, every M on other CUDA GPUs):
+one program per [BLOCK_M, 128] output tile (one weight-scale row block; grouped tile order for L2 reuse); for each
 128-wide K block it computes the FP8 x FP8 dot into a fresh float32 partial sum and adds it to the float32
 accumulator scaled by `x_scale[m, kb] * w_scale[n // 128, kb]` (DeepSeek's per-block promotion: the tensor
 core's reduced-precision FP8 accumulation never spans more than 128 products). The bias is added in float32
 and the result stored in the requested dtype. `FP32_DOT` upcasts the operands and uses an IEEE float32 dot
 (the Triton CPU interpreter, which has no FP8 dot). The K-block count is a compile-time constant (K is a
-weight dimension, static per layer).
+weight dimension, static per layer). Measured and not adopted (benchmarks/tune_fp8_block_v1.json): 256-wide
+tiles (two weight-scale blocks) and x scales stored K-block-major for coalesced scale loads; neither beat
+this form, and cuBLASLt is faster from 17 rows up.
+
+`_quantize_blocks_kernel` (the sm90 cuBLASLt path): x -> FP8 1x128 blocks and their scales in one pass, the
+scales written K-block-major ([K/128, M] in memory), as cuBLASLt reads them.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from qcompile.plugins.fp8_block_gemm.format import BLOCK
 from qcompile.plugins.gemm_dispatch import identity
 from qcompile.plugins.triton_tiles import grouped_tile
 
-# Launch configuration (BLOCK_N is the weight block, 128): chosen from tools/tune_fp8_block_gemm.py on the H200.
+# Launch configuration (BLOCK_N is the weight block, 128): chosen from tools/tune_fp8_block_w8a16.py on the H200.
 CONFIG = dict(BLOCK_M=64, GROUP_M=8, num_warps=8, num_stages=4)
 
 
@@ -71,3 +75,36 @@ def fp8_block_gemm_triton(xq, x_scale, w_q, w_scale, bias=None, *, out_dtype=tor
         BLOCK_K=BLOCK, GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return y
+
+
+@triton.jit
+def _quantize_blocks_kernel(x_ptr, q_ptr, s_ptr, M, M_OUT, K, stride_xm, MIN_SCALE: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
+    """1xBLOCK blocks of x [M, K] -> q fp8 [M_OUT, K] and s float32 stored [K/BLOCK, M_OUT] (rows M..M_OUT-1,
+    the padding, are zeros with the floor scale): `s = max(amax / 448, MIN_SCALE)`, `q = fp8(clamp(x / s, ±448))`
+    with IEEE divisions, as `format.quantize_activation_blocks`."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    kb = tl.program_id(1)
+    offs_k = kb * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :], mask=(offs_m < M)[:, None],
+                other=0.0).to(tl.float32)
+    s = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=1), tl.full((BLOCK_M,), 448.0, tl.float32)), MIN_SCALE)
+    q = tl.clamp(tl.math.div_rn(x, s[:, None]), -448.0, 448.0).to(q_ptr.dtype.element_ty)
+    out = offs_m < M_OUT
+    tl.store(q_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :], q, mask=out[:, None])
+    tl.store(s_ptr + kb * M_OUT + offs_m, s, mask=out)
+
+
+def quantize_blocks_triton(x2d, row_align: int = 1, *, wrap=identity, block_m: int = 32):
+    """(xq float8_e4m3fn [M', K], x_scale float32 [M', K/128] with strides (1, M')) of x [M, K], M' = M rounded up
+    to `row_align` (zero rows): one pass over x, the scales written K-block-major as cuBLASLt reads them."""
+    from qcompile.plugins.formats import MIN_SCALE
+
+    m, k = x2d.shape
+    m_out = m + (-m) % row_align  # this form lets export prove m <= m_out for a symbolic m
+    xq = torch.empty((m_out, k), dtype=torch.float8_e4m3fn, device=x2d.device)
+    sx = torch.empty((k // BLOCK, m_out), dtype=torch.float32, device=x2d.device)
+    wrap(_quantize_blocks_kernel)[(triton.cdiv(m_out, block_m), k // BLOCK, 1)](
+        x2d, xq, sx, m, m_out, k, x2d.stride(0), MIN_SCALE=MIN_SCALE, BLOCK_M=block_m, BLOCK=BLOCK, num_warps=4,
+    )
+    return xq, sx.t()

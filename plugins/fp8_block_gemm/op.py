@@ -1,21 +1,24 @@
 """`torch.ops.qcompile.fp8_block_gemm`: the FP8 block-scaled GEMM (1x128 activations, 128x128 weights) as a
 `triton_op`.
 
-The body branches on `x.device.type`: CPU (any non-CUDA device) -> the plain-torch reference; CUDA -> x is
-block-quantized with aten ops (`format.quantize_activation_blocks`: AOTInductor fuses it into the kernel that
-produces x), then
-- sm90, eager calls: `torch.nn.functional.scaled_mm(xq, w_q.t(), sx, BlockWise1x128, sw,
-  BlockWise128x128)`, bf16 out (cuBLASLt, torch's DeepSeek recipe; sm90 only). Scale layouts (kernel-anchors.md §3.2): `sx` (M, K/128)
-  outer-dim-major (strides (1, M)); `sw` (round_up(K/128, 4), N/128) with strides (1, round_up(K/128, 4)),
-  i.e. the transpose of w_scale [N/128, K/128] zero-padded along K/128. x is padded to a multiple of 4 rows;
-  fast accumulation is off (torch rejects it for block scaling).
-- compiled (engines) and other CUDA GPUs: the Triton kernel of `kernel.py` (bias and cast in its epilogue).
-  On the H200 it was faster than cuBLASLt up to 64 rows on the largest shape, slower above
-  (benchmarks/tune_fp8_block_w8a16.json). torch 2.11 does not export a `torch.cond` with `scaled_mm` in a
-  branch, and an engine with `scaled_mm` alone fails when it runs (both measured on the H200; see
-  tools/diag/scaled_mm_aoti.py for the open question whether an explicit `contraction_dim` avoids the
-  second), so engines use this kernel at every M.
-The bias is added in float32 after the GEMM and the result cast to x.dtype.
+The body branches on `x.device.type`: CPU (any non-CUDA device) -> the plain-torch reference; CUDA:
+- up to `TRITON_MAX_M` rows, on GPUs other than sm90, and where K/128 is not a multiple of 4: x is
+  block-quantized with aten ops (`format.quantize_activation_blocks`: AOTInductor fuses them into the kernel
+  that produces x), then the Triton GEMM of `kernel.py` (bias and cast in its epilogue);
+- sm90 above `TRITON_MAX_M` rows: x is quantized by our Triton kernel (`kernel.quantize_blocks_triton`: one
+  pass, the scales written K-block-major; Inductor's code for the aten ops writing that layout took 2-7x its
+  byte floor in benchmarks/tune_fp8_block_v1.json; our kernel has not been timed alone), then cuBLASLt
+  block-wise scaling through `torch._scaled_mm`, which infers the 1x128 x 128x128 recipe from the scale
+  shapes: `sx` (M, K/128) with strides (1, M); `w_scale.t()` (K/128, N/128). torch 2.11 checks these shapes
+  (the K/128 padded to a multiple of 4 that kernel-anchors.md §3.2 describes for `F.scaled_mm` is refused),
+  but cuBLASLt reads the weight scales with a leading dimension rounded up to 4: with K/128 = 2 or 3 the
+  results were wrong on the H200 (test_cuda_op_matches_float64), so such layers keep the Triton kernel. x gets
+  zero rows up to a multiple of 4; fast accumulation is off (torch rejects it for block scaling); bf16 out,
+  the bias added after the GEMM (float32 sum, one rounding).
+With a symbolic M (engines) the choice is a `torch.cond` (`gemm_dispatch.run_by_buckets`). The earlier form,
+`torch.nn.functional.scaled_mm` (`aten::_scaled_mm_v2`, list and enum arguments), could neither be exported
+inside a `torch.cond` nor run from an AOTInductor package on the H200 (proxy executor: "Expected IntList but got
+None"); `aten::_scaled_mm` has a plain schema and a C shim.
 """
 from __future__ import annotations
 
@@ -24,11 +27,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from qcompile.plugins.fp8_block_gemm.format import quantize_activation_blocks
-from qcompile.plugins.gemm_dispatch import run_by_buckets
+from qcompile.plugins.fp8_block_gemm.format import BLOCK, quantize_activation_blocks
+from qcompile.plugins.gemm_dispatch import add_bias, identity, run_by_buckets
 from qcompile.plugins.fp8_block_gemm.reference import check_args, fp8_block_gemm_reference
 
 ROW_ALIGN = 4  # rows of x padded to a multiple of 4 for the sm90 block-scaled cuBLASLt GEMM
+TRITON_MAX_M = 16  # sm90: the Triton kernel up to this many rows, cuBLASLt above (tools/tune_fp8_block_w8a16.py)
 
 
 @torch.library.triton_op("qcompile::fp8_block_gemm", mutates_args={})
@@ -48,29 +52,20 @@ def fp8_block_gemm(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tenso
                                      wrap=torch.library.wrap_triton)
 
     def cublas_path(x2d, w_q, w_scale, *rest):
-        y = scaled_mm_blockwise(x2d, w_q, w_scale).to(torch.float32)
-        if has_bias:
-            y = y + rest[0].to(torch.float32)
-        return y.to(x2d.dtype)
+        y = scaled_mm_blockwise(x2d, w_q, w_scale, wrap=torch.library.wrap_triton)
+        return add_bias(y, rest[0] if has_bias else None, x2d.dtype)
 
-    # cuBLASLt only in eager calls: an AOTInductor package of torch 2.11 runs `scaled_mm` through its proxy
-    # executor, which fails at run time on the H200 ("Expected IntList but got None"), so engines get the
-    # Triton kernel (torch.compiler.is_compiling() holds while torch.export traces the op)
-    eager_sm90 = torch.cuda.get_device_capability(x.device)[0] == 9 and not torch.compiler.is_compiling()
-    path = cublas_path if eager_sm90 else triton_path
-    return run_by_buckets(x, k, n, [(None, path)], (w_q, w_scale) + ((bias,) if has_bias else ()))
+    buckets = [(TRITON_MAX_M, triton_path)]
+    if torch.cuda.get_device_capability(x.device)[0] == 9 and (k // BLOCK) % ROW_ALIGN == 0:
+        buckets.append((None, cublas_path))
+    return run_by_buckets(x, k, n, buckets, (w_q, w_scale) + ((bias,) if has_bias else ()))
 
 
-def scaled_mm_blockwise(x2d: Tensor, w_q: Tensor, w_scale: Tensor) -> Tensor:
-    """bf16 [M, N] via `F.scaled_mm` block-wise scaling (sm90, cuBLASLt >= 12.9); see the module docstring."""
-    from torch.nn.functional import ScalingType, SwizzleType, scaled_mm
+def scaled_mm_blockwise(x2d: Tensor, w_q: Tensor, w_scale: Tensor, *, wrap=identity) -> Tensor:
+    """bf16 [M, N] via `torch._scaled_mm` block-wise scaling (sm90, cuBLASLt >= 12.9); see the module docstring."""
+    from qcompile.plugins.fp8_block_gemm.kernel import quantize_blocks_triton
 
     m = x2d.shape[0]
-    pad = (ROW_ALIGN - m % ROW_ALIGN) % ROW_ALIGN
-    xq, sx = quantize_activation_blocks(torch.nn.functional.pad(x2d, (0, 0, 0, pad)))  # zero rows: scale = tiny
-    kb = w_scale.shape[1]
-    kb4 = (kb + 3) // 4 * 4
-    sw = torch.nn.functional.pad(w_scale, (0, kb4 - kb)).t()  # (kb4, N/128), strides (1, kb4)
-    y = scaled_mm(xq, w_q.t(), sx.t().contiguous().t(), ScalingType.BlockWise1x128, sw, ScalingType.BlockWise128x128,
-                  swizzle_a=SwizzleType.NO_SWIZZLE, swizzle_b=SwizzleType.NO_SWIZZLE, output_dtype=torch.bfloat16)
+    xq, sx = quantize_blocks_triton(x2d, ROW_ALIGN, wrap=wrap)
+    y = torch._scaled_mm(xq, w_q.t(), sx, w_scale.t(), out_dtype=torch.bfloat16)
     return y[:m]

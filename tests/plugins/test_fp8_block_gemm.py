@@ -132,10 +132,43 @@ def test_triton_kernel_under_interpreter(m):
         np.testing.assert_allclose(y.float().numpy(), ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
 
 
-def _cuda_case(m):
-    w, b = make_weight(n=1024, k=2048, seed=m)
+def check_quantize_kernel(device, exact_values=True):
+    """Our one-pass Triton quantizer of the cuBLASLt path: the float64 oracle's values and scales, the scales
+    K-block-major, zero rows padded up to the row alignment. (The Triton interpreter's float -> fp8 cast drops
+    the carry when a mantissa rounds up, e.g. 124 -> 64: there most values must match.)"""
+    from qcompile.plugins.fp8_block_gemm.kernel import quantize_blocks_triton
+
+    x = torch.randn(7, 384) * torch.tensor([1e-4, 1.0, 300.0]).repeat_interleave(128)
+    x[2, 128:256] = 0.0  # an all-zero block: the floor scale, zeros
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        xq, sx = quantize_blocks_triton(xd.to(device), 4)
+        q_ref, s_ref = np_blocks(xd.float().numpy(), 1)
+        assert xq.shape == (8, 384) and sx.shape == (8, 3) and sx.stride() == (1, 8)
+        np.testing.assert_array_equal(sx[:7].cpu().numpy(), s_ref)
+        got = xq[:7].float().cpu().numpy()
+        if exact_values:
+            np.testing.assert_array_equal(got, q_ref)
+        else:
+            assert np.mean(got == q_ref) > 0.9
+        assert not xq[7].float().any() and torch.all(sx[7] == TINY)
+
+
+@triton_interp
+def test_quantize_kernel_under_interpreter():
+    check_quantize_kernel("cpu", exact_values=False)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_quantize_kernel_matches_float64():
+    check_quantize_kernel("cuda")
+
+
+def _cuda_case(m, k=2048):
+    w, b = make_weight(n=1024, k=k, seed=m)
     wq, ws = quantize_weight_blocks(w)
-    x = torch.randn(m, 2048)
+    x = torch.randn(m, k)
     return x, wq, ws, b, oracle(x.numpy(), wq, ws, b)
 
 
@@ -145,11 +178,14 @@ def _rel_l2(y, ref):
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("m", [1, 5, 1024])
-def test_cuda_op_matches_float64(m):
-    """sm90: F.scaled_mm block-wise (cuBLASLt); other GPUs: the Triton kernel. bf16 output rounding only."""
-    x, wq, ws, b, ref = _cuda_case(m)
-    y = op(x.cuda().to(torch.bfloat16), wq.cuda(), ws.cuda(), b.cuda())
+@pytest.mark.parametrize("m, k", [(1, 2048), (5, 2048), (1024, 2048), (40, 384), (17, 256)])
+def test_cuda_op_matches_float64(m, k):
+    """sm90: the Triton kernel up to 16 rows, cuBLASLt block-wise `_scaled_mm` above; other GPUs: the Triton
+    kernel. bf16 output rounding only. K/128 = 3 and 2: scale strides that are not multiples of 4."""
+    x, wq, ws, b, ref = _cuda_case(m, k)
+    if m == 1024:  # a bf16 bias: the cuBLASLt path adds it in bf16 (one rounding of the float sum)
+        b = b.to(torch.bfloat16).float()
+    y = op(x.cuda().to(torch.bfloat16), wq.cuda(), ws.cuda(), (b.to(torch.bfloat16) if m == 1024 else b).cuda())
     ref_bf16_x = oracle(x.to(torch.bfloat16).float().numpy(), wq, ws, b)
     assert _rel_l2(y, ref_bf16_x) < 1e-2
 
@@ -169,8 +205,8 @@ def test_cuda_triton_kernel_matches_float64():
 @pytest.mark.gpu
 @cuda
 def test_cuda_op_compiles_with_a_dynamic_row_count():
-    """torch.export with a dynamic M and AOTInductor, as an engine runs the op: the package must run (on the
-    H200 an engine calling `scaled_mm` failed in AOTInductor's proxy executor) and match float64."""
+    """torch.export with a dynamic M and AOTInductor, as an engine runs the op: the package must run both
+    paths (Triton up to 16 rows, on sm90 cuBLASLt `_scaled_mm` above, chosen by a torch.cond) and match float64."""
     x, wq, ws, b, _ = _cuda_case(8)
     wq, ws, b = wq.cuda(), ws.cuda(), b.cuda()
 
@@ -181,7 +217,7 @@ def test_cuda_op_compiles_with_a_dynamic_row_count():
     ep = torch.export.export(Layer(), (x.cuda().to(torch.bfloat16),),
                              dynamic_shapes={"x": {0: torch.export.Dim("m", min=1, max=4096)}})
     run = torch._inductor.aoti_load_package(torch._inductor.aoti_compile_and_package(ep))
-    for m in (1, 5, 300):
+    for m in (1, 5, 16, 17, 300):
         xm, *_ = _cuda_case(m)
         y = run(xm.cuda().to(torch.bfloat16))
         assert _rel_l2(y, oracle(xm.to(torch.bfloat16).float().numpy(), wq.cpu(), ws.cpu(), b.cpu())) < 1e-2
