@@ -55,10 +55,15 @@ def fp8_block_gemm(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tenso
         y = scaled_mm_blockwise(x2d, w_q, w_scale, wrap=torch.library.wrap_triton)
         return add_bias(y, rest[0] if has_bias else None, x2d.dtype)
 
-    buckets = [(TRITON_MAX_M, triton_path)]
-    if torch.cuda.get_device_capability(x.device)[0] == 9 and (k // BLOCK) % ROW_ALIGN == 0:
-        buckets.append((None, cublas_path))
+    limit = triton_max_rows(k, torch.cuda.get_device_capability(x.device))
+    buckets = [(limit, triton_path)] + ([(None, cublas_path)] if limit is not None else [])
     return run_by_buckets(x, k, n, buckets, (w_q, w_scale) + ((bias,) if has_bias else ()))
+
+
+def triton_max_rows(k: int, capability: tuple[int, int]) -> int | None:
+    """Rows up to which the Triton kernel runs, cuBLASLt above; None: the Triton kernel at every M (not sm90,
+    or K/128 not a multiple of 4: see the module docstring)."""
+    return TRITON_MAX_M if capability[0] == 9 and (k // BLOCK) % ROW_ALIGN == 0 else None
 
 
 def scaled_mm_blockwise(x2d: Tensor, w_q: Tensor, w_scale: Tensor, *, wrap=identity) -> Tensor:

@@ -111,6 +111,17 @@ def test_onnx_node_runs_in_ort_like_the_contract():
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("k, capability, want", [
+    (2048, (9, 0), 16), (4096, (9, 0), 16), (512, (9, 0), 16),  # sm90, K/128 % 4 == 0: cuBLASLt above 16 rows
+    (256, (9, 0), None), (384, (9, 0), None),  # K/128 = 2, 3: cuBLASLt gave wrong results on the H200
+    (2048, (8, 9), None), (2048, (10, 0), None),  # no sm90 block-scaled cuBLASLt: the Triton kernel
+])
+def test_cuda_path_choice(k, capability, want):
+    from qcompile.plugins.fp8_block_gemm.op import triton_max_rows
+
+    assert triton_max_rows(k, capability) == want
+
+
 @triton_interp
 @pytest.mark.parametrize("m", [1, 70])
 def test_triton_kernel_under_interpreter(m):
