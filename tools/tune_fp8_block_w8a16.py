@@ -3,11 +3,11 @@
 `int8_wo_gemm.kernel.LARGE_M`).
 
 For every (K x N, M) it times side by side: cuBLAS bf16; the FP8 block GEMM alone (x quantized beforehand)
-through cuBLASLt block-wise `torch._scaled_mm` (sm90) and through our Triton kernel in several configurations,
-plus the 1x128 quantization of x as Inductor compiles the aten ops (row-major scales)
-and as our Triton kernel does it (K-block-major scales, the cuBLASLt path); the W8A16 large-M path as dequantize + cuBLAS and as our tiled kernel in several
-configurations. Each candidate is checked against a float32 reference first (relative L2 error). Writes
-every measurement as JSON and prints the best of each per cell.
+through cuBLASLt block-wise `torch._scaled_mm` (sm90) and through our Triton kernel in several configurations;
+the 1x128 quantization of x as Inductor compiles the aten ops (row-major scales) and as our Triton kernel does
+it for three row-block sizes (K-block-major scales, the cuBLASLt path); the W8A16 large-M path as dequantize +
+cuBLAS and as our tiled kernel in several configurations. Each candidate is checked against a float32
+reference first (relative L2 error). Writes every measurement as JSON and prints the best of each per cell.
 
     python3 tools/tune_fp8_block_w8a16.py --cuda-graph --out tune.json [--shapes 8192x28672] [--ms 64 1024]
         [--ops fp8_block w8a16]
@@ -110,7 +110,8 @@ def main() -> None:
                 ref8 = (xq.float() * sx.repeat_interleave(128, 1)) @ ref8_w.t()
                 row["fp8_block"] = time_candidates(fp8_candidates(x, lambda: copies()[1]), ref8)
                 row["fp8_quant_compiled_us"] = bench(lambda: quant(x), copies=4)
-                row["fp8_quant_triton_us"] = bench(lambda: quantize_blocks_triton(x, 4), copies=4)
+                row["fp8_quant_triton_us"] = {bm: bench(lambda: quantize_blocks_triton(x, 4, block_m=bm), copies=4)
+                                              for bm in (16, 32, 64)}  # the op uses block_m=32
             if "w8a16" in args.ops and m > 16:
                 ref16 = x.float() @ (w8.float() * s8)
                 row["w8a16"] = time_candidates(w8_candidates(x, lambda: copies()[2]), ref16)
@@ -125,7 +126,8 @@ def main() -> None:
                         line += f" [best triton {tus:.1f} {tname}]"
                     if op == "fp8_block" and "us" in row[op].get("scaled_mm", {}):
                         line += (f" [scaled_mm {row[op]['scaled_mm']['us']:.1f}, quant: compiled aten "
-                                 f"{row['fp8_quant_compiled_us']:.1f}, triton {row['fp8_quant_triton_us']:.1f}]")
+                                 f"{row['fp8_quant_compiled_us']:.1f}, triton by block_m "
+                                 + " / ".join(f"{v:.1f}" for v in row['fp8_quant_triton_us'].values()) + "]")
             print(line, flush=True)
             with open(args.out, "w") as f:
                 json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f,
