@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from qcompile.plugins.fp8_block_gemm.format import BLOCK
+from qcompile.plugins.formats import MIN_SCALE, qmax
 from qcompile.plugins.gemm_dispatch import identity
 from qcompile.plugins.triton_tiles import grouped_tile
 
@@ -79,18 +80,18 @@ def fp8_block_gemm_triton(xq, x_scale, w_q, w_scale, bias=None, *, out_dtype=tor
 
 
 @triton.jit
-def _quantize_blocks_kernel(x_ptr, q_ptr, s_ptr, M, M_OUT, K, stride_xm, MIN_SCALE: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
+def _quantize_blocks_kernel(x_ptr, q_ptr, s_ptr, M, M_OUT, K, stride_xm, QMAX: tl.constexpr,
+                            MIN_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
     """1xBLOCK blocks of x [M, K] -> q fp8 [M_OUT, K] and s float32 stored [K/BLOCK, M_OUT] (rows M..M_OUT-1,
-    the padding, are zeros with the floor scale): `s = max(amax / 448, MIN_SCALE)`, `q = fp8(clamp(x / s, ±448))`
+    the padding, are zeros with the floor scale): `s = max(amax / QMAX, MIN_SCALE)`, `q = fp8(clamp(x / s, ±QMAX))`
     with IEEE divisions, as `format.quantize_activation_blocks`."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     kb = tl.program_id(1)
     offs_k = kb * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :], mask=(offs_m < M)[:, None],
                 other=0.0).to(tl.float32)
-    s = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=1), tl.full((BLOCK_M,), 448.0, tl.float32)), MIN_SCALE)
-    q = tl.clamp(tl.math.div_rn(x, s[:, None]), -448.0, 448.0).to(q_ptr.dtype.element_ty)
+    s = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=1), tl.full((BLOCK_M,), QMAX, tl.float32)), MIN_SCALE)
+    q = tl.clamp(tl.math.div_rn(x, s[:, None]), -QMAX, QMAX).to(q_ptr.dtype.element_ty)
     out = offs_m < M_OUT
     tl.store(q_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :], q, mask=out[:, None])
     tl.store(s_ptr + kb * M_OUT + offs_m, s, mask=out)
@@ -99,13 +100,12 @@ def _quantize_blocks_kernel(x_ptr, q_ptr, s_ptr, M, M_OUT, K, stride_xm, MIN_SCA
 def quantize_blocks_triton(x2d, row_align: int = 1, *, wrap=identity, block_m: int = 32):
     """(xq float8_e4m3fn [M', K], x_scale float32 [M', K/128] with strides (1, M')) of x [M, K], M' = M rounded up
     to `row_align` (zero rows): one pass over x, the scales written K-block-major as cuBLASLt reads them."""
-    from qcompile.plugins.formats import MIN_SCALE
-
     m, k = x2d.shape
     m_out = m + (-m) % row_align  # this form lets export prove m <= m_out for a symbolic m
     xq = torch.empty((m_out, k), dtype=torch.float8_e4m3fn, device=x2d.device)
     sx = torch.empty((k // BLOCK, m_out), dtype=torch.float32, device=x2d.device)
     wrap(_quantize_blocks_kernel)[(triton.cdiv(m_out, block_m), k // BLOCK, 1)](
-        x2d, xq, sx, m, m_out, k, x2d.stride(0), MIN_SCALE=MIN_SCALE, BLOCK_M=block_m, BLOCK=BLOCK, num_warps=4,
+        x2d, xq, sx, m, m_out, k, x2d.stride(0), QMAX=float(qmax("fp8")), MIN_SCALE=MIN_SCALE, BLOCK_M=block_m,
+        BLOCK=BLOCK, num_warps=4,
     )
     return xq, sx.t()

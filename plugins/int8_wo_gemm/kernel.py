@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.plugins.gemm_dispatch import SMALL_M_MAX, cdiv, identity, run_by_buckets, split_for_waves, split_k_config
+from qcompile.plugins.gemm_dispatch import (SMALL_M_MAX, add_bias, cdiv, identity, run_by_buckets, split_for_waves,
+                                             split_k_config)
 from qcompile.plugins.int8_wo_gemm.reference import check_args, dequantize_weight
 from qcompile.plugins.triton_tiles import store_tile
 
@@ -199,12 +200,8 @@ LARGE_M = [
 
 def _epilogue(acc, w_scale, bias, dtype):
     """`acc * w_scale + bias` in float32 (w_scale None: already applied), cast to `dtype`."""
-    y = acc.to(torch.float32)
-    if w_scale is not None:
-        y = y * w_scale.to(torch.float32)
-    if bias is not None:
-        y = y + bias.to(torch.float32)
-    return y.to(dtype)
+    y = acc if w_scale is None else acc.to(torch.float32) * w_scale.to(torch.float32)
+    return add_bias(y, bias, dtype)
 
 
 def int8_wo_gemm_triton(x, w_q, w_scale, bias, *, wrap=identity, num_sms: int = DEFAULT_SMS,

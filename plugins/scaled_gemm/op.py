@@ -33,6 +33,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from qcompile.plugins.formats import dynamic_row_scales, quantize_activation
+from qcompile.plugins.gemm_dispatch import add_bias
 from qcompile.plugins.scaled_gemm.reference import (FORMAT_OF, check_args, scaled_gemm_dynamic_reference,
                                                     scaled_gemm_reference)
 
@@ -127,10 +128,7 @@ def _fp8_gemm(x2d, w_q, w_scale, x_scale, bias, out_dtype) -> Tensor:
 
 def _apply_scales(acc, x_scale, w_scale, bias, out_dtype) -> Tensor:
     """`acc * (x_scale * w_scale) + bias` in float32, cast to `out_dtype` (pointwise: fuses with the consumer)."""
-    y = acc.to(torch.float32) * (x_scale * w_scale)
-    if bias is not None:
-        y = y + bias.to(torch.float32)
-    return y.to(out_dtype)
+    return add_bias(acc.to(torch.float32) * (x_scale * w_scale), bias, out_dtype)
 
 
 def _scale_buffer(t: Tensor) -> Tensor:
