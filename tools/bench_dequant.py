@@ -43,16 +43,15 @@ def time_tiles(name, tiles, launch, ref, n_bytes) -> dict:
             out[key] = {"us": us, "TB/s": n_bytes / us / 1e6, "bit_exact": exact}
         except Exception as exc:  # a tile Triton cannot compile
             out[key] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
-    ok = {k: v for k, v in out.items() if "us" in v}
-    best = min(ok, key=lambda k: ok[k]["us"]) if ok else None
     print(f"  {name}: " + ", ".join(f"{k} {v.get('us', float('nan')):.1f}" for k, v in out.items())
-          + f" | best {best}", flush=True)
+          + f" | best {best_tile(out)}", flush=True)
     return out
 
 
-def best_tile(res: dict) -> dict:
+def best_tile(res: dict) -> dict | None:
+    """The fastest tile of `time_tiles`' results (None when every tile failed)."""
     ok = {k: v for k, v in res.items() if "us" in v}
-    return json.loads(min(ok, key=lambda k: ok[k]["us"]))
+    return json.loads(min(ok, key=lambda k: ok[k]["us"])) if ok else None
 
 
 def main() -> None:
