@@ -93,7 +93,7 @@ def main() -> None:
         k, n = (int(v) for v in shape.split("x"))
         w = torch.randn(n, k, device="cuda")
         wq, ws = quantize_weight_blocks(w)
-        w8, s8 = torch.randint(-127, 128, (k, n), device="cuda", dtype=torch.int8), torch.rand(n, device="cuda") * 0.01
+        w8, s8 = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8), torch.rand(n, device="cuda") * 0.01
         base = (w.t().contiguous().to(torch.bfloat16), (wq, ws), (w8, s8 + 1e-3))
         del w
         # equal copies at different addresses, rotated so small M reads HBM, not L2
@@ -113,7 +113,7 @@ def main() -> None:
                 row["fp8_quant_triton_us"] = {bm: bench(lambda: quantize_blocks_triton(x, 4, block_m=bm), copies=4)
                                               for bm in (16, 32, 64)}  # the op uses block_m=32
             if "w8a16" in args.ops and m > 16:
-                ref16 = x.float() @ (w8.float() * s8)
+                ref16 = x.float() @ (w8.float() * s8[:, None]).t()
                 row["w8a16"] = time_candidates(w8_candidates(x, lambda: copies()[2]), ref16)
             rows.append(row)
             line = f"{k}x{n} M={m}: bf16 {row['bf16']:.1f}"

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Choose the small-M paths of the W8A16 op on the GPU (`int8_wo_gemm.kernel.GEMV` and the split-K tiles).
+"""Choose the small-M paths of the W8A16 op on the GPU (`int8_wo_gemm.kernel.GEMV` and `DOT`).
 
-For every (K x N, M) it times side by side, as an engine calls them (CUDA graphs with --cuda-graph; the split-K
-zero fill and the scale/bias/cast epilogue included): cuBLAS bf16; the shipped split-K kernel; the split-K kernel
-in other tile configurations; at M = 1 the GEMV kernel in several configurations. Each candidate is checked against
-a float32 reference first (relative L2 error). Writes every measurement as JSON and prints the best per cell.
+For every (K x N, M) it times side by side, as an engine calls them (CUDA graphs with --cuda-graph; a split-K
+zero fill and epilogue included where a configuration splits K): cuBLAS bf16; the shipped path of the op; the
+row dot kernel (M <= 16) and, at M = 1, the row GEMV in several configurations. Each candidate is checked
+against a float32 reference first (relative L2 error). Writes every measurement as JSON and prints the best per
+cell.
 
     python3 tools/tune_w8a16_small_m.py --cuda-graph --out tune.json [--shapes 8192x28672] [--ms 1 16]
 """
@@ -20,49 +21,40 @@ from tune_fp8_block_w8a16 import best
 
 from qcompile.plugins.int8_wo_gemm import kernel as w8
 
-# second sweep: the first (benchmarks/tune_w8a16_small_m_v1.json) had its best GEMVs at its smallest tiles and
-# waves (BLOCK_K 16, BLOCK_NW 64, waves 8, the prefetch on)
-GEMV_CONFIGS = [dict(BLOCK_K=bk, BLOCK_NW=bn, num_warps=w, waves=v, PREFETCH=True)
-                for bk in (16, 32) for bn in (16, 32, 64) for w in (1, 2, 4) for v in (2, 4, 8)]
-TILE_CONFIGS = [dict(kernel="tiles", BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st, waves=v)
-                for bn in (64, 128) for bk in (128, 256) for st in (3, 4) for v in (2, 4)]
+# around the first sweep's winners (GEMV: 8 rows x 256-512 words on 4 warps, no prefetch; dot: 32 rows x 256 K,
+# 3-5 stages), adding Triton's load pipelining (num_stages) to the GEMV
+GEMV_CONFIGS = [dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=w, num_stages=st, PREFETCH=False)
+                for bn in (4, 8, 16) for bkw in (256, 512) for w in (4, 8) for st in (1, 2, 3)]
+DOT_CONFIGS = ([dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=st, waves=1) for st in (3, 4, 5, 6)]
+               + [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st, waves=1)
+                  for bn, bk in ((16, 512), (32, 512), (64, 256)) for st in (3, 4)])
 
 
 def candidates(x, weights, m: int) -> dict:
-    """weights() -> (w_q, w_scale) of the next rotating copy; each candidate returns the op's output."""
-    def epilogue(acc, w_scale):
-        return w8._epilogue(acc, w_scale, None, x.dtype)
+    """weights() -> (w_q [N, K], w_scale) of the next rotating copy; each candidate returns the op's output."""
+    def shipped():
+        return w8.int8_wo_gemm_triton(x, *weights(), None)
 
-    def split_k():
-        w_q, w_scale = weights()
-        return epilogue(w8.launch_small_m(x, w_q), w_scale)
-
-    def tiles(cfg):
-        def run():
-            w_q, w_scale = weights()
-            return epilogue(w8.launch_tiles(x, w_q, cfg), w_scale)
-        return run
+    def dot(cfg):
+        return lambda: w8.launch_dot(x, *weights(), None, cfg)
 
     def gemv(cfg):
-        def run():
-            w_q, w_scale = weights()
-            return epilogue(w8.launch_gemv(x, w_q, cfg), w_scale)
-        return run
+        return lambda: w8.launch_gemv(x, *weights(), None, cfg)
 
-    out = {"splitk": split_k}
-    out.update({"tiles " + json.dumps(c): tiles(c) for c in TILE_CONFIGS})
+    out = {"shipped": shipped}
+    out.update({"dot " + json.dumps(c): dot(c) for c in DOT_CONFIGS})
     if m == 1:
         out.update({"gemv " + json.dumps(c): gemv(c) for c in GEMV_CONFIGS})
     return out
 
 
 def make_case(k: int, n: int, m: int):
-    """(x bf16 [m, k], int8 weight [k, n], scales [n], float32 reference of the op)."""
+    """(x bf16 [m, k], int8 weight [n, k], scales [n], float32 reference of the op)."""
     g = torch.Generator(device="cuda").manual_seed(k + n + m)
-    w_q = torch.randint(-127, 128, (k, n), device="cuda", dtype=torch.int8, generator=g)
+    w_q = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8, generator=g)
     w_scale = torch.rand(n, device="cuda", generator=g) * 0.01 + 1e-3
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
-    return x, w_q, w_scale, x.float() @ (w_q.float() * w_scale)
+    return x, w_q, w_scale, x.float() @ (w_q.float() * w_scale[:, None]).t()
 
 
 def check_chunk(task):
@@ -108,9 +100,9 @@ def main() -> None:
     rows = []
     for shape in args.shapes:
         k, n = (int(v) for v in shape.split("x"))
-        w_q = torch.randint(-127, 128, (k, n), device="cuda", dtype=torch.int8)
+        w_q = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
         w_scale = torch.rand(n, device="cuda") * 0.01 + 1e-3
-        w16 = (w_q.float() * w_scale).to(torch.bfloat16)
+        w16 = (w_q.float() * w_scale[:, None]).t().contiguous().to(torch.bfloat16)
         # equal copies at different addresses, rotated so small M reads HBM, not L2
         copies = rotating(lambda: (w16.clone(), w_q.clone(), w_scale.clone()), k * n * 3)
         for m in args.ms:
@@ -123,10 +115,10 @@ def main() -> None:
                     row["w8a16"][name]["us"] = bench(fn, copies=4, rep=40)
             rows.append(row)
             name, us = best(row["w8a16"])
-            shipped = row["w8a16"]["splitk"].get("us", float("nan"))
+            shipped = row["w8a16"]["shipped"].get("us", float("nan"))
             gemv = best({key: v for key, v in row["w8a16"].items() if key.startswith("gemv")}) if m == 1 else ("-", 0)
             print(f"{k}x{n} M={m}: bf16 {row['bf16']:.1f} | best {us:.1f} ({row['bf16'] / us:.2f}x) {name} | "
-                  f"splitk {shipped:.1f}"
+                  f"shipped {shipped:.1f} ({row['bf16'] / shipped:.2f}x)"
                   + (f" | best gemv {gemv[1]:.1f} {gemv[0]}" if m == 1 else ""), flush=True)
             with open(args.out, "w") as f:
                 json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f,

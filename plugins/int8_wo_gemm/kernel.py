@@ -1,27 +1,31 @@
-"""Triton kernel of `qcompile::int8_weight_only_gemm` (CUDA only; imported lazily: CPU machines have no Triton).
+"""Triton kernels of `qcompile::int8_weight_only_gemm` (CUDA only; imported lazily: CPU machines have no Triton).
 
-Paths, chosen per call from M (the row count of x, dynamic), as in the INT4 plugin:
+The weight is `w_q` int8 [N, K], K contiguous (the engine layout; the lowering transposes ONNX's [K, N] once).
+Each output feature's weights are then one contiguous run, so a program owning a few rows streams long runs of
+memory. In the previous [K, N] layout every program read a 128-byte strip of each of K rows and needed split-K
+atomics, a zero fill and a separate epilogue; on the H200 the row layout reads at 3.5-4.1 TB/s
+(`tools/diag/row_gemv_probe.py`, benchmarks/row_gemv_probe.json).
 
-- M = 1 (N a multiple of 4): `_int8_wo_gemv_kernel`, a GEMV on the CUDA cores that reads the weight as int32
-  words and turns bytes into floats with bit operations (see its docstring); each program loads its next
-  step's words before this step's arithmetic. Split-K partial sums meet in fp32 atomics.
-- small M (M <= gemm_dispatch.SMALL_M_MAX = 16): `_int8_wo_splitk_kernel`, a split-K weight-streaming GEMM.
-  Each program owns BLOCK_N output columns and one K slice; it streams its int8 [BLOCK_K, BLOCK_N] weight tiles once
-  (`evict_first`), converts them to x.dtype in registers (exact: |q| <= 127) and multiplies with `tl.dot`
-  (BLOCK_M = 16 rows, float32 accumulate; float32 x uses an IEEE dot). Split-K partial sums are added with
-  float32 atomics into a zeroed [M, N] buffer (a plain store when there is one split). The per-channel scale
-  factors out of the K sum, so it is applied once, with the bias, in the epilogue `acc * w_scale + bias`
-  (aten ops: Inductor fuses them into one pointwise kernel, or into the consumer).
-- larger M: the buckets of `LARGE_M`: the same kernel as a plain tiled GEMM (`launch_tiles`, no K split), or
-  `dequant(W)` in x.dtype (one pointwise kernel) then `torch.matmul` (cuBLAS).
+Paths, chosen per call from M (the row count of x, dynamic):
+
+- M = 1 (K a multiple of 4): `_row_gemv_kernel`, a GEMV on the CUDA cores. It reads the weight as int32 words
+  (four consecutive k of one row) and turns bytes into floats with bit operations (see its docstring). Each
+  program owns BLOCK_N rows over all of K and finishes them: the scale, the bias and the cast are in the
+  kernel (one launch per call).
+- M <= gemm_dispatch.SMALL_M_MAX (16): `_row_dot_kernel`, the same row ownership on the tensor cores with A and
+  B swapped (y^T = W x^T: the weight tile is the MMA's wide operand, the at most 16 rows of x the narrow one),
+  int8 -> x.dtype in registers (exact: |q| <= 127), float32 accumulation (float32 x: an IEEE dot). The
+  epilogue is in the kernel too, unless the N tiles are too few to fill the GPU: then K is split and the
+  partial sums meet in float32 atomics (zeroed buffer, epilogue after).
+- larger M: the buckets of `LARGE_M`: `_tile_kernel` (a plain tiled GEMM reading the [N, K] weight as the
+  transposed B operand), or `dequant(W)` in x.dtype (one pointwise kernel) then `F.linear` (cuBLAS).
 
 Dispatch on M: a Python branch when M is a concrete int (eager); with a symbolic M (torch.export,
 AOTInductor with a dynamic row count) a chain of `torch.cond(M <= limit, ...)` (`gemm_dispatch.run_by_buckets`),
 so every path is compiled and the choice is made at run time.
 
-`launch_small_m` and `int8_wo_gemm_triton` take `wrap` (identity for raw Triton: tests run them under
-TRITON_INTERPRET=1 on CPU tensors; `torch.library.wrap_triton` from the op, so AOTInductor compiles the
-kernel into the package).
+The launchers take `wrap` (identity for raw Triton: tests run them under TRITON_INTERPRET=1 on CPU tensors;
+`torch.library.wrap_triton` from the op, so AOTInductor compiles the kernels into the package).
 """
 from __future__ import annotations
 
@@ -29,158 +33,204 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.plugins.gemm_dispatch import (SMALL_M_MAX, add_bias, cdiv, identity, run_by_buckets, split_for_waves,
-                                             split_k_config)
+from qcompile.plugins.gemm_dispatch import (SMALL_M_MAX, add_bias, cdiv, identity, run_by_buckets,
+                                             split_for_waves)
 from qcompile.plugins.int8_wo_gemm.reference import check_args, dequantize_weight
 from qcompile.plugins.triton_tiles import store_tile
 
-BLOCK_M = 16
-BLOCK_K = 128
 DEFAULT_SMS = 132
-# M = 1 path: the GEMV kernel (N a multiple of 4), 4 warps from WIDE_N columns. Chosen with
-# tools/tune_w8a16_small_m.py on the H200 (benchmarks/tune_w8a16_small_m.json: within 2% of each shape's best).
-GEMV = dict(BLOCK_K=32, BLOCK_NW=32, num_warps=1, WIDE_N=8192, wide_num_warps=4, waves=8, PREFETCH=True)
+# M = 1: rows per program, int32 words per row and step, warps, Triton's load pipelining; `PREFETCH` loads the
+# next step's words before this step's arithmetic (by hand). Chosen with tools/tune_w8a16_small_m.py on the H200
+# (benchmarks/tune_w8a16_small_m_rows.json): 8 rows on 4 warps; 512-word steps while N <= NARROW_N (fewer programs,
+# each needs more bytes in flight), 256 above: 1.58-1.67x cuBLAS bf16 on the four kernel-target shapes.
+GEMV = dict(BLOCK_N=8, BLOCK_KW=256, num_warps=4, num_stages=2, PREFETCH=False)
+GEMV_NARROW = dict(GEMV, BLOCK_KW=512)
+NARROW_N = 4096
+# 1 < M <= 16: weight rows per program, K per step, pipelining (same sweep: 1.20-1.35x bf16 at M = 16); `waves`:
+# split K while the N tiles are fewer than this many waves of SMs.
+DOT = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=5, waves=1)
+DOT_BLOCK_M = 16  # rows of x per program (tl.dot's minimum)
 
 
 @triton.jit
-def _weight_rows(w_ptr, rows, offs_n, mask_n, N, K, wanted):
-    """Rows `rows` [BLOCK_K, BLOCK_N] of a [K, N] weight (0 past K or where not `wanted`)."""
-    return tl.load(w_ptr + rows.to(tl.int64)[:, None] * N + offs_n[None, :],
-                   mask=((rows < K) & wanted)[:, None] & mask_n[None, :], other=0, eviction_policy="evict_first")
+def _words(w_ptr, offs_n, mask_n, offs_w, KW, wanted):
+    """Words [BLOCK_N, BLOCK_KW] of an int32 [N, KW] weight (0 past KW or where not `wanted`)."""
+    return tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * KW + offs_w[None, :],
+                   mask=mask_n[:, None] & ((offs_w < KW) & wanted)[None, :], other=0, eviction_policy="evict_first")
 
 
 @triton.jit
-def _int8_wo_gemv_kernel(
-    x_ptr, w_ptr, y_ptr, N, K, stride_xm, k_per_split,
-    K_STEPS: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_NW: tl.constexpr,
-    PREFETCH: tl.constexpr,
+def _scale_bias_store(y_ptrs, acc, s_ptr, b_ptr, offs_n, mask, mask_n, HAS_BIAS: tl.constexpr):
+    """`acc * scale[n] + bias[n]` (acc rows are output features n) in float32, stored in y's dtype."""
+    y = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    tl.store(y_ptrs, y.to(y_ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _row_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, KW, stride_xm, HAS_BIAS: tl.constexpr, K_STEPS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    """One row of x per program (M = 1): the int8 [K, N] weight read as int32 words [K, N/4], four adjacent
-    columns per word, multiplied in fp32 registers without tensor cores (at M = 1 the job is streaming the
-    weight). Byte i becomes a float with one AND/XOR: bytes 0 and 2 (after a shift by 16) XOR 0x80 in the
-    mantissa of 2^23 (ulp 1), bytes 1 and 3 in the mantissa of 2^15 (ulp 1 at bit 8); one exact subtraction
-    of the magic + 128 gives q. So a weight costs about 1.25 integer ops, a subtraction and an FMA, where
-    `int8 -> float` conversions would cost four integer-op slots. Split-K partial sums meet in fp32 atomics.
-    The int8 pointer is reinterpreted here (a `view(torch.int32)` of the weight in the graph broke AOTInductor's
-    lowering of the torch.cond around this path on the H200)."""
+    """y[n] = scale[n] * sum_k x[k] q[n, k] + bias[n] for BLOCK_N rows n, M = 1. The int8 [N, K] weight is read as
+    int32 words [N, K/4], four consecutive k per word, multiplied in fp32 registers without tensor cores (at
+    M = 1 the job is streaming the weight). Byte i becomes a float with one AND/XOR: bytes 0 and 2 (after a
+    shift by 16) XOR 0x80 in the mantissa of 2^23 (ulp 1), bytes 1 and 3 in the mantissa of 2^15 (ulp 1 at bit
+    8); one exact subtraction of the magic + 128 gives q. So a weight costs about 1.25 integer ops, a
+    subtraction and an FMA, where `int8 -> float` conversions would cost four integer-op slots. One row of x
+    per program column (grid axis 1). The int8 pointer is reinterpreted here (a `view(torch.int32)` of the
+    weight in the graph broke AOTInductor's lowering of the torch.cond around this path on the H200)."""
     words_ptr = w_ptr.to(tl.pointer_type(tl.int32))
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    row = tl.program_id(2)
-    n_words = N // 4
-    offs_w = pid_n * BLOCK_NW + tl.arange(0, BLOCK_NW)
-    mask_w = offs_w < n_words
-    x_row = x_ptr + row * stride_xm
-    acc0 = tl.zeros((BLOCK_K, BLOCK_NW), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_K, BLOCK_NW), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_K, BLOCK_NW), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_K, BLOCK_NW), dtype=tl.float32)
+    row = tl.program_id(1)
+    x_ptr += row * stride_xm
+    y_ptr += row * N
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
     if PREFETCH:  # the next step's words are loaded before this step's arithmetic (hand-pipelined)
-        upcoming = _weight_rows(words_ptr, pid_k * k_per_split + tl.arange(0, BLOCK_K), offs_w, mask_w, n_words,
-                                K, True)
-    for step in range(0, K_STEPS):  # steps past K (last split) are masked
-        kk = pid_k * k_per_split + step * BLOCK_K + tl.arange(0, BLOCK_K)
-        ok = kk < K
+        upcoming = _words(words_ptr, offs_n, mask_n, tl.arange(0, BLOCK_KW), KW, True)
+    for step in range(0, K_STEPS):
+        offs_w = step * BLOCK_KW + tl.arange(0, BLOCK_KW)
         if PREFETCH:
             words = upcoming
-            upcoming = _weight_rows(words_ptr, kk + BLOCK_K, offs_w, mask_w, n_words, K, step + 1 < K_STEPS)
+            upcoming = _words(words_ptr, offs_n, mask_n, offs_w + BLOCK_KW, KW, step + 1 < K_STEPS)
         else:
-            words = _weight_rows(words_ptr, kk, offs_w, mask_w, n_words, K, True)
-        xk = tl.load(x_row + kk, mask=ok, other=0.0).to(tl.float32)[:, None]
+            words = _words(words_ptr, offs_n, mask_n, offs_w, KW, True)
+        ok = offs_w < KW
+        xw = x_ptr + 4 * offs_w
+        x0 = tl.load(xw, mask=ok, other=0.0).to(tl.float32)[None, :]
+        x1 = tl.load(xw + 1, mask=ok, other=0.0).to(tl.float32)[None, :]
+        x2 = tl.load(xw + 2, mask=ok, other=0.0).to(tl.float32)[None, :]
+        x3 = tl.load(xw + 3, mask=ok, other=0.0).to(tl.float32)[None, :]
         high = words >> 16
-        acc0 += xk * (((words & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0)
-        acc1 += xk * (((words & 0xFF00) ^ 0x47008000).to(tl.float32, bitcast=True) - 32896.0)
-        acc2 += xk * (((high & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0)
-        acc3 += xk * (((high & 0xFF00) ^ 0x47008000).to(tl.float32, bitcast=True) - 32896.0)
-    y_cols = y_ptr + row * N + 4 * offs_w
-    store_tile(y_cols, tl.sum(acc0, axis=0), mask_w, ATOMIC)
-    store_tile(y_cols + 1, tl.sum(acc1, axis=0), mask_w, ATOMIC)
-    store_tile(y_cols + 2, tl.sum(acc2, axis=0), mask_w, ATOMIC)
-    store_tile(y_cols + 3, tl.sum(acc3, axis=0), mask_w, ATOMIC)
+        acc += x0 * (((words & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0)
+        acc += x1 * (((words & 0xFF00) ^ 0x47008000).to(tl.float32, bitcast=True) - 32896.0)
+        acc += x2 * (((high & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0)
+        acc += x3 * (((high & 0xFF00) ^ 0x47008000).to(tl.float32, bitcast=True) - 32896.0)
+    _scale_bias_store(y_ptr + offs_n[:, None], tl.sum(acc, axis=1)[:, None], s_ptr, b_ptr, offs_n, mask_n[:, None],
+                      mask_n, HAS_BIAS)
 
 
 @triton.jit
-def _int8_wo_splitk_kernel(
-    x_ptr, w_ptr, y_ptr, M, N, K, stride_xm,
+def _row_dot_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, k_per_split, HAS_BIAS: tl.constexpr,
+    ATOMIC: tl.constexpr, FP32_DOT: tl.constexpr, K_STEPS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """acc[n, m] = sum_k q[n, k] x[m, k] over one K slice for BLOCK_N weight rows and up to BLOCK_M rows of x;
+    ATOMIC: float32 partial sums added into y (zeroed), else the scale/bias epilogue and a store in y's dtype."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * K
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for step in range(0, K_STEPS):  # steps past K (last split) are masked
+        offs_k = pid_k * k_per_split + step * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0,
+                    eviction_policy="evict_first")
+        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None], mask=mask_m[None, :] & mask_k[:, None],
+                     other=0.0)
+        if FP32_DOT:
+            acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w.to(xt.dtype), xt, acc)
+    y_ptrs = y_ptr + offs_m[None, :] * N + offs_n[:, None]
+    mask = mask_n[:, None] & mask_m[None, :]
+    if ATOMIC:
+        tl.atomic_add(y_ptrs, acc, mask=mask, sem="relaxed")
+    else:
+        _scale_bias_store(y_ptrs, acc, s_ptr, b_ptr, offs_n, mask, mask_n, HAS_BIAS)
+
+
+@triton.jit
+def _tile_kernel(
+    x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, k_per_split,
     K_STEPS: tl.constexpr, ATOMIC: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """float32 tile of x @ q^T (no scale) for the large-M buckets: x [M, K] rows against the [N, K] weight read as
+    the transposed B operand; K split when ATOMIC (partial sums added into a zeroed y)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_lo = pid_k * (K_STEPS * BLOCK_K)  # this program's K slice: K_STEPS steps of BLOCK_K
     for step in range(0, K_STEPS):
-        kk = k_lo + step * BLOCK_K + offs_k
+        kk = pid_k * k_per_split + step * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = kk < K
-        w = _weight_rows(w_ptr, kk, offs_n, mask_n, N, K, True)
+        w = tl.load(w_cols + kk[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0,
+                    eviction_policy="evict_first")
         xk = tl.load(x_rows + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if FP32_DOT:
             acc = tl.dot(xk.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(xk, w.to(xk.dtype), acc)
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    ymask = mask_m[:, None] & mask_n[None, :]
-    store_tile(y_ptrs, acc, ymask, ATOMIC)
+    store_tile(y_ptrs, acc, mask_m[:, None] & mask_n[None, :], ATOMIC)
 
 
-def small_m_config(k: int, n: int, num_sms: int = DEFAULT_SMS) -> dict:
-    """Static launch configuration of the split-K kernel for a K x N weight (does not depend on M): 128-byte
-    weight rows per tile, and K split until there are about 4 programs per SM."""
-    return split_k_config(k, n, BLOCK_K, 128, num_sms)
+def _bias_arg(bias, w_scale):
+    """The kernels' bias pointer (the scale tensor stands in, unread, when there is no bias)."""
+    return w_scale if bias is None else bias
 
 
-def launch_gemv(x2d, w_q, cfg: dict | None = None, *, wrap=identity, num_sms: int = DEFAULT_SMS) -> torch.Tensor:
-    """float32 `x2d @ w_q` ([M, N], unscaled, no bias) with the GEMV kernel: one program column per row of x,
-    N a multiple of 4 (the weight is read as int32 words)."""
-    cfg = cfg or GEMV
+def launch_gemv(x2d, w_q, w_scale, bias, cfg: dict | None = None, *, wrap=identity) -> torch.Tensor:
+    """`x2d @ dequant(w_q)^T + bias` in x.dtype (K a multiple of 4), one launch; meant for one row of x (each
+    row re-reads the weight)."""
+    n, k = w_q.shape
+    cfg = cfg or (GEMV_NARROW if n <= NARROW_N else GEMV)
+    kw = k // 4
+    m = x2d.shape[0]
+    y = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
+    wrap(_row_gemv_kernel)[(cdiv(n, cfg["BLOCK_N"]), m)](
+        x2d, w_q, w_scale, _bias_arg(bias, w_scale), y, n, kw, x2d.stride(0), HAS_BIAS=bias is not None,
+        K_STEPS=cdiv(kw, cfg["BLOCK_KW"]), BLOCK_N=cfg["BLOCK_N"], BLOCK_KW=cfg["BLOCK_KW"],
+        PREFETCH=cfg.get("PREFETCH", False), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1),
+    )
+    return y
+
+
+def launch_dot(x2d, w_q, w_scale, bias, cfg: dict | None = None, *, wrap=identity,
+               num_sms: int = DEFAULT_SMS) -> torch.Tensor:
+    """`x2d @ dequant(w_q)^T + bias` in x.dtype for up to DOT_BLOCK_M rows of x (M may be 0)."""
+    cfg = cfg or DOT
     m, k = x2d.shape
-    n = w_q.shape[1]
-    tiles = cdiv(n // 4, cfg["BLOCK_NW"])
+    n = w_q.shape[0]
+    tiles = cdiv(n, cfg["BLOCK_N"])
     splits, per = split_for_waves(k, tiles, cfg["BLOCK_K"], cfg["waves"], num_sms)
-    y = (torch.zeros if splits > 1 else torch.empty)((m, n), dtype=torch.float32, device=x2d.device)
-    wrap(_int8_wo_gemv_kernel)[(tiles, splits, m)](
-        x2d, w_q, y, n, k, x2d.stride(0), per, K_STEPS=per // cfg["BLOCK_K"],
-        ATOMIC=splits > 1, BLOCK_K=cfg["BLOCK_K"], BLOCK_NW=cfg["BLOCK_NW"], PREFETCH=cfg.get("PREFETCH", False),
-        num_warps=cfg["wide_num_warps"] if n >= cfg.get("WIDE_N", n + 1) else cfg["num_warps"], num_stages=1,
+    atomic = splits > 1
+    y = (torch.zeros((m, n), dtype=torch.float32, device=x2d.device) if atomic
+         else torch.empty((m, n), dtype=x2d.dtype, device=x2d.device))
+    wrap(_row_dot_kernel)[(tiles, splits)](
+        x2d, w_q, w_scale, _bias_arg(bias, w_scale), y, m, n, k, x2d.stride(0), per, HAS_BIAS=bias is not None,
+        ATOMIC=atomic, FP32_DOT=x2d.dtype == torch.float32, K_STEPS=per // cfg["BLOCK_K"], BLOCK_M=DOT_BLOCK_M,
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return y
-
-
-def launch_small_m(x2d, w_q, *, wrap=identity, num_sms: int = DEFAULT_SMS) -> torch.Tensor:
-    """float32 `x2d @ w_q` ([M, N], unscaled, no bias) with the split-K kernel (M may be 0)."""
-    m, k = x2d.shape
-    n = w_q.shape[1]
-    cfg = small_m_config(k, n, num_sms)
-    atomic = cfg["split_k"] > 1
-    y = (torch.zeros if atomic else torch.empty)((m, n), dtype=torch.float32, device=x2d.device)
-    grid = (cfg["n_tiles"], cfg["split_k"], cdiv(m, BLOCK_M))
-    wrap(_int8_wo_splitk_kernel)[grid](
-        x2d, w_q, y, m, n, k, x2d.stride(0),
-        K_STEPS=cfg["k_per_split"] // BLOCK_K, ATOMIC=atomic, FP32_DOT=x2d.dtype == torch.float32,
-        BLOCK_M=BLOCK_M, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=BLOCK_K, num_warps=4, num_stages=3,
-    )
-    return y
+    return _epilogue(y, w_scale, bias, x2d.dtype) if atomic else y
 
 
 def launch_tiles(x2d, w_q, cfg: dict, *, wrap=identity, num_sms: int = DEFAULT_SMS) -> torch.Tensor:
-    """float32 `x2d @ w_q` ([M, N], unscaled) with the same kernel as a tiled GEMM, K split only while the
-    N tiles are fewer than `cfg["waves"]` waves of SMs (a narrow N)."""
+    """float32 `x2d @ w_q^T` ([M, N], unscaled) with the tiled kernel, K split only while the N tiles are fewer
+    than `cfg["waves"]` waves of SMs (a narrow N)."""
     m, k = x2d.shape
-    n = w_q.shape[1]
+    n = w_q.shape[0]
     # the split is chosen from the N tiles alone: M is symbolic in an engine, and inside torch.cond's branches
     # (traced by Dynamo) `isinstance(m, int)` holds for it, so counting its tiles puts a guard on M
     splits, per = split_for_waves(k, cdiv(n, cfg["BLOCK_N"]), cfg["BLOCK_K"], cfg.get("waves", 0), num_sms)
     y = (torch.zeros if splits > 1 else torch.empty)((m, n), dtype=torch.float32, device=x2d.device)
     grid = (cdiv(n, cfg["BLOCK_N"]), splits, cdiv(m, cfg["BLOCK_M"]))
-    wrap(_int8_wo_splitk_kernel)[grid](
-        x2d, w_q, y, m, n, k, x2d.stride(0),
+    wrap(_tile_kernel)[grid](
+        x2d, w_q, y, m, n, k, x2d.stride(0), per,
         K_STEPS=per // cfg["BLOCK_K"], ATOMIC=splits > 1, FP32_DOT=x2d.dtype == torch.float32,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
@@ -189,9 +239,8 @@ def launch_tiles(x2d, w_q, cfg: dict, *, wrap=identity, num_sms: int = DEFAULT_S
 
 
 # Paths above SMALL_M_MAX rows by M bucket: a tile configuration of the kernel, or "dequant" (dequantize +
-# cuBLAS); chosen from tools/tune_fp8_block_w8a16.py on the H200 (benchmarks/tune_fp8_block_w8a16.json: the
-# tiled kernel wins from M = 64 to 1024, dequantize + cuBLAS at 4096). `waves` splits K when the tiles are fewer
-# than one wave (14336 x 4096 at M = 64 had 32 programs, 0.18x bf16): not yet measured.
+# cuBLAS); chosen from tools/tune_fp8_block_w8a16.py on the H200 with the earlier [K, N] weight
+# (benchmarks/tune_fp8_block_w8a16.json: the tiled kernel won from M = 64 to 1024, dequantize + cuBLAS at 4096).
 LARGE_M = [
     (2048, dict(kernel="tiles", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, waves=1)),
     (None, dict(kernel="dequant")),
@@ -206,28 +255,32 @@ def _epilogue(acc, w_scale, bias, dtype):
 
 def int8_wo_gemm_triton(x, w_q, w_scale, bias, *, wrap=identity, num_sms: int = DEFAULT_SMS,
                         large_m: dict | None = None) -> torch.Tensor:
-    """The op's GPU path: split-K kernel for M <= 16, the `LARGE_M` buckets above (or the one path `large_m`)."""
+    """The op's GPU path: GEMV at M = 1, the row dot kernel up to 16 rows, the `LARGE_M` buckets above (or the
+    one path `large_m`)."""
     check_args(x, w_q, w_scale, bias)
     # K and N are weight dims, static in an engine; int() specializes them when a compiler made them symbolic
-    k, n = int(w_q.shape[0]), int(w_q.shape[1])
+    n, k = int(w_q.shape[0]), int(w_q.shape[1])
     w_q = w_q if w_q.stride(1) == 1 else w_q.contiguous()
     has_bias = bias is not None
 
     def small(launch):
         def run(x2d, w_q, w_scale, *rest):
-            acc = launch(x2d, w_q, wrap=wrap, num_sms=num_sms)
-            return _epilogue(acc, w_scale, rest[0] if has_bias else None, x2d.dtype)
+            return launch(x2d, w_q, w_scale, rest[0] if has_bias else None, wrap=wrap)
         return run
+
+    def dot(x2d, w_q, w_scale, *rest):
+        return launch_dot(x2d, w_q, w_scale, rest[0] if has_bias else None, wrap=wrap, num_sms=num_sms)
 
     def large(cfg):
         def run(x2d, w_q, w_scale, *rest):
             bias = rest[0] if has_bias else None
             if cfg["kernel"] == "dequant":
-                return _epilogue(x2d @ dequantize_weight(w_q, w_scale, x2d.dtype), None, bias, x2d.dtype)
+                return _epilogue(torch.nn.functional.linear(x2d, dequantize_weight(w_q, w_scale, x2d.dtype)), None,
+                                 bias, x2d.dtype)
             return _epilogue(launch_tiles(x2d, w_q, cfg, wrap=wrap, num_sms=num_sms), w_scale, bias, x2d.dtype)
         return run
 
-    gemv = [(1, small(launch_gemv))] if n % 4 == 0 else []  # the GEMV reads 4-column int32 words
+    gemv = [(1, small(launch_gemv))] if k % 4 == 0 else []  # the GEMV reads 4-byte words along K
     above = [(None, large_m)] if large_m else LARGE_M
-    buckets = gemv + [(SMALL_M_MAX, small(launch_small_m))] + [(limit, large(c)) for limit, c in above]
+    buckets = gemv + [(SMALL_M_MAX, dot)] + [(limit, large(c)) for limit, c in above]
     return run_by_buckets(x, k, n, buckets, (w_q, w_scale) + ((bias,) if has_bias else ()))

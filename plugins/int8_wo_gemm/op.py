@@ -17,7 +17,8 @@ from qcompile.plugins.int8_wo_gemm.reference import int8_wo_gemm_reference
 
 @torch.library.triton_op("qcompile::int8_weight_only_gemm", mutates_args={})
 def int8_weight_only_gemm(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """`y[..., N] = x @ (w_q * w_scale) + bias` in x.dtype (see the plugin contract)."""
+    """`y[..., N] = x @ (w_q * w_scale[:, None])^T + bias` in x.dtype, w_q int8 [N, K] (see the plugin
+    contract)."""
     if x.device.type != "cuda":
         return int8_wo_gemm_reference(x, w_q, w_scale, bias)
     from qcompile.plugins.int8_wo_gemm.kernel import int8_wo_gemm_triton

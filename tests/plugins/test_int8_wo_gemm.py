@@ -23,16 +23,18 @@ REL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
 def make_case(k=256, n=96, bias=True, seed=0):
+    """(w_q int8 [N, K] as the op takes it, w_scale [N], bias [N] or None)."""
     gen = torch.Generator().manual_seed(seed)
-    w_q = torch.randint(-127, 128, (k, n), generator=gen, dtype=torch.int8)
+    w_q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
     w_scale = torch.rand(n, generator=gen) * 0.02 + 1e-3
     b = torch.randn(n, generator=gen) if bias else None
     return w_q, w_scale, b
 
 
 def oracle(x, w_q, w_scale, bias) -> np.ndarray:
-    """float64 numpy: x @ (q * s) + b."""
-    y = x.float().numpy().astype(np.float64) @ (w_q.numpy().astype(np.float64) * w_scale.numpy().astype(np.float64))
+    """float64 numpy: x @ (q * s)^T + b, q [N, K]."""
+    w = w_q.numpy().astype(np.float64) * w_scale.numpy().astype(np.float64)[:, None]
+    y = x.float().numpy().astype(np.float64) @ w.T
     return y + bias.numpy().astype(np.float64) if bias is not None else y
 
 
@@ -72,7 +74,7 @@ def test_onnx_node_runs_in_ort_like_the_contract():
     node = onnx_schema.make_node("gemm", ["x", "w_q", "w_scale", "bias"], ["y"])
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", 64])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", 32])],
-                              [numpy_helper.from_array(w_q.numpy(), "w_q"),
+                              [numpy_helper.from_array(w_q.t().contiguous().numpy(), "w_q"),  # ONNX: [K, N]
                                numpy_helper.from_array(w_scale.numpy(), "w_scale"),
                                numpy_helper.from_array(b.numpy(), "bias")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
@@ -85,57 +87,60 @@ def test_onnx_node_runs_in_ort_like_the_contract():
 @triton_interp
 @pytest.mark.parametrize("m", [1, 5, 16, 17, 40])
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])  # the interpreter's bf16 tl.dot is broken
-def test_triton_kernel_under_interpreter(m, dtype):
-    """The paths of the CUDA code (GEMV at M = 1, split-K up to 16, tiles / dequantize + matmul above), run on
-    CPU tensors."""
-    from qcompile.plugins.int8_wo_gemm.kernel import _epilogue, int8_wo_gemm_triton, launch_small_m, small_m_config
+@pytest.mark.parametrize("bias", [True, False])
+def test_triton_kernel_under_interpreter(m, dtype, bias):
+    """The paths of the CUDA code (GEMV at M = 1, the row dot kernel up to 16, tiles / dequantize + linear
+    above), run on CPU tensors."""
+    from qcompile.plugins.int8_wo_gemm.kernel import int8_wo_gemm_triton, launch_dot
 
-    w_q, w_scale, b = make_case(k=384, n=80, seed=m)
-    assert small_m_config(384, 80, num_sms=2)["split_k"] > 1  # atomics across K splits are exercised
+    w_q, w_scale, b = make_case(k=384, n=80, seed=m, bias=bias)
     x = torch.randn(m, 384).to(DTYPES[dtype])
-    y = int8_wo_gemm_triton(x, w_q, w_scale, b, num_sms=2)
-    assert_close_to(y, oracle(x, w_q, w_scale, b), REL[DTYPES[dtype]])
-    y = _epilogue(launch_small_m(x, w_q, num_sms=2), w_scale, b, x.dtype)  # split-K also at M = 1
-    assert_close_to(y, oracle(x, w_q, w_scale, b), REL[DTYPES[dtype]])
+    ref = oracle(x, w_q, w_scale, b)
+    assert_close_to(int8_wo_gemm_triton(x, w_q, w_scale, b, num_sms=2), ref, REL[DTYPES[dtype]])
+    if m <= 16:  # the dot kernel with its epilogue, and with K split (fp32 atomics, epilogue after)
+        for waves, block_k in ((0, 128), (4, 64)):
+            cfg = dict(BLOCK_N=16, BLOCK_K=block_k, num_warps=4, num_stages=2, waves=waves)
+            assert_close_to(launch_dot(x, w_q, w_scale, b, cfg, num_sms=2), ref, REL[DTYPES[dtype]])
     for waves in (0, 4):  # the tiled large-M path, without and with a K split (fp32 atomics)
         tiles = dict(kernel="tiles", BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2, waves=waves)
-        y = int8_wo_gemm_triton(x, w_q, w_scale, b, num_sms=2, large_m=tiles)
-        assert_close_to(y, oracle(x, w_q, w_scale, b), REL[DTYPES[dtype]])
+        assert_close_to(int8_wo_gemm_triton(x, w_q, w_scale, b, num_sms=2, large_m=tiles), ref, REL[DTYPES[dtype]])
 
 
 @triton_interp
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("n, waves, prefetch", [(80, 0, False), (80, 4, False), (336, 4, True), (80, 0, True)])
-def test_gemv_kernel_under_interpreter(dtype, n, waves, prefetch):
-    """The M = 1 GEMV (int8 weight read as int32 words, byte-wise magic-number dequantization), without and
-    with a K split, loading each step's words during the previous step or not; every int8 value appears in
-    the weight."""
-    from qcompile.plugins.int8_wo_gemm.kernel import _epilogue, launch_gemv
+@pytest.mark.parametrize("n, k, prefetch, bias", [(80, 384, False, True), (82, 392, True, True),
+                                                  (80, 384, True, False)])
+def test_gemv_kernel_under_interpreter(dtype, n, k, prefetch, bias):
+    """The M = 1 GEMV (int8 weight read as int32 words along K, byte-wise magic-number dequantization, scale and
+    bias in the kernel), loading each step's words during the previous step or not, N not a multiple of the
+    rows per program and K not a multiple of a step; every int8 value appears in the weight."""
+    from qcompile.plugins.int8_wo_gemm.kernel import launch_gemv
 
-    w_q, w_scale, b = make_case(k=384, n=n, seed=n + waves)
+    w_q, w_scale, b = make_case(k=k, n=n, seed=n + k, bias=bias)
     w_q.view(-1)[:256] = torch.arange(-128, 128, dtype=torch.int16).to(torch.int8)
-    x = torch.randn(1, 384).to(DTYPES[dtype])
-    cfg = dict(BLOCK_K=16, BLOCK_NW=8, num_warps=2, waves=waves, PREFETCH=prefetch)
-    y = _epilogue(launch_gemv(x, w_q, cfg, num_sms=2), w_scale, b, x.dtype)
+    x = torch.randn(1, k).to(DTYPES[dtype])
+    cfg = dict(BLOCK_N=4, BLOCK_KW=32, num_warps=2, PREFETCH=prefetch)
+    y = launch_gemv(x, w_q, w_scale, b, cfg)
+    assert y.dtype == x.dtype
     assert_close_to(y, oracle(x, w_q, w_scale, b), REL[DTYPES[dtype]] if dtype != "fp32" else 1e-5)
 
 
 @triton_interp
-def test_one_row_with_n_not_a_multiple_of_4_takes_the_split_k_kernel(monkeypatch):
+def test_one_row_with_k_not_a_multiple_of_4_takes_the_dot_kernel(monkeypatch):
     from qcompile.plugins.int8_wo_gemm import kernel
 
     def no_gemv(*args, **kwargs):
-        raise AssertionError("the GEMV reads 4-column words: N = 82 must not reach it")
+        raise AssertionError("the GEMV reads 4-byte words along K: K = 258 must not reach it")
 
     monkeypatch.setattr(kernel, "launch_gemv", no_gemv)
-    w_q, w_scale, b = make_case(k=256, n=82)
-    x = torch.randn(1, 256)
+    w_q, w_scale, b = make_case(k=258, n=80)
+    x = torch.randn(1, 258)
     assert_close_to(kernel.int8_wo_gemm_triton(x, w_q, w_scale, b, num_sms=2), oracle(x, w_q, w_scale, b), 1e-5)
 
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("m", [1, 16, 300])
+@pytest.mark.parametrize("m", [1, 5, 16, 300])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_cuda_op_matches_float64(m, dtype):
     w_q, w_scale, b = make_case(k=4096, n=1024, seed=m)
