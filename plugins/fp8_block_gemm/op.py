@@ -13,8 +13,11 @@ The body branches on `x.device.type`: CPU (any non-CUDA device) -> the plain-tor
   (the K/128 padded to a multiple of 4 that kernel-anchors.md §3.2 describes for `F.scaled_mm` is refused),
   but cuBLASLt reads the weight scales with a leading dimension rounded up to 4: with K/128 = 2 or 3 the
   results were wrong on the H200 (test_cuda_op_matches_float64), so such layers keep the Triton kernel. x gets
-  zero rows up to a multiple of 4; fast accumulation is off (torch rejects it for block scaling); bf16 out,
-  the bias added after the GEMM (float32 sum, one rounding).
+  zero rows up to a multiple of 4; fast accumulation is off (torch rejects it for block scaling). For bf16 and
+  fp16 x the GEMM writes x.dtype and adds the bias in its epilogue (cuBLASLt's float32 sum, one rounding; the
+  bias first rounded to x.dtype, as a Linear layer of that dtype holds it): a separate bias kernel cost
+  8-26% of the op at M >= 1024 (benchmarks/row_gemv_probe.json, part E). float32 x: bf16 out, the bias added
+  after (`gemm_dispatch.add_bias`).
 With a symbolic M (engines) the choice is a `torch.cond` (`gemm_dispatch.run_by_buckets`). The earlier form,
 `torch.nn.functional.scaled_mm` (`aten::_scaled_mm_v2`, list and enum arguments), could neither be exported
 inside a `torch.cond` nor run from an AOTInductor package on the H200 (proxy executor: "Expected IntList but got
@@ -33,6 +36,7 @@ from qcompile.plugins.fp8_block_gemm.reference import check_args, fp8_block_gemm
 
 ROW_ALIGN = 4  # rows of x padded to a multiple of 4 for the sm90 block-scaled cuBLASLt GEMM
 TRITON_MAX_M = 16  # sm90: the Triton kernel up to this many rows, cuBLASLt above (tools/tune_fp8_block_w8a16.py)
+GEMM_OUT_DTYPES = (torch.bfloat16, torch.float16)  # x dtypes the cuBLASLt GEMM writes itself, bias included
 
 
 @torch.library.triton_op("qcompile::fp8_block_gemm", mutates_args={})
@@ -52,8 +56,7 @@ def fp8_block_gemm(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tenso
                                      wrap=torch.library.wrap_triton)
 
     def cublas_path(x2d, w_q, w_scale, *rest):
-        y = scaled_mm_blockwise(x2d, w_q, w_scale, wrap=torch.library.wrap_triton)
-        return add_bias(y, rest[0] if has_bias else None, x2d.dtype)
+        return scaled_mm_blockwise(x2d, w_q, w_scale, rest[0] if has_bias else None, wrap=torch.library.wrap_triton)
 
     limit = triton_max_rows(k, torch.cuda.get_device_capability(x.device))
     buckets = [(limit, triton_path)] + ([(None, cublas_path)] if limit is not None else [])
@@ -66,11 +69,16 @@ def triton_max_rows(k: int, capability: tuple[int, int]) -> int | None:
     return TRITON_MAX_M if capability[0] == 9 and (k // BLOCK) % ROW_ALIGN == 0 else None
 
 
-def scaled_mm_blockwise(x2d: Tensor, w_q: Tensor, w_scale: Tensor, *, wrap=identity) -> Tensor:
-    """bf16 [M, N] via `torch._scaled_mm` block-wise scaling (sm90, cuBLASLt >= 12.9); see the module docstring."""
+def scaled_mm_blockwise(x2d: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None, *,
+                        wrap=identity) -> Tensor:
+    """`y [M, N] = x2d @ dequant(w)^T + bias` in x2d.dtype via `torch._scaled_mm` block-wise scaling (sm90,
+    cuBLASLt >= 12.9), the bias in the GEMM's epilogue for bf16 / fp16 x; see the module docstring."""
     from qcompile.plugins.fp8_block_gemm.kernel import quantize_blocks_triton
 
     m = x2d.shape[0]
     xq, sx = quantize_blocks_triton(x2d, ROW_ALIGN, wrap=wrap)
+    if x2d.dtype in GEMM_OUT_DTYPES:
+        return torch._scaled_mm(xq, w_q.t(), sx, w_scale.t(), bias=None if bias is None else bias.to(x2d.dtype),
+                                out_dtype=x2d.dtype)[:m]
     y = torch._scaled_mm(xq, w_q.t(), sx, w_scale.t(), out_dtype=torch.bfloat16)
-    return y[:m]
+    return add_bias(y[:m], bias, x2d.dtype)

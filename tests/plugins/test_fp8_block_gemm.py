@@ -179,7 +179,7 @@ def test_cuda_quantize_kernel_matches_float64():
 def _cuda_case(m, k=2048):
     w, b = make_weight(n=1024, k=k, seed=m)
     wq, ws = quantize_weight_blocks(w)
-    x = torch.randn(m, k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1000 + m))
     return x, wq, ws, b, oracle(x.numpy(), wq, ws, b)
 
 
@@ -199,6 +199,21 @@ def test_cuda_op_matches_float64(m, k):
     y = op(x.cuda().to(torch.bfloat16), wq.cuda(), ws.cuda(), (b.to(torch.bfloat16) if m == 1024 else b).cuda())
     ref_bf16_x = oracle(x.to(torch.bfloat16).float().numpy(), wq, ws, b)
     assert _rel_l2(y, ref_bf16_x) < 1e-2
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_op_adds_the_bias_in_every_dtype(dtype):
+    """Above 16 rows on sm90 the bf16 / fp16 GEMM adds the bias in its epilogue (rounded to x.dtype first, as a
+    Linear of that dtype holds it), float32 x adds it after: each against float64 with that bias."""
+    x, wq, ws, b, _ = _cuda_case(64, 2048)
+    b = b * 100  # as large as the products: a bias lost or added twice fails the bound
+    if dtype != torch.float32:
+        b = b.to(dtype).float()
+    y = op(x.cuda().to(dtype), wq.cuda(), ws.cuda(), b.cuda())
+    assert y.dtype == dtype
+    assert _rel_l2(y, oracle(x.to(dtype).float().numpy(), wq, ws, b)) < 1e-2
 
 
 @pytest.mark.gpu
