@@ -5,10 +5,11 @@ M >= 1024).
 
 For each (K x N, M) of reference/kernel-targets.md it times, with `triton.testing.do_bench` (median):
   bf16        cuBLAS bf16 `x @ w` (w [K, N])
-  w8a16_op    our W8A16 op: int8 [K, N] per-channel weights, bias, bf16 in/out (Triton GEMV at M = 1, split-K
-              up to 16, the tiled kernel / dequantize + cuBLAS above)
-  fp8blk_raw  the op's sm90 path above 16 rows without the bias: x quantized by our Triton kernel, then
-              `torch._scaled_mm` block-wise (1x128 x 128x128, cuBLASLt), bf16 out
+  w8a16_op    our W8A16 op: int8 [N, K] per-channel weights, bias, bf16 in/out (Triton row GEMV at M = 1, the
+              row dot kernel up to 16, the tiled kernel / dequantize + cuBLAS above)
+  fp8blk_raw  the op's sm90 path above 16 rows without a bias: x quantized by our Triton kernel, then
+              `torch._scaled_mm` block-wise (1x128 x 128x128, cuBLASLt), bf16 out (the op adds the bias in the
+              GEMM's epilogue)
   fp8blk_op   our FP8 block op: x quantized in 1x128 blocks inside the op + the GEMM + bias
 Weights are rotated over several copies so small-M runs read HBM, not L2. Ops are compiled (torch.compile,
 static shapes, one compile per M) as an engine runs them, or eager with --eager; --cuda-graph times GPU work only.
@@ -29,7 +30,8 @@ from qcompile.plugins.int8_wo_gemm import register as register_w8a16
 
 
 def make_w8(k: int, n: int):
-    return (torch.randint(-127, 128, (k, n), device="cuda", dtype=torch.int8),
+    """(int8 [N, K] engine weight, scales [N])."""
+    return (torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8),
             torch.rand(n, device="cuda") * 0.01 + 1e-3)
 
 
@@ -67,7 +69,7 @@ def check_correct(ops) -> dict:
     wb_q, wb_s = make_fp8_block(4096, 4096)
     for m in (1, 16, 1024):
         x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
-        ref = x.double() @ dequantize_weight(w_q, w_s).double()
+        ref = x.double() @ dequantize_weight(w_q, w_s).double().t()
         errs["w8a16"] = max(errs["w8a16"], ((ops["w8a16"](x, w_q, w_s, None).double() - ref).norm() / ref.norm()).item())
         ref = fp8_block_gemm_reference(x.cpu().float(), wb_q.cpu(), wb_s.cpu(), None).double()
         y = ops["fp8_block"](x, wb_q, wb_s, None).double().cpu()

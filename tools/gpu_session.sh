@@ -46,7 +46,7 @@ for s in ${STEPS:-engines kernels int4 decode tests}; do
     fp4)     step "FP4 (NVFP4, MXFP4) vs INT4 vs bf16 GEMM benchmark"
              py tools/bench_fp4_gemm.py --eager --cuda-graph ${FP4_ARGS:-} --out "$OUT/fp4_int4_gemm.json" 2>&1 | tee "$OUT/fp4_int4_gemm.log" | tail -30 ;;
     diag)    step "diagnostics: ${DIAG:-tools/diag/w8a16_aoti_cond.py}"
-             py ${DIAG:-tools/diag/w8a16_aoti_cond.py} 2>&1 | tail -20 ;;
+             py ${DIAG:-tools/diag/w8a16_aoti_cond.py} 2>&1 | grep -v "Warning\|return cls.__new__" | tail -40 ;;
     tune1)   step "INT4 GEMV tuning (M = 1, decode shapes)"
              py tools/tune_int4_gemm.py --ms 1 --kinds gemv --shapes 4096x1024 4096x4096 4096x14336 14336x4096 8192x28672 \
                  --out "$OUT/int4_tune_gemv.json" 2>&1 | tee "$OUT/int4_tune_gemv.log" | tail -8 ;;
