@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything qcompile checks and measures on the GPU machine, in one call of the device tool.
 # Needs .whl/ with the onnx-graphsurgeon and polygraphy wheels (../shared/device/fetch-wheels) and
-# qcompile's own wheel (python3 -m build --wheel --outdir .whl). Results go to $OUT.
+# qcompile's own wheel (python3 -m build --wheel --outdir .whl). Results go to $OUT, as one archive
+# results.tgz unless BUNDLE=0 (see the end).
 set -uo pipefail
 OUT=${OUT:-/tmp/qcompile-out}
 mkdir -p "$OUT"
@@ -71,3 +72,9 @@ for s in ${STEPS:-engines kernels int4 decode tests}; do
                  --out "$OUT/engines-tiny-llama.json" 2>&1 | tee "$OUT/engines-tiny-llama.log" | grep -v "^\[" | tail -15 ;;
   esac
 done
+# The device tool returns a limited number of files: everything the steps wrote goes back as one archive
+# (engines excluded; BUNDLE=0 keeps the files as they are). Unpack with `tar xzf results.tgz`.
+if [ "${BUNDLE:-1}" = 1 ]; then
+  (cd "$OUT" && find . -type f ! -name results.tgz ! -name '*.engine' -print0 | tar czf results.tgz --null -T - \
+     && find . -type f ! -name results.tgz -delete && echo "results: $OUT/results.tgz ($(du -h results.tgz | cut -f1))")
+fi
