@@ -22,6 +22,7 @@ import triton.language as tl
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])  # tools/
 from gpu_timing import MODE, bench, rotating  # noqa: E402
+from probe_util import run_part, save  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
 
@@ -232,25 +233,12 @@ def main():
     for k, n in SHAPES:
         for p, fn in (("A", part_a), ("B", part_b), ("C", part_c), ("D", part_d)):
             if p in parts:
-                try:
-                    results[f"{p} {k}x{n}"] = fn(k, n)
-                except Exception as e:  # noqa: BLE001
-                    print(f"{p} {k}x{n}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
-                torch.cuda.empty_cache()
+                run_part(results, f"{p} {k}x{n}", fn, k, n)
     if "E" in parts:
         for k, n in SHAPES:
             for m in (256, 1024, 4096):
-                try:
-                    results[f"E {k}x{n} M={m}"] = part_e(k, n, m)
-                except Exception as e:  # noqa: BLE001
-                    print(f"E {k}x{n} M={m}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
-                torch.cuda.empty_cache()
-    import json
-    import os
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "row_gemv_probe.json"), "w") as f:
-            json.dump(results, f, indent=1)
-
+                run_part(results, f"E {k}x{n} M={m}", part_e, k, n, m)
+    save(results, "row_gemv_probe.json")
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,25 @@
+"""Shared by the diagnostic probes in tools/diag: run one part and keep going when it fails, save the results."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+
+def run_part(results: dict, label: str, fn, *args) -> None:
+    """`results[label] = fn(*args)`; a failure is printed (with its first line) instead of stopping the probe."""
+    try:
+        out = fn(*args)
+        if out is not None:
+            results[label] = out
+    except Exception as e:  # noqa: BLE001  (a probe reports every part it can)
+        print(f"{label}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+    torch.cuda.empty_cache()
+
+
+def save(results: dict, name: str) -> None:
+    """The results as JSON at $OUT/name (when OUT is set, as gpu_session.sh sets it)."""
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], name), "w") as f:
+            json.dump(results, f, indent=1)
