@@ -240,5 +240,6 @@ def main():
                 run_part(results, f"E {k}x{n} M={m}", part_e, k, n, m)
     save(results, "row_gemv_probe.json")
 
+
 if __name__ == "__main__":
     main()
