@@ -1,5 +1,6 @@
-"""Launch plumbing shared by the weight-streaming GEMM plugins' GPU paths (INT4, W8A16): the split-K launch
-configuration of their small-M kernels and the run-time choice of a path by the row count M.
+"""Launch plumbing shared by the GEMM plugins' GPU paths (INT4, FP4, W8A16, FP8 block): the split-K launch
+configuration of the weight-streaming small-M kernels, the run-time choice of a path by the row count M, and
+the bias epilogue.
 
 Plain Python and torch (no Triton), so it imports anywhere.
 """
