@@ -142,7 +142,7 @@ def _row_dot_kernel(
     y_ptrs = y_ptr + offs_m[None, :] * N + offs_n[:, None]
     mask = mask_n[:, None] & mask_m[None, :]
     if ATOMIC:
-        tl.atomic_add(y_ptrs, acc, mask=mask, sem="relaxed")
+        store_tile(y_ptrs, acc, mask, ATOMIC)
     else:
         _scale_bias_store(y_ptrs, acc, s_ptr, b_ptr, offs_n, mask, mask_n, HAS_BIAS)
 
@@ -263,13 +263,10 @@ def int8_wo_gemm_triton(x, w_q, w_scale, bias, *, wrap=identity, num_sms: int = 
     w_q = w_q if w_q.stride(1) == 1 else w_q.contiguous()
     has_bias = bias is not None
 
-    def small(launch):
+    def finished(launch, **kwargs):  # the small-M kernels apply the scale and the bias themselves
         def run(x2d, w_q, w_scale, *rest):
-            return launch(x2d, w_q, w_scale, rest[0] if has_bias else None, wrap=wrap)
+            return launch(x2d, w_q, w_scale, rest[0] if has_bias else None, wrap=wrap, **kwargs)
         return run
-
-    def dot(x2d, w_q, w_scale, *rest):
-        return launch_dot(x2d, w_q, w_scale, rest[0] if has_bias else None, wrap=wrap, num_sms=num_sms)
 
     def large(cfg):
         def run(x2d, w_q, w_scale, *rest):
@@ -280,7 +277,8 @@ def int8_wo_gemm_triton(x, w_q, w_scale, bias, *, wrap=identity, num_sms: int = 
             return _epilogue(launch_tiles(x2d, w_q, cfg, wrap=wrap, num_sms=num_sms), w_scale, bias, x2d.dtype)
         return run
 
-    gemv = [(1, small(launch_gemv))] if k % 4 == 0 else []  # the GEMV reads 4-byte words along K
+    gemv = [(1, finished(launch_gemv))] if k % 4 == 0 else []  # the GEMV reads 4-byte words along K
     above = [(None, large_m)] if large_m else LARGE_M
-    buckets = gemv + [(SMALL_M_MAX, dot)] + [(limit, large(c)) for limit, c in above]
+    dot = [(SMALL_M_MAX, finished(launch_dot, num_sms=num_sms))]
+    buckets = gemv + dot + [(limit, large(c)) for limit, c in above]
     return run_by_buckets(x, k, n, buckets, (w_q, w_scale) + ((bias,) if has_bias else ()))
