@@ -77,8 +77,8 @@ def scaled_mm_blockwise(x2d: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optiona
 
     m = x2d.shape[0]
     xq, sx = quantize_blocks_triton(x2d, ROW_ALIGN, wrap=wrap)
-    if x2d.dtype in GEMM_OUT_DTYPES:
-        return torch._scaled_mm(xq, w_q.t(), sx, w_scale.t(), bias=None if bias is None else bias.to(x2d.dtype),
-                                out_dtype=x2d.dtype)[:m]
-    y = torch._scaled_mm(xq, w_q.t(), sx, w_scale.t(), out_dtype=torch.bfloat16)
-    return add_bias(y[:m], bias, x2d.dtype)
+    fused = x2d.dtype in GEMM_OUT_DTYPES
+    out_dtype = x2d.dtype if fused else torch.bfloat16
+    gemm_bias = bias.to(out_dtype) if fused and bias is not None else None
+    y = torch._scaled_mm(xq, w_q.t(), sx, w_scale.t(), bias=gemm_bias, out_dtype=out_dtype)[:m]
+    return y if fused else add_bias(y, bias, x2d.dtype)
