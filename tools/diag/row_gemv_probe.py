@@ -10,7 +10,9 @@ Prints one table per part (µs per call from CUDA-graph replay, rotating weights
 Prototypes are checked against float64 before they are timed. Not part of the product. The run recorded in
 benchmarks/row_gemv_probe.json timed W8A16 prototypes that then became `plugins/int8_wo_gemm/kernel.py`'s
 `_row_gemv_kernel` and `_row_dot_kernel` (parts B and D now time those, through `launch_gemv` / `launch_dot`;
-this form of the probe has not run on the GPU).
+this form of the probe has not run on the GPU). Part C's prototype decodes nibbles with the INT4 plugin's
+`_nibble_plus_136` since that run (the recorded one XOR-ed 0x88888888 into each word, then OR-ed 128.0's bits
+in: the same values).
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ import triton.language as tl
 sys.path.insert(0, __file__.rsplit("/", 2)[0])  # tools/
 from gpu_timing import MODE, bench, rotating  # noqa: E402
 from probe_util import run_part, save  # noqa: E402
+
+from qcompile.plugins.int4_gemm.kernel import _nibble_plus_136  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
 
@@ -51,17 +55,13 @@ def _w4_row_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, KW: tl.constexpr, 
         offs = g0 * 16 + tl.arange(0, BLOCK_KW)
         ok = offs < KW
         words = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * KW + offs[None, :], mask=mask_n[:, None] & ok[None, :],
-                        other=0, eviction_policy="evict_first") ^ -2004318072  # 0x88888888
+                        other=0, eviction_policy="evict_first")
         acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
         xsum = tl.zeros((BLOCK_KW,), dtype=tl.float32)
         for i in tl.static_range(8):
             xi = tl.load(x_ptr + 8 * offs + i, mask=ok, other=0.0).to(tl.float32)
             xsum += xi
-            if i < 4:
-                bits = (words << (16 - 4 * i)) & 0xF0000
-            else:
-                bits = (words >> (4 * i - 16)) & 0xF0000
-            acc += xi[None, :] * (bits | 0x43000000).to(tl.float32, bitcast=True)
+            acc += xi[None, :] * _nibble_plus_136(words, i)
         gsum = tl.sum(tl.reshape(acc, (BLOCK_N, GROUPS, 16)), axis=2)
         gx = tl.sum(tl.reshape(xsum, (GROUPS, 16)), axis=1)
         offs_g = g0 + tl.arange(0, GROUPS)

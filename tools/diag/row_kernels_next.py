@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from qcompile.plugins.int4_gemm.kernel import _nibble_plus_136
+
 CHUNK = 1024  # k per chunk of the pre-shuffled INT4 layout (8 nibbles x 128 words)
 GROUP = 128
 
@@ -61,7 +63,7 @@ def _fp8_row_dot_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, KB
 @triton.jit
 def _int4_chunk_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, KW: tl.constexpr, G: tl.constexpr,
                             CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """M = 1. Per chunk: nibble i ^ 8 placed in bits 16..19 of 128.0 is 136 + q; x's slice for nibble i is
+    """M = 1. Per chunk: nibble i as 136 + q (the INT4 plugin's `_nibble_plus_136`); x's slice for nibble i is
     multiplied by the row's scale of group 8c + i, so one FMA per weight accumulates sum x s (136 + q); the 136
     comes off at the end through sum_g s[n, g] * sum(x in g)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -71,15 +73,11 @@ def _int4_chunk_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, KW: tl.constex
     corr = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for c in range(0, CHUNKS):
         words = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * KW + (c * 128 + offs_j)[None, :],
-                        mask=mask_n[:, None], other=0, eviction_policy="evict_first") ^ -2004318072  # 0x88888888
+                        mask=mask_n[:, None], other=0, eviction_policy="evict_first")
         for i in tl.static_range(8):
             xi = tl.load(x_ptr + c * 1024 + i * 128 + offs_j).to(tl.float32)
             si = tl.load(s_ptr + offs_n * G + (c * 8 + i), mask=mask_n, other=0.0).to(tl.float32)
-            if i < 4:
-                bits = (words << (16 - 4 * i)) & 0xF0000
-            else:
-                bits = (words >> (4 * i - 16)) & 0xF0000
-            acc += (xi[None, :] * si[:, None]) * (bits | 0x43000000).to(tl.float32, bitcast=True)
+            acc += (xi[None, :] * si[:, None]) * _nibble_plus_136(words, i)
             corr += si * tl.sum(xi, axis=0)
     y = tl.sum(acc, axis=1) - 136.0 * corr
     y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
