@@ -46,13 +46,16 @@ for s in ${STEPS:-engines kernels int4 decode tests}; do
              done ;;
     fp4)     step "FP4 (NVFP4, MXFP4) vs INT4 vs bf16 GEMM benchmark"
              py tools/bench_fp4_gemm.py --eager --cuda-graph ${FP4_ARGS:-} --out "$OUT/fp4_int4_gemm.json" 2>&1 | tee "$OUT/fp4_int4_gemm.log" | tail -30 ;;
-    diag)    step "diagnostics: ${DIAG:-tools/diag/w8a16_aoti_cond.py}"
-             py ${DIAG:-tools/diag/w8a16_aoti_cond.py} 2>&1 | grep -v "Warning\|return cls.__new__" | tail -40 ;;
+    diag)    IFS=';' read -ra scripts <<< "${DIAG:-tools/diag/w8a16_aoti_cond.py}"  # several: "a.py args;b.py"
+             for d in "${scripts[@]}"; do
+               step "diagnostics: $d"
+               py $d 2>&1 | grep -v "Warning\|return cls.__new__" | tail -40
+             done ;;
     tune1)   step "INT4 GEMV tuning (M = 1, decode shapes)"
              py tools/tune_int4_gemm.py --ms 1 --kinds gemv --shapes 4096x1024 4096x4096 4096x14336 14336x4096 8192x28672 \
                  --out "$OUT/int4_tune_gemv.json" 2>&1 | tee "$OUT/int4_tune_gemv.log" | tail -8 ;;
     tune8)   step "W8A16 small-M tuning (GEMV at M = 1, split-K tiles at 16)"
-             (cd tools && py tune_w8a16_small_m.py --cuda-graph --out "$OUT/tune_w8a16_small_m.json" 2>&1 \
+             (cd tools && py tune_w8a16_small_m.py --cuda-graph ${TUNE8_ARGS:-} --out "$OUT/tune_w8a16_small_m.json" 2>&1 \
                  | tee "$OUT/tune_w8a16_small_m.log" | tail -10) ;;
     tunefp8) step "FP8 block GEMM tuning (Triton tiles, cuBLASLt _scaled_mm block-wise)"
              (cd tools && py tune_fp8_block_w8a16.py --cuda-graph --ops fp8_block ${TUNEFP8_ARGS:-} --out "$OUT/tune_fp8_block.json" 2>&1 \

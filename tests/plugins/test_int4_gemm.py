@@ -333,6 +333,36 @@ def test_gemv_kernel_interpreter(group, zero):
         assert_close_to(acc, oracle(x, {**case, "bias": None}), 1e-5)
 
 
+@triton_interp
+@pytest.mark.parametrize("group", [32, 128, "channel"])
+@pytest.mark.parametrize("zero", [False, True], ids=["sym", "zp"])
+@pytest.mark.parametrize("m", [1, 5, 17])
+def test_pair_kernel_interpreter(group, zero, m):
+    """The pair kernel's decoding order and corrections (its plain-Triton twin: the interpreter runs no PTX),
+    split-K and not, more rows than one BLOCK_M. fp16 x: the interpreter's bf16 dot is broken."""
+    from qcompile.plugins.int4_gemm import kernel
+
+    k, n = 640, 80  # 5 K steps: split in 2 with a masked last step; a partial N tile
+    case = make_case(k=k, n=n, group=group, zero=zero, seed=m + 11)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.float16)
+    ref = oracle(x, {**case, "bias": None})
+    for waves in (0, 8):
+        cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 2, "waves": waves}
+        assert kernel.pair_applies(x.dtype, k, case["g"], cfg["BLOCK_K"])
+        acc = kernel.launch_pair(x, case["w_packed"], case["scale"], case["w_zero"], case["g"], cfg, num_sms=1)
+        assert acc.shape == (m, n) and acc.dtype == (torch.float32 if waves else torch.float16)
+        assert_close_to(acc.float(), ref, 2e-3)
+
+
+def test_pair_kernel_takes_only_16_bit_x_and_whole_group_steps():
+    from qcompile.plugins.int4_gemm.kernel import pair_applies
+
+    assert pair_applies(torch.bfloat16, 4096, 128, 128) and pair_applies(torch.float16, 4096, 32, 128)
+    assert not pair_applies(torch.float32, 4096, 128, 128)  # no 16-bit magic for float32 x
+    assert not pair_applies(torch.bfloat16, 4096, 8, 128)  # a group shorter than the MMA's K of 16
+    assert not pair_applies(torch.bfloat16, 200, 200, 128)  # per channel, K not a whole number of steps
+
+
 DEQUANT_CASES = pytest.mark.parametrize(
     "group, tile", [(32, None), (128, None), (128, dict(BLOCK_KW=16, BLOCK_N=64, num_warps=4)),
                     (256, dict(BLOCK_KW=4, BLOCK_N=128, num_warps=2))],

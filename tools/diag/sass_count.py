@@ -1,0 +1,115 @@
+"""Count the instructions of a Triton kernel's main loop, compiled for sm_90 on any machine (no GPU needed).
+
+Triton's wheel carries ptxas and cuobjdump, so a kernel can be compiled ahead of time for the H200 here and its
+SASS read: the loop's instruction histogram divided by the weights each thread handles per step tells whether a
+weight-streaming kernel can keep up with HBM (the H200 issues about 33 T thread-instructions/s: 132 SMs x 4
+schedulers x 32 lanes x ~1.98 GHz; 235 M weights at 3 instructions each is 21 µs, at 6.7 it is 47 µs).
+
+    python3 tools/diag/sass_count.py [int4_mm_t int4_gemv int4_pair_bf16 fp4_gemm ...]   # (the cases below)
+
+The first backward branch is taken as the main loop. Not part of the product.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def compile_sass(fn, signature: dict, constexprs: dict, divisible: list[str], num_warps: int, num_stages: int) -> str:
+    """SASS of `fn` for sm_90; `divisible`: arguments specialized as multiples of 16 (as Triton does at launch)."""
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible}
+    src = ASTSource(fn=fn, signature=dict(signature, **{c: "constexpr" for c in constexprs}),
+                    constexprs={(fn.arg_names.index(c),): v for c, v in constexprs.items()}, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        return subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def loop_histogram(sass: str) -> collections.Counter:
+    """Opcode counts between the first backward branch's target and the branch."""
+    lines = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(.+?);", sass)]
+    for addr, text in lines:
+        branch = re.search(r"BRA (0x[0-9a-f]+)", text)
+        if branch and int(branch.group(1), 16) < addr:
+            start = int(branch.group(1), 16)
+            ops = [t for a, t in lines if start <= a <= addr]
+            return collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in ops)
+    raise ValueError("no loop found")
+
+
+def report(name: str, sass: str, weights_per_thread: int) -> None:
+    hist = loop_histogram(sass)
+    total = sum(hist.values())
+    top = " ".join(f"{op}:{c}" for op, c in hist.most_common(10))
+    print(f"{name}: {total} instructions per step, {total / weights_per_thread:.2f} per weight | {top}")
+
+
+def _cases():
+    import torch
+    DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    sys.path.insert(0, os.path.dirname(__file__))
+    from qcompile.plugins.int4_gemm import kernel as k4
+
+    ptrs = lambda names, t: {n: t for n in names}  # noqa: E731
+    mm_sig = dict(ptrs(["x_ptr"], "*bf16"), w_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", rs_ptr="*fp32",
+                  y_ptr="*fp32", **ptrs(["M", "N", "K", "stride_xm", "group_size", "k_per_split"], "i32"))
+    div = ["x_ptr", "w_ptr", "s_ptr", "z_ptr", "rs_ptr", "y_ptr", "N", "K", "stride_xm", "group_size", "k_per_split"]
+    yield ("int4_mm_t", k4._int4_mm_t_kernel, mm_sig,
+           dict(K_STEPS=8, HAS_ZERO=False, ROW_SCALE=False, ATOMIC=True, SCALE_ACC=False, MAGIC_BITS=0x4308,
+                MAGIC_VALUE=136.0, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128), div, 4, 3, 64 * 128 // 128)
+    gemv_sig = {k: v for k, v in mm_sig.items() if k not in ("rs_ptr", "M")}
+    yield ("int4_gemv", k4._int4_gemv_kernel, gemv_sig,
+           dict(K_STEPS=8, HAS_ZERO=False, ATOMIC=True, BLOCK_N=512, BLOCK_K=32),
+           [d for d in div if d != "rs_ptr"], 2, 3, 512 * 32 // 64)
+    from qcompile.plugins.fp4_gemm import kernel as f4
+    fp4_sig = dict(x_ptr="*bf16", w_ptr="*u8", s_ptr="*u8", g_ptr="*fp32", b_ptr="*bf16", y_ptr="*fp32",
+                   **ptrs(["M", "N", "K", "stride_xm"], "i32"))
+    yield ("fp4_gemm", f4._fp4_gemm_kernel, fp4_sig,
+           dict(K_STEPS=8, MX=False, B=16, SHIFT=9, POW_SHIFT=512.0, POW_ACC=1 / 512, HAS_GLOBAL=True,
+                HAS_BIAS=False, ATOMIC=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128),
+           ["x_ptr", "w_ptr", "s_ptr", "g_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm"], 4, 3, 64 * 128 // 128)
+    for dt in ("bf16", "fp16"):
+        yield (f"fp4_gemm_pairs_{dt}", f4._fp4_gemm_kernel, dict(fp4_sig, x_ptr=f"*{dt}", b_ptr=f"*{dt}"),
+               dict(K_STEPS=8, MX=False, B=16, SHIFT=9, POW_SHIFT=512.0, POW_ACC=1 / 512, HAS_GLOBAL=True,
+                    HAS_BIAS=False, ATOMIC=True, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, PAIRS=True, USE_ASM=True),
+               ["x_ptr", "w_ptr", "s_ptr", "g_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm"], 4, 3, 128 * 128 // 128)
+    from qcompile.plugins.int8_wo_gemm import kernel as w8
+    w8_sig = dict(x_ptr="*bf16", w_ptr="*i8", s_ptr="*fp32", b_ptr="*bf16", y_ptr="*bf16",
+                  **ptrs(["M", "N", "K", "stride_xm", "k_per_split"], "i32"))
+    dot = w8.DOT
+    yield ("w8a16_row_dot", w8._row_dot_kernel, w8_sig,
+           dict(HAS_BIAS=False, ATOMIC=False, FP32_DOT=False, K_STEPS=16, BLOCK_M=16, BLOCK_N=dot["BLOCK_N"],
+                BLOCK_K=dot["BLOCK_K"]), ["x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm",
+                                          "k_per_split"], dot["num_warps"], dot["num_stages"],
+           dot["BLOCK_N"] * dot["BLOCK_K"] // (32 * dot["num_warps"]))
+    pair_sig = {k: v for k, v in mm_sig.items() if k not in ("rs_ptr", "group_size")}
+    for dt in ("bf16", "fp16"):
+        yield (f"int4_pair_{dt}", k4._int4_pair_kernel, dict(pair_sig, x_ptr=f"*{dt}", s_ptr=f"*{dt}"),
+               dict(K_STEPS=8, GROUP=128, HAS_ZERO=dt == "fp16", ATOMIC=True, USE_ASM=True, BLOCK_M=16,
+                    BLOCK_N=128, BLOCK_K=128, MAGIC_BITS=k4.PAIR_MAGIC[DTYPES[dt]][0],
+                    MAGIC_VALUE=k4.PAIR_MAGIC[DTYPES[dt]][1]),
+               [d for d in div if d not in ("rs_ptr", "group_size")], 4, 4, 128 * 128 // 128)
+
+
+def main() -> None:
+    wanted = set(sys.argv[1:])
+    for name, fn, sig, const, div, warps, stages, per_thread in _cases():
+        if not wanted or name in wanted:
+            report(name, compile_sass(fn, sig, const, div, warps, stages), per_thread)
+
+
+if __name__ == "__main__":
+    main()
