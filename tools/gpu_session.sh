@@ -11,7 +11,7 @@ rm -rf "$SITE"  # pip --target keeps an existing package: a warm machine would r
 python3 -m pip install -q --no-index --no-deps --target "$SITE" .whl/*.whl || exit 1
 export PYTHONPATH=$SITE:$PWD/tests PYTHONUNBUFFERED=1
 PRELOAD=$(g++ -print-file-name=libstdc++.so.6)
-py() { LD_PRELOAD=$PRELOAD python3 "$@"; }
+py() { LD_PRELOAD=$PRELOAD ${PY_TIMEOUT:+timeout $PY_TIMEOUT} python3 "$@"; }  # PY_TIMEOUT: seconds per step
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/device.txt"
 py -c "import torch, triton, onnx, onnxruntime; print(torch.__version__, triton.__version__, onnx.__version__, onnxruntime.__version__)" | tee -a "$OUT/device.txt"
 

@@ -66,14 +66,18 @@ PAIR_MAGIC = {dt: (bits | bits << 16, value) for dt, (bits, value) in MAGIC16.it
 # (benchmarks/int4_tune_v2b.json, then int4_tune_v2c.json around its winners; the M = 1 tile GEMV from
 # benchmarks/int4_tune_gemv.json: within 7% of each decode shape's best but 4096x1024, 1.12x there).
 CONFIGS = [
-    (1, dict(kernel="gemv", BLOCK_N=512, MIN_TILES=8, BLOCK_K=32, num_warps=2, num_stages=3,
-             waves=32)),
-    (16, dict(kernel="mm_t", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, waves=8,
-              SCALE_ACC=False)),
-    (128, dict(kernel="mm_t", BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, waves=2,
-               SCALE_ACC=False)),
+    (1, dict(kernel="pair", BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4, waves=4,
+             fallback=dict(kernel="gemv", BLOCK_N=512, MIN_TILES=8, BLOCK_K=32, num_warps=2, num_stages=3,
+                           waves=32))),
+    (16, dict(kernel="pair", BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4, waves=4,
+              fallback=dict(kernel="mm_t", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3,
+                            waves=8, SCALE_ACC=False))),
+    (128, dict(kernel="pair", BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=4, waves=2,
+               fallback=dict(kernel="mm_t", BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3,
+                             waves=2, SCALE_ACC=False))),
     (None, dict(kernel="dequant")),
 ]
+MM_T_ANY_GROUP = CONFIGS[1][1]["fallback"]
 DEQUANT = dict(BLOCK_KW=8, BLOCK_N=256, num_warps=4)  # tile of `_int4_dequant_kernel`: 7 within 3% (benchmarks/dequant.json)
 
 
@@ -516,12 +520,12 @@ def run_bucket(cfg: dict, x2d, w_packed, w_scale, w_zero, bias, group_size: int,
     FP8 x (W4A8) is converted to out_dtype exactly (E4M3 values are bf16/fp16 values) and its row scale
     applied in the epilogue, unless the configuration asks for FP8 dots (`fp8_dot`, "mm"/"mm_t" only)."""
     out_dtype = out_dtype or x2d.dtype
-    if cfg["kernel"] == "gemv" and not _block_k(cfg["BLOCK_K"], int(x2d.shape[1]), group_size)[1]:
-        cfg = CONFIGS[1][1]  # the GEMV needs groups in whole steps of >= 16; the tile kernels take any group
-    kind = cfg["kernel"]
-    if kind == "pair" and x2d.dtype != torch.float8_e4m3fn and not pair_applies(
+    if cfg["kernel"] == "pair" and x2d.dtype != torch.float8_e4m3fn and not pair_applies(
             x2d.dtype, int(x2d.shape[1]), group_size, cfg["BLOCK_K"]):
-        cfg, kind = cfg["fallback"], cfg["fallback"]["kernel"]  # fp32 x, or groups the pair steps cannot take
+        cfg = cfg["fallback"]  # float32 x, or groups the pair kernel's steps cannot take
+    if cfg["kernel"] == "gemv" and not _block_k(cfg["BLOCK_K"], int(x2d.shape[1]), group_size)[1]:
+        cfg = MM_T_ANY_GROUP  # the GEMV needs groups in whole steps of >= 16; the tile kernels take any group
+    kind = cfg["kernel"]
     if x2d.dtype == torch.float8_e4m3fn and not (kind in ("mm", "mm_t") and cfg.get("fp8_dot")):
         return _epilogue(run_bucket(cfg, x2d.to(out_dtype), w_packed, w_scale, w_zero, None, group_size,
                                     out_dtype=torch.float32, wrap=wrap, num_sms=num_sms),

@@ -238,39 +238,49 @@ def test_export_with_dynamic_rows_keeps_the_op():
 
 
 @needs_triton
-def test_gpu_body_dispatch_traces_with_dynamic_rows(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32-fallbacks", "bf16-pair"])
+def test_gpu_body_dispatch_traces_with_dynamic_rows(monkeypatch, dtype):
     """The CUDA body's M dispatch (a chain of torch.cond on a symbolic M, no guard) exported with a dynamic
-    M, the kernel launches replaced by torch stand-ins that record their bucket, so it runs on CPU."""
+    M, the kernel launches replaced by torch stand-ins that return their bucket's marker (plus the bias the
+    epilogue adds), so it runs on CPU. bf16 x takes the pair kernel's buckets; float32 x their fallbacks."""
     from qcompile.plugins.int4_gemm import kernel
-    from qcompile.plugins.int4_gemm.reference import dequantize_weight
 
-    def gemv(x2d, w_packed, w_scale, w_zero, g, cfg, **_):
-        return x2d.float() @ dequantize_weight(w_packed, w_scale, w_zero, g) + 1000.0  # marks the GEMV bucket
+    def marked(marker):
+        def launch(x2d, w_packed, *_, out_dtype=torch.float32, **__):
+            return torch.full((x2d.shape[0], w_packed.shape[1]), float(marker), dtype=out_dtype or x2d.dtype)
+        return launch
 
-    def mm(x2d, w_packed, w_scale, w_zero, g, cfg, out_dtype=torch.float32, **_):
-        return (x2d.float() @ dequantize_weight(w_packed, w_scale, w_zero, g) + cfg["BLOCK_M"]).to(out_dtype)
+    def marker_of(cfg):
+        """16 x (1 + the bucket's index) for a bucket's configuration, + 1 for its fallback; 0: dequantize."""
+        if cfg["kernel"] == "dequant":
+            return 0
+        return next(16 * (1 + i) + (cfg is c.get("fallback")) for i, (_, c) in enumerate(kernel.CONFIGS)
+                    if cfg is c or cfg is c.get("fallback"))
 
-    def dequant(w_packed, w_scale, w_zero, g, dtype, **_):  # dequantize + matmul: no marker
-        return dequantize_weight(w_packed, w_scale, w_zero, g, dtype)
+    def effective(cfg):
+        return cfg["fallback"] if cfg["kernel"] == "pair" and dtype == torch.float32 else cfg
 
-    monkeypatch.setattr(kernel, "launch_gemv", gemv)
-    monkeypatch.setattr(kernel, "launch_mm", mm)
-    monkeypatch.setattr(kernel, "launch_dequant", dequant)
+    monkeypatch.setattr(kernel, "launch_gemv", lambda x2d, w, s, z, g, cfg, **kw: marked(marker_of(cfg))(x2d, w, **kw))
+    monkeypatch.setattr(kernel, "launch_mm", lambda x2d, w, s, z, g, cfg, **kw: marked(marker_of(cfg))(x2d, w, **kw))
+    monkeypatch.setattr(kernel, "launch_pair", lambda x2d, w, s, z, g, cfg, **kw: marked(marker_of(cfg))(x2d, w, **kw))
+    monkeypatch.setattr(kernel, "launch_dequant", lambda w_packed, *_, **__: torch.zeros(
+        w_packed.shape[0] * 8, w_packed.shape[1], dtype=dtype))  # dequantize + matmul: the bias alone
     mod = Int4Linear()
+    bias = mod.bias.to(dtype)
 
     class Body(torch.nn.Module):
         def forward(self, x):
-            return kernel.int4_gemm_triton(x, mod.w_packed, mod.scale, mod.w_zero, mod.bias, mod.g)
+            return kernel.int4_gemm_triton(x, mod.w_packed, mod.scale.to(dtype), mod.w_zero, bias, mod.g)
 
     rows = torch.export.Dim("rows", min=1, max=4096)
-    ep = torch.export.export(Body(), (torch.randn(5, 256),), dynamic_shapes=({0: rows},))
+    ep = torch.export.export(Body(), (torch.randn(5, 256, dtype=dtype),), dynamic_shapes=({0: rows},))
     markers = set()
     for m in (1, 2, 16, 17, 64, 128, 129, 300):
-        x = torch.randn(m, 256)
-        cfg = next(c for limit, c in kernel.CONFIGS if limit is None or m <= limit)
-        marker = {"gemv": 1000.0, "dequant": 0.0}.get(cfg["kernel"], cfg.get("BLOCK_M"))
-        markers.add(marker)
-        assert_close_to(ep.module()(x) - marker, oracle(x, mod.case), 1e-5)
+        cfg = effective(next(c for limit, c in kernel.CONFIGS if limit is None or m <= limit))
+        markers.add(marker_of(cfg))
+        y = ep.module()(torch.randn(m, 256, dtype=dtype)).float()
+        want = (marker_of(cfg) + bias.float()).to(dtype).float().expand(m, -1)
+        assert torch.equal(y, want), (m, cfg["kernel"])
     assert len(markers) == len(kernel.CONFIGS)  # every bucket was reached
 
 
