@@ -47,7 +47,7 @@ import triton.language as tl
 from qcompile.plugins.fp4_gemm.reference import check_args
 from qcompile.plugins.gemm_dispatch import (SMALL_M_MAX, add_bias, cdiv, identity, run_by_buckets, split_k_config,
                                              unpack_optional)
-from qcompile.plugins.triton_tiles import pair_order, store_tile, word_shifts
+from qcompile.plugins.triton_tiles import store_tile
 
 DEFAULT_SMS = 132
 LARGE_M_MIN = 1024  # rows from which the dequantize + cuBLAS path runs
@@ -124,43 +124,9 @@ def _e2m1_tile(words, mult):
 
 
 @triton.jit
-def _e2m1_pairs(words, mult, DT: tl.constexpr, USE_ASM: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr):
-    """uint32 words [BLOCK_N, BLOCK_K/8] and one multiplier per word (mult [BLOCK_N, BLOCK_K/8], DT bf16/fp16)
-    -> [BLOCK_N, BLOCK_K] DT `e2m1 * 2**-TINY * mult` in `pair_order` along K. Per shifted word, inline PTX
-    places nibbles p and p + 4 (sign to bit 15, `e1 e0 m` to the exponent's low bits and the top mantissa bit, as
-    `_pair16`) in the two halves of one register and multiplies both by the multiplier (a packed multiply):
-    5 instructions per two weights, no register shuffling (USE_ASM False: the same values in plain Triton)."""
-    t = word_shifts(words)
-    m4 = tl.join(tl.join(mult, mult), tl.join(mult, mult))
-    if USE_ASM:
-        both = tl.reshape(tl.join(t, t), (BLOCK_N, BLOCK_K))
-        mm = tl.reshape(tl.join(m4, m4), (BLOCK_N, BLOCK_K))
-        if DT == tl.bfloat16:  # EM_SHIFT 6: mask 0x70007 << 6
-            out = tl.inline_asm_elementwise(
-                asm="{ .reg .b32 u, v, r; shl.b32 u, $1, 6; and.b32 u, u, 0x01C001C0; shl.b32 v, $1, 12; "
-                    "lop3.b32 r, v, 0x80008000, u, 0xEA; mul.rn.bf16x2 $0, r, $3; }",
-                constraints="=r,r,r,r", args=[both, mm], dtype=tl.bfloat16, is_pure=True, pack=2)
-        else:  # fp16, EM_SHIFT 9: mask 0x70007 << 9
-            out = tl.inline_asm_elementwise(
-                asm="{ .reg .b32 u, v, r; shl.b32 u, $1, 9; and.b32 u, u, 0x0E000E00; shl.b32 v, $1, 12; "
-                    "lop3.b32 r, v, 0x80008000, u, 0xEA; mul.rn.f16x2 $0, r, $3; }",
-                constraints="=r,r,r,r", args=[both, mm], dtype=tl.float16, is_pure=True, pack=2)
-    else:
-        EM_SHIFT: tl.constexpr = 6 if DT == tl.bfloat16 else 9
-        p = ((t << 12) & 0x80008000) | ((t << EM_SHIFT) & (0x70007 << EM_SHIFT))
-        lo = p.to(tl.uint16).to(DT, bitcast=True)
-        hi = (p >> 16).to(tl.uint16).to(DT, bitcast=True)
-        out = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K)) * tl.reshape(tl.join(m4, m4), (BLOCK_N, BLOCK_K))
-    return out
-
-
-@triton.jit
 def _weight_tile(w_ptr, s_ptr, offs_n, k0, N, K, DT: tl.constexpr, MX: tl.constexpr, B: tl.constexpr,
-                 SHIFT: tl.constexpr, POW_SHIFT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PAIRS: tl.constexpr = False, USE_ASM: tl.constexpr = False):
-    """Weight rows offs_n, columns k0 .. k0 + BLOCK_K as DT [BLOCK_N, BLOCK_K], times 2**-X (zeros past N, K);
-    in `pair_order` along K with PAIRS (16-bit DT only)."""
+                 SHIFT: tl.constexpr, POW_SHIFT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Weight rows offs_n, columns k0 .. k0 + BLOCK_K as DT [BLOCK_N, BLOCK_K], times 2**-X (zeros past N, K)."""
     KB: tl.constexpr = BLOCK_K // B  # scale blocks per tile row
     wp = w_ptr.to(tl.pointer_type(tl.uint32))
     sp = s_ptr.to(tl.pointer_type(tl.uint8))
@@ -173,10 +139,6 @@ def _weight_tile(w_ptr, s_ptr, offs_n, k0, N, K, DT: tl.constexpr, MX: tl.conste
     bits = tl.load(sp + rows * (K // B) + offs_s[None, :], mask=mask_n & (offs_s < K // B)[None, :], other=0,
                    eviction_policy="evict_first")
     mult = _scale_multiplier(bits, MX, SHIFT, POW_SHIFT).to(DT)
-    if PAIRS:  # one multiplier per word (a word's 8 values lie in one block)
-        mult_w = tl.reshape(tl.broadcast_to(tl.reshape(mult, (BLOCK_N, KB, 1)), (BLOCK_N, KB, B // 8)),
-                            (BLOCK_N, BLOCK_K // 8))
-        return _e2m1_pairs(words, mult_w, DT, USE_ASM, BLOCK_N, BLOCK_K)
     tile = _e2m1_tile(tl.reshape(words, (BLOCK_N, KB, B // 8)), tl.reshape(mult, (BLOCK_N, KB, 1)))
     return tl.reshape(tile, (BLOCK_N, BLOCK_K))
 
@@ -187,11 +149,9 @@ def _fp4_gemm_kernel(
     M, N, K, stride_xm,
     K_STEPS: tl.constexpr, MX: tl.constexpr, B: tl.constexpr, SHIFT: tl.constexpr, POW_SHIFT: tl.constexpr,
     POW_ACC: tl.constexpr, HAS_GLOBAL: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PAIRS: tl.constexpr = False,
-    USE_ASM: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """y[M, N] (+)= x @ W.T over K slice program_id(1); swapped operands: acc is [BLOCK_N, BLOCK_M]. PAIRS: the
-    weight tile decoded by `_e2m1_pairs` and x's tile loaded in its K order."""
+    """y[M, N] (+)= x @ W.T over K slice program_id(1); swapped operands: acc is [BLOCK_N, BLOCK_M]."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -204,16 +164,11 @@ def _fp4_gemm_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for step in range(0, K_STEPS):  # steps past K (last split) load nothing
         k0 = (pid_k * K_STEPS + step) * BLOCK_K
-        w = _weight_tile(w_ptr, s_ptr, offs_n, k0, N, K, DT, MX, B, SHIFT, POW_SHIFT, BLOCK_N, BLOCK_K, PAIRS,
-                         USE_ASM)
-        r = tl.arange(0, BLOCK_K)
-        if PAIRS:
-            offs_k = k0 + (r // 8) * 8 + pair_order(r % 8)
-        else:
-            offs_k = k0 + r
+        w = _weight_tile(w_ptr, s_ptr, offs_n, k0, N, K, DT, MX, B, SHIFT, POW_SHIFT, BLOCK_N, BLOCK_K)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
         xt = tl.load(x_cols + offs_k[:, None], mask=(offs_k < K)[:, None] & mask_m[None, :], other=0.0)
-        if DT == tl.float32 or (PAIRS and not USE_ASM):  # the interpreter misreads bitcast 16-bit floats
-            acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+        if DT == tl.float32:
+            acc = tl.dot(w, xt, acc, input_precision="ieee")
         else:
             acc = tl.dot(w, xt, acc)
     acc = acc * POW_ACC
@@ -274,7 +229,6 @@ def launch_gemm(x2d, w_packed, w_scale, w_global, bias, block_size: int, cfg: di
         y, m, n, k, x2d.stride(0),
         K_STEPS=split["k_per_split"] // BLOCK_K, HAS_BIAS=bias is not None, ATOMIC=atomic,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=split["BLOCK_N"], BLOCK_K=BLOCK_K,
-        PAIRS=cfg.get("PAIRS", False) and x2d.dtype != torch.float32, USE_ASM=x2d.device.type == "cuda",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **_format_args(w_scale, w_global, block_size, x2d.dtype),
     )

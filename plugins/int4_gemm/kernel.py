@@ -53,12 +53,11 @@ from qcompile.plugins.gemm_dispatch import (add_bias, cdiv, identity, run_by_buc
                                              unpack_optional)
 from qcompile.plugins.int4_gemm.format import PACK
 from qcompile.plugins.int4_gemm.reference import check_args
-from qcompile.plugins.triton_tiles import grouped_tile, pair_order, store_tile, word_shifts
+from qcompile.plugins.triton_tiles import grouped_tile, store_tile
 
 DEFAULT_SMS = 132
 FP32_MAGIC = 8388616.0  # 2^23 + 8: the fp32 whose mantissa bits 0..3 hold q + 8
 MAGIC16 = {torch.bfloat16: (0x4308, 136.0), torch.float16: (0x6408, 1032.0)}  # (bits XOR-ed in, value - q)
-PAIR_MAGIC = {dt: (bits | bits << 16, value) for dt, (bits, value) in MAGIC16.items()}  # both halves of a word
 
 # M buckets -> launch configuration (kernel "gemv" | "mm_t" | "mm" | "dequant" (dequantize + cuBLAS); tile
 # sizes; split-K target waves; fp8_dot: W4A8 on FP8 dots instead of exact conversion to the float type).
@@ -66,18 +65,14 @@ PAIR_MAGIC = {dt: (bits | bits << 16, value) for dt, (bits, value) in MAGIC16.it
 # (benchmarks/int4_tune_v2b.json, then int4_tune_v2c.json around its winners; the M = 1 tile GEMV from
 # benchmarks/int4_tune_gemv.json: within 7% of each decode shape's best but 4096x1024, 1.12x there).
 CONFIGS = [
-    (1, dict(kernel="pair", BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4, waves=4,
-             fallback=dict(kernel="gemv", BLOCK_N=512, MIN_TILES=8, BLOCK_K=32, num_warps=2, num_stages=3,
-                           waves=32))),
-    (16, dict(kernel="pair", BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4, waves=4,
-              fallback=dict(kernel="mm_t", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3,
-                            waves=8, SCALE_ACC=False))),
-    (128, dict(kernel="pair", BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=4, waves=2,
-               fallback=dict(kernel="mm_t", BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3,
-                             waves=2, SCALE_ACC=False))),
+    (1, dict(kernel="gemv", BLOCK_N=512, MIN_TILES=8, BLOCK_K=32, num_warps=2, num_stages=3,
+             waves=32)),
+    (16, dict(kernel="mm_t", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, waves=8,
+              SCALE_ACC=False)),
+    (128, dict(kernel="mm_t", BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, waves=2,
+               SCALE_ACC=False)),
     (None, dict(kernel="dequant")),
 ]
-MM_T_ANY_GROUP = CONFIGS[1][1]["fallback"]
 DEQUANT = dict(BLOCK_KW=8, BLOCK_N=256, num_warps=4)  # tile of `_int4_dequant_kernel`: 7 within 3% (benchmarks/dequant.json)
 
 
@@ -216,86 +211,6 @@ def _int4_mm_t_kernel(
     y_ptrs = y_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
     ymask = mask_m[None, :] & mask_n[:, None]
     store_tile(y_ptrs, acc, ymask, ATOMIC)
-
-
-@triton.jit
-def _pairs(words, c_bits, MAGIC_BITS: tl.constexpr, DOT_DTYPE: tl.constexpr, USE_ASM: tl.constexpr,
-           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Words [BLOCK_N, BLOCK_K/8] -> [BLOCK_N, BLOCK_K] bf16/fp16 values q - zp, in `pair_order` along K.
-
-    Each word is shifted by 0, 4, 8 and 12 bits; one `lop3` ((t & 0x000F000F) ^ magic) then puts nibbles p and
-    p + 4 in the two halves of a 32-bit register as 16-bit floats magic + q (exact: 136 + q in bf16, 1032 + q in
-    fp16), and one packed subtraction of magic + zp (`c_bits` [BLOCK_N]: that float's bits in both halves)
-    leaves q - zp: about 1.4 instructions per weight, with no register shuffling (the pairs are MMA operand
-    pairs as they come). USE_ASM False: the same values with plain Triton ops (the CPU interpreter has no PTX)."""
-    t = word_shifts(words)
-    if USE_ASM:
-        both = tl.reshape(tl.join(t, t), (BLOCK_N, BLOCK_K))  # each pair of positions: the same shifted word
-        magic = tl.full((BLOCK_N, BLOCK_K), MAGIC_BITS, tl.int32)
-        c = tl.broadcast_to(c_bits[:, None], (BLOCK_N, BLOCK_K))
-        if MAGIC_BITS == 0x43084308:
-            out = tl.inline_asm_elementwise(
-                asm="{ .reg .b32 t; lop3.b32 t, $1, 0x000F000F, $3, 0x6A; sub.bf16x2 $0, t, $5; }",
-                constraints="=r,r,r,r,r,r,r", args=[both, magic, c], dtype=tl.bfloat16, is_pure=True, pack=2)
-        else:
-            out = tl.inline_asm_elementwise(
-                asm="{ .reg .b32 t; lop3.b32 t, $1, 0x000F000F, $3, 0x6A; sub.f16x2 $0, t, $5; }",
-                constraints="=r,r,r,r,r,r,r", args=[both, magic, c], dtype=tl.float16, is_pure=True, pack=2)
-    else:
-        half = MAGIC_BITS & 0xFFFF
-        lo = ((t & 0xF) ^ half).to(tl.int16)
-        hi = (((t >> 16) & 0xF) ^ half).to(tl.int16)
-        v = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K)).to(DOT_DTYPE, bitcast=True)
-        cv = (c_bits & 0xFFFF).to(tl.int16).to(DOT_DTYPE, bitcast=True)
-        out = (v.to(tl.float32) - cv.to(tl.float32)[:, None]).to(DOT_DTYPE)
-    return out
-
-
-@triton.jit
-def _int4_pair_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, k_per_split,
-    K_STEPS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, ATOMIC: tl.constexpr,
-    MAGIC_BITS: tl.constexpr, MAGIC_VALUE: tl.constexpr, USE_ASM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Swapped operands like mm_t (acc^T [BLOCK_N, BLOCK_M] = W_tile @ x^T) with `_pairs` decoding: per step
-    (BLOCK_K divides the group) the dot of exact q - zp with x's tile, loaded in the pairs' K order, then the
-    group scale on the partial product."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-    r = tl.arange(0, BLOCK_K)
-    k_in_step = (r // 8) * 8 + pair_order(r % 8)
-    mask_n = offs_n < N
-    mask_m = offs_m < M
-    dot_dtype = x_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for step in range(0, K_STEPS):  # steps past K (last split) are masked
-        k0 = pid_k * k_per_split + step * BLOCK_K
-        kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        words = tl.load(w_ptr + kw.to(tl.int64)[None, :] * N + offs_n[:, None],
-                        mask=mask_n[:, None] & (kw < K // 8)[None, :], other=0, eviction_policy="evict_first")
-        g = k0 // GROUP
-        smask = mask_n & (k0 < K)
-        s = tl.load(s_ptr + g * N + offs_n, mask=smask, other=0.0).to(tl.float32)
-        if HAS_ZERO:
-            zp = tl.load(z_ptr + g * N + offs_n, mask=smask, other=0).to(tl.float32)
-            c16 = (zp + MAGIC_VALUE).to(dot_dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-            c_bits = c16 | (c16 << 16)
-        else:
-            c_bits = tl.full((BLOCK_N,), MAGIC_BITS, tl.int32)
-        w = _pairs(words, c_bits, MAGIC_BITS, dot_dtype, USE_ASM, BLOCK_N, BLOCK_K)
-        offs_k = k0 + k_in_step
-        xt = tl.load(x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + offs_k[:, None],
-                     mask=mask_m[None, :] & (offs_k < K)[:, None], other=0.0)
-        if USE_ASM:
-            part = tl.dot(w, xt)
-        else:  # the interpreter's dot misreads 16-bit floats made by bitcasts; float32 is exact here as well
-            part = tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
-        acc += part * s[:, None]
-    y_ptrs = y_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
-    store_tile(y_ptrs, acc, mask_n[:, None] & mask_m[None, :], ATOMIC)
 
 
 @triton.jit
@@ -463,33 +378,6 @@ def launch_mm(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, x_r
     return y
 
 
-def pair_applies(x_dtype, k: int, group_size: int, block_k: int) -> bool:
-    """Whether the pair kernel takes this call: 16-bit float x, and steps of >= 16 K that lie in one group."""
-    step = min(block_k, group_size)
-    return x_dtype in PAIR_MAGIC and step >= 16 and (group_size % step == 0 or group_size == k) and k % step == 0
-
-
-def launch_pair(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, out_dtype=None, wrap=identity,
-                num_sms: int = DEFAULT_SMS) -> torch.Tensor:
-    """`x2d @ dequant(W)` [M, N] with `_int4_pair_kernel` (bf16/fp16 x; see `pair_applies`): fp32 when K is
-    split (atomics), else `out_dtype` (default x.dtype)."""
-    m, k = x2d.shape
-    n = w_packed.shape[1]
-    block_k = min(cfg["BLOCK_K"], group_size)
-    tiles = cdiv(n, cfg["BLOCK_N"])
-    splits, per = split_for_waves(k, tiles, block_k, cfg["waves"], num_sms)
-    y = (torch.zeros((m, n), dtype=torch.float32, device=x2d.device) if splits > 1
-         else torch.empty((m, n), dtype=out_dtype or x2d.dtype, device=x2d.device))
-    bits, value = PAIR_MAGIC[x2d.dtype]
-    wrap(_int4_pair_kernel)[(tiles, splits, cdiv(m, cfg["BLOCK_M"]))](
-        x2d, w_packed, w_scale, w_zero if w_zero is not None else w_scale, y, m, n, k, x2d.stride(0), per,
-        K_STEPS=per // block_k, GROUP=group_size, HAS_ZERO=w_zero is not None, ATOMIC=splits > 1,
-        MAGIC_BITS=bits, MAGIC_VALUE=value, USE_ASM=x2d.device.type == "cuda", BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
-    return y
-
-
 def launch_dequant(w_packed, w_scale, w_zero, group_size: int, dtype, *, wrap=identity,
                    cfg: dict | None = None) -> torch.Tensor:
     """`dequant(W)` as `dtype` [K, N] (for a dequantize-then-cuBLAS path); `cfg` (default `DEQUANT`): tile."""
@@ -520,11 +408,8 @@ def run_bucket(cfg: dict, x2d, w_packed, w_scale, w_zero, bias, group_size: int,
     FP8 x (W4A8) is converted to out_dtype exactly (E4M3 values are bf16/fp16 values) and its row scale
     applied in the epilogue, unless the configuration asks for FP8 dots (`fp8_dot`, "mm"/"mm_t" only)."""
     out_dtype = out_dtype or x2d.dtype
-    if cfg["kernel"] == "pair" and x2d.dtype != torch.float8_e4m3fn and not pair_applies(
-            x2d.dtype, int(x2d.shape[1]), group_size, cfg["BLOCK_K"]):
-        cfg = cfg["fallback"]  # float32 x, or groups the pair kernel's steps cannot take
     if cfg["kernel"] == "gemv" and not _block_k(cfg["BLOCK_K"], int(x2d.shape[1]), group_size)[1]:
-        cfg = MM_T_ANY_GROUP  # the GEMV needs groups in whole steps of >= 16; the tile kernels take any group
+        cfg = CONFIGS[1][1]  # the GEMV needs groups in whole steps of >= 16; the tile kernels take any group
     kind = cfg["kernel"]
     if x2d.dtype == torch.float8_e4m3fn and not (kind in ("mm", "mm_t") and cfg.get("fp8_dot")):
         return _epilogue(run_bucket(cfg, x2d.to(out_dtype), w_packed, w_scale, w_zero, None, group_size,
@@ -532,9 +417,6 @@ def run_bucket(cfg: dict, x2d, w_packed, w_scale, w_zero, bias, group_size: int,
                          bias, out_dtype, x_row_scale)
     if kind == "gemv":
         acc = launch_gemv(x2d, w_packed, w_scale, w_zero, group_size, cfg, wrap=wrap, num_sms=num_sms)
-    elif kind == "pair":
-        acc = launch_pair(x2d, w_packed, w_scale, w_zero, group_size, cfg, out_dtype=out_dtype, wrap=wrap,
-                          num_sms=num_sms)
     elif kind == "dequant":
         acc = x2d @ launch_dequant(w_packed, w_scale, w_zero, group_size, x2d.dtype, wrap=wrap)
     else:

@@ -176,17 +176,15 @@ INTERP_DTYPES = [torch.float32, torch.float16]
 @triton_interp
 @pytest.mark.parametrize("fmt", FMTS)
 @pytest.mark.parametrize("dtype", INTERP_DTYPES)
-@pytest.mark.parametrize("path", ["small", "mid", "pairs"])
+@pytest.mark.parametrize("path", ["small", "mid"])
 @pytest.mark.parametrize("m", [1, 3, 17, 70])
 def test_gemm_kernel_paths_interpreter(fmt, dtype, path, m):
-    """Each tile configuration, split-K and not; "pairs": the pair decoding (its plain-Triton twin: the
-    interpreter runs no PTX) with x's tile in its K order (16-bit x; float32 x keeps the plain tile)."""
     from qcompile.plugins.fp4_gemm import kernel
 
     case = make_case(fmt, k=384, n=72, seed=m)  # 3 K steps (a partial last split), a partial N tile
     x = torch.randn(m, 384, generator=torch.Generator().manual_seed(m)).to(dtype)
     bias = torch.randn(72) if m % 2 else None
-    cfg = {"small": kernel.SMALL, "mid": kernel.MID, "pairs": {**kernel.SMALL, "PAIRS": True}}[path]
+    cfg = kernel.SMALL if path == "small" else kernel.MID
     for sms in (1, 132) if dtype == torch.float16 else (132,):  # split_k = 1 (store in x.dtype), > 1 (atomics)
         y = kernel.launch_gemm(x, *args(case), bias, case["block"], cfg, num_sms=sms)
         assert y.shape == (m, 72) and y.dtype in (torch.float32, dtype)
