@@ -1,6 +1,7 @@
 """Triton kernels of `qcompile::fp8_block_gemm` (imported lazily: CPU machines have no Triton).
 
-`_fp8_block_kernel` (engines and eager calls up to `op.TRITON_MAX_M` rows on sm90, every M on other CUDA GPUs):
+`_fp8_block_kernel` (above `ROW_DOT_MAX_M` rows on CUDA GPUs other than sm90, and where sm90's cuBLASLt path
+does not apply):
 one program per [BLOCK_M, 128] output tile (one weight-scale row block; grouped tile order for L2 reuse); for each
 128-wide K block it computes the FP8 x FP8 dot into a fresh float32 partial sum and adds it to the float32
 accumulator scaled by `x_scale[m, kb] * w_scale[n // 128, kb]` (DeepSeek's per-block promotion: the tensor
@@ -11,6 +12,10 @@ weight dimension, static per layer). Measured and not adopted (benchmarks/tune_f
 tiles (two weight-scale blocks) and x scales stored K-block-major for coalesced scale loads; neither beat
 this form. cuBLASLt beat every tile in 15 of the 16 cells from 64 rows up; at 16 rows this kernel was faster
 (benchmarks/tune_fp8_block_w8a16.json).
+
+`_fp8_row_dot_kernel` (up to `ROW_DOT_MAX_M` = 16 rows, every GPU): the same math with operands swapped, each
+program owning 32 weight rows over all of K (N / 32 programs where the tile kernel has N / 128: at M <= 16 the job
+is streaming the weight, and 128-row programs left the H200 mostly idle on narrow layers).
 
 `_quantize_blocks_kernel` (the sm90 cuBLASLt path): x -> FP8 1x128 blocks and their scales in one pass, the
 scales written K-block-major ([K/128, M] in memory), as cuBLASLt reads them.
@@ -28,6 +33,12 @@ from qcompile.plugins.triton_tiles import grouped_tile
 
 # Launch configuration (BLOCK_N is the weight block, 128): chosen from tools/tune_fp8_block_w8a16.py on the H200.
 CONFIG = dict(BLOCK_M=64, GROUP_M=8, num_warps=8, num_stages=4)
+# Up to ROW_DOT_MAX_M rows: weight rows per program (a divisor of 128), warps, stages; the best of six in a probe
+# on the H200 (tools/diag/row_kernels_next.py part F at commit ca76487, benchmarks/row_kernels_next.json): faster
+# than the tile kernel (N / 128 programs) in 11 of 12 cells at M = 1 and 16 on six shapes (up to 35%), 1% slower
+# at 8192 x 28672, M = 16.
+ROW_DOT_MAX_M = 16
+ROW_DOT = dict(BLOCK_N=32, num_warps=4, num_stages=4)
 
 
 @triton.jit
@@ -75,6 +86,53 @@ def fp8_block_gemm_triton(xq, x_scale, w_q, w_scale, bias=None, *, out_dtype=tor
         xq, x_scale, w_q, w_scale, bias if bias is not None else w_scale, y, m, n, k,
         KB=k // BLOCK, FP32_DOT=fp32_dot, HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=BLOCK,
         BLOCK_K=BLOCK, GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return y
+
+
+@triton.jit
+def _fp8_row_dot_kernel(
+    xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K,
+    KB: tl.constexpr, FP32_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Up to BLOCK_M rows of x: y^T [BLOCK_N, BLOCK_M] for BLOCK_N weight rows (inside one 128-row scale block),
+    swapped operands (the FP8 weight rows are the MMA's wide side), per 128-K block the FP8 dot promoted to the
+    float32 accumulator with `w_scale[n // 128, kb] * x_scale[m, kb]`; bias and cast in the kernel."""
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * K
+    row_block = (pid_n * BLOCK_N) // 128
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for kb in range(0, KB):
+        k = kb * 128 + tl.arange(0, 128)
+        w = tl.load(w_rows + k[None, :], mask=mask_n[:, None], eviction_policy="evict_first")
+        xt = tl.load(xq_ptr + offs_m[None, :] * K + k[:, None], mask=mask_m[None, :])
+        if FP32_DOT:
+            part = tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+        else:
+            part = tl.dot(w, xt)
+        sx = tl.load(xs_ptr + offs_m * KB + kb, mask=mask_m, other=0.0)
+        acc += part * (tl.load(ws_ptr + row_block * KB + kb) * sx)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    tl.store(y_ptr + offs_m[None, :] * N + offs_n[:, None], acc.to(y_ptr.dtype.element_ty),
+             mask=mask_n[:, None] & mask_m[None, :])
+
+
+def fp8_row_dot_triton(xq, x_scale, w_q, w_scale, bias=None, *, out_dtype=torch.float32, wrap=identity,
+                       fp32_dot: bool = False, config: dict | None = None) -> torch.Tensor:
+    """`fp8_block_gemm_triton` for at most ROW_DOT_MAX_M rows of x, with `_fp8_row_dot_kernel`."""
+    cfg = config or ROW_DOT
+    m, k = xq.shape
+    n = w_q.shape[0]
+    y = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    wrap(_fp8_row_dot_kernel)[(triton.cdiv(n, cfg["BLOCK_N"]), 1, 1)](
+        xq, x_scale, w_q, w_scale, bias if bias is not None else w_scale, y, m, n, k, KB=k // BLOCK,
+        FP32_DOT=fp32_dot, HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_M=ROW_DOT_MAX_M,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return y
 

@@ -2,10 +2,11 @@
 `triton_op`.
 
 The body branches on `x.device.type`: CPU (any non-CUDA device) -> the plain-torch reference; CUDA:
-- up to `TRITON_MAX_M` rows, on GPUs other than sm90, and where K/128 is not a multiple of 4: x is
-  block-quantized with aten ops (`format.quantize_activation_blocks`: AOTInductor fuses them into the kernel
-  that produces x), then the Triton GEMM of `kernel.py` (bias and cast in its epilogue);
-- sm90 above `TRITON_MAX_M` rows: x is quantized by our Triton kernel (`kernel.quantize_blocks_triton`: one
+- up to `kernel.ROW_DOT_MAX_M` (16) rows, and at every M on GPUs other than sm90 and where K/128 is not a
+  multiple of 4: x is block-quantized with aten ops (`format.quantize_activation_blocks`: AOTInductor fuses
+  them into the kernel that produces x), then a Triton GEMM of `kernel.py` (bias and cast in its epilogue):
+  the row-dot kernel up to 16 rows, the tile kernel above;
+- sm90 above 16 rows (`uses_cublas`): x is quantized by our Triton kernel (`kernel.quantize_blocks_triton`: one
   pass, the scales written K-block-major; Inductor's code for the aten ops writing that layout took 2-7x its
   byte floor in benchmarks/tune_fp8_block_v1.json; our kernel has not been timed alone), then cuBLASLt
   block-wise scaling through `torch._scaled_mm`, which infers the 1x128 x 128x128 recipe from the scale
@@ -35,7 +36,6 @@ from qcompile.plugins.gemm_dispatch import add_bias, identity, run_by_buckets
 from qcompile.plugins.fp8_block_gemm.reference import check_args, fp8_block_gemm_reference
 
 ROW_ALIGN = 4  # rows of x padded to a multiple of 4 for the sm90 block-scaled cuBLASLt GEMM
-TRITON_MAX_M = 16  # sm90: the Triton kernel up to this many rows, cuBLASLt above (tools/tune_fp8_block_w8a16.py)
 GEMM_OUT_DTYPES = (torch.bfloat16, torch.float16)  # x dtypes the cuBLASLt GEMM writes itself, bias included
 
 
@@ -48,25 +48,29 @@ def fp8_block_gemm(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tenso
     n, k = (int(d) for d in w_q.shape)
     has_bias = bias is not None
 
-    def triton_path(x2d, w_q, w_scale, *rest):
-        from qcompile.plugins.fp8_block_gemm.kernel import fp8_block_gemm_triton
-
-        xq, sx = quantize_activation_blocks(x2d)
-        return fp8_block_gemm_triton(xq, sx, w_q, w_scale, rest[0] if has_bias else None, out_dtype=x2d.dtype,
-                                     wrap=torch.library.wrap_triton)
+    def triton_path(gemm):
+        def run(x2d, w_q, w_scale, *rest):
+            xq, sx = quantize_activation_blocks(x2d)
+            return gemm(xq, sx, w_q, w_scale, rest[0] if has_bias else None, out_dtype=x2d.dtype,
+                        wrap=torch.library.wrap_triton)
+        return run
 
     def cublas_path(x2d, w_q, w_scale, *rest):
         return scaled_mm_blockwise(x2d, w_q, w_scale, rest[0] if has_bias else None, wrap=torch.library.wrap_triton)
 
-    limit = triton_max_rows(k, torch.cuda.get_device_capability(x.device))
-    buckets = [(limit, triton_path)] + ([(None, cublas_path)] if limit is not None else [])
+    from qcompile.plugins.fp8_block_gemm.kernel import ROW_DOT_MAX_M, fp8_block_gemm_triton, fp8_row_dot_triton
+
+    # above 16 rows cuBLASLt won 15 of 16 cells on the H200 (tools/tune_fp8_block_w8a16.py)
+    above = cublas_path if uses_cublas(k, torch.cuda.get_device_capability(x.device)) else triton_path(
+        fp8_block_gemm_triton)
+    buckets = [(ROW_DOT_MAX_M, triton_path(fp8_row_dot_triton)), (None, above)]
     return run_by_buckets(x, k, n, buckets, (w_q, w_scale) + ((bias,) if has_bias else ()))
 
 
-def triton_max_rows(k: int, capability: tuple[int, int]) -> int | None:
-    """Rows up to which the Triton kernel runs, cuBLASLt above; None: the Triton kernel at every M (not sm90,
-    or K/128 not a multiple of 4: see the module docstring)."""
-    return TRITON_MAX_M if capability[0] == 9 and (k // BLOCK) % ROW_ALIGN == 0 else None
+def uses_cublas(k: int, capability: tuple[int, int]) -> bool:
+    """Whether rows above 16 go to cuBLASLt (sm90 with K/128 a multiple of 4) rather than the Triton tile kernel
+    (see the module docstring)."""
+    return capability[0] == 9 and (k // BLOCK) % ROW_ALIGN == 0
 
 
 def scaled_mm_blockwise(x2d: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None, *,

@@ -112,14 +112,14 @@ def test_onnx_node_runs_in_ort_like_the_contract():
 
 
 @pytest.mark.parametrize("k, capability, want", [
-    (2048, (9, 0), 16), (4096, (9, 0), 16), (512, (9, 0), 16),  # sm90, K/128 % 4 == 0: cuBLASLt above 16 rows
-    (256, (9, 0), None), (384, (9, 0), None),  # K/128 = 2, 3: cuBLASLt gave wrong results on the H200
-    (2048, (8, 9), None), (2048, (10, 0), None),  # no sm90 block-scaled cuBLASLt: the Triton kernel
+    (2048, (9, 0), True), (4096, (9, 0), True), (512, (9, 0), True),  # sm90, K/128 % 4 == 0: cuBLASLt
+    (256, (9, 0), False), (384, (9, 0), False),  # K/128 = 2, 3: cuBLASLt gave wrong results on the H200
+    (2048, (8, 9), False), (2048, (10, 0), False),  # no sm90 block-scaled cuBLASLt: the Triton tile kernel
 ])
 def test_cuda_path_choice(k, capability, want):
-    from qcompile.plugins.fp8_block_gemm.op import triton_max_rows
+    from qcompile.plugins.fp8_block_gemm.op import uses_cublas
 
-    assert triton_max_rows(k, capability) == want
+    assert uses_cublas(k, capability) is want
 
 
 @triton_interp
@@ -141,6 +141,27 @@ def test_triton_kernel_under_interpreter(m):
         ref = oracle(x.numpy(), wq, ws, bias)
         assert y.dtype == torch.float16  # bias and cast in the kernel's epilogue
         np.testing.assert_allclose(y.float().numpy(), ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
+
+
+@triton_interp
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_row_dot_kernel_under_interpreter(m):
+    """The row-dot kernel (up to 16 rows), float32 and float16 out, bias or not, 32- and 64-row programs (a
+    divisor of the 128-row scale block): the oracle's values."""
+    from qcompile.plugins.fp8_block_gemm.kernel import fp8_row_dot_triton
+
+    w, _ = make_weight(seed=m)
+    wq, ws = quantize_weight_blocks(w)
+    x = torch.randn(m, 384, generator=torch.Generator().manual_seed(m))
+    xq, sx = quantize_activation_blocks(x)
+    bias = torch.randn(wq.shape[0])
+    for cfg, b, dtype in ((None, None, torch.float32), (dict(BLOCK_N=64, num_warps=4, num_stages=2), bias,
+                                                          torch.float16)):
+        y = fp8_row_dot_triton(xq, sx, wq, ws, b, out_dtype=dtype, fp32_dot=True, config=cfg)
+        ref = oracle(x.numpy(), wq, ws, b)
+        assert y.dtype == dtype and y.shape == (m, wq.shape[0])
+        tol = 1e-5 if dtype == torch.float32 else 2e-3
+        np.testing.assert_allclose(y.float().numpy(), ref, rtol=tol, atol=tol * np.abs(ref).max())
 
 
 def check_quantize_kernel(device, exact_values=True):
@@ -219,13 +240,17 @@ def test_cuda_op_adds_the_bias_in_every_dtype(dtype):
 @pytest.mark.gpu
 @cuda
 def test_cuda_triton_kernel_matches_float64():
-    """The Triton path on any GPU (native FP8 dots), against the same oracle."""
+    """The Triton kernels on any GPU (native FP8 dots), the tile kernel and the row-dot kernel (<= 16 rows),
+    against the same oracle."""
     from qcompile.plugins.fp8_block_gemm.kernel import fp8_block_gemm_triton
 
-    x, wq, ws, b, _ = _cuda_case(300)
-    xq, sx = quantize_activation_blocks(x.cuda())
-    y = fp8_block_gemm_triton(xq, sx, wq.cuda(), ws.cuda())
-    assert _rel_l2(y, oracle(x.numpy(), wq, ws, None)) < 1e-3
+    from qcompile.plugins.fp8_block_gemm.kernel import fp8_row_dot_triton
+
+    for m, gemm in ((300, fp8_block_gemm_triton), (16, fp8_row_dot_triton), (3, fp8_row_dot_triton)):
+        x, wq, ws, b, _ = _cuda_case(m)
+        xq, sx = quantize_activation_blocks(x.cuda())
+        y = gemm(xq, sx, wq.cuda(), ws.cuda(), b.cuda())
+        assert _rel_l2(y, oracle(x.numpy(), wq, ws, b)) < 1e-3, (m, gemm.__name__)
 
 
 @pytest.mark.gpu
