@@ -28,7 +28,8 @@ GEMV_CONFIGS = [dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=w, num_stages=st, PREFE
 DOT_CONFIGS = ([dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=st, waves=1) for st in (3, 4, 5, 6)]
                + [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st, waves=1)
                   for bn, bk in ((16, 512), (32, 512), (64, 256)) for st in (3, 4)]
-               # wider tiles on 8 warps, more K per step (the M = 16 kernel read only ~2.9 TB/s)
+               # wider tiles on 8 warps, more K per step: none beat 32 x 256 on 4 warps by more than 2% at M = 16
+               # (benchmarks/tune_w8a16_small_m_8warps.json)
                + [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=8, num_stages=st, waves=1)
                   for bn, bk in ((64, 256), (64, 512), (128, 256), (32, 1024)) for st in (3, 4)])
 
