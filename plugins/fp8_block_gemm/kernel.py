@@ -126,6 +126,8 @@ def fp8_row_dot_triton(xq, x_scale, w_q, w_scale, bias=None, *, out_dtype=torch.
                        fp32_dot: bool = False, config: dict | None = None) -> torch.Tensor:
     """`fp8_block_gemm_triton` for at most ROW_DOT_MAX_M rows of x, with `_fp8_row_dot_kernel`."""
     cfg = config or ROW_DOT
+    if BLOCK % cfg["BLOCK_N"]:  # a program's rows must share one weight-scale row block
+        raise ValueError(f"fp8_row_dot_triton: BLOCK_N {cfg['BLOCK_N']} must divide the scale block {BLOCK}")
     m, k = xq.shape
     n = w_q.shape[0]
     y = torch.empty((m, n), dtype=out_dtype, device=xq.device)

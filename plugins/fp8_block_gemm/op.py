@@ -47,6 +47,7 @@ def fp8_block_gemm(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tenso
     check_args(x, w_q, w_scale, bias)
     n, k = (int(d) for d in w_q.shape)
     has_bias = bias is not None
+    from qcompile.plugins.fp8_block_gemm.kernel import ROW_DOT_MAX_M, fp8_block_gemm_triton, fp8_row_dot_triton
 
     def triton_path(gemm):
         def run(x2d, w_q, w_scale, *rest):
@@ -57,8 +58,6 @@ def fp8_block_gemm(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tenso
 
     def cublas_path(x2d, w_q, w_scale, *rest):
         return scaled_mm_blockwise(x2d, w_q, w_scale, rest[0] if has_bias else None, wrap=torch.library.wrap_triton)
-
-    from qcompile.plugins.fp8_block_gemm.kernel import ROW_DOT_MAX_M, fp8_block_gemm_triton, fp8_row_dot_triton
 
     # above 16 rows cuBLASLt won 15 of 16 cells on the H200 (tools/tune_fp8_block_w8a16.py)
     above = cublas_path if uses_cublas(k, torch.cuda.get_device_capability(x.device)) else triton_path(

@@ -162,6 +162,8 @@ def test_row_dot_kernel_under_interpreter(m):
         assert y.dtype == dtype and y.shape == (m, wq.shape[0])
         tol = 1e-5 if dtype == torch.float32 else 2e-3
         np.testing.assert_allclose(y.float().numpy(), ref, rtol=tol, atol=tol * np.abs(ref).max())
+    with pytest.raises(ValueError, match="BLOCK_N 256 must divide"):
+        fp8_row_dot_triton(xq, sx, wq, ws, config=dict(BLOCK_N=256, num_warps=4, num_stages=2))
 
 
 def check_quantize_kernel(device, exact_values=True):
