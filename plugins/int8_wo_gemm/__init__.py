@@ -14,10 +14,12 @@ Plugin contract:
   * `w_scale`: float `[N]`, strictly positive; `bias`: float `[N]` or None.
 - semantics: `y = x @ (w_q * w_scale[:, None])^T + bias`, accumulated in float32, returned in x.dtype,
   `[..., N]`.
-- GPU (`kernel.py`): a GEMV at M = 1 and a tensor-core kernel up to 16 rows, each program owning whole weight
-  rows, scale, bias and cast in the kernel; a tiled kernel and dequantize + cuBLAS above.
+- GPU (`kernel.py`): up to 16 rows, on layers wide enough to fill the GPU with wide tiles, the INT8 tensor cores
+  on x split into two int8 planes (`split_mma.py`); else a GEMV at M = 1 and a tensor-core kernel up to 16 rows.
+  Each program owns whole weight rows, scale, bias and cast in the kernel; a tiled kernel and dequantize +
+  cuBLAS above 16 rows.
 
-Faces: `reference` (plain torch: CPU path and oracle), `kernel` (Triton, CUDA only, imported lazily),
+Faces: `reference` (plain torch: CPU path and oracle), `kernel` and `split_mma` (Triton, CUDA only, imported lazily),
 `op` (the `triton_op`), `onnx_schema` (the ONNX node). There is no packing: the engine layout is the
 transposed ONNX weight.
 """

@@ -8,7 +8,9 @@ atomics, a zero fill and a separate epilogue; on the H200 the row layout reads a
 
 Paths, chosen per call from M (the row count of x, dynamic):
 
-- M = 1 (K a multiple of 4): `_row_gemv_kernel`, a GEMV on the CUDA cores. It reads the weight as int32 words
+- M <= 16, 16-bit x, N wide enough to fill the GPU with wide tiles: `split_mma` (x split into two int8 planes
+  with per-chunk scales, the int8 weight straight into the INT8 tensor cores; see its docstring).
+- otherwise, M = 1 (K a multiple of 4): `_row_gemv_kernel`, a GEMV on the CUDA cores. It reads the weight as int32 words
   (four consecutive k of one row) and turns bytes into floats with bit operations (see its docstring). Each
   program owns BLOCK_N rows over all of K and finishes them: the scale, the bias and the cast are in the
   kernel (one launch per call).
@@ -35,6 +37,7 @@ import triton.language as tl
 
 from qcompile.plugins.gemm_dispatch import (SMALL_M_MAX, add_bias, cdiv, identity, run_by_buckets,
                                              split_for_waves)
+from qcompile.plugins.int8_wo_gemm import split_mma
 from qcompile.plugins.int8_wo_gemm.reference import check_args, dequantize_weight
 from qcompile.plugins.triton_tiles import store_tile
 
@@ -57,6 +60,18 @@ def _words(w_ptr, offs_n, mask_n, offs_w, KW, wanted):
     """Words [BLOCK_N, BLOCK_KW] of an int32 [N, KW] weight (0 past KW or where not `wanted`)."""
     return tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * KW + offs_w[None, :],
                    mask=mask_n[:, None] & ((offs_w < KW) & wanted)[None, :], other=0, eviction_policy="evict_first")
+
+
+@triton.jit
+def _int8_to(w, dtype: tl.constexpr):
+    """int8 -> dtype, exactly. fp16: byte ^ 0x6480 is the fp16 1152 + q (ulp 1 in [1024, 2048)), minus 1152: a
+    PRMT, a LOP3 and half of an HADD2 per weight, where Triton's own conversion issues one I2F (a quarter-rate
+    instruction on the H200) per weight: with it the row dot kernel at M = 16 took 1.4-1.7x as long
+    (benchmarks/w8_fp16_convert_ab.log). bf16 (already converted with integer ops by Triton) and float32 as Triton
+    converts them."""
+    if dtype == tl.float16:
+        return (w.to(tl.uint8, bitcast=True).to(tl.uint16) ^ 0x6480).to(tl.float16, bitcast=True) - 1152.0
+    return w.to(dtype)
 
 
 @triton.jit
@@ -138,7 +153,7 @@ def _row_dot_kernel(
         if FP32_DOT:
             acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
         else:
-            acc = tl.dot(w.to(xt.dtype), xt, acc)
+            acc = tl.dot(_int8_to(w, xt.dtype), xt, acc)
     y_ptrs = y_ptr + offs_m[None, :] * N + offs_n[:, None]
     mask = mask_n[:, None] & mask_m[None, :]
     if ATOMIC:
@@ -174,7 +189,7 @@ def _tile_kernel(
         if FP32_DOT:
             acc = tl.dot(xk.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
         else:
-            acc = tl.dot(xk, w.to(xk.dtype), acc)
+            acc = tl.dot(xk, _int8_to(w, xk.dtype), acc)
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     store_tile(y_ptrs, acc, mask_m[:, None] & mask_n[None, :], ATOMIC)
 
@@ -255,8 +270,9 @@ def _epilogue(acc, w_scale, bias, dtype):
 
 def int8_wo_gemm_triton(x, w_q, w_scale, bias, *, wrap=identity, num_sms: int = DEFAULT_SMS,
                         large_m: dict | None = None) -> torch.Tensor:
-    """The op's GPU path: GEMV at M = 1, the row dot kernel up to 16 rows, the `LARGE_M` buckets above (or the
-    one path `large_m`)."""
+    """The op's GPU path. Up to 16 rows of 16-bit x on a layer wide enough for `split_mma.pick_config`: the INT8
+    tensor-core path; else the GEMV at M = 1 and the row dot kernel up to 16 rows. The `LARGE_M` buckets above
+    (or the one path `large_m`)."""
     check_args(x, w_q, w_scale, bias)
     # K and N are weight dims, static in an engine; int() specializes them when a compiler made them symbolic
     n, k = int(w_q.shape[0]), int(w_q.shape[1])
@@ -277,8 +293,12 @@ def int8_wo_gemm_triton(x, w_q, w_scale, bias, *, wrap=identity, num_sms: int = 
             return _epilogue(launch_tiles(x2d, w_q, cfg, wrap=wrap, num_sms=num_sms), w_scale, bias, x2d.dtype)
         return run
 
-    gemv = [(1, finished(launch_gemv))] if k % 4 == 0 else []  # the GEMV reads 4-byte words along K
+    mma = None if x.dtype == torch.float32 else split_mma.pick_config(n, num_sms)
+    if mma is not None:  # a wide layer: the INT8 tensor cores on split 16-bit x (two buckets: MP = 8, 16)
+        small = [(rows, finished(split_mma.launch, cfg=mma, rows=rows)) for rows in (1, SMALL_M_MAX)]
+    else:
+        gemv = [(1, finished(launch_gemv))] if k % 4 == 0 else []  # the GEMV reads 4-byte words along K
+        small = gemv + [(SMALL_M_MAX, finished(launch_dot, num_sms=num_sms))]
     above = [(None, large_m)] if large_m else LARGE_M
-    dot = [(SMALL_M_MAX, finished(launch_dot, num_sms=num_sms))]
-    buckets = gemv + dot + [(limit, large(c)) for limit, c in above]
+    buckets = small + [(limit, large(c)) for limit, c in above]
     return run_by_buckets(x, k, n, buckets, (w_q, w_scale) + ((bias,) if has_bias else ()))

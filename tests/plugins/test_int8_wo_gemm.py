@@ -141,6 +141,87 @@ def test_one_row_with_k_not_a_multiple_of_4_takes_the_dot_kernel(monkeypatch):
     assert_close_to(kernel.int8_wo_gemm_triton(x, w_q, w_scale, b, num_sms=2), oracle(x, w_q, w_scale, b), 1e-5)
 
 
+def x_with_outliers(m, k, dtype, seed=0):
+    """Random rows with a few channels 100x larger (as LLM activations have), one all-zero chunk of K."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen)
+    x[:, torch.randperm(k, generator=gen)[:4]] *= 100.0
+    x[:, :128] = 0.0
+    return x.to(dtype)
+
+
+@triton_interp
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize("m, k, chunk", [(1, 520, 128), (3, 384, 256), (16, 1000, 128)])
+def test_split_planes_give_x_back_within_half_a_step(dtype, m, k, chunk):
+    """x = s * (256 hi + lo) within s / 2 per element (+ float32's rounding of x / s, < 32639 * 2^-24),
+    s = amax(chunk) / 32639, hi and lo int8, for every row and chunk (K not a multiple of the chunk, an all-zero
+    chunk, outlier channels); rows past M are zeros."""
+    from qcompile.plugins.int8_wo_gemm.split_mma import split_planes
+
+    x = x_with_outliers(m, k, DTYPES[dtype], seed=m + k)
+    planes, s = split_planes(x, chunk, 16)
+    hi, lo = planes[:m].double(), planes[16:16 + m].double()
+    xd = x.double()
+    kc = -(-k // chunk)
+    amax = torch.nn.functional.pad(xd.abs(), (0, kc * chunk - k)).reshape(m, kc, chunk).amax(dim=2)
+    np.testing.assert_allclose(s[:m].double().numpy(), (amax / 32639.0).numpy(), rtol=1e-6)
+    step = s[:m].double().repeat_interleave(chunk, dim=1)[:, :k]
+    assert ((hi * 256 + lo).abs() <= 32639).all()
+    err = (step * (hi * 256 + lo) - xd).abs()
+    assert (err <= step * (0.5 + 2.0 ** -8)).all(), float((err / step.clamp_min(1e-30)).max())  # + x / s in fp32
+    assert (err[:, :128] == 0).all()
+    assert (planes[m:16] == 0).all() and (planes[16 + m:] == 0).all() and (s[m:] == 0).all()
+
+
+@triton_interp
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize("m, rows, bias", [(1, 1, True), (3, 16, False), (16, 16, True), (0, 16, True)])
+def test_split_mma_within_the_split_rounding_bound(dtype, m, rows, bias):
+    """Each output within w_scale[n] * sum_k |q[n, k]| * s(k) / 2 (the split's rounding of x) of float64, plus
+    the float32 accumulation's and the output dtype's rounding; K not a multiple of the K step."""
+    from qcompile.plugins.int8_wo_gemm.split_mma import launch, split_planes
+
+    cfg = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=2)
+    w_q, w_scale, b = make_case(k=1000, n=80, seed=m, bias=bias)
+    x = x_with_outliers(m, 1000, DTYPES[dtype], seed=m)
+    y = launch(x, w_q, w_scale, b, cfg, rows)
+    assert y.shape == (m, 80) and y.dtype == x.dtype
+    ref = oracle(x, w_q, w_scale, b)
+    if m == 0:
+        return
+    _, s = split_planes(x, 128, 16)
+    half_step = s[:m].double().repeat_interleave(128, dim=1)[:, :1000].numpy() * (0.5 + 2.0 ** -8)
+    absw = np.abs(w_q.numpy().astype(np.float64)) * w_scale.numpy().astype(np.float64)[:, None]
+    bound = half_step @ absw.T + 1e-6 * (np.abs(x.double().numpy()) @ absw.T)
+    out_round = np.abs(ref) * (2.0 ** -10 if dtype == "fp16" else 1e-7)
+    got = y.double().numpy()
+    assert (np.abs(got - ref) <= bound + out_round).all(), float(np.max(np.abs(got - ref) - bound - out_round))
+
+
+@triton_interp
+def test_wide_layers_with_16_bit_x_take_the_split_mma_path(monkeypatch):
+    """`pick_config` by the programs a tile gives (the first of CONFIGS with MIN_WAVES waves); the op routes up to
+    16 rows of fp16 x there, float32 x and narrow layers to the other kernels."""
+    from qcompile.plugins.int8_wo_gemm import kernel, split_mma
+
+    assert split_mma.pick_config(28672, 132) is split_mma.CONFIGS[0]  # 224 programs of 128 rows
+    assert split_mma.pick_config(14336, 132) is split_mma.CONFIGS[1]  # 112 of 128 rows, 224 of 64
+    assert split_mma.pick_config(4096, 132) is None
+    calls = []
+    real = split_mma.launch
+    monkeypatch.setattr(split_mma, "launch", lambda *a, **kw: calls.append(kw["rows"]) or real(*a, **kw))
+    w_q, w_scale, b = make_case(k=512, n=96)
+    for m in (1, 7, 16, 17):
+        x = torch.randn(m, 512).to(torch.float16)
+        y = kernel.int8_wo_gemm_triton(x, w_q, w_scale, b, num_sms=1)  # 96 rows: 2 programs of 64 = 2 waves
+        assert_close_to(y, oracle(x, w_q, w_scale, b), REL[torch.float16])
+    assert calls == [1, 16, 16]
+    kernel.int8_wo_gemm_triton(torch.randn(4, 512), w_q, w_scale, b, num_sms=1)
+    kernel.int8_wo_gemm_triton(torch.randn(4, 512).to(torch.float16), w_q, w_scale, b, num_sms=2)
+    assert calls == [1, 16, 16]
+
+
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("m", [1, 5, 16, 300])
@@ -154,17 +235,35 @@ def test_cuda_op_matches_float64(m, dtype):
 
 @pytest.mark.gpu
 @cuda
-def test_cuda_op_compiles_with_a_dynamic_row_count():
-    """torch.export with a dynamic M (both M paths in a torch.cond) and AOTInductor, as an engine runs it."""
-    w_q, w_scale, b = (t.cuda() for t in make_case(k=1024, n=512))
+@pytest.mark.parametrize("n", [14336, 28672])
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_cuda_op_on_wide_layers_matches_float64(n, m, dtype):
+    """Layers wide enough for the split INT8 tensor-core path (each of its two tiles), x with outlier channels."""
+    from qcompile.plugins.int8_wo_gemm.split_mma import pick_config
+
+    assert pick_config(n, torch.cuda.get_device_properties(0).multi_processor_count) is not None
+    w_q, w_scale, b = make_case(k=1536, n=n, seed=m)
+    x = x_with_outliers(m, 1536, DTYPES[dtype], seed=m)
+    y = op(x.cuda(), w_q.cuda(), w_scale.cuda(), b.cuda())
+    assert_close_to(y, oracle(x, w_q, w_scale, b), REL[DTYPES[dtype]])
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("n", [512, 14336])
+def test_cuda_op_compiles_with_a_dynamic_row_count(n):
+    """torch.export with a dynamic M (the M paths in a torch.cond) and AOTInductor, as an engine runs it; a narrow
+    layer (GEMV, dot kernel) and a wide one (split INT8 MMA)."""
+    w_q, w_scale, b = (t.cuda() for t in make_case(k=1024, n=n))
 
     class Layer(torch.nn.Module):
         def forward(self, x):
             return op(x, w_q, w_scale, b)
 
-    x = torch.randn(4, 1024, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(64, 1024, device="cuda", dtype=torch.bfloat16)  # AOTInductor runs every branch at 64 rows
     ep = torch.export.export(Layer(), (x,), dynamic_shapes={"x": {0: torch.export.Dim("m", min=1, max=4096)}})
     run = torch._inductor.aoti_load_package(torch._inductor.aoti_compile_and_package(ep))
-    for m in (1, 16, 17, 600):
+    for m in (1, 5, 16, 17, 600):
         x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
         assert_close_to(run(x), oracle(x.cpu(), w_q.cpu(), w_scale.cpu(), b.cpu()), REL[torch.bfloat16])
