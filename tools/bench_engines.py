@@ -20,6 +20,7 @@ import argparse
 import concurrent.futures
 import json
 import multiprocessing
+import os
 import statistics
 import sys
 import time
@@ -63,7 +64,7 @@ def kernel_profile(engine, feeds, runs: int = 5) -> str:
         for _ in range(runs):
             engine.run_torch(feeds)
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=70)
+    return prof.key_averages().table(sort_by="self_device_time_total", row_limit=int(os.environ.get("PROFILE_ROWS", "12")), max_name_column_width=70)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -21,12 +21,13 @@ for s in ${STEPS:-engines kernels int4 decode tests}; do
     tests)   step "pytest -m gpu"
              py -m pytest -m gpu -q -p no:cacheprovider --rootdir=. -c pyproject.toml ${TESTS:-tests} 2>&1 \
                  | tee "$OUT/gpu-tests${TESTS_TAG:-}.log" | tail -25 ;;
-    decode)  step "decode benchmark: Llama-3-8B-sized layers, w4a16_awq vs fp16 at M = 1"
-             py tools/bench_engines.py llama3-8b-layers --recipes fp16 w4a16_awq --cuda-graph --profile --size batch=1,seq=1 \
+    decode)  step "decode benchmark: Llama-3-8B-sized layers, ${DECODE_RECIPES:-fp16 w4a16_awq} at M = 1 and 16"
+             py tools/bench_engines.py llama3-8b-layers --recipes ${DECODE_RECIPES:-fp16 w4a16_awq} --cuda-graph --profile --size batch=1,seq=1 \
                  --size batch=16,seq=1 --calib-size batch=2,seq=64 --iters 100 --build-jobs 2 \
                  --out "$OUT/decode-llama3-8b-layers.json" 2>&1 | tee "$OUT/decode-llama3-8b-layers.log" | grep -v "^\[" | tail -12 ;;
     w8fp8)   step "w8a16 and fp8_block GEMM benchmark"
-             py tools/bench_w8a16_fp8_block.py --eager --cuda-graph --out "$OUT/w8a16_fp8_block.json" 2>&1 | tee "$OUT/w8a16_fp8_block.log" | tail -30 ;;
+             py tools/bench_w8a16_fp8_block.py --eager --cuda-graph ${W8FP8_ARGS:-} --out "$OUT/w8a16_fp8_block${W8FP8_TAG:-}.json" 2>&1 \
+                 | tee "$OUT/w8a16_fp8_block${W8FP8_TAG:-}.log" | tail -30 ;;
     recipes) step "engine benchmark: every recipe on mlp-large"
              py tools/bench_engines.py mlp-large --recipes ${RECIPES:-fp16 int8 int8_sq w8a16 fp8 fp8_rowwise fp8_block w4a16_awq w4a8_awq nvfp4 w4a16_nvfp4 mxfp4} \
                  --cuda-graph --build-jobs ${BUILD_JOBS:-4} --size batch=1,seq=1 --size batch=8,seq=512 --calib-size batch=2,seq=128 \
