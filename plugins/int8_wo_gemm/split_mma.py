@@ -58,6 +58,16 @@ def _split_kernel(x_ptr, planes_ptr, s_ptr, M, K, KC, stride_xm, MP: tl.constexp
     m >= M). The grid covers the MP rows, not M: AOTInductor runs the kernels of every torch.cond branch once
     while compiling, with the example's row count, which may exceed this branch's bound."""
     m = tl.program_id(0)
+    offs_c, offs_k, ok, hi, lo, s = split_chunks(x_ptr, m, M, K, stride_xm, CHUNK, CHUNKS)
+    tl.store(planes_ptr + m * K + offs_k, hi.to(tl.int8), mask=ok)
+    tl.store(planes_ptr + (MP + m) * K + offs_k, lo.to(tl.int8), mask=ok)
+    tl.store(s_ptr + m * KC + offs_c, s, mask=offs_c < KC)
+
+
+@triton.jit
+def split_chunks(x_ptr, m, M, K, stride_xm, CHUNK: tl.constexpr, CHUNKS: tl.constexpr):
+    """This program's chunks of row m of x (zeros when m >= M): chunk indices [CHUNKS], k offsets and their mask
+    [CHUNKS, CHUNK], hi and lo (int32 in int8 range) with x ~= s * (256 hi + lo), s [CHUNKS] = amax / Q_MAX."""
     offs_c = tl.program_id(1) * CHUNKS + tl.arange(0, CHUNKS)
     offs_k = offs_c[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
     ok = offs_k < K
@@ -65,9 +75,7 @@ def _split_kernel(x_ptr, planes_ptr, s_ptr, M, K, KC, stride_xm, MP: tl.constexp
     amax = tl.max(tl.abs(x), axis=1)
     q = tl.floor(x * tl.where(amax > 0, Q_MAX / amax, 0.0)[:, None] + 0.5).to(tl.int32)
     hi = (q + 128) >> 8
-    tl.store(planes_ptr + m * K + offs_k, hi.to(tl.int8), mask=ok)
-    tl.store(planes_ptr + (MP + m) * K + offs_k, (q - hi * 256).to(tl.int8), mask=ok)
-    tl.store(s_ptr + m * KC + offs_c, amax / Q_MAX, mask=offs_c < KC)
+    return offs_c, offs_k, ok, hi, q - hi * 256, amax / Q_MAX
 
 
 @triton.jit

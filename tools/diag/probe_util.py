@@ -23,3 +23,13 @@ def save(results: dict, name: str) -> None:
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], name), "w") as f:
             json.dump(results, f, indent=1)
+
+
+def run_grid(fn, shapes, ms, name: str) -> dict:
+    """`fn(k, n, m)` for every (K, N) in `shapes` and M in `ms` (failures printed, the rest kept), saved as `name`."""
+    results: dict = {}
+    for k, n in shapes:
+        for m in ms:
+            run_part(results, f"{k}x{n} M={m}", fn, k, n, m)
+    save(results, name)
+    return results
