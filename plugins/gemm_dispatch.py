@@ -20,6 +20,12 @@ def identity(kernel):
     return kernel
 
 
+def optional_arg(t, stand_in):
+    """A kernel's pointer argument for an optional tensor: `t`, or `stand_in` when t is None (never read: the
+    kernel's HAS_* flag is off)."""
+    return stand_in if t is None else t
+
+
 def split_k_config(k: int, n: int, block_k: int, max_block_n: int, num_sms: int) -> dict:
     """Static launch configuration of a split-K kernel for a K x N weight (does not depend on M): N tiles
     of up to `max_block_n` columns, K split until there are about 4 programs per SM (at most 32 splits)."""

@@ -64,7 +64,8 @@ def kernel_profile(engine, feeds, runs: int = 5) -> str:
         for _ in range(runs):
             engine.run_torch(feeds)
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="self_device_time_total", row_limit=int(os.environ.get("PROFILE_ROWS", "12")), max_name_column_width=70)
+    rows = int(os.environ.get("PROFILE_ROWS", "12"))
+    return prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=70)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -45,8 +45,8 @@ import triton
 import triton.language as tl
 
 from qcompile.plugins.fp4_gemm.reference import check_args
-from qcompile.plugins.gemm_dispatch import (SMALL_M_MAX, add_bias, cdiv, identity, run_by_buckets, split_k_config,
-                                             unpack_optional)
+from qcompile.plugins.gemm_dispatch import (SMALL_M_MAX, add_bias, cdiv, identity, optional_arg, run_by_buckets,
+                                             split_k_config, unpack_optional)
 from qcompile.plugins.triton_tiles import store_tile
 
 DEFAULT_SMS = 132
@@ -225,7 +225,7 @@ def launch_gemm(x2d, w_packed, w_scale, w_global, bias, block_size: int, cfg: di
         torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
     grid = (split["n_tiles"], split["split_k"], cdiv(m, cfg["BLOCK_M"]))
     wrap(_fp4_gemm_kernel)[grid](
-        x2d, w_packed, w_scale, w_global if w_global is not None else w_packed, bias if bias is not None else x2d,
+        x2d, w_packed, w_scale, optional_arg(w_global, w_packed), optional_arg(bias, x2d),
         y, m, n, k, x2d.stride(0),
         K_STEPS=split["k_per_split"] // BLOCK_K, HAS_BIAS=bias is not None, ATOMIC=atomic,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=split["BLOCK_N"], BLOCK_K=BLOCK_K,

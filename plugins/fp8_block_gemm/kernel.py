@@ -28,7 +28,7 @@ import triton.language as tl
 
 from qcompile.plugins.fp8_block_gemm.format import BLOCK
 from qcompile.plugins.formats import MIN_SCALE, qmax
-from qcompile.plugins.gemm_dispatch import identity
+from qcompile.plugins.gemm_dispatch import identity, optional_arg
 from qcompile.plugins.triton_tiles import grouped_tile
 
 # Launch configuration (BLOCK_N is the weight block, 128): chosen from tools/tune_fp8_block_w8a16.py on the H200.
@@ -83,7 +83,7 @@ def fp8_block_gemm_triton(xq, x_scale, w_q, w_scale, bias=None, *, out_dtype=tor
     y = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * (n // BLOCK), 1, 1)
     wrap(_fp8_block_kernel)[grid](
-        xq, x_scale, w_q, w_scale, bias if bias is not None else w_scale, y, m, n, k,
+        xq, x_scale, w_q, w_scale, optional_arg(bias, w_scale), y, m, n, k,
         KB=k // BLOCK, FP32_DOT=fp32_dot, HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=BLOCK,
         BLOCK_K=BLOCK, GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -132,7 +132,7 @@ def fp8_row_dot_triton(xq, x_scale, w_q, w_scale, bias=None, *, out_dtype=torch.
     n = w_q.shape[0]
     y = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     wrap(_fp8_row_dot_kernel)[(triton.cdiv(n, cfg["BLOCK_N"]), 1, 1)](
-        xq, x_scale, w_q, w_scale, bias if bias is not None else w_scale, y, m, n, k, KB=k // BLOCK,
+        xq, x_scale, w_q, w_scale, optional_arg(bias, w_scale), y, m, n, k, KB=k // BLOCK,
         FP32_DOT=fp32_dot, HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_M=ROW_DOT_MAX_M,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

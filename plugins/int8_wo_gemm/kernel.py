@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.plugins.gemm_dispatch import (SMALL_M_MAX, add_bias, cdiv, identity, run_by_buckets,
+from qcompile.plugins.gemm_dispatch import (SMALL_M_MAX, add_bias, cdiv, identity, optional_arg, run_by_buckets,
                                              split_for_waves)
 from qcompile.plugins.int8_wo_gemm import split_mma
 from qcompile.plugins.int8_wo_gemm.reference import check_args, dequantize_weight
@@ -194,11 +194,6 @@ def _tile_kernel(
     store_tile(y_ptrs, acc, mask_m[:, None] & mask_n[None, :], ATOMIC)
 
 
-def _bias_arg(bias, w_scale):
-    """The kernels' bias pointer (the scale tensor stands in, unread, when there is no bias)."""
-    return w_scale if bias is None else bias
-
-
 def launch_gemv(x2d, w_q, w_scale, bias, cfg: dict | None = None, *, wrap=identity) -> torch.Tensor:
     """`x2d @ dequant(w_q)^T + bias` in x.dtype (K a multiple of 4), one launch; meant for one row of x (each
     row re-reads the weight)."""
@@ -208,7 +203,7 @@ def launch_gemv(x2d, w_q, w_scale, bias, cfg: dict | None = None, *, wrap=identi
     m = x2d.shape[0]
     y = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
     wrap(_row_gemv_kernel)[(cdiv(n, cfg["BLOCK_N"]), m)](
-        x2d, w_q, w_scale, _bias_arg(bias, w_scale), y, n, kw, x2d.stride(0), HAS_BIAS=bias is not None,
+        x2d, w_q, w_scale, optional_arg(bias, w_scale), y, n, kw, x2d.stride(0), HAS_BIAS=bias is not None,
         K_STEPS=cdiv(kw, cfg["BLOCK_KW"]), BLOCK_N=cfg["BLOCK_N"], BLOCK_KW=cfg["BLOCK_KW"],
         PREFETCH=cfg.get("PREFETCH", False), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1),
     )
@@ -227,7 +222,7 @@ def launch_dot(x2d, w_q, w_scale, bias, cfg: dict | None = None, *, wrap=identit
     y = (torch.zeros((m, n), dtype=torch.float32, device=x2d.device) if atomic
          else torch.empty((m, n), dtype=x2d.dtype, device=x2d.device))
     wrap(_row_dot_kernel)[(tiles, splits)](
-        x2d, w_q, w_scale, _bias_arg(bias, w_scale), y, m, n, k, x2d.stride(0), per, HAS_BIAS=bias is not None,
+        x2d, w_q, w_scale, optional_arg(bias, w_scale), y, m, n, k, x2d.stride(0), per, HAS_BIAS=bias is not None,
         ATOMIC=atomic, FP32_DOT=x2d.dtype == torch.float32, K_STEPS=per // cfg["BLOCK_K"], BLOCK_M=DOT_BLOCK_M,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

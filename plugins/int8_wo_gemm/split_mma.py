@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.plugins.gemm_dispatch import cdiv, identity
+from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg
 
 Q_MAX = tl.constexpr(32639.0)  # 127 * 256 + 127: hi = (q + 128) >> 8 stays in [-127, 127], lo in [-128, 127]
 SPLIT_CHUNKS = 8  # chunks per program of the split kernel
@@ -131,7 +131,7 @@ def launch(x2d, w_q, w_scale, bias, cfg: dict, rows: int, *, wrap=identity) -> t
     planes, scales = split_planes(x2d, cfg["BLOCK_K"], mp, wrap=wrap)
     y = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
     wrap(_mma_kernel)[(cdiv(n, cfg["BLOCK_N"]),)](
-        planes, scales, w_q, w_scale, w_scale if bias is None else bias, y, m, n, k, scales.shape[1],
+        planes, scales, w_q, w_scale, optional_arg(bias, w_scale), y, m, n, k, scales.shape[1],
         HAS_BIAS=bias is not None, K_STEPS=cdiv(k, cfg["BLOCK_K"]), MP=mp, BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y

@@ -244,9 +244,7 @@ def test_cuda_op_adds_the_bias_in_every_dtype(dtype):
 def test_cuda_triton_kernel_matches_float64():
     """The Triton kernels on any GPU (native FP8 dots), the tile kernel and the row-dot kernel (<= 16 rows),
     against the same oracle."""
-    from qcompile.plugins.fp8_block_gemm.kernel import fp8_block_gemm_triton
-
-    from qcompile.plugins.fp8_block_gemm.kernel import fp8_row_dot_triton
+    from qcompile.plugins.fp8_block_gemm.kernel import fp8_block_gemm_triton, fp8_row_dot_triton
 
     for m, gemm in ((300, fp8_block_gemm_triton), (16, fp8_row_dot_triton), (3, fp8_row_dot_triton)):
         x, wq, ws, b, _ = _cuda_case(m)
