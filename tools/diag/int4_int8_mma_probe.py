@@ -16,7 +16,10 @@ acc += (P_even . (16 q_even) + P_odd . (16 q_odd)) * s[m] / 16 * scale[n, g] (* 
 Times (µs, CUDA-graph replay, rotating weights), M in {1, 16, 64} on the four kernel-target shapes: cuBLAS bf16,
 the shipped INT4 op (engine layout [K/8, N] words), the split kernel alone, split + GEMM per tile. Symmetric
 weights, g = 128 only (zero points would subtract z[n, g] * sum(x in the group) per group: not in this probe).
-Not part of the product; not yet run on a GPU.
+Not part of the product: `plugins/int4_gemm/int8_mma.py` is this kernel productized (with zero points, any group of
+64 or more, the engine layout). Two H200 runs (2026-12-03): single-group tiles without split K
+(benchmarks/int4_int8_mma_probe_run1.json, M in {1, 16, 64}), then this form, M in {1, 16}
+(benchmarks/int4_int8_mma_probe.json).
 """
 from __future__ import annotations
 
@@ -68,14 +71,18 @@ def _nibbles_x16(b, ASM: tl.constexpr):
 
 
 @triton.jit
-def _w4_mma_kernel(planes_ptr, s_ptr, w_ptr, gs_ptr, b_ptr, y_ptr, M, N, K, KC, HAS_BIAS: tl.constexpr,
-                   K_STEPS: tl.constexpr, MP: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
-                   ASM: tl.constexpr):
-    """y[m, n] for BLOCK_N weight rows: per group one pair of INT8 MMAs (even-k plane x 16 q_even, odd x 16 q_odd)."""
+def _w4_mma_kernel(planes_ptr, s_ptr, w_ptr, gs_ptr, b_ptr, y_ptr, M, N, K, KC, groups_per_split,
+                   K_STEPS: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, MP: tl.constexpr, BLOCK_N: tl.constexpr,
+                   GROUP: tl.constexpr, STEP_GROUPS: tl.constexpr, ASM: tl.constexpr):
+    """y[m, n] for BLOCK_N weight rows over one K split: per group one pair of INT8 MMAs (even-k plane x 16 q_even,
+    odd x 16 q_odd). A step covers STEP_GROUPS consecutive groups (their loads issued together: each weight row is
+    read in runs of STEP_GROUPS * GROUP / 2 bytes). ATOMIC: float32 atomics into a zeroed y (split K)."""
     R: tl.constexpr = 2 * MP
     HALF: tl.constexpr = GROUP // 2
     half = K // 2
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    g_first = tl.program_id(1) * groups_per_split
     mask_n = offs_n < N
     r = tl.arange(0, R)
     row = r % MP
@@ -85,24 +92,33 @@ def _w4_mma_kernel(planes_ptr, s_ptr, w_ptr, gs_ptr, b_ptr, y_ptr, M, N, K, KC, 
     odd = planes_ptr + 2 * MP * half
     acc = tl.zeros((R, BLOCK_N), dtype=tl.float32)
     for step in range(0, K_STEPS):
-        offs_h = step * HALF + tl.arange(0, HALF)
-        ok = offs_h < half
-        b = tl.load(w_rows + offs_h[None, :], mask=mask_n[:, None] & ok[None, :], other=0,
-                    eviction_policy="evict_first")
-        pe = tl.load(planes_ptr + r[:, None] * half + offs_h[None, :], mask=valid[:, None] & ok[None, :], other=0)
-        po = tl.load(odd + r[:, None] * half + offs_h[None, :], mask=valid[:, None] & ok[None, :], other=0)
-        w_even, w_odd = _nibbles_x16(b, ASM)
-        d = tl.dot(pe, tl.trans(w_even), out_dtype=tl.int32)
-        d = tl.dot(po, tl.trans(w_odd), d, out_dtype=tl.int32)
-        sx = tl.load(s_ptr + row * KC + step, mask=valid, other=0.0) * part
-        gs = tl.load(gs_ptr + offs_n * KC + step, mask=mask_n, other=0.0).to(tl.float32)
-        acc += d.to(tl.float32) * sx[:, None] * gs[None, :]
+        for i in tl.static_range(STEP_GROUPS):
+            g = g_first + step * STEP_GROUPS + i
+            in_k = (g < KC) & (g < g_first + groups_per_split)
+            offs_h = g * HALF + tl.arange(0, HALF)
+            ok = (offs_h < half) & in_k
+            b = tl.load(w_rows + offs_h[None, :], mask=mask_n[:, None] & ok[None, :], other=0,
+                        eviction_policy="evict_first")
+            pe = tl.load(planes_ptr + r[:, None] * half + offs_h[None, :], mask=valid[:, None] & ok[None, :],
+                         other=0)
+            po = tl.load(odd + r[:, None] * half + offs_h[None, :], mask=valid[:, None] & ok[None, :], other=0)
+            w_even, w_odd = _nibbles_x16(b, ASM)
+            d = tl.dot(pe, tl.trans(w_even), out_dtype=tl.int32)
+            d = tl.dot(po, tl.trans(w_odd), d, out_dtype=tl.int32)
+            sx = tl.load(s_ptr + row * KC + g, mask=valid & in_k, other=0.0) * part
+            gs = tl.load(gs_ptr + offs_n * KC + g, mask=mask_n & in_k, other=0.0).to(tl.float32)
+            acc += d.to(tl.float32) * sx[:, None] * gs[None, :]
     y = tl.sum(tl.reshape(acc, (2, MP, BLOCK_N)), axis=0)
     if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if tl.program_id(1) == 0:
+            y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     offs_m = tl.arange(0, MP)
-    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=(offs_m < M)[:, None] & mask_n[None, :])
+    ptrs = y_ptr + offs_m[:, None] * N + offs_n[None, :]
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
+    if ATOMIC:
+        tl.atomic_add(ptrs, y, mask=mask, sem="relaxed")
+    else:
+        tl.store(ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def pack_rows(q: torch.Tensor) -> torch.Tensor:
@@ -111,7 +127,7 @@ def pack_rows(q: torch.Tensor) -> torch.Tensor:
     return u[:, 0::2] | (u[:, 1::2] << 4)
 
 
-def run(x, w_bytes, gscale, bias, cfg):
+def run(x, w_bytes, gscale, bias, cfg, num_sms=132):
     m, k = x.shape
     n = w_bytes.shape[0]
     mp = max(8, triton.next_power_of_2(m))
@@ -119,20 +135,31 @@ def run(x, w_bytes, gscale, bias, cfg):
     planes = torch.empty((2, 2 * mp, k // 2), dtype=torch.int8, device=x.device)
     s = torch.empty((mp, kc), dtype=torch.float32, device=x.device)
     _split_pairs_kernel[(mp, triton.cdiv(kc, 8))](x, planes, s, m, k, kc, x.stride(0), MP=mp, CHUNK=G, CHUNKS=8)
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    _w4_mma_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
-        planes, s, w_bytes, gscale, bias if bias is not None else gscale, y, m, n, k, kc, HAS_BIAS=bias is not None,
-        K_STEPS=kc, MP=mp, BLOCK_N=cfg["BLOCK_N"], GROUP=G, ASM=cfg.get("ASM", False), num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
-    return y
+    sg = cfg.get("SG", 1)
+    tiles = triton.cdiv(n, cfg["BLOCK_N"])
+    splits = 1
+    while tiles * splits * 2 <= cfg.get("waves", 0) * num_sms and kc // (splits * 2) >= 2 * sg:
+        splits *= 2
+    per = triton.cdiv(kc, splits)
+    atomic = splits > 1
+    y = (torch.zeros if atomic else torch.empty)((m, n), dtype=torch.float32 if atomic else x.dtype, device=x.device)
+    _w4_mma_kernel[(tiles, splits)](
+        planes, s, w_bytes, gscale, bias if bias is not None else gscale, y, m, n, k, kc, per,
+        K_STEPS=triton.cdiv(per, sg),
+        HAS_BIAS=bias is not None, ATOMIC=atomic, MP=mp, BLOCK_N=cfg["BLOCK_N"], GROUP=G, STEP_GROUPS=sg,
+        ASM=cfg.get("ASM", False), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return y.to(x.dtype) if atomic else y
 
 
-CFGS = [dict(BLOCK_N=bn, num_warps=wp, num_stages=st, ASM=asm) for bn, wp, st in [
-    (64, 4, 4), (128, 4, 4), (128, 4, 6), (256, 8, 4), (32, 4, 6)] for asm in (False, True)]
+# second run: every configuration with the inline PTX (it won or tied at M = 1 in the first), several groups per step,
+# split K to `waves` waves of SMs
+CFGS = [dict(BLOCK_N=bn, SG=sg, waves=wv, num_warps=4, num_stages=st, ASM=True)
+        for bn in (32, 64, 128) for sg in (1, 2, 4) for wv in (1, 2) for st in (4,)]
 
 
 def cfg_name(c):
-    return f"{c['BLOCK_N']}w{c['num_warps']}p{c['num_stages']}{'asm' if c['ASM'] else ''}"
+    return f"{c['BLOCK_N']}sg{c.get('SG', 1)}v{c.get('waves', 0)}w{c['num_warps']}p{c['num_stages']}" + \
+        ("asm" if c.get("ASM") else "")
 
 
 def make_case(k, n, m, dtype, device, seed=0):
@@ -155,13 +182,14 @@ def rel_err(y, ref):
 
 
 def check_cpu():
-    cfg = dict(BLOCK_N=32, num_warps=4, num_stages=1)  # ASM = False: the interpreter has no inline PTX
     worst = 0.0
-    for k, n, m in [(256, 48, 1), (384, 32, 3), (512, 40, 16), (256, 64, 33)]:
-        x, _, wb, gs, b, ref = make_case(k, n, m, torch.float32, "cpu")
-        e = rel_err(run(x, wb, gs, b, cfg), ref)
-        print(f"{k}x{n} M={m}: rel err {e:.2e}")
-        worst = max(worst, e)
+    for cfg in (dict(BLOCK_N=32, num_warps=4, num_stages=1),  # ASM = False: the interpreter has no inline PTX
+                dict(BLOCK_N=32, SG=2, waves=8, num_warps=4, num_stages=1)):  # 8 waves of 4 SMs: split K
+        for k, n, m in [(256, 48, 1), (384, 32, 3), (768, 40, 16), (256, 64, 33), (1024, 32, 2)]:
+            x, _, wb, gs, b, ref = make_case(k, n, m, torch.float32, "cpu")
+            e = rel_err(run(x, wb, gs, b, cfg, num_sms=4), ref)
+            print(f"{cfg_name(cfg)} {k}x{n} M={m}: rel err {e:.2e}")
+            worst = max(worst, e)
     assert worst < 2e-4, worst
 
 
@@ -169,15 +197,17 @@ def sass():
     sys.path.insert(0, os.path.dirname(__file__))
     from sass_count import compile_sass, report
 
-    sig = dict(planes_ptr="*i8", s_ptr="*fp32", w_ptr="*u8", gs_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16",
-               M="i32", N="i32", K="i32", KC="i32")
+    sig = dict(planes_ptr="*i8", s_ptr="*fp32", w_ptr="*u8", gs_ptr="*bf16", b_ptr="*bf16", y_ptr="*fp32",
+               M="i32", N="i32", K="i32", KC="i32", groups_per_split="i32")
     div = ["planes_ptr", "s_ptr", "w_ptr", "gs_ptr", "b_ptr", "y_ptr", "N", "K", "KC"]
-    for mp in (8, 16, 32):
+    for mp in (8, 16):
         for c in CFGS:
-            code = compile_sass(_w4_mma_kernel, sig, dict(HAS_BIAS=True, K_STEPS=32, MP=mp, BLOCK_N=c["BLOCK_N"],
-                                                          GROUP=G, ASM=c["ASM"]), div, c["num_warps"],
-                                c["num_stages"])
-            report(f"MP={mp} {cfg_name(c)}", code, c["BLOCK_N"] * G // (32 * c["num_warps"]))
+            if c["waves"] != 2:
+                continue
+            consts = dict(HAS_BIAS=True, ATOMIC=True, K_STEPS=64, MP=mp, BLOCK_N=c["BLOCK_N"], GROUP=G,
+                          STEP_GROUPS=c["SG"], ASM=c["ASM"])
+            code = compile_sass(_w4_mma_kernel, sig, consts, div, c["num_warps"], c["num_stages"])
+            report(f"MP={mp} {cfg_name(c)}", code, c["BLOCK_N"] * G * c["SG"] // (32 * c["num_warps"]))
 
 
 def part(k, n, m, dtype=torch.bfloat16):
@@ -225,7 +255,7 @@ def main():
     from probe_util import run_grid
 
     MODE["graph"] = True
-    run_grid(part, SHAPES, (1, 16, 64), "int4_int8_mma_probe.json")
+    run_grid(part, SHAPES, (1, 16), "int4_int8_mma_probe.json")
 
 
 if __name__ == "__main__":
