@@ -84,7 +84,7 @@ def main() -> None:
         for m in args.ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             g = {"M": m, "bf16": bench(lambda: x @ w16())}
-            g["int4"] = bench(lambda: x @ int4_kernel.launch_dequant(*w4(), None, GROUP, torch.bfloat16, cfg=t4).t())
+            g["int4"] = bench(lambda: x @ int4_kernel.launch_dequant(*w4(), None, GROUP, torch.bfloat16, cfg=t4))
             for fmt, block in FP4.items():
                 tf = best_tile(row["dequant"][fmt])
                 g[fmt] = bench(lambda: x @ fp4_kernel.launch_dequant(*fp4[fmt](), block, torch.bfloat16, cfg=tf).t())

@@ -8,7 +8,7 @@ torch's tinygemm and FP8 `_scaled_mm` tensorwise (CUDA graphs, weights rotated).
 a process pool (the Triton disk cache then serves the timing process). Writes every measurement as JSON
 and prints the best configuration per cell and per M bucket.
 
-    python3 tools/tune_int4_gemm.py --out tune.json [--shapes 8192x28672] [--ms 1 16] [--kinds int8_mma]
+    python3 tools/tune_int4_gemm.py --out tune.json [--shapes 8192x28672] [--ms 1 16] [--kinds gemv]
 """
 from __future__ import annotations
 
@@ -27,10 +27,14 @@ def candidates(m: int) -> list[dict]:
     """Candidate launch configurations (W4A16, and W4A8 on FP8 dots) for a row count m: the neighbourhood
     of the winners of the first sweep (benchmarks/int4_tune_v2b.json), plus dequantize + cuBLAS."""
     out = []
-    if m <= 16:  # the INT8 tensor-core path's tiles (the neighbourhood of the probe's winners, commit a160a3a)
-        for bn, sg, waves, st in itertools.product((64, 128), (1, 2), (1, 2, 4), (3, 4)):
-            out.append(dict(kernel="int8_mma", rows=16 if m > 1 else 1,
-                            tile=dict(BLOCK_N=bn, STEP_GROUPS=sg, waves=waves, num_warps=4, num_stages=st)))
+    if m == 1:  # the winners of benchmarks/int4_tune_gemv.json, and narrow deep tiles on 1-2 warps (the shape
+        # that won the W8A16 GEMV sweep, benchmarks/tune_w8a16_small_m.json)
+        for bn, bk, w, waves in [(512, 32, 2, 32), (512, 64, 4, 16), (512, 64, 4, 32), (256, 32, 4, 16)]:
+            out.append(dict(kernel="gemv", BLOCK_N=bn, MIN_TILES=1, BLOCK_K=bk, num_warps=w, num_stages=3,
+                            waves=waves))
+        for bn, bk, w, waves in itertools.product((32, 64, 128), (64, 128), (1, 2), (4, 8, 16)):
+            out.append(dict(kernel="gemv", BLOCK_N=bn, MIN_TILES=1, BLOCK_K=bk, num_warps=w, num_stages=3,
+                            waves=waves))
     if m <= 16:
         for bn, bk, w, st, waves in itertools.product((32, 64), (64, 128), (2, 4), (3, 4, 5), (4, 8)):
             out.append(dict(kernel="mm_t", BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st,
@@ -124,7 +128,7 @@ def baselines(k: int, n: int, m: int, x) -> dict:
 def main() -> None:
     ap = bench_parser(__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=12)
-    ap.add_argument("--kinds", nargs="*", help="only these kernels (int8_mma, mm_t, dequant)")
+    ap.add_argument("--kinds", nargs="*", help="only these kernels (gemv, mm_t, dequant)")
     args = ap.parse_args()
     MODE["graph"] = True
     cells = [(int(s.split("x")[0]), int(s.split("x")[1]), m) for s in args.shapes for m in args.ms]

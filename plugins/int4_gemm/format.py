@@ -5,14 +5,11 @@ ONNX layout (what an ONNX INT4/UINT4 initializer stores, and TensorRT's conventi
   index) in the low nibble, the second in the high nibble; an odd count pads the last high nibble with 0.
   Signed INT4 holds [-8, 7] (two's complement nibble), UINT4 holds [0, 15].
 
-Engine layout (what the kernels load; `torch.int32` `[N, K/8]`, K contiguous: each output feature's
-weights are one contiguous run):
-  word `P[n, i]` packs the 8 K-consecutive values `q[8*i + j, n]`, j = 0..7, nibble j in bits
+Engine layout (what the kernel loads; `torch.int32` `[K/8, N]`, N contiguous):
+  word `P[i, n]` packs the 8 K-consecutive values `q[8*i + j, n]`, j = 0..7, nibble j in bits
   `4*j .. 4*j+3` (j = 0 in the lowest bits), each as a signed two's complement nibble ([-8, 7]).
+  The kernel sign-extends nibble j with two shifts: `(P << (28 - 4*j)) >> 28` (arithmetic).
   The int32 is the bit pattern of the uint32 word (words with bit 31 set are negative).
-  Read as bytes (little endian), the same memory is uint8 `[N, K/2]`: byte `b` of row n holds
-  `q[2b, n]` in its low nibble and `q[2b + 1, n]` in its high one (the ONNX packing of W^T). As int8,
-  `byte << 4` is 16 q[2b] and `byte & 0xF0` is 16 q[2b + 1]: what the INT8 tensor-core path feeds its MMA.
   K must be a multiple of 8. Unsigned (UINT4) weights are stored as `q - 8` with zero points
   `zp - 8` (so `q - zp` is unchanged) and a UINT4 weight without zero point gets `zp = -8`.
 
@@ -62,7 +59,7 @@ def unpack_int4(packed: np.ndarray, shape, signed: bool = True) -> np.ndarray:
 # ------------------------------------------------------------------ engine layout (torch, traceable)
 
 def to_engine(q: torch.Tensor) -> torch.Tensor:
-    """int4 values `q[K, N]` (any int dtype, signed [-8, 7]) -> engine words int32 [N, K/8].
+    """int4 values `q[K, N]` (any int dtype, signed [-8, 7]) -> engine words int32 [K/8, N].
 
     Plain torch ops, traceable (used by the lowering converter)."""
     if q.dim() != 2 or q.shape[0] % PACK:
@@ -72,14 +69,13 @@ def to_engine(q: torch.Tensor) -> torch.Tensor:
     shifts = torch.arange(0, 4 * PACK, 4, dtype=torch.int64, device=q.device).reshape(1, PACK, 1)
     words = (nib << shifts).sum(dim=1)  # disjoint bits: sum == or; uint32 value in int64
     words = torch.where(words >= 2**31, words - 2**32, words)
-    return words.to(torch.int32).t().contiguous()
+    return words.to(torch.int32)
 
 
 def from_engine(words: torch.Tensor) -> torch.Tensor:
-    """Engine words int32 [N, K/8] -> signed int4 values int8 [K, N] (sign-extended nibbles)."""
+    """Engine words int32 [K/8, N] -> signed int4 values int8 [K, N] (sign-extended nibbles)."""
     if words.dtype != torch.int32 or words.dim() != 2:
-        raise ValueError(f"engine int4 weight must be int32 [N, K/8], got {words.dtype} {tuple(words.shape)}")
-    words = words.t()
+        raise ValueError(f"engine int4 weight must be int32 [K/8, N], got {words.dtype} {tuple(words.shape)}")
     kw, n = words.shape
     shifts = torch.arange(0, 4 * PACK, 4, dtype=torch.int32, device=words.device).reshape(1, PACK, 1)
     nib = (words.unsqueeze(1) >> shifts) & 0xF
@@ -89,7 +85,7 @@ def from_engine(words: torch.Tensor) -> torch.Tensor:
 
 def onnx_to_engine(q: torch.Tensor, zero: torch.Tensor | None, signed: bool):
     """ONNX int4 values (as the lowering holds them: int8/uint8 value tensors [K, N], [K/g, N])
-    -> (engine words int32 [N, K/8], engine zero points int8 [K/g, N] or None).
+    -> (engine words int32 [K/8, N], engine zero points int8 [K/g, N] or None).
 
     Unsigned: weights and zero points are shifted by -8 (a UINT4 weight without zero point gets -8)."""
     if signed:

@@ -1,18 +1,21 @@
 """Triton kernels of `qcompile::int4_groupwise_gemm` (CUDA only; imported lazily: CPU machines have no Triton).
 
-Kernels (all read the engine layout of `format.py`: int32 words [N, K/8], K contiguous):
+Kernels (all read the engine layout of `format.py`: int32 words [K/8, N], N contiguous):
 
-- `int8_mma` (its own module; up to 16 rows of 16-bit x, groups of 64 or more): the packed bytes straight into
-  the INT8 tensor cores, x split into two int8 planes. It replaced a GEMV on the CUDA cores at M = 1 and mm_t
-  at 2..16 rows (1.1-1.3x faster on the kernel-target shapes, see its docstring).
+- `_int4_gemv_kernel` (one row of x per program; M = 1): streams [BLOCK_K/8 word rows, BLOCK_N] weight tiles
+  and multiplies in fp32 registers without tensor cores (at M = 1 the job is moving weight bytes). Each
+  nibble is moved to bits 16..19 and OR-ed into the bits of 128.0, so the float is 136 + q (one shift and
+  one AND/XOR per weight); the 136 (+ zero point) comes off once per word row. K is split until about
+  `waves` waves of programs stream the weight; partial sums meet in fp32 atomics. It replaced a row-wise
+  GEMV (one word row at a time, fp32 magic-number dequantization) that lost on every decode shape
+  (benchmarks/int4_tune_gemv.json).
 - `_int4_mm_t_kernel` (swapped operands, small M): `y^T = dequant(W)^T @ x^T`, so the dequantized weight
   tile is the MMA's first operand and the few rows of x its narrow side; nibbles unpacked in registers with
-  `tl.interleave`. K is split until about `waves` waves of programs stream the weight; partial sums meet
-  in fp32 atomics. 17-128 rows, and 1-16 rows where the INT8 path does not apply.
+  `tl.interleave`. Split-K like the GEMV.
 - `_int4_mm_kernel` (tiles of BLOCK_M rows, any M, grouped tile order): the plain orientation, with
   in-register (`UNPACK`) or duplicate-address nibble loads. It lost to mm_t and to dequantize + cuBLAS on
-  the H200; it runs for groups that are not whole steps of >= 16 (e.g. 8), which mm_t cannot take.
-- `_int4_dequant_kernel`: `dequant(W)^T` [N, K] in x.dtype, for the dequantize-then-cuBLAS path of large M.
+  the H200; it runs for groups that are not whole steps of >= 16 (e.g. 8), which mm_t and the GEMV cannot take.
+- `_int4_dequant_kernel`: `dequant(W)` in x.dtype, for the dequantize-then-cuBLAS path of large M.
 
 Dequantization tricks (what makes a weight cost a few integer/float ops, never an int->float conversion):
 - "magic number" conversion: a signed nibble u (two's complement, value q) XOR 8 is q + 8 in [0, 15]; OR-ed
@@ -48,7 +51,6 @@ import triton.language as tl
 
 from qcompile.plugins.gemm_dispatch import (add_bias, cdiv, identity, run_by_buckets, split_for_waves,
                                              unpack_optional)
-from qcompile.plugins.int4_gemm import int8_mma
 from qcompile.plugins.int4_gemm.format import PACK
 from qcompile.plugins.int4_gemm.reference import check_args
 from qcompile.plugins.triton_tiles import grouped_tile, store_tile
@@ -57,30 +59,83 @@ DEFAULT_SMS = 132
 FP32_MAGIC = 8388616.0  # 2^23 + 8: the fp32 whose mantissa bits 0..3 hold q + 8
 MAGIC16 = {torch.bfloat16: (0x4308, 136.0), torch.float16: (0x6408, 1032.0)}  # (bits XOR-ed in, value - q)
 
-# M buckets -> launch configuration (kernel "int8_mma" (`int8_mma.py`, for `rows` rows at most) | "mm_t" | "mm"
-# | "dequant" (dequantize + cuBLAS); tile sizes; split-K target waves; fp8_dot: W4A8 on FP8 dots instead of exact
-# conversion to the float type). The last bucket has limit None (every larger M). mm_t's tiles come from
-# tools/tune_int4_gemm.py runs on the H200 (benchmarks/int4_tune_v2b.json, then int4_tune_v2c.json around its
-# winners, in the previous [K/8, N] layout); the INT8 path from the probe of commit a160a3a.
+# M buckets -> launch configuration (kernel "gemv" | "mm_t" | "mm" | "dequant" (dequantize + cuBLAS); tile
+# sizes; split-K target waves; fp8_dot: W4A8 on FP8 dots instead of exact conversion to the float type).
+# The last bucket has limit None (every larger M). Chosen from tools/tune_int4_gemm.py runs on the H200
+# (benchmarks/int4_tune_v2b.json, then int4_tune_v2c.json around its winners; the M = 1 tile GEMV from
+# benchmarks/int4_tune_gemv.json: within 7% of each decode shape's best but 4096x1024, 1.12x there).
 CONFIGS = [
-    (1, dict(kernel="int8_mma", rows=1)),
-    (16, dict(kernel="int8_mma", rows=16)),
+    (1, dict(kernel="gemv", BLOCK_N=512, MIN_TILES=8, BLOCK_K=32, num_warps=2, num_stages=3,
+             waves=32)),
+    (16, dict(kernel="mm_t", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, waves=8,
+              SCALE_ACC=False)),
     (128, dict(kernel="mm_t", BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, waves=2,
                SCALE_ACC=False)),
     (None, dict(kernel="dequant")),
 ]
-# M <= 16 where the INT8 path does not apply (float32 x, groups of 32)
-SMALL_M_TILES = dict(kernel="mm_t", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, waves=8,
-                     SCALE_ACC=False)
-DEQUANT = dict(BLOCK_N=64, BLOCK_KW=16, num_warps=4)  # tile of `_int4_dequant_kernel`
+DEQUANT = dict(BLOCK_KW=8, BLOCK_N=256, num_warps=4)  # tile of `_int4_dequant_kernel`: 7 within 3% (benchmarks/dequant.json)
 
 
 @triton.jit
-def _nibbles(w_ptr, offs_k, offs_n, mask, K):
-    """[BLOCK_K, BLOCK_N] int32: nibble of q[k, n] in bits 0..3 (row k reads word k // 8 of row n)."""
-    words = tl.load(w_ptr + offs_n.to(tl.int64)[None, :] * (K // 8) + (offs_k // 8)[:, None], mask=mask, other=0,
+def _nibbles(w_ptr, offs_k, offs_n, mask, N):
+    """[BLOCK_K, BLOCK_N] int32: nibble of q[k, n] in bits 0..3 (row k reads word k // 8)."""
+    words = tl.load(w_ptr + (offs_k // 8).to(tl.int64)[:, None] * N + offs_n[None, :], mask=mask, other=0,
                     eviction_policy="evict_first")
     return (words >> ((offs_k % 8) * 4)[:, None]) & 0xF
+
+
+@triton.jit
+def _nibble_plus_136(words, j: tl.constexpr):
+    """fp32 `136 + q` of nibble j of int32 words: the nibble moved to bits 16..19 and OR-ed into the bits of 128.0
+    with its sign bit flipped (one shift and one AND/XOR: q + 8 in the mantissa, exact)."""
+    if j < 4:
+        t = words << (16 - 4 * j)
+    elif j == 4:
+        t = words
+    else:
+        t = words >> (4 * j - 16)
+    return ((t & 0x000F0000) ^ 0x43080000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _int4_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
+    N, K, stride_xm, group_size, k_per_split,
+    K_STEPS: tl.constexpr, HAS_ZERO: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """GEMV over [BLOCK_K/8 word rows, BLOCK_N] tiles: the nibble of position j is moved to bits 16..19 and
+    OR-ed into the bits of 128.0 (one shift and one AND/XOR per weight, no subtraction): the float is
+    136 + q exactly and `x * (136 + q)` is exact in fp32 for bf16/fp16 x. The 136 + zero point is taken off
+    once per word row and column (`sum_j x_j * c`), then the step's group scale: 3 ops per weight."""
+    BLOCK_KW: tl.constexpr = BLOCK_K // 8
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    row = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    x_row = x_ptr + row * stride_xm
+    acc = tl.zeros((BLOCK_KW, BLOCK_N), dtype=tl.float32)
+    for step in range(0, K_STEPS):  # BLOCK_K divides the group: one scale row per step; steps past K masked
+        k0 = pid_k * k_per_split + step * BLOCK_K
+        kw = k0 // 8 + tl.arange(0, BLOCK_KW)
+        ok = kw < K // 8
+        words = tl.load(w_ptr + kw.to(tl.int64)[:, None] * N + offs_n[None, :], mask=ok[:, None] & mask_n[None, :],
+                        other=0, eviction_policy="evict_first")
+        g = k0 // group_size
+        smask = mask_n & (k0 < K)
+        s = tl.load(s_ptr + g * N + offs_n, mask=smask, other=0.0).to(tl.float32)
+        c = tl.full((BLOCK_N,), 136.0, tl.float32)
+        if HAS_ZERO:
+            c += tl.load(z_ptr + g * N + offs_n, mask=smask, other=0).to(tl.float32)
+        part = tl.zeros((BLOCK_KW, BLOCK_N), dtype=tl.float32)
+        xsum = tl.zeros((BLOCK_KW,), dtype=tl.float32)
+        for j in tl.static_range(8):
+            xj = tl.load(x_row + kw * 8 + j, mask=ok, other=0.0).to(tl.float32)
+            part += xj[:, None] * _nibble_plus_136(words, j)
+            xsum += xj
+        acc += (part - xsum[:, None] * c[None, :]) * s[None, :]
+    store_tile(y_ptr + row * N + offs_n, tl.sum(acc, axis=0), mask_n, ATOMIC)
 
 
 @triton.jit
@@ -125,7 +180,7 @@ def _int4_mm_t_kernel(
     for step in range(0, K_STEPS):
         k0 = k_lo + step * BLOCK_K
         kw = k0 // 8 + offs_w
-        words = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * (K // 8) + kw[None, :],
+        words = tl.load(w_ptr + kw.to(tl.int64)[None, :] * N + offs_n[:, None],
                         mask=mask_n[:, None] & (kw < K // 8)[None, :], other=0, eviction_policy="evict_first")
         nib = _unpack_k_cols(words)
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -186,11 +241,11 @@ def _int4_mm_kernel(
         wmask = mask_k[:, None] & mask_n[None, :]
         if UNPACK:  # load each word once, unpack in registers
             kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-            words = tl.load(w_ptr + offs_n.to(tl.int64)[None, :] * (K // 8) + kw[:, None],
+            words = tl.load(w_ptr + kw.to(tl.int64)[:, None] * N + offs_n[None, :],
                             mask=(kw < K // 8)[:, None] & mask_n[None, :], other=0, eviction_policy="evict_first")
             nib = _unpack_k_rows(words, BLOCK_K, BLOCK_N)
         else:  # row k loads word k // 8 (duplicate addresses)
-            nib = _nibbles(w_ptr, offs_k, offs_n, wmask, K)
+            nib = _nibbles(w_ptr, offs_k, offs_n, wmask, N)
         if GROUP_ALIGNED:  # the step lies in one group: one scale (and zero point) row
             g = k0 // group_size
             smask = mask_n & (k0 < K)
@@ -229,33 +284,34 @@ def _int4_mm_kernel(
 @triton.jit
 def _int4_dequant_kernel(
     w_ptr, s_ptr, z_ptr, out_ptr, N, K, group_size,
-    HAS_ZERO: tl.constexpr, GROUP_ALIGNED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+    HAS_ZERO: tl.constexpr, GROUP_ALIGNED: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dequant(W)^T [N, K] in out's dtype from [BLOCK_N rows, BLOCK_KW words] tiles, unpacked in registers to
-    [BLOCK_N, 8 BLOCK_KW] (K contiguous, as out): nibble ^ 0x4B000008 is the fp32 2^23 + 8 + q, so
-    `(that - (2^23 + 8 + zp)) * s` is exact in fp32, then one rounding to out's dtype, as the reference. When the
-    tile's 8 * BLOCK_KW columns lie in one group (`GROUP_ALIGNED`) its scale (and zero point) is loaded once per
-    row."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    kw = tl.program_id(1) * BLOCK_KW + tl.arange(0, BLOCK_KW)
+    """dequant(W) [K, N] in out's dtype from [BLOCK_KW word rows, BLOCK_N] tiles: nibble j of word row w is
+    K row 8w + j, placed in bits 16..19 of 128.0 (136 + q, as in the GEMV), `((136 + q) - (136 + zp)) * s` in
+    fp32 (exact, then one rounding to out's dtype, as the reference). When the tile's 8 * BLOCK_KW rows lie in
+    one group (`GROUP_ALIGNED`) its scale and zero-point row is loaded once, not once per row."""
+    kw = tl.program_id(0) * BLOCK_KW + tl.arange(0, BLOCK_KW)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    words = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * (K // 8) + kw[None, :],
-                    mask=mask_n[:, None] & (kw < K // 8)[None, :], other=0, eviction_policy="evict_first")
-    nib = _unpack_k_cols(words)
-    offs_k = tl.program_id(1) * BLOCK_KW * 8 + tl.arange(0, BLOCK_KW * 8)
-    mask = mask_n[:, None] & (offs_k < K)[None, :]
+    mask = (kw < K // 8)[:, None] & mask_n[None, :]
+    words = tl.load(w_ptr + kw.to(tl.int64)[:, None] * N + offs_n[None, :], mask=mask, other=0,
+                    eviction_policy="evict_first")
     if GROUP_ALIGNED:
-        gp = ((tl.program_id(1) * BLOCK_KW * 8) // group_size) * N + offs_n[:, None]
-        smask = mask_n[:, None]
-    else:
-        gp = (offs_k // group_size).to(tl.int64)[None, :] * N + offs_n[:, None]
-        smask = mask
-    s = tl.load(s_ptr + gp, mask=smask, other=0.0).to(tl.float32)
-    c = 8388616.0  # FP32_MAGIC
-    if HAS_ZERO:
-        c += tl.load(z_ptr + gp, mask=smask, other=0).to(tl.float32)
-    w = ((nib ^ 0x4B000008).to(tl.float32, bitcast=True) - c) * s
-    tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+        g = (tl.program_id(0) * BLOCK_KW * 8) // group_size
+        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        c = tl.full((1, BLOCK_N), 136.0, tl.float32)
+        if HAS_ZERO:
+            c += tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
+    for j in tl.static_range(8):
+        kk = kw * 8 + j
+        if not GROUP_ALIGNED:
+            gp = (kk // group_size).to(tl.int64)[:, None] * N + offs_n[None, :]
+            s = tl.load(s_ptr + gp, mask=mask, other=0.0).to(tl.float32)
+            c = tl.full((BLOCK_KW, BLOCK_N), 136.0, tl.float32)
+            if HAS_ZERO:
+                c += tl.load(z_ptr + gp, mask=mask, other=0).to(tl.float32)
+        w = (_nibble_plus_136(words, j) - c) * s
+        tl.store(out_ptr + kk.to(tl.int64)[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _block_k(cfg_k: int, k: int, group_size: int) -> tuple[int, bool]:
@@ -267,12 +323,35 @@ def _block_k(cfg_k: int, k: int, group_size: int) -> tuple[int, bool]:
     return block_k, group_size % block_k == 0 or group_size == k
 
 
+def launch_gemv(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, wrap=identity,
+                num_sms: int = DEFAULT_SMS) -> torch.Tensor:
+    """fp32 `x2d @ dequant(W)` [M, N] with the GEMV kernel (one program column per row of x)."""
+    m, k = x2d.shape
+    n = w_packed.shape[1]
+    block_k, aligned = _block_k(cfg["BLOCK_K"], k, group_size)
+    if not aligned:
+        raise ValueError(f"GEMV kernel: group size {group_size} must be a multiple of 16")
+    block_n = cfg["BLOCK_N"]
+    while block_n > 64 and n < cfg.get("MIN_TILES", 16) * block_n:  # narrower N, narrower tiles (H200 tuning)
+        block_n //= 2
+    tiles = cdiv(n, block_n)
+    splits, per = split_for_waves(k, tiles, block_k, cfg["waves"], num_sms)
+    y = (torch.zeros if splits > 1 else torch.empty)((m, n), dtype=torch.float32, device=x2d.device)
+    wrap(_int4_gemv_kernel)[(tiles, splits, m)](
+        x2d, w_packed, w_scale, w_zero if w_zero is not None else w_scale, y,
+        n, k, x2d.stride(0), group_size, per, K_STEPS=per // block_k,
+        HAS_ZERO=w_zero is not None, ATOMIC=splits > 1, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return y
+
+
 def launch_mm(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, x_row_scale=None,
               out_dtype=torch.float32, wrap=identity, num_sms: int = DEFAULT_SMS) -> torch.Tensor:
     """`x2d @ dequant(W)` [M, N] (times x_row_scale per row) with the tiled kernel: fp32 when split-K
     (atomics), else `out_dtype`."""
     m, k = x2d.shape
-    n = w_packed.shape[0]
+    n = w_packed.shape[1]
     fp8 = x2d.dtype == torch.float8_e4m3fn
     block_k, aligned = _block_k(cfg["BLOCK_K"], k, group_size)
     if fp8 and not aligned:
@@ -301,17 +380,15 @@ def launch_mm(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, x_r
 
 def launch_dequant(w_packed, w_scale, w_zero, group_size: int, dtype, *, wrap=identity,
                    cfg: dict | None = None) -> torch.Tensor:
-    """`dequant(W)^T` as `dtype` [N, K] (for a dequantize-then-cuBLAS path: `x @ out.t()`); `cfg` (default
-    `DEQUANT`): tile."""
+    """`dequant(W)` as `dtype` [K, N] (for a dequantize-then-cuBLAS path); `cfg` (default `DEQUANT`): tile."""
     cfg = cfg or DEQUANT
-    n, kw = w_packed.shape
-    k = kw * PACK
-    out = torch.empty((n, k), dtype=dtype, device=w_packed.device)
-    cols = cfg["BLOCK_KW"] * PACK
-    aligned = group_size % cols == 0 or group_size == k
-    wrap(_int4_dequant_kernel)[(cdiv(n, cfg["BLOCK_N"]), cdiv(kw, cfg["BLOCK_KW"]), 1)](
-        w_packed, w_scale, w_zero if w_zero is not None else w_scale, out, n, k, group_size,
-        HAS_ZERO=w_zero is not None, GROUP_ALIGNED=aligned, BLOCK_N=cfg["BLOCK_N"], BLOCK_KW=cfg["BLOCK_KW"],
+    kw, n = w_packed.shape
+    out = torch.empty((kw * PACK, n), dtype=dtype, device=w_packed.device)
+    rows = cfg["BLOCK_KW"] * PACK
+    aligned = group_size % rows == 0 or group_size == kw * PACK
+    wrap(_int4_dequant_kernel)[(cdiv(kw, cfg["BLOCK_KW"]), cdiv(n, cfg["BLOCK_N"]), 1)](
+        w_packed, w_scale, w_zero if w_zero is not None else w_scale, out, n, kw * PACK, group_size,
+        HAS_ZERO=w_zero is not None, GROUP_ALIGNED=aligned, BLOCK_KW=cfg["BLOCK_KW"], BLOCK_N=cfg["BLOCK_N"],
         num_warps=cfg["num_warps"],
     )
     return out
@@ -331,18 +408,17 @@ def run_bucket(cfg: dict, x2d, w_packed, w_scale, w_zero, bias, group_size: int,
     FP8 x (W4A8) is converted to out_dtype exactly (E4M3 values are bf16/fp16 values) and its row scale
     applied in the epilogue, unless the configuration asks for FP8 dots (`fp8_dot`, "mm"/"mm_t" only)."""
     out_dtype = out_dtype or x2d.dtype
+    if cfg["kernel"] == "gemv" and not _block_k(cfg["BLOCK_K"], int(x2d.shape[1]), group_size)[1]:
+        cfg = CONFIGS[1][1]  # the GEMV needs groups in whole steps of >= 16; the tile kernels take any group
     kind = cfg["kernel"]
     if x2d.dtype == torch.float8_e4m3fn and not (kind in ("mm", "mm_t") and cfg.get("fp8_dot")):
         return _epilogue(run_bucket(cfg, x2d.to(out_dtype), w_packed, w_scale, w_zero, None, group_size,
                                     out_dtype=torch.float32, wrap=wrap, num_sms=num_sms),
                          bias, out_dtype, x_row_scale)
-    if kind == "int8_mma" and (x2d.dtype == torch.float32 or int8_mma.chunk_for(group_size, x2d.shape[1]) is None):
-        kind, cfg = "mm_t", SMALL_M_TILES
-    if kind == "int8_mma":  # bias and cast in the kernel
-        return int8_mma.launch(x2d, w_packed, w_scale, w_zero, bias, group_size, cfg["rows"], out_dtype=out_dtype,
-                               wrap=wrap, num_sms=num_sms, tile=cfg.get("tile"))
-    if kind == "dequant":
-        acc = x2d @ launch_dequant(w_packed, w_scale, w_zero, group_size, x2d.dtype, wrap=wrap).t()
+    if kind == "gemv":
+        acc = launch_gemv(x2d, w_packed, w_scale, w_zero, group_size, cfg, wrap=wrap, num_sms=num_sms)
+    elif kind == "dequant":
+        acc = x2d @ launch_dequant(w_packed, w_scale, w_zero, group_size, x2d.dtype, wrap=wrap)
     else:
         acc = launch_mm(x2d, w_packed, w_scale, w_zero, group_size, cfg, x_row_scale=x_row_scale,
                         out_dtype=out_dtype, wrap=wrap, num_sms=num_sms)
@@ -363,7 +439,7 @@ def int4_gemm_triton(x, w_packed, w_scale, w_zero, bias, group_size: int, *, x_r
     # K and N are weight dims, static in an engine; int() specializes them (a guard) when a compiler
     # made them symbolic (torch.compile(dynamic=True)): the launch configuration needs Python ints
     k = int(x.shape[-1])
-    n = int(w_packed.shape[0])
+    n = int(w_packed.shape[1])
     has_zero, has_bias, has_rs = w_zero is not None, bias is not None, x_row_scale is not None
 
     def bucket(cfg):

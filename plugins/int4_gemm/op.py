@@ -51,7 +51,7 @@ def int4_groupwise_gemm(
 
         y = int4_gemm_triton(xq, w_packed, w_scale, w_zero, bias, group_size, x_row_scale=x_row_scale,
                              out_dtype=x.dtype, wrap=torch.library.wrap_triton, num_sms=_num_sms(x))
-    return y.reshape(*x.shape[:-1], w_packed.shape[0])
+    return y.reshape(*x.shape[:-1], w_packed.shape[1])
 
 
 def _num_sms(x: Tensor) -> int:

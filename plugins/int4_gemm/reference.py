@@ -22,9 +22,9 @@ def check_args(x, w_packed, w_scale, w_zero, bias, group_size: int) -> None:
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"int4_groupwise_gemm: x must be float32/float16/bfloat16, got {x.dtype}")
     if w_packed.dtype != torch.int32 or w_packed.dim() != 2:
-        raise ValueError(f"int4_groupwise_gemm: w_packed must be int32 [N, K/8] (engine layout), got "
+        raise ValueError(f"int4_groupwise_gemm: w_packed must be int32 [K/8, N] (engine layout), got "
                          f"{w_packed.dtype} {tuple(w_packed.shape)}")
-    n, k = w_packed.shape[0], w_packed.shape[1] * PACK
+    k, n = w_packed.shape[0] * PACK, w_packed.shape[1]
     if x.shape[-1] != k:
         raise ValueError(f"int4_groupwise_gemm: x has K={x.shape[-1]} but w_packed {tuple(w_packed.shape)} holds K={k}")
     if group_size <= 0 or k % group_size:

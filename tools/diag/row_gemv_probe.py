@@ -10,9 +10,9 @@ Prints one table per part (µs per call from CUDA-graph replay, rotating weights
 Prototypes are checked against float64 before they are timed. Not part of the product. The run recorded in
 benchmarks/row_gemv_probe.json timed W8A16 prototypes that then became `plugins/int8_wo_gemm/kernel.py`'s
 `_row_gemv_kernel` and `_row_dot_kernel` (parts B and D now time those, through `launch_gemv` / `launch_dot`;
-this form of the probe has not run on the GPU). Part C's prototype decodes nibbles with `_nibble_plus_136` (the
-INT4 plugin's former GEMV decoding, kept here) since that run (the recorded one XOR-ed 0x88888888 into each word,
-then OR-ed 128.0's bits in: the same values).
+this form of the probe has not run on the GPU). Part C's prototype decodes nibbles with the INT4 plugin's
+`_nibble_plus_136` since that run (the recorded one XOR-ed 0x88888888 into each word, then OR-ed 128.0's bits
+in: the same values).
 """
 from __future__ import annotations
 
@@ -26,21 +26,9 @@ sys.path.insert(0, __file__.rsplit("/", 2)[0])  # tools/
 from gpu_timing import MODE, bench, rotating  # noqa: E402
 from probe_util import run_part, save  # noqa: E402
 
+from qcompile.plugins.int4_gemm.kernel import _nibble_plus_136  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
-
-
-@triton.jit
-def _nibble_plus_136(words, j: tl.constexpr):
-    """fp32 `136 + q` of nibble j of int32 words: the nibble moved to bits 16..19 and OR-ed into the bits of 128.0
-    with its sign bit flipped (the INT4 plugin's former GEMV decoding)."""
-    if j < 4:
-        t = words << (16 - 4 * j)
-    elif j == 4:
-        t = words
-    else:
-        t = words >> (4 * j - 16)
-    return ((t & 0x000F0000) ^ 0x43080000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -159,13 +147,14 @@ def part_c(k, n, dtype=torch.bfloat16):
     scale_ng = (torch.rand(n, k // g, device="cuda") * 0.01 + 0.001).to(dtype)
     w = q.double() * scale_ng.double().repeat_interleave(g, dim=1)
     ref = x.double() @ w.t() + bias.double()
-    words = to_engine(q.t())  # the engine layout [N, K/8] (the row layout; it was [K/8, N] when this ran)
+    words_kn = to_engine(q.t())  # our engine layout [K/8, N]; the row layout is its transpose
+    words = words_kn.t().contiguous()
     res = {}
     nbf = rotating(lambda: torch.randn(n, k, device="cuda", dtype=dtype), n * k * 2)
     res["bf16"] = bench(lambda: torch.nn.functional.linear(x, nbf(), bias))
     scale_kn = scale_ng.t().contiguous()
-    nop = rotating(lambda: words.clone(), n * k // 2)
-    res["op"] = bench(lambda: torch.ops.qcompile.int4_groupwise_gemm(x, nop(), scale_kn, None, bias, g))
+    nkn = rotating(lambda: words_kn.clone(), n * k // 2)
+    res["op"] = bench(lambda: torch.ops.qcompile.int4_groupwise_gemm(x, nkn(), scale_kn, None, bias, g))
     nw = rotating(lambda: words.clone(), n * k // 2)
     for bn, groups, warps in [(2, 8, 4), (4, 4, 4), (4, 8, 4), (8, 2, 4), (8, 4, 8), (16, 2, 8), (2, 16, 4),
                               (4, 2, 2)]:

@@ -5,7 +5,7 @@ SASS read: the loop's instruction histogram divided by the weights each thread h
 weight-streaming kernel can keep up with HBM (the H200 issues about 33 T thread-instructions/s: 132 SMs x 4
 schedulers x 32 lanes x ~1.98 GHz; 235 M weights at 3 instructions each is 21 µs, at 6.7 it is 47 µs).
 
-    python3 tools/diag/sass_count.py [int4_mm_t int4_int8_mma fp4_gemm w8a16_row_dot]   # default: all
+    python3 tools/diag/sass_count.py [int4_mm_t int4_gemv fp4_gemm w8a16_row_dot]   # default: all
 
 The first backward branch is taken as the main loop. Not part of the product.
 
@@ -71,15 +71,10 @@ def _cases():
     yield ("int4_mm_t", k4._int4_mm_t_kernel, mm_sig,
            dict(K_STEPS=8, HAS_ZERO=False, ROW_SCALE=False, ATOMIC=True, SCALE_ACC=False, MAGIC_BITS=0x4308,
                 MAGIC_VALUE=136.0, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128), div, 4, 3, 64 * 128 // 128)
-    from qcompile.plugins.int4_gemm import int8_mma
-    mma_sig = dict(planes_ptr="*i8", s_ptr="*fp32", xsum_ptr="*i32", w_ptr="*i32", gs_ptr="*bf16", z_ptr="*i8",
-                   y_ptr="*fp32", **ptrs(["M", "N", "K", "KC", "group_size", "chunks_per_split"], "i32"))
-    t = int8_mma.TILE
-    yield ("int4_int8_mma", int8_mma._w4_mma_kernel, mma_sig,
-           dict(HAS_ZERO=False, ATOMIC=True, K_STEPS=64, MP=8, BLOCK_N=t["BLOCK_N"], CHUNK=128,
-                STEP_GROUPS=t["STEP_GROUPS"], ASM=True),
-           ["planes_ptr", "s_ptr", "xsum_ptr", "w_ptr", "gs_ptr", "z_ptr", "y_ptr", "N", "K", "KC", "group_size"],
-           t["num_warps"], t["num_stages"], t["BLOCK_N"] * 128 * t["STEP_GROUPS"] // (32 * t["num_warps"]))
+    gemv_sig = {k: v for k, v in mm_sig.items() if k not in ("rs_ptr", "M")}
+    yield ("int4_gemv", k4._int4_gemv_kernel, gemv_sig,
+           dict(K_STEPS=8, HAS_ZERO=False, ATOMIC=True, BLOCK_N=512, BLOCK_K=32),
+           [d for d in div if d != "rs_ptr"], 2, 3, 512 * 32 // 64)
     from qcompile.plugins.fp4_gemm import kernel as f4
     fp4_sig = dict(x_ptr="*bf16", w_ptr="*u8", s_ptr="*u8", g_ptr="*fp32", b_ptr="*bf16", y_ptr="*fp32",
                    **ptrs(["M", "N", "K", "stride_xm"], "i32"))

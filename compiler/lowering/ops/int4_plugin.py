@@ -4,7 +4,7 @@ Inputs follow `qcompile.plugins.int4_gemm.onnx_schema` (x, w_q, w_scale, w_zero_
 the node's `act_quant` maps to the op's W4A8 arguments: "fp8_static" -> `x_scale` (float32 scalar),
 "fp8_dynamic" -> `x_dynamic=True`, "none" (or absent) -> W4A16. The ONNX
 INT4/UINT4 weight (held by the lowering as int8/uint8 values [K, N]) and its zero points are converted to
-the engine layout by `format.onnx_to_engine` (int32 words [N, K/8], int8 zero points; UINT4 shifted by -8).
+the engine layout by `format.onnx_to_engine` (int32 words [K/8, N], int8 zero points; UINT4 shifted by -8).
 For initializer weights (the normal case) the `prepare` hook does that once, when the graph is lowered:
 the program then holds only the engine words as a buffer, and exported programs / engines contain no
 repacking. A weight computed in the graph is converted in the traced forward instead.
@@ -25,7 +25,7 @@ W_Q, W_ZERO = 1, 3  # input indices of the weight and its zero point
 
 
 def _engine_weight(ctx, w_q: torch.Tensor, zero: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(engine words int32 [N, K/8], engine zero points int8 [K/g, N] or None) of the node's ONNX weight."""
+    """(engine words int32 [K/8, N], engine zero points int8 [K/g, N] or None) of the node's ONNX weight."""
     group = int(ctx.attr("block_size", 0) or 0)
     if w_q.dim() != 2:
         raise ctx.fail(f"w_q must be [K, N], got shape {tuple(w_q.shape)}")

@@ -48,10 +48,10 @@ def _oracle(x: np.ndarray, p: dict) -> np.ndarray:
 
 
 def _engine_words(q: np.ndarray, signed: bool) -> np.ndarray:
-    """Independent packing: word [n, i] holds q[8i + j, n] (uint4 shifted by -8) in bits 4j..4j+3."""
+    """Independent packing: word [i, n] holds q[8i + j, n] (uint4 shifted by -8) in bits 4j..4j+3."""
     v = (q - (0 if signed else 8)).astype(np.int64) & 0xF
     words = sum(v[j::8] << (4 * j) for j in range(8)).astype(np.uint32)
-    return np.ascontiguousarray(words.T).view(np.int32)
+    return words.view(np.int32)
 
 
 def _bit_ops(ep) -> list[str]:
@@ -69,7 +69,7 @@ def test_exported_program_holds_engine_words_and_does_not_repack(signed):
     assert _bit_ops(ep) == []
     consts = {**ep.state_dict, **ep.constants}
     words = [v for v in consts.values() if isinstance(v, torch.Tensor) and v.dtype == torch.int32]
-    assert len(words) == 1 and tuple(words[0].shape) == (N, K // 8)
+    assert len(words) == 1 and tuple(words[0].shape) == (K // 8, N)
     np.testing.assert_array_equal(words[0].numpy(), _engine_words(p["q"], signed))
     # the ONNX-layout weight (int8/uint8 values [K, N]) is not kept next to the engine words
     assert not any(tuple(v.shape) == (K, N) for v in consts.values() if isinstance(v, torch.Tensor))
