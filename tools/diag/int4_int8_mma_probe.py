@@ -1,4 +1,4 @@
-"""Diagnostic prepared for the next H200 session (issue 4): INT4 W4A16 on the INT8 tensor cores, as W8A16's
+"""Diagnostic (H200, issue 4): INT4 W4A16 on the INT8 tensor cores, as W8A16's
 `split_mma` does it, with the 4-bit weight turned into int8 by one bit operation per byte.
 
 Weight layout here: bytes [N, K/2] (K contiguous), byte j of row n = q[n, 2j] in the low nibble, q[n, 2j+1] in the
@@ -13,11 +13,11 @@ acc += (P_even . (16 q_even) + P_odd . (16 q_odd)) * s[m] / 16 * scale[n, g] (* 
     TRITON_INTERPRET=1 python3 tools/diag/int4_int8_mma_probe.py --check-cpu
     python3 tools/diag/int4_int8_mma_probe.py --sass                   # loop instructions per weight (sm_90)
 
-Times (µs, CUDA-graph replay, rotating weights), M in {1, 16, 64} on the four kernel-target shapes: cuBLAS bf16,
+Times (µs, CUDA-graph replay, rotating weights), M in {1, 16} on the four kernel-target shapes: cuBLAS bf16,
 the shipped INT4 op (engine layout [K/8, N] words), the split kernel alone, split + GEMM per tile. Symmetric
 weights, g = 128 only (zero points would subtract z[n, g] * sum(x in the group) per group: not in this probe).
-Not part of the product: `plugins/int4_gemm/int8_mma.py` is this kernel productized (with zero points, any group of
-64 or more, the engine layout). Two H200 runs (2026-12-03): single-group tiles without split K
+Not part of the product: commit 028983c productized it (reverted: the decode engine got slower, BENCHMARKS.md,
+tenth session). Two H200 runs (2026-12-03): single-group tiles without split K
 (benchmarks/int4_int8_mma_probe_run1.json, M in {1, 16, 64}), then this form, M in {1, 16}
 (benchmarks/int4_int8_mma_probe.json).
 """
