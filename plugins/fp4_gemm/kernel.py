@@ -243,7 +243,7 @@ def launch_dequant(w_packed, w_scale, w_global, block_size: int, dtype, *, wrap=
     n, k = w_packed.shape[0], w_packed.shape[1] * 2
     out = torch.empty((n, k), dtype=dtype, device=w_packed.device)
     wrap(_fp4_dequant_kernel)[(cdiv(n, cfg["BLOCK_N"]), cdiv(k, cfg["BLOCK_K"]), 1)](
-        w_packed, w_scale, w_global if w_global is not None else w_packed, out, n, k,
+        w_packed, w_scale, optional_arg(w_global, w_packed), out, n, k,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
         **_format_args(w_scale, w_global, block_size, torch.float32),
     )

@@ -49,8 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.plugins.gemm_dispatch import (add_bias, cdiv, identity, run_by_buckets, split_for_waves,
-                                             unpack_optional)
+from qcompile.plugins.gemm_dispatch import (add_bias, cdiv, identity, optional_arg, run_by_buckets,
+                                             split_for_waves, unpack_optional)
 from qcompile.plugins.int4_gemm.format import PACK
 from qcompile.plugins.int4_gemm.reference import check_args
 from qcompile.plugins.triton_tiles import grouped_tile, store_tile
@@ -338,7 +338,7 @@ def launch_gemv(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, w
     splits, per = split_for_waves(k, tiles, block_k, cfg["waves"], num_sms)
     y = (torch.zeros if splits > 1 else torch.empty)((m, n), dtype=torch.float32, device=x2d.device)
     wrap(_int4_gemv_kernel)[(tiles, splits, m)](
-        x2d, w_packed, w_scale, w_zero if w_zero is not None else w_scale, y,
+        x2d, w_packed, w_scale, optional_arg(w_zero, w_scale), y,
         n, k, x2d.stride(0), group_size, per, K_STEPS=per // block_k,
         HAS_ZERO=w_zero is not None, ATOMIC=splits > 1, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -367,8 +367,8 @@ def launch_mm(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, x_r
                   MAGIC_BITS=magic_bits, MAGIC_VALUE=magic_value,
                   BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    args = (x2d, w_packed, w_scale, w_zero if w_zero is not None else w_scale,
-            x_row_scale if x_row_scale is not None else w_scale, y, m, n, k, x2d.stride(0), group_size, per)
+    args = (x2d, w_packed, w_scale, optional_arg(w_zero, w_scale),
+            optional_arg(x_row_scale, w_scale), y, m, n, k, x2d.stride(0), group_size, per)
     if cfg["kernel"] == "mm_t" and aligned:
         wrap(_int4_mm_t_kernel)[(tiles_n, splits, cdiv(m, cfg["BLOCK_M"]))](*args, **common)
     else:
@@ -387,7 +387,7 @@ def launch_dequant(w_packed, w_scale, w_zero, group_size: int, dtype, *, wrap=id
     rows = cfg["BLOCK_KW"] * PACK
     aligned = group_size % rows == 0 or group_size == kw * PACK
     wrap(_int4_dequant_kernel)[(cdiv(kw, cfg["BLOCK_KW"]), cdiv(n, cfg["BLOCK_N"]), 1)](
-        w_packed, w_scale, w_zero if w_zero is not None else w_scale, out, n, kw * PACK, group_size,
+        w_packed, w_scale, optional_arg(w_zero, w_scale), out, n, kw * PACK, group_size,
         HAS_ZERO=w_zero is not None, GROUP_ALIGNED=aligned, BLOCK_KW=cfg["BLOCK_KW"], BLOCK_N=cfg["BLOCK_N"],
         num_warps=cfg["num_warps"],
     )
