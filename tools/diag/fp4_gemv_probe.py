@@ -1,0 +1,211 @@
+"""Diagnostic (H200): an FP4 (NVFP4 / MXFP4) GEMV at M = 1 on packed half2, as the INT4 GEMV now does.
+
+The FP4 op has no GEMV: at M = 1 its split-K tile kernel streams about 1 TB/s (0.43-0.68x of the INT4 op,
+benchmarks/fp4_int4_gemm_half2.json). This probe decodes each uint32 word of the engine layout [N, K/8] (8 E2M1
+codes along K) into four fp16 pairs (codes j, j + 4): the sign to bit 15, `e1 e0 m` to bits 9..11, i.e. the
+fp16 `e2m1 * 2**-14` (subnormal code 1 included), two shifts, an AND and a LOP3 per pair, then four HFMA2
+against fp16 x pairs scaled by a power of two (largest |x| of the step in [2**13, 2**14)), fp32 from there: the
+block scale per word, the global scale at the end. Times it against cuBLAS bf16, the FP4 op and the INT4 op
+(CUDA-graph replay, rotating weights), checks it against float64 first. Not part of the product.
+
+Not run on the GPU yet (written in the eleventh session, when no GPU time was left for it). Its SASS
+(`sass_count.compile_sass`, sm_90): with x read per word (each thread has its own K columns) the loop is 9.3-10.2
+instructions per weight; with x pre-packed into fp16 pairs (`fp4_x_pairs`: a per-row power of two, torch ops)
+5.7, of which the E2M1 decoding is about 2 (two shifts, an AND and a LOP3 per pair: no shift-and-mask layout of
+the E2M1 bits can do a pair in one operation, since {9, 10, 11, 15} does not tile 16 bits).
+
+    OUT=... python3 tools/diag/fp4_gemv_probe.py
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, __file__.rsplit("/", 2)[0])  # tools/
+from bench_fp4_gemm import make_fp4, make_int4  # noqa: E402
+from gpu_timing import MODE, bench, rotating  # noqa: E402
+from probe_util import run_part, save  # noqa: E402
+
+from qcompile.plugins.fp4_gemm.kernel import _scale_multiplier  # noqa: E402
+from qcompile.plugins.gemm_dispatch import split_for_waves  # noqa: E402
+from qcompile.plugins.int4_gemm.half2 import x_pair  # noqa: E402
+
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672), (4096, 6144), (4096, 28672)]
+
+
+@triton.jit
+def _fp4_dot8(words, p04, p15, p26, p37):
+    """fp32 sum_j e2m1_j * 2**-14 * x_j per word (x pairs as int32 fp16 pairs)."""
+    out = tl.inline_asm_elementwise(
+        "{ .reg .b32 a0, a1, a2, a3, t, u, c0, m; .reg .b16 lo, hi; .reg .f32 flo, fhi, s; "
+        "mov.b32 c0, 0x80008000; mov.b32 m, 0x0E000E00; "
+        "shr.b32 t, $1, 3; and.b32 t, t, m; lop3.b32 a3, $1, c0, t, 0xEA; "
+        "shl.b32 u, $1, 4; shl.b32 t, $1, 1; and.b32 t, t, m; lop3.b32 a2, u, c0, t, 0xEA; "
+        "shl.b32 u, $1, 8; shl.b32 t, $1, 5; and.b32 t, t, m; lop3.b32 a1, u, c0, t, 0xEA; "
+        "shl.b32 u, $1, 12; shl.b32 t, $1, 9; and.b32 t, t, m; lop3.b32 a0, u, c0, t, 0xEA; "
+        "mul.rn.f16x2 t, a0, $2; fma.rn.f16x2 t, a1, $3, t; fma.rn.f16x2 t, a2, $4, t; fma.rn.f16x2 t, a3, $5, t; "
+        "mov.b32 {lo, hi}, t; cvt.f32.f16 flo, lo; cvt.f32.f16 fhi, hi; add.f32 s, flo, fhi; mov.b32 $0, s; }",
+        "=r,r,r,r,r,r", [words, p04, p15, p26, p37], dtype=tl.int32, is_pure=True, pack=1)
+    return out.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _xk(x_row, kw, j: tl.constexpr, ok):
+    return tl.load(x_row + kw * 8 + j, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, y_ptr, N, K, stride_xm, kw_per_split, steps,
+                     MX: tl.constexpr, B: tl.constexpr, HAS_GLOBAL: tl.constexpr, ATOMIC: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+    wp = w_ptr.to(tl.pointer_type(tl.uint32))
+    sp = s_ptr.to(tl.pointer_type(tl.uint8))
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    rows = offs_n.to(tl.int64)[:, None]
+    x_row = x_ptr + tl.program_id(2) * stride_xm
+    acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+    shape: tl.constexpr = (BLOCK_N, BLOCK_KW)
+    for step in range(0, steps):
+        kw = tl.program_id(1) * kw_per_split + step * BLOCK_KW + tl.arange(0, BLOCK_KW)
+        ok = kw < K // 8
+        m2 = mask_n[:, None] & ok[None, :]
+        words = tl.load(wp + rows * (K // 8) + kw[None, :], mask=m2, other=0, eviction_policy="evict_first")
+        bits = tl.load(sp + rows * (K // B) + (kw * 8 // B)[None, :], mask=m2, other=0,
+                       eviction_policy="evict_first")
+        x0, x1, x2, x3 = _xk(x_row, kw, 0, ok), _xk(x_row, kw, 1, ok), _xk(x_row, kw, 2, ok), _xk(x_row, kw, 3, ok)
+        x4, x5, x6, x7 = _xk(x_row, kw, 4, ok), _xk(x_row, kw, 5, ok), _xk(x_row, kw, 6, ok), _xk(x_row, kw, 7, ok)
+        big = tl.maximum(tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3))),
+                         tl.maximum(tl.maximum(tl.abs(x4), tl.abs(x5)), tl.maximum(tl.abs(x6), tl.abs(x7))))
+        e = tl.maximum((tl.max(big, axis=0).to(tl.int32, bitcast=True) >> 23) & 0xFF, 14)
+        up = ((267 - e) << 23).to(tl.float32, bitcast=True)  # largest |x| * up in [2**13, 2**14)
+        down = ((e - 13 + 14) << 23).to(tl.float32, bitcast=True)  # 1 / up, times 2**14 (the decode's 2**-14)
+        part = _fp4_dot8(words, tl.broadcast_to(x_pair(x0, x4, up)[None, :], shape),
+                         tl.broadcast_to(x_pair(x1, x5, up)[None, :], shape),
+                         tl.broadcast_to(x_pair(x2, x6, up)[None, :], shape),
+                         tl.broadcast_to(x_pair(x3, x7, up)[None, :], shape))
+        acc += part * (_scale_multiplier(bits, MX, 0, 1.0) * down)
+    out = tl.sum(acc, axis=1)
+    if HAS_GLOBAL:
+        out = out * tl.load(g_ptr)
+    if ATOMIC:
+        tl.atomic_add(y_ptr + offs_n, out, mask=mask_n, sem="relaxed")
+    else:
+        tl.store(y_ptr + offs_n, out, mask=mask_n)
+
+
+def fp4_x_pairs(x2d):
+    """(int32 [M, K/8, 4] fp16 pairs (x_j, x_j+4) * up, fp32 [M] down = 2**14 / up), up a power of two per row
+    putting the row's largest |x| in [2**13, 2**14) (torch ops: an engine's Inductor fuses them)."""
+    m, k = x2d.shape
+    xf = x2d.float()
+    _, ex = torch.frexp(xf.abs().amax(dim=1, keepdim=True))
+    up = torch.ldexp(torch.ones_like(xf[:, :1]), 14 - ex)
+    v = (xf * up).view(m, k // 8, 2, 4).transpose(2, 3).to(torch.float16).contiguous()
+    return v.view(torch.int32).view(m, k // 8, 4), torch.ldexp(torch.ones_like(xf[:, 0]), ex[:, 0])
+
+
+@triton.jit
+def _fp4_gemv_packed_kernel(xp_ptr, d_ptr, w_ptr, s_ptr, g_ptr, y_ptr, N, K, kw_per_split, steps,
+                            MX: tl.constexpr, B: tl.constexpr, HAS_GLOBAL: tl.constexpr, ATOMIC: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+    """As `_fp4_gemv_kernel` with x pre-packed (`fp4_x_pairs`): four int32 loads per word column, no scaling."""
+    wp = w_ptr.to(tl.pointer_type(tl.uint32))
+    sp = s_ptr.to(tl.pointer_type(tl.uint8))
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    rows = offs_n.to(tl.int64)[:, None]
+    xp = xp_ptr + tl.program_id(2) * (K // 2)
+    acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+    shape: tl.constexpr = (BLOCK_N, BLOCK_KW)
+    for step in range(0, steps):
+        kw = tl.program_id(1) * kw_per_split + step * BLOCK_KW + tl.arange(0, BLOCK_KW)
+        ok = kw < K // 8
+        m2 = mask_n[:, None] & ok[None, :]
+        words = tl.load(wp + rows * (K // 8) + kw[None, :], mask=m2, other=0, eviction_policy="evict_first")
+        bits = tl.load(sp + rows * (K // B) + (kw * 8 // B)[None, :], mask=m2, other=0,
+                       eviction_policy="evict_first")
+        part = _fp4_dot8(words, tl.broadcast_to(tl.load(xp + kw * 4, mask=ok, other=0)[None, :], shape),
+                         tl.broadcast_to(tl.load(xp + kw * 4 + 1, mask=ok, other=0)[None, :], shape),
+                         tl.broadcast_to(tl.load(xp + kw * 4 + 2, mask=ok, other=0)[None, :], shape),
+                         tl.broadcast_to(tl.load(xp + kw * 4 + 3, mask=ok, other=0)[None, :], shape))
+        acc += part * _scale_multiplier(bits, MX, 0, 1.0)
+    out = tl.sum(acc, axis=1) * tl.load(d_ptr + tl.program_id(2))
+    if HAS_GLOBAL:
+        out = out * tl.load(g_ptr)
+    if ATOMIC:
+        tl.atomic_add(y_ptr + offs_n, out, mask=mask_n, sem="relaxed")
+    else:
+        tl.store(y_ptr + offs_n, out, mask=mask_n)
+
+
+def part(k, n):
+    from qcompile.plugins.fp4_gemm.op import fp4_gemm
+    from qcompile.plugins.fp4_gemm.reference import dequantize_weight
+    from qcompile.plugins.int4_gemm.op import int4_groupwise_gemm
+    res = {}
+    for dtype in (torch.bfloat16, torch.float16):
+        dn = str(dtype)[6:]
+        x = torch.randn(1, k, device="cuda", dtype=dtype)
+        wb = rotating(lambda: torch.randn(n, k, device="cuda", dtype=dtype), n * k * 2)
+        res[f"cublas {dn}"] = bench(lambda: torch.nn.functional.linear(x, wb()))
+        w4 = rotating(lambda: tuple(t.to(dtype) if t.is_floating_point() else t for t in make_int4(k, n)), k * n // 2)
+        res[f"int4 op {dn}"] = bench(lambda: int4_groupwise_gemm(x, *w4(), None, None, 128))
+        for fmt, block in (("nvfp4", 16), ("mxfp4", 32)):
+            wf = rotating(lambda: make_fp4(fmt, k, n), k * n // 2)
+            w = wf()
+            ref = x.double() @ dequantize_weight(*w, block).double().t()
+            res[f"{fmt} op {dn}"] = bench(lambda: fp4_gemm(x, *wf(), None, block))
+            for bn, bkw, warps, waves in [(8, 64, 4, 0), (8, 64, 4, 4), (16, 32, 4, 4), (4, 128, 4, 4), (16, 64, 8, 2),
+                                          (32, 16, 4, 4), (8, 32, 2, 8), (4, 64, 2, 8)]:
+                tiles = triton.cdiv(n, bn)
+                splits, per = split_for_waves(k, tiles, bkw * 8, waves, 132)
+
+                def run(w):
+                    y = (torch.zeros if splits > 1 else torch.empty)(n, dtype=torch.float32, device="cuda")
+                    c = _fp4_gemv_kernel[(tiles, splits, 1)](
+                        x, w[0], w[1], w[2] if w[2] is not None else w[1], y, n, k, x.stride(0), per // 8,
+                        per // (bkw * 8), MX=fmt == "mxfp4", B=block, HAS_GLOBAL=w[2] is not None, ATOMIC=splits > 1,
+                        BLOCK_N=bn, BLOCK_KW=bkw, num_warps=warps)
+                    return c, y
+                c, y = run(w)
+                label = f"{fmt} {dn} gemv {bn}x{bkw} w{warps} waves{waves} splits{splits} regs{c.n_regs}"
+                res[label + " err"] = round(float((y.double() - ref[0]).norm() / ref.norm()), 6)
+                res[label] = bench(lambda: run(wf()))
+            xp, down = fp4_x_pairs(x)
+            for bn, bkw, warps, waves in [(64, 8, 1, 4), (128, 8, 2, 4), (256, 8, 4, 4), (128, 8, 2, 16),
+                                          (64, 16, 2, 4), (128, 16, 4, 4), (256, 8, 4, 16), (32, 8, 1, 8)]:
+                tiles = triton.cdiv(n, bn)
+                splits, per = split_for_waves(k, tiles, bkw * 8, waves, 132)
+
+                def run_p(w, xp, down):
+                    y = (torch.zeros if splits > 1 else torch.empty)(n, dtype=torch.float32, device="cuda")
+                    c = _fp4_gemv_packed_kernel[(tiles, splits, 1)](
+                        xp, down, w[0], w[1], w[2] if w[2] is not None else w[1], y, n, k, per // 8,
+                        per // (bkw * 8), MX=fmt == "mxfp4", B=block, HAS_GLOBAL=w[2] is not None, ATOMIC=splits > 1,
+                        BLOCK_N=bn, BLOCK_KW=bkw, num_warps=warps)
+                    return c, y
+                c, y = run_p(w, xp, down)
+                label = f"{fmt} {dn} packed {bn}x{bkw} w{warps} waves{waves} splits{splits} regs{c.n_regs}"
+                res[label + " err"] = round(float((y.double() - ref[0]).norm() / ref.norm()), 6)
+                res[label] = bench(lambda: run_p(wf(), xp, down))
+                res[label + " +pack"] = bench(lambda: run_p(wf(), *fp4_x_pairs(x)))
+    line = " | ".join(f"{c}: {v:.1f}" if isinstance(v, float) and not c.endswith("err") else f"{c}: {v}"
+                      for c, v in res.items())
+    print(f"{k}x{n}: {line}", flush=True)
+    return res
+
+
+def main():
+    MODE["graph"] = True
+    results = {}
+    for k, n in SHAPES:
+        run_part(results, f"{k}x{n}", part, k, n)
+        save(results, "fp4_gemv_probe.json")
+
+
+if __name__ == "__main__":
+    main()
