@@ -3,12 +3,12 @@
 Kernels (all read the engine layout of `format.py`: int32 words [K/8, N], N contiguous):
 
 - `_int4_gemv_kernel` (one row of x per program; M = 1): streams [BLOCK_K/8 word rows, BLOCK_N] weight tiles
-  and multiplies in fp32 registers without tensor cores (at M = 1 the job is moving weight bytes). Each
-  nibble is moved to bits 16..19 and OR-ed into the bits of 128.0, so the float is 136 + q (one shift and
-  one AND/XOR per weight); the 136 (+ zero point) comes off once per word row. K is split until about
-  `waves` waves of programs stream the weight; partial sums meet in fp32 atomics. It replaced a row-wise
-  GEMV (one word row at a time, fp32 magic-number dequantization) that lost on every decode shape
-  (benchmarks/int4_tune_gemv.json).
+  and multiplies without tensor cores (at M = 1 the job is moving weight bytes). With fp16/bf16 x the 8
+  products of each int32 word run on packed fp16x2 (`half2.py`: one LOP3 decodes two nibbles into fp16;
+  3.7 instructions per weight against 5.1 in fp32; x scaled per step by a power of two to stay in fp16's
+  range); fp32 x keeps the exact fp32 path (each nibble OR-ed into 128.0's mantissa: 136 + q). K is split
+  until about `waves` waves of programs stream the weight; partial sums meet in fp32 atomics. The fp16x2
+  path took 8192 x 28672 from 57.6 to 39.0 µs (benchmarks/int4_stream_probe*.json).
 - `_int4_mm_t_kernel` (swapped operands, small M): `y^T = dequant(W)^T @ x^T`, so the dequantized weight
   tile is the MMA's first operand and the few rows of x its narrow side; nibbles unpacked in registers with
   `tl.interleave`. Split-K like the GEMV.
@@ -52,6 +52,7 @@ import triton.language as tl
 from qcompile.plugins.gemm_dispatch import (add_bias, cdiv, identity, optional_arg, run_by_buckets,
                                              split_for_waves, unpack_optional)
 from qcompile.plugins.int4_gemm.format import PACK
+from qcompile.plugins.int4_gemm.half2 import dot8, dot8_emulated, pow2_range, ptx_available, x_pair
 from qcompile.plugins.int4_gemm.reference import check_args
 from qcompile.plugins.triton_tiles import grouped_tile, store_tile
 
@@ -98,16 +99,55 @@ def _nibble_plus_136(words, j: tl.constexpr):
 
 
 @triton.jit
+def _x_at(x_row, kw, j: tl.constexpr, ok):
+    """fp32 x[8 kw + j] for the word rows kw (0 where not ok)."""
+    return tl.load(x_row + kw * 8 + j, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _gemv_step_fp32(words, x_row, kw, ok):
+    """(sum_j x_j q_j per word, sum_j x_j per word row, 1.0): each nibble as the fp32 136 + q, x * (136 + q)
+    exact in fp32, the 136 taken off once per word row."""
+    part = tl.zeros(words.shape, dtype=tl.float32)
+    xsum = tl.zeros(kw.shape, dtype=tl.float32)
+    for j in tl.static_range(8):
+        xj = _x_at(x_row, kw, j, ok)
+        part += xj[:, None] * _nibble_plus_136(words, j)
+        xsum += xj
+    return part - 136.0 * xsum[:, None], xsum, 1.0
+
+
+@triton.jit
+def _gemv_step_half2(words, x_row, kw, ok, ASM: tl.constexpr):
+    """(sum_j x_j q_j per word times `up`, sum_j x_j per word row, down = 1 / up): the products on fp16x2
+    (`half2.dot8`), x scaled by the power of two `up` that puts the step's largest |x| in [256, 512)."""
+    x0, x1, x2, x3 = _x_at(x_row, kw, 0, ok), _x_at(x_row, kw, 1, ok), _x_at(x_row, kw, 2, ok), _x_at(x_row, kw, 3, ok)
+    x4, x5, x6, x7 = _x_at(x_row, kw, 4, ok), _x_at(x_row, kw, 5, ok), _x_at(x_row, kw, 6, ok), _x_at(x_row, kw, 7, ok)
+    big = tl.maximum(tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3))),
+                     tl.maximum(tl.maximum(tl.abs(x4), tl.abs(x5)), tl.maximum(tl.abs(x6), tl.abs(x7))))
+    up, down = pow2_range(tl.max(big, axis=0))
+    shape: tl.constexpr = words.shape
+    p04 = tl.broadcast_to(x_pair(x0, x4, up)[:, None], shape)
+    p15 = tl.broadcast_to(x_pair(x1, x5, up * 0.0625)[:, None], shape)
+    p26 = tl.broadcast_to(x_pair(x2, x6, up)[:, None], shape)
+    p37 = tl.broadcast_to(x_pair(x3, x7, up * 0.0625)[:, None], shape)
+    if ASM:
+        part = dot8(words, p04, p15, p26, p37)
+    else:
+        part = dot8_emulated(words, p04, p15, p26, p37)
+    return part, ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)), down
+
+
+@triton.jit
 def _int4_gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
     N, K, stride_xm, group_size, k_per_split,
-    K_STEPS: tl.constexpr, HAS_ZERO: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    K_STEPS: tl.constexpr, HAS_ZERO: tl.constexpr, ATOMIC: tl.constexpr, HALF2: tl.constexpr, ASM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """GEMV over [BLOCK_K/8 word rows, BLOCK_N] tiles: the nibble of position j is moved to bits 16..19 and
-    OR-ed into the bits of 128.0 (one shift and one AND/XOR per weight, no subtraction): the float is
-    136 + q exactly and `x * (136 + q)` is exact in fp32 for bf16/fp16 x. The 136 + zero point is taken off
-    once per word row and column (`sum_j x_j * c`), then the step's group scale: 3 ops per weight."""
+    """GEMV over [BLOCK_K/8 word rows, BLOCK_N] tiles (BLOCK_K divides the group: one scale row per step).
+    HALF2 (16-bit x): the products on fp16x2 (`_gemv_step_half2`; ASM False: the interpreter's stand-in),
+    else in fp32 (`_gemv_step_fp32`). Zero points come off as z * sum_j x_j, then the step's group scale."""
     BLOCK_KW: tl.constexpr = BLOCK_K // 8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -116,7 +156,7 @@ def _int4_gemv_kernel(
     mask_n = offs_n < N
     x_row = x_ptr + row * stride_xm
     acc = tl.zeros((BLOCK_KW, BLOCK_N), dtype=tl.float32)
-    for step in range(0, K_STEPS):  # BLOCK_K divides the group: one scale row per step; steps past K masked
+    for step in range(0, K_STEPS):  # steps past K are masked
         k0 = pid_k * k_per_split + step * BLOCK_K
         kw = k0 // 8 + tl.arange(0, BLOCK_KW)
         ok = kw < K // 8
@@ -125,16 +165,15 @@ def _int4_gemv_kernel(
         g = k0 // group_size
         smask = mask_n & (k0 < K)
         s = tl.load(s_ptr + g * N + offs_n, mask=smask, other=0.0).to(tl.float32)
-        c = tl.full((BLOCK_N,), 136.0, tl.float32)
+        if HALF2:
+            part, xsum, down = _gemv_step_half2(words, x_row, kw, ok, ASM)
+        else:
+            part, xsum, down = _gemv_step_fp32(words, x_row, kw, ok)
         if HAS_ZERO:
-            c += tl.load(z_ptr + g * N + offs_n, mask=smask, other=0).to(tl.float32)
-        part = tl.zeros((BLOCK_KW, BLOCK_N), dtype=tl.float32)
-        xsum = tl.zeros((BLOCK_KW,), dtype=tl.float32)
-        for j in tl.static_range(8):
-            xj = tl.load(x_row + kw * 8 + j, mask=ok, other=0.0).to(tl.float32)
-            part += xj[:, None] * _nibble_plus_136(words, j)
-            xsum += xj
-        acc += (part - xsum[:, None] * c[None, :]) * s[None, :]
+            z = tl.load(z_ptr + g * N + offs_n, mask=smask, other=0).to(tl.float32)
+            acc += (part * down - xsum[:, None] * z[None, :]) * s[None, :]
+        else:
+            acc += part * (s * down)[None, :]
     store_tile(y_ptr + row * N + offs_n, tl.sum(acc, axis=0), mask_n, ATOMIC)
 
 
@@ -340,8 +379,9 @@ def launch_gemv(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, w
     wrap(_int4_gemv_kernel)[(tiles, splits, m)](
         x2d, w_packed, w_scale, optional_arg(w_zero, w_scale), y,
         n, k, x2d.stride(0), group_size, per, K_STEPS=per // block_k,
-        HAS_ZERO=w_zero is not None, ATOMIC=splits > 1, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HAS_ZERO=w_zero is not None, ATOMIC=splits > 1, HALF2=x2d.dtype in (torch.float16, torch.bfloat16),
+        ASM=ptx_available(), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return y
 

@@ -333,6 +333,39 @@ def test_gemv_kernel_interpreter(group, zero):
         assert_close_to(acc, oracle(x, {**case, "bias": None}), 1e-5)
 
 
+HALF2_CASES = pytest.mark.parametrize(
+    "dtype, magnitude", [(torch.float16, 1.0), (torch.float16, 1e4), (torch.bfloat16, 1e-6), (torch.bfloat16, 1e6)],
+    ids=["fp16", "fp16-big", "bf16-tiny", "bf16-huge"])
+
+
+def check_gemv_half2(group, zero, dtype, magnitude, k, rel, device="cpu"):
+    """16-bit x takes the GEMV's packed-half2 path (fp16 pairs, x / 16 for the odd nibbles, power-of-two scaling
+    per step): x at 1e-6 and 1e6 (outside fp16's range before the scaling) and a 100x outlier channel still give
+    the float64 result, split K and not."""
+    from qcompile.plugins.int4_gemm import kernel
+
+    n = 80
+    case = make_case(k=k, n=n, group=group, zero=zero, seed=7)
+    x = torch.randn(2, k, generator=torch.Generator().manual_seed(7)) * magnitude
+    x[:, 5] *= 100 if magnitude <= 1 else 1
+    x = x.to(dtype)
+    args = [t.to(device) if t is not None else None for t in (x, case["w_packed"], case["scale"], case["w_zero"])]
+    for waves in (0, 8):
+        cfg = {"BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, "waves": waves}
+        acc = kernel.launch_gemv(*args, case["g"], cfg, num_sms=1)
+        assert acc.dtype == torch.float32 and acc.shape == (2, n) and torch.isfinite(acc).all()
+        assert_close_to(acc, oracle(x, {**case, "bias": None}), rel)
+
+
+@triton_interp
+@pytest.mark.parametrize("group", [32, 128], ids=["g32", "g128"])
+@pytest.mark.parametrize("zero", [False, True], ids=["sym", "zp"])
+@HALF2_CASES
+def test_gemv_half2_path_interpreter(group, zero, dtype, magnitude):
+    """The plain-Triton stand-in of the PTX: fp32 products of the same fp16 pairs, so float64-close."""
+    check_gemv_half2(group, zero, dtype, magnitude, k=384, rel=1e-5)
+
+
 DEQUANT_CASES = pytest.mark.parametrize(
     "group, tile", [(32, None), (128, None), (128, dict(BLOCK_KW=16, BLOCK_N=64, num_warps=4)),
                     (256, dict(BLOCK_KW=4, BLOCK_N=128, num_warps=2))],
@@ -392,6 +425,16 @@ def test_cuda_matches_reference(group, zero, dtype, m):
 
 @pytest.mark.gpu
 @cuda
+@pytest.mark.parametrize("group", [32, 128], ids=["g32", "g128"])
+@pytest.mark.parametrize("zero", [False, True], ids=["sym", "zp"])
+@HALF2_CASES
+def test_cuda_gemv_half2_path(group, zero, dtype, magnitude):
+    """The inline PTX on the GPU: products rounded to fp16 (about 4e-4 relative on a 4096-long dot)."""
+    check_gemv_half2(group, zero, dtype, magnitude, k=4096, rel=2e-3, device="cuda")
+
+
+@pytest.mark.gpu
+@cuda
 @pytest.mark.parametrize("zero", [False, True], ids=["sym", "zp"])
 @DEQUANT_CASES
 def test_cuda_dequant_kernel_is_exact(zero, group, tile):
@@ -401,11 +444,13 @@ def test_cuda_dequant_kernel_is_exact(zero, group, tile):
 @pytest.mark.gpu
 @pytest.mark.slow
 @cuda
-def test_cuda_aoti_package_dynamic_rows(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_cuda_aoti_package_dynamic_rows(tmp_path, dtype):
+    """fp16 x: the GEMV's packed-half2 PTX compiled into the package."""
     mod = Int4Linear(device="cuda", k=512, n=256, group=128).cuda()
-    ep = _export(mod, torch.randn(4, 512, device="cuda", dtype=torch.float16).float())
+    ep = _export(mod, torch.randn(4, 512, device="cuda", dtype=dtype))
     path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "i4.pt2"))
     compiled = torch._inductor.aoti_load_package(path)
     for m in (1, 7, 16, 17, 300):
-        x = torch.randn(m, 512, device="cuda")
-        assert_close_to(compiled(x), oracle(x.cpu(), mod.case), 1e-4)
+        x = torch.randn(m, 512, device="cuda", dtype=dtype)
+        assert_close_to(compiled(x), oracle(x.cpu(), mod.case), 1e-4 if dtype == torch.float32 else 3e-3)
