@@ -27,6 +27,7 @@ import os
 import triton
 import triton.language as tl
 
+
 def ptx_available() -> bool:
     """False under Triton's CPU interpreter (TRITON_INTERPRET=1), which cannot run inline PTX."""
     return os.environ.get("TRITON_INTERPRET") != "1"

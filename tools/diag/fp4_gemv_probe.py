@@ -32,6 +32,7 @@ from probe_util import run_part, save  # noqa: E402
 from qcompile.plugins.fp4_gemm.kernel import _scale_multiplier  # noqa: E402
 from qcompile.plugins.gemm_dispatch import split_for_waves  # noqa: E402
 from qcompile.plugins.int4_gemm.half2 import x_pair  # noqa: E402
+from qcompile.plugins.triton_tiles import store_tile  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672), (4096, 6144), (4096, 28672)]
 
@@ -58,7 +59,7 @@ def _xk(x_row, kw, j: tl.constexpr, ok):
 
 
 @triton.jit
-def _fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, y_ptr, N, K, stride_xm, kw_per_split, steps,
+def _fp4_gemv_kernel(x_ptr, stride_xm, w_ptr, s_ptr, g_ptr, y_ptr, N, K, kw_per_split, steps,
                      MX: tl.constexpr, B: tl.constexpr, HAS_GLOBAL: tl.constexpr, ATOMIC: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
     wp = w_ptr.to(tl.pointer_type(tl.uint32))
@@ -91,10 +92,7 @@ def _fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, y_ptr, N, K, stride_xm, kw_per_
     out = tl.sum(acc, axis=1)
     if HAS_GLOBAL:
         out = out * tl.load(g_ptr)
-    if ATOMIC:
-        tl.atomic_add(y_ptr + offs_n, out, mask=mask_n, sem="relaxed")
-    else:
-        tl.store(y_ptr + offs_n, out, mask=mask_n)
+    store_tile(y_ptr + offs_n, out, mask_n, ATOMIC)
 
 
 def fp4_x_pairs(x2d):
@@ -136,10 +134,28 @@ def _fp4_gemv_packed_kernel(xp_ptr, d_ptr, w_ptr, s_ptr, g_ptr, y_ptr, N, K, kw_
     out = tl.sum(acc, axis=1) * tl.load(d_ptr + tl.program_id(2))
     if HAS_GLOBAL:
         out = out * tl.load(g_ptr)
-    if ATOMIC:
-        tl.atomic_add(y_ptr + offs_n, out, mask=mask_n, sem="relaxed")
-    else:
-        tl.store(y_ptr + offs_n, out, mask=mask_n)
+    store_tile(y_ptr + offs_n, out, mask_n, ATOMIC)
+
+
+def _time_gemv(res, label, kernel, x_args, w, ref, wf, fmt, block, n, k, bn, bkw, warps, waves, x_args_timed=None):
+    """One GEMV configuration: checked on weights `w` against `ref` (float64), then timed on rotating weights
+    `wf`; with `x_args_timed`, also timed with x's preparation inside the call ("+pack")."""
+    tiles = triton.cdiv(n, bn)
+    splits, per = split_for_waves(k, tiles, bkw * 8, waves, 132)
+
+    def run(w, xa):
+        y = (torch.zeros if splits > 1 else torch.empty)(n, dtype=torch.float32, device="cuda")
+        c = kernel[(tiles, splits, 1)](
+            *xa, w[0], w[1], w[2] if w[2] is not None else w[1], y, n, k, per // 8, per // (bkw * 8),
+            MX=fmt == "mxfp4", B=block, HAS_GLOBAL=w[2] is not None, ATOMIC=splits > 1, BLOCK_N=bn, BLOCK_KW=bkw,
+            num_warps=warps)
+        return c, y
+    c, y = run(w, x_args())
+    name = f"{label} {bn}x{bkw} w{warps} waves{waves} splits{splits} regs{c.n_regs}"
+    res[name + " err"] = round(float((y.double() - ref[0]).norm() / ref.norm()), 6)
+    res[name] = bench(lambda: run(wf(), x_args()))
+    if x_args_timed is not None:
+        res[name + " +pack"] = bench(lambda: run(wf(), x_args_timed()))
 
 
 def part(k, n):
@@ -159,40 +175,15 @@ def part(k, n):
             w = wf()
             ref = x.double() @ dequantize_weight(*w, block).double().t()
             res[f"{fmt} op {dn}"] = bench(lambda: fp4_gemm(x, *wf(), None, block))
-            for bn, bkw, warps, waves in [(8, 64, 4, 0), (8, 64, 4, 4), (16, 32, 4, 4), (4, 128, 4, 4), (16, 64, 8, 2),
-                                          (32, 16, 4, 4), (8, 32, 2, 8), (4, 64, 2, 8)]:
-                tiles = triton.cdiv(n, bn)
-                splits, per = split_for_waves(k, tiles, bkw * 8, waves, 132)
-
-                def run(w):
-                    y = (torch.zeros if splits > 1 else torch.empty)(n, dtype=torch.float32, device="cuda")
-                    c = _fp4_gemv_kernel[(tiles, splits, 1)](
-                        x, w[0], w[1], w[2] if w[2] is not None else w[1], y, n, k, x.stride(0), per // 8,
-                        per // (bkw * 8), MX=fmt == "mxfp4", B=block, HAS_GLOBAL=w[2] is not None, ATOMIC=splits > 1,
-                        BLOCK_N=bn, BLOCK_KW=bkw, num_warps=warps)
-                    return c, y
-                c, y = run(w)
-                label = f"{fmt} {dn} gemv {bn}x{bkw} w{warps} waves{waves} splits{splits} regs{c.n_regs}"
-                res[label + " err"] = round(float((y.double() - ref[0]).norm() / ref.norm()), 6)
-                res[label] = bench(lambda: run(wf()))
-            xp, down = fp4_x_pairs(x)
-            for bn, bkw, warps, waves in [(64, 8, 1, 4), (128, 8, 2, 4), (256, 8, 4, 4), (128, 8, 2, 16),
-                                          (64, 16, 2, 4), (128, 16, 4, 4), (256, 8, 4, 16), (32, 8, 1, 8)]:
-                tiles = triton.cdiv(n, bn)
-                splits, per = split_for_waves(k, tiles, bkw * 8, waves, 132)
-
-                def run_p(w, xp, down):
-                    y = (torch.zeros if splits > 1 else torch.empty)(n, dtype=torch.float32, device="cuda")
-                    c = _fp4_gemv_packed_kernel[(tiles, splits, 1)](
-                        xp, down, w[0], w[1], w[2] if w[2] is not None else w[1], y, n, k, per // 8,
-                        per // (bkw * 8), MX=fmt == "mxfp4", B=block, HAS_GLOBAL=w[2] is not None, ATOMIC=splits > 1,
-                        BLOCK_N=bn, BLOCK_KW=bkw, num_warps=warps)
-                    return c, y
-                c, y = run_p(w, xp, down)
-                label = f"{fmt} {dn} packed {bn}x{bkw} w{warps} waves{waves} splits{splits} regs{c.n_regs}"
-                res[label + " err"] = round(float((y.double() - ref[0]).norm() / ref.norm()), 6)
-                res[label] = bench(lambda: run_p(wf(), xp, down))
-                res[label + " +pack"] = bench(lambda: run_p(wf(), *fp4_x_pairs(x)))
+            for cfg in [(8, 64, 4, 0), (8, 64, 4, 4), (16, 32, 4, 4), (4, 128, 4, 4), (16, 64, 8, 2), (32, 16, 4, 4),
+                        (8, 32, 2, 8), (4, 64, 2, 8)]:
+                _time_gemv(res, f"{fmt} {dn} gemv", _fp4_gemv_kernel, lambda: (x, x.stride(0)), w, ref, wf, fmt, block,
+                           n, k, *cfg)
+            packed = fp4_x_pairs(x)
+            for cfg in [(64, 8, 1, 4), (128, 8, 2, 4), (256, 8, 4, 4), (128, 8, 2, 16), (64, 16, 2, 4), (128, 16, 4, 4),
+                        (256, 8, 4, 16), (32, 8, 1, 8)]:
+                _time_gemv(res, f"{fmt} {dn} packed", _fp4_gemv_packed_kernel, lambda: packed, w, ref, wf, fmt, block,
+                           n, k, *cfg, x_args_timed=lambda: fp4_x_pairs(x))
     line = " | ".join(f"{c}: {v:.1f}" if isinstance(v, float) and not c.endswith("err") else f"{c}: {v}"
                       for c, v in res.items())
     print(f"{k}x{n}: {line}", flush=True)

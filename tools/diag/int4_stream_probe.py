@@ -3,11 +3,13 @@
 For each decode shape (K x N) at M = 1, µs per call from CUDA-graph replay with rotating weights:
   S. pure reads of the INT4 weight [K/8, N] int32: a flat stream, and the GEMV's own tile/split/atomic pattern
      with the math taken out (an integer add per word);
-  G. the shipped GEMV kernel (`_int4_gemv_kernel`) over tiles, warps and split-K waves, with its registers;
+  G. the GEMV kernel as shipped before this probe (`_int4_gemv_kernel`, now its HALF2=False fp32 path) over
+     tiles, warps and split-K waves, with its registers;
   H. a GEMV that decodes and multiplies on packed half2: per int32 word one shift, four LOP3 (two fp16
      `1024 + u` / `1024 + 16 u` per LOP3), four HSUB2 and four HFMA2 against fp16 x pairs (x / 16 for the
      high nibbles), then fp32 (about 2 instructions per weight against the shipped 5.3). fp16 x, and bf16 x
-     converted to fp16 in the kernel;
+     converted to fp16 in the kernel. Its one-word dot is now the product's `half2.dot8` (the same PTX the
+     recorded runs used), and the x pairs are packed by `half2.x_pair`;
   W. the W8A16 op on an int8 weight of the same bytes (K/2 x N), cuBLAS bf16 / fp16, the shipped INT4 op.
 Every GEMV variant is checked against float64 before it is timed. Not part of the product.
 
@@ -28,6 +30,8 @@ from probe_util import run_part, save  # noqa: E402
 
 from qcompile.plugins.gemm_dispatch import split_for_waves  # noqa: E402
 from qcompile.plugins.int4_gemm import kernel as k4  # noqa: E402
+from qcompile.plugins.int4_gemm.half2 import dot8, x_pair  # noqa: E402
+from qcompile.plugins.triton_tiles import store_tile  # noqa: E402
 
 SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (8192, 28672), (4096, 14336)]
 PARTS = (os.environ.get("PROBE_PARTS") or "SGHW").upper()
@@ -56,57 +60,15 @@ def _stream_kn_kernel(w_ptr, y_ptr, N, KW, kw_per_split, steps, ATOMIC: tl.const
         acc += tl.load(w_ptr + kw.to(tl.int64)[:, None] * N + offs_n[None, :],
                        mask=(kw < KW)[:, None] & mask_n[None, :], other=0, eviction_policy="evict_first")
     out = tl.sum(acc, axis=0)
-    if ATOMIC:
-        tl.atomic_add(y_ptr + offs_n, out, mask=mask_n, sem="relaxed")
-    else:
-        tl.store(y_ptr + offs_n, out, mask=mask_n)
-
-
-@triton.jit
-def _dot8_h2(words, x04, x15, x26, x37):
-    """fp32 sum over the 8 nibbles of each int32 word of q_j * x_j, on packed half2: the x operands are fp16
-    pairs (x_j, x_{j+4}) as int32, the high-nibble pairs (j odd) pre-divided by 16."""
-    out = tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 w2, a0, a1, a2, a3, c0, c1, t;
-        .reg .b16 lo, hi;
-        .reg .f32 flo, fhi, s;
-        mov.b32 c0, 0x64086408;
-        mov.b32 c1, 0x64806480;
-        shr.u32 w2, $1, 8;
-        lop3.b32 a0, $1, 0x000F000F, c0, 0x6a;
-        lop3.b32 a1, $1, 0x00F000F0, c1, 0x6a;
-        lop3.b32 a2, w2, 0x000F000F, c0, 0x6a;
-        lop3.b32 a3, w2, 0x00F000F0, c1, 0x6a;
-        sub.f16x2 a0, a0, c0;
-        sub.f16x2 a1, a1, c1;
-        sub.f16x2 a2, a2, c0;
-        sub.f16x2 a3, a3, c1;
-        mul.rn.f16x2 t, a0, $2;
-        fma.rn.f16x2 t, a1, $3, t;
-        fma.rn.f16x2 t, a2, $4, t;
-        fma.rn.f16x2 t, a3, $5, t;
-        mov.b32 {lo, hi}, t;
-        cvt.f32.f16 flo, lo;
-        cvt.f32.f16 fhi, hi;
-        add.f32 s, flo, fhi;
-        mov.b32 $0, s;
-        }""",
-        constraints="=r,r,r,r,r,r", args=[words, x04, x15, x26, x37], dtype=tl.int32, is_pure=True, pack=1)
-    return out.to(tl.float32, bitcast=True)
+    store_tile(y_ptr + offs_n, out, mask_n, ATOMIC)
 
 
 @triton.jit
 def _pair(x_row, kw, j: tl.constexpr, ok, DIV16: tl.constexpr):
-    """int32 of the fp16 pair (x[8 kw + j], x[8 kw + j + 4]) (each / 16 when DIV16)."""
+    """int32 of the fp16 pair (x[8 kw + j], x[8 kw + j + 4]) (each / 16 when DIV16; no range scaling)."""
     a = tl.load(x_row + kw * 8 + j, mask=ok, other=0.0).to(tl.float32)
     b = tl.load(x_row + kw * 8 + j + 4, mask=ok, other=0.0).to(tl.float32)
-    if DIV16:
-        a = a * 0.0625
-        b = b * 0.0625
-    lo = a.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    hi = b.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
-    return lo | (hi << 16)
+    return x_pair(a, b, 0.0625 if DIV16 else 1.0)
 
 
 @triton.jit
@@ -126,16 +88,13 @@ def _int4_gemv_h2_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, group_size
         k0 = (tl.program_id(1) * kw_per_split + step * BLOCK_KW) * 8
         s = tl.load(s_ptr + (k0 // group_size) * N + offs_n, mask=mask_n & (k0 < K), other=0.0).to(tl.float32)
         shape: tl.constexpr = (BLOCK_KW, BLOCK_N)
-        part = _dot8_h2(words, tl.broadcast_to(_pair(x_row, kw, 0, ok, False)[:, None], shape),
+        part = dot8(words, tl.broadcast_to(_pair(x_row, kw, 0, ok, False)[:, None], shape),
                         tl.broadcast_to(_pair(x_row, kw, 1, ok, True)[:, None], shape),
                         tl.broadcast_to(_pair(x_row, kw, 2, ok, False)[:, None], shape),
                         tl.broadcast_to(_pair(x_row, kw, 3, ok, True)[:, None], shape))
         acc += part * s[None, :]
     out = tl.sum(acc, axis=0)
-    if ATOMIC:
-        tl.atomic_add(y_ptr + row * N + offs_n, out, mask=mask_n, sem="relaxed")
-    else:
-        tl.store(y_ptr + row * N + offs_n, out, mask=mask_n)
+    store_tile(y_ptr + row * N + offs_n, out, mask_n, ATOMIC)
 
 
 _H2_DECODE = """
@@ -163,7 +122,7 @@ _DOT16_ASM = tl.constexpr(
 
 @triton.jit
 def _dot16_h2(wa, wb, xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3):
-    """`_dot8_h2` over two words (16 products per fp32 result, 8 per fp16 half accumulated in the chain)."""
+    """`half2.dot8` over two words (16 products per fp32 result, 8 per fp16 half accumulated in the chain)."""
     out = tl.inline_asm_elementwise(
         asm=_DOT16_ASM,
         constraints="=r,r,r,r,r,r,r,r,r,r,r", args=[wa, wb, xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3], dtype=tl.int32,
@@ -215,10 +174,7 @@ def _int4_gemv_h2b_kernel(xp_ptr, w_ptr, s_ptr, y_ptr, N, K, group_size, kw_per_
                          _xp(xp_row, kwb, 2, okb, shape), _xp(xp_row, kwb, 3, okb, shape))
         acc += part * s.to(tl.float32)[None, :]
     out = tl.sum(acc, axis=0)
-    if ATOMIC:
-        tl.atomic_add(y_ptr + row * N + offs_n, out, mask=mask_n, sem="relaxed")
-    else:
-        tl.store(y_ptr + row * N + offs_n, out, mask=mask_n)
+    store_tile(y_ptr + row * N + offs_n, out, mask_n, ATOMIC)
 
 
 def _weights(k, n):
@@ -284,7 +240,7 @@ def part_g(k, n):
             y = (torch.zeros if splits > 1 else torch.empty)((1, n), dtype=torch.float32, device="cuda")
             return k4._int4_gemv_kernel[(tiles, splits, 1)](
                 x, w, scale, scale, y, n, k, x.stride(0), GROUP, per, K_STEPS=per // bk, HAS_ZERO=False,
-                ATOMIC=splits > 1, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=3), y
+                ATOMIC=splits > 1, HALF2=False, ASM=True, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=3), y
         compiled, y = run(packed)
         label = f"{bn}x{bk} w{warps} waves{waves} splits{splits} regs{compiled.n_regs}"
         res[label] = bench(lambda: run(nxt()))
