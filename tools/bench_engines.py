@@ -65,7 +65,8 @@ def kernel_profile(engine, feeds, runs: int = 5) -> str:
             engine.run_torch(feeds)
         torch.cuda.synchronize()
     rows = int(os.environ.get("PROFILE_ROWS", "12"))
-    return prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=70)
+    width = int(os.environ.get("PROFILE_NAME_WIDTH", "70"))
+    return prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=width)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -53,8 +53,8 @@ for s in ${STEPS:-engines kernels int4 decode tests}; do
                py $d 2>&1 | grep -v "Warning\|return cls.__new__" | tail -40
              done ;;
     tune1)   step "INT4 GEMV tuning (M = 1, decode shapes)"
-             py tools/tune_int4_gemm.py --ms 1 --kinds gemv --shapes 4096x1024 4096x4096 4096x14336 14336x4096 8192x28672 \
-                 --out "$OUT/int4_tune_gemv.json" 2>&1 | tee "$OUT/int4_tune_gemv.log" | tail -8 ;;
+             py tools/tune_int4_gemm.py --ms 1 --kinds gemv --shapes ${TUNE1_SHAPES:-4096x6144 4096x4096 4096x28672 14336x4096 8192x28672 4096x14336} \
+                 --out "$OUT/int4_tune_gemv${TUNE1_TAG:-}.json" 2>&1 | tee "$OUT/int4_tune_gemv${TUNE1_TAG:-}.log" | tail -8 ;;
     tune8)   step "W8A16 small-M tuning (GEMV at M = 1, split-K tiles at 16)"
              (cd tools && py tune_w8a16_small_m.py --cuda-graph ${TUNE8_ARGS:-} --out "$OUT/tune_w8a16_small_m.json" 2>&1 \
                  | tee "$OUT/tune_w8a16_small_m.log" | tail -10) ;;

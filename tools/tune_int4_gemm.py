@@ -27,14 +27,16 @@ def candidates(m: int) -> list[dict]:
     """Candidate launch configurations (W4A16, and W4A8 on FP8 dots) for a row count m: the neighbourhood
     of the winners of the first sweep (benchmarks/int4_tune_v2b.json), plus dequantize + cuBLAS."""
     out = []
-    if m == 1:  # the winners of benchmarks/int4_tune_gemv.json, and narrow deep tiles on 1-2 warps (the shape
-        # that won the W8A16 GEMV sweep, benchmarks/tune_w8a16_small_m.json)
-        for bn, bk, w, waves in [(512, 32, 2, 32), (512, 64, 4, 16), (512, 64, 4, 32), (256, 32, 4, 16)]:
-            out.append(dict(kernel="gemv", BLOCK_N=bn, MIN_TILES=1, BLOCK_K=bk, num_warps=w, num_stages=3,
-                            waves=waves))
-        for bn, bk, w, waves in itertools.product((32, 64, 128), (64, 128), (1, 2), (4, 8, 16)):
-            out.append(dict(kernel="gemv", BLOCK_N=bn, MIN_TILES=1, BLOCK_K=bk, num_warps=w, num_stages=3,
-                            waves=waves))
+    if m == 1:  # the fp16x2 GEMV (16-bit x): the shipped tile and deeper tiles that keep its 32 words per
+        # thread (more warps along K: fewer split-K programs and atomics), over split-K waves and stages
+        for bn, bk, w in [(512, 32, 2), (512, 64, 4), (512, 128, 8), (1024, 64, 8), (256, 64, 2), (256, 128, 4),
+                          (1024, 32, 4), (128, 128, 2)]:
+            for waves in (16, 32, 64, 128):
+                out.append(dict(kernel="gemv", BLOCK_N=bn, MIN_TILES=1, BLOCK_K=bk, num_warps=w, num_stages=3,
+                                waves=waves))
+        for st in (1, 2, 4):
+            out.append(dict(kernel="gemv", BLOCK_N=512, MIN_TILES=1, BLOCK_K=32, num_warps=2, num_stages=st,
+                            waves=32))
     if m <= 16:
         for bn, bk, w, st, waves in itertools.product((32, 64), (64, 128), (2, 4), (3, 4, 5), (4, 8)):
             out.append(dict(kernel="mm_t", BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st,

@@ -34,6 +34,7 @@ from qcompile.plugins.gemm_dispatch import split_for_waves  # noqa: E402
 from qcompile.plugins.int4_gemm.half2 import x_pair  # noqa: E402
 from qcompile.plugins.triton_tiles import store_tile  # noqa: E402
 
+COLUMN_ONLY = "--column" in sys.argv  # second run: only the per-column kernel, fp16 x
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672), (4096, 6144), (4096, 28672)]
 
 
@@ -89,6 +90,46 @@ def _fp4_gemv_kernel(x_ptr, stride_xm, w_ptr, s_ptr, g_ptr, y_ptr, N, K, kw_per_
                          tl.broadcast_to(x_pair(x2, x6, up)[None, :], shape),
                          tl.broadcast_to(x_pair(x3, x7, up)[None, :], shape))
         acc += part * (_scale_multiplier(bits, MX, 0, 1.0) * down)
+    out = tl.sum(acc, axis=1)
+    if HAS_GLOBAL:
+        out = out * tl.load(g_ptr)
+    store_tile(y_ptr + offs_n, out, mask_n, ATOMIC)
+
+
+@triton.jit
+def _fp4_gemv_col_kernel(x_ptr, stride_xm, w_ptr, s_ptr, g_ptr, y_ptr, N, K, kw_per_split, steps,
+                         MX: tl.constexpr, B: tl.constexpr, HAS_GLOBAL: tl.constexpr, ATOMIC: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+    """As `_fp4_gemv_kernel`, with x's power of two chosen per word column (its 8 x values), not per step: the
+    step's largest |x| was a reduction across the whole program (shared memory and a barrier per step), since in
+    the [N, K/8] layout K is spread over the threads. Each column's `down` scales its own accumulator."""
+    wp = w_ptr.to(tl.pointer_type(tl.uint32))
+    sp = s_ptr.to(tl.pointer_type(tl.uint8))
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    rows = offs_n.to(tl.int64)[:, None]
+    x_row = x_ptr + tl.program_id(2) * stride_xm
+    acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+    shape: tl.constexpr = (BLOCK_N, BLOCK_KW)
+    for step in range(0, steps):
+        kw = tl.program_id(1) * kw_per_split + step * BLOCK_KW + tl.arange(0, BLOCK_KW)
+        ok = kw < K // 8
+        m2 = mask_n[:, None] & ok[None, :]
+        words = tl.load(wp + rows * (K // 8) + kw[None, :], mask=m2, other=0, eviction_policy="evict_first")
+        bits = tl.load(sp + rows * (K // B) + (kw * 8 // B)[None, :], mask=m2, other=0,
+                       eviction_policy="evict_first")
+        x0, x1, x2, x3 = _xk(x_row, kw, 0, ok), _xk(x_row, kw, 1, ok), _xk(x_row, kw, 2, ok), _xk(x_row, kw, 3, ok)
+        x4, x5, x6, x7 = _xk(x_row, kw, 4, ok), _xk(x_row, kw, 5, ok), _xk(x_row, kw, 6, ok), _xk(x_row, kw, 7, ok)
+        big = tl.maximum(tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3))),
+                         tl.maximum(tl.maximum(tl.abs(x4), tl.abs(x5)), tl.maximum(tl.abs(x6), tl.abs(x7))))
+        e = tl.maximum((big.to(tl.int32, bitcast=True) >> 23) & 0xFF, 14)  # per word column
+        up = ((267 - e) << 23).to(tl.float32, bitcast=True)
+        down = ((e - 13 + 14) << 23).to(tl.float32, bitcast=True)
+        part = _fp4_dot8(words, tl.broadcast_to(x_pair(x0, x4, up)[None, :], shape),
+                         tl.broadcast_to(x_pair(x1, x5, up)[None, :], shape),
+                         tl.broadcast_to(x_pair(x2, x6, up)[None, :], shape),
+                         tl.broadcast_to(x_pair(x3, x7, up)[None, :], shape))
+        acc += part * (_scale_multiplier(bits, MX, 0, 1.0) * down[None, :])
     out = tl.sum(acc, axis=1)
     if HAS_GLOBAL:
         out = out * tl.load(g_ptr)
@@ -163,7 +204,7 @@ def part(k, n):
     from qcompile.plugins.fp4_gemm.reference import dequantize_weight
     from qcompile.plugins.int4_gemm.op import int4_groupwise_gemm
     res = {}
-    for dtype in (torch.bfloat16, torch.float16):
+    for dtype in (torch.float16,) if COLUMN_ONLY else (torch.bfloat16, torch.float16):
         dn = str(dtype)[6:]
         x = torch.randn(1, k, device="cuda", dtype=dtype)
         wb = rotating(lambda: torch.randn(n, k, device="cuda", dtype=dtype), n * k * 2)
@@ -174,7 +215,13 @@ def part(k, n):
             wf = rotating(lambda: make_fp4(fmt, k, n), k * n // 2)
             w = wf()
             ref = x.double() @ dequantize_weight(*w, block).double().t()
-            res[f"{fmt} op {dn}"] = bench(lambda: fp4_gemm(x, *wf(), None, block))
+            res[f"{fmt} op {dn}"] = bench(lambda: fp4_gemm(x, *wf(), None, None, block))
+            if COLUMN_ONLY:  # the per-column scaling, on row-GEMV-like tiles (W8A16's: 8 rows x 256 words)
+                for cfg in [(4, 128, 4, 4), (8, 256, 4, 0), (4, 256, 4, 0), (8, 128, 4, 0), (16, 128, 4, 0),
+                            (2, 256, 2, 0), (4, 256, 4, 4), (8, 256, 8, 0), (16, 256, 8, 0), (8, 512, 8, 0)]:
+                    _time_gemv(res, f"{fmt} {dn} col", _fp4_gemv_col_kernel, lambda: (x, x.stride(0)), w, ref, wf,
+                               fmt, block, n, k, *cfg)
+                continue
             for cfg in [(8, 64, 4, 0), (8, 64, 4, 4), (16, 32, 4, 4), (4, 128, 4, 4), (16, 64, 8, 2), (32, 16, 4, 4),
                         (8, 32, 2, 8), (4, 64, 2, 8)]:
                 _time_gemv(res, f"{fmt} {dn} gemv", _fp4_gemv_kernel, lambda: (x, x.stride(0)), w, ref, wf, fmt, block,
@@ -195,7 +242,7 @@ def main():
     results = {}
     for k, n in SHAPES:
         run_part(results, f"{k}x{n}", part, k, n)
-        save(results, "fp4_gemv_probe.json")
+        save(results, "fp4_gemv_probe_col.json" if COLUMN_ONLY else "fp4_gemv_probe.json")
 
 
 if __name__ == "__main__":
