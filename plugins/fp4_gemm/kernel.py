@@ -7,6 +7,7 @@ bits (E4M3 or E8M0), the NVFP4 global scale from its float32 tensor.
 Paths, chosen from M (the row count of x, dynamic) by `gemm_dispatch.run_by_buckets` (a Python branch for a
 concrete M, a `torch.cond` chain for a symbolic one):
 
+- M = 1, fp16/bf16 x: `gemv.launch_gemv` (below).
 - M <= SMALL_M_MAX (16): `_fp4_gemm_kernel` split-K (BLOCK_M = 16): each program streams one K slice of
   BLOCK_N weight rows once (`evict_first`); partial sums are added with fp32 atomics (a plain store in
   x.dtype when there is one split).
@@ -29,10 +30,10 @@ tile decoded in registers is the MMA's first operand and a small M is the MMA's 
   fp16 for every E4M3 scale; MXFP4 tiles are exact for block scales in [2**-117, 2**17] (bf16, fp32) and
   [2**-19, 2**5] (fp16; outside, the fp16 tile rounds, as ONNX's CastLike of the scale to fp16 would).
 
-M = 1 has no GEMV of its own: a GEMV on word tiles without tensor cores (one FMA per weight, block scale per
-word, 16 configurations swept) was 20-30% slower than the split-K tile kernel on every H200 decode shape
-(benchmarks/fp4_int4_gemm.json, fp4_gemv_m1.json), so it was removed. The K-contiguous rows mean each
-thread needs 8 x values per word it decodes, where INT4's N-contiguous layout shares them across columns.
+M = 1 with fp16/bf16 x runs `gemv.py` instead: a GEMV on packed fp16x2 without tensor cores, one launch with
+the epilogue in it, 1.3-1.6x faster than the split-K tile kernel on the H200 decode shapes (see its docstring).
+An earlier GEMV in fp32 (one FMA per weight) was 20-30% slower than the tile kernel and was removed
+(benchmarks/fp4_int4_gemm.json, fp4_gemv_m1.json).
 
 `launch_*` and `fp4_gemm_triton` take `wrap` (identity for raw Triton: tests run them under
 TRITON_INTERPRET=1 on CPU tensors; `torch.library.wrap_triton` from the op, so AOTInductor compiles the
@@ -271,6 +272,14 @@ def fp4_gemm_triton(x, w_packed, w_scale, w_global, bias, block_size: int, *, wr
         y = x2d @ launch_dequant(w_packed, w_scale, w_global, block_size, x2d.dtype, wrap=wrap).t()
         return add_bias(y, bias, x2d.dtype)
 
+    def gemv(x2d, w_packed, w_scale, *rest):
+        from qcompile.plugins.fp4_gemm.gemv import launch_gemv  # imports this module
+
+        w_global, bias = unpack_optional(rest, *present)
+        return launch_gemv(x2d, w_packed, w_scale, w_global, bias, block_size, wrap=wrap)
+
     weights = (w_packed, w_scale) + tuple(t for t in (w_global, bias) if t is not None)
     buckets = [(SMALL_M_MAX, tiled(SMALL)), (LARGE_M_MIN - 1, tiled(MID)), (None, large)]
+    if x.dtype in (torch.float16, torch.bfloat16):  # the GEMV rounds products to fp16: 16-bit x only
+        buckets.insert(0, (1, gemv))
     return run_by_buckets(x, k, n, buckets, weights)

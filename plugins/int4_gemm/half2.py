@@ -74,7 +74,7 @@ def _nibble(words, j: tl.constexpr):
 
 
 @triton.jit
-def _half(pair, high: tl.constexpr):
+def half_of(pair, high: tl.constexpr):
     """fp32 of the low (or high) fp16 of an int32 pair."""
     bits = (pair >> 16) if high else pair
     return (bits & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
@@ -83,10 +83,10 @@ def _half(pair, high: tl.constexpr):
 @triton.jit
 def dot8_emulated(words, p04, p15, p26, p37):
     """`dot8` in plain Triton (fp32 products of the same fp16 pairs), for the CPU interpreter."""
-    out = _nibble(words, 0) * _half(p04, False) + _nibble(words, 4) * _half(p04, True)
-    out += 16.0 * (_nibble(words, 1) * _half(p15, False) + _nibble(words, 5) * _half(p15, True))
-    out += _nibble(words, 2) * _half(p26, False) + _nibble(words, 6) * _half(p26, True)
-    out += 16.0 * (_nibble(words, 3) * _half(p37, False) + _nibble(words, 7) * _half(p37, True))
+    out = _nibble(words, 0) * half_of(p04, False) + _nibble(words, 4) * half_of(p04, True)
+    out += 16.0 * (_nibble(words, 1) * half_of(p15, False) + _nibble(words, 5) * half_of(p15, True))
+    out += _nibble(words, 2) * half_of(p26, False) + _nibble(words, 6) * half_of(p26, True)
+    out += 16.0 * (_nibble(words, 3) * half_of(p37, False) + _nibble(words, 7) * half_of(p37, True))
     return out
 
 

@@ -224,14 +224,63 @@ def test_triton_path_every_bucket_interpreter(fmt, m, monkeypatch):
     assert_rel_l2(y, oracle(x, case, bias), torch.float16)
 
 
+def gemv_x(dtype, k: int, seed: int) -> torch.Tensor:
+    """One row of x with a wide range: fp16 from 1e-4 to 1e4 with an outlier channel; bf16 also at 1e-6 and 1e6
+    (outside fp16's range: the GEMV's per-column power of two must bring them in)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, k, generator=g) * torch.logspace(-4, 4, k)[torch.randperm(k, generator=g)]
+    x[0, 7] = 9000.0
+    if dtype == torch.bfloat16:
+        x[0, : k // 4] *= 1e-2
+        x[0, k // 4: k // 2] *= 100.0
+    return x.to(dtype)
+
+
+@triton_interp
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("has_bias", [False, True], ids=["nobias", "bias"])
+def test_gemv_interpreter(fmt, dtype, has_bias):
+    """The M = 1 GEMV (`gemv.py`, the fp16x2 arithmetic emulated) against float64: two rows of x (grid axis 1),
+    x over eight decades, several K steps with a partial last one, a partial tile of weight rows."""
+    from qcompile.plugins.fp4_gemm import gemv
+
+    case = make_case(fmt, k=640, n=76, seed=3)
+    x = torch.cat([gemv_x(dtype, 640, 1), gemv_x(dtype, 640, 2)])
+    bias = torch.randn(76) if has_bias else None
+    y = gemv.launch_gemv(x, *args(case), bias, case["block"], dict(gemv.GEMV, BLOCK_KW=32))
+    assert y.dtype == dtype and y.shape == (2, 76)
+    assert_rel_l2(y, oracle(x, case, bias), dtype)
+
+
+@triton_interp
+def test_gemv_extreme_mxfp4_scales_interpreter():
+    """E8M0 scales from 2**-127 (code 0) to 2**100 in one weight (bf16 x and output: the sums reach 1e31): the
+    GEMV's 2**16 shift keeps code 0 a normal fp32."""
+    from qcompile.plugins.fp4_gemm import gemv
+
+    case = make_case("mxfp4", k=256, n=16, seed=4)
+    case["w_scale"] = torch.randint(0, 228, case["w_scale"].shape, generator=torch.Generator().manual_seed(4),
+                                    dtype=torch.uint8)
+    case["w_scale"][:, 0] = 0
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    y = gemv.launch_gemv(x, *args(case), None, case["block"]).double().numpy()
+    np.testing.assert_allclose(y, oracle(x, case), rtol=1e-2, atol=0)  # bf16 output: 2**-9 relative
+
+
 # ---------------------------------------------------------------- dispatch with a dynamic M (CPU, no kernels)
 
 @needs_triton
-def test_gpu_body_dispatch_traces_with_dynamic_rows(monkeypatch):
-    """The three-way M dispatch (nested torch.cond on a symbolic M) exported with a dynamic M; the kernel
-    launches replaced by torch stand-ins that mark their bucket, so it runs on CPU."""
-    from qcompile.plugins.fp4_gemm import kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gpu_body_dispatch_traces_with_dynamic_rows(monkeypatch, dtype):
+    """The M dispatch (nested torch.cond on a symbolic M) exported with a dynamic M; the kernel launches
+    replaced by torch stand-ins that mark their bucket, so it runs on CPU. 16-bit x adds the M = 1 GEMV."""
+    from qcompile.plugins.fp4_gemm import gemv, kernel
     from qcompile.plugins.fp4_gemm.reference import dequantize_weight
+
+    def gemv_stand_in(x2d, w_packed, w_scale, w_global, bias, block, **_):  # marker: 7
+        y = x2d.float() @ dequantize_weight(w_packed, w_scale, w_global, block).t() + 7.0
+        return (y if bias is None else y + bias).to(x2d.dtype)
 
     def gemm(x2d, w_packed, w_scale, w_global, bias, block, cfg, **_):  # marker: the configuration's BLOCK_M
         y = x2d.float() @ dequantize_weight(w_packed, w_scale, w_global, block).t() + cfg["BLOCK_M"]
@@ -242,6 +291,7 @@ def test_gpu_body_dispatch_traces_with_dynamic_rows(monkeypatch):
 
     monkeypatch.setattr(kernel, "launch_gemm", gemm)
     monkeypatch.setattr(kernel, "launch_dequant", dequant)
+    monkeypatch.setattr(gemv, "launch_gemv", gemv_stand_in)
     case = make_case("nvfp4", k=64, n=24)
     bias = torch.randn(24)
 
@@ -250,15 +300,17 @@ def test_gpu_body_dispatch_traces_with_dynamic_rows(monkeypatch):
             return kernel.fp4_gemm_triton(x, *args(case), bias, case["block"])
 
     rows = torch.export.Dim("rows", min=1, max=4096)
-    ep = torch.export.export(Body(), (torch.randn(5, 64),), dynamic_shapes=({0: rows},))
+    ep = torch.export.export(Body(), (torch.randn(5, 64, dtype=dtype),), dynamic_shapes=({0: rows},))
     assert sum(n.target is torch.ops.higher_order.cond for n in ep.graph.nodes) == 1  # the outer cond
     small, mid = kernel.SMALL["BLOCK_M"], kernel.MID["BLOCK_M"]
-    want = {1: small, 2: small, 16: small, 17: mid, 1023: mid, 1024: 0.0, 1500: 0.0}
+    want = {1: 7.0 if dtype == torch.float16 else small, 2: small, 16: small, 17: mid, 1023: mid, 1024: 0.0,
+            1500: 0.0}
     for m, marker in want.items():
-        x = torch.randn(m, 64)
+        x = torch.randn(m, 64).to(dtype)
         got = ep.module()(x).double().numpy() - marker
-        np.testing.assert_allclose(got, oracle(x, case, bias), rtol=0, atol=2e-4)  # markers >= 1 apart
-    assert len(set(want.values())) == 3  # every bucket was reached
+        atol = 2e-4 if dtype == torch.float32 else 0.1  # fp16 outputs round; the markers are >= 7 apart
+        np.testing.assert_allclose(got, oracle(x, case, bias), rtol=0, atol=atol)
+    assert len(set(want.values())) == (4 if dtype == torch.float16 else 3)  # every bucket was reached
 
 
 # ---------------------------------------------------------------- CUDA
@@ -299,6 +351,47 @@ def test_cuda_each_kernel_path(fmt, dtype, path, m):
         cfg = kernel.SMALL if path == "small" else kernel.MID
         y = kernel.launch_gemm(dev[0], *dev[1:4], dev[4], case["block"], cfg, num_sms=132).to(dtype)
     assert_rel_l2(y, oracle(x, case, bias), dtype)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("has_bias", [False, True], ids=["nobias", "bias"])
+def test_cuda_gemv_wide_range_x(fmt, dtype, has_bias):
+    """The op at M = 1 (the fp16x2 GEMV's inline PTX) on K = 4096 with x over eight decades (bf16 also beyond
+    fp16's range) against float64."""
+    case = make_case(fmt, k=4096, n=264, seed=6)
+    x = gemv_x(dtype, 4096, 7)
+    bias = torch.randn(264) if has_bias else None
+    dev = [t.cuda() if t is not None else None for t in (x, *args(case), bias)]
+    y = torch.ops.qcompile.fp4_gemm(dev[0], *dev[1:4], None, dev[4], case["block"])
+    assert y.dtype == dtype and y.shape == (1, 264)
+    assert_rel_l2(y, oracle(x, case, bias), dtype)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("fmt", FMTS)
+def test_cuda_aoti_package_dynamic_rows(tmp_path, fmt):
+    """fp16 x with a dynamic row count through AOTInductor: the GEMV's inline PTX (M = 1) and the tile and
+    dequantize paths compiled into one package, each against float64."""
+    case = make_case(fmt, k=512, n=192, seed=8)
+    weights = [t.cuda() if t is not None else None for t in args(case)]
+    bias = torch.randn(192, device="cuda", dtype=torch.float16)
+
+    class Fp4Linear(torch.nn.Module):
+        def forward(self, x):
+            return torch.ops.qcompile.fp4_gemm(x, *weights, None, bias, case["block"])
+
+    rows = torch.export.Dim("rows", min=1, max=4096)
+    ep = torch.export.export(Fp4Linear(), (torch.randn(4, 512, device="cuda", dtype=torch.float16),),
+                             dynamic_shapes=({0: rows},))
+    path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "fp4.pt2"))
+    compiled = torch._inductor.aoti_load_package(path)
+    for m in (1, 5, 40, 1100):
+        x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m)).to(torch.float16)
+        assert_rel_l2(compiled(x.cuda()), oracle(x, case, bias.cpu()), torch.float16)
 
 
 @pytest.mark.gpu

@@ -8,13 +8,16 @@ against fp16 x pairs scaled by a power of two (largest |x| of the step in [2**13
 block scale per word, the global scale at the end. Times it against cuBLAS bf16, the FP4 op and the INT4 op
 (CUDA-graph replay, rotating weights), checks it against float64 first. Not part of the product.
 
-Not run on the GPU yet (written in the eleventh session, when no GPU time was left for it). Its SASS
-(`sass_count.compile_sass`, sm_90): with x read per word (each thread has its own K columns) the loop is 9.3-10.2
-instructions per weight; with x pre-packed into fp16 pairs (`fp4_x_pairs`: a per-row power of two, torch ops)
-5.7, of which the E2M1 decoding is about 2 (two shifts, an AND and a LOP3 per pair: no shift-and-mask layout of
-the E2M1 bits can do a pair in one operation, since {9, 10, 11, 15} does not tile 16 bits).
+Run on the H200 (twelfth session, benchmarks/fp4_gemv_probe.json): 1.2-2.2x the INT4 op's time, barely faster
+than the FP4 op. The step's largest |x| is a reduction across the whole program here (K is spread over the
+threads in this layout): shared memory and a barrier per step. `--column` times the product's GEMV
+(plugins/fp4_gemm/gemv.py), which scales x per word column instead: 1.3-1.6x faster than the FP4 op
+(benchmarks/fp4_gemv_probe_col.json). SASS (`sass_count.compile_sass`, sm_90): 9.3-10.2 instructions per weight
+with x read per word, 5.7 with x pre-packed (`fp4_x_pairs`), of which the E2M1 decoding is about 2 (two
+shifts, an AND and a LOP3 per pair: no shift-and-mask layout of the E2M1 bits can do a pair in one operation,
+since {9, 10, 11, 15} does not tile 16 bits).
 
-    OUT=... python3 tools/diag/fp4_gemv_probe.py
+    OUT=... python3 tools/diag/fp4_gemv_probe.py [--column]
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from bench_fp4_gemm import make_fp4, make_int4  # noqa: E402
 from gpu_timing import MODE, bench, rotating  # noqa: E402
 from probe_util import run_part, save  # noqa: E402
 
+from qcompile.plugins.fp4_gemm.gemv import GEMV, e2m1_dot8, launch_gemv, x_of_words  # noqa: E402
 from qcompile.plugins.fp4_gemm.kernel import _scale_multiplier  # noqa: E402
 from qcompile.plugins.gemm_dispatch import split_for_waves  # noqa: E402
 from qcompile.plugins.int4_gemm.half2 import x_pair  # noqa: E402
@@ -36,27 +40,6 @@ from qcompile.plugins.triton_tiles import store_tile  # noqa: E402
 
 COLUMN_ONLY = "--column" in sys.argv  # second run: only the per-column kernel, fp16 x
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672), (4096, 6144), (4096, 28672)]
-
-
-@triton.jit
-def _fp4_dot8(words, p04, p15, p26, p37):
-    """fp32 sum_j e2m1_j * 2**-14 * x_j per word (x pairs as int32 fp16 pairs)."""
-    out = tl.inline_asm_elementwise(
-        "{ .reg .b32 a0, a1, a2, a3, t, u, c0, m; .reg .b16 lo, hi; .reg .f32 flo, fhi, s; "
-        "mov.b32 c0, 0x80008000; mov.b32 m, 0x0E000E00; "
-        "shr.b32 t, $1, 3; and.b32 t, t, m; lop3.b32 a3, $1, c0, t, 0xEA; "
-        "shl.b32 u, $1, 4; shl.b32 t, $1, 1; and.b32 t, t, m; lop3.b32 a2, u, c0, t, 0xEA; "
-        "shl.b32 u, $1, 8; shl.b32 t, $1, 5; and.b32 t, t, m; lop3.b32 a1, u, c0, t, 0xEA; "
-        "shl.b32 u, $1, 12; shl.b32 t, $1, 9; and.b32 t, t, m; lop3.b32 a0, u, c0, t, 0xEA; "
-        "mul.rn.f16x2 t, a0, $2; fma.rn.f16x2 t, a1, $3, t; fma.rn.f16x2 t, a2, $4, t; fma.rn.f16x2 t, a3, $5, t; "
-        "mov.b32 {lo, hi}, t; cvt.f32.f16 flo, lo; cvt.f32.f16 fhi, hi; add.f32 s, flo, fhi; mov.b32 $0, s; }",
-        "=r,r,r,r,r,r", [words, p04, p15, p26, p37], dtype=tl.int32, is_pure=True, pack=1)
-    return out.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _xk(x_row, kw, j: tl.constexpr, ok):
-    return tl.load(x_row + kw * 8 + j, mask=ok, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -78,58 +61,15 @@ def _fp4_gemv_kernel(x_ptr, stride_xm, w_ptr, s_ptr, g_ptr, y_ptr, N, K, kw_per_
         words = tl.load(wp + rows * (K // 8) + kw[None, :], mask=m2, other=0, eviction_policy="evict_first")
         bits = tl.load(sp + rows * (K // B) + (kw * 8 // B)[None, :], mask=m2, other=0,
                        eviction_policy="evict_first")
-        x0, x1, x2, x3 = _xk(x_row, kw, 0, ok), _xk(x_row, kw, 1, ok), _xk(x_row, kw, 2, ok), _xk(x_row, kw, 3, ok)
-        x4, x5, x6, x7 = _xk(x_row, kw, 4, ok), _xk(x_row, kw, 5, ok), _xk(x_row, kw, 6, ok), _xk(x_row, kw, 7, ok)
-        big = tl.maximum(tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3))),
-                         tl.maximum(tl.maximum(tl.abs(x4), tl.abs(x5)), tl.maximum(tl.abs(x6), tl.abs(x7))))
+        x0, x1, x2, x3, x4, x5, x6, x7, big = x_of_words(x_row, kw, ok)
         e = tl.maximum((tl.max(big, axis=0).to(tl.int32, bitcast=True) >> 23) & 0xFF, 14)
         up = ((267 - e) << 23).to(tl.float32, bitcast=True)  # largest |x| * up in [2**13, 2**14)
         down = ((e - 13 + 14) << 23).to(tl.float32, bitcast=True)  # 1 / up, times 2**14 (the decode's 2**-14)
-        part = _fp4_dot8(words, tl.broadcast_to(x_pair(x0, x4, up)[None, :], shape),
+        part = e2m1_dot8(words, tl.broadcast_to(x_pair(x0, x4, up)[None, :], shape),
                          tl.broadcast_to(x_pair(x1, x5, up)[None, :], shape),
                          tl.broadcast_to(x_pair(x2, x6, up)[None, :], shape),
                          tl.broadcast_to(x_pair(x3, x7, up)[None, :], shape))
         acc += part * (_scale_multiplier(bits, MX, 0, 1.0) * down)
-    out = tl.sum(acc, axis=1)
-    if HAS_GLOBAL:
-        out = out * tl.load(g_ptr)
-    store_tile(y_ptr + offs_n, out, mask_n, ATOMIC)
-
-
-@triton.jit
-def _fp4_gemv_col_kernel(x_ptr, stride_xm, w_ptr, s_ptr, g_ptr, y_ptr, N, K, kw_per_split, steps,
-                         MX: tl.constexpr, B: tl.constexpr, HAS_GLOBAL: tl.constexpr, ATOMIC: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
-    """As `_fp4_gemv_kernel`, with x's power of two chosen per word column (its 8 x values), not per step: the
-    step's largest |x| was a reduction across the whole program (shared memory and a barrier per step), since in
-    the [N, K/8] layout K is spread over the threads. Each column's `down` scales its own accumulator."""
-    wp = w_ptr.to(tl.pointer_type(tl.uint32))
-    sp = s_ptr.to(tl.pointer_type(tl.uint8))
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    rows = offs_n.to(tl.int64)[:, None]
-    x_row = x_ptr + tl.program_id(2) * stride_xm
-    acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
-    shape: tl.constexpr = (BLOCK_N, BLOCK_KW)
-    for step in range(0, steps):
-        kw = tl.program_id(1) * kw_per_split + step * BLOCK_KW + tl.arange(0, BLOCK_KW)
-        ok = kw < K // 8
-        m2 = mask_n[:, None] & ok[None, :]
-        words = tl.load(wp + rows * (K // 8) + kw[None, :], mask=m2, other=0, eviction_policy="evict_first")
-        bits = tl.load(sp + rows * (K // B) + (kw * 8 // B)[None, :], mask=m2, other=0,
-                       eviction_policy="evict_first")
-        x0, x1, x2, x3 = _xk(x_row, kw, 0, ok), _xk(x_row, kw, 1, ok), _xk(x_row, kw, 2, ok), _xk(x_row, kw, 3, ok)
-        x4, x5, x6, x7 = _xk(x_row, kw, 4, ok), _xk(x_row, kw, 5, ok), _xk(x_row, kw, 6, ok), _xk(x_row, kw, 7, ok)
-        big = tl.maximum(tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3))),
-                         tl.maximum(tl.maximum(tl.abs(x4), tl.abs(x5)), tl.maximum(tl.abs(x6), tl.abs(x7))))
-        e = tl.maximum((big.to(tl.int32, bitcast=True) >> 23) & 0xFF, 14)  # per word column
-        up = ((267 - e) << 23).to(tl.float32, bitcast=True)
-        down = ((e - 13 + 14) << 23).to(tl.float32, bitcast=True)
-        part = _fp4_dot8(words, tl.broadcast_to(x_pair(x0, x4, up)[None, :], shape),
-                         tl.broadcast_to(x_pair(x1, x5, up)[None, :], shape),
-                         tl.broadcast_to(x_pair(x2, x6, up)[None, :], shape),
-                         tl.broadcast_to(x_pair(x3, x7, up)[None, :], shape))
-        acc += part * (_scale_multiplier(bits, MX, 0, 1.0) * down[None, :])
     out = tl.sum(acc, axis=1)
     if HAS_GLOBAL:
         out = out * tl.load(g_ptr)
@@ -167,7 +107,7 @@ def _fp4_gemv_packed_kernel(xp_ptr, d_ptr, w_ptr, s_ptr, g_ptr, y_ptr, N, K, kw_
         words = tl.load(wp + rows * (K // 8) + kw[None, :], mask=m2, other=0, eviction_policy="evict_first")
         bits = tl.load(sp + rows * (K // B) + (kw * 8 // B)[None, :], mask=m2, other=0,
                        eviction_policy="evict_first")
-        part = _fp4_dot8(words, tl.broadcast_to(tl.load(xp + kw * 4, mask=ok, other=0)[None, :], shape),
+        part = e2m1_dot8(words, tl.broadcast_to(tl.load(xp + kw * 4, mask=ok, other=0)[None, :], shape),
                          tl.broadcast_to(tl.load(xp + kw * 4 + 1, mask=ok, other=0)[None, :], shape),
                          tl.broadcast_to(tl.load(xp + kw * 4 + 2, mask=ok, other=0)[None, :], shape),
                          tl.broadcast_to(tl.load(xp + kw * 4 + 3, mask=ok, other=0)[None, :], shape))
@@ -216,11 +156,16 @@ def part(k, n):
             w = wf()
             ref = x.double() @ dequantize_weight(*w, block).double().t()
             res[f"{fmt} op {dn}"] = bench(lambda: fp4_gemm(x, *wf(), None, None, block))
-            if COLUMN_ONLY:  # the per-column scaling, on row-GEMV-like tiles (W8A16's: 8 rows x 256 words)
-                for cfg in [(4, 128, 4, 4), (8, 256, 4, 0), (4, 256, 4, 0), (8, 128, 4, 0), (16, 128, 4, 0),
-                            (2, 256, 2, 0), (4, 256, 4, 4), (8, 256, 8, 0), (16, 256, 8, 0), (8, 512, 8, 0)]:
-                    _time_gemv(res, f"{fmt} {dn} col", _fp4_gemv_col_kernel, lambda: (x, x.stride(0)), w, ref, wf,
-                               fmt, block, n, k, *cfg)
+            if COLUMN_ONLY:  # the product's GEMV (plugins/fp4_gemm/gemv.py: x's power of two per word column), on
+                # row-GEMV-like tiles (W8A16's: 8 rows x 256 words); recorded before it moved there as the probe's
+                # _fp4_gemv_col_kernel (commit 3de754d, benchmarks/fp4_gemv_probe_col.json), without its epilogue
+                for bn, bkw, warps in [(4, 128, 4), (8, 256, 4), (4, 256, 4), (8, 128, 4), (16, 128, 4), (2, 256, 2),
+                                       (8, 256, 8), (16, 256, 8), (8, 512, 8)]:
+                    cfg = dict(GEMV, BLOCK_N=bn, BLOCK_KW=bkw, num_warps=warps)
+                    name = f"{fmt} {dn} col {bn}x{bkw} w{warps}"
+                    y = launch_gemv(x, *w, None, block, cfg)
+                    res[name + " err"] = round(float((y.double() - ref).norm() / ref.norm()), 6)
+                    res[name] = bench(lambda: launch_gemv(x, *wf(), None, block, cfg))
                 continue
             for cfg in [(8, 64, 4, 0), (8, 64, 4, 4), (16, 32, 4, 4), (4, 128, 4, 4), (16, 64, 8, 2), (32, 16, 4, 4),
                         (8, 32, 2, 8), (4, 64, 2, 8)]:
