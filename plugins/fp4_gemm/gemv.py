@@ -11,14 +11,15 @@ in steps of BLOCK_KW words, as the W8A16 row GEMV does.
   [2**13, 2**14), so products stay below 6 and 4-term fp16 sums finite; `down = 2**14 / up` (the decode's
   2**-14 included) comes back in fp32 with the block scale. Per column, not per step: in this layout K is spread
   over the threads, and a per-step maximum was a reduction across the program with a barrier per step (the
-  first probe, 1.5-2x slower; benchmarks/fp4_gemv_probe*.json).
+  first probe, about 1.2x slower; benchmarks/fp4_gemv_probe*.json).
 - Products round to fp16: about 3e-4 relative error against float64 on the H200 decode shapes, so the GEMV
   serves 16-bit x only (fp32 x takes the tile kernel).
 
 On the H200 (tools/diag/fp4_gemv_probe.py --column, kernel alone, fp16 x): 1.3-1.6x faster than the split-K
-tile kernel at M = 1, and 0.56x (8192 x 28672) to 1.1x (4096 x 4096) the time of the INT4 GEMV op: the
-K-contiguous rows give each thread its own K columns, so x's work is shared by BLOCK_N rows, not by 512
-columns as in INT4's N-contiguous layout.
+tile kernel at M = 1; the op (bias included) is 1.33-1.59x cuBLAS bf16 and runs at 0.58x (8192 x 28672) to 1.58x
+(4096 x 4096) the INT4 op's speed (benchmarks/fp4_int4_gemm_gemv.json). About 7 SASS instructions per weight
+against INT4's 3.7: the K-contiguous rows give each thread its own K columns, so x's pairs are shared by BLOCK_N
+rows, not by 512 columns as in INT4's N-contiguous layout, and an E2M1 pair costs four operations to decode.
 
 `e2m1_dot8_emulated` is the same arithmetic in plain Triton for the CPU interpreter, which cannot run PTX.
 """

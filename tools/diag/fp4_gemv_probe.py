@@ -8,7 +8,7 @@ against fp16 x pairs scaled by a power of two (largest |x| of the step in [2**13
 block scale per word, the global scale at the end. Times it against cuBLAS bf16, the FP4 op and the INT4 op
 (CUDA-graph replay, rotating weights), checks it against float64 first. Not part of the product.
 
-Run on the H200 (twelfth session, benchmarks/fp4_gemv_probe.json): 1.2-2.2x the INT4 op's time, barely faster
+Run on the H200 (twelfth session, benchmarks/fp4_gemv_probe.json): 1.1-2.2x the INT4 op's time, barely faster
 than the FP4 op. The step's largest |x| is a reduction across the whole program here (K is spread over the
 threads in this layout): shared memory and a barrier per step. `--column` times the product's GEMV
 (plugins/fp4_gemm/gemv.py), which scales x per word column instead: 1.3-1.6x faster than the FP4 op
