@@ -31,7 +31,7 @@ import triton.language as tl
 
 from qcompile.plugins.fp4_gemm.kernel import _scale_multiplier
 from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg
-from qcompile.plugins.int4_gemm.half2 import half_of, ptx_available, x_pair
+from qcompile.plugins.int4_gemm.half2 import half_of, ptx_available, x_of_words, x_pair
 
 GEMV = dict(BLOCK_N=8, BLOCK_KW=256, num_warps=4)  # best single tile of the probe on all six decode shapes
 # SCALE_SHIFT = 16 (a literal in the kernel): block scales are decoded as scale * 2**16, so E8M0 code 0 (2**-127)
@@ -76,18 +76,15 @@ def e2m1_dot8_emulated(words, p04, p15, p26, p37):
 
 
 @triton.jit
-def _x_at(x_ptr, kw, j: tl.constexpr, ok):
-    return tl.load(x_ptr + kw * 8 + j, mask=ok, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def x_of_words(x_ptr, kw, ok):
-    """(x_0 .. x_7, their largest |x|): fp32 x[8 kw + j] for the word columns kw (0 where not ok)."""
-    x0, x1, x2, x3 = _x_at(x_ptr, kw, 0, ok), _x_at(x_ptr, kw, 1, ok), _x_at(x_ptr, kw, 2, ok), _x_at(x_ptr, kw, 3, ok)
-    x4, x5, x6, x7 = _x_at(x_ptr, kw, 4, ok), _x_at(x_ptr, kw, 5, ok), _x_at(x_ptr, kw, 6, ok), _x_at(x_ptr, kw, 7, ok)
-    big = tl.maximum(tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3))),
-                     tl.maximum(tl.maximum(tl.abs(x4), tl.abs(x5)), tl.maximum(tl.abs(x6), tl.abs(x7))))
-    return x0, x1, x2, x3, x4, x5, x6, x7, big
+def word_columns(wp, sp, rows, mask_n, kw, K, B: tl.constexpr):
+    """(words, scale bits, ok): the uint32 words [BLOCK_N, len(kw)] of weight rows `rows` ([BLOCK_N, 1] int64) at
+    word columns kw of the [N, K/8] layout, each word's block-scale byte (a block spans B / 8 words), and
+    kw < K / 8 (zeros past N and K)."""
+    ok = kw < K // 8
+    m2 = mask_n[:, None] & ok[None, :]
+    words = tl.load(wp + rows * (K // 8) + kw[None, :], mask=m2, other=0, eviction_policy="evict_first")
+    bits = tl.load(sp + rows * (K // B) + (kw * 8 // B)[None, :], mask=m2, other=0, eviction_policy="evict_first")
+    return words, bits, ok
 
 
 @triton.jit
@@ -106,11 +103,7 @@ def _fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr, N, K, stride_xm, 
     shape: tl.constexpr = (BLOCK_N, BLOCK_KW)
     for step in range(0, K_STEPS):
         kw = step * BLOCK_KW + tl.arange(0, BLOCK_KW)
-        ok = kw < K // 8
-        m2 = mask_n[:, None] & ok[None, :]
-        words = tl.load(wp + rows * (K // 8) + kw[None, :], mask=m2, other=0, eviction_policy="evict_first")
-        bits = tl.load(sp + rows * (K // B) + (kw * 8 // B)[None, :], mask=m2, other=0,
-                       eviction_policy="evict_first")
+        words, bits, ok = word_columns(wp, sp, rows, mask_n, kw, K, B)
         x0, x1, x2, x3, x4, x5, x6, x7, big = x_of_words(x_ptr, kw, ok)
         e = tl.maximum((big.to(tl.int32, bitcast=True) >> 23) & 0xFF, 16)  # biased exponent per word column
         up = ((267 - e) << 23).to(tl.float32, bitcast=True)  # largest |x| * up in [2**13, 2**14)

@@ -16,6 +16,9 @@ into an fp32 and multiplied there (`_int4_gemv_kernel`'s fp32 path; `tools/diag/
   `down` factor comes back in fp32. Each product is rounded to fp16 (relative error 2^-11, about 4e-4 on a
   4096-long dot measured on the H200: benchmarks/int4_stream_probe*.json), so this path is for 16-bit x.
 
+`x_of_words` loads the 8 activations of each word (and their largest |x|) for the packed-half2 GEMVs: this one's
+and the FP4 GEMV (`fp4_gemm/gemv.py`).
+
 `dot8_emulated` is the same arithmetic in plain Triton fp32 ops, for the CPU interpreter (TRITON_INTERPRET=1),
 which cannot run inline PTX: tests check the nibble order, the pairs and the scaling there; the GPU tests check
 the PTX.
@@ -88,6 +91,22 @@ def dot8_emulated(words, p04, p15, p26, p37):
     out += _nibble(words, 2) * half_of(p26, False) + _nibble(words, 6) * half_of(p26, True)
     out += 16.0 * (_nibble(words, 3) * half_of(p37, False) + _nibble(words, 7) * half_of(p37, True))
     return out
+
+
+@triton.jit
+def x_at(x_ptr, kw, j: tl.constexpr, ok):
+    """fp32 x[8 kw + j] for the word indices kw (0 where not ok)."""
+    return tl.load(x_ptr + kw * 8 + j, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def x_of_words(x_ptr, kw, ok):
+    """(x_0 .. x_7, their largest |x|): fp32 x[8 kw + j] for the words kw of a packed weight (0 where not ok)."""
+    x0, x1, x2, x3 = x_at(x_ptr, kw, 0, ok), x_at(x_ptr, kw, 1, ok), x_at(x_ptr, kw, 2, ok), x_at(x_ptr, kw, 3, ok)
+    x4, x5, x6, x7 = x_at(x_ptr, kw, 4, ok), x_at(x_ptr, kw, 5, ok), x_at(x_ptr, kw, 6, ok), x_at(x_ptr, kw, 7, ok)
+    big = tl.maximum(tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3))),
+                     tl.maximum(tl.maximum(tl.abs(x4), tl.abs(x5)), tl.maximum(tl.abs(x6), tl.abs(x7))))
+    return x0, x1, x2, x3, x4, x5, x6, x7, big
 
 
 @triton.jit

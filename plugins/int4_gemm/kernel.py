@@ -52,7 +52,8 @@ import triton.language as tl
 from qcompile.plugins.gemm_dispatch import (add_bias, cdiv, identity, optional_arg, run_by_buckets,
                                              split_for_waves, unpack_optional)
 from qcompile.plugins.int4_gemm.format import PACK
-from qcompile.plugins.int4_gemm.half2 import dot8, dot8_emulated, pow2_range, ptx_available, x_pair
+from qcompile.plugins.int4_gemm.half2 import (dot8, dot8_emulated, pow2_range, ptx_available, x_at, x_of_words,
+                                              x_pair)
 from qcompile.plugins.int4_gemm.reference import check_args
 from qcompile.plugins.triton_tiles import grouped_tile, store_tile
 
@@ -99,19 +100,13 @@ def _nibble_plus_136(words, j: tl.constexpr):
 
 
 @triton.jit
-def _x_at(x_row, kw, j: tl.constexpr, ok):
-    """fp32 x[8 kw + j] for the word rows kw (0 where not ok)."""
-    return tl.load(x_row + kw * 8 + j, mask=ok, other=0.0).to(tl.float32)
-
-
-@triton.jit
 def _gemv_step_fp32(words, x_row, kw, ok):
     """(sum_j x_j q_j per word, sum_j x_j per word row, 1.0): each nibble as the fp32 136 + q, x * (136 + q)
     exact in fp32, the 136 taken off once per word row."""
     part = tl.zeros(words.shape, dtype=tl.float32)
     xsum = tl.zeros(kw.shape, dtype=tl.float32)
     for j in tl.static_range(8):
-        xj = _x_at(x_row, kw, j, ok)
+        xj = x_at(x_row, kw, j, ok)
         part += xj[:, None] * _nibble_plus_136(words, j)
         xsum += xj
     return part - 136.0 * xsum[:, None], xsum, 1.0
@@ -121,10 +116,7 @@ def _gemv_step_fp32(words, x_row, kw, ok):
 def _gemv_step_half2(words, x_row, kw, ok, ASM: tl.constexpr):
     """(sum_j x_j q_j per word times `up`, sum_j x_j per word row, down = 1 / up): the products on fp16x2
     (`half2.dot8`), x scaled by the power of two `up` that puts the step's largest |x| in [256, 512)."""
-    x0, x1, x2, x3 = _x_at(x_row, kw, 0, ok), _x_at(x_row, kw, 1, ok), _x_at(x_row, kw, 2, ok), _x_at(x_row, kw, 3, ok)
-    x4, x5, x6, x7 = _x_at(x_row, kw, 4, ok), _x_at(x_row, kw, 5, ok), _x_at(x_row, kw, 6, ok), _x_at(x_row, kw, 7, ok)
-    big = tl.maximum(tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3))),
-                     tl.maximum(tl.maximum(tl.abs(x4), tl.abs(x5)), tl.maximum(tl.abs(x6), tl.abs(x7))))
+    x0, x1, x2, x3, x4, x5, x6, x7, big = x_of_words(x_row, kw, ok)
     up, down = pow2_range(tl.max(big, axis=0))
     shape: tl.constexpr = words.shape
     p04 = tl.broadcast_to(x_pair(x0, x4, up)[:, None], shape)

@@ -32,10 +32,10 @@ from bench_fp4_gemm import make_fp4, make_int4  # noqa: E402
 from gpu_timing import MODE, bench, rotating  # noqa: E402
 from probe_util import run_part, save  # noqa: E402
 
-from qcompile.plugins.fp4_gemm.gemv import GEMV, e2m1_dot8, launch_gemv, x_of_words  # noqa: E402
+from qcompile.plugins.fp4_gemm.gemv import GEMV, e2m1_dot8, launch_gemv, word_columns  # noqa: E402
 from qcompile.plugins.fp4_gemm.kernel import _scale_multiplier  # noqa: E402
 from qcompile.plugins.gemm_dispatch import split_for_waves  # noqa: E402
-from qcompile.plugins.int4_gemm.half2 import x_pair  # noqa: E402
+from qcompile.plugins.int4_gemm.half2 import x_of_words, x_pair  # noqa: E402
 from qcompile.plugins.triton_tiles import store_tile  # noqa: E402
 
 COLUMN_ONLY = "--column" in sys.argv  # second run: only the per-column kernel, fp16 x
@@ -56,11 +56,7 @@ def _fp4_gemv_kernel(x_ptr, stride_xm, w_ptr, s_ptr, g_ptr, y_ptr, N, K, kw_per_
     shape: tl.constexpr = (BLOCK_N, BLOCK_KW)
     for step in range(0, steps):
         kw = tl.program_id(1) * kw_per_split + step * BLOCK_KW + tl.arange(0, BLOCK_KW)
-        ok = kw < K // 8
-        m2 = mask_n[:, None] & ok[None, :]
-        words = tl.load(wp + rows * (K // 8) + kw[None, :], mask=m2, other=0, eviction_policy="evict_first")
-        bits = tl.load(sp + rows * (K // B) + (kw * 8 // B)[None, :], mask=m2, other=0,
-                       eviction_policy="evict_first")
+        words, bits, ok = word_columns(wp, sp, rows, mask_n, kw, K, B)
         x0, x1, x2, x3, x4, x5, x6, x7, big = x_of_words(x_row, kw, ok)
         e = tl.maximum((tl.max(big, axis=0).to(tl.int32, bitcast=True) >> 23) & 0xFF, 14)
         up = ((267 - e) << 23).to(tl.float32, bitcast=True)  # largest |x| * up in [2**13, 2**14)
@@ -102,11 +98,7 @@ def _fp4_gemv_packed_kernel(xp_ptr, d_ptr, w_ptr, s_ptr, g_ptr, y_ptr, N, K, kw_
     shape: tl.constexpr = (BLOCK_N, BLOCK_KW)
     for step in range(0, steps):
         kw = tl.program_id(1) * kw_per_split + step * BLOCK_KW + tl.arange(0, BLOCK_KW)
-        ok = kw < K // 8
-        m2 = mask_n[:, None] & ok[None, :]
-        words = tl.load(wp + rows * (K // 8) + kw[None, :], mask=m2, other=0, eviction_policy="evict_first")
-        bits = tl.load(sp + rows * (K // B) + (kw * 8 // B)[None, :], mask=m2, other=0,
-                       eviction_policy="evict_first")
+        words, bits, ok = word_columns(wp, sp, rows, mask_n, kw, K, B)
         part = e2m1_dot8(words, tl.broadcast_to(tl.load(xp + kw * 4, mask=ok, other=0)[None, :], shape),
                          tl.broadcast_to(tl.load(xp + kw * 4 + 1, mask=ok, other=0)[None, :], shape),
                          tl.broadcast_to(tl.load(xp + kw * 4 + 2, mask=ok, other=0)[None, :], shape),
