@@ -88,6 +88,16 @@ def add_bias(y: torch.Tensor, bias, dtype) -> torch.Tensor:
     return (y.to(torch.float32) + bias.to(torch.float32)).to(dtype)
 
 
+def linear_bias(x2d: torch.Tensor, w_kn: torch.Tensor, bias, dtype) -> torch.Tensor:
+    """`x2d @ w_kn + bias` in `dtype` for the dequantize + cuBLAS paths, the bias added in the GEMM's epilogue
+    (`torch.addmm`: cuBLASLt's float32 sum, rounded once; w_kn may be a transposed view). The bias is first
+    rounded to x's dtype, as a Linear layer of that dtype holds it. A separate bias kernel re-reads and rewrites
+    the whole output: in eager calls at M >= 1024 that is a few % of the op (bias None: the matmul alone)."""
+    if bias is None:
+        return (x2d @ w_kn).to(dtype)
+    return torch.addmm(bias.to(x2d.dtype), x2d, w_kn).to(dtype)
+
+
 def unpack_optional(rest, *present: bool) -> list:
     """The optional tensors a bucket function received after its required ones, None where absent."""
     rest = list(rest)

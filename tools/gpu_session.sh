@@ -55,6 +55,9 @@ for s in ${STEPS:-engines kernels int4 decode tests}; do
     tune1)   step "INT4 GEMV tuning (M = 1, decode shapes)"
              py tools/tune_int4_gemm.py --ms 1 --kinds gemv --shapes ${TUNE1_SHAPES:-4096x6144 4096x4096 4096x28672 14336x4096 8192x28672 4096x14336} \
                  --out "$OUT/int4_tune_gemv${TUNE1_TAG:-}.json" 2>&1 | tee "$OUT/int4_tune_gemv${TUNE1_TAG:-}.log" | tail -8 ;;
+    tune4)   step "FP4 tile tuning (M = 16 .. 256: split-K tiles, tiles, dequantize + cuBLAS; INT4 and bf16 alongside)"
+             (cd tools && py tune_fp4_gemm.py --cuda-graph ${TUNE4_ARGS:-} --out "$OUT/tune_fp4_gemm.json" 2>&1 \
+                 | tee "$OUT/tune_fp4_gemm.log" | grep -v "^\[" | tail -16) ;;
     tune8)   step "W8A16 small-M tuning (GEMV at M = 1, split-K tiles at 16)"
              (cd tools && py tune_w8a16_small_m.py --cuda-graph ${TUNE8_ARGS:-} --out "$OUT/tune_w8a16_small_m.json" 2>&1 \
                  | tee "$OUT/tune_w8a16_small_m.log" | tail -10) ;;

@@ -1,9 +1,11 @@
-"""Shared by the GPU kernel benchmarks (tools/bench_*.py): rotating weights, median µs per call, the shape x M
-sweep with its table, the command-line options and the JSON results."""
+"""Shared by the GPU kernel benchmarks and tuners (tools/bench_*.py, tools/tune_*.py): rotating weights, median µs
+per call, the shape x M sweep with its table, the command-line options and the JSON results, and the tuners'
+check of every candidate against a reference in worker processes."""
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import platform
 
 import torch
@@ -82,3 +84,32 @@ def write_results(args, rows: list[dict], **meta) -> None:
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     print(f"wrote {args.out}")
+
+
+def rel_errors(cands: dict, names, ref: torch.Tensor) -> dict:
+    """{name: relative L2 error of cands[name]() against ref, or the first line of its exception} for `names`."""
+    out = {}
+    for name in names:
+        try:
+            y = cands[name]().float()
+            out[name] = ((y - ref).norm() / ref.norm()).item()
+        except Exception as exc:  # a configuration Triton cannot compile (registers, shared memory)
+            out[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    torch.cuda.synchronize()
+    return out
+
+
+def check_cells(cells, names_of, worker, workers: int, parts: int = 4) -> dict:
+    """{(k, n, m): {name: rel_err or message}}: `worker((k, n, m, names))` (a module-level function returning
+    `rel_errors`) over each cell's candidate names `names_of(m)`, split in `parts`, in `workers` spawned processes
+    (Triton's cache then serves the timing process)."""
+    tasks = []
+    for k, n, m in cells:
+        names = list(names_of(m))
+        tasks += [(k, n, m, names[i::parts]) for i in range(parts)]
+    with mp.get_context("spawn").Pool(workers) as pool:
+        results = pool.map(worker, tasks, chunksize=1)
+    out = {}
+    for (k, n, m, _), part in zip(tasks, results):
+        out.setdefault((k, n, m), {}).update(part)
+    return out

@@ -12,11 +12,10 @@ cell.
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 
 import torch
 
-from gpu_timing import MODE, bench, bench_parser, rotating
+from gpu_timing import MODE, bench, bench_parser, check_cells, rel_errors, rotating
 from tune_fp8_block_w8a16 import best
 
 from qcompile.plugins.int8_wo_gemm import kernel as w8
@@ -62,34 +61,10 @@ def make_case(k: int, n: int, m: int):
 
 
 def check_chunk(task):
-    """Worker: compile and check candidates `names` of one (K, N, M) cell; {name: rel_err or message}."""
+    """Worker: compile and check candidates `names` of one (K, N, M) cell."""
     k, n, m, names = task
     x, w_q, w_scale, ref = make_case(k, n, m)
-    cands = candidates(x, lambda: (w_q, w_scale), m)
-    out = {}
-    for name in names:
-        try:
-            y = cands[name]().float()
-            out[name] = ((y - ref).norm() / ref.norm()).item()
-        except Exception as exc:  # a configuration Triton cannot compile (e.g. out of registers)
-            out[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-    torch.cuda.synchronize()
-    return out
-
-
-def check_all(cells, workers: int) -> dict:
-    """{(k, n, m): {name: rel_err or message}}, compiled in `workers` processes (Triton's cache then serves
-    the timing process)."""
-    tasks = []
-    for k, n, m in cells:
-        names = list(candidates(torch.empty(m, k, dtype=torch.bfloat16), lambda: None, m))
-        tasks += [(k, n, m, names[i::3]) for i in range(3)]
-    with mp.get_context("spawn").Pool(workers) as pool:
-        parts = pool.map(check_chunk, tasks, chunksize=1)
-    out = {}
-    for (k, n, m, _), part in zip(tasks, parts):
-        out.setdefault((k, n, m), {}).update(part)
-    return out
+    return rel_errors(candidates(x, lambda: (w_q, w_scale), m), names, ref)
 
 
 def main() -> None:
@@ -99,7 +74,8 @@ def main() -> None:
     args = ap.parse_args()
     MODE["graph"] = args.cuda_graph
     cells = [(int(s.split("x")[0]), int(s.split("x")[1]), m) for s in args.shapes for m in args.ms]
-    checked = check_all(cells, args.workers)
+    checked = check_cells(cells, lambda m: candidates(torch.empty(m, 1, dtype=torch.bfloat16), None, m), check_chunk,
+                          args.workers, parts=3)
     print("compiled and checked", sum(len(v) for v in checked.values()), "candidates", flush=True)
     rows = []
     for shape in args.shapes:

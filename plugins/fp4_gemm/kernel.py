@@ -46,16 +46,16 @@ import triton
 import triton.language as tl
 
 from qcompile.plugins.fp4_gemm.reference import check_args
-from qcompile.plugins.gemm_dispatch import (SMALL_M_MAX, add_bias, cdiv, identity, optional_arg, run_by_buckets,
+from qcompile.plugins.gemm_dispatch import (SMALL_M_MAX, cdiv, identity, linear_bias, optional_arg, run_by_buckets,
                                              split_k_config, unpack_optional)
 from qcompile.plugins.triton_tiles import store_tile
 
 DEFAULT_SMS = 132
-LARGE_M_MIN = 1024  # rows from which the dequantize + cuBLAS path runs
+LARGE_M_MIN = 129  # rows from which the dequantize + cuBLAS path runs (as INT4's: 128 rows and fewer take the tiles)
 BLOCK_K = 128
 # launch configurations (tile sizes, warps, pipeline stages; the split-K target in SMs per N tile)
 SMALL = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3, sms_per_tile=1)
-MID = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, sms_per_tile=4)
+MID = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, sms_per_tile=2)
 DEQUANT = dict(BLOCK_N=16, BLOCK_K=512, num_warps=4)  # tile of `_fp4_dequant_kernel`: best of 6 (benchmarks/dequant.json)
 TINY = {torch.float32: 126, torch.bfloat16: 126, torch.float16: 14}  # decoded bits = value * 2**-TINY
 ACC_SHIFT = {(False, torch.float16): 9, (True, torch.float16): 4}  # X per (MXFP4?, dtype); else below
@@ -186,9 +186,9 @@ def _fp4_gemm_kernel(
 def _fp4_dequant_kernel(
     w_ptr, s_ptr, g_ptr, out_ptr, N, K,
     MX: tl.constexpr, B: tl.constexpr, SHIFT: tl.constexpr, POW_SHIFT: tl.constexpr, POW_ACC: tl.constexpr,
-    HAS_GLOBAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_GLOBAL: tl.constexpr, KN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out [N, K] = W (decoded in fp32, cast to out's dtype)."""
+    """out [N, K] = W, or out [K, N] = W^T when KN (decoded in fp32, cast to out's dtype)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     w = _weight_tile(w_ptr, s_ptr, offs_n, k0, N, K, tl.float32, MX, B, SHIFT, POW_SHIFT, BLOCK_N, BLOCK_K)
@@ -196,8 +196,12 @@ def _fp4_dequant_kernel(
     if HAS_GLOBAL:
         w = w * tl.load(g_ptr)
     offs_k = k0 + tl.arange(0, BLOCK_K)
-    tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty),
-             mask=(offs_n < N)[:, None] & (offs_k < K)[None, :])
+    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    if KN:
+        ptrs = out_ptr + offs_k.to(tl.int64)[None, :] * N + offs_n[:, None]
+    else:
+        ptrs = out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
+    tl.store(ptrs, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _format_args(w_scale, w_global, block_size: int, dtype) -> dict:
@@ -221,6 +225,7 @@ def launch_gemm(x2d, w_packed, w_scale, w_global, bias, block_size: int, cfg: di
     m, k = x2d.shape
     n = w_packed.shape[0]
     split = gemm_config(k, n, cfg, num_sms)
+    block_k = cfg.get("BLOCK_K", BLOCK_K)
     atomic = split["split_k"] > 1
     y = torch.zeros((m, n), dtype=torch.float32, device=x2d.device) if atomic else \
         torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
@@ -228,8 +233,8 @@ def launch_gemm(x2d, w_packed, w_scale, w_global, bias, block_size: int, cfg: di
     wrap(_fp4_gemm_kernel)[grid](
         x2d, w_packed, w_scale, optional_arg(w_global, w_packed), optional_arg(bias, x2d),
         y, m, n, k, x2d.stride(0),
-        K_STEPS=split["k_per_split"] // BLOCK_K, HAS_BIAS=bias is not None, ATOMIC=atomic,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=split["BLOCK_N"], BLOCK_K=BLOCK_K,
+        K_STEPS=split["k_per_split"] // block_k, HAS_BIAS=bias is not None, ATOMIC=atomic,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=split["BLOCK_N"], BLOCK_K=block_k,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **_format_args(w_scale, w_global, block_size, x2d.dtype),
     )
@@ -237,14 +242,14 @@ def launch_gemm(x2d, w_packed, w_scale, w_global, bias, block_size: int, cfg: di
 
 
 def launch_dequant(w_packed, w_scale, w_global, block_size: int, dtype, *, wrap=identity,
-                   cfg: dict | None = None) -> torch.Tensor:
-    """W [N, K] as `dtype` (decoded in float32), for the dequantize + cuBLAS path; `cfg` (default `DEQUANT`):
-    the tile (BLOCK_K a multiple of 32)."""
+                   cfg: dict | None = None, kn: bool = False) -> torch.Tensor:
+    """W [N, K] (W^T [K, N] when `kn`) as `dtype` (decoded in float32), for the dequantize + cuBLAS path; `cfg`
+    (default `DEQUANT`): the tile (BLOCK_K a multiple of 32)."""
     cfg = cfg or DEQUANT
     n, k = w_packed.shape[0], w_packed.shape[1] * 2
-    out = torch.empty((n, k), dtype=dtype, device=w_packed.device)
+    out = torch.empty((k, n) if kn else (n, k), dtype=dtype, device=w_packed.device)
     wrap(_fp4_dequant_kernel)[(cdiv(n, cfg["BLOCK_N"]), cdiv(k, cfg["BLOCK_K"]), 1)](
-        w_packed, w_scale, optional_arg(w_global, w_packed), out, n, k,
+        w_packed, w_scale, optional_arg(w_global, w_packed), out, n, k, KN=kn,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
         **_format_args(w_scale, w_global, block_size, torch.float32),
     )
@@ -269,8 +274,8 @@ def fp4_gemm_triton(x, w_packed, w_scale, w_global, bias, block_size: int, *, wr
 
     def large(x2d, w_packed, w_scale, *rest):
         w_global, bias = unpack_optional(rest, *present)
-        y = x2d @ launch_dequant(w_packed, w_scale, w_global, block_size, x2d.dtype, wrap=wrap).t()
-        return add_bias(y, bias, x2d.dtype)
+        w = launch_dequant(w_packed, w_scale, w_global, block_size, x2d.dtype, wrap=wrap)
+        return linear_bias(x2d, w.t(), bias, x2d.dtype)
 
     def gemv(x2d, w_packed, w_scale, *rest):
         from qcompile.plugins.fp4_gemm.gemv import launch_gemv  # imports this module

@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.plugins.gemm_dispatch import (add_bias, cdiv, identity, optional_arg, run_by_buckets,
+from qcompile.plugins.gemm_dispatch import (add_bias, cdiv, identity, linear_bias, optional_arg, run_by_buckets,
                                              split_for_waves, unpack_optional)
 from qcompile.plugins.int4_gemm.format import PACK
 from qcompile.plugins.int4_gemm.half2 import (dot8, dot8_emulated, pow2_range, ptx_available, x_at, x_of_words,
@@ -449,8 +449,9 @@ def run_bucket(cfg: dict, x2d, w_packed, w_scale, w_zero, bias, group_size: int,
                          bias, out_dtype, x_row_scale)
     if kind == "gemv":
         acc = launch_gemv(x2d, w_packed, w_scale, w_zero, group_size, cfg, wrap=wrap, num_sms=num_sms)
-    elif kind == "dequant":
-        acc = x2d @ launch_dequant(w_packed, w_scale, w_zero, group_size, x2d.dtype, wrap=wrap)
+    elif kind == "dequant":  # the bias in cuBLAS's epilogue
+        return linear_bias(x2d, launch_dequant(w_packed, w_scale, w_zero, group_size, x2d.dtype, wrap=wrap), bias,
+                           out_dtype)
     else:
         acc = launch_mm(x2d, w_packed, w_scale, w_zero, group_size, cfg, x_row_scale=x_row_scale,
                         out_dtype=out_dtype, wrap=wrap, num_sms=num_sms)

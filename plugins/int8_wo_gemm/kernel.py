@@ -35,8 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.plugins.gemm_dispatch import (SMALL_M_MAX, add_bias, cdiv, identity, optional_arg, run_by_buckets,
-                                             split_for_waves)
+from qcompile.plugins.gemm_dispatch import (SMALL_M_MAX, add_bias, cdiv, identity, linear_bias, optional_arg,
+                                             run_by_buckets, split_for_waves)
 from qcompile.plugins.int8_wo_gemm import split_mma
 from qcompile.plugins.int8_wo_gemm.reference import check_args, dequantize_weight
 from qcompile.plugins.triton_tiles import store_tile
@@ -283,8 +283,7 @@ def int8_wo_gemm_triton(x, w_q, w_scale, bias, *, wrap=identity, num_sms: int = 
         def run(x2d, w_q, w_scale, *rest):
             bias = rest[0] if has_bias else None
             if cfg["kernel"] == "dequant":
-                return _epilogue(torch.nn.functional.linear(x2d, dequantize_weight(w_q, w_scale, x2d.dtype)), None,
-                                 bias, x2d.dtype)
+                return linear_bias(x2d, dequantize_weight(w_q, w_scale, x2d.dtype).t(), bias, x2d.dtype)
             return _epilogue(launch_tiles(x2d, w_q, cfg, wrap=wrap, num_sms=num_sms), w_scale, bias, x2d.dtype)
         return run
 

@@ -1,10 +1,11 @@
-"""The GEMM plugins' shared epilogue (`gemm_dispatch.add_bias`): the float32 sum of y and the bias, rounded once."""
+"""The GEMM plugins' shared epilogues: `gemm_dispatch.add_bias` (the float32 sum of y and the bias, rounded once)
+and `linear_bias` (the dequantize + cuBLAS paths' matmul with the bias in its epilogue)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from qcompile.plugins.gemm_dispatch import add_bias
+from qcompile.plugins.gemm_dispatch import add_bias, linear_bias
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -20,3 +21,23 @@ def test_add_bias_is_the_float32_sum_rounded_once(dtype, bias_dtype):
     assert got.dtype == dtype
     assert torch.equal(got, want.to(dtype))
     assert add_bias(y.to(torch.float32), bias, dtype).equal(want.to(dtype))  # float32 accumulators too
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bias_dtype", ["same", "float32", None])
+@pytest.mark.parametrize("out", ["same", "float32"])
+def test_linear_bias_matches_float64(dtype, bias_dtype, out):
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(33, 80, generator=gen).to(dtype)
+    w_nk = torch.randn(48, 80, generator=gen).to(dtype)  # the FP4 / W8A16 layout, passed as a transposed view
+    bias = None if bias_dtype is None else (torch.randn(48, generator=gen) * 4).to(
+        dtype if bias_dtype == "same" else torch.float32)
+    out_dtype = dtype if out == "same" else torch.float32
+    got = linear_bias(x, w_nk.t(), bias, out_dtype)
+    want = x.double() @ w_nk.double().t()
+    if bias is not None:
+        want = want + bias.to(dtype).double()  # the bias as x's dtype holds it
+    assert got.dtype == out_dtype and got.shape == (33, 48)
+    tol = 1e-5 if dtype == torch.float32 else 2.0 ** -8  # one rounding of the float32 sum (bf16: 2^-9 relative)
+    err = (got.double() - want).abs() / want.abs().clamp_min(1.0)
+    assert err.max().item() <= tol, f"{err.max().item():.3g}"

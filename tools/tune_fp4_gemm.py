@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Choose the tile paths of the FP4 op on the GPU (`fp4_gemm.kernel.SMALL`, `MID` and `LARGE_M_MIN`).
+
+For every (K x N, M) it times side by side, as the eager op calls them (CUDA graphs with --cuda-graph; the split-K
+zero fill and the cast to x's dtype included where a configuration splits K): cuBLAS bf16; our INT4 g128 op (the
+issue-5 yardstick); the shipped FP4 path; dequantize + cuBLAS (`_fp4_dequant_kernel`, then `x @ W.T` and the
+bias); and `_fp4_gemm_kernel` in several tile configurations. NVFP4 weights, bf16 x, with bias. Each candidate is
+checked against a float32 reference first (relative L2 error). Writes every measurement as JSON and prints the
+best per cell.
+
+    python3 tools/tune_fp4_gemm.py --cuda-graph --out tune.json [--shapes 8192x28672] [--ms 16 64 256]
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from bench_fp4_gemm import GROUP, make_fp4, make_int4
+from gpu_timing import MODE, bench, bench_parser, check_cells, rel_errors, rotating
+from tune_fp8_block_w8a16 import best
+
+from qcompile.plugins.fp4_gemm import kernel as fp4
+from qcompile.plugins.gemm_dispatch import linear_bias
+
+BLOCK = 16  # NVFP4
+# M <= 16: one row tile of 16, split-K over N tiles of 32-128 rows (shipped: 64 rows, 4 warps, 3 stages, 1 SM per
+# N tile); above: 32-128 x 64-256 tiles (shipped: 64 x 128, 4 warps, 3 stages, 4 SMs per N tile).
+SMALL_CONFIGS = ([dict(BLOCK_M=16, BLOCK_N=bn, num_warps=4, num_stages=st, sms_per_tile=spt)
+                  for bn in (32, 64, 128) for st in (3, 4, 5) for spt in (1, 2)]
+                 + [dict(BLOCK_M=16, BLOCK_N=bn, num_warps=8, num_stages=st, sms_per_tile=1)
+                    for bn in (64, 128) for st in (3, 4)]
+                 + [dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=3, sms_per_tile=spt)
+                    for spt in (1, 2)])
+MID_CONFIGS = ([dict(BLOCK_M=64, BLOCK_N=bn, num_warps=w, num_stages=st, sms_per_tile=spt)
+                for bn in (64, 128, 256) for w in (4, 8) for st in (3, 4) for spt in (1, 2, 4)]
+               + [dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3, sms_per_tile=spt) for spt in (1, 2)]
+               + [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, sms_per_tile=spt) for spt in (1, 2)])
+
+
+def candidates(x, bias, weights, m: int) -> dict:
+    """weights() -> (w_packed, w_scale, w_global) of the next rotating copy; each candidate returns the output."""
+    def shipped():
+        return fp4.fp4_gemm_triton(x, *weights(), bias, BLOCK)
+
+    def dequant():
+        w_packed, w_scale, w_global = weights()
+        return linear_bias(x, fp4.launch_dequant(w_packed, w_scale, w_global, BLOCK, x.dtype).t(), bias, x.dtype)
+
+    def tile(cfg):
+        return lambda: fp4.launch_gemm(x, *weights(), bias, BLOCK, cfg).to(x.dtype)
+
+    out = {"shipped": shipped, "dequant": dequant}
+    out.update({"tile " + json.dumps(c): tile(c) for c in (SMALL_CONFIGS if m <= 16 else MID_CONFIGS)})
+    return out
+
+
+def make_case(k: int, n: int, m: int):
+    """(x bf16 [m, k], bias, NVFP4 weights, float32 reference of the op)."""
+    from qcompile.plugins.fp4_gemm.reference import dequantize_weight
+
+    torch.manual_seed(k + n + m)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    w = make_fp4("nvfp4", k, n)
+    return x, bias, w, x.float() @ dequantize_weight(*w, BLOCK).t().float() + bias.float()
+
+
+def check_chunk(task):
+    """Worker: compile and check candidates `names` of one (K, N, M) cell."""
+    k, n, m, names = task
+    x, bias, w, ref = make_case(k, n, m)
+    return rel_errors(candidates(x, bias, lambda: w, m), names, ref)
+
+
+def main() -> None:
+    from qcompile.plugins.int4_gemm import register as register_int4
+
+    ap = bench_parser(__doc__.splitlines()[0])
+    ap.add_argument("--workers", type=int, default=14)
+    ap.set_defaults(ms=[16, 64, 256])
+    args = ap.parse_args()
+    MODE["graph"] = args.cuda_graph
+    int4_op = register_int4()
+    cells = [(int(s.split("x")[0]), int(s.split("x")[1]), m) for s in args.shapes for m in args.ms]
+    checked = check_cells(cells, lambda m: candidates(None, None, None, m), check_chunk, args.workers)
+    print("compiled and checked", sum(len(v) for v in checked.values()), "candidates", flush=True)
+    rows = []
+    for shape in args.shapes:
+        k, n = (int(v) for v in shape.split("x"))
+        w16 = rotating(lambda: torch.randn(k, n, device="cuda", dtype=torch.bfloat16), k * n * 2)
+        w4 = rotating(lambda: make_int4(k, n), k * n // 2)
+        wf = rotating(lambda: make_fp4("nvfp4", k, n), k * n // 2)
+        for m in args.ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+            row = {"K": k, "N": n, "M": m, "bf16": bench(lambda: x @ w16(), copies=4),
+                   "int4_op": bench(lambda: int4_op(x, *w4(), None, bias, GROUP), copies=4), "nvfp4": {}}
+            for name, fn in candidates(x, bias, wf, m).items():
+                err = checked[(k, n, m)][name]
+                row["nvfp4"][name] = {"rel_err": err} if isinstance(err, float) else {"error": err}
+                if isinstance(err, float) and err < 2e-2:
+                    row["nvfp4"][name]["us"] = bench(fn, copies=4, rep=40)
+            rows.append(row)
+            name, us = best(row["nvfp4"])
+            shipped = row["nvfp4"]["shipped"].get("us", float("nan"))
+            print(f"{k}x{n} M={m}: bf16 {row['bf16']:.1f} int4 {row['int4_op']:.1f} | best {us:.1f} "
+                  f"(int4/fp4 {row['int4_op'] / us:.2f}) {name} | shipped {shipped:.1f} "
+                  f"({row['int4_op'] / shipped:.2f}) | dequant {row['nvfp4']['dequant'].get('us', float('nan')):.1f}",
+                  flush=True)
+            with open(args.out, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f,
+                          indent=1)
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
