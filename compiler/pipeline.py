@@ -159,7 +159,8 @@ def build(
             if data.is_random:
                 logger.warning("calibrated on random data: scales are not representative of real inputs")
 
-    with progress.stage("quantize", f"{sum(t.quantized for t in targets)} layers selected"):
+    # the layer count comes after, in the layer table: INT4, FP4 and FP8-block layers are not Q/DQ `targets`
+    with progress.stage("quantize", recipe.name):
         qdq_model, qdq_result = quantize_model(model, recipe, amax, int4_weights, int4_input_scales,
                                                int4_input_amax)
         if emit_onnx is not None:

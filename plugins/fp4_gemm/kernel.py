@@ -11,9 +11,11 @@ concrete M, a `torch.cond` chain for a symbolic one):
 - M <= SMALL_M_MAX (16): `_fp4_gemm_kernel` split-K (BLOCK_M = 16): each program streams one K slice of
   BLOCK_N weight rows once (`evict_first`); partial sums are added with fp32 atomics (a plain store in
   x.dtype when there is one split).
-- 16 < M < LARGE_M_MIN: the same kernel as a tiled GEMM (BLOCK_M = 64, BLOCK_N = 128), split-K only while
-  the N tiles alone do not fill the GPU.
-- M >= LARGE_M_MIN: `_fp4_dequant_kernel` writes W [N, K] in x.dtype, then cuBLAS (`x @ W.T`).
+- 16 < M < LARGE_M_MIN (129): the same kernel as a tiled GEMM (BLOCK_M = 64, BLOCK_N = 128), K split until
+  there are about two waves of programs (tools/tune_fp4_gemm.py, benchmarks/tune_fp4_gemm.json: 15-31% faster
+  at M = 64 than one wave).
+- M >= LARGE_M_MIN: `_fp4_dequant_kernel` writes W [N, K] in x.dtype, then cuBLAS with the bias in its epilogue
+  (`gemm_dispatch.linear_bias`). From 129 rows, as INT4: at M = 256 the best tile was 1.3-1.5x slower.
 
 The GEMM kernel swaps operands: acc^T [BLOCK_N, BLOCK_M] = W_tile [BLOCK_N, BLOCK_K] @ x^T, so the weight
 tile decoded in registers is the MMA's first operand and a small M is the MMA's narrow side. Decoding:
@@ -186,9 +188,9 @@ def _fp4_gemm_kernel(
 def _fp4_dequant_kernel(
     w_ptr, s_ptr, g_ptr, out_ptr, N, K,
     MX: tl.constexpr, B: tl.constexpr, SHIFT: tl.constexpr, POW_SHIFT: tl.constexpr, POW_ACC: tl.constexpr,
-    HAS_GLOBAL: tl.constexpr, KN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_GLOBAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out [N, K] = W, or out [K, N] = W^T when KN (decoded in fp32, cast to out's dtype)."""
+    """out [N, K] = W (decoded in fp32, cast to out's dtype)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     w = _weight_tile(w_ptr, s_ptr, offs_n, k0, N, K, tl.float32, MX, B, SHIFT, POW_SHIFT, BLOCK_N, BLOCK_K)
@@ -196,12 +198,8 @@ def _fp4_dequant_kernel(
     if HAS_GLOBAL:
         w = w * tl.load(g_ptr)
     offs_k = k0 + tl.arange(0, BLOCK_K)
-    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
-    if KN:
-        ptrs = out_ptr + offs_k.to(tl.int64)[None, :] * N + offs_n[:, None]
-    else:
-        ptrs = out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
-    tl.store(ptrs, w.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=(offs_n < N)[:, None] & (offs_k < K)[None, :])
 
 
 def _format_args(w_scale, w_global, block_size: int, dtype) -> dict:
@@ -242,14 +240,15 @@ def launch_gemm(x2d, w_packed, w_scale, w_global, bias, block_size: int, cfg: di
 
 
 def launch_dequant(w_packed, w_scale, w_global, block_size: int, dtype, *, wrap=identity,
-                   cfg: dict | None = None, kn: bool = False) -> torch.Tensor:
-    """W [N, K] (W^T [K, N] when `kn`) as `dtype` (decoded in float32), for the dequantize + cuBLAS path; `cfg`
-    (default `DEQUANT`): the tile (BLOCK_K a multiple of 32)."""
+                   cfg: dict | None = None) -> torch.Tensor:
+    """W [N, K] as `dtype` (decoded in float32), for the dequantize + cuBLAS path (the GEMM reads it transposed:
+    writing [K, N] instead was no faster overall on the H200, benchmarks/fp4_dequant_layout.json); `cfg` (default
+    `DEQUANT`): the tile (BLOCK_K a multiple of 32)."""
     cfg = cfg or DEQUANT
     n, k = w_packed.shape[0], w_packed.shape[1] * 2
-    out = torch.empty((k, n) if kn else (n, k), dtype=dtype, device=w_packed.device)
+    out = torch.empty((n, k), dtype=dtype, device=w_packed.device)
     wrap(_fp4_dequant_kernel)[(cdiv(n, cfg["BLOCK_N"]), cdiv(k, cfg["BLOCK_K"]), 1)](
-        w_packed, w_scale, optional_arg(w_global, w_packed), out, n, k, KN=kn,
+        w_packed, w_scale, optional_arg(w_global, w_packed), out, n, k,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
         **_format_args(w_scale, w_global, block_size, torch.float32),
     )

@@ -15,7 +15,8 @@ Kernels (all read the engine layout of `format.py`: int32 words [K/8, N], N cont
 - `_int4_mm_kernel` (tiles of BLOCK_M rows, any M, grouped tile order): the plain orientation, with
   in-register (`UNPACK`) or duplicate-address nibble loads. It lost to mm_t and to dequantize + cuBLAS on
   the H200; it runs for groups that are not whole steps of >= 16 (e.g. 8), which mm_t and the GEMV cannot take.
-- `_int4_dequant_kernel`: `dequant(W)` in x.dtype, for the dequantize-then-cuBLAS path of large M.
+- `_int4_dequant_kernel`: `dequant(W)` in x.dtype, for the dequantize-then-cuBLAS path of large M (bias in
+  cuBLAS's epilogue: `gemm_dispatch.linear_bias`).
 
 Dequantization tricks (what makes a weight cost a few integer/float ops, never an int->float conversion):
 - "magic number" conversion: a signed nibble u (two's complement, value q) XOR 8 is q + 8 in [0, 15]; OR-ed

@@ -20,7 +20,8 @@ Paths, chosen per call from M (the row count of x, dynamic):
   epilogue is in the kernel too, unless the N tiles are too few to fill the GPU: then K is split and the
   partial sums meet in float32 atomics (zeroed buffer, epilogue after).
 - larger M: the buckets of `LARGE_M`: `_tile_kernel` (a plain tiled GEMM reading the [N, K] weight as the
-  transposed B operand), or `dequant(W)` in x.dtype (one pointwise kernel) then `F.linear` (cuBLAS).
+  transposed B operand), or `dequant(W)` in x.dtype (one pointwise kernel) then cuBLAS with the bias in its epilogue
+  (`gemm_dispatch.linear_bias`).
 
 Dispatch on M: a Python branch when M is a concrete int (eager); with a symbolic M (torch.export,
 AOTInductor with a dynamic row count) a chain of `torch.cond(M <= limit, ...)` (`gemm_dispatch.run_by_buckets`),

@@ -7,6 +7,8 @@ particular way (sabotaged, another recipe) still builds it.
 """
 import copy
 
+import io
+
 import pytest
 
 import qcompile
@@ -120,13 +122,16 @@ def int8_random_cli(tmp_path_factory):
 def graph_builds():
     """`qcompile.build(..., output=None)` of tiny-llama by recipe (export, calibrate on seeded random data, quantize;
     no engine), each once per run."""
-    cache = {}
+    cache, progress = {}, {}
 
     def get(recipe):
         if recipe not in cache:
+            stream = io.StringIO()
             cache[recipe] = qcompile.build("tiny-llama", recipe, output=None, calib="random", device="cpu",
-                                           progress_stream=None)
+                                           progress_stream=stream)
+            progress[recipe] = stream.getvalue()
         return cache[recipe]
+    get.progress = progress  # what each build wrote to its progress stream
     return get
 
 

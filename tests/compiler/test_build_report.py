@@ -20,6 +20,15 @@ def test_a_graph_level_build_stops_before_the_engine(graph_builds):
     assert any(line.split() == ["engine", "(not", "built)"] for line in format_build_summary(result).splitlines())
 
 
+def test_progress_stage_lines_of_a_weight_only_fp4_build(graph_builds):
+    """The stage lines name each stage's subject; the quantize line names the recipe (it once counted only the Q/DQ
+    targets: "0 layers selected" for FP4 and INT4 recipes that quantize every linear layer)."""
+    result = graph_builds("nvfp4")
+    stages = [line for line in graph_builds.progress["nvfp4"].splitlines() if line.startswith("[")]
+    assert stages == ["[1/3] export tiny-llama ...", "[2/3] calibrate max ...", "[3/3] quantize nvfp4 ..."]
+    assert len(result.layers) == 14
+
+
 def test_awq_fold_note_reaches_the_report_and_the_terminal_summary(graph_builds, tmp_path):
     """FoldAwqScalesPass's summary: in the build report JSON (as the CLI writes it) and in the terminal summary
     table, through the pass-notes mechanism every pass shares (SmoothQuant's note takes the same way)."""
