@@ -215,8 +215,8 @@ def to_torch(value) -> torch.Tensor:
         from qcompile.iospec import TORCH_DTYPES
 
         np_view, _ = _VIEW_AS[TORCH_DTYPES[name]]
-        return torch.from_numpy(np.ascontiguousarray(value).view(np_view)).view(TORCH_DTYPES[name])
-    return torch.from_numpy(np.ascontiguousarray(value))
+        return torch.from_numpy(np.require(value, requirements="CW").view(np_view)).view(TORCH_DTYPES[name])
+    return torch.from_numpy(np.require(value, requirements="CW"))  # a read-only array (np.frombuffer) is copied
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:

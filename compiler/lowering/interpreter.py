@@ -37,11 +37,11 @@ def tensor_from_onnx(tensor: onnx.TensorProto, base_dir: str | None = None) -> t
     """An initializer as a torch tensor: fp8 as float8_e4m3fn, int4/uint4 as int8/uint8 values, fp4 as float32."""
     if tensor.data_location == onnx.TensorProto.EXTERNAL and base_dir:
         onnx.external_data_helper.load_external_data_for_tensor(tensor, base_dir)
-    array = numpy_helper.to_array(tensor)
+    array = numpy_helper.to_array(tensor)  # read-only when it views raw_data: C + W copies it then
     if tensor.data_type == onnx.TensorProto.FLOAT8E4M3FN:
-        return torch.from_numpy(np.ascontiguousarray(array).view(np.uint8)).view(torch.float8_e4m3fn)
+        return torch.from_numpy(np.require(array, requirements="CW").view(np.uint8)).view(torch.float8_e4m3fn)
     if tensor.data_type == onnx.TensorProto.FLOAT8E5M2:
-        return torch.from_numpy(np.ascontiguousarray(array).view(np.uint8)).view(torch.float8_e5m2)
+        return torch.from_numpy(np.require(array, requirements="CW").view(np.uint8)).view(torch.float8_e5m2)
     if tensor.data_type == onnx.TensorProto.FLOAT4E2M1:  # held as its float values (exact)
         return torch.from_numpy(array.astype(np.float32))
     if tensor.data_type in (onnx.TensorProto.INT4,):
@@ -49,7 +49,7 @@ def tensor_from_onnx(tensor: onnx.TensorProto, base_dir: str | None = None) -> t
     if tensor.data_type in (onnx.TensorProto.UINT4,):
         return torch.from_numpy(array.astype(np.uint8))
     if tensor.data_type == onnx.TensorProto.BFLOAT16:
-        return torch.from_numpy(np.ascontiguousarray(array).view(np.uint16)).view(torch.bfloat16)
+        return torch.from_numpy(np.require(array, requirements="CW").view(np.uint16)).view(torch.bfloat16)
     return torch.from_numpy(np.array(array, copy=True))
 
 

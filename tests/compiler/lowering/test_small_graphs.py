@@ -231,3 +231,32 @@ def test_custom_domain_op_without_converter_is_an_error():
                               ir_version=10)
     with pytest.raises(LoweringError, match=r"frob.*Frobnicate.*acme.*opset 3"):
         lower_onnx(model)
+
+
+@pytest.mark.parametrize("data_type", [TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2, TensorProto.BFLOAT16,
+                                       TensorProto.FLOAT])
+def test_initializers_from_raw_bytes_become_writable_tensors(monkeypatch, data_type):
+    """numpy_helper views an initializer's raw_data read-only; torch.from_numpy of that warns (to the user, during
+    every FP8 build) and would share an immutable buffer. Every array handed to torch must be writable, and the
+    values are the bytes' values."""
+    from qcompile.engine.load import to_torch
+    from qcompile.lowering.interpreter import tensor_from_onnx
+
+    seen = []
+    real = torch.from_numpy
+
+    def checked(array):
+        seen.append(array.flags.writeable)
+        return real(array)
+
+    monkeypatch.setattr(torch, "from_numpy", checked)
+    raw = bytes(np.random.default_rng(5).integers(0, 0x78, 16, dtype=np.uint8))  # finite in every type
+    width = {TensorProto.BFLOAT16: 2, TensorProto.FLOAT: 4}.get(data_type, 1)
+    tensor = helper.make_tensor("w", data_type, [16 // width], vals=raw, raw=True)
+    assert not numpy_helper.to_array(tensor).flags.writeable  # the case this guards
+    got = [tensor_from_onnx(tensor)]
+    if data_type != TensorProto.FLOAT8E5M2:  # engine inputs: an input given as a read-only array
+        got.append(to_torch(numpy_helper.to_array(tensor)))
+    assert seen and all(seen)
+    for t in got:
+        assert t.contiguous().view(torch.uint8).numpy().tobytes() == raw
