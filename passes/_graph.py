@@ -9,6 +9,7 @@ import math
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
 from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
@@ -36,9 +37,17 @@ def module_of(graph: gs.Graph, node: gs.Node) -> str | None:
     return node_metadata(graph).get(node.name, {}).get(MODULE_KEY)
 
 
+def quiet_graph_surgeon():
+    """Keeps graph surgeon's warnings off the user's terminal: for FP8 and FP4 tensors it warns that it "could not
+    convert" their type to numpy (our passes handle those bytes themselves), and its first warning adds one about
+    the `colored` module. Errors still show."""
+    return G_LOGGER.suppress(G_LOGGER.ERROR)
+
+
 def import_model(model: onnx.ModelProto) -> gs.Graph:
     """`gs.import_onnx(model)` that keeps node metadata_props (module names) on the graph."""
-    graph = gs.import_onnx(model)
+    with quiet_graph_surgeon():
+        graph = gs.import_onnx(model)
     meta = node_metadata(graph)
     for node in model.graph.node:
         if node.name and len(node.metadata_props):
@@ -71,7 +80,8 @@ def bias_vector(tensor, n: int, strict: bool = False) -> np.ndarray | None:
 
 def make_constant(name: str, array: np.ndarray) -> gs.Constant:
     """A gs.Constant that exports every dtype correctly (gs cannot export int4 from numpy itself)."""
-    return gs.Constant(name, LazyValues(numpy_helper.from_array(np.ascontiguousarray(array), name)))
+    with quiet_graph_surgeon():
+        return gs.Constant(name, LazyValues(numpy_helper.from_array(np.ascontiguousarray(array), name)))
 
 
 def onnx_dtype(tensor) -> int | None:

@@ -67,7 +67,7 @@ def validate_engine(
     thresholds = thresholds or recipe_thresholds(manifest)
     progress = Progress(3 if per_layer else 2, progress_stream)
 
-    with progress.stage("reference", f"{precision} graph"):
+    with progress.stage("reference", f"{precision} graph"), _polygraphy_quiet():
         _check_io(manifest, reference_model)  # before building the reference (a session over the whole model)
         ref_runner, reference = _reference_runner(reference_model, precision, reference_name)
         if data is None:

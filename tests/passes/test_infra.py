@@ -73,3 +73,26 @@ def test_dump_env_writes_before_and_after(tmp_path, monkeypatch):
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["00_CountPass_after.onnx", "00_CountPass_before.onnx"]
     onnx.checker.check_model(onnx.load(str(tmp_path / files[0])))
+
+
+def test_graph_surgeon_warnings_stay_off_the_terminal(capsys):
+    """FP8 constants and FP8 models made graph surgeon print "[W] Could not convert: FLOAT8E4M3FN ..." (and then a
+    warning about the `colored` module) during every FP8 / FP4 / FP8-block build."""
+    import ml_dtypes
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    from qcompile.passes import _graph as G
+
+    G_LOGGER.once_logged.clear()  # its warnings print once per process: an earlier test may have used that up
+    w = np.arange(8, dtype=np.float32).astype(ml_dtypes.float8_e4m3fn).reshape(2, 4)
+    const = G.make_constant("w_fp8", w)
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Cast", ["w"], ["y"], to=TensorProto.FLOAT)], "g", [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [numpy_helper.from_array(w, "w")]))
+    graph = G.import_model(model)
+    out = capsys.readouterr()
+    assert "Could not convert" not in out.out + out.err and "colored" not in out.out + out.err
+    assert const.values.shape == (2, 4) and graph.tensors()["w"].values.shape == (2, 4)

@@ -83,7 +83,7 @@ def test_fp16_engine_passes_tight_thresholds(fp16_engine, llama):
     assert out.shape == (2, 12, 512)
 
 
-def test_random_data_comes_from_polygraphy_with_manifest_ranges(fp16_engine, llama, monkeypatch):
+def test_random_data_comes_from_polygraphy_with_manifest_ranges(fp16_engine, llama, monkeypatch, capfd):
     import qcompile.validation.validate as v
 
     seen = []
@@ -95,7 +95,10 @@ def test_random_data_comes_from_polygraphy_with_manifest_ranges(fp16_engine, lla
         return feeds
 
     monkeypatch.setattr(v, "_random_feeds", spy)
+    capfd.readouterr()
     report = validate_engine(fp16_engine, llama.model, save=False, progress_stream=None)
+    printed = capfd.readouterr()
+    assert "[I]" not in printed.out + printed.err  # Polygraphy's INFO lines (the reference session) stay quiet
     assert report.data["random"] is True and "Polygraphy" in report.data["description"]
     assert len(seen) == report.data["iterations"] >= 2
     ids = np.concatenate([f["input_ids"].ravel() for f in seen])
