@@ -12,7 +12,7 @@ concrete M, a `torch.cond` chain for a symbolic one):
   BLOCK_N weight rows once (`evict_first`); partial sums are added with fp32 atomics (a plain store in
   x.dtype when there is one split).
 - 16 < M < LARGE_M_MIN (129): the same kernel as a tiled GEMM (BLOCK_M = 64, BLOCK_N = 128), K split until
-  there are about two waves of programs (tools/tune_fp4_gemm.py, benchmarks/tune_fp4_gemm.json: 15-31% faster
+  there are about two waves of programs (tools/tune_fp4_gemm.py, benchmarks/tune_fp4_gemm.json: 1.18-1.31x faster
   at M = 64 than one wave).
 - M >= LARGE_M_MIN: `_fp4_dequant_kernel` writes W [N, K] in x.dtype, then cuBLAS with the bias in its epilogue
   (`gemm_dispatch.linear_bias`). From 129 rows, as INT4: at M = 256 the best tile was 1.3-1.5x slower.
