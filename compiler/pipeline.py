@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 STAGES = ("export", "calibrate", "quantize", "lower", "compile")
 GRAPH_STAGES = STAGES[:3]  # `build(..., output=None)`: the quantized graphs, no engine
+COMPILE_HEARTBEAT_S = 15.0  # the AOTInductor compile is one call of 20 s to minutes: report its time this often
 
 
 @dataclass
@@ -199,7 +200,7 @@ def build(
         "compute_dtype": "float16" if compute_dtype else "float32",
         "timings": dict(progress.times),
     }
-    with progress.stage("compile", "AOTInductor"):
+    with progress.stage("compile", "AOTInductor", heartbeat=COMPILE_HEARTBEAT_S):
         build_engine(program, inputs=src.inputs, outputs=src.outputs, example_inputs=example,
                      manifest=manifest, output_path=output, device=device, extra_files=_quantized_graph(plugin_model))
     result.stage_seconds = dict(progress.times)

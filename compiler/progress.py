@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -23,8 +24,10 @@ class Progress:
         self.times: dict[str, float] = {}
 
     @contextmanager
-    def stage(self, name: str, detail: str = "") -> Iterator[Callable[[int, int | None], None]]:
-        """Time a stage; yields a `tick(done, total)` callback for in-stage progress."""
+    def stage(self, name: str, detail: str = "",
+              heartbeat: float | None = None) -> Iterator[Callable[[int, int | None], None]]:
+        """Time a stage; yields a `tick(done, total)` callback for in-stage progress. `heartbeat` (seconds): for a
+        stage that cannot count its steps (one long library call), report the time spent every `heartbeat` s."""
         self.index += 1
         prefix = f"[{self.index}/{self.total}] {name}"
         self._write(f"{prefix}{' ' + detail if detail else ''} ...", end="\n")
@@ -34,16 +37,37 @@ class Progress:
             if self._interactive() or _is_milestone(done, total):
                 self._write(f"\r    {done}/{total if total is not None else '?'}", end="")
 
+        beating = self._heartbeat(name, start, heartbeat) if heartbeat and self.stream is not None else None
         try:
             yield tick
         except BaseException:
             if self._interactive():
                 self._write("", end="\n")  # end a half-written counter line before the error
             raise
+        finally:
+            if beating is not None:
+                beating()
         elapsed = time.perf_counter() - start
         self.times[name] = elapsed
         self._write(f"\r    {name} done in {elapsed:.1f} s", end="\n")
         logger.debug("stage %s took %.2f s", name, elapsed)
+
+    def _heartbeat(self, name: str, start: float, interval: float) -> Callable[[], None]:
+        """Start writing "<name>: N s" every `interval` s from a daemon thread; returns the function that stops it
+        (and waits, so nothing is written after the stage's last line)."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(interval):
+                self._write(f"\r    {name}: {time.perf_counter() - start:.0f} s", end="")
+
+        thread = threading.Thread(target=beat, name=f"qcompile-progress-{name}", daemon=True)
+        thread.start()
+
+        def halt() -> None:
+            stop.set()
+            thread.join()
+        return halt
 
     @property
     def stream(self):
