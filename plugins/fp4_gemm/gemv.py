@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.plugins.fp4_gemm.kernel import _scale_multiplier
+from qcompile.plugins.fp4_gemm.kernel import _e2m1_bits32, _scale_multiplier
 from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg
 from qcompile.plugins.int4_gemm.half2 import half_of, ptx_available, x_of_words, x_pair
 
@@ -57,12 +57,8 @@ def e2m1_dot8(words, p04, p15, p26, p37):
 
 @triton.jit
 def _e2m1(words, j: tl.constexpr):
-    """fp32 `e2m1 * 2**-14` of code j of each word."""
-    code = (words >> (4 * j)) & 0xF
-    mag = code & 7
-    e = mag >> 1
-    value = tl.where(e == 0, (mag & 1) * 0.5, (1.0 + (mag & 1) * 0.5) * tl.exp2((e - 1).to(tl.float32)))
-    return tl.where(code >= 8, -value, value) * 6.103515625e-05  # 2**-14
+    """fp32 `e2m1 * 2**-14` of code j of each word: the tile kernels' decoding (`e2m1 * 2**-126`) times 2**112."""
+    return _e2m1_bits32(words, j) * 5.192296858534828e33  # 2**112
 
 
 @triton.jit
