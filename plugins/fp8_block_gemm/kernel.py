@@ -157,15 +157,17 @@ def _quantize_blocks_kernel(x_ptr, q_ptr, s_ptr, M, M_OUT, K, stride_xm, QMAX: t
     tl.store(s_ptr + kb * M_OUT + offs_m, s, mask=out)
 
 
-def quantize_blocks_triton(x2d, row_align: int = 1, *, wrap=identity, block_m: int = 32):
+def quantize_blocks_triton(x2d, row_align: int = 1, *, wrap=identity, block_m: int = 32, num_warps: int = 4):
     """(xq float8_e4m3fn [M', K], x_scale float32 [M', K/128] with strides (1, M')) of x [M, K], M' = M rounded up
-    to `row_align` (zero rows): one pass over x, the scales written K-block-major as cuBLASLt reads them."""
+    to `row_align` (zero rows): one pass over x, the scales written K-block-major as cuBLASLt reads them. `block_m`
+    rows per program on `num_warps` warps: none of 16 variants was more than 6% faster than 32 on 4 on the H200
+    (tools/diag/fp8_block_parts.py, benchmarks/fp8_block_parts.json)."""
     m, k = x2d.shape
     m_out = m + (-m) % row_align  # this form lets export prove m <= m_out for a symbolic m
     xq = torch.empty((m_out, k), dtype=torch.float8_e4m3fn, device=x2d.device)
     sx = torch.empty((k // BLOCK, m_out), dtype=torch.float32, device=x2d.device)
     wrap(_quantize_blocks_kernel)[(triton.cdiv(m_out, block_m), k // BLOCK, 1)](
         x2d, xq, sx, m, m_out, k, x2d.stride(0), QMAX=float(qmax("fp8")), MIN_SCALE=MIN_SCALE, BLOCK_M=block_m,
-        BLOCK=BLOCK, num_warps=4,
+        BLOCK=BLOCK, num_warps=num_warps,
     )
     return xq, sx.t()
