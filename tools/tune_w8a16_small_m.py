@@ -3,11 +3,13 @@
 
 For every (K x N, M) it times side by side, as an engine calls them (CUDA graphs with --cuda-graph; a split-K
 zero fill and epilogue included where a configuration splits K): cuBLAS bf16; the shipped path of the op; the
-row dot kernel (M <= 16) and, at M = 1, the row GEMV in several configurations. Each candidate is checked
-against a float32 reference first (relative L2 error). Writes every measurement as JSON and prints the best per
-cell.
+row dot kernel (M <= 16) and, at M = 1, the row GEMV in several configurations; with `--kinds mma` the INT8
+tensor-core path (`split_mma`) in tiles from 16 to 128 rows, with the split kernel or splitting x inside the MMA
+kernel (FUSED). Each candidate is checked against a float32 reference first (relative L2 error). Writes every
+measurement as JSON and prints the best per cell.
 
     python3 tools/tune_w8a16_small_m.py --cuda-graph --out tune.json [--shapes 8192x28672] [--ms 1 16]
+        [--kinds dot gemv gemv-long mma]
 """
 from __future__ import annotations
 
@@ -19,13 +21,13 @@ import torch
 from gpu_timing import MODE, bench, bench_parser, check_cells, rel_errors, rotating
 from tune_fp8_block_w8a16 import best
 
-from qcompile.plugins.int8_wo_gemm import kernel as w8
+from qcompile.plugins.int8_wo_gemm import kernel as w8, split_mma
 
 # around the first sweep's winners (GEMV: 8 rows x 256-512 words on 4 warps, no prefetch; dot: 32 rows x 256 K,
 # 3-5 stages), adding Triton's load pipelining (num_stages) to the GEMV
 GEMV_CONFIGS = [dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=w, num_stages=st, PREFETCH=False)
                 for bn in (4, 8, 16) for bkw in (256, 512) for w in (4, 8) for st in (1, 2, 3)]
-# --long-steps: 1024-2048 words per step (a whole K = 4096 row in one step: all of a program's loads in flight at
+# gemv-long: 1024-2048 words per step (a whole K = 4096 row in one step: all of a program's loads in flight at
 # once; at M = 1 the mid-size layers ran at 2.9 TB/s against 3.8 TB/s on 8192 x 28672)
 LONG_GEMV_CONFIGS = [dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=w, num_stages=st, PREFETCH=False)
                      for bn in (4, 8) for bkw in (1024, 2048) for w in (4, 8) for st in (1, 2)]
@@ -36,9 +38,15 @@ DOT_CONFIGS = ([dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=st, waves=
                # (benchmarks/tune_w8a16_small_m_8warps.json)
                + [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=8, num_stages=st, waves=1)
                   for bn, bk in ((64, 256), (64, 512), (128, 256), (32, 1024)) for st in (3, 4)])
+# the INT8 tensor-core path in narrower tiles than `split_mma.CONFIGS` (more programs on N = 4096), with and
+# without the split kernel
+MMA_CONFIGS = ([dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st, FUSED=False)
+                for bn in (16, 32, 64, 128) for bk in (128, 256) for st in (3, 4)]
+               + [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st, FUSED=True)
+                  for bn in (32, 64, 128) for bk in (128, 256) for w in (4, 8) for st in (3, 4)])
 
-
-LONG_STEPS_ENV = "QCOMPILE_TUNE8_LONG_STEPS"  # --long-steps, seen by the spawned check workers too
+KINDS = ("dot", "gemv", "gemv-long", "mma")
+KINDS_ENV = "QCOMPILE_TUNE8_KINDS"  # --kinds, seen by the spawned check workers too
 
 
 def candidates(x, weights, m: int) -> dict:
@@ -52,12 +60,19 @@ def candidates(x, weights, m: int) -> dict:
     def gemv(cfg):
         return lambda: w8.launch_gemv(x, *weights(), None, cfg)
 
+    def mma(cfg):
+        return lambda: split_mma.launch(x, *weights(), None, cfg, rows=1 if m == 1 else w8.SMALL_M_MAX)
+
+    kinds = os.environ.get(KINDS_ENV, "dot gemv").split()
     out = {"shipped": shipped}
-    long_steps = os.environ.get(LONG_STEPS_ENV) == "1"
-    if not long_steps:
+    if "dot" in kinds:
         out.update({"dot " + json.dumps(c): dot(c) for c in DOT_CONFIGS})
     if m == 1:
-        out.update({"gemv " + json.dumps(c): gemv(c) for c in (LONG_GEMV_CONFIGS if long_steps else GEMV_CONFIGS)})
+        for kind, configs in (("gemv", GEMV_CONFIGS), ("gemv-long", LONG_GEMV_CONFIGS)):
+            if kind in kinds:
+                out.update({"gemv " + json.dumps(c): gemv(c) for c in configs})
+    if "mma" in kinds:
+        out.update({"mma " + json.dumps(c): mma(c) for c in MMA_CONFIGS})
     return out
 
 
@@ -80,12 +95,13 @@ def check_chunk(task):
 def main() -> None:
     ap = bench_parser(__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=12)
-    ap.add_argument("--long-steps", action="store_true", help="M = 1 GEMV with 1024-2048 words per step, no dot")
+    ap.add_argument("--kinds", nargs="*", choices=KINDS, default=["dot", "gemv"],
+                    help="candidate families: row dot tiles, M = 1 GEMVs (gemv-long: 1024-2048 words per step), "
+                         "INT8 tensor-core tiles")
     ap.set_defaults(ms=[1, 16])
     args = ap.parse_args()
     MODE["graph"] = args.cuda_graph
-    if args.long_steps:
-        os.environ[LONG_STEPS_ENV] = "1"
+    os.environ[KINDS_ENV] = " ".join(args.kinds)
     cells = [(int(s.split("x")[0]), int(s.split("x")[1]), m) for s in args.shapes for m in args.ms]
     checked = check_cells(cells, lambda m: candidates(torch.empty(m, 1, dtype=torch.bfloat16), None, m), check_chunk,
                           args.workers, parts=3)
@@ -109,10 +125,12 @@ def main() -> None:
             rows.append(row)
             name, us = best(row["w8a16"])
             shipped = row["w8a16"]["shipped"].get("us", float("nan"))
-            gemv = best({key: v for key, v in row["w8a16"].items() if key.startswith("gemv")}) if m == 1 else ("-", 0)
+            families = {key.split()[0] for key in row["w8a16"]} - {"shipped"}
+            per_family = {f: best({key: v for key, v in row["w8a16"].items() if key.startswith(f + " ")})
+                          for f in sorted(families)}
             print(f"{k}x{n} M={m}: bf16 {row['bf16']:.1f} | best {us:.1f} ({row['bf16'] / us:.2f}x) {name} | "
                   f"shipped {shipped:.1f} ({row['bf16'] / shipped:.2f}x)"
-                  + (f" | best gemv {gemv[1]:.1f} {gemv[0]}" if m == 1 else ""), flush=True)
+                  + "".join(f" | best {f} {u:.1f} {c}" for f, (c, u) in per_family.items()), flush=True)
             with open(args.out, "w") as f:
                 json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f,
                           indent=1)
