@@ -4,9 +4,8 @@
 For every (K x N, M) it times side by side, as an engine calls them (CUDA graphs with --cuda-graph; a split-K
 zero fill and epilogue included where a configuration splits K): cuBLAS bf16; the shipped path of the op; the
 row dot kernel (M <= 16) and, at M = 1, the row GEMV in several configurations; with `--kinds mma` the INT8
-tensor-core path (`split_mma`) in tiles from 16 to 128 rows, with the split kernel or splitting x inside the MMA
-kernel (FUSED). Each candidate is checked against a float32 reference first (relative L2 error). Writes every
-measurement as JSON and prints the best per cell.
+tensor-core path (`split_mma`) in tiles from 16 to 128 rows. Each candidate is checked against a float32
+reference first (relative L2 error). Writes every measurement as JSON and prints the best per cell.
 
     python3 tools/tune_w8a16_small_m.py --cuda-graph --out tune.json [--shapes 8192x28672] [--ms 1 16]
         [--kinds dot gemv gemv-long mma]
@@ -38,12 +37,11 @@ DOT_CONFIGS = ([dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=st, waves=
                # (benchmarks/tune_w8a16_small_m_8warps.json)
                + [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=8, num_stages=st, waves=1)
                   for bn, bk in ((64, 256), (64, 512), (128, 256), (32, 1024)) for st in (3, 4)])
-# the INT8 tensor-core path in narrower tiles than `split_mma.CONFIGS` (more programs on N = 4096), with and
-# without the split kernel
-MMA_CONFIGS = ([dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st, FUSED=False)
-                for bn in (16, 32, 64, 128) for bk in (128, 256) for st in (3, 4)]
-               + [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st, FUSED=True)
-                  for bn in (32, 64, 128) for bk in (128, 256) for w in (4, 8) for st in (3, 4)])
+# the INT8 tensor-core path in tiles from 16 to 128 rows (narrower ones give N = 4096 more programs). The first
+# run (commit 2f737b2, benchmarks/tune_w8a16_small_m_mma.json) also had a FUSED variant, each MMA program splitting
+# x itself instead of the split kernel: it tied at M = 1 and was 1.5-4.8x slower at M = 16, and was removed.
+MMA_CONFIGS = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st)
+               for bn in (16, 32, 64, 128) for bk in (128, 256) for st in (3, 4)]
 
 KINDS = ("dot", "gemv", "gemv-long", "mma")
 KINDS_ENV = "QCOMPILE_TUNE8_KINDS"  # --kinds, seen by the spawned check workers too

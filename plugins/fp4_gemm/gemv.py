@@ -1,27 +1,31 @@
 """The FP4 GEMV (M = 1, fp16/bf16 x) of `qcompile::fp4_gemm`, on packed fp16x2 (CUDA only).
 
-Each program owns BLOCK_N weight rows over all of K and finishes them (global scale, bias and cast in the
-kernel: one launch per call, no split-K, no zero fill), reading the engine layout `[N, K/8]` uint32 words
-in steps of BLOCK_KW words, as the W8A16 row GEMV does.
+Two launches per call:
 
-- Decoding (`e2m1_dot8`): the 8 E2M1 codes of a word become four fp16 pairs (codes j, j + 4): the sign to bit
+1. `_x_pairs_kernel` prepares x once: per unit of 16 values, a power of two `up` that puts their largest |x| in
+   [2**13, 2**14) (products then stay below 6 and fp16 sums of 8 below 48), and the eight fp16 pairs the
+   decoded weights multiply, stored planar (`pairs[m, j, u]`), with `down[m, u] = 2**14 / up` (the decode's
+   2**-14 included; divided by 2**16, the block-scale shift below).
+2. `_fp4_gemv_kernel`: each program owns BLOCK_N weight rows over all of K and finishes them (global scale, bias
+   and cast in the kernel: no split-K, no zero fill). It reads the engine layout `[N, K/2]` bytes as uint64
+   units of 16 codes (K / 16 per row) and one block scale per unit (NVFP4: the unit is its block; MXFP4: two units
+   share one).
+
+- Decoding (`e2m1_dot16`): each uint32 half of a unit becomes four fp16 pairs (codes j, j + 4): the sign to bit
   15 and `e1 e0 m` to bits 9..11, which is the fp16 `e2m1 * 2**-14` exactly (code 1, 0.5, as a subnormal):
-  two shifts, an AND and a LOP3 per pair. Four HFMA2 against fp16 x pairs, then fp32.
-- Range: x is scaled per word column (its 8 values) by a power of two `up` that puts their largest |x| in
-  [2**13, 2**14), so products stay below 6 and 4-term fp16 sums finite; `down = 2**14 / up` (the decode's
-  2**-14 included) comes back in fp32 with the block scale. Per column, not per step: in this layout K is spread
-  over the threads, and a per-step maximum was a reduction across the program with a barrier per step (the
-  first probe, about 1.2x slower; benchmarks/fp4_gemv_probe*.json).
-- Products round to fp16: about 3e-4 relative error against float64 on the H200 decode shapes, so the GEMV
-  serves 16-bit x only (fp32 x takes the tile kernel).
+  two shifts, an AND and a LOP3 per pair. Eight HFMA2 against x's pairs, summed in fp16, then one conversion to
+  fp32 per unit.
+- Products round to fp16: about 2e-3 relative L2 error against float64 on the H200 shapes with bf16 x
+  (benchmarks/fp4_gemv_units_probe.json), so the GEMV serves 16-bit x only (fp32 x takes the tile kernel).
+- E8M0 scales are decoded times 2**16 (SCALE_SHIFT) so code 0 (2**-127) stays a normal fp32; `down` undoes it.
 
-On the H200 (tools/diag/fp4_gemv_probe.py --column, kernel alone, fp16 x): 1.3-1.6x faster than the split-K
-tile kernel at M = 1; the op (bias included) is 1.33-1.59x cuBLAS bf16 and runs at 0.58x (8192 x 28672) to 1.58x
-(4096 x 4096) the INT4 op's speed (benchmarks/fp4_int4_gemm_gemv.json). About 7 SASS instructions per weight
-against INT4's 3.7: the K-contiguous rows give each thread its own K columns, so x's pairs are shared by BLOCK_N
-rows, not by 512 columns as in INT4's N-contiguous layout, and an E2M1 pair costs four operations to decode.
+Why units and a separate x kernel (benchmarks/fp4_gemv_units_probe.json, BENCHMARKS.md fourteenth session): the
+previous GEMV (commit 2f737b2) read uint32 words and built x's pairs and power of two per word column inside the
+weight loop, shared by only the few weight rows each thread holds, and loaded and decoded a scale byte per word:
+about 7 SASS instructions per weight. With the pairs read ready-made and one scale per 16 codes, 8192 x 28672 went
+from 85.3 to 52.9 µs (NVFP4; the INT4 op: 49.3) and 4096 x 28672 from 39.0 to 28.4.
 
-`e2m1_dot8_emulated` is the same arithmetic in plain Triton for the CPU interpreter, which cannot run PTX.
+`e2m1_dot16_emulated` is the same arithmetic in plain Triton for the CPU interpreter, which cannot run PTX.
 """
 from __future__ import annotations
 
@@ -33,26 +37,12 @@ from qcompile.plugins.fp4_gemm.kernel import _e2m1_bits32, _scale_multiplier
 from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg
 from qcompile.plugins.int4_gemm.half2 import half_of, ptx_available, x_of_words, x_pair
 
-GEMV = dict(BLOCK_N=8, BLOCK_KW=256, num_warps=4)  # best single tile of the probe on all six decode shapes
-# SCALE_SHIFT = 16 (a literal in the kernel): block scales are decoded as scale * 2**16, so E8M0 code 0 (2**-127)
-# stays a normal fp32; `down` undoes it
-
-
-@triton.jit
-def e2m1_dot8(words, p04, p15, p26, p37):
-    """fp32 `sum_j e2m1_j * 2**-14 * x_j` per uint32 word (inline PTX on fp16x2; the p are `x_pair`s)."""
-    # a literal, not a global: AOTInductor copies the kernel's source into its generated code
-    out = tl.inline_asm_elementwise(
-        "{ .reg .b32 a0, a1, a2, a3, t, u, c0, m; .reg .b16 lo, hi; .reg .f32 flo, fhi, s; "
-        "mov.b32 c0, 0x80008000; mov.b32 m, 0x0E000E00; "
-        "shr.b32 t, $1, 3; and.b32 t, t, m; lop3.b32 a3, $1, c0, t, 0xEA; "
-        "shl.b32 u, $1, 4; shl.b32 t, $1, 1; and.b32 t, t, m; lop3.b32 a2, u, c0, t, 0xEA; "
-        "shl.b32 u, $1, 8; shl.b32 t, $1, 5; and.b32 t, t, m; lop3.b32 a1, u, c0, t, 0xEA; "
-        "shl.b32 u, $1, 12; shl.b32 t, $1, 9; and.b32 t, t, m; lop3.b32 a0, u, c0, t, 0xEA; "
-        "mul.rn.f16x2 t, a0, $2; fma.rn.f16x2 t, a1, $3, t; fma.rn.f16x2 t, a2, $4, t; fma.rn.f16x2 t, a3, $5, t; "
-        "mov.b32 {lo, hi}, t; cvt.f32.f16 flo, lo; cvt.f32.f16 fhi, hi; add.f32 s, flo, fhi; mov.b32 $0, s; }",
-        "=r,r,r,r,r,r", [words, p04, p15, p26, p37], dtype=tl.int32, is_pure=True, pack=1)  # LOP3 0xEA: (a & b) | c
-    return out.to(tl.float32, bitcast=True)
+# 4 rows x 256 units (1 KiB of each row per step) on 4 warps: the best of eight tiles or within 7% of it on the six
+# decode shapes, both formats (benchmarks/fp4_gemv_units_probe.json)
+GEMV = dict(BLOCK_N=4, BLOCK_U=256, num_warps=4)
+X_PAIRS_BLOCK = 128  # units per program of `_x_pairs_kernel`
+# SCALE_SHIFT = 16 (a literal in the kernels): block scales are decoded as scale * 2**16, so E8M0 code 0
+# (2**-127) stays a normal fp32; `down` undoes it
 
 
 @triton.jit
@@ -62,86 +52,13 @@ def _e2m1(words, j: tl.constexpr):
 
 
 @triton.jit
-def e2m1_dot8_emulated(words, p04, p15, p26, p37):
-    """`e2m1_dot8` in plain Triton (fp32 products of the same fp16 pairs), for the CPU interpreter."""
+def _e2m1_dot8_emulated(words, p04, p15, p26, p37):
+    """fp32 `sum_j e2m1_j * 2**-14 * x_j` over the 8 codes of uint32 words (fp32 products of the fp16 pairs)."""
     out = _e2m1(words, 0) * half_of(p04, False) + _e2m1(words, 4) * half_of(p04, True)
     out += _e2m1(words, 1) * half_of(p15, False) + _e2m1(words, 5) * half_of(p15, True)
     out += _e2m1(words, 2) * half_of(p26, False) + _e2m1(words, 6) * half_of(p26, True)
     out += _e2m1(words, 3) * half_of(p37, False) + _e2m1(words, 7) * half_of(p37, True)
     return out
-
-
-@triton.jit
-def word_columns(wp, sp, rows, mask_n, kw, K, B: tl.constexpr):
-    """(words, scale bits, ok): the uint32 words [BLOCK_N, len(kw)] of weight rows `rows` ([BLOCK_N, 1] int64) at
-    word columns kw of the [N, K/8] layout, each word's block-scale byte (a block spans B / 8 words), and
-    kw < K / 8 (zeros past N and K)."""
-    ok = kw < K // 8
-    m2 = mask_n[:, None] & ok[None, :]
-    words = tl.load(wp + rows * (K // 8) + kw[None, :], mask=m2, other=0, eviction_policy="evict_first")
-    bits = tl.load(sp + rows * (K // B) + (kw * 8 // B)[None, :], mask=m2, other=0, eviction_policy="evict_first")
-    return words, bits, ok
-
-
-@triton.jit
-def _fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr, N, K, stride_xm, K_STEPS: tl.constexpr,
-                     MX: tl.constexpr, B: tl.constexpr, HAS_GLOBAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
-    """y[n] = (sum_k x[k] dequant(W)[n, k]) (* global) (+ bias) for BLOCK_N rows n; row of x: grid axis 1."""
-    x_ptr += tl.program_id(1) * stride_xm
-    y_ptr += tl.program_id(1) * N
-    wp = w_ptr.to(tl.pointer_type(tl.uint32))
-    sp = s_ptr.to(tl.pointer_type(tl.uint8))
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    rows = offs_n.to(tl.int64)[:, None]
-    acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
-    shape: tl.constexpr = (BLOCK_N, BLOCK_KW)
-    for step in range(0, K_STEPS):
-        kw = step * BLOCK_KW + tl.arange(0, BLOCK_KW)
-        words, bits, ok = word_columns(wp, sp, rows, mask_n, kw, K, B)
-        x0, x1, x2, x3, x4, x5, x6, x7, big = x_of_words(x_ptr, kw, ok)
-        e = tl.maximum((big.to(tl.int32, bitcast=True) >> 23) & 0xFF, 16)  # biased exponent per word column
-        up = ((267 - e) << 23).to(tl.float32, bitcast=True)  # largest |x| * up in [2**13, 2**14)
-        down = ((e - 15) << 23).to(tl.float32, bitcast=True)  # 2**14 / up / 2**SCALE_SHIFT
-        p04 = tl.broadcast_to(x_pair(x0, x4, up)[None, :], shape)
-        p15 = tl.broadcast_to(x_pair(x1, x5, up)[None, :], shape)
-        p26 = tl.broadcast_to(x_pair(x2, x6, up)[None, :], shape)
-        p37 = tl.broadcast_to(x_pair(x3, x7, up)[None, :], shape)
-        if ASM:
-            part = e2m1_dot8(words, p04, p15, p26, p37)
-        else:
-            part = e2m1_dot8_emulated(words, p04, p15, p26, p37)
-        acc += part * (_scale_multiplier(bits, MX, 16, 65536.0) * down[None, :])  # 16: SCALE_SHIFT
-    out = tl.sum(acc, axis=1)
-    if HAS_GLOBAL:
-        out = out * tl.load(g_ptr)
-    if HAS_BIAS:
-        out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=mask_n)
-
-
-def launch_gemv(x2d, w_packed, w_scale, w_global, bias, block_size: int, cfg: dict | None = None, *,
-                wrap=identity) -> torch.Tensor:
-    """`x2d @ dequant(W).T + bias` [M, N] in x2d.dtype (fp16/bf16), one launch (meant for M = 1: each row of x
-    re-reads the weight)."""
-    cfg = cfg or GEMV
-    m, k = x2d.shape
-    n = w_packed.shape[0]
-    y = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
-    wrap(_fp4_gemv_kernel)[(cdiv(n, cfg["BLOCK_N"]), m, 1)](
-        x2d, w_packed, w_scale, optional_arg(w_global, w_packed), optional_arg(bias, x2d), y, n, k, x2d.stride(0),
-        K_STEPS=cdiv(k // 8, cfg["BLOCK_KW"]), MX=w_scale.dtype == torch.uint8, B=block_size,
-        HAS_GLOBAL=w_global is not None, HAS_BIAS=bias is not None, ASM=ptx_available(),
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_KW=cfg["BLOCK_KW"], num_warps=cfg["num_warps"],
-    )
-    return y
-
-
-# ---------------------------------------------------------------- units of 16 codes, x pre-paired (probe)
-
-GEMV_UNITS = dict(UNITS=True, BLOCK_N=8, BLOCK_U=128, num_warps=4)
-X_PAIRS_BLOCK = 128  # units per program of `_x_pairs_kernel`
 
 
 @triton.jit
@@ -172,7 +89,7 @@ def e2m1_dot16_emulated(units, p0, p1, p2, p3, p4, p5, p6, p7):
     """`e2m1_dot16` in plain Triton (fp32 products), for the CPU interpreter."""
     low = (units & 0xFFFFFFFF).to(tl.uint32)
     high = (units >> 32).to(tl.uint32)
-    return e2m1_dot8_emulated(low, p0, p1, p2, p3) + e2m1_dot8_emulated(high, p4, p5, p6, p7)
+    return _e2m1_dot8_emulated(low, p0, p1, p2, p3) + _e2m1_dot8_emulated(high, p4, p5, p6, p7)
 
 
 @triton.jit
@@ -202,20 +119,21 @@ def _x_pairs_kernel(x_ptr, pairs_ptr, down_ptr, KU, stride_xm, BLOCK: tl.constex
 
 @triton.jit
 def _pair_at(pairs_ptr, j: tl.constexpr, KU, u, ok, shape: tl.constexpr):
+    """x's pairs j of units u (0 where not ok), broadcast over the weight rows."""
     return tl.broadcast_to(tl.load(pairs_ptr + j * KU + u, mask=ok, other=0)[None, :], shape)
 
 
 @triton.jit
-def _fp4_gemv_units_kernel(pairs_ptr, down_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr, N, KU, U_STEPS: tl.constexpr,
-                           MX: tl.constexpr, B: tl.constexpr, HAS_GLOBAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_U: tl.constexpr):
-    """`_fp4_gemv_kernel` on units of 16 codes (uint64, K / 16 per weight row) with x's pairs read from
-    `_x_pairs_kernel`'s output: one block scale per unit (NVFP4: its block), no x arithmetic here."""
+def _fp4_gemv_kernel(pairs_ptr, down_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr, N, KU, U_STEPS: tl.constexpr,
+                     MX: tl.constexpr, B: tl.constexpr, HAS_GLOBAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_U: tl.constexpr):
+    """y[n] = (sum_k x[k] dequant(W)[n, k]) (* global) (+ bias) for BLOCK_N rows n, row m of x (grid axis 1), from
+    x's pairs and powers of two (`_x_pairs_kernel`) and the weight read as uint64 units of 16 codes."""
     m = tl.program_id(1)
     pairs_ptr += m * 8 * KU
     down_ptr += m * KU
     y_ptr += m * N
-    up = w_ptr.to(tl.pointer_type(tl.uint64))
+    wp = w_ptr.to(tl.pointer_type(tl.uint64))
     sp = s_ptr.to(tl.pointer_type(tl.uint8))
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -226,7 +144,7 @@ def _fp4_gemv_units_kernel(pairs_ptr, down_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_pt
         u = step * BLOCK_U + tl.arange(0, BLOCK_U)
         ok = u < KU
         m2 = mask_n[:, None] & ok[None, :]
-        units = tl.load(up + rows * KU + u[None, :], mask=m2, other=0, eviction_policy="evict_first")
+        units = tl.load(wp + rows * KU + u[None, :], mask=m2, other=0, eviction_policy="evict_first")
         bits = tl.load(sp + rows * (KU * 16 // B) + (u * 16 // B)[None, :], mask=m2, other=0,
                        eviction_policy="evict_first")
         p0 = _pair_at(pairs_ptr, 0, KU, u, ok, shape)
@@ -251,10 +169,11 @@ def _fp4_gemv_units_kernel(pairs_ptr, down_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_pt
     tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=mask_n)
 
 
-def launch_gemv_units(x2d, w_packed, w_scale, w_global, bias, block_size: int, cfg: dict | None = None, *,
-                      wrap=identity) -> torch.Tensor:
-    """As `launch_gemv` (K a multiple of 16): x's pairs first (one small kernel), then the unit GEMV."""
-    cfg = cfg or GEMV_UNITS
+def launch_gemv(x2d, w_packed, w_scale, w_global, bias, block_size: int, cfg: dict | None = None, *,
+                wrap=identity) -> torch.Tensor:
+    """`x2d @ dequant(W).T + bias` [M, N] in x2d.dtype (fp16/bf16; K a multiple of 16, as every FP4 block is):
+    x's pairs, then the GEMV (meant for M = 1: each row of x re-reads the weight)."""
+    cfg = cfg or GEMV
     m, k = x2d.shape
     n = w_packed.shape[0]
     ku = k // 16
@@ -262,7 +181,7 @@ def launch_gemv_units(x2d, w_packed, w_scale, w_global, bias, block_size: int, c
     down = torch.empty((m, ku), dtype=torch.float32, device=x2d.device)
     wrap(_x_pairs_kernel)[(cdiv(ku, X_PAIRS_BLOCK), m)](x2d, pairs, down, ku, x2d.stride(0), BLOCK=X_PAIRS_BLOCK)
     y = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
-    wrap(_fp4_gemv_units_kernel)[(cdiv(n, cfg["BLOCK_N"]), m, 1)](
+    wrap(_fp4_gemv_kernel)[(cdiv(n, cfg["BLOCK_N"]), m, 1)](
         pairs, down, w_packed, w_scale, optional_arg(w_global, w_packed), optional_arg(bias, x2d), y, n, ku,
         U_STEPS=cdiv(ku, cfg["BLOCK_U"]), MX=w_scale.dtype == torch.uint8, B=block_size,
         HAS_GLOBAL=w_global is not None, HAS_BIAS=bias is not None, ASM=ptx_available(),

@@ -32,8 +32,9 @@ tile decoded in registers is the MMA's first operand and a small M is the MMA's 
   fp16 for every E4M3 scale; MXFP4 tiles are exact for block scales in [2**-117, 2**17] (bf16, fp32) and
   [2**-19, 2**5] (fp16; outside, the fp16 tile rounds, as ONNX's CastLike of the scale to fp16 would).
 
-M = 1 with fp16/bf16 x runs `gemv.py` instead: a GEMV on packed fp16x2 without tensor cores, one launch with
-the epilogue in it, 1.3-1.6x faster than the split-K tile kernel on the H200 decode shapes (see its docstring).
+M = 1 with fp16/bf16 x runs `gemv.py` instead: a GEMV on packed fp16x2 without tensor cores (x's pairs
+prepared by a small first kernel, the epilogue in the GEMV), 1.4-2.2x faster than the split-K tile kernel on the
+H200 decode shapes (see its docstring).
 An earlier GEMV in fp32 (one FMA per weight) was 20-30% slower than the tile kernel and was removed
 (benchmarks/fp4_int4_gemm.json, fp4_gemv_m1.json).
 

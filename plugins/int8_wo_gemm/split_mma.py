@@ -33,9 +33,11 @@ from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg
 
 Q_MAX = tl.constexpr(32639.0)  # 127 * 256 + 127: hi = (q + 128) >> 8 stays in [-127, 127], lo in [-128, 127]
 SPLIT_CHUNKS = 8  # chunks per program of the split kernel
-# Tiles, widest first: the first that gives at least MIN_WAVES waves of programs is taken (probe: 128 x 128 won on
-# N = 28672, 64 x 256 on N = 14336; each lost badly where it gave fewer than one wave).
-CONFIGS = [dict(BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4),
+# Tiles, widest first: the first that gives at least MIN_WAVES waves of programs is taken (probe: 128 rows won on
+# N = 28672, 64 on N = 14336; each lost badly where it gave fewer than one wave). 128 x 256 on 3 stages: 65.9 µs at
+# M = 16 on 8192 x 28672 against 69.1 for 128 x 128 on 4 (tools/tune_w8a16_small_m.py --kinds mma,
+# benchmarks/tune_w8a16_small_m_mma.json, where narrower tiles for N = 4096 lost to the other kernels).
+CONFIGS = [dict(BLOCK_N=128, BLOCK_K=256, num_warps=4, num_stages=3),
            dict(BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=4)]
 MIN_WAVES = 1.5
 
@@ -72,27 +74,18 @@ def split_chunks(x_ptr, m, M, K, stride_xm, CHUNK: tl.constexpr, CHUNKS: tl.cons
     offs_k = offs_c[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
     ok = offs_k < K
     x = tl.load(x_ptr + m * stride_xm + offs_k, mask=ok & (m < M), other=0.0).to(tl.float32)
-    hi, lo, s = quantize_rows(x)
-    return offs_c, offs_k, ok, hi, lo, s
-
-
-@triton.jit
-def quantize_rows(x):
-    """(hi, lo, s) of float32 x [R, C], per row: s = amax / Q_MAX, round(x / s) = 256 hi + lo (int32 in int8 range)."""
     amax = tl.max(tl.abs(x), axis=1)
     q = tl.floor(x * tl.where(amax > 0, Q_MAX / amax, 0.0)[:, None] + 0.5).to(tl.int32)
     hi = (q + 128) >> 8
-    return hi, q - hi * 256, amax / Q_MAX
+    return offs_c, offs_k, ok, hi, q - hi * 256, amax / Q_MAX
 
 
 @triton.jit
-def _mma_kernel(x_ptr, planes_ptr, s_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, KC, stride_xm,
-                HAS_BIAS: tl.constexpr, FUSED: tl.constexpr, K_STEPS: tl.constexpr, MP: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _mma_kernel(planes_ptr, s_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, KC, HAS_BIAS: tl.constexpr,
+                K_STEPS: tl.constexpr, MP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[m, n] for BLOCK_N weight rows n and every row m < M: per K step one int8 MMA of the planes [2 MP, BLOCK_K]
     with the weight tile, scaled by the step's chunk scales (x 256 on the hi rows); hi and lo rows summed at the
-    end. FUSED: the step's planes and scales are computed here from x (each program splits the chunks it reads;
-    no split kernel), else read from `_split_kernel`'s output."""
+    end."""
     R: tl.constexpr = 2 * MP
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -105,18 +98,11 @@ def _mma_kernel(x_ptr, planes_ptr, s_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, 
     for step in range(0, K_STEPS):
         offs_k = step * BLOCK_K + tl.arange(0, BLOCK_K)
         ok = offs_k < K
-        if FUSED:
-            xs = tl.load(x_ptr + row[:, None] * stride_xm + offs_k[None, :], mask=valid[:, None] & ok[None, :],
-                         other=0.0).to(tl.float32)
-            hi, lo, sc = quantize_rows(xs)
-            a = tl.where((r < MP)[:, None], hi, lo).to(tl.int8)
-        else:
-            a = tl.load(planes_ptr + r[:, None] * K + offs_k[None, :], mask=valid[:, None] & ok[None, :], other=0)
-            sc = tl.load(s_ptr + row * KC + step, mask=valid, other=0.0)
+        a = tl.load(planes_ptr + r[:, None] * K + offs_k[None, :], mask=valid[:, None] & ok[None, :], other=0)
         w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & ok[None, :], other=0,
                     eviction_policy="evict_first")
         d = tl.dot(a, tl.trans(w), out_dtype=tl.int32)
-        sc = sc * weight_of_part
+        sc = tl.load(s_ptr + row * KC + step, mask=valid, other=0.0) * weight_of_part
         acc += d.to(tl.float32) * sc[:, None]
     y = tl.sum(tl.reshape(acc, (2, MP, BLOCK_N)), axis=0)
     y = y * tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -144,15 +130,10 @@ def launch(x2d, w_q, w_scale, bias, cfg: dict, rows: int, *, wrap=identity) -> t
     m, k = x2d.shape
     n = w_q.shape[0]
     mp = padded_rows(rows)
-    fused = cfg.get("FUSED", False)
-    if fused:  # no planes: the kernel splits x itself (placeholders for the unused pointers)
-        planes, scales, kc = x2d, x2d, cdiv(k, cfg["BLOCK_K"])
-    else:
-        planes, scales = split_planes(x2d, cfg["BLOCK_K"], mp, wrap=wrap)
-        kc = scales.shape[1]
+    planes, scales = split_planes(x2d, cfg["BLOCK_K"], mp, wrap=wrap)
     y = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
     wrap(_mma_kernel)[(cdiv(n, cfg["BLOCK_N"]),)](
-        x2d, planes, scales, w_q, w_scale, optional_arg(bias, w_scale), y, m, n, k, kc, x2d.stride(0),
-        HAS_BIAS=bias is not None, FUSED=fused, K_STEPS=cdiv(k, cfg["BLOCK_K"]), MP=mp, BLOCK_N=cfg["BLOCK_N"],
+        planes, scales, w_q, w_scale, optional_arg(bias, w_scale), y, m, n, k, scales.shape[1],
+        HAS_BIAS=bias is not None, K_STEPS=cdiv(k, cfg["BLOCK_K"]), MP=mp, BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y

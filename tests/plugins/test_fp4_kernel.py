@@ -241,14 +241,14 @@ def gemv_x(dtype, k: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("has_bias", [False, True], ids=["nobias", "bias"])
 def test_gemv_interpreter(fmt, dtype, has_bias):
-    """The M = 1 GEMV (`gemv.py`, the fp16x2 arithmetic emulated) against float64: two rows of x (grid axis 1),
-    x over eight decades, several K steps with a partial last one, a partial tile of weight rows."""
+    """The M = 1 GEMV (`gemv.py`: x's pairs, then the fp16x2 arithmetic emulated) against float64: two rows of x
+    (grid axis 1), x over eight decades, several K steps with a partial last one, a partial tile of weight rows."""
     from qcompile.plugins.fp4_gemm import gemv
 
     case = make_case(fmt, k=640, n=76, seed=3)
     x = torch.cat([gemv_x(dtype, 640, 1), gemv_x(dtype, 640, 2)])
     bias = torch.randn(76) if has_bias else None
-    y = gemv.launch_gemv(x, *args(case), bias, case["block"], dict(gemv.GEMV, BLOCK_KW=32))
+    y = gemv.launch_gemv(x, *args(case), bias, case["block"], dict(gemv.GEMV, BLOCK_U=16))
     assert y.dtype == dtype and y.shape == (2, 76)
     assert_rel_l2(y, oracle(x, case, bias), dtype)
 

@@ -177,14 +177,12 @@ def test_split_planes_give_x_back_within_half_a_step(dtype, m, k, chunk):
 @triton_interp
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 @pytest.mark.parametrize("m, rows, bias", [(1, 1, True), (3, 16, False), (16, 16, True), (0, 16, True)])
-@pytest.mark.parametrize("fused", [False, True])
-def test_split_mma_within_the_split_rounding_bound(dtype, m, rows, bias, fused):
+def test_split_mma_within_the_split_rounding_bound(dtype, m, rows, bias):
     """Each output within w_scale[n] * sum_k |q[n, k]| * s(k) / 2 (the split's rounding of x) of float64, plus
-    the float32 accumulation's and the output dtype's rounding; K not a multiple of the K step. fused: the MMA
-    kernel splits x itself (no split kernel)."""
+    the float32 accumulation's and the output dtype's rounding; K not a multiple of the K step."""
     from qcompile.plugins.int8_wo_gemm.split_mma import launch, split_planes
 
-    cfg = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=2, FUSED=fused)
+    cfg = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=2)
     w_q, w_scale, b = make_case(k=1000, n=80, seed=m, bias=bias)
     x = x_with_outliers(m, 1000, DTYPES[dtype], seed=m)
     y = launch(x, w_q, w_scale, b, cfg, rows)

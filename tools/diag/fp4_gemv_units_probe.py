@@ -1,11 +1,12 @@
-"""Diagnostic (H200): the FP4 GEMV on units of 16 codes with x pre-paired (`gemv.launch_gemv_units`) against the
-shipped per-word GEMV (`gemv.launch_gemv`), at M = 1 with bf16 x and a bias, next to the INT4 op and cuBLAS bf16
-(CUDA-graph replay, rotating weights); each configuration checked against float64 first. Not part of the product.
+"""Diagnostic (H200): tiles of the FP4 GEMV (`gemv.launch_gemv`: units of 16 codes, x pre-paired) at M = 1 with
+bf16 x and a bias, next to the FP4 op, the INT4 op and cuBLAS bf16 (CUDA-graph replay, rotating weights); each
+configuration checked against float64 first. Not part of the product.
 
-The shipped GEMV is about 7 SASS instructions per weight (fp4_gemv_probe.py): x's 8 values, their largest |x|
-and four pairs per word column (shared by only a few weight rows per thread), and a block-scale byte load and
-decode per word. The unit GEMV moves x's work into one small kernel (planar fp16 pairs and a power of two per 16
-values) and reads one scale per 16 codes.
+First run (fourteenth session, commit 2f737b2, benchmarks/fp4_gemv_units_probe.json): the unit GEMV
+(`launch_gemv_units` then) against the per-word GEMV it replaced (`launch_gemv` then, "shipped gemv" in the JSON;
+the probe of that one was tools/diag/fp4_gemv_probe.py, last at commit 2f737b2). The per-word GEMV cost about 7
+SASS instructions per weight: x's 8 values, their largest |x| and four pairs per word column inside the weight
+loop (shared by only the few weight rows a thread holds), and a scale byte loaded and decoded per word.
 
     OUT=... python3 tools/diag/fp4_gemv_units_probe.py
 """
@@ -20,11 +21,13 @@ from bench_fp4_gemm import make_fp4, make_int4  # noqa: E402
 from gpu_timing import MODE, bench, rotating  # noqa: E402
 from probe_util import run_part, save  # noqa: E402
 
-from qcompile.plugins.fp4_gemm.gemv import GEMV, launch_gemv, launch_gemv_units  # noqa: E402
+from qcompile.plugins.fp4_gemm.gemv import launch_gemv  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672), (4096, 6144), (4096, 28672)]
-UNIT_TILES = [(8, 128, 4), (8, 64, 4), (4, 128, 4), (16, 64, 4), (8, 256, 8), (16, 128, 8), (4, 256, 4),
-              (8, 128, 8)]
+# (rows, units per step, warps) around the first run's best (4 x 256 on 4 warps; it also ran 8 x 128, 8 x 64,
+# 4 x 128, 16 x 64 and 8 x 128 on 4 warps, 8 x 256 and 16 x 128 on 8)
+UNIT_TILES = [(4, 256, 4), (2, 512, 4), (4, 512, 4), (2, 256, 2), (4, 256, 2), (4, 512, 8), (8, 256, 4),
+              (2, 1024, 8)]
 
 
 def part(k, n):
@@ -47,13 +50,11 @@ def part(k, n):
         def check(name, y):
             res[name + " err"] = round(float((y.double() - ref).norm() / ref.norm()), 6)
         res[f"{fmt} op"] = bench(lambda: fp4_gemm(x, *wf(), None, bias, block))
-        check(f"{fmt} shipped gemv", launch_gemv(x, *w, bias, block))
-        res[f"{fmt} shipped gemv"] = bench(lambda: launch_gemv(x, *wf(), bias, block, GEMV))
         for bn, bu, warps in UNIT_TILES:
-            cfg = dict(UNITS=True, BLOCK_N=bn, BLOCK_U=bu, num_warps=warps)
+            cfg = dict(BLOCK_N=bn, BLOCK_U=bu, num_warps=warps)
             name = f"{fmt} units {bn}x{bu} w{warps}"
-            check(name, launch_gemv_units(x, *w, bias, block, cfg))
-            res[name] = bench(lambda: launch_gemv_units(x, *wf(), bias, block, cfg))
+            check(name, launch_gemv(x, *w, bias, block, cfg))
+            res[name] = bench(lambda: launch_gemv(x, *wf(), bias, block, cfg))
     line = " | ".join(f"{c}: {v:.1f}" if not c.endswith("err") else f"{c}: {v}" for c, v in res.items())
     print(f"{k}x{n}: {line}", flush=True)
     return res
