@@ -15,8 +15,9 @@ Two launches per call:
   15 and `e1 e0 m` to bits 9..11, which is the fp16 `e2m1 * 2**-14` exactly (code 1, 0.5, as a subnormal):
   two shifts, an AND and a LOP3 per pair. Eight HFMA2 against x's pairs, summed in fp16, then one conversion to
   fp32 per unit.
-- Products round to fp16: about 2e-3 relative L2 error against float64 on the H200 shapes with bf16 x
-  (benchmarks/fp4_gemv_units_probe.json), so the GEMV serves 16-bit x only (fp32 x takes the tile kernel).
+- Products and the sums of a unit round to fp16, so the GEMV serves 16-bit x only (fp32 x takes the tile kernel).
+  With bf16 x and output the op is within 0.17% relative L2 of float64 on the H200 shapes, mostly the output's
+  own rounding (benchmarks/fp4_gemv_units_probe.json).
 - E8M0 scales are decoded times 2**16 (SCALE_SHIFT) so code 0 (2**-127) stays a normal fp32; `down` undoes it.
 
 Why units and a separate x kernel (benchmarks/fp4_gemv_units_probe.json, BENCHMARKS.md fourteenth session): the

@@ -33,8 +33,8 @@ tile decoded in registers is the MMA's first operand and a small M is the MMA's 
   [2**-19, 2**5] (fp16; outside, the fp16 tile rounds, as ONNX's CastLike of the scale to fp16 would).
 
 M = 1 with fp16/bf16 x runs `gemv.py` instead: a GEMV on packed fp16x2 without tensor cores (x's pairs
-prepared by a small first kernel, the epilogue in the GEMV), 1.4-2.2x faster than the split-K tile kernel on the
-H200 decode shapes (see its docstring).
+prepared by a small first kernel, the epilogue in the GEMV). Its first version was 1.3-1.6x faster than the split-K
+tile kernel on the H200 decode shapes, and the current one is 1.0-1.6x faster than that (see its docstring).
 An earlier GEMV in fp32 (one FMA per weight) was 20-30% slower than the tile kernel and was removed
 (benchmarks/fp4_int4_gemm.json, fp4_gemv_m1.json).
 
