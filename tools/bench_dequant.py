@@ -18,7 +18,7 @@ import json
 import torch
 
 from bench_fp4_gemm import FP4, GROUP, make_fp4, make_int4
-from gpu_timing import MODE, bench, bench_parser, rotating
+from gpu_timing import MODE, bench, bench_parser, rotating, save_rows
 
 from qcompile.plugins.fp4_gemm import kernel as fp4_kernel
 from qcompile.plugins.fp4_gemm.reference import dequantize_weight as fp4_reference
@@ -93,8 +93,7 @@ def main() -> None:
                 f"{f} {g[f]:.1f} ({g['bf16'] / g[f]:.2f}x)" for f in ("int4", *FP4)), flush=True)
         rows.append(row)
         del w4, fp4, w16, base4, w
-        with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+        save_rows(args.out, rows)
 
 
 if __name__ == "__main__":

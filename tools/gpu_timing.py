@@ -113,3 +113,22 @@ def check_cells(cells, names_of, worker, workers: int, parts: int = 4) -> dict:
     for (k, n, m, _), part in zip(tasks, results):
         out.setdefault((k, n, m), {}).update(part)
     return out
+
+
+def time_checked(cands: dict, errors: dict, max_err: float = 2e-2) -> dict:
+    """{name: {"rel_err": .., "us": ..}} for candidates already checked by `check_cells` (`errors`: name -> error or
+    message): timed only when the error is below `max_err`; {"error": message} where the check failed."""
+    out = {}
+    for name, fn in cands.items():
+        err = errors[name]
+        out[name] = {"rel_err": err} if isinstance(err, float) else {"error": err}
+        if isinstance(err, float) and err < max_err:
+            out[name]["us"] = bench(fn, copies=4, rep=40)
+    return out
+
+
+def save_rows(path: str, rows: list) -> None:
+    """Rows of a tuner or benchmark with the device and torch version, as JSON at `path` (written after every cell,
+    so a run cut short keeps what it measured)."""
+    with open(path, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)

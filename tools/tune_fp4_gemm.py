@@ -17,7 +17,7 @@ import json
 import torch
 
 from bench_fp4_gemm import GROUP, make_fp4, make_int4
-from gpu_timing import MODE, bench, bench_parser, check_cells, rel_errors, rotating
+from gpu_timing import MODE, bench, bench_parser, check_cells, rel_errors, rotating, save_rows, time_checked
 from tune_fp8_block_w8a16 import best
 
 from qcompile.plugins.fp4_gemm import kernel as fp4
@@ -95,12 +95,8 @@ def main() -> None:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
             row = {"K": k, "N": n, "M": m, "bf16": bench(lambda: x @ w16(), copies=4),
-                   "int4_op": bench(lambda: int4_op(x, *w4(), None, bias, GROUP), copies=4), "nvfp4": {}}
-            for name, fn in candidates(x, bias, wf, m).items():
-                err = checked[(k, n, m)][name]
-                row["nvfp4"][name] = {"rel_err": err} if isinstance(err, float) else {"error": err}
-                if isinstance(err, float) and err < 2e-2:
-                    row["nvfp4"][name]["us"] = bench(fn, copies=4, rep=40)
+                   "int4_op": bench(lambda: int4_op(x, *w4(), None, bias, GROUP), copies=4),
+                   "nvfp4": time_checked(candidates(x, bias, wf, m), checked[(k, n, m)])}
             rows.append(row)
             name, us = best(row["nvfp4"])
             shipped = row["nvfp4"]["shipped"].get("us", float("nan"))
@@ -108,9 +104,7 @@ def main() -> None:
                   f"(int4/fp4 {row['int4_op'] / us:.2f}) {name} | shipped {shipped:.1f} "
                   f"({row['int4_op'] / shipped:.2f}) | dequant {row['nvfp4']['dequant'].get('us', float('nan')):.1f}",
                   flush=True)
-            with open(args.out, "w") as f:
-                json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f,
-                          indent=1)
+            save_rows(args.out, rows)
         torch.cuda.empty_cache()
 
 

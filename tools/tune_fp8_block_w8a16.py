@@ -18,7 +18,7 @@ import json
 
 import torch
 
-from gpu_timing import MODE, bench, bench_parser, rotating
+from gpu_timing import MODE, bench, bench_parser, rotating, save_rows
 
 from qcompile.plugins.fp8_block_gemm import quantize_weight_blocks
 from qcompile.plugins.fp8_block_gemm.format import quantize_activation_blocks
@@ -129,9 +129,7 @@ def main() -> None:
                                  f"{row['fp8_quant_compiled_us']:.1f}, triton by block_m "
                                  + " / ".join(f"{v:.1f}" for v in row['fp8_quant_triton_us'].values()) + "]")
             print(line, flush=True)
-            with open(args.out, "w") as f:
-                json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f,
-                          indent=1)
+            save_rows(args.out, rows)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from gpu_timing import MODE, bench, bench_parser, check_cells, rel_errors, rotating
+from gpu_timing import MODE, bench, bench_parser, check_cells, rel_errors, rotating, save_rows, time_checked
 from tune_fp8_block_w8a16 import best
 
 from qcompile.plugins.int8_wo_gemm import kernel as w8, split_mma
@@ -114,12 +114,8 @@ def main() -> None:
         copies = rotating(lambda: (w16.clone(), w_q.clone(), w_scale.clone()), k * n * 3)
         for m in args.ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            row = {"K": k, "N": n, "M": m, "bf16": bench(lambda: x @ copies()[0], copies=4), "w8a16": {}}
-            for name, fn in candidates(x, lambda: copies()[1:], m).items():
-                err = checked[(k, n, m)][name]
-                row["w8a16"][name] = {"rel_err": err} if isinstance(err, float) else {"error": err}
-                if isinstance(err, float) and err < 2e-2:
-                    row["w8a16"][name]["us"] = bench(fn, copies=4, rep=40)
+            row = {"K": k, "N": n, "M": m, "bf16": bench(lambda: x @ copies()[0], copies=4),
+                   "w8a16": time_checked(candidates(x, lambda: copies()[1:], m), checked[(k, n, m)])}
             rows.append(row)
             name, us = best(row["w8a16"])
             shipped = row["w8a16"]["shipped"].get("us", float("nan"))
@@ -129,9 +125,7 @@ def main() -> None:
             print(f"{k}x{n} M={m}: bf16 {row['bf16']:.1f} | best {us:.1f} ({row['bf16'] / us:.2f}x) {name} | "
                   f"shipped {shipped:.1f} ({row['bf16'] / shipped:.2f}x)"
                   + "".join(f" | best {f} {u:.1f} {c}" for f, (c, u) in per_family.items()), flush=True)
-            with open(args.out, "w") as f:
-                json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f,
-                          indent=1)
+            save_rows(args.out, rows)
         del copies
         torch.cuda.empty_cache()
 
