@@ -11,7 +11,9 @@ Kernels (all read the engine layout of `format.py`: int32 words [K/8, N], N cont
   path took 8192 x 28672 from 57.6 to 39.0 µs (benchmarks/int4_stream_probe*.json).
 - `_int4_mm_t_kernel` (swapped operands, small M): `y^T = dequant(W)^T @ x^T`, so the dequantized weight
   tile is the MMA's first operand and the few rows of x its narrow side; nibbles unpacked in registers with
-  `tl.interleave`. Split-K like the GEMV.
+  `tl.interleave`. Split-K like the GEMV. Triton writes each decoded tile to shared memory and reads it back in
+  the MMA's layout. Kernels of this kind are bound by their own loop, not HBM: a variant without that round trip
+  (tools/diag/int4_planar_probe.py) was only 2-23% faster with its weight read from L2 than from HBM.
 - `_int4_mm_kernel` (tiles of BLOCK_M rows, any M, grouped tile order): the plain orientation, with
   in-register (`UNPACK`) or duplicate-address nibble loads. It lost to mm_t and to dequantize + cuBLAS on
   the H200; it runs for groups that are not whole steps of >= 16 (e.g. 8), which mm_t and the GEMV cannot take.
