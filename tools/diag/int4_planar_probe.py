@@ -20,8 +20,9 @@ pipelines. With the weight read from L2 (--hot) the wgmma kernel was still 64.7 
 (83.6 streaming) and 131.8 at M = 64 (142.1): the kernel's own work, not HBM, sets the time. Its SASS shows
 why: each of the step's eight 16-deep dots ends in a full wait (Triton emits `wgmma.wait_group 0`), so decoding
 and MMAs never overlap; the product's tile kernel keeps its wgmmas in flight but pays the shared-memory round
-trip. `_planar_one_dot_kernel` (--one-dot) has neither (one WARPGROUP.DEPBAR per step in its SASS, no STS); it
-was written after the session's device time was spent and has not run on the H200.
+trip. `_planar_one_dot_kernel` (--one-dot) has neither: one WARPGROUP.DEPBAR per step in its SASS and no STS,
+or, with the scale on the weight tile (SCALE_A), wgmmas that stay in flight into the next step. It was written
+after the session's device time was spent and has not run on the H200.
 """
 from __future__ import annotations
 
@@ -130,31 +131,53 @@ def _planar_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, k_per_split,
 
 
 @triton.jit
+def _one_dot_step(x_ptr, w_ptr, s_ptr, k0, offs_m, mask_m, offs_n, N, stride_xm, BLOCK_N: tl.constexpr,
+                  ASM: tl.constexpr, SCALE_A: tl.constexpr):
+    """(a [BLOCK_N, 128], x^T [128, BLOCK_M], fp32 scales [BLOCK_N]) of the 128-long step at k0; a is `q` (or
+    `q * scale` in x's dtype when SCALE_A)."""
+    dt: tl.constexpr = x_ptr.dtype.element_ty
+    offs_c = tl.arange(0, 8)
+    s = tl.load(s_ptr + (k0 // 128) * N + offs_n)
+    w0 = tl.load(w_ptr + (k0 // 8 + offs_c).to(tl.int64)[None, :] * N + offs_n[:, None], eviction_policy="evict_first")
+    w1 = tl.load(w_ptr + (k0 // 8 + 8 + offs_c).to(tl.int64)[None, :] * N + offs_n[:, None],
+                 eviction_policy="evict_first")
+    a = _cat_k(_half_step(w0, BLOCK_N, dt, ASM), _half_step(w1, BLOCK_N, dt, ASM), BLOCK_N, 64)
+    a = a - (1032.0 if dt == tl.float16 else 136.0)
+    if SCALE_A:
+        a = a * s.to(dt)[:, None]
+    xt = tl.load(x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + (k0 + tl.arange(0, 128))[:, None],
+                 mask=mask_m[None, :], other=0.0)
+    return a, xt, s.to(tl.float32)
+
+
+@triton.jit
 def _planar_one_dot_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, k_per_split,
                            STEPS: tl.constexpr, ASM: tl.constexpr, ATOMIC: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCALE_A: tl.constexpr = False):
     """`_planar_kernel` with the step's eight [BLOCK_N, 16] tiles joined (in registers) into one [BLOCK_N, 128]
-    operand and one x tile: one tl.dot per step. Triton then issues the step's wgmmas back to back with one wait
-    per step (SASS: 1 WARPGROUP.ARRIVE, 16 HGMMA, 1 WARPGROUP.DEPBAR for 128 x 16 tiles), where eight dots per
-    step each end in a full wait (`wgmma.wait_group 0` in Triton's PTX), so there the weight decoding and the
-    MMAs never overlap. No shared-memory round trip either (the tile kernel of the product has one)."""
+    operand and one x tile: one tl.dot per step, no shared-memory round trip.
+
+    Without SCALE_A the group scale multiplies each step's product: Triton issues the step's wgmmas back to back
+    and waits once per step (SASS for 128 x 16: 1 WARPGROUP.ARRIVE, 16 HGMMA, 1 WARPGROUP.DEPBAR), where eight dots
+    per step each end in a full wait (`_planar_kernel`). With SCALE_A the scale goes on the weight tile (one HMUL2
+    per two weights) and one accumulator runs through all steps, so the wgmmas stay in flight into the next
+    step's decoding (`wgmma.wait_group 7`); the first step is peeled off the loop, else ptxas serializes the
+    128-wide version (its C7515 note: non-wgmma instructions define the accumulator)."""
     pid_k, offs_m, offs_n, mask_m = _program(M, BLOCK_M, BLOCK_N)
-    offs_c = tl.arange(0, 8)
-    offs_k = tl.arange(0, 128)
-    dt: tl.constexpr = x_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for step in range(0, STEPS if STEPS else k_per_split // 128):
-        k0 = pid_k * k_per_split + step * 128
-        s = tl.load(s_ptr + (k0 // 128) * N + offs_n).to(tl.float32)
-        w0 = tl.load(w_ptr + (k0 // 8 + offs_c).to(tl.int64)[None, :] * N + offs_n[:, None],
-                     eviction_policy="evict_first")
-        w1 = tl.load(w_ptr + (k0 // 8 + 8 + offs_c).to(tl.int64)[None, :] * N + offs_n[:, None],
-                     eviction_policy="evict_first")
-        a = _cat_k(_half_step(w0, BLOCK_N, dt, ASM), _half_step(w1, BLOCK_N, dt, ASM), BLOCK_N, 64)
-        a = a - (1032.0 if dt == tl.float16 else 136.0)
-        xt = tl.load(x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + (k0 + offs_k)[:, None], mask=mask_m[None, :],
-                     other=0.0)
-        acc += tl.dot(a, xt) * s[:, None]
+    k_lo = pid_k * k_per_split
+    if SCALE_A:
+        a, xt, s = _one_dot_step(x_ptr, w_ptr, s_ptr, k_lo, offs_m, mask_m, offs_n, N, stride_xm, BLOCK_N, ASM, True)
+        acc = tl.dot(a, xt)
+        for step in range(1, STEPS if STEPS else k_per_split // 128):  # STEPS: the interpreter's constant bound
+            a, xt, s = _one_dot_step(x_ptr, w_ptr, s_ptr, k_lo + step * 128, offs_m, mask_m, offs_n, N, stride_xm,
+                                     BLOCK_N, ASM, True)
+            acc = tl.dot(a, xt, acc)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for step in range(0, STEPS if STEPS else k_per_split // 128):
+            a, xt, s = _one_dot_step(x_ptr, w_ptr, s_ptr, k_lo + step * 128, offs_m, mask_m, offs_n, N, stride_xm,
+                                     BLOCK_N, ASM, False)
+            acc += tl.dot(a, xt) * s[:, None]
     store_tile(y_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None], acc, mask_m[None, :], ATOMIC)
 
 
@@ -240,9 +263,10 @@ def configs(m: int):
     mma.sync kernel."""
     bm = 16 if m <= 16 else 64
     if PROBE == "one_dot":  # one dot per 128-long step (`_planar_one_dot_kernel`), next to the wgmma kernel's best
-        for bn, stages, waves in itertools.product((64, 128), (3, 4), (1, 2, 4, 8)):
-            yield f"one_dot {bn}x{bm} s{stages} w{waves}", False, dict(kind="one_dot", BLOCK_M=bm, BLOCK_N=bn,
-                                                                     num_warps=4, num_stages=stages, waves=waves)
+        for bn, scale_a, stages, waves in itertools.product((64, 128), (False, True), (3, 4), (1, 2, 4, 8)):
+            yield (f"one_dot {bn}x{bm}{' scale on W' if scale_a else ''} s{stages} w{waves}", False,
+                   dict(kind="one_dot", BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=stages, waves=waves,
+                        scale_a=scale_a))
         for bn in (64, 128):
             yield f"wgmma {bn}x{bm} w4", False, dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=3, waves=4)
         return
