@@ -37,6 +37,10 @@ def candidates(m: int) -> list[dict]:
         for st in (1, 2, 4):
             out.append(dict(kernel="gemv", BLOCK_N=512, MIN_TILES=1, BLOCK_K=32, num_warps=2, num_stages=st,
                             waves=32))
+        for (bn, bk, w), pipe, waves in itertools.product([(512, 32, 2), (512, 64, 4), (256, 64, 2)], (2, 3, 4),
+                                                          (8, 16, 32)):  # weight tiles through cp.async
+            out.append(dict(kernel="gemv", BLOCK_N=bn, MIN_TILES=1, BLOCK_K=bk, num_warps=w, num_stages=3,
+                            waves=waves, pipeline=pipe))
     if m <= 16:
         for bn, bk, w, st, waves in itertools.product((32, 64), (64, 128), (2, 4), (3, 4, 5), (4, 8)):
             out.append(dict(kernel="mm_t", BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st,

@@ -134,41 +134,54 @@ def _gemv_step_half2(words, x_row, kw, ok, ASM: tl.constexpr):
 
 
 @triton.jit
+def _gemv_step(acc, x_row, w_ptr, s_ptr, z_ptr, offs_n, mask_n, N, K, group_size, k0,
+               HAS_ZERO: tl.constexpr, HALF2: tl.constexpr, ASM: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc [BLOCK_K/8, BLOCK_N] plus the step at k0: products per word row (HALF2: `_gemv_step_half2`, else
+    `_gemv_step_fp32`), zero points off as z * sum_j x_j, then the step's group scale."""
+    kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    ok = kw < K // 8
+    words = tl.load(w_ptr + kw.to(tl.int64)[:, None] * N + offs_n[None, :], mask=ok[:, None] & mask_n[None, :],
+                    other=0, eviction_policy="evict_first")
+    g = k0 // group_size
+    smask = mask_n & (k0 < K)
+    s = tl.load(s_ptr + g * N + offs_n, mask=smask, other=0.0).to(tl.float32)
+    if HALF2:
+        part, xsum, down = _gemv_step_half2(words, x_row, kw, ok, ASM)
+    else:
+        part, xsum, down = _gemv_step_fp32(words, x_row, kw, ok)
+    if HAS_ZERO:
+        z = tl.load(z_ptr + g * N + offs_n, mask=smask, other=0).to(tl.float32)
+        return acc + (part * down - xsum[:, None] * z[None, :]) * s[None, :]
+    return acc + part * (s * down)[None, :]
+
+
+@triton.jit
 def _int4_gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
     N, K, stride_xm, group_size, k_per_split,
     K_STEPS: tl.constexpr, HAS_ZERO: tl.constexpr, ATOMIC: tl.constexpr, HALF2: tl.constexpr, ASM: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PIPELINE: tl.constexpr = 0,
 ):
-    """GEMV over [BLOCK_K/8 word rows, BLOCK_N] tiles (BLOCK_K divides the group: one scale row per step).
-    HALF2 (16-bit x): the products on fp16x2 (`_gemv_step_half2`; ASM False: the interpreter's stand-in),
-    else in fp32 (`_gemv_step_fp32`). Zero points come off as z * sum_j x_j, then the step's group scale."""
-    BLOCK_KW: tl.constexpr = BLOCK_K // 8
+    """GEMV over [BLOCK_K/8 word rows, BLOCK_N] tiles (BLOCK_K divides the group: one scale row per step), one
+    `_gemv_step` per step (steps past K are masked). HALF2 (16-bit x): the products on fp16x2 (ASM False: the
+    interpreter's stand-in). PIPELINE > 0: the loop is `tl.range(..., num_stages=PIPELINE)`, so Triton stages the
+    weight tiles through shared memory with asynchronous copies (a plain loop's loads are not pipelined: no dot
+    uses them). Not measured yet, so no configuration sets it."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     row = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     x_row = x_ptr + row * stride_xm
-    acc = tl.zeros((BLOCK_KW, BLOCK_N), dtype=tl.float32)
-    for step in range(0, K_STEPS):  # steps past K are masked
-        k0 = pid_k * k_per_split + step * BLOCK_K
-        kw = k0 // 8 + tl.arange(0, BLOCK_KW)
-        ok = kw < K // 8
-        words = tl.load(w_ptr + kw.to(tl.int64)[:, None] * N + offs_n[None, :], mask=ok[:, None] & mask_n[None, :],
-                        other=0, eviction_policy="evict_first")
-        g = k0 // group_size
-        smask = mask_n & (k0 < K)
-        s = tl.load(s_ptr + g * N + offs_n, mask=smask, other=0.0).to(tl.float32)
-        if HALF2:
-            part, xsum, down = _gemv_step_half2(words, x_row, kw, ok, ASM)
-        else:
-            part, xsum, down = _gemv_step_fp32(words, x_row, kw, ok)
-        if HAS_ZERO:
-            z = tl.load(z_ptr + g * N + offs_n, mask=smask, other=0).to(tl.float32)
-            acc += (part * down - xsum[:, None] * z[None, :]) * s[None, :]
-        else:
-            acc += part * (s * down)[None, :]
+    acc = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+    if PIPELINE:
+        for step in tl.range(0, K_STEPS, num_stages=PIPELINE):
+            acc = _gemv_step(acc, x_row, w_ptr, s_ptr, z_ptr, offs_n, mask_n, N, K, group_size,
+                             pid_k * k_per_split + step * BLOCK_K, HAS_ZERO, HALF2, ASM, BLOCK_K)
+    else:
+        for step in range(0, K_STEPS):
+            acc = _gemv_step(acc, x_row, w_ptr, s_ptr, z_ptr, offs_n, mask_n, N, K, group_size,
+                             pid_k * k_per_split + step * BLOCK_K, HAS_ZERO, HALF2, ASM, BLOCK_K)
     store_tile(y_ptr + row * N + offs_n, tl.sum(acc, axis=0), mask_n, ATOMIC)
 
 
@@ -375,8 +388,8 @@ def launch_gemv(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, w
         x2d, w_packed, w_scale, optional_arg(w_zero, w_scale), y,
         n, k, x2d.stride(0), group_size, per, K_STEPS=per // block_k,
         HAS_ZERO=w_zero is not None, ATOMIC=splits > 1, HALF2=x2d.dtype in (torch.float16, torch.bfloat16),
-        ASM=ptx_available(), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        ASM=ptx_available(), BLOCK_N=block_n, BLOCK_K=block_k, PIPELINE=cfg.get("pipeline", 0),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return y
 

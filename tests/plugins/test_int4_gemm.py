@@ -315,19 +315,22 @@ def test_tile_kernel_interpreter(group, zero, dtype, m):
         assert_close_to(acc.float(), ref, 1e-5 if dtype == "fp32" else 2e-3)
 
 
+GEMV_LOOPS = [(0, 0), (8, 0), (0, 3)]  # (split-K waves, `pipeline` stages: 0 = the plain loop)
+
+
 @triton_interp
 @pytest.mark.parametrize("group", [32, 128, "channel"])
 @pytest.mark.parametrize("zero", [False, True], ids=["sym", "zp"])
 def test_gemv_kernel_interpreter(group, zero):
-    """The GEMV, split-K and not. x holds bf16 values (what engines feed): its x * (136 + q) products are
-    then exact."""
+    """The GEMV, split-K and not, plain and pipelined loop. x holds bf16 values (what engines feed): its
+    x * (136 + q) products are then exact."""
     from qcompile.plugins.int4_gemm import kernel
 
     k, n = 384, 80
     case = make_case(k=k, n=n, group=group, zero=zero, seed=5)
     x = torch.randn(2, k, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16).float()
-    for waves in (0, 8):
-        cfg = {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2, "waves": waves}
+    for waves, pipeline in GEMV_LOOPS:
+        cfg = {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2, "waves": waves, "pipeline": pipeline}
         acc = kernel.launch_gemv(x, case["w_packed"], case["scale"], case["w_zero"], case["g"], cfg, num_sms=1)
         assert acc.dtype == torch.float32 and acc.shape == (2, n)
         assert_close_to(acc, oracle(x, {**case, "bias": None}), 1e-5)
@@ -341,7 +344,7 @@ HALF2_CASES = pytest.mark.parametrize(
 def check_gemv_half2(group, zero, dtype, magnitude, k, rel, device="cpu"):
     """16-bit x takes the GEMV's packed-half2 path (fp16 pairs, x / 16 for the odd nibbles, power-of-two scaling
     per step): x at 1e-6 and 1e6 (outside fp16's range before the scaling) and a 100x outlier channel still give
-    the float64 result, split K and not."""
+    the float64 result, split K and not, plain and pipelined loop."""
     from qcompile.plugins.int4_gemm import kernel
 
     n = 80
@@ -350,8 +353,8 @@ def check_gemv_half2(group, zero, dtype, magnitude, k, rel, device="cpu"):
     x[:, 5] *= 100 if magnitude <= 1 else 1
     x = x.to(dtype)
     args = [t.to(device) if t is not None else None for t in (x, case["w_packed"], case["scale"], case["w_zero"])]
-    for waves in (0, 8):
-        cfg = {"BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, "waves": waves}
+    for waves, pipeline in GEMV_LOOPS:
+        cfg = {"BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, "waves": waves, "pipeline": pipeline}
         acc = kernel.launch_gemv(*args, case["g"], cfg, num_sms=1)
         assert acc.dtype == torch.float32 and acc.shape == (2, n) and torch.isfinite(acc).all()
         assert_close_to(acc, oracle(x, {**case, "bias": None}), rel)

@@ -75,7 +75,8 @@ def _cases():
     for half2 in (False, True):
         yield ("int4_gemv" + ("_half2" if half2 else "_fp32"), k4._int4_gemv_kernel,
                dict(gemv_sig, x_ptr="*bf16" if half2 else "*fp32"),
-               dict(K_STEPS=8, HAS_ZERO=False, ATOMIC=True, HALF2=half2, ASM=True, BLOCK_N=512, BLOCK_K=32),
+               dict(K_STEPS=8, HAS_ZERO=False, ATOMIC=True, HALF2=half2, ASM=True, BLOCK_N=512, BLOCK_K=32,
+                    PIPELINE=0),
                [d for d in div if d != "rs_ptr"], 2, 3, 512 * 32 // 64)
     from qcompile.plugins.fp4_gemm import kernel as f4
     fp4_sig = dict(x_ptr="*bf16", w_ptr="*u8", s_ptr="*u8", g_ptr="*fp32", b_ptr="*bf16", y_ptr="*fp32",
