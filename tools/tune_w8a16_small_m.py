@@ -23,9 +23,13 @@ from tune_fp8_block_w8a16 import best
 from qcompile.plugins.int8_wo_gemm import kernel as w8, split_mma
 
 # around the first sweep's winners (GEMV: 8 rows x 256-512 words on 4 warps, no prefetch; dot: 32 rows x 256 K,
-# 3-5 stages), adding Triton's load pipelining (num_stages) to the GEMV
+# 3-5 stages), with num_stages for the GEMV
 GEMV_CONFIGS = [dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=w, num_stages=st, PREFETCH=False)
                 for bn in (4, 8, 16) for bkw in (256, 512) for w in (4, 8) for st in (1, 2, 3)]
+# the GEMV's loop as tl.range(num_stages=pipeline): words staged through shared memory with asynchronous copies
+# (num_stages alone changes nothing: Triton pipelines no load of a loop without a dot)
+GEMV_CONFIGS += [dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=4, num_stages=1, PREFETCH=False, pipeline=pipe)
+                 for bn in (8, 16) for bkw in (256, 512) for pipe in (2, 3, 4)]
 # gemv-long: 1024-2048 words per step (a whole K = 4096 row in one step: all of a program's loads in flight at
 # once; at M = 1 the mid-size layers ran at 2.9 TB/s against 3.8 TB/s on 8192 x 28672)
 LONG_GEMV_CONFIGS = [dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=w, num_stages=st, PREFETCH=False)

@@ -85,9 +85,27 @@ def _scale_bias_store(y_ptrs, acc, s_ptr, b_ptr, offs_n, mask, mask_n, HAS_BIAS:
 
 
 @triton.jit
+def _row_gemv_step(acc, words, x_ptr, offs_w, KW):
+    """acc [BLOCK_N, BLOCK_KW] plus x . q for the int32 words [BLOCK_N, BLOCK_KW] (four k each) at word offsets
+    offs_w (see `_row_gemv_kernel` for the byte-to-float trick)."""
+    ok = offs_w < KW
+    xw = x_ptr + 4 * offs_w
+    x0 = tl.load(xw, mask=ok, other=0.0).to(tl.float32)[None, :]
+    x1 = tl.load(xw + 1, mask=ok, other=0.0).to(tl.float32)[None, :]
+    x2 = tl.load(xw + 2, mask=ok, other=0.0).to(tl.float32)[None, :]
+    x3 = tl.load(xw + 3, mask=ok, other=0.0).to(tl.float32)[None, :]
+    high = words >> 16
+    acc += x0 * (((words & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0)
+    acc += x1 * (((words & 0xFF00) ^ 0x47008000).to(tl.float32, bitcast=True) - 32896.0)
+    acc += x2 * (((high & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0)
+    acc += x3 * (((high & 0xFF00) ^ 0x47008000).to(tl.float32, bitcast=True) - 32896.0)
+    return acc
+
+
+@triton.jit
 def _row_gemv_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, KW, stride_xm, HAS_BIAS: tl.constexpr, K_STEPS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, PREFETCH: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, PREFETCH: tl.constexpr, PIPELINE: tl.constexpr = 0,
 ):
     """y[n] = scale[n] * sum_k x[k] q[n, k] + bias[n] for BLOCK_N rows n, M = 1. The int8 [N, K] weight is read as
     int32 words [N, K/4], four consecutive k per word, multiplied in fp32 registers without tensor cores (at
@@ -96,7 +114,12 @@ def _row_gemv_kernel(
     8); one exact subtraction of the magic + 128 gives q. So a weight costs about 1.25 integer ops, a
     subtraction and an FMA, where `int8 -> float` conversions would cost four integer-op slots. One row of x
     per program column (grid axis 1). The int8 pointer is reinterpreted here (a `view(torch.int32)` of the
-    weight in the graph broke AOTInductor's lowering of the torch.cond around this path on the H200)."""
+    weight in the graph broke AOTInductor's lowering of the torch.cond around this path on the H200).
+
+    The plain loop's loads are not pipelined by Triton (no dot uses them; `num_stages` changes nothing).
+    PREFETCH loads the next step's words before this step's arithmetic, by hand; PIPELINE > 0 makes the loop
+    `tl.range(..., num_stages=PIPELINE)`, which stages the words through shared memory with asynchronous copies
+    (not measured yet, so no configuration sets it)."""
     words_ptr = w_ptr.to(tl.pointer_type(tl.int32))
     row = tl.program_id(1)
     x_ptr += row * stride_xm
@@ -104,26 +127,21 @@ def _row_gemv_kernel(
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
-    if PREFETCH:  # the next step's words are loaded before this step's arithmetic (hand-pipelined)
+    if PREFETCH:
         upcoming = _words(words_ptr, offs_n, mask_n, tl.arange(0, BLOCK_KW), KW, True)
-    for step in range(0, K_STEPS):
-        offs_w = step * BLOCK_KW + tl.arange(0, BLOCK_KW)
-        if PREFETCH:
+        for step in range(0, K_STEPS):
+            offs_w = step * BLOCK_KW + tl.arange(0, BLOCK_KW)
             words = upcoming
             upcoming = _words(words_ptr, offs_n, mask_n, offs_w + BLOCK_KW, KW, step + 1 < K_STEPS)
-        else:
-            words = _words(words_ptr, offs_n, mask_n, offs_w, KW, True)
-        ok = offs_w < KW
-        xw = x_ptr + 4 * offs_w
-        x0 = tl.load(xw, mask=ok, other=0.0).to(tl.float32)[None, :]
-        x1 = tl.load(xw + 1, mask=ok, other=0.0).to(tl.float32)[None, :]
-        x2 = tl.load(xw + 2, mask=ok, other=0.0).to(tl.float32)[None, :]
-        x3 = tl.load(xw + 3, mask=ok, other=0.0).to(tl.float32)[None, :]
-        high = words >> 16
-        acc += x0 * (((words & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0)
-        acc += x1 * (((words & 0xFF00) ^ 0x47008000).to(tl.float32, bitcast=True) - 32896.0)
-        acc += x2 * (((high & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0)
-        acc += x3 * (((high & 0xFF00) ^ 0x47008000).to(tl.float32, bitcast=True) - 32896.0)
+            acc = _row_gemv_step(acc, words, x_ptr, offs_w, KW)
+    elif PIPELINE:
+        for step in tl.range(0, K_STEPS, num_stages=PIPELINE):
+            offs_w = step * BLOCK_KW + tl.arange(0, BLOCK_KW)
+            acc = _row_gemv_step(acc, _words(words_ptr, offs_n, mask_n, offs_w, KW, True), x_ptr, offs_w, KW)
+    else:
+        for step in range(0, K_STEPS):
+            offs_w = step * BLOCK_KW + tl.arange(0, BLOCK_KW)
+            acc = _row_gemv_step(acc, _words(words_ptr, offs_n, mask_n, offs_w, KW, True), x_ptr, offs_w, KW)
     _scale_bias_store(y_ptr + offs_n[:, None], tl.sum(acc, axis=1)[:, None], s_ptr, b_ptr, offs_n, mask_n[:, None],
                       mask_n, HAS_BIAS)
 
@@ -206,7 +224,8 @@ def launch_gemv(x2d, w_q, w_scale, bias, cfg: dict | None = None, *, wrap=identi
     wrap(_row_gemv_kernel)[(cdiv(n, cfg["BLOCK_N"]), m)](
         x2d, w_q, w_scale, optional_arg(bias, w_scale), y, n, kw, x2d.stride(0), HAS_BIAS=bias is not None,
         K_STEPS=cdiv(kw, cfg["BLOCK_KW"]), BLOCK_N=cfg["BLOCK_N"], BLOCK_KW=cfg["BLOCK_KW"],
-        PREFETCH=cfg.get("PREFETCH", False), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1),
+        PREFETCH=cfg.get("PREFETCH", False), PIPELINE=cfg.get("pipeline", 0), num_warps=cfg["num_warps"],
+        num_stages=cfg.get("num_stages", 1),
     )
     return y
 

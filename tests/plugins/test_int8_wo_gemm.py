@@ -111,18 +111,19 @@ def test_triton_kernel_under_interpreter(m, dtype, bias):
 
 @triton_interp
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("n, k, prefetch, bias", [(80, 384, False, True), (82, 392, True, True),
-                                                  (80, 384, True, False)])
-def test_gemv_kernel_under_interpreter(dtype, n, k, prefetch, bias):
+@pytest.mark.parametrize("n, k, prefetch, pipeline, bias", [(80, 384, False, 0, True), (82, 392, True, 0, True),
+                                                            (80, 384, True, 0, False), (82, 392, False, 3, True)])
+def test_gemv_kernel_under_interpreter(dtype, n, k, prefetch, pipeline, bias):
     """The M = 1 GEMV (int8 weight read as int32 words along K, byte-wise magic-number dequantization, scale and
-    bias in the kernel), loading each step's words during the previous step or not, N not a multiple of the
-    rows per program and K not a multiple of a step; every int8 value appears in the weight."""
+    bias in the kernel), with each loop (plain, the next step's words loaded during this step, `tl.range`
+    pipelining), N not a multiple of the rows per program and K not a multiple of a step; every int8 value
+    appears in the weight."""
     from qcompile.plugins.int8_wo_gemm.kernel import launch_gemv
 
     w_q, w_scale, b = make_case(k=k, n=n, seed=n + k, bias=bias)
     w_q.view(-1)[:256] = torch.arange(-128, 128, dtype=torch.int16).to(torch.int8)
     x = torch.randn(1, k).to(DTYPES[dtype])
-    cfg = dict(BLOCK_N=4, BLOCK_KW=32, num_warps=2, PREFETCH=prefetch)
+    cfg = dict(BLOCK_N=4, BLOCK_KW=32, num_warps=2, PREFETCH=prefetch, pipeline=pipeline)
     y = launch_gemv(x, w_q, w_scale, b, cfg)
     assert y.dtype == x.dtype
     assert_close_to(y, oracle(x, w_q, w_scale, b), REL[DTYPES[dtype]] if dtype != "fp32" else 1e-5)
