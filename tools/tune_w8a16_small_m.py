@@ -46,6 +46,10 @@ DOT_CONFIGS = ([dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=st, waves=
 # x itself instead of the split kernel: it tied at M = 1 and was 1.5-4.8x slower at M = 16, and was removed.
 MMA_CONFIGS = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st)
                for bn in (16, 32, 64, 128) for bk in (128, 256) for st in (3, 4)]
+# wide tiles with split K (`splits`): the 16-64-row tiles above give narrow layers more programs but few bytes in
+# flight each (14336 x 4096 at M = 16: 2.0 TB/s with 32 rows), where 128 x 256 tiles streamed 8192 x 28672 at 3.6
+MMA_CONFIGS += [dict(BLOCK_N=bn, BLOCK_K=256, num_warps=4, num_stages=st, splits=sp)
+                for bn, st in ((128, 3), (64, 4)) for sp in (2, 4, 8)]
 
 KINDS = ("dot", "gemv", "gemv-long", "mma")
 KINDS_ENV = "QCOMPILE_TUNE8_KINDS"  # --kinds, seen by the spawned check workers too

@@ -81,11 +81,17 @@ def split_chunks(x_ptr, m, M, K, stride_xm, CHUNK: tl.constexpr, CHUNKS: tl.cons
 
 
 @triton.jit
-def _mma_kernel(planes_ptr, s_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, KC, HAS_BIAS: tl.constexpr,
-                K_STEPS: tl.constexpr, MP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _mma_kernel(planes_ptr, s_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, M, N, K, KC, HAS_BIAS: tl.constexpr,
+                K_STEPS: tl.constexpr, MP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                SPLITS: tl.constexpr = 1):
     """y[m, n] for BLOCK_N weight rows n and every row m < M: per K step one int8 MMA of the planes [2 MP, BLOCK_K]
     with the weight tile, scaled by the step's chunk scales (x 256 on the hi rows); hi and lo rows summed at the
-    end."""
+    end.
+
+    SPLITS > 1 (split K, grid axis 1): each program takes K_STEPS steps, adds its weight-scaled sums to the fp32
+    workspace `part_ptr` [MP, N] (zeros), then counts itself in the N tile's counter (int32, after the
+    workspace); the last of the tile's programs reads the sums back, adds the bias and writes y. One launch still,
+    and wide tiles keep many weight bytes in flight per program on layers with few N tiles."""
     R: tl.constexpr = 2 * MP
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -95,22 +101,38 @@ def _mma_kernel(planes_ptr, s_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, KC, HAS
     weight_of_part = tl.where(r < MP, 256.0, 1.0)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * K
     acc = tl.zeros((R, BLOCK_N), dtype=tl.float32)
-    for step in range(0, K_STEPS):
+    for i in range(0, K_STEPS):
+        step = tl.program_id(1) * K_STEPS + i if SPLITS > 1 else i
         offs_k = step * BLOCK_K + tl.arange(0, BLOCK_K)
         ok = offs_k < K
         a = tl.load(planes_ptr + r[:, None] * K + offs_k[None, :], mask=valid[:, None] & ok[None, :], other=0)
         w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & ok[None, :], other=0,
                     eviction_policy="evict_first")
         d = tl.dot(a, tl.trans(w), out_dtype=tl.int32)
-        sc = tl.load(s_ptr + row * KC + step, mask=valid, other=0.0) * weight_of_part
+        smask = valid & (step < KC) if SPLITS > 1 else valid  # the last split may run past K (all masked)
+        sc = tl.load(s_ptr + row * KC + step, mask=smask, other=0.0) * weight_of_part
         acc += d.to(tl.float32) * sc[:, None]
     y = tl.sum(tl.reshape(acc, (2, MP, BLOCK_N)), axis=0)
     y = y * tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    offs_m = tl.arange(0, MP)
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
+    if SPLITS > 1:
+        parts = part_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(parts, y, mask=mask, sem="relaxed")
+        counter = (part_ptr + MP * N).to(tl.pointer_type(tl.int32)) + tl.program_id(0)
+        if tl.atomic_add(counter, 1, sem="acq_rel") == SPLITS - 1:  # the tile's last program finishes it
+            y = tl.load(parts, mask=mask, other=0.0, cache_modifier=".cg")
+            _finish(y, b_ptr, y_ptr, offs_m, offs_n, mask, mask_n, N, HAS_BIAS)
+    else:
+        _finish(y, b_ptr, y_ptr, offs_m, offs_n, mask, mask_n, N, HAS_BIAS)
+
+
+@triton.jit
+def _finish(y, b_ptr, y_ptr, offs_m, offs_n, mask, mask_n, N, HAS_BIAS: tl.constexpr):
+    """y (+ bias) cast to y's dtype, stored at rows offs_m, columns offs_n."""
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    offs_m = tl.arange(0, MP)
-    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=(offs_m < M)[:, None] & mask_n[None, :])
+    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def split_planes(x2d: torch.Tensor, chunk: int, rows: int, *, wrap=identity):
@@ -126,14 +148,20 @@ def split_planes(x2d: torch.Tensor, chunk: int, rows: int, *, wrap=identity):
 
 
 def launch(x2d, w_q, w_scale, bias, cfg: dict, rows: int, *, wrap=identity) -> torch.Tensor:
-    """`x2d @ dequant(w_q)^T + bias` in x.dtype for M <= `rows` rows of x (a static bound: MP = padded_rows)."""
+    """`x2d @ dequant(w_q)^T + bias` in x.dtype for M <= `rows` rows of x (a static bound: MP = padded_rows).
+    `cfg["splits"]` (default 1): split K in that many parts (at most one per K step)."""
     m, k = x2d.shape
     n = w_q.shape[0]
     mp = padded_rows(rows)
     planes, scales = split_planes(x2d, cfg["BLOCK_K"], mp, wrap=wrap)
     y = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
-    wrap(_mma_kernel)[(cdiv(n, cfg["BLOCK_N"]),)](
-        planes, scales, w_q, w_scale, optional_arg(bias, w_scale), y, m, n, k, scales.shape[1],
-        HAS_BIAS=bias is not None, K_STEPS=cdiv(k, cfg["BLOCK_K"]), MP=mp, BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    steps = cdiv(k, cfg["BLOCK_K"])
+    splits = min(cfg.get("splits", 1), steps)
+    tiles = cdiv(n, cfg["BLOCK_N"])
+    # split K: fp32 sums [mp, n] then one int32 counter per N tile (zeros; read as int32 by the kernel)
+    part = (torch.zeros(mp * n + tiles, dtype=torch.float32, device=x2d.device) if splits > 1 else scales)
+    wrap(_mma_kernel)[(tiles, splits)](
+        planes, scales, w_q, w_scale, optional_arg(bias, w_scale), y, part, m, n, k, scales.shape[1],
+        HAS_BIAS=bias is not None, K_STEPS=cdiv(steps, splits), MP=mp, BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"], SPLITS=splits, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y

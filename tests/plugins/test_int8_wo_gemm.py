@@ -177,13 +177,15 @@ def test_split_planes_give_x_back_within_half_a_step(dtype, m, k, chunk):
 
 @triton_interp
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
-@pytest.mark.parametrize("m, rows, bias", [(1, 1, True), (3, 16, False), (16, 16, True), (0, 16, True)])
-def test_split_mma_within_the_split_rounding_bound(dtype, m, rows, bias):
+@pytest.mark.parametrize("m, rows, bias, splits", [(1, 1, True, 1), (3, 16, False, 1), (16, 16, True, 1),
+                                                   (0, 16, True, 1), (3, 16, True, 3), (1, 1, False, 8)])
+def test_split_mma_within_the_split_rounding_bound(dtype, m, rows, bias, splits):
     """Each output within w_scale[n] * sum_k |q[n, k]| * s(k) / 2 (the split's rounding of x) of float64, plus
-    the float32 accumulation's and the output dtype's rounding; K not a multiple of the K step."""
+    the float32 accumulation's and the output dtype's rounding; K not a multiple of the K step. Split K too:
+    3 splits of 3 steps for 8 (the last one runs past K), and one split per step."""
     from qcompile.plugins.int8_wo_gemm.split_mma import launch, split_planes
 
-    cfg = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=2)
+    cfg = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=2, splits=splits)
     w_q, w_scale, b = make_case(k=1000, n=80, seed=m, bias=bias)
     x = x_with_outliers(m, 1000, DTYPES[dtype], seed=m)
     y = launch(x, w_q, w_scale, b, cfg, rows)
@@ -248,6 +250,23 @@ def test_cuda_op_on_wide_layers_matches_float64(n, m, dtype):
     x = x_with_outliers(m, 1536, DTYPES[dtype], seed=m)
     y = op(x.cuda(), w_q.cuda(), w_scale.cuda(), b.cuda())
     assert_close_to(y, oracle(x, w_q, w_scale, b), REL[DTYPES[dtype]])
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("splits", [2, 5])
+@pytest.mark.parametrize("m", [1, 16])
+def test_cuda_split_mma_split_k_matches_float64(splits, m):
+    """Split K on the GPU (real atomics: each N tile finished by its last program), calls repeated so a counter
+    or workspace left over from a call would show; N = 4096 with 128-row tiles, as the tuner tries it."""
+    from qcompile.plugins.int8_wo_gemm.split_mma import launch
+
+    w_q, w_scale, b = make_case(k=4096, n=4096, seed=m)
+    x = x_with_outliers(m, 4096, torch.bfloat16, seed=m)
+    cfg = dict(BLOCK_N=128, BLOCK_K=256, num_warps=4, num_stages=3, splits=splits)
+    for _ in range(3):
+        y = launch(x.cuda(), w_q.cuda(), w_scale.cuda(), b.cuda(), cfg, rows=m)
+        assert_close_to(y, oracle(x, w_q, w_scale, b), REL[torch.bfloat16])
 
 
 @pytest.mark.gpu
