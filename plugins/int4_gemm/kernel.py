@@ -174,14 +174,9 @@ def _int4_gemv_kernel(
     mask_n = offs_n < N
     x_row = x_ptr + row * stride_xm
     acc = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
-    if PIPELINE:
-        for step in tl.range(0, K_STEPS, num_stages=PIPELINE):
-            acc = _gemv_step(acc, x_row, w_ptr, s_ptr, z_ptr, offs_n, mask_n, N, K, group_size,
-                             pid_k * k_per_split + step * BLOCK_K, HAS_ZERO, HALF2, ASM, BLOCK_K)
-    else:
-        for step in range(0, K_STEPS):
-            acc = _gemv_step(acc, x_row, w_ptr, s_ptr, z_ptr, offs_n, mask_n, N, K, group_size,
-                             pid_k * k_per_split + step * BLOCK_K, HAS_ZERO, HALF2, ASM, BLOCK_K)
+    for step in tl.range(0, K_STEPS, num_stages=PIPELINE if PIPELINE else None):
+        acc = _gemv_step(acc, x_row, w_ptr, s_ptr, z_ptr, offs_n, mask_n, N, K, group_size,
+                         pid_k * k_per_split + step * BLOCK_K, HAS_ZERO, HALF2, ASM, BLOCK_K)
     store_tile(y_ptr + row * N + offs_n, tl.sum(acc, axis=0), mask_n, ATOMIC)
 
 

@@ -134,12 +134,8 @@ def _row_gemv_kernel(
             words = upcoming
             upcoming = _words(words_ptr, offs_n, mask_n, offs_w + BLOCK_KW, KW, step + 1 < K_STEPS)
             acc = _row_gemv_step(acc, words, x_ptr, offs_w, KW)
-    elif PIPELINE:
-        for step in tl.range(0, K_STEPS, num_stages=PIPELINE):
-            offs_w = step * BLOCK_KW + tl.arange(0, BLOCK_KW)
-            acc = _row_gemv_step(acc, _words(words_ptr, offs_n, mask_n, offs_w, KW, True), x_ptr, offs_w, KW)
     else:
-        for step in range(0, K_STEPS):
+        for step in tl.range(0, K_STEPS, num_stages=PIPELINE if PIPELINE else None):
             offs_w = step * BLOCK_KW + tl.arange(0, BLOCK_KW)
             acc = _row_gemv_step(acc, _words(words_ptr, offs_n, mask_n, offs_w, KW, True), x_ptr, offs_w, KW)
     _scale_bias_store(y_ptr + offs_n[:, None], tl.sum(acc, axis=1)[:, None], s_ptr, b_ptr, offs_n, mask_n[:, None],

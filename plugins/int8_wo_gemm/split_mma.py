@@ -109,7 +109,7 @@ def _mma_kernel(planes_ptr, s_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, M, N, 
         w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & ok[None, :], other=0,
                     eviction_policy="evict_first")
         d = tl.dot(a, tl.trans(w), out_dtype=tl.int32)
-        smask = valid & (step < KC) if SPLITS > 1 else valid  # the last split may run past K (all masked)
+        smask = valid & (step < KC) if SPLITS > 1 else valid  # the last split's last steps may be past K
         sc = tl.load(s_ptr + row * KC + step, mask=smask, other=0.0) * weight_of_part
         acc += d.to(tl.float32) * sc[:, None]
     y = tl.sum(tl.reshape(acc, (2, MP, BLOCK_N)), axis=0)
@@ -149,19 +149,21 @@ def split_planes(x2d: torch.Tensor, chunk: int, rows: int, *, wrap=identity):
 
 def launch(x2d, w_q, w_scale, bias, cfg: dict, rows: int, *, wrap=identity) -> torch.Tensor:
     """`x2d @ dequant(w_q)^T + bias` in x.dtype for M <= `rows` rows of x (a static bound: MP = padded_rows).
-    `cfg["splits"]` (default 1): split K in that many parts (at most one per K step)."""
+    `cfg["splits"]` (default 1): split K in that many parts, or fewer so that each gets whole K steps and none
+    is empty."""
     m, k = x2d.shape
     n = w_q.shape[0]
     mp = padded_rows(rows)
     planes, scales = split_planes(x2d, cfg["BLOCK_K"], mp, wrap=wrap)
     y = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
     steps = cdiv(k, cfg["BLOCK_K"])
-    splits = min(cfg.get("splits", 1), steps)
+    per = cdiv(steps, cfg.get("splits", 1))
+    splits = cdiv(steps, per)  # no split starts past K
     tiles = cdiv(n, cfg["BLOCK_N"])
     # split K: fp32 sums [mp, n] then one int32 counter per N tile (zeros; read as int32 by the kernel)
     part = (torch.zeros(mp * n + tiles, dtype=torch.float32, device=x2d.device) if splits > 1 else scales)
     wrap(_mma_kernel)[(tiles, splits)](
         planes, scales, w_q, w_scale, optional_arg(bias, w_scale), y, part, m, n, k, scales.shape[1],
-        HAS_BIAS=bias is not None, K_STEPS=cdiv(steps, splits), MP=mp, BLOCK_N=cfg["BLOCK_N"],
+        HAS_BIAS=bias is not None, K_STEPS=per, MP=mp, BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"], SPLITS=splits, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
