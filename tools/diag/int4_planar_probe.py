@@ -13,8 +13,8 @@ per weight with 128-wide tiles).
     OUT=... python3 tools/diag/int4_planar_probe.py [--shapes KxN ...] [--ms 1 16 64] [--hot | --narrow | --one-dot]
 
 Runs (fifteenth session, raw benchmarks/int4_planar_probe*.json; the first also had the layout transposed to
-[N, K/8] (`to_planar(q, nk=True)`, slower on 15 of 16 cells) and M = 256, which the default sweep now leaves
-out): the planar kernels were at best 1.06x the INT4 op at M = 16 and slower elsewhere, whether on wgmma
+[N, K/8], slower on 15 of 16 cells and since dropped from the probe, and M = 256, which the default sweep
+now leaves out): the planar kernels were at best 1.06x the INT4 op at M = 16 and slower elsewhere, whether on wgmma
 (`_planar_kernel`), mma.sync (`_planar_sync_kernel`, and 16-32-row tiles with --narrow) or with deeper
 pipelines. With the weight read from L2 (--hot) the wgmma kernel was still 64.7 µs on 8192 x 28672 at M = 16
 (83.6 streaming) and 131.8 at M = 64 (142.1): the kernel's own work, not HBM, sets the time. Its SASS shows
@@ -90,7 +90,7 @@ def _program(M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _planar_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, k_per_split,
-                   STEPS: tl.constexpr, NK: tl.constexpr, ASM: tl.constexpr, ATOMIC: tl.constexpr,
+                   STEPS: tl.constexpr, ASM: tl.constexpr, ATOMIC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HOT: tl.constexpr = False,
                    SPI: tl.constexpr = 1, SCALE_A: tl.constexpr = False):
     """HOT (a diagnostic, wrong results): every step reads the first 128 K of the weight, so the weight comes
@@ -111,12 +111,7 @@ def _planar_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, k_per_split,
                 part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for h in tl.static_range(2):
                 kw = (16 * u if HOT else k0 // 8) + 8 * h + offs_c
-                if NK:
-                    words = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * (K // 8) + kw[None, :],
-                                    eviction_policy="evict_first")
-                else:
-                    words = tl.load(w_ptr + kw.to(tl.int64)[None, :] * N + offs_n[:, None],
-                                    eviction_policy="evict_first")
+                words = tl.load(w_ptr + kw.to(tl.int64)[None, :] * N + offs_n[:, None], eviction_policy="evict_first")
                 for j in tl.static_range(4):
                     a = _tile16(words, j, BLOCK_N, dt, ASM) - (1032.0 if dt == tl.float16 else 136.0)
                     if SCALE_A:
@@ -212,20 +207,20 @@ def _planar_sync_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, k_per_sp
     store_tile(y_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], acc, mask_m[:, None], ATOMIC)
 
 
-def to_planar(q: torch.Tensor, nk: bool) -> torch.Tensor:
-    """int4 values q [K, N] (int8 in [-8, 7]) -> int32 words [K/8, N] (or [N, K/8] when nk) in the planar order."""
+def to_planar(q: torch.Tensor) -> torch.Tensor:
+    """int4 values q [K, N] (int8 in [-8, 7]) -> int32 words [K/8, N] in the planar order."""
     k, n = q.shape
     nib = (q.to(torch.int64) & 0xF).reshape(k // 128, 2, 4, 8, 2, n)  # b, h, j, c, t, n: k = 128b+64h+16j+2c+t
     nib = nib.permute(0, 1, 3, 4, 2, 5).reshape(k // 8, 8, n)  # word (b, h, c), nibble 4 t + j
     shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=q.device).reshape(1, 8, 1)
     words = (nib << shifts).sum(1)
     words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
-    return words.t().contiguous() if nk else words
+    return words
 
 
-def launch(x, words, scale, cfg: dict, nk: bool, asm: bool = True, num_sms: int = 132):
-    """fp32 -> x.dtype `x @ dequant(W)`: cfg["kind"] "sync" (`_planar_sync_kernel`, [K/8, N] only) or else the
-    swapped `_planar_kernel`."""
+def launch(x, words, scale, cfg: dict, asm: bool = True, num_sms: int = 132):
+    """fp32 -> x.dtype `x @ dequant(W)`: cfg["kind"] "sync" (`_planar_sync_kernel`), "one_dot"
+    (`_planar_one_dot_kernel`) or else the swapped `_planar_kernel`."""
     m, k = x.shape
     n = scale.shape[1]
     tiles = n // cfg["BLOCK_N"]
@@ -254,45 +249,45 @@ def launch(x, words, scale, cfg: dict, nk: bool, asm: bool = True, num_sms: int 
     elif cfg.get("kind") == "one_dot":
         _planar_one_dot_kernel[grid](x, words, scale, y, m, n, k, x.stride(0), per_steps * STEP, **common)
     else:
-        _planar_kernel[grid](x, words, scale, y, m, n, k, x.stride(0), per_steps * STEP, NK=nk, **common)
+        _planar_kernel[grid](x, words, scale, y, m, n, k, x.stride(0), per_steps * STEP, **common)
     return y.to(x.dtype)
 
 
 def configs(m: int):
-    """(name, nk, cfg): the swapped wgmma kernel around the first run's best ([K/8, N], stages 3), then the
-    mma.sync kernel."""
+    """(name, cfg) for PROBE's set; the default: the swapped wgmma kernel around the first run's best (stages 3),
+    then the mma.sync kernel."""
     bm = 16 if m <= 16 else 64
     if PROBE == "one_dot":  # one dot per 128-long step (`_planar_one_dot_kernel`), next to the wgmma kernel's best
         for bn, scale_a, stages, waves in itertools.product((64, 128), (False, True), (3, 4), (1, 2, 4, 8)):
-            yield (f"one_dot {bn}x{bm}{' scale on W' if scale_a else ''} s{stages} w{waves}", False,
+            yield (f"one_dot {bn}x{bm}{' scale on W' if scale_a else ''} s{stages} w{waves}",
                    dict(kind="one_dot", BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=stages, waves=waves,
                         scale_a=scale_a))
         for bn in (64, 128):
-            yield f"wgmma {bn}x{bm} w4", False, dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=3, waves=4)
+            yield f"wgmma {bn}x{bm} w4", dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=3, waves=4)
         return
     if PROBE == "narrow":  # swapped, 16-32 weight rows per program: mma.sync, like W8A16's row-dot kernel
         tiles = [(16, 1), (32, 1), (32, 2)]
         for (bn, warps), spi, stages, waves in itertools.product(tiles, (1, 2), (3, 5), (1, 2, 4)):
-            yield f"narrow {bn}x{bm} warps{warps} s{stages} k{128 * spi} w{waves}", False, dict(
+            yield f"narrow {bn}x{bm} warps{warps} s{stages} k{128 * spi} w{waves}", dict(
                 BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, waves=waves, spi=spi)
         return
     if PROBE == "hot":  # the second run's best tiles, weight streamed and weight from L2 (HOT)
         for bn, waves, hot, (spi, stages) in itertools.product((64, 128), (2, 4, 8), (False, True),
                                                                ((1, 3), (1, 5), (2, 3))):
-            yield f"wgmma {bn}x{bm} w{waves} s{stages} k{128 * spi}{' hot' if hot else ''}", False, dict(
+            yield f"wgmma {bn}x{bm} w{waves} s{stages} k{128 * spi}{' hot' if hot else ''}", dict(
                 BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=stages, waves=waves, hot=hot, spi=spi)
         for bn, waves in itertools.product((64, 128), (2, 4, 8)):
-            yield f"wgmma {bn}x{bm} w{waves} scale on W", False, dict(
+            yield f"wgmma {bn}x{bm} w{waves} scale on W", dict(
                 BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=3, waves=waves, scale_a=True)
         return
     for bn, waves in itertools.product((64, 128), (1, 2, 4)):
-        yield f"wgmma {bn}x{bm} w{waves}", False, dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=3,
+        yield f"wgmma {bn}x{bm} w{waves}", dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=3,
                                                          waves=waves)
     # (rows, N, warps) that compile to mma.sync without spills (64 rows on 4 warps becomes wgmma)
     tiles = ([(16, bn, w) for bn in (64, 128, 256) for w in (2, 4)] if m <= 16 else
              [(32, 64, 2), (32, 64, 4), (32, 128, 2), (32, 128, 4), (32, 256, 4), (64, 64, 2)])
     for (bms, bn, warps), stages, waves in itertools.product(tiles, (3, 4), (1, 2, 4)):
-        yield f"sync {bn}x{bms} warps{warps} s{stages} w{waves}", False, dict(
+        yield f"sync {bn}x{bms} warps{warps} s{stages} w{waves}", dict(
             kind="sync", BLOCK_M=bms, BLOCK_N=bn, num_warps=warps, num_stages=stages, waves=waves)
 
 
@@ -316,16 +311,16 @@ def cell(k: int, n: int, m: int) -> dict:
     eng = [(to_engine(q), s) for q, s in sets]
     it = itertools.cycle(range(len(sets)))
     res["int4 op"] = bench(lambda: int4_groupwise_gemm(x, *eng[next(it)], None, None, STEP), copies=4, rep=40)
-    planar = [(to_planar(q, False), s) for q, s in sets]
-    for name, nk, cfg in configs(m):
+    planar = [(to_planar(q), s) for q, s in sets]
+    for name, cfg in configs(m):
         try:
-            y = launch(x, *planar[0], cfg, nk)
+            y = launch(x, *planar[0], cfg)
             err = float((y.double() - ref).norm() / ref.norm())
             if err > 2e-2 and not cfg.get("hot"):
                 res[name] = f"wrong: rel err {err:.3g}"
                 continue
             it2 = itertools.cycle(range(len(planar)))
-            res[name] = bench(lambda: launch(x, *planar[next(it2)], cfg, nk), copies=4, rep=40)
+            res[name] = bench(lambda: launch(x, *planar[next(it2)], cfg), copies=4, rep=40)
         except Exception as e:  # noqa: BLE001  (a configuration Triton cannot build)
             res[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
     line = f"{k}x{n} M={m}: bf16 {res['cublas bf16']:.1f} | int4 op {res['int4 op']:.1f}"
