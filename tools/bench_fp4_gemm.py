@@ -33,7 +33,7 @@ def make_int4(k: int, n: int):
 
     q = torch.randint(-8, 8, (k, n), device="cuda", dtype=torch.int8)
     scale = (torch.rand(k // GROUP, n, device="cuda") * 0.01 + 1e-3).to(torch.bfloat16)
-    return to_engine(q), scale
+    return to_engine(q, GROUP), scale
 
 
 def make_fp4(fmt: str, k: int, n: int):

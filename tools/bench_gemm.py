@@ -29,7 +29,7 @@ def make_int4(k: int, n: int, zero: bool):
     q = torch.randint(-8, 8, (k, n), device=dev, dtype=torch.int8)
     scale = (torch.rand(k // GROUP, n, device=dev) * 0.01 + 1e-3).to(torch.bfloat16)
     zp = torch.randint(-8, 8, (k // GROUP, n), device=dev, dtype=torch.int8) if zero else None
-    return to_engine(q), scale, zp
+    return to_engine(q, GROUP), scale, zp
 
 
 def make_tinygemm(k: int, n: int):

@@ -41,7 +41,11 @@ def candidates(m: int) -> list[dict]:
                                                           (8, 16, 32)):  # weight tiles through cp.async
             out.append(dict(kernel="gemv", BLOCK_N=bn, MIN_TILES=1, BLOCK_K=bk, num_warps=w, num_stages=3,
                             waves=waves, pipeline=pipe))
-    if m <= 16:
+    if 1 < m <= 256:  # one MMA per K step on the planar words (plugins/int4_gemm/one_dot.py)
+        for bn, scale_w, st, waves in itertools.product((64, 128), (False, True), (3, 4), (1, 2, 4, 8)):
+            out.append(dict(kernel="one_dot", BLOCK_M=16 if m <= 16 else 64, BLOCK_N=bn, num_warps=4, num_stages=st,
+                            waves=waves, SCALE_W=scale_w))
+    if m <= 16:  # mm_t and mm read K sequentially: on planar words (GROUP = 128) x is gathered first
         for bn, bk, w, st, waves in itertools.product((32, 64), (64, 128), (2, 4), (3, 4, 5), (4, 8)):
             out.append(dict(kernel="mm_t", BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st,
                             waves=waves, SCALE_ACC=False))
@@ -65,7 +69,7 @@ def make_weights(k: int, n: int, seed: int = 0):
     from qcompile.plugins.int4_gemm.format import to_engine
     q = torch.randint(-8, 8, (k, n), device="cuda", dtype=torch.int8, generator=g)
     scale = (torch.rand(k // GROUP, n, device="cuda", generator=g) * 0.01 + 1e-3).to(torch.bfloat16)
-    return to_engine(q), scale
+    return to_engine(q, GROUP), scale
 
 
 def quantize_fp8(x):
@@ -134,7 +138,7 @@ def baselines(k: int, n: int, m: int, x) -> dict:
 def main() -> None:
     ap = bench_parser(__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=12)
-    ap.add_argument("--kinds", nargs="*", help="only these kernels (gemv, mm_t, dequant)")
+    ap.add_argument("--kinds", nargs="*", help="only these kernels (gemv, one_dot, mm_t, dequant)")
     args = ap.parse_args()
     MODE["graph"] = True
     cells = [(int(s.split("x")[0]), int(s.split("x")[1]), m) for s in args.shapes for m in args.ms]

@@ -158,6 +158,11 @@ def _export(program, inputs, examples, dim_ranges) -> torch.export.ExportedProgr
 
 
 def _export_once(program, examples, dynamic_shapes) -> torch.export.ExportedProgram:
+    # Dynamo's per-code-object state from earlier compiles in this process (automatic-dynamic marks) can make
+    # the plugins' torch.cond branches lift their closure ints as symbolic operands, which AOTInductor then
+    # rejects (seen on the H200: an INT4 export after W8A16 exports in one pytest process). A reset costs
+    # nothing here: the export traces from scratch anyway.
+    torch._dynamo.reset()
     with torch.fx.traceback.preserve_node_meta():  # keeps per-node provenance (onnx_node annotations)
         return torch.export.export(program, tuple(examples), dynamic_shapes=dynamic_shapes)
 

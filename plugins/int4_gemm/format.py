@@ -6,11 +6,16 @@ ONNX layout (what an ONNX INT4/UINT4 initializer stores, and TensorRT's conventi
   Signed INT4 holds [-8, 7] (two's complement nibble), UINT4 holds [0, 15].
 
 Engine layout (what the kernel loads; `torch.int32` `[K/8, N]`, N contiguous):
-  word `P[i, n]` packs the 8 K-consecutive values `q[8*i + j, n]`, j = 0..7, nibble j in bits
-  `4*j .. 4*j+3` (j = 0 in the lowest bits), each as a signed two's complement nibble ([-8, 7]).
-  The kernel sign-extends nibble j with two shifts: `(P << (28 - 4*j)) >> 28` (arithmetic).
-  The int32 is the bit pattern of the uint32 word (words with bit 31 set are negative).
-  K must be a multiple of 8. Unsigned (UINT4) weights are stored as `q - 8` with zero points
+  word `P[i, n]` packs 8 values `q[k(i, j), n]`, j = 0..7, nibble j in bits `4*j .. 4*j+3` (j = 0 in the
+  lowest bits), each as a signed two's complement nibble ([-8, 7]). The int32 is the bit pattern of the
+  uint32 word (words with bit 31 set are negative). K must be a multiple of 8. Two orders of K:
+  - sequential: `k(i, j) = 8 i + j` (8 K-consecutive values per word);
+  - planar (`is_planar`: K and the group size multiples of 64): within each 64 K, word c (0..7) holds
+    `k = 16 (j % 4) + 2 c + j // 4`, so nibbles j and j + 4 are the pair (k, k + 1). One LOP3
+    `(P >> 4 j) & 0x000F000F` then puts both, as 16-bit floats, in the register pair that the tensor-core
+    MMA's operand holds (`one_dot.py`: no shared-memory round trip). A group stays whole in each 64 K, so
+    scales and zero points keep their rows. The planar words are the sequential packing of the weight with
+    its rows in `planar_order` (the GEMVs and the dequantization read it with that map). Unsigned (UINT4) weights are stored as `q - 8` with zero points
   `zp - 8` (so `q - zp` is unchanged) and a UINT4 weight without zero point gets `zp = -8`.
 
 Zero points in the engine: `torch.int8` `[K/g, N]` (one value per byte, not packed: 1/g of the
@@ -26,6 +31,7 @@ import torch
 PACK = 8  # int4 values per engine int32 word, along K
 GROUP_SIZES = (32, 64, 128)
 UINT4_OFFSET = 8
+PLANAR_BLOCK = 64  # K per planar block: 8 words, 4 MMA k-tiles of 16
 
 
 # ------------------------------------------------------------------ ONNX layout (numpy)
@@ -58,12 +64,32 @@ def unpack_int4(packed: np.ndarray, shape, signed: bool = True) -> np.ndarray:
 
 # ------------------------------------------------------------------ engine layout (torch, traceable)
 
-def to_engine(q: torch.Tensor) -> torch.Tensor:
-    """int4 values `q[K, N]` (any int dtype, signed [-8, 7]) -> engine words int32 [K/8, N].
+def is_planar(k: int, group_size: int) -> bool:
+    """Whether the engine words of a [K, N] weight with this group size use the planar K order."""
+    return k % PLANAR_BLOCK == 0 and group_size % PLANAR_BLOCK == 0
+
+
+def planar_order(k: int, device=None) -> torch.Tensor:
+    """int64 [K]: the K index that position `8 i + j` (word row i, nibble j) of the planar layout holds."""
+    pos = torch.arange(k, dtype=torch.int64, device=device)
+    i, j = pos // PACK, pos % PACK
+    return (i // 8) * PLANAR_BLOCK + 16 * (j % 4) + 2 * (i % 8) + j // 4
+
+
+def to_engine(q: torch.Tensor, group_size: int) -> torch.Tensor:
+    """int4 values `q[K, N]` (any int dtype, signed [-8, 7]) -> engine words int32 [K/8, N], in the planar K
+    order when `is_planar(K, group_size)`.
 
     Plain torch ops, traceable (used by the lowering converter)."""
     if q.dim() != 2 or q.shape[0] % PACK:
         raise ValueError(f"int4 weight must be [K, N] with K a multiple of {PACK}, got {tuple(q.shape)}")
+    if is_planar(q.shape[0], group_size):
+        q = q[planar_order(q.shape[0], q.device)]
+    return pack_sequential(q)
+
+
+def pack_sequential(q: torch.Tensor) -> torch.Tensor:
+    """int4 values `q[K, N]` -> int32 words [K/8, N] in the sequential K order (word i: rows 8 i .. 8 i + 7)."""
     k, n = q.shape
     nib = (q.to(torch.int64) & 0xF).reshape(k // PACK, PACK, n)
     shifts = torch.arange(0, 4 * PACK, 4, dtype=torch.int64, device=q.device).reshape(1, PACK, 1)
@@ -72,33 +98,37 @@ def to_engine(q: torch.Tensor) -> torch.Tensor:
     return words.to(torch.int32)
 
 
-def from_engine(words: torch.Tensor) -> torch.Tensor:
-    """Engine words int32 [K/8, N] -> signed int4 values int8 [K, N] (sign-extended nibbles)."""
+def from_engine(words: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Engine words int32 [K/8, N] of a weight with this group size -> signed int4 values int8 [K, N]."""
     if words.dtype != torch.int32 or words.dim() != 2:
         raise ValueError(f"engine int4 weight must be int32 [K/8, N], got {words.dtype} {tuple(words.shape)}")
     kw, n = words.shape
     shifts = torch.arange(0, 4 * PACK, 4, dtype=torch.int32, device=words.device).reshape(1, PACK, 1)
     nib = (words.unsqueeze(1) >> shifts) & 0xF
-    q = torch.where(nib >= 8, nib - 16, nib)
-    return q.reshape(kw * PACK, n).to(torch.int8)
+    q = torch.where(nib >= 8, nib - 16, nib).reshape(kw * PACK, n).to(torch.int8)
+    if not is_planar(kw * PACK, group_size):
+        return q
+    out = torch.empty_like(q)
+    out[planar_order(kw * PACK, q.device)] = q
+    return out
 
 
-def onnx_to_engine(q: torch.Tensor, zero: torch.Tensor | None, signed: bool):
+def onnx_to_engine(q: torch.Tensor, zero: torch.Tensor | None, signed: bool, group_size: int):
     """ONNX int4 values (as the lowering holds them: int8/uint8 value tensors [K, N], [K/g, N])
     -> (engine words int32 [K/8, N], engine zero points int8 [K/g, N] or None).
 
     Unsigned: weights and zero points are shifted by -8 (a UINT4 weight without zero point gets -8)."""
     if signed:
-        return to_engine(q), (None if zero is None else zero.to(torch.int8))
+        return to_engine(q, group_size), (None if zero is None else zero.to(torch.int8))
     qs = q.to(torch.int16) - UINT4_OFFSET
     if zero is None:
         raise ValueError("onnx_to_engine: unsigned weights need the zero point tensor (pass zeros if absent)")
-    return to_engine(qs), (zero.to(torch.int16) - UINT4_OFFSET).to(torch.int8)
+    return to_engine(qs, group_size), (zero.to(torch.int16) - UINT4_OFFSET).to(torch.int8)
 
 
-def onnx_bytes_to_engine(packed: np.ndarray, k: int, n: int, signed: bool = True) -> torch.Tensor:
+def onnx_bytes_to_engine(packed: np.ndarray, k: int, n: int, group_size: int, signed: bool = True) -> torch.Tensor:
     """ONNX-layout bytes of `W[K, N]` -> engine words (unsigned values shifted by -8, see module doc)."""
     q = unpack_int4(packed, (k, n), signed).astype(np.int16)
     if not signed:
         q = q - UINT4_OFFSET
-    return to_engine(torch.from_numpy(q))
+    return to_engine(torch.from_numpy(q), group_size)

@@ -94,16 +94,28 @@ def dot8_emulated(words, p04, p15, p26, p37):
 
 
 @triton.jit
-def x_at(x_ptr, kw, j: tl.constexpr, ok):
-    """fp32 x[8 kw + j] for the word indices kw (0 where not ok)."""
-    return tl.load(x_ptr + kw * 8 + j, mask=ok, other=0.0).to(tl.float32)
+def word_k(kw, j: tl.constexpr, PLANAR: tl.constexpr):
+    """The K index of nibble j of word row kw: 8 kw + j, or in the planar order of `int4_gemm/format.py`
+    (`planar_order`) 64 (kw // 8) + 16 (j % 4) + 2 (kw % 8) + j // 4."""
+    if PLANAR:
+        return (kw // 8) * 64 + 2 * (kw % 8) + (16 * (j % 4) + j // 4)
+    return kw * 8 + j
 
 
 @triton.jit
-def x_of_words(x_ptr, kw, ok):
-    """(x_0 .. x_7, their largest |x|): fp32 x[8 kw + j] for the words kw of a packed weight (0 where not ok)."""
-    x0, x1, x2, x3 = x_at(x_ptr, kw, 0, ok), x_at(x_ptr, kw, 1, ok), x_at(x_ptr, kw, 2, ok), x_at(x_ptr, kw, 3, ok)
-    x4, x5, x6, x7 = x_at(x_ptr, kw, 4, ok), x_at(x_ptr, kw, 5, ok), x_at(x_ptr, kw, 6, ok), x_at(x_ptr, kw, 7, ok)
+def x_at(x_ptr, kw, j: tl.constexpr, ok, PLANAR: tl.constexpr = False):
+    """fp32 x at the K of nibble j of the word rows kw (`word_k`; 0 where not ok)."""
+    return tl.load(x_ptr + word_k(kw, j, PLANAR), mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def x_of_words(x_ptr, kw, ok, PLANAR: tl.constexpr = False):
+    """(x_0 .. x_7, their largest |x|): fp32 x at the K of each nibble of the word rows kw of a packed weight
+    (`word_k`; 0 where not ok)."""
+    x0, x1 = x_at(x_ptr, kw, 0, ok, PLANAR), x_at(x_ptr, kw, 1, ok, PLANAR)
+    x2, x3 = x_at(x_ptr, kw, 2, ok, PLANAR), x_at(x_ptr, kw, 3, ok, PLANAR)
+    x4, x5 = x_at(x_ptr, kw, 4, ok, PLANAR), x_at(x_ptr, kw, 5, ok, PLANAR)
+    x6, x7 = x_at(x_ptr, kw, 6, ok, PLANAR), x_at(x_ptr, kw, 7, ok, PLANAR)
     big = tl.maximum(tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3))),
                      tl.maximum(tl.maximum(tl.abs(x4), tl.abs(x5)), tl.maximum(tl.abs(x6), tl.abs(x7))))
     return x0, x1, x2, x3, x4, x5, x6, x7, big

@@ -54,9 +54,10 @@ import triton.language as tl
 
 from qcompile.plugins.gemm_dispatch import (add_bias, cdiv, identity, linear_bias, optional_arg, run_by_buckets,
                                              split_for_waves, unpack_optional)
-from qcompile.plugins.int4_gemm.format import PACK
-from qcompile.plugins.int4_gemm.half2 import (dot8, dot8_emulated, pow2_range, ptx_available, x_at, x_of_words,
-                                              x_pair)
+from qcompile.plugins.int4_gemm import one_dot
+from qcompile.plugins.int4_gemm.format import PACK, is_planar, planar_order
+from qcompile.plugins.int4_gemm.half2 import (dot8, dot8_emulated, pow2_range, ptx_available, word_k, x_at,
+                                              x_of_words, x_pair)
 from qcompile.plugins.int4_gemm.reference import check_args
 from qcompile.plugins.triton_tiles import grouped_tile, store_tile
 
@@ -64,18 +65,23 @@ DEFAULT_SMS = 132
 FP32_MAGIC = 8388616.0  # 2^23 + 8: the fp32 whose mantissa bits 0..3 hold q + 8
 MAGIC16 = {torch.bfloat16: (0x4308, 136.0), torch.float16: (0x6408, 1032.0)}  # (bits XOR-ed in, value - q)
 
-# M buckets -> launch configuration (kernel "gemv" | "mm_t" | "mm" | "dequant" (dequantize + cuBLAS); tile
-# sizes; split-K target waves; fp8_dot: W4A8 on FP8 dots instead of exact conversion to the float type).
+# M buckets -> launch configuration (kernel "gemv" | "one_dot" | "mm_t" | "mm" | "dequant" (dequantize + cuBLAS);
+# tile sizes; split-K target waves; fp8_dot: W4A8 on FP8 dots instead of exact conversion to the float type).
 # The last bucket has limit None (every larger M). Chosen from tools/tune_int4_gemm.py runs on the H200
 # (benchmarks/int4_tune_v2b.json, then int4_tune_v2c.json around its winners; the M = 1 tile GEMV from
-# benchmarks/int4_tune_gemv.json: within 7% of each decode shape's best but 4096x1024, 1.12x there).
+# benchmarks/int4_tune_gemv.json: within 7% of each decode shape's best but 4096x1024, 1.12x there). The
+# one_dot buckets (planar words, 16-bit x) from benchmarks/int4_planar_probe_one_dot.json: the configuration
+# with the best worst cell over the four Llama-sized layers; "fallback" runs sequential words, fp32 x, and
+# groups that are not multiples of 64 (the earlier mm_t buckets).
 CONFIGS = [
     (1, dict(kernel="gemv", BLOCK_N=512, MIN_TILES=8, BLOCK_K=32, num_warps=2, num_stages=3,
              waves=32)),
-    (16, dict(kernel="mm_t", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, waves=8,
-              SCALE_ACC=False)),
-    (128, dict(kernel="mm_t", BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, waves=2,
-               SCALE_ACC=False)),
+    (16, dict(kernel="one_dot", BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3, waves=4, SCALE_W=False,
+              fallback=dict(kernel="mm_t", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3,
+                            waves=8, SCALE_ACC=False))),
+    (128, dict(kernel="one_dot", BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, waves=2, SCALE_W=True,
+               fallback=dict(kernel="mm_t", BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3,
+                             waves=2, SCALE_ACC=False))),
     (None, dict(kernel="dequant")),
 ]
 DEQUANT = dict(BLOCK_KW=8, BLOCK_N=256, num_warps=4)  # tile of `_int4_dequant_kernel`: 7 within 3% (benchmarks/dequant.json)
@@ -103,23 +109,23 @@ def _nibble_plus_136(words, j: tl.constexpr):
 
 
 @triton.jit
-def _gemv_step_fp32(words, x_row, kw, ok):
+def _gemv_step_fp32(words, x_row, kw, ok, PLANAR: tl.constexpr):
     """(sum_j x_j q_j per word, sum_j x_j per word row, 1.0): each nibble as the fp32 136 + q, x * (136 + q)
     exact in fp32, the 136 taken off once per word row."""
     part = tl.zeros(words.shape, dtype=tl.float32)
     xsum = tl.zeros(kw.shape, dtype=tl.float32)
     for j in tl.static_range(8):
-        xj = x_at(x_row, kw, j, ok)
+        xj = x_at(x_row, kw, j, ok, PLANAR)
         part += xj[:, None] * _nibble_plus_136(words, j)
         xsum += xj
     return part - 136.0 * xsum[:, None], xsum, 1.0
 
 
 @triton.jit
-def _gemv_step_half2(words, x_row, kw, ok, ASM: tl.constexpr):
+def _gemv_step_half2(words, x_row, kw, ok, ASM: tl.constexpr, PLANAR: tl.constexpr):
     """(sum_j x_j q_j per word times `up`, sum_j x_j per word row, down = 1 / up): the products on fp16x2
     (`half2.dot8`), x scaled by the power of two `up` that puts the step's largest |x| in [256, 512)."""
-    x0, x1, x2, x3, x4, x5, x6, x7, big = x_of_words(x_row, kw, ok)
+    x0, x1, x2, x3, x4, x5, x6, x7, big = x_of_words(x_row, kw, ok, PLANAR)
     up, down = pow2_range(tl.max(big, axis=0))
     shape: tl.constexpr = words.shape
     p04 = tl.broadcast_to(x_pair(x0, x4, up)[:, None], shape)
@@ -135,9 +141,12 @@ def _gemv_step_half2(words, x_row, kw, ok, ASM: tl.constexpr):
 
 @triton.jit
 def _gemv_step(acc, x_row, w_ptr, s_ptr, z_ptr, offs_n, mask_n, N, K, group_size, k0,
-               HAS_ZERO: tl.constexpr, HALF2: tl.constexpr, ASM: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc [BLOCK_K/8, BLOCK_N] plus the step at k0: products per word row (HALF2: `_gemv_step_half2`, else
-    `_gemv_step_fp32`), zero points off as z * sum_j x_j, then the step's group scale."""
+               HAS_ZERO: tl.constexpr, HALF2: tl.constexpr, ASM: tl.constexpr, BLOCK_K: tl.constexpr,
+               PLANAR: tl.constexpr):
+    """acc [BLOCK_K/8, BLOCK_N] plus the step of word rows k0 / 8 .. (k0 + BLOCK_K) / 8: products per word row
+    (HALF2: `_gemv_step_half2`, else `_gemv_step_fp32`), zero points off as z * sum_j x_j, then the step's
+    group scale. PLANAR words: each x is loaded from its nibble's K (the step's K still lie in one group:
+    BLOCK_K <= 64 or both multiples of 64)."""
     kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
     ok = kw < K // 8
     words = tl.load(w_ptr + kw.to(tl.int64)[:, None] * N + offs_n[None, :], mask=ok[:, None] & mask_n[None, :],
@@ -146,9 +155,9 @@ def _gemv_step(acc, x_row, w_ptr, s_ptr, z_ptr, offs_n, mask_n, N, K, group_size
     smask = mask_n & (k0 < K)
     s = tl.load(s_ptr + g * N + offs_n, mask=smask, other=0.0).to(tl.float32)
     if HALF2:
-        part, xsum, down = _gemv_step_half2(words, x_row, kw, ok, ASM)
+        part, xsum, down = _gemv_step_half2(words, x_row, kw, ok, ASM, PLANAR)
     else:
-        part, xsum, down = _gemv_step_fp32(words, x_row, kw, ok)
+        part, xsum, down = _gemv_step_fp32(words, x_row, kw, ok, PLANAR)
     if HAS_ZERO:
         z = tl.load(z_ptr + g * N + offs_n, mask=smask, other=0).to(tl.float32)
         return acc + (part * down - xsum[:, None] * z[None, :]) * s[None, :]
@@ -160,7 +169,7 @@ def _int4_gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
     N, K, stride_xm, group_size, k_per_split,
     K_STEPS: tl.constexpr, HAS_ZERO: tl.constexpr, ATOMIC: tl.constexpr, HALF2: tl.constexpr, ASM: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PIPELINE: tl.constexpr = 0,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PIPELINE: tl.constexpr = 0, PLANAR: tl.constexpr = False,
 ):
     """GEMV over [BLOCK_K/8 word rows, BLOCK_N] tiles (BLOCK_K divides the group: one scale row per step), one
     `_gemv_step` per step (steps past K are masked). HALF2 (16-bit x): the products on fp16x2 (ASM False: the
@@ -176,7 +185,7 @@ def _int4_gemv_kernel(
     acc = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
     for step in tl.range(0, K_STEPS, num_stages=PIPELINE if PIPELINE else None):
         acc = _gemv_step(acc, x_row, w_ptr, s_ptr, z_ptr, offs_n, mask_n, N, K, group_size,
-                         pid_k * k_per_split + step * BLOCK_K, HAS_ZERO, HALF2, ASM, BLOCK_K)
+                         pid_k * k_per_split + step * BLOCK_K, HAS_ZERO, HALF2, ASM, BLOCK_K, PLANAR)
     store_tile(y_ptr + row * N + offs_n, tl.sum(acc, axis=0), mask_n, ATOMIC)
 
 
@@ -327,9 +336,10 @@ def _int4_mm_kernel(
 def _int4_dequant_kernel(
     w_ptr, s_ptr, z_ptr, out_ptr, N, K, group_size,
     HAS_ZERO: tl.constexpr, GROUP_ALIGNED: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_N: tl.constexpr,
+    PLANAR: tl.constexpr = False,
 ):
     """dequant(W) [K, N] in out's dtype from [BLOCK_KW word rows, BLOCK_N] tiles: nibble j of word row w is
-    K row 8w + j, placed in bits 16..19 of 128.0 (136 + q, as in the GEMV), `((136 + q) - (136 + zp)) * s` in
+    K row `word_k(w, j, PLANAR)` (8w + j in the sequential order), placed in bits 16..19 of 128.0 (136 + q, as in the GEMV), `((136 + q) - (136 + zp)) * s` in
     fp32 (exact, then one rounding to out's dtype, as the reference). When the tile's 8 * BLOCK_KW rows lie in
     one group (`GROUP_ALIGNED`) its scale and zero-point row is loaded once, not once per row."""
     kw = tl.program_id(0) * BLOCK_KW + tl.arange(0, BLOCK_KW)
@@ -345,7 +355,7 @@ def _int4_dequant_kernel(
         if HAS_ZERO:
             c += tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
     for j in tl.static_range(8):
-        kk = kw * 8 + j
+        kk = word_k(kw, j, PLANAR)
         if not GROUP_ALIGNED:
             gp = (kk // group_size).to(tl.int64)[:, None] * N + offs_n[None, :]
             s = tl.load(s_ptr + gp, mask=mask, other=0.0).to(tl.float32)
@@ -384,7 +394,7 @@ def launch_gemv(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, w
         n, k, x2d.stride(0), group_size, per, K_STEPS=per // block_k,
         HAS_ZERO=w_zero is not None, ATOMIC=splits > 1, HALF2=x2d.dtype in (torch.float16, torch.bfloat16),
         ASM=ptx_available(), BLOCK_N=block_n, BLOCK_K=block_k, PIPELINE=cfg.get("pipeline", 0),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        PLANAR=is_planar(k, group_size), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return y
 
@@ -392,8 +402,12 @@ def launch_gemv(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, w
 def launch_mm(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, x_row_scale=None,
               out_dtype=torch.float32, wrap=identity, num_sms: int = DEFAULT_SMS) -> torch.Tensor:
     """`x2d @ dequant(W)` [M, N] (times x_row_scale per row) with the tiled kernel: fp32 when split-K
-    (atomics), else `out_dtype`."""
+    (atomics), else `out_dtype`. These kernels read K in the sequential order: planar words are the sequential
+    packing of W's rows in `planar_order`, so x's columns are gathered in that order first (a fallback: 16-bit x
+    runs `one_dot` on planar words)."""
     m, k = x2d.shape
+    if is_planar(k, group_size):
+        x2d = _columns_in_planar_order(x2d)
     n = w_packed.shape[1]
     fp8 = x2d.dtype == torch.float8_e4m3fn
     block_k, aligned = _block_k(cfg["BLOCK_K"], k, group_size)
@@ -421,6 +435,13 @@ def launch_mm(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, x_r
     return y
 
 
+def _columns_in_planar_order(x2d: torch.Tensor) -> torch.Tensor:
+    order = planar_order(x2d.shape[1], x2d.device)
+    if x2d.dtype == torch.float8_e4m3fn:  # gathered as bytes (not every index kernel takes FP8)
+        return x2d.view(torch.uint8)[:, order].view(x2d.dtype)
+    return x2d[:, order]
+
+
 def launch_dequant(w_packed, w_scale, w_zero, group_size: int, dtype, *, wrap=identity,
                    cfg: dict | None = None) -> torch.Tensor:
     """`dequant(W)` as `dtype` [K, N] (for a dequantize-then-cuBLAS path); `cfg` (default `DEQUANT`): tile."""
@@ -432,7 +453,7 @@ def launch_dequant(w_packed, w_scale, w_zero, group_size: int, dtype, *, wrap=id
     wrap(_int4_dequant_kernel)[(cdiv(kw, cfg["BLOCK_KW"]), cdiv(n, cfg["BLOCK_N"]), 1)](
         w_packed, w_scale, optional_arg(w_zero, w_scale), out, n, kw * PACK, group_size,
         HAS_ZERO=w_zero is not None, GROUP_ALIGNED=aligned, BLOCK_KW=cfg["BLOCK_KW"], BLOCK_N=cfg["BLOCK_N"],
-        num_warps=cfg["num_warps"],
+        PLANAR=is_planar(kw * PACK, group_size), num_warps=cfg["num_warps"],
     )
     return out
 
@@ -452,14 +473,20 @@ def run_bucket(cfg: dict, x2d, w_packed, w_scale, w_zero, bias, group_size: int,
     applied in the epilogue, unless the configuration asks for FP8 dots (`fp8_dot`, "mm"/"mm_t" only)."""
     out_dtype = out_dtype or x2d.dtype
     if cfg["kernel"] == "gemv" and not _block_k(cfg["BLOCK_K"], int(x2d.shape[1]), group_size)[1]:
-        cfg = CONFIGS[1][1]  # the GEMV needs groups in whole steps of >= 16; the tile kernels take any group
+        cfg = CONFIGS[1][1]["fallback"]  # the GEMV needs groups in whole steps of >= 16; mm/mm_t take any group
     kind = cfg["kernel"]
     if x2d.dtype == torch.float8_e4m3fn and not (kind in ("mm", "mm_t") and cfg.get("fp8_dot")):
         return _epilogue(run_bucket(cfg, x2d.to(out_dtype), w_packed, w_scale, w_zero, None, group_size,
                                     out_dtype=torch.float32, wrap=wrap, num_sms=num_sms),
                          bias, out_dtype, x_row_scale)
+    if kind == "one_dot" and not one_dot.supports(x2d.dtype, int(x2d.shape[1]), group_size):
+        return run_bucket(cfg["fallback"], x2d, w_packed, w_scale, w_zero, bias, group_size, out_dtype=out_dtype,
+                          wrap=wrap, num_sms=num_sms)
     if kind == "gemv":
         acc = launch_gemv(x2d, w_packed, w_scale, w_zero, group_size, cfg, wrap=wrap, num_sms=num_sms)
+    elif kind == "one_dot":
+        acc = one_dot.launch(x2d, w_packed, w_scale, w_zero, group_size, cfg, asm=ptx_available(),
+                             out_dtype=out_dtype, wrap=wrap, num_sms=num_sms)
     elif kind == "dequant":  # the bias in cuBLAS's epilogue
         return linear_bias(x2d, launch_dequant(w_packed, w_scale, w_zero, group_size, x2d.dtype, wrap=wrap), bias,
                            out_dtype)

@@ -63,7 +63,7 @@ def quantize_activation_fp8(x, x_scale, x_dynamic: bool) -> tuple[torch.Tensor, 
 
 def dequantize_weight(w_packed, w_scale, w_zero, group_size: int, dtype=torch.float32) -> torch.Tensor:
     """`(q - zp) * scale` as `dtype` [K, N] (computed in float32)."""
-    q = from_engine(w_packed).to(torch.float32)
+    q = from_engine(w_packed, group_size).to(torch.float32)
     if w_zero is not None:
         q = q - w_zero.to(torch.float32).repeat_interleave(group_size, dim=0)
     return (q * w_scale.to(torch.float32).repeat_interleave(group_size, dim=0)).to(dtype)

@@ -40,7 +40,7 @@ def make_case(k=256, n=48, group=32, zero=False, bias=True, seed=0):
     q, s, z = qw.q, qw.scale, qw.zero
     s = s * (1 + torch.rand(s.shape, generator=gen))  # scales not tied to the data: any positive value
     b = torch.randn(n, generator=gen) if bias else None
-    wq_eng, z_eng = onnx_to_engine(q, z, signed=not zero)
+    wq_eng, z_eng = onnx_to_engine(q, z, signed=not zero, group_size=g)
     return {"q": q, "scale": s, "zero": z, "bias": b, "g": g, "w_packed": wq_eng, "w_zero": z_eng}
 
 
@@ -94,9 +94,10 @@ def test_pack_rejects_out_of_range():
 
 
 def test_engine_layout_is_bit_exact():
-    # a column q[0..7] = 0..7 packs to 0x76543210; all -1 packs to 0xFFFFFFFF (-1 as int32)
+    # sequential order (a group that is not a multiple of 64): a column q[0..7] = 0..7 packs to 0x76543210; all
+    # -1 packs to 0xFFFFFFFF (-1 as int32)
     q = torch.tensor([[j, -1, -8 if j == 7 else 0] for j in range(8)], dtype=torch.int8)
-    words = to_engine(q)
+    words = to_engine(q, 8)
     assert words.dtype == torch.int32 and words.shape == (1, 3)
     assert words[0, 0].item() == 0x76543210 and words[0, 1].item() == -1
     assert words[0, 2].item() == np.int32(np.uint32(0x80000000)).item()
@@ -106,12 +107,33 @@ def test_engine_layout_is_bit_exact():
     expect = np.zeros((k // 8, n), np.uint64)
     for kk in range(k):
         expect[kk // 8] |= (v[kk].astype(np.int64) & 0xF).astype(np.uint64) << np.uint64(4 * (kk % 8))
-    got = to_engine(torch.from_numpy(v))
+    got = to_engine(torch.from_numpy(v), 32)
     np.testing.assert_array_equal(got.numpy().view(np.uint32), expect.astype(np.uint32))
-    np.testing.assert_array_equal(from_engine(got).numpy(), v)
-    assert torch.equal(onnx_bytes_to_engine(pack_int4(v), k, n, signed=True), got)
+    np.testing.assert_array_equal(from_engine(got, 32).numpy(), v)
+    assert torch.equal(onnx_bytes_to_engine(pack_int4(v), k, n, 32, signed=True), got)
     u = (v.astype(np.int16) + 8).astype(np.int8)  # uint4 values: stored as u - 8
-    assert torch.equal(onnx_bytes_to_engine(pack_int4(u), k, n, signed=False), got)
+    assert torch.equal(onnx_bytes_to_engine(pack_int4(u), k, n, 32, signed=False), got)
+
+
+@pytest.mark.parametrize("k,group", [(128, 64), (192, 64), (256, 128), (128, 128)])
+def test_planar_engine_layout_is_bit_exact(k, group):
+    """Planar order (K and group multiples of 64): in each 64 K, word c holds in nibbles j and j + 4 (j < 4)
+    the weights at k = 16 j + 2 c and k + 1 (spelled out here from the format's description)."""
+    rng = np.random.default_rng(k + group)
+    n = 8
+    v = rng.integers(-8, 8, size=(k, n)).astype(np.int8)
+    expect = np.zeros((k // 8, n), np.uint64)
+    for block in range(k // 64):
+        for c in range(8):
+            for j in range(4):
+                for t in range(2):
+                    kk = 64 * block + 16 * j + 2 * c + t
+                    expect[8 * block + c] |= (v[kk].astype(np.int64) & 0xF).astype(np.uint64) << np.uint64(4 * (j + 4 * t))
+    got = to_engine(torch.from_numpy(v), group)
+    np.testing.assert_array_equal(got.numpy().view(np.uint32), expect.astype(np.uint32))
+    np.testing.assert_array_equal(from_engine(got, group).numpy(), v)
+    assert torch.equal(onnx_bytes_to_engine(pack_int4(v), k, n, group, signed=True), got)
+    assert not torch.equal(got, to_engine(torch.from_numpy(v), 32))  # the orders differ
 
 
 # ---------------------------------------------------------------- reference vs float64 oracle
@@ -223,6 +245,7 @@ class Int4Linear(torch.nn.Module):
 
 
 def _export(mod, x):
+    torch._dynamo.reset()  # as compiler/engine/build.py does before its export
     rows = torch.export.Dim("rows", min=1, max=4096)
     return torch.export.export(mod, (x,), dynamic_shapes={"x": {0: rows}})
 
@@ -399,14 +422,63 @@ def test_dequant_kernel_interpreter_is_exact(zero, group, tile):
 @triton_interp
 @pytest.mark.parametrize("m", [1, 17])
 @pytest.mark.parametrize("group", [64, 8], ids=["g64", "g8"])  # g8: not a multiple of 16, no GEMV / mm_t step
-def test_triton_path_interpreter(m, group):
-    from qcompile.plugins.int4_gemm import kernel
+def test_triton_path_interpreter(m, group, monkeypatch):
+    """The op's Triton path; 17 rows with 64-K groups run the one-dot kernel, 8-K groups its fallback."""
+    from qcompile.plugins.int4_gemm import kernel, one_dot
 
+    calls, real = [], one_dot.launch
+    monkeypatch.setattr(one_dot, "launch", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     case = make_case(k=256, n=48, group=group, zero=True, seed=m)
     x = torch.randn(1, m, 256, dtype=torch.float16)  # M = m rows: m = 1 is the GEMV bucket
     y = kernel.int4_gemm_triton(*op_args(case, x))
     assert y.dtype == torch.float16 and y.shape == (1, m, 48)
     assert_close_to(y, oracle(x, case), 3e-3)
+    assert len(calls) == (1 if (m, group) == (17, 64) else 0)
+
+
+ONE_DOT_SHAPES = pytest.mark.parametrize(
+    "k, group", [(384, 64), (384, 128), (384, "channel"), (320, 64), (320, "channel")],
+    ids=["128steps-g64", "128steps-g128", "128steps-channel", "64steps-g64", "64steps-channel"])
+
+
+def check_one_dot(k, group, zero, dtype, rel, device="cpu"):
+    """The one-dot kernel on planar words: 128-K steps and 64-K steps, a partial N tile and M tile, split K
+    (atomics) and not, the scale on the product and on the weight tile (forced for 64-K groups in 128-K
+    steps). Float64-close."""
+    from qcompile.plugins.int4_gemm import one_dot
+
+    n = 80
+    case = make_case(k=k, n=n, group=group, zero=zero, seed=k)
+    weights = [t.to(device) if t is not None else None for t in (case["w_packed"], case["scale"], case["w_zero"])]
+    for m in (3, 17):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+        ref = oracle(x, {**case, "bias": None})
+        for waves, scale_w in ((0, False), (4, False), (4, True)):
+            cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "waves": waves, "SCALE_W": scale_w}
+            y = one_dot.launch(x.to(device), *weights, case["g"], cfg, asm=device != "cpu", out_dtype=torch.float32,
+                               num_sms=1)
+            assert y.shape == (m, n) and y.dtype == torch.float32
+            assert_close_to(y, ref, rel)
+
+
+@triton_interp
+@pytest.mark.parametrize("zero", [False, True], ids=["sym", "zp"])
+@ONE_DOT_SHAPES
+def test_one_dot_kernel_interpreter(k, group, zero):
+    check_one_dot(k, group, zero, torch.float16, 2e-3)  # fp16: the interpreter's bf16 dot is broken
+
+
+@needs_triton
+def test_one_dot_rejects_a_sequential_layout():
+    from qcompile.plugins.int4_gemm import one_dot
+
+    case = make_case(k=256, n=48, group=32)
+    x = torch.randn(2, 256, dtype=torch.float16)
+    with pytest.raises(ValueError, match="group 32"):
+        one_dot.launch(x, case["w_packed"], case["scale"], None, 32, CONFIG_ONE_DOT, asm=False)
+
+
+CONFIG_ONE_DOT = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "waves": 0}
 
 
 # ---------------------------------------------------------------- CUDA
@@ -434,6 +506,16 @@ def test_cuda_matches_reference(group, zero, dtype, m):
 def test_cuda_gemv_half2_path(group, zero, dtype, magnitude):
     """The inline PTX on the GPU: products rounded to fp16 (about 4e-4 relative on a 4096-long dot)."""
     check_gemv_half2(group, zero, dtype, magnitude, k=4096, rel=2e-3, device="cuda")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("zero", [False, True], ids=["sym", "zp"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@ONE_DOT_SHAPES
+def test_cuda_one_dot_kernel(k, group, zero, dtype):
+    """The LOP3 PTX and wgmma on the H200 (SCALE_W rounds q * s to x's dtype: bf16's 2^-9)."""
+    check_one_dot(k, group, zero, dtype, 3e-3 if dtype == torch.float16 else 1.5e-2, device="cuda")
 
 
 @pytest.mark.gpu

@@ -35,7 +35,7 @@ def np_row_scales(x2d: np.ndarray) -> np.ndarray:
 def make_case(k=256, n=40, group=64, zero=False, bias=True, seed=0):
     gen = torch.Generator().manual_seed(seed)
     qw = quantize_rtn(torch.randn(k, n, generator=gen), group, symmetric=not zero)
-    w_packed, w_zero = onnx_to_engine(qw.q, qw.zero, signed=not zero)
+    w_packed, w_zero = onnx_to_engine(qw.q, qw.zero, signed=not zero, group_size=group)
     b = torch.randn(n, generator=gen) if bias else None
     return {"q": qw.q, "scale": qw.scale, "zero": qw.zero, "bias": b, "g": group, "w_packed": w_packed,
             "w_zero": w_zero, "signed": not zero}

@@ -20,7 +20,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 def _case(m, k=256, n=48, group=64, seed=0):
     gen = torch.Generator().manual_seed(seed)
     qw = quantize_rtn(torch.randn(k, n, generator=gen), group, symmetric=False)
-    w_packed, w_zero = onnx_to_engine(qw.q, qw.zero, signed=False)
+    w_packed, w_zero = onnx_to_engine(qw.q, qw.zero, signed=False, group_size=group)
     x = torch.randn(m, k, generator=gen) * 3
     row_scale = x.abs().amax(dim=1) / 448.0  # per-token scales
     x8 = (x / row_scale[:, None]).to(torch.float8_e4m3fn)

@@ -308,7 +308,7 @@ def cell(k: int, n: int, m: int) -> dict:
     sets = [make() for _ in range(max(2, min(8, (512 << 20) // (k * n // 2))))]
     ref_q, ref_s = sets[0]
     ref = x.double() @ (ref_q.double() * ref_s.double().repeat_interleave(STEP, 0))
-    eng = [(to_engine(q), s) for q, s in sets]
+    eng = [(to_engine(q, STEP), s) for q, s in sets]
     it = itertools.cycle(range(len(sets)))
     res["int4 op"] = bench(lambda: int4_groupwise_gemm(x, *eng[next(it)], None, None, STEP), copies=4, rep=40)
     planar = [(to_planar(q), s) for q, s in sets]

@@ -41,7 +41,7 @@ def _engine_weight(ctx, w_q: torch.Tensor, zero: torch.Tensor | None) -> tuple[t
         zero = None
     if zero is None and not signed:
         zero = torch.zeros(k // group, n, dtype=torch.uint8, device=w_q.device)
-    return onnx_to_engine(w_q, zero, signed)
+    return onnx_to_engine(w_q, zero, signed, group)
 
 
 def _prepare(ctx, constants: dict[int, torch.Tensor]) -> Prepared | None:

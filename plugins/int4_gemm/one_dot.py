@@ -1,0 +1,165 @@
+"""INT4 W4A16 on the tensor cores, one MMA per K step, for 2-128 rows (Triton, CUDA only; imported lazily).
+
+Reads the planar engine layout (`format.py`): in each 64 K of a column, word c holds in nibbles j and j + 4 the
+weights at k = 16 j + 2 c and k + 1. One LOP3 `(w >> 4 j) & 0x000F000F ^ 0x43084308` (fp16: 0x64086408) makes
+both as the 16-bit pair `(136 + q, 136 + q')` (fp16: 1032 + q), which is already the (k, k + 1) register pair of
+the MMA's first operand. The four [BLOCK_N, 16] tiles of a 64-K block and the two blocks of a 128-K step are
+joined in registers (`_cat_k`) into one [BLOCK_N, STEP] operand: one `tl.dot` per step, no shared-memory round
+trip for the weight. Swapped operands, as `_int4_mm_t_kernel`: `y^T = dequant(W)^T @ x^T`, the few rows of x the
+MMA's narrow side.
+
+Why (tools/diag/int4_planar_probe.py, H200, benchmarks/int4_planar_probe_one_dot.json): the sequential-layout
+tile kernel writes each decoded tile to shared memory and reads it back (8 STS, 5 barriers, 8 LDSM per step), and
+a planar kernel with eight 16-deep dots per step waits for each (`wgmma.wait_group 0`). This kernel's SASS has
+16 back-to-back HGMMA per 128-wide step and no STS; it ran 1.14-1.37x the sequential op at M = 16 and 1.05-1.25x
+at M = 64 on the four Llama-sized layers.
+
+Scales: without `SCALE_W` each step's product is scaled (the step lies in one group) and the dot sees exact
+small integers `q - zp`; with it the scale multiplies the weight tile (rounded to x's dtype, as a dequantized
+weight is) and one accumulator runs through all steps, so the wgmmas stay in flight into the next step's
+decoding; the first step is peeled off the loop (else ptxas serializes the wgmmas: its C7515 note). SCALE_W is
+forced when a group is shorter than the step (64-K groups with 128-K steps). Split-K partial sums meet in fp32
+atomics, as in the other INT4 kernels.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg, split_for_waves
+from qcompile.plugins.int4_gemm.format import PLANAR_BLOCK, is_planar
+from qcompile.plugins.triton_tiles import store_tile
+
+OFFSET16 = {torch.bfloat16: 136.0, torch.float16: 1032.0}  # the decoded pair's value minus q
+
+
+@triton.jit
+def _pair(w, FP16: tl.constexpr, ASM: tl.constexpr):
+    """int32 holding the 16-bit float pair (c + q_lo, c + q_hi) of nibbles 0 and 4 of w (bf16: c = 136; fp16:
+    c = 1032): one LOP3 (ASM), or the same bits in plain Triton (the CPU interpreter runs no PTX)."""
+    if ASM:
+        if FP16:
+            return tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F000F, 0x64086408, 0x6a;", "=r,r", [w],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F000F, 0x43084308, 0x6a;", "=r,r", [w],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    return (w & 0x000F000F) ^ (0x64086408 if FP16 else 0x43084308)
+
+
+@triton.jit
+def _tile16(words, j: tl.constexpr, BLOCK_N: tl.constexpr, dt: tl.constexpr, ASM: tl.constexpr):
+    """[BLOCK_N, 16] of `c + q` at k = 16 j .. 16 j + 15 of a 64-K block (words [BLOCK_N, 8]): nibbles j, j + 4."""
+    p = _pair(words >> (4 * j), dt == tl.float16, ASM)
+    lo = p.to(tl.int16).to(dt, bitcast=True)
+    hi = (p >> 16).to(tl.int16).to(dt, bitcast=True)
+    return tl.join(lo, hi).reshape(BLOCK_N, 16)
+
+
+@triton.jit
+def _cat_k(a, b, BLOCK_N: tl.constexpr, WIDTH: tl.constexpr):
+    """[BLOCK_N, 2 WIDTH]: a's columns then b's (registers only: the pair index becomes a register bit)."""
+    return tl.join(a, b).permute(0, 2, 1).reshape(BLOCK_N, 2 * WIDTH)
+
+
+@triton.jit
+def _block64(w_ptr, s_ptr, z_ptr, kb, offs_n, mask_n, N, K, group_size, HAS_ZERO: tl.constexpr,
+             SCALE_W: tl.constexpr, BLOCK_N: tl.constexpr, dt: tl.constexpr, ASM: tl.constexpr):
+    """(weights [BLOCK_N, 64] of the 64-K block kb as dt: q - zp, times the scale when SCALE_W; fp32 scales
+    [BLOCK_N]). Past K (a split's last steps) the words, scales and zero points load as 0."""
+    ok = mask_n & (kb * 64 < K)
+    words = tl.load(w_ptr + (kb * 8 + tl.arange(0, 8)).to(tl.int64)[None, :] * N + offs_n[:, None],
+                    mask=ok[:, None], other=0, eviction_policy="evict_first")
+    a = _cat_k(_cat_k(_tile16(words, 0, BLOCK_N, dt, ASM), _tile16(words, 1, BLOCK_N, dt, ASM), BLOCK_N, 16),
+               _cat_k(_tile16(words, 2, BLOCK_N, dt, ASM), _tile16(words, 3, BLOCK_N, dt, ASM), BLOCK_N, 16),
+               BLOCK_N, 32)
+    g = (kb * 64) // group_size
+    s = tl.load(s_ptr + g * N + offs_n, mask=ok, other=0.0).to(tl.float32)
+    offset: tl.constexpr = 1032.0 if dt == tl.float16 else 136.0
+    if HAS_ZERO:  # c + z is exact in 16 bits (128..143 in bf16, 1024..1039 in fp16), so is (c + q) - (c + z)
+        z = tl.load(z_ptr + g * N + offs_n, mask=ok, other=0).to(tl.float32)
+        a = a - (offset + z).to(dt)[:, None]
+    else:
+        a = a - offset
+    if SCALE_W:
+        a = a * s.to(dt)[:, None]
+    return a, s
+
+
+@triton.jit
+def _step(x_ptr, w_ptr, s_ptr, z_ptr, k0, offs_m, mask_m, offs_n, mask_n, N, K, stride_xm, group_size,
+          HAS_ZERO: tl.constexpr, SCALE_W: tl.constexpr, HALVES: tl.constexpr, BLOCK_N: tl.constexpr,
+          ASM: tl.constexpr):
+    """(weights [BLOCK_N, 64 HALVES], x^T [64 HALVES, BLOCK_M], fp32 scales [BLOCK_N] of the first block) of the
+    step at k0."""
+    dt: tl.constexpr = x_ptr.dtype.element_ty
+    a, s = _block64(w_ptr, s_ptr, z_ptr, k0 // 64, offs_n, mask_n, N, K, group_size, HAS_ZERO, SCALE_W, BLOCK_N,
+                    dt, ASM)
+    if HALVES == 2:
+        a1, s1 = _block64(w_ptr, s_ptr, z_ptr, k0 // 64 + 1, offs_n, mask_n, N, K, group_size, HAS_ZERO, SCALE_W,
+                          BLOCK_N, dt, ASM)
+        a = _cat_k(a, a1, BLOCK_N, 64)
+    offs_k = k0 + tl.arange(0, 64 * HALVES)
+    xt = tl.load(x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + offs_k[:, None],
+                 mask=mask_m[None, :] & (offs_k < K)[:, None], other=0.0)
+    return a, xt, s
+
+
+@triton.jit
+def _int4_one_dot_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, group_size, k_per_split,
+    K_STEPS: tl.constexpr, HAS_ZERO: tl.constexpr, SCALE_W: tl.constexpr, HALVES: tl.constexpr,
+    ATOMIC: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """y [M, N] (or its split-K part) from K_STEPS steps of 64 HALVES K, one dot each; grid (N tiles, K splits,
+    M tiles)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    k_lo = tl.program_id(1) * k_per_split
+    if SCALE_W:
+        a, xt, s = _step(x_ptr, w_ptr, s_ptr, z_ptr, k_lo, offs_m, mask_m, offs_n, mask_n, N, K, stride_xm,
+                         group_size, HAS_ZERO, True, HALVES, BLOCK_N, ASM)
+        acc = tl.dot(a, xt)
+        for step in range(1, K_STEPS):
+            a, xt, s = _step(x_ptr, w_ptr, s_ptr, z_ptr, k_lo + step * 64 * HALVES, offs_m, mask_m, offs_n, mask_n,
+                             N, K, stride_xm, group_size, HAS_ZERO, True, HALVES, BLOCK_N, ASM)
+            acc = tl.dot(a, xt, acc)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for step in range(0, K_STEPS):
+            a, xt, s = _step(x_ptr, w_ptr, s_ptr, z_ptr, k_lo + step * 64 * HALVES, offs_m, mask_m, offs_n, mask_n,
+                             N, K, stride_xm, group_size, HAS_ZERO, False, HALVES, BLOCK_N, ASM)
+            acc += tl.dot(a, xt) * s[:, None]
+    store_tile(y_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None], acc, mask_m[None, :] & mask_n[:, None],
+               ATOMIC)
+
+
+def supports(x_dtype: torch.dtype, k: int, group_size: int) -> bool:
+    """Whether this kernel takes the call: 16-bit x and a weight in the planar layout."""
+    return x_dtype in OFFSET16 and is_planar(k, group_size)
+
+
+def launch(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, asm: bool, out_dtype=torch.float32,
+           wrap=identity, num_sms: int = 132) -> torch.Tensor:
+    """`x2d @ dequant(W)` [M, N] with `_int4_one_dot_kernel`: fp32 when split-K (atomics), else `out_dtype`.
+    cfg: BLOCK_M, BLOCK_N, num_warps, num_stages, waves (split-K target, `split_for_waves`), SCALE_W."""
+    m, k = x2d.shape
+    n = w_packed.shape[1]
+    if not supports(x2d.dtype, k, group_size):
+        raise ValueError(f"one-dot INT4 kernel: needs fp16/bf16 x and K, group size multiples of {PLANAR_BLOCK} "
+                         f"(got {x2d.dtype}, K = {k}, group {group_size})")
+    halves = 2 if k % (2 * PLANAR_BLOCK) == 0 else 1
+    step = PLANAR_BLOCK * halves
+    tiles_n = cdiv(n, cfg["BLOCK_N"])
+    splits, per = split_for_waves(k, tiles_n, step, cfg["waves"], num_sms)
+    y = (torch.zeros((m, n), dtype=torch.float32, device=x2d.device) if splits > 1
+         else torch.empty((m, n), dtype=out_dtype, device=x2d.device))
+    wrap(_int4_one_dot_kernel)[(tiles_n, splits, cdiv(m, cfg["BLOCK_M"]))](
+        x2d, w_packed, w_scale, optional_arg(w_zero, w_scale), y, m, n, k, x2d.stride(0), group_size, per,
+        K_STEPS=per // step, HAS_ZERO=w_zero is not None, SCALE_W=cfg.get("SCALE_W", False) or group_size % step != 0,
+        HALVES=halves, ATOMIC=splits > 1, ASM=asm, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return y
