@@ -303,11 +303,13 @@ def int8_wo_gemm_triton(x, w_q, w_scale, bias, *, wrap=identity, num_sms: int = 
             return _epilogue(launch_tiles(x2d, w_q, cfg, wrap=wrap, num_sms=num_sms), w_scale, bias, x2d.dtype)
         return run
 
-    mma = None if x.dtype == torch.float32 else split_mma.pick_config(n, num_sms)
-    if mma is not None:  # a wide layer: the INT8 tensor cores on split 16-bit x (two buckets: MP = 8, 16)
+    mma = None if x.dtype == torch.float32 else split_mma.pick_config(n, k, num_sms)
+    gemv = [(1, finished(launch_gemv))] if k % 4 == 0 else []  # the GEMV reads 4-byte words along K
+    if mma is not None and "splits" not in mma:  # a wide layer: the INT8 tensor cores on split 16-bit x
         small = [(rows, finished(split_mma.launch, cfg=mma, rows=rows)) for rows in (1, SMALL_M_MAX)]
+    elif mma is not None:  # a narrow layer with a long K: split K there, the GEMV at M = 1 (it won there)
+        small = gemv + [(SMALL_M_MAX, finished(split_mma.launch, cfg=mma, rows=SMALL_M_MAX))]
     else:
-        gemv = [(1, finished(launch_gemv))] if k % 4 == 0 else []  # the GEMV reads 4-byte words along K
         small = gemv + [(SMALL_M_MAX, finished(launch_dot, num_sms=num_sms))]
     above = [(None, large_m)] if large_m else LARGE_M
     buckets = small + [(limit, large(c)) for limit, c in above]

@@ -40,12 +40,23 @@ SPLIT_CHUNKS = 8  # chunks per program of the split kernel
 CONFIGS = [dict(BLOCK_N=128, BLOCK_K=256, num_warps=4, num_stages=3),
            dict(BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=4)]
 MIN_WAVES = 1.5
+MIN_SPLIT_STEPS = 8  # K steps per part, at least, when K is split to fill the GPU (`pick_config`)
 
 
-def pick_config(n: int, num_sms: int) -> dict | None:
-    """The tile for an N-wide layer, or None when no tile gives MIN_WAVES waves of programs (use the other
-    kernels)."""
-    return next((c for c in CONFIGS if cdiv(n, c["BLOCK_N"]) >= MIN_WAVES * num_sms), None)
+def pick_config(n: int, k: int, num_sms: int) -> dict | None:
+    """The tile for an [N, K] layer: the first of CONFIGS whose N tiles give MIN_WAVES waves of programs; else the
+    narrowest with K split into the fewest parts (a power of two) that give them, when each part keeps at least
+    MIN_SPLIT_STEPS K steps; else None (use the other kernels). H200, M = 16 (benchmarks/tune_w8a16_small_m_s16.json):
+    14336 x 4096 in 4 parts of 14 steps ran 24.8 µs against 28.5 for the row-dot kernel; 4096 x 4096 in 4 parts of
+    4 steps lost (13.2 against 11.8)."""
+    cfg = next((c for c in CONFIGS if cdiv(n, c["BLOCK_N"]) >= MIN_WAVES * num_sms), None)
+    if cfg is not None:
+        return cfg
+    narrow = CONFIGS[-1]
+    tiles, splits = cdiv(n, narrow["BLOCK_N"]), 2
+    while tiles * splits < MIN_WAVES * num_sms:
+        splits *= 2
+    return dict(narrow, splits=splits) if k // narrow["BLOCK_K"] >= splits * MIN_SPLIT_STEPS else None
 
 
 def padded_rows(m: int) -> int:

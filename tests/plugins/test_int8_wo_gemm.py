@@ -208,9 +208,12 @@ def test_wide_layers_with_16_bit_x_take_the_split_mma_path(monkeypatch):
     16 rows of fp16 x there, float32 x and narrow layers to the other kernels."""
     from qcompile.plugins.int8_wo_gemm import kernel, split_mma
 
-    assert split_mma.pick_config(28672, 132) is split_mma.CONFIGS[0]  # 224 programs of 128 rows
-    assert split_mma.pick_config(14336, 132) is split_mma.CONFIGS[1]  # 112 of 128 rows, 224 of 64
-    assert split_mma.pick_config(4096, 132) is None
+    assert split_mma.pick_config(28672, 4096, 132) is split_mma.CONFIGS[0]  # 224 programs of 128 rows
+    assert split_mma.pick_config(14336, 4096, 132) is split_mma.CONFIGS[1]  # 112 of 128 rows, 224 of 64
+    assert split_mma.pick_config(4096, 4096, 132) is None  # 64 programs of 64 rows; 4 parts of 4 K steps
+    # 64 programs of 64 rows, 4 parts of 14 K steps (of 256) give 256 programs
+    assert split_mma.pick_config(4096, 14336, 132) == dict(split_mma.CONFIGS[1], splits=4)
+    assert split_mma.pick_config(4096, 8191, 132) is None  # 31 steps: a part would get 7
     calls = []
     real = split_mma.launch
     monkeypatch.setattr(split_mma, "launch", lambda *a, **kw: calls.append(kw["rows"]) or real(*a, **kw))
@@ -223,6 +226,24 @@ def test_wide_layers_with_16_bit_x_take_the_split_mma_path(monkeypatch):
     kernel.int8_wo_gemm_triton(torch.randn(4, 512), w_q, w_scale, b, num_sms=1)
     kernel.int8_wo_gemm_triton(torch.randn(4, 512).to(torch.float16), w_q, w_scale, b, num_sms=2)
     assert calls == [1, 16, 16]
+
+
+@triton_interp
+def test_narrow_layers_with_a_long_k_split_it_above_one_row(monkeypatch):
+    """A layer too narrow for MIN_WAVES waves of tiles but with K long enough: split K from 2 rows (the GEMV keeps
+    M = 1), the sums float64-close."""
+    from qcompile.plugins.int8_wo_gemm import kernel, split_mma
+
+    calls = []
+    real = split_mma.launch
+    monkeypatch.setattr(split_mma, "launch", lambda *a, **kw: calls.append(kw["cfg"].get("splits")) or real(*a, **kw))
+    k = 256 * split_mma.MIN_SPLIT_STEPS * 2  # 2 parts of MIN_SPLIT_STEPS steps: 4 programs of 64 rows
+    w_q, w_scale, b = make_case(k=k, n=96)
+    for m in (1, 2, 16):
+        x = torch.randn(m, k).to(torch.float16)
+        y = kernel.int8_wo_gemm_triton(x, w_q, w_scale, b, num_sms=2)  # 2 tiles of 64 rows: 0.67 waves
+        assert_close_to(y, oracle(x, w_q, w_scale, b), REL[torch.float16])
+    assert calls == [2, 2]
 
 
 @pytest.mark.gpu
@@ -245,7 +266,7 @@ def test_cuda_op_on_wide_layers_matches_float64(n, m, dtype):
     """Layers wide enough for the split INT8 tensor-core path (each of its two tiles), x with outlier channels."""
     from qcompile.plugins.int8_wo_gemm.split_mma import pick_config
 
-    assert pick_config(n, torch.cuda.get_device_properties(0).multi_processor_count) is not None
+    assert pick_config(n, 1536, torch.cuda.get_device_properties(0).multi_processor_count) is not None
     w_q, w_scale, b = make_case(k=1536, n=n, seed=m)
     x = x_with_outliers(m, 1536, DTYPES[dtype], seed=m)
     y = op(x.cuda(), w_q.cuda(), w_scale.cuda(), b.cuda())
