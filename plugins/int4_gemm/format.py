@@ -13,9 +13,10 @@ Engine layout (what the kernel loads; `torch.int32` `[K/8, N]`, N contiguous):
   - planar (`is_planar`: K and the group size multiples of 64): within each 64 K, word c (0..7) holds
     `k = 16 (j % 4) + 2 c + j // 4`, so nibbles j and j + 4 are the pair (k, k + 1). One LOP3
     `(P >> 4 j) & 0x000F000F` then puts both, as 16-bit floats, in the register pair that the tensor-core
-    MMA's operand holds (`one_dot.py`: no shared-memory round trip). A group stays whole in each 64 K, so
+    MMA's operand holds (`one_dot.py`: no layout conversion before the MMA). A group stays whole in each 64 K, so
     scales and zero points keep their rows. The planar words are the sequential packing of the weight with
-    its rows in `planar_order` (the GEMVs and the dequantization read it with that map). Unsigned (UINT4) weights are stored as `q - 8` with zero points
+    its rows in `planar_order` (the GEMVs and the dequantization read it with that map).
+  Unsigned (UINT4) weights are stored as `q - 8` with zero points
   `zp - 8` (so `q - zp` is unchanged) and a UINT4 weight without zero point gets `zp = -8`.
 
 Zero points in the engine: `torch.int8` `[K/g, N]` (one value per byte, not packed: 1/g of the

@@ -70,16 +70,17 @@ MAGIC16 = {torch.bfloat16: (0x4308, 136.0), torch.float16: (0x6408, 1032.0)}  # 
 # The last bucket has limit None (every larger M). Chosen from tools/tune_int4_gemm.py runs on the H200
 # (benchmarks/int4_tune_v2b.json, then int4_tune_v2c.json around its winners; the M = 1 tile GEMV from
 # benchmarks/int4_tune_gemv.json: within 7% of each decode shape's best but 4096x1024, 1.12x there). The
-# one_dot buckets (planar words, 16-bit x) from benchmarks/int4_planar_probe_one_dot.json: the configuration
-# with the best worst cell over the four Llama-sized layers; "fallback" runs sequential words, fp32 x, and
-# groups that are not multiples of 64 (the earlier mm_t buckets).
+# one_dot buckets (planar words, 16-bit x) from benchmarks/int4_tune_one_dot.json (M = 16 and 64 on the four
+# Llama-sized layers): the configuration whose worst cell is closest to that cell's best (M = 16: within 10%,
+# M = 64: within 3%); "fallback" runs sequential words, fp32 x, and groups that are not multiples of 64 (the
+# earlier mm_t buckets).
 CONFIGS = [
     (1, dict(kernel="gemv", BLOCK_N=512, MIN_TILES=8, BLOCK_K=32, num_warps=2, num_stages=3,
              waves=32)),
     (16, dict(kernel="one_dot", BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3, waves=4, SCALE_W=False,
               fallback=dict(kernel="mm_t", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3,
                             waves=8, SCALE_ACC=False))),
-    (128, dict(kernel="one_dot", BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, waves=2, SCALE_W=True,
+    (128, dict(kernel="one_dot", BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, waves=2, SCALE_W=False,
                fallback=dict(kernel="mm_t", BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3,
                              waves=2, SCALE_ACC=False))),
     (None, dict(kernel="dequant")),
@@ -339,7 +340,8 @@ def _int4_dequant_kernel(
     PLANAR: tl.constexpr = False,
 ):
     """dequant(W) [K, N] in out's dtype from [BLOCK_KW word rows, BLOCK_N] tiles: nibble j of word row w is
-    K row `word_k(w, j, PLANAR)` (8w + j in the sequential order), placed in bits 16..19 of 128.0 (136 + q, as in the GEMV), `((136 + q) - (136 + zp)) * s` in
+    K row `word_k(w, j, PLANAR)` (8w + j in the sequential order), placed in bits 16..19 of 128.0 (136 + q, as in
+    the GEMV), `((136 + q) - (136 + zp)) * s` in
     fp32 (exact, then one rounding to out's dtype, as the reference). When the tile's 8 * BLOCK_KW rows lie in
     one group (`GROUP_ALIGNED`) its scale and zero-point row is loaded once, not once per row."""
     kw = tl.program_id(0) * BLOCK_KW + tl.arange(0, BLOCK_KW)

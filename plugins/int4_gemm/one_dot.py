@@ -4,15 +4,16 @@ Reads the planar engine layout (`format.py`): in each 64 K of a column, word c h
 weights at k = 16 j + 2 c and k + 1. One LOP3 `(w >> 4 j) & 0x000F000F ^ 0x43084308` (fp16: 0x64086408) makes
 both as the 16-bit pair `(136 + q, 136 + q')` (fp16: 1032 + q), which is already the (k, k + 1) register pair of
 the MMA's first operand. The four [BLOCK_N, 16] tiles of a 64-K block and the two blocks of a 128-K step are
-joined in registers (`_cat_k`) into one [BLOCK_N, STEP] operand: one `tl.dot` per step, no shared-memory round
-trip for the weight. Swapped operands, as `_int4_mm_t_kernel`: `y^T = dequant(W)^T @ x^T`, the few rows of x the
+joined in registers (`_cat_k`) into one [BLOCK_N, STEP] operand: one `tl.dot` per step and no layout conversion
+of the decoded weight. Swapped operands, as `_int4_mm_t_kernel`: `y^T = dequant(W)^T @ x^T`, the few rows of x the
 MMA's narrow side.
 
 Why (tools/diag/int4_planar_probe.py, H200, benchmarks/int4_planar_probe_one_dot.json): the sequential-layout
-tile kernel writes each decoded tile to shared memory and reads it back (8 STS, 5 barriers, 8 LDSM per step), and
-a planar kernel with eight 16-deep dots per step waits for each (`wgmma.wait_group 0`). This kernel's SASS has
-16 back-to-back HGMMA per 128-wide step and no STS; it ran 1.14-1.37x the sequential op at M = 16 and 1.05-1.25x
-at M = 64 on the four Llama-sized layers.
+tile kernel converts each decoded tile's layout through shared memory (8 STS, 5 barriers, 8 LDSM per step), and a
+planar kernel with eight 16-deep dots per step waits for each (`wgmma.wait_group 0`). The probe's version of this
+kernel issues the step's HGMMAs back to back (16 for a 128-K step on 128 x 16 tiles) with one wait; it ran
+1.14-1.37x the sequential op at M = 16 and 1.05-1.25x at M = 64 on the four Llama-sized layers. Unmasked loads
+when tiles and splits are whole (`EVEN`): the masks' predicates were 8-15% of the loop's SASS.
 
 Scales: without `SCALE_W` each step's product is scaled (the step lies in one group) and the dot sees exact
 small integers `q - zp`; with it the scale multiplies the weight tile (rounded to x's dtype, as a dequantized
@@ -63,21 +64,30 @@ def _cat_k(a, b, BLOCK_N: tl.constexpr, WIDTH: tl.constexpr):
 
 
 @triton.jit
+def _load(ptrs, ok, EVEN: tl.constexpr, STREAM: tl.constexpr = False):
+    """tl.load of ptrs, 0 where not ok; EVEN: no mask. STREAM: evict first (weights are read once)."""
+    if EVEN:
+        return tl.load(ptrs, eviction_policy="evict_first" if STREAM else "")
+    return tl.load(ptrs, mask=ok, other=0, eviction_policy="evict_first" if STREAM else "")
+
+
+@triton.jit
 def _block64(w_ptr, s_ptr, z_ptr, kb, offs_n, mask_n, N, K, group_size, HAS_ZERO: tl.constexpr,
-             SCALE_W: tl.constexpr, BLOCK_N: tl.constexpr, dt: tl.constexpr, ASM: tl.constexpr):
+             SCALE_W: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, dt: tl.constexpr, ASM: tl.constexpr):
     """(weights [BLOCK_N, 64] of the 64-K block kb as dt: q - zp, times the scale when SCALE_W; fp32 scales
-    [BLOCK_N]). Past K (a split's last steps) the words, scales and zero points load as 0."""
+    [BLOCK_N]). Past N or K (a split's last steps) the words, scales and zero points load as 0; EVEN (whole
+    tiles and splits): no masks."""
     ok = mask_n & (kb * 64 < K)
-    words = tl.load(w_ptr + (kb * 8 + tl.arange(0, 8)).to(tl.int64)[None, :] * N + offs_n[:, None],
-                    mask=ok[:, None], other=0, eviction_policy="evict_first")
+    words = _load(w_ptr + (kb * 8 + tl.arange(0, 8)).to(tl.int64)[None, :] * N + offs_n[:, None], ok[:, None], EVEN,
+                  True)
     a = _cat_k(_cat_k(_tile16(words, 0, BLOCK_N, dt, ASM), _tile16(words, 1, BLOCK_N, dt, ASM), BLOCK_N, 16),
                _cat_k(_tile16(words, 2, BLOCK_N, dt, ASM), _tile16(words, 3, BLOCK_N, dt, ASM), BLOCK_N, 16),
                BLOCK_N, 32)
     g = (kb * 64) // group_size
-    s = tl.load(s_ptr + g * N + offs_n, mask=ok, other=0.0).to(tl.float32)
+    s = _load(s_ptr + g * N + offs_n, ok, EVEN).to(tl.float32)
     offset: tl.constexpr = 1032.0 if dt == tl.float16 else 136.0
     if HAS_ZERO:  # c + z is exact in 16 bits (128..143 in bf16, 1024..1039 in fp16), so is (c + q) - (c + z)
-        z = tl.load(z_ptr + g * N + offs_n, mask=ok, other=0).to(tl.float32)
+        z = _load(z_ptr + g * N + offs_n, ok, EVEN).to(tl.float32)
         a = a - (offset + z).to(dt)[:, None]
     else:
         a = a - offset
@@ -88,20 +98,23 @@ def _block64(w_ptr, s_ptr, z_ptr, kb, offs_n, mask_n, N, K, group_size, HAS_ZERO
 
 @triton.jit
 def _step(x_ptr, w_ptr, s_ptr, z_ptr, k0, offs_m, mask_m, offs_n, mask_n, N, K, stride_xm, group_size,
-          HAS_ZERO: tl.constexpr, SCALE_W: tl.constexpr, HALVES: tl.constexpr, BLOCK_N: tl.constexpr,
-          ASM: tl.constexpr):
+          HAS_ZERO: tl.constexpr, SCALE_W: tl.constexpr, EVEN: tl.constexpr, HALVES: tl.constexpr,
+          BLOCK_N: tl.constexpr, ASM: tl.constexpr):
     """(weights [BLOCK_N, 64 HALVES], x^T [64 HALVES, BLOCK_M], fp32 scales [BLOCK_N] of the first block) of the
     step at k0."""
     dt: tl.constexpr = x_ptr.dtype.element_ty
-    a, s = _block64(w_ptr, s_ptr, z_ptr, k0 // 64, offs_n, mask_n, N, K, group_size, HAS_ZERO, SCALE_W, BLOCK_N,
-                    dt, ASM)
+    a, s = _block64(w_ptr, s_ptr, z_ptr, k0 // 64, offs_n, mask_n, N, K, group_size, HAS_ZERO, SCALE_W, EVEN,
+                    BLOCK_N, dt, ASM)
     if HALVES == 2:
         a1, s1 = _block64(w_ptr, s_ptr, z_ptr, k0 // 64 + 1, offs_n, mask_n, N, K, group_size, HAS_ZERO, SCALE_W,
-                          BLOCK_N, dt, ASM)
+                          EVEN, BLOCK_N, dt, ASM)
         a = _cat_k(a, a1, BLOCK_N, 64)
     offs_k = k0 + tl.arange(0, 64 * HALVES)
-    xt = tl.load(x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + offs_k[:, None],
-                 mask=mask_m[None, :] & (offs_k < K)[:, None], other=0.0)
+    x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + offs_k[:, None]
+    if EVEN:
+        xt = tl.load(x_ptrs, mask=mask_m[None, :], other=0.0)
+    else:
+        xt = tl.load(x_ptrs, mask=mask_m[None, :] & (offs_k < K)[:, None], other=0.0)
     return a, xt, s
 
 
@@ -109,7 +122,7 @@ def _step(x_ptr, w_ptr, s_ptr, z_ptr, k0, offs_m, mask_m, offs_n, mask_n, N, K, 
 def _int4_one_dot_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, group_size, k_per_split,
     K_STEPS: tl.constexpr, HAS_ZERO: tl.constexpr, SCALE_W: tl.constexpr, HALVES: tl.constexpr,
-    ATOMIC: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN: tl.constexpr, ATOMIC: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """y [M, N] (or its split-K part) from K_STEPS steps of 64 HALVES K, one dot each; grid (N tiles, K splits,
     M tiles)."""
@@ -120,17 +133,17 @@ def _int4_one_dot_kernel(
     k_lo = tl.program_id(1) * k_per_split
     if SCALE_W:
         a, xt, s = _step(x_ptr, w_ptr, s_ptr, z_ptr, k_lo, offs_m, mask_m, offs_n, mask_n, N, K, stride_xm,
-                         group_size, HAS_ZERO, True, HALVES, BLOCK_N, ASM)
+                         group_size, HAS_ZERO, True, EVEN, HALVES, BLOCK_N, ASM)
         acc = tl.dot(a, xt)
         for step in range(1, K_STEPS):
             a, xt, s = _step(x_ptr, w_ptr, s_ptr, z_ptr, k_lo + step * 64 * HALVES, offs_m, mask_m, offs_n, mask_n,
-                             N, K, stride_xm, group_size, HAS_ZERO, True, HALVES, BLOCK_N, ASM)
+                             N, K, stride_xm, group_size, HAS_ZERO, True, EVEN, HALVES, BLOCK_N, ASM)
             acc = tl.dot(a, xt, acc)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for step in range(0, K_STEPS):
             a, xt, s = _step(x_ptr, w_ptr, s_ptr, z_ptr, k_lo + step * 64 * HALVES, offs_m, mask_m, offs_n, mask_n,
-                             N, K, stride_xm, group_size, HAS_ZERO, False, HALVES, BLOCK_N, ASM)
+                             N, K, stride_xm, group_size, HAS_ZERO, False, EVEN, HALVES, BLOCK_N, ASM)
             acc += tl.dot(a, xt) * s[:, None]
     store_tile(y_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None], acc, mask_m[None, :] & mask_n[:, None],
                ATOMIC)
@@ -158,8 +171,9 @@ def launch(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, asm: b
          else torch.empty((m, n), dtype=out_dtype, device=x2d.device))
     wrap(_int4_one_dot_kernel)[(tiles_n, splits, cdiv(m, cfg["BLOCK_M"]))](
         x2d, w_packed, w_scale, optional_arg(w_zero, w_scale), y, m, n, k, x2d.stride(0), group_size, per,
-        K_STEPS=per // step, HAS_ZERO=w_zero is not None, SCALE_W=cfg.get("SCALE_W", False) or group_size % step != 0,
-        HALVES=halves, ATOMIC=splits > 1, ASM=asm, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        K_STEPS=per // step, HAS_ZERO=w_zero is not None,
+        SCALE_W=cfg.get("SCALE_W", False) or group_size % step != 0, HALVES=halves,
+        EVEN=n % cfg["BLOCK_N"] == 0 and splits * per == k, ATOMIC=splits > 1, ASM=asm,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return y

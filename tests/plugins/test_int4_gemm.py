@@ -128,7 +128,8 @@ def test_planar_engine_layout_is_bit_exact(k, group):
             for j in range(4):
                 for t in range(2):
                     kk = 64 * block + 16 * j + 2 * c + t
-                    expect[8 * block + c] |= (v[kk].astype(np.int64) & 0xF).astype(np.uint64) << np.uint64(4 * (j + 4 * t))
+                    nibble = (v[kk].astype(np.int64) & 0xF).astype(np.uint64)
+                    expect[8 * block + c] |= nibble << np.uint64(4 * (j + 4 * t))
     got = to_engine(torch.from_numpy(v), group)
     np.testing.assert_array_equal(got.numpy().view(np.uint32), expect.astype(np.uint32))
     np.testing.assert_array_equal(from_engine(got, group).numpy(), v)
@@ -437,23 +438,26 @@ def test_triton_path_interpreter(m, group, monkeypatch):
 
 
 ONE_DOT_SHAPES = pytest.mark.parametrize(
-    "k, group", [(384, 64), (384, 128), (384, "channel"), (320, 64), (320, "channel")],
+    "k, group", [(1024, 64), (1024, 128), (1024, "channel"), (320, 64), (320, "channel")],
     ids=["128steps-g64", "128steps-g128", "128steps-channel", "64steps-g64", "64steps-channel"])
 
 
 def check_one_dot(k, group, zero, dtype, rel, device="cpu"):
-    """The one-dot kernel on planar words: 128-K steps and 64-K steps, a partial N tile and M tile, split K
-    (atomics) and not, the scale on the product and on the weight tile (forced for 64-K groups in 128-K
-    steps). Float64-close."""
+    """The one-dot kernel on planar words: 128-K steps and 64-K steps, a partial N tile (n = 80) or whole tiles
+    (n = 96: the unmasked loads when K is not split unevenly), a partial M tile, split K (atomics; 320 = 2
+    splits of 3 64-K steps, the last one past K) and not, the scale on the
+    product and on the weight tile (forced for 64-K groups in 128-K steps). Float64-close."""
+    from qcompile.plugins.gemm_dispatch import split_for_waves
     from qcompile.plugins.int4_gemm import one_dot
 
-    n = 80
-    case = make_case(k=k, n=n, group=group, zero=zero, seed=k)
-    weights = [t.to(device) if t is not None else None for t in (case["w_packed"], case["scale"], case["w_zero"])]
-    for m in (3, 17):
+    for n, m in ((80, 3), (80, 17), (96, 5)):
+        case = make_case(k=k, n=n, group=group, zero=zero, seed=k)
+        weights = [t.to(device) if t is not None else None for t in (case["w_packed"], case["scale"], case["w_zero"])]
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
         ref = oracle(x, {**case, "bias": None})
-        for waves, scale_w in ((0, False), (4, False), (4, True)):
+        step = 128 if k % 128 == 0 else 64
+        assert split_for_waves(k, -(-n // 32), step, 16, 1)[0] > 1  # waves = 16 splits K
+        for waves, scale_w in ((0, False), (16, False), (16, True), (0, True)):
             cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "waves": waves, "SCALE_W": scale_w}
             y = one_dot.launch(x.to(device), *weights, case["g"], cfg, asm=device != "cpu", out_dtype=torch.float32,
                                num_sms=1)
