@@ -1,6 +1,7 @@
 """Triton kernels of `qcompile::int4_groupwise_gemm` (CUDA only; imported lazily: CPU machines have no Triton).
 
-Kernels (all read the engine layout of `format.py`: int32 words [K/8, N], N contiguous):
+Kernels (all read the engine layout of `format.py`: int32 words [K/8, N], N contiguous, K in the sequential or
+the planar order; mm_t and mm read it sequentially, so on planar words x's columns are gathered first):
 
 - `_int4_gemv_kernel` (one row of x per program; M = 1): streams [BLOCK_K/8 word rows, BLOCK_N] weight tiles
   and multiplies without tensor cores (at M = 1 the job is moving weight bytes). With fp16/bf16 x the 8
@@ -9,11 +10,14 @@ Kernels (all read the engine layout of `format.py`: int32 words [K/8, N], N cont
   range); fp32 x keeps the exact fp32 path (each nibble OR-ed into 128.0's mantissa: 136 + q). K is split
   until about `waves` waves of programs stream the weight; partial sums meet in fp32 atomics. The fp16x2
   path took 8192 x 28672 from 57.6 to 39.0 µs (benchmarks/int4_stream_probe*.json).
-- `_int4_mm_t_kernel` (swapped operands, small M): `y^T = dequant(W)^T @ x^T`, so the dequantized weight
-  tile is the MMA's first operand and the few rows of x its narrow side; nibbles unpacked in registers with
-  `tl.interleave`. Split-K like the GEMV. Triton writes each decoded tile to shared memory and reads it back in
-  the MMA's layout. Kernels of this kind are bound by their own loop, not HBM: a variant without that round trip
-  (tools/diag/int4_planar_probe.py) was only 2-23% faster with its weight read from L2 than from HBM.
+- `one_dot._int4_one_dot_kernel` (2-128 rows of 16-bit x, planar words): one tensor-core MMA per K step, the
+  weight decoded by one LOP3 per pair straight into the MMA operand's layout (see `one_dot.py`).
+- `_int4_mm_t_kernel` (swapped operands, small M; the fallback of the one_dot buckets):
+  `y^T = dequant(W)^T @ x^T`, so the dequantized weight tile is the MMA's first operand and the few rows of x
+  its narrow side; nibbles unpacked in registers with `tl.interleave`. Split-K like the GEMV. Triton writes each
+  decoded tile to shared memory and reads it back in the MMA's layout. Kernels of this kind are bound by their
+  own loop, not HBM: a planar variant with a dot per 16 K (tools/diag/int4_planar_probe.py) was only 2-23%
+  faster with its weight read from L2 than from HBM.
 - `_int4_mm_kernel` (tiles of BLOCK_M rows, any M, grouped tile order): the plain orientation, with
   in-register (`UNPACK`) or duplicate-address nibble loads. It lost to mm_t and to dequantize + cuBLAS on
   the H200; it runs for groups that are not whole steps of >= 16 (e.g. 8), which mm_t and the GEMV cannot take.

@@ -20,9 +20,10 @@ pipelines. With the weight read from L2 (--hot) the wgmma kernel was still 64.7 
 (83.6 streaming) and 131.8 at M = 64 (142.1): the kernel's own work, not HBM, sets the time. Its SASS shows
 why: each of the step's eight 16-deep dots ends in a full wait (Triton emits `wgmma.wait_group 0`), so decoding
 and MMAs never overlap; the product's tile kernel keeps its wgmmas in flight but pays the shared-memory round
-trip. `_planar_one_dot_kernel` (--one-dot) has neither: one WARPGROUP.DEPBAR per step in its SASS and no STS,
-or, with the scale on the weight tile (SCALE_A), wgmmas that stay in flight into the next step. It was written
-after the session's device time was spent and has not run on the H200.
+trip. `_planar_one_dot_kernel` (--one-dot) has neither: one WARPGROUP.DEPBAR per step in its SASS, or, with
+the scale on the weight tile (SCALE_A), wgmmas that stay in flight into the next step. Its H200 run (sixteenth
+session, benchmarks/int4_planar_probe_one_dot.json) was 1.14-1.37x the op at M = 16 and 1.05-1.25x at M = 64, and
+it became the product's `plugins/int4_gemm/one_dot.py` (with the planar layout as the engine layout).
 """
 from __future__ import annotations
 
@@ -347,7 +348,8 @@ def main():
     ap.add_argument("--ms", type=int, nargs="*", default=[1, 16, 64])  # M = 256 ran in the first run only
     ap.add_argument("--hot", action="store_true", help="best wgmma tiles with the weight streamed and from L2")
     ap.add_argument("--narrow", action="store_true", help="16-32 weight rows per program (mma.sync)")
-    ap.add_argument("--one-dot", action="store_true", help="one dot per 128-long step (not yet run on the H200)")
+    ap.add_argument("--one-dot", action="store_true",
+                    help="one dot per 128-long step (now plugins/int4_gemm/one_dot.py)")
     args = ap.parse_args()
     global PROBE
     PROBE = "hot" if args.hot else "narrow" if args.narrow else "one_dot" if args.one_dot else "sweep"
