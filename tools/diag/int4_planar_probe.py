@@ -38,39 +38,11 @@ import triton.language as tl
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])  # tools/
 
+from qcompile.plugins.int4_gemm.one_dot import _cat_k, _pair, _tile16  # noqa: E402  (the decoding, shared)
 from qcompile.plugins.triton_tiles import store_tile  # noqa: E402
 
 STEP = 128  # K per step; also the group size this probe handles
 PROBE = "sweep"  # or "hot", "narrow", "one_dot": the configuration sets of `configs`
-
-
-@triton.jit
-def _pair(w, FP16: tl.constexpr, ASM: tl.constexpr):
-    """int32 holding the 16-bit float pair (c + q_lo, c + q_hi) of nibbles 0 and 4 of w (bf16: c = 136; fp16:
-    c = 1032)."""
-    if ASM:
-        if FP16:
-            return tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F000F, 0x64086408, 0x6a;", "=r,r", [w],
-                                             dtype=tl.int32, is_pure=True, pack=1)
-        return tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F000F, 0x43084308, 0x6a;", "=r,r", [w],
-                                         dtype=tl.int32, is_pure=True, pack=1)
-    return (w & 0x000F000F) ^ (0x64086408 if FP16 else 0x43084308)
-
-
-@triton.jit
-def _tile16(words, j: tl.constexpr, BLOCK_N: tl.constexpr, dt: tl.constexpr, ASM: tl.constexpr):
-    """[BLOCK_N, 16] of 16-bit `c + q` (k = 16 j + 2 c + t of this half-step) from nibbles j and j + 4 of words
-    [BLOCK_N, 8]: each (k, k + 1) pair is one LOP3's output."""
-    p = _pair(words >> (4 * j), dt == tl.float16, ASM)
-    lo = p.to(tl.int16).to(dt, bitcast=True)
-    hi = (p >> 16).to(tl.int16).to(dt, bitcast=True)
-    return tl.join(lo, hi).reshape(BLOCK_N, 16)
-
-
-@triton.jit
-def _cat_k(a, b, BLOCK_N: tl.constexpr, WIDTH: tl.constexpr):
-    """[BLOCK_N, 2 WIDTH]: a's columns then b's (registers only: the pair index becomes a register bit)."""
-    return tl.join(a, b).permute(0, 2, 1).reshape(BLOCK_N, 2 * WIDTH)
 
 
 @triton.jit
@@ -209,14 +181,9 @@ def _planar_sync_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, k_per_sp
 
 
 def to_planar(q: torch.Tensor) -> torch.Tensor:
-    """int4 values q [K, N] (int8 in [-8, 7]) -> int32 words [K/8, N] in the planar order."""
-    k, n = q.shape
-    nib = (q.to(torch.int64) & 0xF).reshape(k // 128, 2, 4, 8, 2, n)  # b, h, j, c, t, n: k = 128b+64h+16j+2c+t
-    nib = nib.permute(0, 1, 3, 4, 2, 5).reshape(k // 8, 8, n)  # word (b, h, c), nibble 4 t + j
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=q.device).reshape(1, 8, 1)
-    words = (nib << shifts).sum(1)
-    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
-    return words
+    """int4 values q [K, N] (int8 in [-8, 7]) -> int32 words [K/8, N] in the planar order (now the engine's)."""
+    from qcompile.plugins.int4_gemm.format import to_engine
+    return to_engine(q, STEP)
 
 
 def launch(x, words, scale, cfg: dict, asm: bool = True, num_sms: int = 132):
