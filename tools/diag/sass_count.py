@@ -5,7 +5,8 @@ SASS read: the loop's instruction histogram divided by the weights each thread h
 weight-streaming kernel can keep up with HBM (the H200 issues about 33 T thread-instructions/s: 132 SMs x 4
 schedulers x 32 lanes x ~1.98 GHz; 235 M weights at 3 instructions each is 21 µs, at 6.7 it is 47 µs).
 
-    python3 tools/diag/sass_count.py [int4_mm_t int4_gemv_fp32 int4_gemv_half2 fp4_gemm w8a16_row_dot]   # default: all
+    python3 tools/diag/sass_count.py [int4_mm_t int4_gemv_fp32 int4_gemv_half2 int4_gemv_half2_planar int4_one_dot_16
+                                      int4_one_dot_64 fp4_gemm w8a16_row_dot]   # default: all
 
 The first backward branch is taken as the main loop. Not part of the product.
 
@@ -72,12 +73,18 @@ def _cases():
            dict(K_STEPS=8, HAS_ZERO=False, ROW_SCALE=False, ATOMIC=True, SCALE_ACC=False, MAGIC_BITS=0x4308,
                 MAGIC_VALUE=136.0, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128), div, 4, 3, 64 * 128 // 128)
     gemv_sig = {k: v for k, v in mm_sig.items() if k not in ("rs_ptr", "M")}
-    for half2 in (False, True):
-        yield ("int4_gemv" + ("_half2" if half2 else "_fp32"), k4._int4_gemv_kernel,
+    for half2, planar in ((False, False), (True, False), (True, True)):
+        yield ("int4_gemv" + ("_half2" if half2 else "_fp32") + ("_planar" if planar else ""), k4._int4_gemv_kernel,
                dict(gemv_sig, x_ptr="*bf16" if half2 else "*fp32"),
                dict(K_STEPS=8, HAS_ZERO=False, ATOMIC=True, HALF2=half2, ASM=True, BLOCK_N=512, BLOCK_K=32,
-                    PIPELINE=0),
+                    PIPELINE=0, PLANAR=planar),
                [d for d in div if d != "rs_ptr"], 2, 3, 512 * 32 // 64)
+    from qcompile.plugins.int4_gemm import one_dot
+    od_sig = {k: v for k, v in mm_sig.items() if k != "rs_ptr"}
+    for bm in (16, 64):  # the shipped buckets' tiles (64 weight rows), the scale on the product
+        yield (f"int4_one_dot_{bm}", one_dot._int4_one_dot_kernel, dict(od_sig, y_ptr="*bf16"),
+               dict(K_STEPS=8, HAS_ZERO=False, SCALE_W=False, HALVES=2, EVEN=True, ATOMIC=False, ASM=True,
+                    BLOCK_M=bm, BLOCK_N=64), [d for d in div if d != "rs_ptr"], 4, 3, 64 * 128 // 128)
     from qcompile.plugins.fp4_gemm import kernel as f4
     fp4_sig = dict(x_ptr="*bf16", w_ptr="*u8", s_ptr="*u8", g_ptr="*fp32", b_ptr="*bf16", y_ptr="*fp32",
                    **ptrs(["M", "N", "K", "stride_xm"], "i32"))
