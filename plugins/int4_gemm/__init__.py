@@ -14,8 +14,9 @@ act_quant "none", and W4A16 nodes are still written as version 1.
 - op `torch.ops.qcompile.int4_groupwise_gemm(x, w_packed, w_scale, w_zero, bias, group_size,
   x_scale=None, x_dynamic=False)`:
   * `x`: float32 / float16 / bfloat16 `[..., K]`, any number of rows M (dynamic);
-  * `w_packed`: engine layout, int32 `[K/8, N]`, word `[i, n]` holds `q[8i + j, n]` (signed nibble,
-    two's complement) in bits 4j..4j+3, K a multiple of 8;
+  * `w_packed`: engine layout, int32 `[K/8, N]` of signed (two's complement) nibbles, K a multiple of 8: when K
+    and g are multiples of 64 the planar order (in each 64 K, word c holds k = 16 j + 2 c + t in nibble j + 4 t),
+    else word `[i, n]` holds `q[8i + j, n]` in bits 4j..4j+3 (`format.py`, `format.to_engine(q, g)`);
   * `w_scale`: float32/float16/bfloat16 `[K/g, N]`, strictly positive;
   * `w_zero`: int8 `[K/g, N]` (integer zero point, one per byte) or None (symmetric);
   * `bias`: `[N]` float or None; `group_size` g divides K (32, 64, 128, or K = per channel);

@@ -15,7 +15,7 @@ K, N, G = 64, 24, 32
 BIT_OPS = ("bitwise", "shift", "__and__", "__or__", "__lshift__", "__rshift__")
 
 
-def _model(signed: bool, weight_through_identity: bool = False) -> tuple[onnx.ModelProto, dict]:
+def _model(signed: bool, weight_through_identity: bool = False, K=K, G=G) -> tuple[onnx.ModelProto, dict]:
     rng = np.random.default_rng(5)
     dt = TensorProto.INT4 if signed else TensorProto.UINT4
     q = rng.integers(-8, 8, (K, N)) if signed else rng.integers(0, 16, (K, N))
@@ -37,13 +37,13 @@ def _model(signed: bool, weight_through_identity: bool = False) -> tuple[onnx.Mo
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", N])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
     onnx_schema.add_to_model(model)
-    return model, {"q": q, "zero": zero, "scale": scale, "bias": bias}
+    return model, {"q": q, "zero": zero, "scale": scale, "bias": bias, "g": G}
 
 
 def _oracle(x: np.ndarray, p: dict) -> np.ndarray:
     """float64 numpy: x @ ((q - zp) * scale) + bias, from the ONNX values."""
-    zp = 0.0 if p["zero"] is None else np.repeat(p["zero"], G, axis=0)
-    w = (p["q"] - zp) * np.repeat(p["scale"].astype(np.float64), G, axis=0)
+    zp = 0.0 if p["zero"] is None else np.repeat(p["zero"], p["g"], axis=0)
+    w = (p["q"] - zp) * np.repeat(p["scale"].astype(np.float64), p["g"], axis=0)
     return x.astype(np.float64) @ w + p["bias"]
 
 
@@ -52,6 +52,18 @@ def _engine_words(q: np.ndarray, signed: bool) -> np.ndarray:
     v = (q - (0 if signed else 8)).astype(np.int64) & 0xF
     words = sum(v[j::8] << (4 * j) for j in range(8)).astype(np.uint32)
     return words.view(np.int32)
+
+
+def _planar_engine_words(q: np.ndarray) -> np.ndarray:
+    """Independent planar packing (signed q): in each 64 K, word c holds k = 16 j + 2 c + t in nibble j + 4 t."""
+    v = q.astype(np.int64) & 0xF
+    words = np.zeros((q.shape[0] // 8, q.shape[1]), np.int64)
+    for block in range(q.shape[0] // 64):
+        for c in range(8):
+            for j in range(4):
+                for t in range(2):
+                    words[8 * block + c] |= v[64 * block + 16 * j + 2 * c + t] << (4 * (j + 4 * t))
+    return words.astype(np.uint32).view(np.int32)
 
 
 def _bit_ops(ep) -> list[str]:
@@ -77,6 +89,19 @@ def test_exported_program_holds_engine_words_and_does_not_repack(signed):
         xm = np.random.default_rng(m).standard_normal((m, K)).astype(np.float32)
         (got,) = ep.module()(torch.from_numpy(xm))
         np.testing.assert_allclose(got.numpy(), _oracle(xm, p), rtol=1e-4, atol=1e-4)
+
+
+def test_groups_of_64_reach_the_engine_in_the_planar_order():
+    """K and the group multiples of 64: the lowered program holds the planar words (format.is_planar)."""
+    model, p = _model(signed=True, K=128, G=64)
+    prog = lower_onnx(model)
+    x = np.random.default_rng(3).standard_normal((2, 128)).astype(np.float32)
+    ep = torch.export.export(prog, (torch.from_numpy(x),))
+    words = [v for v in {**ep.state_dict, **ep.constants}.values()
+             if isinstance(v, torch.Tensor) and v.dtype == torch.int32]
+    assert len(words) == 1
+    np.testing.assert_array_equal(words[0].numpy(), _planar_engine_words(p["q"]))
+    np.testing.assert_allclose(ep.module()(torch.from_numpy(x))[0].numpy(), _oracle(x, p), rtol=1e-4, atol=1e-4)
 
 
 def test_weight_computed_in_the_graph_is_converted_in_forward():
