@@ -214,13 +214,13 @@ def part(k, n, m, dtype=torch.bfloat16):
     sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
     from gpu_timing import bench, rotating
     from qcompile.plugins.int4_gemm import register
-    from qcompile.plugins.int4_gemm.format import pack_sequential
+    from qcompile.plugins.int4_gemm.format import to_engine
 
     x, q, wb, gs, b, ref = make_case(k, n, m, dtype, "cuda")
     res = {}
     nbf = rotating(lambda: torch.randn(n, k, device="cuda", dtype=dtype), n * k * 2)
     res["bf16"] = bench(lambda: torch.nn.functional.linear(x, nbf(), b))
-    words = pack_sequential(q.t())
+    words = to_engine(q.t(), G)
     gs_kn = gs.t().contiguous()
     nwd = rotating(lambda: words.clone(), n * k // 2)
     op = register()

@@ -189,15 +189,10 @@ def to_planar(q: torch.Tensor) -> torch.Tensor:
 def launch(x, words, scale, cfg: dict, asm: bool = True, num_sms: int = 132):
     """fp32 -> x.dtype `x @ dequant(W)`: cfg["kind"] "sync" (`_planar_sync_kernel`), "one_dot"
     (`_planar_one_dot_kernel`) or else the swapped `_planar_kernel`."""
+    from probe_util import even_splits
     m, k = x.shape
     n = scale.shape[1]
-    tiles = n // cfg["BLOCK_N"]
-    steps = k // STEP
-    splits = max(1, min(steps, round(cfg["waves"] * num_sms / tiles)))
-    per_steps = -(-steps // splits)
-    splits = -(-steps // per_steps)
-    if steps % per_steps:
-        raise ValueError("uneven split")
+    tiles, splits, per_steps = even_splits(k, n, cfg, STEP, num_sms)
     y = (torch.zeros if splits > 1 else torch.empty)((m, n), device=x.device, dtype=torch.float32)
     grid = (tiles, splits, triton.cdiv(m, cfg["BLOCK_M"]))
     common = dict(STEPS=per_steps if os.environ.get("TRITON_INTERPRET") == "1" else 0, ASM=asm, ATOMIC=splits > 1,

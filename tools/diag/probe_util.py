@@ -18,6 +18,19 @@ def run_part(results: dict, label: str, fn, *args) -> None:
     torch.cuda.empty_cache()
 
 
+def even_splits(k: int, n: int, cfg: dict, step: int, num_sms: int) -> tuple[int, int, int]:
+    """(N tiles, K splits, steps per split) for about cfg["waves"] waves of programs; the probes' kernels take
+    whole N tiles and equal splits only (ValueError otherwise)."""
+    tiles = n // cfg["BLOCK_N"]
+    steps = k // step
+    splits = max(1, min(steps, round(cfg["waves"] * num_sms / tiles)))
+    per_steps = -(-steps // splits)
+    splits = -(-steps // per_steps)
+    if steps % per_steps or n % cfg["BLOCK_N"] or k % step:
+        raise ValueError("uneven tiles or splits")
+    return tiles, splits, per_steps
+
+
 def save(results: dict, name: str) -> None:
     """The results as JSON at $OUT/name (when OUT is set, as gpu_session.sh sets it)."""
     if os.environ.get("OUT"):

@@ -137,7 +137,7 @@ def part_b(k, n, dtype=torch.bfloat16):
 
 
 def part_c(k, n, dtype=torch.bfloat16):
-    from qcompile.plugins.int4_gemm.format import pack_sequential
+    from qcompile.plugins.int4_gemm.format import pack_sequential, to_engine
     from qcompile.plugins.int4_gemm.op import int4_groupwise_gemm  # noqa: F401  (registers the op)
 
     g = 128
@@ -147,8 +147,8 @@ def part_c(k, n, dtype=torch.bfloat16):
     scale_ng = (torch.rand(n, k // g, device="cuda") * 0.01 + 0.001).to(dtype)
     w = q.double() * scale_ng.double().repeat_interleave(g, dim=1)
     ref = x.double() @ w.t() + bias.double()
-    words_kn = pack_sequential(q.t())  # our engine layout [K/8, N]; the row layout is its transpose
-    words = words_kn.t().contiguous()
+    words = pack_sequential(q.t()).t().contiguous()  # the row layout: sequential words, [N, K/8]
+    words_kn = to_engine(q.t(), g)  # the op's engine words
     res = {}
     nbf = rotating(lambda: torch.randn(n, k, device="cuda", dtype=dtype), n * k * 2)
     res["bf16"] = bench(lambda: torch.nn.functional.linear(x, nbf(), bias))

@@ -1,0 +1,212 @@
+"""Diagnostic (H200): NVFP4 / MXFP4 on the tensor cores with the INT4 one-dot design, next to the FP4 op, the
+INT4 op and cuBLAS bf16 (CUDA-graph replay, rotating weights; every configuration checked against float64
+first). Not part of the product.
+
+Why: the FP4 tile kernel converts each decoded tile's layout through shared memory, as the INT4 tile kernel did
+before `plugins/int4_gemm/one_dot.py` replaced it (1.14-1.37x at M = 16 on the H200). Since then the FP4 op has
+fallen behind INT4 at 16-64 rows (0.60-0.85x of INT4's speed, benchmarks/fp4_int4_gemm_s16.json).
+
+Layout: the E2M1 codes in INT4's planar order (`int4_gemm.format.to_engine` of the codes as signed nibbles):
+in each 64 K, word c holds k = 16 j + 2 c + t in nibble j + 4 t, so nibbles j and j + 4 are a (k, k + 1) pair.
+Scales transposed to [K/B, N].
+
+Decoding a pair without a table: code `s e1 e0 m` -> 16-bit float bits `(code & 7) << 9 | (code & 8) << 12`
+(fp16) or `(code & 7) << 6 | (code & 8) << 12` (bf16) is the E2M1 value times 2^-14 (fp16) or 2^-126 (bf16),
+the zero-exponent codes included (they become subnormals: +-0.5 is 2^-15 in fp16, 2^-127 in bf16). Each 16-K
+tile is then multiplied by its block scale times a power of two that brings it back (one HMUL2 per pair):
+NVFP4 `s * 2^6` (fp16) / `s * 2^118` (bf16), leaving 2^-8 for the fp32 epilogue with the global scale; MXFP4
+`2^(e - 127 + 14)` / `2^(e - 127 + 126)`, exact (built as fp32 bits: scale codes up to 129 for bf16). bf16
+depends on the tensor cores' HMUL2.BF16 keeping subnormal inputs: the float64 check before timing shows whether
+it does.
+
+    OUT=... python3 tools/diag/fp4_one_dot_probe.py [--shapes KxN ...] [--ms 1 16 64]
+
+Written in the sixteenth session after its device time was spent: checked on the CPU only (the interpreter, fp16,
+against float64, NVFP4 and MXFP4, split K or not), not yet run on the H200. Its SASS for sm_90 (compiled on the
+CPU, bf16) is 7.8-8.7 instructions per weight at 16 rows (NVFP4) and 6.7-7.8 (MXFP4), against the FP4 tile
+kernel's 7.2 and the INT4 one-dot kernel's 4.5: many PRMT and IMAD (the per-tile scale broadcast into pairs and
+the fp8 -> bf16 scale conversion are the first suspects). So it may not win as it stands; the run will tell.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, __file__.rsplit("/", 2)[0])  # tools/
+
+from qcompile.plugins.int4_gemm.one_dot import _cat_k  # noqa: E402
+from qcompile.plugins.triton_tiles import store_tile  # noqa: E402
+
+STEP = 128  # K per step
+
+
+@triton.jit
+def _fp4_tile16(words, j: tl.constexpr, scale, BLOCK_N: tl.constexpr, dt: tl.constexpr):
+    """[BLOCK_N, 16] E2M1 values of k = 16 j .. 16 j + 15 of a 64-K block (words [BLOCK_N, 8]) times `scale`
+    [BLOCK_N] (dt; it carries the decoding's power of two)."""
+    t = words >> (4 * j)
+    if dt == tl.float16:
+        p = ((t & 0x00070007) << 9) | ((t & 0x00080008) << 12)
+    else:
+        p = ((t & 0x00070007) << 6) | ((t & 0x00080008) << 12)
+    lo = p.to(tl.int16).to(dt, bitcast=True)
+    hi = (p >> 16).to(tl.int16).to(dt, bitcast=True)
+    return tl.join(lo, hi).reshape(BLOCK_N, 16) * scale[:, None]
+
+
+@triton.jit
+def _block_scale(s_ptr, blk, offs_n, N, MX: tl.constexpr, dt: tl.constexpr):
+    """Scale [BLOCK_N] of block row blk in dt, times the decoding's power of two (see the module doc)."""
+    raw = tl.load(s_ptr + blk * N + offs_n)
+    if MX:  # E8M0 bits e: 2^(e - 127 + 14) (fp16) / 2^(e - 127 + 126) (bf16) as fp32 bits
+        e = raw.to(tl.int32) + (14 if dt == tl.float16 else 126)
+        return (e << 23).to(tl.float32, bitcast=True).to(dt)
+    up: tl.constexpr = 64.0 if dt == tl.float16 else 3.3230699894622794e35  # 2^6, 2^118
+    return (raw.to(tl.float8e4nv, bitcast=True).to(tl.float32) * up).to(dt)
+
+
+@triton.jit
+def _block64(w_ptr, s_ptr, kb, offs_n, N, MX: tl.constexpr, BLOCK_N: tl.constexpr, dt: tl.constexpr):
+    """[BLOCK_N, 64] scaled weights of the 64-K block kb."""
+    words = tl.load(w_ptr + (kb * 8 + tl.arange(0, 8)).to(tl.int64)[None, :] * N + offs_n[:, None],
+                    eviction_policy="evict_first")
+    if MX:  # 32-K blocks: tiles 0, 1 share one scale, tiles 2, 3 the next
+        s0 = _block_scale(s_ptr, kb * 2, offs_n, N, True, dt)
+        s2 = _block_scale(s_ptr, kb * 2 + 1, offs_n, N, True, dt)
+        s1, s3 = s0, s2
+    else:
+        s0 = _block_scale(s_ptr, kb * 4, offs_n, N, False, dt)
+        s1 = _block_scale(s_ptr, kb * 4 + 1, offs_n, N, False, dt)
+        s2 = _block_scale(s_ptr, kb * 4 + 2, offs_n, N, False, dt)
+        s3 = _block_scale(s_ptr, kb * 4 + 3, offs_n, N, False, dt)
+    return _cat_k(_cat_k(_fp4_tile16(words, 0, s0, BLOCK_N, dt), _fp4_tile16(words, 1, s1, BLOCK_N, dt), BLOCK_N, 16),
+                  _cat_k(_fp4_tile16(words, 2, s2, BLOCK_N, dt), _fp4_tile16(words, 3, s3, BLOCK_N, dt), BLOCK_N, 16),
+                  BLOCK_N, 32)
+
+
+@triton.jit
+def _step(x_ptr, w_ptr, s_ptr, k0, offs_m, mask_m, offs_n, N, stride_xm, MX: tl.constexpr, BLOCK_N: tl.constexpr):
+    dt: tl.constexpr = x_ptr.dtype.element_ty
+    a = _cat_k(_block64(w_ptr, s_ptr, k0 // 64, offs_n, N, MX, BLOCK_N, dt),
+               _block64(w_ptr, s_ptr, k0 // 64 + 1, offs_n, N, MX, BLOCK_N, dt), BLOCK_N, 64)
+    xt = tl.load(x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + (k0 + tl.arange(0, 128))[:, None],
+                 mask=mask_m[None, :], other=0.0)
+    return a, xt
+
+
+@triton.jit
+def _fp4_one_dot_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, stride_xm, k_per_split, post,
+                        STEPS: tl.constexpr, MX: tl.constexpr, ATOMIC: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y^T tile [BLOCK_N, BLOCK_M] (times `post`: NVFP4 2^8 * global, MXFP4 1) over STEPS 128-K steps, one dot
+    each, the first peeled off the loop (one accumulator, wgmmas in flight across steps). Whole tiles only."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    k_lo = tl.program_id(1) * k_per_split
+    a, xt = _step(x_ptr, w_ptr, s_ptr, k_lo, offs_m, mask_m, offs_n, N, stride_xm, MX, BLOCK_N)
+    acc = tl.dot(a, xt)
+    for step in range(1, STEPS):
+        a, xt = _step(x_ptr, w_ptr, s_ptr, k_lo + step * 128, offs_m, mask_m, offs_n, N, stride_xm, MX, BLOCK_N)
+        acc = tl.dot(a, xt, acc)
+    store_tile(y_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None], acc * post, mask_m[None, :], ATOMIC)
+
+
+def to_planar(w_packed: torch.Tensor, w_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP4 engine weight (uint8 [N, K/2] ONNX bytes, scales [N, K/B]) -> (planar words int32 [K/8, N], scale
+    bits uint8 [K/B, N])."""
+    from qcompile.plugins.int4_gemm.format import to_engine
+    codes = torch.stack([w_packed & 0xF, w_packed >> 4], dim=-1).reshape(w_packed.shape[0], -1)  # [N, K]
+    q = codes.to(torch.int16)
+    q = torch.where(q >= 8, q - 16, q)  # the nibble as a signed int4 value: same bits
+    return to_engine(q.t().contiguous(), 64), w_scale.view(torch.uint8).t().contiguous()
+
+
+def launch(x, words, scale_bits, w_global, mx: bool, cfg: dict, num_sms: int = 132) -> torch.Tensor:
+    """fp32 -> x.dtype `x @ dequant(W)^T` from the planar words."""
+    from probe_util import even_splits
+    m, k = x.shape
+    n = words.shape[1]
+    tiles, splits, per_steps = even_splits(k, n, cfg, STEP, num_sms)
+    y = (torch.zeros if splits > 1 else torch.empty)((m, n), device=x.device, dtype=torch.float32)
+    post = 1.0 if mx else 256.0 * float(w_global)
+    _fp4_one_dot_kernel[(tiles, splits, triton.cdiv(m, cfg["BLOCK_M"]))](
+        x, words, scale_bits, y, m, n, x.stride(0), per_steps * STEP, post, STEPS=per_steps, MX=mx,
+        ATOMIC=splits > 1, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
+    return y.to(x.dtype)
+
+
+def configs(m: int):
+    bm = 16 if m <= 16 else 64
+    for bn, stages, waves in itertools.product((64, 128), (3, 4), (1, 2, 4, 8)):
+        yield f"one_dot {bn}x{bm} s{stages} w{waves}", dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=stages,
+                                                           waves=waves)
+
+
+def cell(k: int, n: int, m: int) -> dict:
+    from bench_fp4_gemm import FP4, GROUP, make_fp4, make_int4
+    from gpu_timing import bench, rotating
+    from qcompile.plugins.fp4_gemm.op import fp4_gemm
+    from qcompile.plugins.fp4_gemm.reference import dequantize_weight
+    from qcompile.plugins.int4_gemm.op import int4_groupwise_gemm
+    dtype = torch.bfloat16
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    res = {}
+    wb = rotating(lambda: torch.randn(n, k, device="cuda", dtype=dtype), n * k * 2)
+    res["cublas bf16"] = bench(lambda: torch.nn.functional.linear(x, wb()), copies=4, rep=40)
+    w4 = rotating(lambda: make_int4(k, n), k * n // 2)
+    res["int4 op"] = bench(lambda: int4_groupwise_gemm(x, *w4(), None, None, GROUP), copies=4, rep=40)
+    line = f"{k}x{n} M={m}: bf16 {res['cublas bf16']:.1f} | int4 op {res['int4 op']:.1f}"
+    for fmt, block in FP4.items():
+        mx = fmt == "mxfp4"
+        sets = [make_fp4(fmt, k, n) for _ in range(max(2, min(8, (512 << 20) // (k * n // 2))))]
+        res[f"{fmt} op"] = bench(lambda it=itertools.cycle(sets): fp4_gemm(x, *next(it), None, None, block),
+                                 copies=4, rep=40)
+        ref = x.double() @ dequantize_weight(*sets[0], block).double().t()
+        planar = [to_planar(w, s) + (g,) for w, s, g in sets]
+        timed = {}
+        for name, cfg in configs(m):
+            key = f"{fmt} {name}"
+            try:
+                y = launch(x, planar[0][0], planar[0][1], planar[0][2], mx, cfg)
+                err = float((y.double() - ref).norm() / ref.norm())
+                if err > 2e-2:
+                    res[key] = f"wrong: rel err {err:.3g}"
+                    continue
+                res[key] = timed[key] = bench(lambda it=itertools.cycle(planar): launch(x, *next(it), mx, cfg),
+                                              copies=4, rep=40)
+            except Exception as e:  # noqa: BLE001  (a configuration Triton cannot build)
+                res[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        line += f" | {fmt} op {res[f'{fmt} op']:.1f}"
+        if timed:
+            best = min(timed, key=timed.get)
+            res[f"best {fmt}"] = best
+            line += (f" probe {timed[best]:.1f} ({best[len(fmt) + 9:]}) {res[f'{fmt} op'] / timed[best]:.2f}x op "
+                     f"{res['cublas bf16'] / timed[best]:.2f}x bf16")
+        else:
+            line += " probe: " + str(next((v for c, v in res.items() if c.startswith(fmt + " one")), "none"))
+    print(line, flush=True)
+    return res
+
+
+def main():
+    from gpu_timing import MODE
+    from probe_util import run_grid
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", nargs="*", default=["4096x4096", "4096x14336", "14336x4096", "8192x28672"])
+    ap.add_argument("--ms", type=int, nargs="*", default=[16, 64])
+    args = ap.parse_args()
+    MODE["graph"] = True
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    run_grid(cell, [tuple(map(int, s.split("x"))) for s in args.shapes], args.ms, "fp4_one_dot_probe.json")
+
+
+if __name__ == "__main__":
+    main()
