@@ -8,7 +8,8 @@ fallen behind INT4 at 16-64 rows (0.60-0.85x of INT4's speed, benchmarks/fp4_int
 
 Layout: the E2M1 codes in INT4's planar order (`int4_gemm.format.to_engine` of the codes as signed nibbles):
 in each 64 K, word c holds k = 16 j + 2 c + t in nibble j + 4 t, so nibbles j and j + 4 are a (k, k + 1) pair.
-Scales transposed to [K/B, N].
+Scales as the engine stores them, [N, K/B]: a row's scales of one 128-K step are 8 (NVFP4) or 4 (MXFP4)
+consecutive bytes, loaded at once and split into per-tile vectors in registers.
 
 Decoding a pair without a table: code `s e1 e0 m` -> 16-bit float bits `(code & 7) << 9 | (code & 8) << 12`
 (fp16) or `(code & 7) << 6 | (code & 8) << 12` (bf16) is the E2M1 value times 2^-14 (fp16) or 2^-126 (bf16),
@@ -23,11 +24,13 @@ it does.
 
 Written in the sixteenth session after its device time was spent: checked on the CPU only (the interpreter, fp16,
 against float64, NVFP4 and MXFP4, split K or not), not yet run on the H200. Its SASS for sm_90 (compiled on the
-CPU, bf16) is 7.8-8.7 instructions per weight at 16 rows (NVFP4) and 6.7-7.8 (MXFP4), against the FP4 tile
+CPU, bf16) is 7.6-8.5 instructions per weight at 16 rows (NVFP4) and 6.4-7.7 (MXFP4), against the FP4 tile
 kernel's 7.2 and the INT4 one-dot kernel's 4.5. The block scales are most of the difference: without the
-`* scale` the NVFP4 16 x 64 loop is 355 instructions per step instead of 558 (64 PRMT, 16 more LDG, F2FP, HADD2
-and FMUL for loading, converting and broadcasting a scale per 16-K tile; the 32 HMUL2, one per pair, are the
-floor). So it may not win as it stands; the run will tell, and the scales' loading is the place to work next.
+`* scale` the NVFP4 16 x 64 loop was 355 instructions per step instead of 558 (PRMT, F2FP, HADD2 and FMUL for
+converting a scale per 16-K tile and bringing it into the weight tile's layout; the 32 HMUL2, one per pair,
+are the floor). Loading a step's scales as one [BLOCK_N, 8] tile and splitting it in registers (this version)
+saved 12 LDG but added LDS, 546 in all. So it may not win as it stands; the run will tell, and the scales' path
+into the operand layout is the place to work next.
 """
 from __future__ import annotations
 
@@ -63,47 +66,57 @@ def _fp4_tile16(words, j: tl.constexpr, scale, BLOCK_N: tl.constexpr, dt: tl.con
 
 
 @triton.jit
-def _block_scale(s_ptr, blk, offs_n, N, MX: tl.constexpr, dt: tl.constexpr):
-    """Scale [BLOCK_N] of block row blk in dt, times the decoding's power of two (see the module doc)."""
-    raw = tl.load(s_ptr + blk * N + offs_n)
-    if MX:  # E8M0 bits e: 2^(e - 127 + 14) (fp16) / 2^(e - 127 + 126) (bf16) as fp32 bits
-        e = raw.to(tl.int32) + (14 if dt == tl.float16 else 126)
+def _step_scales(s_ptr, k0, offs_n, KB, MX: tl.constexpr, dt: tl.constexpr):
+    """The 128-K step's scales for each row, [BLOCK_N, 8] (NVFP4: 8 blocks; MXFP4: 4 blocks, each twice), in dt
+    times the decoding's power of two (see the module doc). Scales [N, K/B] as stored in the engine: a row's
+    blocks of one step are 8 (4) consecutive bytes, one load."""
+    if MX:
+        raw = tl.load(s_ptr + offs_n.to(tl.int64)[:, None] * KB + (k0 // 32 + tl.arange(0, 8) // 2)[None, :])
+        e = raw.to(tl.int32) + (14 if dt == tl.float16 else 126)  # 2^(e - 127 + 14) / 2^(e - 127 + 126)
         return (e << 23).to(tl.float32, bitcast=True).to(dt)
+    raw = tl.load(s_ptr + offs_n.to(tl.int64)[:, None] * KB + (k0 // 16 + tl.arange(0, 8))[None, :])
     up: tl.constexpr = 64.0 if dt == tl.float16 else 3.3230699894622794e35  # 2^6, 2^118
     return (raw.to(tl.float8e4nv, bitcast=True).to(tl.float32) * up).to(dt)
 
 
 @triton.jit
-def _block64(w_ptr, s_ptr, kb, offs_n, N, MX: tl.constexpr, BLOCK_N: tl.constexpr, dt: tl.constexpr):
-    """[BLOCK_N, 64] scaled weights of the 64-K block kb."""
+def _block64(w_ptr, kb, offs_n, N, s0, s1, s2, s3, BLOCK_N: tl.constexpr, dt: tl.constexpr):
+    """[BLOCK_N, 64] weights of the 64-K block kb, 16-K tile j times s_j [BLOCK_N]."""
     words = tl.load(w_ptr + (kb * 8 + tl.arange(0, 8)).to(tl.int64)[None, :] * N + offs_n[:, None],
                     eviction_policy="evict_first")
-    if MX:  # 32-K blocks: tiles 0, 1 share one scale, tiles 2, 3 the next
-        s0 = _block_scale(s_ptr, kb * 2, offs_n, N, True, dt)
-        s2 = _block_scale(s_ptr, kb * 2 + 1, offs_n, N, True, dt)
-        s1, s3 = s0, s2
-    else:
-        s0 = _block_scale(s_ptr, kb * 4, offs_n, N, False, dt)
-        s1 = _block_scale(s_ptr, kb * 4 + 1, offs_n, N, False, dt)
-        s2 = _block_scale(s_ptr, kb * 4 + 2, offs_n, N, False, dt)
-        s3 = _block_scale(s_ptr, kb * 4 + 3, offs_n, N, False, dt)
     return _cat_k(_cat_k(_fp4_tile16(words, 0, s0, BLOCK_N, dt), _fp4_tile16(words, 1, s1, BLOCK_N, dt), BLOCK_N, 16),
                   _cat_k(_fp4_tile16(words, 2, s2, BLOCK_N, dt), _fp4_tile16(words, 3, s3, BLOCK_N, dt), BLOCK_N, 16),
                   BLOCK_N, 32)
 
 
 @triton.jit
-def _step(x_ptr, w_ptr, s_ptr, k0, offs_m, mask_m, offs_n, N, stride_xm, MX: tl.constexpr, BLOCK_N: tl.constexpr):
+def _split8(sc, BLOCK_N: tl.constexpr):
+    """The 8 columns of sc [BLOCK_N, 8] as [BLOCK_N] vectors (register splits, no shared memory)."""
+    ev, od = tl.split(sc.reshape(BLOCK_N, 4, 2))
+    e0, e1 = tl.split(ev.reshape(BLOCK_N, 2, 2))
+    o0, o1 = tl.split(od.reshape(BLOCK_N, 2, 2))
+    s0, s4 = tl.split(e0)
+    s2, s6 = tl.split(e1)
+    s1, s5 = tl.split(o0)
+    s3, s7 = tl.split(o1)
+    return s0, s1, s2, s3, s4, s5, s6, s7
+
+
+@triton.jit
+def _step(x_ptr, w_ptr, s_ptr, k0, offs_m, mask_m, offs_n, N, KB, stride_xm, MX: tl.constexpr,
+          BLOCK_N: tl.constexpr):
+    """(scaled weights [BLOCK_N, 128], x^T [128, BLOCK_M]) of the step at k0."""
     dt: tl.constexpr = x_ptr.dtype.element_ty
-    a = _cat_k(_block64(w_ptr, s_ptr, k0 // 64, offs_n, N, MX, BLOCK_N, dt),
-               _block64(w_ptr, s_ptr, k0 // 64 + 1, offs_n, N, MX, BLOCK_N, dt), BLOCK_N, 64)
+    s0, s1, s2, s3, s4, s5, s6, s7 = _split8(_step_scales(s_ptr, k0, offs_n, KB, MX, dt), BLOCK_N)
+    a = _cat_k(_block64(w_ptr, k0 // 64, offs_n, N, s0, s1, s2, s3, BLOCK_N, dt),
+               _block64(w_ptr, k0 // 64 + 1, offs_n, N, s4, s5, s6, s7, BLOCK_N, dt), BLOCK_N, 64)
     xt = tl.load(x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + (k0 + tl.arange(0, 128))[:, None],
                  mask=mask_m[None, :], other=0.0)
     return a, xt
 
 
 @triton.jit
-def _fp4_one_dot_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, stride_xm, k_per_split, post,
+def _fp4_one_dot_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, KB, stride_xm, k_per_split, post,
                         STEPS: tl.constexpr, MX: tl.constexpr, ATOMIC: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """y^T tile [BLOCK_N, BLOCK_M] (times `post`: NVFP4 2^8 * global, MXFP4 1) over STEPS 128-K steps, one dot
@@ -112,22 +125,23 @@ def _fp4_one_dot_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, stride_xm, k_per_split
     offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     k_lo = tl.program_id(1) * k_per_split
-    a, xt = _step(x_ptr, w_ptr, s_ptr, k_lo, offs_m, mask_m, offs_n, N, stride_xm, MX, BLOCK_N)
+    a, xt = _step(x_ptr, w_ptr, s_ptr, k_lo, offs_m, mask_m, offs_n, N, KB, stride_xm, MX, BLOCK_N)
     acc = tl.dot(a, xt)
     for step in range(1, STEPS):
-        a, xt = _step(x_ptr, w_ptr, s_ptr, k_lo + step * 128, offs_m, mask_m, offs_n, N, stride_xm, MX, BLOCK_N)
+        a, xt = _step(x_ptr, w_ptr, s_ptr, k_lo + step * 128, offs_m, mask_m, offs_n, N, KB, stride_xm, MX,
+                      BLOCK_N)
         acc = tl.dot(a, xt, acc)
     store_tile(y_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None], acc * post, mask_m[None, :], ATOMIC)
 
 
 def to_planar(w_packed: torch.Tensor, w_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """FP4 engine weight (uint8 [N, K/2] ONNX bytes, scales [N, K/B]) -> (planar words int32 [K/8, N], scale
-    bits uint8 [K/B, N])."""
+    bits uint8 [N, K/B], as stored)."""
     from qcompile.plugins.int4_gemm.format import to_engine
     codes = torch.stack([w_packed & 0xF, w_packed >> 4], dim=-1).reshape(w_packed.shape[0], -1)  # [N, K]
     q = codes.to(torch.int16)
     q = torch.where(q >= 8, q - 16, q)  # the nibble as a signed int4 value: same bits
-    return to_engine(q.t().contiguous(), 64), w_scale.view(torch.uint8).t().contiguous()
+    return to_engine(q.t().contiguous(), 64), w_scale.view(torch.uint8).contiguous()
 
 
 def launch(x, words, scale_bits, w_global, mx: bool, cfg: dict, num_sms: int = 132) -> torch.Tensor:
@@ -139,8 +153,8 @@ def launch(x, words, scale_bits, w_global, mx: bool, cfg: dict, num_sms: int = 1
     y = (torch.zeros if splits > 1 else torch.empty)((m, n), device=x.device, dtype=torch.float32)
     post = 1.0 if mx else 256.0 * float(w_global)
     _fp4_one_dot_kernel[(tiles, splits, triton.cdiv(m, cfg["BLOCK_M"]))](
-        x, words, scale_bits, y, m, n, x.stride(0), per_steps * STEP, post, STEPS=per_steps, MX=mx,
-        ATOMIC=splits > 1, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+        x, words, scale_bits, y, m, n, scale_bits.shape[1], x.stride(0), per_steps * STEP, post, STEPS=per_steps,
+        MX=mx, ATOMIC=splits > 1, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     return y.to(x.dtype)
 
