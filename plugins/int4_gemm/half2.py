@@ -104,14 +104,10 @@ def word_k(kw, j: tl.constexpr, PLANAR: tl.constexpr):
 
 @triton.jit
 def x_at(x_ptr, kw, j: tl.constexpr, ok, PLANAR: tl.constexpr = False):
-    """fp32 x at the K of nibble j of the word rows kw (`word_k`; 0 where not ok). The nibble's part of the K is
-    added to the pointer last, as a constant: the loads of a word's 8 nibbles then share one address (immediate
-    offsets in SASS; the planar map otherwise cost 12% more instructions per GEMV step)."""
-    if PLANAR:
-        ptrs = x_ptr + word_k(kw, 0, True) + (16 * (j % 4) + j // 4)
-    else:
-        ptrs = x_ptr + word_k(kw, 0, False) + j
-    return tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+    """fp32 x at the K of nibble j of the word rows kw (`word_k`; 0 where not ok). The nibble's part of the K
+    (`word_k(0, j)`, a constant) is added to the pointer last: the loads of a word's 8 nibbles then share one
+    address (immediate offsets in SASS; the planar map otherwise cost 12% more instructions per GEMV step)."""
+    return tl.load(x_ptr + word_k(kw, 0, PLANAR) + word_k(0, j, PLANAR), mask=ok, other=0.0).to(tl.float32)
 
 
 @triton.jit

@@ -180,7 +180,8 @@ def _int4_gemv_kernel(
     `_gemv_step` per step (steps past K are masked). HALF2 (16-bit x): the products on fp16x2 (ASM False: the
     interpreter's stand-in). PIPELINE > 0: the loop is `tl.range(..., num_stages=PIPELINE)`, so Triton stages the
     weight tiles through shared memory with asynchronous copies (a plain loop's loads are not pipelined: no dot
-    uses them). Not measured yet, so no configuration sets it."""
+    uses them). No configuration sets it: in the H200 sweep no pipelined candidate won a decode shape
+    (benchmarks/int4_tune_gemv_s16.json)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     row = tl.program_id(2)

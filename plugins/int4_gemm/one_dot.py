@@ -32,9 +32,6 @@ from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg, split_f
 from qcompile.plugins.int4_gemm.format import PLANAR_BLOCK, is_planar
 from qcompile.plugins.triton_tiles import store_tile
 
-OFFSET16 = {torch.bfloat16: 136.0, torch.float16: 1032.0}  # the decoded pair's value minus q
-
-
 @triton.jit
 def _pair(w, FP16: tl.constexpr, ASM: tl.constexpr):
     """int32 holding the 16-bit float pair (c + q_lo, c + q_hi) of nibbles 0 and 4 of w (bf16: c = 136; fp16:
@@ -106,8 +103,8 @@ def _step(x_ptr, w_ptr, s_ptr, z_ptr, k0, offs_m, mask_m, offs_n, mask_n, N, K, 
     a, s = _block64(w_ptr, s_ptr, z_ptr, k0 // 64, offs_n, mask_n, N, K, group_size, HAS_ZERO, SCALE_W, EVEN,
                     BLOCK_N, dt, ASM)
     if HALVES == 2:
-        a1, s1 = _block64(w_ptr, s_ptr, z_ptr, k0 // 64 + 1, offs_n, mask_n, N, K, group_size, HAS_ZERO, SCALE_W,
-                          EVEN, BLOCK_N, dt, ASM)
+        a1, _ = _block64(w_ptr, s_ptr, z_ptr, k0 // 64 + 1, offs_n, mask_n, N, K, group_size, HAS_ZERO, SCALE_W,
+                         EVEN, BLOCK_N, dt, ASM)
         a = _cat_k(a, a1, BLOCK_N, 64)
     offs_k = k0 + tl.arange(0, 64 * HALVES)
     x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + offs_k[:, None]
@@ -151,7 +148,7 @@ def _int4_one_dot_kernel(
 
 def supports(x_dtype: torch.dtype, k: int, group_size: int) -> bool:
     """Whether this kernel takes the call: 16-bit x and a weight in the planar layout."""
-    return x_dtype in OFFSET16 and is_planar(k, group_size)
+    return x_dtype in (torch.float16, torch.bfloat16) and is_planar(k, group_size)
 
 
 def launch(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, asm: bool, out_dtype=torch.float32,

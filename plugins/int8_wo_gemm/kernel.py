@@ -118,8 +118,9 @@ def _row_gemv_kernel(
 
     The plain loop's loads are not pipelined by Triton (no dot uses them; `num_stages` changes nothing).
     PREFETCH loads the next step's words before this step's arithmetic, by hand; PIPELINE > 0 makes the loop
-    `tl.range(..., num_stages=PIPELINE)`, which stages the words through shared memory with asynchronous copies
-    (not measured yet, so no configuration sets it)."""
+    `tl.range(..., num_stages=PIPELINE)`, which stages the words through shared memory with asynchronous copies.
+    No configuration sets it: in the H200 sweep (benchmarks/tune_w8a16_small_m_s16.json) it was the best GEMV
+    only on 8192 x 28672, where the INT8 tensor-core path runs instead."""
     words_ptr = w_ptr.to(tl.pointer_type(tl.int32))
     row = tl.program_id(1)
     x_ptr += row * stride_xm
