@@ -23,7 +23,7 @@ it does.
     OUT=... python3 tools/diag/fp4_one_dot_probe.py [--shapes KxN ...] [--ms 1 16 64]
 
 Written in the sixteenth session after its device time was spent: checked on the CPU only (the interpreter, fp16,
-against float64, NVFP4 and MXFP4, split K or not), not yet run on the H200. Its SASS for sm_90 (compiled on the
+against float64, NVFP4 and MXFP4, split K or not); run on the H200 in the seventeenth (below). Its SASS for sm_90 (compiled on the
 CPU, bf16) is 7.6-8.5 instructions per weight at 16 rows (NVFP4) and 6.4-7.7 (MXFP4), against the FP4 tile
 kernel's 7.2 and the INT4 one-dot kernel's 4.5. The block scales are most of the difference: without the
 `* scale` the NVFP4 16 x 64 loop was 355 instructions per step instead of 558 (PRMT, F2FP, HADD2 and FMUL for
@@ -31,6 +31,10 @@ converting a scale per 16-K tile and bringing it into the weight tile's layout; 
 are the floor). Loading a step's scales as one [BLOCK_N, 8] tile and splitting it in registers (this version)
 saved 12 LDG but added LDS, 546 in all. So it may not win as it stands; the run will tell, and the scales' path
 into the operand layout is the place to work next.
+
+H200, seventeenth session (benchmarks/fp4_one_dot_probe_s17.json): every configuration matched float64 (bf16
+keeps the subnormal intermediates), and the best one per cell ran 0.93-1.11x the FP4 op at M = 16 and 64 on the
+four layers, while the INT4 op was 1.3-1.7x faster than both. Not adopted.
 """
 from __future__ import annotations
 
@@ -144,14 +148,14 @@ def to_planar(w_packed: torch.Tensor, w_scale: torch.Tensor) -> tuple[torch.Tens
     return to_engine(q.t().contiguous(), 64), w_scale.view(torch.uint8).contiguous()
 
 
-def launch(x, words, scale_bits, w_global, mx: bool, cfg: dict, num_sms: int = 132) -> torch.Tensor:
-    """fp32 -> x.dtype `x @ dequant(W)^T` from the planar words."""
+def launch(x, words, scale_bits, w_global: float, mx: bool, cfg: dict, num_sms: int = 132) -> torch.Tensor:
+    """fp32 -> x.dtype `x @ dequant(W)^T` from the planar words (w_global: NVFP4's global scale, a float)."""
     from probe_util import even_splits
     m, k = x.shape
     n = words.shape[1]
     tiles, splits, per_steps = even_splits(k, n, cfg, STEP, num_sms)
     y = (torch.zeros if splits > 1 else torch.empty)((m, n), device=x.device, dtype=torch.float32)
-    post = 1.0 if mx else 256.0 * float(w_global)
+    post = 1.0 if mx else 256.0 * w_global  # a host float: .item() inside a CUDA-graph capture fails
     _fp4_one_dot_kernel[(tiles, splits, triton.cdiv(m, cfg["BLOCK_M"]))](
         x, words, scale_bits, y, m, n, scale_bits.shape[1], x.stride(0), per_steps * STEP, post, STEPS=per_steps,
         MX=mx, ATOMIC=splits > 1, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
@@ -186,7 +190,7 @@ def cell(k: int, n: int, m: int) -> dict:
         res[f"{fmt} op"] = bench(lambda it=itertools.cycle(sets): fp4_gemm(x, *next(it), None, None, block),
                                  copies=4, rep=40)
         ref = x.double() @ dequantize_weight(*sets[0], block).double().t()
-        planar = [to_planar(w, s) + (g,) for w, s, g in sets]
+        planar = [to_planar(w, s) + (1.0 if g is None else float(g),) for w, s, g in sets]
         timed = {}
         for name, cfg in configs(m):
             key = f"{fmt} {name}"
