@@ -45,6 +45,10 @@ def candidates(m: int) -> list[dict]:
         for bn, scale_w, st, waves in itertools.product((64, 128), (False, True), (3, 4), (1, 2, 4, 8)):
             out.append(dict(kernel="one_dot", BLOCK_M=16 if m <= 16 else 64, BLOCK_N=bn, num_warps=4, num_stages=st,
                             waves=waves, SCALE_W=scale_w))
+    if 128 <= m <= 512:  # the one-dot kernel with wide x tiles (the MMA's N up to 256), against dequantize + cuBLAS
+        for bm, bn, w, st, waves in itertools.product((128, 256), (64, 128), (4, 8), (2, 3), (1, 2)):
+            out.append(dict(kernel="one_dot", BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, waves=waves,
+                            SCALE_W=False))
     if m <= 16:  # mm_t and mm read K sequentially: on planar words (GROUP = 128) x is gathered first
         for bn, bk, w, st, waves in itertools.product((32, 64), (64, 128), (2, 4), (3, 4, 5), (4, 8)):
             out.append(dict(kernel="mm_t", BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st,

@@ -77,11 +77,14 @@ MAGIC16 = {torch.bfloat16: (0x4308, 136.0), torch.float16: (0x6408, 1032.0)}  # 
 # one_dot buckets (planar words, 16-bit x) from benchmarks/int4_tune_one_dot.json (M = 16 and 64 on the four
 # Llama-sized layers): the configuration whose worst cell is closest to that cell's best (M = 16: within 10%,
 # M = 64: within 3%); "fallback" runs sequential words, fp32 x, and groups that are not multiples of 64 (the
-# earlier mm_t buckets).
+# earlier mm_t buckets). The 16-row bucket's waves = 7.5 gives each of the four layers the split count of its
+# best cell in benchmarks/int4_tune_one_dot_s17.json (the fewest power-of-two splits with >= ~3.9 waves of
+# programs: 8 / 4 / 8 / 2 splits); waves = 4 was 4-11% slower on 4096 x 14336 and 8192 x 28672, waves = 8 20%
+# slower on 4096 x 4096 (16 splits of 2 steps).
 CONFIGS = [
     (1, dict(kernel="gemv", BLOCK_N=512, MIN_TILES=8, BLOCK_K=32, num_warps=2, num_stages=3,
              waves=32)),
-    (16, dict(kernel="one_dot", BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3, waves=4, SCALE_W=False,
+    (16, dict(kernel="one_dot", BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3, waves=7.5, SCALE_W=False,
               fallback=dict(kernel="mm_t", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3,
                             waves=8, SCALE_ACC=False))),
     (128, dict(kernel="one_dot", BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, waves=2, SCALE_W=False,
