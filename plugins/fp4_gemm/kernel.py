@@ -128,20 +128,33 @@ def _e2m1_tile(words, mult):
 
 
 @triton.jit
-def _weight_tile(w_ptr, s_ptr, offs_n, k0, N, K, DT: tl.constexpr, MX: tl.constexpr, B: tl.constexpr,
-                 SHIFT: tl.constexpr, POW_SHIFT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Weight rows offs_n, columns k0 .. k0 + BLOCK_K as DT [BLOCK_N, BLOCK_K], times 2**-X (zeros past N, K)."""
-    KB: tl.constexpr = BLOCK_K // B  # scale blocks per tile row
-    wp = w_ptr.to(tl.pointer_type(tl.uint32))
-    sp = s_ptr.to(tl.pointer_type(tl.uint8))
+def _tile_pointers(w_ptr, s_ptr, offs_n, K, B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(word pointers [BLOCK_N, BLOCK_K / 8], scale-bit pointers [BLOCK_N, BLOCK_K / B]) of weight rows offs_n at
+    K 0 .. BLOCK_K - 1: formed once, a tile at k0 adds k0 / 8 and k0 / B (`_weight_tile`)."""
     rows = offs_n.to(tl.int64)[:, None]
-    offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-    offs_s = k0 // B + tl.arange(0, KB)
-    mask_n = (offs_n < N)[:, None]
-    words = tl.load(wp + rows * (K // 8) + offs_w[None, :], mask=mask_n & (offs_w < K // 8)[None, :], other=0,
-                    eviction_policy="evict_first")
-    bits = tl.load(sp + rows * (K // B) + offs_s[None, :], mask=mask_n & (offs_s < K // B)[None, :], other=0,
-                   eviction_policy="evict_first")
+    w_rows = w_ptr.to(tl.pointer_type(tl.uint32)) + rows * (K // 8) + tl.arange(0, BLOCK_K // 8)[None, :]
+    s_rows = s_ptr.to(tl.pointer_type(tl.uint8)) + rows * (K // B) + tl.arange(0, BLOCK_K // B)[None, :]
+    return w_rows, s_rows
+
+
+@triton.jit
+def _weight_tile(w_rows, s_rows, offs_n, k0, N, K, DT: tl.constexpr, MX: tl.constexpr, B: tl.constexpr,
+                 SHIFT: tl.constexpr, POW_SHIFT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 EVEN: tl.constexpr = False):
+    """Weight rows offs_n, columns k0 .. k0 + BLOCK_K as DT [BLOCK_N, BLOCK_K], times 2**-X (zeros past N, K;
+    EVEN: the tile lies inside the weight, no masks). w_rows, s_rows: `_tile_pointers`."""
+    KB: tl.constexpr = BLOCK_K // B  # scale blocks per tile row
+    if EVEN:
+        words = tl.load(w_rows + k0 // 8, eviction_policy="evict_first")
+        bits = tl.load(s_rows + k0 // B, eviction_policy="evict_first")
+    else:
+        mask_n = (offs_n < N)[:, None]
+        offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        offs_s = k0 // B + tl.arange(0, KB)
+        words = tl.load(w_rows + k0 // 8, mask=mask_n & (offs_w < K // 8)[None, :], other=0,
+                        eviction_policy="evict_first")
+        bits = tl.load(s_rows + k0 // B, mask=mask_n & (offs_s < K // B)[None, :], other=0,
+                       eviction_policy="evict_first")
     mult = _scale_multiplier(bits, MX, SHIFT, POW_SHIFT).to(DT)
     tile = _e2m1_tile(tl.reshape(words, (BLOCK_N, KB, B // 8)), tl.reshape(mult, (BLOCK_N, KB, 1)))
     return tl.reshape(tile, (BLOCK_N, BLOCK_K))
@@ -153,9 +166,11 @@ def _fp4_gemm_kernel(
     M, N, K, stride_xm,
     K_STEPS: tl.constexpr, MX: tl.constexpr, B: tl.constexpr, SHIFT: tl.constexpr, POW_SHIFT: tl.constexpr,
     POW_ACC: tl.constexpr, HAS_GLOBAL: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr = False,
 ):
-    """y[M, N] (+)= x @ W.T over K slice program_id(1); swapped operands: acc is [BLOCK_N, BLOCK_M]."""
+    """y[M, N] (+)= x @ W.T over K slice program_id(1); swapped operands: acc is [BLOCK_N, BLOCK_M]. The
+    pointers are formed once and a step adds scalars (recomputing them per step was about a quarter of the
+    loop's SASS); EVEN (whole N tiles, every split inside K): the weight loads carry no masks."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -164,13 +179,17 @@ def _fp4_gemm_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     DT: tl.constexpr = x_ptr.dtype.element_ty
-    x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm
+    x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + tl.arange(0, BLOCK_K)[:, None]
+    w_rows, s_rows = _tile_pointers(w_ptr, s_ptr, offs_n, K, B, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for step in range(0, K_STEPS):  # steps past K (last split) load nothing
         k0 = (pid_k * K_STEPS + step) * BLOCK_K
-        w = _weight_tile(w_ptr, s_ptr, offs_n, k0, N, K, DT, MX, B, SHIFT, POW_SHIFT, BLOCK_N, BLOCK_K)
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        xt = tl.load(x_cols + offs_k[:, None], mask=(offs_k < K)[:, None] & mask_m[None, :], other=0.0)
+        w = _weight_tile(w_rows, s_rows, offs_n, k0, N, K, DT, MX, B, SHIFT, POW_SHIFT, BLOCK_N, BLOCK_K, EVEN)
+        if EVEN:
+            xt = tl.load(x_cols + k0, mask=mask_m[None, :], other=0.0)
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            xt = tl.load(x_cols + k0, mask=(offs_k < K)[:, None] & mask_m[None, :], other=0.0)
         if DT == tl.float32:
             acc = tl.dot(w, xt, acc, input_precision="ieee")
         else:
@@ -194,7 +213,8 @@ def _fp4_dequant_kernel(
     """out [N, K] = W (decoded in fp32, cast to out's dtype)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
-    w = _weight_tile(w_ptr, s_ptr, offs_n, k0, N, K, tl.float32, MX, B, SHIFT, POW_SHIFT, BLOCK_N, BLOCK_K)
+    w_rows, s_rows = _tile_pointers(w_ptr, s_ptr, offs_n, K, B, BLOCK_K)
+    w = _weight_tile(w_rows, s_rows, offs_n, k0, N, K, tl.float32, MX, B, SHIFT, POW_SHIFT, BLOCK_N, BLOCK_K)
     w = w * POW_ACC
     if HAS_GLOBAL:
         w = w * tl.load(g_ptr)
@@ -234,6 +254,7 @@ def launch_gemm(x2d, w_packed, w_scale, w_global, bias, block_size: int, cfg: di
         y, m, n, k, x2d.stride(0),
         K_STEPS=split["k_per_split"] // block_k, HAS_BIAS=bias is not None, ATOMIC=atomic,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=split["BLOCK_N"], BLOCK_K=block_k,
+        EVEN=n % split["BLOCK_N"] == 0 and split["split_k"] * split["k_per_split"] == k,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **_format_args(w_scale, w_global, block_size, x2d.dtype),
     )

@@ -69,18 +69,19 @@ def _load(ptrs, ok, EVEN: tl.constexpr, STREAM: tl.constexpr = False):
 
 
 @triton.jit
-def _block64(w_ptr, s_ptr, z_ptr, kb, offs_n, mask_n, N, K, group_size, HAS_ZERO: tl.constexpr,
-             SCALE_W: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, dt: tl.constexpr, ASM: tl.constexpr):
+def _block64(w_rows, s_ptr, z_ptr, kb, offs_n, mask_n, N, K, BLOCKS_PER_GROUP: tl.constexpr,
+             HAS_ZERO: tl.constexpr, SCALE_W: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
+             dt: tl.constexpr, ASM: tl.constexpr):
     """(weights [BLOCK_N, 64] of the 64-K block kb as dt: q - zp, times the scale when SCALE_W; fp32 scales
-    [BLOCK_N]). Past N or K (a split's last steps) the words, scales and zero points load as 0; EVEN (whole
-    tiles and splits): no masks."""
+    [BLOCK_N]). w_rows: the pointers of block 0's 8 word rows (loop-invariant; block kb adds one scalar).
+    BLOCKS_PER_GROUP: 64-K blocks per group, 0 for one group (per channel). Past N or K (a split's last steps)
+    the words, scales and zero points load as 0; EVEN (whole tiles and splits): no masks."""
     ok = mask_n & (kb * 64 < K)
-    words = _load(w_ptr + (kb * 8 + tl.arange(0, 8)).to(tl.int64)[None, :] * N + offs_n[:, None], ok[:, None], EVEN,
-                  True)
+    words = _load(w_rows + (kb * 8).to(tl.int64) * N, ok[:, None], EVEN, True)
     a = _cat_k(_cat_k(_tile16(words, 0, BLOCK_N, dt, ASM), _tile16(words, 1, BLOCK_N, dt, ASM), BLOCK_N, 16),
                _cat_k(_tile16(words, 2, BLOCK_N, dt, ASM), _tile16(words, 3, BLOCK_N, dt, ASM), BLOCK_N, 16),
                BLOCK_N, 32)
-    g = (kb * 64) // group_size
+    g = kb // BLOCKS_PER_GROUP if BLOCKS_PER_GROUP else 0
     s = _load(s_ptr + g * N + offs_n, ok, EVEN).to(tl.float32)
     offset: tl.constexpr = 1032.0 if dt == tl.float16 else 136.0
     if HAS_ZERO:  # c + z is exact in 16 bits (128..143 in bf16, 1024..1039 in fp16), so is (c + q) - (c + z)
@@ -94,53 +95,56 @@ def _block64(w_ptr, s_ptr, z_ptr, kb, offs_n, mask_n, N, K, group_size, HAS_ZERO
 
 
 @triton.jit
-def _step(x_ptr, w_ptr, s_ptr, z_ptr, k0, offs_m, mask_m, offs_n, mask_n, N, K, stride_xm, group_size,
+def _step(x_cols, w_rows, s_ptr, z_ptr, k0, mask_m, offs_n, mask_n, N, K, BLOCKS_PER_GROUP: tl.constexpr,
           HAS_ZERO: tl.constexpr, SCALE_W: tl.constexpr, EVEN: tl.constexpr, HALVES: tl.constexpr,
           BLOCK_N: tl.constexpr, ASM: tl.constexpr):
     """(weights [BLOCK_N, 64 HALVES], x^T [64 HALVES, BLOCK_M], fp32 scales [BLOCK_N] of the first block) of the
-    step at k0."""
-    dt: tl.constexpr = x_ptr.dtype.element_ty
-    a, s = _block64(w_ptr, s_ptr, z_ptr, k0 // 64, offs_n, mask_n, N, K, group_size, HAS_ZERO, SCALE_W, EVEN,
-                    BLOCK_N, dt, ASM)
+    step at k0; x_cols: the pointers of x^T at K 0 .. 64 HALVES - 1 (loop-invariant, as w_rows)."""
+    dt: tl.constexpr = x_cols.dtype.element_ty
+    a, s = _block64(w_rows, s_ptr, z_ptr, k0 // 64, offs_n, mask_n, N, K, BLOCKS_PER_GROUP, HAS_ZERO, SCALE_W,
+                    EVEN, BLOCK_N, dt, ASM)
     if HALVES == 2:
-        a1, _ = _block64(w_ptr, s_ptr, z_ptr, k0 // 64 + 1, offs_n, mask_n, N, K, group_size, HAS_ZERO, SCALE_W,
-                         EVEN, BLOCK_N, dt, ASM)
+        a1, _ = _block64(w_rows, s_ptr, z_ptr, k0 // 64 + 1, offs_n, mask_n, N, K, BLOCKS_PER_GROUP, HAS_ZERO,
+                         SCALE_W, EVEN, BLOCK_N, dt, ASM)
         a = _cat_k(a, a1, BLOCK_N, 64)
-    offs_k = k0 + tl.arange(0, 64 * HALVES)
-    x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + offs_k[:, None]
     if EVEN:
-        xt = tl.load(x_ptrs, mask=mask_m[None, :], other=0.0)
+        xt = tl.load(x_cols + k0, mask=mask_m[None, :], other=0.0)
     else:
-        xt = tl.load(x_ptrs, mask=mask_m[None, :] & (offs_k < K)[:, None], other=0.0)
+        offs_k = k0 + tl.arange(0, 64 * HALVES)
+        xt = tl.load(x_cols + k0, mask=mask_m[None, :] & (offs_k < K)[:, None], other=0.0)
     return a, xt, s
 
 
 @triton.jit
 def _int4_one_dot_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, group_size, k_per_split,
-    K_STEPS: tl.constexpr, HAS_ZERO: tl.constexpr, SCALE_W: tl.constexpr, HALVES: tl.constexpr,
-    EVEN: tl.constexpr, ATOMIC: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, k_per_split,
+    K_STEPS: tl.constexpr, BLOCKS_PER_GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, SCALE_W: tl.constexpr,
+    HALVES: tl.constexpr, EVEN: tl.constexpr, ATOMIC: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """y [M, N] (or its split-K part) from K_STEPS steps of 64 HALVES K, one dot each; grid (N tiles, K splits,
-    M tiles)."""
+    M tiles). The weight and x pointers are formed once; a step adds scalars to them (per-step 64-bit address
+    arithmetic and a division by the group size were about a quarter of the loop's SASS)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_n = offs_n < N
     mask_m = offs_m < M
     k_lo = tl.program_id(1) * k_per_split
+    w_rows = w_ptr + tl.arange(0, 8)[None, :] * N + offs_n[:, None]
+    x_cols = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + tl.arange(0, 64 * HALVES)[:, None]
     if SCALE_W:
-        a, xt, s = _step(x_ptr, w_ptr, s_ptr, z_ptr, k_lo, offs_m, mask_m, offs_n, mask_n, N, K, stride_xm,
-                         group_size, HAS_ZERO, True, EVEN, HALVES, BLOCK_N, ASM)
+        a, xt, s = _step(x_cols, w_rows, s_ptr, z_ptr, k_lo, mask_m, offs_n, mask_n, N, K, BLOCKS_PER_GROUP,
+                         HAS_ZERO, True, EVEN, HALVES, BLOCK_N, ASM)
         acc = tl.dot(a, xt)
         for step in range(1, K_STEPS):
-            a, xt, s = _step(x_ptr, w_ptr, s_ptr, z_ptr, k_lo + step * 64 * HALVES, offs_m, mask_m, offs_n, mask_n,
-                             N, K, stride_xm, group_size, HAS_ZERO, True, EVEN, HALVES, BLOCK_N, ASM)
+            a, xt, s = _step(x_cols, w_rows, s_ptr, z_ptr, k_lo + step * 64 * HALVES, mask_m, offs_n, mask_n, N,
+                             K, BLOCKS_PER_GROUP, HAS_ZERO, True, EVEN, HALVES, BLOCK_N, ASM)
             acc = tl.dot(a, xt, acc)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for step in range(0, K_STEPS):
-            a, xt, s = _step(x_ptr, w_ptr, s_ptr, z_ptr, k_lo + step * 64 * HALVES, offs_m, mask_m, offs_n, mask_n,
-                             N, K, stride_xm, group_size, HAS_ZERO, False, EVEN, HALVES, BLOCK_N, ASM)
+            a, xt, s = _step(x_cols, w_rows, s_ptr, z_ptr, k_lo + step * 64 * HALVES, mask_m, offs_n, mask_n, N,
+                             K, BLOCKS_PER_GROUP, HAS_ZERO, False, EVEN, HALVES, BLOCK_N, ASM)
             acc += tl.dot(a, xt) * s[:, None]
     store_tile(y_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None], acc, mask_m[None, :] & mask_n[:, None],
                ATOMIC)
@@ -167,8 +171,9 @@ def launch(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, asm: b
     y = (torch.zeros((m, n), dtype=torch.float32, device=x2d.device) if splits > 1
          else torch.empty((m, n), dtype=out_dtype, device=x2d.device))
     wrap(_int4_one_dot_kernel)[(tiles_n, splits, cdiv(m, cfg["BLOCK_M"]))](
-        x2d, w_packed, w_scale, optional_arg(w_zero, w_scale), y, m, n, k, x2d.stride(0), group_size, per,
-        K_STEPS=per // step, HAS_ZERO=w_zero is not None,
+        x2d, w_packed, w_scale, optional_arg(w_zero, w_scale), y, m, n, k, x2d.stride(0), per,
+        K_STEPS=per // step, BLOCKS_PER_GROUP=0 if group_size == k else group_size // PLANAR_BLOCK,
+        HAS_ZERO=w_zero is not None,
         SCALE_W=cfg.get("SCALE_W", False) or group_size % step != 0, HALVES=halves,
         EVEN=n % cfg["BLOCK_N"] == 0 and splits * per == k, ATOMIC=splits > 1, ASM=asm,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],

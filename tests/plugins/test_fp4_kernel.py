@@ -93,7 +93,8 @@ if HAS_TRITON:  # helper kernels over the kernel module's jit functions (module 
     def _tile(w_ptr, s_ptr, out_ptr, N, K_, DT: tl.constexpr, MX: tl.constexpr, B: tl.constexpr,
               SHIFT: tl.constexpr, POW_SHIFT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        w = K._weight_tile(w_ptr, s_ptr, offs_n, 0, N, K_, DT, MX, B, SHIFT, POW_SHIFT, BLOCK_N, BLOCK_K)
+        w_rows, s_rows = K._tile_pointers(w_ptr, s_ptr, offs_n, K_, B, BLOCK_K)
+        w = K._weight_tile(w_rows, s_rows, offs_n, 0, N, K_, DT, MX, B, SHIFT, POW_SHIFT, BLOCK_N, BLOCK_K)
         offs_k = tl.arange(0, BLOCK_K)
         tl.store(out_ptr + offs_n[:, None] * K_ + offs_k[None, :], w.to(tl.float32), mask=(offs_n < N)[:, None])
 
@@ -189,6 +190,35 @@ def test_gemm_kernel_paths_interpreter(fmt, dtype, path, m):
         y = kernel.launch_gemm(x, *args(case), bias, case["block"], cfg, num_sms=sms)
         assert y.shape == (m, 72) and y.dtype in (torch.float32, dtype)
         assert_rel_l2(y.to(dtype), oracle(x, case, bias), dtype)
+
+
+@triton_interp
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("path", ["small", "mid"])
+@pytest.mark.parametrize("m", [3, 17])
+def test_gemm_kernel_whole_tiles_take_the_unmasked_loads(fmt, path, m):
+    """N a multiple of the tile and K split evenly: the kernel runs with EVEN (no weight masks) and still
+    matches float64, split K included."""
+    from qcompile.plugins.fp4_gemm import kernel
+
+    case = make_case(fmt, k=512, n=128, seed=m)
+    x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m)).to(torch.float16)
+    cfg = kernel.SMALL if path == "small" else kernel.MID
+    seen = []
+
+    def spy(fn):
+        class Launch:
+            def __getitem__(self, grid):
+                def run(*a, **kw):
+                    seen.append((grid[1], kw["EVEN"]))
+                    return fn[grid](*a, **kw)
+                return run
+        return Launch()
+
+    for sms in (1, 132):
+        y = kernel.launch_gemm(x, *args(case), None, case["block"], cfg, wrap=spy, num_sms=sms)
+        assert_rel_l2(y.to(torch.float16), oracle(x, case), torch.float16)
+    assert all(even for _, even in seen) and any(splits > 1 for splits, _ in seen), seen
 
 
 @triton_interp

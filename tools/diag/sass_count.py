@@ -80,17 +80,18 @@ def _cases():
                     PIPELINE=0, PLANAR=planar),
                [d for d in div if d != "rs_ptr"], 2, 3, 512 * 32 // 64)
     from qcompile.plugins.int4_gemm import one_dot
-    od_sig = {k: v for k, v in mm_sig.items() if k != "rs_ptr"}
-    for bm in (16, 64):  # the shipped buckets' tiles (64 weight rows), the scale on the product
+    od_sig = {k: v for k, v in mm_sig.items() if k not in ("rs_ptr", "group_size")}
+    for bm in (16, 64):  # the shipped buckets' tiles (64 weight rows), the scale on the product, g128
         yield (f"int4_one_dot_{bm}", one_dot._int4_one_dot_kernel, dict(od_sig, y_ptr="*bf16"),
-               dict(K_STEPS=8, HAS_ZERO=False, SCALE_W=False, HALVES=2, EVEN=True, ATOMIC=False, ASM=True,
-                    BLOCK_M=bm, BLOCK_N=64), [d for d in div if d != "rs_ptr"], 4, 3, 64 * 128 // 128)
+               dict(K_STEPS=8, BLOCKS_PER_GROUP=2, HAS_ZERO=False, SCALE_W=False, HALVES=2, EVEN=True, ATOMIC=False,
+                    ASM=True, BLOCK_M=bm, BLOCK_N=64), [d for d in div if d not in ("rs_ptr", "group_size")], 4, 3,
+               64 * 128 // 128)
     from qcompile.plugins.fp4_gemm import kernel as f4
     fp4_sig = dict(x_ptr="*bf16", w_ptr="*u8", s_ptr="*u8", g_ptr="*fp32", b_ptr="*bf16", y_ptr="*fp32",
                    **ptrs(["M", "N", "K", "stride_xm"], "i32"))
     yield ("fp4_gemm", f4._fp4_gemm_kernel, fp4_sig,
            dict(K_STEPS=8, MX=False, B=16, SHIFT=9, POW_SHIFT=512.0, POW_ACC=1 / 512, HAS_GLOBAL=True,
-                HAS_BIAS=False, ATOMIC=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128),
+                HAS_BIAS=False, ATOMIC=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, EVEN=True),
            ["x_ptr", "w_ptr", "s_ptr", "g_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm"], 4, 3, 64 * 128 // 128)
     from qcompile.plugins.int8_wo_gemm import kernel as w8
     w8_sig = dict(x_ptr="*bf16", w_ptr="*i8", s_ptr="*fp32", b_ptr="*bf16", y_ptr="*bf16",
