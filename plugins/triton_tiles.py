@@ -21,3 +21,21 @@ def store_tile(y_ptrs, acc, mask, ATOMIC: tl.constexpr):
         tl.atomic_add(y_ptrs, acc, mask=mask, sem="relaxed")
     else:
         tl.store(y_ptrs, acc.to(y_ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def load_tile(ptrs, ok, EVEN: tl.constexpr, STREAM: tl.constexpr = False):
+    """tl.load of ptrs, 0 where not ok; EVEN (the tile lies inside the tensor): no mask, so the mask's
+    computation is dead code. STREAM: evict first (weights are read once)."""
+    if EVEN:
+        return tl.load(ptrs, eviction_policy="evict_first" if STREAM else "")
+    return tl.load(ptrs, mask=ok, other=0, eviction_policy="evict_first" if STREAM else "")
+
+
+@triton.jit
+def load_xt_step(x_cols, k0, mask_m, K, EVEN: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x^T [BLOCK_K, BLOCK_M] at K k0 .. k0 + BLOCK_K - 1 of a swapped-operand GEMM, from x_cols (the pointers
+    at K 0 .. BLOCK_K - 1, formed once); rows past M read 0, and past K too unless EVEN (whole steps)."""
+    if EVEN:
+        return tl.load(x_cols + k0, mask=mask_m[None, :], other=0.0)
+    return tl.load(x_cols + k0, mask=mask_m[None, :] & (k0 + tl.arange(0, BLOCK_K) < K)[:, None], other=0.0)

@@ -51,7 +51,7 @@ import triton.language as tl
 from qcompile.plugins.fp4_gemm.reference import check_args
 from qcompile.plugins.gemm_dispatch import (SMALL_M_MAX, cdiv, identity, linear_bias, optional_arg, run_by_buckets,
                                              split_k_config, unpack_optional)
-from qcompile.plugins.triton_tiles import store_tile
+from qcompile.plugins.triton_tiles import load_tile, load_xt_step, store_tile
 
 DEFAULT_SMS = 132
 LARGE_M_MIN = 129  # rows from which the dequantize + cuBLAS path runs (as INT4's: 128 rows and fewer take the tiles)
@@ -144,17 +144,9 @@ def _weight_tile(w_rows, s_rows, offs_n, k0, N, K, DT: tl.constexpr, MX: tl.cons
     """Weight rows offs_n, columns k0 .. k0 + BLOCK_K as DT [BLOCK_N, BLOCK_K], times 2**-X (zeros past N, K;
     EVEN: the tile lies inside the weight, no masks). w_rows, s_rows: `_tile_pointers`."""
     KB: tl.constexpr = BLOCK_K // B  # scale blocks per tile row
-    if EVEN:
-        words = tl.load(w_rows + k0 // 8, eviction_policy="evict_first")
-        bits = tl.load(s_rows + k0 // B, eviction_policy="evict_first")
-    else:
-        mask_n = (offs_n < N)[:, None]
-        offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        offs_s = k0 // B + tl.arange(0, KB)
-        words = tl.load(w_rows + k0 // 8, mask=mask_n & (offs_w < K // 8)[None, :], other=0,
-                        eviction_policy="evict_first")
-        bits = tl.load(s_rows + k0 // B, mask=mask_n & (offs_s < K // B)[None, :], other=0,
-                       eviction_policy="evict_first")
+    mask_n = (offs_n < N)[:, None]
+    words = load_tile(w_rows + k0 // 8, mask_n & (k0 // 8 + tl.arange(0, BLOCK_K // 8) < K // 8)[None, :], EVEN, True)
+    bits = load_tile(s_rows + k0 // B, mask_n & (k0 // B + tl.arange(0, KB) < K // B)[None, :], EVEN, True)
     mult = _scale_multiplier(bits, MX, SHIFT, POW_SHIFT).to(DT)
     tile = _e2m1_tile(tl.reshape(words, (BLOCK_N, KB, B // 8)), tl.reshape(mult, (BLOCK_N, KB, 1)))
     return tl.reshape(tile, (BLOCK_N, BLOCK_K))
@@ -185,11 +177,7 @@ def _fp4_gemm_kernel(
     for step in range(0, K_STEPS):  # steps past K (last split) load nothing
         k0 = (pid_k * K_STEPS + step) * BLOCK_K
         w = _weight_tile(w_rows, s_rows, offs_n, k0, N, K, DT, MX, B, SHIFT, POW_SHIFT, BLOCK_N, BLOCK_K, EVEN)
-        if EVEN:
-            xt = tl.load(x_cols + k0, mask=mask_m[None, :], other=0.0)
-        else:
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            xt = tl.load(x_cols + k0, mask=(offs_k < K)[:, None] & mask_m[None, :], other=0.0)
+        xt = load_xt_step(x_cols, k0, mask_m, K, EVEN, BLOCK_K)
         if DT == tl.float32:
             acc = tl.dot(w, xt, acc, input_precision="ieee")
         else:

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg, split_for_waves
 from qcompile.plugins.int4_gemm.format import PLANAR_BLOCK, is_planar
-from qcompile.plugins.triton_tiles import store_tile
+from qcompile.plugins.triton_tiles import load_tile, load_xt_step, store_tile
 
 @triton.jit
 def _pair(w, FP16: tl.constexpr, ASM: tl.constexpr):
@@ -61,14 +61,6 @@ def _cat_k(a, b, BLOCK_N: tl.constexpr, WIDTH: tl.constexpr):
 
 
 @triton.jit
-def _load(ptrs, ok, EVEN: tl.constexpr, STREAM: tl.constexpr = False):
-    """tl.load of ptrs, 0 where not ok; EVEN: no mask. STREAM: evict first (weights are read once)."""
-    if EVEN:
-        return tl.load(ptrs, eviction_policy="evict_first" if STREAM else "")
-    return tl.load(ptrs, mask=ok, other=0, eviction_policy="evict_first" if STREAM else "")
-
-
-@triton.jit
 def _block64(w_rows, s_ptr, z_ptr, kb, offs_n, mask_n, N, K, BLOCKS_PER_GROUP: tl.constexpr,
              HAS_ZERO: tl.constexpr, SCALE_W: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
              dt: tl.constexpr, ASM: tl.constexpr):
@@ -77,15 +69,15 @@ def _block64(w_rows, s_ptr, z_ptr, kb, offs_n, mask_n, N, K, BLOCKS_PER_GROUP: t
     BLOCKS_PER_GROUP: 64-K blocks per group, 0 for one group (per channel). Past N or K (a split's last steps)
     the words, scales and zero points load as 0; EVEN (whole tiles and splits): no masks."""
     ok = mask_n & (kb * 64 < K)
-    words = _load(w_rows + (kb * 8).to(tl.int64) * N, ok[:, None], EVEN, True)
+    words = load_tile(w_rows + (kb * 8).to(tl.int64) * N, ok[:, None], EVEN, True)
     a = _cat_k(_cat_k(_tile16(words, 0, BLOCK_N, dt, ASM), _tile16(words, 1, BLOCK_N, dt, ASM), BLOCK_N, 16),
                _cat_k(_tile16(words, 2, BLOCK_N, dt, ASM), _tile16(words, 3, BLOCK_N, dt, ASM), BLOCK_N, 16),
                BLOCK_N, 32)
     g = kb // BLOCKS_PER_GROUP if BLOCKS_PER_GROUP else 0
-    s = _load(s_ptr + g * N + offs_n, ok, EVEN).to(tl.float32)
+    s = load_tile(s_ptr + g * N + offs_n, ok, EVEN).to(tl.float32)
     offset: tl.constexpr = 1032.0 if dt == tl.float16 else 136.0
     if HAS_ZERO:  # c + z is exact in 16 bits (128..143 in bf16, 1024..1039 in fp16), so is (c + q) - (c + z)
-        z = _load(z_ptr + g * N + offs_n, ok, EVEN).to(tl.float32)
+        z = load_tile(z_ptr + g * N + offs_n, ok, EVEN).to(tl.float32)
         a = a - (offset + z).to(dt)[:, None]
     else:
         a = a - offset
@@ -107,12 +99,7 @@ def _step(x_cols, w_rows, s_ptr, z_ptr, k0, mask_m, offs_n, mask_n, N, K, BLOCKS
         a1, _ = _block64(w_rows, s_ptr, z_ptr, k0 // 64 + 1, offs_n, mask_n, N, K, BLOCKS_PER_GROUP, HAS_ZERO,
                          SCALE_W, EVEN, BLOCK_N, dt, ASM)
         a = _cat_k(a, a1, BLOCK_N, 64)
-    if EVEN:
-        xt = tl.load(x_cols + k0, mask=mask_m[None, :], other=0.0)
-    else:
-        offs_k = k0 + tl.arange(0, 64 * HALVES)
-        xt = tl.load(x_cols + k0, mask=mask_m[None, :] & (offs_k < K)[:, None], other=0.0)
-    return a, xt, s
+    return a, load_xt_step(x_cols, k0, mask_m, K, EVEN, 64 * HALVES), s
 
 
 @triton.jit
