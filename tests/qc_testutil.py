@@ -58,3 +58,17 @@ def run_cli(*argv) -> CliRun:
         mp.setattr(qcompile.pipeline, "build", build)
         code = main([str(a) for a in argv])
     return CliRun(code, out.getvalue(), err.getvalue(), results[0] if results else None)
+
+
+def launch_spy(record):
+    """A `wrap` for the plugins' launchers that runs the raw Triton kernel and calls `record(grid, kwargs)` at
+    each launch (so a test can check which specialization a launcher chose)."""
+    def wrap(fn):
+        class Launch:
+            def __getitem__(self, grid):
+                def run(*args, **kwargs):
+                    record(grid, kwargs)
+                    return fn[grid](*args, **kwargs)
+                return run
+        return Launch()
+    return wrap

@@ -40,7 +40,7 @@ from qcompile.plugins.gemm_dispatch import (SMALL_M_MAX, add_bias, cdiv, identit
                                              run_by_buckets, split_for_waves)
 from qcompile.plugins.int8_wo_gemm import split_mma
 from qcompile.plugins.int8_wo_gemm.reference import check_args, dequantize_weight
-from qcompile.plugins.triton_tiles import store_tile
+from qcompile.plugins.triton_tiles import load_tile, load_xt_step, store_tile
 
 DEFAULT_SMS = 132
 # M = 1: rows per program, int32 words per row and step, warps, Triton's load pipelining; `PREFETCH` loads the
@@ -147,25 +147,27 @@ def _row_gemv_kernel(
 def _row_dot_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, k_per_split, HAS_BIAS: tl.constexpr,
     ATOMIC: tl.constexpr, FP32_DOT: tl.constexpr, K_STEPS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr = False,
 ):
     """acc[n, m] = sum_k q[n, k] x[m, k] over one K slice for BLOCK_N weight rows and up to BLOCK_M rows of x;
-    ATOMIC: float32 partial sums added into y (zeroed), else the scale/bias epilogue and a store in y's dtype."""
+    ATOMIC: float32 partial sums added into y (zeroed), else the scale/bias epilogue and a store in y's dtype.
+    The step's pointers are formed once (a step adds its K offset); EVEN (N in whole tiles, K in whole steps of
+    every split): the weight and K masks are left out. That cut the sm_90 loop from 393 to 377 instructions per
+    step but did not move the H200 time (4096 x 4096 at M = 16: 1.31x bf16, 1.34x before; BENCHMARKS.md)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
     mask_n = offs_n < N
     mask_m = offs_m < M
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * K
+    w_tile = w_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
+    x_cols = x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for step in range(0, K_STEPS):  # steps past K (last split) are masked
-        offs_k = pid_k * k_per_split + step * BLOCK_K + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0,
-                    eviction_policy="evict_first")
-        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None], mask=mask_m[None, :] & mask_k[:, None],
-                     other=0.0)
+        k0 = pid_k * k_per_split + step * BLOCK_K
+        w = load_tile(w_tile + k0, mask_n[:, None] & (k0 + offs_k < K)[None, :], EVEN, STREAM=True)
+        xt = load_xt_step(x_cols, k0, mask_m, K, EVEN, BLOCK_K)
         if FP32_DOT:
             acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
         else:
@@ -241,7 +243,8 @@ def launch_dot(x2d, w_q, w_scale, bias, cfg: dict | None = None, *, wrap=identit
     wrap(_row_dot_kernel)[(tiles, splits)](
         x2d, w_q, w_scale, optional_arg(bias, w_scale), y, m, n, k, x2d.stride(0), per, HAS_BIAS=bias is not None,
         ATOMIC=atomic, FP32_DOT=x2d.dtype == torch.float32, K_STEPS=per // cfg["BLOCK_K"], BLOCK_M=DOT_BLOCK_M,
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], EVEN=n % cfg["BLOCK_N"] == 0 and splits * per == k,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return _epilogue(y, w_scale, bias, x2d.dtype) if atomic else y
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from qc_testutil import launch_spy
 from qcompile.algorithms.fp4 import quantize_fp4
 from qcompile.plugins.fp4_gemm import format as F
 from qcompile.plugins.fp4_gemm import register
@@ -205,16 +206,7 @@ def test_gemm_kernel_whole_tiles_take_the_unmasked_loads(fmt, path, m):
     x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m)).to(torch.float16)
     cfg = kernel.SMALL if path == "small" else kernel.MID
     seen = []
-
-    def spy(fn):
-        class Launch:
-            def __getitem__(self, grid):
-                def run(*a, **kw):
-                    seen.append((grid[1], kw["EVEN"]))
-                    return fn[grid](*a, **kw)
-                return run
-        return Launch()
-
+    spy = launch_spy(lambda grid, kw: seen.append((grid[1], kw["EVEN"])))
     for sms in (1, 132):
         y = kernel.launch_gemm(x, *args(case), None, case["block"], cfg, wrap=spy, num_sms=sms)
         assert_rel_l2(y.to(torch.float16), oracle(x, case), torch.float16)

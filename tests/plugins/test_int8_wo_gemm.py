@@ -10,7 +10,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from qc_testutil import ort_session
+from qc_testutil import launch_spy, ort_session
 from qcompile.plugins.int8_wo_gemm import int8_wo_gemm_reference, onnx_schema, register
 
 op = register()
@@ -107,6 +107,24 @@ def test_triton_kernel_under_interpreter(m, dtype, bias):
     if m > 16:  # the dequantize + F.linear bucket
         dequant = int8_wo_gemm_triton(x, w_q, w_scale, b, num_sms=2, large_m={"kernel": "dequant"})
         assert_close_to(dequant, ref, REL[DTYPES[dtype]])
+
+
+@triton_interp
+@pytest.mark.parametrize("n, k, even", [(80, 1024, True), (82, 1024, False), (80, 1000, False)])
+def test_dot_kernel_drops_masks_only_on_whole_tiles(n, k, even):
+    """The row dot kernel leaves its weight and K masks out (EVEN) only when N is whole tiles and every K split
+    whole steps; either way, K split or not, it matches float64."""
+    from qcompile.plugins.int8_wo_gemm.kernel import launch_dot
+
+    w_q, w_scale, b = make_case(k=k, n=n, seed=k + n)
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(n)).to(torch.float16)
+    seen = []
+    spy = launch_spy(lambda grid, kw: seen.append((grid[1], kw["EVEN"])))
+    for waves in (0, 4):
+        cfg = dict(BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=2, waves=waves)
+        assert_close_to(launch_dot(x, w_q, w_scale, b, cfg, wrap=spy, num_sms=4), oracle(x, w_q, w_scale, b),
+                        REL[torch.float16])
+    assert [even for _, even in seen] == [even, even] and seen[1][0] > 1, seen
 
 
 @triton_interp

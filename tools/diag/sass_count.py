@@ -99,7 +99,7 @@ def _cases():
     dot = w8.DOT
     yield ("w8a16_row_dot", w8._row_dot_kernel, w8_sig,
            dict(HAS_BIAS=False, ATOMIC=False, FP32_DOT=False, K_STEPS=16, BLOCK_M=16, BLOCK_N=dot["BLOCK_N"],
-                BLOCK_K=dot["BLOCK_K"]), ["x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm",
+                BLOCK_K=dot["BLOCK_K"], EVEN=True), ["x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm",
                                           "k_per_split"], dot["num_warps"], dot["num_stages"],
            dot["BLOCK_N"] * dot["BLOCK_K"] // (32 * dot["num_warps"]))
 
