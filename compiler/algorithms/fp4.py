@@ -85,18 +85,11 @@ def _nvfp4_with_global(wt: torch.Tensor, global_scale: torch.Tensor) -> Fp4Weigh
     return Fp4Weight("nvfp4", codes, scale, global_scale)
 
 
-def _e2m1_round_fast(x: torch.Tensor) -> torch.Tensor:
-    """`x` rounded to the E2M1 grid, saturating; a tie may go either way (the squared error is the same)."""
-    values = torch.tensor(F.E2M1_VALUES, dtype=torch.float32, device=x.device)
-    mids = torch.tensor(F._MIDPOINTS, dtype=torch.float32, device=x.device)
-    return values[torch.bucketize(x.abs(), mids)].copysign(x)
-
-
 def _block_errors(xb: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Squared error per block of `xb [..., nb, B]` quantized with effective float32 scales `[..., nb]`."""
     s = scale.unsqueeze(-1)
     safe = torch.where(s > 0, s, torch.ones_like(s))
-    return ((_e2m1_round_fast(xb / safe) * s - xb) ** 2).sum(-1)
+    return ((F.e2m1_round(xb / safe) * s - xb) ** 2).sum(-1)
 
 
 def _amax_block_codes(xb: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,37 @@ def test_e2m1_encode_matches_ml_dtypes_on_a_dense_grid():
     np.testing.assert_array_equal(got, want)
 
 
+def test_e2m1_round_matches_ml_dtypes_with_signed_zeros_and_nan():
+    """The arithmetic rounding equals a cast to FLOAT4E2M1 and back on every tie, around each midpoint and value,
+    on a dense grid of fp32 values and at the extremes; the sign of zero results follows x; NaN saturates to 6
+    (as e2m1_encode defines it)."""
+    near = np.concatenate([np.array(F._MIDPOINTS + F.E2M1_VALUES, dtype=np.float32)[:, None]
+                           + np.array([-2e-6, -6e-8, 0.0, 6e-8, 2e-6], dtype=np.float32)]).ravel()
+    rng = np.random.default_rng(3)
+    grid = np.concatenate([np.linspace(-8, 8, 64001, dtype=np.float32), near, -near,
+                           rng.standard_normal(20000).astype(np.float32) * 3,
+                           np.array([-0.0, 1e-30, -1e-30, 7.0, 1e9, -1e9, np.inf, -np.inf], dtype=np.float32)])
+    want = grid.astype(ml_dtypes.float4_e2m1fn).astype(np.float32)
+    got = F.e2m1_round(torch.from_numpy(grid)).numpy()
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
+    assert float(F.e2m1_round(torch.tensor(float("nan")))) == 6.0
+
+
+def test_fake_quantize_equals_the_codes_path():
+    """`nvfp4_fake_quantize` (rounded values) is the codes of `nvfp4_dynamic_quantize` decoded and scaled, bit for
+    bit, with zero blocks, outliers and a global scale that saturates some block scales."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 128, generator=gen) * torch.exp(torch.randn(6, 128, generator=gen) * 2)
+    x[1, :16] = 0.0
+    x[2, 5] = 1e4
+    for g in (torch.tensor(x.abs().max() / (6 * 448)), torch.tensor(1e-3)):
+        codes, sx = F.nvfp4_dynamic_quantize(x, g)
+        want = F.dequantize_blocks(codes, sx.to(torch.float32) * g, F.NVFP4_BLOCK)
+        got = F.nvfp4_fake_quantize(x, g)
+        assert torch.equal(got, want) and torch.equal(torch.signbit(got), torch.signbit(want))
+
+
 def test_e2m1_encode_decode_round_trips_every_code():
     codes = torch.arange(16, dtype=torch.uint8)
     assert torch.equal(F.e2m1_encode(F.e2m1_decode(codes)), codes)
