@@ -50,6 +50,12 @@ def split_for_waves(k: int, tiles: int, block_k: int, waves: float, num_sms: int
     return cdiv(k, per), per
 
 
+def whole_tiles(n: int, block_n: int, splits: int, k_per_split: int, k: int) -> bool:
+    """Whether a kernel's tiles lie inside the weight: N in whole BLOCK_N tiles and the K splits covering exactly
+    K (the `EVEN` specialization: its loads carry no N or K masks)."""
+    return n % block_n == 0 and splits * k_per_split == k
+
+
 def run_by_buckets(x, k: int, n: int, buckets: list, weights: tuple) -> torch.Tensor:
     """The first bucket `(limit, fn)` with M <= limit (limit None: any M) run on x as contiguous rows [M, k],
     reshaped back to [..., n].

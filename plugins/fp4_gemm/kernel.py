@@ -50,7 +50,7 @@ import triton.language as tl
 
 from qcompile.plugins.fp4_gemm.reference import check_args
 from qcompile.plugins.gemm_dispatch import (SMALL_M_MAX, cdiv, identity, linear_bias, optional_arg, run_by_buckets,
-                                             split_k_config, unpack_optional)
+                                             split_k_config, unpack_optional, whole_tiles)
 from qcompile.plugins.triton_tiles import load_tile, load_xt_step, store_tile
 
 DEFAULT_SMS = 132
@@ -242,7 +242,7 @@ def launch_gemm(x2d, w_packed, w_scale, w_global, bias, block_size: int, cfg: di
         y, m, n, k, x2d.stride(0),
         K_STEPS=split["k_per_split"] // block_k, HAS_BIAS=bias is not None, ATOMIC=atomic,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=split["BLOCK_N"], BLOCK_K=block_k,
-        EVEN=n % split["BLOCK_N"] == 0 and split["split_k"] * split["k_per_split"] == k,
+        EVEN=whole_tiles(n, split["BLOCK_N"], split["split_k"], split["k_per_split"], k),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **_format_args(w_scale, w_global, block_size, x2d.dtype),
     )

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg, split_for_waves
+from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg, split_for_waves, whole_tiles
 from qcompile.plugins.int4_gemm.format import PLANAR_BLOCK, is_planar
 from qcompile.plugins.triton_tiles import load_tile, load_xt_step, store_tile
 
@@ -162,7 +162,7 @@ def launch(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, asm: b
         K_STEPS=per // step, BLOCKS_PER_GROUP=0 if group_size == k else group_size // PLANAR_BLOCK,
         HAS_ZERO=w_zero is not None,
         SCALE_W=cfg.get("SCALE_W", False) or group_size % step != 0, HALVES=halves,
-        EVEN=n % cfg["BLOCK_N"] == 0 and splits * per == k, ATOMIC=splits > 1, ASM=asm,
+        EVEN=whole_tiles(n, cfg["BLOCK_N"], splits, per, k), ATOMIC=splits > 1, ASM=asm,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return y

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from qcompile.plugins.gemm_dispatch import (SMALL_M_MAX, add_bias, cdiv, identity, linear_bias, optional_arg,
-                                             run_by_buckets, split_for_waves)
+                                             run_by_buckets, split_for_waves, whole_tiles)
 from qcompile.plugins.int8_wo_gemm import split_mma
 from qcompile.plugins.int8_wo_gemm.reference import check_args, dequantize_weight
 from qcompile.plugins.triton_tiles import load_tile, load_xt_step, store_tile
@@ -243,7 +243,7 @@ def launch_dot(x2d, w_q, w_scale, bias, cfg: dict | None = None, *, wrap=identit
     wrap(_row_dot_kernel)[(tiles, splits)](
         x2d, w_q, w_scale, optional_arg(bias, w_scale), y, m, n, k, x2d.stride(0), per, HAS_BIAS=bias is not None,
         ATOMIC=atomic, FP32_DOT=x2d.dtype == torch.float32, K_STEPS=per // cfg["BLOCK_K"], BLOCK_M=DOT_BLOCK_M,
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], EVEN=n % cfg["BLOCK_N"] == 0 and splits * per == k,
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], EVEN=whole_tiles(n, cfg["BLOCK_N"], splits, per, k),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return _epilogue(y, w_scale, bias, x2d.dtype) if atomic else y

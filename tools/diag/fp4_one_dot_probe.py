@@ -23,9 +23,9 @@ it does.
     OUT=... python3 tools/diag/fp4_one_dot_probe.py [--shapes KxN ...] [--ms 1 16 64]
 
 Written in the sixteenth session after its device time was spent: checked on the CPU only (the interpreter, fp16,
-against float64, NVFP4 and MXFP4, split K or not); run on the H200 in the seventeenth (below). Its SASS for sm_90 (compiled on the
-CPU, bf16) is 7.6-8.5 instructions per weight at 16 rows (NVFP4) and 6.4-7.7 (MXFP4), against the FP4 tile
-kernel's 7.2 and the INT4 one-dot kernel's 4.5. The block scales are most of the difference: without the
+against float64, NVFP4 and MXFP4, split K or not); run on the H200 in the seventeenth (below). Its SASS for sm_90
+(compiled on the CPU, bf16) is 7.6-8.5 instructions per weight at 16 rows (NVFP4) and 6.4-7.7 (MXFP4), against the
+FP4 tile kernel's 7.2 and the INT4 one-dot kernel's 4.5. The block scales are most of the difference: without the
 `* scale` the NVFP4 16 x 64 loop was 355 instructions per step instead of 558 (PRMT, F2FP, HADD2 and FMUL for
 converting a scale per 16-K tile and bringing it into the weight tile's layout; the 32 HMUL2, one per pair,
 are the floor). Loading a step's scales as one [BLOCK_N, 8] tile and splitting it in registers (this version)
