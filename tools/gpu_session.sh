@@ -9,6 +9,7 @@ mkdir -p "$OUT"
 SITE=${SITE:-/tmp/site}  # a SITE each lets two sessions run side by side (e.g. STEPS=tests and STEPS=cli)
 rm -rf "$SITE"  # pip --target keeps an existing package: a warm machine would run the previous wheel
 python3 -m pip install -q --no-index --no-deps --target "$SITE" .whl/*.whl || exit 1
+eval "${SITE_HOOK:-}"  # a command on the installed package, e.g. a sed on $SITE that flips a setting for an A/B run
 export PYTHONPATH=$SITE:$PWD/tests PYTHONUNBUFFERED=1
 PRELOAD=$(g++ -print-file-name=libstdc++.so.6)
 py() { LD_PRELOAD=$PRELOAD ${PY_TIMEOUT:+timeout $PY_TIMEOUT} python3 "$@"; }  # PY_TIMEOUT: seconds per step
@@ -24,7 +25,7 @@ for s in ${STEPS:-engines kernels int4 decode tests}; do
     decode)  step "decode benchmark: Llama-3-8B-sized layers, ${DECODE_RECIPES:-fp16 w4a16_awq} at M = 1 and 16"
              py tools/bench_engines.py llama3-8b-layers --recipes ${DECODE_RECIPES:-fp16 w4a16_awq} --cuda-graph --profile --size batch=1,seq=1 \
                  --size batch=16,seq=1 --calib-size batch=2,seq=64 --iters 100 --build-jobs 2 \
-                 --out "$OUT/decode-llama3-8b-layers.json" 2>&1 | tee "$OUT/decode-llama3-8b-layers.log" | grep -v "^\[" | tail -12 ;;
+                 --out "$OUT/decode-llama3-8b-layers${DECODE_TAG:-}.json" 2>&1 | tee "$OUT/decode-llama3-8b-layers${DECODE_TAG:-}.log" | grep -v "^\[" | tail -12 ;;
     w8fp8)   step "w8a16 and fp8_block GEMM benchmark"
              py tools/bench_w8a16_fp8_block.py --eager --cuda-graph ${W8FP8_ARGS:-} --out "$OUT/w8a16_fp8_block${W8FP8_TAG:-}.json" 2>&1 \
                  | tee "$OUT/w8a16_fp8_block${W8FP8_TAG:-}.log" | tail -30 ;;
