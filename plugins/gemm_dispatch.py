@@ -39,12 +39,22 @@ def split_k_config(k: int, n: int, block_k: int, max_block_n: int, num_sms: int)
     return {"BLOCK_N": block_n, "split_k": cdiv(k, k_per_split), "k_per_split": k_per_split, "n_tiles": n_tiles}
 
 
-def split_for_waves(k: int, tiles: int, block_k: int, waves: float, num_sms: int) -> tuple[int, int]:
+def split_for_waves(k: int, tiles: int, block_k: int, waves: float, num_sms: int,
+                    resident: int = 0) -> tuple[int, int]:
     """(number of K splits, K per split): enough programs for `waves` waves of SMs, each split at
-    least 2 steps long (waves = 0: no split)."""
+    least 2 steps long (waves = 0: no split).
+
+    `resident` (programs that fit on one SM at once, from the kernel's registers; 0: unknown): when the
+    programs overflow one resident wave, K is split once more if that shortens the run counted in whole
+    waves of full-length programs (`ceil(programs / slots) / split`). E.g. 448 tiles on 3 x 132 slots run as
+    2 waves of full-K programs; split in two, 896 programs run as 3 waves of half length (1.5)."""
     steps = cdiv(k, block_k)
     split = 1
     while waves and tiles * split * 2 <= waves * num_sms and split * 4 <= steps:
+        split *= 2
+    slots = resident * num_sms
+    programs = tiles * split
+    if slots and programs > slots and split * 4 <= steps and cdiv(2 * programs, slots) < 2 * cdiv(programs, slots):
         split *= 2
     per = cdiv(steps, split) * block_k
     return cdiv(k, per), per

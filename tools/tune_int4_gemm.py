@@ -42,7 +42,7 @@ def candidates(m: int) -> list[dict]:
             out.append(dict(kernel="gemv", BLOCK_N=bn, MIN_TILES=1, BLOCK_K=bk, num_warps=w, num_stages=3,
                             waves=waves, pipeline=pipe))
     if 1 < m <= 256:  # one MMA per K step on the planar words (plugins/int4_gemm/one_dot.py)
-        for bn, scale_w, st, waves in itertools.product((64, 128), (False, True), (3, 4), (1, 2, 4, 8)):
+        for bn, scale_w, st, waves in itertools.product((64, 128), (False, True), (3, 4), (1, 2, 4, 8, 16)):
             out.append(dict(kernel="one_dot", BLOCK_M=16 if m <= 16 else 64, BLOCK_N=bn, num_warps=4, num_stages=st,
                             waves=waves, SCALE_W=scale_w))
     if 128 <= m <= 512:  # the one-dot kernel with wide x tiles (the MMA's N up to 256), against dequantize + cuBLAS

@@ -145,7 +145,7 @@ def supports(x_dtype: torch.dtype, k: int, group_size: int) -> bool:
 def launch(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, asm: bool, out_dtype=torch.float32,
            wrap=identity, num_sms: int = 132) -> torch.Tensor:
     """`x2d @ dequant(W)` [M, N] with `_int4_one_dot_kernel`: fp32 when split-K (atomics), else `out_dtype`.
-    cfg: BLOCK_M, BLOCK_N, num_warps, num_stages, waves (split-K target, `split_for_waves`), SCALE_W."""
+    cfg: BLOCK_M, BLOCK_N, num_warps, num_stages, waves and resident (split-K target, `split_for_waves`), SCALE_W."""
     m, k = x2d.shape
     n = w_packed.shape[1]
     if not supports(x2d.dtype, k, group_size):
@@ -154,7 +154,7 @@ def launch(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, asm: b
     halves = 2 if k % (2 * PLANAR_BLOCK) == 0 else 1
     step = PLANAR_BLOCK * halves
     tiles_n = cdiv(n, cfg["BLOCK_N"])
-    splits, per = split_for_waves(k, tiles_n, step, cfg["waves"], num_sms)
+    splits, per = split_for_waves(k, tiles_n, step, cfg["waves"], num_sms, cfg.get("resident", 0))
     y = (torch.zeros((m, n), dtype=torch.float32, device=x2d.device) if splits > 1
          else torch.empty((m, n), dtype=out_dtype, device=x2d.device))
     wrap(_int4_one_dot_kernel)[(tiles_n, splits, cdiv(m, cfg["BLOCK_M"]))](

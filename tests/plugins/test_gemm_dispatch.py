@@ -1,11 +1,12 @@
 """The GEMM plugins' shared epilogues: `gemm_dispatch.add_bias` (the float32 sum of y and the bias, rounded once)
-and `linear_bias` (the dequantize + cuBLAS paths' matmul with the bias in its epilogue)."""
+and `linear_bias` (the dequantize + cuBLAS paths' matmul with the bias in its epilogue); the split-K count
+`split_for_waves`."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from qcompile.plugins.gemm_dispatch import add_bias, linear_bias
+from qcompile.plugins.gemm_dispatch import add_bias, linear_bias, split_for_waves
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -41,3 +42,17 @@ def test_linear_bias_matches_float64(dtype, bias_dtype, out):
     tol = 1e-5 if dtype == torch.float32 else 2.0 ** -8  # one rounding of the float32 sum (bf16: 2^-9 relative)
     err = (got.double() - want).abs() / want.abs().clamp_min(1.0)
     assert err.max().item() <= tol, f"{err.max().item():.3g}"
+
+
+
+@pytest.mark.parametrize("k, tiles, resident, expected", [
+    (8192, 448, 0, 1),  # occupancy unknown: the waves rule alone (448 tiles already exceed 2 waves of 132 SMs)
+    (8192, 448, 3, 2),  # 448 programs on 396 slots: 2 waves of full-K programs; split in two, 3 of half K (1.5)
+    (8192, 224, 3, 1),  # one resident wave holds them all: no extra split
+    (8192, 792, 3, 1),  # exactly 2 resident waves: split in two, 4 waves of half K, no shorter
+    (384, 448, 3, 1),   # 3 K steps: a split would be shorter than 2 steps
+])
+def test_split_for_waves_splits_again_when_programs_overflow_the_resident_slots(k, tiles, resident, expected):
+    splits, per = split_for_waves(k, tiles, 128, 2, 132, resident)
+    assert splits == expected
+    assert per % 128 == 0 and (splits - 1) * per < k <= splits * per  # every split holds K, none is empty

@@ -445,7 +445,7 @@ ONE_DOT_SHAPES = pytest.mark.parametrize(
 def check_one_dot(k, group, zero, dtype, rel, device="cpu"):
     """The one-dot kernel on planar words: 128-K steps and 64-K steps, a partial N tile (n = 80) or whole tiles
     (n = 96: the unmasked loads when K is not split unevenly), a partial M tile, split K (atomics; 320 = 2
-    splits of 3 64-K steps, the last one past K) and not, the scale on the
+    splits of 3 64-K steps, the last one past K; by `waves` and by the `resident` rule) and not, the scale on the
     product and on the weight tile (forced for 64-K groups in 128-K steps). Float64-close."""
     from qcompile.plugins.gemm_dispatch import split_for_waves
     from qcompile.plugins.int4_gemm import one_dot
@@ -457,8 +457,10 @@ def check_one_dot(k, group, zero, dtype, rel, device="cpu"):
         ref = oracle(x, {**case, "bias": None})
         step = 128 if k % 128 == 0 else 64
         assert split_for_waves(k, -(-n // 32), step, 16, 1)[0] > 1  # waves = 16 splits K
-        for waves, scale_w in ((0, False), (16, False), (16, True), (0, True)):
-            cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "waves": waves, "SCALE_W": scale_w}
+        assert split_for_waves(k, -(-n // 32), step, 0, 1, 2)[0] == 2  # 3 tiles on 2 resident slots: split in two
+        for waves, resident, scale_w in ((0, 0, False), (16, 0, False), (16, 0, True), (0, 0, True), (0, 2, False)):
+            cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "waves": waves, "resident": resident,
+                   "SCALE_W": scale_w}
             y = one_dot.launch(x.to(device), *weights, case["g"], cfg, asm=device != "cpu", out_dtype=torch.float32,
                                num_sms=1)
             assert y.shape == (m, n) and y.dtype == torch.float32
