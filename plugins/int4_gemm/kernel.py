@@ -82,17 +82,21 @@ MAGIC16 = {torch.bfloat16: (0x4308, 136.0), torch.float16: (0x6408, 1032.0)}  # 
 # programs: 8 / 4 / 8 / 2 splits); waves = 4 was 4-11% slower on 4096 x 14336 and 8192 x 28672, waves = 8 20%
 # slower on 4096 x 4096 (16 splits of 2 steps). The 64-row kernel holds 147 registers per thread (sm_90, triton
 # 3.6.0), so 3 programs fit on an SM (`resident`): with it, 8192 x 28672 splits K in two (448 tiles overflow the
-# 396 slots), 14-16% faster at 32 and 64 rows, within 2% at 128; the other layers keep their split
-# (benchmarks/int4_tune_one_dot-m32-128-s19.json, -w16-s19.json).
+# 396 slots), 14-16% faster at 32 and 64 rows; the other layers keep their split. 65-128 rows take 128-row
+# tiles, one M tile that reads the weight once: at M = 128, 13-35% faster than two 64-row tiles on the four layers
+# and the best 128-row tile on each (benchmarks/int4_tune_one_dot-m32-128-s19.json, -w16-s19.json).
+_MM_T_64_ROWS = dict(kernel="mm_t", BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, waves=2,
+                     SCALE_ACC=False)
 CONFIGS = [
     (1, dict(kernel="gemv", BLOCK_N=512, MIN_TILES=8, BLOCK_K=32, num_warps=2, num_stages=3,
              waves=32)),
     (16, dict(kernel="one_dot", BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3, waves=7.5, SCALE_W=False,
               fallback=dict(kernel="mm_t", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3,
                             waves=8, SCALE_ACC=False))),
-    (128, dict(kernel="one_dot", BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, waves=2, resident=3, SCALE_W=False,
-               fallback=dict(kernel="mm_t", BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3,
-                             waves=2, SCALE_ACC=False))),
+    (64, dict(kernel="one_dot", BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, waves=2, resident=3,
+              SCALE_W=False, fallback=_MM_T_64_ROWS)),
+    (128, dict(kernel="one_dot", BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, waves=2, SCALE_W=False,
+               fallback=_MM_T_64_ROWS)),
     (None, dict(kernel="dequant")),
 ]
 DEQUANT = dict(BLOCK_KW=8, BLOCK_N=256, num_warps=4)  # tile of `_int4_dequant_kernel`: 7 within 3% (benchmarks/dequant.json)
