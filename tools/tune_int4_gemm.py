@@ -25,7 +25,8 @@ GROUP = 128
 
 def candidates(m: int) -> list[dict]:
     """Candidate launch configurations (W4A16, and W4A8 on FP8 dots) for a row count m: the neighbourhood
-    of the winners of the first sweep (benchmarks/int4_tune_v2b.json), plus dequantize + cuBLAS."""
+    of the winners of the first sweep (benchmarks/int4_tune_v2b.json), plus dequantize + cuBLAS and the
+    configuration the op ships for m (`kernel.CONFIGS`), so every sweep times it beside the others."""
     out = []
     if m == 1:  # the fp16x2 GEMV (16-bit x): the shipped tile and deeper tiles that keep its 32 words per
         # thread (more warps along K: fewer split-K programs and atomics), over split-K waves and stages
@@ -45,7 +46,7 @@ def candidates(m: int) -> list[dict]:
         for bn, scale_w, st, waves in itertools.product((64, 128), (False, True), (3, 4), (1, 2, 4, 8, 16)):
             out.append(dict(kernel="one_dot", BLOCK_M=16 if m <= 16 else 64, BLOCK_N=bn, num_warps=4, num_stages=st,
                             waves=waves, SCALE_W=scale_w))
-    if 128 <= m <= 512:  # the one-dot kernel with wide x tiles (the MMA's N up to 256), against dequantize + cuBLAS
+    if 64 < m <= 512:  # the one-dot kernel with wide x tiles (the MMA's N up to 256), against dequantize + cuBLAS
         for bm, bn, w, st, waves in itertools.product((128, 256), (64, 128), (4, 8), (2, 3), (1, 2)):
             out.append(dict(kernel="one_dot", BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, waves=waves,
                             SCALE_W=False))
@@ -65,7 +66,9 @@ def candidates(m: int) -> list[dict]:
         out.append(dict(kernel="dequant"))
     w4a8 = [dict(c, fp8_dot=True) for c in out if c["kernel"] == "mm_t" and c["BLOCK_K"] == 128
             and c["num_stages"] == 3][:6] if m >= 16 else []
-    return out + w4a8
+    from qcompile.plugins.int4_gemm import kernel
+    shipped = next(c for limit, c in kernel.CONFIGS if limit is None or m <= limit)  # what the op runs at m rows
+    return out + w4a8 + ([] if shipped in out else [shipped])
 
 
 def make_weights(k: int, n: int, seed: int = 0):

@@ -44,7 +44,6 @@ def test_linear_bias_matches_float64(dtype, bias_dtype, out):
     assert err.max().item() <= tol, f"{err.max().item():.3g}"
 
 
-
 @pytest.mark.parametrize("k, tiles, resident, expected", [
     (8192, 448, 0, 1),  # occupancy unknown: the waves rule alone (448 tiles already exceed 2 waves of 132 SMs)
     (8192, 448, 3, 2),  # 448 programs on 396 slots: 2 waves of full-K programs; split in two, 3 of half K (1.5)
