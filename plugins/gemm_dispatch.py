@@ -66,6 +66,11 @@ def whole_tiles(n: int, block_n: int, splits: int, k_per_split: int, k: int) -> 
     return n % block_n == 0 and splits * k_per_split == k
 
 
+def bucket_for(buckets: list, m: int):
+    """The value of the first `(limit, value)` of `buckets` with m <= limit (limit None: any m)."""
+    return next(value for limit, value in buckets if limit is None or m <= limit)
+
+
 def run_by_buckets(x, k: int, n: int, buckets: list, weights: tuple) -> torch.Tensor:
     """The first bucket `(limit, fn)` with M <= limit (limit None: any M) run on x as contiguous rows [M, k],
     reshaped back to [..., n].
@@ -80,7 +85,7 @@ def run_by_buckets(x, k: int, n: int, buckets: list, weights: tuple) -> torch.Te
     m = x2d.shape[0]
     operands = (x2d, *weights)
     if isinstance(m, int):
-        y = next(fn for limit, fn in buckets if limit is None or m <= limit)(*operands)
+        y = bucket_for(buckets, m)(*operands)
     else:
         y = _cond_chain(m, buckets, operands)
     return y.reshape(*lead, n)

@@ -66,8 +66,9 @@ def candidates(m: int) -> list[dict]:
         out.append(dict(kernel="dequant"))
     w4a8 = [dict(c, fp8_dot=True) for c in out if c["kernel"] == "mm_t" and c["BLOCK_K"] == 128
             and c["num_stages"] == 3][:6] if m >= 16 else []
+    from qcompile.plugins.gemm_dispatch import bucket_for
     from qcompile.plugins.int4_gemm import kernel
-    shipped = next(c for limit, c in kernel.CONFIGS if limit is None or m <= limit)  # what the op runs at m rows
+    shipped = bucket_for(kernel.CONFIGS, m)  # what the op runs at m rows
     return out + w4a8 + ([] if shipped in out else [shipped])
 
 
