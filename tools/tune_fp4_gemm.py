@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Choose the tile paths of the FP4 op on the GPU (`fp4_gemm.kernel.SMALL`, `MID` and `LARGE_M_MIN`).
+"""Choose the tile paths of the FP4 op on the GPU (`fp4_gemm.kernel.SMALL`, `MID`, `WIDE` and `LARGE_M_MIN`).
 
 For every (K x N, M) it times side by side, as the eager op calls them (CUDA graphs with --cuda-graph; the split-K
 zero fill and the cast to x's dtype included where a configuration splits K): cuBLAS bf16; our INT4 g128 op (the

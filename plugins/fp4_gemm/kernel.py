@@ -11,9 +11,12 @@ concrete M, a `torch.cond` chain for a symbolic one):
 - M <= SMALL_M_MAX (16): `_fp4_gemm_kernel` split-K (BLOCK_M = 16): each program streams one K slice of
   BLOCK_N weight rows once (`evict_first`); partial sums are added with fp32 atomics (a plain store in
   x.dtype when there is one split).
-- 16 < M < LARGE_M_MIN (129): the same kernel as a tiled GEMM (BLOCK_M = 64, BLOCK_N = 128), K split until
+- 16 < M <= MID_M_MAX (64): the same kernel as a tiled GEMM (BLOCK_M = 64, BLOCK_N = 128), K split until
   there are about two waves of programs (tools/tune_fp4_gemm.py, benchmarks/tune_fp4_gemm.json: 1.18-1.31x faster
   at M = 64 than one wave).
+- MID_M_MAX < M < LARGE_M_MIN (65-128): 128-row tiles (`WIDE`), so one M tile reads the weight once where two
+  64-row tiles read it twice: 15-23% faster than the 64-row tiles at M = 100 and 128 on the four Llama-sized
+  layers, and the best tile of the sweep on each within 16% (benchmarks/tune_fp4_gemm_m100_128_s20.json).
 - M >= LARGE_M_MIN: `_fp4_dequant_kernel` writes W [N, K] in x.dtype, then cuBLAS with the bias in its epilogue
   (`gemm_dispatch.linear_bias`). From 129 rows, as INT4: at M = 256 the best tile was 1.3-1.5x slower.
 
@@ -59,6 +62,8 @@ BLOCK_K = 128
 # launch configurations (tile sizes, warps, pipeline stages; the split-K target in SMs per N tile)
 SMALL = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3, sms_per_tile=1)
 MID = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, sms_per_tile=2)
+MID_M_MAX = 64  # rows up to which MID runs; WIDE from there to LARGE_M_MIN - 1
+WIDE = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, sms_per_tile=2)
 DEQUANT = dict(BLOCK_N=16, BLOCK_K=512, num_warps=4)  # tile of `_fp4_dequant_kernel`: best of 6 (benchmarks/dequant.json)
 TINY = {torch.float32: 126, torch.bfloat16: 126, torch.float16: 14}  # decoded bits = value * 2**-TINY
 ACC_SHIFT = {(False, torch.float16): 9, (True, torch.float16): 4}  # X per (MXFP4?, dtype); else below
@@ -293,7 +298,7 @@ def fp4_gemm_triton(x, w_packed, w_scale, w_global, bias, block_size: int, *, wr
         return launch_gemv(x2d, w_packed, w_scale, w_global, bias, block_size, wrap=wrap)
 
     weights = (w_packed, w_scale) + tuple(t for t in (w_global, bias) if t is not None)
-    buckets = [(SMALL_M_MAX, tiled(SMALL)), (LARGE_M_MIN - 1, tiled(MID)), (None, large)]
+    buckets = [(SMALL_M_MAX, tiled(SMALL)), (MID_M_MAX, tiled(MID)), (LARGE_M_MIN - 1, tiled(WIDE)), (None, large)]
     if x.dtype in (torch.float16, torch.bfloat16):  # the GEMV rounds products to fp16: 16-bit x only
         buckets.insert(0, (1, gemv))
     return run_by_buckets(x, k, n, buckets, weights)

@@ -178,7 +178,7 @@ INTERP_DTYPES = [torch.float32, torch.float16]
 @triton_interp
 @pytest.mark.parametrize("fmt", FMTS)
 @pytest.mark.parametrize("dtype", INTERP_DTYPES)
-@pytest.mark.parametrize("path", ["small", "mid"])
+@pytest.mark.parametrize("path", ["small", "mid", "wide"])
 @pytest.mark.parametrize("m", [1, 3, 17, 70])
 def test_gemm_kernel_paths_interpreter(fmt, dtype, path, m):
     from qcompile.plugins.fp4_gemm import kernel
@@ -186,7 +186,7 @@ def test_gemm_kernel_paths_interpreter(fmt, dtype, path, m):
     case = make_case(fmt, k=384, n=72, seed=m)  # 3 K steps (a partial last split), a partial N tile
     x = torch.randn(m, 384, generator=torch.Generator().manual_seed(m)).to(dtype)
     bias = torch.randn(72) if m % 2 else None
-    cfg = kernel.SMALL if path == "small" else kernel.MID
+    cfg = getattr(kernel, path.upper())
     for sms in (1, 132) if dtype == torch.float16 else (132,):  # split_k = 1 (store in x.dtype), > 1 (atomics)
         y = kernel.launch_gemm(x, *args(case), bias, case["block"], cfg, num_sms=sms)
         assert y.shape == (m, 72) and y.dtype in (torch.float32, dtype)
@@ -195,7 +195,7 @@ def test_gemm_kernel_paths_interpreter(fmt, dtype, path, m):
 
 @triton_interp
 @pytest.mark.parametrize("fmt", FMTS)
-@pytest.mark.parametrize("path", ["small", "mid"])
+@pytest.mark.parametrize("path", ["small", "mid", "wide"])
 @pytest.mark.parametrize("m", [3, 17])
 def test_gemm_kernel_whole_tiles_take_the_unmasked_loads(fmt, path, m):
     """N a multiple of the tile and K split evenly: the kernel runs with EVEN (no weight masks) and still
@@ -204,7 +204,7 @@ def test_gemm_kernel_whole_tiles_take_the_unmasked_loads(fmt, path, m):
 
     case = make_case(fmt, k=512, n=128, seed=m)
     x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m)).to(torch.float16)
-    cfg = kernel.SMALL if path == "small" else kernel.MID
+    cfg = getattr(kernel, path.upper())
     seen = []
     spy = launch_spy(lambda grid, kw: seen.append((grid[1], kw["EVEN"])))
     for sms in (1, 132):
@@ -324,16 +324,16 @@ def test_gpu_body_dispatch_traces_with_dynamic_rows(monkeypatch, dtype):
     rows = torch.export.Dim("rows", min=1, max=4096)
     ep = torch.export.export(Body(), (torch.randn(5, 64, dtype=dtype),), dynamic_shapes=({0: rows},))
     assert sum(n.target is torch.ops.higher_order.cond for n in ep.graph.nodes) == 1  # the outer cond
-    small, mid = kernel.SMALL["BLOCK_M"], kernel.MID["BLOCK_M"]
-    large = kernel.LARGE_M_MIN
-    want = {1: 7.0 if dtype == torch.float16 else small, 2: small, 16: small, 17: mid, large - 1: mid, large: 0.0,
-            1500: 0.0}
+    small, mid, wide = kernel.SMALL["BLOCK_M"], kernel.MID["BLOCK_M"], kernel.WIDE["BLOCK_M"]
+    large, mid_max = kernel.LARGE_M_MIN, kernel.MID_M_MAX
+    want = {1: 7.0 if dtype == torch.float16 else small, 2: small, 16: small, 17: mid, mid_max: mid,
+            mid_max + 1: wide, large - 1: wide, large: 0.0, 1500: 0.0}
     for m, marker in want.items():
         x = torch.randn(m, 64).to(dtype)
         got = ep.module()(x).double().numpy() - marker
         atol = 2e-4 if dtype == torch.float32 else 0.1  # fp16 outputs round; the markers are >= 7 apart
         np.testing.assert_allclose(got, oracle(x, case, bias), rtol=0, atol=atol)
-    assert len(set(want.values())) == (4 if dtype == torch.float16 else 3)  # every bucket was reached
+    assert len(set(want.values())) == (5 if dtype == torch.float16 else 4)  # every bucket was reached
 
 
 # ---------------------------------------------------------------- CUDA
@@ -342,7 +342,7 @@ def test_gpu_body_dispatch_traces_with_dynamic_rows(monkeypatch, dtype):
 @cuda
 @pytest.mark.parametrize("fmt", FMTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 3, 16, 17, 70, 200])
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 64, 70, 128, 200])
 @pytest.mark.parametrize("has_bias", [False, True], ids=["nobias", "bias"])
 def test_cuda_op_matches_float64(fmt, dtype, m, has_bias):
     case = make_case(fmt, k=512, n=320, seed=m)
@@ -358,7 +358,7 @@ def test_cuda_op_matches_float64(fmt, dtype, m, has_bias):
 @cuda
 @pytest.mark.parametrize("fmt", FMTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("path", ["small", "mid", "dequant"])
+@pytest.mark.parametrize("path", ["small", "mid", "wide", "dequant"])
 @pytest.mark.parametrize("m", [1, 3, 17, 70])
 def test_cuda_each_kernel_path(fmt, dtype, path, m):
     from qcompile.plugins.fp4_gemm import kernel
@@ -371,7 +371,7 @@ def test_cuda_each_kernel_path(fmt, dtype, path, m):
         w = kernel.launch_dequant(*dev[1:4], case["block"], dtype)
         y = dev[0] @ w.t() + (0 if bias is None else dev[4].to(dtype))
     else:
-        cfg = kernel.SMALL if path == "small" else kernel.MID
+        cfg = getattr(kernel, path.upper())
         y = kernel.launch_gemm(dev[0], *dev[1:4], dev[4], case["block"], cfg, num_sms=132).to(dtype)
     assert_rel_l2(y, oracle(x, case, bias), dtype)
 
