@@ -42,10 +42,6 @@ def candidates(m: int) -> list[dict]:
                                                           (8, 16, 32)):  # weight tiles through cp.async
             out.append(dict(kernel="gemv", BLOCK_N=bn, MIN_TILES=1, BLOCK_K=bk, num_warps=w, num_stages=3,
                             waves=waves, pipeline=pipe))
-        for bn, bkw, w in [(16, 256, 4), (16, 256, 8), (16, 128, 4), (8, 256, 4), (32, 256, 8)]:
-            # the full-K GEMV (plugins/int4_gemm/gemv_full_k.py) on any layer size
-            out.append(dict(kernel="gemv", BLOCK_N=512, MIN_TILES=8, BLOCK_K=32, num_warps=2, num_stages=3, waves=32,
-                            full_k=dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=w, max_weights=1 << 40)))
     if 1 < m <= 256:  # one MMA per K step on the planar words (plugins/int4_gemm/one_dot.py)
         for bn, scale_w, st, waves in itertools.product((64, 128), (False, True), (3, 4), (1, 2, 4, 8, 16)):
             out.append(dict(kernel="one_dot", BLOCK_M=16 if m <= 16 else 64, BLOCK_N=bn, num_warps=4, num_stages=st,

@@ -3,11 +3,7 @@
 Kernels (all read the engine layout of `format.py`: int32 words [K/8, N], N contiguous, K in the sequential or
 the planar order; mm_t and mm read it sequentially, so on planar words x's columns are gathered first):
 
-- `gemv_full_k` (M = 1, fp16/bf16 x, layers of up to 2^27 weights: the Llama-3-8B decode layers): x's fp16
-  pairs made once by a small kernel, then each program owns 16 columns over all of K, with the bias and the cast
-  in the kernel (no split K, zero fill or epilogue launch; see its docstring). 1.1-1.5x faster than the split
-  GEMV below on those layers.
-- `_int4_gemv_kernel` (one row of x per program; M = 1; fp32 x and the largest layers): streams [BLOCK_K/8 word rows, BLOCK_N] weight tiles
+- `_int4_gemv_kernel` (one row of x per program; M = 1): streams [BLOCK_K/8 word rows, BLOCK_N] weight tiles
   and multiplies without tensor cores (at M = 1 the job is moving weight bytes). With fp16/bf16 x the 8
   products of each int32 word run on packed fp16x2 (`half2.py`: one LOP3 decodes two nibbles into fp16;
   3.7 instructions per weight against 5.1 in fp32; x scaled per step by a power of two to stay in fp16's
@@ -62,7 +58,7 @@ import triton.language as tl
 
 from qcompile.plugins.gemm_dispatch import (add_bias, cdiv, identity, linear_bias, optional_arg, run_by_buckets,
                                              split_for_waves, unpack_optional)
-from qcompile.plugins.int4_gemm import gemv_full_k, one_dot
+from qcompile.plugins.int4_gemm import one_dot
 from qcompile.plugins.int4_gemm.format import PACK, is_planar, planar_order
 from qcompile.plugins.int4_gemm.half2 import (dot8, dot8_emulated, pow2_range, ptx_available, word_k, x_at,
                                               x_of_words, x_pair)
@@ -89,15 +85,12 @@ MAGIC16 = {torch.bfloat16: (0x4308, 136.0), torch.float16: (0x6408, 1032.0)}  # 
 # 396 slots), 14-16% faster at 32 and 64 rows; the other layers keep their split. 65-128 rows take 128-row
 # tiles, one M tile that reads the weight once: at M = 128, 13-35% faster than two 64-row tiles on the four layers
 # and the best 128-row tile on each (benchmarks/int4_tune_one_dot-m32-128-s19.json, -w16-s19.json); at 80, 100 and
-# 128 rows the shipped tile is the sweep's best or within 7% of it (int4_tune_one_dot-m80-128-s20.json). M = 1 with
-# 16-bit x on layers of up to 2^27 weights runs the full-K GEMV (`full_k`: the best tile on four of the six decode
-# shapes of benchmarks/int4_gemv_full_k_probe_s20.json and within 3% on the other two; slower than the split GEMV
-# on 8192 x 28672, hence the limit).
+# 128 rows the shipped tile is the sweep's best or within 7% of it (int4_tune_one_dot-m80-128-s20.json).
 _MM_T_64_ROWS = dict(kernel="mm_t", BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, waves=2,
                      SCALE_ACC=False)
 CONFIGS = [
     (1, dict(kernel="gemv", BLOCK_N=512, MIN_TILES=8, BLOCK_K=32, num_warps=2, num_stages=3,
-             waves=32, full_k=dict(BLOCK_N=16, BLOCK_KW=256, num_warps=4, max_weights=1 << 27))),
+             waves=32)),
     (16, dict(kernel="one_dot", BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3, waves=7.5, SCALE_W=False,
               fallback=dict(kernel="mm_t", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3,
                             waves=8, SCALE_ACC=False))),
@@ -504,10 +497,6 @@ def run_bucket(cfg: dict, x2d, w_packed, w_scale, w_zero, bias, group_size: int,
         return _epilogue(run_bucket(cfg, x2d.to(out_dtype), w_packed, w_scale, w_zero, None, group_size,
                                     out_dtype=torch.float32, wrap=wrap, num_sms=num_sms),
                          bias, out_dtype, x_row_scale)
-    if kind == "gemv" and gemv_full_k.supports(x2d.dtype, int(x2d.shape[1]), int(w_packed.shape[1]), group_size,
-                                               cfg.get("full_k")):
-        return gemv_full_k.launch(x2d, w_packed, w_scale, w_zero, bias, group_size, cfg["full_k"], out_dtype,
-                                  wrap=wrap)
     if kind == "one_dot" and not one_dot.supports(x2d.dtype, int(x2d.shape[1]), group_size):
         return run_bucket(cfg["fallback"], x2d, w_packed, w_scale, w_zero, bias, group_size, out_dtype=out_dtype,
                           wrap=wrap, num_sms=num_sms)

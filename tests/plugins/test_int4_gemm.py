@@ -403,63 +403,6 @@ def test_gemv_half2_path_interpreter(group, zero, dtype, magnitude):
     check_gemv_half2(group, zero, dtype, magnitude, k=384, rel=1e-5)
 
 
-def check_gemv_full_k(group, zero, dtype, magnitude, rel, device="cpu"):
-    """The full-K GEMV (x's pairs per word row, then 16 columns per program over all of K): x far outside fp16's
-    range and a 100x outlier channel, planar words (g >= 64) and sequential (g = 32), a partial N tile and a
-    partial last K step, bias, output in float32 and in x's dtype, two rows of x."""
-    from qcompile.plugins.int4_gemm import gemv_full_k
-
-    k, n = 384, 72  # 48 word rows: 32-row steps leave a partial one; 72 columns: a partial 16-column tile
-    case = make_case(k=k, n=n, group=group, zero=zero, seed=11)
-    x = torch.randn(2, k, generator=torch.Generator().manual_seed(11)) * magnitude
-    x[:, 5] *= 100 if magnitude <= 1 else 1
-    x = x.to(dtype)
-    args = [t.to(device) if t is not None else None
-            for t in (x, case["w_packed"], case["scale"], case["w_zero"], case["bias"])]
-    cfg = {"BLOCK_N": 16, "BLOCK_KW": 32, "num_warps": 4}
-    y = gemv_full_k.launch(*args, case["g"], cfg, torch.float32)
-    assert y.dtype == torch.float32 and y.shape == (2, n) and torch.isfinite(y).all()
-    assert_close_to(y, oracle(x, case), rel)
-    out = torch.float32 if dtype == torch.float16 and magnitude > 1 else dtype  # fp16 x at 1e4: y is past fp16
-    y = gemv_full_k.launch(*args[:4], None, case["g"], cfg, out)
-    assert y.dtype == out
-    out_rel = {torch.bfloat16: 2e-2, torch.float16: 2e-3}.get(out, 0.0)  # the output's own rounding
-    assert_close_to(y, oracle(x, {**case, "bias": None}), max(rel, out_rel))
-
-
-@triton_interp
-@pytest.mark.parametrize("group", [32, 128, "channel"], ids=["g32", "g128", "channel"])
-@pytest.mark.parametrize("zero", [False, True], ids=["sym", "zp"])
-@HALF2_CASES
-def test_gemv_full_k_interpreter(group, zero, dtype, magnitude):
-    """The plain-Triton stand-in of the PTX: fp32 products of the same fp16 pairs, so float64-close."""
-    check_gemv_full_k(group, zero, dtype, magnitude, rel=1e-5)
-
-
-@needs_triton
-def test_gemv_bucket_takes_the_full_k_gemv_where_it_applies(monkeypatch):
-    """M = 1: 16-bit x on a layer of at most `max_weights` weights runs the full-K GEMV with the bias in it;
-    fp32 x, a larger layer, or a bucket without `full_k` run the split GEMV and its epilogue."""
-    from qcompile.plugins.int4_gemm import gemv_full_k, kernel
-
-    ran = []
-    monkeypatch.setattr(gemv_full_k, "launch", lambda x2d, *a, **kw: ran.append("full_k") or
-                        torch.zeros(x2d.shape[0], 48, dtype=a[-1]))
-    monkeypatch.setattr(kernel, "launch_gemv", lambda x2d, *a, **kw: ran.append("split") or
-                        torch.zeros(x2d.shape[0], 48))
-    case = make_case(k=256, n=48, group=128)
-    gemv_cfg = kernel.CONFIGS[0][1]
-    assert gemv_cfg["kernel"] == "gemv" and gemv_cfg["full_k"]["max_weights"] >= 4096 * 28672
-    too_small = {**gemv_cfg, "full_k": {**gemv_cfg["full_k"], "max_weights": 256 * 48 - 1}}
-    for cfg, dtype, want in ((gemv_cfg, torch.bfloat16, "full_k"), (gemv_cfg, torch.float16, "full_k"),
-                             (gemv_cfg, torch.float32, "split"), (too_small, torch.bfloat16, "split"),
-                             ({k: v for k, v in gemv_cfg.items() if k != "full_k"}, torch.float16, "split")):
-        ran.clear()
-        y = kernel.run_bucket(cfg, torch.randn(1, 256).to(dtype), case["w_packed"], case["scale"], None,
-                              case["bias"], case["g"])
-        assert ran == [want] and y.dtype == dtype and y.shape == (1, 48)
-
-
 DEQUANT_CASES = pytest.mark.parametrize(
     "group, tile", [(32, None), (128, None), (128, dict(BLOCK_KW=16, BLOCK_N=64, num_warps=4)),
                     (256, dict(BLOCK_KW=4, BLOCK_N=128, num_warps=2))],
@@ -580,16 +523,6 @@ def test_cuda_matches_reference(group, zero, dtype, m):
 def test_cuda_gemv_half2_path(group, zero, dtype, magnitude):
     """The inline PTX on the GPU: products rounded to fp16 (about 4e-4 relative on a 4096-long dot)."""
     check_gemv_half2(group, zero, dtype, magnitude, k=4096, rel=2e-3, device="cuda")
-
-
-@pytest.mark.gpu
-@cuda
-@pytest.mark.parametrize("group", [32, 128, "channel"], ids=["g32", "g128", "channel"])
-@pytest.mark.parametrize("zero", [False, True], ids=["sym", "zp"])
-@HALF2_CASES
-def test_cuda_gemv_full_k(group, zero, dtype, magnitude):
-    """The inline PTX of the full-K GEMV on the GPU: products rounded to fp16."""
-    check_gemv_full_k(group, zero, dtype, magnitude, rel=2e-3, device="cuda")
 
 
 @pytest.mark.gpu

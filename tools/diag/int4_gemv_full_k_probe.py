@@ -19,6 +19,15 @@ column): duplicate addresses within a group, served by L1.
 
 Reports per shape: bf16, the INT4 op, the probe's best configuration with the preparation (two launches) and the
 kernel alone on ready pairs (what an engine that fuses the preparation would pay).
+
+H200, twentieth session (benchmarks/int4_gemv_full_k_probe_s20.json): every configuration matched float64; the
+best (16 columns x 256 word rows, 4-8 warps) was 1.1-1.5x the op on the Llama-3-8B decode layers with the
+preparation (4096 x 4096: 14.3 -> 9.2 µs) and 0.96x on 8192 x 28672. Built into the op for layers of up to 2^27
+weights (commit d5eb307), it made the decode engine slower: its kernels took 112.7 µs per step plus 8 µs of pair
+kernels, against 101 µs for the split GEMV, and w4a16_awq ran 1.59x fp16 at batch 1 against 1.67x
+(benchmarks/decode-llama3-8b-layers-full-k_s20.json). The op's time includes the split GEMV's zero fill and
+epilogue launches, which inside the engine cost little; the split GEMV kernel itself is the faster one. Not
+adopted (reverted in the next commit).
 """
 from __future__ import annotations
 
