@@ -43,6 +43,13 @@ _MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 
 # ------------------------------------------------------------------ E2M1 codes (torch)
 
+def _negative(a: torch.Tensor) -> torch.Tensor:
+    """Whether each float of `a` has its sign bit set (-0.0 included, NaN not), in comparisons only: the C++ that
+    Inductor generates for `torch.signbit` makes GCC 12 crash (an internal compiler error in its vectorizer) on
+    AVX-512 machines, and W4A4 engines compile this into their activation quantization."""
+    return (a < 0) | ((a == 0) & (torch.reciprocal(a) < 0))
+
+
 def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
     """E2M1 codes (uint8, 0..15) of `x`: round to nearest even, saturate at ±6 (NaN encodes as +6)."""
     a = x.to(torch.float32)
@@ -51,8 +58,7 @@ def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
     code = torch.zeros(a.shape, dtype=torch.int32, device=a.device)
     for i, mid in enumerate(_MIDPOINTS):
         code = code + ((mag >= mid) if i % 2 else (mag > mid)).to(torch.int32)
-    sign = torch.signbit(a) & ~torch.isnan(a)
-    return (code + sign.to(torch.int32) * 8).to(torch.uint8)
+    return (code + _negative(a).to(torch.int32) * 8).to(torch.uint8)
 
 
 def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
@@ -72,7 +78,7 @@ def e2m1_round(x: torch.Tensor) -> torch.Tensor:
     mag = torch.clamp(torch.where(torch.isnan(a), E2M1_MAX, a.abs()), max=E2M1_MAX)
     step = torch.where(mag < 2.0, 0.5, torch.where(mag < 4.0, 1.0, 2.0))
     r = torch.round(mag / step) * step
-    return torch.where(torch.signbit(a) & ~torch.isnan(a), -r, r)
+    return torch.where(_negative(a), -r, r)
 
 
 # ------------------------------------------------------------------ E4M3 and E8M0 scales (torch)

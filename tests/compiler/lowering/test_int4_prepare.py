@@ -1,7 +1,6 @@
 """The INT4 plugin's weight reaches the engine layout once, when the graph is lowered (prepare hook)."""
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 import onnx
 import pytest
