@@ -33,9 +33,30 @@ def load_tile(ptrs, ok, EVEN: tl.constexpr, STREAM: tl.constexpr = False):
 
 
 @triton.jit
+def xt_columns(x_ptr, offs_m, M, stride_xm, BLOCK_K: tl.constexpr):
+    """Pointers of x^T [BLOCK_K, BLOCK_M] at K 0 .. BLOCK_K - 1 for the rows offs_m of x, for a swapped-operand
+    GEMM (formed once; a step adds its K offset). Rows past M point at row M - 1, so `load_xt_rows` needs no row
+    mask (the caller's store drops those rows) and the loop does not depend on M, which an engine leaves
+    dynamic: the row masks were 3-13% of the INT4 one-dot loop's sm_90 instructions at 16-128 rows and 1-6% of
+    the FP4 tile kernel's (tools/diag/sass_count.py). Needs M >= 1: for kernels whose grid runs over M tiles,
+    which launch no program when M = 0."""
+    return x_ptr + tl.minimum(offs_m, M - 1).to(tl.int64)[None, :] * stride_xm + tl.arange(0, BLOCK_K)[:, None]
+
+
+@triton.jit
+def load_xt_rows(x_cols, k0, K, EVEN: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x^T [BLOCK_K, BLOCK_M] at K k0 .. k0 + BLOCK_K - 1 from `xt_columns`' pointers (every row loads); past K
+    reads 0 unless EVEN (whole steps: no mask at all)."""
+    if EVEN:
+        return tl.load(x_cols + k0)
+    return tl.load(x_cols + k0, mask=(k0 + tl.arange(0, BLOCK_K) < K)[:, None], other=0.0)
+
+
+@triton.jit
 def load_xt_step(x_cols, k0, mask_m, K, EVEN: tl.constexpr, BLOCK_K: tl.constexpr):
     """x^T [BLOCK_K, BLOCK_M] at K k0 .. k0 + BLOCK_K - 1 of a swapped-operand GEMM, from x_cols (the pointers
-    at K 0 .. BLOCK_K - 1, formed once); rows past M read 0, and past K too unless EVEN (whole steps)."""
+    at K 0 .. BLOCK_K - 1, formed once); rows past M read 0, and past K too unless EVEN (whole steps). For
+    kernels whose grid does not run over M (M may be 0); the others use `xt_columns` and `load_xt_rows`."""
     if EVEN:
         return tl.load(x_cols + k0, mask=mask_m[None, :], other=0.0)
     return tl.load(x_cols + k0, mask=mask_m[None, :] & (k0 + tl.arange(0, BLOCK_K) < K)[:, None], other=0.0)

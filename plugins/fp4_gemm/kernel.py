@@ -54,7 +54,7 @@ import triton.language as tl
 from qcompile.plugins.fp4_gemm.reference import check_args
 from qcompile.plugins.gemm_dispatch import (SMALL_M_MAX, cdiv, identity, linear_bias, optional_arg, run_by_buckets,
                                              split_k_config, unpack_optional, whole_tiles)
-from qcompile.plugins.triton_tiles import load_tile, load_xt_step, store_tile
+from qcompile.plugins.triton_tiles import load_tile, load_xt_rows, store_tile, xt_columns
 
 DEFAULT_SMS = 132
 LARGE_M_MIN = 129  # rows from which the dequantize + cuBLAS path runs (as INT4's: 128 rows and fewer take the tiles)
@@ -176,13 +176,13 @@ def _fp4_gemm_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     DT: tl.constexpr = x_ptr.dtype.element_ty
-    x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + tl.arange(0, BLOCK_K)[:, None]
+    x_cols = xt_columns(x_ptr, offs_m, M, stride_xm, BLOCK_K)
     w_rows, s_rows = _tile_pointers(w_ptr, s_ptr, offs_n, K, B, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for step in range(0, K_STEPS):  # steps past K (last split) load nothing
         k0 = (pid_k * K_STEPS + step) * BLOCK_K
         w = _weight_tile(w_rows, s_rows, offs_n, k0, N, K, DT, MX, B, SHIFT, POW_SHIFT, BLOCK_N, BLOCK_K, EVEN)
-        xt = load_xt_step(x_cols, k0, mask_m, K, EVEN, BLOCK_K)
+        xt = load_xt_rows(x_cols, k0, K, EVEN, BLOCK_K)
         if DT == tl.float32:
             acc = tl.dot(w, xt, acc, input_precision="ieee")
         else:

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg, split_for_waves, whole_tiles
 from qcompile.plugins.int4_gemm.format import PLANAR_BLOCK, is_planar
-from qcompile.plugins.triton_tiles import load_tile, load_xt_step, store_tile
+from qcompile.plugins.triton_tiles import load_tile, load_xt_rows, store_tile, xt_columns
 
 @triton.jit
 def _pair(w, FP16: tl.constexpr, ASM: tl.constexpr):
@@ -87,7 +87,7 @@ def _block64(w_rows, s_ptr, z_ptr, kb, offs_n, mask_n, N, K, BLOCKS_PER_GROUP: t
 
 
 @triton.jit
-def _step(x_cols, w_rows, s_ptr, z_ptr, k0, mask_m, offs_n, mask_n, N, K, BLOCKS_PER_GROUP: tl.constexpr,
+def _step(x_cols, w_rows, s_ptr, z_ptr, k0, offs_n, mask_n, N, K, BLOCKS_PER_GROUP: tl.constexpr,
           HAS_ZERO: tl.constexpr, SCALE_W: tl.constexpr, EVEN: tl.constexpr, HALVES: tl.constexpr,
           BLOCK_N: tl.constexpr, ASM: tl.constexpr):
     """(weights [BLOCK_N, 64 HALVES], x^T [64 HALVES, BLOCK_M], fp32 scales [BLOCK_N] of the first block) of the
@@ -99,7 +99,7 @@ def _step(x_cols, w_rows, s_ptr, z_ptr, k0, mask_m, offs_n, mask_n, N, K, BLOCKS
         a1, _ = _block64(w_rows, s_ptr, z_ptr, k0 // 64 + 1, offs_n, mask_n, N, K, BLOCKS_PER_GROUP, HAS_ZERO,
                          SCALE_W, EVEN, BLOCK_N, dt, ASM)
         a = _cat_k(a, a1, BLOCK_N, 64)
-    return a, load_xt_step(x_cols, k0, mask_m, K, EVEN, 64 * HALVES), s
+    return a, load_xt_rows(x_cols, k0, K, EVEN, 64 * HALVES), s
 
 
 @triton.jit
@@ -118,19 +118,19 @@ def _int4_one_dot_kernel(
     mask_m = offs_m < M
     k_lo = tl.program_id(1) * k_per_split
     w_rows = w_ptr + tl.arange(0, 8)[None, :] * N + offs_n[:, None]
-    x_cols = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + tl.arange(0, 64 * HALVES)[:, None]
+    x_cols = xt_columns(x_ptr, offs_m, M, stride_xm, 64 * HALVES)
     if SCALE_W:
-        a, xt, s = _step(x_cols, w_rows, s_ptr, z_ptr, k_lo, mask_m, offs_n, mask_n, N, K, BLOCKS_PER_GROUP,
+        a, xt, s = _step(x_cols, w_rows, s_ptr, z_ptr, k_lo, offs_n, mask_n, N, K, BLOCKS_PER_GROUP,
                          HAS_ZERO, True, EVEN, HALVES, BLOCK_N, ASM)
         acc = tl.dot(a, xt)
         for step in range(1, K_STEPS):
-            a, xt, s = _step(x_cols, w_rows, s_ptr, z_ptr, k_lo + step * 64 * HALVES, mask_m, offs_n, mask_n, N,
+            a, xt, s = _step(x_cols, w_rows, s_ptr, z_ptr, k_lo + step * 64 * HALVES, offs_n, mask_n, N,
                              K, BLOCKS_PER_GROUP, HAS_ZERO, True, EVEN, HALVES, BLOCK_N, ASM)
             acc = tl.dot(a, xt, acc)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for step in range(0, K_STEPS):
-            a, xt, s = _step(x_cols, w_rows, s_ptr, z_ptr, k_lo + step * 64 * HALVES, mask_m, offs_n, mask_n, N,
+            a, xt, s = _step(x_cols, w_rows, s_ptr, z_ptr, k_lo + step * 64 * HALVES, offs_n, mask_n, N,
                              K, BLOCKS_PER_GROUP, HAS_ZERO, False, EVEN, HALVES, BLOCK_N, ASM)
             acc += tl.dot(a, xt) * s[:, None]
     store_tile(y_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None], acc, mask_m[None, :] & mask_n[:, None],

@@ -6,7 +6,7 @@ weight-streaming kernel can keep up with HBM (the H200 issues about 33 T thread-
 schedulers x 32 lanes x ~1.98 GHz; 235 M weights at 3 instructions each is 21 µs, at 6.7 it is 47 µs).
 
     python3 tools/diag/sass_count.py [int4_mm_t int4_gemv_fp32 int4_gemv_half2 int4_gemv_half2_planar int4_one_dot_16
-                                      int4_one_dot_64 fp4_gemm w8a16_row_dot]   # default: all
+                                      int4_one_dot_64 int4_one_dot_128 fp4_gemm w8a16_row_dot]   # default: all
 
 The first backward branch is taken as the main loop. Not part of the product.
 
@@ -81,9 +81,10 @@ def _cases():
                [d for d in div if d != "rs_ptr"], 2, 3, 512 * 32 // 64)
     from qcompile.plugins.int4_gemm import one_dot
     od_sig = {k: v for k, v in mm_sig.items() if k not in ("rs_ptr", "group_size")}
-    for bm in (16, 64):  # the shipped buckets' tiles (64 weight rows), the scale on the product, g128
+    for bm in (16, 64, 128):  # the shipped buckets' tiles (64 weight rows), the scale on the product, g128;
+        # 32 steps: with 8 the 16-row loop is unrolled whole (no backward branch)
         yield (f"int4_one_dot_{bm}", one_dot._int4_one_dot_kernel, dict(od_sig, y_ptr="*bf16"),
-               dict(K_STEPS=8, BLOCKS_PER_GROUP=2, HAS_ZERO=False, SCALE_W=False, HALVES=2, EVEN=True, ATOMIC=False,
+               dict(K_STEPS=32, BLOCKS_PER_GROUP=2, HAS_ZERO=False, SCALE_W=False, HALVES=2, EVEN=True, ATOMIC=False,
                     ASM=True, BLOCK_M=bm, BLOCK_N=64), [d for d in div if d not in ("rs_ptr", "group_size")], 4, 3,
                64 * 128 // 128)
     from qcompile.plugins.fp4_gemm import kernel as f4
