@@ -43,7 +43,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from int4_gemv_pairs_probe import pairs_of  # noqa: E402
+from int4_gemv_pairs_probe import baselines, pairs_of, wrong  # noqa: E402
 from qcompile.plugins.gemm_dispatch import cdiv, optional_arg  # noqa: E402
 from qcompile.plugins.int4_gemm.format import is_planar  # noqa: E402
 from qcompile.plugins.int4_gemm.half2 import dot8, dot8_emulated, ptx_available  # noqa: E402
@@ -114,37 +114,21 @@ def configs():
 
 
 def cell(k: int, n: int, m: int) -> dict:
-    from bench_fp4_gemm import make_int4
-    from gpu_timing import bench, rotating
-    from qcompile.plugins.int4_gemm.op import int4_groupwise_gemm
-    from qcompile.plugins.int4_gemm.reference import dequantize_weight
-    dtype = torch.bfloat16
-    x = torch.randn(m, k, device="cuda", dtype=dtype)
-    bias = torch.randn(n, device="cuda", dtype=dtype)
-    res = {}
-    wb = rotating(lambda: torch.randn(n, k, device="cuda", dtype=dtype), n * k * 2)
-    res["cublas bf16"] = bench(lambda: torch.nn.functional.linear(x, wb(), bias), copies=4, rep=40)
-    sets = [make_int4(k, n) for _ in range(max(2, min(8, (512 << 20) // (k * n // 2))))]
-    res["int4 op"] = bench(lambda it=itertools.cycle(sets): int4_groupwise_gemm(x, *next(it), None, bias, GROUP),
-                           copies=4, rep=40)
-    planar = is_planar(k, GROUP)
-    res["pairs_of alone"] = bench(lambda: PREP["fn"](x, planar), copies=4, rep=40)
-    pairs, down = PREP["fn"](x, planar)
-    ref = x.double() @ dequantize_weight(*sets[0], None, GROUP).double().to(x.device) + bias.double()
-    op_err = float((int4_groupwise_gemm(x, *sets[0], None, bias, GROUP).double() - ref).norm() / ref.norm())
-    res["int4 op rel err"] = op_err
+    from gpu_timing import bench
+    x, bias, sets, ref, res = baselines(k, n, m, PREP["fn"])
+    op_err = res["int4 op rel err"]
+    pairs, down = PREP["fn"](x, is_planar(k, GROUP))
     timed, alone = {}, {}
     for name, cfg in configs():
         try:
-            y = launch(x, *sets[0], cfg, bias)
-            err = float((y.double() - ref).norm() / ref.norm())
-            if err > max(2 * op_err, 2e-3):
-                res[name] = f"wrong: rel err {err:.3g} (op {op_err:.3g})"
+            reason = wrong(launch(x, *sets[0], cfg, bias), ref, op_err)
+            if reason:
+                res[name] = reason
                 continue
             res[name] = timed[name] = bench(lambda it=itertools.cycle(sets), cfg=cfg: launch(x, *next(it), cfg, bias),
                                             copies=4, rep=40)
             res[name + " kernel alone"] = alone[name] = bench(
-                lambda it=itertools.cycle(sets), cfg=cfg: launch_kernel(pairs, down, *next(it), bias, dtype, cfg),
+                lambda it=itertools.cycle(sets), cfg=cfg: launch_kernel(pairs, down, *next(it), bias, x.dtype, cfg),
                 copies=4, rep=40)
         except Exception as e:  # noqa: BLE001  (a configuration Triton cannot build)
             res[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"

@@ -125,7 +125,10 @@ def configs():
         yield f"pairs {bn}x{bk} w{w} waves{waves}", dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, waves=waves)
 
 
-def cell(k: int, n: int, m: int) -> dict:
+def baselines(k: int, n: int, m: int, prep) -> tuple:
+    """What every probe cell of an INT4 GEMV with prepared x starts from: (x bf16 [m, k], bias, rotating INT4
+    weight sets, the float64 reference on the first set, results with cuBLAS bf16, the INT4 op (time and relative
+    error) and `prep(x, planar)` alone timed)."""
     from bench_fp4_gemm import make_int4
     from gpu_timing import bench, rotating
     from qcompile.plugins.int4_gemm.op import int4_groupwise_gemm
@@ -139,17 +142,29 @@ def cell(k: int, n: int, m: int) -> dict:
     sets = [make_int4(k, n) for _ in range(max(2, min(8, (512 << 20) // (k * n // 2))))]
     res["int4 op"] = bench(lambda it=itertools.cycle(sets): int4_groupwise_gemm(x, *next(it), None, bias, GROUP),
                            copies=4, rep=40)
-    res["pairs_of alone"] = bench(lambda: PREP["fn"](x, is_planar(k, GROUP)), copies=4, rep=40)
+    res["pairs_of alone"] = bench(lambda: prep(x, is_planar(k, GROUP)), copies=4, rep=40)
     ref = x.double() @ dequantize_weight(*sets[0], None, GROUP).double().to(x.device) + bias.double()
-    op_err = float((int4_groupwise_gemm(x, *sets[0], None, bias, GROUP).double() - ref).norm() / ref.norm())
-    res["int4 op rel err"] = op_err
+    res["int4 op rel err"] = float((int4_groupwise_gemm(x, *sets[0], None, bias, GROUP).double() - ref).norm()
+                                   / ref.norm())
+    return x, bias, sets, ref, res
+
+
+def wrong(y: torch.Tensor, ref: torch.Tensor, op_err: float) -> str | None:
+    """Why y is not accepted (relative L2 error against ref above max(2x the op's, 2e-3)), or None."""
+    err = float((y.double() - ref).norm() / ref.norm())
+    return f"wrong: rel err {err:.3g} (op {op_err:.3g})" if err > max(2 * op_err, 2e-3) else None
+
+
+def cell(k: int, n: int, m: int) -> dict:
+    from gpu_timing import bench
+    x, bias, sets, ref, res = baselines(k, n, m, PREP["fn"])
+    op_err = res["int4 op rel err"]
     timed = {}
     for name, cfg in configs():
         try:
-            y = launch(x, *sets[0], cfg, bias)
-            err = float((y.double() - ref).norm() / ref.norm())
-            if err > max(2 * op_err, 2e-3):
-                res[name] = f"wrong: rel err {err:.3g} (op {op_err:.3g})"
+            reason = wrong(launch(x, *sets[0], cfg, bias), ref, op_err)
+            if reason:
+                res[name] = reason
                 continue
             res[name] = timed[name] = bench(lambda it=itertools.cycle(sets), cfg=cfg: launch(x, *next(it), cfg, bias),
                                             copies=4, rep=40)
