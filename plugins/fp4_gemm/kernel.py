@@ -157,7 +157,7 @@ def _weight_tile(w_rows, s_rows, offs_n, k0, N, K, DT: tl.constexpr, MX: tl.cons
     return tl.reshape(tile, (BLOCK_N, BLOCK_K))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # compiled for any M, as an engine (dynamic M) compiles it
 def _fp4_gemm_kernel(
     x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr,
     M, N, K, stride_xm,

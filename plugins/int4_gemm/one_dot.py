@@ -102,7 +102,7 @@ def _step(x_cols, w_rows, s_ptr, z_ptr, k0, offs_n, mask_n, N, K, BLOCKS_PER_GRO
     return a, load_xt_rows(x_cols, k0, K, EVEN, 64 * HALVES), s
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # compiled for any M, as an engine (dynamic M) compiles it
 def _int4_one_dot_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, k_per_split,
     K_STEPS: tl.constexpr, BLOCKS_PER_GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, SCALE_W: tl.constexpr,
