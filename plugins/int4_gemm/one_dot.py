@@ -61,6 +61,15 @@ def _cat_k(a, b, BLOCK_N: tl.constexpr, WIDTH: tl.constexpr):
 
 
 @triton.jit
+def decode64(words, BLOCK_N: tl.constexpr, dt: tl.constexpr, ASM: tl.constexpr):
+    """[BLOCK_N, 64] of `c + q` (dt) from the 8 planar words [BLOCK_N, 8] of a 64-K block, in the MMA operand's
+    register order."""
+    return _cat_k(_cat_k(_tile16(words, 0, BLOCK_N, dt, ASM), _tile16(words, 1, BLOCK_N, dt, ASM), BLOCK_N, 16),
+                  _cat_k(_tile16(words, 2, BLOCK_N, dt, ASM), _tile16(words, 3, BLOCK_N, dt, ASM), BLOCK_N, 16),
+                  BLOCK_N, 32)
+
+
+@triton.jit
 def _block64(w_rows, s_ptr, z_ptr, kb, offs_n, mask_n, N, K, BLOCKS_PER_GROUP: tl.constexpr,
              HAS_ZERO: tl.constexpr, SCALE_W: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
              dt: tl.constexpr, ASM: tl.constexpr):
@@ -69,10 +78,7 @@ def _block64(w_rows, s_ptr, z_ptr, kb, offs_n, mask_n, N, K, BLOCKS_PER_GROUP: t
     BLOCKS_PER_GROUP: 64-K blocks per group, 0 for one group (per channel). Past N or K (a split's last steps)
     the words, scales and zero points load as 0; EVEN (whole tiles and splits): no masks."""
     ok = mask_n & (kb * 64 < K)
-    words = load_tile(w_rows + (kb * 8).to(tl.int64) * N, ok[:, None], EVEN, True)
-    a = _cat_k(_cat_k(_tile16(words, 0, BLOCK_N, dt, ASM), _tile16(words, 1, BLOCK_N, dt, ASM), BLOCK_N, 16),
-               _cat_k(_tile16(words, 2, BLOCK_N, dt, ASM), _tile16(words, 3, BLOCK_N, dt, ASM), BLOCK_N, 16),
-               BLOCK_N, 32)
+    a = decode64(load_tile(w_rows + (kb * 8).to(tl.int64) * N, ok[:, None], EVEN, True), BLOCK_N, dt, ASM)
     g = kb // BLOCKS_PER_GROUP if BLOCKS_PER_GROUP else 0
     s = load_tile(s_ptr + g * N + offs_n, ok, EVEN).to(tl.float32)
     offset: tl.constexpr = 1032.0 if dt == tl.float16 else 136.0

@@ -1,0 +1,181 @@
+"""Diagnostic (H200): the INT4 one-dot kernel with x and the weight words loaded through TMA tensor descriptors,
+next to the shipped one-dot kernel and cuBLAS bf16 (kernel alone, CUDA-graph replay, rotating weights; every
+configuration checked against float64 first). Not part of the product.
+
+Why: at 16-128 rows the shipped kernel (`int4_gemm/one_dot.py`) runs at 0.5-0.6 of the weight's HBM time and
+spends 220 / 262 / 299 sm_90 instructions per 128-K step at 16 / 64 / 128 rows (`tools/diag/sass_count.py`).
+Only about 90 of them decode the weight (LOP3, SHF, HADD2) and 8 are the MMAs; most of the rest forms and issues
+the cp.async loads of the weight and x tiles and their predicates. A TMA load is one instruction from one
+thread for a whole tile, and its zero fill past the tensor's edges replaces x's row masks (or the wrapped rows
+of `triton_tiles.xt_columns`) and the weight's N masks. The descriptors are host-side
+(`triton.tools.tensor_descriptor.TensorDescriptor`), which torch's user-kernel support can pass through
+AOTInductor ("stable" TMA metadata in `torch/_higher_order_ops/triton_kernel_wrap.py`).
+
+sm_90 SASS (`--sass`, twenty-first session, Triton 3.6.0): 239 / 276 / 296 instructions per step at 16 / 64 / 128
+rows, against the shipped kernel's 220 / 262 / 299. The shipped kernel already forms its addresses once, so TMA
+saves no issue slots: the copies become one TMA per tile, but the mbarrier waits, the shared-memory reads of the
+words (LDS) and the scale's mask take their place. What is left to learn on the H200 is whether the
+asynchronous copies hide HBM latency better (not yet timed).
+
+Scope: symmetric g128 weights in the planar layout, 16-bit x, K a multiple of 128, fp32 output (split-K
+atomics), the scale on each step's product (as the shipped `SCALE_W=False`).
+
+    OUT=... python3 tools/diag/int4_tma_probe.py [--shapes KxN ...] [--ms 16 64 100]
+    python3 tools/diag/int4_tma_probe.py --sass      # sm_90 loop instruction counts, compiled on any machine
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from qcompile.plugins.gemm_dispatch import cdiv, split_for_waves  # noqa: E402
+from qcompile.plugins.int4_gemm.one_dot import _cat_k, decode64  # noqa: E402
+from qcompile.plugins.triton_tiles import store_tile  # noqa: E402
+
+GROUP = 128
+STEP = 128  # K per step: two 64-K planar blocks, one MMA
+
+
+@triton.jit(do_not_specialize=["M"])
+def _int4_tma_kernel(x_desc, w_desc, s_ptr, y_ptr, M, N, K, k_per_split,
+                     K_STEPS: tl.constexpr, BLOCKS_PER_GROUP: tl.constexpr, ATOMIC: tl.constexpr,
+                     ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y [M, N] (or its split-K part) = x @ dequant(W), swapped operands as the one-dot kernel; x_desc: x [M, K]
+    in [BLOCK_M, 128] boxes; w_desc: the planar words [K/8, N] int32 in [8, BLOCK_N] boxes (one 64-K block)."""
+    dt: tl.constexpr = x_desc.dtype
+    offset: tl.constexpr = 1032.0 if dt == tl.float16 else 136.0
+    n0 = tl.program_id(0) * BLOCK_N
+    m0 = tl.program_id(2) * BLOCK_M
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    k_lo = tl.program_id(1) * k_per_split
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for step in range(0, K_STEPS):
+        k0 = k_lo + step * 128
+        kb = k0 // 64
+        a0 = decode64(tl.trans(w_desc.load([kb * 8, n0])), BLOCK_N, dt, ASM)
+        a1 = decode64(tl.trans(w_desc.load([kb * 8 + 8, n0])), BLOCK_N, dt, ASM)
+        a = _cat_k(a0, a1, BLOCK_N, 64) - offset  # past K (a split's last steps) x loads as 0
+        xt = tl.trans(x_desc.load([m0, k0]))
+        s = tl.load(s_ptr + (kb // BLOCKS_PER_GROUP) * N + offs_n, mask=(offs_n < N) & (k0 < K), other=0.0)
+        acc += tl.dot(a, xt) * s.to(tl.float32)[:, None]
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    store_tile(y_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None], acc,
+               (offs_m < M)[None, :] & (offs_n < N)[:, None], ATOMIC)
+
+
+def launch(x2d, w_packed, w_scale, cfg: dict, *, asm: bool = True, num_sms: int = 132) -> torch.Tensor:
+    """fp32 `x2d @ dequant(W)` [M, N] through `_int4_tma_kernel`."""
+    m, k = x2d.shape
+    n = w_packed.shape[1]
+    if x2d.dtype not in (torch.float16, torch.bfloat16) or k % STEP:
+        raise ValueError(f"TMA probe: needs fp16/bf16 x and K a multiple of {STEP} (got {x2d.dtype}, K = {k})")
+    tiles_n = cdiv(n, cfg["BLOCK_N"])
+    splits, per = split_for_waves(k, tiles_n, STEP, cfg["waves"], num_sms, cfg.get("resident", 0))
+    y = (torch.zeros if splits > 1 else torch.empty)((m, n), dtype=torch.float32, device=x2d.device)
+    x_desc = TensorDescriptor.from_tensor(x2d, [cfg["BLOCK_M"], STEP])
+    w_desc = TensorDescriptor.from_tensor(w_packed, [8, cfg["BLOCK_N"]])
+    _int4_tma_kernel[(tiles_n, splits, cdiv(m, cfg["BLOCK_M"]))](
+        x_desc, w_desc, w_scale, y, m, n, k, per, K_STEPS=per // STEP, BLOCKS_PER_GROUP=GROUP // 64,
+        ATOMIC=splits > 1, ASM=asm, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
+    return y
+
+
+def configs(m: int):
+    """Candidate tiles for m rows: the shipped bucket's BLOCK_M, 64- or 128-column tiles, 3-5 stages, split-K
+    targets around the shipped ones."""
+    block_m = 16 if m <= 16 else 64 if m <= 64 else 128
+    for bn, stages, waves in itertools.product((64, 128), (3, 4, 5), (1, 2, 4, 8)):
+        yield (f"tma {block_m}x{bn} s{stages} waves{waves}",
+               dict(BLOCK_M=block_m, BLOCK_N=bn, num_warps=4, num_stages=stages, waves=waves))
+
+
+def shipped(m: int) -> dict:
+    """The shipped one-dot bucket configuration for m rows."""
+    from qcompile.plugins.int4_gemm.kernel import CONFIGS
+    return next(cfg for top, cfg in CONFIGS if top is not None and m <= top and cfg["kernel"] == "one_dot")
+
+
+def cell(k: int, n: int, m: int) -> dict:
+    from bench_fp4_gemm import make_int4
+    from gpu_timing import bench, rotating
+    from qcompile.plugins.int4_gemm import one_dot
+    from qcompile.plugins.int4_gemm.reference import dequantize_weight
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    sets = [make_int4(k, n) for _ in range(max(2, min(8, (512 << 20) // (k * n // 2))))]
+    ref = x.double() @ dequantize_weight(*sets[0], None, GROUP).double().to(x.device)
+    res = {"K": k, "N": n, "M": m}
+    wb = rotating(lambda: torch.randn(k, n, device="cuda", dtype=torch.bfloat16), k * n * 2)
+    res["cublas bf16"] = bench(lambda: x @ wb(), copies=4, rep=40)
+    ship = shipped(m)
+
+    def one_dot_call(w_packed, w_scale):
+        return one_dot.launch(x, w_packed, w_scale, None, GROUP, ship, asm=True)
+    err = lambda y: float((y.double() - ref).norm() / ref.norm())  # noqa: E731
+    res["shipped rel err"] = shipped_err = err(one_dot_call(*sets[0]))
+    res["shipped one_dot"] = bench(lambda it=itertools.cycle(sets): one_dot_call(*next(it)), copies=4, rep=40)
+    timed = {}
+    for name, cfg in configs(m):
+        try:
+            e = err(launch(x, *sets[0], cfg))
+            if e > max(2 * shipped_err, 2e-3):
+                res[name] = f"wrong: rel err {e:.3g} (shipped {shipped_err:.3g})"
+                continue
+            res[name] = timed[name] = bench(lambda it=itertools.cycle(sets), cfg=cfg: launch(x, *next(it), cfg),
+                                            copies=4, rep=40)
+        except Exception as exc:  # noqa: BLE001  (a configuration Triton cannot build)
+            res[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    line = f"{k}x{n} M={m}: bf16 {res['cublas bf16']:.1f} | shipped one_dot {res['shipped one_dot']:.1f}"
+    if timed:
+        best = min(timed, key=timed.get)
+        res["best"] = best
+        line += f" | best TMA {timed[best]:.1f} ({best}; {res['shipped one_dot'] / timed[best]:.2f}x shipped)"
+    else:
+        line += " | no TMA configuration ran: " + str(next(v for kk, v in res.items() if kk.startswith("tma")))
+    print(line, flush=True)
+    return res
+
+
+def sass() -> None:
+    """Loop instruction counts of the TMA kernel at the shipped tiles, sm_90, compiled here (no GPU needed)."""
+    from sass_count import compile_sass, report  # tools/diag, this script's folder
+    sig = dict(x_desc="tensordesc<bf16[BM, 128]>", w_desc="tensordesc<i32[8, 64]>", s_ptr="*bf16", y_ptr="*fp32",
+               M="i32", N="i32", K="i32", k_per_split="i32")
+    for bm in (16, 64, 128):
+        s = dict(sig, x_desc=f"tensordesc<bf16[{bm}, 128]>")
+        report(f"int4_tma_{bm}", compile_sass(_int4_tma_kernel, s,
+                                              dict(K_STEPS=32, BLOCKS_PER_GROUP=2, ATOMIC=True, ASM=True, BLOCK_M=bm,
+                                                   BLOCK_N=64),
+                                              ["s_ptr", "y_ptr", "N", "K", "k_per_split"], 4, 3),
+               64 * 128 // 128)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", nargs="*", default=["4096x4096", "4096x14336", "14336x4096", "8192x28672"])
+    ap.add_argument("--ms", type=int, nargs="*", default=[16, 64, 100])
+    ap.add_argument("--sass", action="store_true", help="only the sm_90 loop instruction counts (no GPU)")
+    args = ap.parse_args()
+    if args.sass:
+        return sass()
+    from gpu_timing import MODE
+    MODE["graph"] = True
+    rows = [cell(int(s.split("x")[0]), int(s.split("x")[1]), m) for s in args.shapes for m in args.ms]
+    out = os.path.join(os.environ.get("OUT", "."), "int4_tma_probe.json")
+    with open(out, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                   "triton": triton.__version__, "rows": rows}, f, indent=1)
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()
