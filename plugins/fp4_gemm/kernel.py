@@ -54,7 +54,7 @@ import triton.language as tl
 from qcompile.plugins.fp4_gemm.reference import check_args
 from qcompile.plugins.gemm_dispatch import (SMALL_M_MAX, cdiv, identity, linear_bias, optional_arg, run_by_buckets,
                                              split_k_config, unpack_optional, whole_tiles)
-from qcompile.plugins.triton_tiles import load_tile, load_xt_rows, store_tile, xt_columns
+from qcompile.plugins.triton_tiles import jit_any_m, load_tile, load_xt_rows, store_tile, xt_columns
 
 DEFAULT_SMS = 132
 LARGE_M_MIN = 129  # rows from which the dequantize + cuBLAS path runs (as INT4's: 128 rows and fewer take the tiles)
@@ -157,7 +157,7 @@ def _weight_tile(w_rows, s_rows, offs_n, k0, N, K, DT: tl.constexpr, MX: tl.cons
     return tl.reshape(tile, (BLOCK_N, BLOCK_K))
 
 
-@triton.jit(do_not_specialize=["M"])  # compiled for any M, as an engine (dynamic M) compiles it
+@jit_any_m
 def _fp4_gemm_kernel(
     x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr,
     M, N, K, stride_xm,

@@ -29,7 +29,7 @@ import triton.language as tl
 from qcompile.plugins.fp8_block_gemm.format import BLOCK
 from qcompile.plugins.formats import MIN_SCALE, qmax
 from qcompile.plugins.gemm_dispatch import identity, optional_arg
-from qcompile.plugins.triton_tiles import grouped_tile
+from qcompile.plugins.triton_tiles import grouped_tile, jit_any_m
 
 # Launch configuration (BLOCK_N is the weight block, 128): chosen from tools/tune_fp8_block_w8a16.py on the H200.
 CONFIG = dict(BLOCK_M=64, GROUP_M=8, num_warps=8, num_stages=4)
@@ -41,7 +41,7 @@ ROW_DOT_MAX_M = 16
 ROW_DOT = dict(BLOCK_N=32, num_warps=4, num_stages=4)
 
 
-@triton.jit
+@jit_any_m
 def _fp8_block_kernel(
     xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K,
     KB: tl.constexpr, FP32_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -90,7 +90,7 @@ def fp8_block_gemm_triton(xq, x_scale, w_q, w_scale, bias=None, *, out_dtype=tor
     return y
 
 
-@triton.jit
+@jit_any_m
 def _fp8_row_dot_kernel(
     xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K,
     KB: tl.constexpr, FP32_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -139,7 +139,7 @@ def fp8_row_dot_triton(xq, x_scale, w_q, w_scale, bias=None, *, out_dtype=torch.
     return y
 
 
-@triton.jit
+@jit_any_m
 def _quantize_blocks_kernel(x_ptr, q_ptr, s_ptr, M, M_OUT, K, stride_xm, QMAX: tl.constexpr,
                             MIN_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
     """1xBLOCK blocks of x [M, K] -> q fp8 [M_OUT, K] and s float32 stored [K/BLOCK, M_OUT] (rows M..M_OUT-1,

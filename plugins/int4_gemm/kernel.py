@@ -63,7 +63,7 @@ from qcompile.plugins.int4_gemm.format import PACK, is_planar, planar_order
 from qcompile.plugins.int4_gemm.half2 import (dot8, dot8_emulated, pow2_range, ptx_available, word_k, x_at,
                                               x_of_words, x_pair)
 from qcompile.plugins.int4_gemm.reference import check_args
-from qcompile.plugins.triton_tiles import grouped_tile, store_tile
+from qcompile.plugins.triton_tiles import grouped_tile, jit_any_m, store_tile
 
 DEFAULT_SMS = 132
 FP32_MAGIC = 8388616.0  # 2^23 + 8: the fp32 whose mantissa bits 0..3 hold q + 8
@@ -224,7 +224,7 @@ def _unpack_k_cols(words):
                          tl.interleave(tl.interleave(n1, n5), tl.interleave(n3, n7)))
 
 
-@triton.jit
+@jit_any_m
 def _int4_mm_t_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, y_ptr,
     M, N, K, stride_xm, group_size, k_per_split,
@@ -281,7 +281,7 @@ def _int4_mm_t_kernel(
     store_tile(y_ptrs, acc, ymask, ATOMIC)
 
 
-@triton.jit
+@jit_any_m
 def _int4_mm_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, y_ptr,
     M, N, K, stride_xm, group_size, k_per_split,

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg, split_for_waves, whole_tiles
 from qcompile.plugins.int4_gemm.format import PLANAR_BLOCK, is_planar
-from qcompile.plugins.triton_tiles import load_tile, load_xt_rows, store_tile, xt_columns
+from qcompile.plugins.triton_tiles import jit_any_m, load_tile, load_xt_rows, store_tile, xt_columns
 
 @triton.jit
 def _pair(w, FP16: tl.constexpr, ASM: tl.constexpr):
@@ -108,7 +108,7 @@ def _step(x_cols, w_rows, s_ptr, z_ptr, k0, offs_n, mask_n, N, K, BLOCKS_PER_GRO
     return a, load_xt_rows(x_cols, k0, K, EVEN, 64 * HALVES), s
 
 
-@triton.jit(do_not_specialize=["M"])  # compiled for any M, as an engine (dynamic M) compiles it
+@jit_any_m
 def _int4_one_dot_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, k_per_split,
     K_STEPS: tl.constexpr, BLOCKS_PER_GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, SCALE_W: tl.constexpr,

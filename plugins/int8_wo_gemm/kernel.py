@@ -40,7 +40,7 @@ from qcompile.plugins.gemm_dispatch import (SMALL_M_MAX, add_bias, cdiv, identit
                                              run_by_buckets, split_for_waves, whole_tiles)
 from qcompile.plugins.int8_wo_gemm import split_mma
 from qcompile.plugins.int8_wo_gemm.reference import check_args, dequantize_weight
-from qcompile.plugins.triton_tiles import load_tile, load_xt_step, store_tile
+from qcompile.plugins.triton_tiles import jit_any_m, load_tile, load_xt_step, store_tile
 
 DEFAULT_SMS = 132
 # M = 1: rows per program, int32 words per row and step, warps, Triton's load pipelining; `PREFETCH` loads the
@@ -143,7 +143,7 @@ def _row_gemv_kernel(
                       mask_n, HAS_BIAS)
 
 
-@triton.jit
+@jit_any_m
 def _row_dot_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, k_per_split, HAS_BIAS: tl.constexpr,
     ATOMIC: tl.constexpr, FP32_DOT: tl.constexpr, K_STEPS: tl.constexpr,
@@ -180,7 +180,7 @@ def _row_dot_kernel(
         _scale_bias_store(y_ptrs, acc, s_ptr, b_ptr, offs_n, mask, mask_n, HAS_BIAS)
 
 
-@triton.jit
+@jit_any_m
 def _tile_kernel(
     x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, k_per_split,
     K_STEPS: tl.constexpr, ATOMIC: tl.constexpr, FP32_DOT: tl.constexpr,

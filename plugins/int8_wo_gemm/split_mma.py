@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg
+from qcompile.plugins.triton_tiles import jit_any_m
 
 Q_MAX = tl.constexpr(32639.0)  # 127 * 256 + 127: hi = (q + 128) >> 8 stays in [-127, 127], lo in [-128, 127]
 SPLIT_CHUNKS = 8  # chunks per program of the split kernel
@@ -64,7 +65,7 @@ def padded_rows(m: int) -> int:
     return max(8, triton.next_power_of_2(m))
 
 
-@triton.jit
+@jit_any_m
 def _split_kernel(x_ptr, planes_ptr, s_ptr, M, K, KC, stride_xm, MP: tl.constexpr, CHUNK: tl.constexpr,
                   CHUNKS: tl.constexpr):
     """Row m < MP, CHUNKS chunks: planes[m] = hi, planes[MP + m] = lo, s[m, c] = amax(chunk c) / Q_MAX (zeros for
@@ -91,7 +92,7 @@ def split_chunks(x_ptr, m, M, K, stride_xm, CHUNK: tl.constexpr, CHUNKS: tl.cons
     return offs_c, offs_k, ok, hi, q - hi * 256, amax / Q_MAX
 
 
-@triton.jit
+@jit_any_m
 def _mma_kernel(planes_ptr, s_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, M, N, K, KC, HAS_BIAS: tl.constexpr,
                 K_STEPS: tl.constexpr, MP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 SPLITS: tl.constexpr = 1):
