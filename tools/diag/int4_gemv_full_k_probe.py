@@ -43,7 +43,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from int4_gemv_pairs_probe import baselines, pairs_of, wrong  # noqa: E402
+from int4_gemv_pairs_probe import baselines, pairs_of, time_checked  # noqa: E402
 from qcompile.plugins.gemm_dispatch import cdiv, optional_arg  # noqa: E402
 from qcompile.plugins.int4_gemm.format import is_planar  # noqa: E402
 from qcompile.plugins.int4_gemm.half2 import dot8, dot8_emulated, ptx_available  # noqa: E402
@@ -118,20 +118,13 @@ def cell(k: int, n: int, m: int) -> dict:
     x, bias, sets, ref, res = baselines(k, n, m, PREP["fn"])
     op_err = res["int4 op rel err"]
     pairs, down = PREP["fn"](x, is_planar(k, GROUP))
-    timed, alone = {}, {}
+    timed = time_checked(configs(), lambda w, sc, cfg: launch(x, w, sc, cfg, bias), ref, op_err, sets, res)
+    alone = {}
     for name, cfg in configs():
-        try:
-            reason = wrong(launch(x, *sets[0], cfg, bias), ref, op_err)
-            if reason:
-                res[name] = reason
-                continue
-            res[name] = timed[name] = bench(lambda it=itertools.cycle(sets), cfg=cfg: launch(x, *next(it), cfg, bias),
-                                            copies=4, rep=40)
+        if name in timed:
             res[name + " kernel alone"] = alone[name] = bench(
                 lambda it=itertools.cycle(sets), cfg=cfg: launch_kernel(pairs, down, *next(it), bias, x.dtype, cfg),
                 copies=4, rep=40)
-        except Exception as e:  # noqa: BLE001  (a configuration Triton cannot build)
-            res[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
     line = f"{k}x{n} M={m}: bf16 {res['cublas bf16']:.1f} | int4 op {res['int4 op']:.1f} (err {op_err:.2g})"
     if timed:
         best = min(timed, key=timed.get)

@@ -155,21 +155,29 @@ def wrong(y: torch.Tensor, ref: torch.Tensor, op_err: float) -> str | None:
     return f"wrong: rel err {err:.3g} (op {op_err:.3g})" if err > max(2 * op_err, 2e-3) else None
 
 
-def cell(k: int, n: int, m: int) -> dict:
+def time_checked(candidates, run, ref: torch.Tensor, op_err: float, sets: list, res: dict) -> dict:
+    """Each (name, cfg) of `candidates` checked with `run(w_packed, w_scale, cfg)` on the first weight set
+    (`wrong`), then timed on rotating sets: res[name] gets its µs, or why not (wrong, or what Triton could not
+    build). Returns {name: µs} of those timed."""
     from gpu_timing import bench
-    x, bias, sets, ref, res = baselines(k, n, m, PREP["fn"])
-    op_err = res["int4 op rel err"]
     timed = {}
-    for name, cfg in configs():
+    for name, cfg in candidates:
         try:
-            reason = wrong(launch(x, *sets[0], cfg, bias), ref, op_err)
+            reason = wrong(run(*sets[0], cfg), ref, op_err)
             if reason:
                 res[name] = reason
                 continue
-            res[name] = timed[name] = bench(lambda it=itertools.cycle(sets), cfg=cfg: launch(x, *next(it), cfg, bias),
+            res[name] = timed[name] = bench(lambda it=itertools.cycle(sets), cfg=cfg: run(*next(it), cfg),
                                             copies=4, rep=40)
         except Exception as e:  # noqa: BLE001  (a configuration Triton cannot build)
-            res[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            res[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    return timed
+
+
+def cell(k: int, n: int, m: int) -> dict:
+    x, bias, sets, ref, res = baselines(k, n, m, PREP["fn"])
+    op_err = res["int4 op rel err"]
+    timed = time_checked(configs(), lambda w, sc, cfg: launch(x, w, sc, cfg, bias), ref, op_err, sets, res)
     line = f"{k}x{n} M={m}: bf16 {res['cublas bf16']:.1f} | int4 op {res['int4 op']:.1f} (err {op_err:.2g})"
     if timed:
         best = min(timed, key=timed.get)

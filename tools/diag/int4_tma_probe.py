@@ -41,6 +41,9 @@ from qcompile.plugins.gemm_dispatch import cdiv, split_for_waves  # noqa: E402
 from qcompile.plugins.int4_gemm.one_dot import _cat_k, decode64  # noqa: E402
 from qcompile.plugins.triton_tiles import store_tile  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from int4_gemv_pairs_probe import time_checked  # noqa: E402
+
 GROUP = 128
 STEP = 128  # K per step: two 64-K planar blocks, one MMA
 
@@ -120,20 +123,9 @@ def cell(k: int, n: int, m: int) -> dict:
 
     def one_dot_call(w_packed, w_scale):
         return one_dot.launch(x, w_packed, w_scale, None, GROUP, ship, asm=True)
-    err = lambda y: float((y.double() - ref).norm() / ref.norm())  # noqa: E731
-    res["shipped rel err"] = shipped_err = err(one_dot_call(*sets[0]))
+    res["shipped rel err"] = shipped_err = float((one_dot_call(*sets[0]).double() - ref).norm() / ref.norm())
     res["shipped one_dot"] = bench(lambda it=itertools.cycle(sets): one_dot_call(*next(it)), copies=4, rep=40)
-    timed = {}
-    for name, cfg in configs(m):
-        try:
-            e = err(launch(x, *sets[0], cfg))
-            if e > max(2 * shipped_err, 2e-3):
-                res[name] = f"wrong: rel err {e:.3g} (shipped {shipped_err:.3g})"
-                continue
-            res[name] = timed[name] = bench(lambda it=itertools.cycle(sets), cfg=cfg: launch(x, *next(it), cfg),
-                                            copies=4, rep=40)
-        except Exception as exc:  # noqa: BLE001  (a configuration Triton cannot build)
-            res[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    timed = time_checked(configs(m), lambda w, sc, cfg: launch(x, w, sc, cfg), ref, shipped_err, sets, res)
     line = f"{k}x{n} M={m}: bf16 {res['cublas bf16']:.1f} | shipped one_dot {res['shipped one_dot']:.1f}"
     if timed:
         best = min(timed, key=timed.get)
