@@ -125,11 +125,17 @@ def configs():
         yield f"pairs {bn}x{bk} w{w} waves{waves}", dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, waves=waves)
 
 
+def int4_weight_sets(k: int, n: int) -> list:
+    """Random INT4 g128 weights (engine layout, scales) [K, N], as many sets (2-8) as fit 512 MB, to rotate
+    through so a timed call does not find its weight in L2."""
+    from bench_fp4_gemm import make_int4
+    return [make_int4(k, n) for _ in range(max(2, min(8, (512 << 20) // (k * n // 2))))]
+
+
 def baselines(k: int, n: int, m: int, prep) -> tuple:
     """What every probe cell of an INT4 GEMV with prepared x starts from: (x bf16 [m, k], bias, rotating INT4
     weight sets, the float64 reference on the first set, results with cuBLAS bf16, the INT4 op (time and relative
     error) and `prep(x, planar)` alone timed)."""
-    from bench_fp4_gemm import make_int4
     from gpu_timing import bench, rotating
     from qcompile.plugins.int4_gemm.op import int4_groupwise_gemm
     from qcompile.plugins.int4_gemm.reference import dequantize_weight
@@ -139,7 +145,7 @@ def baselines(k: int, n: int, m: int, prep) -> tuple:
     res = {}
     wb = rotating(lambda: torch.randn(n, k, device="cuda", dtype=dtype), n * k * 2)
     res["cublas bf16"] = bench(lambda: torch.nn.functional.linear(x, wb(), bias), copies=4, rep=40)
-    sets = [make_int4(k, n) for _ in range(max(2, min(8, (512 << 20) // (k * n // 2))))]
+    sets = int4_weight_sets(k, n)
     res["int4 op"] = bench(lambda it=itertools.cycle(sets): int4_groupwise_gemm(x, *next(it), None, bias, GROUP),
                            copies=4, rep=40)
     res["pairs_of alone"] = bench(lambda: prep(x, is_planar(k, GROUP)), copies=4, rep=40)

@@ -42,7 +42,7 @@ from qcompile.plugins.int4_gemm.one_dot import _cat_k, decode64  # noqa: E402
 from qcompile.plugins.triton_tiles import store_tile  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from int4_gemv_pairs_probe import time_checked  # noqa: E402
+from int4_gemv_pairs_probe import int4_weight_sets, time_checked  # noqa: E402
 
 GROUP = 128
 STEP = 128  # K per step: two 64-K planar blocks, one MMA
@@ -96,25 +96,29 @@ def launch(x2d, w_packed, w_scale, cfg: dict, *, asm: bool = True, num_sms: int 
 def configs(m: int):
     """Candidate tiles for m rows: the shipped bucket's BLOCK_M, 64- or 128-column tiles, 3-5 stages, split-K
     targets around the shipped ones."""
-    block_m = 16 if m <= 16 else 64 if m <= 64 else 128
+    block_m = shipped(m)["BLOCK_M"]
     for bn, stages, waves in itertools.product((64, 128), (3, 4, 5), (1, 2, 4, 8)):
         yield (f"tma {block_m}x{bn} s{stages} waves{waves}",
                dict(BLOCK_M=block_m, BLOCK_N=bn, num_warps=4, num_stages=stages, waves=waves))
 
 
 def shipped(m: int) -> dict:
-    """The shipped one-dot bucket configuration for m rows."""
+    """The configuration the INT4 op runs at m rows, which must be a one-dot bucket (2-128 rows)."""
+    from qcompile.plugins.gemm_dispatch import bucket_for
     from qcompile.plugins.int4_gemm.kernel import CONFIGS
-    return next(cfg for top, cfg in CONFIGS if top is not None and m <= top and cfg["kernel"] == "one_dot")
+    cfg = bucket_for(CONFIGS, m)
+    if cfg["kernel"] != "one_dot":
+        raise SystemExit(f"int4_tma_probe: M = {m} runs the {cfg['kernel']} path, not a one-dot tile; "
+                         "pick --ms between 2 and 128")
+    return cfg
 
 
 def cell(k: int, n: int, m: int) -> dict:
-    from bench_fp4_gemm import make_int4
     from gpu_timing import bench, rotating
     from qcompile.plugins.int4_gemm import one_dot
     from qcompile.plugins.int4_gemm.reference import dequantize_weight
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    sets = [make_int4(k, n) for _ in range(max(2, min(8, (512 << 20) // (k * n // 2))))]
+    sets = int4_weight_sets(k, n)
     ref = x.double() @ dequantize_weight(*sets[0], None, GROUP).double().to(x.device)
     res = {"K": k, "N": n, "M": m}
     wb = rotating(lambda: torch.randn(k, n, device="cuda", dtype=torch.bfloat16), k * n * 2)
