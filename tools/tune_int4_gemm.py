@@ -47,9 +47,10 @@ def candidates(m: int) -> list[dict]:
             out.append(dict(kernel="one_dot", BLOCK_M=16 if m <= 16 else 64, BLOCK_N=bn, num_warps=4, num_stages=st,
                             waves=waves, SCALE_W=scale_w))
     if 64 < m <= 512:  # the one-dot kernel with wide x tiles (the MMA's N up to 256), against dequantize + cuBLAS
-        for bm, bn, w, st, waves in itertools.product((128, 256), (64, 128), (4, 8), (2, 3), (1, 2)):
+        for bm, bn, w, st, waves, scale_w in itertools.product((128, 256), (64, 128), (4, 8), (2, 3), (1, 2),
+                                                               (False, True)):
             out.append(dict(kernel="one_dot", BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, waves=waves,
-                            SCALE_W=False))
+                            SCALE_W=scale_w))
     if m <= 16:  # mm_t and mm read K sequentially: on planar words (GROUP = 128) x is gathered first
         for bn, bk, w, st, waves in itertools.product((32, 64), (64, 128), (2, 4), (3, 4, 5), (4, 8)):
             out.append(dict(kernel="mm_t", BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st,
@@ -68,6 +69,28 @@ def candidates(m: int) -> list[dict]:
             and c["num_stages"] == 3][:6] if m >= 16 else []
     shipped = shipped_config(m)
     return out + w4a8 + ([] if shipped in out else [shipped])
+
+
+def parse_where(terms: list[str]) -> dict:
+    """--where KEY=V1,V2 ... as {KEY: {values}}; values read as Python literals (64, True), else strings."""
+    import ast
+    out = {}
+    for term in terms:
+        key, sep, values = term.partition("=")
+        if not sep:
+            raise SystemExit(f"--where {term!r}: expected KEY=VALUE[,VALUE...], e.g. BLOCK_N=64 SCALE_W=True,False")
+        out[key] = set()
+        for v in values.split(","):
+            try:
+                out[key].add(ast.literal_eval(v))
+            except (ValueError, SyntaxError):
+                out[key].add(v)
+    return out
+
+
+def matches(cfg: dict, where: dict) -> bool:
+    """Whether cfg has one of the allowed values for every --where key it has (keys it lacks do not filter)."""
+    return all(cfg[key] in values for key, values in where.items() if key in cfg)
 
 
 def shipped_config(m: int) -> dict:
@@ -152,10 +175,15 @@ def main() -> None:
     ap = bench_parser(__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=12)
     ap.add_argument("--kinds", nargs="*", help="only these kernels (gemv, one_dot, mm_t, dequant)")
+    ap.add_argument("--where", nargs="*", default=[], metavar="KEY=V1,V2",
+                    help="only candidates with these values, e.g. BLOCK_N=64 num_stages=3 SCALE_W=True,False "
+                         "(the shipped configuration is always timed)")
     args = ap.parse_args()
+    where = parse_where(args.where)
     MODE["graph"] = True
     cells = [(int(s.split("x")[0]), int(s.split("x")[1]), m) for s in args.shapes for m in args.ms]
-    tasks = [(k, n, m, [c for c in candidates(m) if not args.kinds or c["kernel"] in args.kinds])
+    tasks = [(k, n, m, [c for c in candidates(m) if c == shipped_config(m)
+                        or ((not args.kinds or c["kernel"] in args.kinds) and matches(c, where))])
              for k, n, m in cells]
     ctx = mp.get_context("spawn")
     with ctx.Pool(args.workers) as pool:

@@ -82,7 +82,9 @@ MAGIC16 = {torch.bfloat16: (0x4308, 136.0), torch.float16: (0x6408, 1032.0)}  # 
 # programs: 8 / 4 / 8 / 2 splits); waves = 4 was 4-11% slower on 4096 x 14336 and 8192 x 28672, waves = 8 20%
 # slower on 4096 x 4096 (16 splits of 2 steps). The 64-row kernel holds 147 registers per thread (sm_90, triton
 # 3.6.0), so 3 programs fit on an SM (`resident`): with it, 8192 x 28672 splits K in two (448 tiles overflow the
-# 396 slots), 14-16% faster at 32 and 64 rows; the other layers keep their split. 65-128 rows take 128-row
+# 396 slots), 14-16% faster at 32 and 64 rows; the other layers keep their split. Where K is not split (4096 x
+# 14336), the scale goes on the weight tile (`one_dot.scale_on_weight`): 28.3 against 30.8 µs at 64 rows
+# (benchmarks/int4_tune_one_dot-scale_w-s22.json; 128-row tiles lost with it on every layer). 65-128 rows take 128-row
 # tiles, one M tile that reads the weight once: at M = 128, 13-35% faster than two 64-row tiles on the four layers
 # and the best 128-row tile on each (benchmarks/int4_tune_one_dot-m32-128-s19.json, -w16-s19.json); at 80, 100 and
 # 128 rows the shipped tile is the sweep's best or within 7% of it (int4_tune_one_dot-m80-128-s20.json).
@@ -95,11 +97,31 @@ CONFIGS = [
               fallback=dict(kernel="mm_t", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3,
                             waves=8, SCALE_ACC=False))),
     (64, dict(kernel="one_dot", BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, waves=2, resident=3,
-              SCALE_W=False, fallback=_MM_T_64_ROWS)),
+              SCALE_W="unsplit", fallback=_MM_T_64_ROWS)),
     (128, dict(kernel="one_dot", BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, waves=2, SCALE_W=False,
                fallback=_MM_T_64_ROWS)),
     (None, dict(kernel="dequant")),
 ]
+
+# TMA tiles of the 16- and 64-row buckets (bucket limit -> a one-dot config's "tma", `one_dot.use_tma`): on
+# layers at least min_n wide the weight and x load through TMA descriptors each program makes, with these keys
+# over the bucket's. On the H200, kernel alone (benchmarks/int4_tma_probe-s22.json): 20.1 / 52.9 µs against
+# 21.6 / 61.8 at 16 rows and 26.6 / 72.6 against 29.8 / 85.6 at 64 rows on 4096 x 14336 / 8192 x 28672; on the
+# 4096-wide layers the descriptors' cost per program lost (0.84-1.06x). The op with them (bias, bf16 out;
+# fp4_int4_gemm-tma-A-s22 / -C-s22.json): 8192 x 28672 57.4 / 83.2 / 84.9 µs against 68.7 / 100.1 / 102.6 at
+# 16 / 40 / 64 rows, 4096 x 14336 25.8 against 27.7 at 16 rows but 36.2 / 38.5 against 33.5 / 34.6 at 40 / 64
+# (its 128-wide tiles split K there: fp32 partial sums and an epilogue the op otherwise skips), so the 64-row
+# tile starts at N = 16384. Not in CONFIGS yet: an engine must carry them, and the AOTInductor package test with
+# them (test_cuda_aoti_package_dynamic_rows, bf16-wide) has not passed on the H200: its one run failed in export,
+# where torch.cond's tracing cannot read x's storage_offset; `use_tma` no longer reads it while tracing, untested
+# on the GPU (device time spent).
+TMA_TILES = {16: dict(min_n=8192, BLOCK_N=128, waves=4),
+             64: dict(min_n=16384, BLOCK_N=128, waves=2, resident=0, SCALE_W=False)}
+
+
+def with_tma_tiles(configs: list = CONFIGS) -> list:
+    """`configs` with `TMA_TILES` attached to their buckets (to time and test them)."""
+    return [(limit, dict(cfg, tma=TMA_TILES[limit]) if limit in TMA_TILES else cfg) for limit, cfg in configs]
 DEQUANT = dict(BLOCK_KW=8, BLOCK_N=256, num_warps=4)  # tile of `_int4_dequant_kernel`: 7 within 3% (benchmarks/dequant.json)
 
 

@@ -21,6 +21,11 @@ weight is) and one accumulator runs through all steps, so the wgmmas stay in fli
 decoding; the first step is peeled off the loop (else ptxas serializes the wgmmas: its C7515 note). SCALE_W is
 forced when a group is shorter than the step (64-K groups with 128-K steps). Split-K partial sums meet in fp32
 atomics, as in the other INT4 kernels.
+
+Loads: through pointers formed once, or (`TMA`, `use_tma`) through tensor descriptors each program makes on the
+device (`tl.make_tensor_descriptor`; host-side descriptors cannot pass through torch's tracing of a `triton_op`
+into an engine). TMA's zero fill past M, N and K stands in for the masks and the wrapped rows. On the H200 it was
+1.2x faster on 8192 x 28672 at 16-64 rows and slower on 4096-wide layers (tools/diag/int4_tma_probe.py).
 """
 from __future__ import annotations
 
@@ -30,7 +35,8 @@ import triton.language as tl
 
 from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg, split_for_waves, whole_tiles
 from qcompile.plugins.int4_gemm.format import PLANAR_BLOCK, is_planar
-from qcompile.plugins.triton_tiles import jit_any_m, load_tile, load_xt_rows, store_tile, xt_columns
+from qcompile.plugins.triton_tiles import (ensure_scratch_allocator, jit_any_m, load_tile, load_xt_rows, store_tile,
+                                          xt_columns)
 
 @triton.jit
 def _pair(w, FP16: tl.constexpr, ASM: tl.constexpr):
@@ -70,15 +76,20 @@ def decode64(words, BLOCK_N: tl.constexpr, dt: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _block64(w_rows, s_ptr, z_ptr, kb, offs_n, mask_n, N, K, BLOCKS_PER_GROUP: tl.constexpr,
-             HAS_ZERO: tl.constexpr, SCALE_W: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
-             dt: tl.constexpr, ASM: tl.constexpr):
+def _block64(w_src, s_ptr, z_ptr, kb, offs_n, mask_n, N, K, BLOCKS_PER_GROUP: tl.constexpr,
+             HAS_ZERO: tl.constexpr, SCALE_W: tl.constexpr, EVEN: tl.constexpr, TMA: tl.constexpr,
+             BLOCK_N: tl.constexpr, dt: tl.constexpr, ASM: tl.constexpr):
     """(weights [BLOCK_N, 64] of the 64-K block kb as dt: q - zp, times the scale when SCALE_W; fp32 scales
-    [BLOCK_N]). w_rows: the pointers of block 0's 8 word rows (loop-invariant; block kb adds one scalar).
-    BLOCKS_PER_GROUP: 64-K blocks per group, 0 for one group (per channel). Past N or K (a split's last steps)
-    the words, scales and zero points load as 0; EVEN (whole tiles and splits): no masks."""
+    [BLOCK_N]). w_src: the pointers of block 0's 8 word rows (loop-invariant; block kb adds one scalar), or with
+    TMA the words' descriptor ([8, BLOCK_N] boxes). BLOCKS_PER_GROUP: 64-K blocks per group, 0 for one group (per
+    channel). Past N or K (a split's last steps) the words, scales and zero points load as 0 (TMA: its zero
+    fill); EVEN (whole tiles and splits): no masks."""
     ok = mask_n & (kb * 64 < K)
-    a = decode64(load_tile(w_rows + (kb * 8).to(tl.int64) * N, ok[:, None], EVEN, True), BLOCK_N, dt, ASM)
+    if TMA:
+        words = tl.trans(w_src.load([kb * 8, tl.program_id(0) * BLOCK_N]))
+    else:
+        words = load_tile(w_src + (kb * 8).to(tl.int64) * N, ok[:, None], EVEN, True)
+    a = decode64(words, BLOCK_N, dt, ASM)
     g = kb // BLOCKS_PER_GROUP if BLOCKS_PER_GROUP else 0
     s = load_tile(s_ptr + g * N + offs_n, ok, EVEN).to(tl.float32)
     offset: tl.constexpr = 1032.0 if dt == tl.float16 else 136.0
@@ -93,51 +104,63 @@ def _block64(w_rows, s_ptr, z_ptr, kb, offs_n, mask_n, N, K, BLOCKS_PER_GROUP: t
 
 
 @triton.jit
-def _step(x_cols, w_rows, s_ptr, z_ptr, k0, offs_n, mask_n, N, K, BLOCKS_PER_GROUP: tl.constexpr,
-          HAS_ZERO: tl.constexpr, SCALE_W: tl.constexpr, EVEN: tl.constexpr, HALVES: tl.constexpr,
-          BLOCK_N: tl.constexpr, ASM: tl.constexpr):
+def _step(x_src, w_src, s_ptr, z_ptr, k0, offs_n, mask_n, N, K, BLOCKS_PER_GROUP: tl.constexpr,
+          HAS_ZERO: tl.constexpr, SCALE_W: tl.constexpr, EVEN: tl.constexpr, TMA: tl.constexpr,
+          HALVES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
     """(weights [BLOCK_N, 64 HALVES], x^T [64 HALVES, BLOCK_M], fp32 scales [BLOCK_N] of the first block) of the
-    step at k0; x_cols: the pointers of x^T at K 0 .. 64 HALVES - 1 (loop-invariant, as w_rows)."""
-    dt: tl.constexpr = x_cols.dtype.element_ty
-    a, s = _block64(w_rows, s_ptr, z_ptr, k0 // 64, offs_n, mask_n, N, K, BLOCKS_PER_GROUP, HAS_ZERO, SCALE_W,
-                    EVEN, BLOCK_N, dt, ASM)
+    step at k0; x_src: the pointers of x^T at K 0 .. 64 HALVES - 1 (loop-invariant, as w_src), or with TMA x's
+    descriptor ([BLOCK_M, 64 HALVES] boxes; rows past M and K load as 0)."""
+    if TMA:
+        dt: tl.constexpr = x_src.dtype
+        xt = tl.trans(x_src.load([tl.program_id(2) * BLOCK_M, k0]))
+    else:
+        dt: tl.constexpr = x_src.dtype.element_ty
+        xt = load_xt_rows(x_src, k0, K, EVEN, 64 * HALVES)
+    a, s = _block64(w_src, s_ptr, z_ptr, k0 // 64, offs_n, mask_n, N, K, BLOCKS_PER_GROUP, HAS_ZERO, SCALE_W,
+                    EVEN, TMA, BLOCK_N, dt, ASM)
     if HALVES == 2:
-        a1, _ = _block64(w_rows, s_ptr, z_ptr, k0 // 64 + 1, offs_n, mask_n, N, K, BLOCKS_PER_GROUP, HAS_ZERO,
-                         SCALE_W, EVEN, BLOCK_N, dt, ASM)
+        a1, _ = _block64(w_src, s_ptr, z_ptr, k0 // 64 + 1, offs_n, mask_n, N, K, BLOCKS_PER_GROUP, HAS_ZERO,
+                         SCALE_W, EVEN, TMA, BLOCK_N, dt, ASM)
         a = _cat_k(a, a1, BLOCK_N, 64)
-    return a, load_xt_rows(x_cols, k0, K, EVEN, 64 * HALVES), s
+    return a, xt, s
 
 
 @jit_any_m
 def _int4_one_dot_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, k_per_split,
     K_STEPS: tl.constexpr, BLOCKS_PER_GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, SCALE_W: tl.constexpr,
-    HALVES: tl.constexpr, EVEN: tl.constexpr, ATOMIC: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HALVES: tl.constexpr, EVEN: tl.constexpr, TMA: tl.constexpr, ATOMIC: tl.constexpr, ASM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """y [M, N] (or its split-K part) from K_STEPS steps of 64 HALVES K, one dot each; grid (N tiles, K splits,
     M tiles). The weight and x pointers are formed once; a step adds scalars to them (per-step 64-bit address
-    arithmetic and a division by the group size were about a quarter of the loop's SASS)."""
+    arithmetic and a division by the group size were about a quarter of the loop's SASS). TMA: the words and x
+    load through tensor descriptors each program makes (Triton's global scratch; see `use_tma`)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_n = offs_n < N
     mask_m = offs_m < M
     k_lo = tl.program_id(1) * k_per_split
-    w_rows = w_ptr + tl.arange(0, 8)[None, :] * N + offs_n[:, None]
-    x_cols = xt_columns(x_ptr, offs_m, M, stride_xm, 64 * HALVES)
+    if TMA:
+        w_src = tl.make_tensor_descriptor(w_ptr, shape=[K // 8, N], strides=[N, 1], block_shape=[8, BLOCK_N])
+        x_src = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1],
+                                          block_shape=[BLOCK_M, 64 * HALVES])
+    else:
+        w_src = w_ptr + tl.arange(0, 8)[None, :] * N + offs_n[:, None]
+        x_src = xt_columns(x_ptr, offs_m, M, stride_xm, 64 * HALVES)
     if SCALE_W:
-        a, xt, s = _step(x_cols, w_rows, s_ptr, z_ptr, k_lo, offs_n, mask_n, N, K, BLOCKS_PER_GROUP,
-                         HAS_ZERO, True, EVEN, HALVES, BLOCK_N, ASM)
+        a, xt, s = _step(x_src, w_src, s_ptr, z_ptr, k_lo, offs_n, mask_n, N, K, BLOCKS_PER_GROUP,
+                         HAS_ZERO, True, EVEN, TMA, HALVES, BLOCK_M, BLOCK_N, ASM)
         acc = tl.dot(a, xt)
         for step in range(1, K_STEPS):
-            a, xt, s = _step(x_cols, w_rows, s_ptr, z_ptr, k_lo + step * 64 * HALVES, offs_n, mask_n, N,
-                             K, BLOCKS_PER_GROUP, HAS_ZERO, True, EVEN, HALVES, BLOCK_N, ASM)
+            a, xt, s = _step(x_src, w_src, s_ptr, z_ptr, k_lo + step * 64 * HALVES, offs_n, mask_n, N,
+                             K, BLOCKS_PER_GROUP, HAS_ZERO, True, EVEN, TMA, HALVES, BLOCK_M, BLOCK_N, ASM)
             acc = tl.dot(a, xt, acc)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for step in range(0, K_STEPS):
-            a, xt, s = _step(x_cols, w_rows, s_ptr, z_ptr, k_lo + step * 64 * HALVES, offs_n, mask_n, N,
-                             K, BLOCKS_PER_GROUP, HAS_ZERO, False, EVEN, HALVES, BLOCK_N, ASM)
+            a, xt, s = _step(x_src, w_src, s_ptr, z_ptr, k_lo + step * 64 * HALVES, offs_n, mask_n, N,
+                             K, BLOCKS_PER_GROUP, HAS_ZERO, False, EVEN, TMA, HALVES, BLOCK_M, BLOCK_N, ASM)
             acc += tl.dot(a, xt) * s[:, None]
     store_tile(y_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None], acc, mask_m[None, :] & mask_n[:, None],
                ATOMIC)
@@ -148,10 +171,38 @@ def supports(x_dtype: torch.dtype, k: int, group_size: int) -> bool:
     return x_dtype in (torch.float16, torch.bfloat16) and is_planar(k, group_size)
 
 
+def scale_on_weight(scale_w, splits: int, group_size: int, step: int) -> bool:
+    """The kernel's SCALE_W for a launch: cfg's True / False, or "unsplit" (on the weight only when K is not split:
+    one accumulator then runs through the whole K; with 64-row tiles that was 8-14% faster on the H200, split or
+    with 128-row tiles slower, benchmarks/int4_tune_one_dot-scale_w-s22.json); forced when a group is shorter than
+    the step."""
+    if scale_w not in (True, False, "unsplit"):
+        raise ValueError(f"one-dot INT4 kernel: SCALE_W must be True, False or 'unsplit' (got {scale_w!r})")
+    return (splits == 1 if scale_w == "unsplit" else scale_w) or group_size % step != 0
+
+
+def use_tma(cfg: dict, x2d: torch.Tensor, n: int, on_cpu: bool) -> bool:
+    """Whether this launch loads through TMA descriptors: cfg["tma"] names the smallest N it pays for (on the
+    H200 the per-program descriptors cost more than they save on 4096-wide layers,
+    benchmarks/int4_tma_probe-s22.json), and the descriptors need 16-byte aligned rows and start (x's storage
+    is taken to start aligned, as torch's allocators and AOTInductor's buffers do). Not on CPU tensors (the
+    interpreter), unless cfg["tma"]["interpret"] (tests)."""
+    tma = cfg.get("tma")
+    if not tma or n < tma["min_n"] or (on_cpu and not tma.get("interpret")):
+        return False
+    strides = (x2d.stride(0), x2d.stride(1))  # SymInts (traced views): pointers instead
+    if not (all(isinstance(v, int) for v in strides) and strides[1] == 1 and strides[0] % 8 == 0 and n % 4 == 0):
+        return False
+    # an eager call checks where x starts; torch.cond's tracing (the op's M buckets) cannot read storage_offset,
+    # and an engine's x is a whole buffer of the previous node
+    return torch.compiler.is_compiling() or x2d.storage_offset() % 8 == 0
+
+
 def launch(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, asm: bool, out_dtype=torch.float32,
            wrap=identity, num_sms: int = 132) -> torch.Tensor:
     """`x2d @ dequant(W)` [M, N] with `_int4_one_dot_kernel`: fp32 when split-K (atomics), else `out_dtype`.
-    cfg: BLOCK_M, BLOCK_N, num_warps, num_stages, waves and resident (split-K target, `split_for_waves`), SCALE_W."""
+    cfg: BLOCK_M, BLOCK_N, num_warps, num_stages, waves and resident (split-K target, `split_for_waves`), SCALE_W
+    (`scale_on_weight`)."""
     m, k = x2d.shape
     n = w_packed.shape[1]
     if not supports(x2d.dtype, k, group_size):
@@ -159,6 +210,10 @@ def launch(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, asm: b
                          f"(got {x2d.dtype}, K = {k}, group {group_size})")
     halves = 2 if k % (2 * PLANAR_BLOCK) == 0 else 1
     step = PLANAR_BLOCK * halves
+    tma = use_tma(cfg, x2d, n, x2d.device.type == "cpu")
+    if tma:  # the TMA tile and split: cfg["tma"]'s keys (BLOCK_N, waves, ...) over the bucket's
+        cfg = {**cfg, **{key: v for key, v in cfg["tma"].items() if key not in ("min_n", "interpret")}}
+        ensure_scratch_allocator()
     tiles_n = cdiv(n, cfg["BLOCK_N"])
     splits, per = split_for_waves(k, tiles_n, step, cfg["waves"], num_sms, cfg.get("resident", 0))
     y = (torch.zeros((m, n), dtype=torch.float32, device=x2d.device) if splits > 1
@@ -167,8 +222,8 @@ def launch(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, asm: b
         x2d, w_packed, w_scale, optional_arg(w_zero, w_scale), y, m, n, k, x2d.stride(0), per,
         K_STEPS=per // step, BLOCKS_PER_GROUP=0 if group_size == k else group_size // PLANAR_BLOCK,
         HAS_ZERO=w_zero is not None,
-        SCALE_W=cfg.get("SCALE_W", False) or group_size % step != 0, HALVES=halves,
-        EVEN=whole_tiles(n, cfg["BLOCK_N"], splits, per, k), ATOMIC=splits > 1, ASM=asm,
+        SCALE_W=scale_on_weight(cfg.get("SCALE_W", False), splits, group_size, step), HALVES=halves,
+        EVEN=whole_tiles(n, cfg["BLOCK_N"], splits, per, k), TMA=tma, ATOMIC=splits > 1, ASM=asm,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return y

@@ -457,7 +457,8 @@ def check_one_dot(k, group, zero, dtype, rel, device="cpu"):
     """The one-dot kernel on planar words: 128-K steps and 64-K steps, a partial N tile (n = 80) or whole tiles
     (n = 96: the unmasked loads when K is not split unevenly), a partial M tile, split K (atomics; 320 = 2
     splits of 3 64-K steps, the last one past K; by `waves` and by the `resident` rule) and not, the scale on the
-    product and on the weight tile (forced for 64-K groups in 128-K steps). Float64-close."""
+    product and on the weight tile (forced for 64-K groups in 128-K steps), loads through pointers and through
+    TMA descriptors (zero fill past M, N and K). Float64-close."""
     from qcompile.plugins.gemm_dispatch import split_for_waves
     from qcompile.plugins.int4_gemm import one_dot
 
@@ -469,9 +470,12 @@ def check_one_dot(k, group, zero, dtype, rel, device="cpu"):
         step = 128 if k % 128 == 0 else 64
         assert split_for_waves(k, -(-n // 32), step, 16, 1)[0] > 1  # waves = 16 splits K
         assert split_for_waves(k, -(-n // 32), step, 0, 1, 2)[0] == 2  # 3 tiles on 2 resident slots: split in two
-        for waves, resident, scale_w in ((0, 0, False), (16, 0, False), (16, 0, True), (0, 0, True), (0, 2, False)):
+        tma = {"min_n": 0, "interpret": True}  # the TMA loads on any N, and in the CPU interpreter
+        for waves, resident, scale_w, tma in ((0, 0, False, None), (16, 0, False, None), (16, 0, True, None),
+                                              (0, 0, True, None), (0, 2, False, None), (0, 0, "unsplit", None),
+                                              (16, 0, "unsplit", None), (16, 0, False, tma), (0, 0, True, tma)):
             cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "waves": waves, "resident": resident,
-                   "SCALE_W": scale_w}
+                   "SCALE_W": scale_w, "tma": tma}
             y = one_dot.launch(x.to(device), *weights, case["g"], cfg, asm=device != "cpu", out_dtype=torch.float32,
                                num_sms=1)
             assert y.shape == (m, n) and y.dtype == torch.float32
@@ -495,6 +499,43 @@ def test_one_dot_rejects_a_sequential_layout():
         one_dot.launch(x, case["w_packed"], case["scale"], None, 32, CONFIG_ONE_DOT, asm=False)
 
 
+@needs_triton
+def test_one_dot_scale_on_weight_only_when_k_is_not_split():
+    """SCALE_W = "unsplit" (the 64-row bucket) puts the scale on the weight tile for one K split only; a group
+    shorter than the step forces it; a typo in a configuration is an error, not silently False."""
+    from qcompile.plugins.int4_gemm import one_dot
+
+    assert one_dot.scale_on_weight("unsplit", 1, 128, 128) is True
+    assert one_dot.scale_on_weight("unsplit", 2, 128, 128) is False
+    assert one_dot.scale_on_weight(False, 1, 64, 128) is True  # 64-K groups in 128-K steps
+    assert one_dot.scale_on_weight(True, 4, 128, 128) is True
+    with pytest.raises(ValueError, match="SCALE_W"):
+        one_dot.scale_on_weight("unsplt", 1, 128, 128)
+
+
+@needs_triton
+def test_one_dot_takes_tma_only_where_it_paid_and_can_load():
+    """TMA from the bucket's min_n on, for x rows that are 16-byte aligned and contiguous along K (else the
+    pointer loads); never for CPU tensors unless a test asks (the interpreter)."""
+    from qcompile.plugins.int4_gemm import one_dot
+
+    cfg = {"tma": {"min_n": 8192}}
+    x = torch.zeros(4, 4096, dtype=torch.bfloat16, device="meta")
+    assert one_dot.use_tma(cfg, x, 8192, on_cpu=False)
+    assert not one_dot.use_tma(cfg, x, 4096, on_cpu=False)  # narrower than min_n
+    assert not one_dot.use_tma({}, x, 8192, on_cpu=False)  # the bucket has no TMA tile
+    assert not one_dot.use_tma(cfg, x, 8190, on_cpu=False)  # weight rows of 8190 words: not 16-byte multiples
+    assert not one_dot.use_tma(cfg, torch.zeros(4, 4100, dtype=torch.bfloat16, device="meta")[:, 1:4097], 8192,
+                               on_cpu=False)  # a view starting 2 bytes in
+    assert not one_dot.use_tma(cfg, x.t().contiguous().t(), 8192, on_cpu=False)  # K not contiguous
+    assert not one_dot.use_tma(cfg, x, 8192, on_cpu=True)
+    assert one_dot.use_tma({"tma": {"min_n": 0, "interpret": True}}, x, 64, on_cpu=True)
+    from qcompile.plugins.int4_gemm import kernel  # the TMA tiles name one-dot buckets (a renamed limit: none)
+    attached = [limit for limit, c in kernel.with_tma_tiles() if "tma" in c]
+    assert attached == sorted(kernel.TMA_TILES)
+    assert all(c["kernel"] == "one_dot" for limit, c in kernel.CONFIGS if limit in attached)
+
+
 CONFIG_ONE_DOT = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "waves": 0}
 
 
@@ -513,6 +554,26 @@ def test_cuda_matches_reference(group, zero, dtype, m):
     y = torch.ops.qcompile.int4_groupwise_gemm(*args)
     assert y.dtype == DTYPES[dtype] and y.device.type == "cuda"
     assert_close_to(y, oracle(x, case), {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}[DTYPES[dtype]])
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("group", [64, 128, "channel"])
+@pytest.mark.parametrize("zero", [False, True], ids=["sym", "zp"])
+@pytest.mark.parametrize("m", [5, 16, 40, 64])
+def test_cuda_wide_layers_take_the_tma_tiles(monkeypatch, group, zero, m):
+    """N = 16384, at least the TMA tiles' min_n: the op with `kernel.TMA_TILES` on its buckets loads through TMA
+    descriptors (their zero fill past M and past a split's end, zero points, per-channel scales), bf16 against
+    float64."""
+    from qcompile.plugins.gemm_dispatch import bucket_for
+    from qcompile.plugins.int4_gemm import kernel, one_dot
+
+    monkeypatch.setattr(kernel, "CONFIGS", kernel.with_tma_tiles())
+    case = make_case(k=1024, n=16384, group=group, zero=zero, seed=m)
+    x = torch.randn(m, 1024, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+    assert one_dot.use_tma(bucket_for(kernel.CONFIGS, m), x.cuda(), 16384, on_cpu=False)
+    args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in op_args(case, x)]
+    assert_close_to(torch.ops.qcompile.int4_groupwise_gemm(*args), oracle(x, case), REL[torch.bfloat16])
 
 
 @pytest.mark.gpu
@@ -546,13 +607,19 @@ def test_cuda_dequant_kernel_is_exact(zero, group, tile):
 @pytest.mark.gpu
 @pytest.mark.slow
 @cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_cuda_aoti_package_dynamic_rows(tmp_path, dtype):
-    """fp16 x: the GEMV's packed-half2 PTX compiled into the package."""
-    mod = Int4Linear(device="cuda", k=512, n=256, group=128).cuda()
+@pytest.mark.parametrize("dtype, n", [(torch.float32, 256), (torch.float16, 256), (torch.bfloat16, 16384)],
+                         ids=["fp32", "fp16", "bf16-wide"])
+def test_cuda_aoti_package_dynamic_rows(monkeypatch, tmp_path, dtype, n):
+    """fp16 x: the GEMV's packed-half2 PTX compiled into the package; N = 16384: the TMA tiles (`kernel.TMA_TILES`
+    on the buckets), whose descriptors the kernel makes in the global scratch AOTInductor allocates."""
+    from qcompile.plugins.int4_gemm import kernel
+
+    if n >= 16384:
+        monkeypatch.setattr(kernel, "CONFIGS", kernel.with_tma_tiles())
+    mod = Int4Linear(device="cuda", k=512, n=n, group=128).cuda()
     ep = _export(mod, torch.randn(4, 512, device="cuda", dtype=dtype))
     path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "i4.pt2"))
     compiled = torch._inductor.aoti_load_package(path)
     for m in (1, 7, 16, 17, 100, 300):  # every bucket: GEMV, 16 / 64 / 128-row one-dot tiles, dequantize + cuBLAS
         x = torch.randn(m, 512, device="cuda", dtype=dtype)
-        assert_close_to(compiled(x), oracle(x.cpu(), mod.case), 1e-4 if dtype == torch.float32 else 3e-3)
+        assert_close_to(compiled(x), oracle(x.cpu(), mod.case), REL[dtype] if dtype != torch.float32 else 1e-4)

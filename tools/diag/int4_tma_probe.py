@@ -14,13 +14,21 @@ AOTInductor ("stable" TMA metadata in `torch/_higher_order_ops/triton_kernel_wra
 sm_90 SASS (`--sass`, twenty-first session, Triton 3.6.0): 239 / 276 / 296 instructions per step at 16 / 64 / 128
 rows, against the shipped kernel's 220 / 262 / 299. The shipped kernel already forms its addresses once, so TMA
 saves no issue slots: the copies become one TMA per tile, but the mbarrier waits, the shared-memory reads of the
-words (LDS) and the scale's mask take their place. What is left to learn on the H200 is whether the
-asynchronous copies hide HBM latency better (not yet timed).
+words (LDS) and the scale's mask take their place. Timed on the H200 all the same (twenty-second session,
+benchmarks/int4_tma_probe-s22.json), TMA was 1.2-1.3x faster on the wide layers at 16 and 64 rows (8192 x 28672:
+47.6 / 71.0 against 61.8 / 85.6 µs): the copies hide latency that the instruction count does not show.
+
+Host descriptors cannot go into an engine: torch's tracing of a `triton_op` does not capture them (AOTInductor:
+"TypeError: '<=' not supported between instances of 'TensorDescriptor' and 'int'"). Descriptors the kernel makes
+itself (`--descriptors device`, `tl.make_tensor_descriptor` in Triton's global scratch) compile into an
+AOTInductor package with a dynamic M and match float64 there (`--aoti`); they cost each program about 1-3 µs more
+(52.5 / 72.5 µs on 8192 x 28672). The op's one-dot kernel has them (`one_dot.use_tma`, `kernel.TMA_TILES`).
 
 Scope: symmetric g128 weights in the planar layout, 16-bit x, K a multiple of 128, fp32 output (split-K
 atomics), the scale on each step's product (as the shipped `SCALE_W=False`).
 
-    OUT=... python3 tools/diag/int4_tma_probe.py [--shapes KxN ...] [--ms 16 64 100]
+    OUT=... python3 tools/diag/int4_tma_probe.py [--shapes KxN ...] [--ms 16 64 100] [--descriptors host|device|both]
+                                                 [--stages 3 4 5] [--waves 1 2 4 8] [--aoti]
     python3 tools/diag/int4_tma_probe.py --sass      # sm_90 loop instruction counts, compiled on any machine
 """
 from __future__ import annotations
@@ -48,10 +56,10 @@ GROUP = 128
 STEP = 128  # K per step: two 64-K planar blocks, one MMA
 
 
-@triton.jit(do_not_specialize=["M"])
-def _int4_tma_kernel(x_desc, w_desc, s_ptr, y_ptr, M, N, K, k_per_split,
-                     K_STEPS: tl.constexpr, BLOCKS_PER_GROUP: tl.constexpr, ATOMIC: tl.constexpr,
-                     ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+@triton.jit
+def _tma_steps(x_desc, w_desc, s_ptr, y_ptr, M, N, K, k_per_split, K_STEPS: tl.constexpr,
+               BLOCKS_PER_GROUP: tl.constexpr, ATOMIC: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
     """y [M, N] (or its split-K part) = x @ dequant(W), swapped operands as the one-dot kernel; x_desc: x [M, K]
     in [BLOCK_M, 128] boxes; w_desc: the planar words [K/8, N] int32 in [8, BLOCK_N] boxes (one 64-K block)."""
     dt: tl.constexpr = x_desc.dtype
@@ -75,8 +83,30 @@ def _int4_tma_kernel(x_desc, w_desc, s_ptr, y_ptr, M, N, K, k_per_split,
                (offs_m < M)[None, :] & (offs_n < N)[:, None], ATOMIC)
 
 
-def launch(x2d, w_packed, w_scale, cfg: dict, *, asm: bool = True, num_sms: int = 132) -> torch.Tensor:
-    """fp32 `x2d @ dequant(W)` [M, N] through `_int4_tma_kernel`."""
+@triton.jit(do_not_specialize=["M"])
+def _int4_tma_kernel(x_desc, w_desc, s_ptr, y_ptr, M, N, K, k_per_split,
+                     K_STEPS: tl.constexpr, BLOCKS_PER_GROUP: tl.constexpr, ATOMIC: tl.constexpr,
+                     ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """`_tma_steps` on descriptors made on the host (`TensorDescriptor`)."""
+    _tma_steps(x_desc, w_desc, s_ptr, y_ptr, M, N, K, k_per_split, K_STEPS, BLOCKS_PER_GROUP, ATOMIC, ASM,
+               BLOCK_M, BLOCK_N)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _int4_tma_device_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, k_per_split,
+                            K_STEPS: tl.constexpr, BLOCKS_PER_GROUP: tl.constexpr, ATOMIC: tl.constexpr,
+                            ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """`_tma_steps` on descriptors each program makes itself (`tl.make_tensor_descriptor`: plain pointers in the
+    signature, as torch's non-dynamo tracing of a `triton_op` can pass them; needs Triton's global scratch)."""
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, 128])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K // 8, N], strides=[N, 1], block_shape=[8, BLOCK_N])
+    _tma_steps(x_desc, w_desc, s_ptr, y_ptr, M, N, K, k_per_split, K_STEPS, BLOCKS_PER_GROUP, ATOMIC, ASM,
+               BLOCK_M, BLOCK_N)
+
+
+def launch(x2d, w_packed, w_scale, cfg: dict, *, asm: bool = True, num_sms: int = 132, wrap=lambda k: k) -> torch.Tensor:
+    """fp32 `x2d @ dequant(W)` [M, N] through `_int4_tma_kernel`, or `_int4_tma_device_kernel` when cfg["device"]
+    (`wrap`: `torch.library.wrap_triton` inside a `triton_op`)."""
     m, k = x2d.shape
     n = w_packed.shape[1]
     if x2d.dtype not in (torch.float16, torch.bfloat16) or k % STEP:
@@ -84,22 +114,26 @@ def launch(x2d, w_packed, w_scale, cfg: dict, *, asm: bool = True, num_sms: int 
     tiles_n = cdiv(n, cfg["BLOCK_N"])
     splits, per = split_for_waves(k, tiles_n, STEP, cfg["waves"], num_sms, cfg.get("resident", 0))
     y = (torch.zeros if splits > 1 else torch.empty)((m, n), dtype=torch.float32, device=x2d.device)
-    x_desc = TensorDescriptor.from_tensor(x2d, [cfg["BLOCK_M"], STEP])
-    w_desc = TensorDescriptor.from_tensor(w_packed, [8, cfg["BLOCK_N"]])
-    _int4_tma_kernel[(tiles_n, splits, cdiv(m, cfg["BLOCK_M"]))](
-        x_desc, w_desc, w_scale, y, m, n, k, per, K_STEPS=per // STEP, BLOCKS_PER_GROUP=GROUP // 64,
-        ATOMIC=splits > 1, ASM=asm, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+    grid = (tiles_n, splits, cdiv(m, cfg["BLOCK_M"]))
+    meta = dict(K_STEPS=per // STEP, BLOCKS_PER_GROUP=GROUP // 64, ATOMIC=splits > 1, ASM=asm,
+                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"])
+    if cfg.get("device"):
+        wrap(_int4_tma_device_kernel)[grid](x2d, w_packed, w_scale, y, m, n, k, x2d.stride(0), per, **meta)
+    else:
+        x_desc = TensorDescriptor.from_tensor(x2d, [cfg["BLOCK_M"], STEP])
+        w_desc = TensorDescriptor.from_tensor(w_packed, [8, cfg["BLOCK_N"]])
+        wrap(_int4_tma_kernel)[grid](x_desc, w_desc, w_scale, y, m, n, k, per, **meta)
     return y
 
 
-def configs(m: int):
-    """Candidate tiles for m rows: the shipped bucket's BLOCK_M, 64- or 128-column tiles, 3-5 stages, split-K
-    targets around the shipped ones."""
+def configs(m: int, stages=(3, 4, 5), waves=(1, 2, 4, 8), device=(False,)):
+    """Candidate tiles for m rows: the shipped bucket's BLOCK_M, 64- or 128-column tiles, `stages`, split-K
+    targets around the shipped ones, descriptors made on the host and/or (`device`) in the kernel."""
     block_m = shipped(m)["BLOCK_M"]
-    for bn, stages, waves in itertools.product((64, 128), (3, 4, 5), (1, 2, 4, 8)):
-        yield (f"tma {block_m}x{bn} s{stages} waves{waves}",
-               dict(BLOCK_M=block_m, BLOCK_N=bn, num_warps=4, num_stages=stages, waves=waves))
+    for dev, bn, st, wv in itertools.product(device, (64, 128), stages, waves):
+        yield (f"tma{'-dev' if dev else ''} {block_m}x{bn} s{st} waves{wv}",
+               dict(BLOCK_M=block_m, BLOCK_N=bn, num_warps=4, num_stages=st, waves=wv, device=dev))
 
 
 def shipped(m: int) -> dict:
@@ -113,7 +147,7 @@ def shipped(m: int) -> dict:
     return cfg
 
 
-def cell(k: int, n: int, m: int) -> dict:
+def cell(k: int, n: int, m: int, candidates) -> dict:
     from gpu_timing import bench, rotating
     from qcompile.plugins.int4_gemm import one_dot
     from qcompile.plugins.int4_gemm.reference import dequantize_weight
@@ -129,12 +163,17 @@ def cell(k: int, n: int, m: int) -> dict:
         return one_dot.launch(x, w_packed, w_scale, None, GROUP, ship, asm=True)
     res["shipped rel err"] = shipped_err = float((one_dot_call(*sets[0]).double() - ref).norm() / ref.norm())
     res["shipped one_dot"] = bench(lambda it=itertools.cycle(sets): one_dot_call(*next(it)), copies=4, rep=40)
-    timed = time_checked(configs(m), lambda w, sc, cfg: launch(x, w, sc, cfg), ref, shipped_err, sets, res)
+    timed = time_checked(candidates(m), lambda w, sc, cfg: launch(x, w, sc, cfg), ref, shipped_err, sets, res)
     line = f"{k}x{n} M={m}: bf16 {res['cublas bf16']:.1f} | shipped one_dot {res['shipped one_dot']:.1f}"
     if timed:
         best = min(timed, key=timed.get)
         res["best"] = best
         line += f" | best TMA {timed[best]:.1f} ({best}; {res['shipped one_dot'] / timed[best]:.2f}x shipped)"
+        dev = {c: t for c, t in timed.items() if c.startswith("tma-dev")}
+        if dev and len(dev) < len(timed):  # both kinds of descriptor: the best of each
+            best_dev = min(dev, key=dev.get)
+            best_host = min((c for c in timed if c not in dev), key=timed.get)
+            line += f" | host {timed[best_host]:.1f} ({best_host}) device {dev[best_dev]:.1f} ({best_dev})"
     else:
         line += " | no TMA configuration ran: " + str(next(v for kk, v in res.items() if kk.startswith("tma")))
     print(line, flush=True)
@@ -155,21 +194,91 @@ def sass() -> None:
                64 * 128 // 128)
 
 
+def aoti_check(k: int = 1024, n: int = 2048) -> dict:
+    """Each descriptor kind in a `triton_op` compiled by AOTInductor with a dynamic M, loaded and run at a few M
+    against float64: whether an engine can carry the TMA kernel. Returns {kind: max relative error or why not}."""
+    import tempfile
+
+    import torch._inductor
+    from torch.export import Dim, export
+
+    from qcompile.plugins.int4_gemm.reference import dequantize_weight
+    from bench_fp4_gemm import make_int4
+    w_packed, w_scale = make_int4(k, n)
+    w_ref = dequantize_weight(w_packed, w_scale, None, GROUP).double()
+    out = {}
+    for device in (True, False):
+        kind = "device descriptors" if device else "host descriptors"
+        cfg = dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3, waves=8, device=device)
+        name = f"qcompile_diag::int4_tma_{'device' if device else 'host'}"
+
+        def define(cfg):
+            @torch.library.triton_op(name, mutates_args={})
+            def op(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+                return launch(x, w, s, cfg, wrap=torch.library.wrap_triton)
+        define(cfg)
+
+        class Gemm(torch.nn.Module):
+            def __init__(self, name=name):
+                super().__init__()
+                self.register_buffer("w", w_packed)
+                self.register_buffer("s", w_scale)
+                self.fn = getattr(torch.ops.qcompile_diag, name.split("::")[1])
+
+            def forward(self, x):
+                return self.fn(x, self.w, self.s)
+        try:
+            x = torch.randn(8, k, device="cuda", dtype=torch.bfloat16)
+            ep = export(Gemm(), (x,), dynamic_shapes={"x": {0: Dim("m", min=2, max=4096)}})
+            with tempfile.TemporaryDirectory() as tmp:
+                path = torch._inductor.aoti_compile_and_package(ep, package_path=os.path.join(tmp, "tma.pt2"))
+                runner = torch._inductor.aoti_load_package(path)
+                errs = []
+                for m in (3, 16, 64, 300):
+                    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                    ref = x.double() @ w_ref
+                    y = runner(x)
+                    y = y[0] if isinstance(y, (list, tuple)) else y
+                    errs.append(float((y.double() - ref).norm() / ref.norm()))
+            out[kind] = max(errs)
+        except Exception as e:  # noqa: BLE001  (what AOTInductor could not carry)
+            out[kind] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        print(f"AOTInductor package, dynamic M, {kind}: {out[kind]}", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="*", default=["4096x4096", "4096x14336", "14336x4096", "8192x28672"])
     ap.add_argument("--ms", type=int, nargs="*", default=[16, 64, 100])
+    ap.add_argument("--stages", type=int, nargs="*", default=[3, 4, 5])
+    ap.add_argument("--waves", type=float, nargs="*", default=[1, 2, 4, 8])
+    ap.add_argument("--descriptors", choices=["host", "device", "both"], default="host",
+                    help="where the TMA descriptors are made (device: in the kernel, Triton's global scratch)")
+    ap.add_argument("--aoti", action="store_true", help="also compile each kind into an AOTInductor package")
     ap.add_argument("--sass", action="store_true", help="only the sm_90 loop instruction counts (no GPU)")
     args = ap.parse_args()
     if args.sass:
         return sass()
     from gpu_timing import MODE
     MODE["graph"] = True
-    rows = [cell(int(s.split("x")[0]), int(s.split("x")[1]), m) for s in args.shapes for m in args.ms]
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    device = {"host": (False,), "device": (True,), "both": (False, True)}[args.descriptors]
+
+    def candidates(m):
+        return configs(m, args.stages, args.waves, device)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    result["rows"] = [cell(int(s.split("x")[0]), int(s.split("x")[1]), m, candidates)
+                      for s in args.shapes for m in args.ms]
     out = os.path.join(os.environ.get("OUT", "."), "int4_tma_probe.json")
-    with open(out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                   "triton": triton.__version__, "rows": rows}, f, indent=1)
+
+    def write():
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+    write()  # the timings are kept even if the package below crashes the process
+    if args.aoti:
+        result["aoti"] = aoti_check()
+        write()
     print("wrote", out)
 
 

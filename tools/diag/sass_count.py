@@ -6,7 +6,7 @@ weight-streaming kernel can keep up with HBM (the H200 issues about 33 T thread-
 schedulers x 32 lanes x ~1.98 GHz; 235 M weights at 3 instructions each is 21 µs, at 6.7 it is 47 µs).
 
     python3 tools/diag/sass_count.py [int4_mm_t int4_gemv_fp32 int4_gemv_half2 int4_gemv_half2_planar int4_one_dot_16
-                                      int4_one_dot_64 int4_one_dot_128 fp4_gemm w8a16_row_dot]   # default: all
+                                      int4_one_dot_64 int4_one_dot_128 (each also _scale_w, _tma, _scale_w_tma) fp4_gemm w8a16_row_dot]   # default: all
 
 The first backward branch is taken as the main loop. Not part of the product.
 
@@ -16,6 +16,7 @@ mm_t's 7.2 and the GEMV's 5.3) was slower than both on every H200 cell (benchmar
 from __future__ import annotations
 
 import collections
+import itertools
 import os
 import re
 import subprocess
@@ -81,12 +82,14 @@ def _cases():
                [d for d in div if d != "rs_ptr"], 2, 3, 512 * 32 // 64)
     from qcompile.plugins.int4_gemm import one_dot
     od_sig = {k: v for k, v in mm_sig.items() if k not in ("rs_ptr", "group_size")}
-    for bm in (16, 64, 128):  # the shipped buckets' tiles (64 weight rows), the scale on the product, g128;
+    for bm, scale_w, tma in itertools.product((16, 64, 128), (False, True), (False, True)):  # the shipped buckets'
+        # tiles (64 weight rows), the scale on the product (or on the weight: _scale_w), pointer or TMA loads, g128;
         # 32 steps: with 8 the 16-row loop is unrolled whole (no backward branch)
-        yield (f"int4_one_dot_{bm}", one_dot._int4_one_dot_kernel, dict(od_sig, y_ptr="*bf16"),
-               dict(K_STEPS=32, BLOCKS_PER_GROUP=2, HAS_ZERO=False, SCALE_W=False, HALVES=2, EVEN=True, ATOMIC=False,
-                    ASM=True, BLOCK_M=bm, BLOCK_N=64), [d for d in div if d not in ("rs_ptr", "group_size")], 4, 3,
-               64 * 128 // 128)
+        yield (f"int4_one_dot_{bm}" + ("_scale_w" if scale_w else "") + ("_tma" if tma else ""),
+               one_dot._int4_one_dot_kernel, dict(od_sig, y_ptr="*bf16"),
+               dict(K_STEPS=32, BLOCKS_PER_GROUP=2, HAS_ZERO=False, SCALE_W=scale_w, HALVES=2, EVEN=True, TMA=tma,
+                    ATOMIC=False, ASM=True, BLOCK_M=bm, BLOCK_N=64),
+               [d for d in div if d not in ("rs_ptr", "group_size")], 4, 3, 64 * 128 // 128)
     from qcompile.plugins.fp4_gemm import kernel as f4
     fp4_sig = dict(x_ptr="*bf16", w_ptr="*u8", s_ptr="*u8", g_ptr="*fp32", b_ptr="*bf16", y_ptr="*fp32",
                    **ptrs(["M", "N", "K", "stride_xm"], "i32"))
