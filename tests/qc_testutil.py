@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
+import torch
 
 
 def ort_session(model):
@@ -72,3 +73,29 @@ def launch_spy(record):
                 return run
         return Launch()
     return wrap
+
+
+def export_on_fake_cuda(monkeypatch, op, weights: tuple, x: torch.Tensor) -> list:
+    """torch.export of `op(x, *weights)` with a dynamic row count on fake CUDA tensors, as an engine exports a
+    plugin's GPU body (its M buckets in torch.cond, the Triton launches through `wrap_triton`), on a machine
+    without a GPU (an H200, sm_90, 132 SMs, is what torch is told it has). Tracing errors in launch code show up
+    here instead of on the GPU. Returns the exported graph's call_function targets."""
+    import types
+
+    import torch.utils._triton
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)  # torch looks for a GPU otherwise
+    props = types.SimpleNamespace(multi_processor_count=132, major=9, minor=0, name="NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *_: props)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (9, 0))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        on_gpu = [w.to("cuda") if isinstance(w, torch.Tensor) else w for w in weights]
+
+        class Layer(torch.nn.Module):
+            def forward(self, x):
+                return op(x, *on_gpu)
+
+        rows = torch.export.Dim("rows", min=1, max=4096)
+        ep = torch.export.export(Layer(), (x.to("cuda"),), dynamic_shapes={"x": {0: rows}})
+    return [n.target for n in ep.graph.nodes if n.op == "call_function"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from qc_testutil import launch_spy
+from qc_testutil import export_on_fake_cuda, launch_spy
 from qcompile.algorithms.fp4 import quantize_fp4
 from qcompile.plugins.fp4_gemm import format as F
 from qcompile.plugins.fp4_gemm import register
@@ -429,3 +429,16 @@ def test_cuda_w4a4_goes_through_the_kernel():
     y = torch.ops.qcompile.fp4_gemm(x.cuda(), *[t.cuda() for t in args(case)], xg.cuda(), None, case["block"])
     ref = fp4_gemm_reference(x.float(), *args(case), xg, None, case["block"]).double().numpy()
     assert_rel_l2(y, ref, torch.bfloat16)
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt, w4a4", [("nvfp4", False), ("mxfp4", False), ("nvfp4", True)],
+                         ids=["nvfp4", "mxfp4", "w4a4"])
+def test_gpu_launches_export_on_fake_cuda_tensors(monkeypatch, fmt, w4a4):
+    """The CUDA body as an engine's export traces it (the M buckets in torch.cond, the Triton launches included),
+    without a GPU: both weight formats, and W4A4's activation quantization."""
+    case = make_case(fmt, k=512, n=256)
+    x_global = torch.tensor(0.01) if w4a4 else None
+    weights = (*args(case), x_global, torch.randn(256), case["block"])
+    assert export_on_fake_cuda(monkeypatch, torch.ops.qcompile.fp4_gemm, weights,
+                               torch.randn(8, 512).to(torch.bfloat16)) == [torch.ops.qcompile.fp4_gemm.default]

@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from qc_testutil import ort_session
+from qc_testutil import export_on_fake_cuda, ort_session
 
 from qcompile.algorithms.int4 import quantize_rtn
 from qcompile.plugins.int4_gemm import int4_gemm_reference, onnx_schema, register
@@ -306,6 +306,28 @@ def test_gpu_body_dispatch_traces_with_dynamic_rows(monkeypatch):
         reached.add(bucket)
         assert_close_to(ep.module()(x) - 1000.0 * (bucket + 1), oracle(x, mod.case), 1e-5)
     assert len(reached) == len(kernel.CONFIGS)  # every bucket was reached
+
+
+@needs_triton
+@pytest.mark.parametrize("tma", [False, True], ids=["shipped", "tma-tiles"])
+def test_gpu_launches_export_on_fake_cuda_tensors(monkeypatch, tma):
+    """The CUDA body as an engine's export traces it, Triton launches included, without a GPU
+    (`export_on_fake_cuda`): every bucket's launch code must trace inside torch.cond (reading x's storage_offset
+    there broke the H200 export of the TMA tiles). A wide layer, so the TMA tiles apply."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from qcompile.plugins.gemm_dispatch import bucket_for
+    from qcompile.plugins.int4_gemm import kernel, one_dot
+
+    if tma:
+        monkeypatch.setattr(kernel, "CONFIGS", kernel.with_tma_tiles())
+    with FakeTensorMode():
+        x = torch.empty(4, 512, dtype=torch.bfloat16, device="cuda")
+        assert one_dot.use_tma(bucket_for(kernel.CONFIGS, 16), x, 16384, on_cpu=False) == tma
+    case = make_case(k=512, n=16384, group=128, zero=True)
+    assert export_on_fake_cuda(monkeypatch, torch.ops.qcompile.int4_groupwise_gemm, op_args(case, None)[1:],
+                               torch.randn(4, 512).to(torch.bfloat16)) == \
+        [torch.ops.qcompile.int4_groupwise_gemm.default]
 
 
 @pytest.mark.slow

@@ -3,13 +3,15 @@ per row) vs float64 numpy with ml_dtypes, the op vs a float64 oracle, the ONNX n
 ONNX Runtime) vs our lowering, export."""
 from __future__ import annotations
 
+import importlib.util
+
 import ml_dtypes
 import numpy as np
 import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from qc_testutil import ort_session
+from qc_testutil import export_on_fake_cuda, ort_session
 
 from qcompile.algorithms.int4 import quantize_rtn
 from qcompile.plugins.formats import MIN_SCALE, dynamic_row_scales, quantize_activation
@@ -241,3 +243,16 @@ def test_cuda_w4a8_matches_reference(mode, dtype, m):
     y = torch.ops.qcompile.int4_groupwise_gemm(*args, dynamic)
     assert y.dtype == dtype and y.device.type == "cuda"
     assert_close(y, oracle(x, case, None if dynamic else float(x_scale), dynamic), 2e-2)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "per-token"])
+def test_gpu_launches_export_on_fake_cuda_tensors(monkeypatch, dynamic):
+    """The W4A8 CUDA body as an engine's export traces it (FP8 activation quantization, the M buckets in
+    torch.cond, the Triton launches included), without a GPU."""
+    case = make_case(k=512, n=256, group=128, seed=7)
+    x_scale = None if dynamic else torch.tensor(0.02)
+    weights = (case["w_packed"], case["scale"], case["w_zero"], case["bias"], case["g"], x_scale, dynamic)
+    assert export_on_fake_cuda(monkeypatch, torch.ops.qcompile.int4_groupwise_gemm, weights,
+                               torch.randn(8, 512).to(torch.bfloat16)) == \
+        [torch.ops.qcompile.int4_groupwise_gemm.default]

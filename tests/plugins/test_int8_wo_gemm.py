@@ -10,7 +10,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from qc_testutil import launch_spy, ort_session
+from qc_testutil import export_on_fake_cuda, launch_spy, ort_session
 from qcompile.plugins.int8_wo_gemm import int8_wo_gemm_reference, onnx_schema, register
 
 op = register()
@@ -326,3 +326,12 @@ def test_cuda_op_compiles_with_a_dynamic_row_count(n):
     for m in (1, 5, 16, 17, 600):
         x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
         assert_close_to(run(x), oracle(x.cpu(), w_q.cpu(), w_scale.cpu(), b.cpu()), REL[torch.bfloat16])
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("n", [512, 14336])
+def test_gpu_launches_export_on_fake_cuda_tensors(monkeypatch, n):
+    """The CUDA body as an engine's export traces it (the M paths in torch.cond, Triton launches included), without
+    a GPU: a narrow layer (GEMV, row dot) and a wide one (split INT8 MMA)."""
+    assert export_on_fake_cuda(monkeypatch, op, make_case(k=1024, n=n), torch.randn(8, 1024).to(torch.bfloat16)) == \
+        [torch.ops.qcompile.int8_weight_only_gemm.default]
