@@ -27,8 +27,9 @@ AOTInductor package with a dynamic M and match float64 there (`--aoti`); they co
 Scope: symmetric g128 weights in the planar layout, 16-bit x, K a multiple of 128, fp32 output (split-K
 atomics), the scale on each step's product (as the shipped `SCALE_W=False`).
 
-    OUT=... python3 tools/diag/int4_tma_probe.py [--shapes KxN ...] [--ms 16 64 100] [--descriptors host|device|both]
+    OUT=... python3 tools/diag/int4_tma_probe.py [--shapes KxN ...] [--ms 16 64 100]
                                                  [--stages 3 4 5] [--waves 1 2 4 8] [--aoti]
+                                                 [--descriptors host device persistent]
     python3 tools/diag/int4_tma_probe.py --sass      # sm_90 loop instruction counts, compiled on any machine
 """
 from __future__ import annotations
@@ -60,14 +61,21 @@ STEP = 128  # K per step: two 64-K planar blocks, one MMA
 def _tma_steps(x_desc, w_desc, s_ptr, y_ptr, M, N, K, k_per_split, K_STEPS: tl.constexpr,
                BLOCKS_PER_GROUP: tl.constexpr, ATOMIC: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr):
-    """y [M, N] (or its split-K part) = x @ dequant(W), swapped operands as the one-dot kernel; x_desc: x [M, K]
-    in [BLOCK_M, 128] boxes; w_desc: the planar words [K/8, N] int32 in [8, BLOCK_N] boxes (one 64-K block)."""
+    """The tile of this program's ids (N tile, K split, M tile): `_tma_tile`."""
+    _tma_tile(x_desc, w_desc, s_ptr, y_ptr, M, N, K, tl.program_id(0) * BLOCK_N, tl.program_id(1) * k_per_split,
+              tl.program_id(2) * BLOCK_M, K_STEPS, BLOCKS_PER_GROUP, ATOMIC, ASM, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _tma_tile(x_desc, w_desc, s_ptr, y_ptr, M, N, K, n0, k_lo, m0, K_STEPS: tl.constexpr,
+              BLOCKS_PER_GROUP: tl.constexpr, ATOMIC: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """y [M, N] (or its split-K part) = x @ dequant(W) on the tile at columns n0, rows m0, K from k_lo, swapped
+    operands as the one-dot kernel; x_desc: x [M, K] in [BLOCK_M, 128] boxes; w_desc: the planar words [K/8, N]
+    int32 in [8, BLOCK_N] boxes (one 64-K block)."""
     dt: tl.constexpr = x_desc.dtype
     offset: tl.constexpr = 1032.0 if dt == tl.float16 else 136.0
-    n0 = tl.program_id(0) * BLOCK_N
-    m0 = tl.program_id(2) * BLOCK_M
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    k_lo = tl.program_id(1) * k_per_split
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for step in range(0, K_STEPS):
         k0 = k_lo + step * 128
@@ -104,9 +112,27 @@ def _int4_tma_device_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, k_pe
                BLOCK_M, BLOCK_N)
 
 
+@triton.jit(do_not_specialize=["M"])
+def _int4_tma_persistent_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, k_per_split, TILES_N, SPLITS,
+                                TILES, K_STEPS: tl.constexpr, BLOCKS_PER_GROUP: tl.constexpr,
+                                ATOMIC: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr):
+    """Device descriptors made once per program, which then takes every num_programs-th of the TILES tiles (N tile
+    fastest, then K split, then M tile), so their cost is paid once per SM slot rather than once per tile."""
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, 128])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K // 8, N], strides=[N, 1], block_shape=[8, BLOCK_N])
+    t = tl.program_id(0)
+    while t < TILES:
+        rest = t // TILES_N
+        _tma_tile(x_desc, w_desc, s_ptr, y_ptr, M, N, K, (t % TILES_N) * BLOCK_N, (rest % SPLITS) * k_per_split,
+                  (rest // SPLITS) * BLOCK_M, K_STEPS, BLOCKS_PER_GROUP, ATOMIC, ASM, BLOCK_M, BLOCK_N)
+        t += tl.num_programs(0)
+
+
 def launch(x2d, w_packed, w_scale, cfg: dict, *, asm: bool = True, num_sms: int = 132, wrap=lambda k: k) -> torch.Tensor:
-    """fp32 `x2d @ dequant(W)` [M, N] through `_int4_tma_kernel`, or `_int4_tma_device_kernel` when cfg["device"]
-    (`wrap`: `torch.library.wrap_triton` inside a `triton_op`)."""
+    """fp32 `x2d @ dequant(W)` [M, N] through `_int4_tma_kernel`, `_int4_tma_device_kernel` when cfg["device"], or
+    `_int4_tma_persistent_kernel` when cfg["persistent"] (`wrap`: `torch.library.wrap_triton` inside a
+    `triton_op`)."""
     m, k = x2d.shape
     n = w_packed.shape[1]
     if x2d.dtype not in (torch.float16, torch.bfloat16) or k % STEP:
@@ -118,7 +144,12 @@ def launch(x2d, w_packed, w_scale, cfg: dict, *, asm: bool = True, num_sms: int 
     meta = dict(K_STEPS=per // STEP, BLOCKS_PER_GROUP=GROUP // 64, ATOMIC=splits > 1, ASM=asm,
                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
                 num_stages=cfg["num_stages"])
-    if cfg.get("device"):
+    if cfg.get("persistent"):  # cfg["persistent"] programs per SM, at most one per tile
+        tiles = grid[0] * grid[1] * grid[2]
+        programs = min(tiles, num_sms * cfg["persistent"])
+        wrap(_int4_tma_persistent_kernel)[(programs,)](
+            x2d, w_packed, w_scale, y, m, n, k, x2d.stride(0), per, grid[0], grid[1], tiles, **meta)
+    elif cfg.get("device"):
         wrap(_int4_tma_device_kernel)[grid](x2d, w_packed, w_scale, y, m, n, k, x2d.stride(0), per, **meta)
     else:
         x_desc = TensorDescriptor.from_tensor(x2d, [cfg["BLOCK_M"], STEP])
@@ -127,13 +158,18 @@ def launch(x2d, w_packed, w_scale, cfg: dict, *, asm: bool = True, num_sms: int 
     return y
 
 
-def configs(m: int, stages=(3, 4, 5), waves=(1, 2, 4, 8), device=(False,)):
+KINDS = {"host": {}, "device": dict(device=True), "persistent": dict(persistent=3)}  # persistent: 3 programs/SM
+
+
+def configs(m: int, stages=(3, 4, 5), waves=(1, 2, 4, 8), kinds=("host",)):
     """Candidate tiles for m rows: the shipped bucket's BLOCK_M, 64- or 128-column tiles, `stages`, split-K
-    targets around the shipped ones, descriptors made on the host and/or (`device`) in the kernel."""
+    targets around the shipped ones, for each kind of descriptor (`KINDS`: made on the host, by each program,
+    or once by each persistent program)."""
     block_m = shipped(m)["BLOCK_M"]
-    for dev, bn, st, wv in itertools.product(device, (64, 128), stages, waves):
-        yield (f"tma{'-dev' if dev else ''} {block_m}x{bn} s{st} waves{wv}",
-               dict(BLOCK_M=block_m, BLOCK_N=bn, num_warps=4, num_stages=st, waves=wv, device=dev))
+    for kind, bn, st, wv in itertools.product(kinds, (64, 128), stages, waves):
+        tag = {"host": "tma", "device": "tma-dev", "persistent": "tma-pers"}[kind]
+        yield (f"{tag} {block_m}x{bn} s{st} waves{wv}",
+               dict(BLOCK_M=block_m, BLOCK_N=bn, num_warps=4, num_stages=st, waves=wv, **KINDS[kind]))
 
 
 def shipped(m: int) -> dict:
@@ -169,11 +205,11 @@ def cell(k: int, n: int, m: int, candidates) -> dict:
         best = min(timed, key=timed.get)
         res["best"] = best
         line += f" | best TMA {timed[best]:.1f} ({best}; {res['shipped one_dot'] / timed[best]:.2f}x shipped)"
-        dev = {c: t for c, t in timed.items() if c.startswith("tma-dev")}
-        if dev and len(dev) < len(timed):  # both kinds of descriptor: the best of each
-            best_dev = min(dev, key=dev.get)
-            best_host = min((c for c in timed if c not in dev), key=timed.get)
-            line += f" | host {timed[best_host]:.1f} ({best_host}) device {dev[best_dev]:.1f} ({best_dev})"
+        for tag in ("tma ", "tma-dev ", "tma-pers "):  # the best of each kind of descriptor
+            kind = {c: t for c, t in timed.items() if c.startswith(tag)}
+            if kind and len(kind) < len(timed):
+                best_kind = min(kind, key=kind.get)
+                line += f" | {kind[best_kind]:.1f} ({best_kind})"
     else:
         line += " | no TMA configuration ran: " + str(next(v for kk, v in res.items() if kk.startswith("tma")))
     print(line, flush=True)
@@ -192,10 +228,20 @@ def sass() -> None:
                                                    BLOCK_N=64),
                                               ["s_ptr", "y_ptr", "N", "K", "k_per_split"], 4, 3),
                64 * 128 // 128)
+    ptr_sig = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*bf16", y_ptr="*fp32", M="i32", N="i32", K="i32",
+                   stride_xm="i32", k_per_split="i32")
+    for name, fn, extra in (("int4_tma_device_16", _int4_tma_device_kernel, {}),
+                            ("int4_tma_persistent_16", _int4_tma_persistent_kernel,
+                             dict(TILES_N="i32", SPLITS="i32", TILES="i32"))):  # the first backward branch: the
+        # persistent kernel's K loop (its tile loop encloses it)
+        report(name, compile_sass(fn, dict(ptr_sig, **extra),
+                                  dict(K_STEPS=32, BLOCKS_PER_GROUP=2, ATOMIC=True, ASM=True, BLOCK_M=16, BLOCK_N=64),
+                                  ["x_ptr", "w_ptr", "s_ptr", "y_ptr", "N", "K", "stride_xm", "k_per_split"], 4, 3),
+               64 * 128 // 128)
 
 
-def aoti_check(k: int = 1024, n: int = 2048) -> dict:
-    """Each descriptor kind in a `triton_op` compiled by AOTInductor with a dynamic M, loaded and run at a few M
+def aoti_check(kinds, k: int = 1024, n: int = 2048) -> dict:
+    """Each descriptor kind (`KINDS`) in a `triton_op` compiled by AOTInductor with a dynamic M, loaded and run at a few M
     against float64: whether an engine can carry the TMA kernel. Returns {kind: max relative error or why not}."""
     import tempfile
 
@@ -207,10 +253,9 @@ def aoti_check(k: int = 1024, n: int = 2048) -> dict:
     w_packed, w_scale = make_int4(k, n)
     w_ref = dequantize_weight(w_packed, w_scale, None, GROUP).double()
     out = {}
-    for device in (True, False):
-        kind = "device descriptors" if device else "host descriptors"
-        cfg = dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3, waves=8, device=device)
-        name = f"qcompile_diag::int4_tma_{'device' if device else 'host'}"
+    for kind in kinds:
+        cfg = dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3, waves=8, **KINDS[kind])
+        name = f"qcompile_diag::int4_tma_{kind}"
 
         def define(cfg):
             @torch.library.triton_op(name, mutates_args={})
@@ -253,9 +298,11 @@ def main() -> None:
     ap.add_argument("--ms", type=int, nargs="*", default=[16, 64, 100])
     ap.add_argument("--stages", type=int, nargs="*", default=[3, 4, 5])
     ap.add_argument("--waves", type=float, nargs="*", default=[1, 2, 4, 8])
-    ap.add_argument("--descriptors", choices=["host", "device", "both"], default="host",
-                    help="where the TMA descriptors are made (device: in the kernel, Triton's global scratch)")
-    ap.add_argument("--aoti", action="store_true", help="also compile each kind into an AOTInductor package")
+    ap.add_argument("--descriptors", nargs="*", choices=sorted(KINDS), default=["host"],
+                    help="where the TMA descriptors are made (device: by each program, in Triton's global scratch; "
+                         "persistent: once by each of 3 programs per SM, which loop over the tiles)")
+    ap.add_argument("--aoti", action="store_true", help="also compile each kind of --descriptors into an "
+                    "AOTInductor package")
     ap.add_argument("--sass", action="store_true", help="only the sm_90 loop instruction counts (no GPU)")
     args = ap.parse_args()
     if args.sass:
@@ -263,10 +310,8 @@ def main() -> None:
     from gpu_timing import MODE
     MODE["graph"] = True
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-    device = {"host": (False,), "device": (True,), "both": (False, True)}[args.descriptors]
-
     def candidates(m):
-        return configs(m, args.stages, args.waves, device)
+        return configs(m, args.stages, args.waves, args.descriptors)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     result["rows"] = [cell(int(s.split("x")[0]), int(s.split("x")[1]), m, candidates)
                       for s in args.shapes for m in args.ms]
@@ -277,7 +322,7 @@ def main() -> None:
             json.dump(result, f, indent=1)
     write()  # the timings are kept even if the package below crashes the process
     if args.aoti:
-        result["aoti"] = aoti_check()
+        result["aoti"] = aoti_check(args.descriptors)
         write()
     print("wrote", out)
 
