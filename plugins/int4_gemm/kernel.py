@@ -113,8 +113,10 @@ CONFIGS = [
 # (its 128-wide tiles split K there: fp32 partial sums and an epilogue the op otherwise skips), so the 64-row
 # tile starts at N = 16384. Not in CONFIGS yet: an engine must carry them, and the AOTInductor package test with
 # them (test_cuda_aoti_package_dynamic_rows, bf16-wide) has not passed on the H200: its one run failed in export,
-# where torch.cond's tracing cannot read x's storage_offset; `use_tma` no longer reads it while tracing, untested
-# on the GPU (device time spent).
+# where torch.cond's tracing cannot read x's storage_offset (`use_tma` no longer reads it while tracing; the
+# export now passes on fake CUDA tensors in CI). And the H200's torch 2.11 cannot carry them into an engine safely
+# at all: its AOTInductor allocates one program's global scratch for the descriptors (`one_dot.TRACED_TMA_IS_SAFE`),
+# so there they stay out of packages even when attached.
 TMA_TILES = {16: dict(min_n=8192, BLOCK_N=128, waves=4),
              64: dict(min_n=16384, BLOCK_N=128, waves=2, resident=0, SCALE_W=False)}
 

@@ -32,6 +32,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
+from torch.torch_version import TorchVersion
 
 from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg, split_for_waves, whole_tiles
 from qcompile.plugins.int4_gemm.format import PLANAR_BLOCK, is_planar
@@ -181,21 +183,31 @@ def scale_on_weight(scale_w, splits: int, group_size: int, step: int) -> bool:
     return (splits == 1 if scale_w == "unsplit" else scale_w) or group_size % step != 0
 
 
+# Descriptors made on the device are written to Triton's global scratch, one slot per program. AOTInductor
+# allocates it for the whole grid from torch 2.12 on; torch 2.11's cpp wrapper allocates one program's slot, so
+# in an engine every other program would write past it (both releases' `cpp_scratch` read; pytorch PR 182825 made
+# the same fix for the lazy launch). Eager calls get Triton's own launcher, which allocates for the grid.
+TRACED_TMA_IS_SAFE = TorchVersion(torch.__version__) >= "2.12"
+
+
 def use_tma(cfg: dict, x2d: torch.Tensor, n: int, on_cpu: bool) -> bool:
     """Whether this launch loads through TMA descriptors: cfg["tma"] names the smallest N it pays for (on the
     H200 the per-program descriptors cost more than they save on 4096-wide layers,
     benchmarks/int4_tma_probe-s22.json), and the descriptors need 16-byte aligned rows and start (x's storage
     is taken to start aligned, as torch's allocators and AOTInductor's buffers do). Not on CPU tensors (the
-    interpreter), unless cfg["tma"]["interpret"] (tests)."""
+    interpreter), unless cfg["tma"]["interpret"] (tests); not while torch traces for an engine before 2.12
+    (`TRACED_TMA_IS_SAFE`)."""
     tma = cfg.get("tma")
     if not tma or n < tma["min_n"] or (on_cpu and not tma.get("interpret")):
         return False
     strides = (x2d.stride(0), x2d.stride(1))  # SymInts (traced views): pointers instead
     if not (all(isinstance(v, int) for v in strides) and strides[1] == 1 and strides[0] % 8 == 0 and n % 4 == 0):
         return False
-    # an eager call checks where x starts; torch.cond's tracing (the op's M buckets) cannot read storage_offset,
-    # and an engine's x is a whole buffer of the previous node
-    return torch.compiler.is_compiling() or x2d.storage_offset() % 8 == 0
+    if torch.compiler.is_compiling():  # torch.cond's tracing (the op's M buckets) cannot read storage_offset; an
+        return TRACED_TMA_IS_SAFE  # engine's x is a whole buffer of the previous node
+    if is_fake(x2d) and not TRACED_TMA_IS_SAFE:
+        return False
+    return x2d.storage_offset() % 8 == 0
 
 
 def launch(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, asm: bool, out_dtype=torch.float32,

@@ -323,7 +323,8 @@ def test_gpu_launches_export_on_fake_cuda_tensors(monkeypatch, tma):
         monkeypatch.setattr(kernel, "CONFIGS", kernel.with_tma_tiles())
     with FakeTensorMode():
         x = torch.empty(4, 512, dtype=torch.bfloat16, device="cuda")
-        assert one_dot.use_tma(bucket_for(kernel.CONFIGS, 16), x, 16384, on_cpu=False) == tma
+        assert one_dot.use_tma(bucket_for(kernel.CONFIGS, 16), x, 16384, on_cpu=False) == \
+            (tma and one_dot.TRACED_TMA_IS_SAFE)
     case = make_case(k=512, n=16384, group=128, zero=True)
     assert export_on_fake_cuda(monkeypatch, torch.ops.qcompile.int4_groupwise_gemm, op_args(case, None)[1:],
                                torch.randn(4, 512).to(torch.bfloat16)) == \
@@ -536,7 +537,7 @@ def test_one_dot_scale_on_weight_only_when_k_is_not_split():
 
 
 @needs_triton
-def test_one_dot_takes_tma_only_where_it_paid_and_can_load():
+def test_one_dot_takes_tma_only_where_it_paid_and_can_load(monkeypatch):
     """TMA from the bucket's min_n on, for x rows that are 16-byte aligned and contiguous along K (else the
     pointer loads); never for CPU tensors unless a test asks (the interpreter)."""
     from qcompile.plugins.int4_gemm import one_dot
@@ -552,6 +553,13 @@ def test_one_dot_takes_tma_only_where_it_paid_and_can_load():
     assert not one_dot.use_tma(cfg, x.t().contiguous().t(), 8192, on_cpu=False)  # K not contiguous
     assert not one_dot.use_tma(cfg, x, 8192, on_cpu=True)
     assert one_dot.use_tma({"tma": {"min_n": 0, "interpret": True}}, x, 64, on_cpu=True)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    for safe in (False, True):  # traced for an engine: only where AOTInductor gives each program its scratch
+        monkeypatch.setattr(one_dot, "TRACED_TMA_IS_SAFE", safe)
+        with FakeTensorMode():
+            fake = torch.empty(4, 4096, dtype=torch.bfloat16, device="cuda")
+            assert one_dot.use_tma(cfg, fake, 8192, on_cpu=False) == safe
+        assert one_dot.use_tma(cfg, x, 8192, on_cpu=False)  # eager: Triton's launcher allocates for the grid
     from qcompile.plugins.int4_gemm import kernel  # the TMA tiles name one-dot buckets (a renamed limit: none)
     attached = [limit for limit, c in kernel.with_tma_tiles() if "tma" in c]
     assert attached == sorted(kernel.TMA_TILES)
@@ -633,7 +641,8 @@ def test_cuda_dequant_kernel_is_exact(zero, group, tile):
                          ids=["fp32", "fp16", "bf16-wide"])
 def test_cuda_aoti_package_dynamic_rows(monkeypatch, tmp_path, dtype, n):
     """fp16 x: the GEMV's packed-half2 PTX compiled into the package; N = 16384: the TMA tiles (`kernel.TMA_TILES`
-    on the buckets), whose descriptors the kernel makes in the global scratch AOTInductor allocates."""
+    on the buckets), whose descriptors the kernel makes in the global scratch AOTInductor allocates (torch >= 2.12;
+    before, the package keeps the pointer loads: `one_dot.TRACED_TMA_IS_SAFE`)."""
     from qcompile.plugins.int4_gemm import kernel
 
     if n >= 16384:

@@ -21,8 +21,10 @@ benchmarks/int4_tma_probe-s22.json), TMA was 1.2-1.3x faster on the wide layers 
 Host descriptors cannot go into an engine: torch's tracing of a `triton_op` does not capture them (AOTInductor:
 "TypeError: '<=' not supported between instances of 'TensorDescriptor' and 'int'"). Descriptors the kernel makes
 itself (`--descriptors device`, `tl.make_tensor_descriptor` in Triton's global scratch) compile into an
-AOTInductor package with a dynamic M and match float64 there (`--aoti`); they cost each program about 1-3 µs more
-(52.5 / 72.5 µs on 8192 x 28672). The op's one-dot kernel has them (`one_dot.use_tma`, `kernel.TMA_TILES`).
+AOTInductor package with a dynamic M and matched float64 there (`--aoti`). But torch 2.11's AOTInductor allocates
+that scratch for one program only, so the other programs wrote past it: the match shows nothing about safety
+(`one_dot.TRACED_TMA_IS_SAFE`: from torch 2.12 the allocation covers the grid). They cost each program about 1-3 µs
+more (52.5 / 72.5 µs on 8192 x 28672). The op's one-dot kernel has them (`one_dot.use_tma`, `kernel.TMA_TILES`).
 
 Scope: symmetric g128 weights in the planar layout, 16-bit x, K a multiple of 128, fp32 output (split-K
 atomics), the scale on each step's product (as the shipped `SCALE_W=False`).
