@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import inspect
 
-import torch
 import triton
 import triton.language as tl
 
@@ -14,18 +13,6 @@ def jit_any_m(fn):
     code that engines run. On the H200 the INT4 tile op at 64 rows of 8192 x 28672 took 103 µs specialized and
     114 µs compiled as engines compile it (twenty-first session)."""
     return triton.jit(fn, do_not_specialize=[a for a in ("M", "M_OUT") if a in inspect.signature(fn).parameters])
-
-
-def ensure_scratch_allocator() -> None:
-    """Give Triton a global-scratch allocator (CUDA memory from torch's caching allocator) if none is set, for
-    kernels that make TMA descriptors on the device when called eagerly; AOTInductor packages allocate their own.
-    Triton keeps the allocator per thread context, so each eager call checks; nothing while torch traces (the
-    allocator is Triton's runtime state, not part of a traced graph)."""
-    if torch.compiler.is_compiling():
-        return
-    from triton.runtime import _allocation
-    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
 
 @triton.jit

@@ -75,17 +75,19 @@ def launch_spy(record):
     return wrap
 
 
-def export_on_fake_cuda(monkeypatch, op, weights: tuple, x: torch.Tensor) -> list:
-    """torch.export of `op(x, *weights)` with a dynamic row count on fake CUDA tensors, as an engine exports a
-    plugin's GPU body (its M buckets in torch.cond, the Triton launches through `wrap_triton`), on a machine
-    without a GPU (an H200, sm_90, 132 SMs, is what torch is told it has). Tracing errors in launch code show up
-    here instead of on the GPU. Returns the exported graph's call_function targets."""
+def export_on_fake_cuda(monkeypatch, op, weights: tuple, x: torch.Tensor, dynamic_rows: bool = True) -> list:
+    """torch.export of `op(x, *weights)` with a dynamic row count (or x's, `dynamic_rows=False`) on fake CUDA
+    tensors, as an engine exports a plugin's GPU body (its M buckets in torch.cond, traced by Dynamo; a concrete M
+    takes one bucket, traced without it), on a machine without a GPU (an H200, sm_90, 132 SMs, is what torch is
+    told it has). Errors in the Python of the launch code show up here instead of on the GPU; the kernels are not
+    compiled. Returns the exported graph's call_function targets."""
     import types
 
     import torch.utils._triton
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)  # torch looks for a GPU otherwise
+    for check in ("has_triton", "has_triton_tensor_descriptor_host_tma"):  # torch looks for a GPU otherwise
+        monkeypatch.setattr(torch.utils._triton, check, lambda: True)
     props = types.SimpleNamespace(multi_processor_count=132, major=9, minor=0, name="NVIDIA H200")
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *_: props)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (9, 0))
@@ -97,5 +99,5 @@ def export_on_fake_cuda(monkeypatch, op, weights: tuple, x: torch.Tensor) -> lis
                 return op(x, *on_gpu)
 
         rows = torch.export.Dim("rows", min=1, max=4096)
-        ep = torch.export.export(Layer(), (x.to("cuda"),), dynamic_shapes={"x": {0: rows}})
+        ep = torch.export.export(Layer(), (x.to("cuda"),), dynamic_shapes={"x": {0: rows}} if dynamic_rows else None)
     return [n.target for n in ep.graph.nodes if n.op == "call_function"]

@@ -104,19 +104,18 @@ CONFIGS = [
 ]
 
 # TMA tiles of the 16- and 64-row buckets (bucket limit -> a one-dot config's "tma", `one_dot.use_tma`): on
-# layers at least min_n wide the weight and x load through TMA descriptors each program makes, with these keys
-# over the bucket's. On the H200, kernel alone (benchmarks/int4_tma_probe-s22.json): 20.1 / 52.9 µs against
-# 21.6 / 61.8 at 16 rows and 26.6 / 72.6 against 29.8 / 85.6 at 64 rows on 4096 x 14336 / 8192 x 28672; on the
-# 4096-wide layers the descriptors' cost per program lost (0.84-1.06x). The op with them (bias, bf16 out;
-# fp4_int4_gemm-tma-A-s22 / -C-s22.json): 8192 x 28672 57.4 / 83.2 / 84.9 µs against 68.7 / 100.1 / 102.6 at
-# 16 / 40 / 64 rows, 4096 x 14336 25.8 against 27.7 at 16 rows but 36.2 / 38.5 against 33.5 / 34.6 at 40 / 64
-# (its 128-wide tiles split K there: fp32 partial sums and an epilogue the op otherwise skips), so the 64-row
-# tile starts at N = 16384. Not in CONFIGS yet: an engine must carry them, and the AOTInductor package test with
-# them (test_cuda_aoti_package_dynamic_rows, bf16-wide) has not passed on the H200: its one run failed in export,
-# where torch.cond's tracing cannot read x's storage_offset (`use_tma` no longer reads it while tracing; the
-# export now passes on fake CUDA tensors in CI). And the H200's torch 2.11 cannot carry them into an engine safely
-# at all: its AOTInductor allocates one program's global scratch for the descriptors (`one_dot.TRACED_TMA_IS_SAFE`),
-# so there they stay out of packages even when attached.
+# layers at least min_n wide the weight and x load through TMA descriptors, with these keys over the bucket's.
+# Chosen from runs with descriptors made by each program (benchmarks/int4_tma_probe-s22.json, kernel alone):
+# 20.1 / 52.9 µs against 21.6 / 61.8 at 16 rows and 26.6 / 72.6 against 29.8 / 85.6 at 64 rows on 4096 x 14336 /
+# 8192 x 28672. On the 4096-wide layers the per-program descriptors lost (0.84-1.06x). The op with them (bias,
+# bf16 out; fp4_int4_gemm-tma-A-s22 / -C-s22.json): 8192 x 28672 57.4 / 83.2 / 84.9 µs against 68.7 / 100.1 /
+# 102.6 at 16 / 40 / 64 rows; 4096 x 14336 25.8 against 27.7 at 16 rows, but 36.2 / 38.5 against 33.5 / 34.6 at
+# 40 / 64. Its 128-wide tiles split K there, so the op pays fp32 partial sums and an epilogue it otherwise skips;
+# hence the 64-row tile starts at N = 16384. The op now makes the descriptors on the host, which the probe's
+# host kind timed faster still (47.6 / 71.0 µs on 8192 x 28672; 1.08-1.18x the shipped tile on 14336 x 4096).
+# Not in CONFIGS yet: the AOTInductor package test with them (test_cuda_aoti_package_dynamic_rows, bf16-wide) has
+# not passed on the H200. Its one run, with descriptors made on the device, failed in export (torch.cond's tracing
+# cannot read storage_offset). The host descriptors export on fake CUDA tensors in CI, but have not run on the GPU.
 TMA_TILES = {16: dict(min_n=8192, BLOCK_N=128, waves=4),
              64: dict(min_n=16384, BLOCK_N=128, waves=2, resident=0, SCALE_W=False)}
 
@@ -124,6 +123,8 @@ TMA_TILES = {16: dict(min_n=8192, BLOCK_N=128, waves=4),
 def with_tma_tiles(configs: list = CONFIGS) -> list:
     """`configs` with `TMA_TILES` attached to their buckets (to time and test them)."""
     return [(limit, dict(cfg, tma=TMA_TILES[limit]) if limit in TMA_TILES else cfg) for limit, cfg in configs]
+
+
 DEQUANT = dict(BLOCK_KW=8, BLOCK_N=256, num_warps=4)  # tile of `_int4_dequant_kernel`: 7 within 3% (benchmarks/dequant.json)
 
 

@@ -22,10 +22,10 @@ decoding; the first step is peeled off the loop (else ptxas serializes the wgmma
 forced when a group is shorter than the step (64-K groups with 128-K steps). Split-K partial sums meet in fp32
 atomics, as in the other INT4 kernels.
 
-Loads: through pointers formed once, or (`TMA`, `use_tma`) through tensor descriptors each program makes on the
-device (`tl.make_tensor_descriptor`; host-side descriptors cannot pass through torch's tracing of a `triton_op`
-into an engine). TMA's zero fill past M, N and K stands in for the masks and the wrapped rows. On the H200 it was
-1.2x faster on 8192 x 28672 at 16-64 rows and slower on 4096-wide layers (tools/diag/int4_tma_probe.py).
+Loads: through pointers formed once, or (`TMA`, `use_tma`) through tensor descriptors made on the host. TMA's
+zero fill past M, N and K stands in for the masks and the wrapped rows. On the H200 (tools/diag/int4_tma_probe.py,
+kernel alone) host descriptors were 1.2-1.3x faster than the pointer loads on 4096 x 14336 and 8192 x 28672 at 16
+and 64 rows, and 1.08-1.16x on 14336 x 4096.
 """
 from __future__ import annotations
 
@@ -33,12 +33,11 @@ import torch
 import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
-from torch.torch_version import TorchVersion
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg, split_for_waves, whole_tiles
 from qcompile.plugins.int4_gemm.format import PLANAR_BLOCK, is_planar
-from qcompile.plugins.triton_tiles import (ensure_scratch_allocator, jit_any_m, load_tile, load_xt_rows, store_tile,
-                                          xt_columns)
+from qcompile.plugins.triton_tiles import jit_any_m, load_tile, load_xt_rows, store_tile, xt_columns
 
 @triton.jit
 def _pair(w, FP16: tl.constexpr, ASM: tl.constexpr):
@@ -136,17 +135,16 @@ def _int4_one_dot_kernel(
 ):
     """y [M, N] (or its split-K part) from K_STEPS steps of 64 HALVES K, one dot each; grid (N tiles, K splits,
     M tiles). The weight and x pointers are formed once; a step adds scalars to them (per-step 64-bit address
-    arithmetic and a division by the group size were about a quarter of the loop's SASS). TMA: the words and x
-    load through tensor descriptors each program makes (Triton's global scratch; see `use_tma`)."""
+    arithmetic and a division by the group size were about a quarter of the loop's SASS). TMA: x_ptr and w_ptr are
+    tensor descriptors made on the host (`launch`, `use_tma`), and the words and x load through them."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_n = offs_n < N
     mask_m = offs_m < M
     k_lo = tl.program_id(1) * k_per_split
-    if TMA:
-        w_src = tl.make_tensor_descriptor(w_ptr, shape=[K // 8, N], strides=[N, 1], block_shape=[8, BLOCK_N])
-        x_src = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1],
-                                          block_shape=[BLOCK_M, 64 * HALVES])
+    if TMA:  # x_ptr, w_ptr are the descriptors
+        w_src = w_ptr
+        x_src = x_ptr
     else:
         w_src = w_ptr + tl.arange(0, 8)[None, :] * N + offs_n[:, None]
         x_src = xt_columns(x_ptr, offs_m, M, stride_xm, 64 * HALVES)
@@ -183,29 +181,25 @@ def scale_on_weight(scale_w, splits: int, group_size: int, step: int) -> bool:
     return (splits == 1 if scale_w == "unsplit" else scale_w) or group_size % step != 0
 
 
-# Descriptors made on the device are written to Triton's global scratch, one slot per program. AOTInductor
-# allocates it for the whole grid from torch 2.12 on; torch 2.11's cpp wrapper allocates one program's slot, so
-# in an engine every other program would write past it (both releases' `cpp_scratch` read; pytorch PR 182825 made
-# the same fix for the lazy launch). Eager calls get Triton's own launcher, which allocates for the grid.
-TRACED_TMA_IS_SAFE = TorchVersion(torch.__version__) >= "2.12"
-
-
 def use_tma(cfg: dict, x2d: torch.Tensor, n: int, on_cpu: bool) -> bool:
     """Whether this launch loads through TMA descriptors: cfg["tma"] names the smallest N it pays for (on the
     H200 the per-program descriptors cost more than they save on 4096-wide layers,
     benchmarks/int4_tma_probe-s22.json), and the descriptors need 16-byte aligned rows and start (x's storage
     is taken to start aligned, as torch's allocators and AOTInductor's buffers do). Not on CPU tensors (the
-    interpreter), unless cfg["tma"]["interpret"] (tests); not while torch traces for an engine before 2.12
-    (`TRACED_TMA_IS_SAFE`)."""
+    interpreter), unless cfg["tma"]["interpret"] (tests). The descriptors are made on the host: an engine gets
+    them through Dynamo (torch.cond's tracing), which AOTInductor turns into descriptors its wrapper makes per call.
+    Descriptors made by the kernel (`tl.make_tensor_descriptor`) need Triton's global scratch, a slot per program,
+    and torch 2.11's AOTInductor allocates one slot for the whole grid (its `cpp_scratch`; 2.12 scales it by the
+    grid), so every other program would write past it."""
     tma = cfg.get("tma")
     if not tma or n < tma["min_n"] or (on_cpu and not tma.get("interpret")):
         return False
     strides = (x2d.stride(0), x2d.stride(1))  # SymInts (traced views): pointers instead
     if not (all(isinstance(v, int) for v in strides) and strides[1] == 1 and strides[0] % 8 == 0 and n % 4 == 0):
         return False
-    if torch.compiler.is_compiling():  # torch.cond's tracing (the op's M buckets) cannot read storage_offset; an
-        return TRACED_TMA_IS_SAFE  # engine's x is a whole buffer of the previous node
-    if is_fake(x2d) and not TRACED_TMA_IS_SAFE:
+    if torch.compiler.is_dynamo_compiling():  # torch.cond's branches (the op's M buckets): Dynamo captures host
+        return True  # descriptors; it cannot read storage_offset, and an engine's x is a whole buffer of a node
+    if torch.compiler.is_compiling() or is_fake(x2d):  # other tracing (an export with a concrete M) cannot
         return False
     return x2d.storage_offset() % 8 == 0
 
@@ -223,15 +217,17 @@ def launch(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, asm: b
     halves = 2 if k % (2 * PLANAR_BLOCK) == 0 else 1
     step = PLANAR_BLOCK * halves
     tma = use_tma(cfg, x2d, n, x2d.device.type == "cpu")
+    x_src, w_src = x2d, w_packed
     if tma:  # the TMA tile and split: cfg["tma"]'s keys (BLOCK_N, waves, ...) over the bucket's
         cfg = {**cfg, **{key: v for key, v in cfg["tma"].items() if key not in ("min_n", "interpret")}}
-        ensure_scratch_allocator()
+        x_src = TensorDescriptor.from_tensor(x2d, [cfg["BLOCK_M"], step])
+        w_src = TensorDescriptor.from_tensor(w_packed, [8, cfg["BLOCK_N"]])
     tiles_n = cdiv(n, cfg["BLOCK_N"])
     splits, per = split_for_waves(k, tiles_n, step, cfg["waves"], num_sms, cfg.get("resident", 0))
     y = (torch.zeros((m, n), dtype=torch.float32, device=x2d.device) if splits > 1
          else torch.empty((m, n), dtype=out_dtype, device=x2d.device))
     wrap(_int4_one_dot_kernel)[(tiles_n, splits, cdiv(m, cfg["BLOCK_M"]))](
-        x2d, w_packed, w_scale, optional_arg(w_zero, w_scale), y, m, n, k, x2d.stride(0), per,
+        x_src, w_src, w_scale, optional_arg(w_zero, w_scale), y, m, n, k, x2d.stride(0), per,
         K_STEPS=per // step, BLOCKS_PER_GROUP=0 if group_size == k else group_size // PLANAR_BLOCK,
         HAS_ZERO=w_zero is not None,
         SCALE_W=scale_on_weight(cfg.get("SCALE_W", False), splits, group_size, step), HALVES=halves,

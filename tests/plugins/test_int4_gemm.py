@@ -311,24 +311,28 @@ def test_gpu_body_dispatch_traces_with_dynamic_rows(monkeypatch):
 @needs_triton
 @pytest.mark.parametrize("tma", [False, True], ids=["shipped", "tma-tiles"])
 def test_gpu_launches_export_on_fake_cuda_tensors(monkeypatch, tma):
-    """The CUDA body as an engine's export traces it, Triton launches included, without a GPU
-    (`export_on_fake_cuda`): every bucket's launch code must trace inside torch.cond (reading x's storage_offset
-    there broke the H200 export of the TMA tiles). A wide layer, so the TMA tiles apply."""
+    """The CUDA body as an engine's export traces it, without a GPU (`export_on_fake_cuda`): every bucket's launch
+    code must trace inside torch.cond (reading x's storage_offset there broke the H200 export of the TMA tiles),
+    and with a concrete M outside it (where the host descriptors cannot be captured). A wide layer, so the TMA
+    tiles apply."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from qcompile.plugins.gemm_dispatch import bucket_for
     from qcompile.plugins.int4_gemm import kernel, one_dot
 
+    is_dynamo_compiling = torch.compiler.is_dynamo_compiling
     if tma:
         monkeypatch.setattr(kernel, "CONFIGS", kernel.with_tma_tiles())
     with FakeTensorMode():
         x = torch.empty(4, 512, dtype=torch.bfloat16, device="cuda")
-        assert one_dot.use_tma(bucket_for(kernel.CONFIGS, 16), x, 16384, on_cpu=False) == \
-            (tma and one_dot.TRACED_TMA_IS_SAFE)
+        monkeypatch.setattr(torch.compiler, "is_dynamo_compiling", lambda: True)  # as in torch.cond's branches
+        assert one_dot.use_tma(bucket_for(kernel.CONFIGS, 16), x, 16384, on_cpu=False) == tma
+        monkeypatch.setattr(torch.compiler, "is_dynamo_compiling", is_dynamo_compiling)
     case = make_case(k=512, n=16384, group=128, zero=True)
-    assert export_on_fake_cuda(monkeypatch, torch.ops.qcompile.int4_groupwise_gemm, op_args(case, None)[1:],
-                               torch.randn(4, 512).to(torch.bfloat16)) == \
-        [torch.ops.qcompile.int4_groupwise_gemm.default]
+    for dynamic_rows in (True, False):  # a concrete M: one bucket, no torch.cond, so no Dynamo (pointer loads)
+        assert export_on_fake_cuda(monkeypatch, torch.ops.qcompile.int4_groupwise_gemm, op_args(case, None)[1:],
+                                   torch.randn(4, 512).to(torch.bfloat16), dynamic_rows) == \
+            [torch.ops.qcompile.int4_groupwise_gemm.default]
 
 
 @pytest.mark.slow
@@ -539,7 +543,8 @@ def test_one_dot_scale_on_weight_only_when_k_is_not_split():
 @needs_triton
 def test_one_dot_takes_tma_only_where_it_paid_and_can_load(monkeypatch):
     """TMA from the bucket's min_n on, for x rows that are 16-byte aligned and contiguous along K (else the
-    pointer loads); never for CPU tensors unless a test asks (the interpreter)."""
+    pointer loads); never for CPU tensors unless a test asks (the interpreter); while torch traces, only under
+    Dynamo (which captures the host descriptors)."""
     from qcompile.plugins.int4_gemm import one_dot
 
     cfg = {"tma": {"min_n": 8192}}
@@ -554,12 +559,12 @@ def test_one_dot_takes_tma_only_where_it_paid_and_can_load(monkeypatch):
     assert not one_dot.use_tma(cfg, x, 8192, on_cpu=True)
     assert one_dot.use_tma({"tma": {"min_n": 0, "interpret": True}}, x, 64, on_cpu=True)
     from torch._subclasses.fake_tensor import FakeTensorMode
-    for safe in (False, True):  # traced for an engine: only where AOTInductor gives each program its scratch
-        monkeypatch.setattr(one_dot, "TRACED_TMA_IS_SAFE", safe)
-        with FakeTensorMode():
-            fake = torch.empty(4, 4096, dtype=torch.bfloat16, device="cuda")
-            assert one_dot.use_tma(cfg, fake, 8192, on_cpu=False) == safe
-        assert one_dot.use_tma(cfg, x, 8192, on_cpu=False)  # eager: Triton's launcher allocates for the grid
+    with FakeTensorMode():  # traced: only by Dynamo (torch.cond's tracing), which captures host descriptors
+        fake = torch.empty(4, 4096, dtype=torch.bfloat16, device="cuda")
+        assert not one_dot.use_tma(cfg, fake, 8192, on_cpu=False)
+        monkeypatch.setattr(torch.compiler, "is_dynamo_compiling", lambda: True)
+        assert one_dot.use_tma(cfg, fake, 8192, on_cpu=False)
+        monkeypatch.undo()
     from qcompile.plugins.int4_gemm import kernel  # the TMA tiles name one-dot buckets (a renamed limit: none)
     attached = [limit for limit, c in kernel.with_tma_tiles() if "tma" in c]
     assert attached == sorted(kernel.TMA_TILES)
@@ -641,8 +646,8 @@ def test_cuda_dequant_kernel_is_exact(zero, group, tile):
                          ids=["fp32", "fp16", "bf16-wide"])
 def test_cuda_aoti_package_dynamic_rows(monkeypatch, tmp_path, dtype, n):
     """fp16 x: the GEMV's packed-half2 PTX compiled into the package; N = 16384: the TMA tiles (`kernel.TMA_TILES`
-    on the buckets), whose descriptors the kernel makes in the global scratch AOTInductor allocates (torch >= 2.12;
-    before, the package keeps the pointer loads: `one_dot.TRACED_TMA_IS_SAFE`)."""
+    on the buckets), whose host-made descriptors AOTInductor's wrapper makes per call (captured by Dynamo in the
+    M buckets' torch.cond)."""
     from qcompile.plugins.int4_gemm import kernel
 
     if n >= 16384:

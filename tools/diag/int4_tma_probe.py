@@ -23,8 +23,9 @@ Host descriptors cannot go into an engine: torch's tracing of a `triton_op` does
 itself (`--descriptors device`, `tl.make_tensor_descriptor` in Triton's global scratch) compile into an
 AOTInductor package with a dynamic M and matched float64 there (`--aoti`). But torch 2.11's AOTInductor allocates
 that scratch for one program only, so the other programs wrote past it: the match shows nothing about safety
-(`one_dot.TRACED_TMA_IS_SAFE`: from torch 2.12 the allocation covers the grid). They cost each program about 1-3 µs
-more (52.5 / 72.5 µs on 8192 x 28672). The op's one-dot kernel has them (`one_dot.use_tma`, `kernel.TMA_TILES`).
+(from torch 2.12 the allocation covers the grid). They cost each program about 1-3 µs more (52.5 / 72.5 µs on
+8192 x 28672). The op's one-dot kernel takes host descriptors (`one_dot.use_tma`, `kernel.TMA_TILES`): its M
+buckets are torch.cond branches, which Dynamo traces, and Dynamo captures them.
 
 Scope: symmetric g128 weights in the planar layout, 16-bit x, K a multiple of 128, fp32 output (split-K
 atomics), the scale on each step's product (as the shipped `SCALE_W=False`).

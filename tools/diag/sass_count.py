@@ -85,11 +85,13 @@ def _cases():
     for bm, scale_w, tma in itertools.product((16, 64, 128), (False, True), (False, True)):  # the shipped buckets'
         # tiles (64 weight rows), the scale on the product (or on the weight: _scale_w), pointer or TMA loads, g128;
         # 32 steps: with 8 the 16-row loop is unrolled whole (no backward branch)
+        descriptors = dict(x_ptr=f"tensordesc<bf16[{bm}, 128]>", w_ptr="tensordesc<i32[8, 64]>") if tma else {}
         yield (f"int4_one_dot_{bm}" + ("_scale_w" if scale_w else "") + ("_tma" if tma else ""),
-               one_dot._int4_one_dot_kernel, dict(od_sig, y_ptr="*bf16"),
+               one_dot._int4_one_dot_kernel, dict(od_sig, y_ptr="*bf16", **descriptors),
                dict(K_STEPS=32, BLOCKS_PER_GROUP=2, HAS_ZERO=False, SCALE_W=scale_w, HALVES=2, EVEN=True, TMA=tma,
                     ATOMIC=False, ASM=True, BLOCK_M=bm, BLOCK_N=64),
-               [d for d in div if d not in ("rs_ptr", "group_size")], 4, 3, 64 * 128 // 128)
+               [d for d in div if d not in ("rs_ptr", "group_size") and not (tma and d in descriptors)], 4, 3,
+               64 * 128 // 128)
     from qcompile.plugins.fp4_gemm import kernel as f4
     fp4_sig = dict(x_ptr="*bf16", w_ptr="*u8", s_ptr="*u8", g_ptr="*fp32", b_ptr="*bf16", y_ptr="*fp32",
                    **ptrs(["M", "N", "K", "stride_xm"], "i32"))
