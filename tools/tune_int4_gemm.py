@@ -182,9 +182,11 @@ def main() -> None:
     where = parse_where(args.where)
     MODE["graph"] = True
     cells = [(int(s.split("x")[0]), int(s.split("x")[1]), m) for s in args.shapes for m in args.ms]
-    tasks = [(k, n, m, [c for c in candidates(m) if c == shipped_config(m)
-                        or ((not args.kinds or c["kernel"] in args.kinds) and matches(c, where))])
-             for k, n, m in cells]
+    tasks = []
+    for k, n, m in cells:  # the shipped configuration always, the others as --kinds and --where say
+        shipped = shipped_config(m)
+        tasks.append((k, n, m, [c for c in candidates(m) if c == shipped
+                                or ((not args.kinds or c["kernel"] in args.kinds) and matches(c, where))]))
     ctx = mp.get_context("spawn")
     with ctx.Pool(args.workers) as pool:
         checked = pool.map(compile_cell, tasks, chunksize=1)

@@ -320,14 +320,12 @@ def test_gpu_launches_export_on_fake_cuda_tensors(monkeypatch, tma):
     from qcompile.plugins.gemm_dispatch import bucket_for
     from qcompile.plugins.int4_gemm import kernel, one_dot
 
-    is_dynamo_compiling = torch.compiler.is_dynamo_compiling
     if tma:
         monkeypatch.setattr(kernel, "CONFIGS", kernel.with_tma_tiles())
-    with FakeTensorMode():
+    with FakeTensorMode(), monkeypatch.context() as dynamo:
+        dynamo.setattr(torch.compiler, "is_dynamo_compiling", lambda: True)  # as in torch.cond's branches
         x = torch.empty(4, 512, dtype=torch.bfloat16, device="cuda")
-        monkeypatch.setattr(torch.compiler, "is_dynamo_compiling", lambda: True)  # as in torch.cond's branches
         assert one_dot.use_tma(bucket_for(kernel.CONFIGS, 16), x, 16384, on_cpu=False) == tma
-        monkeypatch.setattr(torch.compiler, "is_dynamo_compiling", is_dynamo_compiling)
     case = make_case(k=512, n=16384, group=128, zero=True)
     for dynamic_rows in (True, False):  # a concrete M: one bucket, no torch.cond, so no Dynamo (pointer loads)
         assert export_on_fake_cuda(monkeypatch, torch.ops.qcompile.int4_groupwise_gemm, op_args(case, None)[1:],
@@ -562,9 +560,9 @@ def test_one_dot_takes_tma_only_where_it_paid_and_can_load(monkeypatch):
     with FakeTensorMode():  # traced: only by Dynamo (torch.cond's tracing), which captures host descriptors
         fake = torch.empty(4, 4096, dtype=torch.bfloat16, device="cuda")
         assert not one_dot.use_tma(cfg, fake, 8192, on_cpu=False)
-        monkeypatch.setattr(torch.compiler, "is_dynamo_compiling", lambda: True)
-        assert one_dot.use_tma(cfg, fake, 8192, on_cpu=False)
-        monkeypatch.undo()
+        with monkeypatch.context() as dynamo:
+            dynamo.setattr(torch.compiler, "is_dynamo_compiling", lambda: True)
+            assert one_dot.use_tma(cfg, fake, 8192, on_cpu=False)
     from qcompile.plugins.int4_gemm import kernel  # the TMA tiles name one-dot buckets (a renamed limit: none)
     attached = [limit for limit, c in kernel.with_tma_tiles() if "tma" in c]
     assert attached == sorted(kernel.TMA_TILES)

@@ -35,7 +35,7 @@ from qcompile.plugins.gemm_dispatch import cdiv  # noqa: E402
 from qcompile.plugins.triton_tiles import store_tile  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from int4_gemv_pairs_probe import time_checked  # noqa: E402
+from int4_gemv_pairs_probe import against_shipped, best_of_each, weight_sets  # noqa: E402
 from int4_tma_probe import KINDS  # noqa: E402
 
 BLOCK_K = fp4.BLOCK_K
@@ -148,29 +148,18 @@ def configs(m: int, kinds, stages):
 
 def cell(fmt: str, k: int, n: int, m: int, kinds, stages) -> dict:
     from bench_fp4_gemm import FP4, make_fp4
-    from gpu_timing import bench, rotating
     from qcompile.plugins.fp4_gemm.reference import dequantize_weight
     block = FP4[fmt]
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    sets = [make_fp4(fmt, k, n) for _ in range(max(2, min(8, (512 << 20) // (k * n // 2))))]
+    sets = weight_sets(lambda: make_fp4(fmt, k, n), k * n // 2)
     ref = x.double() @ dequantize_weight(*sets[0], block, torch.float64).to(x.device).t()
     res = {"format": fmt, "K": k, "N": n, "M": m}
-    wb = rotating(lambda: torch.randn(k, n, device="cuda", dtype=torch.bfloat16), k * n * 2)
-    res["cublas bf16"] = bench(lambda: x @ wb(), copies=4, rep=40)
     ship = shipped(m)
-
-    def shipped_call(w_packed, w_scale, w_global):
-        return fp4.launch_gemm(x, w_packed, w_scale, w_global, None, block, ship)
-    res["shipped rel err"] = err = float((shipped_call(*sets[0]).double() - ref).norm() / ref.norm())
-    res["shipped tile"] = bench(lambda it=itertools.cycle(sets): shipped_call(*next(it)), copies=4, rep=40)
-    timed = time_checked(configs(m, kinds, stages), lambda w, s, g, cfg: launch(x, w, s, g, block, cfg), ref, err,
-                         sets, res)
+    timed = against_shipped(x, sets, ref, lambda w, s, g: fp4.launch_gemm(x, w, s, g, None, block, ship),
+                            configs(m, kinds, stages), lambda w, s, g, cfg: launch(x, w, s, g, block, cfg), res,
+                            "shipped tile")
     line = f"{fmt} {k}x{n} M={m}: bf16 {res['cublas bf16']:.1f} | shipped tile {res['shipped tile']:.1f}"
-    for kind in kinds:  # the best of each descriptor kind
-        of_kind = {c: t for c, t in timed.items() if c.startswith(kind + " ")}
-        if of_kind:
-            best = min(of_kind, key=of_kind.get)
-            line += f" | {of_kind[best]:.1f} ({best}; {res['shipped tile'] / of_kind[best]:.2f}x shipped)"
+    line += best_of_each(timed, [kind + " " for kind in kinds], res["shipped tile"])
     if not timed:
         line += " | no TMA configuration ran: " + str(next(v for c, v in res.items() if c.split(" ")[0] in KINDS))
     print(line, flush=True)

@@ -125,11 +125,16 @@ def configs():
         yield f"pairs {bn}x{bk} w{w} waves{waves}", dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, waves=waves)
 
 
+def weight_sets(make, n_bytes: int) -> list:
+    """`make()` as many times (2-8) as copies of n_bytes fit 512 MB, to rotate through so a timed call does not
+    find its weight in L2."""
+    return [make() for _ in range(max(2, min(8, (512 << 20) // n_bytes)))]
+
+
 def int4_weight_sets(k: int, n: int) -> list:
-    """Random INT4 g128 weights (engine layout, scales) [K, N], as many sets (2-8) as fit 512 MB, to rotate
-    through so a timed call does not find its weight in L2."""
+    """Random INT4 g128 weights (engine layout, scales) [K, N], `weight_sets`."""
     from bench_fp4_gemm import make_int4
-    return [make_int4(k, n) for _ in range(max(2, min(8, (512 << 20) // (k * n // 2))))]
+    return weight_sets(lambda: make_int4(k, n), k * n // 2)
 
 
 def baselines(k: int, n: int, m: int, prep) -> tuple:
@@ -178,6 +183,31 @@ def time_checked(candidates, run, ref: torch.Tensor, op_err: float, sets: list, 
         except Exception as e:  # noqa: BLE001  (a configuration Triton cannot build)
             res[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
     return timed
+
+
+def against_shipped(x, sets: list, ref: torch.Tensor, shipped_call, candidates, run, res: dict, label: str) -> dict:
+    """A probe cell's timings beside the kernel the op ships: cuBLAS bf16 on x (res["cublas bf16"]), the shipped
+    kernel `shipped_call(*set)` (its relative error against ref on the first set, res["shipped rel err"], and
+    res[label], its µs on the rotating sets), then `time_checked` for the candidates with the shipped error as the
+    bar. Returns time_checked's {name: µs}."""
+    from gpu_timing import bench, rotating
+    k, n = x.shape[1], ref.shape[1]
+    wb = rotating(lambda: torch.randn(k, n, device=x.device, dtype=x.dtype), k * n * 2)
+    res["cublas bf16"] = bench(lambda: x @ wb(), copies=4, rep=40)
+    res["shipped rel err"] = err = float((shipped_call(*sets[0]).double() - ref).norm() / ref.norm())
+    res[label] = bench(lambda it=itertools.cycle(sets): shipped_call(*next(it)), copies=4, rep=40)
+    return time_checked(candidates, run, ref, err, sets, res)
+
+
+def best_of_each(timed: dict, prefixes, base: float) -> str:
+    """' | µs (name; ratio x shipped)' for the fastest timed candidate of each name prefix that has one."""
+    line = ""
+    for prefix in prefixes:
+        of_prefix = {c: t for c, t in timed.items() if c.startswith(prefix)}
+        if of_prefix:
+            best = min(of_prefix, key=of_prefix.get)
+            line += f" | {of_prefix[best]:.1f} ({best}; {base / of_prefix[best]:.2f}x shipped)"
+    return line
 
 
 def cell(k: int, n: int, m: int) -> dict:

@@ -54,7 +54,7 @@ from qcompile.plugins.int4_gemm.one_dot import _cat_k, decode64  # noqa: E402
 from qcompile.plugins.triton_tiles import store_tile  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from int4_gemv_pairs_probe import int4_weight_sets, time_checked  # noqa: E402
+from int4_gemv_pairs_probe import against_shipped, best_of_each, int4_weight_sets  # noqa: E402
 
 GROUP = 128
 STEP = 128  # K per step: two 64-K planar blocks, one MMA
@@ -187,32 +187,19 @@ def shipped(m: int) -> dict:
 
 
 def cell(k: int, n: int, m: int, candidates) -> dict:
-    from gpu_timing import bench, rotating
     from qcompile.plugins.int4_gemm import one_dot
     from qcompile.plugins.int4_gemm.reference import dequantize_weight
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     sets = int4_weight_sets(k, n)
     ref = x.double() @ dequantize_weight(*sets[0], None, GROUP).double().to(x.device)
     res = {"K": k, "N": n, "M": m}
-    wb = rotating(lambda: torch.randn(k, n, device="cuda", dtype=torch.bfloat16), k * n * 2)
-    res["cublas bf16"] = bench(lambda: x @ wb(), copies=4, rep=40)
     ship = shipped(m)
-
-    def one_dot_call(w_packed, w_scale):
-        return one_dot.launch(x, w_packed, w_scale, None, GROUP, ship, asm=True)
-    res["shipped rel err"] = shipped_err = float((one_dot_call(*sets[0]).double() - ref).norm() / ref.norm())
-    res["shipped one_dot"] = bench(lambda it=itertools.cycle(sets): one_dot_call(*next(it)), copies=4, rep=40)
-    timed = time_checked(candidates(m), lambda w, sc, cfg: launch(x, w, sc, cfg), ref, shipped_err, sets, res)
+    timed = against_shipped(x, sets, ref, lambda w, sc: one_dot.launch(x, w, sc, None, GROUP, ship, asm=True),
+                            candidates(m), lambda w, sc, cfg: launch(x, w, sc, cfg), res, "shipped one_dot")
     line = f"{k}x{n} M={m}: bf16 {res['cublas bf16']:.1f} | shipped one_dot {res['shipped one_dot']:.1f}"
     if timed:
-        best = min(timed, key=timed.get)
-        res["best"] = best
-        line += f" | best TMA {timed[best]:.1f} ({best}; {res['shipped one_dot'] / timed[best]:.2f}x shipped)"
-        for tag in ("tma ", "tma-dev ", "tma-pers "):  # the best of each kind of descriptor
-            kind = {c: t for c, t in timed.items() if c.startswith(tag)}
-            if kind and len(kind) < len(timed):
-                best_kind = min(kind, key=kind.get)
-                line += f" | {kind[best_kind]:.1f} ({best_kind})"
+        res["best"] = min(timed, key=timed.get)
+        line += best_of_each(timed, ("tma ", "tma-dev ", "tma-pers "), res["shipped one_dot"])
     else:
         line += " | no TMA configuration ran: " + str(next(v for kk, v in res.items() if kk.startswith("tma")))
     print(line, flush=True)
