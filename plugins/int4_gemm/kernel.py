@@ -105,17 +105,13 @@ CONFIGS = [
 
 # TMA tiles of the 16- and 64-row buckets (bucket limit -> a one-dot config's "tma", `one_dot.use_tma`): on
 # layers at least min_n wide the weight and x load through TMA descriptors, with these keys over the bucket's.
-# Chosen from runs with descriptors made by each program (benchmarks/int4_tma_probe-s22.json, kernel alone):
-# 20.1 / 52.9 µs against 21.6 / 61.8 at 16 rows and 26.6 / 72.6 against 29.8 / 85.6 at 64 rows on 4096 x 14336 /
-# 8192 x 28672. On the 4096-wide layers the per-program descriptors lost (0.84-1.06x). The op with them (bias,
-# bf16 out; fp4_int4_gemm-tma-A-s22 / -C-s22.json): 8192 x 28672 57.4 / 83.2 / 84.9 µs against 68.7 / 100.1 /
-# 102.6 at 16 / 40 / 64 rows; 4096 x 14336 25.8 against 27.7 at 16 rows, but 36.2 / 38.5 against 33.5 / 34.6 at
-# 40 / 64. Its 128-wide tiles split K there, so the op pays fp32 partial sums and an epilogue it otherwise skips;
-# hence the 64-row tile starts at N = 16384. The op now makes the descriptors on the host, which the probe's
-# host kind timed faster still (47.6 / 71.0 µs on 8192 x 28672; 1.08-1.18x the shipped tile on 14336 x 4096).
-# Not in CONFIGS yet: the AOTInductor package test with them (test_cuda_aoti_package_dynamic_rows, bf16-wide) has
-# not passed on the H200. Its one run, with descriptors made on the device, failed in export (torch.cond's tracing
-# cannot read storage_offset). The host descriptors export on fake CUDA tensors in CI, but have not run on the GPU.
+# The op with them, host descriptors in 128-byte boxes, against the pointer loads (bias, bf16 out, µs;
+# benchmarks/fp4_int4_gemm-tma128-s23.json, every layer's tiles from N = 4096): 4096 x 14336 24.1 against 28.2 at
+# 16 rows; 8192 x 28672 58.4 / 90.8 / 92.4 against 68.7 / 99.7 / 103.0 at 16 / 40 / 64 rows. Where they lost:
+# 4096 x 4096 (0.93-0.98x), and 4096 x 14336 at 40 / 64 rows (0.89 / 0.87x: its 128-wide tiles split K there, so
+# the op pays fp32 partial sums and an epilogue it otherwise skips), hence min_n. 14336 x 4096 gained 2-6%, which
+# min_n leaves out with 4096 x 4096. The AOTInductor package test with them passes on the H200
+# (test_cuda_aoti_package_dynamic_rows, bf16-wide; benchmarks/gpu-tests-tma-aoti-s23.log).
 TMA_TILES = {16: dict(min_n=8192, BLOCK_N=128, waves=4),
              64: dict(min_n=16384, BLOCK_N=128, waves=2, resident=0, SCALE_W=False)}
 
@@ -508,18 +504,20 @@ def _epilogue(acc, bias, dtype, row_scale=None):
     return add_bias(acc.to(torch.float32) * row_scale.reshape(-1, 1).to(torch.float32), bias, dtype)
 
 
-def run_bucket(cfg: dict, x2d, w_packed, w_scale, w_zero, bias, group_size: int, *, x_row_scale=None,
+def run_bucket(cfg: dict, x2d, w_words, w_scale, w_zero, bias, group_size: int, *, x_row_scale=None,
                out_dtype=None, wrap=identity, num_sms: int = DEFAULT_SMS) -> torch.Tensor:
-    """One M bucket's path: `x2d @ dequant(W) (* x_row_scale) + bias` [M, N] in out_dtype.
+    """One M bucket's path: `x2d @ dequant(W) (* x_row_scale) + bias` [M, N] in out_dtype. w_words: the planar
+    words [K / 8, N], or their view for TMA loads (`one_dot.tma_words`).
 
     FP8 x (W4A8) is converted to out_dtype exactly (E4M3 values are bf16/fp16 values) and its row scale
     applied in the epilogue, unless the configuration asks for FP8 dots (`fp8_dot`, "mm"/"mm_t" only)."""
     out_dtype = out_dtype or x2d.dtype
+    w_packed = one_dot.planar_words(w_words)
     if cfg["kernel"] == "gemv" and not _block_k(cfg["BLOCK_K"], int(x2d.shape[1]), group_size)[1]:
         cfg = CONFIGS[1][1]["fallback"]  # the GEMV needs groups in whole steps of >= 16; mm/mm_t take any group
     kind = cfg["kernel"]
     if x2d.dtype == torch.float8_e4m3fn and not (kind in ("mm", "mm_t") and cfg.get("fp8_dot")):
-        return _epilogue(run_bucket(cfg, x2d.to(out_dtype), w_packed, w_scale, w_zero, None, group_size,
+        return _epilogue(run_bucket(cfg, x2d.to(out_dtype), w_words, w_scale, w_zero, None, group_size,
                                     out_dtype=torch.float32, wrap=wrap, num_sms=num_sms),
                          bias, out_dtype, x_row_scale)
     if kind == "one_dot" and not one_dot.supports(x2d.dtype, int(x2d.shape[1]), group_size):
@@ -528,7 +526,7 @@ def run_bucket(cfg: dict, x2d, w_packed, w_scale, w_zero, bias, group_size: int,
     if kind == "gemv":
         acc = launch_gemv(x2d, w_packed, w_scale, w_zero, group_size, cfg, wrap=wrap, num_sms=num_sms)
     elif kind == "one_dot":
-        acc = one_dot.launch(x2d, w_packed, w_scale, w_zero, group_size, cfg, asm=ptx_available(),
+        acc = one_dot.launch(x2d, w_words, w_scale, w_zero, group_size, cfg, asm=ptx_available(),
                              out_dtype=out_dtype, wrap=wrap, num_sms=num_sms)
     elif kind == "dequant":  # the bias in cuBLAS's epilogue
         return linear_bias(x2d, launch_dequant(w_packed, w_scale, w_zero, group_size, x2d.dtype, wrap=wrap), bias,
@@ -557,11 +555,14 @@ def int4_gemm_triton(x, w_packed, w_scale, w_zero, bias, group_size: int, *, x_r
     has_zero, has_bias, has_rs = w_zero is not None, bias is not None, x_row_scale is not None
 
     def bucket(cfg):
-        def run(x2d, w_packed, w_scale, *rest):
+        def run(x2d, w_words, w_scale, *rest):
             w_zero, bias, row_scale = unpack_optional(rest, has_zero, has_bias, has_rs)
-            return run_bucket(cfg, x2d, w_packed, w_scale, w_zero, bias, group_size, x_row_scale=row_scale,
+            return run_bucket(cfg, x2d, w_words, w_scale, w_zero, bias, group_size, x_row_scale=row_scale,
                               out_dtype=out_dtype, wrap=wrap, num_sms=num_sms)
         return run
 
+    configs = configs or CONFIGS
+    if any("tma" in cfg for _, cfg in configs):  # the words' TMA view, made outside the buckets' torch.cond
+        w_packed = one_dot.tma_words(w_packed)
     weights = (w_packed, w_scale) + tuple(t for t in (w_zero, bias, x_row_scale) if t is not None)
-    return run_by_buckets(x, k, n, [(limit, bucket(c)) for limit, c in configs or CONFIGS], weights)
+    return run_by_buckets(x, k, n, [(limit, bucket(c)) for limit, c in configs], weights)

@@ -23,9 +23,11 @@ forced when a group is shorter than the step (64-K groups with 128-K steps). Spl
 atomics, as in the other INT4 kernels.
 
 Loads: through pointers formed once, or (`TMA`, `use_tma`) through tensor descriptors made on the host. TMA's
-zero fill past M, N and K stands in for the masks and the wrapped rows. On the H200 (tools/diag/int4_tma_probe.py,
-kernel alone) host descriptors were 1.2-1.3x faster than the pointer loads on 4096 x 14336 and 8192 x 28672 at 16
-and 64 rows, and 1.08-1.16x on 14336 x 4096.
+zero fill past M, N and K stands in for the masks and the wrapped rows. The boxes have rows of 128 bytes (`launch`:
+x in [BLOCK_M, 64] boxes, one dot per 64-K block; the words viewed as [K / 8, N / 32, 32]), so an AOTInductor
+engine encodes them as Triton does. On the H200 (benchmarks/fp4_int4_gemm-tma128-s23.json, the op) the TMA tiles
+were 1.17-1.18x faster than the pointer loads at 16 rows on 4096 x 14336 and 8192 x 28672, 1.10-1.12x at 40 and
+64 rows on 8192 x 28672; wider boxes (which only Triton's launcher can encode) were a further 1.02-1.12x.
 """
 from __future__ import annotations
 
@@ -82,12 +84,13 @@ def _block64(w_src, s_ptr, z_ptr, kb, offs_n, mask_n, N, K, BLOCKS_PER_GROUP: tl
              BLOCK_N: tl.constexpr, dt: tl.constexpr, ASM: tl.constexpr):
     """(weights [BLOCK_N, 64] of the 64-K block kb as dt: q - zp, times the scale when SCALE_W; fp32 scales
     [BLOCK_N]). w_src: the pointers of block 0's 8 word rows (loop-invariant; block kb adds one scalar), or with
-    TMA the words' descriptor ([8, BLOCK_N] boxes). BLOCKS_PER_GROUP: 64-K blocks per group, 0 for one group (per
+    TMA the words' descriptor. BLOCKS_PER_GROUP: 64-K blocks per group, 0 for one group (per
     channel). Past N or K (a split's last steps) the words, scales and zero points load as 0 (TMA: its zero
     fill); EVEN (whole tiles and splits): no masks."""
     ok = mask_n & (kb * 64 < K)
-    if TMA:
-        words = tl.trans(w_src.load([kb * 8, tl.program_id(0) * BLOCK_N]))
+    if TMA:  # w_src: the words as [K / 8, N / 32, 32] in [8, BLOCK_N / 32, 32] boxes (rows of 128 bytes, `launch`)
+        box = w_src.load([kb * 8, tl.program_id(0) * (BLOCK_N // 32), 0])
+        words = tl.trans(box.reshape(8, BLOCK_N))
     else:
         words = load_tile(w_src + (kb * 8).to(tl.int64) * N, ok[:, None], EVEN, True)
     a = decode64(words, BLOCK_N, dt, ASM)
@@ -105,25 +108,34 @@ def _block64(w_src, s_ptr, z_ptr, kb, offs_n, mask_n, N, K, BLOCKS_PER_GROUP: tl
 
 
 @triton.jit
-def _step(x_src, w_src, s_ptr, z_ptr, k0, offs_n, mask_n, N, K, BLOCKS_PER_GROUP: tl.constexpr,
+def _step(x_src, w_src, s_ptr, z_ptr, k0, offs_n, mask_n, N, K, acc, BLOCKS_PER_GROUP: tl.constexpr,
           HAS_ZERO: tl.constexpr, SCALE_W: tl.constexpr, EVEN: tl.constexpr, TMA: tl.constexpr,
           HALVES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
-    """(weights [BLOCK_N, 64 HALVES], x^T [64 HALVES, BLOCK_M], fp32 scales [BLOCK_N] of the first block) of the
-    step at k0; x_src: the pointers of x^T at K 0 .. 64 HALVES - 1 (loop-invariant, as w_src), or with TMA x's
-    descriptor ([BLOCK_M, 64 HALVES] boxes; rows past M and K load as 0)."""
+    """(acc + weights [BLOCK_N, 64 HALVES] @ x^T [64 HALVES, BLOCK_M] of the step at k0, fp32 scales [BLOCK_N] of
+    its first block). x_src: the pointers of x^T at K 0 .. 64 HALVES - 1 (loop-invariant, as w_src), the two
+    blocks' weights joined in registers for one dot; or with TMA x's descriptor ([BLOCK_M, 64] boxes, rows past M
+    and K load as 0), one dot per block chained on the accumulator (each block's x^T is an MMA operand straight
+    from its box in shared memory)."""
     if TMA:
         dt: tl.constexpr = x_src.dtype
-        xt = tl.trans(x_src.load([tl.program_id(2) * BLOCK_M, k0]))
+        a, s = _block64(w_src, s_ptr, z_ptr, k0 // 64, offs_n, mask_n, N, K, BLOCKS_PER_GROUP, HAS_ZERO, SCALE_W,
+                        EVEN, TMA, BLOCK_N, dt, ASM)
+        acc = tl.dot(a, tl.trans(x_src.load([tl.program_id(2) * BLOCK_M, k0])), acc)
+        if HALVES == 2:
+            a1, _ = _block64(w_src, s_ptr, z_ptr, k0 // 64 + 1, offs_n, mask_n, N, K, BLOCKS_PER_GROUP, HAS_ZERO,
+                             SCALE_W, EVEN, TMA, BLOCK_N, dt, ASM)
+            acc = tl.dot(a1, tl.trans(x_src.load([tl.program_id(2) * BLOCK_M, k0 + 64])), acc)
     else:
         dt: tl.constexpr = x_src.dtype.element_ty
         xt = load_xt_rows(x_src, k0, K, EVEN, 64 * HALVES)
-    a, s = _block64(w_src, s_ptr, z_ptr, k0 // 64, offs_n, mask_n, N, K, BLOCKS_PER_GROUP, HAS_ZERO, SCALE_W,
-                    EVEN, TMA, BLOCK_N, dt, ASM)
-    if HALVES == 2:
-        a1, _ = _block64(w_src, s_ptr, z_ptr, k0 // 64 + 1, offs_n, mask_n, N, K, BLOCKS_PER_GROUP, HAS_ZERO,
-                         SCALE_W, EVEN, TMA, BLOCK_N, dt, ASM)
-        a = _cat_k(a, a1, BLOCK_N, 64)
-    return a, xt, s
+        a, s = _block64(w_src, s_ptr, z_ptr, k0 // 64, offs_n, mask_n, N, K, BLOCKS_PER_GROUP, HAS_ZERO, SCALE_W,
+                        EVEN, TMA, BLOCK_N, dt, ASM)
+        if HALVES == 2:
+            a1, _ = _block64(w_src, s_ptr, z_ptr, k0 // 64 + 1, offs_n, mask_n, N, K, BLOCKS_PER_GROUP, HAS_ZERO,
+                             SCALE_W, EVEN, TMA, BLOCK_N, dt, ASM)
+            a = _cat_k(a, a1, BLOCK_N, 64)
+        acc = tl.dot(a, xt, acc)
+    return acc, s
 
 
 @jit_any_m
@@ -148,20 +160,19 @@ def _int4_one_dot_kernel(
     else:
         w_src = w_ptr + tl.arange(0, 8)[None, :] * N + offs_n[:, None]
         x_src = xt_columns(x_ptr, offs_m, M, stride_xm, 64 * HALVES)
+    zero = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     if SCALE_W:
-        a, xt, s = _step(x_src, w_src, s_ptr, z_ptr, k_lo, offs_n, mask_n, N, K, BLOCKS_PER_GROUP,
-                         HAS_ZERO, True, EVEN, TMA, HALVES, BLOCK_M, BLOCK_N, ASM)
-        acc = tl.dot(a, xt)
+        acc, s = _step(x_src, w_src, s_ptr, z_ptr, k_lo, offs_n, mask_n, N, K, zero, BLOCKS_PER_GROUP, HAS_ZERO,
+                       True, EVEN, TMA, HALVES, BLOCK_M, BLOCK_N, ASM)
         for step in range(1, K_STEPS):
-            a, xt, s = _step(x_src, w_src, s_ptr, z_ptr, k_lo + step * 64 * HALVES, offs_n, mask_n, N,
-                             K, BLOCKS_PER_GROUP, HAS_ZERO, True, EVEN, TMA, HALVES, BLOCK_M, BLOCK_N, ASM)
-            acc = tl.dot(a, xt, acc)
+            acc, s = _step(x_src, w_src, s_ptr, z_ptr, k_lo + step * 64 * HALVES, offs_n, mask_n, N, K, acc,
+                           BLOCKS_PER_GROUP, HAS_ZERO, True, EVEN, TMA, HALVES, BLOCK_M, BLOCK_N, ASM)
     else:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc = zero
         for step in range(0, K_STEPS):
-            a, xt, s = _step(x_src, w_src, s_ptr, z_ptr, k_lo + step * 64 * HALVES, offs_n, mask_n, N,
-                             K, BLOCKS_PER_GROUP, HAS_ZERO, False, EVEN, TMA, HALVES, BLOCK_M, BLOCK_N, ASM)
-            acc += tl.dot(a, xt) * s[:, None]
+            product, s = _step(x_src, w_src, s_ptr, z_ptr, k_lo + step * 64 * HALVES, offs_n, mask_n, N, K, zero,
+                               BLOCKS_PER_GROUP, HAS_ZERO, False, EVEN, TMA, HALVES, BLOCK_M, BLOCK_N, ASM)
+            acc += product * s[:, None]
     store_tile(y_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None], acc, mask_m[None, :] & mask_n[:, None],
                ATOMIC)
 
@@ -184,18 +195,20 @@ def scale_on_weight(scale_w, splits: int, group_size: int, step: int) -> bool:
 def use_tma(cfg: dict, x2d: torch.Tensor, n: int, on_cpu: bool) -> bool:
     """Whether this launch loads through TMA descriptors: cfg["tma"] names the smallest N it paid for (on the
     H200, with descriptors made by each program, they lost on 4096-wide layers: benchmarks/int4_tma_probe-s22.json,
-    kernel.TMA_TILES), and the descriptors need 16-byte aligned rows and start (x's storage
-    is taken to start aligned, as torch's allocators and AOTInductor's buffers do). Not on CPU tensors (the
-    interpreter), unless cfg["tma"]["interpret"] (tests). The descriptors are made on the host: an engine gets
-    them through Dynamo (torch.cond's tracing), which AOTInductor turns into descriptors its wrapper makes per call.
-    Descriptors made by the kernel (`tl.make_tensor_descriptor`) need Triton's global scratch, a slot per program,
-    and torch 2.11's AOTInductor allocates one slot for the whole grid (its `cpp_scratch`; 2.12 scales it by the
-    grid), so every other program would write past it."""
+    kernel.TMA_TILES); the descriptors need 16-byte aligned rows and start (x's storage is taken to start aligned,
+    as torch's allocators and AOTInductor's buffers do), and the words' view N a multiple of 32 (`launch`). Not on
+    CPU tensors (the interpreter), unless cfg["tma"]["interpret"] (tests).
+
+    The descriptors are made on the host: an engine gets them through Dynamo (torch.cond's tracing), which
+    AOTInductor turns into descriptors its wrapper makes per call. Descriptors made by the kernel
+    (`tl.make_tensor_descriptor`) need Triton's global scratch, a slot per program, and torch 2.11's AOTInductor
+    allocates one slot for the whole grid (its `cpp_scratch`; 2.12 scales it by the grid), so every other program
+    would write past it."""
     tma = cfg.get("tma")
     if not tma or n < tma["min_n"] or (on_cpu and not tma.get("interpret")):
         return False
     strides = (x2d.stride(0), x2d.stride(1))  # SymInts (traced views): pointers instead
-    if not (all(isinstance(v, int) for v in strides) and strides[1] == 1 and strides[0] % 8 == 0 and n % 4 == 0):
+    if not (all(isinstance(v, int) for v in strides) and strides[1] == 1 and strides[0] % 8 == 0 and n % 32 == 0):
         return False
     if torch.compiler.is_dynamo_compiling():  # torch.cond's branches (the op's M buckets): Dynamo captures host
         return True  # descriptors; it cannot read storage_offset, and an engine's x is a whole buffer of a node
@@ -204,11 +217,27 @@ def use_tma(cfg: dict, x2d: torch.Tensor, n: int, on_cpu: bool) -> bool:
     return x2d.storage_offset() % 8 == 0
 
 
-def launch(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, asm: bool, out_dtype=torch.float32,
+def tma_words(w_packed: torch.Tensor) -> torch.Tensor:
+    """The planar words [K / 8, N] as [K / 8, N / 32, 32], in rows of 128 bytes as the TMA boxes load them (N a
+    multiple of 32, else w_packed itself; the view itself as it is). The op makes this view outside its M buckets' torch.cond
+    (`kernel.int4_gemm_triton`): AOTInductor's compile-time autotuning block (torch 2.11) writes a descriptor
+    over a view made inside a branch with the C++ wrapper's expression of the view, which is not Python."""
+    if w_packed.dim() == 3 or w_packed.shape[1] % 32 != 0:
+        return w_packed
+    return w_packed.view(w_packed.shape[0], w_packed.shape[1] // 32, 32)
+
+
+def planar_words(w_words: torch.Tensor) -> torch.Tensor:
+    """The words [K / 8, N] of w_packed or of its `tma_words` view."""
+    return w_words if w_words.dim() == 2 else w_words.reshape(w_words.shape[0], -1)
+
+
+def launch(x2d, w_words, w_scale, w_zero, group_size: int, cfg: dict, *, asm: bool, out_dtype=torch.float32,
            wrap=identity, num_sms: int = 132) -> torch.Tensor:
     """`x2d @ dequant(W)` [M, N] with `_int4_one_dot_kernel`: fp32 when split-K (atomics), else `out_dtype`.
-    cfg: BLOCK_M, BLOCK_N, num_warps, num_stages, waves and resident (split-K target, `split_for_waves`), SCALE_W
-    (`scale_on_weight`)."""
+    w_words: the planar words [K / 8, N] or their `tma_words` view. cfg: BLOCK_M, BLOCK_N, num_warps,
+    num_stages, waves and resident (split-K target, `split_for_waves`), SCALE_W (`scale_on_weight`)."""
+    w_packed = planar_words(w_words)
     m, k = x2d.shape
     n = w_packed.shape[1]
     if not supports(x2d.dtype, k, group_size):
@@ -218,10 +247,12 @@ def launch(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, asm: b
     step = PLANAR_BLOCK * halves
     tma = use_tma(cfg, x2d, n, x2d.device.type == "cpu")
     x_src, w_src = x2d, w_packed
-    if tma:  # the TMA tile and split: cfg["tma"]'s keys (BLOCK_N, waves, ...) over the bucket's
+    if tma:  # the TMA tile and split: cfg["tma"]'s keys (BLOCK_N, waves, ...) over the bucket's. Boxes with rows of
+        # 128 bytes, the width of the 128-byte swizzle: Triton copies a wider box in 128-byte columns, but
+        # AOTInductor's wrapper (torch 2.11 to 2.14) encodes the block as one box, which the driver refuses
         cfg = {**cfg, **{key: v for key, v in cfg["tma"].items() if key not in ("min_n", "interpret")}}
-        x_src = TensorDescriptor.from_tensor(x2d, [cfg["BLOCK_M"], step])
-        w_src = TensorDescriptor.from_tensor(w_packed, [8, cfg["BLOCK_N"]])
+        x_src = TensorDescriptor.from_tensor(x2d, [cfg["BLOCK_M"], PLANAR_BLOCK])
+        w_src = TensorDescriptor.from_tensor(tma_words(w_words), [8, cfg["BLOCK_N"] // 32, 32])
     tiles_n = cdiv(n, cfg["BLOCK_N"])
     splits, per = split_for_waves(k, tiles_n, step, cfg["waves"], num_sms, cfg.get("resident", 0))
     y = (torch.zeros((m, n), dtype=torch.float32, device=x2d.device) if splits > 1

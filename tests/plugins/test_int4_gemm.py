@@ -483,7 +483,8 @@ def check_one_dot(k, group, zero, dtype, rel, device="cpu"):
     (n = 96: the unmasked loads when K is not split unevenly), a partial M tile, split K (atomics; 320 = 2
     splits of 3 64-K steps, the last one past K; by `waves` and by the `resident` rule) and not, the scale on the
     product and on the weight tile (forced for 64-K groups in 128-K steps), loads through pointers and through
-    TMA descriptors (zero fill past M, N and K). Float64-close."""
+    TMA descriptors (n = 96, 64-wide tiles: zero fill past M, N and K; n = 80 is not a multiple of the words'
+    32-wide TMA rows, so it keeps the pointers). Float64-close."""
     from qcompile.plugins.gemm_dispatch import split_for_waves
     from qcompile.plugins.int4_gemm import one_dot
 
@@ -495,12 +496,13 @@ def check_one_dot(k, group, zero, dtype, rel, device="cpu"):
         step = 128 if k % 128 == 0 else 64
         assert split_for_waves(k, -(-n // 32), step, 16, 1)[0] > 1  # waves = 16 splits K
         assert split_for_waves(k, -(-n // 32), step, 0, 1, 2)[0] == 2  # 3 tiles on 2 resident slots: split in two
-        tma = {"min_n": 0, "interpret": True}  # the TMA loads on any N, and in the CPU interpreter
+        tma = {"min_n": 0, "interpret": True, "BLOCK_N": 64}  # the TMA loads on any N, in the CPU interpreter
         for waves, resident, scale_w, tma in ((0, 0, False, None), (16, 0, False, None), (16, 0, True, None),
                                               (0, 0, True, None), (0, 2, False, None), (0, 0, "unsplit", None),
                                               (16, 0, "unsplit", None), (16, 0, False, tma), (0, 0, True, tma)):
             cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "waves": waves, "resident": resident,
                    "SCALE_W": scale_w, "tma": tma}
+            assert one_dot.use_tma(cfg, x.to(device), n, on_cpu=device == "cpu") == (tma is not None and n == 96)
             y = one_dot.launch(x.to(device), *weights, case["g"], cfg, asm=device != "cpu", out_dtype=torch.float32,
                                num_sms=1)
             assert y.shape == (m, n) and y.dtype == torch.float32
@@ -551,6 +553,7 @@ def test_one_dot_takes_tma_only_where_it_paid_and_can_load(monkeypatch):
     assert not one_dot.use_tma(cfg, x, 4096, on_cpu=False)  # narrower than min_n
     assert not one_dot.use_tma({}, x, 8192, on_cpu=False)  # the bucket has no TMA tile
     assert not one_dot.use_tma(cfg, x, 8190, on_cpu=False)  # weight rows of 8190 words: not 16-byte multiples
+    assert not one_dot.use_tma(cfg, x, 8200, on_cpu=False)  # nor rows of whole 32-word (128-byte) boxes
     assert not one_dot.use_tma(cfg, torch.zeros(4, 4100, dtype=torch.bfloat16, device="meta")[:, 1:4097], 8192,
                                on_cpu=False)  # a view starting 2 bytes in
     assert not one_dot.use_tma(cfg, x.t().contiguous().t(), 8192, on_cpu=False)  # K not contiguous
@@ -567,6 +570,35 @@ def test_one_dot_takes_tma_only_where_it_paid_and_can_load(monkeypatch):
     attached = [limit for limit, c in kernel.with_tma_tiles() if "tma" in c]
     assert attached == sorted(kernel.TMA_TILES)
     assert all(c["kernel"] == "one_dot" for limit, c in kernel.CONFIGS if limit in attached)
+
+
+
+@needs_triton
+def test_tma_descriptor_rows_are_one_swizzle_wide():
+    """Every TMA descriptor of the shipped TMA tiles has rows of exactly 128 bytes. AOTInductor's wrapper
+    (torch 2.11 to 2.14) encodes a host descriptor's whole block as one box with the 128-byte swizzle, and the
+    driver refuses that swizzle on wider rows; Triton's own launcher copies a wider block in 128-byte columns,
+    so only an engine would fail."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from qcompile.plugins.int4_gemm import kernel, one_dot
+
+    case = make_case(k=1024, n=256, group=128, zero=False, seed=0)
+    for limit, cfg in kernel.with_tma_tiles():
+        if "tma" not in cfg:
+            continue
+        launched = []
+
+        class Recorded:  # `wrap(kernel)[grid](*args, **constexprs)`: keeps the arguments, runs nothing
+            def __getitem__(self, grid):
+                return lambda *args, **constexprs: launched.extend(args)
+        cfg = dict(cfg, tma=dict(cfg["tma"], min_n=0, interpret=True))
+        one_dot.launch(torch.zeros(limit, 1024, dtype=torch.bfloat16), case["w_packed"], case["scale"], None, 128,
+                       cfg, asm=False, wrap=lambda kernel: Recorded())
+        descriptors = [a for a in launched if isinstance(a, TensorDescriptor)]
+        assert len(descriptors) == 2, f"bucket {limit}: expected the x and weight descriptors"
+        for d in descriptors:
+            assert d.block_shape[-1] * d.base.element_size() == 128, (limit, d.block_shape, d.base.dtype)
 
 
 CONFIG_ONE_DOT = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "waves": 0}

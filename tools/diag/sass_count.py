@@ -85,7 +85,7 @@ def _cases():
     for bm, scale_w, tma in itertools.product((16, 64, 128), (False, True), (False, True)):  # the shipped buckets'
         # tiles (64 weight rows), the scale on the product (or on the weight: _scale_w), pointer or TMA loads, g128;
         # 32 steps: with 8 the 16-row loop is unrolled whole (no backward branch)
-        descriptors = dict(x_ptr=f"tensordesc<bf16[{bm}, 128]>", w_ptr="tensordesc<i32[8, 64]>") if tma else {}
+        descriptors = dict(x_ptr=f"tensordesc<bf16[{bm}, 64]>", w_ptr="tensordesc<i32[8, 2, 32]>") if tma else {}
         yield (f"int4_one_dot_{bm}" + ("_scale_w" if scale_w else "") + ("_tma" if tma else ""),
                one_dot._int4_one_dot_kernel, dict(od_sig, y_ptr="*bf16", **descriptors),
                dict(K_STEPS=32, BLOCKS_PER_GROUP=2, HAS_ZERO=False, SCALE_W=scale_w, HALVES=2, EVEN=True, TMA=tma,
