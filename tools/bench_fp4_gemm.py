@@ -7,13 +7,13 @@ For each (K x N, M) of reference/kernel-targets.md it times, with `triton.testin
   int4_op   `torch.ops.qcompile.int4_groupwise_gemm`, symmetric int4 g128 (whatever kernel it currently runs)
   nvfp4_op  `torch.ops.qcompile.fp4_gemm`, NVFP4 (E4M3 scale per 16 + FP32 global)
   mxfp4_op  `torch.ops.qcompile.fp4_gemm`, MXFP4 (E8M0 scale per 32)
-all with bias, bf16 in/out. --int4-tma adds int4_tma_op: the INT4 op with `kernel.TMA_TILES` on its M buckets
-(`kernel.with_tma_tiles`; --int4-tma-min-n overrides their smallest N), timed in the same cell, and int4/int4_tma
-(> 1: the TMA tiles faster). Each output is checked against a float32 reference of the same weights (`rel%_*`:
-relative L2 error in percent, on one weight copy). Weights are rotated over several copies so small-M
-runs read HBM, not L2. Ops are compiled (torch.compile, static shapes, one compile per M) or eager with
---eager; --cuda-graph times GPU work only. Prints the table with the ratios int4/fp4 (>= 0.9: FP4 within 10%
-of INT4) and bf16/fp4 (> 1: FP4 faster than bf16), writes JSON to --out.
+all with bias, bf16 in/out. --int4-pointers adds int4_ptr_op: the INT4 op without its TMA tiles
+(`kernel.pointer_tiles`), timed in the same cell, and int4_ptr/int4 (> 1: the TMA tiles faster);
+--int4-tma-min-n overrides the TMA tiles' smallest N for int4_op. Each output is checked against a float32
+reference of the same weights (`rel%_*`: relative L2 error in percent, on one weight copy). Weights are rotated
+over several copies so small-M runs read HBM, not L2. Ops are compiled (torch.compile, static shapes, one compile
+per M) or eager with --eager; --cuda-graph times GPU work only. Prints the table with the ratios int4/fp4
+(>= 0.9: FP4 within 10% of INT4) and bf16/fp4 (> 1: FP4 faster than bf16), writes JSON to --out.
 
     LD_PRELOAD=$(g++ -print-file-name=libstdc++.so.6) python3 tools/bench_fp4_gemm.py --eager --cuda-graph --out b.json
 """
@@ -56,23 +56,24 @@ def rel_pct(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @contextlib.contextmanager
-def int4_tma_tiles(min_n: int | None):
-    """The INT4 op runs with the TMA tiles on its buckets, from N = min_n if given (eager: the op reads
+def int4_tiles(pointers: bool = False, tma_min_n: int | None = None):
+    """The INT4 op runs without its TMA tiles (pointers), or with them from N = tma_min_n (eager: the op reads
     `kernel.CONFIGS` per call)."""
     from qcompile.plugins.int4_gemm import kernel
 
     shipped = kernel.CONFIGS
-    tiled = kernel.with_tma_tiles(shipped)
-    if min_n is not None:
-        tiled = [(limit, dict(cfg, tma=dict(cfg["tma"], min_n=min_n)) if "tma" in cfg else cfg) for limit, cfg in tiled]
-    kernel.CONFIGS = tiled
+    if pointers:
+        kernel.CONFIGS = kernel.pointer_tiles(shipped)
+    elif tma_min_n is not None:
+        kernel.CONFIGS = [(limit, dict(cfg, tma=dict(cfg["tma"], min_n=tma_min_n)) if "tma" in cfg else cfg)
+                          for limit, cfg in shipped]
     try:
         yield
     finally:
         kernel.CONFIGS = shipped
 
 
-def run_shape(k: int, n: int, m: int, ops, tma: bool = False, tma_min_n: int | None = None) -> dict:
+def run_shape(k: int, n: int, m: int, ops, pointers: bool = False, tma_min_n: int | None = None) -> dict:
     from qcompile.plugins.fp4_gemm.reference import dequantize_weight as fp4_weight
     from qcompile.plugins.int4_gemm.reference import dequantize_weight as int4_weight
 
@@ -85,13 +86,14 @@ def run_shape(k: int, n: int, m: int, ops, tma: bool = False, tma_min_n: int | N
     w4 = rotating(lambda: make_int4(k, n), k * n // 2)
     w = w4()
     ref4 = xf @ int4_weight(*w, None, GROUP) + bf
-    r["rel%_int4"] = rel_pct(ops["int4"](x, *w, None, bias, GROUP), ref4)
-    r["int4_op"] = bench(lambda: ops["int4"](x, *w4(), None, bias, GROUP))
-    if tma:
-        with int4_tma_tiles(tma_min_n):
-            r["rel%_int4_tma"] = rel_pct(ops["int4"](x, *w, None, bias, GROUP), ref4)
-            r["int4_tma_op"] = bench(lambda: ops["int4"](x, *w4(), None, bias, GROUP))
-        r["int4/int4_tma"] = r["int4_op"] / r["int4_tma_op"]
+    with int4_tiles(tma_min_n=tma_min_n):
+        r["rel%_int4"] = rel_pct(ops["int4"](x, *w, None, bias, GROUP), ref4)
+        r["int4_op"] = bench(lambda: ops["int4"](x, *w4(), None, bias, GROUP))
+    if pointers:
+        with int4_tiles(pointers=True):
+            r["rel%_int4_ptr"] = rel_pct(ops["int4"](x, *w, None, bias, GROUP), ref4)
+            r["int4_ptr_op"] = bench(lambda: ops["int4"](x, *w4(), None, bias, GROUP))
+        r["int4_ptr/int4"] = r["int4_ptr_op"] / r["int4_op"]
     del ref4
     for fmt, block in FP4.items():
         wf = rotating(lambda: make_fp4(fmt, k, n), k * n // 2)
@@ -116,20 +118,23 @@ def compiled_ops(eager: dict, use_eager: bool) -> dict:
 
 def main() -> None:
     ap = bench_parser(__doc__.splitlines()[0])
-    ap.add_argument("--int4-tma", action="store_true", help="also time the INT4 op with the TMA tiles (needs --eager)")
-    ap.add_argument("--int4-tma-min-n", type=int, help="the TMA tiles' smallest N (default: kernel.TMA_TILES')")
+    ap.add_argument("--int4-pointers", action="store_true",
+                    help="also time the INT4 op without its TMA tiles (needs --eager)")
+    ap.add_argument("--int4-tma-min-n", type=int, help="the TMA tiles' smallest N (default: kernel.TMA_TILES'; "
+                    "needs --eager)")
     args = ap.parse_args()
-    if args.int4_tma and not args.eager:
-        ap.error("--int4-tma swaps the INT4 op's tiles per call, which a torch.compile'd op would not see: add --eager")
+    if (args.int4_pointers or args.int4_tma_min_n is not None) and not args.eager:
+        ap.error("--int4-pointers and --int4-tma-min-n swap the INT4 op's tiles per call, which a torch.compile'd op "
+                 "would not see: add --eager")
     ops = compiled_ops({"int4": register_int4(), "fp4": register_fp4()}, args.eager)
     cols = ["bf16", "int4_op", "nvfp4_op", "mxfp4_op", "int4/nvfp4", "int4/mxfp4", "bf16/nvfp4", "bf16/mxfp4",
             "rel%_int4", "rel%_nvfp4", "rel%_mxfp4"]
     errs = ["rel%_int4", "rel%_nvfp4", "rel%_mxfp4"]
-    if args.int4_tma:
-        cols[2:2] = ["int4_tma_op", "int4/int4_tma"]
-        errs.append("rel%_int4_tma")
-        cols.append("rel%_int4_tma")
-    rows = sweep(args, cols, lambda k, n, m: run_shape(k, n, m, ops, args.int4_tma, args.int4_tma_min_n))
+    if args.int4_pointers:
+        cols[2:2] = ["int4_ptr_op", "int4_ptr/int4"]
+        errs.append("rel%_int4_ptr")
+        cols.append("rel%_int4_ptr")
+    rows = sweep(args, cols, lambda k, n, m: run_shape(k, n, m, ops, args.int4_pointers, args.int4_tma_min_n))
     errs = {c: max(r[c] for r in rows) for c in errs}
     print(f"max relative L2 error vs float32 (%): {errs}")
     write_results(args, rows, int4_group=GROUP, fp4_blocks=FP4, max_rel_l2_error_pct=errs)

@@ -88,23 +88,9 @@ MAGIC16 = {torch.bfloat16: (0x4308, 136.0), torch.float16: (0x6408, 1032.0)}  # 
 # tiles, one M tile that reads the weight once: at M = 128, 13-35% faster than two 64-row tiles on the four layers
 # and the best 128-row tile on each (benchmarks/int4_tune_one_dot-m32-128-s19.json, -w16-s19.json); at 80, 100 and
 # 128 rows the shipped tile is the sweep's best or within 7% of it (int4_tune_one_dot-m80-128-s20.json).
-_MM_T_64_ROWS = dict(kernel="mm_t", BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, waves=2,
-                     SCALE_ACC=False)
-CONFIGS = [
-    (1, dict(kernel="gemv", BLOCK_N=512, MIN_TILES=8, BLOCK_K=32, num_warps=2, num_stages=3,
-             waves=32)),
-    (16, dict(kernel="one_dot", BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3, waves=7.5, SCALE_W=False,
-              fallback=dict(kernel="mm_t", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3,
-                            waves=8, SCALE_ACC=False))),
-    (64, dict(kernel="one_dot", BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, waves=2, resident=3,
-              SCALE_W="unsplit", fallback=_MM_T_64_ROWS)),
-    (128, dict(kernel="one_dot", BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, waves=2, SCALE_W=False,
-               fallback=_MM_T_64_ROWS)),
-    (None, dict(kernel="dequant")),
-]
-
-# TMA tiles of the 16- and 64-row buckets (bucket limit -> a one-dot config's "tma", `one_dot.use_tma`): on
-# layers at least min_n wide the weight and x load through TMA descriptors, with these keys over the bucket's.
+#
+# TMA tiles of the 16- and 64-row buckets (a one-dot config's "tma", `one_dot.use_tma`): on layers at least min_n
+# wide the weight and x load through TMA descriptors, with these keys over the bucket's.
 # The op with them, host descriptors in 128-byte boxes, against the pointer loads (bias, bf16 out, µs;
 # benchmarks/fp4_int4_gemm-tma128-s23.json, every layer's tiles from N = 4096): 4096 x 14336 24.1 against 28.2 at
 # 16 rows; 8192 x 28672 58.4 / 90.8 / 92.4 against 68.7 / 99.7 / 103.0 at 16 / 40 / 64 rows. Where they lost:
@@ -115,10 +101,25 @@ CONFIGS = [
 TMA_TILES = {16: dict(min_n=8192, BLOCK_N=128, waves=4),
              64: dict(min_n=16384, BLOCK_N=128, waves=2, resident=0, SCALE_W=False)}
 
+_MM_T_64_ROWS = dict(kernel="mm_t", BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, waves=2,
+                     SCALE_ACC=False)
+CONFIGS = [
+    (1, dict(kernel="gemv", BLOCK_N=512, MIN_TILES=8, BLOCK_K=32, num_warps=2, num_stages=3,
+             waves=32)),
+    (16, dict(kernel="one_dot", BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3, waves=7.5, SCALE_W=False,
+              tma=TMA_TILES[16], fallback=dict(kernel="mm_t", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4,
+                                               num_stages=3, waves=8, SCALE_ACC=False))),
+    (64, dict(kernel="one_dot", BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, waves=2, resident=3,
+              SCALE_W="unsplit", tma=TMA_TILES[64], fallback=_MM_T_64_ROWS)),
+    (128, dict(kernel="one_dot", BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, waves=2, SCALE_W=False,
+               fallback=_MM_T_64_ROWS)),
+    (None, dict(kernel="dequant")),
+]
 
-def with_tma_tiles(configs: list = CONFIGS) -> list:
-    """`configs` with `TMA_TILES` attached to their buckets (to time and test them)."""
-    return [(limit, dict(cfg, tma=TMA_TILES[limit]) if limit in TMA_TILES else cfg) for limit, cfg in configs]
+
+def pointer_tiles(configs: list = CONFIGS) -> list:
+    """`configs` without their TMA tiles: every load through pointers (to time and test against them)."""
+    return [(limit, {key: v for key, v in cfg.items() if key != "tma"}) for limit, cfg in configs]
 
 
 DEQUANT = dict(BLOCK_KW=8, BLOCK_N=256, num_warps=4)  # tile of `_int4_dequant_kernel`: 7 within 3% (benchmarks/dequant.json)

@@ -194,8 +194,7 @@ def scale_on_weight(scale_w, splits: int, group_size: int, step: int) -> bool:
 
 def use_tma(cfg: dict, x2d: torch.Tensor, n: int, on_cpu: bool) -> bool:
     """Whether this launch loads through TMA descriptors: cfg["tma"] names the smallest N it paid for (on the
-    H200, with descriptors made by each program, they lost on 4096-wide layers: benchmarks/int4_tma_probe-s22.json,
-    kernel.TMA_TILES); the descriptors need 16-byte aligned rows and start (x's storage is taken to start aligned,
+    H200 they lost on 4096 x 4096: kernel.TMA_TILES); the descriptors need 16-byte aligned rows and start (x's storage is taken to start aligned,
     as torch's allocators and AOTInductor's buffers do), and the words' view N a multiple of 32 (`launch`). Not on
     CPU tensors (the interpreter), unless cfg["tma"]["interpret"] (tests).
 

@@ -309,23 +309,25 @@ def test_gpu_body_dispatch_traces_with_dynamic_rows(monkeypatch):
 
 
 @needs_triton
-@pytest.mark.parametrize("tma", [False, True], ids=["shipped", "tma-tiles"])
+@pytest.mark.parametrize("tma", [True, False], ids=["shipped", "pointer-tiles"])
 def test_gpu_launches_export_on_fake_cuda_tensors(monkeypatch, tma):
     """The CUDA body as an engine's export traces it, without a GPU (`export_on_fake_cuda`): every bucket's launch
     code must trace inside torch.cond (reading x's storage_offset there broke the H200 export of the TMA tiles),
-    and with a concrete M outside it (where the host descriptors cannot be captured). A wide layer, so the TMA
-    tiles apply."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from qcompile.plugins.gemm_dispatch import bucket_for
+    and with a concrete M outside it (where the host descriptors cannot be captured). A wide layer, so the
+    shipped TMA tiles take the 16- and 64-row buckets in their torch.cond branches, and a concrete M keeps the
+    pointer loads (`kernel.pointer_tiles`: none anywhere)."""
     from qcompile.plugins.int4_gemm import kernel, one_dot
 
-    if tma:
-        monkeypatch.setattr(kernel, "CONFIGS", kernel.with_tma_tiles())
-    with FakeTensorMode(), monkeypatch.context() as dynamo:
-        dynamo.setattr(torch.compiler, "is_dynamo_compiling", lambda: True)  # as in torch.cond's branches
-        x = torch.empty(4, 512, dtype=torch.bfloat16, device="cuda")
-        assert one_dot.use_tma(bucket_for(kernel.CONFIGS, 16), x, 16384, on_cpu=False) == tma
+    if not tma:
+        monkeypatch.setattr(kernel, "CONFIGS", kernel.pointer_tiles())
+    decided = one_dot.use_tma
+
+    def use_tma(cfg, x2d, n, on_cpu):  # an exception is what torch.cond's tracing lets out of a branch
+        took = decided(cfg, x2d, n, on_cpu)
+        if took != (tma and "tma" in cfg and dynamic_rows):
+            raise AssertionError(f"{cfg.get('BLOCK_M')}-row bucket: TMA {took}, dynamic rows {dynamic_rows}")
+        return took
+    monkeypatch.setattr(one_dot, "use_tma", use_tma)
     case = make_case(k=512, n=16384, group=128, zero=True)
     for dynamic_rows in (True, False):  # a concrete M: one bucket, no torch.cond, so no Dynamo (pointer loads)
         assert export_on_fake_cuda(monkeypatch, torch.ops.qcompile.int4_groupwise_gemm, op_args(case, None)[1:],
@@ -566,10 +568,10 @@ def test_one_dot_takes_tma_only_where_it_paid_and_can_load(monkeypatch):
         with monkeypatch.context() as dynamo:
             dynamo.setattr(torch.compiler, "is_dynamo_compiling", lambda: True)
             assert one_dot.use_tma(cfg, fake, 8192, on_cpu=False)
-    from qcompile.plugins.int4_gemm import kernel  # the TMA tiles name one-dot buckets (a renamed limit: none)
-    attached = [limit for limit, c in kernel.with_tma_tiles() if "tma" in c]
-    assert attached == sorted(kernel.TMA_TILES)
-    assert all(c["kernel"] == "one_dot" for limit, c in kernel.CONFIGS if limit in attached)
+    from qcompile.plugins.int4_gemm import kernel  # the TMA tiles are on one-dot buckets, and only there
+    assert {limit: c["tma"] for limit, c in kernel.CONFIGS if "tma" in c} == kernel.TMA_TILES
+    assert all(c["kernel"] == "one_dot" for limit, c in kernel.CONFIGS if limit in kernel.TMA_TILES)
+    assert not any("tma" in c for _, c in kernel.pointer_tiles())
 
 
 
@@ -584,7 +586,7 @@ def test_tma_descriptor_rows_are_one_swizzle_wide():
     from qcompile.plugins.int4_gemm import kernel, one_dot
 
     case = make_case(k=1024, n=256, group=128, zero=False, seed=0)
-    for limit, cfg in kernel.with_tma_tiles():
+    for limit, cfg in kernel.CONFIGS:
         if "tma" not in cfg:
             continue
         launched = []
@@ -626,14 +628,13 @@ def test_cuda_matches_reference(group, zero, dtype, m):
 @pytest.mark.parametrize("group", [64, 128, "channel"])
 @pytest.mark.parametrize("zero", [False, True], ids=["sym", "zp"])
 @pytest.mark.parametrize("m", [5, 16, 40, 64])
-def test_cuda_wide_layers_take_the_tma_tiles(monkeypatch, group, zero, m):
-    """N = 16384, at least the TMA tiles' min_n: the op with `kernel.TMA_TILES` on its buckets loads through TMA
+def test_cuda_wide_layers_take_the_tma_tiles(group, zero, m):
+    """N = 16384, at least the TMA tiles' min_n: the op (`kernel.TMA_TILES` on its buckets) loads through TMA
     descriptors (their zero fill past M and past a split's end, zero points, per-channel scales), bf16 against
     float64."""
     from qcompile.plugins.gemm_dispatch import bucket_for
     from qcompile.plugins.int4_gemm import kernel, one_dot
 
-    monkeypatch.setattr(kernel, "CONFIGS", kernel.with_tma_tiles())
     case = make_case(k=1024, n=16384, group=group, zero=zero, seed=m)
     x = torch.randn(m, 1024, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
     assert one_dot.use_tma(bucket_for(kernel.CONFIGS, m), x.cuda(), 16384, on_cpu=False)
@@ -674,14 +675,10 @@ def test_cuda_dequant_kernel_is_exact(zero, group, tile):
 @cuda
 @pytest.mark.parametrize("dtype, n", [(torch.float32, 256), (torch.float16, 256), (torch.bfloat16, 16384)],
                          ids=["fp32", "fp16", "bf16-wide"])
-def test_cuda_aoti_package_dynamic_rows(monkeypatch, tmp_path, dtype, n):
+def test_cuda_aoti_package_dynamic_rows(tmp_path, dtype, n):
     """fp16 x: the GEMV's packed-half2 PTX compiled into the package; N = 16384: the TMA tiles (`kernel.TMA_TILES`
-    on the buckets), whose host-made descriptors AOTInductor's wrapper makes per call (captured by Dynamo in the
-    M buckets' torch.cond)."""
-    from qcompile.plugins.int4_gemm import kernel
-
-    if n >= 16384:
-        monkeypatch.setattr(kernel, "CONFIGS", kernel.with_tma_tiles())
+    on the 16- and 64-row buckets), whose host-made descriptors AOTInductor's wrapper makes per call (captured by
+    Dynamo in the M buckets' torch.cond; test_gpu_launches_export_on_fake_cuda_tensors checks they are taken)."""
     mod = Int4Linear(device="cuda", k=512, n=n, group=128).cuda()
     ep = _export(mod, torch.randn(4, 512, device="cuda", dtype=dtype))
     path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "i4.pt2"))

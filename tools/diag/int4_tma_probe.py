@@ -18,14 +18,16 @@ words (LDS) and the scale's mask take their place. Timed on the H200 all the sam
 benchmarks/int4_tma_probe-s22.json), TMA was 1.2-1.3x faster on the wide layers at 16 and 64 rows (8192 x 28672:
 47.6 / 71.0 against 61.8 / 85.6 µs): the copies hide latency that the instruction count does not show.
 
-Host descriptors cannot go into an engine: torch's tracing of a `triton_op` does not capture them (AOTInductor:
+This probe's host descriptors cannot go into its `--aoti` package: torch.export's tracing of a `triton_op` outside
+torch.cond does not capture them (AOTInductor:
 "TypeError: '<=' not supported between instances of 'TensorDescriptor' and 'int'"). Descriptors the kernel makes
 itself (`--descriptors device`, `tl.make_tensor_descriptor` in Triton's global scratch) compile into an
 AOTInductor package with a dynamic M and matched float64 there (`--aoti`). But torch 2.11's AOTInductor allocates
 that scratch for one program only, so the other programs wrote past it: the match shows nothing about safety
 (from torch 2.12 the allocation covers the grid). They cost each program about 1-3 µs more (52.5 / 72.5 µs on
 8192 x 28672). The op's one-dot kernel takes host descriptors (`one_dot.use_tma`, `kernel.TMA_TILES`): its M
-buckets are torch.cond branches, which Dynamo traces, and Dynamo captures them.
+buckets are torch.cond branches, which Dynamo traces, and Dynamo captures them. This probe's blocks are wider
+than 128 bytes, which only Triton's launcher can encode; the op's have rows of 128 bytes (see one_dot.launch).
 
 Scope: symmetric g128 weights in the planar layout, 16-bit x, K a multiple of 128, fp32 output (split-K
 atomics), the scale on each step's product (as the shipped `SCALE_W=False`).
