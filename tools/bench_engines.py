@@ -8,6 +8,10 @@ Decode speed of weight-only recipes (M = 1 rows per GEMM; a KV-cache-free decode
     python tools/bench_engines.py llama3-8b-layers --recipes fp16 w4a16_awq --size batch=1,seq=1 \
         --calib-size batch=1,seq=128 --out benchmarks/decode-llama3-8b-layers.json
 
+A recipe may name a variant after a colon, built with the INT4 op's buckets swapped (`VARIANTS`), so an A/B of
+kernel tiles runs in one call beside the shipped engine:
+    python tools/bench_engines.py llama3-8b-layers --recipes fp16 w4a16_awq w4a16_awq:int4-pointers ...
+
 Engines are built once (dynamic dims) and timed at every --size on the same device-resident inputs
 with CUDA events (median of --iters runs after warm-up); ratios are relative to the first recipe;
 tokens/s counts batch x seq tokens per run.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import multiprocessing
 import os
@@ -36,6 +41,19 @@ from qcompile.frontend import load_source
 from qcompile.inputs import parse_dim_sizes
 from qcompile.lowering import lower_onnx
 from qcompile.report import format_table
+
+from int4_tiles import int4_tiles  # tools/, this script's folder
+
+VARIANTS = {"int4-pointers": lambda: int4_tiles(pointers=True)}  # recipe:variant -> the build's context
+
+
+def split_variant(name: str) -> tuple[str, str | None]:
+    """"recipe:variant" -> (recipe, variant); a plain recipe -> (recipe, None)."""
+    recipe, _, variant = name.partition(":")
+    if variant and variant not in VARIANTS:
+        raise SystemExit(f"bench_engines: unknown variant {variant!r} in --recipes {name!r} "
+                         f"(known: {', '.join(VARIANTS)})")
+    return recipe, variant or None
 
 
 def time_cuda(fn, iters: int, warmup: int = 10) -> float:
@@ -92,6 +110,8 @@ def main(argv=None) -> int:
                    help="build this many engines at once in worker processes (compiling is CPU-bound); "
                    "all builds finish before any timing starts")
     args = p.parse_args(argv)
+    for name in args.recipes:
+        split_variant(name)
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -134,10 +154,14 @@ def main(argv=None) -> int:
     return 1 if failed else 0
 
 
-def build_one(recipe: str, onnx_path: Path, calib: Path, work: Path) -> dict:
-    """Build one recipe's engine; what `measure` needs of it (plain values: it may cross processes)."""
+def build_one(name: str, onnx_path: Path, calib: Path, work: Path) -> dict:
+    """Build one recipe's engine (name: a recipe, or "recipe:variant"); what `measure` needs of it (plain values:
+    it may cross processes)."""
+    recipe, variant = split_variant(name)
     t0 = time.perf_counter()
-    built = qcompile.build(str(onnx_path), recipe, output=work / f"{recipe}.engine", calib=str(calib), device="cuda")
+    with VARIANTS[variant]() if variant else contextlib.nullcontext():
+        built = qcompile.build(str(onnx_path), recipe, output=work / f"{name.replace(':', '-')}.engine",
+                               calib=str(calib), device="cuda")
     return {"engine_path": str(built.engine_path), "build_s": time.perf_counter() - t0,
             "layers_quantized": len(built.layers), "weights_bytes": built.bytes_after}
 

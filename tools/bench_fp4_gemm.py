@@ -19,11 +19,10 @@ per M) or eager with --eager; --cuda-graph times GPU work only. Prints the table
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from gpu_timing import bench, bench_parser, rotating, sweep, write_results
+from int4_tiles import int4_tiles
 
 from qcompile.plugins.fp4_gemm import register as register_fp4
 from qcompile.plugins.int4_gemm import register as register_int4
@@ -53,24 +52,6 @@ def make_fp4(fmt: str, k: int, n: int):
 def rel_pct(y: torch.Tensor, ref: torch.Tensor) -> float:
     """Relative L2 error in percent."""
     return 100.0 * ((y.float() - ref).norm() / ref.norm()).item()
-
-
-@contextlib.contextmanager
-def int4_tiles(pointers: bool = False, tma_min_n: int | None = None):
-    """The INT4 op runs without its TMA tiles (pointers), or with them from N = tma_min_n (eager: the op reads
-    `kernel.CONFIGS` per call)."""
-    from qcompile.plugins.int4_gemm import kernel
-
-    shipped = kernel.CONFIGS
-    if pointers:
-        kernel.CONFIGS = kernel.pointer_tiles(shipped)
-    elif tma_min_n is not None:
-        kernel.CONFIGS = [(limit, dict(cfg, tma=dict(cfg["tma"], min_n=tma_min_n)) if "tma" in cfg else cfg)
-                          for limit, cfg in shipped]
-    try:
-        yield
-    finally:
-        kernel.CONFIGS = shipped
 
 
 def run_shape(k: int, n: int, m: int, ops, pointers: bool = False, tma_min_n: int | None = None) -> dict:

@@ -1,0 +1,24 @@
+"""The INT4 op's launch configurations swapped for an A/B run (benchmarks only): its buckets without their TMA
+tiles, or with the TMA tiles from another smallest N. The op reads `kernel.CONFIGS` each time it runs or is
+traced, so eager calls and engine builds inside the context take the swapped buckets."""
+from __future__ import annotations
+
+import contextlib
+
+
+@contextlib.contextmanager
+def int4_tiles(pointers: bool = False, tma_min_n: int | None = None):
+    """`kernel.CONFIGS` without its TMA tiles (pointers: every load through pointers, `kernel.pointer_tiles`), or
+    with them from N = tma_min_n; as shipped when neither is given."""
+    from qcompile.plugins.int4_gemm import kernel
+
+    shipped = kernel.CONFIGS
+    if pointers:
+        kernel.CONFIGS = kernel.pointer_tiles(shipped)
+    elif tma_min_n is not None:
+        kernel.CONFIGS = [(limit, dict(cfg, tma=dict(cfg["tma"], min_n=tma_min_n)) if "tma" in cfg else cfg)
+                          for limit, cfg in shipped]
+    try:
+        yield
+    finally:
+        kernel.CONFIGS = shipped
