@@ -84,9 +84,9 @@ def _block64(w_src, s_ptr, z_ptr, kb, offs_n, mask_n, N, K, BLOCKS_PER_GROUP: tl
              BLOCK_N: tl.constexpr, dt: tl.constexpr, ASM: tl.constexpr):
     """(weights [BLOCK_N, 64] of the 64-K block kb as dt: q - zp, times the scale when SCALE_W; fp32 scales
     [BLOCK_N]). w_src: the pointers of block 0's 8 word rows (loop-invariant; block kb adds one scalar), or with
-    TMA the words' descriptor. BLOCKS_PER_GROUP: 64-K blocks per group, 0 for one group (per
-    channel). Past N or K (a split's last steps) the words, scales and zero points load as 0 (TMA: its zero
-    fill); EVEN (whole tiles and splits): no masks."""
+    TMA the words' descriptor. BLOCKS_PER_GROUP: 64-K blocks per group, 0 for one group (per channel). Past N or
+    K (a split's last steps) the words, scales and zero points load as 0 (TMA: its zero fill); EVEN (whole tiles
+    and splits): no masks."""
     ok = mask_n & (kb * 64 < K)
     if TMA:  # w_src: the words as [K / 8, N / 32, 32] in [8, BLOCK_N / 32, 32] boxes (rows of 128 bytes, `launch`)
         box = w_src.load([kb * 8, tl.program_id(0) * (BLOCK_N // 32), 0])
@@ -194,9 +194,9 @@ def scale_on_weight(scale_w, splits: int, group_size: int, step: int) -> bool:
 
 def use_tma(cfg: dict, x2d: torch.Tensor, n: int, on_cpu: bool) -> bool:
     """Whether this launch loads through TMA descriptors: cfg["tma"] names the smallest N it paid for (on the
-    H200 they lost on 4096 x 4096: kernel.TMA_TILES); the descriptors need 16-byte aligned rows and start (x's storage is taken to start aligned,
-    as torch's allocators and AOTInductor's buffers do), and the words' view N a multiple of 32 (`launch`). Not on
-    CPU tensors (the interpreter), unless cfg["tma"]["interpret"] (tests).
+    H200 they lost on 4096 x 4096: kernel.TMA_TILES); the descriptors need 16-byte aligned rows and start (x's
+    storage is taken to start aligned, as torch's allocators and AOTInductor's buffers do), and the words' view N
+    a multiple of 32 (`launch`). Not on CPU tensors (the interpreter), unless cfg["tma"]["interpret"] (tests).
 
     The descriptors are made on the host: an engine gets them through Dynamo (torch.cond's tracing), which
     AOTInductor turns into descriptors its wrapper makes per call. Descriptors made by the kernel
@@ -218,9 +218,10 @@ def use_tma(cfg: dict, x2d: torch.Tensor, n: int, on_cpu: bool) -> bool:
 
 def tma_words(w_packed: torch.Tensor) -> torch.Tensor:
     """The planar words [K / 8, N] as [K / 8, N / 32, 32], in rows of 128 bytes as the TMA boxes load them (N a
-    multiple of 32, else w_packed itself; the view itself as it is). The op makes this view outside its M buckets' torch.cond
-    (`kernel.int4_gemm_triton`): AOTInductor's compile-time autotuning block (torch 2.11) writes a descriptor
-    over a view made inside a branch with the C++ wrapper's expression of the view, which is not Python."""
+    multiple of 32, else w_packed itself; the view itself as it is). The op makes this view outside its M buckets'
+    torch.cond (`kernel.int4_gemm_triton`): AOTInductor's compile-time autotuning block (torch 2.11) writes a
+    descriptor over a view made inside a branch with the C++ wrapper's expression of the view, which is not
+    Python."""
     if w_packed.dim() == 3 or w_packed.shape[1] % 32 != 0:
         return w_packed
     return w_packed.view(w_packed.shape[0], w_packed.shape[1] // 32, 32)
