@@ -101,3 +101,19 @@ def export_on_fake_cuda(monkeypatch, op, weights: tuple, x: torch.Tensor, dynami
         rows = torch.export.Dim("rows", min=1, max=4096)
         ep = torch.export.export(Layer(), (x.to("cuda"),), dynamic_shapes={"x": {0: rows}} if dynamic_rows else None)
     return [n.target for n in ep.graph.nodes if n.op == "call_function"]
+
+
+def expect_tma(monkeypatch, expected) -> None:
+    """Makes the INT4 one-dot launch fail unless its TMA decision (`one_dot.use_tma`) is `expected(cfg)` for the
+    bucket's configuration: raising is what torch.cond's tracing lets out of a branch, so an export on fake
+    tensors (`export_on_fake_cuda`) shows which loads each bucket took."""
+    from qcompile.plugins.int4_gemm import one_dot
+
+    decided = one_dot.use_tma
+
+    def use_tma(cfg, x2d, n, on_cpu):
+        took = decided(cfg, x2d, n, on_cpu)
+        if took != expected(cfg):
+            raise AssertionError(f"{cfg.get('BLOCK_M')}-row one-dot bucket: TMA {took}, expected {expected(cfg)}")
+        return took
+    monkeypatch.setattr(one_dot, "use_tma", use_tma)

@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from qc_testutil import export_on_fake_cuda, ort_session
+from qc_testutil import expect_tma, export_on_fake_cuda, ort_session
 
 from qcompile.algorithms.int4 import quantize_rtn
 from qcompile.plugins.int4_gemm import int4_gemm_reference, onnx_schema, register
@@ -316,20 +316,13 @@ def test_gpu_launches_export_on_fake_cuda_tensors(monkeypatch, tma):
     and with a concrete M outside it (where the host descriptors cannot be captured). A wide layer, so the
     shipped TMA tiles take the 16- and 64-row buckets in their torch.cond branches, and a concrete M keeps the
     pointer loads (`kernel.pointer_tiles`: none anywhere)."""
-    from qcompile.plugins.int4_gemm import kernel, one_dot
+    from qcompile.plugins.int4_gemm import kernel
 
     if not tma:
         monkeypatch.setattr(kernel, "CONFIGS", kernel.pointer_tiles())
-    decided = one_dot.use_tma
-
-    def use_tma(cfg, x2d, n, on_cpu):  # an exception is what torch.cond's tracing lets out of a branch
-        took = decided(cfg, x2d, n, on_cpu)
-        if took != (tma and "tma" in cfg and dynamic_rows):
-            raise AssertionError(f"{cfg.get('BLOCK_M')}-row bucket: TMA {took}, dynamic rows {dynamic_rows}")
-        return took
-    monkeypatch.setattr(one_dot, "use_tma", use_tma)
     case = make_case(k=512, n=16384, group=128, zero=True)
     for dynamic_rows in (True, False):  # a concrete M: one bucket, no torch.cond, so no Dynamo (pointer loads)
+        expect_tma(monkeypatch, lambda cfg: tma and "tma" in cfg and dynamic_rows)
         assert export_on_fake_cuda(monkeypatch, torch.ops.qcompile.int4_groupwise_gemm, op_args(case, None)[1:],
                                    torch.randn(4, 512).to(torch.bfloat16), dynamic_rows) == \
             [torch.ops.qcompile.int4_groupwise_gemm.default]

@@ -11,7 +11,7 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from qc_testutil import export_on_fake_cuda, ort_session
+from qc_testutil import expect_tma, export_on_fake_cuda, ort_session
 
 from qcompile.algorithms.int4 import quantize_rtn
 from qcompile.plugins.formats import MIN_SCALE, dynamic_row_scales, quantize_activation
@@ -247,10 +247,13 @@ def test_cuda_w4a8_matches_reference(mode, dtype, m):
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "per-token"])
-def test_gpu_launches_export_on_fake_cuda_tensors(monkeypatch, dynamic):
+@pytest.mark.parametrize("n", [256, 16384], ids=["narrow", "wide"])
+def test_gpu_launches_export_on_fake_cuda_tensors(monkeypatch, dynamic, n):
     """The W4A8 CUDA body as an engine's export traces it (FP8 activation quantization, the M buckets in
-    torch.cond, the Triton launches included), without a GPU."""
-    case = make_case(k=512, n=256, group=128, seed=7)
+    torch.cond, the Triton launches included), without a GPU; N = 16384: the 16- and 64-row buckets take the
+    one-dot kernel's TMA tiles on x converted inside the branch."""
+    expect_tma(monkeypatch, lambda cfg: "tma" in cfg and n >= cfg["tma"]["min_n"])
+    case = make_case(k=512, n=n, group=128, seed=7)
     x_scale = None if dynamic else torch.tensor(0.02)
     weights = (case["w_packed"], case["scale"], case["w_zero"], case["bias"], case["g"], x_scale, dynamic)
     assert export_on_fake_cuda(monkeypatch, torch.ops.qcompile.int4_groupwise_gemm, weights,
