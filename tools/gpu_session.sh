@@ -24,7 +24,7 @@ for s in ${STEPS:-engines kernels int4 decode tests}; do
                  | tee "$OUT/gpu-tests${TESTS_TAG:-}.log" | tail -25 ;;
     decode)  step "decode benchmark: Llama-3-8B-sized layers, ${DECODE_RECIPES:-fp16 w4a16_awq} at M = 1 and 16"
              py tools/bench_engines.py llama3-8b-layers --recipes ${DECODE_RECIPES:-fp16 w4a16_awq} --cuda-graph --profile --size batch=1,seq=1 \
-                 --size batch=16,seq=1 --calib-size batch=2,seq=64 --iters 100 --build-jobs 2 \
+                 --size batch=16,seq=1 --calib-size batch=2,seq=64 --iters 100 --build-jobs ${DECODE_JOBS:-3} \
                  --out "$OUT/decode-llama3-8b-layers${DECODE_TAG:-}.json" 2>&1 | tee "$OUT/decode-llama3-8b-layers${DECODE_TAG:-}.log" | grep -v "^\[" | tail -12 ;;
     w8fp8)   step "w8a16 and fp8_block GEMM benchmark"
              py tools/bench_w8a16_fp8_block.py --eager --cuda-graph ${W8FP8_ARGS:-} --out "$OUT/w8a16_fp8_block${W8FP8_TAG:-}.json" 2>&1 \
