@@ -9,6 +9,7 @@ a process pool (the Triton disk cache then serves the timing process). Writes ev
 and prints the best configuration per cell and per M bucket.
 
     python3 tools/tune_int4_gemm.py --out tune.json [--shapes 8192x28672] [--ms 1 16] [--kinds gemv]
+    python3 tools/tune_int4_gemm.py --out tma.json --ms 16 64 --kinds one_dot one_dot_tma   # TMA tiles vs pointers
 """
 from __future__ import annotations
 
@@ -46,6 +47,11 @@ def candidates(m: int) -> list[dict]:
         for bn, scale_w, st, waves in itertools.product((64, 128), (False, True), (3, 4), (1, 2, 4, 8, 16)):
             out.append(dict(kernel="one_dot", BLOCK_M=16 if m <= 16 else 64, BLOCK_N=bn, num_warps=4, num_stages=st,
                             waves=waves, SCALE_W=scale_w))
+    if 1 < m <= 64:  # the same kernel loading through TMA on every layer (kind one_dot_tma; `one_dot.use_tma`)
+        for bn, scale_w, st, waves, resident in itertools.product((64, 128), (False, "unsplit"), (3, 4), (1, 2, 4, 8),
+                                                                  (0, 3) if m > 16 else (0,)):
+            out.append(dict(kernel="one_dot", BLOCK_M=16 if m <= 16 else 64, BLOCK_N=bn, num_warps=4, num_stages=st,
+                            waves=waves, resident=resident, SCALE_W=scale_w, tma=dict(min_n=0)))
     if 64 < m <= 512:  # the one-dot kernel with wide x tiles (the MMA's N up to 256), against dequantize + cuBLAS
         for bm, bn, w, st, waves, scale_w in itertools.product((128, 256), (64, 128), (4, 8), (2, 3), (1, 2),
                                                                (False, True)):
@@ -86,6 +92,11 @@ def parse_where(terms: list[str]) -> dict:
             except (ValueError, SyntaxError):
                 out[key].add(v)
     return out
+
+
+def kind_of(cfg: dict) -> str:
+    """The candidate's kind for --kinds: its kernel, with "_tma" when it loads through TMA (a "tma" key)."""
+    return cfg["kernel"] + ("_tma" if "tma" in cfg else "")
 
 
 def matches(cfg: dict, where: dict) -> bool:
@@ -174,7 +185,7 @@ def baselines(k: int, n: int, m: int, x) -> dict:
 def main() -> None:
     ap = bench_parser(__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=12)
-    ap.add_argument("--kinds", nargs="*", help="only these kernels (gemv, one_dot, mm_t, dequant)")
+    ap.add_argument("--kinds", nargs="*", help="only these kinds (gemv, one_dot, one_dot_tma, mm_t, dequant)")
     ap.add_argument("--where", nargs="*", default=[], metavar="KEY=V1,V2",
                     help="only candidates with these values, e.g. BLOCK_N=64 num_stages=3 SCALE_W=True,False "
                          "(the shipped configuration is always timed)")
@@ -186,7 +197,7 @@ def main() -> None:
     for k, n, m in cells:  # the shipped configuration always, the others as --kinds and --where say
         shipped = shipped_config(m)
         tasks.append((k, n, m, [c for c in candidates(m) if c == shipped
-                                or ((not args.kinds or c["kernel"] in args.kinds) and matches(c, where))]))
+                                or ((not args.kinds or kind_of(c) in args.kinds) and matches(c, where))]))
     ctx = mp.get_context("spawn")
     with ctx.Pool(args.workers) as pool:
         checked = pool.map(compile_cell, tasks, chunksize=1)
