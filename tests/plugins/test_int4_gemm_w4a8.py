@@ -232,9 +232,10 @@ def test_lowering_errors_name_the_node():
 @cuda
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("m", [1, 16, 17, 300])
-def test_cuda_w4a8_matches_reference(mode, dtype, m):
-    case = make_case(k=512, n=256, group=128, seed=m)
+@pytest.mark.parametrize("m, n", [(1, 256), (16, 256), (17, 256), (300, 256), (16, 16384), (64, 16384)])
+def test_cuda_w4a8_matches_reference(mode, dtype, m, n):
+    """N = 16384: the 16- and 64-row buckets load x (converted from FP8) and the weight through TMA."""
+    case = make_case(k=512, n=n, group=128, seed=m)
     x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m)).to(dtype)
     dynamic = mode == "dynamic"
     x_scale = None if dynamic else torch.tensor(float(x.float().abs().max()) / 448)
