@@ -567,7 +567,6 @@ def test_one_dot_takes_tma_only_where_it_paid_and_can_load(monkeypatch):
     assert not any("tma" in c for _, c in kernel.pointer_tiles())
 
 
-
 @needs_triton
 def test_tma_descriptor_rows_are_one_swizzle_wide():
     """Every TMA descriptor of the shipped TMA tiles has rows of exactly 128 bytes. AOTInductor's wrapper
