@@ -118,22 +118,21 @@ def _step(x_src, w_src, s_ptr, z_ptr, k0, offs_n, mask_n, N, K, acc, BLOCKS_PER_
     from its box in shared memory)."""
     if TMA:
         dt: tl.constexpr = x_src.dtype
-        a, s = _block64(w_src, s_ptr, z_ptr, k0 // 64, offs_n, mask_n, N, K, BLOCKS_PER_GROUP, HAS_ZERO, SCALE_W,
-                        EVEN, TMA, BLOCK_N, dt, ASM)
-        acc = tl.dot(a, tl.trans(x_src.load([tl.program_id(2) * BLOCK_M, k0])), acc)
-        if HALVES == 2:
-            a1, _ = _block64(w_src, s_ptr, z_ptr, k0 // 64 + 1, offs_n, mask_n, N, K, BLOCKS_PER_GROUP, HAS_ZERO,
-                             SCALE_W, EVEN, TMA, BLOCK_N, dt, ASM)
-            acc = tl.dot(a1, tl.trans(x_src.load([tl.program_id(2) * BLOCK_M, k0 + 64])), acc)
     else:
         dt: tl.constexpr = x_src.dtype.element_ty
         xt = load_xt_rows(x_src, k0, K, EVEN, 64 * HALVES)
-        a, s = _block64(w_src, s_ptr, z_ptr, k0 // 64, offs_n, mask_n, N, K, BLOCKS_PER_GROUP, HAS_ZERO, SCALE_W,
-                        EVEN, TMA, BLOCK_N, dt, ASM)
-        if HALVES == 2:
-            a1, _ = _block64(w_src, s_ptr, z_ptr, k0 // 64 + 1, offs_n, mask_n, N, K, BLOCKS_PER_GROUP, HAS_ZERO,
-                             SCALE_W, EVEN, TMA, BLOCK_N, dt, ASM)
+    a, s = _block64(w_src, s_ptr, z_ptr, k0 // 64, offs_n, mask_n, N, K, BLOCKS_PER_GROUP, HAS_ZERO, SCALE_W, EVEN,
+                    TMA, BLOCK_N, dt, ASM)
+    if TMA:
+        acc = tl.dot(a, tl.trans(x_src.load([tl.program_id(2) * BLOCK_M, k0])), acc)
+    if HALVES == 2:
+        a1, _ = _block64(w_src, s_ptr, z_ptr, k0 // 64 + 1, offs_n, mask_n, N, K, BLOCKS_PER_GROUP, HAS_ZERO,
+                         SCALE_W, EVEN, TMA, BLOCK_N, dt, ASM)
+        if TMA:
+            acc = tl.dot(a1, tl.trans(x_src.load([tl.program_id(2) * BLOCK_M, k0 + 64])), acc)
+        else:
             a = _cat_k(a, a1, BLOCK_N, 64)
+    if not TMA:
         acc = tl.dot(a, xt, acc)
     return acc, s
 
