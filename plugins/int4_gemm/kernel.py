@@ -563,7 +563,7 @@ def int4_gemm_triton(x, w_packed, w_scale, w_zero, bias, group_size: int, *, x_r
         return run
 
     configs = configs or CONFIGS
-    if any("tma" in cfg and n >= cfg["tma"]["min_n"] for _, cfg in configs):  # the words' TMA view, made
-        w_packed = one_dot.tma_words(w_packed)  # outside the buckets' torch.cond, where a bucket may take TMA
+    if any(one_dot.tma_layer(cfg, n) for _, cfg in configs):  # the words' TMA view, made outside the
+        w_packed = one_dot.tma_words(w_packed)  # buckets' torch.cond, where a bucket may take TMA
     weights = (w_packed, w_scale) + tuple(t for t in (w_zero, bias, x_row_scale) if t is not None)
     return run_by_buckets(x, k, n, [(limit, bucket(c)) for limit, c in configs], weights)

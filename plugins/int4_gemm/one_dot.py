@@ -191,22 +191,28 @@ def scale_on_weight(scale_w, splits: int, group_size: int, step: int) -> bool:
     return (splits == 1 if scale_w == "unsplit" else scale_w) or group_size % step != 0
 
 
+def tma_layer(cfg: dict, n: int) -> bool:
+    """Whether cfg has a TMA tile for a layer N wide: N at least its min_n and a multiple of 32 (the words' view,
+    `tma_words`). The dispatcher makes that view where this holds; `use_tma` then checks the launch."""
+    tma = cfg.get("tma")
+    return bool(tma) and n >= tma["min_n"] and n % 32 == 0
+
+
 def use_tma(cfg: dict, x2d: torch.Tensor, n: int, on_cpu: bool) -> bool:
     """Whether this launch loads through TMA descriptors: cfg["tma"] names the smallest N it paid for (on the
     H200 they lost on 4096 x 4096: kernel.TMA_TILES); the descriptors need 16-byte aligned rows and start (x's
-    storage is taken to start aligned, as torch's allocators and AOTInductor's buffers do), and the words' view N
-    a multiple of 32 (`launch`). Not on CPU tensors (the interpreter), unless cfg["tma"]["interpret"] (tests).
+    storage is taken to start aligned, as torch's allocators and AOTInductor's buffers do), and N a multiple of 32
+    (`tma_layer`). Not on CPU tensors (the interpreter), unless cfg["tma"]["interpret"] (tests).
 
     The descriptors are made on the host: an engine gets them through Dynamo (torch.cond's tracing), which
     AOTInductor turns into descriptors its wrapper makes per call. Descriptors made by the kernel
     (`tl.make_tensor_descriptor`) need Triton's global scratch, a slot per program, and torch 2.11's AOTInductor
     allocates one slot for the whole grid (its `cpp_scratch`; 2.12 scales it by the grid), so every other program
     would write past it."""
-    tma = cfg.get("tma")
-    if not tma or n < tma["min_n"] or (on_cpu and not tma.get("interpret")):
+    if not tma_layer(cfg, n) or (on_cpu and not cfg["tma"].get("interpret")):
         return False
     strides = (x2d.stride(0), x2d.stride(1))  # SymInts (traced views): pointers instead
-    if not (all(isinstance(v, int) for v in strides) and strides[1] == 1 and strides[0] % 8 == 0 and n % 32 == 0):
+    if not (all(isinstance(v, int) for v in strides) and strides[1] == 1 and strides[0] % 8 == 0):
         return False
     if torch.compiler.is_dynamo_compiling():  # torch.cond's branches (the op's M buckets): Dynamo captures host
         return True  # descriptors; it cannot read storage_offset, and an engine's x is a whole buffer of a node
@@ -217,13 +223,11 @@ def use_tma(cfg: dict, x2d: torch.Tensor, n: int, on_cpu: bool) -> bool:
 
 def tma_words(w_packed: torch.Tensor) -> torch.Tensor:
     """The planar words [K / 8, N] as [K / 8, N / 32, 32], in rows of 128 bytes as the TMA boxes load them (N a
-    multiple of 32, else w_packed itself; the view itself as it is). The op makes this view outside its M buckets'
-    torch.cond (`kernel.int4_gemm_triton`): AOTInductor's compile-time autotuning block (torch 2.11) writes a
-    descriptor over a view made inside a branch with the C++ wrapper's expression of the view, which is not
-    Python."""
-    if w_packed.dim() == 3 or w_packed.shape[1] % 32 != 0:
-        return w_packed
-    return w_packed.view(w_packed.shape[0], w_packed.shape[1] // 32, 32)
+    multiple of 32, as `tma_layer` requires; the view itself as it is). The op makes this view outside its M
+    buckets' torch.cond (`kernel.int4_gemm_triton`): AOTInductor's compile-time autotuning block (torch 2.11)
+    writes a descriptor over a view made inside a branch with the C++ wrapper's expression of the view, which is
+    not Python."""
+    return w_packed if w_packed.dim() == 3 else w_packed.view(w_packed.shape[0], w_packed.shape[1] // 32, 32)
 
 
 def planar_words(w_words: torch.Tensor) -> torch.Tensor:
