@@ -6,7 +6,9 @@ weight-streaming kernel can keep up with HBM (the H200 issues about 33 T thread-
 schedulers x 32 lanes x ~1.98 GHz; 235 M weights at 3 instructions each is 21 µs, at 6.7 it is 47 µs).
 
     python3 tools/diag/sass_count.py [int4_mm_t int4_gemv_fp32 int4_gemv_half2 int4_gemv_half2_planar int4_one_dot_16
-                                      int4_one_dot_64 int4_one_dot_128 (each also _scale_w, _tma, _scale_w_tma) fp4_gemm w8a16_row_dot]   # default: all
+                                      int4_one_dot_64 int4_one_dot_128 (each also _scale_w, _tma, _scale_w_tma) fp4_gemm
+                                      fp4_one_dot_probe_16 fp4_one_dot_probe_64 (each also _mx, _tma, _mx_tma) w8a16_row_dot]
+                                      [--dtype fp16]   # default: all, bf16 x
 
 The first backward branch is taken as the main loop. Not part of the product.
 
@@ -99,6 +101,17 @@ def _cases():
            dict(K_STEPS=8, MX=False, B=16, SHIFT=9, POW_SHIFT=512.0, POW_ACC=1 / 512, HAS_GLOBAL=True,
                 HAS_BIAS=False, ATOMIC=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, EVEN=True),
            ["x_ptr", "w_ptr", "s_ptr", "g_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm"], 4, 3, 64 * 128 // 128)
+    import fp4_one_dot_probe as f4p
+    probe_sig = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", y_ptr="*fp32", post="fp32",
+                     **ptrs(["M", "N", "K", "stride_xm", "k_per_split"], "i32"))
+    for bm, mx, tma in itertools.product((16, 64), (False, True), (False, True)):  # the FP4 one-dot probe (64
+        # weight rows, 32 steps; TMA: x in [bm, 64] boxes, the words in [8, 2, 32])
+        descriptors = dict(x_ptr=f"tensordesc<bf16[{bm}, 64]>", w_ptr="tensordesc<i32[8, 2, 32]>") if tma else {}
+        yield (f"fp4_one_dot_probe_{bm}" + ("_mx" if mx else "") + ("_tma" if tma else ""), f4p._fp4_one_dot_kernel,
+               dict(probe_sig, **descriptors), dict(STEPS=32, MX=mx, ATOMIC=False, ASM=True, TMA=tma, BLOCK_M=bm,
+                                                    BLOCK_N=64),
+               [d for d in ("x_ptr", "w_ptr", "s_ptr", "y_ptr", "N", "K", "stride_xm", "k_per_split")
+                if d not in descriptors], 4, 3, 64 * 128 // 128)
     from qcompile.plugins.int8_wo_gemm import kernel as w8
     w8_sig = dict(x_ptr="*bf16", w_ptr="*i8", s_ptr="*fp32", b_ptr="*bf16", y_ptr="*bf16",
                   **ptrs(["M", "N", "K", "stride_xm", "k_per_split"], "i32"))
@@ -111,9 +124,16 @@ def _cases():
 
 
 def main() -> None:
-    wanted = set(sys.argv[1:])
+    args = sys.argv[1:]
+    dtype = "bf16"
+    if "--dtype" in args:  # x (and its tiles) in fp16 instead: the kernels whose x is a "*bf16" pointer
+        at = args.index("--dtype")
+        dtype = args[at + 1]
+        del args[at:at + 2]
+    wanted = set(args)
     for name, fn, sig, const, div, warps, stages, per_thread in _cases():
         if not wanted or name in wanted:
+            sig = {a: t.replace("bf16", dtype) if a == "x_ptr" else t for a, t in sig.items()}
             report(name, compile_sass(fn, sig, const, div, warps, stages), per_thread)
 
 
