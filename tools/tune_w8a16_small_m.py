@@ -40,7 +40,13 @@ DOT_CONFIGS = ([dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=st, waves=
                # wider tiles on 8 warps, more K per step: none beat 32 x 256 on 4 warps by more than 2% at M = 16
                # (benchmarks/tune_w8a16_small_m_8warps.json)
                + [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=8, num_stages=st, waves=1)
-                  for bn, bk in ((64, 256), (64, 512), (128, 256), (32, 1024)) for st in (3, 4)])
+                  for bn, bk in ((64, 256), (64, 512), (128, 256), (32, 1024)) for st in (3, 4)]
+               # one warp per 16 weight rows. With x's 16 rows as the MMA's narrow side, Triton splits a 32-row
+               # tile's 4 warps 2 x 2, so each weight is converted to bf16 by two warps: the sm_90 loop is 5.89
+               # instructions per weight on 4 warps, 3.66 on 2 (`tools/diag/sass_count.py`, twenty-fourth
+               # session; not timed yet). More, smaller programs for the narrow layers too (waves 2).
+               + [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=bn // 16, num_stages=st, waves=wv)
+                  for bn, bk in ((16, 256), (16, 512), (32, 256), (32, 512)) for st in (4, 6) for wv in (1, 2)])
 # the INT8 tensor-core path in tiles from 16 to 128 rows (narrower ones give N = 4096 more programs). The first
 # run (commit 2f737b2, benchmarks/tune_w8a16_small_m_mma.json) also had a FUSED variant, each MMA program splitting
 # x itself instead of the split kernel: it tied at M = 1 and was 1.5-4.8x slower at M = 16, and was removed.

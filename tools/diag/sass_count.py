@@ -7,7 +7,8 @@ schedulers x 32 lanes x ~1.98 GHz; 235 M weights at 3 instructions each is 21 µ
 
     python3 tools/diag/sass_count.py [int4_mm_t int4_gemv_fp32 int4_gemv_half2 int4_gemv_half2_planar int4_one_dot_16
                                       int4_one_dot_64 int4_one_dot_128 (each also _scale_w, _tma, _scale_w_tma) fp4_gemm
-                                      fp4_one_dot_probe_16 fp4_one_dot_probe_64 (each also _mx, _tma, _mx_tma) w8a16_row_dot]
+                                      fp4_one_dot_probe_16 fp4_one_dot_probe_64 (each also _mx, _tma, _mx_tma) w8a16_row_dot
+                                      w8a16_row_dot_32x256_w2 w8a16_row_dot_16x256_w1 w8a16_row_dot_64x256_w4]
                                       [--dtype fp16]   # default: all, bf16 x
 
 The first backward branch is taken as the main loop. Not part of the product.
@@ -115,12 +116,14 @@ def _cases():
     from qcompile.plugins.int8_wo_gemm import kernel as w8
     w8_sig = dict(x_ptr="*bf16", w_ptr="*i8", s_ptr="*fp32", b_ptr="*bf16", y_ptr="*bf16",
                   **ptrs(["M", "N", "K", "stride_xm", "k_per_split"], "i32"))
-    dot = w8.DOT
-    yield ("w8a16_row_dot", w8._row_dot_kernel, w8_sig,
-           dict(HAS_BIAS=False, ATOMIC=False, FP32_DOT=False, K_STEPS=16, BLOCK_M=16, BLOCK_N=dot["BLOCK_N"],
-                BLOCK_K=dot["BLOCK_K"], EVEN=True), ["x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm",
-                                          "k_per_split"], dot["num_warps"], dot["num_stages"],
-           dot["BLOCK_N"] * dot["BLOCK_K"] // (32 * dot["num_warps"]))
+    dot = w8.DOT  # the shipped tile, then tiles with one warp per 16 weight rows (`_w<warps>`)
+    for name, bn, bk, warps in (("w8a16_row_dot", dot["BLOCK_N"], dot["BLOCK_K"], dot["num_warps"]),
+                                ("w8a16_row_dot_32x256_w2", 32, 256, 2), ("w8a16_row_dot_16x256_w1", 16, 256, 1),
+                                ("w8a16_row_dot_64x256_w4", 64, 256, 4)):
+        yield (name, w8._row_dot_kernel, w8_sig,
+               dict(HAS_BIAS=False, ATOMIC=False, FP32_DOT=False, K_STEPS=16, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk,
+                    EVEN=True), ["x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "k_per_split"],
+               warps, dot["num_stages"], bn * bk // (32 * warps))
 
 
 def main() -> None:
