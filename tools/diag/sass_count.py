@@ -6,10 +6,10 @@ weight-streaming kernel can keep up with HBM (the H200 issues about 33 T thread-
 schedulers x 32 lanes x ~1.98 GHz; 235 M weights at 3 instructions each is 21 µs, at 6.7 it is 47 µs).
 
     python3 tools/diag/sass_count.py [int4_mm_t int4_gemv_fp32 int4_gemv_half2 int4_gemv_half2_planar int4_one_dot_16
-                                      int4_one_dot_64 int4_one_dot_128 (each also _scale_w, _tma, _scale_w_tma) fp4_gemm
+                                      int4_one_dot_64 int4_one_dot_128 (each also _scale_w, _tma, _scale_w_tma) fp4_gemm fp4_gemm_64
                                       fp4_one_dot_probe_16 fp4_one_dot_probe_64 (each also _mx, _tma, _mx_tma) w8a16_row_dot
                                       w8a16_row_dot_32x256_w2 w8a16_row_dot_16x256_w1 w8a16_row_dot_64x256_w4]
-                                      [--dtype fp16]   # default: all, bf16 x
+                                      [--dtype fp16] [--block-n 128]   # default: all, bf16 x, each case's tile
 
 The first backward branch is taken as the main loop. Not part of the product.
 
@@ -98,10 +98,13 @@ def _cases():
     from qcompile.plugins.fp4_gemm import kernel as f4
     fp4_sig = dict(x_ptr="*bf16", w_ptr="*u8", s_ptr="*u8", g_ptr="*fp32", b_ptr="*bf16", y_ptr="*fp32",
                    **ptrs(["M", "N", "K", "stride_xm"], "i32"))
-    yield ("fp4_gemm", f4._fp4_gemm_kernel, fp4_sig,
-           dict(K_STEPS=8, MX=False, B=16, SHIFT=9, POW_SHIFT=512.0, POW_ACC=1 / 512, HAS_GLOBAL=True,
-                HAS_BIAS=False, ATOMIC=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, EVEN=True),
-           ["x_ptr", "w_ptr", "s_ptr", "g_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm"], 4, 3, 64 * 128 // 128)
+    for name, cfg in (("fp4_gemm", f4.SMALL), ("fp4_gemm_64", f4.MID)):  # the op's 16- and 64-row tiles, NVFP4
+        yield (name, f4._fp4_gemm_kernel, fp4_sig,
+               dict(K_STEPS=8, MX=False, B=16, SHIFT=9, POW_SHIFT=512.0, POW_ACC=1 / 512, HAS_GLOBAL=True,
+                    HAS_BIAS=False, ATOMIC=True, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=128,
+                    EVEN=True),
+               ["x_ptr", "w_ptr", "s_ptr", "g_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm"], cfg["num_warps"],
+               cfg["num_stages"], cfg["BLOCK_N"] * 128 // (32 * cfg["num_warps"]))
     import fp4_one_dot_probe as f4p
     probe_sig = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", y_ptr="*fp32", post="fp32",
                      **ptrs(["M", "N", "K", "stride_xm", "k_per_split"], "i32"))
@@ -133,10 +136,20 @@ def main() -> None:
         at = args.index("--dtype")
         dtype = args[at + 1]
         del args[at:at + 2]
+    block_n = None
+    if "--block-n" in args:  # every case's BLOCK_N (weight rows or columns per program) set to this instead
+        at = args.index("--block-n")
+        block_n = int(args[at + 1])
+        del args[at:at + 2]
     wanted = set(args)
     for name, fn, sig, const, div, warps, stages, per_thread in _cases():
         if not wanted or name in wanted:
             sig = {a: t.replace("bf16", dtype) if a == "x_ptr" else t for a, t in sig.items()}
+            if block_n:  # a thread's weights per step scale with BLOCK_N in every case here
+                per_thread = per_thread * block_n // const["BLOCK_N"]
+                const = dict(const, BLOCK_N=block_n)
+                sig = {a: re.sub(r"i32\[8, \d+, 32\]", f"i32[8, {block_n // 32}, 32]", t) for a, t in sig.items()}
+                name = f"{name} (BLOCK_N {block_n})"
             report(name, compile_sass(fn, sig, const, div, warps, stages), per_thread)
 
 
