@@ -32,18 +32,22 @@ scale once.
 Pointers are formed once and a step adds scalars, as in the INT4 one-dot kernel (the first version recomputed
 64-bit word addresses every step: about 60 instructions). x's rows past M wrap (`triton_tiles.xt_columns`).
 
-sm_90 SASS of the main loop, compiled on the CPU (`sass_count.py fp4_one_dot_probe_16 ...`, 16 or 64 x 64 tiles,
-bf16, per weight): NVFP4 5.19 (16 rows) / 5.38 (64 rows), MXFP4 4.95 / 5.14; before the bf16 bit placement 5.78 /
-5.88 / 5.53 / 5.64; the FP4 op's tile kernel 6.53, the INT4 one-dot kernel 3.44 (4.06 with its TMA loads). Per
-step of 64 weights a thread now runs 88 decoding operations, 32 HMUL2 and 32 for the 16 scales; the INT4 kernel
-needs 89 for its whole decoding. The first version (seventeenth session, `git show 558250b:tools/diag/
-fp4_one_dot_probe.py`) was 7.6-8.5 per weight and ran 0.93-1.11x the FP4 op on the H200
-(benchmarks/fp4_one_dot_probe_s17.json); this one has not run on a GPU yet.
+Words: [K/8, N] as INT4's, or (`rows`) [N, K/8], a row's 64 K in 32 contiguous bytes. The FP4 op could adopt
+rows: its GEMV and dequantize kernels read the weight by rows.
 
-Checked on the CPU: fp16, NVFP4 (every E4M3 scale code but NaN, zero and subnormal ones included) and MXFP4,
-through the interpreter against float64 (the interpreter flushes bf16 subnormals, so bf16 cannot run there); the
-bf16 bit placement and decoding against the E2M1 values of every code, and the bf16 / fp16 scale multipliers for
-every scale code, with torch bit operations. The float64 check before timing covers bf16 on the H200.
+sm_90 SASS of the main loop, compiled on the CPU (`sass_count.py fp4_one_dot_probe_16 ... [--block-n 128]`, bf16,
+per weight; BENCHMARKS.md, twenty-fourth session). NVFP4, words in rows: 4.22 (16 x 64 tile), 3.55 (16 x 128) and
+3.52 (64 x 128). MXFP4: 3.98 / 3.30 / 3.27. In INT4's layout: 5.19 / 3.91 / 3.99. The FP4 op's shipped tiles run
+6.53 (16 rows) and 5.95 (64 rows); INT4's TMA tiles 2.95 and 3.47. The first version (seventeenth session, `git
+show 558250b:tools/diag/fp4_one_dot_probe.py`) was 7.6-8.5 per weight and ran 0.93-1.11x the FP4 op on the H200
+(benchmarks/fp4_one_dot_probe_s17.json). This one has not run on a GPU yet.
+
+Checked on the CPU (`--cpu-check`): the kernel in fp16 through the interpreter against float64, NVFP4 (every E4M3
+scale code but NaN, zero and subnormal ones included) and MXFP4, both word layouts, pointer and TMA loads (the
+interpreter runs the plain-Triton stand-ins of the inline PTX, and it flushes bf16 subnormals, so bf16 cannot run
+there); with torch bit operations, the bf16 bit placement and decoding against the E2M1 value of every code, and
+the bf16 scale multipliers' integer formulas for every scale code. The PTX itself runs only on the GPU: the
+float64 check before timing covers it.
 
     OUT=... python3 tools/diag/fp4_one_dot_probe.py [--shapes KxN ...] [--ms 16 64]
     TRITON_INTERPRET=1 python3 tools/diag/fp4_one_dot_probe.py --cpu-check
@@ -211,11 +215,18 @@ def _fp4_tile16(words, j: tl.constexpr, mult, BLOCK_N: tl.constexpr, dt: tl.cons
 
 @triton.jit
 def _block64(w_src, kb, N, m0, m1, m2, m3, BLOCK_N: tl.constexpr, dt: tl.constexpr, ASM: tl.constexpr,
-             TMA: tl.constexpr):
+             TMA: tl.constexpr, ROWS: tl.constexpr):
     """[BLOCK_N, 64] weights of the 64-K block kb, 16-K tile j times m_j. w_src: block 0's word pointers, or with
-    TMA the words' descriptor ([K / 8, N / 32, 32] in [8, BLOCK_N / 32, 32] boxes, as the INT4 one-dot kernel)."""
+    TMA the words' descriptor: words [K / 8, N] in [8, BLOCK_N / 32, 32] boxes of a [K / 8, N / 32, 32] view (as
+    the INT4 one-dot kernel), or with ROWS words [N, K / 8] (a row's 64 K are 32 contiguous bytes) in
+    [BLOCK_N, 8] boxes."""
     if TMA:
-        words = tl.trans(w_src.load([kb * 8, tl.program_id(0) * (BLOCK_N // 32), 0]).reshape(8, BLOCK_N))
+        if ROWS:
+            words = w_src.load([tl.program_id(0) * BLOCK_N, kb * 8])
+        else:
+            words = tl.trans(w_src.load([kb * 8, tl.program_id(0) * (BLOCK_N // 32), 0]).reshape(8, BLOCK_N))
+    elif ROWS:
+        words = tl.load(w_src + kb * 8, eviction_policy="evict_first")
     else:
         words = tl.load(w_src + (kb * 8).to(tl.int64) * N, eviction_policy="evict_first")
     return _cat_k(_cat_k(_fp4_tile16(words, 0, m0, BLOCK_N, dt, ASM), _fp4_tile16(words, 1, m1, BLOCK_N, dt, ASM),
@@ -227,7 +238,7 @@ def _block64(w_src, kb, N, m0, m1, m2, m3, BLOCK_N: tl.constexpr, dt: tl.constex
 
 @triton.jit
 def _step(x_src, w_src, s_rows, k0, N, acc, MX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-          ASM: tl.constexpr, TMA: tl.constexpr):
+          ASM: tl.constexpr, TMA: tl.constexpr, ROWS: tl.constexpr):
     """acc plus the step at k0: its two 64-K blocks' scaled weights [BLOCK_N, 64] joined into one dot with x^T
     [128, BLOCK_M] (pointers formed once, a step adds scalars), or with TMA one dot per block with x^T from its
     [BLOCK_M, 64] box (rows past M load as 0)."""
@@ -236,10 +247,10 @@ def _step(x_src, w_src, s_rows, k0, N, acc, MX: tl.constexpr, BLOCK_M: tl.conste
     else:
         dt: tl.constexpr = x_src.dtype.element_ty
     m0, m1, m2, m3, m4, m5, m6, m7 = _step_multipliers(s_rows, k0 // 128, MX, dt == tl.float16, ASM)
-    a = _block64(w_src, k0 // 64, N, m0, m1, m2, m3, BLOCK_N, dt, ASM, TMA)
+    a = _block64(w_src, k0 // 64, N, m0, m1, m2, m3, BLOCK_N, dt, ASM, TMA, ROWS)
     if TMA:
         acc = tl.dot(a, tl.trans(x_src.load([tl.program_id(2) * BLOCK_M, k0])), acc)
-    a1 = _block64(w_src, k0 // 64 + 1, N, m4, m5, m6, m7, BLOCK_N, dt, ASM, TMA)
+    a1 = _block64(w_src, k0 // 64 + 1, N, m4, m5, m6, m7, BLOCK_N, dt, ASM, TMA, ROWS)
     if TMA:
         acc = tl.dot(a1, tl.trans(x_src.load([tl.program_id(2) * BLOCK_M, k0 + 64])), acc)
     else:
@@ -250,7 +261,7 @@ def _step(x_src, w_src, s_rows, k0, N, acc, MX: tl.constexpr, BLOCK_M: tl.conste
 @triton.jit
 def _fp4_one_dot_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, k_per_split, post,
                         STEPS: tl.constexpr, MX: tl.constexpr, ATOMIC: tl.constexpr, ASM: tl.constexpr,
-                        TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr = False):
     """y^T tile [BLOCK_N, BLOCK_M] (times `post`: 2^X, and NVFP4's global scale) over STEPS 128-K steps, the
     first peeled off the loop (one accumulator, wgmmas in flight across steps). Whole tiles only; x's rows past M
     wrap (`xt_columns`) or, with TMA (x_ptr, w_ptr: descriptors), load as 0."""
@@ -262,13 +273,16 @@ def _fp4_one_dot_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, k_per_sp
         w_src = w_ptr
     else:
         x_src = xt_columns(x_ptr, offs_m, M, stride_xm, 128)
-        w_src = w_ptr + tl.arange(0, 8)[None, :] * N + offs_n[:, None]
+        if ROWS:
+            w_src = w_ptr + offs_n.to(tl.int64)[:, None] * (K // 8) + tl.arange(0, 8)[None, :]
+        else:
+            w_src = w_ptr + tl.arange(0, 8)[None, :] * N + offs_n[:, None]
     s_type: tl.constexpr = tl.int32 if MX else tl.int64
     s_rows = s_ptr.to(tl.pointer_type(s_type)) + offs_n.to(tl.int64) * (K // 128)
     acc = _step(x_src, w_src, s_rows, k_lo, N, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), MX, BLOCK_M,
-                BLOCK_N, ASM, TMA)
+                BLOCK_N, ASM, TMA, ROWS)
     for step in range(1, STEPS):
-        acc = _step(x_src, w_src, s_rows, k_lo + step * 128, N, acc, MX, BLOCK_M, BLOCK_N, ASM, TMA)
+        acc = _step(x_src, w_src, s_rows, k_lo + step * 128, N, acc, MX, BLOCK_M, BLOCK_N, ASM, TMA, ROWS)
     store_tile(y_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None], acc * post, (offs_m < M)[None, :], ATOMIC)
 
 
@@ -308,12 +322,14 @@ def to_planar(w_packed: torch.Tensor, w_scale: torch.Tensor, dtype=torch.float16
 
 
 def launch(x, words, scale_bits, w_global: float, mx: bool, cfg: dict, num_sms: int = 132) -> torch.Tensor:
-    """fp32 -> x.dtype `x @ dequant(W)^T` from the planar words (w_global: NVFP4's global scale, a float);
-    cfg["tma"]: x and the words through host TMA descriptors in boxes with 128-byte rows."""
+    """fp32 -> x.dtype `x @ dequant(W)^T` from the planar words (w_global: NVFP4's global scale, a float):
+    [K/8, N], or [N, K/8] when cfg["rows"] (`to_planar(...)[0].t().contiguous()`); cfg["tma"]: x and the words
+    through host TMA descriptors in boxes with rows of at most 128 bytes."""
     from probe_util import even_splits
     from triton.tools.tensor_descriptor import TensorDescriptor
     m, k = x.shape
-    n = words.shape[1]
+    rows = bool(cfg.get("rows"))
+    n = words.shape[0] if rows else words.shape[1]
     tiles, splits, per_steps = even_splits(k, n, cfg, STEP, num_sms)
     y = (torch.zeros if splits > 1 else torch.empty)((m, n), device=x.device, dtype=torch.float32)
     post = 2.0 ** POST_SHIFT[mx, x.dtype] * (1.0 if mx else w_global)  # a host float (no .item() in a graph)
@@ -321,23 +337,30 @@ def launch(x, words, scale_bits, w_global: float, mx: bool, cfg: dict, num_sms: 
     x_src, w_src = x, words
     if tma:
         x_src = TensorDescriptor.from_tensor(x, [cfg["BLOCK_M"], 64])
-        w_src = TensorDescriptor.from_tensor(words.view(k // 8, n // 32, 32), [8, cfg["BLOCK_N"] // 32, 32])
+        w_src = (TensorDescriptor.from_tensor(words, [cfg["BLOCK_N"], 8]) if rows else
+                 TensorDescriptor.from_tensor(words.view(k // 8, n // 32, 32), [8, cfg["BLOCK_N"] // 32, 32]))
     _fp4_one_dot_kernel[(tiles, splits, triton.cdiv(m, cfg["BLOCK_M"]))](
         x_src, w_src, scale_bits, y, m, n, k, x.stride(0), per_steps * STEP, post, STEPS=per_steps,
-        MX=mx, ATOMIC=splits > 1, ASM=x.is_cuda, TMA=tma, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        MX=mx, ATOMIC=splits > 1, ASM=x.is_cuda, TMA=tma, ROWS=rows, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y.to(x.dtype)
 
 
 def configs(m: int):
-    """The pointer tiles of the seventeenth session's sweep, and TMA tiles 128 wide (INT4's shipped width)."""
+    """Words [N, K/8] (`rows`, the layout the FP4 op could adopt: its GEMV reads rows): the seventeenth session's
+    pointer tiles and TMA tiles 128 wide (INT4's shipped width); words [K/8, N] as INT4's, a few tiles."""
     bm = 16 if m <= 16 else 64
     for bn, stages, waves in itertools.product((64, 128), (3, 4), (1, 2, 4, 8)):
-        yield f"one_dot {bn}x{bm} s{stages} w{waves}", dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=stages,
-                                                           waves=waves)
+        yield f"one_dot rows {bn}x{bm} s{stages} w{waves}", dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4,
+                                                                num_stages=stages, waves=waves, rows=True)
     for waves in (2, 4, 8):
-        yield f"one_dot tma 128x{bm} s3 w{waves}", dict(BLOCK_M=bm, BLOCK_N=128, num_warps=4, num_stages=3,
-                                                       waves=waves, tma=True)
+        yield f"one_dot rows tma 128x{bm} s3 w{waves}", dict(BLOCK_M=bm, BLOCK_N=128, num_warps=4, num_stages=3,
+                                                            waves=waves, tma=True, rows=True)
+    for bn, waves in itertools.product((64, 128), (2, 4)):
+        yield f"one_dot kn {bn}x{bm} s3 w{waves}", dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=3,
+                                                       waves=waves)
+    yield f"one_dot kn tma 128x{bm} s3 w4", dict(BLOCK_M=bm, BLOCK_N=128, num_warps=4, num_stages=3, waves=4,
+                                                 tma=True)
 
 
 def cell(k: int, n: int, m: int) -> dict:
@@ -361,9 +384,11 @@ def cell(k: int, n: int, m: int) -> dict:
                                  copies=4, rep=40)
         ref = x.double() @ dequantize_weight(*sets[0], block).double().t()
         planar = [to_planar(w, s, dtype) + (1.0 if g is None else float(g),) for w, s, g in sets]
+        layouts = {False: planar, True: [(words.t().contiguous(),) + rest for words, *rest in planar]}
         timed = {}
         for name, cfg in configs(m):
             key = f"{fmt} {name}"
+            planar = layouts[bool(cfg.get("rows"))]
             try:
                 y = launch(x, planar[0][0], planar[0][1], planar[0][2], mx, cfg)
                 err = float((y.double() - ref).norm() / ref.norm())
@@ -403,11 +428,12 @@ def cpu_check() -> None:
         x = torch.randn(m, k, dtype=torch.float16)
         ref = x.double() @ dequantize_weight(w, s, g, block).double().t()
         words, bits = to_planar(w, s, torch.float16)
-        for tma in (False, True):
-            y = launch(x, words, bits, 1.0 if g is None else float(g), mx,
-                       dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2, waves=2, tma=tma), num_sms=4)
+        for tma, rows in itertools.product((False, True), (False, True)):
+            y = launch(x, words.t().contiguous() if rows else words, bits, 1.0 if g is None else float(g), mx,
+                       dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2, waves=2, tma=tma, rows=rows), num_sms=4)
             err = float((y.double() - ref).norm() / ref.norm())
-            print(f"{'mxfp4' if mx else 'nvfp4'} fp16{' TMA' if tma else ''} interpreter vs float64: rel err {err:.2e}")
+            print(f"{'mxfp4' if mx else 'nvfp4'} fp16, words {'[N, K/8]' if rows else '[K/8, N]'}"
+                  f"{', TMA' if tma else ''}: interpreter vs float64, rel err {err:.2e}")
             assert err < 1e-3
     words = to_planar(w, s, torch.bfloat16)[0].to(torch.int64) & 0xFFFFFFFF  # MXFP4: no codes zeroed
     mask, signs = 0x81C081C0, 0x80008000

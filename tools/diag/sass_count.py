@@ -7,7 +7,7 @@ schedulers x 32 lanes x ~1.98 GHz; 235 M weights at 3 instructions each is 21 µ
 
     python3 tools/diag/sass_count.py [int4_mm_t int4_gemv_fp32 int4_gemv_half2 int4_gemv_half2_planar int4_one_dot_16
                                       int4_one_dot_64 int4_one_dot_128 (each also _scale_w, _tma, _scale_w_tma) fp4_gemm fp4_gemm_64
-                                      fp4_one_dot_probe_16 fp4_one_dot_probe_64 (each also _mx, _tma, _mx_tma) w8a16_row_dot
+                                      fp4_one_dot_probe_16 fp4_one_dot_probe_64 (each also _mx, _tma, _mx_tma, and those _rows) w8a16_row_dot
                                       w8a16_row_dot_32x256_w2 w8a16_row_dot_16x256_w1 w8a16_row_dot_64x256_w4]
                                       [--dtype fp16] [--block-n 128]   # default: all, bf16 x, each case's tile
 
@@ -108,12 +108,14 @@ def _cases():
     import fp4_one_dot_probe as f4p
     probe_sig = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", y_ptr="*fp32", post="fp32",
                      **ptrs(["M", "N", "K", "stride_xm", "k_per_split"], "i32"))
-    for bm, mx, tma in itertools.product((16, 64), (False, True), (False, True)):  # the FP4 one-dot probe (64
-        # weight rows, 32 steps; TMA: x in [bm, 64] boxes, the words in [8, 2, 32])
-        descriptors = dict(x_ptr=f"tensordesc<bf16[{bm}, 64]>", w_ptr="tensordesc<i32[8, 2, 32]>") if tma else {}
-        yield (f"fp4_one_dot_probe_{bm}" + ("_mx" if mx else "") + ("_tma" if tma else ""), f4p._fp4_one_dot_kernel,
-               dict(probe_sig, **descriptors), dict(STEPS=32, MX=mx, ATOMIC=False, ASM=True, TMA=tma, BLOCK_M=bm,
-                                                    BLOCK_N=64),
+    for bm, mx, tma, rows in itertools.product((16, 64), (False, True), (False, True), (False, True)):
+        # the FP4 one-dot probe: 64 weight rows, 32 steps; TMA: x in [bm, 64] boxes, the words in [8, 2, 32] boxes,
+        # or with `_rows` (words [N, K/8]) in [64, 8] boxes
+        w_box = "tensordesc<i32[64, 8]>" if rows else "tensordesc<i32[8, 2, 32]>"
+        descriptors = dict(x_ptr=f"tensordesc<bf16[{bm}, 64]>", w_ptr=w_box) if tma else {}
+        yield (f"fp4_one_dot_probe_{bm}" + ("_mx" if mx else "") + ("_tma" if tma else "") + ("_rows" if rows else ""),
+               f4p._fp4_one_dot_kernel, dict(probe_sig, **descriptors),
+               dict(STEPS=32, MX=mx, ATOMIC=False, ASM=True, TMA=tma, BLOCK_M=bm, BLOCK_N=64, ROWS=rows),
                [d for d in ("x_ptr", "w_ptr", "s_ptr", "y_ptr", "N", "K", "stride_xm", "k_per_split")
                 if d not in descriptors], 4, 3, 64 * 128 // 128)
     from qcompile.plugins.int8_wo_gemm import kernel as w8
@@ -148,7 +150,8 @@ def main() -> None:
             if block_n:  # a thread's weights per step scale with BLOCK_N in every case here
                 per_thread = per_thread * block_n // const["BLOCK_N"]
                 const = dict(const, BLOCK_N=block_n)
-                sig = {a: re.sub(r"i32\[8, \d+, 32\]", f"i32[8, {block_n // 32}, 32]", t) for a, t in sig.items()}
+                sig = {a: re.sub(r"i32\[(\d+), 8\]", f"i32[{block_n}, 8]",
+                                 re.sub(r"i32\[8, \d+, 32\]", f"i32[8, {block_n // 32}, 32]", t)) for a, t in sig.items()}
                 name = f"{name} (BLOCK_N {block_n})"
             report(name, compile_sass(fn, sig, const, div, warps, stages), per_thread)
 
