@@ -3,12 +3,13 @@
 
 For every (K x N, M) it times side by side, as an engine calls them (CUDA graphs with --cuda-graph; a split-K
 zero fill and epilogue included where a configuration splits K): cuBLAS bf16; the shipped path of the op; the
-row dot kernel (M <= 16) and, at M = 1, the row GEMV in several configurations; with `--kinds mma` the INT8
-tensor-core path (`split_mma`) in tiles from 16 to 128 rows. Each candidate is checked against a float32
+row dot kernel (M <= 16) and, at M = 1, the row GEMV in several configurations; with `--kinds dot-warps` row dot
+tiles with one warp per 16 weight rows or x as the MMA's first operand (`DOT_WARPS_CONFIGS`); with `--kinds mma`
+the INT8 tensor-core path (`split_mma`) in tiles from 16 to 128 rows. Each candidate is checked against a float32
 reference first (relative L2 error). Writes every measurement as JSON and prints the best per cell.
 
     python3 tools/tune_w8a16_small_m.py --cuda-graph --out tune.json [--shapes 8192x28672] [--ms 1 16]
-        [--kinds dot gemv gemv-long mma]
+        [--kinds dot dot-warps gemv gemv-long mma]
 """
 from __future__ import annotations
 
@@ -40,13 +41,17 @@ DOT_CONFIGS = ([dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=st, waves=
                # wider tiles on 8 warps, more K per step: none beat 32 x 256 on 4 warps by more than 2% at M = 16
                # (benchmarks/tune_w8a16_small_m_8warps.json)
                + [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=8, num_stages=st, waves=1)
-                  for bn, bk in ((64, 256), (64, 512), (128, 256), (32, 1024)) for st in (3, 4)]
-               # one warp per 16 weight rows. With x's 16 rows as the MMA's narrow side, Triton splits a 32-row
-               # tile's 4 warps 2 x 2, so each weight is converted to bf16 by two warps: the sm_90 loop is 5.89
-               # instructions per weight on 4 warps, 3.66 on 2 (`tools/diag/sass_count.py`, twenty-fourth
-               # session; not timed yet). More, smaller programs for the narrow layers too (waves 2).
-               + [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=bn // 16, num_stages=st, waves=wv)
-                  for bn, bk in ((16, 256), (16, 512), (32, 256), (32, 512)) for st in (4, 6) for wv in (1, 2)])
+                  for bn, bk in ((64, 256), (64, 512), (128, 256), (32, 1024)) for st in (3, 4)])
+# dot-warps (twenty-fourth session, not timed yet): with x's 16 rows as the MMA's second operand, Triton splits a
+# 32-row tile's 4 warps 2 x 2, so two warps convert each weight to bf16 (sm_90 loop: 5.89 instructions per weight;
+# `tools/diag/sass_count.py`). Candidates: one warp per 16 weight rows (3.66 on 2 warps), or x as the first
+# operand (`plain`: 4.59 on 4 warps, 3.97 for 64 x 256), with the K split for 1 and 2 waves (more, smaller
+# programs for the narrow layers)
+DOT_WARPS_CONFIGS = ([dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=bn // 16, num_stages=st, waves=wv)
+                      for bn, bk in ((16, 256), (32, 256), (32, 512)) for st in (4, 6) for wv in (1, 2)]
+                     + [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st, waves=wv, plain=True)
+                        for bn, bk, st in ((32, 256, 4), (32, 256, 5), (64, 256, 4), (64, 128, 5), (128, 256, 3))
+                        for wv in (1, 2)])
 # the INT8 tensor-core path in tiles from 16 to 128 rows (narrower ones give N = 4096 more programs). The first
 # run (commit 2f737b2, benchmarks/tune_w8a16_small_m_mma.json) also had a FUSED variant, each MMA program splitting
 # x itself instead of the split kernel: it tied at M = 1 and was 1.5-4.8x slower at M = 16, and was removed.
@@ -57,7 +62,7 @@ MMA_CONFIGS = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st)
 MMA_CONFIGS += [dict(BLOCK_N=bn, BLOCK_K=256, num_warps=4, num_stages=st, splits=sp)
                 for bn, st in ((128, 3), (64, 4)) for sp in (2, 4, 8)]
 
-KINDS = ("dot", "gemv", "gemv-long", "mma")
+KINDS = ("dot", "dot-warps", "gemv", "gemv-long", "mma")
 KINDS_ENV = "QCOMPILE_TUNE8_KINDS"  # --kinds, seen by the spawned check workers too
 
 
@@ -79,6 +84,8 @@ def candidates(x, weights, m: int) -> dict:
     out = {"shipped": shipped}
     if "dot" in kinds:
         out.update({"dot " + json.dumps(c): dot(c) for c in DOT_CONFIGS})
+    if "dot-warps" in kinds:
+        out.update({"dot " + json.dumps(c): dot(c) for c in DOT_WARPS_CONFIGS})
     if m == 1:
         for kind, configs in (("gemv", GEMV_CONFIGS), ("gemv-long", LONG_GEMV_CONFIGS)):
             if kind in kinds:

@@ -51,7 +51,8 @@ GEMV = dict(BLOCK_N=8, BLOCK_KW=256, num_warps=4, num_stages=2, PREFETCH=False)
 GEMV_NARROW = dict(GEMV, BLOCK_KW=512)
 NARROW_N = 4096
 # 1 < M <= 16: weight rows per program, K per step, pipelining (same sweep: 1.20-1.35x bf16 at M = 16); `waves`:
-# split K while the N tiles are fewer than this many waves of SMs.
+# split K while the N tiles are fewer than this many waves of SMs; `plain` (default False): x as the MMA's first
+# operand (`_row_dot_kernel`'s PLAIN).
 DOT = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=5, waves=1)
 DOT_BLOCK_M = 16  # rows of x per program (tl.dot's minimum)
 
@@ -148,12 +149,18 @@ def _row_dot_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, k_per_split, HAS_BIAS: tl.constexpr,
     ATOMIC: tl.constexpr, FP32_DOT: tl.constexpr, K_STEPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr = False,
+    PLAIN: tl.constexpr = False,
 ):
     """acc[n, m] = sum_k q[n, k] x[m, k] over one K slice for BLOCK_N weight rows and up to BLOCK_M rows of x;
     ATOMIC: float32 partial sums added into y (zeroed), else the scale/bias epilogue and a store in y's dtype.
     The step's pointers are formed once (a step adds its K offset); EVEN (N in whole tiles, K in whole steps of
     every split): the weight and K masks are left out. That cut the sm_90 loop from 393 to 377 instructions per
-    step but did not move the H200 time (4096 x 4096 at M = 16: 1.31x bf16, 1.34x before; BENCHMARKS.md)."""
+    step but did not move the H200 time (4096 x 4096 at M = 16: 1.31x bf16, 1.34x before; BENCHMARKS.md).
+
+    PLAIN: x is the MMA's first operand and the converted weight tile its second (acc^T, transposed once at the
+    end). With the swapped operands Triton lays 4 warps out 2 x 2 over a [32, 16] tile, so two warps convert each
+    weight; with x first they split the weight rows and each converts its own: 4.59 instead of 5.89 sm_90
+    instructions per weight for 32 x 256 on 4 warps (`tools/diag/sass_count.py`; not yet timed on the H200)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -163,15 +170,23 @@ def _row_dot_kernel(
     mask_m = offs_m < M
     w_tile = w_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
     x_cols = x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None]
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N) if PLAIN else (BLOCK_N, BLOCK_M), dtype=tl.float32)
     for step in range(0, K_STEPS):  # steps past K (last split) are masked
         k0 = pid_k * k_per_split + step * BLOCK_K
         w = load_tile(w_tile + k0, mask_n[:, None] & (k0 + offs_k < K)[None, :], EVEN, STREAM=True)
         xt = load_xt_step(x_cols, k0, mask_m, K, EVEN, BLOCK_K)
         if FP32_DOT:
-            acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+            w = w.to(tl.float32)
+            xt = xt.to(tl.float32)
         else:
-            acc = tl.dot(_int8_to(w, xt.dtype), xt, acc)
+            w = _int8_to(w, xt.dtype)
+        precision: tl.constexpr = "ieee" if FP32_DOT else None
+        if PLAIN:
+            acc = tl.dot(tl.trans(xt), tl.trans(w), acc, input_precision=precision)
+        else:
+            acc = tl.dot(w, xt, acc, input_precision=precision)
+    if PLAIN:
+        acc = tl.trans(acc)
     y_ptrs = y_ptr + offs_m[None, :] * N + offs_n[:, None]
     mask = mask_n[:, None] & mask_m[None, :]
     if ATOMIC:
@@ -244,7 +259,7 @@ def launch_dot(x2d, w_q, w_scale, bias, cfg: dict | None = None, *, wrap=identit
         x2d, w_q, w_scale, optional_arg(bias, w_scale), y, m, n, k, x2d.stride(0), per, HAS_BIAS=bias is not None,
         ATOMIC=atomic, FP32_DOT=x2d.dtype == torch.float32, K_STEPS=per // cfg["BLOCK_K"], BLOCK_M=DOT_BLOCK_M,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], EVEN=whole_tiles(n, cfg["BLOCK_N"], splits, per, k),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        PLAIN=cfg.get("plain", False), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return _epilogue(y, w_scale, bias, x2d.dtype) if atomic else y
 

@@ -3,6 +3,7 @@ Runtime, the Triton kernel under the CPU interpreter, and the CUDA path (gpu).""
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 
 import numpy as np
@@ -97,9 +98,10 @@ def test_triton_kernel_under_interpreter(m, dtype, bias):
     x = torch.randn(m, 384).to(DTYPES[dtype])
     ref = oracle(x, w_q, w_scale, b)
     assert_close_to(int8_wo_gemm_triton(x, w_q, w_scale, b, num_sms=2), ref, REL[DTYPES[dtype]])
-    if m <= 16:  # the dot kernel with its epilogue, and with K split (fp32 atomics, epilogue after)
-        for waves, block_k in ((0, 128), (4, 64)):
-            cfg = dict(BLOCK_N=16, BLOCK_K=block_k, num_warps=4, num_stages=2, waves=waves)
+    if m <= 16:  # the dot kernel with its epilogue, and with K split (fp32 atomics, epilogue after); x as the
+        # MMA's first operand too (plain)
+        for (waves, block_k), plain in itertools.product(((0, 128), (4, 64)), (False, True)):
+            cfg = dict(BLOCK_N=16, BLOCK_K=block_k, num_warps=4, num_stages=2, waves=waves, plain=plain)
             assert_close_to(launch_dot(x, w_q, w_scale, b, cfg, num_sms=2), ref, REL[DTYPES[dtype]])
     for waves in (0, 4):  # the tiled large-M path, without and with a K split (fp32 atomics)
         tiles = dict(kernel="tiles", BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2, waves=waves)
@@ -111,20 +113,21 @@ def test_triton_kernel_under_interpreter(m, dtype, bias):
 
 @triton_interp
 @pytest.mark.parametrize("n, k, even", [(80, 1024, True), (82, 1024, False), (80, 1000, False)])
-def test_dot_kernel_drops_masks_only_on_whole_tiles(n, k, even):
+@pytest.mark.parametrize("plain", [False, True])
+def test_dot_kernel_drops_masks_only_on_whole_tiles(n, k, even, plain):
     """The row dot kernel leaves its weight and K masks out (EVEN) only when N is whole tiles and every K split
-    whole steps; either way, K split or not, it matches float64."""
+    whole steps; either way, K split or not, either operand order, it matches float64."""
     from qcompile.plugins.int8_wo_gemm.kernel import launch_dot
 
     w_q, w_scale, b = make_case(k=k, n=n, seed=k + n)
     x = torch.randn(5, k, generator=torch.Generator().manual_seed(n)).to(torch.float16)
     seen = []
-    spy = launch_spy(lambda grid, kw: seen.append((grid[1], kw["EVEN"])))
+    spy = launch_spy(lambda grid, kw: seen.append((grid[1], kw["EVEN"], kw["PLAIN"])))
     for waves in (0, 4):
-        cfg = dict(BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=2, waves=waves)
+        cfg = dict(BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=2, waves=waves, plain=plain)
         assert_close_to(launch_dot(x, w_q, w_scale, b, cfg, wrap=spy, num_sms=4), oracle(x, w_q, w_scale, b),
                         REL[torch.float16])
-    assert [even for _, even in seen] == [even, even] and seen[1][0] > 1, seen
+    assert [(e, p) for _, e, p in seen] == [(even, plain)] * 2 and seen[1][0] > 1, seen
 
 
 @triton_interp

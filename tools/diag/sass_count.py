@@ -8,7 +8,8 @@ schedulers x 32 lanes x ~1.98 GHz; 235 M weights at 3 instructions each is 21 µ
     python3 tools/diag/sass_count.py [int4_mm_t int4_gemv_fp32 int4_gemv_half2 int4_gemv_half2_planar int4_one_dot_16
                                       int4_one_dot_64 int4_one_dot_128 (each also _scale_w, _tma, _scale_w_tma) fp4_gemm fp4_gemm_64
                                       fp4_one_dot_probe_16 fp4_one_dot_probe_64 (each also _mx, _tma, _mx_tma, and those _rows) w8a16_row_dot
-                                      w8a16_row_dot_32x256_w2 w8a16_row_dot_16x256_w1 w8a16_row_dot_64x256_w4]
+                                      w8a16_row_dot_32x256_w2 w8a16_row_dot_16x256_w1 w8a16_row_dot_64x256_w4 (each
+                                      also _plain)]
                                       [--dtype fp16] [--block-n 128]   # default: all, bf16 x, each case's tile
 
 The first backward branch is taken as the main loop. Not part of the product.
@@ -125,10 +126,12 @@ def _cases():
     for name, bn, bk, warps in (("w8a16_row_dot", dot["BLOCK_N"], dot["BLOCK_K"], dot["num_warps"]),
                                 ("w8a16_row_dot_32x256_w2", 32, 256, 2), ("w8a16_row_dot_16x256_w1", 16, 256, 1),
                                 ("w8a16_row_dot_64x256_w4", 64, 256, 4)):
-        yield (name, w8._row_dot_kernel, w8_sig,
-               dict(HAS_BIAS=False, ATOMIC=False, FP32_DOT=False, K_STEPS=16, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk,
-                    EVEN=True), ["x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "k_per_split"],
-               warps, dot["num_stages"], bn * bk // (32 * warps))
+        for plain in (False, True):  # `_plain`: x as the MMA's first operand (PLAIN)
+            yield (name + ("_plain" if plain else ""), w8._row_dot_kernel, w8_sig,
+                   dict(HAS_BIAS=False, ATOMIC=False, FP32_DOT=False, K_STEPS=16, BLOCK_M=16, BLOCK_N=bn,
+                        BLOCK_K=bk, EVEN=True, PLAIN=plain),
+                   ["x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "k_per_split"], warps,
+                   dot["num_stages"], bn * bk // (32 * warps))
 
 
 def main() -> None:
