@@ -49,12 +49,13 @@ there); with torch bit operations, the bf16 bit placement and decoding against t
 the bf16 scale multipliers' integer formulas for every scale code. The PTX itself runs only on the GPU: the
 float64 check before timing covers it.
 
-    OUT=... python3 tools/diag/fp4_one_dot_probe.py [--shapes KxN ...] [--ms 16 64]
+    OUT=... python3 tools/diag/fp4_one_dot_probe.py [--shapes KxN ...] [--ms 16 64] [--only rows]
     TRITON_INTERPRET=1 python3 tools/diag/fp4_one_dot_probe.py --cpu-check
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import os
 import sys
@@ -363,7 +364,7 @@ def configs(m: int):
                                                  tma=True)
 
 
-def cell(k: int, n: int, m: int) -> dict:
+def cell(k: int, n: int, m: int, only: str = "") -> dict:
     from bench_fp4_gemm import FP4, GROUP, make_fp4, make_int4
     from gpu_timing import bench, rotating
     from qcompile.plugins.fp4_gemm.op import fp4_gemm
@@ -384,9 +385,11 @@ def cell(k: int, n: int, m: int) -> dict:
                                  copies=4, rep=40)
         ref = x.double() @ dequantize_weight(*sets[0], block).double().t()
         planar = [to_planar(w, s, dtype) + (1.0 if g is None else float(g),) for w, s, g in sets]
-        layouts = {False: planar, True: [(words.t().contiguous(),) + rest for words, *rest in planar]}
+        layouts = {False: planar, True: [(words.t().contiguous(), *rest) for words, *rest in planar]}
         timed = {}
         for name, cfg in configs(m):
+            if only not in name:
+                continue
             key = f"{fmt} {name}"
             planar = layouts[bool(cfg.get("rows"))]
             try:
@@ -462,6 +465,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="*", default=["4096x4096", "4096x14336", "14336x4096", "8192x28672"])
     ap.add_argument("--ms", type=int, nargs="*", default=[16, 64])
+    ap.add_argument("--only", default="", help="time only the configurations whose name holds this (e.g. rows)")
     ap.add_argument("--cpu-check", action="store_true", help="the CPU checks instead (needs TRITON_INTERPRET=1)")
     args = ap.parse_args()
     if args.cpu_check:
@@ -470,7 +474,8 @@ def main():
     from probe_util import run_grid
     MODE["graph"] = True
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    run_grid(cell, [tuple(map(int, s.split("x"))) for s in args.shapes], args.ms, "fp4_one_dot_probe.json")
+    run_grid(functools.partial(cell, only=args.only), [tuple(map(int, s.split("x"))) for s in args.shapes], args.ms,
+             "fp4_one_dot_probe.json")
 
 
 if __name__ == "__main__":
