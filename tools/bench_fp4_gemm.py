@@ -31,22 +31,22 @@ GROUP = 128
 FP4 = {"nvfp4": 16, "mxfp4": 32}  # format -> block size
 
 
-def make_int4(k: int, n: int):
+def make_int4(k: int, n: int, device: str = "cuda"):
     from qcompile.plugins.int4_gemm.format import to_engine
 
-    q = torch.randint(-8, 8, (k, n), device="cuda", dtype=torch.int8)
-    scale = (torch.rand(k // GROUP, n, device="cuda") * 0.01 + 1e-3).to(torch.bfloat16)
+    q = torch.randint(-8, 8, (k, n), device=device, dtype=torch.int8)
+    scale = (torch.rand(k // GROUP, n, device=device) * 0.01 + 1e-3).to(torch.bfloat16)
     return to_engine(q, GROUP), scale
 
 
-def make_fp4(fmt: str, k: int, n: int):
+def make_fp4(fmt: str, k: int, n: int, device: str = "cuda"):
     """(w_packed uint8 [N, K/2], w_scale, w_global) with random codes and realistic scales."""
-    w_packed = torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8)
+    w_packed = torch.randint(0, 256, (n, k // 2), device=device, dtype=torch.uint8)
     nblocks = k // FP4[fmt]
     if fmt == "mxfp4":  # 2**-10 .. 2**-4
-        return w_packed, torch.randint(117, 124, (n, nblocks), device="cuda", dtype=torch.uint8), None
-    scale = (torch.rand(n, nblocks, device="cuda") * 440 + 8).to(torch.float8_e4m3fn)
-    return w_packed, scale, torch.tensor(2e-5, device="cuda")
+        return w_packed, torch.randint(117, 124, (n, nblocks), device=device, dtype=torch.uint8), None
+    scale = (torch.rand(n, nblocks, device=device) * 440 + 8).to(torch.float8_e4m3fn)
+    return w_packed, scale, torch.tensor(2e-5, device=device)
 
 
 def rel_pct(y: torch.Tensor, ref: torch.Tensor) -> float:

@@ -364,23 +364,25 @@ def configs(m: int):
                                                  tma=True)
 
 
-def cell(k: int, n: int, m: int, only: str = "") -> dict:
+def cell(k: int, n: int, m: int, only: str = "", device: str = "cuda", dtype=torch.bfloat16, bench=None) -> dict:
+    """One layer and M: cuBLAS, the INT4 and FP4 ops and every probe configuration whose name holds `only`, each
+    checked against float64 first. `device`, `dtype`, `bench`: stand-ins for `--cpu-check` (CPU, fp16, one call)."""
     from bench_fp4_gemm import FP4, GROUP, make_fp4, make_int4
-    from gpu_timing import bench, rotating
+    from gpu_timing import bench as gpu_bench, rotating
     from qcompile.plugins.fp4_gemm.op import fp4_gemm
     from qcompile.plugins.fp4_gemm.reference import dequantize_weight
     from qcompile.plugins.int4_gemm.op import int4_groupwise_gemm
-    dtype = torch.bfloat16
-    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    bench = bench or gpu_bench
+    x = torch.randn(m, k, device=device, dtype=dtype)
     res = {}
-    wb = rotating(lambda: torch.randn(n, k, device="cuda", dtype=dtype), n * k * 2)
+    wb = rotating(lambda: torch.randn(n, k, device=device, dtype=dtype), n * k * 2)
     res["cublas bf16"] = bench(lambda: torch.nn.functional.linear(x, wb()), copies=4, rep=40)
-    w4 = rotating(lambda: make_int4(k, n), k * n // 2)
+    w4 = rotating(lambda: make_int4(k, n, device), k * n // 2)
     res["int4 op"] = bench(lambda: int4_groupwise_gemm(x, *w4(), None, None, GROUP), copies=4, rep=40)
     line = f"{k}x{n} M={m}: bf16 {res['cublas bf16']:.1f} | int4 op {res['int4 op']:.1f}"
     for fmt, block in FP4.items():
         mx = fmt == "mxfp4"
-        sets = [make_fp4(fmt, k, n) for _ in range(max(2, min(8, (512 << 20) // (k * n // 2))))]
+        sets = [make_fp4(fmt, k, n, device) for _ in range(max(2, min(8, (512 << 20) // (k * n // 2))))]
         res[f"{fmt} op"] = bench(lambda it=itertools.cycle(sets): fp4_gemm(x, *next(it), None, None, block),
                                  copies=4, rep=40)
         ref = x.double() @ dequantize_weight(*sets[0], block).double().t()
@@ -416,8 +418,10 @@ def cell(k: int, n: int, m: int, only: str = "") -> dict:
 
 def cpu_check() -> None:
     """The CPU checks (run with TRITON_INTERPRET=1): the kernel in fp16 through the interpreter against float64
-    (NVFP4 with every E4M3 scale code but NaN, MXFP4; pointer and TMA loads, split K, rows past M), and the bf16 bit placement and decoding of every code with
-    torch bit operations (the interpreter flushes bf16 subnormals)."""
+    (NVFP4 with every E4M3 scale code but NaN, MXFP4; pointer and TMA loads, split K, rows past M); the bf16 bit
+    placement and decoding of every code with torch bit operations (the interpreter flushes bf16 subnormals); and
+    the timing code (`cell`) end to end in fp16, each timing one call: every configuration must pass its float64
+    check."""
     from qcompile.plugins.fp4_gemm.reference import dequantize_weight
     torch.manual_seed(0)
     k, n, m = 256, 64, 5
@@ -459,6 +463,12 @@ def cpu_check() -> None:
                        != 2.0 ** (e.double() - 17)).sum())  # `_mx_pair`, bf16
     print(f"bf16 decoding: {bad} wrong of {2 * 4 * words.numel()}; bf16 scale multipliers: {bad_scales} wrong")
     assert bad == 0 and bad_scales == 0
+    res = cell(256, 128, 16, device="cpu", dtype=torch.float16, bench=lambda fn, **_: (fn(), 1.0)[1])
+    probes = {key: v for key, v in res.items() if " one_dot " in f" {key}"}
+    failed = {key: v for key, v in probes.items() if isinstance(v, str)}
+    print(f"the timing code on the CPU (fp16, each timing one call): {len(failed)} of {len(probes)} configurations "
+          f"failed {failed}")
+    assert not failed and len(probes) == 2 * len(list(configs(16)))
 
 
 def main():
