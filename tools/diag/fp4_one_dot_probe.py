@@ -72,14 +72,12 @@ from qcompile.plugins.triton_tiles import store_tile, xt_columns  # noqa: E402
 STEP = 128  # K per step
 
 
-E4M3_TO_BF16_X9 = 0x7280  # 229 << 7: fp16 bits >> 3 are bf16 bits of s * 2^-112; this makes s * 2^117 (X = 9)
-
-
 @triton.jit
 def _asm_nv_bf16(word):
-    """4 bf16x2 multipliers (s_i * 2^117, s_i) from 4 E4M3 scale bytes: cvt e4m3x2 -> f16x2 (exact), the fp16 bits
-    >> 3 as bf16 bits (s * 2^-112; the low 3 mantissa bits of an E4M3 value are 0), + 229 to the exponent, then
-    each half into both halves (PRMT). A zero scale gives 2^102, not 0: zero-scale blocks need zero codes."""
+    """4 bf16x2 multipliers, s_i * 2^117 in both halves, from the 4 E4M3 scale bytes of word: cvt e4m3x2 -> f16x2
+    (exact), the fp16 bits >> 3 as bf16 bits (s * 2^-112; the low 3 mantissa bits of an E4M3 value are 0), plus
+    229 << 7 (0x7280) to the exponent (X = 9), then each half into both halves (PRMT). A zero scale gives 2^102,
+    not 0: zero-scale blocks need zero codes."""
     return tl.inline_asm_elementwise(
         "{ .reg .b16 l, h; .reg .b32 a, b;\n"
         "mov.b32 {l, h}, $4;\n"
@@ -94,7 +92,7 @@ def _asm_nv_bf16(word):
 
 @triton.jit
 def _asm_nv_fp16(word):
-    """As `_asm_nv_bf16` for fp16 tiles: f16x2 (s_i * 2^7, s_i) (exact: s * 2^7 is normal fp16 for every E4M3)."""
+    """As `_asm_nv_bf16` for fp16 tiles: s_i * 2^7 in both halves (exact: normal fp16 for every E4M3 value)."""
     return tl.inline_asm_elementwise(
         "{ .reg .b16 l, h; .reg .b32 a, b, c;\n"
         "mov.b32 {l, h}, $4;\n"
