@@ -482,8 +482,9 @@ def main():
     from probe_util import run_grid
     MODE["graph"] = True
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    name = "fp4_one_dot_probe-m" + "-".join(map(str, args.ms)) + (f"-{args.only}" if args.only else "") + ".json"
     run_grid(functools.partial(cell, only=args.only), [tuple(map(int, s.split("x"))) for s in args.shapes], args.ms,
-             "fp4_one_dot_probe.json")
+             name.replace(" ", "_"))  # one file per run: several runs can share a device call
 
 
 if __name__ == "__main__":
