@@ -39,10 +39,11 @@ def save(results: dict, name: str) -> None:
 
 
 def run_grid(fn, shapes, ms, name: str) -> dict:
-    """`fn(k, n, m)` for every (K, N) in `shapes` and M in `ms` (failures printed, the rest kept), saved as `name`."""
+    """`fn(k, n, m)` for every (K, N) in `shapes` and M in `ms` (failures printed, the rest kept), saved as `name`
+    after every cell, so a run stopped by its time limit keeps what it measured."""
     results: dict = {}
     for k, n in shapes:
         for m in ms:
             run_part(results, f"{k}x{n} M={m}", fn, k, n, m)
-    save(results, name)
+            save(results, name)
     return results
