@@ -82,10 +82,9 @@ def candidates(x, weights, m: int) -> dict:
 
     kinds = os.environ.get(KINDS_ENV, "dot gemv").split()
     out = {"shipped": shipped}
-    if "dot" in kinds:
-        out.update({"dot " + json.dumps(c): dot(c) for c in DOT_CONFIGS})
-    if "dot-warps" in kinds:
-        out.update({"dot " + json.dumps(c): dot(c) for c in DOT_WARPS_CONFIGS})
+    for kind, configs in (("dot", DOT_CONFIGS), ("dot-warps", DOT_WARPS_CONFIGS)):
+        if kind in kinds:
+            out.update({"dot " + json.dumps(c): dot(c) for c in configs})
     if m == 1:
         for kind, configs in (("gemv", GEMV_CONFIGS), ("gemv-long", LONG_GEMV_CONFIGS)):
             if kind in kinds:

@@ -391,14 +391,14 @@ def cell(k: int, n: int, m: int, only: str = "", device: str = "cuda", dtype=tor
             if only not in name:
                 continue
             key = f"{fmt} {name}"
-            planar = layouts[bool(cfg.get("rows"))]
+            weights = layouts[bool(cfg.get("rows"))]
             try:
-                y = launch(x, planar[0][0], planar[0][1], planar[0][2], mx, cfg)
+                y = launch(x, *weights[0], mx, cfg)
                 err = float((y.double() - ref).norm() / ref.norm())
                 if err > 2e-2:
                     res[key] = f"wrong: rel err {err:.3g}"
                     continue
-                res[key] = timed[key] = bench(lambda it=itertools.cycle(planar): launch(x, *next(it), mx, cfg),
+                res[key] = timed[key] = bench(lambda it=itertools.cycle(weights): launch(x, *next(it), mx, cfg),
                                               copies=4, rep=40)
             except Exception as e:  # noqa: BLE001  (a configuration Triton cannot build)
                 res[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"

@@ -19,6 +19,7 @@ mm_t's 7.2 and the GEMV's 5.3) was slower than both on every H200 cell (benchmar
 """
 from __future__ import annotations
 
+import argparse
 import collections
 import itertools
 import os
@@ -135,29 +136,22 @@ def _cases():
 
 
 def main() -> None:
-    args = sys.argv[1:]
-    dtype = "bf16"
-    if "--dtype" in args:  # x (and its tiles) in fp16 instead: the kernels whose x is a "*bf16" pointer
-        at = args.index("--dtype")
-        dtype = args[at + 1]
-        del args[at:at + 2]
-    block_n = None
-    if "--block-n" in args:  # every case's BLOCK_N (weight rows or columns per program) set to this instead
-        at = args.index("--block-n")
-        block_n = int(args[at + 1])
-        del args[at:at + 2]
-    wanted = set(args)
+    ap = argparse.ArgumentParser(description="sm_90 SASS instruction counts of kernel main loops")
+    ap.add_argument("cases", nargs="*", help="case names (default: all)")
+    ap.add_argument("--dtype", default="bf16", help="x (and its tiles) in this type: the kernels whose x is *bf16")
+    ap.add_argument("--block-n", type=int, help="every case's BLOCK_N (weight rows or columns per program)")
+    args = ap.parse_args()
     for name, fn, sig, const, div, warps, stages, per_thread in _cases():
-        if not wanted or name in wanted:
-            sig = {a: t.replace("bf16", dtype) if a == "x_ptr" else t for a, t in sig.items()}
-            if block_n:  # a thread's weights per step scale with BLOCK_N in every case here
+        if not args.cases or name in args.cases:
+            sig = {a: t.replace("bf16", args.dtype) if a == "x_ptr" else t for a, t in sig.items()}
+            if args.block_n:  # a thread's weights per step scale with BLOCK_N in every case here
+                block_n = args.block_n
                 per_thread = per_thread * block_n // const["BLOCK_N"]
                 const = dict(const, BLOCK_N=block_n)
                 sig = {a: re.sub(r"i32\[(\d+), 8\]", f"i32[{block_n}, 8]",
                                  re.sub(r"i32\[8, \d+, 32\]", f"i32[8, {block_n // 32}, 32]", t)) for a, t in sig.items()}
                 name = f"{name} (BLOCK_N {block_n})"
             report(name, compile_sass(fn, sig, const, div, warps, stages), per_thread)
-
 
 if __name__ == "__main__":
     main()
