@@ -103,11 +103,12 @@ def export_on_fake_cuda(monkeypatch, op, weights: tuple, x: torch.Tensor, dynami
     return [n.target for n in ep.graph.nodes if n.op == "call_function"]
 
 
-def expect_tma(monkeypatch, expected) -> None:
-    """Makes the INT4 one-dot launch fail unless its TMA decision (`one_dot.use_tma`) is `expected(cfg)` for the
-    bucket's configuration: raising is what torch.cond's tracing lets out of a branch, so an export on fake
-    tensors (`export_on_fake_cuda`) shows which loads each bucket took."""
-    from qcompile.plugins.int4_gemm import one_dot
+def expect_tma(monkeypatch, expected, one_dot=None) -> None:
+    """Makes a one-dot launch fail unless its TMA decision (`use_tma`) is `expected(cfg)` for the bucket's
+    configuration: raising is what torch.cond's tracing lets out of a branch, so an export on fake tensors
+    (`export_on_fake_cuda`) shows which loads each bucket took. `one_dot`: the kernel module (default INT4's)."""
+    if one_dot is None:
+        from qcompile.plugins.int4_gemm import one_dot
 
     decided = one_dot.use_tma
 

@@ -7,7 +7,9 @@ For each (K x N, M) of reference/kernel-targets.md it times, with `triton.testin
   int4_op   `torch.ops.qcompile.int4_groupwise_gemm`, symmetric int4 g128 (whatever kernel it currently runs)
   nvfp4_op  `torch.ops.qcompile.fp4_gemm`, NVFP4 (E4M3 scale per 16 + FP32 global)
   mxfp4_op  `torch.ops.qcompile.fp4_gemm`, MXFP4 (E8M0 scale per 32)
-all with bias, bf16 in/out. --int4-pointers adds int4_ptr_op: the INT4 op without its TMA tiles
+all with bias, bf16 in/out. --fp4-planar adds nvfp4_planar_op and mxfp4_planar_op: the FP4 op on the same weights
+as planar words (`format.to_planar_words`: the one-dot kernel at 1-128 rows), with int4/<fmt>_planar and
+<fmt>/<fmt>_planar (> 1: planar faster). --int4-pointers adds int4_ptr_op: the INT4 op without its TMA tiles
 (`kernel.pointer_tiles`), timed in the same cell, and int4_ptr/int4 (> 1: the TMA tiles faster);
 --int4-tma-min-n overrides the TMA tiles' smallest N for int4_op. Each output is checked against a float32
 reference of the same weights (`rel%_*`: relative L2 error in percent, on one weight copy). Weights are rotated
@@ -54,7 +56,8 @@ def rel_pct(y: torch.Tensor, ref: torch.Tensor) -> float:
     return 100.0 * ((y.float() - ref).norm() / ref.norm()).item()
 
 
-def run_shape(k: int, n: int, m: int, ops, pointers: bool = False, tma_min_n: int | None = None) -> dict:
+def run_shape(k: int, n: int, m: int, ops, pointers: bool = False, tma_min_n: int | None = None,
+              planar: bool = False) -> dict:
     from qcompile.plugins.fp4_gemm.reference import dequantize_weight as fp4_weight
     from qcompile.plugins.int4_gemm.reference import dequantize_weight as int4_weight
 
@@ -76,16 +79,30 @@ def run_shape(k: int, n: int, m: int, ops, pointers: bool = False, tma_min_n: in
             r["int4_ptr_op"] = bench(lambda: ops["int4"](x, *w4(), None, bias, GROUP))
         r["int4_ptr/int4"] = r["int4_ptr_op"] / r["int4_op"]
     del ref4
+    def fp4_op(name: str, block: int, make) -> float:
+        """Checks then times the FP4 op on rotating weights `make()`: r["rel%_<name>"], returns its time."""
+        weights = rotating(make, k * n // 2)
+        w = weights()
+        r[f"rel%_{name}"] = rel_pct(ops["fp4"](x, *w, None, bias, block), xf @ fp4_weight(*w, block).t() + bf)
+        del w
+        return bench(lambda: ops["fp4"](x, *weights(), None, bias, block))
+
     for fmt, block in FP4.items():
-        wf = rotating(lambda: make_fp4(fmt, k, n), k * n // 2)
-        w = wf()
-        ref = xf @ fp4_weight(*w, block).t() + bf
-        r[f"rel%_{fmt}"] = rel_pct(ops["fp4"](x, *w, None, bias, block), ref)
-        del w, ref
-        r[f"{fmt}_op"] = bench(lambda: ops["fp4"](x, *wf(), None, bias, block))
+        r[f"{fmt}_op"] = fp4_op(fmt, block, lambda: make_fp4(fmt, k, n))
         r[f"int4/{fmt}"] = r["int4_op"] / r[f"{fmt}_op"]
         r[f"bf16/{fmt}"] = r["bf16"] / r[f"{fmt}_op"]
+        if planar:
+            r[f"{fmt}_planar_op"] = fp4_op(f"{fmt}_planar", block, lambda: planar_weights(make_fp4(fmt, k, n)))
+            r[f"int4/{fmt}_planar"] = r["int4_op"] / r[f"{fmt}_planar_op"]
+            r[f"{fmt}/{fmt}_planar"] = r[f"{fmt}_op"] / r[f"{fmt}_planar_op"]
     return r
+
+
+def planar_weights(w):
+    """(w_packed, w_scale, w_global) with the codes as planar words (`format.to_planar_words`)."""
+    from qcompile.plugins.fp4_gemm.format import to_planar_words
+
+    return (to_planar_words(w[0], w[1]),) + tuple(w[1:])
 
 
 def compiled_ops(eager: dict, use_eager: bool) -> dict:
@@ -103,6 +120,7 @@ def main() -> None:
                     help="also time the INT4 op without its TMA tiles (needs --eager)")
     ap.add_argument("--int4-tma-min-n", type=int, help="the TMA tiles' smallest N (default: kernel.TMA_TILES'; "
                     "needs --eager)")
+    ap.add_argument("--fp4-planar", action="store_true", help="also the FP4 op on planar words")
     args = ap.parse_args()
     if (args.int4_pointers or args.int4_tma_min_n is not None) and not args.eager:
         ap.error("--int4-pointers and --int4-tma-min-n swap the INT4 op's tiles per call, which a torch.compile'd op "
@@ -111,11 +129,17 @@ def main() -> None:
     cols = ["bf16", "int4_op", "nvfp4_op", "mxfp4_op", "int4/nvfp4", "int4/mxfp4", "bf16/nvfp4", "bf16/mxfp4",
             "rel%_int4", "rel%_nvfp4", "rel%_mxfp4"]
     errs = ["rel%_int4", "rel%_nvfp4", "rel%_mxfp4"]
+    if args.fp4_planar:
+        cols[4:4] = ["nvfp4_planar_op", "mxfp4_planar_op", "int4/nvfp4_planar", "int4/mxfp4_planar",
+                     "nvfp4/nvfp4_planar", "mxfp4/mxfp4_planar"]
+        errs += ["rel%_nvfp4_planar", "rel%_mxfp4_planar"]
+        cols += ["rel%_nvfp4_planar", "rel%_mxfp4_planar"]
     if args.int4_pointers:
         cols[2:2] = ["int4_ptr_op", "int4_ptr/int4"]
         errs.append("rel%_int4_ptr")
         cols.append("rel%_int4_ptr")
-    rows = sweep(args, cols, lambda k, n, m: run_shape(k, n, m, ops, args.int4_pointers, args.int4_tma_min_n))
+    rows = sweep(args, cols, lambda k, n, m: run_shape(k, n, m, ops, args.int4_pointers, args.int4_tma_min_n,
+                                                       args.fp4_planar))
     errs = {c: max(r[c] for r in rows) for c in errs}
     print(f"max relative L2 error vs float32 (%): {errs}")
     write_results(args, rows, int4_group=GROUP, fp4_blocks=FP4, max_rel_l2_error_pct=errs)

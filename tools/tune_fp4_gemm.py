@@ -4,11 +4,12 @@
 For every (K x N, M) it times side by side, as the eager op calls them (CUDA graphs with --cuda-graph; the split-K
 zero fill and the cast to x's dtype included where a configuration splits K): cuBLAS bf16; our INT4 g128 op (the
 issue-5 yardstick); the shipped FP4 path; dequantize + cuBLAS (`_fp4_dequant_kernel`, then `x @ W.T` and the
-bias); and `_fp4_gemm_kernel` in several tile configurations. NVFP4 weights, bf16 x, with bias. Each candidate is
-checked against a float32 reference first (relative L2 error). Writes every measurement as JSON and prints the
-best per cell.
+bias); and `_fp4_gemm_kernel` in several tile configurations. With --planar also the op on planar words (`planar
+shipped`: `kernel.ONE_DOT`) and `one_dot._fp4_one_dot_kernel` in the tiles of `ONE_DOT_CONFIGS`. NVFP4 weights, bf16
+x, with bias. Each candidate is checked against a float32 reference first (relative L2 error). Writes every
+measurement as JSON and prints the best per cell.
 
-    python3 tools/tune_fp4_gemm.py --cuda-graph --out tune.json [--shapes 8192x28672] [--ms 16 64 256]
+    python3 tools/tune_fp4_gemm.py --cuda-graph --out tune.json [--shapes 8192x28672] [--ms 16 64 256] [--planar]
 """
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ import json
 
 import torch
 
-from bench_fp4_gemm import GROUP, make_fp4, make_int4
+from bench_fp4_gemm import GROUP, make_fp4, make_int4, planar_weights
 from gpu_timing import MODE, bench, bench_parser, check_cells, rel_errors, rotating, save_rows, time_checked
 from tune_fp8_block_w8a16 import best
 
 from qcompile.plugins.fp4_gemm import kernel as fp4
+from qcompile.plugins.fp4_gemm import one_dot as fp4_one_dot
 from qcompile.plugins.gemm_dispatch import linear_bias
+from qcompile.plugins.int4_gemm.half2 import ptx_available
 
 BLOCK = 16  # NVFP4
 # M <= 16: one row tile of 16, split-K over N tiles of 32-128 rows (shipped: 64 rows, 4 warps, 3 stages, 1 SM per
@@ -36,10 +39,16 @@ MID_CONFIGS = ([dict(BLOCK_M=64, BLOCK_N=bn, num_warps=w, num_stages=st, sms_per
                 for bn in (64, 128, 256) for w in (4, 8) for st in (3, 4) for spt in (1, 2, 4)]
                + [dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3, sms_per_tile=spt) for spt in (1, 2)]
                + [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, sms_per_tile=spt) for spt in (1, 2)])
+# planar words: the one-dot tiles of 16 / 64 rows (BLOCK_M from M), 64 or 128 weight rows, 3 or 4 stages, 1-8 waves
+# of programs, and 128-wide TMA tiles (in the min_n form `one_dot.launch` takes)
+ONE_DOT_CONFIGS = ([dict(BLOCK_N=bn, num_warps=4, num_stages=st, waves=wv) for bn in (64, 128) for st in (3, 4)
+                    for wv in (1, 2, 4, 8)]
+                   + [dict(BLOCK_N=128, num_warps=4, num_stages=3, waves=wv, tma=dict(min_n=0)) for wv in (2, 4, 8)])
 
 
-def candidates(x, bias, weights, m: int) -> dict:
-    """weights() -> (w_packed, w_scale, w_global) of the next rotating copy; each candidate returns the output."""
+def candidates(x, bias, weights, m: int, planar=None) -> dict:
+    """weights() -> (w_packed, w_scale, w_global) of the next rotating copy, planar() the same as planar words (None:
+    no planar candidates); each candidate returns the output."""
     def shipped():
         return fp4.fp4_gemm_triton(x, *weights(), bias, BLOCK)
 
@@ -50,8 +59,15 @@ def candidates(x, bias, weights, m: int) -> dict:
     def tile(cfg):
         return lambda: fp4.launch_gemm(x, *weights(), bias, BLOCK, cfg).to(x.dtype)
 
+    def one_dot(cfg):
+        cfg = dict(cfg, BLOCK_M=16 if m <= 16 else 64)
+        return lambda: fp4_one_dot.launch(x, *planar(), bias, cfg, asm=ptx_available()).to(x.dtype)
+
     out = {"shipped": shipped, "dequant": dequant}
     out.update({"tile " + json.dumps(c): tile(c) for c in (SMALL_CONFIGS if m <= 16 else MID_CONFIGS)})
+    if planar is not None:
+        out["planar shipped"] = lambda: fp4.fp4_gemm_triton(x, *planar(), bias, BLOCK)
+        out.update({"one_dot " + json.dumps(c): one_dot(c) for c in ONE_DOT_CONFIGS})
     return out
 
 
@@ -70,7 +86,8 @@ def check_chunk(task):
     """Worker: compile and check candidates `names` of one (K, N, M) cell."""
     k, n, m, names = task
     x, bias, w, ref = make_case(k, n, m)
-    return rel_errors(candidates(x, bias, lambda: w, m), names, ref)
+    wp = planar_weights(w)
+    return rel_errors(candidates(x, bias, lambda: w, m, lambda: wp), names, ref)
 
 
 def main() -> None:
@@ -78,12 +95,14 @@ def main() -> None:
 
     ap = bench_parser(__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=14)
+    ap.add_argument("--planar", action="store_true", help="also the op and one-dot tiles on planar words")
     ap.set_defaults(ms=[16, 64, 256])
     args = ap.parse_args()
     MODE["graph"] = args.cuda_graph
     int4_op = register_int4()
     cells = [(int(s.split("x")[0]), int(s.split("x")[1]), m) for s in args.shapes for m in args.ms]
-    checked = check_cells(cells, lambda m: candidates(None, None, None, m), check_chunk, args.workers)
+    planar_names = (lambda: None) if args.planar else None  # names only: the candidates are not called here
+    checked = check_cells(cells, lambda m: candidates(None, None, None, m, planar_names), check_chunk, args.workers)
     print("compiled and checked", sum(len(v) for v in checked.values()), "candidates", flush=True)
     rows = []
     for shape in args.shapes:
@@ -91,12 +110,13 @@ def main() -> None:
         w16 = rotating(lambda: torch.randn(k, n, device="cuda", dtype=torch.bfloat16), k * n * 2)
         w4 = rotating(lambda: make_int4(k, n), k * n // 2)
         wf = rotating(lambda: make_fp4("nvfp4", k, n), k * n // 2)
+        wp = rotating(lambda: planar_weights(make_fp4("nvfp4", k, n)), k * n // 2) if args.planar else None
         for m in args.ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
             row = {"K": k, "N": n, "M": m, "bf16": bench(lambda: x @ w16(), copies=4),
                    "int4_op": bench(lambda: int4_op(x, *w4(), None, bias, GROUP), copies=4),
-                   "nvfp4": time_checked(candidates(x, bias, wf, m), checked[(k, n, m)])}
+                   "nvfp4": time_checked(candidates(x, bias, wf, m, wp), checked[(k, n, m)])}
             rows.append(row)
             name, us = best(row["nvfp4"])
             shipped = row["nvfp4"]["shipped"].get("us", float("nan"))

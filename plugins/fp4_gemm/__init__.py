@@ -8,7 +8,9 @@ Plugin contract (`format.py` has the number formats and layouts in full):
   `bias [N]`; attributes `block_size = B`, `plugin_version = "1"`, `plugin_namespace = "qcompile"`.
 - op `torch.ops.qcompile.fp4_gemm(x, w_packed, w_scale, w_global, x_global, bias, block_size)`:
   * `x`: float32 / float16 / bfloat16 `[..., K]`, any number of rows M (dynamic);
-  * `w_packed`: uint8 `[N, K/2]`, byte `[n, j]` = code(k=2j) | code(k=2j+1) << 4 (the ONNX bytes);
+  * `w_packed`: uint8 `[N, K/2]`, byte `[n, j]` = code(k=2j) | code(k=2j+1) << 4 (the ONNX bytes), or int32
+    `[N, K/8]` planar words for K a multiple of 128 (`format.to_planar_words`: the one-dot kernel's layout; the
+    lowering stores it only when asked, `lowering.ops.fp4_plugin.ENGINE_LAYOUT`);
   * `w_scale`: `[N, K/B]`, torch.float8_e4m3fn (NVFP4, B = 16) or uint8 E8M0 bits (MXFP4, B = 32);
   * `w_global`: float32 scalar (NVFP4) or None (MXFP4);
   * `x_global`: None (weight-only) or the float32 NVFP4 activation global scale: x is fake-quantized with
@@ -18,7 +20,8 @@ Plugin contract (`format.py` has the number formats and layouts in full):
   accumulated in float32, returned in x.dtype, shape `[..., N]`.
 
 Faces: `format`, `reference` (plain torch: the oracle and the CPU path), `kernel` (Triton, CUDA only, imported
-lazily: weights decompressed in registers; split-K / tiled / dequantize + cuBLAS by M), `op` (the `triton_op`),
+lazily: weights decompressed in registers; split-K / tiled / dequantize + cuBLAS by M), `gemv` (M = 1), `planar`
+and `one_dot` (planar words: their decoding, and one tensor-core MMA per 128-K step), `op` (the `triton_op`),
 `onnx_schema` (the ONNX nodes).
 """
 from __future__ import annotations

@@ -21,6 +21,13 @@ Engine layout (what `qcompile::fp4_gemm` takes; torch's FP4 dtype cannot be an A
   The Triton kernel (`kernel.py`) reads this layout as it is, with no conversion at lowering: `w_packed` as
   uint32 words [N, K/8] (little-endian: nibble j of word w is k = 8w + j), the scales as their uint8 bits.
 
+Planar words (the second engine layout, `to_planar_words`; the op takes them for K a multiple of 128): `w_packed`
+int32 [N, K/8], the scales as above. In each 64 K of a row (8 words), word c holds the codes of k = 16 j + 2 c (low
+half) and k + 1 (high half) for j = 0..3, a code's bits (m, e0, e1, s) at `PLANAR_BITS[j]` of its half. Pair j is
+then one 16-K tile's (k, k + 1) register pair of a tensor-core MMA's first operand, decoded in 1-6 integer ops into
+a bf16 or fp16 pair (`planar.py`); the 64 K of a row are 32 contiguous bytes. NVFP4 blocks whose scale is 0 hold
+zero codes (the same weights: the planar kernels' bf16 multiplier of a zero scale is not 0).
+
 Everything here is plain torch (traceable; float32 math) except the numpy packing helpers.
 """
 from __future__ import annotations
@@ -177,6 +184,63 @@ def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of `pack_codes`: uint8 [..., K/2] -> codes uint8 [..., K]."""
     p = packed.to(torch.uint8)
     return torch.stack([p & 0xF, p >> 4], dim=-1).reshape(*p.shape[:-1], p.shape[-1] * 2)
+
+
+# ------------------------------------------------------------------ planar words
+
+# where the bits (m, e0, e1, s) of pair j's code sit in each 16-bit half of a planar word: pair 0 is a bf16
+# `e2m1 * 2**-126` after one AND, pairs 1 and 2 after a shift and an AND, pair 3 after three shifts and three LOP3
+# (11 ops per word against 15 for nibbles in place; no placement puts all four pairs one shift away, checked
+# exhaustively), and fp16 `e2m1 * 2**-14` pairs take 17 (16 in place)
+PLANAR_BITS = ((6, 7, 8, 15), (3, 4, 5, 12), (0, 1, 2, 9), (10, 11, 13, 14))
+PLANAR_K = 64  # K per 8 planar words of a row
+PLANAR_K_MULTIPLE = 128  # K of weights the op takes as planar words (a row's scales of 128 K are one load)
+
+
+def is_planar(w_packed: torch.Tensor) -> bool:
+    """Whether an engine weight holds planar words (int32 [N, K/8]) rather than the ONNX bytes (uint8 [N, K/2])."""
+    return w_packed.dtype == torch.int32
+
+
+def _planar_view(n: int, k: int) -> tuple[int, ...]:
+    """[N, K] codes as [N, K/64, j = 4, c = 8, t = 2] (k = 64 b + 16 j + 2 c + t)."""
+    if k % PLANAR_K:
+        raise ValueError(f"planar FP4 words need K a multiple of {PLANAR_K}, got K={k}")
+    return n, k // PLANAR_K, 4, 8, 2
+
+
+def to_planar_words(w_packed: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """Engine bytes (uint8 [N, K/2]) -> planar words (int32 [N, K/8], see the module docstring); codes of NVFP4
+    blocks whose scale is 0 become 0."""
+    codes = unpack_codes(w_packed).to(torch.int64)
+    n, k = codes.shape
+    if w_scale.dtype == torch.float8_e4m3fn:
+        zero = w_scale.view(torch.uint8) == 0
+        codes = torch.where(zero.repeat_interleave(k // w_scale.shape[1], dim=1), 0, codes)
+    c = codes.reshape(_planar_view(n, k))
+    words = torch.zeros((n, k // PLANAR_K, 8), dtype=torch.int64, device=codes.device)
+    for j, positions in enumerate(PLANAR_BITS):
+        for t in range(2):
+            for bit, pos in enumerate(positions):
+                words |= ((c[:, :, j, :, t] >> bit) & 1) << (pos + 16 * t)
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32).reshape(n, k // 8)
+
+
+def from_planar_words(words: torch.Tensor) -> torch.Tensor:
+    """Planar words (int32 [N, K/8]) -> engine bytes (uint8 [N, K/2]): the inverse of `to_planar_words`."""
+    n, k = words.shape[0], words.shape[1] * 8
+    w = (words.to(torch.int64) & 0xFFFFFFFF).reshape(n, k // PLANAR_K, 8)
+    codes = torch.zeros(_planar_view(n, k), dtype=torch.int64, device=words.device)
+    for j, positions in enumerate(PLANAR_BITS):
+        for t in range(2):
+            for bit, pos in enumerate(positions):
+                codes[:, :, j, :, t] |= ((w >> (pos + 16 * t)) & 1) << bit
+    return pack_codes(codes.reshape(n, k).to(torch.uint8))
+
+
+def engine_bytes(w_packed: torch.Tensor) -> torch.Tensor:
+    """The ONNX bytes (uint8 [N, K/2]) of an engine weight in either layout."""
+    return from_planar_words(w_packed) if is_planar(w_packed) else w_packed
 
 
 def codes_to_float4(codes: np.ndarray) -> np.ndarray:

@@ -41,6 +41,11 @@ tile kernel on the H200 decode shapes, and the current one is 1.0-1.6x faster th
 An earlier GEMV in fp32 (one FMA per weight) was 20-30% slower than the tile kernel and was removed
 (benchmarks/fp4_int4_gemm.json, fp4_gemv_m1.json).
 
+Planar words (`format.to_planar_words`, int32 [N, K/8]; opt-in at lowering until timed on the H200): 16-bit x takes
+`gemv_planar.py` at M = 1 and `one_dot.py` at 2-128 rows (`ONE_DOT`), fp32 x the tile kernel with `PLANAR` (the words
+decoded into fp32 tiles by `planar.tile_fp32`), and from LARGE_M_MIN rows the dequantize kernel with `PLANAR`, then
+cuBLAS.
+
 `launch_*` and `fp4_gemm_triton` take `wrap` (identity for raw Triton: tests run them under
 TRITON_INTERPRET=1 on CPU tensors; `torch.library.wrap_triton` from the op, so AOTInductor compiles the
 kernels into the package).
@@ -51,9 +56,13 @@ import torch
 import triton
 import triton.language as tl
 
+from qcompile.plugins.fp4_gemm import format as F
+from qcompile.plugins.fp4_gemm import one_dot
+from qcompile.plugins.fp4_gemm.planar import tile_fp32
 from qcompile.plugins.fp4_gemm.reference import check_args
 from qcompile.plugins.gemm_dispatch import (SMALL_M_MAX, cdiv, identity, linear_bias, optional_arg, run_by_buckets,
                                              split_k_config, unpack_optional, whole_tiles)
+from qcompile.plugins.int4_gemm.half2 import ptx_available
 from qcompile.plugins.triton_tiles import jit_any_m, load_tile, load_xt_rows, store_tile, xt_columns
 
 DEFAULT_SMS = 132
@@ -64,6 +73,11 @@ SMALL = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3, sms_per_tile=1)
 MID = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, sms_per_tile=2)
 MID_M_MAX = 64  # rows up to which MID runs; WIDE from there to LARGE_M_MIN - 1
 WIDE = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, sms_per_tile=2)
+# the one-dot tiles of planar words (16-bit x; `one_dot.py`), per M bucket: INT4's shapes with the probe's 128-wide
+# tiles at 16 and 64 rows (fewest instructions per weight), untimed on the H200 so far
+ONE_DOT = [(16, dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3, waves=4)),
+           (MID_M_MAX, dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, waves=2)),
+           (LARGE_M_MIN - 1, dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, waves=2))]
 DEQUANT = dict(BLOCK_N=16, BLOCK_K=512, num_warps=4)  # tile of `_fp4_dequant_kernel`: best of 6 (benchmarks/dequant.json)
 TINY = {torch.float32: 126, torch.bfloat16: 126, torch.float16: 14}  # decoded bits = value * 2**-TINY
 ACC_SHIFT = {(False, torch.float16): 9, (True, torch.float16): 4}  # X per (MXFP4?, dtype); else below
@@ -145,13 +159,20 @@ def _tile_pointers(w_ptr, s_ptr, offs_n, K, B: tl.constexpr, BLOCK_K: tl.constex
 @triton.jit
 def _weight_tile(w_rows, s_rows, offs_n, k0, N, K, DT: tl.constexpr, MX: tl.constexpr, B: tl.constexpr,
                  SHIFT: tl.constexpr, POW_SHIFT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN: tl.constexpr = False):
+                 EVEN: tl.constexpr = False, PLANAR: tl.constexpr = False):
     """Weight rows offs_n, columns k0 .. k0 + BLOCK_K as DT [BLOCK_N, BLOCK_K], times 2**-X (zeros past N, K;
-    EVEN: the tile lies inside the weight, no masks). w_rows, s_rows: `_tile_pointers`."""
+    EVEN: the tile lies inside the weight, no masks). w_rows, s_rows: `_tile_pointers`. PLANAR: the words are
+    planar (`format.to_planar_words`; fp32 tiles only, BLOCK_K a multiple of 64), decoded by `planar.tile_fp32`."""
     KB: tl.constexpr = BLOCK_K // B  # scale blocks per tile row
     mask_n = (offs_n < N)[:, None]
     words = load_tile(w_rows + k0 // 8, mask_n & (k0 // 8 + tl.arange(0, BLOCK_K // 8) < K // 8)[None, :], EVEN, True)
     bits = load_tile(s_rows + k0 // B, mask_n & (k0 // B + tl.arange(0, KB) < K // B)[None, :], EVEN, True)
+    if PLANAR:
+        tl.static_assert(DT == tl.float32, "planar FP4 words decode into fp32 tiles here")
+        mult = _scale_multiplier(bits, MX, SHIFT, POW_SHIFT)
+        if B == 32:  # one multiplier per 16-K block
+            mult = tl.reshape(tl.join(mult, mult), (BLOCK_N, 2 * KB))
+        return tile_fp32(words.to(tl.int32, bitcast=True), mult, BLOCK_N, BLOCK_K)
     mult = _scale_multiplier(bits, MX, SHIFT, POW_SHIFT).to(DT)
     tile = _e2m1_tile(tl.reshape(words, (BLOCK_N, KB, B // 8)), tl.reshape(mult, (BLOCK_N, KB, 1)))
     return tl.reshape(tile, (BLOCK_N, BLOCK_K))
@@ -164,6 +185,7 @@ def _fp4_gemm_kernel(
     K_STEPS: tl.constexpr, MX: tl.constexpr, B: tl.constexpr, SHIFT: tl.constexpr, POW_SHIFT: tl.constexpr,
     POW_ACC: tl.constexpr, HAS_GLOBAL: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr = False,
+    PLANAR: tl.constexpr = False,
 ):
     """y[M, N] (+)= x @ W.T over K slice program_id(1); swapped operands: acc is [BLOCK_N, BLOCK_M]. The
     pointers are formed once and a step adds scalars (recomputing them per step was about a quarter of the
@@ -181,7 +203,7 @@ def _fp4_gemm_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for step in range(0, K_STEPS):  # steps past K (last split) load nothing
         k0 = (pid_k * K_STEPS + step) * BLOCK_K
-        w = _weight_tile(w_rows, s_rows, offs_n, k0, N, K, DT, MX, B, SHIFT, POW_SHIFT, BLOCK_N, BLOCK_K, EVEN)
+        w = _weight_tile(w_rows, s_rows, offs_n, k0, N, K, DT, MX, B, SHIFT, POW_SHIFT, BLOCK_N, BLOCK_K, EVEN, PLANAR)
         xt = load_xt_rows(x_cols, k0, K, EVEN, BLOCK_K)
         if DT == tl.float32:
             acc = tl.dot(w, xt, acc, input_precision="ieee")
@@ -201,13 +223,14 @@ def _fp4_gemm_kernel(
 def _fp4_dequant_kernel(
     w_ptr, s_ptr, g_ptr, out_ptr, N, K,
     MX: tl.constexpr, B: tl.constexpr, SHIFT: tl.constexpr, POW_SHIFT: tl.constexpr, POW_ACC: tl.constexpr,
-    HAS_GLOBAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_GLOBAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PLANAR: tl.constexpr = False,
 ):
     """out [N, K] = W (decoded in fp32, cast to out's dtype)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     w_rows, s_rows = _tile_pointers(w_ptr, s_ptr, offs_n, K, B, BLOCK_K)
-    w = _weight_tile(w_rows, s_rows, offs_n, k0, N, K, tl.float32, MX, B, SHIFT, POW_SHIFT, BLOCK_N, BLOCK_K)
+    w = _weight_tile(w_rows, s_rows, offs_n, k0, N, K, tl.float32, MX, B, SHIFT, POW_SHIFT, BLOCK_N, BLOCK_K,
+                     PLANAR=PLANAR)
     w = w * POW_ACC
     if HAS_GLOBAL:
         w = w * tl.load(g_ptr)
@@ -236,6 +259,9 @@ def launch_gemm(x2d, w_packed, w_scale, w_global, bias, block_size: int, cfg: di
     (atomics into zeros), else x2d.dtype."""
     m, k = x2d.shape
     n = w_packed.shape[0]
+    planar = F.is_planar(w_packed)
+    if planar and x2d.dtype != torch.float32:
+        raise ValueError("fp4 tile kernel: planar words take fp32 x here (16-bit x: `one_dot`)")
     split = gemm_config(k, n, cfg, num_sms)
     block_k = cfg.get("BLOCK_K", BLOCK_K)
     atomic = split["split_k"] > 1
@@ -247,7 +273,7 @@ def launch_gemm(x2d, w_packed, w_scale, w_global, bias, block_size: int, cfg: di
         y, m, n, k, x2d.stride(0),
         K_STEPS=split["k_per_split"] // block_k, HAS_BIAS=bias is not None, ATOMIC=atomic,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=split["BLOCK_N"], BLOCK_K=block_k,
-        EVEN=whole_tiles(n, split["BLOCK_N"], split["split_k"], split["k_per_split"], k),
+        EVEN=whole_tiles(n, split["BLOCK_N"], split["split_k"], split["k_per_split"], k), PLANAR=planar,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **_format_args(w_scale, w_global, block_size, x2d.dtype),
     )
@@ -260,11 +286,11 @@ def launch_dequant(w_packed, w_scale, w_global, block_size: int, dtype, *, wrap=
     writing [K, N] instead was no faster overall on the H200, benchmarks/fp4_dequant_layout.json); `cfg` (default
     `DEQUANT`): the tile (BLOCK_K a multiple of 32)."""
     cfg = cfg or DEQUANT
-    n, k = w_packed.shape[0], w_packed.shape[1] * 2
+    n, k = w_packed.shape[0], w_packed.shape[1] * (8 if F.is_planar(w_packed) else 2)
     out = torch.empty((n, k), dtype=dtype, device=w_packed.device)
     wrap(_fp4_dequant_kernel)[(cdiv(n, cfg["BLOCK_N"]), cdiv(k, cfg["BLOCK_K"]), 1)](
         w_packed, w_scale, optional_arg(w_global, w_packed), out, n, k,
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], PLANAR=F.is_planar(w_packed),
         **_format_args(w_scale, w_global, block_size, torch.float32),
     )
     return out
@@ -297,8 +323,26 @@ def fp4_gemm_triton(x, w_packed, w_scale, w_global, bias, block_size: int, *, wr
         w_global, bias = unpack_optional(rest, *present)
         return launch_gemv(x2d, w_packed, w_scale, w_global, bias, block_size, wrap=wrap)
 
+    def one_dot_tile(cfg):
+        def run(x2d, w_packed, w_scale, *rest):
+            w_global, bias = unpack_optional(rest, *present)
+            y = one_dot.launch(x2d, w_packed, w_scale, w_global, bias, cfg, asm=ptx_available(), wrap=wrap,
+                               num_sms=num_sms)
+            return y.to(x2d.dtype)
+        return run
+
+    def gemv_planar(x2d, w_packed, w_scale, *rest):
+        from qcompile.plugins.fp4_gemm.gemv_planar import launch_gemv_planar  # imports this module
+
+        w_global, bias = unpack_optional(rest, *present)
+        return launch_gemv_planar(x2d, w_packed, w_scale, w_global, bias, block_size, wrap=wrap)
+
     weights = (w_packed, w_scale) + tuple(t for t in (w_global, bias) if t is not None)
-    buckets = [(SMALL_M_MAX, tiled(SMALL)), (MID_M_MAX, tiled(MID)), (LARGE_M_MIN - 1, tiled(WIDE)), (None, large)]
-    if x.dtype in (torch.float16, torch.bfloat16):  # the GEMV rounds products to fp16: 16-bit x only
-        buckets.insert(0, (1, gemv))
+    if F.is_planar(w_packed) and one_dot.supports(x.dtype, k):
+        buckets = [(1, gemv_planar)] + [(limit, one_dot_tile(cfg)) for limit, cfg in ONE_DOT] + [(None, large)]
+    else:
+        buckets = [(SMALL_M_MAX, tiled(SMALL)), (MID_M_MAX, tiled(MID)), (LARGE_M_MIN - 1, tiled(WIDE)),
+                   (None, large)]
+        if x.dtype in (torch.float16, torch.bfloat16):  # the GEMV rounds products to fp16: 16-bit x only
+            buckets.insert(0, (1, gemv))
     return run_by_buckets(x, k, n, buckets, weights)

@@ -17,12 +17,16 @@ def check_args(x, w_packed, w_scale, w_global, x_global, bias, block_size: int) 
     """Shape/dtype checks shared by every path (static properties only: safe under tracing)."""
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"fp4_gemm: x must be float32/float16/bfloat16, got {x.dtype}")
-    if w_packed.dtype != torch.uint8 or w_packed.dim() != 2:
-        raise ValueError(f"fp4_gemm: w_packed must be uint8 [N, K/2] (engine layout), got {w_packed.dtype} "
-                         f"{tuple(w_packed.shape)}")
-    n, k = w_packed.shape[0], w_packed.shape[1] * 2
+    if w_packed.dtype not in (torch.uint8, torch.int32) or w_packed.dim() != 2:
+        raise ValueError(f"fp4_gemm: w_packed must be uint8 [N, K/2] (ONNX bytes) or int32 [N, K/8] (planar words), "
+                         f"got {w_packed.dtype} {tuple(w_packed.shape)}")
+    planar = F.is_planar(w_packed)
+    n, k = w_packed.shape[0], w_packed.shape[1] * (8 if planar else 2)
     if x.shape[-1] != k:
         raise ValueError(f"fp4_gemm: x has K={x.shape[-1]} but w_packed {tuple(w_packed.shape)} holds K={k}")
+    if planar and k % F.PLANAR_K_MULTIPLE:
+        raise ValueError(f"fp4_gemm: planar words need K a multiple of {F.PLANAR_K_MULTIPLE}, got K={k} (keep the "
+                         f"ONNX bytes for this weight)")
     nvfp4 = w_scale.dtype == torch.float8_e4m3fn
     if not nvfp4 and w_scale.dtype != torch.uint8:
         raise ValueError(f"fp4_gemm: w_scale must be float8_e4m3fn (NVFP4) or uint8 E8M0 (MXFP4), got {w_scale.dtype}")
@@ -44,11 +48,11 @@ def check_args(x, w_packed, w_scale, w_global, x_global, bias, block_size: int) 
 
 
 def dequantize_weight(w_packed, w_scale, w_global, block_size: int, dtype=torch.float32) -> torch.Tensor:
-    """`W [N, K]` as `dtype` (computed in float32)."""
+    """`W [N, K]` as `dtype` (computed in float32) from an engine weight in either layout."""
     scale = F.decode_scales(w_scale)
     if w_global is not None:
         scale = scale * w_global.to(torch.float32).reshape(())
-    return F.dequantize_blocks(F.unpack_codes(w_packed), scale, block_size).to(dtype)
+    return F.dequantize_blocks(F.unpack_codes(F.engine_bytes(w_packed)), scale, block_size).to(dtype)
 
 
 def fp4_gemm_reference(x, w_packed, w_scale, w_global, x_global, bias, block_size: int) -> torch.Tensor:

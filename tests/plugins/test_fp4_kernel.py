@@ -4,60 +4,14 @@ dynamic M, and the op on CUDA. Interpreter tests run with TRITON_INTERPRET=1 on 
 interpreter's bf16 `tl.dot` is broken, so bf16 GEMMs run on the GPU only (bf16 decoding is checked here)."""
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import numpy as np
 import pytest
 import torch
 
+from fp4_testutil import (FMTS, HAS_TRITON, args, assert_rel_l2, cuda, make_case, needs_triton, oracle, triton_interp,
+                          weight64)
 from qc_testutil import export_on_fake_cuda, launch_spy
-from qcompile.algorithms.fp4 import quantize_fp4
 from qcompile.plugins.fp4_gemm import format as F
-from qcompile.plugins.fp4_gemm import register
-
-register()
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-triton_interp = pytest.mark.skipif(not (HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"),
-                                   reason="needs triton and TRITON_INTERPRET=1 (CPU interpreter)")
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-FMTS = ["nvfp4", "mxfp4"]
-REL = {torch.float32: 1e-5, torch.float16: 1.5e-3, torch.bfloat16: 1e-2}  # relative L2 error vs float64
-
-
-def make_case(fmt: str, k: int = 256, n: int = 80, seed: int = 0) -> dict:
-    """Fresh random FP4 weights in the engine layout (w_packed [N, K/2], w_scale, w_global)."""
-    w = torch.randn(k, n, generator=torch.Generator().manual_seed(seed)) * 0.05
-    qw = quantize_fp4(w, fmt)
-    glob = None if qw.global_scale is None else qw.global_scale.to(torch.float32)
-    return {"w_packed": F.pack_codes(qw.codes), "w_scale": qw.scale, "w_global": glob, "block": qw.block_size}
-
-
-def weight64(case) -> np.ndarray:
-    """W [N, K] in float64 from the format's decoders (exact: codes and scales are float32-exact)."""
-    codes = F.unpack_codes(case["w_packed"])
-    s = F.decode_scales(case["w_scale"]).double().numpy()
-    s = s * (1.0 if case["w_global"] is None else float(case["w_global"]))
-    w = F.e2m1_decode(codes).double().numpy()
-    n, k = w.shape
-    return (w.reshape(n, -1, case["block"]) * s[..., None]).reshape(n, k)
-
-
-def oracle(x, case, bias=None) -> np.ndarray:
-    y = x.double().reshape(-1, x.shape[-1]).numpy() @ weight64(case).T
-    return y if bias is None else y + bias.double().numpy()
-
-
-def assert_rel_l2(y, ref: np.ndarray, dtype):
-    got = y.detach().double().cpu().numpy().reshape(ref.shape)
-    err = np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30)
-    assert err <= REL[dtype], f"relative L2 error {err:.3g} > {REL[dtype]}"
-
-
-def args(case):
-    return case["w_packed"], case["w_scale"], case["w_global"]
-
 
 # ---------------------------------------------------------------- decoding, exhaustively (interpreter)
 

@@ -5,9 +5,11 @@ SASS read: the loop's instruction histogram divided by the weights each thread h
 weight-streaming kernel can keep up with HBM (the H200 issues about 33 T thread-instructions/s: 132 SMs x 4
 schedulers x 32 lanes x ~1.98 GHz; 235 M weights at 3 instructions each is 21 µs, at 6.7 it is 47 µs).
 
-    python3 tools/diag/sass_count.py [int4_mm_t int4_gemv_fp32 int4_gemv_half2 int4_gemv_half2_planar int4_one_dot_16
-                                      int4_one_dot_64 int4_one_dot_128 (each also _scale_w, _tma, _scale_w_tma) fp4_gemm fp4_gemm_64
-                                      fp4_one_dot_probe_16 fp4_one_dot_probe_64 (each also _mx, _tma, _mx_tma, and those _rows) w8a16_row_dot
+    python3 tools/diag/sass_count.py [int4_mm_t int4_gemv_fp32 int4_gemv_half2 int4_gemv_half2_planar
+                                      int4_one_dot_16 int4_one_dot_64 int4_one_dot_128 (each also _scale_w, _tma,
+                                      _scale_w_tma) fp4_gemm fp4_gemm_64 fp4_one_dot_16 fp4_one_dot_64
+                                      fp4_one_dot_128 (each also _mx, _tma, _mx_tma) fp4_gemv fp4_gemv_planar (each
+                                      also _mx) w8a16_row_dot
                                       w8a16_row_dot_32x256_w2 w8a16_row_dot_16x256_w1 w8a16_row_dot_64x256_w4 (each
                                       also _plain)]
                                       [--dtype fp16] [--block-n 128]   # default: all, bf16 x, each case's tile
@@ -107,19 +109,35 @@ def _cases():
                     EVEN=True),
                ["x_ptr", "w_ptr", "s_ptr", "g_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm"], cfg["num_warps"],
                cfg["num_stages"], cfg["BLOCK_N"] * 128 // (32 * cfg["num_warps"]))
-    import fp4_one_dot_probe as f4p
-    probe_sig = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", y_ptr="*fp32", post="fp32",
-                     **ptrs(["M", "N", "K", "stride_xm", "k_per_split"], "i32"))
-    for bm, mx, tma, rows in itertools.product((16, 64), (False, True), (False, True), (False, True)):
-        # the FP4 one-dot probe: 64 weight rows, 32 steps; TMA: x in [bm, 64] boxes, the words in [8, 2, 32] boxes,
-        # or with `_rows` (words [N, K/8]) in [64, 8] boxes
-        w_box = "tensordesc<i32[64, 8]>" if rows else "tensordesc<i32[8, 2, 32]>"
-        descriptors = dict(x_ptr=f"tensordesc<bf16[{bm}, 64]>", w_ptr=w_box) if tma else {}
-        yield (f"fp4_one_dot_probe_{bm}" + ("_mx" if mx else "") + ("_tma" if tma else "") + ("_rows" if rows else ""),
-               f4p._fp4_one_dot_kernel, dict(probe_sig, **descriptors),
-               dict(STEPS=32, MX=mx, ATOMIC=False, ASM=True, TMA=tma, BLOCK_M=bm, BLOCK_N=64, ROWS=rows),
-               [d for d in ("x_ptr", "w_ptr", "s_ptr", "y_ptr", "N", "K", "stride_xm", "k_per_split")
-                if d not in descriptors], 4, 3, 64 * 128 // 128)
+    from qcompile.plugins.fp4_gemm import one_dot as f4o
+    od4_sig = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", g_ptr="*fp32", b_ptr="*bf16", y_ptr="*fp32",
+                   **ptrs(["M", "N", "K", "stride_xm", "k_per_split"], "i32"))
+    for (_, cfg), mx, tma in itertools.product(f4.ONE_DOT, (False, True), (False, True)):
+        # the op's one-dot tiles on planar words (16, 64 and 128 rows), NVFP4 or MXFP4 (_mx), pointer or TMA loads
+        # (_tma: x in [BLOCK_M, 64] boxes, the words in [BLOCK_N, 8]); 32 steps
+        bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+        descriptors = dict(x_ptr=f"tensordesc<bf16[{bm}, 64]>", w_ptr=f"tensordesc<i32[{bn}, 8]>") if tma else {}
+        yield (f"fp4_one_dot_{bm}" + ("_mx" if mx else "") + ("_tma" if tma else ""), f4o._fp4_one_dot_kernel,
+               dict(od4_sig, **descriptors),
+               dict(K_STEPS=32, MX=mx, POW_ACC=512.0, HAS_GLOBAL=not mx, HAS_BIAS=False, EVEN=True, TMA=tma,
+                    ATOMIC=True, ASM=True, BLOCK_M=bm, BLOCK_N=bn),
+               [d for d in ("x_ptr", "w_ptr", "s_ptr", "g_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "k_per_split")
+                if d not in descriptors], cfg["num_warps"], cfg["num_stages"], bn * 128 // (32 * cfg["num_warps"]))
+    from qcompile.plugins.fp4_gemm import gemv as g1, gemv_planar as gp
+    gemv_sig = dict(pairs_ptr="*i32", down_ptr="*fp32", w_ptr="*u8", s_ptr="*u8", g_ptr="*fp32", b_ptr="*bf16",
+                    y_ptr="*bf16", N="i32", KU="i32")
+    planar_sig = dict(gemv_sig, xs_ptr="*fp16", w_ptr="*i32", KC="i32")
+    del planar_sig["pairs_ptr"], planar_sig["KU"]
+    for mx in (False, True):  # the M = 1 GEMVs: engine bytes (uint64 units) and planar words, NVFP4 / MXFP4
+        fmt = dict(MX=mx, HAS_GLOBAL=not mx, HAS_BIAS=False, ASM=True)
+        cfg = g1.GEMV
+        yield ("fp4_gemv" + ("_mx" if mx else ""), g1._fp4_gemv_kernel, gemv_sig,
+               dict(fmt, U_STEPS=8, B=32 if mx else 16, BLOCK_N=cfg["BLOCK_N"], BLOCK_U=cfg["BLOCK_U"]),
+               list(gemv_sig), cfg["num_warps"], 3, cfg["BLOCK_N"] * cfg["BLOCK_U"] * 16 // (32 * cfg["num_warps"]))
+        cfg = gp.GEMV_PLANAR
+        yield ("fp4_gemv_planar" + ("_mx" if mx else ""), gp._fp4_gemv_planar_kernel, planar_sig,
+               dict(fmt, C_STEPS=8, BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"]),
+               list(planar_sig), cfg["num_warps"], 3, cfg["BLOCK_N"] * cfg["BLOCK_C"] * 64 // (32 * cfg["num_warps"]))
     from qcompile.plugins.int8_wo_gemm import kernel as w8
     w8_sig = dict(x_ptr="*bf16", w_ptr="*i8", s_ptr="*fp32", b_ptr="*bf16", y_ptr="*bf16",
                   **ptrs(["M", "N", "K", "stride_xm", "k_per_split"], "i32"))

@@ -12,8 +12,14 @@ For the plugin nodes (contract: `qcompile.plugins.fp4_gemm.onnx_schema`) the `pr
 constant weight once to the engine layout (`format`: uint8 [N, K/2] codes, E4M3 or E8M0 scales, the NVFP4
 global scale), so engines hold only the packed weight; MXFP4's FP32 power-of-two scales become E8M0 bits
 exactly (anything else is an error naming the node).
+
+`ENGINE_LAYOUT = "planar"` (off by default; `planar_words()` sets it for a block of code) stores the codes of
+weights whose K is a multiple of 128 as planar words instead (`format.to_planar_words`: the layout of the one-dot
+kernel, `plugins/fp4_gemm/one_dot.py`), for an A/B of the two layouts on the H200 before either is dropped.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from onnx import TensorProto
@@ -25,6 +31,18 @@ from qcompile.plugins.fp4_gemm import format as F
 from qcompile.plugins.fp4_gemm import onnx_schema
 
 W_Q, W_SCALE, W_GLOBAL = 1, 2, 3  # input indices of the weight, its block scales and its global scale
+ENGINE_LAYOUT = "bytes"  # or "planar" (module docstring)
+
+
+@contextlib.contextmanager
+def planar_words():
+    """Lower FP4 plugin weights to planar words inside the block (`ENGINE_LAYOUT`)."""
+    global ENGINE_LAYOUT
+    before, ENGINE_LAYOUT = ENGINE_LAYOUT, "planar"
+    try:
+        yield
+    finally:
+        ENGINE_LAYOUT = before
 
 
 @reg(onnx_schema.TRT_DYNAMIC_QUANTIZE, since=1, domain=onnx_schema.TRT_DOMAIN)
@@ -44,6 +62,15 @@ def trt_fp4_dynamic_quantize(ctx, x, global_scale):
 
 
 def _engine_weight(ctx, w_q: torch.Tensor, w_scale: torch.Tensor, w_global: torch.Tensor | None, check: bool):
+    """(w_packed uint8 [N, K/2] or int32 planar words [N, K/8] (`ENGINE_LAYOUT`), w_scale float8_e4m3fn | uint8 E8M0
+    [N, K/B], w_global float32 scalar | None)."""
+    w_packed, w_scale, w_global = _engine_bytes(ctx, w_q, w_scale, w_global, check)
+    if ENGINE_LAYOUT == "planar" and w_q.shape[1] % F.PLANAR_K_MULTIPLE == 0:
+        w_packed = F.to_planar_words(w_packed, w_scale)
+    return w_packed, w_scale, w_global
+
+
+def _engine_bytes(ctx, w_q: torch.Tensor, w_scale: torch.Tensor, w_global: torch.Tensor | None, check: bool):
     """(w_packed uint8 [N, K/2], w_scale float8_e4m3fn | uint8 E8M0 [N, K/B], w_global float32 scalar | None)."""
     block = int(ctx.attr("block_size", 0) or 0)
     if w_q.dim() != 2 or w_q.shape[1] % 2:

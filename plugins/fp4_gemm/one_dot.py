@@ -1,0 +1,137 @@
+"""FP4 (NVFP4 / MXFP4) on the tensor cores, one MMA per 128-K step, from planar words (Triton, CUDA only; imported
+lazily). The INT4 one-dot design (`int4_gemm/one_dot.py`) for FP4: each decoded pair is already the (k, k + 1)
+register pair of the MMA's first operand, so the four 16-K tiles of a 64-K block and the two blocks of a step are
+joined in registers into one [BLOCK_N, 128] operand, with no layout conversion through shared memory (the byte
+layout's tile kernel, `kernel._fp4_gemm_kernel`, converts each tile there). Swapped operands: `y^T = W x^T`.
+
+Weights: planar words [N, K/8] (`format.to_planar_words`), a row's 64 K in 32 contiguous bytes; decoding and the
+block-scale multipliers: `planar.py`. K must be a multiple of 128 (a row's scales of one step are one 8- or 4-byte
+load). Pointers are formed once and a step adds scalars; whole tiles and splits (`EVEN`) load without masks. With
+`tma` in the configuration x and the words load through host TMA descriptors ([BLOCK_M, 64] and [BLOCK_N, 8]
+boxes; zero fill past M, N and K), as INT4's `one_dot.use_tma` decides.
+
+This kernel began as a probe (twenty-fourth session, `git show 36f33dc:tools/diag/fp4_one_dot_probe.py`): sm_90 SASS
+of the main loop 3.55 instructions per weight at 16 rows and 3.52 at 64 (128-wide tiles, NVFP4, bf16), against 6.53
+and 5.95 for the byte layout's tile kernel and 2.95 and 3.47 for INT4's TMA tiles. Not yet timed on the H200 (see
+BENCHMARKS.md).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from qcompile.plugins.fp4_gemm.planar import PAIR_ACC_SHIFT, step_multipliers, tile16
+from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg, split_for_waves, whole_tiles
+from qcompile.plugins.int4_gemm.one_dot import _cat_k, use_tma
+from qcompile.plugins.triton_tiles import jit_any_m, load_tile, load_xt_rows, store_tile, xt_columns
+
+STEP = 128  # K per step: one MMA (a literal in the kernels, which read no Python globals)
+
+
+@triton.jit
+def _block64(w_src, kb, ok, m0, m1, m2, m3, EVEN: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr,
+             dt: tl.constexpr, ASM: tl.constexpr):
+    """[BLOCK_N, 64] weights (times 2**-X) of the 64-K block kb, 16-K tile j times m_j. w_src: the pointers of
+    block 0's 8 words of each row, or with TMA the words' descriptor ([BLOCK_N, 8] boxes)."""
+    if TMA:
+        words = w_src.load([tl.program_id(0) * BLOCK_N, kb * 8])
+    else:
+        words = load_tile(w_src + kb * 8, ok[:, None], EVEN, True)
+    return _cat_k(_cat_k(tile16(words, 0, m0, BLOCK_N, dt, ASM), tile16(words, 1, m1, BLOCK_N, dt, ASM), BLOCK_N, 16),
+                  _cat_k(tile16(words, 2, m2, BLOCK_N, dt, ASM), tile16(words, 3, m3, BLOCK_N, dt, ASM), BLOCK_N, 16),
+                  BLOCK_N, 32)
+
+
+@triton.jit
+def _step(x_src, w_src, s_rows, k0, mask_n, K, acc, MX: tl.constexpr, EVEN: tl.constexpr, TMA: tl.constexpr,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
+    """acc plus the step at k0: its two 64-K blocks joined into one dot with x^T [128, BLOCK_M], or with TMA one dot
+    per block with x^T from its [BLOCK_M, 64] box. Past N or K (a split's last steps) words and scales load as 0."""
+    if TMA:
+        dt: tl.constexpr = x_src.dtype
+    else:
+        dt: tl.constexpr = x_src.dtype.element_ty
+    ok = mask_n & (k0 < K)
+    m0, m1, m2, m3, m4, m5, m6, m7 = step_multipliers(s_rows, k0 // 128, ok, not (EVEN or TMA), MX, dt == tl.float16,
+                                                      ASM)
+    a = _block64(w_src, k0 // 64, ok, m0, m1, m2, m3, EVEN, TMA, BLOCK_N, dt, ASM)
+    if TMA:
+        acc = tl.dot(a, tl.trans(x_src.load([tl.program_id(2) * BLOCK_M, k0])), acc)
+    a1 = _block64(w_src, k0 // 64 + 1, ok, m4, m5, m6, m7, EVEN, TMA, BLOCK_N, dt, ASM)
+    if TMA:
+        acc = tl.dot(a1, tl.trans(x_src.load([tl.program_id(2) * BLOCK_M, k0 + 64])), acc)
+    else:
+        acc = tl.dot(_cat_k(a, a1, BLOCK_N, 64), load_xt_rows(x_src, k0, K, EVEN, 128), acc)
+    return acc
+
+
+@jit_any_m
+def _fp4_one_dot_kernel(x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, stride_xm, k_per_split,
+                        K_STEPS: tl.constexpr, MX: tl.constexpr, POW_ACC: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, TMA: tl.constexpr, ATOMIC: tl.constexpr,
+                        ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y [M, N] (or its split-K part) from K_STEPS 128-K steps, the first peeled off the loop (one accumulator,
+    wgmmas in flight across steps); grid (N tiles, K splits, M tiles). The accumulator is multiplied by POW_ACC
+    (2**X) and NVFP4's global scale, the bias added by the first split. x's rows past M wrap (`xt_columns`) or, with
+    TMA (x_ptr, w_ptr: descriptors), load as 0."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_n = offs_n < N
+    k_lo = tl.program_id(1) * k_per_split
+    if TMA:
+        x_src = x_ptr
+        w_src = w_ptr
+    else:
+        x_src = xt_columns(x_ptr, offs_m, M, stride_xm, 128)
+        w_src = w_ptr + offs_n.to(tl.int64)[:, None] * (K // 8) + tl.arange(0, 8)[None, :]
+    s_type: tl.constexpr = tl.int32 if MX else tl.int64
+    s_rows = s_ptr.to(tl.pointer_type(s_type)) + offs_n.to(tl.int64) * (K // 128)
+    acc = _step(x_src, w_src, s_rows, k_lo, mask_n, K, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), MX, EVEN, TMA,
+                BLOCK_M, BLOCK_N, ASM)
+    for step in range(1, K_STEPS):
+        acc = _step(x_src, w_src, s_rows, k_lo + step * 128, mask_n, K, acc, MX, EVEN, TMA, BLOCK_M, BLOCK_N, ASM)
+    acc = acc * POW_ACC
+    if HAS_GLOBAL:
+        acc = acc * tl.load(g_ptr)
+    if HAS_BIAS:  # added once: by the first K split
+        acc += tl.load(b_ptr + offs_n, mask=mask_n & (tl.program_id(1) == 0), other=0.0).to(tl.float32)[:, None]
+    store_tile(y_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None], acc,
+               (offs_m < M)[None, :] & mask_n[:, None], ATOMIC)
+
+
+def supports(x_dtype: torch.dtype, k: int) -> bool:
+    """Whether this kernel takes the call: 16-bit x and K a multiple of the step (planar words)."""
+    return x_dtype in (torch.float16, torch.bfloat16) and k % STEP == 0
+
+
+def launch(x2d, words, w_scale, w_global, bias, cfg: dict, *, asm: bool, wrap=identity,
+           num_sms: int = 132) -> torch.Tensor:
+    """`x2d @ dequant(W).T (+ bias)` [M, N] with `_fp4_one_dot_kernel`: fp32 when split-K (atomics; the bias already
+    added), else x2d.dtype. cfg: BLOCK_M, BLOCK_N, num_warps, num_stages, waves and resident (`split_for_waves`),
+    optionally tma (`int4_gemm.one_dot.use_tma`: {"min_n": ...}; its other keys override the tile's)."""
+    m, k = x2d.shape
+    n = words.shape[0]
+    if not supports(x2d.dtype, k):
+        raise ValueError(f"one-dot FP4 kernel: needs fp16/bf16 x and K a multiple of {STEP} (got {x2d.dtype}, K = {k})")
+    mx = w_scale.dtype == torch.uint8
+    tma = use_tma(cfg, x2d, n, x2d.device.type == "cpu")
+    x_src, w_src = x2d, words
+    if tma:
+        cfg = {**cfg, **{key: v for key, v in cfg["tma"].items() if key not in ("min_n", "interpret")}}
+        x_src = TensorDescriptor.from_tensor(x2d, [cfg["BLOCK_M"], 64])
+        w_src = TensorDescriptor.from_tensor(words, [cfg["BLOCK_N"], 8])
+    tiles_n = cdiv(n, cfg["BLOCK_N"])
+    splits, per = split_for_waves(k, tiles_n, STEP, cfg["waves"], num_sms, cfg.get("resident", 0))
+    y = (torch.zeros((m, n), dtype=torch.float32, device=x2d.device) if splits > 1
+         else torch.empty((m, n), dtype=x2d.dtype, device=x2d.device))
+    wrap(_fp4_one_dot_kernel)[(tiles_n, splits, cdiv(m, cfg["BLOCK_M"]))](
+        x_src, w_src, w_scale, optional_arg(w_global, w_scale), optional_arg(bias, x2d), y, m, n, k, x2d.stride(0),
+        per, K_STEPS=per // STEP, MX=mx, POW_ACC=2.0 ** PAIR_ACC_SHIFT[mx, x2d.dtype],
+        HAS_GLOBAL=w_global is not None,
+        HAS_BIAS=bias is not None, EVEN=whole_tiles(n, cfg["BLOCK_N"], splits, per, k), TMA=tma, ATOMIC=splits > 1,
+        ASM=asm, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
+    return y
