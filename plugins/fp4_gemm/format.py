@@ -229,12 +229,12 @@ def to_planar_words(w_packed: torch.Tensor, w_scale: torch.Tensor) -> torch.Tens
 def from_planar_words(words: torch.Tensor) -> torch.Tensor:
     """Planar words (int32 [N, K/8]) -> engine bytes (uint8 [N, K/2]): the inverse of `to_planar_words`."""
     n, k = words.shape[0], words.shape[1] * 8
-    w = (words.to(torch.int64) & 0xFFFFFFFF).reshape(n, k // PLANAR_K, 8)
-    codes = torch.zeros(_planar_view(n, k), dtype=torch.int64, device=words.device)
-    for j, positions in enumerate(PLANAR_BITS):
-        for t in range(2):
-            for bit, pos in enumerate(positions):
-                codes[:, :, j, :, t] |= ((w >> (pos + 16 * t)) & 1) << bit
+    w = (words.to(torch.int64) & 0xFFFFFFFF).reshape(_planar_view(n, k)[:2] + (8,))
+
+    def code(j: int, t: int) -> torch.Tensor:  # [N, K/64, 8]: the codes of k = 16 j + 2 c + t
+        return sum(((w >> (pos + 16 * t)) & 1) << bit for bit, pos in enumerate(PLANAR_BITS[j]))
+
+    codes = torch.stack([torch.stack([code(j, 0), code(j, 1)], dim=-1) for j in range(4)], dim=2)  # [N, K/64, 4, 8, 2]
     return pack_codes(codes.reshape(n, k).to(torch.uint8))
 
 
