@@ -162,7 +162,12 @@ def _fp4_gemv_kernel(pairs_ptr, down_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr, N, 
         else:
             part = e2m1_dot16_emulated(units, p0, p1, p2, p3, p4, p5, p6, p7)
         acc += part * (_scale_multiplier(bits, MX, 16, 65536.0) * down[None, :])  # 16: SCALE_SHIFT
-    out = tl.sum(acc, axis=1)
+    store_row(tl.sum(acc, axis=1), g_ptr, b_ptr, y_ptr, offs_n, mask_n, HAS_GLOBAL, HAS_BIAS)
+
+
+@triton.jit
+def store_row(out, g_ptr, b_ptr, y_ptr, offs_n, mask_n, HAS_GLOBAL: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The GEMVs' epilogue: y[offs_n] = out (fp32) times the NVFP4 global scale, plus the bias, in y's dtype."""
     if HAS_GLOBAL:
         out = out * tl.load(g_ptr)
     if HAS_BIAS:

@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qcompile.plugins.fp4_gemm.gemv import store_row
 from qcompile.plugins.fp4_gemm.kernel import _scale_multiplier
 from qcompile.plugins.fp4_gemm.planar import pair_bits
 from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg
@@ -164,12 +165,7 @@ def _fp4_gemv_planar_kernel(xs_ptr, down_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr,
         for j in tl.static_range(4):
             acc += _block(w0, w1, w2, w3, w4, w5, w6, w7, xq, j, shape, ASM) * \
                 _block_multiplier(srow, m2, down_c, j, MX)
-    out = tl.sum(acc, axis=0)
-    if HAS_GLOBAL:
-        out = out * tl.load(g_ptr)
-    if HAS_BIAS:
-        out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=mask_n)
+    store_row(tl.sum(acc, axis=0), g_ptr, b_ptr, y_ptr, offs_n, mask_n, HAS_GLOBAL, HAS_BIAS)
 
 
 def launch_gemv_planar(x2d, words, w_scale, w_global, bias, block_size: int, cfg: dict | None = None, *,

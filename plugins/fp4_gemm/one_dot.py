@@ -53,9 +53,8 @@ def _step(x_src, w_src, s_rows, k0, mask_n, K, acc, MX: tl.constexpr, EVEN: tl.c
         dt: tl.constexpr = x_src.dtype
     else:
         dt: tl.constexpr = x_src.dtype.element_ty
-    ok = mask_n & (k0 < K)
-    m0, m1, m2, m3, m4, m5, m6, m7 = step_multipliers(s_rows, k0 // 128, ok, not (EVEN or TMA), MX, dt == tl.float16,
-                                                      ASM)
+    ok = mask_n & (k0 < K)  # the scales load through pointers with TMA too: masked unless EVEN
+    m0, m1, m2, m3, m4, m5, m6, m7 = step_multipliers(s_rows, k0 // 128, ok, not EVEN, MX, dt == tl.float16, ASM)
     a = _block64(w_src, k0 // 64, ok, m0, m1, m2, m3, EVEN, TMA, BLOCK_N, dt, ASM)
     if TMA:
         acc = tl.dot(a, tl.trans(x_src.load([tl.program_id(2) * BLOCK_M, k0])), acc)
