@@ -1,6 +1,6 @@
 """Decoding the FP4 planar words (`format.to_planar_words`) in Triton: E2M1 pairs and block-scale multipliers as
-16-bit float pairs for the one-dot kernel (`one_dot.py`), and fp32 tiles for the dequantize kernel (CUDA only;
-imported lazily: CPU machines have no Triton).
+16-bit float pairs for the one-dot kernel (`one_dot.py`; the pairs also for `gemv_planar.py`), and fp32 tiles for
+the tile and dequantize kernels (CUDA only; imported lazily: CPU machines have no Triton).
 
 Pair j of a planar word holds the codes of k = 16 j + 2 c and k + 1 (its two halves), bits placed by
 `format.PLANAR_BITS` so that the pair becomes a bf16 pair `e2m1 * 2**-126` (sign to bit 15, `e1 e0 m` to the
