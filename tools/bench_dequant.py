@@ -6,10 +6,16 @@ For each K x N of reference/kernel-targets.md it times side by side (CUDA-graph 
   - each candidate tile of `int4_gemm.kernel._int4_dequant_kernel` (symmetric g128, bf16 out) and of
     `fp4_gemm.kernel._fp4_dequant_kernel` (NVFP4 and MXFP4, bf16 out), first checked bit-exact against the
     plain-torch reference dequantization; with the byte rate (weight + scales read, bf16 written);
-  - at each M of --ms: cuBLAS bf16 `x @ w` and each format's dequantize + cuBLAS with its fastest tile.
+  - at each M of --ms: cuBLAS bf16 `x @ w` and each format's dequantize + cuBLAS with its fastest tile;
+  - with --chunk-n C ...: FP4 also in chunks of C weight rows (`chunked_fp4`): each chunk dequantized and multiplied
+    before the next, so the bf16 chunk (C x K x 2 bytes: 32 MiB for 2048 x 8192) can still be in the 50 MB L2 when
+    cuBLAS reads it, and the next chunk's dequantization overwrites the same memory (the allocator hands the freed
+    chunk back) instead of writing all of W out to HBM. At M = 1024 the whole-W dequantization was about a fifth
+    of the time (8192 x 28672: 166 of 863 µs, BENCHMARKS.md tenth session), the gap to the 0.95x target.
 Writes every measurement as JSON and prints one line per shape and M.
 
-    LD_PRELOAD=$(g++ -print-file-name=libstdc++.so.6) python3 tools/bench_dequant.py --cuda-graph --out d.json
+    LD_PRELOAD=$(g++ -print-file-name=libstdc++.so.6) python3 tools/bench_dequant.py --cuda-graph --out d.json \
+        [--chunk-n 1024 2048 4096]
 """
 from __future__ import annotations
 
@@ -54,8 +60,22 @@ def best_tile(res: dict) -> dict | None:
     return json.loads(min(ok, key=lambda k: ok[k]["us"])) if ok else None
 
 
+def chunked_fp4(x, w_packed, w_scale, w_global, block: int, tile: dict | None, chunk: int) -> torch.Tensor:
+    """`x @ dequant(W).T` [M, N] in x's dtype, W dequantized and multiplied `chunk` rows at a time (each into its
+    columns of y: cuBLAS writes a column slice of a row-major output in place)."""
+    n = w_packed.shape[0]
+    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    for n0 in range(0, n, chunk):
+        rows = slice(n0, min(n0 + chunk, n))
+        w = fp4_kernel.launch_dequant(w_packed[rows], w_scale[rows], w_global, block, x.dtype, cfg=tile)
+        torch.mm(x, w.t(), out=y[:, rows])
+    return y
+
+
 def main() -> None:
     ap = bench_parser(__doc__.splitlines()[0])
+    ap.add_argument("--chunk-n", type=int, nargs="*", default=[], help="also FP4 dequantize + cuBLAS in chunks of "
+                    "this many weight rows")
     ap.set_defaults(ms=[1024, 4096])
     args = ap.parse_args()
     MODE["graph"] = args.cuda_graph
@@ -85,12 +105,20 @@ def main() -> None:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             g = {"M": m, "bf16": bench(lambda: x @ w16())}
             g["int4"] = bench(lambda: x @ int4_kernel.launch_dequant(*w4(), None, GROUP, torch.bfloat16, cfg=t4))
+            names = ["int4"]
             for fmt, block in FP4.items():
                 tf = best_tile(row["dequant"][fmt])
                 g[fmt] = bench(lambda: x @ fp4_kernel.launch_dequant(*fp4[fmt](), block, torch.bfloat16, cfg=tf).t())
+                names.append(fmt)
+                for c in args.chunk_n:
+                    whole = x.float() @ fp4_reference(*fp4[fmt](), block).t()
+                    err = float((chunked_fp4(x, *fp4[fmt](), block, tf, c).float() - whole).norm() / whole.norm())
+                    g[f"{fmt} chunk {c} rel_err"] = err
+                    g[f"{fmt} chunk {c}"] = bench(lambda: chunked_fp4(x, *fp4[fmt](), block, tf, c))
+                    names.append(f"{fmt} chunk {c}")
             row["gemm"].append(g)
             print(f"  M={m}: bf16 {g['bf16']:.1f} | " + " | ".join(
-                f"{f} {g[f]:.1f} ({g['bf16'] / g[f]:.2f}x)" for f in ("int4", *FP4)), flush=True)
+                f"{f} {g[f]:.1f} ({g['bf16'] / g[f]:.2f}x)" for f in names), flush=True)
         rows.append(row)
         del w4, fp4, w16, base4, w
         save_rows(args.out, rows)
