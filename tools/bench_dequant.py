@@ -7,8 +7,9 @@ For each K x N of reference/kernel-targets.md it times side by side (CUDA-graph 
     `fp4_gemm.kernel._fp4_dequant_kernel` (NVFP4 and MXFP4, bf16 out), first checked bit-exact against the
     plain-torch reference dequantization; with the byte rate (weight + scales read, bf16 written);
   - at each M of --ms: cuBLAS bf16 `x @ w` and each format's dequantize + cuBLAS with its fastest tile;
-  - with --chunk-n C ...: FP4 also in chunks of C weight rows (`chunked_fp4`): each chunk dequantized and multiplied
-    before the next, so the bf16 chunk (C x K x 2 bytes: 32 MiB for 2048 x 8192) can still be in the 50 MB L2 when
+  - with --chunk-n C ...: each format also in chunks of C output columns (`chunked`): each chunk dequantized and
+    multiplied before the next, so the bf16 chunk (C x K x 2 bytes: 32 MiB for 2048 x 8192) can still be in the 50 MB
+    L2 when
     cuBLAS reads it, and the next chunk's dequantization overwrites the same memory (the allocator hands the freed
     chunk back) instead of writing all of W out to HBM. At M = 1024 the whole-W dequantization was about a fifth
     of the time (8192 x 28672: 166 of 863 µs, BENCHMARKS.md's dequantize table under "Kernels: INT4 W4A16 g128 and
@@ -61,22 +62,33 @@ def best_tile(res: dict) -> dict | None:
     return json.loads(min(ok, key=lambda k: ok[k]["us"])) if ok else None
 
 
-def chunked_fp4(x, w_packed, w_scale, w_global, block: int, tile: dict | None, chunk: int) -> torch.Tensor:
-    """`x @ dequant(W).T` [M, N] in x's dtype, W dequantized and multiplied `chunk` rows at a time (each into its
-    columns of y: cuBLAS writes a column slice of a row-major output in place)."""
-    n = w_packed.shape[0]
+def chunked(x, n: int, chunk: int, weight_kn) -> torch.Tensor:
+    """`x @ W` [M, N] in x's dtype, W [K, N] dequantized and multiplied `chunk` columns at a time (`weight_kn(cols)`:
+    those columns of W, [K, c] or a view; each product written into its columns of y: cuBLAS writes a column slice
+    of a row-major output in place)."""
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     for n0 in range(0, n, chunk):
-        rows = slice(n0, min(n0 + chunk, n))
-        w = fp4_kernel.launch_dequant(w_packed[rows], w_scale[rows], w_global, block, x.dtype, cfg=tile)
-        torch.mm(x, w.t(), out=y[:, rows])
+        cols = slice(n0, min(n0 + chunk, n))
+        torch.mm(x, weight_kn(cols), out=y[:, cols])
     return y
+
+
+def chunked_fp4(x, w_packed, w_scale, w_global, block: int, tile: dict | None, chunk: int) -> torch.Tensor:
+    """`chunked` for an FP4 weight (rows of W^T [N, K/2]: a chunk is a row slice)."""
+    return chunked(x, w_packed.shape[0], chunk, lambda cols: fp4_kernel.launch_dequant(
+        w_packed[cols], w_scale[cols], w_global, block, x.dtype, cfg=tile).t())
+
+
+def chunked_int4(x, w_packed, w_scale, tile: dict | None, chunk: int) -> torch.Tensor:
+    """`chunked` for a symmetric INT4 weight (words [K/8, N]: a chunk is a column slice of words and scales)."""
+    return chunked(x, w_packed.shape[1], chunk, lambda cols: int4_kernel.launch_dequant(
+        w_packed[:, cols], w_scale[:, cols], None, GROUP, x.dtype, cfg=tile))
 
 
 def main() -> None:
     ap = bench_parser(__doc__.splitlines()[0])
-    ap.add_argument("--chunk-n", type=int, nargs="*", default=[], help="also FP4 dequantize + cuBLAS in chunks of "
-                    "this many weight rows")
+    ap.add_argument("--chunk-n", type=int, nargs="*", default=[], help="also dequantize + cuBLAS in chunks of "
+                    "this many output columns")
     ap.set_defaults(ms=[1024, 4096])
     args = ap.parse_args()
     MODE["graph"] = args.cuda_graph
@@ -107,6 +119,12 @@ def main() -> None:
             g = {"M": m, "bf16": bench(lambda: x @ w16())}
             g["int4"] = bench(lambda: x @ int4_kernel.launch_dequant(*w4(), None, GROUP, torch.bfloat16, cfg=t4))
             names = ["int4"]
+            for c in args.chunk_n:
+                whole = x.float() @ int4_reference(*w4(), None, GROUP).float()
+                g[f"int4 chunk {c} rel_err"] = float((chunked_int4(x, *w4(), t4, c).float() - whole).norm()
+                                                     / whole.norm())
+                g[f"int4 chunk {c}"] = bench(lambda: chunked_int4(x, *w4(), t4, c))
+                names.append(f"int4 chunk {c}")
             for fmt, block in FP4.items():
                 tf = best_tile(row["dequant"][fmt])
                 g[fmt] = bench(lambda: x @ fp4_kernel.launch_dequant(*fp4[fmt](), block, torch.bfloat16, cfg=tf).t())

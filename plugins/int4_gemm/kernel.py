@@ -373,7 +373,7 @@ def _int4_mm_kernel(
 
 @triton.jit
 def _int4_dequant_kernel(
-    w_ptr, s_ptr, z_ptr, out_ptr, N, K, group_size,
+    w_ptr, s_ptr, z_ptr, out_ptr, N, K, group_size, stride_w,
     HAS_ZERO: tl.constexpr, GROUP_ALIGNED: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_N: tl.constexpr,
     PLANAR: tl.constexpr = False,
 ):
@@ -381,23 +381,24 @@ def _int4_dequant_kernel(
     K row `word_k(w, j, PLANAR)` (8w + j in the sequential order), placed in bits 16..19 of 128.0 (136 + q, as in
     the GEMV), `((136 + q) - (136 + zp)) * s` in
     fp32 (exact, then one rounding to out's dtype, as the reference). When the tile's 8 * BLOCK_KW rows lie in
-    one group (`GROUP_ALIGNED`) its scale and zero-point row is loaded once, not once per row."""
+    one group (`GROUP_ALIGNED`) its scale and zero-point row is loaded once, not once per row. stride_w: the row
+    stride of the words, scales and zero points (N, or more for a slice of a wider weight's columns)."""
     kw = tl.program_id(0) * BLOCK_KW + tl.arange(0, BLOCK_KW)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     mask = (kw < K // 8)[:, None] & mask_n[None, :]
-    words = tl.load(w_ptr + kw.to(tl.int64)[:, None] * N + offs_n[None, :], mask=mask, other=0,
+    words = tl.load(w_ptr + kw.to(tl.int64)[:, None] * stride_w + offs_n[None, :], mask=mask, other=0,
                     eviction_policy="evict_first")
     if GROUP_ALIGNED:
         g = (tl.program_id(0) * BLOCK_KW * 8) // group_size
-        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        s = tl.load(s_ptr + g * stride_w + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         c = tl.full((1, BLOCK_N), 136.0, tl.float32)
         if HAS_ZERO:
-            c += tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
+            c += tl.load(z_ptr + g * stride_w + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
     for j in tl.static_range(8):
         kk = word_k(kw, j, PLANAR)
         if not GROUP_ALIGNED:
-            gp = (kk // group_size).to(tl.int64)[:, None] * N + offs_n[None, :]
+            gp = (kk // group_size).to(tl.int64)[:, None] * stride_w + offs_n[None, :]
             s = tl.load(s_ptr + gp, mask=mask, other=0.0).to(tl.float32)
             c = tl.full((BLOCK_KW, BLOCK_N), 136.0, tl.float32)
             if HAS_ZERO:
@@ -484,14 +485,20 @@ def _columns_in_planar_order(x2d: torch.Tensor) -> torch.Tensor:
 
 def launch_dequant(w_packed, w_scale, w_zero, group_size: int, dtype, *, wrap=identity,
                    cfg: dict | None = None) -> torch.Tensor:
-    """`dequant(W)` as `dtype` [K, N] (for a dequantize-then-cuBLAS path); `cfg` (default `DEQUANT`): tile."""
+    """`dequant(W)` as `dtype` [K, N] (for a dequantize-then-cuBLAS path); `cfg` (default `DEQUANT`): tile. The
+    words, scales and zero points may be the same column slice of a wider weight (one row stride for all three)."""
     cfg = cfg or DEQUANT
     kw, n = w_packed.shape
+    present = [t for t in (w_packed, w_scale, w_zero) if t is not None]
+    strides = {t.stride(0) for t in present if t.shape[0] > 1} or {n}  # a single row's stride is not used
+    if len(strides) != 1 or any(t.stride(1) != 1 for t in present):
+        raise ValueError(f"int4 dequantize: the words, scales and zero points need rows of one stride and "
+                         f"contiguous columns, got row strides {sorted(strides)}")
     out = torch.empty((kw * PACK, n), dtype=dtype, device=w_packed.device)
     rows = cfg["BLOCK_KW"] * PACK
     aligned = group_size % rows == 0 or group_size == kw * PACK
     wrap(_int4_dequant_kernel)[(cdiv(kw, cfg["BLOCK_KW"]), cdiv(n, cfg["BLOCK_N"]), 1)](
-        w_packed, w_scale, optional_arg(w_zero, w_scale), out, n, kw * PACK, group_size,
+        w_packed, w_scale, optional_arg(w_zero, w_scale), out, n, kw * PACK, group_size, strides.pop(),
         HAS_ZERO=w_zero is not None, GROUP_ALIGNED=aligned, BLOCK_KW=cfg["BLOCK_KW"], BLOCK_N=cfg["BLOCK_N"],
         PLANAR=is_planar(kw * PACK, group_size), num_warps=cfg["num_warps"],
     )

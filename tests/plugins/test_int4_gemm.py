@@ -451,6 +451,24 @@ def test_dequant_kernel_interpreter_is_exact(zero, group, tile):
 
 
 @triton_interp
+@pytest.mark.parametrize("zero", [False, True], ids=["sym", "zp"])
+def test_dequant_kernel_of_a_column_slice_interpreter(zero):
+    """A column slice of the weight (words, scales and zero points as views of the wider tensors: the
+    chunked dequantize + cuBLAS candidate of tools/bench_dequant.py) dequantizes to the slice of the whole."""
+    from qcompile.plugins.int4_gemm import kernel
+    from qcompile.plugins.int4_gemm.reference import dequantize_weight
+
+    case = make_case(k=256, n=200, group=64, zero=zero)
+    whole = dequantize_weight(case["w_packed"], case["scale"], case["w_zero"], 64)
+    cols = slice(48, 176)
+    parts = [t[:, cols] if t is not None else None for t in (case["w_packed"], case["scale"], case["w_zero"])]
+    got = kernel.launch_dequant(*parts, 64, torch.float32)
+    assert torch.equal(got, whole[:, cols])
+    with pytest.raises(ValueError, match="one stride"):
+        kernel.launch_dequant(parts[0], case["scale"][:, cols].contiguous(), None, 64, torch.float32)
+
+
+@triton_interp
 @pytest.mark.parametrize("m", [1, 17, 100])
 @pytest.mark.parametrize("group", [64, 8], ids=["g64", "g8"])  # g8: not a multiple of 16, no GEMV / mm_t step
 def test_triton_path_interpreter(m, group, monkeypatch):
