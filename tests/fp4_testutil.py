@@ -30,6 +30,16 @@ def make_case(fmt: str, k: int = 256, n: int = 80, seed: int = 0) -> dict:
     return {"w_packed": F.pack_codes(qw.codes), "w_scale": qw.scale, "w_global": glob, "block": qw.block_size}
 
 
+def planar_case(fmt: str, k: int = 256, n: int = 80, seed: int = 0, zero_scales: bool = False) -> dict:
+    """`make_case` with the codes as planar words; zero_scales (NVFP4): every 7th block of each row, from the
+    second, gets a zero scale."""
+    case = make_case(fmt, k, n, seed)
+    if zero_scales and fmt == "nvfp4":
+        case["w_scale"] = case["w_scale"].clone()
+        case["w_scale"][:, 1::7] = 0.0
+    return dict(case, w_packed=F.to_planar_words(case["w_packed"], case["w_scale"]))
+
+
 def weight64(case) -> np.ndarray:
     """W [N, K] in float64 from the format's decoders (exact: codes and scales are float32-exact); w_packed in
     either engine layout."""

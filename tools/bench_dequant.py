@@ -85,6 +85,17 @@ def chunked_int4(x, w_packed, w_scale, tile: dict | None, chunk: int) -> torch.T
         w_packed[:, cols], w_scale[:, cols], None, GROUP, x.dtype, cfg=tile))
 
 
+def time_chunks(g: dict, name: str, whole: torch.Tensor, run_chunked, chunks) -> list[str]:
+    """Into g, for each chunk width c: `run_chunked(c)`'s relative L2 error against `whole` (float32) and its time;
+    returns the timed names."""
+    names = []
+    for c in chunks:
+        g[f"{name} chunk {c} rel_err"] = float((run_chunked(c).float() - whole).norm() / whole.norm())
+        g[f"{name} chunk {c}"] = bench(lambda: run_chunked(c))
+        names.append(f"{name} chunk {c}")
+    return names
+
+
 def main() -> None:
     ap = bench_parser(__doc__.splitlines()[0])
     ap.add_argument("--chunk-n", type=int, nargs="*", default=[], help="also dequantize + cuBLAS in chunks of "
@@ -119,22 +130,16 @@ def main() -> None:
             g = {"M": m, "bf16": bench(lambda: x @ w16())}
             g["int4"] = bench(lambda: x @ int4_kernel.launch_dequant(*w4(), None, GROUP, torch.bfloat16, cfg=t4))
             names = ["int4"]
-            for c in args.chunk_n:
-                whole = x.float() @ int4_reference(*w4(), None, GROUP).float()
-                g[f"int4 chunk {c} rel_err"] = float((chunked_int4(x, *w4(), t4, c).float() - whole).norm()
-                                                     / whole.norm())
-                g[f"int4 chunk {c}"] = bench(lambda: chunked_int4(x, *w4(), t4, c))
-                names.append(f"int4 chunk {c}")
+            if args.chunk_n:
+                names += time_chunks(g, "int4", x.float() @ int4_reference(*w4(), None, GROUP).float(),
+                                     lambda c: chunked_int4(x, *w4(), t4, c), args.chunk_n)
             for fmt, block in FP4.items():
                 tf = best_tile(row["dequant"][fmt])
                 g[fmt] = bench(lambda: x @ fp4_kernel.launch_dequant(*fp4[fmt](), block, torch.bfloat16, cfg=tf).t())
                 names.append(fmt)
-                for c in args.chunk_n:
-                    whole = x.float() @ fp4_reference(*fp4[fmt](), block).t()
-                    err = float((chunked_fp4(x, *fp4[fmt](), block, tf, c).float() - whole).norm() / whole.norm())
-                    g[f"{fmt} chunk {c} rel_err"] = err
-                    g[f"{fmt} chunk {c}"] = bench(lambda: chunked_fp4(x, *fp4[fmt](), block, tf, c))
-                    names.append(f"{fmt} chunk {c}")
+                if args.chunk_n:
+                    names += time_chunks(g, fmt, x.float() @ fp4_reference(*fp4[fmt](), block).t(),
+                                         lambda c: chunked_fp4(x, *fp4[fmt](), block, tf, c), args.chunk_n)
             row["gemm"].append(g)
             print(f"  M={m}: bf16 {g['bf16']:.1f} | " + " | ".join(
                 f"{f} {g[f]:.1f} ({g['bf16'] / g[f]:.2f}x)" for f in names), flush=True)

@@ -286,11 +286,12 @@ def launch_dequant(w_packed, w_scale, w_global, block_size: int, dtype, *, wrap=
     writing [K, N] instead was no faster overall on the H200, benchmarks/fp4_dequant_layout.json); `cfg` (default
     `DEQUANT`): the tile (BLOCK_K a multiple of 32)."""
     cfg = cfg or DEQUANT
-    n, k = w_packed.shape[0], w_packed.shape[1] * (8 if F.is_planar(w_packed) else 2)
+    planar = F.is_planar(w_packed)
+    n, k = w_packed.shape[0], w_packed.shape[1] * (8 if planar else 2)
     out = torch.empty((n, k), dtype=dtype, device=w_packed.device)
     wrap(_fp4_dequant_kernel)[(cdiv(n, cfg["BLOCK_N"]), cdiv(k, cfg["BLOCK_K"]), 1)](
         w_packed, w_scale, optional_arg(w_global, w_packed), out, n, k,
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], PLANAR=F.is_planar(w_packed),
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], PLANAR=planar,
         **_format_args(w_scale, w_global, block_size, torch.float32),
     )
     return out
@@ -318,10 +319,11 @@ def fp4_gemm_triton(x, w_packed, w_scale, w_global, bias, block_size: int, *, wr
         return linear_bias(x2d, w.t(), bias, x2d.dtype)
 
     def gemv(x2d, w_packed, w_scale, *rest):
-        from qcompile.plugins.fp4_gemm.gemv import launch_gemv  # imports this module
+        from qcompile.plugins.fp4_gemm import gemv as bytes_gemv, gemv_planar  # they import this module
 
+        launch = gemv_planar.launch_gemv_planar if F.is_planar(w_packed) else bytes_gemv.launch_gemv
         w_global, bias = unpack_optional(rest, *present)
-        return launch_gemv(x2d, w_packed, w_scale, w_global, bias, block_size, wrap=wrap)
+        return launch(x2d, w_packed, w_scale, w_global, bias, block_size, wrap=wrap)
 
     def one_dot_tile(cfg):
         def run(x2d, w_packed, w_scale, *rest):
@@ -331,18 +333,12 @@ def fp4_gemm_triton(x, w_packed, w_scale, w_global, bias, block_size: int, *, wr
             return y.to(x2d.dtype)
         return run
 
-    def gemv_planar(x2d, w_packed, w_scale, *rest):
-        from qcompile.plugins.fp4_gemm.gemv_planar import launch_gemv_planar  # imports this module
-
-        w_global, bias = unpack_optional(rest, *present)
-        return launch_gemv_planar(x2d, w_packed, w_scale, w_global, bias, block_size, wrap=wrap)
-
     weights = (w_packed, w_scale) + tuple(t for t in (w_global, bias) if t is not None)
     if F.is_planar(w_packed) and one_dot.supports(x.dtype, k):
-        buckets = [(1, gemv_planar)] + [(limit, one_dot_tile(cfg)) for limit, cfg in ONE_DOT] + [(None, large)]
+        buckets = [(limit, one_dot_tile(cfg)) for limit, cfg in ONE_DOT] + [(None, large)]
     else:
         buckets = [(SMALL_M_MAX, tiled(SMALL)), (MID_M_MAX, tiled(MID)), (LARGE_M_MIN - 1, tiled(WIDE)),
                    (None, large)]
-        if x.dtype in (torch.float16, torch.bfloat16):  # the GEMV rounds products to fp16: 16-bit x only
-            buckets.insert(0, (1, gemv))
+    if x.dtype in (torch.float16, torch.bfloat16):  # the GEMVs round products to fp16: 16-bit x only
+        buckets.insert(0, (1, gemv))
     return run_by_buckets(x, k, n, buckets, weights)

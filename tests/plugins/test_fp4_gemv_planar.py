@@ -7,25 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from fp4_testutil import FMTS, REL, cuda, oracle, triton_interp
-from qcompile.algorithms.fp4 import quantize_fp4
-from qcompile.plugins.fp4_gemm import format as F
+from fp4_testutil import FMTS, REL, cuda, oracle, planar_case, triton_interp
 
 
 # ---------------------------------------------------------------- the GEMV vs float64
-
-def make_case(fmt: str, k: int, n: int, seed: int = 0) -> dict:
-    """Random FP4 weights in planar words (NVFP4: two blocks of every row with a zero scale)."""
-    w = torch.randn(k, n, generator=torch.Generator().manual_seed(seed)) * 0.05
-    qw = quantize_fp4(w, fmt)
-    w_scale = qw.scale
-    if fmt == "nvfp4":
-        w_scale = w_scale.clone()
-        w_scale[:, 1::7] = 0.0
-    glob = None if qw.global_scale is None else qw.global_scale.to(torch.float32)
-    return {"w_packed": F.to_planar_words(F.pack_codes(qw.codes), w_scale), "w_scale": w_scale, "w_global": glob,
-            "block": qw.block_size}
-
 
 def assert_rel_l2_rows(y, ref: np.ndarray, dtype):
     """Relative L2 error of each row (each row of x has its own magnitudes) within REL[dtype]."""
@@ -52,7 +37,7 @@ def wide_x(m: int, k: int, dtype, seed: int) -> torch.Tensor:
 def run_case(fmt, m, k, n, has_bias, dtype, device, cfg=None):
     from qcompile.plugins.fp4_gemm.gemv_planar import launch_gemv_planar
 
-    case = make_case(fmt, k, n, seed=k + m)
+    case = planar_case(fmt, k, n, seed=k + m, zero_scales=True)
     x = wide_x(m, k, dtype, seed=k)
     bias = torch.randn(n) if has_bias else None
     dev = [t.to(device) if t is not None else None for t in (x, case["w_packed"], case["w_scale"], case["w_global"],
@@ -80,7 +65,7 @@ def test_gemv_planar_extreme_mxfp4_scales_interpreter():
     """E8M0 scales from 2**-127 (code 0: normal only through the 2**16 shift) to 2**8 in one weight."""
     from qcompile.plugins.fp4_gemm.gemv_planar import launch_gemv_planar
 
-    case = make_case("mxfp4", 256, 16, seed=4)
+    case = planar_case("mxfp4", 256, 16, seed=4)
     case["w_scale"] = torch.randint(100, 136, case["w_scale"].shape, generator=torch.Generator().manual_seed(4),
                                     dtype=torch.uint8)
     case["w_scale"][:, 0] = 0

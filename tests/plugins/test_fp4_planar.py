@@ -10,16 +10,10 @@ import torch
 from onnx import TensorProto as T
 from onnx import helper, numpy_helper
 
-from fp4_testutil import FMTS, HAS_TRITON, args, assert_rel_l2, cuda, make_case, oracle, triton_interp
+from fp4_testutil import FMTS, HAS_TRITON, args, assert_rel_l2, cuda, make_case, oracle, planar_case, triton_interp
 from qc_testutil import launch_spy
 from qcompile.plugins.fp4_gemm import format as F
 from qcompile.plugins.fp4_gemm.reference import fp4_gemm_reference
-
-
-def planar_case(fmt: str, k: int = 256, n: int = 80, seed: int = 0) -> dict:
-    """`make_case` with the codes as planar words."""
-    case = make_case(fmt, k, n, seed)
-    return dict(case, w_packed=F.to_planar_words(case["w_packed"], case["w_scale"]))
 
 
 def random_bytes_and_scales(fmt: str, n: int, k: int, seed: int = 0, zero_scales: bool = False):
