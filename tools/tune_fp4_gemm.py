@@ -4,12 +4,13 @@
 For every (K x N, M) it times side by side, as the eager op calls them (CUDA graphs with --cuda-graph; the split-K
 zero fill and the cast to x's dtype included where a configuration splits K): cuBLAS bf16; our INT4 g128 op (the
 issue-5 yardstick); the shipped FP4 path; dequantize + cuBLAS (`_fp4_dequant_kernel`, then `x @ W.T` and the
-bias); and `_fp4_gemm_kernel` in several tile configurations. With --planar also the op on planar words (`planar
-shipped`: `kernel.ONE_DOT`) and `one_dot._fp4_one_dot_kernel` in the tiles of `one_dot_configs`. NVFP4 weights, bf16
+bias); and `_fp4_gemm_kernel` in several tile configurations (not with --no-tiles). With --planar also the op on
+planar words (`planar shipped`: `kernel.ONE_DOT`, `gemv_planar.GEMV_PLANAR`) and `one_dot._fp4_one_dot_kernel` in
+the tiles of `one_dot_configs`, or at M = 1 the planar GEMV in those of `gemv_planar_configs`. NVFP4 weights, bf16
 x, with bias. Each candidate is checked against a float32 reference first (relative L2 error). Writes every
 measurement as JSON and prints the best per cell.
 
-    python3 tools/tune_fp4_gemm.py --cuda-graph --out tune.json [--shapes 8192x28672] [--ms 16 64 256] [--planar]
+    python3 tools/tune_fp4_gemm.py --cuda-graph --out tune.json [--shapes 8192x28672] [--ms 16 64 256] [--planar [--no-tiles]]
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from tune_fp8_block_w8a16 import best
 
 from qcompile.plugins.fp4_gemm import kernel as fp4
 from qcompile.plugins.fp4_gemm import one_dot as fp4_one_dot
+from qcompile.plugins.fp4_gemm.gemv_planar import launch_gemv_planar
 from qcompile.plugins.gemm_dispatch import linear_bias
 from qcompile.plugins.int4_gemm.half2 import ptx_available
 
@@ -52,9 +54,15 @@ def one_dot_configs(m: int) -> list:
                for wv in (2, 4, 8)])
 
 
-def candidates(x, bias, weights, m: int, planar=None) -> dict:
+def gemv_planar_configs() -> list:
+    """The planar GEMV's tiles for M = 1: 2-8 weight rows, 32-128 chunks per step, a chunk per thread or two."""
+    return [dict(BLOCK_N=bn, BLOCK_C=bc, num_warps=w) for bn in (2, 4, 8) for bc, w in ((32, 1), (64, 2), (128, 4))
+            ] + [dict(BLOCK_N=4, BLOCK_C=128, num_warps=2), dict(BLOCK_N=8, BLOCK_C=64, num_warps=4)]
+
+
+def candidates(x, bias, weights, m: int, planar=None, tiles: bool = True) -> dict:
     """weights() -> (w_packed, w_scale, w_global) of the next rotating copy, planar() the same as planar words (None:
-    no planar candidates); each candidate returns the output."""
+    no planar candidates); tiles: also the byte layout's tile configurations. Each candidate returns the output."""
     def shipped():
         return fp4.fp4_gemm_triton(x, *weights(), bias, BLOCK)
 
@@ -68,11 +76,18 @@ def candidates(x, bias, weights, m: int, planar=None) -> dict:
     def one_dot(cfg):
         return lambda: fp4_one_dot.launch(x, *planar(), bias, cfg, asm=ptx_available()).to(x.dtype)
 
+    def gemv(cfg):
+        return lambda: launch_gemv_planar(x, *planar(), bias, BLOCK, cfg)
+
     out = {"shipped": shipped, "dequant": dequant}
-    out.update({"tile " + json.dumps(c): tile(c) for c in (SMALL_CONFIGS if m <= 16 else MID_CONFIGS)})
+    if tiles:
+        out.update({"tile " + json.dumps(c): tile(c) for c in (SMALL_CONFIGS if m <= 16 else MID_CONFIGS)})
     if planar is not None:
         out["planar shipped"] = lambda: fp4.fp4_gemm_triton(x, *planar(), bias, BLOCK)
-        out.update({"one_dot " + json.dumps(c): one_dot(c) for c in one_dot_configs(m)})
+        if m == 1:
+            out.update({"gemv_planar " + json.dumps(c): gemv(c) for c in gemv_planar_configs()})
+        else:
+            out.update({"one_dot " + json.dumps(c): one_dot(c) for c in one_dot_configs(m)})
     return out
 
 
@@ -92,7 +107,7 @@ def check_chunk(task):
     k, n, m, names = task
     x, bias, w, ref = make_case(k, n, m)
     wp = planar_weights(w)
-    return rel_errors(candidates(x, bias, lambda: w, m, lambda: wp), names, ref)
+    return rel_errors(candidates(x, bias, lambda: w, m, lambda: wp), names, ref)  # names: a subset
 
 
 def main() -> None:
@@ -100,14 +115,18 @@ def main() -> None:
 
     ap = bench_parser(__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=14)
-    ap.add_argument("--planar", action="store_true", help="also the op and one-dot tiles on planar words")
+    ap.add_argument("--planar", action="store_true", help="also the op on planar words: one-dot tiles, or GEMV "
+                    "tiles at M = 1")
+    ap.add_argument("--no-tiles", action="store_true", help="leave out the byte layout's tile configurations")
     ap.set_defaults(ms=[16, 64, 256])
     args = ap.parse_args()
     MODE["graph"] = args.cuda_graph
     int4_op = register_int4()
     cells = [(int(s.split("x")[0]), int(s.split("x")[1]), m) for s in args.shapes for m in args.ms]
+    tiles = not args.no_tiles
     planar_names = (lambda: None) if args.planar else None  # names only: the candidates are not called here
-    checked = check_cells(cells, lambda m: candidates(None, None, None, m, planar_names), check_chunk, args.workers)
+    checked = check_cells(cells, lambda m: candidates(None, None, None, m, planar_names, tiles), check_chunk,
+                          args.workers)
     print("compiled and checked", sum(len(v) for v in checked.values()), "candidates", flush=True)
     rows = []
     for shape in args.shapes:
@@ -121,7 +140,7 @@ def main() -> None:
             bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
             row = {"K": k, "N": n, "M": m, "bf16": bench(lambda: x @ w16(), copies=4),
                    "int4_op": bench(lambda: int4_op(x, *w4(), None, bias, GROUP), copies=4),
-                   "nvfp4": time_checked(candidates(x, bias, wf, m, wp), checked[(k, n, m)])}
+                   "nvfp4": time_checked(candidates(x, bias, wf, m, wp, tiles), checked[(k, n, m)])}
             rows.append(row)
             name, us = best(row["nvfp4"])
             shipped = row["nvfp4"]["shipped"].get("us", float("nan"))

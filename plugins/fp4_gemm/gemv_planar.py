@@ -86,19 +86,20 @@ def _block_dot_emulated(a0, a1, a2, a3, a4, a5, a6, a7, p0, p1, p2, p3, p4, p5, 
 
 
 @triton.jit
-def _x_at(xq, J: tl.constexpr, h: tl.constexpr, shape: tl.constexpr):
-    """x pairs (c = 2h, 2h + 1) of block J of the chunks at xq, broadcast over the weight rows."""
-    lo, hi = _halves(tl.load(xq + (4 * J + h)))
+def _x_at(xq, KC, J: tl.constexpr, h: tl.constexpr, shape: tl.constexpr):
+    """x pairs (c = 2h, 2h + 1) of block J of the chunks at xq (plane 4 J + h of `_x_scaled_kernel`'s xs), broadcast
+    over the weight rows."""
+    lo, hi = _halves(tl.load(xq + (4 * J + h) * KC))
     return tl.broadcast_to(lo[:, None], shape), tl.broadcast_to(hi[:, None], shape)
 
 
 @triton.jit
-def _block(w0, w1, w2, w3, w4, w5, w6, w7, xq, J: tl.constexpr, shape: tl.constexpr, ASM: tl.constexpr):
+def _block(w0, w1, w2, w3, w4, w5, w6, w7, xq, KC, J: tl.constexpr, shape: tl.constexpr, ASM: tl.constexpr):
     """fp32 `sum_k e2m1 * 2**-14 * x * up` over block J (16 K) of each chunk: its 8 pairs decoded, dotted with x's."""
-    p0, p1 = _x_at(xq, J, 0, shape)
-    p2, p3 = _x_at(xq, J, 1, shape)
-    p4, p5 = _x_at(xq, J, 2, shape)
-    p6, p7 = _x_at(xq, J, 3, shape)
+    p0, p1 = _x_at(xq, KC, J, 0, shape)
+    p2, p3 = _x_at(xq, KC, J, 1, shape)
+    p4, p5 = _x_at(xq, KC, J, 2, shape)
+    p6, p7 = _x_at(xq, KC, J, 3, shape)
     a0, a1, a2, a3 = pair_bits(w0, J, True), pair_bits(w1, J, True), pair_bits(w2, J, True), pair_bits(w3, J, True)
     a4, a5, a6, a7 = pair_bits(w4, J, True), pair_bits(w5, J, True), pair_bits(w6, J, True), pair_bits(w7, J, True)
     if ASM:
@@ -107,38 +108,79 @@ def _block(w0, w1, w2, w3, w4, w5, w6, w7, xq, J: tl.constexpr, shape: tl.conste
 
 
 @triton.jit
-def _block_multiplier(srow, m2, down_ptr, J: tl.constexpr, MX: tl.constexpr):
-    """fp32 `scale * 2**16 * down` of block J of each chunk (srow, down_ptr: the chunks' first scale byte and down).
-    A byte load per block (not one word per chunk): a contiguous load would get a layout of its own, converted
-    through shared memory."""
-    bits = tl.load(srow + (J // 2 if MX else J), mask=m2, other=0)
-    down = tl.load(down_ptr + J)
+def _ld_16_bytes(addr):
+    """4 int32 at byte address addr (int64, 16-byte aligned): one 16-byte load, evict-first."""
+    return tl.inline_asm_elementwise("ld.global.L1::evict_first.v4.u32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l",
+                                     [addr], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _chunk_words(wq, rows, c, N, KC, m2, ASM: tl.constexpr, EVEN: tl.constexpr):
+    """The 8 words (int32 [BLOCK_C, BLOCK_N] each) of chunks c of the rows; 0 where m2 is False (EVEN: m2 is all
+    True). With PTX each thread reads its 32 bytes as two 16-byte loads, at clamped addresses (Triton's own [.., 4]
+    load spreads a chunk over two threads and regroups it through shared memory); without (the interpreter), four
+    uint64 loads."""
+    if ASM:
+        if EVEN:
+            safe = wq + rows * (4 * KC) + 4 * c[:, None]
+        else:
+            safe = wq + tl.minimum(rows, N - 1) * (4 * KC) + 4 * tl.minimum(c, KC - 1)[:, None]
+        addr = safe.to(tl.int64, bitcast=True)
+        w0, w1, w2, w3 = _ld_16_bytes(addr)
+        w4, w5, w6, w7 = _ld_16_bytes(addr + 16)
+        if EVEN:
+            return w0, w1, w2, w3, w4, w5, w6, w7
+        return (tl.where(m2, w0, 0), tl.where(m2, w1, 0), tl.where(m2, w2, 0), tl.where(m2, w3, 0),
+                tl.where(m2, w4, 0), tl.where(m2, w5, 0), tl.where(m2, w6, 0), tl.where(m2, w7, 0))
+    wrow = wq + rows * (4 * KC) + 4 * c[:, None]
+    w0, w1 = _halves(tl.load(wrow, mask=m2, other=0))
+    w2, w3 = _halves(tl.load(wrow + 1, mask=m2, other=0))
+    w4, w5 = _halves(tl.load(wrow + 2, mask=m2, other=0))
+    w6, w7 = _halves(tl.load(wrow + 3, mask=m2, other=0))
+    return w0, w1, w2, w3, w4, w5, w6, w7
+
+
+@triton.jit
+def _block_multiplier(srow, m2, down_ptr, KC, J: tl.constexpr, MX: tl.constexpr, EVEN: tl.constexpr):
+    """fp32 `scale * 2**16 * down` of block J of each chunk (srow, down_ptr: the chunks' first scale byte and their
+    down in plane 0; m2 unused when EVEN). A byte load per block (not one word per chunk): a contiguous load would get a layout of its
+    own, converted through shared memory."""
+    if EVEN:
+        bits = tl.load(srow + (J // 2 if MX else J))
+    else:
+        bits = tl.load(srow + (J // 2 if MX else J), mask=m2, other=0)
+    down = tl.load(down_ptr + J * KC)
     return _scale_multiplier(bits, MX, 16, 65536.0) * down[:, None]  # 16: SCALE_SHIFT
 
 
 @triton.jit
 def _x_scaled_kernel(x_ptr, xs_ptr, down_ptr, KB, stride_xm, BLOCK: tl.constexpr):
-    """Per 16-block u of row m of x (grid axis 1): xs[m, 16 u + i] = fp16(x * up), up the power of two putting the
-    block's largest |x| in [2**13, 2**14); down[m, u] = 2**14 / up / 2**16 (SCALE_SHIFT)."""
+    """Per 16-block u = 4 c + J (chunk c, block J) of row m of x (grid axis 1): x * up in fp16, up the power of two
+    putting the block's largest |x| in [2**13, 2**14), and down = 2**14 / up / 2**16 (SCALE_SHIFT). Both are stored
+    in planes over the chunks (module docstring): x[64 c + 16 J + 4 h + r] at xs[m, 4 J + h, c, r] and down at
+    down[m, J, c]."""
     m = tl.program_id(1)
     u = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = (u < KB)[:, None]
-    k = u[:, None] * 16 + tl.arange(0, 16)[None, :]
-    x = tl.load(x_ptr + m * stride_xm + k, mask=ok, other=0.0).to(tl.float32)
+    i = tl.arange(0, 16)[None, :]
+    x = tl.load(x_ptr + m * stride_xm + u[:, None] * 16 + i, mask=ok, other=0.0).to(tl.float32)
     e = tl.maximum((tl.max(tl.abs(x), axis=1).to(tl.int32, bitcast=True) >> 23) & 0xFF, 16)
     up = ((267 - e) << 23).to(tl.float32, bitcast=True)
-    tl.store(xs_ptr + m * KB * 16 + k, (x * up[:, None]).to(tl.float16), mask=ok)
-    tl.store(down_ptr + m * KB + u, ((e - 15) << 23).to(tl.float32, bitcast=True), mask=u < KB)
+    KC = KB // 4
+    c, J = u // 4, u % 4
+    plane = (4 * J[:, None] + i // 4) * KC + c[:, None]
+    tl.store(xs_ptr + m * KB * 16 + plane * 4 + i % 4, (x * up[:, None]).to(tl.float16), mask=ok)
+    tl.store(down_ptr + m * KB + J * KC + c, ((e - 15) << 23).to(tl.float32, bitcast=True), mask=u < KB)
 
 
 @triton.jit
 def _fp4_gemv_planar_kernel(xs_ptr, down_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr, N, KC, C_STEPS: tl.constexpr,
                             MX: tl.constexpr, HAS_GLOBAL: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+                            EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     """y[n] = (sum_k x[k] dequant(W)[n, k]) (* global) (+ bias) for BLOCK_N rows n, row m of x (grid axis 1), from
     x scaled per 16-block (`_x_scaled_kernel`) and the planar words, KC = K / 64 chunks per row."""
     m = tl.program_id(1)
-    xq_row = xs_ptr.to(tl.pointer_type(tl.uint64)) + m * 16 * KC  # 16 uint64 (4 per block j) per chunk
+    xq_row = xs_ptr.to(tl.pointer_type(tl.uint64)) + m * 16 * KC  # 16 planes of KC uint64 (4 per block j)
     down_row = down_ptr + m * 4 * KC
     y_ptr += m * N
     wq = w_ptr.to(tl.pointer_type(tl.uint64))  # 4 uint64 per chunk
@@ -153,18 +195,14 @@ def _fp4_gemv_planar_kernel(xs_ptr, down_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr,
         c = step * BLOCK_C + tl.arange(0, BLOCK_C)
         ok = c < KC
         m2 = ok[:, None] & mask_n[None, :]
-        wrow = wq + rows * (4 * KC) + 4 * c[:, None]
-        w0, w1 = _halves(tl.load(wrow, mask=m2, other=0, eviction_policy="evict_first"))
-        w2, w3 = _halves(tl.load(wrow + 1, mask=m2, other=0, eviction_policy="evict_first"))
-        w4, w5 = _halves(tl.load(wrow + 2, mask=m2, other=0, eviction_policy="evict_first"))
-        w6, w7 = _halves(tl.load(wrow + 3, mask=m2, other=0, eviction_policy="evict_first"))
+        w0, w1, w2, w3, w4, w5, w6, w7 = _chunk_words(wq, rows, c, N, KC, m2, ASM, EVEN)
         srow = sp + rows * (NB * KC) + NB * c[:, None]
-        c_x = tl.minimum(c, KC - 1)  # x past K: finite (its weights load as 0), no masks
-        xq = xq_row + 16 * c_x
-        down_c = down_row + 4 * c_x
+        c_x = c if EVEN else tl.minimum(c, KC - 1)  # x past K: finite (its weights load as 0), no masks
+        xq = xq_row + c_x
+        down_c = down_row + c_x
         for j in tl.static_range(4):
-            acc += _block(w0, w1, w2, w3, w4, w5, w6, w7, xq, j, shape, ASM) * \
-                _block_multiplier(srow, m2, down_c, j, MX)
+            acc += _block(w0, w1, w2, w3, w4, w5, w6, w7, xq, KC, j, shape, ASM) * \
+                _block_multiplier(srow, m2, down_c, KC, j, MX, EVEN)
     store_row(tl.sum(acc, axis=0), g_ptr, b_ptr, y_ptr, offs_n, mask_n, HAS_GLOBAL, HAS_BIAS)
 
 
@@ -184,7 +222,8 @@ def launch_gemv_planar(x2d, words, w_scale, w_global, bias, block_size: int, cfg
     wrap(_fp4_gemv_planar_kernel)[(cdiv(n, cfg["BLOCK_N"]), m, 1)](
         xs, down, words, w_scale, optional_arg(w_global, words), optional_arg(bias, x2d), y, n, kc,
         C_STEPS=cdiv(kc, cfg["BLOCK_C"]), MX=w_scale.dtype == torch.uint8, HAS_GLOBAL=w_global is not None,
-        HAS_BIAS=bias is not None, ASM=ptx_available(), BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"],
+        HAS_BIAS=bias is not None, ASM=ptx_available(), EVEN=n % cfg["BLOCK_N"] == 0 and kc % cfg["BLOCK_C"] == 0,
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"],
         num_warps=cfg["num_warps"],
     )
     return y

@@ -64,14 +64,14 @@ def pair_bits(words, j: tl.constexpr, FP16: tl.constexpr):
 def _asm_nv_bf16(word):
     """4 bf16x2 multipliers s_i * 2**117 (both halves) from the 4 E4M3 scale bytes of an int32 (module docstring)."""
     return tl.inline_asm_elementwise(
-        "{ .reg .b16 l, h; .reg .b32 a, b;\n"
-        "mov.b32 {l, h}, $4;\n"
-        "cvt.rn.f16x2.e4m3x2 a, l;\n"
-        "cvt.rn.f16x2.e4m3x2 b, h;\n"
-        "shr.b32 a, a, 3;\n add.u32 a, a, 0x72807280;\n"
-        "shr.b32 b, b, 3;\n add.u32 b, b, 0x72807280;\n"
-        "prmt.b32 $0, a, 0, 0x1010;\n prmt.b32 $1, a, 0, 0x3232;\n"
-        "prmt.b32 $2, b, 0, 0x1010;\n prmt.b32 $3, b, 0, 0x3232; }",
+        "{ .reg .b16 l, h; .reg .b32 a, b; "
+        "mov.b32 {l, h}, $4; "
+        "cvt.rn.f16x2.e4m3x2 a, l; "
+        "cvt.rn.f16x2.e4m3x2 b, h; "
+        "shr.b32 a, a, 3; add.u32 a, a, 0x72807280; "
+        "shr.b32 b, b, 3; add.u32 b, b, 0x72807280; "
+        "prmt.b32 $0, a, 0, 0x1010; prmt.b32 $1, a, 0, 0x3232; "
+        "prmt.b32 $2, b, 0, 0x1010; prmt.b32 $3, b, 0, 0x3232; }",
         "=r,=r,=r,=r,r", [word], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
 
 
@@ -79,14 +79,14 @@ def _asm_nv_bf16(word):
 def _asm_nv_fp16(word):
     """As `_asm_nv_bf16` for fp16 tiles: s_i * 2**7 in both halves."""
     return tl.inline_asm_elementwise(
-        "{ .reg .b16 l, h; .reg .b32 a, b, c;\n"
-        "mov.b32 {l, h}, $4;\n"
-        "mov.b32 c, 0x58005800;\n"
-        "cvt.rn.f16x2.e4m3x2 a, l;\n"
-        "cvt.rn.f16x2.e4m3x2 b, h;\n"
-        "mul.rn.f16x2 a, a, c;\n mul.rn.f16x2 b, b, c;\n"
-        "prmt.b32 $0, a, 0, 0x1010;\n prmt.b32 $1, a, 0, 0x3232;\n"
-        "prmt.b32 $2, b, 0, 0x1010;\n prmt.b32 $3, b, 0, 0x3232; }",
+        "{ .reg .b16 l, h; .reg .b32 a, b, c; "
+        "mov.b32 {l, h}, $4; "
+        "mov.b32 c, 0x58005800; "
+        "cvt.rn.f16x2.e4m3x2 a, l; "
+        "cvt.rn.f16x2.e4m3x2 b, h; "
+        "mul.rn.f16x2 a, a, c; mul.rn.f16x2 b, b, c; "
+        "prmt.b32 $0, a, 0, 0x1010; prmt.b32 $1, a, 0, 0x3232; "
+        "prmt.b32 $2, b, 0, 0x1010; prmt.b32 $3, b, 0, 0x3232; }",
         "=r,=r,=r,=r,r", [word], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
 
 

@@ -64,9 +64,10 @@ for mx, even, cfg in itertools.product((False, True), (False, True), (K.SMALL, K
 for dt, mx, bias in itertools.product(("bf16", "fp16"), (False, True), (False, True)):
     sig = dict(xs_ptr="*fp16", down_ptr="*fp32", w_ptr="*i32", s_ptr="*u8", g_ptr="*fp32", b_ptr=f"*{dt}",
                y_ptr=f"*{dt}", N="i32", KC="i32")
-    go("gemv_planar", gp._fp4_gemv_planar_kernel, sig,
-       dict(C_STEPS=4, MX=mx, HAS_GLOBAL=not mx, HAS_BIAS=bias, ASM=True, BLOCK_N=4, BLOCK_C=64),
-       ["xs_ptr", "w_ptr", "s_ptr", "y_ptr", "N", "KC"], 2, 3)
+    for even in (False, True):
+        go("gemv_planar", gp._fp4_gemv_planar_kernel, sig,
+           dict(C_STEPS=4, MX=mx, HAS_GLOBAL=not mx, HAS_BIAS=bias, ASM=True, EVEN=even, BLOCK_N=4, BLOCK_C=64),
+           ["xs_ptr", "w_ptr", "s_ptr", "y_ptr", "N", "KC"], 2, 3)
     go("x_scaled", gp._x_scaled_kernel, dict(x_ptr=f"*{dt}", xs_ptr="*fp16", down_ptr="*fp32", KB="i32",
                                              stride_xm="i32"), dict(BLOCK=64), ["x_ptr", "xs_ptr", "down_ptr"], 4, 1)
 

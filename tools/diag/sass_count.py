@@ -136,7 +136,7 @@ def _cases():
                list(gemv_sig), cfg["num_warps"], 3, cfg["BLOCK_N"] * cfg["BLOCK_U"] * 16 // (32 * cfg["num_warps"]))
         cfg = gp.GEMV_PLANAR
         yield ("fp4_gemv_planar" + ("_mx" if mx else ""), gp._fp4_gemv_planar_kernel, planar_sig,
-               dict(fmt, C_STEPS=8, BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"]),
+               dict(fmt, C_STEPS=8, EVEN=True, BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"]),
                list(planar_sig), cfg["num_warps"], 3, cfg["BLOCK_N"] * cfg["BLOCK_C"] * 64 // (32 * cfg["num_warps"]))
     from qcompile.plugins.int8_wo_gemm import kernel as w8
     w8_sig = dict(x_ptr="*bf16", w_ptr="*i8", s_ptr="*fp32", b_ptr="*bf16", y_ptr="*bf16",
