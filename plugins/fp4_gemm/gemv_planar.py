@@ -9,14 +9,18 @@ Pair j of the 8 words of a chunk is then one 16-K block (one NVFP4 block; MXFP4'
 Two launches per call:
 
 1. `_x_scaled_kernel`: per 16-block of x, the power of two `up` that puts its largest |x| in [2**13, 2**14), the
-   block times `up` in fp16 (`xs [M, K]`: read as pairs, they are exactly the pairs the GEMV wants), and
-   `down = 2**14 / up / 2**16` (the decode's 2**-14 and gemv.py's SCALE_SHIFT of the block scales included).
+   block times `up` in fp16, and `down = 2**14 / up / 2**16` (the decode's 2**-14 and gemv.py's SCALE_SHIFT of the
+   block scales included). Both go to planes over the chunks: xs [M, 16, K/64, 4] holds x[64 c + 16 J + 4 h + r]
+   at [m, 4 J + h, c, r] (plane 4 J + h: the two x pairs of words c' = 2 h, 2 h + 1 of block J, for every chunk c),
+   and down [M, 4, K/64] the block's down at [m, J, c]; a warp's threads (consecutive chunks) then read
+   consecutive 8 bytes.
 2. `_fp4_gemv_planar_kernel`: each program owns BLOCK_N weight rows over all of K (no split-K; global scale, bias
-   and cast in the kernel). A step reads BLOCK_C chunks of each row as four uint64 each, and a scale byte per
-   block; per chunk, four fp16x2 chains (one per block j) of 8 HFMA2 over c, each to fp32 (its two halves added)
-   times the block's scale times down. Tiles are [BLOCK_C, BLOCK_N], chunks first: Triton then lays a thread over
-   the BLOCK_N rows of one chunk, so x's 32 pairs are loaded once for 4 rows (as [BLOCK_N, BLOCK_C] a thread held
-   one row: 4.5 SASS instructions per weight). x's loads are clamped into K, not masked (their weights load as 0).
+   and cast in the kernel). A step reads BLOCK_C chunks of each row, a thread a chunk's 32 bytes as two 16-byte
+   loads (inline PTX), and a scale byte per block; per chunk, four fp16x2 chains (one per block j) of 8 HFMA2 over
+   c, each to fp32 (its two halves added) times the block's scale times down. Tiles are [BLOCK_C, BLOCK_N], chunks
+   first: Triton then lays a thread over the BLOCK_N rows of one chunk, so x's 32 pairs are loaded once for 4 rows
+   (as [BLOCK_N, BLOCK_C] a thread held one row: 4.5 SASS instructions per weight). Masks only when N or the
+   chunks do not fill the grid (EVEN), and then x's loads are clamped into K, not masked (their weights are 0).
 
 Decoding (`planar.pair_bits`): pair j of a word to the fp16x2 `e2m1 * 2**-14` (sign to bit 15, `e1 e0 m` to bits
 11..9 of each half; code 1, 0.5, is an fp16 subnormal); pairs 0-2 take a shift and two masks, sharing shifts (the
@@ -25,8 +29,10 @@ the nibble layout's `e2m1_dot16`. Numerics are gemv.py's: products and the sums 
 so the GEMV serves 16-bit x only.
 
 Why a GEMV of its own: a planar weight (meant for the tensor-core kernels' 2-6-op bf16/fp16 decode) keeps the
-fast M = 1 path without a second copy in the byte layout. sm_90 SASS of the loop (tools/diag/sass_count.py, bf16 x):
-3.67 instructions per weight (NVFP4) and 3.43 (MXFP4), against gemv.py's 4.48 and 4.57; not yet timed on a GPU.
+fast M = 1 path without a second copy in the byte layout. The first version (x in [M, K] order, four 8-byte weight
+loads per chunk; 3.67 sm_90 instructions per weight) took 1.1-1.6x the byte GEMV's time on the H200
+(benchmarks/fp4_int4_gemm_planar_s26.json): each of its 16 x loads per chunk touched a different 128-byte line per
+thread. Now 3.39 instructions per weight (NVFP4, bf16; 3.44 MXFP4; tools/diag/sass_count.py).
 
 `_block_dot_emulated` is the chain in plain Triton (fp32 products of the same decoded pairs) for the CPU
 interpreter, which cannot run PTX.
