@@ -114,6 +114,7 @@ def build(
     from qcompile.engine import build_engine
     from qcompile.frontend import load_source
     from qcompile.lowering import lower_onnx
+    from qcompile.lowering.ops import fp4_plugin
     from qcompile.passes import activation_tensors, fuse_plugins, plan_quantization, prepare_for_engine, quantize_model
     from qcompile.passes.quantize_weights_fp4 import fp4_activation_tensors
 
@@ -185,7 +186,8 @@ def build(
             engine_model, engine_result = prepare_for_engine(plugin_model)
             result.pass_notes += engine_result.notes
             result.pass_stats.update(engine_result.stats)
-        program = lower_onnx(engine_model, compute_dtype=compute_dtype).to(device)
+        with fp4_plugin.engine_layout(fp4_plugin.layout_for(device)):
+            program = lower_onnx(engine_model, compute_dtype=compute_dtype).to(device)
         example = tuple(torch.from_numpy(src.example_inputs[n]).to(device) for n in program.input_names)
 
     content_hash = hashlib.sha256(

@@ -11,7 +11,7 @@ Decode speed of weight-only recipes (M = 1 rows per GEMM; a KV-cache-free decode
 A recipe may name a variant after a colon, built with the INT4 op's buckets swapped or the FP4 weights as planar
 words (`VARIANTS`), so an A/B of kernel tiles or layouts runs in one call beside the shipped engine:
     python tools/bench_engines.py llama3-8b-layers --recipes fp16 w4a16_awq w4a16_awq:int4-pointers ...
-    python tools/bench_engines.py llama3-8b-layers --recipes fp16 w4a16_nvfp4 w4a16_nvfp4:fp4-planar ...
+    python tools/bench_engines.py llama3-8b-layers --recipes fp16 w4a16_nvfp4 w4a16_nvfp4:fp4-bytes ...
 
 Engines are built once (dynamic dims) and timed at every --size on the same device-resident inputs
 with CUDA events (median of --iters runs after warm-up); ratios are relative to the first recipe;
@@ -41,13 +41,13 @@ from qcompile.engine import GraphReplay
 from qcompile.frontend import load_source
 from qcompile.inputs import parse_dim_sizes
 from qcompile.lowering import lower_onnx
-from qcompile.lowering.ops.fp4_plugin import planar_words
+from qcompile.lowering.ops.fp4_plugin import byte_layout, planar_words
 from qcompile.report import format_table
 
 from int4_tiles import int4_tiles  # tools/, this script's folder
 
 VARIANTS = {"int4-pointers": lambda: int4_tiles(pointers=True),  # recipe:variant -> the build's context
-            "fp4-planar": planar_words}
+            "fp4-planar": planar_words, "fp4-bytes": byte_layout}
 
 
 def split_variant(name: str) -> tuple[str, str | None]:

@@ -49,9 +49,9 @@ from qcompile.plugins.fp4_gemm.planar import pair_bits
 from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg
 from qcompile.plugins.int4_gemm.half2 import half_of, ptx_available
 
-# 4 rows x 64 chunks (2 KiB of each row per step, as gemv.GEMV) on 2 warps: a thread holds one chunk of the 4 rows
-# (256 weights); [4, 128] on 4 warps compiles to the same loop
-GEMV_PLANAR = dict(BLOCK_N=4, BLOCK_C=64, num_warps=2)
+# 2 rows x 64 chunks (4 KiB of each row per step) on 2 warps, a thread holding one chunk of both rows: within 5% of
+# the best of 11 tiles on the four kernel-target layers (benchmarks/tune_fp4_planar_s26.json)
+GEMV_PLANAR = dict(BLOCK_N=2, BLOCK_C=64, num_warps=2)
 X_SCALED_BLOCK = 64  # 16-blocks of x per program of `_x_scaled_kernel`
 
 

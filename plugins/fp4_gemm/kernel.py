@@ -41,10 +41,13 @@ tile kernel on the H200 decode shapes, and the current one is 1.0-1.6x faster th
 An earlier GEMV in fp32 (one FMA per weight) was 20-30% slower than the tile kernel and was removed
 (benchmarks/fp4_int4_gemm.json, fp4_gemv_m1.json).
 
-Planar words (`format.to_planar_words`, int32 [N, K/8]; opt-in at lowering until timed on the H200): 16-bit x takes
-`gemv_planar.py` at M = 1 and `one_dot.py` at 2-128 rows (`ONE_DOT`), fp32 x the tile kernel with `PLANAR` (the words
-decoded into fp32 tiles by `planar.tile_fp32`), and from LARGE_M_MIN rows the dequantize kernel with `PLANAR`, then
-cuBLAS.
+Planar words (`format.to_planar_words`, int32 [N, K/8]; what CUDA engines store when K is a multiple of 128,
+`lowering/ops/fp4_plugin.py`): 16-bit x takes `gemv_planar.py` at M = 1 and `one_dot.py` at 2-128 rows
+(`ONE_DOT`), fp32 x the tile kernel with `PLANAR` (the words decoded into fp32 tiles by `planar.tile_fp32`), and
+from LARGE_M_MIN rows the dequantize kernel with `PLANAR`, then cuBLAS. On the H200 the planar paths were faster
+than the byte ones at every M from 1 to 128 on the kernel-target layers but one (4096 x 4096 at M = 1, 9.3 against
+8.7 µs) and equal at 1024 rows (BENCHMARKS.md, twenty-sixth session); the byte paths stay for CPU engines, K not a
+multiple of 128, and fp32 x.
 
 `launch_*` and `fp4_gemm_triton` take `wrap` (identity for raw Triton: tests run them under
 TRITON_INTERPRET=1 on CPU tensors; `torch.library.wrap_triton` from the op, so AOTInductor compiles the
@@ -73,11 +76,14 @@ SMALL = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3, sms_per_tile=1)
 MID = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, sms_per_tile=2)
 MID_M_MAX = 64  # rows up to which MID runs; WIDE from there to LARGE_M_MIN - 1
 WIDE = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, sms_per_tile=2)
-# the one-dot tiles of planar words (16-bit x; `one_dot.py`), per M bucket: INT4's shapes with the probe's 128-wide
-# tiles at 16 and 64 rows (fewest instructions per weight), untimed on the H200 so far
+# the one-dot tiles of planar words (16-bit x; `one_dot.py`), per M bucket. 17-64 and 65-128 rows: the best of 19 / 16
+# tiles on the kernel-target layers with K = 4096 and on 3 of 4 at 128 rows (benchmarks/tune_fp4_planar_s26.json).
+# At 17-64 rows on K >= 8192 a 128-wide TMA tile was 13-14% faster; not shipped, since its word boxes have 32-byte
+# rows and no AOTInductor package with them has run on the GPU (INT4's TMA tiles needed 128-byte rows there). 16
+# rows: the probe's 128-wide tile (fewest instructions per weight; 1.11-1.57x the byte tile kernel on the H200)
 ONE_DOT = [(16, dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3, waves=4)),
-           (MID_M_MAX, dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, waves=2)),
-           (LARGE_M_MIN - 1, dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, waves=2))]
+           (MID_M_MAX, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, waves=2)),
+           (LARGE_M_MIN - 1, dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3, waves=1))]
 DEQUANT = dict(BLOCK_N=16, BLOCK_K=512, num_warps=4)  # tile of `_fp4_dequant_kernel`: best of 6 (benchmarks/dequant.json)
 TINY = {torch.float32: 126, torch.bfloat16: 126, torch.float16: 14}  # decoded bits = value * 2**-TINY
 ACC_SHIFT = {(False, torch.float16): 9, (True, torch.float16): 4}  # X per (MXFP4?, dtype); else below

@@ -24,7 +24,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from qcompile.plugins.fp4_gemm.planar import PAIR_ACC_SHIFT, step_multipliers, tile16
 from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg, split_for_waves, whole_tiles
-from qcompile.plugins.int4_gemm.one_dot import _cat_k, use_tma
+from qcompile.plugins.int4_gemm.one_dot import _cat_k, use_tma, with_tma_tile
 from qcompile.plugins.triton_tiles import jit_any_m, load_tile, load_xt_rows, store_tile, xt_columns
 
 STEP = 128  # K per step: one MMA (a literal in the kernels, which read no Python globals)
@@ -118,7 +118,7 @@ def launch(x2d, words, w_scale, w_global, bias, cfg: dict, *, asm: bool, wrap=id
     tma = use_tma(cfg, x2d, n, x2d.device.type == "cpu")
     x_src, w_src = x2d, words
     if tma:
-        cfg = {**cfg, **{key: v for key, v in cfg["tma"].items() if key not in ("min_n", "interpret")}}
+        cfg = with_tma_tile(cfg)
         x_src = TensorDescriptor.from_tensor(x2d, [cfg["BLOCK_M"], 64])
         w_src = TensorDescriptor.from_tensor(words, [cfg["BLOCK_N"], 8])
     tiles_n = cdiv(n, cfg["BLOCK_N"])

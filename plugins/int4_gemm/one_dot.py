@@ -221,6 +221,11 @@ def use_tma(cfg: dict, x2d: torch.Tensor, n: int, on_cpu: bool) -> bool:
     return x2d.storage_offset() % 8 == 0
 
 
+def with_tma_tile(cfg: dict) -> dict:
+    """cfg with its TMA tile's keys (cfg["tma"] less the rule keys min_n and interpret) over the tile's."""
+    return {**cfg, **{key: v for key, v in cfg["tma"].items() if key not in ("min_n", "interpret")}}
+
+
 def tma_words(w_packed: torch.Tensor) -> torch.Tensor:
     """The planar words [K / 8, N] as [K / 8, N / 32, 32], in rows of 128 bytes as the TMA boxes load them (N a
     multiple of 32, as `tma_layer` requires; the view itself as it is). The op makes this view outside its M
@@ -253,7 +258,7 @@ def launch(x2d, w_words, w_scale, w_zero, group_size: int, cfg: dict, *, asm: bo
     if tma:  # the TMA tile and split: cfg["tma"]'s keys (BLOCK_N, waves, ...) over the bucket's. Boxes with rows of
         # 128 bytes, the width of the 128-byte swizzle: Triton copies a wider box in 128-byte columns, but
         # AOTInductor's wrapper (torch 2.11 to 2.14) encodes the block as one box, which the driver refuses
-        cfg = {**cfg, **{key: v for key, v in cfg["tma"].items() if key not in ("min_n", "interpret")}}
+        cfg = with_tma_tile(cfg)
         x_src = TensorDescriptor.from_tensor(x2d, [cfg["BLOCK_M"], PLANAR_BLOCK])
         w_src = TensorDescriptor.from_tensor(tma_words(w_words), [8, cfg["BLOCK_N"] // 32, 32])
     tiles_n = cdiv(n, cfg["BLOCK_N"])

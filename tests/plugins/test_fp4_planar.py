@@ -129,11 +129,50 @@ def test_lowering_stores_planar_words_when_asked():
     plain = lower_onnx(fused)
     with fp4_plugin.planar_words():
         planar = lower_onnx(fused)
-    assert fp4_plugin.ENGINE_LAYOUT == "bytes"
+    assert fp4_plugin.ENGINE_LAYOUT is None
     assert {tuple(b.shape) for b in plain.buffers() if b.dtype == torch.uint8} == {(32, 64)}
     assert [tuple(b.shape) for b in planar.buffers() if b.dtype == torch.int32] == [(32, 16)]
     assert not any(b.dtype == torch.uint8 for b in planar.buffers())
     assert torch.equal(planar(x)[0], plain(x)[0])
+
+
+def test_engine_layout_is_planar_for_cuda_unless_forced():
+    from qcompile.lowering.ops import fp4_plugin
+
+    assert (fp4_plugin.layout_for("cuda"), fp4_plugin.layout_for("cuda:1"), fp4_plugin.layout_for("cpu")) == \
+        ("planar", "planar", "bytes")
+    with fp4_plugin.byte_layout():
+        assert fp4_plugin.layout_for("cuda") == "bytes"
+    with fp4_plugin.planar_words():
+        assert fp4_plugin.layout_for("cpu") == "planar"
+    with pytest.raises(ValueError, match="unknown FP4 engine layout 'nibbles'"):
+        with fp4_plugin.engine_layout("nibbles"):
+            pass
+    assert fp4_plugin.ENGINE_LAYOUT is None
+
+
+def test_pipeline_lowers_in_the_devices_layout(monkeypatch, tmp_path):
+    """The build pipeline lowers inside `engine_layout(layout_for(device))`: a CPU engine gets byte codes (the
+    engine compile is stubbed out: the lowered program is what is checked)."""
+    import qcompile.engine
+    from qcompile.lowering.ops import fp4_plugin
+    from qcompile.pipeline import build
+
+    class Lowered(Exception):
+        pass
+
+    def stop(program, *args, **kwargs):
+        raise Lowered(sorted({str(b.dtype) for b in program.buffers()}))
+
+    seen = []
+    real = fp4_plugin.engine_layout
+    monkeypatch.setattr(fp4_plugin, "engine_layout", lambda layout: seen.append(layout) or real(layout))
+    monkeypatch.setattr(qcompile.engine, "build_engine", stop)
+    with pytest.raises(Lowered) as lowered:
+        build("tiny-llama", "w4a16_nvfp4", output=tmp_path / "e.engine", device="cpu", calib="random")
+    assert seen == ["bytes"]
+    assert "torch.uint8" in lowered.value.args[0] and "torch.int32" not in lowered.value.args[0]
+    assert not (tmp_path / "e.engine").exists()
 
 
 def test_lowering_keeps_bytes_when_k_is_not_a_multiple_of_128():
@@ -287,6 +326,7 @@ def test_planar_dequant_equals_the_byte_layouts(fmt):
 @pytest.mark.parametrize("m", [1, 3, 16, 17, 64, 70, 128, 200])
 @pytest.mark.parametrize("shape", [(1024, 320), (4096, 384)], ids=["1024x320", "4096x384"])
 def test_cuda_planar_op_matches_float64(fmt, dtype, m, shape):
+    """The op on planar words against float64, every M bucket."""
     k, n = shape
     case = planar_case(fmt, k, n, seed=m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
@@ -319,11 +359,11 @@ def test_cuda_one_dot_tma_tiles(fmt, dtype, tile):
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("fmt", FMTS)
-def test_cuda_aoti_package_planar_dynamic_rows(tmp_path, fmt):
-    """bf16 x with a dynamic row count through AOTInductor on planar words: one-dot tiles and the planar dequantize
-    path in one package, each against float64."""
-    case = planar_case(fmt, k=1024, n=256, seed=8)
+@pytest.mark.parametrize("fmt, k", [("nvfp4", 1024), ("mxfp4", 1024)])
+def test_cuda_aoti_package_planar_dynamic_rows(tmp_path, fmt, k):
+    """bf16 x with a dynamic row count through AOTInductor on planar words: the planar GEMV, the one-dot tiles and
+    the planar dequantize path in one package, each against float64."""
+    case = planar_case(fmt, k=k, n=256, seed=8)
     weights = [t.cuda() if t is not None else None for t in args(case)]
     bias = torch.randn(256, device="cuda", dtype=torch.bfloat16)
 
@@ -332,14 +372,13 @@ def test_cuda_aoti_package_planar_dynamic_rows(tmp_path, fmt):
             return torch.ops.qcompile.fp4_gemm(x, *weights, None, bias, case["block"])
 
     rows = torch.export.Dim("rows", min=1, max=4096)
-    ep = torch.export.export(Fp4Linear(), (torch.randn(4, 1024, device="cuda", dtype=torch.bfloat16),),
+    ep = torch.export.export(Fp4Linear(), (torch.randn(4, k, device="cuda", dtype=torch.bfloat16),),
                              dynamic_shapes=({0: rows},))
     path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "fp4_planar.pt2"))
     compiled = torch._inductor.aoti_load_package(path)
     for m in (1, 5, 40, 100, 1100):
-        x = torch.randn(m, 1024, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
         assert_rel_l2(compiled(x.cuda()), oracle(x, case, bias.cpu()), torch.bfloat16)
-
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")

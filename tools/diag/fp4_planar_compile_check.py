@@ -36,7 +36,7 @@ def go(name, fn, sig, const, div, warps, stages):
 PTRS = ["x_ptr", "w_ptr", "s_ptr", "g_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "k_per_split"]
 for dt, mx, tma, even, bias, atomic, (bm, bn) in itertools.product(
         ("bf16", "fp16"), (False, True), (False, True), (False, True), (False, True), (False, True),
-        ((16, 128), (64, 128), (128, 64))):
+        ((16, 128), (64, 64), (64, 128), (128, 64), (128, 128))):
     sig = dict(x_ptr=f"*{dt}", w_ptr="*i32", s_ptr="*u8", g_ptr="*fp32", b_ptr=f"*{dt}",
                y_ptr="*fp32" if atomic else f"*{dt}", M="i32", N="i32", K="i32", stride_xm="i32", k_per_split="i32")
     div = PTRS

@@ -13,9 +13,12 @@ constant weight once to the engine layout (`format`: uint8 [N, K/2] codes, E4M3 
 global scale), so engines hold only the packed weight; MXFP4's FP32 power-of-two scales become E8M0 bits
 exactly (anything else is an error naming the node).
 
-`ENGINE_LAYOUT = "planar"` (off by default; `planar_words()` sets it for a block of code) stores the codes of
-weights whose K is a multiple of 128 as planar words instead (`format.to_planar_words`: the layout of the one-dot
-kernel, `plugins/fp4_gemm/one_dot.py`), for an A/B of the two layouts on the H200 before either is dropped.
+Engine layout of the codes: `ENGINE_LAYOUT` "planar" stores weights whose K is a multiple of 128 as planar words
+(`format.to_planar_words`: the layout of the one-dot kernel, `plugins/fp4_gemm/one_dot.py`, and of the planar
+GEMV), "bytes" keeps uint8 [N, K/2]. Unset (None), lowering keeps bytes; the pipeline lowers inside
+`engine_layout(layout_for(device))`, which is planar words for CUDA engines (faster on the H200 at every M timed, see
+BENCHMARKS.md) and bytes for CPU ones (the CPU reference would convert planar words back on every call).
+`planar_words()` / `byte_layout()` force one for a block of code (A/B builds in tools/bench_engines.py).
 """
 from __future__ import annotations
 
@@ -31,18 +34,37 @@ from qcompile.plugins.fp4_gemm import format as F
 from qcompile.plugins.fp4_gemm import onnx_schema
 
 W_Q, W_SCALE, W_GLOBAL = 1, 2, 3  # input indices of the weight, its block scales and its global scale
-ENGINE_LAYOUT = "bytes"  # or "planar" (module docstring)
+ENGINE_LAYOUT: str | None = None  # "bytes", "planar", or None: by device (module docstring)
+LAYOUTS = ("bytes", "planar")
+
+
+def layout_for(device: str) -> str:
+    """The codes' engine layout for an engine built for `device` ("cpu", "cuda[:i]"): `ENGINE_LAYOUT` when set, else
+    planar words for CUDA and bytes for CPU."""
+    return ENGINE_LAYOUT or ("planar" if str(device).startswith("cuda") else "bytes")
 
 
 @contextlib.contextmanager
-def planar_words():
-    """Lower FP4 plugin weights to planar words inside the block (`ENGINE_LAYOUT`)."""
+def engine_layout(layout: str | None):
+    """Lower FP4 plugin weights in `layout` ("bytes", "planar" or None) inside the block (`ENGINE_LAYOUT`)."""
     global ENGINE_LAYOUT
-    before, ENGINE_LAYOUT = ENGINE_LAYOUT, "planar"
+    if layout not in LAYOUTS + (None,):
+        raise ValueError(f"unknown FP4 engine layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    before, ENGINE_LAYOUT = ENGINE_LAYOUT, layout
     try:
         yield
     finally:
         ENGINE_LAYOUT = before
+
+
+def planar_words():
+    """Lower FP4 plugin weights to planar words inside the block, on any device."""
+    return engine_layout("planar")
+
+
+def byte_layout():
+    """Keep FP4 plugin weights in bytes inside the block, on any device."""
+    return engine_layout("bytes")
 
 
 @reg(onnx_schema.TRT_DYNAMIC_QUANTIZE, since=1, domain=onnx_schema.TRT_DOMAIN)
