@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""Does the FP4 one-dot kernel's TMA tile work inside an AOTInductor package? (H200; not part of the product.)
+
+The 17-64-row TMA tile (`[BLOCK_N, 8]` word boxes: 32-byte rows) was 13-14% faster than the shipped pointer tile on
+layers with K >= 8192 (BENCHMARKS.md, twenty-sixth session), but INT4's TMA tiles needed 128-byte box rows before
+AOTInductor's descriptors worked. This exports the op with that tile on every 17-64-row call, packages it, and
+compares 40 rows against float64 (the eager op with the same tile alongside). Prints one line per check.
+
+    LD_PRELOAD=$(g++ -print-file-name=libstdc++.so.6) python3 tools/diag/fp4_tma_aoti_check.py
+"""
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+from fp4_testutil import args, oracle, planar_case  # noqa: E402
+
+from qcompile.plugins.fp4_gemm import kernel  # noqa: E402
+
+K, N, M = 8192, 256, 40
+
+
+def rel(y, ref) -> float:
+    return float((y.double().cpu() - ref).norm() / ref.norm())
+
+
+def main() -> None:
+    kernel.ONE_DOT = [(limit, dict(cfg, tma=dict(min_n=0, BLOCK_N=128)) if limit == kernel.MID_M_MAX else cfg)
+                      for limit, cfg in kernel.ONE_DOT]
+    case = planar_case("nvfp4", k=K, n=N, seed=3)
+    weights = [t.cuda() if t is not None else None for t in args(case)]
+    bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    ref = torch.from_numpy(oracle(x, case, bias.cpu()))
+    eager = torch.ops.qcompile.fp4_gemm(x.cuda(), *weights, None, bias, case["block"])
+    print(f"eager op with the TMA tile, {M} rows: rel L2 {rel(eager, ref):.2e}", flush=True)
+
+    class Fp4Linear(torch.nn.Module):
+        def forward(self, x):
+            return torch.ops.qcompile.fp4_gemm(x, *weights, None, bias, case["block"])
+
+    rows = torch.export.Dim("rows", min=1, max=4096)
+    ep = torch.export.export(Fp4Linear(), (torch.randn(4, K, device="cuda", dtype=torch.bfloat16),),
+                             dynamic_shapes=({0: rows},))
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = torch._inductor.aoti_compile_and_package(ep, package_path=str(Path(tmp) / "tma.pt2"))
+            y = torch._inductor.aoti_load_package(path)(x.cuda())
+        except Exception as exc:  # noqa: BLE001  (the point is to see whether and how it fails)
+            print(f"AOTInductor package with the TMA tile: FAILED ({type(exc).__name__}: "
+                  f"{str(exc).splitlines()[-1][:300]})")
+            return
+    print(f"AOTInductor package with the TMA tile, {M} rows: rel L2 {rel(y, ref):.2e} "
+          f"({'PASS' if rel(y, ref) < 1e-2 else 'WRONG'})")
+
+
+if __name__ == "__main__":
+    main()
