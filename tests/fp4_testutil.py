@@ -64,3 +64,16 @@ def assert_rel_l2(y, ref: np.ndarray, dtype):
 
 def args(case):
     return case["w_packed"], case["w_scale"], case["w_global"]
+
+
+def aoti_fp4_linear(weights, bias, block: int, k: int, path: str):
+    """`torch.ops.qcompile.fp4_gemm` with these CUDA weights and bias, exported with a dynamic row count (1-4096,
+    bf16 x) and compiled into an AOTInductor package at path; returns the loaded package."""
+    class Fp4Linear(torch.nn.Module):
+        def forward(self, x):
+            return torch.ops.qcompile.fp4_gemm(x, *weights, None, bias, block)
+
+    rows = torch.export.Dim("rows", min=1, max=4096)
+    ep = torch.export.export(Fp4Linear(), (torch.randn(4, k, device="cuda", dtype=torch.bfloat16),),
+                             dynamic_shapes=({0: rows},))
+    return torch._inductor.aoti_load_package(torch._inductor.aoti_compile_and_package(ep, package_path=str(path)))

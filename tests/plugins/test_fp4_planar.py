@@ -10,7 +10,8 @@ import torch
 from onnx import TensorProto as T
 from onnx import helper, numpy_helper
 
-from fp4_testutil import FMTS, HAS_TRITON, args, assert_rel_l2, cuda, make_case, oracle, planar_case, triton_interp
+from fp4_testutil import (FMTS, HAS_TRITON, aoti_fp4_linear, args, assert_rel_l2, cuda, make_case, oracle, planar_case,
+                          triton_interp)
 from qc_testutil import launch_spy
 from qcompile.plugins.fp4_gemm import format as F
 from qcompile.plugins.fp4_gemm.reference import fp4_gemm_reference
@@ -366,16 +367,7 @@ def test_cuda_aoti_package_planar_dynamic_rows(tmp_path, fmt, k):
     case = planar_case(fmt, k=k, n=256, seed=8)
     weights = [t.cuda() if t is not None else None for t in args(case)]
     bias = torch.randn(256, device="cuda", dtype=torch.bfloat16)
-
-    class Fp4Linear(torch.nn.Module):
-        def forward(self, x):
-            return torch.ops.qcompile.fp4_gemm(x, *weights, None, bias, case["block"])
-
-    rows = torch.export.Dim("rows", min=1, max=4096)
-    ep = torch.export.export(Fp4Linear(), (torch.randn(4, k, device="cuda", dtype=torch.bfloat16),),
-                             dynamic_shapes=({0: rows},))
-    path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "fp4_planar.pt2"))
-    compiled = torch._inductor.aoti_load_package(path)
+    compiled = aoti_fp4_linear(weights, bias, case["block"], k, tmp_path / "fp4_planar.pt2")
     for m in (1, 5, 40, 100, 1100):
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
         assert_rel_l2(compiled(x.cuda()), oracle(x, case, bias.cpu()), torch.bfloat16)

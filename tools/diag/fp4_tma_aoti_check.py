@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-from fp4_testutil import args, oracle, planar_case  # noqa: E402
+from fp4_testutil import aoti_fp4_linear, args, oracle, planar_case  # noqa: E402
 
 from qcompile.plugins.fp4_gemm import kernel  # noqa: E402
 
@@ -39,17 +39,9 @@ def main() -> None:
     eager = torch.ops.qcompile.fp4_gemm(x.cuda(), *weights, None, bias, case["block"])
     print(f"eager op with the TMA tile, {M} rows: rel L2 {rel(eager, ref):.2e}", flush=True)
 
-    class Fp4Linear(torch.nn.Module):
-        def forward(self, x):
-            return torch.ops.qcompile.fp4_gemm(x, *weights, None, bias, case["block"])
-
-    rows = torch.export.Dim("rows", min=1, max=4096)
-    ep = torch.export.export(Fp4Linear(), (torch.randn(4, K, device="cuda", dtype=torch.bfloat16),),
-                             dynamic_shapes=({0: rows},))
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            path = torch._inductor.aoti_compile_and_package(ep, package_path=str(Path(tmp) / "tma.pt2"))
-            y = torch._inductor.aoti_load_package(path)(x.cuda())
+            y = aoti_fp4_linear(weights, bias, case["block"], K, Path(tmp) / "tma.pt2")(x.cuda())
         except Exception as exc:  # noqa: BLE001  (the point is to see whether and how it fails)
             print(f"AOTInductor package with the TMA tile: FAILED ({type(exc).__name__}: "
                   f"{str(exc).splitlines()[-1][:300]})")
