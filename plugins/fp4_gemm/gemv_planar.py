@@ -32,7 +32,8 @@ Why a GEMV of its own: a planar weight (meant for the tensor-core kernels' 2-6-o
 fast M = 1 path without a second copy in the byte layout. The first version (x in [M, K] order, four 8-byte weight
 loads per chunk; 3.67 sm_90 instructions per weight) took 1.1-1.6x the byte GEMV's time on the H200
 (benchmarks/fp4_int4_gemm_planar_s26.json): each of its 16 x loads per chunk touched a different 128-byte line per
-thread. Now 3.39 instructions per weight (NVFP4, bf16; 3.44 MXFP4; tools/diag/sass_count.py).
+thread. Now 3.39 instructions per weight (NVFP4, bf16; 3.44 MXFP4; tools/diag/sass_count.py), and 0.94-1.14x the
+byte GEMV's speed, 1.08-1.53x INT4's GEMV's (benchmarks/tune_fp4_planar_s26.json).
 
 `_block_dot_emulated` is the chain in plain Triton (fp32 products of the same decoded pairs) for the CPU
 interpreter, which cannot run PTX.
