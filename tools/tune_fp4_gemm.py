@@ -10,7 +10,8 @@ the tiles of `one_dot_configs`, or at M = 1 the planar GEMV in those of `gemv_pl
 x, with bias. Each candidate is checked against a float32 reference first (relative L2 error). Writes every
 measurement as JSON and prints the best per cell.
 
-    python3 tools/tune_fp4_gemm.py --cuda-graph --out tune.json [--shapes 8192x28672] [--ms 16 64 256] [--planar [--no-tiles]]
+    python3 tools/tune_fp4_gemm.py --cuda-graph --out tune.json [--shapes 8192x28672] [--ms 16 64 256] \
+        [--planar [--no-tiles]]
 """
 from __future__ import annotations
 

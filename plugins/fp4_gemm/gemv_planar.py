@@ -32,8 +32,9 @@ Why a GEMV of its own: a planar weight (meant for the tensor-core kernels' 2-6-o
 fast M = 1 path without a second copy in the byte layout. The first version (x in [M, K] order, four 8-byte weight
 loads per chunk; 3.67 sm_90 instructions per weight) took 1.1-1.6x the byte GEMV's time on the H200
 (benchmarks/fp4_int4_gemm_planar_s26.json): each of its 16 x loads per chunk touched a different 128-byte line per
-thread. Now 3.39 instructions per weight (NVFP4, bf16; 3.44 MXFP4; tools/diag/sass_count.py), and 0.94-1.14x the
-byte GEMV's speed, 1.08-1.53x INT4's GEMV's (benchmarks/tune_fp4_planar_s26.json).
+thread. Now 3.39 instructions per weight with 4 rows a program (NVFP4, bf16; 3.44 MXFP4; tools/diag/sass_count.py
+--block-n 4) and 3.69 with the shipped 2 rows (3.58 MXFP4), which ran faster; 0.94-1.14x the byte GEMV's speed,
+1.08-1.53x INT4's GEMV's (benchmarks/tune_fp4_planar_s26.json).
 
 `_block_dot_emulated` is the chain in plain Triton (fp32 products of the same decoded pairs) for the CPU
 interpreter, which cannot run PTX.
@@ -122,36 +123,31 @@ def _ld_16_bytes(addr):
 
 
 @triton.jit
-def _chunk_words(wq, rows, c, N, KC, m2, ASM: tl.constexpr, EVEN: tl.constexpr):
-    """The 8 words (int32 [BLOCK_C, BLOCK_N] each) of chunks c of the rows; 0 where m2 is False (EVEN: m2 is all
-    True). With PTX each thread reads its 32 bytes as two 16-byte loads, at clamped addresses (Triton's own [.., 4]
-    load spreads a chunk over two threads and regroups it through shared memory); without (the interpreter), four
-    uint64 loads."""
+def _chunk_words(wrow, m2, ASM: tl.constexpr, EVEN: tl.constexpr):
+    """The 8 words (int32 [BLOCK_C, BLOCK_N] each) of the chunks at wrow (uint64 pointers, all in bounds); 0 where m2
+    is False (EVEN: m2 is all True). With PTX each thread reads its 32 bytes as two 16-byte loads (Triton's own
+    [.., 4] load spreads a chunk over two threads and regroups it through shared memory); without (the
+    interpreter), four uint64 loads."""
     if ASM:
-        if EVEN:
-            safe = wq + rows * (4 * KC) + 4 * c[:, None]
-        else:
-            safe = wq + tl.minimum(rows, N - 1) * (4 * KC) + 4 * tl.minimum(c, KC - 1)[:, None]
-        addr = safe.to(tl.int64, bitcast=True)
+        addr = wrow.to(tl.int64, bitcast=True)
         w0, w1, w2, w3 = _ld_16_bytes(addr)
         w4, w5, w6, w7 = _ld_16_bytes(addr + 16)
-        if EVEN:
-            return w0, w1, w2, w3, w4, w5, w6, w7
-        return (tl.where(m2, w0, 0), tl.where(m2, w1, 0), tl.where(m2, w2, 0), tl.where(m2, w3, 0),
-                tl.where(m2, w4, 0), tl.where(m2, w5, 0), tl.where(m2, w6, 0), tl.where(m2, w7, 0))
-    wrow = wq + rows * (4 * KC) + 4 * c[:, None]
-    w0, w1 = _halves(tl.load(wrow, mask=m2, other=0))
-    w2, w3 = _halves(tl.load(wrow + 1, mask=m2, other=0))
-    w4, w5 = _halves(tl.load(wrow + 2, mask=m2, other=0))
-    w6, w7 = _halves(tl.load(wrow + 3, mask=m2, other=0))
-    return w0, w1, w2, w3, w4, w5, w6, w7
+    else:
+        w0, w1 = _halves(tl.load(wrow))
+        w2, w3 = _halves(tl.load(wrow + 1))
+        w4, w5 = _halves(tl.load(wrow + 2))
+        w6, w7 = _halves(tl.load(wrow + 3))
+    if EVEN:
+        return w0, w1, w2, w3, w4, w5, w6, w7
+    return (tl.where(m2, w0, 0), tl.where(m2, w1, 0), tl.where(m2, w2, 0), tl.where(m2, w3, 0),
+            tl.where(m2, w4, 0), tl.where(m2, w5, 0), tl.where(m2, w6, 0), tl.where(m2, w7, 0))
 
 
 @triton.jit
 def _block_multiplier(srow, m2, down_ptr, KC, J: tl.constexpr, MX: tl.constexpr, EVEN: tl.constexpr):
     """fp32 `scale * 2**16 * down` of block J of each chunk (srow, down_ptr: the chunks' first scale byte and their
-    down in plane 0; m2 unused when EVEN). A byte load per block (not one word per chunk): a contiguous load would get a layout of its
-    own, converted through shared memory."""
+    down in plane 0; m2 unused when EVEN). A byte load per block (not one word per chunk): a contiguous load would
+    get a layout of its own, converted through shared memory."""
     if EVEN:
         bits = tl.load(srow + (J // 2 if MX else J))
     else:
@@ -196,17 +192,18 @@ def _fp4_gemv_planar_kernel(xs_ptr, down_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr,
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     rows = offs_n.to(tl.int64)[None, :]
+    rows_in = rows if EVEN else tl.minimum(rows, N - 1)  # rows past N read row N - 1 (their words are zeroed)
     acc = tl.zeros((BLOCK_C, BLOCK_N), dtype=tl.float32)
     shape: tl.constexpr = (BLOCK_C, BLOCK_N)
     for step in range(0, C_STEPS):
         c = step * BLOCK_C + tl.arange(0, BLOCK_C)
         ok = c < KC
         m2 = ok[:, None] & mask_n[None, :]
-        w0, w1, w2, w3, w4, w5, w6, w7 = _chunk_words(wq, rows, c, N, KC, m2, ASM, EVEN)
+        c_in = c if EVEN else tl.minimum(c, KC - 1)  # chunks past K read chunk KC - 1: x finite, words zeroed
+        w0, w1, w2, w3, w4, w5, w6, w7 = _chunk_words(wq + rows_in * (4 * KC) + 4 * c_in[:, None], m2, ASM, EVEN)
         srow = sp + rows * (NB * KC) + NB * c[:, None]
-        c_x = c if EVEN else tl.minimum(c, KC - 1)  # x past K: finite (its weights load as 0), no masks
-        xq = xq_row + c_x
-        down_c = down_row + c_x
+        xq = xq_row + c_in
+        down_c = down_row + c_in
         for j in tl.static_range(4):
             acc += _block(w0, w1, w2, w3, w4, w5, w6, w7, xq, KC, j, shape, ASM) * \
                 _block_multiplier(srow, m2, down_c, KC, j, MX, EVEN)

@@ -61,6 +61,16 @@ def test_gemv_planar_interpreter(fmt, m, k, has_bias):
 
 
 @triton_interp
+@pytest.mark.parametrize("fmt", FMTS)
+def test_gemv_planar_even_grid_interpreter(fmt):
+    """N and the chunks fill the grid (EVEN: no masks, no clamped addresses): N = 38 rows of 2, K = 1024 in steps
+    of 4 chunks."""
+    from qcompile.plugins.fp4_gemm.gemv_planar import GEMV_PLANAR
+
+    run_case(fmt, 1, 1024, 38, True, torch.float16, "cpu", dict(GEMV_PLANAR, BLOCK_N=2, BLOCK_C=4))
+
+
+@triton_interp
 def test_gemv_planar_extreme_mxfp4_scales_interpreter():
     """E8M0 scales from 2**-127 (code 0: normal only through the 2**16 shift) to 2**8 in one weight."""
     from qcompile.plugins.fp4_gemm.gemv_planar import launch_gemv_planar

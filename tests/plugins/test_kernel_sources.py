@@ -24,24 +24,27 @@ def _is_triton_jit(decorator: ast.expr) -> bool:
             and isinstance(target.value, ast.Name) and target.value.id == "triton")
 
 
+def _jit_functions(source: str) -> list[ast.FunctionDef]:
+    return [fn for fn in ast.walk(ast.parse(source))
+            if isinstance(fn, ast.FunctionDef) and any(_is_triton_jit(d) for d in fn.decorator_list)]
+
+
 def _escaped_literals(path: Path) -> list[str]:
     """`file:line function: literal` for each string literal with a backslash inside a `@triton.jit` function."""
     source = path.read_text()
     found = []
-    for fn in ast.walk(ast.parse(source)):
-        if isinstance(fn, ast.FunctionDef) and any(_is_triton_jit(d) for d in fn.decorator_list):
-            for node in ast.walk(fn):
-                if isinstance(node, ast.Constant) and isinstance(node.value, str):
-                    text = ast.get_source_segment(source, node) or ""
-                    if "\\" in text:
-                        found.append(f"{path.name}:{node.lineno} {fn.name}: {text[:60]}")
+    for fn in _jit_functions(source):
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                text = ast.get_source_segment(source, node) or ""
+                if "\\" in text:
+                    found.append(f"{path.name}:{node.lineno} {fn.name}: {text[:60]}")
     return found
 
 
 def test_plugins_have_triton_kernels_to_check():
     """The scan finds the kernels (guards the check below against matching nothing)."""
-    kernels = [fn.name for p in PLUGINS.rglob("*.py") for fn in ast.walk(ast.parse(p.read_text()))
-               if isinstance(fn, ast.FunctionDef) and any(_is_triton_jit(d) for d in fn.decorator_list)]
+    kernels = [fn.name for p in PLUGINS.rglob("*.py") for fn in _jit_functions(p.read_text())]
     assert {"_fp4_gemv_planar_kernel", "_fp4_one_dot_kernel", "_int4_gemv_kernel"} <= set(kernels)
 
 

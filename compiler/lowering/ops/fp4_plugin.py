@@ -17,7 +17,8 @@ Engine layout of the codes: `ENGINE_LAYOUT` "planar" stores weights whose K is a
 (`format.to_planar_words`: the layout of the one-dot kernel, `plugins/fp4_gemm/one_dot.py`, and of the planar
 GEMV), "bytes" keeps uint8 [N, K/2]. Unset (None), lowering keeps bytes; the pipeline lowers inside
 `engine_layout(layout_for(device))`, which is planar words for CUDA engines (faster on the H200 at 1-128 rows on the
-kernel-target layers in all cells but one, equal at 1024; BENCHMARKS.md) and bytes for CPU ones (the CPU reference would convert planar words back on every call).
+kernel-target layers in all cells but one, equal at 1024; BENCHMARKS.md) and bytes for CPU ones (the CPU reference
+would convert planar words back on every call).
 `planar_words()` / `byte_layout()` force one for a block of code (A/B builds in tools/bench_engines.py).
 """
 from __future__ import annotations
