@@ -51,7 +51,7 @@ for s in ${STEPS:-engines kernels int4 decode tests}; do
     diag)    IFS=';' read -ra scripts <<< "${DIAG:-tools/diag/w8a16_aoti_cond.py}"  # several: "a.py args;b.py"
              for d in "${scripts[@]}"; do
                step "diagnostics: $d"
-               py $d 2>&1 | grep -v "Warning\|return cls.__new__" | tail -40
+               py $d 2>&1 | tee -a "$OUT/diag.log" | grep -v "Warning\|return cls.__new__" | tail -40
              done ;;
     tune1)   step "INT4 GEMV tuning (M = 1, decode shapes)"
              py tools/tune_int4_gemm.py --ms 1 --kinds gemv --shapes ${TUNE1_SHAPES:-4096x6144 4096x4096 4096x28672 14336x4096 8192x28672 4096x14336} \

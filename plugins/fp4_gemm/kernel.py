@@ -78,11 +78,12 @@ MID_M_MAX = 64  # rows up to which MID runs; WIDE from there to LARGE_M_MIN - 1
 WIDE = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, sms_per_tile=2)
 # the one-dot tiles of planar words (16-bit x; `one_dot.py`), per M bucket. 17-64 and 65-128 rows: the best of 19 / 16
 # tiles on the kernel-target layers with K = 4096 and on 3 of 4 at 128 rows (benchmarks/tune_fp4_planar_s26.json).
-# At 17-64 rows on K >= 8192 a 128-wide TMA tile was 13-14% faster; not shipped, since its word boxes have 32-byte
-# rows and no AOTInductor package with them has run on the GPU (INT4's TMA tiles needed 128-byte rows there). 16
-# rows: the probe's 128-wide tile (fewest instructions per weight; 1.11-1.57x the byte tile kernel on the H200)
+# At 17-64 rows on K >= 8192 the 128-wide TMA tile (`MID_TMA`) was 13-14% faster there; an AOTInductor package with
+# it matched float64 on the H200 (tools/diag/fp4_tma_aoti_check.py, twenty-seventh session). 16 rows: the probe's
+# 128-wide tile (fewest instructions per weight; 1.11-1.57x the byte tile kernel on the H200)
+MID_TMA = dict(min_n=0, min_k=8192, BLOCK_N=128)
 ONE_DOT = [(16, dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3, waves=4)),
-           (MID_M_MAX, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, waves=2)),
+           (MID_M_MAX, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, waves=2, tma=MID_TMA)),
            (LARGE_M_MIN - 1, dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3, waves=1))]
 DEQUANT = dict(BLOCK_N=16, BLOCK_K=512, num_warps=4)  # tile of `_fp4_dequant_kernel`: best of 6 (benchmarks/dequant.json)
 TINY = {torch.float32: 126, torch.bfloat16: 126, torch.float16: 14}  # decoded bits = value * 2**-TINY

@@ -13,8 +13,8 @@ boxes; zero fill past M, N and K), as INT4's `one_dot.use_tma` decides.
 This kernel began as a probe (twenty-fourth session, `git show 36f33dc:tools/diag/fp4_one_dot_probe.py`): sm_90 SASS
 of the main loop 3.55 instructions per weight at 16 rows and 3.52 at 64 (128-wide tiles, NVFP4, bf16), against 6.53
 and 5.95 for the byte layout's tile kernel and 2.95 and 3.47 for INT4's TMA tiles. On the H200 (BENCHMARKS.md,
-twenty-sixth session) the op on it ran 1.07-1.61x faster than on the byte tiles at 16-128 rows. The TMA tile was
-13-14% faster still at 17-64 rows on layers with K >= 8192, but is not shipped (`kernel.ONE_DOT`)."""
+twenty-sixth session) the op on it ran 1.07-1.61x faster than on the byte tiles at 16-128 rows, and the TMA tile
+13-14% faster still at 17-64 rows on layers with K >= 8192, where it runs (`kernel.MID_TMA`)."""
 from __future__ import annotations
 
 import torch

@@ -191,25 +191,26 @@ def scale_on_weight(scale_w, splits: int, group_size: int, step: int) -> bool:
     return (splits == 1 if scale_w == "unsplit" else scale_w) or group_size % step != 0
 
 
-def tma_layer(cfg: dict, n: int) -> bool:
-    """Whether cfg has a TMA tile for a layer N wide: N at least its min_n and a multiple of 32 (the words' view,
-    `tma_words`). The dispatcher makes that view where this holds; `use_tma` then checks the launch."""
+def tma_layer(cfg: dict, n: int, k: int = 0) -> bool:
+    """Whether cfg has a TMA tile for a layer N wide and K deep: N at least its min_n and a multiple of 32 (the
+    words' view, `tma_words`), K at least its min_k (if it names one). The dispatcher makes that view where this
+    holds; `use_tma` then checks the launch."""
     tma = cfg.get("tma")
-    return bool(tma) and n >= tma["min_n"] and n % 32 == 0
+    return bool(tma) and n >= tma["min_n"] and n % 32 == 0 and k >= tma.get("min_k", 0)
 
 
 def use_tma(cfg: dict, x2d: torch.Tensor, n: int, on_cpu: bool) -> bool:
     """Whether this launch loads through TMA descriptors: cfg["tma"] names the smallest N it paid for (on the
-    H200 they lost on 4096 x 4096: kernel.TMA_TILES); the descriptors need 16-byte aligned rows and start (x's
-    storage is taken to start aligned, as torch's allocators and AOTInductor's buffers do), and N a multiple of 32
-    (`tma_layer`). Not on CPU tensors (the interpreter), unless cfg["tma"]["interpret"] (tests).
+    H200 they lost on 4096 x 4096: kernel.TMA_TILES) and optionally the smallest K (FP4's `kernel.MID_TMA`); the
+    descriptors need 16-byte aligned rows and start (x's storage is taken to start aligned, as torch's allocators and
+    AOTInductor's buffers do), and N a multiple of 32 (`tma_layer`). Not on CPU tensors (the interpreter), unless cfg["tma"]["interpret"] (tests).
 
     The descriptors are made on the host: an engine gets them through Dynamo (torch.cond's tracing), which
     AOTInductor turns into descriptors its wrapper makes per call. Descriptors made by the kernel
     (`tl.make_tensor_descriptor`) need Triton's global scratch, a slot per program, and torch 2.11's AOTInductor
     allocates one slot for the whole grid (its `cpp_scratch`; 2.12 scales it by the grid), so every other program
     would write past it."""
-    if not tma_layer(cfg, n) or (on_cpu and not cfg["tma"].get("interpret")):
+    if not tma_layer(cfg, n, x2d.shape[-1]) or (on_cpu and not cfg["tma"].get("interpret")):
         return False
     strides = (x2d.stride(0), x2d.stride(1))  # SymInts (traced views): pointers instead
     if not (all(isinstance(v, int) for v in strides) and strides[1] == 1 and strides[0] % 8 == 0):
@@ -222,8 +223,8 @@ def use_tma(cfg: dict, x2d: torch.Tensor, n: int, on_cpu: bool) -> bool:
 
 
 def with_tma_tile(cfg: dict) -> dict:
-    """cfg with its TMA tile's keys (cfg["tma"] less the rule keys min_n and interpret) over the tile's."""
-    return {**cfg, **{key: v for key, v in cfg["tma"].items() if key not in ("min_n", "interpret")}}
+    """cfg with its TMA tile's keys (cfg["tma"] less the rule keys min_n, min_k and interpret) over the tile's."""
+    return {**cfg, **{key: v for key, v in cfg["tma"].items() if key not in ("min_n", "min_k", "interpret")}}
 
 
 def tma_words(w_packed: torch.Tensor) -> torch.Tensor:

@@ -360,11 +360,12 @@ def test_cuda_one_dot_tma_tiles(fmt, dtype, tile):
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("fmt", FMTS)
-def test_cuda_aoti_package_planar_dynamic_rows(tmp_path, fmt):
+@pytest.mark.parametrize("fmt, k", [("nvfp4", 1024), ("mxfp4", 1024), ("nvfp4", 8192)],
+                         ids=["nvfp4", "mxfp4", "nvfp4-k8192"])
+def test_cuda_aoti_package_planar_dynamic_rows(tmp_path, fmt, k):
     """bf16 x with a dynamic row count through AOTInductor on planar words: the planar GEMV, the one-dot tiles and
-    the planar dequantize path in one package, each against float64."""
-    k = 1024
+    the planar dequantize path in one package, each against float64. At K = 8192 the 17-64-row bucket loads
+    through its TMA tile (`kernel.MID_TMA`)."""
     case = planar_case(fmt, k=k, n=256, seed=8)
     weights = [t.cuda() if t is not None else None for t in args(case)]
     bias = torch.randn(256, device="cuda", dtype=torch.bfloat16)

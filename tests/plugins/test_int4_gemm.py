@@ -564,6 +564,9 @@ def test_one_dot_takes_tma_only_where_it_paid_and_can_load(monkeypatch):
     x = torch.zeros(4, 4096, dtype=torch.bfloat16, device="meta")
     assert one_dot.use_tma(cfg, x, 8192, on_cpu=False)
     assert not one_dot.use_tma(cfg, x, 4096, on_cpu=False)  # narrower than min_n
+    deep = {"tma": {"min_n": 0, "min_k": 8192}}  # K from x's row length
+    assert one_dot.use_tma(deep, torch.zeros(4, 8192, dtype=torch.bfloat16, device="meta"), 64, on_cpu=False)
+    assert not one_dot.use_tma(deep, x, 64, on_cpu=False)  # shallower than min_k
     assert not one_dot.use_tma({}, x, 8192, on_cpu=False)  # the bucket has no TMA tile
     assert not one_dot.use_tma(cfg, x, 8190, on_cpu=False)  # weight rows of 8190 words: not 16-byte multiples
     assert not one_dot.use_tma(cfg, x, 8200, on_cpu=False)  # nor rows of whole 32-word (128-byte) boxes

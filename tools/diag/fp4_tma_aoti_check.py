@@ -6,6 +6,10 @@ layers with K >= 8192 (BENCHMARKS.md, twenty-sixth session), but INT4's TMA tile
 AOTInductor's descriptors worked. This exports the op with that tile on every 17-64-row call, packages it, and
 compares 40 rows against float64 (the eager op with the same tile alongside). Prints one line per check.
 
+On the H200 it did (twenty-seventh session: relative L2 1.68e-3 for the eager op and the package alike,
+benchmarks/fp4_tma_aoti_check_s27.log), so the tile now ships for K >= 8192 (`kernel.MID_TMA`); this check forces it
+on at any K.
+
     LD_PRELOAD=$(g++ -print-file-name=libstdc++.so.6) python3 tools/diag/fp4_tma_aoti_check.py
 """
 from __future__ import annotations
