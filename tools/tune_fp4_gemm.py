@@ -46,13 +46,18 @@ MID_CONFIGS = ([dict(BLOCK_M=64, BLOCK_N=bn, num_warps=w, num_stages=st, sms_per
 
 def one_dot_configs(m: int) -> list:
     """The one-dot tiles for M rows: BLOCK_M 16, 64 or 128 from M; 64 or 128 weight rows (256 at 16 rows: 3.11 sm_90
-    instructions per weight against 3.55 at 128), 3 or 4 stages, 1-8 waves of programs, and 128-wide TMA tiles."""
+    instructions per weight against 3.55 at 128), 3 or 4 stages, 1-8 waves of programs, and 128-wide TMA tiles. At
+    16 rows also deeper pipelines, 8 warps and 16 waves on the 128-wide tile: on 8192 x 28672, the one layer where
+    the op is more than 10% slower than INT4's, only more waves helped (BENCHMARKS.md, twenty-seventh session)."""
     bm = 16 if m <= 16 else 64 if m <= 64 else 128
     widths = (64, 128, 256) if bm == 16 else (64, 128)
+    deeper = ([dict(BLOCK_M=16, BLOCK_N=128, num_warps=w, num_stages=st, waves=wv) for w, st in ((4, 5), (8, 3), (8, 4))
+               for wv in (4, 8)] + [dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3, waves=16)]
+              if bm == 16 else [])
     return ([dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=st, waves=wv) for bn in widths for st in (3, 4)
              for wv in (1, 2, 4, 8)]
             + [dict(BLOCK_M=bm, BLOCK_N=128, num_warps=4, num_stages=3, waves=wv, tma=dict(min_n=0))
-               for wv in (2, 4, 8)])
+               for wv in (2, 4, 8)] + deeper)
 
 
 def gemv_planar_configs() -> list:
