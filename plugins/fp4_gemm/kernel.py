@@ -78,7 +78,7 @@ MID_M_MAX = 64  # rows up to which MID runs; WIDE from there to LARGE_M_MIN - 1
 WIDE = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, sms_per_tile=2)
 # the one-dot tiles of planar words (16-bit x; `one_dot.py`), per M bucket. 17-64 and 65-128 rows: the best of 19 / 16
 # tiles on the kernel-target layers with K = 4096 and on 3 of 4 at 128 rows (benchmarks/tune_fp4_planar_s26.json).
-# At 17-64 rows on K >= 8192 the 128-wide TMA tile (`MID_TMA`) was 13-14% faster there; an AOTInductor package with
+# At 17-64 rows on K >= 8192 the 128-wide TMA tile (`MID_TMA`) was 13-14% faster; an AOTInductor package with
 # it matched float64 on the H200 (tools/diag/fp4_tma_aoti_check.py, twenty-seventh session). 16 rows: the probe's
 # 128-wide tile (fewest instructions per weight; 1.11-1.57x the byte tile kernel on the H200)
 MID_TMA = dict(min_n=0, min_k=8192, BLOCK_N=128)

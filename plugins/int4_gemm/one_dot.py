@@ -203,7 +203,8 @@ def use_tma(cfg: dict, x2d: torch.Tensor, n: int, on_cpu: bool) -> bool:
     """Whether this launch loads through TMA descriptors: cfg["tma"] names the smallest N it paid for (on the
     H200 they lost on 4096 x 4096: kernel.TMA_TILES) and optionally the smallest K (FP4's `kernel.MID_TMA`); the
     descriptors need 16-byte aligned rows and start (x's storage is taken to start aligned, as torch's allocators and
-    AOTInductor's buffers do), and N a multiple of 32 (`tma_layer`). Not on CPU tensors (the interpreter), unless cfg["tma"]["interpret"] (tests).
+    AOTInductor's buffers do), and N a multiple of 32 (`tma_layer`). Not on CPU tensors (the interpreter), unless
+    cfg["tma"]["interpret"] (tests).
 
     The descriptors are made on the host: an engine gets them through Dynamo (torch.cond's tracing), which
     AOTInductor turns into descriptors its wrapper makes per call. Descriptors made by the kernel
