@@ -9,10 +9,10 @@ For each K x N of reference/kernel-targets.md it times side by side (CUDA-graph 
   - at each M of --ms: cuBLAS bf16 `x @ w` and each format's dequantize + cuBLAS with its fastest tile;
   - with --chunk-n C ...: each format also in chunks of C output columns (`chunked`): each chunk dequantized and
     multiplied before the next, so the bf16 chunk (C x K x 2 bytes: 32 MiB for 2048 x 8192) can still be in the
-    50 MB L2 when cuBLAS reads it, and the next chunk's dequantization overwrites the same memory (the allocator hands the freed
-    chunk back) instead of writing all of W out to HBM. At M = 1024 the whole-W dequantization was about a fifth
-    of the time (8192 x 28672: 166 of 863 µs, BENCHMARKS.md's dequantize table under "Kernels: INT4 W4A16 g128 and
-    FP4"), the gap to the 0.95x target.
+    50 MB L2 when cuBLAS reads it, and the next chunk's dequantization overwrites the same memory (the allocator
+    hands the freed chunk back) instead of writing all of W out to HBM. At M = 1024 the whole-W dequantization was
+    about a fifth of the time (8192 x 28672: 166 of 863 µs, BENCHMARKS.md's dequantize table under "Kernels: INT4
+    W4A16 g128 and FP4"), the gap to the 0.95x target.
 Writes every measurement as JSON and prints one line per shape and M.
 
     LD_PRELOAD=$(g++ -print-file-name=libstdc++.so.6) python3 tools/bench_dequant.py --cuda-graph --out d.json \

@@ -51,13 +51,14 @@ def one_dot_configs(m: int) -> list:
     the op is more than 10% slower than INT4's, only more waves helped (BENCHMARKS.md, twenty-seventh session)."""
     bm = 16 if m <= 16 else 64 if m <= 64 else 128
     widths = (64, 128, 256) if bm == 16 else (64, 128)
-    deeper = ([dict(BLOCK_M=16, BLOCK_N=128, num_warps=w, num_stages=st, waves=wv) for w, st in ((4, 5), (8, 3), (8, 4))
-               for wv in (4, 8)] + [dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3, waves=16)]
-              if bm == 16 else [])
-    return ([dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=st, waves=wv) for bn in widths for st in (3, 4)
-             for wv in (1, 2, 4, 8)]
-            + [dict(BLOCK_M=bm, BLOCK_N=128, num_warps=4, num_stages=3, waves=wv, tma=dict(min_n=0))
-               for wv in (2, 4, 8)] + deeper)
+    tiles = ([dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=st, waves=wv) for bn in widths for st in (3, 4)
+              for wv in (1, 2, 4, 8)]
+             + [dict(BLOCK_M=bm, BLOCK_N=128, num_warps=4, num_stages=3, waves=wv, tma=dict(min_n=0))
+                for wv in (2, 4, 8)])
+    if bm == 16:
+        tiles += [dict(BLOCK_M=16, BLOCK_N=128, num_warps=w, num_stages=st, waves=wv)
+                  for w, st, wv in ((4, 5, 4), (4, 5, 8), (8, 3, 4), (8, 3, 8), (8, 4, 4), (8, 4, 8), (4, 3, 16))]
+    return tiles
 
 
 def gemv_planar_configs() -> list:

@@ -570,7 +570,7 @@ def int4_gemm_triton(x, w_packed, w_scale, w_zero, bias, group_size: int, *, x_r
         return run
 
     configs = configs or CONFIGS
-    if any(one_dot.tma_layer(cfg, n) for _, cfg in configs):  # the words' TMA view, made outside the
+    if any(one_dot.tma_layer(cfg, n, k) for _, cfg in configs):  # the words' TMA view, made outside the
         w_packed = one_dot.tma_words(w_packed)  # buckets' torch.cond, where a bucket may take TMA
     weights = (w_packed, w_scale) + tuple(t for t in (w_zero, bias, x_row_scale) if t is not None)
     return run_by_buckets(x, k, n, [(limit, bucket(c)) for limit, c in configs], weights)

@@ -191,7 +191,7 @@ def scale_on_weight(scale_w, splits: int, group_size: int, step: int) -> bool:
     return (splits == 1 if scale_w == "unsplit" else scale_w) or group_size % step != 0
 
 
-def tma_layer(cfg: dict, n: int, k: int = 0) -> bool:
+def tma_layer(cfg: dict, n: int, k: int) -> bool:
     """Whether cfg has a TMA tile for a layer N wide and K deep: N at least its min_n and a multiple of 32 (the
     words' view, `tma_words`), K at least its min_k (if it names one). The dispatcher makes that view where this
     holds; `use_tma` then checks the launch."""
