@@ -35,6 +35,8 @@ def _describe_engine(path: Path) -> dict[str, Any]:
         ("calibration", calib.get("data", "not needed")),
         ("content hash", (m.get("content_hash") or "")[:16]),
     ]
+    if m.get("fp8_large_m"):
+        header.append(("large-M GEMMs", "INT4/FP4 above 128 rows in FP8 (--fp8-large-m)"))
     validation = m.get("validation")
     if validation:
         verdict = "PASSED" if validation.get("passed") else "FAILED"

@@ -83,6 +83,7 @@ def build(
     device: str | None = None,
     holdout: float = 0.0,
     fuse_siblings: bool = True,
+    fp8_large_m: bool = False,
     progress_stream=STDERR,
 ) -> BuildResult:
     """Build an engine from `source` with `recipe`; see the README for the source forms.
@@ -93,6 +94,8 @@ def build(
     only; `BuildResult.validation_data`). Too few samples to split: nothing is held out.
     `fuse_siblings`: lower GEMMs that share their input as one wider GEMM in the engine
     (`passes.fuse_sibling_gemms`; the plugin graph and the layer table keep one node per layer).
+    `fp8_large_m` (CUDA engines): the INT4 and FP4 GEMM plugins run above 128 rows on FP8 tensor cores, weights
+    rounded to FP8 and activations quantized per row to FP8 there (`plugins/fp8_large_m.py`); exact below.
 
     Raises:
         QCompileError (a subclass) for any user or input error, before any file is written.
@@ -123,6 +126,9 @@ def build(
         raise QCompileError(f"unknown device {device!r}; use 'cpu' or 'cuda'")
     if device == "cuda" and not torch.cuda.is_available():
         raise QCompileError("--device cuda was asked for, but torch sees no CUDA GPU on this machine; use --device cpu")
+    if fp8_large_m and device != "cuda":
+        raise QCompileError("--fp8-large-m selects a CUDA execution path (FP8 tensor cores); drop it for a "
+                            f"{device} engine, or build with --device cuda")
 
     progress = Progress(len(STAGES if output is not None else GRAPH_STAGES), progress_stream)
     with progress.stage("export", source):
@@ -187,7 +193,7 @@ def build(
             result.pass_notes += engine_result.notes
             result.pass_stats.update(engine_result.stats)
         with fp4_plugin.engine_layout(fp4_plugin.layout_for(device)):
-            program = lower_onnx(engine_model, compute_dtype=compute_dtype).to(device)
+            program = lower_onnx(engine_model, compute_dtype=compute_dtype, fp8_large_m=fp8_large_m).to(device)
         example = tuple(torch.from_numpy(src.example_inputs[n]).to(device) for n in program.input_names)
 
     content_hash = hashlib.sha256(
@@ -200,6 +206,7 @@ def build(
         "content_hash": content_hash,
         "calibration": calibration,
         "compute_dtype": "float16" if compute_dtype else "float32",
+        "fp8_large_m": fp8_large_m,
         "timings": dict(progress.times),
     }
     with progress.stage("compile", "AOTInductor", heartbeat=COMPILE_HEARTBEAT_S):

@@ -66,6 +66,17 @@ def whole_tiles(n: int, block_n: int, splits: int, k_per_split: int, k: int) -> 
     return n % block_n == 0 and splits * k_per_split == k
 
 
+def from_rows(buckets: list, m_min: int, value) -> list:
+    """`buckets` (`(limit, value)`, the last limit None) with every M >= m_min taken by `value`."""
+    head = []
+    for limit, v in buckets:
+        if limit is None or limit >= m_min - 1:
+            head.append((m_min - 1, v))
+            break
+        head.append((limit, v))
+    return head + [(None, value)]
+
+
 def bucket_for(buckets: list, m: int):
     """The value of the first `(limit, value)` of `buckets` with m <= limit (limit None: any m)."""
     return next(value for limit, value in buckets if limit is None or m <= limit)

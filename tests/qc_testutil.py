@@ -118,3 +118,17 @@ def expect_tma(monkeypatch, expected, one_dot=None) -> None:
             raise AssertionError(f"{cfg.get('BLOCK_M')}-row one-dot bucket: TMA {took}, expected {expected(cfg)}")
         return took
     monkeypatch.setattr(one_dot, "use_tma", use_tma)
+
+
+def exported_op_arg(program, x, op, name: str):
+    """The value an exported `program(x)` passes as argument `name` of its one call of `op` (an OpOverloadPacket),
+    its schema default when the graph leaves it out."""
+    import torch
+
+    ep = torch.export.export(program, (x,))
+    (node,) = [n for n in ep.graph.nodes if n.target == op.default]
+    names = [a.name for a in op.default._schema.arguments]
+    i = names.index(name)
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[i] if i < len(node.args) else op.default._schema.arguments[i].default_value

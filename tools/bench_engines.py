@@ -12,6 +12,7 @@ A recipe may name a variant after a colon, built with the INT4 op's buckets swap
 words (`VARIANTS`), so an A/B of kernel tiles or layouts runs in one call beside the shipped engine:
     python tools/bench_engines.py llama3-8b-layers --recipes fp16 w4a16_awq w4a16_awq:int4-pointers ...
     python tools/bench_engines.py llama3-8b-layers --recipes fp16 w4a16_nvfp4 w4a16_nvfp4:fp4-bytes ...
+The variant fp8-large-m builds with `fp8_large_m=True` (`qcompile build --fp8-large-m`): prefill-sized GEMMs in FP8.
 
 Engines are built once (dynamic dims) and timed at every --size on the same device-resident inputs
 with CUDA events (median of --iters runs after warm-up); ratios are relative to the first recipe;
@@ -47,7 +48,8 @@ from qcompile.report import format_table
 from int4_tiles import int4_tiles  # tools/, this script's folder
 
 VARIANTS = {"int4-pointers": lambda: int4_tiles(pointers=True),  # recipe:variant -> the build's context
-            "fp4-planar": planar_words, "fp4-bytes": byte_layout}
+            "fp4-planar": planar_words, "fp4-bytes": byte_layout, "fp8-large-m": contextlib.nullcontext}
+BUILD_OPTIONS = {"fp8-large-m": dict(fp8_large_m=True)}  # recipe:variant -> more `qcompile.build` arguments
 
 
 def split_variant(name: str) -> tuple[str, str | None]:
@@ -164,7 +166,7 @@ def build_one(name: str, onnx_path: Path, calib: Path, work: Path) -> dict:
     t0 = time.perf_counter()
     with VARIANTS[variant]() if variant else contextlib.nullcontext():
         built = qcompile.build(str(onnx_path), recipe, output=work / f"{name.replace(':', '-')}.engine",
-                               calib=str(calib), device="cuda")
+                               calib=str(calib), device="cuda", **BUILD_OPTIONS.get(variant, {}))
     return {"engine_path": str(built.engine_path), "build_s": time.perf_counter() - t0,
             "layers_quantized": len(built.layers), "weights_bytes": built.bytes_after}
 

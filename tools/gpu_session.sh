@@ -69,6 +69,9 @@ for s in ${STEPS:-engines kernels int4 decode tests}; do
     tunefp8) step "FP8 block GEMM tuning (Triton tiles, cuBLASLt _scaled_mm block-wise)"
              (cd tools && py tune_fp8_block_w8a16.py --cuda-graph --ops fp8_block ${TUNEFP8_ARGS:-} --out "$OUT/tune_fp8_block.json" 2>&1 \
                  | tee "$OUT/tune_fp8_block.log" | grep -v "^\[" | tail -24) ;;
+    fp8)     step "the 4-bit GEMMs' FP8 path above 128 rows (fp8_large_m) vs exact, cuBLAS bf16 and FP8 rowwise"
+             (cd tools && py bench_fp8_large_m.py --cuda-graph ${FP8_ARGS:-} --out "$OUT/fp8_large_m${FP8_TAG:-}.json" 2>&1 \
+                 | tee "$OUT/fp8_large_m${FP8_TAG:-}.log" | tail -16) ;;
     dequant) step "dequantization kernels (INT4, NVFP4, MXFP4) and dequantize + cuBLAS at large M"
              (cd tools && py bench_dequant.py --cuda-graph ${DEQUANT_ARGS:-} --out "$OUT/dequant.json" 2>&1 \
                  | tee "$OUT/dequant.log" | tail -24) ;;

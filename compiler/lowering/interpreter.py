@@ -73,7 +73,7 @@ class OnnxProgram(torch.nn.Module):
     """Runs an ONNX model with torch. forward(*inputs in graph order) -> tuple of outputs in graph order."""
 
     def __init__(self, model: onnx.ModelProto, *, compute_dtype: torch.dtype | None = None,
-                 base_dir: str | None = None):
+                 base_dir: str | None = None, fp8_large_m: bool = False):
         super().__init__()
         import qcompile.lowering.ops  # noqa: F401  (registers the converters)
 
@@ -103,7 +103,7 @@ class OnnxProgram(torch.nn.Module):
             name = node.name or f"{node.op_type}_{index}"
             converter = get_converter(domain, node.op_type, opset, name)
             ctx = NodeContext(name, node.op_type, {a.name: _attr_value(a) for a in node.attribute},
-                              len(node.output), opset, compute_dtype, domain=domain)
+                              len(node.output), opset, compute_dtype, domain=domain, fp8_large_m=fp8_large_m)
             ctx.extra["initializers"] = {i: inits[n] for i, n in enumerate(node.input) if n in inits}
             ctx.extra["input_types"] = [elem_types.get(n) for n in node.input]
             ctx.extra["input_names"] = list(node.input)
@@ -290,13 +290,15 @@ def _inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     return onnx.inliner.inline_selected_functions(model, others)
 
 
-def lower_onnx(model: onnx.ModelProto | str | Path, *, compute_dtype: torch.dtype | None = None) -> OnnxProgram:
+def lower_onnx(model: onnx.ModelProto | str | Path, *, compute_dtype: torch.dtype | None = None,
+               fp8_large_m: bool = False) -> OnnxProgram:
     """Lower an ONNX model (proto or path) to an `OnnxProgram` (a torch.nn.Module).
 
     Args:
         model: the ONNX model, or the path of an .onnx file (external data next to it is read).
         compute_dtype: run floating-point math in this dtype (e.g. torch.float16); outputs keep
             their declared ONNX dtype. None keeps the graph's own dtypes.
+        fp8_large_m: the INT4 and FP4 GEMM plugins run above 128 rows in FP8 on CUDA (`plugins/fp8_large_m.py`).
     Raises:
         LoweringError: an op has no converter (names node, op, domain and opset).
     """
@@ -305,4 +307,4 @@ def lower_onnx(model: onnx.ModelProto | str | Path, *, compute_dtype: torch.dtyp
         path = Path(model)
         base_dir = str(path.parent)
         model = onnx.load(str(path), load_external_data=True)
-    return OnnxProgram(model, compute_dtype=compute_dtype, base_dir=base_dir)
+    return OnnxProgram(model, compute_dtype=compute_dtype, base_dir=base_dir, fp8_large_m=fp8_large_m)

@@ -116,6 +116,7 @@ class NodeContext:
     compute_dtype: torch.dtype | None = None
     extra: dict = field(default_factory=dict)
     domain: str = ""
+    fp8_large_m: bool = False  # the 4-bit GEMM plugins' opt-in FP8 path above 128 rows (plugins/fp8_large_m.py)
 
     def attr(self, key: str, default: Any = None) -> Any:
         return self.attrs.get(key, default)

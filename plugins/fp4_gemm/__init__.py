@@ -6,7 +6,7 @@ Plugin contract (`format.py` has the number formats and layouts in full):
   `w_q [N, K]` FLOAT4E2M1 (TensorRT's [out, in] layout), `w_scale [N, K/B]` (FLOAT8E4M3FN for NVFP4,
   FP32 powers of two for MXFP4), `w_global` FP32 scalar (1.0 for MXFP4), `x_global` (W4A4 only), optional
   `bias [N]`; attributes `block_size = B`, `plugin_version = "1"`, `plugin_namespace = "qcompile"`.
-- op `torch.ops.qcompile.fp4_gemm(x, w_packed, w_scale, w_global, x_global, bias, block_size)`:
+- op `torch.ops.qcompile.fp4_gemm(x, w_packed, w_scale, w_global, x_global, bias, block_size, fp8_large_m=False)`:
   * `x`: float32 / float16 / bfloat16 `[..., K]`, any number of rows M (dynamic);
   * `w_packed`: uint8 `[N, K/2]`, byte `[n, j]` = code(k=2j) | code(k=2j+1) << 4 (the ONNX bytes), or int32
     `[N, K/8]` planar words for K a multiple of 128 (`format.to_planar_words`: the one-dot kernel's layout; the
@@ -15,7 +15,9 @@ Plugin contract (`format.py` has the number formats and layouts in full):
   * `w_global`: float32 scalar (NVFP4) or None (MXFP4);
   * `x_global`: None (weight-only) or the float32 NVFP4 activation global scale: x is fake-quantized with
     dynamic per-16 E4M3 block scales first (the Blackwell W4A4 numerics; `format.nvfp4_fake_quantize`);
-  * `bias`: `[N]` float or None.
+  * `bias`: `[N]` float or None;
+  * `fp8_large_m`: on CUDA, calls of more than 128 rows run the FP8 path of `plugins/fp8_large_m.py` (W and x
+    rounded to FP8 there; the semantics below hold up to that rounding). The CPU path ignores it.
 - semantics: `W[n, k] = e2m1(w[n, k]) * scale[n, k // B] * (w_global or 1)`, `y = x_hat @ W.T + bias`,
   accumulated in float32, returned in x.dtype, shape `[..., N]`.
 

@@ -18,7 +18,9 @@ concrete M, a `torch.cond` chain for a symbolic one):
   64-row tiles read it twice: 15-23% faster than the 64-row tiles at M = 100 and 128 on the four Llama-sized
   layers, and the best tile of the sweep on each within 16% (benchmarks/tune_fp4_gemm_m100_128_s20.json).
 - M >= LARGE_M_MIN: `_fp4_dequant_kernel` writes W [N, K] in x.dtype, then cuBLAS with the bias in its epilogue
-  (`gemm_dispatch.linear_bias`). From 129 rows, as INT4: at M = 256 the best tile was 1.3-1.5x slower.
+  (`gemm_dispatch.linear_bias`). From 129 rows, as INT4: at M = 256 the best tile was 1.3-1.5x slower. With the
+  opt-in `fp8_large_m` the same kernel writes W * (1 / S[n]) in FP8 instead (`fp8_weight`) for cuBLASLt's FP8 GEMM
+  (`plugins/fp8_large_m.py`).
 
 The GEMM kernel swaps operands: acc^T [BLOCK_N, BLOCK_M] = W_tile [BLOCK_N, BLOCK_K] @ x^T, so the weight
 tile decoded in registers is the MMA's first operand and a small M is the MMA's narrow side. Decoding:
@@ -59,12 +61,13 @@ import torch
 import triton
 import triton.language as tl
 
+from qcompile.plugins import fp8_large_m as fp8_large_m_path
 from qcompile.plugins.fp4_gemm import format as F
 from qcompile.plugins.fp4_gemm import one_dot
 from qcompile.plugins.fp4_gemm.planar import tile_fp32
 from qcompile.plugins.fp4_gemm.reference import check_args
-from qcompile.plugins.gemm_dispatch import (SMALL_M_MAX, cdiv, identity, linear_bias, optional_arg, run_by_buckets,
-                                             split_k_config, unpack_optional, whole_tiles)
+from qcompile.plugins.gemm_dispatch import (SMALL_M_MAX, cdiv, from_rows, identity, linear_bias, optional_arg,
+                                             run_by_buckets, split_k_config, unpack_optional, whole_tiles)
 from qcompile.plugins.int4_gemm.half2 import ptx_available
 from qcompile.plugins.triton_tiles import jit_any_m, load_tile, load_xt_rows, store_tile, xt_columns
 
@@ -228,11 +231,12 @@ def _fp4_gemm_kernel(
 
 @triton.jit
 def _fp4_dequant_kernel(
-    w_ptr, s_ptr, g_ptr, out_ptr, N, K,
+    w_ptr, s_ptr, g_ptr, mul_ptr, out_ptr, N, K,
     MX: tl.constexpr, B: tl.constexpr, SHIFT: tl.constexpr, POW_SHIFT: tl.constexpr, POW_ACC: tl.constexpr,
     HAS_GLOBAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PLANAR: tl.constexpr = False,
+    HAS_MUL: tl.constexpr = False,
 ):
-    """out [N, K] = W (decoded in fp32, cast to out's dtype)."""
+    """out [N, K] = W (decoded in fp32; HAS_MUL: times mul[n], the FP8 path's 1 / S[n]), cast to out's dtype."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     w_rows, s_rows = _tile_pointers(w_ptr, s_ptr, offs_n, K, B, BLOCK_K)
@@ -241,6 +245,8 @@ def _fp4_dequant_kernel(
     w = w * POW_ACC
     if HAS_GLOBAL:
         w = w * tl.load(g_ptr)
+    if HAS_MUL:
+        w = w * tl.load(mul_ptr + offs_n, mask=offs_n < N, other=0.0)[:, None]
     offs_k = k0 + tl.arange(0, BLOCK_K)
     tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty),
              mask=(offs_n < N)[:, None] & (offs_k < K)[None, :])
@@ -288,26 +294,44 @@ def launch_gemm(x2d, w_packed, w_scale, w_global, bias, block_size: int, cfg: di
 
 
 def launch_dequant(w_packed, w_scale, w_global, block_size: int, dtype, *, wrap=identity,
-                   cfg: dict | None = None) -> torch.Tensor:
-    """W [N, K] as `dtype` (decoded in float32), for the dequantize + cuBLAS path (the GEMM reads it transposed:
-    writing [K, N] instead was no faster overall on the H200, benchmarks/fp4_dequant_layout.json); `cfg` (default
-    `DEQUANT`): the tile (BLOCK_K a multiple of 32)."""
+                   cfg: dict | None = None, mul: torch.Tensor | None = None) -> torch.Tensor:
+    """W [N, K] as `dtype` (decoded in float32; times `mul[n]` when given), for the dequantize + cuBLAS path (the
+    GEMM reads it transposed: writing [K, N] instead was no faster overall on the H200,
+    benchmarks/fp4_dequant_layout.json) and the FP8 path (`fp8_weight`); `cfg` (default `DEQUANT`): the tile
+    (BLOCK_K a multiple of 32)."""
     cfg = cfg or DEQUANT
     planar = F.is_planar(w_packed)
     n, k = w_packed.shape[0], w_packed.shape[1] * (8 if planar else 2)
     out = torch.empty((n, k), dtype=dtype, device=w_packed.device)
     wrap(_fp4_dequant_kernel)[(cdiv(n, cfg["BLOCK_N"]), cdiv(k, cfg["BLOCK_K"]), 1)](
-        w_packed, w_scale, optional_arg(w_global, w_packed), out, n, k,
+        w_packed, w_scale, optional_arg(w_global, w_packed), optional_arg(mul, w_scale), out, n, k,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], PLANAR=planar,
-        **_format_args(w_scale, w_global, block_size, torch.float32),
+        HAS_MUL=mul is not None, **_format_args(w_scale, w_global, block_size, torch.float32),
     )
     return out
 
 
+def column_bound(w_scale: torch.Tensor, w_global) -> torch.Tensor:
+    """float32 [N]: the largest |W[n, :]| row n can hold (E2M1 codes reach 6), from its block scales and global."""
+    bound = F.decode_scales(w_scale).to(torch.float32).amax(dim=1) * 6.0
+    return bound if w_global is None else bound * w_global.to(torch.float32).abs().reshape(())
+
+
+def fp8_weight(w_packed, w_scale, w_global, block_size: int, *, wrap=identity,
+               dtype=fp8_large_m_path.FP8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W8 [N, K] in `dtype` (FP8; float32 to test the values before rounding), S float32 [N]) for
+    `plugins/fp8_large_m.py`."""
+    s = fp8_large_m_path.column_scales(column_bound(w_scale, w_global))
+    return launch_dequant(w_packed, w_scale, w_global, block_size, dtype, wrap=wrap,
+                          mul=(1.0 / s).contiguous()), s
+
+
 def fp4_gemm_triton(x, w_packed, w_scale, w_global, bias, block_size: int, *, wrap=identity,
-                    num_sms: int = DEFAULT_SMS) -> torch.Tensor:
+                    num_sms: int = DEFAULT_SMS, fp8_large_m: bool = False) -> torch.Tensor:
     """The op's GPU path (weight-only: x is the already fake-quantized activation for W4A4): `x @ W.T + bias`
-    in x.dtype, [..., N]; the path is chosen from M (see the module docstring)."""
+    in x.dtype, [..., N]; the path is chosen from M (see the module docstring). `fp8_large_m`: from
+    `fp8_large_m.MIN_ROWS` rows the FP8 path (`plugins/fp8_large_m.py`) where it can run, instead of dequantize +
+    cuBLAS."""
     check_args(x, w_packed, w_scale, w_global, None, bias, block_size)
     # K and N are weight dims, static in an engine; int() specializes them when a compiler made them symbolic
     k, n = int(x.shape[-1]), int(w_packed.shape[0])
@@ -324,6 +348,11 @@ def fp4_gemm_triton(x, w_packed, w_scale, w_global, bias, block_size: int, *, wr
         w_global, bias = unpack_optional(rest, *present)
         w = launch_dequant(w_packed, w_scale, w_global, block_size, x2d.dtype, wrap=wrap)
         return linear_bias(x2d, w.t(), bias, x2d.dtype)
+
+    def large_fp8(x2d, w_packed, w_scale, *rest):
+        w_global, bias = unpack_optional(rest, *present)
+        w8, col_scale = fp8_weight(w_packed, w_scale, w_global, block_size, wrap=wrap)
+        return fp8_large_m_path.linear(x2d, w8, col_scale, bias, x2d.dtype)
 
     def gemv(x2d, w_packed, w_scale, *rest):
         from qcompile.plugins.fp4_gemm import gemv as bytes_gemv, gemv_planar  # they import this module
@@ -348,4 +377,6 @@ def fp4_gemm_triton(x, w_packed, w_scale, w_global, bias, block_size: int, *, wr
                    (None, large)]
     if x.dtype in (torch.float16, torch.bfloat16):  # the GEMVs round products to fp16: 16-bit x only
         buckets.insert(0, (1, gemv))
+    if fp8_large_m and fp8_large_m_path.usable(x.device, k, n):
+        buckets = from_rows(buckets, fp8_large_m_path.MIN_ROWS, large_fp8)
     return run_by_buckets(x, k, n, buckets, weights)

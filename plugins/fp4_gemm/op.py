@@ -31,8 +31,10 @@ def fp4_gemm(
     x_global: Optional[Tensor],
     bias: Optional[Tensor],
     block_size: int,
+    fp8_large_m: bool = False,
 ) -> Tensor:
-    """`y[..., N] = x_hat @ dequant(W).T + bias` in x.dtype (see the plugin contract)."""
+    """`y[..., N] = x_hat @ dequant(W).T + bias` in x.dtype (see the plugin contract). `fp8_large_m` (CUDA): above
+    128 rows the GEMM runs in FP8 (`plugins/fp8_large_m.py`); the CPU path ignores it."""
     if x.device.type != "cuda":
         return fp4_gemm_reference(x, w_packed, w_scale, w_global, x_global, bias, block_size)
     from qcompile.plugins.fp4_gemm.kernel import fp4_gemm_triton
@@ -41,4 +43,5 @@ def fp4_gemm(
     if x_global is not None:
         x = F.nvfp4_fake_quantize(x.to(torch.float32), x_global.reshape(())).to(x.dtype)
     return fp4_gemm_triton(x, w_packed, w_scale, w_global, bias, block_size, wrap=torch.library.wrap_triton,
-                           num_sms=torch.cuda.get_device_properties(x.device).multi_processor_count)
+                           num_sms=torch.cuda.get_device_properties(x.device).multi_processor_count,
+                           fp8_large_m=fp8_large_m)

@@ -12,7 +12,7 @@ act_quant "none", and W4A16 nodes are still written as version 1.
   `act_quant` = "none" | "fp8_static" | "fp8_dynamic". Its function bodies (one overload per act_quant) are
   [FP8 Q/DQ of x ->] `DequantizeLinear(w_q, w_scale, w_zero_point, axis=0, block_size=g)` -> MatMul -> Add(bias).
 - op `torch.ops.qcompile.int4_groupwise_gemm(x, w_packed, w_scale, w_zero, bias, group_size,
-  x_scale=None, x_dynamic=False)`:
+  x_scale=None, x_dynamic=False, fp8_large_m=False)`:
   * `x`: float32 / float16 / bfloat16 `[..., K]`, any number of rows M (dynamic);
   * `w_packed`: engine layout, int32 `[K/8, N]` of signed (two's complement) nibbles, K a multiple of 8: when K
     and g are multiples of 64 the planar order (in each 64 K, word c holds k = 16 j + 2 c + t in nibble j + 4 t),
@@ -21,7 +21,9 @@ act_quant "none", and W4A16 nodes are still written as version 1.
   * `w_zero`: int8 `[K/g, N]` (integer zero point, one per byte) or None (symmetric);
   * `bias`: `[N]` float or None; `group_size` g divides K (32, 64, 128, or K = per channel);
   * `x_scale`: float scalar tensor (static per-tensor FP8 scale) or None; `x_dynamic`: per-row dynamic FP8
-    (x_scale must then be None). Neither: W4A16.
+    (x_scale must then be None). Neither: W4A16;
+  * `fp8_large_m`: on CUDA, calls of more than 128 rows run the FP8 path of `plugins/fp8_large_m.py` (W and, for
+    W4A16, x rounded to FP8 there; the semantics below hold up to that rounding). The CPU path ignores it.
 - semantics: `dequant(W)[k, n] = (q[k, n] - zp[k // g, n]) * scale[k // g, n]`,
   `y = A(x) @ dequant(W) + bias`, accumulated in float32, returned in x.dtype, shape `[..., N]`, where A is
   the identity (W4A16) or FP8 E4M3 quantize-dequantize with ONNX QuantizeLinear rules (x / s in float32,

@@ -23,6 +23,8 @@ the planar order; mm_t and mm read it sequentially, so on planar words x's colum
   the H200; it runs for groups that are not whole steps of >= 16 (e.g. 8), which mm_t and the GEMV cannot take.
 - `_int4_dequant_kernel`: `dequant(W)` in x.dtype, for the dequantize-then-cuBLAS path of large M (bias in
   cuBLAS's epilogue: `gemm_dispatch.linear_bias`).
+- `dequant_fp8._int4_dequant_t_kernel`: W^T in FP8 for the opt-in FP8 path above 128 rows (`fp8_large_m`,
+  `plugins/fp8_large_m.py`: the bucket kind "fp8" that `int4_gemm_triton` puts in place of "dequant").
 
 Dequantization tricks (what makes a weight cost a few integer/float ops, never an int->float conversion):
 - "magic number" conversion: a signed nibble u (two's complement, value q) XOR 8 is q + 8 in [0, 15]; OR-ed
@@ -56,9 +58,11 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.plugins.gemm_dispatch import (add_bias, cdiv, identity, linear_bias, optional_arg, run_by_buckets,
-                                             split_for_waves, unpack_optional)
+from qcompile.plugins import fp8_large_m as fp8_large_m_path
+from qcompile.plugins.gemm_dispatch import (add_bias, cdiv, from_rows, identity, linear_bias, optional_arg,
+                                             run_by_buckets, split_for_waves, unpack_optional)
 from qcompile.plugins.int4_gemm import one_dot
+from qcompile.plugins.int4_gemm.dequant_fp8 import fp8_weight
 from qcompile.plugins.int4_gemm.format import PACK, is_planar, planar_order
 from qcompile.plugins.int4_gemm.half2 import (dot8, dot8_emulated, pow2_range, ptx_available, word_k, x_at,
                                               x_of_words, x_pair)
@@ -521,6 +525,9 @@ def run_bucket(cfg: dict, x2d, w_words, w_scale, w_zero, bias, group_size: int, 
     applied in the epilogue, unless the configuration asks for FP8 dots (`fp8_dot`, "mm"/"mm_t" only)."""
     out_dtype = out_dtype or x2d.dtype
     w_packed = one_dot.planar_words(w_words)
+    if cfg["kernel"] == "fp8":  # plugins/fp8_large_m.py (x quantized per row there unless FP8 already: W4A8)
+        w8, col_scale = fp8_weight(w_packed, w_scale, w_zero, group_size, wrap=wrap)
+        return fp8_large_m_path.linear(x2d, w8, col_scale, bias, out_dtype, x_row_scale)
     if cfg["kernel"] == "gemv" and not _block_k(cfg["BLOCK_K"], int(x2d.shape[1]), group_size)[1]:
         cfg = CONFIGS[1][1]["fallback"]  # the GEMV needs groups in whole steps of >= 16; mm/mm_t take any group
     kind = cfg["kernel"]
@@ -546,9 +553,11 @@ def run_bucket(cfg: dict, x2d, w_words, w_scale, w_zero, bias, group_size: int, 
 
 
 def int4_gemm_triton(x, w_packed, w_scale, w_zero, bias, group_size: int, *, x_row_scale=None, out_dtype=None,
-                     wrap=identity, num_sms: int = DEFAULT_SMS, configs=None) -> torch.Tensor:
+                     wrap=identity, num_sms: int = DEFAULT_SMS, configs=None,
+                     fp8_large_m: bool = False) -> torch.Tensor:
     """The op's GPU path: `x @ dequant(W) + bias` in out_dtype (default x.dtype), dispatched on M
-    (`configs`, default `CONFIGS`).
+    (`configs`, default `CONFIGS`). `fp8_large_m`: from `fp8_large_m.MIN_ROWS` rows the FP8 path
+    (`plugins/fp8_large_m.py`) where it can run, instead of dequantize + cuBLAS bf16.
 
     W4A8: x is float8_e4m3fn [..., K] with `x_row_scale` float32 [M] (one scale per row of x), and
     `out_dtype` the activations' float type."""
@@ -570,6 +579,8 @@ def int4_gemm_triton(x, w_packed, w_scale, w_zero, bias, group_size: int, *, x_r
         return run
 
     configs = configs or CONFIGS
+    if fp8_large_m and fp8_large_m_path.usable(x.device, k, n):
+        configs = from_rows(configs, fp8_large_m_path.MIN_ROWS, dict(kernel="fp8"))
     if any(one_dot.tma_layer(cfg, n, k) for _, cfg in configs):  # the words' TMA view, made outside the
         w_packed = one_dot.tma_words(w_packed)  # buckets' torch.cond, where a bucket may take TMA
     weights = (w_packed, w_scale) + tuple(t for t in (w_zero, bias, x_row_scale) if t is not None)

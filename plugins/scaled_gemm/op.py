@@ -33,6 +33,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from qcompile.plugins.formats import dynamic_row_scales, quantize_activation
+from qcompile.plugins.fp8_large_m import rowwise_scaled_mm
 from qcompile.plugins.gemm_dispatch import add_bias
 from qcompile.plugins.scaled_gemm.reference import (FORMAT_OF, check_args, scaled_gemm_dynamic_reference,
                                                     scaled_gemm_reference)
@@ -105,7 +106,6 @@ def _fp8_gemm(x2d, w_q, w_scale, x_scale, bias, out_dtype) -> Tensor:
         raise ValueError("scaled_gemm fp8 needs a GPU with compute capability >= 8.9 (torch._scaled_mm)")
     if k % 16 or n % 16:
         raise ValueError(f"scaled_gemm fp8 on CUDA needs K and N multiples of 16 (torch._scaled_mm), got K={k}, N={n}")
-    m = x2d.shape[0]
     xq = quantize_activation(x2d, x_scale, torch.float8_e4m3fn)
     wt = w_q.t()  # [K, N] column-major, as cuBLASLt wants
     if w_scale.numel() == 1 and x_scale.dim() == 0:  # tensorwise
@@ -115,12 +115,8 @@ def _fp8_gemm(x2d, w_q, w_scale, x_scale, bias, out_dtype) -> Tensor:
             bias=bias.to(out_dtype) if fuse_bias else None, out_dtype=out_dtype,
         )
         return y + bias.to(out_dtype) if bias is not None and not fuse_bias else y
-    if out_dtype == torch.bfloat16:  # rowwise scaling (bf16 output is the form every torch version takes)
-        scale_a = x_scale.reshape(-1, 1).expand(m, 1).contiguous()  # static scalar or per-row dynamic [M, 1]
-        return torch._scaled_mm(
-            xq, wt, scale_a, w_scale.reshape(1, -1).expand(1, n).contiguous(),
-            bias=bias.to(torch.bfloat16) if bias is not None else None, out_dtype=torch.bfloat16,
-        )
+    if out_dtype == torch.bfloat16:  # rowwise scaling; x_scale: a static scalar or per-row dynamic [M, 1]
+        return rowwise_scaled_mm(xq, x_scale, w_q, w_scale, bias)
     one = torch.ones(1, dtype=torch.float32, device=x2d.device)
     acc = torch._scaled_mm(xq, wt, one, one, out_dtype=torch.float32)
     return _apply_scales(acc, x_scale, w_scale, bias, out_dtype)

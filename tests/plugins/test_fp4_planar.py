@@ -12,7 +12,7 @@ from onnx import helper, numpy_helper
 
 from fp4_testutil import (FMTS, HAS_TRITON, aoti_fp4_linear, args, assert_rel_l2, cuda, make_case, oracle, planar_case,
                           triton_interp)
-from qc_testutil import launch_spy
+from qc_testutil import exported_op_arg, launch_spy
 from qcompile.plugins.fp4_gemm import format as F
 from qcompile.plugins.fp4_gemm.reference import fp4_gemm_reference
 
@@ -135,6 +135,15 @@ def test_lowering_stores_planar_words_when_asked():
     assert [tuple(b.shape) for b in planar.buffers() if b.dtype == torch.int32] == [(32, 16)]
     assert not any(b.dtype == torch.uint8 for b in planar.buffers())
     assert torch.equal(planar(x)[0], plain(x)[0])
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_lowering_hands_fp8_large_m_to_the_op(flag):
+    """`lower_onnx(fp8_large_m=...)` reaches the op call that engines export (`qcompile build --fp8-large-m`)."""
+    from qcompile.lowering import lower_onnx
+
+    prog = lower_onnx(_fused_model(), fp8_large_m=flag)
+    assert exported_op_arg(prog, torch.randn(2, 128), torch.ops.qcompile.fp4_gemm, "fp8_large_m") is flag
 
 
 def test_engine_layout_is_planar_for_cuda_unless_forced():

@@ -1,59 +1,21 @@
 """Tests of the groupwise INT4 GEMM plugin: formats, reference vs float64 numpy, op, ONNX/ORT, export, kernels."""
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import ml_dtypes
 import numpy as np
 import onnx
 import pytest
 import torch
+from int4_testutil import cuda, make_case, needs_triton, oracle, triton_interp
 from onnx import TensorProto, helper, numpy_helper
-from qc_testutil import expect_tma, export_on_fake_cuda, ort_session
+from qc_testutil import expect_tma, export_on_fake_cuda, exported_op_arg, ort_session
 
-from qcompile.algorithms.int4 import quantize_rtn
-from qcompile.plugins.int4_gemm import int4_gemm_reference, onnx_schema, register
-from qcompile.plugins.int4_gemm.format import (
-    from_engine, onnx_bytes_to_engine, onnx_to_engine, pack_int4, to_engine, unpack_int4,
-)
+from qcompile.plugins.int4_gemm import int4_gemm_reference, onnx_schema
+from qcompile.plugins.int4_gemm.format import from_engine, onnx_bytes_to_engine, pack_int4, to_engine, unpack_int4
 
-register()
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-triton_interp = pytest.mark.skipif(not (HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"),
-                                   reason="needs triton and TRITON_INTERPRET=1 (CPU interpreter)")
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 GROUPS = [32, 64, 128, "channel"]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 REL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
-
-
-def make_case(k=256, n=48, group=32, zero=False, bias=True, seed=0):
-    """Fresh random int4 weights: (q int8 [K,N] signed values, scale, zp int8 or None, bias, group) + engine args.
-
-    With `zero`, the weights are asymmetric uint4 (q, zp in [0, 15]) shifted to the engine's signed form."""
-    g = k if group == "channel" else group
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(k, n, generator=gen)
-    qw = quantize_rtn(w, g, symmetric=not zero)
-    q, s, z = qw.q, qw.scale, qw.zero
-    s = s * (1 + torch.rand(s.shape, generator=gen))  # scales not tied to the data: any positive value
-    b = torch.randn(n, generator=gen) if bias else None
-    wq_eng, z_eng = onnx_to_engine(q, z, signed=not zero, group_size=g)
-    return {"q": q, "scale": s, "zero": z, "bias": b, "g": g, "w_packed": wq_eng, "w_zero": z_eng}
-
-
-def oracle(x, case) -> np.ndarray:
-    """Independent float64 numpy computation of the contract from the ONNX-form values."""
-    q = case["q"].numpy().astype(np.float64)
-    g = case["g"]
-    zp = 0.0 if case["zero"] is None else np.repeat(case["zero"].numpy().astype(np.float64), g, axis=0)
-    s = np.repeat(case["scale"].numpy().astype(np.float64), g, axis=0)
-    y = x.float().numpy().astype(np.float64) @ ((q - zp) * s)
-    if case["bias"] is not None:
-        y = y + case["bias"].numpy().astype(np.float64)
-    return y
 
 
 def assert_close_to(y: torch.Tensor, ref: np.ndarray, rel: float):
@@ -220,6 +182,17 @@ def test_lowering_matches_onnx_runtime(kind, with_bias, group):
             case["bias"] = None
         np.testing.assert_allclose(got.numpy(), np.maximum(oracle(torch.from_numpy(x), case), 0), rtol=1e-4,
                                    atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_lowering_hands_fp8_large_m_to_the_op(flag):
+    """`lower_onnx(fp8_large_m=...)` reaches the op call that engines export (`qcompile build --fp8-large-m`)."""
+    from qcompile.lowering import lower_onnx
+
+    case = make_case(k=128, n=40, group=32, seed=7)
+    prog = lower_onnx(_onnx_model(case, True, False, True, 128, 40), fp8_large_m=flag)
+    got = exported_op_arg(prog, torch.randn(2, 3, 128), torch.ops.qcompile.int4_groupwise_gemm, "fp8_large_m")
+    assert got is flag
 
 
 def test_node_helpers_validate():

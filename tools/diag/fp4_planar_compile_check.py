@@ -56,10 +56,11 @@ for mx, even, cfg in itertools.product((False, True), (False, True), (K.SMALL, K
        dict(fmt, K_STEPS=4, HAS_BIAS=True, ATOMIC=True, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=128,
             EVEN=even, PLANAR=True), ["x_ptr", "w_ptr", "s_ptr", "y_ptr", "N", "K", "stride_xm"], cfg["num_warps"],
        cfg["num_stages"])
-    for out in ("bf16", "fp16", "fp32"):
+    for out in ("bf16", "fp16", "fp32", "fp8e4nv"):  # fp8: the FP8 path's weight (plugins/fp8_large_m.py)
         go("dequant", K._fp4_dequant_kernel,
-           dict(w_ptr="*i32", s_ptr="*u8", g_ptr="*fp32", out_ptr=f"*{out}", N="i32", K="i32"),
-           dict(fmt, BLOCK_N=16, BLOCK_K=512, PLANAR=True), ["w_ptr", "s_ptr", "out_ptr", "N", "K"], 4, 1)
+           dict(w_ptr="*i32", s_ptr="*u8", g_ptr="*fp32", mul_ptr="*fp32", out_ptr=f"*{out}", N="i32", K="i32"),
+           dict(fmt, BLOCK_N=16, BLOCK_K=512, PLANAR=True, HAS_MUL=out == "fp8e4nv"),
+           ["w_ptr", "s_ptr", "out_ptr", "N", "K"], 4, 1)
 
 for dt, mx, bias in itertools.product(("bf16", "fp16"), (False, True), (False, True)):
     sig = dict(xs_ptr="*fp16", down_ptr="*fp32", w_ptr="*i32", s_ptr="*u8", g_ptr="*fp32", b_ptr=f"*{dt}",

@@ -144,7 +144,8 @@ def _gemm(ctx, x, w_q, w_scale, w_global, x_global, bias, prepared):
         return y if bias is None else y + as_tensor(bias).double()
     x_global = None if x_global is None else as_tensor(x_global).to(torch.float32).reshape(())
     bias = None if bias is None else as_tensor(bias)
-    return torch.ops.qcompile.fp4_gemm(x, w_packed, scale, glob, x_global, bias, int(ctx.attr("block_size")))
+    return torch.ops.qcompile.fp4_gemm(x, w_packed, scale, glob, x_global, bias, int(ctx.attr("block_size")),
+                                       ctx.fp8_large_m)
 
 
 @reg(onnx_schema.OP_TYPE, since=onnx_schema.VERSION, domain=onnx_schema.DOMAIN, prepare=_prepare)

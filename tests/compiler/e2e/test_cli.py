@@ -126,6 +126,13 @@ def test_missing_calibration_data(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+def test_fp8_large_m_on_a_cpu_engine_is_a_user_error(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "build", "tiny-llama", "--recipe", "w4a16_rtn", "--device", "cpu",
+                           "--fp8-large-m", "-o", tmp_path / "e.engine")
+    _assert_one_line_error(code, err, "--fp8-large-m")
+    assert "--device cuda" in err and not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("where", ["missing-dir", "is-a-dir"])
 def test_unwritable_output(tmp_path, capsys, where):
     out = tmp_path / "no" / "such" / "e.engine" if where == "missing-dir" else tmp_path
