@@ -11,7 +11,8 @@ group / block scale, and x rounded per row to E4M3 as the fp8_rowwise recipe doe
 ops stay exact.
 
     S[n]     = max(bound[n] / 448, float32 tiny)     bound: the largest |W[:, n]| the format's scales allow
-    W8[n, k] = e4m3(W[k, n] * (1 / S[n]))             (fp32 product, then round to nearest even)
+    W8[n, k] = e4m3(W[k, n] * (1 / S[n]))             (in fp32, then round to nearest even; INT4 folds 1 / S[n]
+                                                        into each group scale: (q - zp) * (scale * (1 / S[n])))
     y        = (xq * x_row_scale) @ (W8 * S).T + bias  (cuBLASLt: fp32 accumulate, bf16 out, cast to x's dtype)
 
 Plain torch (no Triton): the CPU tests run it with torch's own `_scaled_mm`.

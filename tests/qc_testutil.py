@@ -132,3 +132,17 @@ def exported_op_arg(program, x, op, name: str):
     if name in node.kwargs:
         return node.kwargs[name]
     return node.args[i] if i < len(node.args) else op.default._schema.arguments[i].default_value
+
+
+def _fake_cuda_export_marker():
+    import importlib.util
+    import os
+
+    import pytest
+
+    runs = importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") != "1"
+    return pytest.mark.skipif(not runs, reason="needs triton, not its CPU interpreter (TRITON_INTERPRET=1 launches "
+                                               "differently)")
+
+
+fake_cuda_export = _fake_cuda_export_marker()  # the marker of the tests that call `export_on_fake_cuda`

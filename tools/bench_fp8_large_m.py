@@ -3,14 +3,15 @@
 `fp8_large_m`) against cuBLAS bf16, cuBLASLt FP8 rowwise and the exact path, for the M >= 1024 targets of issues 4
 and 5 (>= 0.95x cuBLAS bf16; reference/kernel-targets.md allows an FP8 path there).
 
-For each (K x N, M) it times, with `triton.testing.do_bench` (median; eager ops; --cuda-graph: GPU time only):
+For each (K x N, M) it times, with `triton.testing.do_bench` (median; the ops torch.compile'd with static shapes, as
+an engine fuses x's quantization into one kernel, or eager with --eager; --cuda-graph: GPU time only):
   bf16            cuBLAS bf16 `x @ w`
   fp8_rowwise     `torch._scaled_mm` rowwise on operands already in FP8 (the GEMM alone: the path's floor)
   int4_exact      the INT4 g128 op as shipped (dequantize + cuBLAS bf16 above 128 rows)
   int4_fp8        the INT4 op with fp8_large_m
   nvfp4_exact / nvfp4_fp8 / mxfp4_fp8   the FP4 op (planar words, as CUDA engines store them) without / with it
   int4_w8, nvfp4_w8   the path's dequantize-to-FP8 kernel alone (`dequant_fp8.fp8_weight`, `kernel.fp8_weight`)
-  x_quant         the per-row FP8 quantization of x alone (eager aten ops; fused into x's producer in engines)
+  x_quant         the per-row FP8 quantization of x alone (compiled like the ops; fused into x's producer in engines)
 with ratios bf16/<op> (>= 0.95: the target met) and the relative L2 error in percent against float64 of the same
 weights (`rel%_*`: the FP8 path's price). bf16 in and out, with bias; weights rotated so they are read from HBM.
 --tiles also times `int4_w8` with each DEQUANT_T tile of `TILES` (key `int4_w8[BLOCK_N,BLOCKS,warps]`).
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from bench_fp4_gemm import GROUP, make_fp4, make_int4, planar_weights, rel_pct
+from bench_fp4_gemm import GROUP, compiled_ops, make_fp4, make_int4, planar_weights, rel_pct
 from gpu_timing import bench, bench_parser, rotating, sweep, write_results
 
 from qcompile.plugins import fp8_large_m
@@ -34,23 +35,23 @@ TILES = [dict(BLOCK_N=64, BLOCKS=1, num_warps=4), dict(BLOCK_N=64, BLOCKS=2, num
          dict(BLOCK_N=32, BLOCKS=4, num_warps=4), dict(BLOCK_N=64, BLOCKS=4, num_warps=8)]
 
 
-def run_shape(k: int, n: int, m: int, tiles: bool) -> dict:
+def run_shape(k: int, n: int, m: int, ops: dict, tiles: bool) -> dict:
     from qcompile.plugins.fp4_gemm.kernel import fp8_weight as fp4_w8
     from qcompile.plugins.fp4_gemm.reference import dequantize_weight as fp4_weight
     from qcompile.plugins.int4_gemm import dequant_fp8
     from qcompile.plugins.int4_gemm.reference import dequantize_weight as int4_weight
 
-    int4, fp4 = register_int4(), register_fp4()
+    int4, fp4, quantize_rows = ops["int4"], ops["fp4"], ops["x_quant"]
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     r = {"K": k, "N": n, "M": m}
     w16 = rotating(lambda: torch.randn(k, n, device="cuda", dtype=torch.bfloat16), k * n * 2)
     r["bf16"] = bench(lambda: x @ w16())
-    xq, row = fp8_large_m.quantize_rows(x)
+    xq, row = quantize_rows(x)
     w8 = rotating(lambda: (torch.randn(n, k, device="cuda") * 50).to(fp8_large_m.FP8), k * n)
     col = torch.rand(n, device="cuda") + 0.5
     r["fp8_rowwise"] = bench(lambda: fp8_large_m.rowwise_scaled_mm(xq, row, w8(), col, bias))
-    r["x_quant"] = bench(lambda: fp8_large_m.quantize_rows(x))
+    r["x_quant"] = bench(lambda: quantize_rows(x))
 
     w4 = rotating(lambda: make_int4(k, n), k * n // 2)
     one4 = make_int4(k, n)
@@ -86,7 +87,9 @@ def main() -> None:
     cols = ["bf16", "fp8_rowwise", "int4_exact", "int4_fp8", "nvfp4_exact", "nvfp4_fp8", "mxfp4_fp8", "int4_w8",
             "nvfp4_w8", "x_quant", "bf16/int4_exact", "bf16/int4_fp8", "bf16/nvfp4_fp8", "bf16/mxfp4_fp8",
             "rel%_int4_exact", "rel%_int4_fp8", "rel%_nvfp4_fp8"]
-    rows = sweep(args, cols, lambda k, n, m: run_shape(k, n, m, args.tiles))
+    ops = compiled_ops({"int4": register_int4(), "fp4": register_fp4(), "x_quant": fp8_large_m.quantize_rows},
+                       args.eager)
+    rows = sweep(args, cols, lambda k, n, m: run_shape(k, n, m, ops, args.tiles))
     write_results(args, rows, group=GROUP)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from fp4_testutil import (FMTS, HAS_TRITON, args, assert_rel_l2, cuda, make_case, needs_triton, oracle, triton_interp,
                           weight64)
-from qc_testutil import export_on_fake_cuda, launch_spy
+from qc_testutil import export_on_fake_cuda, fake_cuda_export, launch_spy
 from qcompile.plugins.fp4_gemm import format as F
 
 # ---------------------------------------------------------------- decoding, exhaustively (interpreter)
@@ -385,7 +385,7 @@ def test_cuda_w4a4_goes_through_the_kernel():
     assert_rel_l2(y, ref, torch.bfloat16)
 
 
-@needs_triton
+@fake_cuda_export
 @pytest.mark.parametrize("fmt, w4a4", [("nvfp4", False), ("mxfp4", False), ("nvfp4", True)],
                          ids=["nvfp4", "mxfp4", "w4a4"])
 def test_gpu_launches_export_on_fake_cuda_tensors(monkeypatch, fmt, w4a4):

@@ -12,7 +12,7 @@ from onnx import helper, numpy_helper
 
 from fp4_testutil import (FMTS, HAS_TRITON, aoti_fp4_linear, args, assert_rel_l2, cuda, make_case, oracle, planar_case,
                           triton_interp)
-from qc_testutil import exported_op_arg, launch_spy
+from qc_testutil import exported_op_arg, fake_cuda_export, launch_spy
 from qcompile.plugins.fp4_gemm import format as F
 from qcompile.plugins.fp4_gemm.reference import fp4_gemm_reference
 
@@ -422,7 +422,7 @@ def test_planar_dispatch_traces_with_dynamic_rows(monkeypatch):
         np.testing.assert_allclose(got, oracle(x, case, bias), rtol=0, atol=0.1)  # fp16 output; markers >= 7 apart
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@fake_cuda_export
 @pytest.mark.parametrize("fmt, w4a4, tma", [("nvfp4", False, False), ("mxfp4", False, False), ("nvfp4", True, False),
                                             ("nvfp4", False, True)], ids=["nvfp4", "mxfp4", "w4a4", "nvfp4-tma"])
 def test_planar_launches_export_on_fake_cuda_tensors(monkeypatch, fmt, w4a4, tma):

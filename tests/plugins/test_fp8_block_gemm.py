@@ -11,7 +11,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from qc_testutil import export_on_fake_cuda, ort_session
+from qc_testutil import export_on_fake_cuda, fake_cuda_export, ort_session
 from qcompile.plugins.fp8_block_gemm import (fp8_block_gemm_reference, onnx_schema, quantize_activation_blocks,
                                              quantize_weight_blocks, register)
 
@@ -274,7 +274,7 @@ def test_cuda_op_compiles_with_a_dynamic_row_count():
         assert _rel_l2(y, oracle(xm.to(torch.bfloat16).float().numpy(), wq.cpu(), ws.cpu(), b.cpu())) < 1e-2
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+@fake_cuda_export
 def test_gpu_launches_export_on_fake_cuda_tensors(monkeypatch):
     """The CUDA body as an engine's export traces it (Triton up to 16 rows, cuBLASLt above, in a torch.cond; the
     Triton launches included), without a GPU."""

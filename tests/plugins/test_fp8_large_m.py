@@ -10,8 +10,8 @@ import torch
 from fp4_testutil import make_case as fp4_case
 from fp4_testutil import planar_case as fp4_planar_case
 from fp4_testutil import weight64 as fp4_weight64
-from int4_testutil import HAS_TRITON, cuda, make_case, oracle, triton_interp
-from qc_testutil import export_on_fake_cuda
+from int4_testutil import cuda, make_case, oracle, triton_interp
+from qc_testutil import export_on_fake_cuda, fake_cuda_export
 
 from qcompile.plugins import fp8_large_m
 from qcompile.plugins.gemm_dispatch import bucket_for, from_rows
@@ -109,7 +109,7 @@ def test_linear_takes_fp8_x_with_its_row_scales():
     assert rel_l2(y, emulated64(xq, row * 2.0, w8, s, None)) < 4e-3
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@fake_cuda_export
 @pytest.mark.parametrize("plugin", ["int4", "nvfp4", "int4-w4a8"])
 def test_fp8_path_exports_on_fake_cuda_tensors(monkeypatch, plugin):
     """The ops with fp8_large_m as an engine exports them (dynamic M, torch.cond buckets) on fake CUDA tensors of
@@ -141,14 +141,16 @@ def test_fp8_path_exports_on_fake_cuda_tensors(monkeypatch, plugin):
 @INT4_CASES
 def test_int4_fp8_weight_values_are_exact_interpreter(zero, k, group):
     """Every 64 K (planar or sequential words, a group per block or several) comes out transposed, [N, K], with
-    values ((q - zp) * s) * (1 / S[n]) bit for bit as plain torch computes them; N not a multiple of the tile."""
+    values (q - zp) * (s * (1 / S[n])) bit for bit as plain torch computes them from the ONNX-form values; N not a
+    multiple of the tile."""
     from qcompile.plugins.int4_gemm.dequant_fp8 import column_bound, fp8_weight
 
     case = make_case(k=k, n=72, group=group, zero=zero, seed=k)
     got, s = fp8_weight(case["w_packed"], case["scale"], case["w_zero"], case["g"], dtype=torch.float32)
     assert torch.equal(s, fp8_large_m.column_scales(column_bound(case["scale"], case["w_zero"])))
-    w = dequantize_weight(case["w_packed"], case["scale"], case["w_zero"], case["g"])
-    want = w.t() * (1.0 / s)[:, None]
+    g = case["g"]
+    q = case["q"].float() - (0.0 if case["zero"] is None else case["zero"].float().repeat_interleave(g, 0))
+    want = (q * (case["scale"].float() * (1.0 / s)).repeat_interleave(g, 0)).t()
     assert got.shape == (72, k) and torch.equal(got, want)
     assert got.abs().max() <= 448.0 * (1 + 2 ** -20)
 
@@ -248,7 +250,7 @@ def test_cuda_int4_op_fp8_large_m(zero, dtype, m):
     y = torch.ops.qcompile.int4_groupwise_gemm(*dev, None, False, True).cpu()
     exact = oracle(x, case)
     if m <= 128:
-        assert rel_l2(y, exact) < 5e-3
+        assert rel_l2(y, exact) < 1e-2  # the exact path (bf16 rounding)
         return
     w8, s = fp8_weight(*dev[1:4], case["g"])
     xq, row = fp8_large_m.quantize_rows(dev[0])
@@ -313,4 +315,4 @@ def test_cuda_aoti_package_with_fp8_large_m(tmp_path):
     for m in (1, 100, 129, 1000):
         x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
         err = rel_l2(package(x.cuda()).cpu(), oracle(x, case))
-        assert err < (5e-3 if m <= 128 else 6e-2) and (m <= 128 or err > 2e-3)
+        assert err < (1e-2 if m <= 128 else 6e-2) and (m <= 128 or err > 1e-2)

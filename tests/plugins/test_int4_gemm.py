@@ -8,7 +8,7 @@ import pytest
 import torch
 from int4_testutil import cuda, make_case, needs_triton, oracle, triton_interp
 from onnx import TensorProto, helper, numpy_helper
-from qc_testutil import expect_tma, export_on_fake_cuda, exported_op_arg, ort_session
+from qc_testutil import expect_tma, export_on_fake_cuda, exported_op_arg, fake_cuda_export, ort_session
 
 from qcompile.plugins.int4_gemm import int4_gemm_reference, onnx_schema
 from qcompile.plugins.int4_gemm.format import from_engine, onnx_bytes_to_engine, pack_int4, to_engine, unpack_int4
@@ -281,7 +281,7 @@ def test_gpu_body_dispatch_traces_with_dynamic_rows(monkeypatch):
     assert len(reached) == len(kernel.CONFIGS)  # every bucket was reached
 
 
-@needs_triton
+@fake_cuda_export
 @pytest.mark.parametrize("tma", [True, False], ids=["shipped", "pointer-tiles"])
 def test_gpu_launches_export_on_fake_cuda_tensors(monkeypatch, tma):
     """The CUDA body as an engine's export traces it, without a GPU (`export_on_fake_cuda`): every bucket's launch

@@ -3,15 +3,13 @@ per row) vs float64 numpy with ml_dtypes, the op vs a float64 oracle, the ONNX n
 ONNX Runtime) vs our lowering, export."""
 from __future__ import annotations
 
-import importlib.util
-
 import ml_dtypes
 import numpy as np
 import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from qc_testutil import expect_tma, export_on_fake_cuda, ort_session
+from qc_testutil import expect_tma, export_on_fake_cuda, fake_cuda_export, ort_session
 
 from qcompile.algorithms.int4 import quantize_rtn
 from qcompile.plugins.formats import MIN_SCALE, dynamic_row_scales, quantize_activation
@@ -246,7 +244,7 @@ def test_cuda_w4a8_matches_reference(mode, dtype, m, n):
     assert_close(y, oracle(x, case, None if dynamic else float(x_scale), dynamic), 2e-2)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+@fake_cuda_export
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "per-token"])
 @pytest.mark.parametrize("n", [256, 16384], ids=["narrow", "wide"])
 def test_gpu_launches_export_on_fake_cuda_tensors(monkeypatch, dynamic, n):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from qc_testutil import export_on_fake_cuda, launch_spy, ort_session
+from qc_testutil import export_on_fake_cuda, fake_cuda_export, launch_spy, ort_session
 from qcompile.plugins.int8_wo_gemm import int8_wo_gemm_reference, onnx_schema, register
 
 op = register()
@@ -331,7 +331,7 @@ def test_cuda_op_compiles_with_a_dynamic_row_count(n):
         assert_close_to(run(x), oracle(x.cpu(), w_q.cpu(), w_scale.cpu(), b.cpu()), REL[torch.bfloat16])
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@fake_cuda_export
 @pytest.mark.parametrize("n", [512, 14336])
 def test_gpu_launches_export_on_fake_cuda_tensors(monkeypatch, n):
     """The CUDA body as an engine's export traces it (the M paths in torch.cond, Triton launches included), without
