@@ -192,6 +192,8 @@ def build(
             engine_model, engine_result = prepare_for_engine(plugin_model)
             result.pass_notes += engine_result.notes
             result.pass_stats.update(engine_result.stats)
+        if fp8_large_m:
+            result.pass_notes.append(_fp8_large_m_note(plugin_model))
         with fp4_plugin.engine_layout(fp4_plugin.layout_for(device)):
             program = lower_onnx(engine_model, compute_dtype=compute_dtype, fp8_large_m=fp8_large_m).to(device)
         example = tuple(torch.from_numpy(src.example_inputs[n]).to(device) for n in program.input_names)
@@ -214,6 +216,18 @@ def build(
                      manifest=manifest, output_path=output, device=device, extra_files=_quantized_graph(plugin_model))
     result.stage_seconds = dict(progress.times)
     return result
+
+
+def _fp8_large_m_note(model) -> str:
+    """The build summary's line on `--fp8-large-m`: how many INT4 / FP4 GEMM layers of the plugin graph it applies to."""
+    from qcompile.plugins.fp4_gemm import onnx_schema as fp4_schema
+    from qcompile.plugins.int4_gemm import onnx_schema as int4_schema
+
+    kinds = {int4_schema.OP_TYPE, *fp4_schema.OP_TYPES}
+    count = sum(1 for n in model.graph.node if n.domain == int4_schema.DOMAIN and n.op_type in kinds)
+    if not count:
+        return "--fp8-large-m: the engine has no INT4 or FP4 GEMM; the flag changes nothing"
+    return f"--fp8-large-m: {count} INT4/FP4 GEMM layer(s) run on FP8 tensor cores above 128 rows"
 
 
 def _split_holdout(data, fraction: float):

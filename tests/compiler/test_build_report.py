@@ -73,3 +73,14 @@ def test_the_recipe_is_what_keeps_the_scaled_gemm_fusion_off_other_fusions_layer
     assert sum(r.startswith("FuseScaledGemmPass") for _, r in without.declined) == 14
     assert not with_recipe.declined
     assert bare.SerializeToString() == keyed.SerializeToString()
+
+
+@pytest.mark.parametrize("recipe, count", [("w4a16_awq", 12), ("nvfp4", 14), ("fp8", 0)])
+def test_fp8_large_m_note_counts_the_gemms_it_changes(graph_builds, recipe, count):
+    """`--fp8-large-m`'s line in the build summary: the INT4 / FP4 GEMM layers it moves to FP8 above 128 rows (the
+    recipe's 4-bit layers, as the layer table counts them), or that it changes nothing (an fp8 recipe has none)."""
+    from qcompile.pipeline import _fp8_large_m_note
+
+    note = _fp8_large_m_note(graph_builds(recipe).plugin_model)
+    assert note == (f"--fp8-large-m: {count} INT4/FP4 GEMM layer(s) run on FP8 tensor cores above 128 rows" if count
+                    else "--fp8-large-m: the engine has no INT4 or FP4 GEMM; the flag changes nothing")
