@@ -3,8 +3,9 @@
 cuBLASLt's FP8 GEMM reads both operands K-major, while the engine words are [K/8, N], N contiguous. So
 `_int4_dequant_t_kernel` writes the transposed dequantized weight, [N, K] with K contiguous, its column's `mul`
 (1 / S[n]) folded into the group scale (one multiplier per column and group), rounded to the output dtype (FP8;
-float32 in the interpreter tests, whose FP8 conversion does not round to nearest even). A program loads [BLOCK_N, 8] words per 64 K (coalesced along N), puts
-their nibbles in K order in registers (`_k_order`) and stores [BLOCK_N, 64] values, K contiguous.
+float32 in the interpreter tests, whose FP8 conversion does not round to nearest even). A program loads
+[BLOCK_N, 8] words per 64 K (coalesced along N), puts their nibbles in K order in registers (`_k_order`) and stores
+[BLOCK_N, 64] values, K contiguous.
 """
 from __future__ import annotations
 
