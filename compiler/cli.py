@@ -53,8 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--no-sibling-fusion", action="store_true",
                    help="keep GEMMs that share an input (Q/K/V, gate/up) as separate kernels in the engine")
     b.add_argument("--fp8-large-m", action="store_true",
-                   help="CUDA: run the INT4/FP4 GEMMs above 128 rows (prefill) on FP8 tensor cores, weights and "
-                        "activations rounded to FP8 there; faster, slightly less accurate (README)")
+                   help="run the INT4/FP4 GEMMs above 128 rows (prefill) on FP8 tensor cores, weights and "
+                        "activations rounded to FP8 there: faster on CUDA, slightly less accurate; CPU engines "
+                        "emulate it (README)")
     b.add_argument("--holdout", type=float, default=0.2, metavar="FRACTION",
                    help="fraction of the calibration samples kept for validation when no --val-data (default 0.2)")
     _add_validation_args(b, data_flag="--val-data")

@@ -15,7 +15,9 @@ ops stay exact.
                                                         into each group scale: (q - zp) * (scale * (1 / S[n])))
     y        = (xq * x_row_scale) @ (W8 * S).T + bias  (cuBLASLt: fp32 accumulate, bf16 out, cast to x's dtype)
 
-Plain torch (no Triton): the CPU tests run it with torch's own `_scaled_mm`.
+Off CUDA (CPU engines built with the flag, for a preview of its accuracy) the same numerics are emulated: the
+weight's FP8 values come from the plugins' plain-torch references (`int4_gemm.reference`, `fp4_gemm.reference`) and
+the GEMM is a float32 matmul of the FP8 values times their scales (`emulated_scaled_mm`). Plain torch, no Triton.
 """
 from __future__ import annotations
 
@@ -55,16 +57,20 @@ def rowwise_scaled_mm(xq, x_row_scale, w_nk, w_col_scale, bias) -> torch.Tensor:
         bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16)
 
 
+def emulated_scaled_mm(xq, x_row_scale, w_nk, w_col_scale, bias) -> torch.Tensor:
+    """`rowwise_scaled_mm`'s result off CUDA: float32 `(xq * x_row_scale) @ (w_nk * w_col_scale).T + bias`, rounded
+    to bf16 as cuBLASLt's output is (its sums in another order: float32 rounding apart)."""
+    a = xq.to(torch.float32) * x_row_scale.to(torch.float32).reshape(-1, 1)
+    y = a @ (w_nk.to(torch.float32) * w_col_scale.to(torch.float32).reshape(-1, 1)).t()
+    if bias is not None:
+        y = y + bias.to(torch.bfloat16).to(torch.float32)
+    return y.to(torch.bfloat16)
+
+
 def linear(x2d, w8_nk, w_col_scale, bias, out_dtype, x_row_scale=None) -> torch.Tensor:
     """`x2d @ W.T + bias` [M, N] in out_dtype with W = w8_nk * w_col_scale[:, None]: x2d FP8 with its
-    `x_row_scale` (W4A8), or a float x quantized here per row."""
+    `x_row_scale` (W4A8), or a float x quantized here per row. cuBLASLt on CUDA, emulated elsewhere."""
     if x_row_scale is None:
         x2d, x_row_scale = quantize_rows(x2d)
-    return rowwise_scaled_mm(x2d, x_row_scale, w8_nk, w_col_scale, bias).to(out_dtype)
-
-
-def fp8_weight_reference(w_kn: torch.Tensor, bound: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W8 [N, K] float8_e4m3fn, S [N]) of a float32 weight [K, N] as the module docstring defines them: the
-    oracle of the dequantize kernels' FP8 output."""
-    s = column_scales(bound)
-    return (w_kn.to(torch.float32).t() * (1.0 / s)[:, None]).to(FP8), s
+    gemm = rowwise_scaled_mm if x2d.device.type == "cuda" else emulated_scaled_mm
+    return gemm(x2d, x_row_scale, w8_nk, w_col_scale, bias).to(out_dtype)

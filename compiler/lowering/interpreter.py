@@ -298,7 +298,8 @@ def lower_onnx(model: onnx.ModelProto | str | Path, *, compute_dtype: torch.dtyp
         model: the ONNX model, or the path of an .onnx file (external data next to it is read).
         compute_dtype: run floating-point math in this dtype (e.g. torch.float16); outputs keep
             their declared ONNX dtype. None keeps the graph's own dtypes.
-        fp8_large_m: the INT4 and FP4 GEMM plugins run above 128 rows in FP8 on CUDA (`plugins/fp8_large_m.py`).
+        fp8_large_m: the INT4 and FP4 GEMM plugins run above 128 rows in FP8 (`plugins/fp8_large_m.py`; emulated
+            off CUDA).
     Raises:
         LoweringError: an op has no converter (names node, op, domain and opset).
     """

@@ -16,8 +16,8 @@ Plugin contract (`format.py` has the number formats and layouts in full):
   * `x_global`: None (weight-only) or the float32 NVFP4 activation global scale: x is fake-quantized with
     dynamic per-16 E4M3 block scales first (the Blackwell W4A4 numerics; `format.nvfp4_fake_quantize`);
   * `bias`: `[N]` float or None;
-  * `fp8_large_m`: on CUDA, calls of more than 128 rows run the FP8 path of `plugins/fp8_large_m.py` (W and x
-    rounded to FP8 there; the semantics below hold up to that rounding). The CPU path ignores it.
+  * `fp8_large_m`: calls of more than 128 rows run the FP8 path of `plugins/fp8_large_m.py` (W and x rounded to FP8
+    there; the semantics below hold up to that rounding; emulated off CUDA).
 - semantics: `W[n, k] = e2m1(w[n, k]) * scale[n, k // B] * (w_global or 1)`, `y = x_hat @ W.T + bias`,
   accumulated in float32, returned in x.dtype, shape `[..., N]`.
 

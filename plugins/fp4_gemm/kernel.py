@@ -65,7 +65,7 @@ from qcompile.plugins import fp8_large_m as fp8_large_m_path
 from qcompile.plugins.fp4_gemm import format as F
 from qcompile.plugins.fp4_gemm import one_dot
 from qcompile.plugins.fp4_gemm.planar import tile_fp32
-from qcompile.plugins.fp4_gemm.reference import check_args
+from qcompile.plugins.fp4_gemm.reference import check_args, fp8_column_bound
 from qcompile.plugins.gemm_dispatch import (SMALL_M_MAX, cdiv, from_rows, identity, linear_bias, optional_arg,
                                              run_by_buckets, split_k_config, unpack_optional, whole_tiles)
 from qcompile.plugins.int4_gemm.half2 import ptx_available
@@ -311,17 +311,11 @@ def launch_dequant(w_packed, w_scale, w_global, block_size: int, dtype, *, wrap=
     return out
 
 
-def column_bound(w_scale: torch.Tensor, w_global) -> torch.Tensor:
-    """float32 [N]: the largest |W[n, :]| row n can hold (E2M1 codes reach 6), from its block scales and global."""
-    bound = F.decode_scales(w_scale).to(torch.float32).amax(dim=1) * 6.0
-    return bound if w_global is None else bound * w_global.to(torch.float32).abs().reshape(())
-
-
 def fp8_weight(w_packed, w_scale, w_global, block_size: int, *, wrap=identity,
                dtype=fp8_large_m_path.FP8) -> tuple[torch.Tensor, torch.Tensor]:
     """(W8 [N, K] in `dtype` (FP8; float32 to test the values before rounding), S float32 [N]) for
-    `plugins/fp8_large_m.py`."""
-    s = fp8_large_m_path.column_scales(column_bound(w_scale, w_global))
+    `plugins/fp8_large_m.py`; the CPU path's counterpart is `reference.fp8_weight_reference`."""
+    s = fp8_large_m_path.column_scales(fp8_column_bound(w_scale, w_global))
     return launch_dequant(w_packed, w_scale, w_global, block_size, dtype, wrap=wrap,
                           mul=(1.0 / s).contiguous()), s
 

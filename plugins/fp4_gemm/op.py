@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from qcompile.plugins.fp4_gemm import format as F
-from qcompile.plugins.fp4_gemm.reference import check_args, fp4_gemm_reference
+from qcompile.plugins.fp4_gemm.reference import check_args, fp4_gemm_fp8_large_m_reference, fp4_gemm_reference
 
 
 @torch.library.triton_op("qcompile::fp4_gemm", mutates_args={})
@@ -33,10 +33,11 @@ def fp4_gemm(
     block_size: int,
     fp8_large_m: bool = False,
 ) -> Tensor:
-    """`y[..., N] = x_hat @ dequant(W).T + bias` in x.dtype (see the plugin contract). `fp8_large_m` (CUDA): above
-    128 rows the GEMM runs in FP8 (`plugins/fp8_large_m.py`); the CPU path ignores it."""
+    """`y[..., N] = x_hat @ dequant(W).T + bias` in x.dtype (see the plugin contract). `fp8_large_m`: above 128 rows
+    the GEMM runs in FP8 (`plugins/fp8_large_m.py`; emulated off CUDA)."""
     if x.device.type != "cuda":
-        return fp4_gemm_reference(x, w_packed, w_scale, w_global, x_global, bias, block_size)
+        reference = fp4_gemm_fp8_large_m_reference if fp8_large_m else fp4_gemm_reference
+        return reference(x, w_packed, w_scale, w_global, x_global, bias, block_size)
     from qcompile.plugins.fp4_gemm.kernel import fp4_gemm_triton
 
     check_args(x, w_packed, w_scale, w_global, x_global, bias, block_size)

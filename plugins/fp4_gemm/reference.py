@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from qcompile.plugins import fp8_large_m
 from qcompile.plugins.fp4_gemm import format as F
+from qcompile.plugins.gemm_dispatch import run_by_buckets, unpack_optional
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -66,3 +68,41 @@ def fp4_gemm_reference(x, w_packed, w_scale, w_global, x_global, bias, block_siz
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.to(x.dtype)
+
+
+def fp8_column_bound(w_scale: torch.Tensor, w_global) -> torch.Tensor:
+    """float32 [N]: the largest |W[n, :]| row n can hold (E2M1 codes reach 6), from its block scales and global (the
+    FP8 path's column scale is this / 448, `plugins/fp8_large_m.py`)."""
+    bound = F.decode_scales(w_scale).to(torch.float32).amax(dim=1) * 6.0
+    return bound if w_global is None else bound * w_global.to(torch.float32).abs().reshape(())
+
+
+def fp8_weight_reference(w_packed, w_scale, w_global, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W8 float8_e4m3fn [N, K], S float32 [N]) of the FP8 path: `W * (1 / S[n])` in float32, rounded to E4M3 (the CUDA
+    kernel's `kernel.fp8_weight` multiplies NVFP4's global scale in another order: one float32 rounding apart)."""
+    s = fp8_large_m.column_scales(fp8_column_bound(w_scale, w_global))
+    w = dequantize_weight(w_packed, w_scale, w_global, block_size)
+    return (w * (1.0 / s)[:, None]).to(fp8_large_m.FP8), s
+
+
+def fp4_gemm_fp8_large_m_reference(x, w_packed, w_scale, w_global, x_global, bias, block_size: int) -> torch.Tensor:
+    """The op with `fp8_large_m` off CUDA: up to 128 rows exact (`fp4_gemm_reference`), from 129 the FP8 path's
+    numerics (x fake-quantized to NVFP4 first for W4A4, as on CUDA; `fp8_large_m.linear`, emulated); a torch.cond on
+    a symbolic M. Returns [..., N] in x.dtype."""
+    check_args(x, w_packed, w_scale, w_global, x_global, bias, block_size)
+    planar = F.is_planar(w_packed)
+    n, k = w_packed.shape[0], w_packed.shape[1] * (8 if planar else 2)
+    present = (w_global is not None, x_global is not None, bias is not None)
+
+    def exact(x2d, w_packed, w_scale, *rest):
+        return fp4_gemm_reference(x2d, w_packed, w_scale, *unpack_optional(rest, *present), block_size)
+
+    def fp8(x2d, w_packed, w_scale, *rest):
+        w_global, x_global, bias = unpack_optional(rest, *present)
+        if x_global is not None:
+            x2d = F.nvfp4_fake_quantize(x2d.to(torch.float32), x_global.reshape(())).to(x2d.dtype)
+        w8, s = fp8_weight_reference(w_packed, w_scale, w_global, block_size)
+        return fp8_large_m.linear(x2d, w8, s, bias, x2d.dtype)
+
+    weights = (w_packed, w_scale) + tuple(t for t in (w_global, x_global, bias) if t is not None)
+    return run_by_buckets(x, k, n, [(fp8_large_m.MIN_ROWS - 1, exact), (None, fp8)], weights)

@@ -22,8 +22,8 @@ act_quant "none", and W4A16 nodes are still written as version 1.
   * `bias`: `[N]` float or None; `group_size` g divides K (32, 64, 128, or K = per channel);
   * `x_scale`: float scalar tensor (static per-tensor FP8 scale) or None; `x_dynamic`: per-row dynamic FP8
     (x_scale must then be None). Neither: W4A16;
-  * `fp8_large_m`: on CUDA, calls of more than 128 rows run the FP8 path of `plugins/fp8_large_m.py` (W and, for
-    W4A16, x rounded to FP8 there; the semantics below hold up to that rounding). The CPU path ignores it.
+  * `fp8_large_m`: calls of more than 128 rows run the FP8 path of `plugins/fp8_large_m.py` (W and, for W4A16, x
+    rounded to FP8 there; the semantics below hold up to that rounding; emulated off CUDA).
 - semantics: `dequant(W)[k, n] = (q[k, n] - zp[k // g, n]) * scale[k // g, n]`,
   `y = A(x) @ dequant(W) + bias`, accumulated in float32, returned in x.dtype, shape `[..., N]`, where A is
   the identity (W4A16) or FP8 E4M3 quantize-dequantize with ONNX QuantizeLinear rules (x / s in float32,

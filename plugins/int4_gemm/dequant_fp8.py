@@ -16,6 +16,7 @@ import triton.language as tl
 from qcompile.plugins import fp8_large_m
 from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg
 from qcompile.plugins.int4_gemm.format import PACK, is_planar
+from qcompile.plugins.int4_gemm.reference import fp8_column_bound
 
 FP32_MAGIC_BITS = tl.constexpr(0x4B000008)  # nibble XOR this: the fp32 2^23 + q + 8 (q the signed nibble)
 FP32_MAGIC = tl.constexpr(8388616.0)  # 2^23 + 8
@@ -72,15 +73,6 @@ def _int4_dequant_t_kernel(
                  mask=mask)
 
 
-def column_bound(w_scale: torch.Tensor, w_zero: torch.Tensor | None) -> torch.Tensor:
-    """float32 [N]: the largest |(q - zp) * scale| column n can hold (q in [-8, 7]), from the scales alone."""
-    s = w_scale.to(torch.float32).abs()
-    if w_zero is None:
-        return (s * 8.0).amax(dim=0)
-    z = w_zero.to(torch.float32)
-    return (s * torch.maximum((z + 8.0).abs(), (7.0 - z).abs())).amax(dim=0)
-
-
 def launch_dequant_t(w_packed, w_scale, w_zero, group_size: int, mul: torch.Tensor, dtype, *, wrap=identity,
                      cfg: dict | None = None) -> torch.Tensor:
     """[N, K] `(q - zp).T * (scale * mul[:, None]).T` as `dtype` (see the module docstring); `cfg` default
@@ -100,6 +92,7 @@ def launch_dequant_t(w_packed, w_scale, w_zero, group_size: int, mul: torch.Tens
 
 def fp8_weight(w_packed, w_scale, w_zero, group_size: int, *, wrap=identity,
                dtype=fp8_large_m.FP8) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W8 [N, K] in `dtype` (FP8; float32 to test the values before rounding), S float32 [N])."""
-    s = fp8_large_m.column_scales(column_bound(w_scale, w_zero))
+    """(W8 [N, K] in `dtype` (FP8; float32 to test the values before rounding), S float32 [N]); the CPU path's
+    counterpart is `reference.fp8_weight_reference`."""
+    s = fp8_large_m.column_scales(fp8_column_bound(w_scale, w_zero))
     return launch_dequant_t(w_packed, w_scale, w_zero, group_size, 1.0 / s, dtype, wrap=wrap), s

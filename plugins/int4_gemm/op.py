@@ -18,8 +18,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from qcompile.plugins.int4_gemm.reference import (check_activation_args, check_args, int4_gemm_reference,
-                                                  int4_gemm_w4a8_reference, quantize_activation_fp8)
+from qcompile.plugins.int4_gemm.reference import (check_activation_args, check_args, int4_gemm_fp8_large_m_reference,
+                                                  int4_gemm_reference, int4_gemm_w4a8_reference,
+                                                  quantize_activation_fp8)
 
 
 @torch.library.triton_op("qcompile::int4_groupwise_gemm", mutates_args={})
@@ -35,9 +36,11 @@ def int4_groupwise_gemm(
     fp8_large_m: bool = False,
 ) -> Tensor:
     """`y[..., N] = A(x) @ ((q - zp) * scale) + bias` in x.dtype, A = identity (W4A16) or FP8 Q/DQ (W4A8).
-    `fp8_large_m` (CUDA): above 128 rows the GEMM runs in FP8 (`plugins/fp8_large_m.py`); the CPU path ignores it."""
+    `fp8_large_m`: above 128 rows the GEMM runs in FP8 (`plugins/fp8_large_m.py`; emulated off CUDA)."""
     if x_scale is None and not x_dynamic:
         if x.device.type != "cuda":
+            if fp8_large_m:
+                return int4_gemm_fp8_large_m_reference(x, None, w_packed, w_scale, w_zero, bias, group_size, x.dtype)
             return int4_gemm_reference(x, w_packed, w_scale, w_zero, bias, group_size)
         from qcompile.plugins.int4_gemm.kernel import int4_gemm_triton
 
@@ -46,7 +49,9 @@ def int4_groupwise_gemm(
     check_args(x, w_packed, w_scale, w_zero, bias, group_size)
     check_activation_args(x_scale, x_dynamic)
     xq, x_row_scale = quantize_activation_fp8(x, x_scale, x_dynamic)
-    if x.device.type != "cuda":
+    if x.device.type != "cuda" and fp8_large_m:
+        y = int4_gemm_fp8_large_m_reference(xq, x_row_scale, w_packed, w_scale, w_zero, bias, group_size, x.dtype)
+    elif x.device.type != "cuda":
         y = int4_gemm_w4a8_reference(xq, x_row_scale, w_packed, w_scale, w_zero, bias, group_size, x.dtype)
     else:
         from qcompile.plugins.int4_gemm.kernel import int4_gemm_triton

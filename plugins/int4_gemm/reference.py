@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from qcompile.plugins import fp8_large_m
 from qcompile.plugins.formats import dynamic_row_scales, quantize_activation
+from qcompile.plugins.gemm_dispatch import run_by_buckets, unpack_optional
 from qcompile.plugins.int4_gemm.format import PACK, from_engine
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -87,3 +89,47 @@ def int4_gemm_w4a8_reference(xq, x_row_scale, w_packed, w_scale, w_zero, bias, g
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.to(out_dtype)
+
+
+def fp8_column_bound(w_scale: torch.Tensor, w_zero: torch.Tensor | None) -> torch.Tensor:
+    """float32 [N]: the largest |(q - zp) * scale| column n can hold (q in [-8, 7]), from the scales alone (the FP8
+    path's column scale is this / 448, `plugins/fp8_large_m.py`)."""
+    s = w_scale.to(torch.float32).abs()
+    if w_zero is None:
+        return (s * 8.0).amax(dim=0)
+    z = w_zero.to(torch.float32)
+    return (s * torch.maximum((z + 8.0).abs(), (7.0 - z).abs())).amax(dim=0)
+
+
+def fp8_weight_reference(w_packed, w_scale, w_zero, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W8 float8_e4m3fn [N, K], S float32 [N]) of the FP8 path: `(q - zp) * (scale * (1 / S[n]))` in float32, rounded
+    to E4M3; the same values as the CUDA kernel's (`dequant_fp8.fp8_weight`)."""
+    s = fp8_large_m.column_scales(fp8_column_bound(w_scale, w_zero))
+    q = from_engine(w_packed, group_size).to(torch.float32)
+    if w_zero is not None:
+        q = q - w_zero.to(torch.float32).repeat_interleave(group_size, dim=0)
+    mult = (w_scale.to(torch.float32) * (1.0 / s)).repeat_interleave(group_size, dim=0)
+    return (q * mult).t().to(fp8_large_m.FP8), s
+
+
+def int4_gemm_fp8_large_m_reference(x, x_row_scale, w_packed, w_scale, w_zero, bias, group_size: int,
+                                    out_dtype) -> torch.Tensor:
+    """The op with `fp8_large_m` off CUDA: up to 128 rows exact (`int4_gemm_reference`, or the W4A8 one when x is FP8
+    with its `x_row_scale`), from 129 the FP8 path's numerics (`fp8_large_m.linear`, emulated); a torch.cond on a
+    symbolic M. Returns [..., N] in out_dtype."""
+    k, n = w_packed.shape[0] * PACK, w_packed.shape[1]
+    present = (w_zero is not None, bias is not None, x_row_scale is not None)
+
+    def exact(x2d, w_packed, w_scale, *rest):
+        w_zero, bias, row = unpack_optional(rest, *present)
+        if row is None:
+            return int4_gemm_reference(x2d, w_packed, w_scale, w_zero, bias, group_size).to(out_dtype)
+        return int4_gemm_w4a8_reference(x2d, row, w_packed, w_scale, w_zero, bias, group_size, out_dtype)
+
+    def fp8(x2d, w_packed, w_scale, *rest):
+        w_zero, bias, row = unpack_optional(rest, *present)
+        w8, s = fp8_weight_reference(w_packed, w_scale, w_zero, group_size)
+        return fp8_large_m.linear(x2d, w8, s, bias, out_dtype, row)
+
+    weights = (w_packed, w_scale) + tuple(t for t in (w_zero, bias, x_row_scale) if t is not None)
+    return run_by_buckets(x, k, n, [(fp8_large_m.MIN_ROWS - 1, exact), (None, fp8)], weights)

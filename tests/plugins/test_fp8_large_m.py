@@ -34,6 +34,12 @@ def cpu_scaled_mm_works() -> bool:
 cpu_scaled_mm = pytest.mark.skipif(not cpu_scaled_mm_works(), reason="this torch has no CPU torch._scaled_mm")
 
 
+def fp8_of(w_kn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W8 [N, K], S [N]) of a float weight [K, N] by the module's definition, its bound the columns' max |W|."""
+    s = fp8_large_m.column_scales(w_kn.abs().amax(0))
+    return (w_kn.float().t() * (1.0 / s)[:, None]).to(FP8), s
+
+
 def emulated64(xq, x_row_scale, w8, s, bias) -> np.ndarray:
     """float64 `(xq * x_row_scale) @ (w8 * s).T + bias`: what the FP8 GEMM computes before its bf16 rounding."""
     y = (xq.double() * x_row_scale.double().reshape(-1, 1)) @ (w8.double() * s.double()[:, None]).T
@@ -65,11 +71,11 @@ def test_column_scales_bound_the_weight_and_floor_zero_columns():
 @pytest.mark.parametrize("zero", [False, True], ids=["sym", "zp"])
 def test_int4_column_bound_is_the_largest_weight_the_scales_allow(zero):
     """The bound is >= every |W[:, n]| and reached by the extreme code of the group with the largest bound."""
-    from qcompile.plugins.int4_gemm.dequant_fp8 import column_bound
+    from qcompile.plugins.int4_gemm.reference import fp8_column_bound
 
     case = make_case(k=256, n=40, group=32, zero=zero, seed=3)
     w = dequantize_weight(case["w_packed"], case["scale"], case["w_zero"], 32)
-    bound = column_bound(case["scale"], case["w_zero"])
+    bound = fp8_column_bound(case["scale"], case["w_zero"])
     assert (w.abs().amax(0) <= bound).all()
     z = 0.0 if case["w_zero"] is None else case["w_zero"].double()
     extreme = torch.maximum((-8.0 - z).abs() if zero else torch.tensor(8.0), (7.0 - z).abs() if zero
@@ -77,18 +83,17 @@ def test_int4_column_bound_is_the_largest_weight_the_scales_allow(zero):
     torch.testing.assert_close(bound.double(), extreme.amax(0), rtol=1e-6, atol=0)
 
 
-@cpu_scaled_mm
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_linear_computes_the_rowwise_fp8_gemm(bias, dtype):
-    """`fp8_large_m.linear` (torch's CPU `_scaled_mm` here) against the float64 emulation of its numerics, and that
+    """`fp8_large_m.linear` (off CUDA: `emulated_scaled_mm`) against a float64 emulation of the FP8 GEMM, and that
     emulation's distance from the exact product: x rounded per row and W per column to E4M3 cost a few % (the
     price of the opt-in path)."""
     g = torch.Generator().manual_seed(7)
     x = torch.randn(150, 256, generator=g).to(dtype)
     w = torch.randn(256, 96, generator=g) * torch.rand(1, 96, generator=g)
     b = torch.randn(96, generator=g) if bias else None
-    w8, s = fp8_large_m.fp8_weight_reference(w, w.abs().amax(0))
+    w8, s = fp8_of(w)
     y = fp8_large_m.linear(x, w8, s, b, dtype)
     xq, row = fp8_large_m.quantize_rows(x)
     ref = emulated64(xq, row, w8, s, b)
@@ -98,15 +103,100 @@ def test_linear_computes_the_rowwise_fp8_gemm(bias, dtype):
     assert 5e-3 < rel_l2(y, exact) < 6e-2
 
 
-@cpu_scaled_mm
 def test_linear_takes_fp8_x_with_its_row_scales():
     g = torch.Generator().manual_seed(8)
     x = torch.randn(130, 128, generator=g)
     w = torch.randn(128, 32, generator=g)
     xq, row = fp8_large_m.quantize_rows(x)
-    w8, s = fp8_large_m.fp8_weight_reference(w, w.abs().amax(0))
+    w8, s = fp8_of(w)
     y = fp8_large_m.linear(xq, w8, s, None, torch.bfloat16, x_row_scale=row * 2.0)
     assert rel_l2(y, emulated64(xq, row * 2.0, w8, s, None)) < 4e-3
+
+
+@cpu_scaled_mm
+@pytest.mark.parametrize("bias", [False, True])
+def test_rowwise_scaled_mm_takes_the_scales_as_cublaslt_wants(bias):
+    """The cuBLASLt call (here torch's CPU `_scaled_mm`: the same argument contract) against float64: per-row scales
+    given as [M] or [M, 1], per-column ones as [N]; and the CPU emulation agrees with it."""
+    g = torch.Generator().manual_seed(9)
+    x, w = torch.randn(140, 64, generator=g), torch.randn(64, 48, generator=g)
+    b = torch.randn(48, generator=g) if bias else None
+    xq, row = fp8_large_m.quantize_rows(x)
+    w8, s = fp8_of(w)
+    for row_scale in (row, row[:, None]):
+        y = fp8_large_m.rowwise_scaled_mm(xq, row_scale, w8, s, b)
+        assert y.dtype == torch.bfloat16 and rel_l2(y, emulated64(xq, row, w8, s, b)) < 4e-3
+        assert rel_l2(fp8_large_m.emulated_scaled_mm(xq, row_scale, w8, s, b), y.double().numpy()) < 4e-3
+
+
+@pytest.mark.parametrize("zero", [False, True], ids=["sym", "zp"])
+@INT4_CASES
+def test_int4_fp8_weight_reference_values(zero, k, group):
+    """The CPU path's FP8 weight: (q - zp) * (s * (1 / S[n])) from the ONNX-form values, rounded to E4M3."""
+    from qcompile.plugins.int4_gemm.reference import fp8_weight_reference
+
+    case = make_case(k=k, n=72, group=group, zero=zero, seed=k)
+    w8, s = fp8_weight_reference(case["w_packed"], case["scale"], case["w_zero"], case["g"])
+    assert w8.dtype == FP8 and torch.equal(w8.view(torch.uint8), int4_oracle_fp32(case, s).to(FP8).view(torch.uint8))
+
+
+def int4_oracle_fp32(case, s) -> torch.Tensor:
+    """[N, K] float32 (q - zp) * (scale * (1 / S)) from the ONNX-form values of an INT4 case."""
+    g = case["g"]
+    q = case["q"].float() - (0.0 if case["zero"] is None else case["zero"].float().repeat_interleave(g, 0))
+    return (q * (case["scale"].float() * (1.0 / s)).repeat_interleave(g, 0)).t()
+
+
+@pytest.mark.parametrize("kind", ["w4a16", "w4a16-zp", "w4a8"])
+def test_int4_op_on_cpu_emulates_the_fp8_path_above_128_rows(kind):
+    """The op with fp8_large_m off CUDA, eager and exported with a dynamic row count (a CPU engine): exact up to 128
+    rows, the FP8 path's numerics from 129 (float64 emulation, bf16 output rounding), a few % from exact."""
+    from qcompile.plugins.int4_gemm.reference import fp8_weight_reference, quantize_activation_fp8
+
+    case = make_case(k=256, n=64, group=64, zero=kind == "w4a16-zp", seed=5)
+    w4a8 = kind == "w4a8"
+    op = torch.ops.qcompile.int4_groupwise_gemm
+    args = (case["w_packed"], case["scale"], case["w_zero"], case["bias"], 64, None, w4a8)
+
+    class Layer(torch.nn.Module):
+        def forward(self, x):
+            return op(x, *args, True)
+    rows = torch.export.Dim("rows", min=1, max=4096)
+    exported = torch.export.export(Layer(), (torch.randn(4, 256),), dynamic_shapes={"x": {0: rows}}).module()
+    w8, s = fp8_weight_reference(*args[:3], 64)
+    for m in (5, 128, 129, 300):
+        x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m))
+        for y in (op(x, *args, True), exported(x)):
+            if m <= 128:
+                assert torch.equal(y, op(x, *args, False))
+                continue
+            xq, row = quantize_activation_fp8(x, None, True) if w4a8 else fp8_large_m.quantize_rows(x)
+            assert rel_l2(y, emulated64(xq, row, w8, s, case["bias"])) < 4e-3
+            assert 5e-3 < rel_l2(y, op(x, *args, False).double().numpy()) < 6e-2
+
+
+@pytest.mark.parametrize("fmt, w4a4", [("nvfp4", False), ("mxfp4", False), ("nvfp4", True)],
+                         ids=["nvfp4", "mxfp4", "w4a4"])
+def test_fp4_op_on_cpu_emulates_the_fp8_path_above_128_rows(fmt, w4a4):
+    from qcompile.plugins.fp4_gemm import format as F
+    from qcompile.plugins.fp4_gemm.reference import fp8_weight_reference
+
+    case = fp4_planar_case(fmt, k=256, n=48, seed=6)
+    x_global = torch.tensor(0.01) if w4a4 else None
+    bias = torch.randn(48, generator=torch.Generator().manual_seed(6))
+    args = (case["w_packed"], case["w_scale"], case["w_global"], x_global, bias, case["block"])
+    w8, s = fp8_weight_reference(*args[:3], case["block"])
+    for m in (128, 200):
+        x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+        y = torch.ops.qcompile.fp4_gemm(x, *args, True)
+        exact = torch.ops.qcompile.fp4_gemm(x, *args, False)
+        if m <= 128:
+            assert torch.equal(y, exact)
+            continue
+        x_hat = F.nvfp4_fake_quantize(x.float(), x_global).to(x.dtype) if w4a4 else x
+        xq, row = fp8_large_m.quantize_rows(x_hat)
+        assert rel_l2(y, emulated64(xq, row, w8, s, bias)) < 4e-3
+        assert 5e-3 < rel_l2(y, exact.double().numpy()) < 6e-2
 
 
 @fake_cuda_export
@@ -143,15 +233,13 @@ def test_int4_fp8_weight_values_are_exact_interpreter(zero, k, group):
     """Every 64 K (planar or sequential words, a group per block or several) comes out transposed, [N, K], with
     values (q - zp) * (s * (1 / S[n])) bit for bit as plain torch computes them from the ONNX-form values; N not a
     multiple of the tile."""
-    from qcompile.plugins.int4_gemm.dequant_fp8 import column_bound, fp8_weight
+    from qcompile.plugins.int4_gemm.dequant_fp8 import fp8_weight
+    from qcompile.plugins.int4_gemm.reference import fp8_column_bound
 
     case = make_case(k=k, n=72, group=group, zero=zero, seed=k)
     got, s = fp8_weight(case["w_packed"], case["scale"], case["w_zero"], case["g"], dtype=torch.float32)
-    assert torch.equal(s, fp8_large_m.column_scales(column_bound(case["scale"], case["w_zero"])))
-    g = case["g"]
-    q = case["q"].float() - (0.0 if case["zero"] is None else case["zero"].float().repeat_interleave(g, 0))
-    want = (q * (case["scale"].float() * (1.0 / s)).repeat_interleave(g, 0)).t()
-    assert got.shape == (72, k) and torch.equal(got, want)
+    assert torch.equal(s, fp8_large_m.column_scales(fp8_column_bound(case["scale"], case["w_zero"])))
+    assert got.shape == (72, k) and torch.equal(got, int4_oracle_fp32(case, s))
     assert got.abs().max() <= 448.0 * (1 + 2 ** -20)
 
 
@@ -160,7 +248,8 @@ def test_int4_fp8_weight_values_are_exact_interpreter(zero, k, group):
 @pytest.mark.parametrize("planar", [False, True], ids=["bytes", "planar"])
 def test_fp4_fp8_weight_values_interpreter(fmt, planar):
     """W * (1 / S[n]) from both engine layouts against float64 (NVFP4's global scale: one fp32 rounding)."""
-    from qcompile.plugins.fp4_gemm.kernel import column_bound, fp8_weight
+    from qcompile.plugins.fp4_gemm.kernel import fp8_weight
+    from qcompile.plugins.fp4_gemm.reference import fp8_column_bound as column_bound
 
     case = (fp4_planar_case if planar else fp4_case)(fmt, k=256, n=40, seed=11)
     got, s = fp8_weight(case["w_packed"], case["w_scale"], case["w_global"], case["block"], dtype=torch.float32)
