@@ -311,8 +311,10 @@ def test_fp4_dispatch_takes_the_fp8_path_above_128_rows_when_asked(flag, m, fp8,
 @pytest.mark.parametrize("zero", [False, True], ids=["sym", "zp"])
 @INT4_CASES
 def test_cuda_int4_fp8_weight_rounds_to_nearest_even(zero, k, group):
-    """The kernel's FP8 weight is torch's round-to-nearest-even of its exact float32 values."""
+    """The kernel's FP8 weight is torch's round-to-nearest-even of its exact float32 values, and the CPU path's
+    (`reference.fp8_weight_reference`) bit for bit."""
     from qcompile.plugins.int4_gemm.dequant_fp8 import fp8_weight
+    from qcompile.plugins.int4_gemm.reference import fp8_weight_reference
 
     case = make_case(k=k, n=72, group=group, zero=zero, seed=k)
     dev = [t.cuda() if t is not None else None for t in (case["w_packed"], case["scale"], case["w_zero"])]
@@ -320,6 +322,8 @@ def test_cuda_int4_fp8_weight_rounds_to_nearest_even(zero, k, group):
     w8, s8 = fp8_weight(*dev, case["g"])
     assert w8.dtype == FP8 and torch.equal(s, s8)
     assert torch.equal(w8.view(torch.uint8), w32.to(FP8).view(torch.uint8))
+    cpu8, cpu_s = fp8_weight_reference(case["w_packed"], case["scale"], case["w_zero"], case["g"])
+    assert torch.equal(cpu_s, s.cpu()) and torch.equal(cpu8.view(torch.uint8), w8.cpu().view(torch.uint8))
 
 
 @pytest.mark.gpu
