@@ -191,7 +191,7 @@ def build(
             result.pass_notes += engine_result.notes
             result.pass_stats.update(engine_result.stats)
         if fp8_large_m:
-            result.pass_notes.append(_fp8_large_m_note(plugin_model))
+            result.pass_notes.append(_fp8_large_m_note(plugin_model, device))
         with fp4_plugin.engine_layout(fp4_plugin.layout_for(device)):
             program = lower_onnx(engine_model, compute_dtype=compute_dtype, fp8_large_m=fp8_large_m).to(device)
         example = tuple(torch.from_numpy(src.example_inputs[n]).to(device) for n in program.input_names)
@@ -216,8 +216,11 @@ def build(
     return result
 
 
-def _fp8_large_m_note(model) -> str:
-    """The build summary's line on `--fp8-large-m`: how many INT4 / FP4 GEMM layers of the plugin graph it applies to."""
+def _fp8_large_m_note(model, device: str) -> str:
+    """The build summary's line on `--fp8-large-m`: how many INT4 / FP4 GEMM layers of the plugin graph it applies to,
+    and what it does to them on `device`."""
+    import torch
+
     from qcompile.plugins.fp4_gemm import onnx_schema as fp4_schema
     from qcompile.plugins.int4_gemm import onnx_schema as int4_schema
 
@@ -225,7 +228,13 @@ def _fp8_large_m_note(model) -> str:
     count = sum(1 for n in model.graph.node if n.domain == int4_schema.DOMAIN and n.op_type in kinds)
     if not count:
         return "--fp8-large-m: the engine has no INT4 or FP4 GEMM; the flag changes nothing"
-    return f"--fp8-large-m: {count} INT4/FP4 GEMM layer(s) run on FP8 tensor cores above 128 rows"
+    layers = f"--fp8-large-m: {count} INT4/FP4 GEMM layer(s)"
+    if device != "cuda":
+        return f"{layers} emulate the FP8 path above 128 rows ({device}: its numerics, no speed-up)"
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 9):
+        return f"{layers} keep the exact path: this GPU (sm_{major}{minor}) has no FP8 tensor cores"
+    return f"{layers} run on FP8 tensor cores above 128 rows"
 
 
 def _split_holdout(data, fraction: float):

@@ -76,11 +76,23 @@ def test_the_recipe_is_what_keeps_the_scaled_gemm_fusion_off_other_fusions_layer
 
 
 @pytest.mark.parametrize("recipe, count", [("w4a16_awq", 12), ("nvfp4", 14), ("fp8", 0)])
-def test_fp8_large_m_note_counts_the_gemms_it_changes(graph_builds, recipe, count):
+def test_fp8_large_m_note_counts_the_gemms_it_changes(graph_builds, recipe, count, monkeypatch):
     """`--fp8-large-m`'s line in the build summary: the INT4 / FP4 GEMM layers it moves to FP8 above 128 rows (the
-    recipe's 4-bit layers, as the layer table counts them), or that it changes nothing (an fp8 recipe has none)."""
+    recipe's 4-bit layers, as the layer table counts them) and what it does on the device (CPU: emulated; a GPU
+    without FP8 tensor cores: nothing), or that it changes nothing (an fp8 recipe has none)."""
+    import torch
+
     from qcompile.pipeline import _fp8_large_m_note
 
-    note = _fp8_large_m_note(graph_builds(recipe).plugin_model)
-    assert note == (f"--fp8-large-m: {count} INT4/FP4 GEMM layer(s) run on FP8 tensor cores above 128 rows" if count
-                    else "--fp8-large-m: the engine has no INT4 or FP4 GEMM; the flag changes nothing")
+    model = graph_builds(recipe).plugin_model
+    notes = {}
+    for device, capability in (("cpu", None), ("cuda", (9, 0)), ("cuda", (8, 0))):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_, c=capability: c)
+        notes[device, capability] = _fp8_large_m_note(model, device)
+    if not count:
+        assert set(notes.values()) == {"--fp8-large-m: the engine has no INT4 or FP4 GEMM; the flag changes nothing"}
+        return
+    layers = f"--fp8-large-m: {count} INT4/FP4 GEMM layer(s)"
+    assert notes == {("cpu", None): f"{layers} emulate the FP8 path above 128 rows (cpu: its numerics, no speed-up)",
+                     ("cuda", (9, 0)): f"{layers} run on FP8 tensor cores above 128 rows",
+                     ("cuda", (8, 0)): f"{layers} keep the exact path: this GPU (sm_80) has no FP8 tensor cores"}
