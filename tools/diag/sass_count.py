@@ -6,6 +6,7 @@ weight-streaming kernel can keep up with HBM (the H200 issues about 33 T thread-
 schedulers x 32 lanes x ~1.98 GHz; 235 M weights at 3 instructions each is 21 µs, at 6.7 it is 47 µs).
 
     python3 tools/diag/sass_count.py [int4_mm_t int4_gemv_fp32 int4_gemv_half2 int4_gemv_half2_planar
+                                      int4_dequant_t_fp8 int4_dequant_t_fp8_planar
                                       int4_one_dot_16 int4_one_dot_64 int4_one_dot_128 (each also _scale_w, _tma,
                                       _scale_w_tma) fp4_gemm fp4_gemm_64 fp4_one_dot_16 fp4_one_dot_64
                                       fp4_one_dot_128 (each also _mx, _tma, _mx_tma) fp4_gemv fp4_gemv_planar (each
@@ -51,15 +52,17 @@ def compile_sass(fn, signature: dict, constexprs: dict, divisible: list[str], nu
 
 
 def loop_histogram(sass: str) -> collections.Counter:
-    """Opcode counts between the first backward branch's target and the branch."""
+    """Opcode counts between the first backward branch's target and the branch; the whole kernel when it has no loop
+    (a kernel unrolled whole, e.g. the FP8 path's `dequant_fp8._int4_dequant_t_kernel`)."""
     lines = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(.+?);", sass)]
+    ops = [t for _, t in lines]
     for addr, text in lines:
         branch = re.search(r"BRA (0x[0-9a-f]+)", text)
         if branch and int(branch.group(1), 16) < addr:
             start = int(branch.group(1), 16)
             ops = [t for a, t in lines if start <= a <= addr]
-            return collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in ops)
-    raise ValueError("no loop found")
+            break
+    return collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in ops)
 
 
 def report(name: str, sass: str, weights_per_thread: int) -> None:
@@ -138,6 +141,15 @@ def _cases():
         yield ("fp4_gemv_planar" + ("_mx" if mx else ""), gp._fp4_gemv_planar_kernel, planar_sig,
                dict(fmt, C_STEPS=8, EVEN=True, BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"]),
                list(planar_sig), cfg["num_warps"], 3, cfg["BLOCK_N"] * cfg["BLOCK_C"] * 64 // (32 * cfg["num_warps"]))
+    from qcompile.plugins.int4_gemm import dequant_fp8
+    cfg = dequant_fp8.DEQUANT_T
+    for planar in (False, True):  # the FP8 path's INT4 weight (whole kernel: no loop), g128, FP8 out
+        yield ("int4_dequant_t_fp8" + ("_planar" if planar else ""), dequant_fp8._int4_dequant_t_kernel,
+               dict(w_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", mul_ptr="*fp32", out_ptr="*fp8e4nv",
+                    **ptrs(["N", "K", "group_size"], "i32")),
+               dict(HAS_ZERO=False, GROUP_ALIGNED=True, PLANAR=planar, BLOCK_N=cfg["BLOCK_N"], BLOCKS=cfg["BLOCKS"]),
+               ["w_ptr", "s_ptr", "z_ptr", "mul_ptr", "out_ptr", "N", "K", "group_size"], cfg["num_warps"], 1,
+               cfg["BLOCK_N"] * 64 * cfg["BLOCKS"] // (32 * cfg["num_warps"]))
     from qcompile.plugins.int8_wo_gemm import kernel as w8
     w8_sig = dict(x_ptr="*bf16", w_ptr="*i8", s_ptr="*fp32", b_ptr="*bf16", y_ptr="*bf16",
                   **ptrs(["M", "N", "K", "stride_xm", "k_per_split"], "i32"))
