@@ -12,7 +12,9 @@ ops stay exact.
 
     S[n]     = max(bound[n] / 448, float32 tiny)     bound: the largest |W[:, n]| the format's scales allow
     W8[n, k] = e4m3(W[k, n] * (1 / S[n]))             (in fp32, then round to nearest even; INT4 folds 1 / S[n]
-                                                        into each group scale: (q - zp) * (scale * (1 / S[n])))
+                                                        into each group scale: (q - zp) * (scale * (1 / S[n])),
+                                                        and keeps K in its words' order, x's columns gathered
+                                                        to match: `int4_gemm.format.columns_in_words_order`)
     y        = (xq * x_row_scale) @ (W8 * S).T + bias  (cuBLASLt: fp32 accumulate, bf16 out, cast to x's dtype)
 
 Off CUDA (CPU engines built with the flag, for a preview of its accuracy) the same numerics are emulated: the

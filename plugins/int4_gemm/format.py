@@ -77,6 +77,18 @@ def planar_order(k: int, device=None) -> torch.Tensor:
     return (i // 8) * PLANAR_BLOCK + 16 * (j % 4) + 2 * (i % 8) + j // 4
 
 
+def columns_in_words_order(x2d: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x [M, K] with its columns in the K order of the engine words (`planar_order` when `is_planar`, else x
+    itself): what kernels that read the words' K sequentially multiply them by. FP8 x is gathered as bytes (not every
+    index kernel takes FP8)."""
+    if not is_planar(x2d.shape[1], group_size):
+        return x2d
+    order = planar_order(x2d.shape[1], x2d.device)
+    if x2d.dtype == torch.float8_e4m3fn:
+        return x2d.view(torch.uint8)[:, order].view(x2d.dtype)
+    return x2d[:, order]
+
+
 def to_engine(q: torch.Tensor, group_size: int) -> torch.Tensor:
     """int4 values `q[K, N]` (any int dtype, signed [-8, 7]) -> engine words int32 [K/8, N], in the planar K
     order when `is_planar(K, group_size)`.

@@ -63,7 +63,7 @@ from qcompile.plugins.gemm_dispatch import (add_bias, cdiv, from_rows, identity,
                                              run_by_buckets, split_for_waves, unpack_optional)
 from qcompile.plugins.int4_gemm import one_dot
 from qcompile.plugins.int4_gemm.dequant_fp8 import fp8_weight
-from qcompile.plugins.int4_gemm.format import PACK, is_planar, planar_order
+from qcompile.plugins.int4_gemm.format import PACK, columns_in_words_order, is_planar
 from qcompile.plugins.int4_gemm.half2 import (dot8, dot8_emulated, pow2_range, ptx_available, word_k, x_at,
                                               x_of_words, x_pair)
 from qcompile.plugins.int4_gemm.reference import check_args
@@ -451,8 +451,7 @@ def launch_mm(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, x_r
     packing of W's rows in `planar_order`, so x's columns are gathered in that order first (a fallback: 16-bit x
     runs `one_dot` on planar words)."""
     m, k = x2d.shape
-    if is_planar(k, group_size):
-        x2d = _columns_in_planar_order(x2d)
+    x2d = columns_in_words_order(x2d, group_size)
     n = w_packed.shape[1]
     fp8 = x2d.dtype == torch.float8_e4m3fn
     block_k, aligned = _block_k(cfg["BLOCK_K"], k, group_size)
@@ -478,13 +477,6 @@ def launch_mm(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, x_r
         wrap(_int4_mm_kernel)[grid](*args, GROUP_ALIGNED=aligned, UNPACK=cfg.get("UNPACK", False),
                                     GROUP_M=cfg.get("GROUP_M", 1), **common)
     return y
-
-
-def _columns_in_planar_order(x2d: torch.Tensor) -> torch.Tensor:
-    order = planar_order(x2d.shape[1], x2d.device)
-    if x2d.dtype == torch.float8_e4m3fn:  # gathered as bytes (not every index kernel takes FP8)
-        return x2d.view(torch.uint8)[:, order].view(x2d.dtype)
-    return x2d[:, order]
 
 
 def launch_dequant(w_packed, w_scale, w_zero, group_size: int, dtype, *, wrap=identity,
@@ -525,9 +517,12 @@ def run_bucket(cfg: dict, x2d, w_words, w_scale, w_zero, bias, group_size: int, 
     applied in the epilogue, unless the configuration asks for FP8 dots (`fp8_dot`, "mm"/"mm_t" only)."""
     out_dtype = out_dtype or x2d.dtype
     w_packed = one_dot.planar_words(w_words)
-    if cfg["kernel"] == "fp8":  # plugins/fp8_large_m.py (x quantized per row there unless FP8 already: W4A8)
+    if cfg["kernel"] == "fp8":  # plugins/fp8_large_m.py: W8 in the words' K order, x quantized, then gathered to it
         w8, col_scale = fp8_weight(w_packed, w_scale, w_zero, group_size, wrap=wrap)
-        return fp8_large_m_path.linear(x2d, w8, col_scale, bias, out_dtype, x_row_scale)
+        if x_row_scale is None:
+            x2d, x_row_scale = fp8_large_m_path.quantize_rows(x2d)
+        return fp8_large_m_path.linear(columns_in_words_order(x2d, group_size), w8, col_scale, bias, out_dtype,
+                                       x_row_scale)
     if cfg["kernel"] == "gemv" and not _block_k(cfg["BLOCK_K"], int(x2d.shape[1]), group_size)[1]:
         cfg = CONFIGS[1][1]["fallback"]  # the GEMV needs groups in whole steps of >= 16; mm/mm_t take any group
     kind = cfg["kernel"]

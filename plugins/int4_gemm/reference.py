@@ -14,7 +14,7 @@ import torch
 from qcompile.plugins import fp8_large_m
 from qcompile.plugins.formats import dynamic_row_scales, quantize_activation
 from qcompile.plugins.gemm_dispatch import run_by_buckets, unpack_optional
-from qcompile.plugins.int4_gemm.format import PACK, from_engine
+from qcompile.plugins.int4_gemm.format import PACK, columns_in_words_order, from_engine
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -103,13 +103,14 @@ def fp8_column_bound(w_scale: torch.Tensor, w_zero: torch.Tensor | None) -> torc
 
 def fp8_weight_reference(w_packed, w_scale, w_zero, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(W8 float8_e4m3fn [N, K], S float32 [N]) of the FP8 path: `(q - zp) * (scale * (1 / S[n]))` in float32, rounded
-    to E4M3; the same values as the CUDA kernel's (`dequant_fp8.fp8_weight`)."""
+    to E4M3, K in the words' order (`format.columns_in_words_order`); the same values as the CUDA kernel's
+    (`dequant_fp8.fp8_weight`)."""
     s = fp8_large_m.column_scales(fp8_column_bound(w_scale, w_zero))
     q = from_engine(w_packed, group_size).to(torch.float32)
     if w_zero is not None:
         q = q - w_zero.to(torch.float32).repeat_interleave(group_size, dim=0)
     mult = (w_scale.to(torch.float32) * (1.0 / s)).repeat_interleave(group_size, dim=0)
-    return (q * mult).t().to(fp8_large_m.FP8), s
+    return columns_in_words_order((q * mult).t(), group_size).to(fp8_large_m.FP8), s
 
 
 def int4_gemm_fp8_large_m_reference(x, x_row_scale, w_packed, w_scale, w_zero, bias, group_size: int,
@@ -129,7 +130,9 @@ def int4_gemm_fp8_large_m_reference(x, x_row_scale, w_packed, w_scale, w_zero, b
     def fp8(x2d, w_packed, w_scale, *rest):
         w_zero, bias, row = unpack_optional(rest, *present)
         w8, s = fp8_weight_reference(w_packed, w_scale, w_zero, group_size)
-        return fp8_large_m.linear(x2d, w8, s, bias, out_dtype, row)
+        if row is None:
+            x2d, row = fp8_large_m.quantize_rows(x2d)
+        return fp8_large_m.linear(columns_in_words_order(x2d, group_size), w8, s, bias, out_dtype, row)
 
     weights = (w_packed, w_scale) + tuple(t for t in (w_zero, bias, x_row_scale) if t is not None)
     return run_by_buckets(x, k, n, [(fp8_large_m.MIN_ROWS - 1, exact), (None, fp8)], weights)

@@ -15,6 +15,7 @@ from qc_testutil import export_on_fake_cuda, fake_cuda_export
 
 from qcompile.plugins import fp8_large_m
 from qcompile.plugins.gemm_dispatch import bucket_for, from_rows
+from qcompile.plugins.int4_gemm.format import columns_in_words_order, is_planar, planar_order
 from qcompile.plugins.int4_gemm.reference import dequantize_weight
 
 FP8 = torch.float8_e4m3fn
@@ -132,7 +133,8 @@ def test_rowwise_scaled_mm_takes_the_scales_as_cublaslt_wants(bias):
 @pytest.mark.parametrize("zero", [False, True], ids=["sym", "zp"])
 @INT4_CASES
 def test_int4_fp8_weight_reference_values(zero, k, group):
-    """The CPU path's FP8 weight: (q - zp) * (s * (1 / S[n])) from the ONNX-form values, rounded to E4M3."""
+    """The CPU path's FP8 weight: (q - zp) * (s * (1 / S[n])) from the ONNX-form values, rounded to E4M3, K in the
+    words' order."""
     from qcompile.plugins.int4_gemm.reference import fp8_weight_reference
 
     case = make_case(k=k, n=72, group=group, zero=zero, seed=k)
@@ -141,10 +143,12 @@ def test_int4_fp8_weight_reference_values(zero, k, group):
 
 
 def int4_oracle_fp32(case, s) -> torch.Tensor:
-    """[N, K] float32 (q - zp) * (scale * (1 / S)) from the ONNX-form values of an INT4 case."""
+    """[N, K] float32 (q - zp) * (scale * (1 / S)) from the ONNX-form values of an INT4 case, K in the engine words'
+    order (planar words: `format.planar_order`)."""
     g = case["g"]
     q = case["q"].float() - (0.0 if case["zero"] is None else case["zero"].float().repeat_interleave(g, 0))
-    return (q * (case["scale"].float() * (1.0 / s)).repeat_interleave(g, 0)).t()
+    natural = (q * (case["scale"].float() * (1.0 / s)).repeat_interleave(g, 0)).t()
+    return natural[:, planar_order(natural.shape[1])] if is_planar(natural.shape[1], g) else natural
 
 
 @pytest.mark.parametrize("kind", ["w4a16", "w4a16-zp", "w4a8"])
@@ -171,7 +175,7 @@ def test_int4_op_on_cpu_emulates_the_fp8_path_above_128_rows(kind):
                 assert torch.equal(y, op(x, *args, False))
                 continue
             xq, row = quantize_activation_fp8(x, None, True) if w4a8 else fp8_large_m.quantize_rows(x)
-            assert rel_l2(y, emulated64(xq, row, w8, s, case["bias"])) < 4e-3
+            assert rel_l2(y, emulated64(columns_in_words_order(xq, 64), row, w8, s, case["bias"])) < 4e-3
             assert 5e-3 < rel_l2(y, op(x, *args, False).double().numpy()) < 6e-2
 
 
@@ -230,9 +234,9 @@ def test_fp8_path_exports_on_fake_cuda_tensors(monkeypatch, plugin):
 @pytest.mark.parametrize("zero", [False, True], ids=["sym", "zp"])
 @INT4_CASES
 def test_int4_fp8_weight_values_are_exact_interpreter(zero, k, group):
-    """Every 64 K (planar or sequential words, a group per block or several) comes out transposed, [N, K], with
-    values (q - zp) * (s * (1 / S[n])) bit for bit as plain torch computes them from the ONNX-form values; N not a
-    multiple of the tile."""
+    """Every 64 K (planar or sequential words, a group per block or several) comes out transposed, [N, K] in the
+    words' K order, with values (q - zp) * (s * (1 / S[n])) bit for bit as plain torch computes them from the
+    ONNX-form values; N not a multiple of the tile."""
     from qcompile.plugins.int4_gemm.dequant_fp8 import fp8_weight
     from qcompile.plugins.int4_gemm.reference import fp8_column_bound
 
@@ -347,6 +351,7 @@ def test_cuda_int4_op_fp8_large_m(zero, dtype, m):
         return
     w8, s = fp8_weight(*dev[1:4], case["g"])
     xq, row = fp8_large_m.quantize_rows(dev[0])
+    xq = columns_in_words_order(xq, case["g"])  # planar words: W8's K order
     assert rel_l2(y, emulated64(xq.cpu(), row.cpu(), w8.cpu(), s.cpu(), case["bias"])) < 5e-3
     assert rel_l2(y, exact) < 6e-2
 
@@ -364,6 +369,7 @@ def test_cuda_w4a8_op_fp8_large_m_keeps_its_activation_scales():
     y = torch.ops.qcompile.int4_groupwise_gemm(x, *dev, None, case["bias"].cuda(), 128, None, True, True).cpu()
     xq, row = quantize_activation_fp8(x, None, True)
     w8, s = fp8_weight(*dev, None, 128)
+    xq = columns_in_words_order(xq, 128)
     assert rel_l2(y, emulated64(xq.cpu(), row.cpu(), w8.cpu(), s.cpu(), case["bias"])) < 5e-3
 
 

@@ -6,7 +6,7 @@ weight-streaming kernel can keep up with HBM (the H200 issues about 33 T thread-
 schedulers x 32 lanes x ~1.98 GHz; 235 M weights at 3 instructions each is 21 µs, at 6.7 it is 47 µs).
 
     python3 tools/diag/sass_count.py [int4_mm_t int4_gemv_fp32 int4_gemv_half2 int4_gemv_half2_planar
-                                      int4_dequant_t_fp8 int4_dequant_t_fp8_planar
+                                      int4_dequant_t_fp8
                                       int4_one_dot_16 int4_one_dot_64 int4_one_dot_128 (each also _scale_w, _tma,
                                       _scale_w_tma) fp4_gemm fp4_gemm_64 fp4_one_dot_16 fp4_one_dot_64
                                       fp4_one_dot_128 (each also _mx, _tma, _mx_tma) fp4_gemv fp4_gemv_planar (each
@@ -143,13 +143,12 @@ def _cases():
                list(planar_sig), cfg["num_warps"], 3, cfg["BLOCK_N"] * cfg["BLOCK_C"] * 64 // (32 * cfg["num_warps"]))
     from qcompile.plugins.int4_gemm import dequant_fp8
     cfg = dequant_fp8.DEQUANT_T
-    for planar in (False, True):  # the FP8 path's INT4 weight (whole kernel: no loop), g128, FP8 out
-        yield ("int4_dequant_t_fp8" + ("_planar" if planar else ""), dequant_fp8._int4_dequant_t_kernel,
-               dict(w_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", mul_ptr="*fp32", out_ptr="*fp8e4nv",
-                    **ptrs(["N", "K", "group_size"], "i32")),
-               dict(HAS_ZERO=False, GROUP_ALIGNED=True, PLANAR=planar, BLOCK_N=cfg["BLOCK_N"], BLOCKS=cfg["BLOCKS"]),
-               ["w_ptr", "s_ptr", "z_ptr", "mul_ptr", "out_ptr", "N", "K", "group_size"], cfg["num_warps"], 1,
-               cfg["BLOCK_N"] * 64 * cfg["BLOCKS"] // (32 * cfg["num_warps"]))
+    yield ("int4_dequant_t_fp8", dequant_fp8._int4_dequant_t_kernel,  # the FP8 path's INT4 weight (whole kernel)
+           dict(w_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", mul_ptr="*fp32", out_ptr="*fp8e4nv",
+                **ptrs(["N", "K", "group_size"], "i32")),
+           dict(HAS_ZERO=False, GROUP_ALIGNED=True, BLOCK_N=cfg["BLOCK_N"], BLOCKS=cfg["BLOCKS"]),
+           ["w_ptr", "s_ptr", "z_ptr", "mul_ptr", "out_ptr", "N", "K", "group_size"], cfg["num_warps"], 1,
+           cfg["BLOCK_N"] * 64 * cfg["BLOCKS"] // (32 * cfg["num_warps"]))
     from qcompile.plugins.int8_wo_gemm import kernel as w8
     w8_sig = dict(x_ptr="*bf16", w_ptr="*i8", s_ptr="*fp32", b_ptr="*bf16", y_ptr="*bf16",
                   **ptrs(["M", "N", "K", "stride_xm", "k_per_split"], "i32"))
