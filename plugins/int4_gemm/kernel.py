@@ -66,7 +66,7 @@ from qcompile.plugins.int4_gemm.dequant_fp8 import fp8_weight
 from qcompile.plugins.int4_gemm.format import PACK, columns_in_words_order, is_planar
 from qcompile.plugins.int4_gemm.half2 import (dot8, dot8_emulated, pow2_range, ptx_available, word_k, x_at,
                                               x_of_words, x_pair)
-from qcompile.plugins.int4_gemm.reference import check_args
+from qcompile.plugins.int4_gemm.reference import check_args, fp8_linear
 from qcompile.plugins.triton_tiles import grouped_tile, jit_any_m, store_tile
 
 DEFAULT_SMS = 132
@@ -519,10 +519,7 @@ def run_bucket(cfg: dict, x2d, w_words, w_scale, w_zero, bias, group_size: int, 
     w_packed = one_dot.planar_words(w_words)
     if cfg["kernel"] == "fp8":  # plugins/fp8_large_m.py: W8 in the words' K order, x quantized, then gathered to it
         w8, col_scale = fp8_weight(w_packed, w_scale, w_zero, group_size, wrap=wrap)
-        if x_row_scale is None:
-            x2d, x_row_scale = fp8_large_m_path.quantize_rows(x2d)
-        return fp8_large_m_path.linear(columns_in_words_order(x2d, group_size), w8, col_scale, bias, out_dtype,
-                                       x_row_scale)
+        return fp8_linear(x2d, x_row_scale, w8, col_scale, bias, group_size, out_dtype)
     if cfg["kernel"] == "gemv" and not _block_k(cfg["BLOCK_K"], int(x2d.shape[1]), group_size)[1]:
         cfg = CONFIGS[1][1]["fallback"]  # the GEMV needs groups in whole steps of >= 16; mm/mm_t take any group
     kind = cfg["kernel"]

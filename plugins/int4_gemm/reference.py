@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from qcompile.plugins import fp8_large_m
-from qcompile.plugins.formats import dynamic_row_scales, quantize_activation
+from qcompile.plugins.formats import quantize_activation
 from qcompile.plugins.gemm_dispatch import run_by_buckets, unpack_optional
 from qcompile.plugins.int4_gemm.format import PACK, columns_in_words_order, from_engine
 
@@ -56,8 +56,7 @@ def quantize_activation_fp8(x, x_scale, x_dynamic: bool) -> tuple[torch.Tensor, 
     scalar `x_scale`, or per row with `dynamic_row_scales` (amax / 448, floored) when `x_dynamic`."""
     x2d = x.reshape(-1, x.shape[-1])
     if x_dynamic:
-        row_scale = dynamic_row_scales(x2d)
-        return quantize_activation(x2d, row_scale[:, None], torch.float8_e4m3fn), row_scale
+        return fp8_large_m.quantize_rows(x2d)
     scale = x_scale.to(torch.float32).reshape(())
     row_scale = scale.reshape(1).expand(x2d.shape[0]).contiguous()
     return quantize_activation(x2d, scale, torch.float8_e4m3fn), row_scale
@@ -113,6 +112,15 @@ def fp8_weight_reference(w_packed, w_scale, w_zero, group_size: int) -> tuple[to
     return columns_in_words_order((q * mult).t(), group_size).to(fp8_large_m.FP8), s
 
 
+def fp8_linear(x2d, x_row_scale, w8, w_col_scale, bias, group_size: int, out_dtype) -> torch.Tensor:
+    """`fp8_large_m.linear` on an INT4 FP8 weight, whose K is in the words' order: x quantized per row (unless FP8
+    already, with its `x_row_scale`), then its columns gathered into that order (`format.columns_in_words_order`).
+    The CUDA path (`kernel.run_bucket`) and the CPU one share it."""
+    if x_row_scale is None:
+        x2d, x_row_scale = fp8_large_m.quantize_rows(x2d)
+    return fp8_large_m.linear(columns_in_words_order(x2d, group_size), w8, w_col_scale, bias, out_dtype, x_row_scale)
+
+
 def int4_gemm_fp8_large_m_reference(x, x_row_scale, w_packed, w_scale, w_zero, bias, group_size: int,
                                     out_dtype) -> torch.Tensor:
     """The op with `fp8_large_m` off CUDA: up to 128 rows exact (`int4_gemm_reference`, or the W4A8 one when x is FP8
@@ -130,9 +138,7 @@ def int4_gemm_fp8_large_m_reference(x, x_row_scale, w_packed, w_scale, w_zero, b
     def fp8(x2d, w_packed, w_scale, *rest):
         w_zero, bias, row = unpack_optional(rest, *present)
         w8, s = fp8_weight_reference(w_packed, w_scale, w_zero, group_size)
-        if row is None:
-            x2d, row = fp8_large_m.quantize_rows(x2d)
-        return fp8_large_m.linear(columns_in_words_order(x2d, group_size), w8, s, bias, out_dtype, row)
+        return fp8_linear(x2d, row, w8, s, bias, group_size, out_dtype)
 
     weights = (w_packed, w_scale) + tuple(t for t in (w_zero, bias, x_row_scale) if t is not None)
     return run_by_buckets(x, k, n, [(fp8_large_m.MIN_ROWS - 1, exact), (None, fp8)], weights)
