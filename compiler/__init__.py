@@ -4,7 +4,7 @@ Public API (imported lazily so `qcompile --help` stays fast):
 
 - `build(source, recipe, *, calib=None, output, ...)` -> `BuildResult`: the whole pipeline.
 - `load(path)` -> `Engine`: a built engine file, checked against this machine.
-- `lower_onnx(model)` -> `torch.nn.Module`: an ONNX graph as a torch program.
+- `lower_onnx(model, options)` -> `torch.nn.Module`: an ONNX graph as a torch program (`LoweringOptions`: how).
 - `load_recipe(name_or_path)` -> `Recipe`, `list_recipes()`.
 """
 from qcompile.errors import (
@@ -27,6 +27,7 @@ _LAZY = {
     "load": ("qcompile.engine", "load"),
     "Engine": ("qcompile.engine", "Engine"),
     "lower_onnx": ("qcompile.lowering", "lower_onnx"),
+    "LoweringOptions": ("qcompile.lowering", "LoweringOptions"),
     "load_recipe": ("qcompile.recipes", "load_recipe"),
     "list_recipes": ("qcompile.recipes", "list_recipes"),
     "Recipe": ("qcompile.recipes", "Recipe"),

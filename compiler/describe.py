@@ -7,6 +7,10 @@ from typing import Any
 
 from qcompile.errors import QCompileError
 
+FP4_FORMATS = ("nvfp4", "mxfp4")
+FP4_LAYOUT_WORDS = {"planar": "planar int32 words (K a multiple of 128; bytes otherwise)",
+                    "bytes": "uint8 bytes, two codes each"}
+
 
 def describe(path: str | Path) -> dict[str, Any]:
     """A dict with `kind`, `header` rows, `io` rows and `layers` rows for `path`."""
@@ -37,6 +41,8 @@ def _describe_engine(path: Path) -> dict[str, Any]:
     ]
     if m.get("fp8_large_m"):
         header.append(("large-M GEMMs", "INT4/FP4 above 128 rows in FP8 (--fp8-large-m)"))
+    if m.get("fp4_layout") and any(str(r.get("format", "")).split("/")[0] in FP4_FORMATS for r in m.get("layers", [])):
+        header.append(("FP4 weights", FP4_LAYOUT_WORDS.get(m["fp4_layout"], m["fp4_layout"])))
     validation = m.get("validation")
     if validation:
         verdict = "PASSED" if validation.get("passed") else "FAILED"

@@ -84,6 +84,7 @@ def build(
     holdout: float = 0.0,
     fuse_siblings: bool = True,
     fp8_large_m: bool = False,
+    fp4_layout: str | None = None,
     progress_stream=STDERR,
 ) -> BuildResult:
     """Build an engine from `source` with `recipe`; see the README for the source forms.
@@ -97,6 +98,7 @@ def build(
     `fp8_large_m`: the INT4 and FP4 GEMM plugins run above 128 rows on FP8 tensor cores, weights rounded to FP8 and
     activations quantized per row to FP8 there (`plugins/fp8_large_m.py`); exact below. CPU engines emulate the same
     numerics (an accuracy preview, no speed-up).
+    `fp4_layout`: "bytes" or "planar" FP4 plugin weights in the engine; None: by device (`LoweringOptions.for_engine`).
 
     Raises:
         QCompileError (a subclass) for any user or input error, before any file is written.
@@ -117,8 +119,7 @@ def build(
     from qcompile.calibration import RANDOM_SAMPLES, calibrate, load_calibration_data
     from qcompile.engine import build_engine
     from qcompile.frontend import load_source
-    from qcompile.lowering import lower_onnx
-    from qcompile.lowering.ops import fp4_plugin
+    from qcompile.lowering import LoweringOptions, lower_onnx
     from qcompile.passes import activation_tensors, fuse_plugins, plan_quantization, prepare_for_engine, quantize_model
     from qcompile.passes.quantize_weights_fp4 import fp4_activation_tensors
 
@@ -127,6 +128,10 @@ def build(
         raise QCompileError(f"unknown device {device!r}; use 'cpu' or 'cuda'")
     if device == "cuda" and not torch.cuda.is_available():
         raise QCompileError("--device cuda was asked for, but torch sees no CUDA GPU on this machine; use --device cpu")
+    try:
+        options = LoweringOptions.for_engine(device, fp8_large_m=fp8_large_m, fp4_layout=fp4_layout)
+    except ValueError as exc:
+        raise QCompileError(str(exc)) from None
 
     progress = Progress(len(STAGES if output is not None else GRAPH_STAGES), progress_stream)
     with progress.stage("export", source):
@@ -183,8 +188,7 @@ def build(
     if output is None:
         return result
 
-    compute_dtype = torch.float16 if device == "cuda" else None
-    with progress.stage("lower", f"{device}, {'fp16' if compute_dtype else 'fp32'} compute"):
+    with progress.stage("lower", f"{device}, {'fp16' if options.compute_dtype else 'fp32'} compute"):
         engine_model = plugin_model
         if fuse_siblings:
             engine_model, engine_result = prepare_for_engine(plugin_model)
@@ -192,8 +196,7 @@ def build(
             result.pass_stats.update(engine_result.stats)
         if fp8_large_m:
             result.pass_notes.append(_fp8_large_m_note(plugin_model, device))
-        with fp4_plugin.engine_layout(fp4_plugin.layout_for(device)):
-            program = lower_onnx(engine_model, compute_dtype=compute_dtype, fp8_large_m=fp8_large_m).to(device)
+        program = lower_onnx(engine_model, options).to(device)
         example = tuple(torch.from_numpy(src.example_inputs[n]).to(device) for n in program.input_names)
 
     content_hash = hashlib.sha256(
@@ -205,8 +208,9 @@ def build(
         "layers": [r.to_dict() for r in layers],
         "content_hash": content_hash,
         "calibration": calibration,
-        "compute_dtype": "float16" if compute_dtype else "float32",
+        "compute_dtype": "float16" if options.compute_dtype else "float32",
         "fp8_large_m": fp8_large_m,
+        "fp4_layout": options.fp4_layout,
         "timings": dict(progress.times),
     }
     with progress.stage("compile", "AOTInductor", heartbeat=COMPILE_HEARTBEAT_S):

@@ -13,6 +13,8 @@ words (`VARIANTS`), so an A/B of kernel tiles or layouts runs in one call beside
     python tools/bench_engines.py llama3-8b-layers --recipes fp16 w4a16_awq w4a16_awq:int4-pointers ...
     python tools/bench_engines.py llama3-8b-layers --recipes fp16 w4a16_nvfp4 w4a16_nvfp4:fp4-bytes ...
 The variant fp8-large-m builds with `fp8_large_m=True` (`qcompile build --fp8-large-m`): prefill-sized GEMMs in FP8.
+inductor-no-split and inductor-coordesc compile with an Inductor option set (`split_reductions=False`,
+`coordinate_descent_tuning=True`): A/Bs of the non-GEMM kernels of a decode step (any recipe, fp16 included).
 
 Engines are built once (dynamic dims) and timed at every --size on the same device-resident inputs
 with CUDA events (median of --iters runs after warm-up); ratios are relative to the first recipe;
@@ -36,20 +38,26 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+import torch._inductor.config as inductor_config
 
 import qcompile
 from qcompile.engine import GraphReplay
 from qcompile.frontend import load_source
 from qcompile.inputs import parse_dim_sizes
 from qcompile.lowering import lower_onnx
-from qcompile.lowering.ops.fp4_plugin import byte_layout, planar_words
 from qcompile.report import format_table
 
 from int4_tiles import int4_tiles  # tools/, this script's folder
 
-VARIANTS = {"int4-pointers": lambda: int4_tiles(pointers=True),  # recipe:variant -> the build's context
-            "fp4-planar": planar_words, "fp4-bytes": byte_layout, "fp8-large-m": contextlib.nullcontext}
-BUILD_OPTIONS = {"fp8-large-m": dict(fp8_large_m=True)}  # recipe:variant -> more `qcompile.build` arguments
+VARIANTS = {  # recipe:variant -> (the build's context, more `qcompile.build` arguments)
+    "int4-pointers": (lambda: int4_tiles(pointers=True), {}),
+    "fp4-planar": (contextlib.nullcontext, {"fp4_layout": "planar"}),
+    "fp4-bytes": (contextlib.nullcontext, {"fp4_layout": "bytes"}),
+    "fp8-large-m": (contextlib.nullcontext, {"fp8_large_m": True}),
+    # decode overhead: one-row reductions (RMSNorm) in one kernel, not split in two; reduction tiles tuned by timing
+    "inductor-no-split": (lambda: inductor_config.patch(split_reductions=False), {}),
+    "inductor-coordesc": (lambda: inductor_config.patch(coordinate_descent_tuning=True), {}),
+}
 
 
 def split_variant(name: str) -> tuple[str, str | None]:
@@ -164,9 +172,10 @@ def build_one(name: str, onnx_path: Path, calib: Path, work: Path) -> dict:
     it may cross processes)."""
     recipe, variant = split_variant(name)
     t0 = time.perf_counter()
-    with VARIANTS[variant]() if variant else contextlib.nullcontext():
+    context, options = VARIANTS[variant] if variant else (contextlib.nullcontext, {})
+    with context():
         built = qcompile.build(str(onnx_path), recipe, output=work / f"{name.replace(':', '-')}.engine",
-                               calib=str(calib), device="cuda", **BUILD_OPTIONS.get(variant, {}))
+                               calib=str(calib), device="cuda", **options)
     return {"engine_path": str(built.engine_path), "build_s": time.perf_counter() - t0,
             "layers_quantized": len(built.layers), "weights_bytes": built.bytes_after}
 

@@ -6,6 +6,7 @@ node name (`meta["custom"]["onnx_node"]`) so per-layer tools can map aten nodes 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import heapq
 import logging
 import re
@@ -19,6 +20,7 @@ from onnx import helper, numpy_helper
 
 from qcompile.errors import LoweringError
 from qcompile.lowering.ops.dtypes import onnx_to_torch_dtype
+from qcompile.lowering.options import LoweringOptions
 from qcompile.lowering.registry import NodeContext, get_converter, has_converter, prepare_hook
 from qcompile.lowering.values import IntList, as_tensor, is_static_int
 
@@ -72,8 +74,8 @@ def _annotate(node_name: str):
 class OnnxProgram(torch.nn.Module):
     """Runs an ONNX model with torch. forward(*inputs in graph order) -> tuple of outputs in graph order."""
 
-    def __init__(self, model: onnx.ModelProto, *, compute_dtype: torch.dtype | None = None,
-                 base_dir: str | None = None, fp8_large_m: bool = False):
+    def __init__(self, model: onnx.ModelProto, *, options: LoweringOptions = LoweringOptions(),
+                 base_dir: str | None = None):
         super().__init__()
         import qcompile.lowering.ops  # noqa: F401  (registers the converters)
 
@@ -81,7 +83,7 @@ class OnnxProgram(torch.nn.Module):
         graph = model.graph
         nodes = _toposort(graph)
         self.opsets = {(o.domain if o.domain != "ai.onnx" else ""): o.version for o in model.opset_import}
-        self.compute_dtype = compute_dtype
+        self.options = options
         init_names = {t.name for t in graph.initializer}
         self.input_names = [v.name for v in graph.input if v.name not in init_names]
         self.output_names = [v.name for v in graph.output]
@@ -103,7 +105,7 @@ class OnnxProgram(torch.nn.Module):
             name = node.name or f"{node.op_type}_{index}"
             converter = get_converter(domain, node.op_type, opset, name)
             ctx = NodeContext(name, node.op_type, {a.name: _attr_value(a) for a in node.attribute},
-                              len(node.output), opset, compute_dtype, domain=domain, fp8_large_m=fp8_large_m)
+                              len(node.output), opset, options, domain=domain)
             ctx.extra["initializers"] = {i: inits[n] for i, n in enumerate(node.input) if n in inits}
             ctx.extra["input_types"] = [elem_types.get(n) for n in node.input]
             ctx.extra["input_names"] = list(node.input)
@@ -232,10 +234,11 @@ class OnnxProgram(torch.nn.Module):
         return outputs, captured
 
     def _to_compute(self, value: Any) -> Any:
-        if self.compute_dtype is not None and getattr(value, "dtype", None) in _COMPUTE_FLOATS:
+        dtype = self.options.compute_dtype
+        if dtype is not None and getattr(value, "dtype", None) in _COMPUTE_FLOATS:
             if isinstance(value, IntList):
-                return IntList(value.values, value.scalar, self.compute_dtype)
-            return value.to(self.compute_dtype)
+                return IntList(value.values, value.scalar, dtype)
+            return value.to(dtype)
         return value
 
 
@@ -290,16 +293,15 @@ def _inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     return onnx.inliner.inline_selected_functions(model, others)
 
 
-def lower_onnx(model: onnx.ModelProto | str | Path, *, compute_dtype: torch.dtype | None = None,
-               fp8_large_m: bool = False) -> OnnxProgram:
+def lower_onnx(model: onnx.ModelProto | str | Path, options: LoweringOptions | None = None,
+               **fields) -> OnnxProgram:
     """Lower an ONNX model (proto or path) to an `OnnxProgram` (a torch.nn.Module).
 
     Args:
         model: the ONNX model, or the path of an .onnx file (external data next to it is read).
-        compute_dtype: run floating-point math in this dtype (e.g. torch.float16); outputs keep
-            their declared ONNX dtype. None keeps the graph's own dtypes.
-        fp8_large_m: the INT4 and FP4 GEMM plugins run above 128 rows in FP8 (`plugins/fp8_large_m.py`; emulated
-            off CUDA).
+        options: how to lower (`LoweringOptions`: compute dtype, FP8 above 128 rows, FP4 weight layout); default
+            the graph's own dtypes, exact GEMMs, FP4 bytes.
+        **fields: `LoweringOptions` fields that replace those of `options`, e.g. `compute_dtype=torch.float64`.
     Raises:
         LoweringError: an op has no converter (names node, op, domain and opset).
     """
@@ -308,4 +310,5 @@ def lower_onnx(model: onnx.ModelProto | str | Path, *, compute_dtype: torch.dtyp
         path = Path(model)
         base_dir = str(path.parent)
         model = onnx.load(str(path), load_external_data=True)
-    return OnnxProgram(model, compute_dtype=compute_dtype, base_dir=base_dir, fp8_large_m=fp8_large_m)
+    options = dataclasses.replace(options or LoweringOptions(), **fields)
+    return OnnxProgram(model, options=options, base_dir=base_dir)

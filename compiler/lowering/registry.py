@@ -25,6 +25,7 @@ import onnx.defs
 import torch
 
 from qcompile.errors import LoweringError
+from qcompile.lowering.options import LoweringOptions
 
 logger = logging.getLogger(__name__)
 
@@ -113,10 +114,13 @@ class NodeContext:
     attrs: dict[str, Any]
     num_outputs: int
     opset: int
-    compute_dtype: torch.dtype | None = None
+    options: LoweringOptions = LoweringOptions()
     extra: dict = field(default_factory=dict)
     domain: str = ""
-    fp8_large_m: bool = False  # the 4-bit GEMM plugins' opt-in FP8 path above 128 rows (plugins/fp8_large_m.py)
+
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        return self.options.compute_dtype
 
     def attr(self, key: str, default: Any = None) -> Any:
         return self.attrs.get(key, default)

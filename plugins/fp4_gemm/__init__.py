@@ -10,7 +10,7 @@ Plugin contract (`format.py` has the number formats and layouts in full):
   * `x`: float32 / float16 / bfloat16 `[..., K]`, any number of rows M (dynamic);
   * `w_packed`: uint8 `[N, K/2]`, byte `[n, j]` = code(k=2j) | code(k=2j+1) << 4 (the ONNX bytes), or int32
     `[N, K/8]` planar words for K a multiple of 128 (`format.to_planar_words`: the one-dot kernel's layout; the
-    lowering stores it only when asked, `lowering.ops.fp4_plugin.ENGINE_LAYOUT`);
+    lowering stores it for CUDA engines, `lowering.LoweringOptions.fp4_layout`);
   * `w_scale`: `[N, K/B]`, torch.float8_e4m3fn (NVFP4, B = 16) or uint8 E8M0 bits (MXFP4, B = 32);
   * `w_global`: float32 scalar (NVFP4) or None (MXFP4);
   * `x_global`: None (weight-only) or the float32 NVFP4 activation global scale: x is fake-quantized with

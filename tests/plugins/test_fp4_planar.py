@@ -122,15 +122,12 @@ def _fused_model(k: int = 128, n: int = 32):
 
 def test_lowering_stores_planar_words_when_asked():
     from qcompile.lowering import lower_onnx
-    from qcompile.lowering.ops import fp4_plugin
 
     fused = _fused_model()
     assert [n.op_type for n in fused.graph.node] == ["Fp4Gemm"]
     x = torch.randn(2, 128)
     plain = lower_onnx(fused)
-    with fp4_plugin.planar_words():
-        planar = lower_onnx(fused)
-    assert fp4_plugin.ENGINE_LAYOUT is None
+    planar = lower_onnx(fused, fp4_layout="planar")
     assert {tuple(b.shape) for b in plain.buffers() if b.dtype == torch.uint8} == {(32, 64)}
     assert [tuple(b.shape) for b in planar.buffers() if b.dtype == torch.int32] == [(32, 16)]
     assert not any(b.dtype == torch.uint8 for b in planar.buffers())
@@ -146,51 +143,56 @@ def test_lowering_hands_fp8_large_m_to_the_op(flag):
     assert exported_op_arg(prog, torch.randn(2, 128), torch.ops.qcompile.fp4_gemm, "fp8_large_m") is flag
 
 
-def test_engine_layout_is_planar_for_cuda_unless_forced():
-    from qcompile.lowering.ops import fp4_plugin
+def test_engine_options_are_planar_fp16_for_cuda_unless_forced():
+    from qcompile.lowering import LoweringOptions
 
-    assert (fp4_plugin.layout_for("cuda"), fp4_plugin.layout_for("cuda:1"), fp4_plugin.layout_for("cpu")) == \
-        ("planar", "planar", "bytes")
-    with fp4_plugin.byte_layout():
-        assert fp4_plugin.layout_for("cuda") == "bytes"
-    with fp4_plugin.planar_words():
-        assert fp4_plugin.layout_for("cpu") == "planar"
-    with pytest.raises(ValueError, match="unknown FP4 engine layout 'nibbles'"):
-        with fp4_plugin.engine_layout("nibbles"):
-            pass
-    assert fp4_plugin.ENGINE_LAYOUT is None
+    cuda, cuda1, cpu = (LoweringOptions.for_engine(d) for d in ("cuda", "cuda:1", "cpu"))
+    assert (cuda.fp4_layout, cuda1.fp4_layout, cpu.fp4_layout) == ("planar", "planar", "bytes")
+    assert (cuda.compute_dtype, cpu.compute_dtype) == (torch.float16, None)
+    assert LoweringOptions.for_engine("cuda", fp4_layout="bytes").fp4_layout == "bytes"
+    assert LoweringOptions.for_engine("cpu", fp4_layout="planar", fp8_large_m=True) == \
+        LoweringOptions(compute_dtype=None, fp8_large_m=True, fp4_layout="planar")
+    with pytest.raises(ValueError, match="fp4_layout 'nibbles' is not an FP4 engine layout"):
+        LoweringOptions(fp4_layout="nibbles")
 
 
-def test_pipeline_lowers_in_the_devices_layout(monkeypatch, tmp_path):
-    """The build pipeline lowers inside `engine_layout(layout_for(device))`: a CPU engine gets byte codes (the
-    engine compile is stubbed out: the lowered program is what is checked)."""
+@pytest.mark.parametrize("layout", [None, "planar"])
+def test_pipeline_lowers_in_the_devices_layout_or_the_one_asked(monkeypatch, tmp_path, layout):
+    """A CPU engine gets byte codes unless `build(fp4_layout=...)` asks for planar words (then the layers whose K
+    is a multiple of 128 hold int32 words), and its manifest says which (the engine compile is stubbed out: the
+    lowered program is what is checked)."""
     import qcompile.engine
-    from qcompile.lowering.ops import fp4_plugin
     from qcompile.pipeline import build
 
     class Lowered(Exception):
         pass
 
-    def stop(program, *args, **kwargs):
-        raise Lowered(sorted({str(b.dtype) for b in program.buffers()}))
+    def stop(program, *args, manifest, **kwargs):
+        raise Lowered(sorted({str(b.dtype) for b in program.buffers()}), manifest["fp4_layout"])
 
-    seen = []
-    real = fp4_plugin.engine_layout
-    monkeypatch.setattr(fp4_plugin, "engine_layout", lambda layout: seen.append(layout) or real(layout))
     monkeypatch.setattr(qcompile.engine, "build_engine", stop)
     with pytest.raises(Lowered) as lowered:
-        build("tiny-llama", "w4a16_nvfp4", output=tmp_path / "e.engine", device="cpu", calib="random")
-    assert seen == ["bytes"]
-    assert "torch.uint8" in lowered.value.args[0] and "torch.int32" not in lowered.value.args[0]
+        build("tiny-llama", "w4a16_nvfp4", output=tmp_path / "e.engine", device="cpu", calib="random",
+              fp4_layout=layout)
+    dtypes, recorded = lowered.value.args
+    assert "torch.uint8" in dtypes and ("torch.int32" in dtypes) == (layout == "planar")
+    assert recorded == (layout or "bytes")
     assert not (tmp_path / "e.engine").exists()
+
+
+def test_build_rejects_an_unknown_fp4_layout_before_any_work(tmp_path):
+    from qcompile.errors import QCompileError
+    from qcompile.pipeline import build
+
+    with pytest.raises(QCompileError, match="fp4_layout 'nibbles'"):
+        build("tiny-llama", "w4a16_nvfp4", output=tmp_path / "e.engine", device="cpu", fp4_layout="nibbles")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_lowering_keeps_bytes_when_k_is_not_a_multiple_of_128():
     from qcompile.lowering import lower_onnx
-    from qcompile.lowering.ops import fp4_plugin
 
-    with fp4_plugin.planar_words():
-        program = lower_onnx(_fused_model(k=192))
+    program = lower_onnx(_fused_model(k=192), fp4_layout="planar")
     assert [tuple(b.shape) for b in program.buffers() if b.dtype == torch.uint8] == [(32, 96)]
 
 

@@ -13,17 +13,12 @@ constant weight once to the engine layout (`format`: uint8 [N, K/2] codes, E4M3 
 global scale), so engines hold only the packed weight; MXFP4's FP32 power-of-two scales become E8M0 bits
 exactly (anything else is an error naming the node).
 
-Engine layout of the codes: `ENGINE_LAYOUT` "planar" stores weights whose K is a multiple of 128 as planar words
-(`format.to_planar_words`: the layout of the one-dot kernel, `plugins/fp4_gemm/one_dot.py`, and of the planar
-GEMV), "bytes" keeps uint8 [N, K/2]. Unset (None), lowering keeps bytes; the pipeline lowers inside
-`engine_layout(layout_for(device))`, which is planar words for CUDA engines (faster on the H200 at 1-128 rows on the
-kernel-target layers in all cells but one, equal at 1024; BENCHMARKS.md) and bytes for CPU ones (the CPU reference
-would convert planar words back on every call).
-`planar_words()` / `byte_layout()` force one for a block of code (A/B builds in tools/bench_engines.py).
+Engine layout of the codes (`LoweringOptions.fp4_layout`): "planar" stores weights whose K is a multiple of 128 as
+planar words (`format.to_planar_words`: the layout of the one-dot kernel, `plugins/fp4_gemm/one_dot.py`, and of the
+planar GEMV), "bytes" (the default) keeps uint8 [N, K/2]. Engines take `LoweringOptions.for_engine(device)`: planar
+words for CUDA, bytes for CPU.
 """
 from __future__ import annotations
-
-import contextlib
 
 import torch
 from onnx import TensorProto
@@ -35,37 +30,6 @@ from qcompile.plugins.fp4_gemm import format as F
 from qcompile.plugins.fp4_gemm import onnx_schema
 
 W_Q, W_SCALE, W_GLOBAL = 1, 2, 3  # input indices of the weight, its block scales and its global scale
-ENGINE_LAYOUT: str | None = None  # "bytes", "planar", or None: by device (module docstring)
-LAYOUTS = ("bytes", "planar")
-
-
-def layout_for(device: str) -> str:
-    """The codes' engine layout for an engine built for `device` ("cpu", "cuda[:i]"): `ENGINE_LAYOUT` when set, else
-    planar words for CUDA and bytes for CPU."""
-    return ENGINE_LAYOUT or ("planar" if str(device).startswith("cuda") else "bytes")
-
-
-@contextlib.contextmanager
-def engine_layout(layout: str | None):
-    """Lower FP4 plugin weights in `layout` ("bytes", "planar" or None) inside the block (`ENGINE_LAYOUT`)."""
-    global ENGINE_LAYOUT
-    if layout not in LAYOUTS + (None,):
-        raise ValueError(f"unknown FP4 engine layout {layout!r}; use one of {', '.join(LAYOUTS)}")
-    before, ENGINE_LAYOUT = ENGINE_LAYOUT, layout
-    try:
-        yield
-    finally:
-        ENGINE_LAYOUT = before
-
-
-def planar_words():
-    """Lower FP4 plugin weights to planar words inside the block, on any device."""
-    return engine_layout("planar")
-
-
-def byte_layout():
-    """Keep FP4 plugin weights in bytes inside the block, on any device."""
-    return engine_layout("bytes")
 
 
 @reg(onnx_schema.TRT_DYNAMIC_QUANTIZE, since=1, domain=onnx_schema.TRT_DOMAIN)
@@ -85,10 +49,10 @@ def trt_fp4_dynamic_quantize(ctx, x, global_scale):
 
 
 def _engine_weight(ctx, w_q: torch.Tensor, w_scale: torch.Tensor, w_global: torch.Tensor | None, check: bool):
-    """(w_packed uint8 [N, K/2] or int32 planar words [N, K/8] (`ENGINE_LAYOUT`), w_scale float8_e4m3fn | uint8 E8M0
-    [N, K/B], w_global float32 scalar | None)."""
+    """(w_packed uint8 [N, K/2] or int32 planar words [N, K/8] (`ctx.options.fp4_layout`), w_scale float8_e4m3fn |
+    uint8 E8M0 [N, K/B], w_global float32 scalar | None)."""
     w_packed, w_scale, w_global = _engine_bytes(ctx, w_q, w_scale, w_global, check)
-    if ENGINE_LAYOUT == "planar" and w_q.shape[1] % F.PLANAR_K_MULTIPLE == 0:
+    if ctx.options.fp4_layout == "planar" and w_q.shape[1] % F.PLANAR_K_MULTIPLE == 0:
         w_packed = F.to_planar_words(w_packed, w_scale)
     return w_packed, w_scale, w_global
 
@@ -145,7 +109,7 @@ def _gemm(ctx, x, w_q, w_scale, w_global, x_global, bias, prepared):
     x_global = None if x_global is None else as_tensor(x_global).to(torch.float32).reshape(())
     bias = None if bias is None else as_tensor(bias)
     return torch.ops.qcompile.fp4_gemm(x, w_packed, scale, glob, x_global, bias, int(ctx.attr("block_size")),
-                                       ctx.fp8_large_m)
+                                       ctx.options.fp8_large_m)
 
 
 @reg(onnx_schema.OP_TYPE, since=onnx_schema.VERSION, domain=onnx_schema.DOMAIN, prepare=_prepare)

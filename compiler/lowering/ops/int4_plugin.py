@@ -74,7 +74,8 @@ def int4_groupwise_gemm(ctx, x, w_q, w_scale, w_zero_point=None, bias=None, x_sc
     group = int(ctx.attr("block_size"))
     x_scale = None if x_scale is None else as_tensor(x_scale).to(torch.float32).reshape(())
     return torch.ops.qcompile.int4_groupwise_gemm(as_tensor(x), w_packed, as_tensor(w_scale), w_zero, bias, group,
-                                                  x_scale, act_quant == "fp8_dynamic", ctx.fp8_large_m)
+                                                  x_scale, act_quant == "fp8_dynamic",
+                                                  ctx.options.fp8_large_m)
 
 
 def _is_zero_constant(proto) -> bool:

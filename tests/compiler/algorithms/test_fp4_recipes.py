@@ -2,6 +2,7 @@
 agrees with the FP32 model, and `qcompile build --recipe nvfp4` (W4A4, the full path: calibration, activation
 quantization, plugin, AOTInductor) builds, validates and runs on CPU."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -60,3 +61,6 @@ def test_cli_build_nvfp4_validates_and_runs(tmp_path, calib, capsys):
     inputs = tmp_path / "in.npz"
     assert main(["sample-inputs", "tiny-llama", "-o", str(inputs), "--dim", "batch=2", "--dim", "seq=8"]) == 0
     assert main(["run", str(engine), "--inputs", str(inputs)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(engine)]) == 0
+    assert re.search(r"FP4 weights +uint8 bytes, two codes each", capsys.readouterr().out)  # a CPU engine's layout
