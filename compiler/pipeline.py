@@ -197,7 +197,8 @@ def build(
         if fp8_large_m:
             result.pass_notes.append(_fp8_large_m_note(plugin_model, device))
         program = lower_onnx(engine_model, options).to(device)
-        example = tuple(torch.from_numpy(src.example_inputs[n]).to(device) for n in program.input_names)
+        engine_example = src.engine_example()
+        example = tuple(torch.from_numpy(engine_example[n]).to(device) for n in program.input_names)
 
     content_hash = hashlib.sha256(
         (src.content_hash() + recipe.content_hash() + data_hash

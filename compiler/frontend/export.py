@@ -131,7 +131,9 @@ def export_torch(module, example_inputs: tuple | dict, *, input_names: list[str]
     except SourceError:
         raise
     except Exception as exc:  # noqa: BLE001
-        first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        # torch.onnx's first line is generic; its "Exception summary" names the real error
+        first = next((ln for ln in lines if ln.startswith("<class '")), lines[0] if lines else type(exc).__name__)
         raise SourceError(f"torch.onnx.export of {name} failed: {type(exc).__name__}: {first}") from exc
 
     size = sum(p.numel() * p.element_size() for p in module.parameters()) + \

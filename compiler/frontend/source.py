@@ -110,6 +110,14 @@ class SourceModel(HasIO):
                     sizes.setdefault(dim, int(arr.shape[axis]))
         return sizes
 
+    def engine_example(self) -> dict[str, np.ndarray]:
+        """`example_inputs` for an engine's export: torch.export specializes dims of size 0 and 1, so a dynamic dim
+        of that size (llama3-8b-layers' batch of 1) is raised to 2 where its range allows, in a seeded random feed."""
+        sizes = self.dim_sizes()
+        highs = {d: s.dim_ranges.get(d, default_dim_range(d))[1] for s in self.inputs for d in s.dynamic_dims.values()}
+        raised = {d: 2 for d, size in sizes.items() if size < 2 and highs.get(d, 0) >= 2}
+        return self.random_inputs(np.random.default_rng(0), {**sizes, **raised}) if raised else self.example_inputs
+
     def random_inputs(self, rng: np.random.Generator, sizes: dict[str, int] | None = None) -> dict[str, np.ndarray]:
         """Random valid inputs; named dims take `sizes[dim]`, else their example size.
 

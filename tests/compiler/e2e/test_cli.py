@@ -190,3 +190,36 @@ def test_output_closed_early_is_not_an_error():
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0, err
     assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+ONE_TOKEN_PY = '''
+import torch
+from torch import nn
+
+def make():  # a decode-sized example input: batch 1, seq 1
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    return {"module": module, "inputs": (torch.randn(1, 1, 16),), "input_names": ["x"],
+            "dynamic_dims": {"x": {0: "batch", 1: "seq"}}, "dim_ranges": {"seq": (1, 64)}}
+'''
+
+
+def test_build_from_a_factory_whose_example_has_batch_one(tmp_path, capsys):
+    """torch.export specializes dims of size 1, so the engine is exported from an example with those dims at 2;
+    the engine then runs at any size in range, 1 included, and matches the module."""
+    import torch
+
+    (tmp_path / "one_token.py").write_text(ONE_TOKEN_PY)
+    engine = tmp_path / "e.engine"
+    code, _, err = run_cli(capsys, "build", f"{tmp_path / 'one_token.py'}:make", "--recipe", "fp16", "--device", "cpu",
+                           "--no-validate", "-o", engine)
+    assert code == 0, err
+    built = qcompile.load(engine)
+    namespace = {}
+    exec(ONE_TOKEN_PY, namespace)
+    module = namespace["make"]()["module"]
+    for batch, seq in ((1, 1), (3, 5)):
+        x = np.random.default_rng(batch).standard_normal((batch, seq, 16)).astype(np.float32)
+        with torch.no_grad():
+            want = module(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(built.run({"x": x})[built.output_names[0]], want, atol=1e-5, rtol=1e-4)

@@ -40,6 +40,11 @@ MODEL_PY = textwrap.dedent('''
                 "dynamic_dims": {"tokens": {0: "batch", 1: "seq"}}, "dim_ranges": {"seq": (1, 128)},
                 "output_names": ["out"]}
 
+    def make_one_token():  # a decode-sized example: batch 1, seq 1
+        torch.manual_seed(0)
+        return {"module": Net(), "inputs": {"tokens": torch.randn(1, 1, 16), "scale": torch.ones(1)},
+                "dynamic_dims": {"tokens": {0: "batch", 1: "seq"}}, "dim_ranges": {"seq": (1, 128)}}
+
     def make_tuple():
         torch.manual_seed(1)
         batch = torch.export.Dim("rows", min=1, max=32)
@@ -59,6 +64,9 @@ MODEL_PY = textwrap.dedent('''
 
     def bad_number():
         return 42
+
+    def wrong_kwarg():  # Sequential.forward takes `input`
+        return {"module": nn.Sequential(nn.Linear(2, 2)), "inputs": {"x": torch.randn(2, 2)}}
 
     def bad_dims():
         return nn.Linear(2, 2), (torch.randn(1, 2),), {"nope": {0: "batch"}}
@@ -93,6 +101,16 @@ def test_dict_factory(net):
         np.testing.assert_allclose(sess.run(["out"], feeds)[0], want, atol=1e-4, rtol=1e-4)
 
 
+def test_engine_example_raises_dims_of_size_one_to_two(model_py, net):
+    """torch.export specializes sizes 0 and 1, so an engine's export gets 2 where the example has 1 (and the
+    example itself where every dynamic dim is already >= 2)."""
+    src = load_source(f"{model_py}:make_one_token")
+    assert src.example_inputs["tokens"].shape == (1, 1, 16)
+    feed = src.engine_example()
+    assert feed["tokens"].shape == (2, 2, 16) and feed["scale"].shape == (1,)
+    assert net.engine_example() is net.example_inputs
+
+
 def test_dict_factory_module_stamps(net):
     stamps = {next(p.value for p in n.metadata_props if p.key == "qcompile.module")
               for n in net.model.graph.node if n.op_type in ("MatMul", "Gemm")}
@@ -121,6 +139,13 @@ def test_factory_errors(model_py, fn, needle):
     with pytest.raises(SourceError, match="model.py") as info:
         load_source(f"{model_py}:{fn}")
     assert needle in str(info.value)
+
+
+def test_export_error_names_the_real_cause(model_py):
+    """torch.onnx's own first line is generic ("Failed to export the model with torch.export"); the error shows the
+    exception it summarizes."""
+    with pytest.raises(SourceError, match=r"wrong_kwarg failed: .*TypeError.*missing a required argument: 'input'"):
+        load_source(f"{model_py}:wrong_kwarg")
 
 
 def test_factory_file_missing(tmp_path):
