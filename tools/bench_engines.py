@@ -13,8 +13,10 @@ words (`VARIANTS`), so an A/B of kernel tiles or layouts runs in one call beside
     python tools/bench_engines.py llama3-8b-layers --recipes fp16 w4a16_awq w4a16_awq:int4-pointers ...
     python tools/bench_engines.py llama3-8b-layers --recipes fp16 w4a16_nvfp4 w4a16_nvfp4:fp4-bytes ...
 The variant fp8-large-m builds with `fp8_large_m=True` (`qcompile build --fp8-large-m`): prefill-sized GEMMs in FP8.
-inductor-no-split and inductor-coordesc compile with an Inductor option set (`split_reductions=False`,
-`coordinate_descent_tuning=True`): A/Bs of the non-GEMM kernels of a decode step (any recipe, fp16 included).
+inductor-combo, inductor-persistent (and both), inductor-no-split and inductor-coordesc compile with an Inductor
+option or heuristic changed (`combo_kernels=True`; row reductions up to 4096 persistent,
+`tools/inductor_variants.py`; `split_reductions=False`; `coordinate_descent_tuning=True`): A/Bs of the non-GEMM kernels of a decode step (any recipe, fp16 included;
+`tools/diag/engine_kernels.py` lists those kernels without a GPU).
 
 Engines are built once (dynamic dims) and timed at every --size on the same device-resident inputs
 with CUDA events (median of --iters runs after warm-up); ratios are relative to the first recipe;
@@ -47,17 +49,30 @@ from qcompile.inputs import parse_dim_sizes
 from qcompile.lowering import lower_onnx
 from qcompile.report import format_table
 
-from int4_tiles import int4_tiles  # tools/, this script's folder
+from inductor_variants import persistent_reductions_up_to  # tools/, this script's folder
+from int4_tiles import int4_tiles
 
 VARIANTS = {  # recipe:variant -> (the build's context, more `qcompile.build` arguments)
     "int4-pointers": (lambda: int4_tiles(pointers=True), {}),
     "fp4-planar": (contextlib.nullcontext, {"fp4_layout": "planar"}),
     "fp4-bytes": (contextlib.nullcontext, {"fp4_layout": "bytes"}),
     "fp8-large-m": (contextlib.nullcontext, {"fp8_large_m": True}),
-    # decode overhead: one-row reductions (RMSNorm) in one kernel, not split in two; reduction tiles tuned by timing
+    # decode overhead: independent small kernels (the split-K GEMVs' zero fills) launched as one; row reductions
+    # (RMSNorm) up to 4096 persistent (one load of the row); one-row reductions not split in two; reduction tiles
+    # tuned by timing
+    "inductor-combo": (lambda: inductor_config.patch(combo_kernels=True), {}),
+    "inductor-persistent": (lambda: persistent_reductions_up_to(4096), {}),
+    "inductor-combo-persistent": (lambda: _both(inductor_config.patch(combo_kernels=True),
+                                                persistent_reductions_up_to(4096)), {}),
     "inductor-no-split": (lambda: inductor_config.patch(split_reductions=False), {}),
     "inductor-coordesc": (lambda: inductor_config.patch(coordinate_descent_tuning=True), {}),
 }
+
+
+@contextlib.contextmanager
+def _both(first, second):
+    with first, second:
+        yield
 
 
 def split_variant(name: str) -> tuple[str, str | None]:
