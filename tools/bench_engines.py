@@ -15,8 +15,8 @@ words (`VARIANTS`), so an A/B of kernel tiles or layouts runs in one call beside
 The variant fp8-large-m builds with `fp8_large_m=True` (`qcompile build --fp8-large-m`): prefill-sized GEMMs in FP8.
 inductor-combo, inductor-persistent (and both), inductor-no-split and inductor-coordesc compile with an Inductor
 option or heuristic changed (`combo_kernels=True`; row reductions up to 4096 persistent,
-`tools/inductor_variants.py`; `split_reductions=False`; `coordinate_descent_tuning=True`): A/Bs of the non-GEMM kernels of a decode step (any recipe, fp16 included;
-`tools/diag/engine_kernels.py` lists those kernels without a GPU).
+`tools/inductor_variants.py`; `split_reductions=False`; `coordinate_descent_tuning=True`): A/Bs of the non-GEMM
+kernels of a decode step (any recipe, fp16 included; `tools/diag/engine_kernels.py` lists them without a GPU).
 
 Engines are built once (dynamic dims) and timed at every --size on the same device-resident inputs
 with CUDA events (median of --iters runs after warm-up); ratios are relative to the first recipe;

@@ -19,6 +19,7 @@ min >= 2, log a warning and record the range actually used.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import tempfile
@@ -139,12 +140,14 @@ def export_torch(module, example_inputs: tuple | dict, *, input_names: list[str]
     size = sum(p.numel() * p.element_size() for p in module.parameters()) + \
         sum(b.numel() * b.element_size() for b in module.buffers())
     if size > LARGE_MODEL_BYTES:
-        folder = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="qcompile-export-"))
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{name}.onnx"
-        logger.info("model is %.1f GB: saving %s with external data", size / 2**30, path)
-        program.save(str(path), external_data=True)
-        model = onnx.load(str(path), load_external_data=True)
+        with contextlib.ExitStack() as stack:  # a folder of our own goes once the model is read back into memory
+            folder = Path(work_dir) if work_dir else \
+                Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qcompile-export-")))
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{name}.onnx"
+            logger.info("model is %.1f GB: saving %s with external data", size / 2**30, path)
+            program.save(str(path), external_data=True)
+            model = onnx.load(str(path), load_external_data=True)
     else:
         model = program.model_proto
     model = normalize_model(model, opset, where=name)

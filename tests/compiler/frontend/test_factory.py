@@ -164,3 +164,22 @@ def test_unknown_builtin_lists_builtins():
     with pytest.raises(SourceError, match="tiny-lama") as info:
         load_source("tiny-lama")
     assert "tiny-llama" in str(info.value) and "small-cnn" in str(info.value)
+
+
+def test_large_model_export_leaves_no_temporary_files(model_py, monkeypatch, tmp_path):
+    """A model over LARGE_MODEL_BYTES goes through an ONNX file with external data (lowered here to 0 bytes); that
+    folder is removed once the model is back in memory (it held 1.7 GB per llama3-8b-layers load before), and a
+    given work_dir keeps its files."""
+    import tempfile
+
+    from qcompile.frontend import export
+
+    monkeypatch.setattr(export, "LARGE_MODEL_BYTES", 0)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    src = load_source(f"{model_py}:make")
+    assert list(tmp_path.glob("qcompile-export-*")) == []
+    assert {t.name for t in src.model.graph.initializer} and all(
+        t.data_location != onnx.TensorProto.EXTERNAL for t in src.model.graph.initializer)
+    kept = tmp_path / "work"
+    load_source(f"{model_py}:make", work_dir=kept)
+    assert (kept / "make.onnx").is_file()
