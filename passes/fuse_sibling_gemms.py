@@ -39,7 +39,7 @@ N_AXES = {
     (int4_schema.DOMAIN, int4_schema.OP_TYPE): {1: 1, 2: 1, 3: 1, 4: 0},
     (int8_wo_schema.DOMAIN, int8_wo_schema.OP_TYPE): {1: 1, 2: 0, 3: 0},
     # weight-only FP4 ([N, K] weights): MXFP4's global scale is 1.0 everywhere; NVFP4 siblings fuse only when
-    # their per-tensor global scales happen to be equal
+    # their per-tensor global scales are equal, as QuantizeWeightsFp4Pass makes them (one scale per sibling group)
     (fp4_schema.DOMAIN, fp4_schema.OP_TYPE): {1: 0, 2: 0, 3: SAME, 4: 0},
 }
 

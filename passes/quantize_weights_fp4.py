@@ -15,7 +15,10 @@ Does the following transformation on each MatMul whose rule has an `nvfp4` / `mx
   chain; `Pad(x, [0, Kp-K], axes=[-1])` when x's rank is unknown), so `Pad(x) @ [W; 0] = x @ W` exactly and TensorRT's block DQ / dynamic quantize see K % B == 0.
 
 The weights come from `qcompile.algorithms.fp4` (two-level NVFP4 scales; OCP MX E8M0 scales). A rule's
-`weight.scale_search = "mse"` (nvfp4) searches the NVFP4 global and block scales for the least squared error. Declined, with a reason: a non-constant or non-2-D weight, K < min_k,
+`weight.scale_search = "mse"` (nvfp4) searches the NVFP4 global and block scales for the least squared error.
+Weight-only NVFP4 layers that read the same input (Q/K/V, gate/up) share one global scale, from the largest amax of
+the group, so the engine can run them as one GEMM (`FuseSiblingGemmsPass`); their block scales absorb the
+difference (E4M3 values keep their relative precision). Declined, with a reason: a non-constant or non-2-D weight, K < min_k,
 N < min_n, and activation formats other than nvfp4. Never emits ModelOpt's `TRT_FP4QDQ` placeholder.
 """
 from __future__ import annotations
@@ -112,11 +115,15 @@ class QuantizeWeightsFp4Pass(InPlacePass):
         declined: list[tuple[str, str]] = []
         shared: dict[str, gs.Variable] = {}
         pads: dict[tuple[str, int], gs.Variable] = {}
+        targets = []
         for node, rule in fp4_targets(graph, self.recipe):
             reason = _reason(node, rule, self.recipe)
             if reason:
                 declined.append((node.name, reason))
-                continue
+            else:
+                targets.append((node, rule))
+        group_amax = self._sibling_amax(targets)
+        for node, rule in targets:
             w = G.const_values(node.inputs[1])
             source = node.inputs[0].name  # the calibrated tensor (the amax of its padded copy is the same)
             k, kp = w.shape[0], padded_k(w.shape[0], rule.weight.format)
@@ -131,8 +138,8 @@ class QuantizeWeightsFp4Pass(InPlacePass):
                 stats["layers_padded_k"] += 1
                 logger.info("%s: K=%d is not a multiple of the %s block %d; padded to K=%d with zeros",
                             node.name, k, rule.weight.format, BLOCK[rule.weight.format], kp)
-            mse = rule.weight.format == "nvfp4" and (self.mse_search or rule.weight.scale_search == "mse")
-            qw = quantize_fp4(torch.from_numpy(w32), rule.weight.format, mse)
+            mse = self._mse(rule)
+            qw = quantize_fp4(torch.from_numpy(w32), rule.weight.format, mse, group_amax.get(node.name))
             if mse:
                 stats["nvfp4_mse_searched"] += 1
             node.inputs[1] = self._weight(graph, node, qw, w.dtype)
@@ -148,6 +155,23 @@ class QuantizeWeightsFp4Pass(InPlacePass):
             graph.opset = max(graph.opset or 0, OPSET)
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return PassResult(graph, bool(sum(stats.values())), stats, declined)
+
+    def _mse(self, rule) -> bool:
+        return rule.weight.format == "nvfp4" and (self.mse_search or rule.weight.scale_search == "mse")
+
+    def _sibling_amax(self, targets) -> dict[str, float]:
+        """node name -> the largest weight amax of the NVFP4 weight-only layers that read the same input (two or
+        more, no MSE search): one global scale for the group lets `FuseSiblingGemmsPass` lower them as one GEMM."""
+        groups = collections.defaultdict(list)
+        for node, rule in targets:
+            if rule.weight.format == "nvfp4" and rule.activation is None and not self._mse(rule):
+                groups[node.inputs[0].name].append(node)
+        out = {}
+        for nodes in groups.values():
+            if len(nodes) > 1:
+                amax = max(float(np.abs(G.const_values(n.inputs[1])).max()) for n in nodes)
+                out.update({n.name: amax for n in nodes})
+        return out
 
     @staticmethod
     def _pad(graph: gs.Graph, x: gs.Variable, extra: int) -> gs.Variable:

@@ -126,12 +126,13 @@ def _mse_nvfp4(wt: torch.Tensor) -> Fp4Weight:
     return Fp4Weight("nvfp4", F.quantize_blocks(wt, scale.to(torch.float32) * g, F.NVFP4_BLOCK), scale, g)
 
 
-def quantize_nvfp4(w: torch.Tensor, mse_search: bool = False) -> Fp4Weight:
-    """NVFP4 weight quantization of `W [K, N]` (see the module docstring)."""
+def quantize_nvfp4(w: torch.Tensor, mse_search: bool = False, amax: float | None = None) -> Fp4Weight:
+    """NVFP4 weight quantization of `W [K, N]` (see the module docstring). `amax`: the global scale's amax, when
+    several weights share one (at least W's own; default W's own)."""
     wt = w.to(torch.float32).t().contiguous()
     if mse_search:
         return _mse_nvfp4(wt)
-    return _nvfp4_with_global(wt, nvfp4_global_scale(wt.abs().amax()))
+    return _nvfp4_with_global(wt, nvfp4_global_scale(wt.abs().amax() if amax is None else amax))
 
 
 def mx_shared_exponent(amax: torch.Tensor, emax_elem: int = F.E2M1_EMAX) -> torch.Tensor:
@@ -153,10 +154,10 @@ def quantize_mxfp4(w: torch.Tensor) -> Fp4Weight:
     return Fp4Weight("mxfp4", codes, bits, None)
 
 
-def quantize_fp4(w: torch.Tensor, fmt: str, mse_search: bool = False) -> Fp4Weight:
-    """Quantize `W [K, N]` to `fmt` ("nvfp4" | "mxfp4")."""
+def quantize_fp4(w: torch.Tensor, fmt: str, mse_search: bool = False, amax: float | None = None) -> Fp4Weight:
+    """Quantize `W [K, N]` to `fmt` ("nvfp4" | "mxfp4"); `amax`: NVFP4's shared global amax (`quantize_nvfp4`)."""
     if fmt == "nvfp4":
-        return quantize_nvfp4(w, mse_search)
+        return quantize_nvfp4(w, mse_search, amax)
     if fmt == "mxfp4":
         return quantize_mxfp4(w)
     raise ValueError(f"unknown FP4 format {fmt!r}; expected one of {FORMATS}")

@@ -138,9 +138,8 @@ def test_siblings_of_different_forms_stay_apart():
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
 def test_fp4_siblings_fuse_when_their_global_scales_agree(fmt):
-    """MXFP4 nodes (global scale 1.0) fuse, and the fused graph lowered in float64 matches ONNX's reference
-    evaluator on the portable Q/DQ graph; NVFP4 nodes of different weights have different per-tensor global
-    scales and stay apart."""
+    """MXFP4 nodes (global scale 1.0) fuse, and so do NVFP4 ones (siblings are quantized with one global scale); the
+    fused graph lowered in float64 matches ONNX's reference evaluator on the portable Q/DQ graph."""
     from onnx.reference import ReferenceEvaluator
 
     from qcompile.lowering import lower_onnx
@@ -161,12 +160,41 @@ def test_fp4_siblings_fuse_when_their_global_scales_agree(fmt):
     assert [n.op_type for n in plugin.graph.node].count("Fp4Gemm") == 3
     fused, result = prepare_for_engine(plugin)
     ops = [n.op_type for n in fused.graph.node]
-    if fmt == "nvfp4":
-        assert ops.count("Fp4Gemm") == 3 and "Split" not in ops
-        return
     assert ops.count("Fp4Gemm") == 1 and ops.count("Split") == 1, ops
     x = _x(3)
     want = ReferenceEvaluator(qdq).run(None, {"x": x})
     got = lower_onnx(fused, compute_dtype=torch.float64)(torch.from_numpy(x).double())
     for w, g in zip(want, got):
         np.testing.assert_allclose(g.numpy(), w, rtol=1e-5, atol=1e-5)
+
+
+def test_nvfp4_siblings_share_one_global_scale_from_the_largest_amax():
+    """Weight-only NVFP4 layers reading the same x are quantized with one global scale, amax / (6 * 448) of the
+    group's largest weight (k_proj's, 8x; v_proj's 1/4); o_proj, on another input, keeps its own. Each sibling's
+    output stays within NVFP4's usual error of its float output (ONNX's reference evaluator on the portable graph)."""
+    from onnx.reference import ReferenceEvaluator
+
+    from qcompile.passes.quantize_weights_fp4 import QuantizeWeightsFp4Pass
+
+    model = _siblings_model(opset=23)
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for name, factor in (("k_proj_w", 8.0), ("v_proj_w", 0.25)):
+        weights[name] = weights[name] * np.float32(factor)
+    for t in model.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(weights[t.name], t.name))
+    recipe = Recipe.from_dict({"name": "t", "opset": 23, "rules": [{"ops": ["MatMul"], "weight": {
+        "format": "nvfp4", "granularity": "group", "group_size": 16}}],
+        "placement": {"min_k": 16, "min_n": 16, "skip_gemv": False}})
+    graph = G.import_model(model)
+    QuantizeWeightsFp4Pass(recipe, {}).call(graph)
+    qdq = export_model(graph, like=model, opset=23)
+    globals_ = {t.name: float(numpy_helper.to_array(t)) for t in qdq.graph.initializer if "global_scale" in t.name}
+    group = max(np.abs(weights[f"{n}_w"]).max() for n in WIDTHS) / (6 * 448)
+    assert sorted(globals_) == sorted(f"{w}_global_scale" for w in weights)  # one per weight
+    assert all(np.isclose(globals_[f"{n}_w_global_scale"], group, rtol=1e-6) for n in WIDTHS)
+    assert np.isclose(globals_["o_w_global_scale"], np.abs(weights["o_w"]).max() / (6 * 448), rtol=1e-6)
+    x = _x(4)
+    got = dict(zip([o.name for o in qdq.graph.output], ReferenceEvaluator(qdq).run(None, {"x": x})))
+    for n in WIDTHS:
+        want = x @ weights[f"{n}_w"]
+        assert np.linalg.norm(got[n] - want) / np.linalg.norm(want) < 0.12, n
