@@ -7,7 +7,6 @@ from typing import Any
 
 from qcompile.errors import QCompileError
 
-FP4_FORMATS = ("nvfp4", "mxfp4")
 FP4_LAYOUT_WORDS = {"planar": "planar int32 words (K a multiple of 128; bytes otherwise)",
                     "bytes": "uint8 bytes, two codes each"}
 
@@ -23,6 +22,7 @@ def describe(path: str | Path) -> dict[str, Any]:
 
 
 def _describe_engine(path: Path) -> dict[str, Any]:
+    from qcompile.algorithms.fp4 import FORMATS as FP4_FORMATS
     from qcompile.engine import read_manifest
 
     m = read_manifest(path).to_dict()

@@ -1,5 +1,5 @@
 """Inductor heuristics changed for an A/B of an engine's non-GEMM kernels (`bench_engines.py` variants,
-`diag/engine_kernels.py --persistent-up-to`). Experiments, not part of the product.
+`diag/engine_kernels.py --inductor persistent=N`). Experiments, not part of the product.
 
 `persistent_reductions_up_to(n)`: row reductions (RMSNorm, LayerNorm, softmax over a static length) of up to n
 elements become persistent: one program loads its whole row once, instead of looping over it twice (once to reduce,
