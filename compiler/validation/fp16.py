@@ -41,7 +41,9 @@ def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _as_float16(tensor: TensorProto) -> TensorProto:
-    return numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), tensor.name)
+    """`tensor` in float16; values beyond its range (a mask's -3.4e38) become infinities, as the engine's cast."""
+    with np.errstate(over="ignore"):
+        return numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), tensor.name)
 
 
 def _cast_edges(graph: onnx.GraphProto) -> None:

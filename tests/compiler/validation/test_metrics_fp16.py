@@ -93,3 +93,22 @@ def test_fp16_keeps_resize_scales_in_float32():
     got = ort_session(m16).run(None, {"x": x})[0]
     want = np.repeat(np.repeat(x * 0.5, 2, axis=2), 2, axis=3)
     np.testing.assert_allclose(got, want, rtol=1e-3)
+
+
+def test_fp16_turns_a_float32_mask_minimum_into_minus_infinity_quietly(recwarn):
+    """A causal mask of float32's lowest value (torch.onnx's SDPA export) has no float16 value: it becomes -inf,
+    as the engine's cast makes it, the masked logits get no weight, and no numpy overflow warning reaches the user."""
+    mask = np.triu(np.full((4, 4), np.finfo(np.float32).min, np.float32), 1)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "mask"], ["s"]), helper.make_node("Softmax", ["s"], ["y"], axis=-1)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])], [numpy_helper.from_array(mask, "mask")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    m16 = to_float16(model)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    mask16 = numpy_helper.to_array(m16.graph.initializer[0])
+    assert np.isneginf(mask16[0, 1]) and mask16[1, 0] == 0
+    x = np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32)
+    got = ort_session(m16).run(None, {"x": x})[0]
+    e = np.exp(x.astype(np.float64) - x.max(axis=1, keepdims=True)) * (mask == 0)
+    np.testing.assert_allclose(got, e / e.sum(axis=1, keepdims=True), atol=2e-3)
