@@ -223,3 +223,51 @@ def test_build_from_a_factory_whose_example_has_batch_one(tmp_path, capsys):
         with torch.no_grad():
             want = module(torch.from_numpy(x)).numpy()
         np.testing.assert_allclose(built.run({"x": x})[built.output_names[0]], want, atol=1e-5, rtol=1e-4)
+
+
+SDPA_PY = '''
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+class SelfAttention(nn.Module):  # what Hugging Face models call: F.scaled_dot_product_attention
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(64, 192), nn.Linear(64, 64)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, 4, 16).permute(2, 0, 3, 1, 4)
+        return self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, s, 64))
+
+def make():
+    torch.manual_seed(0)
+    return {"module": SelfAttention(), "inputs": (torch.randn(2, 8, 64),), "input_names": ["x"],
+            "dynamic_dims": {"x": {0: "batch", 1: "seq"}}, "dim_ranges": {"seq": (1, 64)}}
+'''
+
+
+def test_fp4_recipe_builds_a_model_that_calls_scaled_dot_product_attention(tmp_path, capsys):
+    """FP4 recipes export at opset 23, where torch.onnx writes SDPA as one ONNX Attention node: the build lowers it
+    (it used to stop at "op 'Attention' ... is not supported"), the engine runs at other sequence lengths, and
+    validation against the FP16 graph in ONNX Runtime passes."""
+    import onnx
+    import torch
+
+    (tmp_path / "sdpa.py").write_text(SDPA_PY)
+    engine, portable = tmp_path / "e.engine", tmp_path / "e.onnx"
+    code, out, err = run_cli(capsys, "build", f"{tmp_path / 'sdpa.py'}:make", "--recipe", "w4a16_nvfp4",
+                             "--calib", "random", "--device", "cpu", "--emit-onnx", portable, "-o", engine)
+    assert code == 0, err
+    assert "Attention" in {n.op_type for n in onnx.load(portable).graph.node}
+    report = json.loads((tmp_path / "e.engine.validation.json").read_text())
+    assert all(o["passed"] and o["cosine"] > 0.98 for o in report["outputs"].values()), report["outputs"]
+    built = qcompile.load(engine)
+    namespace = {}
+    exec(SDPA_PY, namespace)
+    module = namespace["make"]()["module"]
+    x = np.random.default_rng(3).standard_normal((3, 13, 64)).astype(np.float32)
+    with torch.no_grad():
+        want = module(torch.from_numpy(x)).numpy()
+    got = built.run({"x": x})[built.output_names[0]]
+    assert cosine(got, want) > 0.98  # NVFP4 weights: close to the float module, not equal

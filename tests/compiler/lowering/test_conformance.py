@@ -117,3 +117,12 @@ def test_all_qdq_cases_of_qcompile_formats_pass(results):
     assert not [n for n in qdq if n in failed], {n: failed[n] for n in qdq if n in failed}
     for fmt in ("e4m3fn", "int4", "uint4", "blocked", "axis"):
         assert any(fmt in n for n in qdq), f"no {fmt} Q/DQ case ran"
+
+
+def test_attention_cases_pass(results):
+    """ONNX's Attention cases (opset 23-25: grouped heads, caches, masks, soft cap, windows, nonpad lengths, the scores
+    output) all pass but the bfloat16 ones, whose inputs the reference cannot hand to torch."""
+    passed, failed = results
+    cases = [n for n in [*passed, *failed] if n.startswith("test_attention") and "bf16" not in n]
+    assert len(cases) >= 150, len(cases)
+    assert not [n for n in cases if n in failed], {n: failed[n] for n in cases if n in failed}
