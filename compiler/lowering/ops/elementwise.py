@@ -66,7 +66,8 @@ for _name, _fn, _py in [("Add", torch.add, operator.add), ("Sub", torch.sub, ope
                         ("Greater", torch.gt, operator.gt), ("LessOrEqual", torch.le, operator.le),
                         ("GreaterOrEqual", torch.ge, operator.ge), ("And", torch.logical_and, None),
                         ("Or", torch.logical_or, None), ("Xor", torch.logical_xor, None),
-                        ("BitwiseAnd", torch.bitwise_and, None), ("BitwiseOr", torch.bitwise_or, None)]:
+                        ("BitwiseAnd", torch.bitwise_and, None), ("BitwiseOr", torch.bitwise_or, None),
+                        ("BitwiseXor", torch.bitwise_xor, None)]:
     reg(_name)(_binary(_fn, _py))
 
 
@@ -116,7 +117,8 @@ for _name, _fn in [("Neg", torch.neg), ("Abs", torch.abs), ("Sqrt", torch.sqrt),
                    ("Ceil", torch.ceil), ("Round", torch.round), ("Sign", torch.sign), ("Not", torch.logical_not),
                    ("IsNaN", torch.isnan), ("Reciprocal", torch.reciprocal), ("Softplus", F.softplus),
                    ("Softsign", F.softsign), ("Atan", torch.atan), ("Tan", torch.tan), ("Asin", torch.asin),
-                   ("Acos", torch.acos), ("Sinh", torch.sinh), ("Cosh", torch.cosh), ("Mish", F.mish)]:
+                   ("Acos", torch.acos), ("Sinh", torch.sinh), ("Cosh", torch.cosh), ("Mish", F.mish),
+                   ("Asinh", torch.asinh), ("Acosh", torch.acosh), ("Atanh", torch.atanh)]:
     reg(_name)(_unary(_fn))
 
 
@@ -139,14 +141,12 @@ def isinf(ctx, x):
         torch.isneginf(x) if neg else torch.zeros_like(x, dtype=torch.bool))
 
 
-@reg("LeakyRelu")
-def leaky_relu(ctx, x):
-    return F.leaky_relu(as_tensor(x), ctx.attr("alpha", 0.01))
+def _with_alpha(fn, default: float):
+    return lambda ctx, x: fn(as_tensor(x), ctx.attr("alpha", default))
 
 
-@reg("Elu")
-def elu(ctx, x):
-    return F.elu(as_tensor(x), ctx.attr("alpha", 1.0))
+for _name, _fn, _alpha in [("LeakyRelu", F.leaky_relu, 0.01), ("Elu", F.elu, 1.0), ("Celu", F.celu, 1.0)]:
+    reg(_name)(_with_alpha(_fn, _alpha))
 
 
 @reg("Selu")
@@ -154,6 +154,58 @@ def selu(ctx, x):
     x = as_tensor(x)
     alpha, gamma = ctx.attr("alpha", 1.67326319217681884765625), ctx.attr("gamma", 1.05070102214813232421875)
     return gamma * torch.where(x > 0, x, alpha * (torch.exp(x) - 1))
+
+
+_SIGNED_VIEW = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
+
+
+@reg("BitwiseNot")
+def bitwise_not(ctx, x):
+    """torch has no bitwise_not for the wide unsigned types: their bits are flipped as the signed type's."""
+    x = as_tensor(x)
+    if x.dtype in _SIGNED_VIEW:
+        return torch.bitwise_not(x.view(_SIGNED_VIEW[x.dtype])).view(x.dtype)
+    return torch.bitwise_not(x)
+
+
+@reg("ThresholdedRelu")
+def thresholded_relu(ctx, x):
+    x = as_tensor(x)
+    return torch.where(x > ctx.attr("alpha", 1.0), x, torch.zeros((), dtype=x.dtype))
+
+
+@reg("Shrink")
+def shrink(ctx, x):
+    x = as_tensor(x)
+    bias, lambd = ctx.attr("bias", 0.0), ctx.attr("lambd", 0.5)
+    zero = torch.zeros((), dtype=x.dtype)
+    return torch.where(x < -lambd, x + bias, torch.where(x > lambd, x - bias, zero)).to(x.dtype)
+
+
+@reg("Swish", since=24)
+def swish(ctx, x):
+    x = as_tensor(x)
+    return x * torch.sigmoid(ctx.attr("alpha", 1.0) * x)
+
+
+@reg("BitShift")
+def bit_shift(ctx, a, b):
+    """Shifts by the bit width or more give 0 (and -1 for negative values shifted right), as ONNX's reference."""
+    a, b = as_tensor(a), as_tensor(b).to(as_tensor(a).dtype)
+    bits = torch.iinfo(a.dtype).bits
+    in_range = (b >= 0) & (b < bits)
+    safe = torch.where(in_range, b, torch.zeros_like(b))
+    if ctx.attr("direction") == "LEFT":
+        return torch.where(in_range, torch.bitwise_left_shift(a, safe), torch.zeros_like(a))
+    return torch.where(in_range, torch.bitwise_right_shift(a, safe), torch.where(a < 0, -1, 0).to(a.dtype))
+
+
+@reg("Hardmax", since=13)
+def hardmax(ctx, x):
+    """1 at the first largest value along `axis`, 0 elsewhere."""
+    x = as_tensor(x)
+    axis = ctx.attr("axis", -1) % x.ndim
+    return torch.zeros_like(x).scatter(axis, x.argmax(axis, keepdim=True), 1)
 
 
 @reg("Gelu", since=20)

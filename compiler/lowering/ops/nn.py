@@ -1,9 +1,10 @@
-"""Neural-network converters: MatMul/Gemm, convolutions, pooling, normalizations, Einsum."""
+"""Neural-network converters: MatMul/Gemm, convolutions, pooling, normalizations, LRN, Einsum."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from qcompile.lowering.ops.dtypes import onnx_to_torch_dtype
 from qcompile.lowering.ops.elementwise import _promote
 from qcompile.lowering.registry import register_converter as reg
 from qcompile.lowering.values import as_tensor
@@ -192,3 +193,95 @@ def einsum(ctx, *xs):
     tensors = [as_tensor(x) for x in xs]
     dtype = max((t.dtype for t in tensors), key=lambda d: d.itemsize)
     return torch.einsum(ctx.attr("equation"), *[t.to(dtype) for t in tensors])
+
+
+@reg("GroupNormalization", since=18)
+def group_norm(ctx, x, scale, bias):
+    """Opset 18: `scale` and `bias` hold one value per group; opset 21 (`group_norm_21`): one per channel."""
+    x = as_tensor(x)
+    groups = ctx.attr("num_groups")
+    per_channel = x.shape[1] // groups
+    return _group_norm(ctx, x, as_tensor(scale).repeat_interleave(per_channel),
+                       as_tensor(bias).repeat_interleave(per_channel))
+
+
+@reg("GroupNormalization", since=21)
+def group_norm_21(ctx, x, scale, bias):
+    return _group_norm(ctx, as_tensor(x), as_tensor(scale), as_tensor(bias))
+
+
+def _group_norm(ctx, x, scale, bias):
+    """Normalize per instance and group in the `stash_type` precision (float32 by default), then scale and shift
+    per channel in X's type."""
+    stash = onnx_to_torch_dtype(ctx.attr("stash_type", 1))
+    normalized = F.group_norm(x.to(stash), ctx.attr("num_groups"), eps=ctx.attr("epsilon", 1e-5)).to(x.dtype)
+    shape = [1, -1] + [1] * (x.ndim - 2)
+    return normalized * scale.to(x.dtype).reshape(shape) + bias.to(x.dtype).reshape(shape)
+
+
+@reg("LRN")
+def lrn(ctx, x):
+    """Each element over (bias + alpha / size * the sum of squares of channels c - floor((size - 1) / 2) ..
+    c + ceil((size - 1) / 2)) ** beta."""
+    x = as_tensor(x)
+    size = ctx.attr("size")
+    before = (size - 1) // 2
+    squares = F.pad((x * x).transpose(1, -1), [before, size - 1 - before])
+    square_sum = squares.unfold(-1, size, 1).sum(-1).transpose(1, -1)
+    return x / (ctx.attr("bias", 1.0) + ctx.attr("alpha", 1e-4) / size * square_sum) ** ctx.attr("beta", 0.75)
+
+
+@reg("LpPool")
+def lp_pool(ctx, x):
+    """(sum of |x| ** p over each window, pads counting as zeros) ** (1 / p), as a depthwise convolution with ones."""
+    x = as_tensor(x)
+    k = ctx.attr("kernel_shape")
+    spatial = len(k)
+    strides, dilations = ctx.attr("strides", [1] * spatial), ctx.attr("dilations", [1] * spatial)
+    pads = _explicit_pads(ctx, x, k, strides, dilations)
+    if ctx.attr("ceil_mode", 0):
+        pads = _ceil_mode_pads(x, pads, k, strides, dilations)
+    p = ctx.attr("p", 2)
+    powered = F.pad(x.abs() ** p, _torch_pad_list(pads))
+    ones = torch.ones(x.shape[1], 1, *k, dtype=x.dtype, device=x.device)
+    fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
+    return fn(powered, ones, stride=strides, dilation=dilations, groups=x.shape[1]) ** (1.0 / p)
+
+
+def _ceil_mode_pads(x, pads: list, kernel, strides, dilations) -> list:
+    """`pads` with end pads grown so that a floor-mode window count gives ceil mode's output length (the last
+    window starting inside the input or its begin pad, as torch and ONNX Runtime count)."""
+    spatial = len(kernel)
+    ends = []
+    for i, (size, k, s, d) in enumerate(zip(x.shape[2:], kernel, strides, dilations)):
+        span, padded = (k - 1) * d + 1, size + pads[i] + pads[i + spatial]
+        out = -(-(padded - span) // s) + 1
+        if (out - 1) * s >= size + pads[i]:
+            out -= 1
+        ends.append(pads[i + spatial] + torch.sym_max((out - 1) * s + span - padded, 0))
+    return pads[:spatial] + ends
+
+
+@reg("GlobalLpPool")
+def global_lp_pool(ctx, x):
+    x = as_tensor(x)
+    p = ctx.attr("p", 2)
+    return (x.abs() ** p).sum(dim=tuple(range(2, x.ndim)), keepdim=True) ** (1.0 / p)
+
+
+@reg("LpNormalization")
+def lp_normalization(ctx, x):
+    """x over its L1 or L2 norm along `axis`; 0 where the norm is 0 (ONNX's reference)."""
+    x = as_tensor(x)
+    norm = torch.linalg.vector_norm(x, ord=ctx.attr("p", 2), dim=ctx.attr("axis", -1), keepdim=True)
+    return torch.where(norm == 0, torch.zeros((), dtype=x.dtype), x / norm)
+
+
+@reg("MeanVarianceNormalization", since=9)
+def mean_variance_normalization(ctx, x):
+    """(x - mean) / (std + 1e-9) over `axes` (default 0, 2, 3), std from E[x^2] - E[x]^2 as the op's definition."""
+    x = as_tensor(x)
+    axes = [a % x.ndim for a in ctx.attr("axes", [0, 2, 3])]
+    mean = x.mean(axes, keepdim=True)
+    std = torch.sqrt((x * x).mean(axes, keepdim=True) - mean * mean)
+    return (x - mean) / (std + 1e-9)

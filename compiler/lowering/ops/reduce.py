@@ -65,9 +65,13 @@ def _log_sum_exp(x, d, k):
     return torch.logsumexp(x, dim=d, keepdim=k)
 
 
+def _log_sum(x, d, k):
+    return torch.log(torch.sum(x, dim=d, keepdim=k))
+
+
 for _op, _fn in [("ReduceSum", _sum), ("ReduceMean", _mean), ("ReduceMax", _max), ("ReduceMin", _min),
                  ("ReduceProd", _prod), ("ReduceL2", _l2), ("ReduceL1", _l1), ("ReduceSumSquare", _sum_square),
-                 ("ReduceLogSumExp", _log_sum_exp)]:
+                 ("ReduceLogSumExp", _log_sum_exp), ("ReduceLogSum", _log_sum)]:
     _conv = _reduction(_fn)
     reg(_op, since=1)(_conv)
     reg(_op, since=13 if _op == "ReduceSum" else 18)(_conv)
@@ -92,11 +96,23 @@ reg("ArgMin")(_arg(torch.argmin))
 
 @reg("CumSum")
 def cumsum(ctx, x, axis):
-    x = as_tensor(x)
+    return _cumulative(ctx, as_tensor(x), axis, torch.cumsum, 0)
+
+
+@reg("CumProd", since=26)
+def cumprod(ctx, x, axis):
+    return _cumulative(ctx, as_tensor(x), axis, torch.cumprod, 1)
+
+
+def _cumulative(ctx, x: torch.Tensor, axis, scan, identity) -> torch.Tensor:
+    """A scan along `axis` with ONNX's `reverse` and `exclusive` (each output leaves its own element out: the scan of
+    the input shifted by one, starting from `identity`)."""
     dim = as_ints(axis)[0] % x.ndim
-    if ctx.attr("reverse", 0):
+    reverse = bool(ctx.attr("reverse", 0))
+    if reverse:
         x = torch.flip(x, [dim])
-    y = torch.cumsum(x, dim)
     if ctx.attr("exclusive", 0):
-        y = y - x
-    return torch.flip(y, [dim]) if ctx.attr("reverse", 0) else y
+        first = torch.full_like(x.narrow(dim, 0, 1), identity)
+        x = torch.cat([first, x.narrow(dim, 0, x.shape[dim] - 1)], dim)
+    y = scan(x, dim)
+    return torch.flip(y, [dim]) if reverse else y

@@ -348,3 +348,75 @@ def eye_like(ctx, x):
     x = as_tensor(x)
     dtype = onnx_to_torch_dtype(ctx.attr("dtype")) if ctx.attr("dtype") is not None else x.dtype
     return torch.eye(x.shape[0], x.shape[1], dtype=dtype).roll(ctx.attr("k", 0), 1)
+
+
+def _wrap_negative(indices: torch.Tensor, dim) -> torch.Tensor:
+    """Indices in [-dim, dim) as int64 in [0, dim)."""
+    indices = indices.to(torch.int64)
+    return torch.where(indices < 0, indices + dim, indices)
+
+
+@reg("ScatterElements", since=11)
+def scatter_elements(ctx, x, indices, updates):
+    """torch's scatter / scatter_reduce (include_self: the reduction starts from x's values). With reduction 'none',
+    duplicate indices are undefined in ONNX; one of the updates wins."""
+    x, upd = as_tensor(x), as_tensor(updates)
+    axis = ctx.attr("axis", 0) % x.ndim
+    idx = _wrap_negative(as_tensor(indices), x.shape[axis])
+    upd = upd.to(x.dtype)
+    reduction = ctx.attr("reduction", "none")
+    if reduction == "none":
+        return torch.scatter(x, axis, idx, upd)
+    if reduction != "add" and reduction not in _SCATTER_REDUCE:
+        raise ctx.fail(f"unknown reduction {reduction!r}")
+    return torch.scatter_reduce(x, axis, idx, upd, _SCATTER_REDUCE.get(reduction, "sum"), include_self=True)
+
+
+@reg("TensorScatter", since=24)
+def tensor_scatter(ctx, past, update, write_indices=None):
+    """A KV-cache write: batch b's update rows go to `write_indices[b] + i` along `axis` (modulo the cache length in
+    'circular' mode), one scatter over the update's shape."""
+    past, update = as_tensor(past), as_tensor(update)
+    axis = ctx.attr("axis", -2) % past.ndim
+    if axis == 0:
+        raise ctx.fail("axis cannot be the batch axis 0")
+    mode = ctx.attr("mode", "linear")
+    if mode not in ("linear", "circular"):
+        raise ctx.fail(f"unknown mode {mode!r}")
+    ones = [1] * past.ndim
+    offsets = torch.arange(update.shape[axis], device=past.device).reshape(ones[:axis] + [-1] + ones[axis + 1:])
+    start = 0 if write_indices is None else as_tensor(write_indices).to(torch.int64).reshape([-1] + ones[1:])
+    positions = start + offsets
+    if mode == "circular":
+        positions = positions % past.shape[axis]
+    return torch.scatter(past, axis, positions.expand(update.shape), update.to(past.dtype))
+
+
+@reg("DepthToSpace")
+def depth_to_space(ctx, x):
+    """[n, c * b * b, h, w] -> [n, c, h * b, w * b]; the channel splits as (b, b, c) in DCR mode, (c, b, b) in CRD."""
+    x, block = as_tensor(x), ctx.attr("blocksize")
+    n, channels, h, w = x.shape
+    c = channels // (block * block)
+    if _block_mode(ctx) == "DCR":
+        blocks, order = x.reshape(n, block, block, c, h, w), (0, 3, 4, 1, 5, 2)
+    else:
+        blocks, order = x.reshape(n, c, block, block, h, w), (0, 1, 4, 2, 5, 3)
+    return blocks.permute(order).reshape(n, c, h * block, w * block)
+
+
+@reg("SpaceToDepth")
+def space_to_depth(ctx, x):
+    """The inverse of DepthToSpace: [n, c, h * b, w * b] -> [n, c * b * b, h, w] (DCR: (b, b, c) channels)."""
+    x, block = as_tensor(x), ctx.attr("blocksize")
+    n, c, height, width = x.shape
+    h, w = height // block, width // block
+    order = (0, 3, 5, 1, 2, 4) if _block_mode(ctx) == "DCR" else (0, 1, 3, 5, 2, 4)
+    return x.reshape(n, c, h, block, w, block).permute(order).reshape(n, c * block * block, h, w)
+
+
+def _block_mode(ctx) -> str:
+    mode = ctx.attr("mode", "DCR")
+    if mode not in ("DCR", "CRD"):
+        raise ctx.fail(f"unknown mode {mode!r} (DCR or CRD)")
+    return mode
