@@ -211,15 +211,15 @@ def test_lower_from_path_and_buffers_move(tmp_path):
 
 
 def test_unsupported_op_names_node_op_domain_and_opset():
-    node = helper.make_node("STFT", ["x", "step"], ["y"], name="my_stft")
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(np.array(8, np.int64), "step")])
+    node = helper.make_node("TfIdfVectorizer", ["x"], ["y"], name="my_tfidf", mode="TF", min_gram_length=1,
+                            max_gram_length=1, max_skip_count=0, ngram_counts=[0], ngram_indexes=[0], pool_int64s=[3])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.INT64, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
     with pytest.raises(LoweringError) as info:
         lower_onnx(model)
     message = str(info.value)
-    for needle in ("my_stft", "STFT", "ai.onnx", "21", "register_converter"):
+    for needle in ("my_tfidf", "TfIdfVectorizer", "ai.onnx", "21", "register_converter"):
         assert needle in message
 
 
