@@ -80,10 +80,13 @@ class OnnxProgram(torch.nn.Module):
         import qcompile.lowering.ops  # noqa: F401  (registers the converters)
 
         model = _inline_functions(model)
-        graph = model.graph
-        nodes = _toposort(graph)
         self.opsets = {(o.domain if o.domain != "ai.onnx" else ""): o.version for o in model.opset_import}
         self.options = options
+        self._lower(model.graph, base_dir)
+
+    def _lower(self, graph: onnx.GraphProto, base_dir: str | None) -> None:
+        """Prepare the graph's nodes once: converters, constants (static values or buffers), lowered subgraphs."""
+        nodes = _toposort(graph)
         init_names = {t.name for t in graph.initializer}
         self.input_names = [v.name for v in graph.input if v.name not in init_names]
         self.output_names = [v.name for v in graph.output]
@@ -105,10 +108,11 @@ class OnnxProgram(torch.nn.Module):
             name = node.name or f"{node.op_type}_{index}"
             converter = get_converter(domain, node.op_type, opset, name)
             ctx = NodeContext(name, node.op_type, {a.name: _attr_value(a) for a in node.attribute},
-                              len(node.output), opset, options, domain=domain)
+                              len(node.output), opset, self.options, domain=domain)
             ctx.extra["initializers"] = {i: inits[n] for i, n in enumerate(node.input) if n in inits}
             ctx.extra["input_types"] = [elem_types.get(n) for n in node.input]
             ctx.extra["input_names"] = list(node.input)
+            self._lower_subgraphs(node, ctx)
             if node.op_type == "ConstantOfShape" and isinstance(ctx.attr("value"), torch.Tensor):
                 ctx.extra["fill"] = ctx.attr("value").reshape(-1)[0].item()  # read now: no data access in forward
             if node.op_type == "Constant" and not domain:  # evaluated once here, outside any tracing
@@ -119,6 +123,7 @@ class OnnxProgram(torch.nn.Module):
             self._nodes.append((ctx, converter, inputs, list(node.output), prepared))
         # constants only a prepare hook read (e.g. an ONNX int4 weight, replaced by its engine layout) are dropped
         read = {n for _, _, inputs, _, _ in self._nodes for n in inputs} | set(self.output_names)
+        read |= {n for ctx, *_ in self._nodes for n in ctx.extra.get("outer_names", ())}
         for name, value in constants.items():
             if name in read or name not in replaced:
                 self._add_constant(name, value)
@@ -126,6 +131,19 @@ class OnnxProgram(torch.nn.Module):
             (replaced - read)
         logger.debug("lowered %d nodes, %d buffers, %d static constants", len(self._nodes), len(self._buffer_of),
                      len(self._static))
+
+    def _lower_subgraphs(self, node: onnx.NodeProto, ctx: NodeContext) -> None:
+        """Lower the node's GRAPH attributes once, as child programs (their constants are buffers of this module):
+        `ctx.attr(name)` is then a `SubgraphProgram`, and `ctx.extra["outer_names"]` the enclosing values they read,
+        which the converter gets as `outer={name: value}`."""
+        graphs = {a.name: a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH}
+        if not graphs:
+            return
+        for key, graph in graphs.items():
+            child = SubgraphProgram(graph, self)
+            self.add_module(self._free_attribute(f"g_{ctx.name}_{key}"), child)
+            ctx.attrs[key] = child
+        ctx.extra["outer_names"] = _outer_names_of(node)
 
     def _compute_value(self, name: str, value: Any) -> Any:
         """A constant as the program holds it: float data in the compute dtype unless it is a scale."""
@@ -162,11 +180,16 @@ class OnnxProgram(torch.nn.Module):
 
     def _register(self, name: str, value: torch.Tensor) -> str:
         """Register `value` as a persistent buffer named after `name`; returns the buffer's attribute name."""
-        buffer = "c_" + re.sub(r"\W", "_", name)
-        while hasattr(self, buffer):
-            buffer += "_"
+        buffer = self._free_attribute("c_" + name)
         self.register_buffer(buffer, value, persistent=True)
         return buffer
+
+    def _free_attribute(self, name: str) -> str:
+        """`name` made an identifier that no attribute of this module has yet."""
+        name = re.sub(r"\W", "_", name)
+        while hasattr(self, name):
+            name += "_"
+        return name
 
     def forward(self, *inputs: torch.Tensor) -> tuple:
         if len(inputs) != len(self.input_names):
@@ -200,16 +223,36 @@ class OnnxProgram(torch.nn.Module):
         return torch.device("cpu")
 
     def _execute_nodes(self, feeds: dict, capture: Iterable[str]) -> tuple[dict, dict]:
+        env = self._environment(feeds)
+        wanted = set(capture)
+        captured = {n: env[n] for n in wanted if n in env}
+        self._run_nodes(env, wanted, captured)
+        outputs = {}
+        for name in self.output_names:
+            value = as_tensor(env[name])
+            dtype = self._output_dtypes.get(name)
+            if dtype is not None and isinstance(value, torch.Tensor) and value.dtype != dtype:
+                value = value.to(dtype)
+            outputs[name] = value
+        captured = {k: as_tensor(v) for k, v in captured.items()}
+        return outputs, captured
+
+    def _environment(self, feeds: dict) -> dict[str, Any]:
+        """The values before the first node: static constants, buffers and the graph inputs."""
         env: dict[str, Any] = dict(self._static)
         for name, buffer in self._buffer_of.items():
             env[name] = getattr(self, buffer)
         for name in self.input_names:
             env[name] = self._to_compute(feeds[name])
-        wanted = set(capture)
-        captured = {n: env[n] for n in wanted if n in env}
+        return env
+
+    def _run_nodes(self, env: dict, wanted: set, captured: dict) -> None:
+        """Run every node on `env` (adding their outputs to it; those in `wanted` also to `captured`)."""
         for ctx, converter, input_names, output_names, prepared in self._nodes:
             args = [env[i] if i else None for i in input_names]
             kwargs = {} if prepared is None else {"prepared": {k: getattr(self, b) for k, b in prepared.items()}}
+            if "outer_names" in ctx.extra:
+                kwargs["outer"] = {n: env[n] for n in ctx.extra["outer_names"]}
             with _annotate(ctx.name):
                 try:
                     result = converter(ctx, *args, **kwargs)
@@ -223,15 +266,6 @@ class OnnxProgram(torch.nn.Module):
                     env[name] = value if name in self._keep_fp32 else self._to_compute(value)
                     if name in wanted:
                         captured[name] = env[name]
-        outputs = {}
-        for name in self.output_names:
-            value = as_tensor(env[name])
-            dtype = self._output_dtypes.get(name)
-            if dtype is not None and isinstance(value, torch.Tensor) and value.dtype != dtype:
-                value = value.to(dtype)
-            outputs[name] = value
-        captured = {k: as_tensor(v) for k, v in captured.items()}
-        return outputs, captured
 
     def _to_compute(self, value: Any) -> Any:
         dtype = self.options.compute_dtype
@@ -240,6 +274,45 @@ class OnnxProgram(torch.nn.Module):
                 return IntList(value.values, value.scalar, dtype)
             return value.to(dtype)
         return value
+
+
+class SubgraphProgram(OnnxProgram):
+    """A GRAPH attribute (an If branch, a Loop or Scan body) lowered once, as a child module of the program holding
+    its node. `call(inputs, outer)` runs it on its formal inputs; the names it reads from enclosing graphs
+    (`outer_names`) come from `outer`."""
+
+    def __init__(self, graph: onnx.GraphProto, parent: OnnxProgram):
+        torch.nn.Module.__init__(self)
+        self.opsets, self.options = parent.opsets, parent.options
+        self.outer_names = _outer_names(graph)
+        self._lower(graph, None)
+
+    def call(self, inputs: list, outer: dict) -> list:
+        """The graph's outputs (tensors or static values) for its inputs in order and the enclosing values."""
+        if len(inputs) != len(self.input_names):
+            raise LoweringError(f"subgraph inputs {self.input_names}, got {len(inputs)} values")
+        env = {n: outer[n] for n in self.outer_names}
+        env.update(self._environment(dict(zip(self.input_names, inputs))))
+        self._run_nodes(env, set(), {})
+        return [env[n] for n in self.output_names]
+
+    def output_dtype(self, index: int) -> torch.dtype | None:
+        """The declared dtype of output `index` (None when the graph does not say)."""
+        return self._output_dtypes.get(self.output_names[index])
+
+
+def _outer_names(graph: onnx.GraphProto) -> list[str]:
+    """The names a (sub)graph, its nested subgraphs included, reads without defining them (outer-scope values)."""
+    defined = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    defined |= {o for n in graph.node for o in n.output}
+    read = [name for n in graph.node for name in [*n.input, *_outer_names_of(n)]] + [v.name for v in graph.output]
+    return list(dict.fromkeys(n for n in read if n and n not in defined))
+
+
+def _outer_names_of(node: onnx.NodeProto) -> list[str]:
+    """The enclosing values a node's subgraphs read (implicit inputs of If, Loop, Scan)."""
+    return list(dict.fromkeys(n for a in node.attribute if a.type == onnx.AttributeProto.GRAPH
+                              for n in _outer_names(a.g)))
 
 
 def _domain(node: onnx.NodeProto) -> str:
@@ -261,7 +334,7 @@ def _toposort(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     users: dict[int, list[int]] = {}
     pending = []
     for i, node in enumerate(graph.node):
-        deps = {producer[x] for x in node.input if x in producer and producer[x] != i}
+        deps = {producer[x] for x in [*node.input, *_outer_names_of(node)] if x in producer and producer[x] != i}
         pending.append(len(deps))
         for d in deps:
             users.setdefault(d, []).append(i)

@@ -23,6 +23,7 @@ KNOWN_GAPS = (
     "convtranspose_output_shape", "convtranspose_autopad_same",
     "_empty_set",                                      # reductions over empty axes
     "e5m2",                                            # Q/DQ to float8e5m2 (not a qcompile format)
+    "test_if_seq", "test_if_opt", "test_loop13_seq", "test_loop16_seq_none",  # sequence / optional values
     "bfloat16", "bf16",                                # ml_dtypes inputs the reference cannot give torch
     # float -> 4-bit integer Cast out of range is undefined in the spec; we wrap around (onnx <= 1.23.1's test
     # data did too), onnx 1.23.2's test data writes 0 there
@@ -30,7 +31,7 @@ KNOWN_GAPS = (
 )
 # Q/DQ cases for the formats qcompile produces: every one must pass.
 QDQ_FORMATS_EXCLUDED = ("e5m2", "int16", "uint16", "int2", "uint2", "float4", "fnuz", "e8m0")
-MIN_PASSED = 1350  # 1423 with onnx 1.23.2
+MIN_PASSED = 1380  # 1451 with onnx 1.23.2
 
 SUPPORTED = {op for domain, op in supported_ops() if domain == ""}
 _TORCH_VIEW = {onnx.TensorProto.FLOAT8E4M3FN: (np.uint8, torch.float8_e4m3fn),
