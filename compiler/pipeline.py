@@ -179,6 +179,9 @@ def build(
         plugin_model, fuse_result = fuse_plugins(qdq_model, recipe=recipe)
 
     layers = layer_table(plugin_model)
+    prequantized = _prequantized_note(src.model)
+    if prequantized:
+        notes = notes + [prequantized]
     stats = {**qdq_result.stats, **fuse_result.stats}
     result = BuildResult(output, recipe, qdq_model, plugin_model, layers, dict(progress.times),
                          initializer_bytes(src.model), initializer_bytes(plugin_model), calibration, stats,
@@ -219,6 +222,21 @@ def build(
                      manifest=manifest, output_path=output, device=device, extra_files=_quantized_graph(plugin_model))
     result.stage_seconds = dict(progress.times)
     return result
+
+
+def _prequantized_note(model) -> str | None:
+    """The build summary's line on a source already quantized by ONNX Runtime (its integer "QOperator" ops)."""
+    from collections import Counter
+
+    from qcompile.lowering.ops.qoperator import OP_TYPES
+
+    found = Counter(n.op_type for n in model.graph.node if n.op_type in OP_TYPES and n.domain in ("", "ai.onnx"))
+    if not found:
+        return None
+    ops = ", ".join(f"{count} {op}" for op, count in sorted(found.items()))
+    return (f"the source is already quantized ({ops}): those ops run as exact integer math in plain torch, not as "
+            "the fast GEMM plugins, and the recipe quantizes only the float layers; build from the float model "
+            "for the plugins")
 
 
 def _fp8_large_m_note(model, device: str) -> str:

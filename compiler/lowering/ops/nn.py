@@ -82,15 +82,32 @@ def conv(ctx, x, w, b=None):
 
 @reg("ConvTranspose")
 def conv_transpose(ctx, x, w, b=None):
+    """torch's transposed convolution without padding, then the ONNX pads cropped off (negative ones zero-padded):
+    asymmetric pads, `output_shape` and SAME auto_pad all come down to (begin, end) pads per axis."""
     x, w = _promote(as_tensor(x), as_tensor(w))
     spatial = w.ndim - 2
     fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[spatial]
-    pads = ctx.attr("pads") or [0] * (2 * spatial)
-    if pads[:spatial] != pads[spatial:]:
-        raise ctx.fail(f"asymmetric pads {pads} are not supported")
-    return fn(x, w, None if b is None else as_tensor(b).to(x.dtype), stride=ctx.attr("strides", [1] * spatial),
-              padding=pads[:spatial], output_padding=ctx.attr("output_padding", [0] * spatial),
-              groups=ctx.attr("group", 1), dilation=ctx.attr("dilations", [1] * spatial))
+    strides, dilations = ctx.attr("strides", [1] * spatial), ctx.attr("dilations", [1] * spatial)
+    extra = ctx.attr("output_padding", [0] * spatial)
+    y = fn(x, w, None if b is None else as_tensor(b).to(x.dtype), stride=strides, output_padding=extra,
+           groups=ctx.attr("group", 1), dilation=dilations)
+    pads = _transposed_pads(ctx, x.shape[2:], list(y.shape[2:]), spatial)
+    return F.pad(y, [-p for p in _torch_pad_list(pads)]) if any(p != 0 for p in pads) else y
+
+
+def _transposed_pads(ctx, sizes, full: list, spatial: int) -> list:
+    """ONNX [begin..., end...] pads of a transposed convolution whose unpadded output has lengths `full`."""
+    auto_pad = ctx.attr("auto_pad", "NOTSET") or "NOTSET"
+    wanted = ctx.attr("output_shape")
+    if wanted is None and auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        wanted = [size * s for size, s in zip(sizes, ctx.attr("strides", [1] * spatial))]
+    if wanted is None:
+        return list(ctx.attr("pads") or [0] * (2 * spatial))
+    totals = [length - target for length, target in zip(full, wanted[-spatial:])]
+    small = [t // 2 for t in totals]
+    if auto_pad == "SAME_UPPER":
+        return small + [t - h for t, h in zip(totals, small)]
+    return [t - h for t, h in zip(totals, small)] + small
 
 
 @reg("MaxPool")

@@ -20,7 +20,6 @@ KNOWN_GAPS = (
     "training",                                        # Dropout / BatchNormalization in training mode
     "maxpool_with_argmax",                             # MaxPool Indices output
     "averagepool_2d_dilations", "averagepool_3d_dilations",
-    "convtranspose_output_shape", "convtranspose_autopad_same",
     "_empty_set",                                      # reductions over empty axes
     "e5m2",                                            # Q/DQ to float8e5m2 (not a qcompile format)
     "test_if_seq", "test_if_opt", "test_loop13_seq", "test_loop16_seq_none",  # sequence / optional values
