@@ -21,6 +21,7 @@ from qcompile.passes.fuse_int4_gemm import FuseInt4GemmPass
 from qcompile.passes.fuse_int8_wo_gemm import FuseInt8WoGemmPass
 from qcompile.passes.fuse_scaled_gemm import FuseScaledGemmPass
 from qcompile.passes.fuse_sibling_gemms import FuseSiblingGemmsPass
+from qcompile.passes.import_matmul_nbits import ImportMatMulNBitsPass
 from qcompile.passes.infra import PassBase, PassManager, PassResult
 from qcompile.passes.insert_qdq import InsertQDQPass
 from qcompile.passes.lint_qdq import LintQDQPass
@@ -62,8 +63,8 @@ def qdq_passes(recipe: Recipe, activation_amax: dict[str, float], int4_weights=N
 def plugin_passes(recipe: Recipe | None = None) -> list[PassBase]:
     """Q/DQ graph -> plugin graph (`recipe`: the one the graph was quantized with, so that each fusion keeps to
     its own layers; None: every fusion tries every quantized GEMM)."""
-    return [FuseScaledGemmPass(recipe), FuseInt4GemmPass(), FuseInt8WoGemmPass(), FuseFp8BlockGemmPass(),
-            FuseFp4GemmPass(), CleanupPass(), LintQDQPass()]
+    return [ImportMatMulNBitsPass(), FuseScaledGemmPass(recipe), FuseInt4GemmPass(), FuseInt8WoGemmPass(),
+            FuseFp8BlockGemmPass(), FuseFp4GemmPass(), CleanupPass(), LintQDQPass()]
 
 
 def engine_passes() -> list[PassBase]:

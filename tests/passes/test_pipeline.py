@@ -47,7 +47,8 @@ def test_pass_order_is_data():
         "QuantizeWeightsInt4Pass", "FoldAwqScalesPass", "InsertQDQPass", "QuantizeWeightsFp4Pass", "QuantizeFp8BlockPass", "FoldWeightQDQPass",
         "SinkDequantizePass", "CleanupPass",
         "LintQDQPass"]
-    assert [p.name for p in plugin_passes()] == ["FuseScaledGemmPass", "FuseInt4GemmPass", "FuseInt8WoGemmPass", "FuseFp8BlockGemmPass",
+    assert [p.name for p in plugin_passes()] == ["ImportMatMulNBitsPass", "FuseScaledGemmPass", "FuseInt4GemmPass",
+                                                    "FuseInt8WoGemmPass", "FuseFp8BlockGemmPass",
                                                     "FuseFp4GemmPass", "CleanupPass",
                                                     "LintQDQPass"]
 
