@@ -1,0 +1,2 @@
+"""ONNX Runtime contrib ops (placeholder)."""
+from __future__ import annotations
