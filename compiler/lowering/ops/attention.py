@@ -30,7 +30,7 @@ def attention(ctx, q, k, v, attn_mask=None, past_key=None, past_value=None, nonp
         heads, kv_heads = ctx.attr("q_num_heads"), ctx.attr("kv_num_heads")
         if not heads or not kv_heads:
             raise ctx.fail("3-D Q, K and V need the q_num_heads and kv_num_heads attributes")
-        q, k, v = _split_heads(q, heads), _split_heads(k, kv_heads), _split_heads(v, kv_heads)
+        q, k, v = split_heads(q, heads), split_heads(k, kv_heads), split_heads(v, kv_heads)
     if (past_key is None) != (past_value is None):
         raise ctx.fail("past_key and past_value must be given together")
     past = 0
@@ -59,7 +59,7 @@ def attention(ctx, q, k, v, attn_mask=None, past_key=None, past_value=None, nonp
     return (y, *present, qk)[:max(ctx.num_outputs, 1)]
 
 
-def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """[batch, seq, heads * size] -> [batch, heads, seq, size]."""
     return x.reshape(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
 

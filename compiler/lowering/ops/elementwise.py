@@ -31,12 +31,12 @@ def _binary(torch_fn, py_fn=None):
         if py_fn is not None and isinstance(a, IntList) and isinstance(b, IntList) \
                 and not (a.dtype.is_floating_point or b.dtype.is_floating_point):
             return _python_binary(a, b, py_fn)
-        a, b = _promote(as_tensor(a), as_tensor(b))
+        a, b = promote(as_tensor(a), as_tensor(b))
         return torch_fn(a, b)
     return convert
 
 
-def _promote(a: torch.Tensor, b: torch.Tensor):
+def promote(a: torch.Tensor, b: torch.Tensor):
     """ONNX requires equal input types; mixed float precisions come from our compute dtype."""
     if a.dtype != b.dtype:
         if a.dtype.is_floating_point and b.dtype.is_floating_point:
@@ -91,7 +91,7 @@ def _variadic(fn):
         xs = [as_tensor(x) for x in xs]
         out = xs[0]
         for x in xs[1:]:
-            out, x = _promote(out, x)
+            out, x = promote(out, x)
             out = fn(out, x)
         return out
     return convert
@@ -226,7 +226,7 @@ def hard_swish(ctx, x):
 
 @reg("PRelu")
 def prelu(ctx, x, slope):
-    x, slope = _promote(as_tensor(x), as_tensor(slope))
+    x, slope = promote(as_tensor(x), as_tensor(slope))
     return torch.where(x < 0, x * slope, x)
 
 
@@ -248,21 +248,21 @@ def where(ctx, cond, a, b):
         av = a.values * n if len(a.values) == 1 else a.values
         bv = b.values * n if len(b.values) == 1 else b.values
         return IntList(tuple(x if c else y for c, x, y in zip(pick, av, bv)), cond.scalar and a.scalar, a.dtype)
-    a, b = _promote(as_tensor(a), as_tensor(b))
+    a, b = promote(as_tensor(a), as_tensor(b))
     return torch.where(as_tensor(cond), a, b)
 
 
-_FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 _FP8_NAN_ABOVE = {torch.float8_e4m3fn: 464.0}  # halfway to the NaN code: larger values round to NaN
 _INT4_CODES = {onnx.TensorProto.INT4: (-8, 16), onnx.TensorProto.UINT4: (0, 16)}
 
 
 def _cast(x, code: int, dtype: torch.dtype, saturate: bool):
     """ONNX Cast of a tensor: float8 saturates (or overflows to NaN/inf), 4-bit integers wrap around."""
-    if dtype in _FP8_MAX:
+    if dtype in FP8_MAX:
         xf = x.float()
         if saturate:
-            return torch.clamp(xf, -_FP8_MAX[dtype], _FP8_MAX[dtype]).to(dtype)
+            return torch.clamp(xf, -FP8_MAX[dtype], FP8_MAX[dtype]).to(dtype)
         if dtype in _FP8_NAN_ABOVE:  # e4m3fn has no inf: overflow and inf become NaN
             xf = torch.where(xf.abs() > _FP8_NAN_ABOVE[dtype], torch.full_like(xf, float("nan")), xf)
         return xf.to(dtype)
@@ -277,7 +277,7 @@ def _cast(x, code: int, dtype: torch.dtype, saturate: bool):
 def cast(ctx, x):
     code = ctx.attr("to")
     dtype = ctx.float_dtype(onnx_to_torch_dtype(code))
-    if isinstance(x, IntList) and code not in _INT4_CODES and dtype not in _FP8_MAX:  # stays a Python value
+    if isinstance(x, IntList) and code not in _INT4_CODES and dtype not in FP8_MAX:  # stays a Python value
         if dtype == torch.bool:
             values = tuple(bool(v) for v in x.values)
         elif not dtype.is_floating_point:

@@ -5,20 +5,20 @@ import torch
 import torch.nn.functional as F
 
 from qcompile.lowering.ops.dtypes import onnx_to_torch_dtype
-from qcompile.lowering.ops.elementwise import _promote
+from qcompile.lowering.ops.elementwise import promote
 from qcompile.lowering.registry import register_converter as reg
 from qcompile.lowering.values import as_tensor
 
 
 @reg("MatMul")
 def matmul(ctx, a, b):
-    a, b = _promote(as_tensor(a), as_tensor(b))
+    a, b = promote(as_tensor(a), as_tensor(b))
     return torch.matmul(a, b)
 
 
 @reg("Gemm")
 def gemm(ctx, a, b, c=None):
-    a, b = _promote(as_tensor(a), as_tensor(b))
+    a, b = promote(as_tensor(a), as_tensor(b))
     if ctx.attr("transA", 0):
         a = a.t()
     if ctx.attr("transB", 0):
@@ -50,7 +50,7 @@ def _explicit_pads(ctx, x, kernel, strides, dilations) -> list:
     return list(ctx.attr("pads") or [0] * (2 * spatial))
 
 
-def _torch_pad_list(pads: list) -> list:
+def torch_pad_list(pads: list) -> list:
     """ONNX [b0, b1, ..., e0, e1, ...] -> F.pad's [b_last, e_last, ..., b0, e0]."""
     n = len(pads) // 2
     out = []
@@ -67,7 +67,7 @@ def _symmetric(pads: list, limit: list | None = None) -> bool:
 
 @reg("Conv")
 def conv(ctx, x, w, b=None):
-    x, w = _promote(as_tensor(x), as_tensor(w))
+    x, w = promote(as_tensor(x), as_tensor(w))
     spatial = w.ndim - 2
     fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
     strides, dilations = ctx.attr("strides", [1] * spatial), ctx.attr("dilations", [1] * spatial)
@@ -75,7 +75,7 @@ def conv(ctx, x, w, b=None):
     if _symmetric(pads):
         padding = pads[:spatial]
     else:  # asymmetric (or symbolic SAME) padding: pad explicitly with zeros first
-        x, padding = F.pad(x, _torch_pad_list(pads)), [0] * spatial
+        x, padding = F.pad(x, torch_pad_list(pads)), [0] * spatial
     return fn(x, w, None if b is None else as_tensor(b).to(x.dtype), stride=strides, padding=padding,
               dilation=dilations, groups=ctx.attr("group", 1))
 
@@ -84,7 +84,7 @@ def conv(ctx, x, w, b=None):
 def conv_transpose(ctx, x, w, b=None):
     """torch's transposed convolution without padding, then the ONNX pads cropped off (negative ones zero-padded):
     asymmetric pads, `output_shape` and SAME auto_pad all come down to (begin, end) pads per axis."""
-    x, w = _promote(as_tensor(x), as_tensor(w))
+    x, w = promote(as_tensor(x), as_tensor(w))
     spatial = w.ndim - 2
     fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[spatial]
     strides, dilations = ctx.attr("strides", [1] * spatial), ctx.attr("dilations", [1] * spatial)
@@ -92,7 +92,7 @@ def conv_transpose(ctx, x, w, b=None):
     y = fn(x, w, None if b is None else as_tensor(b).to(x.dtype), stride=strides, output_padding=extra,
            groups=ctx.attr("group", 1), dilation=dilations)
     pads = _transposed_pads(ctx, x.shape[2:], list(y.shape[2:]), spatial)
-    return F.pad(y, [-p for p in _torch_pad_list(pads)]) if any(p != 0 for p in pads) else y
+    return F.pad(y, [-p for p in torch_pad_list(pads)]) if any(p != 0 for p in pads) else y
 
 
 def _transposed_pads(ctx, sizes, full: list, spatial: int) -> list:
@@ -123,7 +123,7 @@ def max_pool(ctx, x):
     if _symmetric(pads, [kk // 2 for kk in k]):
         padding = pads[:spatial]
     else:  # torch pools take symmetric pads of at most half the kernel: pad with -inf first
-        x, padding = F.pad(x, _torch_pad_list(pads), value=float("-inf")), [0] * spatial
+        x, padding = F.pad(x, torch_pad_list(pads), value=float("-inf")), [0] * spatial
     return fn(x, k, stride=strides, padding=padding, dilation=dilations, ceil_mode=bool(ctx.attr("ceil_mode", 0)))
 
 
@@ -141,7 +141,7 @@ def avg_pool(ctx, x):
     if _symmetric(pads, [kk // 2 for kk in k]):
         return fn(x, k, stride=strides, padding=pads[:spatial], ceil_mode=ceil, count_include_pad=include)
     # Asymmetric or large pads: pad with zeros; without count_include_pad divide by the padded mask's mean.
-    torch_pads = _torch_pad_list(pads)
+    torch_pads = torch_pad_list(pads)
     y = fn(F.pad(x, torch_pads), k, stride=strides, ceil_mode=ceil)
     if include:
         return y
@@ -177,7 +177,7 @@ def instance_norm(ctx, x, scale, bias):
                            eps=ctx.attr("epsilon", 1e-5))
 
 
-def _normalized_dims(ctx, x):
+def normalized_dims(ctx, x):
     axis = ctx.attr("axis", -1) % x.ndim
     return list(range(axis, x.ndim))
 
@@ -185,7 +185,7 @@ def _normalized_dims(ctx, x):
 @reg("LayerNormalization", since=17)
 def layer_norm(ctx, x, scale, bias=None):
     x = as_tensor(x)
-    dims = _normalized_dims(ctx, x)
+    dims = normalized_dims(ctx, x)
     xf = x.float()
     mean = xf.mean(dim=dims, keepdim=True)
     var = ((xf - mean) ** 2).mean(dim=dims, keepdim=True)
@@ -199,7 +199,7 @@ def layer_norm(ctx, x, scale, bias=None):
 @reg("RMSNormalization", since=23)
 def rms_norm(ctx, x, scale):
     x = as_tensor(x)
-    dims = _normalized_dims(ctx, x)
+    dims = normalized_dims(ctx, x)
     xf = x.float()
     y = xf * torch.rsqrt((xf * xf).mean(dim=dims, keepdim=True) + ctx.attr("epsilon", 1e-5))
     return (y * as_tensor(scale).float()).to(x.dtype)
@@ -259,7 +259,7 @@ def lp_pool(ctx, x):
     if ctx.attr("ceil_mode", 0):
         pads = _ceil_mode_pads(x, pads, k, strides, dilations)
     p = ctx.attr("p", 2)
-    powered = F.pad(x.abs() ** p, _torch_pad_list(pads))
+    powered = F.pad(x.abs() ** p, torch_pad_list(pads))
     ones = torch.ones(x.shape[1], 1, *k, dtype=x.dtype, device=x.device)
     fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
     return fn(powered, ones, stride=strides, dilation=dilations, groups=x.shape[1]) ** (1.0 / p)

@@ -14,9 +14,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from qcompile.lowering.ops.attention import _split_heads
-from qcompile.lowering.ops.nn import _normalized_dims, layer_norm
-from qcompile.lowering.ops.rotary import _angles, _rotate
+from qcompile.lowering.ops.attention import split_heads
+from qcompile.lowering.ops.nn import normalized_dims, layer_norm
+from qcompile.lowering.ops.rotary import cache_angles, rotate_pairs
 from qcompile.lowering.registry import register_converter as reg
 from qcompile.lowering.values import IntList, as_tensor
 
@@ -50,7 +50,7 @@ def _skip_sum(x, skip, bias) -> torch.Tensor:
 def simplified_layer_norm(ctx, x, scale):
     """RMSNorm over the axes from `axis` on; Y in the scale's type (ORT's `V`), optional inv_std_var."""
     x = as_tensor(x)
-    y, inv_std = _rms_norm(x, scale, _normalized_dims(ctx, x), ctx.attr("epsilon", 1e-5), as_tensor(scale).dtype)
+    y, inv_std = _rms_norm(x, scale, normalized_dims(ctx, x), ctx.attr("epsilon", 1e-5), as_tensor(scale).dtype)
     return (y, inv_std)[:max(ctx.num_outputs, 1)]
 
 
@@ -116,9 +116,9 @@ def bias_split_gelu(ctx, x, bias):
 def _rope(heads: torch.Tensor, cos_cache, sin_cache, positions: torch.Tensor, head_axis: int,
           interleaved: bool) -> torch.Tensor:
     """`heads` with the first 2 * cache-width features of each head rotated at `positions` ([batch or 1, seq])."""
-    cos, sin = (_angles(as_tensor(c), positions, head_axis).to(heads.dtype) for c in (cos_cache, sin_cache))
+    cos, sin = (cache_angles(as_tensor(c), positions, head_axis).to(heads.dtype) for c in (cos_cache, sin_cache))
     dim = 2 * cos.shape[-1]
-    return torch.cat([_rotate(heads[..., :dim], cos, sin, interleaved), heads[..., dim:]], -1)
+    return torch.cat([rotate_pairs(heads[..., :dim], cos, sin, interleaved), heads[..., dim:]], -1)
 
 
 @_contrib("RotaryEmbedding")
@@ -244,7 +244,7 @@ def _gqa_projections(ctx, query: torch.Tensor, key, value, heads: int, kv_heads:
         query, key, value = query.split([heads * size, kv_heads * size, kv_heads * size], -1)
     elif key is None or value is None:
         raise ctx.fail("key and value must be given together (or neither, for packed QKV)")
-    return _split_heads(query, heads), _split_heads(as_tensor(key), kv_heads), _split_heads(as_tensor(value), kv_heads)
+    return split_heads(query, heads), split_heads(as_tensor(key), kv_heads), split_heads(as_tensor(value), kv_heads)
 
 
 def _present_length(total_sequence_length, past_key, seq):
@@ -324,8 +324,8 @@ def _mha_projections(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         if key.ndim == 3:
             key, value = key + bias[hidden:2 * hidden], value + bias[2 * hidden:]
     if key.ndim == 4:
-        return _split_heads(query, heads), key, value
-    return _split_heads(query, heads), _split_heads(key, heads), _split_heads(value, heads)
+        return split_heads(query, heads), key, value
+    return split_heads(query, heads), split_heads(key, heads), split_heads(value, heads)
 
 
 def _mha_mask(ctx, key_padding_mask, q_len, kv_len, dtype: torch.dtype, device) -> torch.Tensor | None:

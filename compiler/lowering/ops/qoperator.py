@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 
 from qcompile.lowering.ops.nn import conv
-from qcompile.lowering.ops.quant import _FP8_MAX, _INT_RANGES
+from qcompile.lowering.ops.quant import FP8_MAX, INT_RANGES
 from qcompile.lowering.registry import register_converter as reg
 from qcompile.lowering.values import as_tensor
 
-_RANGE = {torch.int8: _INT_RANGES["int8"], torch.uint8: _INT_RANGES["uint8"]}
+_RANGE = {torch.int8: INT_RANGES["int8"], torch.uint8: INT_RANGES["uint8"]}
 OP_TYPES = ("DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv")
 
 
@@ -85,7 +85,7 @@ def _requantize(acc: torch.Tensor, scale: torch.Tensor, y_scale, y_zero_point, a
     saturated, then rounded by the cast)."""
     zero_point = as_tensor(y_zero_point)
     y = acc * scale / _per(y_scale, acc.ndim, axis)
-    if zero_point.dtype in _FP8_MAX:
-        return torch.clamp(y, -_FP8_MAX[zero_point.dtype], _FP8_MAX[zero_point.dtype]).to(zero_point.dtype)
+    if zero_point.dtype in FP8_MAX:
+        return torch.clamp(y, -FP8_MAX[zero_point.dtype], FP8_MAX[zero_point.dtype]).to(zero_point.dtype)
     low, high = _RANGE[zero_point.dtype]
     return torch.clamp(torch.round(y) + _per(zero_point, acc.ndim, axis), low, high).to(zero_point.dtype)

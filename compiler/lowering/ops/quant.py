@@ -14,9 +14,9 @@ from qcompile.lowering.ops.dtypes import onnx_to_torch_dtype
 from qcompile.lowering.registry import register_converter as reg
 from qcompile.lowering.values import as_tensor
 
-_INT_RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int4": (-8, 7), "uint4": (0, 15),
+INT_RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int4": (-8, 7), "uint4": (0, 15),
                "int16": (-32768, 32767), "uint16": (0, 65535)}
-_FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 
 
 def _expand_scale(ctx, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -55,14 +55,14 @@ def quantize_linear(ctx, x, y_scale, y_zero_point=None):
     x, scale = as_tensor(x), as_tensor(y_scale)
     name, dtype = _target(ctx, y_zero_point)
     y = x.float() / _expand_scale(ctx, scale.float(), x)
-    if dtype in _FP8_MAX:
+    if dtype in FP8_MAX:
         if ctx.attr("saturate", 1):
-            y = torch.clamp(y, -_FP8_MAX[dtype], _FP8_MAX[dtype])
+            y = torch.clamp(y, -FP8_MAX[dtype], FP8_MAX[dtype])
         return y.to(dtype)
     y = torch.round(y)
     if y_zero_point is not None:
         y = y + _expand_scale(ctx, as_tensor(y_zero_point).float(), x)
-    lo, hi = _INT_RANGES[name]
+    lo, hi = INT_RANGES[name]
     return torch.clamp(y, lo, hi).to(dtype)
 
 
@@ -70,7 +70,7 @@ def quantize_linear(ctx, x, y_scale, y_zero_point=None):
 def dequantize_linear(ctx, x, x_scale, x_zero_point=None):
     x, scale = as_tensor(x), as_tensor(x_scale)
     y = x.float()
-    if x_zero_point is not None and x.dtype not in _FP8_MAX:
+    if x_zero_point is not None and x.dtype not in FP8_MAX:
         y = y - _expand_scale(ctx, as_tensor(x_zero_point).float(), x)
     y = y * _expand_scale(ctx, scale.float(), x)
     out = onnx_to_torch_dtype(ctx.attr("output_dtype")) if ctx.attr("output_dtype") else scale.dtype

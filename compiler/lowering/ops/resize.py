@@ -28,7 +28,7 @@ _TORCH_MODES = {("linear", 3): "linear", ("linear", 4): "bilinear", ("linear", 5
                 ("nearest", 5): "nearest"}
 
 
-def _read_float_constants(*slots: tuple[int, str]):
+def read_float_constants(*slots: tuple[int, str]):
     """A prepare hook storing the constant inputs at `slots` ((index, key) pairs) in `ctx.extra[key]` as Python
     floats (read from the initializer when there is one: exact even under a compute dtype)."""
 
@@ -48,17 +48,17 @@ def _read_float_constants(*slots: tuple[int, str]):
     return hook
 
 
-@reg("Resize", since=10, prepare=_read_float_constants((1, "scales")))
+@reg("Resize", since=10, prepare=read_float_constants((1, "scales")))
 def resize_10(ctx, x, scales=None, prepared=None):
     """Opset 10: Upsample's semantics (asymmetric coordinates, nearest rounds down), scales only."""
-    return _resize(ctx, as_tensor(x), None, _floats(ctx, scales, "scales"), None, coordinates="asymmetric",
+    return resize_axes(ctx, as_tensor(x), None, _floats(ctx, scales, "scales"), None, coordinates="asymmetric",
                    nearest_mode="floor")
 
 
-@reg("Resize", since=11, prepare=_read_float_constants((1, "roi"), (2, "scales")))
+@reg("Resize", since=11, prepare=read_float_constants((1, "roi"), (2, "scales")))
 def resize(ctx, x, roi=None, scales=None, sizes=None, prepared=None):
     sizes = as_ints(sizes) if sizes is not None else None
-    return _resize(ctx, as_tensor(x), _floats(ctx, roi, "roi"), _floats(ctx, scales, "scales"), sizes or None,
+    return resize_axes(ctx, as_tensor(x), _floats(ctx, roi, "roi"), _floats(ctx, scales, "scales"), sizes or None,
                    coordinates=ctx.attr("coordinate_transformation_mode", "half_pixel"),
                    nearest_mode=ctx.attr("nearest_mode", "round_prefer_floor"))
 
@@ -75,7 +75,7 @@ def _floats(ctx, value, key: str) -> list | None:
     return floats or None
 
 
-def _resize(ctx, x: torch.Tensor, roi, scales, sizes, coordinates: str, nearest_mode: str) -> torch.Tensor:
+def resize_axes(ctx, x: torch.Tensor, roi, scales, sizes, coordinates: str, nearest_mode: str) -> torch.Tensor:
     rank = x.ndim
     axes = [a % rank for a in ctx.attr("axes", range(rank))]
     if (scales is None) == (sizes is None):
@@ -100,7 +100,7 @@ def _resize(ctx, x: torch.Tensor, roi, scales, sizes, coordinates: str, nearest_
         fast = _interpolate(ctx, x, plan, coordinates, nearest_mode, from_scales=sizes is None)
         if fast is not None:
             return fast
-    y = x if ctx.attr("mode", "nearest") == "nearest" else x.to(_accumulation_dtype(x.dtype))
+    y = x if ctx.attr("mode", "nearest") == "nearest" else x.to(accumulation_dtype(x.dtype))
     for axis, length, out, scale, span in plan:
         y = _resize_axis(ctx, y, axis, length, out, scale, span, coordinates, nearest_mode)
     return _cast(y, x.dtype)
@@ -227,7 +227,7 @@ def _weighted(ctx, x: torch.Tensor, axis: int, length, source: torch.Tensor, sca
     if mode == "linear":
         weights = (1 - distance.abs()).clamp(min=0)
     else:
-        weights = _keys(distance.abs(), float(ctx.attr("cubic_coeff_a", -0.75)))
+        weights = keys_cubic_weights(distance.abs(), float(ctx.attr("cubic_coeff_a", -0.75)))
     if ctx.attr("exclude_outside", 0):
         weights = torch.where((index < 0) | (index >= length), 0.0, weights)
     if antialias or ctx.attr("exclude_outside", 0):
@@ -239,7 +239,7 @@ def _weighted(ctx, x: torch.Tensor, axis: int, length, source: torch.Tensor, sca
     return (gathered * weights.to(x.dtype).reshape([-1, taps] + [1] * (x.ndim - axis - 1))).sum(axis + 1)
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 / float64 themselves, float32 for narrower floats, float64 for integers (rounded to the nearest
     value afterwards, as the reference computing in float64 does)."""
     if dtype in (torch.float32, torch.float64):
@@ -247,7 +247,7 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype.is_floating_point else torch.float64
 
 
-def _keys(d: torch.Tensor, a: float) -> torch.Tensor:
+def keys_cubic_weights(d: torch.Tensor, a: float) -> torch.Tensor:
     """The cubic convolution kernel of Keys (1981) with coefficient `a`, at distances `d` >= 0."""
     near = ((a + 2) * d - (a + 3)) * d * d + 1
     far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a

@@ -18,11 +18,11 @@ from qcompile.lowering.values import as_tensor
 def rotary_embedding(ctx, x, cos_cache, sin_cache, position_ids=None):
     x = as_tensor(x)
     heads, head_axis = _with_heads(ctx, x)
-    cos, sin = (_angles(as_tensor(c), position_ids, head_axis).to(x.dtype) for c in (cos_cache, sin_cache))
+    cos, sin = (cache_angles(as_tensor(c), position_ids, head_axis).to(x.dtype) for c in (cos_cache, sin_cache))
     dim = ctx.attr("rotary_embedding_dim", 0) or heads.shape[-1]
     if isinstance(cos.shape[-1], int) and isinstance(dim, int) and 2 * cos.shape[-1] != dim:
         raise ctx.fail(f"the caches' last dim {cos.shape[-1]} is not half the rotary dim {dim}")
-    rotated = _rotate(heads[..., :dim], cos, sin, bool(ctx.attr("interleaved", 0)))
+    rotated = rotate_pairs(heads[..., :dim], cos, sin, bool(ctx.attr("interleaved", 0)))
     return torch.cat([rotated, heads[..., dim:]], -1).reshape(x.shape)
 
 
@@ -38,14 +38,14 @@ def _with_heads(ctx, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return x.reshape(x.shape[0], x.shape[1], heads, -1), 2
 
 
-def _angles(cache: torch.Tensor, position_ids, head_axis: int) -> torch.Tensor:
+def cache_angles(cache: torch.Tensor, position_ids, head_axis: int) -> torch.Tensor:
     """The [batch, seq, dim/2] cache values (looked up by `position_ids` when given), broadcastable over the heads."""
     if position_ids is not None:
         cache = cache[as_tensor(position_ids).to(torch.int64)]
     return cache.unsqueeze(head_axis)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     if interleaved:
         x1, x2 = x[..., 0::2], x[..., 1::2]
     else:

@@ -19,8 +19,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from qcompile.lowering.ops.nn import _torch_pad_list
-from qcompile.lowering.ops.resize import _accumulation_dtype, _keys, _read_float_constants, _resize, resize_10
+from qcompile.lowering.ops.nn import torch_pad_list
+from qcompile.lowering.ops.resize import (accumulation_dtype, keys_cubic_weights, read_float_constants, resize_10,
+                                         resize_axes)
 from qcompile.lowering.registry import register_converter as reg
 from qcompile.lowering.values import as_ints, as_tensor
 
@@ -42,7 +43,7 @@ def grid_sample(ctx, x, grid):
     if mode != "nearest" and not x.dtype.is_floating_point:
         raise ctx.fail(f"{mode} sampling of {x.dtype} data is not supported")
     if _torch_grid_sample_matches(x, mode, padding, align):
-        dtype = _accumulation_dtype(x.dtype)
+        dtype = accumulation_dtype(x.dtype)
         y = F.grid_sample(x.to(dtype), grid.to(dtype), mode={"linear": "bilinear", "cubic": "bicubic"}.get(mode, mode),
                           padding_mode=padding, align_corners=align)
         return y.to(x.dtype)
@@ -82,7 +83,7 @@ def _grid_sample_explicit(x, grid, mode: str, padding: str, align: bool) -> torc
     values = torch.where(inside, values, torch.zeros((), dtype=x.dtype, device=x.device))
     if mode == "nearest":
         return values.reshape(n, channels, *out_shape)
-    dtype = _accumulation_dtype(x.dtype)
+    dtype = accumulation_dtype(x.dtype)
     weighted = values.to(dtype) * weight.to(dtype)
     return weighted.reshape(n, channels, math.prod(out_shape), -1).sum(-1).reshape(n, channels, *out_shape).to(x.dtype)
 
@@ -110,8 +111,9 @@ def _axis_taps(position: torch.Tensor, size, mode: str, padding: str, align: boo
         position = torch.where((position < low) | (position > high), position.clamp(0, size - 1), position)
     neighbors = torch.floor(position)[..., None] + position.new_tensor(_TAP_OFFSETS[mode])
     distance = (neighbors - position[..., None]).abs()
-    weight = {"nearest": torch.ones_like, "linear": lambda d: 1 - d, "cubic": lambda d: _keys(d, _CUBIC_A)}[mode](
-        distance)
+    kernels = {"nearest": torch.ones_like, "linear": lambda d: 1 - d,
+               "cubic": lambda d: keys_cubic_weights(d, _CUBIC_A)}
+    weight = kernels[mode](distance)
     inside = (neighbors >= 0) & (neighbors <= size - 1)
     if padding == "reflection":
         neighbors = _reflect(neighbors, low, high)
@@ -138,18 +140,18 @@ def affine_grid(ctx, theta, size):
     theta, size = as_tensor(theta), as_ints(size)
     if (theta.ndim, len(size)) not in ((3, 4), (3, 5)) or tuple(theta.shape[1:]) != (len(size) - 2, len(size) - 1):
         raise ctx.fail(f"theta of shape {tuple(theta.shape)} does not fit a size of {len(size)} values")
-    dtype = _accumulation_dtype(theta.dtype)
+    dtype = accumulation_dtype(theta.dtype)
     return F.affine_grid(theta.to(dtype), size, align_corners=bool(ctx.attr("align_corners", 0))).to(theta.dtype)
 
 
 @reg("Upsample", since=7)
 def upsample_7(ctx, x):
     """Resize-10's semantics (asymmetric coordinates, nearest rounds down) with the `scales` attribute."""
-    return _resize(ctx, as_tensor(x), None, [float(s) for s in ctx.attr("scales")], None, coordinates="asymmetric",
+    return resize_axes(ctx, as_tensor(x), None, [float(s) for s in ctx.attr("scales")], None, coordinates="asymmetric",
                    nearest_mode="floor")
 
 
-@reg("Upsample", since=9, prepare=_read_float_constants((1, "scales")))
+@reg("Upsample", since=9, prepare=read_float_constants((1, "scales")))
 def upsample_9(ctx, x, scales=None, prepared=None):
     """Opset 9 on: `scales` is an input; Resize-10 is the same op."""
     return resize_10(ctx, x, scales, prepared=prepared)
@@ -177,7 +179,7 @@ def col2im(ctx, x, image_shape, block_shape):
         index = index * padded[i] + position.reshape(shape)
     n, channels = x.shape[0], x.shape[1] // kernel_size
     images = x.new_zeros(n, channels, math.prod(padded)).index_add(2, index.reshape(-1), x.reshape(n, channels, -1))
-    return F.pad(images.reshape(n, channels, *padded), _torch_pad_list([-p for p in pads]))
+    return F.pad(images.reshape(n, channels, *padded), torch_pad_list([-p for p in pads]))
 
 
 @reg("CenterCropPad", since=18)
@@ -193,7 +195,7 @@ def center_crop_pad(ctx, x, shape):
         difference = length - x.shape[axis]
         begin = torch.sym_max(difference, 0) // 2 - torch.sym_max(-difference, 0) // 2  # negative: cropped
         pads[axis], pads[axis + x.ndim] = begin, difference - begin
-    return F.pad(x, _torch_pad_list(pads))
+    return F.pad(x, torch_pad_list(pads))
 
 
 @reg("MaxUnpool", since=9)
@@ -213,7 +215,7 @@ def max_unpool(ctx, x, indices, output_shape=None):
     target = as_ints(output_shape)
     if len(target) != x.ndim:
         raise ctx.fail(f"output_shape {target} does not have rank {x.ndim}")
-    return F.pad(y, _torch_pad_list([0] * x.ndim + [t - u for t, u in zip(target, unpooled)]))
+    return F.pad(y, torch_pad_list([0] * x.ndim + [t - u for t, u in zip(target, unpooled)]))
 
 
 @reg("RoiAlign", since=10)
@@ -237,7 +239,7 @@ def _roi_align(ctx, x, rois, batch_indices, half_pixel: bool) -> torch.Tensor:
     mode = ctx.attr("mode", "avg")
     if mode not in ("avg", "max"):
         raise ctx.fail(f"unknown mode {mode!r}")
-    dtype = _accumulation_dtype(x.dtype)
+    dtype = accumulation_dtype(x.dtype)
     boxes = rois.to(dtype) * float(ctx.attr("spatial_scale", 1.0)) - (0.5 if half_pixel else 0.0)
     starts, ends = boxes[:, [1, 0]], boxes[:, [3, 2]]  # (y, x) of each roi's corners
     extents = ends - starts if half_pixel else (ends - starts).clamp(min=1.0)  # legacy: malformed rois are 1x1
