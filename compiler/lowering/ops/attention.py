@@ -45,8 +45,7 @@ def attention(ctx, q, k, v, attn_mask=None, past_key=None, past_value=None, nonp
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     offset = past if nonpad_kv_seqlen is None else as_tensor(nonpad_kv_seqlen).reshape(-1, 1, 1, 1) - q.shape[2]
     bias = _bias(ctx, attn_mask, nonpad_kv_seqlen, offset, q, k)
-    rep = q.shape[1] // k.shape[1]
-    kr, vr = (k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)) if rep > 1 else (k, v)
+    kr, vr = repeat_kv_heads(k, v, q.shape[1])
     softcap, precision = float(ctx.attr("softcap", 0.0) or 0.0), ctx.attr("softmax_precision")
     if softcap or precision is not None or ctx.num_outputs > 3:
         y, qk = _explicit(ctx, q, kr, vr, bias, scale, softcap, precision)
@@ -55,13 +54,24 @@ def attention(ctx, q, k, v, attn_mask=None, past_key=None, past_value=None, nonp
         y = F.scaled_dot_product_attention(q, kr, vr, attn_mask=bias, is_causal=plain_causal, scale=scale)
         y, qk = _zero_masked_rows(y, bias), None
     if rank3:
-        y = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], -1)
+        y = merge_heads(y)
     return (y, *present, qk)[:max(ctx.num_outputs, 1)]
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """[batch, seq, heads * size] -> [batch, heads, seq, size]."""
     return x.reshape(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[batch, heads, seq, size] -> [batch, seq, heads * size]."""
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
+
+
+def repeat_kv_heads(k: torch.Tensor, v: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V with each of their heads repeated for the consecutive query heads it serves (grouped-query)."""
+    rep = heads // k.shape[1]
+    return (k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)) if rep > 1 else (k, v)
 
 
 def _bias(ctx, attn_mask, nonpad_kv_seqlen, offset, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
@@ -90,20 +100,21 @@ def _bias(ctx, attn_mask, nonpad_kv_seqlen, offset, q: torch.Tensor, k: torch.Te
             allowed &= ahead <= right
         if nonpad_kv_seqlen is not None:
             allowed = allowed & (j < as_tensor(nonpad_kv_seqlen).reshape(-1, 1, 1, 1))
-        bias = bias + _masked(allowed, q.dtype)
+        bias = bias + additive_mask(allowed, q.dtype)
     return bias
 
 
 def _mask_bias(mask: torch.Tensor, kv_len, dtype: torch.dtype) -> torch.Tensor:
     """`attn_mask` as an additive bias, its last axis padded to `kv_len` with -inf."""
-    bias = _masked(mask, dtype) if mask.dtype == torch.bool else mask.to(dtype)
+    bias = additive_mask(mask, dtype) if mask.dtype == torch.bool else mask.to(dtype)
     pad = kv_len - bias.shape[-1]
     if isinstance(pad, int) and pad == 0:
         return bias
     return torch.cat([bias, bias.new_full((*bias.shape[:-1], pad), -math.inf)], -1)
 
 
-def _masked(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where `allowed`, -inf elsewhere, in `dtype`."""
     return torch.where(allowed, 0.0, -math.inf).to(dtype)
 
 
@@ -126,7 +137,7 @@ def _explicit(ctx, q, k, v, bias, scale: float, softcap: float, precision):
     capped = scores
     if ctx.attr("is_causal", 0) and bias is None:
         q_len, kv_len = q.shape[2], k.shape[2]
-        bias = _masked(torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(), q.dtype)
+        bias = additive_mask(torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(), q.dtype)
     if bias is not None:
         scores = scores + bias
     biased = scores

@@ -1,4 +1,4 @@
-"""ONNX TensorProto dtype codes -> torch dtypes."""
+"""ONNX TensorProto dtype codes -> torch dtypes, and the float8 types' largest finite values."""
 from __future__ import annotations
 
 import onnx
@@ -14,6 +14,8 @@ _MAP = {
     onnx.TensorProto.FLOAT4E2M1: torch.float32,  # the lowering holds FP4 as its (exact) float values
     onnx.TensorProto.UINT16: torch.int32, onnx.TensorProto.UINT32: torch.int64,
 }
+
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 
 
 def onnx_to_torch_dtype(code: int) -> torch.dtype:

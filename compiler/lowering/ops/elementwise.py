@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from qcompile.lowering.registry import register_converter as reg
 from qcompile.lowering.values import IntList, as_tensor
-from qcompile.lowering.ops.dtypes import onnx_to_torch_dtype
+from qcompile.lowering.ops.dtypes import FP8_MAX, onnx_to_torch_dtype
 
 
 def _python_binary(a: IntList, b: IntList, fn) -> IntList:
@@ -141,12 +141,19 @@ def isinf(ctx, x):
         torch.isneginf(x) if neg else torch.zeros_like(x, dtype=torch.bool))
 
 
-def _with_alpha(fn, default: float):
+def with_alpha(fn, default: float):
+    """The converter `fn(x, alpha)`, alpha from the node's `alpha` attribute (else `default`)."""
     return lambda ctx, x: fn(as_tensor(x), ctx.attr("alpha", default))
 
 
+def sigmoid_gated(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """x * sigmoid(alpha * x): ONNX's Swish, ONNX Runtime's QuickGelu."""
+    return x * torch.sigmoid(alpha * x)
+
+
 for _name, _fn, _alpha in [("LeakyRelu", F.leaky_relu, 0.01), ("Elu", F.elu, 1.0), ("Celu", F.celu, 1.0)]:
-    reg(_name)(_with_alpha(_fn, _alpha))
+    reg(_name)(with_alpha(_fn, _alpha))
+reg("Swish", since=24)(with_alpha(sigmoid_gated, 1.0))
 
 
 @reg("Selu")
@@ -180,12 +187,6 @@ def shrink(ctx, x):
     bias, lambd = ctx.attr("bias", 0.0), ctx.attr("lambd", 0.5)
     zero = torch.zeros((), dtype=x.dtype)
     return torch.where(x < -lambd, x + bias, torch.where(x > lambd, x - bias, zero)).to(x.dtype)
-
-
-@reg("Swish", since=24)
-def swish(ctx, x):
-    x = as_tensor(x)
-    return x * torch.sigmoid(ctx.attr("alpha", 1.0) * x)
 
 
 @reg("BitShift")
@@ -252,7 +253,6 @@ def where(ctx, cond, a, b):
     return torch.where(as_tensor(cond), a, b)
 
 
-FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 _FP8_NAN_ABOVE = {torch.float8_e4m3fn: 464.0}  # halfway to the NaN code: larger values round to NaN
 _INT4_CODES = {onnx.TensorProto.INT4: (-8, 16), onnx.TensorProto.UINT4: (0, 16)}
 

@@ -199,10 +199,14 @@ def layer_norm(ctx, x, scale, bias=None):
 @reg("RMSNormalization", since=23)
 def rms_norm(ctx, x, scale):
     x = as_tensor(x)
-    dims = normalized_dims(ctx, x)
+    return rms_normalize(x, scale, normalized_dims(ctx, x), ctx.attr("epsilon", 1e-5), x.dtype)[0]
+
+
+def rms_normalize(x: torch.Tensor, scale, dims: list, epsilon: float, dtype: torch.dtype):
+    """RMS normalization over `dims` in float32: (y in `dtype`, inv_std_var with `dims` kept)."""
     xf = x.float()
-    y = xf * torch.rsqrt((xf * xf).mean(dim=dims, keepdim=True) + ctx.attr("epsilon", 1e-5))
-    return (y * as_tensor(scale).float()).to(x.dtype)
+    inv_std = torch.rsqrt((xf * xf).mean(dim=dims, keepdim=True) + epsilon)
+    return (xf * inv_std * as_tensor(scale).float()).to(dtype), inv_std
 
 
 @reg("Einsum")

@@ -14,8 +14,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from qcompile.lowering.ops.attention import split_heads
-from qcompile.lowering.ops.nn import normalized_dims, layer_norm
+from qcompile.lowering.ops.attention import additive_mask, merge_heads, repeat_kv_heads, split_heads
+from qcompile.lowering.ops.elementwise import sigmoid_gated, with_alpha
+from qcompile.lowering.ops.nn import layer_norm, normalized_dims, rms_normalize
 from qcompile.lowering.ops.rotary import cache_angles, rotate_pairs
 from qcompile.lowering.registry import register_converter as reg
 from qcompile.lowering.values import IntList, as_tensor
@@ -33,13 +34,6 @@ def _contrib(op_type: str):
 reg("LayerNormalization", since=1)(layer_norm)  # ORT's default-domain op below opset 17: opset 17's semantics
 
 
-def _rms_norm(x: torch.Tensor, scale, dims: list, epsilon: float, dtype: torch.dtype):
-    """RMS normalization over `dims` in float32: (y in `dtype`, inv_std_var with `dims` kept)."""
-    xf = x.float()
-    inv_std = torch.rsqrt((xf * xf).mean(dim=dims, keepdim=True) + epsilon)
-    return (xf * inv_std * as_tensor(scale).float()).to(dtype), inv_std
-
-
 def _skip_sum(x, skip, bias) -> torch.Tensor:
     """input + skip (+ bias), the normalized value and the `input_skip_bias_sum` output."""
     x = as_tensor(x)
@@ -50,7 +44,7 @@ def _skip_sum(x, skip, bias) -> torch.Tensor:
 def simplified_layer_norm(ctx, x, scale):
     """RMSNorm over the axes from `axis` on; Y in the scale's type (ORT's `V`), optional inv_std_var."""
     x = as_tensor(x)
-    y, inv_std = _rms_norm(x, scale, normalized_dims(ctx, x), ctx.attr("epsilon", 1e-5), as_tensor(scale).dtype)
+    y, inv_std = rms_normalize(x, scale, normalized_dims(ctx, x), ctx.attr("epsilon", 1e-5), as_tensor(scale).dtype)
     return (y, inv_std)[:max(ctx.num_outputs, 1)]
 
 
@@ -65,7 +59,7 @@ def skip_layer_norm(ctx, x, skip, gamma, beta=None, bias=None):
 def skip_simplified_layer_norm(ctx, x, skip, gamma, bias=None):
     """RMSNorm of input + skip (+ bias); the `mean` output is zeros, as ORT gives."""
     total = _skip_sum(x, skip, bias)
-    y, inv_std = _rms_norm(total, gamma, [-1], ctx.attr("epsilon", SKIP_NORM_EPSILON), total.dtype)
+    y, inv_std = rms_normalize(total, gamma, [-1], ctx.attr("epsilon", SKIP_NORM_EPSILON), total.dtype)
     return (y, torch.zeros_like(inv_std), inv_std, total)[:max(ctx.num_outputs, 1)]
 
 
@@ -92,10 +86,7 @@ def fast_gelu(ctx, x, bias=None):
     return F.gelu(_biased(x, bias), approximate="tanh")
 
 
-@_contrib("QuickGelu")
-def quick_gelu(ctx, x):
-    x = as_tensor(x)
-    return x * torch.sigmoid(ctx.attr("alpha", 1.702) * x)
+_contrib("QuickGelu")(with_alpha(sigmoid_gated, 1.702))
 
 
 @_contrib("BiasAdd")
@@ -153,9 +144,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tenso
             softcap: float = 0.0, sink: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(scale * Q K^T, soft-capped, + bias) V over [batch, heads, seq, size] tensors, K/V heads shared by
     consecutive query heads; `sink` ([heads]) is an extra logit per head in the softmax's denominator only."""
-    rep = q.shape[1] // k.shape[1]
-    if rep > 1:
-        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    k, v = repeat_kv_heads(k, v, q.shape[1])
     if not softcap and sink is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
     scores = scale * (q @ k.transpose(-1, -2))
@@ -167,11 +156,6 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tenso
         column = sink.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
         return torch.softmax(torch.cat([scores, column], -1), -1)[..., :-1] @ v
     return torch.softmax(scores, -1) @ v
-
-
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """[batch, heads, seq, size] -> [batch, seq, heads * size]."""
-    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
 
 
 def _scale(ctx, head_size) -> float:
@@ -216,7 +200,7 @@ def group_query_attention(ctx, query, key=None, value=None, past_key=None, past_
         sink = q.new_zeros(heads)
     y = _attend(q, present_key, present_value, bias, _scale(ctx, q.shape[-1]), float(ctx.attr("softcap", 0.0) or 0.0),
                 sink)
-    return (_merge_heads(y), present_key, present_value)[:max(ctx.num_outputs, 1)]
+    return (merge_heads(y), present_key, present_value)[:max(ctx.num_outputs, 1)]
 
 
 def _check_gqa_support(ctx, past_key, position_ids, more) -> None:
@@ -274,7 +258,7 @@ def _gqa_bias(ctx, positions: torch.Tensor, length, attention_bias, dtype: torch
     window = ctx.attr("local_window_size", -1)
     if window is not None and window > 0:
         allowed &= ahead > -window
-    bias = torch.where(allowed, 0.0, -math.inf).to(dtype).unsqueeze(1)
+    bias = additive_mask(allowed, dtype).unsqueeze(1)
     if attention_bias is not None:
         bias = bias + _padded(as_tensor(attention_bias).to(dtype), length, -1)
     return bias
@@ -297,7 +281,7 @@ def multi_head_attention(ctx, query, key=None, value=None, bias=None, key_paddin
     if attention_bias is not None:
         mask = _biased(as_tensor(attention_bias).to(q.dtype), mask)
     y = _attend(q, k, v, mask, _scale(ctx, q.shape[-1]))
-    return (_merge_heads(y), k, v)[:max(ctx.num_outputs, 1)]
+    return (merge_heads(y), k, v)[:max(ctx.num_outputs, 1)]
 
 
 def _check_mha_support(ctx, query, key, value, past_key, past_value, past_sequence_length, cache_indirection):

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from qcompile.lowering.ops.nn import conv
-from qcompile.lowering.ops.quant import FP8_MAX, INT_RANGES
+from qcompile.lowering.ops.dtypes import FP8_MAX
+from qcompile.lowering.ops.quant import INT_RANGES
 from qcompile.lowering.registry import register_converter as reg
 from qcompile.lowering.values import as_tensor
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 import onnx
 import torch
 
-from qcompile.lowering.ops.dtypes import onnx_to_torch_dtype
+from qcompile.lowering.ops.dtypes import FP8_MAX, onnx_to_torch_dtype
 from qcompile.lowering.registry import register_converter as reg
 from qcompile.lowering.values import as_tensor
 
 INT_RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int4": (-8, 7), "uint4": (0, 15),
-               "int16": (-32768, 32767), "uint16": (0, 65535)}
-FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+              "int16": (-32768, 32767), "uint16": (0, 65535)}
 
 
 def _expand_scale(ctx, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
