@@ -41,9 +41,10 @@ from qcompile.recipes.schema import Recipe
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["QuantizeWeightsFp4Pass", "fp4_targets", "fp4_activation_tensors", "padded_k", "OPSET"]
+__all__ = ["QuantizeWeightsFp4Pass", "fp4_targets", "fp4_activation_tensors", "padded_k", "OPSET", "PAD_K_RULE"]
 
 OPSET = 23  # FLOAT4E2M1 in DequantizeLinear
+PAD_K_RULE = "fp4_pad_k"  # the qcompile.rule metadata of the Pad that gives x a K the FP4 blocks divide
 T = onnx.TensorProto
 
 
@@ -191,8 +192,10 @@ class QuantizeWeightsFp4Pass(InPlacePass):
                        G.make_constant(G.unique_name(graph, f"{x.name}_pad_axes"), np.asarray([-1], np.int64))]
             shape = None
         out = gs.Variable(G.unique_name(graph, f"{x.name}_padded"), dtype=x.dtype, shape=shape)
-        graph.nodes.append(gs.Node("Pad", name=G.unique_name(graph, f"{x.name}/pad_k"), inputs=inputs,
-                                   outputs=[out], attrs={"mode": "constant"}))
+        pad = gs.Node("Pad", name=G.unique_name(graph, f"{x.name}/pad_k"), inputs=inputs, outputs=[out],
+                      attrs={"mode": "constant"})
+        graph.nodes.append(pad)
+        G.node_metadata(graph)[pad.name] = {G.RULE_KEY: PAD_K_RULE}
         return out
 
     @staticmethod

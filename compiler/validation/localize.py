@@ -1,17 +1,20 @@
 """Per-layer error localization: which quantized layers of a plugin graph lose the accuracy.
 
-For each quantized GEMM plugin node of the quantized (plugin) graph (`PLUGINS`: `qcompile::ScaledGemm`,
-`qcompile::Int4GroupwiseGemm`):
+For each quantized GEMM plugin node of the quantized (plugin) graph (`PLUGINS`: every plugin kind of the
+build's layer table: ScaledGemm, DynamicScaledGemm, Int4GroupwiseGemm, Fp4Gemm, Fp4GemmW4A4,
+Int8WeightOnlyGemm, Fp8BlockGemm):
 
 - *local error*: the layer alone, fed the FP input x it sees in the FP reference graph, against the FP
   output y (error not inherited from upstream layers); with its clip rate (fraction of x beyond the
-  format's range at its scale; statically quantized activations only) and scales;
+  format's range at its static scale: ScaledGemm, W4A8; for NVFP4 W4A4, beyond 6 * 448 times the activation's
+  global scale, where a block scale saturates) and scales;
 - *contribution*: the gain in model-output SQNR (worst output, vs the FP reference) when only this layer
   runs in FP: the plugin node is replaced by the FP graph's nodes computing y from x (`revert_layer`).
 
-The layer is its plugin node plus the AWQ input scaling in front of it (the tagged `Mul(x, 1/s)`, or the
-ops `FoldAwqScalesPass` folded s into): x is where that starts, a tensor the FP graph has too; the local
-error runs those ops and the plugin node (lowered, as in the engine) on the FP x.
+The layer is its plugin node plus the ops in front of it that prepare its input (`INPUT_RULES`): the AWQ
+scaling (the tagged `Mul(x, 1/s)`, or the ops `FoldAwqScalesPass` folded s into) and the FP4 pass's zero padding
+of K; x is where they start, a tensor the FP graph has too; the local error runs those ops and the plugin node
+(lowered, as in the engine) on the FP x.
 
 Layers are ranked by contribution, worst offender first. Graphs run through `qcompile.lowering` (float32;
 on CPU the plugin op is its exact torch reference); metrics are `compare_arrays`, worst over the feeds.
@@ -30,15 +33,20 @@ import torch
 
 from qcompile.engine.load import to_numpy, to_torch
 from qcompile.errors import ValidationError
-from qcompile.layers import module_of
+from qcompile.layers import layer_table, module_of
 from qcompile.lowering import lower_onnx
 from qcompile.lowering.interpreter import tensor_from_onnx
 from qcompile.passes._graph import RULE_KEY
 from qcompile.passes.fold_awq_scales import FOLD_RULE
+from qcompile.passes.quantize_weights_fp4 import PAD_K_RULE
 from qcompile.passes.quantize_weights_int4 import AWQ_SCALE_RULE
 from qcompile.plugins import formats
+from qcompile.plugins.fp4_gemm import format as fp4_format
+from qcompile.plugins.fp4_gemm import onnx_schema as fp4_schema
+from qcompile.plugins.fp8_block_gemm import onnx_schema as fp8_block_schema
 from qcompile.plugins.int4_gemm import onnx_schema as int4_schema
-from qcompile.plugins.scaled_gemm import onnx_schema
+from qcompile.plugins.int8_wo_gemm import onnx_schema as int8_wo_schema
+from qcompile.plugins.scaled_gemm import dynamic_schema, onnx_schema
 from qcompile.report import format_table
 from qcompile.validation.metrics import compare_arrays, merge_iterations
 
@@ -57,12 +65,12 @@ class LayerError:
 
     node: str
     module: str
-    format: str                        # "int8", "fp8", "int4" (weight-only) or "int4/fp8" (W4A8)
+    format: str                        # "weight/activation" as in the build's layer table: "int8/int8", "int4/fp16"
     local_cosine: float | None         # layer fed the FP x, vs the FP y (None: x or y not in the FP graph)
     local_sqnr_db: float | None
     local_max_abs: float | None
-    clip_rate: float | None            # fraction of x with |x / x_scale| > the format's max (None: no static x_scale)
-    x_scale: float | None
+    clip_rate: float | None            # fraction of x beyond what x_scale represents (None: no static x_scale)
+    x_scale: float | None              # static activation scale (NVFP4 W4A4: the activation's global scale)
     w_scale_min: float
     w_scale_max: float
     reverted_cosine: float | None      # model outputs with only this layer in FP, vs the FP reference
@@ -78,15 +86,13 @@ class LayerError:
 
 @dataclass
 class _Plugin:
-    """A plugin node, the ops in front of it that belong to the layer (AWQ scaling) and its scales."""
+    """A plugin node, the ops in front of it that belong to the layer (`INPUT_RULES`) and its scales."""
 
     node: onnx.NodeProto
-    region: list[onnx.NodeProto]       # the AWQ scaling ops, then the plugin node: y computed from x
+    region: list[onnx.NodeProto]       # the input ops (AWQ scaling, K padding), then the plugin node: y from x
     x: str                             # the region's input, a tensor of the FP graph
-    fmt: str
-    act_fmt: str | None                # the statically quantized activation's format (clip rate), else None
-    x_scale: torch.Tensor | None
-    w_scale: torch.Tensor
+    fmt: str                           # "weight/activation", as in the build's layer table
+    scales: _Scales
 
     @property
     def y(self) -> str:
@@ -134,7 +140,8 @@ def revert_layer(quantized_model: onnx.ModelProto, reference_model: onnx.ModelPr
     """A copy of `quantized_model` with plugin node `node_name` replaced by the FP nodes computing it.
 
     The FP nodes (and the initializers they read, renamed where a name is taken by a different tensor) are
-    inserted at the plugin node's position; its now unused constants and AWQ scaling ops are dropped.
+    inserted at the plugin node's position; its now unused constants and input ops (AWQ scaling, K padding)
+    are dropped.
 
     Raises:
         NotRevertibleError: the node's output is not produced in the FP graph, or it depends on more than x.
@@ -156,7 +163,7 @@ def _revert(quantized_model: onnx.ModelProto, fp: _FPGraph, node_name: str) -> o
     y = region[-1].output[0]
     fp_nodes, fp_inits = fp.subgraph(x, y)
     nodes.pop(index)
-    for node in reversed(region[:-1]):  # AWQ scaling ops that fed only this layer
+    for node in reversed(region[:-1]):  # input ops that fed only this layer
         if not {i for n in nodes for i in n.input} & set(node.output):
             nodes.remove(node)
             index -= 1
@@ -248,9 +255,9 @@ def localize_layers(reference_model: onnx.ModelProto, quantized_model: onnx.Mode
                     continue
                 out, seen = layers[p.node.name].run({p.x: captured[p.x]}, capture=[p.node.input[0]])
                 local[p.node.name].append(compare_arrays(to_numpy(captured[p.y]), to_numpy(out[p.y])))
-                if p.act_fmt is not None:
+                if p.scales.x_max is not None:
                     x = seen[p.node.input[0]].float()
-                    clipped[p.node.name] += int((torch.abs(x / p.x_scale) > formats.qmax(p.act_fmt)).sum())
+                    clipped[p.node.name] += int((torch.abs(x) > p.scales.x_max.to(x.device)).sum())
                     counted[p.node.name] += x.numel()
             del captured
         del layers
@@ -261,10 +268,10 @@ def localize_layers(reference_model: onnx.ModelProto, quantized_model: onnx.Mode
         for done, p in enumerate(plugins, 1):
             name = p.node.name
             metrics = merge_iterations(local[name]) if local[name] else {}
-            w_scale = p.w_scale.double()
+            w_scale, x_scale = p.scales.w_scale.double(), p.scales.x_scale
             row = LayerError(name, module_of(p.node), p.fmt, metrics.get("cosine"), metrics.get("sqnr_db"),
                              metrics.get("max_abs"), clipped[name] / counted[name] if counted[name] else None,
-                             None if p.x_scale is None else float(p.x_scale), float(w_scale.min()),
+                             None if x_scale is None else float(x_scale), float(w_scale.min()),
                              float(w_scale.max()), None, None, None)
             if not local[name]:
                 row.note = f"{p.x!r} or {p.y!r} is not a tensor of the FP graph"
@@ -306,7 +313,16 @@ def format_layer_table(rows: Iterable[LayerError | dict[str, Any]], top: int = 1
 # --------------------------------------------------------------------------- helpers
 
 
-def _scaled_gemm(node: onnx.NodeProto, const: "_Constants") -> tuple:
+@dataclass
+class _Scales:
+    """What a plugin node's constants say about its quantization."""
+
+    w_scale: torch.Tensor                # the weight's scales as applied (an FP4 global scale folded in)
+    x_scale: torch.Tensor | None = None  # static activation scale, else None (weight-only or dynamic)
+    x_max: torch.Tensor | None = None    # largest |x| that scale represents: beyond it x clips (clip rate)
+
+
+def _scaled_gemm(node: onnx.NodeProto, const: "_Constants") -> _Scales:
     """ScaledGemm (x, x_scale, x_zero, w_q, w_scale, bias): INT8/FP8 weight and static activation."""
     x_scale, _, w_q, w_scale, bias = (list(node.input[1:]) + [""] * 5)[:5]
     if not (x_scale and w_q and w_scale):
@@ -316,22 +332,53 @@ def _scaled_gemm(node: onnx.NodeProto, const: "_Constants") -> tuple:
     fmt = formats.format_of_onnx_dtype(const.onnx_type(w_q))
     if fmt not in ("int8", "fp8"):
         raise ValidationError(f"{node.op_type} node {node.name!r}: weight format {fmt} is not int8 or fp8")
-    return fmt, fmt, const(x_scale).reshape(()), const(w_scale)
+    scale = const(x_scale).reshape(())
+    return _Scales(const(w_scale), scale, scale * formats.qmax(fmt))
 
 
-def _int4_gemm(node: onnx.NodeProto, const: "_Constants") -> tuple:
+def _int4_gemm(node: onnx.NodeProto, const: "_Constants") -> _Scales:
     """Int4GroupwiseGemm (x, w_q, w_scale, w_zero_point, bias, x_scale): INT4 weight, FP or FP8 activation."""
     const.onnx_type(node.input[1])  # the weight must be a constant
     act_quant = next((a.s.decode() for a in node.attribute if a.name == "act_quant"), "none")  # none: W4A16
-    static = act_quant == "fp8_static" and len(node.input) > 5 and node.input[5]
-    return ("int4" if act_quant == "none" else "int4/fp8", "fp8" if static else None,
-            const(node.input[5]).reshape(()) if static else None, const(node.input[2]))
+    if act_quant == "fp8_static" and len(node.input) > 5 and node.input[5]:
+        scale = const(node.input[5]).reshape(())
+        return _Scales(const(node.input[2]), scale, scale * formats.qmax("fp8"))
+    return _Scales(const(node.input[2]))
 
 
-# (domain, op type) -> fn(node, const) -> (format, static activation format or None, x_scale or None, w_scale)
-PLUGINS: dict[tuple[str, str], Callable] = {(onnx_schema.DOMAIN, onnx_schema.OP_TYPE): _scaled_gemm,
-                                            (int4_schema.DOMAIN, int4_schema.OP_TYPE): _int4_gemm}
-AWQ_RULES = (AWQ_SCALE_RULE, FOLD_RULE)  # the ops that scale a layer's input by 1/s (`_region`)
+def _fp4_gemm(node: onnx.NodeProto, const: "_Constants") -> _Scales:
+    """Fp4Gemm (x, w_q, w_scale, w_global, bias) and Fp4GemmW4A4 (x, w_q, w_scale, w_global, x_global, bias).
+    W4A4 quantizes x dynamically per 16 values, but a block scale saturates at E4M3's 448: |x| beyond
+    6 * 448 * x_global clips."""
+    const.onnx_type(node.input[1])
+    w_scale = const(node.input[2]) * const(node.input[3]).reshape(())
+    if node.op_type != fp4_schema.OP_TYPE_W4A4:
+        return _Scales(w_scale)
+    x_global = const(node.input[4]).reshape(())
+    return _Scales(w_scale, x_global, x_global * fp4_format.E4M3_MAX * fp4_format.E2M1_MAX)
+
+
+def _weight_scale_at(index: int) -> Callable[[onnx.NodeProto, "_Constants"], _Scales]:
+    """A plugin whose only quantization constants are its weight w_q (input index - 1) and w_scale (index):
+    weight-only, or activations quantized dynamically in the kernel (nothing static to clip)."""
+    def describe(node: onnx.NodeProto, const: "_Constants") -> _Scales:
+        const.onnx_type(node.input[index - 1])
+        return _Scales(const(node.input[index]))
+    return describe
+
+
+# (domain, op type) -> fn(node, const) -> its scales; every plugin kind `layers.layer_table` lists
+PLUGINS: dict[tuple[str, str], Callable[[onnx.NodeProto, "_Constants"], _Scales]] = {
+    (onnx_schema.DOMAIN, onnx_schema.OP_TYPE): _scaled_gemm,
+    (dynamic_schema.DOMAIN, dynamic_schema.OP_TYPE): _weight_scale_at(3),
+    (int4_schema.DOMAIN, int4_schema.OP_TYPE): _int4_gemm,
+    **{(fp4_schema.DOMAIN, op): _fp4_gemm for op in fp4_schema.OP_TYPES},
+    (int8_wo_schema.DOMAIN, int8_wo_schema.OP_TYPE): _weight_scale_at(2),
+    (fp8_block_schema.DOMAIN, fp8_block_schema.OP_TYPE): _weight_scale_at(2),
+}
+# the ops in front of a plugin node that belong to its layer (`_region`): AWQ's scaling of x by 1/s, and the
+# zero padding of x's K to a multiple of the FP4 block
+INPUT_RULES = (AWQ_SCALE_RULE, FOLD_RULE, PAD_K_RULE)
 
 
 def _is_plugin(node: onnx.NodeProto) -> bool:
@@ -369,14 +416,14 @@ class _Constants:
 def _plugins(model: onnx.ModelProto, device: str) -> list[_Plugin]:
     """The plugin nodes of `model` with their layer regions and scales (on `device`)."""
     producer, constants, values = _producers(model.graph.node), _constant_names(model), _Constants(model)
+    fmt = {row.node: row.format for row in layer_table(model)}
     plugins = []
     for node in model.graph.node:
         if not _is_plugin(node):
             continue
-        fmt, act_fmt, x_scale, w_scale = PLUGINS[(node.domain, node.op_type)](node, values.bind(node))
+        scales = PLUGINS[(node.domain, node.op_type)](node, values.bind(node))
         region, x = _region(node, producer, constants)
-        plugins.append(_Plugin(node, region, x, fmt, act_fmt, None if x_scale is None else x_scale.to(device),
-                               (w_scale.reshape(()) if w_scale.numel() == 1 else w_scale).to(device)))
+        plugins.append(_Plugin(node, region, x, fmt.get(node.name, "?"), scales))
     if not plugins:
         raise ValidationError(f"the quantized graph has no plugin nodes ({', '.join(t for _, t in PLUGINS)}) "
                               "to localize")
@@ -394,9 +441,9 @@ def _constant_names(model: onnx.ModelProto) -> set[str]:
 
 def _region(node: onnx.NodeProto, producer: dict[str, onnx.NodeProto], constants: set[str]
             ) -> tuple[list[onnx.NodeProto], str]:
-    """(the AWQ scaling ops in front of plugin `node`, then `node`; the tensor they start from)."""
+    """(the input ops in front of plugin `node` (`INPUT_RULES`), then `node`; the tensor they start from)."""
     region, x = [node], node.input[0]
-    while x in producer and _rule(producer[x]) in AWQ_RULES:
+    while x in producer and _rule(producer[x]) in INPUT_RULES:
         inputs = [i for i in producer[x].input if i and i not in constants]
         if len(inputs) != 1:
             break
@@ -410,7 +457,7 @@ def _rule(node: onnx.NodeProto) -> str | None:
 
 
 def _layer_program(model: onnx.ModelProto, p: _Plugin):
-    """The layer's region (AWQ scaling + plugin node) alone as a lowered program: x in, y out."""
+    """The layer's region (input ops + plugin node) alone as a lowered program: x in, y out."""
     names = {i for n in p.region for i in n.input}
     constants = [n for n in model.graph.node if n.op_type == "Constant" and not n.domain and n.output[0] in names]
     graph = onnx.helper.make_graph(

@@ -81,7 +81,7 @@ def test_clean_model_rows(llama, clean_rows):
     assert contributions == sorted(contributions, reverse=True)
     base = rows[0].reverted_sqnr_db - rows[0].contribution_db  # the all-quantized output SQNR
     for r in rows:
-        assert r.revertible and r.format == "int8" and r.module.startswith(("layers.", "lm_head"))
+        assert r.revertible and r.format == "int8/int8" and r.module.startswith(("layers.", "lm_head"))
         assert r.local_cosine >= 0.99, r
         assert r.clip_rate < 0.01, r
         assert 0 < r.w_scale_min <= r.w_scale_max and r.x_scale > 0

@@ -59,7 +59,7 @@ def test_validate_per_layer_ranks_a_sabotaged_int4_layer_first(tmp_path, monkeyp
                  "--min-top1", "0"])
     assert code == 0
     rows = json.loads((tmp_path / "w4.engine.validation.json").read_text())["layers"]
-    assert len(rows) == 12 and all(r["format"] == "int4" and r["revertible"] for r in rows)
+    assert len(rows) == 12 and all(r["format"] == "int4/fp16" and r["revertible"] for r in rows)
     worst, others = rows[0], rows[1:]
     assert worst["node"] == sabotaged[0] and worst["module"] == SABOTAGED and worst["rank"] == 1
     assert worst["local_sqnr_db"] < min(r["local_sqnr_db"] for r in others) - 10
