@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--no-validate", action="store_true", help="skip the validation against the FP16 graph")
     b.add_argument("--no-sibling-fusion", action="store_true",
                    help="keep GEMMs that share an input (Q/K/V, gate/up) as separate kernels in the engine")
+    b.add_argument("--no-attention-fusion", action="store_true",
+                   help="keep attention written out (MatMul, Softmax, MatMul) instead of one fused attention kernel")
     b.add_argument("--fp8-large-m", action="store_true",
                    help="run the INT4/FP4 GEMMs above 128 rows (prefill) on FP8 tensor cores, weights and "
                         "activations rounded to FP8 there: faster on CUDA, slightly less accurate; CPU engines "
@@ -116,7 +118,8 @@ def _cmd_build(args) -> int:
     result = build(args.source, args.recipe, output=args.output, calib=args.calib,
                    emit_onnx=args.emit_onnx, device=args.device,
                    holdout=0.0 if args.no_validate or args.val_data else args.holdout,
-                   fuse_siblings=not args.no_sibling_fusion, fp8_large_m=args.fp8_large_m)
+                   fuse_siblings=not args.no_sibling_fusion,
+                   fuse_attention=not args.no_attention_fusion, fp8_large_m=args.fp8_large_m)
     print(format_build_summary(result))
     report = Path(str(result.engine_path) + ".build.json")
     write_json_atomic(report, result.summary())

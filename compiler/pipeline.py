@@ -83,6 +83,7 @@ def build(
     device: str | None = None,
     holdout: float = 0.0,
     fuse_siblings: bool = True,
+    fuse_attention: bool = True,
     fp8_large_m: bool = False,
     fp4_layout: str | None = None,
     progress_stream=STDERR,
@@ -95,6 +96,8 @@ def build(
     only; `BuildResult.validation_data`). Too few samples to split: nothing is held out.
     `fuse_siblings`: lower GEMMs that share their input as one wider GEMM in the engine
     (`passes.fuse_sibling_gemms`; the plugin graph and the layer table keep one node per layer).
+    `fuse_attention`: lower softmax attention written out (MatMul, scale, mask, Softmax, MatMul) as one fused
+    scaled-dot-product attention in the engine (`passes.fuse_attention`).
     `fp8_large_m`: the INT4 and FP4 GEMM plugins run above 128 rows on FP8 tensor cores, weights rounded to FP8 and
     activations quantized per row to FP8 there (`plugins/fp8_large_m.py`); exact below. CPU engines emulate the same
     numerics (an accuracy preview, no speed-up).
@@ -193,8 +196,9 @@ def build(
 
     with progress.stage("lower", f"{device}, {'fp16' if options.compute_dtype else 'fp32'} compute"):
         engine_model = plugin_model
-        if fuse_siblings:
-            engine_model, engine_result = prepare_for_engine(plugin_model)
+        if fuse_siblings or fuse_attention:
+            engine_model, engine_result = prepare_for_engine(plugin_model, siblings=fuse_siblings,
+                                                             attention=fuse_attention)
             result.pass_notes += engine_result.notes
             result.pass_stats.update(engine_result.stats)
         if fp8_large_m:

@@ -4,6 +4,7 @@ Constants, producers/consumers, Q/DQ node builders, copy ops and how they move a
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -14,6 +15,8 @@ from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from qcompile.plugins import formats
+
+logger = logging.getLogger(__name__)
 
 MODULE_KEY = "qcompile.module"  # node metadata: fully qualified torch module name (set by the frontend)
 RULE_KEY = "qcompile.rule"  # node metadata: the rewrite rule that created the node
@@ -126,6 +129,29 @@ def static_shape(tensor) -> tuple[int, ...] | None:
     if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
         return None
     return tuple(shape)
+
+
+def inferred_shapes(graph: gs.Graph, max_constant: int = 64) -> dict[str, list]:
+    """Tensor name -> dims (int, symbolic name or None) from ONNX shape inference with data propagation, so that
+    shapes the graph computes (Shape -> Concat -> Reshape) resolve. Runs on a copy of `graph` whose constants of
+    more than `max_constant` elements are inputs of their shape (no weight data is serialized). Empty when
+    inference fails: shapes are an aid."""
+    light = graph.copy()
+    for tensor in list(light.tensors().values()):
+        if isinstance(tensor, gs.Constant) and math.prod(tensor.shape) > max_constant:
+            tensor.to_variable(shape=list(tensor.shape))
+            light.inputs.append(tensor)
+    try:
+        model = gs.export_onnx(light, do_type_check=False)
+        model.ir_version = min(model.ir_version, 10)
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception as exc:  # noqa: BLE001
+        logger.debug("shape inference failed: %s", exc)
+        return {}
+    return {vi.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in
+                      vi.type.tensor_type.shape.dim]
+            for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+            if vi.type.tensor_type.HasField("shape")}
 
 
 def is_graph_output(graph: gs.Graph, tensor) -> bool:

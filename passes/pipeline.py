@@ -2,7 +2,7 @@
 
 - `quantize_model`: FP ONNX -> portable Q/DQ ONNX (TensorRT explicit quantization; runs in ORT).
 - `fuse_plugins`: Q/DQ ONNX -> plugin ONNX (`qcompile::ScaledGemm` nodes with ONNX function bodies).
-- `prepare_for_engine`: plugin ONNX -> the graph the engine is lowered from (sibling GEMMs fused).
+- `prepare_for_engine`: plugin ONNX -> the graph the engine is lowered from (sibling GEMMs and attention fused).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from qcompile.passes import _graph as G
 from qcompile.passes.cleanup import CleanupPass
 from qcompile.passes.fold_awq_scales import FoldAwqScalesPass
 from qcompile.passes.fold_weight_qdq import FoldWeightQDQPass
+from qcompile.passes.fuse_attention import FuseAttentionPass
 from qcompile.passes.fuse_fp4_gemm import FuseFp4GemmPass
 from qcompile.passes.fuse_fp8_block_gemm import FuseFp8BlockGemmPass
 from qcompile.passes.fuse_int4_gemm import FuseInt4GemmPass
@@ -67,10 +68,10 @@ def plugin_passes(recipe: Recipe | None = None) -> list[PassBase]:
             FuseFp8BlockGemmPass(), FuseFp4GemmPass(), CleanupPass(), LintQDQPass()]
 
 
-def engine_passes() -> list[PassBase]:
+def engine_passes(siblings: bool = True, attention: bool = True) -> list[PassBase]:
     """Plugin graph -> the graph the engine is lowered from (rewrites that only serve speed; the plugin graph
-    stays the one reports and per-layer validation read)."""
-    return [FuseSiblingGemmsPass()]
+    stays the one reports and per-layer validation read): sibling GEMMs, then attention (each can be left out)."""
+    return [p for p, on in ((FuseSiblingGemmsPass(), siblings), (FuseAttentionPass(), attention)) if on]
 
 
 def quantize_model(model: onnx.ModelProto, recipe: Recipe, activation_amax: dict[str, float],
@@ -100,9 +101,10 @@ def fuse_plugins(model: onnx.ModelProto, recipe: Recipe | None = None) -> tuple[
     return export_model(result.graph, like=model), result
 
 
-def prepare_for_engine(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassResult]:
-    """The graph the engine is built from: `engine_passes` on the plugin graph `model`."""
-    result = PassManager(engine_passes()).run(import_model(model))
+def prepare_for_engine(model: onnx.ModelProto, *, siblings: bool = True,
+                       attention: bool = True) -> tuple[onnx.ModelProto, PassResult]:
+    """The graph the engine is built from: `engine_passes(siblings, attention)` on the plugin graph `model`."""
+    result = PassManager(engine_passes(siblings, attention)).run(import_model(model))
     return export_model(result.graph, like=model), result
 
 

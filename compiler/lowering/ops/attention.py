@@ -9,6 +9,8 @@ last axis to the key length with "masked"; `is_causal` is bottom-right aligned (
 j <= i + offset, offset = the cached keys, or `nonpad_kv_seqlen - q_len` per batch); opset 25's sliding window
 bounds j - offset - i on both sides; `nonpad_kv_seqlen` masks the padded keys; grouped-query K/V heads serve
 consecutive query heads; a query row with every key masked gives zeros.
+
+Also here: `qcompile::ScaledDotProductAttention`, the node `FuseAttentionPass` makes of attention written out.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from qcompile.lowering.ops.dtypes import onnx_to_torch_dtype
 from qcompile.lowering.registry import register_converter as reg
 from qcompile.lowering.values import as_tensor
+from qcompile.plugins import attention as fused_schema
 
 
 @reg("Attention", since=23)
@@ -116,6 +119,17 @@ def _mask_bias(mask: torch.Tensor, kv_len, dtype: torch.dtype) -> torch.Tensor:
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """0 where `allowed`, -inf elsewhere, in `dtype`."""
     return torch.where(allowed, 0.0, -math.inf).to(dtype)
+
+
+@reg(fused_schema.OP_TYPE, since=fused_schema.VERSION, domain=fused_schema.DOMAIN)
+def fused_attention(ctx, q, k, v, mask=None):
+    """`qcompile::ScaledDotProductAttention` (written by `FuseAttentionPass`): Softmax(Q K^T scale + mask) V as
+    torch's fused attention. A query row whose every key is masked gives what the kernel gives (the written-out
+    softmax gives NaN there)."""
+    q = as_tensor(q)
+    bias = None if mask is None else as_tensor(mask).to(q.dtype)
+    return F.scaled_dot_product_attention(q, as_tensor(k).to(q.dtype), as_tensor(v).to(q.dtype), attn_mask=bias,
+                                          scale=float(ctx.attr("scale")))
 
 
 def _zero_masked_rows(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -59,17 +59,20 @@ def test_build_run_inspect_with_random_calibration(tmp_path, capsys, llama, int8
     assert "layers.0.attn.q_proj" in out and "qcompile::ScaledGemm" in out
 
 
-def test_sibling_fusion_changes_kernels_not_outputs(tmp_path, capsys, llama_builds):
-    """The shared fp16 build lowers Q/K/V and gate/up as one GEMM each per layer; `--no-sibling-fusion` keeps
-    them apart, and both engines give the same logits."""
+def test_engine_fusions_change_kernels_not_outputs(tmp_path, capsys, llama_builds):
+    """The shared fp16 build lowers Q/K/V and gate/up as one GEMM each per layer and each layer's attention as one
+    fused attention; `--no-sibling-fusion --no-attention-fusion` keeps them written out, and both engines give the
+    same logits."""
     fused = llama_builds["fp16"]
     assert fused.pass_stats["FuseSiblingGemmsPass.fused_nodes"] == 10  # 2 layers x (q, k, v + gate, up)
     assert fused.pass_stats["FuseSiblingGemmsPass.groups"] == 4
+    assert fused.pass_stats["FuseAttentionPass.AttentionRule"] == 2
     engine = tmp_path / "apart.engine"
-    code, out, err = run_cli(capsys, "build", "tiny-llama", "--recipe", "fp16", "--no-sibling-fusion", "-o", engine)
+    code, out, err = run_cli(capsys, "build", "tiny-llama", "--recipe", "fp16", "--no-sibling-fusion",
+                             "--no-attention-fusion", "-o", engine)
     assert code == 0, err
     report = json.loads((tmp_path / "apart.engine.build.json").read_text())
-    assert not any(key.startswith("FuseSiblingGemmsPass") for key in report["pass_stats"])
+    assert not any(key.startswith(("FuseSiblingGemmsPass", "FuseAttentionPass")) for key in report["pass_stats"])
     inputs = tmp_path / "in.npz"
     assert run_cli(capsys, "sample-inputs", "tiny-llama", "-o", inputs, "--dim", "batch=2", "--dim", "seq=9")[0] == 0
     feed = dict(np.load(inputs))
