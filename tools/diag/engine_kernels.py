@@ -11,6 +11,7 @@ their times still need one (`tools/bench_engines.py --profile`).
 
     python3 tools/diag/engine_kernels.py llama3-8b-layers --recipes fp16 w4a16_rtn
     python3 tools/diag/engine_kernels.py llama3-8b-layers --recipes fp16 --inductor combo_kernels=True,persistent=4096
+    python3 tools/diag/engine_kernels.py llama3-8b-layers --recipes fp16 fp16:no-attention-fusion
     (each --inductor set is listed after the defaults; the graph is built once per recipe)
 
 How this differs from an engine build: Inductor's wrapper is the Python one (`compile_fx`; AOTInductor's C++
@@ -105,14 +106,18 @@ def fake_h200():
 
 
 def engine_program(source: str, recipe: str):
-    """(the lowered CUDA-engine program of `source` with `recipe`, the source) from a CPU graph build."""
+    """(the lowered CUDA-engine program of `source` with `recipe`, the source) from a CPU graph build;
+    `recipe:no-attention-fusion` keeps attention written out (`qcompile build --no-attention-fusion`)."""
     import qcompile
     from qcompile.frontend import load_source
     from qcompile.lowering import LoweringOptions, lower_onnx
     from qcompile.passes import prepare_for_engine
 
+    recipe, _, variant = recipe.partition(":")
+    if variant not in ("", "no-attention-fusion"):
+        raise SystemExit(f"unknown variant {variant!r} (known: no-attention-fusion)")
     built = qcompile.build(source, recipe, output=None, calib="random", device="cpu", progress_stream=io.StringIO())
-    engine_model, _ = prepare_for_engine(built.plugin_model)
+    engine_model, _ = prepare_for_engine(built.plugin_model, attention=not variant)
     src = load_source(source, opset=built.recipe.opset)
     return lower_onnx(engine_model, LoweringOptions.for_engine("cuda")), src
 
