@@ -140,6 +140,7 @@ def inferred_shapes(graph: gs.Graph, max_constant: int = 64) -> dict[str, list]:
     for tensor in list(light.tensors().values()):
         if isinstance(tensor, gs.Constant) and math.prod(tensor.shape) > max_constant:
             tensor.to_variable(shape=list(tensor.shape))
+            tensor.type = "tensor_type"  # what Variable() sets; to_variable leaves it unset (onnx-graphsurgeon 0.6)
             light.inputs.append(tensor)
     try:
         model = gs.export_onnx(light, do_type_check=False)

@@ -167,3 +167,27 @@ def test_cuda_float16_fused_attention_matches_onnx_runtime():
     program = lower_onnx(fused, compute_dtype=torch.float16).to("cuda")
     got = program(*[torch.from_numpy(feeds[v.name]).cuda() for v in fused.graph.input])[0].float().cpu().numpy()
     np.testing.assert_allclose(got, want, atol=5e-3, rtol=5e-3)
+
+
+def test_inferred_shapes_resolve_computed_reshapes_and_leave_the_graph_alone():
+    """`G.inferred_shapes` propagates shapes the graph computes (Shape -> Concat -> Reshape) past a weight it does
+    not serialize, and the graph keeps its constants and recorded shapes."""
+    from qcompile.passes import _graph as G
+
+    w = np.random.default_rng(0).standard_normal((64, 96)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("Shape", ["h"], ["hs"]),
+             helper.make_node("Slice", ["hs", "zero", "two"], ["lead"]),
+             helper.make_node("Concat", ["lead", "split"], ["target"], axis=0),
+             helper.make_node("Reshape", ["h", "target"], ["y"])]
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([2], np.int64), "two"),
+             numpy_helper.from_array(np.array([3, 32], np.int64), "split")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    g = G.import_model(model)
+    shapes = G.inferred_shapes(g, max_constant=64)
+    assert shapes["y"] == ["b", "s", 3, 32]
+    weight = g.tensors()["w"]
+    assert np.array_equal(G.const_values(weight), w) and g.tensors()["y"].shape is None

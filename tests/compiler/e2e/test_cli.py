@@ -250,19 +250,27 @@ def make():
 '''
 
 
-def test_fp4_recipe_builds_a_model_that_calls_scaled_dot_product_attention(tmp_path, capsys):
+@pytest.mark.parametrize("recipe", ["w4a16_nvfp4", "w8a16"])
+def test_a_model_that_calls_scaled_dot_product_attention_builds(tmp_path, capsys, recipe):
     """FP4 recipes export at opset 23, where torch.onnx writes SDPA as one ONNX Attention node: the build lowers it
-    (it used to stop at "op 'Attention' ... is not supported"), the engine runs at other sequence lengths, and
-    validation against the FP16 graph in ONNX Runtime passes."""
+    (it used to stop at "op 'Attention' ... is not supported"). The others export at opset 21, where SDPA is written
+    out (K transposed through Reshape -> Transpose -> Reshape), and the engine pass fuses it back into one attention
+    (dynamic batch and sequence). Either engine runs at other sequence lengths, and validation against the FP16
+    graph in ONNX Runtime passes."""
     import onnx
     import torch
 
     (tmp_path / "sdpa.py").write_text(SDPA_PY)
     engine, portable = tmp_path / "e.engine", tmp_path / "e.onnx"
-    code, out, err = run_cli(capsys, "build", f"{tmp_path / 'sdpa.py'}:make", "--recipe", "w4a16_nvfp4",
+    code, out, err = run_cli(capsys, "build", f"{tmp_path / 'sdpa.py'}:make", "--recipe", recipe,
                              "--calib", "random", "--device", "cpu", "--emit-onnx", portable, "-o", engine)
     assert code == 0, err
-    assert "Attention" in {n.op_type for n in onnx.load(portable).graph.node}
+    ops = {n.op_type for n in onnx.load(portable).graph.node}
+    stats = json.loads((tmp_path / "e.engine.build.json").read_text())["pass_stats"]
+    if recipe == "w4a16_nvfp4":
+        assert "Attention" in ops and "FuseAttentionPass.AttentionRule" not in stats
+    else:
+        assert "Softmax" in ops and stats["FuseAttentionPass.AttentionRule"] == 1
     report = json.loads((tmp_path / "e.engine.validation.json").read_text())
     assert all(o["passed"] and o["cosine"] > 0.98 for o in report["outputs"].values()), report["outputs"]
     built = qcompile.load(engine)
@@ -273,4 +281,4 @@ def test_fp4_recipe_builds_a_model_that_calls_scaled_dot_product_attention(tmp_p
     with torch.no_grad():
         want = module(torch.from_numpy(x)).numpy()
     got = built.run({"x": x})[built.output_names[0]]
-    assert cosine(got, want) > 0.98  # NVFP4 weights: close to the float module, not equal
+    assert cosine(got, want) > 0.98  # quantized weights: close to the float module, not equal
