@@ -58,6 +58,9 @@ def test_cli_build_validates_and_runs(tmp_path, llama, capsys, recipe, kernel):
     report = json.loads((tmp_path / f"{recipe}.engine.validation.json").read_text())
     assert report["outputs"]["logits"]["cosine"] >= 0.99
     build = json.loads((tmp_path / f"{recipe}.engine.build.json").read_text())
+    fused = [n for n in build["pass_notes"] if n.startswith("FuseAttentionPass")]  # the engine's attention, 2 layers
+    assert len(fused) == 1 and "2 softmax attentions fused" in fused[0]
+    notes = [n for n in build["pass_notes"] if n not in fused]
     if recipe == "int8_sq":
         groups = build["calibration"]["smoothquant"]
         assert len(groups) == 9 and sum(g["inverse_scale"] == "folded into the producer" for g in groups) == 7
@@ -66,11 +69,12 @@ def test_cli_build_validates_and_runs(tmp_path, llama, capsys, recipe, kernel):
         # SmoothQuant's fold summary: a pass note in the terminal summary and the report
         note = ("SmoothQuantPass: SmoothQuant: 9 groups (15 layers), 1/s folded into the producer for 7, an explicit "
                 "Mul kept for 2 (layers.0.attn.o_proj, layers.1.attn.o_proj)")
-        assert build["pass_notes"] == [note]
+        assert notes == [note]
         assert any(line.startswith("pass note") and line.endswith(note) for line in out.splitlines())
     else:
         assert build["calibration"] is None  # dynamic activations: nothing to calibrate
-        assert build["pass_notes"] == [] and "pass note" not in out
+        assert notes == [] and not any(line.startswith("pass note") and "FuseAttentionPass" not in line
+                                       for line in out.splitlines())
     inputs = tmp_path / "in.npz"
     assert main(["sample-inputs", "tiny-llama", "-o", str(inputs), "--dim", "batch=2", "--dim", "seq=8"]) == 0
     assert main(["run", str(engine), "--inputs", str(inputs)]) == 0
