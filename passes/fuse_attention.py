@@ -37,8 +37,9 @@ def _feeds_only(graph: gs.Graph, tensor, consumer: gs.Node) -> bool:
 
 
 def _scalar(tensor) -> float | None:
+    """The value of a one-element constant of rank <= 4 (multiplying 4-D scores by it keeps their shape)."""
     values = G.const_values(tensor)
-    return float(values.reshape(())) if values is not None and values.size == 1 else None
+    return float(values.reshape(())) if values is not None and values.size == 1 and values.ndim <= 4 else None
 
 
 def _unscaled(graph: gs.Graph, tensor, consumer: gs.Node) -> tuple[object, float, gs.Node]:
@@ -68,7 +69,7 @@ def _rank(shapes: dict[str, list], tensor) -> int | None:
 def _untransposed(graph: gs.Graph, shapes: dict[str, list], kt,
                   consumer: gs.Node) -> tuple[object, gs.Node] | tuple[None, None]:
     """(K, the node reading K) for `kt` = K^T over the last two axes of a 4-D K: Transpose(K, perm=[0, 1, 3, 2]),
-    or Reshape(Transpose(Reshape(K, [BH, S, E]), perm=[0, 2, 1]), [B, H, E, S]) (shapes as recorded);
+    or Reshape(Transpose(Reshape(K, [BH, S, E]), perm=[0, 2, 1]), [B, H, E, S]) (the shapes `_shape` knows);
     else (None, None)."""
     node = G.producer(kt)
     if node is None or not _feeds_only(graph, kt, consumer):
