@@ -38,8 +38,10 @@ def usable(device: torch.device, k: int, n: int) -> bool:
 
 
 def column_scales(bound: torch.Tensor) -> torch.Tensor:
-    """float32 [N] S = bound / 448, floored at float32 tiny (an all-zero column stays finite)."""
-    return torch.clamp(bound.to(torch.float32) / qmax("fp8"), min=MIN_SCALE)
+    """float32 [N] S = bound / 448, floored at float32 tiny (an all-zero column stays finite). Computed as bound times
+    float32(1 / 448): CUDA divides a tensor by a scalar that way, CPUs divide, and the two differ in the last bit
+    of some scales (seen on an H100: the CPU path's FP8 weights then were not the GPU's bit for bit)."""
+    return torch.clamp(bound.to(torch.float32) * (1.0 / qmax("fp8")), min=MIN_SCALE)
 
 
 def quantize_rows(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -90,9 +90,7 @@ def run_by_buckets(x, k: int, n: int, buckets: list, weights: tuple) -> torch.Te
     concrete M is a Python branch; a symbolic M (torch.export, AOTInductor with a dynamic row count) is a
     chain of `torch.cond(M <= limit, ...)`, so every bucket is compiled and chosen at run time (no guard on M)."""
     lead = x.shape[:-1]
-    x2d = x.reshape(-1, k)
-    if x2d.stride(1) != 1:
-        x2d = x2d.contiguous()
+    x2d = rows(x, k)
     m = x2d.shape[0]
     operands = (x2d, *weights)
     if isinstance(m, int):
@@ -100,6 +98,21 @@ def run_by_buckets(x, k: int, n: int, buckets: list, weights: tuple) -> torch.Te
     else:
         y = _cond_chain(m, buckets, operands)
     return y.reshape(*lead, n)
+
+
+def rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x [..., k] as contiguous rows [M, k] whose row stride is the plain k (a copy only where x's last dim is not
+    contiguous).
+
+    A reshape would do, but with two dynamic dims (batch and a sequence that may be 1) torch gives the merged
+    rows the symbolic stride `Min(k, k * seq)`, and AOTInductor writes a TMA descriptor's strides into its C++
+    wrapper as those expressions, verbatim (torch 2.11-2.14), where `Min` is not C++: the INT4 engine of
+    llama3-8b-layers failed to compile ("'Min' was not declared", benchmarks/cli-build-llama3-min-stride_s31.log).
+    On a contiguous x, `as_strided` states the stride it has."""
+    if x.is_contiguous():
+        return x.as_strided((x.numel() // k, k), (k, 1))
+    x2d = x.reshape(-1, k)
+    return x2d if x2d.stride(1) == 1 else x2d.contiguous()
 
 
 def _cond_chain(m, buckets, operands):

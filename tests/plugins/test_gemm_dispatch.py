@@ -55,3 +55,43 @@ def test_split_for_waves_splits_again_when_programs_overflow_the_resident_slots(
     splits, per = split_for_waves(k, tiles, 128, 2, 132, resident)
     assert splits == expected
     assert per % 128 == 0 and (splits - 1) * per < k <= splits * per  # every split holds K, none is empty
+
+
+def test_rows_of_a_batch_and_sequence_export_with_the_plain_row_stride():
+    """An engine's x is [batch, seq, K] with both dims dynamic (seq may be 1): a reshape to rows would carry the
+    symbolic row stride Min(K, K * seq), which AOTInductor writes verbatim into TMA descriptors in C++. The rows
+    that `run_by_buckets` hands to its torch.cond buckets have the stride K, and every bucket computes the same
+    product as a float64 matmul (M = 1 and 6 take the two buckets)."""
+    import numpy as np
+
+    from qcompile.plugins.gemm_dispatch import rows, run_by_buckets
+
+    k, n = 64, 48
+    w = torch.randn(k, n)
+
+    class Gemm(torch.nn.Module):
+        def forward(self, x, w):
+            return run_by_buckets(x, k, n, [(1, lambda x2d, w: x2d @ w), (None, lambda x2d, w: (x2d * 1.0) @ w)], (w,))
+
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", min=1, max=32)
+    ep = torch.export.export(Gemm(), (torch.randn(2, 3, k), w), dynamic_shapes=({0: batch, 1: seq}, None))
+    conds = [node for node in ep.graph.nodes if node.target is torch.ops.higher_order.cond]
+    assert conds
+    operand = conds[0].args[3][0].meta["val"]
+    assert operand.stride() == (k, 1), operand.stride()
+
+    class Reshape(torch.nn.Module):
+        def forward(self, x):
+            return x.reshape(-1, k)
+
+    plain = torch.export.export(Reshape(), (torch.randn(2, 3, k),), dynamic_shapes=({0: batch, 1: seq},))
+    out = next(node for node in plain.graph.nodes if node.op == "output").args[0][0]
+    assert "Min" in str(out.meta["val"].stride())  # what the rows would carry without `rows`
+    module = ep.module()
+    for b, s in ((1, 1), (2, 3)):
+        x = torch.randn(b, s, k)
+        np.testing.assert_allclose(module(x, w).double().numpy(), (x.double() @ w.double()).numpy(), rtol=1e-5,
+                                   atol=1e-5)
+    x = torch.randn(4, 5, k)[:, 1:4]  # rows that are not contiguous: copied
+    assert rows(x, k).shape == (12, k) and torch.equal(rows(x, k), x.reshape(-1, k))
+    assert rows(torch.randn(3, k * 2)[:, :k], k).stride() == (2 * k, 1)  # strided rows kept as they are
