@@ -659,6 +659,27 @@ def test_cuda_dequant_kernel_is_exact(zero, group, tile):
 @pytest.mark.gpu
 @pytest.mark.slow
 @cuda
+def test_cuda_aoti_package_with_batch_and_sequence_dims_on_a_tma_layer(tmp_path):
+    """x [batch, seq, K] with both dims dynamic and seq from 1, as every engine's x, on a layer wide enough for the
+    TMA tiles (N = 8192): the package compiles (the rows' stride was Min(K, K * seq), which AOTInductor wrote
+    verbatim into C++: "'Min' was not declared") and every bucket matches the float64 oracle."""
+    mod = Int4Linear(device="cuda", k=512, n=8192, group=128).cuda()
+    batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=1, max=512)
+    torch._dynamo.reset()
+    ep = torch.export.export(mod, (torch.randn(2, 8, 512, device="cuda", dtype=torch.bfloat16),),
+                             dynamic_shapes={"x": {0: batch, 1: seq}})
+    path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "i4_bs.pt2"))
+    compiled = torch._inductor.aoti_load_package(path)
+    for b, s in ((1, 1), (2, 5), (4, 4), (3, 20), (2, 150)):  # rows 1, 10, 16, 60, 300: every bucket
+        x = torch.randn(b, s, 512, device="cuda", dtype=torch.bfloat16)
+        got = compiled(x)
+        assert got.shape == (b, s, 8192)
+        assert_close_to(got.reshape(b * s, -1), oracle(x.reshape(b * s, -1).cpu(), mod.case), REL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@cuda
 @pytest.mark.parametrize("dtype, n", [(torch.float32, 256), (torch.float16, 256), (torch.bfloat16, 16384)],
                          ids=["fp32", "fp16", "bf16-wide"])
 def test_cuda_aoti_package_dynamic_rows(tmp_path, dtype, n):
