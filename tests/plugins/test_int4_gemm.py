@@ -301,6 +301,32 @@ def test_gpu_launches_export_on_fake_cuda_tensors(monkeypatch, tma):
             [torch.ops.qcompile.int4_groupwise_gemm.default]
 
 
+@fake_cuda_export
+def test_engine_shaped_x_reaches_the_buckets_as_rows_of_plain_stride(monkeypatch):
+    """x [batch, seq, K] with both dims dynamic and seq from 1, as an engine's: the rows handed to the M buckets
+    have the stride K as a plain int (a reshape's was Min(K, K * seq), which AOTInductor wrote into the TMA
+    descriptors of its C++ wrapper verbatim: the build failed), and the wide layer's 16- and 64-row buckets still
+    take the TMA tiles."""
+    from qcompile.plugins import gemm_dispatch
+
+    strides = []
+    chain = gemm_dispatch._cond_chain
+
+    def recording_chain(m, buckets, operands):
+        if not torch.compiler.is_dynamo_compiling():  # the outer call; the rest of the chain runs in its branches
+            strides.append(operands[0].stride())
+        return chain(m, buckets, operands)
+
+    monkeypatch.setattr(gemm_dispatch, "_cond_chain", recording_chain)
+    expect_tma(monkeypatch, lambda cfg: "tma" in cfg)
+    case = make_case(k=512, n=16384, group=128, zero=True)
+    dims = {0: torch.export.Dim("batch", min=1, max=64), 1: torch.export.Dim("seq", min=1, max=512)}
+    targets = export_on_fake_cuda(monkeypatch, torch.ops.qcompile.int4_groupwise_gemm, op_args(case, None)[1:],
+                                  torch.randn(2, 8, 512).to(torch.bfloat16), dims=dims)
+    assert targets == [torch.ops.qcompile.int4_groupwise_gemm.default]
+    assert strides and all(s == (512, 1) and all(type(v) is int for v in s) for s in strides), strides
+
+
 @pytest.mark.slow
 def test_aoti_cpu_package_runs(tmp_path):
     mod = Int4Linear()
