@@ -234,7 +234,7 @@ def localize_layers(reference_model: onnx.ModelProto, quantized_model: onnx.Mode
     feeds = [{k: to_torch(v).to(device) for k, v in f.items()} for f in feeds_list]
     if not feeds:
         raise ValidationError("per-layer localization needs at least one input feed")
-    plugins = _plugins(quantized_model, device)
+    plugins = _plugins(quantized_model)
     fp_graph = _FPGraph(reference_model)
     known = set(fp_graph.producer) | fp_graph.inputs
     capture = sorted({name for p in plugins if p.x in known and p.y in known for name in (p.x, p.y)})
@@ -413,8 +413,8 @@ class _Constants:
         return self.protos[name]
 
 
-def _plugins(model: onnx.ModelProto, device: str) -> list[_Plugin]:
-    """The plugin nodes of `model` with their layer regions and scales (on `device`)."""
+def _plugins(model: onnx.ModelProto) -> list[_Plugin]:
+    """The plugin nodes of `model` with their layer regions and scales (float32, on the CPU)."""
     producer, constants, values = _producers(model.graph.node), _constant_names(model), _Constants(model)
     fmt = {row.node: row.format for row in layer_table(model)}
     plugins = []
