@@ -66,14 +66,19 @@ def args(case):
     return case["w_packed"], case["w_scale"], case["w_global"]
 
 
-def aoti_fp4_linear(weights, bias, block: int, k: int, path: str):
+def aoti_fp4_linear(weights, bias, block: int, k: int, path: str, batch_and_seq: bool = False):
     """`torch.ops.qcompile.fp4_gemm` with these CUDA weights and bias, exported with a dynamic row count (1-4096,
-    bf16 x) and compiled into an AOTInductor package at path; returns the loaded package."""
+    bf16 x [M, K]; `batch_and_seq`: x [batch, seq, K], both dynamic, seq from 1, as an engine's) and compiled into
+    an AOTInductor package at path; returns the loaded package."""
     class Fp4Linear(torch.nn.Module):
         def forward(self, x):
             return torch.ops.qcompile.fp4_gemm(x, *weights, None, bias, block)
 
-    rows = torch.export.Dim("rows", min=1, max=4096)
-    ep = torch.export.export(Fp4Linear(), (torch.randn(4, k, device="cuda", dtype=torch.bfloat16),),
-                             dynamic_shapes=({0: rows},))
+    if batch_and_seq:
+        shape, dims = (2, 8, k), {0: torch.export.Dim("batch", min=1, max=64), 1: torch.export.Dim("seq", min=1,
+                                                                                                   max=512)}
+    else:
+        shape, dims = (4, k), {0: torch.export.Dim("rows", min=1, max=4096)}
+    ep = torch.export.export(Fp4Linear(), (torch.randn(*shape, device="cuda", dtype=torch.bfloat16),),
+                             dynamic_shapes=(dims,))
     return torch._inductor.aoti_load_package(torch._inductor.aoti_compile_and_package(ep, package_path=str(path)))

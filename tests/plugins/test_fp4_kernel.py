@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from fp4_testutil import (FMTS, HAS_TRITON, args, assert_rel_l2, cuda, make_case, needs_triton, oracle, triton_interp,
-                          weight64)
+from fp4_testutil import (FMTS, HAS_TRITON, aoti_fp4_linear, args, assert_rel_l2, cuda, make_case, needs_triton,
+                          oracle, planar_case, triton_interp, weight64)
 from qc_testutil import export_on_fake_cuda, fake_cuda_export, launch_spy
 from qcompile.plugins.fp4_gemm import format as F
 
@@ -369,6 +369,23 @@ def test_cuda_aoti_package_dynamic_rows(tmp_path, fmt):
     for m in (1, 5, 40, 1100):
         x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m)).to(torch.float16)
         assert_rel_l2(compiled(x.cuda()), oracle(x, case, bias.cpu()), torch.float16)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_aoti_package_with_batch_and_sequence_dims_on_a_tma_layer(tmp_path):
+    """x [batch, seq, K] with both dims dynamic and seq from 1, as every engine's x, on planar words with K = 8192,
+    where 17-64 rows take the TMA tile (`kernel.MID_TMA`): the package compiles (the rows' stride was
+    Min(K, K * seq), which AOTInductor wrote verbatim into C++ descriptors) and matches float64 in every bucket."""
+    case = planar_case("nvfp4", k=8192, n=256, seed=4)
+    weights = [t.cuda() if t is not None else None for t in args(case)]
+    bias = torch.randn(256, device="cuda", dtype=torch.bfloat16)
+    compiled = aoti_fp4_linear(weights, bias, case["block"], 8192, tmp_path / "fp4_bs.pt2", batch_and_seq=True)
+    for b, s in ((1, 1), (2, 5), (4, 10), (2, 50), (3, 100)):  # 1, 10, 40, 100, 300 rows
+        x = torch.randn(b, s, 8192, generator=torch.Generator().manual_seed(s)).to(torch.bfloat16)
+        y = compiled(x.cuda())
+        assert y.shape == (b, s, 256)
+        assert_rel_l2(y.reshape(b * s, 256), oracle(x.reshape(b * s, 8192), case, bias.cpu()), torch.bfloat16)
 
 
 @pytest.mark.gpu
