@@ -149,10 +149,14 @@ def inferred_shapes(graph: gs.Graph, max_constant: int = 64) -> dict[str, list]:
     except Exception as exc:  # noqa: BLE001
         logger.debug("shape inference failed: %s", exc)
         return {}
-    return {vi.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in
-                      vi.type.tensor_type.shape.dim]
+    return {vi.name: tensor_dims(vi.type.tensor_type)
             for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
             if vi.type.tensor_type.HasField("shape")}
+
+
+def tensor_dims(tensor_type: onnx.TypeProto.Tensor) -> list:
+    """The dims of an ONNX tensor type as graph-surgeon holds them: int, symbolic name, or None when unnamed."""
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim]
 
 
 def is_graph_output(graph: gs.Graph, tensor) -> bool:

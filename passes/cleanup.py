@@ -113,7 +113,7 @@ def _infer_shapes(graph: gs.Graph) -> int:
         if t.dtype is None:
             t.dtype = _np_or_onnx(tt.elem_type)
         if t.shape is None and tt.HasField("shape"):
-            t.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+            t.shape = G.tensor_dims(tt)
         count += 1
     return count
 
