@@ -20,8 +20,8 @@ Paths, chosen per call from M (the row count of x, dynamic):
   epilogue is in the kernel too, unless the N tiles are too few to fill the GPU: then K is split and the
   partial sums meet in float32 atomics (zeroed buffer, epilogue after).
 - larger M: the buckets of `LARGE_M`: `_tile_kernel` (a plain tiled GEMM reading the [N, K] weight as the
-  transposed B operand), or `dequant(W)` in x.dtype (one pointwise kernel) then cuBLAS with the bias in its epilogue
-  (`gemm_dispatch.linear_bias`).
+  transposed B operand) up to 256 rows, then `_dequant_kernel` (W in x.dtype, one pass) and cuBLAS with the bias in
+  its epilogue (`gemm_dispatch.linear_bias`), as the INT4 and FP4 ops do from 129 rows.
 
 Dispatch on M: a Python branch when M is a concrete int (eager); with a symbolic M (torch.export,
 AOTInductor with a dynamic row count) a chain of `torch.cond(M <= limit, ...)` (`gemm_dispatch.run_by_buckets`),
@@ -39,7 +39,7 @@ import triton.language as tl
 from qcompile.plugins.gemm_dispatch import (SMALL_M_MAX, add_bias, cdiv, identity, linear_bias, optional_arg,
                                              run_by_buckets, split_for_waves, whole_tiles)
 from qcompile.plugins.int8_wo_gemm import split_mma
-from qcompile.plugins.int8_wo_gemm.reference import check_args, dequantize_weight
+from qcompile.plugins.int8_wo_gemm.reference import check_args
 from qcompile.plugins.triton_tiles import jit_any_m, load_tile, load_xt_step, store_tile
 
 DEFAULT_SMS = 132
@@ -227,6 +227,30 @@ def _tile_kernel(
     store_tile(y_ptrs, acc, mask_m[:, None] & mask_n[None, :], ATOMIC)
 
 
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out [N, K] = q[n, k] * scale[n] in out's dtype (a float32 product rounded once, as
+    `reference.dequantize_weight`), one [BLOCK_N, BLOCK_K] tile per program."""
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    mask = mask_n[:, None] & (offs_k < K)[None, :]
+    at = offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
+    q = tl.load(w_ptr + at, mask=mask, other=0, eviction_policy="evict_first")
+    scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(out_ptr + at, (q.to(tl.float32) * scale[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def launch_dequant(w_q, w_scale, dtype, cfg: dict | None = None, *, wrap=identity) -> torch.Tensor:
+    """`dequant(W)` [N, K] as `dtype` in one pass (for the dequantize + cuBLAS bucket); w_q K-contiguous."""
+    cfg = cfg or DEQUANT
+    n, k = w_q.shape
+    out = torch.empty((n, k), dtype=dtype, device=w_q.device)
+    wrap(_dequant_kernel)[(cdiv(k, cfg["BLOCK_K"]), cdiv(n, cfg["BLOCK_N"]))](
+        w_q, w_scale, out, n, k, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
+    return out
+
+
 def launch_gemv(x2d, w_q, w_scale, bias, cfg: dict | None = None, *, wrap=identity) -> torch.Tensor:
     """`x2d @ dequant(w_q)^T + bias` in x.dtype (K a multiple of 4), one launch; meant for one row of x (each
     row re-reads the weight)."""
@@ -283,13 +307,16 @@ def launch_tiles(x2d, w_q, cfg: dict, *, wrap=identity, num_sms: int = DEFAULT_S
     return y
 
 
-# Paths above SMALL_M_MAX rows by M bucket: a tile configuration of the kernel, or "dequant" (dequantize +
-# cuBLAS); chosen from tools/tune_fp8_block_w8a16.py on the H200 with the earlier [K, N] weight
-# (benchmarks/tune_fp8_block_w8a16.json: the tiled kernel won from M = 64 to 1024, dequantize + cuBLAS at 4096).
+# Paths above SMALL_M_MAX rows by M bucket: a tile configuration of the kernel, or "dequant" (`_dequant_kernel` +
+# cuBLAS). The tile was chosen with tools/tune_fp8_block_w8a16.py on the H200 for the earlier [K, N] weight
+# (benchmarks/tune_fp8_block_w8a16.json). On the [N, K] weight an H100 run timed it at 0.36-0.52x cuBLAS bf16 at
+# M = 1024 and 0.45-0.77x at 256 (benchmarks/w8a16_fp8_block-h100_s32.log), where dequantizing the weight costs
+# about one pass over 3 bytes per weight: so the tiles stop at 256 rows (untimed for this split, on either card).
 LARGE_M = [
-    (2048, dict(kernel="tiles", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, waves=1)),
+    (256, dict(kernel="tiles", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, waves=1)),
     (None, dict(kernel="dequant")),
 ]
+DEQUANT = dict(BLOCK_N=16, BLOCK_K=512, num_warps=4)  # tile of `_dequant_kernel` (not tuned)
 
 
 def _epilogue(acc, w_scale, bias, dtype):
@@ -318,7 +345,7 @@ def int8_wo_gemm_triton(x, w_q, w_scale, bias, *, wrap=identity, num_sms: int = 
         def run(x2d, w_q, w_scale, *rest):
             bias = rest[0] if has_bias else None
             if cfg["kernel"] == "dequant":
-                return linear_bias(x2d, dequantize_weight(w_q, w_scale, x2d.dtype).t(), bias, x2d.dtype)
+                return linear_bias(x2d, launch_dequant(w_q, w_scale, x2d.dtype, wrap=wrap).t(), bias, x2d.dtype)
             return _epilogue(launch_tiles(x2d, w_q, cfg, wrap=wrap, num_sms=num_sms), w_scale, bias, x2d.dtype)
         return run
 

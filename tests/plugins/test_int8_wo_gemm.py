@@ -86,7 +86,7 @@ def test_onnx_node_runs_in_ort_like_the_contract():
 
 
 @triton_interp
-@pytest.mark.parametrize("m", [1, 5, 16, 17, 40])
+@pytest.mark.parametrize("m", [1, 5, 16, 17, 40, 257])
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])  # the interpreter's bf16 tl.dot is broken
 @pytest.mark.parametrize("bias", [True, False])
 def test_triton_kernel_under_interpreter(m, dtype, bias):
@@ -109,6 +109,51 @@ def test_triton_kernel_under_interpreter(m, dtype, bias):
     if m > 16:  # the dequantize + F.linear bucket
         dequant = int8_wo_gemm_triton(x, w_q, w_scale, b, num_sms=2, large_m={"kernel": "dequant"})
         assert_close_to(dequant, ref, REL[DTYPES[dtype]])
+
+
+def check_dequant_kernel(dtype, n, k, device):
+    """The large-M bucket's dequantization: every int8 code times its row's scale, rounded once to `dtype`, bit for
+    bit the float64 product rounded (exact in float32: an int8 times a float32 scale); N and K not whole tiles."""
+    from qcompile.plugins.int8_wo_gemm.kernel import launch_dequant
+
+    w_q, w_scale, _ = make_case(k=k, n=n, seed=n, bias=False)
+    w_q.view(-1)[:256] = torch.arange(-128, 128, dtype=torch.int16).to(torch.int8)
+    want = torch.from_numpy(w_q.numpy().astype(np.float64) * w_scale.numpy().astype(np.float64)[:, None])
+    got = launch_dequant(w_q.to(device), w_scale.to(device), dtype, dict(BLOCK_N=16, BLOCK_K=128, num_warps=4))
+    assert got.dtype == dtype and got.shape == (n, k)
+    assert torch.equal(got.cpu(), want.to(dtype))
+
+
+@triton_interp
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])  # the interpreter truncates float32 to bf16
+@pytest.mark.parametrize("n, k", [(80, 512), (83, 700)])
+def test_dequant_kernel_rounds_each_weight_once_like_the_reference(dtype, n, k):
+    check_dequant_kernel(DTYPES[dtype], n, k, "cpu")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_cuda_dequant_kernel_rounds_each_weight_once_like_the_reference(dtype):
+    check_dequant_kernel(DTYPES[dtype], 83, 700, "cuda")
+
+
+@triton_interp
+@pytest.mark.parametrize("m, path", [(17, "_tile_kernel"), (256, "_tile_kernel"), (257, "_dequant_kernel")])
+def test_large_m_buckets_switch_to_dequantize_and_cublas_above_256_rows(m, path):
+    from qcompile.plugins.int8_wo_gemm.kernel import int8_wo_gemm_triton
+
+    w_q, w_scale, b = make_case(k=128, n=32, seed=m)
+    x = torch.randn(m, 128).to(torch.float16)
+    seen = []
+
+    def spy(kernel):
+        seen.append(kernel.__name__)
+        return kernel
+
+    y = int8_wo_gemm_triton(x, w_q, w_scale, b, wrap=spy, num_sms=2)
+    assert seen == [path]
+    assert_close_to(y, oracle(x, w_q, w_scale, b), REL[torch.float16])
 
 
 @triton_interp
@@ -269,7 +314,7 @@ def test_narrow_layers_with_a_long_k_split_it_above_one_row(monkeypatch):
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("m", [1, 5, 16, 300])
+@pytest.mark.parametrize("m", [1, 5, 16, 200, 300])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_cuda_op_matches_float64(m, dtype):
     w_q, w_scale, b = make_case(k=4096, n=1024, seed=m)
