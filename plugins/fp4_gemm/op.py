@@ -8,8 +8,8 @@ only on device, dtypes, static shapes and static arguments (M is dispatched by `
 so it traces with fake tensors and a dynamic M.
 
 Changed (issue 5, item 3): CUDA runs the Triton kernels instead of the reference. W4A4 (`x_global` given):
-x is fake-quantized to NVFP4 with aten ops first (`format.nvfp4_fake_quantize`, fused by Inductor into
-the producer of x, rounded to x.dtype), then the weight-only kernel runs.
+x is fake-quantized to NVFP4 first, rounded to x.dtype (`act_quant.py`: one Triton pass, the same values as
+`format.nvfp4_fake_quantize`), then the weight-only kernel runs.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from qcompile.plugins.fp4_gemm import format as F
 from qcompile.plugins.fp4_gemm.reference import check_args, fp4_gemm_fp8_large_m_reference, fp4_gemm_reference
+from qcompile.plugins.gemm_dispatch import rows
 
 
 @torch.library.triton_op("qcompile::fp4_gemm", mutates_args={})
@@ -38,11 +38,13 @@ def fp4_gemm(
     if x.device.type != "cuda":
         reference = fp4_gemm_fp8_large_m_reference if fp8_large_m else fp4_gemm_reference
         return reference(x, w_packed, w_scale, w_global, x_global, bias, block_size)
+    from qcompile.plugins.fp4_gemm.act_quant import nvfp4_fake_quantize_rows
     from qcompile.plugins.fp4_gemm.kernel import fp4_gemm_triton
 
     check_args(x, w_packed, w_scale, w_global, x_global, bias, block_size)
     if x_global is not None:
-        x = F.nvfp4_fake_quantize(x.to(torch.float32), x_global.reshape(())).to(x.dtype)
+        x_hat = nvfp4_fake_quantize_rows(rows(x, x.shape[-1]), x_global, wrap=torch.library.wrap_triton)
+        x = x_hat.reshape(x.shape)
     return fp4_gemm_triton(x, w_packed, w_scale, w_global, bias, block_size, wrap=torch.library.wrap_triton,
                            num_sms=torch.cuda.get_device_properties(x.device).multi_processor_count,
                            fp8_large_m=fp8_large_m)
