@@ -4,9 +4,11 @@ Does the following transformation (on the graph the engine is lowered from; the 
 that reports list and that per-layer validation reads keeps one node per layer):
 - MatMul(x, W_1 [K, N_1]), ..., MatMul(x, W_n [K, N_n])   (constant weights of one dtype)
   -> Split(MatMul(x, Concat(W_1, ..., W_n) [K, N_1 + ... + N_n]), [N_1, ..., N_n], axis=-1)
-- the same for weight-only plugin nodes of one op type with equal attributes and the same optional inputs:
+- the same for plugin nodes of one op type with equal attributes and the same optional inputs:
   Int4GroupwiseGemm without activation quantization, Int8WeightOnlyGemm, Fp4Gemm (when the per-tensor global
-  scales are equal: always for MXFP4); each constant input is concatenated along its N axis (`N_AXES`).
+  scales are equal: always for MXFP4) and Fp4GemmW4A4 (equal weight and activation global scales: the
+  activation's NVFP4 quantization is dynamic per row block, so one x gives the same codes for every sibling);
+  each constant input is concatenated along its N axis (`N_AXES`).
 
 Why: at decode (one row of x) each GEMM is a weight-streaming kernel whose launch, split-K zero fill and
 tail cost several µs; attention's Q/K/V projections (and the MLP's gate/up) share their input, so one launch
@@ -41,6 +43,7 @@ N_AXES = {
     # weight-only FP4 ([N, K] weights): MXFP4's global scale is 1.0 everywhere; NVFP4 siblings fuse only when
     # their per-tensor global scales are equal, as QuantizeWeightsFp4Pass makes them (one scale per sibling group)
     (fp4_schema.DOMAIN, fp4_schema.OP_TYPE): {1: 0, 2: 0, 3: SAME, 4: 0},
+    (fp4_schema.DOMAIN, fp4_schema.OP_TYPE_W4A4): {1: 0, 2: 0, 3: SAME, 4: SAME, 5: 0},
 }
 
 

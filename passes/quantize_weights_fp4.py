@@ -16,8 +16,8 @@ Does the following transformation on each MatMul whose rule has an `nvfp4` / `mx
 
 The weights come from `qcompile.algorithms.fp4` (two-level NVFP4 scales; OCP MX E8M0 scales). A rule's
 `weight.scale_search = "mse"` (nvfp4) searches the NVFP4 global and block scales for the least squared error.
-Weight-only NVFP4 layers that read the same input (Q/K/V, gate/up) share one global scale, from the largest amax of
-the group, so the engine can run them as one GEMM (`FuseSiblingGemmsPass`); their block scales absorb the
+NVFP4 layers that read the same input (Q/K/V, gate/up; weight-only and W4A4 groups apart) share one global scale,
+from the largest amax of the group, so the engine can run them as one GEMM (`FuseSiblingGemmsPass`); their block scales absorb the
 difference (E4M3 values keep their relative precision). Declined, with a reason: a non-constant or non-2-D weight,
 K < min_k, N < min_n, and activation formats other than nvfp4. Never emits ModelOpt's `TRT_FP4QDQ` placeholder.
 """
@@ -161,12 +161,13 @@ class QuantizeWeightsFp4Pass(InPlacePass):
         return rule.weight.format == "nvfp4" and (self.mse_search or rule.weight.scale_search == "mse")
 
     def _sibling_amax(self, targets) -> dict[str, float]:
-        """node name -> the largest weight amax of the NVFP4 weight-only layers that read the same input (two or
-        more, no MSE search): one global scale for the group lets `FuseSiblingGemmsPass` lower them as one GEMM."""
+        """node name -> the largest weight amax of the NVFP4 layers that read the same input (two or more, no MSE
+        search; weight-only and W4A4 layers apart): one global scale for the group lets `FuseSiblingGemmsPass`
+        lower them as one GEMM (W4A4 siblings also share their activation's quantization, hence its global)."""
         groups = collections.defaultdict(list)
         for node, rule in targets:
-            if rule.weight.format == "nvfp4" and rule.activation is None and not self._mse(rule):
-                groups[node.inputs[0].name].append(node)
+            if rule.weight.format == "nvfp4" and not self._mse(rule):
+                groups[node.inputs[0].name, rule.activation is None].append(node)
         out = {}
         for nodes in groups.values():
             if len(nodes) > 1:

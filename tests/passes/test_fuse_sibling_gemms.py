@@ -168,6 +168,43 @@ def test_fp4_siblings_fuse_when_their_global_scales_agree(fmt):
         np.testing.assert_allclose(g.numpy(), w, rtol=1e-5, atol=1e-5)
 
 
+def test_w4a4_siblings_share_their_global_scales_and_fuse():
+    """W4A4 (nvfp4) layers on one x get one weight global scale (the group's largest amax) and read one quantized
+    activation, so the engine fuses them into one Fp4GemmW4A4; lowered in float64 the fused graph gives each
+    sibling's output as the unfused plugin graph does."""
+    from qcompile.lowering import lower_onnx
+    from qcompile.passes.fuse_fp4_gemm import FuseFp4GemmPass
+    from qcompile.passes.quantize_weights_fp4 import QuantizeWeightsFp4Pass
+
+    model = _siblings_model(bias=True, opset=23)
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    recipe = Recipe.from_dict({"name": "t", "opset": 23, "rules": [{"ops": ["MatMul"], "weight": {
+        "format": "nvfp4", "granularity": "group", "group_size": 16}, "activation": {
+        "format": "nvfp4", "granularity": "group", "group_size": 16, "mode": "static"}}],
+        "placement": {"min_k": 16, "min_n": 16, "skip_gemv": False}})
+    graph = G.import_model(model)
+    QuantizeWeightsFp4Pass(recipe, {"x": 4.0, "r": 3.0}).call(graph)
+    qdq = export_model(graph, like=model, opset=23)
+    globals_ = {t.name: float(numpy_helper.to_array(t)) for t in qdq.graph.initializer
+                if t.name.endswith("_w_global_scale")}
+    group = max(np.abs(weights[f"{n}_w"]).max() for n in WIDTHS) / (6 * 448)
+    assert all(np.isclose(globals_[f"{n}_w_global_scale"], group, rtol=1e-6) for n in WIDTHS)
+    assert np.isclose(globals_["o_w_global_scale"], np.abs(weights["o_w"]).max() / (6 * 448), rtol=1e-6)
+    graph = G.import_model(qdq)
+    FuseFp4GemmPass().call(graph)
+    graph.cleanup()
+    plugin = export_model(graph, like=qdq)
+    assert [n.op_type for n in plugin.graph.node].count("Fp4GemmW4A4") == 4
+    fused, result = prepare_for_engine(plugin, attention=False)
+    ops = [n.op_type for n in fused.graph.node]
+    assert ops.count("Fp4GemmW4A4") == 2 and ops.count("Split") == 1, ops  # q/k/v as one; o_proj apart
+    x = torch.from_numpy(_x(5)).double()
+    want = lower_onnx(plugin, compute_dtype=torch.float64)(x)
+    got = lower_onnx(fused, compute_dtype=torch.float64)(x)
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-12, atol=1e-12)
+
+
 def test_nvfp4_siblings_share_one_global_scale_from_the_largest_amax():
     """Weight-only NVFP4 layers reading the same x are quantized with one global scale, amax / (6 * 448) of the
     group's largest weight (k_proj's, 8x; v_proj's 1/4); o_proj, on another input, keeps its own. Each sibling's

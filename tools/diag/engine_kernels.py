@@ -107,19 +107,21 @@ def fake_h200():
 
 def engine_program(source: str, recipe: str):
     """(the lowered CUDA-engine program of `source` with `recipe`, the source) from a CPU graph build;
-    `recipe:no-attention-fusion` keeps attention written out (`qcompile build --no-attention-fusion`)."""
+    `recipe:no-attention-fusion` keeps attention written out (`qcompile build --no-attention-fusion`),
+    `recipe:fp8-large-m` lowers the 4-bit GEMMs with their FP8 path above 128 rows (`--fp8-large-m`)."""
     import qcompile
     from qcompile.frontend import load_source
     from qcompile.lowering import LoweringOptions, lower_onnx
     from qcompile.passes import prepare_for_engine
 
     recipe, _, variant = recipe.partition(":")
-    if variant not in ("", "no-attention-fusion"):
-        raise SystemExit(f"unknown variant {variant!r} (known: no-attention-fusion)")
+    if variant not in ("", "no-attention-fusion", "fp8-large-m"):
+        raise SystemExit(f"unknown variant {variant!r} (known: no-attention-fusion, fp8-large-m)")
     built = qcompile.build(source, recipe, output=None, calib="random", device="cpu", progress_stream=io.StringIO())
-    engine_model, _ = prepare_for_engine(built.plugin_model, attention=not variant)
+    engine_model, _ = prepare_for_engine(built.plugin_model, attention=variant != "no-attention-fusion")
     src = load_source(source, opset=built.recipe.opset)
-    return lower_onnx(engine_model, LoweringOptions.for_engine("cuda")), src
+    options = LoweringOptions.for_engine("cuda", fp8_large_m=variant == "fp8-large-m")
+    return lower_onnx(engine_model, options), src
 
 
 @contextlib.contextmanager
