@@ -6,8 +6,9 @@ For every (K x N, M) it times side by side: cuBLAS bf16; the FP8 block GEMM alon
 through cuBLASLt block-wise `torch._scaled_mm` (sm90) and through our Triton kernel in several configurations;
 the 1x128 quantization of x as Inductor compiles the aten ops (row-major scales) and as our Triton kernel does
 it for three row-block sizes (K-block-major scales, the cuBLASLt path); the W8A16 large-M path as dequantize +
-cuBLAS and as our tiled kernel in several configurations. Each candidate is checked against a float32
-reference first (relative L2 error). Writes every measurement as JSON and prints the best of each per cell.
+cuBLAS, as our tiled kernel and as the row dot kernel on row tiles, in several configurations. Each candidate is
+checked against a float32 reference first (relative L2 error). Writes every measurement as JSON and prints the
+best of each per cell.
 
     python3 tools/tune_fp8_block_w8a16.py --cuda-graph --out tune.json [--shapes 8192x28672] [--ms 64 1024]
         [--ops fp8_block w8a16]
@@ -31,6 +32,10 @@ FP8_CONFIGS = [dict(BLOCK_M=bm, GROUP_M=8, num_warps=w, num_stages=st)
 W8_CONFIGS = [dict(kernel="tiles", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=8, num_stages=st)
               for bm, bn, bk, st in ((64, 128, 64, 3), (128, 128, 64, 3), (128, 256, 64, 3), (128, 128, 128, 3),
                                      (64, 128, 128, 4), (128, 256, 64, 4))]
+# the small-M row dot kernel (weight rows as the MMA's wide operand) on row tiles of 32 / 64, K split to fill the SMs
+W8_DOT_CONFIGS = [dict(kernel="dot", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st, waves=1)
+                  for bm, bn, bk, w, st in ((32, 32, 256, 4, 4), (64, 32, 256, 4, 4), (64, 64, 128, 4, 4),
+                                            (64, 64, 256, 8, 3))]
 
 
 def fp8_candidates(x, weights):
@@ -55,6 +60,7 @@ def w8_candidates(x, weights):
         return lambda: w8_kernel.int8_wo_gemm_triton(x, *weights(), None, large_m=cfg)
     out = {"dequant": path({"kernel": "dequant"})}
     out.update({"tiles " + json.dumps(c): path(c) for c in W8_CONFIGS})
+    out.update({"dot " + json.dumps(c): path(c) for c in W8_DOT_CONFIGS if x.shape[0] <= 4 * c["BLOCK_M"]})
     return out
 
 

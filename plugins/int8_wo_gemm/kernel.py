@@ -151,8 +151,9 @@ def _row_dot_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr = False,
     PLAIN: tl.constexpr = False,
 ):
-    """acc[n, m] = sum_k q[n, k] x[m, k] over one K slice for BLOCK_N weight rows and up to BLOCK_M rows of x;
-    ATOMIC: float32 partial sums added into y (zeroed), else the scale/bias epilogue and a store in y's dtype.
+    """acc[n, m] = sum_k q[n, k] x[m, k] over one K slice for BLOCK_N weight rows and BLOCK_M rows of x (grid axis
+    2 runs over row tiles: one when M <= BLOCK_M, as at M <= 16); ATOMIC: float32 partial sums added into y
+    (zeroed), else the scale/bias epilogue and a store in y's dtype.
     The step's pointers are formed once (a step adds its K offset); EVEN (N in whole tiles, K in whole steps of
     every split): the weight and K masks are left out. That cut the sm_90 loop from 393 to 377 instructions per
     step but did not move the H200 time (4096 x 4096 at M = 16: 1.31x bf16, 1.34x before; BENCHMARKS.md).
@@ -164,7 +165,7 @@ def _row_dot_kernel(
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     mask_n = offs_n < N
     mask_m = offs_m < M
@@ -270,18 +271,22 @@ def launch_gemv(x2d, w_q, w_scale, bias, cfg: dict | None = None, *, wrap=identi
 
 def launch_dot(x2d, w_q, w_scale, bias, cfg: dict | None = None, *, wrap=identity,
                num_sms: int = DEFAULT_SMS) -> torch.Tensor:
-    """`x2d @ dequant(w_q)^T + bias` in x.dtype for up to DOT_BLOCK_M rows of x (M may be 0)."""
+    """`x2d @ dequant(w_q)^T + bias` in x.dtype with the row dot kernel: `cfg["BLOCK_M"]` (default DOT_BLOCK_M)
+    rows of x per program, so one row tile up to that many rows (M may be 0). The split of K is chosen from the N
+    tiles alone (M is symbolic in an engine)."""
     cfg = cfg or DOT
     m, k = x2d.shape
     n = w_q.shape[0]
+    block_m = cfg.get("BLOCK_M", DOT_BLOCK_M)
+    row_tiles = cdiv(m, block_m) if "BLOCK_M" in cfg else 1  # the small-M configurations: one tile (M <= 16)
     tiles = cdiv(n, cfg["BLOCK_N"])
     splits, per = split_for_waves(k, tiles, cfg["BLOCK_K"], cfg["waves"], num_sms)
     atomic = splits > 1
     y = (torch.zeros((m, n), dtype=torch.float32, device=x2d.device) if atomic
          else torch.empty((m, n), dtype=x2d.dtype, device=x2d.device))
-    wrap(_row_dot_kernel)[(tiles, splits)](
+    wrap(_row_dot_kernel)[(tiles, splits, row_tiles)](
         x2d, w_q, w_scale, optional_arg(bias, w_scale), y, m, n, k, x2d.stride(0), per, HAS_BIAS=bias is not None,
-        ATOMIC=atomic, FP32_DOT=x2d.dtype == torch.float32, K_STEPS=per // cfg["BLOCK_K"], BLOCK_M=DOT_BLOCK_M,
+        ATOMIC=atomic, FP32_DOT=x2d.dtype == torch.float32, K_STEPS=per // cfg["BLOCK_K"], BLOCK_M=block_m,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], EVEN=whole_tiles(n, cfg["BLOCK_N"], splits, per, k),
         PLAIN=cfg.get("plain", False), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -307,7 +312,8 @@ def launch_tiles(x2d, w_q, cfg: dict, *, wrap=identity, num_sms: int = DEFAULT_S
     return y
 
 
-# Paths above SMALL_M_MAX rows by M bucket: a tile configuration of the kernel, or "dequant" (`_dequant_kernel` +
+# Paths above SMALL_M_MAX rows by M bucket: a tile configuration of the kernel, "dot" (`_row_dot_kernel` on row
+# tiles of BLOCK_M: a candidate of tools/tune_fp8_block_w8a16.py, not yet timed), or "dequant" (`_dequant_kernel` +
 # cuBLAS). The tile was chosen with tools/tune_fp8_block_w8a16.py on the H200 for the earlier [K, N] weight
 # (benchmarks/tune_fp8_block_w8a16.json). On the [N, K] weight an H100 run timed it at 0.36-0.52x cuBLAS bf16 at
 # M = 1024 and 0.45-0.77x at 256 (benchmarks/w8a16_fp8_block-h100_s32.log), where dequantizing the weight costs
@@ -346,6 +352,8 @@ def int8_wo_gemm_triton(x, w_q, w_scale, bias, *, wrap=identity, num_sms: int = 
             bias = rest[0] if has_bias else None
             if cfg["kernel"] == "dequant":
                 return linear_bias(x2d, launch_dequant(w_q, w_scale, x2d.dtype, wrap=wrap).t(), bias, x2d.dtype)
+            if cfg["kernel"] == "dot":  # the small-M row dot kernel on row tiles of cfg["BLOCK_M"]
+                return launch_dot(x2d, w_q, w_scale, bias, cfg, wrap=wrap, num_sms=num_sms)
             return _epilogue(launch_tiles(x2d, w_q, cfg, wrap=wrap, num_sms=num_sms), w_scale, bias, x2d.dtype)
         return run
 
