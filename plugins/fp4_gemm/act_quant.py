@@ -50,8 +50,8 @@ def _e2m1_round(y):
     kept (-0.0 for negatives that round to 0)."""
     magnitude = tl.minimum(tl.where(y != y, 6.0, tl.abs(y)), 6.0)
     small, mid = magnitude < 2.0, magnitude < 4.0
-    r = _round_half_even(magnitude * tl.where(small, 2.0, tl.where(mid, 1.0, 0.5))) * \
-        tl.where(small, 0.5, tl.where(mid, 1.0, 2.0))
+    step = tl.where(small, 0.5, tl.where(mid, 1.0, 2.0))
+    r = _round_half_even(magnitude * tl.where(small, 2.0, tl.where(mid, 1.0, 0.5))) * step
     negative = (y < 0.0) | ((y == 0.0) & (y.to(tl.int32, bitcast=True) < 0))
     # the sign bit set by hand: Triton negates as 0 - r, which is +0.0 for r = 0
     return (r.to(tl.int32, bitcast=True) | tl.where(negative, -2147483648, 0)).to(tl.float32, bitcast=True)
