@@ -20,7 +20,7 @@ step() { echo "=== $* (t=${SECONDS}s)"; }
 for s in ${STEPS:-engines kernels int4 decode tests}; do
   case $s in
     tests)   step "pytest -m gpu"
-             py -m pytest -m gpu -q -p no:cacheprovider --rootdir=. -c pyproject.toml ${TESTS_K:+-k "$TESTS_K"} ${TESTS:-tests} 2>&1 \
+             py -m pytest -m gpu -v --durations=15 -p no:cacheprovider --rootdir=. -c pyproject.toml ${TESTS_K:+-k "$TESTS_K"} ${TESTS:-tests} 2>&1 \
                  | tee "$OUT/gpu-tests${TESTS_TAG:-}.log" | tail -25 ;;
     decode)  step "decode benchmark: Llama-3-8B-sized layers, ${DECODE_RECIPES:-fp16 w4a16_awq} at M = 1 and 16"
              py tools/bench_engines.py llama3-8b-layers --recipes ${DECODE_RECIPES:-fp16 w4a16_awq} --cuda-graph --profile --size batch=1,seq=1 \
