@@ -102,18 +102,23 @@ def time_cuda(fn, iters: int, warmup: int = 10) -> float:
 
 
 def kernel_profile(engine, feeds, runs: int = 5) -> str:
-    """The engine's top GPU kernels by total time over `runs` runs (torch.profiler table)."""
+    """The engine's top GPU kernels by total time over `runs` runs, then its top host-side events by self CPU time
+    (aten ops the package calls, kernel launch API calls): where an eager step's time goes when the GPU waits on the
+    host (torch.profiler tables)."""
     from torch.profiler import ProfilerActivity, profile
 
     engine.run_torch(feeds)
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(runs):
             engine.run_torch(feeds)
         torch.cuda.synchronize()
     rows = int(os.environ.get("PROFILE_ROWS", "12"))
     width = int(os.environ.get("PROFILE_NAME_WIDTH", "70"))
-    return prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=width)
+    table = prof.key_averages()
+    return (table.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=width)
+            + f"\nhost side, {runs} runs:\n"
+            + table.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=width))
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
