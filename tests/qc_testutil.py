@@ -76,13 +76,13 @@ def launch_spy(record):
 
 
 def export_on_fake_cuda(monkeypatch, op, weights: tuple, x: torch.Tensor, dynamic_rows: bool = True,
-                        dims: dict | None = None, program: bool = False):
+                        dims: dict | None = None) -> list:
     """torch.export of `op(x, *weights)` with a dynamic row count (x [M, K] with M even and >= 4 exported as an
-    engine's [batch, seq, K], both dynamic; `dynamic_rows=False`: x's shape; `dims`: x's dynamic dims as {axis: torch.export.Dim}) on fake
-    CUDA tensors, as an engine exports a plugin's GPU body (its M buckets in torch.cond, traced by Dynamo; a concrete M takes one bucket, traced without it), on a
-    machine without a GPU (an H200, sm_90, 132 SMs, is what torch is told it has). Errors in the Python of the
-    launch code show up here instead of on the GPU; the kernels are not compiled. Returns the exported graph's
-    call_function targets, or the ExportedProgram (`program`)."""
+    engine's [batch, seq, K], both dynamic; `dynamic_rows=False`: x's shape; `dims`: x's dynamic dims as
+    {axis: torch.export.Dim}) on fake CUDA tensors, as an engine exports a plugin's GPU body (its M buckets in
+    torch.cond, traced by Dynamo; a concrete M takes one bucket, traced without it), on a machine without a GPU
+    (an H200, sm_90, 132 SMs, is what torch is told it has). Errors in the Python of the launch code show up here
+    instead of on the GPU; the kernels are not compiled. Returns the exported graph's call_function targets."""
     import types
 
     import torch.utils._triton
@@ -106,7 +106,7 @@ def export_on_fake_cuda(monkeypatch, op, weights: tuple, x: torch.Tensor, dynami
         elif dims is None and dynamic_rows:
             dims = {0: torch.export.Dim("rows", min=1, max=4096)}
         ep = torch.export.export(Layer(), (x.to("cuda"),), dynamic_shapes={"x": dims} if dims else None)
-    return ep if program else [n.target for n in ep.graph.nodes if n.op == "call_function"]
+    return [n.target for n in ep.graph.nodes if n.op == "call_function"]
 
 
 def expect_tma(monkeypatch, expected, one_dot=None) -> None:

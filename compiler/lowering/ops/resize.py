@@ -52,15 +52,15 @@ def read_float_constants(*slots: tuple[int, str]):
 def resize_10(ctx, x, scales=None, prepared=None):
     """Opset 10: Upsample's semantics (asymmetric coordinates, nearest rounds down), scales only."""
     return resize_axes(ctx, as_tensor(x), None, _floats(ctx, scales, "scales"), None, coordinates="asymmetric",
-                   nearest_mode="floor")
+                       nearest_mode="floor")
 
 
 @reg("Resize", since=11, prepare=read_float_constants((1, "roi"), (2, "scales")))
 def resize(ctx, x, roi=None, scales=None, sizes=None, prepared=None):
     sizes = as_ints(sizes) if sizes is not None else None
     return resize_axes(ctx, as_tensor(x), _floats(ctx, roi, "roi"), _floats(ctx, scales, "scales"), sizes or None,
-                   coordinates=ctx.attr("coordinate_transformation_mode", "half_pixel"),
-                   nearest_mode=ctx.attr("nearest_mode", "round_prefer_floor"))
+                       coordinates=ctx.attr("coordinate_transformation_mode", "half_pixel"),
+                       nearest_mode=ctx.attr("nearest_mode", "round_prefer_floor"))
 
 
 def _floats(ctx, value, key: str) -> list | None:

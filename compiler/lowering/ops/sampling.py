@@ -148,7 +148,7 @@ def affine_grid(ctx, theta, size):
 def upsample_7(ctx, x):
     """Resize-10's semantics (asymmetric coordinates, nearest rounds down) with the `scales` attribute."""
     return resize_axes(ctx, as_tensor(x), None, [float(s) for s in ctx.attr("scales")], None, coordinates="asymmetric",
-                   nearest_mode="floor")
+                       nearest_mode="floor")
 
 
 @reg("Upsample", since=9, prepare=read_float_constants((1, "scales")))

@@ -1,10 +1,10 @@
 """Per-layer localization of the plugin kinds beyond ScaledGemm and INT4: W8A16, FP8 rowwise and block, FP4.
 
 Each recipe's tiny-llama plugin graph (calibrated on seeded random data, no engine) gets one layer sabotaged (a
-float scale of its weight times 3, or 4: the layer's output scaled as much); `localize_layers` must analyse every plugin node
-from its FP input, rank the sabotaged one first and, reverting every layer, give back the FP graph's outputs. The
-NVFP4 W4A4 layers' clip rate is checked against the NVFP4 activation quantizer: the values it counts are the ones
-that quantizer saturates.
+float scale of its weight times 3, or 4: the layer's output scaled as much); `localize_layers` must analyse every
+plugin node from its FP input, rank the sabotaged one first and, reverting every layer, give back the FP graph's
+outputs. The NVFP4 W4A4 layers' clip rate is checked against the NVFP4 activation quantizer: the values it counts
+are the ones that quantizer saturates.
 """
 import numpy as np
 import onnx
