@@ -1,12 +1,13 @@
 """Launch plumbing shared by the GEMM plugins' GPU paths (INT4, FP4, W8A16, FP8 block): the split-K launch
-configuration of the weight-streaming small-M kernels, the run-time choice of a path by the row count M, and
-the bias epilogue.
+configuration of the weight-streaming small-M kernels, the run-time choice of a path by the row count M, scalar
+arguments and the bias epilogue.
 
 Plain Python and torch (no Triton), so it imports anywhere.
 """
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 SMALL_M_MAX = 16  # rows up to which the split-K weight-streaming kernel runs; dequantize + cuBLAS above
 
@@ -18,6 +19,18 @@ def cdiv(a, b):
 def identity(kernel):
     """The `wrap` of raw Triton launches (the ops pass `torch.library.wrap_triton`)."""
     return kernel
+
+
+def scalar_buffer(t: torch.Tensor) -> torch.Tensor:
+    """A 1-element tensor (a scale) as a [1] tensor that a kernel can take as an argument.
+
+    Inductor inlines 0-d graph constants as scalars (`ir.Constant`), which neither an extern kernel nor a Triton
+    launch can take as a tensor argument (a Triton launch fails with "'<=' not supported between instances of
+    'Constant' and 'int'"); while tracing, a copy turns the scalar into a real buffer. Eager calls stay copy-free
+    (a view).
+    """
+    t = t.reshape(1)
+    return t.clone() if is_fake(t) else t
 
 
 def optional_arg(t, stand_in):

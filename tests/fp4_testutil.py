@@ -66,13 +66,18 @@ def args(case):
     return case["w_packed"], case["w_scale"], case["w_global"]
 
 
-def aoti_fp4_linear(weights, bias, block: int, k: int, path: str, batch_and_seq: bool = False):
-    """`torch.ops.qcompile.fp4_gemm` with these CUDA weights and bias, exported with a dynamic row count (1-4096,
-    bf16 x [M, K]; `batch_and_seq`: x [batch, seq, K], both dynamic, seq from 1, as an engine's) and compiled into
-    an AOTInductor package at path; returns the loaded package."""
+def aoti_fp4_linear(weights, bias, block: int, k: int, path: str, batch_and_seq: bool = False, x_global=None):
+    """`torch.ops.qcompile.fp4_gemm` with these CUDA weights and bias (and W4A4's `x_global`, a 0-d buffer as in an
+    engine), exported with a dynamic row count (1-4096, bf16 x [M, K]; `batch_and_seq`: x [batch, seq, K], both
+    dynamic, seq from 1, as an engine's) and compiled into an AOTInductor package at path; returns the loaded
+    package."""
     class Fp4Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("x_global", x_global)
+
         def forward(self, x):
-            return torch.ops.qcompile.fp4_gemm(x, *weights, None, bias, block)
+            return torch.ops.qcompile.fp4_gemm(x, *weights, self.x_global, bias, block)
 
     if batch_and_seq:
         shape, dims = (2, 8, k), {0: torch.export.Dim("batch", min=1, max=64), 1: torch.export.Dim("seq", min=1,

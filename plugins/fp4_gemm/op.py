@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from qcompile.plugins.fp4_gemm.reference import check_args, fp4_gemm_fp8_large_m_reference, fp4_gemm_reference
-from qcompile.plugins.gemm_dispatch import rows
+from qcompile.plugins.gemm_dispatch import rows, scalar_buffer
 
 
 @torch.library.triton_op("qcompile::fp4_gemm", mutates_args={})
@@ -43,7 +43,8 @@ def fp4_gemm(
 
     check_args(x, w_packed, w_scale, w_global, x_global, bias, block_size)
     if x_global is not None:
-        x_hat = nvfp4_fake_quantize_rows(rows(x, x.shape[-1]), x_global, wrap=torch.library.wrap_triton)
+        x_hat = nvfp4_fake_quantize_rows(rows(x, x.shape[-1]), scalar_buffer(x_global),
+                                         wrap=torch.library.wrap_triton)
         x = x_hat.reshape(x.shape)
     return fp4_gemm_triton(x, w_packed, w_scale, w_global, bias, block_size, wrap=torch.library.wrap_triton,
                            num_sms=torch.cuda.get_device_properties(x.device).multi_processor_count,

@@ -19,9 +19,10 @@ Paths, chosen per call from M (the row count of x, dynamic):
   int8 -> x.dtype in registers (exact: |q| <= 127), float32 accumulation (float32 x: an IEEE dot). The
   epilogue is in the kernel too, unless the N tiles are too few to fill the GPU: then K is split and the
   partial sums meet in float32 atomics (zeroed buffer, epilogue after).
-- larger M: the buckets of `LARGE_M`: `_tile_kernel` (a plain tiled GEMM reading the [N, K] weight as the
-  transposed B operand) up to 256 rows, then `_dequant_kernel` (W in x.dtype, one pass) and cuBLAS with the bias in
-  its epilogue (`gemm_dispatch.linear_bias`), as the INT4 and FP4 ops do from 129 rows.
+- larger M: the buckets of `LARGE_M`: `_row_dot_kernel` on row tiles of 32 / 64 up to 128 rows, `_tile_kernel` (a
+  plain tiled GEMM reading the [N, K] weight as the transposed B operand) up to 256, then `_dequant_kernel` (W in
+  x.dtype, one pass) and cuBLAS with the bias in its epilogue (`gemm_dispatch.linear_bias`), as the INT4 and FP4
+  ops do from 129 rows.
 
 Dispatch on M: a Python branch when M is a concrete int (eager); with a symbolic M (torch.export,
 AOTInductor with a dynamic row count) a chain of `torch.cond(M <= limit, ...)` (`gemm_dispatch.run_by_buckets`),
@@ -312,13 +313,15 @@ def launch_tiles(x2d, w_q, cfg: dict, *, wrap=identity, num_sms: int = DEFAULT_S
     return y
 
 
-# Paths above SMALL_M_MAX rows by M bucket: a tile configuration of the kernel, "dot" (`_row_dot_kernel` on row
-# tiles of BLOCK_M: a candidate of tools/tune_fp8_block_w8a16.py, not yet timed), or "dequant" (`_dequant_kernel` +
-# cuBLAS). The tile was chosen with tools/tune_fp8_block_w8a16.py on the H200 for the earlier [K, N] weight
-# (benchmarks/tune_fp8_block_w8a16.json). On the [N, K] weight an H100 run timed it at 0.36-0.52x cuBLAS bf16 at
-# M = 1024 and 0.45-0.77x at 256 (benchmarks/w8a16_fp8_block-h100_s32.log), where dequantizing the weight costs
-# about one pass over 3 bytes per weight: so the tiles stop at 256 rows (untimed for this split, on either card).
+# Paths above SMALL_M_MAX rows by M bucket: "dot" (`_row_dot_kernel` on row tiles of BLOCK_M), a tile configuration
+# of `_tile_kernel`, or "dequant" (`_dequant_kernel` + cuBLAS). Chosen from an H100 run of
+# tools/tune_fp8_block_w8a16.py --ops w8a16 (benchmarks/tune_fp8_block_w8a16-h100_s33.json), summed over the four
+# kernel-target layers: the row dot kernel took 207 µs at 32 rows (tiles 345, cuBLAS bf16 267), 232 at 64
+# (tiles 364, bf16 269) and 407 at 128 (tiles 468); the tiles 685 at 256 (dequantize + cuBLAS 702); dequantize +
+# cuBLAS 887 at 512 (tiles 1130) and 1386 at 1024 (tiles 2104, bf16 1110).
 LARGE_M = [
+    (32, dict(kernel="dot", BLOCK_M=32, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4, waves=1)),
+    (128, dict(kernel="dot", BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4, waves=1)),
     (256, dict(kernel="tiles", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, waves=1)),
     (None, dict(kernel="dequant")),
 ]

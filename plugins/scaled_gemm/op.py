@@ -30,11 +30,10 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
 
 from qcompile.plugins.formats import dynamic_row_scales, quantize_activation
 from qcompile.plugins.fp8_large_m import rowwise_scaled_mm
-from qcompile.plugins.gemm_dispatch import add_bias
+from qcompile.plugins.gemm_dispatch import add_bias, scalar_buffer
 from qcompile.plugins.scaled_gemm.reference import (FORMAT_OF, check_args, scaled_gemm_dynamic_reference,
                                                     scaled_gemm_reference)
 
@@ -111,7 +110,7 @@ def _fp8_gemm(x2d, w_q, w_scale, x_scale, bias, out_dtype) -> Tensor:
     if w_scale.numel() == 1 and x_scale.dim() == 0:  # tensorwise
         fuse_bias = bias is not None and out_dtype != torch.float32  # cuBLASLt: no bias with fp32 out
         y = torch._scaled_mm(
-            xq, wt, _scale_buffer(x_scale), _scale_buffer(w_scale),
+            xq, wt, scalar_buffer(x_scale), scalar_buffer(w_scale),
             bias=bias.to(out_dtype) if fuse_bias else None, out_dtype=out_dtype,
         )
         return y + bias.to(out_dtype) if bias is not None and not fuse_bias else y
@@ -125,17 +124,6 @@ def _fp8_gemm(x2d, w_q, w_scale, x_scale, bias, out_dtype) -> Tensor:
 def _apply_scales(acc, x_scale, w_scale, bias, out_dtype) -> Tensor:
     """`acc * (x_scale * w_scale) + bias` in float32, cast to `out_dtype` (pointwise: fuses with the consumer)."""
     return add_bias(acc.to(torch.float32) * (x_scale * w_scale), bias, out_dtype)
-
-
-def _scale_buffer(t: Tensor) -> Tensor:
-    """A 1-element float32 scale as a [1] tensor for `torch._scaled_mm`.
-
-    Inductor inlines 0-d graph constants as scalars (`ir.Constant`), which an extern kernel cannot take
-    as a tensor argument; while tracing, a copy turns the scalar into a real buffer. Eager calls stay
-    copy-free (a view).
-    """
-    t = t.reshape(1)
-    return t.clone() if is_fake(t) else t
 
 
 def _weight_only(x, w_q, w_scale, bias) -> Tensor:

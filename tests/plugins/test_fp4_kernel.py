@@ -402,6 +402,25 @@ def test_cuda_w4a4_goes_through_the_kernel():
     assert_rel_l2(y, ref, torch.bfloat16)
 
 
+@pytest.mark.gpu
+@cuda
+def test_cuda_w4a4_aoti_package_with_its_activation_scale_a_0d_constant(tmp_path):
+    """W4A4 compiled as engines compile it: x_global a 0-d buffer of the module, which Inductor inlines as a scalar
+    (the mlp-large nvfp4 engine failed with "'<=' not supported between instances of 'Constant' and 'int'"); every
+    row bucket against the plain-torch reference in float32."""
+    from qcompile.algorithms.fp4 import nvfp4_global_scale
+    from qcompile.plugins.fp4_gemm.reference import fp4_gemm_reference
+
+    case = make_case("nvfp4", k=512, n=256, seed=9)
+    xg = nvfp4_global_scale(torch.tensor(4.0)).reshape(())
+    weights = [t.cuda() for t in args(case)]
+    compiled = aoti_fp4_linear(weights, None, case["block"], 512, tmp_path / "w4a4.pt2", x_global=xg.cuda())
+    for m in (1, 5, 40, 300):
+        x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+        ref = fp4_gemm_reference(x.float(), *args(case), xg, None, case["block"]).double().numpy()
+        assert_rel_l2(compiled(x.cuda()), ref, torch.bfloat16)
+
+
 @fake_cuda_export
 @pytest.mark.parametrize("fmt, w4a4", [("nvfp4", False), ("mxfp4", False), ("nvfp4", True)],
                          ids=["nvfp4", "mxfp4", "w4a4"])

@@ -143,8 +143,9 @@ def test_cuda_dequant_kernel_rounds_each_weight_once_like_the_reference(dtype):
 
 
 @triton_interp
-@pytest.mark.parametrize("m, path", [(17, "_tile_kernel"), (256, "_tile_kernel"), (257, "_dequant_kernel")])
-def test_large_m_buckets_switch_to_dequantize_and_cublas_above_256_rows(m, path):
+@pytest.mark.parametrize("m, path", [(17, "_row_dot_kernel"), (128, "_row_dot_kernel"), (129, "_tile_kernel"),
+                                     (256, "_tile_kernel"), (257, "_dequant_kernel")])
+def test_large_m_buckets_go_from_the_row_dot_kernel_to_tiles_to_dequantize_and_cublas(m, path):
     from qcompile.plugins.int8_wo_gemm.kernel import int8_wo_gemm_triton
 
     w_q, w_scale, b = make_case(k=128, n=32, seed=m)
