@@ -75,6 +75,25 @@ def launch_spy(record):
     return wrap
 
 
+def no_0d_launch_arguments(fake_impl):
+    """The fake-tensor implementation of Triton launches in a trace (`triton_kernel_wrapper_mutation`'s), failing on
+    a 0-d tensor argument. AOTInductor inlines a 0-d graph constant (a scale of the engine) as a scalar
+    `ir.Constant`, and a Triton launch given one fails to compile ("'<=' not supported between instances of
+    'Constant' and 'int'": the W4A4 engines on an H100, thirty-third session); the plugins pass such scalars as [1]
+    tensors (`gemm_dispatch.scalar_buffer`)."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    def checked(mode, **launch):
+        flat = [name for name, a in launch["kwargs"].items() if isinstance(a, torch.Tensor) and a.dim() == 0]
+        if flat:
+            kernel = kernel_side_table.get_kernel(launch["kernel_idx"])
+            name = getattr(getattr(kernel, "fn", kernel), "__name__", "a Triton kernel")
+            raise AssertionError(f"{name}: launch argument {flat[0]} is a 0-d tensor; pass it as "
+                                 "gemm_dispatch.scalar_buffer(t)")
+        return fake_impl(mode, **launch)
+    return checked
+
+
 def export_on_fake_cuda(monkeypatch, op, weights: tuple, x: torch.Tensor, dynamic_rows: bool = True,
                         dims: dict | None = None) -> list:
     """torch.export of `op(x, *weights)` with a dynamic row count (x [M, K] with M even and >= 4 exported as an
@@ -82,7 +101,8 @@ def export_on_fake_cuda(monkeypatch, op, weights: tuple, x: torch.Tensor, dynami
     {axis: torch.export.Dim}) on fake CUDA tensors, as an engine exports a plugin's GPU body (its M buckets in
     torch.cond, traced by Dynamo; a concrete M takes one bucket, traced without it), on a machine without a GPU
     (an H200, sm_90, 132 SMs, is what torch is told it has). Errors in the Python of the launch code show up here
-    instead of on the GPU; the kernels are not compiled. Returns the exported graph's call_function targets."""
+    instead of on the GPU, and so does a 0-d tensor handed to a Triton launch (`no_0d_launch_arguments`); the
+    kernels are not compiled. Returns the exported graph's call_function targets."""
     import types
 
     import torch.utils._triton
@@ -90,6 +110,10 @@ def export_on_fake_cuda(monkeypatch, op, weights: tuple, x: torch.Tensor, dynami
 
     for check in ("has_triton", "has_triton_tensor_descriptor_host_tma"):  # torch looks for a GPU otherwise
         monkeypatch.setattr(torch.utils._triton, check, lambda: True)
+    from torch._higher_order_ops.triton_kernel_wrap import triton_kernel_wrapper_mutation as launch
+
+    monkeypatch.setitem(launch.python_key_table, FakeTensorMode,
+                        no_0d_launch_arguments(launch.python_key_table[FakeTensorMode]))
     props = types.SimpleNamespace(multi_processor_count=132, major=9, minor=0, name="NVIDIA H200")
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *_: props)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (9, 0))

@@ -42,6 +42,7 @@ def fp4_gemm(
     from qcompile.plugins.fp4_gemm.kernel import fp4_gemm_triton
 
     check_args(x, w_packed, w_scale, w_global, x_global, bias, block_size)
+    w_global = None if w_global is None else scalar_buffer(w_global)  # the kernels take scalars as [1] tensors
     if x_global is not None:
         x_hat = nvfp4_fake_quantize_rows(rows(x, x.shape[-1]), scalar_buffer(x_global),
                                          wrap=torch.library.wrap_triton)

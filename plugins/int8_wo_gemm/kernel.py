@@ -315,10 +315,10 @@ def launch_tiles(x2d, w_q, cfg: dict, *, wrap=identity, num_sms: int = DEFAULT_S
 
 # Paths above SMALL_M_MAX rows by M bucket: "dot" (`_row_dot_kernel` on row tiles of BLOCK_M), a tile configuration
 # of `_tile_kernel`, or "dequant" (`_dequant_kernel` + cuBLAS). Chosen from an H100 run of
-# tools/tune_fp8_block_w8a16.py --ops w8a16 (benchmarks/tune_fp8_block_w8a16-h100_s33.json), summed over the four
-# kernel-target layers: the row dot kernel took 207 µs at 32 rows (tiles 345, cuBLAS bf16 267), 232 at 64
-# (tiles 364, bf16 269) and 407 at 128 (tiles 468); the tiles 685 at 256 (dequantize + cuBLAS 702); dequantize +
-# cuBLAS 887 at 512 (tiles 1130) and 1386 at 1024 (tiles 2104, bf16 1110).
+# tools/tune_fp8_block_w8a16.py --ops w8a16 (benchmarks/tune_fp8_block_w8a16-h100_s33.json), the best single
+# configuration of each kind summed over the four kernel-target layers: the row dot kernel took 207 µs at 32 rows
+# (tiles 345, cuBLAS bf16 267), 232 at 64 (tiles 364, bf16 269) and 407 at 128 (tiles 468); the tiles 685 at 256
+# (dequantize + cuBLAS 702); dequantize + cuBLAS 887 at 512 (tiles 1130) and 1386 at 1024 (tiles 2104, bf16 1110).
 LARGE_M = [
     (32, dict(kernel="dot", BLOCK_M=32, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4, waves=1)),
     (128, dict(kernel="dot", BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4, waves=1)),

@@ -15,7 +15,9 @@ their times still need one (`tools/bench_engines.py --profile`).
     (each --inductor set is listed after the defaults; the graph is built once per recipe)
 
 How this differs from an engine build: Inductor's wrapper is the Python one (`compile_fx`; AOTInductor's C++
-wrapper launches the same kernels); uniform-value constant folding is off (it runs ops on real CUDA tensors); the
+wrapper launches the same kernels); uniform-value constant folding is off (it runs ops on real CUDA tensors), and the
+engine's constants stay graph inputs, so AOTInductor's inlining of 0-d constants is not seen (the fake-CUDA export
+tests check for 0-d launch arguments instead: `qc_testutil.no_0d_launch_arguments`); the
 plugins' `torch.cond` over M is replaced by the `--rows` path; and the code comes from this machine's torch, which
 may differ from the GPU machine's. `--code DIR` keeps each wrapper for reading. Not part of the product.
 """
