@@ -422,13 +422,16 @@ def test_cuda_w4a4_aoti_package_with_its_activation_scale_a_0d_constant(tmp_path
 
 
 @fake_cuda_export
+@pytest.mark.parametrize("dynamic_rows", [True, False], ids=["dynamic", "static"])
 @pytest.mark.parametrize("fmt, w4a4", [("nvfp4", False), ("mxfp4", False), ("nvfp4", True)],
                          ids=["nvfp4", "mxfp4", "w4a4"])
-def test_gpu_launches_export_on_fake_cuda_tensors(monkeypatch, fmt, w4a4):
-    """The CUDA body as an engine's export traces it (the M buckets in torch.cond, the Triton launches included),
-    without a GPU: both weight formats, and W4A4's activation quantization."""
+def test_gpu_launches_export_on_fake_cuda_tensors(monkeypatch, fmt, w4a4, dynamic_rows):
+    """The CUDA body as an engine's export traces it (dynamic: the M buckets in torch.cond; static, an engine with
+    fixed shapes: one bucket's launches at the top of the graph, where AOTInductor would inline a 0-d scale), the
+    Triton launches included, without a GPU: both weight formats, and W4A4's activation quantization."""
     case = make_case(fmt, k=512, n=256)
     x_global = torch.tensor(0.01) if w4a4 else None
     weights = (*args(case), x_global, torch.randn(256), case["block"])
-    assert export_on_fake_cuda(monkeypatch, torch.ops.qcompile.fp4_gemm, weights,
-                               torch.randn(8, 512).to(torch.bfloat16)) == [torch.ops.qcompile.fp4_gemm.default]
+    x = torch.randn(8, 512).to(torch.bfloat16)
+    assert export_on_fake_cuda(monkeypatch, torch.ops.qcompile.fp4_gemm, weights, x,
+                               dynamic_rows=dynamic_rows) == [torch.ops.qcompile.fp4_gemm.default]
