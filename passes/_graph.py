@@ -131,6 +131,24 @@ def static_shape(tensor) -> tuple[int, ...] | None:
     return tuple(shape)
 
 
+def plain_export(graph: gs.Graph) -> onnx.ModelProto:
+    """`graph` as an ONNX model for onnx's own tools (shape inference, saving a dump): graph-surgeon's export
+    without its type check, the IR version capped at 10."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = min(model.ir_version, 10)
+    return model
+
+
+def shape_inference(graph: gs.Graph, data_prop: bool = False) -> onnx.ModelProto | None:
+    """ONNX shape inference (not strict; `data_prop`: with data propagation) on `plain_export(graph)`, or None
+    when it fails: shapes are an aid, not a requirement."""
+    try:
+        return onnx.shape_inference.infer_shapes(plain_export(graph), strict_mode=False, data_prop=data_prop)
+    except Exception as exc:  # noqa: BLE001
+        logger.debug("shape inference failed: %s", exc)
+        return None
+
+
 def inferred_shapes(graph: gs.Graph, max_constant: int = 64) -> dict[str, list]:
     """Tensor name -> dims (int, symbolic name or None) from ONNX shape inference with data propagation, so that
     shapes the graph computes (Shape -> Concat -> Reshape) resolve. Runs on a copy of `graph` whose constants of
@@ -142,12 +160,8 @@ def inferred_shapes(graph: gs.Graph, max_constant: int = 64) -> dict[str, list]:
             tensor.to_variable(shape=list(tensor.shape))
             tensor.type = "tensor_type"  # what Variable() sets; to_variable leaves it unset (onnx-graphsurgeon 0.6)
             light.inputs.append(tensor)
-    try:
-        model = gs.export_onnx(light, do_type_check=False)
-        model.ir_version = min(model.ir_version, 10)
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-    except Exception as exc:  # noqa: BLE001
-        logger.debug("shape inference failed: %s", exc)
+    inferred = shape_inference(light, data_prop=True)
+    if inferred is None:
         return {}
     return {vi.name: tensor_dims(vi.type.tensor_type)
             for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]

@@ -9,7 +9,6 @@ Does the following transformation:
 from __future__ import annotations
 
 import collections
-import logging
 
 import numpy as np
 import onnx
@@ -17,8 +16,6 @@ import onnx_graphsurgeon as gs
 
 from qcompile.passes import _graph as G
 from qcompile.passes.infra import InPlacePass, PassResult
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["CleanupPass"]
 
@@ -96,12 +93,8 @@ def _bypass(graph: gs.Graph, node: gs.Node) -> bool:
 
 def _infer_shapes(graph: gs.Graph) -> int:
     """Run ONNX shape inference on an export of `graph`; copy dtypes/shapes back. Returns tensors updated."""
-    try:
-        model = gs.export_onnx(graph, do_type_check=False)
-        model.ir_version = min(model.ir_version, 10)
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception as exc:  # noqa: BLE001 - shapes are an aid, not a requirement
-        logger.debug("shape inference failed: %s", exc)
+    inferred = G.shape_inference(graph)
+    if inferred is None:
         return 0
     tensors = graph.tensors()
     count = 0

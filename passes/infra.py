@@ -17,6 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qcompile.errors import LintError, PassError
+from qcompile.passes import _graph as G
 
 logger = logging.getLogger(__name__)
 
@@ -134,8 +135,6 @@ def _dump(graph: gs.Graph, directory: str, file_name: str) -> None:
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     try:
-        model = gs.export_onnx(graph, do_type_check=False)
-        model.ir_version = min(model.ir_version, 10)
-        onnx.save(model, str(path / file_name))
+        onnx.save(G.plain_export(graph), str(path / file_name))
     except Exception as exc:  # noqa: BLE001 - a failed dump must not fail the build
         logger.warning("could not dump graph to %s: %s", path / file_name, exc)

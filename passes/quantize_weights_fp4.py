@@ -19,7 +19,8 @@ The weights come from `qcompile.algorithms.fp4` (two-level NVFP4 scales; OCP MX 
 NVFP4 layers that read the same input (Q/K/V, gate/up; weight-only and W4A4 groups apart) share one global scale,
 from the largest amax of the group, so the engine can run them as one GEMM (`FuseSiblingGemmsPass`); their block
 scales absorb the difference (E4M3 values keep their relative precision). Declined, with a reason: a non-constant
-or non-2-D weight, K < min_k, N < min_n, and activation formats other than nvfp4. Never emits ModelOpt's `TRT_FP4QDQ` placeholder.
+or non-2-D weight, K < min_k, N < min_n, and activation formats other than nvfp4. Never emits ModelOpt's
+`TRT_FP4QDQ` placeholder.
 """
 from __future__ import annotations
 

@@ -106,11 +106,10 @@ def test_triton_kernel_under_interpreter(m, dtype, bias):
     for waves in (0, 4):  # the tiled large-M path, without and with a K split (fp32 atomics)
         tiles = dict(kernel="tiles", BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2, waves=waves)
         assert_close_to(int8_wo_gemm_triton(x, w_q, w_scale, b, num_sms=2, large_m=tiles), ref, REL[DTYPES[dtype]])
-    if m > 16:  # the row dot kernel on row tiles (a large-M candidate), K split and not
+    if m > 16:  # the row dot kernel on row tiles, K split and not; then the dequantize + F.linear bucket
         for waves in (0, 4):
             dot = dict(kernel="dot", BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=2, waves=waves)
             assert_close_to(int8_wo_gemm_triton(x, w_q, w_scale, b, num_sms=2, large_m=dot), ref, REL[DTYPES[dtype]])
-    if m > 16:  # the dequantize + F.linear bucket
         dequant = int8_wo_gemm_triton(x, w_q, w_scale, b, num_sms=2, large_m={"kernel": "dequant"})
         assert_close_to(dequant, ref, REL[DTYPES[dtype]])
 
