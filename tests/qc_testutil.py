@@ -94,15 +94,10 @@ def no_0d_launch_arguments(fake_impl):
     return checked
 
 
-def export_on_fake_cuda(monkeypatch, op, weights: tuple, x: torch.Tensor, dynamic_rows: bool = True,
-                        dims: dict | None = None) -> list:
-    """torch.export of `op(x, *weights)` with a dynamic row count (x [M, K] with M even and >= 4 exported as an
-    engine's [batch, seq, K], both dynamic; `dynamic_rows=False`: x's shape; `dims`: x's dynamic dims as
-    {axis: torch.export.Dim}) on fake CUDA tensors, as an engine exports a plugin's GPU body (its M buckets in
-    torch.cond, traced by Dynamo; a concrete M takes one bucket, traced without it), on a machine without a GPU
-    (an H200, sm_90, 132 SMs, is what torch is told it has). Errors in the Python of the launch code show up here
-    instead of on the GPU, and so does a 0-d tensor handed to a Triton launch (`no_0d_launch_arguments`); the
-    kernels are not compiled. Returns the exported graph's call_function targets."""
+def fake_cuda(monkeypatch):
+    """A FakeTensorMode in which torch believes it has an H200 (sm_90, 132 SMs) and Triton, so a plugin's GPU body
+    traces on a machine without a GPU; a Triton launch with a 0-d tensor argument fails (`no_0d_launch_arguments`).
+    Tensors made inside are fake: weights of any size cost nothing."""
     import types
 
     import torch.utils._triton
@@ -117,7 +112,24 @@ def export_on_fake_cuda(monkeypatch, op, weights: tuple, x: torch.Tensor, dynami
     props = types.SimpleNamespace(multi_processor_count=132, major=9, minor=0, name="NVIDIA H200")
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *_: props)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (9, 0))
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def engine_dims() -> dict:
+    """The dynamic dims of an engine's [batch, seq, K] activation, as torch.export Dims by axis."""
+    return {0: torch.export.Dim("batch", min=1, max=64), 1: torch.export.Dim("seq", min=1, max=4096)}
+
+
+def export_on_fake_cuda(monkeypatch, op, weights: tuple, x: torch.Tensor, dynamic_rows: bool = True,
+                        dims: dict | None = None) -> list:
+    """torch.export of `op(x, *weights)` with a dynamic row count (x [M, K] with M even and >= 4 exported as an
+    engine's [batch, seq, K], both dynamic; `dynamic_rows=False`: x's shape; `dims`: x's dynamic dims as
+    {axis: torch.export.Dim}) on fake CUDA tensors, as an engine exports a plugin's GPU body (its M buckets in
+    torch.cond, traced by Dynamo; a concrete M takes one bucket, traced without it), on a machine without a GPU
+    (an H200, sm_90, 132 SMs, is what torch is told it has). Errors in the Python of the launch code show up here
+    instead of on the GPU, and so does a 0-d tensor handed to a Triton launch (`no_0d_launch_arguments`); the
+    kernels are not compiled. Returns the exported graph's call_function targets."""
+    with fake_cuda(monkeypatch):
         on_gpu = [w.to("cuda") if isinstance(w, torch.Tensor) else w for w in weights]
 
         class Layer(torch.nn.Module):
@@ -126,7 +138,7 @@ def export_on_fake_cuda(monkeypatch, op, weights: tuple, x: torch.Tensor, dynami
 
         if dims is None and dynamic_rows and x.shape[0] % 2 == 0 and x.shape[0] >= 4:
             x = x.reshape(2, x.shape[0] // 2, *x.shape[1:])  # as an engine's x: [batch, seq, K], seq from 1
-            dims = {0: torch.export.Dim("batch", min=1, max=64), 1: torch.export.Dim("seq", min=1, max=4096)}
+            dims = engine_dims()
         elif dims is None and dynamic_rows:
             dims = {0: torch.export.Dim("rows", min=1, max=4096)}
         ep = torch.export.export(Layer(), (x.to("cuda"),), dynamic_shapes={"x": dims} if dims else None)

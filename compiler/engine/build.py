@@ -74,12 +74,13 @@ def build_engine(
     ).with_caller_fields(manifest or {})
 
     t0 = time.perf_counter()
-    ep = _export(program, inputs, example_inputs, dim_ranges)
+    with static_branch_ints():
+        ep = _export(program, inputs, example_inputs, dim_ranges)
     n_out = len(ep.graph_signature.user_outputs)
     if n_out != len(outputs):
         raise EngineError(f"the program returns {n_out} outputs but {len(outputs)} output specs were given")
     t1 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="qcompile-build-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="qcompile-build-") as tmp, static_branch_ints():
         package = _compile(ep, Path(tmp) / PACKAGE_NAME, man, inductor_configs)
         t2 = time.perf_counter()
         man.timings = {**man.timings, "export_s": round(t1 - t0, 3), "compile_s": round(t2 - t1, 3)}
@@ -157,11 +158,23 @@ def _export(program, inputs, examples, dim_ranges) -> torch.export.ExportedProgr
         raise EngineError(f"torch.export failed: {type(exc).__name__}: {exc}") from exc
 
 
+def static_branch_ints():
+    """Dynamo settings for an engine's export and AOTInductor compile: no automatic dynamic shapes.
+
+    The plugins' M buckets are `torch.cond` branches, which Dynamo traces once per layer, through the same code
+    objects. With automatic dynamic shapes on, an int that differs between two layers (a launch configuration's
+    `num_warps`, a split count) becomes symbolic on the next trace, and a Triton launch cannot take a symbolic
+    `num_warps` ("'SymNodeVariable' object has no attribute 'value'", raised when AOTInductor re-traced the
+    W8A16 engine of llama3-8b-layers on the H200). The engine's own dynamic dims are named in the export, so
+    nothing is lost."""
+    return torch._dynamo.config.patch(automatic_dynamic_shapes=False)
+
+
 def _export_once(program, examples, dynamic_shapes) -> torch.export.ExportedProgram:
     # Dynamo's per-code-object state from earlier compiles in this process (automatic-dynamic marks) can make
     # the plugins' torch.cond branches lift their closure ints as symbolic operands, which AOTInductor then
     # rejects (seen on the H200: an INT4 export after W8A16 exports in one pytest process). A reset costs
-    # nothing here: the export traces from scratch anyway.
+    # nothing here: the export traces from scratch anyway. `static_branch_ints` covers the same within one export.
     torch._dynamo.reset()
     with torch.fx.traceback.preserve_node_meta():  # keeps per-node provenance (onnx_node annotations)
         return torch.export.export(program, tuple(examples), dynamic_shapes=dynamic_shapes)
