@@ -127,14 +127,23 @@ def export_on_fake_cuda(monkeypatch, op, weights: tuple, x: torch.Tensor, dynami
     {axis: torch.export.Dim}) on fake CUDA tensors, as an engine exports a plugin's GPU body (its M buckets in
     torch.cond, traced by Dynamo; a concrete M takes one bucket, traced without it), on a machine without a GPU
     (an H200, sm_90, 132 SMs, is what torch is told it has). Errors in the Python of the launch code show up here
-    instead of on the GPU, and so does a 0-d tensor handed to a Triton launch (`no_0d_launch_arguments`); the
-    kernels are not compiled. Returns the exported graph's call_function targets."""
-    with fake_cuda(monkeypatch):
-        on_gpu = [w.to("cuda") if isinstance(w, torch.Tensor) else w for w in weights]
+    instead of on the GPU, and so does a 0-d tensor handed to a Triton launch (`no_0d_launch_arguments`). The
+    weights are buffers and the program is then re-traced as AOTInductor re-traces it (`run_decompositions`), both
+    under the engine build's Dynamo settings; the kernels are not compiled. Returns the re-traced graph's
+    call_function targets."""
+    from qcompile.engine.build import static_branch_ints
 
+    with fake_cuda(monkeypatch), static_branch_ints():
         class Layer(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.args = [f"w{i}" if isinstance(w, torch.Tensor) else w for i, w in enumerate(weights)]
+                for i, w in enumerate(weights):
+                    if isinstance(w, torch.Tensor):  # buffers, as an engine holds its weights
+                        self.register_buffer(f"w{i}", w.to("cuda"))
+
             def forward(self, x):
-                return op(x, *on_gpu)
+                return op(x, *(getattr(self, a) if isinstance(a, str) else a for a in self.args))
 
         if dims is None and dynamic_rows and x.shape[0] % 2 == 0 and x.shape[0] >= 4:
             x = x.reshape(2, x.shape[0] // 2, *x.shape[1:])  # as an engine's x: [batch, seq, K], seq from 1
@@ -142,6 +151,7 @@ def export_on_fake_cuda(monkeypatch, op, weights: tuple, x: torch.Tensor, dynami
         elif dims is None and dynamic_rows:
             dims = {0: torch.export.Dim("rows", min=1, max=4096)}
         ep = torch.export.export(Layer(), (x.to("cuda"),), dynamic_shapes={"x": dims} if dims else None)
+        ep = ep.run_decompositions()  # AOTInductor's re-trace, torch.cond's branches through Dynamo again
     return [n.target for n in ep.graph.nodes if n.op == "call_function"]
 
 
