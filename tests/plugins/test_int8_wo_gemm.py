@@ -394,8 +394,8 @@ def test_layers_with_different_launch_configs_export_and_decompose_as_an_engine_
     """An engine's export, then the re-trace AOTInductor does (`run_decompositions`), of two W8A16 layers whose
     small-M launch configurations differ (a wide layer and a narrow one with a long K, as in llama3-8b-layers), under
     the engine build's Dynamo settings. With automatic dynamic shapes an option that differed between the layers'
-    launches (`num_stages`) was traced symbolic the second time, and the re-trace failed ("'SymNodeVariable' object has no attribute 'value'", the H200, thirty-fourth
-    session)."""
+    launches (`num_stages`) was traced symbolic the second time, and the re-trace failed ("'SymNodeVariable' object
+    has no attribute 'value'", the H200, thirty-fourth session)."""
     from qcompile.engine.build import static_branch_ints
     from qcompile.plugins.int8_wo_gemm import split_mma
 
