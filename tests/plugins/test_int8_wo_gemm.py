@@ -419,3 +419,44 @@ def test_layers_with_different_launch_configs_export_and_decompose_as_an_engine_
         ep = torch.export.export(TwoLayers(), (x,), dynamic_shapes={"x": engine_dims()}).run_decompositions()
     gemms = [n for n in ep.graph.nodes if n.target == torch.ops.qcompile.int8_weight_only_gemm.default]
     assert len(gemms) == 2
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_engine_of_layers_with_different_launch_configs(tmp_path):
+    """`build_engine` (export + AOTInductor, the engine's Dynamo settings) of a wide layer (the split INT8 MMA tile on
+    3 stages) feeding a narrow one with a long K (K split in parts, 4 stages), dynamic batch and sequence, run at
+    several row counts against float64: the pair that failed to build in llama3-8b-layers' W8A16 engine."""
+    from qcompile.engine.build import build_engine
+    from qcompile.engine.load import load
+    from qcompile.engine.manifest import IOSpec
+    from qcompile.plugins.int8_wo_gemm import split_mma
+
+    (k0, n0), (k1, n1) = (1024, 28672), (8192, 4096)
+    assert split_mma.pick_config(n0, k0, 132)["num_stages"] != split_mma.pick_config(n1, k1, 132)["num_stages"]
+    first, second = make_case(k=k0, n=n0, seed=1), make_case(k=k1, n=n1, seed=2)
+
+    class TwoLayers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for name, case in (("a", first), ("b", second)):
+                for part, t in zip(("w", "s", "bias"), case):
+                    self.register_buffer(f"{part}_{name}", t.cuda())
+
+        def forward(self, x):
+            h = op(x, self.w_a, self.s_a, self.bias_a)[..., :k1]
+            return op(h, self.w_b, self.s_b, self.bias_b)
+
+    ranges = {"batch": (1, 16), "seq": (1, 256)}
+    path = tmp_path / "two.engine"
+    build_engine(TwoLayers(), inputs=[IOSpec("x", "bfloat16", ["batch", "seq", k0], ranges)],
+                 outputs=[IOSpec("y", "bfloat16", ["batch", "seq", n1])],
+                 example_inputs=(torch.randn(2, 8, k0, device="cuda", dtype=torch.bfloat16) * 0.1,), manifest={},
+                 output_path=path, device="cuda")
+    engine = load(path)
+    for batch, seq in ((1, 1), (1, 16), (4, 33)):
+        x = torch.randn(batch, seq, k0, dtype=torch.bfloat16) * 0.1
+        h = torch.from_numpy(oracle(x.reshape(-1, k0), *first)[:, :k1]).to(torch.bfloat16)  # the engine's h: bf16
+        y = engine.run_torch({"x": x.cuda()})["y"]
+        assert y.shape == (batch, seq, n1)
+        assert_close_to(y.reshape(-1, n1), oracle(h, *second), REL[torch.bfloat16])
