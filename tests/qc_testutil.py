@@ -137,13 +137,13 @@ def export_on_fake_cuda(monkeypatch, op, weights: tuple, x: torch.Tensor, dynami
         class Layer(torch.nn.Module):
             def __init__(self):
                 super().__init__()
-                self.args = [f"w{i}" if isinstance(w, torch.Tensor) else w for i, w in enumerate(weights)]
                 for i, w in enumerate(weights):
                     if isinstance(w, torch.Tensor):  # buffers, as an engine holds its weights
                         self.register_buffer(f"w{i}", w.to("cuda"))
 
             def forward(self, x):
-                return op(x, *(getattr(self, a) if isinstance(a, str) else a for a in self.args))
+                return op(x, *(getattr(self, f"w{i}") if isinstance(w, torch.Tensor) else w
+                               for i, w in enumerate(weights)))
 
         if dims is None and dynamic_rows and x.shape[0] % 2 == 0 and x.shape[0] >= 4:
             x = x.reshape(2, x.shape[0] // 2, *x.shape[1:])  # as an engine's x: [batch, seq, K], seq from 1

@@ -163,10 +163,10 @@ def static_branch_ints():
 
     The plugins' M buckets are `torch.cond` branches, which Dynamo traces once per layer, through the same code
     objects. With automatic dynamic shapes on, an int that differs between two layers (a launch configuration's
-    `num_warps`, a split count) becomes symbolic on the next trace, and a Triton launch cannot take a symbolic
-    `num_warps` ("'SymNodeVariable' object has no attribute 'value'", raised when AOTInductor re-traced the
-    W8A16 engine of llama3-8b-layers on the H200). The engine's own dynamic dims are named in the export, so
-    nothing is lost."""
+    `num_stages`, a split count) becomes symbolic on the next trace, and a Triton launch cannot take a symbolic
+    `num_stages` or `num_warps` ("'SymNodeVariable' object has no attribute 'value'", raised when AOTInductor
+    re-traced the W8A16 engine of llama3-8b-layers on the H200; `tools/diag/engine_export_check.py` reproduces it
+    without a GPU). The engine's own dynamic dims are named in the export, so nothing is lost."""
     return torch._dynamo.config.patch(automatic_dynamic_shapes=False)
 
 
