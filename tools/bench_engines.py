@@ -13,6 +13,8 @@ words (`VARIANTS`), so an A/B of kernel tiles or layouts runs in one call beside
     python tools/bench_engines.py llama3-8b-layers --recipes fp16 w4a16_awq w4a16_awq:int4-pointers ...
     python tools/bench_engines.py llama3-8b-layers --recipes fp16 w4a16_nvfp4 w4a16_nvfp4:fp4-bytes ...
 The variant fp8-large-m builds with `fp8_large_m=True` (`qcompile build --fp8-large-m`): prefill-sized GEMMs in FP8.
+fp8-block-cublas-small-m builds the FP8 block op with its sm90 cuBLASLt path at every M (no Triton row kernel at
+1-16 rows).
 inductor-combo, inductor-persistent (and both), inductor-no-split and inductor-coordesc compile with an Inductor
 option or heuristic changed (`combo_kernels=True`; row reductions up to 4096 persistent,
 `tools/inductor_variants.py`; `split_reductions=False`; `coordinate_descent_tuning=True`): A/Bs of the non-GEMM
@@ -57,6 +59,10 @@ VARIANTS = {  # recipe:variant -> (the build's context, more `qcompile.build` ar
     "fp4-planar": (contextlib.nullcontext, {"fp4_layout": "planar"}),
     "fp4-bytes": (contextlib.nullcontext, {"fp4_layout": "bytes"}),
     "fp8-large-m": (contextlib.nullcontext, {"fp8_large_m": True}),
+    # the FP8 block op's sm90 cuBLASLt path at every M, its Triton row kernel (x quantized in aten ops, which fuse into
+    # x's producer) not taken at 1-16 rows: faster at the op level on all four kernel-target layers in three runs
+    # (BENCHMARKS.md, thirty-fourth session, part 3: "cuBLASLt, no bias" against the op), to be decided in the engine
+    "fp8-block-cublas-small-m": (lambda: fp8_block_row_dot_up_to(0), {}),
     "no-attention-fusion": (contextlib.nullcontext, {"fuse_attention": False}),  # attention as MatMul/Softmax
     # decode overhead: independent small kernels (the split-K GEMVs' zero fills) launched as one; row reductions
     # (RMSNorm) up to 4096 persistent (one load of the row); one-row reductions not split in two; reduction tiles
@@ -68,6 +74,20 @@ VARIANTS = {  # recipe:variant -> (the build's context, more `qcompile.build` ar
     "inductor-no-split": (lambda: inductor_config.patch(split_reductions=False), {}),
     "inductor-coordesc": (lambda: inductor_config.patch(coordinate_descent_tuning=True), {}),
 }
+
+
+@contextlib.contextmanager
+def fp8_block_row_dot_up_to(rows: int):
+    """The FP8 block op's Triton row kernel up to `rows` rows (shipped: `kernel.ROW_DOT_MAX_M`, 16); the op reads the
+    bound each time it is traced, so an engine built inside the context takes it."""
+    from qcompile.plugins.fp8_block_gemm import kernel
+
+    shipped = kernel.ROW_DOT_MAX_M
+    kernel.ROW_DOT_MAX_M = rows
+    try:
+        yield
+    finally:
+        kernel.ROW_DOT_MAX_M = shipped
 
 
 @contextlib.contextmanager
