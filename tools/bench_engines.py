@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import importlib
 import json
 import multiprocessing
 import os
@@ -38,6 +39,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import onnx
@@ -54,6 +56,7 @@ from qcompile.report import format_table
 from inductor_variants import persistent_reductions_up_to  # tools/, this script's folder
 from int4_tiles import int4_tiles
 
+FP8_BLOCK_KERNEL = "qcompile.plugins.fp8_block_gemm.kernel"  # imported when a variant needs it: Triton, GPU machines
 VARIANTS = {  # recipe:variant -> (the build's context, more `qcompile.build` arguments)
     "int4-pointers": (lambda: int4_tiles(pointers=True), {}),
     "fp4-planar": (contextlib.nullcontext, {"fp4_layout": "planar"}),
@@ -62,7 +65,8 @@ VARIANTS = {  # recipe:variant -> (the build's context, more `qcompile.build` ar
     # the FP8 block op's sm90 cuBLASLt path at every M, its Triton row kernel (x quantized in aten ops, which fuse into
     # x's producer) not taken at 1-16 rows: faster at the op level on all four kernel-target layers in three runs
     # (BENCHMARKS.md, thirty-fourth session, part 3: "cuBLASLt, no bias" against the op), to be decided in the engine
-    "fp8-block-cublas-small-m": (lambda: fp8_block_row_dot_up_to(0), {}),
+    "fp8-block-cublas-small-m": (
+        lambda: mock.patch.object(importlib.import_module(FP8_BLOCK_KERNEL), "ROW_DOT_MAX_M", 0), {}),
     "no-attention-fusion": (contextlib.nullcontext, {"fuse_attention": False}),  # attention as MatMul/Softmax
     # decode overhead: independent small kernels (the split-K GEMVs' zero fills) launched as one; row reductions
     # (RMSNorm) up to 4096 persistent (one load of the row); one-row reductions not split in two; reduction tiles
@@ -74,20 +78,6 @@ VARIANTS = {  # recipe:variant -> (the build's context, more `qcompile.build` ar
     "inductor-no-split": (lambda: inductor_config.patch(split_reductions=False), {}),
     "inductor-coordesc": (lambda: inductor_config.patch(coordinate_descent_tuning=True), {}),
 }
-
-
-@contextlib.contextmanager
-def fp8_block_row_dot_up_to(rows: int):
-    """The FP8 block op's Triton row kernel up to `rows` rows (shipped: `kernel.ROW_DOT_MAX_M`, 16); the op reads the
-    bound each time it is traced, so an engine built inside the context takes it."""
-    from qcompile.plugins.fp8_block_gemm import kernel
-
-    shipped = kernel.ROW_DOT_MAX_M
-    kernel.ROW_DOT_MAX_M = rows
-    try:
-        yield
-    finally:
-        kernel.ROW_DOT_MAX_M = shipped
 
 
 @contextlib.contextmanager

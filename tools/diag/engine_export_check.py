@@ -1,12 +1,12 @@
 """Does a CUDA engine of `source` export and re-trace, per recipe? Checked on a machine without a GPU.
 
 For each recipe: the CPU graph build and the CUDA engine's lowering (`engine_kernels.engine_program`), then the
-engine build's export (`engine.build._export`, with the plugins' M buckets as `torch.cond` chains) on fake CUDA
-tensors (`engine_kernels.fake_h200`: torch is told it has an H200), under the build's Dynamo settings
-(`static_branch_ints`), then the re-trace AOTInductor runs first (`run_decompositions`). What stays unchecked is
-Inductor's code generation and the kernels' compilation (`engine_kernels.py` generates the code, without the
-`torch.cond` chains). The W8A16 engine of llama3-8b-layers failed here the way it failed on the H200 (thirty-fourth
-session), before `static_branch_ints`. Prints one line per recipe; exits 1 if any failed.
+engine build's export (`engine_kernels.export_on_fake_h200`, with the plugins' M buckets as `torch.cond` chains) on
+fake CUDA tensors (torch is told it has an H200), under the build's Dynamo settings (`static_branch_ints`), then
+the re-trace AOTInductor runs first (`run_decompositions`). What stays unchecked is Inductor's code generation and
+the kernels' compilation (`engine_kernels.py` generates the code, without the `torch.cond` chains). The W8A16
+engine of llama3-8b-layers failed here the way it failed on the H200 (thirty-fourth session), before
+`static_branch_ints`. Prints one line per recipe; exits 1 if any failed.
 
     python3 tools/diag/engine_export_check.py llama3-8b-layers --recipes w8a16 w4a16_awq nvfp4
 """
@@ -21,22 +21,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_kernels import engine_program, fake_h200  # noqa: E402
+from engine_kernels import engine_program, export_on_fake_h200, fake_h200  # noqa: E402
 
 
 def export_and_retrace(program, src) -> int:
     """The engine's export and AOTInductor's re-trace of `program` on fake CUDA tensors; returns the plugin nodes."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from qcompile.engine.build import static_branch_ints
 
-    from qcompile.engine.build import _export, static_branch_ints
-    from qcompile.engine.manifest import merge_dim_ranges
-
-    with fake_h200(), torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True), static_branch_ints():
-        program = program.to("cuda")
-        feed = src.engine_example()
-        examples = tuple(torch.from_numpy(feed[n]).to("cuda") for n in program.input_names)
-        ep = _export(program, src.inputs, examples, merge_dim_ranges(src.inputs + src.outputs))
-        ep = ep.run_decompositions()
+    with fake_h200(), torch.no_grad():
+        ep = export_on_fake_h200(program, src)
+        with static_branch_ints():
+            ep = ep.run_decompositions()
     return sum(1 for n in ep.graph.nodes if n.op == "call_function" and "qcompile" in str(n.target))
 
 

@@ -140,14 +140,27 @@ def bucket_of(rows: int):
         gemm_dispatch._cond_chain = chain
 
 
+def export_on_fake_h200(program, src):
+    """`program` exported as the engine build exports it (`engine.build._export`, its Dynamo settings), on fake CUDA
+    tensors; call inside `fake_h200()`."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from qcompile.engine.build import _export, static_branch_ints
+    from qcompile.engine.manifest import merge_dim_ranges
+
+    with FakeTensorMode(allow_non_fake_inputs=True), static_branch_ints():
+        program = program.to("cuda")
+        feed = src.engine_example()
+        examples = tuple(torch.from_numpy(feed[n]).to("cuda") for n in program.input_names)
+        return _export(program, src.inputs, examples, merge_dim_ranges(src.inputs + src.outputs))
+
+
 def wrapper_code(program, src, inductor: dict, rows: int) -> str:
     """Inductor's Python wrapper for `program` exported as the engine exports it, on fake CUDA tensors, with the
     plugins' GEMMs on their `rows`-row path."""
     from torch._inductor.compile_fx import compile_fx
-    from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from qcompile.engine.build import _export, exact_numerics_configs
-    from qcompile.engine.manifest import merge_dim_ranges
+    from qcompile.engine.build import exact_numerics_configs
 
     codes = []
     real_load = torch._inductor.codecache.PyCodeCache.load_by_key_path
@@ -157,11 +170,7 @@ def wrapper_code(program, src, inductor: dict, rows: int) -> str:
         return real_load(key, path, *args, **kwargs)
 
     with fake_h200(), bucket_of(rows), torch.no_grad():
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            program = program.to("cuda")
-            feed = src.engine_example()
-            examples = tuple(torch.from_numpy(feed[n]).to("cuda") for n in program.input_names)
-            ep = _export(program, src.inputs, examples, merge_dim_ranges(src.inputs + src.outputs))
+        ep = export_on_fake_h200(program, src)
         user = set(ep.graph_signature.user_inputs)  # their fake values carry the dynamic dims
         symbolic = [n.meta["val"] for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
         torch._inductor.codecache.PyCodeCache.load_by_key_path = keep_source
