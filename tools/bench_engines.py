@@ -128,7 +128,21 @@ def kernel_profile(engine, feeds, runs: int = 5) -> str:
     table = prof.key_averages()
     return (table.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=width)
             + f"\nhost side, {runs} runs:\n"
-            + table.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=width))
+            + table.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=width)
+            + "\nlast run's GPU kernels in launch order (µs):\n" + kernel_timeline(prof.events(), runs, width))
+
+
+def kernel_timeline(events, runs: int, width: int) -> str:
+    """The GPU kernels of the last of `runs` profiled runs in the order they ran, one line each with its time,
+    then their sum: which call of a kernel that runs on several layers (e.g. one GEMM kernel for the Q/K/V and the
+    MLP layers) takes how long, which the totals per kernel name cannot tell."""
+    from torch.autograd import DeviceType
+
+    kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
+    last = kernels[len(kernels) - len(kernels) // runs:]
+    lines = [f"{e.time_range.elapsed_us():9.2f}  {e.name[:width]}" for e in last]
+    total = sum(e.time_range.elapsed_us() for e in last)
+    return "\n".join(lines + [f"{total:9.2f}  (sum of {len(last)} kernels)"])
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:

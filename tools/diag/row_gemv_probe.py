@@ -6,7 +6,8 @@ Prints one table per part (µs per call from CUDA-graph replay, rotating weights
   B. W8A16 at M = 1: cuBLAS bf16, our op, and a row GEMV prototype with the scale and bias fused (one kernel);
   C. INT4 g128 at M = 1: cuBLAS bf16, our op, and a row GEMV prototype (scales [N, K/128]);
   D. W8A16 at M = 16: a swap-AB tensor-core prototype on the row layout (y^T = W x^T);
-  E. FP8 block: our quantization kernel alone per row block, `_scaled_mm` with and without `bias=`.
+  E. FP8 block: our quantization kernel alone per row block, `_scaled_mm` with and without `bias=`, the op with
+     and without a bias.
 Prototypes are checked against float64 before they are timed. Not part of the product. The run recorded in
 benchmarks/row_gemv_probe.json timed W8A16 prototypes that then became `plugins/int8_wo_gemm/kernel.py`'s
 `_row_gemv_kernel` and `_row_dot_kernel` (parts B and D now time those, through `launch_gemv` / `launch_dot`;
@@ -219,6 +220,7 @@ def part_e(k, n, m, dtype=torch.bfloat16):
         res["bias_error"] = str(e).splitlines()[0][:200]
     res["mm_add"] = bench(lambda: torch._scaled_mm(xq, nwq().t(), sx, w_scale.t(), out_dtype=torch.bfloat16) + bias)
     res["op"] = bench(lambda: fp8_block_gemm(x, nwq(), w_scale, bias))
+    res["op_nobias"] = bench(lambda: fp8_block_gemm(x, nwq(), w_scale, None))
     print(f"E {k}x{n} M={m}: " + " ".join(f"{c}:{v:.1f}" if isinstance(v, float) else f"{c}:{v}"
                                           for c, v in res.items())
           + f" | bf16/op {res['bf16'] / res['op']:.2f}x bf16/(quant+mm_bias) "
