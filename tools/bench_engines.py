@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
-import importlib
 import json
 import multiprocessing
 import os
@@ -47,6 +46,7 @@ import torch
 import torch._inductor.config as inductor_config
 
 import qcompile
+import qcompile.plugins.fp8_block_gemm.op as fp8_block_op
 from qcompile.engine import GraphReplay
 from qcompile.frontend import load_source
 from qcompile.inputs import parse_dim_sizes
@@ -56,7 +56,6 @@ from qcompile.report import format_table
 from inductor_variants import persistent_reductions_up_to  # tools/, this script's folder
 from int4_tiles import int4_tiles
 
-FP8_BLOCK_KERNEL = "qcompile.plugins.fp8_block_gemm.kernel"  # imported when a variant needs it: Triton, GPU machines
 VARIANTS = {  # recipe:variant -> (the build's context, more `qcompile.build` arguments)
     "int4-pointers": (lambda: int4_tiles(pointers=True), {}),
     "fp4-planar": (contextlib.nullcontext, {"fp4_layout": "planar"}),
@@ -66,7 +65,7 @@ VARIANTS = {  # recipe:variant -> (the build's context, more `qcompile.build` ar
     # x's producer) not taken at 1-16 rows: faster at the op level on all four kernel-target layers in three runs
     # (BENCHMARKS.md, thirty-fourth session, part 3: "cuBLASLt, no bias" against the op), to be decided in the engine
     "fp8-block-cublas-small-m": (
-        lambda: mock.patch.object(importlib.import_module(FP8_BLOCK_KERNEL), "ROW_DOT_MAX_M", 0), {}),
+        lambda: mock.patch.object(fp8_block_op, "ROW_DOT_WITH_CUBLAS", False), {}),
     "no-attention-fusion": (contextlib.nullcontext, {"fuse_attention": False}),  # attention as MatMul/Softmax
     # decode overhead: independent small kernels (the split-K GEMVs' zero fills) launched as one; row reductions
     # (RMSNorm) up to 4096 persistent (one load of the row); one-row reductions not split in two; reduction tiles

@@ -2,8 +2,8 @@
 `triton_op`.
 
 The body branches on `x.device.type`: CPU (any non-CUDA device) -> the plain-torch reference; CUDA:
-- up to `kernel.ROW_DOT_MAX_M` (16) rows, and at every M on GPUs other than sm90 and where K/128 is not a
-  multiple of 4: x is block-quantized with aten ops (`format.quantize_activation_blocks`: AOTInductor fuses
+- up to `kernel.ROW_DOT_MAX_M` (16) rows (unless `ROW_DOT_WITH_CUBLAS` is False), and at every M on GPUs other
+  than sm90 and where K/128 is not a multiple of 4: x is block-quantized with aten ops (`format.quantize_activation_blocks`: AOTInductor fuses
   them into the kernel that produces x), then a Triton GEMM of `kernel.py` (bias and cast in its epilogue):
   the row-dot kernel up to 16 rows, the tile kernel above;
 - sm90 above 16 rows (`uses_cublas`): x is quantized by our Triton kernel (`kernel.quantize_blocks_triton`: one
@@ -36,6 +36,9 @@ from qcompile.plugins.gemm_dispatch import add_bias, identity, run_by_buckets
 from qcompile.plugins.fp8_block_gemm.reference import check_args, fp8_block_gemm_reference
 
 ROW_ALIGN = 4  # rows of x padded to a multiple of 4 for the sm90 block-scaled cuBLASLt GEMM
+# Where the cuBLASLt path runs above 16 rows: whether 1-16 rows take the Triton row kernel (True) or cuBLASLt too.
+# An engine A/B decides it (tools/bench_engines.py variant fp8-block-cublas-small-m sets it False).
+ROW_DOT_WITH_CUBLAS = True
 GEMM_OUT_DTYPES = (torch.bfloat16, torch.float16)  # x dtypes the cuBLASLt GEMM writes itself, bias included
 
 
@@ -60,9 +63,10 @@ def fp8_block_gemm(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tenso
         return scaled_mm_blockwise(x2d, w_q, w_scale, rest[0] if has_bias else None, wrap=torch.library.wrap_triton)
 
     # above 16 rows cuBLASLt won 15 of 16 cells on the H200 (tools/tune_fp8_block_w8a16.py)
-    above = cublas_path if uses_cublas(k, torch.cuda.get_device_capability(x.device)) else triton_path(
-        fp8_block_gemm_triton)
-    buckets = [(ROW_DOT_MAX_M, triton_path(fp8_row_dot_triton)), (None, above)]
+    cublas = uses_cublas(k, torch.cuda.get_device_capability(x.device))
+    buckets = [(None, cublas_path if cublas else triton_path(fp8_block_gemm_triton))]
+    if ROW_DOT_WITH_CUBLAS or not cublas:
+        buckets.insert(0, (ROW_DOT_MAX_M, triton_path(fp8_row_dot_triton)))
     return run_by_buckets(x, k, n, buckets, (w_q, w_scale) + ((bias,) if has_bias else ()))
 
 

@@ -241,6 +241,22 @@ def test_cuda_op_adds_the_bias_in_every_dtype(dtype):
 
 @pytest.mark.gpu
 @cuda
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_cuda_cublas_path_at_few_rows_matches_float64(m):
+    """sm90's cuBLASLt path at 1-16 rows (x padded to 4 rows), as the op takes it with `ROW_DOT_WITH_CUBLAS` off."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("cuBLASLt block-wise scaling runs on sm90")
+    from qcompile.plugins.fp8_block_gemm.op import scaled_mm_blockwise
+
+    x, wq, ws, b, _ = _cuda_case(m)
+    b = b.to(torch.bfloat16).float()
+    y = scaled_mm_blockwise(x.cuda().to(torch.bfloat16), wq.cuda(), ws.cuda(), b.to(torch.bfloat16).cuda())
+    assert y.shape == (m, 1024)
+    assert _rel_l2(y, oracle(x.to(torch.bfloat16).float().numpy(), wq, ws, b)) < 1e-2
+
+
+@pytest.mark.gpu
+@cuda
 def test_cuda_triton_kernel_matches_float64():
     """The Triton kernels on any GPU (native FP8 dots), the tile kernel and the row-dot kernel (<= 16 rows),
     against the same oracle."""
@@ -281,3 +297,26 @@ def test_gpu_launches_export_on_fake_cuda_tensors(monkeypatch):
     x, wq, ws, b, _ = _cuda_case(8)
     assert export_on_fake_cuda(monkeypatch, op, (wq, ws, b), x.to(torch.bfloat16)) == \
         [torch.ops.qcompile.fp8_block_gemm.default]
+
+
+@fake_cuda_export
+@pytest.mark.parametrize("row_dot_with_cublas", [True, False])
+def test_small_m_takes_the_row_kernel_or_cublas_as_the_switch_says(monkeypatch, row_dot_with_cublas):
+    """On sm90 with K/128 a multiple of 4, one row goes to the Triton row kernel, or to cuBLASLt when
+    `op.ROW_DOT_WITH_CUBLAS` is off (the engine A/B variant fp8-block-cublas-small-m)."""
+    from qcompile.plugins.fp8_block_gemm import kernel as fp8_kernel
+    from qcompile.plugins.fp8_block_gemm import op as op_module
+
+    calls = []
+
+    def recording(name, fn):
+        def run(*args, **kwargs):
+            calls.append(name)
+            return fn(*args, **kwargs)
+        return run
+    monkeypatch.setattr(op_module, "scaled_mm_blockwise", recording("cublas", op_module.scaled_mm_blockwise))
+    monkeypatch.setattr(fp8_kernel, "fp8_row_dot_triton", recording("row", fp8_kernel.fp8_row_dot_triton))
+    monkeypatch.setattr(op_module, "ROW_DOT_WITH_CUBLAS", row_dot_with_cublas)
+    x, wq, ws, b, _ = _cuda_case(1)
+    export_on_fake_cuda(monkeypatch, op, (wq, ws, b), x.to(torch.bfloat16), dynamic_rows=False)
+    assert calls and set(calls) == {"row" if row_dot_with_cublas else "cublas"}
