@@ -63,7 +63,8 @@ VARIANTS = {  # recipe:variant -> (the build's context, more `qcompile.build` ar
     "fp8-large-m": (contextlib.nullcontext, {"fp8_large_m": True}),
     # the FP8 block op's sm90 cuBLASLt path at every M, its Triton row kernel (x quantized in aten ops, which fuse into
     # x's producer) not taken at 1-16 rows: faster at the op level on all four kernel-target layers in three runs
-    # (BENCHMARKS.md, thirty-fourth session, part 3: "cuBLASLt, no bias" against the op), to be decided in the engine
+    # (BENCHMARKS.md, thirty-fourth session, part 3: "cuBLASLt, no bias" against the op); in the engine it lost: 0.238
+    # against 0.190 ms per token on mlp-large (H100, thirty-fifth session, part 3), so the row kernel stays
     "fp8-block-cublas-small-m": (
         lambda: mock.patch.object(fp8_block_op, "ROW_DOT_WITH_CUBLAS", False), {}),
     "no-attention-fusion": (contextlib.nullcontext, {"fuse_attention": False}),  # attention as MatMul/Softmax
@@ -160,7 +161,8 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--workdir", default="/tmp/qcompile-bench")
     p.add_argument("--out", help="write the JSON results here")
-    p.add_argument("--profile", action="store_true", help="add each engine's top GPU kernels (first --size)")
+    p.add_argument("--profile", action="store_true",
+                   help="add each engine's top GPU kernels and one run's kernels in launch order (first --size)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="also time each engine replayed from a CUDA graph (qcompile.engine.GraphReplay)")
     p.add_argument("--build-jobs", type=int, default=1,

@@ -3,8 +3,9 @@
 
 The body branches on `x.device.type`: CPU (any non-CUDA device) -> the plain-torch reference; CUDA:
 - up to `kernel.ROW_DOT_MAX_M` (16) rows (unless `ROW_DOT_WITH_CUBLAS` is False), and at every M on GPUs other
-  than sm90 and where K/128 is not a multiple of 4: x is block-quantized with aten ops (`format.quantize_activation_blocks`: AOTInductor fuses
-  them into the kernel that produces x), then a Triton GEMM of `kernel.py` (bias and cast in its epilogue):
+  than sm90 and where K/128 is not a multiple of 4: x is block-quantized with aten ops
+  (`format.quantize_activation_blocks`: AOTInductor fuses them into the kernel that produces x), then a Triton
+  GEMM of `kernel.py` (bias and cast in its epilogue):
   the row-dot kernel up to 16 rows, the tile kernel above;
 - sm90 above 16 rows (`uses_cublas`): x is quantized by our Triton kernel (`kernel.quantize_blocks_triton`: one
   pass, the scales written K-block-major; Inductor's code for the aten ops writing that layout took 2-7x its
@@ -37,7 +38,9 @@ from qcompile.plugins.fp8_block_gemm.reference import check_args, fp8_block_gemm
 
 ROW_ALIGN = 4  # rows of x padded to a multiple of 4 for the sm90 block-scaled cuBLASLt GEMM
 # Where the cuBLASLt path runs above 16 rows: whether 1-16 rows take the Triton row kernel (True) or cuBLASLt too.
-# An engine A/B decides it (tools/bench_engines.py variant fp8-block-cublas-small-m sets it False).
+# As lone ops cuBLASLt was faster at 1-16 rows; in an engine, where the row path's quantization of x fuses into x's
+# producer, it was slower: mlp-large 0.238 against 0.190 ms per token (tools/bench_engines.py variant
+# fp8-block-cublas-small-m, which sets this False; H100, BENCHMARKS.md thirty-fifth session).
 ROW_DOT_WITH_CUBLAS = True
 GEMM_OUT_DTYPES = (torch.bfloat16, torch.float16)  # x dtypes the cuBLASLt GEMM writes itself, bias included
 
