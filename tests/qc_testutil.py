@@ -131,28 +131,36 @@ def export_on_fake_cuda(monkeypatch, op, weights: tuple, x: torch.Tensor, dynami
     weights are buffers and the program is then re-traced as AOTInductor re-traces it (`run_decompositions`), both
     under the engine build's Dynamo settings; the kernels are not compiled. Returns the re-traced graph's
     call_function targets."""
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for i, w in enumerate(weights):
+                if isinstance(w, torch.Tensor):  # buffers, as an engine holds its weights
+                    self.register_buffer(f"w{i}", w.to("cuda"))
+
+        def forward(self, x):
+            return op(x, *(getattr(self, f"w{i}") if isinstance(w, torch.Tensor) else w
+                           for i, w in enumerate(weights)))
+
+    if dims is None and dynamic_rows and x.shape[0] % 2 == 0 and x.shape[0] >= 4:
+        x = x.reshape(2, x.shape[0] // 2, *x.shape[1:])  # as an engine's x: [batch, seq, K], seq from 1
+        dims = engine_dims()
+    elif dims is None and dynamic_rows:
+        dims = {0: torch.export.Dim("rows", min=1, max=4096)}
+    ep = export_and_retrace_on_fake_cuda(monkeypatch, Layer, x, dims)
+    return [n.target for n in ep.graph.nodes if n.op == "call_function"]
+
+
+def export_and_retrace_on_fake_cuda(monkeypatch, make_module, x: torch.Tensor, dims: dict | None):
+    """torch.export of `make_module()` (built on fake CUDA, `fake_cuda`, so its buffers cost nothing) on x (moved to
+    fake CUDA) with x's dynamic dims `dims` ({axis: torch.export.Dim}, or None: static), then the re-trace
+    AOTInductor runs first (`run_decompositions`: torch.cond's branches through Dynamo again), both under the
+    engine build's Dynamo settings (`static_branch_ints`). Returns the re-traced program."""
     from qcompile.engine.build import static_branch_ints
 
     with fake_cuda(monkeypatch), static_branch_ints():
-        class Layer(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                for i, w in enumerate(weights):
-                    if isinstance(w, torch.Tensor):  # buffers, as an engine holds its weights
-                        self.register_buffer(f"w{i}", w.to("cuda"))
-
-            def forward(self, x):
-                return op(x, *(getattr(self, f"w{i}") if isinstance(w, torch.Tensor) else w
-                               for i, w in enumerate(weights)))
-
-        if dims is None and dynamic_rows and x.shape[0] % 2 == 0 and x.shape[0] >= 4:
-            x = x.reshape(2, x.shape[0] // 2, *x.shape[1:])  # as an engine's x: [batch, seq, K], seq from 1
-            dims = engine_dims()
-        elif dims is None and dynamic_rows:
-            dims = {0: torch.export.Dim("rows", min=1, max=4096)}
-        ep = torch.export.export(Layer(), (x.to("cuda"),), dynamic_shapes={"x": dims} if dims else None)
-        ep = ep.run_decompositions()  # AOTInductor's re-trace, torch.cond's branches through Dynamo again
-    return [n.target for n in ep.graph.nodes if n.op == "call_function"]
+        ep = torch.export.export(make_module(), (x.to("cuda"),), dynamic_shapes={"x": dims} if dims else None)
+        return ep.run_decompositions()
 
 
 def expect_tma(monkeypatch, expected, one_dot=None) -> None:

@@ -74,13 +74,12 @@ def build_engine(
     ).with_caller_fields(manifest or {})
 
     t0 = time.perf_counter()
-    with static_branch_ints():
-        ep = _export(program, inputs, example_inputs, dim_ranges)
+    ep = _export(program, inputs, example_inputs, dim_ranges)
     n_out = len(ep.graph_signature.user_outputs)
     if n_out != len(outputs):
         raise EngineError(f"the program returns {n_out} outputs but {len(outputs)} output specs were given")
     t1 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="qcompile-build-") as tmp, static_branch_ints():
+    with tempfile.TemporaryDirectory(prefix="qcompile-build-") as tmp:
         package = _compile(ep, Path(tmp) / PACKAGE_NAME, man, inductor_configs)
         t2 = time.perf_counter()
         man.timings = {**man.timings, "export_s": round(t1 - t0, 3), "compile_s": round(t2 - t1, 3)}
@@ -159,7 +158,8 @@ def _export(program, inputs, examples, dim_ranges) -> torch.export.ExportedProgr
 
 
 def static_branch_ints():
-    """Dynamo settings for an engine's export and AOTInductor compile: no automatic dynamic shapes.
+    """Dynamo settings for an engine's export and AOTInductor compile (`_export_once`, `_compile`): no automatic
+    dynamic shapes.
 
     The plugins' M buckets are `torch.cond` branches, which Dynamo traces once per layer, through the same code
     objects. With automatic dynamic shapes on, an int that differs between two layers (a launch configuration's
@@ -176,7 +176,8 @@ def _export_once(program, examples, dynamic_shapes) -> torch.export.ExportedProg
     # rejects (seen on the H200: an INT4 export after W8A16 exports in one pytest process). A reset costs
     # nothing here: the export traces from scratch anyway. `static_branch_ints` covers the same within one export.
     torch._dynamo.reset()
-    with torch.fx.traceback.preserve_node_meta():  # keeps per-node provenance (onnx_node annotations)
+    # keeps per-node provenance (onnx_node annotations)
+    with torch.fx.traceback.preserve_node_meta(), static_branch_ints():
         return torch.export.export(program, tuple(examples), dynamic_shapes=dynamic_shapes)
 
 
@@ -237,7 +238,9 @@ def _compile(ep, package_path: Path, man: Manifest, inductor_configs: dict | Non
         **(inductor_configs or {}),
     }
     try:
-        out = torch._inductor.aoti_compile_and_package(ep, package_path=str(package_path), inductor_configs=configs)
+        with static_branch_ints():  # AOTInductor re-traces the program first (run_decompositions)
+            out = torch._inductor.aoti_compile_and_package(ep, package_path=str(package_path),
+                                                           inductor_configs=configs)
     except Exception as exc:
         raise EngineError(f"AOTInductor compile failed: {type(exc).__name__}: {exc}") from exc
     return Path(out)

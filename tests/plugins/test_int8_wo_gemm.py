@@ -11,7 +11,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from qc_testutil import engine_dims, export_on_fake_cuda, fake_cuda, fake_cuda_export, launch_spy, ort_session
+from qc_testutil import (engine_dims, export_and_retrace_on_fake_cuda, export_on_fake_cuda, fake_cuda_export,
+                         launch_spy, ort_session)
 from qcompile.plugins.int8_wo_gemm import int8_wo_gemm_reference, onnx_schema, register
 
 op = register()
@@ -396,27 +397,26 @@ def test_layers_with_different_launch_configs_export_and_decompose_as_an_engine_
     the engine build's Dynamo settings. With automatic dynamic shapes an option that differed between the layers'
     launches (`num_stages`) was traced symbolic the second time, and the re-trace failed ("'SymNodeVariable' object
     has no attribute 'value'", the H200, thirty-fourth session)."""
-    from qcompile.engine.build import static_branch_ints
     from qcompile.plugins.int8_wo_gemm import split_mma
 
     shapes = [(4096, 28672), (14336, 4096)]
     wide, narrow = (split_mma.pick_config(n, k, 132) for k, n in shapes)
     assert wide["num_stages"] != narrow["num_stages"] and "splits" in narrow
-    with fake_cuda(monkeypatch), static_branch_ints():
-        class TwoLayers(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                for i, (k, n) in enumerate(shapes):
-                    self.register_buffer(f"w{i}", torch.empty(n, k, dtype=torch.int8, device="cuda"))
-                    self.register_buffer(f"s{i}", torch.rand(n, device="cuda"))
-                    self.register_buffer(f"b{i}", torch.randn(n, device="cuda"))
 
-            def forward(self, x):
-                h = op(x, self.w0, self.s0, self.b0)
-                return op(h[..., :shapes[1][0]], self.w1, self.s1, self.b1)
+    class TwoLayers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for i, (k, n) in enumerate(shapes):
+                self.register_buffer(f"w{i}", torch.empty(n, k, dtype=torch.int8, device="cuda"))
+                self.register_buffer(f"s{i}", torch.rand(n, device="cuda"))
+                self.register_buffer(f"b{i}", torch.randn(n, device="cuda"))
 
-        x = torch.randn(2, 4, shapes[0][0], dtype=torch.bfloat16, device="cuda")
-        ep = torch.export.export(TwoLayers(), (x,), dynamic_shapes={"x": engine_dims()}).run_decompositions()
+        def forward(self, x):
+            h = op(x, self.w0, self.s0, self.b0)
+            return op(h[..., :shapes[1][0]], self.w1, self.s1, self.b1)
+
+    x = torch.randn(2, 4, shapes[0][0], dtype=torch.bfloat16)
+    ep = export_and_retrace_on_fake_cuda(monkeypatch, TwoLayers, x, engine_dims())
     gemms = [n for n in ep.graph.nodes if n.target == torch.ops.qcompile.int8_weight_only_gemm.default]
     assert len(gemms) == 2
 

@@ -141,14 +141,14 @@ def bucket_of(rows: int):
 
 
 def export_on_fake_h200(program, src):
-    """`program` exported as the engine build exports it (`engine.build._export`, its Dynamo settings), on fake CUDA
-    tensors; call inside `fake_h200()`."""
+    """`program` exported as the engine build exports it (`engine.build._export`, with its Dynamo settings), on fake
+    CUDA tensors; call inside `fake_h200()`."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from qcompile.engine.build import _export, static_branch_ints
+    from qcompile.engine.build import _export
     from qcompile.engine.manifest import merge_dim_ranges
 
-    with FakeTensorMode(allow_non_fake_inputs=True), static_branch_ints():
+    with FakeTensorMode(allow_non_fake_inputs=True):
         program = program.to("cuda")
         feed = src.engine_example()
         examples = tuple(torch.from_numpy(feed[n]).to("cuda") for n in program.input_names)
