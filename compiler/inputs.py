@@ -16,6 +16,9 @@ def load_npz_inputs(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise QCompileError(f"inputs file {path} does not exist; write one with `qcompile sample-inputs`")
+    if not zipfile.is_zipfile(path):
+        raise QCompileError(f"inputs file {path} is not an .npz file (a zip archive of .npy arrays, as numpy.savez "
+                            "writes); write one with `qcompile sample-inputs`")
     try:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}

@@ -119,7 +119,7 @@ def build(
 
     from qcompile.algorithms.plan import awq_input_amax, gptq_data_notes, observers_for, plan_int4_jobs, run_jobs
     from qcompile.algorithms.smoothquant import plan_smoothing, smooth_model
-    from qcompile.calibration import RANDOM_SAMPLES, calibrate, load_calibration_data
+    from qcompile.calibration import RANDOM_SAMPLES, calibrate, check_calibration_spec, load_calibration_data
     from qcompile.engine import build_engine
     from qcompile.frontend import load_source
     from qcompile.lowering import LoweringOptions, lower_onnx
@@ -136,6 +136,8 @@ def build(
     except ValueError as exc:
         raise QCompileError(str(exc)) from None
 
+    if calib is not None and recipe.needs_calibration:
+        check_calibration_spec(calib)  # a mistyped path fails now, not after the export
     progress = Progress(len(STAGES if output is not None else GRAPH_STAGES), progress_stream)
     with progress.stage("export", source):
         src = load_source(source, opset=recipe.opset)

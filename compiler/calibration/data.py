@@ -307,23 +307,48 @@ def load_calibration_data(spec: str | None, inputs: list, *, source=None, random
         CalibrationError: no spec, a missing/unreadable file, names/ranks/dtypes that do not
             match the inputs, or no samples.
     """
+    kind, path, fn_name = _parse_spec(spec)
+    if kind == "random":
+        return _random_data(inputs, source, random_samples, seed)
+    if kind == "python":
+        return _python_data(path, fn_name, inputs)
+    if kind == "directory":
+        return _directory_data(path, inputs)
+    return _npz_data(path, inputs)
+
+
+def check_calibration_spec(spec: str) -> None:
+    """Fail fast on a `--calib` that names no data (a missing path, a file that is not an .npz archive, a folder
+    without .npz files), before the model is exported; the inputs' names and shapes are checked when it loads."""
+    _parse_spec(spec)
+
+
+def _parse_spec(spec: str | None) -> tuple[str, Path | None, str]:
+    """(kind, path, function name) of a calibration spec: kind "random" | "python" | "directory" | "npz"; the
+    path exists (an .npz path is a zip archive, a directory holds .npz files), else a `CalibrationError` saying
+    how to pass data."""
     if spec is None or str(spec).strip() == "":
         raise CalibrationError(f"calibration data is required for this recipe; {HOW_TO_PASS}")
     spec = str(spec)
     if spec == "random":
-        return _random_data(inputs, source, random_samples, seed)
+        return "random", None, ""
     path_part, sep, fn_name = spec.rpartition(":")
     if sep and path_part.endswith(".py"):
-        return _python_data(Path(path_part), fn_name, inputs)
+        if not Path(path_part).is_file():
+            raise CalibrationError(f"calibration file {path_part} does not exist; {HOW_TO_PASS}")
+        return "python", Path(path_part), fn_name
     path = Path(spec)
     if path.is_dir():
-        return _directory_data(path, inputs)
+        if not _npz_files(path):
+            raise CalibrationError(f"calibration directory {path} has no .npz files; {HOW_TO_PASS}")
+        return "directory", path, ""
     if path.suffix == ".npz" or path.is_file():
         if not path.is_file():
             raise CalibrationError(f"calibration file {path} does not exist; {HOW_TO_PASS}")
-        if path.suffix != ".npz":
-            raise CalibrationError(f"calibration file {path} is not an .npz file; {HOW_TO_PASS}")
-        return _npz_data(path, inputs)
+        if path.suffix != ".npz" or not zipfile.is_zipfile(path):
+            raise CalibrationError(f"calibration file {path} is not an .npz file (a zip archive of .npy arrays, "
+                                   f"as numpy.savez writes); {HOW_TO_PASS}")
+        return "npz", path, ""
     raise CalibrationError(f"calibration data {spec!r} not found: not an .npz file, a directory, file.py:fn or "
                            f"'random'; {HOW_TO_PASS}")
 
@@ -337,10 +362,12 @@ def _npz_data(path: Path, inputs: list) -> CalibrationData:
                            label=path.name)
 
 
+def _npz_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix == ".npz" and p.is_file())
+
+
 def _directory_data(folder: Path, inputs: list) -> CalibrationData:
-    paths = sorted(p for p in folder.iterdir() if p.suffix == ".npz" and p.is_file())
-    if not paths:
-        raise CalibrationError(f"calibration directory {folder} has no .npz files; {HOW_TO_PASS}")
+    paths = _npz_files(folder)
     files = [_NpzFile.open(p, inputs, f"{folder.name}/{p.name}") for p in paths]
     total = sum(f.count for f in files)
     if total == 0:

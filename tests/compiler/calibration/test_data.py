@@ -1,10 +1,11 @@
 """Calibration data loaders (.npz, directory, file.py:fn, random) and every error case."""
 import textwrap
+import zipfile
 
 import numpy as np
 import pytest
 
-from qcompile.calibration import load_calibration_data
+from qcompile.calibration import check_calibration_spec, load_calibration_data
 from qcompile.errors import CalibrationError
 
 
@@ -159,14 +160,35 @@ def test_missing_and_corrupt_files(tmp_path, specs):
     with pytest.raises(CalibrationError, match=r"nope\.npz does not exist"):
         load_calibration_data(str(tmp_path / "nope.npz"), specs)
     (tmp_path / "bad.npz").write_bytes(b"garbage")
-    with pytest.raises(CalibrationError, match=r"bad\.npz is not a readable \.npz"):
+    with pytest.raises(CalibrationError, match=r"bad\.npz is not an \.npz file \(a zip archive"):
         load_calibration_data(str(tmp_path / "bad.npz"), specs)
+    with zipfile.ZipFile(tmp_path / "notnpy.npz", "w") as zf:  # a zip archive whose .npy member is not an array
+        zf.writestr("x.npy", b"garbage")
+    with pytest.raises(CalibrationError, match=r"notnpy\.npz is not a readable \.npz file"):
+        load_calibration_data(str(tmp_path / "notnpy.npz"), specs)
     (tmp_path / "data.txt").write_text("1 2 3")
     with pytest.raises(CalibrationError, match=r"data\.txt is not an \.npz"):
         load_calibration_data(str(tmp_path / "data.txt"), specs)
     (tmp_path / "empty").mkdir()
     with pytest.raises(CalibrationError, match=r"empty has no \.npz files"):
         load_calibration_data(str(tmp_path / "empty"), specs)
+
+
+def test_spec_checked_without_the_model(tmp_path):
+    """`check_calibration_spec` (run before the export) rejects what `load_calibration_data` would, from the spec
+    alone, and accepts every kind of spec that names data."""
+    (tmp_path / "bad.npz").write_bytes(b"garbage")
+    (tmp_path / "empty").mkdir()
+    for spec, needle in (("nope.npz", r"nope\.npz does not exist"), ("bad.npz", r"bad\.npz is not an \.npz file"),
+                         ("empty", r"empty has no \.npz files"), ("gen.py:fn", r"gen\.py does not exist"),
+                         ("neither", r"'.*neither' not found")):
+        with pytest.raises(CalibrationError, match=needle):
+            check_calibration_spec(str(tmp_path / spec))
+    (tmp_path / "data").mkdir()
+    _save(tmp_path / "data" / "a.npz", x=X, ids=IDS)
+    (tmp_path / "gen.py").write_text("def fn():\n    return []\n")
+    for spec in ("random", tmp_path / "data", tmp_path / "data" / "a.npz", f"{tmp_path / 'gen.py'}:fn"):
+        check_calibration_spec(str(spec))
 
 
 def test_directory_file_errors_name_the_file(tmp_path, specs):

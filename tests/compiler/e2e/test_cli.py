@@ -129,6 +129,20 @@ def test_missing_calibration_data(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+def test_mistyped_calibration_path_fails_before_the_export(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "build", "small-cnn", "--recipe", "int8", "--calib", tmp_path / "calb.npz",
+                           "-o", tmp_path / "e.engine")
+    _assert_one_line_error(code, err, "calb.npz does not exist")
+    assert "export" not in err  # no stage started
+    assert not list(tmp_path.iterdir())
+
+
+def test_run_with_inputs_that_are_not_an_npz(tmp_path, capsys, fp16_engine):
+    (tmp_path / "in.npz").write_text("1 2 3")
+    code, _, err = run_cli(capsys, "run", fp16_engine, "--inputs", tmp_path / "in.npz")
+    _assert_one_line_error(code, err, "in.npz is not an .npz file", "qcompile sample-inputs")
+
+
 def test_fp8_large_m_cpu_engine_emulates_the_fp8_path_above_128_rows(tmp_path, capsys, llama, graph_builds):
     """`build --fp8-large-m` on CPU: the summary counts the layers, inspect shows the flag, and the engine matches the
     exact plugin graph (our lowering without the flag) at 16 rows per GEMM but not at 160, where its FP8 numerics
