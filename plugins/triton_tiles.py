@@ -34,6 +34,29 @@ def store_tile(y_ptrs, acc, mask, ATOMIC: tl.constexpr):
 
 
 @triton.jit
+def finish_split_tile(acc, mask, out_ptrs, bias_ptrs, acc_ptrs, count_ptr, splits, ATOMIC: tl.constexpr,
+                      HAS_BIAS: tl.constexpr):
+    """Write a program's fp32 tile as `y (+ bias)` in out's dtype, so no kernel after the GEMM casts it or adds
+    the bias. ATOMIC (K split in `splits`): `acc` is one split's partial sum, added into a zeroed fp32
+    accumulator at `acc_ptrs`; each program then adds 1.0 to the tile's count (a zeroed fp32 at `count_ptr`: float
+    counts are exact), and the program that brings it to `splits` reads the total back and writes it. The barrier
+    before the count's acq_rel atomic orders every thread's partial sums before it (the count is one thread's
+    atomic); the total is read through L2 (`.cg`), where the atomics landed."""
+    if ATOMIC:
+        tl.atomic_add(acc_ptrs, acc, mask=mask, sem="relaxed")
+        tl.debug_barrier()
+        if tl.atomic_add(count_ptr, 1.0, sem="acq_rel") == splits - 1:
+            total = tl.load(acc_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(bias_ptrs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptrs, acc.to(out_ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def load_tile(ptrs, ok, EVEN: tl.constexpr, STREAM: tl.constexpr = False):
     """tl.load of ptrs, 0 where not ok; EVEN (the tile lies inside the tensor): no mask, so the mask's
     computation is dead code. STREAM: evict first (weights are read once)."""

@@ -11,6 +11,7 @@ Decode speed of weight-only recipes (M = 1 rows per GEMM; a KV-cache-free decode
 A recipe may name a variant after a colon, built with the INT4 op's buckets swapped or the FP4 weights as planar
 words (`VARIANTS`), so an A/B of kernel tiles or layouts runs in one call beside the shipped engine:
     python tools/bench_engines.py llama3-8b-layers --recipes fp16 w4a16_awq w4a16_awq:int4-pointers ...
+    python tools/bench_engines.py llama3-8b-layers --recipes fp16 w4a16_awq w4a16_awq:int4-gemv-finish ...
     python tools/bench_engines.py llama3-8b-layers --recipes fp16 w4a16_nvfp4 w4a16_nvfp4:fp4-bytes ...
 The variant fp8-large-m builds with `fp8_large_m=True` (`qcompile build --fp8-large-m`): prefill-sized GEMMs in FP8.
 fp8-block-cublas-small-m builds the FP8 block op with its sm90 cuBLASLt path at every M (no Triton row kernel at
@@ -58,6 +59,11 @@ from int4_tiles import int4_tiles
 
 VARIANTS = {  # recipe:variant -> (the build's context, more `qcompile.build` arguments)
     "int4-pointers": (lambda: int4_tiles(pointers=True), {}),
+    # the INT4 GEMV (M = 1) writes its output in x's dtype with the bias (the last split of each tile, counted by
+    # an atomic): no cast kernel after it; in the decode profile the casts took ~1.2 µs each, 8 per step (H100,
+    # BENCHMARKS.md thirty-fifth session)
+    "int4-gemv-finish": (lambda: int4_tiles(finish=("gemv",)), {}),
+    "int4-finish": (lambda: int4_tiles(finish=("gemv", "one_dot")), {}),  # and the 2-128-row one-dot buckets
     "fp4-planar": (contextlib.nullcontext, {"fp4_layout": "planar"}),
     "fp4-bytes": (contextlib.nullcontext, {"fp4_layout": "bytes"}),
     "fp8-large-m": (contextlib.nullcontext, {"fp8_large_m": True}),

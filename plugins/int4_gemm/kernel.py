@@ -67,7 +67,7 @@ from qcompile.plugins.int4_gemm.format import PACK, columns_in_words_order, is_p
 from qcompile.plugins.int4_gemm.half2 import (dot8, dot8_emulated, pow2_range, ptx_available, word_k, x_at,
                                               x_of_words, x_pair)
 from qcompile.plugins.int4_gemm.reference import check_args, fp8_linear
-from qcompile.plugins.triton_tiles import grouped_tile, jit_any_m, store_tile
+from qcompile.plugins.triton_tiles import finish_split_tile, grouped_tile, jit_any_m, store_tile
 
 DEFAULT_SMS = 132
 FP32_MAGIC = 8388616.0  # 2^23 + 8: the fp32 whose mantissa bits 0..3 hold q + 8
@@ -124,6 +124,13 @@ CONFIGS = [
 def pointer_tiles(configs: list = CONFIGS) -> list:
     """`configs` without their TMA tiles: every load through pointers (to time and test against them)."""
     return [(limit, {key: v for key, v in cfg.items() if key != "tma"}) for limit, cfg in configs]
+
+
+def finished(configs: list, kinds: tuple[str, ...] = ("gemv", "one_dot")) -> list:
+    """`configs` with the buckets of these kernels finishing in the kernel ("finish": their split tiles counted,
+    the last one writes `y + bias` in x's dtype; no cast kernel after them). Not shipped: an engine A/B decides
+    (`tools/bench_engines.py` variants int4-gemv-finish, int4-finish)."""
+    return [(limit, dict(cfg, finish=True) if cfg["kernel"] in kinds else cfg) for limit, cfg in configs]
 
 
 DEQUANT = dict(BLOCK_KW=8, BLOCK_N=256, num_warps=4)  # tile of `_int4_dequant_kernel`: 7 within 3% (benchmarks/dequant.json)
@@ -208,17 +215,20 @@ def _gemv_step(acc, x_row, w_ptr, s_ptr, z_ptr, offs_n, mask_n, N, K, group_size
 
 @triton.jit
 def _int4_gemv_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
+    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, out_ptr, b_ptr,
     N, K, stride_xm, group_size, k_per_split,
     K_STEPS: tl.constexpr, HAS_ZERO: tl.constexpr, ATOMIC: tl.constexpr, HALF2: tl.constexpr, ASM: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PIPELINE: tl.constexpr = 0, PLANAR: tl.constexpr = False,
+    FINISH: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
 ):
     """GEMV over [BLOCK_K/8 word rows, BLOCK_N] tiles (BLOCK_K divides the group: one scale row per step), one
     `_gemv_step` per step (steps past K are masked). HALF2 (16-bit x): the products on fp16x2 (ASM False: the
     interpreter's stand-in). PIPELINE > 0: the loop is `tl.range(..., num_stages=PIPELINE)`, so Triton stages the
     weight tiles through shared memory with asynchronous copies (a plain loop's loads are not pipelined: no dot
     uses them). No configuration sets it: in the H200 sweep no pipelined candidate won a decode shape
-    (benchmarks/int4_tune_gemv_s16.json)."""
+    (benchmarks/int4_tune_gemv_s16.json). FINISH: the tile is written to out_ptr (+ bias) in out's dtype by
+    `finish_split_tile` (split K: y_ptr is the zeroed fp32 accumulator [M, N], then one count per tile), else
+    y_ptr gets the fp32 result (atomics when K is split)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     row = tl.program_id(2)
@@ -229,7 +239,12 @@ def _int4_gemv_kernel(
     for step in tl.range(0, K_STEPS, num_stages=PIPELINE if PIPELINE else None):
         acc = _gemv_step(acc, x_row, w_ptr, s_ptr, z_ptr, offs_n, mask_n, N, K, group_size,
                          pid_k * k_per_split + step * BLOCK_K, HAS_ZERO, HALF2, ASM, BLOCK_K, PLANAR)
-    store_tile(y_ptr + row * N + offs_n, tl.sum(acc, axis=0), mask_n, ATOMIC)
+    if FINISH:
+        count_ptr = y_ptr + tl.num_programs(2) * N + row * tl.num_programs(0) + pid_n
+        finish_split_tile(tl.sum(acc, axis=0), mask_n, out_ptr + row * N + offs_n, b_ptr + offs_n,
+                          y_ptr + row * N + offs_n, count_ptr, tl.num_programs(1), ATOMIC, HAS_BIAS)
+    else:
+        store_tile(y_ptr + row * N + offs_n, tl.sum(acc, axis=0), mask_n, ATOMIC)
 
 
 @triton.jit
@@ -420,9 +435,11 @@ def _block_k(cfg_k: int, k: int, group_size: int) -> tuple[int, bool]:
     return block_k, group_size % block_k == 0 or group_size == k
 
 
-def launch_gemv(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, wrap=identity,
-                num_sms: int = DEFAULT_SMS) -> torch.Tensor:
-    """fp32 `x2d @ dequant(W)` [M, N] with the GEMV kernel (one program column per row of x)."""
+def launch_gemv(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, bias=None, out_dtype=None,
+                wrap=identity, num_sms: int = DEFAULT_SMS) -> torch.Tensor:
+    """`x2d @ dequant(W)` [M, N] with the GEMV kernel (one program column per row of x): fp32, or with
+    `out_dtype` given `+ bias` in out_dtype, finished in the kernel (the count of `finish_split_tile` follows the
+    fp32 accumulator in one zeroed buffer, so the op launches a zero fill and the GEMV, no cast after it)."""
     m, k = x2d.shape
     n = w_packed.shape[1]
     block_k, aligned = _block_k(cfg["BLOCK_K"], k, group_size)
@@ -433,15 +450,22 @@ def launch_gemv(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, w
         block_n //= 2
     tiles = cdiv(n, block_n)
     splits, per = split_for_waves(k, tiles, block_k, cfg["waves"], num_sms)
-    y = (torch.zeros if splits > 1 else torch.empty)((m, n), dtype=torch.float32, device=x2d.device)
+    finish = out_dtype is not None
+    if splits > 1:  # fp32 partial sums meet in atomics (FINISH: the tiles' counts after them)
+        y = torch.zeros(m * n + (m * tiles if finish else 0), dtype=torch.float32, device=x2d.device)
+    else:
+        y = torch.empty(0 if finish else m * n, dtype=torch.float32, device=x2d.device)
+    out = torch.empty((m, n), dtype=out_dtype, device=x2d.device) if finish else None
     wrap(_int4_gemv_kernel)[(tiles, splits, m)](
-        x2d, w_packed, w_scale, optional_arg(w_zero, w_scale), y,
+        x2d, w_packed, w_scale, optional_arg(w_zero, w_scale), y, optional_arg(out, w_scale),
+        optional_arg(bias, w_scale),
         n, k, x2d.stride(0), group_size, per, K_STEPS=per // block_k,
         HAS_ZERO=w_zero is not None, ATOMIC=splits > 1, HALF2=x2d.dtype in (torch.float16, torch.bfloat16),
         ASM=ptx_available(), BLOCK_N=block_n, BLOCK_K=block_k, PIPELINE=cfg.get("pipeline", 0),
-        PLANAR=is_planar(k, group_size), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        PLANAR=is_planar(k, group_size), FINISH=finish, HAS_BIAS=bias is not None,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return y
+    return out if finish else y.view(m, n)
 
 
 def launch_mm(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, x_row_scale=None,
@@ -530,8 +554,15 @@ def run_bucket(cfg: dict, x2d, w_words, w_scale, w_zero, bias, group_size: int, 
     if kind == "one_dot" and not one_dot.supports(x2d.dtype, int(x2d.shape[1]), group_size):
         return run_bucket(cfg["fallback"], x2d, w_packed, w_scale, w_zero, bias, group_size, out_dtype=out_dtype,
                           wrap=wrap, num_sms=num_sms)
+    finish = cfg.get("finish", False) and (out_dtype != torch.float32 or bias is not None)  # `finished`
+    if kind == "gemv" and finish:  # the cast and bias in the GEMV, not in a kernel after it
+        return launch_gemv(x2d, w_packed, w_scale, w_zero, group_size, cfg, bias=bias, out_dtype=out_dtype,
+                           wrap=wrap, num_sms=num_sms)
     if kind == "gemv":
         acc = launch_gemv(x2d, w_packed, w_scale, w_zero, group_size, cfg, wrap=wrap, num_sms=num_sms)
+    elif kind == "one_dot" and finish:
+        return one_dot.launch(x2d, w_words, w_scale, w_zero, group_size, cfg, asm=ptx_available(),
+                              out_dtype=out_dtype, bias=bias, finish=True, wrap=wrap, num_sms=num_sms)
     elif kind == "one_dot":
         acc = one_dot.launch(x2d, w_words, w_scale, w_zero, group_size, cfg, asm=ptx_available(),
                              out_dtype=out_dtype, wrap=wrap, num_sms=num_sms)

@@ -39,7 +39,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg, split_for_waves, whole_tiles
 from qcompile.plugins.int4_gemm.format import PLANAR_BLOCK, is_planar
-from qcompile.plugins.triton_tiles import jit_any_m, load_tile, load_xt_rows, store_tile, xt_columns
+from qcompile.plugins.triton_tiles import (finish_split_tile, jit_any_m, load_tile, load_xt_rows, store_tile,
+                                           xt_columns)
 
 @triton.jit
 def _pair(w, FP16: tl.constexpr, ASM: tl.constexpr):
@@ -139,15 +140,17 @@ def _step(x_src, w_src, s_ptr, z_ptr, k0, offs_n, mask_n, N, K, acc, BLOCKS_PER_
 
 @jit_any_m
 def _int4_one_dot_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, k_per_split,
+    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, out_ptr, b_ptr, M, N, K, stride_xm, k_per_split,
     K_STEPS: tl.constexpr, BLOCKS_PER_GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, SCALE_W: tl.constexpr,
     HALVES: tl.constexpr, EVEN: tl.constexpr, TMA: tl.constexpr, ATOMIC: tl.constexpr, ASM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FINISH: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
 ):
     """y [M, N] (or its split-K part) from K_STEPS steps of 64 HALVES K, one dot each; grid (N tiles, K splits,
     M tiles). The weight and x pointers are formed once; a step adds scalars to them (per-step 64-bit address
     arithmetic and a division by the group size were about a quarter of the loop's SASS). TMA: x_ptr and w_ptr are
-    tensor descriptors made on the host (`launch`, `use_tma`), and the words and x load through them."""
+    tensor descriptors made on the host (`launch`, `use_tma`), and the words and x load through them. FINISH:
+    out_ptr gets `y (+ bias)` in its dtype from `finish_split_tile` (split K: y_ptr is the zeroed fp32
+    accumulator [M, N], then one count per tile)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_n = offs_n < N
@@ -172,8 +175,14 @@ def _int4_one_dot_kernel(
             product, s = _step(x_src, w_src, s_ptr, z_ptr, k_lo + step * 64 * HALVES, offs_n, mask_n, N, K, zero,
                                BLOCKS_PER_GROUP, HAS_ZERO, False, EVEN, TMA, HALVES, BLOCK_M, BLOCK_N, ASM)
             acc += product * s[:, None]
-    store_tile(y_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None], acc, mask_m[None, :] & mask_n[:, None],
-               ATOMIC)
+    at = offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
+    mask = mask_m[None, :] & mask_n[:, None]
+    if FINISH:
+        count_ptr = y_ptr + M * N + tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
+        finish_split_tile(acc, mask, out_ptr + at, b_ptr + offs_n[:, None] + 0 * offs_m[None, :], y_ptr + at,
+                          count_ptr, tl.num_programs(1), ATOMIC, HAS_BIAS)
+    else:
+        store_tile(y_ptr + at, acc, mask, ATOMIC)
 
 
 def supports(x_dtype: torch.dtype, k: int, group_size: int) -> bool:
@@ -243,8 +252,10 @@ def planar_words(w_words: torch.Tensor) -> torch.Tensor:
 
 
 def launch(x2d, w_words, w_scale, w_zero, group_size: int, cfg: dict, *, asm: bool, out_dtype=torch.float32,
-           wrap=identity, num_sms: int = 132) -> torch.Tensor:
-    """`x2d @ dequant(W)` [M, N] with `_int4_one_dot_kernel`: fp32 when split-K (atomics), else `out_dtype`.
+           bias=None, finish: bool = False, wrap=identity, num_sms: int = 132) -> torch.Tensor:
+    """`x2d @ dequant(W)` [M, N] with `_int4_one_dot_kernel`: fp32 when split-K (atomics), else `out_dtype`;
+    `finish`: `+ bias` in `out_dtype` either way, written by the kernel (the split tiles' counts follow the fp32
+    accumulator in one zeroed buffer: a zero fill and the kernel, no cast after it).
     w_words: the planar words [K / 8, N] or their `tma_words` view. cfg: BLOCK_M, BLOCK_N, num_warps,
     num_stages, waves and resident (split-K target, `split_for_waves`), SCALE_W (`scale_on_weight`)."""
     w_packed = planar_words(w_words)
@@ -265,14 +276,22 @@ def launch(x2d, w_words, w_scale, w_zero, group_size: int, cfg: dict, *, asm: bo
         w_src = TensorDescriptor.from_tensor(tma_words(w_words), [8, cfg["BLOCK_N"] // 32, 32])
     tiles_n = cdiv(n, cfg["BLOCK_N"])
     splits, per = split_for_waves(k, tiles_n, step, cfg["waves"], num_sms, cfg.get("resident", 0))
-    y = (torch.zeros((m, n), dtype=torch.float32, device=x2d.device) if splits > 1
-         else torch.empty((m, n), dtype=out_dtype, device=x2d.device))
-    wrap(_int4_one_dot_kernel)[(tiles_n, splits, cdiv(m, cfg["BLOCK_M"]))](
-        x_src, w_src, w_scale, optional_arg(w_zero, w_scale), y, m, n, k, x2d.stride(0), per,
+    tiles_m = cdiv(m, cfg["BLOCK_M"])
+    if finish:
+        y = torch.zeros(m * n + tiles_m * tiles_n if splits > 1 else 0, dtype=torch.float32, device=x2d.device)
+    elif splits > 1:
+        y = torch.zeros((m, n), dtype=torch.float32, device=x2d.device)
+    else:
+        y = torch.empty((m, n), dtype=out_dtype, device=x2d.device)
+    out = torch.empty((m, n), dtype=out_dtype, device=x2d.device) if finish else None
+    wrap(_int4_one_dot_kernel)[(tiles_n, splits, tiles_m)](
+        x_src, w_src, w_scale, optional_arg(w_zero, w_scale), y, optional_arg(out, w_scale),
+        optional_arg(bias, w_scale), m, n, k, x2d.stride(0), per,
         K_STEPS=per // step, BLOCKS_PER_GROUP=0 if group_size == k else group_size // PLANAR_BLOCK,
         HAS_ZERO=w_zero is not None,
         SCALE_W=scale_on_weight(cfg.get("SCALE_W", False), splits, group_size, step), HALVES=halves,
         EVEN=whole_tiles(n, cfg["BLOCK_N"], splits, per, k), TMA=tma, ATOMIC=splits > 1, ASM=asm,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], FINISH=finish, HAS_BIAS=bias is not None,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return y
+    return out if finish else y

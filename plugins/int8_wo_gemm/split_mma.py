@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg
-from qcompile.plugins.triton_tiles import jit_any_m
+from qcompile.plugins.triton_tiles import finish_split_tile, jit_any_m
 
 Q_MAX = tl.constexpr(32639.0)  # 127 * 256 + 127: hi = (q + 128) >> 8 stays in [-127, 127], lo in [-128, 127]
 SPLIT_CHUNKS = 8  # chunks per program of the split kernel
@@ -101,9 +101,9 @@ def _mma_kernel(planes_ptr, s_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, M, N, 
     end.
 
     SPLITS > 1 (split K, grid axis 1): each program takes K_STEPS steps, adds its weight-scaled sums to the fp32
-    workspace `part_ptr` [MP, N] (zeros), then counts itself in the N tile's counter (int32, after the
-    workspace); the last of the tile's programs reads the sums back, adds the bias and writes y. One launch still,
-    and wide tiles keep many weight bytes in flight per program on layers with few N tiles."""
+    workspace `part_ptr` [MP, N] (zeros), then counts itself in the N tile's count (after the workspace); the last
+    of the tile's programs reads the sums back, adds the bias and writes y (`finish_split_tile`). One launch
+    still, and wide tiles keep many weight bytes in flight per program on layers with few N tiles."""
     R: tl.constexpr = 2 * MP
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -127,24 +127,9 @@ def _mma_kernel(planes_ptr, s_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, M, N, 
     y = tl.sum(tl.reshape(acc, (2, MP, BLOCK_N)), axis=0)
     y = y * tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     offs_m = tl.arange(0, MP)
-    mask = (offs_m < M)[:, None] & mask_n[None, :]
-    if SPLITS > 1:
-        parts = part_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.atomic_add(parts, y, mask=mask, sem="relaxed")
-        counter = (part_ptr + MP * N).to(tl.pointer_type(tl.int32)) + tl.program_id(0)
-        if tl.atomic_add(counter, 1, sem="acq_rel") == SPLITS - 1:  # the tile's last program finishes it
-            y = tl.load(parts, mask=mask, other=0.0, cache_modifier=".cg")
-            _finish(y, b_ptr, y_ptr, offs_m, offs_n, mask, mask_n, N, HAS_BIAS)
-    else:
-        _finish(y, b_ptr, y_ptr, offs_m, offs_n, mask, mask_n, N, HAS_BIAS)
-
-
-@triton.jit
-def _finish(y, b_ptr, y_ptr, offs_m, offs_n, mask, mask_n, N, HAS_BIAS: tl.constexpr):
-    """y (+ bias) cast to y's dtype, stored at rows offs_m, columns offs_n."""
-    if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    at = offs_m[:, None] * N + offs_n[None, :]
+    finish_split_tile(y, (offs_m < M)[:, None] & mask_n[None, :], y_ptr + at, b_ptr + offs_n[None, :] + 0 * at,
+                      part_ptr + at, part_ptr + MP * N + tl.program_id(0), SPLITS, SPLITS > 1, HAS_BIAS)
 
 
 def split_planes(x2d: torch.Tensor, chunk: int, rows: int, *, wrap=identity):
@@ -172,7 +157,7 @@ def launch(x2d, w_q, w_scale, bias, cfg: dict, rows: int, *, wrap=identity) -> t
     per = cdiv(steps, cfg.get("splits", 1))
     splits = cdiv(steps, per)  # no split starts past K
     tiles = cdiv(n, cfg["BLOCK_N"])
-    # split K: fp32 sums [mp, n] then one int32 counter per N tile (zeros; read as int32 by the kernel)
+    # split K: fp32 sums [mp, n] then one count per N tile (zeros)
     part = (torch.zeros(mp * n + tiles, dtype=torch.float32, device=x2d.device) if splits > 1 else scales)
     wrap(_mma_kernel)[(tiles, splits)](
         planes, scales, w_q, w_scale, optional_arg(bias, w_scale), y, part, m, n, k, scales.shape[1],

@@ -282,17 +282,30 @@ def test_gpu_body_dispatch_traces_with_dynamic_rows(monkeypatch):
 
 
 @fake_cuda_export
-@pytest.mark.parametrize("tma", [True, False], ids=["shipped", "pointer-tiles"])
-def test_gpu_launches_export_on_fake_cuda_tensors(monkeypatch, tma):
+@pytest.mark.parametrize("configs", ["shipped", "pointer-tiles", "finished"])
+def test_gpu_launches_export_on_fake_cuda_tensors(monkeypatch, configs):
     """The CUDA body as an engine's export traces it, without a GPU (`export_on_fake_cuda`): every bucket's launch
     code must trace inside torch.cond (reading x's storage_offset there broke the H200 export of the TMA tiles),
     and with a concrete M outside it (where the host descriptors cannot be captured). A wide layer, so the
     shipped TMA tiles take the 16- and 64-row buckets in their torch.cond branches, and a concrete M keeps the
-    pointer loads (`kernel.pointer_tiles`: none anywhere)."""
-    from qcompile.plugins.int4_gemm import kernel
+    pointer loads (`kernel.pointer_tiles`: none anywhere). "finished" (`kernel.finished`, an engine variant): the
+    GEMV and one-dot buckets trace with the cast and bias in their kernels."""
+    from qcompile.plugins.int4_gemm import kernel, one_dot
 
+    tma = configs != "pointer-tiles"
     if not tma:
         monkeypatch.setattr(kernel, "CONFIGS", kernel.pointer_tiles())
+    if configs == "finished":
+        monkeypatch.setattr(kernel, "CONFIGS", kernel.finished(kernel.CONFIGS))
+    def expect_finish(real, said):  # raising is what torch.cond's tracing lets out of a branch (`expect_tma`)
+        def launch(*args, **kwargs):
+            if bool(kwargs.get(said)) != (configs == "finished"):
+                raise AssertionError(f"{real.__name__}: {said}={kwargs.get(said)} with the {configs} configurations")
+            return real(*args, **kwargs)
+        return launch
+
+    monkeypatch.setattr(kernel, "launch_gemv", expect_finish(kernel.launch_gemv, "out_dtype"))
+    monkeypatch.setattr(one_dot, "launch", expect_finish(one_dot.launch, "finish"))
     case = make_case(k=512, n=16384, group=128, zero=True)
     for dynamic_rows in (True, False):  # a concrete M: one bucket, no torch.cond, so no Dynamo (pointer loads)
         expect_tma(monkeypatch, lambda cfg: tma and "tma" in cfg and dynamic_rows)
@@ -387,6 +400,61 @@ def test_gemv_kernel_interpreter(group, zero):
         acc = kernel.launch_gemv(x, case["w_packed"], case["scale"], case["w_zero"], case["g"], cfg, num_sms=1)
         assert acc.dtype == torch.float32 and acc.shape == (2, n)
         assert_close_to(acc, oracle(x, {**case, "bias": None}), 1e-5)
+
+
+def assert_finished_like(y, fp32, bias, out_dtype, exact: bool):
+    """`y` (a kernel's output finished in the kernel) against the fp32 result `fp32` followed by the op's epilogue:
+    bit for bit (`exact`: one order of the split sums, as in the interpreter), else within one rounding of
+    out_dtype (on the GPU the atomics add the splits in a different order each run)."""
+    from qcompile.plugins.gemm_dispatch import add_bias
+
+    want = add_bias(fp32, bias, out_dtype)
+    assert y.dtype == out_dtype and y.shape == want.shape
+    rtol = 0 if exact else torch.finfo(out_dtype).eps
+    torch.testing.assert_close(y, want, rtol=rtol, atol=0 if exact else 1e-5 * want.float().abs().max().item())
+
+
+def check_gemv_finished_in_the_kernel(out_dtype, with_bias, device, shapes, exact):
+    """The GEMV with the cast and bias in the kernel (`launch_gemv(..., out_dtype=)`: the last split of each tile
+    writes the output), split K and not, for each (M, K, N, group): as the fp32 GEMV followed by the op's epilogue
+    (`assert_finished_like`), and close to float64."""
+    from qcompile.plugins.int4_gemm import kernel
+
+    sms = 1 if device == "cpu" else 132
+    for m, k, n, group in shapes:
+        case = make_case(k=k, n=n, group=group, seed=m + n)
+        bias = case["bias"].to(out_dtype).to(device) if with_bias else None
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(out_dtype)
+        on = [t.to(device) for t in (x, case["w_packed"], case["scale"])] + [None]
+        # K whole; split (on one SM: 4 splits at K = 384, N = 80 in 3 tiles of 32); on the GPU the shipped tile too
+        cfgs = [{"BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, "waves": waves} for waves in (0, 32)]
+        for cfg in cfgs + ([kernel.CONFIGS[0][1]] if device == "cuda" else []):
+            y = kernel.launch_gemv(*on, group, cfg, bias=bias, out_dtype=out_dtype, num_sms=sms)
+            assert_finished_like(y, kernel.launch_gemv(*on, group, cfg, num_sms=sms), bias, out_dtype, exact)
+            assert_close_to(y.float(), oracle(x, {**case, "bias": None if bias is None else bias.float().cpu()}),
+                            1e-2)
+
+
+@triton_interp
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_gemv_finished_in_the_kernel_interpreter(out_dtype, with_bias):
+    """(`check_gemv_finished_in_the_kernel`) fp16 bit for bit, bf16 within one rounding: the interpreter truncates
+    float32 -> bf16 (the GPU rounds to nearest even)."""
+    check_gemv_finished_in_the_kernel(out_dtype, with_bias, "cpu", [(1, 384, 80, 64), (2, 384, 80, 64)],
+                                      exact=out_dtype == torch.float16)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_cuda_gemv_finished_in_the_kernel(out_dtype, with_bias):
+    """(`check_gemv_finished_in_the_kernel`) on the GPU, where the splits of a tile run at once and only the count
+    says which one is last: the decode layers' Q/K/V and down shapes (16 and 32 splits of the test tile, 64 of the
+    shipped one), and three rows."""
+    check_gemv_finished_in_the_kernel(out_dtype, with_bias, "cuda", [(1, 4096, 6144, 128), (1, 14336, 4096, 128),
+                                                                    (3, 1024, 1000, 128)], exact=False)
 
 
 HALF2_CASES = pytest.mark.parametrize(
@@ -485,6 +553,36 @@ def test_triton_path_interpreter(m, group, monkeypatch):
     assert len(calls) == (1 if m > 16 and group == 64 else 0)
 
 
+@triton_interp
+@pytest.mark.parametrize("rows, dtype", [(1, torch.float16), (1, torch.float32), (16, torch.float16)])
+def test_triton_path_finished_in_the_kernel_interpreter(rows, dtype, monkeypatch):
+    """The op's 1- and 16-row buckets with "finish" (`kernel.finished`, the engine variants of
+    `tools/bench_engines.py`): the GEMV / one-dot launch gets the bias and x's dtype, and the result is the shipped
+    buckets', bit for bit (fp16 and fp32: the interpreter rounds those as the GPU does), and float64's within
+    rounding; W4A8 (FP8 x, its row scale after the GEMM) too."""
+    from qcompile.plugins.int4_gemm import kernel, one_dot
+
+    calls = []
+    for module, name in ((kernel, "launch_gemv"), (one_dot, "launch")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, **kw: calls.append(kw.get("bias") is not None) or
+                            real(*a, **kw))
+    case = make_case(k=1024, n=200, group=128, zero=True, seed=3)
+    x = torch.randn(1, rows, 1024, dtype=dtype)
+    split = dict(num_sms=4)  # 4 tiles of either kernel on 4 SMs: K split in 16 (GEMV) and in 4 (one-dot)
+    y = kernel.int4_gemm_triton(*op_args(case, x), configs=kernel.finished(kernel.CONFIGS), **split)
+    assert calls == [True]  # one launch, given the bias
+    torch.testing.assert_close(y, kernel.int4_gemm_triton(*op_args(case, x), **split), rtol=0, atol=0)
+    assert_close_to(y, oracle(x, case), 3e-3)
+    xq, row_scale = x.reshape(rows, 1024).to(torch.float8_e4m3fn), torch.full((rows,), 0.5)
+    w4a8 = op_args(case, xq)[1:]
+    y8 = kernel.int4_gemm_triton(xq, *w4a8, x_row_scale=row_scale, out_dtype=dtype,
+                                 configs=kernel.finished(kernel.CONFIGS), **split)
+    torch.testing.assert_close(y8, kernel.int4_gemm_triton(xq, *w4a8, x_row_scale=row_scale, out_dtype=dtype,
+                                                           **split), rtol=0, atol=0)
+    assert_close_to(y8, oracle(xq.float() * 0.5, case), 3e-3)
+
+
 ONE_DOT_SHAPES = pytest.mark.parametrize(
     "k, group", [(1024, 64), (1024, 128), (1024, "channel"), (320, 64), (320, "channel")],
     ids=["128steps-g64", "128steps-g128", "128steps-channel", "64steps-g64", "64steps-channel"])
@@ -496,7 +594,8 @@ def check_one_dot(k, group, zero, dtype, rel, device="cpu"):
     splits of 3 64-K steps, the last one past K; by `waves` and by the `resident` rule) and not, the scale on the
     product and on the weight tile (forced for 64-K groups in 128-K steps), loads through pointers and through
     TMA descriptors (n = 96, 64-wide tiles: zero fill past M, N and K; n = 80 is not a multiple of the words'
-    32-wide TMA rows, so it keeps the pointers). Float64-close."""
+    32-wide TMA rows, so it keeps the pointers). Float64-close; with the cast and bias in the kernel (`finish`)
+    as the fp32 result followed by the op's epilogue (`assert_finished_like`)."""
     from qcompile.plugins.gemm_dispatch import split_for_waves
     from qcompile.plugins.int4_gemm import one_dot
 
@@ -505,6 +604,7 @@ def check_one_dot(k, group, zero, dtype, rel, device="cpu"):
         weights = [t.to(device) if t is not None else None for t in (case["w_packed"], case["scale"], case["w_zero"])]
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
         ref = oracle(x, {**case, "bias": None})
+        bias = case["bias"].to(dtype).to(device)
         step = 128 if k % 128 == 0 else 64
         assert split_for_waves(k, -(-n // 32), step, 16, 1)[0] > 1  # waves = 16 splits K
         assert split_for_waves(k, -(-n // 32), step, 0, 1, 2)[0] == 2  # 3 tiles on 2 resident slots: split in two
@@ -519,6 +619,10 @@ def check_one_dot(k, group, zero, dtype, rel, device="cpu"):
                                num_sms=1)
             assert y.shape == (m, n) and y.dtype == torch.float32
             assert_close_to(y, ref, rel)
+            if scale_w is False:  # the cast and bias in the kernel (`finish`), K split and not
+                y_out = one_dot.launch(x.to(device), *weights, case["g"], cfg, asm=device != "cpu", out_dtype=dtype,
+                                       bias=bias, finish=True, num_sms=1)
+                assert_finished_like(y_out, y, bias, dtype, exact=device == "cpu")
 
 
 @triton_interp
@@ -706,12 +810,18 @@ def test_cuda_aoti_package_with_batch_and_sequence_dims_on_a_tma_layer(tmp_path)
 @pytest.mark.gpu
 @pytest.mark.slow
 @cuda
-@pytest.mark.parametrize("dtype, n", [(torch.float32, 256), (torch.float16, 256), (torch.bfloat16, 16384)],
-                         ids=["fp32", "fp16", "bf16-wide"])
-def test_cuda_aoti_package_dynamic_rows(tmp_path, dtype, n):
+@pytest.mark.parametrize("dtype, n, finished", [(torch.float32, 256, False), (torch.float16, 256, False),
+                                                (torch.bfloat16, 16384, False), (torch.bfloat16, 16384, True)],
+                         ids=["fp32", "fp16", "bf16-wide", "bf16-wide-finished"])
+def test_cuda_aoti_package_dynamic_rows(tmp_path, monkeypatch, dtype, n, finished):
     """fp16 x: the GEMV's packed-half2 PTX compiled into the package; N = 16384: the TMA tiles (`kernel.TMA_TILES`
     on the 16- and 64-row buckets), whose host-made descriptors AOTInductor's wrapper makes per call (captured by
-    Dynamo in the M buckets' torch.cond; test_gpu_launches_export_on_fake_cuda_tensors checks they are taken)."""
+    Dynamo in the M buckets' torch.cond; test_gpu_launches_export_on_fake_cuda_tensors checks they are taken).
+    finished: the GEMV and one-dot buckets with the cast and bias in their kernels (`kernel.finished`)."""
+    from qcompile.plugins.int4_gemm import kernel
+
+    if finished:
+        monkeypatch.setattr(kernel, "CONFIGS", kernel.finished(kernel.CONFIGS))
     mod = Int4Linear(device="cuda", k=512, n=n, group=128).cuda()
     ep = _export(mod, torch.randn(4, 512, device="cuda", dtype=dtype))
     path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "i4.pt2"))

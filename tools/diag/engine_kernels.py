@@ -12,6 +12,7 @@ their times still need one (`tools/bench_engines.py --profile`).
     python3 tools/diag/engine_kernels.py llama3-8b-layers --recipes fp16 w4a16_rtn
     python3 tools/diag/engine_kernels.py llama3-8b-layers --recipes fp16 --inductor combo_kernels=True,persistent=4096
     python3 tools/diag/engine_kernels.py llama3-8b-layers --recipes fp16 fp16:no-attention-fusion
+    python3 tools/diag/engine_kernels.py llama3-8b-layers --recipes w4a16_rtn w4a16_rtn:int4-gemv-finish
     (each --inductor set is listed after the defaults; the graph is built once per recipe)
 
 How this differs from an engine build: Inductor's wrapper is the Python one (`compile_fx`; AOTInductor's C++
@@ -38,6 +39,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/
 from inductor_variants import persistent_reductions_up_to  # noqa: E402
+from int4_tiles import int4_tiles  # noqa: E402
 
 H200 = types.SimpleNamespace(multi_processor_count=132, major=9, minor=0, name="NVIDIA H200", warp_size=32,
                              max_threads_per_multi_processor=2048, total_memory=141 * 2**30,
@@ -110,15 +112,18 @@ def fake_h200():
 def engine_program(source: str, recipe: str):
     """(the lowered CUDA-engine program of `source` with `recipe`, the source) from a CPU graph build;
     `recipe:no-attention-fusion` keeps attention written out (`qcompile build --no-attention-fusion`),
-    `recipe:fp8-large-m` lowers the 4-bit GEMMs with their FP8 path above 128 rows (`--fp8-large-m`)."""
+    `recipe:fp8-large-m` lowers the 4-bit GEMMs with their FP8 path above 128 rows (`--fp8-large-m`);
+    `recipe:int4-gemv-finish` / `int4-finish` are listed with the INT4 GEMV's (and the one-dot buckets') cast and
+    bias in the kernel (`kernel_configs`)."""
     import qcompile
     from qcompile.frontend import load_source
     from qcompile.lowering import LoweringOptions, lower_onnx
     from qcompile.passes import prepare_for_engine
 
     recipe, _, variant = recipe.partition(":")
-    if variant not in ("", "no-attention-fusion", "fp8-large-m"):
-        raise SystemExit(f"unknown variant {variant!r} (known: no-attention-fusion, fp8-large-m)")
+    if variant not in ("", "no-attention-fusion", "fp8-large-m", "int4-gemv-finish", "int4-finish"):
+        raise SystemExit(f"unknown variant {variant!r} (known: no-attention-fusion, fp8-large-m, int4-gemv-finish, "
+                         "int4-finish)")
     built = qcompile.build(source, recipe, output=None, calib="random", device="cpu", progress_stream=io.StringIO())
     engine_model, _ = prepare_for_engine(built.plugin_model, attention=variant != "no-attention-fusion")
     src = load_source(source, opset=built.recipe.opset)
@@ -138,6 +143,14 @@ def bucket_of(rows: int):
         yield
     finally:
         gemm_dispatch._cond_chain = chain
+
+
+def kernel_configs(recipe: str):
+    """The context a variant's plugin kernels are configured in while its wrapper is generated."""
+    variant = recipe.partition(":")[2]
+    if variant in ("int4-gemv-finish", "int4-finish"):
+        return int4_tiles(finish=("gemv",) if variant == "int4-gemv-finish" else ("gemv", "one_dot"))
+    return contextlib.nullcontext()
 
 
 def export_on_fake_h200(program, src):
@@ -228,7 +241,8 @@ def main(argv=None) -> int:
     for recipe in args.recipes:
         program, src = engine_program(args.source, recipe)
         for index, inductor in enumerate(option_sets):
-            code = wrapper_code(program, src, inductor, args.rows)
+            with kernel_configs(recipe):
+                code = wrapper_code(program, src, inductor, args.rows)
             if args.code:
                 args.code.mkdir(parents=True, exist_ok=True)
                 (args.code / f"{recipe}{f'-{index}' if index else ''}.py").write_text(code)

@@ -6,6 +6,7 @@ weight-streaming kernel can keep up with HBM (the H200 issues about 33 T thread-
 schedulers x 32 lanes x ~1.98 GHz; 235 M weights at 3 instructions each is 21 µs, at 6.7 it is 47 µs).
 
     python3 tools/diag/sass_count.py [int4_mm_t int4_gemv_fp32 int4_gemv_half2 int4_gemv_half2_planar
+                                      int4_gemv_half2_planar_finish int4_one_dot_16_tma_finish
                                       int4_dequant_t_fp8
                                       int4_one_dot_16 int4_one_dot_64 int4_one_dot_128 (each also _scale_w, _tma,
                                       _scale_w_tma) fp4_gemm fp4_gemm_64 fp4_one_dot_16 fp4_one_dot_64
@@ -83,23 +84,28 @@ def _cases():
     yield ("int4_mm_t", k4._int4_mm_t_kernel, mm_sig,
            dict(K_STEPS=8, HAS_ZERO=False, ROW_SCALE=False, ATOMIC=True, SCALE_ACC=False, MAGIC_BITS=0x4308,
                 MAGIC_VALUE=136.0, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128), div, 4, 3, 64 * 128 // 128)
-    gemv_sig = {k: v for k, v in mm_sig.items() if k not in ("rs_ptr", "M")}
-    for half2, planar in ((False, False), (True, False), (True, True)):
-        yield ("int4_gemv" + ("_half2" if half2 else "_fp32") + ("_planar" if planar else ""), k4._int4_gemv_kernel,
+    gemv_sig = dict({k: v for k, v in mm_sig.items() if k not in ("rs_ptr", "M")}, out_ptr="*bf16", b_ptr="*bf16")
+    for half2, planar, finish in ((False, False, False), (True, False, False), (True, True, False),
+                                  (True, True, True)):  # finish: the cast and bias in the kernel (engine variant)
+        yield ("int4_gemv" + ("_half2" if half2 else "_fp32") + ("_planar" if planar else "")
+               + ("_finish" if finish else ""), k4._int4_gemv_kernel,
                dict(gemv_sig, x_ptr="*bf16" if half2 else "*fp32"),
                dict(K_STEPS=8, HAS_ZERO=False, ATOMIC=True, HALF2=half2, ASM=True, BLOCK_N=512, BLOCK_K=32,
-                    PIPELINE=0, PLANAR=planar),
+                    PIPELINE=0, PLANAR=planar, FINISH=finish, HAS_BIAS=finish),
                [d for d in div if d != "rs_ptr"], 2, 3, 512 * 32 // 64)
     from qcompile.plugins.int4_gemm import one_dot
-    od_sig = {k: v for k, v in mm_sig.items() if k not in ("rs_ptr", "group_size")}
-    for bm, scale_w, tma in itertools.product((16, 64, 128), (False, True), (False, True)):  # the shipped buckets'
-        # tiles (64 weight rows), the scale on the product (or on the weight: _scale_w), pointer or TMA loads, g128;
-        # 32 steps: with 8 the 16-row loop is unrolled whole (no backward branch)
+    od_sig = dict({k: v for k, v in mm_sig.items() if k not in ("rs_ptr", "group_size")}, out_ptr="*bf16",
+                  b_ptr="*bf16")
+    for bm, scale_w, tma, finish in itertools.chain(  # the shipped buckets' tiles (64 weight rows), the scale on the
+            # product (or on the weight: _scale_w), pointer or TMA loads, g128; 32 steps: with 8 the 16-row loop is
+            # unrolled whole (no backward branch); _finish: split K, the cast and bias in the kernel (engine variant)
+            itertools.product((16, 64, 128), (False, True), (False, True), (False,)), [(16, False, True, True)]):
         descriptors = dict(x_ptr=f"tensordesc<bf16[{bm}, 64]>", w_ptr="tensordesc<i32[8, 2, 32]>") if tma else {}
-        yield (f"int4_one_dot_{bm}" + ("_scale_w" if scale_w else "") + ("_tma" if tma else ""),
-               one_dot._int4_one_dot_kernel, dict(od_sig, y_ptr="*bf16", **descriptors),
+        yield (f"int4_one_dot_{bm}" + ("_scale_w" if scale_w else "") + ("_tma" if tma else "")
+               + ("_finish" if finish else ""),
+               one_dot._int4_one_dot_kernel, dict(od_sig, y_ptr="*fp32" if finish else "*bf16", **descriptors),
                dict(K_STEPS=32, BLOCKS_PER_GROUP=2, HAS_ZERO=False, SCALE_W=scale_w, HALVES=2, EVEN=True, TMA=tma,
-                    ATOMIC=False, ASM=True, BLOCK_M=bm, BLOCK_N=64),
+                    ATOMIC=finish, ASM=True, BLOCK_M=bm, BLOCK_N=64, FINISH=finish, HAS_BIAS=finish),
                [d for d in div if d not in ("rs_ptr", "group_size") and not (tma and d in descriptors)], 4, 3,
                64 * 128 // 128)
     from qcompile.plugins.fp4_gemm import kernel as f4
