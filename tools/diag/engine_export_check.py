@@ -9,6 +9,7 @@ engine of llama3-8b-layers failed here the way it failed on the H200 (thirty-fou
 `static_branch_ints`. Prints one line per recipe; exits 1 if any failed.
 
     python3 tools/diag/engine_export_check.py llama3-8b-layers --recipes w8a16 w4a16_awq nvfp4
+    python3 tools/diag/engine_export_check.py llama3-8b-layers --recipes w4a16_rtn:int4-finish   # a variant
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_kernels import engine_program, export_on_fake_h200, fake_h200  # noqa: E402
+from engine_kernels import engine_program, export_on_fake_h200, fake_h200, kernel_configs  # noqa: E402
 
 
 def export_and_retrace(program, src) -> int:
@@ -46,7 +47,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         try:
             program, src = engine_program(args.source, recipe)
-            plugins = export_and_retrace(program, src)
+            with kernel_configs(recipe):  # a variant's plugin configurations (`engine_kernels.kernel_configs`)
+                plugins = export_and_retrace(program, src)
             print(f"{recipe:<24} ok      {plugins:3d} plugin nodes  {time.perf_counter() - t0:6.1f} s", flush=True)
         except Exception as exc:  # noqa: BLE001 - a diagnostic: report and go on with the next recipe
             failed += 1
