@@ -10,8 +10,10 @@ For each (K x N, M) of reference/kernel-targets.md it times, with `triton.testin
 all with bias, bf16 in/out. --fp4-planar adds nvfp4_planar_op and mxfp4_planar_op: the FP4 op on the same weights
 as planar words (`format.to_planar_words`: the one-dot kernel at 1-128 rows), with int4/<fmt>_planar and
 <fmt>/<fmt>_planar (> 1: planar faster). --int4-pointers adds int4_ptr_op: the INT4 op without its TMA tiles
-(`kernel.pointer_tiles`), timed in the same cell, and int4_ptr/int4 (> 1: the TMA tiles faster);
---int4-tma-min-n overrides the TMA tiles' smallest N for int4_op. Each output is checked against a float32
+(`kernel.pointer_tiles`), timed in the same cell, and int4_ptr/int4 (> 1: the TMA tiles faster); --int4-finish
+adds int4_finish_op: the INT4 op with the cast and bias in its GEMV and one-dot kernels (`kernel.finished`), and
+int4_finish/int4 (< 1: finishing in the kernel faster); --int4-tma-min-n overrides the TMA tiles' smallest N for
+int4_op. Each output is checked against a float32
 reference of the same weights (`rel%_*`: relative L2 error in percent, on one weight copy). Weights are rotated
 over several copies so small-M runs read HBM, not L2. Ops are compiled (torch.compile, static shapes, one compile
 per M) or eager with --eager; --cuda-graph times GPU work only. Prints the table with the ratios int4/fp4
@@ -56,7 +58,10 @@ def rel_pct(y: torch.Tensor, ref: torch.Tensor) -> float:
     return 100.0 * ((y.float() - ref).norm() / ref.norm()).item()
 
 
-def run_shape(k: int, n: int, m: int, ops, pointers: bool = False, tma_min_n: int | None = None,
+INT4_VARIANTS = {"ptr": dict(pointers=True), "finish": dict(finish=("gemv", "one_dot"))}  # --int4-<name> -> tiles
+
+
+def run_shape(k: int, n: int, m: int, ops, int4_variants: tuple[str, ...] = (), tma_min_n: int | None = None,
               planar: bool = False) -> dict:
     from qcompile.plugins.fp4_gemm.reference import dequantize_weight as fp4_weight
     from qcompile.plugins.int4_gemm.reference import dequantize_weight as int4_weight
@@ -73,11 +78,11 @@ def run_shape(k: int, n: int, m: int, ops, pointers: bool = False, tma_min_n: in
     with int4_tiles(tma_min_n=tma_min_n):
         r["rel%_int4"] = rel_pct(ops["int4"](x, *w, None, bias, GROUP), ref4)
         r["int4_op"] = bench(lambda: ops["int4"](x, *w4(), None, bias, GROUP))
-    if pointers:
-        with int4_tiles(pointers=True):
-            r["rel%_int4_ptr"] = rel_pct(ops["int4"](x, *w, None, bias, GROUP), ref4)
-            r["int4_ptr_op"] = bench(lambda: ops["int4"](x, *w4(), None, bias, GROUP))
-        r["int4_ptr/int4"] = r["int4_ptr_op"] / r["int4_op"]
+    for variant in int4_variants:  # `INT4_VARIANTS`, timed in the same cell
+        with int4_tiles(**INT4_VARIANTS[variant]):
+            r[f"rel%_int4_{variant}"] = rel_pct(ops["int4"](x, *w, None, bias, GROUP), ref4)
+            r[f"int4_{variant}_op"] = bench(lambda: ops["int4"](x, *w4(), None, bias, GROUP))
+        r[f"int4_{variant}/int4"] = r[f"int4_{variant}_op"] / r["int4_op"]
     del ref4
     def fp4_op(name: str, block: int, make) -> float:
         """Checks then times the FP4 op on rotating weights `make()`: r["rel%_<name>"], returns its time."""
@@ -121,11 +126,14 @@ def main() -> None:
                     help="also time the INT4 op without its TMA tiles (needs --eager)")
     ap.add_argument("--int4-tma-min-n", type=int, help="the TMA tiles' smallest N (default: kernel.TMA_TILES'; "
                     "needs --eager)")
+    ap.add_argument("--int4-finish", action="store_true",
+                    help="also time the INT4 op with the cast and bias in its kernels (needs --eager)")
     ap.add_argument("--fp4-planar", action="store_true", help="also the FP4 op on planar words")
     args = ap.parse_args()
-    if (args.int4_pointers or args.int4_tma_min_n is not None) and not args.eager:
-        ap.error("--int4-pointers and --int4-tma-min-n swap the INT4 op's tiles per call, which a torch.compile'd op "
-                 "would not see: add --eager")
+    int4_variants = tuple(v for v, on in (("ptr", args.int4_pointers), ("finish", args.int4_finish)) if on)
+    if (int4_variants or args.int4_tma_min_n is not None) and not args.eager:
+        ap.error("--int4-pointers, --int4-finish and --int4-tma-min-n swap the INT4 op's tiles per call, which a "
+                 "torch.compile'd op would not see: add --eager")
     ops = compiled_ops({"int4": register_int4(), "fp4": register_fp4()}, args.eager)
     cols = ["bf16", "int4_op", "nvfp4_op", "mxfp4_op", "int4/nvfp4", "int4/mxfp4", "bf16/nvfp4", "bf16/mxfp4",
             "rel%_int4", "rel%_nvfp4", "rel%_mxfp4"]
@@ -135,11 +143,11 @@ def main() -> None:
                      "nvfp4/nvfp4_planar", "mxfp4/mxfp4_planar"]
         errs += ["rel%_nvfp4_planar", "rel%_mxfp4_planar"]
         cols += ["rel%_nvfp4_planar", "rel%_mxfp4_planar"]
-    if args.int4_pointers:
-        cols[2:2] = ["int4_ptr_op", "int4_ptr/int4"]
-        errs.append("rel%_int4_ptr")
-        cols.append("rel%_int4_ptr")
-    rows = sweep(args, cols, lambda k, n, m: run_shape(k, n, m, ops, args.int4_pointers, args.int4_tma_min_n,
+    for variant in reversed(int4_variants):
+        cols[2:2] = [f"int4_{variant}_op", f"int4_{variant}/int4"]
+        errs.append(f"rel%_int4_{variant}")
+        cols.append(f"rel%_int4_{variant}")
+    rows = sweep(args, cols, lambda k, n, m: run_shape(k, n, m, ops, int4_variants, args.int4_tma_min_n,
                                                        args.fp4_planar))
     errs = {c: max(r[c] for r in rows) for c in errs}
     print(f"max relative L2 error vs float32 (%): {errs}")
