@@ -73,6 +73,19 @@ def split_for_waves(k: int, tiles: int, block_k: int, waves: float, num_sms: int
     return cdiv(k, per), per
 
 
+def split_k_outputs(m, n: int, splits: int, counts, out_dtype, device, finish: bool):
+    """(y, out) for a split-K kernel's launch. `finish` (the kernel writes out [M, N] in out_dtype itself,
+    `triton_tiles.finish_split_tile`): y is the zeroed fp32 accumulator [M * N] followed by `counts` tile counts
+    when K is split, else an unused empty buffer. Otherwise out is None and y the result: zeroed fp32 [M, N] when K
+    is split (partial sums meet in atomics), else [M, N] in out_dtype."""
+    if finish:
+        y = torch.zeros(m * n + counts if splits > 1 else 0, dtype=torch.float32, device=device)
+        return y, torch.empty((m, n), dtype=out_dtype, device=device)
+    if splits > 1:
+        return torch.zeros((m, n), dtype=torch.float32, device=device), None
+    return torch.empty((m, n), dtype=out_dtype, device=device), None
+
+
 def whole_tiles(n: int, block_n: int, splits: int, k_per_split: int, k: int) -> bool:
     """Whether a kernel's tiles lie inside the weight: N in whole BLOCK_N tiles and the K splits covering exactly
     K (the `EVEN` specialization: its loads carry no N or K masks)."""

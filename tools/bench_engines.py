@@ -15,7 +15,9 @@ words (`VARIANTS`), so an A/B of kernel tiles or layouts runs in one call beside
     python tools/bench_engines.py llama3-8b-layers --recipes fp16 w4a16_nvfp4 w4a16_nvfp4:fp4-bytes ...
 The variant fp8-large-m builds with `fp8_large_m=True` (`qcompile build --fp8-large-m`): prefill-sized GEMMs in FP8.
 fp8-block-cublas-small-m builds the FP8 block op with its sm90 cuBLASLt path at every M (no Triton row kernel at
-1-16 rows).
+1-16 rows). int4-gemv-finish, int4-finish and fp4-finish build the INT4 GEMV (and one-dot buckets) or the FP4
+one-dot buckets writing y + bias in x's dtype themselves (`int4_gemm.kernel.finished`, `fp4_gemm.kernel.finished`):
+no cast kernel after a split-K GEMM.
 inductor-combo, inductor-persistent (and both), inductor-no-split and inductor-coordesc compile with an Inductor
 option or heuristic changed (`combo_kernels=True`; row reductions up to 4096 persistent,
 `tools/inductor_variants.py`; `split_reductions=False`; `coordinate_descent_tuning=True`): A/Bs of the non-GEMM
@@ -64,6 +66,7 @@ VARIANTS = {  # recipe:variant -> (the build's context, more `qcompile.build` ar
     # BENCHMARKS.md thirty-fifth session)
     "int4-gemv-finish": (lambda: int4_tiles(finish=("gemv",)), {}),
     "int4-finish": (lambda: int4_tiles(finish=("gemv", "one_dot")), {}),  # and the 2-128-row one-dot buckets
+    "fp4-finish": (lambda: _fp4_finished(), {}),  # the same in FP4's one-dot buckets (planar words)
     "fp4-planar": (contextlib.nullcontext, {"fp4_layout": "planar"}),
     "fp4-bytes": (contextlib.nullcontext, {"fp4_layout": "bytes"}),
     "fp8-large-m": (contextlib.nullcontext, {"fp8_large_m": True}),
@@ -84,6 +87,13 @@ VARIANTS = {  # recipe:variant -> (the build's context, more `qcompile.build` ar
     "inductor-no-split": (lambda: inductor_config.patch(split_reductions=False), {}),
     "inductor-coordesc": (lambda: inductor_config.patch(coordinate_descent_tuning=True), {}),
 }
+
+
+def _fp4_finished():
+    """The FP4 op's one-dot buckets writing y + bias themselves (`fp4_gemm.kernel.finished`), while in the context."""
+    from qcompile.plugins.fp4_gemm import kernel  # Triton: imported on the GPU machine only
+
+    return mock.patch.object(kernel, "ONE_DOT", kernel.finished())
 
 
 @contextlib.contextmanager

@@ -88,6 +88,13 @@ MID_TMA = dict(min_n=0, min_k=8192, BLOCK_N=128)
 ONE_DOT = [(16, dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3, waves=4)),
            (MID_M_MAX, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, waves=2, tma=MID_TMA)),
            (LARGE_M_MIN - 1, dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3, waves=1))]
+def finished(configs: list = ONE_DOT) -> list:
+    """The one-dot buckets `configs` writing y + bias in x's dtype from the kernel ("finish": split tiles counted,
+    the last one writes; no cast kernel after them). Not shipped: an engine A/B decides (`tools/bench_engines.py`
+    variant fp4-finish)."""
+    return [(limit, dict(cfg, finish=True)) for limit, cfg in configs]
+
+
 DEQUANT = dict(BLOCK_N=16, BLOCK_K=512, num_warps=4)  # tile of `_fp4_dequant_kernel`: best of 6 (benchmarks/dequant.json)
 TINY = {torch.float32: 126, torch.bfloat16: 126, torch.float16: 14}  # decoded bits = value * 2**-TINY
 ACC_SHIFT = {(False, torch.float16): 9, (True, torch.float16): 4}  # X per (MXFP4?, dtype); else below

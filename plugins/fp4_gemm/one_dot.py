@@ -23,9 +23,10 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from qcompile.plugins.fp4_gemm.planar import PAIR_ACC_SHIFT, step_multipliers, tile16
-from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg, split_for_waves, whole_tiles
+from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg, split_for_waves, split_k_outputs, whole_tiles
 from qcompile.plugins.int4_gemm.one_dot import _cat_k, use_tma, with_tma_tile
-from qcompile.plugins.triton_tiles import jit_any_m, load_tile, load_xt_rows, store_tile, xt_columns
+from qcompile.plugins.triton_tiles import (finish_split_tile, jit_any_m, load_tile, load_xt_rows, store_tile,
+                                           xt_columns)
 
 STEP = 128  # K per step: one MMA (a literal in the kernels, which read no Python globals)
 
@@ -67,14 +68,16 @@ def _step(x_src, w_src, s_rows, k0, mask_n, K, acc, MX: tl.constexpr, EVEN: tl.c
 
 
 @jit_any_m
-def _fp4_one_dot_kernel(x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, stride_xm, k_per_split,
+def _fp4_one_dot_kernel(x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr, out_ptr, M, N, K, stride_xm, k_per_split,
                         K_STEPS: tl.constexpr, MX: tl.constexpr, POW_ACC: tl.constexpr, HAS_GLOBAL: tl.constexpr,
                         HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, TMA: tl.constexpr, ATOMIC: tl.constexpr,
-                        ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        FINISH: tl.constexpr = False):
     """y [M, N] (or its split-K part) from K_STEPS 128-K steps, the first peeled off the loop (one accumulator,
     wgmmas in flight across steps); grid (N tiles, K splits, M tiles). The accumulator is multiplied by POW_ACC
     (2**X) and NVFP4's global scale, the bias added by the first split. x's rows past M wrap (`xt_columns`) or, with
-    TMA (x_ptr, w_ptr: descriptors), load as 0."""
+    TMA (x_ptr, w_ptr: descriptors), load as 0. FINISH: out_ptr gets `y + bias` in its dtype from
+    `finish_split_tile` (split K: y_ptr is the zeroed fp32 accumulator [M, N], then one count per tile)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_n = offs_n < N
@@ -94,10 +97,16 @@ def _fp4_one_dot_kernel(x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, strid
     acc = acc * POW_ACC
     if HAS_GLOBAL:
         acc = acc * tl.load(g_ptr)
-    if HAS_BIAS:  # added once: by the first K split
-        acc += tl.load(b_ptr + offs_n, mask=mask_n & (tl.program_id(1) == 0), other=0.0).to(tl.float32)[:, None]
-    store_tile(y_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None], acc,
-               (offs_m < M)[None, :] & mask_n[:, None], ATOMIC)
+    at = offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
+    mask = (offs_m < M)[None, :] & mask_n[:, None]
+    if FINISH:
+        count_ptr = y_ptr + M * N + tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
+        finish_split_tile(acc, mask, out_ptr + at, b_ptr + offs_n[:, None] + 0 * offs_m[None, :], y_ptr + at,
+                          count_ptr, tl.num_programs(1), ATOMIC, HAS_BIAS)
+    else:
+        if HAS_BIAS:  # added once: by the first K split
+            acc += tl.load(b_ptr + offs_n, mask=mask_n & (tl.program_id(1) == 0), other=0.0).to(tl.float32)[:, None]
+        store_tile(y_ptr + at, acc, mask, ATOMIC)
 
 
 def supports(x_dtype: torch.dtype, k: int) -> bool:
@@ -108,8 +117,9 @@ def supports(x_dtype: torch.dtype, k: int) -> bool:
 def launch(x2d, words, w_scale, w_global, bias, cfg: dict, *, asm: bool, wrap=identity,
            num_sms: int = 132) -> torch.Tensor:
     """`x2d @ dequant(W).T (+ bias)` [M, N] with `_fp4_one_dot_kernel`: fp32 when split-K (atomics; the bias already
-    added), else x2d.dtype. cfg: BLOCK_M, BLOCK_N, num_warps, num_stages, waves and resident (`split_for_waves`),
-    optionally tma (`int4_gemm.one_dot.use_tma`: {"min_n": ...}; its other keys override the tile's)."""
+    added), else x2d.dtype; x2d.dtype either way when cfg["finish"] (the kernel writes it, `finish_split_tile`).
+    cfg: BLOCK_M, BLOCK_N, num_warps, num_stages, waves and resident (`split_for_waves`), optionally tma
+    (`int4_gemm.one_dot.use_tma`: {"min_n": ...}; its other keys override the tile's)."""
     m, k = x2d.shape
     n = words.shape[0]
     if not supports(x2d.dtype, k):
@@ -123,14 +133,16 @@ def launch(x2d, words, w_scale, w_global, bias, cfg: dict, *, asm: bool, wrap=id
         w_src = TensorDescriptor.from_tensor(words, [cfg["BLOCK_N"], 8])
     tiles_n = cdiv(n, cfg["BLOCK_N"])
     splits, per = split_for_waves(k, tiles_n, STEP, cfg["waves"], num_sms, cfg.get("resident", 0))
-    y = (torch.zeros((m, n), dtype=torch.float32, device=x2d.device) if splits > 1
-         else torch.empty((m, n), dtype=x2d.dtype, device=x2d.device))
-    wrap(_fp4_one_dot_kernel)[(tiles_n, splits, cdiv(m, cfg["BLOCK_M"]))](
-        x_src, w_src, w_scale, optional_arg(w_global, w_scale), optional_arg(bias, x2d), y, m, n, k, x2d.stride(0),
+    tiles_m = cdiv(m, cfg["BLOCK_M"])
+    finish = cfg.get("finish", False)
+    y, out = split_k_outputs(m, n, splits, tiles_m * tiles_n, x2d.dtype, x2d.device, finish)
+    wrap(_fp4_one_dot_kernel)[(tiles_n, splits, tiles_m)](
+        x_src, w_src, w_scale, optional_arg(w_global, w_scale), optional_arg(bias, x2d), y, optional_arg(out, x2d),
+        m, n, k, x2d.stride(0),
         per, K_STEPS=per // STEP, MX=mx, POW_ACC=2.0 ** PAIR_ACC_SHIFT[mx, x2d.dtype],
         HAS_GLOBAL=w_global is not None,
         HAS_BIAS=bias is not None, EVEN=whole_tiles(n, cfg["BLOCK_N"], splits, per, k), TMA=tma, ATOMIC=splits > 1,
-        ASM=asm, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+        ASM=asm, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], FINISH=finish, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
-    return y
+    return out if finish else y

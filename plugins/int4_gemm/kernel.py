@@ -60,7 +60,7 @@ import triton.language as tl
 
 from qcompile.plugins import fp8_large_m as fp8_large_m_path
 from qcompile.plugins.gemm_dispatch import (add_bias, cdiv, from_rows, identity, linear_bias, optional_arg,
-                                             run_by_buckets, split_for_waves, unpack_optional)
+                                             run_by_buckets, split_for_waves, split_k_outputs, unpack_optional)
 from qcompile.plugins.int4_gemm import one_dot
 from qcompile.plugins.int4_gemm.dequant_fp8 import fp8_weight
 from qcompile.plugins.int4_gemm.format import PACK, columns_in_words_order, is_planar
@@ -451,11 +451,7 @@ def launch_gemv(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, b
     tiles = cdiv(n, block_n)
     splits, per = split_for_waves(k, tiles, block_k, cfg["waves"], num_sms)
     finish = out_dtype is not None
-    if splits > 1:  # fp32 partial sums meet in atomics (FINISH: the tiles' counts after them)
-        y = torch.zeros(m * n + (m * tiles if finish else 0), dtype=torch.float32, device=x2d.device)
-    else:
-        y = torch.empty(0 if finish else m * n, dtype=torch.float32, device=x2d.device)
-    out = torch.empty((m, n), dtype=out_dtype, device=x2d.device) if finish else None
+    y, out = split_k_outputs(m, n, splits, m * tiles, out_dtype or torch.float32, x2d.device, finish)
     wrap(_int4_gemv_kernel)[(tiles, splits, m)](
         x2d, w_packed, w_scale, optional_arg(w_zero, w_scale), y, optional_arg(out, w_scale),
         optional_arg(bias, w_scale),
@@ -465,7 +461,7 @@ def launch_gemv(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, b
         PLANAR=is_planar(k, group_size), FINISH=finish, HAS_BIAS=bias is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return out if finish else y.view(m, n)
+    return out if finish else y
 
 
 def launch_mm(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, x_row_scale=None,

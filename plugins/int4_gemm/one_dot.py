@@ -37,7 +37,7 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg, split_for_waves, whole_tiles
+from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg, split_for_waves, split_k_outputs, whole_tiles
 from qcompile.plugins.int4_gemm.format import PLANAR_BLOCK, is_planar
 from qcompile.plugins.triton_tiles import (finish_split_tile, jit_any_m, load_tile, load_xt_rows, store_tile,
                                            xt_columns)
@@ -277,13 +277,7 @@ def launch(x2d, w_words, w_scale, w_zero, group_size: int, cfg: dict, *, asm: bo
     tiles_n = cdiv(n, cfg["BLOCK_N"])
     splits, per = split_for_waves(k, tiles_n, step, cfg["waves"], num_sms, cfg.get("resident", 0))
     tiles_m = cdiv(m, cfg["BLOCK_M"])
-    if finish:
-        y = torch.zeros(m * n + tiles_m * tiles_n if splits > 1 else 0, dtype=torch.float32, device=x2d.device)
-    elif splits > 1:
-        y = torch.zeros((m, n), dtype=torch.float32, device=x2d.device)
-    else:
-        y = torch.empty((m, n), dtype=out_dtype, device=x2d.device)
-    out = torch.empty((m, n), dtype=out_dtype, device=x2d.device) if finish else None
+    y, out = split_k_outputs(m, n, splits, tiles_m * tiles_n, out_dtype, x2d.device, finish)
     wrap(_int4_one_dot_kernel)[(tiles_n, splits, tiles_m)](
         x_src, w_src, w_scale, optional_arg(w_zero, w_scale), y, optional_arg(out, w_scale),
         optional_arg(bias, w_scale), m, n, k, x2d.stride(0), per,

@@ -267,7 +267,8 @@ def test_mx_multiplier_of_every_scale_code(dtype):
 @pytest.mark.parametrize("m", [1, 5, 20])
 def test_one_dot_kernel_interpreter(fmt, m):
     """`one_dot.launch` in fp16: a partial N tile (masks) with K split unevenly (the last split's steps past K), and
-    whole tiles and splits (EVEN, no masks), each against float64."""
+    whole tiles and splits (EVEN, no masks), each against float64; with "finish" (the kernel writes fp16 y + bias,
+    `kernel.finished`) within one fp16 rounding of the fp32 result cast."""
     from qcompile.plugins.fp4_gemm import one_dot
 
     for n, k, cfg, even in ((80, 1152, dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2, waves=4), False),
@@ -276,10 +277,13 @@ def test_one_dot_kernel_interpreter(fmt, m):
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.float16)
         bias = torch.randn(n) if m % 2 else None
         seen = []
-        spy = launch_spy(lambda grid, kw: seen.append((grid[1], kw["EVEN"])))
+        spy = launch_spy(lambda grid, kw: seen.append((grid[1], kw["EVEN"], kw["FINISH"])))
         y = one_dot.launch(x, *args(case), bias, cfg, asm=False, wrap=spy, num_sms=2)
-        assert seen[0][0] > 1 and seen[0][1] == even, seen  # split K
+        y_out = one_dot.launch(x, *args(case), bias, dict(cfg, finish=True), asm=False, wrap=spy, num_sms=2)
+        assert seen[0][0] > 1 and seen[0][1] == even and seen[1][2] and not seen[0][2], seen  # split K
         assert_rel_l2(y.to(torch.float16), oracle(x, case, bias), torch.float16)
+        assert y_out.dtype == torch.float16  # the bias after the splits' total, not with the first split
+        torch.testing.assert_close(y_out, y.to(torch.float16), rtol=2.0 ** -10, atol=1e-5 * y.abs().max().item())
 
 
 @triton_interp
@@ -367,16 +371,25 @@ def test_cuda_one_dot_tma_tiles(fmt, dtype, tile):
     y = one_dot.launch(*dev, None, cfg, asm=True, wrap=launch_spy(lambda grid, kw: seen.append(kw["TMA"])))
     assert seen == [True]
     assert_rel_l2(y.to(dtype), oracle(x, case), dtype)
+    y_out = one_dot.launch(*dev, None, dict(cfg, finish=True), asm=True)  # the kernel writes y (`kernel.finished`)
+    assert y_out.dtype == dtype
+    assert_rel_l2(y_out, oracle(x, case), dtype)
 
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("fmt, k", [("nvfp4", 1024), ("mxfp4", 1024), ("nvfp4", 8192)],
-                         ids=["nvfp4", "mxfp4", "nvfp4-k8192"])
-def test_cuda_aoti_package_planar_dynamic_rows(tmp_path, fmt, k):
+@pytest.mark.parametrize("fmt, k, finished", [("nvfp4", 1024, False), ("mxfp4", 1024, False), ("nvfp4", 8192, False),
+                                              ("nvfp4", 1024, True)],
+                         ids=["nvfp4", "mxfp4", "nvfp4-k8192", "nvfp4-finished"])
+def test_cuda_aoti_package_planar_dynamic_rows(tmp_path, monkeypatch, fmt, k, finished):
     """bf16 x with a dynamic row count through AOTInductor on planar words: the planar GEMV, the one-dot tiles and
     the planar dequantize path in one package, each against float64. At K = 8192 the 17-64-row bucket loads
-    through its TMA tile (`kernel.MID_TMA`)."""
+    through its TMA tile (`kernel.MID_TMA`). finished: the one-dot tiles write y + bias themselves
+    (`kernel.finished`)."""
+    from qcompile.plugins.fp4_gemm import kernel
+
+    if finished:
+        monkeypatch.setattr(kernel, "ONE_DOT", kernel.finished())
     case = planar_case(fmt, k=k, n=256, seed=8)
     weights = [t.cuda() if t is not None else None for t in args(case)]
     bias = torch.randn(256, device="cuda", dtype=torch.bfloat16)
@@ -425,16 +438,21 @@ def test_planar_dispatch_traces_with_dynamic_rows(monkeypatch):
 
 
 @fake_cuda_export
-@pytest.mark.parametrize("fmt, w4a4, tma", [("nvfp4", False, False), ("mxfp4", False, False), ("nvfp4", True, False),
-                                            ("nvfp4", False, True)], ids=["nvfp4", "mxfp4", "w4a4", "nvfp4-tma"])
-def test_planar_launches_export_on_fake_cuda_tensors(monkeypatch, fmt, w4a4, tma):
+@pytest.mark.parametrize("fmt, w4a4, tma, finished", [
+    ("nvfp4", False, False, False), ("mxfp4", False, False, False), ("nvfp4", True, False, False),
+    ("nvfp4", False, True, False), ("nvfp4", False, True, True)],
+    ids=["nvfp4", "mxfp4", "w4a4", "nvfp4-tma", "nvfp4-tma-finished"])
+def test_planar_launches_export_on_fake_cuda_tensors(monkeypatch, fmt, w4a4, tma, finished):
     """The CUDA body on planar words as an engine's export traces it (the one-dot buckets in torch.cond, the Triton
-    launches included; with TMA tiles, their host descriptors), without a GPU."""
+    launches included; with TMA tiles, their host descriptors; finished: the kernels writing y + bias themselves,
+    `kernel.finished`), without a GPU."""
     from qc_testutil import expect_tma, export_on_fake_cuda
     from qcompile.plugins.fp4_gemm import kernel, one_dot
 
     if tma:
         monkeypatch.setattr(kernel, "ONE_DOT", [(limit, dict(cfg, tma=dict(min_n=0))) for limit, cfg in kernel.ONE_DOT])
+    if finished:
+        monkeypatch.setattr(kernel, "ONE_DOT", kernel.finished(kernel.ONE_DOT))
     expect_tma(monkeypatch, lambda cfg: tma, one_dot)
     case = planar_case(fmt, k=512, n=256)
     x_global = torch.tensor(0.01) if w4a4 else None

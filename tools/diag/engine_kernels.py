@@ -33,6 +33,7 @@ import re
 import sys
 import types
 from pathlib import Path
+from unittest import mock
 
 import torch
 import triton
@@ -113,17 +114,17 @@ def engine_program(source: str, recipe: str):
     """(the lowered CUDA-engine program of `source` with `recipe`, the source) from a CPU graph build;
     `recipe:no-attention-fusion` keeps attention written out (`qcompile build --no-attention-fusion`),
     `recipe:fp8-large-m` lowers the 4-bit GEMMs with their FP8 path above 128 rows (`--fp8-large-m`);
-    `recipe:int4-gemv-finish` / `int4-finish` are listed with the INT4 GEMV's (and the one-dot buckets') cast and
-    bias in the kernel (`kernel_configs`)."""
+    `recipe:int4-gemv-finish` / `int4-finish` / `fp4-finish` are listed with the INT4 GEMV's (and the one-dot
+    buckets') or FP4's one-dot buckets' cast and bias in the kernel (`kernel_configs`)."""
     import qcompile
     from qcompile.frontend import load_source
     from qcompile.lowering import LoweringOptions, lower_onnx
     from qcompile.passes import prepare_for_engine
 
     recipe, _, variant = recipe.partition(":")
-    if variant not in ("", "no-attention-fusion", "fp8-large-m", "int4-gemv-finish", "int4-finish"):
-        raise SystemExit(f"unknown variant {variant!r} (known: no-attention-fusion, fp8-large-m, int4-gemv-finish, "
-                         "int4-finish)")
+    variants = ("no-attention-fusion", "fp8-large-m", "int4-gemv-finish", "int4-finish", "fp4-finish")
+    if variant and variant not in variants:
+        raise SystemExit(f"unknown variant {variant!r} (known: {', '.join(variants)})")
     built = qcompile.build(source, recipe, output=None, calib="random", device="cpu", progress_stream=io.StringIO())
     engine_model, _ = prepare_for_engine(built.plugin_model, attention=variant != "no-attention-fusion")
     src = load_source(source, opset=built.recipe.opset)
@@ -150,6 +151,10 @@ def kernel_configs(recipe: str):
     variant = recipe.partition(":")[2]
     if variant in ("int4-gemv-finish", "int4-finish"):
         return int4_tiles(finish=("gemv",) if variant == "int4-gemv-finish" else ("gemv", "one_dot"))
+    if variant == "fp4-finish":
+        from qcompile.plugins.fp4_gemm import kernel
+
+        return mock.patch.object(kernel, "ONE_DOT", kernel.finished())
     return contextlib.nullcontext()
 
 

@@ -10,7 +10,8 @@ schedulers x 32 lanes x ~1.98 GHz; 235 M weights at 3 instructions each is 21 µ
                                       int4_dequant_t_fp8
                                       int4_one_dot_16 int4_one_dot_64 int4_one_dot_128 (each also _scale_w, _tma,
                                       _scale_w_tma) fp4_gemm fp4_gemm_64 fp4_one_dot_16 fp4_one_dot_64
-                                      fp4_one_dot_128 (each also _mx, _tma, _mx_tma) fp4_gemv fp4_gemv_planar (each
+                                      fp4_one_dot_128 (each also _mx, _tma, _mx_tma) fp4_one_dot_16_tma_finish
+                                      fp4_gemv fp4_gemv_planar (each
                                       also _mx) w8a16_row_dot
                                       w8a16_row_dot_32x256_w2 w8a16_row_dot_16x256_w1 w8a16_row_dot_64x256_w4 (each
                                       also _plain)]
@@ -120,16 +121,18 @@ def _cases():
                cfg["num_stages"], cfg["BLOCK_N"] * 128 // (32 * cfg["num_warps"]))
     from qcompile.plugins.fp4_gemm import one_dot as f4o
     od4_sig = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", g_ptr="*fp32", b_ptr="*bf16", y_ptr="*fp32",
-                   **ptrs(["M", "N", "K", "stride_xm", "k_per_split"], "i32"))
-    for (_, cfg), mx, tma in itertools.product(f4.ONE_DOT, (False, True), (False, True)):
+                   out_ptr="*bf16", **ptrs(["M", "N", "K", "stride_xm", "k_per_split"], "i32"))
+    for (_, cfg), mx, tma, finish in itertools.chain(itertools.product(f4.ONE_DOT, (False, True), (False, True),
+                                                                       (False,)), [(f4.ONE_DOT[0], False, True, True)]):
         # the op's one-dot tiles on planar words (16, 64 and 128 rows), NVFP4 or MXFP4 (_mx), pointer or TMA loads
-        # (_tma: x in [BLOCK_M, 64] boxes, the words in [BLOCK_N, 8]); 32 steps
+        # (_tma: x in [BLOCK_M, 64] boxes, the words in [BLOCK_N, 8]); 32 steps; _finish: y + bias written by the
+        # kernel (engine variant fp4-finish)
         bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
         descriptors = dict(x_ptr=f"tensordesc<bf16[{bm}, 64]>", w_ptr=f"tensordesc<i32[{bn}, 8]>") if tma else {}
-        yield (f"fp4_one_dot_{bm}" + ("_mx" if mx else "") + ("_tma" if tma else ""), f4o._fp4_one_dot_kernel,
-               dict(od4_sig, **descriptors),
-               dict(K_STEPS=32, MX=mx, POW_ACC=512.0, HAS_GLOBAL=not mx, HAS_BIAS=False, EVEN=True, TMA=tma,
-                    ATOMIC=True, ASM=True, BLOCK_M=bm, BLOCK_N=bn),
+        yield (f"fp4_one_dot_{bm}" + ("_mx" if mx else "") + ("_tma" if tma else "") + ("_finish" if finish else ""),
+               f4o._fp4_one_dot_kernel, dict(od4_sig, **descriptors),
+               dict(K_STEPS=32, MX=mx, POW_ACC=512.0, HAS_GLOBAL=not mx, HAS_BIAS=finish, EVEN=True, TMA=tma,
+                    ATOMIC=True, ASM=True, BLOCK_M=bm, BLOCK_N=bn, FINISH=finish),
                [d for d in ("x_ptr", "w_ptr", "s_ptr", "g_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "k_per_split")
                 if d not in descriptors], cfg["num_warps"], cfg["num_stages"], bn * 128 // (32 * cfg["num_warps"]))
     from qcompile.plugins.fp4_gemm import gemv as g1, gemv_planar as gp
