@@ -49,7 +49,9 @@ Planar words (`format.to_planar_words`, int32 [N, K/8]; what CUDA engines store 
 from LARGE_M_MIN rows the dequantize kernel with `PLANAR`, then cuBLAS. On the H200 the planar paths were faster
 than the byte ones at every M from 1 to 128 on the kernel-target layers but one (4096 x 4096 at M = 1, 9.3 against
 8.7 µs) and equal at 1024 rows (BENCHMARKS.md, twenty-sixth session); the byte paths stay for CPU engines, K not a
-multiple of 128, and fp32 x.
+multiple of 128, and fp32 x. A one-dot bucket whose configuration sets "finish" (`finished`; none ships, pending an
+engine A/B on the GPU) writes `y + bias` in x.dtype from the kernel when K is split, instead of fp32 partial sums
+that a cast kernel converts afterwards (`triton_tiles.finish_split_tile`).
 
 `launch_*` and `fp4_gemm_triton` take `wrap` (identity for raw Triton: tests run them under
 TRITON_INTERPRET=1 on CPU tensors; `torch.library.wrap_triton` from the op, so AOTInductor compiles the

@@ -48,6 +48,11 @@ tools/tune_int4_gemm.py). A Python branch when M is a concrete int (eager); with
 AOTInductor with a dynamic row count) a chain of `torch.cond(M <= limit, ...)`, so every bucket's kernel is
 compiled and the choice is made at run time (no guard on M).
 
+Split K leaves the op three kernels per call: a zero fill, the kernel (fp32 atomics) and the bias/cast epilogue.
+A GEMV or one-dot bucket whose configuration sets "finish" (`finished`; no shipped bucket does, pending an engine
+A/B on the GPU) writes `y + bias` in the output dtype from the kernel instead: the last split of each tile, counted
+by an atomic, stores it (`triton_tiles.finish_split_tile`), so no epilogue kernel follows.
+
 `launch_*` and `int4_gemm_triton` take `wrap` (identity for raw Triton: tests run them under
 TRITON_INTERPRET=1 on CPU tensors; `torch.library.wrap_triton` from the op, so AOTInductor compiles the
 kernels into the package).
