@@ -26,8 +26,9 @@ GROUP = 128
 
 def candidates(m: int) -> list[dict]:
     """Candidate launch configurations (W4A16, and W4A8 on FP8 dots) for a row count m: the neighbourhood
-    of the winners of the first sweep (benchmarks/int4_tune_v2b.json), plus dequantize + cuBLAS and the
-    configuration the op ships for m (`kernel.CONFIGS`), so every sweep times it beside the others."""
+    of the winners of the first sweep (benchmarks/int4_tune_v2b.json), plus dequantize + cuBLAS, some with the
+    output written by the kernel ("finish"), and the configuration the op ships for m (`kernel.CONFIGS`), so every
+    sweep times it beside the others."""
     out = []
     if m == 1:  # the fp16x2 GEMV (16-bit x): the shipped tile and deeper tiles that keep its 32 words per
         # thread (more warps along K: fewer split-K programs and atomics), over split-K waves and stages
@@ -71,6 +72,13 @@ def candidates(m: int) -> list[dict]:
                             waves=0, SCALE_ACC=False))
     if m >= 64:
         out.append(dict(kernel="dequant"))
+    # the output written by the kernel (`kernel.finished`: no cast kernel after a split), on the GEMV's first four
+    # tiles and the one-dot tiles without the scale on the weight: their best split may differ from the shipped one's
+    out += [dict(c, finish=True) for c in out if (c["kernel"] == "gemv" and "pipeline" not in c and c["num_stages"] == 3
+                                                  and (c["BLOCK_N"], c["BLOCK_K"]) in ((512, 32), (512, 64), (512, 128),
+                                                                                       (1024, 64)))
+            or (c["kernel"] == "one_dot" and m <= 16 and not c["SCALE_W"] and "tma" not in c
+                and c["num_stages"] == 3)]
     w4a8 = [dict(c, fp8_dot=True) for c in out if c["kernel"] == "mm_t" and c["BLOCK_K"] == 128
             and c["num_stages"] == 3][:6] if m >= 16 else []
     shipped = shipped_config(m)
