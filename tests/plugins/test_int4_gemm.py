@@ -297,6 +297,7 @@ def test_gpu_launches_export_on_fake_cuda_tensors(monkeypatch, configs):
         monkeypatch.setattr(kernel, "CONFIGS", kernel.pointer_tiles())
     if configs == "finished":
         monkeypatch.setattr(kernel, "CONFIGS", kernel.finished(kernel.CONFIGS))
+
     def expect_finish(real, said):  # raising is what torch.cond's tracing lets out of a branch (`expect_tma`)
         def launch(*args, **kwargs):
             if bool(kwargs.get(said)) != (configs == "finished"):
