@@ -17,7 +17,7 @@ The variant fp8-large-m builds with `fp8_large_m=True` (`qcompile build --fp8-la
 fp8-block-cublas-small-m builds the FP8 block op with its sm90 cuBLASLt path at every M (no Triton row kernel at
 1-16 rows). int4-gemv-finish, int4-finish and fp4-finish build the INT4 GEMV (and one-dot buckets) or the FP4
 one-dot buckets writing y + bias in x's dtype themselves (`int4_gemm.kernel.finished`, `fp4_gemm.kernel.finished`):
-no cast kernel after a split-K GEMM.
+no cast kernel after a split-K GEMM. Those plugin variants are `tools/kernel_variants.py`'s.
 inductor-combo, inductor-persistent (and both), inductor-no-split and inductor-coordesc compile with an Inductor
 option or heuristic changed (`combo_kernels=True`; row reductions up to 4096 persistent,
 `tools/inductor_variants.py`; `split_reductions=False`; `coordinate_descent_tuning=True`): A/Bs of the non-GEMM
@@ -41,7 +41,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import onnx
@@ -49,7 +48,6 @@ import torch
 import torch._inductor.config as inductor_config
 
 import qcompile
-import qcompile.plugins.fp8_block_gemm.op as fp8_block_op
 from qcompile.engine import GraphReplay
 from qcompile.frontend import load_source
 from qcompile.inputs import parse_dim_sizes
@@ -57,25 +55,13 @@ from qcompile.lowering import lower_onnx
 from qcompile.report import format_table
 
 from inductor_variants import persistent_reductions_up_to  # tools/, this script's folder
-from int4_tiles import int4_tiles
+from kernel_variants import KERNEL_VARIANTS
 
 VARIANTS = {  # recipe:variant -> (the build's context, more `qcompile.build` arguments)
-    "int4-pointers": (lambda: int4_tiles(pointers=True), {}),
-    # the INT4 GEMV (M = 1) writes its output in x's dtype with the bias (the last split of each tile, counted by
-    # an atomic): no cast kernel after it; in the decode profile the casts took ~1.2 µs each, 8 per step (H100,
-    # BENCHMARKS.md thirty-fifth session)
-    "int4-gemv-finish": (lambda: int4_tiles(finish=("gemv",)), {}),
-    "int4-finish": (lambda: int4_tiles(finish=("gemv", "one_dot")), {}),  # and the 2-128-row one-dot buckets
-    "fp4-finish": (lambda: _fp4_finished(), {}),  # the same in FP4's one-dot buckets (planar words)
+    **{name: (factory, {}) for name, factory in KERNEL_VARIANTS.items()},  # the plugins' launch configurations
     "fp4-planar": (contextlib.nullcontext, {"fp4_layout": "planar"}),
     "fp4-bytes": (contextlib.nullcontext, {"fp4_layout": "bytes"}),
     "fp8-large-m": (contextlib.nullcontext, {"fp8_large_m": True}),
-    # the FP8 block op's sm90 cuBLASLt path at every M, its Triton row kernel (x quantized in aten ops, which fuse into
-    # x's producer) not taken at 1-16 rows: faster at the op level on all four kernel-target layers in three runs
-    # (BENCHMARKS.md, thirty-fourth session, part 3: "cuBLASLt, no bias" against the op); in the engine it lost: 0.238
-    # against 0.190 ms per token on mlp-large (H100, thirty-fifth session, part 3), so the row kernel stays
-    "fp8-block-cublas-small-m": (
-        lambda: mock.patch.object(fp8_block_op, "ROW_DOT_WITH_CUBLAS", False), {}),
     "no-attention-fusion": (contextlib.nullcontext, {"fuse_attention": False}),  # attention as MatMul/Softmax
     # decode overhead: independent small kernels (the split-K GEMVs' zero fills) launched as one; row reductions
     # (RMSNorm) up to 4096 persistent (one load of the row); one-row reductions not split in two; reduction tiles
@@ -87,13 +73,6 @@ VARIANTS = {  # recipe:variant -> (the build's context, more `qcompile.build` ar
     "inductor-no-split": (lambda: inductor_config.patch(split_reductions=False), {}),
     "inductor-coordesc": (lambda: inductor_config.patch(coordinate_descent_tuning=True), {}),
 }
-
-
-def _fp4_finished():
-    """The FP4 op's one-dot buckets writing y + bias themselves (`fp4_gemm.kernel.finished`), while in the context."""
-    from qcompile.plugins.fp4_gemm import kernel  # Triton: imported on the GPU machine only
-
-    return mock.patch.object(kernel, "ONE_DOT", kernel.finished())
 
 
 @contextlib.contextmanager

@@ -33,14 +33,13 @@ import re
 import sys
 import types
 from pathlib import Path
-from unittest import mock
 
 import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/
 from inductor_variants import persistent_reductions_up_to  # noqa: E402
-from int4_tiles import int4_tiles  # noqa: E402
+from kernel_variants import KERNEL_VARIANTS  # noqa: E402
 
 H200 = types.SimpleNamespace(multi_processor_count=132, major=9, minor=0, name="NVIDIA H200", warp_size=32,
                              max_threads_per_multi_processor=2048, total_memory=141 * 2**30,
@@ -114,15 +113,15 @@ def engine_program(source: str, recipe: str):
     """(the lowered CUDA-engine program of `source` with `recipe`, the source) from a CPU graph build;
     `recipe:no-attention-fusion` keeps attention written out (`qcompile build --no-attention-fusion`),
     `recipe:fp8-large-m` lowers the 4-bit GEMMs with their FP8 path above 128 rows (`--fp8-large-m`);
-    `recipe:int4-gemv-finish` / `int4-finish` / `fp4-finish` are listed with the INT4 GEMV's (and the one-dot
-    buckets') or FP4's one-dot buckets' cast and bias in the kernel (`kernel_configs`)."""
+    `recipe:<plugin variant>` (`kernel_variants.KERNEL_VARIANTS`, e.g. int4-finish) is listed with that launch
+    configuration (`kernel_configs`)."""
     import qcompile
     from qcompile.frontend import load_source
     from qcompile.lowering import LoweringOptions, lower_onnx
     from qcompile.passes import prepare_for_engine
 
     recipe, _, variant = recipe.partition(":")
-    variants = ("no-attention-fusion", "fp8-large-m", "int4-gemv-finish", "int4-finish", "fp4-finish")
+    variants = ("no-attention-fusion", "fp8-large-m", *KERNEL_VARIANTS)
     if variant and variant not in variants:
         raise SystemExit(f"unknown variant {variant!r} (known: {', '.join(variants)})")
     built = qcompile.build(source, recipe, output=None, calib="random", device="cpu", progress_stream=io.StringIO())
@@ -147,15 +146,9 @@ def bucket_of(rows: int):
 
 
 def kernel_configs(recipe: str):
-    """The context a variant's plugin kernels are configured in while its wrapper is generated."""
-    variant = recipe.partition(":")[2]
-    if variant in ("int4-gemv-finish", "int4-finish"):
-        return int4_tiles(finish=("gemv",) if variant == "int4-gemv-finish" else ("gemv", "one_dot"))
-    if variant == "fp4-finish":
-        from qcompile.plugins.fp4_gemm import kernel
-
-        return mock.patch.object(kernel, "ONE_DOT", kernel.finished())
-    return contextlib.nullcontext()
+    """The context a variant's plugin kernels are configured in while its wrapper is generated
+    (`kernel_variants.KERNEL_VARIANTS`; none for the others)."""
+    return KERNEL_VARIANTS.get(recipe.partition(":")[2], contextlib.nullcontext)()
 
 
 def export_on_fake_h200(program, src):

@@ -1,0 +1,38 @@
+"""The plugins' launch-configuration variants for engine A/B runs (benchmarks and diagnostics only): name -> a
+factory of the context in which the plugins run with that configuration. `tools/bench_engines.py` builds engines
+of `recipe:<name>` inside it, `tools/diag/engine_kernels.py` and `engine_export_check.py` list and export them."""
+from __future__ import annotations
+
+from unittest import mock
+
+from int4_tiles import int4_tiles  # tools/, this module's folder
+
+
+def _fp4_finished():
+    """The FP4 op's one-dot buckets writing y + bias themselves (`fp4_gemm.kernel.finished`)."""
+    from qcompile.plugins.fp4_gemm import kernel  # Triton: imported where the variant is used
+
+    return mock.patch.object(kernel, "ONE_DOT", kernel.finished())
+
+
+def _fp8_block_cublas_small_m():
+    """The FP8 block op's sm90 cuBLASLt path at 1-16 rows too (`op.ROW_DOT_WITH_CUBLAS` off)."""
+    from qcompile.plugins.fp8_block_gemm import op
+
+    return mock.patch.object(op, "ROW_DOT_WITH_CUBLAS", False)
+
+
+KERNEL_VARIANTS = {
+    "int4-pointers": lambda: int4_tiles(pointers=True),  # the INT4 op without its TMA tiles
+    # the INT4 GEMV (M = 1) writes its output in x's dtype with the bias (the last split of each tile, counted by
+    # an atomic): no cast kernel after it; in the decode profile the casts took ~1.2 µs each, 8 per step (H100,
+    # BENCHMARKS.md thirty-fifth session)
+    "int4-gemv-finish": lambda: int4_tiles(finish=("gemv",)),
+    "int4-finish": lambda: int4_tiles(finish=("gemv", "one_dot")),  # and the 2-128-row one-dot buckets
+    "fp4-finish": _fp4_finished,  # the same in FP4's one-dot buckets (planar words)
+    # the FP8 block op's sm90 cuBLASLt path at every M, its Triton row kernel (x quantized in aten ops, which fuse into
+    # x's producer) not taken at 1-16 rows: faster at the op level on all four kernel-target layers in three runs
+    # (BENCHMARKS.md, thirty-fourth session, part 3: "cuBLASLt, no bias" against the op); in the engine it lost: 0.238
+    # against 0.190 ms per token on mlp-large (H100, thirty-fifth session, part 3), so the row kernel stays
+    "fp8-block-cublas-small-m": _fp8_block_cublas_small_m,
+}
