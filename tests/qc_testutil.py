@@ -163,6 +163,20 @@ def export_and_retrace_on_fake_cuda(monkeypatch, make_module, x: torch.Tensor, d
         return ep.run_decompositions()
 
 
+def expect_launch_keyword(monkeypatch, module, name: str, keyword: str, expected: bool) -> None:
+    """Makes the launcher `module.<name>` fail unless its keyword argument `keyword` is given (truthy) exactly when
+    `expected`: raising is what torch.cond's tracing lets out of a branch (as `expect_tma`), so an export on fake
+    tensors shows how each bucket launched (e.g. whether it finishes in the kernel)."""
+    real = getattr(module, name)
+
+    def launch(*args, **kwargs):
+        if bool(kwargs.get(keyword)) != expected:
+            wanted = "set" if expected else "unset"
+            raise AssertionError(f"{name}: {keyword}={kwargs.get(keyword)!r}, expected it {wanted}")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(module, name, launch)
+
+
 def expect_tma(monkeypatch, expected, one_dot=None) -> None:
     """Makes a one-dot launch fail unless its TMA decision (`use_tma`) is `expected(cfg)` for the bucket's
     configuration: raising is what torch.cond's tracing lets out of a branch, so an export on fake tensors

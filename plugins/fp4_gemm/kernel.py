@@ -367,8 +367,8 @@ def fp4_gemm_triton(x, w_packed, w_scale, w_global, bias, block_size: int, *, wr
     def one_dot_tile(cfg):
         def run(x2d, w_packed, w_scale, *rest):
             w_global, bias = unpack_optional(rest, *present)
-            y = one_dot.launch(x2d, w_packed, w_scale, w_global, bias, cfg, asm=ptx_available(), wrap=wrap,
-                               num_sms=num_sms)
+            y = one_dot.launch(x2d, w_packed, w_scale, w_global, bias, cfg, asm=ptx_available(),
+                               finish=cfg.get("finish", False), wrap=wrap, num_sms=num_sms)  # `finished`
             return y.to(x2d.dtype)
         return run
 

@@ -114,10 +114,10 @@ def supports(x_dtype: torch.dtype, k: int) -> bool:
     return x_dtype in (torch.float16, torch.bfloat16) and k % STEP == 0
 
 
-def launch(x2d, words, w_scale, w_global, bias, cfg: dict, *, asm: bool, wrap=identity,
+def launch(x2d, words, w_scale, w_global, bias, cfg: dict, *, asm: bool, finish: bool = False, wrap=identity,
            num_sms: int = 132) -> torch.Tensor:
     """`x2d @ dequant(W).T (+ bias)` [M, N] with `_fp4_one_dot_kernel`: fp32 when split-K (atomics; the bias already
-    added), else x2d.dtype; x2d.dtype either way when cfg["finish"] (the kernel writes it, `finish_split_tile`).
+    added), else x2d.dtype; x2d.dtype either way with `finish` (the kernel writes it, `finish_split_tile`).
     cfg: BLOCK_M, BLOCK_N, num_warps, num_stages, waves and resident (`split_for_waves`), optionally tma
     (`int4_gemm.one_dot.use_tma`: {"min_n": ...}; its other keys override the tile's)."""
     m, k = x2d.shape
@@ -134,7 +134,6 @@ def launch(x2d, words, w_scale, w_global, bias, cfg: dict, *, asm: bool, wrap=id
     tiles_n = cdiv(n, cfg["BLOCK_N"])
     splits, per = split_for_waves(k, tiles_n, STEP, cfg["waves"], num_sms, cfg.get("resident", 0))
     tiles_m = cdiv(m, cfg["BLOCK_M"])
-    finish = cfg.get("finish", False)
     y, out = split_k_outputs(m, n, splits, tiles_m * tiles_n, x2d.dtype, x2d.device, finish)
     wrap(_fp4_one_dot_kernel)[(tiles_n, splits, tiles_m)](
         x_src, w_src, w_scale, optional_arg(w_global, w_scale), optional_arg(bias, x2d), y, optional_arg(out, x2d),

@@ -279,7 +279,7 @@ def test_one_dot_kernel_interpreter(fmt, m):
         seen = []
         spy = launch_spy(lambda grid, kw: seen.append((grid[1], kw["EVEN"], kw["FINISH"])))
         y = one_dot.launch(x, *args(case), bias, cfg, asm=False, wrap=spy, num_sms=2)
-        y_out = one_dot.launch(x, *args(case), bias, dict(cfg, finish=True), asm=False, wrap=spy, num_sms=2)
+        y_out = one_dot.launch(x, *args(case), bias, cfg, asm=False, finish=True, wrap=spy, num_sms=2)
         assert seen[0][0] > 1 and seen[0][1] == even and seen[1][2] and not seen[0][2], seen  # split K
         assert_rel_l2(y.to(torch.float16), oracle(x, case, bias), torch.float16)
         assert y_out.dtype == torch.float16  # the bias after the splits' total, not with the first split
@@ -371,7 +371,7 @@ def test_cuda_one_dot_tma_tiles(fmt, dtype, tile):
     y = one_dot.launch(*dev, None, cfg, asm=True, wrap=launch_spy(lambda grid, kw: seen.append(kw["TMA"])))
     assert seen == [True]
     assert_rel_l2(y.to(dtype), oracle(x, case), dtype)
-    y_out = one_dot.launch(*dev, None, dict(cfg, finish=True), asm=True)  # the kernel writes y (`kernel.finished`)
+    y_out = one_dot.launch(*dev, None, cfg, asm=True, finish=True)  # the kernel writes y (`kernel.finished`)
     assert y_out.dtype == dtype
     assert_rel_l2(y_out, oracle(x, case), dtype)
 
@@ -446,7 +446,7 @@ def test_planar_launches_export_on_fake_cuda_tensors(monkeypatch, fmt, w4a4, tma
     """The CUDA body on planar words as an engine's export traces it (the one-dot buckets in torch.cond, the Triton
     launches included; with TMA tiles, their host descriptors; finished: the kernels writing y + bias themselves,
     `kernel.finished`), without a GPU."""
-    from qc_testutil import expect_tma, export_on_fake_cuda
+    from qc_testutil import expect_launch_keyword, expect_tma, export_on_fake_cuda
     from qcompile.plugins.fp4_gemm import kernel, one_dot
 
     if tma:
@@ -454,6 +454,7 @@ def test_planar_launches_export_on_fake_cuda_tensors(monkeypatch, fmt, w4a4, tma
     if finished:
         monkeypatch.setattr(kernel, "ONE_DOT", kernel.finished(kernel.ONE_DOT))
     expect_tma(monkeypatch, lambda cfg: tma, one_dot)
+    expect_launch_keyword(monkeypatch, one_dot, "launch", "finish", finished)
     case = planar_case(fmt, k=512, n=256)
     x_global = torch.tensor(0.01) if w4a4 else None
     weights = (*args(case), x_global, torch.randn(256), case["block"])

@@ -8,7 +8,8 @@ import pytest
 import torch
 from int4_testutil import cuda, make_case, needs_triton, oracle, triton_interp
 from onnx import TensorProto, helper, numpy_helper
-from qc_testutil import expect_tma, export_on_fake_cuda, exported_op_arg, fake_cuda_export, ort_session
+from qc_testutil import (expect_launch_keyword, expect_tma, export_on_fake_cuda, exported_op_arg, fake_cuda_export,
+                         ort_session)
 
 from qcompile.plugins.int4_gemm import int4_gemm_reference, onnx_schema
 from qcompile.plugins.int4_gemm.format import from_engine, onnx_bytes_to_engine, pack_int4, to_engine, unpack_int4
@@ -297,16 +298,8 @@ def test_gpu_launches_export_on_fake_cuda_tensors(monkeypatch, configs):
         monkeypatch.setattr(kernel, "CONFIGS", kernel.pointer_tiles())
     if configs == "finished":
         monkeypatch.setattr(kernel, "CONFIGS", kernel.finished(kernel.CONFIGS))
-
-    def expect_finish(real, said):  # raising is what torch.cond's tracing lets out of a branch (`expect_tma`)
-        def launch(*args, **kwargs):
-            if bool(kwargs.get(said)) != (configs == "finished"):
-                raise AssertionError(f"{real.__name__}: {said}={kwargs.get(said)} with the {configs} configurations")
-            return real(*args, **kwargs)
-        return launch
-
-    monkeypatch.setattr(kernel, "launch_gemv", expect_finish(kernel.launch_gemv, "out_dtype"))
-    monkeypatch.setattr(one_dot, "launch", expect_finish(one_dot.launch, "finish"))
+    expect_launch_keyword(monkeypatch, kernel, "launch_gemv", "out_dtype", configs == "finished")  # finished GEMV
+    expect_launch_keyword(monkeypatch, one_dot, "launch", "finish", configs == "finished")
     case = make_case(k=512, n=16384, group=128, zero=True)
     for dynamic_rows in (True, False):  # a concrete M: one bucket, no torch.cond, so no Dynamo (pointer loads)
         expect_tma(monkeypatch, lambda cfg: tma and "tma" in cfg and dynamic_rows)
