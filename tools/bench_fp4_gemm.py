@@ -27,6 +27,7 @@ import torch
 
 from gpu_timing import bench, bench_parser, rotating, sweep, write_results
 from int4_tiles import int4_tiles
+from kernel_variants import KERNEL_VARIANTS
 
 from qcompile.plugins.fp4_gemm import register as register_fp4
 from qcompile.plugins.int4_gemm import register as register_int4
@@ -58,7 +59,7 @@ def rel_pct(y: torch.Tensor, ref: torch.Tensor) -> float:
     return 100.0 * ((y.float() - ref).norm() / ref.norm()).item()
 
 
-INT4_VARIANTS = {"ptr": dict(pointers=True), "finish": dict(finish=("gemv", "one_dot"))}  # --int4-<name> -> tiles
+INT4_VARIANTS = {"ptr": "int4-pointers", "finish": "int4-finish"}  # column -> `kernel_variants.KERNEL_VARIANTS` name
 
 
 def run_shape(k: int, n: int, m: int, ops, int4_variants: tuple[str, ...] = (), tma_min_n: int | None = None,
@@ -79,7 +80,7 @@ def run_shape(k: int, n: int, m: int, ops, int4_variants: tuple[str, ...] = (), 
         r["rel%_int4"] = rel_pct(ops["int4"](x, *w, None, bias, GROUP), ref4)
         r["int4_op"] = bench(lambda: ops["int4"](x, *w4(), None, bias, GROUP))
     for variant in int4_variants:  # `INT4_VARIANTS`, timed in the same cell
-        with int4_tiles(**INT4_VARIANTS[variant]):
+        with KERNEL_VARIANTS[INT4_VARIANTS[variant]]():
             r[f"rel%_int4_{variant}"] = rel_pct(ops["int4"](x, *w, None, bias, GROUP), ref4)
             r[f"int4_{variant}_op"] = bench(lambda: ops["int4"](x, *w4(), None, bias, GROUP))
         r[f"int4_{variant}/int4"] = r[f"int4_{variant}_op"] / r["int4_op"]
