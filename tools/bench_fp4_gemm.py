@@ -10,9 +10,9 @@ For each (K x N, M) of reference/kernel-targets.md it times, with `triton.testin
 all with bias, bf16 in/out. --fp4-planar adds nvfp4_planar_op and mxfp4_planar_op: the FP4 op on the same weights
 as planar words (`format.to_planar_words`: the one-dot kernel at 1-128 rows), with int4/<fmt>_planar and
 <fmt>/<fmt>_planar (> 1: planar faster). --int4-pointers adds int4_ptr_op: the INT4 op without its TMA tiles
-(`kernel.pointer_tiles`), timed in the same cell, and int4_ptr/int4 (> 1: the TMA tiles faster); --int4-finish
-adds int4_finish_op: the INT4 op with the cast and bias in its GEMV and one-dot kernels (`kernel.finished`), and
-int4_finish/int4 (< 1: finishing in the kernel faster); --int4-tma-min-n overrides the TMA tiles' smallest N for
+(`kernel.pointer_tiles`), timed in the same cell, and int4_ptr/int4 (> 1: the TMA tiles faster); --int4-unfinished
+adds int4_unfinished_op: the INT4 op without the cast and bias in its one-dot kernels (fp32 sums, then a cast;
+`kernel.finished`), and int4_unfinished/int4 (> 1: finishing in the kernel, as shipped, faster); --int4-tma-min-n overrides the TMA tiles' smallest N for
 int4_op. Each output is checked against a float32
 reference of the same weights (`rel%_*`: relative L2 error in percent, on one weight copy). Weights are rotated
 over several copies so small-M runs read HBM, not L2. Ops are compiled (torch.compile, static shapes, one compile
@@ -59,7 +59,7 @@ def rel_pct(y: torch.Tensor, ref: torch.Tensor) -> float:
     return 100.0 * ((y.float() - ref).norm() / ref.norm()).item()
 
 
-INT4_VARIANTS = {"ptr": "int4-pointers", "finish": "int4-finish"}  # column -> `kernel_variants.KERNEL_VARIANTS` name
+INT4_VARIANTS = {"ptr": "int4-pointers", "unfinished": "int4-unfinished"}  # column -> `kernel_variants.KERNEL_VARIANTS` name
 
 
 def run_shape(k: int, n: int, m: int, ops, int4_variants: tuple[str, ...] = (), tma_min_n: int | None = None,
@@ -127,13 +127,13 @@ def main() -> None:
                     help="also time the INT4 op without its TMA tiles (needs --eager)")
     ap.add_argument("--int4-tma-min-n", type=int, help="the TMA tiles' smallest N (default: kernel.TMA_TILES'; "
                     "needs --eager)")
-    ap.add_argument("--int4-finish", action="store_true",
-                    help="also time the INT4 op with the cast and bias in its kernels (needs --eager)")
+    ap.add_argument("--int4-unfinished", action="store_true",
+                    help="also time the INT4 op without the cast and bias in its kernels (needs --eager)")
     ap.add_argument("--fp4-planar", action="store_true", help="also the FP4 op on planar words")
     args = ap.parse_args()
-    int4_variants = tuple(v for v, on in (("ptr", args.int4_pointers), ("finish", args.int4_finish)) if on)
+    int4_variants = tuple(v for v, on in (("ptr", args.int4_pointers), ("unfinished", args.int4_unfinished)) if on)
     if (int4_variants or args.int4_tma_min_n is not None) and not args.eager:
-        ap.error("--int4-pointers, --int4-finish and --int4-tma-min-n swap the INT4 op's tiles per call, which a "
+        ap.error("--int4-pointers, --int4-unfinished and --int4-tma-min-n swap the INT4 op's tiles per call, which a "
                  "torch.compile'd op would not see: add --eager")
     ops = compiled_ops({"int4": register_int4(), "fp4": register_fp4()}, args.eager)
     cols = ["bf16", "int4_op", "nvfp4_op", "mxfp4_op", "int4/nvfp4", "int4/mxfp4", "bf16/nvfp4", "bf16/mxfp4",

@@ -7,10 +7,10 @@ import contextlib
 
 
 @contextlib.contextmanager
-def int4_tiles(pointers: bool = False, tma_min_n: int | None = None, finish: tuple[str, ...] = ()):
+def int4_tiles(pointers: bool = False, tma_min_n: int | None = None, finish: tuple[str, ...] | None = None):
     """`kernel.CONFIGS` without its TMA tiles (pointers: every load through pointers, `kernel.pointer_tiles`), or
-    with them from N = tma_min_n; `finish`: the buckets of these kernels ("gemv", "one_dot") write their output
-    with the cast and bias in the kernel (`kernel.finished`), no kernel after them; as shipped when none is given."""
+    with them from N = tma_min_n; `finish`: the buckets of these kernels ("gemv", "one_dot"), and only those, write
+    their output with the cast and bias in the kernel (`kernel.finished`); as shipped when None."""
     from qcompile.plugins.int4_gemm import kernel
 
     shipped = kernel.CONFIGS
@@ -19,7 +19,7 @@ def int4_tiles(pointers: bool = False, tma_min_n: int | None = None, finish: tup
     elif tma_min_n is not None:
         kernel.CONFIGS = [(limit, dict(cfg, tma=dict(cfg["tma"], min_n=tma_min_n)) if "tma" in cfg else cfg)
                           for limit, cfg in shipped]
-    if finish:
+    if finish is not None:
         kernel.CONFIGS = kernel.finished(kernel.CONFIGS, finish)
     try:
         yield

@@ -8,11 +8,11 @@ from unittest import mock
 from int4_tiles import int4_tiles  # tools/, this module's folder
 
 
-def _fp4_finished():
-    """The FP4 op's one-dot buckets writing y + bias themselves (`fp4_gemm.kernel.finished`)."""
+def _fp4_unfinished():
+    """The FP4 op's one-dot buckets leaving fp32 sums to a cast kernel (`fp4_gemm.kernel.finished`)."""
     from qcompile.plugins.fp4_gemm import kernel  # Triton: imported where the variant is used
 
-    return mock.patch.object(kernel, "ONE_DOT", kernel.finished())
+    return mock.patch.object(kernel, "ONE_DOT", kernel.finished(finish=False))
 
 
 def _fp8_block_cublas_small_m():
@@ -24,12 +24,13 @@ def _fp8_block_cublas_small_m():
 
 KERNEL_VARIANTS = {
     "int4-pointers": lambda: int4_tiles(pointers=True),  # the INT4 op without its TMA tiles
-    # the INT4 GEMV (M = 1) writes its output in x's dtype with the bias (the last split of each tile, counted by
-    # an atomic): no cast kernel after it; in the decode profile the casts took ~1.2 µs each, 8 per step (H100,
-    # BENCHMARKS.md thirty-fifth session)
-    "int4-gemv-finish": lambda: int4_tiles(finish=("gemv",)),
-    "int4-finish": lambda: int4_tiles(finish=("gemv", "one_dot")),  # and the 2-128-row one-dot buckets
-    "fp4-finish": _fp4_finished,  # the same in FP4's one-dot buckets (planar words)
+    # the INT4 GEMV (M = 1) too writes its output in x's dtype with the bias (the last split of each tile, counted
+    # by an atomic), as the shipped one-dot buckets do: no cast kernel after it. In the engine it lost: each GEMV
+    # took 1.0-2.6 µs more, more than the 1.2 µs cast it saves (H100, BENCHMARKS.md thirty-seventh session)
+    "int4-gemv-finish": lambda: int4_tiles(finish=("gemv", "one_dot")),
+    # the INT4 and FP4 one-dot buckets as before the thirty-seventh session: fp32 sums, then a cast kernel
+    "int4-unfinished": lambda: int4_tiles(finish=()),
+    "fp4-unfinished": _fp4_unfinished,
     # the FP8 block op's sm90 cuBLASLt path at every M, its Triton row kernel (x quantized in aten ops, which fuse into
     # x's producer) not taken at 1-16 rows: faster at the op level on all four kernel-target layers in three runs
     # (BENCHMARKS.md, thirty-fourth session, part 3: "cuBLASLt, no bias" against the op); in the engine it lost: 0.238

@@ -378,18 +378,17 @@ def test_cuda_one_dot_tma_tiles(fmt, dtype, tile):
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("fmt, k, finished", [("nvfp4", 1024, False), ("mxfp4", 1024, False), ("nvfp4", 8192, False),
-                                              ("nvfp4", 1024, True)],
-                         ids=["nvfp4", "mxfp4", "nvfp4-k8192", "nvfp4-finished"])
-def test_cuda_aoti_package_planar_dynamic_rows(tmp_path, monkeypatch, fmt, k, finished):
+@pytest.mark.parametrize("fmt, k, finish", [("nvfp4", 1024, True), ("mxfp4", 1024, True), ("nvfp4", 8192, True),
+                                            ("nvfp4", 1024, False)],
+                         ids=["nvfp4", "mxfp4", "nvfp4-k8192", "nvfp4-unfinished"])
+def test_cuda_aoti_package_planar_dynamic_rows(tmp_path, monkeypatch, fmt, k, finish):
     """bf16 x with a dynamic row count through AOTInductor on planar words: the planar GEMV, the one-dot tiles and
     the planar dequantize path in one package, each against float64. At K = 8192 the 17-64-row bucket loads
-    through its TMA tile (`kernel.MID_TMA`). finished: the one-dot tiles write y + bias themselves
-    (`kernel.finished`)."""
+    through its TMA tile (`kernel.MID_TMA`). The one-dot tiles write y + bias themselves as shipped; unfinished:
+    fp32 partial sums and a cast kernel (`kernel.finished`)."""
     from qcompile.plugins.fp4_gemm import kernel
 
-    if finished:
-        monkeypatch.setattr(kernel, "ONE_DOT", kernel.finished())
+    monkeypatch.setattr(kernel, "ONE_DOT", kernel.finished(finish=finish))
     case = planar_case(fmt, k=k, n=256, seed=8)
     weights = [t.cuda() if t is not None else None for t in args(case)]
     bias = torch.randn(256, device="cuda", dtype=torch.bfloat16)
@@ -438,23 +437,23 @@ def test_planar_dispatch_traces_with_dynamic_rows(monkeypatch):
 
 
 @fake_cuda_export
-@pytest.mark.parametrize("fmt, w4a4, tma, finished", [
-    ("nvfp4", False, False, False), ("mxfp4", False, False, False), ("nvfp4", True, False, False),
-    ("nvfp4", False, True, False), ("nvfp4", False, True, True)],
-    ids=["nvfp4", "mxfp4", "w4a4", "nvfp4-tma", "nvfp4-tma-finished"])
-def test_planar_launches_export_on_fake_cuda_tensors(monkeypatch, fmt, w4a4, tma, finished):
+@pytest.mark.parametrize("fmt, w4a4, tma, finish", [
+    ("nvfp4", False, False, True), ("mxfp4", False, False, True), ("nvfp4", True, False, True),
+    ("nvfp4", False, True, True), ("nvfp4", False, True, False)],
+    ids=["nvfp4", "mxfp4", "w4a4", "nvfp4-tma", "nvfp4-tma-unfinished"])
+def test_planar_launches_export_on_fake_cuda_tensors(monkeypatch, fmt, w4a4, tma, finish):
     """The CUDA body on planar words as an engine's export traces it (the one-dot buckets in torch.cond, the Triton
-    launches included; with TMA tiles, their host descriptors; finished: the kernels writing y + bias themselves,
-    `kernel.finished`), without a GPU."""
+    launches included; with TMA tiles, their host descriptors; the kernels writing y + bias themselves as shipped,
+    and not when unfinished, `kernel.finished`), without a GPU."""
     from qc_testutil import expect_launch_keyword, expect_tma, export_on_fake_cuda
     from qcompile.plugins.fp4_gemm import kernel, one_dot
 
     if tma:
         monkeypatch.setattr(kernel, "ONE_DOT", [(limit, dict(cfg, tma=dict(min_n=0))) for limit, cfg in kernel.ONE_DOT])
-    if finished:
-        monkeypatch.setattr(kernel, "ONE_DOT", kernel.finished(kernel.ONE_DOT))
+    if not finish:
+        monkeypatch.setattr(kernel, "ONE_DOT", kernel.finished(kernel.ONE_DOT, finish=False))
     expect_tma(monkeypatch, lambda cfg: tma, one_dot)
-    expect_launch_keyword(monkeypatch, one_dot, "launch", "finish", finished)
+    expect_launch_keyword(monkeypatch, one_dot, "launch", "finish", finish)
     case = planar_case(fmt, k=512, n=256)
     x_global = torch.tensor(0.01) if w4a4 else None
     weights = (*args(case), x_global, torch.randn(256), case["block"])

@@ -283,23 +283,25 @@ def test_gpu_body_dispatch_traces_with_dynamic_rows(monkeypatch):
 
 
 @fake_cuda_export
-@pytest.mark.parametrize("configs", ["shipped", "pointer-tiles", "finished"])
+@pytest.mark.parametrize("configs", ["shipped", "pointer-tiles", "all-finished", "unfinished"])
 def test_gpu_launches_export_on_fake_cuda_tensors(monkeypatch, configs):
     """The CUDA body as an engine's export traces it, without a GPU (`export_on_fake_cuda`): every bucket's launch
     code must trace inside torch.cond (reading x's storage_offset there broke the H200 export of the TMA tiles),
     and with a concrete M outside it (where the host descriptors cannot be captured). A wide layer, so the
     shipped TMA tiles take the 16- and 64-row buckets in their torch.cond branches, and a concrete M keeps the
-    pointer loads (`kernel.pointer_tiles`: none anywhere). "finished" (`kernel.finished`, an engine variant): the
-    GEMV and one-dot buckets trace with the cast and bias in their kernels."""
+    pointer loads (`kernel.pointer_tiles`: none anywhere). As shipped the one-dot buckets trace with the cast and
+    bias in their kernels and the GEMV without; "all-finished" and "unfinished" (`kernel.finished`, engine
+    variants) both or neither."""
     from qcompile.plugins.int4_gemm import kernel, one_dot
 
     tma = configs != "pointer-tiles"
     if not tma:
         monkeypatch.setattr(kernel, "CONFIGS", kernel.pointer_tiles())
-    if configs == "finished":
-        monkeypatch.setattr(kernel, "CONFIGS", kernel.finished(kernel.CONFIGS))
-    expect_launch_keyword(monkeypatch, kernel, "launch_gemv", "out_dtype", configs == "finished")  # finished GEMV
-    expect_launch_keyword(monkeypatch, one_dot, "launch", "finish", configs == "finished")
+    kinds = {"all-finished": ("gemv", "one_dot"), "unfinished": ()}.get(configs)
+    if kinds is not None:
+        monkeypatch.setattr(kernel, "CONFIGS", kernel.finished(kernel.CONFIGS, kinds))
+    expect_launch_keyword(monkeypatch, kernel, "launch_gemv", "out_dtype", configs == "all-finished")
+    expect_launch_keyword(monkeypatch, one_dot, "launch", "finish", configs != "unfinished")
     case = make_case(k=512, n=16384, group=128, zero=True)
     for dynamic_rows in (True, False):  # a concrete M: one bucket, no torch.cond, so no Dynamo (pointer loads)
         expect_tma(monkeypatch, lambda cfg: tma and "tma" in cfg and dynamic_rows)
@@ -550,10 +552,11 @@ def test_triton_path_interpreter(m, group, monkeypatch):
 @triton_interp
 @pytest.mark.parametrize("rows, dtype", [(1, torch.float16), (1, torch.float32), (16, torch.float16)])
 def test_triton_path_finished_in_the_kernel_interpreter(rows, dtype, monkeypatch):
-    """The op's 1- and 16-row buckets with "finish" (`kernel.finished`, the engine variants of
-    `tools/bench_engines.py`): the GEMV / one-dot launch gets the bias and x's dtype, and the result is the shipped
-    buckets', bit for bit (fp16 and fp32: the interpreter rounds those as the GPU does), and float64's within
-    rounding; W4A8 (FP8 x, its row scale after the GEMM) too."""
+    """The op's 1- and 16-row buckets with "finish" (`kernel.finished`; the one-dot buckets ship with it, the GEMV
+    is an engine variant of `tools/bench_engines.py`): the GEMV / one-dot launch gets the bias and x's dtype, and
+    the result is the unfinished buckets' (fp32 sums, then the cast and bias), bit for bit (fp16 and fp32: the
+    interpreter rounds those as the GPU does), and float64's within rounding; W4A8 (FP8 x, its row scale after
+    the GEMM) too."""
     from qcompile.plugins.int4_gemm import kernel, one_dot
 
     calls = []
@@ -566,14 +569,16 @@ def test_triton_path_finished_in_the_kernel_interpreter(rows, dtype, monkeypatch
     split = dict(num_sms=4)  # 4 tiles of either kernel on 4 SMs: K split in 16 (GEMV) and in 4 (one-dot)
     y = kernel.int4_gemm_triton(*op_args(case, x), configs=kernel.finished(kernel.CONFIGS), **split)
     assert calls == [True]  # one launch, given the bias
-    torch.testing.assert_close(y, kernel.int4_gemm_triton(*op_args(case, x), **split), rtol=0, atol=0)
+    unfinished = kernel.finished(kernel.CONFIGS, ())
+    torch.testing.assert_close(y, kernel.int4_gemm_triton(*op_args(case, x), configs=unfinished, **split),
+                               rtol=0, atol=0)
     assert_close_to(y, oracle(x, case), 3e-3)
     xq, row_scale = x.reshape(rows, 1024).to(torch.float8_e4m3fn), torch.full((rows,), 0.5)
     w4a8 = op_args(case, xq)[1:]
     y8 = kernel.int4_gemm_triton(xq, *w4a8, x_row_scale=row_scale, out_dtype=dtype,
                                  configs=kernel.finished(kernel.CONFIGS), **split)
     torch.testing.assert_close(y8, kernel.int4_gemm_triton(xq, *w4a8, x_row_scale=row_scale, out_dtype=dtype,
-                                                           **split), rtol=0, atol=0)
+                                                           configs=unfinished, **split), rtol=0, atol=0)
     assert_close_to(y8, oracle(xq.float() * 0.5, case), 3e-3)
 
 
@@ -804,18 +809,20 @@ def test_cuda_aoti_package_with_batch_and_sequence_dims_on_a_tma_layer(tmp_path)
 @pytest.mark.gpu
 @pytest.mark.slow
 @cuda
-@pytest.mark.parametrize("dtype, n, finished", [(torch.float32, 256, False), (torch.float16, 256, False),
-                                                (torch.bfloat16, 16384, False), (torch.bfloat16, 16384, True)],
-                         ids=["fp32", "fp16", "bf16-wide", "bf16-wide-finished"])
-def test_cuda_aoti_package_dynamic_rows(tmp_path, monkeypatch, dtype, n, finished):
+@pytest.mark.parametrize("dtype, n, finish", [(torch.float32, 256, None), (torch.float16, 256, None),
+                                              (torch.bfloat16, 16384, None), (torch.bfloat16, 16384, ("gemv", "one_dot")),
+                                              (torch.bfloat16, 16384, ())],
+                         ids=["fp32", "fp16", "bf16-wide", "bf16-wide-finished", "bf16-wide-unfinished"])
+def test_cuda_aoti_package_dynamic_rows(tmp_path, monkeypatch, dtype, n, finish):
     """fp16 x: the GEMV's packed-half2 PTX compiled into the package; N = 16384: the TMA tiles (`kernel.TMA_TILES`
     on the 16- and 64-row buckets), whose host-made descriptors AOTInductor's wrapper makes per call (captured by
     Dynamo in the M buckets' torch.cond; test_gpu_launches_export_on_fake_cuda_tensors checks they are taken).
-    finished: the GEMV and one-dot buckets with the cast and bias in their kernels (`kernel.finished`)."""
+    The one-dot buckets write the cast and bias in their kernels as shipped; `finish` (`kernel.finished`): these
+    kernels do and the others not."""
     from qcompile.plugins.int4_gemm import kernel
 
-    if finished:
-        monkeypatch.setattr(kernel, "CONFIGS", kernel.finished(kernel.CONFIGS))
+    if finish is not None:
+        monkeypatch.setattr(kernel, "CONFIGS", kernel.finished(kernel.CONFIGS, finish))
     mod = Int4Linear(device="cuda", k=512, n=n, group=128).cuda()
     ep = _export(mod, torch.randn(4, 512, device="cuda", dtype=dtype))
     path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "i4.pt2"))

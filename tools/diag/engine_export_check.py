@@ -9,7 +9,7 @@ engine of llama3-8b-layers failed here the way it failed on the H200 (thirty-fou
 `static_branch_ints`. Prints one line per recipe; exits 1 if any failed.
 
     python3 tools/diag/engine_export_check.py llama3-8b-layers --recipes w8a16 w4a16_awq nvfp4
-    python3 tools/diag/engine_export_check.py llama3-8b-layers --recipes w4a16_rtn:int4-finish   # a variant
+    python3 tools/diag/engine_export_check.py llama3-8b-layers --recipes w4a16_rtn:int4-gemv-finish   # a variant
 """
 from __future__ import annotations
 

@@ -113,7 +113,7 @@ def engine_program(source: str, recipe: str):
     """(the lowered CUDA-engine program of `source` with `recipe`, the source) from a CPU graph build;
     `recipe:no-attention-fusion` keeps attention written out (`qcompile build --no-attention-fusion`),
     `recipe:fp8-large-m` lowers the 4-bit GEMMs with their FP8 path above 128 rows (`--fp8-large-m`);
-    `recipe:<plugin variant>` (`kernel_variants.KERNEL_VARIANTS`, e.g. int4-finish) is listed with that launch
+    `recipe:<plugin variant>` (`kernel_variants.KERNEL_VARIANTS`, e.g. int4-gemv-finish) is listed with that launch
     configuration (`kernel_configs`)."""
     import qcompile
     from qcompile.frontend import load_source

@@ -126,7 +126,7 @@ def _cases():
                                                                        (False,)), [(f4.ONE_DOT[0], False, True, True)]):
         # the op's one-dot tiles on planar words (16, 64 and 128 rows), NVFP4 or MXFP4 (_mx), pointer or TMA loads
         # (_tma: x in [BLOCK_M, 64] boxes, the words in [BLOCK_N, 8]); 32 steps; _finish: y + bias written by the
-        # kernel (engine variant fp4-finish)
+        # kernel (as shipped)
         bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
         descriptors = dict(x_ptr=f"tensordesc<bf16[{bm}, 64]>", w_ptr=f"tensordesc<i32[{bn}, 8]>") if tma else {}
         yield (f"fp4_one_dot_{bm}" + ("_mx" if mx else "") + ("_tma" if tma else "") + ("_finish" if finish else ""),
