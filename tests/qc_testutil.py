@@ -163,18 +163,25 @@ def export_and_retrace_on_fake_cuda(monkeypatch, make_module, x: torch.Tensor, d
         return ep.run_decompositions()
 
 
-def expect_launch_keyword(monkeypatch, module, name: str, keyword: str, expected: bool) -> None:
+def expect_launch_keyword(monkeypatch, module, name: str, keyword: str, expected) -> None:
     """Makes the launcher `module.<name>` fail unless its keyword argument `keyword` is given (truthy) exactly when
-    `expected`: raising is what torch.cond's tracing lets out of a branch (as `expect_tma`), so an export on fake
-    tensors shows how each bucket launched (e.g. whether it finishes in the kernel)."""
+    `expected` (a bool, or a function of the launch's arguments): raising is what torch.cond's tracing lets out of
+    a branch (as `expect_tma`), so an export on fake tensors shows how each bucket launched (e.g. whether it
+    finishes in the kernel)."""
     real = getattr(module, name)
 
     def launch(*args, **kwargs):
-        if bool(kwargs.get(keyword)) != expected:
-            wanted = "set" if expected else "unset"
+        if bool(kwargs.get(keyword)) != (expected(*args, **kwargs) if callable(expected) else expected):
+            wanted = "unset" if kwargs.get(keyword) else "set"
             raise AssertionError(f"{name}: {keyword}={kwargs.get(keyword)!r}, expected it {wanted}")
         return real(*args, **kwargs)
     monkeypatch.setattr(module, name, launch)
+
+
+def up_to_64_rows(*launch_args, **_) -> bool:
+    """Whether an INT4 or FP4 one-dot launch (x, weights, scales, zero points or global scale, group size or bias,
+    cfg, ...) is of a bucket of at most 64 rows: those that ship finishing in the kernel (`expect_launch_keyword`)."""
+    return launch_args[5]["BLOCK_M"] <= 64
 
 
 def expect_tma(monkeypatch, expected, one_dot=None) -> None:

@@ -15,9 +15,10 @@ words (`VARIANTS`), so an A/B of kernel tiles or layouts runs in one call beside
     python tools/bench_engines.py llama3-8b-layers --recipes fp16 w4a16_nvfp4 w4a16_nvfp4:fp4-bytes ...
 The variant fp8-large-m builds with `fp8_large_m=True` (`qcompile build --fp8-large-m`): prefill-sized GEMMs in FP8.
 fp8-block-cublas-small-m builds the FP8 block op with its sm90 cuBLASLt path at every M (no Triton row kernel at
-1-16 rows). The INT4 and FP4 one-dot buckets write y + bias in x's dtype themselves
-(`int4_gemm.kernel.finished`, `fp4_gemm.kernel.finished`): no cast kernel after a split-K GEMM; int4-unfinished and
-fp4-unfinished build them without (fp32 sums, then a cast), int4-gemv-finish the INT4 GEMV with it too. Those plugin variants are `tools/kernel_variants.py`'s.
+1-16 rows). The INT4 and FP4 one-dot buckets of up to 64 rows write y + bias in x's dtype themselves
+(`int4_gemm.kernel.finished`, `fp4_gemm.kernel.finished`): no cast kernel after a split-K GEMM. int4-unfinished and
+fp4-unfinished build them without (fp32 sums, then a cast), int4-gemv-finish the INT4 GEMV with it too. Those
+plugin variants are `tools/kernel_variants.py`'s.
 inductor-combo, inductor-persistent (and both), inductor-no-split and inductor-coordesc compile with an Inductor
 option or heuristic changed (`combo_kernels=True`; row reductions up to 4096 persistent,
 `tools/inductor_variants.py`; `split_reductions=False`; `coordinate_descent_tuning=True`): A/Bs of the non-GEMM

@@ -12,8 +12,8 @@ as planar words (`format.to_planar_words`: the one-dot kernel at 1-128 rows), wi
 <fmt>/<fmt>_planar (> 1: planar faster). --int4-pointers adds int4_ptr_op: the INT4 op without its TMA tiles
 (`kernel.pointer_tiles`), timed in the same cell, and int4_ptr/int4 (> 1: the TMA tiles faster); --int4-unfinished
 adds int4_unfinished_op: the INT4 op without the cast and bias in its one-dot kernels (fp32 sums, then a cast;
-`kernel.finished`), and int4_unfinished/int4 (> 1: finishing in the kernel, as shipped, faster); --int4-tma-min-n overrides the TMA tiles' smallest N for
-int4_op. Each output is checked against a float32
+`kernel.finished`), and int4_unfinished/int4 (> 1: finishing in the kernel, as shipped, faster);
+--int4-tma-min-n overrides the TMA tiles' smallest N for int4_op. Each output is checked against a float32
 reference of the same weights (`rel%_*`: relative L2 error in percent, on one weight copy). Weights are rotated
 over several copies so small-M runs read HBM, not L2. Ops are compiled (torch.compile, static shapes, one compile
 per M) or eager with --eager; --cuda-graph times GPU work only. Prints the table with the ratios int4/fp4
@@ -59,7 +59,8 @@ def rel_pct(y: torch.Tensor, ref: torch.Tensor) -> float:
     return 100.0 * ((y.float() - ref).norm() / ref.norm()).item()
 
 
-INT4_VARIANTS = {"ptr": "int4-pointers", "unfinished": "int4-unfinished"}  # column -> `kernel_variants.KERNEL_VARIANTS` name
+# column -> `kernel_variants.KERNEL_VARIANTS` name
+INT4_VARIANTS = {"ptr": "int4-pointers", "unfinished": "int4-unfinished"}
 
 
 def run_shape(k: int, n: int, m: int, ops, int4_variants: tuple[str, ...] = (), tma_min_n: int | None = None,

@@ -49,8 +49,8 @@ Planar words (`format.to_planar_words`, int32 [N, K/8]; what CUDA engines store 
 from LARGE_M_MIN rows the dequantize kernel with `PLANAR`, then cuBLAS. On the H200 the planar paths were faster
 than the byte ones at every M from 1 to 128 on the kernel-target layers but one (4096 x 4096 at M = 1, 9.3 against
 8.7 µs) and equal at 1024 rows (BENCHMARKS.md, twenty-sixth session); the byte paths stay for CPU engines, K not a
-multiple of 128, and fp32 x. The one-dot buckets set "finish" (`finished`): they write `y + bias` in x.dtype from
-the kernel when K is split, instead of fp32 partial sums that a cast kernel converts afterwards
+multiple of 128, and fp32 x. The one-dot buckets up to 64 rows set "finish" (`finished`): they write `y + bias` in
+x.dtype from the kernel when K is split, instead of fp32 partial sums that a cast kernel converts afterwards
 (`triton_tiles.finish_split_tile`).
 
 `launch_*` and `fp4_gemm_triton` take `wrap` (identity for raw Triton: tests run them under
@@ -86,12 +86,13 @@ WIDE = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, sms_per_tile=2)
 # At 17-64 rows on K >= 8192 the 128-wide TMA tile (`MID_TMA`) was 13-14% faster; an AOTInductor package with
 # it matched float64 on the H200 (tools/diag/fp4_tma_aoti_check.py, twenty-seventh session). 16 rows: the probe's
 # 128-wide tile (fewest instructions per weight; 1.11-1.57x the byte tile kernel on the H200). "finish"
-# (`finished`): the llama3-8b-layers w4a16_nvfp4 engine decoded 16 rows in 0.2861 against 0.2895 ms with it (H100,
+# (`finished`) up to 64 rows, as INT4's: the llama3-8b-layers w4a16_nvfp4 engine ran 16 rows in 0.2861 / 0.2739
+# against 0.2895 / 0.2751 ms with it, 64 rows in 0.3880 against 0.3883, 128 rows in 0.4427 against 0.4367 (H100,
 # CUDA graph, BENCHMARKS.md thirty-seventh session)
 MID_TMA = dict(min_n=0, min_k=8192, BLOCK_N=128)
 ONE_DOT = [(16, dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3, waves=4, finish=True)),
            (MID_M_MAX, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, waves=2, tma=MID_TMA, finish=True)),
-           (LARGE_M_MIN - 1, dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3, waves=1, finish=True))]
+           (LARGE_M_MIN - 1, dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3, waves=1, finish=False))]
 
 
 def finished(configs: list = ONE_DOT, finish: bool = True) -> list:

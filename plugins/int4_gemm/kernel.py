@@ -51,7 +51,8 @@ compiled and the choice is made at run time (no guard on M).
 Split K leaves the op three kernels per call: a zero fill, the kernel (fp32 atomics) and the bias/cast epilogue.
 A GEMV or one-dot bucket whose configuration sets "finish" (`finished`) writes `y + bias` in the output dtype from
 the kernel instead: the last split of each tile, counted by an atomic, stores it (`triton_tiles.finish_split_tile`),
-so no epilogue kernel follows. The one-dot buckets ship with it; the GEMV does not (see `CONFIGS`).
+so no epilogue kernel follows. The 16- and 64-row one-dot buckets ship with it; the GEMV and the 128-row bucket
+do not (see `CONFIGS`).
 
 `launch_*` and `int4_gemm_triton` take `wrap` (identity for raw Triton: tests run them under
 TRITON_INTERPRET=1 on CPU tensors; `torch.library.wrap_triton` from the op, so AOTInductor compiles the
@@ -97,9 +98,11 @@ MAGIC16 = {torch.bfloat16: (0x4308, 136.0), torch.float16: (0x6408, 1032.0)}  # 
 # tiles, one M tile that reads the weight once: at M = 128, 13-35% faster than two 64-row tiles on the four layers
 # and the best 128-row tile on each (benchmarks/int4_tune_one_dot-m32-128-s19.json, -w16-s19.json); at 80, 100 and
 # 128 rows the shipped tile is the sweep's best or within 7% of it (int4_tune_one_dot-m80-128-s20.json).
-# "finish" (`finished`) on the one-dot buckets: the llama3-8b-layers w4a16_awq engine decoded 16 rows in 0.2223
-# against 0.2291 ms (H100, CUDA graph, BENCHMARKS.md thirty-seventh session). Not on the GEMV: there the finished
-# kernels took 1.0-2.6 µs more each than the unfinished ones plus their 1.2 µs casts (0.1884 against 0.1883 ms).
+# "finish" (`finished`) on the 16- and 64-row buckets: the llama3-8b-layers w4a16_awq engine ran 16 rows in 0.2223 /
+# 0.2139 / 0.2133 against 0.2291 / 0.2167 / 0.2174 ms, 64 rows in 0.3108 / 0.3160 against 0.3152 / 0.3181 (H100,
+# CUDA graph, three runs, BENCHMARKS.md thirty-seventh session). Not on the 128-row bucket: 128 rows took 0.4129 /
+# 0.4132 against 0.4047 / 0.4012 ms with it. Not on the GEMV: finished, each GEMV took 1.0-2.6 µs more, more than
+# the 1.2 µs cast kernel it saves (0.1884 against 0.1883 ms per step).
 #
 # TMA tiles of the 16- and 64-row buckets (a one-dot config's "tma", `one_dot.use_tma`): on layers at least min_n
 # wide the weight and x load through TMA descriptors, with these keys over the bucket's.
@@ -119,12 +122,13 @@ CONFIGS = [
     (1, dict(kernel="gemv", BLOCK_N=512, MIN_TILES=8, BLOCK_K=32, num_warps=2, num_stages=3,
              waves=32)),
     (16, dict(kernel="one_dot", BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3, waves=7.5, SCALE_W=False,
-              finish=True, tma=TMA_TILES[16], fallback=dict(kernel="mm_t", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4,
-                                               num_stages=3, waves=8, SCALE_ACC=False))),
+              finish=True, tma=TMA_TILES[16],
+              fallback=dict(kernel="mm_t", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, waves=8,
+                            SCALE_ACC=False))),
     (64, dict(kernel="one_dot", BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, waves=2, resident=3,
               SCALE_W="unsplit", finish=True, tma=TMA_TILES[64], fallback=_MM_T_64_ROWS)),
     (128, dict(kernel="one_dot", BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, waves=2, SCALE_W=False,
-               finish=True, fallback=_MM_T_64_ROWS)),
+               fallback=_MM_T_64_ROWS)),
     (None, dict(kernel="dequant")),
 ]
 

@@ -443,9 +443,9 @@ def test_planar_dispatch_traces_with_dynamic_rows(monkeypatch):
     ids=["nvfp4", "mxfp4", "w4a4", "nvfp4-tma", "nvfp4-tma-unfinished"])
 def test_planar_launches_export_on_fake_cuda_tensors(monkeypatch, fmt, w4a4, tma, finish):
     """The CUDA body on planar words as an engine's export traces it (the one-dot buckets in torch.cond, the Triton
-    launches included; with TMA tiles, their host descriptors; the kernels writing y + bias themselves as shipped,
-    and not when unfinished, `kernel.finished`), without a GPU."""
-    from qc_testutil import expect_launch_keyword, expect_tma, export_on_fake_cuda
+    launches included; with TMA tiles, their host descriptors; the kernels of up to 64 rows writing y + bias
+    themselves as shipped, and none when unfinished, `kernel.finished`), without a GPU."""
+    from qc_testutil import expect_launch_keyword, expect_tma, export_on_fake_cuda, up_to_64_rows
     from qcompile.plugins.fp4_gemm import kernel, one_dot
 
     if tma:
@@ -453,7 +453,7 @@ def test_planar_launches_export_on_fake_cuda_tensors(monkeypatch, fmt, w4a4, tma
     if not finish:
         monkeypatch.setattr(kernel, "ONE_DOT", kernel.finished(kernel.ONE_DOT, finish=False))
     expect_tma(monkeypatch, lambda cfg: tma, one_dot)
-    expect_launch_keyword(monkeypatch, one_dot, "launch", "finish", finish)
+    expect_launch_keyword(monkeypatch, one_dot, "launch", "finish", up_to_64_rows if finish else False)
     case = planar_case(fmt, k=512, n=256)
     x_global = torch.tensor(0.01) if w4a4 else None
     weights = (*args(case), x_global, torch.randn(256), case["block"])

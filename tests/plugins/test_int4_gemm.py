@@ -9,7 +9,7 @@ import torch
 from int4_testutil import cuda, make_case, needs_triton, oracle, triton_interp
 from onnx import TensorProto, helper, numpy_helper
 from qc_testutil import (expect_launch_keyword, expect_tma, export_on_fake_cuda, exported_op_arg, fake_cuda_export,
-                         ort_session)
+                         ort_session, up_to_64_rows)
 
 from qcompile.plugins.int4_gemm import int4_gemm_reference, onnx_schema
 from qcompile.plugins.int4_gemm.format import from_engine, onnx_bytes_to_engine, pack_int4, to_engine, unpack_int4
@@ -289,9 +289,9 @@ def test_gpu_launches_export_on_fake_cuda_tensors(monkeypatch, configs):
     code must trace inside torch.cond (reading x's storage_offset there broke the H200 export of the TMA tiles),
     and with a concrete M outside it (where the host descriptors cannot be captured). A wide layer, so the
     shipped TMA tiles take the 16- and 64-row buckets in their torch.cond branches, and a concrete M keeps the
-    pointer loads (`kernel.pointer_tiles`: none anywhere). As shipped the one-dot buckets trace with the cast and
-    bias in their kernels and the GEMV without; "all-finished" and "unfinished" (`kernel.finished`, engine
-    variants) both or neither."""
+    pointer loads (`kernel.pointer_tiles`: none anywhere). As shipped the 16- and 64-row one-dot buckets trace with
+    the cast and bias in their kernels, the 128-row one and the GEMV without; "all-finished" and "unfinished"
+    (`kernel.finished`, engine variants) all or none."""
     from qcompile.plugins.int4_gemm import kernel, one_dot
 
     tma = configs != "pointer-tiles"
@@ -301,7 +301,8 @@ def test_gpu_launches_export_on_fake_cuda_tensors(monkeypatch, configs):
     if kinds is not None:
         monkeypatch.setattr(kernel, "CONFIGS", kernel.finished(kernel.CONFIGS, kinds))
     expect_launch_keyword(monkeypatch, kernel, "launch_gemv", "out_dtype", configs == "all-finished")
-    expect_launch_keyword(monkeypatch, one_dot, "launch", "finish", configs != "unfinished")
+    expect_launch_keyword(monkeypatch, one_dot, "launch", "finish",
+                          {"all-finished": True, "unfinished": False}.get(configs, up_to_64_rows))
     case = make_case(k=512, n=16384, group=128, zero=True)
     for dynamic_rows in (True, False):  # a concrete M: one bucket, no torch.cond, so no Dynamo (pointer loads)
         expect_tma(monkeypatch, lambda cfg: tma and "tma" in cfg and dynamic_rows)
@@ -810,8 +811,8 @@ def test_cuda_aoti_package_with_batch_and_sequence_dims_on_a_tma_layer(tmp_path)
 @pytest.mark.slow
 @cuda
 @pytest.mark.parametrize("dtype, n, finish", [(torch.float32, 256, None), (torch.float16, 256, None),
-                                              (torch.bfloat16, 16384, None), (torch.bfloat16, 16384, ("gemv", "one_dot")),
-                                              (torch.bfloat16, 16384, ())],
+                                              (torch.bfloat16, 16384, None),
+                                              (torch.bfloat16, 16384, ("gemv", "one_dot")), (torch.bfloat16, 16384, ())],
                          ids=["fp32", "fp16", "bf16-wide", "bf16-wide-finished", "bf16-wide-unfinished"])
 def test_cuda_aoti_package_dynamic_rows(tmp_path, monkeypatch, dtype, n, finish):
     """fp16 x: the GEMV's packed-half2 PTX compiled into the package; N = 16384: the TMA tiles (`kernel.TMA_TILES`
