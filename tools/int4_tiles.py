@@ -7,10 +7,11 @@ import contextlib
 
 
 @contextlib.contextmanager
-def int4_tiles(pointers: bool = False, tma_min_n: int | None = None, finish: tuple[str, ...] | None = None):
+def int4_tiles(pointers: bool = False, tma_min_n: int | None = None, finish: tuple[str, ...] = (),
+               unfinished: bool = False):
     """`kernel.CONFIGS` without its TMA tiles (pointers: every load through pointers, `kernel.pointer_tiles`), or
-    with them from N = tma_min_n; `finish`: the buckets of these kernels ("gemv", "one_dot"), and only those, write
-    their output with the cast and bias in the kernel (`kernel.finished`); as shipped when None."""
+    with them from N = tma_min_n; `finish`: the buckets of these kernels ("gemv", "one_dot") also write their output
+    with the cast and bias in the kernel, `unfinished`: none does (`kernel.finished`)."""
     from qcompile.plugins.int4_gemm import kernel
 
     shipped = kernel.CONFIGS
@@ -19,7 +20,9 @@ def int4_tiles(pointers: bool = False, tma_min_n: int | None = None, finish: tup
     elif tma_min_n is not None:
         kernel.CONFIGS = [(limit, dict(cfg, tma=dict(cfg["tma"], min_n=tma_min_n)) if "tma" in cfg else cfg)
                           for limit, cfg in shipped]
-    if finish is not None:
+    if unfinished:
+        kernel.CONFIGS = kernel.finished(kernel.CONFIGS, finish=False)
+    if finish:
         kernel.CONFIGS = kernel.finished(kernel.CONFIGS, finish)
     try:
         yield

@@ -25,12 +25,11 @@ def _fp8_block_cublas_small_m():
 KERNEL_VARIANTS = {
     "int4-pointers": lambda: int4_tiles(pointers=True),  # the INT4 op without its TMA tiles
     # the INT4 GEMV (M = 1) too writes its output in x's dtype with the bias (the last split of each tile, counted
-    # by an atomic), as the shipped 16- and 64-row buckets do (and here the 128-row one): no cast kernel after it.
-    # In the engine it lost: each GEMV took 1.0-2.6 µs more, more than the 1.2 µs cast it saves (H100,
-    # BENCHMARKS.md thirty-seventh session)
-    "int4-gemv-finish": lambda: int4_tiles(finish=("gemv", "one_dot")),
+    # by an atomic), as the shipped 16- and 64-row buckets do: no cast kernel after it. In the engine it lost: each
+    # GEMV took 1.0-2.6 µs more, more than the 1.2 µs cast it saves (H100, BENCHMARKS.md thirty-seventh session)
+    "int4-gemv-finish": lambda: int4_tiles(finish=("gemv",)),
     # the INT4 and FP4 one-dot buckets as before the thirty-seventh session: fp32 sums, then a cast kernel
-    "int4-unfinished": lambda: int4_tiles(finish=()),
+    "int4-unfinished": lambda: int4_tiles(unfinished=True),
     "fp4-unfinished": _fp4_unfinished,
     # the FP8 block op's sm90 cuBLASLt path at every M, its Triton row kernel (x quantized in aten ops, which fuse into
     # x's producer) not taken at 1-16 rows: faster at the op level on all four kernel-target layers in three runs

@@ -138,11 +138,12 @@ def pointer_tiles(configs: list = CONFIGS) -> list:
     return [(limit, {key: v for key, v in cfg.items() if key != "tma"}) for limit, cfg in configs]
 
 
-def finished(configs: list, kinds: tuple[str, ...] = ("gemv", "one_dot")) -> list:
-    """`configs` with the buckets of these kernels, and only those, finishing in the kernel ("finish": their split
-    tiles counted, the last one writes `y + bias` in x's dtype; no cast kernel after them). kinds=(): none does
-    (`tools/bench_engines.py` variants int4-unfinished, int4-gemv-finish)."""
-    return [(limit, dict(cfg, finish=cfg["kernel"] in kinds)) for limit, cfg in configs]
+def finished(configs: list, kinds: tuple[str, ...] = ("gemv", "one_dot"), finish: bool = True) -> list:
+    """`configs` with the buckets of these kernels finishing in the kernel ("finish": their split tiles counted, the
+    last one writes `y + bias` in x's dtype; no cast kernel after them), or with finish=False not (fp32 sums, then
+    a cast kernel); the other buckets as they are (`tools/bench_engines.py` variants int4-gemv-finish,
+    int4-unfinished)."""
+    return [(limit, dict(cfg, finish=finish) if cfg["kernel"] in kinds else cfg) for limit, cfg in configs]
 
 
 DEQUANT = dict(BLOCK_KW=8, BLOCK_N=256, num_warps=4)  # tile of `_int4_dequant_kernel`: 7 within 3% (benchmarks/dequant.json)

@@ -297,9 +297,8 @@ def test_gpu_launches_export_on_fake_cuda_tensors(monkeypatch, configs):
     tma = configs != "pointer-tiles"
     if not tma:
         monkeypatch.setattr(kernel, "CONFIGS", kernel.pointer_tiles())
-    kinds = {"all-finished": ("gemv", "one_dot"), "unfinished": ()}.get(configs)
-    if kinds is not None:
-        monkeypatch.setattr(kernel, "CONFIGS", kernel.finished(kernel.CONFIGS, kinds))
+    if configs in ("all-finished", "unfinished"):
+        monkeypatch.setattr(kernel, "CONFIGS", kernel.finished(kernel.CONFIGS, finish=configs == "all-finished"))
     expect_launch_keyword(monkeypatch, kernel, "launch_gemv", "out_dtype", configs == "all-finished")
     expect_launch_keyword(monkeypatch, one_dot, "launch", "finish",
                           {"all-finished": True, "unfinished": False}.get(configs, up_to_64_rows))
@@ -570,7 +569,7 @@ def test_triton_path_finished_in_the_kernel_interpreter(rows, dtype, monkeypatch
     split = dict(num_sms=4)  # 4 tiles of either kernel on 4 SMs: K split in 16 (GEMV) and in 4 (one-dot)
     y = kernel.int4_gemm_triton(*op_args(case, x), configs=kernel.finished(kernel.CONFIGS), **split)
     assert calls == [True]  # one launch, given the bias
-    unfinished = kernel.finished(kernel.CONFIGS, ())
+    unfinished = kernel.finished(kernel.CONFIGS, finish=False)
     torch.testing.assert_close(y, kernel.int4_gemm_triton(*op_args(case, x), configs=unfinished, **split),
                                rtol=0, atol=0)
     assert_close_to(y, oracle(x, case), 3e-3)
@@ -811,19 +810,19 @@ def test_cuda_aoti_package_with_batch_and_sequence_dims_on_a_tma_layer(tmp_path)
 @pytest.mark.slow
 @cuda
 @pytest.mark.parametrize("dtype, n, finish", [(torch.float32, 256, None), (torch.float16, 256, None),
-                                              (torch.bfloat16, 16384, None),
-                                              (torch.bfloat16, 16384, ("gemv", "one_dot")), (torch.bfloat16, 16384, ())],
+                                              (torch.bfloat16, 16384, None), (torch.bfloat16, 16384, True),
+                                              (torch.bfloat16, 16384, False)],
                          ids=["fp32", "fp16", "bf16-wide", "bf16-wide-finished", "bf16-wide-unfinished"])
 def test_cuda_aoti_package_dynamic_rows(tmp_path, monkeypatch, dtype, n, finish):
     """fp16 x: the GEMV's packed-half2 PTX compiled into the package; N = 16384: the TMA tiles (`kernel.TMA_TILES`
     on the 16- and 64-row buckets), whose host-made descriptors AOTInductor's wrapper makes per call (captured by
     Dynamo in the M buckets' torch.cond; test_gpu_launches_export_on_fake_cuda_tensors checks they are taken).
-    The one-dot buckets write the cast and bias in their kernels as shipped; `finish` (`kernel.finished`): these
-    kernels do and the others not."""
+    The 16- and 64-row buckets write the cast and bias in their kernels as shipped; `finish` (`kernel.finished`):
+    the GEMV and every one-dot bucket do (True) or none does (False)."""
     from qcompile.plugins.int4_gemm import kernel
 
     if finish is not None:
-        monkeypatch.setattr(kernel, "CONFIGS", kernel.finished(kernel.CONFIGS, finish))
+        monkeypatch.setattr(kernel, "CONFIGS", kernel.finished(kernel.CONFIGS, finish=finish))
     mod = Int4Linear(device="cuda", k=512, n=n, group=128).cuda()
     ep = _export(mod, torch.randn(4, 512, device="cuda", dtype=dtype))
     path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "i4.pt2"))

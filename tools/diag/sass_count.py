@@ -99,7 +99,7 @@ def _cases():
                   b_ptr="*bf16")
     for bm, scale_w, tma, finish in itertools.chain(  # the shipped buckets' tiles (64 weight rows), the scale on the
             # product (or on the weight: _scale_w), pointer or TMA loads, g128; 32 steps: with 8 the 16-row loop is
-            # unrolled whole (no backward branch); _finish: split K, the cast and bias in the kernel (engine variant)
+            # unrolled whole (no backward branch); _finish: split K, the cast and bias in the kernel (as shipped)
             itertools.product((16, 64, 128), (False, True), (False, True), (False,)), [(16, False, True, True)]):
         descriptors = dict(x_ptr=f"tensordesc<bf16[{bm}, 64]>", w_ptr="tensordesc<i32[8, 2, 32]>") if tma else {}
         yield (f"int4_one_dot_{bm}" + ("_scale_w" if scale_w else "") + ("_tma" if tma else "")
