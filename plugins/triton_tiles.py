@@ -57,6 +57,18 @@ def finish_split_tile(acc, mask, out_ptrs, bias_ptrs, acc_ptrs, count_ptr, split
 
 
 @triton.jit
+def finish_swapped_tile(acc, at, mask, offs_m, offs_n, M, N, y_ptr, out_ptr, b_ptr, ATOMIC: tl.constexpr,
+                        HAS_BIAS: tl.constexpr):
+    """`finish_split_tile` for a swapped-operand tile of y [M, N] on a grid (N tiles, K splits, M tiles): acc
+    [BLOCK_N, BLOCK_M] holds the output features offs_n of x's rows offs_m, at [BLOCK_N, BLOCK_M] their offsets in
+    y. Split K: y_ptr is the zeroed fp32 accumulator [M * N], followed by one count per (M tile, N tile)
+    (`gemm_dispatch.split_k_outputs`)."""
+    count_ptr = y_ptr + M * N + tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
+    finish_split_tile(acc, mask, out_ptr + at, b_ptr + offs_n[:, None] + 0 * offs_m[None, :], y_ptr + at, count_ptr,
+                      tl.num_programs(1), ATOMIC, HAS_BIAS)
+
+
+@triton.jit
 def load_tile(ptrs, ok, EVEN: tl.constexpr, STREAM: tl.constexpr = False):
     """tl.load of ptrs, 0 where not ok; EVEN (the tile lies inside the tensor): no mask, so the mask's
     computation is dead code. STREAM: evict first (weights are read once)."""

@@ -25,7 +25,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from qcompile.plugins.fp4_gemm.planar import PAIR_ACC_SHIFT, step_multipliers, tile16
 from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg, split_for_waves, split_k_outputs, whole_tiles
 from qcompile.plugins.int4_gemm.one_dot import _cat_k, use_tma, with_tma_tile
-from qcompile.plugins.triton_tiles import (finish_split_tile, jit_any_m, load_tile, load_xt_rows, store_tile,
+from qcompile.plugins.triton_tiles import (finish_swapped_tile, jit_any_m, load_tile, load_xt_rows, store_tile,
                                            xt_columns)
 
 STEP = 128  # K per step: one MMA (a literal in the kernels, which read no Python globals)
@@ -77,7 +77,7 @@ def _fp4_one_dot_kernel(x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr, out_ptr, M, N,
     wgmmas in flight across steps); grid (N tiles, K splits, M tiles). The accumulator is multiplied by POW_ACC
     (2**X) and NVFP4's global scale, the bias added by the first split. x's rows past M wrap (`xt_columns`) or, with
     TMA (x_ptr, w_ptr: descriptors), load as 0. FINISH: out_ptr gets `y + bias` in its dtype from
-    `finish_split_tile` (split K: y_ptr is the zeroed fp32 accumulator [M, N], then one count per tile)."""
+    `finish_swapped_tile` (split K: y_ptr is the zeroed fp32 accumulator [M, N], then one count per tile)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_n = offs_n < N
@@ -100,9 +100,7 @@ def _fp4_one_dot_kernel(x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr, out_ptr, M, N,
     at = offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
     mask = (offs_m < M)[None, :] & mask_n[:, None]
     if FINISH:
-        count_ptr = y_ptr + M * N + tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
-        finish_split_tile(acc, mask, out_ptr + at, b_ptr + offs_n[:, None] + 0 * offs_m[None, :], y_ptr + at,
-                          count_ptr, tl.num_programs(1), ATOMIC, HAS_BIAS)
+        finish_swapped_tile(acc, at, mask, offs_m, offs_n, M, N, y_ptr, out_ptr, b_ptr, ATOMIC, HAS_BIAS)
     else:
         if HAS_BIAS:  # added once: by the first K split
             acc += tl.load(b_ptr + offs_n, mask=mask_n & (tl.program_id(1) == 0), other=0.0).to(tl.float32)[:, None]

@@ -39,7 +39,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg, split_for_waves, split_k_outputs, whole_tiles
 from qcompile.plugins.int4_gemm.format import PLANAR_BLOCK, is_planar
-from qcompile.plugins.triton_tiles import (finish_split_tile, jit_any_m, load_tile, load_xt_rows, store_tile,
+from qcompile.plugins.triton_tiles import (finish_swapped_tile, jit_any_m, load_tile, load_xt_rows, store_tile,
                                            xt_columns)
 
 @triton.jit
@@ -149,7 +149,7 @@ def _int4_one_dot_kernel(
     M tiles). The weight and x pointers are formed once; a step adds scalars to them (per-step 64-bit address
     arithmetic and a division by the group size were about a quarter of the loop's SASS). TMA: x_ptr and w_ptr are
     tensor descriptors made on the host (`launch`, `use_tma`), and the words and x load through them. FINISH:
-    out_ptr gets `y (+ bias)` in its dtype from `finish_split_tile` (split K: y_ptr is the zeroed fp32
+    out_ptr gets `y (+ bias)` in its dtype from `finish_swapped_tile` (split K: y_ptr is the zeroed fp32
     accumulator [M, N], then one count per tile)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -178,9 +178,7 @@ def _int4_one_dot_kernel(
     at = offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
     mask = mask_m[None, :] & mask_n[:, None]
     if FINISH:
-        count_ptr = y_ptr + M * N + tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
-        finish_split_tile(acc, mask, out_ptr + at, b_ptr + offs_n[:, None] + 0 * offs_m[None, :], y_ptr + at,
-                          count_ptr, tl.num_programs(1), ATOMIC, HAS_BIAS)
+        finish_swapped_tile(acc, at, mask, offs_m, offs_n, M, N, y_ptr, out_ptr, b_ptr, ATOMIC, HAS_BIAS)
     else:
         store_tile(y_ptr + at, acc, mask, ATOMIC)
 
