@@ -19,10 +19,12 @@ import torch
 
 import qcompile
 from qcompile.engine import device as devinfo
+from qcompile.engine.one_row import OneRowBranch, one_row_dims
 from qcompile.engine.manifest import (
     FORMAT_VERSION, MANIFEST_NAME, PACKAGE_NAME, IOSpec, Manifest, check_specs, dtype_name, merge_dim_ranges,
 )
 from qcompile.errors import EngineError
+from qcompile.plugins.gemm_dispatch import fakes_at_one_row
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ def build_engine(
     device: str,
     inductor_configs: dict | None = None,
     extra_files: dict[str, bytes] | None = None,
+    one_row_branch: bool = False,
 ) -> Manifest:
     """Export `program`, compile it with AOTInductor and write the engine file at `output_path`.
 
@@ -53,6 +56,9 @@ def build_engine(
         device: "cpu" or "cuda[:index]", the device the engine is built for.
         inductor_configs: extra Inductor configs (e.g. {"max_autotune": True}).
         extra_files: more members of the engine zip, name -> bytes (e.g. the quantized ONNX graph).
+        one_row_branch: compile the program a second time with every dynamic dim at 1, taken when a call has
+            them all at 1 (a decode step; `one_row.OneRowBranch`). Where the specs do not allow it, or its export
+            fails, the engine is built without it; the manifest's `one_row_branch` says which.
 
     Returns:
         The manifest written into the engine.
@@ -74,7 +80,9 @@ def build_engine(
     ).with_caller_fields(manifest or {})
 
     t0 = time.perf_counter()
-    ep = _export(program, inputs, example_inputs, dim_ranges)
+    ep, branched = _export_program(program, inputs, outputs, example_inputs, dim_ranges, one_row_branch)
+    if one_row_branch:
+        man.extra["one_row_branch"] = branched
     n_out = len(ep.graph_signature.user_outputs)
     if n_out != len(outputs):
         raise EngineError(f"the program returns {n_out} outputs but {len(outputs)} output specs were given")
@@ -131,6 +139,32 @@ def _check_examples(inputs, examples, dim_ranges, dev) -> None:
                     raise EngineError(
                         f"example input {spec.name!r}: dynamic dim {dim!r} (axis {axis}) is {size}; it must lie in "
                         f"[{max(lo, 2)}, {hi}] (torch.export specializes sizes 0 and 1)")
+
+
+def _export_program(program, inputs, outputs, examples, dim_ranges, one_row_branch: bool):
+    """(exported program, whether it has the one-row branch): `program` wrapped in `OneRowBranch` when asked and
+    possible, else as it is."""
+    where = one_row_dims(inputs, outputs, dim_ranges) if one_row_branch else {}
+    if one_row_branch and not where:
+        logger.info("no one-row branch: the engine has no dynamic dim, one that excludes 1, or an output dim that no "
+                    "input carries")
+    ep = _export(program, inputs, examples, dim_ranges)
+    if where:
+        try:  # the exported graph, not the program: torch.cond traces its branches with Dynamo
+            with fakes_at_one_row():
+                branched = OneRowBranch(_graph_of(ep), inputs, outputs, where)
+                return _export(branched, inputs, examples, dim_ranges), True
+        except EngineError as exc:
+            logger.warning("built without the one-row branch (%s)", str(exc).splitlines()[0])
+    return ep, False
+
+
+def _graph_of(ep: torch.export.ExportedProgram) -> torch.nn.Module:
+    """`ep` as a module to trace again: without its guards on the input shapes (the one-row branch calls it with
+    every dynamic dim at 1; torch >= 2.9 puts them in the graph unless told not to)."""
+    if "check_guards" in inspect.signature(ep.module).parameters:
+        return ep.module(check_guards=False)
+    return ep.module()
 
 
 def _export(program, inputs, examples, dim_ranges) -> torch.export.ExportedProgram:

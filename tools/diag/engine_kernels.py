@@ -151,19 +151,24 @@ def kernel_configs(recipe: str):
     return KERNEL_VARIANTS.get(recipe.partition(":")[2], contextlib.nullcontext)()
 
 
-def export_on_fake_h200(program, src):
-    """`program` exported as the engine build exports it (`engine.build._export`, with its Dynamo settings), on fake
-    CUDA tensors; call inside `fake_h200()`."""
+def export_on_fake_h200(program, src, one_row_branch: bool = False):
+    """`program` exported as the engine build exports it (`engine.build._export_program`, with its Dynamo settings),
+    on fake CUDA tensors; call inside `fake_h200()`. `one_row_branch`: with the build's one-row branch, which must
+    then export (RuntimeError otherwise, where the build would fall back to the program without it)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from qcompile.engine.build import _export
+    from qcompile.engine.build import _export_program
     from qcompile.engine.manifest import merge_dim_ranges
 
     with FakeTensorMode(allow_non_fake_inputs=True):
         program = program.to("cuda")
         feed = src.engine_example()
         examples = tuple(torch.from_numpy(feed[n]).to("cuda") for n in program.input_names)
-        return _export(program, src.inputs, examples, merge_dim_ranges(src.inputs + src.outputs))
+        ep, branched = _export_program(program, src.inputs, src.outputs, examples,
+                                       merge_dim_ranges(src.inputs + src.outputs), one_row_branch)
+    if branched != one_row_branch:
+        raise RuntimeError("the one-row branch did not export (the build's warning above says why)")
+    return ep
 
 
 def wrapper_code(program, src, inductor: dict, rows: int) -> str:
