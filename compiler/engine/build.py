@@ -9,6 +9,7 @@ import inspect
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -29,6 +30,11 @@ from qcompile.plugins.gemm_dispatch import fakes_at_one_row
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "qcmodel"  # stable generated file names inside the package
+# Inductor configs of an engine with the one-row branch: torch 2.11's buffer-reuse planning indexes a torch.cond
+# branch's scheduler nodes in the enclosing graph's peak-memory estimate, which fails when the branch holds more
+# nodes than that graph ("ValueError: Start index 14 out of bounds [0, 2]", H100, torch 2.11.0); the engine's
+# intermediate buffers are then each allocated once instead of reused
+ONE_ROW_BRANCH_CONFIGS = {"allow_buffer_reuse": False}
 
 
 def build_engine(
@@ -88,7 +94,8 @@ def build_engine(
         raise EngineError(f"the program returns {n_out} outputs but {len(outputs)} output specs were given")
     t1 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="qcompile-build-") as tmp:
-        package = _compile(ep, Path(tmp) / PACKAGE_NAME, man, inductor_configs)
+        configs = {**(ONE_ROW_BRANCH_CONFIGS if branched else {}), **(inductor_configs or {})}
+        package = _compile(ep, Path(tmp) / PACKAGE_NAME, man, configs)
         t2 = time.perf_counter()
         man.timings = {**man.timings, "export_s": round(t1 - t0, 3), "compile_s": round(t2 - t1, 3)}
         write_engine_file(output_path, man, package, extra_files)
@@ -155,7 +162,8 @@ def _export_program(program, inputs, outputs, examples, dim_ranges, one_row_bran
                 branched = OneRowBranch(_graph_of(ep), inputs, outputs, where)
                 return _export(branched, inputs, examples, dim_ranges), True
         except EngineError as exc:
-            logger.warning("built without the one-row branch (%s)", str(exc).splitlines()[0])
+            ours = re.search(r"one-row branch: [^\n\"]*", str(exc))  # raised inside torch.cond's trace, wrapped
+            logger.warning("built without the one-row branch (%s)", ours[0] if ours else str(exc).splitlines()[0])
     return ep, False
 
 

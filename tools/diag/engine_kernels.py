@@ -13,6 +13,7 @@ their times still need one (`tools/bench_engines.py --profile`).
     python3 tools/diag/engine_kernels.py llama3-8b-layers --recipes fp16 --inductor combo_kernels=True,persistent=4096
     python3 tools/diag/engine_kernels.py llama3-8b-layers --recipes fp16 fp16:no-attention-fusion
     python3 tools/diag/engine_kernels.py llama3-8b-layers --recipes w4a16_rtn w4a16_rtn:int4-gemv-finish
+    python3 tools/diag/engine_kernels.py llama3-8b-layers --recipes w4a16_rtn --rows 0   # the one-row branch
     (each --inductor set is listed after the defaults; the graph is built once per recipe)
 
 How this differs from an engine build: Inductor's wrapper is the Python one (`compile_fx`; AOTInductor's C++
@@ -171,9 +172,31 @@ def export_on_fake_h200(program, src, one_row_branch: bool = False):
     return ep
 
 
+def export_one_row_on_fake_h200(program, src):
+    """`program` exported with every dynamic dim at 1, as the engine's one-row branch traces it
+    (`engine/one_row.py`), on fake CUDA tensors; call inside `fake_h200()`."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from qcompile.engine.build import static_branch_ints
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        program = program.to("cuda")
+        feed = src.engine_example()
+        examples = []
+        for spec, name in zip(src.inputs, program.input_names):
+            x = torch.from_numpy(feed[name]).to("cuda")
+            for axis in spec.dynamic_dims:
+                x = x.narrow(axis, 0, 1).contiguous()
+            examples.append(x)
+        torch._dynamo.reset()
+        with static_branch_ints():
+            return torch.export.export(program, tuple(examples))
+
+
 def wrapper_code(program, src, inductor: dict, rows: int) -> str:
     """Inductor's Python wrapper for `program` exported as the engine exports it, on fake CUDA tensors, with the
-    plugins' GEMMs on their `rows`-row path."""
+    plugins' GEMMs on their `rows`-row path; rows 0: the engine's one-row branch (every dynamic dim at 1, so the
+    plugins see M = 1 as an int)."""
     from torch._inductor.compile_fx import compile_fx
 
     from qcompile.engine.build import exact_numerics_configs
@@ -186,7 +209,7 @@ def wrapper_code(program, src, inductor: dict, rows: int) -> str:
         return real_load(key, path, *args, **kwargs)
 
     with fake_h200(), bucket_of(rows), torch.no_grad():
-        ep = export_on_fake_h200(program, src)
+        ep = export_on_fake_h200(program, src) if rows else export_one_row_on_fake_h200(program, src)
         user = set(ep.graph_signature.user_inputs)  # their fake values carry the dynamic dims
         symbolic = [n.meta["val"] for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
         torch._inductor.codecache.PyCodeCache.load_by_key_path = keep_source
@@ -237,7 +260,8 @@ def main(argv=None) -> int:
     ap.add_argument("--inductor", action="append", default=[],
                     help="an Inductor option set key=value[,key=value] to list beside the defaults (repeatable); "
                          "persistent=N: row reductions up to N persistent (tools/inductor_variants.py)")
-    ap.add_argument("--rows", type=int, default=1, help="the plugins' M bucket to list (default 1: decoding)")
+    ap.add_argument("--rows", type=int, default=1, help="the plugins' M bucket to list (default 1: decoding; 0: the "
+                                                        "engine's one-row branch, every dynamic dim at 1)")
     ap.add_argument("--code", type=Path, help="write each wrapper to CODE/<recipe>[-<n>].py")
     args = ap.parse_args(argv)
     option_sets = [{}] + [parse_options(text) for text in args.inductor]
@@ -249,7 +273,8 @@ def main(argv=None) -> int:
             if args.code:
                 args.code.mkdir(parents=True, exist_ok=True)
                 (args.code / f"{recipe}{f'-{index}' if index else ''}.py").write_text(code)
-            print(f"=== {args.source} {recipe}, plugin GEMMs on their {args.rows}-row path, "
+            path = f"their {args.rows}-row path" if args.rows else "the one-row branch (static shapes)"
+            print(f"=== {args.source} {recipe}, plugin GEMMs on {path}, "
                   f"{inductor or 'Inductor defaults'}")
             for function, kernels in launches(code).items():
                 print(f"  {function}: {len(kernels)} launches")
