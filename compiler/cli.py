@@ -59,8 +59,9 @@ def _parser() -> argparse.ArgumentParser:
                         "activations rounded to FP8 there: faster on CUDA, slightly less accurate; CPU engines "
                         "emulate it (README)")
     b.add_argument("--one-row-branch", action="store_true",
-                   help="also compile the engine with every dynamic dim at 1, run when a call has them all at 1 (a "
-                        "decode step of one token): no dispatch by row count there, more fusion; doubles the compile")
+                   help="experimental: also compile the engine with every dynamic dim at 1, run when a call has them "
+                        "all at 1 (a decode step of one token): no dispatch by row count there, more fusion; doubles "
+                        "the compile; with torch 2.11 on CUDA it does not compile and the engine is built without it")
     b.add_argument("--holdout", type=float, default=0.2, metavar="FRACTION",
                    help="fraction of the calibration samples kept for validation when no --val-data (default 0.2)")
     _add_validation_args(b, data_flag="--val-data")

@@ -103,9 +103,10 @@ def build(
     activations quantized per row to FP8 there (`plugins/fp8_large_m.py`); exact below. CPU engines emulate the same
     numerics (an accuracy preview, no speed-up).
     `fp4_layout`: "bytes" or "planar" FP4 plugin weights in the engine; None: by device (`LoweringOptions.for_engine`).
-    `one_row_branch`: the engine also holds the program compiled with every dynamic dim at 1, which runs when a call
-    has them all at 1 (a decode step): the plugins' GEMMs there need no dispatch by row count, and Inductor fuses
-    around them (`engine/one_row.py`). It doubles the compile time.
+    `one_row_branch` (experimental): the engine also holds the program compiled with every dynamic dim at 1, which
+    runs when a call has them all at 1 (a decode step): the plugins' GEMMs there need no dispatch by row count, and
+    Inductor fuses around them (`engine/one_row.py`). It doubles the compile time; where it does not export or compile
+    (torch 2.11 on CUDA), the engine is built without it (`build_engine`).
 
     Raises:
         QCompileError (a subclass) for any user or input error, before any file is written.

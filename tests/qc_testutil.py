@@ -227,3 +227,25 @@ def _fake_cuda_export_marker():
 
 
 fake_cuda_export = _fake_cuda_export_marker()  # the marker of the tests that call `export_on_fake_cuda`
+
+
+class ScaledGemmNet(torch.nn.Module):
+    """Linear + ReLU, then the int8 scaled-GEMM plugin (its CPU reference off CUDA), plus a second input's projection
+    (x [..., 32] and y [..., 8] with the same leading dims): the engine tests' model."""
+
+    def __init__(self):
+        from qcompile.plugins.scaled_gemm import register
+
+        register()
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.fc1 = torch.nn.Linear(32, 32)
+        self.proj = torch.nn.Linear(8, 16)
+        self.register_buffer("w_q", torch.randint(-127, 128, (16, 32), dtype=torch.int8, generator=g))
+        self.register_buffer("w_scale", torch.rand(16, generator=g) * 0.01 + 0.001)
+        self.register_buffer("x_scale", torch.tensor(0.05))
+        self.register_buffer("bias", torch.randn(16, generator=g))
+
+    def forward(self, x, y):
+        h = torch.relu(self.fc1(x))
+        return torch.ops.qcompile.scaled_gemm(h, self.w_q, self.w_scale, self.x_scale, self.bias) + self.proj(y)

@@ -86,16 +86,19 @@ def build_engine(
     ).with_caller_fields(manifest or {})
 
     t0 = time.perf_counter()
-    ep, branched = _export_program(program, inputs, outputs, example_inputs, dim_ranges, one_row_branch)
-    if one_row_branch:
-        man.extra["one_row_branch"] = branched
+    ep, ep_branched = _export_program(program, inputs, outputs, example_inputs, dim_ranges, one_row_branch)
     n_out = len(ep.graph_signature.user_outputs)
     if n_out != len(outputs):
         raise EngineError(f"the program returns {n_out} outputs but {len(outputs)} output specs were given")
     t1 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="qcompile-build-") as tmp:
-        configs = {**(ONE_ROW_BRANCH_CONFIGS if branched else {}), **(inductor_configs or {})}
-        package = _compile(ep, Path(tmp) / PACKAGE_NAME, man, configs)
+        package = None
+        if ep_branched is not None:
+            package = _compile_one_row_branch(ep_branched, Path(tmp) / PACKAGE_NAME, man, inductor_configs)
+        if one_row_branch:
+            man.extra["one_row_branch"] = package is not None
+        if package is None:
+            package = _compile(ep, Path(tmp) / PACKAGE_NAME, man, inductor_configs)
         t2 = time.perf_counter()
         man.timings = {**man.timings, "export_s": round(t1 - t0, 3), "compile_s": round(t2 - t1, 3)}
         write_engine_file(output_path, man, package, extra_files)
@@ -149,8 +152,8 @@ def _check_examples(inputs, examples, dim_ranges, dev) -> None:
 
 
 def _export_program(program, inputs, outputs, examples, dim_ranges, one_row_branch: bool):
-    """(exported program, whether it has the one-row branch): `program` wrapped in `OneRowBranch` when asked and
-    possible, else as it is."""
+    """(`program` exported, the export of `program` wrapped in `OneRowBranch` or None): the second when asked and
+    possible."""
     where = one_row_dims(inputs, outputs, dim_ranges) if one_row_branch else {}
     if one_row_branch and not where:
         logger.info("no one-row branch: the engine has no dynamic dim, one that excludes 1, or an output dim that no "
@@ -160,11 +163,23 @@ def _export_program(program, inputs, outputs, examples, dim_ranges, one_row_bran
         try:  # the exported graph, not the program: torch.cond traces its branches with Dynamo
             with fakes_at_one_row():
                 branched = OneRowBranch(_graph_of(ep), inputs, outputs, where)
-                return _export(branched, inputs, examples, dim_ranges), True
+                return ep, _export(branched, inputs, examples, dim_ranges)
         except EngineError as exc:
             ours = re.search(r"one-row branch: [^\n\"]*", str(exc))  # raised inside torch.cond's trace, wrapped
             logger.warning("built without the one-row branch (%s)", ours[0] if ours else str(exc).splitlines()[0])
-    return ep, False
+    return ep, None
+
+
+def _compile_one_row_branch(ep, package_path: Path, man: Manifest, inductor_configs: dict | None) -> Path | None:
+    """`_compile` of a program with the one-row branch, or None (with a warning) where AOTInductor fails on it: with
+    torch 2.11 on CUDA it does, on the torch.cond around the whole graph (BENCHMARKS.md, thirty-ninth session), so
+    the caller compiles the program without it."""
+    try:
+        return _compile(ep, package_path, man, {**ONE_ROW_BRANCH_CONFIGS, **(inductor_configs or {})})
+    except EngineError as exc:
+        logger.warning("the one-row branch did not compile (%s); compiling the engine without it",
+                       str(exc).splitlines()[0])
+        return None
 
 
 def _graph_of(ep: torch.export.ExportedProgram) -> torch.nn.Module:

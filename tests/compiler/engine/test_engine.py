@@ -16,6 +16,8 @@ from qcompile.engine import build as build_mod
 from qcompile.errors import EngineError
 from qcompile.plugins.scaled_gemm import register
 
+from qc_testutil import ScaledGemmNet as TinyNet
+
 register()
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -32,24 +34,6 @@ CALLER = {
     "calibration": {"source": "random", "samples": 4},
     "team_note": "kept in extra",
 }
-
-
-class TinyNet(torch.nn.Module):
-    """Linear + ReLU, then the int8 scaled-GEMM plugin, plus a second input's projection."""
-
-    def __init__(self):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.fc1 = torch.nn.Linear(32, 32)
-        self.proj = torch.nn.Linear(8, 16)
-        self.register_buffer("w_q", torch.randint(-127, 128, (16, 32), dtype=torch.int8, generator=g))
-        self.register_buffer("w_scale", torch.rand(16, generator=g) * 0.01 + 0.001)
-        self.register_buffer("x_scale", torch.tensor(0.05))
-        self.register_buffer("bias", torch.randn(16, generator=g))
-
-    def forward(self, x, y):
-        h = torch.relu(self.fc1(x))
-        return torch.ops.qcompile.scaled_gemm(h, self.w_q, self.w_scale, self.x_scale, self.bias) + self.proj(y)
 
 
 def _examples(batch=4, device="cpu"):
