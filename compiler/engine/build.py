@@ -20,10 +20,10 @@ import torch
 
 import qcompile
 from qcompile.engine import device as devinfo
-from qcompile.engine.one_row import OneRowBranch, one_row_dims
 from qcompile.engine.manifest import (
     FORMAT_VERSION, MANIFEST_NAME, PACKAGE_NAME, IOSpec, Manifest, check_specs, dtype_name, merge_dim_ranges,
 )
+from qcompile.engine.one_row import OneRowBranch, one_row_dims
 from qcompile.errors import EngineError
 from qcompile.plugins.gemm_dispatch import fakes_at_one_row
 
@@ -64,7 +64,8 @@ def build_engine(
         extra_files: more members of the engine zip, name -> bytes (e.g. the quantized ONNX graph).
         one_row_branch: compile the program a second time with every dynamic dim at 1, taken when a call has
             them all at 1 (a decode step; `one_row.OneRowBranch`). Where the specs do not allow it, or its export
-            fails, the engine is built without it; the manifest's `one_row_branch` says which.
+            or compile fails, the engine is built without it (a warning says why); the manifest's `one_row_branch`
+            says which.
 
     Returns:
         The manifest written into the engine.
