@@ -34,6 +34,13 @@ def one_row_dims(inputs: list[IOSpec], outputs: list[IOSpec], dim_ranges: dict) 
     return where
 
 
+def narrow_to_one_row(x: torch.Tensor, spec: IOSpec) -> torch.Tensor:
+    """x, the input `spec`, with each dynamic axis narrowed to its first entry (a view)."""
+    for axis in spec.dynamic_dims:
+        x = x.narrow(axis, 0, 1)
+    return x
+
+
 class OneRowBranch(torch.nn.Module):
     """`program(*inputs)`, with `torch.cond(every dynamic dim == 1, program at one row, program)`.
 
@@ -58,19 +65,13 @@ class OneRowBranch(torch.nn.Module):
             return (out,) if isinstance(out, torch.Tensor) else tuple(out)
 
         def at_one_row(*args):
-            narrowed = [self._narrow(x, spec) for x, spec in zip(args, self.inputs)]
+            narrowed = [narrow_to_one_row(x, spec) for x, spec in zip(args, self.inputs)]
             return tuple(self._widen(y, spec, sizes) for y, spec in zip(run(*narrowed), self.outputs))
 
         def at_any_rows(*args):
             return tuple(y.contiguous() for y in run(*args))
 
         return tuple(torch.cond(one_row, at_one_row, at_any_rows, tuple(xs)))
-
-    @staticmethod
-    def _narrow(x: torch.Tensor, spec: IOSpec) -> torch.Tensor:
-        for axis in spec.dynamic_dims:
-            x = x.narrow(axis, 0, 1)
-        return x
 
     @staticmethod
     def _widen(y: torch.Tensor, spec: IOSpec, sizes: dict) -> torch.Tensor:

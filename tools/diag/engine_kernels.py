@@ -177,20 +177,15 @@ def export_one_row_on_fake_h200(program, src):
     (`engine/one_row.py`), on fake CUDA tensors; call inside `fake_h200()`."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from qcompile.engine.build import static_branch_ints
+    from qcompile.engine.build import _export_once
+    from qcompile.engine.one_row import narrow_to_one_row
 
     with FakeTensorMode(allow_non_fake_inputs=True):
         program = program.to("cuda")
         feed = src.engine_example()
-        examples = []
-        for spec, name in zip(src.inputs, program.input_names):
-            x = torch.from_numpy(feed[name]).to("cuda")
-            for axis in spec.dynamic_dims:
-                x = x.narrow(axis, 0, 1).contiguous()
-            examples.append(x)
-        torch._dynamo.reset()
-        with static_branch_ints():
-            return torch.export.export(program, tuple(examples))
+        examples = tuple(narrow_to_one_row(torch.from_numpy(feed[name]).to("cuda"), spec)
+                         for spec, name in zip(src.inputs, program.input_names))
+        return _export_once(program, examples, None)  # static shapes: no dynamic dims
 
 
 def wrapper_code(program, src, inductor: dict, rows: int) -> str:
