@@ -58,10 +58,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="run the INT4/FP4 GEMMs above 128 rows (prefill) on FP8 tensor cores, weights and "
                         "activations rounded to FP8 there: faster on CUDA, slightly less accurate; CPU engines "
                         "emulate it (README)")
-    b.add_argument("--one-row-branch", action="store_true",
+    b.add_argument("--one-row-model", action="store_true",
                    help="experimental: also compile the engine with every dynamic dim at 1, run when a call has them "
-                        "all at 1 (a decode step of one token): no dispatch by row count there, more fusion; doubles "
-                        "the compile; with torch 2.11 on CUDA it does not compile and the engine is built without it")
+                        "all at 1 (a decode step of one token): no dispatch by row count there, more fusion; both "
+                        "models share the weights; doubles the compile")
     b.add_argument("--holdout", type=float, default=0.2, metavar="FRACTION",
                    help="fraction of the calibration samples kept for validation when no --val-data (default 0.2)")
     _add_validation_args(b, data_flag="--val-data")
@@ -124,7 +124,7 @@ def _cmd_build(args) -> int:
                    holdout=0.0 if args.no_validate or args.val_data else args.holdout,
                    fuse_siblings=not args.no_sibling_fusion,
                    fuse_attention=not args.no_attention_fusion, fp8_large_m=args.fp8_large_m,
-                   one_row_branch=args.one_row_branch)
+                   one_row_model=args.one_row_model)
     print(format_build_summary(result))
     report = Path(str(result.engine_path) + ".build.json")
     write_json_atomic(report, result.summary())

@@ -43,9 +43,9 @@ def _describe_engine(path: Path) -> dict[str, Any]:
         header.append(("large-M GEMMs", "INT4/FP4 above 128 rows in FP8 (--fp8-large-m)"))
     if m.get("fp4_layout") and any(str(r.get("format", "")).split("/")[0] in FP4_FORMATS for r in m.get("layers", [])):
         header.append(("FP4 weights", FP4_LAYOUT_WORDS.get(m["fp4_layout"], m["fp4_layout"])))
-    one_row = m.get("one_row_branch")
+    one_row = m.get("one_row_model")
     if one_row is not None:
-        header.append(("one-row branch", "compiled: a call with every dynamic dim at 1 runs its own graph"
+        header.append(("one-row model", "compiled: a call with every dynamic dim at 1 runs its own graph"
                        if one_row else "asked for, not compiled (the build log says why)"))
     validation = m.get("validation")
     if validation:

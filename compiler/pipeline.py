@@ -86,7 +86,7 @@ def build(
     fuse_attention: bool = True,
     fp8_large_m: bool = False,
     fp4_layout: str | None = None,
-    one_row_branch: bool = False,
+    one_row_model: bool = False,
     progress_stream=STDERR,
 ) -> BuildResult:
     """Build an engine from `source` with `recipe`; see the README for the source forms.
@@ -103,10 +103,10 @@ def build(
     activations quantized per row to FP8 there (`plugins/fp8_large_m.py`); exact below. CPU engines emulate the same
     numerics (an accuracy preview, no speed-up).
     `fp4_layout`: "bytes" or "planar" FP4 plugin weights in the engine; None: by device (`LoweringOptions.for_engine`).
-    `one_row_branch` (experimental): the engine also holds the program compiled with every dynamic dim at 1, which
+    `one_row_model` (experimental): the engine also holds the program compiled with every dynamic dim at 1, which
     runs when a call has them all at 1 (a decode step): the plugins' GEMMs there need no dispatch by row count, and
-    Inductor fuses around them (`engine/one_row.py`). It doubles the compile time; where it does not export or compile
-    (torch 2.11 on CUDA), the engine is built without it (`build_engine`).
+    Inductor fuses around them (`engine/one_row.py`); both models share one copy of the weights. It doubles the
+    compile time; where it does not export or compile, the engine is built without it (`build_engine`).
 
     Raises:
         QCompileError (a subclass) for any user or input error, before any file is written.
@@ -231,7 +231,7 @@ def build(
     with progress.stage("compile", "AOTInductor", heartbeat=COMPILE_HEARTBEAT_S):
         build_engine(program, inputs=src.inputs, outputs=src.outputs, example_inputs=example,
                      manifest=manifest, output_path=output, device=device, extra_files=_quantized_graph(plugin_model),
-                     one_row_branch=one_row_branch)
+                     one_row_model=one_row_model)
     result.stage_seconds = dict(progress.times)
     return result
 

@@ -6,49 +6,10 @@ Plain Python and torch (no Triton), so it imports anywhere.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
 SMALL_M_MAX = 16  # rows up to which the split-K weight-streaming kernel runs; dequantize + cuBLAS above
-
-
-_FAKE_AT_ONE_ROW = [False]
-
-
-@contextlib.contextmanager
-def fakes_at_one_row():
-    """While active, the GEMM plugins' fake kernels (`gemm_op`) run their body at one row."""
-    old, _FAKE_AT_ONE_ROW[0] = _FAKE_AT_ONE_ROW[0], True
-    try:
-        yield
-    finally:
-        _FAKE_AT_ONE_ROW[0] = old
-
-
-def gemm_op(name: str):
-    """`torch.library.triton_op(name, mutates_args={})` for a GEMM plugin `fn(x [..., K], ...) -> y [..., N]`, whose
-    fake kernel can run fn at one row (`fakes_at_one_row`).
-
-    A triton_op's fake kernel is fn itself, which at a symbolic row count builds the `torch.cond` chain of
-    `run_by_buckets` (the fake-CUDA export tests trace every bucket's launch code that way). Inside another
-    `torch.cond` (the engine's one-row branch, `engine/one_row.py`) Dynamo traces the branch and calls the fake
-    kernel, and the nested cond fails to trace ("Guard failed on the same frame it was created", torch 2.14). At one
-    row fn has no cond and still gives y's dtype and N. Inductor compiles the op from fn either way (the triton_op's
-    decomposition), at the row count of the graph it is in."""
-    def register(fn):
-        op = torch.library.triton_op(name, mutates_args={})(fn)
-
-        def fake(x, *args, **kwargs):
-            if not _FAKE_AT_ONE_ROW[0]:
-                return fn(x, *args, **kwargs)
-            y = fn(x.new_empty((1, x.shape[-1])), *args, **kwargs)
-            return y.new_empty((*x.shape[:-1], y.shape[-1])) if y.is_contiguous() else fn(x, *args, **kwargs)
-
-        op.register_fake(fake)
-        return op
-    return register
 
 
 def cdiv(a, b):

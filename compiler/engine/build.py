@@ -5,11 +5,10 @@ atomically: a temp file in the destination folder, then `os.replace`; any failur
 KeyboardInterrupt) removes the temp file and leaves the destination untouched.
 """
 from __future__ import annotations
-import inspect
 
+import inspect
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -23,18 +22,12 @@ from qcompile.engine import device as devinfo
 from qcompile.engine.manifest import (
     FORMAT_VERSION, MANIFEST_NAME, PACKAGE_NAME, IOSpec, Manifest, check_specs, dtype_name, merge_dim_ranges,
 )
-from qcompile.engine.one_row import OneRowBranch, one_row_dims
+from qcompile.engine.one_row import ONE_ROW_MODEL, allows_one_row_model, narrow_to_one_row, one_row_shape
 from qcompile.errors import EngineError
-from qcompile.plugins.gemm_dispatch import fakes_at_one_row
 
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "qcmodel"  # stable generated file names inside the package
-# Inductor configs of an engine with the one-row branch: torch 2.11's buffer-reuse planning indexes a torch.cond
-# branch's scheduler nodes in the enclosing graph's peak-memory estimate, which fails when the branch holds more
-# nodes than that graph ("ValueError: Start index 14 out of bounds [0, 2]", H100, torch 2.11.0); the engine's
-# intermediate buffers are then each allocated once instead of reused
-ONE_ROW_BRANCH_CONFIGS = {"allow_buffer_reuse": False}
 
 
 def build_engine(
@@ -48,7 +41,7 @@ def build_engine(
     device: str,
     inductor_configs: dict | None = None,
     extra_files: dict[str, bytes] | None = None,
-    one_row_branch: bool = False,
+    one_row_model: bool = False,
 ) -> Manifest:
     """Export `program`, compile it with AOTInductor and write the engine file at `output_path`.
 
@@ -62,10 +55,10 @@ def build_engine(
         device: "cpu" or "cuda[:index]", the device the engine is built for.
         inductor_configs: extra Inductor configs (e.g. {"max_autotune": True}).
         extra_files: more members of the engine zip, name -> bytes (e.g. the quantized ONNX graph).
-        one_row_branch: compile the program a second time with every dynamic dim at 1, taken when a call has
-            them all at 1 (a decode step; `one_row.OneRowBranch`). Where the specs do not allow it, or its export
-            or compile fails, the engine is built without it (a warning says why); the manifest's `one_row_branch`
-            says which.
+        one_row_model: also compile the program with every dynamic dim at 1 (the one-row model, `one_row.py`),
+            which the loader runs when a call has them all at 1 (a decode step). Where the specs do not allow it,
+            or its export or compile fails, the engine is built without it (a warning says why); the manifest's
+            `one_row_model` says which.
 
     Returns:
         The manifest written into the engine.
@@ -87,19 +80,20 @@ def build_engine(
     ).with_caller_fields(manifest or {})
 
     t0 = time.perf_counter()
-    ep, ep_branched = _export_program(program, inputs, outputs, example_inputs, dim_ranges, one_row_branch)
+    ep, ep_one = _export_program(program, inputs, outputs, example_inputs, dim_ranges, one_row_model)
     n_out = len(ep.graph_signature.user_outputs)
     if n_out != len(outputs):
         raise EngineError(f"the program returns {n_out} outputs but {len(outputs)} output specs were given")
     t1 = time.perf_counter()
+    configs = _engine_configs(man, inductor_configs)
     with tempfile.TemporaryDirectory(prefix="qcompile-build-") as tmp:
         package = None
-        if ep_branched is not None:
-            package = _compile_one_row_branch(ep_branched, Path(tmp) / PACKAGE_NAME, man, inductor_configs)
-        if one_row_branch:
-            man.extra["one_row_branch"] = package is not None
+        if ep_one is not None:
+            package = _compile_with_one_row_model(ep, ep_one, Path(tmp) / PACKAGE_NAME, configs)
+        if one_row_model:
+            man.extra["one_row_model"] = package is not None
         if package is None:
-            package = _compile(ep, Path(tmp) / PACKAGE_NAME, man, inductor_configs)
+            package = _compile(ep, Path(tmp) / PACKAGE_NAME, configs)
         t2 = time.perf_counter()
         man.timings = {**man.timings, "export_s": round(t1 - t0, 3), "compile_s": round(t2 - t1, 3)}
         write_engine_file(output_path, man, package, extra_files)
@@ -152,40 +146,66 @@ def _check_examples(inputs, examples, dim_ranges, dev) -> None:
                         f"[{max(lo, 2)}, {hi}] (torch.export specializes sizes 0 and 1)")
 
 
-def _export_program(program, inputs, outputs, examples, dim_ranges, one_row_branch: bool):
-    """(`program` exported, the export of `program` wrapped in `OneRowBranch` or None): the second when asked and
-    possible."""
-    where = one_row_dims(inputs, outputs, dim_ranges) if one_row_branch else {}
-    if one_row_branch and not where:
-        logger.info("no one-row branch: the engine has no dynamic dim, one that excludes 1, or an output dim that no "
-                    "input carries")
+def _export_program(program, inputs, outputs, examples, dim_ranges, one_row_model: bool):
+    """(`program` exported with its dynamic dims, `program` exported at one row or None): the second when asked and
+    possible (`one_row.py`)."""
     ep = _export(program, inputs, examples, dim_ranges)
-    if where:
-        try:  # the exported graph, not the program: torch.cond traces its branches with Dynamo
-            with fakes_at_one_row():
-                branched = OneRowBranch(_graph_of(ep), inputs, outputs, where)
-                return ep, _export(branched, inputs, examples, dim_ranges)
-        except EngineError as exc:
-            ours = re.search(r"one-row branch: [^\n\"]*", str(exc))  # raised inside torch.cond's trace, wrapped
-            logger.warning("built without the one-row branch (%s)", ours[0] if ours else str(exc).splitlines()[0])
-    return ep, None
-
-
-def _compile_one_row_branch(ep, package_path: Path, man: Manifest, inductor_configs: dict | None) -> Path | None:
-    """`_compile` of a program with the one-row branch, or None (with a warning) where AOTInductor fails on it: with
-    torch 2.11 on CUDA it does, on the torch.cond around the whole graph (BENCHMARKS.md, thirty-ninth session), so
-    the caller compiles the program without it."""
+    if not one_row_model:
+        return ep, None
+    if not allows_one_row_model(inputs, outputs, dim_ranges):
+        logger.warning("built without the one-row model: the engine has no dynamic dim, one whose range excludes 1, "
+                       "or an output dim that no input carries")
+        return ep, None
     try:
-        return _compile(ep, package_path, man, {**ONE_ROW_BRANCH_CONFIGS, **(inductor_configs or {})})
-    except EngineError as exc:
-        logger.warning("the one-row branch did not compile (%s); compiling the engine without it",
-                       str(exc).splitlines()[0])
+        ep_one = _export_once(program, tuple(narrow_to_one_row(x, spec) for x, spec in zip(examples, inputs)), None)
+    except Exception as exc:  # noqa: BLE001 - the engine is still built, without the one-row model
+        logger.warning("built without the one-row model: its export failed (%s: %s)", type(exc).__name__,
+                       str(exc).splitlines()[0] if str(exc) else "")
+        return ep, None
+    got = [list(n.meta["val"].shape) for n in ep_one.graph.output_node().args[0]]
+    want = [one_row_shape(spec) for spec in outputs]
+    if got != want:
+        logger.warning("built without the one-row model: at one row the program returns shapes %s, its output specs "
+                       "say %s", got, want)
+        return ep, None
+    return ep, ep_one
+
+
+def _compile_with_one_row_model(ep, ep_one, package_path: Path, configs: dict) -> Path | None:
+    """One AOTInductor package holding `ep` (model "model") and `ep_one` (model `ONE_ROW_MODEL`) on one copy of the
+    weights, or None (with a warning) where AOTInductor fails on the one-row model.
+
+    Each model is compiled with its constants out of its .so (pickled weight files); `package_aoti` stores a tensor
+    that both graphs read (same storage) once, and the loader hands each model the same loaded tensors
+    (`load.py`)."""
+    configs = {**configs, "aot_inductor.package": True, "aot_inductor.package_constants_in_so": False,
+               "aot_inductor.package_constants_on_disk_format": "pickle_weights"}
+    from torch._inductor.package import package_aoti
+
+    try:
+        files = {"model": _aoti_files(ep, configs)}
+    except Exception as exc:  # the engine's own program: the build fails as it would without the one-row model
+        raise EngineError(f"AOTInductor compile failed: {type(exc).__name__}: {exc}") from exc
+    try:
+        files[ONE_ROW_MODEL] = _aoti_files(ep_one, {**configs, "aot_inductor.model_name_for_generated_files":
+                                                    f"{MODEL_NAME}_{ONE_ROW_MODEL}"})
+    except Exception as exc:  # noqa: BLE001 - the caller compiles the engine without it
+        logger.warning("the one-row model did not compile (%s: %s); compiling the engine without it",
+                       type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
         return None
+    return Path(package_aoti(str(package_path), files))
+
+
+def _aoti_files(ep, configs: dict) -> list:
+    """AOTInductor's files for `ep` (what `aoti_compile_and_package` compiles before packaging)."""
+    args, kwargs = ep.example_inputs
+    with static_branch_ints():  # AOTInductor re-traces the program first (run_decompositions)
+        return torch._inductor.aot_compile(_graph_of(ep), args, kwargs, options=configs)
 
 
 def _graph_of(ep: torch.export.ExportedProgram) -> torch.nn.Module:
-    """`ep` as a module to trace again: without its guards on the input shapes (the one-row branch calls it with
-    every dynamic dim at 1; torch >= 2.9 puts them in the graph unless told not to)."""
+    """`ep` as a module to compile, without its guards on the input shapes (as `aoti_compile_and_package` takes it;
+    torch >= 2.9 puts them in the graph unless told not to)."""
     if "check_guards" in inspect.signature(ep.module).parameters:
         return ep.module(check_guards=False)
     return ep.module()
@@ -278,14 +298,15 @@ def _export_with_hints(program, inputs, examples, dynamic_shapes, dim_ranges):
     return ep
 
 
-def _compile(ep, package_path: Path, man: Manifest, inductor_configs: dict | None) -> Path:
+def _engine_configs(man: Manifest, inductor_configs: dict | None) -> dict:
+    """AOTInductor's configs for an engine: exact numerics, no caches, qcompile's metadata, the caller's extras."""
     metadata = {
         "qcompile.format_version": str(FORMAT_VERSION),
         "qcompile.version": man.qcompile_version,
         "qcompile.content_hash": str(man.content_hash or ""),
         "qcompile.recipe": str((man.recipe or {}).get("name", "")),
     }
-    configs = {
+    return {
         **exact_numerics_configs(),
         # Inductor's FX graph cache keys on the graph, not on the constant values AOTInductor bakes into the
         # package: a second build of the same architecture with other weights or scales got the first build's
@@ -295,6 +316,9 @@ def _compile(ep, package_path: Path, man: Manifest, inductor_configs: dict | Non
         "aot_inductor.model_name_for_generated_files": MODEL_NAME,
         **(inductor_configs or {}),
     }
+
+
+def _compile(ep, package_path: Path, configs: dict) -> Path:
     try:
         with static_branch_ints():  # AOTInductor re-traces the program first (run_decompositions)
             out = torch._inductor.aoti_compile_and_package(ep, package_path=str(package_path),

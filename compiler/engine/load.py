@@ -1,6 +1,7 @@
 """Read, check and run engine files: `read_manifest`, `check_compatible`, `load` -> `Engine`."""
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import torch
 
 from qcompile.engine import device as devinfo
 from qcompile.engine.manifest import FORMAT_VERSION, MANIFEST_NAME, PACKAGE_NAME, IOSpec, Manifest, dtype_name
+from qcompile.engine.one_row import ONE_ROW_MODEL, at_one_row
 from qcompile.errors import EngineError
 
 logger = logging.getLogger(__name__)
@@ -97,14 +99,40 @@ def load(path: str | os.PathLike, *, device: str | None = None, run_single_threa
         kwargs = {"run_single_threaded": run_single_threaded}
         if dev.type == "cuda" and dev.index is not None:
             kwargs["device_index"] = dev.index
-        runner = torch._inductor.aoti_load_package(package, **kwargs)
+        if manifest.extra.get("one_row_model"):
+            runner, one_row_runner = _load_with_one_row_model(package, dev, kwargs)
+        else:
+            runner, one_row_runner = torch._inductor.aoti_load_package(package, **kwargs), None
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, Exception):
             raise EngineError(f"cannot load engine {str(path)!r}: {type(exc).__name__}: {exc}") from exc
         raise
     logger.info("loaded engine %s on %s", path, dev)
-    return Engine(path, manifest, runner, dev, tmp, single_threaded=run_single_threaded)
+    return Engine(path, manifest, runner, dev, tmp, single_threaded=run_single_threaded,
+                  one_row_runner=one_row_runner)
+
+
+def _load_with_one_row_model(package: str, dev: torch.device, kwargs: dict):
+    """The package's two models (the engine's, its one-row model: `one_row.py`) with their constants loaded once
+    onto `dev` and handed to both (the package stores a tensor both read once; `build._compile_with_one_row_model`)."""
+    from torch.export.pt2_archive._package import PT2ArchiveReader, load_pt2
+    from torch.export.pt2_archive.constants import AOTINDUCTOR_DIR, WEIGHTS_DIR
+
+    runners = load_pt2(package, **kwargs).aoti_runners
+    loaded: dict[str, torch.Tensor] = {}
+    with PT2ArchiveReader(package) as archive:
+        for name in ("model", ONE_ROW_MODEL):
+            config = json.loads(archive.read_string(os.path.join(AOTINDUCTOR_DIR, name, "weights_config.json")))
+            constants = {}
+            for fqn, (file, shape, stride, offset) in config.items():
+                if file not in loaded:
+                    data = io.BytesIO(archive.read_bytes(os.path.join(WEIGHTS_DIR, file)))
+                    loaded[file] = torch.load(data, map_location=dev, weights_only=True)
+                constants[fqn] = loaded[file].as_strided(shape, stride, offset)
+            # user-managed: the runner keeps these tensors instead of copying them, so both share one copy
+            runners[name].load_constants(constants, check_full_update=True, user_managed=True)
+    return runners["model"], runners[ONE_ROW_MODEL]
 
 
 def _warn_preload(dev: torch.device) -> None:
@@ -119,12 +147,13 @@ class Engine:
     """A loaded engine: checks feeds against the manifest, then runs the AOTInductor package."""
 
     def __init__(self, path: Path, manifest: Manifest, runner, device: torch.device, tmpdir: str,
-                 single_threaded: bool = False):
+                 single_threaded: bool = False, one_row_runner=None):
         self.path = path
         self.manifest = manifest
         self.device = device
         self.single_threaded = single_threaded  # loaded with the runner that CUDA graph capture needs
         self._runner = runner
+        self._one_row_runner = one_row_runner  # runs calls with every dynamic dim at 1 (`one_row.py`), or None
         self._cleanup = weakref.finalize(self, shutil.rmtree, tmpdir, True)
 
     @property
@@ -176,8 +205,11 @@ class Engine:
     def run_torch(self, feeds: dict) -> dict[str, torch.Tensor]:
         """Run on checked feeds; results are torch tensors on the engine device."""
         args = self.check_inputs(feeds)
+        runner = self._runner
+        if self._one_row_runner is not None and at_one_row(args, self.manifest.inputs):
+            runner = self._one_row_runner
         with torch.inference_mode():
-            outs = torch.utils._pytree.tree_leaves(self._runner(*args))
+            outs = torch.utils._pytree.tree_leaves(runner(*args))
         if len(outs) != len(self.output_names):
             raise EngineError(f"engine returned {len(outs)} outputs, manifest names {self.output_names}")
         return dict(zip(self.output_names, outs))
@@ -190,7 +222,7 @@ class Engine:
 
     def close(self) -> None:
         """Drop the loaded package and its extracted files."""
-        self._runner = None
+        self._runner = self._one_row_runner = None
         self._cleanup()
 
     def __enter__(self) -> Engine:

@@ -19,10 +19,10 @@ import torch
 from torch import Tensor
 
 from qcompile.plugins.fp4_gemm.reference import check_args, fp4_gemm_fp8_large_m_reference, fp4_gemm_reference
-from qcompile.plugins.gemm_dispatch import gemm_op, rows, scalar_buffer
+from qcompile.plugins.gemm_dispatch import rows, scalar_buffer
 
 
-@gemm_op("qcompile::fp4_gemm")
+@torch.library.triton_op("qcompile::fp4_gemm", mutates_args={})
 def fp4_gemm(
     x: Tensor,
     w_packed: Tensor,

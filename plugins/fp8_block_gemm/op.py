@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from qcompile.plugins.fp8_block_gemm.format import BLOCK, quantize_activation_blocks
-from qcompile.plugins.gemm_dispatch import add_bias, gemm_op, identity, run_by_buckets
+from qcompile.plugins.gemm_dispatch import add_bias, identity, run_by_buckets
 from qcompile.plugins.fp8_block_gemm.reference import check_args, fp8_block_gemm_reference
 
 ROW_ALIGN = 4  # rows of x padded to a multiple of 4 for the sm90 block-scaled cuBLASLt GEMM
@@ -45,7 +45,7 @@ ROW_DOT_WITH_CUBLAS = True
 GEMM_OUT_DTYPES = (torch.bfloat16, torch.float16)  # x dtypes the cuBLASLt GEMM writes itself, bias included
 
 
-@gemm_op("qcompile::fp8_block_gemm")
+@torch.library.triton_op("qcompile::fp8_block_gemm", mutates_args={})
 def fp8_block_gemm(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
     """`y[..., N]` of the plugin contract (1x128 dynamic FP8 activations, 128x128 FP8 weights), in x.dtype."""
     if x.device.type != "cuda":

@@ -18,13 +18,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from qcompile.plugins.gemm_dispatch import gemm_op
 from qcompile.plugins.int4_gemm.reference import (check_activation_args, check_args, int4_gemm_fp8_large_m_reference,
                                                   int4_gemm_reference, int4_gemm_w4a8_reference,
                                                   quantize_activation_fp8)
 
 
-@gemm_op("qcompile::int4_groupwise_gemm")
+@torch.library.triton_op("qcompile::int4_groupwise_gemm", mutates_args={})
 def int4_groupwise_gemm(
     x: Tensor,
     w_packed: Tensor,

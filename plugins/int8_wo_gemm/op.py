@@ -12,11 +12,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from qcompile.plugins.gemm_dispatch import gemm_op
 from qcompile.plugins.int8_wo_gemm.reference import int8_wo_gemm_reference
 
 
-@gemm_op("qcompile::int8_weight_only_gemm")
+@torch.library.triton_op("qcompile::int8_weight_only_gemm", mutates_args={})
 def int8_weight_only_gemm(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
     """`y[..., N] = x @ (w_q * w_scale[:, None])^T + bias` in x.dtype, w_q int8 [N, K] (see the plugin
     contract)."""

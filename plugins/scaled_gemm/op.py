@@ -33,14 +33,14 @@ from torch import Tensor
 
 from qcompile.plugins.formats import dynamic_row_scales, quantize_activation
 from qcompile.plugins.fp8_large_m import rowwise_scaled_mm
-from qcompile.plugins.gemm_dispatch import add_bias, gemm_op, scalar_buffer
+from qcompile.plugins.gemm_dispatch import add_bias, scalar_buffer
 from qcompile.plugins.scaled_gemm.reference import (FORMAT_OF, check_args, scaled_gemm_dynamic_reference,
                                                     scaled_gemm_reference)
 
 INT_MM_MIN_ROWS = 17  # torch._int_mm on CUDA needs M > 16
 
 
-@gemm_op("qcompile::scaled_gemm")
+@torch.library.triton_op("qcompile::scaled_gemm", mutates_args={})
 def scaled_gemm(
     x: Tensor,
     w_q: Tensor,
@@ -54,7 +54,7 @@ def scaled_gemm(
     return _scaled_gemm_cuda(x, w_q, w_scale, x_scale, bias)
 
 
-@gemm_op("qcompile::scaled_gemm_dynamic")
+@torch.library.triton_op("qcompile::scaled_gemm_dynamic", mutates_args={})
 def scaled_gemm_dynamic(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
     """`y[..., N] = (Q(x, s) @ w_q.T) * (s * w_scale) + bias` with per-row dynamic scales s (see the module)."""
     if x.device.type != "cuda":

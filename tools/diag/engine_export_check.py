@@ -10,7 +10,7 @@ engine of llama3-8b-layers failed here the way it failed on the H200 (thirty-fou
 
     python3 tools/diag/engine_export_check.py llama3-8b-layers --recipes w8a16 w4a16_awq nvfp4
     python3 tools/diag/engine_export_check.py llama3-8b-layers --recipes w4a16_rtn:int4-gemv-finish   # a variant
-    python3 tools/diag/engine_export_check.py llama3-8b-layers --recipes w4a16_awq --one-row-branch
+    python3 tools/diag/engine_export_check.py llama3-8b-layers --recipes w4a16_awq --one-row-model
 """
 from __future__ import annotations
 
@@ -26,13 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_kernels import engine_program, export_on_fake_h200, fake_h200, kernel_configs  # noqa: E402
 
 
-def export_and_retrace(program, src, one_row_branch: bool = False) -> int:
-    """The engine's export and AOTInductor's re-trace of `program` on fake CUDA tensors (`one_row_branch`: with the
-    build's one-row branch); returns the plugin nodes."""
+def export_and_retrace(program, src, one_row_model: bool = False) -> int:
+    """The engine's export and AOTInductor's re-trace of `program` on fake CUDA tensors (`one_row_model`: with the
+    build's one-row model); returns the plugin nodes."""
     from qcompile.engine.build import static_branch_ints
 
     with fake_h200(), torch.no_grad():
-        ep = export_on_fake_h200(program, src, one_row_branch)
+        ep = export_on_fake_h200(program, src, one_row_model)
         with static_branch_ints():
             ep = ep.run_decompositions()
     return sum(1 for gm in ep.graph_module.modules() if isinstance(gm, torch.fx.GraphModule)  # torch.cond branches too
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument("source")
     ap.add_argument("--recipes", nargs="+", default=["fp16"])
     ap.add_argument("--traceback", action="store_true", help="print the full traceback of a failure")
-    ap.add_argument("--one-row-branch", action="store_true", help="export with the build's one-row branch")
+    ap.add_argument("--one-row-model", action="store_true", help="export with the build's one-row model")
     args = ap.parse_args(argv)
     failed = 0
     for recipe in args.recipes:
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         try:
             program, src = engine_program(args.source, recipe)
             with kernel_configs(recipe):  # a variant's plugin configurations (`engine_kernels.kernel_configs`)
-                plugins = export_and_retrace(program, src, args.one_row_branch)
+                plugins = export_and_retrace(program, src, args.one_row_model)
             print(f"{recipe:<24} ok      {plugins:3d} plugin nodes  {time.perf_counter() - t0:6.1f} s", flush=True)
         except Exception as exc:  # noqa: BLE001 - a diagnostic: report and go on with the next recipe
             failed += 1

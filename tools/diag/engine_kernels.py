@@ -13,7 +13,7 @@ their times still need one (`tools/bench_engines.py --profile`).
     python3 tools/diag/engine_kernels.py llama3-8b-layers --recipes fp16 --inductor combo_kernels=True,persistent=4096
     python3 tools/diag/engine_kernels.py llama3-8b-layers --recipes fp16 fp16:no-attention-fusion
     python3 tools/diag/engine_kernels.py llama3-8b-layers --recipes w4a16_rtn w4a16_rtn:int4-gemv-finish
-    python3 tools/diag/engine_kernels.py llama3-8b-layers --recipes w4a16_rtn --rows 0   # the one-row branch
+    python3 tools/diag/engine_kernels.py llama3-8b-layers --recipes w4a16_rtn --rows 0   # the one-row model
     (each --inductor set is listed after the defaults; the graph is built once per recipe)
 
 How this differs from an engine build: Inductor's wrapper is the Python one (`compile_fx`; AOTInductor's C++
@@ -152,10 +152,11 @@ def kernel_configs(recipe: str):
     return KERNEL_VARIANTS.get(recipe.partition(":")[2], contextlib.nullcontext)()
 
 
-def export_on_fake_h200(program, src, one_row_branch: bool = False):
+def export_on_fake_h200(program, src, one_row_model: bool = False):
     """`program` exported as the engine build exports it (`engine.build._export_program`, with its Dynamo settings),
-    on fake CUDA tensors; call inside `fake_h200()`. `one_row_branch`: with the build's one-row branch, which must
-    then export (RuntimeError otherwise, where the build would fall back to the program without it)."""
+    on fake CUDA tensors; call inside `fake_h200()`. `one_row_model`: the build's one-row model (every dynamic dim
+    at 1, static shapes) instead, which must then export (RuntimeError otherwise, where the build would go on
+    without it)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from qcompile.engine.build import _export_program
@@ -165,32 +166,16 @@ def export_on_fake_h200(program, src, one_row_branch: bool = False):
         program = program.to("cuda")
         feed = src.engine_example()
         examples = tuple(torch.from_numpy(feed[n]).to("cuda") for n in program.input_names)
-        ep, ep_branched = _export_program(program, src.inputs, src.outputs, examples,
-                                          merge_dim_ranges(src.inputs + src.outputs), one_row_branch)
-    if one_row_branch and ep_branched is None:
-        raise RuntimeError("the one-row branch did not export (the build's warning above says why)")
-    return ep_branched if one_row_branch else ep
-
-
-def export_one_row_on_fake_h200(program, src):
-    """`program` exported with every dynamic dim at 1, as the engine's one-row branch traces it
-    (`engine/one_row.py`), on fake CUDA tensors; call inside `fake_h200()`."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from qcompile.engine.build import _export_once
-    from qcompile.engine.one_row import narrow_to_one_row
-
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        program = program.to("cuda")
-        feed = src.engine_example()
-        examples = tuple(narrow_to_one_row(torch.from_numpy(feed[name]).to("cuda"), spec)
-                         for spec, name in zip(src.inputs, program.input_names))
-        return _export_once(program, examples, None)  # static shapes: no dynamic dims
+        ep, ep_one = _export_program(program, src.inputs, src.outputs, examples,
+                                     merge_dim_ranges(src.inputs + src.outputs), one_row_model)
+    if one_row_model and ep_one is None:
+        raise RuntimeError("the one-row model did not export (the build's warning above says why)")
+    return ep_one if one_row_model else ep
 
 
 def wrapper_code(program, src, inductor: dict, rows: int) -> str:
     """Inductor's Python wrapper for `program` exported as the engine exports it, on fake CUDA tensors, with the
-    plugins' GEMMs on their `rows`-row path; rows 0: the engine's one-row branch (every dynamic dim at 1, so the
+    plugins' GEMMs on their `rows`-row path; rows 0: the engine's one-row model (every dynamic dim at 1, so the
     plugins see M = 1 as an int)."""
     from torch._inductor.compile_fx import compile_fx
 
@@ -204,7 +189,7 @@ def wrapper_code(program, src, inductor: dict, rows: int) -> str:
         return real_load(key, path, *args, **kwargs)
 
     with fake_h200(), bucket_of(rows), torch.no_grad():
-        ep = export_on_fake_h200(program, src) if rows else export_one_row_on_fake_h200(program, src)
+        ep = export_on_fake_h200(program, src, one_row_model=not rows)
         user = set(ep.graph_signature.user_inputs)  # their fake values carry the dynamic dims
         symbolic = [n.meta["val"] for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
         torch._inductor.codecache.PyCodeCache.load_by_key_path = keep_source
@@ -256,7 +241,7 @@ def main(argv=None) -> int:
                     help="an Inductor option set key=value[,key=value] to list beside the defaults (repeatable); "
                          "persistent=N: row reductions up to N persistent (tools/inductor_variants.py)")
     ap.add_argument("--rows", type=int, default=1, help="the plugins' M bucket to list (default 1: decoding; 0: the "
-                                                        "engine's one-row branch, every dynamic dim at 1)")
+                                                        "engine's one-row model, every dynamic dim at 1)")
     ap.add_argument("--code", type=Path, help="write each wrapper to CODE/<recipe>[-<n>].py")
     args = ap.parse_args(argv)
     option_sets = [{}] + [parse_options(text) for text in args.inductor]
@@ -268,7 +253,7 @@ def main(argv=None) -> int:
             if args.code:
                 args.code.mkdir(parents=True, exist_ok=True)
                 (args.code / f"{recipe}{f'-{index}' if index else ''}.py").write_text(code)
-            path = f"their {args.rows}-row path" if args.rows else "the one-row branch (static shapes)"
+            path = f"their {args.rows}-row path" if args.rows else "the one-row model (static shapes)"
             print(f"=== {args.source} {recipe}, plugin GEMMs on {path}, "
                   f"{inductor or 'Inductor defaults'}")
             for function, kernels in launches(code).items():

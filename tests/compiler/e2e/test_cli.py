@@ -168,8 +168,8 @@ def test_fp8_large_m_cpu_engine_emulates_the_fp8_path_above_128_rows(tmp_path, c
         assert (1e-3 < diff < 0.1 and cosine(got, want) > 0.99) if fp8 else diff < 1e-4, (seq, diff)
 
 
-def test_one_row_branch_engine_matches_the_plugin_graph(tmp_path, capsys, llama, graph_builds):
-    """`build --one-row-branch` on CPU: inspect says the branch is compiled, and the engine gives what the plugin
+def test_one_row_model_engine_matches_the_plugin_graph(tmp_path, capsys, llama, graph_builds):
+    """`build --one-row-model` on CPU: inspect says the branch is compiled, and the engine gives what the plugin
     graph gives (our lowering) at one token (the branch) and at 2 x 8 tokens (the other one)."""
     import torch
 
@@ -177,9 +177,9 @@ def test_one_row_branch_engine_matches_the_plugin_graph(tmp_path, capsys, llama,
 
     engine = tmp_path / "e.engine"
     code, out, err = run_cli(capsys, "build", "tiny-llama", "--recipe", "w4a16_rtn", "--device", "cpu",
-                             "--one-row-branch", "--no-validate", "-o", engine)
+                             "--one-row-model", "--no-validate", "-o", engine)
     assert code == 0, err
-    assert re.search(r"one-row branch +compiled", run_cli(capsys, "inspect", engine)[1])
+    assert re.search(r"one-row model +compiled", run_cli(capsys, "inspect", engine)[1])
     exact = lower_onnx(graph_builds("w4a16_rtn").plugin_model)
     built = qcompile.load(engine)
     for batch, seq in ((1, 1), (2, 8)):

@@ -1,8 +1,11 @@
-"""The engine's one-row branch (`engine/one_row.py`): the program traced again with every dynamic dim at 1."""
+"""The engine's one-row model (`engine/one_row.py`): the program exported a second time with every dynamic dim at 1,
+in one package with the engine's model, on one copy of the weights."""
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import zipfile
 
 import numpy as np
 import pytest
@@ -11,7 +14,7 @@ import torch
 from qcompile.engine import IOSpec, build_engine, load
 from qcompile.engine import build as build_mod
 from qcompile.engine.manifest import merge_dim_ranges
-from qcompile.engine.one_row import one_row_dims
+from qcompile.engine.one_row import ONE_ROW_MODEL, allows_one_row_model
 
 from qc_testutil import ScaledGemmNet
 
@@ -28,102 +31,130 @@ def _feeds(batch, seq, seed=0):
 
 
 @pytest.mark.parametrize("inputs, outputs, expected", [
-    (INPUTS, OUTPUTS, {"batch": (0, 0), "seq": (0, 1)}),
-    ([IOSpec("x", "float32", ["batch", 4], {"batch": (2, 8)})], [IOSpec("o", "float32", ["batch"])], {}),
-    ([IOSpec("x", "float32", [3, 4])], [IOSpec("o", "float32", [3])], {}),
+    (INPUTS, OUTPUTS, True),
+    ([IOSpec("x", "float32", ["batch", 4], {"batch": (2, 8)})], [IOSpec("o", "float32", ["batch"])], False),
+    ([IOSpec("x", "float32", [3, 4])], [IOSpec("o", "float32", [3])], False),
     ([IOSpec("x", "float32", ["batch", 4], {"batch": (1, 8)})],
-     [IOSpec("o", "float32", ["tokens"], {"tokens": (1, 64)})], {}),
+     [IOSpec("o", "float32", ["tokens"], {"tokens": (1, 64)})], False),
 ], ids=["batch-and-seq", "range-excludes-1", "static", "output-dim-not-an-input-dim"])
-def test_one_row_dims(inputs, outputs, expected):
-    assert one_row_dims(inputs, outputs, merge_dim_ranges(inputs + outputs)) == expected
+def test_allows_one_row_model(inputs, outputs, expected):
+    assert allows_one_row_model(inputs, outputs, merge_dim_ranges(inputs + outputs)) is expected
 
 
-def test_one_row_branch_traces_the_program_with_static_rows():
-    """The branch taken at one row holds the plugin with x [1, 1, 32] (static: no dispatch by row count there);
-    the other branch holds it with the symbolic dims, and both compute what the module computes."""
+def _plugin_input_shape(ep) -> tuple:
+    [gemm] = [n for n in ep.graph.nodes if "scaled_gemm" in str(n.target)]
+    return tuple(gemm.args[0].meta["val"].shape)
+
+
+def test_one_row_model_is_the_program_with_static_rows():
+    """The one-row export holds the plugin with x [1, 1, 32] (static: no dispatch by row count); the engine's export
+    holds it with the symbolic dims."""
     net = ScaledGemmNet()
-    where = one_row_dims(INPUTS, OUTPUTS, merge_dim_ranges(INPUTS + OUTPUTS))
-    _, ep = build_mod._export_program(net, INPUTS, OUTPUTS, _feeds(2, 3), merge_dim_ranges(INPUTS + OUTPUTS),
-                                      one_row_branch=True)
-    assert ep is not None and where
-    shapes = {}
-    for name in ("true_graph_0", "false_graph_0"):
-        graph = getattr(ep.graph_module, name).graph
-        [gemm] = [n for n in graph.nodes if "scaled_gemm" in str(n.target)]
-        shapes[name] = tuple(gemm.args[0].meta["val"].shape)
-    assert shapes["true_graph_0"] == (1, 1, 32)
-    assert not any(isinstance(d, int) for d in shapes["false_graph_0"][:2])
-    for batch, seq in [(1, 1), (1, 5), (3, 1), (4, 7)]:
-        feeds = _feeds(batch, seq, seed=batch * 10 + seq)
-        (got,) = ep.module()(*feeds)
-        torch.testing.assert_close(got, net(*feeds), rtol=0, atol=0)
+    ep, ep_one = build_mod._export_program(net, INPUTS, OUTPUTS, _feeds(2, 3), merge_dim_ranges(INPUTS + OUTPUTS),
+                                           one_row_model=True)
+    assert ep_one is not None
+    assert _plugin_input_shape(ep_one) == (1, 1, 32)
+    assert not any(isinstance(d, int) for d in _plugin_input_shape(ep)[:2])
+    x, y = _feeds(1, 1, seed=5)
+    torch.testing.assert_close(ep_one.module()(x, y), net(x, y), rtol=0, atol=0)
 
 
-def test_engine_with_one_row_branch_matches_eager(tmp_path):
+class CountingRunner:
+    """Wraps an AOTInductor runner and counts its calls."""
+
+    def __init__(self, runner):
+        self.runner, self.calls = runner, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.runner(*args)
+
+
+def test_engine_runs_its_one_row_model_at_one_row_and_matches_float64(tmp_path):
     net = ScaledGemmNet()
     path = tmp_path / "one_row.engine"
     man = build_engine(net, inputs=INPUTS, outputs=OUTPUTS, example_inputs=_feeds(2, 3), manifest={},
-                       output_path=path, device="cpu", one_row_branch=True)
-    assert man.extra["one_row_branch"] is True
+                       output_path=path, device="cpu", one_row_model=True)
+    assert man.extra["one_row_model"] is True
     engine = load(path)
-    assert engine.manifest.extra["one_row_branch"] is True
+    assert engine.manifest.extra["one_row_model"] is True
+    engine._runner, engine._one_row_runner = CountingRunner(engine._runner), CountingRunner(engine._one_row_runner)
     reference = copy.deepcopy(net).double()  # float64 math around the same int8 plugin
-    for batch, seq in [(1, 1), (1, 9), (2, 1), (5, 3)]:
+    for batch, seq in [(1, 1), (1, 9), (2, 1), (5, 3), (1, 1)]:
         x, y = _feeds(batch, seq, seed=100 + batch * 10 + seq)
         with torch.no_grad():
             want = reference(x.double(), y.double()).numpy()
         got = engine.run({"x": x.numpy(), "y": y.numpy()})["out"]
         assert got.shape == (batch, seq, 16)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert (engine._one_row_runner.calls, engine._runner.calls) == (2, 3)
+
+
+def test_package_stores_each_weight_once(tmp_path):
+    """Both models' weight configs point into one set of weight files: the one-row model adds none of its own."""
+    path = tmp_path / "one_row.engine"
+    build_engine(ScaledGemmNet(), inputs=INPUTS, outputs=OUTPUTS, example_inputs=_feeds(2, 3), manifest={},
+                 output_path=path, device="cpu", one_row_model=True)
+    package = tmp_path / "model.pt2"
+    with zipfile.ZipFile(path) as engine_zip:
+        package.write_bytes(engine_zip.read("model.pt2"))
+    with zipfile.ZipFile(package) as z:
+        names = z.namelist()
+        configs = {model: json.loads(z.read(next(n for n in names if n.endswith(f"/{model}/weights_config.json"))))
+                   for model in ("model", ONE_ROW_MODEL)}
+    weight_files = {n.rsplit("/", 1)[1] for n in names if "/data/weights/" in n}
+    used = {model: {entry[0] for entry in config.values()} for model, config in configs.items()}
+    assert used["model"] == weight_files
+    assert used[ONE_ROW_MODEL] <= used["model"] and used[ONE_ROW_MODEL]
+    assert len(weight_files) < len(configs["model"]) + len(configs[ONE_ROW_MODEL])
 
 
 class Doubles(torch.nn.Module):
-    """Returns 2 * batch rows while its output spec says batch: the one-row branch cannot hold it."""
+    """Returns 2 * batch rows while its output spec says batch: at one row it returns 2 rows, not 1."""
 
     def forward(self, x):
         return torch.cat([x, x], 0) * 2
 
 
-def test_branch_that_cannot_hold_the_outputs_is_left_out(caplog):
+def test_one_row_model_with_other_output_shapes_is_left_out(caplog):
     inputs = [IOSpec("x", "float32", ["batch", 4], {"batch": (1, 8)})]
     outputs = [IOSpec("o", "float32", ["batch", 4])]
     ranges = merge_dim_ranges(inputs + outputs)
     with caplog.at_level(logging.WARNING, logger="qcompile.engine.build"):
-        ep, branched = build_mod._export_program(Doubles(), inputs, outputs, (torch.randn(3, 4),), ranges, True)
-    assert branched is None
-    assert "without the one-row branch" in caplog.text
-    if torch.__version__ >= "2.13":  # torch 2.11's Dynamo keeps only the first line of the error raised in the branch
-        assert "output 'o' has shape [2, 4] at one row" in caplog.text
+        ep, ep_one = build_mod._export_program(Doubles(), inputs, outputs, (torch.randn(3, 4),), ranges, True)
+    assert ep_one is None
+    assert "without the one-row model: at one row the program returns shapes [[2, 4]]" in caplog.text
     x = torch.randn(1, 4)
     torch.testing.assert_close(ep.module()(x), Doubles()(x))
 
 
-def test_no_branch_where_no_dim_can_be_1(caplog):
+def test_no_one_row_model_where_no_dim_can_be_1(caplog):
     inputs = [IOSpec("x", "float32", ["batch", 4], {"batch": (2, 8)})]
-    with caplog.at_level(logging.INFO, logger="qcompile.engine.build"):
-        ep, branched = build_mod._export_program(Doubles(), inputs, [IOSpec("o", "float32", ["batch", 4])],
-                                                 (torch.randn(3, 4),), {"batch": (2, 8)}, True)
-    assert branched is None and "no one-row branch" in caplog.text
-    assert not any("cond" in str(n.target) for n in ep.graph.nodes)
+    with caplog.at_level(logging.WARNING, logger="qcompile.engine.build"):
+        _, ep_one = build_mod._export_program(Doubles(), inputs, [IOSpec("o", "float32", ["batch", 4])],
+                                              (torch.randn(3, 4),), {"batch": (2, 8)}, True)
+    assert ep_one is None and "without the one-row model: the engine has no dynamic dim, one whose range" in caplog.text
 
 
-def test_branch_that_does_not_compile_is_left_out(tmp_path, monkeypatch, caplog):
-    """Where AOTInductor fails on the one-row branch (torch 2.11 on CUDA), the engine is compiled without it."""
-    real = build_mod._compile
+def test_one_row_model_that_does_not_compile_is_left_out(tmp_path, monkeypatch, caplog):
+    """Where AOTInductor fails on the one-row model, the engine is compiled without it and loads as a plain one."""
+    real = build_mod._aoti_files
 
-    def compile_fails_with_branch(ep, path, man, configs):
-        if any("cond" in str(n.target) for n in ep.graph.nodes):
-            raise build_mod.EngineError("AOTInductor compile failed: InductorError: AssertionError: ps0")
-        return real(ep, path, man, configs)
+    def one_row_fails(ep, configs):
+        if configs["aot_inductor.model_name_for_generated_files"].endswith(ONE_ROW_MODEL):
+            raise RuntimeError("InductorError: AssertionError: ps0")
+        return real(ep, configs)
 
-    monkeypatch.setattr(build_mod, "_compile", compile_fails_with_branch)
+    monkeypatch.setattr(build_mod, "_aoti_files", one_row_fails)
     net, path = ScaledGemmNet(), tmp_path / "fallback.engine"
     with caplog.at_level(logging.WARNING, logger="qcompile.engine.build"):
         man = build_engine(net, inputs=INPUTS, outputs=OUTPUTS, example_inputs=_feeds(2, 3), manifest={},
-                           output_path=path, device="cpu", one_row_branch=True)
-    assert man.extra["one_row_branch"] is False
-    assert "the one-row branch did not compile (AOTInductor compile failed" in caplog.text
+                           output_path=path, device="cpu", one_row_model=True)
+    assert man.extra["one_row_model"] is False
+    assert "the one-row model did not compile (RuntimeError: InductorError: AssertionError: ps0)" in caplog.text
+    engine = load(path)
+    assert engine._one_row_runner is None
     x, y = _feeds(1, 1, seed=7)
     with torch.no_grad():
         want = net(x, y).numpy()
-    np.testing.assert_allclose(load(path).run({"x": x.numpy(), "y": y.numpy()})["out"], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(engine.run({"x": x.numpy(), "y": y.numpy()})["out"], want, rtol=1e-5, atol=1e-5)
