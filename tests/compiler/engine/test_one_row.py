@@ -158,3 +158,32 @@ def test_one_row_model_that_does_not_compile_is_left_out(tmp_path, monkeypatch, 
     with torch.no_grad():
         want = net(x, y).numpy()
     np.testing.assert_allclose(engine.run({"x": x.numpy(), "y": y.numpy()})["out"], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_engine_runs_its_one_row_model_also_from_a_cuda_graph(tmp_path):
+    """On CUDA: both models match the eager module, the one-row model runs at one row, and a decode step captured
+    as a CUDA graph (the engine loaded single-threaded) replays the one-row model on new feeds."""
+    from qcompile.engine.graph_replay import GraphReplay
+
+    net = ScaledGemmNet().cuda()
+    path = tmp_path / "one_row_cuda.engine"
+    examples = tuple(t.cuda() for t in _feeds(2, 3))
+    man = build_engine(net, inputs=INPUTS, outputs=OUTPUTS, example_inputs=examples, manifest={},
+                       output_path=path, device="cuda", one_row_model=True)
+    assert man.extra["one_row_model"] is True
+    engine = load(path, run_single_threaded=True)
+    engine._one_row_runner = CountingRunner(engine._one_row_runner)
+    for batch, seq in [(1, 1), (3, 5)]:
+        x, y = (t.cuda() for t in _feeds(batch, seq, seed=batch + seq))
+        with torch.no_grad():
+            torch.testing.assert_close(engine.run_torch({"x": x, "y": y})["out"], net(x, y), rtol=1e-4, atol=1e-4)
+    assert engine._one_row_runner.calls == 1
+    x, y = (t.cuda() for t in _feeds(1, 1, seed=11))
+    replay = GraphReplay(engine, {"x": x, "y": y})
+    for seed in (12, 13):
+        x, y = (t.cuda() for t in _feeds(1, 1, seed=seed))
+        with torch.no_grad():
+            torch.testing.assert_close(replay.run({"x": x, "y": y})["out"], net(x, y), rtol=1e-4, atol=1e-4)
