@@ -67,7 +67,11 @@ VARIANTS = {  # recipe:variant -> (the build's context, more `qcompile.build` ar
     "fp8-large-m": (contextlib.nullcontext, {"fp8_large_m": True}),
     "no-attention-fusion": (contextlib.nullcontext, {"fuse_attention": False}),  # attention as MatMul/Softmax
     "one-row-model": (contextlib.nullcontext, {"one_row_model": True}),  # the program also compiled at one row
-    # ... with attention in the one-row model as a bmm and a fused softmax (the math SDPA backend)
+    # ... with attention in the one-row model on cuDNN (the other model's choice; torch 2.11 chose the memory-
+    # efficient kernel for the one-row model: 6.7 µs a layer against 3.3 + 1.0 on the H100) or in the math form
+    # (a bmm and a fused softmax: slower, BENCHMARKS.md fortieth session)
+    "one-row-model-cudnn-sdpa": (lambda: mock.patch.object(engine_build, "ONE_ROW_SDPA_BACKENDS",
+                                                           ("CUDNN_ATTENTION", "MATH")), {"one_row_model": True}),
     "one-row-model-math-sdpa": (lambda: mock.patch.object(engine_build, "ONE_ROW_SDPA_BACKENDS", ("MATH",)),
                                 {"one_row_model": True}),
     # decode overhead: independent small kernels (the split-K GEMVs' zero fills) launched as one; row reductions

@@ -30,8 +30,7 @@ logger = logging.getLogger(__name__)
 
 MODEL_NAME = "qcmodel"  # stable generated file names inside the package
 # scaled-dot-product-attention backends the one-row model's compile may choose from (torch.nn.attention.SDPBackend
-# names); empty: torch's own choice. At one query and one key per head, "MATH" lowers attention to a small bmm and
-# a fused softmax instead of a flash / memory-efficient kernel (bench variant one-row-model-math-sdpa)
+# names); empty: torch's own choice (bench variants one-row-model-cudnn-sdpa, one-row-model-math-sdpa)
 ONE_ROW_SDPA_BACKENDS: tuple[str, ...] = ()
 
 
