@@ -42,7 +42,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import onnx
@@ -51,7 +50,6 @@ import torch._inductor.config as inductor_config
 
 import qcompile
 from qcompile.engine import GraphReplay
-from qcompile.engine import build as engine_build
 from qcompile.frontend import load_source
 from qcompile.inputs import parse_dim_sizes
 from qcompile.lowering import lower_onnx
@@ -67,13 +65,6 @@ VARIANTS = {  # recipe:variant -> (the build's context, more `qcompile.build` ar
     "fp8-large-m": (contextlib.nullcontext, {"fp8_large_m": True}),
     "no-attention-fusion": (contextlib.nullcontext, {"fuse_attention": False}),  # attention as MatMul/Softmax
     "one-row-model": (contextlib.nullcontext, {"one_row_model": True}),  # the program also compiled at one row
-    # ... with attention in the one-row model on cuDNN (the other model's choice; torch 2.11 chose the memory-
-    # efficient kernel for the one-row model: 6.7 µs a layer against 3.3 + 1.0 on the H100) or in the math form
-    # (a bmm and a fused softmax: slower, BENCHMARKS.md fortieth session)
-    "one-row-model-cudnn-sdpa": (lambda: mock.patch.object(engine_build, "ONE_ROW_SDPA_BACKENDS",
-                                                           ("CUDNN_ATTENTION", "MATH")), {"one_row_model": True}),
-    "one-row-model-math-sdpa": (lambda: mock.patch.object(engine_build, "ONE_ROW_SDPA_BACKENDS", ("MATH",)),
-                                {"one_row_model": True}),
     # decode overhead: independent small kernels (the split-K GEMVs' zero fills) launched as one; row reductions
     # (RMSNorm) up to 4096 persistent (one load of the row); one-row reductions not split in two; reduction tiles
     # tuned by timing

@@ -6,7 +6,6 @@ KeyboardInterrupt) removes the temp file and leaves the destination untouched.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import os
@@ -29,9 +28,6 @@ from qcompile.errors import EngineError
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "qcmodel"  # stable generated file names inside the package
-# scaled-dot-product-attention backends the one-row model's compile may choose from (torch.nn.attention.SDPBackend
-# names); empty: torch's own choice (bench variants one-row-model-cudnn-sdpa, one-row-model-math-sdpa)
-ONE_ROW_SDPA_BACKENDS: tuple[str, ...] = ()
 
 
 def build_engine(
@@ -191,23 +187,13 @@ def _compile_with_one_row_model(ep, ep_one, package_path: Path, configs: dict) -
     except Exception as exc:  # the engine's own program: the build fails as it would without the one-row model
         raise EngineError(f"AOTInductor compile failed: {type(exc).__name__}: {exc}") from exc
     try:
-        with _sdpa_backends(ONE_ROW_SDPA_BACKENDS):
-            files[ONE_ROW_MODEL] = _aoti_files(ep_one, {**configs, "aot_inductor.model_name_for_generated_files":
-                                                        f"{MODEL_NAME}_{ONE_ROW_MODEL}"})
+        files[ONE_ROW_MODEL] = _aoti_files(ep_one, {**configs, "aot_inductor.model_name_for_generated_files":
+                                                    f"{MODEL_NAME}_{ONE_ROW_MODEL}"})
     except Exception as exc:  # noqa: BLE001 - the caller compiles the engine without it
         logger.warning("the one-row model did not compile (%s: %s); compiling the engine without it",
                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
         return None
     return Path(package_aoti(str(package_path), files))
-
-
-def _sdpa_backends(names: tuple[str, ...]):
-    """A context in which attention decomposes to one of the SDPA backends `names` (none: torch's choice)."""
-    if not names:
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([getattr(SDPBackend, name) for name in names])
 
 
 def _aoti_files(ep, configs: dict) -> list:
