@@ -178,10 +178,10 @@ def _compile_with_one_row_model(ep, ep_one, package_path: Path, configs: dict) -
     Each model is compiled with its constants out of its .so (pickled weight files); `package_aoti` stores a tensor
     that both graphs read (same storage) once, and the loader hands each model the same loaded tensors
     (`load.py`)."""
-    configs = {**configs, "aot_inductor.package": True, "aot_inductor.package_constants_in_so": False,
-               "aot_inductor.package_constants_on_disk_format": "pickle_weights"}
     from torch._inductor.package import package_aoti
 
+    configs = {**configs, "aot_inductor.package": True, "aot_inductor.package_constants_in_so": False,
+               "aot_inductor.package_constants_on_disk_format": "pickle_weights"}
     try:
         files = {"model": _aoti_files(ep, configs)}
     except Exception as exc:  # the engine's own program: the build fails as it would without the one-row model
