@@ -182,17 +182,17 @@ def _compile_with_one_row_model(ep, ep_one, package_path: Path, configs: dict) -
 
     configs = {**configs, "aot_inductor.package": True, "aot_inductor.package_constants_in_so": False,
                "aot_inductor.package_constants_on_disk_format": "pickle_weights"}
-    try:
-        files = {"model": _aoti_files(ep, configs)}
-    except Exception as exc:  # the engine's own program: the build fails as it would without the one-row model
-        raise EngineError(f"AOTInductor compile failed: {type(exc).__name__}: {exc}") from exc
-    try:
-        files[ONE_ROW_MODEL] = _aoti_files(ep_one, {**configs, "aot_inductor.model_name_for_generated_files":
-                                                    f"{MODEL_NAME}_{ONE_ROW_MODEL}"})
+    try:  # first: where it fails, the caller compiles the engine's model once, as without the one-row model
+        one_row_files = _aoti_files(ep_one, {**configs, "aot_inductor.model_name_for_generated_files":
+                                             f"{MODEL_NAME}_{ONE_ROW_MODEL}"})
     except Exception as exc:  # noqa: BLE001 - the caller compiles the engine without it
         logger.warning("the one-row model did not compile (%s: %s); compiling the engine without it",
                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
         return None
+    try:
+        files = {"model": _aoti_files(ep, configs), ONE_ROW_MODEL: one_row_files}
+    except Exception as exc:  # the engine's own program: the build fails as it would without the one-row model
+        raise EngineError(f"AOTInductor compile failed: {type(exc).__name__}: {exc}") from exc
     return Path(package_aoti(str(package_path), files))
 
 

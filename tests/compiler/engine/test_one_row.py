@@ -138,10 +138,11 @@ def test_no_one_row_model_where_no_dim_can_be_1(caplog):
 
 def test_one_row_model_that_does_not_compile_is_left_out(tmp_path, monkeypatch, caplog):
     """Where AOTInductor fails on the one-row model, the engine is compiled without it and loads as a plain one."""
-    real = build_mod._aoti_files
+    real, compiled = build_mod._aoti_files, []
 
     def one_row_fails(ep, configs):
-        if configs["aot_inductor.model_name_for_generated_files"].endswith(ONE_ROW_MODEL):
+        compiled.append(configs["aot_inductor.model_name_for_generated_files"])
+        if compiled[-1].endswith(ONE_ROW_MODEL):
             raise RuntimeError("InductorError: AssertionError: ps0")
         return real(ep, configs)
 
@@ -152,6 +153,7 @@ def test_one_row_model_that_does_not_compile_is_left_out(tmp_path, monkeypatch, 
                            output_path=path, device="cpu", one_row_model=True)
     assert man.extra["one_row_model"] is False
     assert "the one-row model did not compile (RuntimeError: InductorError: AssertionError: ps0)" in caplog.text
+    assert compiled == [f"{build_mod.MODEL_NAME}_{ONE_ROW_MODEL}"]  # the engine's model compiled once, after it
     engine = load(path)
     assert engine._one_row_runner is None
     x, y = _feeds(1, 1, seed=7)
