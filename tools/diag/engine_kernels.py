@@ -246,7 +246,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     option_sets = [{}] + [parse_options(text) for text in args.inductor]
     for recipe in args.recipes:
-        program, src = engine_program(args.source, recipe)
+        with kernel_configs(recipe):  # a variant may set how the program is lowered, too
+            program, src = engine_program(args.source, recipe)
         for index, inductor in enumerate(option_sets):
             with kernel_configs(recipe):
                 code = wrapper_code(program, src, inductor, args.rows)

@@ -1,0 +1,100 @@
+"""Is the one-row INT4 GEMV bound by HBM? Each decode layer's INT4 op at M = 1 timed with its weight cold (a
+different copy each call, more bytes than L2 holds) and warm (the same copy each call: read from L2), beside cuBLAS
+fp16 on the same layer; then warm again with the weight prefetch (`gemm_dispatch.prefetch_launch`) asking L2 for
+24 MB that are already there, which prices the prefetch instructions alone. A kernel that HBM bounds runs much
+faster warm; one bound by its instructions or launch does not. Then, cold, GEMV tiles 1024 columns wide on 2 warps
+(16 columns a thread: the activation pairs of a word row made once for twice the words; 3.1 SASS instructions per
+weight against the shipped tile's 3.75, `tools/diag/sass_count.py --block-n 1024`) beside the shipped one. µs per
+call replayed from a CUDA graph.
+
+    python3 tools/diag/gemv_l2_probe.py          # on the GPU machine (STEPS=diag DIAG=tools/diag/gemv_l2_probe.py)
+
+Not part of the product.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from probe_util import run_part, save  # noqa: E402
+
+SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]  # Q/K/V, output, gate/up, down
+COLD_BYTES = 160 << 20  # copies enough to pass through L2 (50 MB on the H100 and H200) several times
+
+
+def per_call_us(calls, reps: int = 20) -> float:
+    """µs per call of the list of thunks `calls`, all captured in one CUDA graph and replayed."""
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000 / (reps * len(calls))
+
+
+def layer(k: int, n: int) -> dict:
+    from qcompile.plugins import gemm_dispatch
+    from qcompile.plugins.int4_gemm import register
+
+    op = register()
+    words_bytes = k * n // 2
+    copies = max(2, -(-COLD_BYTES // words_bytes))
+    gen = torch.Generator(device="cuda").manual_seed(k + n)
+    words = [torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, device="cuda", generator=gen)
+             for _ in range(copies)]
+    scale = torch.rand(k // 128, n, device="cuda", dtype=torch.float16, generator=gen) * 0.01 + 0.001
+    x = torch.randn(1, k, device="cuda", dtype=torch.float16, generator=gen)
+    fp16 = [torch.randn(k, n, device="cuda", dtype=torch.float16, generator=gen) * 0.01
+            for _ in range(max(2, -(-COLD_BYTES // (2 * k * n))))]
+    other = torch.randint(-2**31, 2**31 - 1, (6 << 20,), dtype=torch.int32, device="cuda", generator=gen)  # 24 MB
+    out = {"copies": copies}
+    out["int4_cold"] = per_call_us([lambda w=w: op(x, w, scale, None, None, 128) for w in words])
+    out["int4_warm"] = per_call_us([lambda: op(x, words[0], scale, None, None, 128)] * copies)
+    out["fp16_cold"] = per_call_us([lambda w=w: x @ w for w in fp16])
+    out["fp16_warm"] = per_call_us([lambda: x @ fp16[0]] * len(fp16))
+    for mode in ("bulk", "lines"):
+        gemm_dispatch.PREFETCH_MODE = mode
+        per_call_us([lambda: op(x, words[0], scale, None, None, 128, prefetch=other)])  # warm L2 with `other`
+        out[f"int4_warm_prefetch_{mode}"] = per_call_us(
+            [lambda: op(x, words[0], scale, None, None, 128, prefetch=other)] * copies)
+    from qcompile.plugins.int4_gemm import kernel
+
+    shipped = kernel.CONFIGS[0][1]
+    for label, change in (("wide_w2", dict(BLOCK_N=1024, MIN_TILES=4, num_warps=2)),
+                          ("wide_w2_waves16", dict(BLOCK_N=1024, MIN_TILES=4, num_warps=2, waves=16)),
+                          ("wide_w4", dict(BLOCK_N=1024, MIN_TILES=4, num_warps=4, BLOCK_K=64))):
+        configs = [(1, dict(shipped, **change))] + kernel.CONFIGS[1:]
+        run = lambda w, c=configs: kernel.int4_gemm_triton(x, w, scale, None, None, 128,  # noqa: E731
+                                                           wrap=torch.library.wrap_triton, configs=c)
+        out[f"int4_cold_{label}"] = per_call_us([lambda w=w: run(w) for w in words])
+        out[f"{label}_max_abs_diff"] = float((run(words[0]).float() - op(x, words[0], scale, None, None, 128).float())
+                                             .abs().max())
+    got = op(x, words[0], scale, None, None, 128, prefetch=other)
+    plain = op(x, words[0], scale, None, None, 128)
+    out["prefetch_max_abs_diff"] = float((got.float() - plain.float()).abs().max())
+    print(f"{k}x{n}: " + "  ".join(f"{key} {v:.2f}" for key, v in out.items() if key != "copies"), flush=True)
+    return out
+
+
+def main() -> None:
+    results: dict = {"device": torch.cuda.get_device_name()}
+    for k, n in SHAPES:
+        run_part(results, f"{k}x{n}", layer, k, n)
+        save(results, "gemv_l2_probe.json")
+
+
+if __name__ == "__main__":
+    main()
