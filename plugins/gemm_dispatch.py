@@ -73,23 +73,6 @@ def split_for_waves(k: int, tiles: int, block_k: int, waves: float, num_sms: int
     return cdiv(k, per), per
 
 
-PREFETCH_MODES = {"off": 0, "lines": 1, "bulk": 2}  # `triton_tiles.prefetch_l2_share`'s MODE
-PREFETCH_MODE = "bulk"
-PREFETCH_MAX_BYTES = 24 << 20  # about half the H100's / H200's 50 MB L2: the prefetched lines must outlive the kernels
-# between the two GEMMs, and a GEMM's own weight stream passes through the same L2
-
-
-def prefetch_launch(prefetch, programs: int, stand_in, mode: str | None = None) -> dict:
-    """The launch arguments of a kernel that ends with `prefetch_l2_share` on the next GEMM's weight `prefetch`
-    (None: none; `pf_ptr` then points at `stand_in`, never read): at most PREFETCH_MAX_BYTES of it, shared by
-    `programs` programs."""
-    mode = PREFETCH_MODES[mode or PREFETCH_MODE] if prefetch is not None else 0
-    nbytes = min(prefetch.numel() * prefetch.element_size(), PREFETCH_MAX_BYTES) if mode else 0
-    lines = cdiv(cdiv(nbytes, programs), 128) if mode == 1 else 1
-    return {"pf_ptr": prefetch if mode else stand_in, "pf_bytes": nbytes, "PREFETCH": mode,
-            "PF_LINES": 1 << max(lines - 1, 0).bit_length()}
-
-
 def split_k_outputs(m, n: int, splits: int, counts, out_dtype, device, finish: bool):
     """(y, out) for a split-K kernel's launch. `finish` (the kernel writes out [M, N] in out_dtype itself,
     `triton_tiles.finish_split_tile`): y is the zeroed fp32 accumulator [M * N] followed by `counts` tile counts

@@ -25,38 +25,6 @@ def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def prefetch_l2_share(base_ptr, nbytes, MODE: tl.constexpr, LINES: tl.constexpr):
-    """Ask L2 for this program's share of the `nbytes` at base_ptr (a weight that a later kernel streams), kept
-    there with evict_last priority; nothing waits for it. Returns an int32 0 that the caller must put into the
-    mask of a store it makes afterwards (`mask & (zero == 0)`): the asm is declared pure, since torch's analysis of a
-    Triton kernel takes an impure one for a write to every tensor argument, so only that use keeps it (in a store's
-    address, the analysis would take the store for a write through base_ptr). The programs of grid row 0 split the bytes in 128-byte-aligned shares
-    (`gemm_dispatch.prefetch_launch` sizes LINES). MODE 1: one `prefetch.global.L2` per 128-byte line, LINES per
-    program; MODE 2: one bulk prefetch (`cp.async.bulk.prefetch.L2`, sm_90) by the program's first thread. Both
-    only read: weights are constants, so this is safe before or after any other kernel's writes."""
-    progs = tl.num_programs(0) * tl.num_programs(1)
-    share = tl.cdiv(tl.cdiv(nbytes, progs), 128) * 128
-    start = (tl.program_id(0) + tl.num_programs(0) * tl.program_id(1)) * share
-    first_row = tl.program_id(2) == 0
-    base = base_ptr.to(tl.pointer_type(tl.int8))
-    if MODE == 1:
-        offs = tl.minimum(start + tl.arange(0, LINES) * 128, nbytes - 1)  # past the share: the last line again
-        offs = tl.where(first_row, offs, -1)  # -1: no prefetch (the other rows' programs)
-        zero = tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ge.s32 p, $2, 0; @p prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0; }",
-            "=r,l,r", [base + tl.maximum(offs, 0), offs], dtype=tl.int32, is_pure=True, pack=1)
-        return tl.max(zero, axis=0)
-    else:
-        size = tl.where(first_row, (tl.minimum(share, nbytes - start) // 16) * 16, 0)
-        return tl.inline_asm_elementwise(
-            "{ .reg .pred p, q; .reg .b32 t; .reg .b64 pol; "
-            "mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; setp.gt.s32 q, $2, 0; and.pred p, p, q; "
-            "createpolicy.fractional.L2::evict_last.b64 pol, 1.0; "
-            "@p cp.async.bulk.prefetch.L2.global.L2::cache_hint [$1], $2, pol; mov.u32 $0, 0; }",
-            "=r,l,r", [base + start, size], dtype=tl.int32, is_pure=True, pack=1)
-
-
-@triton.jit
 def store_tile(y_ptrs, acc, mask, ATOMIC: tl.constexpr):
     """Write an fp32 tile: added with fp32 atomics (split-K partial sums), else stored in y's dtype."""
     if ATOMIC:

@@ -65,7 +65,6 @@ VARIANTS = {  # recipe:variant -> (the build's context, more `qcompile.build` ar
     "fp8-large-m": (contextlib.nullcontext, {"fp8_large_m": True}),
     "no-attention-fusion": (contextlib.nullcontext, {"fuse_attention": False}),  # attention as MatMul/Softmax
     "one-row-model": (contextlib.nullcontext, {"one_row_model": True}),  # the program also compiled at one row
-    "one-row-model-int4-prefetch": (KERNEL_VARIANTS["int4-prefetch"], {"one_row_model": True}),
     # decode overhead: independent small kernels (the split-K GEMVs' zero fills) launched as one; row reductions
     # (RMSNorm) up to 4096 persistent (one load of the row); one-row reductions not split in two; reduction tiles
     # tuned by timing

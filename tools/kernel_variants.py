@@ -3,7 +3,6 @@ factory of the context in which the plugins run with that configuration. `tools/
 of `recipe:<name>` inside it, `tools/diag/engine_kernels.py` and `engine_export_check.py` list and export them."""
 from __future__ import annotations
 
-import contextlib
 from unittest import mock
 
 from int4_tiles import int4_tiles  # tools/, this module's folder
@@ -23,18 +22,6 @@ def _fp8_block_cublas_small_m():
     return mock.patch.object(op, "ROW_DOT_WITH_CUBLAS", False)
 
 
-@contextlib.contextmanager
-def _int4_prefetch(mode: str):
-    """CUDA engines lowered with `prefetch_weights` (each INT4 GEMV asks L2 for the next INT4 weight when done),
-    in `gemm_dispatch.PREFETCH_MODE` `mode`."""
-    from qcompile.lowering import options
-    from qcompile.plugins import gemm_dispatch
-
-    with mock.patch.object(options, "PREFETCH_WEIGHTS_ON_CUDA", True), \
-            mock.patch.object(gemm_dispatch, "PREFETCH_MODE", mode):
-        yield
-
-
 KERNEL_VARIANTS = {
     "int4-pointers": lambda: int4_tiles(pointers=True),  # the INT4 op without its TMA tiles
     # the INT4 GEMV (M = 1) too writes its output in x's dtype with the bias (the last split of each tile, counted
@@ -49,7 +36,4 @@ KERNEL_VARIANTS = {
     # (BENCHMARKS.md, thirty-fourth session, part 3: "cuBLASLt, no bias" against the op); in the engine it lost: 0.238
     # against 0.190 ms per token on mlp-large (H100, thirty-fifth session, part 3), so the row kernel stays
     "fp8-block-cublas-small-m": _fp8_block_cublas_small_m,
-    # the next INT4 GEMM's weight asked of L2 by the one-row GEMV: one bulk prefetch per program, or one per line
-    "int4-prefetch": lambda: _int4_prefetch("bulk"),
-    "int4-prefetch-lines": lambda: _int4_prefetch("lines"),
 }

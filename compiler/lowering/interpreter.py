@@ -21,7 +21,6 @@ from onnx import helper, numpy_helper
 from qcompile.errors import LoweringError
 from qcompile.lowering.ops.dtypes import onnx_to_torch_dtype
 from qcompile.lowering.options import LoweringOptions
-from qcompile.lowering.prefetch_links import link_next_weights
 from qcompile.lowering.registry import NodeContext, get_converter, has_converter, prepare_hook
 from qcompile.lowering.values import IntList, as_tensor, is_static_int
 
@@ -122,8 +121,6 @@ class OnnxProgram(torch.nn.Module):
             inputs, prepared = self._prepare(ctx, converter, list(node.input), constants)
             replaced |= set(node.input) - set(inputs)
             self._nodes.append((ctx, converter, inputs, list(node.output), prepared))
-        if self.options.prefetch_weights:
-            logger.debug("linked %d GEMM plugin weights for prefetch", link_next_weights(self._nodes))
         # constants only a prepare hook read (e.g. an ONNX int4 weight, replaced by its engine layout) are dropped
         read = {n for _, _, inputs, _, _ in self._nodes for n in inputs} | set(self.output_names)
         read |= {n for ctx, *_ in self._nodes for n in ctx.extra.get("outer_names", ())}

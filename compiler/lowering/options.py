@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import torch
 
 FP4_LAYOUTS = ("bytes", "planar")
-PREFETCH_WEIGHTS_ON_CUDA = False  # `LoweringOptions.prefetch_weights` of CUDA engines (`prefetch_links`)
 
 
 @dataclass(frozen=True)
@@ -17,14 +16,11 @@ class LoweringOptions:
     `fp8_large_m`: the INT4 and FP4 GEMM plugins run above 128 rows in FP8 (`plugins/fp8_large_m.py`; emulated off
     CUDA).
     `fp4_layout`: FP4 plugin weights stored as "bytes" (uint8 [N, K/2] codes) or "planar" words (K a multiple of 128;
-    `plugins/fp4_gemm/format.to_planar_words`, the layout of the planar kernels).
-    `prefetch_weights`: each INT4 GEMM plugin also gets the next one's weight, which its one-row CUDA GEMV asks L2
-    for when done (`prefetch_links`); results do not change."""
+    `plugins/fp4_gemm/format.to_planar_words`, the layout of the planar kernels)."""
 
     compute_dtype: torch.dtype | None = None
     fp8_large_m: bool = False
     fp4_layout: str = "bytes"
-    prefetch_weights: bool = False
 
     def __post_init__(self):
         if self.fp4_layout not in FP4_LAYOUTS:
@@ -32,14 +28,10 @@ class LoweringOptions:
                              f"{', '.join(FP4_LAYOUTS)}")
 
     @classmethod
-    def for_engine(cls, device: str, *, fp8_large_m: bool = False, fp4_layout: str | None = None,
-                   prefetch_weights: bool | None = None) -> LoweringOptions:
+    def for_engine(cls, device: str, *, fp8_large_m: bool = False, fp4_layout: str | None = None) -> LoweringOptions:
         """An engine's lowering on `device` ("cpu", "cuda[:i]"): CUDA engines compute in fp16 and store FP4 weights
         as planar words (faster on the H200 at 1-128 rows; BENCHMARKS.md); CPU engines keep fp32 and bytes (the CPU
-        reference would convert planar words back on every call). `fp4_layout` overrides the layout (A/B builds).
-        `prefetch_weights` None: PREFETCH_WEIGHTS_ON_CUDA on CUDA (off on the CPU, which has no use for it)."""
+        reference would convert planar words back on every call). `fp4_layout` overrides the layout (A/B builds)."""
         cuda = str(device).startswith("cuda")
-        if prefetch_weights is None:
-            prefetch_weights = cuda and PREFETCH_WEIGHTS_ON_CUDA
         return cls(compute_dtype=torch.float16 if cuda else None, fp8_large_m=fp8_large_m,
-                   fp4_layout=fp4_layout or ("planar" if cuda else "bytes"), prefetch_weights=prefetch_weights)
+                   fp4_layout=fp4_layout or ("planar" if cuda else "bytes"))

@@ -66,15 +66,14 @@ import triton.language as tl
 
 from qcompile.plugins import fp8_large_m as fp8_large_m_path
 from qcompile.plugins.gemm_dispatch import (add_bias, cdiv, from_rows, identity, linear_bias, optional_arg,
-                                             prefetch_launch, run_by_buckets, split_for_waves, split_k_outputs,
-                                             unpack_optional)
+                                             run_by_buckets, split_for_waves, split_k_outputs, unpack_optional)
 from qcompile.plugins.int4_gemm import one_dot
 from qcompile.plugins.int4_gemm.dequant_fp8 import fp8_weight
 from qcompile.plugins.int4_gemm.format import PACK, columns_in_words_order, is_planar
 from qcompile.plugins.int4_gemm.half2 import (dot8, dot8_emulated, pow2_range, ptx_available, word_k, x_at,
                                               x_of_words, x_pair)
 from qcompile.plugins.int4_gemm.reference import check_args, fp8_linear
-from qcompile.plugins.triton_tiles import finish_split_tile, grouped_tile, jit_any_m, prefetch_l2_share, store_tile
+from qcompile.plugins.triton_tiles import finish_split_tile, grouped_tile, jit_any_m, store_tile
 
 DEFAULT_SMS = 132
 FP32_MAGIC = 8388616.0  # 2^23 + 8: the fp32 whose mantissa bits 0..3 hold q + 8
@@ -229,12 +228,11 @@ def _gemv_step(acc, x_row, w_ptr, s_ptr, z_ptr, offs_n, mask_n, N, K, group_size
 
 @triton.jit
 def _int4_gemv_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, out_ptr, b_ptr, pf_ptr,
-    N, K, stride_xm, group_size, k_per_split, pf_bytes,
+    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, out_ptr, b_ptr,
+    N, K, stride_xm, group_size, k_per_split,
     K_STEPS: tl.constexpr, HAS_ZERO: tl.constexpr, ATOMIC: tl.constexpr, HALF2: tl.constexpr, ASM: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PIPELINE: tl.constexpr = 0, PLANAR: tl.constexpr = False,
-    FINISH: tl.constexpr = False, HAS_BIAS: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
-    PF_LINES: tl.constexpr = 1,
+    FINISH: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
 ):
     """GEMV over [BLOCK_K/8 word rows, BLOCK_N] tiles (BLOCK_K divides the group: one scale row per step), one
     `_gemv_step` per step (steps past K are masked). HALF2 (16-bit x): the products on fp16x2 (ASM False: the
@@ -243,8 +241,7 @@ def _int4_gemv_kernel(
     uses them). No configuration sets it: in the H200 sweep no pipelined candidate won a decode shape
     (benchmarks/int4_tune_gemv_s16.json). FINISH: the tile is written to out_ptr (+ bias) in out's dtype by
     `finish_split_tile` (split K: y_ptr is the zeroed fp32 accumulator [M, N], then one count per tile), else
-    y_ptr gets the fp32 result (atomics when K is split). PREFETCH: then the program asks L2 for its share of
-    pf_bytes of the next GEMM's weight at pf_ptr (`triton_tiles.prefetch_l2_share`)."""
+    y_ptr gets the fp32 result (atomics when K is split)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     row = tl.program_id(2)
@@ -255,8 +252,6 @@ def _int4_gemv_kernel(
     for step in tl.range(0, K_STEPS, num_stages=PIPELINE if PIPELINE else None):
         acc = _gemv_step(acc, x_row, w_ptr, s_ptr, z_ptr, offs_n, mask_n, N, K, group_size,
                          pid_k * k_per_split + step * BLOCK_K, HAS_ZERO, HALF2, ASM, BLOCK_K, PLANAR)
-    if PREFETCH:  # the mask is unchanged (see there)
-        mask_n &= prefetch_l2_share(pf_ptr, pf_bytes, PREFETCH, PF_LINES) == 0
     if FINISH:
         count_ptr = y_ptr + tl.num_programs(2) * N + row * tl.num_programs(0) + pid_n
         finish_split_tile(tl.sum(acc, axis=0), mask_n, out_ptr + row * N + offs_n, b_ptr + offs_n,
@@ -454,11 +449,10 @@ def _block_k(cfg_k: int, k: int, group_size: int) -> tuple[int, bool]:
 
 
 def launch_gemv(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, bias=None, out_dtype=None,
-                wrap=identity, num_sms: int = DEFAULT_SMS, prefetch=None) -> torch.Tensor:
+                wrap=identity, num_sms: int = DEFAULT_SMS) -> torch.Tensor:
     """`x2d @ dequant(W)` [M, N] with the GEMV kernel (one program column per row of x): fp32, or with
     `out_dtype` given `+ bias` in out_dtype, finished in the kernel (the count of `finish_split_tile` follows the
-    fp32 accumulator in one zeroed buffer, so the op launches a zero fill and the GEMV, no cast after it).
-    `prefetch`: the next GEMM's weight, which the programs ask L2 for when done (`gemm_dispatch.prefetch_launch`)."""
+    fp32 accumulator in one zeroed buffer, so the op launches a zero fill and the GEMV, no cast after it)."""
     m, k = x2d.shape
     n = w_packed.shape[1]
     block_k, aligned = _block_k(cfg["BLOCK_K"], k, group_size)
@@ -471,14 +465,13 @@ def launch_gemv(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, b
     splits, per = split_for_waves(k, tiles, block_k, cfg["waves"], num_sms)
     finish = out_dtype is not None
     y, out = split_k_outputs(m, n, splits, m * tiles, out_dtype or torch.float32, x2d.device, finish)
-    pf = prefetch_launch(prefetch if ptx_available() else None, tiles * splits, w_scale)  # no PTX: interpreter
     wrap(_int4_gemv_kernel)[(tiles, splits, m)](
         x2d, w_packed, w_scale, optional_arg(w_zero, w_scale), y, optional_arg(out, w_scale),
-        optional_arg(bias, w_scale), pf.pop("pf_ptr"),
-        n, k, x2d.stride(0), group_size, per, pf.pop("pf_bytes"), K_STEPS=per // block_k,
+        optional_arg(bias, w_scale),
+        n, k, x2d.stride(0), group_size, per, K_STEPS=per // block_k,
         HAS_ZERO=w_zero is not None, ATOMIC=splits > 1, HALF2=x2d.dtype in (torch.float16, torch.bfloat16),
         ASM=ptx_available(), BLOCK_N=block_n, BLOCK_K=block_k, PIPELINE=cfg.get("pipeline", 0),
-        PLANAR=is_planar(k, group_size), FINISH=finish, HAS_BIAS=bias is not None, **pf,
+        PLANAR=is_planar(k, group_size), FINISH=finish, HAS_BIAS=bias is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out if finish else y
@@ -549,13 +542,12 @@ def _epilogue(acc, bias, dtype, row_scale=None):
 
 
 def run_bucket(cfg: dict, x2d, w_words, w_scale, w_zero, bias, group_size: int, *, x_row_scale=None,
-               out_dtype=None, wrap=identity, num_sms: int = DEFAULT_SMS, prefetch=None) -> torch.Tensor:
+               out_dtype=None, wrap=identity, num_sms: int = DEFAULT_SMS) -> torch.Tensor:
     """One M bucket's path: `x2d @ dequant(W) (* x_row_scale) + bias` [M, N] in out_dtype. w_words: the planar
     words [K / 8, N], or their view for TMA loads (`one_dot.tma_words`).
 
     FP8 x (W4A8) is converted to out_dtype exactly (E4M3 values are bf16/fp16 values) and its row scale
-    applied in the epilogue, unless the configuration asks for FP8 dots (`fp8_dot`, "mm"/"mm_t" only).
-    `prefetch` (the next GEMM's weight) is asked of L2 by the GEMV only (`launch_gemv`)."""
+    applied in the epilogue, unless the configuration asks for FP8 dots (`fp8_dot`, "mm"/"mm_t" only)."""
     out_dtype = out_dtype or x2d.dtype
     w_packed = one_dot.planar_words(w_words)
     if cfg["kernel"] == "fp8":  # plugins/fp8_large_m.py: W8 in the words' K order, x quantized, then gathered to it
@@ -566,7 +558,7 @@ def run_bucket(cfg: dict, x2d, w_words, w_scale, w_zero, bias, group_size: int, 
     kind = cfg["kernel"]
     if x2d.dtype == torch.float8_e4m3fn and not (kind in ("mm", "mm_t") and cfg.get("fp8_dot")):
         return _epilogue(run_bucket(cfg, x2d.to(out_dtype), w_words, w_scale, w_zero, None, group_size,
-                                    out_dtype=torch.float32, wrap=wrap, num_sms=num_sms, prefetch=prefetch),
+                                    out_dtype=torch.float32, wrap=wrap, num_sms=num_sms),
                          bias, out_dtype, x_row_scale)
     if kind == "one_dot" and not one_dot.supports(x2d.dtype, int(x2d.shape[1]), group_size):
         return run_bucket(cfg["fallback"], x2d, w_packed, w_scale, w_zero, bias, group_size, out_dtype=out_dtype,
@@ -574,10 +566,9 @@ def run_bucket(cfg: dict, x2d, w_words, w_scale, w_zero, bias, group_size: int, 
     finish = cfg.get("finish", False) and (out_dtype != torch.float32 or bias is not None)  # `finished`
     if kind == "gemv" and finish:  # the cast and bias in the GEMV, not in a kernel after it
         return launch_gemv(x2d, w_packed, w_scale, w_zero, group_size, cfg, bias=bias, out_dtype=out_dtype,
-                           wrap=wrap, num_sms=num_sms, prefetch=prefetch)
+                           wrap=wrap, num_sms=num_sms)
     if kind == "gemv":
-        acc = launch_gemv(x2d, w_packed, w_scale, w_zero, group_size, cfg, wrap=wrap, num_sms=num_sms,
-                          prefetch=prefetch)
+        acc = launch_gemv(x2d, w_packed, w_scale, w_zero, group_size, cfg, wrap=wrap, num_sms=num_sms)
     elif kind == "one_dot" and finish:
         return one_dot.launch(x2d, w_words, w_scale, w_zero, group_size, cfg, asm=ptx_available(),
                               out_dtype=out_dtype, bias=bias, finish=True, wrap=wrap, num_sms=num_sms)
@@ -595,11 +586,10 @@ def run_bucket(cfg: dict, x2d, w_words, w_scale, w_zero, bias, group_size: int, 
 
 def int4_gemm_triton(x, w_packed, w_scale, w_zero, bias, group_size: int, *, x_row_scale=None, out_dtype=None,
                      wrap=identity, num_sms: int = DEFAULT_SMS, configs=None,
-                     fp8_large_m: bool = False, prefetch=None) -> torch.Tensor:
+                     fp8_large_m: bool = False) -> torch.Tensor:
     """The op's GPU path: `x @ dequant(W) + bias` in out_dtype (default x.dtype), dispatched on M
     (`configs`, default `CONFIGS`). `fp8_large_m`: from `fp8_large_m.MIN_ROWS` rows the FP8 path
-    (`plugins/fp8_large_m.py`) where it can run, instead of dequantize + cuBLAS bf16. `prefetch`: the next
-    GEMM's weight, asked of L2 by the one-row GEMV when it is done (`launch_gemv`).
+    (`plugins/fp8_large_m.py`) where it can run, instead of dequantize + cuBLAS bf16.
 
     W4A8: x is float8_e4m3fn [..., K] with `x_row_scale` float32 [M] (one scale per row of x), and
     `out_dtype` the activations' float type."""
@@ -611,13 +601,13 @@ def int4_gemm_triton(x, w_packed, w_scale, w_zero, bias, group_size: int, *, x_r
     # made them symbolic (torch.compile(dynamic=True)): the launch configuration needs Python ints
     k = int(x.shape[-1])
     n = int(w_packed.shape[1])
-    has_zero, has_bias, has_rs, has_pf = (t is not None for t in (w_zero, bias, x_row_scale, prefetch))
+    has_zero, has_bias, has_rs = w_zero is not None, bias is not None, x_row_scale is not None
 
     def bucket(cfg):
         def run(x2d, w_words, w_scale, *rest):
-            w_zero, bias, row_scale, pf = unpack_optional(rest, has_zero, has_bias, has_rs, has_pf)
+            w_zero, bias, row_scale = unpack_optional(rest, has_zero, has_bias, has_rs)
             return run_bucket(cfg, x2d, w_words, w_scale, w_zero, bias, group_size, x_row_scale=row_scale,
-                              out_dtype=out_dtype, wrap=wrap, num_sms=num_sms, prefetch=pf)
+                              out_dtype=out_dtype, wrap=wrap, num_sms=num_sms)
         return run
 
     configs = configs or CONFIGS
@@ -625,5 +615,5 @@ def int4_gemm_triton(x, w_packed, w_scale, w_zero, bias, group_size: int, *, x_r
         configs = from_rows(configs, fp8_large_m_path.MIN_ROWS, dict(kernel="fp8"))
     if any(one_dot.tma_layer(cfg, n, k) for _, cfg in configs):  # the words' TMA view, made outside the
         w_packed = one_dot.tma_words(w_packed)  # buckets' torch.cond, where a bucket may take TMA
-    weights = (w_packed, w_scale) + tuple(t for t in (w_zero, bias, x_row_scale, prefetch) if t is not None)
+    weights = (w_packed, w_scale) + tuple(t for t in (w_zero, bias, x_row_scale) if t is not None)
     return run_by_buckets(x, k, n, [(limit, bucket(c)) for limit, c in configs], weights)

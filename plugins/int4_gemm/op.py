@@ -34,12 +34,9 @@ def int4_groupwise_gemm(
     x_scale: Optional[Tensor] = None,
     x_dynamic: bool = False,
     fp8_large_m: bool = False,
-    prefetch: Optional[Tensor] = None,
 ) -> Tensor:
     """`y[..., N] = A(x) @ ((q - zp) * scale) + bias` in x.dtype, A = identity (W4A16) or FP8 Q/DQ (W4A8).
-    `fp8_large_m`: above 128 rows the GEMM runs in FP8 (`plugins/fp8_large_m.py`; emulated off CUDA).
-    `prefetch`: any tensor (the next GEMM's weight) that the CUDA one-row GEMV asks L2 for when it is done; it
-    does not change the result (ignored off CUDA)."""
+    `fp8_large_m`: above 128 rows the GEMM runs in FP8 (`plugins/fp8_large_m.py`; emulated off CUDA)."""
     if x_scale is None and not x_dynamic:
         if x.device.type != "cuda":
             if fp8_large_m:
@@ -48,8 +45,7 @@ def int4_groupwise_gemm(
         from qcompile.plugins.int4_gemm.kernel import int4_gemm_triton
 
         return int4_gemm_triton(x, w_packed, w_scale, w_zero, bias, group_size,
-                                wrap=torch.library.wrap_triton, num_sms=_num_sms(x), fp8_large_m=fp8_large_m,
-                                prefetch=prefetch)
+                                wrap=torch.library.wrap_triton, num_sms=_num_sms(x), fp8_large_m=fp8_large_m)
     check_args(x, w_packed, w_scale, w_zero, bias, group_size)
     check_activation_args(x_scale, x_dynamic)
     xq, x_row_scale = quantize_activation_fp8(x, x_scale, x_dynamic)
@@ -62,7 +58,7 @@ def int4_groupwise_gemm(
 
         y = int4_gemm_triton(xq, w_packed, w_scale, w_zero, bias, group_size, x_row_scale=x_row_scale,
                              out_dtype=x.dtype, wrap=torch.library.wrap_triton, num_sms=_num_sms(x),
-                             fp8_large_m=fp8_large_m, prefetch=prefetch)
+                             fp8_large_m=fp8_large_m)
     return y.reshape(*x.shape[:-1], w_packed.shape[1])
 
 

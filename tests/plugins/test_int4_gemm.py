@@ -311,91 +311,6 @@ def test_gpu_launches_export_on_fake_cuda_tensors(monkeypatch, configs):
 
 
 @fake_cuda_export
-def test_prefetch_reaches_the_one_row_gemv_only(monkeypatch):
-    """The op's `prefetch` (the next GEMM's weight, `LoweringOptions.prefetch_weights`) reaches the launch of the
-    GEMV, the one-row bucket, whether M is concrete or one of the buckets under torch.cond (on fake CUDA, as an
-    engine exports the op); a GEMV launch without it fails the export."""
-    from qcompile.plugins.int4_gemm import kernel
-
-    seen = []
-
-    def gemv(*args, prefetch=None, **kwargs):
-        if not torch.compiler.is_dynamo_compiling():  # a side effect Dynamo refuses in torch.cond's branches
-            seen.append(prefetch)
-        if prefetch is None or tuple(prefetch.shape) != (64, 4096):
-            raise AssertionError("the GEMV launched without the prefetch weight")
-        return launch_gemv(*args, prefetch=prefetch, **kwargs)
-
-    launch_gemv = kernel.launch_gemv
-    monkeypatch.setattr(kernel, "launch_gemv", gemv)
-    case = make_case(k=512, n=1024, group=128)
-    following = torch.zeros(64, 4096, dtype=torch.int32)  # another layer's words
-    for rows in (torch.randn(1, 512), torch.randn(6, 512)):  # the GEMV path; every bucket in torch.cond
-        op = lambda x, *w: torch.ops.qcompile.int4_groupwise_gemm(x, *w[:5], prefetch=w[5])  # noqa: E731
-        export_on_fake_cuda(monkeypatch, op, (*op_args(case, None)[1:], following), rows.to(torch.float16),
-                            dynamic_rows=rows.shape[0] > 1)
-    assert seen  # the one-row export runs the launch code outside torch.cond, where it is recorded
-
-
-@needs_triton
-@pytest.mark.parametrize("mode", [1, 2], ids=["lines", "bulk"])
-@pytest.mark.parametrize("finish", [False, True], ids=["cast", "finished"])
-def test_prefetching_gemv_writes_only_its_output_for_torch(mode, finish):
-    """torch's analysis of a Triton launch (which tensors a kernel reads and writes; what AOTInductor schedules and
-    functionalizes by) finds the prefetching GEMV writing its accumulator / output only: it takes an impure asm for
-    a write to every tensor argument (the next layer's weight among them, which broke the engine export), and a
-    store whose address came from the asm for a write through the prefetched weight. Compiled for sm_90 here."""
-    import triton
-    from torch._higher_order_ops import triton_kernel_wrap
-    from triton.backends.compiler import GPUTarget
-
-    from qcompile.plugins.int4_gemm import kernel
-
-    class Sm90:  # what the analysis asks of Triton's driver
-        get_current_target = staticmethod(lambda: GPUTarget("cuda", 90, 32))
-        get_current_device = staticmethod(lambda: 0)
-        get_current_stream = staticmethod(lambda device=None: 0)
-
-    before = triton.runtime.driver._active
-    triton.runtime.driver.set_active(Sm90())
-    t = torch.empty
-    args = dict(x_ptr=t(1, 512, dtype=torch.float16), w_ptr=t(64, 256, dtype=torch.int32),
-                s_ptr=t(4, 256, dtype=torch.float16), z_ptr=t(4, 256, dtype=torch.float16),
-                y_ptr=t(256 + 1, dtype=torch.float32), out_ptr=t(1, 256, dtype=torch.float16),
-                b_ptr=t(256, dtype=torch.float16), pf_ptr=t(1000, dtype=torch.int32), N=256, K=512, stride_xm=512,
-                group_size=128, k_per_split=128, pf_bytes=4000, K_STEPS=4, HAS_ZERO=False, ATOMIC=True, HALF2=True,
-                ASM=True, BLOCK_N=256, BLOCK_K=32, PIPELINE=0, PLANAR=True, FINISH=finish, HAS_BIAS=finish,
-                PREFETCH=mode, PF_LINES=4 if mode == 1 else 1)
-    try:
-        if hasattr(triton_kernel_wrap, "identify_accessed_tensors"):  # torch >= 2.12
-            found = triton_kernel_wrap.identify_accessed_tensors(kernel._int4_gemv_kernel, args, {})
-            written = [d.name for d in found.read_writes.writes]
-        else:  # torch 2.11
-            written = triton_kernel_wrap.identify_mutated_tensors(kernel._int4_gemv_kernel, args, {})
-    finally:
-        triton.runtime.driver._active = before
-    assert sorted(written) == (["out_ptr", "y_ptr"] if finish else ["y_ptr"])
-
-
-def test_prefetch_launch_shares_cover_the_bytes():
-    """`gemm_dispatch.prefetch_launch`: per-line mode gives each program enough lines for its 128-byte-aligned
-    share of the (capped) bytes; no prefetch: mode 0 and the stand-in pointer."""
-    from qcompile.plugins import gemm_dispatch
-
-    weight, stand_in = torch.empty(3000, 1000, dtype=torch.int32), torch.empty(1)
-    for programs in (1, 7, 256, 384):
-        pf = gemm_dispatch.prefetch_launch(weight, programs, stand_in, mode="lines")
-        assert pf["pf_ptr"] is weight and pf["PREFETCH"] == 1 and pf["pf_bytes"] == 12_000_000
-        share = -(-(-(-pf["pf_bytes"] // programs)) // 128) * 128
-        assert pf["PF_LINES"] * 128 >= share and pf["PF_LINES"] & (pf["PF_LINES"] - 1) == 0
-        assert share * programs >= pf["pf_bytes"]
-    big = torch.empty(64 << 20, dtype=torch.uint8)
-    assert gemm_dispatch.prefetch_launch(big, 100, stand_in, mode="bulk")["pf_bytes"] == gemm_dispatch.PREFETCH_MAX_BYTES
-    off = gemm_dispatch.prefetch_launch(None, 100, stand_in)
-    assert off["PREFETCH"] == 0 and off["pf_ptr"] is stand_in and off["pf_bytes"] == 0
-
-
-@fake_cuda_export
 def test_engine_shaped_x_reaches_the_buckets_as_rows_of_plain_stride(monkeypatch):
     """x [batch, seq, K] with both dims dynamic and seq from 1, as an engine's: the rows handed to the M buckets
     have the stride K as a plain int (a reshape's was Min(K, K * seq), which AOTInductor wrote into the TMA
@@ -868,30 +783,6 @@ def test_cuda_one_dot_kernel(k, group, zero, dtype):
 @DEQUANT_CASES
 def test_cuda_dequant_kernel_is_exact(zero, group, tile):
     check_dequant_exact(zero, group, tile, [torch.float32, torch.bfloat16, torch.float16], "cuda")
-
-
-@pytest.mark.gpu
-@cuda
-@pytest.mark.parametrize("mode", ["lines", "bulk"])
-@pytest.mark.parametrize("finish", [False, True], ids=["cast", "finished"])
-def test_cuda_gemv_with_prefetch_matches_float64(monkeypatch, mode, finish):
-    """The one-row GEMV asking L2 for another weight when done (`triton_tiles.prefetch_l2_share`, both modes) gives
-    the float64 result, on a layer whose programs each prefetch many lines (the next weight larger than this one)
-    and on one narrower than a program's share."""
-    from qcompile.plugins import gemm_dispatch
-    from qcompile.plugins.int4_gemm import kernel
-
-    monkeypatch.setattr(gemm_dispatch, "PREFETCH_MODE", mode)
-    if finish:
-        monkeypatch.setattr(kernel, "CONFIGS", kernel.finished(kernel.CONFIGS, finish=True))
-    for k, n, following in ((4096, 1024, (512, 14336)), (512, 48, (7, 33))):
-        case = make_case(k=k, n=n, group=128, zero=True, seed=k + n)
-        nxt = torch.randint(-2**31, 2**31 - 1, following, dtype=torch.int32, device="cuda")
-        dev = [None if t is None else t.cuda() for t in op_args(case, None)[1:5]]
-        x = torch.randn(1, k, dtype=torch.float16)
-        got = torch.ops.qcompile.int4_groupwise_gemm(x.cuda(), *dev, case["g"], prefetch=nxt)
-        torch.cuda.synchronize()
-        assert_close_to(got, oracle(x, case), REL[torch.float16])
 
 
 @pytest.mark.gpu

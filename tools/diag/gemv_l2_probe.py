@@ -1,8 +1,8 @@
 """Is the one-row INT4 GEMV bound by HBM? Each decode layer's INT4 op at M = 1 timed with its weight cold (a
 different copy each call, more bytes than L2 holds) and warm (the same copy each call: read from L2), beside cuBLAS
-fp16 on the same layer; then warm again with the weight prefetch (`gemm_dispatch.prefetch_launch`) asking L2 for
-24 MB that are already there, which prices the prefetch instructions alone. A kernel that HBM bounds runs much
-faster warm; one bound by its instructions or launch does not. Then, cold, GEMV tiles 1024 columns wide on 2 warps
+fp16 on the same layer. A kernel that HBM bounds runs much faster warm; one bound by its instructions or launch does
+not (BENCHMARKS.md, forty-first session: it does not; the session's run also timed a weight prefetch, commit
+64fcc39, since reverted). Then, cold, GEMV tiles 1024 columns wide on 2 warps
 (16 columns a thread: the activation pairs of a word row made once for twice the words; 3.1 SASS instructions per
 weight against the shipped tile's 3.75, `tools/diag/sass_count.py --block-n 1024`) beside the shipped one. µs per
 call replayed from a CUDA graph.
@@ -46,8 +46,7 @@ def per_call_us(calls, reps: int = 20) -> float:
 
 
 def layer(k: int, n: int) -> dict:
-    from qcompile.plugins import gemm_dispatch
-    from qcompile.plugins.int4_gemm import register
+    from qcompile.plugins.int4_gemm import kernel, register
 
     op = register()
     words_bytes = k * n // 2
@@ -59,19 +58,11 @@ def layer(k: int, n: int) -> dict:
     x = torch.randn(1, k, device="cuda", dtype=torch.float16, generator=gen)
     fp16 = [torch.randn(k, n, device="cuda", dtype=torch.float16, generator=gen) * 0.01
             for _ in range(max(2, -(-COLD_BYTES // (2 * k * n))))]
-    other = torch.randint(-2**31, 2**31 - 1, (6 << 20,), dtype=torch.int32, device="cuda", generator=gen)  # 24 MB
     out = {"copies": copies}
     out["int4_cold"] = per_call_us([lambda w=w: op(x, w, scale, None, None, 128) for w in words])
     out["int4_warm"] = per_call_us([lambda: op(x, words[0], scale, None, None, 128)] * copies)
     out["fp16_cold"] = per_call_us([lambda w=w: x @ w for w in fp16])
     out["fp16_warm"] = per_call_us([lambda: x @ fp16[0]] * len(fp16))
-    for mode in ("bulk", "lines"):
-        gemm_dispatch.PREFETCH_MODE = mode
-        per_call_us([lambda: op(x, words[0], scale, None, None, 128, prefetch=other)])  # warm L2 with `other`
-        out[f"int4_warm_prefetch_{mode}"] = per_call_us(
-            [lambda: op(x, words[0], scale, None, None, 128, prefetch=other)] * copies)
-    from qcompile.plugins.int4_gemm import kernel
-
     shipped = kernel.CONFIGS[0][1]
     for label, change in (("wide_w2", dict(BLOCK_N=1024, MIN_TILES=4, num_warps=2)),
                           ("wide_w2_waves16", dict(BLOCK_N=1024, MIN_TILES=4, num_warps=2, waves=16)),
@@ -82,9 +73,6 @@ def layer(k: int, n: int) -> dict:
         out[f"int4_cold_{label}"] = per_call_us([lambda w=w: run(w) for w in words])
         out[f"{label}_max_abs_diff"] = float((run(words[0]).float() - op(x, words[0], scale, None, None, 128).float())
                                              .abs().max())
-    got = op(x, words[0], scale, None, None, 128, prefetch=other)
-    plain = op(x, words[0], scale, None, None, 128)
-    out["prefetch_max_abs_diff"] = float((got.float() - plain.float()).abs().max())
     print(f"{k}x{n}: " + "  ".join(f"{key} {v:.2f}" for key, v in out.items() if key != "copies"), flush=True)
     return out
 

@@ -9,15 +9,12 @@ For initializer weights (the normal case) the `prepare` hook does that once, whe
 the program then holds only the engine words as a buffer, and exported programs / engines contain no
 repacking. A weight computed in the graph is converted in the traced forward instead.
 A signed zero point that is an all-zero initializer is dropped (symmetric path).
-With `LoweringOptions.prefetch_weights` the node also gets the next INT4 node's engine words (`prefetch_links`),
-passed to the op as `prefetch`.
 """
 from __future__ import annotations
 
 import torch
 from onnx import TensorProto, numpy_helper
 
-from qcompile.lowering.prefetch_links import PREFETCH
 from qcompile.lowering.registry import Prepared
 from qcompile.lowering.registry import register_converter as reg
 from qcompile.lowering.values import as_tensor
@@ -68,9 +65,8 @@ def int4_groupwise_gemm(ctx, x, w_q, w_scale, w_zero_point=None, bias=None, x_sc
         raise ctx.fail(f"act_quant {act_quant!r} " + ("needs the x_scale input (5)" if x_scale is None
                                                       else "takes no x_scale input (5)"))
 
-    prefetch = None
     if prepared is not None:
-        w_packed, w_zero, prefetch = prepared["w_packed"], prepared.get("w_zero"), prepared.get(PREFETCH)
+        w_packed, w_zero = prepared["w_packed"], prepared.get("w_zero")
     else:
         zero = None if w_zero_point is None else as_tensor(w_zero_point)
         w_packed, w_zero = _engine_weight(ctx, as_tensor(w_q), zero)
@@ -79,7 +75,7 @@ def int4_groupwise_gemm(ctx, x, w_q, w_scale, w_zero_point=None, bias=None, x_sc
     x_scale = None if x_scale is None else as_tensor(x_scale).to(torch.float32).reshape(())
     return torch.ops.qcompile.int4_groupwise_gemm(as_tensor(x), w_packed, as_tensor(w_scale), w_zero, bias, group,
                                                   x_scale, act_quant == "fp8_dynamic",
-                                                  ctx.options.fp8_large_m, prefetch)
+                                                  ctx.options.fp8_large_m)
 
 
 def _is_zero_constant(proto) -> bool:
