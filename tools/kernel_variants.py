@@ -30,6 +30,9 @@ KERNEL_VARIANTS = {
     "int4-gemv-finish": lambda: int4_tiles(finish=("gemv",)),
     # the INT4 and FP4 one-dot buckets as before the thirty-seventh session: fp32 sums, then a cast kernel
     "int4-unfinished": lambda: int4_tiles(unfinished=True),
+    # the one-row GEMV making its x pairs per step from fp32 x with a scale per step, as before the forty-first
+    # session (`x_pairs` off; x's own fp16 values as the pairs took 2.2% off the decode step on an H100)
+    "int4-gemv-step-pairs": lambda: int4_tiles(gemv_x_pairs=False),
     "fp4-unfinished": _fp4_unfinished,
     # the FP8 block op's sm90 cuBLASLt path at every M, its Triton row kernel (x quantized in aten ops, which fuse into
     # x's producer) not taken at 1-16 rows: faster at the op level on all four kernel-target layers in three runs

@@ -17,7 +17,8 @@ into an fp32 and multiplied there (`_int4_gemv_kernel`'s fp32 path; `tools/diag/
   4096-long dot measured on the H200: benchmarks/int4_stream_probe*.json), so this path is for 16-bit x.
 
 `x_of_words` loads the 8 activations of each word (and their largest |x|) for the packed-half2 GEMVs: this one's
-and the FP4 GEMV (`fp4_gemm/gemv.py`).
+and the FP4 GEMV (`fp4_gemm/gemv.py`). Where x is fp16 and the words planar, the pairs are x's own adjacent fp16
+values, scaled on the fp16x2 units (`scaled_pair`) by one power of two per program: the INT4 GEMV's "x_pairs".
 
 `dot8_emulated` is the same arithmetic in plain Triton fp32 ops, for the CPU interpreter (TRITON_INTERPRET=1),
 which cannot run inline PTX: tests check the nibble order, the pairs and the scaling there; the GPU tests check
@@ -131,6 +132,14 @@ def pow2_range(amax):
     up = ((262 - e) << 23).to(tl.float32, bitcast=True)
     down = ((e - 8) << 23).to(tl.float32, bitcast=True)
     return up, down
+
+
+@triton.jit
+def scaled_pair(a, b, scale):
+    """int32 holding the fp16 pair (a * s, b * s) of fp16 a and b (low half a), `scale` an fp16x2 pair (s, s) of a
+    power of two (`x_pair(up, up, f)`): one PRMT and one HMUL2, exact unless a product leaves fp16's range."""
+    return tl.inline_asm_elementwise("{ .reg .b32 t; mov.b32 t, {$1, $2}; mul.rn.f16x2 $0, t, $3; }", "=r,h,h,r",
+                                     [a, b, scale], dtype=tl.int32, is_pure=True, pack=1)
 
 
 @triton.jit

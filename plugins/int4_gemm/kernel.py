@@ -7,7 +7,10 @@ the planar order; mm_t and mm read it sequentially, so on planar words x's colum
   and multiplies without tensor cores (at M = 1 the job is moving weight bytes). With fp16/bf16 x the 8
   products of each int32 word run on packed fp16x2 (`half2.py`: one LOP3 decodes two nibbles into fp16;
   3.7 instructions per weight against 5.1 in fp32; x scaled per step by a power of two to stay in fp16's
-  range); fp32 x keeps the exact fp32 path (each nibble OR-ed into 128.0's mantissa: 136 + q). K is split
+  range). fp16 x on planar words without zero points ("x_pairs", what CUDA engines run) takes x's own fp16
+  values as the pairs, scaled once per program on the fp16x2 units: 3.2 instructions per weight. fp32 x keeps
+  the exact fp32 path (each nibble OR-ed into 128.0's mantissa: 136 + q). At one row the GEMV is held by its
+  instructions, not by HBM: with its weight in L2 it runs no faster (`tools/diag/gemv_l2_probe.py`). K is split
   until about `waves` waves of programs stream the weight; partial sums meet in fp32 atomics. The fp16x2
   path took 8192 x 28672 from 57.6 to 39.0 µs (benchmarks/int4_stream_probe*.json).
 - `one_dot._int4_one_dot_kernel` (2-128 rows of 16-bit x, planar words): one tensor-core MMA per K step, the
@@ -70,8 +73,8 @@ from qcompile.plugins.gemm_dispatch import (add_bias, cdiv, from_rows, identity,
 from qcompile.plugins.int4_gemm import one_dot
 from qcompile.plugins.int4_gemm.dequant_fp8 import fp8_weight
 from qcompile.plugins.int4_gemm.format import PACK, columns_in_words_order, is_planar
-from qcompile.plugins.int4_gemm.half2 import (dot8, dot8_emulated, pow2_range, ptx_available, word_k, x_at,
-                                              x_of_words, x_pair)
+from qcompile.plugins.int4_gemm.half2 import (dot8, dot8_emulated, pow2_range, ptx_available, scaled_pair, word_k,
+                                              x_at, x_of_words, x_pair)
 from qcompile.plugins.int4_gemm.reference import check_args, fp8_linear
 from qcompile.plugins.triton_tiles import finish_split_tile, grouped_tile, jit_any_m, store_tile
 
@@ -103,6 +106,10 @@ MAGIC16 = {torch.bfloat16: (0x4308, 136.0), torch.float16: (0x6408, 1032.0)}  # 
 # CUDA graph, three runs, BENCHMARKS.md thirty-seventh session). Not on the 128-row bucket: 128 rows took 0.4129 /
 # 0.4132 against 0.4047 / 0.4012 ms with it. Not on the GEMV: finished, each GEMV took 1.0-2.6 µs more, more than
 # the 1.2 µs cast kernel it saves (0.1884 against 0.1883 ms per step).
+# "x_pairs" on the GEMV (`launch_gemv`; fp16 x, planar words, no zero points: every CUDA engine's symmetric INT4
+# layer): x's own fp16 values as the pairs, one scale per program; 3.23 SASS instructions per weight against 3.75.
+# In the llama3-8b-layers w4a16_awq engine at one row each of the 8 GEMVs took 5-10% less (162.4 against 169.9 µs
+# of kernels per step) and the step 0.1859 against 0.1900 ms (H100, CUDA graph; BENCHMARKS.md forty-first session).
 #
 # TMA tiles of the 16- and 64-row buckets (a one-dot config's "tma", `one_dot.use_tma`): on layers at least min_n
 # wide the weight and x load through TMA descriptors, with these keys over the bucket's.
@@ -120,7 +127,7 @@ _MM_T_64_ROWS = dict(kernel="mm_t", BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_wa
                      SCALE_ACC=False)
 CONFIGS = [
     (1, dict(kernel="gemv", BLOCK_N=512, MIN_TILES=8, BLOCK_K=32, num_warps=2, num_stages=3,
-             waves=32)),
+             waves=32, x_pairs=True)),
     (16, dict(kernel="one_dot", BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3, waves=7.5, SCALE_W=False,
               finish=True, tma=TMA_TILES[16],
               fallback=dict(kernel="mm_t", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, waves=8,
@@ -202,13 +209,50 @@ def _gemv_step_half2(words, x_row, kw, ok, ASM: tl.constexpr, PLANAR: tl.constex
 
 
 @triton.jit
+def _x_scale(x_row, k0, k_per_split, K, X_SPAN: tl.constexpr):
+    """(up, down = 1 / up): the power of two that puts the largest |x| of a program's K range in [256, 512), at most
+    2^15 (fp16's largest power of two), over the whole 64-K blocks the range touches (planar words mix a block's K)."""
+    lo = (k0 // 64) * 64
+    hi = tl.minimum(((k0 + k_per_split + 63) // 64) * 64, K)
+    at = lo + tl.arange(0, X_SPAN)
+    xs = tl.load(x_row + at, mask=at < hi, other=0.0).to(tl.float32)
+    up, down = pow2_range(tl.max(tl.abs(xs), axis=0))
+    return tl.minimum(up, 32768.0), tl.maximum(down, 1.0 / 32768.0)
+
+
+@triton.jit
+def _gemv_step_pairs(words, x_row, kw, ok, up, ASM: tl.constexpr):
+    """`_gemv_step_half2`'s products for fp16 x on planar words, with the program's scale `up` (`_x_scale`): the
+    pair of nibbles j and j + 4 is x at two adjacent K, taken as x's own fp16 values and scaled on the fp16x2
+    units (`scaled_pair`), not converted through fp32 with a scale found per step."""
+    k = word_k(kw, 0, True)
+    x0, x4 = tl.load(x_row + k, mask=ok, other=0.0), tl.load(x_row + k + 1, mask=ok, other=0.0)
+    x1, x5 = tl.load(x_row + k + 16, mask=ok, other=0.0), tl.load(x_row + k + 17, mask=ok, other=0.0)
+    x2, x6 = tl.load(x_row + k + 32, mask=ok, other=0.0), tl.load(x_row + k + 33, mask=ok, other=0.0)
+    x3, x7 = tl.load(x_row + k + 48, mask=ok, other=0.0), tl.load(x_row + k + 49, mask=ok, other=0.0)
+    shape: tl.constexpr = words.shape
+    if ASM:
+        even, odd = x_pair(up, up, 1.0), x_pair(up, up, 0.0625)
+        p04, p15 = scaled_pair(x0, x4, even), scaled_pair(x1, x5, odd)
+        p26, p37 = scaled_pair(x2, x6, even), scaled_pair(x3, x7, odd)
+        return dot8(words, tl.broadcast_to(p04[:, None], shape), tl.broadcast_to(p15[:, None], shape),
+                    tl.broadcast_to(p26[:, None], shape), tl.broadcast_to(p37[:, None], shape))
+    f32 = tl.float32
+    p04, p15 = x_pair(x0.to(f32), x4.to(f32), up), x_pair(x1.to(f32), x5.to(f32), up * 0.0625)
+    p26, p37 = x_pair(x2.to(f32), x6.to(f32), up), x_pair(x3.to(f32), x7.to(f32), up * 0.0625)
+    return dot8_emulated(words, tl.broadcast_to(p04[:, None], shape), tl.broadcast_to(p15[:, None], shape),
+                         tl.broadcast_to(p26[:, None], shape), tl.broadcast_to(p37[:, None], shape))
+
+
+@triton.jit
 def _gemv_step(acc, x_row, w_ptr, s_ptr, z_ptr, offs_n, mask_n, N, K, group_size, k0,
                HAS_ZERO: tl.constexpr, HALF2: tl.constexpr, ASM: tl.constexpr, BLOCK_K: tl.constexpr,
-               PLANAR: tl.constexpr):
+               PLANAR: tl.constexpr, PAIRS: tl.constexpr = False, up=1.0, up_down=1.0):
     """acc [BLOCK_K/8, BLOCK_N] plus the step of word rows k0 / 8 .. (k0 + BLOCK_K) / 8: products per word row
-    (HALF2: `_gemv_step_half2`, else `_gemv_step_fp32`), zero points off as z * sum_j x_j, then the step's
-    group scale. PLANAR words: each x is loaded from its nibble's K (the step's K still lie in one group:
-    BLOCK_K <= 64 or both multiples of 64)."""
+    (PAIRS: `_gemv_step_pairs` with the program's scale up and its inverse up_down; HALF2: `_gemv_step_half2`, else
+    `_gemv_step_fp32`), zero points off as z * sum_j x_j (not with PAIRS), then the step's group scale. PLANAR
+    words: each x is loaded from its nibble's K (the step's K still lie in one group: BLOCK_K <= 64 or both
+    multiples of 64)."""
     kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
     ok = kw < K // 8
     words = tl.load(w_ptr + kw.to(tl.int64)[:, None] * N + offs_n[None, :], mask=ok[:, None] & mask_n[None, :],
@@ -216,6 +260,8 @@ def _gemv_step(acc, x_row, w_ptr, s_ptr, z_ptr, offs_n, mask_n, N, K, group_size
     g = k0 // group_size
     smask = mask_n & (k0 < K)
     s = tl.load(s_ptr + g * N + offs_n, mask=smask, other=0.0).to(tl.float32)
+    if PAIRS:
+        return acc + _gemv_step_pairs(words, x_row, kw, ok, up, ASM) * (s * up_down)[None, :]
     if HALF2:
         part, xsum, down = _gemv_step_half2(words, x_row, kw, ok, ASM, PLANAR)
     else:
@@ -232,7 +278,8 @@ def _int4_gemv_kernel(
     N, K, stride_xm, group_size, k_per_split,
     K_STEPS: tl.constexpr, HAS_ZERO: tl.constexpr, ATOMIC: tl.constexpr, HALF2: tl.constexpr, ASM: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PIPELINE: tl.constexpr = 0, PLANAR: tl.constexpr = False,
-    FINISH: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
+    FINISH: tl.constexpr = False, HAS_BIAS: tl.constexpr = False, PAIRS: tl.constexpr = False,
+    X_SPAN: tl.constexpr = 1,
 ):
     """GEMV over [BLOCK_K/8 word rows, BLOCK_N] tiles (BLOCK_K divides the group: one scale row per step), one
     `_gemv_step` per step (steps past K are masked). HALF2 (16-bit x): the products on fp16x2 (ASM False: the
@@ -241,17 +288,23 @@ def _int4_gemv_kernel(
     uses them). No configuration sets it: in the H200 sweep no pipelined candidate won a decode shape
     (benchmarks/int4_tune_gemv_s16.json). FINISH: the tile is written to out_ptr (+ bias) in out's dtype by
     `finish_split_tile` (split K: y_ptr is the zeroed fp32 accumulator [M, N], then one count per tile), else
-    y_ptr gets the fp32 result (atomics when K is split)."""
+    y_ptr gets the fp32 result (atomics when K is split). PAIRS (fp16 x, planar words, no zero points): the x
+    pairs are x's own fp16 values (`_gemv_step_pairs`), scaled by one power of two per program (`_x_scale` over
+    the X_SPAN K of `_x_span`)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     row = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     x_row = x_ptr + row * stride_xm
+    up, up_down = 1.0, 1.0
+    if PAIRS:
+        up, up_down = _x_scale(x_row, pid_k * k_per_split, k_per_split, K, X_SPAN)
     acc = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
     for step in tl.range(0, K_STEPS, num_stages=PIPELINE if PIPELINE else None):
         acc = _gemv_step(acc, x_row, w_ptr, s_ptr, z_ptr, offs_n, mask_n, N, K, group_size,
-                         pid_k * k_per_split + step * BLOCK_K, HAS_ZERO, HALF2, ASM, BLOCK_K, PLANAR)
+                         pid_k * k_per_split + step * BLOCK_K, HAS_ZERO, HALF2, ASM, BLOCK_K, PLANAR, PAIRS, up,
+                         up_down)
     if FINISH:
         count_ptr = y_ptr + tl.num_programs(2) * N + row * tl.num_programs(0) + pid_n
         finish_split_tile(tl.sum(acc, axis=0), mask_n, out_ptr + row * N + offs_n, b_ptr + offs_n,
@@ -448,6 +501,12 @@ def _block_k(cfg_k: int, k: int, group_size: int) -> tuple[int, bool]:
     return block_k, group_size % block_k == 0 or group_size == k
 
 
+def _x_span(k: int, per: int, splits: int) -> int:
+    """`_x_scale`'s X_SPAN: a power of two covering the whole 64-K blocks that any split's K range touches."""
+    return triton.next_power_of_2(max(min(cdiv(min(i * per + per, k), 64) * 64, k) - i * per // 64 * 64
+                                      for i in range(splits)))
+
+
 def launch_gemv(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, bias=None, out_dtype=None,
                 wrap=identity, num_sms: int = DEFAULT_SMS) -> torch.Tensor:
     """`x2d @ dequant(W)` [M, N] with the GEMV kernel (one program column per row of x): fp32, or with
@@ -464,6 +523,7 @@ def launch_gemv(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, b
     tiles = cdiv(n, block_n)
     splits, per = split_for_waves(k, tiles, block_k, cfg["waves"], num_sms)
     finish = out_dtype is not None
+    pairs = cfg.get("x_pairs", False) and x2d.dtype == torch.float16 and w_zero is None and is_planar(k, group_size)
     y, out = split_k_outputs(m, n, splits, m * tiles, out_dtype or torch.float32, x2d.device, finish)
     wrap(_int4_gemv_kernel)[(tiles, splits, m)](
         x2d, w_packed, w_scale, optional_arg(w_zero, w_scale), y, optional_arg(out, w_scale),
@@ -472,6 +532,7 @@ def launch_gemv(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, b
         HAS_ZERO=w_zero is not None, ATOMIC=splits > 1, HALF2=x2d.dtype in (torch.float16, torch.bfloat16),
         ASM=ptx_available(), BLOCK_N=block_n, BLOCK_K=block_k, PIPELINE=cfg.get("pipeline", 0),
         PLANAR=is_planar(k, group_size), FINISH=finish, HAS_BIAS=bias is not None,
+        PAIRS=pairs, X_SPAN=_x_span(k, per, splits) if pairs else 1,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out if finish else y

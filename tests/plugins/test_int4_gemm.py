@@ -398,6 +398,90 @@ def test_gemv_kernel_interpreter(group, zero):
         assert_close_to(acc, oracle(x, {**case, "bias": None}), 1e-5)
 
 
+def check_gemv_x_pairs(device: str, k: int, n: int, groups, cfgs, sms: int):
+    """The GEMV with `x_pairs` (fp16 x on planar words: x's fp16 values as the pairs, one power-of-two scale per
+    program) takes that path (PAIRS at the launch), and is close to float64 on x whose rows span many binades: one
+    row of plain values, one with a few thousand-sized outliers (the scale must keep fp16 sums finite), one tiny
+    (its products must stay normal fp16), all in fp16 products (the half2 GEMV's 2^-11 each)."""
+    from qc_testutil import launch_spy
+
+    from qcompile.plugins.int4_gemm import kernel
+
+    gen = torch.Generator().manual_seed(k + n)
+    x = torch.randn(3, k, generator=gen)
+    x[1, torch.randint(0, k, (4,), generator=gen)] = torch.tensor([3000.0, -2500.0, 1800.0, -4000.0])
+    x[2] *= 1e-4
+    x = x.to(torch.float16)
+    for group in groups:
+        case = make_case(k=k, n=n, group=group, seed=n)
+        for cfg in cfgs:
+            launches = []
+            y = kernel.launch_gemv(x.to(device), case["w_packed"].to(device), case["scale"].to(device), None,
+                                   case["g"], dict(cfg, x_pairs=True), num_sms=sms,
+                                   wrap=launch_spy(lambda grid, kw: launches.append(kw)))
+            assert [kw["PAIRS"] for kw in launches] == [True]
+            want = oracle(x.float(), {**case, "bias": None})
+            got = y.double().cpu().numpy()
+            for row in range(3):  # each row to its own size: the tiny row is not lost beside the outliers
+                scale = np.abs(want[row]).max()
+                np.testing.assert_allclose(got[row], want[row], rtol=3e-3, atol=3e-3 * scale)
+
+
+@triton_interp
+def test_gemv_x_pairs_interpreter():
+    """(`check_gemv_x_pairs`) K whole and split in 32-K steps (a split that ends inside a 64-K block of the planar
+    words, whose pairs reach into the next split's K), on 64-, 128- and whole-K groups."""
+    cfgs = [{"BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, "waves": waves} for waves in (0, 8)]
+    check_gemv_x_pairs("cpu", 448, 80, [64, "channel"], cfgs, 1)  # 2 splits of 224 K: the first ends mid-block
+    check_gemv_x_pairs("cpu", 384, 80, [128], cfgs, 1)
+
+
+@needs_triton
+def test_x_scale_span_covers_each_splits_64_k_blocks():
+    """`kernel._x_span`: a power of two no shorter than the whole 64-K blocks (cut at K) that any split touches,
+    counted K by K."""
+    from qcompile.plugins.int4_gemm.kernel import _x_span
+
+    for k, per in ((4096, 64), (14336, 448), (448, 224), (448, 96), (384, 384), (640, 160)):
+        splits = -(-k // per)
+        need = 0
+        for i in range(splits):
+            touched = {kk // 64 for kk in range(i * per, min(i * per + per, k))}
+            covered = [kk for kk in range(k) if kk // 64 in touched]
+            need = max(need, max(covered) - min(covered) + 1)
+        span = _x_span(k, per, splits)
+        assert need <= span < 2 * need and span & (span - 1) == 0
+
+
+def test_gemv_x_pairs_needs_fp16_x_planar_words_and_no_zero_points(monkeypatch):
+    """`x_pairs` applies only where the pairs are x's own values: fp16 x, planar words (K and the group multiples of
+    64), symmetric weights; elsewhere the GEMV keeps its per-step pairs. The shipped GEMV bucket sets it (checked at
+    the launch, without running)."""
+    from qcompile.plugins.int4_gemm import kernel
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def record(grid, kw):
+        seen.append(kw["PAIRS"])
+        raise Stop
+
+    cfg = {"BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, "waves": 0, "x_pairs": True}
+    for dtype, k, group, zero, want in ((torch.float16, 128, 64, False, True), (torch.bfloat16, 128, 64, False, False),
+                                        (torch.float16, 96, 32, False, False), (torch.float16, 128, 64, True, False),
+                                        (torch.float16, 128, 64, False, "shipped")):
+        if want == "shipped":  # as engines launch it: the shipped GEMV bucket takes x's pairs
+            cfg, want = kernel.CONFIGS[0][1], True
+        case = make_case(k=k, n=32, group=group, zero=zero)
+        with pytest.raises(Stop):
+            kernel.launch_gemv(torch.zeros(1, k, dtype=dtype), case["w_packed"], case["scale"], case["w_zero"],
+                               group, cfg, num_sms=1, wrap=lambda fn: type("L", (), {
+                                   "__getitem__": lambda self, grid: lambda *a, **kw: record(grid, kw)})())
+        assert seen[-1] is want
+
+
 def assert_finished_like(y, fp32, bias, out_dtype, exact: bool):
     """`y` (a kernel's output finished in the kernel) against the fp32 result `fp32` followed by the op's epilogue:
     bit for bit (`exact`: one order of the split sums, as in the interpreter), else within one rounding of
@@ -783,6 +867,16 @@ def test_cuda_one_dot_kernel(k, group, zero, dtype):
 @DEQUANT_CASES
 def test_cuda_dequant_kernel_is_exact(zero, group, tile):
     check_dequant_exact(zero, group, tile, [torch.float32, torch.bfloat16, torch.float16], "cuda")
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_gemv_x_pairs_matches_float64():
+    """(`check_gemv_x_pairs`) the scaled_pair PTX on the GPU, at the decode layers' K and on the shipped GEMV tile."""
+    from qcompile.plugins.int4_gemm import kernel
+
+    check_gemv_x_pairs("cuda", 4096, 1024, [128], [kernel.CONFIGS[0][1]], 132)
+    check_gemv_x_pairs("cuda", 14336, 512, [128], [kernel.CONFIGS[0][1]], 132)
 
 
 @pytest.mark.gpu

@@ -4,8 +4,8 @@ fp16 on the same layer. A kernel that HBM bounds runs much faster warm; one boun
 not (BENCHMARKS.md, forty-first session: it does not; the session's run also timed a weight prefetch, commit
 64fcc39, since reverted). Then, cold, GEMV tiles 1024 columns wide on 2 warps
 (16 columns a thread: the activation pairs of a word row made once for twice the words; 3.1 SASS instructions per
-weight against the shipped tile's 3.75, `tools/diag/sass_count.py --block-n 1024`) beside the shipped one. µs per
-call replayed from a CUDA graph.
+weight against the shipped tile's 3.75, `tools/diag/sass_count.py --block-n 1024`) and the shipped tile on x's
+own fp16 pairs (`x_pairs`, 3.23) beside the shipped one. µs per call replayed from a CUDA graph.
 
     python3 tools/diag/gemv_l2_probe.py          # on the GPU machine (STEPS=diag DIAG=tools/diag/gemv_l2_probe.py)
 
@@ -64,7 +64,8 @@ def layer(k: int, n: int) -> dict:
     out["fp16_cold"] = per_call_us([lambda w=w: x @ w for w in fp16])
     out["fp16_warm"] = per_call_us([lambda: x @ fp16[0]] * len(fp16))
     shipped = kernel.CONFIGS[0][1]
-    for label, change in (("wide_w2", dict(BLOCK_N=1024, MIN_TILES=4, num_warps=2)),
+    for label, change in (("x_pairs", dict(x_pairs=True)),
+                          ("wide_w2", dict(BLOCK_N=1024, MIN_TILES=4, num_warps=2)),
                           ("wide_w2_waves16", dict(BLOCK_N=1024, MIN_TILES=4, num_warps=2, waves=16)),
                           ("wide_w4", dict(BLOCK_N=1024, MIN_TILES=4, num_warps=4, BLOCK_K=64))):
         configs = [(1, dict(shipped, **change))] + kernel.CONFIGS[1:]

@@ -6,7 +6,8 @@ weight-streaming kernel can keep up with HBM (the H200 issues about 33 T thread-
 schedulers x 32 lanes x ~1.98 GHz; 235 M weights at 3 instructions each is 21 µs, at 6.7 it is 47 µs).
 
     python3 tools/diag/sass_count.py [int4_mm_t int4_gemv_fp32 int4_gemv_half2 int4_gemv_half2_planar
-                                      int4_gemv_half2_planar_finish int4_one_dot_16_tma_finish
+                                      int4_gemv_half2_planar_finish int4_gemv_half2_planar_pairs
+                                      int4_one_dot_16_tma_finish
                                       int4_dequant_t_fp8
                                       int4_one_dot_16 int4_one_dot_64 int4_one_dot_128 (each also _scale_w, _tma,
                                       _scale_w_tma) fp4_gemm fp4_gemm_64 fp4_one_dot_16 fp4_one_dot_64
@@ -86,13 +87,16 @@ def _cases():
            dict(K_STEPS=8, HAS_ZERO=False, ROW_SCALE=False, ATOMIC=True, SCALE_ACC=False, MAGIC_BITS=0x4308,
                 MAGIC_VALUE=136.0, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128), div, 4, 3, 64 * 128 // 128)
     gemv_sig = dict({k: v for k, v in mm_sig.items() if k not in ("rs_ptr", "M")}, out_ptr="*bf16", b_ptr="*bf16")
-    for half2, planar, finish in ((False, False, False), (True, False, False), (True, True, False),
-                                  (True, True, True)):  # finish: the cast and bias in the kernel (engine variant)
+    for half2, planar, finish, pairs in ((False, False, False, False), (True, False, False, False),
+                                         (True, True, False, False), (True, True, True, False),
+                                         (True, True, False, True)):
+        # finish: the cast and bias in the kernel (engine variant); pairs: x's fp16 as the pairs (fp16 x only)
         yield ("int4_gemv" + ("_half2" if half2 else "_fp32") + ("_planar" if planar else "")
-               + ("_finish" if finish else ""), k4._int4_gemv_kernel,
-               dict(gemv_sig, x_ptr="*bf16" if half2 else "*fp32"),
+               + ("_finish" if finish else "") + ("_pairs" if pairs else ""), k4._int4_gemv_kernel,
+               dict(gemv_sig, x_ptr="*fp16" if pairs else "*bf16" if half2 else "*fp32"),
                dict(K_STEPS=8, HAS_ZERO=False, ATOMIC=True, HALF2=half2, ASM=True, BLOCK_N=512, BLOCK_K=32,
-                    PIPELINE=0, PLANAR=planar, FINISH=finish, HAS_BIAS=finish),
+                    PIPELINE=0, PLANAR=planar, FINISH=finish, HAS_BIAS=finish, PAIRS=pairs,
+                    X_SPAN=512 if pairs else 1),
                [d for d in div if d != "rs_ptr"], 2, 3, 512 * 32 // 64)
     from qcompile.plugins.int4_gemm import one_dot
     od_sig = dict({k: v for k, v in mm_sig.items() if k not in ("rs_ptr", "group_size")}, out_ptr="*bf16",
