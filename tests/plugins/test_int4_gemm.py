@@ -453,16 +453,19 @@ def test_x_scale_span_covers_each_splits_64_k_blocks():
         assert need <= span < 2 * need and span & (span - 1) == 0
 
 
-def test_gemv_x_pairs_needs_fp16_x_planar_words_and_no_zero_points(monkeypatch):
+@needs_triton
+def test_gemv_x_pairs_needs_fp16_x_planar_words_and_no_zero_points():
     """`x_pairs` applies only where the pairs are x's own values: fp16 x, planar words (K and the group multiples of
     64), symmetric weights; elsewhere the GEMV keeps its per-step pairs. The shipped GEMV bucket sets it (checked at
     the launch, without running)."""
     from qcompile.plugins.int4_gemm import kernel
 
+    from qc_testutil import launch_spy
+
     seen = []
 
     class Stop(Exception):
-        pass
+        """Raised at the launch (after its arguments are recorded), so no kernel runs."""
 
     def record(grid, kw):
         seen.append(kw["PAIRS"])
@@ -477,8 +480,7 @@ def test_gemv_x_pairs_needs_fp16_x_planar_words_and_no_zero_points(monkeypatch):
         case = make_case(k=k, n=32, group=group, zero=zero)
         with pytest.raises(Stop):
             kernel.launch_gemv(torch.zeros(1, k, dtype=dtype), case["w_packed"], case["scale"], case["w_zero"],
-                               group, cfg, num_sms=1, wrap=lambda fn: type("L", (), {
-                                   "__getitem__": lambda self, grid: lambda *a, **kw: record(grid, kw)})())
+                               group, cfg, num_sms=1, wrap=launch_spy(record))
         assert seen[-1] is want
 
 
