@@ -63,6 +63,8 @@ kernels into the package).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -501,6 +503,7 @@ def _block_k(cfg_k: int, k: int, group_size: int) -> tuple[int, bool]:
     return block_k, group_size % block_k == 0 or group_size == k
 
 
+@functools.lru_cache(maxsize=None)
 def _x_span(k: int, per: int, splits: int) -> int:
     """`_x_scale`'s X_SPAN: a power of two covering the whole 64-K blocks that any split's K range touches."""
     return triton.next_power_of_2(max(min(cdiv(min(i * per + per, k), 64) * 64, k) - i * per // 64 * 64

@@ -9,7 +9,7 @@ import torch
 from int4_testutil import cuda, make_case, needs_triton, oracle, triton_interp
 from onnx import TensorProto, helper, numpy_helper
 from qc_testutil import (expect_launch_keyword, expect_tma, export_on_fake_cuda, exported_op_arg, fake_cuda_export,
-                         ort_session, up_to_64_rows)
+                         launch_spy, ort_session, up_to_64_rows)
 
 from qcompile.plugins.int4_gemm import int4_gemm_reference, onnx_schema
 from qcompile.plugins.int4_gemm.format import from_engine, onnx_bytes_to_engine, pack_int4, to_engine, unpack_int4
@@ -403,8 +403,6 @@ def check_gemv_x_pairs(device: str, k: int, n: int, groups, cfgs, sms: int):
     program) takes that path (PAIRS at the launch), and is close to float64 on x whose rows span many binades: one
     row of plain values, one with a few thousand-sized outliers (the scale must keep fp16 sums finite), one tiny
     (its products must stay normal fp16), all in fp16 products (the half2 GEMV's 2^-11 each)."""
-    from qc_testutil import launch_spy
-
     from qcompile.plugins.int4_gemm import kernel
 
     gen = torch.Generator().manual_seed(k + n)
@@ -459,8 +457,6 @@ def test_gemv_x_pairs_needs_fp16_x_planar_words_and_no_zero_points():
     64), symmetric weights; elsewhere the GEMV keeps its per-step pairs. The shipped GEMV bucket sets it (checked at
     the launch, without running)."""
     from qcompile.plugins.int4_gemm import kernel
-
-    from qc_testutil import launch_spy
 
     seen = []
 
