@@ -54,7 +54,7 @@ for s in ${STEPS:-engines kernels int4 decode tests}; do
                py $d 2>&1 | tee -a "$OUT/diag.log" | grep -v "Warning\|return cls.__new__" | tail -40
              done ;;
     tune1)   step "INT4 GEMV tuning (M = 1, decode shapes)"
-             py tools/tune_int4_gemm.py --ms 1 --kinds gemv --shapes ${TUNE1_SHAPES:-4096x6144 4096x4096 4096x28672 14336x4096 8192x28672 4096x14336} \
+             py tools/tune_int4_gemm.py --ms 1 --kinds gemv ${TUNE1_ARGS:-} --shapes ${TUNE1_SHAPES:-4096x6144 4096x4096 4096x28672 14336x4096 8192x28672 4096x14336} \
                  --out "$OUT/int4_tune_gemv${TUNE1_TAG:-}.json" 2>&1 | tee "$OUT/int4_tune_gemv${TUNE1_TAG:-}.log" | tail -8 ;;
     tune16)  step "INT4 tensor-core tuning (one-dot kernel; M = 16 and 64 unless TUNE16_ARGS says otherwise)"
              py tools/tune_int4_gemm.py ${TUNE16_ARGS:---ms 16 64 --kinds one_dot} \

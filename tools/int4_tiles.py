@@ -8,11 +8,12 @@ import contextlib
 
 @contextlib.contextmanager
 def int4_tiles(pointers: bool = False, tma_min_n: int | None = None, finish: tuple[str, ...] = (),
-               unfinished: bool = False, gemv_x_pairs: bool | None = None):
+               unfinished: bool = False, gemv_x_pairs: bool | None = None, gemv_mma: dict | None = None):
     """`kernel.CONFIGS` without its TMA tiles (pointers: every load through pointers, `kernel.pointer_tiles`), or
     with them from N = tma_min_n; `finish`: the buckets of these kernels ("gemv", "one_dot") also write their output
     with the cast and bias in the kernel, `unfinished`: none does (`kernel.finished`); `gemv_x_pairs`: the GEMV
-    bucket's "x_pairs" set to it (`kernel.launch_gemv`)."""
+    bucket's "x_pairs" set to it (`kernel.launch_gemv`); `gemv_mma`: the GEMV bucket's "mma" tile (the tensor-core
+    GEMV, `mma_gemv`; {} for none)."""
     from qcompile.plugins.int4_gemm import kernel
 
     shipped = kernel.CONFIGS
@@ -27,6 +28,9 @@ def int4_tiles(pointers: bool = False, tma_min_n: int | None = None, finish: tup
         kernel.CONFIGS = kernel.finished(kernel.CONFIGS, finish)
     if gemv_x_pairs is not None:
         kernel.CONFIGS = [(limit, dict(cfg, x_pairs=gemv_x_pairs) if cfg["kernel"] == "gemv" else cfg)
+                          for limit, cfg in kernel.CONFIGS]
+    if gemv_mma is not None:
+        kernel.CONFIGS = [(limit, dict(cfg, mma=gemv_mma) if cfg["kernel"] == "gemv" else cfg)
                           for limit, cfg in kernel.CONFIGS]
     try:
         yield

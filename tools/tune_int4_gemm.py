@@ -10,6 +10,7 @@ and prints the best configuration per cell and per M bucket.
 
     python3 tools/tune_int4_gemm.py --out tune.json [--shapes 8192x28672] [--ms 1 16] [--kinds gemv]
     python3 tools/tune_int4_gemm.py --out tma.json --ms 16 64 --kinds one_dot one_dot_tma   # TMA tiles vs pointers
+    python3 tools/tune_int4_gemm.py --out gemv.json --ms 1 --kinds gemv --x-dtype fp16   # as engines run the GEMV
 """
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ import torch
 from gpu_timing import MODE, bench, bench_parser, rotating
 
 GROUP = 128
+X_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def candidates(m: int) -> list[dict]:
+def candidates(m: int, x_dtype: str = "bf16") -> list[dict]:
     """Candidate launch configurations (W4A16, and W4A8 on FP8 dots) for a row count m: the neighbourhood
     of the winners of the first sweep (benchmarks/int4_tune_v2b.json), plus dequantize + cuBLAS, some with the
     output written by the kernel ("finish"), and the configuration the op ships for m (`kernel.CONFIGS`), so every
@@ -40,6 +42,11 @@ def candidates(m: int) -> list[dict]:
         for st in (1, 2, 4):
             out.append(dict(kernel="gemv", BLOCK_N=512, MIN_TILES=1, BLOCK_K=32, num_warps=2, num_stages=st,
                             waves=32))
+        if x_dtype == "fp16":  # x's own pairs (what engines run), and the tensor-core GEMV (`mma_gemv`)
+            out = [dict(c, x_pairs=True) for c in out]
+            out += [dict(kernel="gemv", BLOCK_N=512, MIN_TILES=8, BLOCK_K=32, num_warps=2, num_stages=3, waves=32,
+                         mma=dict(warps=w, waves=waves)) for w, waves in itertools.product((2, 4, 8), (8, 16, 32))]
+            return out + [shipped_config(m)]
         for (bn, bk, w), pipe, waves in itertools.product([(512, 32, 2), (512, 64, 4), (256, 64, 2)], (2, 3, 4),
                                                           (8, 16, 32)):  # weight tiles through cp.async
             out.append(dict(kernel="gemv", BLOCK_N=bn, MIN_TILES=1, BLOCK_K=bk, num_warps=w, num_stages=3,
@@ -146,10 +153,10 @@ def call(cfg: dict, x, x8, w_packed, scale):
 
 def compile_cell(task):
     """Worker: compile and check every candidate of one (K, N, M) cell; returns [(index, error or message)]."""
-    k, n, m, cfgs = task
+    k, n, m, cfgs, x_dtype = task
     from qcompile.plugins.int4_gemm.reference import dequantize_weight
     w_packed, scale = make_weights(k, n)
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, k, device="cuda", dtype=X_DTYPES[x_dtype])
     ref = x.float() @ dequantize_weight(w_packed, scale, None, GROUP)
     x8 = quantize_fp8(x)
     ref8 = (x8[0].float() * x8[1][:, None]) @ dequantize_weight(w_packed, scale, None, GROUP)
@@ -167,8 +174,8 @@ def compile_cell(task):
 
 def baselines(k: int, n: int, m: int, x) -> dict:
     r = {}
-    w16 = rotating(lambda: torch.randn(k, n, device="cuda", dtype=torch.bfloat16), k * n * 2)
-    r["bf16"] = bench(lambda: x @ w16())
+    w16 = rotating(lambda: torch.randn(k, n, device="cuda", dtype=x.dtype), k * n * 2)
+    r["bf16"] = bench(lambda: x @ w16())  # cuBLAS in x's 16-bit dtype (fp16 with --x-dtype fp16)
     w8 = rotating(lambda: torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn), k * n)
     one = torch.ones((), device="cuda")
     xq = x.to(torch.float8_e4m3fn)
@@ -194,6 +201,8 @@ def main() -> None:
     ap = bench_parser(__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=12)
     ap.add_argument("--kinds", nargs="*", help="only these kinds (gemv, one_dot, one_dot_tma, mm_t, dequant)")
+    ap.add_argument("--x-dtype", choices=sorted(X_DTYPES), default="bf16",
+                    help="x's dtype; fp16 (what CUDA engines run) times the GEMV on x's own pairs and the MMA GEMV")
     ap.add_argument("--where", nargs="*", default=[], metavar="KEY=V1,V2",
                     help="only candidates with these values, e.g. BLOCK_N=64 num_stages=3 SCALE_W=True,False "
                          "(the shipped configuration is always timed)")
@@ -204,15 +213,16 @@ def main() -> None:
     tasks = []
     for k, n, m in cells:  # the shipped configuration always, the others as --kinds and --where say
         shipped = shipped_config(m)
-        tasks.append((k, n, m, [c for c in candidates(m) if c == shipped
-                                or ((not args.kinds or kind_of(c) in args.kinds) and matches(c, where))]))
+        tasks.append((k, n, m, [c for c in candidates(m, args.x_dtype) if c == shipped
+                                or ((not args.kinds or kind_of(c) in args.kinds) and matches(c, where))],
+                      args.x_dtype))
     ctx = mp.get_context("spawn")
     with ctx.Pool(args.workers) as pool:
         checked = pool.map(compile_cell, tasks, chunksize=1)
     print("compiled and checked", sum(len(t[3]) for t in tasks), "configurations", flush=True)
     results = []
-    for (k, n, m, cfgs), errs in zip(tasks, checked):
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    for (k, n, m, cfgs, x_dtype), errs in zip(tasks, checked):
+        x = torch.randn(m, k, device="cuda", dtype=X_DTYPES[x_dtype])
         x8 = quantize_fp8(x)
         row = {"K": k, "N": n, "M": m, **baselines(k, n, m, x), "configs": []}
         ws = rotating(lambda: make_weights(k, n), k * n // 2)

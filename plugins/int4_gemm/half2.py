@@ -18,7 +18,8 @@ into an fp32 and multiplied there (`_int4_gemv_kernel`'s fp32 path; `tools/diag/
 
 `x_of_words` loads the 8 activations of each word (and their largest |x|) for the packed-half2 GEMVs: this one's
 and the FP4 GEMV (`fp4_gemm/gemv.py`). Where x is fp16 and the words planar, the pairs are x's own adjacent fp16
-values, scaled on the fp16x2 units (`scaled_pair`) by one power of two per program: the INT4 GEMV's "x_pairs".
+values, scaled on the fp16x2 units (`scaled_pair`, or `scaled_word` on a pair loaded as one int32) by one power
+of two per program: the INT4 GEMV's "x_pairs".
 
 `dot8_emulated` is the same arithmetic in plain Triton fp32 ops, for the CPU interpreter (TRITON_INTERPRET=1),
 which cannot run inline PTX: tests check the nibble order, the pairs and the scaling there; the GPU tests check
@@ -140,6 +141,13 @@ def scaled_pair(a, b, scale):
     power of two (`x_pair(up, up, f)`): one PRMT and one HMUL2, exact unless a product leaves fp16's range."""
     return tl.inline_asm_elementwise("{ .reg .b32 t; mov.b32 t, {$1, $2}; mul.rn.f16x2 $0, t, $3; }", "=r,h,h,r",
                                      [a, b, scale], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def scaled_word(pair, scale):
+    """`scaled_pair` of a pair already held in an int32 (an fp16 pair loaded as one word): one HMUL2."""
+    return tl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [pair, scale], dtype=tl.int32,
+                                     is_pure=True, pack=1)
 
 
 @triton.jit

@@ -8,11 +8,15 @@ the planar order; mm_t and mm read it sequentially, so on planar words x's colum
   products of each int32 word run on packed fp16x2 (`half2.py`: one LOP3 decodes two nibbles into fp16;
   3.7 instructions per weight against 5.1 in fp32; x scaled per step by a power of two to stay in fp16's
   range). fp16 x on planar words without zero points ("x_pairs", what CUDA engines run) takes x's own fp16
-  values as the pairs, scaled once per program on the fp16x2 units: 3.2 instructions per weight. fp32 x keeps
-  the exact fp32 path (each nibble OR-ed into 128.0's mantissa: 136 + q). At one row the GEMV is held by its
-  instructions, not by HBM: with its weight in L2 it runs no faster (`tools/diag/gemv_l2_probe.py`). K is split
+  values as the pairs (loaded as int32 words where x's row is 4-byte aligned), scaled once per program on the
+  fp16x2 units: 3.05 instructions per weight. fp32 x keeps the exact fp32 path (each nibble OR-ed into 128.0's
+  mantissa: 136 + q). At one row on the H100 the GEMV runs about as fast from L2 as from HBM, and kernels with
+  fewer instructions (the int32 x words, `mma_gemv`) gain little or nothing from HBM: there its limit is how it
+  streams the weight (`tools/diag/gemv_l2_probe.py`). K is split
   until about `waves` waves of programs stream the weight; partial sums meet in fp32 atomics. The fp16x2
   path took 8192 x 28672 from 57.6 to 39.0 µs (benchmarks/int4_stream_probe*.json).
+- `mma_gemv._int4_gemv_mma_kernel` (one row of fp16 x, planar words; opt-in, a GEMV bucket's "mma"): the GEMV
+  on tensor cores, mma.sync with the words as the A operand: 1.9 instructions per weight.
 - `one_dot._int4_one_dot_kernel` (2-128 rows of 16-bit x, planar words): one tensor-core MMA per K step, the
   weight decoded by one LOP3 per pair straight into the MMA operand's layout (see `one_dot.py`).
 - `_int4_mm_t_kernel` (swapped operands, small M; the fallback of the one_dot buckets):
@@ -72,11 +76,11 @@ import triton.language as tl
 from qcompile.plugins import fp8_large_m as fp8_large_m_path
 from qcompile.plugins.gemm_dispatch import (add_bias, cdiv, from_rows, identity, linear_bias, optional_arg,
                                              run_by_buckets, split_for_waves, split_k_outputs, unpack_optional)
-from qcompile.plugins.int4_gemm import one_dot
+from qcompile.plugins.int4_gemm import mma_gemv, one_dot
 from qcompile.plugins.int4_gemm.dequant_fp8 import fp8_weight
 from qcompile.plugins.int4_gemm.format import PACK, columns_in_words_order, is_planar
-from qcompile.plugins.int4_gemm.half2 import (dot8, dot8_emulated, pow2_range, ptx_available, scaled_pair, word_k,
-                                              x_at, x_of_words, x_pair)
+from qcompile.plugins.int4_gemm.half2 import (dot8, dot8_emulated, half_of, pow2_range, ptx_available, scaled_pair,
+                                              scaled_word, word_k, x_at, x_of_words, x_pair)
 from qcompile.plugins.int4_gemm.reference import check_args, fp8_linear
 from qcompile.plugins.triton_tiles import finish_split_tile, grouped_tile, jit_any_m, store_tile
 
@@ -112,6 +116,11 @@ MAGIC16 = {torch.bfloat16: (0x4308, 136.0), torch.float16: (0x6408, 1032.0)}  # 
 # layer): x's own fp16 values as the pairs, one scale per program; 3.23 SASS instructions per weight against 3.75.
 # In the llama3-8b-layers w4a16_awq engine at one row each of the 8 GEMVs took 5-10% less (162.4 against 169.9 µs
 # of kernels per step) and the step 0.1859 against 0.1900 ms (H100, CUDA graph; BENCHMARKS.md forty-first session).
+# Its pairs as int32 words (x 4-byte aligned): 3.05 instructions per weight; the op 0.4-1.5% faster on the four
+# decode layers against the same kernel on x 2-byte aligned (H100; BENCHMARKS.md forty-second session).
+# "mma" (a dict: warps, waves) on a GEMV bucket runs the tensor-core GEMV (`mma_gemv`) where it applies. Not set:
+# on the H100 the op was 2% faster on the down projection and 2-7% slower on the other decode layers, and the
+# w4a16_awq decode step 0.1956 against 0.1833 ms (BENCHMARKS.md forty-second session).
 #
 # TMA tiles of the 16- and 64-row buckets (a one-dot config's "tma", `one_dot.use_tma`): on layers at least min_n
 # wide the weight and x load through TMA descriptors, with these keys over the bucket's.
@@ -223,35 +232,52 @@ def _x_scale(x_row, k0, k_per_split, K, X_SPAN: tl.constexpr):
 
 
 @triton.jit
-def _gemv_step_pairs(words, x_row, kw, ok, up, ASM: tl.constexpr):
+def _gemv_step_pairs(words, x_row, kw, ok, up, ASM: tl.constexpr, X32: tl.constexpr):
     """`_gemv_step_half2`'s products for fp16 x on planar words, with the program's scale `up` (`_x_scale`): the
-    pair of nibbles j and j + 4 is x at two adjacent K, taken as x's own fp16 values and scaled on the fp16x2
-    units (`scaled_pair`), not converted through fp32 with a scale found per step."""
-    k = word_k(kw, 0, True)
-    x0, x4 = tl.load(x_row + k, mask=ok, other=0.0), tl.load(x_row + k + 1, mask=ok, other=0.0)
-    x1, x5 = tl.load(x_row + k + 16, mask=ok, other=0.0), tl.load(x_row + k + 17, mask=ok, other=0.0)
-    x2, x6 = tl.load(x_row + k + 32, mask=ok, other=0.0), tl.load(x_row + k + 33, mask=ok, other=0.0)
-    x3, x7 = tl.load(x_row + k + 48, mask=ok, other=0.0), tl.load(x_row + k + 49, mask=ok, other=0.0)
+    pair of nibbles j and j + 4 is x at two adjacent K (an even K first), taken as x's own fp16 values and scaled
+    on the fp16x2 units, not converted through fp32 with a scale found per step. X32 (x_row 4-byte aligned): each
+    pair is one int32 load (`scaled_word`), else two fp16 loads (`scaled_pair`)."""
     shape: tl.constexpr = words.shape
+    if X32:
+        x_words = x_row.to(tl.pointer_type(tl.int32), bitcast=True) + word_k(kw, 0, True) // 2
+        w04, w15 = tl.load(x_words, mask=ok, other=0), tl.load(x_words + 8, mask=ok, other=0)
+        w26, w37 = tl.load(x_words + 16, mask=ok, other=0), tl.load(x_words + 24, mask=ok, other=0)
+        if ASM:
+            even, odd = x_pair(up, up, 1.0), x_pair(up, up, 0.0625)
+            p04, p15, p26, p37 = scaled_word(w04, even), scaled_word(w15, odd), scaled_word(w26, even), \
+                scaled_word(w37, odd)
+        else:
+            p04, p15 = x_pair(half_of(w04, False), half_of(w04, True), up), \
+                x_pair(half_of(w15, False), half_of(w15, True), up * 0.0625)
+            p26, p37 = x_pair(half_of(w26, False), half_of(w26, True), up), \
+                x_pair(half_of(w37, False), half_of(w37, True), up * 0.0625)
+    else:
+        k = word_k(kw, 0, True)
+        x0, x4 = tl.load(x_row + k, mask=ok, other=0.0), tl.load(x_row + k + 1, mask=ok, other=0.0)
+        x1, x5 = tl.load(x_row + k + 16, mask=ok, other=0.0), tl.load(x_row + k + 17, mask=ok, other=0.0)
+        x2, x6 = tl.load(x_row + k + 32, mask=ok, other=0.0), tl.load(x_row + k + 33, mask=ok, other=0.0)
+        x3, x7 = tl.load(x_row + k + 48, mask=ok, other=0.0), tl.load(x_row + k + 49, mask=ok, other=0.0)
+        if ASM:
+            even, odd = x_pair(up, up, 1.0), x_pair(up, up, 0.0625)
+            p04, p15 = scaled_pair(x0, x4, even), scaled_pair(x1, x5, odd)
+            p26, p37 = scaled_pair(x2, x6, even), scaled_pair(x3, x7, odd)
+        else:
+            f32 = tl.float32
+            p04, p15 = x_pair(x0.to(f32), x4.to(f32), up), x_pair(x1.to(f32), x5.to(f32), up * 0.0625)
+            p26, p37 = x_pair(x2.to(f32), x6.to(f32), up), x_pair(x3.to(f32), x7.to(f32), up * 0.0625)
+    p04, p15 = tl.broadcast_to(p04[:, None], shape), tl.broadcast_to(p15[:, None], shape)
+    p26, p37 = tl.broadcast_to(p26[:, None], shape), tl.broadcast_to(p37[:, None], shape)
     if ASM:
-        even, odd = x_pair(up, up, 1.0), x_pair(up, up, 0.0625)
-        p04, p15 = scaled_pair(x0, x4, even), scaled_pair(x1, x5, odd)
-        p26, p37 = scaled_pair(x2, x6, even), scaled_pair(x3, x7, odd)
-        return dot8(words, tl.broadcast_to(p04[:, None], shape), tl.broadcast_to(p15[:, None], shape),
-                    tl.broadcast_to(p26[:, None], shape), tl.broadcast_to(p37[:, None], shape))
-    f32 = tl.float32
-    p04, p15 = x_pair(x0.to(f32), x4.to(f32), up), x_pair(x1.to(f32), x5.to(f32), up * 0.0625)
-    p26, p37 = x_pair(x2.to(f32), x6.to(f32), up), x_pair(x3.to(f32), x7.to(f32), up * 0.0625)
-    return dot8_emulated(words, tl.broadcast_to(p04[:, None], shape), tl.broadcast_to(p15[:, None], shape),
-                         tl.broadcast_to(p26[:, None], shape), tl.broadcast_to(p37[:, None], shape))
+        return dot8(words, p04, p15, p26, p37)
+    return dot8_emulated(words, p04, p15, p26, p37)
 
 
 @triton.jit
 def _gemv_step(acc, x_row, w_ptr, s_ptr, z_ptr, offs_n, mask_n, N, K, group_size, k0,
                HAS_ZERO: tl.constexpr, HALF2: tl.constexpr, ASM: tl.constexpr, BLOCK_K: tl.constexpr,
-               PLANAR: tl.constexpr, PAIRS: tl.constexpr = False, up=1.0, up_down=1.0):
+               PLANAR: tl.constexpr, PAIRS: tl.constexpr = False, up=1.0, up_down=1.0, X32: tl.constexpr = False):
     """acc [BLOCK_K/8, BLOCK_N] plus the step of word rows k0 / 8 .. (k0 + BLOCK_K) / 8: products per word row
-    (PAIRS: `_gemv_step_pairs` with the program's scale up and its inverse up_down; HALF2: `_gemv_step_half2`, else
+    (PAIRS: `_gemv_step_pairs` with the program's scale up, its inverse up_down and X32; HALF2: `_gemv_step_half2`, else
     `_gemv_step_fp32`), zero points off as z * sum_j x_j (not with PAIRS), then the step's group scale. PLANAR
     words: each x is loaded from its nibble's K (the step's K still lie in one group: BLOCK_K <= 64 or both
     multiples of 64)."""
@@ -263,7 +289,7 @@ def _gemv_step(acc, x_row, w_ptr, s_ptr, z_ptr, offs_n, mask_n, N, K, group_size
     smask = mask_n & (k0 < K)
     s = tl.load(s_ptr + g * N + offs_n, mask=smask, other=0.0).to(tl.float32)
     if PAIRS:
-        return acc + _gemv_step_pairs(words, x_row, kw, ok, up, ASM) * (s * up_down)[None, :]
+        return acc + _gemv_step_pairs(words, x_row, kw, ok, up, ASM, X32) * (s * up_down)[None, :]
     if HALF2:
         part, xsum, down = _gemv_step_half2(words, x_row, kw, ok, ASM, PLANAR)
     else:
@@ -272,6 +298,18 @@ def _gemv_step(acc, x_row, w_ptr, s_ptr, z_ptr, offs_n, mask_n, N, K, group_size
         z = tl.load(z_ptr + g * N + offs_n, mask=smask, other=0).to(tl.float32)
         return acc + (part * down - xsum[:, None] * z[None, :]) * s[None, :]
     return acc + part * (s * down)[None, :]
+
+
+@triton.jit
+def _gemv_loop(acc, x_row, w_ptr, s_ptr, z_ptr, offs_n, mask_n, N, K, group_size, k0, K_STEPS: tl.constexpr,
+               HAS_ZERO: tl.constexpr, HALF2: tl.constexpr, ASM: tl.constexpr, BLOCK_K: tl.constexpr,
+               PIPELINE: tl.constexpr, PLANAR: tl.constexpr, PAIRS: tl.constexpr = False, up=1.0, up_down=1.0,
+               X32: tl.constexpr = False):
+    """acc plus K_STEPS `_gemv_step`s from k0 (PIPELINE > 0: a `tl.range` loop staged num_stages deep)."""
+    for step in tl.range(0, K_STEPS, num_stages=PIPELINE if PIPELINE else None):
+        acc = _gemv_step(acc, x_row, w_ptr, s_ptr, z_ptr, offs_n, mask_n, N, K, group_size, k0 + step * BLOCK_K,
+                         HAS_ZERO, HALF2, ASM, BLOCK_K, PLANAR, PAIRS, up, up_down, X32)
+    return acc
 
 
 @triton.jit
@@ -292,21 +330,27 @@ def _int4_gemv_kernel(
     `finish_split_tile` (split K: y_ptr is the zeroed fp32 accumulator [M, N], then one count per tile), else
     y_ptr gets the fp32 result (atomics when K is split). PAIRS (fp16 x, planar words, no zero points): the x
     pairs are x's own fp16 values (`_gemv_step_pairs`), scaled by one power of two per program (`_x_scale` over
-    the X_SPAN K of `_x_span`)."""
+    the X_SPAN K of `_x_span`), loaded as int32 pairs where x's row is 4-byte aligned (checked in the kernel: the
+    launch may be traced, where x has no address)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     row = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     x_row = x_ptr + row * stride_xm
-    up, up_down = 1.0, 1.0
-    if PAIRS:
-        up, up_down = _x_scale(x_row, pid_k * k_per_split, k_per_split, K, X_SPAN)
     acc = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
-    for step in tl.range(0, K_STEPS, num_stages=PIPELINE if PIPELINE else None):
-        acc = _gemv_step(acc, x_row, w_ptr, s_ptr, z_ptr, offs_n, mask_n, N, K, group_size,
-                         pid_k * k_per_split + step * BLOCK_K, HAS_ZERO, HALF2, ASM, BLOCK_K, PLANAR, PAIRS, up,
-                         up_down)
+    k0 = pid_k * k_per_split
+    if PAIRS:
+        up, up_down = _x_scale(x_row, k0, k_per_split, K, X_SPAN)
+        if x_row.to(tl.int64) % 4 == 0:  # x's pairs load as int32 words (as engines' x always is)
+            acc = _gemv_loop(acc, x_row, w_ptr, s_ptr, z_ptr, offs_n, mask_n, N, K, group_size, k0, K_STEPS,
+                             HAS_ZERO, HALF2, ASM, BLOCK_K, PIPELINE, PLANAR, True, up, up_down, True)
+        else:
+            acc = _gemv_loop(acc, x_row, w_ptr, s_ptr, z_ptr, offs_n, mask_n, N, K, group_size, k0, K_STEPS,
+                             HAS_ZERO, HALF2, ASM, BLOCK_K, PIPELINE, PLANAR, True, up, up_down, False)
+    else:
+        acc = _gemv_loop(acc, x_row, w_ptr, s_ptr, z_ptr, offs_n, mask_n, N, K, group_size, k0, K_STEPS,
+                         HAS_ZERO, HALF2, ASM, BLOCK_K, PIPELINE, PLANAR)
     if FINISH:
         count_ptr = y_ptr + tl.num_programs(2) * N + row * tl.num_programs(0) + pid_n
         finish_split_tile(tl.sum(acc, axis=0), mask_n, out_ptr + row * N + offs_n, b_ptr + offs_n,
@@ -517,6 +561,9 @@ def launch_gemv(x2d, w_packed, w_scale, w_zero, group_size: int, cfg: dict, *, b
     fp32 accumulator in one zeroed buffer, so the op launches a zero fill and the GEMV, no cast after it)."""
     m, k = x2d.shape
     n = w_packed.shape[1]
+    mma = cfg.get("mma") and out_dtype is None and ptx_available()
+    if mma and mma_gemv.applies(x2d, w_zero, k, n, group_size):
+        return mma_gemv.launch(x2d, w_packed, w_scale, group_size, cfg["mma"], wrap=wrap, num_sms=num_sms)
     block_k, aligned = _block_k(cfg["BLOCK_K"], k, group_size)
     if not aligned:
         raise ValueError(f"GEMV kernel: group size {group_size} must be a multiple of 16")

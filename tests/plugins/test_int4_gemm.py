@@ -1,6 +1,8 @@
 """Tests of the groupwise INT4 GEMM plugin: formats, reference vs float64 numpy, op, ONNX/ORT, export, kernels."""
 from __future__ import annotations
 
+import itertools
+
 import ml_dtypes
 import numpy as np
 import onnx
@@ -398,11 +400,19 @@ def test_gemv_kernel_interpreter(group, zero):
         assert_close_to(acc, oracle(x, {**case, "bias": None}), 1e-5)
 
 
+def rows_strided(x: torch.Tensor, device: str, stride: int) -> torch.Tensor:
+    """x's values on `device` with rows `stride` elements apart (x.to() would make a gapped view contiguous)."""
+    view = torch.zeros(x.shape[0] * stride, dtype=x.dtype, device=device).as_strided(x.shape, (stride, 1))
+    return view.copy_(x)
+
+
 def check_gemv_x_pairs(device: str, k: int, n: int, groups, cfgs, sms: int):
     """The GEMV with `x_pairs` (fp16 x on planar words: x's fp16 values as the pairs, one power-of-two scale per
     program) takes that path (PAIRS at the launch), and is close to float64 on x whose rows span many binades: one
     row of plain values, one with a few thousand-sized outliers (the scale must keep fp16 sums finite), one tiny
-    (its products must stay normal fp16), all in fp16 products (the half2 GEMV's 2^-11 each)."""
+    (its products must stay normal fp16), all in fp16 products (the half2 GEMV's 2^-11 each). x's rows are
+    contiguous (each 4-byte aligned: its pairs load as int32 words) or an odd number of elements apart (the middle
+    row only 2-byte aligned: two fp16 loads per pair), in one launch."""
     from qcompile.plugins.int4_gemm import kernel
 
     gen = torch.Generator().manual_seed(k + n)
@@ -412,10 +422,10 @@ def check_gemv_x_pairs(device: str, k: int, n: int, groups, cfgs, sms: int):
     x = x.to(torch.float16)
     for group in groups:
         case = make_case(k=k, n=n, group=group, seed=n)
-        for cfg in cfgs:
+        for cfg, stride in [(cfg, k) for cfg in cfgs] + [(cfgs[-1], k + 1)]:
             launches = []
-            y = kernel.launch_gemv(x.to(device), case["w_packed"].to(device), case["scale"].to(device), None,
-                                   case["g"], dict(cfg, x_pairs=True), num_sms=sms,
+            y = kernel.launch_gemv(rows_strided(x, device, stride), case["w_packed"].to(device),
+                                   case["scale"].to(device), None, case["g"], dict(cfg, x_pairs=True), num_sms=sms,
                                    wrap=launch_spy(lambda grid, kw: launches.append(kw)))
             assert [kw["PAIRS"] for kw in launches] == [True]
             want = oracle(x.float(), {**case, "bias": None})
@@ -432,6 +442,62 @@ def test_gemv_x_pairs_interpreter():
     cfgs = [{"BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, "waves": waves} for waves in (0, 8)]
     check_gemv_x_pairs("cpu", 448, 80, [64, "channel"], cfgs, 1)  # 2 splits of 224 K: the first ends mid-block
     check_gemv_x_pairs("cpu", 384, 80, [128], cfgs, 1)
+
+
+MMA_CFG = {"BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, "waves": 0,
+           "mma": {"warps": 2, "waves": 8}}
+
+
+def check_gemv_mma(k: int, n: int, groups, cfg: dict, sms: int):
+    """The tensor-core GEMV (`mma_gemv`, fp16 x on planar words) takes the launch and matches float64 closely:
+    its products are exact and its sums fp32. x rows as in `check_gemv_x_pairs` (outliers, tiny values; contiguous
+    or an odd number of elements apart: int32 or fp16 loads of x's pairs), K split or not per `cfg`."""
+    from qcompile.plugins.int4_gemm import kernel
+
+    gen = torch.Generator().manual_seed(k * 3 + n)
+    x = torch.randn(3, k, generator=gen)
+    x[1, torch.randint(0, k, (4,), generator=gen)] = torch.tensor([3000.0, -2500.0, 1800.0, -4000.0])
+    x[2] *= 1e-4
+    x = x.to(torch.float16)
+    for group, stride in itertools.product(groups, (k, k + 1)):
+        case = make_case(k=k, n=n, group=group, seed=n + stride)
+        launched = []
+        y = kernel.launch_gemv(rows_strided(x, "cuda", stride), case["w_packed"].cuda(), case["scale"].cuda(), None,
+                               case["g"], cfg, num_sms=sms, wrap=launch_spy(lambda grid, kw: launched.append(kw)))
+        assert [kw["WARPS"] for kw in launched] == [cfg["mma"]["warps"]]  # the MMA kernel's launch, no other
+        want = oracle(x.float(), {**case, "bias": None})
+        got = y.double().cpu().numpy()
+        for row in range(3):
+            scale = np.abs(want[row]).max()
+            np.testing.assert_allclose(got[row], want[row], rtol=1e-4, atol=1e-5 * scale)
+
+
+@needs_triton
+def test_gemv_mma_takes_fp16_x_on_planar_words_with_no_zero_points():
+    """The tensor-core GEMV (a GEMV bucket's "mma") takes fp16 x on planar words, symmetric, N a multiple of 64;
+    elsewhere the GEMV kernel runs (checked at the launch, without running)."""
+    from qcompile.plugins.int4_gemm import kernel
+
+    seen = []
+
+    class Stop(Exception):
+        """Raised at the launch (after its arguments are recorded), so no kernel runs."""
+
+    def record(grid, kw):
+        seen.append("mma" if "WARPS" in kw else "gemv")  # `_int4_gemv_mma_kernel` or `_int4_gemv_kernel`
+        raise Stop
+
+    for dtype, k, n, group, zero, want in ((torch.float16, 128, 64, 64, False, "mma"),
+                                           (torch.float16, 256, 128, "channel", False, "mma"),
+                                           (torch.bfloat16, 128, 64, 64, False, "gemv"),
+                                           (torch.float16, 96, 64, 32, False, "gemv"),  # not planar
+                                           (torch.float16, 128, 64, 64, True, "gemv"),
+                                           (torch.float16, 128, 96, 64, False, "gemv")):  # N not in 64-column warps
+        case = make_case(k=k, n=n, group=group, zero=zero)
+        with pytest.raises(Stop):
+            kernel.launch_gemv(torch.zeros(1, k, dtype=dtype), case["w_packed"], case["scale"], case["w_zero"],
+                               case["g"], MMA_CFG, num_sms=1, wrap=launch_spy(record))
+        assert seen[-1] == want
 
 
 @needs_triton
@@ -875,6 +941,18 @@ def test_cuda_gemv_x_pairs_matches_float64():
 
     check_gemv_x_pairs("cuda", 4096, 1024, [128], [kernel.CONFIGS[0][1]], 132)
     check_gemv_x_pairs("cuda", 14336, 512, [128], [kernel.CONFIGS[0][1]], 132)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_gemv_mma_matches_float64():
+    """(`check_gemv_mma`) the mma.sync PTX: the decode layers' K, 64- and 128-K groups and per channel, K split
+    (waves) or whole, 2 and 4 warps a program, unmasked (EVEN) and masked."""
+    check_gemv_mma(4096, 1024, [128, "channel"], MMA_CFG, 132)
+    check_gemv_mma(14336, 512, [128], dict(MMA_CFG, mma={"warps": 4, "waves": 16}), 132)
+    check_gemv_mma(1024, 256, [128], dict(MMA_CFG, mma={"warps": 2, "waves": 0}), 132)
+    # masked: the last program's second warp past N, the last split 448 K of 512 (31 blocks in 4 splits)
+    check_gemv_mma(1984, 192, [64], dict(MMA_CFG, mma={"warps": 2, "waves": 8}), 132)
 
 
 @pytest.mark.gpu

@@ -5,7 +5,10 @@ not (BENCHMARKS.md, forty-first session: it does not; the session's run also tim
 64fcc39, since reverted). Then, cold, GEMV tiles 1024 columns wide on 2 warps
 (16 columns a thread: the activation pairs of a word row made once for twice the words; 3.1 SASS instructions per
 weight against the shipped tile's 3.75, `tools/diag/sass_count.py --block-n 1024`) and the shipped tile on x's
-own fp16 pairs (`x_pairs`, 3.23) beside the shipped one. µs per call replayed from a CUDA graph.
+own fp16 pairs (`x_pairs`, 3.23) beside the shipped one (that session's run). Now: the tensor-core GEMV
+(`mma_gemv`, 2.1 instructions per weight) in `VARIANTS`' tiles, cold and warm, beside the shipped GEMV (x's pairs
+as int32 words: 3.05; `int4_cold_x_fp16_loads`: the same on x 2-byte aligned, which takes the fp16 loads, 3.23). µs
+per call replayed from a CUDA graph.
 
     python3 tools/diag/gemv_l2_probe.py          # on the GPU machine (STEPS=diag DIAG=tools/diag/gemv_l2_probe.py)
 
@@ -23,6 +26,10 @@ from probe_util import run_part, save  # noqa: E402
 
 SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]  # Q/K/V, output, gate/up, down
 COLD_BYTES = 160 << 20  # copies enough to pass through L2 (50 MB on the H100 and H200) several times
+# GEMV bucket changes timed beside the shipped one: the tensor-core GEMV (`mma_gemv`) on 2-8 warps a program, K
+# split for 16-32 waves
+VARIANTS = [(f"mma_w{warps}_v{waves}", dict(mma={"warps": warps, "waves": waves}))
+            for warps, waves in ((4, 16), (4, 32), (8, 16), (2, 32))]
 
 
 def per_call_us(calls, reps: int = 20) -> float:
@@ -61,17 +68,17 @@ def layer(k: int, n: int) -> dict:
     out = {"copies": copies}
     out["int4_cold"] = per_call_us([lambda w=w: op(x, w, scale, None, None, 128) for w in words])
     out["int4_warm"] = per_call_us([lambda: op(x, words[0], scale, None, None, 128)] * copies)
+    x_odd = torch.empty(k + 1, device="cuda", dtype=torch.float16)[1:].copy_(x[0])[None]  # 2-byte aligned
+    out["int4_cold_x_fp16_loads"] = per_call_us([lambda w=w: op(x_odd, w, scale, None, None, 128) for w in words])
     out["fp16_cold"] = per_call_us([lambda w=w: x @ w for w in fp16])
     out["fp16_warm"] = per_call_us([lambda: x @ fp16[0]] * len(fp16))
     shipped = kernel.CONFIGS[0][1]
-    for label, change in (("x_pairs", dict(x_pairs=True)),
-                          ("wide_w2", dict(BLOCK_N=1024, MIN_TILES=4, num_warps=2)),
-                          ("wide_w2_waves16", dict(BLOCK_N=1024, MIN_TILES=4, num_warps=2, waves=16)),
-                          ("wide_w4", dict(BLOCK_N=1024, MIN_TILES=4, num_warps=4, BLOCK_K=64))):
+    for label, change in VARIANTS:
         configs = [(1, dict(shipped, **change))] + kernel.CONFIGS[1:]
         run = lambda w, c=configs: kernel.int4_gemm_triton(x, w, scale, None, None, 128,  # noqa: E731
                                                            wrap=torch.library.wrap_triton, configs=c)
         out[f"int4_cold_{label}"] = per_call_us([lambda w=w: run(w) for w in words])
+        out[f"int4_warm_{label}"] = per_call_us([lambda: run(words[0])] * copies)
         out[f"{label}_max_abs_diff"] = float((run(words[0]).float() - op(x, words[0], scale, None, None, 128).float())
                                              .abs().max())
     print(f"{k}x{n}: " + "  ".join(f"{key} {v:.2f}" for key, v in out.items() if key != "copies"), flush=True)

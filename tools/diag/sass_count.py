@@ -6,7 +6,7 @@ weight-streaming kernel can keep up with HBM (the H200 issues about 33 T thread-
 schedulers x 32 lanes x ~1.98 GHz; 235 M weights at 3 instructions each is 21 µs, at 6.7 it is 47 µs).
 
     python3 tools/diag/sass_count.py [int4_mm_t int4_gemv_fp32 int4_gemv_half2 int4_gemv_half2_planar
-                                      int4_gemv_half2_planar_finish int4_gemv_half2_planar_pairs
+                                      int4_gemv_half2_planar_finish int4_gemv_half2_planar_pairs int4_gemv_mma
                                       int4_one_dot_16_tma_finish
                                       int4_dequant_t_fp8
                                       int4_one_dot_16 int4_one_dot_64 int4_one_dot_128 (each also _scale_w, _tma,
@@ -16,9 +16,11 @@ schedulers x 32 lanes x ~1.98 GHz; 235 M weights at 3 instructions each is 21 µ
                                       also _mx) w8a16_row_dot
                                       w8a16_row_dot_32x256_w2 w8a16_row_dot_16x256_w1 w8a16_row_dot_64x256_w4 (each
                                       also _plain)]
-                                      [--dtype fp16] [--block-n 128]   # default: all, bf16 x, each case's tile
+                                      [--dtype fp16] [--block-n 128] [--all-loops]
+                                      # default: all, bf16 x, each case's tile, its first loop
 
-The first backward branch is taken as the main loop. Not part of the product.
+The first backward branch is taken as the main loop; --all-loops reports each (a kernel may run one of two loops,
+e.g. the INT4 GEMVs' loops on x 4- or 2-byte aligned). Not part of the product.
 
 A low count is necessary, not sufficient: the INT4 pair kernel (commit 84a741e, 3.6 instructions per weight against
 mm_t's 7.2 and the GEMV's 5.3) was slower than both on every H200 cell (benchmarks/int4_pair_dot.json).
@@ -54,25 +56,28 @@ def compile_sass(fn, signature: dict, constexprs: dict, divisible: list[str], nu
         return subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True, check=True).stdout
 
 
-def loop_histogram(sass: str) -> collections.Counter:
-    """Opcode counts between the first backward branch's target and the branch; the whole kernel when it has no loop
-    (a kernel unrolled whole, e.g. the FP8 path's `dequant_fp8._int4_dequant_t_kernel`)."""
+def loop_histograms(sass: str) -> list[collections.Counter]:
+    """Opcode counts between each backward branch's target and the branch, in address order (a kernel may run one
+    of two loops, e.g. the INT4 GEMV's x pairs as int32 words or as fp16 values); the whole kernel when it has no
+    loop (a kernel unrolled whole, e.g. the FP8 path's `dequant_fp8._int4_dequant_t_kernel`)."""
     lines = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(.+?);", sass)]
-    ops = [t for _, t in lines]
+    bodies = []
     for addr, text in lines:
         branch = re.search(r"BRA (0x[0-9a-f]+)", text)
         if branch and int(branch.group(1), 16) < addr:
             start = int(branch.group(1), 16)
-            ops = [t for a, t in lines if start <= a <= addr]
-            break
-    return collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in ops)
+            bodies.append([t for a, t in lines if start <= a <= addr])
+    return [collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in ops)
+            for ops in bodies or [[t for _, t in lines]]]
 
 
-def report(name: str, sass: str, weights_per_thread: int) -> None:
-    hist = loop_histogram(sass)
-    total = sum(hist.values())
-    top = " ".join(f"{op}:{c}" for op, c in hist.most_common(10))
-    print(f"{name}: {total} instructions per step, {total / weights_per_thread:.2f} per weight | {top}")
+def report(name: str, sass: str, weights_per_thread: int, all_loops: bool = False) -> None:
+    hists = loop_histograms(sass)[:None if all_loops else 1]
+    for i, hist in enumerate(hists):
+        total = sum(hist.values())
+        top = " ".join(f"{op}:{c}" for op, c in hist.most_common(10))
+        label = f"{name} (loop {i + 1} of {len(hists)})" if len(hists) > 1 else name
+        print(f"{label}: {total} instructions per step, {total / weights_per_thread:.2f} per weight | {top}")
 
 
 def _cases():
@@ -98,7 +103,13 @@ def _cases():
                     PIPELINE=0, PLANAR=planar, FINISH=finish, HAS_BIAS=finish, PAIRS=pairs,
                     X_SPAN=512 if pairs else 1),
                [d for d in div if d != "rs_ptr"], 2, 3, 512 * 32 // 64)
-    from qcompile.plugins.int4_gemm import one_dot
+    from qcompile.plugins.int4_gemm import mma_gemv, one_dot
+    # the tensor-core GEMV (fp16 x): 4 warps, one 64-K block a step, 64 columns a warp (4096 weights, 128 a thread)
+    yield ("int4_gemv_mma", mma_gemv._int4_gemv_mma_kernel,
+           dict(x_ptr="*fp16", w_ptr="*i32", s_ptr="*bf16", y_ptr="*fp32",
+                **ptrs(["N", "K", "stride_xm", "k_per_split"], "i32")),
+           dict(BLOCKS=8, GROUP_BLOCKS=2, WARPS=4, ATOMIC=True, EVEN=True),
+           ["x_ptr", "w_ptr", "s_ptr", "y_ptr", "N", "K", "stride_xm", "k_per_split"], 4, 1, 128)
     od_sig = dict({k: v for k, v in mm_sig.items() if k not in ("rs_ptr", "group_size")}, out_ptr="*bf16",
                   b_ptr="*bf16")
     for bm, scale_w, tma, finish in itertools.chain(  # the shipped buckets' tiles (64 weight rows), the scale on the
@@ -182,6 +193,8 @@ def main() -> None:
     ap.add_argument("cases", nargs="*", help="case names (default: all)")
     ap.add_argument("--dtype", default="bf16", help="x (and its tiles) in this type: the kernels whose x is *bf16")
     ap.add_argument("--block-n", type=int, help="every case's BLOCK_N (weight rows or columns per program)")
+    ap.add_argument("--all-loops", action="store_true",
+                    help="every loop, not only the first (e.g. the INT4 GEMVs' x pairs as int32 words or fp16 values)")
     args = ap.parse_args()
     for name, fn, sig, const, div, warps, stages, per_thread in _cases():
         if not args.cases or name in args.cases:
@@ -193,7 +206,7 @@ def main() -> None:
                 sig = {a: re.sub(r"i32\[(\d+), 8\]", f"i32[{block_n}, 8]",
                                  re.sub(r"i32\[8, \d+, 32\]", f"i32[8, {block_n // 32}, 32]", t)) for a, t in sig.items()}
                 name = f"{name} (BLOCK_N {block_n})"
-            report(name, compile_sass(fn, sig, const, div, warps, stages), per_thread)
+            report(name, compile_sass(fn, sig, const, div, warps, stages), per_thread, args.all_loops)
 
 if __name__ == "__main__":
     main()
