@@ -116,7 +116,7 @@ MAGIC16 = {torch.bfloat16: (0x4308, 136.0), torch.float16: (0x6408, 1032.0)}  # 
 # layer): x's own fp16 values as the pairs, one scale per program; 3.23 SASS instructions per weight against 3.75.
 # In the llama3-8b-layers w4a16_awq engine at one row each of the 8 GEMVs took 5-10% less (162.4 against 169.9 µs
 # of kernels per step) and the step 0.1859 against 0.1900 ms (H100, CUDA graph; BENCHMARKS.md forty-first session).
-# Its pairs as int32 words (x 4-byte aligned): 3.05 instructions per weight; the op 0.4-1.5% faster on the four
+# Its pairs as int32 words (x 4-byte aligned): 3.05 instructions per weight; the op 0.2-1.5% faster on the four
 # decode layers against the same kernel on x 2-byte aligned (H100; BENCHMARKS.md forty-second session).
 # "mma" (a dict: warps, waves) on a GEMV bucket runs the tensor-core GEMV (`mma_gemv`) where it applies. Not set:
 # on the H100 the op was 2% faster on the down projection and 2-7% slower on the other decode layers, and the
