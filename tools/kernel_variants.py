@@ -34,10 +34,11 @@ KERNEL_VARIANTS = {
     # session (`x_pairs` off; x's own fp16 values as the pairs took 2.2% off the decode step on an H100)
     "int4-gemv-step-pairs": lambda: int4_tiles(gemv_x_pairs=False),
     # the one-row GEMV on tensor cores (`mma_gemv`: mma.sync with the planar words as the A operand; 1.9 SASS
-    # instructions per weight against the fp16x2 GEMV's 3.05), 4 warps of 64 columns, K split for 32 waves. On the
-    # H100 the op was 2% faster on the down projection and 2-7% slower on the other decode layers: from HBM both
-    # kernels run at about the same rate; from L2 this one is 26% faster (BENCHMARKS.md, forty-second session)
-    "int4-gemv-mma": lambda: int4_tiles(gemv_mma=dict(warps=4, waves=32)),
+    # instructions per weight against the fp16x2 GEMV's 3.05), 2 warps of 64 columns, K split for 32 waves, a tile's
+    # two rows in adjacent columns (one int64 load per word row). On the H100 the op was 2% faster on the down
+    # projection and up to 15% slower on the other decode layers: from HBM it runs no faster; from L2 it is 26% faster
+    # (BENCHMARKS.md, forty-second session)
+    "int4-gemv-mma": lambda: int4_tiles(gemv_mma=dict(warps=2, waves=32, paired=True)),
     "fp4-unfinished": _fp4_unfinished,
     # the FP8 block op's sm90 cuBLASLt path at every M, its Triton row kernel (x quantized in aten ops, which fuse into
     # x's producer) not taken at 1-16 rows: faster at the op level on all four kernel-target layers in three runs

@@ -19,12 +19,17 @@ left per weight is decoding it:
 Which lane holds which element is the hardware's: every value that feeds the MMA is computed from the thread's own
 `%tid.x` (`_thread_index`), never from Triton's element index, so the kernel is correct whatever register layout
 Triton gives its [32 * num_warps] tensors. fp16 x only (the decode is fp16's), planar words, no zero points.
+
+1.9 SASS instructions per weight, against the fp16x2 GEMV's 3.05. Opt-in (a GEMV bucket's "mma" key), not shipped:
+on the H100 it reads the down projection's weight from L2 26% faster than the fp16x2 GEMV, but from HBM no faster,
+and the decode step lost (BENCHMARKS.md, forty-second session). The H200 is still to time.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
 from qcompile.plugins.gemm_dispatch import cdiv, split_for_waves, split_k_outputs, whole_tiles
 from qcompile.plugins.int4_gemm.format import is_planar
@@ -122,45 +127,50 @@ def _x_pairs(x_at, live, X32: tl.constexpr, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _tile_words(w_at, N, live, EVEN: tl.constexpr):
+def _tile_words(w_at, N, live, EVEN: tl.constexpr, PAIRED: tl.constexpr):
     """Lane (g, c)'s 4 words of a block in one 16-column tile (`_block_mma`'s w_a .. w_d); w_at points at word row
-    8b + c, column g (0 where not live: decodes to weights 0)."""
+    8b + c, the column of row g (0 where not live: decodes to weights 0). PAIRED: rows g and g + 8 are adjacent
+    columns, loaded as one int64 per word row; else 8 columns apart."""
+    if PAIRED:
+        lo = _load(w_at.to(tl.pointer_type(tl.int64), bitcast=True), live, EVEN)
+        hi = _load((w_at + 4 * N).to(tl.pointer_type(tl.int64), bitcast=True), live, EVEN)
+        return lo.to(tl.int32), (lo >> 32).to(tl.int32), hi.to(tl.int32), (hi >> 32).to(tl.int32)
     return (_load(w_at, live, EVEN), _load(w_at + 8, live, EVEN), _load(w_at + 4 * N, live, EVEN),
             _load(w_at + 4 * N + 8, live, EVEN))
 
 
 @triton.jit
-def _warp_words(w_at, N, live, EVEN: tl.constexpr):
+def _warp_words(w_at, N, live, EVEN: tl.constexpr, PAIRED: tl.constexpr):
     """The words of a block in the warp's 4 tiles (`_tile_words` each), w_at at tile 0."""
-    return (_tile_words(w_at, N, live, EVEN), _tile_words(w_at + 16, N, live, EVEN),
-            _tile_words(w_at + 32, N, live, EVEN), _tile_words(w_at + 48, N, live, EVEN))
+    return (_tile_words(w_at, N, live, EVEN, PAIRED), _tile_words(w_at + 16, N, live, EVEN, PAIRED),
+            _tile_words(w_at + 32, N, live, EVEN, PAIRED), _tile_words(w_at + 48, N, live, EVEN, PAIRED))
 
 
 @triton.jit
-def _tile_sums(acc, w, xs, s_at, live, EVEN: tl.constexpr):
+def _tile_sums(acc, w, xs, s_at, live, EVEN: tl.constexpr, PAIRED: tl.constexpr):
     """acc (rows g, g + 8 of a tile) plus one block's sums (the tile's words w, x's pairs xs), times the block's group
     scales at s_at (column g)."""
     d_lo, d_hi = _block_mma(w[0], w[1], w[2], w[3], xs[0], xs[1], xs[2], xs[3], xs[4], xs[5], xs[6], xs[7])
     return (acc[0] + d_lo * _load(s_at, live, EVEN).to(tl.float32),
-            acc[1] + d_hi * _load(s_at + 8, live, EVEN).to(tl.float32))
+            acc[1] + d_hi * _load(s_at + (1 if PAIRED else 8), live, EVEN).to(tl.float32))
 
 
 @triton.jit
 def _warp_sums(accs, words, x_at, s_at, k, N, K, warp_live, GROUP_BLOCKS: tl.constexpr, X32: tl.constexpr,
-               EVEN: tl.constexpr):
+               EVEN: tl.constexpr, PAIRED: tl.constexpr):
     """The warp's 4 tiles' sums plus the block at K k (its words, x at x_at, scale row of k's group at s_at + row N)."""
     live = warp_live & (k < K)
     xs = _x_pairs(x_at, live, X32, EVEN)
     s_row = s_at + ((k // 64) // GROUP_BLOCKS) * N if GROUP_BLOCKS else s_at
-    return (_tile_sums(accs[0], words[0], xs, s_row, live, EVEN),
-            _tile_sums(accs[1], words[1], xs, s_row + 16, live, EVEN),
-            _tile_sums(accs[2], words[2], xs, s_row + 32, live, EVEN),
-            _tile_sums(accs[3], words[3], xs, s_row + 48, live, EVEN))
+    return (_tile_sums(accs[0], words[0], xs, s_row, live, EVEN, PAIRED),
+            _tile_sums(accs[1], words[1], xs, s_row + 16, live, EVEN, PAIRED),
+            _tile_sums(accs[2], words[2], xs, s_row + 32, live, EVEN, PAIRED),
+            _tile_sums(accs[3], words[3], xs, s_row + 48, live, EVEN, PAIRED))
 
 
 @triton.jit
 def _gemv_mma_loop(x_at, w_at, s_at, N, K, k0, warp_live, BLOCKS: tl.constexpr, GROUP_BLOCKS: tl.constexpr,
-                   X32: tl.constexpr, EVEN: tl.constexpr):
+                   X32: tl.constexpr, EVEN: tl.constexpr, PAIRED: tl.constexpr):
     """The sums of a warp's 4 tiles (rows g, g + 8 of each) over BLOCKS 64-K blocks from k0 (x_at, w_at at k0,
     tile 0; s_at at tile 0's column g of scale row 0). GROUP_BLOCKS: 64-K blocks a group (0: one group, per
     channel). Each block's words are loaded a block ahead. EVEN (every warp's columns inside N, the splits covering
@@ -168,12 +178,12 @@ def _gemv_mma_loop(x_at, w_at, s_at, N, K, k0, warp_live, BLOCKS: tl.constexpr, 
     (Two blocks ahead, or Triton's cp.async pipeline, were slower: BENCHMARKS.md, forty-second session.)"""
     z = tl.zeros(warp_live.shape, dtype=tl.float32)
     accs = ((z, z), (z, z), (z, z), (z, z))
-    words = _warp_words(w_at, N, warp_live & (k0 < K), EVEN)
+    words = _warp_words(w_at, N, warp_live & (k0 < K), EVEN, PAIRED)
     for i in range(BLOCKS):
         k = k0 + i * 64
         w_at += tl.where(i + 1 < BLOCKS, 8 * N, 0) if EVEN else 8 * N
-        nxt = _warp_words(w_at, N, warp_live & (k + 64 < K) & (i + 1 < BLOCKS), EVEN)
-        accs = _warp_sums(accs, words, x_at, s_at, k, N, K, warp_live, GROUP_BLOCKS, X32, EVEN)
+        nxt = _warp_words(w_at, N, warp_live & (k + 64 < K) & (i + 1 < BLOCKS), EVEN, PAIRED)
+        accs = _warp_sums(accs, words, x_at, s_at, k, N, K, warp_live, GROUP_BLOCKS, X32, EVEN, PAIRED)
         x_at += 32 if X32 else 64
         words = nxt
     return accs
@@ -182,14 +192,14 @@ def _gemv_mma_loop(x_at, w_at, s_at, N, K, k0, warp_live, BLOCKS: tl.constexpr, 
 @triton.jit
 def _int4_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, k_per_split,
                           BLOCKS: tl.constexpr, GROUP_BLOCKS: tl.constexpr, WARPS: tl.constexpr,
-                          ATOMIC: tl.constexpr, EVEN: tl.constexpr = False):
+                          ATOMIC: tl.constexpr, EVEN: tl.constexpr = False, PAIRED: tl.constexpr = False):
     """y[row, the program's WARPS x 64 columns] (+)= the sums over the program's K split (BLOCKS 64-K blocks;
     ATOMIC: added to the zeroed y): each warp 4 tiles of 16 columns (N a multiple of 64). num_warps = WARPS."""
     tid = _thread_index(tl.zeros((32 * WARPS,), dtype=tl.int32))
     lane = tid % 32
     c = lane % 4
     n0 = (tl.program_id(0) * WARPS + tid // 32) * 64
-    n = n0 + lane // 4
+    n = n0 + (2 if PAIRED else 1) * (lane // 4)  # tile row g's column (row g + 8's: n + 1, or n + 8)
     warp_live = n0 < N
     row = tl.program_id(2)
     x_row = x_ptr + row * stride_xm
@@ -197,15 +207,15 @@ def _int4_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, k_per_spl
     w_at = w_ptr + (k0 // 8 + c).to(tl.int64) * N + n
     if x_row.to(tl.int64) % 4 == 0:
         x_at = x_row.to(tl.pointer_type(tl.int32), bitcast=True) + k0 // 2 + c
-        accs = _gemv_mma_loop(x_at, w_at, s_ptr + n, N, K, k0, warp_live, BLOCKS, GROUP_BLOCKS, True, EVEN)
+        accs = _gemv_mma_loop(x_at, w_at, s_ptr + n, N, K, k0, warp_live, BLOCKS, GROUP_BLOCKS, True, EVEN, PAIRED)
     else:
         accs = _gemv_mma_loop(x_row + k0 + 2 * c, w_at, s_ptr + n, N, K, k0, warp_live, BLOCKS, GROUP_BLOCKS,
-                              False, EVEN)
+                              False, EVEN, PAIRED)
     y_at = y_ptr + row * N + n
     out = warp_live & (c == 0)
     for t in tl.static_range(4):
         store_tile(y_at + 16 * t, accs[t][0], out, ATOMIC)
-        store_tile(y_at + 16 * t + 8, accs[t][1], out, ATOMIC)
+        store_tile(y_at + 16 * t + (1 if PAIRED else 8), accs[t][1], out, ATOMIC)
 
 
 def applies(x2d, w_zero, k: int, n: int, group_size: int) -> bool:
@@ -216,7 +226,10 @@ def applies(x2d, w_zero, k: int, n: int, group_size: int) -> bool:
 
 def launch(x2d, w_packed, w_scale, group_size: int, cfg: dict, *, wrap, num_sms: int) -> torch.Tensor:
     """fp32 `x2d @ dequant(W)` [M, N] (`applies` holds): one program column per row of x, cfg["warps"] warps of 64
-    columns a program, K split for cfg["waves"] waves of programs (zeroed y and atomics when split)."""
+    columns a program, K split for cfg["waves"] waves of programs (zeroed y and atomics when split); cfg["paired"]:
+    a tile's two rows in adjacent columns, each lane's two words of a word row one int64 load (where w_packed is
+    8-byte aligned: every row of an [K / 8, N % 64 == 0] weight is when its allocation is; a traced weight has no
+    address yet and counts as aligned, as engines allocate their weights whole)."""
     m, k = x2d.shape
     n = w_packed.shape[1]
     warps = cfg["warps"]
@@ -226,5 +239,7 @@ def launch(x2d, w_packed, w_scale, group_size: int, cfg: dict, *, wrap, num_sms:
     wrap(_int4_gemv_mma_kernel)[(tiles, splits, m)](
         x2d, w_packed, w_scale, y, n, k, x2d.stride(0), per, BLOCKS=per // BLOCK_K,
         GROUP_BLOCKS=0 if group_size == k else group_size // BLOCK_K, WARPS=warps, ATOMIC=splits > 1,
-        EVEN=whole_tiles(n, 64 * warps, splits, per, k), num_warps=warps, num_stages=1)
+        EVEN=whole_tiles(n, 64 * warps, splits, per, k),
+        PAIRED=cfg.get("paired", False) and (is_fake(w_packed) or w_packed.data_ptr() % 8 == 0), num_warps=warps,
+        num_stages=1)
     return y

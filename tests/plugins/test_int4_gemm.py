@@ -475,7 +475,8 @@ def check_gemv_mma(k: int, n: int, groups, cfg: dict, sms: int):
 @needs_triton
 def test_gemv_mma_takes_fp16_x_on_planar_words_with_no_zero_points():
     """The tensor-core GEMV (a GEMV bucket's "mma") takes fp16 x on planar words, symmetric, N a multiple of 64;
-    elsewhere the GEMV kernel runs (checked at the launch, without running)."""
+    elsewhere the GEMV kernel runs. "paired" loads int64 words only where the weight is 8-byte aligned (checked at the
+    launch, without running)."""
     from qcompile.plugins.int4_gemm import kernel
 
     seen = []
@@ -498,6 +499,15 @@ def test_gemv_mma_takes_fp16_x_on_planar_words_with_no_zero_points():
             kernel.launch_gemv(torch.zeros(1, k, dtype=dtype), case["w_packed"], case["scale"], case["w_zero"],
                                case["g"], MMA_CFG, num_sms=1, wrap=launch_spy(record))
         assert seen[-1] == want
+    aligned = make_case(k=128, n=64, group=64)["w_packed"]
+    shifted = torch.empty(aligned.numel() + 1, dtype=aligned.dtype)[1:].view(aligned.shape).copy_(aligned)  # 4 bytes
+    paired = []
+    for w in (aligned, shifted):  # int64 word loads only on the 8-byte aligned weight
+        with pytest.raises(Stop):
+            kernel.launch_gemv(torch.zeros(1, 128, dtype=torch.float16), w, torch.ones(2, 64), None, 64,
+                               dict(MMA_CFG, mma=dict(MMA_CFG["mma"], paired=True)), num_sms=1,
+                               wrap=launch_spy(lambda grid, kw: paired.append(kw["PAIRED"]) or record(grid, kw)))
+    assert paired == [True, False]
 
 
 @needs_triton
@@ -947,12 +957,15 @@ def test_cuda_gemv_x_pairs_matches_float64():
 @cuda
 def test_cuda_gemv_mma_matches_float64():
     """(`check_gemv_mma`) the mma.sync PTX: the decode layers' K, 64- and 128-K groups and per channel, K split
-    (waves) or whole, 2 and 4 warps a program, unmasked (EVEN) and masked."""
+    (waves) or whole, 2 and 4 warps a program, unmasked (EVEN) and masked, a tile's two rows 8 columns apart or
+    adjacent ("paired": int64 word loads)."""
     check_gemv_mma(4096, 1024, [128, "channel"], MMA_CFG, 132)
     check_gemv_mma(14336, 512, [128], dict(MMA_CFG, mma={"warps": 4, "waves": 16}), 132)
     check_gemv_mma(1024, 256, [128], dict(MMA_CFG, mma={"warps": 2, "waves": 0}), 132)
+    check_gemv_mma(4096, 1024, [128], dict(MMA_CFG, mma={"warps": 4, "waves": 16, "paired": True}), 132)
     # masked: the last program's second warp past N, the last split 448 K of 512 (31 blocks in 4 splits)
-    check_gemv_mma(1984, 192, [64], dict(MMA_CFG, mma={"warps": 2, "waves": 8}), 132)
+    for paired in (False, True):
+        check_gemv_mma(1984, 192, [64], dict(MMA_CFG, mma={"warps": 2, "waves": 8, "paired": paired}), 132)
 
 
 @pytest.mark.gpu

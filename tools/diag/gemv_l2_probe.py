@@ -27,9 +27,10 @@ from probe_util import run_part, save  # noqa: E402
 SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]  # Q/K/V, output, gate/up, down
 COLD_BYTES = 160 << 20  # copies enough to pass through L2 (50 MB on the H100 and H200) several times
 # GEMV bucket changes timed beside the shipped one: the tensor-core GEMV (`mma_gemv`) on 2-8 warps a program, K
-# split for 16-32 waves
-VARIANTS = [(f"mma_w{warps}_v{waves}", dict(mma={"warps": warps, "waves": waves}))
-            for warps, waves in ((4, 16), (4, 32), (8, 16), (2, 32))]
+# split for 16-32 waves, a tile's two rows 8 columns apart or adjacent ("paired": one int64 load per word row)
+VARIANTS = [(f"mma_w{warps}_v{waves}{'_paired' if paired else ''}",
+             dict(mma={"warps": warps, "waves": waves, "paired": paired}))
+            for warps, waves, paired in ((4, 16, False), (4, 16, True), (4, 32, True), (2, 32, True), (8, 16, True))]
 
 
 def per_call_us(calls, reps: int = 20) -> float:
@@ -52,17 +53,33 @@ def per_call_us(calls, reps: int = 20) -> float:
     return start.elapsed_time(end) * 1000 / (reps * len(calls))
 
 
-def layer(k: int, n: int) -> dict:
-    from qcompile.plugins.int4_gemm import kernel, register
+def cold_layer(k: int, n: int):
+    """(the INT4 op, copies of a random K x N INT4 weight filling COLD_BYTES, its g128 scales, fp16 x [1, K], the
+    generator) for timing the op at M = 1 cold: a different copy each call."""
+    from qcompile.plugins.int4_gemm import register
 
-    op = register()
-    words_bytes = k * n // 2
-    copies = max(2, -(-COLD_BYTES // words_bytes))
+    copies = max(2, -(-COLD_BYTES // (k * n // 2)))
     gen = torch.Generator(device="cuda").manual_seed(k + n)
     words = [torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, device="cuda", generator=gen)
              for _ in range(copies)]
     scale = torch.rand(k // 128, n, device="cuda", dtype=torch.float16, generator=gen) * 0.01 + 0.001
     x = torch.randn(1, k, device="cuda", dtype=torch.float16, generator=gen)
+    return register(), words, scale, x, gen
+
+
+def run_layers(layer, name: str) -> None:
+    """`layer(k, n)` on every decode layer of SHAPES, the results saved as $OUT/name after each."""
+    results: dict = {"device": torch.cuda.get_device_name()}
+    for k, n in SHAPES:
+        run_part(results, f"{k}x{n}", layer, k, n)
+        save(results, name)
+
+
+def layer(k: int, n: int) -> dict:
+    from qcompile.plugins.int4_gemm import kernel
+
+    op, words, scale, x, gen = cold_layer(k, n)
+    copies = len(words)
     fp16 = [torch.randn(k, n, device="cuda", dtype=torch.float16, generator=gen) * 0.01
             for _ in range(max(2, -(-COLD_BYTES // (2 * k * n))))]
     out = {"copies": copies}
@@ -86,10 +103,7 @@ def layer(k: int, n: int) -> dict:
 
 
 def main() -> None:
-    results: dict = {"device": torch.cuda.get_device_name()}
-    for k, n in SHAPES:
-        run_part(results, f"{k}x{n}", layer, k, n)
-        save(results, "gemv_l2_probe.json")
+    run_layers(layer, "gemv_l2_probe.json")
 
 
 if __name__ == "__main__":
