@@ -6,6 +6,7 @@ KeyboardInterrupt) removes the temp file and leaves the destination untouched.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -189,10 +190,8 @@ def _compile_with_one_row_model(ep, ep_one, package_path: Path, configs: dict) -
         logger.warning("the one-row model did not compile (%s: %s); compiling the engine without it",
                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
         return None
-    try:
+    with _compile_errors():  # the engine's own program: the build fails as it would without the one-row model
         files = {"model": _aoti_files(ep, configs), ONE_ROW_MODEL: one_row_files}
-    except Exception as exc:  # the engine's own program: the build fails as it would without the one-row model
-        raise EngineError(f"AOTInductor compile failed: {type(exc).__name__}: {exc}") from exc
     return Path(package_aoti(str(package_path), files))
 
 
@@ -319,13 +318,20 @@ def _engine_configs(man: Manifest, inductor_configs: dict | None) -> dict:
 
 
 def _compile(ep, package_path: Path, configs: dict) -> Path:
+    with _compile_errors(), static_branch_ints():  # AOTInductor re-traces the program first (run_decompositions)
+        out = torch._inductor.aoti_compile_and_package(ep, package_path=str(package_path), inductor_configs=configs)
+    return Path(out)
+
+
+@contextlib.contextmanager
+def _compile_errors():
+    """AOTInductor's failures as an EngineError that names the failure (the build then leaves no engine file)."""
     try:
-        with static_branch_ints():  # AOTInductor re-traces the program first (run_decompositions)
-            out = torch._inductor.aoti_compile_and_package(ep, package_path=str(package_path),
-                                                           inductor_configs=configs)
+        yield
+    except EngineError:
+        raise
     except Exception as exc:
         raise EngineError(f"AOTInductor compile failed: {type(exc).__name__}: {exc}") from exc
-    return Path(out)
 
 
 def exact_numerics_configs() -> dict:

@@ -15,6 +15,7 @@ from qcompile.engine import IOSpec, build_engine, load
 from qcompile.engine import build as build_mod
 from qcompile.engine.manifest import merge_dim_ranges
 from qcompile.engine.one_row import ONE_ROW_MODEL, allows_one_row_model
+from qcompile.errors import EngineError
 
 from qc_testutil import ScaledGemmNet
 
@@ -160,6 +161,21 @@ def test_one_row_model_that_does_not_compile_is_left_out(tmp_path, monkeypatch, 
     with torch.no_grad():
         want = net(x, y).numpy()
     np.testing.assert_allclose(engine.run({"x": x.numpy(), "y": y.numpy()})["out"], want, rtol=1e-5, atol=1e-5)
+
+
+def test_engine_model_that_does_not_compile_fails_the_build(tmp_path, monkeypatch):
+    """Where the one-row model compiles but the engine's own model does not, the build fails as it would without
+    the one-row model: an EngineError naming AOTInductor's failure, and no engine file."""
+    def engine_model_fails(ep, configs):
+        if not configs["aot_inductor.model_name_for_generated_files"].endswith(ONE_ROW_MODEL):
+            raise RuntimeError("InductorError: LoweringException")
+        return []
+
+    monkeypatch.setattr(build_mod, "_aoti_files", engine_model_fails)
+    with pytest.raises(EngineError, match="AOTInductor compile failed: RuntimeError: InductorError"):
+        build_engine(ScaledGemmNet(), inputs=INPUTS, outputs=OUTPUTS, example_inputs=_feeds(2, 3), manifest={},
+                     output_path=tmp_path / "e.engine", device="cpu", one_row_model=True)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.gpu
