@@ -36,7 +36,7 @@ KERNEL_VARIANTS = {
     # the one-row GEMV on tensor cores (`mma_gemv`: mma.sync with the planar words as the A operand; 1.9 SASS
     # instructions per weight against the fp16x2 GEMV's 3.05), 2 warps of 64 columns, K split for 32 waves, a tile's
     # two rows in adjacent columns (one int64 load per word row). On the H100 the op was 2% faster on the down
-    # projection and up to 15% slower on the other decode layers: from HBM it runs no faster; from L2 it is 26% faster
+    # projection and 3-13% slower on the other decode layers: from HBM it runs no faster; from L2 it is 26% faster
     # (BENCHMARKS.md, forty-second session)
     "int4-gemv-mma": lambda: int4_tiles(gemv_mma=dict(warps=2, waves=32, paired=True)),
     "fp4-unfinished": _fp4_unfinished,

@@ -6,7 +6,7 @@ not (BENCHMARKS.md, forty-first session: it does not; the session's run also tim
 (16 columns a thread: the activation pairs of a word row made once for twice the words; 3.1 SASS instructions per
 weight against the shipped tile's 3.75, `tools/diag/sass_count.py --block-n 1024`) and the shipped tile on x's
 own fp16 pairs (`x_pairs`, 3.23) beside the shipped one (that session's run). Now: the tensor-core GEMV
-(`mma_gemv`, 2.1 instructions per weight) in `VARIANTS`' tiles, cold and warm, beside the shipped GEMV (x's pairs
+(`mma_gemv`, 1.9 instructions per weight) in `VARIANTS`' tiles, cold and warm, beside the shipped GEMV (x's pairs
 as int32 words: 3.05; `int4_cold_x_fp16_loads`: the same on x 2-byte aligned, which takes the fp16 loads, 3.23). µs
 per call replayed from a CUDA graph.
 

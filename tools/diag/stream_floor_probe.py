@@ -23,6 +23,7 @@ from gemv_l2_probe import cold_layer, per_call_us, run_layers  # noqa: E402
 
 @triton.jit
 def _stream_kernel(w_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+    """out[program] = the XOR of the program's BLOCK words: every word loaded once, nothing else done with it."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     words = tl.load(w_ptr + offs, mask=offs < numel, other=0, eviction_policy="evict_first")
     tl.store(out_ptr + tl.program_id(0), tl.reduce(words, 0, _xor))
@@ -34,6 +35,7 @@ def _xor(a, b):
 
 
 def stream(words: torch.Tensor, block: int, warps: int, out: torch.Tensor):
+    """One read of `words` (`_stream_kernel` in programs of `block` words on `warps` warps); out: a program each."""
     numel = words.numel()
     _stream_kernel[(triton.cdiv(numel, block),)](words, out, numel, BLOCK=block, num_warps=warps)
 
