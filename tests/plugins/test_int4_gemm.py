@@ -473,12 +473,13 @@ def check_gemv_mma(k: int, n: int, groups, cfg: dict, sms: int):
 
 
 @needs_triton
-def test_gemv_mma_takes_fp16_x_on_planar_words_with_no_zero_points():
+def test_gemv_mma_takes_fp16_x_on_planar_words_with_no_zero_points(monkeypatch):
     """The tensor-core GEMV (a GEMV bucket's "mma") takes fp16 x on planar words, symmetric, N a multiple of 64;
     elsewhere the GEMV kernel runs. "paired" loads int64 words only where the weight is 8-byte aligned (checked at the
     launch, without running)."""
     from qcompile.plugins.int4_gemm import kernel
 
+    monkeypatch.setattr(kernel, "ptx_available", lambda: True)  # as on a GPU, also under the CPU interpreter
     seen = []
 
     class Stop(Exception):
