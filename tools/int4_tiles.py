@@ -26,11 +26,9 @@ def int4_tiles(pointers: bool = False, tma_min_n: int | None = None, finish: tup
         kernel.CONFIGS = kernel.finished(kernel.CONFIGS, finish=False)
     if finish:
         kernel.CONFIGS = kernel.finished(kernel.CONFIGS, finish)
-    if gemv_x_pairs is not None:
-        kernel.CONFIGS = [(limit, dict(cfg, x_pairs=gemv_x_pairs) if cfg["kernel"] == "gemv" else cfg)
-                          for limit, cfg in kernel.CONFIGS]
-    if gemv_mma is not None:
-        kernel.CONFIGS = [(limit, dict(cfg, mma=gemv_mma) if cfg["kernel"] == "gemv" else cfg)
+    gemv = {key: value for key, value in (("x_pairs", gemv_x_pairs), ("mma", gemv_mma)) if value is not None}
+    if gemv:
+        kernel.CONFIGS = [(limit, dict(cfg, **gemv) if cfg["kernel"] == "gemv" else cfg)
                           for limit, cfg in kernel.CONFIGS]
     try:
         yield

@@ -238,12 +238,12 @@ def _gemv_step_pairs(words, x_row, kw, ok, up, ASM: tl.constexpr, X32: tl.conste
     on the fp16x2 units, not converted through fp32 with a scale found per step. X32 (x_row 4-byte aligned): each
     pair is one int32 load (`scaled_word`), else two fp16 loads (`scaled_pair`)."""
     shape: tl.constexpr = words.shape
+    even, odd = x_pair(up, up, 1.0), x_pair(up, up, 0.0625)  # the PTX's scale pairs (`scaled_word`, `scaled_pair`)
     if X32:
         x_words = x_row.to(tl.pointer_type(tl.int32), bitcast=True) + word_k(kw, 0, True) // 2
         w04, w15 = tl.load(x_words, mask=ok, other=0), tl.load(x_words + 8, mask=ok, other=0)
         w26, w37 = tl.load(x_words + 16, mask=ok, other=0), tl.load(x_words + 24, mask=ok, other=0)
         if ASM:
-            even, odd = x_pair(up, up, 1.0), x_pair(up, up, 0.0625)
             p04, p15, p26, p37 = scaled_word(w04, even), scaled_word(w15, odd), scaled_word(w26, even), \
                 scaled_word(w37, odd)
         else:
@@ -258,7 +258,6 @@ def _gemv_step_pairs(words, x_row, kw, ok, up, ASM: tl.constexpr, X32: tl.conste
         x2, x6 = tl.load(x_row + k + 32, mask=ok, other=0.0), tl.load(x_row + k + 33, mask=ok, other=0.0)
         x3, x7 = tl.load(x_row + k + 48, mask=ok, other=0.0), tl.load(x_row + k + 49, mask=ok, other=0.0)
         if ASM:
-            even, odd = x_pair(up, up, 1.0), x_pair(up, up, 0.0625)
             p04, p15 = scaled_pair(x0, x4, even), scaled_pair(x1, x5, odd)
             p26, p37 = scaled_pair(x2, x6, even), scaled_pair(x3, x7, odd)
         else:

@@ -406,6 +406,15 @@ def rows_strided(x: torch.Tensor, device: str, stride: int) -> torch.Tensor:
     return view.copy_(x)
 
 
+def rows_across_binades(k: int, seed: int) -> torch.Tensor:
+    """fp16 x [3, K]: a row of plain values, one with four thousand-sized outliers, one of 1e-4-sized values."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, k, generator=gen)
+    x[1, torch.randint(0, k, (4,), generator=gen)] = torch.tensor([3000.0, -2500.0, 1800.0, -4000.0])
+    x[2] *= 1e-4
+    return x.to(torch.float16)
+
+
 def check_gemv_x_pairs(device: str, k: int, n: int, groups, cfgs, sms: int):
     """The GEMV with `x_pairs` (fp16 x on planar words: x's fp16 values as the pairs, one power-of-two scale per
     program) takes that path (PAIRS at the launch), and is close to float64 on x whose rows span many binades: one
@@ -415,11 +424,7 @@ def check_gemv_x_pairs(device: str, k: int, n: int, groups, cfgs, sms: int):
     row only 2-byte aligned: two fp16 loads per pair), in one launch."""
     from qcompile.plugins.int4_gemm import kernel
 
-    gen = torch.Generator().manual_seed(k + n)
-    x = torch.randn(3, k, generator=gen)
-    x[1, torch.randint(0, k, (4,), generator=gen)] = torch.tensor([3000.0, -2500.0, 1800.0, -4000.0])
-    x[2] *= 1e-4
-    x = x.to(torch.float16)
+    x = rows_across_binades(k, seed=k + n)
     for group in groups:
         case = make_case(k=k, n=n, group=group, seed=n)
         for cfg, stride in [(cfg, k) for cfg in cfgs] + [(cfgs[-1], k + 1)]:
@@ -454,11 +459,7 @@ def check_gemv_mma(k: int, n: int, groups, cfg: dict, sms: int):
     or an odd number of elements apart: int32 or fp16 loads of x's pairs), K split or not per `cfg`."""
     from qcompile.plugins.int4_gemm import kernel
 
-    gen = torch.Generator().manual_seed(k * 3 + n)
-    x = torch.randn(3, k, generator=gen)
-    x[1, torch.randint(0, k, (4,), generator=gen)] = torch.tensor([3000.0, -2500.0, 1800.0, -4000.0])
-    x[2] *= 1e-4
-    x = x.to(torch.float16)
+    x = rows_across_binades(k, seed=k * 3 + n)
     for group, stride in itertools.product(groups, (k, k + 1)):
         case = make_case(k=k, n=n, group=group, seed=n + stride)
         launched = []
