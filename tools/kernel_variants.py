@@ -22,6 +22,14 @@ def _fp8_block_cublas_small_m():
     return mock.patch.object(op, "ROW_DOT_WITH_CUBLAS", False)
 
 
+def _w8a16_mma_rows():
+    """The W8A16 op's fp16 tensor-core kernel at 1-16 rows of fp16 x (`int8_wo_gemm.kernel.MMA_ROWS`): 8 warps a
+    16-row tile, 2 blocks of 64 K a step (the H100 tuner's best at one row on the two layers with N = 4096)."""
+    from qcompile.plugins.int8_wo_gemm import kernel
+
+    return mock.patch.object(kernel, "MMA_ROWS", dict(warps=8, blocks=2))
+
+
 KERNEL_VARIANTS = {
     "int4-pointers": lambda: int4_tiles(pointers=True),  # the INT4 op without its TMA tiles
     # the INT4 GEMV (M = 1) too writes its output in x's dtype with the bias (the last split of each tile, counted
@@ -45,4 +53,8 @@ KERNEL_VARIANTS = {
     # (BENCHMARKS.md, thirty-fourth session, part 3: "cuBLASLt, no bias" against the op); in the engine it lost: 0.238
     # against 0.190 ms per token on mlp-large (H100, thirty-fifth session, part 3), so the row kernel stays
     "fp8-block-cublas-small-m": _fp8_block_cublas_small_m,
+    # W8A16 at 1-16 rows of fp16 x on the fp16 tensor cores (`mma_rows`) in place of the GEMV, the row dot and the
+    # split INT8 MMA kernels; on the H100, in this configuration, the op was 3-21% slower than the shipped paths at
+    # one row and 24-72% slower at 16 rows on the kernel-target layers (BENCHMARKS.md, forty-third session)
+    "w8a16-mma-rows": _w8a16_mma_rows,
 }

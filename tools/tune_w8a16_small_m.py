@@ -5,11 +5,13 @@ For every (K x N, M) it times side by side, as an engine calls them (CUDA graphs
 zero fill and epilogue included where a configuration splits K): cuBLAS bf16; the shipped path of the op; the
 row dot kernel (M <= 16) and, at M = 1, the row GEMV in several configurations; with `--kinds dot-warps` row dot
 tiles with one warp per 16 weight rows or x as the MMA's first operand (`DOT_WARPS_CONFIGS`); with `--kinds mma`
-the INT8 tensor-core path (`split_mma`) in tiles from 16 to 128 rows. Each candidate is checked against a float32
-reference first (relative L2 error). Writes every measurement as JSON and prints the best per cell.
+the INT8 tensor-core path (`split_mma`) in tiles from 16 to 128 rows; with `--kinds mma-rows` (fp16 x) the fp16
+tensor-core kernel of `mma_rows` on 2-8 warps. Each candidate is checked against a float32 reference first
+(relative L2 error). x is bf16 unless `--dtype fp16`; the baseline is cuBLAS bf16 either way (on x in bf16).
+Writes every measurement as JSON and prints the best per cell.
 
     python3 tools/tune_w8a16_small_m.py --cuda-graph --out tune.json [--shapes 8192x28672] [--ms 1 16]
-        [--kinds dot dot-warps gemv gemv-long mma]
+        [--kinds dot dot-warps gemv gemv-long mma mma-rows] [--dtype fp16]
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch
 from gpu_timing import MODE, bench, bench_parser, check_cells, rel_errors, rotating, save_rows, time_checked
 from tune_fp8_block_w8a16 import best
 
-from qcompile.plugins.int8_wo_gemm import kernel as w8, split_mma
+from qcompile.plugins.int8_wo_gemm import kernel as w8, mma_rows, split_mma
 
 # around the first sweep's winners (GEMV: 8 rows x 256-512 words on 4 warps, no prefetch; dot: 32 rows x 256 K,
 # 3-5 stages), with num_stages for the GEMV
@@ -62,8 +64,17 @@ MMA_CONFIGS = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st)
 MMA_CONFIGS += [dict(BLOCK_N=bn, BLOCK_K=256, num_warps=4, num_stages=st, splits=sp)
                 for bn, st in ((128, 3), (64, 4)) for sp in (2, 4, 8)]
 
-KINDS = ("dot", "dot-warps", "gemv", "gemv-long", "mma")
+# the fp16 tensor-core kernel (`mma_rows`, fp16 x only): one 16-row tile per program, K split over its warps, each
+# warp `blocks` 64-K blocks a step (loaded a step ahead)
+MMA_ROWS_CONFIGS = [dict(warps=w, blocks=b) for w in (2, 4, 8) for b in (1, 2, 4)]
+
+KINDS = ("dot", "dot-warps", "gemv", "gemv-long", "mma", "mma-rows")
 KINDS_ENV = "QCOMPILE_TUNE8_KINDS"  # --kinds, seen by the spawned check workers too
+DTYPE_ENV = "QCOMPILE_TUNE8_DTYPE"  # --dtype, likewise
+
+
+def x_dtype() -> torch.dtype:
+    return getattr(torch, os.environ.get(DTYPE_ENV, "bfloat16"))
 
 
 def candidates(x, weights, m: int) -> dict:
@@ -91,15 +102,19 @@ def candidates(x, weights, m: int) -> dict:
                 out.update({"gemv " + json.dumps(c): gemv(c) for c in configs})
     if "mma" in kinds:
         out.update({"mma " + json.dumps(c): mma(c) for c in MMA_CONFIGS})
+    if "mma-rows" in kinds and x.dtype == torch.float16:
+        out.update({"mma-rows " + json.dumps(c): (lambda c=c: mma_rows.launch(
+            x, *weights(), None, cfg=c, rows=1 if m == 1 else w8.SMALL_M_MAX, wrap=w8.identity))
+            for c in MMA_ROWS_CONFIGS})
     return out
 
 
 def make_case(k: int, n: int, m: int):
-    """(x bf16 [m, k], int8 weight [n, k], scales [n], float32 reference of the op)."""
+    """(x [m, k] (bf16, or --dtype), int8 weight [n, k], scales [n], float32 reference of the op)."""
     g = torch.Generator(device="cuda").manual_seed(k + n + m)
     w_q = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8, generator=g)
     w_scale = torch.rand(n, device="cuda", generator=g) * 0.01 + 1e-3
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+    x = torch.randn(m, k, device="cuda", dtype=x_dtype(), generator=g)
     return x, w_q, w_scale, x.float() @ (w_q.float() * w_scale[:, None]).t()
 
 
@@ -116,12 +131,15 @@ def main() -> None:
     ap.add_argument("--kinds", nargs="*", choices=KINDS, default=["dot", "gemv"],
                     help="candidate families: row dot tiles, M = 1 GEMVs (gemv-long: 1024-2048 words per step), "
                          "INT8 tensor-core tiles")
+    ap.add_argument("--dtype", choices=["bfloat16", "float16", "bf16", "fp16"], default="bfloat16",
+                    help="x's dtype (mma-rows takes fp16 only)")
     ap.set_defaults(ms=[1, 16])
     args = ap.parse_args()
     MODE["graph"] = args.cuda_graph
     os.environ[KINDS_ENV] = " ".join(args.kinds)
+    os.environ[DTYPE_ENV] = {"bf16": "bfloat16", "fp16": "float16"}.get(args.dtype, args.dtype)
     cells = [(int(s.split("x")[0]), int(s.split("x")[1]), m) for s in args.shapes for m in args.ms]
-    checked = check_cells(cells, lambda m: candidates(torch.empty(m, 1, dtype=torch.bfloat16), None, m), check_chunk,
+    checked = check_cells(cells, lambda m: candidates(torch.empty(m, 1, dtype=x_dtype()), None, m), check_chunk,
                           args.workers, parts=3)
     print("compiled and checked", sum(len(v) for v in checked.values()), "candidates", flush=True)
     rows = []
@@ -133,8 +151,9 @@ def main() -> None:
         # equal copies at different addresses, rotated so small M reads HBM, not L2
         copies = rotating(lambda: (w16.clone(), w_q.clone(), w_scale.clone()), k * n * 3)
         for m in args.ms:
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            row = {"K": k, "N": n, "M": m, "bf16": bench(lambda: x @ copies()[0], copies=4),
+            x = torch.randn(m, k, device="cuda", dtype=x_dtype())
+            xb = x.to(torch.bfloat16)
+            row = {"K": k, "N": n, "M": m, "dtype": str(x.dtype), "bf16": bench(lambda: xb @ copies()[0], copies=4),
                    "w8a16": time_checked(candidates(x, lambda: copies()[1:], m), checked[(k, n, m)])}
             rows.append(row)
             name, us = best(row["w8a16"])
@@ -146,7 +165,7 @@ def main() -> None:
                   f"shipped {shipped:.1f} ({row['bf16'] / shipped:.2f}x)"
                   + "".join(f" | best {f} {u:.1f} {c}" for f, (c, u) in per_family.items()), flush=True)
             save_rows(args.out, rows)
-        del copies
+        copies = None  # the rotating weights freed before the next shape
         torch.cuda.empty_cache()
 
 

@@ -17,8 +17,8 @@ left per weight is decoding it:
   splits it, partial sums meeting in fp32 atomics.
 
 Which lane holds which element is the hardware's: every value that feeds the MMA is computed from the thread's own
-`%tid.x` (`_thread_index`), never from Triton's element index, so the kernel is correct whatever register layout
-Triton gives its [32 * num_warps] tensors. fp16 x only (the decode is fp16's), planar words, no zero points.
+`%tid.x` (`mma_lanes.thread_index`), never from Triton's element index, so the kernel is correct whatever register
+layout Triton gives its [32 * num_warps] tensors. fp16 x only (the decode is fp16's), planar words, no zero points.
 
 1.9 SASS instructions per weight, against the fp16x2 GEMV's 3.05. Opt-in (a GEMV bucket's "mma" key), not shipped:
 on the H100 it reads the down projection's weight from L2 26% faster than the fp16x2 GEMV, but from HBM no faster,
@@ -33,22 +33,10 @@ from torch._subclasses.fake_tensor import is_fake
 
 from qcompile.plugins.gemm_dispatch import cdiv, split_for_waves, split_k_outputs, whole_tiles
 from qcompile.plugins.int4_gemm.format import is_planar
+from qcompile.plugins.mma_lanes import half_pair, thread_index
 from qcompile.plugins.triton_tiles import store_tile
 
 BLOCK_K = 64  # K per block: one planar block of 8 word rows, 4 MMA K tiles
-
-
-@triton.jit
-def _thread_index(like):
-    """`%tid.x` of the thread that holds each element of `like` (an int32 tensor)."""
-    return tl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r,r", [like], dtype=tl.int32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _pair(lo, hi):
-    """int32 of the fp16 pair (lo, hi) (low half lo)."""
-    return tl.inline_asm_elementwise("mov.b32 $0, {$1, $2};", "=r,h,h", [lo, hi], dtype=tl.int32, is_pure=True,
-                                     pack=1)
 
 
 @triton.jit
@@ -116,14 +104,14 @@ def _x_pairs(x_at, live, X32: tl.constexpr, EVEN: tl.constexpr):
         return (_load(x_at, live, EVEN), _load(x_at + 4, live, EVEN), _load(x_at + 8, live, EVEN),
                 _load(x_at + 12, live, EVEN), _load(x_at + 16, live, EVEN), _load(x_at + 20, live, EVEN),
                 _load(x_at + 24, live, EVEN), _load(x_at + 28, live, EVEN))
-    return (_pair(_load(x_at, live, EVEN), _load(x_at + 1, live, EVEN)),
-            _pair(_load(x_at + 8, live, EVEN), _load(x_at + 9, live, EVEN)),
-            _pair(_load(x_at + 16, live, EVEN), _load(x_at + 17, live, EVEN)),
-            _pair(_load(x_at + 24, live, EVEN), _load(x_at + 25, live, EVEN)),
-            _pair(_load(x_at + 32, live, EVEN), _load(x_at + 33, live, EVEN)),
-            _pair(_load(x_at + 40, live, EVEN), _load(x_at + 41, live, EVEN)),
-            _pair(_load(x_at + 48, live, EVEN), _load(x_at + 49, live, EVEN)),
-            _pair(_load(x_at + 56, live, EVEN), _load(x_at + 57, live, EVEN)))
+    return (half_pair(_load(x_at, live, EVEN), _load(x_at + 1, live, EVEN)),
+            half_pair(_load(x_at + 8, live, EVEN), _load(x_at + 9, live, EVEN)),
+            half_pair(_load(x_at + 16, live, EVEN), _load(x_at + 17, live, EVEN)),
+            half_pair(_load(x_at + 24, live, EVEN), _load(x_at + 25, live, EVEN)),
+            half_pair(_load(x_at + 32, live, EVEN), _load(x_at + 33, live, EVEN)),
+            half_pair(_load(x_at + 40, live, EVEN), _load(x_at + 41, live, EVEN)),
+            half_pair(_load(x_at + 48, live, EVEN), _load(x_at + 49, live, EVEN)),
+            half_pair(_load(x_at + 56, live, EVEN), _load(x_at + 57, live, EVEN)))
 
 
 @triton.jit
@@ -195,7 +183,7 @@ def _int4_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, k_per_spl
                           ATOMIC: tl.constexpr, EVEN: tl.constexpr = False, PAIRED: tl.constexpr = False):
     """y[row, the program's WARPS x 64 columns] (+)= the sums over the program's K split (BLOCKS 64-K blocks;
     ATOMIC: added to the zeroed y): each warp 4 tiles of 16 columns (N a multiple of 64). num_warps = WARPS."""
-    tid = _thread_index(tl.zeros((32 * WARPS,), dtype=tl.int32))
+    tid = thread_index(tl.zeros((32 * WARPS,), dtype=tl.int32))
     lane = tid % 32
     c = lane % 4
     n0 = (tl.program_id(0) * WARPS + tid // 32) * 64

@@ -39,7 +39,8 @@ import triton.language as tl
 
 from qcompile.plugins.gemm_dispatch import (SMALL_M_MAX, add_bias, cdiv, identity, linear_bias, optional_arg,
                                              run_by_buckets, split_for_waves, whole_tiles)
-from qcompile.plugins.int8_wo_gemm import split_mma
+from qcompile.plugins.int4_gemm.half2 import ptx_available
+from qcompile.plugins.int8_wo_gemm import mma_rows, split_mma
 from qcompile.plugins.int8_wo_gemm.reference import check_args
 from qcompile.plugins.triton_tiles import jit_any_m, load_tile, load_xt_step, store_tile
 
@@ -56,6 +57,9 @@ NARROW_N = 4096
 # operand (`_row_dot_kernel`'s PLAIN).
 DOT = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=5, waves=1)
 DOT_BLOCK_M = 16  # rows of x per program (tl.dot's minimum)
+# 1 <= M <= 16, fp16 x: the fp16 tensor-core kernel (`mma_rows`) in place of every path above, where it applies
+# (`warps`: warps per 16-row tile, K split among them). None: off (not yet timed).
+MMA_ROWS = None
 
 
 @triton.jit
@@ -336,9 +340,10 @@ def _epilogue(acc, w_scale, bias, dtype):
 
 def int8_wo_gemm_triton(x, w_q, w_scale, bias, *, wrap=identity, num_sms: int = DEFAULT_SMS,
                         large_m: dict | None = None) -> torch.Tensor:
-    """The op's GPU path. Up to 16 rows of 16-bit x on a layer wide enough for `split_mma.pick_config`: the INT8
-    tensor-core path; else the GEMV at M = 1 and the row dot kernel up to 16 rows. The `LARGE_M` buckets above
-    (or the one path `large_m`)."""
+    """The op's GPU path. Up to 16 rows of fp16 x, with `MMA_ROWS` set, where `mma_rows.applies`: the fp16
+    tensor-core kernel. Else up to 16 rows of 16-bit x on a layer wide enough for
+    `split_mma.pick_config`: the INT8 tensor-core path; else the GEMV at M = 1 and the row dot kernel up to 16 rows.
+    The `LARGE_M` buckets above (or the one path `large_m`)."""
     check_args(x, w_q, w_scale, bias)
     # K and N are weight dims, static in an engine; int() specializes them when a compiler made them symbolic
     n, k = int(w_q.shape[0]), int(w_q.shape[1])
@@ -362,7 +367,9 @@ def int8_wo_gemm_triton(x, w_q, w_scale, bias, *, wrap=identity, num_sms: int = 
 
     mma = None if x.dtype == torch.float32 else split_mma.pick_config(n, k, num_sms)
     gemv = [(1, finished(launch_gemv))] if k % 4 == 0 else []  # the GEMV reads 4-byte words along K
-    if mma is not None and "splits" not in mma:  # a wide layer: the INT8 tensor cores on split 16-bit x
+    if MMA_ROWS and ptx_available() and mma_rows.applies(x, w_q):
+        small = [(rows, finished(mma_rows.launch, cfg=MMA_ROWS, rows=rows)) for rows in (1, SMALL_M_MAX)]
+    elif mma is not None and "splits" not in mma:  # a wide layer: the INT8 tensor cores on split 16-bit x
         small = [(rows, finished(split_mma.launch, cfg=mma, rows=rows)) for rows in (1, SMALL_M_MAX)]
     elif mma is not None:  # a narrow layer with a long K: split K there, the GEMV at M = 1 (it won there)
         small = gemv + [(SMALL_M_MAX, finished(split_mma.launch, cfg=mma, rows=SMALL_M_MAX))]

@@ -363,6 +363,52 @@ def test_cuda_split_mma_split_k_matches_float64(splits, m):
 
 @pytest.mark.gpu
 @cuda
+@pytest.mark.parametrize("warps, blocks", [(2, 1), (4, 2), (8, 4)])
+@pytest.mark.parametrize("n, k", [(4096, 4096), (40, 64 * 7), (96, 1024)])
+@pytest.mark.parametrize("m", [1, 5, 12])
+def test_cuda_mma_rows_matches_float64(m, n, k, warps, blocks):
+    """The fp16 tensor-core kernel (`mma_rows`) against float64, x with outlier channels: N in whole 16-row tiles or
+    not, K blocks a multiple of the warps' steps or not (masked blocks), one row (ONE_ROW) or the 16-row launch
+    (two MMA groups) with rows of the second group live or not; x 8-byte aligned (int64 pairs) and 2-byte aligned
+    (fp16 loads) in one call each; with and without a bias."""
+    from qcompile.plugins.int8_wo_gemm import mma_rows
+
+    w_q, w_scale, b = make_case(k=k, n=n, bias=m % 2 == 1, seed=m + warps)
+    cfg = dict(warps=warps, blocks=blocks)
+    x = x_with_outliers(m, k, torch.float16, seed=m)
+    ref = oracle(x, w_q, w_scale, b)
+    w_dev = w_q.cuda()
+    args = (w_scale.cuda(), None if b is None else b.cuda())
+    rows = 1 if m == 1 else 16
+    assert_close_to(mma_rows.launch(x.cuda(), w_dev, *args, cfg=cfg, rows=rows, wrap=lambda f: f), ref,
+                    REL[torch.float16])
+    x_odd = torch.empty(m, k + 1, dtype=torch.float16, device="cuda")[:, 1:].copy_(x)  # 2-byte aligned rows
+    assert x_odd.data_ptr() % 8 != 0
+    assert_close_to(mma_rows.launch(x_odd, w_dev, *args, cfg=cfg, rows=rows, wrap=lambda f: f), ref,
+                    REL[torch.float16])
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("m", [1, 5, 16, 17])
+def test_cuda_op_with_mma_rows_matches_float64(monkeypatch, m):
+    """The op with `MMA_ROWS` set: 1-16 rows of fp16 x take the fp16 tensor-core kernel (17 does not), each
+    float64-close."""
+    from qcompile.plugins.int8_wo_gemm import kernel, mma_rows
+
+    calls = []
+    real = mma_rows.launch
+    monkeypatch.setattr(mma_rows, "launch", lambda *a, **kw: calls.append(kw["rows"]) or real(*a, **kw))
+    monkeypatch.setattr(kernel, "MMA_ROWS", dict(warps=4))
+    w_q, w_scale, b = make_case(k=4096, n=1024, seed=m)
+    x = torch.randn(m, 4096).to(torch.float16)
+    y = kernel.int8_wo_gemm_triton(x.cuda(), w_q.cuda(), w_scale.cuda(), b.cuda())
+    assert_close_to(y, oracle(x, w_q, w_scale, b), REL[torch.float16])
+    assert calls == ([] if m > 16 else [1 if m == 1 else 16])
+
+
+@pytest.mark.gpu
+@cuda
 @pytest.mark.parametrize("n", [512, 14336])
 def test_cuda_op_compiles_with_a_dynamic_row_count(n):
     """torch.export with a dynamic M (the M paths in a torch.cond) and AOTInductor, as an engine runs it; a narrow
@@ -388,6 +434,36 @@ def test_gpu_launches_export_on_fake_cuda_tensors(monkeypatch, n):
     a GPU: a narrow layer (GEMV, row dot) and a wide one (split INT8 MMA)."""
     assert export_on_fake_cuda(monkeypatch, op, make_case(k=1024, n=n), torch.randn(8, 1024).to(torch.bfloat16)) == \
         [torch.ops.qcompile.int8_weight_only_gemm.default]
+
+
+@fake_cuda_export
+@pytest.mark.parametrize("n", [512, 14336])
+def test_mma_rows_launches_export_on_fake_cuda_tensors(monkeypatch, n):
+    """With `MMA_ROWS` set, the fp16 tensor-core kernel's launches trace as an engine's export traces them, in place
+    of the GEMV and split MMA kernels, on a narrow and a wide layer."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    from qcompile.plugins.int8_wo_gemm import kernel
+
+    monkeypatch.setattr(kernel, "MMA_ROWS", dict(warps=4))
+    before = set(kernel_side_table.id_to_kernel)
+    assert export_on_fake_cuda(monkeypatch, op, make_case(k=1024, n=n), torch.randn(8, 1024).to(torch.float16)) == \
+        [torch.ops.qcompile.int8_weight_only_gemm.default]
+    traced = [getattr(k, "fn", k).__name__ for i, k in kernel_side_table.id_to_kernel.items() if i not in before]
+    assert "_w8_mma_rows_kernel" in traced and "_row_gemv_kernel" not in traced and "_mma_kernel" not in traced
+
+
+def test_mma_rows_applies_to_fp16_x_k_in_64_blocks_and_an_8_byte_aligned_weight():
+    """Where the fp16 tensor-core kernel can run: fp16 x (its MMA takes fp16 B), K a multiple of 64, the weight's
+    int64 loads aligned."""
+    pytest.importorskip("triton")
+    from qcompile.plugins.int8_wo_gemm import mma_rows
+
+    w = torch.zeros(64, 129, dtype=torch.int8)
+    assert mma_rows.applies(torch.zeros(1, 128, dtype=torch.float16), w[:, :128].contiguous())
+    assert not mma_rows.applies(torch.zeros(1, 128, dtype=torch.bfloat16), w[:, :128].contiguous())
+    assert not mma_rows.applies(torch.zeros(1, 96, dtype=torch.float16), w[:, :96].contiguous())
+    assert not mma_rows.applies(torch.zeros(1, 128, dtype=torch.float16), w.flatten()[1:1 + 64 * 128].view(64, 128))
 
 
 @fake_cuda_export

@@ -15,7 +15,7 @@ schedulers x 32 lanes x ~1.98 GHz; 235 M weights at 3 instructions each is 21 µ
                                       fp4_gemv fp4_gemv_planar (each
                                       also _mx) w8a16_row_dot
                                       w8a16_row_dot_32x256_w2 w8a16_row_dot_16x256_w1 w8a16_row_dot_64x256_w4 (each
-                                      also _plain)]
+                                      also _plain) w8a16_mma_rows w8a16_mma_rows_two]
                                       [--dtype fp16] [--block-n 128] [--all-loops]
                                       # default: all, bf16 x, each case's tile, its first loop
 
@@ -186,6 +186,12 @@ def _cases():
                         BLOCK_K=bk, EVEN=True, PLAIN=plain),
                    ["x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "k_per_split"], warps,
                    dot["num_stages"], bn * bk // (32 * warps))
+    from qcompile.plugins.int8_wo_gemm import mma_rows
+    for two in (False, True):  # the fp16 MMA kernel at <= 8 rows of x (one MMA per K tile) and <= 16 (`_two`)
+        yield ("w8a16_mma_rows" + ("_two" if two else ""), mma_rows._w8_mma_rows_kernel,
+               dict({a: t for a, t in w8_sig.items() if a != "k_per_split"}, x_ptr="*fp16", y_ptr="*fp16"),
+               dict(STEPS=8, WARPS=4, U=2, TWO=two, ONE_ROW=False, HAS_BIAS=True, EVEN=True),
+               ["x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm"], 4, 1, 64)
 
 
 def main() -> None:
