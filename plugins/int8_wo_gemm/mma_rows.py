@@ -1,8 +1,9 @@
 """W8A16 at up to 16 rows of fp16 x on the fp16 tensor cores, the int8 weight decoded in registers (CUDA only).
 
 The row GEMV (`kernel._row_gemv_kernel`) multiplies every weight on the CUDA cores in fp32 (integer ops, a
-subtraction and an FMA per weight), and the 16-row kernels convert weights for `tl.dot` through Triton's layouts. Here `mma.sync` m16n8k16 multiplies, with 16 weight rows as the 16-row operand A and up to 8 rows of x
-as B (a second MMA on the same A for rows 8-15), so what is left per weight is decoding it:
+subtraction and an FMA per weight), and the 16-row kernels convert weights for `tl.dot` through Triton's layouts.
+Here `mma.sync` m16n8k16 multiplies, with 16 weight rows as the 16-row operand A and up to 8 rows of x as B (a
+second MMA on the same A for rows 8-15), so what is left per weight is decoding it:
 - Lane (g, c) = (lane // 4, lane % 4) loads rows g and g + 8 of its 16-row tile at K 8c .. 8c + 7 and 32 + 8c ..
   32 + 8c + 7 of each 64-K block (two int64 loads a row: the 4 lanes of a row read 32 contiguous bytes per load).
   Its word kt (4 bytes, 4 consecutive K) becomes its A registers of MMA K tile kt. A K tile's 16 K are then not
