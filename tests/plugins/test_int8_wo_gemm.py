@@ -363,9 +363,9 @@ def test_cuda_split_mma_split_k_matches_float64(splits, m):
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("warps, blocks", [(2, 1), (4, 2), (8, 4)])
+@pytest.mark.parametrize("warps, blocks", [(2, 1), (8, 4)])  # each case compiles its own kernels (~15 s on an H100)
 @pytest.mark.parametrize("n, k", [(4096, 4096), (40, 64 * 7), (96, 1024)])
-@pytest.mark.parametrize("m", [1, 5, 12])
+@pytest.mark.parametrize("m", [1, 12])
 def test_cuda_mma_rows_matches_float64(m, n, k, warps, blocks):
     """The fp16 tensor-core kernel (`mma_rows`) against float64, x with outlier channels: N in whole 16-row tiles or
     not, K blocks a multiple of the warps' steps or not (masked blocks), one row (ONE_ROW) or the 16-row launch
