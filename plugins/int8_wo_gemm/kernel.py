@@ -58,7 +58,8 @@ NARROW_N = 4096
 DOT = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=5, waves=1)
 DOT_BLOCK_M = 16  # rows of x per program (tl.dot's minimum)
 # 1 <= M <= 16, fp16 x: the fp16 tensor-core kernel (`mma_rows`) in place of every path above, where it applies
-# (`warps`: warps per 16-row tile, K split among them). None: off (not yet timed).
+# (`warps`: warps per 16-row tile, K split among them; `blocks`: 64-K blocks a warp loads a step ahead). None (off):
+# on the H100 it lost to the paths above on 7 of the 8 kernel-target cells (BENCHMARKS.md, forty-third session).
 MMA_ROWS = None
 
 
