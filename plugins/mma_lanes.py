@@ -18,6 +18,14 @@ def thread_index(like):
 
 
 @triton.jit
+def load_live(at, live, EVEN: tl.constexpr):
+    """tl.load of `at`, 0 where not live (EVEN: no mask)."""
+    if EVEN:
+        return tl.load(at)
+    return tl.load(at, mask=live, other=0)
+
+
+@triton.jit
 def half_pair(lo, hi):
     """int32 of the fp16 pair (lo, hi) (low half lo)."""
     return tl.inline_asm_elementwise("mov.b32 $0, {$1, $2};", "=r,h,h", [lo, hi], dtype=tl.int32, is_pure=True,

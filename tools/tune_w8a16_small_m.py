@@ -105,7 +105,7 @@ def candidates(x, weights, m: int) -> dict:
         out.update({"mma " + json.dumps(c): mma(c) for c in MMA_CONFIGS})
     if "mma-rows" in kinds and x.dtype == torch.float16:
         out.update({"mma-rows " + json.dumps(c): (lambda c=c: mma_rows.launch(
-            x, *weights(), None, cfg=c, rows=1 if m == 1 else w8.SMALL_M_MAX, wrap=w8.identity))
+            x, *weights(), None, cfg=c, rows=1 if m == 1 else w8.SMALL_M_MAX))
             for c in MMA_ROWS_CONFIGS})
     return out
 

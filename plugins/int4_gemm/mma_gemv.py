@@ -33,7 +33,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from qcompile.plugins.gemm_dispatch import cdiv, split_for_waves, split_k_outputs, whole_tiles
 from qcompile.plugins.int4_gemm.format import is_planar
-from qcompile.plugins.mma_lanes import half_pair, thread_index
+from qcompile.plugins.mma_lanes import half_pair, load_live, thread_index
 from qcompile.plugins.triton_tiles import store_tile
 
 BLOCK_K = 64  # K per block: one planar block of 8 word rows, 4 MMA K tiles
@@ -89,29 +89,21 @@ def _block_mma(w_a, w_b, w_c, w_d, x0, x1, x2, x3, x4, x5, x6, x7):
 
 
 @triton.jit
-def _load(at, live, EVEN: tl.constexpr):
-    """tl.load of `at`, 0 where not live (EVEN: no mask)."""
-    if EVEN:
-        return tl.load(at)
-    return tl.load(at, mask=live, other=0)
-
-
-@triton.jit
 def _x_pairs(x_at, live, X32: tl.constexpr, EVEN: tl.constexpr):
     """x's fp16 pairs at K k, k + 8, k + 16, ..., k + 56 of lane (g, c)'s block, k = 64 b + 2c: x_at points at k as
     int32 words (X32: x's row 4-byte aligned), else at k as fp16 (two loads a pair); 0 where not live."""
     if X32:
-        return (_load(x_at, live, EVEN), _load(x_at + 4, live, EVEN), _load(x_at + 8, live, EVEN),
-                _load(x_at + 12, live, EVEN), _load(x_at + 16, live, EVEN), _load(x_at + 20, live, EVEN),
-                _load(x_at + 24, live, EVEN), _load(x_at + 28, live, EVEN))
-    return (half_pair(_load(x_at, live, EVEN), _load(x_at + 1, live, EVEN)),
-            half_pair(_load(x_at + 8, live, EVEN), _load(x_at + 9, live, EVEN)),
-            half_pair(_load(x_at + 16, live, EVEN), _load(x_at + 17, live, EVEN)),
-            half_pair(_load(x_at + 24, live, EVEN), _load(x_at + 25, live, EVEN)),
-            half_pair(_load(x_at + 32, live, EVEN), _load(x_at + 33, live, EVEN)),
-            half_pair(_load(x_at + 40, live, EVEN), _load(x_at + 41, live, EVEN)),
-            half_pair(_load(x_at + 48, live, EVEN), _load(x_at + 49, live, EVEN)),
-            half_pair(_load(x_at + 56, live, EVEN), _load(x_at + 57, live, EVEN)))
+        return (load_live(x_at, live, EVEN), load_live(x_at + 4, live, EVEN), load_live(x_at + 8, live, EVEN),
+                load_live(x_at + 12, live, EVEN), load_live(x_at + 16, live, EVEN), load_live(x_at + 20, live, EVEN),
+                load_live(x_at + 24, live, EVEN), load_live(x_at + 28, live, EVEN))
+    return (half_pair(load_live(x_at, live, EVEN), load_live(x_at + 1, live, EVEN)),
+            half_pair(load_live(x_at + 8, live, EVEN), load_live(x_at + 9, live, EVEN)),
+            half_pair(load_live(x_at + 16, live, EVEN), load_live(x_at + 17, live, EVEN)),
+            half_pair(load_live(x_at + 24, live, EVEN), load_live(x_at + 25, live, EVEN)),
+            half_pair(load_live(x_at + 32, live, EVEN), load_live(x_at + 33, live, EVEN)),
+            half_pair(load_live(x_at + 40, live, EVEN), load_live(x_at + 41, live, EVEN)),
+            half_pair(load_live(x_at + 48, live, EVEN), load_live(x_at + 49, live, EVEN)),
+            half_pair(load_live(x_at + 56, live, EVEN), load_live(x_at + 57, live, EVEN)))
 
 
 @triton.jit
@@ -120,11 +112,11 @@ def _tile_words(w_at, N, live, EVEN: tl.constexpr, PAIRED: tl.constexpr):
     8b + c, the column of row g (0 where not live: decodes to weights 0). PAIRED: rows g and g + 8 are adjacent
     columns, loaded as one int64 per word row; else 8 columns apart."""
     if PAIRED:
-        lo = _load(w_at.to(tl.pointer_type(tl.int64), bitcast=True), live, EVEN)
-        hi = _load((w_at + 4 * N).to(tl.pointer_type(tl.int64), bitcast=True), live, EVEN)
+        lo = load_live(w_at.to(tl.pointer_type(tl.int64), bitcast=True), live, EVEN)
+        hi = load_live((w_at + 4 * N).to(tl.pointer_type(tl.int64), bitcast=True), live, EVEN)
         return lo.to(tl.int32), (lo >> 32).to(tl.int32), hi.to(tl.int32), (hi >> 32).to(tl.int32)
-    return (_load(w_at, live, EVEN), _load(w_at + 8, live, EVEN), _load(w_at + 4 * N, live, EVEN),
-            _load(w_at + 4 * N + 8, live, EVEN))
+    return (load_live(w_at, live, EVEN), load_live(w_at + 8, live, EVEN), load_live(w_at + 4 * N, live, EVEN),
+            load_live(w_at + 4 * N + 8, live, EVEN))
 
 
 @triton.jit
@@ -139,8 +131,8 @@ def _tile_sums(acc, w, xs, s_at, live, EVEN: tl.constexpr, PAIRED: tl.constexpr)
     """acc (rows g, g + 8 of a tile) plus one block's sums (the tile's words w, x's pairs xs), times the block's group
     scales at s_at (column g)."""
     d_lo, d_hi = _block_mma(w[0], w[1], w[2], w[3], xs[0], xs[1], xs[2], xs[3], xs[4], xs[5], xs[6], xs[7])
-    return (acc[0] + d_lo * _load(s_at, live, EVEN).to(tl.float32),
-            acc[1] + d_hi * _load(s_at + (1 if PAIRED else 8), live, EVEN).to(tl.float32))
+    return (acc[0] + d_lo * load_live(s_at, live, EVEN).to(tl.float32),
+            acc[1] + d_hi * load_live(s_at + (1 if PAIRED else 8), live, EVEN).to(tl.float32))
 
 
 @triton.jit

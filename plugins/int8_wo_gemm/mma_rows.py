@@ -20,7 +20,7 @@ second MMA on the same A for rows 8-15), so what is left per weight is decoding 
   thread's `%tid.x`, `mma_lanes`, so the kernel holds whatever layout Triton picks).
 
 fp16 x only (B would need bf16 weights, and int8 has no exact bf16 trick of this kind), K a multiple of 64, the
-weight 8-byte aligned (`applies`). 2.45 sm_90 instructions per weight at one MMA group (`tools/diag/sass_count.py`).
+weight 8-byte aligned (`applies`). 2.53 sm_90 instructions per weight at one MMA group (`tools/diag/sass_count.py`).
 
 Opt-in (`kernel.MMA_ROWS`), not shipped: on the H100 it beat the shipped paths on one of the eight kernel-target
 cells (4096 x 14336 at one row, 4%) and was 7-21% slower on the others (BENCHMARKS.md, forty-third session).
@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 
-from qcompile.plugins.gemm_dispatch import cdiv, optional_arg
-from qcompile.plugins.mma_lanes import half_pair, mma_f16, thread_index
+from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg, whole_tiles
+from qcompile.plugins.mma_lanes import half_pair, load_live, mma_f16, thread_index
 from qcompile.plugins.triton_tiles import jit_any_m
 
 BLOCK_K = 64  # K per block: 4 MMA K tiles, 16 bytes of each of a lane's two rows
@@ -55,14 +55,8 @@ def _fp16_pairs(word):
 def _row_words(at, live, EVEN: tl.constexpr):
     """A lane's 4 int32 words of one weight row in a 64-K block (int64 loads at `at`, its K 8c, and at + 32; EVEN:
     unmasked)."""
-    lo_at = at.to(tl.pointer_type(tl.int64), bitcast=True)
-    hi_at = (at + 32).to(tl.pointer_type(tl.int64), bitcast=True)
-    if EVEN:
-        lo = tl.load(lo_at)
-        hi = tl.load(hi_at)
-    else:
-        lo = tl.load(lo_at, mask=live, other=0)
-        hi = tl.load(hi_at, mask=live, other=0)
+    lo = load_live(at.to(tl.pointer_type(tl.int64), bitcast=True), live, EVEN)
+    hi = load_live((at + 32).to(tl.pointer_type(tl.int64), bitcast=True), live, EVEN)
     return lo.to(tl.int32), (lo >> 32).to(tl.int32), hi.to(tl.int32), (hi >> 32).to(tl.int32)
 
 
@@ -245,16 +239,16 @@ def applies(x2d, w_q) -> bool:
             and (is_fake(w_q) or w_q.data_ptr() % 8 == 0))
 
 
-def launch(x2d, w_q, w_scale, bias, *, cfg: dict, rows: int, wrap) -> torch.Tensor:
+def launch(x2d, w_q, w_scale, bias, *, cfg: dict, rows: int, wrap=identity) -> torch.Tensor:
     """`x2d @ dequant(w_q)^T + bias` in x.dtype for at most `rows` (<= 16) rows of x (`applies` holds): one program
     per 16 weight rows on cfg["warps"] warps, each warp cfg["blocks"] (default 1) 64-K blocks per step."""
     m, k = x2d.shape
     n = w_q.shape[0]
     warps, per_step = cfg["warps"], cfg.get("blocks", 1)
+    steps = cdiv(k // BLOCK_K, warps * per_step)
     y = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
     wrap(_w8_mma_rows_kernel)[(cdiv(n, 16),)](
         x2d, w_q, w_scale, optional_arg(bias, w_scale), y, m, n, k, x2d.stride(0),
-        STEPS=cdiv(k // BLOCK_K, warps * per_step), WARPS=warps, U=per_step, TWO=rows > 8, ONE_ROW=rows == 1,
-        HAS_BIAS=bias is not None, EVEN=n % 16 == 0 and (k // BLOCK_K) % (warps * per_step) == 0, num_warps=warps,
-        num_stages=1)
+        STEPS=steps, WARPS=warps, U=per_step, TWO=rows > 8, ONE_ROW=rows == 1, HAS_BIAS=bias is not None,
+        EVEN=whole_tiles(n, 16, warps * per_step, steps * BLOCK_K, k), num_warps=warps, num_stages=1)
     return y

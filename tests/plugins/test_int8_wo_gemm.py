@@ -380,11 +380,11 @@ def test_cuda_mma_rows_matches_float64(m, n, k, warps, blocks):
     w_dev = w_q.cuda()
     args = (w_scale.cuda(), None if b is None else b.cuda())
     rows = 1 if m == 1 else 16
-    assert_close_to(mma_rows.launch(x.cuda(), w_dev, *args, cfg=cfg, rows=rows, wrap=lambda f: f), ref,
+    assert_close_to(mma_rows.launch(x.cuda(), w_dev, *args, cfg=cfg, rows=rows), ref,
                     REL[torch.float16])
     x_odd = torch.empty(m, k + 1, dtype=torch.float16, device="cuda")[:, 1:].copy_(x)  # 2-byte aligned rows
     assert x_odd.data_ptr() % 8 != 0
-    assert_close_to(mma_rows.launch(x_odd, w_dev, *args, cfg=cfg, rows=rows, wrap=lambda f: f), ref,
+    assert_close_to(mma_rows.launch(x_odd, w_dev, *args, cfg=cfg, rows=rows), ref,
                     REL[torch.float16])
 
 
