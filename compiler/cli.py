@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="experimental: also compile the engine with every dynamic dim at 1, run when a call has them "
                         "all at 1 (a decode step of one token): no dispatch by row count there, more fusion; both "
                         "models share the weights; doubles the compile")
+    b.add_argument("--pdl", action="store_true",
+                   help="launch the engine's Inductor kernels with programmatic dependent launch: each may start "
+                        "while the kernel before it finishes (CUDA, compute capability 9.0 or more; README)")
     b.add_argument("--holdout", type=float, default=0.2, metavar="FRACTION",
                    help="fraction of the calibration samples kept for validation when no --val-data (default 0.2)")
     _add_validation_args(b, data_flag="--val-data")
@@ -124,7 +127,7 @@ def _cmd_build(args) -> int:
                    holdout=0.0 if args.no_validate or args.val_data else args.holdout,
                    fuse_siblings=not args.no_sibling_fusion,
                    fuse_attention=not args.no_attention_fusion, fp8_large_m=args.fp8_large_m,
-                   one_row_model=args.one_row_model)
+                   one_row_model=args.one_row_model, pdl=args.pdl)
     print(format_build_summary(result))
     report = Path(str(result.engine_path) + ".build.json")
     write_json_atomic(report, result.summary())

@@ -47,6 +47,8 @@ def _describe_engine(path: Path) -> dict[str, Any]:
     if one_row is not None:
         header.append(("one-row model", "compiled: a call with every dynamic dim at 1 runs its own graph"
                        if one_row else "asked for, not compiled (the build log says why)"))
+    if m.get("pdl"):
+        header.append(("kernel launches", "Inductor's kernels with programmatic dependent launch (--pdl)"))
     validation = m.get("validation")
     if validation:
         verdict = "PASSED" if validation.get("passed") else "FAILED"

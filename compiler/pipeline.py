@@ -87,6 +87,7 @@ def build(
     fp8_large_m: bool = False,
     fp4_layout: str | None = None,
     one_row_model: bool = False,
+    pdl: bool = False,
     progress_stream=STDERR,
 ) -> BuildResult:
     """Build an engine from `source` with `recipe`; see the README for the source forms.
@@ -107,6 +108,9 @@ def build(
     runs when a call has them all at 1 (a decode step): the plugins' GEMMs there need no dispatch by row count, and
     Inductor fuses around them (`engine/one_row.py`); both models share one copy of the weights. It doubles the
     compile time; where it does not export or compile, the engine is built without it (`build_engine`).
+    `pdl`: the engine launches its Inductor kernels (norms, casts, element-wise ops) with programmatic dependent
+    launch, so each may start while the kernel before it finishes (`engine/pdl.py`; CUDA engines on compute
+    capability 9.0 or more, checked before anything runs).
 
     Raises:
         QCompileError (a subclass) for any user or input error, before any file is written.
@@ -136,6 +140,10 @@ def build(
         raise QCompileError(f"unknown device {device!r}; use 'cpu' or 'cuda'")
     if device == "cuda" and not torch.cuda.is_available():
         raise QCompileError("--device cuda was asked for, but torch sees no CUDA GPU on this machine; use --device cpu")
+    if pdl and output is not None:
+        from qcompile.engine.pdl import check_device as check_pdl_device
+
+        check_pdl_device(torch.device(device))
     try:
         options = LoweringOptions.for_engine(device, fp8_large_m=fp8_large_m, fp4_layout=fp4_layout)
     except ValueError as exc:
@@ -231,7 +239,7 @@ def build(
     with progress.stage("compile", "AOTInductor", heartbeat=COMPILE_HEARTBEAT_S):
         build_engine(program, inputs=src.inputs, outputs=src.outputs, example_inputs=example,
                      manifest=manifest, output_path=output, device=device, extra_files=_quantized_graph(plugin_model),
-                     one_row_model=one_row_model)
+                     one_row_model=one_row_model, pdl=pdl)
     result.stage_seconds = dict(progress.times)
     return result
 

@@ -23,6 +23,8 @@ inductor-combo, inductor-persistent (and both), inductor-no-split and inductor-c
 option or heuristic changed (`combo_kernels=True`; row reductions up to 4096 persistent,
 `tools/inductor_variants.py`; `split_reductions=False`; `coordinate_descent_tuning=True`): A/Bs of the non-GEMM
 kernels of a decode step (any recipe, fp16 included; `tools/diag/engine_kernels.py` lists them without a GPU).
+pdl builds with `pdl=True` (`qcompile build --pdl`): the engine's Inductor kernels launched with programmatic
+dependent launch, each free to start while the kernel before it finishes (`qcompile.engine.pdl`).
 
 Engines are built once (dynamic dims) and timed at every --size on the same device-resident inputs
 with CUDA events (median of --iters runs after warm-up); ratios are relative to the first recipe;
@@ -74,6 +76,7 @@ VARIANTS = {  # recipe:variant -> (the build's context, more `qcompile.build` ar
                                                 persistent_reductions_up_to(4096)), {}),
     "inductor-no-split": (lambda: inductor_config.patch(split_reductions=False), {}),
     "inductor-coordesc": (lambda: inductor_config.patch(coordinate_descent_tuning=True), {}),
+    "pdl": (contextlib.nullcontext, {"pdl": True}),  # `qcompile build --pdl`
 }
 
 

@@ -38,7 +38,8 @@ for s in ${STEPS:-engines kernels int4 decode tests}; do
              qc sample-inputs tiny-llama -o "$OUT/tl-inputs.npz" --dim batch=2 --dim seq=16 > /dev/null
              all=$(py -c "from qcompile.recipes import list_recipes; print(' '.join(r.name for r in list_recipes()))")
              for r in ${CLI_RECIPES:-$all}; do
-               qc build tiny-llama --recipe "$r" --calib random --device cuda -o "$OUT/tl-$r.engine" > "$OUT/cli-tiny-llama-$r.log" 2>&1
+               qc build tiny-llama --recipe "$r" --calib random --device cuda ${CLI_ARGS:-} -o "$OUT/tl-$r.engine" \
+                 > "$OUT/cli-tiny-llama-$r.log" 2>&1
                b=$?
                qc run "$OUT/tl-$r.engine" --inputs "$OUT/tl-inputs.npz" >> "$OUT/cli-tiny-llama-$r.log" 2>&1
                rr=$?

@@ -24,6 +24,7 @@ from qcompile.engine.manifest import (
     FORMAT_VERSION, MANIFEST_NAME, PACKAGE_NAME, IOSpec, Manifest, check_specs, dtype_name, merge_dim_ranges,
 )
 from qcompile.engine.one_row import ONE_ROW_MODEL, allows_one_row_model, narrow_to_one_row, one_row_shape
+from qcompile.engine.pdl import check_device as check_pdl_device, launches as pdl_launches
 from qcompile.errors import EngineError
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ def build_engine(
     inductor_configs: dict | None = None,
     extra_files: dict[str, bytes] | None = None,
     one_row_model: bool = False,
+    pdl: bool = False,
 ) -> Manifest:
     """Export `program`, compile it with AOTInductor and write the engine file at `output_path`.
 
@@ -60,6 +62,8 @@ def build_engine(
             which the loader runs when a call has them all at 1 (a decode step). Where the specs do not allow it,
             or its export or compile fails, the engine is built without it (a warning says why); the manifest's
             `one_row_model` says which.
+        pdl: launch the engine's Inductor kernels with programmatic dependent launch (`pdl.py`; CUDA, compute
+            capability 9.0 or more); the manifest's `pdl` says so.
 
     Returns:
         The manifest written into the engine.
@@ -71,6 +75,8 @@ def build_engine(
     output_path = Path(output_path)
     check_writable(output_path)
     dev = devinfo.parse_device(device)
+    if pdl:
+        check_pdl_device(dev)
     check_specs(inputs + outputs)
     dim_ranges = merge_dim_ranges(inputs + outputs)
     _check_examples(inputs, example_inputs, dim_ranges, dev)
@@ -87,7 +93,10 @@ def build_engine(
         raise EngineError(f"the program returns {n_out} outputs but {len(outputs)} output specs were given")
     t1 = time.perf_counter()
     configs = _engine_configs(man, inductor_configs)
-    with tempfile.TemporaryDirectory(prefix="qcompile-build-") as tmp:
+    if pdl:
+        man.extra["pdl"] = True
+    launches = pdl_launches() if pdl else contextlib.nullcontext(set())
+    with tempfile.TemporaryDirectory(prefix="qcompile-build-") as tmp, launches as waiting:
         package = None
         if ep_one is not None:
             package = _compile_with_one_row_model(ep, ep_one, Path(tmp) / PACKAGE_NAME, configs)
@@ -96,6 +105,8 @@ def build_engine(
         if package is None:
             package = _compile(ep, Path(tmp) / PACKAGE_NAME, configs)
         t2 = time.perf_counter()
+        if pdl and not waiting:
+            logger.warning("--pdl: no compiled kernel waits for the one before it; every launch stays plain")
         man.timings = {**man.timings, "export_s": round(t1 - t0, 3), "compile_s": round(t2 - t1, 3)}
         write_engine_file(output_path, man, package, extra_files)
     logger.info("wrote engine %s (export %.1fs, compile %.1fs)", output_path, t1 - t0, t2 - t1)

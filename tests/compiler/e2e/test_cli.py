@@ -319,3 +319,12 @@ def test_a_model_that_calls_scaled_dot_product_attention_builds(tmp_path, capsys
         want = module(torch.from_numpy(x)).numpy()
     got = built.run({"x": x})[built.output_names[0]]
     assert cosine(got, want) > 0.98  # quantized weights: close to the float module, not equal
+
+
+def test_pdl_on_a_cpu_build_is_refused_before_anything_runs(tmp_path, capsys):
+    """`--pdl` needs a CUDA engine on compute capability 9.0 or more: a CPU build says so in one line and writes
+    nothing."""
+    engine = tmp_path / "pdl.engine"
+    code, _, err = run_cli(capsys, "build", "tiny-llama", "--recipe", "fp16", "--device", "cpu", "--pdl", "-o", engine)
+    _assert_one_line_error(code, err, "--pdl", "compute capability 9.0", "the CPU", "build without --pdl")
+    assert list(tmp_path.iterdir()) == []
