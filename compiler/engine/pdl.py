@@ -103,11 +103,15 @@ def check_device(device) -> None:
     """Raise EngineError unless `device` (a torch.device) is a CUDA GPU of compute capability 9.0 or more."""
     import torch
 
-    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
-        where = "the CPU" if device.type != "cuda" else f"{torch.cuda.get_device_name(device)} (compute capability " \
-            f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))})"
-        raise EngineError(f"--pdl (programmatic dependent launch) needs a CUDA engine on a GPU of compute capability "
-                          f"9.0 or more; this build is for {where}: build without --pdl")
+    if device.type != "cuda":
+        where = "the CPU"
+    else:
+        major, minor = torch.cuda.get_device_capability(device)
+        if major >= 9:
+            return
+        where = f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
+    raise EngineError(f"--pdl (programmatic dependent launch) needs a CUDA engine on a GPU of compute capability "
+                      f"9.0 or more; this build is for {where}: build without --pdl")
 
 
 def pdl_kernel_driver(driver: str) -> str:

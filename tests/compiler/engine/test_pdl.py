@@ -79,6 +79,16 @@ def test_pdl_driver_of_another_launcher_is_refused():
         pdl.pdl_kernel_driver(_driver().replace("static inline void launchKernel(", "static void launch("))
 
 
+def test_pdl_is_refused_below_compute_capability_9(monkeypatch):
+    """A GPU older than Hopper is named with its compute capability; a Hopper one passes."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    with pytest.raises(EngineError, match=r"for Some GPU \(compute capability 8\.9\): build without --pdl"):
+        pdl.check_device(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    pdl.check_device(torch.device("cuda"))
+
+
 def test_launches_restores_inductor_on_exit_and_on_error():
     import torch._inductor.config as inductor_config
     from torch._inductor.codecache import CudaKernelParamCache
