@@ -48,7 +48,9 @@ def _describe_engine(path: Path) -> dict[str, Any]:
         header.append(("one-row model", "compiled: a call with every dynamic dim at 1 runs its own graph"
                        if one_row else "asked for, not compiled (the build log says why)"))
     if m.get("pdl"):
-        header.append(("kernel launches", "Inductor's kernels with programmatic dependent launch (--pdl)"))
+        count = m.get("pdl_kernels")
+        kernels = "Inductor's kernels" if count is None else f"{count} of Inductor's kernels"
+        header.append(("kernel launches", f"{kernels} with programmatic dependent launch (--pdl)"))
     validation = m.get("validation")
     if validation:
         verdict = "PASSED" if validation.get("passed") else "FAILED"

@@ -25,6 +25,8 @@ option or heuristic changed (`combo_kernels=True`; row reductions up to 4096 per
 kernels of a decode step (any recipe, fp16 included; `tools/diag/engine_kernels.py` lists them without a GPU).
 pdl builds with `pdl=True` (`qcompile build --pdl`): the engine's Inductor kernels launched with programmatic
 dependent launch, each free to start while the kernel before it finishes (`qcompile.engine.pdl`).
+pow-tensor lowers ONNX Pow with its constant exponent kept a tensor, as qcompile did before it read a 0-d exponent
+as a number (Inductor then writes RMSNorm's square as a libdevice pow call instead of x * x).
 
 Engines are built once (dynamic dims) and timed at every --size on the same device-resident inputs
 with CUDA events (median of --iters runs after warm-up); ratios are relative to the first recipe;
@@ -77,7 +79,22 @@ VARIANTS = {  # recipe:variant -> (the build's context, more `qcompile.build` ar
     "inductor-no-split": (lambda: inductor_config.patch(split_reductions=False), {}),
     "inductor-coordesc": (lambda: inductor_config.patch(coordinate_descent_tuning=True), {}),
     "pdl": (contextlib.nullcontext, {"pdl": True}),  # `qcompile build --pdl`
+    "pow-tensor": (lambda: pow_exponent_as_tensor(), {}),  # Pow's constant exponent a tensor, as before session 45
 }
+
+
+@contextlib.contextmanager
+def pow_exponent_as_tensor():
+    """Pow lowered without reading its constant exponent as a number: the exponent stays a 0-d tensor, which Inductor
+    compiles to a libdevice pow per element (RMSNorm's square) instead of x * x."""
+    from qcompile.lowering import registry
+    from qcompile.lowering.ops import elementwise
+
+    hook = registry._PREPARE.pop(elementwise.pow_)
+    try:
+        yield
+    finally:
+        registry._PREPARE[elementwise.pow_] = hook
 
 
 @contextlib.contextmanager

@@ -63,7 +63,7 @@ def build_engine(
             or its export or compile fails, the engine is built without it (a warning says why); the manifest's
             `one_row_model` says which.
         pdl: launch the engine's Inductor kernels with programmatic dependent launch (`pdl.py`; CUDA, compute
-            capability 9.0 or more); the manifest's `pdl` says so.
+            capability 9.0 or more); the manifest's `pdl` says so, and `pdl_kernels` how many kernels take it.
 
     Returns:
         The manifest written into the engine.
@@ -95,8 +95,8 @@ def build_engine(
     configs = _engine_configs(man, inductor_configs)
     if pdl:
         man.extra["pdl"] = True
-    launches = pdl_launches() if pdl else contextlib.nullcontext(set())
-    with tempfile.TemporaryDirectory(prefix="qcompile-build-") as tmp, launches as waiting:
+    launches = pdl_launches() if pdl else contextlib.nullcontext()
+    with tempfile.TemporaryDirectory(prefix="qcompile-build-") as tmp, launches as pdl_kernels:
         package = None
         if ep_one is not None:
             package = _compile_with_one_row_model(ep, ep_one, Path(tmp) / PACKAGE_NAME, configs)
@@ -105,8 +105,11 @@ def build_engine(
         if package is None:
             package = _compile(ep, Path(tmp) / PACKAGE_NAME, configs)
         t2 = time.perf_counter()
-        if pdl and not waiting:
-            logger.warning("--pdl: no compiled kernel waits for the one before it; every launch stays plain")
+        if pdl:
+            man.extra["pdl_kernels"] = len(pdl_kernels.launched)
+        if pdl and not pdl_kernels.launched:
+            logger.warning("--pdl: no kernel's launch code takes the PDL launch (%d compiled kernels wait for the "
+                           "one before them); every launch stays plain", len(pdl_kernels.waiting))
         man.timings = {**man.timings, "export_s": round(t1 - t0, 3), "compile_s": round(t2 - t1, 3)}
         write_engine_file(output_path, man, package, extra_files)
     logger.info("wrote engine %s (export %.1fs, compile %.1fs)", output_path, t1 - t0, t2 - t1)

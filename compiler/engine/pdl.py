@@ -9,8 +9,9 @@ the launch attribute, but AOTInductor's C++ launcher (`launchKernel` in the pack
 launches every kernel plainly. Inside `launches()`:
 - Inductor writes the waits (`triton.enable_pdl`);
 - every compiled kernel whose PTX has a `griddepcontrol.wait` is noted by its name as it is compiled;
-- each noted kernel's launch code registers that name with the package's C++ launcher, which launches registered
-  kernels with `CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION` (`cuLaunchKernelEx`) and all others as before.
+- each noted kernel's generated launch line calls `qcLaunchKernelPdl`, a launcher added to the package's C++ kernel
+  driver that sets `CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION` (`cuLaunchKernelEx`); every other kernel
+  keeps AOTInductor's `launchKernel`. The choice is made in the generated source, so a launch costs no look-up.
 
 A kernel without the wait (our plugins' Triton kernels, Inductor's templates) keeps the plain launch, so it still
 starts only after everything before it has finished. cuBLAS and cuDNN launch their own kernels. Every kernel that
@@ -22,47 +23,19 @@ build at a time per process.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 
 from qcompile.errors import EngineError
 
 WAIT_PTX = "griddepcontrol.wait"
 
-# The C++ launcher's additions: a registry of kernel names whose launch may overlap the previous kernel, filled by
-# static initializers next to each registered kernel's launch code, and the CUfunctions loaded under those names.
-_REGISTRY_CPP = r"""
-#include <mutex>
-#include <string>
-#include <unordered_set>
-static inline std::mutex& qcPdlMutex() {
-    static std::mutex mutex;
-    return mutex;
-}
-static inline std::unordered_set<std::string>& qcPdlNames() {
-    static std::unordered_set<std::string> names;
-    return names;
-}
-static inline std::unordered_set<CUfunction>& qcPdlFunctions() {
-    static std::unordered_set<CUfunction> functions;
-    return functions;
-}
-static inline bool qcPdlName(const char* name) {
-    std::lock_guard<std::mutex> lock(qcPdlMutex());
-    qcPdlNames().insert(name);
-    return true;
-}
-static inline void qcPdlNote(CUfunction func, const std::string& name) {
-    std::lock_guard<std::mutex> lock(qcPdlMutex());
-    if (qcPdlNames().count(name)) qcPdlFunctions().insert(func);
-}
-static inline bool qcPdlLaunch(CUfunction func) {
-    std::lock_guard<std::mutex> lock(qcPdlMutex());
-    return qcPdlFunctions().count(func) > 0;
-}
-"""
+LAUNCHER = "launchKernel"
+PDL_LAUNCHER = "qcLaunchKernelPdl"
 
-_LAUNCH_CPP = r"""
-static inline void launchKernel(
+# The PDL launcher added to the package's C++ kernel driver, next to AOTInductor's own `launchKernel` (same arguments).
+_PDL_LAUNCH_CPP = r"""
+static inline void qcLaunchKernelPdl(
         CUfunction func,
         uint32_t gridX,
         uint32_t gridY,
@@ -71,10 +44,6 @@ static inline void launchKernel(
         uint32_t sharedMemBytes,
         void* args[],
         cudaStream_t stream) {
-    if (!qcPdlLaunch(func)) {
-        qcLaunchKernelPlain(func, gridX, gridY, gridZ, numWarps, sharedMemBytes, args, stream);
-        return;
-    }
     CUlaunchAttribute attribute;
     attribute.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
     attribute.value.programmaticStreamSerializationAllowed = 1;
@@ -93,10 +62,11 @@ static inline void launchKernel(
 }
 """
 
-_GET_FUNCTION = "CUDA_DRIVER_CHECK(cuModuleGetFunction(&func, mod, funcName.c_str()));"
 _LAUNCH_SIGNATURE = re.compile(
     r"static inline void launchKernel\(\s*CUfunction func,\s*uint32_t gridX,\s*uint32_t gridY,\s*uint32_t gridZ,"
     r"\s*uint32_t numWarps,\s*uint32_t sharedMemBytes,\s*void\* args\[\],\s*cudaStream_t stream\)")
+_UNKNOWN_LAUNCHER = ("--pdl: this torch's AOTInductor kernel launcher is not the one qcompile knows; "
+                     "build without --pdl")
 
 
 def check_device(device) -> None:
@@ -115,28 +85,51 @@ def check_device(device) -> None:
 
 
 def pdl_kernel_driver(driver: str) -> str:
-    """AOTInductor's CUDA kernel driver source (`loadKernel`, `launchKernel`) with the PDL registry added.
+    """AOTInductor's CUDA kernel driver source (`loadKernel`, `launchKernel`) with the PDL launcher added after it.
 
     Raises:
-        EngineError: the driver is not the one this was written against (a torch whose launcher changed).
+        EngineError: the driver's launcher is not the one this was written against (a torch whose launcher changed).
     """
-    launchers = _LAUNCH_SIGNATURE.findall(driver)
-    if len(launchers) != 1 or _GET_FUNCTION not in driver:
-        raise EngineError("--pdl: this torch's AOTInductor kernel launcher is not the one qcompile knows; "
-                          "build without --pdl")
-    driver = driver.replace(_GET_FUNCTION, _GET_FUNCTION + "\n    qcPdlNote(func, funcName);")
-    driver = _LAUNCH_SIGNATURE.sub(lambda m: m.group(0).replace("launchKernel", "qcLaunchKernelPlain"), driver)
-    return _REGISTRY_CPP + driver + _LAUNCH_CPP
+    if len(_LAUNCH_SIGNATURE.findall(driver)) != 1:
+        raise EngineError(_UNKNOWN_LAUNCHER)
+    return driver + _PDL_LAUNCH_CPP
 
 
-def registration_line(wrapper_name: str, kernel_name: str) -> str:
-    """The generated C++ line that registers `kernel_name` (a Triton kernel's name) for PDL launches."""
-    return f'static const bool {wrapper_name}_pdl = qcPdlName("{kernel_name}");'
+class PdlLaunchLines:
+    """A generated wrapper's source buffer, seen through which a kernel's `launchKernel(...)` line calls the PDL
+    launcher instead; every other line and method passes through. `launches` counts the lines it changed."""
+
+    def __init__(self, buffer):
+        self._buffer = buffer
+        self.launches = 0
+
+    def writeline(self, line) -> None:
+        if isinstance(line, str) and line.startswith(LAUNCHER + "("):
+            line = PDL_LAUNCHER + line[len(LAUNCHER):]
+            self.launches += 1
+        self._buffer.writeline(line)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.writeline(line)
+
+    def __getattr__(self, name):
+        return getattr(self._buffer, name)
+
+
+@dataclasses.dataclass
+class PdlKernels:
+    """What `launches()` saw: the compiled kernels (by name) that wait for the kernel before them, and those whose
+    generated launch code calls the PDL launcher."""
+
+    waiting: set[str] = dataclasses.field(default_factory=set)
+    launched: set[str] = dataclasses.field(default_factory=set)
 
 
 @contextlib.contextmanager
 def launches():
-    """A context in which AOTInductor packages launch their waiting Triton kernels with PDL (see the module)."""
+    """A context in which AOTInductor packages launch their waiting Triton kernels with PDL (see the module); it
+    yields the `PdlKernels` it found."""
     import torch._inductor.config as inductor_config
     from torch._inductor.codecache import CudaKernelParamCache
     from torch._inductor.codegen import common
@@ -144,32 +137,35 @@ def launches():
 
     if not hasattr(inductor_config.triton, "enable_pdl"):
         raise EngineError("--pdl needs a torch whose Inductor has the option triton.enable_pdl; build without --pdl")
-    waiting: set[str] = set()
+    kernels = PdlKernels()
     base = common.get_device_op_overrides("cuda")
     pdl_driver = pdl_kernel_driver(base.kernel_driver())
     overrides = type("PdlDeviceOpOverrides", (type(base),), {"kernel_driver": lambda self: pdl_driver})()
     original_set = CudaKernelParamCache.__dict__["set"]
-    original_generate = DeferredTritonCallWrapper.generate
+    original_launch = DeferredTritonCallWrapper.generate_launch_kernel
 
     def note_set(cls, key, params, *args, **kwargs):
         asm = kwargs.get("asm", args[2] if len(args) > 2 else None)
         if asm and WAIT_PTX in asm:
-            waiting.add(params["mangled_name"])
+            kernels.waiting.add(params["mangled_name"])
         return original_set.__func__(cls, key, params, *args, **kwargs)
 
-    def generate(self, wrapper):
-        original_generate(self, wrapper)
-        name = CudaKernelParamCache.get(self.kernel_name)["mangled_name"]
-        if name in waiting:
-            wrapper.prefix.writeline(registration_line(self.wrapper_name, name))
+    def generate_launch_kernel(self, prefix, wrapper, kernel_var_name, params):
+        if params["mangled_name"] not in kernels.waiting:
+            return original_launch(self, prefix, wrapper, kernel_var_name, params)
+        lines = PdlLaunchLines(prefix)
+        original_launch(self, lines, wrapper, kernel_var_name, params)
+        if lines.launches != 1:
+            raise EngineError(_UNKNOWN_LAUNCHER)
+        kernels.launched.add(params["mangled_name"])
 
     common.register_device_op_overrides("cuda", overrides)
     CudaKernelParamCache.set = classmethod(note_set)
-    DeferredTritonCallWrapper.generate = generate
+    DeferredTritonCallWrapper.generate_launch_kernel = generate_launch_kernel
     try:
         with inductor_config.patch({"triton.enable_pdl": True}):
-            yield waiting
+            yield kernels
     finally:
         common.register_device_op_overrides("cuda", base)
         CudaKernelParamCache.set = original_set
-        DeferredTritonCallWrapper.generate = original_generate
+        DeferredTritonCallWrapper.generate_launch_kernel = original_launch

@@ -51,27 +51,75 @@ CUresult cuLaunchKernelEx(const CUlaunchConfig*, CUfunction, void**, void**);
 """
 
 
-def test_pdl_driver_keeps_one_launcher_and_notes_every_loaded_kernel():
+def test_pdl_driver_adds_a_pdl_launcher_and_keeps_aotinductors():
     base = _driver()
     driver = pdl.pdl_kernel_driver(base)
-    assert driver.count("static inline void launchKernel(") == 1
-    assert driver.count("static inline void qcLaunchKernelPlain(") == 1
-    assert "cuLaunchKernelEx" in driver and "CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION" in driver
-    loads = base.count("cuModuleGetFunction(")
-    assert loads >= 1 and driver.count("qcPdlNote(func, funcName);") == loads
-    # the registered kernels take the PDL launch, all others the original one
-    launcher = driver[driver.rindex("static inline void launchKernel("):]
-    assert launcher.index("qcPdlLaunch(func)") < launcher.index("qcLaunchKernelPlain(") < launcher.index(
-        "cuLaunchKernelEx")
+    assert driver.startswith(base)
+    added = driver[len(base):]
+    assert added.count("static inline void qcLaunchKernelPdl(") == 1 and "launchKernel(" not in added.replace(
+        "qcLaunchKernelPdl(", "")
+    assert added.index("CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION") < added.index("cuLaunchKernelEx(")
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
-def test_pdl_driver_compiles_with_a_registered_kernel(tmp_path):
+def test_pdl_driver_compiles_with_both_launches(tmp_path):
+    """The driver with a generated wrapper's two kinds of launch line, as C++ (CUDA's declarations stubbed)."""
+    calls = """
+void qcCall(CUfunction plain, CUfunction waiting, cudaStream_t stream_) {
+    void* kernel_args_[] = {nullptr};
+    launchKernel(plain, 1, 1, 1, 4, 0, kernel_args_, stream_);
+    qcLaunchKernelPdl(waiting, 1, 1, 1, 4, 0, kernel_args_, stream_);
+}
+"""
     source = tmp_path / "driver.cpp"
-    source.write_text(_DRIVER_API_STUB + pdl.pdl_kernel_driver(_driver()) + "\n"
-                      + pdl.registration_line("call_k", "k") + "\n")
+    source.write_text(_DRIVER_API_STUB + pdl.pdl_kernel_driver(_driver()) + calls)
     done = subprocess.run(["g++", "-std=c++17", "-fsyntax-only", str(source)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_pdl_launch_lines_change_only_launch_lines():
+    from torch._inductor.utils import IndentedBuffer
+
+    buffer = IndentedBuffer()
+    lines = pdl.PdlLaunchLines(buffer)
+    lines.writeline("void* kernel_args_[] = {&var_0};")
+    with lines.indent():
+        lines.writelines(["// launchKernel(k) in a comment", "launchKernel(kernels_.k, grid_0, grid_1, grid_2, "
+                          "4, 0, kernel_args_, stream_);"])
+    assert lines.launches == 1
+    assert buffer.getvalue().splitlines() == [
+        "void* kernel_args_[] = {&var_0};", "    // launchKernel(k) in a comment",
+        "    qcLaunchKernelPdl(kernels_.k, grid_0, grid_1, grid_2, 4, 0, kernel_args_, stream_);"]
+
+
+def test_launches_sends_only_waiting_kernels_to_the_pdl_launcher(monkeypatch):
+    """Inside `launches()`, a kernel noted as waiting gets the PDL launch line and any other the plain one; a
+    generated launch without the expected launch line is refused."""
+    from torch._inductor.codegen.cpp_wrapper_gpu import DeferredTritonCallWrapper
+    from torch._inductor.utils import IndentedBuffer
+
+    def fake_launch(self, prefix, wrapper, kernel_var_name, params):
+        prefix.writeline("void* kernel_args_[] = {};")
+        if params.get("launch", True):
+            prefix.writeline(f"launchKernel({kernel_var_name}, grid_0, grid_1, grid_2, 4, 0, kernel_args_, stream_);")
+
+    monkeypatch.setattr(DeferredTritonCallWrapper, "generate_launch_kernel", fake_launch)
+    with pdl.launches() as kernels:
+        kernels.waiting.add("waits")
+        generated = {}
+        for name in ("waits", "plain"):
+            buffer = IndentedBuffer()
+            DeferredTritonCallWrapper.generate_launch_kernel(None, buffer, None, f"kernels_.{name}",
+                                                             {"mangled_name": name})
+            generated[name] = buffer.getvalue().splitlines()[-1]
+        with pytest.raises(EngineError, match="kernel launcher is not the one qcompile knows"):
+            DeferredTritonCallWrapper.generate_launch_kernel(None, IndentedBuffer(), None, "kernels_.waits",
+                                                             {"mangled_name": "waits", "launch": False})
+    assert generated == {"waits": "qcLaunchKernelPdl(kernels_.waits, grid_0, grid_1, grid_2, 4, 0, kernel_args_, "
+                                  "stream_);",
+                         "plain": "launchKernel(kernels_.plain, grid_0, grid_1, grid_2, 4, 0, kernel_args_, stream_);"}
+    assert kernels.launched == {"waits"}
+    assert DeferredTritonCallWrapper.generate_launch_kernel is fake_launch
 
 
 def test_pdl_driver_of_another_launcher_is_refused():
@@ -94,18 +142,37 @@ def test_launches_restores_inductor_on_exit_and_on_error():
     from torch._inductor.codecache import CudaKernelParamCache
     from torch._inductor.codegen.cpp_wrapper_gpu import DeferredTritonCallWrapper
 
-    before = (_driver(), CudaKernelParamCache.__dict__["set"], DeferredTritonCallWrapper.generate,
+    before = (_driver(), CudaKernelParamCache.__dict__["set"], DeferredTritonCallWrapper.generate_launch_kernel,
               inductor_config.triton.enable_pdl)
     with pytest.raises(RuntimeError, match="inside"):
-        with pdl.launches() as waiting:
-            assert waiting == set()
+        with pdl.launches() as kernels:
+            assert kernels == pdl.PdlKernels()
             assert inductor_config.triton.enable_pdl is True
-            assert "qcPdlName" in _driver()
-            assert DeferredTritonCallWrapper.generate is not before[2]
+            assert "qcLaunchKernelPdl(" in _driver()
+            assert DeferredTritonCallWrapper.generate_launch_kernel is not before[2]
             raise RuntimeError("inside")
-    after = (_driver(), CudaKernelParamCache.__dict__["set"], DeferredTritonCallWrapper.generate,
+    after = (_driver(), CudaKernelParamCache.__dict__["set"], DeferredTritonCallWrapper.generate_launch_kernel,
              inductor_config.triton.enable_pdl)
     assert after == before
+
+
+def test_inspect_names_the_pdl_launches(tmp_path):
+    """`qcompile inspect` says how many kernels take the PDL launch; an engine that predates the count still says
+    that it was built with --pdl, and one built without says nothing."""
+    from qcompile.engine.build import write_engine_file
+    from qcompile.engine.manifest import Manifest
+
+    package = tmp_path / "package.pt2"
+    package.write_bytes(b"")
+    rows = []
+    for extra in ({}, {"pdl": True}, {"pdl": True, "pdl_kernels": 7}):
+        man = Manifest(qcompile_version="0", torch_version="0", cuda_version="13.0", device="cuda", device_name="GPU",
+                       compute_capability="9.0", cpu_isa=None, inputs=[], outputs=[], extra=extra)
+        path = tmp_path / f"engine{len(rows)}.engine"
+        write_engine_file(path, man, package)
+        rows.append(dict(describe(path)["header"]).get("kernel launches"))
+    assert rows == [None, "Inductor's kernels with programmatic dependent launch (--pdl)",
+                    "7 of Inductor's kernels with programmatic dependent launch (--pdl)"]
 
 
 class _NormChain(torch.nn.Module):
@@ -123,12 +190,12 @@ class _NormChain(torch.nn.Module):
         return x
 
 
-def _registrations(engine_path) -> int:
-    """How many kernels the engine's generated launcher source registers for PDL launches."""
+def _pdl_launches(engine_path) -> int:
+    """How many kernel launches in the engine's generated source take the PDL launcher."""
     with zipfile.ZipFile(engine_path) as engine, zipfile.ZipFile(io.BytesIO(engine.read(PACKAGE_NAME))) as package:
         sources = [package.read(name).decode() for name in package.namelist() if name.endswith(".cpp")]
     assert sources, "the AOTInductor package holds no generated C++ source"
-    return sum(source.count("= qcPdlName(\"") for source in sources)
+    return sum(source.count("qcLaunchKernelPdl(kernels_.") for source in sources)
 
 
 @pytest.mark.gpu
@@ -147,9 +214,11 @@ def test_cuda_pdl_engine_gives_the_plain_engines_bits(tmp_path):
     mans = [build_engine(net, inputs=inputs, outputs=outputs, example_inputs=example, manifest={}, output_path=path,
                          device="cuda", pdl=path == with_pdl) for path in (plain, with_pdl)]
     assert [man.extra.get("pdl", False) for man in mans] == [False, True]
+    launched = _pdl_launches(with_pdl)
+    assert launched >= len(net.linears) and _pdl_launches(plain) == 0
+    assert mans[1].extra["pdl_kernels"] == launched
     assert [dict(describe(path)["header"]).get("kernel launches", "") for path in (plain, with_pdl)] == [
-        "", "Inductor's kernels with programmatic dependent launch (--pdl)"]
-    assert _registrations(with_pdl) >= len(net.linears) and _registrations(plain) == 0
+        "", f"{launched} of Inductor's kernels with programmatic dependent launch (--pdl)"]
     engines = [load(path, run_single_threaded=True) for path in (plain, with_pdl)]
     for batch in (1, 37):
         x = torch.randn(batch, 256, device="cuda")

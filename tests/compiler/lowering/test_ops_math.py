@@ -102,3 +102,27 @@ def test_mean_variance_normalization_over_chosen_axes():
     x = np.random.default_rng(7).standard_normal((2, 3, 4, 5)).astype(np.float32) * 3 + 1
     model = _one_node("MeanVarianceNormalization", [("x", TensorProto.FLOAT, [2, 3, 4, 5])], 13, axes=[1, 3])
     _check(model, {"x": x})
+
+
+@pytest.mark.parametrize("exponent", [2.0, 0.5, 3.0, -1.0, 1.7])
+def test_pow_by_a_constant_exponent_matches_the_reference_and_keeps_no_exponent_tensor(exponent):
+    """A 0-d float exponent constant is read when the graph is lowered: the exported program raises x to a number
+    (`aten.pow.Tensor_Scalar`, which Inductor writes as x * x for 2.0) and holds no exponent buffer."""
+    e = numpy_helper.from_array(np.array(exponent, np.float32), "e")
+    model = _one_node("Pow", [("x", TensorProto.FLOAT, [4, 64])], 18, constants=[e])
+    x = np.random.default_rng(7).uniform(0.1, 3.0, (4, 64)).astype(np.float32)
+    _check(model, {"x": x})
+    program = lower_onnx(model)
+    assert list(program.buffers()) == []
+    graph = torch.export.export(program, (torch.from_numpy(x),)).graph
+    pows = [n for n in graph.nodes if n.op == "call_function" and "pow" in str(n.target)]
+    assert [(str(n.target), n.args[1]) for n in pows] == [("aten.pow.Tensor_Scalar", float(np.float32(exponent)))]
+
+
+def test_pow_by_an_integer_constant_and_by_an_input_match_the_reference():
+    e = numpy_helper.from_array(np.array(3, np.int64), "e")
+    x = np.random.default_rng(8).uniform(-2.0, 2.0, (3, 5)).astype(np.float32)
+    _check(_one_node("Pow", [("x", TensorProto.FLOAT, [3, 5])], 18, constants=[e]), {"x": x})
+    y = np.random.default_rng(9).uniform(-2.0, 2.0, (3, 5)).astype(np.float32)
+    _check(_one_node("Pow", [("x", TensorProto.FLOAT, [3, 5]), ("y", TensorProto.FLOAT, [3, 5])], 18),
+           {"x": np.abs(x) + 0.1, "y": y})
