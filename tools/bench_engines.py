@@ -79,22 +79,7 @@ VARIANTS = {  # recipe:variant -> (the build's context, more `qcompile.build` ar
     "inductor-no-split": (lambda: inductor_config.patch(split_reductions=False), {}),
     "inductor-coordesc": (lambda: inductor_config.patch(coordinate_descent_tuning=True), {}),
     "pdl": (contextlib.nullcontext, {"pdl": True}),  # `qcompile build --pdl`
-    "pow-tensor": (lambda: pow_exponent_as_tensor(), {}),  # Pow's constant exponent a tensor, as before session 45
 }
-
-
-@contextlib.contextmanager
-def pow_exponent_as_tensor():
-    """Pow lowered without reading its constant exponent as a number: the exponent stays a 0-d tensor, which Inductor
-    compiles to a libdevice pow per element (RMSNorm's square) instead of x * x."""
-    from qcompile.lowering import registry
-    from qcompile.lowering.ops import elementwise
-
-    hook = registry._PREPARE.pop(elementwise.pow_)
-    try:
-        yield
-    finally:
-        registry._PREPARE[elementwise.pow_] = hook
 
 
 @contextlib.contextmanager

@@ -1,8 +1,10 @@
-"""The plugins' launch-configuration variants for engine A/B runs (benchmarks and diagnostics only): name -> a
-factory of the context in which the plugins run with that configuration. `tools/bench_engines.py` builds engines
-of `recipe:<name>` inside it, `tools/diag/engine_kernels.py` and `engine_export_check.py` list and export them."""
+"""The plugins' launch-configuration variants for engine A/B runs (benchmarks and diagnostics only), and one of
+the lowering (pow-tensor): name -> a factory of the context in which the program is lowered and the plugins run.
+`tools/bench_engines.py` builds engines of `recipe:<name>` inside it, `tools/diag/engine_kernels.py` and
+`engine_export_check.py` list and export them."""
 from __future__ import annotations
 
+import contextlib
 from unittest import mock
 
 from int4_tiles import int4_tiles  # tools/, this module's folder
@@ -28,6 +30,20 @@ def _w8a16_mma_rows():
     from qcompile.plugins.int8_wo_gemm import kernel
 
     return mock.patch.object(kernel, "MMA_ROWS", dict(warps=8, blocks=2))
+
+
+@contextlib.contextmanager
+def _pow_exponent_as_tensor():
+    """Pow lowered without reading its constant exponent as a number (as before the forty-fifth session): the
+    exponent stays a 0-d tensor, which Inductor compiles to a libdevice pow per element (RMSNorm's square)."""
+    from qcompile.lowering import registry
+    from qcompile.lowering.ops import elementwise
+
+    hook = registry._PREPARE.pop(elementwise.pow_)
+    try:
+        yield
+    finally:
+        registry._PREPARE[elementwise.pow_] = hook
 
 
 KERNEL_VARIANTS = {
@@ -57,4 +73,7 @@ KERNEL_VARIANTS = {
     # split INT8 MMA kernels; on the H100, in this configuration, the op was 3-21% slower than the shipped paths at
     # one row and 24-72% slower at 16 rows on the kernel-target layers (BENCHMARKS.md, forty-third session)
     "w8a16-mma-rows": _w8a16_mma_rows,
+    # the lowering as before the forty-fifth session: RMSNorm's square a libdevice pow with a tensor exponent, not
+    # x * x (1224 against 328 sm_90 SASS instructions in llama3-8b-layers' first norm: tools/diag/pow_sass.py)
+    "pow-tensor": _pow_exponent_as_tensor,
 }
