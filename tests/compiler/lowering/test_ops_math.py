@@ -119,6 +119,17 @@ def test_pow_by_a_constant_exponent_matches_the_reference_and_keeps_no_exponent_
     assert [(str(n.target), n.args[1]) for n in pows] == [("aten.pow.Tensor_Scalar", float(np.float32(exponent)))]
 
 
+def test_pow_by_a_constant_node_reads_its_exponent_as_a_number():
+    exponent = helper.make_node("Constant", [], ["e"], value=numpy_helper.from_array(np.array(2.0, np.float32)))
+    graph = helper.make_graph([exponent, helper.make_node("Pow", ["x", "e"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    x = np.random.default_rng(10).uniform(-2.0, 2.0, (3, 5)).astype(np.float32)
+    _check(model, {"x": x})
+    assert list(lower_onnx(model).buffers()) == []
+
+
 def test_pow_by_an_integer_constant_and_by_an_input_match_the_reference():
     e = numpy_helper.from_array(np.array(3, np.int64), "e")
     x = np.random.default_rng(8).uniform(-2.0, 2.0, (3, 5)).astype(np.float32)
