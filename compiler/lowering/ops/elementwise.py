@@ -82,7 +82,7 @@ def _constant_exponent(ctx, constants: dict) -> Prepared | None:
     initializer = ctx.extra.get("initializers", {}).get(1)
     if initializer is not None:
         exponent = numpy_helper.to_array(initializer)
-    elif 1 in constants:
+    elif 1 in constants and constants[1].dtype.is_floating_point:
         exponent = constants[1].double().numpy()
     else:
         return None
