@@ -107,9 +107,9 @@ def build_engine(
         t2 = time.perf_counter()
         if pdl:
             man.extra["pdl_kernels"] = len(pdl_kernels.launched)
-        if pdl and not pdl_kernels.launched:
-            logger.warning("--pdl: no kernel's launch code takes the PDL launch (%d compiled kernels wait for the "
-                           "one before them); every launch stays plain", len(pdl_kernels.waiting))
+            if not pdl_kernels.launched:
+                logger.warning("--pdl: no kernel's launch code takes the PDL launch (%d compiled kernels wait for "
+                               "the one before them); every launch stays plain", len(pdl_kernels.waiting))
         man.timings = {**man.timings, "export_s": round(t1 - t0, 3), "compile_s": round(t2 - t1, 3)}
         write_engine_file(output_path, man, package, extra_files)
     logger.info("wrote engine %s (export %.1fs, compile %.1fs)", output_path, t1 - t0, t2 - t1)

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import onnx.defs
 import torch
+from onnx import numpy_helper
 
 from qcompile.errors import LoweringError
 from qcompile.lowering.options import LoweringOptions
@@ -44,6 +45,30 @@ class Prepared:
 
 Prepare = Callable[["NodeContext", dict[int, torch.Tensor]], "Prepared | None"]
 _PREPARE: dict[Converter, Prepare] = {}
+
+
+def read_float_constants(*slots: tuple[int, str], scalar: bool = False) -> Prepare:
+    """A prepare hook storing the constant inputs at `slots` ((index, key) pairs) in `ctx.extra[key]` as lists of
+    Python floats (read from the initializer when there is one: exact even under a compute dtype); the converter
+    then gets None for them. `scalar`: only 0-d float constants are read, others stay inputs."""
+
+    def hook(ctx, constants: dict) -> Prepared | None:
+        initializers = ctx.extra.get("initializers", {})
+        read = []
+        for index, key in slots:
+            if index in initializers:
+                value = numpy_helper.to_array(initializers[index])
+            elif index in constants and constants[index].dtype.is_floating_point:
+                value = constants[index].double().numpy()
+            else:
+                continue
+            if scalar and (value.ndim != 0 or value.dtype.kind != "f"):
+                continue
+            ctx.extra[key] = [float(v) for v in value.reshape(-1)]
+            read.append(index)
+        return Prepared({}, tuple(read)) if read else None
+
+    return hook
 
 
 def register_converter(op_type: str, since: int = 1, domain: str = "",

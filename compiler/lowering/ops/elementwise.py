@@ -9,9 +9,8 @@ import operator
 import onnx
 import torch
 import torch.nn.functional as F
-from onnx import numpy_helper
 
-from qcompile.lowering.registry import Prepared
+from qcompile.lowering.registry import read_float_constants
 from qcompile.lowering.registry import register_converter as reg
 from qcompile.lowering.values import IntList, as_tensor
 from qcompile.lowering.ops.dtypes import FP8_MAX, onnx_to_torch_dtype
@@ -73,30 +72,14 @@ for _name, _fn, _py in [("Add", torch.add, operator.add), ("Sub", torch.sub, ope
     reg(_name)(_binary(_fn, _py))
 
 
-def _constant_exponent(ctx, constants: dict) -> Prepared | None:
-    """Prepare hook for Pow: a 0-d float exponent constant kept as a Python float (`ctx.extra["exponent"]`).
-
-    With a number for the exponent, Inductor writes `pow(x, 2.0)` as `x * x` and `pow(x, 0.5)` as a square root, as
-    eager torch computes them; an exponent tensor, even a 0-d constant, compiles to a libdevice `pow` call per element
-    (RMSNorm's square, in every decoder layer's norms)."""
-    initializer = ctx.extra.get("initializers", {}).get(1)
-    if initializer is not None:
-        exponent = numpy_helper.to_array(initializer)
-    elif 1 in constants and constants[1].dtype.is_floating_point:
-        exponent = constants[1].double().numpy()
-    else:
-        return None
-    if exponent.ndim != 0 or exponent.dtype.kind != "f":
-        return None
-    ctx.extra["exponent"] = float(exponent)
-    return Prepared({}, replaces=(1,))
-
-
-@reg("Pow", prepare=_constant_exponent)
+# A 0-d float exponent constant is read as a number when the graph is lowered: Inductor then writes `pow(x, 2.0)` as
+# `x * x` and `pow(x, 0.5)` as a square root, as eager torch computes them, where an exponent tensor, even a 0-d
+# constant, compiles to a libdevice `pow` call per element (RMSNorm's square, in every decoder layer's norms).
+@reg("Pow", prepare=read_float_constants((1, "exponent"), scalar=True))
 def pow_(ctx, a, b=None, prepared=None):
     a = as_tensor(a)
     if "exponent" in ctx.extra:
-        b = ctx.extra["exponent"]
+        (b,) = ctx.extra["exponent"]
         return torch.pow(a, b) if a.dtype.is_floating_point else torch.pow(a, torch.tensor(b))
     if isinstance(b, IntList) and b.scalar and isinstance(b.item(), int) and a.dtype.is_floating_point:
         return torch.pow(a, b.item())

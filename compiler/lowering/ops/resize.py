@@ -16,36 +16,15 @@ import math
 
 import torch
 import torch.nn.functional as F
-from onnx import numpy_helper
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from qcompile.lowering.registry import Prepared
+from qcompile.lowering.registry import read_float_constants
 from qcompile.lowering.registry import register_converter as reg
 from qcompile.lowering.values import IntList, as_ints, as_tensor
 
 _TORCH_MODES = {("linear", 3): "linear", ("linear", 4): "bilinear", ("linear", 5): "trilinear",
                 ("cubic", 4): "bicubic", ("nearest", 3): "nearest", ("nearest", 4): "nearest",
                 ("nearest", 5): "nearest"}
-
-
-def read_float_constants(*slots: tuple[int, str]):
-    """A prepare hook storing the constant inputs at `slots` ((index, key) pairs) in `ctx.extra[key]` as Python
-    floats (read from the initializer when there is one: exact even under a compute dtype)."""
-
-    def hook(ctx, constants: dict) -> Prepared | None:
-        initializers = ctx.extra.get("initializers", {})
-        read = []
-        for index, key in slots:
-            if index in initializers:
-                ctx.extra[key] = [float(v) for v in numpy_helper.to_array(initializers[index]).reshape(-1)]
-            elif index in constants and constants[index].dtype.is_floating_point:
-                ctx.extra[key] = [float(v) for v in constants[index].double().reshape(-1).tolist()]
-            else:
-                continue
-            read.append(index)
-        return Prepared({}, tuple(read)) if read else None
-
-    return hook
 
 
 @reg("Resize", since=10, prepare=read_float_constants((1, "scales")))

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from qcompile.lowering.ops.nn import torch_pad_list
-from qcompile.lowering.ops.resize import (accumulation_dtype, keys_cubic_weights, read_float_constants, resize_10,
-                                         resize_axes)
+from qcompile.lowering.ops.resize import accumulation_dtype, keys_cubic_weights, resize_10, resize_axes
+from qcompile.lowering.registry import read_float_constants
 from qcompile.lowering.registry import register_converter as reg
 from qcompile.lowering.values import as_ints, as_tensor
 
