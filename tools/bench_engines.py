@@ -27,6 +27,7 @@ pdl builds with `pdl=True` (`qcompile build --pdl`): the engine's Inductor kerne
 dependent launch, each free to start while the kernel before it finishes (`qcompile.engine.pdl`).
 pow-tensor lowers ONNX Pow with its constant exponent kept a tensor, as qcompile did before it read a 0-d exponent
 as a number (Inductor then writes RMSNorm's square as a libdevice pow call instead of x * x).
+Variants join with "+": w4a16_awq:pdl+int4-gemv-mma builds with both.
 
 Engines are built once (dynamic dims) and timed at every --size on the same device-resident inputs
 with CUDA events (median of --iters runs after warm-up); ratios are relative to the first recipe;
@@ -74,27 +75,35 @@ VARIANTS = {  # recipe:variant -> (the build's context, more `qcompile.build` ar
     # tuned by timing
     "inductor-combo": (lambda: inductor_config.patch(combo_kernels=True), {}),
     "inductor-persistent": (lambda: persistent_reductions_up_to(4096), {}),
-    "inductor-combo-persistent": (lambda: _both(inductor_config.patch(combo_kernels=True),
-                                                persistent_reductions_up_to(4096)), {}),
     "inductor-no-split": (lambda: inductor_config.patch(split_reductions=False), {}),
     "inductor-coordesc": (lambda: inductor_config.patch(coordinate_descent_tuning=True), {}),
     "pdl": (contextlib.nullcontext, {"pdl": True}),  # `qcompile build --pdl`
 }
-
-
-@contextlib.contextmanager
-def _both(first, second):
-    with first, second:
-        yield
+ALIASES = {"inductor-combo-persistent": "inductor-combo+inductor-persistent"}  # a name of earlier sessions' runs
 
 
 def split_variant(name: str) -> tuple[str, str | None]:
-    """"recipe:variant" -> (recipe, variant); a plain recipe -> (recipe, None)."""
+    """"recipe:variant" -> (recipe, variant); a plain recipe -> (recipe, None). A variant may join several with
+    "+" (e.g. "pdl+int4-gemv-mma")."""
     recipe, _, variant = name.partition(":")
-    if variant and variant not in VARIANTS:
-        raise SystemExit(f"bench_engines: unknown variant {variant!r} in --recipes {name!r} "
-                         f"(known: {', '.join(VARIANTS)})")
+    variant = ALIASES.get(variant, variant)
+    for part in variant.split("+") if variant else ():
+        if part not in VARIANTS:
+            raise SystemExit(f"bench_engines: unknown variant {part!r} in --recipes {name!r} "
+                             f"(known: {', '.join([*VARIANTS, *ALIASES])})")
     return recipe, variant or None
+
+
+@contextlib.contextmanager
+def variant_build(variant: str | None):
+    """Inside a variant's build context ("a+b": both contexts); yields its extra `qcompile.build` arguments."""
+    with contextlib.ExitStack() as stack:
+        options = {}
+        for part in variant.split("+") if variant else ():
+            factory, more = VARIANTS[part]
+            stack.enter_context(factory())
+            options.update(more)
+        yield options
 
 
 def time_cuda(fn, iters: int, warmup: int = 10) -> float:
@@ -220,8 +229,7 @@ def build_one(name: str, onnx_path: Path, calib: Path, work: Path) -> dict:
     it may cross processes)."""
     recipe, variant = split_variant(name)
     t0 = time.perf_counter()
-    context, options = VARIANTS[variant] if variant else (contextlib.nullcontext, {})
-    with context():
+    with variant_build(variant) as options:
         built = qcompile.build(str(onnx_path), recipe, output=work / f"{name.replace(':', '-')}.engine",
                                calib=str(calib), device="cuda", **options)
     return {"engine_path": str(built.engine_path), "build_s": time.perf_counter() - t0,

@@ -30,9 +30,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
 
-from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg, whole_tiles
+from qcompile.plugins.gemm_dispatch import address_aligned, cdiv, identity, optional_arg, whole_tiles
 from qcompile.plugins.mma_lanes import half_pair, load_live, mma_f16, thread_index
 from qcompile.plugins.triton_tiles import jit_any_m
 
@@ -232,11 +231,11 @@ def _w8_mma_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, S
 
 
 def applies(x2d, w_q) -> bool:
-    """Whether the kernel can take the call: fp16 x, K a multiple of 64, the weight 8-byte aligned (a traced weight
-    has no address yet and counts as aligned: engines allocate their weights whole)."""
+    """Whether the kernel can take the call: fp16 x, K a multiple of 64, the weight 8-byte aligned
+    (`address_aligned`)."""
     k = w_q.shape[1]
     return (x2d.dtype == torch.float16 and k % BLOCK_K == 0
-            and (is_fake(w_q) or w_q.data_ptr() % 8 == 0))
+            and address_aligned(w_q, 8))
 
 
 def launch(x2d, w_q, w_scale, bias, *, cfg: dict, rows: int, wrap=identity) -> torch.Tensor:

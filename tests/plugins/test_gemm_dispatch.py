@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qcompile.plugins.gemm_dispatch import add_bias, linear_bias, split_for_waves
+from qcompile.plugins.gemm_dispatch import add_bias, address_aligned, linear_bias, split_for_waves
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -95,3 +95,17 @@ def test_rows_of_a_batch_and_sequence_export_with_the_plain_row_stride():
     x = torch.randn(4, 5, k)[:, 1:4]  # rows that are not contiguous: copied
     assert rows(x, k).shape == (12, k) and torch.equal(rows(x, k), x.reshape(-1, k))
     assert rows(torch.randn(3, k * 2)[:, :k], k).stride() == (2 * k, 1)  # strided rows kept as they are
+
+
+def test_address_aligned_reads_the_address_eagerly_and_traces_under_dynamo():
+    """`address_aligned`: a real tensor's address decides (a view 4 bytes in is not 8-byte aligned); under Dynamo,
+    which traces the op's `torch.cond` branches in an engine export, it answers True without a graph break (asking
+    `is_fake` there broke the tensor-core GEMV's engine export: BENCHMARKS.md, forty-sixth session)."""
+    base = torch.zeros(16, dtype=torch.int32)
+    assert address_aligned(base, 8) and not address_aligned(base[1:], 8) and address_aligned(base[1:], 4)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def pick(t):
+        return t + 1 if address_aligned(t, 8) else t - 1
+
+    assert torch.equal(pick(base[1:]), base[1:] + 1)
