@@ -63,9 +63,6 @@ KERNEL_VARIANTS = {
     # projection and 3-13% slower on the other decode layers: from HBM it runs no faster; from L2 it is 26% faster
     # (BENCHMARKS.md, forty-second session)
     "int4-gemv-mma": lambda: int4_tiles(gemv_mma=dict(warps=2, waves=32, paired=True)),
-    # the same with the weights decoded as fp16 subnormals, (q + 8) 2^-24, one LOP3 a pair and no fp16 subtraction
-    # (the offset taken off by an MMA chain of x's block sums): 1.48 SASS instructions per weight against 1.87
-    "int4-gemv-mma-subnormal": lambda: int4_tiles(gemv_mma=dict(warps=2, waves=32, paired=True, subnormal=True)),
     "fp4-unfinished": _fp4_unfinished,
     # the FP8 block op's sm90 cuBLASLt path at every M, its Triton row kernel (x quantized in aten ops, which fuse into
     # x's producer) not taken at 1-16 rows: faster at the op level on all four kernel-target layers in three runs

@@ -22,7 +22,9 @@ layout Triton gives its [32 * num_warps] tensors. fp16 x only (the decode is fp1
 
 1.9 SASS instructions per weight, against the fp16x2 GEMV's 3.05. Opt-in (a GEMV bucket's "mma" key), not shipped:
 on the H100 it reads the down projection's weight from L2 26% faster than the fp16x2 GEMV, but from HBM no faster,
-and the decode step lost (BENCHMARKS.md, forty-second session). The H200 is still to time.
+and the decode step lost (BENCHMARKS.md, forty-second session). The H200 is still to time. Decoding the weights as
+fp16 subnormals instead (one LOP3 a pair, the offset taken off by an MMA chain of x's sums: 1.57 instructions per
+weight) was slower still on the H100, from L2 too (commit a25309b; BENCHMARKS.md, forty-sixth session).
 """
 from __future__ import annotations
 
@@ -89,66 +91,6 @@ def _block_mma(w_a, w_b, w_c, w_d, x0, x1, x2, x3, x4, x5, x6, x7):
 
 
 @triton.jit
-def _block_mma_subnormal(w_a, w_b, w_c, w_d, x0, x1, x2, x3, x4, x5, x6, x7):
-    """`_block_mma` in units of 2^-24 and offset by 8 (the sums of (q + 8) x), with one LOP3 a pair and no fp16
-    subtraction: each nibble, its sign bit flipped, is an fp16 subnormal's mantissa, (q + 8) 2^-24 (nibbles 0, 4 and
-    2, 6) or 16 (q + 8) 2^-24 (1, 5 and 3, 7), exact. The two kinds of K tile sum in two MMA chains of two, the
-    second's sum divided by 16 at the end. The caller adds `_block_corr` (-8 2^-24 times the block's sum of x)."""
-    return tl.inline_asm_elementwise(
-        "{ "
-        ".reg .b32 c0, c1, a0, a1, a2, a3, wa, wb, wc, wd; "
-        ".reg .f32 e0, e1, e2, e3, f0, f1, f2, f3; "
-        "mov.b32 c0, 0x00080008; "  # the sign bit of nibbles 0, 4 flipped: q + 8 in the mantissa
-        "mov.b32 c1, 0x00800080; "  # the same 4 bits up: 16 (q + 8)
-        "mov.f32 f0, 0f00000000; mov.f32 f1, 0f00000000; mov.f32 f2, 0f00000000; mov.f32 f3, 0f00000000; "
-        "mov.f32 e0, 0f00000000; mov.f32 e1, 0f00000000; mov.f32 e2, 0f00000000; mov.f32 e3, 0f00000000; "
-        "lop3.b32 a0, $2, 0x000F000F, c0, 0x6a; lop3.b32 a1, $3, 0x000F000F, c0, 0x6a; "
-        "lop3.b32 a2, $4, 0x000F000F, c0, 0x6a; lop3.b32 a3, $5, 0x000F000F, c0, 0x6a; "
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {e0, e1, e2, e3}, {a0, a1, a2, a3}, {$6, $7}, "
-        "{e0, e1, e2, e3}; "
-        "lop3.b32 a0, $2, 0x00F000F0, c1, 0x6a; lop3.b32 a1, $3, 0x00F000F0, c1, 0x6a; "
-        "lop3.b32 a2, $4, 0x00F000F0, c1, 0x6a; lop3.b32 a3, $5, 0x00F000F0, c1, 0x6a; "
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {f0, f1, f2, f3}, {a0, a1, a2, a3}, {$8, $9}, "
-        "{f0, f1, f2, f3}; "
-        "shr.u32 wa, $2, 8; shr.u32 wb, $3, 8; shr.u32 wc, $4, 8; shr.u32 wd, $5, 8; "
-        "lop3.b32 a0, wa, 0x000F000F, c0, 0x6a; lop3.b32 a1, wb, 0x000F000F, c0, 0x6a; "
-        "lop3.b32 a2, wc, 0x000F000F, c0, 0x6a; lop3.b32 a3, wd, 0x000F000F, c0, 0x6a; "
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {e0, e1, e2, e3}, {a0, a1, a2, a3}, {$10, $11}, "
-        "{e0, e1, e2, e3}; "
-        "lop3.b32 a0, wa, 0x00F000F0, c1, 0x6a; lop3.b32 a1, wb, 0x00F000F0, c1, 0x6a; "
-        "lop3.b32 a2, wc, 0x00F000F0, c1, 0x6a; lop3.b32 a3, wd, 0x00F000F0, c1, 0x6a; "
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {f0, f1, f2, f3}, {a0, a1, a2, a3}, {$12, $13}, "
-        "{f0, f1, f2, f3}; "
-        "fma.rn.f32 $0, f0, 0f3D800000, e0; fma.rn.f32 $1, f2, 0f3D800000, e2; "  # + f / 16
-        "} ",  # LOP3 0x6a: (a & b) ^ c
-        "=f,=f,r,r,r,r,r,r,r,r,r,r,r,r",
-        [w_a, w_b, w_c, w_d, x0, x1, x2, x3, x4, x5, x6, x7], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
-
-
-@triton.jit
-def _block_corr(x0, x1, x2, x3, x4, x5, x6, x7):
-    """-8 2^-24 times the sum of x over lane (g, c)'s 64-K block (`_block_mma_subnormal`'s offset): 4 chained MMAs
-    with every A element the fp16 subnormal -8 2^-24, so every element of D is that sum (one per block, for all 4
-    tiles of the warp)."""
-    return tl.inline_asm_elementwise(
-        "{ "
-        ".reg .b32 a; .reg .f32 e0, e1, e2, e3; "
-        "mov.b32 a, 0x80088008; "
-        "mov.f32 e0, 0f00000000; mov.f32 e1, 0f00000000; mov.f32 e2, 0f00000000; mov.f32 e3, 0f00000000; "
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {e0, e1, e2, e3}, {a, a, a, a}, {$1, $2}, "
-        "{e0, e1, e2, e3}; "
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {e0, e1, e2, e3}, {a, a, a, a}, {$3, $4}, "
-        "{e0, e1, e2, e3}; "
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {e0, e1, e2, e3}, {a, a, a, a}, {$5, $6}, "
-        "{e0, e1, e2, e3}; "
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {e0, e1, e2, e3}, {a, a, a, a}, {$7, $8}, "
-        "{e0, e1, e2, e3}; "
-        "mov.f32 $0, e0; "
-        "} ",
-        "=f,r,r,r,r,r,r,r,r", [x0, x1, x2, x3, x4, x5, x6, x7], dtype=tl.float32, is_pure=True, pack=1)
-
-
-@triton.jit
 def _x_pairs(x_at, live, X32: tl.constexpr, EVEN: tl.constexpr):
     """x's fp16 pairs at K k, k + 8, k + 16, ..., k + 56 of lane (g, c)'s block, k = 64 b + 2c: x_at points at k as
     int32 words (X32: x's row 4-byte aligned), else at k as fp16 (two loads a pair); 0 where not live."""
@@ -187,36 +129,30 @@ def _warp_words(w_at, N, live, EVEN: tl.constexpr, PAIRED: tl.constexpr):
 
 
 @triton.jit
-def _tile_sums(acc, w, xs, s_at, live, corr, EVEN: tl.constexpr, PAIRED: tl.constexpr, SUBNORMAL: tl.constexpr):
+def _tile_sums(acc, w, xs, s_at, live, EVEN: tl.constexpr, PAIRED: tl.constexpr):
     """acc (rows g, g + 8 of a tile) plus one block's sums (the tile's words w, x's pairs xs), times the block's group
-    scales at s_at (column g). SUBNORMAL: in units of 2^-24 (`_block_mma_subnormal`, corr from `_block_corr`)."""
-    if SUBNORMAL:  # the offset added last: the MMAs of x's sums are not on the chain of the weights' MMAs
-        d_lo, d_hi = _block_mma_subnormal(w[0], w[1], w[2], w[3], xs[0], xs[1], xs[2], xs[3], xs[4], xs[5], xs[6],
-                                          xs[7])
-        d_lo, d_hi = d_lo + corr, d_hi + corr
-    else:
-        d_lo, d_hi = _block_mma(w[0], w[1], w[2], w[3], xs[0], xs[1], xs[2], xs[3], xs[4], xs[5], xs[6], xs[7])
+    scales at s_at (column g)."""
+    d_lo, d_hi = _block_mma(w[0], w[1], w[2], w[3], xs[0], xs[1], xs[2], xs[3], xs[4], xs[5], xs[6], xs[7])
     return (acc[0] + d_lo * load_live(s_at, live, EVEN).to(tl.float32),
             acc[1] + d_hi * load_live(s_at + (1 if PAIRED else 8), live, EVEN).to(tl.float32))
 
 
 @triton.jit
 def _warp_sums(accs, words, x_at, s_at, k, N, K, warp_live, GROUP_BLOCKS: tl.constexpr, X32: tl.constexpr,
-               EVEN: tl.constexpr, PAIRED: tl.constexpr, SUBNORMAL: tl.constexpr):
+               EVEN: tl.constexpr, PAIRED: tl.constexpr):
     """The warp's 4 tiles' sums plus the block at K k (its words, x at x_at, scale row of k's group at s_at + row N)."""
     live = warp_live & (k < K)
     xs = _x_pairs(x_at, live, X32, EVEN)
-    corr = _block_corr(xs[0], xs[1], xs[2], xs[3], xs[4], xs[5], xs[6], xs[7]) if SUBNORMAL else 0.0
     s_row = s_at + ((k // 64) // GROUP_BLOCKS) * N if GROUP_BLOCKS else s_at
-    return (_tile_sums(accs[0], words[0], xs, s_row, live, corr, EVEN, PAIRED, SUBNORMAL),
-            _tile_sums(accs[1], words[1], xs, s_row + 16, live, corr, EVEN, PAIRED, SUBNORMAL),
-            _tile_sums(accs[2], words[2], xs, s_row + 32, live, corr, EVEN, PAIRED, SUBNORMAL),
-            _tile_sums(accs[3], words[3], xs, s_row + 48, live, corr, EVEN, PAIRED, SUBNORMAL))
+    return (_tile_sums(accs[0], words[0], xs, s_row, live, EVEN, PAIRED),
+            _tile_sums(accs[1], words[1], xs, s_row + 16, live, EVEN, PAIRED),
+            _tile_sums(accs[2], words[2], xs, s_row + 32, live, EVEN, PAIRED),
+            _tile_sums(accs[3], words[3], xs, s_row + 48, live, EVEN, PAIRED))
 
 
 @triton.jit
 def _gemv_mma_loop(x_at, w_at, s_at, N, K, k0, warp_live, BLOCKS: tl.constexpr, GROUP_BLOCKS: tl.constexpr,
-                   X32: tl.constexpr, EVEN: tl.constexpr, PAIRED: tl.constexpr, SUBNORMAL: tl.constexpr):
+                   X32: tl.constexpr, EVEN: tl.constexpr, PAIRED: tl.constexpr):
     """The sums of a warp's 4 tiles (rows g, g + 8 of each) over BLOCKS 64-K blocks from k0 (x_at, w_at at k0,
     tile 0; s_at at tile 0's column g of scale row 0). GROUP_BLOCKS: 64-K blocks a group (0: one group, per
     channel). Each block's words are loaded a block ahead. EVEN (every warp's columns inside N, the splits covering
@@ -229,7 +165,7 @@ def _gemv_mma_loop(x_at, w_at, s_at, N, K, k0, warp_live, BLOCKS: tl.constexpr, 
         k = k0 + i * 64
         w_at += tl.where(i + 1 < BLOCKS, 8 * N, 0) if EVEN else 8 * N
         nxt = _warp_words(w_at, N, warp_live & (k + 64 < K) & (i + 1 < BLOCKS), EVEN, PAIRED)
-        accs = _warp_sums(accs, words, x_at, s_at, k, N, K, warp_live, GROUP_BLOCKS, X32, EVEN, PAIRED, SUBNORMAL)
+        accs = _warp_sums(accs, words, x_at, s_at, k, N, K, warp_live, GROUP_BLOCKS, X32, EVEN, PAIRED)
         x_at += 32 if X32 else 64
         words = nxt
     return accs
@@ -238,11 +174,9 @@ def _gemv_mma_loop(x_at, w_at, s_at, N, K, k0, warp_live, BLOCKS: tl.constexpr, 
 @triton.jit
 def _int4_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, k_per_split,
                           BLOCKS: tl.constexpr, GROUP_BLOCKS: tl.constexpr, WARPS: tl.constexpr,
-                          ATOMIC: tl.constexpr, EVEN: tl.constexpr = False, PAIRED: tl.constexpr = False,
-                          SUBNORMAL: tl.constexpr = False):
+                          ATOMIC: tl.constexpr, EVEN: tl.constexpr = False, PAIRED: tl.constexpr = False):
     """y[row, the program's WARPS x 64 columns] (+)= the sums over the program's K split (BLOCKS 64-K blocks;
-    ATOMIC: added to the zeroed y): each warp 4 tiles of 16 columns (N a multiple of 64). num_warps = WARPS.
-    SUBNORMAL: the weights decoded as fp16 subnormals (`_block_mma_subnormal`), the sums scaled by 2^24 at the end."""
+    ATOMIC: added to the zeroed y): each warp 4 tiles of 16 columns (N a multiple of 64). num_warps = WARPS."""
     tid = thread_index(tl.zeros((32 * WARPS,), dtype=tl.int32))
     lane = tid % 32
     c = lane % 4
@@ -255,17 +189,15 @@ def _int4_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, k_per_spl
     w_at = w_ptr + (k0 // 8 + c).to(tl.int64) * N + n
     if x_row.to(tl.int64) % 4 == 0:
         x_at = x_row.to(tl.pointer_type(tl.int32), bitcast=True) + k0 // 2 + c
-        accs = _gemv_mma_loop(x_at, w_at, s_ptr + n, N, K, k0, warp_live, BLOCKS, GROUP_BLOCKS, True, EVEN, PAIRED,
-                              SUBNORMAL)
+        accs = _gemv_mma_loop(x_at, w_at, s_ptr + n, N, K, k0, warp_live, BLOCKS, GROUP_BLOCKS, True, EVEN, PAIRED)
     else:
         accs = _gemv_mma_loop(x_row + k0 + 2 * c, w_at, s_ptr + n, N, K, k0, warp_live, BLOCKS, GROUP_BLOCKS,
-                              False, EVEN, PAIRED, SUBNORMAL)
+                              False, EVEN, PAIRED)
     y_at = y_ptr + row * N + n
     out = warp_live & (c == 0)
-    unit = 16777216.0 if SUBNORMAL else 1.0  # 2^24
     for t in tl.static_range(4):
-        store_tile(y_at + 16 * t, accs[t][0] * unit, out, ATOMIC)
-        store_tile(y_at + 16 * t + (1 if PAIRED else 8), accs[t][1] * unit, out, ATOMIC)
+        store_tile(y_at + 16 * t, accs[t][0], out, ATOMIC)
+        store_tile(y_at + 16 * t + (1 if PAIRED else 8), accs[t][1], out, ATOMIC)
 
 
 def applies(x2d, w_zero, k: int, n: int, group_size: int) -> bool:
@@ -278,8 +210,7 @@ def launch(x2d, w_packed, w_scale, group_size: int, cfg: dict, *, wrap, num_sms:
     """fp32 `x2d @ dequant(W)` [M, N] (`applies` holds): one program column per row of x, cfg["warps"] warps of 64
     columns a program, K split for cfg["waves"] waves of programs (zeroed y and atomics when split); cfg["paired"]:
     a tile's two rows in adjacent columns, each lane's two words of a word row one int64 load (where w_packed is
-    8-byte aligned, `address_aligned`: every row of an [K / 8, N % 64 == 0] weight is when its allocation is);
-    cfg["subnormal"]: the weights decoded as fp16 subnormals (`_block_mma_subnormal`)."""
+    8-byte aligned, `address_aligned`: every row of an [K / 8, N % 64 == 0] weight is when its allocation is)."""
     m, k = x2d.shape
     n = w_packed.shape[1]
     warps = cfg["warps"]
@@ -290,6 +221,5 @@ def launch(x2d, w_packed, w_scale, group_size: int, cfg: dict, *, wrap, num_sms:
         x2d, w_packed, w_scale, y, n, k, x2d.stride(0), per, BLOCKS=per // BLOCK_K,
         GROUP_BLOCKS=0 if group_size == k else group_size // BLOCK_K, WARPS=warps, ATOMIC=splits > 1,
         EVEN=whole_tiles(n, 64 * warps, splits, per, k),
-        PAIRED=cfg.get("paired", False) and address_aligned(w_packed, 8),
-        SUBNORMAL=cfg.get("subnormal", False), num_warps=warps, num_stages=1)
+        PAIRED=cfg.get("paired", False) and address_aligned(w_packed, 8), num_warps=warps, num_stages=1)
     return y

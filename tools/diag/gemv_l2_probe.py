@@ -7,8 +7,8 @@ not (BENCHMARKS.md, forty-first session: it does not; the session's run also tim
 weight against the shipped tile's 3.75, `tools/diag/sass_count.py --block-n 1024`) and the shipped tile on x's
 own fp16 pairs (`x_pairs`, 3.23) beside the shipped one (that session's run). Now: the tensor-core GEMV
 (`mma_gemv`, 1.9 instructions per weight) in `VARIANTS`' tiles, cold and warm, beside the shipped GEMV (x's pairs
-as int32 words: 3.05; `int4_cold_x_fp16_loads`: the same on x 2-byte aligned, which takes the fp16 loads, 3.23), and
-with its weights decoded as fp16 subnormals (1.48). µs per call replayed from a CUDA graph.
+as int32 words: 3.05; `int4_cold_x_fp16_loads`: the same on x 2-byte aligned, which takes the fp16 loads, 3.23). µs
+per call replayed from a CUDA graph.
 
     python3 tools/diag/gemv_l2_probe.py          # on the GPU machine (STEPS=diag DIAG=tools/diag/gemv_l2_probe.py)
 
@@ -27,12 +27,11 @@ from probe_util import run_part, save  # noqa: E402
 SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]  # Q/K/V, output, gate/up, down
 COLD_BYTES = 160 << 20  # copies enough to pass through L2 (50 MB on the H100 and H200) several times
 # GEMV bucket changes timed beside the shipped one: the tensor-core GEMV (`mma_gemv`) on 2-8 warps a program, K
-# split for 16-32 waves, a tile's two rows 8 columns apart or adjacent ("paired": one int64 load per word row), the
-# weights decoded as fp16 subnormals or not ("subnormal": 1.48 SASS instructions per weight against 1.87)
-VARIANTS = [(f"mma_w{warps}_v{waves}{'_paired' if paired else ''}{'_subnormal' if subnormal else ''}",
-             dict(mma={"warps": warps, "waves": waves, "paired": paired, "subnormal": subnormal}))
-            for warps, waves, paired, subnormal in ((4, 16, True, False), (2, 32, True, False), (4, 16, True, True),
-                                                    (2, 32, True, True), (4, 32, True, True), (8, 16, True, True))]
+# split for 16-32 waves, a tile's two rows 8 columns apart or adjacent ("paired": one int64 load per word row).
+# (The forty-sixth session's run also timed its weights decoded as fp16 subnormals: commit a25309b, since removed.)
+VARIANTS = [(f"mma_w{warps}_v{waves}{'_paired' if paired else ''}",
+             dict(mma={"warps": warps, "waves": waves, "paired": paired}))
+            for warps, waves, paired in ((4, 16, False), (4, 16, True), (4, 32, True), (2, 32, True), (8, 16, True))]
 
 
 def per_call_us(calls, reps: int = 20) -> float:

@@ -7,7 +7,7 @@ schedulers x 32 lanes x ~1.98 GHz; 235 M weights at 3 instructions each is 21 µ
 
     python3 tools/diag/sass_count.py [int4_mm_t int4_gemv_fp32 int4_gemv_half2 int4_gemv_half2_planar
                                       int4_gemv_half2_planar_finish int4_gemv_half2_planar_pairs int4_gemv_mma
-                                      int4_gemv_mma_paired int4_gemv_mma_subnormal_paired
+                                      int4_gemv_mma_paired
                                       int4_one_dot_16_tma_finish
                                       int4_dequant_t_fp8
                                       int4_one_dot_16 int4_one_dot_64 int4_one_dot_128 (each also _scale_w, _tma,
@@ -106,13 +106,12 @@ def _cases():
                [d for d in div if d != "rs_ptr"], 2, 3, 512 * 32 // 64)
     from qcompile.plugins.int4_gemm import mma_gemv, one_dot
     # the tensor-core GEMV (fp16 x): 4 warps, one 64-K block a step, 64 columns a warp (4096 weights, 128 a thread)
-    # (_subnormal: the weights decoded as fp16 subnormals, one LOP3 a pair; _paired: int64 word loads)
-    for subnormal, paired in ((False, False), (False, True), (True, True)):
-        yield ("int4_gemv_mma" + ("_subnormal" if subnormal else "") + ("_paired" if paired else ""),
+    for paired in (False, True):  # _paired: a tile's two rows in adjacent columns, int64 word loads
+        yield ("int4_gemv_mma" + ("_paired" if paired else ""),
                mma_gemv._int4_gemv_mma_kernel,
                dict(x_ptr="*fp16", w_ptr="*i32", s_ptr="*bf16", y_ptr="*fp32",
                     **ptrs(["N", "K", "stride_xm", "k_per_split"], "i32")),
-               dict(BLOCKS=8, GROUP_BLOCKS=2, WARPS=4, ATOMIC=True, EVEN=True, PAIRED=paired, SUBNORMAL=subnormal),
+               dict(BLOCKS=8, GROUP_BLOCKS=2, WARPS=4, ATOMIC=True, EVEN=True, PAIRED=paired),
                ["x_ptr", "w_ptr", "s_ptr", "y_ptr", "N", "K", "stride_xm", "k_per_split"], 4, 1, 128)
     od_sig = dict({k: v for k, v in mm_sig.items() if k not in ("rs_ptr", "group_size")}, out_ptr="*bf16",
                   b_ptr="*bf16")
