@@ -24,7 +24,8 @@ layout Triton gives its [32 * num_warps] tensors. fp16 x only (the decode is fp1
 on the H100 it reads the down projection's weight from L2 26% faster than the fp16x2 GEMV, but from HBM no faster,
 and the decode step lost (BENCHMARKS.md, forty-second session). The H200 is still to time. Decoding the weights as
 fp16 subnormals instead (one LOP3 a pair, the offset taken off by an MMA chain of x's sums: 1.57 instructions per
-weight) was slower still on the H100, from L2 too (commit a25309b; BENCHMARKS.md, forty-sixth session).
+weight) was slower on the H100 on the two wide decode layers, and from L2 on the down projection (commit a25309b;
+BENCHMARKS.md, forty-sixth session).
 """
 from __future__ import annotations
 
