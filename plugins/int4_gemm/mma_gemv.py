@@ -33,8 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.plugins.gemm_dispatch import (address_aligned, cdiv, split_for_waves, split_k_outputs,
-                                            whole_tiles)
+from qcompile.plugins.gemm_dispatch import address_aligned, cdiv, split_for_waves, split_k_outputs, whole_tiles
 from qcompile.plugins.int4_gemm.format import is_planar
 from qcompile.plugins.mma_lanes import half_pair, load_live, thread_index
 from qcompile.plugins.triton_tiles import store_tile
