@@ -4,7 +4,6 @@ the lowering (pow-tensor): name -> a factory of the context in which the program
 `engine_export_check.py` list and export them."""
 from __future__ import annotations
 
-import contextlib
 from unittest import mock
 
 from int4_tiles import int4_tiles  # tools/, this module's folder
@@ -32,18 +31,16 @@ def _w8a16_mma_rows():
     return mock.patch.object(kernel, "MMA_ROWS", dict(warps=8, blocks=2))
 
 
-@contextlib.contextmanager
 def _pow_exponent_as_tensor():
     """Pow lowered without reading its constant exponent as a number (as before the forty-fifth session): the
-    exponent stays a 0-d tensor, which Inductor compiles to a libdevice pow per element (RMSNorm's square)."""
-    from qcompile.lowering import registry
+    interpreter finds no prepare hook for it, so the exponent stays a 0-d tensor, which Inductor compiles to a
+    libdevice pow per element (RMSNorm's square)."""
+    from qcompile.lowering import interpreter
     from qcompile.lowering.ops import elementwise
 
-    hook = registry._PREPARE.pop(elementwise.pow_)
-    try:
-        yield
-    finally:
-        registry._PREPARE[elementwise.pow_] = hook
+    shipped = interpreter.prepare_hook
+    return mock.patch.object(interpreter, "prepare_hook",
+                             lambda converter: None if converter is elementwise.pow_ else shipped(converter))
 
 
 KERNEL_VARIANTS = {

@@ -115,20 +115,21 @@ def engine_program(source: str, recipe: str):
     `recipe:no-attention-fusion` keeps attention written out (`qcompile build --no-attention-fusion`),
     `recipe:fp8-large-m` lowers the 4-bit GEMMs with their FP8 path above 128 rows (`--fp8-large-m`);
     `recipe:<plugin variant>` (`kernel_variants.KERNEL_VARIANTS`, e.g. int4-gemv-finish) is listed with that launch
-    configuration (`kernel_configs`)."""
+    configuration (`kernel_configs`); `recipe:a+b` joins variants, as `tools/bench_engines.py` does."""
     import qcompile
     from qcompile.frontend import load_source
     from qcompile.lowering import LoweringOptions, lower_onnx
     from qcompile.passes import prepare_for_engine
 
-    recipe, _, variant = recipe.partition(":")
+    recipe, parts = recipe.partition(":")[0], variant_parts(recipe)
     variants = ("no-attention-fusion", "fp8-large-m", *KERNEL_VARIANTS)
-    if variant and variant not in variants:
-        raise SystemExit(f"unknown variant {variant!r} (known: {', '.join(variants)})")
+    for part in parts:
+        if part not in variants:
+            raise SystemExit(f"unknown variant {part!r} (known: {', '.join(variants)})")
     built = qcompile.build(source, recipe, output=None, calib="random", device="cpu", progress_stream=io.StringIO())
-    engine_model, _ = prepare_for_engine(built.plugin_model, attention=variant != "no-attention-fusion")
+    engine_model, _ = prepare_for_engine(built.plugin_model, attention="no-attention-fusion" not in parts)
     src = load_source(source, opset=built.recipe.opset)
-    options = LoweringOptions.for_engine("cuda", fp8_large_m=variant == "fp8-large-m")
+    options = LoweringOptions.for_engine("cuda", fp8_large_m="fp8-large-m" in parts)
     return lower_onnx(engine_model, options), src
 
 
@@ -146,10 +147,21 @@ def bucket_of(rows: int):
         gemm_dispatch._cond_chain = chain
 
 
+def variant_parts(recipe: str) -> list[str]:
+    """The variants named in `recipe:a+b` (none for a bare recipe)."""
+    variant = recipe.partition(":")[2]
+    return variant.split("+") if variant else []
+
+
+@contextlib.contextmanager
 def kernel_configs(recipe: str):
-    """The context a variant's plugin kernels are configured in while its wrapper is generated
+    """The context the plugin kernels of `recipe`'s variants are configured in while its wrapper is generated
     (`kernel_variants.KERNEL_VARIANTS`; none for the others)."""
-    return KERNEL_VARIANTS.get(recipe.partition(":")[2], contextlib.nullcontext)()
+    with contextlib.ExitStack() as stack:
+        for part in variant_parts(recipe):
+            if part in KERNEL_VARIANTS:
+                stack.enter_context(KERNEL_VARIANTS[part]())
+        yield
 
 
 def export_on_fake_h200(program, src, one_row_model: bool = False):

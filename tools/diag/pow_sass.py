@@ -20,7 +20,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from sass_count import compile_sass  # tools/diag, this script's folder
+from sass_count import compile_sass, instructions  # tools/diag, this script's folder
 
 _KERNEL = re.compile(r"= async_compile\.triton\('(\w+)', '''(.*?)''', device_str='cuda'\)", re.S)
 _POW = re.compile(r"libdevice\.pow\((\w+), (\w+)\)")
@@ -48,7 +48,7 @@ def sass_count(name: str, source: str, signature: dict, num_warps: int, r0_block
     spec.loader.exec_module(module)
     sass = compile_sass(getattr(module, name), signature, {"XBLOCK": 1, "R0_BLOCK": r0_block},
                         [k for k in signature if "ptr" in k], num_warps, 1)
-    return sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line))
+    return len(instructions(sass))
 
 
 def main() -> None:

@@ -57,11 +57,16 @@ def compile_sass(fn, signature: dict, constexprs: dict, divisible: list[str], nu
         return subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True, check=True).stdout
 
 
+def instructions(sass: str) -> list[tuple[int, str]]:
+    """(address, text) of each instruction in cuobjdump's SASS listing, in address order."""
+    return [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(.+?);", sass)]
+
+
 def loop_histograms(sass: str) -> list[collections.Counter]:
     """Opcode counts between each backward branch's target and the branch, in address order (a kernel may run one
     of two loops, e.g. the INT4 GEMV's x pairs as int32 words or as fp16 values); the whole kernel when it has no
     loop (a kernel unrolled whole, e.g. the FP8 path's `dequant_fp8._int4_dequant_t_kernel`)."""
-    lines = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(.+?);", sass)]
+    lines = instructions(sass)
     bodies = []
     for addr, text in lines:
         branch = re.search(r"BRA (0x[0-9a-f]+)", text)
