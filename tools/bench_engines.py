@@ -61,7 +61,7 @@ from qcompile.lowering import lower_onnx
 from qcompile.report import format_table
 
 from inductor_variants import persistent_reductions_up_to  # tools/, this script's folder
-from kernel_variants import KERNEL_VARIANTS
+from kernel_variants import KERNEL_VARIANTS, variant_parts
 
 VARIANTS = {  # recipe:variant -> (the build's context, more `qcompile.build` arguments)
     **{name: (factory, {}) for name, factory in KERNEL_VARIANTS.items()},  # the plugins' launch configurations
@@ -87,7 +87,7 @@ def split_variant(name: str) -> tuple[str, str | None]:
     "+" (e.g. "pdl+int4-gemv-mma")."""
     recipe, _, variant = name.partition(":")
     variant = ALIASES.get(variant, variant)
-    for part in variant.split("+") if variant else ():
+    for part in variant_parts(variant):
         if part not in VARIANTS:
             raise SystemExit(f"bench_engines: unknown variant {part!r} in --recipes {name!r} "
                              f"(known: {', '.join([*VARIANTS, *ALIASES])})")
@@ -99,7 +99,7 @@ def variant_build(variant: str | None):
     """Inside a variant's build context ("a+b": both contexts); yields its extra `qcompile.build` arguments."""
     with contextlib.ExitStack() as stack:
         options = {}
-        for part in variant.split("+") if variant else ():
+        for part in variant_parts(variant):
             factory, more = VARIANTS[part]
             stack.enter_context(factory())
             options.update(more)

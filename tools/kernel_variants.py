@@ -9,6 +9,11 @@ from unittest import mock
 from int4_tiles import int4_tiles  # tools/, this module's folder
 
 
+def variant_parts(variant: str | None) -> list[str]:
+    """The variants joined with "+" in the variant of a `recipe:variant` name (none for a bare recipe)."""
+    return variant.split("+") if variant else []
+
+
 def _fp4_unfinished():
     """The FP4 op's one-dot buckets leaving fp32 sums to a cast kernel (`fp4_gemm.kernel.finished`)."""
     from qcompile.plugins.fp4_gemm import kernel  # Triton: imported where the variant is used

@@ -40,7 +40,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/
 from inductor_variants import persistent_reductions_up_to  # noqa: E402
-from kernel_variants import KERNEL_VARIANTS  # noqa: E402
+from kernel_variants import KERNEL_VARIANTS, variant_parts  # noqa: E402
 
 H200 = types.SimpleNamespace(multi_processor_count=132, major=9, minor=0, name="NVIDIA H200", warp_size=32,
                              max_threads_per_multi_processor=2048, total_memory=141 * 2**30,
@@ -121,7 +121,8 @@ def engine_program(source: str, recipe: str):
     from qcompile.lowering import LoweringOptions, lower_onnx
     from qcompile.passes import prepare_for_engine
 
-    recipe, parts = recipe.partition(":")[0], variant_parts(recipe)
+    recipe, _, variant = recipe.partition(":")
+    parts = variant_parts(variant)
     variants = ("no-attention-fusion", "fp8-large-m", *KERNEL_VARIANTS)
     for part in parts:
         if part not in variants:
@@ -147,18 +148,12 @@ def bucket_of(rows: int):
         gemm_dispatch._cond_chain = chain
 
 
-def variant_parts(recipe: str) -> list[str]:
-    """The variants named in `recipe:a+b` (none for a bare recipe)."""
-    variant = recipe.partition(":")[2]
-    return variant.split("+") if variant else []
-
-
 @contextlib.contextmanager
 def kernel_configs(recipe: str):
     """The context the plugin kernels of `recipe`'s variants are configured in while its wrapper is generated
     (`kernel_variants.KERNEL_VARIANTS`; none for the others)."""
     with contextlib.ExitStack() as stack:
-        for part in variant_parts(recipe):
+        for part in variant_parts(recipe.partition(":")[2]):
             if part in KERNEL_VARIANTS:
                 stack.enter_context(KERNEL_VARIANTS[part]())
         yield
