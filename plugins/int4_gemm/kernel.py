@@ -120,7 +120,9 @@ MAGIC16 = {torch.bfloat16: (0x4308, 136.0), torch.float16: (0x6408, 1032.0)}  # 
 # decode layers against the same kernel on x 2-byte aligned (H100; BENCHMARKS.md forty-second session).
 # "mma" (a dict: warps, waves, paired) on a GEMV bucket runs the tensor-core GEMV (`mma_gemv`) where it applies.
 # Not set: on the H100 the op was 1-2% faster on the down projection and 2-16% slower on the other decode layers,
-# and the w4a16_awq decode step 0.1956 against 0.1833 ms (BENCHMARKS.md forty-second session).
+# and the w4a16_awq decode step 0.1956 against 0.1833 ms (BENCHMARKS.md forty-second session). Paired, on the H200:
+# its 8 GEMVs 84 against 92 µs of kernel time, the graph-replayed step 0.1706 against 0.1700 ms, and 0.1788 built
+# with --pdl (BENCHMARKS.md forty-eighth session).
 #
 # TMA tiles of the 16- and 64-row buckets (a one-dot config's "tma", `one_dot.use_tma`): on layers at least min_n
 # wide the weight and x load through TMA descriptors, with these keys over the bucket's.
