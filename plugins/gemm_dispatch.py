@@ -158,12 +158,16 @@ def _cond_chain(m, buckets, operands):
 def add_bias(y: torch.Tensor, bias, dtype) -> torch.Tensor:
     """`y + bias` as the float32 sum rounded once to `dtype` (bias None: y cast). When y and bias already are
     `dtype` this is one add of that dtype: torch adds 16-bit floats in float32 and rounds once, so the values
-    are the same, in one kernel instead of three in eager calls (Inductor fuses either form)."""
+    are the same, in one kernel instead of three in eager calls (Inductor fuses either form). Otherwise a 16-bit
+    bias is widened inside the float32 add (type promotion, exact), not by a cast kernel of its own: two eager
+    kernels on a float32 accumulator (the split-K ops at one row), not three."""
     if bias is None:
         return y.to(dtype)
     if y.dtype == dtype and bias.dtype == dtype:
         return y + bias
-    return (y.to(torch.float32) + bias.to(torch.float32)).to(dtype)
+    if bias.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        bias = bias.to(torch.float32)  # e.g. float64: promotion would add in float64
+    return (y.to(torch.float32) + bias).to(dtype)
 
 
 def linear_bias(x2d: torch.Tensor, w_kn: torch.Tensor, bias, dtype) -> torch.Tensor:

@@ -24,6 +24,31 @@ def test_add_bias_is_the_float32_sum_rounded_once(dtype, bias_dtype):
     assert add_bias(y.to(torch.float32), bias, dtype).equal(want.to(dtype))  # float32 accumulators too
 
 
+@pytest.mark.parametrize("bias_dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_add_bias_on_a_float32_accumulator_is_two_ops_and_the_float32_sum(bias_dtype):
+    """The split-K ops' epilogue in eager calls: the 16-bit bias widened inside the add (one op for the sum, one for
+    the cast), with the float32 sum's values; a float64 bias is first rounded to float32, not added in float64."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(11)
+    acc = torch.randn(16, 40, generator=gen, dtype=torch.float64).mul(1e3).to(torch.float32)
+    bias = torch.randn(40, generator=gen, dtype=torch.float64).to(bias_dtype)
+    with CountOps() as mode:
+        got = add_bias(acc, bias, torch.bfloat16)
+    assert got.equal((acc + bias.to(torch.float32)).to(torch.bfloat16))
+    if bias_dtype != torch.float64:
+        assert len(mode.ops) == 2, mode.ops
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("bias_dtype", ["same", "float32", None])
 @pytest.mark.parametrize("out", ["same", "float32"])
