@@ -59,14 +59,10 @@ def rows_where(test: Callable[[int], bool], also: Callable[[dict], bool] = lambd
     return lambda row: test(row["M"]) and also(row)
 
 
-def fp4_column(fmt: str) -> Callable[[dict], str]:
-    """The FP4 op's time column: on planar words where the run timed them."""
-    return lambda row: f"{fmt}_planar_op" if f"{fmt}_planar_op" in row else f"{fmt}_op"
-
-
 def fp4_quotient(num: str, fmt: str) -> Callable[[dict], Optional[float]]:
-    column = fp4_column(fmt)
-    return lambda row: quotient(num, column(row))(row)
+    """`quotient(num, the FP4 op's time)`: on planar words where the run timed them (as CUDA engines store them)."""
+    planar, plain = quotient(num, f"{fmt}_planar_op"), quotient(num, f"{fmt}_op")
+    return lambda row: planar(row) if f"{fmt}_planar_op" in row else plain(row)
 
 
 def op_targets() -> list[Target]:
