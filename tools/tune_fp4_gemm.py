@@ -48,7 +48,10 @@ def one_dot_configs(m: int) -> list:
     """The one-dot tiles for M rows: BLOCK_M 16, 64 or 128 from M; 64 or 128 weight rows (256 at 16 rows: 3.11 sm_90
     instructions per weight against 3.55 at 128), 3 or 4 stages, 1-8 waves of programs, and 128-wide TMA tiles. At
     16 rows also deeper pipelines, 8 warps and 16 waves on the 128-wide tile: on 8192 x 28672, the one layer where
-    the op is more than 10% slower than INT4's, only more waves helped (BENCHMARKS.md, twenty-seventh session)."""
+    the op is more than 10% slower than INT4's, only more waves helped (BENCHMARKS.md, twenty-seventh session). And
+    INT4's own tiles: at 16 rows 64 columns for 7.5 (or 16) waves, with and without 64-wide TMA boxes; at 64 rows
+    64 columns with K split for 3 resident programs per SM. Up to 64 rows the candidates finish in the kernel, as
+    the shipped buckets do (`kernel.finished`)."""
     bm = 16 if m <= 16 else 64 if m <= 64 else 128
     widths = (64, 128, 256) if bm == 16 else (64, 128)
     tiles = ([dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=st, waves=wv) for bn in widths for st in (3, 4)
@@ -58,6 +61,11 @@ def one_dot_configs(m: int) -> list:
     if bm == 16:
         tiles += [dict(BLOCK_M=16, BLOCK_N=128, num_warps=w, num_stages=st, waves=wv)
                   for w, st, wv in ((4, 5, 4), (4, 5, 8), (8, 3, 4), (8, 3, 8), (8, 4, 4), (8, 4, 8), (4, 3, 16))]
+        tiles += [dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=st, waves=wv, **tma)  # INT4's 16-row tiles
+                  for st in (3, 4) for wv in (7.5, 16) for tma in ({}, dict(tma=dict(min_n=0, BLOCK_N=64)))]
+    if bm == 64:
+        tiles += [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, waves=wv, resident=3)  # INT4's 64-row tile
+                  for wv in (2, 4)]
     return tiles
 
 
@@ -81,7 +89,7 @@ def candidates(x, bias, weights, m: int, planar=None, tiles: bool = True) -> dic
         return lambda: fp4.launch_gemm(x, *weights(), bias, BLOCK, cfg).to(x.dtype)
 
     def one_dot(cfg):
-        return lambda: fp4_one_dot.launch(x, *planar(), bias, cfg, asm=ptx_available()).to(x.dtype)
+        return lambda: fp4_one_dot.launch(x, *planar(), bias, cfg, asm=ptx_available(), finish=m <= fp4.MID_M_MAX)
 
     def gemv(cfg):
         return lambda: launch_gemv_planar(x, *planar(), bias, BLOCK, cfg)

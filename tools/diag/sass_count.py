@@ -17,7 +17,7 @@ schedulers x 32 lanes x ~1.98 GHz; 235 M weights at 3 instructions each is 21 µ
                                       also _mx) w8a16_row_dot
                                       w8a16_row_dot_32x256_w2 w8a16_row_dot_16x256_w1 w8a16_row_dot_64x256_w4 (each
                                       also _plain) w8a16_mma_rows w8a16_mma_rows_two]
-                                      [--dtype fp16] [--block-n 128] [--all-loops]
+                                      [--dtype fp16] [--block-n 128] [--all-loops] [--loads]
                                       # default: all, bf16 x, each case's tile, its first loop
 
 The first backward branch is taken as the main loop; --all-loops reports each (a kernel may run one of two loops,
@@ -62,10 +62,11 @@ def instructions(sass: str) -> list[tuple[int, str]]:
     return [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(.+?);", sass)]
 
 
-def loop_histograms(sass: str) -> list[collections.Counter]:
-    """Opcode counts between each backward branch's target and the branch, in address order (a kernel may run one
-    of two loops, e.g. the INT4 GEMV's x pairs as int32 words or as fp16 values); the whole kernel when it has no
-    loop (a kernel unrolled whole, e.g. the FP8 path's `dequant_fp8._int4_dequant_t_kernel`)."""
+def loop_bodies(sass: str) -> list[list[str]]:
+    """The opcodes with their modifiers (guard predicates dropped) between each backward branch's target and the
+    branch, in address order (a kernel may run one of two loops, e.g. the INT4 GEMV's x pairs as int32 words or as
+    fp16 values); the whole kernel when it has no loop (a kernel unrolled whole, e.g. the FP8 path's
+    `dequant_fp8._int4_dequant_t_kernel`)."""
     lines = instructions(sass)
     bodies = []
     for addr, text in lines:
@@ -73,17 +74,24 @@ def loop_histograms(sass: str) -> list[collections.Counter]:
         if branch and int(branch.group(1), 16) < addr:
             start = int(branch.group(1), 16)
             bodies.append([t for a, t in lines if start <= a <= addr])
-    return [collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in ops)
-            for ops in bodies or [[t for _, t in lines]]]
+    return [[re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in ops] for ops in bodies or [[t for _, t in lines]]]
 
 
-def report(name: str, sass: str, weights_per_thread: int, all_loops: bool = False) -> None:
-    hists = loop_histograms(sass)[:None if all_loops else 1]
-    for i, hist in enumerate(hists):
-        total = sum(hist.values())
+def global_loads(body: list[str]) -> collections.Counter:
+    """The global loads of a loop body by opcode and width (e.g. LDGSTS.E.BYPASS.128: 16-byte asynchronous copies
+    that skip L1; LDGSTS.E: 4 bytes a thread), and TMA loads (UTMALDG)."""
+    return collections.Counter(op for op in body if op.split(".")[0] in ("LDG", "LDGSTS", "UTMALDG"))
+
+
+def report(name: str, sass: str, weights_per_thread: int, all_loops: bool = False, loads: bool = False) -> None:
+    bodies = loop_bodies(sass)[:None if all_loops else 1]
+    for i, body in enumerate(bodies):
+        hist = collections.Counter(op.split(".")[0] for op in body)
         top = " ".join(f"{op}:{c}" for op, c in hist.most_common(10))
-        label = f"{name} (loop {i + 1} of {len(hists)})" if len(hists) > 1 else name
-        print(f"{label}: {total} instructions per step, {total / weights_per_thread:.2f} per weight | {top}")
+        label = f"{name} (loop {i + 1} of {len(bodies)})" if len(bodies) > 1 else name
+        print(f"{label}: {len(body)} instructions per step, {len(body) / weights_per_thread:.2f} per weight | {top}")
+        if loads:
+            print("    global loads: " + " ".join(f"{op}:{c}" for op, c in sorted(global_loads(body).items())))
 
 
 def _cases():
@@ -207,6 +215,7 @@ def main() -> None:
     ap.add_argument("cases", nargs="*", help="case names (default: all)")
     ap.add_argument("--dtype", default="bf16", help="x (and its tiles) in this type: the kernels whose x is *bf16")
     ap.add_argument("--block-n", type=int, help="every case's BLOCK_N (weight rows or columns per program)")
+    ap.add_argument("--loads", action="store_true", help="also each loop's global loads by width (LDG, LDGSTS, TMA)")
     ap.add_argument("--all-loops", action="store_true",
                     help="every loop, not only the first (e.g. the INT4 GEMVs' x pairs as int32 words or fp16 values)")
     args = ap.parse_args()
@@ -218,9 +227,10 @@ def main() -> None:
                 per_thread = per_thread * block_n // const["BLOCK_N"]
                 const = dict(const, BLOCK_N=block_n)
                 sig = {a: re.sub(r"i32\[(\d+), 8\]", f"i32[{block_n}, 8]",
-                                 re.sub(r"i32\[8, \d+, 32\]", f"i32[8, {block_n // 32}, 32]", t)) for a, t in sig.items()}
+                                 re.sub(r"i32\[8, \d+, 32\]", f"i32[8, {block_n // 32}, 32]", t))
+                       for a, t in sig.items()}
                 name = f"{name} (BLOCK_N {block_n})"
-            report(name, compile_sass(fn, sig, const, div, warps, stages), per_thread, args.all_loops)
+            report(name, compile_sass(fn, sig, const, div, warps, stages), per_thread, args.all_loops, args.loads)
 
 if __name__ == "__main__":
     main()
