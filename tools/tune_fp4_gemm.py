@@ -26,7 +26,7 @@ from tune_fp8_block_w8a16 import best
 from qcompile.plugins.fp4_gemm import kernel as fp4
 from qcompile.plugins.fp4_gemm import one_dot as fp4_one_dot
 from qcompile.plugins.fp4_gemm.gemv_planar import launch_gemv_planar
-from qcompile.plugins.gemm_dispatch import linear_bias
+from qcompile.plugins.gemm_dispatch import bucket_for, linear_bias
 from qcompile.plugins.int4_gemm.half2 import ptx_available
 
 BLOCK = 16  # NVFP4
@@ -75,6 +75,12 @@ def gemv_planar_configs() -> list:
             ] + [dict(BLOCK_N=4, BLOCK_C=128, num_warps=2), dict(BLOCK_N=8, BLOCK_C=64, num_warps=4)]
 
 
+def shipped_finish(m: int) -> bool:
+    """Whether the shipped one-dot bucket for M rows finishes in the kernel (`kernel.ONE_DOT`; none from
+    LARGE_M_MIN rows, where dequantize + cuBLAS runs)."""
+    return m < fp4.LARGE_M_MIN and bucket_for(fp4.ONE_DOT, m)["finish"]
+
+
 def candidates(x, bias, weights, m: int, planar=None, tiles: bool = True) -> dict:
     """weights() -> (w_packed, w_scale, w_global) of the next rotating copy, planar() the same as planar words (None:
     no planar candidates); tiles: also the byte layout's tile configurations. Each candidate returns the output."""
@@ -89,7 +95,7 @@ def candidates(x, bias, weights, m: int, planar=None, tiles: bool = True) -> dic
         return lambda: fp4.launch_gemm(x, *weights(), bias, BLOCK, cfg).to(x.dtype)
 
     def one_dot(cfg):
-        return lambda: fp4_one_dot.launch(x, *planar(), bias, cfg, asm=ptx_available(), finish=m <= fp4.MID_M_MAX)
+        return lambda: fp4_one_dot.launch(x, *planar(), bias, cfg, asm=ptx_available(), finish=shipped_finish(m))
 
     def gemv(cfg):
         return lambda: launch_gemv_planar(x, *planar(), bias, BLOCK, cfg)

@@ -68,10 +68,11 @@ def cold_layer(k: int, n: int):
     return register(), words, scale, x, gen
 
 
-def run_layers(layer, name: str) -> None:
-    """`layer(k, n)` on every decode layer of SHAPES, the results saved as $OUT/name after each."""
+def run_layers(layer, name: str, shapes=SHAPES) -> None:
+    """`layer(k, n)` on every (K, N) of `shapes` (default: the decode layers), the results saved as $OUT/name
+    after each."""
     results: dict = {"device": torch.cuda.get_device_name()}
-    for k, n in SHAPES:
+    for k, n in shapes:
         run_part(results, f"{k}x{n}", layer, k, n)
         save(results, name)
 

@@ -26,16 +26,11 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(__file__))
-from gemv_l2_probe import COLD_BYTES, per_call_us  # noqa: E402
-from probe_util import run_part, save  # noqa: E402
+from gemv_l2_probe import COLD_BYTES, per_call_us, run_layers  # noqa: E402
+from stream_floor_probe import _xor  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]  # K x N: the kernel-target layers
 WAVES = 4
-
-
-@triton.jit
-def _xor(a, b):
-    return a ^ b
 
 
 @triton.jit
@@ -99,10 +94,7 @@ def layer(k: int, n: int) -> dict:
 
 
 def main() -> None:
-    results: dict = {"device": torch.cuda.get_device_name()}
-    for k, n in SHAPES:
-        run_part(results, f"{k}x{n}", layer, k, n)
-        save(results, "row_segment_probe.json")
+    run_layers(layer, "row_segment_probe.json", SHAPES)
 
 
 if __name__ == "__main__":
