@@ -77,7 +77,7 @@ for s in ${STEPS:-engines kernels int4 decode tests}; do
              (cd tools && py bench_dequant.py --cuda-graph ${DEQUANT_ARGS:-} --out "$OUT/dequant.json" 2>&1 \
                  | tee "$OUT/dequant.log" | tail -24) ;;
     int4)    step "int4 GEMM benchmark"
-             py tools/bench_gemm.py --eager --cuda-graph --out "$OUT/int4_gemm.json" 2>&1 | tee "$OUT/int4_gemm.log" | tail -30 ;;
+             py tools/bench_gemm.py --eager --cuda-graph ${INT4_ARGS:-} --out "$OUT/int4_gemm.json" 2>&1 | tee "$OUT/int4_gemm.log" | tail -30 ;;
     kernels) step "scaled_gemm benchmark"
              py tools/bench_scaled_gemm.py --cuda-graph --out "$OUT/scaled_gemm.json" 2>&1 | tee "$OUT/scaled_gemm.log" | tail -40 ;;
     engines) step "engine benchmark"
