@@ -33,11 +33,16 @@ def scalar_buffer(t: torch.Tensor) -> torch.Tensor:
     return t.clone() if is_fake(t) else t
 
 
+def traced(t: torch.Tensor) -> bool:
+    """Whether t is being traced (torch.compile, torch.export, an engine build) rather than computed. (Under Dynamo,
+    which traces `torch.cond`'s branches, `is_fake` itself cannot be traced, so `is_compiling` is asked first.)"""
+    return torch.compiler.is_compiling() or is_fake(t)
+
+
 def address_aligned(t: torch.Tensor, nbytes: int) -> bool:
     """Whether t's data starts on an `nbytes` boundary, for a kernel's wide loads. A traced tensor has no address yet
-    and counts as aligned: engines allocate their weights whole. (Under Dynamo, which traces `torch.cond`'s branches,
-    `is_fake` itself cannot be traced, so `is_compiling` is asked first.)"""
-    return torch.compiler.is_compiling() or is_fake(t) or t.data_ptr() % nbytes == 0
+    and counts as aligned: engines allocate their weights whole."""
+    return traced(t) or t.data_ptr() % nbytes == 0
 
 
 def optional_arg(t, stand_in):

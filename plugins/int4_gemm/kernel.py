@@ -58,8 +58,8 @@ compiled and the choice is made at run time (no guard on M).
 Split K leaves the op three kernels per call: a zero fill, the kernel (fp32 atomics) and the bias/cast epilogue.
 A GEMV or one-dot bucket whose configuration sets "finish" (`finished`) writes `y + bias` in the output dtype from
 the kernel instead: the last split of each tile, counted by an atomic, stores it (`triton_tiles.finish_split_tile`),
-so no epilogue kernel follows. The 16- and 64-row one-dot buckets ship with it; the GEMV and the 128-row bucket
-do not (see `CONFIGS`).
+so no epilogue kernel follows. The 16- and 64-row one-dot buckets ship with it; the 128-row bucket does not, and
+the GEMV only in eager calls (see `CONFIGS`).
 
 `launch_*` and `int4_gemm_triton` take `wrap` (identity for raw Triton: tests run them under
 TRITON_INTERPRET=1 on CPU tensors; `torch.library.wrap_triton` from the op, so AOTInductor compiles the
@@ -75,7 +75,7 @@ import triton.language as tl
 
 from qcompile.plugins import fp8_large_m as fp8_large_m_path
 from qcompile.plugins.gemm_dispatch import (add_bias, cdiv, from_rows, identity, linear_bias, optional_arg,
-                                             run_by_buckets, split_for_waves, split_k_outputs, unpack_optional)
+                                             run_by_buckets, split_for_waves, split_k_outputs, traced, unpack_optional)
 from qcompile.plugins.int4_gemm import mma_gemv, one_dot
 from qcompile.plugins.int4_gemm.dequant_fp8 import fp8_weight
 from qcompile.plugins.int4_gemm.format import PACK, columns_in_words_order, is_planar
@@ -110,8 +110,9 @@ MAGIC16 = {torch.bfloat16: (0x4308, 136.0), torch.float16: (0x6408, 1032.0)}  # 
 # "finish" (`finished`) on the 16- and 64-row buckets: the llama3-8b-layers w4a16_awq engine ran 16 rows in 0.2223 /
 # 0.2139 / 0.2133 against 0.2291 / 0.2167 / 0.2174 ms, 64 rows in 0.3108 / 0.3160 against 0.3152 / 0.3181 (H100,
 # CUDA graph, three runs, BENCHMARKS.md thirty-seventh session). Not on the 128-row bucket: 128 rows took 0.4129 /
-# 0.4132 against 0.4047 / 0.4012 ms with it. Not on the GEMV: finished, each GEMV took 1.0-2.6 µs more, more than
-# the 1.2 µs cast kernel it saves (0.1884 against 0.1883 ms per step).
+# 0.4132 against 0.4047 / 0.4012 ms with it. Not on the GEMV in engines: finished, each GEMV took 1.0-2.6 µs more,
+# more than the 1.2 µs cast kernel it saves (0.1884 against 0.1883 ms per step). Called eagerly (no "finish" set:
+# `_finishes`), the GEMV finishes: there the op would otherwise launch a bias add and a cast after it.
 # "x_pairs" on the GEMV (`launch_gemv`; fp16 x, planar words, no zero points: every CUDA engine's symmetric INT4
 # layer): x's own fp16 values as the pairs, one scale per program; 3.23 SASS instructions per weight against 3.75.
 # In the llama3-8b-layers w4a16_awq engine at one row each of the 8 GEMVs took 5-10% less (162.4 against 169.9 µs
@@ -653,6 +654,15 @@ def _epilogue(acc, bias, dtype, row_scale=None):
     return add_bias(acc.to(torch.float32) * row_scale.reshape(-1, 1).to(torch.float32), bias, dtype)
 
 
+def _finishes(cfg: dict, x2d) -> bool:
+    """Whether a bucket's kernel writes `y + bias` in the output dtype itself: its "finish" (`finished`). A GEMV
+    bucket that does not say finishes in eager calls, where nothing after the op would take in its epilogue, and not
+    when traced into an engine, whose compiler fuses the cast and bias with the ops around them (see CONFIGS)."""
+    if "finish" in cfg:
+        return cfg["finish"]
+    return cfg["kernel"] == "gemv" and not cfg.get("mma") and not traced(x2d)
+
+
 def run_bucket(cfg: dict, x2d, w_words, w_scale, w_zero, bias, group_size: int, *, x_row_scale=None,
                out_dtype=None, wrap=identity, num_sms: int = DEFAULT_SMS) -> torch.Tensor:
     """One M bucket's path: `x2d @ dequant(W) (* x_row_scale) + bias` [M, N] in out_dtype. w_words: the planar
@@ -675,7 +685,7 @@ def run_bucket(cfg: dict, x2d, w_words, w_scale, w_zero, bias, group_size: int, 
     if kind == "one_dot" and not one_dot.supports(x2d.dtype, int(x2d.shape[1]), group_size):
         return run_bucket(cfg["fallback"], x2d, w_packed, w_scale, w_zero, bias, group_size, out_dtype=out_dtype,
                           wrap=wrap, num_sms=num_sms)
-    finish = cfg.get("finish", False) and (out_dtype != torch.float32 or bias is not None)  # `finished`
+    finish = _finishes(cfg, x2d) and (out_dtype != torch.float32 or bias is not None)
     if kind == "gemv" and finish:  # the cast and bias in the GEMV, not in a kernel after it
         return launch_gemv(x2d, w_packed, w_scale, w_zero, group_size, cfg, bias=bias, out_dtype=out_dtype,
                            wrap=wrap, num_sms=num_sms)

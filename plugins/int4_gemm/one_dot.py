@@ -34,10 +34,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg, split_for_waves, split_k_outputs, whole_tiles
+from qcompile.plugins.gemm_dispatch import (cdiv, identity, optional_arg, split_for_waves, split_k_outputs, traced,
+                                            whole_tiles)
 from qcompile.plugins.int4_gemm.format import PLANAR_BLOCK, is_planar
 from qcompile.plugins.triton_tiles import (finish_swapped_tile, jit_any_m, load_tile, load_xt_rows, store_tile,
                                            xt_columns)
@@ -225,7 +225,7 @@ def use_tma(cfg: dict, x2d: torch.Tensor, n: int, on_cpu: bool) -> bool:
         return False
     if torch.compiler.is_dynamo_compiling():  # torch.cond's branches (the op's M buckets): Dynamo captures host
         return True  # descriptors; it cannot read storage_offset, and an engine's x is a whole buffer of a node
-    if torch.compiler.is_compiling() or is_fake(x2d):  # other tracing (an export with a concrete M) cannot
+    if traced(x2d):  # other tracing (an export with a concrete M) cannot
         return False
     return x2d.storage_offset() % 8 == 0
 

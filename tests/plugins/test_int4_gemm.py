@@ -710,13 +710,15 @@ def test_triton_path_interpreter(m, group, monkeypatch):
 
 
 @triton_interp
+@pytest.mark.parametrize("configs", ["shipped", "finished"])
 @pytest.mark.parametrize("rows, dtype", [(1, torch.float16), (1, torch.float32), (16, torch.float16)])
-def test_triton_path_finished_in_the_kernel_interpreter(rows, dtype, monkeypatch):
-    """The op's 1- and 16-row buckets with "finish" (`kernel.finished`; the one-dot buckets ship with it, the GEMV
-    is an engine variant of `tools/bench_engines.py`): the GEMV / one-dot launch gets the bias and x's dtype, and
-    the result is the unfinished buckets' (fp32 sums, then the cast and bias), bit for bit (fp16 and fp32: the
-    interpreter rounds those as the GPU does), and float64's within rounding; W4A8 (FP8 x, its row scale after
-    the GEMM) too."""
+def test_triton_path_finished_in_the_kernel_interpreter(rows, dtype, configs, monkeypatch):
+    """The op's 1- and 16-row buckets finishing in the kernel, called eagerly: as shipped (the one-dot buckets set
+    "finish"; the GEMV sets nothing, so it finishes in eager calls and not in engines) and with "finish" set on
+    every bucket (`kernel.finished`, an engine variant of `tools/bench_engines.py`). The GEMV / one-dot launch gets
+    the bias and x's dtype, and the result is the unfinished buckets' (fp32 sums, then the cast and bias), bit for
+    bit (fp16 and fp32: the interpreter rounds those as the GPU does), and float64's within rounding; W4A8 (FP8 x,
+    its row scale after the GEMM) too."""
     from qcompile.plugins.int4_gemm import kernel, one_dot
 
     calls = []
@@ -727,7 +729,8 @@ def test_triton_path_finished_in_the_kernel_interpreter(rows, dtype, monkeypatch
     case = make_case(k=1024, n=200, group=128, zero=True, seed=3)
     x = torch.randn(1, rows, 1024, dtype=dtype)
     split = dict(num_sms=4)  # 4 tiles of either kernel on 4 SMs: K split in 16 (GEMV) and in 4 (one-dot)
-    y = kernel.int4_gemm_triton(*op_args(case, x), configs=kernel.finished(kernel.CONFIGS), **split)
+    finishing = kernel.finished(kernel.CONFIGS) if configs == "finished" else kernel.CONFIGS
+    y = kernel.int4_gemm_triton(*op_args(case, x), configs=finishing, **split)
     assert calls == [True]  # one launch, given the bias
     unfinished = kernel.finished(kernel.CONFIGS, finish=False)
     torch.testing.assert_close(y, kernel.int4_gemm_triton(*op_args(case, x), configs=unfinished, **split),
@@ -735,8 +738,7 @@ def test_triton_path_finished_in_the_kernel_interpreter(rows, dtype, monkeypatch
     assert_close_to(y, oracle(x, case), 3e-3)
     xq, row_scale = x.reshape(rows, 1024).to(torch.float8_e4m3fn), torch.full((rows,), 0.5)
     w4a8 = op_args(case, xq)[1:]
-    y8 = kernel.int4_gemm_triton(xq, *w4a8, x_row_scale=row_scale, out_dtype=dtype,
-                                 configs=kernel.finished(kernel.CONFIGS), **split)
+    y8 = kernel.int4_gemm_triton(xq, *w4a8, x_row_scale=row_scale, out_dtype=dtype, configs=finishing, **split)
     torch.testing.assert_close(y8, kernel.int4_gemm_triton(xq, *w4a8, x_row_scale=row_scale, out_dtype=dtype,
                                                            configs=unfinished, **split), rtol=0, atol=0)
     assert_close_to(y8, oracle(xq.float() * 0.5, case), 3e-3)
