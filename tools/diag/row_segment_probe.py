@@ -26,10 +26,11 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # tools/
 from gemv_l2_probe import COLD_BYTES, per_call_us, run_layers  # noqa: E402
+from gpu_timing import SHAPES  # noqa: E402  (K x N: the kernel-target layers)
 from stream_floor_probe import _xor  # noqa: E402
 
-SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]  # K x N: the kernel-target layers
 WAVES = 4
 
 
