@@ -32,7 +32,6 @@ import triton.language as tl
 
 from qcompile.plugins.int8_wo_gemm.split_mma import split_chunks
 
-SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
 G = 128
 
 
@@ -251,7 +250,7 @@ def main():
         return sass()
     sys.path.insert(0, os.path.dirname(__file__))
     sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
-    from gpu_timing import MODE
+    from gpu_timing import MODE, SHAPES
     from probe_util import run_grid
 
     MODE["graph"] = True

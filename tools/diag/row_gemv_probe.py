@@ -24,12 +24,10 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])  # tools/
-from gpu_timing import MODE, bench, rotating  # noqa: E402
+from gpu_timing import MODE, SHAPES, bench, rotating  # noqa: E402
 from probe_util import run_part, save  # noqa: E402
 
 from qcompile.plugins.int4_gemm.kernel import _nibble_plus_136  # noqa: E402
-
-SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
 
 
 @triton.jit
