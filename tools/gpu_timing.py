@@ -99,18 +99,18 @@ def rel_errors(cands: dict, names, ref: torch.Tensor) -> dict:
     return out
 
 
-def check_cells(cells, names_of, worker, workers: int, parts: int = 4) -> dict:
-    """{(k, n, m): {name: rel_err or message}}: `worker((k, n, m, names))` (a module-level function returning
-    `rel_errors`) over each cell's candidate names `names_of(m)`, split in `parts`, in `workers` spawned processes
-    (Triton's cache then serves the timing process)."""
+def check_cells(cells, names_of, worker, workers: int, parts: int = 4, extra: tuple = ()) -> dict:
+    """{(k, n, m): {name: rel_err or message}}: `worker((k, n, m, names, *extra))` (a module-level function
+    returning `rel_errors`) over each cell's candidate names `names_of(m)`, split in `parts`, in `workers` spawned
+    processes (Triton's cache then serves the timing process); extra: the script's options the worker needs."""
     tasks = []
     for k, n, m in cells:
         names = list(names_of(m))
-        tasks += [(k, n, m, names[i::parts]) for i in range(parts)]
+        tasks += [(k, n, m, names[i::parts], *extra) for i in range(parts)]
     with mp.get_context("spawn").Pool(workers) as pool:
         results = pool.map(worker, tasks, chunksize=1)
     out = {}
-    for (k, n, m, _), part in zip(tasks, results):
+    for (k, n, m, *_), part in zip(tasks, results):
         out.setdefault((k, n, m), {}).update(part)
     return out
 

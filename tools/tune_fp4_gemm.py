@@ -69,6 +69,19 @@ def one_dot_configs(m: int) -> list:
     return tiles
 
 
+def row_words_configs(m: int) -> list:
+    """The shipped one-dot tile for M rows (`kernel.ONE_DOT`) reading each weight row's words 8, 16 or 32 at a
+    time per step ("row_words", `one_dot.row_words_for`; 32 is a 256-K step) through pointers, and with 32 also at
+    twice the waves, on the other width (64 or 128 rows of weights) and, where the bucket has a TMA tile
+    (`kernel.MID_TMA`), in [BLOCK_N, 32] boxes."""
+    shipped = bucket_for(fp4.ONE_DOT, m)
+    base = {key: v for key, v in shipped.items() if key != "tma"}
+    other = 64 if base["BLOCK_N"] == 128 else 128
+    return ([dict(base, row_words=rw) for rw in (8, 16, 32)]
+            + [dict(base, row_words=32, waves=2 * base["waves"]), dict(base, row_words=32, BLOCK_N=other)]
+            + ([dict(shipped, row_words=32)] if "tma" in shipped else []))
+
+
 def gemv_planar_configs() -> list:
     """The planar GEMV's tiles for M = 1: 2-8 weight rows, 32-128 chunks per step, a chunk per thread or two."""
     return [dict(BLOCK_N=bn, BLOCK_C=bc, num_warps=w) for bn in (2, 4, 8) for bc, w in ((32, 1), (64, 2), (128, 4))
@@ -81,9 +94,10 @@ def shipped_finish(m: int) -> bool:
     return m < fp4.LARGE_M_MIN and bucket_for(fp4.ONE_DOT, m)["finish"]
 
 
-def candidates(x, bias, weights, m: int, planar=None, tiles: bool = True) -> dict:
+def candidates(x, bias, weights, m: int, planar=None, tiles: bool = True, row_words: bool = False) -> dict:
     """weights() -> (w_packed, w_scale, w_global) of the next rotating copy, planar() the same as planar words (None:
-    no planar candidates); tiles: also the byte layout's tile configurations. Each candidate returns the output."""
+    no planar candidates); tiles: also the byte layout's tile configurations; row_words: the one-dot candidates are
+    `row_words_configs`, not `one_dot_configs`. Each candidate returns the output."""
     def shipped():
         return fp4.fp4_gemm_triton(x, *weights(), bias, BLOCK)
 
@@ -108,7 +122,8 @@ def candidates(x, bias, weights, m: int, planar=None, tiles: bool = True) -> dic
         if m == 1:
             out.update({"gemv_planar " + json.dumps(c): gemv(c) for c in gemv_planar_configs()})
         else:
-            out.update({"one_dot " + json.dumps(c): one_dot(c) for c in one_dot_configs(m)})
+            configs = row_words_configs(m) if row_words else one_dot_configs(m)
+            out.update({"one_dot " + json.dumps(c): one_dot(c) for c in configs})
     return out
 
 
@@ -125,10 +140,10 @@ def make_case(k: int, n: int, m: int):
 
 def check_chunk(task):
     """Worker: compile and check candidates `names` of one (K, N, M) cell."""
-    k, n, m, names = task
+    k, n, m, names, row_words = task
     x, bias, w, ref = make_case(k, n, m)
     wp = planar_weights(w)
-    return rel_errors(candidates(x, bias, lambda: w, m, lambda: wp), names, ref)  # names: a subset
+    return rel_errors(candidates(x, bias, lambda: w, m, lambda: wp, row_words=row_words), names, ref)
 
 
 def main() -> None:
@@ -139,6 +154,8 @@ def main() -> None:
     ap.add_argument("--planar", action="store_true", help="also the op on planar words: one-dot tiles, or GEMV "
                     "tiles at M = 1")
     ap.add_argument("--no-tiles", action="store_true", help="leave out the byte layout's tile configurations")
+    ap.add_argument("--row-words", action="store_true", help="with --planar: the shipped one-dot tiles reading 8, "
+                    "16 or 32 words of each weight row a step (`row_words_configs`) instead of the tile sweep")
     ap.set_defaults(ms=[16, 64, 256])
     args = ap.parse_args()
     MODE["graph"] = args.cuda_graph
@@ -146,8 +163,8 @@ def main() -> None:
     cells = [(int(s.split("x")[0]), int(s.split("x")[1]), m) for s in args.shapes for m in args.ms]
     tiles = not args.no_tiles
     planar_names = (lambda: None) if args.planar else None  # names only: the candidates are not called here
-    checked = check_cells(cells, lambda m: candidates(None, None, None, m, planar_names, tiles), check_chunk,
-                          args.workers)
+    checked = check_cells(cells, lambda m: candidates(None, None, None, m, planar_names, tiles, args.row_words),
+                          check_chunk, args.workers, extra=(args.row_words,))
     print("compiled and checked", sum(len(v) for v in checked.values()), "candidates", flush=True)
     rows = []
     for shape in args.shapes:
@@ -161,7 +178,8 @@ def main() -> None:
             bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
             row = {"K": k, "N": n, "M": m, "bf16": bench(lambda: x @ w16(), copies=4),
                    "int4_op": bench(lambda: int4_op(x, *w4(), None, bias, GROUP), copies=4),
-                   "nvfp4": time_checked(candidates(x, bias, wf, m, wp, tiles), checked[(k, n, m)])}
+                   "nvfp4": time_checked(candidates(x, bias, wf, m, wp, tiles, args.row_words),
+                                         checked[(k, n, m)])}
             rows.append(row)
             name, us = best(row["nvfp4"])
             shipped = row["nvfp4"]["shipped"].get("us", float("nan"))

@@ -6,9 +6,11 @@ layout's tile kernel, `kernel._fp4_gemm_kernel`, converts each tile there). Swap
 
 Weights: planar words [N, K/8] (`format.to_planar_words`), a row's 64 K in 32 contiguous bytes; decoding and the
 block-scale multipliers: `planar.py`. K must be a multiple of 128 (a row's scales of one step are one 8- or 4-byte
-load). Pointers are formed once and a step adds scalars; whole tiles and splits (`EVEN`) load without masks. With
-`tma` in the configuration x and the words load through host TMA descriptors ([BLOCK_M, 64] and [BLOCK_N, 8]
-boxes; zero fill past M, N and K), as INT4's `one_dot.use_tma` decides.
+load). Each copy reads "row_words" words of each row (`row_words_for`): 8 (a 64-K block), 16 (a 128-K step) or 32
+(128 bytes: the loop then steps 256 K, two dots a step), split into blocks in registers (`_halves`, no shared-memory
+conversion in the sm_90 SASS). Pointers are formed once and a step adds scalars; whole tiles and splits (`EVEN`)
+load without masks. With `tma` in the configuration x and the words load through host TMA descriptors ([BLOCK_M,
+64] and [BLOCK_N, row_words] boxes; zero fill past M, N and K), as INT4's `one_dot.use_tma` decides.
 
 This kernel began as a probe (twenty-fourth session, `git show 36f33dc:tools/diag/fp4_one_dot_probe.py`): sm_90 SASS
 of the main loop 3.55 instructions per weight at 16 rows and 3.52 at 64 (128-wide tiles, NVFP4, bf16), against 6.53
@@ -32,38 +34,73 @@ STEP = 128  # K per step: one MMA (a literal in the kernels, which read no Pytho
 
 
 @triton.jit
-def _block64(w_src, kb, ok, m0, m1, m2, m3, EVEN: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr,
-             dt: tl.constexpr, ASM: tl.constexpr):
-    """[BLOCK_N, 64] weights (times 2**-X) of the 64-K block kb, 16-K tile j times m_j. w_src: the pointers of
-    block 0's 8 words of each row, or with TMA the words' descriptor ([BLOCK_N, 8] boxes)."""
-    if TMA:
-        words = w_src.load([tl.program_id(0) * BLOCK_N, kb * 8])
-    else:
-        words = load_tile(w_src + kb * 8, ok[:, None], EVEN, True)
+def _block64(words, m0, m1, m2, m3, BLOCK_N: tl.constexpr, dt: tl.constexpr, ASM: tl.constexpr):
+    """[BLOCK_N, 64] weights (times 2**-X) of a 64-K block from its 8 words of each row [BLOCK_N, 8], 16-K tile j
+    times m_j."""
     return _cat_k(_cat_k(tile16(words, 0, m0, BLOCK_N, dt, ASM), tile16(words, 1, m1, BLOCK_N, dt, ASM), BLOCK_N, 16),
                   _cat_k(tile16(words, 2, m2, BLOCK_N, dt, ASM), tile16(words, 3, m3, BLOCK_N, dt, ASM), BLOCK_N, 16),
                   BLOCK_N, 32)
 
 
 @triton.jit
+def _row_words(w_src, unit, ok, WORDS: tl.constexpr, EVEN: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK_N, WORDS] words of each row from word unit * WORDS (K unit * 8 * WORDS): a 64-K block's 8, a 128-K
+    step's 16 or a 256-K step's 32. w_src: the pointers of each row's first WORDS words, or with TMA the words'
+    descriptor ([BLOCK_N, WORDS] boxes)."""
+    if TMA:
+        words = w_src.load([tl.program_id(0) * BLOCK_N, unit * WORDS])
+    else:
+        words = load_tile(w_src + unit * WORDS, ok[:, None], EVEN, True)
+    return words
+
+
+@triton.jit
+def _halves(words, BLOCK_N: tl.constexpr, WIDTH: tl.constexpr):
+    """words [BLOCK_N, WIDTH] as its first and second halves of columns (registers only: `_cat_k` undone)."""
+    return tl.split(tl.reshape(words, (BLOCK_N, 2, WIDTH // 2)).permute(0, 2, 1))
+
+
+@triton.jit
+def _dot128(x_src, w0, w1, s_rows, k0, ok, K, acc, MX: tl.constexpr, EVEN: tl.constexpr, TMA: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, dt: tl.constexpr, ASM: tl.constexpr):
+    """acc plus the 128-K step at k0 from its two blocks' words w0, w1 [BLOCK_N, 8]: joined into one dot with
+    x^T [128, BLOCK_M] (pointers), or with TMA one dot per block with x^T from its [BLOCK_M, 64] box."""
+    m0, m1, m2, m3, m4, m5, m6, m7 = step_multipliers(s_rows, k0 // 128, ok, not EVEN, MX, dt == tl.float16, ASM)
+    a = _block64(w0, m0, m1, m2, m3, BLOCK_N, dt, ASM)
+    if TMA:
+        acc = tl.dot(a, tl.trans(x_src.load([tl.program_id(2) * BLOCK_M, k0])), acc)
+    a1 = _block64(w1, m4, m5, m6, m7, BLOCK_N, dt, ASM)
+    if TMA:
+        acc = tl.dot(a1, tl.trans(x_src.load([tl.program_id(2) * BLOCK_M, k0 + 64])), acc)
+    else:
+        acc = tl.dot(_cat_k(a, a1, BLOCK_N, 64), load_xt_rows(x_src, k0, K, EVEN, 128), acc)
+    return acc
+
+
+@triton.jit
 def _step(x_src, w_src, s_rows, k0, mask_n, K, acc, MX: tl.constexpr, EVEN: tl.constexpr, TMA: tl.constexpr,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
-    """acc plus the step at k0: its two 64-K blocks joined into one dot with x^T [128, BLOCK_M], or with TMA one dot
-    per block with x^T from its [BLOCK_M, 64] box. Past N or K (a split's last steps) words and scales load as 0."""
+          ROW_WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
+    """acc plus the step at k0: 128 K, or 256 with ROW_WORDS 32. The words of each row come ROW_WORDS at a time
+    (`_row_words`; 8: a copy per 64-K block; 16: the 128-K step's 64 bytes; 32: the 256-K step's 128 bytes, two
+    `_dot128`), split into blocks in registers. Past N or K (a split's last steps) words and scales load as 0."""
     if TMA:
         dt: tl.constexpr = x_src.dtype
     else:
         dt: tl.constexpr = x_src.dtype.element_ty
     ok = mask_n & (k0 < K)  # the scales load through pointers with TMA too: masked unless EVEN
-    m0, m1, m2, m3, m4, m5, m6, m7 = step_multipliers(s_rows, k0 // 128, ok, not EVEN, MX, dt == tl.float16, ASM)
-    a = _block64(w_src, k0 // 64, ok, m0, m1, m2, m3, EVEN, TMA, BLOCK_N, dt, ASM)
-    if TMA:
-        acc = tl.dot(a, tl.trans(x_src.load([tl.program_id(2) * BLOCK_M, k0])), acc)
-    a1 = _block64(w_src, k0 // 64 + 1, ok, m4, m5, m6, m7, EVEN, TMA, BLOCK_N, dt, ASM)
-    if TMA:
-        acc = tl.dot(a1, tl.trans(x_src.load([tl.program_id(2) * BLOCK_M, k0 + 64])), acc)
+    if ROW_WORDS == 8:
+        acc = _dot128(x_src, _row_words(w_src, k0 // 64, ok, 8, EVEN, TMA, BLOCK_N),
+                      _row_words(w_src, k0 // 64 + 1, ok, 8, EVEN, TMA, BLOCK_N), s_rows, k0, ok, K, acc, MX, EVEN, TMA,
+                      BLOCK_M, BLOCK_N, dt, ASM)
+    elif ROW_WORDS == 16:
+        w0, w1 = _halves(_row_words(w_src, k0 // 128, ok, 16, EVEN, TMA, BLOCK_N), BLOCK_N, 16)
+        acc = _dot128(x_src, w0, w1, s_rows, k0, ok, K, acc, MX, EVEN, TMA, BLOCK_M, BLOCK_N, dt, ASM)
     else:
-        acc = tl.dot(_cat_k(a, a1, BLOCK_N, 64), load_xt_rows(x_src, k0, K, EVEN, 128), acc)
+        lo, hi = _halves(_row_words(w_src, k0 // 256, ok, 32, EVEN, TMA, BLOCK_N), BLOCK_N, 32)
+        w0, w1 = _halves(lo, BLOCK_N, 16)
+        acc = _dot128(x_src, w0, w1, s_rows, k0, ok, K, acc, MX, EVEN, TMA, BLOCK_M, BLOCK_N, dt, ASM)
+        w2, w3 = _halves(hi, BLOCK_N, 16)
+        acc = _dot128(x_src, w2, w3, s_rows, k0 + 128, ok, K, acc, MX, EVEN, TMA, BLOCK_M, BLOCK_N, dt, ASM)
     return acc
 
 
@@ -72,7 +109,7 @@ def _fp4_one_dot_kernel(x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr, out_ptr, M, N,
                         K_STEPS: tl.constexpr, MX: tl.constexpr, POW_ACC: tl.constexpr, HAS_GLOBAL: tl.constexpr,
                         HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, TMA: tl.constexpr, ATOMIC: tl.constexpr,
                         ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        FINISH: tl.constexpr = False):
+                        FINISH: tl.constexpr = False, ROW_WORDS: tl.constexpr = 8):
     """y [M, N] (or its split-K part) from K_STEPS 128-K steps, the first peeled off the loop (one accumulator,
     wgmmas in flight across steps); grid (N tiles, K splits, M tiles). The accumulator is multiplied by POW_ACC
     (2**X) and NVFP4's global scale, the bias added by the first split. x's rows past M wrap (`xt_columns`) or, with
@@ -90,13 +127,15 @@ def _fp4_one_dot_kernel(x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr, out_ptr, M, N,
         # the row stride K / 8 words written K // 128 * 16 (K % 128 == 0 here): provably a multiple of 16 words,
         # so the words copy 16 bytes at a time (LDGSTS.E.BYPASS.128), not 8: up to 18% faster at 16 and 64 rows
         # (H100; benchmarks/sass_fp4_one_dot_word_loads_s49.txt, fp4_int4_gemm-new-stride-h100_s50.log)
-        w_src = w_ptr + offs_n.to(tl.int64)[:, None] * (K // 128 * 16) + tl.arange(0, 8)[None, :]
+        w_src = w_ptr + offs_n.to(tl.int64)[:, None] * (K // 128 * 16) + tl.arange(0, ROW_WORDS)[None, :]
     s_type: tl.constexpr = tl.int32 if MX else tl.int64
     s_rows = s_ptr.to(tl.pointer_type(s_type)) + offs_n.to(tl.int64) * (K // 128)
+    STEP_K: tl.constexpr = 256 if ROW_WORDS == 32 else 128
     acc = _step(x_src, w_src, s_rows, k_lo, mask_n, K, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), MX, EVEN, TMA,
-                BLOCK_M, BLOCK_N, ASM)
+                ROW_WORDS, BLOCK_M, BLOCK_N, ASM)
     for step in range(1, K_STEPS):
-        acc = _step(x_src, w_src, s_rows, k_lo + step * 128, mask_n, K, acc, MX, EVEN, TMA, BLOCK_M, BLOCK_N, ASM)
+        acc = _step(x_src, w_src, s_rows, k_lo + step * STEP_K, mask_n, K, acc, MX, EVEN, TMA, ROW_WORDS, BLOCK_M,
+                    BLOCK_N, ASM)
     acc = acc * POW_ACC
     if HAS_GLOBAL:
         acc = acc * tl.load(g_ptr)
@@ -115,6 +154,16 @@ def supports(x_dtype: torch.dtype, k: int) -> bool:
     return x_dtype in (torch.float16, torch.bfloat16) and k % STEP == 0
 
 
+def row_words_for(cfg: dict, k: int) -> int:
+    """Words of each weight row one copy reads per step: cfg's "row_words" (8, the default: one copy per 64-K block;
+    16: the 128-K step's 64 bytes; 32: 128 bytes, a 256-K step, which needs K a multiple of 256 and falls back to 16
+    otherwise). With TMA, the words' box is [BLOCK_N, row_words]."""
+    words = cfg.get("row_words", 8)
+    if words not in (8, 16, 32):
+        raise ValueError(f"one-dot FP4 kernel: row_words must be 8, 16 or 32 (got {words})")
+    return 16 if words == 32 and k % (2 * STEP) else words
+
+
 def launch(x2d, words, w_scale, w_global, bias, cfg: dict, *, asm: bool, finish: bool = False, wrap=identity,
            num_sms: int = 132) -> torch.Tensor:
     """`x2d @ dequant(W).T (+ bias)` [M, N] with `_fp4_one_dot_kernel`: fp32 when split-K (atomics; the bias already
@@ -130,19 +179,23 @@ def launch(x2d, words, w_scale, w_global, bias, cfg: dict, *, asm: bool, finish:
     x_src, w_src = x2d, words
     if tma:
         cfg = with_tma_tile(cfg)
+    row_words = row_words_for(cfg, k)
+    if tma:
         x_src = TensorDescriptor.from_tensor(x2d, [cfg["BLOCK_M"], 64])
-        w_src = TensorDescriptor.from_tensor(words, [cfg["BLOCK_N"], 8])
+        w_src = TensorDescriptor.from_tensor(words, [cfg["BLOCK_N"], row_words])
     tiles_n = cdiv(n, cfg["BLOCK_N"])
-    splits, per = split_for_waves(k, tiles_n, STEP, cfg["waves"], num_sms, cfg.get("resident", 0))
+    splits, per = split_for_waves(k, tiles_n, STEP * (2 if row_words == 32 else 1), cfg["waves"], num_sms,
+                                  cfg.get("resident", 0))
     tiles_m = cdiv(m, cfg["BLOCK_M"])
     y, out = split_k_outputs(m, n, splits, tiles_m * tiles_n, x2d.dtype, x2d.device, finish)
     wrap(_fp4_one_dot_kernel)[(tiles_n, splits, tiles_m)](
         x_src, w_src, w_scale, optional_arg(w_global, w_scale), optional_arg(bias, x2d), y, optional_arg(out, x2d),
         m, n, k, x2d.stride(0),
-        per, K_STEPS=per // STEP, MX=mx, POW_ACC=2.0 ** PAIR_ACC_SHIFT[mx, x2d.dtype],
+        per, K_STEPS=per // (STEP * (2 if row_words == 32 else 1)), MX=mx, POW_ACC=2.0 ** PAIR_ACC_SHIFT[mx, x2d.dtype],
         HAS_GLOBAL=w_global is not None,
         HAS_BIAS=bias is not None, EVEN=whole_tiles(n, cfg["BLOCK_N"], splits, per, k), TMA=tma, ATOMIC=splits > 1,
-        ASM=asm, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], FINISH=finish, num_warps=cfg["num_warps"],
+        ASM=asm, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], FINISH=finish, ROW_WORDS=row_words,
+        num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
     return out if finish else y

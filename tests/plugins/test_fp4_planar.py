@@ -287,20 +287,45 @@ def test_one_dot_kernel_interpreter(fmt, m):
 
 
 @triton_interp
-@pytest.mark.filterwarnings("error::RuntimeWarning")  # an unmasked scale load past the weight reads garbage: NaN
 @pytest.mark.parametrize("fmt", FMTS)
-def test_one_dot_tma_loads_interpreter(fmt):
-    """The TMA loads (the interpreter's descriptors) on a partial N tile with K split unevenly: zero fill past N and
-    K for x and the words, the scales masked (no NaN from bytes past the weight), against float64."""
+@pytest.mark.parametrize("row_words", [16, 32])
+def test_one_dot_row_copies_interpreter(fmt, row_words):
+    """"row_words": a row's words of a step in one copy, split into 64-K blocks in registers (32: 256-K steps), on a
+    partial N tile with K split unevenly (steps past K), whole tiles and splits (EVEN), and K an odd number of 128-K
+    steps (32 falls back to 16), each against float64."""
     from qcompile.plugins.fp4_gemm import one_dot
 
-    case = planar_case(fmt, 1152, 96, seed=7)
-    x = torch.randn(5, 1152, generator=torch.Generator().manual_seed(7)).to(torch.float16)
-    cfg = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2, waves=4, tma=dict(min_n=0, interpret=True))
+    for n, k, block_n, even, words in ((80, 1280, 64, False, row_words), (64, 1024, 32, True, row_words),
+                                       (48, 1152, 16, False, 16)):
+        cfg = dict(BLOCK_M=16, BLOCK_N=block_n, num_warps=4, num_stages=2, waves=4, row_words=row_words)
+        case = planar_case(fmt, k, n, seed=n)
+        x = torch.randn(5, k, generator=torch.Generator().manual_seed(n)).to(torch.float16)
+        bias = torch.randn(n)
+        seen = []
+        y = one_dot.launch(x, *args(case), bias, cfg, asm=False, num_sms=2,
+                           wrap=launch_spy(lambda grid, kw: seen.append((grid[1], kw["EVEN"], kw["ROW_WORDS"]))))
+        assert seen[0][0] > 1 and seen[0][1:] == (even, words), seen  # split K
+        assert_rel_l2(y.to(torch.float16), oracle(x, case, bias), torch.float16)
+
+
+@triton_interp
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # an unmasked scale load past the weight reads garbage: NaN
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("row_words, k", [(8, 1152), (32, 1280)])
+def test_one_dot_tma_loads_interpreter(fmt, row_words, k):
+    """The TMA loads (the interpreter's descriptors) on a partial N tile with K split unevenly: zero fill past N and
+    K for x and the words, the scales masked (no NaN from bytes past the weight), against float64; the words in
+    [BLOCK_N, 8] boxes, or in [BLOCK_N, 32] with 256-K steps ("row_words" 32)."""
+    from qcompile.plugins.fp4_gemm import one_dot
+
+    case = planar_case(fmt, k, 96, seed=7)
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(7)).to(torch.float16)
+    cfg = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2, waves=4, tma=dict(min_n=0, interpret=True),
+               row_words=row_words)
     seen = []
     y = one_dot.launch(x, *args(case), None, cfg, asm=False, num_sms=2,
-                       wrap=launch_spy(lambda grid, kw: seen.append((grid[1], kw["TMA"], kw["EVEN"]))))
-    assert seen[0][0] > 1 and seen[0][1:] == (True, False), seen
+                       wrap=launch_spy(lambda grid, kw: seen.append((grid[1], kw["TMA"], kw["EVEN"], kw["ROW_WORDS"]))))
+    assert seen[0][0] > 1 and seen[0][1:] == (True, False, row_words), seen
     assert_rel_l2(y.to(torch.float16), oracle(x, case), torch.float16)
 
 
@@ -358,22 +383,52 @@ def test_cuda_planar_op_matches_float64(fmt, dtype, m, shape):
 @pytest.mark.parametrize("fmt", FMTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("tile", [(16, 128), (64, 128), (128, 64)])
-def test_cuda_one_dot_tma_tiles(fmt, dtype, tile):
-    """The one-dot kernel with TMA loads (rows past M and N zero-filled) against float64."""
+@pytest.mark.parametrize("row_words", [8, 32])
+def test_cuda_one_dot_tma_tiles(fmt, dtype, tile, row_words):
+    """The one-dot kernel with TMA loads (rows past M and N zero-filled) against float64; the words in [BLOCK_N, 8]
+    boxes, or [BLOCK_N, 32] with 256-K steps."""
     from qcompile.plugins.fp4_gemm import one_dot
 
     bm, bn = tile
     case = planar_case(fmt, 2048, 352, seed=bm)
     x = torch.randn(bm - 3, 2048, generator=torch.Generator().manual_seed(bm)).to(dtype)
     dev = [t.cuda() if t is not None else None for t in (x, *args(case))]
-    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=3, waves=2, tma=dict(min_n=0))
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=3, waves=2, tma=dict(min_n=0), row_words=row_words)
     seen = []
-    y = one_dot.launch(*dev, None, cfg, asm=True, wrap=launch_spy(lambda grid, kw: seen.append(kw["TMA"])))
-    assert seen == [True]
+    y = one_dot.launch(*dev, None, cfg, asm=True,
+                       wrap=launch_spy(lambda grid, kw: seen.append((kw["TMA"], kw["ROW_WORDS"]))))
+    assert seen == [(True, row_words)]
     assert_rel_l2(y.to(dtype), oracle(x, case), dtype)
     y_out = one_dot.launch(*dev, None, cfg, asm=True, finish=True)  # the kernel writes y (`kernel.finished`)
     assert y_out.dtype == dtype
     assert_rel_l2(y_out, oracle(x, case), dtype)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("row_words", [16, 32])
+@pytest.mark.parametrize("tile", [(16, 128), (16, 64), (64, 64)])
+def test_cuda_one_dot_row_copies(fmt, dtype, row_words, tile):
+    """The one-dot kernel copying 16 or 32 words of each weight row a step (32: 256-K steps), split K, a partial N
+    tile, fp32 partial sums and the finished y + bias, against float64."""
+    from qcompile.plugins.fp4_gemm import one_dot
+
+    bm, bn = tile
+    case = planar_case(fmt, 2560, 352, seed=bm + row_words)
+    x = torch.randn(bm - 3, 2560, generator=torch.Generator().manual_seed(bm)).to(dtype)
+    bias = torch.randn(352)
+    dev = [t.cuda() if t is not None else None for t in (x, *args(case))]
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=3, waves=4, row_words=row_words)
+    seen = []
+    y = one_dot.launch(*dev, bias.cuda(), cfg, asm=True, num_sms=132,
+                       wrap=launch_spy(lambda grid, kw: seen.append((grid[1], kw["ROW_WORDS"]))))
+    assert seen[0][0] > 1 and seen[0][1] == row_words, seen
+    assert_rel_l2(y.to(dtype), oracle(x, case, bias), dtype)
+    y_out = one_dot.launch(*dev, bias.cuda(), cfg, asm=True, finish=True)
+    assert y_out.dtype == dtype
+    assert_rel_l2(y_out, oracle(x, case, bias), dtype)
 
 
 @pytest.mark.gpu

@@ -85,13 +85,17 @@ def global_loads(body: list[str]) -> collections.Counter:
 
 def report(name: str, sass: str, weights_per_thread: int, all_loops: bool = False, loads: bool = False) -> None:
     bodies = loop_bodies(sass)[:None if all_loops else 1]
+    spills = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+                                 for _, text in instructions(sass))
     for i, body in enumerate(bodies):
         hist = collections.Counter(op.split(".")[0] for op in body)
         top = " ".join(f"{op}:{c}" for op, c in hist.most_common(10))
         label = f"{name} (loop {i + 1} of {len(bodies)})" if len(bodies) > 1 else name
         print(f"{label}: {len(body)} instructions per step, {len(body) / weights_per_thread:.2f} per weight | {top}")
         if loads:
-            print("    global loads: " + " ".join(f"{op}:{c}" for op, c in sorted(global_loads(body).items())))
+            print("    global loads: " + " ".join(f"{op}:{c}" for op, c in sorted(global_loads(body).items()))
+                  + " | shared: " + " ".join(f"{op}:{hist[op]}" for op in ("LDS", "LDSM", "STS"))
+                  + " | spills in the kernel: " + " ".join(f"{op}:{spills[op]}" for op in ("LDL", "STL")))
 
 
 def _cases():
@@ -163,9 +167,19 @@ def _cases():
         yield (f"fp4_one_dot_{bm}" + ("_mx" if mx else "") + ("_tma" if tma else "") + ("_finish" if finish else ""),
                f4o._fp4_one_dot_kernel, dict(od4_sig, **descriptors),
                dict(K_STEPS=32, MX=mx, POW_ACC=512.0, HAS_GLOBAL=not mx, HAS_BIAS=finish, EVEN=True, TMA=tma,
-                    ATOMIC=True, ASM=True, BLOCK_M=bm, BLOCK_N=bn, FINISH=finish),
+                    ATOMIC=True, ASM=True, BLOCK_M=bm, BLOCK_N=bn, FINISH=finish, ROW_WORDS=8),
                [d for d in ("x_ptr", "w_ptr", "s_ptr", "g_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "k_per_split")
                 if d not in descriptors], cfg["num_warps"], cfg["num_stages"], bn * 128 // (32 * cfg["num_warps"]))
+        for row_words in (16, 32) if not finish else ():  # _rw16 / _rw32: one copy of a row's words a step
+            if tma:
+                descriptors = dict(descriptors, w_ptr=f"tensordesc<i32[{bn}, {row_words}]>")
+            yield (f"fp4_one_dot_{bm}" + ("_mx" if mx else "") + ("_tma" if tma else "") + f"_rw{row_words}",
+                   f4o._fp4_one_dot_kernel, dict(od4_sig, **descriptors),
+                   dict(K_STEPS=32, MX=mx, POW_ACC=512.0, HAS_GLOBAL=not mx, HAS_BIAS=False, EVEN=True, TMA=tma,
+                        ATOMIC=True, ASM=True, BLOCK_M=bm, BLOCK_N=bn, FINISH=False, ROW_WORDS=row_words),
+                   [d for d in ("x_ptr", "w_ptr", "s_ptr", "g_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm",
+                                "k_per_split") if d not in descriptors],
+                   cfg["num_warps"], cfg["num_stages"], bn * 8 * row_words // (32 * cfg["num_warps"]))
     from qcompile.plugins.fp4_gemm import gemv as g1, gemv_planar as gp
     gemv_sig = dict(pairs_ptr="*i32", down_ptr="*fp32", w_ptr="*u8", s_ptr="*u8", g_ptr="*fp32", b_ptr="*bf16",
                     y_ptr="*bf16", N="i32", KU="i32")
@@ -215,7 +229,9 @@ def main() -> None:
     ap.add_argument("cases", nargs="*", help="case names (default: all)")
     ap.add_argument("--dtype", default="bf16", help="x (and its tiles) in this type: the kernels whose x is *bf16")
     ap.add_argument("--block-n", type=int, help="every case's BLOCK_N (weight rows or columns per program)")
-    ap.add_argument("--loads", action="store_true", help="also each loop's global loads by width (LDG, LDGSTS, TMA)")
+    ap.add_argument("--loads", action="store_true", help="also each loop's global loads by width (LDG, LDGSTS, "
+                    "TMA), its shared-memory loads and stores (a layout conversion shows as STS), and the kernel's "
+                    "local loads and stores (spills)")
     ap.add_argument("--all-loops", action="store_true",
                     help="every loop, not only the first (e.g. the INT4 GEMVs' x pairs as int32 words or fp16 values)")
     args = ap.parse_args()
