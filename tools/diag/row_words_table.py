@@ -16,7 +16,8 @@ def label(name: str) -> str:
     if not name.startswith("one_dot "):
         return name
     cfg = json.loads(name[len("one_dot "):])
-    return f"n{cfg['BLOCK_N']} w{cfg['waves']} rw{cfg.get('row_words', 8)}"
+    tma = f" tma(min_k {cfg['tma'].get('min_k', 0)})" if "tma" in cfg else ""
+    return f"n{cfg['BLOCK_N']} w{cfg['waves']} rw{cfg.get('row_words', 8)}{tma}"
 
 
 def main() -> None:

@@ -12,7 +12,9 @@ schedulers x 32 lanes x ~1.98 GHz; 235 M weights at 3 instructions each is 21 µ
                                       int4_dequant_t_fp8
                                       int4_one_dot_16 int4_one_dot_64 int4_one_dot_128 (each also _scale_w, _tma,
                                       _scale_w_tma) fp4_gemm fp4_gemm_64 fp4_one_dot_16 fp4_one_dot_64
-                                      fp4_one_dot_128 (each also _mx, _tma, _mx_tma) fp4_one_dot_16_tma_finish
+                                      fp4_one_dot_128 (each also _mx, _tma, _mx_tma, and _rw8 / _rw16 / _rw32: the
+                                      words of each row a copy reads, where not the shipped setting)
+                                      fp4_one_dot_16_tma_finish
                                       fp4_gemv fp4_gemv_planar (each
                                       also _mx) w8a16_row_dot
                                       w8a16_row_dot_32x256_w2 w8a16_row_dot_16x256_w1 w8a16_row_dot_64x256_w4 (each
@@ -155,6 +157,7 @@ def _cases():
                ["x_ptr", "w_ptr", "s_ptr", "g_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm"], cfg["num_warps"],
                cfg["num_stages"], cfg["BLOCK_N"] * 128 // (32 * cfg["num_warps"]))
     from qcompile.plugins.fp4_gemm import one_dot as f4o
+    step_k = lambda row_words: 256 if row_words == 32 else 128  # noqa: E731  (K per loop step)
     od4_sig = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", g_ptr="*fp32", b_ptr="*bf16", y_ptr="*fp32",
                    out_ptr="*bf16", **ptrs(["M", "N", "K", "stride_xm", "k_per_split"], "i32"))
     for (_, cfg), mx, tma, finish in itertools.chain(itertools.product(f4.ONE_DOT, (False, True), (False, True),
@@ -167,10 +170,11 @@ def _cases():
         yield (f"fp4_one_dot_{bm}" + ("_mx" if mx else "") + ("_tma" if tma else "") + ("_finish" if finish else ""),
                f4o._fp4_one_dot_kernel, dict(od4_sig, **descriptors),
                dict(K_STEPS=32, MX=mx, POW_ACC=512.0, HAS_GLOBAL=not mx, HAS_BIAS=finish, EVEN=True, TMA=tma,
-                    ATOMIC=True, ASM=True, BLOCK_M=bm, BLOCK_N=bn, FINISH=finish, ROW_WORDS=8),
+                    ATOMIC=True, ASM=True, BLOCK_M=bm, BLOCK_N=bn, FINISH=finish, ROW_WORDS=cfg.get("row_words", 8)),
                [d for d in ("x_ptr", "w_ptr", "s_ptr", "g_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "k_per_split")
-                if d not in descriptors], cfg["num_warps"], cfg["num_stages"], bn * 128 // (32 * cfg["num_warps"]))
-        for row_words in (16, 32) if not finish else ():  # _rw16 / _rw32: one copy of a row's words a step
+                if d not in descriptors], cfg["num_warps"], cfg["num_stages"],
+               bn * step_k(cfg.get("row_words", 8)) // (32 * cfg["num_warps"]))
+        for row_words in sorted({8, 16, 32} - {cfg.get("row_words", 8)}) if not finish else ():  # _rw8/16/32
             if tma:
                 descriptors = dict(descriptors, w_ptr=f"tensordesc<i32[{bn}, {row_words}]>")
             yield (f"fp4_one_dot_{bm}" + ("_mx" if mx else "") + ("_tma" if tma else "") + f"_rw{row_words}",
@@ -179,7 +183,7 @@ def _cases():
                         ATOMIC=True, ASM=True, BLOCK_M=bm, BLOCK_N=bn, FINISH=False, ROW_WORDS=row_words),
                    [d for d in ("x_ptr", "w_ptr", "s_ptr", "g_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm",
                                 "k_per_split") if d not in descriptors],
-                   cfg["num_warps"], cfg["num_stages"], bn * 8 * row_words // (32 * cfg["num_warps"]))
+                   cfg["num_warps"], cfg["num_stages"], bn * step_k(row_words) // (32 * cfg["num_warps"]))
     from qcompile.plugins.fp4_gemm import gemv as g1, gemv_planar as gp
     gemv_sig = dict(pairs_ptr="*i32", down_ptr="*fp32", w_ptr="*u8", s_ptr="*u8", g_ptr="*fp32", b_ptr="*bf16",
                     y_ptr="*bf16", N="i32", KU="i32")
