@@ -110,11 +110,12 @@ def _fp4_one_dot_kernel(x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr, out_ptr, M, N,
                         HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, TMA: tl.constexpr, ATOMIC: tl.constexpr,
                         ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         FINISH: tl.constexpr = False, ROW_WORDS: tl.constexpr = 8):
-    """y [M, N] (or its split-K part) from K_STEPS 128-K steps, the first peeled off the loop (one accumulator,
-    wgmmas in flight across steps); grid (N tiles, K splits, M tiles). The accumulator is multiplied by POW_ACC
-    (2**X) and NVFP4's global scale, the bias added by the first split. x's rows past M wrap (`xt_columns`) or, with
-    TMA (x_ptr, w_ptr: descriptors), load as 0. FINISH: out_ptr gets `y + bias` in its dtype from
-    `finish_swapped_tile` (split K: y_ptr is the zeroed fp32 accumulator [M, N], then one count per tile)."""
+    """y [M, N] (or its split-K part) from K_STEPS steps of 128 K (256 with ROW_WORDS 32: `_step`), the first
+    peeled off the loop (one accumulator, wgmmas in flight across steps); grid (N tiles, K splits, M tiles). The
+    accumulator is multiplied by POW_ACC (2**X) and NVFP4's global scale, the bias added by the first split. x's
+    rows past M wrap (`xt_columns`) or, with TMA (x_ptr, w_ptr: descriptors), load as 0. FINISH: out_ptr gets
+    `y + bias` in its dtype from `finish_swapped_tile` (split K: y_ptr is the zeroed fp32 accumulator [M, N], then
+    one count per tile)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_n = offs_n < N
@@ -168,8 +169,8 @@ def launch(x2d, words, w_scale, w_global, bias, cfg: dict, *, asm: bool, finish:
            num_sms: int = 132) -> torch.Tensor:
     """`x2d @ dequant(W).T (+ bias)` [M, N] with `_fp4_one_dot_kernel`: fp32 when split-K (atomics; the bias already
     added), else x2d.dtype; x2d.dtype either way with `finish` (the kernel writes it, `finish_split_tile`).
-    cfg: BLOCK_M, BLOCK_N, num_warps, num_stages, waves and resident (`split_for_waves`), optionally tma
-    (`int4_gemm.one_dot.use_tma`: {"min_n": ...}; its other keys override the tile's)."""
+    cfg: BLOCK_M, BLOCK_N, num_warps, num_stages, waves and resident (`split_for_waves`), optionally row_words
+    (`row_words_for`) and tma (`int4_gemm.one_dot.use_tma`: {"min_n": ...}; its other keys override the tile's)."""
     m, k = x2d.shape
     n = words.shape[0]
     if not supports(x2d.dtype, k):
