@@ -155,6 +155,11 @@ def supports(x_dtype: torch.dtype, k: int) -> bool:
     return x_dtype in (torch.float16, torch.bfloat16) and k % STEP == 0
 
 
+def step_k(row_words: int) -> int:
+    """K per loop step of `_fp4_one_dot_kernel` (its STEP_K): 256 when it reads 32 words of each row, else STEP."""
+    return 2 * STEP if row_words == 32 else STEP
+
+
 def row_words_for(cfg: dict, k: int) -> int:
     """Words of each weight row one copy reads per step: cfg's "row_words" (8, the default: one copy per 64-K block;
     16: the 128-K step's 64 bytes; 32: 128 bytes, a 256-K step, which needs K a multiple of 256 and falls back to 16
@@ -162,7 +167,7 @@ def row_words_for(cfg: dict, k: int) -> int:
     words = cfg.get("row_words", 8)
     if words not in (8, 16, 32):
         raise ValueError(f"one-dot FP4 kernel: row_words must be 8, 16 or 32 (got {words})")
-    return 16 if words == 32 and k % (2 * STEP) else words
+    return 16 if words == 32 and k % step_k(32) else words
 
 
 def launch(x2d, words, w_scale, w_global, bias, cfg: dict, *, asm: bool, finish: bool = False, wrap=identity,
@@ -185,14 +190,13 @@ def launch(x2d, words, w_scale, w_global, bias, cfg: dict, *, asm: bool, finish:
         x_src = TensorDescriptor.from_tensor(x2d, [cfg["BLOCK_M"], 64])
         w_src = TensorDescriptor.from_tensor(words, [cfg["BLOCK_N"], row_words])
     tiles_n = cdiv(n, cfg["BLOCK_N"])
-    splits, per = split_for_waves(k, tiles_n, STEP * (2 if row_words == 32 else 1), cfg["waves"], num_sms,
-                                  cfg.get("resident", 0))
+    splits, per = split_for_waves(k, tiles_n, step_k(row_words), cfg["waves"], num_sms, cfg.get("resident", 0))
     tiles_m = cdiv(m, cfg["BLOCK_M"])
     y, out = split_k_outputs(m, n, splits, tiles_m * tiles_n, x2d.dtype, x2d.device, finish)
     wrap(_fp4_one_dot_kernel)[(tiles_n, splits, tiles_m)](
         x_src, w_src, w_scale, optional_arg(w_global, w_scale), optional_arg(bias, x2d), y, optional_arg(out, x2d),
         m, n, k, x2d.stride(0),
-        per, K_STEPS=per // (STEP * (2 if row_words == 32 else 1)), MX=mx, POW_ACC=2.0 ** PAIR_ACC_SHIFT[mx, x2d.dtype],
+        per, K_STEPS=per // step_k(row_words), MX=mx, POW_ACC=2.0 ** PAIR_ACC_SHIFT[mx, x2d.dtype],
         HAS_GLOBAL=w_global is not None,
         HAS_BIAS=bias is not None, EVEN=whole_tiles(n, cfg["BLOCK_N"], splits, per, k), TMA=tma, ATOMIC=splits > 1,
         ASM=asm, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], FINISH=finish, ROW_WORDS=row_words,

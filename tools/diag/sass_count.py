@@ -157,33 +157,26 @@ def _cases():
                ["x_ptr", "w_ptr", "s_ptr", "g_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm"], cfg["num_warps"],
                cfg["num_stages"], cfg["BLOCK_N"] * 128 // (32 * cfg["num_warps"]))
     from qcompile.plugins.fp4_gemm import one_dot as f4o
-    step_k = lambda row_words: 256 if row_words == 32 else 128  # noqa: E731  (K per loop step)
     od4_sig = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", g_ptr="*fp32", b_ptr="*bf16", y_ptr="*fp32",
                    out_ptr="*bf16", **ptrs(["M", "N", "K", "stride_xm", "k_per_split"], "i32"))
     for (_, cfg), mx, tma, finish in itertools.chain(itertools.product(f4.ONE_DOT, (False, True), (False, True),
                                                                        (False,)), [(f4.ONE_DOT[0], False, True, True)]):
         # the op's one-dot tiles on planar words (16, 64 and 128 rows), NVFP4 or MXFP4 (_mx), pointer or TMA loads
-        # (_tma: x in [BLOCK_M, 64] boxes, the words in [BLOCK_N, 8]); 32 steps; _finish: y + bias written by the
-        # kernel (as shipped)
+        # (_tma: x in [BLOCK_M, 64] boxes, the words in [BLOCK_N, row_words]); 32 steps; _finish: y + bias written
+        # by the kernel (as shipped); _rw8 / _rw16 / _rw32: the row_words settings other than the bucket's
         bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-        descriptors = dict(x_ptr=f"tensordesc<bf16[{bm}, 64]>", w_ptr=f"tensordesc<i32[{bn}, 8]>") if tma else {}
-        yield (f"fp4_one_dot_{bm}" + ("_mx" if mx else "") + ("_tma" if tma else "") + ("_finish" if finish else ""),
-               f4o._fp4_one_dot_kernel, dict(od4_sig, **descriptors),
-               dict(K_STEPS=32, MX=mx, POW_ACC=512.0, HAS_GLOBAL=not mx, HAS_BIAS=finish, EVEN=True, TMA=tma,
-                    ATOMIC=True, ASM=True, BLOCK_M=bm, BLOCK_N=bn, FINISH=finish, ROW_WORDS=cfg.get("row_words", 8)),
-               [d for d in ("x_ptr", "w_ptr", "s_ptr", "g_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "k_per_split")
-                if d not in descriptors], cfg["num_warps"], cfg["num_stages"],
-               bn * step_k(cfg.get("row_words", 8)) // (32 * cfg["num_warps"]))
-        for row_words in sorted({8, 16, 32} - {cfg.get("row_words", 8)}) if not finish else ():  # _rw8/16/32
-            if tma:
-                descriptors = dict(descriptors, w_ptr=f"tensordesc<i32[{bn}, {row_words}]>")
-            yield (f"fp4_one_dot_{bm}" + ("_mx" if mx else "") + ("_tma" if tma else "") + f"_rw{row_words}",
+        shipped = cfg.get("row_words", 8)
+        for row_words in [shipped] + ([] if finish else sorted({8, 16, 32} - {shipped})):
+            descriptors = dict(x_ptr=f"tensordesc<bf16[{bm}, 64]>",
+                               w_ptr=f"tensordesc<i32[{bn}, {row_words}]>") if tma else {}
+            yield (f"fp4_one_dot_{bm}" + ("_mx" if mx else "") + ("_tma" if tma else "") + ("_finish" if finish else "")
+                   + ("" if row_words == shipped else f"_rw{row_words}"),
                    f4o._fp4_one_dot_kernel, dict(od4_sig, **descriptors),
-                   dict(K_STEPS=32, MX=mx, POW_ACC=512.0, HAS_GLOBAL=not mx, HAS_BIAS=False, EVEN=True, TMA=tma,
-                        ATOMIC=True, ASM=True, BLOCK_M=bm, BLOCK_N=bn, FINISH=False, ROW_WORDS=row_words),
+                   dict(K_STEPS=32, MX=mx, POW_ACC=512.0, HAS_GLOBAL=not mx, HAS_BIAS=finish, EVEN=True, TMA=tma,
+                        ATOMIC=True, ASM=True, BLOCK_M=bm, BLOCK_N=bn, FINISH=finish, ROW_WORDS=row_words),
                    [d for d in ("x_ptr", "w_ptr", "s_ptr", "g_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm",
                                 "k_per_split") if d not in descriptors],
-                   cfg["num_warps"], cfg["num_stages"], bn * step_k(row_words) // (32 * cfg["num_warps"]))
+                   cfg["num_warps"], cfg["num_stages"], bn * f4o.step_k(row_words) // (32 * cfg["num_warps"]))
     from qcompile.plugins.fp4_gemm import gemv as g1, gemv_planar as gp
     gemv_sig = dict(pairs_ptr="*i32", down_ptr="*fp32", w_ptr="*u8", s_ptr="*u8", g_ptr="*fp32", b_ptr="*bf16",
                     y_ptr="*bf16", N="i32", KU="i32")
