@@ -90,8 +90,9 @@ WIDE = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, sms_per_tile=2)
 # against 0.2895 / 0.2751 ms with it, 64 rows in 0.3880 against 0.3883, 128 rows in 0.4427 against 0.4367 (H100,
 # CUDA graph, BENCHMARKS.md thirty-seventh session). 16 rows copy each weight row's 64 bytes of a step at once
 # ("row_words" 16, `one_dot.row_words_for`), not 32 per 64-K block: 14.7 -> 12.6 µs on 4096 x 4096 and 86.4 -> 81.8
-# on 8192 x 28672 (H100, NVFP4, bf16; benchmarks/row_words_table-h100_s51.txt). 64 rows keep 8: 16 was no faster,
-# and 32 (256-K steps) took 1.07-1.72x as long as the shipped tile on both layers.
+# on 8192 x 28672 (H100, NVFP4, bf16; benchmarks/row_words_table-h100_s51.txt), 28.0 -> 26.0 on 4096 x 14336 and
+# 26.9 -> 25.3 on 14336 x 4096, where 32 was slower at either width (row_words_table-h100_s52.txt). 64 rows keep 8:
+# 16 was no faster, and 32 (256-K steps) took 1.07-1.72x as long as the shipped tile on both layers measured.
 MID_TMA = dict(min_n=0, min_k=8192, BLOCK_N=128)
 ONE_DOT = [(16, dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3, waves=4, finish=True, row_words=16)),
            (MID_M_MAX, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, waves=2, tma=MID_TMA, finish=True)),
