@@ -106,7 +106,8 @@ def finished(configs: list = ONE_DOT, finish: bool = True) -> list:
     return [(limit, dict(cfg, finish=finish)) for limit, cfg in configs]
 
 
-DEQUANT = dict(BLOCK_N=16, BLOCK_K=512, num_warps=4)  # tile of `_fp4_dequant_kernel`: best of 6 (benchmarks/dequant.json)
+# tile of `_fp4_dequant_kernel`: best of 6 (benchmarks/dequant.json)
+DEQUANT = dict(BLOCK_N=16, BLOCK_K=512, num_warps=4)
 TINY = {torch.float32: 126, torch.bfloat16: 126, torch.float16: 14}  # decoded bits = value * 2**-TINY
 ACC_SHIFT = {(False, torch.float16): 9, (True, torch.float16): 4}  # X per (MXFP4?, dtype); else below
 ACC_SHIFT_DEFAULT = {False: 9, True: 16}  # NVFP4: E4M3 <= 448 < 2**9; MXFP4: scales up to 2**17
