@@ -94,10 +94,12 @@ def shipped_finish(m: int) -> bool:
     return m < fp4.LARGE_M_MIN and bucket_for(fp4.ONE_DOT, m)["finish"]
 
 
-def candidates(x, bias, weights, m: int, planar=None, tiles: bool = True, row_words: bool = False) -> dict:
+def candidates(x, bias, weights, m: int, planar=None, tiles: bool = True, row_words: bool = False,
+               words: int = 0) -> dict:
     """weights() -> (w_packed, w_scale, w_global) of the next rotating copy, planar() the same as planar words (None:
     no planar candidates); tiles: also the byte layout's tile configurations; row_words: the one-dot candidates are
-    `row_words_configs`, not `one_dot_configs`. Each candidate returns the output."""
+    `row_words_configs`, not `one_dot_configs`; words: each of `one_dot_configs` reads that many words of each
+    weight row per step (its "row_words"; 0: the kernel's default). Each candidate returns the output."""
     def shipped():
         return fp4.fp4_gemm_triton(x, *weights(), bias, BLOCK)
 
@@ -122,7 +124,8 @@ def candidates(x, bias, weights, m: int, planar=None, tiles: bool = True, row_wo
         if m == 1:
             out.update({"gemv_planar " + json.dumps(c): gemv(c) for c in gemv_planar_configs()})
         else:
-            configs = row_words_configs(m) if row_words else one_dot_configs(m)
+            configs = row_words_configs(m) if row_words else [dict(c, row_words=words) if words else c
+                                                              for c in one_dot_configs(m)]
             out.update({"one_dot " + json.dumps(c): one_dot(c) for c in configs})
     return out
 
@@ -140,10 +143,10 @@ def make_case(k: int, n: int, m: int):
 
 def check_chunk(task):
     """Worker: compile and check candidates `names` of one (K, N, M) cell."""
-    k, n, m, names, row_words = task
+    k, n, m, names, row_words, words = task
     x, bias, w, ref = make_case(k, n, m)
     wp = planar_weights(w)
-    return rel_errors(candidates(x, bias, lambda: w, m, lambda: wp, row_words=row_words), names, ref)
+    return rel_errors(candidates(x, bias, lambda: w, m, lambda: wp, row_words=row_words, words=words), names, ref)
 
 
 def main() -> None:
@@ -156,6 +159,8 @@ def main() -> None:
     ap.add_argument("--no-tiles", action="store_true", help="leave out the byte layout's tile configurations")
     ap.add_argument("--row-words", action="store_true", help="with --planar: the shipped one-dot tiles reading 8, "
                     "16 or 32 words of each weight row a step (`row_words_configs`) instead of the tile sweep")
+    ap.add_argument("--words", type=int, default=0, choices=(0, 8, 16, 32), help="with --planar: every one-dot "
+                    "candidate of the tile sweep reads this many words of each weight row a step (0: the default, 8)")
     ap.set_defaults(ms=[16, 64, 256])
     args = ap.parse_args()
     MODE["graph"] = args.cuda_graph
@@ -163,8 +168,9 @@ def main() -> None:
     cells = [(int(s.split("x")[0]), int(s.split("x")[1]), m) for s in args.shapes for m in args.ms]
     tiles = not args.no_tiles
     planar_names = (lambda: None) if args.planar else None  # names only: the candidates are not called here
-    checked = check_cells(cells, lambda m: candidates(None, None, None, m, planar_names, tiles, args.row_words),
-                          check_chunk, args.workers, extra=(args.row_words,))
+    checked = check_cells(cells, lambda m: candidates(None, None, None, m, planar_names, tiles, args.row_words,
+                                                      args.words),
+                          check_chunk, args.workers, extra=(args.row_words, args.words))
     print("compiled and checked", sum(len(v) for v in checked.values()), "candidates", flush=True)
     rows = []
     for shape in args.shapes:
@@ -178,7 +184,7 @@ def main() -> None:
             bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
             row = {"K": k, "N": n, "M": m, "bf16": bench(lambda: x @ w16(), copies=4),
                    "int4_op": bench(lambda: int4_op(x, *w4(), None, bias, GROUP), copies=4),
-                   "nvfp4": time_checked(candidates(x, bias, wf, m, wp, tiles, args.row_words),
+                   "nvfp4": time_checked(candidates(x, bias, wf, m, wp, tiles, args.row_words, args.words),
                                          checked[(k, n, m)])}
             rows.append(row)
             name, us = best(row["nvfp4"])

@@ -91,10 +91,18 @@ WIDE = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, sms_per_tile=2)
 # CUDA graph, BENCHMARKS.md thirty-seventh session). 16 rows copy each weight row's 64 bytes of a step at once
 # ("row_words" 16, `one_dot.row_words_for`), not 32 per 64-K block: 14.7 -> 12.6 µs on 4096 x 4096 and 86.4 -> 81.8
 # on 8192 x 28672 (H100, NVFP4, bf16; benchmarks/row_words_table-h100_s51.txt), 28.0 -> 26.0 on 4096 x 14336 and
-# 26.9 -> 25.3 on 14336 x 4096, where 32 was slower at either width (row_words_table-h100_s52.txt). 64 rows keep 8:
-# 16 was no faster, and 32 (256-K steps) took 1.07-1.72x as long as the shipped tile on both layers measured.
-MID_TMA = dict(min_n=0, min_k=8192, BLOCK_N=128)
-ONE_DOT = [(16, dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3, waves=4, finish=True, row_words=16)),
+# 26.9 -> 25.3 on 14336 x 4096, where 32 was slower at either width (row_words_table-h100_s52.txt). 64 rows through
+# pointers keep 8: 16 was no faster, and 32 (256-K steps) took 1.07-1.72x as long as the shipped tile on both layers.
+# 16 rows load through TMA ([128, 16]-word boxes, `SMALL_TMA`) on layers at least 16384 wide and 8192 deep: on
+# 8192 x 28672 67.6 against 82.1 µs, the best of 42 tiles reading 16 words; on the other three layers the best TMA
+# tile was 2-11% slower than the shipped pointer tile (H100, NVFP4, bf16; benchmarks/tune_fp4_words16-h100_s53.*).
+# The 17-64-row TMA tile reads 16 words too: 32.7 against 34.6 µs at 64 rows on 14336 x 4096, 90.6 against 96.7 on
+# 8192 x 28672 (H100; benchmarks/tune_fp4_words16-m64-m1-h100_s53.*; through pointers, on the K = 4096 layers, 16
+# words were within 1.5% of 8 either way).
+SMALL_TMA = dict(min_n=16384, min_k=8192)
+MID_TMA = dict(min_n=0, min_k=8192, BLOCK_N=128, row_words=16)
+ONE_DOT = [(16, dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3, waves=4, finish=True, row_words=16,
+                     tma=SMALL_TMA)),
            (MID_M_MAX, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, waves=2, tma=MID_TMA, finish=True)),
            (LARGE_M_MIN - 1, dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3, waves=1, finish=False))]
 

@@ -383,10 +383,11 @@ def test_cuda_planar_op_matches_float64(fmt, dtype, m, shape):
 @pytest.mark.parametrize("fmt", FMTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("tile", [(16, 128), (64, 128), (128, 64)])
-@pytest.mark.parametrize("row_words", [8, 32])
+@pytest.mark.parametrize("row_words", [8, 16, 32])
 def test_cuda_one_dot_tma_tiles(fmt, dtype, tile, row_words):
     """The one-dot kernel with TMA loads (rows past M and N zero-filled) against float64; the words in [BLOCK_N, 8]
-    boxes, or [BLOCK_N, 32] with 256-K steps."""
+    or [BLOCK_N, 16] boxes (the shipped TMA tiles', `kernel.SMALL_TMA` and `MID_TMA`), or [BLOCK_N, 32] with 256-K
+    steps."""
     from qcompile.plugins.fp4_gemm import one_dot
 
     bm, bn = tile
@@ -438,12 +439,15 @@ def test_cuda_one_dot_row_copies(fmt, dtype, row_words, tile):
                          ids=["nvfp4", "mxfp4", "nvfp4-k8192", "nvfp4-unfinished"])
 def test_cuda_aoti_package_planar_dynamic_rows(tmp_path, monkeypatch, fmt, k, finish):
     """bf16 x with a dynamic row count through AOTInductor on planar words: the planar GEMV, the one-dot tiles and
-    the planar dequantize path in one package, each against float64. At K = 8192 the 17-64-row bucket loads
-    through its TMA tile (`kernel.MID_TMA`). The one-dot tiles write y + bias themselves as shipped; unfinished:
-    fp32 partial sums and a cast kernel (`kernel.finished`)."""
+    the planar dequantize path in one package, each against float64. At K = 8192 the 2-16- and 17-64-row buckets
+    load through their TMA tiles (`kernel.SMALL_TMA`, its N bound lowered to this layer's; `kernel.MID_TMA`). The
+    one-dot tiles write y + bias themselves as shipped; unfinished: fp32 partial sums and a cast kernel
+    (`kernel.finished`)."""
     from qcompile.plugins.fp4_gemm import kernel
 
-    monkeypatch.setattr(kernel, "ONE_DOT", kernel.finished(finish=finish))
+    configs = [(limit, dict(cfg, tma=dict(cfg["tma"], min_n=0)) if "tma" in cfg else cfg)
+               for limit, cfg in kernel.finished(finish=finish)]
+    monkeypatch.setattr(kernel, "ONE_DOT", configs)
     case = planar_case(fmt, k=k, n=256, seed=8)
     weights = [t.cuda() if t is not None else None for t in args(case)]
     bias = torch.randn(256, device="cuda", dtype=torch.bfloat16)

@@ -164,6 +164,7 @@ def _cases():
         # the op's one-dot tiles on planar words (16, 64 and 128 rows), NVFP4 or MXFP4 (_mx), pointer or TMA loads
         # (_tma: x in [BLOCK_M, 64] boxes, the words in [BLOCK_N, row_words]); 32 steps; _finish: y + bias written
         # by the kernel (as shipped); _rw8 / _rw16 / _rw32: the row_words settings other than the bucket's
+        cfg = one_dot.with_tma_tile(cfg) if tma and "tma" in cfg else cfg  # the bucket's TMA tile, where it has one
         bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
         shipped = cfg.get("row_words", 8)
         for row_words in [shipped] + ([] if finish else sorted({8, 16, 32} - {shipped})):
