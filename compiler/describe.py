@@ -8,6 +8,7 @@ from typing import Any
 from qcompile.errors import QCompileError
 
 FP4_LAYOUT_WORDS = {"planar": "planar int32 words (K a multiple of 128; bytes otherwise)",
+                    "pairs": "planar int32 words in row pairs (K a multiple of 128 and N even; else planar or bytes)",
                     "bytes": "uint8 bytes, two codes each"}
 
 

@@ -103,7 +103,8 @@ def build(
     `fp8_large_m`: the INT4 and FP4 GEMM plugins run above 128 rows on FP8 tensor cores, weights rounded to FP8 and
     activations quantized per row to FP8 there (`plugins/fp8_large_m.py`); exact below. CPU engines emulate the same
     numerics (an accuracy preview, no speed-up).
-    `fp4_layout`: "bytes" or "planar" FP4 plugin weights in the engine; None: by device (`LoweringOptions.for_engine`).
+    `fp4_layout`: "bytes", "planar" or "pairs" FP4 plugin weights in the engine; None: by device
+    (`LoweringOptions.for_engine`).
     `one_row_model` (experimental): the engine also holds the program compiled with every dynamic dim at 1, which
     runs when a call has them all at 1 (a decode step): the plugins' GEMMs there need no dispatch by row count, and
     Inductor fuses around them (`engine/one_row.py`); both models share one copy of the weights. It doubles the

@@ -7,6 +7,8 @@ import os
 import numpy as np
 import pytest
 import torch
+from onnx import TensorProto as T
+from onnx import helper, numpy_helper
 
 from qcompile.algorithms.fp4 import quantize_fp4
 from qcompile.plugins.fp4_gemm import format as F
@@ -87,3 +89,27 @@ def aoti_fp4_linear(weights, bias, block: int, k: int, path: str, batch_and_seq:
     ep = torch.export.export(Fp4Linear(), (torch.randn(*shape, device="cuda", dtype=torch.bfloat16),),
                              dynamic_shapes=(dims,))
     return torch._inductor.aoti_load_package(torch._inductor.aoti_compile_and_package(ep, package_path=str(path)))
+
+
+def fused_fp4_model(k: int = 128, n: int = 32):
+    """A one-MatMul ONNX model (x [2, K] @ W [K, N]) quantized to NVFP4 and fused into one `Fp4Gemm` plugin node."""
+    from qcompile.passes import _graph as G
+    from qcompile.passes.fuse_fp4_gemm import FuseFp4GemmPass
+    from qcompile.passes.pipeline import export_model
+    from qcompile.passes.quantize_weights_fp4 import QuantizeWeightsFp4Pass
+    from qcompile.recipes.schema import Recipe
+
+    w = (np.random.default_rng(0).standard_normal((k, n)) * 0.1).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
+                          [helper.make_tensor_value_info("x", T.FLOAT, [2, k])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [2, n])], [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)])
+    recipe = Recipe.from_dict({"name": "t", "description": "", "opset": 23, "rules": [
+        {"ops": ["MatMul"], "weight": {"format": "nvfp4", "granularity": "group", "group_size": 16}}],
+        "placement": {"min_k": 16, "min_n": 16, "skip_gemv": False}})
+    graph = QuantizeWeightsFp4Pass(recipe, {"x": 3.0}).call(G.import_model(model)).graph
+    q = export_model(graph, like=model, opset=23)
+    graph = G.import_model(q)
+    FuseFp4GemmPass().call(graph)
+    graph.cleanup()
+    return export_model(graph, like=q)

@@ -67,6 +67,7 @@ VARIANTS = {  # recipe:variant -> (the build's context, more `qcompile.build` ar
     **{name: (factory, {}) for name, factory in KERNEL_VARIANTS.items()},  # the plugins' launch configurations
     "fp4-planar": (contextlib.nullcontext, {"fp4_layout": "planar"}),
     "fp4-bytes": (contextlib.nullcontext, {"fp4_layout": "bytes"}),
+    "fp4-pairs": (contextlib.nullcontext, {"fp4_layout": "pairs"}),
     "fp8-large-m": (contextlib.nullcontext, {"fp8_large_m": True}),
     "no-attention-fusion": (contextlib.nullcontext, {"fuse_attention": False}),  # attention as MatMul/Softmax
     "one-row-model": (contextlib.nullcontext, {"one_row_model": True}),  # the program also compiled at one row

@@ -9,7 +9,9 @@ For each (K x N, M) of reference/kernel-targets.md it times, with `triton.testin
   mxfp4_op  `torch.ops.qcompile.fp4_gemm`, MXFP4 (E8M0 scale per 32)
 all with bias, bf16 in/out. --fp4-planar adds nvfp4_planar_op and mxfp4_planar_op: the FP4 op on the same weights
 as planar words (`format.to_planar_words`: the one-dot kernel at 1-128 rows), with int4/<fmt>_planar and
-<fmt>/<fmt>_planar (> 1: planar faster). --int4-pointers adds int4_ptr_op: the INT4 op without its TMA tiles
+<fmt>/<fmt>_planar (> 1: planar faster); --fp4-pairs (with --fp4-planar) also <fmt>_pairs_op, the same words in
+row pairs (`format.to_row_pairs`, the opt-in layout "pairs"), with int4/<fmt>_pairs and <fmt>_planar/<fmt>_pairs
+(> 1: row pairs faster). --int4-pointers adds int4_ptr_op: the INT4 op without its TMA tiles
 (`kernel.pointer_tiles`), timed in the same cell, and int4_ptr/int4 (> 1: the TMA tiles faster); --int4-unfinished
 adds int4_unfinished_op: the INT4 op without the cast and bias in its one-dot kernels (fp32 sums, then a cast;
 `kernel.finished`), and int4_unfinished/int4 (> 1: finishing in the kernel, as shipped, faster);
@@ -64,7 +66,7 @@ INT4_VARIANTS = {"ptr": "int4-pointers", "unfinished": "int4-unfinished"}
 
 
 def run_shape(k: int, n: int, m: int, ops, int4_variants: tuple[str, ...] = (), tma_min_n: int | None = None,
-              planar: bool = False) -> dict:
+              planar: bool = False, pairs: bool = False) -> dict:
     from qcompile.plugins.fp4_gemm.reference import dequantize_weight as fp4_weight
     from qcompile.plugins.int4_gemm.reference import dequantize_weight as int4_weight
 
@@ -102,6 +104,10 @@ def run_shape(k: int, n: int, m: int, ops, int4_variants: tuple[str, ...] = (), 
             r[f"{fmt}_planar_op"] = fp4_op(f"{fmt}_planar", block, lambda: planar_weights(make_fp4(fmt, k, n)))
             r[f"int4/{fmt}_planar"] = r["int4_op"] / r[f"{fmt}_planar_op"]
             r[f"{fmt}/{fmt}_planar"] = r[f"{fmt}_op"] / r[f"{fmt}_planar_op"]
+        if planar and pairs:
+            r[f"{fmt}_pairs_op"] = fp4_op(f"{fmt}_pairs", block, lambda: pairs_weights(make_fp4(fmt, k, n)))
+            r[f"int4/{fmt}_pairs"] = r["int4_op"] / r[f"{fmt}_pairs_op"]
+            r[f"{fmt}_planar/{fmt}_pairs"] = r[f"{fmt}_planar_op"] / r[f"{fmt}_pairs_op"]
     return r
 
 
@@ -110,6 +116,14 @@ def planar_weights(w):
     from qcompile.plugins.fp4_gemm.format import to_planar_words
 
     return (to_planar_words(w[0], w[1]),) + tuple(w[1:])
+
+
+def pairs_weights(w):
+    """`planar_weights` with the words in row pairs (`format.to_row_pairs`)."""
+    from qcompile.plugins.fp4_gemm.format import to_row_pairs
+
+    w = planar_weights(w)
+    return (to_row_pairs(w[0]),) + w[1:]
 
 
 def compiled_ops(eager: dict, use_eager: bool) -> dict:
@@ -131,6 +145,7 @@ def main() -> None:
     ap.add_argument("--int4-unfinished", action="store_true",
                     help="also time the INT4 op without the cast and bias in its kernels (needs --eager)")
     ap.add_argument("--fp4-planar", action="store_true", help="also the FP4 op on planar words")
+    ap.add_argument("--fp4-pairs", action="store_true", help="with --fp4-planar: also on planar words in row pairs")
     args = ap.parse_args()
     int4_variants = tuple(v for v, on in (("ptr", args.int4_pointers), ("unfinished", args.int4_unfinished)) if on)
     if (int4_variants or args.int4_tma_min_n is not None) and not args.eager:
@@ -145,12 +160,17 @@ def main() -> None:
                      "nvfp4/nvfp4_planar", "mxfp4/mxfp4_planar"]
         errs += ["rel%_nvfp4_planar", "rel%_mxfp4_planar"]
         cols += ["rel%_nvfp4_planar", "rel%_mxfp4_planar"]
+    if args.fp4_planar and args.fp4_pairs:
+        cols[4:4] = ["nvfp4_pairs_op", "mxfp4_pairs_op", "int4/nvfp4_pairs", "int4/mxfp4_pairs",
+                     "nvfp4_planar/nvfp4_pairs", "mxfp4_planar/mxfp4_pairs"]
+        errs += ["rel%_nvfp4_pairs", "rel%_mxfp4_pairs"]
+        cols += ["rel%_nvfp4_pairs", "rel%_mxfp4_pairs"]
     for variant in reversed(int4_variants):
         cols[2:2] = [f"int4_{variant}_op", f"int4_{variant}/int4"]
         errs.append(f"rel%_int4_{variant}")
         cols.append(f"rel%_int4_{variant}")
     rows = sweep(args, cols, lambda k, n, m: run_shape(k, n, m, ops, int4_variants, args.int4_tma_min_n,
-                                                       args.fp4_planar))
+                                                       args.fp4_planar, args.fp4_pairs))
     errs = {c: max(r[c] for r in rows) for c in errs}
     print(f"max relative L2 error vs float32 (%): {errs}")
     write_results(args, rows, int4_group=GROUP, fp4_blocks=FP4, max_rel_l2_error_pct=errs)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-FP4_LAYOUTS = ("bytes", "planar")
+FP4_LAYOUTS = ("bytes", "planar", "pairs")
 
 
 @dataclass(frozen=True)
@@ -15,8 +15,9 @@ class LoweringOptions:
     dtype); None keeps the graph's own dtypes.
     `fp8_large_m`: the INT4 and FP4 GEMM plugins run above 128 rows in FP8 (`plugins/fp8_large_m.py`; emulated off
     CUDA).
-    `fp4_layout`: FP4 plugin weights stored as "bytes" (uint8 [N, K/2] codes) or "planar" words (K a multiple of 128;
-    `plugins/fp4_gemm/format.to_planar_words`, the layout of the planar kernels)."""
+    `fp4_layout`: FP4 plugin weights stored as "bytes" (uint8 [N, K/2] codes), "planar" words (K a multiple of 128;
+    `plugins/fp4_gemm/format.to_planar_words`, the layout of the planar kernels) or "pairs" (planar words in row
+    pairs where N is even too, `format.to_row_pairs`; opt-in until timed on the GPU)."""
 
     compute_dtype: torch.dtype | None = None
     fp8_large_m: bool = False

@@ -28,6 +28,15 @@ then one 16-K tile's (k, k + 1) register pair of a tensor-core MMA's first opera
 a bf16 or fp16 pair (`planar.py`); the 64 K of a row are 32 contiguous bytes. NVFP4 blocks whose scale is 0 hold
 zero codes (the same weights: the planar kernels' bf16 multiplier of a zero scale is not 0).
 
+Row pairs (`to_row_pairs`; opt-in, `LoweringOptions.fp4_layout = "pairs"`): the same planar words with rows 2p and
+2p + 1 interleaved by 128-K step, int32 [N/2, K/128, 2, 16] (N even): [p, s, r] holds row 2p + r's 16 words of
+step s. A tile reading both rows of a pair per step then reads 128 contiguous bytes, not two runs
+of 64 (a timing probe: 4-8% faster at 16 rows on an H100; BENCHMARKS.md, fifty-third session). Word w of row n is
+word `(n // 2) * (K / 4) + (n % 2) * 16 + (w // 16) * 32 + w % 16` of the tensor (`planar.pair_row_offset` +
+`planar.pair_word_offset` in the kernels). The 4-D shape tells the layout apart (`is_row_pairs`); `weight_nk` gives
+any engine weight's N and K. (4-D, so a kernel's TMA descriptor takes the tensor as it is: a view made inside the
+op's M buckets would reach AOTInductor's wrapper as C++, as `int4_gemm.one_dot.tma_words` explains.)
+
 Everything here is plain torch (traceable; float32 math) except the numpy packing helpers.
 """
 from __future__ import annotations
@@ -238,8 +247,36 @@ def from_planar_words(words: torch.Tensor) -> torch.Tensor:
     return pack_codes(codes.reshape(n, k).to(torch.uint8))
 
 
+def is_row_pairs(w_packed: torch.Tensor) -> bool:
+    """Whether an engine weight holds planar words in row pairs (int32 [N/2, K/128, 2, 16], `to_row_pairs`)."""
+    return w_packed.dtype == torch.int32 and w_packed.dim() == 4
+
+
+def weight_nk(w_packed: torch.Tensor) -> tuple[int, int]:
+    """(N, K) of an engine weight: bytes [N, K/2], planar words [N, K/8] or row pairs [N/2, K/128, 2, 16]."""
+    if is_row_pairs(w_packed):
+        return 2 * w_packed.shape[0], PLANAR_K_MULTIPLE * w_packed.shape[1]
+    return w_packed.shape[0], w_packed.shape[1] * (8 if is_planar(w_packed) else 2)
+
+
+def to_row_pairs(words: torch.Tensor) -> torch.Tensor:
+    """Planar words (int32 [N, K/8], N even, K a multiple of 128) -> row pairs (int32 [N/2, K/128, 2, 16])."""
+    n, kw = words.shape
+    if n % 2 or kw % 16:
+        raise ValueError(f"FP4 row pairs need an even N and K a multiple of {PLANAR_K_MULTIPLE}, got N={n}, K={kw * 8}")
+    return words.reshape(n // 2, 2, kw // 16, 16).transpose(1, 2).contiguous()
+
+
+def from_row_pairs(pairs: torch.Tensor) -> torch.Tensor:
+    """Row pairs (int32 [N/2, K/128, 2, 16]) -> planar words (int32 [N, K/8]): the inverse of `to_row_pairs`."""
+    half, steps = pairs.shape[0], pairs.shape[1]
+    return pairs.transpose(1, 2).reshape(2 * half, steps * 16).contiguous()
+
+
 def engine_bytes(w_packed: torch.Tensor) -> torch.Tensor:
-    """The ONNX bytes (uint8 [N, K/2]) of an engine weight in either layout."""
+    """The ONNX bytes (uint8 [N, K/2]) of an engine weight in any layout."""
+    if is_row_pairs(w_packed):
+        w_packed = from_row_pairs(w_packed)
     return from_planar_words(w_packed) if is_planar(w_packed) else w_packed
 
 

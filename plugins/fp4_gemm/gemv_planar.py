@@ -47,7 +47,8 @@ import triton.language as tl
 
 from qcompile.plugins.fp4_gemm.gemv import store_row
 from qcompile.plugins.fp4_gemm.kernel import _scale_multiplier
-from qcompile.plugins.fp4_gemm.planar import pair_bits
+from qcompile.plugins.fp4_gemm.format import is_row_pairs, weight_nk
+from qcompile.plugins.fp4_gemm.planar import pair_bits, pair_row_offset, pair_word_offset
 from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg
 from qcompile.plugins.int4_gemm.half2 import half_of, ptx_available
 
@@ -179,9 +180,11 @@ def _x_scaled_kernel(x_ptr, xs_ptr, down_ptr, KB, stride_xm, BLOCK: tl.constexpr
 @triton.jit
 def _fp4_gemv_planar_kernel(xs_ptr, down_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr, N, KC, C_STEPS: tl.constexpr,
                             MX: tl.constexpr, HAS_GLOBAL: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
-                            EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+                            EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                            PAIRED: tl.constexpr = False):
     """y[n] = (sum_k x[k] dequant(W)[n, k]) (* global) (+ bias) for BLOCK_N rows n, row m of x (grid axis 1), from
-    x scaled per 16-block (`_x_scaled_kernel`) and the planar words, KC = K / 64 chunks per row."""
+    x scaled per 16-block (`_x_scaled_kernel`) and the planar words (PAIRED: in row pairs, `format.to_row_pairs`),
+    KC = K / 64 chunks per row."""
     m = tl.program_id(1)
     xq_row = xs_ptr.to(tl.pointer_type(tl.uint64)) + m * 16 * KC  # 16 planes of KC uint64 (4 per block j)
     down_row = down_ptr + m * 4 * KC
@@ -200,7 +203,11 @@ def _fp4_gemv_planar_kernel(xs_ptr, down_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr,
         ok = c < KC
         m2 = ok[:, None] & mask_n[None, :]
         c_in = c if EVEN else tl.minimum(c, KC - 1)  # chunks past K read chunk KC - 1: x finite, words zeroed
-        w0, w1, w2, w3, w4, w5, w6, w7 = _chunk_words(wq + rows_in * (4 * KC) + 4 * c_in[:, None], m2, ASM, EVEN)
+        if PAIRED:  # uint64 units: half the word offset
+            chunk_at = (pair_row_offset(rows_in, 64 * KC) + pair_word_offset(8 * c_in[:, None])) // 2
+        else:
+            chunk_at = rows_in * (4 * KC) + 4 * c_in[:, None]
+        w0, w1, w2, w3, w4, w5, w6, w7 = _chunk_words(wq + chunk_at, m2, ASM, EVEN)
         srow = sp + rows * (NB * KC) + NB * c[:, None]
         xq = xq_row + c_in
         down_c = down_row + c_in
@@ -212,12 +219,13 @@ def _fp4_gemv_planar_kernel(xs_ptr, down_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr,
 
 def launch_gemv_planar(x2d, words, w_scale, w_global, bias, block_size: int, cfg: dict | None = None, *,
                        wrap=identity) -> torch.Tensor:
-    """`x2d @ dequant(W).T + bias` [M, N] in x2d.dtype (fp16/bf16) for planar words [N, K/8] (K a multiple of 64):
+    """`x2d @ dequant(W).T + bias` [M, N] in x2d.dtype (fp16/bf16) for planar words [N, K/8] (K a multiple of 64) or
+    row pairs [N/2, K/128, 2, 16]:
     x scaled per 16-block, then the GEMV (meant for M = 1: each row of x re-reads the weight). `block_size` is
     implied by w_scale's dtype (taken for `gemv.launch_gemv`'s signature)."""
     cfg = cfg or GEMV_PLANAR
     m, k = x2d.shape
-    n = words.shape[0]
+    n = weight_nk(words)[0]
     kb, kc = k // 16, k // 64
     xs = torch.empty((m, k), dtype=torch.float16, device=x2d.device)
     down = torch.empty((m, kb), dtype=torch.float32, device=x2d.device)
@@ -227,7 +235,7 @@ def launch_gemv_planar(x2d, words, w_scale, w_global, bias, block_size: int, cfg
         xs, down, words, w_scale, optional_arg(w_global, words), optional_arg(bias, x2d), y, n, kc,
         C_STEPS=cdiv(kc, cfg["BLOCK_C"]), MX=w_scale.dtype == torch.uint8, HAS_GLOBAL=w_global is not None,
         HAS_BIAS=bias is not None, ASM=ptx_available(), EVEN=n % cfg["BLOCK_N"] == 0 and kc % cfg["BLOCK_C"] == 0,
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"], PAIRED=is_row_pairs(words),
         num_warps=cfg["num_warps"],
     )
     return y

@@ -66,7 +66,7 @@ import triton.language as tl
 from qcompile.plugins import fp8_large_m as fp8_large_m_path
 from qcompile.plugins.fp4_gemm import format as F
 from qcompile.plugins.fp4_gemm import one_dot
-from qcompile.plugins.fp4_gemm.planar import tile_fp32
+from qcompile.plugins.fp4_gemm.planar import pair_row_offset, pair_word_offset, tile_fp32
 from qcompile.plugins.fp4_gemm.reference import check_args, fp8_column_bound
 from qcompile.plugins.gemm_dispatch import (SMALL_M_MAX, cdiv, from_rows, identity, linear_bias, optional_arg,
                                              run_by_buckets, split_k_config, unpack_optional, whole_tiles)
@@ -184,11 +184,16 @@ def _e2m1_tile(words, mult):
 
 
 @triton.jit
-def _tile_pointers(w_ptr, s_ptr, offs_n, K, B: tl.constexpr, BLOCK_K: tl.constexpr):
+def _tile_pointers(w_ptr, s_ptr, offs_n, K, B: tl.constexpr, BLOCK_K: tl.constexpr, PAIRED: tl.constexpr = False):
     """(word pointers [BLOCK_N, BLOCK_K / 8], scale-bit pointers [BLOCK_N, BLOCK_K / B]) of weight rows offs_n at
-    K 0 .. BLOCK_K - 1: formed once, a tile at k0 adds k0 / 8 and k0 / B (`_weight_tile`)."""
+    K 0 .. BLOCK_K - 1: formed once, a tile at k0 adds k0 / 8 (PAIRED, row pairs: k0 / 128 * 32) and k0 / B
+    (`_weight_tile`)."""
     rows = offs_n.to(tl.int64)[:, None]
-    w_rows = w_ptr.to(tl.pointer_type(tl.uint32)) + rows * (K // 8) + tl.arange(0, BLOCK_K // 8)[None, :]
+    if PAIRED:
+        w_rows = w_ptr.to(tl.pointer_type(tl.uint32)) + pair_row_offset(rows, K) + \
+            pair_word_offset(tl.arange(0, BLOCK_K // 8))[None, :]
+    else:
+        w_rows = w_ptr.to(tl.pointer_type(tl.uint32)) + rows * (K // 8) + tl.arange(0, BLOCK_K // 8)[None, :]
     s_rows = s_ptr.to(tl.pointer_type(tl.uint8)) + rows * (K // B) + tl.arange(0, BLOCK_K // B)[None, :]
     return w_rows, s_rows
 
@@ -196,13 +201,15 @@ def _tile_pointers(w_ptr, s_ptr, offs_n, K, B: tl.constexpr, BLOCK_K: tl.constex
 @triton.jit
 def _weight_tile(w_rows, s_rows, offs_n, k0, N, K, DT: tl.constexpr, MX: tl.constexpr, B: tl.constexpr,
                  SHIFT: tl.constexpr, POW_SHIFT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN: tl.constexpr = False, PLANAR: tl.constexpr = False):
+                 EVEN: tl.constexpr = False, PLANAR: tl.constexpr = False, PAIRED: tl.constexpr = False):
     """Weight rows offs_n, columns k0 .. k0 + BLOCK_K as DT [BLOCK_N, BLOCK_K], times 2**-X (zeros past N, K;
     EVEN: the tile lies inside the weight, no masks). w_rows, s_rows: `_tile_pointers`. PLANAR: the words are
-    planar (`format.to_planar_words`; fp32 tiles only, BLOCK_K a multiple of 64), decoded by `planar.tile_fp32`."""
+    planar (`format.to_planar_words`; fp32 tiles only, BLOCK_K a multiple of 64), decoded by `planar.tile_fp32`;
+    PAIRED: planar words in row pairs (`format.to_row_pairs`; BLOCK_K a multiple of 128)."""
     KB: tl.constexpr = BLOCK_K // B  # scale blocks per tile row
     mask_n = (offs_n < N)[:, None]
-    words = load_tile(w_rows + k0 // 8, mask_n & (k0 // 8 + tl.arange(0, BLOCK_K // 8) < K // 8)[None, :], EVEN, True)
+    at = k0 // 128 * 32 if PAIRED else k0 // 8  # the tile's first word from the rows' first
+    words = load_tile(w_rows + at, mask_n & (k0 // 8 + tl.arange(0, BLOCK_K // 8) < K // 8)[None, :], EVEN, True)
     bits = load_tile(s_rows + k0 // B, mask_n & (k0 // B + tl.arange(0, KB) < K // B)[None, :], EVEN, True)
     if PLANAR:
         tl.static_assert(DT == tl.float32, "planar FP4 words decode into fp32 tiles here")
@@ -222,7 +229,7 @@ def _fp4_gemm_kernel(
     K_STEPS: tl.constexpr, MX: tl.constexpr, B: tl.constexpr, SHIFT: tl.constexpr, POW_SHIFT: tl.constexpr,
     POW_ACC: tl.constexpr, HAS_GLOBAL: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr = False,
-    PLANAR: tl.constexpr = False,
+    PLANAR: tl.constexpr = False, PAIRED: tl.constexpr = False,
 ):
     """y[M, N] (+)= x @ W.T over K slice program_id(1); swapped operands: acc is [BLOCK_N, BLOCK_M]. The
     pointers are formed once and a step adds scalars (recomputing them per step was about a quarter of the
@@ -236,11 +243,12 @@ def _fp4_gemm_kernel(
     mask_n = offs_n < N
     DT: tl.constexpr = x_ptr.dtype.element_ty
     x_cols = xt_columns(x_ptr, offs_m, M, stride_xm, BLOCK_K)
-    w_rows, s_rows = _tile_pointers(w_ptr, s_ptr, offs_n, K, B, BLOCK_K)
+    w_rows, s_rows = _tile_pointers(w_ptr, s_ptr, offs_n, K, B, BLOCK_K, PAIRED)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for step in range(0, K_STEPS):  # steps past K (last split) load nothing
         k0 = (pid_k * K_STEPS + step) * BLOCK_K
-        w = _weight_tile(w_rows, s_rows, offs_n, k0, N, K, DT, MX, B, SHIFT, POW_SHIFT, BLOCK_N, BLOCK_K, EVEN, PLANAR)
+        w = _weight_tile(w_rows, s_rows, offs_n, k0, N, K, DT, MX, B, SHIFT, POW_SHIFT, BLOCK_N, BLOCK_K, EVEN, PLANAR,
+                         PAIRED)
         xt = load_xt_rows(x_cols, k0, K, EVEN, BLOCK_K)
         if DT == tl.float32:
             acc = tl.dot(w, xt, acc, input_precision="ieee")
@@ -261,14 +269,14 @@ def _fp4_dequant_kernel(
     w_ptr, s_ptr, g_ptr, mul_ptr, out_ptr, N, K,
     MX: tl.constexpr, B: tl.constexpr, SHIFT: tl.constexpr, POW_SHIFT: tl.constexpr, POW_ACC: tl.constexpr,
     HAS_GLOBAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PLANAR: tl.constexpr = False,
-    HAS_MUL: tl.constexpr = False,
+    HAS_MUL: tl.constexpr = False, PAIRED: tl.constexpr = False,
 ):
     """out [N, K] = W (decoded in fp32; HAS_MUL: times mul[n], the FP8 path's 1 / S[n]), cast to out's dtype."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
-    w_rows, s_rows = _tile_pointers(w_ptr, s_ptr, offs_n, K, B, BLOCK_K)
+    w_rows, s_rows = _tile_pointers(w_ptr, s_ptr, offs_n, K, B, BLOCK_K, PAIRED)
     w = _weight_tile(w_rows, s_rows, offs_n, k0, N, K, tl.float32, MX, B, SHIFT, POW_SHIFT, BLOCK_N, BLOCK_K,
-                     PLANAR=PLANAR)
+                     PLANAR=PLANAR, PAIRED=PAIRED)
     w = w * POW_ACC
     if HAS_GLOBAL:
         w = w * tl.load(g_ptr)
@@ -293,17 +301,24 @@ def gemm_config(k: int, n: int, cfg: dict, num_sms: int = DEFAULT_SMS) -> dict:
     return split_k_config(k, n, cfg.get("BLOCK_K", BLOCK_K), cfg["BLOCK_N"], max(1, num_sms // cfg["sms_per_tile"]))
 
 
+def _check_pairs_tile(w_packed, block_k: int) -> None:
+    """Row pairs (`format.to_row_pairs`) step 128 K per pair run: a tile kernel on them needs BLOCK_K a multiple."""
+    if F.is_row_pairs(w_packed) and block_k % F.PLANAR_K_MULTIPLE:
+        raise ValueError(f"fp4 tile kernels: row pairs need BLOCK_K a multiple of {F.PLANAR_K_MULTIPLE}, got {block_k}")
+
+
 def launch_gemm(x2d, w_packed, w_scale, w_global, bias, block_size: int, cfg: dict = SMALL, *, wrap=identity,
                 num_sms: int = DEFAULT_SMS) -> torch.Tensor:
     """`x2d @ W.T + bias` [M, N] with `_fp4_gemm_kernel` in configuration `cfg`: float32 when split-K
     (atomics into zeros), else x2d.dtype."""
     m, k = x2d.shape
-    n = w_packed.shape[0]
+    n = F.weight_nk(w_packed)[0]
     planar = F.is_planar(w_packed)
     if planar and x2d.dtype != torch.float32:
         raise ValueError("fp4 tile kernel: planar words take fp32 x here (16-bit x: `one_dot`)")
     split = gemm_config(k, n, cfg, num_sms)
     block_k = cfg.get("BLOCK_K", BLOCK_K)
+    _check_pairs_tile(w_packed, block_k)
     atomic = split["split_k"] > 1
     y = torch.zeros((m, n), dtype=torch.float32, device=x2d.device) if atomic else \
         torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
@@ -314,7 +329,7 @@ def launch_gemm(x2d, w_packed, w_scale, w_global, bias, block_size: int, cfg: di
         K_STEPS=split["k_per_split"] // block_k, HAS_BIAS=bias is not None, ATOMIC=atomic,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=split["BLOCK_N"], BLOCK_K=block_k,
         EVEN=whole_tiles(n, split["BLOCK_N"], split["split_k"], split["k_per_split"], k), PLANAR=planar,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        PAIRED=F.is_row_pairs(w_packed), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **_format_args(w_scale, w_global, block_size, x2d.dtype),
     )
     return y
@@ -327,13 +342,14 @@ def launch_dequant(w_packed, w_scale, w_global, block_size: int, dtype, *, wrap=
     benchmarks/fp4_dequant_layout.json) and the FP8 path (`fp8_weight`); `cfg` (default `DEQUANT`): the tile
     (BLOCK_K a multiple of 32)."""
     cfg = cfg or DEQUANT
-    planar = F.is_planar(w_packed)
-    n, k = w_packed.shape[0], w_packed.shape[1] * (8 if planar else 2)
+    n, k = F.weight_nk(w_packed)
+    _check_pairs_tile(w_packed, cfg["BLOCK_K"])
     out = torch.empty((n, k), dtype=dtype, device=w_packed.device)
     wrap(_fp4_dequant_kernel)[(cdiv(n, cfg["BLOCK_N"]), cdiv(k, cfg["BLOCK_K"]), 1)](
         w_packed, w_scale, optional_arg(w_global, w_packed), optional_arg(mul, w_scale), out, n, k,
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], PLANAR=planar,
-        HAS_MUL=mul is not None, **_format_args(w_scale, w_global, block_size, torch.float32),
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], PLANAR=F.is_planar(w_packed),
+        HAS_MUL=mul is not None, PAIRED=F.is_row_pairs(w_packed),
+        **_format_args(w_scale, w_global, block_size, torch.float32),
     )
     return out
 
@@ -355,7 +371,7 @@ def fp4_gemm_triton(x, w_packed, w_scale, w_global, bias, block_size: int, *, wr
     cuBLAS."""
     check_args(x, w_packed, w_scale, w_global, None, bias, block_size)
     # K and N are weight dims, static in an engine; int() specializes them when a compiler made them symbolic
-    k, n = int(x.shape[-1]), int(w_packed.shape[0])
+    k, n = int(x.shape[-1]), int(F.weight_nk(w_packed)[0])
     present = (w_global is not None, bias is not None)
 
     def tiled(cfg):

@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from qcompile.plugins.fp4_gemm.planar import PAIR_ACC_SHIFT, step_multipliers, tile16
+from qcompile.plugins.fp4_gemm.format import is_row_pairs, weight_nk
+from qcompile.plugins.fp4_gemm.planar import PAIR_ACC_SHIFT, pair_row_offset, step_multipliers, tile16
 from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg, split_for_waves, split_k_outputs, whole_tiles
 from qcompile.plugins.int4_gemm.one_dot import _cat_k, use_tma, with_tma_tile
 from qcompile.plugins.triton_tiles import (finish_swapped_tile, jit_any_m, load_tile, load_xt_rows, store_tile,
@@ -43,11 +44,20 @@ def _block64(words, m0, m1, m2, m3, BLOCK_N: tl.constexpr, dt: tl.constexpr, ASM
 
 
 @triton.jit
-def _row_words(w_src, unit, ok, WORDS: tl.constexpr, EVEN: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr):
+def _row_words(w_src, unit, ok, WORDS: tl.constexpr, EVEN: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr,
+               PAIRED: tl.constexpr = False):
     """[BLOCK_N, WORDS] words of each row from word unit * WORDS (K unit * 8 * WORDS): a 64-K block's 8, a 128-K
     step's 16 or a 256-K step's 32. w_src: the pointers of each row's first WORDS words, or with TMA the words'
-    descriptor ([BLOCK_N, WORDS] boxes)."""
-    if TMA:
+    descriptor ([BLOCK_N, WORDS] boxes). PAIRED (row pairs [N/2, K/128, 2, 16], `format.to_row_pairs`; WORDS 16,
+    a row's run of a step): a pair's step is 32 words, and the boxes are [BLOCK_N / 2, 1, 2, 16], a pair's two rows
+    adjacent as in the tile."""
+    if PAIRED:
+        tl.static_assert(WORDS == 16, "row pairs are read a 128-K step at a time")
+        if TMA:
+            words = tl.reshape(w_src.load([tl.program_id(0) * (BLOCK_N // 2), unit, 0, 0]), (BLOCK_N, WORDS))
+        else:
+            words = load_tile(w_src + unit * 32, ok[:, None], EVEN, True)
+    elif TMA:
         words = w_src.load([tl.program_id(0) * BLOCK_N, unit * WORDS])
     else:
         words = load_tile(w_src + unit * WORDS, ok[:, None], EVEN, True)
@@ -79,7 +89,8 @@ def _dot128(x_src, w0, w1, s_rows, k0, ok, K, acc, MX: tl.constexpr, EVEN: tl.co
 
 @triton.jit
 def _step(x_src, w_src, s_rows, k0, mask_n, K, acc, MX: tl.constexpr, EVEN: tl.constexpr, TMA: tl.constexpr,
-          ROW_WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
+          ROW_WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr,
+          PAIRED: tl.constexpr = False):
     """acc plus the step at k0: 128 K, or 256 with ROW_WORDS 32. The words of each row come ROW_WORDS at a time
     (`_row_words`; 8: a copy per 64-K block; 16: the 128-K step's 64 bytes; 32: the 256-K step's 128 bytes, two
     `_dot128`), split into blocks in registers. Past N or K (a split's last steps) words and scales load as 0."""
@@ -89,11 +100,11 @@ def _step(x_src, w_src, s_rows, k0, mask_n, K, acc, MX: tl.constexpr, EVEN: tl.c
         dt: tl.constexpr = x_src.dtype.element_ty
     ok = mask_n & (k0 < K)  # the scales load through pointers with TMA too: masked unless EVEN
     if ROW_WORDS == 8:
-        acc = _dot128(x_src, _row_words(w_src, k0 // 64, ok, 8, EVEN, TMA, BLOCK_N),
-                      _row_words(w_src, k0 // 64 + 1, ok, 8, EVEN, TMA, BLOCK_N), s_rows, k0, ok, K, acc, MX, EVEN, TMA,
-                      BLOCK_M, BLOCK_N, dt, ASM)
+        acc = _dot128(x_src, _row_words(w_src, k0 // 64, ok, 8, EVEN, TMA, BLOCK_N, PAIRED),
+                      _row_words(w_src, k0 // 64 + 1, ok, 8, EVEN, TMA, BLOCK_N, PAIRED), s_rows, k0, ok, K, acc, MX,
+                      EVEN, TMA, BLOCK_M, BLOCK_N, dt, ASM)
     elif ROW_WORDS == 16:
-        w0, w1 = _halves(_row_words(w_src, k0 // 128, ok, 16, EVEN, TMA, BLOCK_N), BLOCK_N, 16)
+        w0, w1 = _halves(_row_words(w_src, k0 // 128, ok, 16, EVEN, TMA, BLOCK_N, PAIRED), BLOCK_N, 16)
         acc = _dot128(x_src, w0, w1, s_rows, k0, ok, K, acc, MX, EVEN, TMA, BLOCK_M, BLOCK_N, dt, ASM)
     else:
         lo, hi = _halves(_row_words(w_src, k0 // 256, ok, 32, EVEN, TMA, BLOCK_N), BLOCK_N, 32)
@@ -109,13 +120,13 @@ def _fp4_one_dot_kernel(x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr, out_ptr, M, N,
                         K_STEPS: tl.constexpr, MX: tl.constexpr, POW_ACC: tl.constexpr, HAS_GLOBAL: tl.constexpr,
                         HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, TMA: tl.constexpr, ATOMIC: tl.constexpr,
                         ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        FINISH: tl.constexpr = False, ROW_WORDS: tl.constexpr = 8):
+                        FINISH: tl.constexpr = False, ROW_WORDS: tl.constexpr = 8, PAIRED: tl.constexpr = False):
     """y [M, N] (or its split-K part) from K_STEPS steps of 128 K (256 with ROW_WORDS 32: `_step`), the first
     peeled off the loop (one accumulator, wgmmas in flight across steps); grid (N tiles, K splits, M tiles). The
     accumulator is multiplied by POW_ACC (2**X) and NVFP4's global scale, the bias added by the first split. x's
     rows past M wrap (`xt_columns`) or, with TMA (x_ptr, w_ptr: descriptors), load as 0. FINISH: out_ptr gets
     `y + bias` in its dtype from `finish_swapped_tile` (split K: y_ptr is the zeroed fp32 accumulator [M, N], then
-    one count per tile)."""
+    one count per tile). PAIRED: the words are row pairs (`format.to_row_pairs`)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_n = offs_n < N
@@ -128,15 +139,18 @@ def _fp4_one_dot_kernel(x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr, out_ptr, M, N,
         # the row stride K / 8 words written K // 128 * 16 (K % 128 == 0 here): provably a multiple of 16 words,
         # so the words copy 16 bytes at a time (LDGSTS.E.BYPASS.128), not 8: up to 18% faster at 16 and 64 rows
         # (H100; benchmarks/sass_fp4_one_dot_word_loads_s49.txt, fp4_int4_gemm-new-stride-h100_s50.log)
-        w_src = w_ptr + offs_n.to(tl.int64)[:, None] * (K // 128 * 16) + tl.arange(0, ROW_WORDS)[None, :]
+        if PAIRED:
+            w_src = w_ptr + pair_row_offset(offs_n.to(tl.int64), K)[:, None] + tl.arange(0, ROW_WORDS)[None, :]
+        else:
+            w_src = w_ptr + offs_n.to(tl.int64)[:, None] * (K // 128 * 16) + tl.arange(0, ROW_WORDS)[None, :]
     s_type: tl.constexpr = tl.int32 if MX else tl.int64
     s_rows = s_ptr.to(tl.pointer_type(s_type)) + offs_n.to(tl.int64) * (K // 128)
     STEP_K: tl.constexpr = 256 if ROW_WORDS == 32 else 128
     acc = _step(x_src, w_src, s_rows, k_lo, mask_n, K, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), MX, EVEN, TMA,
-                ROW_WORDS, BLOCK_M, BLOCK_N, ASM)
+                ROW_WORDS, BLOCK_M, BLOCK_N, ASM, PAIRED)
     for step in range(1, K_STEPS):
         acc = _step(x_src, w_src, s_rows, k_lo + step * STEP_K, mask_n, K, acc, MX, EVEN, TMA, ROW_WORDS, BLOCK_M,
-                    BLOCK_N, ASM)
+                    BLOCK_N, ASM, PAIRED)
     acc = acc * POW_ACC
     if HAS_GLOBAL:
         acc = acc * tl.load(g_ptr)
@@ -160,14 +174,15 @@ def step_k(row_words: int) -> int:
     return 2 * STEP if row_words == 32 else STEP
 
 
-def row_words_for(cfg: dict, k: int) -> int:
+def row_words_for(cfg: dict, k: int, pairs: bool = False) -> int:
     """Words of each weight row one copy reads per step: cfg's "row_words" (8, the default: one copy per 64-K block;
     16: the 128-K step's 64 bytes; 32: 128 bytes, a 256-K step, which needs K a multiple of 256 and falls back to 16
-    otherwise). With TMA, the words' box is [BLOCK_N, row_words]."""
+    otherwise). Row pairs (`pairs`) read each row's 16-word run of a step, whatever the setting. With TMA, the
+    words' box is [BLOCK_N, row_words] ([BLOCK_N / 2, 1, 2, 16] on row pairs)."""
     words = cfg.get("row_words", 8)
     if words not in (8, 16, 32):
         raise ValueError(f"one-dot FP4 kernel: row_words must be 8, 16 or 32 (got {words})")
-    return 16 if words == 32 and k % step_k(32) else words
+    return 16 if pairs or (words == 32 and k % step_k(32)) else words
 
 
 def launch(x2d, words, w_scale, w_global, bias, cfg: dict, *, asm: bool, finish: bool = False, wrap=identity,
@@ -177,7 +192,8 @@ def launch(x2d, words, w_scale, w_global, bias, cfg: dict, *, asm: bool, finish:
     cfg: BLOCK_M, BLOCK_N, num_warps, num_stages, waves and resident (`split_for_waves`), optionally row_words
     (`row_words_for`) and tma (`int4_gemm.one_dot.use_tma`: {"min_n": ...}; its other keys override the tile's)."""
     m, k = x2d.shape
-    n = words.shape[0]
+    n = weight_nk(words)[0]
+    pairs = is_row_pairs(words)
     if not supports(x2d.dtype, k):
         raise ValueError(f"one-dot FP4 kernel: needs fp16/bf16 x and K a multiple of {STEP} (got {x2d.dtype}, K = {k})")
     mx = w_scale.dtype == torch.uint8
@@ -185,10 +201,11 @@ def launch(x2d, words, w_scale, w_global, bias, cfg: dict, *, asm: bool, finish:
     x_src, w_src = x2d, words
     if tma:
         cfg = with_tma_tile(cfg)
-    row_words = row_words_for(cfg, k)
+    row_words = row_words_for(cfg, k, pairs)
     if tma:
         x_src = TensorDescriptor.from_tensor(x2d, [cfg["BLOCK_M"], 64])
-        w_src = TensorDescriptor.from_tensor(words, [cfg["BLOCK_N"], row_words])
+        box = [cfg["BLOCK_N"] // 2, 1, 2, row_words] if pairs else [cfg["BLOCK_N"], row_words]  # pairs: both rows
+        w_src = TensorDescriptor.from_tensor(words, box)
     tiles_n = cdiv(n, cfg["BLOCK_N"])
     splits, per = split_for_waves(k, tiles_n, step_k(row_words), cfg["waves"], num_sms, cfg.get("resident", 0))
     tiles_m = cdiv(m, cfg["BLOCK_M"])
@@ -199,7 +216,7 @@ def launch(x2d, words, w_scale, w_global, bias, cfg: dict, *, asm: bool, finish:
         per, K_STEPS=per // step_k(row_words), MX=mx, POW_ACC=2.0 ** PAIR_ACC_SHIFT[mx, x2d.dtype],
         HAS_GLOBAL=w_global is not None,
         HAS_BIAS=bias is not None, EVEN=whole_tiles(n, cfg["BLOCK_N"], splits, per, k), TMA=tma, ATOMIC=splits > 1,
-        ASM=asm, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], FINISH=finish, ROW_WORDS=row_words,
+        ASM=asm, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], FINISH=finish, ROW_WORDS=row_words, PAIRED=pairs,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

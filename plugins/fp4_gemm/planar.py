@@ -38,6 +38,19 @@ BF16_MAG = tl.constexpr(-2118090304)  # 0x81C081C0: sign, e1, e0, m of both bf16
 
 
 @triton.jit
+def pair_row_offset(rows, K):
+    """Offset (words) of row `rows`' first word in row pairs (`format.to_row_pairs`) of a weight K deep: `K // 128 *
+    32` words per pair (written so, it is provably a multiple of 32 words: 16-byte copies)."""
+    return (rows // 2) * (K // 128 * 32) + (rows % 2) * 16
+
+
+@triton.jit
+def pair_word_offset(words):
+    """Offset (words) of a row's word `words` from its first word in row pairs: 32 words per 128-K step."""
+    return (words // 16) * 32 + words % 16
+
+
+@triton.jit
 def _shift(w, by: tl.constexpr):
     """w << by, or w >> -by (the bits that matter are masked after it)."""
     if by >= 0:

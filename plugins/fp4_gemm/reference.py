@@ -19,11 +19,12 @@ def check_args(x, w_packed, w_scale, w_global, x_global, bias, block_size: int) 
     """Shape/dtype checks shared by every path (static properties only: safe under tracing)."""
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"fp4_gemm: x must be float32/float16/bfloat16, got {x.dtype}")
-    if w_packed.dtype not in (torch.uint8, torch.int32) or w_packed.dim() != 2:
-        raise ValueError(f"fp4_gemm: w_packed must be uint8 [N, K/2] (ONNX bytes) or int32 [N, K/8] (planar words), "
-                         f"got {w_packed.dtype} {tuple(w_packed.shape)}")
+    shape_ok = w_packed.dim() == 2 or (F.is_row_pairs(w_packed) and tuple(w_packed.shape[2:]) == (2, 16))
+    if w_packed.dtype not in (torch.uint8, torch.int32) or not shape_ok:
+        raise ValueError(f"fp4_gemm: w_packed must be uint8 [N, K/2] (ONNX bytes), int32 [N, K/8] (planar words) or "
+                         f"int32 [N/2, K/128, 2, 16] (row pairs), got {w_packed.dtype} {tuple(w_packed.shape)}")
     planar = F.is_planar(w_packed)
-    n, k = w_packed.shape[0], w_packed.shape[1] * (8 if planar else 2)
+    n, k = F.weight_nk(w_packed)
     if x.shape[-1] != k:
         raise ValueError(f"fp4_gemm: x has K={x.shape[-1]} but w_packed {tuple(w_packed.shape)} holds K={k}")
     if planar and k % F.PLANAR_K_MULTIPLE:
@@ -90,8 +91,7 @@ def fp4_gemm_fp8_large_m_reference(x, w_packed, w_scale, w_global, x_global, bia
     numerics (x fake-quantized to NVFP4 first for W4A4, as on CUDA; `fp8_large_m.linear`, emulated); a torch.cond on
     a symbolic M. Returns [..., N] in x.dtype."""
     check_args(x, w_packed, w_scale, w_global, x_global, bias, block_size)
-    planar = F.is_planar(w_packed)
-    n, k = w_packed.shape[0], w_packed.shape[1] * (8 if planar else 2)
+    n, k = F.weight_nk(w_packed)
     present = (w_global is not None, x_global is not None, bias is not None)
 
     def exact(x2d, w_packed, w_scale, *rest):

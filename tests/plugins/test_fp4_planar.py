@@ -7,11 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from onnx import TensorProto as T
-from onnx import helper, numpy_helper
 
-from fp4_testutil import (FMTS, HAS_TRITON, aoti_fp4_linear, args, assert_rel_l2, cuda, make_case, oracle, planar_case,
-                          triton_interp)
+from fp4_testutil import (FMTS, HAS_TRITON, aoti_fp4_linear, args, assert_rel_l2, cuda, fused_fp4_model, make_case,
+                          oracle, planar_case, triton_interp)
 from qc_testutil import exported_op_arg, fake_cuda_export, launch_spy
 from qcompile.plugins.fp4_gemm import format as F
 from qcompile.plugins.fp4_gemm.reference import fp4_gemm_reference
@@ -97,33 +95,10 @@ def test_nvfp4_bf16_multiplier_formula_every_scale():
 
 # ---------------------------------------------------------------- the lowering's opt-in layout (CPU)
 
-def _fused_model(k: int = 128, n: int = 32):
-    from qcompile.passes import _graph as G
-    from qcompile.passes.fuse_fp4_gemm import FuseFp4GemmPass
-    from qcompile.passes.pipeline import export_model
-    from qcompile.passes.quantize_weights_fp4 import QuantizeWeightsFp4Pass
-    from qcompile.recipes.schema import Recipe
-
-    w = (np.random.default_rng(0).standard_normal((k, n)) * 0.1).astype(np.float32)
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
-                          [helper.make_tensor_value_info("x", T.FLOAT, [2, k])],
-                          [helper.make_tensor_value_info("y", T.FLOAT, [2, n])], [numpy_helper.from_array(w, "W")])
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)])
-    recipe = Recipe.from_dict({"name": "t", "description": "", "opset": 23, "rules": [
-        {"ops": ["MatMul"], "weight": {"format": "nvfp4", "granularity": "group", "group_size": 16}}],
-        "placement": {"min_k": 16, "min_n": 16, "skip_gemv": False}})
-    graph = QuantizeWeightsFp4Pass(recipe, {"x": 3.0}).call(G.import_model(model)).graph
-    q = export_model(graph, like=model, opset=23)
-    graph = G.import_model(q)
-    FuseFp4GemmPass().call(graph)
-    graph.cleanup()
-    return export_model(graph, like=q)
-
-
 def test_lowering_stores_planar_words_when_asked():
     from qcompile.lowering import lower_onnx
 
-    fused = _fused_model()
+    fused = fused_fp4_model()
     assert [n.op_type for n in fused.graph.node] == ["Fp4Gemm"]
     x = torch.randn(2, 128)
     plain = lower_onnx(fused)
@@ -139,7 +114,7 @@ def test_lowering_hands_fp8_large_m_to_the_op(flag):
     """`lower_onnx(fp8_large_m=...)` reaches the op call that engines export (`qcompile build --fp8-large-m`)."""
     from qcompile.lowering import lower_onnx
 
-    prog = lower_onnx(_fused_model(), fp8_large_m=flag)
+    prog = lower_onnx(fused_fp4_model(), fp8_large_m=flag)
     assert exported_op_arg(prog, torch.randn(2, 128), torch.ops.qcompile.fp4_gemm, "fp8_large_m") is flag
 
 
@@ -192,7 +167,7 @@ def test_build_rejects_an_unknown_fp4_layout_before_any_work(tmp_path):
 def test_lowering_keeps_bytes_when_k_is_not_a_multiple_of_128():
     from qcompile.lowering import lower_onnx
 
-    program = lower_onnx(_fused_model(k=192), fp4_layout="planar")
+    program = lower_onnx(fused_fp4_model(k=192), fp4_layout="planar")
     assert [tuple(b.shape) for b in program.buffers() if b.dtype == torch.uint8] == [(32, 96)]
 
 

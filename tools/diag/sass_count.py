@@ -163,18 +163,21 @@ def _cases():
                                                                        (False,)), [(f4.ONE_DOT[0], False, True, True)]):
         # the op's one-dot tiles on planar words (16, 64 and 128 rows), NVFP4 or MXFP4 (_mx), pointer or TMA loads
         # (_tma: x in [BLOCK_M, 64] boxes, the words in [BLOCK_N, row_words]); 32 steps; _finish: y + bias written
-        # by the kernel (as shipped); _rw8 / _rw16 / _rw32: the row_words settings other than the bucket's
+        # by the kernel (as shipped); _rw8 / _rw16 / _rw32: the row_words settings other than the bucket's; _pairs:
+        # the words in row pairs (`format.to_row_pairs`; the shipped row_words, 16 for 32)
         cfg = one_dot.with_tma_tile(cfg) if tma and "tma" in cfg else cfg  # the bucket's TMA tile, where it has one
         bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
         shipped = cfg.get("row_words", 8)
-        for row_words in [shipped] + ([] if finish else sorted({8, 16, 32} - {shipped})):
-            descriptors = dict(x_ptr=f"tensordesc<bf16[{bm}, 64]>",
-                               w_ptr=f"tensordesc<i32[{bn}, {row_words}]>") if tma else {}
+        variants = [(rw, False) for rw in [shipped] + ([] if finish else sorted({8, 16, 32} - {shipped}))]
+        for row_words, pairs in variants + ([] if finish or mx else [(f4o.row_words_for(cfg, 1024, True), True)]):
+            box = f"{bn // 2}, 1, 2, {row_words}" if pairs else f"{bn}, {row_words}"
+            descriptors = dict(x_ptr=f"tensordesc<bf16[{bm}, 64]>", w_ptr=f"tensordesc<i32[{box}]>") if tma else {}
             yield (f"fp4_one_dot_{bm}" + ("_mx" if mx else "") + ("_tma" if tma else "") + ("_finish" if finish else "")
-                   + ("" if row_words == shipped else f"_rw{row_words}"),
+                   + ("" if row_words == shipped or pairs else f"_rw{row_words}") + ("_pairs" if pairs else ""),
                    f4o._fp4_one_dot_kernel, dict(od4_sig, **descriptors),
                    dict(K_STEPS=32, MX=mx, POW_ACC=512.0, HAS_GLOBAL=not mx, HAS_BIAS=finish, EVEN=True, TMA=tma,
-                        ATOMIC=True, ASM=True, BLOCK_M=bm, BLOCK_N=bn, FINISH=finish, ROW_WORDS=row_words),
+                        ATOMIC=True, ASM=True, BLOCK_M=bm, BLOCK_N=bn, FINISH=finish, ROW_WORDS=row_words,
+                        PAIRED=pairs),
                    [d for d in ("x_ptr", "w_ptr", "s_ptr", "g_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm",
                                 "k_per_split") if d not in descriptors],
                    cfg["num_warps"], cfg["num_stages"], bn * f4o.step_k(row_words) // (32 * cfg["num_warps"]))
@@ -190,9 +193,12 @@ def _cases():
                dict(fmt, U_STEPS=8, B=32 if mx else 16, BLOCK_N=cfg["BLOCK_N"], BLOCK_U=cfg["BLOCK_U"]),
                list(gemv_sig), cfg["num_warps"], 3, cfg["BLOCK_N"] * cfg["BLOCK_U"] * 16 // (32 * cfg["num_warps"]))
         cfg = gp.GEMV_PLANAR
-        yield ("fp4_gemv_planar" + ("_mx" if mx else ""), gp._fp4_gemv_planar_kernel, planar_sig,
-               dict(fmt, C_STEPS=8, EVEN=True, BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"]),
-               list(planar_sig), cfg["num_warps"], 3, cfg["BLOCK_N"] * cfg["BLOCK_C"] * 64 // (32 * cfg["num_warps"]))
+        for pairs in (False, True):  # _pairs: the words in row pairs (`format.to_row_pairs`)
+            yield ("fp4_gemv_planar" + ("_mx" if mx else "") + ("_pairs" if pairs else ""), gp._fp4_gemv_planar_kernel,
+                   planar_sig, dict(fmt, C_STEPS=8, EVEN=True, BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"],
+                                    PAIRED=pairs),
+                   list(planar_sig), cfg["num_warps"], 3,
+                   cfg["BLOCK_N"] * cfg["BLOCK_C"] * 64 // (32 * cfg["num_warps"]))
     from qcompile.plugins.int4_gemm import dequant_fp8
     cfg = dequant_fp8.DEQUANT_T
     yield ("int4_dequant_t_fp8", dequant_fp8._int4_dequant_t_kernel,  # the FP8 path's INT4 weight (whole kernel)

@@ -15,8 +15,9 @@ exactly (anything else is an error naming the node).
 
 Engine layout of the codes (`LoweringOptions.fp4_layout`): "planar" stores weights whose K is a multiple of 128 as
 planar words (`format.to_planar_words`: the layout of the one-dot kernel, `plugins/fp4_gemm/one_dot.py`, and of the
-planar GEMV), "bytes" (the default) keeps uint8 [N, K/2]. Engines take `LoweringOptions.for_engine(device)`: planar
-words for CUDA, bytes for CPU.
+planar GEMV), "pairs" those words in row pairs where N is even as well (`format.to_row_pairs`; opt-in), "bytes" (the
+default) keeps uint8 [N, K/2]. Engines take `LoweringOptions.for_engine(device)`: planar words for CUDA, bytes for
+CPU.
 """
 from __future__ import annotations
 
@@ -49,11 +50,14 @@ def trt_fp4_dynamic_quantize(ctx, x, global_scale):
 
 
 def _engine_weight(ctx, w_q: torch.Tensor, w_scale: torch.Tensor, w_global: torch.Tensor | None, check: bool):
-    """(w_packed uint8 [N, K/2] or int32 planar words [N, K/8] (`ctx.options.fp4_layout`), w_scale float8_e4m3fn |
-    uint8 E8M0 [N, K/B], w_global float32 scalar | None)."""
+    """(w_packed uint8 [N, K/2], int32 planar words [N, K/8] or row pairs [N/2, K/128, 2, 16]
+    (`ctx.options.fp4_layout`), w_scale float8_e4m3fn | uint8 E8M0 [N, K/B], w_global float32 scalar | None)."""
     w_packed, w_scale, w_global = _engine_bytes(ctx, w_q, w_scale, w_global, check)
-    if ctx.options.fp4_layout == "planar" and w_q.shape[1] % F.PLANAR_K_MULTIPLE == 0:
+    layout = ctx.options.fp4_layout
+    if layout in ("planar", "pairs") and w_q.shape[1] % F.PLANAR_K_MULTIPLE == 0:
         w_packed = F.to_planar_words(w_packed, w_scale)
+        if layout == "pairs" and w_q.shape[0] % 2 == 0:
+            w_packed = F.to_row_pairs(w_packed)
     return w_packed, w_scale, w_global
 
 
