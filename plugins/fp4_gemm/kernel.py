@@ -51,7 +51,8 @@ than the byte ones at every M from 1 to 128 on the kernel-target layers but one 
 8.7 µs) and equal at 1024 rows (BENCHMARKS.md, twenty-sixth session); the byte paths stay for CPU engines, K not a
 multiple of 128, and fp32 x. The one-dot buckets up to 64 rows set "finish" (`finished`): they write `y + bias` in
 x.dtype from the kernel when K is split, instead of fp32 partial sums that a cast kernel converts afterwards
-(`triton_tiles.finish_split_tile`).
+(`triton_tiles.finish_split_tile`). Row pairs (`format.to_row_pairs`, the opt-in layout "pairs") take the same paths,
+each kernel told by its PAIRED flag where a row's words sit.
 
 `launch_*` and `fp4_gemm_triton` take `wrap` (identity for raw Triton: tests run them under
 TRITON_INTERPRET=1 on CPU tensors; `torch.library.wrap_triton` from the op, so AOTInductor compiles the
@@ -340,7 +341,7 @@ def launch_dequant(w_packed, w_scale, w_global, block_size: int, dtype, *, wrap=
     """W [N, K] as `dtype` (decoded in float32; times `mul[n]` when given), for the dequantize + cuBLAS path (the
     GEMM reads it transposed: writing [K, N] instead was no faster overall on the H200,
     benchmarks/fp4_dequant_layout.json) and the FP8 path (`fp8_weight`); `cfg` (default `DEQUANT`): the tile
-    (BLOCK_K a multiple of 32)."""
+    (BLOCK_K a multiple of 32; of 128 on row pairs)."""
     cfg = cfg or DEQUANT
     n, k = F.weight_nk(w_packed)
     _check_pairs_tile(w_packed, cfg["BLOCK_K"])

@@ -10,7 +10,9 @@ load). Each copy reads "row_words" words of each row (`row_words_for`): 8 (a 64-
 (128 bytes: the loop then steps 256 K, two dots a step), split into blocks in registers (`_halves`, no shared-memory
 conversion in the sm_90 SASS). Pointers are formed once and a step adds scalars; whole tiles and splits (`EVEN`)
 load without masks. With `tma` in the configuration x and the words load through host TMA descriptors ([BLOCK_M,
-64] and [BLOCK_N, row_words] boxes; zero fill past M, N and K), as INT4's `one_dot.use_tma` decides.
+64] and [BLOCK_N, row_words] boxes; zero fill past M, N and K), as INT4's `one_dot.use_tma` decides. On row pairs
+(`format.to_row_pairs`, PAIRED) a pair's two 16-word runs of a step are adjacent: a step's copies cover 128 contiguous
+bytes per pair, through pointers or [BLOCK_N / 2, 1, 2, 16] boxes.
 
 This kernel began as a probe (twenty-fourth session, `git show 36f33dc:tools/diag/fp4_one_dot_probe.py`): sm_90 SASS
 of the main loop 3.55 instructions per weight at 16 rows and 3.52 at 64 (128-wide tiles, NVFP4, bf16), against 6.53
