@@ -131,11 +131,11 @@ def test_engine_options_are_planar_fp16_for_cuda_unless_forced():
         LoweringOptions(fp4_layout="nibbles")
 
 
-@pytest.mark.parametrize("layout", [None, "planar"])
+@pytest.mark.parametrize("layout", [None, "planar", "pairs"])
 def test_pipeline_lowers_in_the_devices_layout_or_the_one_asked(monkeypatch, tmp_path, layout):
-    """A CPU engine gets byte codes unless `build(fp4_layout=...)` asks for planar words (then the layers whose K
-    is a multiple of 128 hold int32 words), and its manifest says which (the engine compile is stubbed out: the
-    lowered program is what is checked)."""
+    """A CPU engine gets byte codes unless `build(fp4_layout=...)` asks for planar words or row pairs (then the
+    layers whose K is a multiple of 128 hold int32 words, 4-D for row pairs), and its manifest says which (the
+    engine compile is stubbed out: the lowered program is what is checked)."""
     import qcompile.engine
     from qcompile.pipeline import build
 
@@ -143,14 +143,16 @@ def test_pipeline_lowers_in_the_devices_layout_or_the_one_asked(monkeypatch, tmp
         pass
 
     def stop(program, *args, manifest, **kwargs):
-        raise Lowered(sorted({str(b.dtype) for b in program.buffers()}), manifest["fp4_layout"])
+        raise Lowered(sorted({str(b.dtype) for b in program.buffers()}), manifest["fp4_layout"],
+                      {b.dim() for b in program.buffers() if b.dtype == torch.int32})
 
     monkeypatch.setattr(qcompile.engine, "build_engine", stop)
     with pytest.raises(Lowered) as lowered:
         build("tiny-llama", "w4a16_nvfp4", output=tmp_path / "e.engine", device="cpu", calib="random",
               fp4_layout=layout)
-    dtypes, recorded = lowered.value.args
-    assert "torch.uint8" in dtypes and ("torch.int32" in dtypes) == (layout == "planar")
+    dtypes, recorded, word_ranks = lowered.value.args
+    assert "torch.uint8" in dtypes and ("torch.int32" in dtypes) == (layout is not None)
+    assert word_ranks == {None: set(), "planar": {2}, "pairs": {4}}[layout]
     assert recorded == (layout or "bytes")
     assert not (tmp_path / "e.engine").exists()
 
