@@ -44,12 +44,16 @@ def test_int4_cells_at_the_threshold_edges():
     assert tinygemm["met"] == sum(1 for r in rows if r["int4_op"] < 50.0)
 
 
-def test_fp4_reads_planar_columns_and_counts_within_ten_percent_of_int4():
-    """FP4 at 1.09x INT4's time is within 10%, at 1.11x it is not; the byte-layout column is ignored where the
-    planar one is present."""
+def test_fp4_reads_the_engine_layouts_columns_and_counts_within_ten_percent_of_int4():
+    """FP4 at 1.09x INT4's time is within 10%, at 1.11x it is not; the row-pair column is read where present, else
+    the planar one, else the byte layout's."""
     rows = [{"K": 4096, "N": 4096, "M": m, "bf16": 10.0, "int4_op": 10.0,
              "nvfp4_op": 99.0, "nvfp4_planar_op": 10.9 if m < 1024 else 11.1,
              "mxfp4_op": 10.5} for m in MS]
+    paired = [dict(row, nvfp4_pairs_op=12.0, mxfp4_pairs_op=10.0, mxfp4_planar_op=99.0) for row in rows]
+    scores_pairs = issue_targets.score({"fp4": paired}, {})
+    assert by_name(scores_pairs, "NVFP4 within")["met"] == 0  # 10 / 12
+    assert by_name(scores_pairs, "MXFP4 within")["met"] == 6
     scores = issue_targets.score({"fp4": rows}, {})
     nvfp4 = by_name(scores, "NVFP4 within")
     assert (nvfp4["met"], len(nvfp4["cells"])) == (4, 6)

@@ -10,7 +10,7 @@ For each (K x N, M) of reference/kernel-targets.md it times, with `triton.testin
 all with bias, bf16 in/out. --fp4-planar adds nvfp4_planar_op and mxfp4_planar_op: the FP4 op on the same weights
 as planar words (`format.to_planar_words`: the one-dot kernel at 1-128 rows), with int4/<fmt>_planar and
 <fmt>/<fmt>_planar (> 1: planar faster); --fp4-pairs (with --fp4-planar) also <fmt>_pairs_op, the same words in
-row pairs (`format.to_row_pairs`, the opt-in layout "pairs"), with int4/<fmt>_pairs and <fmt>_planar/<fmt>_pairs
+row pairs (`format.to_row_pairs`, CUDA engines' layout "pairs"), with int4/<fmt>_pairs and <fmt>_planar/<fmt>_pairs
 (> 1: row pairs faster). --int4-pointers adds int4_ptr_op: the INT4 op without its TMA tiles
 (`kernel.pointer_tiles`), timed in the same cell, and int4_ptr/int4 (> 1: the TMA tiles faster); --int4-unfinished
 adds int4_unfinished_op: the INT4 op without the cast and bias in its one-dot kernels (fp32 sums, then a cast;

@@ -47,8 +47,8 @@ for s in ${STEPS:-engines kernels int4 decode tests}; do
                [ $b -ne 0 ] || [ $rr -ne 0 ] && grep -v "^\[" "$OUT/cli-tiny-llama-$r.log" | tail -15
                rm -f "$OUT/tl-$r.engine"
              done ;;
-    fp4)     step "FP4 (NVFP4, MXFP4) vs INT4 vs bf16 GEMM benchmark (FP4 also on planar words, as CUDA engines store it)"
-             py tools/bench_fp4_gemm.py --eager --cuda-graph ${FP4_ARGS---fp4-planar} --out "$OUT/fp4_int4_gemm.json" 2>&1 | tee "$OUT/fp4_int4_gemm.log" | tail -30 ;;
+    fp4)     step "FP4 (NVFP4, MXFP4) vs INT4 vs bf16 GEMM benchmark (FP4 also on planar words and in row pairs, as CUDA engines store it)"
+             py tools/bench_fp4_gemm.py --eager --cuda-graph ${FP4_ARGS---fp4-planar --fp4-pairs} --out "$OUT/fp4_int4_gemm.json" 2>&1 | tee "$OUT/fp4_int4_gemm.log" | tail -30 ;;
     diag)    IFS=';' read -ra scripts <<< "${DIAG:-tools/diag/w8a16_aoti_cond.py}"  # several: "a.py args;b.py"
              for d in "${scripts[@]}"; do
                step "diagnostics: $d"

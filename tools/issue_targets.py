@@ -3,7 +3,7 @@
 
 For each target: the cells met out of those it covers, the worst cell, and every miss, as a table and as JSON. It
 reads the files the benchmarks write (any subset): `tools/bench_gemm.py` (--int4), `bench_fp4_gemm.py` (--fp4; its
-planar columns where present, the layout CUDA engines store), `bench_w8a16_fp8_block.py` (--w8fp8),
+row-pair columns where present, the layout CUDA engines store, else planar ones), `bench_w8a16_fp8_block.py` (--w8fp8),
 `bench_fp8_large_m.py` (--fp8-large-m: the opt-in FP8 path above 128 rows) and `bench_engines.py` (--decode: each
 w4a16_awq engine at one row against the fp16 engine of the same variant, e.g. w4a16_awq:pdl against fp16:pdl).
 
@@ -59,10 +59,17 @@ def rows_where(test: Callable[[int], bool], also: Callable[[dict], bool] = lambd
     return lambda row: test(row["M"]) and also(row)
 
 
+FP4_LAYOUT_COLUMNS = ("pairs", "planar")  # the FP4 op's engine layouts, the one CUDA engines store first
+
+
 def fp4_quotient(num: str, fmt: str) -> Callable[[dict], Optional[float]]:
-    """`quotient(num, the FP4 op's time)`: on planar words where the run timed them (as CUDA engines store them)."""
-    planar, plain = quotient(num, f"{fmt}_planar_op"), quotient(num, f"{fmt}_op")
-    return lambda row: planar(row) if f"{fmt}_planar_op" in row else plain(row)
+    """`quotient(num, the FP4 op's time)` on the layout CUDA engines store (row pairs since the fifty-fourth
+    session) where the run timed it, else on planar words (what they stored before), else on the byte layout."""
+    columns = [f"{fmt}_{layout}_op" for layout in FP4_LAYOUT_COLUMNS] + [f"{fmt}_op"]
+
+    def of(row: dict) -> Optional[float]:
+        return quotient(num, next((c for c in columns if c in row), columns[-1]))(row)
+    return of
 
 
 def op_targets() -> list[Target]:

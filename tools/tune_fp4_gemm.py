@@ -6,12 +6,13 @@ zero fill and the cast to x's dtype included where a configuration splits K): cu
 issue-5 yardstick); the shipped FP4 path; dequantize + cuBLAS (`_fp4_dequant_kernel`, then `x @ W.T` and the
 bias); and `_fp4_gemm_kernel` in several tile configurations (not with --no-tiles). With --planar also the op on
 planar words (`planar shipped`: `kernel.ONE_DOT`, `gemv_planar.GEMV_PLANAR`) and `one_dot._fp4_one_dot_kernel` in
-the tiles of `one_dot_configs`, or at M = 1 the planar GEMV in those of `gemv_planar_configs`. NVFP4 weights, bf16
+the tiles of `one_dot_configs`, or at M = 1 the planar GEMV in those of `gemv_planar_configs`; with --pairs those
+candidates read the same words in row pairs (`format.to_row_pairs`). NVFP4 weights (--fmt mxfp4: MXFP4), bf16
 x, with bias. Each candidate is checked against a float32 reference first (relative L2 error). Writes every
 measurement as JSON and prints the best per cell.
 
     python3 tools/tune_fp4_gemm.py --cuda-graph --out tune.json [--shapes 8192x28672] [--ms 16 64 256] \
-        [--planar [--no-tiles]]
+        [--planar [--pairs] [--no-tiles]]
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import json
 
 import torch
 
-from bench_fp4_gemm import GROUP, make_fp4, make_int4, planar_weights
+from bench_fp4_gemm import GROUP, make_fp4, make_int4, pairs_weights, planar_weights
 from gpu_timing import MODE, bench, bench_parser, check_cells, rel_errors, rotating, save_rows, time_checked
 from tune_fp8_block_w8a16 import best
 
@@ -29,7 +30,7 @@ from qcompile.plugins.fp4_gemm.gemv_planar import launch_gemv_planar
 from qcompile.plugins.gemm_dispatch import bucket_for, linear_bias
 from qcompile.plugins.int4_gemm.half2 import ptx_available
 
-BLOCK = 16  # NVFP4
+BLOCKS = {"nvfp4": 16, "mxfp4": 32}  # elements per block scale
 # M <= 16: one row tile of 16, split-K over N tiles of 32-128 rows (shipped: 64 rows, 4 warps, 3 stages, 1 SM per
 # N tile); above: 32-128 x 64-256 tiles (shipped: 64 x 128, 4 warps, 3 stages, 4 SMs per N tile).
 SMALL_CONFIGS = ([dict(BLOCK_M=16, BLOCK_N=bn, num_warps=4, num_stages=st, sms_per_tile=spt)
@@ -95,32 +96,33 @@ def shipped_finish(m: int) -> bool:
 
 
 def candidates(x, bias, weights, m: int, planar=None, tiles: bool = True, row_words: bool = False,
-               words: int = 0) -> dict:
+               words: int = 0, block: int = 16) -> dict:
     """weights() -> (w_packed, w_scale, w_global) of the next rotating copy, planar() the same as planar words (None:
     no planar candidates); tiles: also the byte layout's tile configurations; row_words: the one-dot candidates are
     `row_words_configs`, not `one_dot_configs`; words: each of `one_dot_configs` reads that many words of each
-    weight row per step (its "row_words"; 0: the kernel's default). Each candidate returns the output."""
+    weight row per step (its "row_words"; 0: the kernel's default); block: 16 (NVFP4) or 32 (MXFP4). Each candidate
+    returns the output."""
     def shipped():
-        return fp4.fp4_gemm_triton(x, *weights(), bias, BLOCK)
+        return fp4.fp4_gemm_triton(x, *weights(), bias, block)
 
     def dequant():
         w_packed, w_scale, w_global = weights()
-        return linear_bias(x, fp4.launch_dequant(w_packed, w_scale, w_global, BLOCK, x.dtype).t(), bias, x.dtype)
+        return linear_bias(x, fp4.launch_dequant(w_packed, w_scale, w_global, block, x.dtype).t(), bias, x.dtype)
 
     def tile(cfg):
-        return lambda: fp4.launch_gemm(x, *weights(), bias, BLOCK, cfg).to(x.dtype)
+        return lambda: fp4.launch_gemm(x, *weights(), bias, block, cfg).to(x.dtype)
 
     def one_dot(cfg):
         return lambda: fp4_one_dot.launch(x, *planar(), bias, cfg, asm=ptx_available(), finish=shipped_finish(m))
 
     def gemv(cfg):
-        return lambda: launch_gemv_planar(x, *planar(), bias, BLOCK, cfg)
+        return lambda: launch_gemv_planar(x, *planar(), bias, block, cfg)
 
     out = {"shipped": shipped, "dequant": dequant}
     if tiles:
         out.update({"tile " + json.dumps(c): tile(c) for c in (SMALL_CONFIGS if m <= 16 else MID_CONFIGS)})
     if planar is not None:
-        out["planar shipped"] = lambda: fp4.fp4_gemm_triton(x, *planar(), bias, BLOCK)
+        out["planar shipped"] = lambda: fp4.fp4_gemm_triton(x, *planar(), bias, block)
         if m == 1:
             out.update({"gemv_planar " + json.dumps(c): gemv(c) for c in gemv_planar_configs()})
         else:
@@ -130,23 +132,24 @@ def candidates(x, bias, weights, m: int, planar=None, tiles: bool = True, row_wo
     return out
 
 
-def make_case(k: int, n: int, m: int):
-    """(x bf16 [m, k], bias, NVFP4 weights, float32 reference of the op)."""
+def make_case(k: int, n: int, m: int, fmt: str):
+    """(x bf16 [m, k], bias, `fmt` weights, float32 reference of the op)."""
     from qcompile.plugins.fp4_gemm.reference import dequantize_weight
 
     torch.manual_seed(k + n + m)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    w = make_fp4("nvfp4", k, n)
-    return x, bias, w, x.float() @ dequantize_weight(*w, BLOCK).t().float() + bias.float()
+    w = make_fp4(fmt, k, n)
+    return x, bias, w, x.float() @ dequantize_weight(*w, BLOCKS[fmt]).t().float() + bias.float()
 
 
 def check_chunk(task):
     """Worker: compile and check candidates `names` of one (K, N, M) cell."""
-    k, n, m, names, row_words, words = task
-    x, bias, w, ref = make_case(k, n, m)
-    wp = planar_weights(w)
-    return rel_errors(candidates(x, bias, lambda: w, m, lambda: wp, row_words=row_words, words=words), names, ref)
+    k, n, m, names, row_words, words, pairs, fmt = task
+    x, bias, w, ref = make_case(k, n, m, fmt)
+    wp = (pairs_weights if pairs else planar_weights)(w)
+    return rel_errors(candidates(x, bias, lambda: w, m, lambda: wp, row_words=row_words, words=words,
+                                 block=BLOCKS[fmt]), names, ref)
 
 
 def main() -> None:
@@ -161,6 +164,8 @@ def main() -> None:
                     "16 or 32 words of each weight row a step (`row_words_configs`) instead of the tile sweep")
     ap.add_argument("--words", type=int, default=0, choices=(0, 8, 16, 32), help="with --planar: every one-dot "
                     "candidate of the tile sweep reads this many words of each weight row a step (0: the default, 8)")
+    ap.add_argument("--pairs", action="store_true", help="with --planar: the planar candidates on row pairs")
+    ap.add_argument("--fmt", choices=tuple(BLOCKS), default="nvfp4")
     ap.set_defaults(ms=[16, 64, 256])
     args = ap.parse_args()
     MODE["graph"] = args.cuda_graph
@@ -170,28 +175,29 @@ def main() -> None:
     planar_names = (lambda: None) if args.planar else None  # names only: the candidates are not called here
     checked = check_cells(cells, lambda m: candidates(None, None, None, m, planar_names, tiles, args.row_words,
                                                       args.words),
-                          check_chunk, args.workers, extra=(args.row_words, args.words))
+                          check_chunk, args.workers, extra=(args.row_words, args.words, args.pairs, args.fmt))
     print("compiled and checked", sum(len(v) for v in checked.values()), "candidates", flush=True)
     rows = []
     for shape in args.shapes:
         k, n = (int(v) for v in shape.split("x"))
         w16 = rotating(lambda: torch.randn(k, n, device="cuda", dtype=torch.bfloat16), k * n * 2)
         w4 = rotating(lambda: make_int4(k, n), k * n // 2)
-        wf = rotating(lambda: make_fp4("nvfp4", k, n), k * n // 2)
-        wp = rotating(lambda: planar_weights(make_fp4("nvfp4", k, n)), k * n // 2) if args.planar else None
+        wf = rotating(lambda: make_fp4(args.fmt, k, n), k * n // 2)
+        layout = pairs_weights if args.pairs else planar_weights
+        wp = rotating(lambda: layout(make_fp4(args.fmt, k, n)), k * n // 2) if args.planar else None
         for m in args.ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
             row = {"K": k, "N": n, "M": m, "bf16": bench(lambda: x @ w16(), copies=4),
                    "int4_op": bench(lambda: int4_op(x, *w4(), None, bias, GROUP), copies=4),
-                   "nvfp4": time_checked(candidates(x, bias, wf, m, wp, tiles, args.row_words, args.words),
-                                         checked[(k, n, m)])}
+                   args.fmt: time_checked(candidates(x, bias, wf, m, wp, tiles, args.row_words, args.words,
+                                                     BLOCKS[args.fmt]), checked[(k, n, m)])}
             rows.append(row)
-            name, us = best(row["nvfp4"])
-            shipped = row["nvfp4"]["shipped"].get("us", float("nan"))
+            name, us = best(row[args.fmt])
+            shipped = row[args.fmt]["shipped"].get("us", float("nan"))
             print(f"{k}x{n} M={m}: bf16 {row['bf16']:.1f} int4 {row['int4_op']:.1f} | best {us:.1f} "
                   f"(int4/fp4 {row['int4_op'] / us:.2f}) {name} | shipped {shipped:.1f} "
-                  f"({row['int4_op'] / shipped:.2f}) | dequant {row['nvfp4']['dequant'].get('us', float('nan')):.1f}",
+                  f"({row['int4_op'] / shipped:.2f}) | dequant {row[args.fmt]['dequant'].get('us', float('nan')):.1f}",
                   flush=True)
             save_rows(args.out, rows)
         torch.cuda.empty_cache()

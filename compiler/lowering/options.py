@@ -17,7 +17,7 @@ class LoweringOptions:
     CUDA).
     `fp4_layout`: FP4 plugin weights stored as "bytes" (uint8 [N, K/2] codes), "planar" words (K a multiple of 128;
     `plugins/fp4_gemm/format.to_planar_words`, the layout of the planar kernels) or "pairs" (planar words in row
-    pairs where N is even too, `format.to_row_pairs`; opt-in until timed on the GPU)."""
+    pairs where N is even too, `format.to_row_pairs`; CUDA engines' default)."""
 
     compute_dtype: torch.dtype | None = None
     fp8_large_m: bool = False
@@ -31,8 +31,9 @@ class LoweringOptions:
     @classmethod
     def for_engine(cls, device: str, *, fp8_large_m: bool = False, fp4_layout: str | None = None) -> LoweringOptions:
         """An engine's lowering on `device` ("cpu", "cuda[:i]"): CUDA engines compute in fp16 and store FP4 weights
-        as planar words (faster on the H200 at 1-128 rows; BENCHMARKS.md); CPU engines keep fp32 and bytes (the CPU
-        reference would convert planar words back on every call). `fp4_layout` overrides the layout (A/B builds)."""
+        as planar words in row pairs (planar words beat bytes on the H200 at 1-128 rows; row pairs beat planar words
+        by 3-8% at 16 rows on the H100; BENCHMARKS.md); CPU engines keep fp32 and bytes (the CPU reference would
+        convert words back on every call). `fp4_layout` overrides the layout (A/B builds)."""
         cuda = str(device).startswith("cuda")
         return cls(compute_dtype=torch.float16 if cuda else None, fp8_large_m=fp8_large_m,
-                   fp4_layout=fp4_layout or ("planar" if cuda else "bytes"))
+                   fp4_layout=fp4_layout or ("pairs" if cuda else "bytes"))

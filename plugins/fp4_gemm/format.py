@@ -28,10 +28,10 @@ then one 16-K tile's (k, k + 1) register pair of a tensor-core MMA's first opera
 a bf16 or fp16 pair (`planar.py`); the 64 K of a row are 32 contiguous bytes. NVFP4 blocks whose scale is 0 hold
 zero codes (the same weights: the planar kernels' bf16 multiplier of a zero scale is not 0).
 
-Row pairs (`to_row_pairs`; opt-in, `LoweringOptions.fp4_layout = "pairs"`): the same planar words with rows 2p and
-2p + 1 interleaved by 128-K step, int32 [N/2, K/128, 2, 16] (N even): [p, s, r] holds row 2p + r's 16 words of
-step s. A tile reading both rows of a pair per step then reads 128 contiguous bytes, not two runs
-of 64 (a timing probe: 4-8% faster at 16 rows on an H100; BENCHMARKS.md, fifty-third session). Word w of row n is
+Row pairs (`to_row_pairs`; what CUDA engines store, `LoweringOptions.fp4_layout = "pairs"`): the same planar
+words with rows 2p and 2p + 1 interleaved by 128-K step, int32 [N/2, K/128, 2, 16] (N even): [p, s, r] holds row
+2p + r's 16 words of step s. A tile reading both rows of a pair per step then reads 128 contiguous bytes, not two
+runs of 64 (the op 3-8% faster at 16 rows on an H100; BENCHMARKS.md, fifty-fourth session). Word w of row n is
 word `(n // 2) * (K / 4) + (n % 2) * 16 + (w // 16) * 32 + w % 16` of the tensor (`planar.pair_row_offset` +
 `planar.pair_word_offset` in the kernels). The 4-D shape tells the layout apart (`is_row_pairs`); `weight_nk` gives
 any engine weight's N and K. (4-D, so a kernel's TMA descriptor takes the tensor as it is: a view made inside the

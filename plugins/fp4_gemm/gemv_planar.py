@@ -55,6 +55,12 @@ from qcompile.plugins.int4_gemm.half2 import half_of, ptx_available
 # 2 rows x 64 chunks (4 KiB of each row per step) on 2 warps, a thread holding one chunk of both rows: within 5% of
 # the best of 11 tiles on the four kernel-target layers (benchmarks/tune_fp4_planar_s26.json)
 GEMV_PLANAR = dict(BLOCK_N=2, BLOCK_C=64, num_warps=2)
+# Row pairs below N = 16384 (`GEMV_PAIRS_MAX_N`): 2 rows x 32 chunks on 1 warp. Against the planar tile on the same
+# row pairs (NVFP4 / MXFP4, µs): 9.7 / 10.3 and 9.6 / 10.1 on 4096 x 4096, 18.7 / 20.2 and 18.1 / 20.1 on 4096 x 14336,
+# 20.5 / 22.5 and 22.6 / 22.7 on 14336 x 4096; on 8192 x 28672 57.6 / 55.8 and 59.2 / 56.1, where wider layers keep the
+# planar tile (H100, bf16; benchmarks/tune_fp4_pairs-h100_s54.*, tune_gemv-mxfp4-pairs-h100_s54c.*)
+GEMV_PAIRS = dict(BLOCK_N=2, BLOCK_C=32, num_warps=1)
+GEMV_PAIRS_MAX_N = 16383
 X_SCALED_BLOCK = 64  # 16-blocks of x per program of `_x_scaled_kernel`
 
 
@@ -220,12 +226,12 @@ def _fp4_gemv_planar_kernel(xs_ptr, down_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr,
 def launch_gemv_planar(x2d, words, w_scale, w_global, bias, block_size: int, cfg: dict | None = None, *,
                        wrap=identity) -> torch.Tensor:
     """`x2d @ dequant(W).T + bias` [M, N] in x2d.dtype (fp16/bf16) for planar words [N, K/8] (K a multiple of 64) or
-    row pairs [N/2, K/128, 2, 16]:
+    row pairs [N/2, K/128, 2, 16] (default tile `GEMV_PLANAR`, or on row pairs up to GEMV_PAIRS_MAX_N `GEMV_PAIRS`):
     x scaled per 16-block, then the GEMV (meant for M = 1: each row of x re-reads the weight). `block_size` is
     implied by w_scale's dtype (taken for `gemv.launch_gemv`'s signature)."""
-    cfg = cfg or GEMV_PLANAR
     m, k = x2d.shape
     n = weight_nk(words)[0]
+    cfg = cfg or (GEMV_PAIRS if is_row_pairs(words) and n <= GEMV_PAIRS_MAX_N else GEMV_PLANAR)
     kb, kc = k // 16, k // 64
     xs = torch.empty((m, k), dtype=torch.float16, device=x2d.device)
     down = torch.empty((m, kb), dtype=torch.float32, device=x2d.device)

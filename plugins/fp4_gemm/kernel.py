@@ -51,7 +51,7 @@ than the byte ones at every M from 1 to 128 on the kernel-target layers but one 
 8.7 µs) and equal at 1024 rows (BENCHMARKS.md, twenty-sixth session); the byte paths stay for CPU engines, K not a
 multiple of 128, and fp32 x. The one-dot buckets up to 64 rows set "finish" (`finished`): they write `y + bias` in
 x.dtype from the kernel when K is split, instead of fp32 partial sums that a cast kernel converts afterwards
-(`triton_tiles.finish_split_tile`). Row pairs (`format.to_row_pairs`, the opt-in layout "pairs") take the same paths,
+(`triton_tiles.finish_split_tile`). Row pairs (`format.to_row_pairs`, CUDA engines' layout "pairs") take the same paths,
 each kernel told by its PAIRED flag where a row's words sit.
 
 `launch_*` and `fp4_gemm_triton` take `wrap` (identity for raw Triton: tests run them under
@@ -99,8 +99,10 @@ WIDE = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, sms_per_tile=2)
 # tile was 2-11% slower than the shipped pointer tile (H100, NVFP4, bf16; benchmarks/tune_fp4_words16-h100_s53.*).
 # The 17-64-row TMA tile reads 16 words too: 32.7 against 34.6 µs at 64 rows on 14336 x 4096, 90.6 against 96.7 on
 # 8192 x 28672 (H100; benchmarks/tune_fp4_words16-m64-m1-h100_s53.*; through pointers, on the K = 4096 layers, 16
-# words were within 1.5% of 8 either way).
-SMALL_TMA = dict(min_n=16384, min_k=8192)
+# words were within 1.5% of 8 either way). On row pairs ("on_pairs": False) 16 rows stay on pointers: the same tile
+# took 64.4 µs through pointers against 69.6 through [64, 1, 2, 16] boxes on 8192 x 28672, and was the best of 42
+# pointer tiles on all four layers (H100, NVFP4, bf16; benchmarks/tune_fp4_pairs-h100_s54.*).
+SMALL_TMA = dict(min_n=16384, min_k=8192, on_pairs=False)
 MID_TMA = dict(min_n=0, min_k=8192, BLOCK_N=128, row_words=16)
 ONE_DOT = [(16, dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3, waves=4, finish=True, row_words=16,
                      tma=SMALL_TMA)),

@@ -192,13 +192,16 @@ def launch(x2d, words, w_scale, w_global, bias, cfg: dict, *, asm: bool, finish:
     """`x2d @ dequant(W).T (+ bias)` [M, N] with `_fp4_one_dot_kernel`: fp32 when split-K (atomics; the bias already
     added), else x2d.dtype; x2d.dtype either way with `finish` (the kernel writes it, `finish_split_tile`).
     cfg: BLOCK_M, BLOCK_N, num_warps, num_stages, waves and resident (`split_for_waves`), optionally row_words
-    (`row_words_for`) and tma (`int4_gemm.one_dot.use_tma`: {"min_n": ...}; its other keys override the tile's)."""
+    (`row_words_for`) and tma (`int4_gemm.one_dot.use_tma`: {"min_n": ...}; "on_pairs": False keeps row pairs on
+    pointers; its other keys override the tile's)."""
     m, k = x2d.shape
     n = weight_nk(words)[0]
     pairs = is_row_pairs(words)
     if not supports(x2d.dtype, k):
         raise ValueError(f"one-dot FP4 kernel: needs fp16/bf16 x and K a multiple of {STEP} (got {x2d.dtype}, K = {k})")
     mx = w_scale.dtype == torch.uint8
+    if pairs and not cfg.get("tma", {}).get("on_pairs", True):
+        cfg = {key: v for key, v in cfg.items() if key != "tma"}
     tma = use_tma(cfg, x2d, n, x2d.device.type == "cpu")
     x_src, w_src = x2d, words
     if tma:

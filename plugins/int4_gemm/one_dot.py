@@ -231,8 +231,10 @@ def use_tma(cfg: dict, x2d: torch.Tensor, n: int, on_cpu: bool) -> bool:
 
 
 def with_tma_tile(cfg: dict) -> dict:
-    """cfg with its TMA tile's keys (cfg["tma"] less the rule keys min_n, min_k and interpret) over the tile's."""
-    return {**cfg, **{key: v for key, v in cfg["tma"].items() if key not in ("min_n", "min_k", "interpret")}}
+    """cfg with its TMA tile's keys (cfg["tma"] less the rule keys min_n, min_k, interpret and FP4's on_pairs) over
+    the tile's."""
+    rules = ("min_n", "min_k", "interpret", "on_pairs")
+    return {**cfg, **{key: v for key, v in cfg["tma"].items() if key not in rules}}
 
 
 def tma_words(w_packed: torch.Tensor) -> torch.Tensor:

@@ -118,11 +118,11 @@ def test_lowering_hands_fp8_large_m_to_the_op(flag):
     assert exported_op_arg(prog, torch.randn(2, 128), torch.ops.qcompile.fp4_gemm, "fp8_large_m") is flag
 
 
-def test_engine_options_are_planar_fp16_for_cuda_unless_forced():
+def test_engine_options_are_row_pairs_fp16_for_cuda_unless_forced():
     from qcompile.lowering import LoweringOptions
 
     cuda, cuda1, cpu = (LoweringOptions.for_engine(d) for d in ("cuda", "cuda:1", "cpu"))
-    assert (cuda.fp4_layout, cuda1.fp4_layout, cpu.fp4_layout) == ("planar", "planar", "bytes")
+    assert (cuda.fp4_layout, cuda1.fp4_layout, cpu.fp4_layout) == ("pairs", "pairs", "bytes")
     assert (cuda.compute_dtype, cpu.compute_dtype) == (torch.float16, None)
     assert LoweringOptions.for_engine("cuda", fp4_layout="bytes").fp4_layout == "bytes"
     assert LoweringOptions.for_engine("cpu", fp4_layout="planar", fp8_large_m=True) == \

@@ -165,6 +165,24 @@ def test_row_pairs_launches_export_on_fake_cuda_tensors(monkeypatch, tma):
                                torch.randn(8, 512).to(torch.bfloat16)) == [torch.ops.qcompile.fp4_gemm.default]
 
 
+@fake_cuda_export
+@pytest.mark.parametrize("pairs", [False, True])
+def test_shipped_tma_rules_on_a_deep_wide_layer_export_on_fake_cuda_tensors(monkeypatch, pairs):
+    """With the shipped tiles on a layer 16384 wide and 8192 deep, 16 rows load through TMA on planar words and
+    through pointers on row pairs (`kernel.SMALL_TMA`'s on_pairs); 17-64 rows through TMA on both (`MID_TMA`), 65-128
+    rows through pointers."""
+    from qc_testutil import expect_tma, export_on_fake_cuda
+    from qcompile.plugins.fp4_gemm import one_dot
+
+    k, n = 8192, 16384
+    expect_tma(monkeypatch, lambda cfg: {16: not pairs, 64: True, 128: False}[cfg["BLOCK_M"]], one_dot)
+    words = torch.zeros(n, k // 8, dtype=torch.int32)  # the values do not matter: nothing runs
+    words = F.to_row_pairs(words) if pairs else words
+    weights = (words, torch.ones(n, k // 16).to(torch.float8_e4m3fn), torch.tensor(1.0), None, torch.randn(n), 16)
+    assert export_on_fake_cuda(monkeypatch, torch.ops.qcompile.fp4_gemm, weights,
+                               torch.randn(8, k).to(torch.bfloat16)) == [torch.ops.qcompile.fp4_gemm.default]
+
+
 # ---------------------------------------------------------------- CUDA
 
 @pytest.mark.gpu
@@ -184,7 +202,8 @@ def test_cuda_op_on_row_pairs_matches_float64(fmt, dtype, m):
     y = torch.ops.qcompile.fp4_gemm(dev[0], *dev[1:4], None, dev[4], case["block"])
     assert y.dtype == dtype and y.shape == (m, 320)
     assert_rel_l2(y, oracle(x, case, bias), dtype)
-    tma = [(limit, dict(cfg, tma={**cfg.get("tma", {}), "min_n": 0, "min_k": 0})) for limit, cfg in kernel.ONE_DOT]
+    tma = [(limit, dict(cfg, tma={**cfg.get("tma", {}), "min_n": 0, "min_k": 0, "on_pairs": True}))
+           for limit, cfg in kernel.ONE_DOT]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(kernel, "ONE_DOT", tma)
         y_tma = torch.ops.qcompile.fp4_gemm(dev[0], *dev[1:4], None, dev[4], case["block"])

@@ -249,13 +249,16 @@ def test_int4_fp8_weight_values_are_exact_interpreter(zero, k, group):
 
 @triton_interp
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
-@pytest.mark.parametrize("planar", [False, True], ids=["bytes", "planar"])
-def test_fp4_fp8_weight_values_interpreter(fmt, planar):
-    """W * (1 / S[n]) from both engine layouts against float64 (NVFP4's global scale: one fp32 rounding)."""
+@pytest.mark.parametrize("layout", ["bytes", "planar", "pairs"])
+def test_fp4_fp8_weight_values_interpreter(fmt, layout):
+    """W * (1 / S[n]) from each engine layout against float64 (NVFP4's global scale: one fp32 rounding)."""
+    from qcompile.plugins.fp4_gemm.format import to_row_pairs
     from qcompile.plugins.fp4_gemm.kernel import fp8_weight
     from qcompile.plugins.fp4_gemm.reference import fp8_column_bound as column_bound
 
-    case = (fp4_planar_case if planar else fp4_case)(fmt, k=256, n=40, seed=11)
+    case = (fp4_case if layout == "bytes" else fp4_planar_case)(fmt, k=256, n=40, seed=11)
+    if layout == "pairs":
+        case = dict(case, w_packed=to_row_pairs(case["w_packed"]))
     got, s = fp8_weight(case["w_packed"], case["w_scale"], case["w_global"], case["block"], dtype=torch.float32)
     w64 = fp4_weight64(case)
     assert torch.equal(s, fp8_large_m.column_scales(column_bound(case["w_scale"], case["w_global"])))
@@ -376,11 +379,14 @@ def test_cuda_w4a8_op_fp8_large_m_keeps_its_activation_scales():
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
-@pytest.mark.parametrize("planar", [False, True], ids=["bytes", "planar"])
-def test_cuda_fp4_op_fp8_large_m(fmt, planar):
+@pytest.mark.parametrize("layout", ["bytes", "planar", "pairs"])
+def test_cuda_fp4_op_fp8_large_m(fmt, layout):
+    from qcompile.plugins.fp4_gemm.format import to_row_pairs
     from qcompile.plugins.fp4_gemm.kernel import fp8_weight
 
-    case = (fp4_planar_case if planar else fp4_case)(fmt, k=512, n=256, seed=2)
+    case = (fp4_case if layout == "bytes" else fp4_planar_case)(fmt, k=512, n=256, seed=2)
+    if layout == "pairs":
+        case = dict(case, w_packed=to_row_pairs(case["w_packed"]))
     x = torch.randn(260, 512, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16).cuda()
     bias = torch.randn(256).cuda()
     dev = [t.cuda() if t is not None else None for t in (case["w_packed"], case["w_scale"], case["w_global"])]

@@ -15,9 +15,8 @@ exactly (anything else is an error naming the node).
 
 Engine layout of the codes (`LoweringOptions.fp4_layout`): "planar" stores weights whose K is a multiple of 128 as
 planar words (`format.to_planar_words`: the layout of the one-dot kernel, `plugins/fp4_gemm/one_dot.py`, and of the
-planar GEMV), "pairs" those words in row pairs where N is even as well (`format.to_row_pairs`; opt-in), "bytes" (the
-default) keeps uint8 [N, K/2]. Engines take `LoweringOptions.for_engine(device)`: planar words for CUDA, bytes for
-CPU.
+planar GEMV), "pairs" those words in row pairs where N is even as well (`format.to_row_pairs`), "bytes" (the
+default) keeps uint8 [N, K/2]. Engines take `LoweringOptions.for_engine(device)`: row pairs for CUDA, bytes for CPU.
 """
 from __future__ import annotations
 
