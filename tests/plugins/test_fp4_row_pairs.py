@@ -148,6 +148,39 @@ def test_dequant_on_row_pairs_equals_the_byte_layouts_interpreter(fmt):
                               cfg=dict(kernel.DEQUANT, BLOCK_K=64))
 
 
+@triton_interp
+def test_gemv_tile_on_row_pairs_follows_the_layer_width():
+    """Row pairs take `GEMV_PAIRS` up to GEMV_PAIRS_MAX_N weight rows and the planar tile above; planar words the
+    planar tile (the launches are recorded, not run)."""
+    from qcompile.plugins.fp4_gemm import gemv_planar as G
+
+    tiles = []
+
+    def record(fn):
+        class Launch:
+            def __getitem__(self, grid):
+                def launch(*args, **kw):
+                    if fn is G._fp4_gemv_planar_kernel:
+                        tiles.append((kw["BLOCK_N"], kw["BLOCK_C"], kw["num_warps"]))
+                return launch
+        return Launch()
+
+    def tile_for(n: int, pairs: bool) -> tuple:
+        words = torch.zeros(n, 16, dtype=torch.int32)  # K = 128
+        words = F.to_row_pairs(words) if pairs else words
+        G.launch_gemv_planar(torch.randn(1, 128).to(torch.bfloat16), words, torch.ones(n, 8).to(torch.float8_e4m3fn),
+                             None, None, 16, wrap=record)
+        return tiles.pop()
+
+    def as_tile(cfg: dict) -> tuple:
+        return cfg["BLOCK_N"], cfg["BLOCK_C"], cfg["num_warps"]
+
+    assert as_tile(G.GEMV_PAIRS) != as_tile(G.GEMV_PLANAR)
+    assert tile_for(G.GEMV_PAIRS_MAX_N - 1, pairs=True) == as_tile(G.GEMV_PAIRS)
+    assert tile_for(G.GEMV_PAIRS_MAX_N + 1, pairs=True) == as_tile(G.GEMV_PLANAR)
+    assert tile_for(G.GEMV_PAIRS_MAX_N - 1, pairs=False) == as_tile(G.GEMV_PLANAR)
+
+
 @fake_cuda_export
 @pytest.mark.parametrize("tma", [False, True])
 def test_row_pairs_launches_export_on_fake_cuda_tensors(monkeypatch, tma):
