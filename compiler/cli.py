@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="run the INT4/FP4 GEMMs above 128 rows (prefill) on FP8 tensor cores, weights and "
                         "activations rounded to FP8 there: faster on CUDA, slightly less accurate; CPU engines "
                         "emulate it (README)")
+    b.add_argument("--fp4-layout", choices=("bytes", "planar", "pairs"),
+                   help="how the engine stores FP4 plugin weights: uint8 bytes, planar int32 words, or planar words "
+                        "in row pairs (default: pairs on CUDA, bytes on CPU; README, FP4 kernel paths)")
     b.add_argument("--one-row-model", action="store_true",
                    help="experimental: also compile the engine with every dynamic dim at 1, run when a call has them "
                         "all at 1 (a decode step of one token): no dispatch by row count there, more fusion; both "
@@ -127,7 +130,7 @@ def _cmd_build(args) -> int:
                    holdout=0.0 if args.no_validate or args.val_data else args.holdout,
                    fuse_siblings=not args.no_sibling_fusion,
                    fuse_attention=not args.no_attention_fusion, fp8_large_m=args.fp8_large_m,
-                   one_row_model=args.one_row_model, pdl=args.pdl)
+                   fp4_layout=args.fp4_layout, one_row_model=args.one_row_model, pdl=args.pdl)
     print(format_build_summary(result))
     report = Path(str(result.engine_path) + ".build.json")
     write_json_atomic(report, result.summary())

@@ -168,6 +168,34 @@ def test_fp8_large_m_cpu_engine_emulates_the_fp8_path_above_128_rows(tmp_path, c
         assert (1e-3 < diff < 0.1 and cosine(got, want) > 0.99) if fp8 else diff < 1e-4, (seq, diff)
 
 
+@pytest.mark.parametrize("flag, layout", [((), None), (("--fp4-layout", "planar"), "planar"),
+                                          (("--fp4-layout", "pairs"), "pairs")])
+def test_build_hands_fp4_layout_to_the_pipeline(monkeypatch, tmp_path, capsys, flag, layout):
+    """`build --fp4-layout` reaches `qcompile.build(fp4_layout=...)` (None without it: by device); what the pipeline
+    does with it is tested in tests/plugins/test_fp4_planar.py."""
+    import qcompile.pipeline
+
+    class Built(Exception):
+        pass
+
+    def build(*args, **kwargs):
+        raise Built(kwargs["fp4_layout"])
+
+    monkeypatch.setattr(qcompile.pipeline, "build", build)
+    with pytest.raises(Built) as built:
+        run_cli(capsys, "build", "tiny-llama", "--recipe", "w4a16_nvfp4", *flag, "-o", tmp_path / "e.engine")
+    assert built.value.args == (layout,)
+
+
+def test_build_rejects_an_unknown_fp4_layout(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(capsys, "build", "tiny-llama", "--recipe", "w4a16_nvfp4", "--fp4-layout", "nibbles",
+                "-o", tmp_path / "e.engine")
+    assert exit_.value.code == 2
+    assert "--fp4-layout: invalid choice: 'nibbles'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_one_row_model_engine_matches_the_plugin_graph(tmp_path, capsys, llama, graph_builds):
     """`build --one-row-model` on CPU: inspect says the branch is compiled, and the engine gives what the plugin
     graph gives (our lowering) at one token (the branch) and at 2 x 8 tokens (the other one)."""
