@@ -55,10 +55,10 @@ from qcompile.plugins.int4_gemm.half2 import half_of, ptx_available
 # 2 rows x 64 chunks (4 KiB of each row per step) on 2 warps, a thread holding one chunk of both rows: within 5% of
 # the best of 11 tiles on the four kernel-target layers (benchmarks/tune_fp4_planar_s26.json)
 GEMV_PLANAR = dict(BLOCK_N=2, BLOCK_C=64, num_warps=2)
-# Row pairs below N = 16384 (`GEMV_PAIRS_MAX_N`): 2 rows x 32 chunks on 1 warp. Against the planar tile on the same
-# row pairs (NVFP4 / MXFP4, µs): 9.7 / 10.3 and 9.6 / 10.1 on 4096 x 4096, 18.7 / 20.2 and 18.1 / 20.1 on 4096 x 14336,
-# 20.5 / 22.5 and 22.6 / 22.7 on 14336 x 4096; on 8192 x 28672 57.6 / 55.8 and 59.2 / 56.1, where wider layers keep the
-# planar tile (H100, bf16; benchmarks/tune_fp4_pairs-h100_s54.*, tune_gemv-mxfp4-pairs-h100_s54c.*)
+# Row pairs up to N = 16383 (`GEMV_PAIRS_MAX_N`): 2 rows x 32 chunks on 1 warp. On row pairs, µs with this tile
+# against the planar one, NVFP4 then MXFP4: 9.7 / 10.3 and 9.6 / 10.1 on 4096 x 4096, 18.7 / 20.2 and 18.1 / 20.1 on
+# 4096 x 14336, 20.5 / 22.5 and 22.6 / 22.7 on 14336 x 4096; 57.6 / 55.8 and 59.2 / 56.1 on 8192 x 28672, where wider
+# layers keep the planar tile (H100, bf16; benchmarks/tune_fp4_pairs-h100_s54.*, tune_gemv-mxfp4-pairs-h100_s54c.*)
 GEMV_PAIRS = dict(BLOCK_N=2, BLOCK_C=32, num_warps=1)
 GEMV_PAIRS_MAX_N = 16383
 X_SCALED_BLOCK = 64  # 16-blocks of x per program of `_x_scaled_kernel`
