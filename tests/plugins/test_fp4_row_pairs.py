@@ -1,4 +1,4 @@
-"""FP4 planar words in row pairs (`format.to_row_pairs`, the opt-in engine layout "pairs"): the layout against its
+"""FP4 planar words in row pairs (`format.to_row_pairs`, CUDA engines' layout "pairs"): the layout against its
 definition, round trips, the op's CPU path, the lowering's layout, and every CUDA path of the op reading it (the
 one-dot tiles through pointers and TMA, the planar GEMV, the fp32 tile kernel, the dequantize kernel) against
 float64 and bit for bit against the same kernels on plain planar words. Interpreter tests run with TRITON_INTERPRET=1
