@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
+DEFAULT_SMS = 132  # the H100 / H200 SXM's SMs: the launches' default (the ops pass the device's count)
 SMALL_M_MAX = 16  # rows up to which the split-K weight-streaming kernel runs; dequantize + cuBLAS above
 
 

@@ -12,7 +12,7 @@ def int4_tiles(pointers: bool = False, tma_min_n: int | None = None, finish: tup
     """`kernel.CONFIGS` without its TMA tiles (pointers: every load through pointers, `kernel.pointer_tiles`), or
     with them from N = tma_min_n; `finish`: the buckets of these kernels ("gemv", "one_dot") also write their output
     with the cast and bias in the kernel, `unfinished`: none does (`kernel.finished`); `gemv_x_pairs`: the GEMV
-    bucket's "x_pairs" set to it (`kernel.launch_gemv`); `gemv_mma`: the GEMV bucket's "mma" tile (the tensor-core
+    bucket's "x_pairs" set to it (`gemv.launch_gemv`); `gemv_mma`: the GEMV bucket's "mma" tile (the tensor-core
     GEMV, `mma_gemv`; {} for none)."""
     from qcompile.plugins.int4_gemm import kernel
 

@@ -69,12 +69,12 @@ from qcompile.plugins.fp4_gemm import format as F
 from qcompile.plugins.fp4_gemm import one_dot
 from qcompile.plugins.fp4_gemm.planar import pair_row_offset, pair_word_offset, tile_fp32
 from qcompile.plugins.fp4_gemm.reference import check_args, fp8_column_bound
-from qcompile.plugins.gemm_dispatch import (SMALL_M_MAX, cdiv, from_rows, identity, linear_bias, optional_arg,
-                                             run_by_buckets, split_k_config, unpack_optional, whole_tiles)
+from qcompile.plugins.gemm_dispatch import (DEFAULT_SMS, SMALL_M_MAX, cdiv, from_rows, identity, linear_bias,
+                                             optional_arg, run_by_buckets, split_k_config, unpack_optional,
+                                             whole_tiles)
 from qcompile.plugins.int4_gemm.half2 import ptx_available
 from qcompile.plugins.triton_tiles import jit_any_m, load_tile, load_xt_rows, store_tile, xt_columns
 
-DEFAULT_SMS = 132
 LARGE_M_MIN = 129  # rows from which the dequantize + cuBLAS path runs (as INT4's: 128 rows and fewer take the tiles)
 BLOCK_K = 128
 # launch configurations (tile sizes, warps, pipeline stages; the split-K target in SMs per N tile)

@@ -28,7 +28,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from qcompile.plugins.fp4_gemm.format import is_row_pairs, weight_nk
 from qcompile.plugins.fp4_gemm.planar import PAIR_ACC_SHIFT, pair_row_offset, step_multipliers, tile16
-from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg, split_for_waves, split_k_outputs, whole_tiles
+from qcompile.plugins.gemm_dispatch import (DEFAULT_SMS, cdiv, identity, optional_arg, split_for_waves, split_k_outputs,
+                                            whole_tiles)
 from qcompile.plugins.int4_gemm.one_dot import _cat_k, use_tma, with_tma_tile
 from qcompile.plugins.triton_tiles import (finish_swapped_tile, jit_any_m, load_tile, load_xt_rows, store_tile,
                                            xt_columns)
@@ -188,7 +189,7 @@ def row_words_for(cfg: dict, k: int, pairs: bool = False) -> int:
 
 
 def launch(x2d, words, w_scale, w_global, bias, cfg: dict, *, asm: bool, finish: bool = False, wrap=identity,
-           num_sms: int = 132) -> torch.Tensor:
+           num_sms: int = DEFAULT_SMS) -> torch.Tensor:
     """`x2d @ dequant(W).T (+ bias)` [M, N] with `_fp4_one_dot_kernel`: fp32 when split-K (atomics; the bias already
     added), else x2d.dtype; x2d.dtype either way with `finish` (the kernel writes it, `finish_split_tile`).
     cfg: BLOCK_M, BLOCK_N, num_warps, num_stages, waves and resident (`split_for_waves`), optionally row_words

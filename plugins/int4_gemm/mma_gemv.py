@@ -1,6 +1,6 @@
 """The one-row INT4 GEMV on tensor cores: `mma.sync` m16n8k16 with the weight as the 16-row operand (CUDA only).
 
-The fp16x2 GEMV (`kernel._int4_gemv_kernel`) multiplies every pair of weights on the fp16x2 units: about 3 SASS
+The fp16x2 GEMV (`gemv._int4_gemv_kernel`) multiplies every pair of weights on the fp16x2 units: about 3 SASS
 instructions per weight, which holds it below HBM's rate at one row. Here the tensor cores multiply, so what is
 left per weight is decoding it:
 - The MMA's A operand is a 16 x 16 tile of W^T (16 output columns by 16 K). Lane (g, c) = (lane // 4, lane % 4)

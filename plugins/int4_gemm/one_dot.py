@@ -36,8 +36,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from qcompile.plugins.gemm_dispatch import (cdiv, identity, optional_arg, split_for_waves, split_k_outputs, traced,
-                                            whole_tiles)
+from qcompile.plugins.gemm_dispatch import (DEFAULT_SMS, cdiv, identity, optional_arg, split_for_waves, split_k_outputs,
+                                            traced, whole_tiles)
 from qcompile.plugins.int4_gemm.format import PLANAR_BLOCK, is_planar
 from qcompile.plugins.triton_tiles import (finish_swapped_tile, jit_any_m, load_tile, load_xt_rows, store_tile,
                                            xt_columns)
@@ -252,7 +252,7 @@ def planar_words(w_words: torch.Tensor) -> torch.Tensor:
 
 
 def launch(x2d, w_words, w_scale, w_zero, group_size: int, cfg: dict, *, asm: bool, out_dtype=torch.float32,
-           bias=None, finish: bool = False, wrap=identity, num_sms: int = 132) -> torch.Tensor:
+           bias=None, finish: bool = False, wrap=identity, num_sms: int = DEFAULT_SMS) -> torch.Tensor:
     """`x2d @ dequant(W)` [M, N] with `_int4_one_dot_kernel`: fp32 when split-K (atomics), else `out_dtype`;
     `finish`: `+ bias` in `out_dtype` either way, written by the kernel (the split tiles' counts follow the fp32
     accumulator in one zeroed buffer: a zero fill and the kernel, no cast after it).

@@ -37,14 +37,13 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.plugins.gemm_dispatch import (SMALL_M_MAX, add_bias, cdiv, identity, linear_bias, optional_arg,
-                                             run_by_buckets, split_for_waves, whole_tiles)
+from qcompile.plugins.gemm_dispatch import (DEFAULT_SMS, SMALL_M_MAX, add_bias, cdiv, identity, linear_bias,
+                                             optional_arg, run_by_buckets, split_for_waves, whole_tiles)
 from qcompile.plugins.int4_gemm.half2 import ptx_available
 from qcompile.plugins.int8_wo_gemm import mma_rows, split_mma
 from qcompile.plugins.int8_wo_gemm.reference import check_args
 from qcompile.plugins.triton_tiles import jit_any_m, load_tile, load_xt_step, store_tile
 
-DEFAULT_SMS = 132
 # M = 1: rows per program, int32 words per row and step, warps, Triton's load pipelining; `PREFETCH` loads the
 # next step's words before this step's arithmetic (by hand). Chosen with tools/tune_w8a16_small_m.py on the H200
 # (benchmarks/tune_w8a16_small_m_rows.json): 8 rows on 4 warps; 512-word steps while N <= NARROW_N (fewer programs,

@@ -242,10 +242,10 @@ def test_gpu_body_dispatch_traces_with_dynamic_rows(monkeypatch):
     """The CUDA body's M dispatch (a chain of torch.cond on a symbolic M, no guard) exported with a dynamic
     M, the kernel launches replaced by torch stand-ins, so it runs on CPU. Each bucket adds its own marker to
     the output, so the test sees which bucket ran for each M."""
-    from qcompile.plugins.int4_gemm import kernel
+    from qcompile.plugins.int4_gemm import gemv, kernel
     from qcompile.plugins.int4_gemm.reference import dequantize_weight
 
-    def gemv(x2d, w_packed, w_scale, w_zero, g, cfg, **_):
+    def gemv_stand_in(x2d, w_packed, w_scale, w_zero, g, cfg, **_):
         return x2d.float() @ dequantize_weight(w_packed, w_scale, w_zero, g)
 
     def mm(x2d, w_packed, w_scale, w_zero, g, cfg, out_dtype=torch.float32, **_):
@@ -263,7 +263,7 @@ def test_gpu_body_dispatch_traces_with_dynamic_rows(monkeypatch):
         marker = next((1000.0 * (i + 1) for i, c in enumerate(buckets) if c == cfg), 0.0)
         return run_bucket(cfg, *args, **kwargs) + marker
 
-    monkeypatch.setattr(kernel, "launch_gemv", gemv)
+    monkeypatch.setattr(gemv, "launch_gemv", gemv_stand_in)
     monkeypatch.setattr(kernel, "launch_mm", mm)
     monkeypatch.setattr(kernel, "launch_dequant", dequant)
     monkeypatch.setattr(kernel, "run_bucket", marked_bucket)
@@ -294,14 +294,14 @@ def test_gpu_launches_export_on_fake_cuda_tensors(monkeypatch, configs):
     pointer loads (`kernel.pointer_tiles`: none anywhere). As shipped the 16- and 64-row one-dot buckets trace with
     the cast and bias in their kernels, the 128-row one and the GEMV without; "all-finished" and "unfinished"
     (`kernel.finished`, engine variants) all or none."""
-    from qcompile.plugins.int4_gemm import kernel, one_dot
+    from qcompile.plugins.int4_gemm import gemv, kernel, one_dot
 
     tma = configs != "pointer-tiles"
     if not tma:
         monkeypatch.setattr(kernel, "CONFIGS", kernel.pointer_tiles())
     if configs in ("all-finished", "unfinished"):
         monkeypatch.setattr(kernel, "CONFIGS", kernel.finished(kernel.CONFIGS, finish=configs == "all-finished"))
-    expect_launch_keyword(monkeypatch, kernel, "launch_gemv", "out_dtype", configs == "all-finished")
+    expect_launch_keyword(monkeypatch, gemv, "launch_gemv", "out_dtype", configs == "all-finished")
     expect_launch_keyword(monkeypatch, one_dot, "launch", "finish",
                           {"all-finished": True, "unfinished": False}.get(configs, up_to_64_rows))
     case = make_case(k=512, n=16384, group=128, zero=True)
@@ -388,14 +388,14 @@ GEMV_LOOPS = [(0, 0), (8, 0), (0, 3)]  # (split-K waves, `pipeline` stages: 0 = 
 def test_gemv_kernel_interpreter(group, zero):
     """The GEMV, split-K and not, plain and pipelined loop. x holds bf16 values (what engines feed): its
     x * (136 + q) products are then exact."""
-    from qcompile.plugins.int4_gemm import kernel
+    from qcompile.plugins.int4_gemm import gemv
 
     k, n = 384, 80
     case = make_case(k=k, n=n, group=group, zero=zero, seed=5)
     x = torch.randn(2, k, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16).float()
     for waves, pipeline in GEMV_LOOPS:
         cfg = {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2, "waves": waves, "pipeline": pipeline}
-        acc = kernel.launch_gemv(x, case["w_packed"], case["scale"], case["w_zero"], case["g"], cfg, num_sms=1)
+        acc = gemv.launch_gemv(x, case["w_packed"], case["scale"], case["w_zero"], case["g"], cfg, num_sms=1)
         assert acc.dtype == torch.float32 and acc.shape == (2, n)
         assert_close_to(acc, oracle(x, {**case, "bias": None}), 1e-5)
 
@@ -422,16 +422,16 @@ def check_gemv_x_pairs(device: str, k: int, n: int, groups, cfgs, sms: int):
     (its products must stay normal fp16), all in fp16 products (the half2 GEMV's 2^-11 each). x's rows are
     contiguous (each 4-byte aligned: its pairs load as int32 words) or an odd number of elements apart (the middle
     row only 2-byte aligned: two fp16 loads per pair), in one launch."""
-    from qcompile.plugins.int4_gemm import kernel
+    from qcompile.plugins.int4_gemm import gemv
 
     x = rows_across_binades(k, seed=k + n)
     for group in groups:
         case = make_case(k=k, n=n, group=group, seed=n)
         for cfg, stride in [(cfg, k) for cfg in cfgs] + [(cfgs[-1], k + 1)]:
             launches = []
-            y = kernel.launch_gemv(rows_strided(x, device, stride), case["w_packed"].to(device),
-                                   case["scale"].to(device), None, case["g"], dict(cfg, x_pairs=True), num_sms=sms,
-                                   wrap=launch_spy(lambda grid, kw: launches.append(kw)))
+            y = gemv.launch_gemv(rows_strided(x, device, stride), case["w_packed"].to(device),
+                                 case["scale"].to(device), None, case["g"], dict(cfg, x_pairs=True), num_sms=sms,
+                                 wrap=launch_spy(lambda grid, kw: launches.append(kw)))
             assert [kw["PAIRS"] for kw in launches] == [True]
             want = oracle(x.float(), {**case, "bias": None})
             got = y.double().cpu().numpy()
@@ -457,14 +457,14 @@ def check_gemv_mma(k: int, n: int, groups, cfg: dict, sms: int):
     """The tensor-core GEMV (`mma_gemv`, fp16 x on planar words) takes the launch and matches float64 closely:
     its products are exact and its sums fp32. x rows as in `check_gemv_x_pairs` (outliers, tiny values; contiguous
     or an odd number of elements apart: int32 or fp16 loads of x's pairs), K split or not per `cfg`."""
-    from qcompile.plugins.int4_gemm import kernel
+    from qcompile.plugins.int4_gemm import gemv
 
     x = rows_across_binades(k, seed=k * 3 + n)
     for group, stride in itertools.product(groups, (k, k + 1)):
         case = make_case(k=k, n=n, group=group, seed=n + stride)
         launched = []
-        y = kernel.launch_gemv(rows_strided(x, "cuda", stride), case["w_packed"].cuda(), case["scale"].cuda(), None,
-                               case["g"], cfg, num_sms=sms, wrap=launch_spy(lambda grid, kw: launched.append(kw)))
+        y = gemv.launch_gemv(rows_strided(x, "cuda", stride), case["w_packed"].cuda(), case["scale"].cuda(), None,
+                             case["g"], cfg, num_sms=sms, wrap=launch_spy(lambda grid, kw: launched.append(kw)))
         assert [kw["WARPS"] for kw in launched] == [cfg["mma"]["warps"]]  # the MMA kernel's launch, no other
         want = oracle(x.float(), {**case, "bias": None})
         got = y.double().cpu().numpy()
@@ -478,9 +478,9 @@ def test_gemv_mma_takes_fp16_x_on_planar_words_with_no_zero_points(monkeypatch):
     """The tensor-core GEMV (a GEMV bucket's "mma") takes fp16 x on planar words, symmetric, N a multiple of 64;
     elsewhere the GEMV kernel runs. "paired" loads int64 words only where the weight is 8-byte aligned (checked at the
     launch, without running)."""
-    from qcompile.plugins.int4_gemm import kernel
+    from qcompile.plugins.int4_gemm import gemv
 
-    monkeypatch.setattr(kernel, "ptx_available", lambda: True)  # as on a GPU, also under the CPU interpreter
+    monkeypatch.setattr(gemv, "ptx_available", lambda: True)  # as on a GPU, also under the CPU interpreter
     seen = []
 
     class Stop(Exception):
@@ -498,25 +498,25 @@ def test_gemv_mma_takes_fp16_x_on_planar_words_with_no_zero_points(monkeypatch):
                                            (torch.float16, 128, 96, 64, False, "gemv")):  # N not in 64-column warps
         case = make_case(k=k, n=n, group=group, zero=zero)
         with pytest.raises(Stop):
-            kernel.launch_gemv(torch.zeros(1, k, dtype=dtype), case["w_packed"], case["scale"], case["w_zero"],
-                               case["g"], MMA_CFG, num_sms=1, wrap=launch_spy(record))
+            gemv.launch_gemv(torch.zeros(1, k, dtype=dtype), case["w_packed"], case["scale"], case["w_zero"],
+                             case["g"], MMA_CFG, num_sms=1, wrap=launch_spy(record))
         assert seen[-1] == want
     aligned = make_case(k=128, n=64, group=64)["w_packed"]
     shifted = torch.empty(aligned.numel() + 1, dtype=aligned.dtype)[1:].view(aligned.shape).copy_(aligned)  # 4 bytes
     paired = []
     for w in (aligned, shifted):  # int64 word loads only on the 8-byte aligned weight
         with pytest.raises(Stop):
-            kernel.launch_gemv(torch.zeros(1, 128, dtype=torch.float16), w, torch.ones(2, 64), None, 64,
-                               dict(MMA_CFG, mma=dict(MMA_CFG["mma"], paired=True)), num_sms=1,
-                               wrap=launch_spy(lambda grid, kw: paired.append(kw["PAIRED"]) or record(grid, kw)))
+            gemv.launch_gemv(torch.zeros(1, 128, dtype=torch.float16), w, torch.ones(2, 64), None, 64,
+                             dict(MMA_CFG, mma=dict(MMA_CFG["mma"], paired=True)), num_sms=1,
+                             wrap=launch_spy(lambda grid, kw: paired.append(kw["PAIRED"]) or record(grid, kw)))
     assert paired == [True, False]
 
 
 @needs_triton
 def test_x_scale_span_covers_each_splits_64_k_blocks():
-    """`kernel._x_span`: a power of two no shorter than the whole 64-K blocks (cut at K) that any split touches,
+    """`gemv.x_span`: a power of two no shorter than the whole 64-K blocks (cut at K) that any split touches,
     counted K by K."""
-    from qcompile.plugins.int4_gemm.kernel import _x_span
+    from qcompile.plugins.int4_gemm.gemv import x_span
 
     for k, per in ((4096, 64), (14336, 448), (448, 224), (448, 96), (384, 384), (640, 160)):
         splits = -(-k // per)
@@ -525,7 +525,7 @@ def test_x_scale_span_covers_each_splits_64_k_blocks():
             touched = {kk // 64 for kk in range(i * per, min(i * per + per, k))}
             covered = [kk for kk in range(k) if kk // 64 in touched]
             need = max(need, max(covered) - min(covered) + 1)
-        span = _x_span(k, per, splits)
+        span = x_span(k, per, splits)
         assert need <= span < 2 * need and span & (span - 1) == 0
 
 
@@ -534,7 +534,7 @@ def test_gemv_x_pairs_needs_fp16_x_planar_words_and_no_zero_points():
     """`x_pairs` applies only where the pairs are x's own values: fp16 x, planar words (K and the group multiples of
     64), symmetric weights; elsewhere the GEMV keeps its per-step pairs. The shipped GEMV bucket sets it (checked at
     the launch, without running)."""
-    from qcompile.plugins.int4_gemm import kernel
+    from qcompile.plugins.int4_gemm import gemv, kernel
 
     seen = []
 
@@ -553,8 +553,8 @@ def test_gemv_x_pairs_needs_fp16_x_planar_words_and_no_zero_points():
             cfg, want = kernel.CONFIGS[0][1], True
         case = make_case(k=k, n=32, group=group, zero=zero)
         with pytest.raises(Stop):
-            kernel.launch_gemv(torch.zeros(1, k, dtype=dtype), case["w_packed"], case["scale"], case["w_zero"],
-                               group, cfg, num_sms=1, wrap=launch_spy(record))
+            gemv.launch_gemv(torch.zeros(1, k, dtype=dtype), case["w_packed"], case["scale"], case["w_zero"],
+                             group, cfg, num_sms=1, wrap=launch_spy(record))
         assert seen[-1] is want
 
 
@@ -574,7 +574,7 @@ def check_gemv_finished_in_the_kernel(out_dtype, with_bias, device, shapes, exac
     """The GEMV with the cast and bias in the kernel (`launch_gemv(..., out_dtype=)`: the last split of each tile
     writes the output), split K and not, for each (M, K, N, group): as the fp32 GEMV followed by the op's epilogue
     (`assert_finished_like`), and close to float64."""
-    from qcompile.plugins.int4_gemm import kernel
+    from qcompile.plugins.int4_gemm import gemv, kernel
 
     sms = 1 if device == "cpu" else 132
     for m, k, n, group in shapes:
@@ -585,8 +585,8 @@ def check_gemv_finished_in_the_kernel(out_dtype, with_bias, device, shapes, exac
         # K whole; split (on one SM: 4 splits at K = 384, N = 80 in 3 tiles of 32); on the GPU the shipped tile too
         cfgs = [{"BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, "waves": waves} for waves in (0, 32)]
         for cfg in cfgs + ([kernel.CONFIGS[0][1]] if device == "cuda" else []):
-            y = kernel.launch_gemv(*on, group, cfg, bias=bias, out_dtype=out_dtype, num_sms=sms)
-            assert_finished_like(y, kernel.launch_gemv(*on, group, cfg, num_sms=sms), bias, out_dtype, exact)
+            y = gemv.launch_gemv(*on, group, cfg, bias=bias, out_dtype=out_dtype, num_sms=sms)
+            assert_finished_like(y, gemv.launch_gemv(*on, group, cfg, num_sms=sms), bias, out_dtype, exact)
             assert_close_to(y.float(), oracle(x, {**case, "bias": None if bias is None else bias.float().cpu()}),
                             1e-2)
 
@@ -622,7 +622,7 @@ def check_gemv_half2(group, zero, dtype, magnitude, k, rel, device="cpu"):
     """16-bit x takes the GEMV's packed-half2 path (fp16 pairs, x / 16 for the odd nibbles, power-of-two scaling
     per step): x at 1e-6 and 1e6 (outside fp16's range before the scaling) and a 100x outlier channel still give
     the float64 result, split K and not, plain and pipelined loop."""
-    from qcompile.plugins.int4_gemm import kernel
+    from qcompile.plugins.int4_gemm import gemv
 
     n = 80
     case = make_case(k=k, n=n, group=group, zero=zero, seed=7)
@@ -632,7 +632,7 @@ def check_gemv_half2(group, zero, dtype, magnitude, k, rel, device="cpu"):
     args = [t.to(device) if t is not None else None for t in (x, case["w_packed"], case["scale"], case["w_zero"])]
     for waves, pipeline in GEMV_LOOPS:
         cfg = {"BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, "waves": waves, "pipeline": pipeline}
-        acc = kernel.launch_gemv(*args, case["g"], cfg, num_sms=1)
+        acc = gemv.launch_gemv(*args, case["g"], cfg, num_sms=1)
         assert acc.dtype == torch.float32 and acc.shape == (2, n) and torch.isfinite(acc).all()
         assert_close_to(acc, oracle(x, {**case, "bias": None}), rel)
 
@@ -719,10 +719,10 @@ def test_triton_path_finished_in_the_kernel_interpreter(rows, dtype, configs, mo
     the bias and x's dtype, and the result is the unfinished buckets' (fp32 sums, then the cast and bias), bit for
     bit (fp16 and fp32: the interpreter rounds those as the GPU does), and float64's within rounding; W4A8 (FP8 x,
     its row scale after the GEMM) too."""
-    from qcompile.plugins.int4_gemm import kernel, one_dot
+    from qcompile.plugins.int4_gemm import gemv, kernel, one_dot
 
     calls = []
-    for module, name in ((kernel, "launch_gemv"), (one_dot, "launch")):
+    for module, name in ((gemv, "launch_gemv"), (one_dot, "launch")):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, real=real, **kw: calls.append(kw.get("bias") is not None) or
                             real(*a, **kw))

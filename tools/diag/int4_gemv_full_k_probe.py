@@ -2,7 +2,7 @@
 the INT4 op and cuBLAS bf16 (CUDA-graph replay, rotating weights; every configuration checked against float64
 first). Not part of the product.
 
-Why: the shipped GEMV (`int4_gemm/kernel.py::_int4_gemv_kernel`) splits K until about 32 waves of programs stream
+Why: the shipped GEMV (`int4_gemm/gemv.py::_int4_gemv_kernel`) splits K until about 32 waves of programs stream
 the weight, so every call pays a zero fill, fp32 atomics and a separate bias/cast epilogue: three launches. On
 4096 x 4096 the INT4 op takes 13.5 µs where the FP4 GEMV (`fp4_gemm/gemv.py`: each program owns 4 weight rows
 over all of K, x's pairs made by a first small kernel, the epilogue in the GEMV) takes 8.1 µs, although FP4 moves

@@ -2,7 +2,7 @@
 cuBLAS bf16 (CUDA-graph replay, rotating weights; every configuration checked against float64 first). Not part
 of the product.
 
-Why: the shipped GEMV (`int4_gemm/kernel.py::_int4_gemv_kernel`) is about 3.7 sm_90 SASS instructions per weight,
+Why: the shipped GEMV (`int4_gemm/gemv.py::_int4_gemv_kernel`) is about 3.7 sm_90 SASS instructions per weight,
 and only 2 of them are the products (`half2.dot8`). Most of the rest builds x's pairs: each thread loads the 8 x
 of every word row it holds, takes their largest |x|, a power of two, four fp16 pairs, for only the 8 columns it
 owns (`tools/diag/sass_count.py`: LDG, FMNMX, F2F, PRMT, FMUL). At 8192 x 28672 the GEMV streams 2.3 TB/s where

@@ -29,7 +29,7 @@ from gpu_timing import MODE, bench, rotating  # noqa: E402
 from probe_util import run_part, save  # noqa: E402
 
 from qcompile.plugins.gemm_dispatch import split_for_waves  # noqa: E402
-from qcompile.plugins.int4_gemm import kernel as k4  # noqa: E402
+from qcompile.plugins.int4_gemm import gemv as g4  # noqa: E402
 from qcompile.plugins.int4_gemm.half2 import dot8, x_pair  # noqa: E402
 from qcompile.plugins.triton_tiles import store_tile  # noqa: E402
 
@@ -238,7 +238,7 @@ def part_g(k, n):
 
         def run(w):
             y = (torch.zeros if splits > 1 else torch.empty)((1, n), dtype=torch.float32, device="cuda")
-            return k4._int4_gemv_kernel[(tiles, splits, 1)](
+            return g4._int4_gemv_kernel[(tiles, splits, 1)](
                 x, w, scale, scale, y, n, k, x.stride(0), GROUP, per, K_STEPS=per // bk, HAS_ZERO=False,
                 ATOMIC=splits > 1, HALF2=False, ASM=True, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=3), y
         compiled, y = run(packed)

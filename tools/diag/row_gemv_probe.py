@@ -12,7 +12,7 @@ Prototypes are checked against float64 before they are timed. Not part of the pr
 benchmarks/row_gemv_probe.json timed W8A16 prototypes that then became `plugins/int8_wo_gemm/kernel.py`'s
 `_row_gemv_kernel` and `_row_dot_kernel` (parts B and D now time those, through `launch_gemv` / `launch_dot`;
 this form of the probe has not run on the GPU). Part C's prototype decodes nibbles with the INT4 plugin's
-`_nibble_plus_136` since that run (the recorded one XOR-ed 0x88888888 into each word, then OR-ed 128.0's bits
+`nibble_plus_136` since that run (the recorded one XOR-ed 0x88888888 into each word, then OR-ed 128.0's bits
 in: the same values).
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ sys.path.insert(0, __file__.rsplit("/", 2)[0])  # tools/
 from gpu_timing import MODE, SHAPES, bench, rotating  # noqa: E402
 from probe_util import run_part, save  # noqa: E402
 
-from qcompile.plugins.int4_gemm.kernel import _nibble_plus_136  # noqa: E402
+from qcompile.plugins.int4_gemm.gemv import nibble_plus_136  # noqa: E402
 
 
 @triton.jit
@@ -60,7 +60,7 @@ def _w4_row_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, KW: tl.constexpr, 
         for i in tl.static_range(8):
             xi = tl.load(x_ptr + 8 * offs + i, mask=ok, other=0.0).to(tl.float32)
             xsum += xi
-            acc += xi[None, :] * _nibble_plus_136(words, i)
+            acc += xi[None, :] * nibble_plus_136(words, i)
         gsum = tl.sum(tl.reshape(acc, (BLOCK_N, GROUPS, 16)), axis=2)
         gx = tl.sum(tl.reshape(xsum, (GROUPS, 16)), axis=1)
         offs_g = g0 + tl.arange(0, GROUPS)

@@ -102,7 +102,7 @@ def report(name: str, sass: str, weights_per_thread: int, all_loops: bool = Fals
 
 def _cases():
     sys.path.insert(0, os.path.dirname(__file__))
-    from qcompile.plugins.int4_gemm import kernel as k4
+    from qcompile.plugins.int4_gemm import gemv as g4, kernel as k4
 
     ptrs = lambda names, t: {n: t for n in names}  # noqa: E731
     mm_sig = dict(ptrs(["x_ptr"], "*bf16"), w_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", rs_ptr="*fp32",
@@ -117,7 +117,7 @@ def _cases():
                                          (True, True, False, True)):
         # finish: the cast and bias in the kernel (engine variant); pairs: x's fp16 as the pairs (fp16 x only)
         yield ("int4_gemv" + ("_half2" if half2 else "_fp32") + ("_planar" if planar else "")
-               + ("_finish" if finish else "") + ("_pairs" if pairs else ""), k4._int4_gemv_kernel,
+               + ("_finish" if finish else "") + ("_pairs" if pairs else ""), g4._int4_gemv_kernel,
                dict(gemv_sig, x_ptr="*fp16" if pairs else "*bf16" if half2 else "*fp32"),
                dict(K_STEPS=8, HAS_ZERO=False, ATOMIC=True, HALF2=half2, ASM=True, BLOCK_N=512, BLOCK_K=32,
                     PIPELINE=0, PLANAR=planar, FINISH=finish, HAS_BIAS=finish, PAIRS=pairs,
