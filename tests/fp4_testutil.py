@@ -42,6 +42,14 @@ def planar_case(fmt: str, k: int = 256, n: int = 80, seed: int = 0, zero_scales:
     return dict(case, w_packed=F.to_planar_words(case["w_packed"], case["w_scale"]))
 
 
+def layout_case(fmt: str, layout: str, k: int = 256, n: int = 80, seed: int = 0) -> dict:
+    """`make_case` with the codes in an engine layout: "bytes" (as made), "planar" words or row "pairs"."""
+    if layout == "bytes":
+        return make_case(fmt, k, n, seed)
+    case = planar_case(fmt, k, n, seed)
+    return dict(case, w_packed=F.to_row_pairs(case["w_packed"])) if layout == "pairs" else case
+
+
 def weight64(case) -> np.ndarray:
     """W [N, K] in float64 from the format's decoders (exact: codes and scales are float32-exact); w_packed in
     either engine layout."""

@@ -66,9 +66,10 @@ def fp4_quotient(num: str, fmt: str) -> Callable[[dict], Optional[float]]:
     """`quotient(num, the FP4 op's time)` on the layout CUDA engines store (row pairs since the fifty-fourth
     session) where the run timed it, else on planar words (what they stored before), else on the byte layout."""
     columns = [f"{fmt}_{layout}_op" for layout in FP4_LAYOUT_COLUMNS] + [f"{fmt}_op"]
+    quotients = {c: quotient(num, c) for c in columns}
 
     def of(row: dict) -> Optional[float]:
-        return quotient(num, next((c for c in columns if c in row), columns[-1]))(row)
+        return quotients[next((c for c in columns if c in row), columns[-1])](row)
     return of
 
 

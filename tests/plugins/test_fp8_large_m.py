@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from fp4_testutil import make_case as fp4_case
+from fp4_testutil import layout_case as fp4_layout_case
 from fp4_testutil import planar_case as fp4_planar_case
 from fp4_testutil import weight64 as fp4_weight64
 from int4_testutil import cuda, make_case, oracle, triton_interp
@@ -252,13 +252,10 @@ def test_int4_fp8_weight_values_are_exact_interpreter(zero, k, group):
 @pytest.mark.parametrize("layout", ["bytes", "planar", "pairs"])
 def test_fp4_fp8_weight_values_interpreter(fmt, layout):
     """W * (1 / S[n]) from each engine layout against float64 (NVFP4's global scale: one fp32 rounding)."""
-    from qcompile.plugins.fp4_gemm.format import to_row_pairs
     from qcompile.plugins.fp4_gemm.kernel import fp8_weight
     from qcompile.plugins.fp4_gemm.reference import fp8_column_bound as column_bound
 
-    case = (fp4_case if layout == "bytes" else fp4_planar_case)(fmt, k=256, n=40, seed=11)
-    if layout == "pairs":
-        case = dict(case, w_packed=to_row_pairs(case["w_packed"]))
+    case = fp4_layout_case(fmt, layout, k=256, n=40, seed=11)
     got, s = fp8_weight(case["w_packed"], case["w_scale"], case["w_global"], case["block"], dtype=torch.float32)
     w64 = fp4_weight64(case)
     assert torch.equal(s, fp8_large_m.column_scales(column_bound(case["w_scale"], case["w_global"])))
@@ -381,12 +378,9 @@ def test_cuda_w4a8_op_fp8_large_m_keeps_its_activation_scales():
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("layout", ["bytes", "planar", "pairs"])
 def test_cuda_fp4_op_fp8_large_m(fmt, layout):
-    from qcompile.plugins.fp4_gemm.format import to_row_pairs
     from qcompile.plugins.fp4_gemm.kernel import fp8_weight
 
-    case = (fp4_case if layout == "bytes" else fp4_planar_case)(fmt, k=512, n=256, seed=2)
-    if layout == "pairs":
-        case = dict(case, w_packed=to_row_pairs(case["w_packed"]))
+    case = fp4_layout_case(fmt, layout, k=512, n=256, seed=2)
     x = torch.randn(260, 512, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16).cuda()
     bias = torch.randn(256).cuda()
     dev = [t.cuda() if t is not None else None for t in (case["w_packed"], case["w_scale"], case["w_global"])]
