@@ -46,3 +46,15 @@ def oracle(x, case) -> np.ndarray:
     if case["bias"] is not None:
         y = y + case["bias"].numpy().astype(np.float64)
     return y
+
+
+def assert_finished_like(y, fp32, bias, out_dtype, exact: bool):
+    """`y` (a kernel's output finished in the kernel) against the fp32 result `fp32` followed by the op's epilogue:
+    bit for bit (`exact`: one order of the split sums, as in the interpreter), else within one rounding of
+    out_dtype (on the GPU the atomics add the splits in a different order each run)."""
+    from qcompile.plugins.gemm_dispatch import add_bias
+
+    want = add_bias(fp32, bias, out_dtype)
+    assert y.dtype == out_dtype and y.shape == want.shape
+    rtol = 0 if exact else torch.finfo(out_dtype).eps
+    torch.testing.assert_close(y, want, rtol=rtol, atol=0 if exact else 1e-5 * want.float().abs().max().item())

@@ -21,6 +21,14 @@ def cosine(a, b) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
+def assert_close_to(y: torch.Tensor, ref: np.ndarray, rel: float):
+    """`y` (any device, any float dtype) against a float64 result of the same shape: within `rel` relative, and
+    `rel` of the result's largest magnitude absolute (so entries near zero are held to the result's scale)."""
+    got = y.float().cpu().numpy().astype(np.float64)
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, rtol=rel, atol=rel * max(np.abs(ref).max(), 1e-6))
+
+
 def save_samples(path, source, count: int, sizes: dict, seed: int):
     """`count` random inputs of `source` (a SourceModel) stacked into an .npz (the calibration data format)."""
     rng = np.random.default_rng(seed)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from qc_testutil import export_on_fake_cuda, fake_cuda_export, ort_session
+from qc_testutil import assert_close_to, export_on_fake_cuda, fake_cuda_export, ort_session
 from qcompile.plugins.fp8_block_gemm import (fp8_block_gemm_reference, onnx_schema, quantize_activation_blocks,
                                              quantize_weight_blocks, register)
 
@@ -78,7 +78,7 @@ def test_reference_and_op_match_float64(dtype, bias):
     rel = 1e-5 if dtype == torch.float32 else 2e-2
     for y in (fp8_block_gemm_reference(x, wq, ws, b), op(x, wq, ws, b)):
         assert y.dtype == dtype and y.shape == (2, 3, 256)
-        np.testing.assert_allclose(y.float().numpy(), ref, rtol=rel, atol=rel * np.abs(ref).max())
+        assert_close_to(y, ref, rel)
     # the block-scaled FP8 GEMM is a close approximation of the float GEMM (about 3-4% relative L2)
     exact = x.float() @ w.t() + (b if bias else 0)
     assert (op(x.float(), wq, ws, b) - exact).norm() / exact.norm() < 0.06

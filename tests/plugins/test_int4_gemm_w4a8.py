@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from qc_testutil import expect_tma, export_on_fake_cuda, fake_cuda_export, ort_session
+from qc_testutil import assert_close_to, expect_tma, export_on_fake_cuda, fake_cuda_export, ort_session
 
 from qcompile.algorithms.int4 import quantize_rtn
 from qcompile.plugins.formats import MIN_SCALE, dynamic_row_scales, quantize_activation
@@ -51,12 +51,6 @@ def oracle(x: torch.Tensor, case, x_scale: float | None, dynamic: bool) -> np.nd
     w = (case["q"].numpy().astype(np.float64) - zp) * np.repeat(case["scale"].numpy().astype(np.float64), g, axis=0)
     y = xd @ w + (0.0 if case["bias"] is None else case["bias"].numpy().astype(np.float64))
     return y.reshape(*x.shape[:-1], -1)
-
-
-def assert_close(y: torch.Tensor, ref: np.ndarray, rel: float):
-    got = y.float().cpu().numpy().astype(np.float64)
-    assert got.shape == ref.shape
-    np.testing.assert_allclose(got, ref, rtol=rel, atol=rel * max(np.abs(ref).max(), 1e-6))
 
 
 # ---------------------------------------------------------------- FP8 activation quantization
@@ -109,7 +103,7 @@ def test_op_w4a8_matches_float64_oracle(mode, zero, dtype):
                                                case["g"], x_scale, dynamic)
     assert y.dtype == dtype and y.shape == (2, 5, 40)
     ref = oracle(x, case, None if dynamic else float(x_scale), dynamic)
-    assert_close(y, ref, {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype])
+    assert_close_to(y, ref, {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype])
 
 
 def test_op_fp8_activations_differ_from_w4a16():
@@ -150,7 +144,7 @@ def test_export_w4a8_with_dynamic_rows_keeps_the_op():
         [torch.ops.qcompile.int4_groupwise_gemm.default]
     for m in (1, 9):
         x = torch.randn(m, 256)
-        assert_close(ep.module()(x), oracle(x, {**case, "bias": None, "zero": None}, 0.02, False), 1e-5)
+        assert_close_to(ep.module()(x), oracle(x, {**case, "bias": None, "zero": None}, 0.02, False), 1e-5)
 
 
 # ---------------------------------------------------------------- ONNX node: ORT (function body) vs our lowering
@@ -241,7 +235,7 @@ def test_cuda_w4a8_matches_reference(mode, dtype, m, n):
             (x, case["w_packed"], case["scale"], case["w_zero"], case["bias"], case["g"], x_scale)]
     y = torch.ops.qcompile.int4_groupwise_gemm(*args, dynamic)
     assert y.dtype == dtype and y.device.type == "cuda"
-    assert_close(y, oracle(x, case, None if dynamic else float(x_scale), dynamic), 2e-2)
+    assert_close_to(y, oracle(x, case, None if dynamic else float(x_scale), dynamic), 2e-2)
 
 
 @fake_cuda_export

@@ -11,7 +11,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from qc_testutil import (engine_dims, export_and_retrace_on_fake_cuda, export_on_fake_cuda, fake_cuda_export,
+from qc_testutil import (assert_close_to, engine_dims, export_and_retrace_on_fake_cuda, export_on_fake_cuda, fake_cuda_export,
                          launch_spy, ort_session)
 from qcompile.plugins.int8_wo_gemm import int8_wo_gemm_reference, onnx_schema, register
 
@@ -38,12 +38,6 @@ def oracle(x, w_q, w_scale, bias) -> np.ndarray:
     w = w_q.numpy().astype(np.float64) * w_scale.numpy().astype(np.float64)[:, None]
     y = x.float().numpy().astype(np.float64) @ w.T
     return y + bias.numpy().astype(np.float64) if bias is not None else y
-
-
-def assert_close_to(y, ref, rel):
-    got = y.float().cpu().numpy().astype(np.float64)
-    assert got.shape == ref.shape
-    np.testing.assert_allclose(got, ref, rtol=rel, atol=rel * max(np.abs(ref).max(), 1e-6))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -10,6 +10,7 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from qc_testutil import assert_close_to
 
 from qcompile.plugins.scaled_gemm import onnx_schema, register, scaled_gemm_reference
 
@@ -48,13 +49,6 @@ def numpy_oracle(x, w_q, w_scale, x_scale, bias):
     if bias is not None:
         out = out + bias.numpy().astype(np.float64)
     return out
-
-
-def assert_close_to(y: torch.Tensor, ref: np.ndarray, rel: float):
-    got = y.float().cpu().numpy().astype(np.float64)
-    assert got.shape == ref.shape
-    scale = max(np.abs(ref).max(), 1e-6)
-    np.testing.assert_allclose(got, ref, rtol=rel, atol=rel * scale)
 
 
 # ---------------------------------------------------------------- reference vs numpy

@@ -9,7 +9,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from qc_testutil import ort_session
+from qc_testutil import assert_close_to, ort_session
 from qcompile.plugins.formats import MIN_SCALE, dynamic_row_scales, quantize_activation
 from qcompile.plugins.scaled_gemm import dynamic_schema, register
 from qcompile.plugins.scaled_gemm.reference import scaled_gemm_dynamic_reference
@@ -50,12 +50,6 @@ def numpy_oracle(x, w_q, w_scale, bias):
     out = (q @ w.astype(np.float64).T) * (s * w_scale.numpy().astype(np.float64).reshape(-1))
     out = out + bias.numpy().astype(np.float64)
     return out.reshape(*x.shape[:-1], w_q.shape[0])
-
-
-def assert_close_to(y: torch.Tensor, ref: np.ndarray, rel: float):
-    got = y.float().cpu().numpy().astype(np.float64)
-    assert got.shape == ref.shape
-    np.testing.assert_allclose(got, ref, rtol=rel, atol=rel * max(np.abs(ref).max(), 1e-6))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
