@@ -61,6 +61,12 @@ GEMV_PLANAR = dict(BLOCK_N=2, BLOCK_C=64, num_warps=2)
 # layers keep the planar tile (H100, bf16; benchmarks/tune_fp4_pairs-h100_s54.*, tune_gemv-mxfp4-pairs-h100_s54c.*)
 GEMV_PAIRS = dict(BLOCK_N=2, BLOCK_C=32, num_warps=1)
 GEMV_PAIRS_MAX_N = 16383
+# MXFP4 on row pairs deeper than GEMV_MX_DEEP_K (and up to GEMV_PAIRS_MAX_N rows): 4 rows x 32 chunks on 1 warp. µs
+# against `GEMV_PAIRS` on 14336 x 4096: 20.4 / 22.6 (session 54), 20.4 / 22.7 (session 56); on 4096 x 4096 and
+# 4096 x 14336 it lost (10.6 / 9.5, 21.2 / 18.1), and NVFP4 on 14336 x 4096 keeps GEMV_PAIRS (21.5 / 20.5). K = 8192
+# is not measured, so the bound sits there (H100, bf16; benchmarks/tune_gemv-mxfp4-pairs-h100_s54c.*, _s56.*)
+GEMV_PAIRS_MX_DEEP = dict(BLOCK_N=4, BLOCK_C=32, num_warps=1)
+GEMV_MX_DEEP_K = 8192
 X_SCALED_BLOCK = 64  # 16-blocks of x per program of `_x_scaled_kernel`
 
 
@@ -223,15 +229,23 @@ def _fp4_gemv_planar_kernel(xs_ptr, down_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr,
     store_row(tl.sum(acc, axis=0), g_ptr, b_ptr, y_ptr, offs_n, mask_n, HAS_GLOBAL, HAS_BIAS)
 
 
+def gemv_tile(n: int, k: int, pairs: bool, mx: bool) -> dict:
+    """The GEMV's tile for N weight rows K deep: on row pairs up to GEMV_PAIRS_MAX_N rows `GEMV_PAIRS`, or for MXFP4
+    deeper than GEMV_MX_DEEP_K `GEMV_PAIRS_MX_DEEP`; else `GEMV_PLANAR`."""
+    if not pairs or n > GEMV_PAIRS_MAX_N:
+        return GEMV_PLANAR
+    return GEMV_PAIRS_MX_DEEP if mx and k > GEMV_MX_DEEP_K else GEMV_PAIRS
+
+
 def launch_gemv_planar(x2d, words, w_scale, w_global, bias, block_size: int, cfg: dict | None = None, *,
                        wrap=identity) -> torch.Tensor:
     """`x2d @ dequant(W).T + bias` [M, N] in x2d.dtype (fp16/bf16) for planar words [N, K/8] (K a multiple of 64) or
-    row pairs [N/2, K/128, 2, 16] (default tile `GEMV_PLANAR`, or on row pairs up to GEMV_PAIRS_MAX_N `GEMV_PAIRS`):
+    row pairs [N/2, K/128, 2, 16] (default tile `gemv_tile`'s):
     x scaled per 16-block, then the GEMV (meant for M = 1: each row of x re-reads the weight). `block_size` is
     implied by w_scale's dtype (taken for `gemv.launch_gemv`'s signature)."""
     m, k = x2d.shape
     n = weight_nk(words)[0]
-    cfg = cfg or (GEMV_PAIRS if is_row_pairs(words) and n <= GEMV_PAIRS_MAX_N else GEMV_PLANAR)
+    cfg = cfg or gemv_tile(n, k, is_row_pairs(words), mx=w_scale.dtype == torch.uint8)
     kb, kc = k // 16, k // 64
     xs = torch.empty((m, k), dtype=torch.float16, device=x2d.device)
     down = torch.empty((m, kb), dtype=torch.float32, device=x2d.device)

@@ -133,6 +133,29 @@ def test_op_gpu_body_on_row_pairs_interpreter(fmt, dtype, m):
     assert torch.equal(y, kernel.fp4_gemm_triton(x, *args(case), bias, case["block"], num_sms=4))
 
 
+def check_gemv_tiles_on_row_pairs(fmt: str, k: int, n: int, device: str):
+    """Each shipped GEMV tile (`gemv_planar`'s GEMV_PLANAR, GEMV_PAIRS, GEMV_PAIRS_MX_DEEP) on row pairs against
+    float64, and bit for bit against the same tile on planar words: a bf16 row of x with a bias, N rows (a partial
+    last program where N is not a multiple of the tile's rows)."""
+    from qcompile.plugins.fp4_gemm import gemv_planar as G
+
+    case, paired = pairs_case(fmt, k, n, seed=n)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(k)).to(torch.bfloat16)
+    bias = torch.randn(n).to(torch.bfloat16)
+    on = [t.to(device) if t is not None else None for t in (x, *args(case), *args(paired), bias)]
+    for tile in (G.GEMV_PLANAR, G.GEMV_PAIRS, G.GEMV_PAIRS_MX_DEEP):
+        y = G.launch_gemv_planar(on[0], *on[4:7], on[7], case["block"], tile)
+        assert_rel_l2(y.cpu(), oracle(x, case, bias.float()), torch.bfloat16)
+        assert torch.equal(y, G.launch_gemv_planar(on[0], *on[1:4], on[7], case["block"], tile))
+
+
+@triton_interp
+@pytest.mark.parametrize("fmt", FMTS)
+def test_gemv_tiles_on_row_pairs_interpreter(fmt):
+    """(`check_gemv_tiles_on_row_pairs`) 70 rows: the 4-row tile's last program half past N."""
+    check_gemv_tiles_on_row_pairs(fmt, 384, 70, "cpu")
+
+
 @triton_interp
 @pytest.mark.parametrize("fmt", FMTS)
 def test_dequant_on_row_pairs_equals_the_byte_layouts_interpreter(fmt):
@@ -149,9 +172,10 @@ def test_dequant_on_row_pairs_equals_the_byte_layouts_interpreter(fmt):
 
 
 @triton_interp
-def test_gemv_tile_on_row_pairs_follows_the_layer_width():
-    """Row pairs take `GEMV_PAIRS` up to GEMV_PAIRS_MAX_N weight rows and the planar tile above; planar words the
-    planar tile (the launches are recorded, not run)."""
+def test_gemv_tile_on_row_pairs_follows_the_layer_width_and_depth():
+    """Row pairs take `GEMV_PAIRS` up to GEMV_PAIRS_MAX_N weight rows (MXFP4 deeper than GEMV_MX_DEEP_K
+    `GEMV_PAIRS_MX_DEEP`) and the planar tile above; planar words the planar tile (the launches are recorded, not
+    run)."""
     from qcompile.plugins.fp4_gemm import gemv_planar as G
 
     class Stop(Exception):
@@ -161,12 +185,15 @@ def test_gemv_tile_on_row_pairs_follows_the_layer_width():
         if "BLOCK_C" in kw:
             raise Stop((kw["BLOCK_N"], kw["BLOCK_C"], kw["num_warps"]))
 
-    def tile_for(n: int, pairs: bool) -> tuple:
-        words = torch.zeros(n, 16, dtype=torch.int32)  # K = 128
+    def tile_for(n: int, pairs: bool, k: int = 128, mx: bool = False) -> tuple:
+        words = torch.zeros(n, k // 8, dtype=torch.int32)
         words = F.to_row_pairs(words) if pairs else words
+        block = 32 if mx else 16
+        scale = torch.full((n, k // block), 127, dtype=torch.uint8) if mx else torch.ones(n, k // 16).to(
+            torch.float8_e4m3fn)
         with pytest.raises(Stop) as stop:
-            G.launch_gemv_planar(torch.randn(1, 128).to(torch.bfloat16), words,
-                                 torch.ones(n, 8).to(torch.float8_e4m3fn), None, None, 16, wrap=launch_spy(record))
+            G.launch_gemv_planar(torch.randn(1, k).to(torch.bfloat16), words, scale, None, None, block,
+                                 wrap=launch_spy(record))
         return stop.value.args[0]
 
     def as_tile(cfg: dict) -> tuple:
@@ -176,6 +203,12 @@ def test_gemv_tile_on_row_pairs_follows_the_layer_width():
     assert tile_for(G.GEMV_PAIRS_MAX_N - 1, pairs=True) == as_tile(G.GEMV_PAIRS)
     assert tile_for(G.GEMV_PAIRS_MAX_N + 1, pairs=True) == as_tile(G.GEMV_PLANAR)
     assert tile_for(G.GEMV_PAIRS_MAX_N - 1, pairs=False) == as_tile(G.GEMV_PLANAR)
+    deep = G.GEMV_MX_DEEP_K + 128
+    assert as_tile(G.GEMV_PAIRS_MX_DEEP) not in (as_tile(G.GEMV_PAIRS), as_tile(G.GEMV_PLANAR))
+    assert tile_for(64, pairs=True, k=deep, mx=True) == as_tile(G.GEMV_PAIRS_MX_DEEP)
+    assert tile_for(64, pairs=True, k=G.GEMV_MX_DEEP_K, mx=True) == as_tile(G.GEMV_PAIRS)
+    assert tile_for(64, pairs=True, k=deep, mx=False) == as_tile(G.GEMV_PAIRS)  # NVFP4 keeps its tile
+    assert tile_for(64, pairs=False, k=deep, mx=True) == as_tile(G.GEMV_PLANAR)
 
 
 @fake_cuda_export
@@ -238,6 +271,15 @@ def test_cuda_op_on_row_pairs_matches_float64(fmt, dtype, m):
         mp.setattr(kernel, "ONE_DOT", tma)
         y_tma = torch.ops.qcompile.fp4_gemm(dev[0], *dev[1:4], None, dev[4], case["block"])
     assert_rel_l2(y_tma, oracle(x, case, bias), dtype)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("fmt", FMTS)
+def test_cuda_gemv_tiles_on_row_pairs_match_float64(fmt):
+    """(`check_gemv_tiles_on_row_pairs`) K deeper than GEMV_MX_DEEP_K (where MXFP4 takes the 4-row tile), 1002 rows
+    (the 4-row tile's last program half past N), the PTX dot products."""
+    check_gemv_tiles_on_row_pairs(fmt, 8320, 1002, "cuda")
 
 
 @pytest.mark.gpu

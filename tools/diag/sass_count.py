@@ -194,7 +194,7 @@ def _cases():
                list(gemv_sig), cfg["num_warps"], 3, cfg["BLOCK_N"] * cfg["BLOCK_U"] * 16 // (32 * cfg["num_warps"]))
         cfg = gp.GEMV_PLANAR
         # _pairs: the words in row pairs (`format.to_row_pairs`), in the same planar tile for a like-for-like count
-        # (row pairs ship `GEMV_PAIRS` up to GEMV_PAIRS_MAX_N rows)
+        # (row pairs ship `gemv_planar.gemv_tile`'s tiles)
         for pairs in (False, True):
             yield ("fp4_gemv_planar" + ("_mx" if mx else "") + ("_pairs" if pairs else ""), gp._fp4_gemv_planar_kernel,
                    planar_sig, dict(fmt, C_STEPS=8, EVEN=True, BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"],
