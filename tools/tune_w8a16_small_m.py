@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Choose the small-M paths of the W8A16 op on the GPU (`int8_wo_gemm.kernel.GEMV` and `DOT`).
+"""Choose the small-M paths of the W8A16 op on the GPU (`int8_wo_gemm.gemv.GEMV` and `kernel.DOT`).
 
 For every (K x N, M) it times side by side, as an engine calls them (CUDA graphs with --cuda-graph; a split-K
 zero fill and epilogue included where a configuration splits K): cuBLAS bf16; the shipped path of the op; the
@@ -23,7 +23,7 @@ import torch
 from gpu_timing import MODE, bench, bench_parser, check_cells, rel_errors, rotating, save_rows, time_checked
 from tune_fp8_block_w8a16 import best
 
-from qcompile.plugins.int8_wo_gemm import kernel as w8, mma_rows, split_mma
+from qcompile.plugins.int8_wo_gemm import gemv as w8_gemv, kernel as w8, mma_rows, split_mma
 
 # around the first sweep's winners (GEMV: 8 rows x 256-512 words on 4 warps, no prefetch; dot: 32 rows x 256 K,
 # 3-5 stages), with num_stages for the GEMV
@@ -87,7 +87,7 @@ def candidates(x, weights, m: int) -> dict:
         return lambda: w8.launch_dot(x, *weights(), None, cfg)
 
     def gemv(cfg):
-        return lambda: w8.launch_gemv(x, *weights(), None, cfg)
+        return lambda: w8_gemv.launch_gemv(x, *weights(), None, cfg)
 
     def mma(cfg):
         return lambda: split_mma.launch(x, *weights(), None, cfg, rows=1 if m == 1 else w8.SMALL_M_MAX)

@@ -10,10 +10,10 @@ Paths, chosen per call from M (the row count of x, dynamic):
 
 - M <= 16, 16-bit x, N wide enough to fill the GPU with wide tiles: `split_mma` (x split into two int8 planes
   with per-chunk scales, the int8 weight straight into the INT8 tensor cores; see its docstring).
-- otherwise, M = 1 (K a multiple of 4): `_row_gemv_kernel`, a GEMV on the CUDA cores. It reads the weight as int32 words
-  (four consecutive k of one row) and turns bytes into floats with bit operations (see its docstring). Each
-  program owns BLOCK_N rows over all of K and finishes them: the scale, the bias and the cast are in the
-  kernel (one launch per call).
+- otherwise, M = 1 (K a multiple of 4): `gemv._row_gemv_kernel` (gemv.py), a GEMV on the CUDA cores. It reads
+  the weight as int32 words (four consecutive k of one row) and turns bytes into floats with bit operations (see
+  its docstring). Each program owns BLOCK_N rows over all of K and finishes them: the scale, the bias and the
+  cast are in the kernel (one launch per call).
 - M <= gemm_dispatch.SMALL_M_MAX (16): `_row_dot_kernel`, the same row ownership on the tensor cores with A and
   B swapped (y^T = W x^T: the weight tile is the MMA's wide operand, the at most 16 rows of x the narrow one),
   int8 -> x.dtype in registers (exact: |q| <= 127), float32 accumulation (float32 x: an IEEE dot). The
@@ -40,17 +40,11 @@ import triton.language as tl
 from qcompile.plugins.gemm_dispatch import (DEFAULT_SMS, SMALL_M_MAX, add_bias, cdiv, identity, linear_bias,
                                              optional_arg, run_by_buckets, split_for_waves, whole_tiles)
 from qcompile.plugins.int4_gemm.half2 import ptx_available
-from qcompile.plugins.int8_wo_gemm import mma_rows, split_mma
+from qcompile.plugins.int8_wo_gemm import gemv, mma_rows, split_mma
+from qcompile.plugins.int8_wo_gemm.gemv import scale_bias_store
 from qcompile.plugins.int8_wo_gemm.reference import check_args
 from qcompile.plugins.triton_tiles import jit_any_m, load_tile, load_xt_step, store_tile
 
-# M = 1: rows per program, int32 words per row and step, warps, Triton's load pipelining; `PREFETCH` loads the
-# next step's words before this step's arithmetic (by hand). Chosen with tools/tune_w8a16_small_m.py on the H200
-# (benchmarks/tune_w8a16_small_m_rows.json): 8 rows on 4 warps; 512-word steps while N <= NARROW_N (fewer programs,
-# each needs more bytes in flight), 256 above: 1.58-1.67x cuBLAS bf16 on the four kernel-target shapes.
-GEMV = dict(BLOCK_N=8, BLOCK_KW=256, num_warps=4, num_stages=2, PREFETCH=False)
-GEMV_NARROW = dict(GEMV, BLOCK_KW=512)
-NARROW_N = 4096
 # 1 < M <= 16: weight rows per program, K per step, pipelining (same sweep: 1.20-1.35x bf16 at M = 16); `waves`:
 # split K while the N tiles are fewer than this many waves of SMs; `plain` (default False): x as the MMA's first
 # operand (`_row_dot_kernel`'s PLAIN).
@@ -63,13 +57,6 @@ MMA_ROWS = None
 
 
 @triton.jit
-def _words(w_ptr, offs_n, mask_n, offs_w, KW, wanted):
-    """Words [BLOCK_N, BLOCK_KW] of an int32 [N, KW] weight (0 past KW or where not `wanted`)."""
-    return tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * KW + offs_w[None, :],
-                   mask=mask_n[:, None] & ((offs_w < KW) & wanted)[None, :], other=0, eviction_policy="evict_first")
-
-
-@triton.jit
 def _int8_to(w, dtype: tl.constexpr):
     """int8 -> dtype, exactly. fp16: byte ^ 0x6480 is the fp16 1152 + q (ulp 1 in [1024, 2048)), minus 1152: a
     PRMT, a LOP3 and half of an HADD2 per weight, where Triton's own conversion issues one I2F (a quarter-rate
@@ -79,74 +66,6 @@ def _int8_to(w, dtype: tl.constexpr):
     if dtype == tl.float16:
         return (w.to(tl.uint8, bitcast=True).to(tl.uint16) ^ 0x6480).to(tl.float16, bitcast=True) - 1152.0
     return w.to(dtype)
-
-
-@triton.jit
-def _scale_bias_store(y_ptrs, acc, s_ptr, b_ptr, offs_n, mask, mask_n, HAS_BIAS: tl.constexpr):
-    """`acc * scale[n] + bias[n]` (acc rows are output features n) in float32, stored in y's dtype."""
-    y = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-    if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-    tl.store(y_ptrs, y.to(y_ptrs.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _row_gemv_step(acc, words, x_ptr, offs_w, KW):
-    """acc [BLOCK_N, BLOCK_KW] plus x . q for the int32 words [BLOCK_N, BLOCK_KW] (four k each) at word offsets
-    offs_w (see `_row_gemv_kernel` for the byte-to-float trick)."""
-    ok = offs_w < KW
-    xw = x_ptr + 4 * offs_w
-    x0 = tl.load(xw, mask=ok, other=0.0).to(tl.float32)[None, :]
-    x1 = tl.load(xw + 1, mask=ok, other=0.0).to(tl.float32)[None, :]
-    x2 = tl.load(xw + 2, mask=ok, other=0.0).to(tl.float32)[None, :]
-    x3 = tl.load(xw + 3, mask=ok, other=0.0).to(tl.float32)[None, :]
-    high = words >> 16
-    acc += x0 * (((words & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0)
-    acc += x1 * (((words & 0xFF00) ^ 0x47008000).to(tl.float32, bitcast=True) - 32896.0)
-    acc += x2 * (((high & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0)
-    acc += x3 * (((high & 0xFF00) ^ 0x47008000).to(tl.float32, bitcast=True) - 32896.0)
-    return acc
-
-
-@triton.jit
-def _row_gemv_kernel(
-    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, KW, stride_xm, HAS_BIAS: tl.constexpr, K_STEPS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, PREFETCH: tl.constexpr, PIPELINE: tl.constexpr = 0,
-):
-    """y[n] = scale[n] * sum_k x[k] q[n, k] + bias[n] for BLOCK_N rows n, M = 1. The int8 [N, K] weight is read as
-    int32 words [N, K/4], four consecutive k per word, multiplied in fp32 registers without tensor cores (at
-    M = 1 the job is streaming the weight). Byte i becomes a float with one AND/XOR: bytes 0 and 2 (after a
-    shift by 16) XOR 0x80 in the mantissa of 2^23 (ulp 1), bytes 1 and 3 in the mantissa of 2^15 (ulp 1 at bit
-    8); one exact subtraction of the magic + 128 gives q. So a weight costs about 1.25 integer ops, a
-    subtraction and an FMA, where `int8 -> float` conversions would cost four integer-op slots. One row of x
-    per program column (grid axis 1). The int8 pointer is reinterpreted here (a `view(torch.int32)` of the
-    weight in the graph broke AOTInductor's lowering of the torch.cond around this path on the H200).
-
-    The plain loop's loads are not pipelined by Triton (no dot uses them; `num_stages` changes nothing).
-    PREFETCH loads the next step's words before this step's arithmetic, by hand; PIPELINE > 0 makes the loop
-    `tl.range(..., num_stages=PIPELINE)`, which stages the words through shared memory with asynchronous copies.
-    No configuration sets it: in the H200 sweep (benchmarks/tune_w8a16_small_m_s16.json) it was the best GEMV
-    only on 8192 x 28672, where the INT8 tensor-core path runs instead."""
-    words_ptr = w_ptr.to(tl.pointer_type(tl.int32))
-    row = tl.program_id(1)
-    x_ptr += row * stride_xm
-    y_ptr += row * N
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
-    if PREFETCH:
-        upcoming = _words(words_ptr, offs_n, mask_n, tl.arange(0, BLOCK_KW), KW, True)
-        for step in range(0, K_STEPS):
-            offs_w = step * BLOCK_KW + tl.arange(0, BLOCK_KW)
-            words = upcoming
-            upcoming = _words(words_ptr, offs_n, mask_n, offs_w + BLOCK_KW, KW, step + 1 < K_STEPS)
-            acc = _row_gemv_step(acc, words, x_ptr, offs_w, KW)
-    else:
-        for step in tl.range(0, K_STEPS, num_stages=PIPELINE if PIPELINE else None):
-            offs_w = step * BLOCK_KW + tl.arange(0, BLOCK_KW)
-            acc = _row_gemv_step(acc, _words(words_ptr, offs_n, mask_n, offs_w, KW, True), x_ptr, offs_w, KW)
-    _scale_bias_store(y_ptr + offs_n[:, None], tl.sum(acc, axis=1)[:, None], s_ptr, b_ptr, offs_n, mask_n[:, None],
-                      mask_n, HAS_BIAS)
 
 
 @jit_any_m
@@ -198,7 +117,7 @@ def _row_dot_kernel(
     if ATOMIC:
         store_tile(y_ptrs, acc, mask, ATOMIC)
     else:
-        _scale_bias_store(y_ptrs, acc, s_ptr, b_ptr, offs_n, mask, mask_n, HAS_BIAS)
+        scale_bias_store(y_ptrs, acc, s_ptr, b_ptr, offs_n, mask, mask_n, HAS_BIAS)
 
 
 @jit_any_m
@@ -255,23 +174,6 @@ def launch_dequant(w_q, w_scale, dtype, cfg: dict | None = None, *, wrap=identit
     wrap(_dequant_kernel)[(cdiv(k, cfg["BLOCK_K"]), cdiv(n, cfg["BLOCK_N"]))](
         w_q, w_scale, out, n, k, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
     return out
-
-
-def launch_gemv(x2d, w_q, w_scale, bias, cfg: dict | None = None, *, wrap=identity) -> torch.Tensor:
-    """`x2d @ dequant(w_q)^T + bias` in x.dtype (K a multiple of 4), one launch; meant for one row of x (each
-    row re-reads the weight)."""
-    n, k = w_q.shape
-    cfg = cfg or (GEMV_NARROW if n <= NARROW_N else GEMV)
-    kw = k // 4
-    m = x2d.shape[0]
-    y = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
-    wrap(_row_gemv_kernel)[(cdiv(n, cfg["BLOCK_N"]), m)](
-        x2d, w_q, w_scale, optional_arg(bias, w_scale), y, n, kw, x2d.stride(0), HAS_BIAS=bias is not None,
-        K_STEPS=cdiv(kw, cfg["BLOCK_KW"]), BLOCK_N=cfg["BLOCK_N"], BLOCK_KW=cfg["BLOCK_KW"],
-        PREFETCH=cfg.get("PREFETCH", False), PIPELINE=cfg.get("pipeline", 0), num_warps=cfg["num_warps"],
-        num_stages=cfg.get("num_stages", 1),
-    )
-    return y
 
 
 def launch_dot(x2d, w_q, w_scale, bias, cfg: dict | None = None, *, wrap=identity,
@@ -366,15 +268,15 @@ def int8_wo_gemm_triton(x, w_q, w_scale, bias, *, wrap=identity, num_sms: int = 
         return run
 
     mma = None if x.dtype == torch.float32 else split_mma.pick_config(n, k, num_sms)
-    gemv = [(1, finished(launch_gemv))] if k % 4 == 0 else []  # the GEMV reads 4-byte words along K
+    one_row = [(1, finished(gemv.launch_gemv))] if k % 4 == 0 else []  # the GEMV reads 4-byte words along K
     if MMA_ROWS and ptx_available() and mma_rows.applies(x, w_q):
         small = [(rows, finished(mma_rows.launch, cfg=MMA_ROWS, rows=rows)) for rows in (1, SMALL_M_MAX)]
     elif mma is not None and "splits" not in mma:  # a wide layer: the INT8 tensor cores on split 16-bit x
         small = [(rows, finished(split_mma.launch, cfg=mma, rows=rows)) for rows in (1, SMALL_M_MAX)]
     elif mma is not None:  # a narrow layer with a long K: split K there, the GEMV at M = 1 (it won there)
-        small = gemv + [(SMALL_M_MAX, finished(split_mma.launch, cfg=mma, rows=SMALL_M_MAX))]
+        small = one_row + [(SMALL_M_MAX, finished(split_mma.launch, cfg=mma, rows=SMALL_M_MAX))]
     else:
-        small = gemv + [(SMALL_M_MAX, finished(launch_dot, num_sms=num_sms))]
+        small = one_row + [(SMALL_M_MAX, finished(launch_dot, num_sms=num_sms))]
     above = [(None, large_m)] if large_m else LARGE_M
     buckets = small + [(limit, large(c)) for limit, c in above]
     return run_by_buckets(x, k, n, buckets, (w_q, w_scale) + ((bias,) if has_bias else ()))

@@ -1,6 +1,6 @@
 """W8A16 at up to 16 rows of fp16 x on the fp16 tensor cores, the int8 weight decoded in registers (CUDA only).
 
-The row GEMV (`kernel._row_gemv_kernel`) multiplies every weight on the CUDA cores in fp32 (integer ops, a
+The row GEMV (`gemv._row_gemv_kernel`) multiplies every weight on the CUDA cores in fp32 (integer ops, a
 subtraction and an FMA per weight), and the 16-row kernels convert weights for `tl.dot` through Triton's layouts.
 Here `mma.sync` m16n8k16 multiplies, with 16 weight rows as the 16-row operand A and up to 8 rows of x as B (a
 second MMA on the same A for rows 8-15), so what is left per weight is decoding it:

@@ -183,7 +183,7 @@ def test_gemv_kernel_under_interpreter(dtype, n, k, prefetch, pipeline, bias):
     bias in the kernel), with each loop (plain, the next step's words loaded during this step, `tl.range`
     pipelining), N not a multiple of the rows per program and K not a multiple of a step; every int8 value
     appears in the weight."""
-    from qcompile.plugins.int8_wo_gemm.kernel import launch_gemv
+    from qcompile.plugins.int8_wo_gemm.gemv import launch_gemv
 
     w_q, w_scale, b = make_case(k=k, n=n, seed=n + k, bias=bias)
     w_q.view(-1)[:256] = torch.arange(-128, 128, dtype=torch.int16).to(torch.int8)
@@ -196,12 +196,12 @@ def test_gemv_kernel_under_interpreter(dtype, n, k, prefetch, pipeline, bias):
 
 @triton_interp
 def test_one_row_with_k_not_a_multiple_of_4_takes_the_dot_kernel(monkeypatch):
-    from qcompile.plugins.int8_wo_gemm import kernel
+    from qcompile.plugins.int8_wo_gemm import gemv, kernel
 
     def no_gemv(*args, **kwargs):
         raise AssertionError("the GEMV reads 4-byte words along K: K = 258 must not reach it")
 
-    monkeypatch.setattr(kernel, "launch_gemv", no_gemv)
+    monkeypatch.setattr(gemv, "launch_gemv", no_gemv)
     w_q, w_scale, b = make_case(k=258, n=80)
     x = torch.randn(1, 258)
     assert_close_to(kernel.int8_wo_gemm_triton(x, w_q, w_scale, b, num_sms=2), oracle(x, w_q, w_scale, b), 1e-5)

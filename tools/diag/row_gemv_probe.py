@@ -9,8 +9,8 @@ Prints one table per part (µs per call from CUDA-graph replay, rotating weights
   E. FP8 block: our quantization kernel alone per row block, `_scaled_mm` with and without `bias=`, the op with
      and without a bias.
 Prototypes are checked against float64 before they are timed. Not part of the product. The run recorded in
-benchmarks/row_gemv_probe.json timed W8A16 prototypes that then became `plugins/int8_wo_gemm/kernel.py`'s
-`_row_gemv_kernel` and `_row_dot_kernel` (parts B and D now time those, through `launch_gemv` / `launch_dot`;
+benchmarks/row_gemv_probe.json timed W8A16 prototypes that then became `plugins/int8_wo_gemm`'s
+`gemv._row_gemv_kernel` and `kernel._row_dot_kernel` (parts B and D now time those, through `launch_gemv` / `launch_dot`;
 this form of the probe has not run on the GPU). Part C's prototype decodes nibbles with the INT4 plugin's
 `nibble_plus_136` since that run (the recorded one XOR-ed 0x88888888 into each word, then OR-ed 128.0's bits
 in: the same values).
@@ -120,14 +120,14 @@ def w8_case(k, n, m, dtype):
 
 
 def part_b(k, n, dtype=torch.bfloat16):
-    from qcompile.plugins.int8_wo_gemm import kernel as w8
+    from qcompile.plugins.int8_wo_gemm import gemv
 
     x, bias, scale, w_nk, ref, nw, res = w8_case(k, n, 1, dtype)
     for bn, bkw, warps in [(2, 256, 4), (4, 128, 4), (4, 256, 4), (8, 128, 4), (8, 256, 8), (16, 64, 4),
                            (4, 512, 8), (2, 512, 4)]:
         cfg = dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=warps)
         res[f"row{bn}x{bkw}w{warps}"] = checked_time(
-            lambda w: w8.launch_gemv(x, w, scale, bias, cfg), w_nk, ref, nw, f"B {k}x{n} row{bn}x{bkw}")
+            lambda w: gemv.launch_gemv(x, w, scale, bias, cfg), w_nk, ref, nw, f"B {k}x{n} row{bn}x{bkw}")
     best = min((c for c in res if c.startswith("row")), key=lambda c: res[c])
     print(f"B {k}x{n} M=1: bf16 {res['bf16']:.1f} op {res['op']:.1f} ({res['bf16'] / res['op']:.2f}x) "
           f"row best {best} {res[best]:.1f} ({res['bf16'] / res[best]:.2f}x, {n * k / res[best] / 1e6:.2f} TB/s) | "

@@ -1,0 +1,110 @@
+"""The M = 1 GEMV of `qcompile::int8_weight_only_gemm` (`_row_gemv_kernel` on the CUDA cores; CUDA only, imported
+lazily) and the scale/bias store it shares with `kernel.py`'s row dot kernel. `kernel.int8_wo_gemm_triton` takes it
+at one row of x where K is a multiple of 4 and no tensor-core path applies (see kernel.py's docstring)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg
+
+# M = 1: rows per program, int32 words per row and step, warps, Triton's load pipelining; `PREFETCH` loads the
+# next step's words before this step's arithmetic (by hand). Chosen with tools/tune_w8a16_small_m.py on the H200
+# (benchmarks/tune_w8a16_small_m_rows.json): 8 rows on 4 warps; 512-word steps while N <= NARROW_N (fewer programs,
+# each needs more bytes in flight), 256 above: 1.58-1.67x cuBLAS bf16 on the four kernel-target shapes.
+GEMV = dict(BLOCK_N=8, BLOCK_KW=256, num_warps=4, num_stages=2, PREFETCH=False)
+GEMV_NARROW = dict(GEMV, BLOCK_KW=512)
+NARROW_N = 4096
+
+
+@triton.jit
+def _words(w_ptr, offs_n, mask_n, offs_w, KW, wanted):
+    """Words [BLOCK_N, BLOCK_KW] of an int32 [N, KW] weight (0 past KW or where not `wanted`)."""
+    return tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * KW + offs_w[None, :],
+                   mask=mask_n[:, None] & ((offs_w < KW) & wanted)[None, :], other=0, eviction_policy="evict_first")
+
+
+@triton.jit
+def scale_bias_store(y_ptrs, acc, s_ptr, b_ptr, offs_n, mask, mask_n, HAS_BIAS: tl.constexpr):
+    """`acc * scale[n] + bias[n]` (acc rows are output features n) in float32, stored in y's dtype."""
+    y = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    tl.store(y_ptrs, y.to(y_ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _row_gemv_step(acc, words, x_ptr, offs_w, KW):
+    """acc [BLOCK_N, BLOCK_KW] plus x . q for the int32 words [BLOCK_N, BLOCK_KW] (four k each) at word offsets
+    offs_w (see `_row_gemv_kernel` for the byte-to-float trick)."""
+    ok = offs_w < KW
+    xw = x_ptr + 4 * offs_w
+    x0 = tl.load(xw, mask=ok, other=0.0).to(tl.float32)[None, :]
+    x1 = tl.load(xw + 1, mask=ok, other=0.0).to(tl.float32)[None, :]
+    x2 = tl.load(xw + 2, mask=ok, other=0.0).to(tl.float32)[None, :]
+    x3 = tl.load(xw + 3, mask=ok, other=0.0).to(tl.float32)[None, :]
+    high = words >> 16
+    acc += x0 * (((words & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0)
+    acc += x1 * (((words & 0xFF00) ^ 0x47008000).to(tl.float32, bitcast=True) - 32896.0)
+    acc += x2 * (((high & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0)
+    acc += x3 * (((high & 0xFF00) ^ 0x47008000).to(tl.float32, bitcast=True) - 32896.0)
+    return acc
+
+
+@triton.jit
+def _row_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, KW, stride_xm, HAS_BIAS: tl.constexpr, K_STEPS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, PREFETCH: tl.constexpr, PIPELINE: tl.constexpr = 0,
+):
+    """y[n] = scale[n] * sum_k x[k] q[n, k] + bias[n] for BLOCK_N rows n, M = 1. The int8 [N, K] weight is read as
+    int32 words [N, K/4], four consecutive k per word, multiplied in fp32 registers without tensor cores (at
+    M = 1 the job is streaming the weight). Byte i becomes a float with one AND/XOR: bytes 0 and 2 (after a
+    shift by 16) XOR 0x80 in the mantissa of 2^23 (ulp 1), bytes 1 and 3 in the mantissa of 2^15 (ulp 1 at bit
+    8); one exact subtraction of the magic + 128 gives q. So a weight costs about 1.25 integer ops, a
+    subtraction and an FMA, where `int8 -> float` conversions would cost four integer-op slots. One row of x
+    per program column (grid axis 1). The int8 pointer is reinterpreted here (a `view(torch.int32)` of the
+    weight in the graph broke AOTInductor's lowering of the torch.cond around this path on the H200).
+
+    The plain loop's loads are not pipelined by Triton (no dot uses them; `num_stages` changes nothing).
+    PREFETCH loads the next step's words before this step's arithmetic, by hand; PIPELINE > 0 makes the loop
+    `tl.range(..., num_stages=PIPELINE)`, which stages the words through shared memory with asynchronous copies.
+    No configuration sets it: in the H200 sweep (benchmarks/tune_w8a16_small_m_s16.json) it was the best GEMV
+    only on 8192 x 28672, where the INT8 tensor-core path runs instead."""
+    words_ptr = w_ptr.to(tl.pointer_type(tl.int32))
+    row = tl.program_id(1)
+    x_ptr += row * stride_xm
+    y_ptr += row * N
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+    if PREFETCH:
+        upcoming = _words(words_ptr, offs_n, mask_n, tl.arange(0, BLOCK_KW), KW, True)
+        for step in range(0, K_STEPS):
+            offs_w = step * BLOCK_KW + tl.arange(0, BLOCK_KW)
+            words = upcoming
+            upcoming = _words(words_ptr, offs_n, mask_n, offs_w + BLOCK_KW, KW, step + 1 < K_STEPS)
+            acc = _row_gemv_step(acc, words, x_ptr, offs_w, KW)
+    else:
+        for step in tl.range(0, K_STEPS, num_stages=PIPELINE if PIPELINE else None):
+            offs_w = step * BLOCK_KW + tl.arange(0, BLOCK_KW)
+            acc = _row_gemv_step(acc, _words(words_ptr, offs_n, mask_n, offs_w, KW, True), x_ptr, offs_w, KW)
+    scale_bias_store(y_ptr + offs_n[:, None], tl.sum(acc, axis=1)[:, None], s_ptr, b_ptr, offs_n, mask_n[:, None],
+                      mask_n, HAS_BIAS)
+
+
+def launch_gemv(x2d, w_q, w_scale, bias, cfg: dict | None = None, *, wrap=identity) -> torch.Tensor:
+    """`x2d @ dequant(w_q)^T + bias` in x.dtype (K a multiple of 4), one launch; meant for one row of x (each
+    row re-reads the weight)."""
+    n, k = w_q.shape
+    cfg = cfg or (GEMV_NARROW if n <= NARROW_N else GEMV)
+    kw = k // 4
+    m = x2d.shape[0]
+    y = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
+    wrap(_row_gemv_kernel)[(cdiv(n, cfg["BLOCK_N"]), m)](
+        x2d, w_q, w_scale, optional_arg(bias, w_scale), y, n, kw, x2d.stride(0), HAS_BIAS=bias is not None,
+        K_STEPS=cdiv(kw, cfg["BLOCK_KW"]), BLOCK_N=cfg["BLOCK_N"], BLOCK_KW=cfg["BLOCK_KW"],
+        PREFETCH=cfg.get("PREFETCH", False), PIPELINE=cfg.get("pipeline", 0), num_warps=cfg["num_warps"],
+        num_stages=cfg.get("num_stages", 1),
+    )
+    return y
