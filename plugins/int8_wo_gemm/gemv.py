@@ -90,7 +90,7 @@ def _row_gemv_kernel(
             offs_w = step * BLOCK_KW + tl.arange(0, BLOCK_KW)
             acc = _row_gemv_step(acc, _words(words_ptr, offs_n, mask_n, offs_w, KW, True), x_ptr, offs_w, KW)
     scale_bias_store(y_ptr + offs_n[:, None], tl.sum(acc, axis=1)[:, None], s_ptr, b_ptr, offs_n, mask_n[:, None],
-                      mask_n, HAS_BIAS)
+                     mask_n, HAS_BIAS)
 
 
 def launch_gemv(x2d, w_q, w_scale, bias, cfg: dict | None = None, *, wrap=identity) -> torch.Tensor:

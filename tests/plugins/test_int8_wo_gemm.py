@@ -11,8 +11,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from qc_testutil import (assert_close_to, engine_dims, export_and_retrace_on_fake_cuda, export_on_fake_cuda, fake_cuda_export,
-                         launch_spy, ort_session)
+from qc_testutil import (assert_close_to, engine_dims, export_and_retrace_on_fake_cuda, export_on_fake_cuda,
+                         fake_cuda_export, launch_spy, ort_session)
 from qcompile.plugins.int8_wo_gemm import int8_wo_gemm_reference, onnx_schema, register
 
 op = register()

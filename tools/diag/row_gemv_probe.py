@@ -10,8 +10,8 @@ Prints one table per part (µs per call from CUDA-graph replay, rotating weights
      and without a bias.
 Prototypes are checked against float64 before they are timed. Not part of the product. The run recorded in
 benchmarks/row_gemv_probe.json timed W8A16 prototypes that then became `plugins/int8_wo_gemm`'s
-`gemv._row_gemv_kernel` and `kernel._row_dot_kernel` (parts B and D now time those, through `launch_gemv` / `launch_dot`;
-this form of the probe has not run on the GPU). Part C's prototype decodes nibbles with the INT4 plugin's
+`gemv._row_gemv_kernel` and `kernel._row_dot_kernel` (parts B and D now time those, through `launch_gemv` /
+`launch_dot`; this form of the probe has not run on the GPU). Part C's prototype decodes nibbles with the INT4 plugin's
 `nibble_plus_136` since that run (the recorded one XOR-ed 0x88888888 into each word, then OR-ed 128.0's bits
 in: the same values).
 """
