@@ -6,12 +6,13 @@ zero fill and epilogue included where a configuration splits K): cuBLAS bf16; th
 row dot kernel (M <= 16) and, at M = 1, the row GEMV in several configurations; with `--kinds dot-warps` row dot
 tiles with one warp per 16 weight rows or x as the MMA's first operand (`DOT_WARPS_CONFIGS`); with `--kinds mma`
 the INT8 tensor-core path (`split_mma`) in tiles from 16 to 128 rows; with `--kinds mma-rows` (fp16 x) the fp16
-tensor-core kernel of `mma_rows` on 2-8 warps, 1-4 blocks a step. Each candidate is checked against a float32
+tensor-core kernel of `mma_rows` on 2-8 warps, 1-4 blocks a step; with `--kinds gemv-prmt` the GEMV with and
+without its byte permutes ("prmt"). Each candidate is checked against a float32
 reference first (relative L2 error). x is bf16 unless `--dtype fp16`; the baseline is cuBLAS bf16 either way (on x
 in bf16). Writes every measurement as JSON and prints the best per cell.
 
     python3 tools/tune_w8a16_small_m.py --cuda-graph --out tune.json [--shapes 8192x28672] [--ms 1 16]
-        [--kinds dot dot-warps gemv gemv-long mma mma-rows] [--dtype fp16]
+        [--kinds dot dot-warps gemv gemv-long gemv-prmt mma mma-rows] [--dtype fp16]
 """
 from __future__ import annotations
 
@@ -37,6 +38,11 @@ GEMV_CONFIGS += [dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=4, num_stages=1, PREFE
 # once; at M = 1 the mid-size layers ran at 2.9 TB/s against 3.8 TB/s on 8192 x 28672)
 LONG_GEMV_CONFIGS = [dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=w, num_stages=st, PREFETCH=False)
                      for bn in (4, 8) for bkw in (1024, 2048) for w in (4, 8) for st in (1, 2)]
+# gemv-prmt (fifty-sixth session, not timed yet): the GEMV's bytes as floats by a byte permute each (5.27 sm_90
+# instructions per weight against 6.25; `tools/diag/sass_count.py w8a16_row_gemv_prmt`), with and without it on the
+# shipped tiles and their neighbours
+PRMT_GEMV_CONFIGS = [dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=4, num_stages=2, PREFETCH=False, prmt=prmt)
+                     for bn in (4, 8, 16) for bkw in (256, 512) for prmt in (False, True)]
 DOT_CONFIGS = ([dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=st, waves=1) for st in (3, 4, 5, 6)]
                + [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st, waves=1)
                   for bn, bk in ((16, 512), (32, 512), (64, 256)) for st in (3, 4)]
@@ -68,7 +74,7 @@ MMA_CONFIGS += [dict(BLOCK_N=bn, BLOCK_K=256, num_warps=4, num_stages=st, splits
 # warp `blocks` 64-K blocks a step (loaded a step ahead)
 MMA_ROWS_CONFIGS = [dict(warps=w, blocks=b) for w in (2, 4, 8) for b in (1, 2, 4)]
 
-KINDS = ("dot", "dot-warps", "gemv", "gemv-long", "mma", "mma-rows")
+KINDS = ("dot", "dot-warps", "gemv", "gemv-long", "gemv-prmt", "mma", "mma-rows")
 KINDS_ENV = "QCOMPILE_TUNE8_KINDS"  # --kinds, seen by the spawned check workers too
 DTYPE_ENV = "QCOMPILE_TUNE8_DTYPE"  # --dtype, likewise
 
@@ -98,7 +104,8 @@ def candidates(x, weights, m: int) -> dict:
         if kind in kinds:
             out.update({"dot " + json.dumps(c): dot(c) for c in configs})
     if m == 1:
-        for kind, configs in (("gemv", GEMV_CONFIGS), ("gemv-long", LONG_GEMV_CONFIGS)):
+        for kind, configs in (("gemv", GEMV_CONFIGS), ("gemv-long", LONG_GEMV_CONFIGS),
+                              ("gemv-prmt", PRMT_GEMV_CONFIGS)):
             if kind in kinds:
                 out.update({"gemv " + json.dumps(c): gemv(c) for c in configs})
     if "mma" in kinds:

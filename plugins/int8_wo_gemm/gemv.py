@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from qcompile.plugins.gemm_dispatch import cdiv, identity, optional_arg
+from qcompile.plugins.int4_gemm.half2 import ptx_available
 
 # M = 1: rows per program, int32 words per row and step, warps, Triton's load pipelining; `PREFETCH` loads the
 # next step's words before this step's arithmetic (by hand). Chosen with tools/tune_w8a16_small_m.py on the H200
@@ -35,7 +36,29 @@ def scale_bias_store(y_ptrs, acc, s_ptr, b_ptr, offs_n, mask, mask_n, HAS_BIAS: 
 
 
 @triton.jit
-def _row_gemv_step(acc, words, x_ptr, offs_w, KW):
+def _bytes_as_floats(words, PRMT: tl.constexpr):
+    """The four int8 q of each int32 word as float32 bit patterns of 2^23 + 128 + q (bytes 0 and 2) or, without PRMT,
+    2^15 + 128 + q in ulps of 2^8 (bytes 1 and 3): see `_row_gemv_kernel`. PRMT (inline PTX, GPU only): one XOR
+    of the word (q + 128 in each byte) and a byte permute per weight into 2^23's bits, each byte as 2^23 + 128 + q;
+    else AND, XOR (two LOP3s on sm_90: ptxas does not fuse them) and a shift per two bytes."""
+    if PRMT:
+        # a literal, not a global: AOTInductor copies the kernel's source into its generated code
+        b0, b1, b2, b3 = tl.inline_asm_elementwise(
+            "{ .reg .b32 u, m; xor.b32 u, $4, 0x80808080; mov.b32 m, 0x4B000000; "
+            "prmt.b32 $0, u, m, 0x7540; prmt.b32 $1, u, m, 0x7541; "
+            "prmt.b32 $2, u, m, 0x7542; prmt.b32 $3, u, m, 0x7543; }",
+            "=r,=r,=r,=r,r", [words], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+        return (b0.to(tl.float32, bitcast=True) - 8388736.0, b1.to(tl.float32, bitcast=True) - 8388736.0,
+                b2.to(tl.float32, bitcast=True) - 8388736.0, b3.to(tl.float32, bitcast=True) - 8388736.0)
+    high = words >> 16
+    return (((words & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0,
+            ((words & 0xFF00) ^ 0x47008000).to(tl.float32, bitcast=True) - 32896.0,
+            ((high & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0,
+            ((high & 0xFF00) ^ 0x47008000).to(tl.float32, bitcast=True) - 32896.0)
+
+
+@triton.jit
+def _row_gemv_step(acc, words, x_ptr, offs_w, KW, PRMT: tl.constexpr):
     """acc [BLOCK_N, BLOCK_KW] plus x . q for the int32 words [BLOCK_N, BLOCK_KW] (four k each) at word offsets
     offs_w (see `_row_gemv_kernel` for the byte-to-float trick)."""
     ok = offs_w < KW
@@ -44,11 +67,11 @@ def _row_gemv_step(acc, words, x_ptr, offs_w, KW):
     x1 = tl.load(xw + 1, mask=ok, other=0.0).to(tl.float32)[None, :]
     x2 = tl.load(xw + 2, mask=ok, other=0.0).to(tl.float32)[None, :]
     x3 = tl.load(xw + 3, mask=ok, other=0.0).to(tl.float32)[None, :]
-    high = words >> 16
-    acc += x0 * (((words & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0)
-    acc += x1 * (((words & 0xFF00) ^ 0x47008000).to(tl.float32, bitcast=True) - 32896.0)
-    acc += x2 * (((high & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0)
-    acc += x3 * (((high & 0xFF00) ^ 0x47008000).to(tl.float32, bitcast=True) - 32896.0)
+    q0, q1, q2, q3 = _bytes_as_floats(words, PRMT)
+    acc += x0 * q0
+    acc += x1 * q1
+    acc += x2 * q2
+    acc += x3 * q3
     return acc
 
 
@@ -56,6 +79,7 @@ def _row_gemv_step(acc, words, x_ptr, offs_w, KW):
 def _row_gemv_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, KW, stride_xm, HAS_BIAS: tl.constexpr, K_STEPS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, PREFETCH: tl.constexpr, PIPELINE: tl.constexpr = 0,
+    PRMT: tl.constexpr = False,
 ):
     """y[n] = scale[n] * sum_k x[k] q[n, k] + bias[n] for BLOCK_N rows n, M = 1. The int8 [N, K] weight is read as
     int32 words [N, K/4], four consecutive k per word, multiplied in fp32 registers without tensor cores (at
@@ -70,7 +94,9 @@ def _row_gemv_kernel(
     PREFETCH loads the next step's words before this step's arithmetic, by hand; PIPELINE > 0 makes the loop
     `tl.range(..., num_stages=PIPELINE)`, which stages the words through shared memory with asynchronous copies.
     No configuration sets it: in the H200 sweep (benchmarks/tune_w8a16_small_m_s16.json) it was the best GEMV
-    only on 8192 x 28672, where the INT8 tensor-core path runs instead."""
+    only on 8192 x 28672, where the INT8 tensor-core path runs instead.
+    PRMT (inline PTX; a configuration's "prmt", off by default: not yet timed) turns bytes into floats with one
+    byte permute each (`_bytes_as_floats`)."""
     words_ptr = w_ptr.to(tl.pointer_type(tl.int32))
     row = tl.program_id(1)
     x_ptr += row * stride_xm
@@ -84,11 +110,11 @@ def _row_gemv_kernel(
             offs_w = step * BLOCK_KW + tl.arange(0, BLOCK_KW)
             words = upcoming
             upcoming = _words(words_ptr, offs_n, mask_n, offs_w + BLOCK_KW, KW, step + 1 < K_STEPS)
-            acc = _row_gemv_step(acc, words, x_ptr, offs_w, KW)
+            acc = _row_gemv_step(acc, words, x_ptr, offs_w, KW, PRMT)
     else:
         for step in tl.range(0, K_STEPS, num_stages=PIPELINE if PIPELINE else None):
             offs_w = step * BLOCK_KW + tl.arange(0, BLOCK_KW)
-            acc = _row_gemv_step(acc, _words(words_ptr, offs_n, mask_n, offs_w, KW, True), x_ptr, offs_w, KW)
+            acc = _row_gemv_step(acc, _words(words_ptr, offs_n, mask_n, offs_w, KW, True), x_ptr, offs_w, KW, PRMT)
     scale_bias_store(y_ptr + offs_n[:, None], tl.sum(acc, axis=1)[:, None], s_ptr, b_ptr, offs_n, mask_n[:, None],
                      mask_n, HAS_BIAS)
 
@@ -104,7 +130,7 @@ def launch_gemv(x2d, w_q, w_scale, bias, cfg: dict | None = None, *, wrap=identi
     wrap(_row_gemv_kernel)[(cdiv(n, cfg["BLOCK_N"]), m)](
         x2d, w_q, w_scale, optional_arg(bias, w_scale), y, n, kw, x2d.stride(0), HAS_BIAS=bias is not None,
         K_STEPS=cdiv(kw, cfg["BLOCK_KW"]), BLOCK_N=cfg["BLOCK_N"], BLOCK_KW=cfg["BLOCK_KW"],
-        PREFETCH=cfg.get("PREFETCH", False), PIPELINE=cfg.get("pipeline", 0), num_warps=cfg["num_warps"],
-        num_stages=cfg.get("num_stages", 1),
+        PREFETCH=cfg.get("PREFETCH", False), PIPELINE=cfg.get("pipeline", 0),
+        PRMT=cfg.get("prmt", False) and ptx_available(), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1),
     )
     return y

@@ -179,19 +179,41 @@ def test_dot_kernel_drops_masks_only_on_whole_tiles(n, k, even, plain):
 @pytest.mark.parametrize("n, k, prefetch, pipeline, bias", [(80, 384, False, 0, True), (82, 392, True, 0, True),
                                                             (80, 384, True, 0, False), (82, 392, False, 3, True)])
 def test_gemv_kernel_under_interpreter(dtype, n, k, prefetch, pipeline, bias):
+    """(`check_gemv`) each loop: plain, the next step's words loaded during this step, `tl.range` pipelining."""
+    check_gemv("cpu", DTYPES[dtype], n, k, dict(BLOCK_N=4, BLOCK_KW=32, num_warps=2, PREFETCH=prefetch,
+                                                pipeline=pipeline), bias)
+
+
+def check_gemv(device: str, dtype, n: int, k: int, cfg: dict, bias: bool):
     """The M = 1 GEMV (int8 weight read as int32 words along K, byte-wise magic-number dequantization, scale and
-    bias in the kernel), with each loop (plain, the next step's words loaded during this step, `tl.range`
-    pipelining), N not a multiple of the rows per program and K not a multiple of a step; every int8 value
-    appears in the weight."""
+    bias in the kernel) against float64, N not a multiple of the rows per program and K not a multiple of a step;
+    every int8 value stands at each of a word's four bytes (rows 0-3). With "prmt" in `cfg` (a byte permute per
+    weight, PTX: on the GPU), also bit for bit as without it (the same floats in the same order)."""
     from qcompile.plugins.int8_wo_gemm.gemv import launch_gemv
 
     w_q, w_scale, b = make_case(k=k, n=n, seed=n + k, bias=bias)
-    w_q.view(-1)[:256] = torch.arange(-128, 128, dtype=torch.int16).to(torch.int8)
-    x = torch.randn(1, k).to(DTYPES[dtype])
-    cfg = dict(BLOCK_N=4, BLOCK_KW=32, num_warps=2, PREFETCH=prefetch, pipeline=pipeline)
-    y = launch_gemv(x, w_q, w_scale, b, cfg)
+    every = torch.arange(-128, 128, dtype=torch.int16).to(torch.int8)
+    for row in range(4):
+        w_q[row, :256] = every.roll(row)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(k)).to(dtype)
+    on = [t.to(device) if t is not None else None for t in (x, w_q, w_scale, b)]
+    y = launch_gemv(*on, cfg)
     assert y.dtype == x.dtype
-    assert_close_to(y, oracle(x, w_q, w_scale, b), REL[DTYPES[dtype]] if dtype != "fp32" else 1e-5)
+    assert_close_to(y, oracle(x, w_q, w_scale, b), REL[dtype] if dtype != torch.float32 else 1e-5)
+    if cfg.get("prmt"):
+        assert torch.equal(y, launch_gemv(*on, dict(cfg, prmt=False)))
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("prefetch", [False, True], ids=["plain", "prefetch"])
+def test_cuda_gemv_prmt_matches_float64_and_the_shipped_bytes(dtype, prefetch):
+    """(`check_gemv`) the byte-permute GEMV ("prmt") on the GPU, on the shipped tile and a small one."""
+    from qcompile.plugins.int8_wo_gemm import gemv
+
+    for n, k, cfg in ((4100, 4100, gemv.GEMV), (82, 392, dict(BLOCK_N=4, BLOCK_KW=32, num_warps=2))):
+        check_gemv("cuda", dtype, n, k, dict(cfg, PREFETCH=prefetch, prmt=True), bias=True)
 
 
 @triton_interp

@@ -16,7 +16,7 @@ schedulers x 32 lanes x ~1.98 GHz; 235 M weights at 3 instructions each is 21 µ
                                       words of each row a copy reads, where not the shipped setting)
                                       fp4_one_dot_16_tma_finish
                                       fp4_gemv fp4_gemv_planar (each
-                                      also _mx) w8a16_row_gemv w8a16_row_dot
+                                      also _mx) w8a16_row_gemv (also _prmt) w8a16_row_dot
                                       w8a16_row_dot_32x256_w2 w8a16_row_dot_16x256_w1 w8a16_row_dot_64x256_w4 (each
                                       also _plain) w8a16_mma_rows w8a16_mma_rows_two]
                                       [--dtype fp16] [--block-n 128] [--all-loops] [--loads]
@@ -224,12 +224,14 @@ def _cases():
                    dot["num_stages"], bn * bk // (32 * warps))
     from qcompile.plugins.int8_wo_gemm import gemv as w8_gemv
     cfg = w8_gemv.GEMV  # the one-row GEMV's shipped tile (int32 words of 4 weights; 64 weights a thread a step)
-    yield ("w8a16_row_gemv", w8_gemv._row_gemv_kernel,
-           dict({a: t for a, t in w8_sig.items() if a in ("x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr")},
-                **ptrs(["N", "KW", "stride_xm"], "i32")),
-           dict(HAS_BIAS=False, K_STEPS=16, BLOCK_N=cfg["BLOCK_N"], BLOCK_KW=cfg["BLOCK_KW"], PREFETCH=False),
-           ["x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "N", "KW", "stride_xm"], cfg["num_warps"],
-           cfg["num_stages"], cfg["BLOCK_N"] * cfg["BLOCK_KW"] * 4 // (32 * cfg["num_warps"]))
+    for prmt in (False, True):  # _prmt: a byte permute per weight (the "prmt" configuration key)
+        yield ("w8a16_row_gemv" + ("_prmt" if prmt else ""), w8_gemv._row_gemv_kernel,
+               dict({a: t for a, t in w8_sig.items() if a in ("x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr")},
+                    **ptrs(["N", "KW", "stride_xm"], "i32")),
+               dict(HAS_BIAS=False, K_STEPS=16, BLOCK_N=cfg["BLOCK_N"], BLOCK_KW=cfg["BLOCK_KW"], PREFETCH=False,
+                    PRMT=prmt),
+               ["x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "N", "KW", "stride_xm"], cfg["num_warps"],
+               cfg["num_stages"], cfg["BLOCK_N"] * cfg["BLOCK_KW"] * 4 // (32 * cfg["num_warps"]))
     from qcompile.plugins.int8_wo_gemm import mma_rows
     for two in (False, True):  # the fp16 MMA kernel at <= 8 rows of x (one MMA per K tile) and <= 16 (`_two`)
         yield ("w8a16_mma_rows" + ("_two" if two else ""), mma_rows._w8_mma_rows_kernel,
