@@ -37,9 +37,9 @@ def scale_bias_store(y_ptrs, acc, s_ptr, b_ptr, offs_n, mask, mask_n, HAS_BIAS: 
 
 @triton.jit
 def _bytes_as_floats(words, PRMT: tl.constexpr):
-    """The four int8 q of each int32 word as float32 bit patterns of 2^23 + 128 + q (bytes 0 and 2) or, without PRMT,
-    2^15 + 128 + q in ulps of 2^8 (bytes 1 and 3): see `_row_gemv_kernel`. PRMT (inline PTX, GPU only): one XOR
-    of the word (q + 128 in each byte) and a byte permute per weight into 2^23's bits, each byte as 2^23 + 128 + q;
+    """The four int8 q of each int32 word as float32, exactly: each byte made the float 2^23 + 128 + q (or, bytes
+    1 and 3 without PRMT, 2^15 + 128 + q in ulps of 2^8), minus that constant (see `_row_gemv_kernel`). PRMT (inline
+    PTX, GPU only): one XOR of the word (q + 128 in each byte), then a byte permute per weight into 2^23's bits;
     else AND, XOR (two LOP3s on sm_90: ptxas does not fuse them) and a shift per two bytes."""
     if PRMT:
         # a literal, not a global: AOTInductor copies the kernel's source into its generated code
