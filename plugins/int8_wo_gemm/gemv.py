@@ -39,8 +39,9 @@ def scale_bias_store(y_ptrs, acc, s_ptr, b_ptr, offs_n, mask, mask_n, HAS_BIAS: 
 def _bytes_as_floats(words, PRMT: tl.constexpr):
     """The four int8 q of each int32 word as float32, exactly: each byte made the float 2^23 + 128 + q (or, bytes
     1 and 3 without PRMT, 2^15 + 128 + q in ulps of 2^8), minus that constant (see `_row_gemv_kernel`). PRMT (inline
-    PTX, GPU only): one XOR of the word (q + 128 in each byte), then a byte permute per weight into 2^23's bits;
-    else AND, XOR (two LOP3s on sm_90: ptxas does not fuse them) and a shift per two bytes."""
+    PTX, GPU only): one XOR of the word (q + 128 in each byte), then a byte permute per weight into 2^23's bits (the
+    fp32 form of `mma_rows._fp16_pairs`); else AND, XOR (two LOP3s on sm_90: ptxas does not fuse them) and a shift
+    per two bytes."""
     if PRMT:
         # a literal, not a global: AOTInductor copies the kernel's source into its generated code
         b0, b1, b2, b3 = tl.inline_asm_elementwise(
