@@ -7,9 +7,9 @@ row dot kernel (M <= 16) and, at M = 1, the row GEMV in several configurations; 
 tiles with one warp per 16 weight rows or x as the MMA's first operand (`DOT_WARPS_CONFIGS`); with `--kinds mma`
 the INT8 tensor-core path (`split_mma`) in tiles from 16 to 128 rows; with `--kinds mma-rows` (fp16 x) the fp16
 tensor-core kernel of `mma_rows` on 2-8 warps, 1-4 blocks a step; with `--kinds gemv-prmt` the GEMV with and
-without its byte permutes ("prmt"). Each candidate is checked against a float32
-reference first (relative L2 error). x is bf16 unless `--dtype fp16`; the baseline is cuBLAS bf16 either way (on x
-in bf16). Writes every measurement as JSON and prints the best per cell.
+without its byte permutes ("prmt"). Each candidate is checked against a float32 reference first (relative L2
+error). x is bf16 unless `--dtype fp16`; the baseline is cuBLAS bf16 either way (on x in bf16). Writes every
+measurement as JSON and prints the best per cell.
 
     python3 tools/tune_w8a16_small_m.py --cuda-graph --out tune.json [--shapes 8192x28672] [--ms 1 16]
         [--kinds dot dot-warps gemv gemv-long gemv-prmt mma mma-rows] [--dtype fp16]
