@@ -38,9 +38,10 @@ GEMV_CONFIGS += [dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=4, num_stages=1, PREFE
 # once; at M = 1 the mid-size layers ran at 2.9 TB/s against 3.8 TB/s on 8192 x 28672)
 LONG_GEMV_CONFIGS = [dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=w, num_stages=st, PREFETCH=False)
                      for bn in (4, 8) for bkw in (1024, 2048) for w in (4, 8) for st in (1, 2)]
-# gemv-prmt (fifty-sixth session, not timed yet): the GEMV's bytes as floats by a byte permute each (5.27 sm_90
-# instructions per weight against 6.25; `tools/diag/sass_count.py w8a16_row_gemv_prmt`), with and without it on the
-# shipped tiles and their neighbours
+# gemv-prmt (fifty-sixth session): the GEMV's bytes as floats by a byte permute each (5.27 sm_90 instructions per
+# weight against 6.25; `tools/diag/sass_count.py w8a16_row_gemv_prmt`), with and without it on the shipped tiles and
+# their neighbours. H100 (benchmarks/tune_w8a16_prmt-h100_s57.json): faster on 21 of the 24 pairs (by more than
+# 0.5%), slower on 1; on in GEMV since the fifty-seventh session
 PRMT_GEMV_CONFIGS = [dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=4, num_stages=2, PREFETCH=False, prmt=prmt)
                      for bn in (4, 8, 16) for bkw in (256, 512) for prmt in (False, True)]
 DOT_CONFIGS = ([dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=st, waves=1) for st in (3, 4, 5, 6)]
@@ -50,11 +51,12 @@ DOT_CONFIGS = ([dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=st, waves=
                # (benchmarks/tune_w8a16_small_m_8warps.json)
                + [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=8, num_stages=st, waves=1)
                   for bn, bk in ((64, 256), (64, 512), (128, 256), (32, 1024)) for st in (3, 4)])
-# dot-warps (twenty-fourth session, not timed yet): with x's 16 rows as the MMA's second operand, Triton splits a
-# 32-row tile's 4 warps 2 x 2, so two warps convert each weight to bf16 (sm_90 loop: 5.89 instructions per weight;
+# dot-warps (twenty-fourth session): with x's 16 rows as the MMA's second operand, Triton splits a 32-row tile's 4
+# warps 2 x 2, so two warps convert each weight to bf16 (sm_90 loop: 5.89 instructions per weight;
 # `tools/diag/sass_count.py`). Candidates: one warp per 16 weight rows (3.66 on 2 warps), or x as the first
 # operand (`plain`: 4.59 on 4 warps, 3.97 for 64 x 256), with the K split for 1 and 2 waves (more, smaller
-# programs for the narrow layers)
+# programs for the narrow layers). Timed on the H100 in the fifty-seventh session
+# (benchmarks/tune_w8a16_dot_warps-h100_s57c.json): `plain` on DOT's tile won, and DOT sets it; one-warp tiles lost.
 DOT_WARPS_CONFIGS = ([dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=bn // 16, num_stages=st, waves=wv)
                       for bn, bk in ((16, 256), (32, 256), (32, 512)) for st in (4, 6) for wv in (1, 2)]
                      + [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st, waves=wv, plain=True)

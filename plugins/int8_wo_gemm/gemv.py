@@ -13,8 +13,10 @@ from qcompile.plugins.int4_gemm.half2 import ptx_available
 # M = 1: rows per program, int32 words per row and step, warps, Triton's load pipelining; `PREFETCH` loads the
 # next step's words before this step's arithmetic (by hand). Chosen with tools/tune_w8a16_small_m.py on the H200
 # (benchmarks/tune_w8a16_small_m_rows.json): 8 rows on 4 warps; 512-word steps while N <= NARROW_N (fewer programs,
-# each needs more bytes in flight), 256 above: 1.58-1.67x cuBLAS bf16 on the four kernel-target shapes.
-GEMV = dict(BLOCK_N=8, BLOCK_KW=256, num_warps=4, num_stages=2, PREFETCH=False)
+# each needs more bytes in flight), 256 above: 1.58-1.67x cuBLAS bf16 on the four kernel-target shapes. `prmt`:
+# bytes to floats by a byte permute each (`_bytes_as_floats`): on the H100 0.3-1.3 µs faster on both tiles and all
+# four shapes (benchmarks/tune_w8a16_prmt-h100_s57.json; 4096 x 4096: 11.4 -> 11.1 µs on 512-word steps).
+GEMV = dict(BLOCK_N=8, BLOCK_KW=256, num_warps=4, num_stages=2, PREFETCH=False, prmt=True)
 GEMV_NARROW = dict(GEMV, BLOCK_KW=512)
 NARROW_N = 4096
 
@@ -96,8 +98,8 @@ def _row_gemv_kernel(
     `tl.range(..., num_stages=PIPELINE)`, which stages the words through shared memory with asynchronous copies.
     No configuration sets it: in the H200 sweep (benchmarks/tune_w8a16_small_m_s16.json) it was the best GEMV
     only on 8192 x 28672, where the INT8 tensor-core path runs instead.
-    PRMT (inline PTX; a configuration's "prmt", off by default: not yet timed) turns bytes into floats with one
-    byte permute each (`_bytes_as_floats`)."""
+    PRMT (inline PTX; a configuration's "prmt", on in GEMV and GEMV_NARROW) turns bytes into floats with one byte
+    permute each (`_bytes_as_floats`); without PTX (the interpreter) the AND/XOR form runs, with the same floats."""
     words_ptr = w_ptr.to(tl.pointer_type(tl.int32))
     row = tl.program_id(1)
     x_ptr += row * stride_xm
@@ -132,6 +134,7 @@ def launch_gemv(x2d, w_q, w_scale, bias, cfg: dict | None = None, *, wrap=identi
         x2d, w_q, w_scale, optional_arg(bias, w_scale), y, n, kw, x2d.stride(0), HAS_BIAS=bias is not None,
         K_STEPS=cdiv(kw, cfg["BLOCK_KW"]), BLOCK_N=cfg["BLOCK_N"], BLOCK_KW=cfg["BLOCK_KW"],
         PREFETCH=cfg.get("PREFETCH", False), PIPELINE=cfg.get("pipeline", 0),
-        PRMT=cfg.get("prmt", False) and ptx_available(), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1),
+        PRMT=cfg.get("prmt", False) and ptx_available(), num_warps=cfg["num_warps"],
+        num_stages=cfg.get("num_stages", 1),
     )
     return y

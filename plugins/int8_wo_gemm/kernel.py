@@ -9,7 +9,8 @@ atomics, a zero fill and a separate epilogue; on the H200 the row layout reads a
 Paths, chosen per call from M (the row count of x, dynamic):
 
 - M <= 16, 16-bit x, N wide enough to fill the GPU with wide tiles: `split_mma` (x split into two int8 planes
-  with per-chunk scales, the int8 weight straight into the INT8 tensor cores; see its docstring).
+  with per-chunk scales, the int8 weight straight into the INT8 tensor cores; see its docstring). At M = 1 only
+  on its widest tiles (`split_mma.runs_one_row`): the GEMV below won on the others.
 - otherwise, M = 1 (K a multiple of 4): `gemv._row_gemv_kernel` (gemv.py), a GEMV on the CUDA cores. It reads
   the weight as int32 words (four consecutive k of one row) and turns bytes into floats with bit operations (see
   its docstring). Each program owns BLOCK_N rows over all of K and finishes them: the scale, the bias and the
@@ -46,9 +47,10 @@ from qcompile.plugins.int8_wo_gemm.reference import check_args
 from qcompile.plugins.triton_tiles import jit_any_m, load_tile, load_xt_step, store_tile
 
 # 1 < M <= 16: weight rows per program, K per step, pipelining (same sweep: 1.20-1.35x bf16 at M = 16); `waves`:
-# split K while the N tiles are fewer than this many waves of SMs; `plain` (default False): x as the MMA's first
-# operand (`_row_dot_kernel`'s PLAIN).
-DOT = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=5, waves=1)
+# split K while the N tiles are fewer than this many waves of SMs; `plain`: x as the MMA's first operand
+# (`_row_dot_kernel`'s PLAIN; 22% fewer instructions per weight). On the H100 at M = 16 plain took 4096 x 4096 from
+# 12.9 to 12.4 µs and 14336 x 4096 from 31.2 to 28.2 (benchmarks/tune_w8a16_dot_warps-h100_s57c.json).
+DOT = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=5, waves=1, plain=True)
 DOT_BLOCK_M = 16  # rows of x per program (tl.dot's minimum)
 # 1 <= M <= 16, fp16 x: the fp16 tensor-core kernel (`mma_rows`) in place of every path above, where it applies
 # (`warps`: warps per 16-row tile, K split among them; `blocks`: 64-K blocks a warp loads a step ahead). None (off):
@@ -85,7 +87,8 @@ def _row_dot_kernel(
     PLAIN: x is the MMA's first operand and the converted weight tile its second (acc^T, transposed once at the
     end). With the swapped operands Triton lays 4 warps out 2 x 2 over a [32, 16] tile, so two warps convert each
     weight; with x first they split the weight rows and each converts its own: 4.59 instead of 5.89 sm_90
-    instructions per weight for 32 x 256 on 4 warps (`tools/diag/sass_count.py`; not yet timed on the H200)."""
+    instructions per weight for 32 x 256 on 4 warps (`tools/diag/sass_count.py`; DOT sets it, timed on the H100,
+    not yet on the H200)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -244,7 +247,8 @@ def int8_wo_gemm_triton(x, w_q, w_scale, bias, *, wrap=identity, num_sms: int = 
                         large_m: dict | None = None) -> torch.Tensor:
     """The op's GPU path. Up to 16 rows of fp16 x, with `MMA_ROWS` set, where `mma_rows.applies`: the fp16
     tensor-core kernel. Else up to 16 rows of 16-bit x on a layer wide enough for
-    `split_mma.pick_config`: the INT8 tensor-core path; else the GEMV at M = 1 and the row dot kernel up to 16 rows.
+    `split_mma.pick_config`: the INT8 tensor-core path (at M = 1 where `split_mma.runs_one_row`, else the GEMV);
+    else the GEMV at M = 1 and the row dot kernel up to 16 rows.
     The `LARGE_M` buckets above (or the one path `large_m`)."""
     check_args(x, w_q, w_scale, bias)
     # K and N are weight dims, static in an engine; int() specializes them when a compiler made them symbolic
@@ -271,9 +275,9 @@ def int8_wo_gemm_triton(x, w_q, w_scale, bias, *, wrap=identity, num_sms: int = 
     one_row = [(1, finished(gemv.launch_gemv))] if k % 4 == 0 else []  # the GEMV reads 4-byte words along K
     if MMA_ROWS and ptx_available() and mma_rows.applies(x, w_q):
         small = [(rows, finished(mma_rows.launch, cfg=MMA_ROWS, rows=rows)) for rows in (1, SMALL_M_MAX)]
-    elif mma is not None and "splits" not in mma:  # a wide layer: the INT8 tensor cores on split 16-bit x
+    elif mma is not None and split_mma.runs_one_row(mma):  # the widest tiles: the INT8 tensor cores from one row
         small = [(rows, finished(split_mma.launch, cfg=mma, rows=rows)) for rows in (1, SMALL_M_MAX)]
-    elif mma is not None:  # a narrow layer with a long K: split K there, the GEMV at M = 1 (it won there)
+    elif mma is not None:  # narrower tiles or a split K: the INT8 tensor cores above one row, the GEMV at M = 1
         small = one_row + [(SMALL_M_MAX, finished(split_mma.launch, cfg=mma, rows=SMALL_M_MAX))]
     else:
         small = one_row + [(SMALL_M_MAX, finished(launch_dot, num_sms=num_sms))]

@@ -60,6 +60,15 @@ def pick_config(n: int, k: int, num_sms: int) -> dict | None:
     return dict(narrow, splits=splits) if k // narrow["BLOCK_K"] >= splits * MIN_SPLIT_STEPS else None
 
 
+def runs_one_row(cfg: dict) -> bool:
+    """Whether the path takes M = 1 too on a layer given `cfg`: only on the widest tiles (CONFIGS[0], no split K).
+    At one row the GEMV wins on the layers given narrower tiles: 4096 x 14336 (64 rows) ran 20.8 µs against 21.6
+    on the H200 (benchmarks/tune_w8a16_small_m_s16.json) and 24.5 against 27.6 on the H100 (GEMV with "prmt",
+    benchmarks/tune_w8a16_prmt-h100_s57.json); on 8192 x 28672 (128 rows) the H200 ran this path in 61.5 µs against
+    65.9."""
+    return cfg["BLOCK_N"] == CONFIGS[0]["BLOCK_N"] and "splits" not in cfg
+
+
 def padded_rows(m: int) -> int:
     """MP: the planes' rows per part for an M known to be at most `m` (tl.dot needs 2 * MP >= 16)."""
     return max(8, triton.next_power_of_2(m))

@@ -292,7 +292,8 @@ def test_split_mma_within_the_split_rounding_bound(dtype, m, rows, bias, splits)
 @triton_interp
 def test_wide_layers_with_16_bit_x_take_the_split_mma_path(monkeypatch):
     """`pick_config` by the programs a tile gives (the first of CONFIGS with MIN_WAVES waves); the op routes up to
-    16 rows of fp16 x there, float32 x and narrow layers to the other kernels."""
+    16 rows of fp16 x there (one row only on the widest tiles: `runs_one_row`), float32 x and narrow layers to
+    the other kernels."""
     from qcompile.plugins.int8_wo_gemm import kernel, split_mma
 
     assert split_mma.pick_config(28672, 4096, 132) is split_mma.CONFIGS[0]  # 224 programs of 128 rows
@@ -301,18 +302,24 @@ def test_wide_layers_with_16_bit_x_take_the_split_mma_path(monkeypatch):
     # 64 programs of 64 rows, 4 parts of 14 K steps (of 256) give 256 programs
     assert split_mma.pick_config(4096, 14336, 132) == dict(split_mma.CONFIGS[1], splits=4)
     assert split_mma.pick_config(4096, 8191, 132) is None  # 31 steps: a part would get 7
+    assert split_mma.runs_one_row(split_mma.CONFIGS[0]) and not split_mma.runs_one_row(split_mma.CONFIGS[1])
+    assert not split_mma.runs_one_row(dict(split_mma.CONFIGS[0], splits=2))
     calls = []
     real = split_mma.launch
-    monkeypatch.setattr(split_mma, "launch", lambda *a, **kw: calls.append(kw["rows"]) or real(*a, **kw))
-    w_q, w_scale, b = make_case(k=512, n=96)
-    for m in (1, 7, 16, 17):
-        x = torch.randn(m, 512).to(torch.float16)
-        y = kernel.int8_wo_gemm_triton(x, w_q, w_scale, b, num_sms=1)  # 96 rows: 2 programs of 64 = 2 waves
-        assert_close_to(y, oracle(x, w_q, w_scale, b), REL[torch.float16])
-    assert calls == [1, 16, 16]
+    monkeypatch.setattr(split_mma, "launch", lambda *a, **kw: calls.append((kw["cfg"]["BLOCK_N"], kw["rows"]))
+                        or real(*a, **kw))
+    # 256 rows: 2 programs of 128 = 2 waves of one SM; 96 rows: 1 of 128, 2 of 64
+    for n, expected in ((256, [(128, 1), (128, 16), (128, 16)]), (96, [(64, 16), (64, 16)])):
+        calls.clear()
+        w_q, w_scale, b = make_case(k=512, n=n)
+        for m in (1, 7, 16, 17):
+            x = torch.randn(m, 512).to(torch.float16)
+            y = kernel.int8_wo_gemm_triton(x, w_q, w_scale, b, num_sms=1)
+            assert_close_to(y, oracle(x, w_q, w_scale, b), REL[torch.float16])
+        assert calls == expected, n
     kernel.int8_wo_gemm_triton(torch.randn(4, 512), w_q, w_scale, b, num_sms=1)
     kernel.int8_wo_gemm_triton(torch.randn(4, 512).to(torch.float16), w_q, w_scale, b, num_sms=2)
-    assert calls == [1, 16, 16]
+    assert calls == expected
 
 
 @triton_interp
