@@ -343,8 +343,9 @@ def test_narrow_layers_with_a_long_k_split_it_above_one_row(monkeypatch):
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("m", [1, 5, 16, 200, 300])
-@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 def test_cuda_op_matches_float64(m, dtype):
+    """The op at each row-count bucket on a narrow layer (the GEMV, `DOT` with K split, the larger-M paths)."""
     w_q, w_scale, b = make_case(k=4096, n=1024, seed=m)
     x = torch.randn(m, 4096).to(DTYPES[dtype])
     y = op(x.cuda(), w_q.cuda(), w_scale.cuda(), b.cuda())
