@@ -4,7 +4,8 @@
 For every (K x N, M) it times side by side, as an engine calls them (CUDA graphs with --cuda-graph; a split-K
 zero fill and epilogue included where a configuration splits K): cuBLAS bf16; the shipped path of the op; the
 row dot kernel (M <= 16) and, at M = 1, the row GEMV in several configurations; with `--kinds dot-warps` row dot
-tiles with one warp per 16 weight rows or x as the MMA's first operand (`DOT_WARPS_CONFIGS`); with `--kinds mma`
+tiles with one warp per 16 weight rows or x as the MMA's first operand (`DOT_WARPS_CONFIGS`); with `--kinds
+dot-finish` the row dot tile with K split and finished in the kernel (`DOT_FINISH_CONFIGS`); with `--kinds mma`
 the INT8 tensor-core path (`split_mma`) in tiles from 16 to 128 rows; with `--kinds mma-rows` (fp16 x) the fp16
 tensor-core kernel of `mma_rows` on 2-8 warps, 1-4 blocks a step; with `--kinds gemv-prmt` the GEMV with and
 without its byte permutes ("prmt"). Each candidate is checked against a float32 reference first (relative L2
@@ -12,7 +13,7 @@ error). x is bf16 unless `--dtype fp16`; the baseline is cuBLAS bf16 either way 
 measurement as JSON and prints the best per cell.
 
     python3 tools/tune_w8a16_small_m.py --cuda-graph --out tune.json [--shapes 8192x28672] [--ms 1 16]
-        [--kinds dot dot-warps gemv gemv-long gemv-prmt mma mma-rows] [--dtype fp16]
+        [--kinds dot dot-warps dot-finish gemv gemv-long gemv-prmt mma mma-rows] [--dtype fp16]
 """
 from __future__ import annotations
 
@@ -62,6 +63,13 @@ DOT_WARPS_CONFIGS = ([dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=bn // 16, num_stage
                      + [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st, waves=wv, plain=True)
                         for bn, bk, st in ((32, 256, 4), (32, 256, 5), (64, 256, 4), (64, 128, 5), (128, 256, 3))
                         for wv in (1, 2)])
+# dot-finish (fifty-seventh session, not timed yet): K split for 2-4 waves with each tile finished by its last split
+# ("finish": no epilogue kernels after the row dot kernel, only the zero fill before it). Unfinished, a split K lost
+# to one wave on 4096 x 4096 at M = 16 (H100: 16.6-16.7 µs against 12.4, benchmarks/tune_w8a16_dot_warps-h100_s57c
+# .json), where one wave gives each SM one program of 4 warps; also 16-row tiles (twice the programs, no split)
+DOT_FINISH_CONFIGS = ([dict(w8.DOT, num_stages=st, waves=wv, finish=True) for st in (4, 5, 6) for wv in (2, 4)]
+                      + [dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=st, waves=wv, plain=True, finish=True)
+                         for st in (4, 6) for wv in (1, 2)])
 # the INT8 tensor-core path in tiles from 16 to 128 rows (narrower ones give N = 4096 more programs). The first
 # run (commit 2f737b2, benchmarks/tune_w8a16_small_m_mma.json) also had a FUSED variant, each MMA program splitting
 # x itself instead of the split kernel: it tied at M = 1 and was 1.5-4.8x slower at M = 16, and was removed.
@@ -76,7 +84,7 @@ MMA_CONFIGS += [dict(BLOCK_N=bn, BLOCK_K=256, num_warps=4, num_stages=st, splits
 # warp `blocks` 64-K blocks a step (loaded a step ahead)
 MMA_ROWS_CONFIGS = [dict(warps=w, blocks=b) for w in (2, 4, 8) for b in (1, 2, 4)]
 
-KINDS = ("dot", "dot-warps", "gemv", "gemv-long", "gemv-prmt", "mma", "mma-rows")
+KINDS = ("dot", "dot-warps", "dot-finish", "gemv", "gemv-long", "gemv-prmt", "mma", "mma-rows")
 KINDS_ENV = "QCOMPILE_TUNE8_KINDS"  # --kinds, seen by the spawned check workers too
 DTYPE_ENV = "QCOMPILE_TUNE8_DTYPE"  # --dtype, likewise
 
@@ -102,7 +110,7 @@ def candidates(x, weights, m: int) -> dict:
 
     kinds = os.environ.get(KINDS_ENV, "dot gemv").split()
     out = {"shipped": shipped}
-    for kind, configs in (("dot", DOT_CONFIGS), ("dot-warps", DOT_WARPS_CONFIGS)):
+    for kind, configs in (("dot", DOT_CONFIGS), ("dot-warps", DOT_WARPS_CONFIGS), ("dot-finish", DOT_FINISH_CONFIGS)):
         if kind in kinds:
             out.update({"dot " + json.dumps(c): dot(c) for c in configs})
     if m == 1:

@@ -19,7 +19,8 @@ Paths, chosen per call from M (the row count of x, dynamic):
   B swapped (y^T = W x^T: the weight tile is the MMA's wide operand, the at most 16 rows of x the narrow one),
   int8 -> x.dtype in registers (exact: |q| <= 127), float32 accumulation (float32 x: an IEEE dot). The
   epilogue is in the kernel too, unless the N tiles are too few to fill the GPU: then K is split and the
-  partial sums meet in float32 atomics (zeroed buffer, epilogue after).
+  partial sums meet in float32 atomics (zeroed buffer, epilogue after; or, with "finish" in the configuration,
+  the last split of each tile writes it: opt-in, not yet timed). `DOT` has x as the MMA's first operand ("plain").
 - larger M: the buckets of `LARGE_M`: `_row_dot_kernel` on row tiles of 32 / 64 up to 128 rows, `_tile_kernel` (a
   plain tiled GEMM reading the [N, K] weight as the transposed B operand) up to 256, then `_dequant_kernel` (W in
   x.dtype, one pass) and cuBLAS with the bias in its epilogue (`gemm_dispatch.linear_bias`), as the INT4 and FP4
@@ -39,12 +40,13 @@ import triton
 import triton.language as tl
 
 from qcompile.plugins.gemm_dispatch import (DEFAULT_SMS, SMALL_M_MAX, add_bias, cdiv, identity, linear_bias,
-                                             optional_arg, run_by_buckets, split_for_waves, whole_tiles)
+                                             optional_arg, run_by_buckets, split_for_waves, split_k_outputs,
+                                             whole_tiles)
 from qcompile.plugins.int4_gemm.half2 import ptx_available
 from qcompile.plugins.int8_wo_gemm import gemv, mma_rows, split_mma
 from qcompile.plugins.int8_wo_gemm.gemv import scale_bias_store
 from qcompile.plugins.int8_wo_gemm.reference import check_args
-from qcompile.plugins.triton_tiles import jit_any_m, load_tile, load_xt_step, store_tile
+from qcompile.plugins.triton_tiles import finish_swapped_tile, jit_any_m, load_tile, load_xt_step, store_tile
 
 # 1 < M <= 16: weight rows per program, K per step, pipelining (same sweep: 1.20-1.35x bf16 at M = 16); `waves`:
 # split K while the N tiles are fewer than this many waves of SMs; `plain`: x as the MMA's first operand
@@ -72,14 +74,17 @@ def _int8_to(w, dtype: tl.constexpr):
 
 @jit_any_m
 def _row_dot_kernel(
-    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, k_per_split, HAS_BIAS: tl.constexpr,
+    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, out_ptr, M, N, K, stride_xm, k_per_split, HAS_BIAS: tl.constexpr,
     ATOMIC: tl.constexpr, FP32_DOT: tl.constexpr, K_STEPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr = False,
-    PLAIN: tl.constexpr = False,
+    PLAIN: tl.constexpr = False, FINISH: tl.constexpr = False,
 ):
     """acc[n, m] = sum_k q[n, k] x[m, k] over one K slice for BLOCK_N weight rows and BLOCK_M rows of x (grid axis
     2 runs over row tiles: one when M <= BLOCK_M, as at M <= 16); ATOMIC: float32 partial sums added into y
-    (zeroed), else the scale/bias epilogue and a store in y's dtype.
+    (zeroed), else the scale/bias epilogue and a store in y's dtype. FINISH: each split's sum is scaled here and
+    `finish_swapped_tile` writes the result to out_ptr in out's dtype (split K: y_ptr is the zeroed fp32
+    accumulator [M * N], then one count per tile; the last split of a tile adds the bias and stores it), so a
+    split K needs no epilogue kernel after this one (else out_ptr is not read).
     The step's pointers are formed once (a step adds its K offset); EVEN (N in whole tiles, K in whole steps of
     every split): the weight and K masks are left out. That cut the sm_90 loop from 393 to 377 instructions per
     step but did not move the H200 time (4096 x 4096 at M = 16: 1.31x bf16, 1.34x before; BENCHMARKS.md).
@@ -115,9 +120,13 @@ def _row_dot_kernel(
             acc = tl.dot(w, xt, acc, input_precision=precision)
     if PLAIN:
         acc = tl.trans(acc)
-    y_ptrs = y_ptr + offs_m[None, :] * N + offs_n[:, None]
+    at = offs_m[None, :] * N + offs_n[:, None]
+    y_ptrs = y_ptr + at
     mask = mask_n[:, None] & mask_m[None, :]
-    if ATOMIC:
+    if FINISH:
+        acc *= tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        finish_swapped_tile(acc, at, mask, offs_m, offs_n, M, N, y_ptr, out_ptr, b_ptr, ATOMIC, HAS_BIAS)
+    elif ATOMIC:
         store_tile(y_ptrs, acc, mask, ATOMIC)
     else:
         scale_bias_store(y_ptrs, acc, s_ptr, b_ptr, offs_n, mask, mask_n, HAS_BIAS)
@@ -183,7 +192,8 @@ def launch_dot(x2d, w_q, w_scale, bias, cfg: dict | None = None, *, wrap=identit
                num_sms: int = DEFAULT_SMS) -> torch.Tensor:
     """`x2d @ dequant(w_q)^T + bias` in x.dtype with the row dot kernel: `cfg["BLOCK_M"]` (default DOT_BLOCK_M)
     rows of x per program, so one row tile up to that many rows (M may be 0). The split of K is chosen from the N
-    tiles alone (M is symbolic in an engine)."""
+    tiles alone (M is symbolic in an engine). With "finish" in `cfg` a split K is finished in the kernel (no
+    epilogue kernels after it; see `_row_dot_kernel`'s FINISH)."""
     cfg = cfg or DOT
     m, k = x2d.shape
     n = w_q.shape[0]
@@ -191,15 +201,17 @@ def launch_dot(x2d, w_q, w_scale, bias, cfg: dict | None = None, *, wrap=identit
     row_tiles = cdiv(m, block_m) if "BLOCK_M" in cfg else 1  # the small-M configurations: one tile (M <= 16)
     tiles = cdiv(n, cfg["BLOCK_N"])
     splits, per = split_for_waves(k, tiles, cfg["BLOCK_K"], cfg["waves"], num_sms)
-    atomic = splits > 1
-    y = (torch.zeros((m, n), dtype=torch.float32, device=x2d.device) if atomic
-         else torch.empty((m, n), dtype=x2d.dtype, device=x2d.device))
+    atomic, finish = splits > 1, cfg.get("finish", False)
+    y, out = split_k_outputs(m, n, splits, row_tiles * tiles, x2d.dtype, x2d.device, finish)
     wrap(_row_dot_kernel)[(tiles, splits, row_tiles)](
-        x2d, w_q, w_scale, optional_arg(bias, w_scale), y, m, n, k, x2d.stride(0), per, HAS_BIAS=bias is not None,
-        ATOMIC=atomic, FP32_DOT=x2d.dtype == torch.float32, K_STEPS=per // cfg["BLOCK_K"], BLOCK_M=block_m,
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], EVEN=whole_tiles(n, cfg["BLOCK_N"], splits, per, k),
-        PLAIN=cfg.get("plain", False), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        x2d, w_q, w_scale, optional_arg(bias, w_scale), y, y if out is None else out, m, n, k, x2d.stride(0), per,
+        HAS_BIAS=bias is not None, ATOMIC=atomic, FP32_DOT=x2d.dtype == torch.float32, K_STEPS=per // cfg["BLOCK_K"],
+        BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        EVEN=whole_tiles(n, cfg["BLOCK_N"], splits, per, k), PLAIN=cfg.get("plain", False), FINISH=finish,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    if finish:
+        return out
     return _epilogue(y, w_scale, bias, x2d.dtype) if atomic else y
 
 

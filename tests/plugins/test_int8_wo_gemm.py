@@ -87,23 +87,30 @@ def test_onnx_node_runs_in_ort_like_the_contract():
 def test_triton_kernel_under_interpreter(m, dtype, bias):
     """The paths of the CUDA code (GEMV at M = 1, the row dot kernel up to 16, tiles / dequantize + linear
     above), run on CPU tensors."""
+    from qcompile.plugins.gemm_dispatch import split_for_waves
     from qcompile.plugins.int8_wo_gemm.kernel import int8_wo_gemm_triton, launch_dot
 
     w_q, w_scale, b = make_case(k=384, n=80, seed=m, bias=bias)
     x = torch.randn(m, 384).to(DTYPES[dtype])
     ref = oracle(x, w_q, w_scale, b)
     assert_close_to(int8_wo_gemm_triton(x, w_q, w_scale, b, num_sms=2), ref, REL[DTYPES[dtype]])
-    if m <= 16:  # the dot kernel with its epilogue, and with K split (fp32 atomics, epilogue after); x as the
-        # MMA's first operand too (plain)
-        for (waves, block_k), plain in itertools.product(((0, 128), (4, 64)), (False, True)):
-            cfg = dict(BLOCK_N=16, BLOCK_K=block_k, num_warps=4, num_stages=2, waves=waves, plain=plain)
-            assert_close_to(launch_dot(x, w_q, w_scale, b, cfg, num_sms=2), ref, REL[DTYPES[dtype]])
+    assert split_for_waves(384, 5, 64, 8, 2)[0] == 2  # 5 tiles of 16 rows, 8 waves of 2 SMs: K in 2 below
+    if m <= 16:  # the dot kernel with its epilogue, and with K split (fp32 atomics, then the epilogue's kernels or
+        # the last split finishing the tile: "finish"); x as the MMA's first operand too (plain)
+        for (waves, block_k), plain, finish in itertools.product(((0, 128), (8, 64)), (False, True), (False, True)):
+            cfg = dict(BLOCK_N=16, BLOCK_K=block_k, num_warps=4, num_stages=2, waves=waves, plain=plain,
+                       finish=finish)
+            y = launch_dot(x, w_q, w_scale, b, cfg, num_sms=2)
+            assert y.dtype == x.dtype and y.shape == (m, 80)
+            assert_close_to(y, ref, REL[DTYPES[dtype]])
     for waves in (0, 4):  # the tiled large-M path, without and with a K split (fp32 atomics)
         tiles = dict(kernel="tiles", BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2, waves=waves)
         assert_close_to(int8_wo_gemm_triton(x, w_q, w_scale, b, num_sms=2, large_m=tiles), ref, REL[DTYPES[dtype]])
-    if m > 16:  # the row dot kernel on row tiles, K split and not; then the dequantize + F.linear bucket
-        for waves in (0, 4):
-            dot = dict(kernel="dot", BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=2, waves=waves)
+    if m > 16:  # the row dot kernel on row tiles, K split and not, finished in the kernel and not; then the
+        # dequantize + F.linear bucket
+        for waves, finish in itertools.product((0, 8), (False, True)):
+            dot = dict(kernel="dot", BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=2, waves=waves,
+                       finish=finish)
             assert_close_to(int8_wo_gemm_triton(x, w_q, w_scale, b, num_sms=2, large_m=dot), ref, REL[DTYPES[dtype]])
         dequant = int8_wo_gemm_triton(x, w_q, w_scale, b, num_sms=2, large_m={"kernel": "dequant"})
         assert_close_to(dequant, ref, REL[DTYPES[dtype]])
@@ -387,6 +394,27 @@ def test_cuda_split_mma_split_k_matches_float64(splits, m):
 
 @pytest.mark.gpu
 @cuda
+@pytest.mark.parametrize("waves", [2, 4])
+@pytest.mark.parametrize("m", [5, 16])
+def test_cuda_dot_finished_in_the_kernel_matches_float64(waves, m):
+    """The row dot kernel with "finish" and K split in 2 / 4 (real atomics: each tile written by its last split),
+    bf16 x with outlier channels, N = 4095 (the last tile masked), calls repeated so a count left over would show."""
+    from qcompile.plugins.gemm_dispatch import split_for_waves
+    from qcompile.plugins.int8_wo_gemm.kernel import DOT, launch_dot
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cfg = dict(DOT, waves=waves, finish=True)
+    assert split_for_waves(4096, -(-4095 // cfg["BLOCK_N"]), cfg["BLOCK_K"], waves, sms)[0] > 1
+    w_q, w_scale, b = make_case(k=4096, n=4095, seed=m)
+    x = x_with_outliers(m, 4096, torch.bfloat16, seed=m)
+    for _ in range(3):
+        y = launch_dot(x.cuda(), w_q.cuda(), w_scale.cuda(), b.cuda(), cfg, num_sms=sms)
+        assert y.dtype == torch.bfloat16
+        assert_close_to(y, oracle(x, w_q, w_scale, b), REL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@cuda
 @pytest.mark.parametrize("warps, blocks", [(2, 1), (8, 4)])  # each case compiles its own kernels (~15 s on an H100)
 @pytest.mark.parametrize("n, k", [(4096, 4096), (40, 64 * 7), (96, 1024)])
 @pytest.mark.parametrize("m", [1, 12])
@@ -452,10 +480,14 @@ def test_cuda_op_compiles_with_a_dynamic_row_count(n):
 
 
 @fake_cuda_export
-@pytest.mark.parametrize("n", [512, 14336])
-def test_gpu_launches_export_on_fake_cuda_tensors(monkeypatch, n):
+@pytest.mark.parametrize("n, finish", [(512, False), (512, True), (14336, False)])
+def test_gpu_launches_export_on_fake_cuda_tensors(monkeypatch, n, finish):
     """The CUDA body as an engine's export traces it (the M paths in torch.cond, Triton launches included), without
-    a GPU: a narrow layer (GEMV, row dot) and a wide one (split INT8 MMA)."""
+    a GPU: a narrow layer (GEMV, row dot with K split in 2, unfinished and "finish") and a wide one (split INT8
+    MMA)."""
+    from qcompile.plugins.int8_wo_gemm import kernel
+
+    monkeypatch.setattr(kernel, "DOT", dict(kernel.DOT, finish=finish))
     assert export_on_fake_cuda(monkeypatch, op, make_case(k=1024, n=n), torch.randn(8, 1024).to(torch.bfloat16)) == \
         [torch.ops.qcompile.int8_weight_only_gemm.default]
 

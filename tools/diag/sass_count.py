@@ -217,7 +217,7 @@ def _cases():
                                 ("w8a16_row_dot_32x256_w2", 32, 256, 2), ("w8a16_row_dot_16x256_w1", 16, 256, 1),
                                 ("w8a16_row_dot_64x256_w4", 64, 256, 4)):
         for plain in (False, True):  # `_plain`: x as the MMA's first operand (PLAIN)
-            yield (name + ("_plain" if plain else ""), w8._row_dot_kernel, w8_sig,
+            yield (name + ("_plain" if plain else ""), w8._row_dot_kernel, dict(w8_sig, out_ptr="*bf16"),
                    dict(HAS_BIAS=False, ATOMIC=False, FP32_DOT=False, K_STEPS=16, BLOCK_M=16, BLOCK_N=bn,
                         BLOCK_K=bk, EVEN=True, PLAIN=plain),
                    ["x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "k_per_split"], warps,
