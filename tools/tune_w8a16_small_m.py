@@ -8,12 +8,13 @@ tiles with one warp per 16 weight rows or x as the MMA's first operand (`DOT_WAR
 dot-finish` the row dot tile with K split and finished in the kernel (`DOT_FINISH_CONFIGS`); with `--kinds mma`
 the INT8 tensor-core path (`split_mma`) in tiles from 16 to 128 rows; with `--kinds mma-rows` (fp16 x) the fp16
 tensor-core kernel of `mma_rows` on 2-8 warps, 1-4 blocks a step; with `--kinds gemv-prmt` the GEMV with and
-without its byte permutes ("prmt"). Each candidate is checked against a float32 reference first (relative L2
+without its byte permutes ("prmt"); with `--kinds gemv-dp4a` the GEMV on x's int8 planes with dp4a
+(`DP4A_GEMV_CONFIGS`). Each candidate is checked against a float32 reference first (relative L2
 error). x is bf16 unless `--dtype fp16`; the baseline is cuBLAS bf16 either way (on x in bf16). Writes every
 measurement as JSON and prints the best per cell.
 
     python3 tools/tune_w8a16_small_m.py --cuda-graph --out tune.json [--shapes 8192x28672] [--ms 1 16]
-        [--kinds dot dot-warps dot-finish gemv gemv-long gemv-prmt mma mma-rows] [--dtype fp16]
+        [--kinds dot dot-warps dot-finish gemv gemv-long gemv-prmt gemv-dp4a mma mma-rows] [--dtype fp16]
 """
 from __future__ import annotations
 
@@ -45,6 +46,12 @@ LONG_GEMV_CONFIGS = [dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=w, num_stages=st, 
 # 0.5%), slower on 1; on in GEMV since the fifty-seventh session
 PRMT_GEMV_CONFIGS = [dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=4, num_stages=2, PREFETCH=False, prmt=prmt)
                      for bn in (4, 8, 16) for bkw in (256, 512) for prmt in (False, True)]
+# gemv-dp4a (fifty-seventh session, not timed yet): x split into int8 planes per 256 k and multiplied with dp4a
+# ("dp4a", `gemv._row_gemv_step_dp4a`; `split_mma`'s rounding of x): 2.27 sm_90 instructions per weight for 32 rows x
+# 128 words on 4 warps, 2.96 for 16 x 256, 4.41 for 8 x 256 (x's planes are made per program: wider tiles share them)
+DP4A_GEMV_CONFIGS = [dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=w, num_stages=1, PREFETCH=False, dp4a=True, group=4)
+                     for bn, bkw, w in ((8, 256, 4), (16, 128, 4), (16, 256, 4), (32, 128, 4), (32, 256, 8),
+                                        (64, 64, 4), (16, 512, 8))]
 DOT_CONFIGS = ([dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=st, waves=1) for st in (3, 4, 5, 6)]
                + [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st, waves=1)
                   for bn, bk in ((16, 512), (32, 512), (64, 256)) for st in (3, 4)]
@@ -84,7 +91,7 @@ MMA_CONFIGS += [dict(BLOCK_N=bn, BLOCK_K=256, num_warps=4, num_stages=st, splits
 # warp `blocks` 64-K blocks a step (loaded a step ahead)
 MMA_ROWS_CONFIGS = [dict(warps=w, blocks=b) for w in (2, 4, 8) for b in (1, 2, 4)]
 
-KINDS = ("dot", "dot-warps", "dot-finish", "gemv", "gemv-long", "gemv-prmt", "mma", "mma-rows")
+KINDS = ("dot", "dot-warps", "dot-finish", "gemv", "gemv-long", "gemv-prmt", "gemv-dp4a", "mma", "mma-rows")
 KINDS_ENV = "QCOMPILE_TUNE8_KINDS"  # --kinds, seen by the spawned check workers too
 DTYPE_ENV = "QCOMPILE_TUNE8_DTYPE"  # --dtype, likewise
 
@@ -115,7 +122,7 @@ def candidates(x, weights, m: int) -> dict:
             out.update({"dot " + json.dumps(c): dot(c) for c in configs})
     if m == 1:
         for kind, configs in (("gemv", GEMV_CONFIGS), ("gemv-long", LONG_GEMV_CONFIGS),
-                              ("gemv-prmt", PRMT_GEMV_CONFIGS)):
+                              ("gemv-prmt", PRMT_GEMV_CONFIGS), ("gemv-dp4a", DP4A_GEMV_CONFIGS)):
             if kind in kinds:
                 out.update({"gemv " + json.dumps(c): gemv(c) for c in configs})
     if "mma" in kinds:

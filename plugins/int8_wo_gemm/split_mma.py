@@ -96,9 +96,17 @@ def split_chunks(x_ptr, m, M, K, stride_xm, CHUNK: tl.constexpr, CHUNKS: tl.cons
     ok = offs_k < K
     x = tl.load(x_ptr + m * stride_xm + offs_k, mask=ok & (m < M), other=0.0).to(tl.float32)
     amax = tl.max(tl.abs(x), axis=1)
-    q = tl.floor(x * tl.where(amax > 0, Q_MAX / amax, 0.0)[:, None] + 0.5).to(tl.int32)
+    hi, lo = hi_lo(x, amax[:, None])
+    return offs_c, offs_k, ok, hi, lo, amax / Q_MAX
+
+
+@triton.jit
+def hi_lo(x, amax):
+    """hi, lo (int32 in int8 range) with x ~= amax / Q_MAX * (256 hi + lo): q = round(x * Q_MAX / amax) (0 where
+    amax is 0), hi = (q + 128) >> 8, lo = q - 256 hi (amax broadcast against x)."""
+    q = tl.floor(x * tl.where(amax > 0, Q_MAX / amax, 0.0) + 0.5).to(tl.int32)
     hi = (q + 128) >> 8
-    return offs_c, offs_k, ok, hi, q - hi * 256, amax / Q_MAX
+    return hi, q - hi * 256
 
 
 @jit_any_m

@@ -223,6 +223,55 @@ def test_cuda_gemv_prmt_matches_float64_and_the_shipped_bytes(dtype, prefetch):
         check_gemv("cuda", dtype, n, k, dict(cfg, PREFETCH=prefetch, prmt=True), bias=True)
 
 
+def check_dp4a_gemv(device: str, dtype, n: int, k: int, cfg: dict):
+    """The GEMV with "dp4a" (x in int8 planes per 256 k, dp4a per word) within `split_mma`'s bound of float64: each
+    output within w_scale[n] * sum_k |q[n, k]| * s(chunk of k) / 2 plus float32's and the output's rounding; x
+    with outlier channels and an all-zero chunk, K not a multiple of a step, N not of the rows per program, every
+    int8 value at each byte of a word (rows 0-3). float32 x ignores "dp4a" (bit for bit the GEMV without it)."""
+    from qcompile.plugins.int8_wo_gemm.gemv import launch_gemv
+    from qcompile.plugins.int8_wo_gemm.split_mma import split_planes
+
+    w_q, w_scale, b = make_case(k=k, n=n, seed=n + k, bias=True)
+    every = torch.arange(-128, 128, dtype=torch.int16).to(torch.int8)
+    for row in range(4):
+        w_q[row, :256] = every.roll(row)
+    x = x_with_outliers(1, k, dtype, seed=k)
+    cfg = dict(cfg, dp4a=True)
+    y = launch_gemv(*(t.to(device) for t in (x, w_q, w_scale, b)), cfg).cpu()
+    assert y.dtype == dtype and y.shape == (1, n)
+    _, s = split_planes(x, 256, 16)
+    half_step = s[:1].double().repeat_interleave(256, dim=1)[:, :k].numpy() * (0.5 + 2.0 ** -8)
+    absw = np.abs(w_q.numpy().astype(np.float64)) * w_scale.numpy().astype(np.float64)[:, None]
+    ref = oracle(x, w_q, w_scale, b)
+    bound = half_step @ absw.T + 1e-6 * (np.abs(x.double().numpy()) @ absw.T)
+    out_round = np.abs(ref) * 2.0 ** (-10 if dtype == torch.float16 else -8)
+    err = np.abs(y.double().numpy() - ref)
+    assert (err <= bound + out_round).all(), float(np.max(err - bound - out_round))
+    x32 = x.float()
+    on = [t.to(device) for t in (x32, w_q, w_scale, b)]
+    assert torch.equal(launch_gemv(*on, cfg), launch_gemv(*on, dict(cfg, dp4a=False)))
+
+
+@triton_interp
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("n, k, cfg", [(80, 1000, dict(BLOCK_N=8, BLOCK_KW=128, num_warps=4)),
+                                       (83, 2056, dict(BLOCK_N=32, BLOCK_KW=64, num_warps=4, group=8)),
+                                       (20, 776, dict(BLOCK_N=4, BLOCK_KW=128, num_warps=2, PREFETCH=True))])
+def test_dp4a_gemv_under_interpreter(dtype, n, k, cfg):
+    """(`check_dp4a_gemv`) the dp4a GEMV's integers from the bytes without PTX; groups of 4 and 8 words, one and two
+    chunks a step, the prefetching loop."""
+    check_dp4a_gemv("cpu", DTYPES[dtype], n, k, cfg)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_cuda_dp4a_gemv_within_the_split_rounding_bound(dtype):
+    """(`check_dp4a_gemv`) with dp4a in PTX, on the tiles the tuner tries first, a layer 4100 wide and deep."""
+    for cfg in (dict(BLOCK_N=32, BLOCK_KW=128, num_warps=4), dict(BLOCK_N=16, BLOCK_KW=256, num_warps=4)):
+        check_dp4a_gemv("cuda", DTYPES[dtype], 4100, 4100, cfg)
+
+
 @triton_interp
 def test_one_row_with_k_not_a_multiple_of_4_takes_the_dot_kernel(monkeypatch):
     from qcompile.plugins.int8_wo_gemm import gemv, kernel

@@ -16,7 +16,8 @@ schedulers x 32 lanes x ~1.98 GHz; 235 M weights at 3 instructions each is 21 µ
                                       words of each row a copy reads, where not the shipped setting)
                                       fp4_one_dot_16_tma_finish
                                       fp4_gemv fp4_gemv_planar (each
-                                      also _mx) w8a16_row_gemv (also _prmt) w8a16_row_dot
+                                      also _mx) w8a16_row_gemv (also _prmt) w8a16_row_gemv_dp4a
+                                      (also _16x256, _8x256) w8a16_row_dot
                                       w8a16_row_dot_32x256_w2 w8a16_row_dot_16x256_w1 w8a16_row_dot_64x256_w4 (each
                                       also _plain) w8a16_mma_rows w8a16_mma_rows_two]
                                       [--dtype fp16] [--block-n 128] [--all-loops] [--loads]
@@ -232,6 +233,14 @@ def _cases():
                     PRMT=prmt),
                ["x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "N", "KW", "stride_xm"], cfg["num_warps"],
                cfg["num_stages"], cfg["BLOCK_N"] * cfg["BLOCK_KW"] * 4 // (32 * cfg["num_warps"]))
+    for bn, bkw, warps in ((32, 128, 4), (16, 256, 4), (8, 256, 4)):  # the opt-in dp4a GEMV (x in int8 planes)
+        yield ("w8a16_row_gemv_dp4a" + ("" if bn == 32 else f"_{bn}x{bkw}"), w8_gemv._row_gemv_kernel,
+               dict({a: t for a, t in w8_sig.items() if a in ("x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr")},
+                    **ptrs(["N", "KW", "stride_xm"], "i32")),
+               dict(HAS_BIAS=False, K_STEPS=16, BLOCK_N=bn, BLOCK_KW=bkw, PREFETCH=False, DP4A=True, GROUP=4,
+                    ASM=True),
+               ["x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "N", "KW", "stride_xm"], warps, 1,
+               bn * bkw * 4 // (32 * warps))
     from qcompile.plugins.int8_wo_gemm import mma_rows
     for two in (False, True):  # the fp16 MMA kernel at <= 8 rows of x (one MMA per K tile) and <= 16 (`_two`)
         yield ("w8a16_mma_rows" + ("_two" if two else ""), mma_rows._w8_mma_rows_kernel,
