@@ -542,6 +542,23 @@ def test_gpu_launches_export_on_fake_cuda_tensors(monkeypatch, n, finish):
 
 
 @fake_cuda_export
+def test_dp4a_gemv_launches_export_on_fake_cuda_tensors(monkeypatch):
+    """With "dp4a" in the GEMV's tiles the one-row path traces as an engine's export traces it (a launch with
+    DP4A and the dp4a PTX among the traced ones)."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    from qcompile.plugins.int8_wo_gemm import gemv
+
+    for name in ("GEMV", "GEMV_NARROW"):
+        monkeypatch.setattr(gemv, name, dict(getattr(gemv, name), dp4a=True))
+    before = set(kernel_side_table.constant_args)
+    assert export_on_fake_cuda(monkeypatch, op, make_case(k=1024, n=512), torch.randn(8, 1024).to(torch.bfloat16)) \
+        == [torch.ops.qcompile.int8_weight_only_gemm.default]
+    launched = [a for i, a in kernel_side_table.constant_args.items() if i not in before]
+    assert any(a.get("DP4A") and a.get("ASM") and a.get("GROUP") == 4 for a in launched), launched
+
+
+@fake_cuda_export
 @pytest.mark.parametrize("n", [512, 14336])
 def test_mma_rows_launches_export_on_fake_cuda_tensors(monkeypatch, n):
     """With `MMA_ROWS` set, the fp16 tensor-core kernel's launches trace as an engine's export traces them, in place
