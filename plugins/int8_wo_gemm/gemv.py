@@ -115,9 +115,8 @@ def _row_gemv_step_dp4a(acc, words, x0, x1, x2, x3, BLOCK_N: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _row_gemv_step(acc, words, x_ptr, offs_w, KW, PRMT: tl.constexpr, DP4A: tl.constexpr = False,
-                   BLOCK_N: tl.constexpr = 1, BLOCK_KW: tl.constexpr = 1, GROUP: tl.constexpr = 1,
-                   ASM: tl.constexpr = False):
+def _row_gemv_step(acc, words, x_ptr, offs_w, KW, PRMT: tl.constexpr, DP4A: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_KW: tl.constexpr, GROUP: tl.constexpr, ASM: tl.constexpr):
     """acc plus x . q for the int32 words [BLOCK_N, BLOCK_KW] (four k each) at word offsets offs_w: acc
     [BLOCK_N, BLOCK_KW] with the weights as floats (see `_row_gemv_kernel` for the byte-to-float trick), or with
     DP4A [BLOCK_N, BLOCK_KW // GROUP] with x in int8 planes (`_row_gemv_step_dp4a`)."""

@@ -191,6 +191,31 @@ def test_gemv_kernel_under_interpreter(dtype, n, k, prefetch, pipeline, bias):
                                                 pipeline=pipeline), bias)
 
 
+def every_byte_case(k: int, n: int, bias: bool):
+    """`make_case` (k >= 256) with every int8 value at each of a word's four bytes (rows 0-3)."""
+    w_q, w_scale, b = make_case(k=k, n=n, seed=n + k, bias=bias)
+    every = torch.arange(-128, 128, dtype=torch.int16).to(torch.int8)
+    for row in range(4):
+        w_q[row, :256] = every.roll(row)
+    return w_q, w_scale, b
+
+
+def assert_within_split_bound(y, x, w_q, w_scale, b, chunk: int, out_rel: float):
+    """Each output of `y` within w_scale[n] * sum_k |q[n, k]| * s(chunk of k) / 2 of float64 (the rounding of x
+    into `split_mma.split_planes`' planes of `chunk`, plus float32's rounding of x / s), plus 1e-6 of
+    sum_k |x q| (the float32 accumulation) and `out_rel` of the result (the output dtype's rounding)."""
+    from qcompile.plugins.int8_wo_gemm.split_mma import split_planes
+
+    m, k = x.shape
+    _, s = split_planes(x, chunk, 16)
+    half_step = s[:m].double().repeat_interleave(chunk, dim=1)[:, :k].numpy() * (0.5 + 2.0 ** -8)
+    absw = np.abs(w_q.numpy().astype(np.float64)) * w_scale.numpy().astype(np.float64)[:, None]
+    ref = oracle(x, w_q, w_scale, b)
+    bound = half_step @ absw.T + 1e-6 * (np.abs(x.double().numpy()) @ absw.T) + np.abs(ref) * out_rel
+    err = np.abs(y.double().cpu().numpy() - ref)
+    assert (err <= bound).all(), float(np.max(err - bound))
+
+
 def check_gemv(device: str, dtype, n: int, k: int, cfg: dict, bias: bool):
     """The M = 1 GEMV (int8 weight read as int32 words along K, byte-wise magic-number dequantization, scale and
     bias in the kernel) against float64, N not a multiple of the rows per program and K not a multiple of a step;
@@ -198,10 +223,7 @@ def check_gemv(device: str, dtype, n: int, k: int, cfg: dict, bias: bool):
     weight, PTX: on the GPU), also bit for bit as without it (the same floats in the same order)."""
     from qcompile.plugins.int8_wo_gemm.gemv import launch_gemv
 
-    w_q, w_scale, b = make_case(k=k, n=n, seed=n + k, bias=bias)
-    every = torch.arange(-128, 128, dtype=torch.int16).to(torch.int8)
-    for row in range(4):
-        w_q[row, :256] = every.roll(row)
+    w_q, w_scale, b = every_byte_case(k, n, bias)
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(k)).to(dtype)
     on = [t.to(device) if t is not None else None for t in (x, w_q, w_scale, b)]
     y = launch_gemv(*on, cfg)
@@ -229,24 +251,13 @@ def check_dp4a_gemv(device: str, dtype, n: int, k: int, cfg: dict):
     with outlier channels and an all-zero chunk, K not a multiple of a step, N not of the rows per program, every
     int8 value at each byte of a word (rows 0-3). float32 x ignores "dp4a" (bit for bit the GEMV without it)."""
     from qcompile.plugins.int8_wo_gemm.gemv import launch_gemv
-    from qcompile.plugins.int8_wo_gemm.split_mma import split_planes
 
-    w_q, w_scale, b = make_case(k=k, n=n, seed=n + k, bias=True)
-    every = torch.arange(-128, 128, dtype=torch.int16).to(torch.int8)
-    for row in range(4):
-        w_q[row, :256] = every.roll(row)
+    w_q, w_scale, b = every_byte_case(k, n, bias=True)
     x = x_with_outliers(1, k, dtype, seed=k)
     cfg = dict(cfg, dp4a=True)
-    y = launch_gemv(*(t.to(device) for t in (x, w_q, w_scale, b)), cfg).cpu()
+    y = launch_gemv(*(t.to(device) for t in (x, w_q, w_scale, b)), cfg)
     assert y.dtype == dtype and y.shape == (1, n)
-    _, s = split_planes(x, 256, 16)
-    half_step = s[:1].double().repeat_interleave(256, dim=1)[:, :k].numpy() * (0.5 + 2.0 ** -8)
-    absw = np.abs(w_q.numpy().astype(np.float64)) * w_scale.numpy().astype(np.float64)[:, None]
-    ref = oracle(x, w_q, w_scale, b)
-    bound = half_step @ absw.T + 1e-6 * (np.abs(x.double().numpy()) @ absw.T)
-    out_round = np.abs(ref) * 2.0 ** (-10 if dtype == torch.float16 else -8)
-    err = np.abs(y.double().numpy() - ref)
-    assert (err <= bound + out_round).all(), float(np.max(err - bound - out_round))
+    assert_within_split_bound(y, x, w_q, w_scale, b, 256, 2.0 ** (-10 if dtype == torch.float16 else -8))
     x32 = x.float()
     on = [t.to(device) for t in (x32, w_q, w_scale, b)]
     assert torch.equal(launch_gemv(*on, cfg), launch_gemv(*on, dict(cfg, dp4a=False)))
@@ -326,23 +337,16 @@ def test_split_mma_within_the_split_rounding_bound(dtype, m, rows, bias, splits)
     """Each output within w_scale[n] * sum_k |q[n, k]| * s(k) / 2 (the split's rounding of x) of float64, plus
     the float32 accumulation's and the output dtype's rounding; K not a multiple of the K step. Split K too:
     3 splits of 3 steps for 8 (the last one runs past K), and one split per step."""
-    from qcompile.plugins.int8_wo_gemm.split_mma import launch, split_planes
+    from qcompile.plugins.int8_wo_gemm.split_mma import launch
 
     cfg = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=2, splits=splits)
     w_q, w_scale, b = make_case(k=1000, n=80, seed=m, bias=bias)
     x = x_with_outliers(m, 1000, DTYPES[dtype], seed=m)
     y = launch(x, w_q, w_scale, b, cfg, rows)
     assert y.shape == (m, 80) and y.dtype == x.dtype
-    ref = oracle(x, w_q, w_scale, b)
     if m == 0:
         return
-    _, s = split_planes(x, 128, 16)
-    half_step = s[:m].double().repeat_interleave(128, dim=1)[:, :1000].numpy() * (0.5 + 2.0 ** -8)
-    absw = np.abs(w_q.numpy().astype(np.float64)) * w_scale.numpy().astype(np.float64)[:, None]
-    bound = half_step @ absw.T + 1e-6 * (np.abs(x.double().numpy()) @ absw.T)
-    out_round = np.abs(ref) * (2.0 ** -10 if dtype == "fp16" else 1e-7)
-    got = y.double().numpy()
-    assert (np.abs(got - ref) <= bound + out_round).all(), float(np.max(np.abs(got - ref) - bound - out_round))
+    assert_within_split_bound(y, x, w_q, w_scale, b, 128, 2.0 ** -10 if dtype == "fp16" else 1e-7)
 
 
 @triton_interp
