@@ -207,8 +207,8 @@ def assert_within_split_bound(y, x, w_q, w_scale, b, chunk: int, out_rel: float)
     from qcompile.plugins.int8_wo_gemm.split_mma import split_planes
 
     m, k = x.shape
-    _, s = split_planes(x, chunk, 16)
-    half_step = s[:m].double().repeat_interleave(chunk, dim=1)[:, :k].numpy() * (0.5 + 2.0 ** -8)
+    _, s = split_planes(x.to(y.device), chunk, 16)  # where Triton runs: the GPU, or the CPU interpreter
+    half_step = s[:m].cpu().double().repeat_interleave(chunk, dim=1)[:, :k].numpy() * (0.5 + 2.0 ** -8)
     absw = np.abs(w_q.numpy().astype(np.float64)) * w_scale.numpy().astype(np.float64)[:, None]
     ref = oracle(x, w_q, w_scale, b)
     bound = half_step @ absw.T + 1e-6 * (np.abs(x.double().numpy()) @ absw.T) + np.abs(ref) * out_rel
