@@ -46,9 +46,10 @@ LONG_GEMV_CONFIGS = [dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=w, num_stages=st, 
 # 0.5%), slower on 1; on in GEMV since the fifty-seventh session
 PRMT_GEMV_CONFIGS = [dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=4, num_stages=2, PREFETCH=False, prmt=prmt)
                      for bn in (4, 8, 16) for bkw in (256, 512) for prmt in (False, True)]
-# gemv-dp4a (fifty-seventh session, not timed yet): x split into int8 planes per 256 k and multiplied with dp4a
-# ("dp4a", `gemv._row_gemv_step_dp4a`; `split_mma`'s rounding of x): 2.27 sm_90 instructions per weight for 32 rows x
-# 128 words on 4 warps, 2.96 for 16 x 256, 4.41 for 8 x 256 (x's planes are made per program: wider tiles share them)
+# gemv-dp4a (fifty-seventh session; on the H100 not faster than gemv-prmt, fifty-eighth session): x split into int8
+# planes per 256 k and multiplied with dp4a ("dp4a", `gemv._row_gemv_step_dp4a`; `split_mma`'s rounding of x): 2.27
+# sm_90 instructions per weight for 32 rows x 128 words on 4 warps, 2.96 for 16 x 256, 4.41 for 8 x 256 (x's planes are
+# made per program: wider tiles share them)
 DP4A_GEMV_CONFIGS = [dict(BLOCK_N=bn, BLOCK_KW=bkw, num_warps=w, num_stages=1, PREFETCH=False, dp4a=True, group=4)
                      for bn, bkw, w in ((8, 256, 4), (16, 128, 4), (16, 256, 4), (32, 128, 4), (32, 256, 8),
                                         (64, 64, 4), (16, 512, 8))]
@@ -70,10 +71,11 @@ DOT_WARPS_CONFIGS = ([dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=bn // 16, num_stage
                      + [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st, waves=wv, plain=True)
                         for bn, bk, st in ((32, 256, 4), (32, 256, 5), (64, 256, 4), (64, 128, 5), (128, 256, 3))
                         for wv in (1, 2)])
-# dot-finish (fifty-seventh session, not timed yet): K split for 2-4 waves with each tile finished by its last split
-# ("finish": no epilogue kernels after the row dot kernel, only the zero fill before it). Unfinished, a split K lost
-# to one wave on 4096 x 4096 at M = 16 (H100: 16.6-16.7 µs against 12.4, benchmarks/tune_w8a16_dot_warps-h100_s57c
-# .json), where one wave gives each SM one program of 4 warps; also 16-row tiles (twice the programs, no split)
+# dot-finish (fifty-seventh session; on the H100 behind DOT on 4096 x 4096, fifty-eighth session): K split for 2-4 waves
+# with each tile finished by its last split ("finish": no epilogue kernels after the row dot kernel, only the zero fill
+# before it). Unfinished, a split K lost to one wave on 4096 x 4096 at M = 16 (H100: 16.6-16.7 µs against 12.4,
+# benchmarks/tune_w8a16_dot_warps-h100_s57c.json), where one wave gives each SM one program of 4 warps; also 16-row
+# tiles (twice the programs, no split)
 DOT_FINISH_CONFIGS = ([dict(w8.DOT, num_stages=st, waves=wv, finish=True) for st in (4, 5, 6) for wv in (2, 4)]
                       + [dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=st, waves=wv, plain=True, finish=True)
                          for st in (4, 6) for wv in (1, 2)])

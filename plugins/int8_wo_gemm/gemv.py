@@ -1,7 +1,7 @@
 """The M = 1 GEMV of `qcompile::int8_weight_only_gemm` (`_row_gemv_kernel` on the CUDA cores; CUDA only, imported
 lazily) and the scale/bias store it shares with `kernel.py`'s row dot kernel. `kernel.int8_wo_gemm_triton` takes it
-at one row of x where K is a multiple of 4 and no tensor-core path applies (see kernel.py's docstring). Opt-in,
-not yet timed: "dp4a" in a configuration multiplies the weight bytes with x's int8 planes (`_row_gemv_step_dp4a`)."""
+at one row of x where K is a multiple of 4 and no tensor-core path applies (see kernel.py's docstring). Opt-in:
+"dp4a" in a configuration multiplies the weight bytes with x's int8 planes (`_row_gemv_step_dp4a`)."""
 from __future__ import annotations
 
 import torch
@@ -21,8 +21,10 @@ from qcompile.plugins.int8_wo_gemm.split_mma import Q_MAX, hi_lo
 GEMV = dict(BLOCK_N=8, BLOCK_KW=256, num_warps=4, num_stages=2, PREFETCH=False, prmt=True)
 GEMV_NARROW = dict(GEMV, BLOCK_KW=512)
 NARROW_N = 4096
-# "dp4a" (opt-in, not yet timed): words of x's int8 planes per scale (256 k, as `split_mma`'s chunks); a
-# configuration's "group" (default 4): words whose integer sums are added before one conversion and scaling
+# "dp4a" (opt-in; on the H100 0.3-0.9 µs slower than "prmt" on the same tile at one row on all four kernel-target
+# layers, benchmarks/tune_w8a16-m1-h100_s58b.json; not timed on the H200): words of x's int8 planes per scale
+# (256 k, as `split_mma`'s chunks); a configuration's "group" (default 4): words whose integer sums are added
+# before one conversion and scaling
 DP4A_CHUNK_W = tl.constexpr(64)
 
 
@@ -159,7 +161,7 @@ def _row_gemv_kernel(
     only on 8192 x 28672, where the INT8 tensor-core path runs instead.
     PRMT (inline PTX; a configuration's "prmt", on in GEMV and GEMV_NARROW) turns bytes into floats with one byte
     permute each (`_bytes_as_floats`); without PTX (the interpreter) the AND/XOR form runs, with the same floats.
-    DP4A (a configuration's "dp4a", 16-bit x; opt-in, not yet timed): x split into int8 planes and multiplied with
+    DP4A (a configuration's "dp4a", 16-bit x; opt-in, see GEMV's comment): x split into int8 planes and multiplied with
     dp4a (`_row_gemv_step_dp4a`; ASM: PTX, else the same integers without it): 2.3 sm_90 instructions per weight
     for 32 rows x 128 words on 4 warps against 5.27 with PRMT (`tools/diag/sass_count.py w8a16_row_gemv_dp4a`)."""
     words_ptr = w_ptr.to(tl.pointer_type(tl.int32))

@@ -20,7 +20,7 @@ Paths, chosen per call from M (the row count of x, dynamic):
   int8 -> x.dtype in registers (exact: |q| <= 127), float32 accumulation (float32 x: an IEEE dot). The
   epilogue is in the kernel too, unless the N tiles are too few to fill the GPU: then K is split and the
   partial sums meet in float32 atomics (zeroed buffer, epilogue after; or, with "finish" in the configuration,
-  the last split of each tile writes it: opt-in, not yet timed). `DOT` has x as the MMA's first operand ("plain").
+  the last split of each tile writes it: opt-in). `DOT` has x as the MMA's first operand ("plain").
 - larger M: the buckets of `LARGE_M`: `_row_dot_kernel` on row tiles of 32 / 64 up to 128 rows, `_tile_kernel` (a
   plain tiled GEMM reading the [N, K] weight as the transposed B operand) up to 256, then `_dequant_kernel` (W in
   x.dtype, one pass) and cuBLAS with the bias in its epilogue (`gemm_dispatch.linear_bias`), as the INT4 and FP4
@@ -84,7 +84,10 @@ def _row_dot_kernel(
     (zeroed), else the scale/bias epilogue and a store in y's dtype. FINISH: each split's sum is scaled here and
     `finish_swapped_tile` writes the result to out_ptr in out's dtype (split K: y_ptr is the zeroed fp32
     accumulator [M * N], then one count per tile; the last split of a tile adds the bias and stores it), so a
-    split K needs no epilogue kernel after this one (else out_ptr is not read).
+    split K needs no epilogue kernel after this one (else out_ptr is not read). No configuration sets it: on the
+    H100 at 16 rows (benchmarks/tune_w8a16-finish-m16-h100_s58.json) it lost to `DOT`'s whole K on 4096 x 4096
+    (13.6 against 12.8 µs) and won on 14336 x 4096 (29.0 against `split_mma`'s 31.5), where the H200 had
+    `split_mma` ahead of the unfinished tile (24.8 against 28.0 µs).
     The step's pointers are formed once (a step adds its K offset); EVEN (N in whole tiles, K in whole steps of
     every split): the weight and K masks are left out. That cut the sm_90 loop from 393 to 377 instructions per
     step but did not move the H200 time (4096 x 4096 at M = 16: 1.31x bf16, 1.34x before; BENCHMARKS.md).
