@@ -5,7 +5,8 @@ For every (K x N, M) it times side by side, as an engine calls them (CUDA graphs
 zero fill and epilogue included where a configuration splits K): cuBLAS bf16; the shipped path of the op; the
 row dot kernel (M <= 16) and, at M = 1, the row GEMV in several configurations; with `--kinds dot-warps` row dot
 tiles with one warp per 16 weight rows or x as the MMA's first operand (`DOT_WARPS_CONFIGS`); with `--kinds
-dot-finish` the row dot tile with K split and finished in the kernel (`DOT_FINISH_CONFIGS`); with `--kinds mma`
+dot-finish` the row dot tile with K split and finished in the kernel (`DOT_FINISH_CONFIGS`); with `--kinds
+dot-parts` the row dot tile with each step as alternating dots into two accumulators; with `--kinds mma`
 the INT8 tensor-core path (`split_mma`) in tiles from 16 to 128 rows; with `--kinds mma-rows` (fp16 x) the fp16
 tensor-core kernel of `mma_rows` on 2-8 warps, 1-4 blocks a step; with `--kinds gemv-prmt` the GEMV with and
 without its byte permutes ("prmt"); with `--kinds gemv-dp4a` the GEMV on x's int8 planes with dp4a
@@ -14,7 +15,8 @@ error). x is bf16 unless `--dtype fp16`; the baseline is cuBLAS bf16 either way 
 measurement as JSON and prints the best per cell.
 
     python3 tools/tune_w8a16_small_m.py --cuda-graph --out tune.json [--shapes 8192x28672] [--ms 1 16]
-        [--kinds dot dot-warps dot-finish gemv gemv-long gemv-prmt gemv-dp4a mma mma-rows] [--dtype fp16]
+        [--kinds dot dot-warps dot-finish dot-parts gemv gemv-long gemv-prmt gemv-dp4a mma mma-rows]
+        [--dtype fp16]
 """
 from __future__ import annotations
 
@@ -76,6 +78,11 @@ DOT_WARPS_CONFIGS = ([dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=bn // 16, num_stage
 # before it). Unfinished, a split K lost to one wave on 4096 x 4096 at M = 16 (H100: 16.6-16.7 µs against 12.4,
 # benchmarks/tune_w8a16_dot_warps-h100_s57c.json), where one wave gives each SM one program of 4 warps; also 16-row
 # tiles (twice the programs, no split)
+# dot-parts (fifty-eighth session, not timed yet): DOT's tile with each K step as dots of part_k K summed alternately
+# into two accumulators (`_row_dot_kernel`'s PART_K), so a warp's MMAs form two chains ptxas interleaves instead of
+# one of 16 (sm_90: 348 instructions per step for part_k 32 against 294; an in-order issue model with 33-cycle HMMAs
+# gives 434 cycles a step against 575)
+DOT_PARTS_CONFIGS = [dict(w8.DOT, part_k=pk, num_stages=st) for pk in (16, 32, 64) for st in (4, 5, 6)]
 DOT_FINISH_CONFIGS = ([dict(w8.DOT, num_stages=st, waves=wv, finish=True) for st in (4, 5, 6) for wv in (2, 4)]
                       + [dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=st, waves=wv, plain=True, finish=True)
                          for st in (4, 6) for wv in (1, 2)])
@@ -93,7 +100,8 @@ MMA_CONFIGS += [dict(BLOCK_N=bn, BLOCK_K=256, num_warps=4, num_stages=st, splits
 # warp `blocks` 64-K blocks a step (loaded a step ahead)
 MMA_ROWS_CONFIGS = [dict(warps=w, blocks=b) for w in (2, 4, 8) for b in (1, 2, 4)]
 
-KINDS = ("dot", "dot-warps", "dot-finish", "gemv", "gemv-long", "gemv-prmt", "gemv-dp4a", "mma", "mma-rows")
+KINDS = ("dot", "dot-warps", "dot-finish", "dot-parts", "gemv", "gemv-long", "gemv-prmt", "gemv-dp4a", "mma",
+         "mma-rows")
 KINDS_ENV = "QCOMPILE_TUNE8_KINDS"  # --kinds, seen by the spawned check workers too
 DTYPE_ENV = "QCOMPILE_TUNE8_DTYPE"  # --dtype, likewise
 
@@ -119,7 +127,8 @@ def candidates(x, weights, m: int) -> dict:
 
     kinds = os.environ.get(KINDS_ENV, "dot gemv").split()
     out = {"shipped": shipped}
-    for kind, configs in (("dot", DOT_CONFIGS), ("dot-warps", DOT_WARPS_CONFIGS), ("dot-finish", DOT_FINISH_CONFIGS)):
+    for kind, configs in (("dot", DOT_CONFIGS), ("dot-warps", DOT_WARPS_CONFIGS), ("dot-finish", DOT_FINISH_CONFIGS),
+                          ("dot-parts", DOT_PARTS_CONFIGS)):
         if kind in kinds:
             out.update({"dot " + json.dumps(c): dot(c) for c in configs})
     if m == 1:

@@ -72,12 +72,33 @@ def _int8_to(w, dtype: tl.constexpr):
     return w.to(dtype)
 
 
+@triton.jit
+def _row_dot_part(acc, w_tile, x_cols, k0, mask_n, mask_m, K, EVEN: tl.constexpr, PART_K: tl.constexpr,
+                  FP32_DOT: tl.constexpr, PLAIN: tl.constexpr):
+    """acc plus the products of the weight rows and x over K k0 .. k0 + PART_K - 1 (w_tile, x_cols: the pointers at
+    K 0 .. PART_K - 1): acc [BLOCK_M, BLOCK_N] with PLAIN (x the MMA's first operand), else [BLOCK_N, BLOCK_M]."""
+    offs_k = tl.arange(0, PART_K)
+    w = load_tile(w_tile + k0, mask_n[:, None] & (k0 + offs_k < K)[None, :], EVEN, STREAM=True)
+    xt = load_xt_step(x_cols, k0, mask_m, K, EVEN, PART_K)
+    if FP32_DOT:
+        w = w.to(tl.float32)
+        xt = xt.to(tl.float32)
+    else:
+        w = _int8_to(w, xt.dtype)
+    precision: tl.constexpr = "ieee" if FP32_DOT else None
+    if PLAIN:
+        acc = tl.dot(tl.trans(xt), tl.trans(w), acc, input_precision=precision)
+    else:
+        acc = tl.dot(w, xt, acc, input_precision=precision)
+    return acc
+
+
 @jit_any_m
 def _row_dot_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, out_ptr, M, N, K, stride_xm, k_per_split, HAS_BIAS: tl.constexpr,
     ATOMIC: tl.constexpr, FP32_DOT: tl.constexpr, K_STEPS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr = False,
-    PLAIN: tl.constexpr = False, FINISH: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PART_K: tl.constexpr,
+    EVEN: tl.constexpr = False, PLAIN: tl.constexpr = False, FINISH: tl.constexpr = False,
 ):
     """acc[n, m] = sum_k q[n, k] x[m, k] over one K slice for BLOCK_N weight rows and BLOCK_M rows of x (grid axis
     2 runs over row tiles: one when M <= BLOCK_M, as at M <= 16); ATOMIC: float32 partial sums added into y
@@ -96,31 +117,38 @@ def _row_dot_kernel(
     end). With the swapped operands Triton lays 4 warps out 2 x 2 over a [32, 16] tile, so two warps convert each
     weight; with x first they split the weight rows and each converts its own: 4.59 instead of 5.89 sm_90
     instructions per weight for 32 x 256 on 4 warps (`tools/diag/sass_count.py`; DOT sets it, timed on the H100,
-    not yet on the H200)."""
+    not yet on the H200).
+
+    PART_K < BLOCK_K (a configuration's "part_k"; opt-in, not yet timed): each K step as dots of PART_K, summed
+    alternately into two accumulators (added at the end). A warp's MMAs into one accumulator form a chain,
+    each waiting for the one before: with one dot a step, `DOT`'s tile issues 16 dependent HMMA.16816 per warp and
+    step (sm_90 SASS), and one warp per scheduler has nothing else to run in their latency. Alternating dots make
+    two chains whose MMAs ptxas interleaves (two dots of 128 K each did not: it issued one, then the other). For
+    `DOT`'s tile (`tools/diag/sass_count.py w8a16_row_dot_plain_part64 --mma-chains`, a model of in-order issue
+    with 33-cycle HMMAs): PART_K 64 308 instructions and 503 cycles a step, 32 348 and 434 (its copies 8 bytes wide),
+    against 294 and 575 without."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_k = tl.arange(0, PART_K)
     mask_n = offs_n < N
     mask_m = offs_m < M
     w_tile = w_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
     x_cols = x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N) if PLAIN else (BLOCK_N, BLOCK_M), dtype=tl.float32)
+    other = acc  # the second chain (PART_K < BLOCK_K)
     for step in range(0, K_STEPS):  # steps past K (last split) are masked
         k0 = pid_k * k_per_split + step * BLOCK_K
-        w = load_tile(w_tile + k0, mask_n[:, None] & (k0 + offs_k < K)[None, :], EVEN, STREAM=True)
-        xt = load_xt_step(x_cols, k0, mask_m, K, EVEN, BLOCK_K)
-        if FP32_DOT:
-            w = w.to(tl.float32)
-            xt = xt.to(tl.float32)
+        if PART_K == BLOCK_K:
+            acc = _row_dot_part(acc, w_tile, x_cols, k0, mask_n, mask_m, K, EVEN, BLOCK_K, FP32_DOT, PLAIN)
         else:
-            w = _int8_to(w, xt.dtype)
-        precision: tl.constexpr = "ieee" if FP32_DOT else None
-        if PLAIN:
-            acc = tl.dot(tl.trans(xt), tl.trans(w), acc, input_precision=precision)
-        else:
-            acc = tl.dot(w, xt, acc, input_precision=precision)
+            for j in tl.static_range(0, BLOCK_K, 2 * PART_K):
+                acc = _row_dot_part(acc, w_tile, x_cols, k0 + j, mask_n, mask_m, K, EVEN, PART_K, FP32_DOT, PLAIN)
+                other = _row_dot_part(other, w_tile, x_cols, k0 + j + PART_K, mask_n, mask_m, K, EVEN, PART_K,
+                                      FP32_DOT, PLAIN)
+    if PART_K < BLOCK_K:
+        acc += other
     if PLAIN:
         acc = tl.trans(acc)
     at = offs_m[None, :] * N + offs_n[:, None]
@@ -211,6 +239,7 @@ def launch_dot(x2d, w_q, w_scale, bias, cfg: dict | None = None, *, wrap=identit
         HAS_BIAS=bias is not None, ATOMIC=atomic, FP32_DOT=x2d.dtype == torch.float32, K_STEPS=per // cfg["BLOCK_K"],
         BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         EVEN=whole_tiles(n, cfg["BLOCK_N"], splits, per, k), PLAIN=cfg.get("plain", False), FINISH=finish,
+        PART_K=cfg.get("part_k", cfg["BLOCK_K"]),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if finish:

@@ -85,8 +85,8 @@ def test_onnx_node_runs_in_ort_like_the_contract():
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])  # the interpreter's bf16 tl.dot is broken
 @pytest.mark.parametrize("bias", [True, False])
 def test_triton_kernel_under_interpreter(m, dtype, bias):
-    """The paths of the CUDA code (GEMV at M = 1, the row dot kernel up to 16, tiles / dequantize + linear
-    above), run on CPU tensors."""
+    """The paths of the CUDA code (GEMV at M = 1, the row dot kernel up to 16, also with its steps as alternating
+    dots, tiles / dequantize + linear above), run on CPU tensors."""
     from qcompile.plugins.gemm_dispatch import split_for_waves
     from qcompile.plugins.int8_wo_gemm.kernel import int8_wo_gemm_triton, launch_dot
 
@@ -100,6 +100,8 @@ def test_triton_kernel_under_interpreter(m, dtype, bias):
         for (waves, block_k), plain, finish in itertools.product(((0, 128), (8, 64)), (False, True), (False, True)):
             cfg = dict(BLOCK_N=16, BLOCK_K=block_k, num_warps=4, num_stages=2, waves=waves, plain=plain,
                        finish=finish)
+            if finish:  # each step as dots of 16 or 32 K into two alternating accumulators ("part_k")
+                cfg["part_k"] = block_k // 4
             y = launch_dot(x, w_q, w_scale, b, cfg, num_sms=2)
             assert y.dtype == x.dtype and y.shape == (m, 80)
             assert_close_to(y, ref, REL[DTYPES[dtype]])
@@ -167,18 +169,18 @@ def test_large_m_buckets_go_from_the_row_dot_kernel_to_tiles_to_dequantize_and_c
 @pytest.mark.parametrize("plain", [False, True])
 def test_dot_kernel_drops_masks_only_on_whole_tiles(n, k, even, plain):
     """The row dot kernel leaves its weight and K masks out (EVEN) only when N is whole tiles and every K split
-    whole steps; either way, K split or not, either operand order, it matches float64."""
+    whole steps; either way, K split or not, either operand order, a step as one dot or four, it matches float64."""
     from qcompile.plugins.int8_wo_gemm.kernel import launch_dot
 
     w_q, w_scale, b = make_case(k=k, n=n, seed=k + n)
     x = torch.randn(5, k, generator=torch.Generator().manual_seed(n)).to(torch.float16)
     seen = []
     spy = launch_spy(lambda grid, kw: seen.append((grid[1], kw["EVEN"], kw["PLAIN"])))
-    for waves in (0, 4):
-        cfg = dict(BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=2, waves=waves, plain=plain)
+    for waves, part_k in ((0, 64), (4, 64), (0, 16)):  # part_k 16: two chains of two 16-K dots a step
+        cfg = dict(BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=2, waves=waves, plain=plain, part_k=part_k)
         assert_close_to(launch_dot(x, w_q, w_scale, b, cfg, wrap=spy, num_sms=4), oracle(x, w_q, w_scale, b),
                         REL[torch.float16])
-    assert [(e, p) for _, e, p in seen] == [(even, plain)] * 2 and seen[1][0] > 1, seen
+    assert [(e, p) for _, e, p in seen] == [(even, plain)] * 3 and seen[1][0] > 1, seen
 
 
 @triton_interp
@@ -443,6 +445,23 @@ def test_cuda_split_mma_split_k_matches_float64(splits, m):
     for _ in range(3):
         y = launch(x.cuda(), w_q.cuda(), w_scale.cuda(), b.cuda(), cfg, rows=m)
         assert_close_to(y, oracle(x, w_q, w_scale, b), REL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("part_k", [16, 32, 64])
+@pytest.mark.parametrize("m", [5, 16])
+def test_cuda_dot_in_alternating_parts_matches_float64(part_k, m):
+    """`DOT`'s tile with each K step as dots of part_k K into two alternating accumulators, bf16 x with outlier
+    channels, N = 4095 (the last tile masked), K = 4000 (the last step masked)."""
+    from qcompile.plugins.int8_wo_gemm.kernel import DOT, launch_dot
+
+    w_q, w_scale, b = make_case(k=4000, n=4095, seed=part_k + m)
+    x = x_with_outliers(m, 4000, torch.bfloat16, seed=m)
+    y = launch_dot(x.cuda(), w_q.cuda(), w_scale.cuda(), b.cuda(), dict(DOT, part_k=part_k),
+                   num_sms=torch.cuda.get_device_properties(0).multi_processor_count)
+    assert y.dtype == torch.bfloat16
+    assert_close_to(y, oracle(x, w_q, w_scale, b), REL[torch.bfloat16])
 
 
 @pytest.mark.gpu

@@ -19,7 +19,8 @@ schedulers x 32 lanes x ~1.98 GHz; 235 M weights at 3 instructions each is 21 µ
                                       also _mx) w8a16_row_gemv (also _prmt) w8a16_row_gemv_dp4a
                                       (also _16x256, _8x256) w8a16_row_dot
                                       w8a16_row_dot_32x256_w2 w8a16_row_dot_16x256_w1 w8a16_row_dot_64x256_w4 (each
-                                      also _plain) w8a16_mma_rows w8a16_mma_rows_two]
+                                      also _plain) w8a16_row_dot_plain_part16 (and _part32, _part64)
+                                      w8a16_mma_rows w8a16_mma_rows_two]
                                       [--dtype fp16] [--block-n 128] [--all-loops] [--loads]
                                       # default: all, bf16 x, each case's tile, its first loop
 
@@ -65,11 +66,10 @@ def instructions(sass: str) -> list[tuple[int, str]]:
     return [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(.+?);", sass)]
 
 
-def loop_bodies(sass: str) -> list[list[str]]:
-    """The opcodes with their modifiers (guard predicates dropped) between each backward branch's target and the
-    branch, in address order (a kernel may run one of two loops, e.g. the INT4 GEMV's x pairs as int32 words or as
-    fp16 values); the whole kernel when it has no loop (a kernel unrolled whole, e.g. the FP8 path's
-    `dequant_fp8._int4_dequant_t_kernel`)."""
+def loop_texts(sass: str) -> list[list[str]]:
+    """The instructions (with operands) between each backward branch's target and the branch, in address order (a
+    kernel may run one of two loops, e.g. the INT4 GEMV's x pairs as int32 words or as fp16 values); the whole
+    kernel when it has no loop (a kernel unrolled whole, e.g. the FP8 path's `dequant_fp8._int4_dequant_t_kernel`)."""
     lines = instructions(sass)
     bodies = []
     for addr, text in lines:
@@ -77,7 +77,29 @@ def loop_bodies(sass: str) -> list[list[str]]:
         if branch and int(branch.group(1), 16) < addr:
             start = int(branch.group(1), 16)
             bodies.append([t for a, t in lines if start <= a <= addr])
-    return [[re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in ops] for ops in bodies or [[t for _, t in lines]]]
+    return bodies or [[t for _, t in lines]]
+
+
+def loop_bodies(sass: str) -> list[list[str]]:
+    """Each `loop_texts` body as opcodes with their modifiers (guard predicates dropped)."""
+    return [[re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in ops] for ops in loop_texts(sass)]
+
+
+def mma_issue_cycles(body: list[str], latency: int = 33, mma_issue: int = 2) -> int:
+    """Cycles a warp takes for one loop body issued in order, one instruction a cycle (an HMMA `mma_issue`), where
+    an HMMA waits for the HMMA that wrote its accumulator (`latency` cycles) and nothing else waits: the cost of the
+    MMA chains with one warp per scheduler (no other warp runs in their latency). A model, not a measurement."""
+    t, ready, end = 0, {}, 0
+    for text in body:
+        mma = re.search(r"HMMA\S*\s+R(\d+), R\d+, R\d+, R(\d+)", text)
+        if mma:
+            start = max(t, ready.get(mma.group(2), 0))
+            ready[mma.group(1)] = start + latency
+            end = max(end, start + latency)
+            t = start + mma_issue
+        else:
+            t += 1
+    return max(t, end)
 
 
 def global_loads(body: list[str]) -> collections.Counter:
@@ -86,8 +108,10 @@ def global_loads(body: list[str]) -> collections.Counter:
     return collections.Counter(op for op in body if op.split(".")[0] in ("LDG", "LDGSTS", "UTMALDG"))
 
 
-def report(name: str, sass: str, weights_per_thread: int, all_loops: bool = False, loads: bool = False) -> None:
+def report(name: str, sass: str, weights_per_thread: int, all_loops: bool = False, loads: bool = False,
+           mma_chains: bool = False) -> None:
     bodies = loop_bodies(sass)[:None if all_loops else 1]
+    texts = loop_texts(sass)
     spills = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
                                  for _, text in instructions(sass))
     for i, body in enumerate(bodies):
@@ -99,6 +123,8 @@ def report(name: str, sass: str, weights_per_thread: int, all_loops: bool = Fals
             print("    global loads: " + " ".join(f"{op}:{c}" for op, c in sorted(global_loads(body).items()))
                   + " | shared: " + " ".join(f"{op}:{hist[op]}" for op in ("LDS", "LDSM", "STS"))
                   + " | spills in the kernel: " + " ".join(f"{op}:{spills[op]}" for op in ("LDL", "STL")))
+        if mma_chains:
+            print(f"    in-order issue with 33-cycle HMMA chains: {mma_issue_cycles(texts[i])} cycles a step")
 
 
 def _cases():
@@ -220,9 +246,15 @@ def _cases():
         for plain in (False, True):  # `_plain`: x as the MMA's first operand (PLAIN)
             yield (name + ("_plain" if plain else ""), w8._row_dot_kernel, dict(w8_sig, out_ptr="*bf16"),
                    dict(HAS_BIAS=False, ATOMIC=False, FP32_DOT=False, K_STEPS=16, BLOCK_M=16, BLOCK_N=bn,
-                        BLOCK_K=bk, EVEN=True, PLAIN=plain),
+                        BLOCK_K=bk, PART_K=bk, EVEN=True, PLAIN=plain),
                    ["x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "k_per_split"], warps,
                    dot["num_stages"], bn * bk // (32 * warps))
+    for part_k in (16, 32, 64):  # DOT's tile as dots of part_k K into two alternating accumulators (PART_K)
+        yield (f"w8a16_row_dot_plain_part{part_k}", w8._row_dot_kernel, dict(w8_sig, out_ptr="*bf16"),
+               dict(HAS_BIAS=False, ATOMIC=False, FP32_DOT=False, K_STEPS=16, BLOCK_M=16, BLOCK_N=dot["BLOCK_N"],
+                    BLOCK_K=dot["BLOCK_K"], EVEN=True, PLAIN=True, PART_K=part_k),
+               ["x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "k_per_split"], dot["num_warps"],
+               dot["num_stages"], dot["BLOCK_N"] * dot["BLOCK_K"] // (32 * dot["num_warps"]))
     from qcompile.plugins.int8_wo_gemm import gemv as w8_gemv
     cfg = w8_gemv.GEMV  # the one-row GEMV's shipped tile (int32 words of 4 weights; 64 weights a thread a step)
     for prmt in (False, True):  # _prmt: a byte permute per weight (the "prmt" configuration key)
@@ -257,6 +289,8 @@ def main() -> None:
     ap.add_argument("--loads", action="store_true", help="also each loop's global loads by width (LDG, LDGSTS, "
                     "TMA), its shared-memory loads and stores (a layout conversion shows as STS), and the kernel's "
                     "local loads and stores (spills)")
+    ap.add_argument("--mma-chains", action="store_true", help="also a model of each loop's cycles a step for one "
+                    "warp issuing in order, each HMMA waiting 33 cycles for the one that wrote its accumulator")
     ap.add_argument("--all-loops", action="store_true",
                     help="every loop, not only the first (e.g. the INT4 GEMVs' x pairs as int32 words or fp16 values)")
     args = ap.parse_args()
@@ -271,7 +305,8 @@ def main() -> None:
                                  re.sub(r"i32\[8, \d+, 32\]", f"i32[8, {block_n // 32}, 32]", t))
                        for a, t in sig.items()}
                 name = f"{name} (BLOCK_N {block_n})"
-            report(name, compile_sass(fn, sig, const, div, warps, stages), per_thread, args.all_loops, args.loads)
+            report(name, compile_sass(fn, sig, const, div, warps, stages), per_thread, args.all_loops, args.loads,
+                   args.mma_chains)
 
 if __name__ == "__main__":
     main()
