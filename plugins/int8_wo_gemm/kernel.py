@@ -231,6 +231,9 @@ def launch_dot(x2d, w_q, w_scale, bias, cfg: dict | None = None, *, wrap=identit
     block_m = cfg.get("BLOCK_M", DOT_BLOCK_M)
     row_tiles = cdiv(m, block_m) if "BLOCK_M" in cfg else 1  # the small-M configurations: one tile (M <= 16)
     tiles = cdiv(n, cfg["BLOCK_N"])
+    part_k = cfg.get("part_k", cfg["BLOCK_K"])
+    if part_k != cfg["BLOCK_K"] and cfg["BLOCK_K"] % (2 * part_k):
+        raise ValueError(f"row dot configuration {cfg}: part_k must be BLOCK_K or divide BLOCK_K / 2")
     splits, per = split_for_waves(k, tiles, cfg["BLOCK_K"], cfg["waves"], num_sms)
     atomic, finish = splits > 1, cfg.get("finish", False)
     y, out = split_k_outputs(m, n, splits, row_tiles * tiles, x2d.dtype, x2d.device, finish)
@@ -239,7 +242,7 @@ def launch_dot(x2d, w_q, w_scale, bias, cfg: dict | None = None, *, wrap=identit
         HAS_BIAS=bias is not None, ATOMIC=atomic, FP32_DOT=x2d.dtype == torch.float32, K_STEPS=per // cfg["BLOCK_K"],
         BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         EVEN=whole_tiles(n, cfg["BLOCK_N"], splits, per, k), PLAIN=cfg.get("plain", False), FINISH=finish,
-        PART_K=cfg.get("part_k", cfg["BLOCK_K"]),
+        PART_K=part_k,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if finish:

@@ -181,6 +181,8 @@ def test_dot_kernel_drops_masks_only_on_whole_tiles(n, k, even, plain):
         assert_close_to(launch_dot(x, w_q, w_scale, b, cfg, wrap=spy, num_sms=4), oracle(x, w_q, w_scale, b),
                         REL[torch.float16])
     assert [(e, p) for _, e, p in seen] == [(even, plain)] * 3 and seen[1][0] > 1, seen
+    with pytest.raises(ValueError, match="part_k"):  # 3 parts of 16 would leave 16 K of each step out
+        launch_dot(x, w_q, w_scale, b, dict(cfg, part_k=16, BLOCK_K=48), num_sms=4)
 
 
 @triton_interp
