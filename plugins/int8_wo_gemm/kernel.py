@@ -137,15 +137,15 @@ def _row_dot_kernel(
     w_tile = w_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
     x_cols = x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N) if PLAIN else (BLOCK_N, BLOCK_M), dtype=tl.float32)
-    other = acc  # the second chain (PART_K < BLOCK_K)
+    other = acc  # the second chain: the odd parts (PART_K < BLOCK_K)
     for step in range(0, K_STEPS):  # steps past K (last split) are masked
         k0 = pid_k * k_per_split + step * BLOCK_K
-        if PART_K == BLOCK_K:
-            acc = _row_dot_part(acc, w_tile, x_cols, k0, mask_n, mask_m, K, EVEN, BLOCK_K, FP32_DOT, PLAIN)
-        else:
-            for j in tl.static_range(0, BLOCK_K, 2 * PART_K):
-                acc = _row_dot_part(acc, w_tile, x_cols, k0 + j, mask_n, mask_m, K, EVEN, PART_K, FP32_DOT, PLAIN)
-                other = _row_dot_part(other, w_tile, x_cols, k0 + j + PART_K, mask_n, mask_m, K, EVEN, PART_K,
+        for j in tl.static_range(0, BLOCK_K // PART_K):
+            if j % 2 == 0:
+                acc = _row_dot_part(acc, w_tile, x_cols, k0 + j * PART_K, mask_n, mask_m, K, EVEN, PART_K, FP32_DOT,
+                                    PLAIN)
+            else:
+                other = _row_dot_part(other, w_tile, x_cols, k0 + j * PART_K, mask_n, mask_m, K, EVEN, PART_K,
                                       FP32_DOT, PLAIN)
     if PART_K < BLOCK_K:
         acc += other

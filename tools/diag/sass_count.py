@@ -80,9 +80,9 @@ def loop_texts(sass: str) -> list[list[str]]:
     return bodies or [[t for _, t in lines]]
 
 
-def loop_bodies(sass: str) -> list[list[str]]:
-    """Each `loop_texts` body as opcodes with their modifiers (guard predicates dropped)."""
-    return [[re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in ops] for ops in loop_texts(sass)]
+def opcodes(body: list[str]) -> list[str]:
+    """A `loop_texts` body as opcodes with their modifiers (guard predicates dropped)."""
+    return [re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in body]
 
 
 def mma_issue_cycles(body: list[str], latency: int = 33, mma_issue: int = 2) -> int:
@@ -110,8 +110,8 @@ def global_loads(body: list[str]) -> collections.Counter:
 
 def report(name: str, sass: str, weights_per_thread: int, all_loops: bool = False, loads: bool = False,
            mma_chains: bool = False) -> None:
-    bodies = loop_bodies(sass)[:None if all_loops else 1]
-    texts = loop_texts(sass)
+    texts = loop_texts(sass)[:None if all_loops else 1]
+    bodies = [opcodes(text) for text in texts]
     spills = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
                                  for _, text in instructions(sass))
     for i, body in enumerate(bodies):
@@ -239,40 +239,38 @@ def _cases():
     from qcompile.plugins.int8_wo_gemm import kernel as w8
     w8_sig = dict(x_ptr="*bf16", w_ptr="*i8", s_ptr="*fp32", b_ptr="*bf16", y_ptr="*bf16",
                   **ptrs(["M", "N", "K", "stride_xm", "k_per_split"], "i32"))
-    dot = w8.DOT  # the shipped tile, then tiles with one warp per 16 weight rows (`_w<warps>`)
-    for name, bn, bk, warps in (("w8a16_row_dot", dot["BLOCK_N"], dot["BLOCK_K"], dot["num_warps"]),
-                                ("w8a16_row_dot_32x256_w2", 32, 256, 2), ("w8a16_row_dot_16x256_w1", 16, 256, 1),
-                                ("w8a16_row_dot_64x256_w4", 64, 256, 4)):
-        for plain in (False, True):  # `_plain`: x as the MMA's first operand (PLAIN)
-            yield (name + ("_plain" if plain else ""), w8._row_dot_kernel, dict(w8_sig, out_ptr="*bf16"),
-                   dict(HAS_BIAS=False, ATOMIC=False, FP32_DOT=False, K_STEPS=16, BLOCK_M=16, BLOCK_N=bn,
-                        BLOCK_K=bk, PART_K=bk, EVEN=True, PLAIN=plain),
-                   ["x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "k_per_split"], warps,
-                   dot["num_stages"], bn * bk // (32 * warps))
-    for part_k in (16, 32, 64):  # DOT's tile as dots of part_k K into two alternating accumulators (PART_K)
-        yield (f"w8a16_row_dot_plain_part{part_k}", w8._row_dot_kernel, dict(w8_sig, out_ptr="*bf16"),
-               dict(HAS_BIAS=False, ATOMIC=False, FP32_DOT=False, K_STEPS=16, BLOCK_M=16, BLOCK_N=dot["BLOCK_N"],
-                    BLOCK_K=dot["BLOCK_K"], EVEN=True, PLAIN=True, PART_K=part_k),
-               ["x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "k_per_split"], dot["num_warps"],
-               dot["num_stages"], dot["BLOCK_N"] * dot["BLOCK_K"] // (32 * dot["num_warps"]))
+    dot = w8.DOT  # the shipped tile, then tiles with one warp per 16 weight rows (`_w<warps>`), each also `_plain`
+    # (x as the MMA's first operand: PLAIN); then DOT's tile as dots of part_k K into two alternating accumulators
+    dot_tiles = [(name + ("_plain" if plain else ""), bn, bk, warps, plain, bk)
+                 for name, bn, bk, warps in (("w8a16_row_dot", dot["BLOCK_N"], dot["BLOCK_K"], dot["num_warps"]),
+                                             ("w8a16_row_dot_32x256_w2", 32, 256, 2),
+                                             ("w8a16_row_dot_16x256_w1", 16, 256, 1),
+                                             ("w8a16_row_dot_64x256_w4", 64, 256, 4))
+                 for plain in (False, True)]
+    dot_tiles += [(f"w8a16_row_dot_plain_part{part_k}", dot["BLOCK_N"], dot["BLOCK_K"], dot["num_warps"], True, part_k)
+                  for part_k in (16, 32, 64)]
+    for name, bn, bk, warps, plain, part_k in dot_tiles:
+        yield (name, w8._row_dot_kernel, dict(w8_sig, out_ptr="*bf16"),
+               dict(HAS_BIAS=False, ATOMIC=False, FP32_DOT=False, K_STEPS=16, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk,
+                    PART_K=part_k, EVEN=True, PLAIN=plain),
+               ["x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "k_per_split"], warps,
+               dot["num_stages"], bn * bk // (32 * warps))
     from qcompile.plugins.int8_wo_gemm import gemv as w8_gemv
+    gemv_sig = dict({a: t for a, t in w8_sig.items() if a in ("x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr")},
+                    **ptrs(["N", "KW", "stride_xm"], "i32"))
+    gemv_args = ["x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "N", "KW", "stride_xm"]
     cfg = w8_gemv.GEMV  # the one-row GEMV's shipped tile (int32 words of 4 weights; 64 weights a thread a step)
     for prmt in (False, True):  # _prmt: a byte permute per weight (the "prmt" configuration key)
-        yield ("w8a16_row_gemv" + ("_prmt" if prmt else ""), w8_gemv._row_gemv_kernel,
-               dict({a: t for a, t in w8_sig.items() if a in ("x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr")},
-                    **ptrs(["N", "KW", "stride_xm"], "i32")),
+        yield ("w8a16_row_gemv" + ("_prmt" if prmt else ""), w8_gemv._row_gemv_kernel, gemv_sig,
                dict(HAS_BIAS=False, K_STEPS=16, BLOCK_N=cfg["BLOCK_N"], BLOCK_KW=cfg["BLOCK_KW"], PREFETCH=False,
                     PRMT=prmt),
-               ["x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "N", "KW", "stride_xm"], cfg["num_warps"],
-               cfg["num_stages"], cfg["BLOCK_N"] * cfg["BLOCK_KW"] * 4 // (32 * cfg["num_warps"]))
+               gemv_args, cfg["num_warps"], cfg["num_stages"],
+               cfg["BLOCK_N"] * cfg["BLOCK_KW"] * 4 // (32 * cfg["num_warps"]))
     for bn, bkw, warps in ((32, 128, 4), (16, 256, 4), (8, 256, 4)):  # the opt-in dp4a GEMV (x in int8 planes)
-        yield ("w8a16_row_gemv_dp4a" + ("" if bn == 32 else f"_{bn}x{bkw}"), w8_gemv._row_gemv_kernel,
-               dict({a: t for a, t in w8_sig.items() if a in ("x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr")},
-                    **ptrs(["N", "KW", "stride_xm"], "i32")),
+        yield ("w8a16_row_gemv_dp4a" + ("" if bn == 32 else f"_{bn}x{bkw}"), w8_gemv._row_gemv_kernel, gemv_sig,
                dict(HAS_BIAS=False, K_STEPS=16, BLOCK_N=bn, BLOCK_KW=bkw, PREFETCH=False, DP4A=True, GROUP=4,
                     ASM=True),
-               ["x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "N", "KW", "stride_xm"], warps, 1,
-               bn * bkw * 4 // (32 * warps))
+               gemv_args, warps, 1, bn * bkw * 4 // (32 * warps))
     from qcompile.plugins.int8_wo_gemm import mma_rows
     for two in (False, True):  # the fp16 MMA kernel at <= 8 rows of x (one MMA per K tile) and <= 16 (`_two`)
         yield ("w8a16_mma_rows" + ("_two" if two else ""), mma_rows._w8_mma_rows_kernel,
