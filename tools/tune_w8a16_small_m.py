@@ -81,10 +81,11 @@ DOT_WARPS_CONFIGS = ([dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=bn // 16, num_stage
 DOT_FINISH_CONFIGS = ([dict(w8.DOT, num_stages=st, waves=wv, finish=True) for st in (4, 5, 6) for wv in (2, 4)]
                       + [dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=st, waves=wv, plain=True, finish=True)
                          for st in (4, 6) for wv in (1, 2)])
-# dot-parts (fifty-eighth session, not timed yet): DOT's tile with each K step as dots of part_k K summed alternately
-# into two accumulators (`_row_dot_kernel`'s PART_K), so a warp's MMAs form two chains ptxas interleaves instead of
-# one of 16 (sm_90: 348 instructions per step for part_k 32 against 294; an in-order issue model with 33-cycle HMMAs
-# gives 434 cycles a step against 575)
+# dot-parts (fifty-eighth session): DOT's tile with each K step as dots of part_k K summed alternately into two
+# accumulators (`_row_dot_kernel`'s PART_K), so a warp's MMAs form two chains ptxas interleaves instead of one of 16
+# (sm_90: 348 instructions per step for part_k 32 against 294; an in-order issue model with 33-cycle HMMAs gives 434
+# cycles a step against 575). H100, 16 rows (benchmarks/tune_w8a16-parts-m16-h100_s59.json): no faster than DOT
+# (part_k 64: 12.8 µs on 4096 x 4096, 29.6 on 14336 x 4096), 16 and 32 slower in proportion to their instructions
 DOT_PARTS_CONFIGS = [dict(w8.DOT, part_k=pk, num_stages=st) for pk in (16, 32, 64) for st in (4, 5, 6)]
 # the INT8 tensor-core path in tiles from 16 to 128 rows (narrower ones give N = 4096 more programs). The first
 # run (commit 2f737b2, benchmarks/tune_w8a16_small_m_mma.json) also had a FUSED variant, each MMA program splitting

@@ -119,14 +119,16 @@ def _row_dot_kernel(
     instructions per weight for 32 x 256 on 4 warps (`tools/diag/sass_count.py`; DOT sets it, timed on the H100,
     not yet on the H200).
 
-    PART_K < BLOCK_K (a configuration's "part_k"; opt-in, not yet timed): each K step as dots of PART_K, summed
+    PART_K < BLOCK_K (a configuration's "part_k"; opt-in, no faster on the H100): each K step as dots of PART_K, summed
     alternately into two accumulators (added at the end). A warp's MMAs into one accumulator form a chain,
     each waiting for the one before: with one dot a step, `DOT`'s tile issues 16 dependent HMMA.16816 per warp and
     step (sm_90 SASS), and one warp per scheduler has nothing else to run in their latency. Alternating dots make
     two chains whose MMAs ptxas interleaves (two dots of 128 K each did not: it issued one, then the other). For
     `DOT`'s tile (`tools/diag/sass_count.py w8a16_row_dot_plain_part64 --mma-chains`, a model of in-order issue
     with 33-cycle HMMAs): PART_K 64 308 instructions and 503 cycles a step, 32 348 and 434 (its copies 8 bytes wide),
-    against 294 and 575 without."""
+    against 294 and 575 without. Timed on the H100 at 16 rows (benchmarks/tune_w8a16-parts-m16-h100_s59.json), the
+    model did not hold: part_k 64 took 12.8 µs on 4096 x 4096 (the op 12.6), 32 took 16.1 and 16 took 20.3, about in
+    proportion to the instructions; so the MMA chains do not bound the kernel."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

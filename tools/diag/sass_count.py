@@ -88,7 +88,9 @@ def opcodes(body: list[str]) -> list[str]:
 def mma_issue_cycles(body: list[str], latency: int = 33, mma_issue: int = 2) -> int:
     """Cycles a warp takes for one loop body issued in order, one instruction a cycle (an HMMA `mma_issue`), where
     an HMMA waits for the HMMA that wrote its accumulator (`latency` cycles) and nothing else waits: the cost of the
-    MMA chains with one warp per scheduler (no other warp runs in their latency). A model, not a measurement."""
+    MMA chains with one warp per scheduler (no other warp runs in their latency). A model, not a measurement, and
+    one the H100 did not bear out for the W8A16 row dot tile: its part_k variants, modelled 13-25% fewer cycles a
+    step, ran no faster or slower in proportion to their instructions (BENCHMARKS.md, fifty-ninth session)."""
     t, ready, end = 0, {}, 0
     for text in body:
         mma = re.search(r"HMMA\S*\s+R(\d+), R\d+, R\d+, R(\d+)", text)
