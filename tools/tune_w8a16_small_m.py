@@ -6,7 +6,8 @@ zero fill and epilogue included where a configuration splits K): cuBLAS bf16; th
 row dot kernel (M <= 16) and, at M = 1, the row GEMV in several configurations; with `--kinds dot-warps` row dot
 tiles with one warp per 16 weight rows or x as the MMA's first operand (`DOT_WARPS_CONFIGS`); with `--kinds
 dot-finish` the row dot tile with K split and finished in the kernel (`DOT_FINISH_CONFIGS`); with `--kinds
-dot-parts` the row dot tile with each step as alternating dots into two accumulators; with `--kinds mma`
+dot-parts` the row dot tile with each step as alternating dots into two accumulators; with `--kinds dot-wide`
+64- and 128-row tiles on 8 and 16 warps with K split (`DOT_WIDE_CONFIGS`); with `--kinds mma`
 the INT8 tensor-core path (`split_mma`) in tiles from 16 to 128 rows; with `--kinds mma-rows` (fp16 x) the fp16
 tensor-core kernel of `mma_rows` on 2-8 warps, 1-4 blocks a step; with `--kinds gemv-prmt` the GEMV with and
 without its byte permutes ("prmt"); with `--kinds gemv-dp4a` the GEMV on x's int8 planes with dp4a
@@ -15,7 +16,7 @@ error). x is bf16 unless `--dtype fp16`; the baseline is cuBLAS bf16 either way 
 measurement as JSON and prints the best per cell.
 
     python3 tools/tune_w8a16_small_m.py --cuda-graph --out tune.json [--shapes 8192x28672] [--ms 1 16]
-        [--kinds dot dot-warps dot-finish dot-parts gemv gemv-long gemv-prmt gemv-dp4a mma mma-rows]
+        [--kinds dot dot-warps dot-finish dot-parts dot-wide gemv gemv-long gemv-prmt gemv-dp4a mma mma-rows]
         [--dtype fp16]
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ import os
 
 import torch
 
-from gpu_timing import MODE, bench, bench_parser, check_cells, rel_errors, rotating, save_rows, time_checked
+from gpu_timing import bench, bench_parser, check_cells, rel_errors, rotating, save_rows, set_mode, time_checked
 from tune_fp8_block_w8a16 import best
 
 from qcompile.plugins.int8_wo_gemm import gemv as w8_gemv, kernel as w8, mma_rows, split_mma
@@ -87,6 +88,14 @@ DOT_FINISH_CONFIGS = ([dict(w8.DOT, num_stages=st, waves=wv, finish=True) for st
 # cycles a step against 575). H100, 16 rows (benchmarks/tune_w8a16-parts-m16-h100_s59.json): no faster than DOT
 # (part_k 64: 12.8 µs on 4096 x 4096, 29.6 on 14336 x 4096), 16 and 32 slower in proportion to their instructions
 DOT_PARTS_CONFIGS = [dict(w8.DOT, part_k=pk, num_stages=st) for pk in (16, 32, 64) for st in (4, 5, 6)]
+# dot-wide (fifty-ninth session): x first ("plain") on 64- and 128-row tiles over 8 and 16 warps, so each warp has
+# DOT's work a step (sm_90: 296 and 298 instructions against 294), with K split in 2 and 4 ("waves" 1 on
+# N = 4096) to keep DOT's 128 programs. Each program then reads x for half or a quarter of K (every DOT program
+# reads all of it: at 16 rows as many bytes as its weight), and 2 or 4 warps share a scheduler; the split's partial
+# sums meet in atomics (with "finish", finished in the kernel)
+DOT_WIDE_CONFIGS = [dict(BLOCK_N=bn, BLOCK_K=256, num_warps=bn // 8, num_stages=st, waves=1, plain=True, **fin)
+                    for bn, stages in ((64, (3, 4, 5)), (128, (2, 3, 4))) for st in stages
+                    for fin in ({}, {"finish": True})]
 # the INT8 tensor-core path in tiles from 16 to 128 rows (narrower ones give N = 4096 more programs). The first
 # run (commit 2f737b2, benchmarks/tune_w8a16_small_m_mma.json) also had a FUSED variant, each MMA program splitting
 # x itself instead of the split kernel: it tied at M = 1 and was 1.5-4.8x slower at M = 16, and was removed.
@@ -101,8 +110,8 @@ MMA_CONFIGS += [dict(BLOCK_N=bn, BLOCK_K=256, num_warps=4, num_stages=st, splits
 # warp `blocks` 64-K blocks a step (loaded a step ahead)
 MMA_ROWS_CONFIGS = [dict(warps=w, blocks=b) for w in (2, 4, 8) for b in (1, 2, 4)]
 
-KINDS = ("dot", "dot-warps", "dot-finish", "dot-parts", "gemv", "gemv-long", "gemv-prmt", "gemv-dp4a", "mma",
-         "mma-rows")
+KINDS = ("dot", "dot-warps", "dot-finish", "dot-parts", "dot-wide", "gemv", "gemv-long", "gemv-prmt", "gemv-dp4a",
+         "mma", "mma-rows")
 KINDS_ENV = "QCOMPILE_TUNE8_KINDS"  # --kinds, seen by the spawned check workers too
 DTYPE_ENV = "QCOMPILE_TUNE8_DTYPE"  # --dtype, likewise
 
@@ -129,7 +138,7 @@ def candidates(x, weights, m: int) -> dict:
     kinds = os.environ.get(KINDS_ENV, "dot gemv").split()
     out = {"shipped": shipped}
     for kind, configs in (("dot", DOT_CONFIGS), ("dot-warps", DOT_WARPS_CONFIGS), ("dot-finish", DOT_FINISH_CONFIGS),
-                          ("dot-parts", DOT_PARTS_CONFIGS)):
+                          ("dot-parts", DOT_PARTS_CONFIGS), ("dot-wide", DOT_WIDE_CONFIGS)):
         if kind in kinds:
             out.update({"dot " + json.dumps(c): dot(c) for c in configs})
     if m == 1:
@@ -172,7 +181,7 @@ def main() -> None:
                     help="x's dtype (mma-rows takes fp16 only)")
     ap.set_defaults(ms=[1, 16])
     args = ap.parse_args()
-    MODE["graph"] = args.cuda_graph
+    set_mode(args)
     os.environ[KINDS_ENV] = " ".join(args.kinds)
     os.environ[DTYPE_ENV] = {"bf16": "bfloat16", "fp16": "float16"}.get(args.dtype, args.dtype)
     cells = [(int(s.split("x")[0]), int(s.split("x")[1]), m) for s in args.shapes for m in args.ms]
