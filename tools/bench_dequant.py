@@ -25,7 +25,7 @@ import json
 import torch
 
 from bench_fp4_gemm import FP4, GROUP, make_fp4, make_int4
-from gpu_timing import MODE, bench, bench_parser, rotating, save_rows
+from gpu_timing import bench, bench_parser, rotating, save_rows, set_mode
 
 from qcompile.plugins.fp4_gemm import kernel as fp4_kernel
 from qcompile.plugins.fp4_gemm.reference import dequantize_weight as fp4_reference
@@ -101,7 +101,7 @@ def main() -> None:
                     "this many output columns")
     ap.set_defaults(ms=[1024, 4096])
     args = ap.parse_args()
-    MODE["graph"] = args.cuda_graph
+    set_mode(args)
     rows = []
     for shape in args.shapes:
         k, n = (int(v) for v in shape.split("x"))

@@ -21,7 +21,7 @@ import json
 import torch
 
 from bench_fp4_gemm import GROUP, make_fp4, make_int4, pairs_weights, planar_weights
-from gpu_timing import MODE, bench, bench_parser, check_cells, rel_errors, rotating, save_rows, time_checked
+from gpu_timing import bench, bench_parser, check_cells, rel_errors, rotating, save_rows, set_mode, time_checked
 from tune_fp8_block_w8a16 import best
 
 from qcompile.plugins.fp4_gemm import kernel as fp4
@@ -168,7 +168,7 @@ def main() -> None:
     ap.add_argument("--fmt", choices=tuple(BLOCKS), default="nvfp4")
     ap.set_defaults(ms=[16, 64, 256])
     args = ap.parse_args()
-    MODE["graph"] = args.cuda_graph
+    set_mode(args)
     int4_op = register_int4()
     cells = [(int(s.split("x")[0]), int(s.split("x")[1]), m) for s in args.shapes for m in args.ms]
     tiles = not args.no_tiles

@@ -19,7 +19,7 @@ import json
 
 import torch
 
-from gpu_timing import MODE, bench, bench_parser, rotating, save_rows
+from gpu_timing import bench, bench_parser, rotating, save_rows, set_mode
 
 from qcompile.plugins.fp8_block_gemm import quantize_weight_blocks
 from qcompile.plugins.fp8_block_gemm.format import quantize_activation_blocks
@@ -93,7 +93,7 @@ def main() -> None:
     ap.add_argument("--ops", nargs="*", default=["fp8_block", "w8a16"])
     args = ap.parse_args()
     quant = torch.compile(quantize_activation_blocks)
-    MODE["graph"] = args.cuda_graph
+    set_mode(args)
     rows = []
     for shape in args.shapes:
         k, n = (int(v) for v in shape.split("x"))

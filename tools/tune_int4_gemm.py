@@ -20,7 +20,7 @@ import multiprocessing as mp
 
 import torch
 
-from gpu_timing import MODE, bench, bench_parser, rotating
+from gpu_timing import bench, bench_parser, rotating, set_mode
 
 GROUP = 128
 X_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -208,7 +208,8 @@ def main() -> None:
                          "(the shipped configuration is always timed)")
     args = ap.parse_args()
     where = parse_where(args.where)
-    MODE["graph"] = True
+    args.cuda_graph = True  # always timed from CUDA graphs
+    set_mode(args)
     cells = [(int(s.split("x")[0]), int(s.split("x")[1]), m) for s in args.shapes for m in args.ms]
     tasks = []
     for k, n, m in cells:  # the shipped configuration always, the others as --kinds and --where say
