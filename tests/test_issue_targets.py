@@ -84,12 +84,18 @@ def test_decode_pairs_each_engine_with_the_fp16_engine_of_its_variant():
 def test_cli_writes_the_scores_and_names_an_unreadable_file(tmp_path, capsys):
     rows = [{"K": 4096, "N": 4096, "M": m, "bf16": 10.0, "w8a16_op": 5.0, "fp8blk_op": 8.0} for m in MS]
     src = tmp_path / "w8.json"
-    src.write_text(json.dumps({"meta": {}, "rows": rows}))
+    meta = {"device": "NVIDIA H200", "mode": "cuda_graph back to back, eager op"}
+    src.write_text(json.dumps({"meta": meta, "rows": rows}))
+    int4 = tmp_path / "int4.json"  # an older file without meta: its timing is said to be unknown, not guessed
+    int4.write_text(json.dumps({"rows": [{"K": 4096, "N": 4096, "M": 1, "bf16": 10.0, "int4_op": 5.0}]}))
     out = tmp_path / "scores.json"
-    assert issue_targets.main(["--w8fp8", str(src), "--out", str(out)]) == 0
+    assert issue_targets.main(["--w8fp8", str(src), "--int4", str(int4), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "W8A16 >= 1.7x bf16 at M <= 16" in printed
-    saved = {t["target"]: t["met"] for t in json.loads(out.read_text())["targets"]}
+    assert "--w8fp8: NVIDIA H200, cuda_graph back to back, eager op" in printed
+    assert "--int4: device not recorded, timing mode not recorded" in printed
+    assert json.loads(out.read_text())["timing"]["w8fp8"] == meta
+    saved = {t["target"]: t["met"] for t in json.loads(out.read_text())["targets"] if "INT4" not in t["target"]}
     # bf16 / W8A16 = 2.0 at M = 1 and 16; bf16 / FP8 block = 1.25 < 1.3 at M = 1024 and 4096
     assert saved == {"W8A16 >= 1.7x bf16 at M <= 16": 2, "FP8 block >= 1.3x bf16 at M >= 1024": 0}
     with pytest.raises(SystemExit, match="missing.json"):

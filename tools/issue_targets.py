@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Score one GPU run's raw results against the speed targets of issues 4, 5 and 6 (reference/kernel-targets.md).
 
-For each target: the cells met out of those it covers, the worst cell, and every miss, as a table and as JSON. It
+For each target: the cells met out of those it covers, the worst cell, and every miss, as a table and as JSON;
+then each op benchmark's device and timing mode (`--cuda-graph`'s flushed replays or `--back-to-back`). It
 reads the files the benchmarks write (any subset): `tools/bench_gemm.py` (--int4), `bench_fp4_gemm.py` (--fp4; its
 row-pair columns where present, the layout CUDA engines store, else planar ones), `bench_w8a16_fp8_block.py` (--w8fp8),
 `bench_fp8_large_m.py` (--fp8-large-m: the opt-in FP8 path above 128 rows) and `bench_engines.py` (--decode: each
@@ -166,13 +167,22 @@ def table(scores: list[dict]) -> str:
     return format_table(["issue", "target", "met", "worst", "misses"], rows)
 
 
-def load_rows(path: str, key: str) -> list[dict]:
+def load_rows(path: str, key: str) -> tuple[list[dict], dict]:
+    """(the file's `key` list, its "meta" dict: device and timing mode, empty where the file has none)."""
     try:
         with open(path) as f:
-            return json.load(f)[key]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+            data = json.load(f)
+        return data[key], data.get("meta") or {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise SystemExit(f"issue_targets: cannot read the '{key}' list of {path}: {exc}. Pass the JSON file the "
                          f"benchmark wrote (its --out).")
+
+
+def timing_lines(metas: dict[str, dict]) -> list[str]:
+    """One line per op benchmark: its device and how its calls were timed (`gpu_timing.write_results`'s meta),
+    so a scorecard says whether its times are do_bench's flushed graph replays or back-to-back ones."""
+    return [f"--{name.replace('_', '-')}: {meta.get('device', 'device not recorded')}, "
+            f"{meta.get('mode', 'timing mode not recorded')}" for name, meta in metas.items()]
 
 
 def main(argv=None) -> int:
@@ -182,14 +192,17 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", nargs="*", default=[], metavar="JSON", help="JSON files of tools/bench_engines.py")
     ap.add_argument("--out", help="also write the scores here as JSON")
     args = ap.parse_args(argv)
-    sources = {name: load_rows(getattr(args, name), "rows") for name in OP_BENCHMARKS if getattr(args, name)}
-    decode = {path: load_rows(path, "results") for path in args.decode}
-    if not sources and not decode:
+    loaded = {name: load_rows(getattr(args, name), "rows") for name in OP_BENCHMARKS if getattr(args, name)}
+    decode = {path: load_rows(path, "results")[0] for path in args.decode}
+    if not loaded and not decode:
         ap.error("give at least one benchmark's JSON file")
-    scores = score(sources, decode)
+    scores = score({name: rows for name, (rows, _) in loaded.items()}, decode)
+    timing = {name: meta for name, (_, meta) in loaded.items()}
     print(table(scores))
+    for line in timing_lines(timing):
+        print(line)
     if args.out:
-        write_json_atomic(args.out, {"inputs": vars(args), "targets": scores})
+        write_json_atomic(args.out, {"inputs": vars(args), "timing": timing, "targets": scores})
     return 0
 
 
