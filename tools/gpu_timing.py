@@ -55,28 +55,31 @@ def bench(fn, copies: int = 8, rep: int = 100) -> float:
             fn()
     torch.cuda.current_stream().wait_stream(s)
     if MODE["back_to_back"]:
-        copies = max(copies, min(BACK_TO_BACK_CALLS, int(2000 / max(_graph_us(fn, copies) / copies, 1e-3))))
-        return _graph_us(fn, copies, trials=5, min_ms=10.0) / copies
-    g = _capture(fn, copies)
+        per_call = graph_replay_us([fn] * copies) / copies
+        copies = max(copies, min(BACK_TO_BACK_CALLS, int(2000 / max(per_call, 1e-3))))
+        return graph_replay_us([fn] * copies, trials=5, min_ms=10.0) / copies
+    g = _capture([fn] * copies)
     return triton.testing.do_bench(g.replay, warmup=10, rep=rep, return_mode="median") * 1000.0 / copies
 
 
-def _capture(fn, calls: int) -> torch.cuda.CUDAGraph:
+def _capture(calls: list) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of the thunks `calls`, in order."""
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
+        for call in calls:
+            call()
     return g
 
 
-def _graph_us(fn, calls: int, trials: int = 1, min_ms: float = 0.0) -> float:
-    """Median µs of one replay of a graph of `calls` calls of fn, over `trials` timings of back-to-back replays
-    (as many as take `min_ms`; two replays first, untimed)."""
-    g = _capture(fn, calls)
+def graph_replay_us(calls: list, trials: int = 1, reps: int = 1, min_ms: float = 0.0) -> float:
+    """Median µs of one replay of a CUDA graph of the thunks `calls`, over `trials` timings of `reps` replays back
+    to back (after the first timing, as many as take `min_ms` where that is more; two replays first, untimed).
+    Also the diagnostic probes' timing (`tools/diag/gemv_l2_probe.per_call_us`)."""
+    g = _capture(calls)
     g.replay()
     g.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    reps, times = 1, []
+    times = []
     for _ in range(trials):
         start.record()
         for _ in range(reps):

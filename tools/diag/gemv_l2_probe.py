@@ -22,6 +22,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tools/: gpu_timing
+from gpu_timing import graph_replay_us  # noqa: E402
 from probe_util import run_part, save  # noqa: E402
 
 SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]  # Q/K/V, output, gate/up, down
@@ -35,23 +37,12 @@ VARIANTS = [(f"mma_w{warps}_v{waves}{'_paired' if paired else ''}",
 
 
 def per_call_us(calls, reps: int = 20) -> float:
-    """µs per call of the list of thunks `calls`, all captured in one CUDA graph and replayed."""
+    """µs per call of the list of thunks `calls`, all captured in one CUDA graph and replayed `reps` times back to
+    back (`gpu_timing.graph_replay_us`, as the benchmarks' --back-to-back)."""
     for c in calls:
         c()
     torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1000 / (reps * len(calls))
+    return graph_replay_us(calls, reps=reps) / len(calls)
 
 
 def cold_layer(k: int, n: int):

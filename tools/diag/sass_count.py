@@ -114,8 +114,7 @@ def report(name: str, sass: str, weights_per_thread: int, all_loops: bool = Fals
            mma_chains: bool = False) -> None:
     texts = loop_texts(sass)[:None if all_loops else 1]
     bodies = [opcodes(text) for text in texts]
-    spills = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
-                                 for _, text in instructions(sass))
+    spills = collections.Counter(op.split(".")[0] for op in opcodes([text for _, text in instructions(sass)]))
     for i, body in enumerate(bodies):
         hist = collections.Counter(op.split(".")[0] for op in body)
         top = " ".join(f"{op}:{c}" for op, c in hist.most_common(10))

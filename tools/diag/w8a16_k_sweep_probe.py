@@ -39,21 +39,31 @@ def fit(ks, us, bytes_per_k: int) -> dict:
     return {"fixed_us": mu - slope * mk, "TBps": bytes_per_k / slope / 1e6}
 
 
+def cold_int8(k: int, gen: torch.Generator) -> tuple[list, torch.Tensor]:
+    """(copies of a random int8 [N, K] weight filling COLD_BYTES, so each call reads a cold one; its scales)."""
+    q = [torch.randint(-127, 128, (N, k), dtype=torch.int8, device="cuda", generator=gen)
+         for _ in range(max(2, -(-COLD_BYTES // (N * k))))]
+    return q, torch.rand(N, device="cuda", generator=gen) * 0.01 + 0.001
+
+
+def rel_err(y: torch.Tensor, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> float:
+    """max |y - x @ (q * scale)^T| over the reference's max, the reference in float64."""
+    ref = x.double() @ (q.double() * scale.double()[:, None]).t()
+    return float((y.double() - ref).abs().max() / ref.abs().max())
+
+
 def layer(k: int, m: int) -> dict:
     """µs per call at K x N, M rows: the op, cuBLAS bf16, and the plain read of the int8 weight (cold)."""
     from qcompile.plugins.int8_wo_gemm import register
 
     op = register()
     gen = torch.Generator(device="cuda").manual_seed(k + m)
-    q = [torch.randint(-127, 128, (N, k), dtype=torch.int8, device="cuda", generator=gen)
-         for _ in range(max(2, -(-COLD_BYTES // (N * k))))]
+    q, scale = cold_int8(k, gen)
     w = [torch.randn(N, k, device="cuda", dtype=torch.bfloat16, generator=gen)
          for _ in range(max(2, -(-COLD_BYTES // (2 * N * k))))]
-    scale = torch.rand(N, device="cuda", generator=gen) * 0.01 + 0.001
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
     sink = torch.empty(N * k // 4 // 4096 + 1, dtype=torch.int32, device="cuda")
-    ref = x.double() @ (q[0].double() * scale.double()[:, None]).t()
-    err = float((op(x, q[0], scale, None).double() - ref).abs().max() / ref.abs().max())
+    err = rel_err(op(x, q[0], scale, None), x, q[0], scale)
     out = {"rel_err": err,
            "w8a16": per_call_us([lambda t=t: op(x, t, scale, None) for t in q]),
            "bf16": per_call_us([lambda t=t: F.linear(x, t) for t in w]),
@@ -69,15 +79,12 @@ def dot_rows(k: int = 4096) -> dict:
     from qcompile.plugins.int8_wo_gemm import kernel
 
     gen = torch.Generator(device="cuda").manual_seed(k)
-    q = [torch.randint(-127, 128, (N, k), dtype=torch.int8, device="cuda", generator=gen)
-         for _ in range(max(2, -(-COLD_BYTES // (N * k))))]
-    scale = torch.rand(N, device="cuda", generator=gen) * 0.01 + 0.001
+    q, scale = cold_int8(k, gen)
     out = {}
     for dtype in (torch.bfloat16, torch.float16):
         for m in (1, 4, 8, 16):
             x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
-            ref = x.double() @ (q[0].double() * scale.double()[:, None]).t()
-            err = float((kernel.launch_dot(x, q[0], scale, None).double() - ref).abs().max() / ref.abs().max())
+            err = rel_err(kernel.launch_dot(x, q[0], scale, None), x, q[0], scale)
             if err > 2e-2:
                 raise AssertionError(f"DOT at M={m} {dtype}: off the float64 reference by {err:.3g}")
             key = f"dot {str(dtype).split('.')[-1]} M={m}"
