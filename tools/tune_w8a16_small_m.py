@@ -7,7 +7,8 @@ row dot kernel (M <= 16) and, at M = 1, the row GEMV in several configurations; 
 tiles with one warp per 16 weight rows or x as the MMA's first operand (`DOT_WARPS_CONFIGS`); with `--kinds
 dot-finish` the row dot tile with K split and finished in the kernel (`DOT_FINISH_CONFIGS`); with `--kinds
 dot-parts` the row dot tile with each step as alternating dots into two accumulators; with `--kinds dot-wide`
-64- and 128-row tiles on 8 and 16 warps with K split (`DOT_WIDE_CONFIGS`); with `--kinds mma`
+64- and 128-row tiles on 8 and 16 warps with K split (`DOT_WIDE_CONFIGS`); with `--kinds dot-ldsm` row dot
+tiles whose x comes through ldmatrix ("x_ldmatrix", `DOT_LDSM_CONFIGS`); with `--kinds mma`
 the INT8 tensor-core path (`split_mma`) in tiles from 16 to 128 rows; with `--kinds mma-rows` (fp16 x) the fp16
 tensor-core kernel of `mma_rows` on 2-8 warps, 1-4 blocks a step; with `--kinds gemv-prmt` the GEMV with and
 without its byte permutes ("prmt"); with `--kinds gemv-dp4a` the GEMV on x's int8 planes with dp4a
@@ -16,7 +17,8 @@ error). x is bf16 unless `--dtype fp16`; the baseline is cuBLAS bf16 either way 
 measurement as JSON and prints the best per cell.
 
     python3 tools/tune_w8a16_small_m.py --cuda-graph --out tune.json [--shapes 8192x28672] [--ms 1 16]
-        [--kinds dot dot-warps dot-finish dot-parts dot-wide gemv gemv-long gemv-prmt gemv-dp4a mma mma-rows]
+        [--kinds dot dot-warps dot-finish dot-parts dot-wide dot-ldsm gemv gemv-long gemv-prmt gemv-dp4a mma
+                 mma-rows]
         [--dtype fp16]
 """
 from __future__ import annotations
@@ -97,6 +99,18 @@ DOT_PARTS_CONFIGS = [dict(w8.DOT, part_k=pk, num_stages=st) for pk in (16, 32, 6
 DOT_WIDE_CONFIGS = [dict(BLOCK_N=bn, BLOCK_K=256, num_warps=bn // 8, num_stages=st, waves=1, plain=True, **fin)
                     for bn, stages in ((64, (3, 4, 5)), (128, (2, 3, 4))) for st in stages
                     for fin in ({}, {"finish": True})]
+# dot-ldsm (sixtieth session): the row dot tiles with "x_ldmatrix" (the weight converted in impure inline PTX, so
+# Triton gives both MMA operands 16-bit fragments and loads x with ldmatrix): sm_90 loop of DOT's tile 249
+# instructions a step against 294 with bf16 x, 217 against 332 with fp16 (`sass_count.py w8a16_row_dot_plain_ldsm`);
+# also x second (250), 64-row tiles (426 for twice the weights) and K split finished in the kernel. H100
+# (benchmarks/tune_w8a16-ldsm-h100_s60.json): every one slower than the shipped op on every cell (4096 x 4096 at 16
+# rows: 14.3 µs at best, x second, against 12.5), fp16 x and back-to-back timing alike
+DOT_LDSM_CONFIGS = ([dict(w8.DOT, num_stages=st, x_ldmatrix=True) for st in (4, 5, 6)]
+                    + [dict(w8.DOT, plain=False, x_ldmatrix=True),
+                       dict(w8.DOT, waves=2, finish=True, x_ldmatrix=True),
+                       dict(w8.DOT, waves=4, finish=True, x_ldmatrix=True)]
+                    + [dict(BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=st, waves=wv, plain=True, x_ldmatrix=True,
+                            **fin) for st in (4, 5) for wv, fin in ((1, {}), (2, {"finish": True}))])
 # the INT8 tensor-core path in tiles from 16 to 128 rows (narrower ones give N = 4096 more programs). The first
 # run (commit 2f737b2, benchmarks/tune_w8a16_small_m_mma.json) also had a FUSED variant, each MMA program splitting
 # x itself instead of the split kernel: it tied at M = 1 and was 1.5-4.8x slower at M = 16, and was removed.
@@ -111,8 +125,8 @@ MMA_CONFIGS += [dict(BLOCK_N=bn, BLOCK_K=256, num_warps=4, num_stages=st, splits
 # warp `blocks` 64-K blocks a step (loaded a step ahead)
 MMA_ROWS_CONFIGS = [dict(warps=w, blocks=b) for w in (2, 4, 8) for b in (1, 2, 4)]
 
-KINDS = ("dot", "dot-warps", "dot-finish", "dot-parts", "dot-wide", "gemv", "gemv-long", "gemv-prmt", "gemv-dp4a",
-         "mma", "mma-rows")
+KINDS = ("dot", "dot-warps", "dot-finish", "dot-parts", "dot-wide", "dot-ldsm", "gemv", "gemv-long", "gemv-prmt",
+         "gemv-dp4a", "mma", "mma-rows")
 KINDS_ENV = "QCOMPILE_TUNE8_KINDS"  # --kinds, seen by the spawned check workers too
 DTYPE_ENV = "QCOMPILE_TUNE8_DTYPE"  # --dtype, likewise
 
@@ -139,7 +153,8 @@ def candidates(x, weights, m: int) -> dict:
     kinds = os.environ.get(KINDS_ENV, "dot gemv").split()
     out = {"shipped": shipped}
     for kind, configs in (("dot", DOT_CONFIGS), ("dot-warps", DOT_WARPS_CONFIGS), ("dot-finish", DOT_FINISH_CONFIGS),
-                          ("dot-parts", DOT_PARTS_CONFIGS), ("dot-wide", DOT_WIDE_CONFIGS)):
+                          ("dot-parts", DOT_PARTS_CONFIGS), ("dot-wide", DOT_WIDE_CONFIGS),
+                          ("dot-ldsm", DOT_LDSM_CONFIGS)):
         if kind in kinds:
             out.update({"dot " + json.dumps(c): dot(c) for c in configs})
     if m == 1:

@@ -73,8 +73,40 @@ def _int8_to(w, dtype: tl.constexpr):
 
 
 @triton.jit
+def _int8_to_16bit_opaque(w, dtype: tl.constexpr):
+    """int8 -> bf16 / fp16 (dtype), exactly, in inline PTX that Triton cannot see through (impure). Triton sizes
+    both operands' MMA fragments by the narrowest load it can trace either one back to: after `_int8_to` that is
+    the int8 weight, so x's fragments hold 4 K a thread and are assembled from 64-bit shared loads and register
+    moves (DOT's sm_90 loop: 32 LDS.64 + 57 IMAD.MOV of its 294 instructions a step). Behind this conversion both
+    operands get 16-bit fragments and x comes through ldmatrix; the converted weight then makes one trip through
+    shared memory. Same bit tricks as Triton's bf16 conversion (`0x43 b` is 128 + (b & 127) when bit 7 is masked
+    off, and 256 when only bit 7 is kept: their difference is the signed byte) and as `_int8_to`'s fp16 one.
+    Opt-in ("x_ldmatrix" in a row dot configuration; no configuration sets it): `DOT`'s loop falls from 294 to 249
+    instructions a step with bf16 x and from 332 to 217 with fp16 (`tools/diag/sass_count.py
+    w8a16_row_dot_plain_ldsm`), but on the H100 at 16 rows it took 15.0 µs on 4096 x 4096 against `DOT`'s 12.5
+    (benchmarks/tune_w8a16-ldsm-h100_s60.json): the weight's extra trip through shared memory (a store, a barrier
+    and ldmatrix every step) costs more than the instructions it saves."""
+    # literals, not globals: AOTInductor copies the kernel's source into its generated code
+    if dtype == tl.bfloat16:
+        out = tl.inline_asm_elementwise(
+            "{ .reg .b32 p, a, c; "
+            "prmt.b32 p, 0x43, $2, 0x0504; and.b32 a, p, 0xff7fff7f; and.b32 c, p, 0xff80ff80; "
+            "sub.rn.bf16x2 $0, a, c; "
+            "prmt.b32 p, 0x43, $2, 0x0706; and.b32 a, p, 0xff7fff7f; and.b32 c, p, 0xff80ff80; "
+            "sub.rn.bf16x2 $1, a, c; }",
+            "=r,=r,r", [w], dtype=tl.bfloat16, is_pure=False, pack=4)
+    else:
+        out = tl.inline_asm_elementwise(
+            "{ .reg .b32 p, c; mov.b32 c, 0x64806480; "
+            "prmt.b32 p, $2, 0x64, 0x4140; xor.b32 p, p, 0x00800080; sub.rn.f16x2 $0, p, c; "
+            "prmt.b32 p, $2, 0x64, 0x4342; xor.b32 p, p, 0x00800080; sub.rn.f16x2 $1, p, c; }",
+            "=r,=r,r", [w], dtype=tl.float16, is_pure=False, pack=4)
+    return out
+
+
+@triton.jit
 def _row_dot_part(acc, w_tile, x_cols, k0, mask_n, mask_m, K, EVEN: tl.constexpr, PART_K: tl.constexpr,
-                  FP32_DOT: tl.constexpr, PLAIN: tl.constexpr):
+                  FP32_DOT: tl.constexpr, PLAIN: tl.constexpr, X_LDMATRIX: tl.constexpr = False):
     """acc plus the products of the weight rows and x over K k0 .. k0 + PART_K - 1 (w_tile, x_cols: the pointers at
     K 0 .. PART_K - 1): acc [BLOCK_M, BLOCK_N] with PLAIN (x the MMA's first operand), else [BLOCK_N, BLOCK_M]."""
     offs_k = tl.arange(0, PART_K)
@@ -83,6 +115,8 @@ def _row_dot_part(acc, w_tile, x_cols, k0, mask_n, mask_m, K, EVEN: tl.constexpr
     if FP32_DOT:
         w = w.to(tl.float32)
         xt = xt.to(tl.float32)
+    elif X_LDMATRIX:
+        w = _int8_to_16bit_opaque(w, xt.dtype)
     else:
         w = _int8_to(w, xt.dtype)
     precision: tl.constexpr = "ieee" if FP32_DOT else None
@@ -99,6 +133,7 @@ def _row_dot_kernel(
     ATOMIC: tl.constexpr, FP32_DOT: tl.constexpr, K_STEPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PART_K: tl.constexpr,
     EVEN: tl.constexpr = False, PLAIN: tl.constexpr = False, FINISH: tl.constexpr = False,
+    X_LDMATRIX: tl.constexpr = False,
 ):
     """acc[n, m] = sum_k q[n, k] x[m, k] over one K slice for BLOCK_N weight rows and BLOCK_M rows of x (grid axis
     2 runs over row tiles: one when M <= BLOCK_M, as at M <= 16); ATOMIC: float32 partial sums added into y
@@ -145,10 +180,10 @@ def _row_dot_kernel(
         for j in tl.static_range(0, BLOCK_K // PART_K):
             if j % 2 == 0:
                 acc = _row_dot_part(acc, w_tile, x_cols, k0 + j * PART_K, mask_n, mask_m, K, EVEN, PART_K, FP32_DOT,
-                                    PLAIN)
+                                    PLAIN, X_LDMATRIX)
             else:
                 other = _row_dot_part(other, w_tile, x_cols, k0 + j * PART_K, mask_n, mask_m, K, EVEN, PART_K,
-                                      FP32_DOT, PLAIN)
+                                      FP32_DOT, PLAIN, X_LDMATRIX)
     if PART_K < BLOCK_K:
         acc += other
     if PLAIN:
@@ -244,7 +279,7 @@ def launch_dot(x2d, w_q, w_scale, bias, cfg: dict | None = None, *, wrap=identit
         HAS_BIAS=bias is not None, ATOMIC=atomic, FP32_DOT=x2d.dtype == torch.float32, K_STEPS=per // cfg["BLOCK_K"],
         BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         EVEN=whole_tiles(n, cfg["BLOCK_N"], splits, per, k), PLAIN=cfg.get("plain", False), FINISH=finish,
-        PART_K=part_k,
+        PART_K=part_k, X_LDMATRIX=cfg.get("x_ldmatrix", False) and ptx_available() and x2d.dtype != torch.float32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if finish:

@@ -186,6 +186,24 @@ def test_dot_kernel_drops_masks_only_on_whole_tiles(n, k, even, plain):
 
 
 @triton_interp
+@pytest.mark.parametrize("dtype, ptx, expected", [(torch.float16, False, False), (torch.float32, True, False)])
+def test_dot_x_ldmatrix_only_where_ptx_runs_on_16bit_x(monkeypatch, dtype, ptx, expected):
+    """"x_ldmatrix" reaches the row dot kernel only where inline PTX runs (not under the CPU interpreter) and x is
+    16-bit (float32 x takes the IEEE dot); the result matches float64 either way."""
+    from qcompile.plugins.int8_wo_gemm import kernel
+
+    monkeypatch.setattr(kernel, "ptx_available", lambda: ptx)
+    w_q, w_scale, b = make_case(k=256, n=48, seed=3)
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(3)).to(dtype)
+    seen = []
+    cfg = dict(BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=2, waves=0, plain=True, x_ldmatrix=True)
+    y = kernel.launch_dot(x, w_q, w_scale, b, cfg, wrap=launch_spy(lambda grid, kw: seen.append(kw["X_LDMATRIX"])),
+                          num_sms=4)
+    assert seen == [expected]
+    assert_close_to(y, oracle(x, w_q, w_scale, b), REL[dtype])
+
+
+@triton_interp
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("n, k, prefetch, pipeline, bias", [(80, 384, False, 0, True), (82, 392, True, 0, True),
                                                             (80, 384, True, 0, False), (82, 392, False, 3, True)])
@@ -464,6 +482,34 @@ def test_cuda_dot_in_alternating_parts_matches_float64(part_k, m):
                    num_sms=torch.cuda.get_device_properties(0).multi_processor_count)
     assert y.dtype == torch.bfloat16
     assert_close_to(y, oracle(x, w_q, w_scale, b), REL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("plain, waves", [(True, 0), (False, 0), (True, 4)])
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_cuda_dot_with_x_through_ldmatrix_matches_float64(dtype, plain, waves, m):
+    """"x_ldmatrix" (the weight converted in inline PTX, x's MMA fragments 16-bit): every int8 code in the weight
+    (the PTX's bit tricks per byte), x with outlier channels, N = 4095 (the last tile masked), K = 4000 (the last
+    step masked), x first or second, K split with the tiles finished in the kernel."""
+    from qcompile.plugins.int8_wo_gemm.kernel import DOT, launch_dot
+
+    w_q, w_scale, b = make_case(k=4000, n=4095, seed=m)
+    w_q[:2, :256] = torch.arange(-128, 128, dtype=torch.int8)  # every code, at K offsets 0 .. 255
+    x = x_with_outliers(m, 4000, dtype, seed=m)
+    cfg = dict(DOT, plain=plain, waves=waves, x_ldmatrix=True, finish=waves > 0)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for _ in range(2):
+        y = launch_dot(x.cuda(), w_q.cuda(), w_scale.cuda(), b.cuda(), cfg, num_sms=sms)
+        assert y.dtype == dtype
+        assert_close_to(y, oracle(x, w_q, w_scale, b), REL[dtype])
+    # one-hot rows of x, unit scales, no bias: y is the weight's column at each row's K, exactly
+    ks = (torch.arange(m) * 263) % 4000
+    one_hot = torch.zeros(m, 4000, dtype=dtype)
+    one_hot[torch.arange(m), ks] = 1.0
+    y = launch_dot(one_hot.cuda(), w_q.cuda(), torch.ones(4095).cuda(), None, cfg, num_sms=sms)
+    assert torch.equal(y.float().cpu(), w_q[:, ks].t().float())
 
 
 @pytest.mark.gpu

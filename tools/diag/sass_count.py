@@ -19,7 +19,8 @@ schedulers x 32 lanes x ~1.98 GHz; 235 M weights at 3 instructions each is 21 µ
                                       also _mx) w8a16_row_gemv (also _prmt) w8a16_row_gemv_dp4a
                                       (also _16x256, _8x256) w8a16_row_dot
                                       w8a16_row_dot_32x256_w2 w8a16_row_dot_16x256_w1 w8a16_row_dot_64x256_w4 (each
-                                      also _plain) w8a16_row_dot_plain_part16 (and _part32, _part64)
+                                      also _plain; each of those also _ldsm: x_ldmatrix)
+                                      w8a16_row_dot_plain_part16 (and _part32, _part64)
                                       w8a16_mma_rows w8a16_mma_rows_two]
                                       [--dtype fp16] [--block-n 128] [--all-loops] [--loads]
                                       # default: all, bf16 x, each case's tile, its first loop
@@ -250,10 +251,13 @@ def _cases():
                  for plain in (False, True)]
     dot_tiles += [(f"w8a16_row_dot_plain_part{part_k}", dot["BLOCK_N"], dot["BLOCK_K"], dot["num_warps"], True, part_k)
                   for part_k in (16, 32, 64)]
-    for name, bn, bk, warps, plain, part_k in dot_tiles:
+    dot_tiles = [tile + (False,) for tile in dot_tiles]
+    dot_tiles += [(name + "_ldsm", bn, bk, warps, plain, bk, True)  # x_ldmatrix: the weight converted in PTX
+                  for name, bn, bk, warps, plain, _, _ in dot_tiles[:8]]
+    for name, bn, bk, warps, plain, part_k, x_ldmatrix in dot_tiles:
         yield (name, w8._row_dot_kernel, dict(w8_sig, out_ptr="*bf16"),
                dict(HAS_BIAS=False, ATOMIC=False, FP32_DOT=False, K_STEPS=16, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk,
-                    PART_K=part_k, EVEN=True, PLAIN=plain),
+                    PART_K=part_k, EVEN=True, PLAIN=plain, X_LDMATRIX=x_ldmatrix),
                ["x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "k_per_split"], warps,
                dot["num_stages"], bn * bk // (32 * warps))
     from qcompile.plugins.int8_wo_gemm import gemv as w8_gemv
