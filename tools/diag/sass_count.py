@@ -242,18 +242,18 @@ def _cases():
     w8_sig = dict(x_ptr="*bf16", w_ptr="*i8", s_ptr="*fp32", b_ptr="*bf16", y_ptr="*bf16",
                   **ptrs(["M", "N", "K", "stride_xm", "k_per_split"], "i32"))
     dot = w8.DOT  # the shipped tile, then tiles with one warp per 16 weight rows (`_w<warps>`), each also `_plain`
-    # (x as the MMA's first operand: PLAIN); then DOT's tile as dots of part_k K into two alternating accumulators
-    dot_tiles = [(name + ("_plain" if plain else ""), bn, bk, warps, plain, bk)
-                 for name, bn, bk, warps in (("w8a16_row_dot", dot["BLOCK_N"], dot["BLOCK_K"], dot["num_warps"]),
-                                             ("w8a16_row_dot_32x256_w2", 32, 256, 2),
-                                             ("w8a16_row_dot_16x256_w1", 16, 256, 1),
-                                             ("w8a16_row_dot_64x256_w4", 64, 256, 4))
-                 for plain in (False, True)]
-    dot_tiles += [(f"w8a16_row_dot_plain_part{part_k}", dot["BLOCK_N"], dot["BLOCK_K"], dot["num_warps"], True, part_k)
-                  for part_k in (16, 32, 64)]
-    dot_tiles = [tile + (False,) for tile in dot_tiles]
-    dot_tiles += [(name + "_ldsm", bn, bk, warps, plain, bk, True)  # x_ldmatrix: the weight converted in PTX
-                  for name, bn, bk, warps, plain, _, _ in dot_tiles[:8]]
+    # (x as the MMA's first operand: PLAIN); then DOT's tile as dots of part_k K into two alternating accumulators;
+    # then each of the first with `_ldsm` (X_LDMATRIX: the weight converted in PTX, x through ldmatrix)
+    tiles = [(name + ("_plain" if plain else ""), bn, bk, warps, plain, bk, False)
+             for name, bn, bk, warps in (("w8a16_row_dot", dot["BLOCK_N"], dot["BLOCK_K"], dot["num_warps"]),
+                                         ("w8a16_row_dot_32x256_w2", 32, 256, 2),
+                                         ("w8a16_row_dot_16x256_w1", 16, 256, 1),
+                                         ("w8a16_row_dot_64x256_w4", 64, 256, 4))
+             for plain in (False, True)]
+    parts = [(f"w8a16_row_dot_plain_part{part_k}", dot["BLOCK_N"], dot["BLOCK_K"], dot["num_warps"], True, part_k,
+              False) for part_k in (16, 32, 64)]
+    ldsm = [(name + "_ldsm", bn, bk, warps, plain, part_k, True) for name, bn, bk, warps, plain, part_k, _ in tiles]
+    dot_tiles = tiles + parts + ldsm
     for name, bn, bk, warps, plain, part_k, x_ldmatrix in dot_tiles:
         yield (name, w8._row_dot_kernel, dict(w8_sig, out_ptr="*bf16"),
                dict(HAS_BIAS=False, ATOMIC=False, FP32_DOT=False, K_STEPS=16, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk,
